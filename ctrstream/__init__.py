@@ -1,0 +1,3 @@
+"""ctrstream: shared pieces (configuration, feature declarations, CLI, local stack)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""One typed settings object for every ctrstream process.
+
+Every field can be overridden from the environment with the ``CTRSTREAM_`` prefix; nested
+fields use ``__`` (for example ``CTRSTREAM_KAFKA__PORT=19092`` or
+``CTRSTREAM_TOPICS__IMPRESSIONS__PARTITIONS=8``). Defaults point at the local stack started
+by ``ctrstream stack up``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Topic(BaseModel):
+    name: str
+    partitions: int = Field(ge=1)
+
+
+class Topics(BaseModel):
+    impressions: Topic = Topic(name="impressions", partitions=4)
+    clicks: Topic = Topic(name="clicks", partitions=4)
+    labeled: Topic = Topic(name="labeled", partitions=4)
+    predictions: Topic = Topic(name="predictions", partitions=4)
+    dlq: Topic = Topic(name="dlq", partitions=1)
+
+    def all(self) -> list[Topic]:
+        return [self.impressions, self.clicks, self.labeled, self.predictions, self.dlq]
+
+
+class KafkaSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 9092
+    controller_port: int = 9093
+    heap: str = "768m"
+    # bootstrap servers for clients; when empty, host:port of the local broker
+    bootstrap: str = ""
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.bootstrap or f"{self.host}:{self.port}"
+
+
+class RedisSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 6379
+    password: str | None = None
+    db: int = 0
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+
+
+class TritonSettings(BaseModel):
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    # Which flavour of each published model the local stack loads:
+    #   "python"      - Python-backend model running the ONNX file through onnxruntime
+    #                   (the only backend the nvidia-pytriton server binary ships);
+    #   "onnxruntime" - Triton's ONNX Runtime backend (NVIDIA's container, production).
+    backend: Literal["python", "onnxruntime"] = "python"
+    model_repository: Path = ROOT / "triton_repo"
+    timeout_s: float = 2.0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CTRSTREAM_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    # where the local stack keeps data, logs and PID files
+    run_dir: Path = ROOT / ".stack"
+    # where set-up caches the Kafka jars, the Triton binary and its Python environment
+    cache_dir: Path = ROOT / ".cache"
+    # where batch-layer data (the Parquet master dataset, training sets, model cards) lives
+    data_dir: Path = ROOT / "data"
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    triton: TritonSettings = TritonSettings()
+    topics: Topics = Topics()
+
+    # speed layer
+    allowed_lateness_s: float = 60.0
+    flush_interval_ms: int = 300
+    attribution_window_s: float = 1800.0
+    redis_ttl_s: int = 3 * 24 * 3600
+
+    # metrics ports of long-running processes (0 disables)
+    metrics_port: int = 0
+
+    def dump(self) -> dict:
+        return json.loads(self.model_dump_json())
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,237 @@
+"""The feature declarations: the lambda contract.
+
+Every windowed feature in ctrstream is declared here, once. The speed layer (Bytewax,
+``streaming.features_flow``), the batch layer (DuckDB over the Parquet archive,
+``models.batch_features``), the batch views, the online merge and the training set all
+compute from these declarations; nothing else hard-codes an entity, a bucket size, a window
+or the Redis key layout. Reconciliation is meaningful only because of this.
+
+Semantics
+---------
+* **Entities** are tuples of event fields (``ad`` = ``(ad_id,)``, ``user_x_advertiser`` =
+  ``(user_id, advertiser_id)`` ...). Impressions and clicks both carry every field used here.
+* **Event types**: impressions (``i``) and clicks (``c``), counted at their own event time.
+* **Resolutions**: each served window is ``n_buckets`` consecutive event-time buckets of
+  ``bucket_ms``; bucket index ``b = event_time_ms // bucket_ms``.
+* **Window value at time t** (what serving reads and what training reproduces): the sum over
+  buckets ``b(t) - n_buckets + 1 .. b(t)``, i.e. the current, still open bucket plus the
+  ``n_buckets - 1`` closed ones before it. For training (point-in-time), only events with
+  ``event_time_ms < t`` count in the current bucket: strictly earlier events, same buckets.
+* **Long windows** (``LONG_WINDOWS``) are computed by the batch layer only, over whole days up
+  to the batch cut-off, and served from the batch view.
+* **Smoothing**: rates use a Beta(alpha, beta) prior: ``(clicks + alpha) / (imps + alpha + beta)``.
+
+Redis key layout
+----------------
+* speed view: ``sv:{entity}:{id}:{res}`` - HASH, fields ``i{bucket}`` and ``c{bucket}`` hold
+  **absolute** impression/click counts of that bucket (idempotent HSET, never HINCRBY).
+* batch view: ``bv:{version}:{entity}:{id}:{res}`` - same fields, buckets closed by cut-off;
+  ``bv:{version}:{entity}:{id}:long`` - fields ``i7d``/``c7d`` (long windows);
+  ``bv:{version}:meta`` - HASH ``cutoff_ms``, ``created_ms``, ``fingerprint``;
+  ``bv:current`` - STRING, the served version (switched atomically with SET).
+* ids of crossed entities join their parts with ``:`` (``user_x_ad`` 17, 4 -> ``17:4``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    name: str  # the window it serves, e.g. "1h"
+    bucket_ms: int
+    n_buckets: int
+
+    @property
+    def window_ms(self) -> int:
+        return self.bucket_ms * self.n_buckets
+
+
+@dataclass(frozen=True)
+class LongWindow:
+    name: str
+    days: int
+
+
+@dataclass(frozen=True)
+class BetaPrior:
+    mean: float
+    strength: float
+
+    @property
+    def alpha(self) -> float:
+        return self.mean * self.strength
+
+    @property
+    def beta(self) -> float:
+        return (1.0 - self.mean) * self.strength
+
+
+MINUTE_MS = 60_000
+HOUR_MS = 60 * MINUTE_MS
+DAY_MS = 24 * HOUR_MS
+
+ENTITIES: tuple[Entity, ...] = (
+    Entity("ad", ("ad_id",)),
+    Entity("campaign", ("campaign_id",)),
+    Entity("advertiser", ("advertiser_id",)),
+    Entity("user", ("user_id",)),
+    Entity("site", ("site_id",)),
+    Entity("user_x_advertiser", ("user_id", "advertiser_id")),
+    Entity("user_x_ad", ("user_id", "ad_id")),
+    Entity("site_x_category", ("site_id", "ad_category")),
+)
+ENTITY_BY_NAME = {e.name: e for e in ENTITIES}
+
+EVENT_TYPES: tuple[str, ...] = ("i", "c")  # impressions, clicks
+
+RESOLUTIONS: tuple[Resolution, ...] = (
+    Resolution("5m", MINUTE_MS, 5),
+    Resolution("1h", 5 * MINUTE_MS, 12),
+    Resolution("24h", HOUR_MS, 24),
+)
+RESOLUTION_BY_NAME = {r.name: r for r in RESOLUTIONS}
+
+LONG_WINDOWS: tuple[LongWindow, ...] = (LongWindow("7d", 7),)
+
+PRIOR = BetaPrior(mean=0.02, strength=100.0)
+
+# Every bucket boundary of every resolution is a multiple of this: batch cut-offs are
+# aligned to it so that a bucket is never split between the batch and the speed view.
+CUTOFF_ALIGN_MS = max(r.bucket_ms for r in RESOLUTIONS)
+
+
+# --------------------------------------------------------------------------- ids and buckets
+
+def entity_id(entity: Entity, event) -> str:
+    """The id of ``entity`` for one event (object with attributes, or a mapping)."""
+    if isinstance(event, dict):
+        return ":".join(str(event[f]) for f in entity.fields)
+    return ":".join(str(getattr(event, f)) for f in entity.fields)
+
+
+def bucket_of(event_time_ms, res: Resolution):
+    """Bucket index of an event time (scalar or numpy array)."""
+    return event_time_ms // res.bucket_ms
+
+
+def window_buckets(t_ms: int, res: Resolution) -> range:
+    """Buckets whose sum is the window value at time ``t_ms`` (current bucket included)."""
+    b = t_ms // res.bucket_ms
+    return range(b - res.n_buckets + 1, b + 1)
+
+
+def align_cutoff(t_ms: int) -> int:
+    """The latest batch cut-off at or before ``t_ms`` (a bucket boundary of every resolution)."""
+    return (t_ms // CUTOFF_ALIGN_MS) * CUTOFF_ALIGN_MS
+
+
+# --------------------------------------------------------------------------- Redis layout
+
+def speed_key(entity: str, eid: str, res: str) -> str:
+    return f"sv:{entity}:{eid}:{res}"
+
+
+def batch_key(version: str, entity: str, eid: str, res: str) -> str:
+    return f"bv:{version}:{entity}:{eid}:{res}"
+
+
+def batch_long_key(version: str, entity: str, eid: str) -> str:
+    return f"bv:{version}:{entity}:{eid}:long"
+
+
+def batch_meta_key(version: str) -> str:
+    return f"bv:{version}:meta"
+
+
+BATCH_POINTER_KEY = "bv:current"
+
+
+def field(event_type: str, bucket: int) -> str:
+    return f"{event_type}{bucket}"
+
+
+def long_field(event_type: str, window: LongWindow) -> str:
+    return f"{event_type}{window.name}"
+
+
+def speed_ttl_ms(res: Resolution, allowed_lateness_ms: int) -> int:
+    """How long a speed-view hash must live after its newest bucket ends."""
+    return res.window_ms + allowed_lateness_ms + res.bucket_ms
+
+
+# --------------------------------------------------------------------------- dense features
+
+def dense_feature_names() -> list[str]:
+    """Names of the dense model inputs, in tensor order."""
+    names = []
+    for e in ENTITIES:
+        for r in RESOLUTIONS:
+            names += [f"{e.name}_{r.name}_log_imps", f"{e.name}_{r.name}_log_clicks",
+                      f"{e.name}_{r.name}_ctr"]
+        for w in LONG_WINDOWS:
+            names += [f"{e.name}_{w.name}_log_imps", f"{e.name}_{w.name}_log_clicks",
+                      f"{e.name}_{w.name}_ctr"]
+    return names
+
+
+N_WINDOWS = len(RESOLUTIONS) + len(LONG_WINDOWS)
+N_DENSE = len(ENTITIES) * N_WINDOWS * 3
+
+
+def smoothed_ctr(imps, clicks, prior: BetaPrior = PRIOR):
+    return (np.asarray(clicks, dtype=np.float64) + prior.alpha) / (
+        np.asarray(imps, dtype=np.float64) + prior.alpha + prior.beta
+    )
+
+
+def dense_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Turn window counts into the dense model input.
+
+    ``counts`` has shape ``(rows, len(ENTITIES), N_WINDOWS, 2)`` - impressions then clicks
+    for each entity and window (``RESOLUTIONS`` then ``LONG_WINDOWS``). Returns float32
+    ``(rows, N_DENSE)`` in ``dense_feature_names()`` order. Training and serving both call
+    this, so the transformation cannot drift between them.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    imps, clicks = counts[..., 0], counts[..., 1]
+    out = np.stack([np.log1p(imps), np.log1p(clicks), smoothed_ctr(imps, clicks)], axis=-1)
+    return out.reshape(counts.shape[0], N_DENSE).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- sparse features
+
+SPARSE_FIELDS: tuple[str, ...] = (
+    "user_id", "ad_id", "campaign_id", "advertiser_id", "site_id", "ad_category",
+    "device_type", "country", "position", "hour",
+)
+HASH_BUCKETS = 1 << 18
+
+
+def declaration() -> dict:
+    return {
+        "entities": [asdict(e) for e in ENTITIES],
+        "event_types": list(EVENT_TYPES),
+        "resolutions": [asdict(r) for r in RESOLUTIONS],
+        "long_windows": [asdict(w) for w in LONG_WINDOWS],
+        "prior": asdict(PRIOR),
+        "sparse_fields": list(SPARSE_FIELDS),
+        "hash_buckets": HASH_BUCKETS,
+    }
+
+
+def fingerprint() -> str:
+    """A short hash of the declarations; model cards and batch views carry it."""
+    blob = json.dumps(declaration(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""The local stack: real Kafka (KRaft), Redis and Triton on loopback."""

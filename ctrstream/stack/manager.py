@@ -1,0 +1,132 @@
+"""``ctrstream stack up | status | down | logs`` and the test suite's isolated stack."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctrstream.config import KafkaSettings, RedisSettings, Settings, TritonSettings
+from ctrstream.stack.services import (
+    Service, StackError, all_services, free_port,
+)
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    pid: int | None
+    healthy: bool
+    address: str
+    log: Path
+
+
+class Stack:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.services: list[Service] = all_services(settings)
+
+    def by_name(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    def up(self, log=lambda msg: None, only: list[str] | None = None) -> dict[str, float | None]:
+        """Start every service (or ``only`` those), wait until ready, create topics.
+        Returns the start-up seconds of each service (None: it was already running)."""
+        from ctrstream.kafkautil import ensure_topics
+
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        chosen = [s for s in self.services if not only or s.name in only]
+        for svc in chosen:  # every port is checked before anything starts
+            if svc.pid() is None:
+                svc.check_ports()
+        times: dict[str, float | None] = {}
+        started: list[Service] = []
+        try:
+            for svc in chosen:
+                t = svc.start()
+                times[svc.name] = t
+                if t is not None:
+                    started.append(svc)
+                log(f"{svc.name:7s} {'ready in %.1fs' % t if t is not None else 'already running'}"
+                    f"  {svc.address()}")
+            if not only or "kafka" in only:
+                created = ensure_topics(self.settings, self.settings.topics.all())
+                if created:
+                    log(f"topics created: {', '.join(created)}")
+        except BaseException:
+            for svc in reversed(started):  # leave nothing half-started behind
+                svc.stop()
+            raise
+        return times
+
+    def status(self) -> list[ServiceStatus]:
+        return [ServiceStatus(s.name, s.pid(), s.pid() is not None and s.healthy(), s.address(),
+                              s.log_file) for s in self.services]
+
+    def down(self, purge: bool = False, log=lambda msg: None) -> None:
+        for svc in reversed(self.services):
+            stopped = svc.stop()
+            log(f"{svc.name:7s} {'stopped' if stopped else 'not running'}")
+        if purge:
+            shutil.rmtree(self.settings.run_dir, ignore_errors=True)
+            log(f"removed {self.settings.run_dir}")
+
+    def pids(self) -> list[int]:
+        return [p for p in (s.pid() for s in self.services) if p is not None]
+
+
+def isolated_settings(run_dir: Path, base: Settings | None = None) -> Settings:
+    """Settings for a stack on free loopback ports with everything under ``run_dir``."""
+    base = base or Settings()
+    return base.model_copy(update={
+        "run_dir": run_dir,
+        "data_dir": run_dir / "data",
+        "kafka": KafkaSettings(port=free_port(), controller_port=free_port(), heap="512m"),
+        "redis": RedisSettings(port=free_port()),
+        "triton": TritonSettings(http_port=free_port(), grpc_port=free_port(),
+                                 metrics_port=free_port(),
+                                 model_repository=run_dir / "triton_repo"),
+    })
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """CTRSTREAM_* environment that makes a child process see ``settings``."""
+    env = {
+        "CTRSTREAM_RUN_DIR": str(settings.run_dir),
+        "CTRSTREAM_CACHE_DIR": str(settings.cache_dir),
+        "CTRSTREAM_DATA_DIR": str(settings.data_dir),
+        "CTRSTREAM_KAFKA__PORT": str(settings.kafka.port),
+        "CTRSTREAM_KAFKA__CONTROLLER_PORT": str(settings.kafka.controller_port),
+        "CTRSTREAM_KAFKA__BOOTSTRAP": settings.kafka.bootstrap_servers,
+        "CTRSTREAM_REDIS__PORT": str(settings.redis.port),
+        "CTRSTREAM_TRITON__HTTP_PORT": str(settings.triton.http_port),
+        "CTRSTREAM_TRITON__GRPC_PORT": str(settings.triton.grpc_port),
+        "CTRSTREAM_TRITON__METRICS_PORT": str(settings.triton.metrics_port),
+        "CTRSTREAM_TRITON__MODEL_REPOSITORY": str(settings.triton.model_repository),
+        "CTRSTREAM_TRITON__BACKEND": settings.triton.backend,
+    }
+    if settings.redis.password:
+        env["CTRSTREAM_REDIS__PASSWORD"] = settings.redis.password
+    for key, t in settings.topics.model_dump().items():
+        env[f"CTRSTREAM_TOPICS__{key.upper()}__NAME"] = t["name"]
+        env[f"CTRSTREAM_TOPICS__{key.upper()}__PARTITIONS"] = str(t["partitions"])
+    return env
+
+
+@contextmanager
+def isolated_stack(run_dir: Path, log=lambda msg: None):
+    """An isolated stack on free ports (the test suite's fixture); stopped on exit."""
+    settings = isolated_settings(run_dir)
+    stack = Stack(settings)
+    t0 = time.monotonic()
+    stack.up(log=log)
+    log(f"isolated stack up in {time.monotonic() - t0:.1f}s under {run_dir}")
+    try:
+        yield stack
+    finally:
+        stack.down()
+
+
+__all__ = ["Stack", "StackError", "isolated_settings", "isolated_stack", "settings_env"]

@@ -1,0 +1,284 @@
+"""Set-up of the three servers (run by ``make setup``; idempotent, fast the second time).
+
+* **Apache Kafka**: the broker jars are resolved by Maven from Maven Central through
+  ``docker/kafka/pom.xml`` and copied into ``.cache/kafka-<version>/libs``.
+* **Redis**: Debian's ``redis-server`` package, installed with apt when no ``redis-server``
+  is on the PATH.
+* **Triton Inference Server**: the ``tritonserver`` binary and its Python backend from the
+  ``nvidia-pytriton`` wheel, unpacked into ``.cache/pytriton-<version>`` (the wheel is not
+  installed into the project's venv: it pins numpy<2, the project uses numpy 2, and only its
+  server binary is needed). The Python backend's stub for the running Python version is put
+  where the backend looks for it, and the stub gets its own site directory
+  ``.cache/triton-pyenv`` with numpy<2 (the stub's C++ side needs numpy 1.x) and onnxruntime.
+
+``python -m ctrstream.stack.provision`` runs all of it; ``--check`` only reports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ctrstream.config import ROOT, Settings, get_settings
+
+POM = ROOT / "docker" / "kafka" / "pom.xml"
+PYTRITON_VERSION = "0.7.0"
+TRITON_STUB_REQUIREMENTS = ["numpy==1.26.4", "onnxruntime-gpu>=1.20,<2"]
+
+
+class PrerequisiteError(RuntimeError):
+    """A missing prerequisite; the message names it and how to get it."""
+
+
+def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=False, capture_output=True, text=True, **kw)
+
+
+# --------------------------------------------------------------------------- lookups
+
+def kafka_version() -> str:
+    m = re.search(r"<kafka.version>([^<]+)</kafka.version>", POM.read_text())
+    assert m, f"no <kafka.version> in {POM}"
+    return m.group(1)
+
+
+def kafka_libs(settings: Settings) -> Path:
+    return settings.cache_dir / f"kafka-{kafka_version()}" / "libs"
+
+
+def kafka_classpath(settings: Settings) -> str:
+    libs = kafka_libs(settings)
+    if not (libs / ".complete").exists():
+        raise PrerequisiteError(
+            f"Kafka {kafka_version()} is not set up in {libs}. Run `make setup` "
+            f"(it resolves the broker with Maven from {POM.relative_to(ROOT)})."
+        )
+    return str(libs / "*")
+
+
+def java() -> str:
+    path = shutil.which("java")
+    if not path:
+        raise PrerequisiteError(
+            "Java 17 or newer is required to run the Kafka broker, and `java` is not on the "
+            "PATH. Install it, for example: apt-get install -y openjdk-17-jre-headless"
+        )
+    return path
+
+
+def java_major(path: str) -> int:
+    out = _run([path, "-version"]).stderr
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not m:
+        raise PrerequisiteError(f"could not read the Java version from `{path} -version`: {out!r}")
+    major = int(m.group(1))
+    return int(m.group(2)) if major == 1 and m.group(2) else major
+
+
+def redis_server() -> str:
+    path = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+    if not path:
+        raise PrerequisiteError(
+            "redis-server is not installed. Run `make setup` (it installs Debian's "
+            "redis-server package), or: apt-get install -y redis-server"
+        )
+    return path
+
+
+def triton_home(settings: Settings) -> Path:
+    home = settings.cache_dir / f"pytriton-{PYTRITON_VERSION}" / "pytriton" / "tritonserver"
+    if not (home.parent.parent / ".complete").exists():
+        raise PrerequisiteError(
+            f"the Triton server binary is not set up in {home}. Run `make setup` (it unpacks "
+            f"it from the nvidia-pytriton {PYTRITON_VERSION} wheel on PyPI)."
+        )
+    return home
+
+
+def triton_pyenv(settings: Settings) -> Path:
+    return settings.cache_dir / "triton-pyenv"
+
+
+def triton_env(settings: Settings) -> dict[str, str]:
+    """Environment for ``tritonserver``: the Python backend stub embeds libpython of this
+    interpreter and imports numpy/onnxruntime from the stub's own site directory.
+
+    The stub starts Python in isolated mode (it ignores PYTHONPATH), so ctrstream's
+    Python-backend models add these directories to ``sys.path`` themselves
+    (``CTRSTREAM_TRITON_SITE``)."""
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    ld = os.pathsep.join(p for p in [libdir, os.environ.get("LD_LIBRARY_PATH", "")] if p)
+    site = str(triton_pyenv(settings))
+    return {"LD_LIBRARY_PATH": ld, "CTRSTREAM_TRITON_SITE": site, "PYTHONPATH": site}
+
+
+# --------------------------------------------------------------------------- set-up steps
+
+def check_java() -> str:
+    path = java()
+    if shutil.which("mvn") is None:
+        raise PrerequisiteError(
+            "Maven (`mvn`) is required to resolve the Kafka broker from Maven Central and is "
+            "not on the PATH. Install it, for example: apt-get install -y maven"
+        )
+    major = java_major(path)
+    if major < 17:
+        raise PrerequisiteError(
+            f"Java {major} found at {path}; Kafka {kafka_version()} needs Java 17 or newer. "
+            "Install it, for example: apt-get install -y openjdk-17-jre-headless"
+        )
+    return f"java {major}"
+
+
+def setup_kafka(settings: Settings) -> str:
+    libs = kafka_libs(settings)
+    if (libs / ".complete").exists():
+        return f"Kafka {kafka_version()}: cached in {libs}"
+    tmp = libs.parent / "libs.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    res = _run(["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+                "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"])
+    if res.returncode != 0:
+        raise PrerequisiteError(
+            f"Maven could not resolve Kafka {kafka_version()} from Maven Central "
+            f"(is the network to Maven Central up?):\n{res.stdout[-3000:]}{res.stderr[-3000:]}"
+        )
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp.rename(libs)
+    (libs / ".complete").write_text(kafka_version())
+    return f"Kafka {kafka_version()}: {len(list(libs.glob('*.jar')))} jars resolved into {libs}"
+
+
+def setup_redis() -> str:
+    if shutil.which("redis-server"):
+        return f"Redis: {shutil.which('redis-server')}"
+    if shutil.which("apt-get") is None:
+        raise PrerequisiteError(
+            "redis-server is not installed and there is no apt-get to install it. Install "
+            "Redis 7 with your package manager so that `redis-server` is on the PATH."
+        )
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if sudo is None:
+        raise PrerequisiteError(
+            "redis-server is not installed; installing it needs root. Run: "
+            "sudo apt-get install -y redis-server"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lists = Path("/var/lib/apt/lists")
+    if not any(lists.glob("*Packages*")):
+        _run(sudo + ["apt-get", "update", "-q"], env=env)
+    res = _run(sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                       "redis-server"], env=env)
+    if res.returncode != 0:
+        _run(sudo + ["apt-get", "update", "-q"], env=env)
+        res = _run(sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                           "redis-server"], env=env)
+    if res.returncode != 0 or not shutil.which("redis-server"):
+        raise PrerequisiteError(
+            f"apt-get could not install redis-server:\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
+        )
+    return f"Redis: installed {shutil.which('redis-server')} from Debian"
+
+
+def setup_triton(settings: Settings) -> str:
+    root = settings.cache_dir / f"pytriton-{PYTRITON_VERSION}"
+    if not (root / ".complete").exists():
+        wheels = settings.cache_dir / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        res = _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                    "--only-binary=:all:", "-d", str(wheels),
+                    f"nvidia-pytriton=={PYTRITON_VERSION}"])
+        found = sorted(wheels.glob(f"nvidia_pytriton-{PYTRITON_VERSION}-*.whl"))
+        if res.returncode != 0 or not found:
+            raise PrerequisiteError(
+                f"pip could not download nvidia-pytriton=={PYTRITON_VERSION} from PyPI "
+                f"(it carries the tritonserver binary):\n{res.stderr[-2000:]}"
+            )
+        tmp = Path(tempfile.mkdtemp(dir=settings.cache_dir, prefix="pytriton."))
+        with zipfile.ZipFile(found[-1]) as zf:
+            zf.extractall(tmp)
+        home = tmp / "pytriton" / "tritonserver"
+        for p in [home / "bin" / "tritonserver", *home.glob("python_backend_stubs/*/*")]:
+            p.chmod(0o755)
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+        (root / ".complete").write_text(PYTRITON_VERSION)
+    home = root / "pytriton" / "tritonserver"
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = home / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    if not stub.exists():
+        raise PrerequisiteError(
+            f"nvidia-pytriton {PYTRITON_VERSION} has no Python backend stub for Python {pyver}; "
+            f"use Python 3.10-3.13 for the project's venv."
+        )
+    # the stub's RPATH ($ORIGIN/../../../../nvidia_pytriton.libs) resolves from backends/python too
+    target = home / "backends" / "python" / "triton_python_backend_stub"
+    if not target.exists() or target.stat().st_size != stub.stat().st_size:
+        shutil.copy2(stub, target)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    if not list(Path(libdir).glob(f"libpython{pyver}*.so*")):
+        raise PrerequisiteError(
+            f"the Triton Python backend embeds libpython{pyver}.so, but this Python "
+            f"({sys.executable}) has no shared library in {libdir}. Use a Python built "
+            f"with --enable-shared (Debian's python3, or pyenv with "
+            f"PYTHON_CONFIGURE_OPTS=--enable-shared)."
+        )
+    return f"Triton: {home / 'bin' / 'tritonserver'} (stub for Python {pyver})"
+
+
+def setup_triton_pyenv(settings: Settings) -> str:
+    site = triton_pyenv(settings)
+    stamp = site / ".complete"
+    want = " ".join(TRITON_STUB_REQUIREMENTS)
+    if stamp.exists() and stamp.read_text() == want:
+        return f"Triton Python-backend environment: cached in {site}"
+    shutil.rmtree(site, ignore_errors=True)
+    res = _run([sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--target",
+                str(site), *TRITON_STUB_REQUIREMENTS])
+    if res.returncode != 0:
+        raise PrerequisiteError(
+            f"pip could not install the Triton Python-backend environment ({want}) into "
+            f"{site}:\n{res.stderr[-2000:]}"
+        )
+    stamp.write_text(want)
+    return f"Triton Python-backend environment: {want} in {site}"
+
+
+def setup(settings: Settings | None = None, log=print) -> None:
+    settings = settings or get_settings()
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    log(check_java())
+    log(setup_kafka(settings))
+    log(setup_redis())
+    log(setup_triton(settings))
+    log(setup_triton_pyenv(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if "--check" in argv:
+            s = get_settings()
+            print(check_java())
+            print("kafka classpath:", kafka_classpath(s))
+            print("redis-server:", redis_server())
+            print("tritonserver:", triton_home(s) / "bin" / "tritonserver")
+        else:
+            setup()
+    except PrerequisiteError as e:
+        print(f"ctrstream set-up: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,385 @@
+"""The three real servers of the local stack: Apache Kafka (KRaft), Redis and Triton.
+
+Each service is started as its own process session (so it outlives the CLI that started
+it), bound to 127.0.0.1, with its data, log and PID file under the run directory. Readiness
+is a real request (Kafka metadata, Redis PING, Triton /v2/health/ready), never a sleep.
+Stopping is by PID: SIGTERM, wait for exit, SIGKILL only after a timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctrstream.config import Settings
+from ctrstream.stack import provision
+
+
+class StackError(RuntimeError):
+    """A stack problem with a message that says what is wrong and what to do."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.errno in (errno.EADDRINUSE, errno.EACCES)
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; raise TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - readiness probes fail in many ways while starting
+            last_exc = e
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"
+                               + (f" (last error: {last_exc})" if last_exc else ""))
+        time.sleep(interval)
+
+
+@dataclass
+class Service:
+    name: str
+    settings: Settings
+
+    # --- to be provided by subclasses
+    def ports(self) -> list[int]:
+        raise NotImplementedError
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """One-time preparation of the service's data directory."""
+
+    def address(self) -> str:
+        raise NotImplementedError
+
+    start_timeout: float = 60.0
+
+    # --- common machinery
+    @property
+    def dir(self) -> Path:
+        return self.settings.run_dir / self.name
+
+    @property
+    def pid_file(self) -> Path:
+        return self.settings.run_dir / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.settings.run_dir / "logs" / f"{self.name}.log"
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def healthy(self) -> bool:
+        try:
+            return bool(self.ready())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def check_ports(self) -> None:
+        for port in self.ports():
+            if port_in_use(self.host, port):
+                raise StackError(
+                    f"{self.name}: port {self.host}:{port} is already in use by another process. "
+                    f"Stop that process, or choose other ports with CTRSTREAM_* settings "
+                    f"(see `ctrstream config show`)."
+                )
+
+    def start(self) -> float | None:
+        """Start the service and wait until it is ready; return the start-up seconds, or
+        None when it was already running."""
+        if self.pid() is not None:
+            if self.healthy():
+                return None
+            wait_until(self.ready, self.start_timeout, what=f"{self.name} to become ready")
+            return None
+        self.check_ports()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        argv, env = self.command()
+        t0 = time.monotonic()
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.dir, env={**os.environ, **env}, start_new_session=True,
+            )
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise StackError(
+                    f"{self.name} exited during start-up with code {proc.returncode}. "
+                    f"Its log is {self.log_file}:\n{_tail(self.log_file)}"
+                )
+            if self.healthy():
+                return time.monotonic() - t0
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StackError(
+                    f"{self.name} did not become ready within {self.start_timeout:.0f}s; "
+                    f"see {self.log_file}:\n{_tail(self.log_file)}"
+                )
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop by PID and wait for exit. Returns True if a process was stopped."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            wait_until(lambda: not pid_alive(pid), timeout, what=f"{self.name} (PID {pid}) to exit")
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: not pid_alive(pid), 10, what=f"{self.name} (PID {pid}) to die")
+        # reap it if it is our child (tests start services in-process)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-n:])
+
+
+class KafkaService(Service):
+    start_timeout = 60.0
+
+    def __init__(self, settings: Settings):
+        super().__init__("kafka", settings)
+
+    def ports(self) -> list[int]:
+        return [self.settings.kafka.port, self.settings.kafka.controller_port]
+
+    def address(self) -> str:
+        return self.settings.kafka.bootstrap_servers
+
+    def _config_path(self) -> Path:
+        return self.dir / "server.properties"
+
+    def prepare(self) -> None:
+        k = self.settings.kafka
+        data = self.dir / "data"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{k.host}:{k.controller_port}",
+            "listeners": f"PLAINTEXT://{k.host}:{k.port},CONTROLLER://{k.host}:{k.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{k.host}:{k.port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(data),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "log.retention.hours": "168",
+            "message.max.bytes": str(8 * 1024 * 1024),
+        }
+        self._config_path().write_text("".join(f"{a}={b}\n" for a, b in props.items()))
+        (self.dir / "log4j2.yaml").write_text(_LOG4J2)
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            res = subprocess.run(
+                [provision.java(), "-cp", provision.kafka_classpath(self.settings),
+                 f"-Dlog4j2.configurationFile={self.dir / 'log4j2.yaml'}",
+                 "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                 "-c", str(self._config_path())],
+                capture_output=True, text=True,
+            )
+            if res.returncode != 0:
+                raise StackError(f"formatting Kafka storage in {data} failed:\n{res.stdout}{res.stderr}")
+
+    def command(self):
+        heap = self.settings.kafka.heap
+        argv = [
+            provision.java(), f"-Xms{heap}", f"-Xmx{heap}", "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.dir / 'log4j2.yaml'}",
+            f"-Dkafka.logs.dir={self.dir / 'logs'}",
+            "-cp", provision.kafka_classpath(self.settings), "kafka.Kafka", str(self._config_path()),
+        ]
+        return argv, {}
+
+    def ready(self) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        # a TCP probe first: librdkafka logs every refused connection while the JVM boots
+        k = self.settings.kafka
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((k.host, k.port)) != 0:
+                return False
+        admin = AdminClient({"bootstrap.servers": self.address(), "socket.timeout.ms": 1000,
+                             "log_level": 0})
+        md = admin.list_topics(timeout=2.0)
+        return bool(md.brokers)
+
+
+_LOG4J2 = """\
+Configuration:
+  Appenders:
+    Console:
+      name: STDOUT
+      PatternLayout:
+        pattern: "[%d] %p %m (%c)%n"
+  Loggers:
+    Logger:
+      - name: kafka
+        level: INFO
+      - name: org.apache.kafka
+        level: WARN
+    Root:
+      level: WARN
+      AppenderRef:
+        - ref: STDOUT
+"""
+
+
+class RedisService(Service):
+    start_timeout = 20.0
+
+    def __init__(self, settings: Settings):
+        super().__init__("redis", settings)
+
+    def ports(self) -> list[int]:
+        return [self.settings.redis.port]
+
+    def address(self) -> str:
+        return f"{self.settings.redis.host}:{self.settings.redis.port}"
+
+    def command(self):
+        r = self.settings.redis
+        argv = [
+            provision.redis_server(), "--bind", r.host, "--port", str(r.port),
+            "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+            "--protected-mode", "yes", "--daemonize", "no", "--logfile", "",
+        ]
+        if r.password:
+            argv += ["--requirepass", r.password]
+        return argv, {}
+
+    def ready(self) -> bool:
+        import redis
+
+        client = redis.Redis.from_url(self.settings.redis.url, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+
+class TritonService(Service):
+    start_timeout = 90.0
+
+    def __init__(self, settings: Settings):
+        super().__init__("triton", settings)
+
+    def ports(self) -> list[int]:
+        t = self.settings.triton
+        return [t.http_port, t.grpc_port, t.metrics_port]
+
+    def address(self) -> str:
+        return f"grpc {self.settings.triton.grpc_url}, http {self.settings.triton.http_url}"
+
+    def command(self):
+        t = self.settings.triton
+        t.model_repository.mkdir(parents=True, exist_ok=True)
+        server = provision.triton_home(self.settings)
+        argv = [
+            str(server / "bin" / "tritonserver"),
+            f"--model-repository={t.model_repository}",
+            f"--backend-directory={server / 'backends'}",
+            "--model-control-mode=explicit",
+            "--strict-readiness=false",
+            "--exit-on-error=false",
+            f"--http-address={t.host}", f"--http-port={t.http_port}",
+            f"--grpc-address={t.host}", f"--grpc-port={t.grpc_port}",
+            f"--metrics-address={t.host}", f"--metrics-port={t.metrics_port}",
+            "--allow-metrics=true", "--allow-gpu-metrics=false",
+            "--log-verbose=0",
+        ]
+        return argv, provision.triton_env(self.settings)
+
+    def ready(self) -> bool:
+        import urllib.request
+
+        url = f"http://{self.settings.triton.http_url}/v2/health/ready"
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+
+
+def all_services(settings: Settings) -> list[Service]:
+    return [KafkaService(settings), RedisService(settings), TritonService(settings)]

@@ -1,0 +1,55 @@
+"""Shared fixtures: one isolated real stack (Kafka KRaft, Redis, Triton) for the session.
+
+The stack runs on free loopback ports under a temporary directory and is stopped by PID at
+the end of the session. Tests get its ``Settings`` through the ``settings`` fixture and a
+``CTRSTREAM_*`` environment for child processes through ``stack_env``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from ctrstream.config import Settings, Topic
+from ctrstream.stack.manager import Stack, isolated_stack, settings_env
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    run_dir = tmp_path_factory.mktemp("stack")
+    with isolated_stack(run_dir, log=lambda m: print(m)) as st:
+        yield st
+
+
+@pytest.fixture(scope="session")
+def settings(stack) -> Settings:
+    return stack.settings
+
+
+@pytest.fixture(scope="session")
+def stack_env(settings) -> dict[str, str]:
+    """Environment for child processes (``ctrstream ...`` subprocesses) that talk to the stack."""
+    return {**os.environ, **settings_env(settings)}
+
+
+@pytest.fixture
+def unique():
+    """A short unique suffix for topic, group and key names, so tests never share state."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def fresh_topics(settings, unique):
+    """Settings whose topics are new, unique and empty (same partition counts)."""
+    from ctrstream.kafkautil import ensure_topics
+
+    t = settings.topics
+    topics = t.model_copy(update={
+        name: Topic(name=f"{getattr(t, name).name}-{unique}", partitions=getattr(t, name).partitions)
+        for name in ("impressions", "clicks", "labeled", "predictions", "dlq")
+    })
+    s = settings.model_copy(update={"topics": topics})
+    ensure_topics(s, s.topics.all())
+    return s
