@@ -1,8 +1,9 @@
 """The ``ctrstream`` command line: one console script, a subcommand per job.
 
 Commands of the other packages register themselves through a ``register(app)`` function
-in their own ``cli`` module (``streaming.cli``, ``models.cli``, ``serving.cli``,
-``bench.cli``), so each package owns its commands and heavy imports stay lazy.
+in their own CLI module (``streaming.traffic_cli``, ``streaming.speed_cli``, ``models.cli``,
+``serving.cli``, ``bench.cli``, ``ctrstream.demo``), so each package owns its commands and
+heavy imports stay lazy.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def config_show():
 
 
 def _register_packages() -> None:
-    for mod in ("streaming.cli", "models.cli", "serving.cli", "bench.cli", "ctrstream.demo"):
+    for mod in ("streaming.traffic_cli", "streaming.speed_cli", "models.cli", "serving.cli",
+                "bench.cli", "ctrstream.demo"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -216,7 +216,52 @@ SPARSE_FIELDS: tuple[str, ...] = (
     "user_id", "ad_id", "campaign_id", "advertiser_id", "site_id", "ad_category",
     "device_type", "country", "position", "hour",
 )
-HASH_BUCKETS = 1 << 18
+N_SPARSE = len(SPARSE_FIELDS)
+HASH_BUCKETS = 1 << 15  # per field; ids of field k land in [k*HASH_BUCKETS, (k+1)*HASH_BUCKETS)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _hash_ints(values: np.ndarray, salt: int) -> np.ndarray:
+    """Stable, vectorized hash of int64 ids into [0, HASH_BUCKETS) (multiplicative hashing)."""
+    v = np.asarray(values).astype(np.uint64) ^ np.uint64(salt * 0x5851F42D4C957F2D & (2**64 - 1))
+    with np.errstate(over="ignore"):
+        h = (v * _GOLDEN) >> np.uint64(64 - 15)
+    return h.astype(np.int64) & (HASH_BUCKETS - 1)
+
+
+def _string_codes(values) -> np.ndarray:
+    import zlib
+
+    arr = np.asarray(values, dtype=object)
+    uniq, inv = np.unique(arr.astype(str), return_inverse=True)
+    codes = np.array([zlib.crc32(u.encode()) for u in uniq], dtype=np.int64)
+    return codes[inv]
+
+
+def sparse_ids(columns: dict) -> np.ndarray:
+    """Hashed sparse model input ``(rows, N_SPARSE)`` int64 from event columns.
+
+    ``columns`` maps every name in ``SPARSE_FIELDS`` except ``hour`` to an array, plus
+    ``event_time_ms`` (``hour`` = hour of day of the event time, UTC). String fields
+    (device_type, country) are hashed by CRC32 of their text. Training and serving both call
+    this function.
+    """
+    hour = (np.asarray(columns["event_time_ms"], dtype=np.int64) // HOUR_MS) % 24
+    out = np.empty((len(hour), N_SPARSE), dtype=np.int64)
+    for k, name in enumerate(SPARSE_FIELDS):
+        col = hour if name == "hour" else columns[name]
+        arr = np.asarray(col)
+        if arr.dtype.kind in "OUS":
+            arr = _string_codes(arr)
+        out[:, k] = _hash_ints(arr.astype(np.int64), k) + k * HASH_BUCKETS
+    return out
+
+
+# --------------------------------------------------------------------------- model I/O contract
+# Every published model (LR baseline and deep model, ONNX and Triton) takes these tensors.
+INPUT_SPARSE = "sparse_ids"  # INT64 [batch, N_SPARSE]
+INPUT_DENSE = "dense"  # FP32 [batch, N_DENSE]
+OUTPUT_PROB = "prob"  # FP32 [batch, 1], the click probability (before online calibration)
 
 
 def declaration() -> dict:
