@@ -1,0 +1,27 @@
+"""``ctrstream bench NAME [ARGS]``: runs ``bench/NAME.py``'s ``main(argv)``."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import typer
+
+import bench
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__)
+                  if m.name not in {"cli", "common"} and not m.name.startswith("_"))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench", context_settings={"allow_extra_args": True,
+                                            "ignore_unknown_options": True})
+    def bench_cmd(ctx: typer.Context,
+                  name: str = typer.Argument(..., help="which benchmark: " + ", ".join(available()))):
+        """Run a benchmark: it prints a table and writes JSON (and PNG) under bench/results/."""
+        if name not in available():
+            raise typer.BadParameter(f"unknown benchmark {name!r}; choose one of {', '.join(available())}")
+        module = importlib.import_module(f"bench.{name}")
+        raise typer.Exit(module.main(list(ctx.args)) or 0)

@@ -1,0 +1,68 @@
+"""Shared output for every benchmark: a printed table, a JSON file and the device it ran on."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_info() -> dict:
+    """What the numbers were measured on: CPU model and count, and the GPU when there is one."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            info["gpu"] = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
+def print_table(title: str, rows: list[dict], columns: list[str] | None = None) -> None:
+    columns = columns or list(rows[0].keys()) if rows else []
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in columns])
+    Console().print(table)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+def write_results(name: str, rows: list[dict], meta: dict | None = None,
+                  out_dir: Path | None = None) -> Path:
+    """Write ``{name}.json`` (rows + device + parameters) and return its path."""
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    doc = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "device": device_info(), "meta": meta or {}, "rows": rows}
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    return path
