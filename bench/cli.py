@@ -12,7 +12,7 @@ import bench
 
 def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__)
-                  if m.name not in {"cli", "common"} and not m.name.startswith("_"))
+                  if m.name not in {"cli", "common"} and "_" not in m.name)  # x_y.py: helpers
 
 
 def register(app: typer.Typer) -> None:

@@ -253,6 +253,54 @@ def setup_triton_pyenv(settings: Settings) -> str:
     return f"Triton Python-backend environment: {want} in {site}"
 
 
+def compose_validator() -> list[str] | None:
+    """The command that validates a Compose file without a container engine: Docker's
+    ``docker compose`` plugin when installed, else the standalone ``docker-compose``
+    (Debian's package). ``<cmd> -f FILE config -q`` parses, interpolates and checks the
+    file against the Compose specification; neither needs a running engine for it."""
+    docker = shutil.which("docker")
+    if docker and _run([docker, "compose", "version"]).returncode == 0:
+        return [docker, "compose"]
+    standalone = shutil.which("docker-compose")
+    if standalone and _run([standalone, "version"]).returncode == 0:
+        return [standalone]
+    return None
+
+
+def setup_compose_validator() -> str:
+    """Install a Compose validator for the test suite's static check of docker-compose.yml:
+    Debian's ``docker-compose`` package (Compose 1.29, which knows the Compose
+    specification's profiles, GPU device reservations and depends_on conditions)."""
+    found = compose_validator()
+    if found:
+        return f"Compose validator: {' '.join(found)}"
+    if shutil.which("apt-get") is None:
+        raise PrerequisiteError(
+            "no Compose validator: install Docker's compose plugin (`docker compose`) or a "
+            "standalone `docker-compose` so that docker-compose.yml can be validated."
+        )
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if sudo is None:
+        raise PrerequisiteError(
+            "no Compose validator; installing one needs root. Run: "
+            "sudo apt-get install -y docker-compose"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                      "-o", "DPkg::Lock::Timeout=300", "docker-compose"]
+    res = _run(install, env=env)
+    if res.returncode != 0:
+        _run(sudo + ["apt-get", "update", "-q"], env=env)
+        res = _run(install, env=env)
+    found = compose_validator()
+    if res.returncode != 0 or not found:
+        raise PrerequisiteError(
+            f"apt-get could not install docker-compose (the Compose validator):\n"
+            f"{res.stdout[-2000:]}{res.stderr[-2000:]}"
+        )
+    return f"Compose validator: installed {' '.join(found)} from Debian"
+
+
 def setup(settings: Settings | None = None, log=print) -> None:
     settings = settings or get_settings()
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -261,6 +309,7 @@ def setup(settings: Settings | None = None, log=print) -> None:
     log(setup_redis())
     log(setup_triton(settings))
     log(setup_triton_pyenv(settings))
+    log(setup_compose_validator())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,491 @@
+"""``ctrstream bench api``: open-loop load on the prediction API; latency vs throughput.
+
+Requests are sent on a **fixed arrival schedule** (request ``i`` of a step at
+``t0 + i / rate``) whatever the answers do - an open loop, so a slow server cannot slow the
+load down and hide its own queueing (no coordinated omission). Latency is measured from each
+request's *scheduled* time to its answer. Each step runs ``--duration`` seconds at one rate
+(default 50, 100, 200, 300 rps) with ``--candidates`` candidates per request (default 100),
+then waits at most ``--drain`` seconds for stragglers; the run stops by itself.
+
+Where the time goes: the API returns a ``Server-Timing`` header per request (``redis``,
+``assembly``, ``triton``, ``calibration``, ``handler``, ``app``); the benchmark aggregates it
+with the client-side latency into
+
+* ``redis``, ``assembly``, ``triton``, ``calibration`` - the handler's stages,
+* ``framework`` = app - handler stages (request validation, response building, middleware),
+* ``outside`` = client latency - app (HTTP parsing, event-loop queueing, the network and the
+  load generator itself).
+
+Set-up, unless told otherwise: with ``--isolated`` Redis and Triton are started on free
+loopback ports in a temporary directory (stopped by PID at the end); otherwise the running
+local stack (``ctrstream stack up``) is used. When the model is not ready on Triton a small
+one is published (``models.publish`` when available, else a Python-backend demo model with
+the same I/O contract). Features of the benchmark's own entities (ids from ``ID_BASE``, so no
+real entity is touched) are written to the speed view, and to a batch view when none is
+served. Without ``--url`` the API is started as a subprocess on a free loopback port.
+Everything targets 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ctrstream import features as F
+
+ID_BASE = 900_000_000
+STAGES = ("redis", "assembly", "triton", "calibration")
+
+
+# --------------------------------------------------------------------------- demo model
+
+_MODEL_PY = '''\
+import os, site
+for p in filter(None, os.environ.get("CTRSTREAM_TRITON_SITE", "").split(os.pathsep)):
+    site.addsitedir(p)
+import numpy as np
+import triton_python_backend_utils as pb_utils
+import onnxruntime as ort
+
+
+class TritonPythonModel:
+    """Runs model.onnx (the ctrstream I/O contract) through onnxruntime; written by
+    bench/api.py's demo-model helper."""
+
+    def initialize(self, args):
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        sp = [pb_utils.get_input_tensor_by_name(r, "sparse_ids").as_numpy() for r in requests]
+        de = [pb_utils.get_input_tensor_by_name(r, "dense").as_numpy() for r in requests]
+        prob = self.sess.run(["prob"], {"sparse_ids": np.concatenate(sp),
+                                         "dense": np.concatenate(de)})[0]
+        out, start = [], 0
+        for s in sp:
+            part = prob[start:start + len(s)].astype(np.float32)
+            start += len(s)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("prob", part)]))
+        return out
+'''
+
+
+def demo_onnx_bytes(weights: np.ndarray | None = None, bias: float | None = None) -> bytes:
+    """A tiny ONNX model with the model I/O contract: ``prob = sigmoid(dense @ w + b)`` (the
+    sparse ids enter multiplied by zero, so both inputs are real graph inputs)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.full((F.N_DENSE, 1), 0.01, dtype=np.float32) if weights is None
+         else np.asarray(weights, dtype=np.float32).reshape(F.N_DENSE, 1))
+    b = np.array([np.log(F.PRIOR.mean / (1 - F.PRIOR.mean)) if bias is None else bias],
+                 dtype=np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"),
+             numpy_helper.from_array(np.array([1], dtype=np.int64), "AX"),
+             numpy_helper.from_array(np.array([0.0], dtype=np.float32), "ZERO")]
+    nodes = [
+        helper.make_node("MatMul", ["dense", "W"], ["z0"]),
+        helper.make_node("Add", ["z0", "B"], ["z1"]),
+        helper.make_node("Cast", ["sparse_ids"], ["sf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["sf", "AX"], ["ss"], keepdims=1),
+        helper.make_node("Mul", ["ss", "ZERO"], ["s0"]),
+        helper.make_node("Add", ["z1", "s0"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], [F.OUTPUT_PROB]),
+    ]
+    graph = helper.make_graph(
+        nodes, "ctr_demo",
+        [helper.make_tensor_value_info(F.INPUT_SPARSE, TensorProto.INT64, ["N", F.N_SPARSE]),
+         helper.make_tensor_value_info(F.INPUT_DENSE, TensorProto.FLOAT, ["N", F.N_DENSE])],
+        [helper.make_tensor_value_info(F.OUTPUT_PROB, TensorProto.FLOAT, ["N", 1])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def write_demo_model(repo: Path, name: str, version: int = 1, weights=None, bias=None,
+                     max_batch_size: int = 1024) -> Path:
+    """Write a Python-backend model dir ``repo/name`` (config.pbtxt, model.py and
+    ``version/model.onnx``); returns the model dir. Load it with Triton's load_model."""
+    d = Path(repo) / name
+    (d / str(version)).mkdir(parents=True, exist_ok=True)
+    (d / str(version) / "model.onnx").write_bytes(demo_onnx_bytes(weights, bias))
+    (d / str(version) / "model.py").write_text(_MODEL_PY)
+    (d / "config.pbtxt").write_text(f'''name: "{name}"
+backend: "python"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "{F.INPUT_SPARSE}" data_type: TYPE_INT64 dims: [ {F.N_SPARSE} ] }},
+  {{ name: "{F.INPUT_DENSE}" data_type: TYPE_FP32 dims: [ {F.N_DENSE} ] }}
+]
+output [ {{ name: "{F.OUTPUT_PROB}" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 200 }}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+''')
+    return d
+
+
+def ensure_model(settings, base: str = "ctr_deep", log=print) -> str:
+    """The served model name of ``base``, publishing a small model first when none is ready."""
+    import tritonclient.grpc as grpcclient
+
+    from serving.triton_client import served_model_name
+
+    name = served_model_name(settings, base)
+    client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+    try:
+        try:
+            if client.is_model_ready(name):
+                return name
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            from models import publish as pub
+        except ImportError:
+            pub = None
+        if pub is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "demo.onnx"
+                path.write_bytes(demo_onnx_bytes())
+                info = pub.publish(settings, path, base)
+                log(f"published demo model {info}")
+                return info.get("model_name", name)
+        if settings.triton.backend != "python":
+            raise RuntimeError(f"model {name} is not ready and models.publish is not available")
+        write_demo_model(settings.triton.model_repository, name)
+        client.load_model(name)
+        log(f"loaded demo model {name} (Python backend)")
+        return name
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Universe:
+    def __init__(self, seed: int = 7, n_ads: int = 5000, n_users: int = 20000):
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.n_ads = n_ads
+        self.ads = ID_BASE + np.arange(n_ads)
+        self.campaign = ID_BASE + rng.integers(0, max(1, n_ads // 10), n_ads)
+        self.advertiser = ID_BASE + (self.campaign - ID_BASE) % max(1, n_ads // 50)
+        self.category = ID_BASE + rng.integers(0, 30, n_ads)
+        self.sites = ID_BASE + np.arange(50)
+        self.users = ID_BASE + np.arange(n_users)
+
+    def request(self, n_candidates: int) -> dict:
+        rng = self.rng
+        idx = rng.choice(self.n_ads, n_candidates, replace=False)
+        return {"user_id": int(rng.choice(self.users)),
+                "context": {"site_id": int(rng.choice(self.sites)),
+                            "device_type": str(rng.choice(["mobile", "desktop", "tablet"])),
+                            "country": str(rng.choice(["US", "DE", "FR", "GB"])),
+                            "position": int(rng.integers(0, 4))},
+                "candidates": [{"ad_id": int(self.ads[i]), "campaign_id": int(self.campaign[i]),
+                                "advertiser_id": int(self.advertiser[i]),
+                                "ad_category": int(self.category[i])} for i in idx]}
+
+
+def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
+    """Speed-view buckets for the universe's ads, campaigns, advertisers, sites,
+    site x category and a slice of users; a batch view (with long windows) when none is
+    served. Returns what was written."""
+    import redis
+
+    r = redis.Redis.from_url(settings.redis.url)
+    rng = np.random.default_rng(11)
+    ents: list[tuple[str, str]] = []
+    ents += [("ad", str(a)) for a in uni.ads]
+    ents += [("campaign", str(c)) for c in np.unique(uni.campaign)]
+    ents += [("advertiser", str(a)) for a in np.unique(uni.advertiser)]
+    ents += [("site", str(s)) for s in uni.sites]
+    ents += [("site_x_category", f"{s}:{c}") for s in uni.sites for c in np.unique(uni.category)]
+    ents += [("user", str(u)) for u in uni.users[:2000]]
+    served = r.get(F.BATCH_POINTER_KEY)
+    version = None
+    cutoff = F.align_cutoff(now_ms - 2 * F.HOUR_MS)
+    if served is None:
+        version = f"bench{now_ms}"
+    ttl = 6 * 3600
+    pipe = r.pipeline(transaction=False)
+    for k, (ent, eid) in enumerate(ents):
+        for res in F.RESOLUTIONS:
+            buckets = list(F.window_buckets(now_ms, res))
+            imps = rng.poisson(20, len(buckets))
+            clicks = rng.binomial(imps, 0.02)
+            mapping = {}
+            for b, i, c in zip(buckets, imps, clicks):
+                mapping[F.field("i", b)] = int(i)
+                mapping[F.field("c", b)] = int(c)
+            pipe.hset(F.speed_key(ent, eid, res.name), mapping=mapping)
+            pipe.expire(F.speed_key(ent, eid, res.name), ttl)
+            if version:
+                bk = F.batch_key(version, ent, eid, res.name)
+                closed = {f: v for f, v in mapping.items()
+                          if (int(f[1:]) + 1) * res.bucket_ms <= cutoff}
+                if closed:
+                    pipe.hset(bk, mapping=closed)
+                    pipe.expire(bk, ttl)
+        if version:
+            lk = F.batch_long_key(version, ent, eid)
+            pipe.hset(lk, mapping={F.long_field(t, w): int(rng.poisson(5000 if t == "i" else 100))
+                                   for w in F.LONG_WINDOWS for t in F.EVENT_TYPES})
+            pipe.expire(lk, ttl)
+        if k % 500 == 499:
+            pipe.execute()
+    if version:
+        pipe.hset(F.batch_meta_key(version), mapping={"cutoff_ms": cutoff, "created_ms": now_ms,
+                                                      "fingerprint": F.fingerprint()})
+        pipe.expire(F.batch_meta_key(version), ttl)
+        pipe.set(F.BATCH_POINTER_KEY, version, nx=True)
+    pipe.execute()
+    r.close()
+    log(f"seeded {len(ents)} entities x {len(F.RESOLUTIONS)} resolutions"
+        + (f"; batch view {version} cut-off {cutoff}" if version else "; batch view: the served one"))
+    return {"entities": len(ents), "batch_version": version or served.decode()}
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _parse_server_timing(h: str | None) -> dict:
+    out = {}
+    if not h:
+        return out
+    for part in h.split(","):
+        name, _, rest = part.strip().partition(";dur=")
+        try:
+            out[name] = float(rest) / 1000.0
+        except ValueError:
+            pass
+    return out
+
+
+async def _one(session, url, body: bytes, scheduled: float, loop, rec: list):
+    sent = loop.time()
+    try:
+        async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+            payload = await resp.read()
+            done = loop.time()
+            degraded = False
+            if resp.status == 200:
+                degraded = b'"degraded":true' in payload
+            rec.append((done - scheduled, sent - scheduled, resp.status, degraded,
+                        _parse_server_timing(resp.headers.get("Server-Timing"))))
+    except Exception as e:  # noqa: BLE001 - timeouts and connection errors are errors
+        rec.append((loop.time() - scheduled, sent - scheduled, type(e).__name__, False, {}))
+
+
+async def run_step(url: str, bodies: list[bytes], rate: float, duration: float,
+                   drain: float, timeout: float) -> list:
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    rec: list = []
+    n = max(1, int(rate * duration))
+    conn = aiohttp.TCPConnector(limit=1024, force_close=False)
+    tmo = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(connector=conn, timeout=tmo) as session:
+        t0 = loop.time() + 0.05
+        tasks = []
+        for i in range(n):
+            target = t0 + i / rate
+            delay = target - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(session, url, bodies[i % len(bodies)], target, loop, rec)))
+        done, pending = await asyncio.wait(tasks, timeout=drain)
+        for t in pending:
+            t.cancel()
+        elapsed = loop.time() - t0
+    lost = n - len(rec)
+    for _ in range(lost):
+        rec.append((drain, 0.0, "not answered", False, {}))
+    return rec, elapsed
+
+
+def summarize(rate: float, rec: list, elapsed: float) -> dict:
+    lat = np.array([r[0] for r in rec]) * 1000
+    ok = np.array([r[2] == 200 for r in rec])
+    lag = np.array([r[1] for r in rec]) * 1000
+    okl = lat[ok] if ok.any() else np.array([np.nan])
+    row = {"rate_rps": rate, "sent": len(rec), "achieved_rps": round(ok.sum() / elapsed, 1),
+           "p50_ms": float(np.percentile(okl, 50)), "p95_ms": float(np.percentile(okl, 95)),
+           "p99_ms": float(np.percentile(okl, 99)), "max_ms": float(np.max(okl)),
+           "errors": int((~ok).sum()), "degraded": int(sum(1 for r in rec if r[3])),
+           "send_lag_p99_ms": float(np.percentile(lag, 99))}
+    st = [r[4] for r in rec if r[2] == 200 and r[4]]
+    if st:
+        def mean(k):
+            return float(np.mean([s.get(k, 0.0) for s in st]) * 1000)
+        for k in STAGES:
+            row[f"{k}_ms"] = mean(k)
+        handler_stages = sum(row[f"{k}_ms"] for k in STAGES)
+        row["framework_ms"] = mean("app") - handler_stages
+        row["outside_ms"] = float(np.mean([r[0] - r[4].get("app", 0.0) for r in rec
+                                           if r[2] == 200 and r[4]]) * 1000)
+        row["app_p99_ms"] = float(np.percentile([s.get("app", 0.0) for s in st], 99) * 1000)
+    errs = {}
+    for r in rec:
+        if r[2] != 200:
+            errs[str(r[2])] = errs.get(str(r[2]), 0) + 1
+    row["error_kinds"] = json.dumps(errs) if errs else ""
+    return row
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = [r["achieved_rps"] for r in rows]
+    for q, m in (("p50_ms", "o-"), ("p95_ms", "s-"), ("p99_ms", "^-")):
+        a.plot(x, [r[q] for r in rows], m, label=q.replace("_ms", ""))
+    a.axhline(25, color="red", ls="--", lw=1, label="25 ms target")
+    a.set_xlabel("achieved throughput (requests/s)")
+    a.set_ylabel("latency (ms, from scheduled send)")
+    a.set_yscale("log")
+    a.legend()
+    a.grid(alpha=.3)
+    a.set_title(title)
+    parts = [*STAGES, "framework", "outside"]
+    bottom = np.zeros(len(rows))
+    labels = [str(int(r["rate_rps"])) for r in rows]
+    for p in parts:
+        v = np.array([r.get(f"{p}_ms", 0.0) for r in rows])
+        b.bar(labels, v, bottom=bottom, label=p)
+        bottom += v
+    b.set_xlabel("offered rate (requests/s)")
+    b.set_ylabel("mean ms per request")
+    b.set_title("where the time goes")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _wait_ready(url: str, timeout: float, proc=None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the API exited with code {proc.returncode} during start-up")
+        try:
+            r = httpx.get(url + "/readyz", timeout=2)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as e:
+            last = str(e)
+        time.sleep(0.2)
+    raise RuntimeError(f"API at {url} not ready after {timeout:.0f}s: {last}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.common import RESULTS, print_table, write_results
+    from ctrstream.config import get_settings
+    from ctrstream.procs import start_job, stop_job
+    from ctrstream.stack.manager import Stack, isolated_settings, settings_env
+    from ctrstream.stack.services import free_port
+
+    ap = argparse.ArgumentParser(prog="ctrstream bench api", description=__doc__.split("\n")[0])
+    ap.add_argument("--url", help="a running API (http://127.0.0.1:PORT); default: start one")
+    ap.add_argument("--rates", default="50,100,200,300", help="offered rates, requests/s")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds at the lowest rate first")
+    ap.add_argument("--drain", type=float, default=10.0, help="seconds to wait for stragglers")
+    ap.add_argument("--timeout", type=float, default=5.0, help="client timeout per request")
+    ap.add_argument("--model", default="ctr_deep")
+    ap.add_argument("--isolated", action="store_true",
+                    help="start Redis + Triton on free ports in a temp dir (stopped at the end)")
+    ap.add_argument("--no-seed", action="store_true", help="do not write benchmark features")
+    ap.add_argument("--feature-method", default="script", choices=["script", "pipeline"])
+    ap.add_argument("--feature-cache-s", type=float, default=2.0,
+                    help="the API's shared-entity feature cache (0: every request reads Redis)")
+    ap.add_argument("--name", default="api", help="results file name (bench/results/NAME.json/png)")
+    args = ap.parse_args(argv)
+    rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
+        print("error: the load generator only targets loopback (http://127.0.0.1:PORT)", file=sys.stderr)
+        return 2
+
+    settings = get_settings()
+    stack = None
+    tmp = None
+    api_proc = None
+    try:
+        if args.isolated:
+            tmp = tempfile.mkdtemp(prefix="ctr-bench-api-")
+            settings = isolated_settings(Path(tmp), settings)
+            stack = Stack(settings)
+            stack.up(only=["redis", "triton"], log=print)
+        uni = Universe()
+        now_ms = int(time.time() * 1000)
+        model_name = ensure_model(settings, args.model)
+        seeded = None if args.no_seed else seed_features(settings, uni, now_ms)
+        url = args.url
+        if url is None:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log_path = Path(tmp or tempfile.gettempdir()) / f"bench-api-{port}.log"
+            api_proc = start_job([sys.executable, "-c", "from ctrstream.cli import app; app()", "serve", "--host", "127.0.0.1",
+                                  "--port", str(port), "--model-name", model_name,
+                                  "--feature-method", args.feature_method,
+                                  "--feature-cache-s", str(args.feature_cache_s)],
+                                 env={**os.environ, **settings_env(settings)}, log_path=log_path)
+            print(f"API PID {api_proc.pid} on {url} (log {log_path})")
+            _wait_ready(url, 60, api_proc)
+        else:
+            _wait_ready(url, 10)
+        bodies = [json.dumps(uni.request(args.candidates)).encode() for _ in range(500)]
+        predict = url.rstrip("/") + "/v1/predict"
+        if args.warmup > 0:
+            asyncio.run(run_step(predict, bodies, min(rates), args.warmup, args.drain, args.timeout))
+        rows = []
+        for rate in rates:
+            rec, elapsed = asyncio.run(run_step(predict, bodies, rate, args.duration, args.drain,
+                                                args.timeout))
+            row = summarize(rate, rec, elapsed)
+            rows.append(row)
+            print(f"{rate:6.0f} rps: p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  "
+                  f"errors {row['errors']}  degraded {row['degraded']}", flush=True)
+        cols = ["rate_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "errors", "degraded",
+                *[f"{k}_ms" for k in STAGES], "framework_ms", "outside_ms", "send_lag_p99_ms"]
+        print_table(f"prediction API, {args.candidates} candidates/request, open loop", rows, cols)
+        meta = {"candidates": args.candidates, "duration_s": args.duration, "rates": rates,
+                "model": model_name, "url": url, "isolated": args.isolated, "seeded": seeded,
+                "feature_method": args.feature_method,
+                "feature_cache_s": args.feature_cache_s, "target": "p99 <= 25 ms at 200 rps",
+                "latency": "from each request's scheduled send time (open loop)"}
+        path = write_results(args.name, rows, meta)
+        png = RESULTS / f"{args.name}.png"
+        plot(rows, png, f"/v1/predict, {args.candidates} candidates")
+        print(f"wrote {path} and {png}")
+        return 0
+    finally:
+        if api_proc is not None:
+            stop_job(api_proc)
+        if stack is not None:
+            stack.down()

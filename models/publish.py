@@ -1,0 +1,291 @@
+"""Publishing an ONNX model into the Triton model repository, and the live version switch.
+
+Layout written under ``settings.triton.model_repository`` for a base name (``ctr_deep``):
+
+```
+ctr_deep/config.pbtxt         platform "onnxruntime_onnx", KIND_GPU, dynamic batching
+ctr_deep/<v>/model.onnx       (+ card.json)
+ctr_deep_py/config.pbtxt      backend "python", KIND_CPU, dynamic batching
+ctr_deep_py/<v>/model.onnx    the same file
+ctr_deep_py/<v>/model.py      models/triton_model.py (ONNX Runtime inside the Python backend)
+```
+
+Both flavours get the same new version number (one above the highest of either).
+``served_model_name(settings, base)`` is the flavour this deployment loads:
+``settings.triton.backend`` "onnxruntime" -> ``<base>`` (NVIDIA's container), "python" ->
+``<base>_py`` (the local stack, whose tritonserver ships only the Python backend).
+
+The switch (Triton in explicit model-control mode), for the served flavour:
+
+1. config.pbtxt with ``version_policy: { specific: { versions: [old..., new] } }``, load:
+   the old versions keep serving while ``new`` loads; from the moment it is ready, requests
+   that do not pin a version go to the highest ready version, ``new``;
+2. verify: ``new`` (pinned) answers probe inputs with the scores of in-process ONNX Runtime
+   on the same file (max abs diff <= 1e-5); on failure the old config is restored and
+   reloaded, the new version's files are removed, and ``PublishError`` is raised;
+3. config with ``versions: [new]``, load again: the old versions are unloaded.
+
+No request fails during the switch: Triton keeps a loaded version serving until its
+replacement is ready, and it unloads a version only after its in-flight requests finish.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ctrstream import features
+from ctrstream.config import Settings
+
+HERE = Path(__file__).resolve().parent
+PY_SUFFIX = "_py"
+VERIFY_ATOL = 1e-5
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+def served_model_name(settings: Settings, base: str) -> str:
+    """The Triton model name this deployment serves for ``base`` (see module doc)."""
+    return base if settings.triton.backend == "onnxruntime" else base + PY_SUFFIX
+
+
+def _onnx_io(onnx_path: Path) -> tuple[int, int]:
+    """(n_sparse, n_dense) from the ONNX file's input shapes (checks the contract names)."""
+    import onnx
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+              for i in g.input}
+    outs = [o.name for o in g.output]
+    if set(shapes) != {features.INPUT_SPARSE, features.INPUT_DENSE} or outs != [features.OUTPUT_PROB]:
+        raise PublishError(f"{onnx_path}: inputs {sorted(shapes)} / outputs {outs} do not follow "
+                           f"the contract ({features.INPUT_SPARSE}, {features.INPUT_DENSE} -> "
+                           f"{features.OUTPUT_PROB})")
+    return int(shapes[features.INPUT_SPARSE][1]), int(shapes[features.INPUT_DENSE][1])
+
+
+def model_config(name: str, flavour: str, versions: list[int] | None, n_sparse: int, n_dense: int,
+                 max_batch_size: int = 8192, instances: int | None = None,
+                 preferred_batch_sizes: tuple[int, ...] = (256, 1024, 4096),
+                 max_queue_delay_us: int = 500, intra_op_threads: int = 0) -> str:
+    """config.pbtxt text. ``flavour``: "onnxruntime" (GPU) or "python" (CPU).
+    ``versions``: the specific versions to serve (None: the latest one)."""
+    if versions:
+        policy = "version_policy: { specific: { versions: [ %s ] } }" % ", ".join(
+            str(v) for v in sorted(versions))
+    else:
+        policy = "version_policy: { latest: { num_versions: 1 } }"
+    pref = ", ".join(str(b) for b in preferred_batch_sizes if b <= max_batch_size)
+    head = ('platform: "onnxruntime_onnx"' if flavour == "onnxruntime" else 'backend: "python"')
+    kind = "KIND_GPU" if flavour == "onnxruntime" else "KIND_CPU"
+    count = instances or (2 if flavour == "onnxruntime" else 1)
+    extra = ""
+    if flavour == "python":
+        extra = ('parameters: { key: "device" value: { string_value: "auto" } }\n'
+                 'parameters: { key: "intra_op_threads" value: { string_value: "%d" } }\n'
+                 % intra_op_threads)
+    return f"""# written by models/publish.py - do not edit by hand (the next publish rewrites it)
+name: "{name}"
+{head}
+max_batch_size: {max_batch_size}
+{policy}
+input [
+  {{ name: "{features.INPUT_SPARSE}" data_type: TYPE_INT64 dims: [ {n_sparse} ] }},
+  {{ name: "{features.INPUT_DENSE}" data_type: TYPE_FP32 dims: [ {n_dense} ] }}
+]
+output [
+  {{ name: "{features.OUTPUT_PROB}" data_type: TYPE_FP32 dims: [ 1 ] }}
+]
+instance_group [ {{ count: {count} kind: {kind} }} ]
+dynamic_batching {{
+  preferred_batch_size: [ {pref} ]
+  max_queue_delay_microseconds: {max_queue_delay_us}
+}}
+{extra}"""
+
+
+def versions_on_disk(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name))
+
+
+@contextmanager
+def _repo_lock(repo: Path, base: str):
+    repo.mkdir(parents=True, exist_ok=True)
+    with open(repo / f".{base}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _client(settings: Settings):
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient.InferenceServerClient(settings.triton.grpc_url)
+
+
+def loaded_versions(client, name: str) -> list[int]:
+    """Ready versions of ``name`` on the server ([] when it is not loaded)."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        md = client.get_model_metadata(name, as_json=True)
+    except InferenceServerException:
+        return []
+    return sorted(int(v) for v in md.get("versions", []))
+
+
+def infer(client, name: str, inputs: dict[str, np.ndarray], version: int | None = None,
+          timeout_s: float | None = None) -> np.ndarray:
+    """One gRPC inference with the contract's tensors; returns ``prob`` ``[batch, 1]``."""
+    import tritonclient.grpc as grpcclient
+
+    ins = []
+    for key, dtype in ((features.INPUT_SPARSE, "INT64"), (features.INPUT_DENSE, "FP32")):
+        t = grpcclient.InferInput(key, list(inputs[key].shape), dtype)
+        t.set_data_from_numpy(inputs[key])
+        ins.append(t)
+    res = client.infer(name, ins, model_version="" if version is None else str(version),
+                       outputs=[grpcclient.InferRequestedOutput(features.OUTPUT_PROB)],
+                       client_timeout=timeout_s)
+    return res.as_numpy(features.OUTPUT_PROB)
+
+
+def verify_version(client, name: str, version: int, onnx_path: Path, n_sparse: int, n_dense: int,
+                   seed: int = 7, atol: float = VERIFY_ATOL) -> float:
+    """Pinned inferences of ``name`` v``version`` vs in-process ONNX Runtime on probe inputs;
+    returns the max abs difference, raises ``PublishError`` above ``atol``."""
+    from models.export import ort_predict, ort_session, random_inputs
+
+    sess = ort_session(onnx_path)
+    worst = 0.0
+    for i, n in enumerate((1, 64, 700)):
+        x = random_inputs(n, seed + i, None, n_sparse, n_dense)
+        got = infer(client, name, x, version=version)
+        want = ort_predict(sess, x)
+        if got.shape != want.shape:
+            raise PublishError(f"{name} v{version}: output shape {got.shape}, expected {want.shape}")
+        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))))
+    if worst > atol:
+        raise PublishError(f"{name} v{version} answers probe inputs {worst:.3g} away from "
+                           f"in-process ONNX Runtime (limit {atol:g})")
+    return worst
+
+
+def _write_config(model_dir: Path, text: str) -> None:
+    tmp = model_dir / "config.pbtxt.tmp"
+    tmp.write_text(text)
+    tmp.replace(model_dir / "config.pbtxt")  # atomic: Triton never reads half a file
+
+
+def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dict | None = None,
+            *, load: bool = True, keep: int = 3, max_batch_size: int = 8192,
+            log=lambda msg: None) -> dict:
+    """Publish ``onnx_path`` as a new version of ``base_name`` (both flavours) and, with
+    ``load``, switch the running Triton's served flavour to it (see module doc).
+
+    Returns ``{"version", "model_name" (served), "base_name", "previous" (versions served
+    before), "loaded", "verify_max_abs_diff", "seconds"}``. Older version directories beyond
+    the newest ``keep`` are removed (never a served one)."""
+    t0 = time.perf_counter()
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise PublishError(f"no ONNX file at {onnx_path}: run `ctrstream train` first")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", base_name):
+        raise PublishError(f"bad model name {base_name!r} (letters, digits, _ and - only)")
+    n_sparse, n_dense = _onnx_io(onnx_path)
+    repo = Path(settings.triton.model_repository)
+    served = served_model_name(settings, base_name)
+    flavours = {base_name: "onnxruntime", base_name + PY_SUFFIX: "python"}
+    cfg = dict(n_sparse=n_sparse, n_dense=n_dense, max_batch_size=max_batch_size)
+
+    with _repo_lock(repo, base_name):
+        client = _client(settings) if load else None
+        if client is not None:
+            try:
+                if not client.is_server_live():
+                    raise PublishError("Triton is not live")
+            except Exception as e:
+                raise PublishError(f"Triton at {settings.triton.grpc_url} is not reachable ({e}); "
+                                   "start it with `ctrstream stack up` or publish with --no-load"
+                                   ) from None
+        version = 1 + max([0] + [v for n in flavours for v in versions_on_disk(repo / n)])
+        new_dirs = []
+        for name, flavour in flavours.items():
+            vdir = repo / name / str(version)
+            vdir.mkdir(parents=True)
+            new_dirs.append(vdir)
+            shutil.copy2(onnx_path, vdir / "model.onnx")
+            data = onnx_path.with_name(onnx_path.name + ".data")  # external weights, if any
+            if data.exists():
+                shutil.copy2(data, vdir / data.name)
+            if flavour == "python":
+                shutil.copy2(HERE / "triton_model.py", vdir / "model.py")
+            if card is not None:
+                (vdir / "card.json").write_text(json.dumps(card, indent=2, default=str))
+            if name != served:  # the flavour this deployment does not load: serve the latest
+                _write_config(repo / name, model_config(name, flavour, None, **cfg))
+        model_dir = repo / served
+        old_config = (model_dir / "config.pbtxt").read_text() if (model_dir / "config.pbtxt").exists() else None
+        previous: list[int] = []
+        diff = None
+        if client is None:
+            _write_config(model_dir, model_config(served, flavours[served], [version], **cfg))
+        else:
+            previous = [v for v in loaded_versions(client, served) if v != version]
+            _write_config(model_dir, model_config(served, flavours[served], previous + [version], **cfg))
+            try:
+                log(f"loading {served} v{version} next to {previous or 'nothing'}")
+                client.load_model(served)
+                diff = verify_version(client, served, version, onnx_path, n_sparse, n_dense)
+            except Exception as e:
+                _rollback(client, served, model_dir, old_config, previous, new_dirs)
+                if isinstance(e, PublishError):
+                    raise
+                raise PublishError(f"loading {served} v{version} failed: {e}") from e
+            log(f"{served} v{version} verified (max abs diff {diff:.2g}); unloading {previous or 'nothing'}")
+            _write_config(model_dir, model_config(served, flavours[served], [version], **cfg))
+            client.load_model(served)
+            now = loaded_versions(client, served)
+            if now != [version]:
+                raise PublishError(f"after the switch {served} serves versions {now}, expected [{version}]")
+        _prune(repo, list(flavours), keep, protect={version})
+        client and client.close()
+    return dict(version=version, model_name=served, base_name=base_name, previous=previous,
+                loaded=load, verify_max_abs_diff=diff, seconds=round(time.perf_counter() - t0, 2))
+
+
+def _rollback(client, served, model_dir, old_config, previous, new_dirs) -> None:
+    try:
+        if previous and old_config is not None:
+            _write_config(model_dir, old_config)
+            client.load_model(served)
+        else:
+            client.unload_model(served)
+    finally:
+        for d in new_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _prune(repo: Path, names: list[str], keep: int, protect: set[int]) -> None:
+    for name in names:
+        vs = versions_on_disk(repo / name)
+        for v in vs[:-keep] if keep > 0 else []:
+            if v not in protect:
+                shutil.rmtree(repo / name / str(v), ignore_errors=True)
+
+
+__all__ = ["PublishError", "infer", "loaded_versions", "model_config", "publish",
+           "served_model_name", "verify_version"]

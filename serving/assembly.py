@@ -1,0 +1,122 @@
+"""Feature assembly: one ad request -> exactly the model's input tensors.
+
+A request is a user, a context (site, device, country, position, event time) and candidate
+ads. Every candidate becomes one row with the columns of an impression
+(``streaming.events.Impression``); from those columns:
+
+* ``sparse`` = ``features.sparse_ids(columns)`` - the function the training set calls;
+* ``dense``  = ``features.dense_from_counts(counts)`` where ``counts`` are the lambda-merged
+  window counts of every entity of the row at the event time
+  (``streaming.featurestore``), in the layout the batch layer's training set uses.
+
+Nothing here re-implements a feature: ids, windows and transformations all come from
+``ctrstream.features``, so training and serving cannot drift apart (``tests/test_assembly.py``
+checks it against a brute-force count over raw events).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ctrstream import features as F
+from streaming.featurestore import FeatureRead
+
+CANDIDATE_FIELDS = ("ad_id", "campaign_id", "advertiser_id", "ad_category")
+CONTEXT_FIELDS = ("site_id", "device_type", "country", "position")
+
+
+@dataclass
+class Assembled:
+    sparse: np.ndarray  # int64 (rows, N_SPARSE)
+    dense: np.ndarray  # float32 (rows, N_DENSE)
+    counts: np.ndarray  # int64 (rows, len(ENTITIES), N_WINDOWS, 2)
+    read: FeatureRead
+    degraded: bool = False  # the feature store was unreachable: counts are all zero
+    error: str | None = None
+
+
+def request_columns(user_id: int, context: dict, candidates, t_ms: int) -> dict[str, np.ndarray]:
+    """Impression columns, one row per candidate. ``candidates`` is a list of mappings or a
+    dict of arrays with ``CANDIDATE_FIELDS``; ``context`` a mapping with ``CONTEXT_FIELDS``."""
+    if isinstance(candidates, dict):
+        cols = {f: np.asarray(candidates[f], dtype=np.int64) for f in CANDIDATE_FIELDS}
+    else:
+        arr = np.array([[c[f] for f in CANDIDATE_FIELDS] for c in candidates], dtype=np.int64)
+        arr = arr.reshape(-1, len(CANDIDATE_FIELDS))
+        cols = {f: arr[:, k] for k, f in enumerate(CANDIDATE_FIELDS)}
+    n = len(cols["ad_id"])
+    cols["user_id"] = np.full(n, int(user_id), dtype=np.int64)
+    cols["site_id"] = np.full(n, int(context["site_id"]), dtype=np.int64)
+    cols["position"] = np.full(n, int(context["position"]), dtype=np.int64)
+    cols["device_type"] = np.full(n, str(context["device_type"]), dtype=object)
+    cols["country"] = np.full(n, str(context["country"]), dtype=object)
+    cols["event_time_ms"] = np.full(n, int(t_ms), dtype=np.int64)
+    return cols
+
+
+def entity_ids(columns: dict) -> np.ndarray:
+    """``(rows, len(ENTITIES))`` object array of entity ids, exactly ``features.entity_id``."""
+    as_text: dict[str, np.ndarray] = {}
+    out = []
+    for e in F.ENTITIES:
+        parts = []
+        for f in e.fields:
+            if f not in as_text:
+                as_text[f] = np.asarray(columns[f]).astype(str).astype(object)
+            parts.append(as_text[f])
+        ids = parts[0]
+        for p in parts[1:]:
+            ids = ids + ":" + p
+        out.append(ids)
+    return np.stack(out, axis=1)
+
+
+def finish(columns: dict, read: FeatureRead, degraded: bool = False,
+           error: str | None = None) -> Assembled:
+    sparse = F.sparse_ids(columns)
+    dense = F.dense_from_counts(read.counts)
+    return Assembled(sparse, dense, read.counts, read, degraded, error)
+
+
+def empty_read(rows: int, t_ms: int) -> FeatureRead:
+    """All-zero counts: what assembly serves when the feature store is out of reach."""
+    return FeatureRead(np.zeros((rows, len(F.ENTITIES), F.N_WINDOWS, 2), dtype=np.int64),
+                       int(t_ms), None, None, None)
+
+
+def assemble(store, columns: dict, t_ms: int) -> Assembled:
+    """Synchronous assembly with a ``streaming.featurestore.FeatureStore``. Redis errors
+    propagate (batch jobs should see them); the API uses :func:`assemble_async`."""
+    t0 = time.perf_counter()
+    ids = entity_ids(columns)
+    t1 = time.perf_counter()
+    read = store.read_rows(ids, t_ms)
+    t2 = time.perf_counter()
+    out = finish(columns, read)
+    read.timings.update(redis=t2 - t1, assembly=(t1 - t0) + (time.perf_counter() - t2))
+    return out
+
+
+async def assemble_async(store, columns: dict, t_ms: int) -> Assembled:
+    """Assembly for the API: never raises for a Redis failure - the counts are then zero
+    (every rate is the prior) and the result is flagged ``degraded`` with the error."""
+    t0 = time.perf_counter()
+    ids = entity_ids(columns)
+    t1 = time.perf_counter()
+    try:
+        read = await store.read_rows(ids, t_ms)
+        degraded, error = False, None
+    except Exception as e:  # noqa: BLE001 - any Redis failure degrades, never fails the request
+        read = empty_read(len(ids), t_ms)
+        degraded, error = True, f"feature store unavailable: {type(e).__name__}: {e}"
+    t2 = time.perf_counter()
+    out = finish(columns, read, degraded, error)
+    read.timings.update(redis=t2 - t1, assembly=(t1 - t0) + (time.perf_counter() - t2))
+    return out
+
+
+__all__ = ["Assembled", "request_columns", "entity_ids", "assemble", "assemble_async",
+           "empty_read", "finish", "CANDIDATE_FIELDS", "CONTEXT_FIELDS"]

@@ -1,0 +1,45 @@
+"""``ctrstream serve``: the prediction API (and the online jobs of ``serving.jobs_cli``)."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        host: str = typer.Option("127.0.0.1", help="address to bind"),
+        port: int = typer.Option(8080, help="port to bind"),
+        model: str = typer.Option("ctr_deep", help="published model (base name: ctr_deep, ctr_lr)"),
+        model_name: str = typer.Option(None, help="exact Triton model name (overrides --model)"),
+        max_rows: int = typer.Option(256, help="most rows per Triton request"),
+        feature_method: str = typer.Option("script", help="Redis read: script (one EVALSHA) or pipeline"),
+        feature_cache_s: float = typer.Option(
+            2.0, help="seconds to reuse counts of ad/campaign/advertiser/site entities (0: off)"),
+        log_level: str = typer.Option("warning", help="uvicorn log level"),
+    ):
+        """Run the prediction API (POST /v1/predict, /healthz, /readyz, /metrics, /docs)."""
+        import uvicorn
+
+        from ctrstream.config import get_settings
+        from serving.api import create_app
+
+        if feature_method not in ("script", "pipeline"):
+            raise typer.BadParameter("--feature-method must be script or pipeline")
+        settings = get_settings()
+        api = create_app(settings, model=model, model_name=model_name, max_rows=max_rows,
+                         feature_method=feature_method, feature_cache_s=feature_cache_s)
+        if settings.metrics_port:
+            typer.echo("note: the API serves its metrics on /metrics of the API port", err=True)
+        uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False,
+                    loop="asyncio", lifespan="on")
+
+    try:
+        jobs = importlib.import_module("serving.jobs_cli")
+    except ModuleNotFoundError as e:
+        if e.name != "serving.jobs_cli":
+            raise
+    else:
+        jobs.register(app)

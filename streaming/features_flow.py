@@ -1,0 +1,708 @@
+"""The speed layer's ``features`` dataflow: Kafka -> per-entity bucket counts -> Redis.
+
+Run it with ``ctrstream speed features`` (or ``python -m bytewax.run
+"streaming.features_flow:get_flow()" -r DIR -s SECS -b 0``). Everything it counts comes
+from :mod:`ctrstream.features` (entities, resolutions, key layout, TTLs).
+
+Design
+------
+**Source = one Bytewax partition per Kafka topic-partition** (``impressions:0`` ...
+``clicks:3``, :class:`KafkaEventsSource`). Each partition reads micro-batches
+(``consume(num_messages=N)``) at an offset kept in its Bytewax snapshot and does, per batch
+and vectorized where it matters:
+
+1. **decode** with the shared strict codec (one msgspec call for the whole batch; on any
+   failure the batch falls back to record-by-record decoding so every bad record gets its
+   exact ``DecodeError.reason``). Failures go to ``dlq`` (stage ``decode``).
+2. **watermark and lateness, per Kafka partition**: ``watermark = max event time seen in
+   this partition - allowed_lateness``; an event older than the watermark *before it* is
+   late -> ``dlq`` (reason ``late: ...``, stage ``lateness``). Because it depends only on
+   the order of records inside one partition (and on in-band heartbeats, see
+   :mod:`streaming.speed_kafka`), the decision is the same on every replay: this is what
+   makes the Redis result identical after a crash.
+3. **dedup**: impressions by ``impression_id``, clicks by ``click_id``. Both topics are keyed
+   by impression id, so all copies of an event are in the same partition, in order; the
+   partition keeps the set of ids whose event time is still at or after its watermark
+   (bounded: ``allowed_lateness`` x rate), indexed by coarse time slots and evicted when the
+   watermark passes them. A copy of an evicted id is older than the watermark, so it is late
+   anyway: no event is ever counted twice.
+4. **shuffle by entity shard**: for every entity in ``features.ENTITIES`` the entity id is
+   packed into one int64 (crossed ids: 31 bits per part) and hashed to one of ``N_SHARDS``
+   shards; the partition emits one item per shard carrying numpy arrays (entity, id, event
+   time) plus its watermark.
+
+**Shards** (:class:`ShardLogic`, ``stateful_batch`` keyed by shard) hold one table per
+``(entity, resolution, bucket)`` (sorted int64 ids with impression/click counts, numpy
+``searchsorted`` merges) and a dirty mask. Every ``flush_interval_ms`` they emit the changed
+cells (absolute values) and the Redis sink writes them in one pipeline: ``HSET
+features.speed_key(...) features.field("i"/"c", bucket)`` + ``PEXPIRE`` of
+``features.speed_ttl_ms`` (relative to the write). A bucket is **closed** when the global
+watermark (minimum over all Kafka partitions) passes its end: it gets its final write and
+its table is freed. No accepted event can fall into a closed bucket: an accepted event is
+at or after its partition's watermark, which is at or after the global one.
+
+**Exactly-once effect on Redis**: offsets, dedup sets and tables are in the same Bytewax
+snapshot; after ``kill -9`` the job restarts from the last snapshot, re-reads the same
+records, takes the same decisions and re-writes the same absolute values. (The ``dlq``
+topic is at-least-once: a replay may repeat dead letters written after the snapshot.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import msgspec
+import numpy as np
+from bytewax import operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from ctrstream import features as F
+from ctrstream.config import Settings, get_settings
+from streaming import events as E
+from streaming import speed_metrics as M
+from streaming.speed_kafka import (
+    NO_TIME, DlqWriter, PartitionReader, dead_letter, heartbeat_time,
+)
+
+log = logging.getLogger("ctrstream.speed.features")
+
+FLOW = "features"
+KINDS = ("impressions", "clicks")
+N_SHARDS = 16  # fixed for the life of a recovery directory (shard keys are in snapshots)
+BATCH = int(os.environ.get("CTRSTREAM_SPEED_BATCH", "20000"))
+EMPTY_POLL = timedelta(milliseconds=5)
+
+ENTITY_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(f for e in F.ENTITIES for f in e.fields))
+INT_FIELDS: tuple[str, ...] = ("schema_version", "event_time_ms") + ENTITY_FIELDS
+_COL = {f: i for i, f in enumerate(INT_FIELDS)}
+_SUPPORTED = np.array(sorted(E.SUPPORTED_VERSIONS), dtype=np.int64)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _pack_bits(n_fields: int) -> int:
+    return 63 // n_fields if n_fields > 1 else 64
+
+
+# --------------------------------------------------------------------------- decoding
+
+class Codec:
+    """Decodes a micro-batch of one topic into an int64 column matrix + ids."""
+
+    def __init__(self, kind: str):
+        struct = E.Impression if kind == "impressions" else E.Click
+        self.list_decoder = msgspec.json.Decoder(list[struct])
+        self.one = E.decode_impression if kind == "impressions" else E.decode_click
+        self.cols = operator.attrgetter(*INT_FIELDS)
+        self.id_of = operator.attrgetter("impression_id" if kind == "impressions" else "click_id")
+
+    def decode(self, values: list) -> tuple[np.ndarray, list[str], np.ndarray, list[tuple[int, str]]]:
+        """Returns (rows[n_ok, len(INT_FIELDS)], ids[n_ok], ok_index[n_ok], errors[(index, reason)])."""
+        n = len(values)
+        evs = None
+        if n and None not in values and max(map(len, values)) <= E.MAX_EVENT_BYTES:
+            try:
+                evs = self.list_decoder.decode(b"[" + b",".join(values) + b"]")
+                if len(evs) != n:
+                    evs = None
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                evs = None
+        if evs is not None:
+            try:
+                rows = np.array(list(map(self.cols, evs)), dtype=np.int64).reshape(n, len(INT_FIELDS))
+            except OverflowError:
+                evs = None
+        if evs is None:
+            return self._slow(values)
+        ok = np.ones(n, dtype=bool)
+        errors: list[tuple[int, str]] = []
+        bad = ~np.isin(rows[:, 0], _SUPPORTED) | (rows[:, 1] <= 0)
+        if bad.any():
+            for i in np.flatnonzero(bad).tolist():
+                try:
+                    self.one(values[i])
+                except E.DecodeError as e:
+                    errors.append((i, e.reason))
+                    ok[i] = False
+        ids = list(map(self.id_of, evs))
+        idx = np.flatnonzero(ok)
+        if len(idx) != n:
+            rows = rows[idx]
+            ids = [ids[i] for i in idx.tolist()]
+        return rows, ids, idx, errors
+
+    def _slow(self, values: list):
+        rows, ids, idx, errors = [], [], [], []
+        for i, v in enumerate(values):
+            try:
+                ev = self.one(v)
+                row = self.cols(ev)
+                np.array(row, dtype=np.int64)  # range check
+            except E.DecodeError as e:
+                errors.append((i, e.reason))
+                continue
+            except OverflowError:
+                errors.append((i, "invalid: an integer field does not fit in int64"))
+                continue
+            rows.append(row)
+            ids.append(self.id_of(ev))
+            idx.append(i)
+        arr = np.array(rows, dtype=np.int64).reshape(len(rows), len(INT_FIELDS))
+        return arr, ids, np.array(idx, dtype=np.int64), errors
+
+
+def id_range_errors(rows: np.ndarray) -> list[tuple[int, str]]:
+    """Rows whose entity ids cannot be packed into the speed layer's int64 keys."""
+    errors = []
+    for ent in F.ENTITIES:
+        if len(ent.fields) == 1:
+            continue
+        lim = 1 << _pack_bits(len(ent.fields))
+        for f in ent.fields:
+            col = rows[:, _COL[f]]
+            for i in np.flatnonzero((col < 0) | (col >= lim)).tolist():
+                errors.append((i, f"invalid: {f}={int(col[i])} outside [0, 2^{_pack_bits(len(ent.fields))}) "
+                                  f"required by the speed layer for entity {ent.name}"))
+    return errors
+
+
+def pack_ids(rows: np.ndarray, ent: F.Entity) -> np.ndarray:
+    if len(ent.fields) == 1:
+        return rows[:, _COL[ent.fields[0]]].copy()
+    bits = _pack_bits(len(ent.fields))
+    out = np.zeros(len(rows), dtype=np.int64)
+    for f in ent.fields:
+        out = (out << bits) | rows[:, _COL[f]]
+    return out
+
+
+def unpack_ids(eids: np.ndarray, ent: F.Entity) -> list[str]:
+    """The ``features.entity_id`` strings of packed ids."""
+    if len(ent.fields) == 1:
+        return list(map(str, eids.tolist()))
+    bits = _pack_bits(len(ent.fields))
+    mask = (1 << bits) - 1
+    parts = [((eids >> (bits * (len(ent.fields) - 1 - k))) & mask).tolist()
+             for k in range(len(ent.fields))]
+    return [":".join(map(str, p)) for p in zip(*parts)]
+
+
+def shard_of(eids: np.ndarray, ent_idx: int, n_shards: int) -> np.ndarray:
+    h = eids.astype(np.uint64) ^ np.uint64((ent_idx + 1) * 0x5851F42D4C957F2D & (2**64 - 1))
+    with np.errstate(over="ignore"):
+        h = (h * _GOLDEN) >> np.uint64(40)
+    return (h % np.uint64(n_shards)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- source
+
+@dataclass
+class Delta:
+    """What one source partition sends one shard for one micro-batch."""
+
+    part: int  # global index of the Kafka partition
+    wm: int  # that partition's watermark after this batch
+    etype: int  # 0 impressions, 1 clicks
+    ent: np.ndarray  # int8 entity index
+    eid: np.ndarray  # int64 packed entity id
+    t: np.ndarray  # int64 event time
+    ts_first: int  # Kafka timestamp of the batch's first and last record
+    ts_last: int
+
+
+class _EventsPartition(StatefulSourcePartition):
+    def __init__(self, cfg: "FlowConfig", kind: str, partition: int, part_idx: int, state: dict | None):
+        s = cfg.settings
+        state = state or {}
+        self.cfg, self.kind, self.partition, self.part_idx = cfg, kind, partition, part_idx
+        self.topic = getattr(s.topics, kind).name
+        self.etype = F.EVENT_TYPES.index("i" if kind == "impressions" else "c")
+        self.codec = Codec(kind)
+        self.reader = PartitionReader(s, self.topic, partition, state.get("offset"),
+                                      group=f"ctrstream-speed-{FLOW}")
+        self.max_t = state.get("max_t", NO_TIME)
+        self.slots: dict[int, list[str]] = {g: list(v) for g, v in state.get("slots", {}).items()}
+        self.seen: set[str] = set().union(*self.slots.values()) if self.slots else set()
+        self.awake: datetime | None = None
+        self.lateness = cfg.lateness_ms
+        self.slot_ms = max(1000, self.lateness // 4)
+        self.dlq = cfg.dlq_writer()
+        self.end = self.reader.high_watermark() if cfg.stop_at_end else None
+        self.started = False
+        lbl = (FLOW, self.topic)
+        self.m_in, self.m_ok, self.m_dup, self.m_late = (
+            M.EVENTS_IN.labels(*lbl), M.ACCEPTED.labels(*lbl), M.DUPLICATES.labels(*lbl), M.LATE.labels(*lbl))
+        self.m_dlq = M.DLQ.labels(FLOW, self.topic, "decode")
+        self.m_dlq_late = M.DLQ.labels(FLOW, self.topic, "lateness")
+        self.m_lag = M.LAG.labels(FLOW, self.topic, str(partition))
+        self.m_wm = M.WATERMARK.labels(FLOW, self.topic, str(partition))
+        self.last_gauge = 0.0
+
+    def next_awake(self):
+        return self.awake
+
+    def snapshot(self) -> dict:
+        return {"offset": self.reader.next_offset, "max_t": self.max_t,
+                "slots": {g: list(v) for g, v in self.slots.items()}}
+
+    def close(self):
+        self.reader.close()
+        self.dlq.flush()
+
+    def _at_end(self) -> bool:
+        return self.end is not None and (self.reader.next_offset or 0) >= self.end
+
+    def next_batch(self):
+        if self._at_end():
+            self.dlq.flush()
+            raise StopIteration
+        msgs = self.reader.poll(BATCH)
+        now = time.monotonic()
+        if now - self.last_gauge > 1.0:
+            self.last_gauge = now
+            lag = self.reader.lag()
+            if lag is not None:
+                self.m_lag.set(lag)
+        if not msgs:
+            self.awake = datetime.now(timezone.utc) + EMPTY_POLL
+            return []
+        self.awake = None
+        if not self.started and self.cfg.stop_at_end:
+            self.started = True
+            print(json.dumps({"speed": "source_start", "part": f"{self.kind}:{self.partition}",
+                              "t": time.time()}), flush=True)
+        return self.process(msgs)
+
+    # -- the per-batch work (vectorized) --
+    def process(self, msgs: list) -> list:
+        n = len(msgs)
+        self.m_in.inc(n)
+        values = [m.value() for m in msgs]
+        t_all = np.full(n, NO_TIME, dtype=np.int64)
+        is_event = np.ones(n, dtype=bool)
+        dead: list[bytes] = []
+        if None in values:  # heartbeats (and null records, which are malformed)
+            for i, v in enumerate(values):
+                if v is None:
+                    ht = heartbeat_time(msgs[i].key())
+                    if ht is not None:
+                        t_all[i] = ht
+                        is_event[i] = False
+            ev_idx = np.flatnonzero(is_event)
+            ev_values = [values[i] for i in ev_idx.tolist()]
+        else:
+            ev_idx = np.arange(n)
+            ev_values = values
+        rows, ids, ok_local, errors = self.codec.decode(ev_values)
+        ok = ev_idx[ok_local] if len(ok_local) else ok_local.astype(np.int64)
+        for i, reason in errors:
+            gi = int(ev_idx[i])
+            dead.append(dead_letter(reason, self.topic, self.partition, msgs[gi].offset(), values[gi]))
+        # entity ids the speed layer cannot key
+        rng = id_range_errors(rows) if len(rows) else []
+        if rng:
+            drop = np.zeros(len(rows), dtype=bool)
+            for i, reason in rng:
+                if not drop[i]:
+                    drop[i] = True
+                    gi = int(ok[i])
+                    dead.append(dead_letter(reason, self.topic, self.partition, msgs[gi].offset(), values[gi]))
+            keep = np.flatnonzero(~drop)
+            rows, ok = rows[keep], ok[keep]
+            ids = [ids[i] for i in keep.tolist()]
+        n_decode_dead = len(dead)
+        t_all[ok] = rows[:, 1]
+        # lateness against this partition's watermark (max event time before the record)
+        cm = np.maximum.accumulate(np.concatenate(([self.max_t], t_all)))
+        prev_max = cm[:-1]
+        self.max_t = int(cm[-1])
+        late_all = t_all < prev_max - self.lateness
+        late = late_all[ok]
+        if late.any():
+            for j in np.flatnonzero(late).tolist():
+                gi = int(ok[j])
+                wm = int(prev_max[gi]) - self.lateness
+                dead.append(dead_letter(
+                    f"late: event_time_ms {int(t_all[gi])} is {wm - int(t_all[gi])} ms behind the "
+                    f"watermark {wm} of {self.topic}[{self.partition}] (allowed lateness "
+                    f"{self.lateness} ms)", self.topic, self.partition, msgs[gi].offset(),
+                    values[gi], stage="lateness"))
+            keep = np.flatnonzero(~late)
+            rows, ok = rows[keep], ok[keep]
+            ids = [ids[i] for i in keep.tolist()]
+        n_late = int(late.sum())
+        # dedup (first copy wins), then remember the new ids by time slot
+        seen = self.seen
+        dup = np.array([x in seen or seen.add(x) for x in ids], dtype=bool) if ids else np.zeros(0, bool)
+        n_dup = int(dup.sum())
+        new = np.flatnonzero(~dup)
+        if n_dup:
+            rows = rows[new]
+            ids = [ids[i] for i in new.tolist()]
+        if ids:
+            slot = rows[:, 1] // self.slot_ms
+            order = np.argsort(slot, kind="stable")
+            us, starts = np.unique(slot[order], return_index=True)
+            bounds = np.append(starts, len(order))
+            olist = order.tolist()
+            for k, g in enumerate(us.tolist()):
+                self.slots.setdefault(g, []).extend(ids[i] for i in olist[bounds[k]:bounds[k + 1]])
+        wm = self.max_t - self.lateness if self.max_t != NO_TIME else NO_TIME
+        for g in [g for g in self.slots if (g + 1) * self.slot_ms <= wm]:
+            seen.difference_update(self.slots.pop(g))
+        # metrics + dead letters
+        self.m_ok.inc(len(rows))
+        if n_dup:
+            self.m_dup.inc(n_dup)
+        if n_decode_dead:
+            self.m_dlq.inc(n_decode_dead)
+        if n_late:
+            self.m_late.inc(n_late)
+            self.m_dlq_late.inc(n_late)
+        if wm != NO_TIME:
+            self.m_wm.set(wm)
+        if dead:
+            self.dlq.write(dead)
+        return self.to_shards(rows, wm, msgs[0].timestamp()[1], msgs[-1].timestamp()[1])
+
+    def to_shards(self, rows: np.ndarray, wm: int, ts_first: int, ts_last: int) -> list:
+        S = self.cfg.n_shards
+        if len(rows):
+            ents, eids, ts, shards = [], [], [], []
+            t = rows[:, 1]
+            for k, ent in enumerate(F.ENTITIES):
+                e = pack_ids(rows, ent)
+                eids.append(e)
+                ents.append(np.full(len(rows), k, dtype=np.int8))
+                ts.append(t)
+                shards.append(shard_of(e, k, S))
+            sh = np.concatenate(shards)
+            order = np.argsort(sh, kind="stable")
+            ent_a, eid_a, t_a = np.concatenate(ents)[order], np.concatenate(eids)[order], np.concatenate(ts)[order]
+            bounds = np.searchsorted(sh[order], np.arange(S + 1))
+        else:
+            ent_a = np.zeros(0, np.int8)
+            eid_a = t_a = np.zeros(0, np.int64)
+            bounds = np.zeros(S + 1, dtype=np.int64)
+        out = []
+        for s in range(S):
+            a, b = int(bounds[s]), int(bounds[s + 1])
+            out.append((shard_key(s), Delta(self.part_idx, wm, self.etype, ent_a[a:b], eid_a[a:b],
+                                            t_a[a:b], ts_first, ts_last)))
+        return out
+
+
+def shard_key(s: int) -> str:
+    return f"shard{s:02d}"
+
+
+class KafkaEventsSource(FixedPartitionedSource):
+    """Both event topics, one Bytewax partition per Kafka topic-partition."""
+
+    def __init__(self, cfg: "FlowConfig"):
+        self.cfg = cfg
+        self.parts = cfg.parts
+
+    def list_parts(self):
+        return list(self.parts)
+
+    def build_part(self, step_id, for_part, resume_state):
+        M.serve(self.cfg.settings.metrics_port)
+        kind, p = for_part.split(":")
+        return _EventsPartition(self.cfg, kind, int(p), self.parts.index(for_part), resume_state)
+
+
+# --------------------------------------------------------------------------- shards
+
+class Table:
+    """Counts of one (entity, resolution, bucket): sorted packed ids -> [imps, clicks]."""
+
+    __slots__ = ("keys", "cnt", "dirty", "pend")
+
+    def __init__(self):
+        self.keys = np.zeros(0, np.int64)
+        self.cnt = np.zeros((0, 2), np.int64)
+        self.dirty = np.zeros(0, bool)
+        self.pend: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def add(self, etype: int, u: np.ndarray, c: np.ndarray) -> None:
+        keys = self.keys
+        if len(keys):
+            pos = np.searchsorted(keys, u)
+            found = pos < len(keys)
+            found[found] = keys[pos[found]] == u[found]
+            if found.any():
+                p = pos[found]
+                self.cnt[p, etype] += c[found]
+                self.dirty[p] = True
+            if not found.all():
+                self.pend.append((etype, u[~found], c[~found]))
+        else:
+            self.pend.append((etype, u, c))
+
+    def compact(self) -> None:
+        if not self.pend:
+            return
+        u = np.concatenate([p[1] for p in self.pend])
+        c = np.concatenate([p[2] for p in self.pend])
+        et = np.concatenate([np.full(len(p[1]), p[0], np.int8) for p in self.pend])
+        self.pend = []
+        uk, inv = np.unique(u, return_inverse=True)
+        add = np.zeros((len(uk), 2), np.int64)
+        np.add.at(add, (inv, et), c)
+        pos = np.searchsorted(self.keys, uk)
+        found = pos < len(self.keys)
+        found[found] = self.keys[pos[found]] == uk[found]
+        if found.any():  # ids that arrived in two batches before one compaction
+            self.cnt[pos[found]] += add[found]
+            self.dirty[pos[found]] = True
+        nf = ~found
+        self.keys = np.insert(self.keys, pos[nf], uk[nf])
+        self.cnt = np.insert(self.cnt, pos[nf], add[nf], axis=0)
+        self.dirty = np.insert(self.dirty, pos[nf], True)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getstate__(self):
+        self.compact()
+        return (self.keys, self.cnt, self.dirty)
+
+    def __setstate__(self, st):
+        self.keys, self.cnt, self.dirty = st
+        self.pend = []
+
+
+@dataclass
+class FlushItem:
+    ent: np.ndarray
+    res: np.ndarray
+    bucket: np.ndarray
+    eid: np.ndarray
+    cnt: np.ndarray  # [n, 2] absolute impressions, clicks
+    ts_first: int | None  # oldest / newest Kafka timestamp of the events it makes visible
+    ts_last: int | None
+
+
+class ShardLogic(StatefulBatchLogic):
+    def __init__(self, cfg: "FlowConfig", shard: str, state: dict | None):
+        self.cfg = cfg
+        self.shard = shard
+        state = state or {}
+        self.wms: list[int] = list(state.get("wms", [NO_TIME] * len(cfg.parts)))
+        self.tables: dict[tuple[int, int, int], Table] = state.get("tables", {})
+        self.anomalies = 0
+        self.next_flush: datetime | None = None
+        self.ts_first: int | None = None
+        self.ts_last: int | None = None
+        self.interval = timedelta(milliseconds=cfg.settings.flush_interval_ms)
+        self.g_cells = M.STATE_CELLS.labels(shard)
+        if self.tables:  # restored: re-write what may not have reached Redis
+            self.next_flush = datetime.now(timezone.utc)
+
+    def watermark(self) -> int:
+        return min(self.wms)
+
+    def on_batch(self, values: list[Delta]):
+        for d in values:
+            if d.wm > self.wms[d.part]:
+                self.wms[d.part] = d.wm
+        by_type: dict[int, list[Delta]] = {}
+        for d in values:
+            if len(d.eid):
+                by_type.setdefault(d.etype, []).append(d)
+                self.ts_first = d.ts_first if self.ts_first is None else min(self.ts_first, d.ts_first)
+                self.ts_last = d.ts_last if self.ts_last is None else max(self.ts_last, d.ts_last)
+        W = self.watermark()
+        for etype, ds in by_type.items():
+            ent = np.concatenate([d.ent for d in ds]).astype(np.int64)
+            eid = np.concatenate([d.eid for d in ds])
+            t = np.concatenate([d.t for d in ds])
+            for r, res in enumerate(F.RESOLUTIONS):
+                self._merge(etype, r, ent, eid, t // res.bucket_ms, res, W)
+        if self.next_flush is None and (by_type or self._closable(W)):
+            self.next_flush = datetime.now(timezone.utc) + self.interval
+        return [], StatefulBatchLogic.RETAIN
+
+    def _merge(self, etype, r, ent, eid, b, res, W):
+        order = np.lexsort((eid, b, ent))
+        ent, eid, b = ent[order], eid[order], b[order]
+        n = len(eid)
+        cell_start = np.ones(n, bool)
+        grp_start = np.ones(n, bool)
+        grp_start[1:] = (ent[1:] != ent[:-1]) | (b[1:] != b[:-1])
+        cell_start[1:] = grp_start[1:] | (eid[1:] != eid[:-1])
+        cs = np.flatnonzero(cell_start)
+        counts = np.diff(np.append(cs, n))
+        c_ent, c_b, c_eid = ent[cs], b[cs], eid[cs]
+        gs = np.flatnonzero(grp_start[cs])
+        ge = np.append(gs[1:], len(cs))
+        for a, z in zip(gs.tolist(), ge.tolist()):
+            key = (int(c_ent[a]), r, int(c_b[a]))
+            if (key[2] + 1) * res.bucket_ms <= W and key not in self.tables:
+                # cannot happen (see the module docstring); never write a partial bucket
+                self.anomalies += int(counts[a:z].sum())
+                log.error("shard %s: %d events for closed bucket %s dropped", self.shard,
+                          int(counts[a:z].sum()), key)
+                continue
+            tab = self.tables.get(key)
+            if tab is None:
+                tab = self.tables[key] = Table()
+            tab.add(etype, c_eid[a:z], counts[a:z])
+
+    def _closable(self, W: int) -> bool:
+        return any((k[2] + 1) * F.RESOLUTIONS[k[1]].bucket_ms <= W for k in self.tables)
+
+    def notify_at(self):
+        return self.next_flush
+
+    def on_notify(self):
+        return self.flush(), StatefulBatchLogic.RETAIN
+
+    def on_eof(self):
+        return self.flush(), StatefulBatchLogic.RETAIN
+
+    def flush(self) -> list:
+        self.next_flush = None
+        W = self.watermark()
+        parts = []
+        closed = []
+        cells = 0
+        for key, tab in self.tables.items():
+            tab.compact()
+            cells += len(tab)
+            idx = np.flatnonzero(tab.dirty)
+            if len(idx):
+                parts.append((key, tab.keys[idx], tab.cnt[idx]))
+                tab.dirty[idx] = False
+            if (key[2] + 1) * F.RESOLUTIONS[key[1]].bucket_ms <= W:
+                closed.append(key)
+        for key in closed:
+            cells -= len(self.tables.pop(key))
+        self.g_cells.set(cells)
+        if not parts:
+            return []
+        ns = [len(p[1]) for p in parts]
+        item = FlushItem(
+            ent=np.repeat([p[0][0] for p in parts], ns),
+            res=np.repeat([p[0][1] for p in parts], ns),
+            bucket=np.repeat([p[0][2] for p in parts], ns),
+            eid=np.concatenate([p[1] for p in parts]),
+            cnt=np.concatenate([p[2] for p in parts]),
+            ts_first=self.ts_first, ts_last=self.ts_last)
+        self.ts_first = self.ts_last = None
+        return [item]
+
+    def snapshot(self) -> dict:
+        import copy
+
+        for tab in self.tables.values():
+            tab.compact()
+        return {"wms": list(self.wms),
+                "tables": {k: copy.deepcopy(t) for k, t in self.tables.items()}}
+
+
+# --------------------------------------------------------------------------- Redis sink
+
+class _RedisPartition(StatelessSinkPartition):
+    def __init__(self, settings: Settings):
+        import redis
+
+        self.r = redis.Redis.from_url(settings.redis.url)
+        lateness = int(settings.allowed_lateness_s * 1000)
+        self.ttl = [F.speed_ttl_ms(res, lateness) for res in F.RESOLUTIONS]
+
+    def write_batch(self, items: list) -> None:
+        t0 = time.perf_counter()
+        pipe = self.r.pipeline(transaction=False)
+        expire: dict[str, int] = {}
+        n = 0
+        ts = []
+        for _, it in items:
+            if it.ts_first is not None:
+                ts += [it.ts_first, it.ts_last]
+            for e in np.unique(it.ent).tolist():
+                ent = F.ENTITIES[e]
+                sel = np.flatnonzero(it.ent == e)
+                sids = unpack_ids(it.eid[sel], ent)
+                res_l, b_l = it.res[sel].tolist(), it.bucket[sel].tolist()
+                cnt = it.cnt[sel].tolist()
+                for sid, r, b, (ci, cc) in zip(sids, res_l, b_l, cnt):
+                    key = F.speed_key(ent.name, sid, F.RESOLUTIONS[r].name)
+                    pipe.execute_command("HSET", key, F.field("i", b), ci, F.field("c", b), cc)
+                    expire[key] = self.ttl[r]
+                n += len(sel)
+        for key, ttl in expire.items():
+            pipe.execute_command("PEXPIRE", key, ttl)
+        pipe.execute()
+        now_ms = time.time() * 1000
+        M.FLUSH_SECONDS.observe(time.perf_counter() - t0)
+        M.FLUSH_CELLS.inc(n)
+        for t in ts:
+            if t and t > 0:
+                M.FRESHNESS.observe(max(0.0, (now_ms - t) / 1000))
+
+    def close(self):
+        self.r.close()
+
+
+class RedisSink(DynamicSink):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def build(self, step_id, worker_index, worker_count):
+        return _RedisPartition(self.settings)
+
+
+# --------------------------------------------------------------------------- the flow
+
+@dataclass
+class FlowConfig:
+    settings: Settings
+    n_shards: int = N_SHARDS
+    stop_at_end: bool = False
+
+    @property
+    def lateness_ms(self) -> int:
+        return int(self.settings.allowed_lateness_s * 1000)
+
+    @property
+    def parts(self) -> list[str]:
+        return [f"{kind}:{p}" for kind in KINDS
+                for p in range(getattr(self.settings.topics, kind).partitions)]
+
+    def dlq_writer(self) -> DlqWriter:
+        return DlqWriter(self.settings)
+
+
+def build_flow(settings: Settings, stop_at_end: bool = False, n_shards: int = N_SHARDS) -> Dataflow:
+    cfg = FlowConfig(settings, n_shards=n_shards, stop_at_end=stop_at_end)
+    flow = Dataflow("ctrstream_features")
+    deltas = op.input("kafka", flow, KafkaEventsSource(cfg))
+    flushes = op.stateful_batch("shards", deltas, _builder(cfg))
+    op.output("redis", flushes, RedisSink(settings))
+    return flow
+
+
+def _builder(cfg: FlowConfig):
+    # stateful_batch passes only the resume state; the shard key is not given to the
+    # builder, and the logic does not need it except for its metric label.
+    counter = iter(range(1 << 30))
+
+    def build(resume):
+        return ShardLogic(cfg, f"{os.getpid()}-{next(counter)}", resume)
+    return build
+
+
+def get_flow(stop_at_end: bool = False) -> Dataflow:
+    """Entry point for ``python -m bytewax.run "streaming.features_flow:get_flow()"``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return build_flow(get_settings(), stop_at_end=stop_at_end)

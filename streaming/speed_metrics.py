@@ -1,0 +1,59 @@
+"""Prometheus metrics of the speed-layer dataflows.
+
+The HTTP endpoint is started once per process on ``settings.metrics_port`` (0: disabled).
+With several processes on one host (``-p N``) process ``k`` serves on ``metrics_port + k``
+(``CTRSTREAM_SPEED_PROCESS_INDEX``, set by ``ctrstream speed``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+EVENTS_IN = Counter("ctrstream_speed_events_in_total",
+                    "Records read from Kafka (events, malformed records and heartbeats)",
+                    ["flow", "topic"])
+ACCEPTED = Counter("ctrstream_speed_events_accepted_total",
+                   "Events counted (decoded, on time, not a duplicate)", ["flow", "topic"])
+DUPLICATES = Counter("ctrstream_speed_duplicates_total", "Duplicate events counted once",
+                     ["flow", "topic"])
+DLQ = Counter("ctrstream_speed_dlq_total", "Records routed to the dead-letter topic",
+              ["flow", "topic", "stage"])
+LATE = Counter("ctrstream_speed_late_total", "Events later than the allowed lateness",
+               ["flow", "topic"])
+LAG = Gauge("ctrstream_speed_consumer_lag", "High watermark minus next offset",
+            ["flow", "topic", "partition"])
+WATERMARK = Gauge("ctrstream_speed_watermark_ms", "Event-time watermark of a partition",
+                  ["flow", "topic", "partition"])
+FLUSH_SECONDS = Histogram("ctrstream_speed_flush_seconds",
+                          "Latency of one Redis pipeline flush",
+                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+FLUSH_CELLS = Counter("ctrstream_speed_flushed_cells_total", "Feature cells written to Redis")
+FRESHNESS = Histogram("ctrstream_speed_feature_freshness_seconds",
+                      "Kafka append time of a counted event to its value being visible in Redis",
+                      buckets=(.05, .1, .2, .3, .5, .75, 1, 1.5, 2, 3, 5, 10, 30))
+STATE_CELLS = Gauge("ctrstream_speed_state_cells", "Open (entity, resolution, bucket) cells",
+                    ["shard"])
+JOIN_PENDING = Gauge("ctrstream_speed_join_pending_impressions",
+                     "Impressions waiting for their attribution window to close",
+                     ["partition"])
+LABELED = Counter("ctrstream_speed_labeled_total", "Labeled impressions emitted", ["clicked"])
+
+_started = False
+_lock = threading.Lock()
+
+
+def serve(port: int) -> int | None:
+    """Start the metrics endpoint of this process once; returns the port (None: disabled)."""
+    global _started
+    if not port:
+        return None
+    with _lock:
+        if _started:
+            return None
+        _started = True
+    port = port + int(os.environ.get("CTRSTREAM_SPEED_PROCESS_INDEX", "0"))
+    start_http_server(port, addr="127.0.0.1")
+    return port

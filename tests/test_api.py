@@ -1,0 +1,244 @@
+"""The prediction API: ranking, degraded answers, strict validation, health, metrics, CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import tritonclient.grpc as grpcclient
+from fastapi.testclient import TestClient
+
+from bench.api import write_demo_model
+from ctrstream import features as F
+from ctrstream.procs import start_job, stop_job, wait_until
+from ctrstream.stack.services import free_port
+from serving.api import create_app
+from serving.assembly import assemble, request_columns
+from streaming.featurestore import FeatureStore, redis_client
+
+W = np.linspace(-0.2, 0.3, F.N_DENSE).astype(np.float32)
+BIAS = -3.0
+MODEL = "api_demo_py"
+
+
+@pytest.fixture(scope="module")
+def model(settings):
+    write_demo_model(settings.triton.model_repository, MODEL, version=1, weights=W, bias=BIAS)
+    client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+    client.load_model(MODEL)
+    yield MODEL
+    try:
+        client.unload_model(MODEL)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def api(settings, model):
+    with TestClient(create_app(settings, model_name=model)) as client:
+        yield client
+
+
+@pytest.fixture
+def body(settings):
+    """A request whose ads have different speed-view histories (so the ranking is real)."""
+    base = 7_000_000 + uuid.uuid4().int % 10**6 * 100
+    now = int(time.time() * 1000)
+    r = redis.Redis.from_url(settings.redis.url)
+    for k in range(5):
+        res = F.RESOLUTIONS[1]
+        b = now // res.bucket_ms
+        r.hset(F.speed_key("ad", str(base + k), res.name),
+               mapping={f"i{b - 1}": 50 * (k + 1), f"c{b - 1}": 3 * k * k})
+    r.close()
+    return {"user_id": base + 99,
+            "context": {"site_id": base + 98, "device_type": "mobile", "country": "US", "position": 1,
+                        "event_time_ms": now},
+            "candidates": [{"ad_id": base + k, "campaign_id": base + 10 + k % 2,
+                            "advertiser_id": base + 20, "ad_category": 3} for k in range(5)]}
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def test_predict_ranks_candidates_by_calibrated_score(api, settings, body):
+    resp = api.post("/v1/predict", json=body)
+    assert resp.status_code == 200, resp.text
+    doc = resp.json()
+    assert doc["degraded"] is False and doc["degraded_reasons"] == []
+    assert doc["model_name"] == MODEL and doc["model_version"] == "1"
+    cands = doc["candidates"]
+    assert [c["rank"] for c in cands] == [1, 2, 3, 4, 5]
+    cal = [c["calibrated_score"] for c in cands]
+    assert cal == sorted(cal, reverse=True)
+    assert sorted(c["ad_id"] for c in cands) == sorted(c["ad_id"] for c in body["candidates"])
+    # the raw scores are the model of exactly the assembled features
+    t = body["context"]["event_time_ms"]
+    cols = request_columns(body["user_id"], body["context"], body["candidates"], t)
+    asm = assemble(FeatureStore(redis_client(settings)), cols, t)
+    want = dict(zip([c["ad_id"] for c in body["candidates"]],
+                    _sigmoid(asm.dense.astype(np.float64) @ W + BIAS)))
+    for c in cands:
+        assert c["raw_score"] == pytest.approx(want[c["ad_id"]], rel=1e-5)
+        if doc["calibration"] == "none":
+            assert c["calibrated_score"] == c["raw_score"]
+    assert len({round(c["raw_score"], 9) for c in cands}) == 5  # histories differ -> scores differ
+    assert doc["newest_bucket_ms"] is not None and doc["feature_staleness_ms"] >= 0
+    timing = resp.headers["server-timing"]
+    for stage in ("redis", "assembly", "triton", "calibration", "handler", "app"):
+        assert f"{stage};dur=" in timing
+
+
+def test_event_time_defaults_to_now(api, body):
+    del body["context"]["event_time_ms"]
+    before = int(time.time() * 1000)
+    doc = api.post("/v1/predict", json=body).json()
+    assert before <= doc["event_time_ms"] <= int(time.time() * 1000)
+
+
+def test_500_candidates_are_accepted(api, body):
+    c = body["candidates"][0]
+    body["candidates"] = [{**c, "ad_id": c["ad_id"] + k} for k in range(500)]
+    resp = api.post("/v1/predict", json=body)
+    assert resp.status_code == 200 and len(resp.json()["candidates"]) == 500
+
+
+def _bad_bodies(good: dict):
+    def with_(path, value):
+        doc = json.loads(json.dumps(good))
+        node = doc
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = value
+        return doc
+
+    def without(path):
+        doc = json.loads(json.dumps(good))
+        node = doc
+        for p in path[:-1]:
+            node = node[p]
+        del node[path[-1]]
+        return doc
+
+    cand = good["candidates"][0]
+    return [
+        ("not json", b"{not json", "json"),
+        ("empty body", b"", None),
+        ("array", b"[]", None),
+        ("string user", with_(["user_id"], "17"), "user_id"),
+        ("float user", with_(["user_id"], 17.0), "user_id"),
+        ("bool user", with_(["user_id"], True), "user_id"),
+        ("null user", with_(["user_id"], None), "user_id"),
+        ("negative id", with_(["candidates", 0, "ad_id"], -1), "candidates.0.ad_id"),
+        ("huge id", with_(["user_id"], 10**30), "user_id"),
+        ("huge time", with_(["context", "event_time_ms"], 10**20), "event_time_ms"),
+        ("zero time", with_(["context", "event_time_ms"], 0), "event_time_ms"),
+        ("missing user", without(["user_id"]), "user_id"),
+        ("missing context", without(["context"]), "context"),
+        ("missing site", without(["context", "site_id"]), "site_id"),
+        ("missing ad field", without(["candidates", 0, "campaign_id"]), "campaign_id"),
+        ("unknown field", with_(["extra"], 1), "extra"),
+        ("unknown context field", with_(["context", "browser"], "x"), "browser"),
+        ("unknown candidate field", with_(["candidates", 0, "bid"], 1.5), "bid"),
+        ("bad device", with_(["context", "device_type"], "fridge"), "device_type"),
+        ("bad country", with_(["context", "country"], "U S;"), "country"),
+        ("long country", with_(["context", "country"], "X" * 1000), "country"),
+        ("0 candidates", with_(["candidates"], []), "candidates"),
+        ("501 candidates", with_(["candidates"], [cand] * 501), "candidates"),
+        ("candidates not list", with_(["candidates"], cand), "candidates"),
+        ("candidate not object", with_(["candidates"], [1, 2]), "candidates"),
+        ("context not object", with_(["context"], "mobile"), "context"),
+        ("nan position", b'{"user_id": 1, "context": {"site_id": 1, "device_type": "mobile", '
+                         b'"country": "US", "position": NaN}, "candidates": []}', "position"),
+        ("inf", b'{"user_id": 1e999}', "user_id"),
+        ("huge position", with_(["context", "position"], 10**6), "position"),
+    ]
+
+
+def test_bad_requests_get_a_precise_4xx_never_a_500(api, body):
+    for label, bad, where in _bad_bodies(body):
+        if isinstance(bad, bytes):
+            resp = api.post("/v1/predict", content=bad, headers={"content-type": "application/json"})
+        else:
+            resp = api.post("/v1/predict", json=bad)
+        assert 400 <= resp.status_code < 500, (label, resp.status_code, resp.text)
+        if where:
+            assert where in resp.text, (label, resp.text)
+    assert api.get("/v1/predict").status_code == 405
+    assert api.post("/v1/predict", content=b"user_id=1",
+                    headers={"content-type": "text/plain"}).status_code in (415, 422)
+    # and the service still answers
+    assert api.post("/v1/predict", json=body).status_code == 200
+
+
+def test_health_ready_metrics_and_openapi(api, body):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model"] is True
+    api.post("/v1/predict", json=body)
+    metrics = api.get("/metrics").text
+    assert 'ctrstream_api_stage_seconds_count{stage="triton"}' in metrics
+    assert 'ctrstream_api_requests_total{outcome="invalid"}' in metrics
+    spec = api.get("/openapi.json").json()
+    assert "/v1/predict" in spec["paths"]
+    assert spec["components"]["schemas"]["PredictRequest"]["additionalProperties"] is False
+
+
+def test_triton_down_gives_a_degraded_fallback_answer(settings, body):
+    dead = settings.model_copy(update={"triton": settings.triton.model_copy(
+        update={"grpc_port": free_port(), "timeout_s": 0.3})})
+    with TestClient(create_app(dead, model_name=MODEL)) as client:
+        resp = client.post("/v1/predict", json=body)
+        assert client.get("/readyz").status_code == 503
+    assert resp.status_code == 200
+    doc = resp.json()
+    assert doc["degraded"] is True and any("model unavailable" in r for r in doc["degraded_reasons"])
+    assert doc["model_version"] == "" and doc["calibration"] == "none"
+    # the fallback is the ad's smoothed historical CTR: the 1h window of each seeded ad
+    ads = {c["ad_id"]: c for c in doc["candidates"]}
+    for k, cand in enumerate(body["candidates"]):
+        want = (3 * k * k + F.PRIOR.alpha) / (50 * (k + 1) + F.PRIOR.strength)
+        assert ads[cand["ad_id"]]["raw_score"] == pytest.approx(want, rel=1e-5)
+    assert [c["ad_id"] for c in doc["candidates"]][0] == body["candidates"][4]["ad_id"]
+
+
+def test_redis_down_gives_a_degraded_answer_from_the_prior_features(settings, model, body):
+    dead = settings.model_copy(update={"redis": settings.redis.model_copy(update={"port": free_port()})})
+    with TestClient(create_app(dead, model_name=model)) as client:
+        resp = client.post("/v1/predict", json=body)
+        ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["redis"] is False
+    doc = resp.json()
+    assert resp.status_code == 200 and doc["degraded"] is True
+    assert any("feature store unavailable" in r for r in doc["degraded_reasons"])
+    zero = F.dense_from_counts(np.zeros((1, len(F.ENTITIES), F.N_WINDOWS, 2)))
+    want = float(_sigmoid(zero.astype(np.float64) @ W + BIAS)[0])
+    assert all(c["raw_score"] == pytest.approx(want, rel=1e-5) for c in doc["candidates"])
+    assert doc["model_version"] == "1"  # the model still answered
+
+
+def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path):
+    port = free_port()
+    proc = start_job([sys.executable, "-c", "from ctrstream.cli import app; app()", "serve",
+                      "--port", str(port), "--model-name", model],
+                     env=stack_env, log_path=tmp_path / "serve.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            return httpx.get(url + "/readyz", timeout=1).status_code == 200
+
+        wait_until(ready, 60, what="the API to become ready")
+        resp = httpx.post(url + "/v1/predict", json=body, timeout=10)
+        assert resp.status_code == 200 and resp.json()["model_version"] == "1"
+        assert httpx.post(url + "/v1/predict", content=b"nope", timeout=10).status_code == 422
+    finally:
+        assert stop_job(proc) is not None

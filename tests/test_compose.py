@@ -1,0 +1,253 @@
+"""Static checks of the containerized deployment (docker-compose.yml, docker/).
+
+There is no container engine in CI: the file is validated by a real Compose implementation
+(`docker compose` or Debian's `docker-compose`, installed by `make setup`), whose
+``config -q`` parses, interpolates and checks the file against the Compose specification
+without an engine. The jobs' commands are checked against the real ``ctrstream`` Typer
+app, so a renamed or missing subcommand (or option) fails here, not at deploy time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import typer
+
+from ctrstream.config import ROOT, Settings
+from ctrstream.stack.provision import compose_validator
+
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+PROMETHEUS = ROOT / "docker" / "prometheus.yml"
+
+# the jobs the deployment must run (issue 2); the full list is read from the compose file
+REQUIRED_JOBS = {"speed", "archive", "score", "calibrate", "serve", "replay"}
+
+
+def _validator() -> list[str]:
+    cmd = compose_validator()
+    if cmd is None:
+        pytest.fail("no Compose validator (`docker compose` or `docker-compose`) is installed; "
+                    "run `make setup` (it installs Debian's docker-compose package)")
+    return cmd
+
+
+def _validate(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # no engine is needed (or reachable): point the client at nothing to prove it
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock", **(env or {})}
+    env.pop("COMPOSE_FILE", None)
+    return subprocess.run([*_validator(), "-f", str(path), "--project-directory", str(ROOT),
+                           "config", "-q"],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def _load_yaml(path: Path):
+    """Parse YAML with PyYAML: in-process when the venv has it, else with the interpreter
+    that runs Debian's docker-compose (PyYAML is one of its dependencies)."""
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+    if yaml is not None:
+        return yaml.safe_load(path.read_text())
+    exe = shutil.which("docker-compose")
+    python = None
+    if exe:
+        first = Path(exe).read_bytes()[:200].split(b"\n", 1)[0].decode(errors="replace")
+        if first.startswith("#!") and "python" in first:
+            python = shlex.split(first[2:])
+    if not python:
+        pytest.fail("cannot parse YAML: PyYAML is not installed in the venv and there is no "
+                    "Python docker-compose to borrow it from; run `make setup`")
+    res = subprocess.run([*python, "-c", "import json, sys, yaml; "
+                          "json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return _load_yaml(COMPOSE)
+
+
+def _ctrstream_services(compose: dict) -> dict[str, list[str]]:
+    """Services whose command runs ``ctrstream``: name -> argv."""
+    out = {}
+    for name, svc in compose["services"].items():
+        cmd = svc.get("command")
+        if isinstance(cmd, str):
+            cmd = shlex.split(cmd)
+        if cmd and cmd[0] == "ctrstream":
+            out[name] = cmd
+    return out
+
+
+def _resolve(argv: list[str]) -> str | None:
+    """Resolve ``ctrstream ARGS`` against the real CLI, parsing the leaf command's options
+    too. Returns None when it resolves, else what is wrong."""
+    from ctrstream.cli import app
+
+    # typer >= 0.20 vendors click: tell groups by their ``commands`` mapping, not by class
+    cmd = typer.main.get_command(app)
+    path = ["ctrstream"]
+    args = list(argv[1:])
+    while isinstance(getattr(cmd, "commands", None), dict):
+        if not args:
+            return f"`{' '.join(path)}` needs a subcommand"
+        name = args.pop(0)
+        sub = cmd.commands.get(name)
+        if sub is None:
+            return (f"`{' '.join(path)} {name}` does not exist: `{' '.join(path)}` has "
+                    f"{', '.join(sorted(cmd.commands)) or 'no subcommands'}")
+        path.append(name)
+        cmd = sub
+    try:
+        cmd.make_context(" ".join(path), args)
+    except typer.Exit:
+        pass
+    except typer.TyperException as e:
+        return f"`{' '.join(argv)}`: {e.format_message()}"
+    return None
+
+
+# ------------------------------------------------------------------------------- validation
+
+def test_compose_file_validates():
+    res = _validate(COMPOSE)
+    assert res.returncode == 0, f"{COMPOSE} is invalid:\n{res.stdout}{res.stderr}"
+
+
+def test_validator_rejects_broken_files(tmp_path):
+    """The validator is real: a misspelled key, a dangling depends_on and a bad
+    interpolation are each rejected."""
+    good = COMPOSE.read_text()
+    broken = {
+        "misspelled key": good.replace("    restart: unless-stopped\n    command:\n      - tritonserver",
+                                       "    restrat: unless-stopped\n    command:\n      - tritonserver"),
+        "dangling depends_on": good.replace("      kafka:\n        condition: service_healthy",
+                                            "      kafak:\n        condition: service_healthy", 1),
+        "bad interpolation": good.replace('"$${spec%%:*}"', '"${spec%%:*}"'),
+    }
+    for what, text in broken.items():
+        assert text != good, f"the {what} mutation did not apply: update this test"
+        path = tmp_path / "docker-compose.yml"
+        path.write_text(text)
+        res = _validate(path)
+        assert res.returncode != 0, f"the validator accepted a compose file with a {what}"
+
+
+def test_every_job_names_a_real_ctrstream_subcommand(compose):
+    jobs = _ctrstream_services(compose)
+    missing_jobs = REQUIRED_JOBS - {argv[1] for argv in jobs.values() if len(argv) > 1}
+    assert not missing_jobs, f"docker-compose.yml runs no `ctrstream {sorted(missing_jobs)}`"
+    problems = {name: err for name, argv in jobs.items() if (err := _resolve(argv))}
+    assert not problems, (
+        "docker-compose.yml runs ctrstream commands that the CLI does not have:\n"
+        + "\n".join(f"  service {name}: {err}" for name, err in sorted(problems.items()))
+    )
+
+
+def test_command_resolver_catches_a_renamed_subcommand():
+    assert _resolve(["ctrstream", "stack", "status"]) is None
+    assert "does not exist" in _resolve(["ctrstream", "stack", "statsu"])
+    assert "does not exist" in _resolve(["ctrstream", "no-such-job"])
+    assert _resolve(["ctrstream", "stack", "up", "--no-such-option"]) is not None
+
+
+# ------------------------------------------------------------------------------- the stack
+
+def test_infrastructure_services(compose):
+    s = compose["services"]
+    assert s["kafka"]["image"] == "apache/kafka:4.1.1"
+    assert s["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", s["triton"]["image"])
+    cmd = s["triton"]["command"]
+    assert "--model-control-mode=explicit" in cmd
+    assert any(v.startswith("./triton_repo:") for v in s["triton"]["volumes"])
+    devices = s["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    for name, svc in s.items():
+        image = svc.get("image", "")
+        assert image and not image.endswith(":latest") or "build" in svc, \
+            f"service {name}: pin the image version ({image!r})"
+    # the Redis password comes from the environment with a default, and reaches the jobs
+    assert "${REDIS_PASSWORD:-" in " ".join(s["redis"]["command"])
+    for name in _ctrstream_services(compose):
+        env = s[name]["environment"]
+        assert env["CTRSTREAM_REDIS__PASSWORD"].startswith("${REDIS_PASSWORD:-"), name
+        assert env["CTRSTREAM_KAFKA__BOOTSTRAP"] == "kafka:9092", name
+        assert env["CTRSTREAM_REDIS__HOST"] == "redis", name
+        assert env["CTRSTREAM_TRITON__HOST"] == "triton", name
+        assert env["CTRSTREAM_TRITON__BACKEND"] == "onnxruntime", name
+        assert s[name]["build"]["dockerfile"] == "docker/Dockerfile", name
+    assert s["replay"].get("profiles"), "replay runs on demand, under a profile"
+
+
+def test_job_environment_is_valid_settings(compose):
+    """The CTRSTREAM_* variables the jobs get parse into Settings with the intended values."""
+    env = dict(compose["services"]["score"]["environment"])
+    env = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+    old = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("CTRSTREAM_")}
+    try:
+        os.environ.update(env)
+        s = Settings()
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+        os.environ.update(old)
+    assert s.kafka.bootstrap_servers == "kafka:9092"
+    assert s.redis.url == "redis://:ctrstream-dev@redis:6379/0"
+    assert s.triton.grpc_url == "triton:8001"
+    assert s.triton.backend == "onnxruntime"
+    assert s.metrics_port == 9100
+
+
+def test_init_service_creates_the_configured_topics(compose):
+    init = compose["services"]["kafka-init"]
+    assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
+    specs = dict(t.split(":") for t in init["environment"]["TOPICS"].split())
+    expected = {t.name: str(t.partitions) for t in Settings().topics.all()}
+    assert specs == expected, "kafka-init's topics differ from ctrstream.config.Topics"
+    assert "--if-not-exists" in init["command"][0]
+
+
+def test_prometheus_scrapes_triton_and_every_job(compose):
+    prom = _load_yaml(PROMETHEUS)
+    targets = {t for job in prom["scrape_configs"] for sc in job.get("static_configs", [])
+               for t in sc["targets"]}
+    assert "triton:8002" in targets
+    for name in _ctrstream_services(compose):
+        svc = compose["services"][name]
+        port = svc.get("labels", {}).get("ctrstream.metrics-port")
+        assert port, f"service {name} has no ctrstream.metrics-port label"
+        assert f"{name}:{port}" in targets, f"Prometheus does not scrape {name}:{port}"
+        if port != "8080":  # the API's metrics live on its HTTP port; the jobs serve their own
+            assert svc["environment"]["CTRSTREAM_METRICS_PORT"] == port, name
+    volumes = compose["services"]["prometheus"]["volumes"]
+    assert any(v.startswith("./docker/prometheus.yml:") for v in volumes)
+
+
+def test_dockerfile_copies_what_the_project_installs():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    sources = []
+    for line in re.findall(r"^COPY\s+(.+)$", text, re.M):
+        parts = [p for p in line.split() if not p.startswith("--")]
+        sources += parts[:-1]
+    missing = [p for p in sources if not (ROOT / p).exists()]
+    assert not missing, f"docker/Dockerfile copies files that do not exist: {missing}"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    readme = pyproject["project"].get("readme")
+    copied = {Path(p).parts[0] for p in sources}
+    assert packages <= copied, f"docker/Dockerfile does not copy packages {packages - copied}"
+    assert readme is None or readme in copied, f"docker/Dockerfile does not copy {readme}"

@@ -1,0 +1,212 @@
+"""Reconciliation: a batch view against a speed view with late events, a crash and a
+duplicate; every difference is explained, and afterwards the views agree.
+
+The batch view is computed by the batch layer's own code (``models.batch_features.
+bucket_counts`` over the events, written in the ``bv:`` layout) and the archive is written
+with ``models.archive.write_partitioned``; the speed view is counted here, independently,
+from the events the speed layer would have accepted, then damaged the way a crash and a
+duplicate damage it. Late events and malformed records go to the real dlq topic.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import redis
+
+from ctrstream import features as F
+from serving.reconcile import reconcile
+from streaming.events import Click, DeadLetter, Impression, encode
+
+T0 = 1_767_571_200_000  # an hour boundary
+CUTOFF = T0 + 2 * F.HOUR_MS
+
+
+def _events(rng):
+    imps, clicks = [], []
+    n = 900
+    times = np.sort(rng.integers(T0, T0 + 3 * F.HOUR_MS, n))
+    for k, t in enumerate(times.tolist()):
+        ad = int(rng.integers(0, 5))
+        imp = Impression(schema_version=1, impression_id=f"imp-{k}", event_time_ms=t,
+                         user_id=int(rng.integers(0, 20)), ad_id=ad, campaign_id=ad,
+                         advertiser_id=ad % 2, site_id=int(rng.integers(0, 3)),
+                         ad_category=ad % 3, device_type="mobile", country="US", position=0)
+        imps.append(imp)
+        if rng.random() < 0.15:
+            clicks.append(Click(schema_version=1, click_id=f"clk-{k}", impression_id=imp.impression_id,
+                                event_time_ms=t + 5000, user_id=imp.user_id, ad_id=ad,
+                                campaign_id=ad, advertiser_id=imp.advertiser_id, site_id=imp.site_id,
+                                ad_category=imp.ad_category))
+    return imps, clicks
+
+
+def _count(events, et):
+    """Independent counting: {(entity, eid, res, type, bucket): n}."""
+    out = defaultdict(int)
+    for ev in events:
+        for ent in F.ENTITIES:
+            eid = ":".join(str(getattr(ev, f)) for f in ent.fields)
+            for res in F.RESOLUTIONS:
+                out[(ent.name, eid, res.name, et, ev.event_time_ms // res.bucket_ms)] += 1
+    return out
+
+
+def _write_view(r, cells, key_fn):
+    by_key = defaultdict(dict)
+    for (ent, eid, res, et, b), n in cells.items():
+        by_key[key_fn(ent, eid, res)][F.field(et, b)] = n
+    pipe = r.pipeline(transaction=False)
+    for k, m in by_key.items():
+        pipe.hset(k, mapping=m)
+    pipe.execute()
+
+
+def _in_overlap(cell):
+    ent, eid, res, et, b = cell
+    return (b + 1) * F.RESOLUTION_BY_NAME[res].bucket_ms <= CUTOFF
+
+
+@pytest.fixture
+def rds(settings):
+    r = redis.Redis.from_url(settings.redis.url)
+    for k in r.scan_iter(match="sv:*", count=5000):  # this test owns the speed view
+        r.delete(k)
+    yield r
+    r.close()
+
+
+def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, tmp_path, unique):
+    from ctrstream.kafkautil import make_producer
+    from models.archive import to_table, write_partitioned
+    from models.batch_features import bucket_counts
+
+    s = fresh_topics
+    rng = np.random.default_rng(4)
+    imps, clicks = _events(rng)
+
+    # late: 6 impressions before the cut-off the speed layer sent to the dlq (never counted),
+    # plus a late *copy* of an impression it had counted on time (changes nothing)
+    late_idx = [int(i) for i in rng.choice(np.flatnonzero(
+        [(T0 + 20 * 60_000 <= e.event_time_ms < CUTOFF - 10 * 60_000) and e.user_id != 3
+         for e in imps]), 6, replace=False)]
+    late = [imps[i] for i in late_idx]
+    accepted = [e for i, e in enumerate(imps) if i not in set(late_idx)]
+    late_copy = next(e for e in accepted if e.event_time_ms < CUTOFF - F.HOUR_MS and e.user_id != 3)
+
+    # the archive holds every event (and a duplicate copy), the batch view is built from it
+    write_partitioned(tmp_path, "impressions", to_table("impressions", imps + [late_copy]))
+    write_partitioned(tmp_path, "clicks", to_table("clicks", clicks))
+    bc = bucket_counts(to_table("impressions", imps + [late_copy]), to_table("clicks", clicks),
+                       until_ms=CUTOFF).to_pydict()
+    version = f"v{unique}"
+    batch = {}
+    for ent, eid, res, b, ni, nc in zip(bc["entity"], bc["eid"], bc["res"], bc["bucket"],
+                                       bc["imps"], bc["clicks"]):
+        batch[(ent, eid, res, "i", b)] = ni
+        batch[(ent, eid, res, "c", b)] = nc
+    _write_view(rds, batch, lambda e, i, r: F.batch_key(version, e, i, r))
+    rds.hset(F.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF, "created_ms": 1,
+                                                  "fingerprint": F.fingerprint()})
+
+    # the speed view: what the speed layer accepted, counted independently ...
+    speed = _count(accepted, "i")
+    speed.update(_count(clicks, "c"))
+    _write_view(rds, speed, F.speed_key)
+    # ... then a crash lost one whole hash (user 3, 1h) and one update (ad 0, 5m) ...
+    lost_key = F.speed_key("user", "3", "1h")
+    lost_cells = {c for c, n in batch.items() if c[:3] == ("user", "3", "1h") and n and _in_overlap(c)}
+    assert lost_cells
+    rds.delete(lost_key)
+    late_cells = {c for e in late for c in _count([e], "i") if _in_overlap(c)}
+    stale = next(c for c, n in sorted(batch.items()) if c[:4] == ("ad", "0", "5m", "i") and n >= 2
+                 and c not in late_cells and _in_overlap(c))
+    rds.hset(F.speed_key("ad", "0", "5m"), F.field("i", stale[4]), batch[stale] - 2)
+    # ... and a copy was counted twice (site 1, 24h)
+    dup = next(c for c in sorted(batch) if c[:4] == ("site", "1", "24h", "i") and _in_overlap(c)
+               and c not in late_cells)
+    rds.hset(F.speed_key("site", "1", "24h"), F.field("i", dup[4]), batch[dup] + 1)
+
+    prod = make_producer(s)
+    for k, e in enumerate(late + [late_copy]):
+        prod.produce(s.topics.dlq.name, value=encode(DeadLetter(
+            reason=f"late: event_time_ms {e.event_time_ms} is 120000 ms behind the watermark",
+            source_topic=s.topics.impressions.name, partition=0, offset=k, original=encode(e),
+            stage="lateness")))
+    for k in range(2):  # malformed records: counted, never a difference
+        prod.produce(s.topics.dlq.name, value=encode(DeadLetter(
+            reason="malformed JSON: truncated", source_topic=s.topics.impressions.name,
+            partition=0, offset=100 + k, original=b"{\"impression_id\": ", stage="decode")))
+    # the dlq is at-least-once: a repeated dead letter must not count twice
+    prod.produce(s.topics.dlq.name, value=encode(DeadLetter(
+        reason="late: again", source_topic=s.topics.impressions.name, partition=0, offset=0,
+        original=encode(late[0]), stage="lateness")))
+    assert prod.flush(30) == 0
+
+    rep = reconcile(s, tmp_path, version)
+    print("\n" + rep.markdown())
+
+    expected = {c: "late" for c in late_cells}
+    expected.update({c: "missing_key" for c in lost_cells})
+    expected[stale] = "lost_update"
+    expected[dup] = "duplicates"
+    got = {(x.entity, x.eid, x.res, x.event_type, x.bucket): x.reason for x in rep.differences}
+    assert got == expected
+    assert rep.explained and "unexplained" not in rep.reasons
+    assert rep.reasons["late"] == len(late_cells)
+    assert rep.dlq["late"] == 7 and rep.dlq["decode:malformed JSON"] == 2
+    assert rep.dlq["late:repeated_dead_letter"] == 1
+    # buckets the batch holds and the (damaged) speed view has no cell of at all: the lost
+    # hash's, and those whose only events were late
+    speed_buckets = {c[:3] + (c[4],) for c in speed if c[:3] != ("user", "3", "1h")}
+    missing = {c[:3] + (c[4],) for c, n in batch.items() if n and _in_overlap(c)} - speed_buckets
+    assert rep.missing_in_speed == len(missing) > len({c[4] for c in lost_cells})
+    assert rep.missing_in_batch == 0
+    assert rep.buckets_compared == rep.buckets_equal + rep.buckets_differing + \
+        rep.missing_in_speed + rep.missing_in_batch
+    # the late copy's cells hold a late event but no difference
+    copy_cell = ("ad", str(late_copy.ad_id), "24h", "i", late_copy.event_time_ms // F.HOUR_MS)
+    assert copy_cell not in got or got[copy_cell] == "late"
+    assert rep.largest[0].diff == max(abs(x.diff) for x in rep.differences)
+    assert rep.applied_cells == len(expected)
+
+    # reports on disk and in Redis
+    doc = json.loads((tmp_path / "reports" / f"reconcile-{version}.json").read_text())
+    assert doc["cells_differing"] == len(expected) and doc["explained"]
+    assert (tmp_path / "reports" / f"reconcile-{version}.md").read_text().startswith("# Reconciliation")
+    assert json.loads(rds.get(f"reconcile:{version}"))["buckets_compared"] == rep.buckets_compared
+
+    # batch won: a second pass finds the views equal, the restored hash has a TTL,
+    # and nothing outside the overlap was touched
+    again = reconcile(s, tmp_path, version, write=False)
+    assert again.cells_differing == 0 and again.buckets_equal == again.buckets_compared
+    assert again.buckets_compared == rep.buckets_compared
+    assert rds.pttl(lost_key) > 0
+    after_cut = [c for c in speed if c[:3] == ("user", "5", "5m") and not _in_overlap(c)]
+    assert after_cut and all(
+        int(rds.hget(F.speed_key(*c[:3]), F.field(c[3], c[4]))) == speed[c] for c in after_cut)
+
+    from prometheus_client import REGISTRY
+    assert REGISTRY.get_sample_value("ctrstream_reconcile_buckets", {"outcome": "compared"}) \
+        == again.buckets_compared
+    assert REGISTRY.get_sample_value("ctrstream_reconcile_differing_cells",
+                                     {"reason": "late"}) == 0  # the last run's
+
+
+def test_reconcile_speed_higher_without_archive_is_unexplained(settings, rds, tmp_path, unique):
+    """No archive to check against: a speed view above the batch cannot be explained, and
+    the report says so instead of guessing; a dry run writes nothing."""
+    version = f"w{unique}"
+    b = T0 // F.MINUTE_MS
+    rds.hset(F.batch_key(version, "ad", "1", "5m"), mapping={F.field("i", b): 3, F.field("c", b): 1})
+    rds.hset(F.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF})
+    rds.hset(F.speed_key("ad", "1", "5m"), mapping={F.field("i", b): 4, F.field("c", b): 1,
+                                                    F.field("i", b + 200): 9})
+    rep = reconcile(settings, tmp_path, version, apply=False, read_dlq=False, write=False)
+    assert rep.buckets_compared == 1 and rep.buckets_differing == 1
+    assert [(x.reason, x.diff) for x in rep.differences] == [("unexplained", -1)]
+    assert not rep.explained
+    assert int(rds.hget(F.speed_key("ad", "1", "5m"), F.field("i", b))) == 4

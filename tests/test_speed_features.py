@@ -1,0 +1,208 @@
+"""The features dataflow against real Kafka and Redis: counts, lateness, dedup, dead letters."""
+
+from __future__ import annotations
+
+import random
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from ctrstream.config import RedisSettings
+from ctrstream.kafkautil import make_producer
+from ctrstream.procs import start_job, stop_job, wait_until
+from ctrstream.stack.manager import settings_env
+from ctrstream.stack.services import free_port
+from streaming import events as E
+from streaming.speed_kafka import send_heartbeat
+from streaming.speed_reference import read_speed_view, read_topic, reference_features
+
+BASE = 1_700_000_000_000 // 3_600_000 * 3_600_000
+CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
+
+
+def make_stream(seed: int, n_imps: int, lateness_ms: int, span_ms: int = 6 * 60_000):
+    """A dirty stream in replay order: (kind, key, value) with out-of-order, late,
+    duplicate and malformed records; returns (records, injected counts)."""
+    rng = random.Random(seed)
+    imps = []
+    for i in range(n_imps):
+        ad = rng.randrange(20)
+        t = BASE + i * span_ms // n_imps
+        imps.append(E.Impression(
+            schema_version=1, impression_id=f"imp-{seed}-{i}", event_time_ms=t,
+            user_id=rng.randrange(40), ad_id=ad, campaign_id=ad // 4, advertiser_id=ad // 8,
+            site_id=rng.randrange(8), ad_category=ad % 5,
+            device_type=rng.choice(["mobile", "desktop"]), country="DE", position=rng.randrange(3)))
+    events = []  # (replay position time, kind, event)
+    for imp in imps:
+        # out of order: replayed up to lateness/2 away from its event time
+        events.append((imp.event_time_ms + rng.randrange(-lateness_ms // 2, lateness_ms // 2),
+                       "impressions", imp))
+        if rng.random() < 0.15:
+            delay = rng.randrange(1_000, 40_000)
+            c = E.Click(schema_version=1, click_id=f"clk-{imp.impression_id}",
+                        impression_id=imp.impression_id, event_time_ms=imp.event_time_ms + delay,
+                        user_id=imp.user_id, ad_id=imp.ad_id, campaign_id=imp.campaign_id,
+                        advertiser_id=imp.advertiser_id, site_id=imp.site_id,
+                        ad_category=imp.ad_category)
+            events.append((c.event_time_ms + rng.randrange(0, lateness_ms // 3), "clicks", c))
+            if rng.random() < 0.3:  # duplicate click
+                events.append((c.event_time_ms + rng.randrange(0, lateness_ms // 2), "clicks", c))
+        if rng.random() < 0.05:  # duplicate impression, replayed a little later
+            events.append((imp.event_time_ms + rng.randrange(0, lateness_ms // 2), "impressions", imp))
+    # late: copies of early-looking events replayed 3 x lateness after their time
+    n_late = max(3, n_imps // 100)
+    for j in range(n_late):
+        imp = imps[rng.randrange(n_imps // 2)]
+        late = E.Impression(**{**{f: getattr(imp, f) for f in imp.__struct_fields__},
+                               "impression_id": f"late-{seed}-{j}"})
+        events.append((late.event_time_ms + 3 * lateness_ms, "impressions", late))
+    events.sort(key=lambda e: e[0])
+    records = [(kind, E.key_of(ev), E.encode(ev)) for _, kind, ev in events]
+    malformed = [b"not json at all", b'{"schema_version": 1}',
+                 E.encode(imps[0]).replace(b'"schema_version":1', b'"schema_version":7'),
+                 E.encode(imps[1]).replace(b'"ad_id":', b'"ad_id":"x","zz":'),
+                 b"{" + b" " * (E.MAX_EVENT_BYTES + 10) + b"}", None]
+    for k, bad in enumerate(malformed):
+        pos = rng.randrange(len(records))
+        records.insert(pos, ("impressions" if k % 2 == 0 else "clicks", f"bad-{k}".encode(), bad))
+    return records, {"late": n_late, "malformed": len(malformed)}
+
+
+def produce(settings, records) -> None:
+    p = make_producer(settings)
+    for kind, key, value in records:
+        p.produce(getattr(settings.topics, kind).name, key=key, value=value)
+    assert p.flush(30) == 0
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, val = line.rsplit(" ", 1)
+            base = name.split("{", 1)[0]
+            out[base] = out.get(base, 0.0) + float(val)
+            out[name] = float(val)
+    return out
+
+
+@pytest.fixture
+def speed_settings(fresh_topics):
+    return fresh_topics.model_copy(update={
+        "redis": RedisSettings(port=fresh_topics.redis.port, db=1),
+        "metrics_port": free_port()})
+
+
+def job_env(settings) -> dict:
+    import os
+
+    return {**os.environ, **settings_env(settings), "CTRSTREAM_REDIS__DB": str(settings.redis.db),
+            "CTRSTREAM_METRICS_PORT": str(settings.metrics_port),
+            "CTRSTREAM_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
+            "CTRSTREAM_ATTRIBUTION_WINDOW_S": str(settings.attribution_window_s),
+            "CTRSTREAM_FLUSH_INTERVAL_MS": str(settings.flush_interval_ms)}
+
+
+def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
+    s = speed_settings
+    r = redis.Redis.from_url(s.redis.url)
+    r.flushdb()
+    lateness = int(s.allowed_lateness_s * 1000)
+    records, injected = make_stream(seed=7, n_imps=3000, lateness_ms=lateness)
+    produce(s, records)
+    job = start_job([CTRSTREAM, "speed", "features", "-w", "2", "--no-recovery"],
+                    env=job_env(s), log_path=tmp_path / "job.log")
+    try:
+        max_t = max(E.decode_impression(v).event_time_ms for k, _, v in records
+                    if k == "impressions" and v and v.startswith(b'{"schema_version":1,"imp'))
+        send_heartbeat(s, max_t + 2 * 3_600_000)  # closes every bucket of every resolution
+        recs = {kind: read_topic(s, getattr(s.topics, kind).name) for kind in ("impressions", "clicks")}
+        ref = reference_features(s, recs)
+        # the stream really is dirty, and the reference sees it
+        assert ref.stats["late"] == injected["late"]
+        assert ref.stats["decode_errors"] == injected["malformed"]
+        assert ref.stats["duplicates"] > 50
+        assert ref.stats["heartbeats"] == 8
+        assert ref.cells
+        wait_until(lambda: read_speed_view(r) == ref.cells, 120,
+                   what="the speed view to equal the reference"
+                        + f" (log {tmp_path / 'job.log'})")
+        # dead letters: every malformed and late record, with its reason and original bytes
+        dlq = {}
+        def dlq_complete():
+            dlq.clear()
+            for rec in read_topic(s, s.topics.dlq.name):
+                d = E.decode_dead_letter(rec.value)
+                dlq[(d.source_topic, d.partition, d.offset)] = d
+            return len(dlq) == len(ref.dead)
+        wait_until(dlq_complete, 60, what="all dead letters")
+        originals = {(x.topic, x.partition, x.offset): x.value for v in recs.values() for x in v}
+        for where, (stage, reason) in ref.dead.items():
+            d = dlq[where]
+            assert d.stage == stage
+            assert d.original == (originals[where] or b"")
+            if stage == "decode":
+                assert d.reason == reason
+            else:
+                assert d.reason.startswith("late: ")
+        # nothing lost: counted + duplicates + dead = every record that is not a heartbeat
+        counted = ref.stats["counted_i"] + ref.stats["counted_c"]
+        ad_5m = sum(v for (k, f), v in ref.cells.items() if k.startswith("sv:ad:") and k.endswith(":5m"))
+        assert ad_5m == counted
+        assert counted + ref.stats["duplicates"] + len(dlq) == ref.stats["records"] - ref.stats["heartbeats"]
+        # metrics agree, and every closed bucket's state has been freed
+        m = wait_until(lambda: (lambda m: m if m.get("ctrstream_speed_state_cells", 1) == 0 else None)(
+            scrape(s.metrics_port)), 30, what="state cells to be freed")
+        assert m["ctrstream_speed_events_in_total"] == ref.stats["records"]
+        assert m["ctrstream_speed_events_accepted_total"] == counted
+        assert m["ctrstream_speed_duplicates_total"] == ref.stats["duplicates"]
+        assert m["ctrstream_speed_late_total"] == ref.stats["late"]
+        assert m["ctrstream_speed_dlq_total"] == len(ref.dead)
+        assert m["ctrstream_speed_flush_seconds_count"] > 0
+        assert m["ctrstream_speed_feature_freshness_seconds_count"] > 0
+        # TTLs are set from features.speed_ttl_ms
+        key = next(k for (k, _f) in ref.cells if k.endswith(":24h"))
+        assert 0 < r.pttl(key) <= 24 * 3_600_000 + lateness + 3_600_000
+    finally:
+        stop_job(job)
+    assert "Traceback" not in (tmp_path / "job.log").read_text()
+
+
+def test_shard_frees_closed_buckets_and_writes_absolute_values():
+    """Unit level: the shard logic sums deltas, emits absolute values of changed cells only,
+    and frees a bucket once the watermark of every partition passed it."""
+    from ctrstream import features as F
+    from ctrstream.config import Settings
+    from streaming.features_flow import Delta, FlowConfig, ShardLogic
+
+    cfg = FlowConfig(Settings())
+    logic = ShardLogic(cfg, "t", None)
+    P = len(cfg.parts)
+    t = np.array([BASE + 1_000, BASE + 2_000, BASE + 61_000], dtype=np.int64)
+    d = Delta(0, BASE, 0, np.zeros(3, np.int8), np.array([5, 5, 5], np.int64), t, 1, 2)
+    logic.on_batch([d])
+    (item,) = logic.flush()
+    got = {(int(r), int(b)): tuple(c) for r, b, c in zip(item.res, item.bucket, item.cnt.tolist())}
+    b1m = BASE // 60_000
+    assert got[(0, b1m)] == (2, 0) and got[(0, b1m + 1)] == (1, 0)
+    assert logic.flush() == []  # nothing changed: nothing written
+    logic.on_batch([Delta(0, BASE, 1, np.zeros(1, np.int8), np.array([5], np.int64), t[:1], 1, 2)])
+    (item,) = logic.flush()
+    assert len(item.eid) == len(F.RESOLUTIONS)  # only the cells that changed, absolute values
+    assert {tuple(c) for c in item.cnt.tolist()} >= {(2, 1)}
+    # watermark past the first minute on only some partitions: nothing is freed yet
+    for p in range(P - 1):
+        logic.on_batch([Delta(p, BASE + 60_000, 0, np.zeros(0, np.int8), np.zeros(0, np.int64),
+                              np.zeros(0, np.int64), 1, 2)])
+    logic.flush()
+    assert (0, 0, b1m) in logic.tables
+    logic.on_batch([Delta(P - 1, BASE + 60_000, 0, np.zeros(0, np.int8), np.zeros(0, np.int64),
+                          np.zeros(0, np.int64), 1, 2)])
+    logic.flush()
+    assert (0, 0, b1m) not in logic.tables and (0, 0, b1m + 1) in logic.tables
