@@ -218,16 +218,28 @@ def window_bounds(t_ms: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _entity_keys(entity: F.Entity, *tables: pa.Table) -> list[np.ndarray]:
-    """Dense int64 key of ``entity`` for the rows of each table (same key = same entity id)."""
+def _entity_keys(entity: F.Entity, *tables: pa.Table, limit: int = 2**62) -> list[np.ndarray]:
+    """Non-negative int64 key of ``entity`` for the rows of each table (same key = same
+    entity id), below ``limit``: the fields' offsets combined arithmetically when the ranges
+    allow, dense codes (``np.unique``) otherwise."""
     sizes = [t.num_rows for t in tables]
-    key = None
+    key, size = None, 1
     for f in entity.fields:
-        col = np.concatenate([t.column(f).to_numpy() for t in tables])
-        _, codes = np.unique(col, return_inverse=True)
-        key = codes if key is None else key * (codes.max() + 1) + codes
-    _, key = np.unique(key, return_inverse=True)
-    return np.split(key.astype(np.int64), np.cumsum(sizes)[:-1])
+        col = np.concatenate([t.column(f).to_numpy() for t in tables]).astype(np.int64)
+        lo, hi = (int(col.min()), int(col.max())) if len(col) else (0, 0)
+        if (hi - lo + 1) * size < limit:
+            codes, n = col - lo, hi - lo + 1
+        else:
+            uniq, codes = np.unique(col, return_inverse=True)
+            n = len(uniq)
+        if key is not None and n * size >= limit:
+            uniq, key = np.unique(key, return_inverse=True)
+            size = len(uniq)
+        key = codes if key is None else key * n + codes
+        size *= n
+    if size >= limit:
+        _, key = np.unique(key, return_inverse=True)
+    return np.split(np.asarray(key, dtype=np.int64), np.cumsum(sizes)[:-1])
 
 
 def point_in_time_counts(imps: pa.Table, clks: pa.Table, query: pa.Table) -> np.ndarray:
@@ -251,23 +263,24 @@ def point_in_time_counts(imps: pa.Table, clks: pa.Table, query: pa.Table) -> np.
     span = top - base + 2
     both = pa.concat_tables([imps.select(_count_fields()), clks.select(_count_fields())])
     for k, e in enumerate(F.ENTITIES):
-        ev_key, q_key = _entity_keys(e, both, query)
-        if len(ev_key) and int(ev_key.max()) >= (2**62) // span:
-            raise OverflowError("too many entity ids x time span for int64 composite keys")
+        ev_key, q_key = _entity_keys(e, both, query, limit=(2**62) // span)
         comp = ev_key * span + (ev_t - base)
         order = np.argsort(comp, kind="stable")
         comp = comp[order]
         cum_c = np.concatenate([[0], np.cumsum(is_click[order])])
-        cum_all = np.arange(len(comp) + 1, dtype=np.int64)
         # probe in (key, time) order: sorted probes make searchsorted cache-friendly (~20x)
         qorder = np.argsort(q_key * span + (qt - base), kind="stable")
         qbase = q_key[qorder] * span - base
+        buf = np.empty((n, F.N_WINDOWS, 2), dtype=np.float64)
         for w, (lo, hi) in enumerate(bounds):
             i_lo = np.searchsorted(comp, qbase + lo[qorder], side="left")
             i_hi = np.searchsorted(comp, qbase + hi[qorder], side="left")
             clicks = cum_c[i_hi] - cum_c[i_lo]
-            counts[qorder, k, w, 0] = (cum_all[i_hi] - cum_all[i_lo]) - clicks
-            counts[qorder, k, w, 1] = clicks
+            buf[:, w, 0] = (i_hi - i_lo) - clicks
+            buf[:, w, 1] = clicks
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[qorder] = np.arange(n)
+        counts[:, k] = buf[inverse]
     return counts
 
 
