@@ -122,3 +122,7 @@ _register_packages()
 
 def main() -> None:  # pragma: no cover - console entry
     app()
+
+
+if __name__ == "__main__":  # python -m ctrstream.cli (how the demo starts its jobs)
+    main()

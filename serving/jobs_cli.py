@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         until_end: bool = typer.Option(False, help="stop at the current end of the topic"),
         from_end: bool = typer.Option(False, help="start at the end of the topic, not the beginning"),
         recovery_dir: Path = typer.Option(None, help="Bytewax recovery directory (offsets survive restarts)"),
+        since_ms: int = typer.Option(None, help="skip impressions with an earlier event time (ms)"),
     ):
         """Score every impression at its event time (Triton, calibrated) -> predictions topic."""
         from bytewax.recovery import RecoveryConfig, init_db_dir
@@ -45,7 +46,7 @@ def register(app: typer.Typer) -> None:
         settings = get_settings()
         _metrics_server(settings)
         flow = build_flow(settings, model=model, model_name=model_name, batch_size=batch_size,
-                          stop_at_end=until_end, from_end=from_end)
+                          stop_at_end=until_end, from_end=from_end, since_ms=since_ms)
         rc = None
         if recovery_dir:
             recovery_dir.mkdir(parents=True, exist_ok=True)

@@ -74,8 +74,10 @@ class BatchScorer:
 
     def __init__(self, settings: Settings, model: str = "ctr_deep", model_name: str | None = None,
                  batch_size: int = 1000, store=None, scorer=None, calibrator=None,
-                 feature_mode: str = "lambda"):
+                 feature_mode: str = "lambda", since_ms: int | None = None):
         self.settings = settings
+        # impressions with an earlier event time are skipped (start scoring mid-stream)
+        self.since_ms = since_ms
         self.model, self.model_name = model, model_name
         self.batch_size = batch_size
         self.feature_mode = feature_mode
@@ -131,6 +133,8 @@ class BatchScorer:
                 imps.append(decode_impression(v))
             except Exception:  # noqa: BLE001 - the speed layer dead-letters it
                 g["bad"].inc()
+        if self.since_ms is not None:
+            imps = [i for i in imps if i.event_time_ms >= self.since_ms]
         if not imps:
             return []
         _, scorer, cal = self._deps()
@@ -163,7 +167,7 @@ class BatchScorer:
 
 def build_flow(settings: Settings, *, model: str = "ctr_deep", model_name: str | None = None,
                batch_size: int = 1000, stop_at_end: bool = False, from_end: bool = False,
-               batch_scorer: BatchScorer | None = None):
+               batch_scorer: BatchScorer | None = None, since_ms: int | None = None):
     """The dataflow: KafkaSource(impressions) -> flat_map_batch(score) -> KafkaSink(predictions).
     ``stop_at_end``: stop once the topic's current end is reached (tests, backfills)."""
     import bytewax.operators as op
@@ -173,7 +177,7 @@ def build_flow(settings: Settings, *, model: str = "ctr_deep", model_name: str |
 
     from ctrstream.kafkautil import producer_config
 
-    bs = batch_scorer or BatchScorer(settings, model, model_name, batch_size)
+    bs = batch_scorer or BatchScorer(settings, model, model_name, batch_size, since_ms=since_ms)
     brokers = [settings.kafka.bootstrap_servers]
     flow = Dataflow("ctrstream_score")
     src = KafkaSource(brokers, [settings.topics.impressions.name], tail=not stop_at_end,

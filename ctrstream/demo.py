@@ -1,0 +1,445 @@
+"""``ctrstream demo`` (``make demo``): the whole lambda architecture, end to end, with a report.
+
+The phases, in event time (the scenario's stream is cut at ``t_split``):
+
+1. **stack**      - the local stack (Kafka KRaft, Redis, Triton), started if needed; the demo
+                    uses its own topics (suffix ``-demo<run>``) and Redis database (flushed).
+2. **generate**   - a synthetic scenario with ground truth (the oracle stays out of the events).
+3. **history**    - the speed layer (features + join) runs while the first part of the
+                    stream (event time < t_split) is replayed with time compression; the
+                    archiver writes it into the Parquet master dataset.
+4. **batch**      - point-in-time training set from the archive, LR + DCN-v2 trained and
+                    evaluated against the oracle, ONNX export, publication to Triton (a live
+                    version switch when a version is already served); the batch view up to
+                    the cut-off lands in Redis.
+5. **live**       - the streaming scorer (Triton + current River calibration) and the
+                    calibrator run while the rest of the stream is replayed.
+6. **reconcile**  - the batch view is compared with the speed view; the batch wins.
+7. **serve**      - the prediction API answers a few sample ad requests.
+8. **report**     - terminal summary + ``report.html`` with plots.
+
+A failing phase stops the demo with a message naming the phase and the logs directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+import urllib.request
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ctrstream import features as F
+from ctrstream.config import ROOT, Settings, Topic, get_settings
+
+console = Console()
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+@dataclass
+class DemoConfig:
+    scenario: str = "drift"
+    events: int = 1_000_000  # impressions (clicks come on top)
+    hours: float = 6.0  # event-time span of the scenario
+    seed: int = 7
+    history_fraction: float = 0.6  # share of event time replayed before the batch layer runs
+    replay_seconds: float = 45.0  # wall time each replay phase should take (time compression)
+    out: Path = ROOT / ".demo"
+    keep_stack: bool = False
+    epochs: int | None = None
+
+
+@dataclass
+class DemoState:
+    run_id: str
+    out: Path
+    settings: Settings
+    phases: list[dict] = field(default_factory=list)
+    numbers: dict = field(default_factory=dict)
+    procs: dict = field(default_factory=dict)
+    started_stack: bool = False
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def _scrape(port: int) -> dict[str, float]:
+    """Sum of every sample of every metric (by sample name) at a Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name] = out.get(s.name, 0.0) + float(s.value)
+    return out
+
+
+def _scrape_or_empty(port: int) -> dict[str, float]:
+    try:
+        return _scrape(port)
+    except OSError:
+        return {}
+
+
+def _topic_count(settings: Settings, topic: Topic) -> int:
+    from ctrstream.kafkautil import topic_end_offsets
+
+    return sum(topic_end_offsets(settings, topic.name).values())
+
+
+def _wait(what: str, predicate, timeout: float, proc_names: list[str], st: DemoState,
+          interval: float = 0.25):
+    """Wait for ``predicate``; fail early when a job we depend on has died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for name in proc_names:
+            p = st.procs.get(name)
+            if p is not None and p.poll() is not None:
+                raise DemoError(f"the {name} job exited with code {p.returncode} while waiting for "
+                                f"{what}; see {st.out / 'logs' / (name + '.log')}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _start(st: DemoState, name: str, argv: list[str], metrics_port: int = 0):
+    from ctrstream.procs import start_job
+    from ctrstream.stack.manager import settings_env
+
+    env = {**os.environ, **settings_env(st.settings), "CTRSTREAM_METRICS_PORT": str(metrics_port),
+           "PYTHONUNBUFFERED": "1"}
+    log = st.out / "logs" / f"{name}.log"
+    st.procs[name] = start_job([sys.executable, "-m", "ctrstream.cli", *argv], env=env, log_path=log)
+    return st.procs[name]
+
+
+def _stop(st: DemoState, name: str) -> None:
+    from ctrstream.procs import stop_job
+
+    p = st.procs.pop(name, None)
+    if p is not None:
+        stop_job(p, timeout=20)
+
+
+@contextmanager
+def phase(st: DemoState, n: int, total: int, name: str, what: str):
+    console.rule(f"[bold]{n}/{total} {name}[/]  {what}")
+    t0 = time.monotonic()
+    try:
+        yield
+    except DemoError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure stops the demo with its phase named
+        (st.out / "logs").mkdir(parents=True, exist_ok=True)
+        (st.out / "logs" / "demo-error.txt").write_text(traceback.format_exc())
+        raise DemoError(f"phase '{name}' failed: {type(e).__name__}: {e}") from e
+    dt = time.monotonic() - t0
+    st.phases.append({"phase": name, "seconds": round(dt, 1)})
+    console.print(f"[green]✓[/] {name} done in {dt:.1f}s")
+
+
+# --------------------------------------------------------------------------- the phases
+
+def _demo_settings(base: Settings, run_id: str, out: Path) -> Settings:
+    t = base.topics
+    topics = t.model_copy(update={
+        k: Topic(name=f"{getattr(t, k).name}-demo{run_id}", partitions=getattr(t, k).partitions)
+        for k in ("impressions", "clicks", "labeled", "predictions", "dlq")})
+    redis = base.redis.model_copy(update={"db": 1})
+    return base.model_copy(update={"topics": topics, "data_dir": out / "data", "redis": redis})
+
+
+def _stack(st: DemoState) -> None:
+    import redis as redis_lib
+
+    from ctrstream.kafkautil import ensure_topics
+    from ctrstream.stack.manager import Stack
+
+    stack = Stack(st.settings)
+    times = stack.up(log=console.print)
+    st.started_stack = any(v is not None for v in times.values())
+    ensure_topics(st.settings, st.settings.topics.all())
+    r = redis_lib.Redis.from_url(st.settings.redis.url)
+    r.flushdb()
+    r.close()
+    console.print(f"topics: {', '.join(t.name for t in st.settings.topics.all())}; "
+                  f"Redis database {st.settings.redis.db} (flushed)")
+
+
+def _generate(st: DemoState, cfg: DemoConfig):
+    from streaming.generator import generate, load_scenario, write_traffic
+
+    sc = load_scenario(cfg.scenario, events=cfg.events, seed=cfg.seed, hours=cfg.hours)
+    tr = generate(sc)
+    write_traffic(tr, st.out / "traffic")
+    imps, clks = tr.impressions, tr.clicks
+    t_imp = imps.column("event_time_ms").to_numpy()
+    start, end = int(t_imp.min()), int(t_imp.max())
+    t_split = F.align_cutoff(int(start + cfg.history_fraction * (end - start)))
+    st.numbers.update(impressions=imps.num_rows, clicks=clks.num_rows, scenario=cfg.scenario,
+                      t_start=start, t_end=end, t_split=t_split, injected=tr.injected,
+                      partitions=st.settings.topics.impressions.partitions)
+    console.print(f"{imps.num_rows:,} impressions, {clks.num_rows:,} clicks over "
+                  f"{(end - start) / 3.6e6:.1f} h of event time; history until "
+                  f"{time.strftime('%H:%M', time.gmtime(t_split / 1000))} (t_split)")
+    return tr, t_split
+
+
+def _records_between(tr, lo: int | None, hi: int | None):
+    for rec in tr.records():
+        ts = rec[3]
+        if (lo is None or ts >= lo) and (hi is None or ts < hi):
+            yield rec
+
+
+def _replay(st: DemoState, tr, lo, hi, span_ms: float, cfg: DemoConfig, label: str) -> dict:
+    from streaming.replay import replay
+
+    compression = max(1.0, span_ms / 1000.0 / cfg.replay_seconds)
+    summary = replay(st.settings, _records_between(tr, lo, hi), time_compression=compression,
+                     progress=True, description=label)
+    if summary.failed:
+        raise DemoError(f"{summary.failed} records could not be delivered to Kafka: {summary.errors}")
+    console.print(f"{label}: {summary.describe()} (time compression {compression:.0f}x)")
+    return {"sent": summary.sent, "seconds": summary.seconds, "rate": summary.rate,
+            "compression": compression}
+
+
+def _speed_caught_up(st: DemoState, port: int, expected_in: int) -> bool:
+    m = _scrape_or_empty(port)
+    return m.get("ctrstream_speed_events_in_total", 0) >= expected_in and \
+        m.get("ctrstream_speed_consumer_lag", 1) == 0
+
+
+def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
+    from ctrstream.stack.services import free_port
+    from models.archive import Archiver
+    from streaming.speed_kafka import send_heartbeat
+
+    ports = {"speed-features": free_port(), "speed-join": free_port()}
+    st.numbers["metrics_ports"] = ports
+    rec_root = st.out / "speed-recovery"
+    _start(st, "speed-features", ["speed", "features", "--recovery-dir", str(rec_root / "features")],
+           ports["speed-features"])
+    _start(st, "speed-join", ["speed", "join", "--recovery-dir", str(rec_root / "join")],
+           ports["speed-join"])
+    t0 = time.monotonic()
+    st.numbers["replay_history"] = _replay(st, tr, None, t_split, t_split - st.numbers["t_start"],
+                                           cfg, "replay (history)")
+    # advance the watermark to the split so buckets and attribution windows up to it close
+    send_heartbeat(st.settings, t_split)
+    sent = st.numbers["replay_history"]["sent"]
+    _wait("the speed layer to catch up with the history",
+          lambda: _speed_caught_up(st, ports["speed-features"], sent), 600,
+          ["speed-features", "speed-join"], st)
+    st.numbers["speed_history_seconds"] = time.monotonic() - t0
+    archiver = Archiver(st.settings, st.settings.data_dir)
+    stats = archiver.run(until_idle_s=3.0)
+    st.numbers["archive"] = stats.as_dict()
+    console.print(f"archive: {stats.as_dict()}")
+
+
+def _batch(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
+    from models.batch_views import publish_batch_view
+    from models.publish import publish, served_model_name
+    from models.train_cli import load_training_data, print_summary, run_training
+
+    window_ms = int(st.settings.attribution_window_s * 1000)
+    ds, _, source = load_training_data(st.settings, end_ms=t_split - window_ms, log=console.print)
+    st.numbers["train_rows"] = int(len(ds["label"]))
+    summary = run_training(st.settings, ds, tr.oracle, out_dir=st.out / "models", epochs=cfg.epochs,
+                           source=source, log=console.print)
+    print_summary(summary, console)
+    st.numbers["training"] = summary
+    published = {}
+    for kind, base in (("lr", "ctr_lr"), ("deep", "ctr_deep")):
+        card = json.loads(Path(summary["models"][kind]["card"]).read_text())
+        published[kind] = publish(st.settings, summary["models"][kind]["onnx"], base, card=card)
+        console.print(f"published {served_model_name(st.settings, base)}: {published[kind]}")
+    st.numbers["published"] = published
+    view = publish_batch_view(st.settings, st.settings.data_dir, t_split)
+    st.numbers["batch_view"] = view
+    console.print(f"batch view {view.get('version')} at cut-off {view.get('cutoff_ms')}: {view}")
+
+
+def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
+    from ctrstream.stack.services import free_port
+    from streaming.speed_kafka import send_heartbeat
+
+    ports = st.numbers["metrics_ports"]
+    ports["score"], ports["calibrate"] = free_port(), free_port()
+    _start(st, "score", ["score", "--model", "ctr_deep", "--since-ms", str(t_split),
+                         "--recovery-dir", str(st.out / "score-recovery")], ports["score"])
+    _start(st, "calibrate", ["calibrate", "--checkpoint-interval", "1"], ports["calibrate"])
+    end = st.numbers["t_end"]
+    t0 = time.monotonic()
+    st.numbers["replay_live"] = _replay(st, tr, t_split, None, end - t_split, cfg, "replay (live)")
+    expected = int(np.count_nonzero(tr.impressions.column("event_time_ms").to_numpy() >= t_split))
+    # close every attribution window: the join emits the last labeled examples
+    send_heartbeat(st.settings, end + int(st.settings.attribution_window_s * 1000)
+                   + int(st.settings.allowed_lateness_s * 1000) + F.HOUR_MS)
+    _wait("the scorer to score the live stream",
+          lambda: _topic_count(st.settings, st.settings.topics.predictions) >= expected, 900,
+          ["score"], st)
+    st.numbers["score_seconds"] = time.monotonic() - t0
+    st.numbers["predictions"] = _topic_count(st.settings, st.settings.topics.predictions)
+    n_labeled = tr.impressions.num_rows
+    _wait("the join to label every impression",
+          lambda: _topic_count(st.settings, st.settings.topics.labeled) >= n_labeled * 0.99, 600,
+          ["speed-join"], st)
+    _wait("the calibrator to learn from the live labels",
+          lambda: _scrape_or_empty(ports["calibrate"]).get("ctrstream_calibration_joined_total", 0)
+          >= expected * 0.95, 600, ["calibrate"], st)
+    st.numbers["metrics"] = {name: _scrape_or_empty(port) for name, port in ports.items()}
+    for name in ("score", "calibrate"):
+        _stop(st, name)
+
+
+def _reconcile(st: DemoState) -> None:
+    from serving.reconcile import reconcile
+
+    rep = reconcile(st.settings, st.settings.data_dir)
+    d = rep.to_dict() if hasattr(rep, "to_dict") else asdict(rep)
+    st.numbers["reconcile"] = d
+    (st.out / "reconcile.json").write_text(json.dumps(d, indent=2, default=str))
+    md = getattr(rep, "markdown", None)
+    text = md() if callable(md) else None
+    if text:
+        (st.out / "reconcile.md").write_text(text)
+    console.print(text or json.dumps(d, default=str)[:2000])
+
+
+def _serve(st: DemoState, tr) -> None:
+    import httpx
+
+    from ctrstream.stack.services import free_port
+
+    port = free_port()
+    _start(st, "serve", ["serve", "--host", "127.0.0.1", "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait("the prediction API to be ready", ready, 120, ["serve"], st)
+    imps = tr.impressions.slice(tr.impressions.num_rows - 5000).to_pylist()
+    ads = {}
+    for r in imps:
+        ads.setdefault(r["ad_id"], {k: r[k] for k in ("ad_id", "campaign_id", "advertiser_id",
+                                                      "ad_category")})
+    candidates = list(ads.values())[:50]
+    samples = []
+    for r in imps[-3:]:
+        body = {"user_id": r["user_id"],
+                "context": {"site_id": r["site_id"], "device_type": r["device_type"],
+                            "country": r["country"], "position": r["position"],
+                            "event_time_ms": st.numbers["t_end"]},
+                "candidates": candidates}
+        resp = httpx.post(f"{url}/v1/predict", json=body, timeout=10)
+        if resp.status_code != 200:
+            raise DemoError(f"/v1/predict answered {resp.status_code}: {resp.text[:500]}")
+        samples.append({"request": {k: v for k, v in body.items() if k != "candidates"}
+                        | {"candidates": len(candidates)}, "response": resp.json(),
+                        "server_timing": resp.headers.get("server-timing", "")})
+        table = Table(title=f"user {r['user_id']} on site {r['site_id']} ({r['device_type']}, "
+                            f"position {r['position']}): top 5 of {len(candidates)} ads")
+        for c in ("rank", "ad_id", "raw_score", "calibrated_score"):
+            table.add_column(c, justify="right")
+        out = resp.json()
+        for c in out["candidates"][:5]:
+            table.add_row(str(c.get("rank")), str(c["ad_id"]), f"{c['raw_score']:.4f}",
+                          f"{c['calibrated_score']:.4f}")
+        console.print(table)
+        console.print(f"model {out.get('model_name')} v{out.get('model_version')}, calibration "
+                      f"{out.get('calibration')}, degraded {out.get('degraded')}")
+    st.numbers["api_samples"] = samples
+    _stop(st, "serve")
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    run_id = uuid.uuid4().hex[:6]
+    out = Path(cfg.out) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    st = DemoState(run_id, out, _demo_settings(get_settings(), run_id, out))
+    console.print(f"[bold]ctrstream demo[/] run {run_id}: output in {out}")
+    t0 = time.monotonic()
+    total = 8
+    ok = False
+    try:
+        with phase(st, 1, total, "stack", "Kafka (KRaft), Redis, Triton on 127.0.0.1"):
+            _stack(st)
+        with phase(st, 2, total, "generate", f"scenario {cfg.scenario}, {cfg.events:,} impressions"):
+            tr, t_split = _generate(st, cfg)
+        with phase(st, 3, total, "history", "speed layer + replay of the history + archive"):
+            _history(st, cfg, tr, t_split)
+        with phase(st, 4, total, "batch", "training set, LR + DCN-v2, ONNX, Triton, batch view"):
+            _batch(st, cfg, tr, t_split)
+        with phase(st, 5, total, "live", "streaming scorer + River calibration on the live stream"):
+            _live(st, cfg, tr, t_split)
+        with phase(st, 6, total, "reconcile", "batch view vs speed view; the batch wins"):
+            _reconcile(st)
+        with phase(st, 7, total, "serve", "sample ad requests through the prediction API"):
+            _serve(st, tr)
+        with phase(st, 8, total, "report", "terminal summary + report.html"):
+            from ctrstream.demo_report import build_report
+
+            st.numbers["total_seconds"] = time.monotonic() - t0
+            path = build_report(st, tr, cfg)
+        ok = True
+        return path
+    finally:
+        for name in list(st.procs):
+            _stop(st, name)
+        if not ok:
+            console.print(f"[red]demo stopped[/]; logs are in {out / 'logs'} "
+                          f"(stack logs in {st.settings.run_dir / 'logs'})")
+        if st.started_stack and not cfg.keep_stack:
+            from ctrstream.stack.manager import Stack
+
+            Stack(st.settings).down(log=console.print)
+        elif cfg.keep_stack:
+            console.print("stack kept running (--keep-stack); stop it with `ctrstream stack down`")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo(
+        scenario: str = typer.Option("drift", help="steady, drift or dirty"),
+        events: int = typer.Option(1_000_000, help="impressions to generate (clicks come on top)"),
+        hours: float = typer.Option(6.0, help="event-time span of the scenario"),
+        seed: int = typer.Option(7),
+        replay_seconds: float = typer.Option(45.0, help="wall seconds per replay phase (sets the time compression)"),
+        out: Path = typer.Option(ROOT / ".demo", help="output directory"),
+        keep_stack: bool = typer.Option(False, "--keep-stack", help="leave the stack running"),
+        epochs: int = typer.Option(None, help="training epochs (default: the trainer's)"),
+    ):
+        """Run the whole lambda architecture end to end and write report.html."""
+        cfg = DemoConfig(scenario=scenario, events=events, hours=hours, seed=seed,
+                         replay_seconds=replay_seconds, out=out, keep_stack=keep_stack,
+                         epochs=epochs)
+        try:
+            path = run_demo(cfg)
+        except DemoError as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(1) from None
+        console.print(f"[bold green]report:[/] {path}")
