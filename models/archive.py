@@ -22,7 +22,9 @@ Guarantees
 * **Bad input is skipped and counted** here (``undecodable``): the speed layer's dead-letter
   topic already keeps those records with their reason.
 * **Rebalances** flush and commit the buffered batch before partitions are revoked, so
-  several archivers can share the consumer group.
+  several archivers can share the consumer group. With ``--instance-id`` (Kafka static
+  membership) a restarted archiver takes its partitions back at once instead of waiting for
+  the crashed member's session (``--session-timeout-ms``, default 10 s) to expire.
 
 Run it with ``ctrstream archive`` (forever; SIGTERM / Ctrl-C flush, commit and exit) or
 ``ctrstream archive --until-idle 5`` (stop once nothing arrived for 5 s, for demos and tests).
@@ -309,7 +311,8 @@ class Archiver:
 
     def __init__(self, settings: Settings, data_dir: Path | str | None = None,
                  group_id: str = DEFAULT_GROUP, batch_records: int = 200_000,
-                 max_batch_s: float = 5.0):
+                 max_batch_s: float = 5.0, instance_id: str | None = None,
+                 session_timeout_ms: int = 10_000):
         from ctrstream.kafkautil import make_consumer
 
         self.settings = settings
@@ -318,7 +321,10 @@ class Archiver:
         self.max_batch_s = max_batch_s
         self.topic_kind = {settings.topics.impressions.name: "impressions",
                            settings.topics.clicks.name: "clicks"}
-        self.consumer = make_consumer(settings, group_id)
+        extra = {"session.timeout.ms": session_timeout_ms}
+        if instance_id:  # static membership: a restarted archiver gets its partitions back at once
+            extra["group.instance.id"] = instance_id
+        self.consumer = make_consumer(settings, group_id, **extra)
         self.stats = ArchiveStats()
         self.metrics = _get_metrics()
         self._buf: dict[str, list] = {k: [] for k in KINDS}
@@ -326,6 +332,7 @@ class Archiver:
         self._buffered = 0
         self._batch_started: float | None = None
         self._crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+        self._assigned, self._assigned_at = False, None
         self.stop_requested = False
 
     # -- batching
@@ -373,17 +380,36 @@ class Archiver:
     def _on_revoke(self, consumer, partitions) -> None:
         # flush everything (also other partitions' records: harmless, and simpler)
         self.flush()
+        self._assigned = False
+
+    def _on_assign(self, consumer, partitions) -> None:
+        self._assigned = True
+        self._assigned_at = time.monotonic()
+
+    def caught_up(self) -> bool:
+        """Whether this consumer has read every assigned partition to its high watermark."""
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return False
+        for tp in self.consumer.position(assignment):
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            pos = tp.offset if tp.offset >= 0 else low
+            if pos < high:
+                return False
+        return True
 
     # -- main loop
     def run(self, until_idle_s: float | None = None, max_records: int | None = None) -> ArchiveStats:
         topics = list(self.topic_kind)
-        self.consumer.subscribe(topics, on_revoke=self._on_revoke)
+        self._assigned, self._assigned_at = False, None
+        self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         t_start = time.monotonic()
-        last_msg = time.monotonic()
+        last_msg = 0.0
         seen = 0
         try:
             while not self.stop_requested:
-                msgs = self.consumer.consume(num_messages=10_000, timeout=0.2)
+                want = max(1, min(10_000, self.batch_records - self._buffered))
+                msgs = self.consumer.consume(num_messages=want, timeout=0.2)
                 now = time.monotonic()
                 for msg in msgs:
                     err = msg.error()
@@ -404,7 +430,10 @@ class Archiver:
                     self.flush()
                 if max_records is not None and seen >= max_records:
                     break
-                if until_idle_s is not None and not msgs and now - last_msg >= until_idle_s:
+                # --until-idle: assigned, nothing new for until_idle_s, at the high watermarks
+                if (until_idle_s is not None and not msgs and self._assigned
+                        and now - max(last_msg, self._assigned_at or now) >= until_idle_s
+                        and self.caught_up()):
                     break
             self.flush()
         finally:
@@ -416,10 +445,12 @@ class Archiver:
 def run_archiver(settings: Settings, data_dir: Path | str | None = None,
                  until_idle_s: float | None = None, group_id: str = DEFAULT_GROUP,
                  batch_records: int = 200_000, max_batch_s: float = 5.0,
+                 instance_id: str | None = None, session_timeout_ms: int = 10_000,
                  handle_signals: bool = False) -> ArchiveStats:
     """Run the archiver in this process (``handle_signals``: SIGTERM/SIGINT stop it cleanly)."""
     arch = Archiver(settings, data_dir, group_id=group_id, batch_records=batch_records,
-                    max_batch_s=max_batch_s)
+                    max_batch_s=max_batch_s, instance_id=instance_id,
+                    session_timeout_ms=session_timeout_ms)
     if handle_signals:
         def _stop(signum, frame):
             log.info("signal %d: flushing, committing and stopping", signum)

@@ -175,7 +175,7 @@ def _count_fields() -> list[str]:
 def long_window_counts(events_i: pa.Table, events_c: pa.Table, at_ms: int, con=None,
                        dedupe: bool = True) -> pa.Table:
     """Long-window counts per entity id at time ``at_ms`` (:func:`long_window_range`).
-    Returns columns ``entity, eid, window, imps, clicks`` (ids with no event absent)."""
+    Returns columns ``entity, eid, long_window, imps, clicks`` (ids with no event absent)."""
     own = con is None
     con = con or _connect()
     try:
@@ -190,17 +190,17 @@ def long_window_counts(events_i: pa.Table, events_c: pa.Table, at_ms: int, con=N
             lo, hi = long_window_range(at_ms, w)
             for e in F.ENTITIES:
                 parts.append(
-                    f"SELECT '{e.name}' AS entity, {eid_sql(e)} AS eid, '{w.name}' AS window, "
+                    f"SELECT '{e.name}' AS entity, {eid_sql(e)} AS eid, '{w.name}' AS long_window, "
                     f"sum(1 - c) AS imps, sum(c) AS clicks FROM _ev "
                     f"WHERE event_time_ms >= {lo} AND event_time_ms < {hi} GROUP BY ALL")
         sql = (f"WITH _ev AS (SELECT {cols}, 0 AS c FROM _li UNION ALL "
                f"SELECT {cols}, 1 AS c FROM _lc) " + " UNION ALL ".join(parts)
-               + " ORDER BY entity, eid, window")
+               + " ORDER BY entity, eid, long_window")
         out = fetch_arrow(con, sql)
         con.unregister("_li")
         con.unregister("_lc")
         return out.cast(pa.schema([("entity", pa.string()), ("eid", pa.string()),
-                                   ("window", pa.string()), ("imps", pa.int64()),
+                                   ("long_window", pa.string()), ("imps", pa.int64()),
                                    ("clicks", pa.int64())]))
     finally:
         if own:

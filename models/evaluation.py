@@ -65,17 +65,19 @@ def auc(probs, labels) -> float:
 
 
 def calibration_bins(probs, labels, n_bins: int = 20) -> dict:
-    """Equal-mass bins of the prediction: mean prediction, observed CTR and count per bin."""
+    """Equal-mass bins of the prediction (quantile edges; equal predictions always share a
+    bin): mean prediction, observed CTR and count per non-empty bin."""
     p, y = _arr(probs), _arr(labels)
-    order = np.argsort(p, kind="mergesort")
-    chunks = np.array_split(order, min(n_bins, max(len(p), 1)))
-    mp, ctr, cnt = [], [], []
-    for c in chunks:
-        if len(c):
-            mp.append(float(p[c].mean()))
-            ctr.append(float(y[c].mean()))
-            cnt.append(int(len(c)))
-    return dict(mean_pred=mp, observed_ctr=ctr, count=cnt)
+    if len(p) == 0:
+        return dict(mean_pred=[], observed_ctr=[], count=[])
+    edges = np.unique(np.quantile(p, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    b = np.searchsorted(edges, p, side="right")
+    cnt = np.bincount(b, minlength=len(edges) + 1)
+    sp = np.bincount(b, weights=p, minlength=len(edges) + 1)
+    sy = np.bincount(b, weights=y, minlength=len(edges) + 1)
+    nz = cnt > 0
+    return dict(mean_pred=(sp[nz] / cnt[nz]).tolist(), observed_ctr=(sy[nz] / cnt[nz]).tolist(),
+                count=cnt[nz].astype(int).tolist())
 
 
 def metrics(probs, labels, n_bins: int = 20) -> dict:

@@ -77,15 +77,28 @@ def torch_predict(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
                  torch.from_numpy(inputs[features.INPUT_DENSE])).numpy()
 
 
+def model_inputs(model, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Fresh random inputs in the model's own input distribution: sparse ids as in
+    ``random_inputs``; dense values drawn from N(mean, std) of the model's stored
+    normalization (the training distribution), when it has one."""
+    ne, ns, nd = _dims(model)
+    x = random_inputs(n, seed, ne, ns, nd)
+    mean, inv = getattr(model, "dense_mean", None), getattr(model, "dense_inv_std", None)
+    if mean is not None and inv is not None:
+        rng = np.random.default_rng(seed + 1)
+        m, s = mean.detach().numpy(), 1.0 / inv.detach().numpy()
+        x[features.INPUT_DENSE] = (m + s * rng.standard_normal((n, nd))).astype(np.float32)
+    return x
+
+
 def check_parity(model, path: str | Path, seed: int = 12345, atol: float = PARITY_ATOL,
                  batch_sizes=(1, 7, 1000, 4096)) -> float:
-    """Max |p_onnx - p_torch| over fresh random inputs; raises ``ParityError`` above ``atol``
-    (or when shapes differ). Returns the max difference."""
-    ne, ns, nd = _dims(model)
+    """Max |p_onnx - p_torch| over fresh random inputs (``model_inputs``); raises
+    ``ParityError`` above ``atol`` (or when shapes differ). Returns the max difference."""
     sess = ort_session(path)
     worst = 0.0
     for i, n in enumerate(batch_sizes):
-        x = random_inputs(n, seed + i, ne, ns, nd)
+        x = model_inputs(model, n, seed + i)
         a, b = ort_predict(sess, x), torch_predict(model, x)
         if a.shape != (n, 1) or b.shape != (n, 1):
             raise ParityError(f"{path}: output shapes onnx {a.shape} / torch {b.shape}, "
@@ -132,5 +145,5 @@ def export_onnx(model, path: str | Path, parity_check: bool = True, opset: int =
     return dict(path=str(path), parity_max_abs_diff=diff, bytes=path.stat().st_size)
 
 
-__all__ = ["OPSET", "PARITY_ATOL", "ParityError", "check_parity", "export_onnx",
+__all__ = ["OPSET", "PARITY_ATOL", "ParityError", "check_parity", "export_onnx", "model_inputs",
            "ort_predict", "ort_session", "random_inputs", "torch_predict"]

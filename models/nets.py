@@ -30,6 +30,13 @@ from torch import nn
 from ctrstream.features import HASH_BUCKETS, N_DENSE, N_SPARSE
 
 
+def _inv_std(std: torch.Tensor) -> torch.Tensor:
+    """1/std, except for features that were (nearly) constant in training (e.g. 7-day windows
+    on a few hours of data): those are only centered, so that values seen later in serving
+    are not blown up by a near-zero std."""
+    return torch.where(std < 1e-3, torch.ones_like(std), 1.0 / std.clamp_min(1e-3))
+
+
 class _CTRBase(nn.Module):
     """Dense normalization + down-sampling offset shared by both models."""
 
@@ -40,14 +47,12 @@ class _CTRBase(nn.Module):
         std = torch.ones(n_dense) if dense_std is None else torch.as_tensor(
             np.asarray(dense_std, dtype=np.float32))
         self.register_buffer("dense_mean", mean.reshape(n_dense).float().clone())
-        # a constant feature must not divide by zero
-        self.register_buffer("dense_inv_std", 1.0 / std.reshape(n_dense).float().clamp_min(1e-6))
+        self.register_buffer("dense_inv_std", _inv_std(std.reshape(n_dense).float()))
         self.register_buffer("logit_offset", torch.zeros(()))
 
     def set_normalization(self, mean, std) -> None:
         self.dense_mean.copy_(torch.as_tensor(np.asarray(mean, dtype=np.float32)))
-        self.dense_inv_std.copy_(
-            1.0 / torch.as_tensor(np.asarray(std, dtype=np.float32)).clamp_min(1e-6))
+        self.dense_inv_std.copy_(_inv_std(torch.as_tensor(np.asarray(std, dtype=np.float32))))
 
     def set_negative_sampling_rate(self, w: float | None) -> None:
         """Negatives were kept with probability ``w`` during training: add ``log w``."""

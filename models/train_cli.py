@@ -94,8 +94,9 @@ def load_training_data(settings, scenario: str | None = None, events: int | None
 def run_training(settings, ds: dict, oracle=None, kinds=("lr", "deep"), out_dir: Path | None = None,
                  seed: int = 0, epochs: int | None = None, neg_downsample: float | None = None,
                  val_fraction: float = 0.1, source: str = "", progress: bool = True,
-                 log=print) -> dict:
-    """Train, evaluate, export and write the run directory; returns the run summary."""
+                 log=print, train_kwargs: dict | None = None) -> dict:
+    """Train, evaluate, export and write the run directory; returns the run summary.
+    ``train_kwargs``: kind -> extra keyword arguments of ``models.training.train``."""
     from models.evaluation import evaluate, reliability_diagram, write_model_card
     from models.export import export_onnx
     from models.training import save_checkpoint, train
@@ -109,8 +110,9 @@ def run_training(settings, ds: dict, oracle=None, kinds=("lr", "deep"), out_dir:
     summary: dict = dict(run_id=out.name, source=source, rows=n, models={})
     curves, val_rows, labels, oracle_p = {}, None, None, None
     for kind in kinds:
-        net, info = train(ds, kind, seed=seed, epochs=epochs, neg_downsample=neg_downsample,
-                          progress=progress, val_fraction=val_fraction)
+        kw = dict(seed=seed, epochs=epochs, neg_downsample=neg_downsample, progress=progress,
+                  val_fraction=val_fraction) | (train_kwargs or {}).get(kind, {})
+        net, info = train(ds, kind, **kw)
         vi = info["val_index"]
         oracle_p = oracle_for(ds["impression_id"][vi], oracle) if "impression_id" in ds else None
         if oracle_p is None and "oracle_p" in ds:

@@ -512,9 +512,9 @@ class ShardLogic(StatefulBatchLogic):
         return min(self.wms)
 
     def on_batch(self, values: list[Delta]):
-        for d in values:
-            if d.wm > self.wms[d.part]:
-                self.wms[d.part] = d.wm
+        # The events of a delta are at or after its partition's watermark *before* that
+        # micro-batch (a later event of the same batch may move it past them), so they are
+        # checked against the watermark known before this call; the new one applies after.
         by_type: dict[int, list[Delta]] = {}
         for d in values:
             if len(d.eid):
@@ -528,6 +528,10 @@ class ShardLogic(StatefulBatchLogic):
             t = np.concatenate([d.t for d in ds])
             for r, res in enumerate(F.RESOLUTIONS):
                 self._merge(etype, r, ent, eid, t // res.bucket_ms, res, W)
+        for d in values:
+            if d.wm > self.wms[d.part]:
+                self.wms[d.part] = d.wm
+        W = self.watermark()
         if self.next_flush is None and (by_type or self._closable(W)):
             self.next_flush = datetime.now(timezone.utc) + self.interval
         return [], StatefulBatchLogic.RETAIN

@@ -36,7 +36,7 @@ def job_commands(flow: str, workers: int = 1, processes: int = 1, recovery_dir: 
     target = f"{FLOWS[flow]}:get_flow({'True' if stop_at_end else ''})"
     base = [sys.executable, "-m", "bytewax.run", target, "-w", str(workers)]
     if recovery_dir is not None:
-        base += ["-r", str(recovery_dir), "-s", str(snapshot_s), "-b", "0"]
+        base += ["-r", str(recovery_dir), "-s", str(max(1, round(snapshot_s))), "-b", "0"]
     if processes <= 1:
         return [base]
     addrs = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
               recovery_dir: Path = typer.Option(None, "--recovery-dir",
                                                 help="recovery store root (default <run_dir>/speed-recovery)"),
               no_recovery: bool = typer.Option(False, "--no-recovery", help="run without snapshots"),
-              snapshot_s: float = typer.Option(5.0, "--snapshot-s", help="snapshot interval"),
+              snapshot_s: int = typer.Option(5, "--snapshot-s", help="snapshot interval in whole seconds"),
               stop_at_end: bool = typer.Option(False, "--stop-at-end",
                                                help="exit when the end offsets seen at start are reached"),
               at_ms: int = typer.Option(None, "--at-ms", help="heartbeat: its event time"),

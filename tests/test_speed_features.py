@@ -206,3 +206,22 @@ def test_shard_frees_closed_buckets_and_writes_absolute_values():
                           np.zeros(0, np.int64), 1, 2)])
     logic.flush()
     assert (0, 0, b1m) not in logic.tables and (0, 0, b1m + 1) in logic.tables
+
+
+def test_shard_counts_events_of_a_batch_whose_watermark_passed_them():
+    """A micro-batch can carry an on-time event and, later in the same batch, an event that
+    moves the partition watermark past it: the first one must still be counted."""
+    from streaming.features_flow import Delta, FlowConfig, ShardLogic
+
+    from ctrstream.config import Settings
+
+    cfg = FlowConfig(Settings())
+    logic = ShardLogic(cfg, "t", None)
+    far = BASE + 10 * 3_600_000
+    ds = [Delta(p, far, 0, np.zeros(1, np.int8), np.array([9], np.int64),
+                np.array([BASE + 1_000], np.int64), 1, 2) for p in range(len(cfg.parts))]
+    logic.on_batch(ds)
+    assert logic.anomalies == 0
+    (item,) = logic.flush()
+    assert {tuple(c) for c in item.cnt.tolist()} == {(len(cfg.parts), 0)}
+    assert not logic.tables  # written once, then freed: the watermark is far past it

@@ -3,6 +3,8 @@ uninterrupted reference and ``labeled`` holds every impression exactly once."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 
 import redis
@@ -28,7 +30,7 @@ def test_kill9_and_restart_is_exactly_once(fresh_topics, tmp_path):
     half = len(records) // 2
     produce(s, records[:half])
     argv = [CTRSTREAM, "speed", "all", "-w", "1", "-p", "2", "--recovery-dir", str(tmp_path / "rec"),
-            "--snapshot-s", "1"]
+            "--snapshot-s", "3"]
     env = job_env(s)
     log = tmp_path / "job.log"
     job = start_job(argv, env=env, log_path=log)
@@ -37,11 +39,23 @@ def test_kill9_and_restart_is_exactly_once(fresh_topics, tmp_path):
             return len(read_topic(s, s.topics.labeled.name, timeout=10))
         first = wait_until(n_labeled, 120, what=f"first labels (log {log})")
         wait_until(lambda: len(read_speed_view(r)) > 0, 60, what="first features")
-        produce(s, records[half:])
-        # the job is working through the second half: crash it
-        wait_until(lambda: n_labeled() > first, 120, what="progress on the second half")
+        # replay the second half at a steady pace (20 chunks, ~6 s), crash the job half way
+        size = (len(records) - half) // 20 + 1
+        chunks = [records[half + k * size: half + (k + 1) * size] for k in range(20)]
+        sent = []
+
+        def pace():
+            for c in chunks:
+                produce(s, c)
+                sent.append(len(c))
+                time.sleep(0.3)  # pacing of the replay, not synchronisation
+        t = threading.Thread(target=pace)
+        t.start()
+        wait_until(lambda: len(sent) >= 12 and n_labeled() > first, 120,
+                   what="progress on the second half")
     finally:
         kill_hard(job)
+    t.join()
     before_restart = n_labeled()
     job = start_job(argv, env=env, log_path=log)
     try:
