@@ -280,12 +280,13 @@ class ArchiveStats:
     undecodable: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
     files: int = 0
     flushes: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the run (group join and idle wait included)
+    active_s: float = 0.0  # first record received -> last flush done
 
     def as_dict(self) -> dict:
         d = asdict(self)
         total = sum(self.records.values()) + sum(self.undecodable.values())
-        d["records_per_s"] = round(total / self.seconds, 1) if self.seconds > 0 else None
+        d["records_per_s"] = round(total / self.active_s, 1) if self.active_s > 0 else None
         return d
 
 
@@ -333,6 +334,7 @@ class Archiver:
         self._batch_started: float | None = None
         self._crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
         self._assigned, self._assigned_at = False, None
+        self._first_record_at: float | None = None
         self.stop_requested = False
 
     # -- batching
@@ -366,6 +368,8 @@ class Archiver:
                 self.stats.records[kind] += len(self._buf[kind])
                 self.metrics["records"].labels(kind).inc(len(self._buf[kind]))
         self.stats.flushes += 1
+        if self._first_record_at is not None:
+            self.stats.active_s = time.monotonic() - self._first_record_at
         if self._crash_after and self.stats.flushes >= self._crash_after:
             log.warning("%s reached: exiting after the write, before the commit", CRASH_ENV)
             os._exit(99)
@@ -420,6 +424,8 @@ class Archiver:
                         continue
                     if self._batch_started is None:
                         self._batch_started = now
+                    if self._first_record_at is None:
+                        self._first_record_at = now
                     self._add(msg)
                     seen += 1
                 if msgs:
@@ -436,6 +442,13 @@ class Archiver:
                         and self.caught_up()):
                     break
             self.flush()
+        except BaseException:
+            # nothing unwritten may be committed by the revoke callback that close() runs:
+            # drop the buffer, Kafka re-delivers it to the next run
+            self._buf = {k: [] for k in KINDS}
+            self._offsets.clear()
+            self._buffered = 0
+            raise
         finally:
             self.stats.seconds = time.monotonic() - t_start
             self.consumer.close()

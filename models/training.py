@@ -30,8 +30,8 @@ from models.nets import build
 
 # defaults per model kind; measured on the 2-core CPU (see the model card's train_seconds)
 DEFAULTS = {
-    "lr": dict(epochs=2, lr=0.01, sparse_lr=0.01, emb_l2=0.0, batch_size=4096, model_args={}),
-    "deep": dict(epochs=2, lr=0.001, sparse_lr=0.003, emb_l2=0.0, batch_size=4096,
+    "lr": dict(epochs=1, lr=0.01, sparse_lr=0.01, emb_l2=0.0, batch_size=4096, model_args={}),
+    "deep": dict(epochs=1, lr=0.001, sparse_lr=0.003, emb_l2=0.0, batch_size=4096,
                  model_args=dict(embed_dim=8, cross_layers=2, mlp_dims=(256, 128))),
 }
 THREADS = 2

@@ -617,36 +617,49 @@ class ShardLogic(StatefulBatchLogic):
 # --------------------------------------------------------------------------- Redis sink
 
 class _RedisPartition(StatelessSinkPartition):
-    def __init__(self, settings: Settings):
-        import redis
+    """Writes flushes: per changed key one ``HSET key i<b> n c<b> n ...`` (absolute values of
+    every changed bucket) and one ``PEXPIRE key features.speed_ttl_ms``, all in one pipeline."""
 
-        self.r = redis.Redis.from_url(settings.redis.url)
+    def __init__(self, settings: Settings):
+        from streaming.speed_redis import RespPipeline
+
+        self.pipe = RespPipeline(settings)
         lateness = int(settings.allowed_lateness_s * 1000)
-        self.ttl = [F.speed_ttl_ms(res, lateness) for res in F.RESOLUTIONS]
+        self.ttl = [str(F.speed_ttl_ms(res, lateness)).encode() for res in F.RESOLUTIONS]
 
     def write_batch(self, items: list) -> None:
+        from streaming.speed_redis import encode
+
         t0 = time.perf_counter()
-        pipe = self.r.pipeline(transaction=False)
-        expire: dict[str, int] = {}
-        n = 0
+        fields: dict[tuple[int, int, int], list] = {}
         ts = []
+        n = 0
         for _, it in items:
             if it.ts_first is not None:
                 ts += [it.ts_first, it.ts_last]
-            for e in np.unique(it.ent).tolist():
-                ent = F.ENTITIES[e]
-                sel = np.flatnonzero(it.ent == e)
-                sids = unpack_ids(it.eid[sel], ent)
-                res_l, b_l = it.res[sel].tolist(), it.bucket[sel].tolist()
-                cnt = it.cnt[sel].tolist()
-                for sid, r, b, (ci, cc) in zip(sids, res_l, b_l, cnt):
-                    key = F.speed_key(ent.name, sid, F.RESOLUTIONS[r].name)
-                    pipe.execute_command("HSET", key, F.field("i", b), ci, F.field("c", b), cc)
-                    expire[key] = self.ttl[r]
-                n += len(sel)
-        for key, ttl in expire.items():
-            pipe.execute_command("PEXPIRE", key, ttl)
-        pipe.execute()
+            n += len(it.eid)
+            cnt = it.cnt.tolist()
+            for k, (e, r, b, eid) in enumerate(zip(it.ent.tolist(), it.res.tolist(),
+                                                   it.bucket.tolist(), it.eid.tolist())):
+                ci, cc = cnt[k]
+                f = fields.get((e, r, eid))
+                if f is None:
+                    f = fields[(e, r, eid)] = [b"HSET", None]
+                f += (F.field("i", b), ci, F.field("c", b), cc)
+        cmds = []
+        by_ent: dict[int, list] = {}
+        for key in fields:
+            by_ent.setdefault(key[0], []).append(key)
+        for e, keys in by_ent.items():
+            ent = F.ENTITIES[e]
+            sids = unpack_ids(np.array([k[2] for k in keys], dtype=np.int64), ent)
+            for key, sid in zip(keys, sids):
+                rkey = F.speed_key(ent.name, sid, F.RESOLUTIONS[key[1]].name).encode()
+                args = fields[key]
+                args[1] = rkey
+                cmds.append(encode(args))
+                cmds.append(encode((b"PEXPIRE", rkey, self.ttl[key[1]])))
+        self.pipe.execute(cmds)
         now_ms = time.time() * 1000
         M.FLUSH_SECONDS.observe(time.perf_counter() - t0)
         M.FLUSH_CELLS.inc(n)
@@ -655,7 +668,7 @@ class _RedisPartition(StatelessSinkPartition):
                 M.FRESHNESS.observe(max(0.0, (now_ms - t) / 1000))
 
     def close(self):
-        self.r.close()
+        self.pipe.close()
 
 
 class RedisSink(DynamicSink):

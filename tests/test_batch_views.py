@@ -187,3 +187,19 @@ def test_cutoff_rules(bv_settings, archive, tmp_path):
         publish_batch_view(bv_settings, data_dir, T + 1)
     with pytest.raises(ValueError, match="empty"):
         publish_batch_view(bv_settings, tmp_path)
+
+
+def test_cli_batch_views(bv_settings, archive, stack_env):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data_dir, _, _ = archive
+    env = {**stack_env, "CTRSTREAM_DATA_DIR": str(data_dir), "CTRSTREAM_REDIS__DB": str(REDIS_DB)}
+    out = subprocess.run([str(Path(sys.executable).parent / "ctrstream"), "batch-views"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["cutoff_ms"] == default_cutoff(bv_settings, data_dir)
+    assert redis_client(bv_settings).get(F.BATCH_POINTER_KEY).decode() == res["version"]

@@ -193,7 +193,10 @@ def test_cli_trains_on_a_scenario_and_publishes_to_triton(stack_env, settings, t
         assert r.exit_code == 0, r.output
         run = train_cli.latest_run(get_settings())
         assert (run / "deep" / "model.onnx").exists() and (run / "lr" / "model.onnx").exists()
-        assert "oracle" in r.output and "ctr_deep" in r.output
+        ev = json.loads((run / "evaluation.json").read_text())
+        assert set(ev) == {"deep", "lr"}
+        for kind in ev:  # both evaluated against the generator's oracle on the same rows
+            assert ev[kind]["oracle"]["ne"] < 1.0 and ev[kind]["n"] == ev["lr"]["n"] > 0
         r = runner.invoke(app, ["publish", "--model", "lr"])
         assert r.exit_code == 0, r.output
         import tritonclient.grpc as grpcclient
