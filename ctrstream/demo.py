@@ -85,6 +85,9 @@ def _scrape(port: int) -> dict[str, float]:
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             out[s.name] = out.get(s.name, 0.0) + float(s.value)
+            for k, v in s.labels.items():  # also per label value, e.g. name{side=pred}
+                key = f"{s.name}{{{k}={v}}}"
+                out[key] = out.get(key, 0.0) + float(s.value)
     return out
 
 
@@ -304,9 +307,13 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     _wait("the join to label every impression",
           lambda: _topic_count(st.settings, st.settings.topics.labeled) >= n_labeled * 0.99, 600,
           ["speed-join"], st)
-    _wait("the calibrator to learn from the live labels",
-          lambda: _scrape_or_empty(ports["calibrate"]).get("ctrstream_calibration_joined_total", 0)
-          >= expected * 0.95, 600, ["calibrate"], st)
+    def calibrator_done() -> bool:
+        # every prediction is either joined with its label or expired from the join state
+        m = _scrape_or_empty(ports["calibrate"])
+        return (m.get("ctrstream_calibration_joined_total", 0)
+                + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)) >= expected
+
+    _wait("the calibrator to learn from the live labels", calibrator_done, 600, ["calibrate"], st)
     st.numbers["metrics"] = {name: _scrape_or_empty(port) for name, port in ports.items()}
     for name in ("score", "calibrate"):
         _stop(st, name)

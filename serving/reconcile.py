@@ -217,38 +217,20 @@ def _bucket_span(view: dict) -> dict[str, tuple[int, int]]:
 
 # --------------------------------------------------------------------------- the dead letters
 
-def read_dead_letters(settings, timeout_s: float = 30.0) -> list:
-    """Every record of the dlq topic up to its current end (decoded ``DeadLetter``s)."""
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+def read_dead_letters(settings, timeout_s: float = 60.0) -> list:
+    """Every committed record of the dlq topic up to its current end (decoded ``DeadLetter``s).
 
-    from ctrstream.kafkautil import make_consumer, topic_end_offsets
+    The join writes its dead letters in Kafka transactions, so the topic holds control
+    records: ``read_topic`` tracks the consumer position instead of counting messages."""
     from streaming.events import decode_dead_letter
+    from streaming.speed_reference import read_topic
 
-    topic = settings.topics.dlq.name
-    ends = {p: h for p, h in topic_end_offsets(settings, topic).items() if h > 0}
-    if not ends:
-        return []
-    c = make_consumer(settings, group_id="ctrstream-reconcile")
     out = []
-    try:
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        pos = {p: -1 for p in ends}
-        deadline = time.monotonic() + timeout_s
-        while any(pos[p] + 1 < ends[p] for p in ends):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} took longer than {timeout_s:.0f}s")
-            for msg in c.consume(num_messages=5000, timeout=0.5):
-                if msg.error():
-                    continue
-                p = msg.partition()
-                pos[p] = max(pos[p], msg.offset())
-                if msg.offset() < ends[p]:
-                    try:
-                        out.append(decode_dead_letter(msg.value()))
-                    except Exception:  # noqa: BLE001
-                        log.warning("undecodable dead letter at %s[%d]@%d", topic, p, msg.offset())
-    finally:
-        c.close()
+    for rec in read_topic(settings, settings.topics.dlq.name, timeout=timeout_s):
+        try:
+            out.append(decode_dead_letter(rec.value))
+        except Exception:  # noqa: BLE001
+            log.warning("undecodable dead letter at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
     return out
 
 
