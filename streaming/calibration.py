@@ -5,7 +5,7 @@ What it learns
 * **Platt scaling, online** (the served method): a ``river.linear_model.LogisticRegression``
   on ``logit(raw)`` (plus optional one-hot context features, e.g. ``position=0``,
   ``device_type=mobile``), trained with constant-rate SGD so it keeps tracking a moving
-  target. It starts as the identity map (weight 1 on the logit, intercept 0). After the
+  target. It starts as the identity map (weight 1 on the logit centred at the prior's logit Z_REF, intercept Z_REF). After the
   drift detector fires, the learning rates are boosted for a while so it re-converges fast.
 * **Binned isotonic** (reported alongside, selectable with ``method="isotonic"``): decayed
   click/impression sums in fixed logit-space bins of the raw score, made monotone with
@@ -48,6 +48,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ctrstream import features as F
 
 CAL_SEQ_KEY = "cal:seq"
 CAL_VERSIONS_KEY = "cal:versions"
@@ -137,6 +139,11 @@ def _context_features(context: dict | None, i: int, names: tuple[str, ...]) -> d
     return out
 
 
+# Platt scaling is learned on the logit centred at the prior's logit: SGD on an uncentred
+# feature (logits of CTRs sit near -4) couples slope and intercept badly and overshoots.
+Z_REF = float(np.log(F.PRIOR.mean / (1 - F.PRIOR.mean)))
+
+
 def apply_params(params: dict | None, raw_scores, context: dict | None = None) -> np.ndarray:
     """Apply a served parameter dump to raw scores (vectorized). ``None`` = identity."""
     raw = np.asarray(raw_scores, dtype=np.float64)
@@ -150,7 +157,7 @@ def apply_params(params: dict | None, raw_scores, context: dict | None = None) -
         if len(xs) >= 1:
             return sigmoid(np.interp(z, xs, logit(ys)))
     pl = params["platt"]
-    out = pl["intercept"] + pl["w_logit"] * z
+    out = pl["intercept"] + pl["w_logit"] * (z - pl.get("z_ref", 0.0))
     ctx_w: dict = pl.get("context", {})
     names = tuple(pl.get("context_names", ()))
     if names and ctx_w:
@@ -253,8 +260,8 @@ class VersionCalibrator:
 
         self._opt = optim.SGD(self.cfg.lr)
         self.platt = linear_model.LogisticRegression(
-            optimizer=self._opt, intercept_lr=self.cfg.intercept_lr, intercept_init=0.0)
-        self.platt._weights["logit"] = 1.0  # start as the identity map
+            optimizer=self._opt, intercept_lr=self.cfg.intercept_lr, intercept_init=Z_REF)
+        self.platt._weights["logit"] = 1.0  # start as the identity map (feature: z - Z_REF)
         self.iso = BinnedIsotonic(self.cfg)
         self.adwin = drift.ADWIN(delta=self.cfg.adwin_delta)
         w = self.cfg.window
@@ -290,10 +297,10 @@ class VersionCalibrator:
         w = dict(self._avg) if self._avg is not None else self._iterate()
         intercept = w.pop("__intercept__")
         ctx = {k: v for k, v in w.items() if k != "logit"}
-        platt = {"intercept": intercept, "w_logit": w.get("logit", 1.0),
+        platt = {"intercept": intercept, "w_logit": w.get("logit", 1.0), "z_ref": Z_REF,
                  "context": ctx, "context_names": list(self.cfg.context),
                  "context_mean": dict(self._ctx_mean)}
-        platt_fn = lambda z: sigmoid(platt["intercept"] + platt["w_logit"] * z  # noqa: E731
+        platt_fn = lambda z: sigmoid(platt["intercept"] + platt["w_logit"] * (z - Z_REF)  # noqa: E731
                                      + sum(self._ctx_mean.values()))
         return {"model_version": self.model_version, "method": self.cfg.method,
                 "platt": platt, "isotonic": self.iso.params(platt_fn),
@@ -336,7 +343,7 @@ class VersionCalibrator:
                       "window_mean_residual": float(self.adwin.estimation)}
                 events.append(ev)
                 self._on_drift()
-            x = {"logit": float(z[i])}
+            x = {"logit": float(z[i]) - Z_REF}
             x.update(_context_features(context, i, self.cfg.context))
             if self._boost_left > 0:
                 self._boost_left -= 1
