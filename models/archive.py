@@ -395,8 +395,14 @@ class Archiver:
         assignment = self.consumer.assignment()
         if not assignment:
             return False
+        from confluent_kafka import KafkaException
+
         for tp in self.consumer.position(assignment):
-            low, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            try:
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            except KafkaException as e:  # broker unreachable or metadata stale: not known
+                log.warning("cannot read the watermarks of %s[%d]: %s", tp.topic, tp.partition, e)
+                return False
             pos = tp.offset if tp.offset >= 0 else low
             if pos < high:
                 return False

@@ -8,16 +8,40 @@ the end of the session. Tests get its ``Settings`` through the ``settings`` fixt
 from __future__ import annotations
 
 import os
+import signal
 import uuid
+from pathlib import Path
 
 import pytest
 
 from ctrstream.config import Settings, Topic
 from ctrstream.stack.manager import Stack, isolated_stack, settings_env
+from ctrstream.stack.services import pid_alive, wait_until
+
+
+def _stop_stale_stacks(base: Path) -> None:
+    """Stop servers left behind by an earlier test session that was killed hard (its
+    fixture never tore down). Only PIDs recorded in that session's stack directory whose
+    working directory is still inside it are stopped, so nothing else can match."""
+    for pid_file in base.parent.glob("pytest-*/stack*/*.pid"):
+        if base in pid_file.parents:
+            continue
+        try:
+            pid = int(pid_file.read_text())
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except (OSError, ValueError):
+            continue
+        if cwd.startswith(str(pid_file.parent)) and pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            try:
+                wait_until(lambda: not pid_alive(pid), 30, what=f"stale server {pid} to exit")
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
+    _stop_stale_stacks(tmp_path_factory.getbasetemp())
     run_dir = tmp_path_factory.mktemp("stack")
     with isolated_stack(run_dir, log=lambda m: print(m)) as st:
         yield st
