@@ -397,12 +397,20 @@ class Archiver:
             return False
         from confluent_kafka import KafkaException
 
+        try:  # with nothing consumed yet the position is unknown: the committed offset counts
+            committed = {(c.topic, c.partition): c.offset
+                         for c in self.consumer.committed(assignment, timeout=5)}
+        except KafkaException as e:
+            log.warning("cannot read the committed offsets: %s", e)
+            return False
         for tp in self.consumer.position(assignment):
             try:
                 low, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
             except KafkaException as e:  # broker unreachable or metadata stale: not known
                 log.warning("cannot read the watermarks of %s[%d]: %s", tp.topic, tp.partition, e)
                 return False
+            if tp.offset < 0 and committed.get((tp.topic, tp.partition), -1) >= 0:
+                tp.offset = committed[(tp.topic, tp.partition)]
             pos = tp.offset if tp.offset >= 0 else low
             if pos < high:
                 return False

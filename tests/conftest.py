@@ -19,12 +19,22 @@ from ctrstream.stack.manager import Stack, isolated_stack, settings_env
 from ctrstream.stack.services import pid_alive, wait_until
 
 
+OWNER_FILE = "owner.pid"  # the pytest process that started a session's stack
+
+
 def _stop_stale_stacks(base: Path) -> None:
     """Stop servers left behind by an earlier test session that was killed hard (its
-    fixture never tore down). Only PIDs recorded in that session's stack directory whose
-    working directory is still inside it are stopped, so nothing else can match."""
+    fixture never tore down). Only stacks whose owning pytest process is gone, and only
+    PIDs recorded in that stack's directory whose working directory is still inside it, are
+    stopped: a concurrent live session's stack is never touched."""
     for pid_file in base.parent.glob("pytest-*/stack*/*.pid"):
-        if base in pid_file.parents:
+        if base in pid_file.parents or pid_file.name == OWNER_FILE:
+            continue
+        try:
+            owner = int((pid_file.parent / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # unknown owner: leave it alone
+        if pid_alive(owner):
             continue
         try:
             pid = int(pid_file.read_text())
@@ -43,6 +53,7 @@ def _stop_stale_stacks(base: Path) -> None:
 def stack(tmp_path_factory) -> Stack:
     _stop_stale_stacks(tmp_path_factory.getbasetemp())
     run_dir = tmp_path_factory.mktemp("stack")
+    (run_dir / OWNER_FILE).write_text(str(os.getpid()))
     with isolated_stack(run_dir, log=lambda m: print(m)) as st:
         yield st
 
