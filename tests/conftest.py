@@ -88,3 +88,20 @@ def fresh_topics(settings, unique):
     s = settings.model_copy(update={"topics": topics})
     ensure_topics(s, s.topics.all())
     return s
+
+
+@pytest.fixture
+def r(settings):
+    """A Redis client of the stack; the batch-view pointer is restored after the test."""
+    import redis
+
+    from ctrstream import features as F
+
+    client = redis.Redis.from_url(settings.redis.url)
+    saved = client.get(F.BATCH_POINTER_KEY)
+    yield client
+    if saved is None:
+        client.delete(F.BATCH_POINTER_KEY)
+    else:
+        client.set(F.BATCH_POINTER_KEY, saved)
+    client.close()

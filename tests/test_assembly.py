@@ -15,7 +15,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import redis
 
 from ctrstream import features as F
 from serving.assembly import assemble, assemble_async, entity_ids, request_columns
@@ -127,18 +126,6 @@ def brute_force_counts(rows: list[dict], imps, clicks, t_ms: int) -> np.ndarray:
                         if day - lw.days * F.DAY_MS <= ev.event_time_ms < day:
                             out[n, k, len(F.RESOLUTIONS) + w, j] += 1
     return out
-
-
-@pytest.fixture
-def r(settings):
-    client = redis.Redis.from_url(settings.redis.url)
-    saved = client.get(F.BATCH_POINTER_KEY)
-    yield client
-    if saved is None:
-        client.delete(F.BATCH_POINTER_KEY)
-    else:
-        client.set(F.BATCH_POINTER_KEY, saved)
-    client.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import redis
 
 from ctrstream import features as F
 from streaming.featurestore import (
@@ -15,18 +14,6 @@ RES = {r.name: k for k, r in enumerate(F.RESOLUTIONS)}
 T = 1_750_000_000_000 + 37 * F.MINUTE_MS + 12_345  # an arbitrary event time
 CUTOFF = F.align_cutoff(T - 5 * F.HOUR_MS)
 METHODS = ["script", "pipeline"]
-
-
-@pytest.fixture
-def r(settings):
-    client = redis.Redis.from_url(settings.redis.url)
-    saved = client.get(F.BATCH_POINTER_KEY)
-    yield client
-    if saved is None:
-        client.delete(F.BATCH_POINTER_KEY)
-    else:
-        client.set(F.BATCH_POINTER_KEY, saved)
-    client.close()
 
 
 def _publish_batch(r, version: str, cutoff: int) -> None:
