@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def print_table(title: str, rows: list[dict], columns: list[str] | None = None) 
         table.add_column(c, justify="right")
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in columns])
-    Console().print(table)
+    # wide enough for every column when the output is a file or a CI log
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 def _fmt(v) -> str:

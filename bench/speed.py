@@ -13,7 +13,10 @@ Rows:
 * ``features -w N``: the features dataflow (``get_flow(stop_at_end=True)``, no recovery)
   from the first consumed batch until every partition reached its end offset, the final
   Redis flush included; ``vs_raw`` = its rate / the raw rate (the headline), ``per_core`` =
-  rate / min(N, cores), ``peak_rss_mb`` = the job's VmHWM.
+  rate / min(N, cores), ``peak_rss_mb`` = the job's VmHWM. ``redis_us_per_event`` is the
+  time Redis itself spent executing the job's writes (``INFO commandstats`` delta of HSET and
+  PEXPIRE) per event, and ``redis_ceiling_per_s`` = 1 s / that: the most a single Redis
+  thread could absorb with this feature declaration, however fast the flow was.
 * ``freshness @R/s``: the features job running, records produced at a steady R events/s
   with event time = now; every 50 ms one probe impression of a unique user is among them.
   Freshness = time the probe's ``sv:user:<id>:5m`` key became visible in Redis (polled every
@@ -59,6 +62,12 @@ def _env(settings) -> dict:
             "CTRSTREAM_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
             "CTRSTREAM_ATTRIBUTION_WINDOW_S": str(settings.attribution_window_s),
             "CTRSTREAM_FLUSH_INTERVAL_MS": str(settings.flush_interval_ms)}
+
+
+def _redis_usec(r) -> dict[str, tuple[int, int]]:
+    """``INFO commandstats``: command -> (microseconds spent, calls) since the server started."""
+    return {k: (int(v["usec"]), int(v["calls"])) for k, v in r.info("commandstats").items()
+            if k in ("cmdstat_hset", "cmdstat_pexpire", "cmdstat_hdel", "cmdstat_evalsha")}
 
 
 def _raw_consume(settings, total: int) -> float:
@@ -273,9 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         r = redis.Redis.from_url(s.redis.url)
         for w in [int(x) for x in args.workers.split(",")]:
             r.flushdb()
+            before = _redis_usec(r)
             row = _run_features(s, w, total, log_dir)
+            used = {k: v - before.get(k, (0, 0))[0] for k, (v, _) in _redis_usec(r).items()}
+            calls = {k: c - before.get(k, (0, 0))[1] for k, (_, c) in _redis_usec(r).items()}
             row["vs_raw"] = row["events_per_s"] / raw
             row["keys_written"] = r.dbsize()
+            # Redis' own execution time for the job's writes (INFO commandstats), per event:
+            # the ceiling a single Redis thread puts on the flow, whatever the flow does.
+            busy = sum(used.values())
+            row["redis_cmds_per_event"] = sum(calls.values()) / total
+            row["redis_us_per_event"] = busy / total
+            row["redis_ceiling_per_s"] = total / (busy / 1e6) if busy else None
             rows.append(row)
         if not args.skip_fresh:
             f = bench_settings("fresh")
@@ -295,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception:  # noqa: BLE001 - best effort clean-up
                     pass
     cols = ["row", "events", "seconds", "events_per_s", "vs_raw", "per_core", "peak_rss_mb",
-            "keys_written", "probes", "visible", "p50_ms", "p99_ms", "rss_mb_quarters"]
+            "keys_written", "redis_cmds_per_event", "redis_us_per_event", "redis_ceiling_per_s", "probes", "visible", "p50_ms", "p99_ms", "rss_mb_quarters"]
     print_table("speed layer", rows, cols)
     path = write_results("speed", rows, meta=vars(args), out_dir=args.out)
     print(f"results: {path}")

@@ -27,7 +27,13 @@ Redis key layout
   **absolute** impression/click counts of that bucket (idempotent HSET, never HINCRBY).
 * batch view: ``bv:{version}:{entity}:{id}:{res}`` - same fields, buckets closed by cut-off;
   ``bv:{version}:{entity}:{id}:long`` - fields ``i7d``/``c7d`` (long windows);
-  ``bv:{version}:meta`` - HASH ``cutoff_ms``, ``created_ms``, ``fingerprint``;
+  ``bv:{version}:{entity}:{id}:sums`` - the serving summary of the entity (views whose meta
+  has ``sums`` = 1): the long-window fields again, plus **suffix sums** per resolution,
+  ``{res}:i{b}`` / ``{res}:c{b}`` = the view's impressions / clicks of buckets ``>= b``
+  (:func:`suffix_field`), for every ``b`` of :func:`view_buckets` up to the entity's last
+  non-empty bucket (absent: 0). The batch part of any window, buckets ``lo..hi`` of the view,
+  is then ``S[lo] - S[hi + 1]``: two fields per count instead of one per bucket;
+  ``bv:{version}:meta`` - HASH ``cutoff_ms``, ``created_ms``, ``fingerprint`` (, ``sums``);
   ``bv:current`` - STRING, the served version (switched atomically with SET).
 * ids of crossed entities join their parts with ``:`` (``user_x_ad`` 17, 4 -> ``17:4``).
 """
@@ -155,7 +161,12 @@ def batch_meta_key(version: str) -> str:
     return f"bv:{version}:meta"
 
 
+def batch_sums_key(version: str, entity: str, eid: str) -> str:
+    return f"bv:{version}:{entity}:{eid}:sums"
+
+
 BATCH_POINTER_KEY = "bv:current"
+BATCH_SUMS_FLAG = "sums"  # meta field: "1" when the view carries the :sums hashes
 
 
 def field(event_type: str, bucket: int) -> str:
@@ -166,9 +177,31 @@ def long_field(event_type: str, window: LongWindow) -> str:
     return f"{event_type}{window.name}"
 
 
+def suffix_field(res: str, event_type: str, bucket: int) -> str:
+    """Field of the ``:sums`` hash: ``event_type`` count of the view's ``res`` buckets ``>= bucket``."""
+    return f"{res}:{event_type}{bucket}"
+
+
+def view_buckets(cutoff_ms: int, res: Resolution) -> range:
+    """The buckets of ``res`` a batch view with cut-off ``cutoff_ms`` holds: closed by the
+    cut-off and inside the resolution's window before it."""
+    end = cutoff_ms // res.bucket_ms
+    return range(end - res.n_buckets, end)
+
+
 def speed_ttl_ms(res: Resolution, allowed_lateness_ms: int) -> int:
     """How long a speed-view hash must live after its newest bucket ends."""
     return res.window_ms + allowed_lateness_ms + res.bucket_ms
+
+
+def speed_keep_buckets(res: Resolution, allowed_lateness_ms: int) -> int:
+    """How many buckets, counted back from its newest, a speed-view hash retains: as many as
+    span the *longest* resolution's TTL (a day and an hour here) at every resolution, so a
+    batch view up to a day old can always be reconciled against the speed view. Older bucket
+    fields are pruned by the features sink (``streaming.features_flow``); readers never need
+    them, and without pruning a hash written all the time would grow for ever."""
+    span = max(speed_ttl_ms(r, allowed_lateness_ms) for r in RESOLUTIONS)
+    return -(-span // res.bucket_ms)
 
 
 # --------------------------------------------------------------------------- dense features

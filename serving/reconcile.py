@@ -8,10 +8,12 @@ range both views cover and both consider closed:
 * the batch view ``bv:{version}:{entity}:{id}:{res}`` covers buckets from its oldest bucket
   up to the cut-off (``bv:{version}:meta`` ``cutoff_ms``; a bucket is closed when its end is
   ``<= cutoff_ms``);
-* the speed view ``sv:{entity}:{id}:{res}`` covers buckets from its oldest bucket on; a
-  bucket is closed in it once its end is ``<= speed high-water - allowed lateness`` (the
-  high-water is the start of the newest bucket the speed view holds: the speed layer's
-  event time has reached at least that);
+* the speed view ``sv:{entity}:{id}:{res}`` covers buckets from its oldest bucket on, but
+  retains only the newest ``features.speed_keep_buckets`` buckets of a hash (the features
+  sink prunes older ones), so the overlap starts no earlier than that many buckets before
+  the high-water; a bucket is closed in it once its end is ``<= speed high-water - allowed
+  lateness`` (the high-water is the start of the newest bucket the speed view holds: the
+  speed layer's event time has reached at least that);
 
 ``closed_before_ms`` narrows it further. Inside the overlap every bucket either view holds
 is compared, per entity id, cell by cell (``i{bucket}`` impressions, ``c{bucket}`` clicks;
@@ -359,7 +361,10 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
         if res.name not in bspan or res.name not in sspan:
             overlap[res.name] = (0, 0)
             continue
-        lo = max(bspan[res.name][0], sspan[res.name][0])
+        # the speed view retains only its newest speed_keep_buckets buckets per hash (the
+        # features sink prunes older ones): never compare beyond that
+        lo = max(bspan[res.name][0], sspan[res.name][0],
+                 sspan[res.name][1] - F.speed_keep_buckets(res, lateness) + 1)
         end_ms = min(cutoff, high - lateness)
         if closed_before_ms is not None:
             end_ms = min(end_ms, closed_before_ms)

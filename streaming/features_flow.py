@@ -34,9 +34,11 @@ and vectorized where it matters:
 **Shards** (:class:`ShardLogic`, ``stateful_batch`` keyed by shard) hold one table per
 ``(entity, resolution, bucket)`` (sorted int64 ids with impression/click counts, numpy
 ``searchsorted`` merges) and a dirty mask. Every ``flush_interval_ms`` they emit the changed
-cells (absolute values) and the Redis sink writes them in one pipeline: ``HSET
-features.speed_key(...) features.field("i"/"c", bucket)`` + ``PEXPIRE`` of
-``features.speed_ttl_ms`` (relative to the write). A bucket is **closed** when the global
+cells (absolute values) and the Redis sink writes them in one pipelined round trip of bulk
+``EVALSHA`` calls (:class:`_RedisPartition`): ``HSET features.speed_key(...)
+features.field("i"/"c", bucket)`` per changed hash, ``PEXPIRE`` of ``features.speed_ttl_ms``
+when a bucket field is created, and pruning of buckets older than
+``features.speed_keep_buckets`` so hot hashes stay bounded. A bucket is **closed** when the global
 watermark (minimum over all Kafka partitions) passes its end: it gets its final write and
 its table is freed. No accepted event can fall into a closed bucket: an accepted event is
 at or after its partition's watermark, which is at or after the global one.
@@ -184,14 +186,20 @@ def pack_ids(rows: np.ndarray, ent: F.Entity) -> np.ndarray:
     return out
 
 
-def unpack_ids(eids: np.ndarray, ent: F.Entity) -> list[str]:
-    """The ``features.entity_id`` strings of packed ids."""
+def unpack_parts(eids: np.ndarray, ent: F.Entity) -> list[np.ndarray]:
+    """The id columns of packed ids (one array per field of the entity)."""
     if len(ent.fields) == 1:
-        return list(map(str, eids.tolist()))
+        return [eids]
     bits = _pack_bits(len(ent.fields))
     mask = (1 << bits) - 1
-    parts = [((eids >> (bits * (len(ent.fields) - 1 - k))) & mask).tolist()
-             for k in range(len(ent.fields))]
+    return [(eids >> (bits * (len(ent.fields) - 1 - k))) & mask for k in range(len(ent.fields))]
+
+
+def unpack_ids(eids: np.ndarray, ent: F.Entity) -> list[str]:
+    """The ``features.entity_id`` strings of packed ids."""
+    parts = [p.tolist() for p in unpack_parts(eids, ent)]
+    if len(parts) == 1:
+        return list(map(str, parts[0]))
     return [":".join(map(str, p)) for p in zip(*parts)]
 
 
@@ -425,12 +433,13 @@ class KafkaEventsSource(FixedPartitionedSource):
 class Table:
     """Counts of one (entity, resolution, bucket): sorted packed ids -> [imps, clicks]."""
 
-    __slots__ = ("keys", "cnt", "dirty", "pend")
+    __slots__ = ("keys", "cnt", "dirty", "new", "pend")
 
     def __init__(self):
         self.keys = np.zeros(0, np.int64)
         self.cnt = np.zeros((0, 2), np.int64)
         self.dirty = np.zeros(0, bool)
+        self.new = np.zeros(0, bool)  # never written to Redis by this table yet
         self.pend: list[tuple[int, np.ndarray, np.ndarray]] = []
 
     def add(self, etype: int, u: np.ndarray, c: np.ndarray) -> None:
@@ -468,6 +477,7 @@ class Table:
         self.keys = np.insert(self.keys, pos[nf], uk[nf])
         self.cnt = np.insert(self.cnt, pos[nf], add[nf], axis=0)
         self.dirty = np.insert(self.dirty, pos[nf], True)
+        self.new = np.insert(self.new, pos[nf], True)
 
     def __len__(self):
         return len(self.keys)
@@ -478,6 +488,7 @@ class Table:
 
     def __setstate__(self, st):
         self.keys, self.cnt, self.dirty = st
+        self.new = np.ones(len(self.keys), bool)  # restored: renew TTLs on the next write
         self.pend = []
 
 
@@ -488,6 +499,7 @@ class FlushItem:
     bucket: np.ndarray
     eid: np.ndarray
     cnt: np.ndarray  # [n, 2] absolute impressions, clicks
+    new: np.ndarray  # bool: the cell's first write (its hash gets its TTL renewed)
     ts_first: int | None  # oldest / newest Kafka timestamp of the events it makes visible
     ts_last: int | None
 
@@ -505,6 +517,7 @@ class ShardLogic(StatefulBatchLogic):
         self.ts_last: int | None = None
         self.interval = timedelta(milliseconds=cfg.settings.flush_interval_ms)
         self.g_cells = M.STATE_CELLS.labels(shard)
+        self.touched: set[tuple[int, int, int]] = set(self.tables)
         if self.tables:  # restored: re-write what may not have reached Redis
             self.next_flush = datetime.now(timezone.utc)
 
@@ -561,6 +574,7 @@ class ShardLogic(StatefulBatchLogic):
             if tab is None:
                 tab = self.tables[key] = Table()
             tab.add(etype, c_eid[a:z], counts[a:z])
+            self.touched.add(key)
 
     def _closable(self, W: int) -> bool:
         return any((k[2] + 1) * F.RESOLUTIONS[k[1]].bucket_ms <= W for k in self.tables)
@@ -580,13 +594,19 @@ class ShardLogic(StatefulBatchLogic):
         parts = []
         closed = []
         cells = 0
-        for key, tab in self.tables.items():
+        for key in self.touched:  # only a table that got events since the last flush is dirty
+            tab = self.tables.get(key)
+            if tab is None:
+                continue
             tab.compact()
-            cells += len(tab)
             idx = np.flatnonzero(tab.dirty)
             if len(idx):
-                parts.append((key, tab.keys[idx], tab.cnt[idx]))
+                parts.append((key, tab.keys[idx], tab.cnt[idx], tab.new[idx]))
                 tab.dirty[idx] = False
+                tab.new[idx] = False
+        self.touched = set()
+        for key, tab in self.tables.items():
+            cells += len(tab)
             if (key[2] + 1) * F.RESOLUTIONS[key[1]].bucket_ms <= W:
                 closed.append(key)
         for key in closed:
@@ -601,6 +621,7 @@ class ShardLogic(StatefulBatchLogic):
             bucket=np.repeat([p[0][2] for p in parts], ns),
             eid=np.concatenate([p[1] for p in parts]),
             cnt=np.concatenate([p[2] for p in parts]),
+            new=np.concatenate([p[3] for p in parts]),
             ts_first=self.ts_first, ts_last=self.ts_last)
         self.ts_first = self.ts_last = None
         return [item]
@@ -617,58 +638,116 @@ class ShardLogic(StatefulBatchLogic):
 # --------------------------------------------------------------------------- Redis sink
 
 class _RedisPartition(StatelessSinkPartition):
-    """Writes flushes: per changed key one ``HSET key i<b> n c<b> n ...`` (absolute values of
-    every changed bucket) and one ``PEXPIRE key features.speed_ttl_ms``, all in one pipeline."""
+    """Writes flushes: per changed cell ``HSET features.speed_key(...) i<b> n c<b> n``
+    (absolute values) and, for a cell the shard had not written before, ``PEXPIRE key
+    features.speed_ttl_ms`` (a hash's TTL is renewed whenever it gets a new bucket). The
+    commands are rendered with numpy (:func:`streaming.speed_redis.render`, no Python work
+    per cell) and sent in one pipelined round trip per flush.
+
+    Pruning: TTLs alone never shrink a hash that is written all the time (a popular ad's
+    ``5m`` hash would gain two fields a minute for ever). With ``keep =
+    features.speed_keep_buckets(res)`` and ``P = max(1, keep // 4)``, a new cell whose bucket
+    ``b`` is a multiple of ``P`` also deletes the block of buckets ``b - keep - P + 1 .. b -
+    keep`` from its hash (one ``HDEL`` per ``P`` buckets of a hash): consecutive blocks tile
+    the past, so an active hash holds at most ``keep + 2 P`` buckets and never loses one of
+    its ``keep`` newest."""
 
     def __init__(self, settings: Settings):
         from streaming.speed_redis import RespPipeline
 
         self.pipe = RespPipeline(settings)
         lateness = int(settings.allowed_lateness_s * 1000)
-        self.ttl = [str(F.speed_ttl_ms(res, lateness)).encode() for res in F.RESOLUTIONS]
+        self.ttl = [F.speed_ttl_ms(res, lateness) for res in F.RESOLUTIONS]
+        self.keep = [F.speed_keep_buckets(res, lateness) for res in F.RESOLUTIONS]
+        self.affix = {}
+        for e, ent in enumerate(F.ENTITIES):
+            for r, res in enumerate(F.RESOLUTIONS):
+                pre, suf = F.speed_key(ent.name, "\0", res.name).split("\0")
+                self.affix[(e, r)] = (pre.encode(), suf.encode())
 
     def write_batch(self, items: list) -> None:
-        from streaming.speed_redis import encode
-
         t0 = time.perf_counter()
-        fields: dict[tuple[int, int, int], list] = {}
-        ts = []
-        n = 0
-        for _, it in items:
-            if it.ts_first is not None:
-                ts += [it.ts_first, it.ts_last]
-            n += len(it.eid)
-            cnt = it.cnt.tolist()
-            for k, (e, r, b, eid) in enumerate(zip(it.ent.tolist(), it.res.tolist(),
-                                                   it.bucket.tolist(), it.eid.tolist())):
-                ci, cc = cnt[k]
-                f = fields.get((e, r, eid))
-                if f is None:
-                    f = fields[(e, r, eid)] = [b"HSET", None]
-                f += (F.field("i", b), ci, F.field("c", b), cc)
-        cmds = []
-        by_ent: dict[int, list] = {}
-        for key in fields:
-            by_ent.setdefault(key[0], []).append(key)
-        for e, keys in by_ent.items():
-            ent = F.ENTITIES[e]
-            sids = unpack_ids(np.array([k[2] for k in keys], dtype=np.int64), ent)
-            for key, sid in zip(keys, sids):
-                rkey = F.speed_key(ent.name, sid, F.RESOLUTIONS[key[1]].name).encode()
-                args = fields[key]
-                args[1] = rkey
-                cmds.append(encode(args))
-                cmds.append(encode((b"PEXPIRE", rkey, self.ttl[key[1]])))
-        self.pipe.execute(cmds)
+        ts = [t for _, it in items if it.ts_first is not None for t in (it.ts_first, it.ts_last)]
+        its = [it for _, it in items if len(it.eid)]
+        if its:
+            ent = np.concatenate([it.ent for it in its]).astype(np.int64)
+            res = np.concatenate([it.res for it in its]).astype(np.int64)
+            order = np.lexsort((res, ent))
+            ent, res = ent[order], res[order]
+            bucket = np.concatenate([it.bucket for it in its]).astype(np.int64)[order]
+            eid = np.concatenate([it.eid for it in its])[order]
+            cnt = np.concatenate([it.cnt for it in its])[order]
+            new = np.concatenate([it.new for it in its])[order]
+            grp = np.flatnonzero(np.r_[True, (ent[1:] != ent[:-1]) | (res[1:] != res[:-1]), True])
+            hsets, expires, n_cmds = [], [], 0
+            for a, z in zip(grp[:-1].tolist(), grp[1:].tolist()):
+                e, r = int(ent[a]), int(res[a])
+                hs, ex, n = self._commands(e, r, eid[a:z], bucket[a:z], cnt[a:z], new[a:z])
+                hsets.append(hs)
+                expires.append(ex)
+                n_cmds += n
+            # every HSET before any PEXPIRE: a PEXPIRE of a key not yet created does nothing
+            self.pipe.execute_raw(b"".join(hsets) + b"".join(expires), n_cmds)
+            M.FLUSH_CELLS.inc(len(eid))
         now_ms = time.time() * 1000
         M.FLUSH_SECONDS.observe(time.perf_counter() - t0)
-        M.FLUSH_CELLS.inc(n)
         for t in ts:
             if t and t > 0:
                 M.FRESHNESS.observe(max(0.0, (now_ms - t) / 1000))
 
+    def _commands(self, e: int, r: int, eid, bucket, cnt, new) -> tuple[bytes, bytes, int]:
+        from streaming.speed_redis import bulk_len, encode, render
+
+        ent = F.ENTITIES[e]
+        pre, suf = self.affix[(e, r)]
+        parts = unpack_parts(eid, ent)
+        if min(int(p.min()) for p in parts) < 0 or int(bucket.min()) < 0:
+            # negative ids or times cannot be rendered by `render`: per-cell commands
+            hs, ex = [], []
+            for sid, b, (ci, cc), nw in zip(unpack_ids(eid, ent), bucket.tolist(), cnt.tolist(),
+                                            new.tolist()):
+                key = F.speed_key(ent.name, sid, F.RESOLUTIONS[r].name).encode()
+                hs.append(encode((b"HSET", key, F.field("i", b), ci, F.field("c", b), cc)))
+                if nw:
+                    ex.append(encode((b"PEXPIRE", key, self.ttl[r])))
+            return b"".join(hs), b"".join(ex), len(hs) + len(ex)
+        key_segs: list = [parts[0]]
+        key_len = len(pre) + len(suf) + bulk_len(parts[0])
+        for p in parts[1:]:
+            key_segs += [b":", p]
+            key_len += 1 + bulk_len(p)
+        ci, cc = cnt[:, 0], cnt[:, 1]
+        f_len = 1 + bulk_len(bucket)
+        n = len(eid)
+        hset = render([b"*6\r\n$4\r\nHSET\r\n$", key_len, b"\r\n" + pre, *key_segs,
+                       suf + b"\r\n$", f_len, b"\r\ni", bucket, b"\r\n$", bulk_len(ci), b"\r\n",
+                       ci, b"\r\n$", f_len, b"\r\nc", bucket, b"\r\n$", bulk_len(cc), b"\r\n",
+                       cc, b"\r\n"], n)
+        idx = np.flatnonzero(new)
+        ttl = str(self.ttl[r]).encode()
+        expire = b""
+        if len(idx):
+            expire = render([b"*3\r\n$7\r\nPEXPIRE\r\n$", key_len[idx], b"\r\n" + pre,
+                             *[s if isinstance(s, bytes) else s[idx] for s in key_segs],
+                             suf + b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl)], len(idx))
+        keep = self.keep[r]
+        step = prune_step(keep)
+        prune = idx[bucket[idx] % step == 0]
+        hdels = []
+        if len(prune):  # rare: one new cell in `step` per hash
+            for sid, b in zip(unpack_ids(eid[prune], ent), bucket[prune].tolist()):
+                old = [F.field(t, x) for x in range(b - keep - step + 1, b - keep + 1)
+                       for t in F.EVENT_TYPES]
+                hdels.append(encode((b"HDEL", F.speed_key(ent.name, sid, F.RESOLUTIONS[r].name), *old)))
+        return hset, expire + b"".join(hdels), n + len(idx) + len(hdels)
+
     def close(self):
         self.pipe.close()
+
+
+def prune_step(keep: int) -> int:
+    """Buckets between two prunings of a speed-view hash (see :class:`_RedisPartition`)."""
+    return max(1, keep // 4)
 
 
 class RedisSink(DynamicSink):

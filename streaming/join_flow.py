@@ -50,6 +50,7 @@ import heapq
 import json
 import logging
 import os
+import time
 from datetime import datetime, timedelta, timezone
 
 import msgspec
@@ -57,7 +58,7 @@ from bytewax import operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from ctrstream.config import Settings, Topic, get_settings
 from ctrstream.kafkautil import ensure_topics, producer_config
@@ -93,17 +94,25 @@ def read_fences(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
     c = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers,
                   "group.id": "ctrstream-join-fence-reader", "enable.auto.commit": False,
                   "isolation.level": "read_committed"})
+    deadline = time.monotonic() + timeout
     try:
         tp = TopicPartition(topic, 0)
-        lo, hi = c.get_watermark_offsets(tp, timeout=timeout)
+        while True:
+            try:
+                lo, hi = c.get_watermark_offsets(tp, timeout=timeout)
+                break
+            except KafkaException as e:
+                # a fence topic created a moment ago may not be in this client's metadata yet
+                if (e.args[0].code() not in (KafkaError._UNKNOWN_PARTITION,
+                                             KafkaError.UNKNOWN_TOPIC_OR_PART)
+                        or time.monotonic() > deadline):
+                    raise
+                time.sleep(0.1)
         out: dict[str, int] = {}
         if hi <= lo:
             return out
         tp.offset = lo
         c.assign([tp])
-        import time
-
-        deadline = time.monotonic() + timeout
         while True:
             pos = c.position([TopicPartition(topic, 0)])[0].offset
             if pos >= hi:

@@ -1,9 +1,9 @@
 """A minimal pipelined Redis writer for the speed layer's hot path.
 
 redis-py spends ~30 us of Python per pipelined command (argument packing, response parsing
-objects); the features flow writes one command per changed (entity, id, resolution) per
-flush, so it encodes RESP itself and parses the replies with ``hiredis.Reader`` (C), one
-socket write and one read loop per flush. Errors in any reply raise.
+objects); the features flow writes one command per changed cell per flush, so it renders
+RESP itself, vectorized (:func:`render`), and parses the replies with ``hiredis.Reader``
+(C), one socket write and one read loop per flush. Errors in any reply raise.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 
 import hiredis
+import numpy as np
 
 from ctrstream.config import Settings
 
@@ -41,11 +42,12 @@ class RespPipeline:
         hello.append(_cmd([b"SELECT", rs.db]))
         self._roundtrip(b"".join(hello), len(hello))
 
-    def _roundtrip(self, payload: bytes, n_replies: int) -> None:
+    def _roundtrip(self, payload: bytes, n_replies: int) -> list:
         self.sock.sendall(payload)
         reader = hiredis.Reader()
         got = 0
         first_error = None
+        replies = []
         while got < n_replies:
             data = self.sock.recv(1 << 20)
             if not data:
@@ -57,24 +59,45 @@ class RespPipeline:
                     break
                 if isinstance(reply, hiredis.ReplyError) and first_error is None:
                     first_error = reply
+                replies.append(reply)
                 got += 1
         if first_error is not None:
             raise RuntimeError(f"redis replied with an error: {first_error}")
+        return replies
 
     def execute(self, commands: list[bytes]) -> None:
         """Send pre-encoded commands (see :func:`encode`) and wait for every reply."""
-        if not commands:
+        self.execute_replies(commands)
+
+    def execute_raw(self, payload: bytes, n_commands: int) -> None:
+        """Send ``n_commands`` already concatenated RESP commands; wait for every reply."""
+        if not n_commands:
             return
         for attempt in (0, 1):
             try:
                 if self.sock is None:
                     self._connect()
-                self._roundtrip(b"".join(commands), len(commands))
+                self._roundtrip(payload, n_commands)
                 return
             except (OSError, ConnectionError):
                 self.close()
                 if attempt:
                     raise
+
+    def execute_replies(self, commands: list[bytes]) -> list:
+        """Like :meth:`execute`, returning the replies (raises on the first error reply)."""
+        if not commands:
+            return []
+        for attempt in (0, 1):
+            try:
+                if self.sock is None:
+                    self._connect()
+                return self._roundtrip(b"".join(commands), len(commands))
+            except (OSError, ConnectionError):
+                self.close()
+                if attempt:
+                    raise
+        return []
 
     def close(self) -> None:
         if self.sock is not None:
@@ -87,3 +110,65 @@ class RespPipeline:
 def encode(args) -> bytes:
     """One command in RESP (hiredis' C packer; str, bytes and int arguments)."""
     return hiredis.pack_command(tuple(args))
+
+
+# --------------------------------------------------------------------------- vectorized RESP
+# The features flow writes hundreds of thousands of hash cells per second. Building one RESP
+# command per cell in Python costs several microseconds each (the old path); a Lua script
+# that receives packed numbers and builds the commands server-side moves that work into the
+# single Redis thread, where it measured ~6-7 us per cell against ~3 us for native commands
+# (HSET 1.6 us + PEXPIRE 1.5 us, `INFO commandstats`). So the commands stay native and are
+# *rendered with numpy*: every command is a row of segments - constant bytes or non-negative
+# integers printed in decimal - laid out in one uint8 buffer with a handful of array
+# operations per segment, independent of the number of rows.
+
+
+def _ndigits(x: np.ndarray) -> np.ndarray:
+    n = np.ones(len(x), np.int64)
+    p = 10
+    while True:
+        more = x >= p
+        if not more.any():
+            return n
+        n += more
+        p *= 10
+
+
+_POW10 = 10 ** np.arange(19, dtype=np.int64)
+
+
+def render(segments: list, n: int) -> bytes:
+    """Concatenate, row by row, ``segments`` (each ``bytes`` - the same for every row - or an
+    int64 array of ``n`` non-negative integers, written in decimal) into one byte string."""
+    lens = []
+    for seg in segments:
+        lens.append(len(seg) if isinstance(seg, bytes) else _ndigits(seg))
+    row_len = np.zeros(n, np.int64)
+    for ln in lens:
+        row_len += ln
+    start = np.zeros(n, np.int64)
+    np.cumsum(row_len[:-1], out=start[1:])
+    buf = np.empty(int(row_len.sum()), np.uint8)
+    pos = start.copy()
+    for seg, ln in zip(segments, lens):
+        if isinstance(seg, bytes):
+            if len(seg) == 1:
+                buf[pos] = seg[0]
+            else:
+                c = np.frombuffer(seg, np.uint8)
+                buf[(pos[:, None] + np.arange(len(seg))).ravel()] = np.broadcast_to(c, (n, len(c))).ravel()
+        else:
+            w = int(ln.max())
+            k = np.arange(w)
+            digits = (seg[:, None] // _POW10[:w]) % 10 + 48
+            live = k < ln[:, None]
+            buf[((pos + ln - 1)[:, None] - k)[live]] = digits[live]
+        pos += ln
+    return buf.tobytes()
+
+
+def bulk_len(x: np.ndarray) -> np.ndarray:
+    """The RESP bulk-string length of integers written in decimal."""
+    return _ndigits(x)
+
+

@@ -225,3 +225,57 @@ def test_shard_counts_events_of_a_batch_whose_watermark_passed_them():
     (item,) = logic.flush()
     assert {tuple(c) for c in item.cnt.tolist()} == {(len(cfg.parts), 0)}
     assert not logic.tables  # written once, then freed: the watermark is far past it
+
+
+def test_vectorized_resp_rendering_matches_hiredis():
+    """The features sink renders its HSET/PEXPIRE commands with numpy; byte for byte they
+    must be what hiredis' packer produces, for ids and counts of every digit length."""
+    import hiredis
+
+    from streaming.speed_redis import render
+
+    rng = np.random.default_rng(7)
+    n = 500
+    a = rng.integers(0, 10 ** rng.integers(1, 18, n))
+    b = rng.integers(0, 10 ** rng.integers(1, 10, n))
+    c = np.concatenate([[0, 9, 10, 99, 100], rng.integers(0, 10**6, n - 5)])
+    got = render([b"*4\r\n$4\r\nHSET\r\n$", np.array([len(f"sv:x:{i}:{j}") for i, j in zip(a, b)]),
+                  b"\r\nsv:x:", a, b":", b, b"\r\n$", np.array([len(f"i{x}") for x in c]),
+                  b"\r\ni", c, b"\r\n$1\r\n7\r\n"], n)
+    want = b"".join(hiredis.pack_command((b"HSET", f"sv:x:{i}:{j}", f"i{x}", 7))
+                    for i, j, x in zip(a.tolist(), b.tolist(), c.tolist()))
+    assert got == want
+
+
+def test_sink_prunes_hot_hashes_and_renews_ttl_on_new_buckets(settings, r, unique):
+    """A hash written in every bucket (a popular ad) stays bounded: the sink deletes blocks of
+    buckets older than features.speed_keep_buckets, never one of the newest `keep`; values are
+    absolute and the TTL is set when a bucket is new."""
+    from ctrstream import features as F
+    from streaming.features_flow import FlushItem, RedisSink, prune_step
+
+    sink = RedisSink(settings).build("redis", 0, 1)
+    lateness = int(settings.allowed_lateness_s * 1000)
+    res = 2  # 24h: 1-hour buckets (a day and a bit retained)
+    keep = F.speed_keep_buckets(F.RESOLUTIONS[res], lateness)
+    step = prune_step(keep)
+    assert keep * F.RESOLUTIONS[res].bucket_ms >= F.speed_ttl_ms(F.RESOLUTIONS[res], lateness)
+    ad = int(unique[-6:], 16)
+    key = F.speed_key("ad", str(ad), F.RESOLUTIONS[res].name)
+    b0 = 490_000 + 1
+    try:
+        for b in range(b0, b0 + 5 * keep):
+            for count in (1, 2):  # the bucket's first write (new) and an update of it
+                sink.write_batch([("k", FlushItem(
+                    ent=np.array([0], np.int8), res=np.array([res]), bucket=np.array([b]),
+                    eid=np.array([ad], np.int64), cnt=np.array([[count, count - 1]], np.int64),
+                    new=np.array([count == 1]), ts_first=None, ts_last=None))])
+            held = sorted({int(f[1:]) for f in map(bytes.decode, r.hkeys(key))})
+            assert held[-keep:] == list(range(max(b0, b - keep + 1), b + 1))  # newest kept
+            assert len(held) <= keep + 2 * step
+            assert int(r.hget(key, F.field("i", b))) == 2 and int(r.hget(key, F.field("c", b))) == 1
+        assert held[0] > b0 + 3 * keep  # older blocks were deleted
+        assert 0 < r.pttl(key) <= F.speed_ttl_ms(F.RESOLUTIONS[res], lateness)
+    finally:
+        sink.close()
+        r.delete(key)

@@ -4,6 +4,8 @@
   ``docker/kafka/pom.xml`` and copied into ``.cache/kafka-<version>/libs``.
 * **Redis**: Debian's ``redis-server`` package, installed with apt when no ``redis-server``
   is on the PATH.
+* **Chromium** (for the browser test of the demo's report): Debian's ``chromium`` package,
+  installed with apt when no ``chromium`` is on the PATH.
 * **Triton Inference Server**: the ``tritonserver`` binary and its Python backend from the
   ``nvidia-pytriton`` wheel, unpacked into ``.cache/pytriton-<version>`` (the wheel is not
   installed into the project's venv: it pins numpy<2, the project uses numpy 2, and only its
@@ -90,6 +92,20 @@ def redis_server() -> str:
         raise PrerequisiteError(
             "redis-server is not installed. Run `make setup` (it installs Debian's "
             "redis-server package), or: apt-get install -y redis-server"
+        )
+    return path
+
+
+def chromium() -> str:
+    """Debian's headless-capable Chromium (``/usr/bin/chromium``), used by the browser test
+    of the demo's report (``tests/test_report_browser.py``)."""
+    path = shutil.which("chromium") or (
+        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+    )
+    if not path:
+        raise PrerequisiteError(
+            "chromium is not installed (the browser test of the demo's report needs it). Run "
+            "`make setup` (it installs Debian's chromium package), or: apt-get install -y chromium"
         )
     return path
 
@@ -187,6 +203,56 @@ def setup_redis() -> str:
             f"apt-get could not install redis-server:\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
         )
     return f"Redis: installed {shutil.which('redis-server')} from Debian"
+
+
+def _apt_install(package: str, installed, what: str) -> None:
+    """``apt-get install`` Debian's ``package`` (for ``what``) unless ``installed()`` is
+    already true; runs ``apt-get update`` once when the package cannot be found or fetched
+    (empty or stale package lists). Raises :class:`PrerequisiteError` naming the package when
+    there is no apt-get, no root (or password-less sudo), or the installation fails."""
+    if installed():
+        return
+    if shutil.which("apt-get") is None:
+        raise PrerequisiteError(
+            f"{what} is not installed and there is no apt-get to install Debian's {package} "
+            f"package. Install {package} with your package manager."
+        )
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if sudo is None:
+        raise PrerequisiteError(
+            f"{what} is not installed; installing it needs root. Run: "
+            f"sudo apt-get install -y {package}"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                      "-o", "DPkg::Lock::Timeout=300", package]
+    res = _run(install, env=env)
+    if res.returncode != 0:  # not in the (empty or stale) package lists: update them once
+        _run(sudo + ["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"], env=env)
+        res = _run(install, env=env)
+    if res.returncode != 0 or not installed():
+        raise PrerequisiteError(
+            f"apt-get could not install {package} ({what}):\n"
+            f"{res.stdout[-2000:]}{res.stderr[-2000:]}"
+        )
+
+
+def setup_chromium() -> str:
+    """Debian's ``chromium`` for the browser test of the demo's report."""
+    def installed() -> bool:
+        try:
+            chromium()
+            return True
+        except PrerequisiteError:
+            return False
+
+    was_installed = installed()
+    _apt_install("chromium", installed, "chromium (for the browser test of the report)")
+    path = chromium()
+    if was_installed:
+        return f"Chromium: {path}"
+    version = _run([path, "--version"]).stdout.strip()
+    return f"Chromium: installed {path} from Debian ({version})"
 
 
 def setup_triton(settings: Settings) -> str:
@@ -310,6 +376,7 @@ def setup(settings: Settings | None = None, log=print) -> None:
     log(setup_triton(settings))
     log(setup_triton_pyenv(settings))
     log(setup_compose_validator())
+    log(setup_chromium())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             print("kafka classpath:", kafka_classpath(s))
             print("redis-server:", redis_server())
             print("tritonserver:", triton_home(s) / "bin" / "tritonserver")
+            print("chromium:", chromium())
         else:
             setup()
     except PrerequisiteError as e:

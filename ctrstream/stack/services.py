@@ -253,7 +253,9 @@ class KafkaService(Service):
         self._config_path().write_text("".join(f"{a}={b}\n" for a, b in props.items()))
         (self.dir / "log4j2.yaml").write_text(_LOG4J2)
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # kafka-storage would read "-..." as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             res = subprocess.run(
                 [provision.java(), "-cp", provision.kafka_classpath(self.settings),
                  f"-Dlog4j2.configurationFile={self.dir / 'log4j2.yaml'}",
