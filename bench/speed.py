@@ -10,7 +10,9 @@ Rows:
 
 * ``raw consume``: a bare confluent-kafka loop (``consume(num_messages=10000)`` over every
   partition of both topics, touching each value) on the same records - the ceiling.
-* ``features -w N``: the features dataflow (``get_flow(stop_at_end=True)``, no recovery)
+* ``features -w N`` / ``-p N``: the features dataflow (``get_flow(stop_at_end=True)``, no
+  recovery) with N worker threads in one process, or N processes of one worker (a Bytewax
+  cluster on loopback, as ``ctrstream speed -p N`` runs it)
   from the first consumed batch until every partition reached its end offset, the final
   Redis flush included; ``vs_raw`` = its rate / the raw rate (the headline), ``per_core`` =
   rate / min(N, cores), ``peak_rss_mb`` = the job's VmHWM. ``redis_us_per_event`` is the
@@ -93,24 +95,30 @@ def _raw_consume(settings, total: int) -> float:
     return n / dt
 
 
-def _run_features(settings, workers: int, total: int, log_dir: Path) -> dict:
-    argv = [sys.executable, "-m", "bytewax.run", "streaming.features_flow:get_flow(True)",
-            "-w", str(workers)]
-    log = log_dir / f"features-w{workers}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=_env(settings), stdout=out, stderr=subprocess.STDOUT)
-        peak = 0
-        while proc.poll() is None:
-            peak = max(peak, _rss_kb(proc.pid))
-            time.sleep(0.05)
-        t_end = time.time()
-    if proc.returncode != 0:
-        raise RuntimeError(f"features job failed ({proc.returncode}); see {log}")
-    starts = [json.loads(l)["t"] for l in log.read_text().splitlines() if l.startswith('{"speed"')]
+def _run_features(settings, workers: int, total: int, log_dir: Path, processes: int = 1) -> dict:
+    from streaming.speed_cli import job_commands
+
+    tag = f"w{workers}" + (f"p{processes}" if processes > 1 else "")
+    logs = [log_dir / f"features-{tag}-{k}.log" for k in range(processes)]
+    procs = []
+    for argv, log in zip(job_commands("features", workers, processes, stop_at_end=True), logs):
+        procs.append(subprocess.Popen(argv, env=_env(settings), stdout=open(log, "wb"),
+                                      stderr=subprocess.STDOUT))
+    peak = 0
+    while any(p.poll() is None for p in procs):
+        peak = max(peak, sum(_rss_kb(p.pid) for p in procs))
+        time.sleep(0.05)
+    t_end = time.time()
+    for p, log in zip(procs, logs):
+        if p.returncode != 0:
+            raise RuntimeError(f"features job failed ({p.returncode}); see {log}")
+    starts = [json.loads(line)["t"] for log in logs for line in log.read_text().splitlines()
+              if line.startswith('{"speed"')]
     dt = t_end - min(starts)
     rate = total / dt
-    return {"row": f"features -w {workers}", "events": total, "seconds": dt,
-            "events_per_s": rate, "per_core": rate / min(workers, os.cpu_count() or 1),
+    cores = min(workers * processes, os.cpu_count() or 1)
+    return {"row": f"features -w {workers}" + (f" -p {processes}" if processes > 1 else ""),
+            "events": total, "seconds": dt, "events_per_s": rate, "per_core": rate / cores,
             "peak_rss_mb": peak / 1024}
 
 
@@ -235,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=2_000_000, help="records replayed for throughput")
     ap.add_argument("--scenario", default="steady", help="generator scenario")
-    ap.add_argument("--workers", default="1,2", help="worker counts to measure")
+    ap.add_argument("--workers", default="1,2", help="worker counts (threads, one process) to measure")
+    ap.add_argument("--processes", default="2", help="process counts (one worker each) to measure")
     ap.add_argument("--rate", type=int, default=20_000, help="steady rate of the freshness phase")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the freshness phase")
     ap.add_argument("--join-window-s", type=float, default=5.0)
@@ -280,10 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         raw = _raw_consume(s, total)
         rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
         r = redis.Redis.from_url(s.redis.url)
-        for w in [int(x) for x in args.workers.split(",")]:
+        runs = [(int(x), 1) for x in args.workers.split(",")]
+        runs += [(1, int(x)) for x in args.processes.split(",") if x and int(x) > 1]
+        for w, procs in runs:
             r.flushdb()
             before = _redis_usec(r)
-            row = _run_features(s, w, total, log_dir)
+            row = _run_features(s, w, total, log_dir, procs)
             used = {k: v - before.get(k, (0, 0))[0] for k, (v, _) in _redis_usec(r).items()}
             calls = {k: c - before.get(k, (0, 0))[1] for k, (_, c) in _redis_usec(r).items()}
             row["vs_raw"] = row["events_per_s"] / raw

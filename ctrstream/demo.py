@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import urllib.request
@@ -71,6 +72,8 @@ class DemoState:
     numbers: dict = field(default_factory=dict)
     procs: dict = field(default_factory=dict)
     started_stack: bool = False
+    monitor: "_LagMonitor | None" = None
+    probes: list = field(default_factory=list)  # freshness probes still running
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -158,6 +161,267 @@ def phase(st: DemoState, n: int, total: int, name: str, what: str):
     console.print(f"[green]✓[/] {name} done in {dt:.1f}s")
 
 
+# --------------------------------------------------------------------------- lag and freshness
+
+SCORER = "scorer"
+SPEED_STAGES = {"speed layer (features)": "speed-features", "speed layer (join)": "speed-join"}
+
+
+class _LagMonitor:
+    """Consumer lag of each stage, sampled every ``interval`` s while a replay phase runs.
+
+    Lag = records in the stage's input topics (Kafka high watermarks) minus records the stage
+    has read (``ctrstream_speed_events_in_total`` of its metrics endpoint); for the scorer,
+    live impressions appended to Kafka minus predictions written. The stage is scraped before
+    Kafka is asked, so a sample never under-states the lag. ``summary()`` gives, per phase and
+    stage, the largest lag, the lag when the replay ended, and how long after the end of the
+    replay the stage had read everything (the time it trailed the replay)."""
+
+    def __init__(self, st: DemoState, interval: float = 0.25):
+        from ctrstream.kafkautil import make_consumer
+
+        self.st, self.interval = st, interval
+        self.consumer = make_consumer(st.settings, f"ctrstream-demo-lag-{st.run_id}")
+        self.t0 = time.monotonic()
+        self.samples: list[dict] = []  # {"t": s since t0, "phase": name, stage: lag, ...}
+        self.phases: dict[str, dict] = {}  # name -> {"start", "replay_end", "end"} (s since t0)
+        self.phase: str | None = None
+        self.scorer: tuple[int, int] | None = None  # (impressions before the live replay, expected)
+        self.up: set[str] = set()  # stages whose metrics endpoint answered once
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="demo-lag", daemon=True)
+        self.thread.start()
+
+    def _now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _end(self, topic: Topic) -> int:
+        from confluent_kafka import TopicPartition
+
+        return sum(max(0, self.consumer.get_watermark_offsets(TopicPartition(topic.name, p),
+                                                              timeout=5)[1])
+                   for p in range(topic.partitions))
+
+    def impressions_end(self) -> int:
+        with self.lock:
+            return self._end(self.st.settings.topics.impressions)
+
+    def sample(self) -> None:
+        with self.lock:
+            phase = self.phase
+            if phase is None:
+                return
+            topics, ports = self.st.settings.topics, self.st.numbers["metrics_ports"]
+            t = self._now()
+            read = {}
+            for stage, job in SPEED_STAGES.items():
+                n = _scrape_or_empty(ports[job]).get("ctrstream_speed_events_in_total")
+                if n is not None:
+                    self.up.add(stage)
+                elif stage not in self.up and self.st.procs.get(job) is not None \
+                        and self.st.procs[job].poll() is None:
+                    n = 0  # started, metrics endpoint not up yet: it has read nothing so far
+                read[stage] = n  # None: a scrape failed (busy); no sample rather than a wrong one
+            row = {"t": t, "phase": phase}
+            if self.scorer is not None:
+                base, expected = self.scorer
+                preds = self._end(topics.predictions)
+                live = min(max(0, self._end(topics.impressions) - base), expected)
+                row[SCORER] = max(0, live - preds)
+            written = self._end(topics.impressions) + self._end(topics.clicks)
+            for stage, n in read.items():
+                if n is not None:
+                    row[stage] = max(0, written - int(n))
+            self.samples.append(row)
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - a missed sample is not a reason to stop the demo
+                pass
+
+    def begin(self, phase: str) -> None:
+        with self.lock:
+            self.phases[phase] = {"start": self._now()}
+            self.phase = phase
+
+    def replay_ended(self, phase: str) -> None:
+        self.phases[phase]["replay_end"] = self._now()
+
+    def end(self, phase: str) -> None:
+        try:
+            self.sample()
+        except Exception:  # noqa: BLE001
+            pass
+        with self.lock:
+            self.phases[phase]["end"] = self._now()
+            self.phase = None
+            if phase == "live":
+                self.scorer = None
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=10)
+        with self.lock:
+            self.consumer.close()
+
+    def summary(self) -> dict:
+        """``rows`` (one per phase and stage) and ``series`` (per phase: seconds since the
+        phase began, replay end, and each stage's lag samples) for the report."""
+        rows, series = [], {}
+        for phase, info in self.phases.items():
+            samples = [s for s in self.samples if s["phase"] == phase]
+            end = info.get("replay_end")
+            ser = {"replay_end": None if end is None else end - info["start"], "stages": {}}
+            for stage in (*SPEED_STAGES, SCORER):
+                pts = [(s["t"], s[stage]) for s in samples if stage in s]
+                if not pts:
+                    continue
+                ser["stages"][stage] = ([t - info["start"] for t, _ in pts], [v for _, v in pts])
+                after = [(t, v) for t, v in pts if end is not None and t >= end]
+                caught = next((round(t - end, 2) for t, v in after if v == 0), None)
+                rows.append({"stage": stage, "phase": phase, "samples": len(pts),
+                             "max lag (records)": max(v for _, v in pts),
+                             "lag at replay end": after[0][1] if after else None,
+                             "final lag": pts[-1][1],
+                             "caught up (s after replay)": caught})
+            series[phase] = ser
+        return {"rows": rows, "series": series, "interval_s": self.interval}
+
+
+class _FreshnessProbe:
+    """Feature freshness as the demo can measure it on a time-compressed replay: the wall
+    time from a sampled impression becoming readable in Kafka (seen by a consumer of the
+    impressions topic) to its count being visible in Redis (``sv:user:<id>:5m``, field
+    ``i<bucket>`` >= 1, polled every ``poll_s``).
+
+    The probes are impressions of the scenario itself (nothing extra is produced): ones that
+    are alone in their (user, 1-minute bucket) cell over the whole stream, so their cell
+    appears in Redis only because of them. The speed layer's own freshness histogram
+    (now - Kafka timestamp) is useless here: the replay's Kafka timestamps are historical,
+    time-compressed event times."""
+
+    def __init__(self, st: DemoState, tr, lo: int | None, hi: int | None, n_probes: int,
+                 poll_s: float = 0.005):
+        import redis as redis_lib
+        from confluent_kafka import TopicPartition
+
+        from ctrstream.kafkautil import make_consumer, topic_end_offsets
+
+        self.poll_s = poll_s
+        self.probes = self._select(tr, lo, hi, n_probes)
+        self.arrived: dict[bytes, float] = {}
+        self.visible: dict[bytes, float] = {}
+        topic = st.settings.topics.impressions.name
+        self.consumer = make_consumer(st.settings, f"ctrstream-demo-fresh-{st.run_id}",
+                                      **{"fetch.wait.max.ms": 10})
+        self.consumer.assign([TopicPartition(topic, p, off)
+                              for p, off in topic_end_offsets(st.settings, topic).items()])
+        self.redis = redis_lib.Redis.from_url(st.settings.redis.url)
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=f, name=f"demo-fresh-{f.__name__}", daemon=True)
+                        for f in (self._consume, self._poll)]
+        for t in self.threads:
+            t.start()
+        self.st = st
+        st.probes.append(self)
+
+    @staticmethod
+    def _select(tr, lo, hi, n: int) -> dict[bytes, tuple[str, str]]:
+        imps = tr.impressions
+        t = imps.column("event_time_ms").to_numpy()
+        u = imps.column("user_id").to_numpy().astype(np.int64)
+        res = F.RESOLUTIONS[0]
+        b = F.bucket_of(t, res).astype(np.int64)
+        b0, nb = int(b.min()), int(b.max() - b.min()) + 1
+        cell = (u - int(u.min())) * nb + (b - b0)
+        _, inv, cnt = np.unique(cell, return_inverse=True, return_counts=True)
+        ok = cnt[inv] == 1
+        if lo is not None:
+            ok &= t >= lo
+        if hi is not None:
+            ok &= t < hi
+        idx = np.flatnonzero(ok)
+        idx = idx[np.argsort(t[idx], kind="stable")]
+        if len(idx) > n:
+            idx = idx[np.unique(np.linspace(0, len(idx) - 1, n).astype(int))]
+        ids = imps.column("impression_id").take(idx).to_pylist()
+        user = F.ENTITY_BY_NAME["user"]
+        return {i.encode(): (F.speed_key(user.name, F.entity_id(user, {"user_id": int(u[k])}),
+                                         res.name), F.field("i", int(b[k])))
+                for i, k in zip(ids, idx.tolist())}
+
+    def _consume(self) -> None:
+        while not self.stop_event.is_set():
+            msgs = self.consumer.consume(num_messages=1000, timeout=0.05)
+            now = time.monotonic()
+            for m in msgs:
+                k = m.key() if m.error() is None else None
+                if k in self.probes and k not in self.arrived:
+                    self.arrived[k] = now
+
+    def _poll(self) -> None:
+        while not self.stop_event.is_set():
+            pending = [k for k in list(self.arrived) if k not in self.visible]
+            if pending:
+                pipe = self.redis.pipeline(transaction=False)
+                for k in pending:
+                    pipe.hget(*self.probes[k])
+                values = pipe.execute()
+                now = time.monotonic()
+                for k, v in zip(pending, values):
+                    if v is not None and int(v) >= 1:
+                        self.visible[k] = now
+            time.sleep(self.poll_s)
+
+    def close(self) -> None:
+        if self.stop_event.is_set():
+            return
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=10)
+        self.consumer.close()
+        self.redis.close()
+        if self in self.st.probes:
+            self.st.probes.remove(self)
+
+    def finish(self, grace_s: float = 5.0) -> dict:
+        """Stop (after at most ``grace_s`` for the probes already in Kafka to show up)."""
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and len(self.visible) < len(self.arrived):
+            time.sleep(0.05)
+        self.close()
+        lat = np.array([self.visible[k] - self.arrived[k] for k in self.visible], dtype=float)
+        lat = np.maximum(lat, 0.0)
+        out = {"probes": len(self.probes), "seen in Kafka": len(self.arrived),
+               "visible in Redis": len(lat), "poll_s": self.poll_s, "latencies": lat.tolist()}
+        if len(lat):
+            out.update({"p50 s": float(np.percentile(lat, 50)),
+                        "p95 s": float(np.percentile(lat, 95)), "max s": float(lat.max())})
+        return out
+
+
+def _n_probes(cfg: DemoConfig) -> int:
+    return int(min(300, max(20, 5 * cfg.replay_seconds)))
+
+
+def _count_speed_keys(settings: Settings) -> dict[str, int]:
+    """The speed-view hashes (``sv:*``) in the demo's Redis database, per entity (SCAN)."""
+    import redis as redis_lib
+
+    r = redis_lib.Redis.from_url(settings.redis.url)
+    try:
+        counts: dict[str, int] = {}
+        for key in r.scan_iter(match="sv:*", count=10_000):
+            ent = key.split(b":", 2)[1].decode()
+            counts[ent] = counts.get(ent, 0) + 1
+        return counts
+    finally:
+        r.close()
+
+
 # --------------------------------------------------------------------------- the phases
 
 def _demo_settings(base: Settings, run_id: str, out: Path) -> Settings:
@@ -222,13 +486,18 @@ def _replay(st: DemoState, tr, lo, hi, span_ms: float, cfg: DemoConfig, label: s
         raise DemoError(f"{summary.failed} records could not be delivered to Kafka: {summary.errors}")
     console.print(f"{label}: {summary.describe()} (time compression {compression:.0f}x)")
     return {"sent": summary.sent, "seconds": summary.seconds, "rate": summary.rate,
-            "compression": compression}
+            "compression": compression, "by_topic": summary.by_topic}
 
 
-def _speed_caught_up(st: DemoState, port: int, expected_in: int) -> bool:
-    m = _scrape_or_empty(port)
+def _speed_caught_up(st: DemoState, expected_in: int) -> bool:
+    """Both speed-layer jobs have read ``expected_in`` records (the features job also reports
+    no consumer lag)."""
+    ports = st.numbers["metrics_ports"]
+    m = _scrape_or_empty(ports["speed-features"])
+    j = _scrape_or_empty(ports["speed-join"])
     return m.get("ctrstream_speed_events_in_total", 0) >= expected_in and \
-        m.get("ctrstream_speed_consumer_lag", 1) == 0
+        m.get("ctrstream_speed_consumer_lag", 1) == 0 and \
+        j.get("ctrstream_speed_events_in_total", 0) >= expected_in
 
 
 def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
@@ -243,16 +512,22 @@ def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
            ports["speed-features"])
     _start(st, "speed-join", ["speed", "join", "--recovery-dir", str(rec_root / "join")],
            ports["speed-join"])
+    st.monitor = _LagMonitor(st)
+    probe = _FreshnessProbe(st, tr, None, t_split, _n_probes(cfg))
+    st.monitor.begin("history")
     t0 = time.monotonic()
     st.numbers["replay_history"] = _replay(st, tr, None, t_split, t_split - st.numbers["t_start"],
                                            cfg, "replay (history)")
+    st.monitor.replay_ended("history")
     # advance the watermark to the split so buckets and attribution windows up to it close
     send_heartbeat(st.settings, t_split)
     sent = st.numbers["replay_history"]["sent"]
     _wait("the speed layer to catch up with the history",
-          lambda: _speed_caught_up(st, ports["speed-features"], sent), 600,
+          lambda: _speed_caught_up(st, sent), 600,
           ["speed-features", "speed-join"], st)
     st.numbers["speed_history_seconds"] = time.monotonic() - t0
+    st.monitor.end("history")
+    st.numbers.setdefault("freshness", {})["history"] = probe.finish()
     archiver = Archiver(st.settings, st.settings.data_dir)
     stats = archiver.run(until_idle_s=3.0)
     st.numbers["archive"] = stats.as_dict()
@@ -292,9 +567,13 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
                          "--recovery-dir", str(st.out / "score-recovery")], ports["score"])
     _start(st, "calibrate", ["calibrate", "--checkpoint-interval", "1"], ports["calibrate"])
     end = st.numbers["t_end"]
+    expected = int(np.count_nonzero(tr.impressions.column("event_time_ms").to_numpy() >= t_split))
+    probe = _FreshnessProbe(st, tr, t_split, None, _n_probes(cfg))
+    st.monitor.scorer = (st.monitor.impressions_end(), expected)
+    st.monitor.begin("live")
     t0 = time.monotonic()
     st.numbers["replay_live"] = _replay(st, tr, t_split, None, end - t_split, cfg, "replay (live)")
-    expected = int(np.count_nonzero(tr.impressions.column("event_time_ms").to_numpy() >= t_split))
+    st.monitor.replay_ended("live")
     # close every attribution window: the join emits the last labeled examples
     send_heartbeat(st.settings, end + int(st.settings.attribution_window_s * 1000)
                    + int(st.settings.allowed_lateness_s * 1000) + F.HOUR_MS)
@@ -303,6 +582,7 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
           ["score"], st)
     st.numbers["score_seconds"] = time.monotonic() - t0
     st.numbers["predictions"] = _topic_count(st.settings, st.settings.topics.predictions)
+    st.numbers["freshness"]["live"] = probe.finish()
     n_labeled = tr.impressions.num_rows
     _wait("the join to label every impression",
           lambda: _topic_count(st.settings, st.settings.topics.labeled) >= n_labeled * 0.99, 600,
@@ -314,7 +594,17 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
                 + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)) >= expected
 
     _wait("the calibrator to learn from the live labels", calibrator_done, 600, ["calibrate"], st)
+    sent = st.numbers["replay_history"]["sent"] + st.numbers["replay_live"]["sent"]
+    _wait("the speed layer to catch up with the live stream", lambda: _speed_caught_up(st, sent),
+          600, ["speed-features", "speed-join"], st)
+    st.monitor.end("live")
+    st.numbers["lag"] = st.monitor.summary()
     st.numbers["metrics"] = {name: _scrape_or_empty(port) for name, port in ports.items()}
+    # the speed layer has read everything (the join has labeled every impression): count its view
+    st.numbers["speed_keys_by_entity"] = _count_speed_keys(st.settings)
+    st.numbers["speed_keys"] = sum(st.numbers["speed_keys_by_entity"].values())
+    console.print(f"speed view: {st.numbers['speed_keys']:,} sv:* hashes in Redis "
+                  f"{st.numbers['speed_keys_by_entity']}")
     for name in ("score", "calibrate"):
         _stop(st, name)
 
@@ -415,6 +705,10 @@ def run_demo(cfg: DemoConfig) -> Path:
         ok = True
         return path
     finally:
+        for probe in list(st.probes):
+            probe.close()
+        if st.monitor is not None:
+            st.monitor.close()
         for name in list(st.procs):
             _stop(st, name)
         if not ok:

@@ -11,8 +11,13 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from ctrstream.report import (bar_png, fmt, img_html, lambda_svg, reliability_png, series_png,
-                              table_html, write_report)
+from ctrstream.report import (bar_png, fmt, img_html, lag_png, lambda_svg, reliability_png,
+                              series_png, table_html, write_report)
+
+FRESHNESS_LIMIT_S = 3600.0  # a "freshness" above this is a measurement artefact, never shown
+BENCH_SPEED = "ctrstream bench speed"
+LAG_COLUMNS = ["stage", "phase", "max lag (records)", "lag at replay end", "final lag",
+               "caught up (s after replay)"]
 
 
 def _calibration_stats(p: np.ndarray, y: np.ndarray, bins: int = 20) -> dict:
@@ -69,6 +74,48 @@ def _over_time(live: dict, windows: int = 24) -> dict:
     return out
 
 
+def _freshness(n: dict) -> dict:
+    """Feature freshness measured by the demo's probes (``ctrstream.demo._FreshnessProbe``):
+    per phase and over all probes; ``na`` is the reason when there is no meaningful number."""
+    per = n.get("freshness") or {}
+    rows, lat = [], []
+    for phase, f in per.items():
+        lat += list(f.get("latencies", []))
+        rows.append({"phase": phase, **{k: f.get(k) for k in ("probes", "seen in Kafka",
+                                                             "visible in Redis", "p50 s", "p95 s",
+                                                             "max s")}})
+    out = {"rows": rows, "p50_s": None, "p95_s": None, "max_s": None, "na": None,
+           "poll_s": next((f.get("poll_s") for f in per.values()), None)}
+    if lat:
+        a = np.asarray(lat, dtype=float)
+        out.update(p50_s=float(np.percentile(a, 50)), p95_s=float(np.percentile(a, 95)),
+                   max_s=float(a.max()), probes=int(sum(f.get("probes", 0) for f in per.values())),
+                   visible=len(a))
+        rows.append({"phase": "all", "probes": out["probes"],
+                     "seen in Kafka": sum(f.get("seen in Kafka", 0) for f in per.values()),
+                     "visible in Redis": len(a), "p50 s": out["p50_s"], "p95 s": out["p95_s"],
+                     "max s": out["max_s"]})
+    if not lat:
+        out["na"] = "no sampled impression could be followed from Kafka to Redis in this run"
+    elif not (0 <= out["max_s"] < FRESHNESS_LIMIT_S):
+        out["na"] = f"the measured value ({out['max_s']:.0f} s) is not plausible"
+    if out["na"]:
+        out.update(p50_s=None, p95_s=None, max_s=None)
+    return out
+
+
+def _lag_rows(n: dict) -> list[dict]:
+    return [{c: r.get(c) for c in LAG_COLUMNS} for r in (n.get("lag") or {}).get("rows", [])]
+
+
+def _lag_numbers(rows: list[dict], stage_prefix: str) -> tuple:
+    """Largest lag and longest catch-up of the stages whose name starts with ``stage_prefix``."""
+    sel = [r for r in rows if r["stage"].startswith(stage_prefix)]
+    lags = [r["max lag (records)"] for r in sel if r["max lag (records)"] is not None]
+    trail = [r["caught up (s after replay)"] for r in sel if r["caught up (s after replay)"] is not None]
+    return (max(lags) if lags else None), (max(trail) if trail else None)
+
+
 def build_report(st, tr, cfg) -> Path:
     from rich.console import Console
 
@@ -80,8 +127,6 @@ def build_report(st, tr, cfg) -> Path:
     m = n.get("metrics", {})
     speed_in = m.get("speed-features", {}).get("ctrstream_speed_events_in_total", 0)
     speed_rate = speed_in / max(n.get("speed_history_seconds", 0) + n.get("score_seconds", 0), 1e-9)
-    fresh_sum = m.get("speed-features", {}).get("ctrstream_speed_feature_freshness_seconds_sum")
-    fresh_cnt = m.get("speed-features", {}).get("ctrstream_speed_feature_freshness_seconds_count")
     throughput = [
         {"stage": "replay (history)", "events": n["replay_history"]["sent"],
          "seconds": n["replay_history"]["seconds"], "events/s": n["replay_history"]["rate"]},
@@ -97,7 +142,13 @@ def build_report(st, tr, cfg) -> Path:
     plots.append(("Throughput of each stage (events/s, wall time incl. waiting for the replay)",
                   bar_png(out / "throughput.png", [r["stage"] for r in throughput],
                           [r["events/s"] for r in throughput], "stage throughput", "events/s")))
-    freshness = {"mean_s": fresh_sum / fresh_cnt if fresh_cnt else None}
+    lag_rows = _lag_rows(n)
+    lag_series = (n.get("lag") or {}).get("series", {})
+    if any(ser["stages"] for ser in lag_series.values()):
+        plots.append(("Consumer lag of each stage over wall time (records appended to its input "
+                      "topics and not yet read; dashed: the replay ended)",
+                      lag_png(out / "lag.png", lag_series)))
+    freshness = _freshness(n)
     # ---------------------------------------------------------------- model quality
     quality = []
     training = n["training"]
@@ -153,7 +204,13 @@ def build_report(st, tr, cfg) -> Path:
         "speed_events": speed_in, "speed_rate": speed_rate,
         "dlq": m.get("speed-features", {}).get("ctrstream_speed_dlq_total"),
         "late": m.get("speed-features", {}).get("ctrstream_speed_late_total"),
-        "speed_keys": n.get("speed_keys"), "labeled": m.get("speed-join", {}).get("ctrstream_speed_labeled_total"),
+        "speed_keys": n.get("speed_keys"),
+        "speed_lag_max": _lag_numbers(lag_rows, "speed layer (features)")[0],
+        "speed_trail_s": _lag_numbers(lag_rows, "speed layer (features)")[1],
+        "score_lag_max": _lag_numbers(lag_rows, "scorer")[0],
+        "score_trail_s": _lag_numbers(lag_rows, "scorer")[1],
+        "freshness_p50_s": freshness["p50_s"], "freshness_p95_s": freshness["p95_s"],
+        "labeled": m.get("speed-join", {}).get("ctrstream_speed_labeled_total"),
         "archived": sum((n.get("archive", {}).get("records") or {}).values()),
         "train_rows": n.get("train_rows"), "batch_version": n.get("batch_view", {}).get("version"),
         "batch_cutoff": time.strftime("%H:%M", time.gmtime(n["t_split"] / 1000)),
@@ -165,6 +222,7 @@ def build_report(st, tr, cfg) -> Path:
         "ratio_before": calib.get("raw (Triton)", {}).get("ratio"),
         "ratio_after": calib.get("calibrated (River)", {}).get("ratio"),
         "rec_compared": rec.get("buckets_compared"), "rec_differing": rec.get("buckets_differing"),
+        "rec_equal": rec.get("buckets_equal"), "rec_missing_speed": rec.get("missing_in_speed"),
         "rec_explained": "all" if rec.get("explained") else "not all",
     }
     # ---------------------------------------------------------------- terminal summary
@@ -184,6 +242,14 @@ def build_report(st, tr, cfg) -> Path:
             for r in rows:
                 tt.add_row(*[fmt(r.get(c)) for c in cols])
             console.print(tt)
+    tt = Table(title="consumer lag per stage (records; sampled every "
+                     f"{(n.get('lag') or {}).get('interval_s', 0):g} s)")
+    for c in LAG_COLUMNS:
+        tt.add_column(c, justify="right")
+    for r in lag_rows:
+        tt.add_row(*[fmt(r.get(c), 3) for c in LAG_COLUMNS])
+    console.print(tt)
+    console.print(_freshness_text(freshness))
     console.print(f"reconciliation: {rec.get('buckets_compared')} buckets compared, "
                   f"{rec.get('buckets_equal')} equal, {rec.get('buckets_differing')} differing, "
                   f"{rec.get('missing_in_speed')} missing in the speed view; reasons {rec.get('reasons')}")
@@ -196,9 +262,11 @@ def build_report(st, tr, cfg) -> Path:
          "recomputed exactly into point-in-time training features and the batch view, and finally "
          "served through the lambda merge and Triton, calibrated by River. See docs/lambda.md.</p>"),
         ("throughput", "Throughput and lag",
-         table_html(throughput) + f"<p>Speed-layer feature freshness (event appended to Kafka → value "
-         f"in Redis, mean over the run): {fmt(freshness['mean_s'])} s.</p>"
-         + "".join(img_html(p, a) for a, p in plots if p.name == "throughput.png")),
+         table_html(throughput)
+         + "".join(img_html(p, a) for a, p in plots if p.name == "throughput.png")
+         + _lag_html(lag_rows, n)
+         + "".join(img_html(p, a) for a, p in plots if p.name == "lag.png")
+         + _freshness_html(freshness)),
         ("quality", "Model quality next to the oracle",
          "<p>The oracle column is the Bayes-optimal ceiling: the generator's true click "
          "probabilities on the same validation rows. NE = log loss / entropy of the background CTR "
@@ -213,11 +281,49 @@ def build_report(st, tr, cfg) -> Path:
         ("api", "Sample ad requests through the prediction API", _api_html(n.get("api_samples", []))),
     ]
     (out / "summary.json").write_text(json.dumps({"numbers": numbers, "phases": st.phases,
-                                                  "throughput": throughput, "quality": quality,
-                                                  "calibration": calib}, indent=2, default=str))
+                                                  "throughput": throughput, "lag": lag_rows,
+                                                  "freshness": {k: v for k, v in freshness.items()},
+                                                  "quality": quality, "calibration": calib},
+                                                 indent=2, default=str))
     return write_report(out, sections, f"ctrstream demo — run {st.run_id}",
                         f"scenario {cfg.scenario}, {n['impressions']:,} impressions, seed {cfg.seed}; "
                         f"finished in {n['total_seconds']:.0f} s")
+
+
+def _freshness_text(f: dict) -> str:
+    if f["na"]:
+        return (f"feature freshness: not applicable ({f['na']}); `{BENCH_SPEED}` measures it on "
+                "a real-time stream")
+    return (f"feature freshness (readable in Kafka -> visible in Redis, {f['visible']} of "
+            f"{f['probes']} probe impressions): p50 {fmt(f['p50_s'], 3)} s, p95 "
+            f"{fmt(f['p95_s'], 3)} s, max {fmt(f['max_s'], 3)} s")
+
+
+def _freshness_html(f: dict) -> str:
+    why = ("The speed layer's own histogram (<code>ctrstream_speed_feature_freshness_seconds</code>, "
+           "now − Kafka timestamp) is not used: the replay's Kafka timestamps are the scenario's "
+           "historical, time-compressed event times, so it would measure how old the scenario is. "
+           f"<code>{BENCH_SPEED}</code> measures freshness on a real-time stream.")
+    if f["na"]:
+        return ('<h3>Feature freshness</h3><p class="freshness-na"><strong>Feature freshness: not '
+                f"applicable</strong> in this run: {html.escape(f['na'])}. {why}</p>")
+    return ("<h3>Feature freshness</h3><p>Wall time from a sampled impression becoming readable in "
+            "Kafka to its count being visible in the speed view in Redis "
+            "(<code>sv:user:&lt;id&gt;:5m</code>), measured by the demo on impressions of the stream "
+            "itself that are alone in their (user, minute) cell, Redis polled every "
+            f"{fmt((f['poll_s'] or 0) * 1000, 3)} ms. The speed layer makes a value visible at its "
+            "next flush (every <code>flush_interval_ms</code>). " + why + "</p>"
+            + table_html(f["rows"], cls="freshness"))
+
+
+def _lag_html(rows: list[dict], n: dict) -> str:
+    interval = (n.get("lag") or {}).get("interval_s")
+    return ("<h3>Consumer lag</h3><p>Records appended to a stage's input topics that it had not "
+            "read yet (Kafka high watermarks minus the stage's <code>ctrstream_speed_events_in_total"
+            "</code>; for the scorer, live impressions in Kafka minus predictions written), sampled "
+            f"every {fmt(interval, 3)} s while each replay phase ran. <em>Caught up</em> is how long "
+            "after the last replayed record the stage had read everything, i.e. how long it trailed "
+            "the replay (– : not within the phase).</p>" + table_html(rows, LAG_COLUMNS, cls="lag"))
 
 
 def _overview_html(st, cfg, n) -> str:

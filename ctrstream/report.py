@@ -112,13 +112,45 @@ def series_png(path: Path, series: dict[str, tuple[list, list]], title: str, xla
     return path
 
 
+def lag_png(path: Path, phases: dict[str, dict]) -> Path:
+    """Consumer lag over wall time, one panel per phase: ``phases`` maps a phase name to
+    ``{"replay_end": s or None, "stages": {stage: (seconds, lags)}}``."""
+    plt = _plt()
+    names = [p for p, ser in phases.items() if ser.get("stages")]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1) + 1, 3.6),
+                             dpi=110, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ser = phases[name]
+        for stage, (x, y) in ser["stages"].items():
+            ax.plot(x, y, "-", lw=1.3, label=stage)
+        if ser.get("replay_end") is not None:
+            ax.axvline(ser["replay_end"], color="crimson", ls="--", lw=1, label="replay ended")
+        ax.set_title(f"{name} phase"), ax.set_xlabel("wall seconds into the phase")
+        ax.set_ylabel("lag (records)"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(path), plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- the diagram
+
+# approximate advance widths of Helvetica/Arial glyphs, in em (for fitting text into boxes)
+_NARROW, _WIDE = set("iljtfrI.,:;'|!() -"), set("mwMW@%")
+
+
+def _text_width(text: str, size: float = 12.0) -> float:
+    w = 0.0
+    for ch in text:
+        w += 0.3 if ch in _NARROW else 0.85 if ch in _WIDE else 0.68 if ch.isupper() else 0.56
+    return w * size * 1.2  # headless Chromium falls back to wider fonts (DejaVu/Liberation)
 
 def lambda_svg(n: dict) -> str:
     """The lambda architecture with this run's numbers on it (``n`` maps names to values)."""
 
     def v(key):
-        return _esc(fmt(n.get(key)))
+        return fmt(n.get(key))
+
+    fresh = (f"p50 {fmt(n['freshness_p50_s'], 2)} s" if n.get("freshness_p50_s") is not None
+             else "n/a")
 
     boxes = [
         # x, y, w, h, title, lines, colour
@@ -127,48 +159,59 @@ def lambda_svg(n: dict) -> str:
           f"{v('replay_rate')} events/s into Kafka"], "#e8eef7"),
         (330, 100, 240, 50, "Kafka: impressions, clicks",
          [f"key = impression id, {v('partitions')} partitions"], "#fdf1dc"),
-        (20, 190, 300, 96, "SPEED LAYER (Bytewax)",
+        (20, 190, 300, 112, "SPEED LAYER (Bytewax)",
          [f"{v('speed_events')} events in, {v('speed_rate')} ev/s",
           f"{v('dlq')} to dlq, {v('late')} late",
           f"{v('speed_keys')} speed-view hashes in Redis",
-          f"{v('labeled')} labeled examples (join)"], "#e3f4e6"),
-        (580, 190, 300, 96, "BATCH LAYER (Parquet + DuckDB)",
+          f"{v('labeled')} labeled examples (join)",
+          f"max lag {v('speed_lag_max')} records, freshness {fresh}"], "#e3f4e6"),
+        (580, 190, 300, 112, "BATCH LAYER (Parquet + DuckDB)",
          [f"{v('archived')} records archived",
           f"{v('train_rows')} point-in-time training rows",
-          f"batch view {v('batch_version')} cut-off {v('batch_cutoff')}",
+          f"batch view {v('batch_version')}",
+          f"cut-off {v('batch_cutoff')} (event time, UTC)",
           f"deep NE {v('deep_ne')} (oracle {v('oracle_ne')})"], "#f4e6f1"),
         (300, 330, 300, 80, "SERVING: lambda merge",
          ["closed buckets <= cut-off: batch view",
           "later buckets: speed view",
           f"Triton {v('model_name')} v{v('model_version')}"], "#eef0f3"),
-        (20, 450, 300, 70, "Streaming scorer -> predictions",
+        (20, 450, 300, 80, "Streaming scorer -> predictions",
          [f"{v('predictions')} predictions, {v('degraded')} degraded",
-          f"{v('score_rate')} rows/s through Triton"], "#e3f4e6"),
-        (580, 450, 300, 70, "River online calibration",
+          f"{v('score_rate')} rows/s through Triton",
+          f"max lag {v('score_lag_max')} records, done +{v('score_trail_s')} s"], "#e3f4e6"),
+        (580, 450, 300, 80, "River online calibration",
          [f"calibrated on {v('calibration_pairs')} (prediction, label) pairs",
           f"pred/obs {v('ratio_before')} -> {v('ratio_after')}"], "#fff6d6"),
-        (300, 550, 300, 60, "RECONCILIATION",
-         [f"{v('rec_compared')} buckets compared, {v('rec_differing')} differ",
+        (300, 560, 300, 80, "RECONCILIATION",
+         [f"{v('rec_compared')} buckets compared, {v('rec_equal')} equal",
+          f"{v('rec_differing')} differ, {v('rec_missing_speed')} missing in speed view",
           f"{v('rec_explained')} explained; batch wins"], "#fde2e1"),
     ]
-    parts = ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 900 625" '
+    parts = ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 900 650" '
              'font-family="Helvetica, Arial, sans-serif" font-size="12" role="img" '
              'aria-label="lambda architecture diagram">',
              '<defs><marker id="a" markerWidth="8" markerHeight="8" refX="7" refY="4" '
              'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>']
     arrows = [(450, 66, 450, 100), (400, 150, 170, 190), (500, 150, 730, 190),
-              (170, 286, 380, 330), (730, 286, 520, 330), (380, 410, 170, 450),
-              (520, 410, 730, 450), (320, 485, 580, 485), (730, 286, 600, 560),
-              (170, 286, 300, 560)]
+              (170, 302, 380, 330), (730, 302, 520, 330), (380, 410, 170, 450),
+              (520, 410, 730, 450), (320, 490, 580, 490), (730, 302, 600, 575),
+              (170, 302, 300, 575)]
     for x1, y1, x2, y2 in arrows:
         parts.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="#555" '
                      f'stroke-width="1.4" marker-end="url(#a)"/>')
     for x, y, w, h, title, lines, colour in boxes:
-        parts.append(f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" fill="{colour}" '
-                     f'stroke="#666"/>')
+        parts.append(f'<g class="box"><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" '
+                     f'fill="{colour}" stroke="#666"/>')
         parts.append(f'<text x="{x + 10}" y="{y + 17}" font-weight="bold">{_esc(title)}</text>')
         for i, line in enumerate(lines):
-            parts.append(f'<text x="{x + 10}" y="{y + 34 + 15 * i}">{line}</text>')
+            # a line that would run past the box is set smaller to fit (never cut or spilled)
+            est, fit = _text_width(line), ""
+            if est > w - 20:
+                size = 12.0 * (w - 20) / est
+                fit = (f' font-size="{size:.1f}"' if size >= 8 else
+                       f' font-size="8" textLength="{w - 20}" lengthAdjust="spacingAndGlyphs"')
+            parts.append(f'<text x="{x + 10}" y="{y + 34 + 15 * i}"{fit}>{_esc(line)}</text>')
+        parts.append("</g>")
     parts.append("</svg>")
     return "".join(parts)
 

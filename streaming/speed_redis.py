@@ -8,6 +8,7 @@ RESP itself, vectorized (:func:`render`), and parses the replies with ``hiredis.
 
 from __future__ import annotations
 
+import select
 import socket
 
 import hiredis
@@ -42,14 +43,28 @@ class RespPipeline:
         hello.append(_cmd([b"SELECT", rs.db]))
         self._roundtrip(b"".join(hello), len(hello))
 
-    def _roundtrip(self, payload: bytes, n_replies: int) -> list:
-        self.sock.sendall(payload)
+    def _roundtrip(self, payload: bytes, n_replies: int, collect: bool = True) -> list:
+        """Send ``payload`` while reading the replies as they come: a flush can be hundreds of
+        MB of commands, and writing it all before reading would stall once both directions'
+        socket buffers are full. ``timeout`` bounds the time without any progress."""
+        sock = self.sock
+        view = memoryview(payload)
+        sent = 0
         reader = hiredis.Reader()
         got = 0
         first_error = None
         replies = []
         while got < n_replies:
-            data = self.sock.recv(1 << 20)
+            writing = sent < len(view)
+            readable, writable, _ = select.select([sock], [sock] if writing else [], [], self.timeout)
+            if not readable and not writable:
+                raise TimeoutError(f"redis made no progress for {self.timeout:.0f} s "
+                                   f"({got} of {n_replies} replies, {sent} of {len(view)} bytes sent)")
+            if writable:
+                sent += sock.send(view[sent:sent + (1 << 20)])
+            if not readable:
+                continue
+            data = sock.recv(1 << 20)
             if not data:
                 raise ConnectionError("redis closed the connection")
             reader.feed(data)
@@ -59,7 +74,8 @@ class RespPipeline:
                     break
                 if isinstance(reply, hiredis.ReplyError) and first_error is None:
                     first_error = reply
-                replies.append(reply)
+                if collect:
+                    replies.append(reply)
                 got += 1
         if first_error is not None:
             raise RuntimeError(f"redis replied with an error: {first_error}")
@@ -77,7 +93,7 @@ class RespPipeline:
             try:
                 if self.sock is None:
                     self._connect()
-                self._roundtrip(payload, n_commands)
+                self._roundtrip(payload, n_commands, collect=False)
                 return
             except (OSError, ConnectionError):
                 self.close()

@@ -41,7 +41,7 @@ BROWSER_TIMEOUT_S = 60
 EXPECTED_SECTIONS = {
     "overview": ("What ran", []),
     "architecture": ("The lambda architecture, with this run's numbers", []),
-    "throughput": ("Throughput and lag", ["Throughput of each stage"]),
+    "throughput": ("Throughput and lag", ["Throughput of each stage", "Consumer lag of each stage"]),
     "quality": ("Model quality next to the oracle", ["Reliability on the validation slice"]),
     "calibration": ("Online calibration with River",
                     ["before and after River calibration", "Calibration over time"]),
@@ -50,11 +50,18 @@ EXPECTED_SECTIONS = {
 }
 # words each section's rendered text must contain (the numbers issue 7 asks the report for)
 EXPECTED_TEXT = {
-    "throughput": ["replay (history)", "replay (live)", "speed layer", "scorer", "freshness"],
+    "throughput": ["replay (history)", "replay (live)", "speed layer", "scorer", "Consumer lag",
+                   "caught up", "Feature freshness"],
     "quality": ["ctr_lr", "ctr_deep", "oracle", "NE", "AUC", "ECE"],
     "calibration": ["raw (Triton)", "calibrated (River)", "oracle"],
     "reconciliation": ["buckets_compared", "Why they differ", "full report"],
 }
+
+# (stage, phase) rows the lag table must have, each with a lag and a catch-up time
+LAG_STAGES = [("speed layer (features)", "history"), ("speed layer (join)", "history"),
+              ("speed layer (features)", "live"), ("speed layer (join)", "live"), ("scorer", "live")]
+FRESHNESS_LIMIT_S = 3600.0  # a freshness above this is an artefact (issue 7: 27,649,563 s)
+NOT_APPLICABLE = "not applicable"
 
 # Evaluated in the page once it has loaded; returns what it sees as JSON.
 CHECK_JS = r"""
@@ -81,7 +88,25 @@ CHECK_JS = r"""
     svg: svg && {box: box(svg), rects: svg.querySelectorAll('rect').length,
       lines: svg.querySelectorAll('line').length,
       text: [...svg.querySelectorAll('text')].map(t => t.textContent),
-      text_bbox: (() => { const b = svg.getBBox(); return {width: b.width, height: b.height}; })()},
+      text_bbox: (() => { const b = svg.getBBox(); return {width: b.width, height: b.height}; })(),
+      // every line of text must stay inside the box (the smallest rectangle its start is in)
+      overflow: (() => {
+        const rects = [...svg.querySelectorAll('rect')].map(r => r.getBBox());
+        return [...svg.querySelectorAll('text')].flatMap(t => {
+          const b = t.getBBox(), x = b.x + 1, y = b.y + b.height / 2;
+          const r = rects.filter(r => x >= r.x && x <= r.x + r.width && y >= r.y && y <= r.y + r.height)
+            .sort((p, q) => p.width * p.height - q.width * q.height)[0];
+          return r && (b.x + b.width > r.x + r.width + 0.5 || b.y + b.height > r.y + r.height + 0.5)
+            ? [{text: t.textContent, right: b.x + b.width, box_right: r.x + r.width,
+                bottom: b.y + b.height, box_bottom: r.y + r.height}] : [];
+        });
+      })()},
+    tables: Object.fromEntries(['lag', 'freshness'].map(cls => {
+      const t = document.querySelector('table.' + cls);
+      return [cls, t && {head: [...t.tHead.rows[0].cells].map(c => c.textContent.trim()),
+                         rows: [...t.tBodies[0].rows].map(r => [...r.cells].map(c => c.textContent.trim()))}];
+    })),
+    freshness_na: [...document.querySelectorAll('.freshness-na')].map(p => p.innerText),
     page: {width: document.documentElement.scrollWidth, height: document.documentElement.scrollHeight},
   });
 })()
@@ -295,10 +320,89 @@ def problems_of(page: dict, errors: list[str], shot: np.ndarray, summary: dict) 
                      f"{n['predictions']:,} predictions", f"batch view {n['batch_version']}"):
             if want not in text:
                 out.append(f"the lambda diagram does not show this run's {want!r}")
+        for want in ("buckets compared", "equal", "missing in speed view"):
+            if want not in text:
+                out.append(f"the lambda diagram's reconciliation box does not show {want!r}")
+        keys = re.search(r"([\d,]+) speed-view hashes in Redis", text)
+        if keys is None:
+            out.append("the lambda diagram does not show the speed-view hashes as a number")
+        elif int(keys.group(1).replace(",", "")) != n.get("speed_keys") or not n.get("speed_keys"):
+            out.append(f"the lambda diagram shows {keys.group(0)!r}, summary.json has "
+                       f"speed_keys={n.get('speed_keys')}")
+        for o in svg["overflow"]:
+            out.append(f"the lambda diagram's text {o['text']!r} runs past its box "
+                       f"(right {o['right']:.0f} > {o['box_right']:.0f} or bottom "
+                       f"{o['bottom']:.0f} > {o['box_bottom']:.0f})")
         if svg["box"]["width"] > 0 and painted(shot, svg["box"]) < 0.1:
             out.append("the lambda diagram is blank in the screenshot")
     if float(np.std(shot)) < 5:
         out.append("the screenshot of the page is blank")
+    out += lag_problems(page, summary) + freshness_problems(page)
+    return out
+
+
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def lag_problems(page: dict, summary: dict) -> list[str]:
+    """The lag table: one row per (stage, phase) of ``LAG_STAGES``, each with a numeric
+    largest lag and catch-up time, the same as summary.json's."""
+    t = page["tables"].get("lag")
+    if t is None:
+        return ["no consumer-lag table (table.lag)"]
+    out = []
+    col = {h: i for i, h in enumerate(t["head"])}
+    for need in ("stage", "phase", "max lag (records)", "final lag", "caught up (s after replay)"):
+        if need not in col:
+            return [f"the lag table has no column {need!r}: {t['head']}"]
+    rows = {(r[col["stage"]], r[col["phase"]]): r for r in t["rows"]}
+    want = {(r["stage"], r["phase"]): r for r in summary.get("lag", [])}
+    for key in LAG_STAGES:
+        r = rows.get(key)
+        if r is None:
+            out.append(f"the lag table has no row for {key}")
+            continue
+        lag, caught = _number(r[col["max lag (records)"]]), _number(r[col["caught up (s after replay)"]])
+        if lag is None or lag < 0 or lag != int(lag):
+            out.append(f"lag table {key}: max lag {r[col['max lag (records)']]!r} is not a count")
+        elif key not in want or lag != want[key]["max lag (records)"]:
+            out.append(f"lag table {key}: max lag {lag:g} is not summary.json's {want.get(key)}")
+        if _number(r[col["final lag"]]) != 0:
+            out.append(f"lag table {key}: the stage ended the phase {r[col['final lag']]!r} behind")
+        if caught is None or not 0 <= caught < 600:
+            out.append(f"lag table {key}: caught up {r[col['caught up (s after replay)']]!r} "
+                       "is not a number of seconds")
+    return out
+
+
+def freshness_problems(page: dict) -> list[str]:
+    """Feature freshness is either measured (every number below an hour) or marked not
+    applicable with the reason and a pointer to ``ctrstream bench speed`` - never nonsense."""
+    t, na = page["tables"].get("freshness"), page["freshness_na"]
+    if t is None and not na:
+        return ["no feature freshness in the report (table.freshness or .freshness-na)"]
+    if na:
+        text = " ".join(na)
+        return [] if NOT_APPLICABLE in text and "ctrstream bench speed" in text else [
+            f"freshness is marked n/a without the reason or the pointer: {text!r}"]
+    out = []
+    col = {h: i for i, h in enumerate(t["head"])}
+    if not {"p50 s", "p95 s", "max s"} <= set(col):
+        return [f"the freshness table has columns {t['head']}"]
+    overall = [r for r in t["rows"] if r[0] == "all"]
+    if not overall:
+        out.append("the freshness table has no 'all' row")
+    for r in t["rows"]:
+        for c in ("p50 s", "p95 s", "max s"):
+            v = _number(r[col[c]])
+            if r[0] == "all" and v is None:
+                out.append(f"freshness {c} over all probes is {r[col[c]]!r}, not a number")
+            if v is not None and not 0 <= v < FRESHNESS_LIMIT_S:
+                out.append(f"freshness {r[0]} {c} = {r[col[c]]} s is not plausible")
     return out
 
 
@@ -339,8 +443,13 @@ def test_the_demo_report_renders_in_chromium(demo_run, tmp_path):
     assert sum(len(s["images"]) for s in page["sections"]) >= 4
     # the PNG plots written beside the report are the ones embedded in it
     assert {p.name for p in demo_run.glob("*.png")} >= {
-        "throughput.png", "reliability_validation.png", "reliability_live.png",
+        "throughput.png", "lag.png", "reliability_validation.png", "reliability_live.png",
         "calibration_over_time.png"}
+    # the terminal summary has the lag table and a freshness line that is a number or n/a
+    log = (demo_run.parent / "demo.log").read_text(errors="replace")
+    assert "consumer lag per stage" in log, log[-3000:]
+    fresh = re.search(r"feature freshness[^\n]*", log)
+    assert fresh and ("p50" in fresh.group(0) or NOT_APPLICABLE in fresh.group(0)), log[-3000:]
 
 
 def test_the_browser_check_catches_a_broken_report(demo_run, tmp_path):

@@ -279,3 +279,4 @@ def test_sink_prunes_hot_hashes_and_renews_ttl_on_new_buckets(settings, r, uniqu
     finally:
         sink.close()
         r.delete(key)
+
