@@ -3,8 +3,9 @@
 ``ctrstream train`` builds the point-in-time training set (``models.batch_features``) from
 the archive under ``settings.data_dir`` - or from a generated scenario
 (``--scenario steady --events N``) or a written traffic directory (``--traffic DIR``) -
-trains the LR baseline and DCN-v2 with a time-based split, evaluates both against the
-oracle's true probabilities on the validation rows, exports ONNX (parity-checked) and
+drops the first ``--warmup-hours`` of rows (feature history only: their events fill the
+windows of the later rows), trains the LR baseline and DCN-v2 with a time-based split,
+evaluates both against the oracle's true probabilities on the validation rows, exports ONNX (parity-checked) and
 writes everything to ``settings.data_dir/models/<run id>/``:
 
 ```
@@ -91,23 +92,40 @@ def load_training_data(settings, scenario: str | None = None, events: int | None
     return ds, oracle, source
 
 
+def drop_warmup(ds: dict, warmup_ms: int) -> dict:
+    """The rows of ``ds`` from ``first event time + warmup_ms`` on. The dropped rows' events
+    still count in every window of the kept rows (``training_set`` computed the windows from
+    all events): the warm-up is feature history only, so the first trained and evaluated
+    rows do not see windows that are empty only because the data set starts there."""
+    if warmup_ms <= 0 or len(ds["label"]) == 0:
+        return ds
+    t = np.asarray(ds["event_time_ms"])
+    keep = t >= int(t.min()) + int(warmup_ms)
+    return {k: (v[keep] if isinstance(v, np.ndarray) and len(v) == len(t) else v)
+            for k, v in ds.items()}
+
+
 def run_training(settings, ds: dict, oracle=None, kinds=("lr", "deep"), out_dir: Path | None = None,
                  seed: int = 0, epochs: int | None = None, neg_downsample: float | None = None,
                  val_fraction: float = 0.1, source: str = "", progress: bool = True,
-                 log=print, train_kwargs: dict | None = None) -> dict:
+                 log=print, train_kwargs: dict | None = None, warmup_hours: float = 0.0) -> dict:
     """Train, evaluate, export and write the run directory; returns the run summary.
-    ``train_kwargs``: kind -> extra keyword arguments of ``models.training.train``."""
+    ``train_kwargs``: kind -> extra keyword arguments of ``models.training.train``.
+    ``warmup_hours``: the first hours of ``ds`` are feature history only (:func:`drop_warmup`)."""
     from models.evaluation import evaluate, reliability_diagram, write_model_card
     from models.export import export_onnx
     from models.training import save_checkpoint, train
 
+    rows_before = len(ds["label"])
+    ds = drop_warmup(ds, int(round(warmup_hours * 3_600_000)))
     n = len(ds["label"])
     if n == 0:
         raise ValueError("the training set is empty (no labeled impressions in the window)")
     run_id = time.strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) if out_dir else models_root(settings) / run_id
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = dict(run_id=out.name, source=source, rows=n, models={})
+    warmup = dict(hours=warmup_hours, rows_dropped=rows_before - n)
+    summary: dict = dict(run_id=out.name, source=source, rows=n, warmup=warmup, models={})
     curves, val_rows, labels, oracle_p = {}, None, None, None
     for kind in kinds:
         kw = dict(seed=seed, epochs=epochs, neg_downsample=neg_downsample, progress=progress,
@@ -125,7 +143,8 @@ def run_training(settings, ds: dict, oracle=None, kinds=("lr", "deep"), out_dir:
         reliability_diagram(kdir / "reliability.png", curves_k, info["val_labels"],
                             title=f"{BASE_NAMES[kind]} (validation)")
         card = write_model_card(kdir / "card.json", name=BASE_NAMES[kind], evaluation=ev, info=info,
-                                extra=dict(source=source, onnx=exp, run_id=out.name))
+                                extra=dict(source=source, warmup=warmup, onnx=exp,
+                                           run_id=out.name))
         curves[kind] = info["val_probs"]
         val_rows, labels = vi, info["val_labels"]
         summary["models"][kind] = dict(evaluation=ev, train_seconds=info["train_seconds"],
@@ -185,6 +204,9 @@ def register(app) -> None:
         epochs: int = typer.Option(None, help="epochs (default per model)"),
         neg_downsample: float = typer.Option(None, help="keep negatives with this probability"),
         val_fraction: float = typer.Option(0.1, help="last fraction of event time for validation"),
+        warmup_hours: float = typer.Option(
+            1.0, help="the first hours of labeled impressions are feature history only "
+                      "(their events fill the windows; they are neither trained on nor evaluated)"),
         out_dir: Path = typer.Option(None, "--out", help="run directory (default data_dir/models/<run id>)"),
     ):
         """Train the LR baseline and DCN-v2, evaluate against the oracle, export ONNX."""
@@ -199,7 +221,8 @@ def register(app) -> None:
             ds, orc, source = load_training_data(settings, scenario, events, scenario_seed, traffic,
                                                  oracle, start_ms, end_ms, log=console.print)
             summary = run_training(settings, ds, orc, kinds, out_dir, seed, epochs, neg_downsample,
-                                   val_fraction, source, log=console.print)
+                                   val_fraction, source, log=console.print,
+                                   warmup_hours=warmup_hours)
         except (FileNotFoundError, ValueError) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None

@@ -316,6 +316,10 @@ class Traffic:
         self.clicks = clicks
         self.oracle = oracle
         self.meta = dict(meta or {})
+        # per-impression terms of the hidden logit (numpy arrays in impression order: logit,
+        # user, ad, site, heat, interest, site_category, fatigue, trend; intercept): set by
+        # ``generate`` only, kept in memory, never written (bench/ne_gap.py decomposes with it)
+        self.truth: dict | None = None
         self._plan_cache: _Plan | None = None
         self._enc_cols: tuple | None = None
 
@@ -518,7 +522,18 @@ def generate(scenario: Scenario) -> Traffic:
         "mean_fatigue_ad_count": float(n_user_ad.mean()), "hot_share": float(hot.mean()),
         "start_ms": sc.start_ms, "end_ms": sc.end_ms,
     }
-    return Traffic(sc, imps, clicks, oracle, meta)
+    tr = Traffic(sc, imps, clicks, oracle, meta)
+    with np.errstate(divide="ignore"):
+        trend = np.log(p) - np.log1p(-p) - logit
+    tr.truth = dict(
+        logit=logit + trend, intercept=b0, user=mk.user_eff[user], ad=mk.ad_eff[ad],
+        site=mk.site_eff[site], heat=sc.heat_logit * hot,
+        interest=sc.interest_logit * match.astype(np.float64),
+        site_category=np.einsum("ij,ij->i", mk.site_latent[site], mk.cat_latent[category]),
+        fatigue=-(sc.fatigue_ad * np.log1p(n_user_ad) + sc.fatigue_advertiser * np.log1p(n_user_adv)),
+        trend=trend,
+    )
+    return tr
 
 
 def _simulate_clicks(sc: Scenario, mk: _Market, ad, t, logit, u_click, delay, b0) -> np.ndarray:
