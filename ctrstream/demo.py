@@ -588,7 +588,7 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
           lambda: _topic_count(st.settings, st.settings.topics.labeled) >= n_labeled * 0.99, 600,
           ["speed-join"], st)
     def calibrator_done() -> bool:
-        # every prediction is either joined with its label or expired from the join state
+        # every prediction is joined with its label or dropped (expired, degraded, duplicate)
         m = _scrape_or_empty(ports["calibrate"])
         return (m.get("ctrstream_calibration_joined_total", 0)
                 + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)) >= expected

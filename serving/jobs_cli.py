@@ -21,7 +21,7 @@ def _metrics_server(settings) -> None:
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port)
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,9 @@ Join state is bounded: an unmatched prediction is dropped once the label stream'
 time has passed it by ``retention_ms`` (its label is not coming: the attribution window
 closed long ago), an unmatched label once the prediction stream has passed it by as much,
 and either side is capped at ``max_pending`` entries (oldest evicted first). Every drop is
-counted.
+counted (``ctrstream_calibration_join_dropped_total{side, why}``, ``why`` one of expired,
+capped, degraded - a fallback score, not learned from - and duplicate), so joined + dropped
+predictions always add up to the predictions read.
 
 Exactly-once state: the job assigns itself every partition of both topics (one instance
 per deployment: the calibrators are tiny, one process keeps up with the stream) and keeps
@@ -160,11 +162,13 @@ class Calibrate:
             st.pred_watermark = max(st.pred_watermark, p.event_time_ms)
             if p.degraded or not p.model_version:  # fallback scores: no model to calibrate
                 self.dropped["degraded"] += 1
+                _metrics()["dropped"].labels("pred", "degraded").inc()
                 st.labels.pop(iid, None)
                 st.done[iid] = None  # its label, when it comes, is dropped too
                 continue
             if iid in st.done:
                 self.dropped["duplicate"] += 1
+                _metrics()["dropped"].labels("pred", "duplicate").inc()
                 continue
             lab = st.labels.pop(iid, None)
             if lab is not None:
@@ -178,6 +182,7 @@ class Calibrate:
             st.label_watermark = max(st.label_watermark, imp.event_time_ms)
             if iid in st.done:
                 self.dropped["duplicate"] += 1
+                _metrics()["dropped"].labels("label", "duplicate").inc()
                 continue
             lab = (int(lb.clicked), imp.event_time_ms, imp.position, imp.device_type)
             pred = st.preds.pop(iid, None)

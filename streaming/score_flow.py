@@ -207,6 +207,6 @@ def get_flow(model: str = "ctr_deep", batch_size: int = 1000, stop_at_end: bool 
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port)
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
     return build_flow(settings, model=model, model_name=model_name, batch_size=batch_size,
                       stop_at_end=stop_at_end, from_end=from_end)

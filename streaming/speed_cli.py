@@ -16,6 +16,7 @@ windows close (see ``streaming.speed_kafka``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,6 +56,27 @@ def init_recovery(recovery_dir: Path, partitions: int = 1) -> bool:
     return True
 
 
+SHARDS_FILE = "ctrstream-shards.json"
+
+
+def check_shards(recovery_dir: Path) -> None:
+    """The features flow's shard count is part of its snapshots: record it in the recovery
+    store the first time, and refuse to resume that store with a different count."""
+    from streaming.features_flow import N_SHARDS
+
+    marker = Path(recovery_dir) / SHARDS_FILE
+    if not marker.exists():
+        marker.write_text(json.dumps({"n_shards": N_SHARDS}))
+        return
+    had = json.loads(marker.read_text()).get("n_shards")
+    if had != N_SHARDS:
+        raise typer.BadParameter(
+            f"the recovery store {recovery_dir} was written with {had} shards, this features "
+            f"flow uses {N_SHARDS} (CTRSTREAM_SPEED_SHARDS): resuming would lose the state of "
+            f"the other shards. Set CTRSTREAM_SPEED_SHARDS={had}, or give a new --recovery-dir "
+            "(a new store starts the flow from scratch).")
+
+
 def run_jobs(flows: list[str], workers: int, processes: int, recovery_root: Path | None,
              snapshot_s: float, stop_at_end: bool, log=print) -> int:
     """Start every process of every flow in this process group and wait for them."""
@@ -65,6 +87,8 @@ def run_jobs(flows: list[str], workers: int, processes: int, recovery_root: Path
             rdir = Path(recovery_root) / flow
             if init_recovery(rdir, max(1, processes)):
                 log(f"{flow}: initialised recovery store {rdir}")
+            if flow == "features":
+                check_shards(rdir)
         for k, argv in enumerate(job_commands(flow, workers, processes, rdir, snapshot_s, stop_at_end)):
             env = {**os.environ, "CTRSTREAM_SPEED_PROCESS_INDEX": str(k),
                    "PYTHONUNBUFFERED": "1"}

@@ -280,3 +280,18 @@ def test_sink_prunes_hot_hashes_and_renews_ttl_on_new_buckets(settings, r, uniqu
         sink.close()
         r.delete(key)
 
+
+
+def test_recovery_store_remembers_the_shard_count(tmp_path, monkeypatch):
+    """Resuming a recovery store with a different shard count would silently drop the state
+    of the missing shards: `ctrstream speed` refuses it with a clear message."""
+    import typer
+
+    import streaming.features_flow as ff
+    from streaming.speed_cli import check_shards
+
+    check_shards(tmp_path)
+    check_shards(tmp_path)  # same count: fine
+    monkeypatch.setattr(ff, "N_SHARDS", ff.N_SHARDS + 1)
+    with pytest.raises(typer.BadParameter, match="shards"):
+        check_shards(tmp_path)
