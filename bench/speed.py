@@ -288,11 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replayed {total:,} records in {time.time() - t0:.0f}s ({summary.describe()})")
         raw = _raw_consume(s, total)
         rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
-        r = redis.Redis.from_url(s.redis.url)
+        r = redis.Redis.from_url(s.redis.url, socket_timeout=120)
         runs = [(int(x), 1) for x in args.workers.split(",")]
         runs += [(1, int(x)) for x in args.processes.split(",") if x and int(x) > 1]
         for w, procs in runs:
-            r.flushdb()
+            r.flushdb(asynchronous=True)
             before = _redis_usec(r)
             row = _run_features(s, w, total, log_dir, procs)
             used = {k: v - before.get(k, (0, 0))[0] for k, (v, _) in _redis_usec(r).items()}
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             f = bench_settings("fresh")
             ensure_topics(f, f.topics.all())
             made.append(f)
-            r.flushdb()
+            r.flushdb(asynchronous=True)
             rows += _steady(f, args.rate, args.seconds, args.join_window_s, log_dir)
     finally:
         if not args.keep_topics:

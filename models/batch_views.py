@@ -14,8 +14,16 @@ What a batch view with cut-off ``T`` holds (``T == features.align_cutoff(T)``)
   ``models.batch_features.long_window_range`` defines it, events in
   ``[day(T) - days, day(T))``. Identical to the training value for every ``t`` on the day of
   ``T``; a view from an earlier day serves that day's value until the next view lands.
+* ``bv:{version}:{entity}:{eid}:sums`` - what serving reads (one ``HMGET`` per entity): the
+  long-window fields again and, per resolution, the **suffix sums** of the bucket counts above,
+  ``{res}:i{b}`` / ``{res}:c{b}`` = sum over the view's buckets ``>= b``
+  (``features.suffix_field``), for every ``b`` of ``features.view_buckets(T, res)`` up to the
+  entity's last non-empty bucket (later ones are 0: absent). The batch part of a window
+  (buckets ``lo..hi``) is ``S[lo] - S[hi + 1]``: 2 fields per count, whatever the number of
+  buckets. The per-bucket hashes stay (reconciliation compares them cell by cell).
 * ``bv:{version}:meta`` - ``cutoff_ms``, ``created_ms``, ``fingerprint``
-  (``features.fingerprint()``) plus ``keys``/``buckets`` counts: written **after** every data
+  (``features.fingerprint()``), ``sums`` = 1 (the view carries the ``:sums`` hashes; readers
+  fall back to the per-bucket hashes without it) plus ``keys``/``buckets`` counts: written **after** every data
   key of the version, then ``bv:current`` is switched with one ``SET``. A reader that reads
   the pointer and then the version therefore always sees a complete version.
 * Versions: ``{cutoff_ms}-{created_ms}`` (sortable, no ``:``). Each is registered in the
@@ -47,7 +55,7 @@ from models.batch_features import (
 )
 
 VERSIONS_KEY = "bv:versions"
-PIPELINE_CHUNK = 5_000
+PIPELINE_CHUNK = 50_000  # commands per pipelined round trip
 
 
 def redis_client(settings: Settings):
@@ -90,16 +98,44 @@ def compute_batch_view(imps: pa.Table, clks: pa.Table, cutoff_ms: int) -> tuple[
     return buckets, longs
 
 
-def _grouped_fields(buckets: pa.Table, longs: pa.Table, version: str):
-    """(key, fields, values) per Redis hash, built by DuckDB (one Python step per key)."""
+def _grouped_fields(buckets: pa.Table, longs: pa.Table, version: str, cutoff_ms: int):
+    """(key, fields, values) per Redis hash, built by DuckDB (one Python step per key): the
+    per-bucket hashes, the long-window hashes and the ``:sums`` hashes (suffix sums)."""
     con = _connect()
     try:
         con.register("b", buckets)
         con.register("l", longs)
         bkey = f"'bv:{version}:' || entity || ':' || eid || ':' || res"
         lkey = f"'bv:{version}:' || entity || ':' || eid || ':long'"
-        ti, tc = F.EVENT_TYPES  # field names as features.field / features.long_field
+        skey = f"'bv:{version}:' || entity || ':' || eid || ':sums'"
+        ti, tc = F.EVENT_TYPES  # field names as features.field / long_field / suffix_field
+        # field order of a :sums hash (a small hash is a list Redis scans): long windows, then
+        # the resolutions from the longest window down (the 24h sums are read by almost every
+        # request, the 5m ones only when the cut-off is minutes old), buckets ascending
+        by_window = sorted(F.RESOLUTIONS, key=lambda r: -r.window_ms)
+        spans = ", ".join(f"('{r.name}', {F.view_buckets(cutoff_ms, r).start}, "
+                          f"{F.view_buckets(cutoff_ms, r).stop}, {1 + by_window.index(r)})"
+                          for r in F.RESOLUTIONS)
         sql = f"""
+            WITH vb AS (SELECT * FROM (VALUES {spans}) t(res, lo, hi, ord)),
+            held AS (SELECT b.* FROM b JOIN vb USING (res) WHERE bucket >= lo AND bucket < hi),
+            dense AS (
+                SELECT g.entity, g.eid, g.res, unnest(range(vb.lo, g.last + 1)) AS bucket
+                FROM (SELECT entity, eid, res, max(bucket) AS last FROM held GROUP BY ALL) g
+                JOIN vb USING (res)),
+            suffix AS (
+                SELECT d.entity, d.eid, d.res, d.bucket,
+                       CAST(sum(coalesce(h.imps, 0)) OVER w AS BIGINT) AS si,
+                       CAST(sum(coalesce(h.clicks, 0)) OVER w AS BIGINT) AS sc
+                FROM dense d LEFT JOIN held h USING (entity, eid, res, bucket)
+                WINDOW w AS (PARTITION BY d.entity, d.eid, d.res ORDER BY d.bucket DESC
+                             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)),
+            pairs AS (
+                SELECT {skey} AS key, 0 AS ord, 0 AS bucket, '{ti}' || long_window AS fi,
+                       '{tc}' || long_window AS fc, imps AS vi, clicks AS vc FROM l
+                UNION ALL
+                SELECT {skey} AS key, vb.ord, bucket, res || ':{ti}' || CAST(bucket AS VARCHAR),
+                       res || ':{tc}' || CAST(bucket AS VARCHAR), si, sc FROM suffix JOIN vb USING (res))
             SELECT {bkey} AS key,
                    flatten(list(['{ti}' || CAST(bucket AS VARCHAR), '{tc}' || CAST(bucket AS VARCHAR)])) AS f,
                    flatten(list([imps, clicks])) AS v
@@ -108,7 +144,11 @@ def _grouped_fields(buckets: pa.Table, longs: pa.Table, version: str):
             SELECT {lkey} AS key,
                    flatten(list(['{ti}' || long_window, '{tc}' || long_window])) AS f,
                    flatten(list([imps, clicks])) AS v
-            FROM l GROUP BY key"""
+            FROM l GROUP BY key
+            UNION ALL
+            SELECT key, flatten(list([fi, fc] ORDER BY ord, bucket)) AS f,
+                   flatten(list([vi, vc] ORDER BY ord, bucket)) AS v
+            FROM pairs GROUP BY key"""
         return fetch_arrow(con, sql).to_pydict()
     finally:
         con.close()
@@ -150,31 +190,47 @@ def publish_batch_view(settings: Settings, data_dir: Path | str | None = None,
 
 
 def write_batch_view(settings: Settings, buckets: pa.Table, longs: pa.Table, cutoff_ms: int,
-                     keep: int = 2, r=None, t0: float | None = None) -> dict:
-    """Write computed view tables under a new version and switch the pointer to it."""
+                     keep: int = 2, r=None, t0: float | None = None,
+                     ttl_ms: int | None = None) -> dict:
+    """Write computed view tables under a new version and switch the pointer to it.
+    ``buckets``: ``entity, eid, res, bucket, imps, clicks``; ``longs``: ``entity, eid,
+    long_window, imps, clicks`` (as :func:`compute_batch_view` returns them). ``ttl_ms``:
+    expire every key of the version after that long (benchmarks; default: never)."""
     t0 = t0 or time.perf_counter()
     r = r or redis_client(settings)
     created = int(time.time() * 1000)
     version = f"{int(cutoff_ms)}-{created}"
     r.zadd(VERSIONS_KEY, {version: created})
 
-    g = _grouped_fields(buckets, longs, version)
-    pipe = r.pipeline(transaction=False)
-    pending = 0
-    for key, fields, values in zip(g["key"], g["f"], g["v"]):
-        pipe.hset(key, mapping=dict(zip(fields, values)))
-        pending += 1
-        if pending >= PIPELINE_CHUNK:
-            pipe.execute()
-            pending = 0
-    if pending:
-        pipe.execute()
+    g = _grouped_fields(buckets, longs, version, int(cutoff_ms))
+    # Millions of hashes: RESP packed by hiredis (C) and streamed in pipelined chunks through
+    # the speed layer's writer (redis-py spends ~40 us of Python per pipelined HSET; this ~3).
+    from streaming.speed_redis import RespPipeline, encode
+
+    pipe = RespPipeline(settings, timeout=60.0)
+    ttl = str(int(ttl_ms)).encode() if ttl_ms else None
+    try:
+        cmds: list[bytes] = []
+        for key, fields, values in zip(g["key"], g["f"], g["v"]):
+            args = [None] * (2 * len(fields))
+            args[0::2], args[1::2] = fields, values
+            cmds.append(encode((b"HSET", key, *args)))
+            if ttl:
+                cmds.append(encode((b"PEXPIRE", key, ttl)))
+            if len(cmds) >= PIPELINE_CHUNK:
+                pipe.execute(cmds)
+                cmds = []
+        pipe.execute(cmds)
+    finally:
+        pipe.close()
     keys_written = len(g["key"])
 
     # meta last, then the pointer: a reader that follows the pointer sees a complete version
     r.hset(F.batch_meta_key(version), mapping={
         "cutoff_ms": int(cutoff_ms), "created_ms": created, "fingerprint": F.fingerprint(),
-        "keys": keys_written, "buckets": buckets.num_rows})
+        F.BATCH_SUMS_FLAG: 1, "keys": keys_written, "buckets": buckets.num_rows})
+    if ttl_ms:
+        r.pexpire(F.batch_meta_key(version), int(ttl_ms))
     r.set(F.BATCH_POINTER_KEY, version)
 
     # clean-up: versions without meta (a publisher died half way) always go; of the complete
@@ -194,9 +250,11 @@ def write_batch_view(settings: Settings, buckets: pa.Table, longs: pa.Table, cut
 
 
 def read_view_counts(r, version: str, entity: str, eid: str, res: str) -> dict[str, int]:
-    """The fields of one batch-view hash as ints (for reconciliation and tests)."""
-    h = r.hgetall(F.batch_key(version, entity, eid, res) if res != "long"
-                  else F.batch_long_key(version, entity, eid))
+    """The fields of one batch-view hash as ints (for reconciliation and tests); ``res`` is a
+    resolution name, ``long`` or ``sums``."""
+    h = r.hgetall(F.batch_long_key(version, entity, eid) if res == "long"
+                  else F.batch_sums_key(version, entity, eid) if res == "sums"
+                  else F.batch_key(version, entity, eid, res))
     return {k.decode(): int(v) for k, v in h.items()}
 
 

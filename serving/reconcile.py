@@ -75,7 +75,7 @@ FIELD_RE = re.compile(rb"^([ic])(-?\d+)$")
 REASONS = ("late", "late+lost_update", "lost_update", "missing_key", "duplicates",
            "archive_lag", "unexplained")
 SCAN_COUNT = 5000
-CHUNK = 2000
+CHUNK = 20_000
 
 
 @dataclass
@@ -184,26 +184,42 @@ def _parse_key(rest: str) -> tuple[str, str, str] | None:
     return entity, eid, res
 
 
-def _scan_view(r, prefix: str) -> dict[tuple[str, str, str], dict]:
-    """Every hash under ``prefix`` parsed into {(entity, eid, res): {(type, bucket): count}}."""
+def _scan_view(r, prefix: str, settings=None) -> dict[tuple[str, str, str], dict]:
+    """Every hash under ``prefix`` parsed into {(entity, eid, res): {(type, bucket): count}}.
+    With ``settings`` the HGETALLs go through the speed layer's RESP writer (hiredis-parsed
+    replies, no redis-py objects per command: millions of hashes in seconds)."""
     keys = []
     for k in r.scan_iter(match=prefix + "*", count=SCAN_COUNT):
         parsed = _parse_key(k.decode()[len(prefix):])
         if parsed:
             keys.append((k, parsed))
     out = {}
-    for i in range(0, len(keys), CHUNK):
-        chunk = keys[i:i + CHUNK]
-        pipe = r.pipeline(transaction=False)
-        for k, _ in chunk:
-            pipe.hgetall(k)
-        for (_, parsed), h in zip(chunk, pipe.execute()):
-            cells = {}
-            for f, v in h.items():
-                m = FIELD_RE.match(f)
-                if m:
-                    cells[(m.group(1).decode(), int(m.group(2)))] = int(v)
-            out[parsed] = cells
+    fast = None
+    if settings is not None:
+        from streaming.speed_redis import RespPipeline, encode
+
+        fast = RespPipeline(settings, timeout=60.0)
+    try:
+        for i in range(0, len(keys), CHUNK):
+            chunk = keys[i:i + CHUNK]
+            if fast is not None:
+                replies = fast.execute_replies([encode((b"HGETALL", k)) for k, _ in chunk])
+                hashes = [zip(h[0::2], h[1::2]) for h in replies]
+            else:
+                pipe = r.pipeline(transaction=False)
+                for k, _ in chunk:
+                    pipe.hgetall(k)
+                hashes = [h.items() for h in pipe.execute()]
+            for (_, parsed), h in zip(chunk, hashes):
+                cells = {}
+                for f, v in h:
+                    m = FIELD_RE.match(f)
+                    if m:
+                        cells[(m.group(1).decode(), int(m.group(2)))] = int(v)
+                out[parsed] = cells
+    finally:
+        if fast is not None:
+            fast.close()
     return out
 
 
@@ -350,8 +366,8 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
         raise RuntimeError(f"batch view {version!r} has no {F.batch_meta_key(version)} cutoff_ms")
     cutoff = int(meta["cutoff_ms"])
 
-    batch = _scan_view(r, f"bv:{version}:")
-    speed = _scan_view(r, "sv:")
+    batch = _scan_view(r, f"bv:{version}:", settings)
+    speed = _scan_view(r, "sv:", settings)
     bspan, sspan = _bucket_span(batch), _bucket_span(speed)
     lateness = int(settings.allowed_lateness_s * 1000)
     high = max((hi * F.RESOLUTION_BY_NAME[res].bucket_ms for res, (_, hi) in sspan.items()),
