@@ -16,6 +16,15 @@ with the client-side latency into
 * ``outside`` = client latency - app (HTTP parsing, event-loop queueing, the network and the
   load generator itself).
 
+``--live-events-per-s N`` keeps writing N impressions per second into the speed view of the
+benchmark's entities while the load runs (every flush interval, like the speed layer), so
+the API's shared-entity cache is measured against a live speed view, not only a quiet one.
+
+CPU per request (``cpu_api_ms``, ``cpu_redis_ms``, ``cpu_triton_ms``, ``cpu_loadgen_ms``):
+user + system CPU of each process (Triton with its Python-backend stubs) over a step, per
+request sent - on a 2-core machine they share the cores, so their sum bounds the rate.
+``cache_hit_rate``: the API's shared-entity feature cache over the step (from ``/metrics``).
+
 Set-up, unless told otherwise: with ``--isolated`` Redis and Triton are started on free
 loopback ports in a temporary directory (stopped by PID at the end); otherwise the running
 local stack (``ctrstream stack up``) is used. When the model is not ready on Triton a small
@@ -202,8 +211,11 @@ class Universe:
 
 def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
     """Speed-view buckets for the universe's ads, campaigns, advertisers, sites,
-    site x category and a slice of users; a batch view (with long windows) when none is
-    served. Returns what was written."""
+    site x category and a slice of users; when no batch view is served, a batch view of the
+    same counts (closed buckets up to a cut-off two hours back, plus long windows) written by
+    the batch layer's own writer (``models.batch_views.write_batch_view``: per-bucket hashes
+    and the ``:sums`` hashes serving reads). Returns what was written."""
+    import pyarrow as pa
     import redis
 
     r = redis.Redis.from_url(settings.redis.url)
@@ -216,11 +228,10 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
     ents += [("site_x_category", f"{s}:{c}") for s in uni.sites for c in np.unique(uni.category)]
     ents += [("user", str(u)) for u in uni.users[:2000]]
     served = r.get(F.BATCH_POINTER_KEY)
-    version = None
     cutoff = F.align_cutoff(now_ms - 2 * F.HOUR_MS)
-    if served is None:
-        version = f"bench{now_ms}"
-    ttl = 6 * 3600
+    ttl_ms = 6 * 3600 * 1000
+    bucket_rows: dict[str, list] = {k: [] for k in ("entity", "eid", "res", "bucket", "imps", "clicks")}
+    long_rows: dict[str, list] = {k: [] for k in ("entity", "eid", "long_window", "imps", "clicks")}
     pipe = r.pipeline(transaction=False)
     for k, (ent, eid) in enumerate(ents):
         for res in F.RESOLUTIONS:
@@ -231,32 +242,86 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
             for b, i, c in zip(buckets, imps, clicks):
                 mapping[F.field("i", b)] = int(i)
                 mapping[F.field("c", b)] = int(c)
+                if served is None and (b + 1) * res.bucket_ms <= cutoff:
+                    for col, v in zip(bucket_rows, (ent, eid, res.name, b, int(i), int(c))):
+                        bucket_rows[col].append(v)
             pipe.hset(F.speed_key(ent, eid, res.name), mapping=mapping)
-            pipe.expire(F.speed_key(ent, eid, res.name), ttl)
-            if version:
-                bk = F.batch_key(version, ent, eid, res.name)
-                closed = {f: v for f, v in mapping.items()
-                          if (int(f[1:]) + 1) * res.bucket_ms <= cutoff}
-                if closed:
-                    pipe.hset(bk, mapping=closed)
-                    pipe.expire(bk, ttl)
-        if version:
-            lk = F.batch_long_key(version, ent, eid)
-            pipe.hset(lk, mapping={F.long_field(t, w): int(rng.poisson(5000 if t == "i" else 100))
-                                   for w in F.LONG_WINDOWS for t in F.EVENT_TYPES})
-            pipe.expire(lk, ttl)
+            pipe.pexpire(F.speed_key(ent, eid, res.name), ttl_ms)
+        if served is None:
+            for w in F.LONG_WINDOWS:
+                for col, v in zip(long_rows, (ent, eid, w.name, int(rng.poisson(5000)),
+                                              int(rng.poisson(100)))):
+                    long_rows[col].append(v)
         if k % 500 == 499:
             pipe.execute()
-    if version:
-        pipe.hset(F.batch_meta_key(version), mapping={"cutoff_ms": cutoff, "created_ms": now_ms,
-                                                      "fingerprint": F.fingerprint()})
-        pipe.expire(F.batch_meta_key(version), ttl)
-        pipe.set(F.BATCH_POINTER_KEY, version, nx=True)
     pipe.execute()
+    version = None
+    if served is None:
+        from models.batch_views import write_batch_view
+
+        i64 = pa.int64()
+        buckets_t = pa.table(bucket_rows).cast(pa.schema([
+            ("entity", pa.string()), ("eid", pa.string()), ("res", pa.string()),
+            ("bucket", i64), ("imps", i64), ("clicks", i64)]))
+        longs_t = pa.table(long_rows).cast(pa.schema([
+            ("entity", pa.string()), ("eid", pa.string()), ("long_window", pa.string()),
+            ("imps", i64), ("clicks", i64)]))
+        version = write_batch_view(settings, buckets_t, longs_t, cutoff, r=r, ttl_ms=ttl_ms)["version"]
     r.close()
     log(f"seeded {len(ents)} entities x {len(F.RESOLUTIONS)} resolutions"
         + (f"; batch view {version} cut-off {cutoff}" if version else "; batch view: the served one"))
     return {"entities": len(ents), "batch_version": version or served.decode()}
+
+
+class LiveSpeedWriter:
+    """Stands in for the speed layer while the load runs (``--live-events-per-s``): every
+    flush interval it counts ``events_per_s x interval`` random impressions of the universe
+    into the current bucket of every resolution of their shared entities (ad, campaign,
+    advertiser, site, site x category) - speed-view writes that Redis reports to the API's
+    cache, as in a live system (HINCRBY here; the speed layer sets absolute values: both are
+    writes)."""
+
+    def __init__(self, settings, uni: Universe, events_per_s: float, interval_s: float):
+        import threading
+
+        self.settings, self.uni = settings, uni
+        self.events_per_s, self.interval_s = float(events_per_s), float(interval_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="live-speed-writer", daemon=True)
+        self.events = 0
+        self.flushes = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        import redis
+
+        r = redis.Redis.from_url(self.settings.redis.url)
+        rng = np.random.default_rng(3)
+        uni = self.uni
+        cats = uni.category
+        while not self._stop.wait(self.interval_s):
+            now = int(time.time() * 1000)
+            n = int(rng.poisson(self.events_per_s * self.interval_s))
+            idx = rng.integers(0, uni.n_ads, n)
+            sites = rng.choice(uni.sites, n)
+            pipe = r.pipeline(transaction=False)
+            for i, site in zip(idx.tolist(), sites.tolist()):
+                for ent, eid in (("ad", uni.ads[i]), ("campaign", uni.campaign[i]),
+                                 ("advertiser", uni.advertiser[i]), ("site", site),
+                                 ("site_x_category", f"{site}:{cats[i]}")):
+                    for res in F.RESOLUTIONS:
+                        pipe.hincrby(F.speed_key(ent, str(eid), res.name),
+                                     F.field("i", now // res.bucket_ms), 1)
+            pipe.execute()
+            self.events += n
+            self.flushes += 1
+        r.close()
 
 
 # --------------------------------------------------------------------------- load
@@ -380,6 +445,67 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- CPU and cache
+
+
+def _proc_cpu_s(pid: int, descendants: bool = True) -> float:
+    """User + system CPU seconds of a process and (by default) its descendants (Linux /proc;
+    0 if gone)."""
+    total = 0.0
+    stack = [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while stack:
+        p = stack.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            if descendants:
+                for task in Path(f"/proc/{p}/task").iterdir():
+                    stack += [int(k) for k in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class CpuMeter:
+    """CPU time per request of each process taking part (the API, Redis, Triton with its
+    Python-backend stubs, this load generator): on a 2-core machine they all share the cores,
+    so this - not only latency - says where the time goes."""
+
+    def __init__(self, pids: dict[str, int | None]):
+        self.pids = {k: v for k, v in pids.items() if v}
+        self.pids["loadgen"] = os.getpid()
+        self._at: dict[str, float] = {}
+
+    def _cpu(self, k: str, pid: int) -> float:
+        # the load generator started the API (and an isolated stack): itself only
+        return _proc_cpu_s(pid, descendants=(k != "loadgen"))
+
+    def start(self) -> None:
+        self._at = {k: self._cpu(k, p) for k, p in self.pids.items()}
+
+    def per_request_ms(self, n: int) -> dict[str, float]:
+        return {f"cpu_{k}_ms": (self._cpu(k, p) - self._at.get(k, 0.0)) / max(n, 1) * 1000
+                for k, p in self.pids.items()}
+
+
+def _cache_counts(url: str) -> tuple[float, float] | None:
+    """(hits, misses) of the API's shared-entity feature cache from /metrics."""
+    import httpx
+
+    try:
+        text = httpx.get(url.rstrip("/") + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    got = {"hit": 0.0, "miss": 0.0}
+    for line in text.splitlines():
+        if line.startswith("ctrstream_api_feature_cache_total{"):
+            for k in got:
+                if f'result="{k}"' in line:
+                    got[k] = float(line.rsplit(" ", 1)[1])
+    return got["hit"], got["miss"]
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -421,9 +547,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--isolated", action="store_true",
                     help="start Redis + Triton on free ports in a temp dir (stopped at the end)")
     ap.add_argument("--no-seed", action="store_true", help="do not write benchmark features")
+    ap.add_argument("--live-events-per-s", type=float, default=0.0,
+                    help="while the load runs, write this many impressions per second into the "
+                         "speed view of the benchmark's entities every flush interval (a live "
+                         "speed layer: invalidates the API's cache); 0: a quiet speed view")
+    ap.add_argument("--no-feature-tracking", action="store_true",
+                    help="the API's cache by TTL only (no Redis invalidation reports)")
     ap.add_argument("--feature-method", default="script", choices=["script", "pipeline"])
-    ap.add_argument("--feature-cache-s", type=float, default=2.0,
-                    help="the API's shared-entity feature cache (0: every request reads Redis)")
+    ap.add_argument("--feature-cache-s", type=float, default=None,
+                    help="the API's shared-entity feature cache TTL (0: every request reads Redis; "
+                         "default and maximum: the speed layer's flush interval)")
     ap.add_argument("--name", default="api", help="results file name (bench/results/NAME.json/png)")
     args = ap.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
@@ -453,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
             api_proc = start_job([sys.executable, "-c", "from ctrstream.cli import app; app()", "serve", "--host", "127.0.0.1",
                                   "--port", str(port), "--model-name", model_name,
                                   "--feature-method", args.feature_method,
-                                  "--feature-cache-s", str(args.feature_cache_s)],
+                                  *([] if args.feature_cache_s is None
+                                    else ["--feature-cache-s", str(args.feature_cache_s)]),
+                                  *(["--no-feature-tracking"] if args.no_feature_tracking else [])],
                                  env={**os.environ, **settings_env(settings)}, log_path=log_path)
             print(f"API PID {api_proc.pid} on {url} (log {log_path})")
             _wait_ready(url, 60, api_proc)
@@ -464,20 +599,46 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup > 0:
             asyncio.run(run_step(predict, bodies, min(rates), args.warmup, args.drain, args.timeout))
         rows = []
+        svc_pid = {}
+        try:
+            st = stack or Stack(settings)
+            svc_pid = {name: st.by_name(name).pid() for name in ("redis", "triton")}
+        except Exception:  # noqa: BLE001 - no local stack: CPU of the API and load generator only
+            pass
+        meter = CpuMeter({"api": api_proc.pid if api_proc is not None else None, **svc_pid})
+        writer = None
+        if args.live_events_per_s > 0:
+            writer = LiveSpeedWriter(settings, uni, args.live_events_per_s,
+                                     settings.flush_interval_ms / 1000.0)
+            writer.start()
         for rate in rates:
+            before = _cache_counts(url)
+            meter.start()
             rec, elapsed = asyncio.run(run_step(predict, bodies, rate, args.duration, args.drain,
                                                 args.timeout))
             row = summarize(rate, rec, elapsed)
+            row.update(meter.per_request_ms(len(rec)))
+            after = _cache_counts(url)
+            if before and after and sum(after) > sum(before):
+                row["cache_hit_rate"] = (after[0] - before[0]) / (sum(after) - sum(before))
             rows.append(row)
             print(f"{rate:6.0f} rps: p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  "
                   f"errors {row['errors']}  degraded {row['degraded']}", flush=True)
+        if writer is not None:
+            writer.stop()
         cols = ["rate_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "errors", "degraded",
-                *[f"{k}_ms" for k in STAGES], "framework_ms", "outside_ms", "send_lag_p99_ms"]
+                *[f"{k}_ms" for k in STAGES], "framework_ms", "outside_ms", "send_lag_p99_ms",
+                "cache_hit_rate", *[f"cpu_{k}_ms" for k in ("api", "redis", "triton", "loadgen")]]
         print_table(f"prediction API, {args.candidates} candidates/request, open loop", rows, cols)
         meta = {"candidates": args.candidates, "duration_s": args.duration, "rates": rates,
                 "model": model_name, "url": url, "isolated": args.isolated, "seeded": seeded,
                 "feature_method": args.feature_method,
-                "feature_cache_s": args.feature_cache_s, "target": "p99 <= 25 ms at 200 rps",
+                "feature_cache_s": (args.feature_cache_s if args.feature_cache_s is not None
+                                    else settings.flush_interval_ms / 1000.0),
+                "feature_tracking": not args.no_feature_tracking,
+                "live_events_per_s": args.live_events_per_s,
+                "live_events_written": writer.events if writer is not None else 0,
+                "target": "p99 <= 25 ms at 200 rps",
                 "latency": "from each request's scheduled send time (open loop)"}
         path = write_results(args.name, rows, meta)
         png = RESULTS / f"{args.name}.png"

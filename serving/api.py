@@ -16,7 +16,25 @@ Prometheus histograms on ``/metrics``.
 
 Bad input is a 4xx with a precise message, never a 500: the request models are strict
 (``extra="forbid"``, no type coercion, bounded numbers and lengths), a body that is not JSON
-is a 422, and any unexpected failure inside scoring degrades the answer instead of failing it.
+is a 422 (a declared non-JSON content type a 415), and any unexpected failure inside scoring
+degrades the answer instead of failing it.
+
+Fast path (the endpoint is called ~200 times a second with 100 candidates each): the body is
+parsed and validated in one step by pydantic-core (``PredictRequest.model_validate_json`` -
+the same strict models, the same error messages, documented in the OpenAPI schema), the
+answer is encoded with msgspec straight from the score arrays (no per-candidate model
+objects), and the ``Server-Timing`` middleware is plain ASGI.
+
+Feature freshness: counts of entities that do not involve the user (ad, campaign,
+advertiser, site, site x category) are reused across requests while they provably lag Redis
+by less than ``feature_cache_s`` (default and maximum: the speed layer's flush interval,
+``settings.flush_interval_ms``): for that long after they were read, or - with
+``feature_tracking`` (default) - until Redis reports a write to them, as long as the
+invalidation channel's heartbeat is that fresh (``streaming.featurestore``).
+``feature_cache_staleness_ms`` in the answer is the bound for the reused counts of that
+request (null: everything read now). Hit and miss counts are on ``/metrics``
+(``ctrstream_api_feature_cache_total``), the channel's state on ``/readyz``
+(``feature_cache``).
 
 ``GET /healthz`` (the process is up), ``GET /readyz`` (Redis answers and the model is ready
 on Triton; 503 otherwise), ``GET /metrics``, ``GET /openapi.json`` and ``/docs``.
@@ -29,14 +47,15 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
+import msgspec
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.assembly import assemble_async, request_columns
+from serving.assembly import CANDIDATE_FIELDS, assemble_async, request_columns
 from serving.triton_client import DEFAULT_MODEL, AsyncScorer
 from streaming.featurestore import AsyncFeatureStore, redis_client
 
@@ -97,9 +116,48 @@ class PredictResponse(BaseModel):
     batch_cutoff_ms: int | None
     newest_bucket_ms: int | None
     feature_staleness_ms: int | None
+    feature_cache_staleness_ms: float | None = None
 
 
 STAGES = ("redis", "assembly", "triton", "calibration", "handler", "app")
+_ENCODE = msgspec.json.Encoder().encode
+
+
+def _is_json(content_type: str | None) -> bool:
+    """No content type, ``application/json`` or ``application/*+json`` (as FastAPI accepts)."""
+    if not content_type:
+        return True
+    main = content_type.split(";", 1)[0].strip().lower()
+    return main == "application/json" or (main.startswith("application/") and main.endswith("+json"))
+
+
+class _ServerTiming:
+    """Pure ASGI middleware: the ``app`` stage (the whole app, from the request to the start
+    of the response) and the ``Server-Timing`` header of the handler's stages."""
+
+    def __init__(self, app, hist):
+        self.app = app
+        self.hist = hist
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})
+
+        async def send_timed(message):
+            if message["type"] == "http.response.start":
+                st = state.get("timings")
+                if st is not None:
+                    dt = time.perf_counter() - t0
+                    st["app"] = dt
+                    self.hist.labels("app").observe(dt)
+                    value = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in st.items())
+                    message = {**message, "headers": [*message.get("headers", ()),
+                                                      (b"server-timing", value.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_timed)
 
 
 class _Calibration:
@@ -135,12 +193,31 @@ class _Calibration:
         return np.clip(out, 0.0, 1.0), "river"
 
 
+def _errors(exc_errors, prefix: tuple = ()) -> tuple[str, list[dict]]:
+    errors = []
+    for e in exc_errors:
+        loc = ".".join(str(p) for p in (*prefix, *e.get("loc", ())))
+        errors.append({"loc": loc, "type": e.get("type"), "msg": e.get("msg")})
+    return "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:10]), errors[:50]
+
+
 def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = None,
                max_rows: int = 256, feature_method: str = "script",
-               feature_cache_s: float = 2.0) -> FastAPI:
-    """The API app. ``feature_cache_s``: how long window counts of entities that do not
-    involve the user (ad, campaign, advertiser, site, site x category) are reused between
-    requests - bounded extra staleness in exchange for far fewer Redis reads (0: off)."""
+               feature_cache_s: float | None = None, feature_tracking: bool = True) -> FastAPI:
+    """The API app. ``feature_cache_s``: the most the reused window counts of entities that
+    do not involve the user (ad, campaign, advertiser, site, site x category) may lag Redis -
+    bounded extra staleness in exchange for far fewer Redis reads. Default and maximum: the
+    speed layer's flush interval (``settings.flush_interval_ms``), so a served count is at
+    most one more flush interval behind than Redis itself; 0: no cache.
+    ``feature_tracking``: keep cached counts until Redis reports a write to them (server-
+    assisted invalidation, ``streaming.featurestore.InvalidationTracker``) instead of for
+    ``feature_cache_s`` only - the bound above still holds, enforced by heartbeats."""
+    flush_s = settings.flush_interval_ms / 1000.0
+    if feature_cache_s is None:
+        feature_cache_s = flush_s
+    if not 0 <= feature_cache_s <= flush_s:
+        raise ValueError(f"feature_cache_s must be between 0 and the speed layer's flush interval "
+                         f"({flush_s:g} s, settings.flush_interval_ms), not {feature_cache_s:g}")
     registry = CollectorRegistry()
     stage_hist = Histogram("ctrstream_api_stage_seconds", "server time per stage of /v1/predict",
                            ["stage"], registry=registry,
@@ -149,6 +226,9 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
     requests = Counter("ctrstream_api_requests_total", "prediction requests by outcome",
                        ["outcome"], registry=registry)
     candidates_c = Counter("ctrstream_api_candidates_total", "candidates scored", registry=registry)
+    cache_c = Counter("ctrstream_api_feature_cache_total",
+                      "entity keys of /v1/predict served from the shared-entity feature cache (hit) "
+                      "or read from Redis while it is on (miss)", ["result"], registry=registry)
 
     state: dict = {}
 
@@ -156,12 +236,14 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
     async def lifespan(app: FastAPI):
         state["redis"] = redis_client(settings, asyncio=True, timeout_s=max(0.05, settings.triton.timeout_s / 2))
         state["store"] = AsyncFeatureStore(state["redis"], mode="lambda", method=feature_method,
-                                           cache_ttl_s=feature_cache_s)
+                                           cache_ttl_s=feature_cache_s, tracking=feature_tracking)
+        await state["store"].start()
         state["scorer"] = AsyncScorer(settings, model=model, model_name=model_name, max_rows=max_rows)
         state["calibration"] = _Calibration(settings)
         try:
             yield
         finally:
+            await state["store"].close()
             await state["scorer"].close()
             await state["redis"].aclose()
 
@@ -169,38 +251,42 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
                   description="Ranks an ad request's candidates by calibrated pCTR "
                               "(lambda-merged features, ONNX model on Triton, River calibration).",
                   lifespan=lifespan)
+    app.add_middleware(_ServerTiming, hist=stage_hist)
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        dt = time.perf_counter() - t0
-        st = getattr(request.state, "timings", None)
-        if st is not None:
-            st["app"] = dt
-            stage_hist.labels("app").observe(dt)
-            response.headers["Server-Timing"] = ", ".join(
-                f"{k};dur={v * 1000:.3f}" for k, v in st.items())
-        return response
+    def invalid_response(msg: str, errors: list, status: int = 422) -> JSONResponse:
+        requests.labels("invalid").inc()
+        return JSONResponse(status_code=status, content={"detail": msg, "errors": errors})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        requests.labels("invalid").inc()
-        errors = []
-        for e in exc.errors():
-            loc = ".".join(str(p) for p in e.get("loc", ()))
-            errors.append({"loc": loc, "type": e.get("type"), "msg": e.get("msg")})
-        msg = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:10])
-        return JSONResponse(status_code=422, content={"detail": msg, "errors": errors[:50]})
+        return invalid_response(*_errors(exc.errors()))
 
-    @app.post("/v1/predict", response_model=PredictResponse)
-    async def predict(req: PredictRequest, request: Request) -> PredictResponse:
+    request_schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    request_defs = request_schema.pop("$defs", {})
+
+    @app.post("/v1/predict", response_model=PredictResponse, openapi_extra={"requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}})
+    async def predict(request: Request):
         h0 = time.perf_counter()
-        t_ms = req.context.event_time_ms or int(time.time() * 1000)
-        ctx = req.context.model_dump()
+        if not _is_json(request.headers.get("content-type")):
+            return invalid_response("body: content-type must be application/json",
+                                    [{"loc": "body", "type": "content_type",
+                                      "msg": "content-type must be application/json"}], 415)
+        try:
+            req = PredictRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            return invalid_response(*_errors(e.errors(), ("body",)))
+        ctx_m = req.context
+        t_ms = ctx_m.event_time_ms or int(time.time() * 1000)
+        ctx = {"site_id": ctx_m.site_id, "device_type": ctx_m.device_type,
+               "country": ctx_m.country, "position": ctx_m.position,
+               "event_time_ms": ctx_m.event_time_ms}
         cands = req.candidates
         reasons: list[str] = []
-        columns = request_columns(req.user_id, ctx, [c.__dict__ for c in cands], t_ms)
+        ids = np.array([(c.ad_id, c.campaign_id, c.advertiser_id, c.ad_category) for c in cands],
+                       dtype=np.int64)
+        columns = request_columns(req.user_id, ctx, {f: ids[:, k] for k, f in enumerate(CANDIDATE_FIELDS)}, t_ms)
         asm = await assemble_async(state["store"], columns, t_ms)
         if asm.degraded:
             reasons.append(asm.error or "feature store unavailable")
@@ -213,26 +299,47 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
             if not res.degraded else (raw, "none")
         t_end = time.perf_counter()
         order = np.argsort(-calibrated, kind="stable")
-        out = [ScoredCandidate(ad_id=cands[i].ad_id, campaign_id=cands[i].campaign_id,
-                               advertiser_id=cands[i].advertiser_id,
-                               ad_category=cands[i].ad_category, rank=r + 1,
-                               raw_score=float(raw[i]), calibrated_score=float(calibrated[i]))
-               for r, i in enumerate(order.tolist())]
+        ranked = ids[order].tolist()
+        out = [{"ad_id": a, "campaign_id": c, "advertiser_id": v, "ad_category": g, "rank": r,
+                "raw_score": x, "calibrated_score": y}
+               for r, ((a, c, v, g), x, y) in enumerate(
+                   zip(ranked, raw[order].tolist(), calibrated[order].tolist()), 1)]
         fr = asm.read
         timings = {"redis": fr.timings.get("redis", 0.0), "assembly": fr.timings.get("assembly", 0.0),
                    "triton": res.timings.get("triton", 0.0), "calibration": t_end - t_cal}
+        degraded = bool(reasons)
+        body = _ENCODE({
+            "candidates": out, "model_name": res.model_name, "model_version": res.model_version,
+            "calibration": calibration, "degraded": degraded, "degraded_reasons": reasons,
+            "event_time_ms": t_ms, "batch_version": fr.batch_version, "batch_cutoff_ms": fr.cutoff_ms,
+            "newest_bucket_ms": fr.newest_bucket_ms, "feature_staleness_ms": fr.staleness_ms,
+            "feature_cache_staleness_ms": (None if fr.cache_staleness_s is None
+                                           else round(fr.cache_staleness_s * 1000, 3))})
         timings["handler"] = time.perf_counter() - h0
         for k, v in timings.items():
             stage_hist.labels(k).observe(v)
         request.state.timings = timings
-        degraded = bool(reasons)
         requests.labels("degraded" if degraded else "ok").inc()
         candidates_c.inc(len(cands))
-        return PredictResponse(
-            candidates=out, model_name=res.model_name, model_version=res.model_version,
-            calibration=calibration, degraded=degraded, degraded_reasons=reasons,
-            event_time_ms=t_ms, batch_version=fr.batch_version, batch_cutoff_ms=fr.cutoff_ms,
-            newest_bucket_ms=fr.newest_bucket_ms, feature_staleness_ms=fr.staleness_ms)
+        if fr.cache_hits:
+            cache_c.labels("hit").inc(fr.cache_hits)
+        if fr.cache_misses:
+            cache_c.labels("miss").inc(fr.cache_misses)
+        return Response(content=body, media_type="application/json")
+
+    def openapi():
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                              routes=app.routes)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(request_defs)
+            schemas["PredictRequest"] = request_schema
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/healthz")
     async def healthz():
@@ -248,6 +355,7 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
             checks["redis_error"] = f"{type(e).__name__}: {e}"
         checks["model"] = await state["scorer"].ready()
         checks["model_name"] = state["scorer"].model_name
+        checks["feature_cache"] = state["store"].cache_stats()
         ok = checks["redis"] and checks["model"]
         return JSONResponse(status_code=200 if ok else 503,
                             content={"status": "ready" if ok else "not ready", **checks})

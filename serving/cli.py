@@ -17,8 +17,14 @@ def register(app: typer.Typer) -> None:
         max_rows: int = typer.Option(256, help="most rows per Triton request"),
         feature_method: str = typer.Option("script", help="Redis read: script (one EVALSHA) or pipeline"),
         feature_cache_s: float = typer.Option(
-            2.0, help="seconds to reuse counts of ad/campaign/advertiser/site entities (0: off)"),
+            None, help="seconds to reuse counts of ad/campaign/advertiser/site entities between "
+                       "requests (0: off; default and maximum: the speed layer's flush interval)"),
+        feature_tracking: bool = typer.Option(
+            True, help="keep cached counts until Redis reports a write to them (CLIENT TRACKING), "
+                       "within the same staleness bound"),
         log_level: str = typer.Option("warning", help="uvicorn log level"),
+        loop: str = typer.Option("auto", help="event loop: auto (uvloop when installed), asyncio, uvloop"),
+        http: str = typer.Option("auto", help="HTTP parser: auto (httptools when installed), h11, httptools"),
     ):
         """Run the prediction API (POST /v1/predict, /healthz, /readyz, /metrics, /docs)."""
         import uvicorn
@@ -29,12 +35,20 @@ def register(app: typer.Typer) -> None:
         if feature_method not in ("script", "pipeline"):
             raise typer.BadParameter("--feature-method must be script or pipeline")
         settings = get_settings()
-        api = create_app(settings, model=model, model_name=model_name, max_rows=max_rows,
-                         feature_method=feature_method, feature_cache_s=feature_cache_s)
+        try:
+            api = create_app(settings, model=model, model_name=model_name, max_rows=max_rows,
+                             feature_method=feature_method, feature_cache_s=feature_cache_s,
+                             feature_tracking=feature_tracking)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
         if settings.metrics_port:
             typer.echo("note: the API serves its metrics on /metrics of the API port", err=True)
+        if loop not in ("auto", "asyncio", "uvloop"):
+            raise typer.BadParameter("--loop must be auto, asyncio or uvloop")
+        if http not in ("auto", "h11", "httptools"):
+            raise typer.BadParameter("--http must be auto, h11 or httptools")
         uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False,
-                    loop="asyncio", lifespan="on")
+                    loop=loop, http=http, lifespan="on")
 
     try:
         jobs = importlib.import_module("serving.jobs_cli")

@@ -153,8 +153,11 @@ class AsyncScorer:
         deadline = time.monotonic() + self.timeout_s
         stats = {"attempts": 0}
         bounds = [(s, min(s + self.max_rows, n)) for s in range(0, n, self.max_rows)]
-        parts = await asyncio.gather(*[
-            self._infer_chunk(sparse[a:b], dense[a:b], "", deadline, stats) for a, b in bounds])
+        if len(bounds) == 1:  # the usual case (one request's candidates): no task to schedule
+            parts = [await self._infer_chunk(sparse, dense, "", deadline, stats)]
+        else:
+            parts = await asyncio.gather(*[
+                self._infer_chunk(sparse[a:b], dense[a:b], "", deadline, stats) for a, b in bounds])
         versions = [v for _, v in parts]
         newest = max(versions, key=lambda v: (len(v), v))
         if any(v != newest for v in versions):  # a switch landed mid-call: one model per call

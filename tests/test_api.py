@@ -191,6 +191,40 @@ def test_health_ready_metrics_and_openapi(api, body):
     assert spec["components"]["schemas"]["PredictRequest"]["additionalProperties"] is False
 
 
+def test_shared_entity_cache_is_bounded_by_the_flush_interval_and_measured(settings, model, body):
+    """The API reuses counts of entities that do not involve the user for at most the speed
+    layer's flush interval (the default), says how old the oldest reused entry was, and counts
+    hits and misses on /metrics. A longer TTL is refused."""
+    with pytest.raises(ValueError, match="flush interval"):
+        create_app(settings, model_name=model, feature_cache_s=settings.flush_interval_ms / 1000 + 0.001)
+    with TestClient(create_app(settings, model_name=model)) as client:
+        store = client.app.state.ctr["store"]
+        assert store.cache_ttl_s == settings.flush_interval_ms / 1000
+        first = client.post("/v1/predict", json=body).json()
+        second = client.post("/v1/predict", json=body).json()
+        metrics = client.get("/metrics").text
+    assert first["feature_cache_staleness_ms"] is None  # nothing cached yet: everything read now
+    assert [c["raw_score"] for c in second["candidates"]] == [c["raw_score"] for c in first["candidates"]]
+    if second["feature_cache_staleness_ms"] is not None:  # the second request came within the TTL
+        assert 0 <= second["feature_cache_staleness_ms"] < settings.flush_interval_ms
+    assert 'ctrstream_api_feature_cache_total{result="miss"}' in metrics
+    with TestClient(create_app(settings, model_name=model, feature_cache_s=0)) as client:
+        doc = client.post("/v1/predict", json=body).json()
+        assert doc["feature_cache_staleness_ms"] is None and client.app.state.ctr["store"].cache_ttl_s == 0
+
+
+def test_non_json_content_type_is_a_415_and_the_body_schema_is_documented(api, body):
+    resp = api.post("/v1/predict", content=json.dumps(body), headers={"content-type": "text/plain"})
+    assert resp.status_code == 415 and "application/json" in resp.json()["detail"]
+    ok = api.post("/v1/predict", content=json.dumps(body),
+                  headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+    spec = api.get("/openapi.json").json()
+    ref = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert ref == {"$ref": "#/components/schemas/PredictRequest"}
+    assert {"Context", "Candidate", "PredictResponse"} <= set(spec["components"]["schemas"])
+
+
 def test_triton_down_gives_a_degraded_fallback_answer(settings, body):
     dead = settings.model_copy(update={"triton": settings.triton.model_copy(
         update={"grpc_port": free_port(), "timeout_s": 0.3})})

@@ -172,6 +172,42 @@ def test_assembly_equals_point_in_time_training_features_for_any_cutoff(r, setti
     assert got.dense.dtype == np.float32 and got.dense.shape == (len(cands), F.N_DENSE)
 
 
+def _event_tables(imps, clicks):
+    import msgspec
+    import pyarrow as pa
+
+    from models.archive import SCHEMAS
+
+    return (pa.Table.from_pylist([msgspec.structs.asdict(e) for e in imps], schema=SCHEMAS["impressions"]),
+            pa.Table.from_pylist([msgspec.structs.asdict(e) for e in clicks], schema=SCHEMAS["clicks"]))
+
+
+@pytest.mark.parametrize("method", ["script", "pipeline"])
+def test_the_batch_layers_own_view_with_suffix_sums_serves_the_training_features(
+        r, settings, world, unique, method):
+    """The same contract, with the batch view computed from the raw events by the batch layer
+    itself (``models.batch_views.compute_batch_view``) and written by its writer: per-bucket
+    hashes plus the ``:sums`` hashes (suffix sums) the script reads the batch part from -
+    two fields per count whatever the number of buckets. Equal to the brute-force training
+    counts for every cut-off."""
+    from models.batch_views import compute_batch_view, write_batch_view as publish
+
+    imps, clicks, user, ctx, cands, rows = world
+    want_counts = brute_force_counts(rows, imps, clicks, T)
+    it, ct = _event_tables(imps, clicks)
+    columns = request_columns(user, ctx, cands, T)
+    store = FeatureStore(redis_client(settings), method=method, pointer_ttl_s=0)
+    for h in (19, 6, 1):
+        cutoff = F.align_cutoff(T - h * F.HOUR_MS)
+        buckets, longs = compute_batch_view(it, ct, cutoff)
+        version = publish(settings, buckets, longs, cutoff, keep=1000, r=r)["version"]
+        assert r.hget(F.batch_meta_key(version), F.BATCH_SUMS_FLAG) == b"1"
+        got = assemble(store, columns, T)
+        assert got.read.batch_version == version and got.read.cutoff_ms == cutoff
+        np.testing.assert_array_equal(got.counts, want_counts, err_msg=f"cut-off {h}h before t")
+        np.testing.assert_array_equal(got.dense, F.dense_from_counts(want_counts))
+
+
 def test_disagreeing_views_show_the_batch_view_wins_for_closed_buckets(r, settings, world, unique):
     """Guard against a merge that silently reads one view only: corrupt the speed view's
     closed buckets - serving must not change; corrupt the open bucket - it must."""

@@ -63,6 +63,26 @@ def reference_view(it, ct, T: int, version: str) -> dict[str, dict[str, int]]:
                         for et in F.EVENT_TYPES:
                             h.setdefault(F.long_field(et, w), 0)
                         h[F.long_field(F.EVENT_TYPES[c], w)] += 1
+    # the :sums hash of every entity with view data: its long windows, and per resolution the
+    # suffix sums S[b] = counts of the view's buckets >= b, for every bucket of the view from
+    # its first one up to the entity's last non-empty one
+    for e in F.ENTITIES:
+        prefix = f"bv:{version}:{e.name}:"
+        eids = {k[len(prefix):].rsplit(":", 1)[0] for k in list(ref) if k.startswith(prefix)}
+        for eid in eids:
+            sums = {}
+            sums.update(ref.get(F.batch_long_key(version, e.name, eid), {}))
+            for r in F.RESOLUTIONS:
+                per = ref.get(F.batch_key(version, e.name, eid, r.name))
+                if not per:
+                    continue
+                last = max(int(f[1:]) for f in per)
+                for b in range(F.view_buckets(T, r).start, last + 1):
+                    for et in F.EVENT_TYPES:
+                        sums[F.suffix_field(r.name, et, b)] = sum(
+                            v for f, v in per.items() if f[0] == et and int(f[1:]) >= b)
+            if sums:
+                ref[F.batch_sums_key(version, e.name, eid)] = sums
     return ref
 
 
@@ -89,6 +109,7 @@ def test_batch_view_equals_reference(bv_settings, archive):
     assert got == dict(ref)
     assert res["keys_written"] == len(ref) + 1 and res["buckets"] > 0
     assert any(k.endswith(":long") for k in ref) and any(k.endswith(":24h") for k in ref)
+    assert any(k.endswith(":sums") for k in ref) and meta[F.BATCH_SUMS_FLAG] == "1"
 
 
 def test_batch_plus_speed_reproduces_training(bv_settings, archive):

@@ -260,3 +260,273 @@ def test_cache_serves_shared_entities_until_ttl_window_move_or_switch(r, setting
     assert switched.batch_version == other and switched.counts[0, -1, 0] == 2
     uncached = FeatureStore(redis_client(settings)).read(keys, T + F.MINUTE_MS).counts
     np.testing.assert_array_equal(switched.counts, uncached)
+
+
+# --------------------------------------------------------------------------- batch-view suffix sums
+
+
+def _random_view_tables(rng, cutoff: int, n_ent: int, prefix: str):
+    """Bucket and long-window tables as ``models.batch_views.compute_batch_view`` returns
+    them: random counts in random buckets of the view (some entities sparse, some empty)."""
+    import pyarrow as pa
+
+    rows = {k: [] for k in ("entity", "eid", "res", "bucket", "imps", "clicks")}
+    longs = {k: [] for k in ("entity", "eid", "long_window", "imps", "clicks")}
+    keys = []
+    for n in range(n_ent):
+        ent = F.ENTITIES[n % len(F.ENTITIES)].name
+        eid = f"{prefix}{n}"
+        keys.append(f"{ent}:{eid}")
+        if n % 5 == 4:
+            continue  # no batch data at all
+        for res in F.RESOLUTIONS:
+            held = list(F.view_buckets(cutoff, res))
+            for b in rng.choice(held, size=int(rng.integers(0, len(held) + 1)), replace=False):
+                imps = int(rng.integers(1, 60))
+                for col, v in zip(rows, (ent, eid, res.name, int(b), imps, int(rng.integers(0, imps + 1)))):
+                    rows[col].append(v)
+        if n % 3:
+            for w in F.LONG_WINDOWS:
+                for col, v in zip(longs, (ent, eid, w.name, int(rng.integers(0, 9000)), int(rng.integers(0, 90)))):
+                    longs[col].append(v)
+    i64 = pa.int64()
+    bt = pa.table(rows).cast(pa.schema([("entity", pa.string()), ("eid", pa.string()), ("res", pa.string()),
+                                        ("bucket", i64), ("imps", i64), ("clicks", i64)]))
+    lt = pa.table(longs).cast(pa.schema([("entity", pa.string()), ("eid", pa.string()),
+                                         ("long_window", pa.string()), ("imps", i64), ("clicks", i64)]))
+    return bt, lt, keys
+
+
+def test_suffix_sums_of_the_batch_view_equal_the_per_bucket_view(r, settings, unique):
+    """The script reads the batch part of every window from the view's ``:sums`` hash (two
+    fields per count); the pipeline method sums the per-bucket hashes field by field. Both
+    must agree for any read time - before, at and after the cut-off - in every mode, and the
+    ``:sums`` hashes must hold exactly the suffix sums of the per-bucket ones."""
+    from models.batch_views import read_view_counts, write_batch_view
+
+    rng = np.random.default_rng(5)
+    bt, lt, keys = _random_view_tables(rng, CUTOFF, 40, f"sx{unique}")
+    # speed data around the cut-off too (some of it overlapping the view, as in real life)
+    pipe = r.pipeline(transaction=False)
+    for n, ek in enumerate(keys):
+        ent, eid = ek.split(":", 1)
+        for res in F.RESOLUTIONS:
+            lo = CUTOFF // res.bucket_ms - res.n_buckets
+            bs = range(lo, lo + 3 * res.n_buckets)
+            if n % 4:
+                pipe.hset(F.speed_key(ent, eid, res.name), mapping={
+                    f"{t}{b}": int(rng.integers(0, 30)) for b in bs for t in "ic"})
+    pipe.execute()
+    version = write_batch_view(settings, bt, lt, CUTOFF, keep=1000, r=r)["version"]
+    assert r.hget(F.batch_meta_key(version), F.BATCH_SUMS_FLAG) == b"1"
+
+    # the :sums hash = suffix sums of the per-bucket hash (absent fields are 0)
+    for ek in keys:
+        ent, eid = ek.split(":", 1)
+        sums = read_view_counts(r, version, ent, eid, "sums")
+        for res in F.RESOLUTIONS:
+            per = read_view_counts(r, version, ent, eid, res.name)
+            for b in F.view_buckets(CUTOFF, res):
+                for t in F.EVENT_TYPES:
+                    want = sum(v for f, v in per.items() if f[0] == t and int(f[1:]) >= b)
+                    assert sums.get(F.suffix_field(res.name, t, b), 0) == want, (ek, res.name, b, t)
+        long = read_view_counts(r, version, ent, eid, "long")
+        assert {f: v for f, v in sums.items() if ":" not in f} == long
+
+    client = redis_client(settings)
+    for mode in ("lambda", "batch", "speed"):
+        for dt in (-30 * F.MINUTE_MS, -1, 0, 1, 7 * F.MINUTE_MS, 5 * F.HOUR_MS + 1, 30 * F.HOUR_MS):
+            t = CUTOFF + dt
+            script = FeatureStore(client, mode=mode).read(keys, t)
+            pipeline = FeatureStore(client, mode=mode, method="pipeline").read(keys, t)
+            np.testing.assert_array_equal(script.counts, pipeline.counts, err_msg=f"{mode} t=cutoff{dt:+d}")
+            assert script.batch_version == pipeline.batch_version
+            assert script.newest_bucket_ms == pipeline.newest_bucket_ms
+
+
+def test_script_reads_one_sums_hash_per_entity_for_the_batch_part(r, settings, unique):
+    """The batch part of every window and the long windows: one HMGET of a few fields."""
+    from models.batch_views import write_batch_view
+
+    rng = np.random.default_rng(9)
+    bt, lt, keys = _random_view_tables(rng, CUTOFF, 16, f"sy{unique}")
+    write_batch_view(settings, bt, lt, CUTOFF, keep=1000, r=r)
+    store = FeatureStore(redis_client(settings), mode="batch")
+    r.config_resetstat()
+    store.read(keys, CUTOFF + 5 * F.HOUR_MS)
+    stats = r.info("commandstats")
+    # batch mode reads no speed view: the meta, then one HMGET per entity
+    assert stats["cmdstat_hmget"]["calls"] == 1 + len(keys)
+
+
+def test_keys_of_columns_are_the_entity_ids_of_the_rows():
+    """Keys built per distinct field value (the API's path) = ``features.entity_id`` per row."""
+    from serving.assembly import entity_ids, request_columns
+    from streaming.featurestore import _keys_of_columns, _keys_of_rows, _parents_of_keys
+
+    rng = np.random.default_rng(1)
+    cands = [{"ad_id": int(a), "campaign_id": int(a) // 3, "advertiser_id": int(a) // 7,
+              "ad_category": int(a) % 4} for a in rng.integers(0, 40, 120)]
+    cols = request_columns(17, {"site_id": 3, "device_type": "ctv", "country": "US", "position": 1},
+                           cands, T)
+    ids = entity_ids(cols)
+    names = [e.name for e in F.ENTITIES]
+    for keys, inv, parents in (_keys_of_columns(cols), _keys_of_rows(ids)):
+        assert len(set(keys)) == len(keys)
+        got = np.array(keys, dtype=object)[inv]
+        want = np.array([[f"{n}:{i}" for n, i in zip(names, row)] for row in ids], dtype=object)
+        assert (got == want).all()
+        np.testing.assert_array_equal(np.sort(parents, axis=1), np.sort(_parents_of_keys(keys), axis=1))
+        assert (parents < np.arange(len(keys))[:, None]).all()  # parents come first
+
+
+def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
+    """With a shared-entity cache of TTL ``ttl``, every value a read returns for a shared
+    entity was the value in Redis at some moment within ``ttl`` before the read; user
+    entities are never cached. A fake clock makes the property exact: writes are increasing
+    values, so each value names the moment it was written."""
+    r.delete(F.BATCH_POINTER_KEY)
+    ttl = settings.flush_interval_ms / 1000.0
+    now = [1000.0]
+    store = FeatureStore(redis_client(settings), cache_ttl_s=ttl, clock=lambda: now[0])
+    ad, user = f"ad:st{unique}", f"user:st{unique}"
+    b = T // F.RESOLUTIONS[0].bucket_ms
+    history = {ad: [(now[0], 0)], user: [(now[0], 0)]}  # (written at, value)
+    rng = np.random.default_rng(2)
+    value = 0
+    for _ in range(300):
+        now[0] += float(rng.uniform(0, ttl / 3))
+        for key in (ad, user):
+            if rng.random() < 0.4:
+                value += 1
+                ent, eid = key.split(":", 1)
+                r.hset(F.speed_key(ent, eid, "5m"), F.field("i", b), value)
+                history[key].append((now[0], value))
+        fr = store.read([ad, user], T)
+        got = {ad: int(fr.counts[0, 0, 0]), user: int(fr.counts[1, 0, 0])}
+        assert got[user] == history[user][-1][1]  # always read
+        # the ad's value: written within ttl, or the one current ttl ago
+        recent = {v for at, v in history[ad] if at > now[0] - ttl}
+        before = [v for at, v in history[ad] if at <= now[0] - ttl]
+        assert got[ad] in recent | set(before[-1:]), (now[0], got[ad], history[ad][-4:])
+        if fr.cache_hits:
+            assert fr.cache_staleness_s < ttl
+    assert store.cache_hits > 50 and store.cache_misses > 50
+    last = history[ad][-1][1]
+    stale = FeatureStore(redis_client(settings), cache_ttl_s=ttl, clock=lambda: now[0])
+    stale.read([ad], T)
+    r.hset(F.speed_key("ad", ad.split(":", 1)[1], "5m"), F.field("i", b), last + 1000)
+    now[0] += ttl * 0.99
+    assert stale.read([ad], T).counts[0, 0, 0] == last  # within the TTL: the cached value
+    now[0] += ttl * 0.02
+    assert stale.read([ad], T).counts[0, 0, 0] == last + 1000  # TTL passed: read again
+
+
+def test_an_entry_invalidated_while_its_read_is_in_flight_is_not_cached(r, settings, unique):
+    """A write reported between the script's read and storing its result must not leave the
+    (possibly older) result in the cache."""
+    r.delete(F.BATCH_POINTER_KEY)
+    ad = f"ad:race{unique}"
+    _fill(r, F.speed_key, ad.split(":", 1)[1], "ad", lambda res, b: 3, lambda res, b: 0)
+    store = FeatureStore(redis_client(settings), cache_ttl_s=60)
+    real = store._script
+
+    def script_then_report(**kw):
+        reply = real(**kw)
+        store.invalidate([ad])  # the report of a write that raced the read
+        return reply
+
+    store._script = script_then_report
+    store.read([ad], T)
+    assert ad not in store._cache
+    store._script = real
+    store.read([ad], T)
+    assert ad in store._cache  # an undisturbed read is cached
+    store.invalidate_all()
+    assert not store._cache
+
+
+def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, settings, unique):
+    """With server-assisted invalidation (CLIENT TRACKING) a shared entity stays cached past
+    the TTL while Redis reports no write to it; a write drops it; every value served lags
+    Redis by less than the TTL; when the channel is cut, the cache falls back to the TTL and
+    is dropped, and the channel comes back by itself."""
+    import asyncio
+    import time as _time
+
+    r.delete(F.BATCH_POINTER_KEY)
+    ttl = settings.flush_interval_ms / 1000.0
+    ad, user = f"ad:tr{unique}", f"user:tr{unique}"
+    b = T // F.RESOLUTIONS[0].bucket_ms
+    ad_key = F.speed_key("ad", ad.split(":", 1)[1], "5m")
+    r.hset(ad_key, F.field("i", b), 0)
+    r.hset(F.speed_key("user", user.split(":", 1)[1], "5m"), F.field("i", b), 1)
+
+    async def healthy(store, after=None, timeout=10.0):
+        deadline = _time.monotonic() + timeout
+        while _time.monotonic() < deadline:
+            t = store.tracker.acked_sent_at
+            if t is not None and (after is None or t > after):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"tracker not healthy: {store.tracker.status()}")
+
+    async def go():
+        client = redis_client(settings, asyncio=True)
+        store = AsyncFeatureStore(client, cache_ttl_s=ttl, tracking=True, heartbeat_s=0.02)
+        await store.start()
+        try:
+            await healthy(store)
+            first = await store.read([ad, user], T)
+            assert first.cache_hits == 0
+            await asyncio.sleep(ttl * 2)  # older than the TTL, but vouched for by the tracker
+            again = await store.read([ad, user], T)
+            assert again.cache_hits == 1 and again.cache_staleness_s < ttl
+            assert again.counts[0, 0, 0] == 0
+
+            # a write is reported: once a later heartbeat is back, the entry is gone
+            wrote = _time.monotonic()
+            r.hset(ad_key, F.field("i", b), 5)
+            await healthy(store, after=wrote)
+            fresh = await store.read([ad, user], T)
+            assert fresh.cache_hits == 0 and fresh.counts[0, 0, 0] == 5
+
+            # the bound, under a stream of writes: every value served was current in Redis
+            # at some moment less than the TTL before the read
+            history = [(wrote, 5)]
+            value = 5
+            rng = np.random.default_rng(4)
+            hits = 0
+            for _ in range(150):
+                if rng.random() < 0.3:
+                    value += 1
+                    r.hset(ad_key, F.field("i", b), value)
+                    history.append((_time.monotonic(), value))
+                await asyncio.sleep(float(rng.uniform(0, 0.02)))
+                start = _time.monotonic()
+                fr = await store.read([ad, user], T)
+                hits += fr.cache_hits
+                got = int(fr.counts[0, 0, 0])
+                current_then = [v for at, v in history if at <= start - ttl][-1:]
+                allowed = {v for at, v in history if at > start - ttl} | set(current_then)
+                assert got in allowed, (got, history[-3:], start)
+            assert hits > 0
+
+            # cut the channel: no vouching, cache dropped; it comes back by itself
+            assert store._cache
+            for c in r.client_list():
+                if c.get("name", "").startswith("ctrstream-invalidation"):
+                    r.client_kill_filter(_id=c["id"])
+            deadline = _time.monotonic() + 10
+            while store.tracker.restarts < 1 and _time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert store.tracker.restarts >= 1 and store.tracker.last_error
+            await healthy(store)
+            assert store.tracker.status()["healthy"] and not store._cache
+            ok = await store.read([ad, user], T)  # read again after the outage
+            assert ok.cache_hits == 0 and ok.counts[0, 0, 0] == value
+        finally:
+            await store.close()
+            await client.aclose()
+
+    asyncio.run(go())
