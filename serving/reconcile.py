@@ -59,6 +59,7 @@ Outputs: a :class:`Report` (``report.to_dict()``, ``report.markdown()``), writte
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -184,17 +185,24 @@ def _parse_key(rest: str) -> tuple[str, str, str] | None:
     return entity, eid, res
 
 
-def _scan_view(r, prefix: str, settings=None) -> dict[tuple[str, str, str], dict]:
-    """Every hash under ``prefix`` parsed into {(entity, eid, res): {(type, bucket): count}}.
-    With ``settings`` the HGETALLs go through the speed layer's RESP writer (hiredis-parsed
-    replies, no redis-py objects per command: millions of hashes in seconds)."""
+def _scan_view(r, prefix: str, settings=None, res: str | None = None) -> dict[tuple[str, str, str], dict]:
+    """Every hash under ``prefix`` (of resolution ``res`` only, when given) parsed into
+    {(entity, eid, res): {(type, bucket): count}}. A hash that expired between the SCAN and
+    its read is left out (it is missing, not empty). With ``settings`` the HGETALLs go
+    through the speed layer's RESP writer (hiredis-parsed replies, no redis-py objects per
+    command: millions of hashes in seconds)."""
     keys = []
-    for k in r.scan_iter(match=prefix + "*", count=SCAN_COUNT):
+    match = prefix + "*" + (f":{res}" if res else "")
+    for k in r.scan_iter(match=match, count=SCAN_COUNT):
         parsed = _parse_key(k.decode()[len(prefix):])
         if parsed:
             keys.append((k, parsed))
     out = {}
     fast = None
+    # millions of small dicts: the cyclic GC would re-traverse all of them on every gen-2
+    # collection (most of the time went there); nothing built here forms a cycle
+    gc_was = gc.isenabled()
+    gc.disable()
     if settings is not None:
         from streaming.speed_redis import RespPipeline, encode
 
@@ -216,10 +224,13 @@ def _scan_view(r, prefix: str, settings=None) -> dict[tuple[str, str, str], dict
                     m = FIELD_RE.match(f)
                     if m:
                         cells[(m.group(1).decode(), int(m.group(2)))] = int(v)
-                out[parsed] = cells
+                if cells:
+                    out[parsed] = cells
     finally:
         if fast is not None:
             fast.close()
+        if gc_was:
+            gc.enable()
     return out
 
 
@@ -343,6 +354,74 @@ def _metrics():
 
 # --------------------------------------------------------------------------- reconcile
 
+def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, late, report,
+                   diffs, writes, missing_keys) -> None:
+    """Compare the batch and speed views one resolution at a time (memory: one resolution's
+    views, not all three), the finest first: its newest bucket start is the speed layer's
+    high-water (every event is counted at every resolution, and the finest bucket starts
+    latest). Appends to ``diffs``, ``writes`` and ``missing_keys``; fills ``report``."""
+    high = 0
+    for res in sorted(F.RESOLUTIONS, key=lambda x: x.bucket_ms):
+        batch = _scan_view(r, f"bv:{version}:", settings, res.name)
+        speed = _scan_view(r, "sv:", settings, res.name)
+        bspan, sspan = _bucket_span(batch), _bucket_span(speed)
+        if res.name in sspan:
+            high = max(high, sspan[res.name][1] * res.bucket_ms)
+        if res.name not in bspan or res.name not in sspan:
+            report.overlap[res.name] = (0, 0)
+            continue
+        # the speed view retains only its newest speed_keep_buckets buckets per hash (the
+        # features sink prunes older ones): never compare beyond that
+        lo = max(bspan[res.name][0], sspan[res.name][0],
+                 sspan[res.name][1] - F.speed_keep_buckets(res, lateness) + 1)
+        end_ms = min(cutoff, high - lateness)
+        if closed_before_ms is not None:
+            end_ms = min(end_ms, closed_before_ms)
+        hi = end_ms // res.bucket_ms  # buckets b with (b+1)*size <= end
+        report.overlap[res.name] = (lo, hi)
+        if hi <= lo:
+            continue
+        for ident in set(batch) | set(speed):
+            entity, eid, _ = ident
+            bc, sc = batch.get(ident, {}), speed.get(ident)
+            s_cells = sc or {}
+            buckets = {b for (_, b) in bc if lo <= b < hi} | {b for (_, b) in s_cells if lo <= b < hi}
+            if not buckets:
+                continue
+            if sc is None:
+                missing_keys.add(ident)
+            sets, dels = {}, []
+            for b in buckets:
+                report.buckets_compared += 1
+                in_b = any((t, b) in bc for t in F.EVENT_TYPES)
+                in_s = any((t, b) in s_cells for t in F.EVENT_TYPES)
+                bucket_differs = False
+                for t in F.EVENT_TYPES:
+                    report.cells_compared += 1
+                    bv, sv = bc.get((t, b)), s_cells.get((t, b))
+                    d = (bv or 0) - (sv or 0)
+                    if d == 0:
+                        continue
+                    bucket_differs = True
+                    nl = late.get((entity, eid, res.name, t, b), 0)
+                    diffs.append(Difference(entity, eid, res.name, b, t, bv, sv, d, "", nl))
+                    if bv is None:
+                        dels.append(F.field(t, b))
+                    else:
+                        sets[F.field(t, b)] = bv
+                if not bucket_differs:
+                    report.buckets_equal += 1
+                elif in_b and not in_s:
+                    report.missing_in_speed += 1
+                elif in_s and not in_b:
+                    report.missing_in_batch += 1
+                else:
+                    report.buckets_differing += 1
+            if sets or dels:
+                writes.append((F.speed_key(entity, eid, res.name), res.name, sets, dels, sc is not None))
+        del batch, speed
+
+
 def reconcile(settings, data_dir=None, version: str | None = None, *, apply: bool = True,
               closed_before_ms: int | None = None, read_dlq: bool = True, write: bool = True,
               redis_client=None, n_largest: int = 10) -> Report:
@@ -366,78 +445,30 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
         raise RuntimeError(f"batch view {version!r} has no {F.batch_meta_key(version)} cutoff_ms")
     cutoff = int(meta["cutoff_ms"])
 
-    batch = _scan_view(r, f"bv:{version}:", settings)
-    speed = _scan_view(r, "sv:", settings)
-    bspan, sspan = _bucket_span(batch), _bucket_span(speed)
     lateness = int(settings.allowed_lateness_s * 1000)
-    high = max((hi * F.RESOLUTION_BY_NAME[res].bucket_ms for res, (_, hi) in sspan.items()),
-               default=0)
-    overlap = {}
-    for res in F.RESOLUTIONS:
-        if res.name not in bspan or res.name not in sspan:
-            overlap[res.name] = (0, 0)
-            continue
-        # the speed view retains only its newest speed_keep_buckets buckets per hash (the
-        # features sink prunes older ones): never compare beyond that
-        lo = max(bspan[res.name][0], sspan[res.name][0],
-                 sspan[res.name][1] - F.speed_keep_buckets(res, lateness) + 1)
-        end_ms = min(cutoff, high - lateness)
-        if closed_before_ms is not None:
-            end_ms = min(end_ms, closed_before_ms)
-        overlap[res.name] = (lo, end_ms // res.bucket_ms)  # buckets b with (b+1)*size <= end
-
-    report = Report(version=version, cutoff_ms=cutoff, overlap=overlap,
+    report = Report(version=version, cutoff_ms=cutoff, overlap={},
                     created_ms=int(time.time() * 1000))
     late, kinds = late_cells(settings, read_dead_letters(settings)) if read_dlq else ({}, Counter())
     report.dlq = dict(kinds)
 
     diffs: list[Difference] = []
     writes: list[tuple] = []  # (key, res, {field: value} to set, [fields] to delete, key_exists)
-    for ident in set(batch) | set(speed):
-        entity, eid, res = ident
-        lo, hi = overlap[res]
-        if hi <= lo:
-            continue
-        bc, sc = batch.get(ident, {}), speed.get(ident)
-        s_cells = sc or {}
-        buckets = {b for (_, b) in bc if lo <= b < hi} | {b for (_, b) in s_cells if lo <= b < hi}
-        if not buckets:
-            continue
-        sets, dels = {}, []
-        for b in buckets:
-            report.buckets_compared += 1
-            in_b = any((t, b) in bc for t in F.EVENT_TYPES)
-            in_s = any((t, b) in s_cells for t in F.EVENT_TYPES)
-            bucket_differs = False
-            for t in F.EVENT_TYPES:
-                report.cells_compared += 1
-                bv, sv = bc.get((t, b)), s_cells.get((t, b))
-                d = (bv or 0) - (sv or 0)
-                if d == 0:
-                    continue
-                bucket_differs = True
-                nl = late.get((entity, eid, res, t, b), 0)
-                diffs.append(Difference(entity, eid, res, b, t, bv, sv, d, "", nl))
-                if bv is None:
-                    dels.append(F.field(t, b))
-                else:
-                    sets[F.field(t, b)] = bv
-            if not bucket_differs:
-                report.buckets_equal += 1
-            elif in_b and not in_s:
-                report.missing_in_speed += 1
-            elif in_s and not in_b:
-                report.missing_in_batch += 1
-            else:
-                report.buckets_differing += 1
-        if sets or dels:
-            writes.append((F.speed_key(entity, eid, res), res, sets, dels, sc is not None))
+    missing_keys: set[tuple[str, str, str]] = set()  # no speed-view hash at all
+    gc_was = gc.isenabled()
+    gc.disable()  # see _scan_view: no cycles here, and millions of live objects
+    try:
+        _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, late, report,
+                       diffs, writes, missing_keys)
+    finally:
+        if gc_was:
+            gc.enable()
+    report.overlap = {res.name: report.overlap[res.name] for res in F.RESOLUTIONS}
 
     # reasons
     need_archive = [(x.entity, x.eid, x.res, x.event_type, x.bucket) for x in diffs if x.diff < 0]
     archive = _archive_counts(data_dir, need_archive, settings) if need_archive else None
     for x in diffs:
-        key_missing = (x.entity, x.eid, x.res) not in speed
+        key_missing = (x.entity, x.eid, x.res) in missing_keys
         if x.diff > 0:
             if x.late_events >= x.diff:
                 x.reason = "late"
