@@ -53,7 +53,7 @@ class DemoError(RuntimeError):
 @dataclass
 class DemoConfig:
     scenario: str = "drift"
-    events: int = 200_000  # impressions (clicks come on top); see docs/demo.md on sizes
+    events: int = 1_000_000  # impressions (clicks come on top); see docs/demo.md on sizes
     hours: float = 6.0  # event-time span of the scenario
     seed: int = 7
     history_fraction: float = 0.6  # share of event time replayed before the batch layer runs
@@ -726,7 +726,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         scenario: str = typer.Option("drift", help="steady, drift or dirty"),
-        events: int = typer.Option(200_000, help="impressions to generate (clicks come on top)"),
+        events: int = typer.Option(1_000_000, help="impressions to generate (clicks come on top)"),
         hours: float = typer.Option(6.0, help="event-time span of the scenario"),
         seed: int = typer.Option(7),
         replay_seconds: float = typer.Option(45.0, help="wall seconds per replay phase (sets the time compression)"),

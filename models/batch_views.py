@@ -42,6 +42,7 @@ Concurrent publishers are not coordinated (run one batch-view job at a time).
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -189,20 +190,10 @@ def publish_batch_view(settings: Settings, data_dir: Path | str | None = None,
     return write_batch_view(settings, buckets, longs, T, keep=keep, r=r, t0=t0)
 
 
-def write_batch_view(settings: Settings, buckets: pa.Table, longs: pa.Table, cutoff_ms: int,
-                     keep: int = 2, r=None, t0: float | None = None,
-                     ttl_ms: int | None = None) -> dict:
-    """Write computed view tables under a new version and switch the pointer to it.
-    ``buckets``: ``entity, eid, res, bucket, imps, clicks``; ``longs``: ``entity, eid,
-    long_window, imps, clicks`` (as :func:`compute_batch_view` returns them). ``ttl_ms``:
-    expire every key of the version after that long (benchmarks; default: never)."""
-    t0 = t0 or time.perf_counter()
-    r = r or redis_client(settings)
-    created = int(time.time() * 1000)
-    version = f"{int(cutoff_ms)}-{created}"
-    r.zadd(VERSIONS_KEY, {version: created})
-
-    g = _grouped_fields(buckets, longs, version, int(cutoff_ms))
+def _write_hashes(settings: Settings, buckets: pa.Table, longs: pa.Table, version: str,
+                  cutoff_ms: int, ttl_ms: int | None) -> int:
+    """Write every hash of a version; returns how many."""
+    g = _grouped_fields(buckets, longs, version, cutoff_ms)
     # Millions of hashes: RESP packed by hiredis (C) and streamed in pipelined chunks through
     # the speed layer's writer (redis-py spends ~40 us of Python per pipelined HSET; this ~3).
     from streaming.speed_redis import RespPipeline, encode
@@ -224,6 +215,31 @@ def write_batch_view(settings: Settings, buckets: pa.Table, longs: pa.Table, cut
     finally:
         pipe.close()
     keys_written = len(g["key"])
+    return keys_written
+
+
+def write_batch_view(settings: Settings, buckets: pa.Table, longs: pa.Table, cutoff_ms: int,
+                     keep: int = 2, r=None, t0: float | None = None,
+                     ttl_ms: int | None = None) -> dict:
+    """Write computed view tables under a new version and switch the pointer to it.
+    ``buckets``: ``entity, eid, res, bucket, imps, clicks``; ``longs``: ``entity, eid,
+    long_window, imps, clicks`` (as :func:`compute_batch_view` returns them). ``ttl_ms``:
+    expire every key of the version after that long (benchmarks; default: never)."""
+    t0 = t0 or time.perf_counter()
+    r = r or redis_client(settings)
+    created = int(time.time() * 1000)
+    version = f"{int(cutoff_ms)}-{created}"
+    r.zadd(VERSIONS_KEY, {version: created})
+
+    # millions of small lists below: keep the cyclic GC from re-traversing them all the time
+    # (nothing here forms a cycle)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        keys_written = _write_hashes(settings, buckets, longs, version, int(cutoff_ms), ttl_ms)
+    finally:
+        if gc_was:
+            gc.enable()
 
     # meta last, then the pointer: a reader that follows the pointer sees a complete version
     r.hset(F.batch_meta_key(version), mapping={
