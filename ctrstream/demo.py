@@ -444,7 +444,7 @@ def _stack(st: DemoState) -> None:
     st.started_stack = any(v is not None for v in times.values())
     ensure_topics(st.settings, st.settings.topics.all())
     r = redis_lib.Redis.from_url(st.settings.redis.url)
-    r.flushdb()
+    r.flushdb(asynchronous=True)  # a previous run can leave millions of keys: free them in the background
     r.close()
     console.print(f"topics: {', '.join(t.name for t in st.settings.topics.all())}; "
                   f"Redis database {st.settings.redis.db} (flushed)")

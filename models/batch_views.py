@@ -57,6 +57,8 @@ from models.batch_features import (
 
 VERSIONS_KEY = "bv:versions"
 PIPELINE_CHUNK = 50_000  # commands per pipelined round trip
+GROUP_BATCH = 200_000  # hashes fetched from DuckDB at a time
+DUCKDB_MEMORY = "2GB"  # DuckDB's limit while it builds a view's hashes (it spills beyond)
 
 
 def redis_client(settings: Settings):
@@ -100,9 +102,11 @@ def compute_batch_view(imps: pa.Table, clks: pa.Table, cutoff_ms: int) -> tuple[
 
 
 def _grouped_fields(buckets: pa.Table, longs: pa.Table, version: str, cutoff_ms: int):
-    """(key, fields, values) per Redis hash, built by DuckDB (one Python step per key): the
-    per-bucket hashes, the long-window hashes and the ``:sums`` hashes (suffix sums)."""
+    """Batches of {key, f (fields), v (values)} per Redis hash, built by DuckDB (one Python
+    step per key): the per-bucket hashes, the long-window hashes and the ``:sums`` hashes
+    (suffix sums). DuckDB runs with a memory limit and spills to disk beyond it."""
     con = _connect()
+    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
     try:
         con.register("b", buckets)
         con.register("l", longs)
@@ -150,7 +154,12 @@ def _grouped_fields(buckets: pa.Table, longs: pa.Table, version: str, cutoff_ms:
             SELECT key, flatten(list([fi, fc] ORDER BY ord, bucket)) AS f,
                    flatten(list([vi, vc] ORDER BY ord, bucket)) AS v
             FROM pairs GROUP BY key"""
-        return fetch_arrow(con, sql).to_pydict()
+        rel = con.sql(sql)
+        reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
+        # stream the hashes in batches: the whole view as Python lists took ~8 GB at 1M
+        # impressions (2.6M hashes); one batch at a time keeps the writer's memory flat
+        for batch in reader(GROUP_BATCH):
+            yield batch.to_pydict()
     finally:
         con.close()
 
@@ -193,7 +202,6 @@ def publish_batch_view(settings: Settings, data_dir: Path | str | None = None,
 def _write_hashes(settings: Settings, buckets: pa.Table, longs: pa.Table, version: str,
                   cutoff_ms: int, ttl_ms: int | None) -> int:
     """Write every hash of a version; returns how many."""
-    g = _grouped_fields(buckets, longs, version, cutoff_ms)
     # Millions of hashes: RESP packed by hiredis (C) and streamed in pipelined chunks through
     # the speed layer's writer (redis-py spends ~40 us of Python per pipelined HSET; this ~3).
     from streaming.speed_redis import RespPipeline, encode
@@ -202,19 +210,21 @@ def _write_hashes(settings: Settings, buckets: pa.Table, longs: pa.Table, versio
     ttl = str(int(ttl_ms)).encode() if ttl_ms else None
     try:
         cmds: list[bytes] = []
-        for key, fields, values in zip(g["key"], g["f"], g["v"]):
-            args = [None] * (2 * len(fields))
-            args[0::2], args[1::2] = fields, values
-            cmds.append(encode((b"HSET", key, *args)))
-            if ttl:
-                cmds.append(encode((b"PEXPIRE", key, ttl)))
-            if len(cmds) >= PIPELINE_CHUNK:
-                pipe.execute(cmds)
-                cmds = []
+        keys_written = 0
+        for g in _grouped_fields(buckets, longs, version, cutoff_ms):
+            keys_written += len(g["key"])
+            for key, fields, values in zip(g["key"], g["f"], g["v"]):
+                args = [None] * (2 * len(fields))
+                args[0::2], args[1::2] = fields, values
+                cmds.append(encode((b"HSET", key, *args)))
+                if ttl:
+                    cmds.append(encode((b"PEXPIRE", key, ttl)))
+                if len(cmds) >= PIPELINE_CHUNK:
+                    pipe.execute(cmds)
+                    cmds = []
         pipe.execute(cmds)
     finally:
         pipe.close()
-    keys_written = len(g["key"])
     return keys_written
 
 
