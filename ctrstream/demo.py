@@ -544,6 +544,7 @@ def _batch(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     st.numbers["train_rows"] = int(len(ds["label"]))
     summary = run_training(st.settings, ds, tr.oracle, out_dir=st.out / "models", epochs=cfg.epochs,
                            source=source, log=console.print)
+    del ds  # the training set is not needed for the batch view: free it before that peak
     print_summary(summary, console)
     st.numbers["training"] = summary
     published = {}
