@@ -34,10 +34,10 @@ and vectorized where it matters:
 **Shards** (:class:`ShardLogic`, ``stateful_batch`` keyed by shard) hold one table per
 ``(entity, resolution, bucket)`` (sorted int64 ids with impression/click counts, numpy
 ``searchsorted`` merges) and a dirty mask. Every ``flush_interval_ms`` they emit the changed
-cells (absolute values) and the Redis sink writes them in one pipelined round trip of bulk
-``EVALSHA`` calls (:class:`_RedisPartition`): ``HSET features.speed_key(...)
-features.field("i"/"c", bucket)`` per changed hash, ``PEXPIRE`` of ``features.speed_ttl_ms``
-when a bucket field is created, and pruning of buckets older than
+cells (absolute values) and the Redis sink writes them in one pipelined round trip of
+native commands rendered with numpy (:class:`_RedisPartition`): ``HSET
+features.speed_key(...) features.field("i"/"c", bucket)`` per changed cell, ``PEXPIRE`` of
+``features.speed_ttl_ms`` when a bucket field is created, and pruning of buckets older than
 ``features.speed_keep_buckets`` so hot hashes stay bounded. A bucket is **closed** when the global
 watermark (minimum over all Kafka partitions) passes its end: it gets its final write and
 its table is freed. No accepted event can fall into a closed bucket: an accepted event is
