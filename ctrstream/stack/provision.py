@@ -84,30 +84,24 @@ def java_major(path: str) -> int:
     return int(m.group(2)) if major == 1 and m.group(2) else major
 
 
-def redis_server() -> str:
-    path = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
-    )
+def _debian_binary(name: str, why: str = "") -> str:
+    """``name`` on the PATH or in /usr/bin, else a clear error naming the Debian package."""
+    path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
     if not path:
         raise PrerequisiteError(
-            "redis-server is not installed. Run `make setup` (it installs Debian's "
-            "redis-server package), or: apt-get install -y redis-server"
-        )
+            f"{name} is not installed{why}. Run `make setup` (it installs Debian's {name} "
+            f"package), or: apt-get install -y {name}")
     return path
+
+
+def redis_server() -> str:
+    return _debian_binary("redis-server")
 
 
 def chromium() -> str:
     """Debian's headless-capable Chromium (``/usr/bin/chromium``), used by the browser test
     of the demo's report (``tests/test_report_browser.py``)."""
-    path = shutil.which("chromium") or (
-        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
-    )
-    if not path:
-        raise PrerequisiteError(
-            "chromium is not installed (the browser test of the demo's report needs it). Run "
-            "`make setup` (it installs Debian's chromium package), or: apt-get install -y chromium"
-        )
-    return path
+    return _debian_binary("chromium", " (the browser test of the demo's report needs it)")
 
 
 def triton_home(settings: Settings) -> Path:
