@@ -50,7 +50,7 @@ import pyarrow as pa
 
 from ctrstream import features as F
 from ctrstream.config import Settings
-from models.archive import fetch_arrow, max_event_time, read_events
+from models.archive import max_event_time, read_events
 from models.batch_features import (
     _bucket_counts, _connect, long_window_counts, long_window_range,
 )

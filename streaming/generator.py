@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 from typing import Iterator
 

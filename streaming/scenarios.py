@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # 2026-01-05T00:00:00Z (a Monday)

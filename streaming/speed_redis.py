@@ -87,28 +87,22 @@ class RespPipeline:
 
     def execute_raw(self, payload: bytes, n_commands: int) -> None:
         """Send ``n_commands`` already concatenated RESP commands; wait for every reply."""
-        if not n_commands:
-            return
-        for attempt in (0, 1):
-            try:
-                if self.sock is None:
-                    self._connect()
-                self._roundtrip(payload, n_commands, collect=False)
-                return
-            except (OSError, ConnectionError):
-                self.close()
-                if attempt:
-                    raise
+        self._send(payload, n_commands, collect=False)
 
     def execute_replies(self, commands: list[bytes]) -> list:
         """Like :meth:`execute`, returning the replies (raises on the first error reply)."""
-        if not commands:
+        return self._send(b"".join(commands), len(commands), collect=True)
+
+    def _send(self, payload: bytes, n_commands: int, collect: bool) -> list:
+        """One round trip, reconnecting once on a broken connection (the speed layer's and
+        the batch views' writes are absolute values: sending them twice is harmless)."""
+        if not n_commands:
             return []
         for attempt in (0, 1):
             try:
                 if self.sock is None:
                     self._connect()
-                return self._roundtrip(b"".join(commands), len(commands))
+                return self._roundtrip(payload, n_commands, collect)
             except (OSError, ConnectionError):
                 self.close()
                 if attempt:
@@ -183,8 +177,6 @@ def render(segments: list, n: int) -> bytes:
     return buf.tobytes()
 
 
-def bulk_len(x: np.ndarray) -> np.ndarray:
-    """The RESP bulk-string length of integers written in decimal."""
-    return _ndigits(x)
+bulk_len = _ndigits  # the RESP bulk-string length of non-negative integers in decimal
 
 
