@@ -557,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--feature-cache-s", type=float, default=None,
                     help="the API's shared-entity feature cache TTL (0: every request reads Redis; "
                          "default and maximum: the speed layer's flush interval)")
+    ap.add_argument("--api-workers", type=int, default=min(2, os.cpu_count() or 1),
+                    help="API worker processes when the benchmark starts the API "
+                         "(ctrstream serve --workers; default: the cores, at most 2)")
     ap.add_argument("--name", default="api", help="results file name (bench/results/NAME.json/png)")
     args = ap.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
@@ -586,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             api_proc = start_job([sys.executable, "-c", "from ctrstream.cli import app; app()", "serve", "--host", "127.0.0.1",
                                   "--port", str(port), "--model-name", model_name,
                                   "--feature-method", args.feature_method,
+                                  "--workers", str(args.api_workers),
                                   *([] if args.feature_cache_s is None
                                     else ["--feature-cache-s", str(args.feature_cache_s)]),
                                   *(["--no-feature-tracking"] if args.no_feature_tracking else [])],
@@ -631,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cache_hit_rate", *[f"cpu_{k}_ms" for k in ("api", "redis", "triton", "loadgen")]]
         print_table(f"prediction API, {args.candidates} candidates/request, open loop", rows, cols)
         meta = {"candidates": args.candidates, "duration_s": args.duration, "rates": rates,
-                "model": model_name, "url": url, "isolated": args.isolated, "seeded": seeded,
+                "model": model_name, "url": url, "isolated": args.isolated, "api_workers": None if args.url else args.api_workers, "seeded": seeded,
                 "feature_method": args.feature_method,
                 "feature_cache_s": (args.feature_cache_s if args.feature_cache_s is not None
                                     else settings.flush_interval_ms / 1000.0),

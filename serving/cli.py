@@ -22,6 +22,10 @@ def register(app: typer.Typer) -> None:
         feature_tracking: bool = typer.Option(
             True, help="keep cached counts until Redis reports a write to them (CLIENT TRACKING), "
                        "within the same staleness bound"),
+        workers: int = typer.Option(
+            1, help="worker processes sharing the port (uvicorn workers; each has its own "
+                    "connections and feature cache, /metrics sums them all); use the number of "
+                    "cores the API may use"),
         log_level: str = typer.Option("warning", help="uvicorn log level"),
         loop: str = typer.Option("auto", help="event loop: auto (uvloop when installed), asyncio, uvloop"),
         http: str = typer.Option("auto", help="HTTP parser: auto (httptools when installed), h11, httptools"),
@@ -34,11 +38,14 @@ def register(app: typer.Typer) -> None:
 
         if feature_method not in ("script", "pipeline"):
             raise typer.BadParameter("--feature-method must be script or pipeline")
+        if workers < 1:
+            raise typer.BadParameter(f"--workers must be at least 1, not {workers}")
         settings = get_settings()
+        app_args = dict(model=model, model_name=model_name, max_rows=max_rows,
+                        feature_method=feature_method, feature_cache_s=feature_cache_s,
+                        feature_tracking=feature_tracking)
         try:
-            api = create_app(settings, model=model, model_name=model_name, max_rows=max_rows,
-                             feature_method=feature_method, feature_cache_s=feature_cache_s,
-                             feature_tracking=feature_tracking)
+            api = create_app(settings, **app_args)  # also checks the arguments before any fork
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         if settings.metrics_port:
@@ -47,8 +54,23 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--loop must be auto, asyncio or uvloop")
         if http not in ("auto", "h11", "httptools"):
             raise typer.BadParameter("--http must be auto, h11 or httptools")
-        uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False,
-                    loop=loop, http=http, lifespan="on")
+        if workers == 1:
+            uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False,
+                        loop=loop, http=http, lifespan="on")
+            return
+        import json
+        import os
+        import tempfile
+
+        from serving.api import APP_ARGS_ENV
+
+        os.environ[APP_ARGS_ENV] = json.dumps(app_args)
+        with tempfile.TemporaryDirectory(prefix="ctrstream-api-metrics-") as mp_dir:
+            # prometheus_client's multiprocess mode: workers write samples here, /metrics sums
+            os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", mp_dir)
+            uvicorn.run("serving.api:app_from_env", factory=True, workers=workers, host=host,
+                        port=port, log_level=log_level, access_log=False, loop=loop, http=http,
+                        lifespan="on")
 
     try:
         jobs = importlib.import_module("serving.jobs_cli")

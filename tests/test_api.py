@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -178,6 +179,37 @@ def test_bad_requests_get_a_precise_4xx_never_a_500(api, body):
     assert api.post("/v1/predict", json=body).status_code == 200
 
 
+def test_oversized_body_is_a_413(api, body):
+    from serving.api import MAX_BODY_BYTES
+
+    big = b'{"user_id": 1, "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    resp = api.post("/v1/predict", content=big, headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and "larger than" in resp.json()["detail"]
+
+
+def test_fast_path_and_fastapi_route_answer_the_same(api, body):
+    """``_App`` hands POST /v1/predict to the raw-ASGI handler; the FastAPI route (OpenAPI,
+    embedded use) runs the same handler: same answer, same timing header, same errors."""
+    fast = api.post("/v1/predict", json=body)
+    fast_bad = api.post("/v1/predict", json={**body, "extra": 1})
+    app = api.app
+    saved, app.predict_asgi = app.predict_asgi, None
+    try:
+        slow = api.post("/v1/predict", json=body)
+        slow_bad = api.post("/v1/predict", json={**body, "extra": 1})
+    finally:
+        app.predict_asgi = saved
+    assert fast.status_code == slow.status_code == 200
+    strip = {"feature_staleness_ms", "feature_cache_staleness_ms"}  # time-dependent
+    assert {k: v for k, v in fast.json().items() if k not in strip} == \
+        {k: v for k, v in slow.json().items() if k not in strip}
+    assert "handler;dur=" in slow.headers["server-timing"]
+    # only the fast path measures the whole app (it is the outermost layer)
+    assert "app;dur=" in fast.headers["server-timing"] and "app;dur=" not in slow.headers["server-timing"]
+    assert fast_bad.status_code == slow_bad.status_code == 422
+    assert fast_bad.json() == slow_bad.json() and "extra" in fast_bad.text
+
+
 def test_health_ready_metrics_and_openapi(api, body):
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz")
@@ -258,11 +290,26 @@ def test_redis_down_gives_a_degraded_answer_from_the_prior_features(settings, mo
     assert doc["model_version"] == "1"  # the model still answered
 
 
-def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path):
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(k) for k in (task / "children").read_text().split()]
+    return out
+
+
+def _metric(text: str, sample: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path, workers):
     port = free_port()
     proc = start_job([sys.executable, "-c", "from ctrstream.cli import app; app()", "serve",
-                      "--port", str(port), "--model-name", model],
+                      "--port", str(port), "--model-name", model, "--workers", str(workers)],
                      env=stack_env, log_path=tmp_path / "serve.log")
+    kids: list[int] = []
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -271,8 +318,28 @@ def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path):
             return httpx.get(url + "/readyz", timeout=1).status_code == 200
 
         wait_until(ready, 60, what="the API to become ready")
-        resp = httpx.post(url + "/v1/predict", json=body, timeout=10)
-        assert resp.status_code == 200 and resp.json()["model_version"] == "1"
+        n = 12
+        for _ in range(n):  # a new connection each: the kernel hands them to any worker
+            resp = httpx.post(url + "/v1/predict", json=body, timeout=10)
+            assert resp.status_code == 200 and resp.json()["model_version"] == "1"
         assert httpx.post(url + "/v1/predict", content=b"nope", timeout=10).status_code == 422
+        if workers > 1:
+            kids = [k for k in _children(proc.pid)
+                    if "spawn_main" in open(f"/proc/{k}/cmdline").read()]
+            assert len(kids) == workers, f"worker processes of {proc.pid}: {kids}"
+        # /metrics counts every request once, whichever worker answered it (and answers)
+        text = httpx.get(url + "/metrics", timeout=10).text
+        assert _metric(text, 'ctrstream_api_requests_total{outcome="ok"}') == n
+        assert _metric(text, 'ctrstream_api_requests_total{outcome="invalid"}') == 1
     finally:
         assert stop_job(proc) is not None
+    assert not [k for k in kids if os.path.exists(f"/proc/{k}")], "workers outlived the server"
+
+
+def test_ctrstream_serve_refuses_zero_workers(stack_env, model, tmp_path):
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "from ctrstream.cli import app; app()", "serve",
+                          "--port", str(free_port()), "--model-name", model, "--workers", "0"],
+                         env=stack_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--workers must be at least 1" in out.stderr
