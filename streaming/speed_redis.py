@@ -43,10 +43,18 @@ class RespPipeline:
         hello.append(_cmd([b"SELECT", rs.db]))
         self._roundtrip(b"".join(hello), len(hello))
 
-    def _roundtrip(self, payload: bytes, n_replies: int, collect: bool = True) -> list:
+    def _roundtrip(self, payload: bytes, n_replies: int, collect: bool = True,
+                   one_line: bool = False) -> list:
         """Send ``payload`` while reading the replies as they come: a flush can be hundreds of
         MB of commands, and writing it all before reading would stall once both directions'
-        socket buffers are full. ``timeout`` bounds the time without any progress."""
+        socket buffers are full. ``timeout`` bounds the time without any progress.
+
+        ``one_line``: every reply is one line (an integer, a status or an error - HSET,
+        PEXPIRE, HDEL): replies are counted by their line ends in C (``bytes.count``) instead
+        of being parsed one by one (~8 % of the features job's CPU); an error line still
+        raises, with its text."""
+        if one_line:
+            return self._roundtrip_lines(payload, n_replies)
         sock = self.sock
         view = memoryview(payload)
         sent = 0
@@ -81,19 +89,60 @@ class RespPipeline:
             raise RuntimeError(f"redis replied with an error: {first_error}")
         return replies
 
+    def _roundtrip_lines(self, payload: bytes, n_replies: int) -> list:
+        sock = self.sock
+        view = memoryview(payload)
+        sent = got = 0
+        at_line_start = True
+        error = None  # bytearray of the first error line while it is being received
+        error_done = False
+        while got < n_replies:
+            writing = sent < len(view)
+            readable, writable, _ = select.select([sock], [sock] if writing else [], [], self.timeout)
+            if not readable and not writable:
+                raise TimeoutError(f"redis made no progress for {self.timeout:.0f} s "
+                                   f"({got} of {n_replies} replies, {sent} of {len(view)} bytes sent)")
+            if writable:
+                sent += sock.send(view[sent:sent + (1 << 20)])
+            if not readable:
+                continue
+            data = sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("redis closed the connection")
+            got += data.count(b"\n")
+            if error is not None and not error_done:
+                end = data.find(b"\n")
+                error += data if end < 0 else data[:end]
+                error_done = end >= 0
+            elif error is None:
+                k = 0 if at_line_start and data[:1] == b"-" else data.find(b"\n-")
+                if k >= 0:
+                    k += 0 if data[k:k + 1] == b"-" else 1
+                    end = data.find(b"\n", k)
+                    error = bytearray(data[k:] if end < 0 else data[k:end])
+                    error_done = end >= 0
+            at_line_start = data.endswith(b"\n")
+        if got > n_replies:
+            raise RuntimeError(f"redis sent {got} replies to {n_replies} one-line commands: "
+                               "a command with a multi-line reply was sent as one-line")
+        if error is not None:
+            raise RuntimeError(f"redis replied with an error: {bytes(error[1:]).decode(errors='replace').strip()}")
+        return []
+
     def execute(self, commands: list[bytes]) -> None:
         """Send pre-encoded commands (see :func:`encode`) and wait for every reply."""
         self.execute_replies(commands)
 
-    def execute_raw(self, payload: bytes, n_commands: int) -> None:
-        """Send ``n_commands`` already concatenated RESP commands; wait for every reply."""
-        self._send(payload, n_commands, collect=False)
+    def execute_raw(self, payload: bytes, n_commands: int, one_line: bool = False) -> None:
+        """Send ``n_commands`` already concatenated RESP commands; wait for every reply.
+        ``one_line``: every command has a one-line reply (see :meth:`_roundtrip`)."""
+        self._send(payload, n_commands, collect=False, one_line=one_line)
 
     def execute_replies(self, commands: list[bytes]) -> list:
         """Like :meth:`execute`, returning the replies (raises on the first error reply)."""
         return self._send(b"".join(commands), len(commands), collect=True)
 
-    def _send(self, payload: bytes, n_commands: int, collect: bool) -> list:
+    def _send(self, payload: bytes, n_commands: int, collect: bool, one_line: bool = False) -> list:
         """One round trip, reconnecting once on a broken connection (the speed layer's and
         the batch views' writes are absolute values: sending them twice is harmless)."""
         if not n_commands:
@@ -102,7 +151,7 @@ class RespPipeline:
             try:
                 if self.sock is None:
                     self._connect()
-                return self._roundtrip(payload, n_commands, collect)
+                return self._roundtrip(payload, n_commands, collect, one_line)
             except (OSError, ConnectionError):
                 self.close()
                 if attempt:

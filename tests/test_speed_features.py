@@ -282,6 +282,32 @@ def test_sink_prunes_hot_hashes_and_renews_ttl_on_new_buckets(settings, r, uniqu
 
 
 
+def test_one_line_replies_are_counted_and_errors_still_raise(settings, r, unique):
+    """The sink counts its replies (HSET/PEXPIRE/HDEL: one line each) by their line ends; a
+    large flush whose replies arrive in many chunks waits for all of them, and an error reply
+    anywhere in it - even split across reads - raises with Redis' message."""
+    from streaming.speed_redis import RespPipeline, encode
+
+    pipe = RespPipeline(settings)
+    key = f"sv:test:{unique}".encode()
+    try:
+        n = 60_000  # ~0.3 MB of replies: many recv() calls
+        cmds = [encode((b"HSET", key, b"f%d" % k, k)) for k in range(n)]
+        pipe.execute_raw(b"".join(cmds) + encode((b"PEXPIRE", key, 60_000)), n + 1, one_line=True)
+        assert r.hlen(key) == n and int(r.hget(key, b"f%d" % (n - 1))) == n - 1
+        assert 0 < r.pttl(key) <= 60_000
+        bad = encode((b"LPUSH", key, b"x"))  # WRONGTYPE on a hash, mid-payload
+        with pytest.raises(RuntimeError, match="WRONGTYPE"):
+            pipe.execute_raw(b"".join(cmds[:30_000]) + bad + b"".join(cmds[30_000:]), n + 1,
+                             one_line=True)
+        # the connection is still in step after an error: the next flush counts right
+        pipe.execute_raw(encode((b"HSET", key, b"after", 1)), 1, one_line=True)
+        assert r.hget(key, b"after") == b"1"
+    finally:
+        pipe.close()
+        r.delete(key)
+
+
 def test_recovery_store_remembers_the_shard_count(tmp_path, monkeypatch):
     """Resuming a recovery store with a different shard count would silently drop the state
     of the missing shards: `ctrstream speed` refuses it with a clear message."""
