@@ -557,9 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--feature-cache-s", type=float, default=None,
                     help="the API's shared-entity feature cache TTL (0: every request reads Redis; "
                          "default and maximum: the speed layer's flush interval)")
-    ap.add_argument("--api-workers", type=int, default=min(2, os.cpu_count() or 1),
+    ap.add_argument("--api-workers", type=int, default=1,
                     help="API worker processes when the benchmark starts the API "
-                         "(ctrstream serve --workers; default: the cores, at most 2)")
+                         "(ctrstream serve --workers; default 1: on 2 cores shared with Redis and "
+                         "Triton a second worker measured worse - two caches, more contention)")
     ap.add_argument("--name", default="api", help="results file name (bench/results/NAME.json/png)")
     args = ap.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
