@@ -181,6 +181,47 @@ def test_async_reader_and_freshness(r, settings, unique, method):
     assert fr.staleness_ms == T - newest * res.bucket_ms
 
 
+def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, settings, unique):
+    """The API's EVALSHA connection (``_LeanScript``): concurrent reads share one connection
+    and each gets its own answer; a flushed script cache is reloaded; a Redis that does not
+    answer raises a timeout (the caller degrades) and the next read reconnects."""
+    import asyncio
+
+    from streaming.featurestore import _LeanScript
+
+    r.delete(F.BATCH_POINTER_KEY)
+    res = F.RESOLUTIONS[0]
+    b = T // res.bucket_ms - 1
+    ids = [f"lean{unique}-{k}" for k in range(40)]
+    for k, eid in enumerate(ids):
+        r.hset(F.speed_key("ad", eid, res.name), mapping={f"i{b}": 10 + k, f"c{b}": k})
+
+    async def go():
+        client = redis_client(settings, asyncio=True, timeout_s=0.3)
+        store = AsyncFeatureStore(client)
+        assert isinstance(store._script, _LeanScript)
+        try:
+            reads = await asyncio.gather(*(store.read([f"ad:{eid}"], T) for eid in ids))
+            got = [fr.counts[0, 0].tolist() for fr in reads]
+            r.script_flush()
+            again = (await store.read([f"ad:{ids[3]}"], T)).counts[0, 0].tolist()
+            r.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")  # EVALSHA waits, GET does not
+            try:
+                with pytest.raises(TimeoutError):
+                    await store.read([f"ad:{ids[5]}"], T)
+            finally:
+                r.execute_command("CLIENT", "UNPAUSE")
+            after = (await store.read([f"ad:{ids[7]}"], T)).counts[0, 0].tolist()
+            return got, again, after
+        finally:
+            await store.close()
+            await client.aclose()
+
+    got, again, after = asyncio.run(go())
+    assert got == [[10 + k, k] for k in range(len(ids))]
+    assert again == [13, 3] and after == [17, 7]
+
+
 def test_read_rows_gathers_unique_keys_back_into_rows(r, settings, unique):
     r.delete(F.BATCH_POINTER_KEY)
     for n, eid in enumerate(("x", "y")):
