@@ -13,7 +13,10 @@ The phases, in event time (the scenario's stream is cut at ``t_split``):
                     version switch when a version is already served); the batch view up to
                     the cut-off lands in Redis.
 5. **live**       - the streaming scorer (Triton + current River calibration) and the
-                    calibrator run while the rest of the stream is replayed.
+                    calibrator run while the rest of the stream is replayed in event-time
+                    lockstep with the scorer (``_replay_lockstep``: each impression is
+                    scored before its click and before events more than ``lockstep_s``
+                    later are sent - as a real-time scorer would see them).
 6. **reconcile**  - the batch view is compared with the speed view; the batch wins.
 7. **serve**      - the prediction API answers a few sample ad requests.
 8. **report**     - terminal summary + ``report.html`` with plots.
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ctrstream import features as F
@@ -58,6 +62,7 @@ class DemoConfig:
     seed: int = 7
     history_fraction: float = 0.6  # share of event time replayed before the batch layer runs
     replay_seconds: float = 45.0  # wall time each replay phase should take (time compression)
+    lockstep_s: float = 10.0  # live phase: event-time step the replay may lead the scorer by
     out: Path = ROOT / ".demo"
     keep_stack: bool = False
     epochs: int | None = None
@@ -489,6 +494,124 @@ def _replay(st: DemoState, tr, lo, hi, span_ms: float, cfg: DemoConfig, label: s
             "compression": compression, "by_topic": summary.by_topic}
 
 
+def _scrape_value(port: int, sample: str) -> float | None:
+    """One sample of a Prometheus endpoint, read without the full parser (called often)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _replay_lockstep(st: DemoState, tr, lo: int, cfg: DemoConfig, label: str) -> dict:
+    """The live replay in **event-time lockstep with the scorer**, so that the scorer reads
+    each impression's features as a serving system would - before the future exists.
+
+    A time-compressed replay otherwise runs ahead of the scorer: by the time the scorer reads
+    an impression's windows, the speed layer has counted later events and the impression's
+    own click (training counts only strictly earlier events: a train/serve skew that showed
+    as a live AUC of 0.27). Here, per step of ``cfg.lockstep_s`` of event time:
+
+    1. the step's impressions are sent and acknowledged by Kafka;
+    2. the replay waits until the scorer has read features for and scored every one of them
+       (its ``ctrstream_score_records_total`` counts every impressions-topic record it has
+       handled, skipped and undecodable ones included);
+    3. only then the step's clicks are sent.
+
+    So no impression is scored with its own click in the features, and later impressions
+    can be in them only within the same step (at most ``lockstep_s`` of event time ahead) -
+    the same bounded skew as a real-time scorer with that much lag. The price is wall time:
+    one scorer round trip per step."""
+    from confluent_kafka import Producer
+
+    from ctrstream.kafkautil import producer_config
+
+    errors: list[str] = []
+
+    def on_delivery(err, msg):
+        if err is not None:
+            errors.append(str(err))
+
+    producer = Producer(producer_config(st.settings, on_delivery=on_delivery))
+    topics = {"impressions": st.settings.topics.impressions.name,
+              "clicks": st.settings.topics.clicks.name}
+    port = st.numbers["metrics_ports"]["score"]
+    sample = "ctrstream_score_records_total"
+    base = _topic_count(st.settings, st.settings.topics.impressions)  # records before the live phase
+    step_ms = max(1, int(cfg.lockstep_s * 1000))
+    imps: list = []
+    clicks: list = []
+    counts = {"impressions": 0, "clicks": 0}
+    steps = 0
+    waited = 0.0
+    t0 = time.monotonic()
+
+    def send(records: list) -> None:
+        for kind, key, value, ts in records:
+            while True:
+                try:
+                    producer.produce(topics[kind], value, key, timestamp=ts)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            counts[kind] += 1
+        producer.poll(0)
+
+    def step() -> None:
+        nonlocal steps, waited
+        send(imps)
+        if producer.flush(60):
+            raise DemoError("Kafka did not acknowledge the live replay's records within 60 s")
+        target = base + counts["impressions"]
+        w0 = time.monotonic()
+        deadline = w0 + 120
+        while (_scrape_value(port, sample) or 0) < target:
+            p = st.procs.get("score")
+            if p is not None and p.poll() is not None:
+                raise DemoError(f"the score job exited with code {p.returncode} during the live "
+                                f"replay; see {st.out / 'logs' / 'score.log'}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"the scorer did not score the live step ending at impression "
+                                f"{counts['impressions']:,} within 120 s; see "
+                                f"{st.out / 'logs' / 'score.log'}")
+            time.sleep(0.002)
+        waited += time.monotonic() - w0
+        send(clicks)
+        steps += 1
+        imps.clear()
+        clicks.clear()
+
+    end = None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=tr.impressions.num_rows + tr.clicks.num_rows)
+        for rec in _records_between(tr, lo, None):
+            if end is None:
+                end = rec[3] + step_ms
+            elif rec[3] >= end:
+                step()
+                bar.update(task, completed=sum(counts.values()))
+                end = rec[3] + step_ms
+            (imps if rec[0] == "impressions" else clicks).append(rec)
+        step()
+    if producer.flush(60) or errors:
+        raise DemoError(f"live replay: {len(errors)} records could not be delivered to Kafka: "
+                        f"{errors[:3]}")
+    seconds = time.monotonic() - t0
+    sent = sum(counts.values())
+    console.print(f"{label}: {sent:,} records in {seconds:.1f} s, {steps:,} lockstep steps of "
+                  f"{cfg.lockstep_s:g} s of event time ({waited:.1f} s waiting for the scorer)")
+    return {"sent": sent, "seconds": seconds, "rate": sent / max(seconds, 1e-9),
+            "by_topic": dict(counts), "lockstep_s": cfg.lockstep_s, "steps": steps,
+            "scorer_wait_s": waited}
+
+
 def _events_written(st: DemoState) -> int:
     """Records in the event topics now: the replay's plus the watermark heartbeats the demo
     sent (the speed jobs read and count those too; the lag monitor uses the same total)."""
@@ -579,7 +702,7 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     st.monitor.scorer = (st.monitor.impressions_end(), expected)
     st.monitor.begin("live")
     t0 = time.monotonic()
-    st.numbers["replay_live"] = _replay(st, tr, t_split, None, end - t_split, cfg, "replay (live)")
+    st.numbers["replay_live"] = _replay_lockstep(st, tr, t_split, cfg, "replay (live, lockstep)")
     st.monitor.replay_ended("live")
     # close every attribution window: the join emits the last labeled examples
     send_heartbeat(st.settings, end + int(st.settings.attribution_window_s * 1000)
@@ -680,6 +803,8 @@ def _serve(st: DemoState, tr) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> Path:
+    if not cfg.lockstep_s > 0:
+        raise DemoError(f"lockstep_s must be > 0 seconds of event time, not {cfg.lockstep_s}")
     run_id = uuid.uuid4().hex[:6]
     out = Path(cfg.out) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -735,14 +860,15 @@ def register(app: typer.Typer) -> None:
         events: int = typer.Option(1_000_000, help="impressions to generate (clicks come on top)"),
         hours: float = typer.Option(6.0, help="event-time span of the scenario"),
         seed: int = typer.Option(7),
-        replay_seconds: float = typer.Option(45.0, help="wall seconds per replay phase (sets the time compression)"),
+        replay_seconds: float = typer.Option(45.0, help="wall seconds of the history replay (sets its time compression)"),
+        lockstep_s: float = typer.Option(10.0, help="live replay: seconds of event time it may run ahead of the scorer"),
         out: Path = typer.Option(ROOT / ".demo", help="output directory"),
         keep_stack: bool = typer.Option(False, "--keep-stack", help="leave the stack running"),
         epochs: int = typer.Option(None, help="training epochs (default: the trainer's)"),
     ):
         """Run the whole lambda architecture end to end and write report.html."""
         cfg = DemoConfig(scenario=scenario, events=events, hours=hours, seed=seed,
-                         replay_seconds=replay_seconds, out=out, keep_stack=keep_stack,
+                         replay_seconds=replay_seconds, lockstep_s=lockstep_s, out=out, keep_stack=keep_stack,
                          epochs=epochs)
         try:
             path = run_demo(cfg)

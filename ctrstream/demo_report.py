@@ -130,7 +130,8 @@ def build_report(st, tr, cfg) -> Path:
     throughput = [
         {"stage": "replay (history)", "events": n["replay_history"]["sent"],
          "seconds": n["replay_history"]["seconds"], "events/s": n["replay_history"]["rate"]},
-        {"stage": "replay (live)", "events": n["replay_live"]["sent"],
+        {"stage": "replay (live, lockstep)" if "steps" in n["replay_live"] else "replay (live)",
+         "events": n["replay_live"]["sent"],
          "seconds": n["replay_live"]["seconds"], "events/s": n["replay_live"]["rate"]},
         {"stage": "speed layer (incl. waiting for replay)", "events": int(speed_in),
          "seconds": n.get("speed_history_seconds", 0) + n.get("score_seconds", 0),

@@ -48,6 +48,10 @@ def _metrics():
             "predictions": Counter("ctrstream_score_predictions_total",
                                    "predictions written", ["degraded"]),
             "bad": Counter("ctrstream_score_undecodable_total", "impressions that did not decode"),
+            "read": Counter("ctrstream_score_records_total",
+                            "impressions-topic records handled (scored, skipped by --since-ms, or "
+                            "undecodable), counted once their batch's features were read and "
+                            "scored - the demo's lockstep replay waits on it"),
             "batch": Histogram("ctrstream_score_batch_seconds", "seconds per scored batch",
                                ["stage"], buckets=(.001, .003, .01, .03, .1, .3, 1, 3)),
             "rows": Histogram("ctrstream_score_batch_rows", "impressions per batch",
@@ -136,6 +140,7 @@ class BatchScorer:
         if self.since_ms is not None:
             imps = [i for i in imps if i.event_time_ms >= self.since_ms]
         if not imps:
+            g["read"].inc(len(values))
             return []
         _, scorer, cal = self._deps()
         cols = impression_columns(imps)
@@ -162,6 +167,7 @@ class BatchScorer:
         g["batch"].labels("total").observe(t3 - t0)
         g["rows"].observe(len(imps))
         g["predictions"].labels(str(degraded).lower()).inc(len(out))
+        g["read"].inc(len(values))
         return out
 
 
