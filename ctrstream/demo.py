@@ -12,12 +12,13 @@ The phases, in event time (the scenario's stream is cut at ``t_split``):
                     evaluated against the oracle, ONNX export, publication to Triton (a live
                     version switch when a version is already served); the batch view up to
                     the cut-off lands in Redis.
-5. **live**       - the streaming scorer (Triton + current River calibration) and the
+5. **reconcile**  - the batch view, as it lands, is compared with the speed view; the batch
+                    wins.
+6. **live**       - the streaming scorer (Triton + current River calibration) and the
                     calibrator run while the rest of the stream is replayed in event-time
                     lockstep with the scorer (``_replay_lockstep``: each impression is
                     scored before its click and before events more than ``lockstep_s``
                     later are sent - as a real-time scorer would see them).
-6. **reconcile**  - the batch view is compared with the speed view; the batch wins.
 7. **serve**      - the prediction API answers a few sample ad requests.
 8. **report**     - terminal summary + ``report.html`` with plots.
 
@@ -822,10 +823,13 @@ def run_demo(cfg: DemoConfig) -> Path:
             _history(st, cfg, tr, t_split)
         with phase(st, 4, total, "batch", "training set, LR + DCN-v2, ONNX, Triton, batch view"):
             _batch(st, cfg, tr, t_split)
-        with phase(st, 5, total, "live", "streaming scorer + River calibration on the live stream"):
-            _live(st, cfg, tr, t_split)
-        with phase(st, 6, total, "reconcile", "batch view vs speed view; the batch wins"):
+        # reconcile as soon as the batch view lands (the lambda architecture's moment for
+        # it): the speed view's TTLs run in wall time, and a time-compressed replay spends
+        # hours of event time per wall minute
+        with phase(st, 5, total, "reconcile", "batch view vs speed view; the batch wins"):
             _reconcile(st)
+        with phase(st, 6, total, "live", "streaming scorer + River calibration on the live stream"):
+            _live(st, cfg, tr, t_split)
         with phase(st, 7, total, "serve", "sample ad requests through the prediction API"):
             _serve(st, tr)
         with phase(st, 8, total, "report", "terminal summary + report.html"):
