@@ -130,7 +130,7 @@ def build_report(st, tr, cfg) -> Path:
     throughput = [
         {"stage": "replay (history)", "events": n["replay_history"]["sent"],
          "seconds": n["replay_history"]["seconds"], "events/s": n["replay_history"]["rate"]},
-        {"stage": "replay (live, lockstep)" if "steps" in n["replay_live"] else "replay (live)",
+        {"stage": "replay (live, lockstep)",
          "events": n["replay_live"]["sent"],
          "seconds": n["replay_live"]["seconds"], "events/s": n["replay_live"]["rate"]},
         {"stage": "speed layer (incl. waiting for replay)", "events": int(speed_in),

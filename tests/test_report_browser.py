@@ -50,7 +50,7 @@ EXPECTED_SECTIONS = {
 }
 # words each section's rendered text must contain (the numbers issue 7 asks the report for)
 EXPECTED_TEXT = {
-    "throughput": ["replay (history)", "replay (live)", "speed layer", "scorer", "Consumer lag",
+    "throughput": ["replay (history)", "replay (live, lockstep)", "speed layer", "scorer", "Consumer lag",
                    "caught up", "Feature freshness"],
     "quality": ["ctr_lr", "ctr_deep", "oracle", "NE", "AUC", "ECE"],
     "calibration": ["raw (Triton)", "calibrated (River)", "oracle"],
