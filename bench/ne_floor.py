@@ -25,17 +25,14 @@ See docs/training.md.
 
 from __future__ import annotations
 
-import json
-import sys
-
 import numpy as np
 
-from bench.ne_gap import marg, sig
+from bench.ne_gap import main, marg, print_ne, sig
 from models.batch_features import training_set
 from models.evaluation import entropy, log_loss
 from models.train_cli import drop_warmup
 from models.training import time_split
-from streaming.generator import _market, generate, load_scenario
+from streaming.generator import _market, generate
 
 
 def map_fit(key, X, offset, y, prior_var, fit_rows, iters: int = 25) -> np.ndarray:
@@ -112,11 +109,9 @@ def report(sc, warmup_hours: float = 1.0, val_fraction: float = 0.1) -> dict:
         l3 - term("ad") + est_ad - term("site") - term("site_category") + est_sc))
     print(f"{sc.name} events={sc.events} seed={sc.seed}: validation {len(val):,} rows, "
           f"{int(y[val].sum())} clicks (the rows and split of `ctrstream train`)")
-    for k, x in res.items():
-        print(f"  {k:56s} NE {x:.4f}  ({x / res['oracle'] - 1:+.2%} vs oracle)")
+    print_ne(res, 56)
     return res
 
 
 if __name__ == "__main__":
-    kw = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
-    report(load_scenario(kw.pop("name", "steady"), **kw))
+    main(report)

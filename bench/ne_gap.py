@@ -118,11 +118,23 @@ def report(sc):
     prev = np.empty(n, np.int64); prev[order] = idx - gs
     print(f"{sc.name} events={sc.events} hours={sc.hours} n_users={sc.n_users} user_sigma={sc.user_sigma}  val rows={v.sum()} ctr={y[v].mean():.4f} gen {time.time()-t0:.0f}s")
     print(f"  val rows: median earlier imps of the user {np.median(prev[v]):.0f}, share with 0: {(prev[v]==0).mean():.3f}, <5: {(prev[v]<5).mean():.3f}")
-    for k, x in res.items():
-        print(f"  {k:50s} NE {x:.4f}  ({x/res['oracle']-1:+.2%} vs oracle)")
+    print_ne(res, 50)
     return res
 
-if __name__ == '__main__':
+
+def print_ne(res: dict, width: int) -> None:
+    """One line per predictor: its NE and its gap to the oracle's (``res["oracle"]``)."""
+    for k, x in res.items():
+        print(f"  {k:{width}s} NE {x:.4f}  ({x / res['oracle'] - 1:+.2%} vs oracle)")
+
+
+def main(report_fn) -> None:
+    """``python -m bench.X '{"events": ..., "seed": ..., "name": "steady", ...}'``."""
     import json
+
     kw = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
-    report(load_scenario(kw.pop('name', 'steady'), **kw))
+    report_fn(load_scenario(kw.pop("name", "steady"), **kw))
+
+
+if __name__ == '__main__':
+    main(report)

@@ -26,6 +26,67 @@ def _cmd(args) -> bytes:
     return b"".join(parts)
 
 
+class _Replies:
+    """Replies parsed one by one (hiredis); kept when ``collect``; the first error raises at
+    the end (after every reply is read, so the connection stays in step)."""
+
+    def __init__(self, collect: bool):
+        self.reader = hiredis.Reader()
+        self.collect = collect
+        self.got = 0
+        self.replies: list = []
+        self.error = None
+
+    def feed(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            if isinstance(reply, hiredis.ReplyError) and self.error is None:
+                self.error = reply
+            if self.collect:
+                self.replies.append(reply)
+            self.got += 1
+
+    def result(self, n_replies: int) -> list:
+        if self.error is not None:
+            raise RuntimeError(f"redis replied with an error: {self.error}")
+        return self.replies
+
+
+class _LineCounter:
+    """One-line replies counted by their line ends; the first error line (``-...``, possibly
+    split across reads) is kept for the message."""
+
+    def __init__(self):
+        self.got = 0
+        self.at_line_start = True
+        self.error: bytearray | None = None
+        self.error_done = False
+
+    def feed(self, data: bytes) -> None:
+        self.got += data.count(b"\n")
+        if self.error is not None and not self.error_done:
+            end = data.find(b"\n")
+            self.error += data if end < 0 else data[:end]
+            self.error_done = end >= 0
+        elif self.error is None:
+            k = 0 if self.at_line_start and data[:1] == b"-" else data.find(b"\n-")
+            if k >= 0:
+                k += 0 if data[k:k + 1] == b"-" else 1
+                end = data.find(b"\n", k)
+                self.error = bytearray(data[k:] if end < 0 else data[k:end])
+                self.error_done = end >= 0
+        self.at_line_start = data.endswith(b"\n")
+
+    def result(self, n_replies: int) -> list:
+        if self.got > n_replies:
+            raise RuntimeError(f"redis sent {self.got} replies to {n_replies} one-line commands: "
+                               "a command with a multi-line reply was sent as one-line")
+        if self.error is not None:
+            text = bytes(self.error[1:]).decode(errors="replace").strip()
+            raise RuntimeError(f"redis replied with an error: {text}")
+        return []
+
+
 class RespPipeline:
     def __init__(self, settings: Settings, timeout: float = 30.0):
         self.settings = settings
@@ -53,21 +114,16 @@ class RespPipeline:
         PEXPIRE, HDEL): replies are counted by their line ends in C (``bytes.count``) instead
         of being parsed one by one (~8 % of the features job's CPU); an error line still
         raises, with its text."""
-        if one_line:
-            return self._roundtrip_lines(payload, n_replies)
         sock = self.sock
         view = memoryview(payload)
         sent = 0
-        reader = hiredis.Reader()
-        got = 0
-        first_error = None
-        replies = []
-        while got < n_replies:
+        replies = _LineCounter() if one_line else _Replies(collect)
+        while replies.got < n_replies:
             writing = sent < len(view)
             readable, writable, _ = select.select([sock], [sock] if writing else [], [], self.timeout)
             if not readable and not writable:
-                raise TimeoutError(f"redis made no progress for {self.timeout:.0f} s "
-                                   f"({got} of {n_replies} replies, {sent} of {len(view)} bytes sent)")
+                raise TimeoutError(f"redis made no progress for {self.timeout:.0f} s ({replies.got} "
+                                   f"of {n_replies} replies, {sent} of {len(view)} bytes sent)")
             if writable:
                 sent += sock.send(view[sent:sent + (1 << 20)])
             if not readable:
@@ -75,59 +131,8 @@ class RespPipeline:
             data = sock.recv(1 << 20)
             if not data:
                 raise ConnectionError("redis closed the connection")
-            reader.feed(data)
-            while True:
-                reply = reader.gets()
-                if reply is False:
-                    break
-                if isinstance(reply, hiredis.ReplyError) and first_error is None:
-                    first_error = reply
-                if collect:
-                    replies.append(reply)
-                got += 1
-        if first_error is not None:
-            raise RuntimeError(f"redis replied with an error: {first_error}")
-        return replies
-
-    def _roundtrip_lines(self, payload: bytes, n_replies: int) -> list:
-        sock = self.sock
-        view = memoryview(payload)
-        sent = got = 0
-        at_line_start = True
-        error = None  # bytearray of the first error line while it is being received
-        error_done = False
-        while got < n_replies:
-            writing = sent < len(view)
-            readable, writable, _ = select.select([sock], [sock] if writing else [], [], self.timeout)
-            if not readable and not writable:
-                raise TimeoutError(f"redis made no progress for {self.timeout:.0f} s "
-                                   f"({got} of {n_replies} replies, {sent} of {len(view)} bytes sent)")
-            if writable:
-                sent += sock.send(view[sent:sent + (1 << 20)])
-            if not readable:
-                continue
-            data = sock.recv(1 << 20)
-            if not data:
-                raise ConnectionError("redis closed the connection")
-            got += data.count(b"\n")
-            if error is not None and not error_done:
-                end = data.find(b"\n")
-                error += data if end < 0 else data[:end]
-                error_done = end >= 0
-            elif error is None:
-                k = 0 if at_line_start and data[:1] == b"-" else data.find(b"\n-")
-                if k >= 0:
-                    k += 0 if data[k:k + 1] == b"-" else 1
-                    end = data.find(b"\n", k)
-                    error = bytearray(data[k:] if end < 0 else data[k:end])
-                    error_done = end >= 0
-            at_line_start = data.endswith(b"\n")
-        if got > n_replies:
-            raise RuntimeError(f"redis sent {got} replies to {n_replies} one-line commands: "
-                               "a command with a multi-line reply was sent as one-line")
-        if error is not None:
-            raise RuntimeError(f"redis replied with an error: {bytes(error[1:]).decode(errors='replace').strip()}")
-        return []
+            replies.feed(data)
+        return replies.result(n_replies)
 
     def execute(self, commands: list[bytes]) -> None:
         """Send pre-encoded commands (see :func:`encode`) and wait for every reply."""
