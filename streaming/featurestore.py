@@ -923,13 +923,10 @@ class InvalidationTracker:
                     raise ConnectionError("redis closed the connection")
                 parser.feed(data)
 
-        if kw.get("password"):
-            if kw.get("username"):
-                call("AUTH", kw["username"], kw["password"])
-            else:
-                call("AUTH", kw["password"])
-        if kw.get("db"):
-            call("SELECT", int(kw["db"]))  # heartbeats go to the store's database
+        from streaming.speed_redis import hello_commands
+
+        for args in hello_commands(kw.get("password"), kw.get("db"), kw.get("username")):
+            call(*args)  # heartbeats go to the store's database
         return sock, parser, call
 
     def _run(self) -> None:
@@ -1150,6 +1147,9 @@ class _LeanScript:
     def __init__(self, kw: dict, lua: str):
         import hashlib
 
+        import hiredis
+
+        self._pack, self._error = hiredis.pack_command, hiredis.ReplyError
         self.kw = kw
         self.lua = lua.encode()
         self.sha = hashlib.sha1(self.lua).hexdigest().encode()
@@ -1171,30 +1171,23 @@ class _LeanScript:
         return cls(kw, lua)
 
     async def _connect(self) -> _RespProtocol:
-        import hiredis
+        from streaming.speed_redis import hello_commands
 
         loop = asyncio.get_running_loop()
         _, proto = await asyncio.wait_for(loop.create_connection(
             _RespProtocol, self.kw.get("host", "127.0.0.1"), int(self.kw.get("port", 6379))),
             self.connect_timeout)
-        hello = []
-        if self.kw.get("password"):
-            hello.append(("AUTH", *(x for x in (self.kw.get("username"), self.kw["password"]) if x)))
-        if self.kw.get("db"):
-            hello.append(("SELECT", int(self.kw["db"])))
-        for args in hello:
+        for args in hello_commands(self.kw.get("password"), self.kw.get("db"), self.kw.get("username")):
             reply = await self._roundtrip(proto, args)
-            if isinstance(reply, hiredis.ReplyError):
+            if isinstance(reply, self._error):
                 proto.transport.close()
                 raise ConnectionError(f"redis {args[0]}: {reply}")
         return proto
 
     async def _roundtrip(self, proto: _RespProtocol, args):
-        import hiredis
-
         fut = asyncio.get_running_loop().create_future()
         proto.waiters.append(fut)
-        proto.transport.write(hiredis.pack_command(args))
+        proto.transport.write(self._pack(args))
         try:
             return await asyncio.wait_for(fut, self.timeout)
         except (asyncio.TimeoutError, TimeoutError):
@@ -1215,14 +1208,12 @@ class _LeanScript:
         return self.proto
 
     async def __call__(self, keys=(), args=()):
-        import hiredis
-
         proto = await self._proto()
         head = (len(keys), *keys, *args)
         reply = await self._roundtrip(proto, (b"EVALSHA", self.sha, *head))
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+        if isinstance(reply, self._error) and str(reply).startswith("NOSCRIPT"):
             reply = await self._roundtrip(proto, (b"EVAL", self.lua, *head))
-        if isinstance(reply, hiredis.ReplyError):
+        if isinstance(reply, self._error):
             import redis
 
             raise redis.ResponseError(str(reply))

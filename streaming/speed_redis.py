@@ -26,6 +26,18 @@ def _cmd(args) -> bytes:
     return b"".join(parts)
 
 
+def hello_commands(password: str | None = None, db: int | None = 0,
+                   username: str | None = None) -> list[tuple]:
+    """The commands that open a raw Redis connection (``AUTH``, ``SELECT``) - shared by this
+    pipeline, the API's EVALSHA connection and the cache's invalidation channel."""
+    out: list[tuple] = []
+    if password:
+        out.append(("AUTH", username, password) if username else ("AUTH", password))
+    if db:
+        out.append(("SELECT", int(db)))
+    return out
+
+
 class _Replies:
     """Replies parsed one by one (hiredis); kept when ``collect``; the first error raises at
     the end (after every reply is read, so the connection stays in step)."""
@@ -98,11 +110,9 @@ class RespPipeline:
         s = socket.create_connection((rs.host, rs.port), timeout=self.timeout)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = s
-        hello = []
-        if rs.password:
-            hello.append(_cmd([b"AUTH", rs.password]))
-        hello.append(_cmd([b"SELECT", rs.db]))
-        self._roundtrip(b"".join(hello), len(hello))
+        hello = [_cmd(c) for c in hello_commands(rs.password, rs.db)]
+        if hello:
+            self._roundtrip(b"".join(hello), len(hello))
 
     def _roundtrip(self, payload: bytes, n_replies: int, collect: bool = True,
                    one_line: bool = False) -> list:
