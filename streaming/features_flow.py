@@ -33,9 +33,9 @@ and vectorized where it matters:
 
 **Shards** (:class:`ShardLogic`, ``stateful_batch`` keyed by shard) hold one table per
 ``(entity, resolution, bucket)`` (sorted int64 ids with impression/click counts, numpy
-``searchsorted`` merges) and a dirty mask. Every ``flush_interval_ms`` they emit the changed
-cells (absolute values) and the Redis sink writes them in one pipelined round trip of
-native commands rendered with numpy (:class:`_RedisPartition`): ``HSET
+``searchsorted`` merges) and a dirty mask. Every ``flush_interval_ms`` they write the
+changed cells (absolute values) to Redis in one pipeline of native commands rendered with
+numpy (:class:`FeatureWriter`), sent by a writer thread while the job goes on: ``HSET
 features.speed_key(...) features.field("i"/"c", bucket)`` per changed cell, ``PEXPIRE`` of
 ``features.speed_ttl_ms`` when a bucket field is created, and pruning of buckets older than
 ``features.speed_keep_buckets`` so hot hashes stay bounded. A bucket is **closed** when the global
@@ -45,7 +45,9 @@ at or after its partition's watermark, which is at or after the global one.
 
 **Exactly-once effect on Redis**: offsets, dedup sets and tables are in the same Bytewax
 snapshot; after ``kill -9`` the job restarts from the last snapshot, re-reads the same
-records, takes the same decisions and re-writes the same absolute values. (The ``dlq``
+records, takes the same decisions and re-writes the same absolute values. Each shard's
+snapshot first waits until Redis has acknowledged every write queued before it, so a
+snapshot never marks as written a cell that Redis has not got. (The ``dlq``
 topic is at-least-once: a replay may repeat dead letters written after the snapshot.)
 """
 
@@ -55,8 +57,9 @@ import json
 import logging
 import operator
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import msgspec
@@ -588,10 +591,17 @@ class ShardLogic(StatefulBatchLogic):
         return self.next_flush
 
     def on_notify(self):
-        return self.flush(), StatefulBatchLogic.RETAIN
+        self._write(self.flush())
+        return [], StatefulBatchLogic.RETAIN
 
     def on_eof(self):
-        return self.flush(), StatefulBatchLogic.RETAIN
+        self._write(self.flush())
+        self.cfg.drain()  # a finite run ends with everything in Redis
+        return [], StatefulBatchLogic.RETAIN
+
+    def _write(self, items: list) -> None:
+        if items:
+            self.cfg.writer().write(items)
 
     def flush(self) -> list:
         self.next_flush = None
@@ -634,6 +644,10 @@ class ShardLogic(StatefulBatchLogic):
     def snapshot(self) -> dict:
         import copy
 
+        # Cells flushed before this snapshot are recorded as written (not dirty): wait until
+        # Redis has acknowledged them. A crash before that resumes from the previous
+        # snapshot, which still has them dirty or not yet counted.
+        self.cfg.drain()
         for tab in self.tables.values():
             tab.compact()
         return {"wms": list(self.wms),
@@ -642,12 +656,15 @@ class ShardLogic(StatefulBatchLogic):
 
 # --------------------------------------------------------------------------- Redis sink
 
-class _RedisPartition(StatelessSinkPartition):
-    """Writes flushes: per changed cell ``HSET features.speed_key(...) i<b> n c<b> n``
-    (absolute values) and, for a cell the shard had not written before, ``PEXPIRE key
-    features.speed_ttl_ms`` (a hash's TTL is renewed whenever it gets a new bucket). The
-    commands are rendered with numpy (:func:`streaming.speed_redis.render`, no Python work
-    per cell) and sent in one pipelined round trip per flush.
+class FeatureWriter:
+    """Writes the shards' flushes to Redis: per changed cell ``HSET features.speed_key(...)
+    i<b> n c<b> n`` (absolute values) and, for a cell the shard had not written before,
+    ``PEXPIRE key features.speed_ttl_ms`` (a hash's TTL is renewed whenever it gets a new
+    bucket). The commands are rendered with numpy (:func:`streaming.speed_redis.render`, no
+    Python work per cell) into one payload per flush, which a
+    :class:`streaming.speed_redis.BackgroundPipeline` sends while the job goes on with the
+    next micro-batches; :meth:`drain` (called by every shard's ``snapshot``) waits for the
+    acknowledgements. One writer per process, shared by its workers' shards.
 
     Pruning: TTLs alone never shrink a hash that is written all the time (a popular ad's
     ``5m`` hash would gain two fields a minute for ever). With ``keep =
@@ -658,10 +675,10 @@ class _RedisPartition(StatelessSinkPartition):
     active hash holds at most ``keep + 2 P`` buckets and never loses one of its ``keep``
     newest."""
 
-    def __init__(self, settings: Settings):
-        from streaming.speed_redis import RespPipeline
+    def __init__(self, settings: Settings, max_pending: int = 2):
+        from streaming.speed_redis import BackgroundPipeline
 
-        self.pipe = RespPipeline(settings)
+        self.pipe = BackgroundPipeline(settings, max_pending=max_pending)
         lateness = int(settings.allowed_lateness_s * 1000)
         self.ttl = [F.speed_ttl_ms(res, lateness) for res in F.RESOLUTIONS]
         self.keep = [F.speed_keep_buckets(res, lateness) for res in F.RESOLUTIONS]
@@ -671,35 +688,45 @@ class _RedisPartition(StatelessSinkPartition):
                 pre, suf = F.speed_key(ent.name, "\0", res.name).split("\0")
                 self.affix[(e, r)] = (pre.encode(), suf.encode())
 
-    def write_batch(self, items: list) -> None:
+    def write(self, items: list) -> None:
+        """Render ``items`` (:class:`FlushItem`) and queue them; returns before Redis answers."""
         t0 = time.perf_counter()
-        ts = [t for _, it in items if it.ts_first is not None for t in (it.ts_first, it.ts_last)]
-        its = [it for _, it in items if len(it.eid)]
-        if its:
-            ent = np.concatenate([it.ent for it in its]).astype(np.int64)
-            res = np.concatenate([it.res for it in its]).astype(np.int64)
-            order = np.lexsort((res, ent))
-            ent, res = ent[order], res[order]
-            bucket = np.concatenate([it.bucket for it in its]).astype(np.int64)[order]
-            eid = np.concatenate([it.eid for it in its])[order]
-            cnt = np.concatenate([it.cnt for it in its])[order]
-            new = np.concatenate([it.new for it in its])[order]
-            grp = np.flatnonzero(np.r_[True, (ent[1:] != ent[:-1]) | (res[1:] != res[:-1]), True])
-            hsets, expires, n_cmds = [], [], 0
-            for a, z in zip(grp[:-1].tolist(), grp[1:].tolist()):
-                e, r = int(ent[a]), int(res[a])
-                hs, ex, n = self._commands(e, r, eid[a:z], bucket[a:z], cnt[a:z], new[a:z])
-                hsets.append(hs)
-                expires.append(ex)
-                n_cmds += n
-            # every HSET before any PEXPIRE: a PEXPIRE of a key not yet created does nothing
-            self.pipe.execute_raw(b"".join(hsets + expires), n_cmds, one_line=True)  # one copy
-            M.FLUSH_CELLS.inc(len(eid))
-        now_ms = time.time() * 1000
-        M.FLUSH_SECONDS.observe(time.perf_counter() - t0)
-        for t in ts:
-            if t and t > 0:
-                M.FRESHNESS.observe(max(0.0, (now_ms - t) / 1000))
+        ts = [t for it in items if it.ts_first is not None for t in (it.ts_first, it.ts_last)]
+        its = [it for it in items if len(it.eid)]
+        if not its:
+            return
+        ent = np.concatenate([it.ent for it in its]).astype(np.int64)
+        res = np.concatenate([it.res for it in its]).astype(np.int64)
+        order = np.lexsort((res, ent))
+        ent, res = ent[order], res[order]
+        bucket = np.concatenate([it.bucket for it in its]).astype(np.int64)[order]
+        eid = np.concatenate([it.eid for it in its])[order]
+        cnt = np.concatenate([it.cnt for it in its])[order]
+        new = np.concatenate([it.new for it in its])[order]
+        grp = np.flatnonzero(np.r_[True, (ent[1:] != ent[:-1]) | (res[1:] != res[:-1]), True])
+        hsets, expires, n_cmds = [], [], 0
+        for a, z in zip(grp[:-1].tolist(), grp[1:].tolist()):
+            e, r = int(ent[a]), int(res[a])
+            hs, ex, n = self._commands(e, r, eid[a:z], bucket[a:z], cnt[a:z], new[a:z])
+            hsets.append(hs)
+            expires.append(ex)
+            n_cmds += n
+        n_cells = len(eid)
+
+        def done():  # in the writer thread, once Redis acknowledged every command
+            now_ms = time.time() * 1000
+            M.FLUSH_CELLS.inc(n_cells)
+            M.FLUSH_SECONDS.observe(time.perf_counter() - t0)
+            for t in ts:
+                if t and t > 0:
+                    M.FRESHNESS.observe(max(0.0, (now_ms - t) / 1000))
+
+        # every HSET before any PEXPIRE: a PEXPIRE of a key not yet created does nothing
+        self.pipe.submit(b"".join(hsets + expires), n_cmds, one_line=True, done=done)
+
+    def drain(self) -> None:
+        """Return once Redis has acknowledged everything written so far (raises its error)."""
+        self.pipe.drain()
 
     def _commands(self, e: int, r: int, eid, bucket, cnt, new) -> tuple[bytes, bytes, int]:
         from streaming.speed_redis import bulk_len, encode, render
@@ -747,21 +774,13 @@ class _RedisPartition(StatelessSinkPartition):
                 hdels.append(encode((b"HDEL", F.speed_key(ent.name, sid, F.RESOLUTIONS[r].name), *old)))
         return hset, expire + b"".join(hdels), n + len(idx) + len(hdels)
 
-    def close(self):
+    def close(self) -> None:
         self.pipe.close()
 
 
 def prune_step(keep: int) -> int:
     """Buckets between two prunings of a speed-view hash (see :class:`_RedisPartition`)."""
     return max(1, keep)
-
-
-class RedisSink(DynamicSink):
-    def __init__(self, settings: Settings):
-        self.settings = settings
-
-    def build(self, step_id, worker_index, worker_count):
-        return _RedisPartition(self.settings)
 
 
 # --------------------------------------------------------------------------- the flow
@@ -781,17 +800,47 @@ class FlowConfig:
         return [f"{kind}:{p}" for kind in KINDS
                 for p in range(getattr(self.settings.topics, kind).partitions)]
 
+    _writer: "FeatureWriter | None" = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
     def dlq_writer(self) -> DlqWriter:
         return DlqWriter(self.settings)
+
+    def writer(self) -> "FeatureWriter":
+        """This process's Redis writer (created on first use; its workers share it)."""
+        with self._lock:
+            if self._writer is None:
+                self._writer = FeatureWriter(self.settings)
+            return self._writer
+
+    def drain(self) -> None:
+        if self._writer is not None:
+            self._writer.drain()
 
 
 def build_flow(settings: Settings, stop_at_end: bool = False, n_shards: int = N_SHARDS) -> Dataflow:
     cfg = FlowConfig(settings, n_shards=n_shards, stop_at_end=stop_at_end)
     flow = Dataflow("ctrstream_features")
     deltas = op.input("kafka", flow, KafkaEventsSource(cfg))
-    flushes = op.stateful_batch("shards", deltas, _builder(cfg))
-    op.output("redis", flushes, RedisSink(settings))
+    # The shards write Redis themselves (FeatureWriter): a write must be acknowledged before
+    # the snapshot of the state that produced it, and only the stateful step's own snapshot
+    # can wait for that. The step emits nothing; Bytewax wants an output step all the same.
+    written = op.stateful_batch("shards", deltas, _builder(cfg))
+    op.output("none", written, _Nothing())
     return flow
+
+
+class _Nothing(DynamicSink):
+    """The flow's formal output: the shards write Redis themselves and emit no items."""
+
+    def build(self, step_id, worker_index, worker_count):
+        return _NothingPartition()
+
+
+class _NothingPartition(StatelessSinkPartition):
+    def write_batch(self, items: list) -> None:
+        if items:
+            raise AssertionError(f"the features shards emitted {len(items)} items")
 
 
 def _builder(cfg: FlowConfig):

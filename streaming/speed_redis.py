@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
+from collections import deque
+from typing import Callable
 
 import hiredis
 import numpy as np
@@ -181,6 +184,88 @@ class RespPipeline:
                 self.sock = None
 
 
+class BackgroundPipeline:
+    """A :class:`RespPipeline` driven by its own thread, so that the caller computes the next
+    batch while Redis executes this one (the features job and Redis then use two cores
+    instead of taking turns on one: measured as the job's biggest wait).
+
+    :meth:`submit` queues a payload and returns; it blocks only while ``max_pending``
+    payloads are already queued or in flight (back-pressure: a Redis slower than the job
+    slows the job, and the backlog stays in Kafka). :meth:`drain` returns once every
+    submitted payload has been acknowledged - the features flow calls it before each state
+    snapshot, so a snapshot never records as written a cell Redis has not acknowledged.
+    ``done`` callbacks run in the writer thread after the acknowledgement. The first error
+    (after the pipeline's own reconnect-once) is raised by the next :meth:`submit` or
+    :meth:`drain`, and nothing is sent after it."""
+
+    def __init__(self, settings: Settings, max_pending: int = 2, timeout: float = 30.0):
+        self.pipe = RespPipeline(settings, timeout)
+        self.max_pending = max_pending
+        self.cv = threading.Condition()
+        self.queue: deque = deque()
+        self.pending = 0  # submitted, not yet acknowledged
+        self.error: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="ctrstream-redis-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, payload: bytes, n_commands: int, one_line: bool = False,
+               done: Callable[[], None] | None = None) -> None:
+        with self.cv:
+            while self.pending >= self.max_pending and self.error is None:
+                self.cv.wait()
+            self._raise()
+            if self.closed:
+                raise RuntimeError("the Redis writer is closed")
+            self.queue.append((payload, n_commands, one_line, done))
+            self.pending += 1
+            self.cv.notify_all()
+
+    def drain(self) -> None:
+        with self.cv:
+            while self.pending and self.error is None:
+                self.cv.wait()
+            self._raise()
+
+    def close(self) -> None:
+        """Wait for what was submitted, then stop the thread and close the connection."""
+        try:
+            self.drain()
+        finally:
+            with self.cv:
+                self.closed = True
+                self.cv.notify_all()
+            self.thread.join()
+            self.pipe.close()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"writing to Redis failed: {self.error}") from self.error
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.queue and not self.closed:
+                    self.cv.wait()
+                if not self.queue:
+                    return
+                payload, n, one_line, done = self.queue[0]
+            try:
+                self.pipe._send(payload, n, collect=False, one_line=one_line)
+                if done is not None:
+                    done()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                with self.cv:
+                    self.error = e
+                    self.queue.clear()
+                    self.cv.notify_all()
+                return
+            with self.cv:
+                self.queue.popleft()
+                self.pending -= 1
+                self.cv.notify_all()
+
+
 def encode(args) -> bytes:
     """One command in RESP (hiredis' C packer; str, bytes and int arguments)."""
     return hiredis.pack_command(tuple(args))
@@ -193,8 +278,14 @@ def encode(args) -> bytes:
 # single Redis thread, where it measured ~6-7 us per cell against ~3 us for native commands
 # (HSET 1.6 us + PEXPIRE 1.5 us, `INFO commandstats`). So the commands stay native and are
 # *rendered with numpy*: every command is a row of segments - constant bytes or non-negative
-# integers printed in decimal - laid out in one uint8 buffer with a handful of array
-# operations per segment, independent of the number of rows.
+# integers printed in decimal - laid out in a 2-D uint8 array with one column slot per
+# segment (numbers right-aligned in a slot as wide as the widest of them, the unused leading
+# bytes marked _PAD), and the pad bytes are then squeezed out in one boolean compress. Every
+# step is a column-slice assignment or an elementwise operation over whole columns:
+# measured 0.35 us per 23-segment HSET row, against 1.35 us for scattering every byte to
+# its own computed offset (the previous version, half of the features job's CPU).
+
+_PAD = 0xFF  # never a byte of a rendered command (digits, ASCII names, CR LF)
 
 
 def _ndigits(x: np.ndarray) -> np.ndarray:
@@ -208,39 +299,45 @@ def _ndigits(x: np.ndarray) -> np.ndarray:
         p *= 10
 
 
-_POW10 = 10 ** np.arange(19, dtype=np.int64)
+def _digit_block(x: np.ndarray, width: int) -> np.ndarray:
+    """``x`` (non-negative) in decimal, right-aligned in ``width`` columns, _PAD before."""
+    out = np.empty((len(x), width), np.uint8)
+    v = x.astype(np.uint64) if width > 9 else x.astype(np.uint32)  # 32-bit division is faster
+    for k in range(width - 1, -1, -1):
+        q = v // 10
+        out[:, k] = v - q * 10
+        v = q
+    out += 48
+    if width > 1:
+        nd = _ndigits(x)
+        short = nd < width
+        if short.any():
+            out[np.arange(width)[None, :] < (width - nd)[:, None]] = _PAD
+    return out
 
 
 def render(segments: list, n: int) -> bytes:
     """Concatenate, row by row, ``segments`` (each ``bytes`` - the same for every row - or an
     int64 array of ``n`` non-negative integers, written in decimal) into one byte string."""
-    lens = []
-    for seg in segments:
-        lens.append(len(seg) if isinstance(seg, bytes) else _ndigits(seg))
-    row_len = np.zeros(n, np.int64)
-    for ln in lens:
-        row_len += ln
-    start = np.zeros(n, np.int64)
-    np.cumsum(row_len[:-1], out=start[1:])
-    buf = np.empty(int(row_len.sum()), np.uint8)
-    pos = start.copy()
-    for seg, ln in zip(segments, lens):
+    if n == 0:
+        return b""
+    widths = [len(seg) if isinstance(seg, bytes) else len(str(int(seg.max()))) for seg in segments]
+    rows = np.empty((n, sum(widths)), np.uint8)
+    blocks: dict[int, np.ndarray] = {}  # an array used twice (a bucket number) is printed once
+    col = 0
+    for seg, w in zip(segments, widths):
         if isinstance(seg, bytes):
-            if len(seg) == 1:
-                buf[pos] = seg[0]
-            else:
-                c = np.frombuffer(seg, np.uint8)
-                buf[(pos[:, None] + np.arange(len(seg))).ravel()] = np.broadcast_to(c, (n, len(c))).ravel()
+            rows[:, col:col + w] = np.frombuffer(seg, np.uint8)
         else:
-            w = int(ln.max())
-            k = np.arange(w)
-            digits = (seg[:, None] // _POW10[:w]) % 10 + 48
-            live = k < ln[:, None]
-            buf[((pos + ln - 1)[:, None] - k)[live]] = digits[live]
-        pos += ln
-    return buf.tobytes()
+            block = blocks.get(id(seg))
+            if block is None:
+                block = blocks[id(seg)] = _digit_block(seg, w)
+            rows[:, col:col + w] = block
+        col += w
+    flat = rows.reshape(-1)
+    if any(not isinstance(seg, bytes) for seg in segments):
+        flat = flat[flat != _PAD]
+    return flat.tobytes()
 
 
 bulk_len = _ndigits  # the RESP bulk-string length of non-negative integers in decimal
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import urllib.request
@@ -239,12 +240,16 @@ def test_vectorized_resp_rendering_matches_hiredis():
     a = rng.integers(0, 10 ** rng.integers(1, 18, n))
     b = rng.integers(0, 10 ** rng.integers(1, 10, n))
     c = np.concatenate([[0, 9, 10, 99, 100], rng.integers(0, 10**6, n - 5)])
-    got = render([b"*4\r\n$4\r\nHSET\r\n$", np.array([len(f"sv:x:{i}:{j}") for i, j in zip(a, b)]),
+    got = render([b"*6\r\n$4\r\nHSET\r\n$", np.array([len(f"sv:x:{i}:{j}") for i, j in zip(a, b)]),
                   b"\r\nsv:x:", a, b":", b, b"\r\n$", np.array([len(f"i{x}") for x in c]),
-                  b"\r\ni", c, b"\r\n$1\r\n7\r\n"], n)
-    want = b"".join(hiredis.pack_command((b"HSET", f"sv:x:{i}:{j}", f"i{x}", 7))
+                  b"\r\ni", c, b"\r\n$1\r\n7\r\n$", np.array([len(f"c{x}") for x in c]),
+                  b"\r\nc", c, b"\r\n$1\r\n0\r\n"], n)  # `c` twice: printed once, used twice
+    want = b"".join(hiredis.pack_command((b"HSET", f"sv:x:{i}:{j}", f"i{x}", 7, f"c{x}", 0))
                     for i, j, x in zip(a.tolist(), b.tolist(), c.tolist()))
     assert got == want
+    one = np.array([10**18 + 7])  # widest int64 magnitudes take the 64-bit path
+    assert render([b"x", one, b"y", np.array([0])], 1) == b"x%dy0" % (10**18 + 7)
+    assert render([b"x", np.zeros(0, np.int64)], 0) == b""
 
 
 def test_sink_prunes_hot_hashes_and_renews_ttl_on_new_buckets(settings, r, unique):
@@ -252,9 +257,9 @@ def test_sink_prunes_hot_hashes_and_renews_ttl_on_new_buckets(settings, r, uniqu
     buckets older than features.speed_keep_buckets, never one of the newest `keep`; values are
     absolute and the TTL is set when a bucket is new."""
     from ctrstream import features as F
-    from streaming.features_flow import FlushItem, RedisSink, prune_step
+    from streaming.features_flow import FeatureWriter, FlushItem, prune_step
 
-    sink = RedisSink(settings).build("redis", 0, 1)
+    sink = FeatureWriter(settings)
     lateness = int(settings.allowed_lateness_s * 1000)
     res = 2  # 24h: 1-hour buckets (a day and a bit retained)
     keep = F.speed_keep_buckets(F.RESOLUTIONS[res], lateness)
@@ -266,10 +271,11 @@ def test_sink_prunes_hot_hashes_and_renews_ttl_on_new_buckets(settings, r, uniqu
     try:
         for b in range(b0, b0 + 5 * keep):
             for count in (1, 2):  # the bucket's first write (new) and an update of it
-                sink.write_batch([("k", FlushItem(
+                sink.write([FlushItem(
                     ent=np.array([0], np.int8), res=np.array([res]), bucket=np.array([b]),
                     eid=np.array([ad], np.int64), cnt=np.array([[count, count - 1]], np.int64),
-                    new=np.array([count == 1]), ts_first=None, ts_last=None))])
+                    new=np.array([count == 1]), ts_first=None, ts_last=None)])
+            sink.drain()
             held = sorted({int(f[1:]) for f in map(bytes.decode, r.hkeys(key))})
             assert held[-keep:] == list(range(max(b0, b - keep + 1), b + 1))  # newest kept
             assert len(held) <= keep + 2 * step
@@ -305,6 +311,37 @@ def test_one_line_replies_are_counted_and_errors_still_raise(settings, r, unique
         assert r.hget(key, b"after") == b"1"
     finally:
         pipe.close()
+        r.delete(key)
+
+
+def test_background_pipeline_keeps_order_waits_and_raises(settings, r, unique):
+    """The features writer's thread: payloads reach Redis in submission order, `drain` returns
+    only after every acknowledgement, a full queue blocks the caller (back-pressure), and a
+    Redis error surfaces in the caller's thread - on every later call, never silently."""
+    from streaming.speed_redis import BackgroundPipeline, encode
+
+    key = f"sv:test:bg:{unique}".encode()
+    acked: list[int] = []
+    pipe = BackgroundPipeline(settings, max_pending=1)
+    try:
+        # Redis holds writes for 300 ms: the first payload stays in flight, so the second
+        # submit can only return once the first was acknowledged
+        assert r.client_pause(300, all=False)
+        for k in range(1, 6):
+            pipe.submit(encode((b"HSET", key, b"v", k)), 1, one_line=True,
+                        done=lambda k=k: acked.append(k))
+            assert acked == list(range(1, k))  # submit k returned after k-1 was acknowledged
+        pipe.drain()
+        assert acked == [1, 2, 3, 4, 5] and r.hget(key, b"v") == b"5"
+        pipe.submit(encode((b"LPUSH", key, b"x")), 1, one_line=True)  # WRONGTYPE
+        with pytest.raises(RuntimeError, match="WRONGTYPE"):
+            pipe.drain()
+        with pytest.raises(RuntimeError, match="WRONGTYPE"):
+            pipe.submit(encode((b"HSET", key, b"v", 6)), 1, one_line=True)
+        assert r.hget(key, b"v") == b"5"  # nothing is sent after an error
+    finally:
+        with contextlib.suppress(RuntimeError):
+            pipe.close()
         r.delete(key)
 
 
