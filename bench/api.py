@@ -234,19 +234,23 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
     long_rows: dict[str, list] = {k: [] for k in ("entity", "eid", "long_window", "imps", "clicks")}
     pipe = r.pipeline(transaction=False)
     for k, (ent, eid) in enumerate(ents):
+        # the entity's speed hashes, one per event day (features.speed_key), each with the
+        # fields of every resolution's buckets of that day (features.speed_field)
+        per_day: dict[int, dict] = {}
         for res in F.RESOLUTIONS:
             buckets = list(F.window_buckets(now_ms, res))
             imps = rng.poisson(20, len(buckets))
             clicks = rng.binomial(imps, 0.02)
-            mapping = {}
             for b, i, c in zip(buckets, imps, clicks):
-                mapping[F.field("i", b)] = int(i)
-                mapping[F.field("c", b)] = int(c)
+                mapping = per_day.setdefault(F.speed_day(b, res), {})
+                mapping[F.speed_field(res.name, "i", b)] = int(i)
+                mapping[F.speed_field(res.name, "c", b)] = int(c)
                 if served is None and (b + 1) * res.bucket_ms <= cutoff:
                     for col, v in zip(bucket_rows, (ent, eid, res.name, b, int(i), int(c))):
                         bucket_rows[col].append(v)
-            pipe.hset(F.speed_key(ent, eid, res.name), mapping=mapping)
-            pipe.pexpire(F.speed_key(ent, eid, res.name), ttl_ms)
+        for day, mapping in per_day.items():
+            pipe.hset(F.speed_key(ent, eid, day), mapping=mapping)
+            pipe.pexpire(F.speed_key(ent, eid, day), ttl_ms)
         if served is None:
             for w in F.LONG_WINDOWS:
                 for col, v in zip(long_rows, (ent, eid, w.name, int(rng.poisson(5000)),
@@ -316,8 +320,9 @@ class LiveSpeedWriter:
                                  ("advertiser", uni.advertiser[i]), ("site", site),
                                  ("site_x_category", f"{site}:{cats[i]}")):
                     for res in F.RESOLUTIONS:
-                        pipe.hincrby(F.speed_key(ent, str(eid), res.name),
-                                     F.field("i", now // res.bucket_ms), 1)
+                        b = now // res.bucket_ms
+                        pipe.hincrby(F.speed_key(ent, str(eid), F.speed_day(b, res)),
+                                     F.speed_field(res.name, "i", b), 1)
             pipe.execute()
             self.events += n
             self.flushes += 1

@@ -21,7 +21,7 @@ Rows:
   thread could absorb with this feature declaration, however fast the flow was.
 * ``freshness @R/s``: the features job running, records produced at a steady R events/s
   with event time = now; every 50 ms one probe impression of a unique user is among them.
-  Freshness = time the probe's ``sv:user:<id>:5m`` key became visible in Redis (polled every
+  Freshness = time the probe's ``sv:user:<id>:<day>`` key became visible in Redis (polled every
   2 ms) - its produce time (= its Kafka CreateTime). p50/p99 over the probes.
 * ``join rss``: the join dataflow during the same steady phase with a short attribution
   window (``--join-window-s``): its RSS sampled at each quarter of the phase must level off
@@ -142,6 +142,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
     p = make_producer(settings, **{"linger.ms": 5})
     ti, tc = settings.topics.impressions.name, settings.topics.clicks.name
     probes: dict[int, float] = {}
+    probe_day: dict[int, int] = {}  # the day part of the probe's speed-view key
     seen: dict[int, float] = {}
     stop = threading.Event()
 
@@ -151,7 +152,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
             if pending:
                 pipe = r.pipeline(transaction=False)
                 for u in pending:
-                    pipe.exists(F.speed_key("user", str(u), F.RESOLUTIONS[0].name))
+                    pipe.exists(F.speed_key("user", str(u), probe_day[u]))
                 now = time.time()
                 for u, ok in zip(pending, pipe.execute()):
                     if ok:
@@ -165,10 +166,11 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
     try:
         # warm up: wait until both jobs consume (a first probe becomes visible)
         warm_uid = 2_000_000_000
-        p.produce(ti, key=b"warm", value=E.encode(_imp("warm", warm_uid, rng)))
+        warm = _imp("warm", warm_uid, rng)
+        p.produce(ti, key=b"warm", value=E.encode(warm))
         p.flush(10)
         deadline = time.time() + 120
-        while not r.exists(F.speed_key("user", str(warm_uid), F.RESOLUTIONS[0].name)):
+        while not r.exists(F.speed_key("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)):
             if time.time() > deadline:
                 raise RuntimeError("features job did not start within 120 s")
             time.sleep(0.05)
@@ -195,6 +197,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
                     p.produce(tc, key=E.key_of(c), value=E.encode(c))
             uid = 1_000_000_000 + len(probes)
             probe = _imp(f"probe{uid}", uid, rng)
+            probe_day[uid] = probe.event_time_ms // F.DAY_MS  # before probes: the poller reads it
             probes[uid] = time.time()
             p.produce(ti, key=E.key_of(probe), value=E.encode(probe))
             p.poll(0)

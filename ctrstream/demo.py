@@ -300,7 +300,7 @@ class _LagMonitor:
 class _FreshnessProbe:
     """Feature freshness as the demo can measure it on a time-compressed replay: the wall
     time from a sampled impression becoming readable in Kafka (seen by a consumer of the
-    impressions topic) to its count being visible in Redis (``sv:user:<id>:5m``, field
+    impressions topic) to its count being visible in Redis (``sv:user:<id>:<day>``, field
     ``i<bucket>`` >= 1, polled every ``poll_s``).
 
     The probes are impressions of the scenario itself (nothing extra is produced): ones that
@@ -356,7 +356,8 @@ class _FreshnessProbe:
         ids = imps.column("impression_id").take(idx).to_pylist()
         user = F.ENTITY_BY_NAME["user"]
         return {i.encode(): (F.speed_key(user.name, F.entity_id(user, {"user_id": int(u[k])}),
-                                         res.name), F.field("i", int(b[k])))
+                                         F.speed_day(int(b[k]), res)),
+                             F.speed_field(res.name, "i", int(b[k])))
                 for i, k in zip(ids, idx.tolist())}
 
     def _consume(self) -> None:

@@ -310,7 +310,7 @@ def _freshness_html(f: dict) -> str:
                 f"applicable</strong> in this run: {html.escape(f['na'])}. {why}</p>")
     return ("<h3>Feature freshness</h3><p>Wall time from a sampled impression becoming readable in "
             "Kafka to its count being visible in the speed view in Redis "
-            "(<code>sv:user:&lt;id&gt;:5m</code>), measured by the demo on impressions of the stream "
+            "(<code>sv:user:&lt;id&gt;:&lt;day&gt;</code>), measured by the demo on impressions of the stream "
             "itself that are alone in their (user, minute) cell, Redis polled every "
             f"{fmt((f['poll_s'] or 0) * 1000, 3)} ms. The speed layer makes a value visible at its "
             "next flush (every <code>flush_interval_ms</code>). " + why + "</p>"

@@ -8,18 +8,24 @@ range both views cover and both consider closed:
 * the batch view ``bv:{version}:{entity}:{id}:{res}`` covers buckets from its oldest bucket
   up to the cut-off (``bv:{version}:meta`` ``cutoff_ms``; a bucket is closed when its end is
   ``<= cutoff_ms``);
-* the speed view ``sv:{entity}:{id}:{res}`` covers buckets from its oldest bucket on, but
-  retains only the newest ``features.speed_keep_buckets`` buckets of a hash (the features
-  sink prunes older ones), so the overlap starts no earlier than that many buckets before
-  the high-water; a bucket is closed in it once its end is ``<= speed high-water - allowed
-  lateness`` (the high-water is the start of the newest bucket the speed view holds: the
-  speed layer's event time has reached at least that);
+* the speed view ``sv:{entity}:{id}:{day}`` (one hash per entity and event day -
+  ``features.speed_key`` / ``features.speed_day``, days since the epoch, UTC - holding the
+  buckets of that day of every resolution, fields ``{res}:i{bucket}`` / ``{res}:c{bucket}``,
+  ``features.speed_field``; an entity's day hashes are merged into its buckets per
+  resolution) covers buckets from its oldest bucket on. Its day hashes are never pruned but
+  expire (``features.speed_hash_ttl_ms`` after their last new hour), so it is sure to hold
+  only the newest ``features.speed_keep_buckets`` buckets of each resolution: the overlap
+  starts no earlier than that many buckets before the high-water. A bucket is closed in it
+  once its end is ``<= speed high-water - allowed lateness`` (the high-water is the start of
+  the newest bucket the speed view holds: the speed layer's event time has reached at least
+  that);
 
 ``closed_before_ms`` narrows it further. Inside the overlap every bucket either view holds
-is compared, per entity id, cell by cell (``i{bucket}`` impressions, ``c{bucket}`` clicks;
-an absent cell counts as 0). A bucket is *equal* when both cells agree, *differing* when
-both views hold it and a cell differs, *missing in speed* / *missing in batch* when only
-one view holds it (with a non-zero count).
+is compared, per entity id and resolution, cell by cell (impressions and clicks: batch
+fields ``i{bucket}`` / ``c{bucket}`` against speed fields ``{res}:i{bucket}`` /
+``{res}:c{bucket}``; an absent cell counts as 0). A bucket is *equal* when both cells
+agree, *differing* when both views hold it and a cell differs, *missing in speed* /
+*missing in batch* when only one view holds it (with a non-zero count).
 
 Reasons
 -------
@@ -33,7 +39,10 @@ Each differing cell gets a reason, with the evidence behind it:
 * ``late+lost_update`` - late events explain part of it, the rest as below.
 * ``lost_update`` - the speed view is lower and no late event is known: a speed-layer
   update was lost (crash before flush, restart without recovery). ``missing_key`` - the
-  speed view has no hash for the entity at all (never written - a crash - or TTL-expired).
+  speed view has no hash for the entity and the event day of the cell's bucket at all
+  (``sv:{entity}:{id}:{day}`` absent or empty, so no resolution holds any bucket of that
+  day: never written - a crash - or TTL-expired), while another day's hash of the same
+  entity may well exist; a day hash that exists but lacks the cell is a ``lost_update``.
 * ``duplicates`` - the speed view is higher and the archive (deduplicated) agrees with the
   batch view: the speed layer counted a copy twice.
 * ``archive_lag`` - the speed view is higher and the archive *now* holds what the speed
@@ -47,10 +56,14 @@ counts them, so they never make a difference.
 The batch wins
 --------------
 After the comparison every differing or missing cell of the speed view is overwritten with
-the batch value (``HSET`` of absolute values - running it twice changes nothing), cells the
-batch view does not hold are deleted, and hashes created this way get the speed view's TTL
-(``PEXPIRE ... NX``). Only closed buckets of the overlap are touched, which the speed layer
-never writes again.
+the batch value in the day hash of its bucket (``features.speed_key(entity, id,
+features.speed_day(bucket, res))``; one ``HSET`` of absolute values per day hash, all
+resolutions at once - running it twice changes nothing), cells the batch view does not hold
+are deleted from it (``HDEL``), and a hash created this way gets the speed view's hash TTL
+(``features.speed_hash_ttl_ms``, ``PEXPIRE ... NX``: sent for every repaired hash, it never
+changes the TTL the speed layer set, but also covers a hash that expired between the read
+and the repair). Only closed buckets of the overlap are touched, which the speed layer never
+writes again.
 
 Outputs: a :class:`Report` (``report.to_dict()``, ``report.markdown()``), written to
 ``{data_dir}/reports/reconcile-{version}.json`` and ``.md``, kept in Redis under
@@ -65,6 +78,7 @@ import logging
 import re
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,7 +86,11 @@ from ctrstream import features as F
 
 log = logging.getLogger("ctrstream.reconcile")
 
-FIELD_RE = re.compile(rb"^([ic])(-?\d+)$")
+FIELD_RE = re.compile(rb"^([ic])(-?\d+)$")  # batch view: {type}{bucket}
+SPEED_FIELD_RE = re.compile(rb"^([^:]+):([ic])(-?\d+)$")  # speed view: {res}:{type}{bucket}
+SPEED_PREFIX = "sv:"
+_RES_BY_BYTES = {r.name.encode(): r.name for r in F.RESOLUTIONS}
+_ET_BY_BYTES = {t.encode(): t for t in F.EVENT_TYPES}
 REASONS = ("late", "late+lost_update", "lost_update", "missing_key", "duplicates",
            "archive_lag", "unexplained")
 SCAN_COUNT = 5000
@@ -174,7 +192,7 @@ def _iso(ms: int) -> str:
 # --------------------------------------------------------------------------- reading the views
 
 def _parse_key(rest: str) -> tuple[str, str, str] | None:
-    """``{entity}:{id}:{res}`` -> parts (ids of crossed entities contain ``:``)."""
+    """Batch view ``{entity}:{id}:{res}`` -> parts (ids of crossed entities contain ``:``)."""
     try:
         entity, tail = rest.split(":", 1)
         eid, res = tail.rsplit(":", 1)
@@ -185,24 +203,49 @@ def _parse_key(rest: str) -> tuple[str, str, str] | None:
     return entity, eid, res
 
 
-def _scan_view(r, prefix: str, settings=None, res: str | None = None) -> dict[tuple[str, str, str], dict]:
-    """Every hash under ``prefix`` (of resolution ``res`` only, when given) parsed into
-    {(entity, eid, res): {(type, bucket): count}}. A hash that expired between the SCAN and
-    its read is left out (it is missing, not empty). With ``settings`` the HGETALLs go
-    through the speed layer's RESP writer (hiredis-parsed replies, no redis-py objects per
-    command: millions of hashes in seconds)."""
-    keys = []
-    match = prefix + "*" + (f":{res}" if res else "")
-    for k in r.scan_iter(match=match, count=SCAN_COUNT):
-        parsed = _parse_key(k.decode()[len(prefix):])
-        if parsed:
-            keys.append((k, parsed))
-    out = {}
-    fast = None
-    # millions of small dicts: the cyclic GC would re-traverse all of them on every gen-2
-    # collection (most of the time went there); nothing built here forms a cycle
+def _parse_speed_key(rest: str) -> tuple[str, str, int] | None:
+    """Speed view ``{entity}:{id}:{day}`` -> ``(entity, id, day)`` (``features.speed_entity_of``;
+    the id of a crossed entity contains ``:``), None for any other key under ``sv:``."""
+    try:
+        entity, eid, day = F.speed_entity_of(SPEED_PREFIX + rest)
+    except ValueError:
+        return None
+    if not eid or entity not in F.ENTITY_BY_NAME:
+        return None
+    return entity, eid, day
+
+
+@contextmanager
+def _gc_paused():
+    """Millions of small dicts: the cyclic GC would re-traverse all of them on every gen-2
+    collection (most of the time went there); nothing built here forms a cycle."""
     gc_was = gc.isenabled()
     gc.disable()
+    try:
+        yield
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def _scan_keys(r, prefix: str, match: str, parse) -> list[tuple[bytes, tuple]]:
+    """(key, parsed key) of every key SCAN finds for ``match`` that ``parse`` accepts (the
+    part after ``prefix``)."""
+    keys = []
+    for k in r.scan_iter(match=match, count=SCAN_COUNT):
+        parsed = parse(k.decode()[len(prefix):])
+        if parsed:
+            keys.append((k, parsed))
+    return keys
+
+
+def _read_hashes(r, keys: list[tuple[bytes, tuple]], settings=None):
+    """HGETALL of every key of ``keys`` (pairs from :func:`_scan_keys`), pipelined in chunks;
+    yields (parsed key, iterable of (field, value) bytes). A hash that expired between the
+    SCAN and its read comes back empty. With ``settings`` the HGETALLs go through the speed
+    layer's RESP writer (hiredis-parsed replies, no redis-py objects per command: millions
+    of hashes in seconds)."""
+    fast = None
     if settings is not None:
         from streaming.speed_redis import RespPipeline, encode
 
@@ -219,19 +262,66 @@ def _scan_view(r, prefix: str, settings=None, res: str | None = None) -> dict[tu
                     pipe.hgetall(k)
                 hashes = [h.items() for h in pipe.execute()]
             for (_, parsed), h in zip(chunk, hashes):
-                cells = {}
-                for f, v in h:
-                    m = FIELD_RE.match(f)
-                    if m:
-                        cells[(m.group(1).decode(), int(m.group(2)))] = int(v)
-                if cells:
-                    out[parsed] = cells
+                yield parsed, h
     finally:
         if fast is not None:
             fast.close()
-        if gc_was:
-            gc.enable()
+
+
+def _scan_view(r, prefix: str, settings=None, res: str | None = None) -> dict[tuple[str, str, str], dict]:
+    """Every batch-view hash under ``prefix`` (of resolution ``res`` only, when given) parsed
+    into {(entity, eid, res): {(type, bucket): count}}. A hash that expired between the SCAN
+    and its read is left out (it is missing, not empty). ``settings``: see
+    :func:`_read_hashes`."""
+    keys = _scan_keys(r, prefix, prefix + "*" + (f":{res}" if res else ""), _parse_key)
+    out = {}
+    with _gc_paused():
+        for parsed, h in _read_hashes(r, keys, settings):
+            cells = {}
+            for f, v in h:
+                m = FIELD_RE.match(f)
+                if m:
+                    cells[(m.group(1).decode(), int(m.group(2)))] = int(v)
+            if cells:
+                out[parsed] = cells
     return out
+
+
+def _scan_speed_view(r, settings=None) -> tuple[dict[str, dict], set[tuple[str, str, int]]]:
+    """The whole speed view - one SCAN of ``sv:*`` and one HGETALL per day hash, which holds
+    every resolution's buckets of that day - split by the fields' ``{res}:`` prefix and
+    merged over an entity's day hashes into {res: {(entity, eid, res): {(type, bucket):
+    count}}} (the shape :func:`_scan_view` gives per resolution), and the set of
+    (entity, eid, day) whose day hash has any cell at all. A hash that expired between the
+    SCAN and its read is left out."""
+    keys = _scan_keys(r, SPEED_PREFIX, SPEED_PREFIX + "*", _parse_speed_key)
+    out: dict[str, dict] = {res.name: {} for res in F.RESOLUTIONS}
+    present: set[tuple[str, str, int]] = set()
+    match = SPEED_FIELD_RE.match
+    with _gc_paused():
+        for (entity, eid, day), h in _read_hashes(r, keys, settings):
+            by_res: dict[str, dict] = {}
+            for f, v in h:
+                m = match(f)
+                if m is None:
+                    continue
+                res = _RES_BY_BYTES.get(m.group(1))
+                if res is None:
+                    continue
+                cells = by_res.get(res)
+                if cells is None:
+                    cells = by_res[res] = {}
+                cells[(_ET_BY_BYTES[m.group(2)], int(m.group(3)))] = int(v)
+            if by_res:
+                present.add((entity, eid, day))
+                for res, cells in by_res.items():
+                    view, ident = out[res], (entity, eid, res)
+                    merged = view.get(ident)
+                    if merged is None:
+                        view[ident] = cells
+                    else:  # another day of the same entity: distinct buckets
+                        merged.update(cells)
+    return out, present
 
 
 def _bucket_span(view: dict) -> dict[str, tuple[int, int]]:
@@ -356,22 +446,28 @@ def _metrics():
 
 def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, late, report,
                    diffs, writes, missing_keys) -> None:
-    """Compare the batch and speed views one resolution at a time (memory: one resolution's
-    views, not all three), the finest first: its newest bucket start is the speed layer's
-    high-water (every event is counted at every resolution, and the finest bucket starts
-    latest). Appends to ``diffs``, ``writes`` and ``missing_keys``; fills ``report``."""
+    """Compare the batch and speed views one resolution at a time, the finest first: its
+    newest bucket start is the speed layer's high-water (every event is counted at every
+    resolution, and the finest bucket starts latest). The speed view is read once (one hash
+    per entity and day holds every resolution; the finest resolution's buckets dominate it
+    anyway), each resolution's part dropped once compared; the batch view one resolution at
+    a time. Fills ``diffs``, ``writes`` ({(entity, eid, day): ({field: value} to set,
+    [fields] to delete)}, all resolutions of a day hash together) and ``missing_keys``
+    ((entity, eid, day) of compared buckets with no speed hash for that day); fills
+    ``report``."""
+    speed_all, speed_present = _scan_speed_view(r, settings)
     high = 0
     for res in sorted(F.RESOLUTIONS, key=lambda x: x.bucket_ms):
         batch = _scan_view(r, f"bv:{version}:", settings, res.name)
-        speed = _scan_view(r, "sv:", settings, res.name)
+        speed = speed_all.pop(res.name)
         bspan, sspan = _bucket_span(batch), _bucket_span(speed)
         if res.name in sspan:
             high = max(high, sspan[res.name][1] * res.bucket_ms)
         if res.name not in bspan or res.name not in sspan:
             report.overlap[res.name] = (0, 0)
             continue
-        # the speed view retains only its newest speed_keep_buckets buckets per hash (the
-        # features sink prunes older ones): never compare beyond that
+        # the speed view is sure to hold only the newest speed_keep_buckets buckets (older
+        # day hashes expire): never compare beyond that
         lo = max(bspan[res.name][0], sspan[res.name][0],
                  sspan[res.name][1] - F.speed_keep_buckets(res, lateness) + 1)
         end_ms = min(cutoff, high - lateness)
@@ -388,10 +484,10 @@ def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, lat
             buckets = {b for (_, b) in bc if lo <= b < hi} | {b for (_, b) in s_cells if lo <= b < hi}
             if not buckets:
                 continue
-            if sc is None:
-                missing_keys.add(ident)
-            sets, dels = {}, []
             for b in buckets:
+                day = F.speed_day(b, res)
+                if (entity, eid, day) not in speed_present:
+                    missing_keys.add((entity, eid, day))
                 report.buckets_compared += 1
                 in_b = any((t, b) in bc for t in F.EVENT_TYPES)
                 in_s = any((t, b) in s_cells for t in F.EVENT_TYPES)
@@ -405,10 +501,13 @@ def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, lat
                     bucket_differs = True
                     nl = late.get((entity, eid, res.name, t, b), 0)
                     diffs.append(Difference(entity, eid, res.name, b, t, bv, sv, d, "", nl))
+                    # the repair goes to the hash of the bucket's day
+                    sets, dels = writes.get((entity, eid, day)) or \
+                        writes.setdefault((entity, eid, day), ({}, []))
                     if bv is None:
-                        dels.append(F.field(t, b))
+                        dels.append(F.speed_field(res.name, t, b))
                     else:
-                        sets[F.field(t, b)] = bv
+                        sets[F.speed_field(res.name, t, b)] = bv
                 if not bucket_differs:
                     report.buckets_equal += 1
                 elif in_b and not in_s:
@@ -417,8 +516,6 @@ def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, lat
                     report.missing_in_batch += 1
                 else:
                     report.buckets_differing += 1
-            if sets or dels:
-                writes.append((F.speed_key(entity, eid, res.name), res.name, sets, dels, sc is not None))
         del batch, speed
 
 
@@ -452,23 +549,19 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     report.dlq = dict(kinds)
 
     diffs: list[Difference] = []
-    writes: list[tuple] = []  # (key, res, {field: value} to set, [fields] to delete, key_exists)
-    missing_keys: set[tuple[str, str, str]] = set()  # no speed-view hash at all
-    gc_was = gc.isenabled()
-    gc.disable()  # see _scan_view: no cycles here, and millions of live objects
-    try:
+    writes: dict[tuple[str, str, int], tuple[dict, list]] = {}  # (entity, eid, day) -> (sets, dels)
+    missing_keys: set[tuple[str, str, int]] = set()  # (entity, eid, day) without a speed hash
+    with _gc_paused():  # no cycles here, and millions of live objects
         _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, late, report,
                        diffs, writes, missing_keys)
-    finally:
-        if gc_was:
-            gc.enable()
     report.overlap = {res.name: report.overlap[res.name] for res in F.RESOLUTIONS}
 
     # reasons
     need_archive = [(x.entity, x.eid, x.res, x.event_type, x.bucket) for x in diffs if x.diff < 0]
     archive = _archive_counts(data_dir, need_archive, settings) if need_archive else None
     for x in diffs:
-        key_missing = (x.entity, x.eid, x.res) in missing_keys
+        key_missing = (x.entity, x.eid,
+                       F.speed_day(x.bucket, F.RESOLUTION_BY_NAME[x.res])) in missing_keys
         if x.diff > 0:
             if x.late_events >= x.diff:
                 x.reason = "late"
@@ -480,7 +573,8 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
                 x.detail = f"{x.late_events} late, {x.diff - x.late_events} lost"
             elif key_missing:
                 x.reason = "missing_key"
-                x.detail = "no speed-view hash: never written (crash) or TTL-expired"
+                x.detail = ("no speed-view hash for the bucket's day: never written (crash) "
+                            "or TTL-expired")
             else:
                 x.reason = "lost_update"
                 x.detail = "speed view lower, no late event: update lost (crash before flush)"
@@ -505,18 +599,21 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     report.largest = sorted(diffs, key=lambda x: (-abs(x.diff), x.entity, x.eid, x.bucket))[:n_largest]
 
     if apply and writes:
-        ttl = {res.name: F.speed_ttl_ms(res, lateness) for res in F.RESOLUTIONS}
-        for i in range(0, len(writes), CHUNK):
+        ttl = F.speed_hash_ttl_ms(lateness)
+        items = list(writes.items())
+        for i in range(0, len(items), CHUNK):
             pipe = r.pipeline(transaction=False)
-            for key, res, sets, dels, existed in writes[i:i + CHUNK]:
+            for (entity, eid, day), (sets, dels) in items[i:i + CHUNK]:
+                key = F.speed_key(entity, eid, day)
                 if sets:
                     pipe.hset(key, mapping=sets)
                 if dels:
                     pipe.hdel(key, *dels)
-                if not existed:
-                    pipe.execute_command("PEXPIRE", key, ttl[res], "NX")
+                # a hash this created (absent, or expired since it was read) gets the
+                # speed view's TTL; NX leaves the TTL of an existing hash as it is
+                pipe.execute_command("PEXPIRE", key, ttl, "NX")
             pipe.execute()
-        report.applied_cells = sum(len(s) + len(d) for _, _, s, d, _ in writes)
+        report.applied_cells = sum(len(s) + len(d) for s, d in writes.values())
     report.applied = apply
     report.seconds = time.monotonic() - t0
 

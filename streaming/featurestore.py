@@ -28,17 +28,24 @@ Two ways to make the one round trip
   switch is noticed on the very next read and can never be half-applied. Per entity it
   reads the batch part of every window and the long windows with **one** ``HMGET`` of a few
   fields of the view's ``:sums`` hash (suffix sums, ``models.batch_views``; views without
-  them are read bucket by bucket), and the speed part with one ``HMGET`` per resolution of
-  the buckets after the cut-off. Crossed entities whose single-field part has an empty
-  window are not read for it (exact: their window is empty too).
-* ``method="pipeline"``: one non-transactional pipeline of ``HMGET`` per key, parsed with
-  numpy. The pointer's meta (cut-off) is cached per version for ``pointer_ttl_s``; the
-  pipeline starts with ``GET bv:current`` so a switch is noticed in the same round trip (the
-  read is then redone once against the new version). For Redis deployments that forbid
-  scripts (and the reference the script is tested against).
+  them are read bucket by bucket), and the speed part of every resolution with **one**
+  ``HMGET`` per event day of the entity's speed hash of that day ``sv:{entity}:{id}:{day}``
+  (``features.speed_key``; fields ``{res}:i{b}`` / ``{res}:c{b}`` of the buckets after the
+  cut-off that fall on that day). The speed buckets of a read span one day, or two when a
+  window crosses a UTC midnight (a window is at most a day long): with ``:sums``, two or
+  three calls per entity. Crossed entities whose single-field part has an empty window are
+  not read for it (exact: their window is empty too); nor is a day that only pruned windows
+  need.
+* ``method="pipeline"``: one non-transactional pipeline of ``HMGET`` per key (the speed part:
+  one per entity and day, as in the script), parsed with numpy. The pointer's meta
+  (cut-off) is cached per version for ``pointer_ttl_s``; the pipeline starts with ``GET
+  bv:current`` so a switch is noticed in the same round trip (the read is then redone once
+  against the new version). For Redis deployments that forbid scripts (and the reference
+  the script is tested against).
 
 Both scripts and pipelines only touch ``sv:``/``bv:`` keys built from the layout functions of
-``ctrstream.features`` (the script receives the key prefixes, never builds its own layout).
+``ctrstream.features`` (the script receives the pointer key, the speed-view key prefix, day
+separator and day length, never builds its own layout).
 
 Where the time goes (bench data: 100 candidates, ~450 distinct entities per request, a
 batch view two hours old; ``docs/api.md``): the old script made ~1,500 ``HMGET`` of ~25,000
@@ -70,7 +77,8 @@ N_RES = len(F.RESOLUTIONS)
 N_LONG = len(F.LONG_WINDOWS)
 
 # --------------------------------------------------------------------------- the Lua script
-# ARGV: mode, pointer_key, n_res, [res_name, bucket_ms, n_buckets, b0, b1] * n_res, n_long,
+# ARGV: mode, pointer_key, speed_prefix, speed_day_sep, day_ms, n_res,
+#       [res_name, bucket_ms, n_buckets, b0, b1] * n_res, n_long,
 #       [long_field_i, long_field_c] * n_long, max_parents, n_plain, then n_plain entities
 #       "entity:id" without parents, then per further entity "entity:id" and max_parents
 #       1-based positions of its parents among the earlier entities (0: none).
@@ -78,6 +86,13 @@ N_LONG = len(F.LONG_WINDOWS)
 #          (imps, clicks) per window then the start of its newest non-empty speed bucket (-1).
 # Batch part: from the entity's ":sums" hash (suffix sums + long windows, ONE HMGET of a few
 # fields) when the view's meta has sums=1, else from the per-bucket hashes (older views).
+# Speed part: ONE HMGET per event day of the entity's speed hash of that day, speed_prefix ..
+# ent .. speed_day_sep .. day ("sv:ad:4:20254", ctrstream.features.speed_key; day =
+# floor(b * bucket_ms / day_ms), features.speed_day) with the fields of every resolution's
+# buckets of that day ("{res}:i{b}" / "{res}:c{b}", features.speed_field): the speed
+# buckets of a read span at most two days (a window is at most a day long), usually one.
+# None for a day whose buckets all belong to pruned resolutions, none at all when there is
+# nothing to read (no speed buckets, or every resolution pruned).
 # Parent pruning (exact): every event counted for a crossed entity (user_x_ad 17:4) is also
 # counted, in the same bucket, for each of its single-field parts (user 17, ad 4), so where a
 # part's window is empty the crossed window is empty too and is not read.
@@ -92,8 +107,9 @@ if ptr then
 end
 if mode == 'speed' then ptr = false end
 local use_batch = ptr
-local n_res = tonumber(ARGV[3])
-local pos = 4
+local sprefix, ssep, day_ms = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local n_res = tonumber(ARGV[6])
+local pos = 7
 local res = {}
 local rsf = {}  -- sums-hash fields of the resolutions (after the long-window fields)
 for r = 1, n_res do
@@ -108,8 +124,13 @@ for r = 1, n_res do
   end
   local slo = math.max(b0, bhi + 1)
   if mode == 'batch' then slo = b1 + 1 end
-  local R = {bms = bms, sf = {}, sb = {}}
-  for b = slo, b1 do R.sf[#R.sf + 1] = 'i' .. b; R.sf[#R.sf + 1] = 'c' .. b; R.sb[#R.sb + 1] = b end
+  -- speed fields sf (i, c per bucket), their buckets sb and the buckets' days sd; b * bms
+  -- (~1.7e12) and the day are exact in doubles
+  local R = {bms = bms, sf = {}, sb = {}, sd = {}}
+  for b = slo, b1 do
+    R.sf[#R.sf + 1] = name .. ':i' .. b; R.sf[#R.sf + 1] = name .. ':c' .. b; R.sb[#R.sb + 1] = b
+    R.sd[#R.sd + 1] = math.floor(b * bms / day_ms)
+  end
   R.skey = ':' .. name
   if use_batch and sums then
     -- the view holds buckets vlo..vhi; S[b] = sum of the view's buckets >= b
@@ -150,6 +171,43 @@ for w = 1, W do POW[w] = 2 ^ (w - 1) end
 local ALL = 2 ^ W - 1
 local FMT = '<' .. string.rep('i8', 2 * W + 1)
 local read_sums = bprefix and sums and #SF > 0
+-- Speed part: ONE HMGET per day of the entity's day hashes sprefix .. ent .. ssep .. day,
+-- each with the fields of every resolution's buckets of that day. The plan of a mask of
+-- pruned windows, built once per mask (SPLAN[mask]): {day key suffixes, field list per day,
+-- per resolution r its runs of buckets on one day {day slot, 1-based offset of the run's
+-- first (i, c) pair in that day's reply, first j, last j} (j: index into R.sb)}. SMASK: the
+-- windows with speed fields; an entity whose parents prune some of them reads the others
+-- only (days without any of their fields are not read), none: no HMGET at all.
+local SMASK = 0
+for r = 1, n_res do if #res[r].sf > 0 then SMASK = SMASK + POW[r] end end
+local SPLAN = {}
+local function speed_plan(m)
+  local p = SPLAN[m]
+  if not p then
+    local dk, df, runs, slot = {}, {}, {}, {}
+    for r = 1, n_res do
+      local R = res[r]
+      local sf, sd = R.sf, R.sd
+      if #sf > 0 and band(m, POW[r]) == 0 then
+        local rr, run = {}, nil
+        for j = 1, #sd do
+          local d = sd[j]
+          local x = slot[d]
+          if not x then x = #dk + 1; slot[d] = x; dk[x] = ssep .. d; df[x] = {} end
+          local f = df[x]
+          if run and run[1] == x then run[4] = j
+          else run = {x, #f + 1, j, j}; rr[#rr + 1] = run end
+          f[#f + 1] = sf[2 * j - 1]; f[#f + 1] = sf[2 * j]
+        end
+        runs[r] = rr
+      end
+    end
+    p = {dk, df, runs}
+    SPLAN[m] = p
+  end
+  return p
+end
+speed_plan(0)  -- the unpruned plan: every resolution's speed fields
 local blob = {}  -- per entity: struct-packed (imps, clicks) per window, newest
 local zero = {}  -- zero[k]: bit mask of entity k's empty windows (both counts 0)
 
@@ -163,7 +221,15 @@ local function entity(ent, pm)
   if read_sums and pm ~= ALL then
     bv = call('HMGET', bprefix .. ent .. ':sums', unpack(SF))
   end
-  local skey = 'sv:' .. ent
+  local sv, runs = nil, nil
+  local sm = band(pm, SMASK)
+  if sm ~= SMASK then
+    local p = speed_plan(sm)
+    local dk, df = p[1], p[2]
+    local skey = sprefix .. ent
+    sv, runs = {}, p[3]
+    for x = 1, #dk do sv[x] = call('HMGET', skey .. dk[x], unpack(df[x])) end
+  end
   for r = 1, n_res do
     local R = res[r]
     local imps, clicks = 0, 0
@@ -181,15 +247,20 @@ local function entity(ent, pm)
           imps = imps + (tonum(v[k]) or 0); clicks = clicks + (tonum(v[k + 1]) or 0)
         end
       end
-      local sf = R.sf
-      if #sf > 0 then
-        local v = call('HMGET', skey .. R.skey, unpack(sf))
-        for k = #v - 1, 1, -2 do
-          local i, c = tonum(v[k]) or 0, tonum(v[k + 1]) or 0
-          if i > 0 or c > 0 then
-            local start = R.sb[(k + 1) / 2] * R.bms
-            if start > newest then newest = start end
-            imps = imps + i; clicks = clicks + c
+      local rr = runs and runs[r]
+      if rr then
+        local sb = R.sb
+        for q = 1, #rr do
+          local run = rr[q]
+          local v, k = sv[run[1]], run[2]
+          for j = run[3], run[4] do
+            local i, c = tonum(v[k]) or 0, tonum(v[k + 1]) or 0
+            k = k + 2
+            if i > 0 or c > 0 then
+              local start = sb[j] * R.bms
+              if start > newest then newest = start end
+              imps = imps + i; clicks = clicks + c
+            end
           end
         end
       end
@@ -407,8 +478,23 @@ def _keys_of_columns(columns: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
     return keys, inv, parents
 
 
+def _speed_key_affix() -> tuple[str, str]:
+    """(prefix, day separator) of ``features.speed_key``: the key of entity key ``ent``
+    (``entity:id``) and day ``d`` is ``prefix + ent + sep + str(d)`` - what the script is
+    given, so that it does not invent the layout."""
+    probe = F.speed_key("\x01", "\x02", 3)
+    pre, rest = probe.split("\x01")
+    mid, rest = rest.split("\x02")
+    if mid != ":" or not rest.endswith("3"):
+        raise RuntimeError(f"unexpected speed-view key layout {probe!r}")
+    return pre, rest[:-1]
+
+
+SPEED_KEY_PREFIX, SPEED_DAY_SEP = _speed_key_affix()
+
+
 def _script_head(mode: str, t_ms: int) -> list:
-    args: list = [mode, F.BATCH_POINTER_KEY, N_RES]
+    args: list = [mode, F.BATCH_POINTER_KEY, SPEED_KEY_PREFIX, SPEED_DAY_SEP, F.DAY_MS, N_RES]
     for r, b0, b1 in _window_plan(t_ms):
         args += [r.name, r.bucket_ms, r.n_buckets, b0, b1]
     args += [N_LONG]
@@ -470,19 +556,36 @@ def _split(mode: str, version: str | None, cutoff: int | None, r: F.Resolution, 
 
 class _PipelinePlan:
     """Commands of the pipeline method for one (version, cut-off, t) and how to parse them
-    (per-bucket batch hashes: the reference the script is tested against)."""
+    (per-bucket batch hashes: the reference the script is tested against). Per key: one
+    ``HMGET`` per resolution of its batch-view hash, one of its speed-view hash of every
+    event day with speed buckets (``features.speed_key(entity, id, day)``, the fields of
+    every resolution's buckets of that day, as in the script), one of its long windows."""
 
     def __init__(self, mode: str, version: str | None, cutoff: int | None, t_ms: int):
         self.version = version
-        self.cmds: list[tuple[str, list[str], int]] = []  # (key template, fields, res index)
-        self.speed_starts: list[np.ndarray] = []
         per_res = []
+        by_day: dict[int, list[tuple[int, int]]] = {}  # day -> [(window index, bucket)]
         for k, (r, b0, b1) in enumerate(_window_plan(t_ms)):
             lo, bhi, slo = _split(mode, version, cutoff, r, b0, b1)
-            bf = [f"{t}{b}" for b in range(lo, bhi + 1) for t in F.EVENT_TYPES]
-            sf = [f"{t}{b}" for b in range(slo, b1 + 1) for t in F.EVENT_TYPES]
-            per_res.append((r, bf, sf, np.arange(slo, b1 + 1, dtype=np.int64) * r.bucket_ms))
+            bf = [F.field(t, b) for b in range(lo, bhi + 1) for t in F.EVENT_TYPES]
+            per_res.append((r, bf))
+            for b in range(slo, b1 + 1):
+                by_day.setdefault(F.speed_day(b, r), []).append((k, b))
         self.per_res = per_res
+        # the speed part: per day (ascending) its fields; per (i, c) pair of the replies in
+        # that order, its window and its bucket's start
+        self.speed_days: list[tuple[int, list[str]]] = []
+        pair_res, pair_start = [], []
+        for day in sorted(by_day):
+            fields = []
+            for k, b in by_day[day]:
+                r = F.RESOLUTIONS[k]
+                fields += [F.speed_field(r.name, t, b) for t in F.EVENT_TYPES]
+                pair_res.append(k)
+                pair_start.append(b * r.bucket_ms)
+            self.speed_days.append((day, fields))
+        self.pair_res = np.asarray(pair_res, dtype=np.int64)
+        self.pair_start = np.asarray(pair_start, dtype=np.int64)
         self.long_fields = [F.long_field(t, w) for w in F.LONG_WINDOWS for t in F.EVENT_TYPES]
 
     def queue(self, pipe, keys) -> None:
@@ -490,11 +593,11 @@ class _PipelinePlan:
         v = self.version
         for ek in keys:
             ent, eid = ek.split(":", 1)
-            for r, bf, sf, _ in self.per_res:
+            for r, bf in self.per_res:
                 if bf:
                     pipe.hmget(F.batch_key(v, ent, eid, r.name), bf)
-                if sf:
-                    pipe.hmget(F.speed_key(ent, eid, r.name), sf)
+            for day, sf in self.speed_days:
+                pipe.hmget(F.speed_key(ent, eid, day), sf)
             if v is not None and self.long_fields:
                 pipe.hmget(F.batch_long_key(v, ent, eid), self.long_fields)
 
@@ -506,24 +609,28 @@ class _PipelinePlan:
         vals = arr.astype(np.bytes_).astype(np.int64) if len(arr) else np.zeros(0, np.int64)
         counts = np.zeros((n_keys, F.N_WINDOWS, 2), dtype=np.int64)
         newest = -1
-        # replies are in (key, res[batch, speed], long) order with fixed sizes per key
-        sizes = []
-        for r, bf, sf, starts in self.per_res:
-            sizes += [("b", len(bf), r), ("s", len(sf), r)]
-        per_key = sum(n for _, n, _ in sizes)
+        # replies are in (key, batch per res, speed per day, long) order with fixed sizes
+        # per key
+        n_speed = 2 * len(self.pair_res)
+        per_key = sum(len(bf) for _, bf in self.per_res) + n_speed
         n_long = len(self.long_fields) if self.version is not None else 0
         block = vals.reshape(n_keys, per_key + n_long)
         off = 0
-        for k, (r, bf, sf, starts) in enumerate(self.per_res):
-            for kind, n in (("b", len(bf)), ("s", len(sf))):
-                if n:
-                    part = block[:, off:off + n].reshape(n_keys, n // 2, 2)
-                    counts[:, k] += part.sum(axis=1)
-                    if kind == "s":
-                        nonempty = (part > 0).any(axis=2).any(axis=0)
-                        if nonempty.any():
-                            newest = max(newest, int(starts[nonempty].max()))
-                    off += n
+        for k, (_, bf) in enumerate(self.per_res):
+            n = len(bf)
+            if n:
+                counts[:, k] += block[:, off:off + n].reshape(n_keys, n // 2, 2).sum(axis=1)
+                off += n
+        if n_speed:
+            part = block[:, off:off + n_speed].reshape(n_keys, n_speed // 2, 2)
+            for k in range(N_RES):
+                sel = self.pair_res == k
+                if sel.any():
+                    counts[:, k] += part[:, sel].sum(axis=1)
+            nonempty = (part > 0).any(axis=2).any(axis=0)
+            if nonempty.any():
+                newest = int(self.pair_start[nonempty].max())
+            off += n_speed
         if n_long:
             counts[:, N_RES:] = block[:, off:off + n_long].reshape(n_keys, N_LONG, 2)
         return counts, (newest if newest >= 0 else None)
@@ -833,11 +940,21 @@ class FeatureStore(_Base):
 # --------------------------------------------------------------------------- invalidation
 
 
-SPEED_PREFIX = "sv:"
+SPEED_PREFIX = SPEED_KEY_PREFIX  # "sv:": every speed-view hash (features.speed_key)
 # heartbeat keys: outside the speed view, and sorting after "sv:" so that Redis, which sends
 # the invalidations of one event-loop iteration prefix by prefix in key order, reports a
 # heartbeat after the speed-view writes executed together with it
 HEARTBEAT_PREFIX = "sv~tracking:"
+
+
+def _speed_entity_key(key: bytes) -> str | None:
+    """The entity key (``entity:id``) of a reported speed-view key ``sv:{entity}:{id}:{day}``
+    (``features.speed_entity_of``); None for a key outside that layout (never read)."""
+    try:
+        entity, eid, _ = F.speed_entity_of(key.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return f"{entity}:{eid}"
 
 
 class InvalidationTracker:
@@ -847,7 +964,8 @@ class InvalidationTracker:
     One connection subscribes to ``__redis__:invalidate``; a second turns tracking on for
     the prefixes ``sv:`` and ``HEARTBEAT_PREFIX`` with its reports redirected to the first.
     Redis then reports every modified speed-view key (writes, expiry, eviction, flush);
-    ``on_invalidate`` gets the entity keys (``ad:4`` of ``sv:ad:4:5m``), ``on_flush`` is
+    ``on_invalidate`` gets the entity keys (``ad:4`` of ``sv:ad:4:20254``, the speed-view
+    hash of any day: :func:`_speed_entity_key`), ``on_flush`` is
     called on a flush and whenever the channel is (re)built or lost. Every ``heartbeat_s``
     the tracker writes a new heartbeat key and waits for its report: reports arrive in the
     order Redis executed the writes, so when the report of a heartbeat sent at ``s`` has been
@@ -1003,8 +1121,10 @@ class InvalidationTracker:
                 ents = []
                 for k in keys:
                     if k.startswith(prefix_b):
-                        # sv:{entity}:{id}:{res} -> {entity}:{id}
-                        ents.append(k[len(prefix_b):k.rindex(b":")].decode())
+                        # sv:{entity}:{id}:{day} (features.speed_key) -> {entity}:{id}
+                        ek = _speed_entity_key(k)
+                        if ek is not None:
+                            ents.append(ek)
                     elif k.startswith(me_b):
                         try:
                             acked = max(acked or 0, int(k[len(me_b):]))

@@ -316,28 +316,59 @@ def _digit_block(x: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def render(segments: list, n: int) -> bytes:
-    """Concatenate, row by row, ``segments`` (each ``bytes`` - the same for every row - or an
-    int64 array of ``n`` non-negative integers, written in decimal) into one byte string."""
-    if n == 0:
-        return b""
-    widths = [len(seg) if isinstance(seg, bytes) else len(str(int(seg.max()))) for seg in segments]
+class Choice:
+    """A segment that is one of a few byte strings, picked per row by ``idx``."""
+
+    __slots__ = ("options", "idx")
+
+    def __init__(self, options: list[bytes], idx: np.ndarray):
+        self.options, self.idx = options, idx
+
+    def lengths(self) -> np.ndarray:
+        return np.array([len(o) for o in self.options], np.int64)[self.idx]
+
+
+def layout(segments: list, n: int) -> np.ndarray:
+    """The rows of ``segments`` (``bytes``: the same for every row; an int64 array of ``n``
+    non-negative integers, written in decimal; a :class:`Choice`) as a ``(n, width)`` uint8
+    array padded with _PAD; :func:`squeeze` turns it into bytes."""
+    widths = []
+    for seg in segments:
+        if isinstance(seg, bytes):
+            widths.append(len(seg))
+        elif isinstance(seg, Choice):
+            widths.append(max(map(len, seg.options)))
+        else:
+            widths.append(len(str(int(seg.max()))) if n else 1)
     rows = np.empty((n, sum(widths)), np.uint8)
     blocks: dict[int, np.ndarray] = {}  # an array used twice (a bucket number) is printed once
     col = 0
     for seg, w in zip(segments, widths):
         if isinstance(seg, bytes):
             rows[:, col:col + w] = np.frombuffer(seg, np.uint8)
+        elif isinstance(seg, Choice):
+            table = np.full((len(seg.options), w), _PAD, np.uint8)
+            for k, o in enumerate(seg.options):
+                table[k, :len(o)] = np.frombuffer(o, np.uint8)
+            rows[:, col:col + w] = table[seg.idx]
         else:
             block = blocks.get(id(seg))
             if block is None:
                 block = blocks[id(seg)] = _digit_block(seg, w)
             rows[:, col:col + w] = block
         col += w
+    return rows
+
+
+def squeeze(rows: np.ndarray) -> bytes:
+    """The bytes of :func:`layout` rows, row after row, without the padding."""
     flat = rows.reshape(-1)
-    if any(not isinstance(seg, bytes) for seg in segments):
-        flat = flat[flat != _PAD]
-    return flat.tobytes()
+    return flat[flat != _PAD].tobytes()
+
+
+def render(segments: list, n: int) -> bytes:
+    """Concatenate, row by row, ``segments`` (see :func:`layout`) into one byte string."""
+    return squeeze(layout(segments, n)) if n else b""
 
 
 bulk_len = _ndigits  # the RESP bulk-string length of non-negative integers in decimal

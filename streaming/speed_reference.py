@@ -143,8 +143,9 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
                 for ent in F.ENTITIES:
                     sid = F.entity_id(ent, ev)
                     for res in F.RESOLUTIONS:
-                        counts[(F.speed_key(ent.name, sid, res.name),
-                                F.field(etype, int(F.bucket_of(t, res))))] += 1
+                        b = int(F.bucket_of(t, res))
+                        counts[(F.speed_key(ent.name, sid, F.speed_day(b, res)),
+                                F.speed_field(res.name, etype, b))] += 1
     ref.cells = dict(counts)
     return ref
 

@@ -55,8 +55,9 @@ def body(settings):
     for k in range(5):
         res = F.RESOLUTIONS[1]
         b = now // res.bucket_ms
-        r.hset(F.speed_key("ad", str(base + k), res.name),
-               mapping={f"i{b - 1}": 50 * (k + 1), f"c{b - 1}": 3 * k * k})
+        r.hset(F.speed_key("ad", str(base + k), F.speed_day(b - 1, res)),
+               mapping={F.speed_field(res.name, "i", b - 1): 50 * (k + 1),
+                        F.speed_field(res.name, "c", b - 1): 3 * k * k})
     r.close()
     return {"user_id": base + 99,
             "context": {"site_id": base + 98, "device_type": "mobile", "country": "US", "position": 1,

@@ -83,10 +83,18 @@ def _long_counts(imps, clicks, at_ms: int):
 
 
 def write_speed_view(r, imps, clicks, t_ms: int) -> None:
-    """What the speed layer holds at ``t_ms``: absolute counts of every bucket so far."""
-    pipe = r.pipeline(transaction=False)
+    """What the speed layer holds at ``t_ms``: absolute counts of every bucket so far, one
+    hash per entity and event day for every resolution (``features.speed_key`` /
+    ``features.speed_field``)."""
+    per_hash: dict = {}
     for (ent, eid, res), c in _bucket_counts(imps, clicks, t_ms).items():
-        pipe.hset(F.speed_key(ent, eid, res), mapping=dict(c))
+        rs = F.RESOLUTION_BY_NAME[res]
+        for f, n in c.items():
+            b = int(f[1:])
+            per_hash.setdefault((ent, eid, F.speed_day(b, rs)), {})[F.speed_field(res, f[0], b)] = n
+    pipe = r.pipeline(transaction=False)
+    for (ent, eid, day), mapping in per_hash.items():
+        pipe.hset(F.speed_key(ent, eid, day), mapping=mapping)
     pipe.execute()
 
 
@@ -163,6 +171,14 @@ def test_assembly_equals_point_in_time_training_features_for_any_cutoff(r, setti
         np.testing.assert_array_equal(got.dense, want_dense)
         denses.append(got.dense)
     assert all(np.array_equal(denses[0], d) for d in denses[1:])
+    # the speed view alone: every bucket of the windows, the 24h one on both days of T and
+    # the day before (two day hashes per entity)
+    speed = assemble(FeatureStore(redis_client(settings), mode="speed", method=method), columns, T)
+    day_w = F.window_buckets(T, F.RESOLUTION_BY_NAME["24h"])
+    assert len({F.speed_day(b, F.RESOLUTION_BY_NAME["24h"]) for b in day_w}) == 2
+    np.testing.assert_array_equal(speed.counts[:, :, :len(F.RESOLUTIONS)],
+                                  want_counts[:, :, :len(F.RESOLUTIONS)])
+    assert (speed.counts[:, :, len(F.RESOLUTIONS):] == 0).all()
 
     # sparse: the training columns of the same impressions give the same ids
     train_cols = {f: np.array([row[f] for row in rows]) for f in F.SPARSE_FIELDS if f != "hour"}
@@ -217,11 +233,12 @@ def test_disagreeing_views_show_the_batch_view_wins_for_closed_buckets(r, settin
     columns = request_columns(user, ctx, cands, T)
     store = FeatureStore(redis_client(settings), pointer_ttl_s=0)
     before = assemble(store, columns, T).counts
-    ad_key = F.speed_key("ad", str(cands[0]["ad_id"]), "24h")
+    ad, hour = str(cands[0]["ad_id"]), F.RESOLUTION_BY_NAME["24h"]
     closed_b = cutoff // F.HOUR_MS - 2
-    r.hset(ad_key, F.field("i", closed_b), 10**6)
+    r.hset(F.speed_key("ad", ad, F.speed_day(closed_b, hour)), F.speed_field("24h", "i", closed_b), 10**6)
     np.testing.assert_array_equal(assemble(store, columns, T).counts, before)
-    r.hset(ad_key, F.field("i", T // F.HOUR_MS), 10**6)
+    open_b = T // F.HOUR_MS
+    r.hset(F.speed_key("ad", ad, F.speed_day(open_b, hour)), F.speed_field("24h", "i", open_b), 10**6)
     after = assemble(store, columns, T).counts
     assert after[0, 0, 2, 0] >= 10**6 and (after[1:] == before[1:]).all()
 

@@ -11,9 +11,47 @@ from streaming.featurestore import (
 )
 
 RES = {r.name: k for k, r in enumerate(F.RESOLUTIONS)}
-T = 1_750_000_000_000 + 37 * F.MINUTE_MS + 12_345  # an arbitrary event time
+T = 1_750_000_000_000 + 37 * F.MINUTE_MS + 12_345  # an arbitrary event time (15:43 UTC)
 CUTOFF = F.align_cutoff(T - 5 * F.HOUR_MS)
+# just after the next UTC midnight: every window, and the speed part after a cut-off five
+# hours back, spans two days (two speed-view hashes per entity)
+T_MIDNIGHT = (T // F.DAY_MS + 1) * F.DAY_MS + 2 * F.MINUTE_MS + 7_777
+CUTOFF_MIDNIGHT = F.align_cutoff(T_MIDNIGHT - 5 * F.HOUR_MS)
 METHODS = ["script", "pipeline"]
+
+
+def _skey(ent: str, eid: str, res: str, b: int) -> str:
+    """The speed-view hash holding bucket ``b`` of resolution ``res`` (the hash of its day)."""
+    return F.speed_key(ent, eid, F.speed_day(b, F.RESOLUTION_BY_NAME[res]))
+
+
+def _hset_speed(r, ent: str, eid: str, cells: dict) -> None:
+    """Speed-view cells ``{(res, event type, bucket): count}`` into the entity's day hashes, as
+    the speed layer writes them (``r``: a client or a pipeline)."""
+    per_day: dict = {}
+    for (res, t, b), v in cells.items():
+        per_day.setdefault(_skey(ent, eid, res, b), {})[F.speed_field(res, t, b)] = v
+    for key, mapping in per_day.items():
+        r.hset(key, mapping=mapping)
+
+
+def _speed_cells(r, ent: str, eid: str, t: int) -> dict:
+    """Every field of the entity's speed-view hashes of the days around ``t``."""
+    out = {}
+    for day in range(t // F.DAY_MS - 3, t // F.DAY_MS + 2):
+        out.update({a.decode(): int(b) for a, b in r.hgetall(F.speed_key(ent, eid, day)).items()})
+    return out
+
+
+def _speed_days(t: int, cutoff, resolutions=F.RESOLUTIONS) -> int:
+    """How many day hashes hold the speed buckets of ``resolutions`` at ``t`` (cut-off: the
+    batch view's, None: everything from the speed view)."""
+    days = set()
+    for res in resolutions:
+        for b in F.window_buckets(t, res):
+            if cutoff is None or (b + 1) * res.bucket_ms > cutoff or b == t // res.bucket_ms:
+                days.add(F.speed_day(b, res))
+    return len(days)
 
 
 def _publish_batch(r, version: str, cutoff: int) -> None:
@@ -22,8 +60,20 @@ def _publish_batch(r, version: str, cutoff: int) -> None:
     r.set(F.BATCH_POINTER_KEY, version)
 
 
+def _fill_speed(r, eid: str, ent: str, imps_of, clicks_of, t=T, resolutions=F.RESOLUTIONS):
+    """The entity's speed-view hashes (one per day, for every resolution): every bucket of
+    every window at ``t`` with imps/clicks given by functions of the bucket."""
+    cells = {}
+    for res in resolutions:
+        for b in F.window_buckets(t, res):
+            cells[(res.name, "i", b)] = imps_of(res, b)
+            cells[(res.name, "c", b)] = clicks_of(res, b)
+    _hset_speed(r, ent, eid, cells)
+
+
 def _fill(r, key_of, eid: str, ent: str, imps_of, clicks_of, t=T):
-    """Every bucket of every window at ``t`` with imps/clicks given by functions of the bucket."""
+    """Batch view: every bucket of every window at ``t`` with imps/clicks given by functions
+    of the bucket, one hash per resolution ``key_of(ent, eid, res)``."""
     for res in F.RESOLUTIONS:
         mapping = {}
         for b in F.window_buckets(t, res):
@@ -49,7 +99,7 @@ def _expected(cutoff, batch_val, speed_val, mode="lambda"):
 def test_lambda_merge_takes_closed_buckets_from_batch_and_the_rest_from_speed(r, settings, unique, method):
     version = f"v{unique}"
     eid = f"fs{unique}"
-    _fill(r, F.speed_key, eid, "ad", lambda res, b: 7, lambda res, b: 1)
+    _fill_speed(r, eid, "ad", lambda res, b: 7, lambda res, b: 1)
     _fill(r, lambda e, i, n: F.batch_key(version, e, i, n), eid, "ad",
           lambda res, b: 1000 if (b + 1) * res.bucket_ms <= CUTOFF else 999_999, lambda res, b: 1)
     r.hset(F.batch_long_key(version, "ad", eid), mapping={"i7d": 123456, "c7d": 789})
@@ -76,7 +126,7 @@ def test_lambda_merge_takes_closed_buckets_from_batch_and_the_rest_from_speed(r,
 def test_batch_mode_reads_only_the_batch_view(r, settings, unique, method):
     version = f"v{unique}"
     eid = f"fs{unique}"
-    _fill(r, F.speed_key, eid, "campaign", lambda res, b: 7, lambda res, b: 1)
+    _fill_speed(r, eid, "campaign", lambda res, b: 7, lambda res, b: 1)
     _fill(r, lambda e, i, n: F.batch_key(version, e, i, n), eid, "campaign",
           lambda res, b: 3, lambda res, b: 1)
     _publish_batch(r, version, CUTOFF)
@@ -90,7 +140,7 @@ def test_batch_mode_reads_only_the_batch_view(r, settings, unique, method):
 def test_without_a_batch_view_everything_comes_from_the_speed_view(r, settings, unique, method):
     r.delete(F.BATCH_POINTER_KEY)
     eid = f"fs{unique}"
-    _fill(r, F.speed_key, eid, "user", lambda res, b: 2, lambda res, b: 1)
+    _fill_speed(r, eid, "user", lambda res, b: 2, lambda res, b: 1)
     fr = FeatureStore(redis_client(settings), method=method).read([f"user:{eid}", f"user:none{unique}"], T)
     for k, res in enumerate(F.RESOLUTIONS):
         assert fr.counts[0, k].tolist() == [2 * res.n_buckets, res.n_buckets]
@@ -121,8 +171,12 @@ def test_a_pointer_switch_is_noticed_on_the_next_read(r, settings, unique, metho
     assert second.counts[0, k, 0] == 20 * n_batch  # speed view is empty for this id
 
 
-def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(r, settings, unique):
-    """Random data for 300 entities, both methods vs a plain HGETALL-and-sum reference."""
+@pytest.mark.parametrize("t, cutoff", [(T, CUTOFF), (T_MIDNIGHT, CUTOFF_MIDNIGHT)],
+                         ids=["afternoon", "across-midnight"])
+def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(r, settings, unique, t, cutoff):
+    """Random data for 300 entities, both methods vs a plain HGETALL-and-sum reference - at a
+    time whose speed buckets lie on one day (but the 24h window on two), and just after a
+    UTC midnight (every window, and the speed part after the cut-off, on two days)."""
     rng = np.random.default_rng(3)
     version = f"v{unique}"
     keys = [f"{F.ENTITIES[k % len(F.ENTITIES)].name}:{unique}{k}" for k in range(300)]
@@ -131,30 +185,39 @@ def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(r, 
         ent, eid = ek.split(":", 1)
         for res in F.RESOLUTIONS:
             # some buckets outside the window too (older and newer), which must not count
-            bs = range(T // res.bucket_ms - res.n_buckets - 2, T // res.bucket_ms + 3)
+            bs = range(t // res.bucket_ms - res.n_buckets - 2, t // res.bucket_ms + 3)
             if k % 7:  # some entities have no speed data at all
-                pipe.hset(F.speed_key(ent, eid, res.name), mapping={
-                    f"{t}{b}": int(rng.integers(0, 50)) for b in bs for t in "ic"})
+                _hset_speed(pipe, ent, eid, {(res.name, et, b): int(rng.integers(0, 50))
+                                             for b in bs for et in "ic"})
             pipe.hset(F.batch_key(version, ent, eid, res.name), mapping={
-                f"{t}{b}": int(rng.integers(0, 50)) for b in bs for t in "ic"})
+                f"{et}{b}": int(rng.integers(0, 50)) for b in bs for et in "ic"})
         pipe.hset(F.batch_long_key(version, ent, eid), mapping={"i7d": k * 10, "c7d": k})
     pipe.execute()
-    _publish_batch(r, version, CUTOFF)
+    _publish_batch(r, version, cutoff)
 
     ref = np.zeros((len(keys), F.N_WINDOWS, 2), np.int64)
+    speed_ref = np.zeros_like(ref)
     for n, ek in enumerate(keys):
         ent, eid = ek.split(":", 1)
+        sv_all = _speed_cells(r, ent, eid, t)
         for k, res in enumerate(F.RESOLUTIONS):
-            sv = {a.decode(): int(b) for a, b in r.hgetall(F.speed_key(ent, eid, res.name)).items()}
+            # this resolution's fields of the entity's speed hashes, as batch-style fields
+            sv = {f[len(res.name) + 1:]: v for f, v in sv_all.items() if f.startswith(res.name + ":")}
             bv = {a.decode(): int(b) for a, b in r.hgetall(F.batch_key(version, ent, eid, res.name)).items()}
-            for b in F.window_buckets(T, res):
-                src = bv if ((b + 1) * res.bucket_ms <= CUTOFF and b < T // res.bucket_ms) else sv
+            for b in F.window_buckets(t, res):
+                src = bv if ((b + 1) * res.bucket_ms <= cutoff and b < t // res.bucket_ms) else sv
                 ref[n, k] += [src.get(f"i{b}", 0), src.get(f"c{b}", 0)]
+                speed_ref[n, k] += [sv.get(f"i{b}", 0), sv.get(f"c{b}", 0)]
         ref[n, -1] = [n * 10, n]
+    if t == T_MIDNIGHT:  # the case this parameter is for
+        assert _speed_days(t, cutoff) == 2 and _speed_days(t, cutoff, F.RESOLUTIONS[:1]) == 2
     client = redis_client(settings)
     for method in METHODS:
-        got = FeatureStore(client, method=method).read(keys, T).counts
-        np.testing.assert_array_equal(got, ref, err_msg=method)
+        got = FeatureStore(client, method=method).read(keys, t)
+        np.testing.assert_array_equal(got.counts, ref, err_msg=method)
+        speed = FeatureStore(client, mode="speed", method=method).read(keys, t)
+        np.testing.assert_array_equal(speed.counts, speed_ref, err_msg=f"speed {method}")
+        assert speed.newest_bucket_ms == t // F.MINUTE_MS * F.MINUTE_MS  # the open 5m bucket
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -165,8 +228,8 @@ def test_async_reader_and_freshness(r, settings, unique, method):
     eid = f"fs{unique}"
     res = F.RESOLUTIONS[0]
     newest = T // res.bucket_ms - 2  # data up to two minutes ago
-    r.hset(F.speed_key("ad", eid, res.name), mapping={f"i{newest}": 4, f"c{newest}": 1,
-                                                      f"i{newest - 1}": 3})
+    _hset_speed(r, "ad", eid, {(res.name, "i", newest): 4, (res.name, "c", newest): 1,
+                               (res.name, "i", newest - 1): 3})
 
     async def go():
         client = redis_client(settings, asyncio=True)
@@ -194,7 +257,7 @@ def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, setti
     b = T // res.bucket_ms - 1
     ids = [f"lean{unique}-{k}" for k in range(40)]
     for k, eid in enumerate(ids):
-        r.hset(F.speed_key("ad", eid, res.name), mapping={f"i{b}": 10 + k, f"c{b}": k})
+        _hset_speed(r, "ad", eid, {(res.name, "i", b): 10 + k, (res.name, "c", b): k})
 
     async def go():
         client = redis_client(settings, asyncio=True, timeout_s=0.3)
@@ -225,7 +288,7 @@ def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, setti
 def test_read_rows_gathers_unique_keys_back_into_rows(r, settings, unique):
     r.delete(F.BATCH_POINTER_KEY)
     for n, eid in enumerate(("x", "y")):
-        r.hset(F.speed_key("ad", f"{unique}{eid}", "5m"), mapping={f"i{T // F.MINUTE_MS}": n + 1})
+        _hset_speed(r, "ad", f"{unique}{eid}", {("5m", "i", T // F.MINUTE_MS): n + 1})
     ids = np.array([[f"{unique}{a}"] + [f"{unique}o"] * (len(F.ENTITIES) - 1) for a in "xyx"],
                    dtype=object)
     uniq, inv = unique_keys(ids)
@@ -257,21 +320,59 @@ def test_rejects_unknown_mode_and_method(settings):
 
 def test_crossed_entities_of_an_empty_user_are_pruned_exactly(r, settings, unique):
     """user_x_ad counts are bounded by the user's: where the user's window is empty the
-    script does not read the crossed key. Shown with a deliberately inconsistent store."""
+    script does not read the crossed key, nor a day hash that only pruned windows need.
+    Shown with a deliberately inconsistent store."""
     r.delete(F.BATCH_POINTER_KEY)
     user, ad = f"u{unique}", f"a{unique}"
-    _fill(r, F.speed_key, ad, "ad", lambda res, b: 5, lambda res, b: 1)
-    _fill(r, F.speed_key, f"{user}:{ad}", "user_x_ad", lambda res, b: 2, lambda res, b: 1)
+    _fill_speed(r, ad, "ad", lambda res, b: 5, lambda res, b: 1)
+    _fill_speed(r, f"{user}:{ad}", "user_x_ad", lambda res, b: 2, lambda res, b: 1)
     keys = [f"ad:{ad}", f"user:{user}", f"user_x_ad:{user}:{ad}"]
     script = FeatureStore(redis_client(settings))
     pipeline = FeatureStore(redis_client(settings), method="pipeline")
-    r.config_resetstat()
-    pruned = script.read(keys, T).counts
-    calls = int(r.info("commandstats")["cmdstat_hmget"]["calls"])
-    assert calls == 2 * len(F.RESOLUTIONS)  # ad and user only
-    assert (pruned[2] == 0).all() and pipeline.read(keys, T).counts[2, 0, 0] > 0
+
+    def hmgets(store):
+        r.config_resetstat()
+        counts = store.read(keys, T).counts
+        return counts, int(r.info("commandstats")["cmdstat_hmget"]["calls"])
+
+    # at T (15:43) the 24h window starts on the day before: two day hashes, the 5m and 1h
+    # windows lie on the day of T
+    days = _speed_days(T, None)
+    old = F.RESOLUTION_BY_NAME["24h"]
+    assert days == 2 and _speed_days(T, None, [r_ for r_ in F.RESOLUTIONS if r_ is not old]) == 1
+    pruned, calls = hmgets(script)
+    assert calls == 2 * days  # ad and user only: one HMGET per day hash each (all resolutions)
+    unpruned, calls = hmgets(pipeline)
+    assert calls == 3 * days  # the pipeline: one HMGET per key and day, no pruning
+    assert (pruned[2] == 0).all() and unpruned[2, 0, 0] > 0
+    # the user has events in old buckets of the 24h window only: its 5m and 1h windows are
+    # empty, so the crossed key's are pruned, and its 24h window is read (both days)
+    _fill_speed(r, user, "user", lambda res, b: 2 if b < (T - F.HOUR_MS) // res.bucket_ms else 0,
+                lambda res, b: 0, resolutions=[old])
+    partly, calls = hmgets(script)
+    assert calls == 2 * days + 2
+    full = pipeline.read(keys, T).counts
+    for k, res in enumerate(F.RESOLUTIONS):
+        if res is old:
+            np.testing.assert_array_equal(partly[2, k], full[2, k])
+            assert partly[2, k, 0] == 2 * res.n_buckets
+        else:
+            assert (partly[1, k] == 0).all() and (partly[2, k] == 0).all() and full[2, k, 0] > 0
+    np.testing.assert_array_equal(partly[:2], full[:2])
+    # the user has events in its 5m window only (inconsistent): the crossed key's 1h and
+    # 24h windows are pruned, so only the day of T is read for it - not the day before
+    r.delete(*[F.speed_key("user", user, d) for d in range(T // F.DAY_MS - 2, T // F.DAY_MS + 2)])
+    five = F.RESOLUTION_BY_NAME["5m"]
+    _fill_speed(r, user, "user", lambda res, b: 1, lambda res, b: 0, resolutions=[five])
+    recent, calls = hmgets(script)
+    assert calls == 2 * days + 1
+    full = pipeline.read(keys, T).counts
+    np.testing.assert_array_equal(recent[2, RES["5m"]], full[2, RES["5m"]])
+    assert recent[2, RES["5m"], 0] == 2 * five.n_buckets
+    assert (recent[2, RES["1h"]] == 0).all() and (recent[2, RES["24h"]] == 0).all()
+    np.testing.assert_array_equal(recent[:2], full[:2])
     # once the user has the events too, the crossed key is read
-    _fill(r, F.speed_key, user, "user", lambda res, b: 2, lambda res, b: 1)
+    _fill_speed(r, user, "user", lambda res, b: 2, lambda res, b: 1)
     np.testing.assert_array_equal(script.read(keys, T).counts, pipeline.read(keys, T).counts)
     assert script.read(keys, T).counts[2, 0, 0] == 2 * F.RESOLUTIONS[0].n_buckets
 
@@ -279,16 +380,16 @@ def test_crossed_entities_of_an_empty_user_are_pruned_exactly(r, settings, uniqu
 def test_cache_serves_shared_entities_until_ttl_window_move_or_switch(r, settings, unique):
     version = f"v{unique}"
     ad, user = f"a{unique}", f"u{unique}"
-    _fill(r, F.speed_key, ad, "ad", lambda res, b: 5, lambda res, b: 0)
-    _fill(r, F.speed_key, user, "user", lambda res, b: 5, lambda res, b: 0)
+    _fill_speed(r, ad, "ad", lambda res, b: 5, lambda res, b: 0)
+    _fill_speed(r, user, "user", lambda res, b: 5, lambda res, b: 0)
     r.hset(F.batch_long_key(version, "ad", ad), mapping={"i7d": 1, "c7d": 0})
     _publish_batch(r, version, CUTOFF)
     store = FeatureStore(redis_client(settings), cache_ttl_s=3600)
     keys = [f"ad:{ad}", f"user:{user}"]
     first = store.read(keys, T).counts
     b = T // F.MINUTE_MS
-    r.hset(F.speed_key("ad", ad, "5m"), F.field("i", b), 1000)
-    r.hset(F.speed_key("user", user, "5m"), F.field("i", b), 1000)
+    r.hset(_skey("ad", ad, "5m", b), F.speed_field("5m", "i", b), 1000)
+    r.hset(_skey("user", user, "5m", b), F.speed_field("5m", "i", b), 1000)
     second = store.read(keys, T + 1).counts  # same buckets: the ad is cached, the user is not
     assert second[0, 0, 0] == first[0, 0, 0] and second[1, 0, 0] == first[1, 0, 0] + 995
     assert store.cache_hits == 1
@@ -355,8 +456,8 @@ def test_suffix_sums_of_the_batch_view_equal_the_per_bucket_view(r, settings, un
             lo = CUTOFF // res.bucket_ms - res.n_buckets
             bs = range(lo, lo + 3 * res.n_buckets)
             if n % 4:
-                pipe.hset(F.speed_key(ent, eid, res.name), mapping={
-                    f"{t}{b}": int(rng.integers(0, 30)) for b in bs for t in "ic"})
+                _hset_speed(pipe, ent, eid, {(res.name, t, b): int(rng.integers(0, 30))
+                                             for b in bs for t in "ic"})
     pipe.execute()
     version = write_batch_view(settings, bt, lt, CUTOFF, keep=1000, r=r)["version"]
     assert r.hget(F.batch_meta_key(version), F.BATCH_SUMS_FLAG) == b"1"
@@ -386,7 +487,8 @@ def test_suffix_sums_of_the_batch_view_equal_the_per_bucket_view(r, settings, un
 
 
 def test_script_reads_one_sums_hash_per_entity_for_the_batch_part(r, settings, unique):
-    """The batch part of every window and the long windows: one HMGET of a few fields."""
+    """The batch part of every window and the long windows: one HMGET of a few fields; the
+    speed part of every window: one HMGET per day hash of the entity's speed buckets."""
     from models.batch_views import write_batch_view
 
     rng = np.random.default_rng(9)
@@ -398,6 +500,19 @@ def test_script_reads_one_sums_hash_per_entity_for_the_batch_part(r, settings, u
     stats = r.info("commandstats")
     # batch mode reads no speed view: the meta, then one HMGET per entity
     assert stats["cmdstat_hmget"]["calls"] == 1 + len(keys)
+    # lambda mode: plus ONE HMGET of the entity's speed hash for every resolution - its
+    # speed buckets (after the cut-off, 10:00) all lie on one day
+    t = CUTOFF + 5 * F.HOUR_MS
+    assert _speed_days(t, CUTOFF) == 1
+    r.config_resetstat()
+    FeatureStore(redis_client(settings)).read(keys, t)
+    assert r.info("commandstats")["cmdstat_hmget"]["calls"] == 1 + 2 * len(keys)
+    # just after midnight the speed buckets lie on two days: two HMGETs of the speed view
+    t = (CUTOFF // F.DAY_MS + 1) * F.DAY_MS + 30 * F.MINUTE_MS
+    assert _speed_days(t, CUTOFF) == 2
+    r.config_resetstat()
+    FeatureStore(redis_client(settings)).read(keys, t)
+    assert r.info("commandstats")["cmdstat_hmget"]["calls"] == 1 + 3 * len(keys)
 
 
 def test_keys_of_columns_are_the_entity_ids_of_the_rows():
@@ -441,7 +556,7 @@ def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
             if rng.random() < 0.4:
                 value += 1
                 ent, eid = key.split(":", 1)
-                r.hset(F.speed_key(ent, eid, "5m"), F.field("i", b), value)
+                r.hset(_skey(ent, eid, "5m", b), F.speed_field("5m", "i", b), value)
                 history[key].append((now[0], value))
         fr = store.read([ad, user], T)
         got = {ad: int(fr.counts[0, 0, 0]), user: int(fr.counts[1, 0, 0])}
@@ -456,7 +571,7 @@ def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
     last = history[ad][-1][1]
     stale = FeatureStore(redis_client(settings), cache_ttl_s=ttl, clock=lambda: now[0])
     stale.read([ad], T)
-    r.hset(F.speed_key("ad", ad.split(":", 1)[1], "5m"), F.field("i", b), last + 1000)
+    r.hset(_skey("ad", ad.split(":", 1)[1], "5m", b), F.speed_field("5m", "i", b), last + 1000)
     now[0] += ttl * 0.99
     assert stale.read([ad], T).counts[0, 0, 0] == last  # within the TTL: the cached value
     now[0] += ttl * 0.02
@@ -468,7 +583,7 @@ def test_an_entry_invalidated_while_its_read_is_in_flight_is_not_cached(r, setti
     (possibly older) result in the cache."""
     r.delete(F.BATCH_POINTER_KEY)
     ad = f"ad:race{unique}"
-    _fill(r, F.speed_key, ad.split(":", 1)[1], "ad", lambda res, b: 3, lambda res, b: 0)
+    _fill_speed(r, ad.split(":", 1)[1], "ad", lambda res, b: 3, lambda res, b: 0)
     store = FeatureStore(redis_client(settings), cache_ttl_s=60)
     real = store._script
 
@@ -499,9 +614,10 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
     ttl = settings.flush_interval_ms / 1000.0
     ad, user = f"ad:tr{unique}", f"user:tr{unique}"
     b = T // F.RESOLUTIONS[0].bucket_ms
-    ad_key = F.speed_key("ad", ad.split(":", 1)[1], "5m")
-    r.hset(ad_key, F.field("i", b), 0)
-    r.hset(F.speed_key("user", user.split(":", 1)[1], "5m"), F.field("i", b), 1)
+    ad_key = _skey("ad", ad.split(":", 1)[1], "5m", b)
+    ad_field = F.speed_field("5m", "i", b)
+    r.hset(ad_key, ad_field, 0)
+    r.hset(_skey("user", user.split(":", 1)[1], "5m", b), F.speed_field("5m", "i", b), 1)
 
     async def healthy(store, after=None, timeout=10.0):
         deadline = _time.monotonic() + timeout
@@ -527,7 +643,7 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
 
             # a write is reported: once a later heartbeat is back, the entry is gone
             wrote = _time.monotonic()
-            r.hset(ad_key, F.field("i", b), 5)
+            r.hset(ad_key, ad_field, 5)
             await healthy(store, after=wrote)
             fresh = await store.read([ad, user], T)
             assert fresh.cache_hits == 0 and fresh.counts[0, 0, 0] == 5
@@ -541,7 +657,7 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
             for _ in range(150):
                 if rng.random() < 0.3:
                     value += 1
-                    r.hset(ad_key, F.field("i", b), value)
+                    r.hset(ad_key, ad_field, value)
                     history.append((_time.monotonic(), value))
                 await asyncio.sleep(float(rng.uniform(0, 0.02)))
                 start = _time.monotonic()
@@ -571,3 +687,17 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
             await client.aclose()
 
     asyncio.run(go())
+
+
+def test_invalidation_reports_map_day_hashes_to_entity_keys():
+    """A reported speed-view key (one hash per entity and day) invalidates its entity key;
+    keys outside the layout are ignored, never misread."""
+    from streaming.featurestore import HEARTBEAT_PREFIX, SPEED_PREFIX, _speed_entity_key
+
+    day = T // F.DAY_MS
+    assert _speed_entity_key(F.speed_key("ad", "4", day).encode()) == "ad:4"
+    assert _speed_entity_key(F.speed_key("user_x_ad", "17:4", day + 1).encode()) == "user_x_ad:17:4"
+    assert _speed_entity_key(b"sv:ad:4:5m") is None  # the old per-resolution layout
+    assert _speed_entity_key(b"sv:ad") is None
+    assert F.speed_key("ad", "4", day).startswith(SPEED_PREFIX)
+    assert not (HEARTBEAT_PREFIX + "x:1").startswith(SPEED_PREFIX)

@@ -99,7 +99,9 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
     r.incr(CAL_SEQ_KEY)
     # the speed view: ad 999 got 100 impressions, 40 clicks in the minute after T0+1min
     b = (T0 + 2 * F.MINUTE_MS) // F.MINUTE_MS
-    r.hset(F.speed_key("ad", "999", "5m"), mapping={F.field("i", b): 100, F.field("c", b): 40})
+    day = F.speed_day(b, F.RESOLUTION_BY_NAME["5m"])
+    r.hset(F.speed_key("ad", "999", day), mapping={F.speed_field("5m", "i", b): 100,
+                                                   F.speed_field("5m", "c", b): 40})
 
     imps = _impressions(unique)
     prod = make_producer(s)

@@ -154,7 +154,7 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
                 assert d.reason.startswith("late: ")
         # nothing lost: counted + duplicates + dead = every record that is not a heartbeat
         counted = ref.stats["counted_i"] + ref.stats["counted_c"]
-        ad_5m = sum(v for (k, f), v in ref.cells.items() if k.startswith("sv:ad:") and k.endswith(":5m"))
+        ad_5m = sum(v for (k, f), v in ref.cells.items() if k.startswith("sv:ad:") and f.startswith("5m:"))
         assert ad_5m == counted
         assert counted + ref.stats["duplicates"] + len(dlq) == ref.stats["records"] - ref.stats["heartbeats"]
         # metrics agree, and every closed bucket's state has been freed
@@ -167,9 +167,15 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
         assert m["ctrstream_speed_dlq_total"] == len(ref.dead)
         assert m["ctrstream_speed_flush_seconds_count"] > 0
         assert m["ctrstream_speed_feature_freshness_seconds_count"] > 0
-        # TTLs are set from features.speed_ttl_ms
-        key = next(k for (k, _f) in ref.cells if k.endswith(":24h"))
-        assert 0 < r.pttl(key) <= 24 * 3_600_000 + lateness + 3_600_000
+        # every speed hash has the TTL of features.speed_hash_ttl_ms (set with its newest hour)
+        from ctrstream import features as F
+        ttl = F.speed_hash_ttl_ms(lateness)
+        assert ttl == 24 * 3_600_000 + lateness + 3_600_000
+        pipe = r.pipeline(transaction=False)
+        keys = sorted({k for (k, _f) in ref.cells})
+        for k in keys:
+            pipe.pttl(k)
+        assert all(0 < t <= ttl for t in pipe.execute()), "a speed hash without its TTL"
     finally:
         stop_job(job)
     assert "Traceback" not in (tmp_path / "job.log").read_text()
@@ -252,40 +258,59 @@ def test_vectorized_resp_rendering_matches_hiredis():
     assert render([b"x", np.zeros(0, np.int64)], 0) == b""
 
 
-def test_sink_prunes_hot_hashes_and_renews_ttl_on_new_buckets(settings, r, unique):
-    """A hash written in every bucket (a popular ad) stays bounded: the sink deletes blocks of
-    buckets older than features.speed_keep_buckets, never one of the newest `keep`; values are
-    absolute and the TTL is set when a bucket is new."""
+def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
+    """The writer sends ONE HSET per (entity, day) hash and flush, holding the changed
+    buckets of every resolution with absolute values; a hot entity's hash is bounded by its
+    event day (the next day goes to a new hash, the old one keeps its buckets and its TTL,
+    features.speed_hash_ttl_ms, renewed with each new hour); nothing is deleted."""
     from ctrstream import features as F
-    from streaming.features_flow import FeatureWriter, FlushItem, prune_step
+    from streaming.features_flow import FeatureWriter, FlushItem
+
+    def hsets() -> int:
+        return int(r.info("commandstats").get("cmdstat_hset", {}).get("calls", 0))
 
     sink = FeatureWriter(settings)
     lateness = int(settings.allowed_lateness_s * 1000)
-    res = 2  # 24h: 1-hour buckets (a day and a bit retained)
-    keep = F.speed_keep_buckets(F.RESOLUTIONS[res], lateness)
-    step = prune_step(keep)
-    assert keep * F.RESOLUTIONS[res].bucket_ms >= F.speed_ttl_ms(F.RESOLUTIONS[res], lateness)
+    hour, minute = F.RESOLUTIONS[2], F.RESOLUTIONS[0]  # 24h (1-hour buckets), 5m (1-minute)
+    assert (hour.bucket_ms, minute.bucket_ms) == (F.HOUR_MS, F.MINUTE_MS)
     ad = int(unique[-6:], 16)
-    key = F.speed_key("ad", str(ad), F.RESOLUTIONS[res].name)
-    b0 = 490_000 + 1
+    day0 = 20_000
+    keys = [F.speed_key("ad", str(ad), day0 + k) for k in range(3)]
     try:
-        for b in range(b0, b0 + 5 * keep):
-            for count in (1, 2):  # the bucket's first write (new) and an update of it
+        for h in range(day0 * 24 + 20, day0 * 24 + 50):  # 30 hours from 20:00 of day0
+            bm = h * 60 + 17  # a minute inside hour h
+            for count in (1, 2):  # the buckets' first write (new) and an update of them
+                before = hsets()
                 sink.write([FlushItem(
-                    ent=np.array([0], np.int8), res=np.array([res]), bucket=np.array([b]),
-                    eid=np.array([ad], np.int64), cnt=np.array([[count, count - 1]], np.int64),
-                    new=np.array([count == 1]), ts_first=None, ts_last=None)])
-            sink.drain()
-            held = sorted({int(f[1:]) for f in map(bytes.decode, r.hkeys(key))})
-            assert held[-keep:] == list(range(max(b0, b - keep + 1), b + 1))  # newest kept
-            assert len(held) <= keep + 2 * step
-            assert int(r.hget(key, F.field("i", b))) == 2 and int(r.hget(key, F.field("c", b))) == 1
-        assert held[0] > b0 + 3 * keep  # older blocks were deleted
-        assert 0 < r.pttl(key) <= F.speed_ttl_ms(F.RESOLUTIONS[res], lateness)
+                    ent=np.array([0, 0], np.int8), res=np.array([2, 0]), bucket=np.array([h, bm]),
+                    eid=np.array([ad, ad], np.int64), cnt=np.array([[count, count - 1], [count, 0]]),
+                    new=np.array([count == 1] * 2), ts_first=None, ts_last=None)])
+                sink.drain()
+                assert hsets() - before == 1  # both resolutions in one HSET
+            key = F.speed_key("ad", str(ad), F.speed_day(h, hour))
+            assert key == F.speed_key("ad", str(ad), F.speed_day(bm, minute))
+            assert int(r.hget(key, F.speed_field("24h", "i", h))) == 2
+            assert int(r.hget(key, F.speed_field("24h", "c", h))) == 1
+            assert int(r.hget(key, F.speed_field("5m", "i", bm))) == 2
+            assert r.hget(key, F.speed_field("5m", "c", bm)) == b"0"
+        # a flush of cells of two days for one entity: one HSET per day
+        before = hsets()
+        sink.write([FlushItem(
+            ent=np.array([0, 0], np.int8), res=np.array([2, 2]), bucket=np.array([day0 * 24 + 23, day0 * 24 + 24]),
+            eid=np.array([ad, ad], np.int64), cnt=np.array([[5, 1], [6, 2]]),
+            new=np.array([False, False]), ts_first=None, ts_last=None)])
+        sink.drain()
+        assert hsets() - before == 2
+        held = [sorted(f.decode() for f in r.hkeys(k)) for k in keys]
+        assert held[0] == sorted(F.speed_field(res, t, b) for h in range(day0 * 24 + 20, day0 * 24 + 24)
+                                 for res, b in (("24h", h), ("5m", h * 60 + 17)) for t in "ic")
+        assert len(held[1]) == 24 * 4 and len(held[2]) == 2 * 4  # whole days, nothing deleted
+        assert int(r.hget(keys[0], F.speed_field("24h", "i", day0 * 24 + 23))) == 5
+        assert int(r.hget(keys[1], F.speed_field("24h", "c", day0 * 24 + 24))) == 2
+        assert all(0 < r.pttl(k) <= F.speed_hash_ttl_ms(lateness) for k in keys)
     finally:
         sink.close()
-        r.delete(key)
-
+        r.delete(*keys)
 
 
 def test_one_line_replies_are_counted_and_errors_still_raise(settings, r, unique):
