@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -112,8 +113,8 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
     for p, log in zip(procs, logs):
         if p.returncode != 0:
             raise RuntimeError(f"features job failed ({p.returncode}); see {log}")
-    starts = [json.loads(line)["t"] for log in logs for line in log.read_text().splitlines()
-              if line.startswith('{"speed"')]
+    starts = [json.loads(m)["t"] for log in logs
+              for m in re.findall(r'\{"speed": "source_start"[^}]*\}', log.read_text())]
     dt = t_end - min(starts)
     rate = total / dt
     cores = min(workers * processes, os.cpu_count() or 1)

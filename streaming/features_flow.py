@@ -58,6 +58,7 @@ import json
 import logging
 import operator
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -311,8 +312,11 @@ class _EventsPartition(StatefulSourcePartition):
         self.awake = None
         if not self.started and self.cfg.stop_at_end:
             self.started = True
-            print(json.dumps({"speed": "source_start", "part": f"{self.kind}:{self.partition}",
-                              "t": time.time()}), flush=True)
+            # one write per line: the worker threads of `-w N` share stdout, and print()
+            # writes the text and its newline separately (the bench parses these lines)
+            sys.stdout.write(json.dumps({"speed": "source_start", "part": f"{self.kind}:{self.partition}",
+                                         "t": time.time()}) + "\n")
+            sys.stdout.flush()
         return self.process(msgs)
 
     # -- the per-batch work (vectorized) --
