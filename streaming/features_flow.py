@@ -715,8 +715,11 @@ class FeatureWriter:
         self.ttl_res = max(range(len(F.RESOLUTIONS)),  # its new buckets renew the TTL
                            key=lambda r: F.speed_ttl_ms(F.RESOLUTIONS[r], lateness))
         self.bucket_ms = np.array([res.bucket_ms for res in F.RESOLUTIONS], np.int64)
-        self.prefix = {e: F.speed_key(ent.name, "", 0).rsplit(":", 2)[0].encode() + b":"
-                       for e, ent in enumerate(F.ENTITIES)}
+        # the key's constant parts, from the layout function: prefix + id + separator + day
+        self.prefix, self.sep = {}, {}
+        for e, ent in enumerate(F.ENTITIES):
+            pre, rest = F.speed_key(ent.name, "\0", "\1").split("\0")
+            self.prefix[e], self.sep[e] = pre.encode(), rest.split("\1")[0].encode()
         self.res_names = [res.name.encode() for res in F.RESOLUTIONS]
 
     def write(self, items: list) -> None:
@@ -761,9 +764,9 @@ class FeatureWriter:
         self.pipe.drain()
 
     def _commands(self, e: int, eid, day, res, bucket, cnt, new) -> tuple[bytes, bytes, int]:
-        """The commands of one entity's cells, sorted by (id, day, resolution, bucket): one
-        HSET per hash, then the PEXPIREs. Returns (hsets, pexpires, number of commands)."""
-        from streaming.speed_redis import Choice, bulk_len, encode, layout, squeeze
+        """The commands of one entity's cells (those of one hash adjacent): one HSET per
+        hash, then the PEXPIREs. Returns (hsets, pexpires, number of commands)."""
+        from streaming.speed_redis import PAD, Choice, bulk_len, encode, layout, squeeze
 
         ent = F.ENTITIES[e]
         first = np.r_[True, (eid[1:] != eid[:-1]) | (day[1:] != day[:-1])]
@@ -788,11 +791,12 @@ class FeatureWriter:
         pre = self.prefix[e]
         hday = day[starts]
         key_segs: list = [parts[0]]
-        key_len = len(pre) + bulk_len(parts[0]) + 1 + bulk_len(hday)
+        sep = self.sep[e]
+        key_len = len(pre) + bulk_len(parts[0]) + len(sep) + bulk_len(hday)
         for p in parts[1:]:
             key_segs += [b":", p]
             key_len += 1 + bulk_len(p)
-        key_segs += [b":", hday]
+        key_segs += [sep, hday]
         # one row per cell: the HSET header and key on the first cell of each hash, then the
         # cell's two field-value pairs
         head = layout([b"*", 2 + 4 * per_hash, b"\r\n$4\r\nHSET\r\n$", key_len, b"\r\n" + pre,
@@ -803,7 +807,7 @@ class FeatureWriter:
         body = layout([b"$", f_len, b"\r\n", name, b":i", bucket, b"\r\n$", bulk_len(ci), b"\r\n", ci,
                        b"\r\n$", f_len, b"\r\n", name, b":c", bucket, b"\r\n$", bulk_len(cc), b"\r\n",
                        cc, b"\r\n"], len(eid))
-        rows = np.full((len(eid), head.shape[1] + body.shape[1]), 255, np.uint8)
+        rows = np.full((len(eid), head.shape[1] + body.shape[1]), PAD, np.uint8)
         rows[starts, :head.shape[1]] = head
         rows[:, head.shape[1]:] = body
         expire = b""
