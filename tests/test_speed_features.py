@@ -215,6 +215,30 @@ def test_shard_frees_closed_buckets_and_writes_absolute_values():
     assert (0, 0, b1m) not in logic.tables and (0, 0, b1m + 1) in logic.tables
 
 
+def test_shard_snapshot_waits_until_redis_acknowledged_its_flushes(settings, r, unique):
+    """The shards write Redis through a writer thread (the job goes on meanwhile), but a
+    snapshot records flushed cells as written (not dirty): it must not return before Redis
+    has acknowledged them, or a kill -9 right after it would lose those writes for good."""
+    from ctrstream import features as F
+    from streaming.features_flow import Delta, FlowConfig, ShardLogic
+
+    cfg = FlowConfig(settings)
+    logic = ShardLogic(cfg, "t", None)
+    ad = int(unique[-6:], 16)
+    t = np.array([BASE + 1_000], dtype=np.int64)
+    logic.on_batch([Delta(0, BASE, 0, np.zeros(1, np.int8), np.array([ad], np.int64), t, 1, 2)])
+    key = F.speed_key("ad", str(ad), F.speed_day(BASE // 60_000, F.RESOLUTIONS[0]))
+    try:
+        assert r.client_pause(1000, all=False)  # Redis holds every write for a second
+        logic.on_notify()  # renders the flush, queues it and returns
+        state = logic.snapshot()
+        assert r.hget(key, F.speed_field("5m", "i", BASE // 60_000)) == b"1"
+        assert not any(tab.dirty.any() for tab in state["tables"].values())
+    finally:
+        cfg.writer().close()
+        r.delete(key)
+
+
 def test_shard_counts_events_of_a_batch_whose_watermark_passed_them():
     """A micro-batch can carry an on-time event and, later in the same batch, an event that
     moves the partition watermark past it: the first one must still be counted."""
