@@ -35,7 +35,8 @@ Redis key layout
   bucket of the longest resolution (each one renews the TTL), which keeps every bucket
   readable for at least its own resolution's TTL (:func:`speed_ttl_ms`). A window of up to
   a day spans at most two day hashes.
-* batch view: ``bv:{version}:{entity}:{id}:{res}`` - same fields, buckets closed by cut-off;
+* batch view: ``bv:{version}:{entity}:{id}:{res}`` - one HASH per resolution, fields
+  ``i{bucket}`` / ``c{bucket}`` (:func:`field`), the buckets closed by the cut-off;
   ``bv:{version}:{entity}:{id}:long`` - fields ``i7d``/``c7d`` (long windows);
   ``bv:{version}:{entity}:{id}:sums`` - the serving summary of the entity (views whose meta
   has ``sums`` = 1): the long-window fields again, plus **suffix sums** per resolution,
