@@ -156,14 +156,20 @@ def align_cutoff(t_ms: int) -> int:
 
 # --------------------------------------------------------------------------- Redis layout
 
+SPEED_PREFIX = "sv:"  # every speed-view hash; readers and the writer build keys from these
+SPEED_DAY_SEP = ":"  # between the entity key (entity:id) and the day
+
+
 def speed_key(entity: str, eid: str, day: int) -> str:
     """The speed-view hash of one entity and event day (all resolutions)."""
-    return f"sv:{entity}:{eid}:{day}"
+    return f"{SPEED_PREFIX}{entity}:{eid}{SPEED_DAY_SEP}{day}"
 
 
 def speed_entity_of(key: str) -> tuple[str, str, int]:
     """``(entity, id, day)`` of a speed-view key (crossed ids contain ``:``)."""
-    rest, day = key[3:].rsplit(":", 1)
+    if not key.startswith(SPEED_PREFIX):
+        raise ValueError(f"not a speed-view key: {key!r}")
+    rest, day = key[len(SPEED_PREFIX):].rsplit(SPEED_DAY_SEP, 1)
     entity, eid = rest.split(":", 1)
     return entity, eid, int(day)
 

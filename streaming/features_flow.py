@@ -715,11 +715,9 @@ class FeatureWriter:
         self.ttl_res = max(range(len(F.RESOLUTIONS)),  # its new buckets renew the TTL
                            key=lambda r: F.speed_ttl_ms(F.RESOLUTIONS[r], lateness))
         self.bucket_ms = np.array([res.bucket_ms for res in F.RESOLUTIONS], np.int64)
-        # the key's constant parts, from the layout function: prefix + id + separator + day
-        self.prefix, self.sep = {}, {}
-        for e, ent in enumerate(F.ENTITIES):
-            pre, rest = F.speed_key(ent.name, "\0", "\1").split("\0")
-            self.prefix[e], self.sep[e] = pre.encode(), rest.split("\1")[0].encode()
+        # the key's constant parts (features.speed_key): prefix + id + separator + day
+        self.prefix = {e: f"{F.SPEED_PREFIX}{ent.name}:".encode() for e, ent in enumerate(F.ENTITIES)}
+        self.sep = F.SPEED_DAY_SEP.encode()
         self.res_names = [res.name.encode() for res in F.RESOLUTIONS]
 
     def write(self, items: list) -> None:
@@ -791,7 +789,7 @@ class FeatureWriter:
         pre = self.prefix[e]
         hday = day[starts]
         key_segs: list = [parts[0]]
-        sep = self.sep[e]
+        sep = self.sep
         key_len = len(pre) + bulk_len(parts[0]) + len(sep) + bulk_len(hday)
         for p in parts[1:]:
             key_segs += [b":", p]

@@ -478,23 +478,10 @@ def _keys_of_columns(columns: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
     return keys, inv, parents
 
 
-def _speed_key_affix() -> tuple[str, str]:
-    """(prefix, day separator) of ``features.speed_key``: the key of entity key ``ent``
-    (``entity:id``) and day ``d`` is ``prefix + ent + sep + str(d)`` - what the script is
-    given, so that it does not invent the layout."""
-    probe = F.speed_key("\x01", "\x02", 3)
-    pre, rest = probe.split("\x01")
-    mid, rest = rest.split("\x02")
-    if mid != ":" or not rest.endswith("3"):
-        raise RuntimeError(f"unexpected speed-view key layout {probe!r}")
-    return pre, rest[:-1]
-
-
-SPEED_KEY_PREFIX, SPEED_DAY_SEP = _speed_key_affix()
 
 
 def _script_head(mode: str, t_ms: int) -> list:
-    args: list = [mode, F.BATCH_POINTER_KEY, SPEED_KEY_PREFIX, SPEED_DAY_SEP, F.DAY_MS, N_RES]
+    args: list = [mode, F.BATCH_POINTER_KEY, F.SPEED_PREFIX, F.SPEED_DAY_SEP, F.DAY_MS, N_RES]
     for r, b0, b1 in _window_plan(t_ms):
         args += [r.name, r.bucket_ms, r.n_buckets, b0, b1]
     args += [N_LONG]
@@ -940,7 +927,7 @@ class FeatureStore(_Base):
 # --------------------------------------------------------------------------- invalidation
 
 
-SPEED_PREFIX = SPEED_KEY_PREFIX  # "sv:": every speed-view hash (features.speed_key)
+SPEED_PREFIX = F.SPEED_PREFIX  # "sv:": every speed-view hash (features.speed_key)
 # heartbeat keys: outside the speed view, and sorting after "sv:" so that Redis, which sends
 # the invalidations of one event-loop iteration prefix by prefix in key order, reports a
 # heartbeat after the speed-view writes executed together with it
