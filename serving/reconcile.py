@@ -88,7 +88,7 @@ log = logging.getLogger("ctrstream.reconcile")
 
 FIELD_RE = re.compile(rb"^([ic])(-?\d+)$")  # batch view: {type}{bucket}
 SPEED_FIELD_RE = re.compile(rb"^([^:]+):([ic])(-?\d+)$")  # speed view: {res}:{type}{bucket}
-SPEED_PREFIX = "sv:"
+SPEED_PREFIX = F.SPEED_PREFIX
 _RES_BY_BYTES = {r.name.encode(): r.name for r in F.RESOLUTIONS}
 _ET_BY_BYTES = {t.encode(): t for t in F.EVENT_TYPES}
 REASONS = ("late", "late+lost_update", "lost_update", "missing_key", "duplicates",
