@@ -542,7 +542,7 @@ class FlushItem:
     bucket: np.ndarray
     eid: np.ndarray
     cnt: np.ndarray  # [n, 2] absolute impressions, clicks
-    new: np.ndarray  # bool: the cell's first write (its hash gets its TTL renewed)
+    new: np.ndarray  # bool: the cell's first write (a new bucket of the longest resolution renews its hash's TTL)
     ts_first: int | None  # oldest / newest Kafka timestamp of the events it makes visible
     ts_last: int | None
 
@@ -764,7 +764,7 @@ class FeatureWriter:
     def _commands(self, e: int, eid, day, res, bucket, cnt, new) -> tuple[bytes, bytes, int]:
         """The commands of one entity's cells (those of one hash adjacent): one HSET per
         hash, then the PEXPIREs. Returns (hsets, pexpires, number of commands)."""
-        from streaming.speed_redis import PAD, Choice, bulk_len, encode, layout, squeeze
+        from streaming.speed_redis import PAD, Choice, bulk_len, encode, layout, render, squeeze
 
         ent = F.ENTITIES[e]
         first = np.r_[True, (eid[1:] != eid[:-1]) | (day[1:] != day[:-1])]
@@ -811,9 +811,9 @@ class FeatureWriter:
         expire = b""
         if len(renew):
             ttl = str(self.ttl).encode()
-            expire = squeeze(layout([b"*3\r\n$7\r\nPEXPIRE\r\n$", key_len[renew], b"\r\n" + pre,
-                                     *[s if isinstance(s, bytes) else s[renew] for s in key_segs],
-                                     b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl)], len(renew)))
+            expire = render([b"*3\r\n$7\r\nPEXPIRE\r\n$", key_len[renew], b"\r\n" + pre,
+                             *[s if isinstance(s, bytes) else s[renew] for s in key_segs],
+                             b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl)], len(renew))
         return squeeze(rows), expire, len(starts) + len(renew)
 
     def close(self) -> None:
