@@ -270,6 +270,9 @@ def smoothed_ctr(imps, clicks, prior: BetaPrior = PRIOR):
     )
 
 
+_DENSE_BLOCK_ROWS = 65_536
+
+
 def dense_from_counts(counts: np.ndarray) -> np.ndarray:
     """Turn window counts into the dense model input.
 
@@ -278,10 +281,19 @@ def dense_from_counts(counts: np.ndarray) -> np.ndarray:
     ``(rows, N_DENSE)`` in ``dense_feature_names()`` order. Training and serving both call
     this, so the transformation cannot drift between them.
     """
-    counts = np.asarray(counts, dtype=np.float64)
-    imps, clicks = counts[..., 0], counts[..., 1]
-    out = np.stack([np.log1p(imps), np.log1p(clicks), smoothed_ctr(imps, clicks)], axis=-1)
-    return out.reshape(counts.shape[0], N_DENSE).astype(np.float32)
+    counts = np.asarray(counts)
+    n = counts.shape[0]
+    out = np.empty((n, len(ENTITIES), N_WINDOWS, 3), dtype=np.float32)
+    # in blocks of rows: the float64 temporaries of a whole training set (several GB at
+    # millions of rows) never exist at once
+    for lo in range(0, n, _DENSE_BLOCK_ROWS):
+        block = np.asarray(counts[lo:lo + _DENSE_BLOCK_ROWS], dtype=np.float64)
+        imps, clicks = block[..., 0], block[..., 1]
+        dst = out[lo:lo + _DENSE_BLOCK_ROWS]
+        dst[..., 0] = np.log1p(imps)
+        dst[..., 1] = np.log1p(clicks)
+        dst[..., 2] = smoothed_ctr(imps, clicks)
+    return out.reshape(n, N_DENSE)
 
 
 # --------------------------------------------------------------------------- sparse features

@@ -100,7 +100,11 @@ def drop_warmup(ds: dict, warmup_ms: int) -> dict:
     if warmup_ms <= 0 or len(ds["label"]) == 0:
         return ds
     t = np.asarray(ds["event_time_ms"])
-    keep = t >= int(t.min()) + int(warmup_ms)
+    cut = int(t.min()) + int(warmup_ms)
+    if np.all(t[1:] >= t[:-1]):  # training_set's order: the kept rows are views, not copies
+        keep = slice(int(np.searchsorted(t, cut, side="left")), None)
+    else:
+        keep = t >= cut
     return {k: (v[keep] if isinstance(v, np.ndarray) and len(v) == len(t) else v)
             for k, v in ds.items()}
 

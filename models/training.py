@@ -136,9 +136,13 @@ def train(dataset: dict, model: str = "deep", seed: int = 0, epochs: int | None 
     else:
         fit_idx = train_idx
 
-    dense_fit = dense_all[fit_idx]
-    mean = dense_all[train_idx].mean(axis=0)
-    std = dense_all[train_idx].std(axis=0)
+    # one copy of the training rows' dense inputs at a time (they are most of a large
+    # training set's memory): the normalization is fitted on it, and it is what is fitted
+    # on unless negatives are down-sampled
+    dense_train = dense_all[train_idx]
+    mean, std = dense_train.mean(axis=0), dense_train.std(axis=0)
+    dense_fit = dense_train if fit_idx is train_idx else dense_all[fit_idx]
+    del dense_train
     net = build(model, dense_mean=mean, dense_std=std, **margs)
     net.train()
 

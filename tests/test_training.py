@@ -89,6 +89,45 @@ def test_metrics_against_brute_force_and_known_values():
 # --------------------------------------------------------------------------- training
 
 
+def test_dense_inputs_follow_the_formula_across_row_blocks():
+    """``dense_from_counts`` works through large inputs in blocks of rows; every row, on both
+    sides of a block boundary, gets log1p(impressions), log1p(clicks) and the smoothed CTR."""
+    from ctrstream import features as F
+
+    n = F._DENSE_BLOCK_ROWS + 3
+    rng = np.random.default_rng(5)
+    counts = np.zeros((n, len(ENTITIES), N_WINDOWS, 2), dtype=np.int64)
+    counts[..., 0] = rng.integers(0, 5000, counts.shape[:-1])
+    counts[..., 1] = rng.binomial(counts[..., 0], 0.03)
+    dense = dense_from_counts(counts)
+    assert dense.shape == (n, F.N_DENSE) and dense.dtype == np.float32
+    names = F.dense_feature_names()
+    for row in (0, F._DENSE_BLOCK_ROWS - 1, F._DENSE_BLOCK_ROWS, n - 1):
+        for k, e in enumerate(ENTITIES):
+            for w, res in enumerate(F.RESOLUTIONS):
+                i, c = counts[row, k, w]
+                j = names.index(f"{e.name}_{res.name}_log_imps")
+                want = [np.log1p(i), np.log1p(c), (c + F.PRIOR.alpha) / (i + F.PRIOR.alpha + F.PRIOR.beta)]
+                np.testing.assert_allclose(dense[row, j:j + 3], want, rtol=1e-6)
+
+
+def test_warmup_rows_are_dropped_without_copying_sorted_sets(data):
+    from models.train_cli import drop_warmup
+
+    t = data["event_time_ms"]
+    hour = 3_600_000
+    kept = drop_warmup(data, hour)
+    want = t >= t.min() + hour
+    assert 0 < want.sum() < len(t)
+    for k in ("event_time_ms", "label", "dense", "sparse", "counts"):
+        np.testing.assert_array_equal(kept[k], data[k][want])
+        assert np.shares_memory(kept[k], data[k])  # a view of the rows in time order
+    shuffled = {k: v[::-1] if isinstance(v, np.ndarray) else v for k, v in data.items()}
+    back = drop_warmup(shuffled, hour)  # any order: the same rows, selected by time
+    np.testing.assert_array_equal(back["event_time_ms"], t[::-1][want[::-1]])
+    assert drop_warmup(data, 0) is data
+
+
 def test_time_split_holds_out_the_last_part_of_event_time(data):
     from models.training import time_split
 
@@ -210,3 +249,21 @@ def test_cli_trains_on_a_scenario_and_publishes_to_triton(stack_env, settings, t
         c.close()
     finally:
         get_settings.cache_clear()
+
+
+def test_quality_benchmark_reports_the_gap_of_both_models_to_the_oracle(settings, tmp_path, capsys):
+    """``ctrstream bench quality`` (the NE target's measurement) on a small scenario: its gaps
+    are the models' NE relative to the oracle's on the same validation rows, and its verdict
+    follows them."""
+    from bench.quality import TARGET_GAP, main
+
+    assert main(["--events", "60000", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "quality.json").read_text())
+    (row,) = doc["rows"]
+    assert row["events"] == 60_000 and row["seed"] == 1 and row["val_rows"] > 0
+    assert row["oracle_ne"] < min(row["lr_ne"], row["deep_ne"])
+    for kind in ("lr", "deep"):
+        assert row[f"{kind}_gap_pct"] == pytest.approx(100 * (row[f"{kind}_ne"] / row["oracle_ne"] - 1))
+    assert row["target_met"] == (row["deep_gap_pct"] <= 100 * TARGET_GAP and row["deep_ne"] < row["lr_ne"])
+    assert doc["meta"]["summary"][0]["met (deep <= 3 %, < LR)"] == f"{int(row['target_met'])}/1"
+    assert "by data volume" in capsys.readouterr().out
