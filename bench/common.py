@@ -39,6 +39,18 @@ def device_info() -> dict:
     return info
 
 
+def rss_kb(pid: int, field: str = "VmHWM") -> int:
+    """A process's memory from /proc in KiB: ``VmHWM`` its peak RSS, ``VmRSS`` the current
+    one (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def print_table(title: str, rows: list[dict], columns: list[str] | None = None) -> None:
     columns = columns or list(rows[0].keys()) if rows else []
     table = Table(title=title)

@@ -40,9 +40,11 @@ def _ints(text: str) -> list[int]:
 
 
 def _peak_rss_gb() -> float:
-    import resource
+    import os
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    from bench.common import rss_kb
+
+    return rss_kb(os.getpid()) / 1e6
 
 
 def _train_row(scenario: str, events: int, seed: int, training_seed: int,
@@ -131,14 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for events in args.events:
         rs = [r for r in rows if r["events"] == events]
+        mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
         summary.append({
             "events": events, "data sets": len(rs),
-            "deep gap % (mean)": sum(r["deep_gap_pct"] for r in rs) / len(rs),
+            "deep gap % (mean)": mean("deep_gap_pct"),
             "deep gap % (max)": max(r["deep_gap_pct"] for r in rs),
-            "LR gap % (mean)": sum(r["lr_gap_pct"] for r in rs) / len(rs),
-            **({"floor % (mean)": sum(r["floor_gap_pct"] for r in rs) / len(rs)} if args.floor else {}),
+            "LR gap % (mean)": mean("lr_gap_pct"),
+            **({"floor % (mean)": mean("floor_gap_pct")} if args.floor else {}),
             "met (deep <= 3 %, < LR)": f"{sum(r['target_met'] for r in rs)}/{len(rs)}",
-            "deep train s": sum(r["deep_train_s"] for r in rs) / len(rs),
+            "deep train s": mean("deep_train_s"),
         })
     cols = ["events", "seed", "val_rows", "val_clicks", "oracle_ne", "lr_ne", "deep_ne", "lr_gap_pct",
             "deep_gap_pct"] + (["floor_gap_pct"] if args.floor else []) + [

@@ -44,17 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import print_table, write_results
-
-
-def _rss_kb(pid: int, field: str = "VmHWM") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+from bench.common import print_table, rss_kb, write_results
 
 
 def _env(settings) -> dict:
@@ -107,7 +97,7 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
                                       stderr=subprocess.STDOUT))
     peak = 0
     while any(p.poll() is None for p in procs):
-        peak = max(peak, sum(_rss_kb(p.pid) for p in procs))
+        peak = max(peak, sum(rss_kb(p.pid) for p in procs))
         time.sleep(0.05)
     t_end = time.time()
     for p, log in zip(procs, logs):
@@ -203,13 +193,13 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
             p.produce(ti, key=E.key_of(probe), value=E.encode(probe))
             p.poll(0)
             if time.time() >= next_q:
-                rss.append(_rss_kb(join.pid, "VmRSS") / 1024)
+                rss.append(rss_kb(join.pid, "VmRSS") / 1024)
                 next_q += quarter
             left = tick - (time.time() - start)
             if left > 0:
                 time.sleep(left)
         sent_s = time.time() - t0
-        rss.append(_rss_kb(join.pid, "VmRSS") / 1024)
+        rss.append(rss_kb(join.pid, "VmRSS") / 1024)
         p.flush(30)
         stop_t[0] = time.time()
         stop.set()
@@ -220,10 +210,10 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
                  "visible": len(lat),
                  "p50_ms": float(np.percentile(lat, 50) * 1000) if len(lat) else None,
                  "p99_ms": float(np.percentile(lat, 99) * 1000) if len(lat) else None,
-                 "peak_rss_mb": _rss_kb(feat.pid) / 1024},
+                 "peak_rss_mb": rss_kb(feat.pid) / 1024},
                 {"row": f"join rss (window {join_window_s:g}s)",
                  "rss_mb_quarters": " / ".join(f"{x:.0f}" for x in rss),
-                 "peak_rss_mb": _rss_kb(join.pid) / 1024}]
+                 "peak_rss_mb": rss_kb(join.pid) / 1024}]
         return rows
     finally:
         for proc in (feat, join):
