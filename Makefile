@@ -8,7 +8,7 @@ STAMP := $(VENV)/.ctrstream-installed
 .PHONY: setup demo test test-fast stack-up stack-down bench clean
 
 setup: $(STAMP)
-	@$(PY) -m ctrstream.stack.provision
+	@$(VENV)/bin/ctrstream setup
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "ctrstream needs Python >= 3.11, found " + sys.version.split()[0]' \

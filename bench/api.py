@@ -28,7 +28,7 @@ request sent - on a 2-core machine they share the cores, so their sum bounds the
 Set-up, unless told otherwise: with ``--isolated`` Redis and Triton are started on free
 loopback ports in a temporary directory (stopped by PID at the end); otherwise the running
 local stack (``ctrstream stack up``) is used. When the model is not ready on Triton a small
-one is published (``models.publish`` when available, else a Python-backend demo model with
+one is published (``ctrstream.models.publish`` when available, else a Python-backend demo model with
 the same I/O contract). Features of the benchmark's own entities (ids from ``ID_BASE``, so no
 real entity is touched) are written to the speed view, and to a batch view when none is
 served. Without ``--url`` the API is started as a subprocess on a free loopback port.
@@ -150,7 +150,7 @@ def ensure_model(settings, base: str = "ctr_deep", log=print) -> str:
     """The served model name of ``base``, publishing a small model first when none is ready."""
     import tritonclient.grpc as grpcclient
 
-    from serving.triton_client import served_model_name
+    from ctrstream.serving.triton_client import served_model_name
 
     name = served_model_name(settings, base)
     client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
@@ -161,7 +161,7 @@ def ensure_model(settings, base: str = "ctr_deep", log=print) -> str:
         except Exception:  # noqa: BLE001
             pass
         try:
-            from models import publish as pub
+            from ctrstream.models import publish as pub
         except ImportError:
             pub = None
         if pub is not None:
@@ -172,7 +172,7 @@ def ensure_model(settings, base: str = "ctr_deep", log=print) -> str:
                 log(f"published demo model {info}")
                 return info.get("model_name", name)
         if settings.triton.backend != "python":
-            raise RuntimeError(f"model {name} is not ready and models.publish is not available")
+            raise RuntimeError(f"model {name} is not ready and ctrstream.models.publish is not available")
         write_demo_model(settings.triton.model_repository, name)
         client.load_model(name)
         log(f"loaded demo model {name} (Python backend)")
@@ -213,7 +213,7 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
     """Speed-view buckets for the universe's ads, campaigns, advertisers, sites,
     site x category and a slice of users; when no batch view is served, a batch view of the
     same counts (closed buckets up to a cut-off two hours back, plus long windows) written by
-    the batch layer's own writer (``models.batch_views.write_batch_view``: per-bucket hashes
+    the batch layer's own writer (``ctrstream.batch.views.write_batch_view``: per-bucket hashes
     and the ``:sums`` hashes serving reads). Returns what was written."""
     import pyarrow as pa
     import redis
@@ -261,7 +261,7 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
     pipe.execute()
     version = None
     if served is None:
-        from models.batch_views import write_batch_view
+        from ctrstream.batch.views import write_batch_view
 
         i64 = pa.int64()
         buckets_t = pa.table(bucket_rows).cast(pa.schema([
@@ -534,9 +534,9 @@ def _wait_ready(url: str, timeout: float, proc=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import RESULTS, print_table, write_results
+    from ctrstream.bench.common import print_table, results_dir, write_results
     from ctrstream.config import get_settings
-    from ctrstream.procs import start_job, stop_job
+    from ctrstream.stack.procs import start_job, stop_job
     from ctrstream.stack.manager import Stack, isolated_settings, settings_env
     from ctrstream.stack.services import free_port
 
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             log_path = Path(tmp or tempfile.gettempdir()) / f"bench-api-{port}.log"
-            api_proc = start_job([sys.executable, "-c", "from ctrstream.cli import app; app()", "serve", "--host", "127.0.0.1",
+            api_proc = start_job([sys.executable, "-c", "from ctrstream.cli.app import app; app()", "serve", "--host", "127.0.0.1",
                                   "--port", str(port), "--model-name", model_name,
                                   "--feature-method", args.feature_method,
                                   "--workers", str(args.api_workers),
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                 "target": "p99 <= 25 ms at 200 rps",
                 "latency": "from each request's scheduled send time (open loop)"}
         path = write_results(args.name, rows, meta)
-        png = RESULTS / f"{args.name}.png"
+        png = results_dir() / f"{args.name}.png"
         plot(rows, png, f"/v1/predict, {args.candidates} candidates")
         print(f"wrote {path} and {png}")
         return 0

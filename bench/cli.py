@@ -1,4 +1,4 @@
-"""``ctrstream bench NAME [ARGS]``: runs ``bench/NAME.py``'s ``main(argv)``."""
+"""``ctrstream bench NAME [ARGS]``: runs ``ctrstream.bench.NAME.main(argv)`` (bench/NAME.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pkgutil
 
 import typer
 
-import bench
+import ctrstream.bench as bench
 
 
 def available() -> list[str]:
@@ -20,8 +20,8 @@ def register(app: typer.Typer) -> None:
                                             "ignore_unknown_options": True})
     def bench_cmd(ctx: typer.Context,
                   name: str = typer.Argument(..., help="which benchmark: " + ", ".join(available()))):
-        """Run a benchmark: it prints a table and writes JSON (and PNG) under bench/results/."""
+        """Run a benchmark: it prints a table and writes JSON (and PNG) under bench/results/ (CTRSTREAM_RESULTS_DIR)."""
         if name not in available():
             raise typer.BadParameter(f"unknown benchmark {name!r}; choose one of {', '.join(available())}")
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"ctrstream.bench.{name}")
         raise typer.Exit(module.main(list(ctx.args)) or 0)

@@ -13,7 +13,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir() -> Path:
+    """Where benchmarks write: ``settings.results_dir`` (``bench/results`` under the current
+    directory unless ``CTRSTREAM_RESULTS_DIR`` says otherwise)."""
+    from ctrstream.config import get_settings
+
+    return get_settings().results_dir
 
 
 def device_info() -> dict:
@@ -73,7 +80,7 @@ def _fmt(v) -> str:
 def write_results(name: str, rows: list[dict], meta: dict | None = None,
                   out_dir: Path | None = None) -> Path:
     """Write ``{name}.json`` (rows + device + parameters) and return its path."""
-    out_dir = Path(out_dir or RESULTS)
+    out_dir = Path(out_dir or results_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     doc = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

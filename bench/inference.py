@@ -36,8 +36,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.common import RESULTS, device_info, print_table, write_results
-from bench.inference_models import (
+from ctrstream.bench.common import device_info, print_table, results_dir, write_results
+from ctrstream.bench.inference_models import (
     DEFAULT_MLP, BenchModel, batch_cost, onnx_cost, parse_mlp, parse_size, published,
     remove_variants, synthetic, write_variant,
 )
@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--isolated", action="store_true",
                    help="always start an own Triton on free ports (default: only if none is reachable)")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="results directory (default: settings.results_dir, bench/results)")
     p.add_argument("--name", help="result file stem (default inference, or inference_quick)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
@@ -169,10 +170,10 @@ def build_models(settings: Settings, a: argparse.Namespace, log=print) -> list[B
 
 def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
     """Run the whole grid; return ``{"rows", "headline", "meta", "paths"}``."""
-    from models.export import ort_session
+    from ctrstream.models.export import ort_session
 
-    from bench.inference_floor import floor_seconds, measure
-    from bench.inference_load import CpuMeter, make_inputs, run_inprocess, run_triton
+    from ctrstream.bench.inference_floor import floor_seconds, measure
+    from ctrstream.bench.inference_load import CpuMeter, make_inputs, run_inprocess, run_triton
 
     gpu = gpu_available() if a.device == "auto" else a.device == "gpu"
     backend = settings.triton.backend if a.backend == "auto" else a.backend
@@ -207,7 +208,7 @@ def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
 
     providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu
                  else ["CPUExecutionProvider"])
-    max_bs = max(8192, max(a.batch_sizes))  # models.publish's default, or the largest batch
+    max_bs = max(8192, max(a.batch_sizes))  # ctrstream.models.publish's default, or the largest batch
     rows: list[dict] = []
     n_cells = len(models) * len(a.batch_sizes) * len(a.concurrency) * (
         1 + len(a.dyn) * len(transports))

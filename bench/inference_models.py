@@ -2,8 +2,8 @@
 family, their cost per row (read off the ONNX graph), and the Triton configurations the
 benchmark loads (dynamic batching on and off).
 
-The ONNX files come from ``models.nets.DCNv2`` + ``models.export.export_onnx``; the Python
-backend's ``model.py`` is ``models/triton_model.py`` (the one ``models.publish`` ships).
+The ONNX files come from ``ctrstream.models.nets.DCNv2`` + ``ctrstream.models.export.export_onnx``; the Python
+backend's ``model.py`` is ``models/triton_model.py`` (the one ``ctrstream.models.publish`` ships).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ctrstream.config import ROOT, Settings
+from ctrstream.config import Settings
 from ctrstream.features import HASH_BUCKETS, N_DENSE, N_SPARSE
 
 BENCH_PREFIX = "bench_inf_"
@@ -94,8 +94,8 @@ def _export_random(cfg: dict, path: Path, log) -> None:
 
     import torch
 
-    from models.export import export_onnx
-    from models.nets import DCNv2
+    from ctrstream.models.export import export_onnx
+    from ctrstream.models.nets import DCNv2
 
     t0 = time.monotonic()
     torch.manual_seed(0)
@@ -212,9 +212,9 @@ _DYN_BLOCK = re.compile(r"^dynamic_batching \{.*?^\}\n", re.S | re.M)
 
 def variant_config(name: str, backend: str, dyn_batching: bool, n_sparse: int, n_dense: int,
                    max_batch_size: int, threads: int, queue_delay_us: int) -> str:
-    """``models.publish.model_config`` (the production configuration of each flavour), with
+    """``ctrstream.models.publish.model_config`` (the production configuration of each flavour), with
     its ``dynamic_batching`` block removed for the "off" variant."""
-    from models.publish import model_config
+    from ctrstream.models.publish import model_config
 
     text = model_config(name, "python" if backend == "python" else "onnxruntime", None,
                         n_sparse, n_dense, max_batch_size=max_batch_size,
@@ -243,7 +243,9 @@ def write_variant(repo: Path, model: BenchModel, backend: str, dyn_batching: boo
     for rel in model.cost.get("external_files", []):
         _link_or_copy(model.onnx_path.parent / rel, vdir / rel)
     if backend == "python":
-        shutil.copyfile(ROOT / "models" / "triton_model.py", vdir / "model.py")
+        from ctrstream.models.publish import TRITON_MODEL_PY
+
+        shutil.copyfile(TRITON_MODEL_PY, vdir / "model.py")
     (mdir / "config.pbtxt").write_text(variant_config(
         name, backend, dyn_batching, model.cost["n_sparse"], model.cost["n_dense"],
         max_batch_size, threads, queue_delay_us))

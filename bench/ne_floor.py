@@ -18,7 +18,7 @@ rows with predictors that know the click model's *form* and every other term, bu
   exact) and pessimistic where the model has more (windows keep counting after the split;
   recent ad windows reveal heat episodes).
 
-Run: ``.venv/bin/python -m bench.ne_floor '{"events": 500000, "seed": 1}'`` (scenario
+Run: ``.venv/bin/python -m ctrstream.bench.ne_floor '{"events": 500000, "seed": 1}'`` (scenario
 overrides as JSON; ``"name"`` picks the preset; about 10 s at 500k, 20 s at 1M).
 See docs/training.md.
 """
@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.ne_gap import main, marg, print_ne, sig
-from models.batch_features import training_set
-from models.evaluation import entropy, log_loss
-from models.train_cli import drop_warmup
-from models.training import time_split
-from streaming.generator import _market, generate
+from ctrstream.bench.ne_gap import main, marg, print_ne, sig
+from ctrstream.batch.point_in_time import training_set
+from ctrstream.models.evaluation import entropy, log_loss
+from ctrstream.batch.pipeline import drop_warmup
+from ctrstream.models.training import time_split
+from ctrstream.simulation.generator import _market, generate
 
 
 def map_fit(key, X, offset, y, prior_var, fit_rows, iters: int = 25) -> np.ndarray:

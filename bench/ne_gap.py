@@ -1,7 +1,7 @@
 """How far from the oracle can a learner get? Decompose the NE gap of a scenario.
 
 The oracle's probabilities use every hidden term of the click model
-(``streaming.generator``, whose ``Traffic.truth`` holds each term per impression). This
+(``ctrstream.simulation.generator``, whose ``Traffic.truth`` holds each term per impression). This
 report replaces one hidden term at a time by the best a learner could know about it and
 prints the NE of that "oracle minus a term" on the validation rows ``ctrstream train``
 uses (the last 10 % of the labeled event-time span), relative to the oracle's NE:
@@ -16,7 +16,7 @@ uses (the last 10 % of the labeled event-time span), relative to the oracle's NE
   windows and ids; dropping them shows how much signal they carry);
 * all three hidden per-user/per-episode terms at once: the floor under any model's gap.
 
-Run: ``.venv/bin/python -m bench.ne_gap '{"events": 1000000, "seed": 1}'`` (a JSON object
+Run: ``.venv/bin/python -m ctrstream.bench.ne_gap '{"events": 1000000, "seed": 1}'`` (a JSON object
 of scenario overrides; ``"name"`` picks the preset). See docs/training.md.
 """
 import sys
@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from streaming.generator import generate, load_scenario
-from models.evaluation import entropy, log_loss
+from ctrstream.simulation.generator import generate, load_scenario
+from ctrstream.models.evaluation import entropy, log_loss
 
 def sig(x): return 1/(1+np.exp(-x))
 

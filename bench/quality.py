@@ -42,7 +42,7 @@ def _ints(text: str) -> list[int]:
 def _peak_rss_gb() -> float:
     import os
 
-    from bench.common import rss_kb
+    from ctrstream.bench.common import rss_kb
 
     return rss_kb(os.getpid()) / 1e6
 
@@ -51,7 +51,8 @@ def _train_row(scenario: str, events: int, seed: int, training_seed: int,
                warmup_hours: float) -> dict:
     """One ``ctrstream train`` run, evaluated; runs in its own process (see :func:`_isolated`)."""
     from ctrstream.config import get_settings
-    from models.train_cli import load_training_data, run_training
+    from ctrstream.batch.pipeline import run_training
+    from ctrstream.cli.train import load_training_data
 
     settings = get_settings()
     t0 = time.perf_counter()
@@ -81,8 +82,8 @@ def _train_row(scenario: str, events: int, seed: int, training_seed: int,
 
 
 def _floor_row(scenario: str, events: int, seed: int, warmup_hours: float) -> dict:
-    from bench.ne_floor import report
-    from streaming.generator import load_scenario
+    from ctrstream.bench.ne_floor import report
+    from ctrstream.simulation.generator import load_scenario
 
     res = report(load_scenario(scenario, events=events, seed=seed), warmup_hours)
     all_key = "all: marginalised + ad, site, site x category estimated"
@@ -109,7 +110,7 @@ def measure(scenario: str, events: int, seed: int, training_seed: int, floor: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import print_table, write_results
+    from ctrstream.bench.common import print_table, write_results
 
     ap = argparse.ArgumentParser(prog="ctrstream bench quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,7 +5,7 @@
 Rows (records = impressions + clicks, plus injections in ``dirty``):
 
 * ``gen+encode``: ``generate()`` and encoding every record of the replay stream;
-* ``gen+produce``: ``generate()`` then ``streaming.replay.replay()`` (idempotent producer,
+* ``gen+produce``: ``generate()`` then ``ctrstream.simulation.replay.replay()`` (idempotent producer,
   acks=all, lz4) until every record is acknowledged;
 * ``produce only``: the replay part of the row above alone;
 * ``cpu_s`` / ``rec_per_cpu_s``: CPU seconds of this process (Python and librdkafka
@@ -27,7 +27,7 @@ import resource
 import time
 import uuid
 
-from bench.common import print_table, write_results
+from ctrstream.bench.common import print_table, write_results
 
 
 def _cpu() -> float:
@@ -39,7 +39,7 @@ def _cpu() -> float:
 def _bare_loop(settings, topic_names: dict, kinds, keys, values, ts) -> tuple[float, int]:
     from confluent_kafka import Producer
 
-    from ctrstream.kafkautil import producer_config
+    from ctrstream.kafka.clients import producer_config
 
     p = Producer(producer_config(settings))
     produce, poll = p.produce, p.poll
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from ctrstream.config import Topic, get_settings
-    from ctrstream.kafkautil import admin, ensure_topics
-    from streaming.generator import generate, load_scenario
-    from streaming.replay import replay
+    from ctrstream.kafka.clients import admin, ensure_topics
+    from ctrstream.simulation.generator import generate, load_scenario
+    from ctrstream.simulation.replay import replay
 
     logging.basicConfig(level=logging.WARNING)
     # bench topics are deleted afterwards: the old-event-time retention warning is noise here

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import print_table, rss_kb, write_results
+from ctrstream.bench.common import print_table, rss_kb, write_results
 
 
 def _env(settings) -> dict:
@@ -66,7 +66,7 @@ def _redis_usec(r) -> dict[str, tuple[int, int]]:
 def _raw_consume(settings, total: int) -> float:
     from confluent_kafka import Consumer, TopicPartition
 
-    from ctrstream.kafkautil import consumer_config
+    from ctrstream.kafka.clients import consumer_config
 
     c = Consumer(consumer_config(settings, f"bench-raw-{uuid.uuid4().hex[:6]}"))
     tps = [TopicPartition(getattr(settings.topics, k).name, p, 0)
@@ -87,7 +87,7 @@ def _raw_consume(settings, total: int) -> float:
 
 
 def _run_features(settings, workers: int, total: int, log_dir: Path, processes: int = 1) -> dict:
-    from streaming.speed_cli import job_commands
+    from ctrstream.cli.speed import job_commands
 
     tag = f"w{workers}" + (f"p{processes}" if processes > 1 else "")
     logs = [log_dir / f"features-{tag}-{k}.log" for k in range(processes)]
@@ -117,16 +117,16 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
     import redis
 
     from ctrstream import features as F
-    from ctrstream.kafkautil import make_producer
-    from streaming import events as E
+    from ctrstream.kafka.clients import make_producer
+    from ctrstream import events as E
 
     r = redis.Redis.from_url(settings.redis.url)
     jset = settings.model_copy(update={"attribution_window_s": join_window_s,
                                        "allowed_lateness_s": min(settings.allowed_lateness_s, 2.0)})
-    feat = subprocess.Popen([sys.executable, "-m", "bytewax.run", "streaming.features_flow:get_flow()"],
+    feat = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ctrstream.streaming.features_flow:get_flow()"],
                             env=_env(settings), stdout=open(log_dir / "fresh-features.log", "wb"),
                             stderr=subprocess.STDOUT)
-    join = subprocess.Popen([sys.executable, "-m", "bytewax.run", "streaming.join_flow:get_flow()"],
+    join = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ctrstream.streaming.join_flow:get_flow()"],
                             env=_env(jset), stdout=open(log_dir / "fresh-join.log", "wb"),
                             stderr=subprocess.STDOUT)
     rng = random.Random(1)
@@ -223,7 +223,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
 
 
 def _imp(iid: str, user: int, rng: random.Random):
-    from streaming import events as E
+    from ctrstream import events as E
 
     ad = rng.randrange(5000)
     return E.Impression(schema_version=1, impression_id=iid, event_time_ms=int(time.time() * 1000),
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     import redis
 
     from ctrstream.config import RedisSettings, Topic, get_settings
-    from ctrstream.kafkautil import admin, ensure_topics, topic_end_offsets
+    from ctrstream.kafka.clients import admin, ensure_topics, topic_end_offsets
 
     base = get_settings()
     uid = uuid.uuid4().hex[:6]
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     made = [s]
     rows = []
     try:
-        from streaming.generator import generate, load_scenario
-        from streaming.replay import replay
+        from ctrstream.simulation.generator import generate, load_scenario
+        from ctrstream.simulation.replay import replay
 
         t0 = time.time()
         tr = generate(load_scenario(args.scenario, events=args.events, seed=1))

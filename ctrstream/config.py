@@ -4,6 +4,13 @@ Every field can be overridden from the environment with the ``CTRSTREAM_`` prefi
 fields use ``__`` (for example ``CTRSTREAM_KAFKA__PORT=19092`` or
 ``CTRSTREAM_TOPICS__IMPRESSIONS__PARTITIONS=8``). Defaults point at the local stack started
 by ``ctrstream stack up``.
+
+Folders (the stack's run directory, the set-up cache, batch-layer data, the Triton model
+repository, benchmark results) default to paths under the **current directory** and are
+made absolute when the settings are read, so an installed ctrstream works from any
+directory and child processes (which get absolute paths through ``settings_env``) agree
+with their parent whatever their own working directory is. Nothing hangs off the source
+checkout: its assets (the Kafka pom, the Lua script) are package data.
 """
 
 from __future__ import annotations
@@ -13,10 +20,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def _absolute(path: Path | str) -> Path:
+    """``path`` with ``~`` expanded, relative to the current directory when relative."""
+    return Path(path).expanduser().absolute()
 
 
 class Topic(BaseModel):
@@ -61,6 +71,8 @@ class RedisSettings(BaseModel):
 
 
 class TritonSettings(BaseModel):
+    model_config = ConfigDict(validate_default=True)
+
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
@@ -70,8 +82,10 @@ class TritonSettings(BaseModel):
     #                   (the only backend the nvidia-pytriton server binary ships);
     #   "onnxruntime" - Triton's ONNX Runtime backend (NVIDIA's container, production).
     backend: Literal["python", "onnxruntime"] = "python"
-    model_repository: Path = ROOT / "triton_repo"
+    model_repository: Path = Path("triton_repo")
     timeout_s: float = 2.0
+
+    _abs = field_validator("model_repository")(_absolute)
 
     @property
     def grpc_url(self) -> str:
@@ -84,15 +98,20 @@ class TritonSettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CTRSTREAM_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="CTRSTREAM_", env_nested_delimiter="__", extra="ignore",
+        validate_default=True,  # relative default folders become absolute (see above)
     )
 
     # where the local stack keeps data, logs and PID files
-    run_dir: Path = ROOT / ".stack"
+    run_dir: Path = Path(".stack")
     # where set-up caches the Kafka jars, the Triton binary and its Python environment
-    cache_dir: Path = ROOT / ".cache"
+    cache_dir: Path = Path(".cache")
     # where batch-layer data (the Parquet master dataset, training sets, model cards) lives
-    data_dir: Path = ROOT / "data"
+    data_dir: Path = Path("data")
+    # where `ctrstream bench` writes its tables, JSON and plots
+    results_dir: Path = Path("bench") / "results"
+
+    _abs = field_validator("run_dir", "cache_dir", "data_dir", "results_dir")(_absolute)
 
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
@@ -105,8 +124,10 @@ class Settings(BaseSettings):
     attribution_window_s: float = 1800.0
     redis_ttl_s: int = 3 * 24 * 3600
 
-    # metrics ports of long-running processes (0 disables)
+    # metrics ports of long-running processes (0 disables) and the address they bind:
+    # loopback locally, 0.0.0.0 in containers (Prometheus scrapes them over the network)
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     def dump(self) -> dict:
         return json.loads(self.model_dump_json())

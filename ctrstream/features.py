@@ -1,8 +1,8 @@
 """The feature declarations: the lambda contract.
 
 Every windowed feature in ctrstream is declared here, once. The speed layer (Bytewax,
-``streaming.features_flow``), the batch layer (DuckDB over the Parquet archive,
-``models.batch_features``), the batch views, the online merge and the training set all
+``ctrstream.streaming.features_flow``), the batch layer (DuckDB over the Parquet archive,
+``ctrstream.batch.point_in_time``), the batch views, the online merge and the training set all
 compute from these declarations; nothing else hard-codes an entity, a bucket size, a window
 or the Redis key layout. Reconciliation is meaningful only because of this.
 

@@ -44,7 +44,8 @@ import numpy as np
 from ctrstream import features
 from ctrstream.config import Settings
 
-HERE = Path(__file__).resolve().parent
+# the Python-backend model that runs an ONNX file inside Triton (copied as model.py)
+TRITON_MODEL_PY = Path(__file__).resolve().with_name("triton_model.py")
 PY_SUFFIX = "_py"
 VERIFY_ATOL = 1e-5
 
@@ -167,7 +168,7 @@ def verify_version(client, name: str, version: int, onnx_path: Path, n_sparse: i
                    seed: int = 7, atol: float = VERIFY_ATOL) -> float:
     """Pinned inferences of ``name`` v``version`` vs in-process ONNX Runtime on probe inputs;
     returns the max abs difference, raises ``PublishError`` above ``atol``."""
-    from models.export import ort_predict, ort_session, random_inputs
+    from ctrstream.models.export import ort_predict, ort_session, random_inputs
 
     sess = ort_session(onnx_path)
     worst = 0.0
@@ -232,7 +233,7 @@ def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dic
             if data.exists():
                 shutil.copy2(data, vdir / data.name)
             if flavour == "python":
-                shutil.copy2(HERE / "triton_model.py", vdir / "model.py")
+                shutil.copy2(TRITON_MODEL_PY, vdir / "model.py")
             if card is not None:
                 (vdir / "card.json").write_text(json.dumps(card, indent=2, default=str))
             if name != served:  # the flavour this deployment does not load: serve the latest

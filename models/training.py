@@ -1,7 +1,7 @@
 """Training of the LR baseline and the DCN-v2 model on a training set.
 
 ``train(dataset, model="deep")`` takes the dict of numpy arrays that
-``models.batch_features.training_set`` returns (``impression_id``, ``event_time_ms``,
+``ctrstream.batch.point_in_time.training_set`` returns (``impression_id``, ``event_time_ms``,
 ``label``, ``dense`` ``(rows, N_DENSE)`` float32, ``sparse`` ``(rows, N_SPARSE)`` int64) and
 returns the trained module plus an ``info`` dict.
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.nets import build
+from ctrstream.models.nets import build
 
 # defaults per model kind; measured on the 2-core CPU (see the model card's train_seconds).
 # The deep model's cross layers are low rank (W = U V, rank 16, instead of a full 176 x 176
@@ -104,7 +104,7 @@ def train(dataset: dict, model: str = "deep", seed: int = 0, epochs: int | None 
     row counts), the hyper-parameters, ``train_seconds``, the per-epoch training and
     validation log loss, and the validation rows' indices into ``dataset``
     (``val_index``) with the model's probabilities for them (``val_probs``) and the labels
-    (``val_labels``) - what ``models.evaluation.evaluate`` needs next to the oracle.
+    (``val_labels``) - what ``ctrstream.models.evaluation.evaluate`` needs next to the oracle.
     """
     if model not in DEFAULTS:
         raise TrainingError(f"unknown model {model!r}: use 'lr' or 'deep'")

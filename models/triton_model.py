@@ -1,6 +1,6 @@
 """Triton Python-backend model: runs a version's ``model.onnx`` through ONNX Runtime.
 
-``models.publish`` copies this file as ``model.py`` into every version directory of a
+``ctrstream.models.publish`` copies this file as ``model.py`` into every version directory of a
 model's local flavour (``<name>_py``), next to the same ``model.onnx`` the production
 flavour (Triton's ONNX Runtime backend) serves. It is not imported by ctrstream itself.
 

@@ -10,7 +10,7 @@
 answers the candidates ranked by calibrated score, each with its raw (model) and calibrated
 score, plus the model version, the feature freshness, the calibration used and a
 ``degraded`` flag (features or model out of reach: scores are then the fallback of
-``serving.triton_client``). Per-stage server timings come back in a ``Server-Timing`` header
+``ctrstream.serving.triton_client``). Per-stage server timings come back in a ``Server-Timing`` header
 (``redis``, ``assembly``, ``triton``, ``calibration``, ``handler``, ``app``) and as
 Prometheus histograms on ``/metrics``.
 
@@ -32,7 +32,7 @@ advertiser, site, site x category) are reused across requests while they provabl
 by less than ``feature_cache_s`` (default and maximum: the speed layer's flush interval,
 ``settings.flush_interval_ms``): for that long after they were read, or - with
 ``feature_tracking`` (default) - until Redis reports a write to them, as long as the
-invalidation channel's heartbeat is that fresh (``streaming.featurestore``).
+invalidation channel's heartbeat is that fresh (``ctrstream.store.featurestore``).
 ``feature_cache_staleness_ms`` in the answer is the bound for the reused counts of that
 request (null: everything read now). Hit and miss counts are on ``/metrics``
 (``ctrstream_api_feature_cache_total``), the channel's state on ``/readyz``
@@ -59,15 +59,15 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.assembly import CANDIDATE_FIELDS, assemble_async, request_columns
-from serving.triton_client import DEFAULT_MODEL, AsyncScorer
-from streaming.featurestore import AsyncFeatureStore, redis_client
+from ctrstream.serving.assembly import CANDIDATE_FIELDS, assemble_async, request_columns
+from ctrstream.serving.triton_client import DEFAULT_MODEL, AsyncScorer
+from ctrstream.store.featurestore import AsyncFeatureStore, redis_client
 
 log = logging.getLogger("ctrstream.api")
 
 MAX_CANDIDATES = 500
 MAX_ID = 2**53  # ids beyond this cannot round-trip through JSON numbers safely
-MIN_TIME_MS = 1  # event times are > 0 (streaming.events)
+MIN_TIME_MS = 1  # event times are > 0 (ctrstream.events)
 MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]
@@ -162,14 +162,14 @@ def _server_timing(timings: dict[str, float]) -> bytes:
 
 
 class _Calibration:
-    """``streaming.calibration.CalibratorClient`` when it is importable and has state for the
+    """``ctrstream.calibration.calibrator.CalibratorClient`` when it is importable and has state for the
     answering model version; identity otherwise (``calibration="none"``)."""
 
     def __init__(self, settings):
         self.client = None
         self.error: str | None = None
         try:
-            from streaming.calibration import CalibratorClient
+            from ctrstream.calibration.calibrator import CalibratorClient
         except ImportError as e:
             self.error = f"calibration unavailable: {e}"
             return
@@ -211,7 +211,7 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
     speed layer's flush interval (``settings.flush_interval_ms``), so a served count is at
     most one more flush interval behind than Redis itself; 0: no cache.
     ``feature_tracking``: keep cached counts until Redis reports a write to them (server-
-    assisted invalidation, ``streaming.featurestore.InvalidationTracker``) instead of for
+    assisted invalidation, ``ctrstream.store.featurestore.InvalidationTracker``) instead of for
     ``feature_cache_s`` only - the bound above still holds, enforced by heartbeats."""
     flush_s = settings.flush_interval_ms / 1000.0
     if feature_cache_s is None:

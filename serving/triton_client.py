@@ -51,7 +51,7 @@ class ScoringError(RuntimeError):
 def served_model_name(settings, base: str = DEFAULT_MODEL) -> str:
     """The Triton model name of ``base`` for this stack's backend flavour."""
     try:
-        from models.publish import served_model_name as _served
+        from ctrstream.models.publish import served_model_name as _served
     except ImportError:
         return f"{base}_py" if settings.triton.backend == "python" else base
     return _served(settings, base)

@@ -1,7 +1,7 @@
 """The speed layer's ``features`` dataflow: Kafka -> per-entity bucket counts -> Redis.
 
 Run it with ``ctrstream speed features`` (or ``python -m bytewax.run
-"streaming.features_flow:get_flow()" -r DIR -s SECS -b 0``). Everything it counts comes
+"ctrstream.streaming.features_flow:get_flow()" -r DIR -s SECS -b 0``). Everything it counts comes
 from :mod:`ctrstream.features` (entities, resolutions, key layout, TTLs).
 
 Design
@@ -18,7 +18,7 @@ and vectorized where it matters:
    this partition - allowed_lateness``; an event older than the watermark *before it* is
    late -> ``dlq`` (reason ``late: ...``, stage ``lateness``). Because it depends only on
    the order of records inside one partition (and on in-band heartbeats, see
-   :mod:`streaming.speed_kafka`), the decision is the same on every replay: this is what
+   :mod:`ctrstream.kafka.partition`), the decision is the same on every replay: this is what
    makes the Redis result identical after a crash.
 3. **dedup**: impressions by ``impression_id``, clicks by ``click_id``. Both topics are keyed
    by impression id, so all copies of an event are in the same partition, in order; the
@@ -74,11 +74,11 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from ctrstream import features as F
 from ctrstream.config import Settings, get_settings
-from streaming import events as E
-from streaming import speed_metrics as M
-from streaming.speed_kafka import (
-    NO_TIME, DlqWriter, PartitionReader, dead_letter, heartbeat_time,
-)
+from ctrstream import events as E
+from ctrstream.streaming import speed_metrics as M
+from ctrstream.kafka.deadletters import DlqWriter, dead_letter
+from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
+from ctrstream.kafka.partition import PartitionReader
 
 log = logging.getLogger("ctrstream.speed.features")
 
@@ -453,7 +453,7 @@ class KafkaEventsSource(FixedPartitionedSource):
         return list(self.parts)
 
     def build_part(self, step_id, for_part, resume_state):
-        M.serve(self.cfg.settings.metrics_port)
+        M.serve(self.cfg.settings.metrics_port, self.cfg.settings.metrics_host)
         kind, p = for_part.split(":")
         return _EventsPartition(self.cfg, kind, int(p), self.parts.index(for_part), resume_state)
 
@@ -700,14 +700,14 @@ class FeatureWriter:
     resolution (the TTL then covers every bucket written since). Nothing is ever deleted: a
     day's hash stops growing when the day ends and expires a TTL after its last new hour.
 
-    The commands are rendered with numpy (:func:`streaming.speed_redis.layout`, no Python
+    The commands are rendered with numpy (:func:`ctrstream.store.resp.layout`, no Python
     work per cell) into one payload per flush, which a
-    :class:`streaming.speed_redis.BackgroundPipeline` sends while the job goes on with the
+    :class:`ctrstream.store.resp.BackgroundPipeline` sends while the job goes on with the
     next micro-batches; :meth:`drain` (called by every shard's ``snapshot``) waits for the
     acknowledgements. One writer per process, shared by its workers' shards."""
 
     def __init__(self, settings: Settings, max_pending: int = 2):
-        from streaming.speed_redis import BackgroundPipeline
+        from ctrstream.store.resp import BackgroundPipeline
 
         self.pipe = BackgroundPipeline(settings, max_pending=max_pending)
         lateness = int(settings.allowed_lateness_s * 1000)
@@ -764,7 +764,7 @@ class FeatureWriter:
     def _commands(self, e: int, eid, day, res, bucket, cnt, new) -> tuple[bytes, bytes, int]:
         """The commands of one entity's cells (those of one hash adjacent): one HSET per
         hash, then the PEXPIREs. Returns (hsets, pexpires, number of commands)."""
-        from streaming.speed_redis import PAD, Choice, bulk_len, encode, layout, render, squeeze
+        from ctrstream.store.resp import PAD, Choice, bulk_len, encode, layout, render, squeeze
 
         ent = F.ENTITIES[e]
         first = np.r_[True, (eid[1:] != eid[:-1]) | (day[1:] != day[:-1])]
@@ -891,6 +891,6 @@ def _builder(cfg: FlowConfig):
 
 
 def get_flow(stop_at_end: bool = False) -> Dataflow:
-    """Entry point for ``python -m bytewax.run "streaming.features_flow:get_flow()"``."""
+    """Entry point for ``python -m bytewax.run "ctrstream.streaming.features_flow:get_flow()"``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return build_flow(get_settings(), stop_at_end=stop_at_end)

@@ -1,12 +1,12 @@
 """The speed layer's ``join`` dataflow: impressions x clicks -> ``labeled`` (exactly once).
 
 Run it with ``ctrstream speed join`` (or ``python -m bytewax.run
-"streaming.join_flow:get_flow()" -r DIR -s SECS -b 0``).
+"ctrstream.streaming.join_flow:get_flow()" -r DIR -s SECS -b 0``).
 
 Design
 ------
 **No shuffle.** ``impressions`` and ``clicks`` are keyed by impression id with the same
-partitioner and partition count (``streaming.events``), so a click is in the same
+partitioner and partition count (``ctrstream.events``), so a click is in the same
 partition number as its impression. The source has one Bytewax partition per partition
 number ``p``; it reads ``impressions[p]`` and ``clicks[p]`` in micro-batches and joins
 them locally. Its whole state (offsets, pending impressions, dedup sets) is its Bytewax
@@ -61,10 +61,12 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from ctrstream.config import Settings, Topic, get_settings
-from ctrstream.kafkautil import ensure_topics, producer_config
-from streaming import events as E
-from streaming import speed_metrics as M
-from streaming.speed_kafka import NO_TIME, PartitionReader, dead_letter, heartbeat_time
+from ctrstream.kafka.clients import ensure_topics, producer_config
+from ctrstream import events as E
+from ctrstream.streaming import speed_metrics as M
+from ctrstream.kafka.deadletters import dead_letter
+from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
+from ctrstream.kafka.partition import PartitionReader
 
 log = logging.getLogger("ctrstream.speed.join")
 
@@ -371,14 +373,14 @@ class JoinSource(FixedPartitionedSource):
         n_i, n_c = settings.topics.impressions.partitions, settings.topics.clicks.partitions
         if n_i != n_c:
             raise ValueError(f"impressions has {n_i} partitions and clicks {n_c}: the join needs "
-                             "the same count (see streaming.events)")
+                             "the same count (see ctrstream.events)")
         self.n = n_i
 
     def list_parts(self):
         return [f"p{p}" for p in range(self.n)]
 
     def build_part(self, step_id, for_part, resume_state):
-        M.serve(self.s.metrics_port)
+        M.serve(self.s.metrics_port, self.s.metrics_host)
         return _JoinPartition(self.s, int(for_part[1:]), resume_state)
 
 
@@ -395,7 +397,7 @@ class _NullSink(DynamicSink):
 def ensure_fence_topic(settings: Settings) -> None:
     from confluent_kafka.admin import NewTopic
 
-    from ctrstream.kafkautil import admin
+    from ctrstream.kafka.clients import admin
 
     name = fence_topic(settings)
     client = admin(settings)
@@ -419,7 +421,7 @@ def build_flow(settings: Settings) -> Dataflow:
 
 
 def get_flow(stop_at_end: bool = False) -> Dataflow:
-    """Entry point for ``python -m bytewax.run "streaming.join_flow:get_flow()"``."""
+    """Entry point for ``python -m bytewax.run "ctrstream.streaming.join_flow:get_flow()"``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return build_flow(get_settings())
 

@@ -1,8 +1,9 @@
 """Prometheus metrics of the speed-layer dataflows.
 
 The HTTP endpoint is started once per process on ``settings.metrics_port`` (0: disabled).
-With several processes on one host (``-p N``) process ``k`` serves on ``metrics_port + k``
-(``CTRSTREAM_SPEED_PROCESS_INDEX``, set by ``ctrstream speed``).
+With several processes on one host (``-p N``, or both flows under one ``ctrstream speed``)
+process ``k`` serves on ``metrics_port + k`` (``CTRSTREAM_SPEED_PROCESS_INDEX``, set by
+``ctrstream speed``: the features flow's processes first, then the join's).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ _started = False
 _lock = threading.Lock()
 
 
-def serve(port: int) -> int | None:
-    """Start the metrics endpoint of this process once; returns the port (None: disabled)."""
+def serve(port: int, host: str = "127.0.0.1") -> int | None:
+    """Start the metrics endpoint of this process once on ``host``; returns the port (None:
+    disabled)."""
     global _started
     if not port:
         return None
@@ -55,5 +57,5 @@ def serve(port: int) -> int | None:
             return None
         _started = True
     port = port + int(os.environ.get("CTRSTREAM_SPEED_PROCESS_INDEX", "0"))
-    start_http_server(port, addr="127.0.0.1")
+    start_http_server(port, addr=host)
     return port

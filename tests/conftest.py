@@ -78,7 +78,7 @@ def unique():
 @pytest.fixture
 def fresh_topics(settings, unique):
     """Settings whose topics are new, unique and empty (same partition counts)."""
-    from ctrstream.kafkautil import ensure_topics
+    from ctrstream.kafka.clients import ensure_topics
 
     t = settings.topics
     topics = t.model_copy(update={

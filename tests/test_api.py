@@ -15,13 +15,13 @@ import redis
 import tritonclient.grpc as grpcclient
 from fastapi.testclient import TestClient
 
-from bench.api import write_demo_model
+from ctrstream.bench.api import write_demo_model
 from ctrstream import features as F
-from ctrstream.procs import start_job, stop_job, wait_until
+from ctrstream.stack.procs import start_job, stop_job, wait_until
 from ctrstream.stack.services import free_port
-from serving.api import create_app
-from serving.assembly import assemble, request_columns
-from streaming.featurestore import FeatureStore, redis_client
+from ctrstream.serving.api import create_app
+from ctrstream.serving.assembly import assemble, request_columns
+from ctrstream.store.featurestore import FeatureStore, redis_client
 
 W = np.linspace(-0.2, 0.3, F.N_DENSE).astype(np.float32)
 BIAS = -3.0
@@ -181,7 +181,7 @@ def test_bad_requests_get_a_precise_4xx_never_a_500(api, body):
 
 
 def test_oversized_body_is_a_413(api, body):
-    from serving.api import MAX_BODY_BYTES
+    from ctrstream.serving.api import MAX_BODY_BYTES
 
     big = b'{"user_id": 1, "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
     resp = api.post("/v1/predict", content=big, headers={"content-type": "application/json"})
@@ -307,7 +307,7 @@ def _metric(text: str, sample: str) -> float:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path, workers):
     port = free_port()
-    proc = start_job([sys.executable, "-c", "from ctrstream.cli import app; app()", "serve",
+    proc = start_job([sys.executable, "-m", "ctrstream", "serve",
                       "--port", str(port), "--model-name", model, "--workers", str(workers)],
                      env=stack_env, log_path=tmp_path / "serve.log")
     kids: list[int] = []
@@ -340,7 +340,7 @@ def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path, workers)
 def test_ctrstream_serve_refuses_zero_workers(stack_env, model, tmp_path):
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", "from ctrstream.cli import app; app()", "serve",
+    out = subprocess.run([sys.executable, "-m", "ctrstream", "serve",
                           "--port", str(free_port()), "--model-name", model, "--workers", "0"],
                          env=stack_env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "--workers must be at least 1" in out.stderr

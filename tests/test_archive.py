@@ -12,13 +12,13 @@ import pyarrow as pa
 import pytest
 
 from ctrstream import features as F
-from ctrstream.kafkautil import make_producer
-from ctrstream.procs import kill_hard, start_job, wait_until
+from ctrstream.kafka.clients import make_producer
+from ctrstream.stack.procs import kill_hard, start_job, wait_until
 from ctrstream.stack.manager import settings_env
-from models.archive import (
+from ctrstream.batch.archive import (
     CRASH_ENV, SCHEMAS, list_files, list_partitions, partition_dir, read_events, run_archiver,
 )
-from streaming.events import Click, Impression, encode
+from ctrstream.events import Click, Impression, encode
 from test_batch_features import make_traffic
 
 CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
@@ -146,7 +146,7 @@ def test_schema_matches_event_struct(kind):
 def test_sigterm_flushes_and_commits(fresh_topics, stack_env, tmp_path, unique):
     """SIGTERM: the running archiver finishes its batch, commits and exits 0; a later run of
     the same group finds nothing left to archive."""
-    from ctrstream.procs import stop_job
+    from ctrstream.stack.procs import stop_job
 
     s = fresh_topics
     data_dir = tmp_path / "data"

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from ctrstream import features as F
-from serving.assembly import assemble, assemble_async, entity_ids, request_columns
-from streaming.events import Click, Impression
-from streaming.featurestore import AsyncFeatureStore, FeatureStore, redis_client
+from ctrstream.serving.assembly import assemble, assemble_async, entity_ids, request_columns
+from ctrstream.events import Click, Impression
+from ctrstream.store.featurestore import AsyncFeatureStore, FeatureStore, redis_client
 
 DAY0 = 1_750_000_000_000 // F.DAY_MS * F.DAY_MS
 T = DAY0 + 20 * F.HOUR_MS + 17 * F.MINUTE_MS + 4_321
@@ -192,7 +192,7 @@ def _event_tables(imps, clicks):
     import msgspec
     import pyarrow as pa
 
-    from models.archive import SCHEMAS
+    from ctrstream.batch.archive import SCHEMAS
 
     return (pa.Table.from_pylist([msgspec.structs.asdict(e) for e in imps], schema=SCHEMAS["impressions"]),
             pa.Table.from_pylist([msgspec.structs.asdict(e) for e in clicks], schema=SCHEMAS["clicks"]))
@@ -202,11 +202,11 @@ def _event_tables(imps, clicks):
 def test_the_batch_layers_own_view_with_suffix_sums_serves_the_training_features(
         r, settings, world, unique, method):
     """The same contract, with the batch view computed from the raw events by the batch layer
-    itself (``models.batch_views.compute_batch_view``) and written by its writer: per-bucket
+    itself (``ctrstream.batch.views.compute_batch_view``) and written by its writer: per-bucket
     hashes plus the ``:sums`` hashes (suffix sums) the script reads the batch part from -
     two fields per count whatever the number of buckets. Equal to the brute-force training
     counts for every cut-off."""
-    from models.batch_views import compute_batch_view, write_batch_view as publish
+    from ctrstream.batch.views import compute_batch_view, write_batch_view as publish
 
     imps, clicks, user, ctx, cands, rows = world
     want_counts = brute_force_counts(rows, imps, clicks, T)

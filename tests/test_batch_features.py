@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pytest
 
 from ctrstream import features as F
-from models.archive import SCHEMAS, read_events, write_partitioned
-from models.batch_features import bucket_counts, long_window_range, training_set
+from ctrstream.batch.archive import SCHEMAS, read_events, write_partitioned
+from ctrstream.batch.point_in_time import bucket_counts, long_window_range, training_set
 
 T0 = 1_700_000_000_000
 W = 1_800_000

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from ctrstream import features as F
-from models.archive import write_partitioned
-from models.batch_features import long_window_range, training_set
-from models.batch_views import (
+from ctrstream.batch.archive import write_partitioned
+from ctrstream.batch.point_in_time import long_window_range, training_set
+from ctrstream.batch.views import (
     VERSIONS_KEY, default_cutoff, publish_batch_view, read_view_counts, redis_client,
 )
 from test_batch_features import T0, W, make_traffic, unique_events
@@ -39,7 +39,7 @@ def archive(tmp_path_factory):
 
 
 def reference_view(it, ct, T: int, version: str) -> dict[str, dict[str, int]]:
-    """Every hash the view must hold, from the definition in models.batch_views."""
+    """Every hash the view must hold, from the definition in ctrstream.batch.views."""
     imps, clks = unique_events(it, ct)
     ref: dict[str, dict[str, int]] = defaultdict(dict)
     for c, evs in ((0, imps), (1, clks)):

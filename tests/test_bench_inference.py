@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from bench import inference
-from bench.inference_models import BENCH_PREFIX, variant_config
+from ctrstream.bench import inference
+from ctrstream.bench.inference_models import BENCH_PREFIX, variant_config
 
 
 def test_variant_config_toggles_dynamic_batching():

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import redis
 
-from streaming.calibrate_job import Calibrate, job_key, run
-from streaming.calibration import (
+from ctrstream.calibration.job import Calibrate, job_key, run
+from ctrstream.calibration.calibrator import (
     CAL_SEQ_KEY, CalibrationConfig, CalibratorClient, VersionCalibrator, cal_drift_key, cal_key,
     calibration_summary, sigmoid,
 )
-from streaming.events import Impression, Labeled, Prediction, encode
+from ctrstream.events import Impression, Labeled, Prediction, encode
 
 W = 0.1  # negatives kept when the (miscalibrated) model was trained
 
@@ -45,7 +45,7 @@ def _records(ids, t, raw, y, mv, positions=None, devices=None):
 def _generator_stream(events: int, seed: int):
     """Impressions of the synthetic generator in event-time order with their oracle
     probability and their label (a click attributed within the window)."""
-    from streaming.generator import generate, load_scenario
+    from ctrstream.simulation.generator import generate, load_scenario
 
     tr = generate(load_scenario("steady", events=events, seed=seed))
     imp = tr.impressions
@@ -262,7 +262,7 @@ def test_client_survives_redis_down():
 # --------------------------------------------------------------------------- the Kafka job
 
 def _produce(settings, preds, labs):
-    from ctrstream.kafkautil import make_producer
+    from ctrstream.kafka.clients import make_producer
 
     prod = make_producer(settings)
     for p in preds:

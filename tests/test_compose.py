@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import typer
 
-from ctrstream.config import ROOT, Settings
+from ctrstream.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 from ctrstream.stack.provision import compose_validator
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -94,7 +96,7 @@ def _ctrstream_services(compose: dict) -> dict[str, list[str]]:
 def _resolve(argv: list[str]) -> str | None:
     """Resolve ``ctrstream ARGS`` against the real CLI, parsing the leaf command's options
     too. Returns None when it resolves, else what is wrong."""
-    from ctrstream.cli import app
+    from ctrstream.__main__ import app
 
     # typer >= 0.20 vendors click: tell groups by their ``commands`` mapping, not by class
     cmd = typer.main.get_command(app)
@@ -232,6 +234,10 @@ def test_prometheus_scrapes_triton_and_every_job(compose):
         assert f"{name}:{port}" in targets, f"Prometheus does not scrape {name}:{port}"
         if port != "8080":  # the API's metrics live on its HTTP port; the jobs serve their own
             assert svc["environment"]["CTRSTREAM_METRICS_PORT"] == port, name
+            # bound to every interface of the container, or Prometheus cannot reach it
+            assert svc["environment"]["CTRSTREAM_METRICS_HOST"] == "0.0.0.0", name
+    # the speed layer's two flows run in their own containers: both serve on 9100
+    assert {"speed-features:9100", "speed-join:9100"} <= targets
     volumes = compose["services"]["prometheus"]["volumes"]
     assert any(v.startswith("./docker/prometheus.yml:") for v in volumes)
 
@@ -246,7 +252,8 @@ def test_dockerfile_copies_what_the_project_installs():
     missing = [p for p in sources if not (ROOT / p).exists()]
     assert not missing, f"docker/Dockerfile copies files that do not exist: {missing}"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    # the folders the ctrstream namespace is mapped from (package-dir)
+    packages = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     readme = pyproject["project"].get("readme")
     copied = {Path(p).parts[0] for p in sources}
     assert packages <= copied, f"docker/Dockerfile does not copy packages {packages - copied}"

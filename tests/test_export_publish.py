@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from ctrstream import features
-from models.export import (
+from ctrstream.models.export import (
     ParityError, check_parity, export_onnx, ort_predict, ort_session, random_inputs,
 )
-from models.nets import DCNv2, HashedLogisticRegression
-from models.publish import (
+from ctrstream.models.nets import DCNv2, HashedLogisticRegression
+from ctrstream.models.publish import (
     PublishError, infer, loaded_versions, publish, served_model_name, versions_on_disk,
 )
 

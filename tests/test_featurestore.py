@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ctrstream import features as F
-from streaming.featurestore import (
+from ctrstream.store.featurestore import (
     AsyncFeatureStore, FeatureStore, historical_ctr, redis_client, smoothed_rates, unique_keys,
 )
 
@@ -250,7 +250,7 @@ def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, setti
     answer raises a timeout (the caller degrades) and the next read reconnects."""
     import asyncio
 
-    from streaming.featurestore import _LeanScript
+    from ctrstream.store.featurestore import _LeanScript
 
     r.delete(F.BATCH_POINTER_KEY)
     res = F.RESOLUTIONS[0]
@@ -408,7 +408,7 @@ def test_cache_serves_shared_entities_until_ttl_window_move_or_switch(r, setting
 
 
 def _random_view_tables(rng, cutoff: int, n_ent: int, prefix: str):
-    """Bucket and long-window tables as ``models.batch_views.compute_batch_view`` returns
+    """Bucket and long-window tables as ``ctrstream.batch.views.compute_batch_view`` returns
     them: random counts in random buckets of the view (some entities sparse, some empty)."""
     import pyarrow as pa
 
@@ -444,7 +444,7 @@ def test_suffix_sums_of_the_batch_view_equal_the_per_bucket_view(r, settings, un
     fields per count); the pipeline method sums the per-bucket hashes field by field. Both
     must agree for any read time - before, at and after the cut-off - in every mode, and the
     ``:sums`` hashes must hold exactly the suffix sums of the per-bucket ones."""
-    from models.batch_views import read_view_counts, write_batch_view
+    from ctrstream.batch.views import read_view_counts, write_batch_view
 
     rng = np.random.default_rng(5)
     bt, lt, keys = _random_view_tables(rng, CUTOFF, 40, f"sx{unique}")
@@ -489,7 +489,7 @@ def test_suffix_sums_of_the_batch_view_equal_the_per_bucket_view(r, settings, un
 def test_script_reads_one_sums_hash_per_entity_for_the_batch_part(r, settings, unique):
     """The batch part of every window and the long windows: one HMGET of a few fields; the
     speed part of every window: one HMGET per day hash of the entity's speed buckets."""
-    from models.batch_views import write_batch_view
+    from ctrstream.batch.views import write_batch_view
 
     rng = np.random.default_rng(9)
     bt, lt, keys = _random_view_tables(rng, CUTOFF, 16, f"sy{unique}")
@@ -517,8 +517,8 @@ def test_script_reads_one_sums_hash_per_entity_for_the_batch_part(r, settings, u
 
 def test_keys_of_columns_are_the_entity_ids_of_the_rows():
     """Keys built per distinct field value (the API's path) = ``features.entity_id`` per row."""
-    from serving.assembly import entity_ids, request_columns
-    from streaming.featurestore import _keys_of_columns, _keys_of_rows, _parents_of_keys
+    from ctrstream.serving.assembly import entity_ids, request_columns
+    from ctrstream.store.featurestore import _keys_of_columns, _keys_of_rows, _parents_of_keys
 
     rng = np.random.default_rng(1)
     cands = [{"ad_id": int(a), "campaign_id": int(a) // 3, "advertiser_id": int(a) // 7,
@@ -692,7 +692,7 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
 def test_invalidation_reports_map_day_hashes_to_entity_keys():
     """A reported speed-view key (one hash per entity and day) invalidates its entity key;
     keys outside the layout are ignored, never misread."""
-    from streaming.featurestore import HEARTBEAT_PREFIX, SPEED_PREFIX, _speed_entity_key
+    from ctrstream.store.featurestore import HEARTBEAT_PREFIX, SPEED_PREFIX, _speed_entity_key
 
     day = T // F.DAY_MS
     assert _speed_entity_key(F.speed_key("ad", "4", day).encode()) == "ad:4"

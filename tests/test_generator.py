@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from streaming.events import (Click, DecodeError, Impression, decode_click, decode_impression,
+from ctrstream.events import (Click, DecodeError, Impression, decode_click, decode_impression,
                               encode)
-from streaming.generator import (EXPECTED_REASON, MALFORMED_KINDS, generate, load_scenario,
+from ctrstream.simulation.generator import (EXPECTED_REASON, MALFORMED_KINDS, generate, load_scenario,
                                  read_traffic, write_traffic, zipf_probabilities)
 
 

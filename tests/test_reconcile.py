@@ -1,9 +1,9 @@
 """Reconciliation: a batch view against a speed view with late events, a crash and a
 duplicate; every difference is explained, and afterwards the views agree.
 
-The batch view is computed by the batch layer's own code (``models.batch_features.
+The batch view is computed by the batch layer's own code (``ctrstream.batch.point_in_time.
 bucket_counts`` over the events, written in the ``bv:`` layout) and the archive is written
-with ``models.archive.write_partitioned``; the speed view is counted here, independently,
+with ``ctrstream.batch.archive.write_partitioned``; the speed view is counted here, independently,
 from the events the speed layer would have accepted, then damaged the way a crash and a
 duplicate damage it. Late events and malformed records go to the real dlq topic.
 """
@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from ctrstream import features as F
-from serving.reconcile import reconcile
-from streaming.events import Click, DeadLetter, Impression, encode
+from ctrstream.batch.reconcile import reconcile
+from ctrstream.events import Click, DeadLetter, Impression, encode
 
 MIDNIGHT = 1_767_571_200_000  # 2026-01-05 00:00 UTC
 T0 = MIDNIGHT - F.HOUR_MS  # an hour boundary: the events (T0 .. T0 + 3 h) cross midnight
@@ -103,9 +103,9 @@ def rds(settings):
 
 
 def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, tmp_path, unique):
-    from ctrstream.kafkautil import make_producer
-    from models.archive import to_table, write_partitioned
-    from models.batch_features import bucket_counts
+    from ctrstream.kafka.clients import make_producer
+    from ctrstream.batch.archive import to_table, write_partitioned
+    from ctrstream.batch.point_in_time import bucket_counts
 
     s = fresh_topics
     rng = np.random.default_rng(4)

@@ -16,10 +16,10 @@ from confluent_kafka.admin import (AlterConfigOpType, ConfigEntry, ConfigResourc
                                    ResourceType)
 
 from ctrstream.config import Topic
-from ctrstream.kafkautil import admin, make_consumer, topic_end_offsets
-from streaming.events import DecodeError, decode_click, decode_impression
-from streaming.generator import EXPECTED_REASON, generate, load_scenario
-from streaming.replay import replay
+from ctrstream.kafka.clients import admin, make_consumer, topic_end_offsets
+from ctrstream.events import DecodeError, decode_click, decode_impression
+from ctrstream.simulation.generator import EXPECTED_REASON, generate, load_scenario
+from ctrstream.simulation.replay import replay
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -163,7 +163,7 @@ def test_cli_generate_then_replay_recorded(topics, stack_env, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "replay summary" in r.stdout
-    from streaming.generator import read_traffic
+    from ctrstream.simulation.generator import read_traffic
 
     inj = read_traffic(out).injected
     for kind in ("impressions", "clicks"):

@@ -411,12 +411,12 @@ def freshness_problems(page: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def demo_run(stack_env, tmp_path_factory) -> Path:
     """A real, small ``ctrstream demo`` on the session's stack; returns its run directory."""
-    from ctrstream.procs import start_job, stop_job
+    from ctrstream.stack.procs import start_job, stop_job
 
     out = tmp_path_factory.mktemp("demo")
     log = out / "demo.log"
     t0 = time.monotonic()
-    proc = start_job([sys.executable, "-m", "ctrstream.cli", "demo", *DEMO_ARGS, "--out", str(out)],
+    proc = start_job([sys.executable, "-m", "ctrstream", "demo", *DEMO_ARGS, "--out", str(out)],
                      env={**stack_env, "COLUMNS": "120"}, log_path=log)
     try:
         proc.wait(DEMO_TIMEOUT_S)

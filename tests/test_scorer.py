@@ -10,9 +10,9 @@ import redis
 import torch
 
 from ctrstream import features as F
-from ctrstream.kafkautil import make_consumer, make_producer
-from streaming.calibration import CAL_SEQ_KEY, cal_key, logit, sigmoid
-from streaming.events import Impression, decode_prediction, encode
+from ctrstream.kafka.clients import make_consumer, make_producer
+from ctrstream.calibration.calibrator import CAL_SEQ_KEY, cal_key, logit, sigmoid
+from ctrstream.events import Impression, decode_prediction, encode
 
 T0 = 1_768_435_200_000 + 10 * F.MINUTE_MS  # a day no other test of this suite writes
 N = 400
@@ -40,9 +40,9 @@ def _impressions(unique):
 def published(settings, tmp_path_factory):
     import tritonclient.grpc as grpcclient
 
-    from models.export import export_onnx
-    from models.nets import HashedLogisticRegression
-    from models.publish import publish
+    from ctrstream.models.export import export_onnx
+    from ctrstream.models.nets import HashedLogisticRegression
+    from ctrstream.models.publish import publish
 
     torch.manual_seed(0)
     m = HashedLogisticRegression()
@@ -77,8 +77,8 @@ def _read_predictions(settings, n, timeout=60):
 def _run(settings, model_name, batch_size=128):
     from bytewax.testing import run_main
 
-    from serving.triton_client import Scorer
-    from streaming.score_flow import BatchScorer, build_flow
+    from ctrstream.serving.triton_client import Scorer
+    from ctrstream.serving.scorer import BatchScorer, build_flow
 
     scorer = Scorer(settings, model_name=model_name, max_rows=batch_size)
     bs = BatchScorer(settings, model_name=model_name, batch_size=batch_size, scorer=scorer)
@@ -132,7 +132,7 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
         import msgspec
 
         from ctrstream.config import Topic
-        from ctrstream.kafkautil import ensure_topics
+        from ctrstream.kafka.clients import ensure_topics
 
         more = [msgspec.structs.replace(e, impression_id=e.impression_id + "-2") for e in imps[:50]]
         t = s.topics

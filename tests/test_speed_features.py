@@ -13,13 +13,14 @@ import pytest
 import redis
 
 from ctrstream.config import RedisSettings
-from ctrstream.kafkautil import make_producer
-from ctrstream.procs import start_job, stop_job, wait_until
+from ctrstream.kafka.clients import make_producer
+from ctrstream.stack.procs import start_job, stop_job, wait_until
 from ctrstream.stack.manager import settings_env
 from ctrstream.stack.services import free_port
-from streaming import events as E
-from streaming.speed_kafka import send_heartbeat
-from streaming.speed_reference import read_speed_view, read_topic, reference_features
+from ctrstream import events as E
+from ctrstream.kafka.heartbeats import send_heartbeat
+from ctrstream.kafka.topics import read_topic
+from ctrstream.streaming.reference import read_speed_view, reference_features
 
 BASE = 1_700_000_000_000 // 3_600_000 * 3_600_000
 CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
@@ -186,7 +187,7 @@ def test_shard_frees_closed_buckets_and_writes_absolute_values():
     and frees a bucket once the watermark of every partition passed it."""
     from ctrstream import features as F
     from ctrstream.config import Settings
-    from streaming.features_flow import Delta, FlowConfig, ShardLogic
+    from ctrstream.streaming.features_flow import Delta, FlowConfig, ShardLogic
 
     cfg = FlowConfig(Settings())
     logic = ShardLogic(cfg, "t", None)
@@ -220,7 +221,7 @@ def test_shard_snapshot_waits_until_redis_acknowledged_its_flushes(settings, r, 
     snapshot records flushed cells as written (not dirty): it must not return before Redis
     has acknowledged them, or a kill -9 right after it would lose those writes for good."""
     from ctrstream import features as F
-    from streaming.features_flow import Delta, FlowConfig, ShardLogic
+    from ctrstream.streaming.features_flow import Delta, FlowConfig, ShardLogic
 
     cfg = FlowConfig(settings)
     logic = ShardLogic(cfg, "t", None)
@@ -242,7 +243,7 @@ def test_shard_snapshot_waits_until_redis_acknowledged_its_flushes(settings, r, 
 def test_shard_counts_events_of_a_batch_whose_watermark_passed_them():
     """A micro-batch can carry an on-time event and, later in the same batch, an event that
     moves the partition watermark past it: the first one must still be counted."""
-    from streaming.features_flow import Delta, FlowConfig, ShardLogic
+    from ctrstream.streaming.features_flow import Delta, FlowConfig, ShardLogic
 
     from ctrstream.config import Settings
 
@@ -263,7 +264,7 @@ def test_vectorized_resp_rendering_matches_hiredis():
     must be what hiredis' packer produces, for ids and counts of every digit length."""
     import hiredis
 
-    from streaming.speed_redis import render
+    from ctrstream.store.resp import render
 
     rng = np.random.default_rng(7)
     n = 500
@@ -288,7 +289,7 @@ def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
     event day (the next day goes to a new hash, the old one keeps its buckets and its TTL,
     features.speed_hash_ttl_ms, renewed with each new hour); nothing is deleted."""
     from ctrstream import features as F
-    from streaming.features_flow import FeatureWriter, FlushItem
+    from ctrstream.streaming.features_flow import FeatureWriter, FlushItem
 
     def hsets() -> int:
         return int(r.info("commandstats").get("cmdstat_hset", {}).get("calls", 0))
@@ -341,7 +342,7 @@ def test_one_line_replies_are_counted_and_errors_still_raise(settings, r, unique
     """The sink counts its replies (HSET/PEXPIRE/HDEL: one line each) by their line ends; a
     large flush whose replies arrive in many chunks waits for all of them, and an error reply
     anywhere in it - even split across reads - raises with Redis' message."""
-    from streaming.speed_redis import RespPipeline, encode
+    from ctrstream.store.resp import RespPipeline, encode
 
     pipe = RespPipeline(settings)
     key = f"sv:test:{unique}".encode()
@@ -367,7 +368,7 @@ def test_background_pipeline_keeps_order_waits_and_raises(settings, r, unique):
     """The features writer's thread: payloads reach Redis in submission order, `drain` returns
     only after every acknowledgement, a full queue blocks the caller (back-pressure), and a
     Redis error surfaces in the caller's thread - on every later call, never silently."""
-    from streaming.speed_redis import BackgroundPipeline, encode
+    from ctrstream.store.resp import BackgroundPipeline, encode
 
     key = f"sv:test:bg:{unique}".encode()
     acked: list[int] = []
@@ -399,8 +400,8 @@ def test_recovery_store_remembers_the_shard_count(tmp_path, monkeypatch):
     of the missing shards: `ctrstream speed` refuses it with a clear message."""
     import typer
 
-    import streaming.features_flow as ff
-    from streaming.speed_cli import check_shards
+    import ctrstream.streaming.features_flow as ff
+    from ctrstream.cli.speed import check_shards
 
     check_shards(tmp_path)
     check_shards(tmp_path)  # same count: fine

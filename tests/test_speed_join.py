@@ -6,10 +6,10 @@ from collections import Counter
 
 import pytest
 
-from ctrstream.procs import start_job, stop_job, wait_until
-from streaming import events as E
-from streaming.speed_kafka import send_heartbeat
-from streaming.speed_reference import read_topic
+from ctrstream.stack.procs import start_job, stop_job, wait_until
+from ctrstream import events as E
+from ctrstream.kafka.heartbeats import send_heartbeat
+from ctrstream.kafka.topics import read_topic
 from test_speed_features import BASE, CTRSTREAM, job_env, produce
 
 

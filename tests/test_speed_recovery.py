@@ -10,11 +10,12 @@ from collections import Counter
 import redis
 
 from ctrstream.config import RedisSettings
-from ctrstream.procs import kill_hard, start_job, stop_job, wait_until
-from streaming import events as E
-from streaming.speed_kafka import send_heartbeat
-from streaming.speed_reference import (
-    read_speed_view, read_topic, reference_features, reference_labels,
+from ctrstream.stack.procs import kill_hard, start_job, stop_job, wait_until
+from ctrstream import events as E
+from ctrstream.kafka.heartbeats import send_heartbeat
+from ctrstream.kafka.topics import read_topic
+from ctrstream.streaming.reference import (
+    read_speed_view, reference_features, reference_labels,
 )
 from test_speed_features import CTRSTREAM, job_env, make_stream, produce
 

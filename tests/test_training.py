@@ -1,6 +1,6 @@
 """Training and evaluation of the LR baseline and DCN-v2 against a known truth.
 
-The data set is synthetic with the training-set shapes of ``models.batch_features`` and a
+The data set is synthetic with the training-set shapes of ``ctrstream.batch.point_in_time`` and a
 known click probability per row (the oracle). It is built so that an interaction (a
 user's hidden group x the ad's category) carries signal that a sum of per-id weights (the
 LR baseline) cannot represent, while DCN-v2's crosses can.
@@ -62,7 +62,7 @@ def data():
 
 
 def test_metrics_against_brute_force_and_known_values():
-    from models.evaluation import auc, entropy, evaluate, log_loss
+    from ctrstream.models.evaluation import auc, entropy, evaluate, log_loss
 
     rng = np.random.default_rng(0)
     p = np.round(rng.random(400), 2)  # many ties
@@ -112,7 +112,7 @@ def test_dense_inputs_follow_the_formula_across_row_blocks():
 
 
 def test_warmup_rows_are_dropped_without_copying_sorted_sets(data):
-    from models.train_cli import drop_warmup
+    from ctrstream.batch.pipeline import drop_warmup
 
     t = data["event_time_ms"]
     hour = 3_600_000
@@ -129,7 +129,7 @@ def test_warmup_rows_are_dropped_without_copying_sorted_sets(data):
 
 
 def test_time_split_holds_out_the_last_part_of_event_time(data):
-    from models.training import time_split
+    from ctrstream.models.training import time_split
 
     tr, va, cut = time_split(data["event_time_ms"], 0.2)
     t = data["event_time_ms"]
@@ -145,7 +145,7 @@ LR_FAST = dict(epochs=2, batch_size=1024)
 
 @pytest.fixture(scope="module")
 def trained(data):
-    from models.training import train
+    from ctrstream.models.training import train
 
     deep, deep_info = train(data, "deep", seed=0, progress=False, **DEEP_FAST)
     lr, lr_info = train(data, "lr", seed=0, progress=False, **LR_FAST)
@@ -153,7 +153,7 @@ def trained(data):
 
 
 def test_deep_model_beats_the_baseline_and_a_constant_on_held_out_data(data, trained):
-    from models.evaluation import evaluate
+    from ctrstream.models.evaluation import evaluate
 
     _, deep_info, _, lr_info = trained
     vi = deep_info["val_index"]
@@ -171,7 +171,7 @@ def test_deep_model_beats_the_baseline_and_a_constant_on_held_out_data(data, tra
 
 
 def test_training_is_reproducible_with_a_seed(data):
-    from models.training import train
+    from ctrstream.models.training import train
 
     small = {k: v[:30_000] for k, v in data.items()}
     _, a = train(small, "deep", seed=7, progress=False, epochs=1, batch_size=2048)
@@ -182,7 +182,7 @@ def test_training_is_reproducible_with_a_seed(data):
 
 
 def test_negative_downsampling_is_recalibrated(data):
-    from models.training import train
+    from ctrstream.models.training import train
 
     net, info = train(data, "lr", seed=0, progress=False, neg_downsample=0.2, **LR_FAST)
     assert info["fit_rows"] < 0.4 * info["train_rows"]  # negatives really were dropped
@@ -193,7 +193,7 @@ def test_negative_downsampling_is_recalibrated(data):
 
 
 def test_run_writes_cards_plots_and_onnx(settings, data, tmp_path):
-    from models.train_cli import run_training
+    from ctrstream.batch.pipeline import run_training
 
     small = {k: v[:30_000] for k, v in data.items()}
     summary = run_training(settings, small, None, ("lr",), tmp_path / "run", progress=False,
@@ -216,8 +216,8 @@ def test_cli_trains_on_a_scenario_and_publishes_to_triton(stack_env, settings, t
     from typer.testing import CliRunner
 
     from ctrstream.config import get_settings
-    from models import train_cli
-    from models.publish import loaded_versions
+    from ctrstream.cli import train as train_cli
+    from ctrstream.models.publish import loaded_versions
 
     for k, v in stack_env.items():
         if k.startswith("CTRSTREAM_"):
@@ -241,7 +241,7 @@ def test_cli_trains_on_a_scenario_and_publishes_to_triton(stack_env, settings, t
         import tritonclient.grpc as grpcclient
 
         c = grpcclient.InferenceServerClient(settings.triton.grpc_url)
-        from models.publish import versions_on_disk
+        from ctrstream.models.publish import versions_on_disk
 
         newest = versions_on_disk(settings.triton.model_repository / "ctr_lr_py")[-1]
         assert loaded_versions(c, "ctr_lr_py") == [newest]
@@ -255,7 +255,7 @@ def test_quality_benchmark_reports_the_gap_of_both_models_to_the_oracle(settings
     """``ctrstream bench quality`` (the NE target's measurement) on a small scenario: its gaps
     are the models' NE relative to the oracle's on the same validation rows, and its verdict
     follows them."""
-    from bench.quality import TARGET_GAP, main
+    from ctrstream.bench.quality import TARGET_GAP, main
 
     assert main(["--events", "60000", "--seeds", "1", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "quality.json").read_text())

@@ -34,7 +34,7 @@ class Stack:
     def up(self, log=lambda msg: None, only: list[str] | None = None) -> dict[str, float | None]:
         """Start every service (or ``only`` those), wait until ready, create topics.
         Returns the start-up seconds of each service (None: it was already running)."""
-        from ctrstream.kafkautil import ensure_topics
+        from ctrstream.kafka.clients import ensure_topics
 
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
         chosen = [s for s in self.services if not only or s.name in only]
@@ -103,6 +103,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CTRSTREAM_REDIS__PORT": str(settings.redis.port),
         "CTRSTREAM_REDIS__DB": str(settings.redis.db),
         "CTRSTREAM_METRICS_PORT": str(settings.metrics_port),
+        "CTRSTREAM_METRICS_HOST": settings.metrics_host,
+        "CTRSTREAM_RESULTS_DIR": str(settings.results_dir),
         "CTRSTREAM_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
         "CTRSTREAM_ATTRIBUTION_WINDOW_S": str(settings.attribution_window_s),
         "CTRSTREAM_TRITON__HTTP_PORT": str(settings.triton.http_port),

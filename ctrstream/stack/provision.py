@@ -1,7 +1,8 @@
-"""Set-up of the three servers (run by ``make setup``; idempotent, fast the second time).
+"""Set-up of the three servers (``ctrstream setup``, run by ``make setup``; idempotent, fast the second time).
 
 * **Apache Kafka**: the broker jars are resolved by Maven from Maven Central through
-  ``docker/kafka/pom.xml`` and copied into ``.cache/kafka-<version>/libs``.
+  ``kafka-pom.xml`` (package data beside this module) and copied into
+  ``<cache_dir>/kafka-<version>/libs``.
 * **Redis**: Debian's ``redis-server`` package, installed with apt when no ``redis-server``
   is on the PATH.
 * **Chromium** (for the browser test of the demo's report): Debian's ``chromium`` package,
@@ -13,7 +14,9 @@
   where the backend looks for it, and the stub gets its own site directory
   ``.cache/triton-pyenv`` with numpy<2 (the stub's C++ side needs numpy 1.x) and onnxruntime.
 
-``python -m ctrstream.stack.provision`` runs all of it; ``--check`` only reports.
+``ctrstream setup`` (or ``python -m ctrstream.stack.provision``) runs all of it; ``--check``
+only reports. ``<cache_dir>`` is ``settings.cache_dir`` (``.cache`` under the current
+directory unless ``CTRSTREAM_CACHE_DIR`` says otherwise).
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ctrstream.config import ROOT, Settings, get_settings
+from ctrstream.config import Settings, get_settings
 
-POM = ROOT / "docker" / "kafka" / "pom.xml"
+POM = Path(__file__).resolve().with_name("kafka-pom.xml")
 PYTRITON_VERSION = "0.7.0"
 TRITON_STUB_REQUIREMENTS = ["numpy==1.26.4", "onnxruntime-gpu>=1.20,<2"]
 
@@ -59,8 +62,9 @@ def kafka_classpath(settings: Settings) -> str:
     libs = kafka_libs(settings)
     if not (libs / ".complete").exists():
         raise PrerequisiteError(
-            f"Kafka {kafka_version()} is not set up in {libs}. Run `make setup` "
-            f"(it resolves the broker with Maven from {POM.relative_to(ROOT)})."
+            f"Kafka {kafka_version()} is not set up in {libs}. Run `ctrstream setup` (or "
+            f"`make setup` in a checkout; it resolves the broker with Maven from {POM}), or "
+            f"point CTRSTREAM_CACHE_DIR at a cache that has it."
         )
     return str(libs / "*")
 
@@ -89,7 +93,7 @@ def _debian_binary(name: str, why: str = "") -> str:
     path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
     if not path:
         raise PrerequisiteError(
-            f"{name} is not installed{why}. Run `make setup` (it installs Debian's {name} "
+            f"{name} is not installed{why}. Run `ctrstream setup` (it installs Debian's {name} "
             f"package), or: apt-get install -y {name}")
     return path
 
@@ -108,7 +112,7 @@ def triton_home(settings: Settings) -> Path:
     home = settings.cache_dir / f"pytriton-{PYTRITON_VERSION}" / "pytriton" / "tritonserver"
     if not (home.parent.parent / ".complete").exists():
         raise PrerequisiteError(
-            f"the Triton server binary is not set up in {home}. Run `make setup` (it unpacks "
+            f"the Triton server binary is not set up in {home}. Run `ctrstream setup` (it unpacks "
             f"it from the nvidia-pytriton {PYTRITON_VERSION} wheel on PyPI)."
         )
     return home

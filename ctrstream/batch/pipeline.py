@@ -1,0 +1,161 @@
+"""The offline training run: point-in-time training set -> LR + DCN-v2 -> evaluation against
+the oracle -> ONNX (parity-checked) -> a run directory.
+
+:func:`run_training` drops the first ``warmup_hours`` of rows (feature history only: their
+events fill the windows of the later rows), trains the LR baseline and DCN-v2 with a
+time-based split, evaluates both against the oracle's true probabilities on the validation
+rows, exports ONNX and writes everything to ``settings.data_dir/models/<run id>/``:
+
+```
+<run>/evaluation.json   both models + oracle on the same validation rows
+<run>/reliability.png   all curves on one diagram
+<run>/<kind>/model.onnx, card.json, reliability.png, checkpoint.pt   (kind = deep | lr)
+```
+
+and points ``settings.data_dir/models/LATEST`` at the run. ``ctrstream train`` and
+``ctrstream publish`` (:mod:`ctrstream.cli.train`) drive it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+BASE_NAMES = {"deep": "ctr_deep", "lr": "ctr_lr"}
+
+
+def models_root(settings) -> Path:
+    return Path(settings.data_dir) / "models"
+
+
+def latest_run(settings) -> Path:
+    root = models_root(settings)
+    ptr = root / "LATEST"
+    if not ptr.exists():
+        raise FileNotFoundError(f"no trained models under {root}: run `ctrstream train` first")
+    return root / ptr.read_text().strip()
+
+
+def oracle_for(ids: np.ndarray, oracle) -> np.ndarray | None:
+    """True probabilities for ``ids`` from an oracle table (impression_id, p_click);
+    None when the oracle does not cover every id."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if oracle is None or oracle.num_rows == 0:
+        return None
+    idx = pc.index_in(pa.array(ids, type=pa.string()),
+                      value_set=oracle.column("impression_id").combine_chunks())
+    if idx.null_count:
+        return None
+    return oracle.column("p_click").combine_chunks().take(idx).to_numpy(zero_copy_only=False)
+
+
+def archive_training_data(settings, start_ms: int | None = None, end_ms: int | None = None,
+                          oracle_path: Path | None = None, log=print):
+    """The point-in-time training set of the archive under ``settings.data_dir``:
+    (dataset dict, oracle table or None, source description)."""
+    import pyarrow.parquet as pq
+
+    from ctrstream.batch.point_in_time import training_set
+
+    window_ms = int(settings.attribution_window_s * 1000)
+    source = f"archive {settings.data_dir}"
+    log(f"building the training set from {source} ...")
+    ds = training_set(settings.data_dir, start_ms, end_ms, window_ms)
+    oracle = pq.read_table(oracle_path) if oracle_path else None
+    return ds, oracle, source
+
+
+def traffic_training_data(traffic, source: str, start_ms: int | None = None,
+                          end_ms: int | None = None, log=print):
+    """The point-in-time training set of generated or written traffic (an object with
+    ``scenario``, ``impressions``, ``clicks`` and ``oracle``, as the simulation makes):
+    (dataset dict, the traffic's oracle, source description)."""
+    from ctrstream.batch.point_in_time import training_set
+
+    window_ms = int(traffic.scenario.attribution_window_s * 1000)
+    log(f"building the training set from {source} ...")
+    ds = training_set(traffic, start_ms, end_ms, window_ms)
+    return ds, traffic.oracle, source
+
+
+def drop_warmup(ds: dict, warmup_ms: int) -> dict:
+    """The rows of ``ds`` from ``first event time + warmup_ms`` on. The dropped rows' events
+    still count in every window of the kept rows (``training_set`` computed the windows from
+    all events): the warm-up is feature history only, so the first trained and evaluated
+    rows do not see windows that are empty only because the data set starts there."""
+    if warmup_ms <= 0 or len(ds["label"]) == 0:
+        return ds
+    t = np.asarray(ds["event_time_ms"])
+    cut = int(t.min()) + int(warmup_ms)
+    if np.all(t[1:] >= t[:-1]):  # training_set's order: the kept rows are views, not copies
+        keep = slice(int(np.searchsorted(t, cut, side="left")), None)
+    else:
+        keep = t >= cut
+    return {k: (v[keep] if isinstance(v, np.ndarray) and len(v) == len(t) else v)
+            for k, v in ds.items()}
+
+
+def run_training(settings, ds: dict, oracle=None, kinds=("lr", "deep"), out_dir: Path | None = None,
+                 seed: int = 0, epochs: int | None = None, neg_downsample: float | None = None,
+                 val_fraction: float = 0.1, source: str = "", progress: bool = True,
+                 log=print, train_kwargs: dict | None = None, warmup_hours: float = 0.0) -> dict:
+    """Train, evaluate, export and write the run directory; returns the run summary.
+    ``train_kwargs``: kind -> extra keyword arguments of ``ctrstream.models.training.train``.
+    ``warmup_hours``: the first hours of ``ds`` are feature history only (:func:`drop_warmup`)."""
+    from ctrstream.models.evaluation import evaluate, reliability_diagram, write_model_card
+    from ctrstream.models.export import export_onnx
+    from ctrstream.models.training import save_checkpoint, train
+
+    rows_before = len(ds["label"])
+    ds = drop_warmup(ds, int(round(warmup_hours * 3_600_000)))
+    n = len(ds["label"])
+    if n == 0:
+        raise ValueError("the training set is empty (no labeled impressions in the window)")
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(out_dir) if out_dir else models_root(settings) / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    warmup = dict(hours=warmup_hours, rows_dropped=rows_before - n)
+    summary: dict = dict(run_id=out.name, source=source, rows=n, warmup=warmup, models={})
+    curves, val_rows, labels, oracle_p = {}, None, None, None
+    for kind in kinds:
+        kw = dict(seed=seed, epochs=epochs, neg_downsample=neg_downsample, progress=progress,
+                  val_fraction=val_fraction) | (train_kwargs or {}).get(kind, {})
+        net, info = train(ds, kind, **kw)
+        vi = info["val_index"]
+        oracle_p = oracle_for(ds["impression_id"][vi], oracle) if "impression_id" in ds else None
+        if oracle_p is None and "oracle_p" in ds:
+            oracle_p = np.asarray(ds["oracle_p"])[vi]
+        ev = evaluate(info["val_probs"], info["val_labels"], oracle_p)
+        kdir = out / kind
+        exp = export_onnx(net, kdir / "model.onnx")
+        save_checkpoint(net, kdir / "checkpoint.pt")
+        curves_k = {kind: info["val_probs"]} | ({"oracle": oracle_p} if oracle_p is not None else {})
+        reliability_diagram(kdir / "reliability.png", curves_k, info["val_labels"],
+                            title=f"{BASE_NAMES[kind]} (validation)")
+        card = write_model_card(kdir / "card.json", name=BASE_NAMES[kind], evaluation=ev, info=info,
+                                extra=dict(source=source, warmup=warmup, onnx=exp,
+                                           run_id=out.name))
+        curves[kind] = info["val_probs"]
+        val_rows, labels = vi, info["val_labels"]
+        summary["models"][kind] = dict(evaluation=ev, train_seconds=info["train_seconds"],
+                                       card=str(kdir / "card.json"), onnx=str(kdir / "model.onnx"),
+                                       fingerprint=card["feature_fingerprint"])
+        log(f"{kind}: NE {ev['model']['ne']:.4f} (oracle {ev['oracle']['ne']:.4f})"
+            if ev["oracle"] else f"{kind}: NE {ev['model']['ne']:.4f}")
+    if oracle_p is not None:
+        curves["oracle"] = oracle_p
+    if curves and labels is not None:
+        reliability_diagram(out / "reliability.png", curves, labels, title="validation")
+    summary["val_rows"] = int(len(val_rows)) if val_rows is not None else 0
+    (out / "evaluation.json").write_text(json.dumps(
+        {k: {"train_seconds": v["train_seconds"], **v["evaluation"]}
+         for k, v in summary["models"].items()}, indent=2, default=float))
+    if out.parent == models_root(settings):
+        (out.parent / "LATEST").write_text(out.name)
+    summary["dir"] = str(out)
+    return summary

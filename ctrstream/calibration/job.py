@@ -1,0 +1,332 @@
+"""``ctrstream calibrate``: join predictions with labels and train the River calibrators.
+
+Reads the ``predictions`` topic (``Prediction``) and the ``labeled`` topic (``Labeled``) in
+micro-batches (``Consumer.consume(num_messages=...)``), joins them by impression id (either
+side may arrive first) and feeds each joined (raw score, clicked, context) to the
+``VersionCalibrator`` of the prediction's model version (``ctrstream.calibration.calibrator``).
+Degraded predictions (Triton's fallback score, no model version) are not learned from.
+
+Join state is bounded: an unmatched prediction is dropped once the label stream's event
+time has passed it by ``retention_ms`` (its label is not coming: the attribution window
+closed long ago), an unmatched label once the prediction stream has passed it by as much,
+and either side is capped at ``max_pending`` entries (oldest evicted first). Every drop is
+counted (``ctrstream_calibration_join_dropped_total{side, why}``, ``why`` one of expired,
+capped, degraded - a fallback score, not learned from - and duplicate), so joined + dropped
+predictions always add up to the predictions read.
+
+Exactly-once state: the job assigns itself every partition of both topics (one instance
+per deployment: the calibrators are tiny, one process keeps up with the stream) and keeps
+its Kafka positions in its own checkpoint. A checkpoint - the versions' River state, the
+served parameters, the join state and the positions - is written to Redis in one MULTI/EXEC
+every ``checkpoint_interval_s``; a restarted job resumes from exactly that point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ctrstream.calibration.calibrator import (
+    CAL_SEQ_KEY, CAL_VERSIONS_KEY, DRIFT_CAP, HISTORY_CAP, CalibrationConfig, VersionCalibrator,
+    cal_drift_key, cal_history_key, cal_key, cal_state_key, dumps,
+)
+
+log = logging.getLogger("ctrstream.calibrate")
+
+CONTEXT_FIELDS = ("position", "device_type")
+
+
+def job_key(name: str) -> str:
+    return f"cal:job:{name}"
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+_METRICS = None
+
+
+def _metrics():
+    global _METRICS
+    if _METRICS is None:
+        from prometheus_client import Counter, Gauge
+
+        _METRICS = {
+            "joined": Counter("ctrstream_calibration_joined_total",
+                              "(prediction, label) pairs learned from", ["model_version"]),
+            "dropped": Counter("ctrstream_calibration_join_dropped_total",
+                               "unmatched join entries dropped", ["side", "why"]),
+            "bad": Counter("ctrstream_calibration_bad_records_total",
+                           "records that could not be decoded", ["topic"]),
+            "pending": Gauge("ctrstream_calibration_join_pending",
+                             "unmatched join entries held", ["side"]),
+            "drift": Counter("ctrstream_calibration_drift_total",
+                             "drift detections (ADWIN on the residual)", ["model_version"]),
+            "logloss": Gauge("ctrstream_calibration_logloss", "rolling log loss",
+                             ["model_version", "score"]),
+            "mean_pred": Gauge("ctrstream_calibration_mean_pred", "rolling mean predicted CTR",
+                               ["model_version", "score"]),
+            "observed": Gauge("ctrstream_calibration_observed_ctr", "rolling observed CTR",
+                              ["model_version"]),
+            "ece": Gauge("ctrstream_calibration_ece", "rolling expected calibration error",
+                         ["model_version", "score"]),
+            "checkpoints": Counter("ctrstream_calibration_checkpoints_total",
+                                   "checkpoints written to Redis"),
+        }
+    return _METRICS
+
+
+def _set_gauges(m: dict) -> None:
+    g = _metrics()
+    mv = m["model_version"]
+    for score in ("raw", "platt", "iso"):
+        s = m[score]
+        if s["n"]:
+            g["logloss"].labels(mv, score).set(s["log_loss"])
+            g["mean_pred"].labels(mv, score).set(s["mean_pred"])
+            g["ece"].labels(mv, score).set(s["ece"])
+    if m["raw"]["n"]:
+        g["observed"].labels(mv).set(m["raw"]["observed_ctr"])
+
+
+# --------------------------------------------------------------------------- the join + learner
+
+@dataclass
+class JoinState:
+    preds: OrderedDict = field(default_factory=OrderedDict)  # id -> (mv, raw, event_time_ms)
+    labels: OrderedDict = field(default_factory=OrderedDict)  # id -> (clicked, t, position, device)
+    done: OrderedDict = field(default_factory=OrderedDict)  # recently joined ids (dedup)
+    pred_watermark: int = 0
+    label_watermark: int = 0
+    offsets: dict = field(default_factory=dict)  # (topic, partition) -> next offset
+
+
+class Calibrate:
+    """The job's logic without Kafka: ``process(predictions, labeled)`` then ``checkpoint()``."""
+
+    def __init__(self, settings, cfg: CalibrationConfig | None = None, redis_client=None,
+                 job_name: str = "calibrate", retention_ms: int | None = None,
+                 max_pending: int = 1_000_000, resume: bool = True):
+        import redis
+
+        self.settings = settings
+        self.cfg = cfg or CalibrationConfig()
+        self.r = redis_client or redis.Redis.from_url(settings.redis.url)
+        self.job_name = job_name
+        self.retention_ms = retention_ms if retention_ms is not None else int(
+            2 * settings.allowed_lateness_s * 1000 + 5 * 60_000)
+        self.max_pending = max_pending
+        self.cals: dict[str, VersionCalibrator] = {}
+        self.state = JoinState()
+        self._dirty: set[str] = set()
+        self._drift_new: dict[str, list] = {}
+        self.n_joined = 0
+        self.dropped = {"pred_expired": 0, "label_expired": 0, "pred_capped": 0,
+                        "label_capped": 0, "duplicate": 0, "degraded": 0}
+        if resume:
+            self._resume()
+
+    # -- state
+    def _resume(self) -> None:
+        blob = self.r.get(job_key(self.job_name))
+        if blob:
+            self.state = pickle.loads(blob)
+        for raw in self.r.smembers(CAL_VERSIONS_KEY):
+            mv = raw.decode()
+            st = self.r.get(cal_state_key(mv))
+            if st:
+                self.cals[mv] = pickle.loads(st)
+
+    def calibrator(self, model_version: str) -> VersionCalibrator:
+        c = self.cals.get(model_version)
+        if c is None:
+            c = self.cals[model_version] = VersionCalibrator(model_version, self.cfg)
+        return c
+
+    # -- the join
+    def process(self, predictions, labeled) -> int:
+        """Join one micro-batch of decoded records and learn from every completed pair."""
+        st = self.state
+        matched: dict[str, list] = {}  # mv -> rows (raw, y, t, position, device)
+
+        def emit(mv, raw, lab):
+            matched.setdefault(mv, []).append((raw, lab[0], lab[1], lab[2], lab[3]))
+
+        for p in predictions:
+            iid = p.impression_id
+            st.pred_watermark = max(st.pred_watermark, p.event_time_ms)
+            if p.degraded or not p.model_version:  # fallback scores: no model to calibrate
+                self.dropped["degraded"] += 1
+                _metrics()["dropped"].labels("pred", "degraded").inc()
+                st.labels.pop(iid, None)
+                st.done[iid] = None  # its label, when it comes, is dropped too
+                continue
+            if iid in st.done:
+                self.dropped["duplicate"] += 1
+                _metrics()["dropped"].labels("pred", "duplicate").inc()
+                continue
+            lab = st.labels.pop(iid, None)
+            if lab is not None:
+                emit(p.model_version, p.raw_score, lab)
+                st.done[iid] = None
+            else:
+                st.preds[iid] = (p.model_version, p.raw_score, p.event_time_ms)
+        for lb in labeled:
+            imp = lb.impression
+            iid = imp.impression_id
+            st.label_watermark = max(st.label_watermark, imp.event_time_ms)
+            if iid in st.done:
+                self.dropped["duplicate"] += 1
+                _metrics()["dropped"].labels("label", "duplicate").inc()
+                continue
+            lab = (int(lb.clicked), imp.event_time_ms, imp.position, imp.device_type)
+            pred = st.preds.pop(iid, None)
+            if pred is not None:
+                emit(pred[0], pred[1], lab)
+                st.done[iid] = None
+            else:
+                st.labels[iid] = lab
+        n = 0
+        for mv, rows in matched.items():
+            arr = list(zip(*rows))
+            raw = np.asarray(arr[0], dtype=np.float64)
+            y = np.asarray(arr[1], dtype=np.float64)
+            ctx = {"position": np.asarray(arr[3]), "device_type": np.asarray(arr[4])}
+            events = self.calibrator(mv).learn_batch(raw, y, ctx, event_time_ms=np.asarray(arr[2]))
+            if events:
+                self._drift_new.setdefault(mv, []).extend(events)
+                _metrics()["drift"].labels(mv).inc(len(events))
+                log.warning("calibration drift detected for model %s at %d examples "
+                            "(residual mean %.4f); learning-rate boost on",
+                            mv, events[-1]["n_seen"], events[-1]["window_mean_residual"])
+            self._dirty.add(mv)
+            _metrics()["joined"].labels(mv).inc(len(raw))
+            n += len(raw)
+        self.n_joined += n
+        self._expire()
+        return n
+
+    def _expire(self) -> None:
+        st = self.state
+        g = _metrics()
+        for side, d, wm_other in (("pred", st.preds, st.label_watermark),
+                                  ("label", st.labels, st.pred_watermark)):
+            tpos = 2 if side == "pred" else 1
+            limit = wm_other - self.retention_ms
+            while d:
+                iid, v = next(iter(d.items()))
+                if v[tpos] < limit:
+                    d.popitem(last=False)
+                    self.dropped[f"{side}_expired"] += 1
+                    g["dropped"].labels(side, "expired").inc()
+                elif len(d) > self.max_pending:
+                    d.popitem(last=False)
+                    self.dropped[f"{side}_capped"] += 1
+                    g["dropped"].labels(side, "capped").inc()
+                else:
+                    break
+            g["pending"].labels(side).set(len(d))
+        while len(st.done) > self.max_pending:
+            st.done.popitem(last=False)
+
+    # -- checkpoint
+    def checkpoint(self) -> None:
+        """Write the dirty versions' state, parameters and metrics, the join state and the
+        Kafka positions to Redis in one transaction."""
+        now = int(time.time() * 1000)
+        pipe = self.r.pipeline(transaction=True)
+        for mv in sorted(self._dirty):
+            c = self.cals[mv]
+            m = c.metrics()
+            _set_gauges(m)
+            k = cal_key(mv)
+            pipe.set(cal_state_key(mv), pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL))
+            pipe.hset(k, mapping={"params": dumps(c.params()), "metrics": dumps(m),
+                                  "updated_ms": now})
+            pipe.hincrby(k, "version", 1)
+            snap = {"t_ms": now, "n_seen": m["n_seen"], "last_event_time_ms": m["last_event_time_ms"],
+                    **{s: m[s] for s in ("raw", "platt", "iso")}, "drift_count": m["drift_count"]}
+            pipe.rpush(cal_history_key(mv), dumps(snap))
+            pipe.ltrim(cal_history_key(mv), -HISTORY_CAP, -1)
+            if self._drift_new.get(mv):
+                pipe.rpush(cal_drift_key(mv), *[json.dumps(e) for e in self._drift_new[mv]])
+                pipe.ltrim(cal_drift_key(mv), -DRIFT_CAP, -1)
+            pipe.sadd(CAL_VERSIONS_KEY, mv)
+        pipe.set(job_key(self.job_name), pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL))
+        pipe.incr(CAL_SEQ_KEY)
+        pipe.execute()
+        self._dirty.clear()
+        self._drift_new.clear()
+        _metrics()["checkpoints"].inc()
+
+
+# --------------------------------------------------------------------------- the Kafka loop
+
+def run(settings, cfg: CalibrationConfig | None = None, *, job_name: str = "calibrate",
+        batch_size: int = 2000, checkpoint_interval_s: float = 2.0,
+        stop=None, idle_exit_s: float | None = None, from_beginning: bool = True,
+        progress=None) -> Calibrate:
+    """Consume, join, learn and checkpoint until ``stop(job)`` is true, or until nothing new
+    arrived for ``idle_exit_s`` (``None``: forever). Always checkpoints before returning."""
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
+
+    from ctrstream.kafka.clients import make_consumer
+    from ctrstream.events import decode_labeled, decode_prediction
+
+    job = Calibrate(settings, cfg, job_name=job_name)
+    topics = (settings.topics.predictions.name, settings.topics.labeled.name)
+    consumer = make_consumer(settings, group_id=f"ctrstream-{job_name}")
+    try:
+        md = consumer.list_topics(timeout=10)
+        assign = []
+        for t in topics:
+            if t not in md.topics:
+                raise RuntimeError(f"topic {t!r} does not exist: start the stack (`ctrstream "
+                                   f"stack up`) or check CTRSTREAM_TOPICS__*__NAME")
+            for p in md.topics[t].partitions:
+                off = job.state.offsets.get((t, p))
+                if off is None:
+                    off = OFFSET_BEGINNING if from_beginning else OFFSET_END
+                assign.append(TopicPartition(t, p, off))
+        consumer.assign(assign)
+        last_ckpt = time.monotonic()
+        last_data = time.monotonic()
+        bad = _metrics()["bad"]
+        while not (stop and stop(job)):
+            msgs = consumer.consume(num_messages=batch_size, timeout=0.2)
+            preds, labs = [], []
+            for msg in msgs:
+                if msg.error():
+                    if msg.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("kafka error: %s", msg.error())
+                    continue
+                t = msg.topic()
+                job.state.offsets[(t, msg.partition())] = msg.offset() + 1
+                try:
+                    if t == topics[0]:
+                        preds.append(decode_prediction(msg.value()))
+                    else:
+                        labs.append(decode_labeled(msg.value()))
+                except Exception as e:  # noqa: BLE001 - bad records are counted, not fatal
+                    bad.labels(t).inc()
+                    log.warning("undecodable record %s[%d]@%d: %s", t, msg.partition(),
+                                msg.offset(), e)
+            if msgs:
+                last_data = time.monotonic()
+                job.process(preds, labs)
+                if progress:
+                    progress(job)
+            if time.monotonic() - last_ckpt >= checkpoint_interval_s:
+                job.checkpoint()
+                last_ckpt = time.monotonic()
+            if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
+                break
+        job.checkpoint()
+    finally:
+        consumer.close()
+    return job

@@ -1,0 +1,119 @@
+"""The online jobs' commands: ``ctrstream score``, ``ctrstream calibrate``, ``ctrstream reconcile``.
+
+Heavy imports stay inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+
+import typer
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _metrics_server(settings) -> None:
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("score")
+    def score(
+        model: str = typer.Option("ctr_deep", help="published model (base name: ctr_deep, ctr_lr)"),
+        model_name: str = typer.Option(None, help="exact Triton model name (overrides --model)"),
+        batch_size: int = typer.Option(1000, help="impressions per micro-batch = per Triton request"),
+        until_end: bool = typer.Option(False, help="stop at the current end of the topic"),
+        from_end: bool = typer.Option(False, help="start at the end of the topic, not the beginning"),
+        recovery_dir: Path = typer.Option(None, help="Bytewax recovery directory (offsets survive restarts)"),
+        since_ms: int = typer.Option(None, help="skip impressions with an earlier event time (ms)"),
+    ):
+        """Score every impression at its event time (Triton, calibrated) -> predictions topic."""
+        from bytewax.recovery import RecoveryConfig, init_db_dir
+        from bytewax.testing import run_main
+
+        from ctrstream.config import get_settings
+        from ctrstream.serving.scorer import build_flow
+
+        _logging()
+        settings = get_settings()
+        _metrics_server(settings)
+        flow = build_flow(settings, model=model, model_name=model_name, batch_size=batch_size,
+                          stop_at_end=until_end, from_end=from_end, since_ms=since_ms)
+        rc = None
+        if recovery_dir:
+            recovery_dir.mkdir(parents=True, exist_ok=True)
+            if not any(recovery_dir.iterdir()):
+                init_db_dir(recovery_dir, 1)
+            rc = RecoveryConfig(str(recovery_dir))
+        run_main(flow, epoch_interval=None, recovery_config=rc)
+
+    @app.command("calibrate")
+    def calibrate(
+        method: str = typer.Option("platt", help="served calibrator: platt or isotonic"),
+        context: str = typer.Option("", help="context features, comma separated (position,device_type)"),
+        checkpoint_interval: float = typer.Option(2.0, help="seconds between Redis checkpoints"),
+        batch_size: int = typer.Option(2000, help="records per Kafka micro-batch"),
+        until_idle: float = typer.Option(None, help="exit after this many seconds without new records"),
+        job_name: str = typer.Option("calibrate", help="checkpoint name (cal:job:{name})"),
+    ):
+        """Join predictions with labels and train the River calibrators (checkpoints in Redis)."""
+        from ctrstream.config import get_settings
+        from ctrstream.calibration.job import run
+        from ctrstream.calibration.calibrator import CalibrationConfig
+
+        if method not in ("platt", "isotonic"):
+            raise typer.BadParameter("--method must be platt or isotonic")
+        _logging()
+        settings = get_settings()
+        _metrics_server(settings)
+        stopping = {"flag": False}
+
+        def on_signal(signum, _frame):
+            stopping["flag"] = True
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        cfg = CalibrationConfig(method=method,
+                                context=tuple(c for c in context.split(",") if c))
+        job = run(settings, cfg, job_name=job_name, batch_size=batch_size,
+                  checkpoint_interval_s=checkpoint_interval, idle_exit_s=until_idle,
+                  stop=lambda _job: stopping["flag"])
+        for mv, c in sorted(job.cals.items()):
+            m = c.metrics()
+            typer.echo(f"{mv}: {m['n_seen']} examples, raw mean/obs {m['raw']['ratio']:.3f} "
+                       f"ECE {m['raw']['ece']:.4f} -> calibrated {m['calibrated']['ratio']:.3f} "
+                       f"ECE {m['calibrated']['ece']:.4f}, drift detections {m['drift_count']}")
+
+    @app.command("reconcile")
+    def reconcile_cmd(
+        version: str = typer.Option(None, help="batch view version (default: bv:current)"),
+        data_dir: Path = typer.Option(None, help="batch data directory (default: settings.data_dir)"),
+        dry_run: bool = typer.Option(False, help="report only; do not write batch values"),
+        watch: bool = typer.Option(False, help="keep running: reconcile each batch view as it lands"),
+        interval: float = typer.Option(5.0, help="--watch poll interval (seconds)"),
+        as_json: bool = typer.Option(False, "--json", help="print the JSON report, not the summary"),
+    ):
+        """Compare the batch view with the speed view, explain differences, let the batch win."""
+        from ctrstream.config import get_settings
+        from ctrstream.batch import reconcile as rec
+
+        _logging("WARNING")
+        settings = get_settings()
+        if watch:
+            _metrics_server(settings)
+            rec.watch(settings, data_dir, interval_s=interval, apply=not dry_run)
+            return
+        try:
+            report = rec.reconcile(settings, data_dir, version, apply=not dry_run)
+        except RuntimeError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json
+                   else report.markdown())

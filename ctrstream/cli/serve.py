@@ -1,0 +1,71 @@
+"""``ctrstream serve``: the prediction API (the online jobs: :mod:`ctrstream.cli.jobs`)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        host: str = typer.Option("127.0.0.1", help="address to bind"),
+        port: int = typer.Option(8080, help="port to bind"),
+        model: str = typer.Option("ctr_deep", help="published model (base name: ctr_deep, ctr_lr)"),
+        model_name: str = typer.Option(None, help="exact Triton model name (overrides --model)"),
+        max_rows: int = typer.Option(256, help="most rows per Triton request"),
+        feature_method: str = typer.Option("script", help="Redis read: script (one EVALSHA) or pipeline"),
+        feature_cache_s: float = typer.Option(
+            None, help="seconds to reuse counts of ad/campaign/advertiser/site entities between "
+                       "requests (0: off; default and maximum: the speed layer's flush interval)"),
+        feature_tracking: bool = typer.Option(
+            True, help="keep cached counts until Redis reports a write to them (CLIENT TRACKING), "
+                       "within the same staleness bound"),
+        workers: int = typer.Option(
+            1, help="worker processes sharing the port (uvicorn workers; each has its own "
+                    "connections and feature cache, /metrics sums them all); use the number of "
+                    "cores the API may use"),
+        log_level: str = typer.Option("warning", help="uvicorn log level"),
+        loop: str = typer.Option("auto", help="event loop: auto (uvloop when installed), asyncio, uvloop"),
+        http: str = typer.Option("auto", help="HTTP parser: auto (httptools when installed), h11, httptools"),
+    ):
+        """Run the prediction API (POST /v1/predict, /healthz, /readyz, /metrics, /docs)."""
+        import uvicorn
+
+        from ctrstream.config import get_settings
+        from ctrstream.serving.api import create_app
+
+        if feature_method not in ("script", "pipeline"):
+            raise typer.BadParameter("--feature-method must be script or pipeline")
+        if workers < 1:
+            raise typer.BadParameter(f"--workers must be at least 1, not {workers}")
+        settings = get_settings()
+        app_args = dict(model=model, model_name=model_name, max_rows=max_rows,
+                        feature_method=feature_method, feature_cache_s=feature_cache_s,
+                        feature_tracking=feature_tracking)
+        try:
+            api = create_app(settings, **app_args)  # also checks the arguments before any fork
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        if settings.metrics_port:
+            typer.echo("note: the API serves its metrics on /metrics of the API port", err=True)
+        if loop not in ("auto", "asyncio", "uvloop"):
+            raise typer.BadParameter("--loop must be auto, asyncio or uvloop")
+        if http not in ("auto", "h11", "httptools"):
+            raise typer.BadParameter("--http must be auto, h11 or httptools")
+        if workers == 1:
+            uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False,
+                        loop=loop, http=http, lifespan="on")
+            return
+        import json
+        import os
+        import tempfile
+
+        from ctrstream.serving.api import APP_ARGS_ENV
+
+        os.environ[APP_ARGS_ENV] = json.dumps(app_args)
+        with tempfile.TemporaryDirectory(prefix="ctrstream-api-metrics-") as mp_dir:
+            # prometheus_client's multiprocess mode: workers write samples here, /metrics sums
+            os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", mp_dir)
+            uvicorn.run("ctrstream.serving.api:app_from_env", factory=True, workers=workers, host=host,
+                        port=port, log_level=log_level, access_log=False, loop=loop, http=http,
+                        lifespan="on")

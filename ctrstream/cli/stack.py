@@ -1,0 +1,95 @@
+"""``ctrstream setup``, ``ctrstream stack up | status | down | logs`` and ``ctrstream config show``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from rich.table import Table
+
+from ctrstream.cli.app import console, fail, out
+from ctrstream.config import get_settings
+
+stack_app = typer.Typer(help="The local stack: Kafka (KRaft), Redis and Triton on 127.0.0.1.",
+                        no_args_is_help=True)
+config_app = typer.Typer(help="Configuration (CTRSTREAM_* environment overrides).",
+                         no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(stack_app, name="stack")
+    app.add_typer(config_app, name="config")
+    app.command("setup")(setup)
+
+
+def setup(check: bool = typer.Option(False, "--check", help="only report what is set up")):
+    """Set up the local stack's servers: resolve the Kafka broker with Maven, install
+    redis-server (Debian), unpack tritonserver from the nvidia-pytriton wheel, into
+    CTRSTREAM_CACHE_DIR (default .cache under the current directory). Idempotent."""
+    from ctrstream.stack.provision import main as provision
+
+    raise typer.Exit(provision(["--check"] if check else []))
+
+
+@stack_app.command("up")
+def stack_up(
+    only: list[str] = typer.Option(None, "--only", help="start only these services (kafka, redis, triton)"),
+):
+    """Start Kafka, Redis and Triton, wait until each is ready, and create the topics."""
+    from ctrstream.stack.manager import Stack
+    from ctrstream.stack.provision import PrerequisiteError
+    from ctrstream.stack.services import StackError
+
+    settings = get_settings()
+    try:
+        Stack(settings).up(log=out.print, only=only)
+    except (StackError, PrerequisiteError) as e:
+        raise fail(str(e)) from None
+    out.print(f"run directory: {settings.run_dir}  (logs in {settings.run_dir / 'logs'})")
+
+
+@stack_app.command("status")
+def stack_status():
+    """Show each service's PID and health. Exit code 1 when any is down."""
+    from ctrstream.stack.manager import Stack
+
+    rows = Stack(get_settings()).status()
+    table = Table("service", "pid", "health", "address", "log")
+    for r in rows:
+        health = "[green]ready[/]" if r.healthy else ("[yellow]not ready[/]" if r.pid else "[red]down[/]")
+        table.add_row(r.name, str(r.pid or "-"), health, r.address, str(r.log))
+    out.print(table)
+    raise typer.Exit(0 if all(r.healthy for r in rows) else 1)
+
+
+@stack_app.command("down")
+def stack_down(purge: bool = typer.Option(False, help="also delete the stack's data and logs")):
+    """Stop every service by PID and wait for it to exit."""
+    from ctrstream.stack.manager import Stack
+
+    Stack(get_settings()).down(purge=purge, log=out.print)
+
+
+@stack_app.command("logs")
+def stack_logs(
+    service: str = typer.Argument(..., help="kafka, redis or triton"),
+    lines: int = typer.Option(50, "-n", help="how many lines from the end"),
+):
+    """Print the end of a service's log."""
+    from ctrstream.stack.manager import Stack
+
+    try:
+        svc = Stack(get_settings()).by_name(service)
+    except StopIteration:
+        raise fail(f"unknown service {service!r}: choose kafka, redis or triton") from None
+    if not svc.log_file.exists():
+        raise fail(f"no log at {svc.log_file}: has `ctrstream stack up` run?")
+    text = svc.log_file.read_text(errors="replace").splitlines()
+    sys.stdout.write("\n".join(text[-lines:]) + "\n")
+
+
+@config_app.command("show")
+def config_show():
+    """Print the effective configuration (defaults plus CTRSTREAM_* overrides) as JSON."""
+    sys.stdout.write(json.dumps(get_settings().dump(), indent=2) + "\n")

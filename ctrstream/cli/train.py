@@ -1,0 +1,135 @@
+"""``ctrstream train`` and ``ctrstream publish``.
+
+``ctrstream train`` builds the point-in-time training set from the archive under
+``settings.data_dir`` - or from a generated scenario (``--scenario steady --events N``) or
+a written traffic directory (``--traffic DIR``) - and runs
+:func:`ctrstream.batch.pipeline.run_training` on it.
+
+``ctrstream publish [--model deep|lr|all] [--from RUN_DIR]`` publishes the latest run's
+ONNX files as new versions of ``ctr_deep`` / ``ctr_lr`` and switches the running Triton to
+them (``ctrstream.models.publish``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ctrstream.batch.pipeline import (
+    BASE_NAMES, archive_training_data, latest_run, run_training, traffic_training_data,
+)
+
+
+def load_training_data(settings, scenario: str | None = None, events: int | None = None,
+                       seed: int = 1, traffic: Path | None = None, oracle_path: Path | None = None,
+                       start_ms: int | None = None, end_ms: int | None = None, log=print):
+    """What ``ctrstream train`` trains on: (dataset dict, oracle table or None, source)."""
+    if not (scenario or traffic):
+        return archive_training_data(settings, start_ms, end_ms, oracle_path, log=log)
+    from ctrstream.simulation.generator import generate, load_scenario, read_traffic
+
+    if traffic:
+        tr = read_traffic(traffic)
+        source = f"traffic {traffic}"
+    else:
+        overrides = {"seed": seed} | ({"events": events} if events else {})
+        tr = generate(load_scenario(scenario, **overrides))
+        source = f"scenario {scenario} events={tr.scenario.events} seed={tr.scenario.seed}"
+    ds, oracle, source = traffic_training_data(tr, source, start_ms, end_ms, log=log)
+    if oracle_path:
+        import pyarrow.parquet as pq
+
+        oracle = pq.read_table(oracle_path)
+    return ds, oracle, source
+
+
+def print_summary(summary: dict, console) -> None:
+    from rich.table import Table
+
+    from ctrstream.models.evaluation import TABLE_HEADER, format_table
+
+    t = Table(*TABLE_HEADER, "train s", title=f"validation ({summary.get('val_rows', 0):,} rows, "
+                                             f"{summary.get('source', '')})")
+    oracle = None
+    for kind, m in summary["models"].items():
+        ev = m["evaluation"]
+        t.add_row(*format_table({BASE_NAMES[kind]: ev["model"]})[0], f"{m['train_seconds']:.1f}")
+        oracle = ev["oracle"] or oracle
+    if oracle:
+        t.add_row(*format_table({"oracle (true p)": oracle})[0], "-")
+    console.print(t)
+
+
+def register(app) -> None:
+    import typer
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    out = Console()
+
+    @app.command("train")
+    def train_cmd(
+        model: str = typer.Option("all", help="deep | lr | all"),
+        scenario: str = typer.Option(None, help="train on a generated scenario instead of the archive"),
+        events: int = typer.Option(None, help="impressions of the generated scenario"),
+        scenario_seed: int = typer.Option(1, help="seed of the generated scenario"),
+        traffic: Path = typer.Option(None, help="a traffic directory (`ctrstream generate --out`)"),
+        oracle: Path = typer.Option(None, help="oracle Parquet (impression_id, p_click) for the archive"),
+        start_ms: int = typer.Option(None, help="first impression event time (archive)"),
+        end_ms: int = typer.Option(None, help="end of impression event times, exclusive"),
+        seed: int = typer.Option(0, help="training seed"),
+        epochs: int = typer.Option(None, help="epochs (default per model)"),
+        neg_downsample: float = typer.Option(None, help="keep negatives with this probability"),
+        val_fraction: float = typer.Option(0.1, help="last fraction of event time for validation"),
+        warmup_hours: float = typer.Option(
+            1.0, help="the first hours of labeled impressions are feature history only "
+                      "(their events fill the windows; they are neither trained on nor evaluated)"),
+        out_dir: Path = typer.Option(None, "--out", help="run directory (default data_dir/models/<run id>)"),
+    ):
+        """Train the LR baseline and DCN-v2, evaluate against the oracle, export ONNX."""
+        from ctrstream.config import get_settings
+
+        settings = get_settings()
+        kinds = ("lr", "deep") if model == "all" else (model,)
+        if any(k not in BASE_NAMES for k in kinds):
+            console.print(f"[bold red]error:[/] --model must be deep, lr or all, not {model!r}")
+            raise typer.Exit(2)
+        try:
+            ds, orc, source = load_training_data(settings, scenario, events, scenario_seed, traffic,
+                                                 oracle, start_ms, end_ms, log=console.print)
+            summary = run_training(settings, ds, orc, kinds, out_dir, seed, epochs, neg_downsample,
+                                   val_fraction, source, log=console.print,
+                                   warmup_hours=warmup_hours)
+        except (FileNotFoundError, ValueError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+        print_summary(summary, out)
+        out.print(f"run directory: {summary['dir']}")
+
+    @app.command("publish")
+    def publish_cmd(
+        model: str = typer.Option("all", help="deep | lr | all"),
+        from_dir: Path = typer.Option(None, "--from", help="run directory (default: the latest)"),
+        load: bool = typer.Option(True, help="load into the running Triton and switch versions"),
+    ):
+        """Publish trained models into the Triton repository and switch Triton to them."""
+        from ctrstream.config import get_settings
+        from ctrstream.models.publish import PublishError, publish
+
+        settings = get_settings()
+        kinds = ("lr", "deep") if model == "all" else (model,)
+        try:
+            run = Path(from_dir) if from_dir else latest_run(settings)
+            for kind in kinds:
+                onnx_path = run / kind / "model.onnx"
+                card_path = run / kind / "card.json"
+                card = json.loads(card_path.read_text()) if card_path.exists() else None
+                res = publish(settings, onnx_path, BASE_NAMES[kind], card, load=load,
+                              log=console.print)
+                out.print(f"{BASE_NAMES[kind]}: version {res['version']} -> {res['model_name']}"
+                          f"{' (loaded, previous ' + str(res['previous']) + ')' if load else ''}")
+        except (FileNotFoundError, PublishError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None

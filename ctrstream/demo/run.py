@@ -1,0 +1,860 @@
+"""``ctrstream demo`` (``make demo``): the whole lambda architecture, end to end, with a report.
+
+The phases, in event time (the scenario's stream is cut at ``t_split``):
+
+1. **stack**      - the local stack (Kafka KRaft, Redis, Triton), started if needed; the demo
+                    uses its own topics (suffix ``-demo<run>``) and Redis database (flushed).
+2. **generate**   - a synthetic scenario with ground truth (the oracle stays out of the events).
+3. **history**    - the speed layer (features + join) runs while the first part of the
+                    stream (event time < t_split) is replayed with time compression; the
+                    archiver writes it into the Parquet master dataset.
+4. **batch**      - point-in-time training set from the archive, LR + DCN-v2 trained and
+                    evaluated against the oracle, ONNX export, publication to Triton (a live
+                    version switch when a version is already served); the batch view up to
+                    the cut-off lands in Redis.
+5. **reconcile**  - the batch view, as it lands, is compared with the speed view; the batch
+                    wins.
+6. **live**       - the streaming scorer (Triton + current River calibration) and the
+                    calibrator run while the rest of the stream is replayed in event-time
+                    lockstep with the scorer (``_replay_lockstep``: each impression is
+                    scored before its click and before events more than ``lockstep_s``
+                    later are sent - as a real-time scorer would see them).
+7. **serve**      - the prediction API answers a few sample ad requests.
+8. **report**     - terminal summary + ``report.html`` with plots.
+
+A failing phase stops the demo with a message naming the phase and the logs directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+import urllib.request
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ctrstream import features as F
+from ctrstream.config import Settings, Topic, get_settings
+
+console = Console()
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+@dataclass
+class DemoConfig:
+    scenario: str = "drift"
+    events: int = 1_000_000  # impressions (clicks come on top); see docs/demo.md on sizes
+    hours: float = 6.0  # event-time span of the scenario
+    seed: int = 7
+    history_fraction: float = 0.6  # share of event time replayed before the batch layer runs
+    replay_seconds: float = 45.0  # wall time each replay phase should take (time compression)
+    lockstep_s: float = 10.0  # live phase: event-time step the replay may lead the scorer by
+    out: Path = Path(".demo")  # under the current directory
+    keep_stack: bool = False
+    epochs: int | None = None
+
+
+@dataclass
+class DemoState:
+    run_id: str
+    out: Path
+    settings: Settings
+    phases: list[dict] = field(default_factory=list)
+    numbers: dict = field(default_factory=dict)
+    procs: dict = field(default_factory=dict)
+    started_stack: bool = False
+    monitor: "_LagMonitor | None" = None
+    probes: list = field(default_factory=list)  # freshness probes still running
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def _scrape(port: int) -> dict[str, float]:
+    """Sum of every sample of every metric (by sample name) at a Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name] = out.get(s.name, 0.0) + float(s.value)
+            for k, v in s.labels.items():  # also per label value, e.g. name{side=pred}
+                key = f"{s.name}{{{k}={v}}}"
+                out[key] = out.get(key, 0.0) + float(s.value)
+    return out
+
+
+def _scrape_or_empty(port: int) -> dict[str, float]:
+    try:
+        return _scrape(port)
+    except OSError:
+        return {}
+
+
+def _topic_count(settings: Settings, topic: Topic) -> int:
+    from ctrstream.kafka.clients import topic_end_offsets
+
+    return sum(topic_end_offsets(settings, topic.name).values())
+
+
+def _wait(what: str, predicate, timeout: float, proc_names: list[str], st: DemoState,
+          interval: float = 0.25):
+    """Wait for ``predicate``; fail early when a job we depend on has died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for name in proc_names:
+            p = st.procs.get(name)
+            if p is not None and p.poll() is not None:
+                raise DemoError(f"the {name} job exited with code {p.returncode} while waiting for "
+                                f"{what}; see {st.out / 'logs' / (name + '.log')}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _start(st: DemoState, name: str, argv: list[str], metrics_port: int = 0):
+    from ctrstream.stack.procs import start_job
+    from ctrstream.stack.manager import settings_env
+
+    env = {**os.environ, **settings_env(st.settings), "CTRSTREAM_METRICS_PORT": str(metrics_port),
+           "PYTHONUNBUFFERED": "1"}
+    log = st.out / "logs" / f"{name}.log"
+    st.procs[name] = start_job([sys.executable, "-m", "ctrstream", *argv], env=env, log_path=log)
+    return st.procs[name]
+
+
+def _stop(st: DemoState, name: str) -> None:
+    from ctrstream.stack.procs import stop_job
+
+    p = st.procs.pop(name, None)
+    if p is not None:
+        stop_job(p, timeout=20)
+
+
+@contextmanager
+def phase(st: DemoState, n: int, total: int, name: str, what: str):
+    console.rule(f"[bold]{n}/{total} {name}[/]  {what}")
+    t0 = time.monotonic()
+    try:
+        yield
+    except DemoError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure stops the demo with its phase named
+        (st.out / "logs").mkdir(parents=True, exist_ok=True)
+        (st.out / "logs" / "demo-error.txt").write_text(traceback.format_exc())
+        raise DemoError(f"phase '{name}' failed: {type(e).__name__}: {e}") from e
+    dt = time.monotonic() - t0
+    st.phases.append({"phase": name, "seconds": round(dt, 1)})
+    console.print(f"[green]✓[/] {name} done in {dt:.1f}s")
+
+
+# --------------------------------------------------------------------------- lag and freshness
+
+SCORER = "scorer"
+SPEED_STAGES = {"speed layer (features)": "speed-features", "speed layer (join)": "speed-join"}
+
+
+class _LagMonitor:
+    """Consumer lag of each stage, sampled every ``interval`` s while a replay phase runs.
+
+    Lag = records in the stage's input topics (Kafka high watermarks) minus records the stage
+    has read (``ctrstream_speed_events_in_total`` of its metrics endpoint); for the scorer,
+    live impressions appended to Kafka minus predictions written. The stage is scraped before
+    Kafka is asked, so a sample never under-states the lag. ``summary()`` gives, per phase and
+    stage, the largest lag, the lag when the replay ended, and how long after the end of the
+    replay the stage had read everything (the time it trailed the replay)."""
+
+    def __init__(self, st: DemoState, interval: float = 0.25):
+        from ctrstream.kafka.clients import make_consumer
+
+        self.st, self.interval = st, interval
+        self.consumer = make_consumer(st.settings, f"ctrstream-demo-lag-{st.run_id}")
+        self.t0 = time.monotonic()
+        self.samples: list[dict] = []  # {"t": s since t0, "phase": name, stage: lag, ...}
+        self.phases: dict[str, dict] = {}  # name -> {"start", "replay_end", "end"} (s since t0)
+        self.phase: str | None = None
+        self.scorer: tuple[int, int] | None = None  # (impressions before the live replay, expected)
+        self.up: set[str] = set()  # stages whose metrics endpoint answered once
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="demo-lag", daemon=True)
+        self.thread.start()
+
+    def _now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _end(self, topic: Topic) -> int:
+        from confluent_kafka import TopicPartition
+
+        return sum(max(0, self.consumer.get_watermark_offsets(TopicPartition(topic.name, p),
+                                                              timeout=5)[1])
+                   for p in range(topic.partitions))
+
+    def impressions_end(self) -> int:
+        with self.lock:
+            return self._end(self.st.settings.topics.impressions)
+
+    def sample(self) -> None:
+        with self.lock:
+            phase = self.phase
+            if phase is None:
+                return
+            topics, ports = self.st.settings.topics, self.st.numbers["metrics_ports"]
+            t = self._now()
+            read = {}
+            for stage, job in SPEED_STAGES.items():
+                n = _scrape_or_empty(ports[job]).get("ctrstream_speed_events_in_total")
+                if n is not None:
+                    self.up.add(stage)
+                elif stage not in self.up and self.st.procs.get(job) is not None \
+                        and self.st.procs[job].poll() is None:
+                    n = 0  # started, metrics endpoint not up yet: it has read nothing so far
+                read[stage] = n  # None: a scrape failed (busy); no sample rather than a wrong one
+            row = {"t": t, "phase": phase}
+            if self.scorer is not None:
+                base, expected = self.scorer
+                preds = self._end(topics.predictions)
+                live = min(max(0, self._end(topics.impressions) - base), expected)
+                row[SCORER] = max(0, live - preds)
+            written = self._end(topics.impressions) + self._end(topics.clicks)
+            for stage, n in read.items():
+                if n is not None:
+                    row[stage] = max(0, written - int(n))
+            self.samples.append(row)
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - a missed sample is not a reason to stop the demo
+                pass
+
+    def begin(self, phase: str) -> None:
+        with self.lock:
+            self.phases[phase] = {"start": self._now()}
+            self.phase = phase
+
+    def replay_ended(self, phase: str) -> None:
+        self.phases[phase]["replay_end"] = self._now()
+
+    def end(self, phase: str) -> None:
+        try:
+            self.sample()
+        except Exception:  # noqa: BLE001
+            pass
+        with self.lock:
+            self.phases[phase]["end"] = self._now()
+            self.phase = None
+            if phase == "live":
+                self.scorer = None
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=10)
+        with self.lock:
+            self.consumer.close()
+
+    def summary(self) -> dict:
+        """``rows`` (one per phase and stage) and ``series`` (per phase: seconds since the
+        phase began, replay end, and each stage's lag samples) for the report."""
+        rows, series = [], {}
+        for phase, info in self.phases.items():
+            samples = [s for s in self.samples if s["phase"] == phase]
+            end = info.get("replay_end")
+            ser = {"replay_end": None if end is None else end - info["start"], "stages": {}}
+            for stage in (*SPEED_STAGES, SCORER):
+                pts = [(s["t"], s[stage]) for s in samples if stage in s]
+                if not pts:
+                    continue
+                ser["stages"][stage] = ([t - info["start"] for t, _ in pts], [v for _, v in pts])
+                after = [(t, v) for t, v in pts if end is not None and t >= end]
+                caught = next((round(t - end, 2) for t, v in after if v == 0), None)
+                rows.append({"stage": stage, "phase": phase, "samples": len(pts),
+                             "max lag (records)": max(v for _, v in pts),
+                             "lag at replay end": after[0][1] if after else None,
+                             "final lag": pts[-1][1],
+                             "caught up (s after replay)": caught})
+            series[phase] = ser
+        return {"rows": rows, "series": series, "interval_s": self.interval}
+
+
+class _FreshnessProbe:
+    """Feature freshness as the demo can measure it on a time-compressed replay: the wall
+    time from a sampled impression becoming readable in Kafka (seen by a consumer of the
+    impressions topic) to its count being visible in Redis (``sv:user:<id>:<day>``, field
+    ``i<bucket>`` >= 1, polled every ``poll_s``).
+
+    The probes are impressions of the scenario itself (nothing extra is produced): ones that
+    are alone in their (user, 1-minute bucket) cell over the whole stream, so their cell
+    appears in Redis only because of them. The speed layer's own freshness histogram
+    (now - Kafka timestamp) is useless here: the replay's Kafka timestamps are historical,
+    time-compressed event times."""
+
+    def __init__(self, st: DemoState, tr, lo: int | None, hi: int | None, n_probes: int,
+                 poll_s: float = 0.005):
+        import redis as redis_lib
+        from confluent_kafka import TopicPartition
+
+        from ctrstream.kafka.clients import make_consumer, topic_end_offsets
+
+        self.poll_s = poll_s
+        self.probes = self._select(tr, lo, hi, n_probes)
+        self.arrived: dict[bytes, float] = {}
+        self.visible: dict[bytes, float] = {}
+        topic = st.settings.topics.impressions.name
+        self.consumer = make_consumer(st.settings, f"ctrstream-demo-fresh-{st.run_id}",
+                                      **{"fetch.wait.max.ms": 10})
+        self.consumer.assign([TopicPartition(topic, p, off)
+                              for p, off in topic_end_offsets(st.settings, topic).items()])
+        self.redis = redis_lib.Redis.from_url(st.settings.redis.url)
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=f, name=f"demo-fresh-{f.__name__}", daemon=True)
+                        for f in (self._consume, self._poll)]
+        for t in self.threads:
+            t.start()
+        self.st = st
+        st.probes.append(self)
+
+    @staticmethod
+    def _select(tr, lo, hi, n: int) -> dict[bytes, tuple[str, str]]:
+        imps = tr.impressions
+        t = imps.column("event_time_ms").to_numpy()
+        u = imps.column("user_id").to_numpy().astype(np.int64)
+        res = F.RESOLUTIONS[0]
+        b = F.bucket_of(t, res).astype(np.int64)
+        b0, nb = int(b.min()), int(b.max() - b.min()) + 1
+        cell = (u - int(u.min())) * nb + (b - b0)
+        _, inv, cnt = np.unique(cell, return_inverse=True, return_counts=True)
+        ok = cnt[inv] == 1
+        if lo is not None:
+            ok &= t >= lo
+        if hi is not None:
+            ok &= t < hi
+        idx = np.flatnonzero(ok)
+        idx = idx[np.argsort(t[idx], kind="stable")]
+        if len(idx) > n:
+            idx = idx[np.unique(np.linspace(0, len(idx) - 1, n).astype(int))]
+        ids = imps.column("impression_id").take(idx).to_pylist()
+        user = F.ENTITY_BY_NAME["user"]
+        return {i.encode(): (F.speed_key(user.name, F.entity_id(user, {"user_id": int(u[k])}),
+                                         F.speed_day(int(b[k]), res)),
+                             F.speed_field(res.name, "i", int(b[k])))
+                for i, k in zip(ids, idx.tolist())}
+
+    def _consume(self) -> None:
+        while not self.stop_event.is_set():
+            msgs = self.consumer.consume(num_messages=1000, timeout=0.05)
+            now = time.monotonic()
+            for m in msgs:
+                k = m.key() if m.error() is None else None
+                if k in self.probes and k not in self.arrived:
+                    self.arrived[k] = now
+
+    def _poll(self) -> None:
+        while not self.stop_event.is_set():
+            pending = [k for k in list(self.arrived) if k not in self.visible]
+            if pending:
+                pipe = self.redis.pipeline(transaction=False)
+                for k in pending:
+                    pipe.hget(*self.probes[k])
+                values = pipe.execute()
+                now = time.monotonic()
+                for k, v in zip(pending, values):
+                    if v is not None and int(v) >= 1:
+                        self.visible[k] = now
+            time.sleep(self.poll_s)
+
+    def close(self) -> None:
+        if self.stop_event.is_set():
+            return
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=10)
+        self.consumer.close()
+        self.redis.close()
+        if self in self.st.probes:
+            self.st.probes.remove(self)
+
+    def finish(self, grace_s: float = 5.0) -> dict:
+        """Stop (after at most ``grace_s`` for the probes already in Kafka to show up)."""
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and len(self.visible) < len(self.arrived):
+            time.sleep(0.05)
+        self.close()
+        lat = np.array([self.visible[k] - self.arrived[k] for k in self.visible], dtype=float)
+        lat = np.maximum(lat, 0.0)
+        out = {"probes": len(self.probes), "seen in Kafka": len(self.arrived),
+               "visible in Redis": len(lat), "poll_s": self.poll_s, "latencies": lat.tolist()}
+        if len(lat):
+            out.update({"p50 s": float(np.percentile(lat, 50)),
+                        "p95 s": float(np.percentile(lat, 95)), "max s": float(lat.max())})
+        return out
+
+
+def _n_probes(cfg: DemoConfig) -> int:
+    return int(min(300, max(20, 5 * cfg.replay_seconds)))
+
+
+def _count_speed_keys(settings: Settings) -> dict[str, int]:
+    """The speed-view hashes (``sv:*``) in the demo's Redis database, per entity (SCAN)."""
+    import redis as redis_lib
+
+    r = redis_lib.Redis.from_url(settings.redis.url)
+    try:
+        counts: dict[str, int] = {}
+        for key in r.scan_iter(match="sv:*", count=10_000):
+            ent = key.split(b":", 2)[1].decode()
+            counts[ent] = counts.get(ent, 0) + 1
+        return counts
+    finally:
+        r.close()
+
+
+# --------------------------------------------------------------------------- the phases
+
+def _demo_settings(base: Settings, run_id: str, out: Path) -> Settings:
+    t = base.topics
+    topics = t.model_copy(update={
+        k: Topic(name=f"{getattr(t, k).name}-demo{run_id}", partitions=getattr(t, k).partitions)
+        for k in ("impressions", "clicks", "labeled", "predictions", "dlq")})
+    redis = base.redis.model_copy(update={"db": 1})
+    return base.model_copy(update={"topics": topics, "data_dir": out / "data", "redis": redis})
+
+
+def _stack(st: DemoState) -> None:
+    import redis as redis_lib
+
+    from ctrstream.kafka.clients import ensure_topics
+    from ctrstream.stack.manager import Stack
+
+    stack = Stack(st.settings)
+    times = stack.up(log=console.print)
+    st.started_stack = any(v is not None for v in times.values())
+    ensure_topics(st.settings, st.settings.topics.all())
+    r = redis_lib.Redis.from_url(st.settings.redis.url)
+    r.flushdb(asynchronous=True)  # a previous run can leave millions of keys: free them in the background
+    r.close()
+    console.print(f"topics: {', '.join(t.name for t in st.settings.topics.all())}; "
+                  f"Redis database {st.settings.redis.db} (flushed)")
+
+
+def _generate(st: DemoState, cfg: DemoConfig):
+    from ctrstream.simulation.generator import generate, load_scenario, write_traffic
+
+    sc = load_scenario(cfg.scenario, events=cfg.events, seed=cfg.seed, hours=cfg.hours)
+    tr = generate(sc)
+    write_traffic(tr, st.out / "traffic")
+    imps, clks = tr.impressions, tr.clicks
+    t_imp = imps.column("event_time_ms").to_numpy()
+    start, end = int(t_imp.min()), int(t_imp.max())
+    t_split = F.align_cutoff(int(start + cfg.history_fraction * (end - start)))
+    st.numbers.update(impressions=imps.num_rows, clicks=clks.num_rows, scenario=cfg.scenario,
+                      t_start=start, t_end=end, t_split=t_split, injected=tr.injected,
+                      partitions=st.settings.topics.impressions.partitions)
+    console.print(f"{imps.num_rows:,} impressions, {clks.num_rows:,} clicks over "
+                  f"{(end - start) / 3.6e6:.1f} h of event time; history until "
+                  f"{time.strftime('%H:%M', time.gmtime(t_split / 1000))} (t_split)")
+    return tr, t_split
+
+
+def _records_between(tr, lo: int | None, hi: int | None):
+    for rec in tr.records():
+        ts = rec[3]
+        if (lo is None or ts >= lo) and (hi is None or ts < hi):
+            yield rec
+
+
+def _replay(st: DemoState, tr, lo, hi, span_ms: float, cfg: DemoConfig, label: str) -> dict:
+    from ctrstream.simulation.replay import replay
+
+    compression = max(1.0, span_ms / 1000.0 / cfg.replay_seconds)
+    summary = replay(st.settings, _records_between(tr, lo, hi), time_compression=compression,
+                     progress=True, description=label)
+    if summary.failed:
+        raise DemoError(f"{summary.failed} records could not be delivered to Kafka: {summary.errors}")
+    console.print(f"{label}: {summary.describe()} (time compression {compression:.0f}x)")
+    return {"sent": summary.sent, "seconds": summary.seconds, "rate": summary.rate,
+            "compression": compression, "by_topic": summary.by_topic}
+
+
+def _scrape_value(port: int, sample: str) -> float | None:
+    """One sample of a Prometheus endpoint, read without the full parser (called often)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _replay_lockstep(st: DemoState, tr, lo: int, cfg: DemoConfig, label: str) -> dict:
+    """The live replay in **event-time lockstep with the scorer**, so that the scorer reads
+    each impression's features as a serving system would - before the future exists.
+
+    A time-compressed replay otherwise runs ahead of the scorer: by the time the scorer reads
+    an impression's windows, the speed layer has counted later events and the impression's
+    own click (training counts only strictly earlier events: a train/serve skew that showed
+    as a live AUC of 0.27). Here, per step of ``cfg.lockstep_s`` of event time:
+
+    1. the step's impressions are sent and acknowledged by Kafka;
+    2. the replay waits until the scorer has read features for and scored every one of them
+       (its ``ctrstream_score_records_total`` counts every impressions-topic record it has
+       handled, skipped and undecodable ones included);
+    3. only then the step's clicks are sent.
+
+    So no impression is scored with its own click in the features, and later impressions
+    can be in them only within the same step (at most ``lockstep_s`` of event time ahead) -
+    the same bounded skew as a real-time scorer with that much lag. The price is wall time:
+    one scorer round trip per step."""
+    from confluent_kafka import Producer
+
+    from ctrstream.kafka.clients import producer_config
+
+    errors: list[str] = []
+
+    def on_delivery(err, msg):
+        if err is not None:
+            errors.append(str(err))
+
+    producer = Producer(producer_config(st.settings, on_delivery=on_delivery))
+    topics = {"impressions": st.settings.topics.impressions.name,
+              "clicks": st.settings.topics.clicks.name}
+    port = st.numbers["metrics_ports"]["score"]
+    sample = "ctrstream_score_records_total"
+    base = _topic_count(st.settings, st.settings.topics.impressions)  # records before the live phase
+    step_ms = max(1, int(cfg.lockstep_s * 1000))
+    imps: list = []
+    clicks: list = []
+    counts = {"impressions": 0, "clicks": 0}
+    steps = 0
+    waited = 0.0
+    t0 = time.monotonic()
+
+    def send(records: list) -> None:
+        for kind, key, value, ts in records:
+            while True:
+                try:
+                    producer.produce(topics[kind], value, key, timestamp=ts)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            counts[kind] += 1
+        producer.poll(0)
+
+    def step() -> None:
+        nonlocal steps, waited
+        send(imps)
+        if producer.flush(60):
+            raise DemoError("Kafka did not acknowledge the live replay's records within 60 s")
+        target = base + counts["impressions"]
+        w0 = time.monotonic()
+        deadline = w0 + 120
+        while (_scrape_value(port, sample) or 0) < target:
+            p = st.procs.get("score")
+            if p is not None and p.poll() is not None:
+                raise DemoError(f"the score job exited with code {p.returncode} during the live "
+                                f"replay; see {st.out / 'logs' / 'score.log'}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"the scorer did not score the live step ending at impression "
+                                f"{counts['impressions']:,} within 120 s; see "
+                                f"{st.out / 'logs' / 'score.log'}")
+            time.sleep(0.01)  # each scrape costs the scorer ~1 ms of its own CPU: not faster
+        waited += time.monotonic() - w0
+        send(clicks)
+        steps += 1
+        imps.clear()
+        clicks.clear()
+
+    end = None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        live = sum(int(np.count_nonzero(t.column("event_time_ms").to_numpy() >= lo))
+                   for t in (tr.impressions, tr.clicks))  # the bar's total (injections aside)
+        task = bar.add_task(label, total=live)
+        for rec in _records_between(tr, lo, None):
+            if end is None:
+                end = rec[3] + step_ms
+            elif rec[3] >= end:
+                step()
+                bar.update(task, completed=sum(counts.values()))
+                end = rec[3] + step_ms
+            (imps if rec[0] == "impressions" else clicks).append(rec)
+        step()
+    if producer.flush(60) or errors:
+        raise DemoError(f"live replay: {len(errors)} records could not be delivered to Kafka: "
+                        f"{errors[:3]}")
+    seconds = time.monotonic() - t0
+    sent = sum(counts.values())
+    console.print(f"{label}: {sent:,} records in {seconds:.1f} s, {steps:,} lockstep steps of "
+                  f"{cfg.lockstep_s:g} s of event time ({waited:.1f} s waiting for the scorer)")
+    return {"sent": sent, "seconds": seconds, "rate": sent / max(seconds, 1e-9),
+            "by_topic": dict(counts), "lockstep_s": cfg.lockstep_s, "steps": steps,
+            "scorer_wait_s": waited}
+
+
+def _events_written(st: DemoState) -> int:
+    """Records in the event topics now: the replay's plus the watermark heartbeats the demo
+    sent (the speed jobs read and count those too; the lag monitor uses the same total)."""
+    return _topic_count(st.settings, st.settings.topics.impressions) + \
+        _topic_count(st.settings, st.settings.topics.clicks)
+
+
+def _speed_caught_up(st: DemoState, expected_in: int) -> bool:
+    """Both speed-layer jobs have read ``expected_in`` records (the features job also reports
+    no consumer lag)."""
+    ports = st.numbers["metrics_ports"]
+    m = _scrape_or_empty(ports["speed-features"])
+    j = _scrape_or_empty(ports["speed-join"])
+    return m.get("ctrstream_speed_events_in_total", 0) >= expected_in and \
+        m.get("ctrstream_speed_consumer_lag", 1) == 0 and \
+        j.get("ctrstream_speed_events_in_total", 0) >= expected_in
+
+
+def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
+    from ctrstream.stack.services import free_port
+    from ctrstream.batch.archive import Archiver
+    from ctrstream.kafka.heartbeats import send_heartbeat
+
+    ports = {"speed-features": free_port(), "speed-join": free_port()}
+    st.numbers["metrics_ports"] = ports
+    rec_root = st.out / "speed-recovery"
+    _start(st, "speed-features", ["speed", "features", "--recovery-dir", str(rec_root / "features")],
+           ports["speed-features"])
+    _start(st, "speed-join", ["speed", "join", "--recovery-dir", str(rec_root / "join")],
+           ports["speed-join"])
+    st.monitor = _LagMonitor(st)
+    probe = _FreshnessProbe(st, tr, None, t_split, _n_probes(cfg))
+    st.monitor.begin("history")
+    t0 = time.monotonic()
+    st.numbers["replay_history"] = _replay(st, tr, None, t_split, t_split - st.numbers["t_start"],
+                                           cfg, "replay (history)")
+    st.monitor.replay_ended("history")
+    # advance the watermark to the split so buckets and attribution windows up to it close
+    send_heartbeat(st.settings, t_split)
+    _wait("the speed layer to catch up with the history",
+          lambda: _speed_caught_up(st, _events_written(st)), 600,
+          ["speed-features", "speed-join"], st)
+    st.numbers["speed_history_seconds"] = time.monotonic() - t0
+    st.monitor.end("history")
+    st.numbers.setdefault("freshness", {})["history"] = probe.finish()
+    archiver = Archiver(st.settings, st.settings.data_dir)
+    stats = archiver.run(until_idle_s=3.0)
+    st.numbers["archive"] = stats.as_dict()
+    console.print(f"archive: {stats.as_dict()}")
+
+
+def _batch(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
+    from ctrstream.batch.views import publish_batch_view
+    from ctrstream.models.publish import publish, served_model_name
+    from ctrstream.batch.pipeline import archive_training_data, run_training
+    from ctrstream.cli.train import print_summary
+
+    window_ms = int(st.settings.attribution_window_s * 1000)
+    ds, _, source = archive_training_data(st.settings, end_ms=t_split - window_ms, log=console.print)
+    st.numbers["train_rows"] = int(len(ds["label"]))
+    summary = run_training(st.settings, ds, tr.oracle, out_dir=st.out / "models", epochs=cfg.epochs,
+                           source=source, log=console.print)
+    del ds  # the training set is not needed for the batch view: free it before that peak
+    print_summary(summary, console)
+    st.numbers["training"] = summary
+    published = {}
+    for kind, base in (("lr", "ctr_lr"), ("deep", "ctr_deep")):
+        card = json.loads(Path(summary["models"][kind]["card"]).read_text())
+        published[kind] = publish(st.settings, summary["models"][kind]["onnx"], base, card=card)
+        console.print(f"published {served_model_name(st.settings, base)}: {published[kind]}")
+    st.numbers["published"] = published
+    view = publish_batch_view(st.settings, st.settings.data_dir, t_split)
+    st.numbers["batch_view"] = view
+    console.print(f"batch view {view.get('version')} at cut-off {view.get('cutoff_ms')}: {view}")
+
+
+def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
+    from ctrstream.stack.services import free_port
+    from ctrstream.kafka.heartbeats import send_heartbeat
+
+    ports = st.numbers["metrics_ports"]
+    ports["score"], ports["calibrate"] = free_port(), free_port()
+    _start(st, "score", ["score", "--model", "ctr_deep", "--since-ms", str(t_split),
+                         "--recovery-dir", str(st.out / "score-recovery")], ports["score"])
+    _start(st, "calibrate", ["calibrate", "--checkpoint-interval", "1"], ports["calibrate"])
+    end = st.numbers["t_end"]
+    expected = int(np.count_nonzero(tr.impressions.column("event_time_ms").to_numpy() >= t_split))
+    probe = _FreshnessProbe(st, tr, t_split, None, _n_probes(cfg))
+    st.monitor.scorer = (st.monitor.impressions_end(), expected)
+    st.monitor.begin("live")
+    t0 = time.monotonic()
+    st.numbers["replay_live"] = _replay_lockstep(st, tr, t_split, cfg, "replay (live, lockstep)")
+    st.monitor.replay_ended("live")
+    # close every attribution window: the join emits the last labeled examples
+    send_heartbeat(st.settings, end + int(st.settings.attribution_window_s * 1000)
+                   + int(st.settings.allowed_lateness_s * 1000) + F.HOUR_MS)
+    _wait("the scorer to score the live stream",
+          lambda: _topic_count(st.settings, st.settings.topics.predictions) >= expected, 900,
+          ["score"], st)
+    st.numbers["score_seconds"] = time.monotonic() - t0
+    st.numbers["predictions"] = _topic_count(st.settings, st.settings.topics.predictions)
+    st.numbers["freshness"]["live"] = probe.finish()
+    n_labeled = tr.impressions.num_rows
+    _wait("the join to label every impression",
+          lambda: _topic_count(st.settings, st.settings.topics.labeled) >= n_labeled * 0.99, 600,
+          ["speed-join"], st)
+    def calibrator_done() -> bool:
+        # every prediction is joined with its label or dropped (expired, degraded, duplicate)
+        m = _scrape_or_empty(ports["calibrate"])
+        return (m.get("ctrstream_calibration_joined_total", 0)
+                + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)) >= expected
+
+    _wait("the calibrator to learn from the live labels", calibrator_done, 600, ["calibrate"], st)
+    _wait("the speed layer to catch up with the live stream", lambda: _speed_caught_up(st, _events_written(st)),
+          600, ["speed-features", "speed-join"], st)
+    st.monitor.end("live")
+    st.numbers["lag"] = st.monitor.summary()
+    st.numbers["metrics"] = {name: _scrape_or_empty(port) for name, port in ports.items()}
+    # the speed layer has read everything (the join has labeled every impression): count its view
+    st.numbers["speed_keys_by_entity"] = _count_speed_keys(st.settings)
+    st.numbers["speed_keys"] = sum(st.numbers["speed_keys_by_entity"].values())
+    console.print(f"speed view: {st.numbers['speed_keys']:,} sv:* hashes in Redis "
+                  f"{st.numbers['speed_keys_by_entity']}")
+    for name in ("score", "calibrate"):
+        _stop(st, name)
+
+
+def _reconcile(st: DemoState) -> None:
+    from ctrstream.batch.reconcile import reconcile
+
+    rep = reconcile(st.settings, st.settings.data_dir)
+    d = rep.to_dict() if hasattr(rep, "to_dict") else asdict(rep)
+    st.numbers["reconcile"] = d
+    (st.out / "reconcile.json").write_text(json.dumps(d, indent=2, default=str))
+    md = getattr(rep, "markdown", None)
+    text = md() if callable(md) else None
+    if text:
+        (st.out / "reconcile.md").write_text(text)
+    console.print(text or json.dumps(d, default=str)[:2000])
+
+
+def _serve(st: DemoState, tr) -> None:
+    import httpx
+
+    from ctrstream.stack.services import free_port
+
+    port = free_port()
+    _start(st, "serve", ["serve", "--host", "127.0.0.1", "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait("the prediction API to be ready", ready, 120, ["serve"], st)
+    imps = tr.impressions.slice(tr.impressions.num_rows - 5000).to_pylist()
+    ads = {}
+    for r in imps:
+        ads.setdefault(r["ad_id"], {k: r[k] for k in ("ad_id", "campaign_id", "advertiser_id",
+                                                      "ad_category")})
+    candidates = list(ads.values())[:50]
+    samples = []
+    for r in imps[-3:]:
+        body = {"user_id": r["user_id"],
+                "context": {"site_id": r["site_id"], "device_type": r["device_type"],
+                            "country": r["country"], "position": r["position"],
+                            "event_time_ms": st.numbers["t_end"]},
+                "candidates": candidates}
+        resp = httpx.post(f"{url}/v1/predict", json=body, timeout=10)
+        if resp.status_code != 200:
+            raise DemoError(f"/v1/predict answered {resp.status_code}: {resp.text[:500]}")
+        samples.append({"request": {k: v for k, v in body.items() if k != "candidates"}
+                        | {"candidates": len(candidates)}, "response": resp.json(),
+                        "server_timing": resp.headers.get("server-timing", "")})
+        table = Table(title=f"user {r['user_id']} on site {r['site_id']} ({r['device_type']}, "
+                            f"position {r['position']}): top 5 of {len(candidates)} ads")
+        for c in ("rank", "ad_id", "raw_score", "calibrated_score"):
+            table.add_column(c, justify="right")
+        out = resp.json()
+        for c in out["candidates"][:5]:
+            table.add_row(str(c.get("rank")), str(c["ad_id"]), f"{c['raw_score']:.4f}",
+                          f"{c['calibrated_score']:.4f}")
+        console.print(table)
+        console.print(f"model {out.get('model_name')} v{out.get('model_version')}, calibration "
+                      f"{out.get('calibration')}, degraded {out.get('degraded')}")
+    st.numbers["api_samples"] = samples
+    _stop(st, "serve")
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    if not cfg.lockstep_s > 0:
+        raise DemoError(f"lockstep_s must be > 0 seconds of event time, not {cfg.lockstep_s}")
+    run_id = uuid.uuid4().hex[:6]
+    out = Path(cfg.out).absolute() / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    st = DemoState(run_id, out, _demo_settings(get_settings(), run_id, out))
+    console.print(f"[bold]ctrstream demo[/] run {run_id}: output in {out}")
+    t0 = time.monotonic()
+    total = 8
+    ok = False
+    try:
+        with phase(st, 1, total, "stack", "Kafka (KRaft), Redis, Triton on 127.0.0.1"):
+            _stack(st)
+        with phase(st, 2, total, "generate", f"scenario {cfg.scenario}, {cfg.events:,} impressions"):
+            tr, t_split = _generate(st, cfg)
+        with phase(st, 3, total, "history", "speed layer + replay of the history + archive"):
+            _history(st, cfg, tr, t_split)
+        with phase(st, 4, total, "batch", "training set, LR + DCN-v2, ONNX, Triton, batch view"):
+            _batch(st, cfg, tr, t_split)
+        # reconcile as soon as the batch view lands (the lambda architecture's moment for
+        # it): the speed view's TTLs run in wall time, and a time-compressed replay spends
+        # hours of event time per wall minute
+        with phase(st, 5, total, "reconcile", "batch view vs speed view; the batch wins"):
+            _reconcile(st)
+        with phase(st, 6, total, "live", "streaming scorer + River calibration on the live stream"):
+            _live(st, cfg, tr, t_split)
+        with phase(st, 7, total, "serve", "sample ad requests through the prediction API"):
+            _serve(st, tr)
+        with phase(st, 8, total, "report", "terminal summary + report.html"):
+            from ctrstream.demo.report import build_report
+
+            st.numbers["total_seconds"] = time.monotonic() - t0
+            path = build_report(st, tr, cfg)
+        ok = True
+        return path
+    finally:
+        for probe in list(st.probes):
+            probe.close()
+        if st.monitor is not None:
+            st.monitor.close()
+        for name in list(st.procs):
+            _stop(st, name)
+        if not ok:
+            console.print(f"[red]demo stopped[/]; logs are in {out / 'logs'} "
+                          f"(stack logs in {st.settings.run_dir / 'logs'})")
+        if st.started_stack and not cfg.keep_stack:
+            from ctrstream.stack.manager import Stack
+
+            Stack(st.settings).down(log=console.print)
+        elif cfg.keep_stack:
+            console.print("stack kept running (--keep-stack); stop it with `ctrstream stack down`")

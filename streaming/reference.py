@@ -1,0 +1,112 @@
+"""A plain, record-by-record reference of what the speed layer must produce.
+
+Used by the tests and the benchmark to check the dataflows: it reads the topics back from
+Kafka (partition, offset, key, value) and applies the declared rules one record at a time,
+with no batching, sharding or numpy, so that it shares no code path with the dataflow except
+the codec and ``ctrstream.features``:
+
+* heartbeat records advance their partition's watermark; undecodable records are dead;
+* per Kafka partition, an event older than ``max event time seen before it - allowed
+  lateness`` is late;
+* the first copy of an impression id (click id) counts, later copies are duplicates;
+* a counted event adds 1 to ``i``/``c`` of its bucket of every resolution of every entity.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from ctrstream import features as F
+from ctrstream.config import Settings
+from ctrstream import events as E
+from ctrstream.kafka.heartbeats import heartbeat_time
+from ctrstream.kafka.topics import Record
+
+
+@dataclass
+class Reference:
+    cells: dict[tuple[str, str], int] = field(default_factory=dict)  # (redis key, field) -> n
+    dead: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)  # -> (stage, reason)
+    stats: Counter = field(default_factory=Counter)
+    counted: dict[str, list] = field(default_factory=lambda: {"impressions": [], "clicks": []})
+
+
+def reference_labels(ref: Reference, window_ms: int) -> dict[str, tuple[int, int | None]]:
+    """impression id -> (clicked, earliest click delay) the join must emit for ``ref``."""
+    t_of = {i.impression_id: i.event_time_ms for i in ref.counted["impressions"]}
+    best: dict[str, int] = {}
+    for c in ref.counted["clicks"]:
+        t = t_of.get(c.impression_id)
+        if t is not None and 0 <= c.event_time_ms - t <= window_ms:
+            d = c.event_time_ms - t
+            best[c.impression_id] = min(d, best.get(c.impression_id, d))
+    return {i: ((1, best[i]) if i in best else (0, None)) for i in t_of}
+
+
+def reference_features(settings: Settings, records: dict[str, list[Record]]) -> Reference:
+    """``records`` maps "impressions"/"clicks" to their records (any partition order)."""
+    lateness = int(settings.allowed_lateness_s * 1000)
+    counts: Counter = Counter()
+    ref = Reference()
+    for kind, recs in records.items():
+        etype = "i" if kind == "impressions" else "c"
+        decode = E.decode_impression if kind == "impressions" else E.decode_click
+        by_part: dict[int, list[Record]] = defaultdict(list)
+        for r in recs:
+            by_part[r.partition].append(r)
+        for part, rs in by_part.items():
+            rs.sort(key=lambda r: r.offset)
+            max_t = None
+            seen: set[str] = set()
+            for r in rs:
+                ref.stats["records"] += 1
+                if r.value is None and heartbeat_time(r.key) is not None:
+                    ht = heartbeat_time(r.key)
+                    max_t = ht if max_t is None else max(max_t, ht)
+                    ref.stats["heartbeats"] += 1
+                    continue
+                try:
+                    ev = decode(r.value)
+                except E.DecodeError as e:
+                    ref.dead[(r.topic, r.partition, r.offset)] = ("decode", e.reason)
+                    ref.stats["decode_errors"] += 1
+                    continue
+                t = ev.event_time_ms
+                if max_t is not None and t < max_t - lateness:
+                    ref.dead[(r.topic, r.partition, r.offset)] = ("lateness", "late")
+                    ref.stats["late"] += 1
+                    continue
+                max_t = t if max_t is None else max(max_t, t)
+                eid_ = ev.impression_id if kind == "impressions" else ev.click_id
+                if eid_ in seen:
+                    ref.stats["duplicates"] += 1
+                    continue
+                seen.add(eid_)
+                ref.counted[kind].append(ev)
+                ref.stats[f"counted_{etype}"] += 1
+                for ent in F.ENTITIES:
+                    sid = F.entity_id(ent, ev)
+                    for res in F.RESOLUTIONS:
+                        b = int(F.bucket_of(t, res))
+                        counts[(F.speed_key(ent.name, sid, F.speed_day(b, res)),
+                                F.speed_field(res.name, etype, b))] += 1
+    ref.cells = dict(counts)
+    return ref
+
+
+def read_speed_view(r) -> dict[tuple[str, str], int]:
+    """Every non-zero (key, field) of the speed view in a Redis client's database."""
+    out = {}
+    keys = list(r.scan_iter(match="sv:*", count=10_000))
+    pipe = r.pipeline(transaction=False)
+    for k in keys:
+        pipe.hgetall(k)
+    for k, h in zip(keys, pipe.execute()):
+        k = k.decode() if isinstance(k, bytes) else k
+        for f, v in h.items():
+            f = f.decode() if isinstance(f, bytes) else f
+            v = int(v)
+            if v:
+                out[(k, f)] = v
+    return out
