@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 
 ID_BASE = 900_000_000
 STAGES = ("redis", "assembly", "triton", "calibration")
@@ -227,30 +228,30 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
     ents += [("site", str(s)) for s in uni.sites]
     ents += [("site_x_category", f"{s}:{c}") for s in uni.sites for c in np.unique(uni.category)]
     ents += [("user", str(u)) for u in uni.users[:2000]]
-    served = r.get(F.BATCH_POINTER_KEY)
+    served = r.get(L.BATCH_POINTER_KEY)
     cutoff = F.align_cutoff(now_ms - 2 * F.HOUR_MS)
     ttl_ms = 6 * 3600 * 1000
     bucket_rows: dict[str, list] = {k: [] for k in ("entity", "eid", "res", "bucket", "imps", "clicks")}
     long_rows: dict[str, list] = {k: [] for k in ("entity", "eid", "long_window", "imps", "clicks")}
     pipe = r.pipeline(transaction=False)
     for k, (ent, eid) in enumerate(ents):
-        # the entity's speed hashes, one per event day (features.speed_key), each with the
-        # fields of every resolution's buckets of that day (features.speed_field)
+        # the entity's speed hashes, one per event day (layout.speed_key), each with the
+        # fields of every resolution's buckets of that day (layout.speed_field)
         per_day: dict[int, dict] = {}
         for res in F.RESOLUTIONS:
             buckets = list(F.window_buckets(now_ms, res))
             imps = rng.poisson(20, len(buckets))
             clicks = rng.binomial(imps, 0.02)
             for b, i, c in zip(buckets, imps, clicks):
-                mapping = per_day.setdefault(F.speed_day(b, res), {})
-                mapping[F.speed_field(res.name, "i", b)] = int(i)
-                mapping[F.speed_field(res.name, "c", b)] = int(c)
+                mapping = per_day.setdefault(L.speed_day(b, res), {})
+                mapping[L.speed_field(res.name, "i", b)] = int(i)
+                mapping[L.speed_field(res.name, "c", b)] = int(c)
                 if served is None and (b + 1) * res.bucket_ms <= cutoff:
                     for col, v in zip(bucket_rows, (ent, eid, res.name, b, int(i), int(c))):
                         bucket_rows[col].append(v)
         for day, mapping in per_day.items():
-            pipe.hset(F.speed_key(ent, eid, day), mapping=mapping)
-            pipe.pexpire(F.speed_key(ent, eid, day), ttl_ms)
+            pipe.hset(L.speed_key(ent, eid, day), mapping=mapping)
+            pipe.pexpire(L.speed_key(ent, eid, day), ttl_ms)
         if served is None:
             for w in F.LONG_WINDOWS:
                 for col, v in zip(long_rows, (ent, eid, w.name, int(rng.poisson(5000)),
@@ -321,8 +322,8 @@ class LiveSpeedWriter:
                                  ("site_x_category", f"{site}:{cats[i]}")):
                     for res in F.RESOLUTIONS:
                         b = now // res.bucket_ms
-                        pipe.hincrby(F.speed_key(ent, str(eid), F.speed_day(b, res)),
-                                     F.speed_field(res.name, "i", b), 1)
+                        pipe.hincrby(L.speed_key(ent, str(eid), L.speed_day(b, res)),
+                                     L.speed_field(res.name, "i", b), 1)
             pipe.execute()
             self.events += n
             self.flushes += 1

@@ -36,7 +36,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ctrstream.bench.common import device_info, print_table, results_dir, write_results
+from ctrstream.bench.common import device_info, print_table, write_results
 from ctrstream.bench.inference_models import (
     DEFAULT_MLP, BenchModel, batch_cost, onnx_cost, parse_mlp, parse_size, published,
     remove_variants, synthetic, write_variant,

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ctrstream.bench.common import print_table, rss_kb, write_results
+from ctrstream.store import layout as L
 
 
 def _env(settings) -> dict:
@@ -143,7 +144,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
             if pending:
                 pipe = r.pipeline(transaction=False)
                 for u in pending:
-                    pipe.exists(F.speed_key("user", str(u), probe_day[u]))
+                    pipe.exists(L.speed_key("user", str(u), probe_day[u]))
                 now = time.time()
                 for u, ok in zip(pending, pipe.execute()):
                     if ok:
@@ -161,7 +162,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
         p.produce(ti, key=b"warm", value=E.encode(warm))
         p.flush(10)
         deadline = time.time() + 120
-        while not r.exists(F.speed_key("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)):
+        while not r.exists(L.speed_key("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)):
             if time.time() > deadline:
                 raise RuntimeError("features job did not start within 120 s")
             time.sleep(0.05)

@@ -3,8 +3,8 @@
 Every windowed feature in ctrstream is declared here, once. The speed layer (Bytewax,
 ``ctrstream.streaming.features_flow``), the batch layer (DuckDB over the Parquet archive,
 ``ctrstream.batch.point_in_time``), the batch views, the online merge and the training set all
-compute from these declarations; nothing else hard-codes an entity, a bucket size, a window
-or the Redis key layout. Reconciliation is meaningful only because of this.
+compute from these declarations; nothing else hard-codes an entity, a bucket size or a
+window. Reconciliation is meaningful only because of this.
 
 Semantics
 ---------
@@ -21,32 +21,8 @@ Semantics
   to the batch cut-off, and served from the batch view.
 * **Smoothing**: rates use a Beta(alpha, beta) prior: ``(clicks + alpha) / (imps + alpha + beta)``.
 
-Redis key layout
-----------------
-* speed view: ``sv:{entity}:{id}:{day}`` - one HASH per entity and event day (days since
-  the epoch, UTC, :func:`speed_day`) for every resolution: fields ``{res}:i{bucket}`` and
-  ``{res}:c{bucket}`` (:func:`speed_field`, e.g. ``5m:i29215043``) hold **absolute**
-  impression/click counts of the buckets of that day (idempotent HSET, never HINCRBY).
-  One hash for all resolutions, rather than one per resolution: every event updates all
-  resolutions of an entity at once, so the writer sends one ``HSET`` per entity instead of
-  three and the reader one ``HMGET`` per day (measured: Redis spends 1.7x less per event).
-  One hash per *day*, so that it is bounded without ever deleting a field: a day's hash
-  stops growing when the day ends and expires :func:`speed_hash_ttl_ms` after its last new
-  bucket of the longest resolution (each one renews the TTL), which keeps every bucket
-  readable for at least its own resolution's TTL (:func:`speed_ttl_ms`). A window of up to
-  a day spans at most two day hashes.
-* batch view: ``bv:{version}:{entity}:{id}:{res}`` - one HASH per resolution, fields
-  ``i{bucket}`` / ``c{bucket}`` (:func:`field`), the buckets closed by the cut-off;
-  ``bv:{version}:{entity}:{id}:long`` - fields ``i7d``/``c7d`` (long windows);
-  ``bv:{version}:{entity}:{id}:sums`` - the serving summary of the entity (views whose meta
-  has ``sums`` = 1): the long-window fields again, plus **suffix sums** per resolution,
-  ``{res}:i{b}`` / ``{res}:c{b}`` = the view's impressions / clicks of buckets ``>= b``
-  (:func:`suffix_field`), for every ``b`` of :func:`view_buckets` up to the entity's last
-  non-empty bucket (absent: 0). The batch part of any window, buckets ``lo..hi`` of the view,
-  is then ``S[lo] - S[hi + 1]``: two fields per count instead of one per bucket;
-  ``bv:{version}:meta`` - HASH ``cutoff_ms``, ``created_ms``, ``fingerprint`` (, ``sums``);
-  ``bv:current`` - STRING, the served version (switched atomically with SET).
-* ids of crossed entities join their parts with ``:`` (``user_x_ad`` 17, 4 -> ``17:4``).
+Where the counts live in Redis (the speed view, the batch view, the pointer between them)
+is the store's business: :mod:`ctrstream.store.layout`.
 """
 
 from __future__ import annotations
@@ -154,95 +130,13 @@ def align_cutoff(t_ms: int) -> int:
     return (t_ms // CUTOFF_ALIGN_MS) * CUTOFF_ALIGN_MS
 
 
-# --------------------------------------------------------------------------- Redis layout
-
-SPEED_PREFIX = "sv:"  # every speed-view hash; readers and the writer build keys from these
-SPEED_DAY_SEP = ":"  # between the entity key (entity:id) and the day
-
-
-def speed_key(entity: str, eid: str, day: int) -> str:
-    """The speed-view hash of one entity and event day (all resolutions)."""
-    return f"{SPEED_PREFIX}{entity}:{eid}{SPEED_DAY_SEP}{day}"
-
-
-def speed_entity_of(key: str) -> tuple[str, str, int]:
-    """``(entity, id, day)`` of a speed-view key (crossed ids contain ``:``)."""
-    if not key.startswith(SPEED_PREFIX):
-        raise ValueError(f"not a speed-view key: {key!r}")
-    rest, day = key[len(SPEED_PREFIX):].rsplit(SPEED_DAY_SEP, 1)
-    entity, eid = rest.split(":", 1)
-    return entity, eid, int(day)
-
-
-def speed_day(bucket: int, res: Resolution) -> int:
-    """The event day (days since the epoch, UTC) of bucket ``bucket`` of ``res``: the day
-    part of its speed-view key."""
-    return bucket * res.bucket_ms // DAY_MS
-
-
-def speed_field(res: str, event_type: str, bucket: int) -> str:
-    """Field of a speed-view hash: ``event_type`` count of bucket ``bucket`` of ``res``."""
-    return f"{res}:{event_type}{bucket}"
-
-
-def batch_key(version: str, entity: str, eid: str, res: str) -> str:
-    return f"bv:{version}:{entity}:{eid}:{res}"
-
-
-def batch_long_key(version: str, entity: str, eid: str) -> str:
-    return f"bv:{version}:{entity}:{eid}:long"
-
-
-def batch_meta_key(version: str) -> str:
-    return f"bv:{version}:meta"
-
-
-def batch_sums_key(version: str, entity: str, eid: str) -> str:
-    return f"bv:{version}:{entity}:{eid}:sums"
-
-
-BATCH_POINTER_KEY = "bv:current"
-BATCH_SUMS_FLAG = "sums"  # meta field: "1" when the view carries the :sums hashes
-
-
-def field(event_type: str, bucket: int) -> str:
-    return f"{event_type}{bucket}"
-
-
-def long_field(event_type: str, window: LongWindow) -> str:
-    return f"{event_type}{window.name}"
-
-
-def suffix_field(res: str, event_type: str, bucket: int) -> str:
-    """Field of the ``:sums`` hash: ``event_type`` count of the view's ``res`` buckets ``>= bucket``."""
-    return f"{res}:{event_type}{bucket}"
-
+# --------------------------------------------------------------------------- the batch view
 
 def view_buckets(cutoff_ms: int, res: Resolution) -> range:
     """The buckets of ``res`` a batch view with cut-off ``cutoff_ms`` holds: closed by the
     cut-off and inside the resolution's window before it."""
     end = cutoff_ms // res.bucket_ms
     return range(end - res.n_buckets, end)
-
-
-def speed_ttl_ms(res: Resolution, allowed_lateness_ms: int) -> int:
-    """How long a speed-view bucket of ``res`` must stay readable after it ends."""
-    return res.window_ms + allowed_lateness_ms + res.bucket_ms
-
-
-def speed_hash_ttl_ms(allowed_lateness_ms: int) -> int:
-    """TTL of a speed-view hash, renewed whenever it gets a new bucket of the longest
-    resolution: it then outlives every bucket of every resolution written since."""
-    return max(speed_ttl_ms(r, allowed_lateness_ms) for r in RESOLUTIONS)
-
-
-def speed_keep_buckets(res: Resolution, allowed_lateness_ms: int) -> int:
-    """How many buckets, counted back from an entity's newest, the speed view is sure to
-    hold: as many as span the *longest* resolution's TTL (a day and an hour here) at every
-    resolution - the day hashes live that long after their last new hour - so a batch view
-    up to a day old can always be reconciled against the speed view."""
-    span = max(speed_ttl_ms(r, allowed_lateness_ms) for r in RESOLUTIONS)
-    return -(-span // res.bucket_ms)
 
 
 # --------------------------------------------------------------------------- dense features

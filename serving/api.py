@@ -61,7 +61,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ctrstream.serving.assembly import CANDIDATE_FIELDS, assemble_async, request_columns
 from ctrstream.serving.triton_client import DEFAULT_MODEL, AsyncScorer
-from ctrstream.store.featurestore import AsyncFeatureStore, redis_client
+from ctrstream.store.connection import redis_client
+from ctrstream.store.featurestore import AsyncFeatureStore
 
 log = logging.getLogger("ctrstream.api")
 

@@ -89,7 +89,8 @@ class BatchScorer:
 
     def _deps(self):
         if self._store is None:
-            from ctrstream.store.featurestore import FeatureStore, redis_client
+            from ctrstream.store.connection import redis_client
+            from ctrstream.store.featurestore import FeatureStore
 
             self._store = FeatureStore(redis_client(self.settings), mode=self.feature_mode)
         if self._scorer is None:

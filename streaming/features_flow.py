@@ -36,9 +36,9 @@ and vectorized where it matters:
 ``searchsorted`` merges) and a dirty mask. Every ``flush_interval_ms`` they write the
 changed cells (absolute values) to Redis in one pipeline of native commands rendered with
 numpy (:class:`FeatureWriter`), sent by a writer thread while the job goes on: one ``HSET
-features.speed_key(entity, id, day)`` per changed entity and event day with
-``features.speed_field(res, "i"/"c", bucket)`` of each of its changed cells, and ``PEXPIRE``
-of ``features.speed_hash_ttl_ms`` when it gets a new bucket of the longest-lived resolution
+layout.speed_key(entity, id, day)`` per changed entity and event day with
+``layout.speed_field(res, "i"/"c", bucket)`` of each of its changed cells, and ``PEXPIRE``
+of ``layout.speed_hash_ttl_ms`` when it gets a new bucket of the longest-lived resolution
 (hashes are per day, so they are bounded without deleting anything). A bucket is **closed** when the global
 watermark (minimum over all Kafka partitions) passes its end: it gets its final write and
 its table is freed. No accepted event can fall into a closed bucket: an accepted event is
@@ -73,6 +73,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.config import Settings, get_settings
 from ctrstream import events as E
 from ctrstream.streaming import speed_metrics as M
@@ -693,10 +694,10 @@ class ShardLogic(StatefulBatchLogic):
 
 class FeatureWriter:
     """Writes the shards' flushes to Redis in the layout of :mod:`ctrstream.features`: per
-    entity and event day with changed cells, **one** ``HSET features.speed_key(entity, id,
+    entity and event day with changed cells, **one** ``HSET layout.speed_key(entity, id,
     day)`` of the absolute counts of every changed cell of every resolution (fields
-    ``features.speed_field(res, "i"/"c", bucket)``), and ``PEXPIRE`` of
-    ``features.speed_hash_ttl_ms`` when the hash got a new bucket of the longest-lived
+    ``layout.speed_field(res, "i"/"c", bucket)``), and ``PEXPIRE`` of
+    ``layout.speed_hash_ttl_ms`` when the hash got a new bucket of the longest-lived
     resolution (the TTL then covers every bucket written since). Nothing is ever deleted: a
     day's hash stops growing when the day ends and expires a TTL after its last new hour.
 
@@ -711,13 +712,13 @@ class FeatureWriter:
 
         self.pipe = BackgroundPipeline(settings, max_pending=max_pending)
         lateness = int(settings.allowed_lateness_s * 1000)
-        self.ttl = F.speed_hash_ttl_ms(lateness)
+        self.ttl = L.speed_hash_ttl_ms(lateness)
         self.ttl_res = max(range(len(F.RESOLUTIONS)),  # its new buckets renew the TTL
-                           key=lambda r: F.speed_ttl_ms(F.RESOLUTIONS[r], lateness))
+                           key=lambda r: L.speed_ttl_ms(F.RESOLUTIONS[r], lateness))
         self.bucket_ms = np.array([res.bucket_ms for res in F.RESOLUTIONS], np.int64)
-        # the key's constant parts (features.speed_key): prefix + id + separator + day
-        self.prefix = {e: f"{F.SPEED_PREFIX}{ent.name}:".encode() for e, ent in enumerate(F.ENTITIES)}
-        self.sep = F.SPEED_DAY_SEP.encode()
+        # the key's constant parts (layout.speed_key): prefix + id + separator + day
+        self.prefix = {e: f"{L.SPEED_PREFIX}{ent.name}:".encode() for e, ent in enumerate(F.ENTITIES)}
+        self.sep = L.SPEED_DAY_SEP.encode()
         self.res_names = [res.name.encode() for res in F.RESOLUTIONS]
 
     def write(self, items: list) -> None:
@@ -774,15 +775,15 @@ class FeatureWriter:
         parts = unpack_parts(eid[starts], ent)
         if min(int(p.min()) for p in parts) < 0 or int(bucket.min()) < 0:
             # negative ids or times cannot be rendered by `layout`: per-hash commands
-            keys = [F.speed_key(ent.name, sid, d)
+            keys = [L.speed_key(ent.name, sid, d)
                     for sid, d in zip(unpack_ids(eid[starts], ent), day[starts].tolist())]
             hs = []
             for k, a in enumerate(starts.tolist()):
                 args = [b"HSET", keys[k]]
                 for j in range(a, a + int(per_hash[k])):
                     name = F.RESOLUTIONS[int(res[j])].name
-                    args += [F.speed_field(name, "i", int(bucket[j])), int(cnt[j, 0]),
-                             F.speed_field(name, "c", int(bucket[j])), int(cnt[j, 1])]
+                    args += [L.speed_field(name, "i", int(bucket[j])), int(cnt[j, 0]),
+                             L.speed_field(name, "c", int(bucket[j])), int(cnt[j, 1])]
                 hs.append(encode(args))
             ex = [encode((b"PEXPIRE", keys[k], self.ttl)) for k in renew.tolist()]
             return b"".join(hs), b"".join(ex), len(hs) + len(ex)

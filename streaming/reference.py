@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.config import Settings
 from ctrstream import events as E
 from ctrstream.kafka.heartbeats import heartbeat_time
@@ -89,8 +90,8 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
                     sid = F.entity_id(ent, ev)
                     for res in F.RESOLUTIONS:
                         b = int(F.bucket_of(t, res))
-                        counts[(F.speed_key(ent.name, sid, F.speed_day(b, res)),
-                                F.speed_field(res.name, etype, b))] += 1
+                        counts[(L.speed_key(ent.name, sid, L.speed_day(b, res)),
+                                L.speed_field(res.name, etype, b))] += 1
     ref.cells = dict(counts)
     return ref
 

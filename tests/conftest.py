@@ -17,6 +17,7 @@ import pytest
 from ctrstream.config import Settings, Topic
 from ctrstream.stack.manager import Stack, isolated_stack, settings_env
 from ctrstream.stack.services import pid_alive, wait_until
+from ctrstream.store import layout as L
 
 
 OWNER_FILE = "owner.pid"  # the pytest process that started a session's stack
@@ -95,13 +96,12 @@ def r(settings):
     """A Redis client of the stack; the batch-view pointer is restored after the test."""
     import redis
 
-    from ctrstream import features as F
 
     client = redis.Redis.from_url(settings.redis.url)
-    saved = client.get(F.BATCH_POINTER_KEY)
+    saved = client.get(L.BATCH_POINTER_KEY)
     yield client
     if saved is None:
-        client.delete(F.BATCH_POINTER_KEY)
+        client.delete(L.BATCH_POINTER_KEY)
     else:
-        client.set(F.BATCH_POINTER_KEY, saved)
+        client.set(L.BATCH_POINTER_KEY, saved)
     client.close()

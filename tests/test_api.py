@@ -17,11 +17,13 @@ from fastapi.testclient import TestClient
 
 from ctrstream.bench.api import write_demo_model
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.stack.procs import start_job, stop_job, wait_until
 from ctrstream.stack.services import free_port
 from ctrstream.serving.api import create_app
 from ctrstream.serving.assembly import assemble, request_columns
-from ctrstream.store.featurestore import FeatureStore, redis_client
+from ctrstream.store.connection import redis_client
+from ctrstream.store.featurestore import FeatureStore
 
 W = np.linspace(-0.2, 0.3, F.N_DENSE).astype(np.float32)
 BIAS = -3.0
@@ -55,9 +57,9 @@ def body(settings):
     for k in range(5):
         res = F.RESOLUTIONS[1]
         b = now // res.bucket_ms
-        r.hset(F.speed_key("ad", str(base + k), F.speed_day(b - 1, res)),
-               mapping={F.speed_field(res.name, "i", b - 1): 50 * (k + 1),
-                        F.speed_field(res.name, "c", b - 1): 3 * k * k})
+        r.hset(L.speed_key("ad", str(base + k), L.speed_day(b - 1, res)),
+               mapping={L.speed_field(res.name, "i", b - 1): 50 * (k + 1),
+                        L.speed_field(res.name, "c", b - 1): 3 * k * k})
     r.close()
     return {"user_id": base + 99,
             "context": {"site_id": base + 98, "device_type": "mobile", "country": "US", "position": 1,

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.serving.assembly import assemble, assemble_async, entity_ids, request_columns
 from ctrstream.events import Click, Impression
-from ctrstream.store.featurestore import AsyncFeatureStore, FeatureStore, redis_client
+from ctrstream.store.connection import redis_client
+from ctrstream.store.featurestore import AsyncFeatureStore, FeatureStore
 
 DAY0 = 1_750_000_000_000 // F.DAY_MS * F.DAY_MS
 T = DAY0 + 20 * F.HOUR_MS + 17 * F.MINUTE_MS + 4_321
@@ -66,7 +68,7 @@ def _bucket_counts(imps, clicks, until_ms: int):
                 eid = F.entity_id(e, ev)
                 for res in F.RESOLUTIONS:
                     out.setdefault((e.name, eid, res.name), Counter())[
-                        F.field(kind, F.bucket_of(ev.event_time_ms, res))] += 1
+                        L.batch_field(kind, F.bucket_of(ev.event_time_ms, res))] += 1
     return out
 
 
@@ -78,23 +80,23 @@ def _long_counts(imps, clicks, at_ms: int):
             for w in F.LONG_WINDOWS:
                 if hi - w.days * F.DAY_MS <= ev.event_time_ms < hi:
                     for e in F.ENTITIES:
-                        out.setdefault((e.name, F.entity_id(e, ev)), Counter())[F.long_field(kind, w)] += 1
+                        out.setdefault((e.name, F.entity_id(e, ev)), Counter())[L.long_field(kind, w)] += 1
     return out
 
 
 def write_speed_view(r, imps, clicks, t_ms: int) -> None:
     """What the speed layer holds at ``t_ms``: absolute counts of every bucket so far, one
-    hash per entity and event day for every resolution (``features.speed_key`` /
-    ``features.speed_field``)."""
+    hash per entity and event day for every resolution (``layout.speed_key`` /
+    ``layout.speed_field``)."""
     per_hash: dict = {}
     for (ent, eid, res), c in _bucket_counts(imps, clicks, t_ms).items():
         rs = F.RESOLUTION_BY_NAME[res]
         for f, n in c.items():
             b = int(f[1:])
-            per_hash.setdefault((ent, eid, F.speed_day(b, rs)), {})[F.speed_field(res, f[0], b)] = n
+            per_hash.setdefault((ent, eid, L.speed_day(b, rs)), {})[L.speed_field(res, f[0], b)] = n
     pipe = r.pipeline(transaction=False)
     for (ent, eid, day), mapping in per_hash.items():
-        pipe.hset(F.speed_key(ent, eid, day), mapping=mapping)
+        pipe.hset(L.speed_key(ent, eid, day), mapping=mapping)
     pipe.execute()
 
 
@@ -105,12 +107,12 @@ def write_batch_view(r, version: str, imps, clicks, cutoff_ms: int) -> None:
         bms = F.RESOLUTION_BY_NAME[res].bucket_ms
         closed = {f: n for f, n in c.items() if (int(f[1:]) + 1) * bms <= cutoff_ms}
         if closed:
-            pipe.hset(F.batch_key(version, ent, eid, res), mapping=closed)
+            pipe.hset(L.batch_key(version, ent, eid, res), mapping=closed)
     for (ent, eid), c in _long_counts(imps, clicks, cutoff_ms).items():
-        pipe.hset(F.batch_long_key(version, ent, eid), mapping=dict(c))
-    pipe.hset(F.batch_meta_key(version), mapping={"cutoff_ms": cutoff_ms, "created_ms": cutoff_ms,
+        pipe.hset(L.batch_long_key(version, ent, eid), mapping=dict(c))
+    pipe.hset(L.batch_meta_key(version), mapping={"cutoff_ms": cutoff_ms, "created_ms": cutoff_ms,
                                                   "fingerprint": F.fingerprint()})
-    pipe.set(F.BATCH_POINTER_KEY, version)
+    pipe.set(L.BATCH_POINTER_KEY, version)
     pipe.execute()
 
 
@@ -175,7 +177,7 @@ def test_assembly_equals_point_in_time_training_features_for_any_cutoff(r, setti
     # the day before (two day hashes per entity)
     speed = assemble(FeatureStore(redis_client(settings), mode="speed", method=method), columns, T)
     day_w = F.window_buckets(T, F.RESOLUTION_BY_NAME["24h"])
-    assert len({F.speed_day(b, F.RESOLUTION_BY_NAME["24h"]) for b in day_w}) == 2
+    assert len({L.speed_day(b, F.RESOLUTION_BY_NAME["24h"]) for b in day_w}) == 2
     np.testing.assert_array_equal(speed.counts[:, :, :len(F.RESOLUTIONS)],
                                   want_counts[:, :, :len(F.RESOLUTIONS)])
     assert (speed.counts[:, :, len(F.RESOLUTIONS):] == 0).all()
@@ -217,7 +219,7 @@ def test_the_batch_layers_own_view_with_suffix_sums_serves_the_training_features
         cutoff = F.align_cutoff(T - h * F.HOUR_MS)
         buckets, longs = compute_batch_view(it, ct, cutoff)
         version = publish(settings, buckets, longs, cutoff, keep=1000, r=r)["version"]
-        assert r.hget(F.batch_meta_key(version), F.BATCH_SUMS_FLAG) == b"1"
+        assert r.hget(L.batch_meta_key(version), L.BATCH_SUMS_FLAG) == b"1"
         got = assemble(store, columns, T)
         assert got.read.batch_version == version and got.read.cutoff_ms == cutoff
         np.testing.assert_array_equal(got.counts, want_counts, err_msg=f"cut-off {h}h before t")
@@ -235,10 +237,10 @@ def test_disagreeing_views_show_the_batch_view_wins_for_closed_buckets(r, settin
     before = assemble(store, columns, T).counts
     ad, hour = str(cands[0]["ad_id"]), F.RESOLUTION_BY_NAME["24h"]
     closed_b = cutoff // F.HOUR_MS - 2
-    r.hset(F.speed_key("ad", ad, F.speed_day(closed_b, hour)), F.speed_field("24h", "i", closed_b), 10**6)
+    r.hset(L.speed_key("ad", ad, L.speed_day(closed_b, hour)), L.speed_field("24h", "i", closed_b), 10**6)
     np.testing.assert_array_equal(assemble(store, columns, T).counts, before)
     open_b = T // F.HOUR_MS
-    r.hset(F.speed_key("ad", ad, F.speed_day(open_b, hour)), F.speed_field("24h", "i", open_b), 10**6)
+    r.hset(L.speed_key("ad", ad, L.speed_day(open_b, hour)), L.speed_field("24h", "i", open_b), 10**6)
     after = assemble(store, columns, T).counts
     assert after[0, 0, 2, 0] >= 10**6 and (after[1:] == before[1:]).all()
 

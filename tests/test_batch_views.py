@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.batch.archive import write_partitioned
 from ctrstream.batch.point_in_time import long_window_range, training_set
 from ctrstream.batch.views import (
@@ -52,17 +53,17 @@ def reference_view(it, ct, T: int, version: str) -> dict[str, dict[str, int]]:
                 for r in F.RESOLUTIONS:
                     b = t // r.bucket_ms
                     if T - r.window_ms <= b * r.bucket_ms and (b + 1) * r.bucket_ms <= T:
-                        h = ref[F.batch_key(version, e.name, eid, r.name)]
+                        h = ref[L.batch_key(version, e.name, eid, r.name)]
                         for j, et in enumerate(F.EVENT_TYPES):
-                            h.setdefault(F.field(et, b), 0)
-                        h[F.field(F.EVENT_TYPES[c], b)] += 1
+                            h.setdefault(L.batch_field(et, b), 0)
+                        h[L.batch_field(F.EVENT_TYPES[c], b)] += 1
                 for w in F.LONG_WINDOWS:
                     lo, hi = long_window_range(T, w)
                     if lo <= t < hi:
-                        h = ref[F.batch_long_key(version, e.name, eid)]
+                        h = ref[L.batch_long_key(version, e.name, eid)]
                         for et in F.EVENT_TYPES:
-                            h.setdefault(F.long_field(et, w), 0)
-                        h[F.long_field(F.EVENT_TYPES[c], w)] += 1
+                            h.setdefault(L.long_field(et, w), 0)
+                        h[L.long_field(F.EVENT_TYPES[c], w)] += 1
     # the :sums hash of every entity with view data: its long windows, and per resolution the
     # suffix sums S[b] = counts of the view's buckets >= b, for every bucket of the view from
     # its first one up to the entity's last non-empty one
@@ -71,18 +72,18 @@ def reference_view(it, ct, T: int, version: str) -> dict[str, dict[str, int]]:
         eids = {k[len(prefix):].rsplit(":", 1)[0] for k in list(ref) if k.startswith(prefix)}
         for eid in eids:
             sums = {}
-            sums.update(ref.get(F.batch_long_key(version, e.name, eid), {}))
+            sums.update(ref.get(L.batch_long_key(version, e.name, eid), {}))
             for r in F.RESOLUTIONS:
-                per = ref.get(F.batch_key(version, e.name, eid, r.name))
+                per = ref.get(L.batch_key(version, e.name, eid, r.name))
                 if not per:
                     continue
                 last = max(int(f[1:]) for f in per)
                 for b in range(F.view_buckets(T, r).start, last + 1):
                     for et in F.EVENT_TYPES:
-                        sums[F.suffix_field(r.name, et, b)] = sum(
+                        sums[L.suffix_field(r.name, et, b)] = sum(
                             v for f, v in per.items() if f[0] == et and int(f[1:]) >= b)
             if sums:
-                ref[F.batch_sums_key(version, e.name, eid)] = sums
+                ref[L.batch_sums_key(version, e.name, eid)] = sums
     return ref
 
 
@@ -90,7 +91,7 @@ def dump_version(r, version: str) -> dict[str, dict[str, int]]:
     out = {}
     for key in r.scan_iter(match=f"bv:{version}:*", count=5000):
         k = key.decode()
-        if k != F.batch_meta_key(version):
+        if k != L.batch_meta_key(version):
             out[k] = {f.decode(): int(v) for f, v in r.hgetall(key).items()}
     return out
 
@@ -101,15 +102,15 @@ def test_batch_view_equals_reference(bv_settings, archive):
     res = publish_batch_view(bv_settings, data_dir, T)
     r = redis_client(bv_settings)
     v = res["version"]
-    assert r.get(F.BATCH_POINTER_KEY).decode() == v
-    meta = {k.decode(): x.decode() for k, x in r.hgetall(F.batch_meta_key(v)).items()}
+    assert r.get(L.BATCH_POINTER_KEY).decode() == v
+    meta = {k.decode(): x.decode() for k, x in r.hgetall(L.batch_meta_key(v)).items()}
     assert int(meta["cutoff_ms"]) == T and meta["fingerprint"] == F.fingerprint()
     got = dump_version(r, v)
     ref = reference_view(it, ct, T, v)
     assert got == dict(ref)
     assert res["keys_written"] == len(ref) + 1 and res["buckets"] > 0
     assert any(k.endswith(":long") for k in ref) and any(k.endswith(":24h") for k in ref)
-    assert any(k.endswith(":sums") for k in ref) and meta[F.BATCH_SUMS_FLAG] == "1"
+    assert any(k.endswith(":sums") for k in ref) and meta[L.BATCH_SUMS_FLAG] == "1"
 
 
 def test_batch_plus_speed_reproduces_training(bv_settings, archive):
@@ -138,7 +139,7 @@ def test_batch_plus_speed_reproduces_training(bv_settings, archive):
                 for b in F.window_buckets(t, res):
                     if (b + 1) * res.bucket_ms <= T:  # closed by the cut-off: batch view
                         for j, et in enumerate(F.EVENT_TYPES):
-                            got[j] += view.get(F.field(et, b), 0)
+                            got[j] += view.get(L.batch_field(et, b), 0)
                 for ev, c in speed:  # speed layer: at or after T, strictly before t
                     if ev["event_time_ms"] < t and ev["event_time_ms"] // res.bucket_ms in \
                             F.window_buckets(t, res) and F.entity_id(e, ev) == eid:
@@ -146,7 +147,7 @@ def test_batch_plus_speed_reproduces_training(bv_settings, archive):
                 assert got == list(ts["counts"][i, k, w]), (e.name, res.name)
             long = read_view_counts(r, v, e.name, eid, "long")
             for j, lw in enumerate(F.LONG_WINDOWS):
-                got = [long.get(F.long_field(et, lw), 0) for et in F.EVENT_TYPES]
+                got = [long.get(L.long_field(et, lw), 0) for et in F.EVENT_TYPES]
                 assert got == list(ts["counts"][i, k, len(F.RESOLUTIONS) + j])
 
 
@@ -159,7 +160,7 @@ def test_pointer_switches_after_complete_version(bv_settings, archive):
     v1 = publish_batch_view(bv_settings, data_dir, T1)["version"]
     # a publisher that died half way: registered, some keys, no meta, never pointed to
     r.zadd(VERSIONS_KEY, {"999-1": 1})
-    r.hset(F.batch_key("999-1", "ad", "1", "5m"), mapping={"i1": 1})
+    r.hset(L.batch_key("999-1", "ad", "1", "5m"), mapping={"i1": 1})
 
     seen, ready = [], threading.Event()
     sentinel = "bv-test-monitor-done"
@@ -185,14 +186,14 @@ def test_pointer_switches_after_complete_version(bv_settings, archive):
 
     writes = [i for i, c in enumerate(seen) if c.startswith("HSET") and f"bv:{v2}:" in c]
     meta = [i for i, c in enumerate(seen) if c.startswith(f"HSET bv:{v2}:meta")]
-    switch = [i for i, c in enumerate(seen) if c.startswith(f"SET {F.BATCH_POINTER_KEY} {v2}")]
+    switch = [i for i, c in enumerate(seen) if c.startswith(f"SET {L.BATCH_POINTER_KEY} {v2}")]
     assert len(meta) == 1 and len(switch) == 1
     assert len(writes) == res["keys_written"]  # data keys + meta
     assert max(writes) == meta[0] < switch[0]
-    assert r.get(F.BATCH_POINTER_KEY).decode() == v2
+    assert r.get(L.BATCH_POINTER_KEY).decode() == v2
     # keep=2: the previous complete version stays, the half-written one is gone
     assert set(res["deleted_versions"]) == {"999-1"}
-    assert r.exists(F.batch_meta_key(v1)) and not list(r.scan_iter(match="bv:999-1:*"))
+    assert r.exists(L.batch_meta_key(v1)) and not list(r.scan_iter(match="bv:999-1:*"))
 
     v3 = publish_batch_view(bv_settings, data_dir, T2, keep=2)
     assert v3["deleted_versions"] == [v1] and not list(r.scan_iter(match=f"bv:{v1}:*"))
@@ -223,4 +224,4 @@ def test_cli_batch_views(bv_settings, archive, stack_env):
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["cutoff_ms"] == default_cutoff(bv_settings, data_dir)
-    assert redis_client(bv_settings).get(F.BATCH_POINTER_KEY).decode() == res["version"]
+    assert redis_client(bv_settings).get(L.BATCH_POINTER_KEY).decode() == res["version"]

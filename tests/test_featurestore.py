@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
+from ctrstream.store.connection import redis_client
 from ctrstream.store.featurestore import (
-    AsyncFeatureStore, FeatureStore, historical_ctr, redis_client, smoothed_rates, unique_keys,
+    AsyncFeatureStore, FeatureStore, historical_ctr, smoothed_rates, unique_keys,
 )
 
 RES = {r.name: k for k, r in enumerate(F.RESOLUTIONS)}
@@ -22,7 +24,7 @@ METHODS = ["script", "pipeline"]
 
 def _skey(ent: str, eid: str, res: str, b: int) -> str:
     """The speed-view hash holding bucket ``b`` of resolution ``res`` (the hash of its day)."""
-    return F.speed_key(ent, eid, F.speed_day(b, F.RESOLUTION_BY_NAME[res]))
+    return L.speed_key(ent, eid, L.speed_day(b, F.RESOLUTION_BY_NAME[res]))
 
 
 def _hset_speed(r, ent: str, eid: str, cells: dict) -> None:
@@ -30,7 +32,7 @@ def _hset_speed(r, ent: str, eid: str, cells: dict) -> None:
     the speed layer writes them (``r``: a client or a pipeline)."""
     per_day: dict = {}
     for (res, t, b), v in cells.items():
-        per_day.setdefault(_skey(ent, eid, res, b), {})[F.speed_field(res, t, b)] = v
+        per_day.setdefault(_skey(ent, eid, res, b), {})[L.speed_field(res, t, b)] = v
     for key, mapping in per_day.items():
         r.hset(key, mapping=mapping)
 
@@ -39,7 +41,7 @@ def _speed_cells(r, ent: str, eid: str, t: int) -> dict:
     """Every field of the entity's speed-view hashes of the days around ``t``."""
     out = {}
     for day in range(t // F.DAY_MS - 3, t // F.DAY_MS + 2):
-        out.update({a.decode(): int(b) for a, b in r.hgetall(F.speed_key(ent, eid, day)).items()})
+        out.update({a.decode(): int(b) for a, b in r.hgetall(L.speed_key(ent, eid, day)).items()})
     return out
 
 
@@ -50,14 +52,14 @@ def _speed_days(t: int, cutoff, resolutions=F.RESOLUTIONS) -> int:
     for res in resolutions:
         for b in F.window_buckets(t, res):
             if cutoff is None or (b + 1) * res.bucket_ms > cutoff or b == t // res.bucket_ms:
-                days.add(F.speed_day(b, res))
+                days.add(L.speed_day(b, res))
     return len(days)
 
 
 def _publish_batch(r, version: str, cutoff: int) -> None:
-    r.hset(F.batch_meta_key(version), mapping={"cutoff_ms": cutoff, "created_ms": cutoff,
+    r.hset(L.batch_meta_key(version), mapping={"cutoff_ms": cutoff, "created_ms": cutoff,
                                                "fingerprint": F.fingerprint()})
-    r.set(F.BATCH_POINTER_KEY, version)
+    r.set(L.BATCH_POINTER_KEY, version)
 
 
 def _fill_speed(r, eid: str, ent: str, imps_of, clicks_of, t=T, resolutions=F.RESOLUTIONS):
@@ -77,8 +79,8 @@ def _fill(r, key_of, eid: str, ent: str, imps_of, clicks_of, t=T):
     for res in F.RESOLUTIONS:
         mapping = {}
         for b in F.window_buckets(t, res):
-            mapping[F.field("i", b)] = imps_of(res, b)
-            mapping[F.field("c", b)] = clicks_of(res, b)
+            mapping[L.batch_field("i", b)] = imps_of(res, b)
+            mapping[L.batch_field("c", b)] = clicks_of(res, b)
         r.hset(key_of(ent, eid, res.name), mapping=mapping)
 
 
@@ -100,9 +102,9 @@ def test_lambda_merge_takes_closed_buckets_from_batch_and_the_rest_from_speed(r,
     version = f"v{unique}"
     eid = f"fs{unique}"
     _fill_speed(r, eid, "ad", lambda res, b: 7, lambda res, b: 1)
-    _fill(r, lambda e, i, n: F.batch_key(version, e, i, n), eid, "ad",
+    _fill(r, lambda e, i, n: L.batch_key(version, e, i, n), eid, "ad",
           lambda res, b: 1000 if (b + 1) * res.bucket_ms <= CUTOFF else 999_999, lambda res, b: 1)
-    r.hset(F.batch_long_key(version, "ad", eid), mapping={"i7d": 123456, "c7d": 789})
+    r.hset(L.batch_long_key(version, "ad", eid), mapping={"i7d": 123456, "c7d": 789})
     _publish_batch(r, version, CUTOFF)
 
     store = FeatureStore(redis_client(settings), method=method)
@@ -127,7 +129,7 @@ def test_batch_mode_reads_only_the_batch_view(r, settings, unique, method):
     version = f"v{unique}"
     eid = f"fs{unique}"
     _fill_speed(r, eid, "campaign", lambda res, b: 7, lambda res, b: 1)
-    _fill(r, lambda e, i, n: F.batch_key(version, e, i, n), eid, "campaign",
+    _fill(r, lambda e, i, n: L.batch_key(version, e, i, n), eid, "campaign",
           lambda res, b: 3, lambda res, b: 1)
     _publish_batch(r, version, CUTOFF)
     fr = FeatureStore(redis_client(settings), mode="batch", method=method).read([f"campaign:{eid}"], T)
@@ -138,7 +140,7 @@ def test_batch_mode_reads_only_the_batch_view(r, settings, unique, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_without_a_batch_view_everything_comes_from_the_speed_view(r, settings, unique, method):
-    r.delete(F.BATCH_POINTER_KEY)
+    r.delete(L.BATCH_POINTER_KEY)
     eid = f"fs{unique}"
     _fill_speed(r, eid, "user", lambda res, b: 2, lambda res, b: 1)
     fr = FeatureStore(redis_client(settings), method=method).read([f"user:{eid}", f"user:none{unique}"], T)
@@ -152,9 +154,9 @@ def test_without_a_batch_view_everything_comes_from_the_speed_view(r, settings, 
 def test_a_pointer_switch_is_noticed_on_the_next_read(r, settings, unique, method):
     eid = f"fs{unique}"
     for version, value in ((f"a{unique}", 10), (f"b{unique}", 20)):
-        _fill(r, lambda e, i, n, v=version: F.batch_key(v, e, i, n), eid, "ad",
+        _fill(r, lambda e, i, n, v=version: L.batch_key(v, e, i, n), eid, "ad",
               lambda res, b, v=value: v, lambda res, b: 0)
-        r.hset(F.batch_long_key(version, "ad", eid), mapping={"i7d": value, "c7d": 0})
+        r.hset(L.batch_long_key(version, "ad", eid), mapping={"i7d": value, "c7d": 0})
     _publish_batch(r, f"a{unique}", CUTOFF)
     # a long meta cache: the switch must still be seen (the pointer is read in the same trip)
     store = FeatureStore(redis_client(settings), method=method, pointer_ttl_s=3600)
@@ -189,9 +191,9 @@ def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(r, 
             if k % 7:  # some entities have no speed data at all
                 _hset_speed(pipe, ent, eid, {(res.name, et, b): int(rng.integers(0, 50))
                                              for b in bs for et in "ic"})
-            pipe.hset(F.batch_key(version, ent, eid, res.name), mapping={
+            pipe.hset(L.batch_key(version, ent, eid, res.name), mapping={
                 f"{et}{b}": int(rng.integers(0, 50)) for b in bs for et in "ic"})
-        pipe.hset(F.batch_long_key(version, ent, eid), mapping={"i7d": k * 10, "c7d": k})
+        pipe.hset(L.batch_long_key(version, ent, eid), mapping={"i7d": k * 10, "c7d": k})
     pipe.execute()
     _publish_batch(r, version, cutoff)
 
@@ -203,7 +205,7 @@ def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(r, 
         for k, res in enumerate(F.RESOLUTIONS):
             # this resolution's fields of the entity's speed hashes, as batch-style fields
             sv = {f[len(res.name) + 1:]: v for f, v in sv_all.items() if f.startswith(res.name + ":")}
-            bv = {a.decode(): int(b) for a, b in r.hgetall(F.batch_key(version, ent, eid, res.name)).items()}
+            bv = {a.decode(): int(b) for a, b in r.hgetall(L.batch_key(version, ent, eid, res.name)).items()}
             for b in F.window_buckets(t, res):
                 src = bv if ((b + 1) * res.bucket_ms <= cutoff and b < t // res.bucket_ms) else sv
                 ref[n, k] += [src.get(f"i{b}", 0), src.get(f"c{b}", 0)]
@@ -224,7 +226,7 @@ def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(r, 
 def test_async_reader_and_freshness(r, settings, unique, method):
     import asyncio
 
-    r.delete(F.BATCH_POINTER_KEY)
+    r.delete(L.BATCH_POINTER_KEY)
     eid = f"fs{unique}"
     res = F.RESOLUTIONS[0]
     newest = T // res.bucket_ms - 2  # data up to two minutes ago
@@ -252,7 +254,7 @@ def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, setti
 
     from ctrstream.store.featurestore import _LeanScript
 
-    r.delete(F.BATCH_POINTER_KEY)
+    r.delete(L.BATCH_POINTER_KEY)
     res = F.RESOLUTIONS[0]
     b = T // res.bucket_ms - 1
     ids = [f"lean{unique}-{k}" for k in range(40)]
@@ -286,7 +288,7 @@ def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, setti
 
 
 def test_read_rows_gathers_unique_keys_back_into_rows(r, settings, unique):
-    r.delete(F.BATCH_POINTER_KEY)
+    r.delete(L.BATCH_POINTER_KEY)
     for n, eid in enumerate(("x", "y")):
         _hset_speed(r, "ad", f"{unique}{eid}", {("5m", "i", T // F.MINUTE_MS): n + 1})
     ids = np.array([[f"{unique}{a}"] + [f"{unique}o"] * (len(F.ENTITIES) - 1) for a in "xyx"],
@@ -322,7 +324,7 @@ def test_crossed_entities_of_an_empty_user_are_pruned_exactly(r, settings, uniqu
     """user_x_ad counts are bounded by the user's: where the user's window is empty the
     script does not read the crossed key, nor a day hash that only pruned windows need.
     Shown with a deliberately inconsistent store."""
-    r.delete(F.BATCH_POINTER_KEY)
+    r.delete(L.BATCH_POINTER_KEY)
     user, ad = f"u{unique}", f"a{unique}"
     _fill_speed(r, ad, "ad", lambda res, b: 5, lambda res, b: 1)
     _fill_speed(r, f"{user}:{ad}", "user_x_ad", lambda res, b: 2, lambda res, b: 1)
@@ -361,7 +363,7 @@ def test_crossed_entities_of_an_empty_user_are_pruned_exactly(r, settings, uniqu
     np.testing.assert_array_equal(partly[:2], full[:2])
     # the user has events in its 5m window only (inconsistent): the crossed key's 1h and
     # 24h windows are pruned, so only the day of T is read for it - not the day before
-    r.delete(*[F.speed_key("user", user, d) for d in range(T // F.DAY_MS - 2, T // F.DAY_MS + 2)])
+    r.delete(*[L.speed_key("user", user, d) for d in range(T // F.DAY_MS - 2, T // F.DAY_MS + 2)])
     five = F.RESOLUTION_BY_NAME["5m"]
     _fill_speed(r, user, "user", lambda res, b: 1, lambda res, b: 0, resolutions=[five])
     recent, calls = hmgets(script)
@@ -382,21 +384,21 @@ def test_cache_serves_shared_entities_until_ttl_window_move_or_switch(r, setting
     ad, user = f"a{unique}", f"u{unique}"
     _fill_speed(r, ad, "ad", lambda res, b: 5, lambda res, b: 0)
     _fill_speed(r, user, "user", lambda res, b: 5, lambda res, b: 0)
-    r.hset(F.batch_long_key(version, "ad", ad), mapping={"i7d": 1, "c7d": 0})
+    r.hset(L.batch_long_key(version, "ad", ad), mapping={"i7d": 1, "c7d": 0})
     _publish_batch(r, version, CUTOFF)
     store = FeatureStore(redis_client(settings), cache_ttl_s=3600)
     keys = [f"ad:{ad}", f"user:{user}"]
     first = store.read(keys, T).counts
     b = T // F.MINUTE_MS
-    r.hset(_skey("ad", ad, "5m", b), F.speed_field("5m", "i", b), 1000)
-    r.hset(_skey("user", user, "5m", b), F.speed_field("5m", "i", b), 1000)
+    r.hset(_skey("ad", ad, "5m", b), L.speed_field("5m", "i", b), 1000)
+    r.hset(_skey("user", user, "5m", b), L.speed_field("5m", "i", b), 1000)
     second = store.read(keys, T + 1).counts  # same buckets: the ad is cached, the user is not
     assert second[0, 0, 0] == first[0, 0, 0] and second[1, 0, 0] == first[1, 0, 0] + 995
     assert store.cache_hits == 1
     moved = store.read(keys, T + F.MINUTE_MS).counts  # the windows moved: read again
     assert moved[0, 0, 0] == 3 * 5 + 1000  # b-3..b filled, b+1 (new open bucket) empty
     other = f"w{unique}"
-    r.hset(F.batch_long_key(other, "ad", ad), mapping={"i7d": 2, "c7d": 0})
+    r.hset(L.batch_long_key(other, "ad", ad), mapping={"i7d": 2, "c7d": 0})
     _publish_batch(r, other, CUTOFF)
     switched = store.read(keys, T + F.MINUTE_MS)
     assert switched.batch_version == other and switched.counts[0, -1, 0] == 2
@@ -460,7 +462,7 @@ def test_suffix_sums_of_the_batch_view_equal_the_per_bucket_view(r, settings, un
                                              for b in bs for t in "ic"})
     pipe.execute()
     version = write_batch_view(settings, bt, lt, CUTOFF, keep=1000, r=r)["version"]
-    assert r.hget(F.batch_meta_key(version), F.BATCH_SUMS_FLAG) == b"1"
+    assert r.hget(L.batch_meta_key(version), L.BATCH_SUMS_FLAG) == b"1"
 
     # the :sums hash = suffix sums of the per-bucket hash (absent fields are 0)
     for ek in keys:
@@ -471,7 +473,7 @@ def test_suffix_sums_of_the_batch_view_equal_the_per_bucket_view(r, settings, un
             for b in F.view_buckets(CUTOFF, res):
                 for t in F.EVENT_TYPES:
                     want = sum(v for f, v in per.items() if f[0] == t and int(f[1:]) >= b)
-                    assert sums.get(F.suffix_field(res.name, t, b), 0) == want, (ek, res.name, b, t)
+                    assert sums.get(L.suffix_field(res.name, t, b), 0) == want, (ek, res.name, b, t)
         long = read_view_counts(r, version, ent, eid, "long")
         assert {f: v for f, v in sums.items() if ":" not in f} == long
 
@@ -541,7 +543,7 @@ def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
     entity was the value in Redis at some moment within ``ttl`` before the read; user
     entities are never cached. A fake clock makes the property exact: writes are increasing
     values, so each value names the moment it was written."""
-    r.delete(F.BATCH_POINTER_KEY)
+    r.delete(L.BATCH_POINTER_KEY)
     ttl = settings.flush_interval_ms / 1000.0
     now = [1000.0]
     store = FeatureStore(redis_client(settings), cache_ttl_s=ttl, clock=lambda: now[0])
@@ -556,7 +558,7 @@ def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
             if rng.random() < 0.4:
                 value += 1
                 ent, eid = key.split(":", 1)
-                r.hset(_skey(ent, eid, "5m", b), F.speed_field("5m", "i", b), value)
+                r.hset(_skey(ent, eid, "5m", b), L.speed_field("5m", "i", b), value)
                 history[key].append((now[0], value))
         fr = store.read([ad, user], T)
         got = {ad: int(fr.counts[0, 0, 0]), user: int(fr.counts[1, 0, 0])}
@@ -571,7 +573,7 @@ def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
     last = history[ad][-1][1]
     stale = FeatureStore(redis_client(settings), cache_ttl_s=ttl, clock=lambda: now[0])
     stale.read([ad], T)
-    r.hset(_skey("ad", ad.split(":", 1)[1], "5m", b), F.speed_field("5m", "i", b), last + 1000)
+    r.hset(_skey("ad", ad.split(":", 1)[1], "5m", b), L.speed_field("5m", "i", b), last + 1000)
     now[0] += ttl * 0.99
     assert stale.read([ad], T).counts[0, 0, 0] == last  # within the TTL: the cached value
     now[0] += ttl * 0.02
@@ -581,7 +583,7 @@ def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
 def test_an_entry_invalidated_while_its_read_is_in_flight_is_not_cached(r, settings, unique):
     """A write reported between the script's read and storing its result must not leave the
     (possibly older) result in the cache."""
-    r.delete(F.BATCH_POINTER_KEY)
+    r.delete(L.BATCH_POINTER_KEY)
     ad = f"ad:race{unique}"
     _fill_speed(r, ad.split(":", 1)[1], "ad", lambda res, b: 3, lambda res, b: 0)
     store = FeatureStore(redis_client(settings), cache_ttl_s=60)
@@ -610,14 +612,14 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
     import asyncio
     import time as _time
 
-    r.delete(F.BATCH_POINTER_KEY)
+    r.delete(L.BATCH_POINTER_KEY)
     ttl = settings.flush_interval_ms / 1000.0
     ad, user = f"ad:tr{unique}", f"user:tr{unique}"
     b = T // F.RESOLUTIONS[0].bucket_ms
     ad_key = _skey("ad", ad.split(":", 1)[1], "5m", b)
-    ad_field = F.speed_field("5m", "i", b)
+    ad_field = L.speed_field("5m", "i", b)
     r.hset(ad_key, ad_field, 0)
-    r.hset(_skey("user", user.split(":", 1)[1], "5m", b), F.speed_field("5m", "i", b), 1)
+    r.hset(_skey("user", user.split(":", 1)[1], "5m", b), L.speed_field("5m", "i", b), 1)
 
     async def healthy(store, after=None, timeout=10.0):
         deadline = _time.monotonic() + timeout
@@ -695,9 +697,9 @@ def test_invalidation_reports_map_day_hashes_to_entity_keys():
     from ctrstream.store.featurestore import HEARTBEAT_PREFIX, SPEED_PREFIX, _speed_entity_key
 
     day = T // F.DAY_MS
-    assert _speed_entity_key(F.speed_key("ad", "4", day).encode()) == "ad:4"
-    assert _speed_entity_key(F.speed_key("user_x_ad", "17:4", day + 1).encode()) == "user_x_ad:17:4"
+    assert _speed_entity_key(L.speed_key("ad", "4", day).encode()) == "ad:4"
+    assert _speed_entity_key(L.speed_key("user_x_ad", "17:4", day + 1).encode()) == "user_x_ad:17:4"
     assert _speed_entity_key(b"sv:ad:4:5m") is None  # the old per-resolution layout
     assert _speed_entity_key(b"sv:ad") is None
-    assert F.speed_key("ad", "4", day).startswith(SPEED_PREFIX)
+    assert L.speed_key("ad", "4", day).startswith(SPEED_PREFIX)
     assert not (HEARTBEAT_PREFIX + "x:1").startswith(SPEED_PREFIX)

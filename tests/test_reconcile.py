@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.batch.reconcile import reconcile
 from ctrstream.events import Click, DeadLetter, Impression, encode
 
@@ -70,22 +71,22 @@ def _write_view(r, cells, key_fn, field_fn):
 
 
 def _batch_layout(version):
-    return (lambda e, i, r, b: F.batch_key(version, e, i, r)), (lambda r, t, b: F.field(t, b))
+    return (lambda e, i, r, b: L.batch_key(version, e, i, r)), (lambda r, t, b: L.batch_field(t, b))
 
 
 def _day(cell) -> int:
     """The event day of a cell's bucket: the day part of its speed-view key."""
-    return F.speed_day(cell[4], F.RESOLUTION_BY_NAME[cell[2]])
+    return L.speed_day(cell[4], F.RESOLUTION_BY_NAME[cell[2]])
 
 
 def _speed_key(cell) -> str:
-    return F.speed_key(cell[0], cell[1], _day(cell))
+    return L.speed_key(cell[0], cell[1], _day(cell))
 
 
 # the speed view: one hash per entity and event day, every resolution in it (fields
 # "{res}:{type}{bucket}")
-SPEED_LAYOUT = (lambda e, i, r, b: F.speed_key(e, i, F.speed_day(b, F.RESOLUTION_BY_NAME[r]))), \
-    F.speed_field
+SPEED_LAYOUT = (lambda e, i, r, b: L.speed_key(e, i, L.speed_day(b, F.RESOLUTION_BY_NAME[r]))), \
+    L.speed_field
 
 
 def _in_overlap(cell):
@@ -132,7 +133,7 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
         batch[(ent, eid, res, "i", b)] = ni
         batch[(ent, eid, res, "c", b)] = nc
     _write_view(rds, batch, *_batch_layout(version))
-    rds.hset(F.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF, "created_ms": 1,
+    rds.hset(L.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF, "created_ms": 1,
                                                   "fingerprint": F.fingerprint()})
 
     # the speed view: what the speed layer accepted, counted independently ...
@@ -141,17 +142,17 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     _write_view(rds, speed, *SPEED_LAYOUT)
     # an entity's buckets of the overlap lie in two day hashes, each holding every resolution
     for day in (DAY0, DAY1):
-        fields = rds.hkeys(F.speed_key("ad", "0", day))
+        fields = rds.hkeys(L.speed_key("ad", "0", day))
         assert {f.split(b":")[0].decode() for f in fields} == set(F.RESOLUTION_BY_NAME)
     assert not rds.exists("sv:ad:0") and not rds.exists("sv:ad:0:5m")
     # ... then a crash lost one whole day hash (user 3, the day before midnight: every
     # resolution; its hash of the day after stays) and one update (ad 0, 5m, before
     # midnight) ...
-    lost_key = F.speed_key("user", "3", DAY0)
+    lost_key = L.speed_key("user", "3", DAY0)
     lost_cells = {c for c, n in batch.items()
                   if c[:2] == ("user", "3") and n and _in_overlap(c) and _day(c) == DAY0}
     assert {c[2] for c in lost_cells} == set(F.RESOLUTION_BY_NAME)
-    kept_key = F.speed_key("user", "3", DAY1)
+    kept_key = L.speed_key("user", "3", DAY1)
     kept = {c for c, n in batch.items()
             if c[:2] == ("user", "3") and n and _in_overlap(c) and _day(c) == DAY1}
     assert kept and rds.hlen(kept_key) > 0
@@ -159,11 +160,11 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     late_cells = {c for e in late for c in _count([e], "i") if _in_overlap(c)}
     stale = next(c for c, n in sorted(batch.items()) if c[:4] == ("ad", "0", "5m", "i") and n >= 2
                  and c not in late_cells and _in_overlap(c) and _day(c) == DAY0)
-    rds.hset(_speed_key(stale), F.speed_field("5m", "i", stale[4]), batch[stale] - 2)
+    rds.hset(_speed_key(stale), L.speed_field("5m", "i", stale[4]), batch[stale] - 2)
     # ... and a copy was counted twice (a site, 24h, after midnight)
     dup = next(c for c in sorted(batch) if c[0] == "site" and c[2:4] == ("24h", "i")
                and _in_overlap(c) and c not in late_cells and _day(c) == DAY1)
-    rds.hset(_speed_key(dup), F.speed_field("24h", "i", dup[4]), batch[dup] + 1)
+    rds.hset(_speed_key(dup), L.speed_field("24h", "i", dup[4]), batch[dup] + 1)
 
     prod = make_producer(s)
     for k, e in enumerate(late + [late_copy]):
@@ -222,20 +223,20 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     again = reconcile(s, tmp_path, version, write=False)
     assert again.cells_differing == 0 and again.buckets_equal == again.buckets_compared
     assert again.buckets_compared == rep.buckets_compared
-    assert all(int(rds.hget(lost_key, F.speed_field(c[2], c[3], c[4]))) == batch[c]
+    assert all(int(rds.hget(lost_key, L.speed_field(c[2], c[3], c[4]))) == batch[c]
                for c in lost_cells)
     assert rds.hlen(lost_key) == len(lost_cells)
-    hash_ttl = F.speed_hash_ttl_ms(int(s.allowed_lateness_s * 1000))
+    hash_ttl = L.speed_hash_ttl_ms(int(s.allowed_lateness_s * 1000))
     assert hash_ttl - 60_000 < rds.pttl(lost_key) <= hash_ttl
     assert rds.pttl(kept_key) == -1
-    assert all(int(rds.hget(kept_key, F.speed_field(c[2], c[3], c[4]))) == batch[c] for c in kept)
+    assert all(int(rds.hget(kept_key, L.speed_field(c[2], c[3], c[4]))) == batch[c] for c in kept)
     for c in (stale, dup):
-        assert int(rds.hget(_speed_key(c), F.speed_field(c[2], c[3], c[4]))) == batch[c]
-        other = F.speed_key(c[0], c[1], DAY0 + DAY1 - _day(c))
-        assert not rds.hexists(other, F.speed_field(c[2], c[3], c[4]))
+        assert int(rds.hget(_speed_key(c), L.speed_field(c[2], c[3], c[4]))) == batch[c]
+        other = L.speed_key(c[0], c[1], DAY0 + DAY1 - _day(c))
+        assert not rds.hexists(other, L.speed_field(c[2], c[3], c[4]))
     after_cut = [c for c in speed if c[:2] == ("user", "5") and not _in_overlap(c)]
     assert {c[2] for c in after_cut} == set(F.RESOLUTION_BY_NAME) and all(
-        int(rds.hget(_speed_key(c), F.speed_field(c[2], c[3], c[4]))) == speed[c]
+        int(rds.hget(_speed_key(c), L.speed_field(c[2], c[3], c[4]))) == speed[c]
         for c in after_cut)
 
     from prometheus_client import REGISTRY
@@ -250,19 +251,19 @@ def test_reconcile_speed_higher_without_archive_is_unexplained(settings, rds, tm
     the report says so instead of guessing; a dry run writes nothing."""
     version = f"w{unique}"
     b = T0 // F.MINUTE_MS
-    rds.hset(F.batch_key(version, "ad", "1", "5m"), mapping={F.field("i", b): 3, F.field("c", b): 1})
-    rds.hset(F.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF})
+    rds.hset(L.batch_key(version, "ad", "1", "5m"), mapping={L.batch_field("i", b): 3, L.batch_field("c", b): 1})
+    rds.hset(L.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF})
     res = F.RESOLUTION_BY_NAME["5m"]
-    assert (F.speed_day(b, res), F.speed_day(b + 200, res)) == (DAY0, DAY1)
-    rds.hset(F.speed_key("ad", "1", DAY0), mapping={F.speed_field("5m", "i", b): 4,
-                                                    F.speed_field("5m", "c", b): 1})
+    assert (L.speed_day(b, res), L.speed_day(b + 200, res)) == (DAY0, DAY1)
+    rds.hset(L.speed_key("ad", "1", DAY0), mapping={L.speed_field("5m", "i", b): 4,
+                                                    L.speed_field("5m", "c", b): 1})
     # the speed layer's high-water: in the next day's hash
-    rds.hset(F.speed_key("ad", "1", DAY1), F.speed_field("5m", "i", b + 200), 9)
+    rds.hset(L.speed_key("ad", "1", DAY1), L.speed_field("5m", "i", b + 200), 9)
     rep = reconcile(settings, tmp_path, version, apply=False, read_dlq=False, write=False)
     assert rep.buckets_compared == 1 and rep.buckets_differing == 1
     assert [(x.reason, x.diff) for x in rep.differences] == [("unexplained", -1)]
     assert not rep.explained
-    assert int(rds.hget(F.speed_key("ad", "1", DAY0), F.speed_field("5m", "i", b))) == 4
+    assert int(rds.hget(L.speed_key("ad", "1", DAY0), L.speed_field("5m", "i", b))) == 4
 
 
 def test_reconcile_merges_day_hashes_and_repairs_each_bucket_in_its_day(settings, rds, tmp_path,
@@ -276,17 +277,17 @@ def test_reconcile_merges_day_hashes_and_repairs_each_bucket_in_its_day(settings
     first = MIDNIGHT // res.bucket_ms - 2  # 23:50, 23:55 | 00:00, 00:05
     buckets = range(first, first + 4)
     eid = "17:4"
-    rds.hset(F.batch_key(version, "user_x_ad", eid, "1h"),
-             mapping={F.field(t, b): 2 + k for k, b in enumerate(buckets) for t in F.EVENT_TYPES})
-    rds.hset(F.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF})
-    before, after = F.speed_key("user_x_ad", eid, DAY0), F.speed_key("user_x_ad", eid, DAY1)
+    rds.hset(L.batch_key(version, "user_x_ad", eid, "1h"),
+             mapping={L.batch_field(t, b): 2 + k for k, b in enumerate(buckets) for t in F.EVENT_TYPES})
+    rds.hset(L.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF})
+    before, after = L.speed_key("user_x_ad", eid, DAY0), L.speed_key("user_x_ad", eid, DAY1)
     # before midnight: one bucket right, the other lost one cell; after midnight: the day
     # hash of the same entity that held buckets 3 and 4 is gone. The high-water: 5m, 01:30
-    rds.hset(before, mapping={F.speed_field("1h", "i", first): 2, F.speed_field("1h", "c", first): 2,
-                              F.speed_field("1h", "i", first + 1): 3})
+    rds.hset(before, mapping={L.speed_field("1h", "i", first): 2, L.speed_field("1h", "c", first): 2,
+                              L.speed_field("1h", "i", first + 1): 3})
     rds.pexpire(before, 3_600_000)  # the TTL the speed layer gave it
-    hw = F.speed_key("user", "17", DAY1)
-    rds.hset(hw, F.speed_field("5m", "i", (MIDNIGHT + 90 * F.MINUTE_MS) // F.MINUTE_MS), 1)
+    hw = L.speed_key("user", "17", DAY1)
+    rds.hset(hw, L.speed_field("5m", "i", (MIDNIGHT + 90 * F.MINUTE_MS) // F.MINUTE_MS), 1)
     rep = reconcile(settings, tmp_path, version, read_dlq=False, write=False)
     got = sorted((x.bucket, x.event_type, x.reason, x.diff) for x in rep.differences)
     assert got == [(first + 1, "c", "lost_update", 3),
@@ -299,8 +300,8 @@ def test_reconcile_merges_day_hashes_and_repairs_each_bucket_in_its_day(settings
     want = {b: 2 + k for k, b in enumerate(buckets)}
     for key, bs in ((before, buckets[:2]), (after, buckets[2:])):
         assert {f.decode(): int(v) for f, v in rds.hgetall(key).items()} == \
-            {F.speed_field("1h", t, b): want[b] for b in bs for t in F.EVENT_TYPES}
-    hash_ttl = F.speed_hash_ttl_ms(int(settings.allowed_lateness_s * 1000))
+            {L.speed_field("1h", t, b): want[b] for b in bs for t in F.EVENT_TYPES}
+    hash_ttl = L.speed_hash_ttl_ms(int(settings.allowed_lateness_s * 1000))
     assert hash_ttl - 60_000 < rds.pttl(after) <= hash_ttl  # created by the repair
     assert 0 < rds.pttl(before) <= 3_600_000  # NX: the speed layer's TTL stays as it was
     again = reconcile(settings, tmp_path, version, read_dlq=False, write=False)

@@ -10,6 +10,7 @@ import redis
 import torch
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.kafka.clients import make_consumer, make_producer
 from ctrstream.calibration.calibrator import CAL_SEQ_KEY, cal_key, logit, sigmoid
 from ctrstream.events import Impression, decode_prediction, encode
@@ -99,9 +100,9 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
     r.incr(CAL_SEQ_KEY)
     # the speed view: ad 999 got 100 impressions, 40 clicks in the minute after T0+1min
     b = (T0 + 2 * F.MINUTE_MS) // F.MINUTE_MS
-    day = F.speed_day(b, F.RESOLUTION_BY_NAME["5m"])
-    r.hset(F.speed_key("ad", "999", day), mapping={F.speed_field("5m", "i", b): 100,
-                                                   F.speed_field("5m", "c", b): 40})
+    day = L.speed_day(b, F.RESOLUTION_BY_NAME["5m"])
+    r.hset(L.speed_key("ad", "999", day), mapping={L.speed_field("5m", "i", b): 100,
+                                                   L.speed_field("5m", "c", b): 40})
 
     imps = _impressions(unique)
     prod = make_producer(s)

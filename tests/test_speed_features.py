@@ -21,6 +21,7 @@ from ctrstream import events as E
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
 from ctrstream.streaming.reference import read_speed_view, reference_features
+from ctrstream.store import layout as L
 
 BASE = 1_700_000_000_000 // 3_600_000 * 3_600_000
 CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
@@ -168,9 +169,8 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
         assert m["ctrstream_speed_dlq_total"] == len(ref.dead)
         assert m["ctrstream_speed_flush_seconds_count"] > 0
         assert m["ctrstream_speed_feature_freshness_seconds_count"] > 0
-        # every speed hash has the TTL of features.speed_hash_ttl_ms (set with its newest hour)
-        from ctrstream import features as F
-        ttl = F.speed_hash_ttl_ms(lateness)
+        # every speed hash has the TTL of layout.speed_hash_ttl_ms (set with its newest hour)
+        ttl = L.speed_hash_ttl_ms(lateness)
         assert ttl == 24 * 3_600_000 + lateness + 3_600_000
         pipe = r.pipeline(transaction=False)
         keys = sorted({k for (k, _f) in ref.cells})
@@ -228,12 +228,12 @@ def test_shard_snapshot_waits_until_redis_acknowledged_its_flushes(settings, r, 
     ad = int(unique[-6:], 16)
     t = np.array([BASE + 1_000], dtype=np.int64)
     logic.on_batch([Delta(0, BASE, 0, np.zeros(1, np.int8), np.array([ad], np.int64), t, 1, 2)])
-    key = F.speed_key("ad", str(ad), F.speed_day(BASE // 60_000, F.RESOLUTIONS[0]))
+    key = L.speed_key("ad", str(ad), L.speed_day(BASE // 60_000, F.RESOLUTIONS[0]))
     try:
         assert r.client_pause(1000, all=False)  # Redis holds every write for a second
         logic.on_notify()  # renders the flush, queues it and returns
         state = logic.snapshot()
-        assert r.hget(key, F.speed_field("5m", "i", BASE // 60_000)) == b"1"
+        assert r.hget(key, L.speed_field("5m", "i", BASE // 60_000)) == b"1"
         assert not any(tab.dirty.any() for tab in state["tables"].values())
     finally:
         cfg.writer().close()
@@ -287,7 +287,7 @@ def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
     """The writer sends ONE HSET per (entity, day) hash and flush, holding the changed
     buckets of every resolution with absolute values; a hot entity's hash is bounded by its
     event day (the next day goes to a new hash, the old one keeps its buckets and its TTL,
-    features.speed_hash_ttl_ms, renewed with each new hour); nothing is deleted."""
+    layout.speed_hash_ttl_ms, renewed with each new hour); nothing is deleted."""
     from ctrstream import features as F
     from ctrstream.streaming.features_flow import FeatureWriter, FlushItem
 
@@ -300,7 +300,7 @@ def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
     assert (hour.bucket_ms, minute.bucket_ms) == (F.HOUR_MS, F.MINUTE_MS)
     ad = int(unique[-6:], 16)
     day0 = 20_000
-    keys = [F.speed_key("ad", str(ad), day0 + k) for k in range(3)]
+    keys = [L.speed_key("ad", str(ad), day0 + k) for k in range(3)]
     try:
         for h in range(day0 * 24 + 20, day0 * 24 + 50):  # 30 hours from 20:00 of day0
             bm = h * 60 + 17  # a minute inside hour h
@@ -312,12 +312,12 @@ def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
                     new=np.array([count == 1] * 2), ts_first=None, ts_last=None)])
                 sink.drain()
                 assert hsets() - before == 1  # both resolutions in one HSET
-            key = F.speed_key("ad", str(ad), F.speed_day(h, hour))
-            assert key == F.speed_key("ad", str(ad), F.speed_day(bm, minute))
-            assert int(r.hget(key, F.speed_field("24h", "i", h))) == 2
-            assert int(r.hget(key, F.speed_field("24h", "c", h))) == 1
-            assert int(r.hget(key, F.speed_field("5m", "i", bm))) == 2
-            assert r.hget(key, F.speed_field("5m", "c", bm)) == b"0"
+            key = L.speed_key("ad", str(ad), L.speed_day(h, hour))
+            assert key == L.speed_key("ad", str(ad), L.speed_day(bm, minute))
+            assert int(r.hget(key, L.speed_field("24h", "i", h))) == 2
+            assert int(r.hget(key, L.speed_field("24h", "c", h))) == 1
+            assert int(r.hget(key, L.speed_field("5m", "i", bm))) == 2
+            assert r.hget(key, L.speed_field("5m", "c", bm)) == b"0"
         # a flush of cells of two days for one entity: one HSET per day
         before = hsets()
         sink.write([FlushItem(
@@ -327,12 +327,12 @@ def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
         sink.drain()
         assert hsets() - before == 2
         held = [sorted(f.decode() for f in r.hkeys(k)) for k in keys]
-        assert held[0] == sorted(F.speed_field(res, t, b) for h in range(day0 * 24 + 20, day0 * 24 + 24)
+        assert held[0] == sorted(L.speed_field(res, t, b) for h in range(day0 * 24 + 20, day0 * 24 + 24)
                                  for res, b in (("24h", h), ("5m", h * 60 + 17)) for t in "ic")
         assert len(held[1]) == 24 * 4 and len(held[2]) == 2 * 4  # whole days, nothing deleted
-        assert int(r.hget(keys[0], F.speed_field("24h", "i", day0 * 24 + 23))) == 5
-        assert int(r.hget(keys[1], F.speed_field("24h", "c", day0 * 24 + 24))) == 2
-        assert all(0 < r.pttl(k) <= F.speed_hash_ttl_ms(lateness) for k in keys)
+        assert int(r.hget(keys[0], L.speed_field("24h", "i", day0 * 24 + 23))) == 5
+        assert int(r.hget(keys[1], L.speed_field("24h", "c", day0 * 24 + 24))) == 2
+        assert all(0 < r.pttl(k) <= L.speed_hash_ttl_ms(lateness) for k in keys)
     finally:
         sink.close()
         r.delete(*keys)

@@ -9,12 +9,12 @@ range both views cover and both consider closed:
   up to the cut-off (``bv:{version}:meta`` ``cutoff_ms``; a bucket is closed when its end is
   ``<= cutoff_ms``);
 * the speed view ``sv:{entity}:{id}:{day}`` (one hash per entity and event day -
-  ``features.speed_key`` / ``features.speed_day``, days since the epoch, UTC - holding the
+  ``layout.speed_key`` / ``layout.speed_day``, days since the epoch, UTC - holding the
   buckets of that day of every resolution, fields ``{res}:i{bucket}`` / ``{res}:c{bucket}``,
-  ``features.speed_field``; an entity's day hashes are merged into its buckets per
+  ``layout.speed_field``; an entity's day hashes are merged into its buckets per
   resolution) covers buckets from its oldest bucket on. Its day hashes are never pruned but
-  expire (``features.speed_hash_ttl_ms`` after their last new hour), so it is sure to hold
-  only the newest ``features.speed_keep_buckets`` buckets of each resolution: the overlap
+  expire (``layout.speed_hash_ttl_ms`` after their last new hour), so it is sure to hold
+  only the newest ``layout.speed_keep_buckets`` buckets of each resolution: the overlap
   starts no earlier than that many buckets before the high-water. A bucket is closed in it
   once its end is ``<= speed high-water - allowed lateness`` (the high-water is the start of
   the newest bucket the speed view holds: the speed layer's event time has reached at least
@@ -56,11 +56,11 @@ counts them, so they never make a difference.
 The batch wins
 --------------
 After the comparison every differing or missing cell of the speed view is overwritten with
-the batch value in the day hash of its bucket (``features.speed_key(entity, id,
-features.speed_day(bucket, res))``; one ``HSET`` of absolute values per day hash, all
+the batch value in the day hash of its bucket (``layout.speed_key(entity, id,
+layout.speed_day(bucket, res))``; one ``HSET`` of absolute values per day hash, all
 resolutions at once - running it twice changes nothing), cells the batch view does not hold
 are deleted from it (``HDEL``), and a hash created this way gets the speed view's hash TTL
-(``features.speed_hash_ttl_ms``, ``PEXPIRE ... NX``: sent for every repaired hash, it never
+(``layout.speed_hash_ttl_ms``, ``PEXPIRE ... NX``: sent for every repaired hash, it never
 changes the TTL the speed layer set, but also covers a hash that expired between the read
 and the repair). Only closed buckets of the overlap are touched, which the speed layer never
 writes again.
@@ -83,13 +83,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.kafka.deadletters import read_dead_letters
 
 log = logging.getLogger("ctrstream.reconcile")
 
 FIELD_RE = re.compile(rb"^([ic])(-?\d+)$")  # batch view: {type}{bucket}
 SPEED_FIELD_RE = re.compile(rb"^([^:]+):([ic])(-?\d+)$")  # speed view: {res}:{type}{bucket}
-SPEED_PREFIX = F.SPEED_PREFIX
+SPEED_PREFIX = L.SPEED_PREFIX
 _RES_BY_BYTES = {r.name.encode(): r.name for r in F.RESOLUTIONS}
 _ET_BY_BYTES = {t.encode(): t for t in F.EVENT_TYPES}
 REASONS = ("late", "late+lost_update", "lost_update", "missing_key", "duplicates",
@@ -205,10 +206,10 @@ def _parse_key(rest: str) -> tuple[str, str, str] | None:
 
 
 def _parse_speed_key(rest: str) -> tuple[str, str, int] | None:
-    """Speed view ``{entity}:{id}:{day}`` -> ``(entity, id, day)`` (``features.speed_entity_of``;
+    """Speed view ``{entity}:{id}:{day}`` -> ``(entity, id, day)`` (``layout.speed_entity_of``;
     the id of a crossed entity contains ``:``), None for any other key under ``sv:``."""
     try:
-        entity, eid, day = F.speed_entity_of(SPEED_PREFIX + rest)
+        entity, eid, day = L.speed_entity_of(SPEED_PREFIX + rest)
     except ValueError:
         return None
     if not eid or entity not in F.ENTITY_BY_NAME:
@@ -453,7 +454,7 @@ def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, lat
         # the speed view is sure to hold only the newest speed_keep_buckets buckets (older
         # day hashes expire): never compare beyond that
         lo = max(bspan[res.name][0], sspan[res.name][0],
-                 sspan[res.name][1] - F.speed_keep_buckets(res, lateness) + 1)
+                 sspan[res.name][1] - L.speed_keep_buckets(res, lateness) + 1)
         end_ms = min(cutoff, high - lateness)
         if closed_before_ms is not None:
             end_ms = min(end_ms, closed_before_ms)
@@ -469,7 +470,7 @@ def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, lat
             if not buckets:
                 continue
             for b in buckets:
-                day = F.speed_day(b, res)
+                day = L.speed_day(b, res)
                 if (entity, eid, day) not in speed_present:
                     missing_keys.add((entity, eid, day))
                 report.buckets_compared += 1
@@ -489,9 +490,9 @@ def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, lat
                     sets, dels = writes.get((entity, eid, day)) or \
                         writes.setdefault((entity, eid, day), ({}, []))
                     if bv is None:
-                        dels.append(F.speed_field(res.name, t, b))
+                        dels.append(L.speed_field(res.name, t, b))
                     else:
-                        sets[F.speed_field(res.name, t, b)] = bv
+                        sets[L.speed_field(res.name, t, b)] = bv
                 if not bucket_differs:
                     report.buckets_equal += 1
                 elif in_b and not in_s:
@@ -515,15 +516,15 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     data_dir = Path(data_dir) if data_dir is not None else settings.data_dir
     r = redis_client or redis.Redis.from_url(settings.redis.url)
     if version is None:
-        v = r.get(F.BATCH_POINTER_KEY)
+        v = r.get(L.BATCH_POINTER_KEY)
         if not v:
-            raise RuntimeError(f"no batch view is served ({F.BATCH_POINTER_KEY} is not set): "
+            raise RuntimeError(f"no batch view is served ({L.BATCH_POINTER_KEY} is not set): "
                                "publish one first (`ctrstream publish-batch-view` / "
                                "ctrstream.batch.views.publish_batch_view) or pass --version")
         version = v.decode()
-    meta = {k.decode(): v.decode() for k, v in r.hgetall(F.batch_meta_key(version)).items()}
+    meta = {k.decode(): v.decode() for k, v in r.hgetall(L.batch_meta_key(version)).items()}
     if "cutoff_ms" not in meta:
-        raise RuntimeError(f"batch view {version!r} has no {F.batch_meta_key(version)} cutoff_ms")
+        raise RuntimeError(f"batch view {version!r} has no {L.batch_meta_key(version)} cutoff_ms")
     cutoff = int(meta["cutoff_ms"])
 
     lateness = int(settings.allowed_lateness_s * 1000)
@@ -545,7 +546,7 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     archive = _archive_counts(data_dir, need_archive, settings) if need_archive else None
     for x in diffs:
         key_missing = (x.entity, x.eid,
-                       F.speed_day(x.bucket, F.RESOLUTION_BY_NAME[x.res])) in missing_keys
+                       L.speed_day(x.bucket, F.RESOLUTION_BY_NAME[x.res])) in missing_keys
         if x.diff > 0:
             if x.late_events >= x.diff:
                 x.reason = "late"
@@ -583,12 +584,12 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     report.largest = sorted(diffs, key=lambda x: (-abs(x.diff), x.entity, x.eid, x.bucket))[:n_largest]
 
     if apply and writes:
-        ttl = F.speed_hash_ttl_ms(lateness)
+        ttl = L.speed_hash_ttl_ms(lateness)
         items = list(writes.items())
         for i in range(0, len(items), CHUNK):
             pipe = r.pipeline(transaction=False)
             for (entity, eid, day), (sets, dels) in items[i:i + CHUNK]:
-                key = F.speed_key(entity, eid, day)
+                key = L.speed_key(entity, eid, day)
                 if sets:
                     pipe.hset(key, mapping=sets)
                 if dels:
@@ -635,7 +636,7 @@ def watch(settings, data_dir=None, interval_s: float = 5.0, stop=None, **kw) -> 
     r = redis.Redis.from_url(settings.redis.url)
     last = r.get("reconcile:last")
     while not (stop and stop()):
-        cur = r.get(F.BATCH_POINTER_KEY)
+        cur = r.get(L.BATCH_POINTER_KEY)
         if cur and cur != last:
             reconcile(settings, data_dir, cur.decode(), redis_client=r, **kw)
             last = cur

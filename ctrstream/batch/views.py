@@ -17,7 +17,7 @@ What a batch view with cut-off ``T`` holds (``T == features.align_cutoff(T)``)
 * ``bv:{version}:{entity}:{eid}:sums`` - what serving reads (one ``HMGET`` per entity): the
   long-window fields again and, per resolution, the **suffix sums** of the bucket counts above,
   ``{res}:i{b}`` / ``{res}:c{b}`` = sum over the view's buckets ``>= b``
-  (``features.suffix_field``), for every ``b`` of ``features.view_buckets(T, res)`` up to the
+  (``layout.suffix_field``), for every ``b`` of ``features.view_buckets(T, res)`` up to the
   entity's last non-empty bucket (later ones are 0: absent). The batch part of a window
   (buckets ``lo..hi``) is ``S[lo] - S[hi + 1]``: 2 fields per count, whatever the number of
   buckets. The per-bucket hashes stay (reconciliation compares them cell by cell).
@@ -49,6 +49,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.config import Settings
 from ctrstream.batch.archive import max_event_time, read_events
 from ctrstream.batch.point_in_time import (
@@ -264,19 +265,19 @@ def write_batch_view(settings: Settings, buckets: pa.Table, longs: pa.Table, cut
             gc.enable()
 
     # meta last, then the pointer: a reader that follows the pointer sees a complete version
-    r.hset(F.batch_meta_key(version), mapping={
+    r.hset(L.batch_meta_key(version), mapping={
         "cutoff_ms": int(cutoff_ms), "created_ms": created, "fingerprint": F.fingerprint(),
-        F.BATCH_SUMS_FLAG: 1, "keys": keys_written, "buckets": buckets.num_rows})
+        L.BATCH_SUMS_FLAG: 1, "keys": keys_written, "buckets": buckets.num_rows})
     if ttl_ms:
-        r.pexpire(F.batch_meta_key(version), int(ttl_ms))
-    r.set(F.BATCH_POINTER_KEY, version)
+        r.pexpire(L.batch_meta_key(version), int(ttl_ms))
+    r.set(L.BATCH_POINTER_KEY, version)
 
     # clean-up: versions without meta (a publisher died half way) always go; of the complete
     # ones, the newest keep - 1 besides the new one stay (readers may still be on them)
     deleted = []
     others = [v.decode() if isinstance(v, bytes) else v for v in r.zrange(VERSIONS_KEY, 0, -1)]
     others = [v for v in others if v != version]
-    complete = [v for v in others if r.exists(F.batch_meta_key(v))]
+    complete = [v for v in others if r.exists(L.batch_meta_key(v))]
     stale = [v for v in others if v not in complete]
     stale += complete[:max(0, len(complete) - (keep - 1))]
     for v in stale:
@@ -290,9 +291,9 @@ def write_batch_view(settings: Settings, buckets: pa.Table, longs: pa.Table, cut
 def read_view_counts(r, version: str, entity: str, eid: str, res: str) -> dict[str, int]:
     """The fields of one batch-view hash as ints (for reconciliation and tests); ``res`` is a
     resolution name, ``long`` or ``sums``."""
-    h = r.hgetall(F.batch_long_key(version, entity, eid) if res == "long"
-                  else F.batch_sums_key(version, entity, eid) if res == "sums"
-                  else F.batch_key(version, entity, eid, res))
+    h = r.hgetall(L.batch_long_key(version, entity, eid) if res == "long"
+                  else L.batch_sums_key(version, entity, eid) if res == "sums"
+                  else L.batch_key(version, entity, eid, res))
     return {k.decode(): int(v) for k, v in h.items()}
 
 

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.table import Table
 
-from ctrstream.cli.app import console, fail, out
+from ctrstream.cli.app import fail, out
 from ctrstream.config import get_settings
 
 stack_app = typer.Typer(help="The local stack: Kafka (KRaft), Redis and Triton on 127.0.0.1.",

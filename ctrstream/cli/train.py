@@ -63,7 +63,6 @@ def print_summary(summary: dict, console) -> None:
 
 
 def register(app) -> None:
-    import typer
     from rich.console import Console
 
     console = Console(stderr=True)

@@ -45,6 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.config import Settings, Topic, get_settings
 
 console = Console()
@@ -354,9 +355,9 @@ class _FreshnessProbe:
             idx = idx[np.unique(np.linspace(0, len(idx) - 1, n).astype(int))]
         ids = imps.column("impression_id").take(idx).to_pylist()
         user = F.ENTITY_BY_NAME["user"]
-        return {i.encode(): (F.speed_key(user.name, F.entity_id(user, {"user_id": int(u[k])}),
-                                         F.speed_day(int(b[k]), res)),
-                             F.speed_field(res.name, "i", int(b[k])))
+        return {i.encode(): (L.speed_key(user.name, F.entity_id(user, {"user_id": int(u[k])}),
+                                         L.speed_day(int(b[k]), res)),
+                             L.speed_field(res.name, "i", int(b[k])))
                 for i, k in zip(ids, idx.tolist())}
 
     def _consume(self) -> None:

@@ -30,7 +30,7 @@ Two ways to make the one round trip
   fields of the view's ``:sums`` hash (suffix sums, ``ctrstream.batch.views``; views without
   them are read bucket by bucket), and the speed part of every resolution with **one**
   ``HMGET`` per event day of the entity's speed hash of that day ``sv:{entity}:{id}:{day}``
-  (``features.speed_key``; fields ``{res}:i{b}`` / ``{res}:c{b}`` of the buckets after the
+  (``layout.speed_key``; fields ``{res}:i{b}`` / ``{res}:c{b}`` of the buckets after the
   cut-off that fall on that day). The speed buckets of a read span one day, or two when a
   window crosses a UTC midnight (a window is at most a day long): with ``:sums``, two or
   three calls per entity. Crossed entities whose single-field part has an empty window are
@@ -67,6 +67,7 @@ from typing import Literal
 import numpy as np
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 
 log = logging.getLogger("ctrstream.featurestore")
 
@@ -87,9 +88,9 @@ N_LONG = len(F.LONG_WINDOWS)
 # Batch part: from the entity's ":sums" hash (suffix sums + long windows, ONE HMGET of a few
 # fields) when the view's meta has sums=1, else from the per-bucket hashes (older views).
 # Speed part: ONE HMGET per event day of the entity's speed hash of that day, speed_prefix ..
-# ent .. speed_day_sep .. day ("sv:ad:4:20254", ctrstream.features.speed_key; day =
-# floor(b * bucket_ms / day_ms), features.speed_day) with the fields of every resolution's
-# buckets of that day ("{res}:i{b}" / "{res}:c{b}", features.speed_field): the speed
+# ent .. speed_day_sep .. day ("sv:ad:4:20254", ctrstream.layout.speed_key; day =
+# floor(b * bucket_ms / day_ms), layout.speed_day) with the fields of every resolution's
+# buckets of that day ("{res}:i{b}" / "{res}:c{b}", layout.speed_field): the speed
 # buckets of a read span at most two days (a window is at most a day long), usually one.
 # None for a day whose buckets all belong to pruned resolutions, none at all when there is
 # nothing to read (no speed buckets, or every resolution pruned).
@@ -481,12 +482,12 @@ def _keys_of_columns(columns: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def _script_head(mode: str, t_ms: int) -> list:
-    args: list = [mode, F.BATCH_POINTER_KEY, F.SPEED_PREFIX, F.SPEED_DAY_SEP, F.DAY_MS, N_RES]
+    args: list = [mode, L.BATCH_POINTER_KEY, L.SPEED_PREFIX, L.SPEED_DAY_SEP, F.DAY_MS, N_RES]
     for r, b0, b1 in _window_plan(t_ms):
         args += [r.name, r.bucket_ms, r.n_buckets, b0, b1]
     args += [N_LONG]
     for w in F.LONG_WINDOWS:
-        args += [F.long_field("i", w), F.long_field("c", w)]
+        args += [L.long_field("i", w), L.long_field("c", w)]
     return args + [MAX_PARENTS]
 
 
@@ -545,7 +546,7 @@ class _PipelinePlan:
     """Commands of the pipeline method for one (version, cut-off, t) and how to parse them
     (per-bucket batch hashes: the reference the script is tested against). Per key: one
     ``HMGET`` per resolution of its batch-view hash, one of its speed-view hash of every
-    event day with speed buckets (``features.speed_key(entity, id, day)``, the fields of
+    event day with speed buckets (``layout.speed_key(entity, id, day)``, the fields of
     every resolution's buckets of that day, as in the script), one of its long windows."""
 
     def __init__(self, mode: str, version: str | None, cutoff: int | None, t_ms: int):
@@ -554,10 +555,10 @@ class _PipelinePlan:
         by_day: dict[int, list[tuple[int, int]]] = {}  # day -> [(window index, bucket)]
         for k, (r, b0, b1) in enumerate(_window_plan(t_ms)):
             lo, bhi, slo = _split(mode, version, cutoff, r, b0, b1)
-            bf = [F.field(t, b) for b in range(lo, bhi + 1) for t in F.EVENT_TYPES]
+            bf = [L.batch_field(t, b) for b in range(lo, bhi + 1) for t in F.EVENT_TYPES]
             per_res.append((r, bf))
             for b in range(slo, b1 + 1):
-                by_day.setdefault(F.speed_day(b, r), []).append((k, b))
+                by_day.setdefault(L.speed_day(b, r), []).append((k, b))
         self.per_res = per_res
         # the speed part: per day (ascending) its fields; per (i, c) pair of the replies in
         # that order, its window and its bucket's start
@@ -567,26 +568,26 @@ class _PipelinePlan:
             fields = []
             for k, b in by_day[day]:
                 r = F.RESOLUTIONS[k]
-                fields += [F.speed_field(r.name, t, b) for t in F.EVENT_TYPES]
+                fields += [L.speed_field(r.name, t, b) for t in F.EVENT_TYPES]
                 pair_res.append(k)
                 pair_start.append(b * r.bucket_ms)
             self.speed_days.append((day, fields))
         self.pair_res = np.asarray(pair_res, dtype=np.int64)
         self.pair_start = np.asarray(pair_start, dtype=np.int64)
-        self.long_fields = [F.long_field(t, w) for w in F.LONG_WINDOWS for t in F.EVENT_TYPES]
+        self.long_fields = [L.long_field(t, w) for w in F.LONG_WINDOWS for t in F.EVENT_TYPES]
 
     def queue(self, pipe, keys) -> None:
-        pipe.get(F.BATCH_POINTER_KEY)
+        pipe.get(L.BATCH_POINTER_KEY)
         v = self.version
         for ek in keys:
             ent, eid = ek.split(":", 1)
             for r, bf in self.per_res:
                 if bf:
-                    pipe.hmget(F.batch_key(v, ent, eid, r.name), bf)
+                    pipe.hmget(L.batch_key(v, ent, eid, r.name), bf)
             for day, sf in self.speed_days:
-                pipe.hmget(F.speed_key(ent, eid, day), sf)
+                pipe.hmget(L.speed_key(ent, eid, day), sf)
             if v is not None and self.long_fields:
-                pipe.hmget(F.batch_long_key(v, ent, eid), self.long_fields)
+                pipe.hmget(L.batch_long_key(v, ent, eid), self.long_fields)
 
     def parse(self, replies, n_keys: int) -> tuple[np.ndarray, int | None]:
         replies = replies[1:]
@@ -899,10 +900,10 @@ class FeatureStore(_Base):
         return FeatureRead(counts, t_ms, version, cutoff, newest)
 
     def _refresh_meta(self):
-        version = self.client.get(F.BATCH_POINTER_KEY)
+        version = self.client.get(L.BATCH_POINTER_KEY)
         cutoff = None
         if version is not None:
-            cutoff = self.client.hget(F.batch_meta_key(self._decode(version)), "cutoff_ms")
+            cutoff = self.client.hget(L.batch_meta_key(self._decode(version)), "cutoff_ms")
         return self._set_meta(version, cutoff)
 
     def read_rows(self, entity_ids: np.ndarray, t_ms: int) -> FeatureRead:
@@ -927,7 +928,7 @@ class FeatureStore(_Base):
 # --------------------------------------------------------------------------- invalidation
 
 
-SPEED_PREFIX = F.SPEED_PREFIX  # "sv:": every speed-view hash (features.speed_key)
+SPEED_PREFIX = L.SPEED_PREFIX  # "sv:": every speed-view hash (layout.speed_key)
 # heartbeat keys: outside the speed view, and sorting after "sv:" so that Redis, which sends
 # the invalidations of one event-loop iteration prefix by prefix in key order, reports a
 # heartbeat after the speed-view writes executed together with it
@@ -936,9 +937,9 @@ HEARTBEAT_PREFIX = "sv~tracking:"
 
 def _speed_entity_key(key: bytes) -> str | None:
     """The entity key (``entity:id``) of a reported speed-view key ``sv:{entity}:{id}:{day}``
-    (``features.speed_entity_of``); None for a key outside that layout (never read)."""
+    (``layout.speed_entity_of``); None for a key outside that layout (never read)."""
     try:
-        entity, eid, _ = F.speed_entity_of(key.decode())
+        entity, eid, _ = L.speed_entity_of(key.decode())
     except (UnicodeDecodeError, ValueError):
         return None
     return f"{entity}:{eid}"
@@ -1028,7 +1029,7 @@ class InvalidationTracker:
                     raise ConnectionError("redis closed the connection")
                 parser.feed(data)
 
-        from ctrstream.store.resp import hello_commands
+        from ctrstream.store.connection import hello_commands
 
         for args in hello_commands(kw.get("password"), kw.get("db"), kw.get("username")):
             call(*args)  # heartbeats go to the store's database
@@ -1108,7 +1109,7 @@ class InvalidationTracker:
                 ents = []
                 for k in keys:
                     if k.startswith(prefix_b):
-                        # sv:{entity}:{id}:{day} (features.speed_key) -> {entity}:{id}
+                        # sv:{entity}:{id}:{day} (layout.speed_key) -> {entity}:{id}
                         ek = _speed_entity_key(k)
                         if ek is not None:
                             ents.append(ek)
@@ -1190,10 +1191,10 @@ class AsyncFeatureStore(_Base):
         return FeatureRead(counts, t_ms, version, cutoff, newest)
 
     async def _refresh_meta(self):
-        version = await self.client.get(F.BATCH_POINTER_KEY)
+        version = await self.client.get(L.BATCH_POINTER_KEY)
         cutoff = None
         if version is not None:
-            cutoff = await self.client.hget(F.batch_meta_key(self._decode(version)), "cutoff_ms")
+            cutoff = await self.client.hget(L.batch_meta_key(self._decode(version)), "cutoff_ms")
         return self._set_meta(version, cutoff)
 
     async def read_rows(self, entity_ids: np.ndarray, t_ms: int) -> FeatureRead:
@@ -1278,7 +1279,7 @@ class _LeanScript:
         return cls(kw, lua)
 
     async def _connect(self) -> _RespProtocol:
-        from ctrstream.store.resp import hello_commands
+        from ctrstream.store.connection import hello_commands
 
         loop = asyncio.get_running_loop()
         _, proto = await asyncio.wait_for(loop.create_connection(
@@ -1332,44 +1333,5 @@ class _LeanScript:
         self.proto = None
 
 
-def _async_connection_class():
-    """redis-py's asyncio connection packs commands in Python (~1 us per argument: ~1 ms for
-    the script's ~900 arguments); the sync one uses hiredis' C packer. This connection class
-    gives the asyncio client the C packer too (None when hiredis is missing)."""
-    try:
-        import redis.asyncio as aredis
-        from redis.connection import HiredisRespSerializer
-        from redis.utils import HIREDIS_AVAILABLE
-    except ImportError:
-        return None
-    if not HIREDIS_AVAILABLE:
-        return None
-
-    class HiredisPackConnection(aredis.Connection):
-        _packer = HiredisRespSerializer()
-
-        def pack_command(self, *args):
-            return self._packer.pack(*args)
-
-    return HiredisPackConnection
-
-
-def redis_client(settings, asyncio: bool = False, timeout_s: float = 1.0):
-    """A Redis client for ``settings.redis`` with socket timeouts (sync or asyncio)."""
-    if asyncio:
-        import redis.asyncio as aredis
-
-        kw = {}
-        cls = _async_connection_class() if settings.redis.url.startswith("redis://") else None
-        if cls is not None:
-            kw["connection_class"] = cls
-        return aredis.Redis.from_url(settings.redis.url, socket_timeout=timeout_s,
-                                     socket_connect_timeout=timeout_s, **kw)
-    import redis
-
-    return redis.Redis.from_url(settings.redis.url, socket_timeout=timeout_s,
-                                socket_connect_timeout=timeout_s)
-
-
 __all__ = ["FeatureRead", "FeatureStore", "AsyncFeatureStore", "InvalidationTracker",
-           "smoothed_rates", "historical_ctr", "unique_keys", "redis_client", "SHARED_ENTITIES"]
+           "smoothed_rates", "historical_ctr", "unique_keys", "SHARED_ENTITIES"]

@@ -18,6 +18,7 @@ import hiredis
 import numpy as np
 
 from ctrstream.config import Settings
+from ctrstream.store.connection import hello_commands
 
 
 def _cmd(args) -> bytes:
@@ -27,18 +28,6 @@ def _cmd(args) -> bytes:
             a = str(a).encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
     return b"".join(parts)
-
-
-def hello_commands(password: str | None = None, db: int | None = 0,
-                   username: str | None = None) -> list[tuple]:
-    """The commands that open a raw Redis connection (``AUTH``, ``SELECT``) - shared by this
-    pipeline, the API's EVALSHA connection and the cache's invalidation channel."""
-    out: list[tuple] = []
-    if password:
-        out.append(("AUTH", username, password) if username else ("AUTH", password))
-    if db:
-        out.append(("SELECT", int(db)))
-    return out
 
 
 class _Replies:
