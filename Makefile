@@ -11,8 +11,10 @@ setup: $(STAMP)
 	@$(VENV)/bin/ctrstream setup
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "ctrstream needs Python >= 3.11, found " + sys.version.split()[0]' \
-	  || { echo "error: install Python 3.11 or newer (python3 on the PATH)"; exit 2; }
+	@$(PYTHON) -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] <= (3, 12)))' \
+	  || { echo "error: ctrstream supports Python 3.11 and 3.12 (bytewax 0.21 ships wheels up to 3.12);" \
+	       "found $$($(PYTHON) -c 'import sys; print(sys.version.split()[0])') at $$(command -v $(PYTHON))." \
+	       "Install 3.11 or 3.12 and run: make PYTHON=python3.12 ..."; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[train,dev]'

@@ -419,10 +419,9 @@ def summarize(rate: float, rec: list, elapsed: float) -> dict:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    from ctrstream.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = [r["achieved_rps"] for r in rows]

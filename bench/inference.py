@@ -387,10 +387,9 @@ def _series_label(r: dict) -> str:
 def plot(rows: list[dict], path: Path, title: str) -> Path:
     """Throughput against p99 latency, one panel per model; colour = serving path, line
     style = concurrency, points along a line = growing client batch size."""
-    import matplotlib
+    from ctrstream.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     labels = list(dict.fromkeys(_series_label(r) for r in rows))

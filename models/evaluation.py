@@ -120,10 +120,9 @@ def reliability_diagram(path: str | Path, curves: dict[str, np.ndarray], labels,
                         title: str = "reliability", n_bins: int = 20) -> Path:
     """PNG: observed CTR vs mean prediction per equal-mass bin, one curve per entry of
     ``curves`` (name -> probabilities), log-log axes, with prediction histograms below."""
-    import matplotlib
+    from ctrstream.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

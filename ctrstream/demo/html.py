@@ -52,12 +52,9 @@ def img_html(path: Path, alt: str) -> str:
 # --------------------------------------------------------------------------- plots
 
 def _plt():
-    import matplotlib
+    from ctrstream.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def reliability_png(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # lowest first; a unit is a module or a package (with everything under it)
 LAYERS: list[tuple[str, list[str]]] = [
     ("declarations, codec, settings, metric maths",
-     ["ctrstream.config", "ctrstream.features", "ctrstream.events", "ctrstream.metrics"]),
+     ["ctrstream.config", "ctrstream.features", "ctrstream.events", "ctrstream.metrics",
+      "ctrstream.plots"]),
     ("the store (Redis layout and protocol), Kafka", ["ctrstream.store", "ctrstream.kafka"]),
     ("ops (stack, processes), model (nets, export, publish)", ["ctrstream.stack", "ctrstream.models"]),
     ("speed layer, batch layer, calibration",

@@ -1,0 +1,21 @@
+"""Matplotlib for the PNGs ctrstream writes (reliability diagrams, the demo's report,
+benchmark plots): the optional ``plots`` extra, headless."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` with the file-only Agg backend; a clear error without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "writing plots needs matplotlib, which is not installed: install the project's "
+            "plots extra (pip install 'ctrstream[plots]'; the train and dev extras include it)"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
