@@ -190,6 +190,23 @@ def dense_from_counts(counts: np.ndarray) -> np.ndarray:
     return out.reshape(n, N_DENSE)
 
 
+def smoothed_rates(counts: np.ndarray, prior: BetaPrior = PRIOR) -> np.ndarray:
+    """Beta-smoothed CTR of every window: ``counts[..., 0]`` imps, ``[..., 1]`` clicks."""
+    counts = np.asarray(counts)
+    return smoothed_ctr(counts[..., 0], counts[..., 1], prior)
+
+
+def historical_ctr(counts: np.ndarray, entity: str = "ad", prior: BetaPrior = PRIOR) -> np.ndarray:
+    """Per row, the smoothed CTR of ``entity`` over its window with the most impressions
+    (the prior mean where there are none): the fallback score when the model is out of reach.
+    ``counts`` is ``(rows, len(ENTITIES), N_WINDOWS, 2)``."""
+    k = [e.name for e in ENTITIES].index(entity)
+    c = np.asarray(counts)[:, k]  # (rows, N_WINDOWS, 2)
+    best = np.argmax(c[..., 0], axis=1)
+    pick = c[np.arange(len(c)), best]
+    return smoothed_ctr(pick[:, 0], pick[:, 1], prior)
+
+
 # --------------------------------------------------------------------------- sparse features
 
 SPARSE_FIELDS: tuple[str, ...] = (

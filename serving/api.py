@@ -32,7 +32,7 @@ advertiser, site, site x category) are reused across requests while they provabl
 by less than ``feature_cache_s`` (default and maximum: the speed layer's flush interval,
 ``settings.flush_interval_ms``): for that long after they were read, or - with
 ``feature_tracking`` (default) - until Redis reports a write to them, as long as the
-invalidation channel's heartbeat is that fresh (``ctrstream.store.featurestore``).
+invalidation channel's heartbeat is that fresh (``ctrstream.store.reader``).
 ``feature_cache_staleness_ms`` in the answer is the bound for the reused counts of that
 request (null: everything read now). Hit and miss counts are on ``/metrics``
 (``ctrstream_api_feature_cache_total``), the channel's state on ``/readyz``
@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ctrstream.serving.assembly import CANDIDATE_FIELDS, assemble_async, request_columns
 from ctrstream.serving.triton_client import DEFAULT_MODEL, AsyncScorer
 from ctrstream.store.connection import redis_client
-from ctrstream.store.featurestore import AsyncFeatureStore
+from ctrstream.store.reader import AsyncFeatureStore
 
 log = logging.getLogger("ctrstream.api")
 
@@ -212,7 +212,7 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
     speed layer's flush interval (``settings.flush_interval_ms``), so a served count is at
     most one more flush interval behind than Redis itself; 0: no cache.
     ``feature_tracking``: keep cached counts until Redis reports a write to them (server-
-    assisted invalidation, ``ctrstream.store.featurestore.InvalidationTracker``) instead of for
+    assisted invalidation, ``ctrstream.store.reader.InvalidationTracker``) instead of for
     ``feature_cache_s`` only - the bound above still holds, enforced by heartbeats."""
     flush_s = settings.flush_interval_ms / 1000.0
     if feature_cache_s is None:

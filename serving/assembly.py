@@ -7,7 +7,7 @@ ads. Every candidate becomes one row with the columns of an impression
 * ``sparse`` = ``features.sparse_ids(columns)`` - the function the training set calls;
 * ``dense``  = ``features.dense_from_counts(counts)`` where ``counts`` are the lambda-merged
   window counts of every entity of the row at the event time
-  (``ctrstream.store.featurestore``, ``read_columns``: the entity ids of ``features.entity_id``,
+  (``ctrstream.store.reader``, ``read_columns``: the entity ids of ``features.entity_id``,
   built per distinct value rather than per row), in the layout the batch layer's training
   set uses.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctrstream import features as F
-from ctrstream.store.featurestore import FeatureRead
+from ctrstream.store.reader import FeatureRead
 
 CANDIDATE_FIELDS = ("ad_id", "campaign_id", "advertiser_id", "ad_category")
 CONTEXT_FIELDS = ("site_id", "device_type", "country", "position")
@@ -96,7 +96,7 @@ def _timed(read: FeatureRead, t1: float, t2: float) -> None:
 
 
 def assemble(store, columns: dict, t_ms: int) -> Assembled:
-    """Synchronous assembly with a ``ctrstream.store.featurestore.FeatureStore``. Redis errors
+    """Synchronous assembly with a ``ctrstream.store.reader.FeatureStore``. Redis errors
     propagate (batch jobs should see them); the API uses :func:`assemble_async`."""
     t1 = time.perf_counter()
     read = store.read_columns(columns, t_ms)

@@ -5,7 +5,7 @@ impressions (Kafka, micro-batches of ``batch_size``) -> per batch:
 1. decode (records that do not decode are skipped and counted: the speed layer already
    dead-letters them);
 2. **features as of each impression's event time**: the lambda-merged window counts from
-   Redis (``ctrstream.store.featurestore.FeatureStore``, the same read the API does, via
+   Redis (``ctrstream.store.reader.FeatureStore``, the same read the API does, via
    ``ctrstream.serving.assembly``). Every bucket boundary is a whole minute and the window value at
    ``t`` depends on ``t`` only through its buckets, so the rows of one event-time minute share
    one Redis call (a batch spans a few minutes: a few calls, not one per row);
@@ -90,7 +90,7 @@ class BatchScorer:
     def _deps(self):
         if self._store is None:
             from ctrstream.store.connection import redis_client
-            from ctrstream.store.featurestore import FeatureStore
+            from ctrstream.store.reader import FeatureStore
 
             self._store = FeatureStore(redis_client(self.settings), mode=self.feature_mode)
         if self._scorer is None:

@@ -23,7 +23,7 @@ from ctrstream.stack.services import free_port
 from ctrstream.serving.api import create_app
 from ctrstream.serving.assembly import assemble, request_columns
 from ctrstream.store.connection import redis_client
-from ctrstream.store.featurestore import FeatureStore
+from ctrstream.store.reader import FeatureStore
 
 W = np.linspace(-0.2, 0.3, F.N_DENSE).astype(np.float32)
 BIAS = -3.0
@@ -324,7 +324,7 @@ def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path, workers)
         n = 12
         for _ in range(n):  # a new connection each: the kernel hands them to any worker
             resp = httpx.post(url + "/v1/predict", json=body, timeout=10)
-            assert resp.status_code == 200 and resp.json()["model_version"] == "1"
+            assert resp.status_code == 200 and resp.json()["model_version"] == "1", resp.text[-800:]
         assert httpx.post(url + "/v1/predict", content=b"nope", timeout=10).status_code == 422
         if workers > 1:
             kids = [k for k in _children(proc.pid)

@@ -21,7 +21,7 @@ from ctrstream.store import layout as L
 from ctrstream.serving.assembly import assemble, assemble_async, entity_ids, request_columns
 from ctrstream.events import Click, Impression
 from ctrstream.store.connection import redis_client
-from ctrstream.store.featurestore import AsyncFeatureStore, FeatureStore
+from ctrstream.store.reader import AsyncFeatureStore, FeatureStore
 
 DAY0 = 1_750_000_000_000 // F.DAY_MS * F.DAY_MS
 T = DAY0 + 20 * F.HOUR_MS + 17 * F.MINUTE_MS + 4_321

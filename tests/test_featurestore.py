@@ -8,9 +8,9 @@ import pytest
 from ctrstream import features as F
 from ctrstream.store import layout as L
 from ctrstream.store.connection import redis_client
-from ctrstream.store.featurestore import (
-    AsyncFeatureStore, FeatureStore, historical_ctr, smoothed_rates, unique_keys,
-)
+from ctrstream.features import historical_ctr, smoothed_rates
+from ctrstream.store.plan import unique_entity_keys as unique_keys
+from ctrstream.store.reader import AsyncFeatureStore, FeatureStore
 
 RES = {r.name: k for k, r in enumerate(F.RESOLUTIONS)}
 T = 1_750_000_000_000 + 37 * F.MINUTE_MS + 12_345  # an arbitrary event time (15:43 UTC)
@@ -247,12 +247,12 @@ def test_async_reader_and_freshness(r, settings, unique, method):
 
 
 def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, settings, unique):
-    """The API's EVALSHA connection (``_LeanScript``): concurrent reads share one connection
+    """The API's EVALSHA connection (``AsyncScript``): concurrent reads share one connection
     and each gets its own answer; a flushed script cache is reloaded; a Redis that does not
     answer raises a timeout (the caller degrades) and the next read reconnects."""
     import asyncio
 
-    from ctrstream.store.featurestore import _LeanScript
+    from ctrstream.store.script import AsyncScript
 
     r.delete(L.BATCH_POINTER_KEY)
     res = F.RESOLUTIONS[0]
@@ -264,7 +264,7 @@ def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, setti
     async def go():
         client = redis_client(settings, asyncio=True, timeout_s=0.3)
         store = AsyncFeatureStore(client)
-        assert isinstance(store._script, _LeanScript)
+        assert isinstance(store.script, AsyncScript)
         try:
             reads = await asyncio.gather(*(store.read([f"ad:{eid}"], T) for eid in ids))
             got = [fr.counts[0, 0].tolist() for fr in reads]
@@ -394,7 +394,7 @@ def test_cache_serves_shared_entities_until_ttl_window_move_or_switch(r, setting
     r.hset(_skey("user", user, "5m", b), L.speed_field("5m", "i", b), 1000)
     second = store.read(keys, T + 1).counts  # same buckets: the ad is cached, the user is not
     assert second[0, 0, 0] == first[0, 0, 0] and second[1, 0, 0] == first[1, 0, 0] + 995
-    assert store.cache_hits == 1
+    assert store.cache_stats()["hits"] == 1
     moved = store.read(keys, T + F.MINUTE_MS).counts  # the windows moved: read again
     assert moved[0, 0, 0] == 3 * 5 + 1000  # b-3..b filled, b+1 (new open bucket) empty
     other = f"w{unique}"
@@ -520,7 +520,7 @@ def test_script_reads_one_sums_hash_per_entity_for_the_batch_part(r, settings, u
 def test_keys_of_columns_are_the_entity_ids_of_the_rows():
     """Keys built per distinct field value (the API's path) = ``features.entity_id`` per row."""
     from ctrstream.serving.assembly import entity_ids, request_columns
-    from ctrstream.store.featurestore import _keys_of_columns, _keys_of_rows, _parents_of_keys
+    from ctrstream.store.plan import keys_of_columns, keys_of_rows, parents_of_keys
 
     rng = np.random.default_rng(1)
     cands = [{"ad_id": int(a), "campaign_id": int(a) // 3, "advertiser_id": int(a) // 7,
@@ -529,12 +529,12 @@ def test_keys_of_columns_are_the_entity_ids_of_the_rows():
                            cands, T)
     ids = entity_ids(cols)
     names = [e.name for e in F.ENTITIES]
-    for keys, inv, parents in (_keys_of_columns(cols), _keys_of_rows(ids)):
+    for keys, inv, parents in (keys_of_columns(cols), keys_of_rows(ids)):
         assert len(set(keys)) == len(keys)
         got = np.array(keys, dtype=object)[inv]
         want = np.array([[f"{n}:{i}" for n, i in zip(names, row)] for row in ids], dtype=object)
         assert (got == want).all()
-        np.testing.assert_array_equal(np.sort(parents, axis=1), np.sort(_parents_of_keys(keys), axis=1))
+        np.testing.assert_array_equal(np.sort(parents, axis=1), np.sort(parents_of_keys(keys), axis=1))
         assert (parents < np.arange(len(keys))[:, None]).all()  # parents come first
 
 
@@ -569,7 +569,7 @@ def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
         assert got[ad] in recent | set(before[-1:]), (now[0], got[ad], history[ad][-4:])
         if fr.cache_hits:
             assert fr.cache_staleness_s < ttl
-    assert store.cache_hits > 50 and store.cache_misses > 50
+    assert store.cache_stats()["hits"] > 50 and store.cache_stats()["misses"] > 50
     last = history[ad][-1][1]
     stale = FeatureStore(redis_client(settings), cache_ttl_s=ttl, clock=lambda: now[0])
     stale.read([ad], T)
@@ -587,21 +587,21 @@ def test_an_entry_invalidated_while_its_read_is_in_flight_is_not_cached(r, setti
     ad = f"ad:race{unique}"
     _fill_speed(r, ad.split(":", 1)[1], "ad", lambda res, b: 3, lambda res, b: 0)
     store = FeatureStore(redis_client(settings), cache_ttl_s=60)
-    real = store._script
+    real = store.script
 
     def script_then_report(**kw):
         reply = real(**kw)
         store.invalidate([ad])  # the report of a write that raced the read
         return reply
 
-    store._script = script_then_report
+    store.script = script_then_report
     store.read([ad], T)
-    assert ad not in store._cache
-    store._script = real
+    assert ad not in store.cache
+    store.script = real
     store.read([ad], T)
-    assert ad in store._cache  # an undisturbed read is cached
+    assert ad in store.cache  # an undisturbed read is cached
     store.invalidate_all()
-    assert not store._cache
+    assert not store.cache
 
 
 def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, settings, unique):
@@ -672,7 +672,7 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
             assert hits > 0
 
             # cut the channel: no vouching, cache dropped; it comes back by itself
-            assert store._cache
+            assert store.cache
             for c in r.client_list():
                 if c.get("name", "").startswith("ctrstream-invalidation"):
                     r.client_kill_filter(_id=c["id"])
@@ -681,7 +681,7 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
                 await asyncio.sleep(0.01)
             assert store.tracker.restarts >= 1 and store.tracker.last_error
             await healthy(store)
-            assert store.tracker.status()["healthy"] and not store._cache
+            assert store.tracker.status()["healthy"] and not store.cache
             ok = await store.read([ad, user], T)  # read again after the outage
             assert ok.cache_hits == 0 and ok.counts[0, 0, 0] == value
         finally:
@@ -694,12 +694,10 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
 def test_invalidation_reports_map_day_hashes_to_entity_keys():
     """A reported speed-view key (one hash per entity and day) invalidates its entity key;
     keys outside the layout are ignored, never misread."""
-    from ctrstream.store.featurestore import HEARTBEAT_PREFIX, SPEED_PREFIX, _speed_entity_key
-
     day = T // F.DAY_MS
-    assert _speed_entity_key(L.speed_key("ad", "4", day).encode()) == "ad:4"
-    assert _speed_entity_key(L.speed_key("user_x_ad", "17:4", day + 1).encode()) == "user_x_ad:17:4"
-    assert _speed_entity_key(b"sv:ad:4:5m") is None  # the old per-resolution layout
-    assert _speed_entity_key(b"sv:ad") is None
-    assert L.speed_key("ad", "4", day).startswith(SPEED_PREFIX)
-    assert not (HEARTBEAT_PREFIX + "x:1").startswith(SPEED_PREFIX)
+    assert L.speed_entity_key_of(L.speed_key("ad", "4", day).encode()) == "ad:4"
+    assert L.speed_entity_key_of(L.speed_key("user_x_ad", "17:4", day + 1).encode()) == "user_x_ad:17:4"
+    assert L.speed_entity_key_of(b"sv:ad:4:5m") is None  # the old per-resolution layout
+    assert L.speed_entity_key_of(b"sv:ad") is None
+    assert L.speed_key("ad", "4", day).startswith(L.SPEED_PREFIX)
+    assert not (L.TRACKING_PREFIX + "x:1").startswith(L.SPEED_PREFIX)

@@ -1,0 +1,21 @@
+"""The store: ctrstream's online feature store on Redis, and the only code that knows Redis.
+
+Every Redis key and field is built and parsed in :mod:`~ctrstream.store.layout`; every
+connection is opened in :mod:`~ctrstream.store.connection`; RESP bytes are written in
+:mod:`~ctrstream.store.resp`. The rest of ctrstream speaks in domain terms - entities,
+ids, resolutions, buckets, counts, views, versions - through a few interfaces, in the
+spirit of Chronon's ``KVStore`` (multi-get, multi-put) and Feast's ``OnlineStore`` (one
+class reads and writes the store):
+
+* **multi-get of window counts**: :class:`~ctrstream.store.reader.FeatureStore` (sync) and
+  :class:`~ctrstream.store.reader.AsyncFeatureStore` (asyncio) - ``read(keys, t)``,
+  ``read_rows``, ``read_columns`` - one core (:class:`~ctrstream.store.reader.ReaderCore`,
+  no I/O) planned by :mod:`~ctrstream.store.plan`, one Lua script (``read.lua``) that gets
+  every key it touches in ``KEYS``, a shared-entity cache (:mod:`~ctrstream.store.cache`)
+  kept exact by Redis' invalidation reports (:mod:`~ctrstream.store.tracking`);
+* the speed view's and the batch view's writers, reconciliation's scans and repairs, and
+  the calibrators' checkpoints: the other modules of this package.
+
+Nothing here imports the speed or batch layer: the store sits on the declarations
+(:mod:`ctrstream.features`) and the settings only.
+"""

@@ -1,0 +1,433 @@
+"""Reading windowed counts: one core, a sync shell and an asyncio shell.
+
+For many entities at once and one time ``t``, a reader returns the window counts
+``(keys, N_WINDOWS, 2)`` - impressions then clicks per window, ``RESOLUTIONS`` then
+``LONG_WINDOWS`` - merged as :mod:`ctrstream.store.plan` describes (the lambda merge, or the
+speed or batch view alone); :meth:`read_rows` (entity ids per row) and :meth:`read_columns`
+(event columns) gather them into the ``(rows, len(ENTITIES), N_WINDOWS, 2)`` array
+``features.dense_from_counts`` takes. It is the multi-get of the store: many keys, one time,
+one round trip.
+
+:class:`ReaderCore` is what a read does, without I/O: a generator that yields the requests to
+send (:class:`ScriptCall`, :class:`Commands`) and receives their replies. :class:`FeatureStore`
+(sync: batch jobs, the streaming scorer, tests) and :class:`AsyncFeatureStore` (asyncio: the
+prediction API) only carry the requests to Redis.
+
+Two ways to make the one round trip
+-----------------------------------
+* ``method="script"`` (default): one ``EVALSHA`` of ``read.lua``, which reads every needed
+  field (``HMGET``) server-side and returns only the window *sums* (``2 * N_WINDOWS + 1``
+  int64 per entity, packed into one string). Every key it touches is passed in ``KEYS``
+  (built by :mod:`ctrstream.store.layout`), planned against the served batch view the
+  reader last saw; the script first checks that the pointer still names that view and
+  otherwise reads nothing, so the reader re-plans against the new view and calls again: the
+  pointer, the view's cut-off and the data are one atomic snapshot, a switch is noticed on
+  the very next read and can never be half-applied. Per entity it reads the batch part of
+  every window and the long windows with **one** ``HMGET`` of a few fields of the view's
+  ``:sums`` hash (views without them: bucket by bucket), and the speed part with **one**
+  ``HMGET`` per event day of the entity's speed hash of that day. Crossed entities whose
+  single-field part has an empty window are not read for it (exact: their window is empty
+  too).
+* ``method="pipeline"``: one non-transactional pipeline of ``HMGET`` per key (the speed
+  part: one per entity and day, as in the script), parsed with numpy. The view's cut-off is
+  cached per version for ``pointer_ttl_s``; the pipeline starts with a read of the pointer
+  so a switch is noticed in the same round trip (the read is then redone once against the
+  new view). For Redis deployments that forbid scripts, and the reference the script is
+  tested against.
+
+The shared-entity cache (``cache_ttl_s > 0``, script method) is
+:class:`ctrstream.store.cache.SharedEntityCache`; with ``tracking=True`` the asyncio reader
+keeps it exact with Redis' invalidation reports
+(:class:`ctrstream.store.tracking.InvalidationTracker`).
+
+Where the time goes (100 candidates, ~450 distinct entities per request): ``docs/api.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from ctrstream import features as F
+from ctrstream.store.cache import Lookup, SharedEntityCache
+from ctrstream.store.plan import (
+    NO_VIEW,
+    Mode,
+    PipelinePlan,
+    ScriptPlan,
+    View,
+    keys_of_columns,
+    keys_of_rows,
+    no_parents,
+    parents_of_keys,
+    parse_script_reply,
+    view_meta_command,
+    view_of,
+    window_plan,
+)
+from ctrstream.store import layout as L
+from ctrstream.store.script import READ_SCRIPT, AsyncScript
+from ctrstream.store.tracking import InvalidationTracker
+
+Method = Literal["script", "pipeline"]
+MAX_SWITCHES = 3  # reads redone because the view switched under them, before giving up
+
+
+@dataclass
+class FeatureRead:
+    """Window counts of some entities at ``t_ms`` and where they came from."""
+
+    counts: np.ndarray  # int64 (keys or rows, [entities,] N_WINDOWS, 2)
+    t_ms: int
+    batch_version: str | None  # the batch view merged in (None: speed view only)
+    cutoff_ms: int | None
+    newest_bucket_ms: int | None  # start of the newest non-empty speed-view bucket read
+    timings: dict[str, float] = field(default_factory=dict)
+    cache_hits: int = 0  # keys served from the shared-entity cache (not read from Redis)
+    cache_misses: int = 0  # keys read from Redis while the cache is on
+    # how far the reused (cached) counts may lag Redis, at most (None: nothing reused)
+    cache_staleness_s: float | None = None
+
+    @property
+    def staleness_ms(self) -> int | None:
+        """How far the newest data seen lags ``t_ms`` (the current bucket's start is 0)."""
+        newest = self.newest_bucket_ms
+        if newest is None and self.cutoff_ms is not None:
+            newest = self.cutoff_ms
+        return None if newest is None else max(0, self.t_ms - newest)
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """Request: one call of the read script."""
+
+    keys: list[str]
+    args: list[Any]
+
+
+@dataclass(frozen=True)
+class Commands:
+    """Request: commands in one non-transactional pipeline; the reply is their replies."""
+
+    commands: list[tuple[Any, ...]]
+
+
+Request = ScriptCall | Commands
+Steps = Generator[Request, Any, FeatureRead]
+
+
+class ReaderCore:
+    """One read as a generator of requests (see the module docstring)."""
+
+    def __init__(self, mode: Mode = "lambda", method: Method = "script",
+                 pointer_ttl_s: float = 1.0, cache_ttl_s: float = 0.0,
+                 cache_max: int = 200_000, clock: Callable[[], float] = time.monotonic):
+        if mode not in ("lambda", "speed", "batch"):
+            raise ValueError(f"mode must be lambda, speed or batch, not {mode!r}")
+        if method not in ("script", "pipeline"):
+            raise ValueError(f"method must be script or pipeline, not {method!r}")
+        self.mode: Mode = mode
+        self.method: Method = method
+        self.pointer_ttl_s = pointer_ttl_s
+        self.clock = clock
+        self.cache = SharedEntityCache(cache_ttl_s, cache_max, clock) if cache_ttl_s > 0 else None
+        self._view: View | None = None  # the served view as last seen
+        self._view_at = 0.0  # time.monotonic() when it was read
+        self._plan: tuple[tuple[Any, ...], ScriptPlan] | None = None  # the last script plan
+
+    # ---- the served view
+    def _fetch_view(self) -> Generator[Request, Any, View]:
+        (pointer,) = yield Commands([("GET", L.BATCH_POINTER_KEY)])
+        meta = None
+        if pointer:
+            (meta,) = yield Commands([view_meta_command(_text(pointer))])
+        self._view, self._view_at = view_of(pointer, meta), time.monotonic()
+        return self._view
+
+    def forget_view(self) -> None:
+        self._view = None
+
+    # ---- a read
+    def read(self, keys: Iterable[str], t_ms: int, parents: np.ndarray | None = None) -> Steps:
+        """The requests of one read of ``keys`` (entity keys) at ``t_ms``; returns the
+        :class:`FeatureRead`. ``parents``: see :meth:`ScriptPlan.call`."""
+        keys = list(keys)
+        if self.method == "script":
+            return (yield from self._read_script(keys, int(t_ms), parents))
+        return (yield from self._read_pipeline(keys, int(t_ms)))
+
+    def _script_plan(self, view: View, t_ms: int) -> ScriptPlan:
+        sig = (view, tuple(b0 for _, b0, _ in window_plan(t_ms)))  # the plan's only inputs
+        if self._plan is None or self._plan[0] != sig:
+            self._plan = (sig, ScriptPlan(self.mode, view, t_ms))
+        return self._plan[1]
+
+    def _read_script(self, keys: list[str], t_ms: int, parents: np.ndarray | None) -> Steps:
+        cache = self.cache
+        for _ in range(MAX_SWITCHES):
+            view = NO_VIEW
+            if self.mode != "speed":
+                view = self._view if self._view is not None else (yield from self._fetch_view())
+            plan = self._script_plan(view, t_ms)
+            lk: Lookup | None = None
+            read_keys, read_parents = keys, parents
+            if cache is not None:
+                window = (self.mode, tuple(b1 for _, _, b1 in window_plan(t_ms)))
+                lk = cache.lookup(keys, window, view.version)
+                if lk.hits:
+                    # parents served from the cache are not in this call: no pruning by them
+                    if parents is None:
+                        parents = parents_of_keys(keys)
+                    at = np.full(len(keys) + 1, -1, dtype=np.int64)  # at[-1]: no parent
+                    at[lk.miss] = np.arange(len(lk.miss))
+                    read_keys = [keys[i] for i in lk.miss]
+                    read_parents = (at[np.asarray(parents, dtype=np.int64)[lk.miss]]
+                                    if lk.miss else no_parents(0))
+            script_keys, args, order = plan.call(read_keys, read_parents)
+            try:
+                reply = yield ScriptCall(script_keys, args)
+            except BaseException:
+                if cache is not None and lk is not None:
+                    cache.release(lk)
+                raise
+            _, moved, got, newest_k = parse_script_reply(reply, len(read_keys), order)
+            if moved:  # the view switched: re-plan against the new one
+                self._view = None
+                if cache is not None and lk is not None:
+                    cache.release(lk)
+                    cache.invalidate_all()
+                continue
+            return self._merge(keys, t_ms, view, lk, read_keys, got, newest_k)
+        raise RuntimeError(f"the batch-view pointer ({L.BATCH_POINTER_KEY}) moved during each "
+                           f"of {MAX_SWITCHES} reads in a row: is something switching views "
+                           "in a loop?")
+
+    def _merge(self, keys: list[str], t_ms: int, view: View, lk: Lookup | None,
+               read_keys: list[str], got: np.ndarray, newest_k: np.ndarray) -> FeatureRead:
+        cache = self.cache
+        if lk is None or not lk.hits:
+            counts, newest = got, newest_k
+        else:
+            counts = np.empty((len(keys), F.N_WINDOWS, 2), dtype=np.int64)
+            newest = np.empty(len(keys), dtype=np.int64)
+            counts[lk.miss], newest[lk.miss] = got, newest_k
+            for i, e in lk.hits.items():
+                counts[i], newest[i] = e.counts, e.newest
+        staleness = None
+        if cache is not None and lk is not None:
+            staleness = cache.staleness(lk)
+            cache.store(lk, read_keys, view.version, got, newest_k)
+        nb = int(newest.max()) if len(newest) else -1
+        return FeatureRead(counts, t_ms, view.version, view.cutoff_ms, nb if nb >= 0 else None,
+                           cache_hits=len(lk.hits) if lk else 0,
+                           cache_misses=len(read_keys) if lk else 0,
+                           cache_staleness_s=staleness)
+
+    def _read_pipeline(self, keys: list[str], t_ms: int) -> Steps:
+        replies: list[Any] = []
+        for _attempt in range(2):
+            view = self._view
+            if view is None or time.monotonic() - self._view_at >= self.pointer_ttl_s:
+                view = yield from self._fetch_view()
+            used = NO_VIEW if self.mode == "speed" else view
+            plan = PipelinePlan(self.mode, used, t_ms)
+            replies = yield Commands(plan.commands(keys))
+            if self.mode == "speed" or _text(replies[0]) == view.pointer:
+                break
+            self._view = None  # the pointer moved: read the new view's meta and read again
+        counts, newest = plan.parse(replies, len(keys))
+        return FeatureRead(counts, t_ms, used.version, used.cutoff_ms, newest)
+
+    # ---- rows and columns
+    @staticmethod
+    def rows(read: FeatureRead, inv: np.ndarray) -> FeatureRead:
+        """Gather a read of distinct keys back into rows (``inv``: per row and entity, the
+        index of its key)."""
+        read.counts = read.counts[inv]
+        return read
+
+    def cache_stats(self) -> dict[str, Any]:
+        if self.cache is None:
+            return {"ttl_s": 0.0, "hits": 0, "misses": 0, "hit_rate": None, "entries": 0,
+                    "tracking": None}
+        return self.cache.stats()
+
+
+def _text(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def drive(steps: Steps, execute: Callable[[Request], Any]) -> FeatureRead:
+    """Run a read's requests with a blocking ``execute``; an error of ``execute`` is raised
+    into the read (which cleans up) and out of here."""
+    try:
+        request = next(steps)
+        while True:
+            try:
+                reply = execute(request)
+            except BaseException as e:  # noqa: BLE001 - handed to the read, which re-raises it
+                request = steps.throw(e)
+                continue
+            request = steps.send(reply)
+    except StopIteration as done:
+        return done.value
+
+
+async def drive_async(steps: Steps, execute: Callable[[Request], Awaitable[Any]]) -> FeatureRead:
+    """:func:`drive` with an asyncio ``execute``."""
+    try:
+        request = next(steps)
+        while True:
+            try:
+                reply = await execute(request)
+            except BaseException as e:  # noqa: BLE001 - handed to the read, which re-raises it
+                request = steps.throw(e)
+                continue
+            request = steps.send(reply)
+    except StopIteration as done:
+        return done.value
+
+
+class _Shell:
+    """What both shells share: the core, its cache and the row/column helpers."""
+
+    core: ReaderCore
+
+    @property
+    def mode(self) -> Mode:
+        return self.core.mode
+
+    @property
+    def method(self) -> Method:
+        return self.core.method
+
+    @property
+    def cache(self) -> SharedEntityCache | None:
+        return self.core.cache
+
+    @property
+    def cache_ttl_s(self) -> float:
+        """How long a cached count may lag Redis (0: no cache)."""
+        return 0.0 if self.core.cache is None else self.core.cache.ttl_s
+
+    def invalidate(self, entity_keys: Iterable[str]) -> None:
+        if self.core.cache is not None:
+            self.core.cache.invalidate(entity_keys)
+
+    def invalidate_all(self) -> None:
+        if self.core.cache is not None:
+            self.core.cache.invalidate_all()
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self.core.cache_stats()
+
+
+class FeatureStore(_Shell):
+    """The synchronous reader. ``client``: a ``redis.Redis``
+    (:func:`ctrstream.store.connection.redis_client`); the other arguments are
+    :class:`ReaderCore`'s."""
+
+    def __init__(self, client: Any, mode: Mode = "lambda", method: Method = "script",
+                 pointer_ttl_s: float = 1.0, cache_ttl_s: float = 0.0, cache_max: int = 200_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.core = ReaderCore(mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock)
+        self.client = client
+        self.script = client.register_script(READ_SCRIPT)
+
+    def _execute(self, request: Request) -> Any:
+        if isinstance(request, ScriptCall):
+            return self.script(keys=request.keys, args=request.args)
+        pipe = self.client.pipeline(transaction=False)
+        for c in request.commands:
+            pipe.execute_command(*c)
+        return pipe.execute()
+
+    def read(self, keys: Iterable[str], t_ms: int, parents: np.ndarray | None = None
+             ) -> FeatureRead:
+        """Window counts ``(len(keys), N_WINDOWS, 2)`` of entity keys at ``t_ms``."""
+        return drive(self.core.read(keys, t_ms, parents), self._execute)
+
+    def read_rows(self, entity_ids: np.ndarray, t_ms: int) -> FeatureRead:
+        """``entity_ids`` (rows, len(ENTITIES)) -> counts (rows, len(ENTITIES), N_WINDOWS, 2)."""
+        keys, inv, parents = keys_of_rows(entity_ids)
+        return ReaderCore.rows(self.read(keys, t_ms, parents), inv)
+
+    def read_columns(self, columns: dict[str, Any], t_ms: int) -> FeatureRead:
+        """:meth:`read_rows` of the entities of event columns (``columns[field]`` per row);
+        ``timings["keys"]``: the seconds spent building the keys."""
+        t0 = time.perf_counter()
+        keys, inv, parents = keys_of_columns(columns)
+        t1 = time.perf_counter()
+        fr = ReaderCore.rows(self.read(keys, t_ms, parents), inv)
+        fr.timings["keys"] = t1 - t0
+        return fr
+
+
+class AsyncFeatureStore(_Shell):
+    """The asyncio reader (the prediction API); ``client`` is a ``redis.asyncio.Redis``.
+
+    ``tracking=True`` (with a cache): :meth:`start` runs an
+    :class:`~ctrstream.store.tracking.InvalidationTracker` on the client's Redis so that
+    cached entries stay valid until Redis reports a write to them; call :meth:`close` at
+    shutdown."""
+
+    def __init__(self, client: Any, mode: Mode = "lambda", method: Method = "script",
+                 pointer_ttl_s: float = 1.0, cache_ttl_s: float = 0.0, cache_max: int = 200_000,
+                 clock: Callable[[], float] = time.monotonic, tracking: bool = False,
+                 heartbeat_s: float = 0.05):
+        self.core = ReaderCore(mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock)
+        self.client = client
+        self.script: Any = AsyncScript.for_client(client) or client.register_script(READ_SCRIPT)
+        self.tracking = bool(tracking) and self.core.cache is not None
+        self.heartbeat_s = heartbeat_s
+        self.tracker: InvalidationTracker | None = None
+
+    async def start(self) -> None:
+        cache = self.core.cache
+        if self.tracking and self.tracker is None and cache is not None:
+            kw = dict(self.client.connection_pool.connection_kwargs)
+            self.tracker = InvalidationTracker(kw, cache.invalidate, cache.invalidate_all,
+                                               heartbeat_s=self.heartbeat_s,
+                                               clock=self.core.clock)
+            cache.tracker = self.tracker
+            self.tracker.start()
+
+    async def close(self) -> None:
+        import asyncio
+
+        if isinstance(self.script, AsyncScript):
+            self.script.close()
+        if self.tracker is not None:
+            tracker, self.tracker = self.tracker, None
+            if self.core.cache is not None:
+                self.core.cache.tracker = None
+            await asyncio.get_running_loop().run_in_executor(None, tracker.close)
+            self.invalidate_all()
+
+    async def _execute(self, request: Request) -> Any:
+        if isinstance(request, ScriptCall):
+            return await self.script(keys=request.keys, args=request.args)
+        pipe = self.client.pipeline(transaction=False)
+        for c in request.commands:
+            pipe.execute_command(*c)
+        return await pipe.execute()
+
+    async def read(self, keys: Iterable[str], t_ms: int, parents: np.ndarray | None = None
+                   ) -> FeatureRead:
+        return await drive_async(self.core.read(keys, t_ms, parents), self._execute)
+
+    async def read_rows(self, entity_ids: np.ndarray, t_ms: int) -> FeatureRead:
+        keys, inv, parents = keys_of_rows(entity_ids)
+        return ReaderCore.rows(await self.read(keys, t_ms, parents), inv)
+
+    async def read_columns(self, columns: dict[str, Any], t_ms: int) -> FeatureRead:
+        t0 = time.perf_counter()
+        keys, inv, parents = keys_of_columns(columns)
+        t1 = time.perf_counter()
+        fr = ReaderCore.rows(await self.read(keys, t_ms, parents), inv)
+        fr.timings["keys"] = t1 - t0
+        return fr

@@ -1,0 +1,134 @@
+"""The read script (``read.lua``, package data) and the two ways it is called.
+
+* Sync callers (batch jobs, the streaming scorer, tests) use redis-py's ``Script``
+  (``client.register_script(READ_SCRIPT)``): ``EVALSHA``, and ``EVAL`` on ``NOSCRIPT``.
+* The prediction API calls it with :class:`AsyncScript`: ``EVALSHA`` over one pipelined
+  asyncio connection, packed and parsed by hiredis in C - the API's hot path. redis-py's
+  asyncio client spends ~0.3 ms of Python per call on its connection pool, retry wrapper
+  and argument conversion (``docs/api.md``); this is one ``transport.write`` and one future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from importlib import resources
+from typing import Any
+
+import hiredis
+
+from ctrstream.store.connection import RedisReplyError, hello_commands
+
+READ_SCRIPT = resources.files("ctrstream.store").joinpath("read.lua").read_text()
+
+
+class _RespProtocol(asyncio.Protocol):
+    """One pipelined Redis connection: replies are matched to waiting calls in order."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # any event loop's transport (uvloop's are not asyncio.Transport subclasses)
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            fut = self.waiters.popleft()
+            if not fut.done():  # a caller that timed out has gone: its reply is dropped
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = ConnectionError(f"redis connection lost: {exc or 'closed'}")
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(self.lost)
+
+
+class AsyncScript:
+    """``EVALSHA`` of a script over one pipelined asyncio connection. Concurrent calls share
+    the connection (Redis answers in order). A timeout or a broken connection closes it (the
+    next call reconnects) and raises - the caller degrades. ``NOSCRIPT`` (a restarted or
+    flushed Redis) loads the script with ``EVAL``, as redis-py does.
+
+    ``kw``: a redis-py client's ``connection_pool.connection_kwargs`` (host, port,
+    password, db, socket timeouts)."""
+
+    def __init__(self, kw: dict[str, Any], lua: str = READ_SCRIPT):
+        self.kw = kw
+        self.lua = lua.encode()
+        self.sha = hashlib.sha1(self.lua).hexdigest().encode()
+        self.timeout = float(kw.get("socket_timeout") or 1.0)
+        self.connect_timeout = float(kw.get("socket_connect_timeout") or self.timeout)
+        self.proto: _RespProtocol | None = None
+        self._connecting: asyncio.Future[_RespProtocol] | None = None
+
+    @classmethod
+    def for_client(cls, client: Any, lua: str = READ_SCRIPT) -> AsyncScript | None:
+        """For a TCP redis-py asyncio client; None otherwise (a unix socket or TLS: the
+        caller uses redis-py's script)."""
+        kw = dict(client.connection_pool.connection_kwargs)
+        if "host" not in kw or "path" in kw or kw.get("ssl"):
+            return None
+        return cls(kw, lua)
+
+    async def _connect(self) -> _RespProtocol:
+        loop = asyncio.get_running_loop()
+        _, proto = await asyncio.wait_for(loop.create_connection(
+            _RespProtocol, self.kw.get("host", "127.0.0.1"), int(self.kw.get("port", 6379))),
+            self.connect_timeout)
+        for args in hello_commands(self.kw.get("password"), self.kw.get("db"),
+                                   self.kw.get("username")):
+            reply = await self._roundtrip(proto, args)
+            if isinstance(reply, hiredis.ReplyError):
+                assert proto.transport is not None
+                proto.transport.close()
+                raise ConnectionError(f"redis {args[0]}: {reply}")
+        return proto
+
+    async def _roundtrip(self, proto: _RespProtocol, args: tuple[Any, ...]) -> Any:
+        assert proto.transport is not None
+        fut = asyncio.get_running_loop().create_future()
+        proto.waiters.append(fut)
+        proto.transport.write(hiredis.pack_command(args))
+        try:
+            return await asyncio.wait_for(fut, self.timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            proto.transport.close()  # replies may still come: never reuse this connection
+            raise TimeoutError(f"redis did not answer within {self.timeout:g} s") from None
+
+    async def _proto(self) -> _RespProtocol:
+        p = self.proto
+        if p is not None and p.lost is None and p.transport is not None \
+                and not p.transport.is_closing():
+            return p
+        if self._connecting is None:  # one connection attempt shared by concurrent callers
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            self.proto = await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+        return self.proto
+
+    async def __call__(self, keys: list[Any] | tuple[Any, ...] = (),
+                       args: list[Any] | tuple[Any, ...] = ()) -> Any:
+        proto = await self._proto()
+        head = (len(keys), *keys, *args)
+        reply = await self._roundtrip(proto, (b"EVALSHA", self.sha, *head))
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            reply = await self._roundtrip(proto, (b"EVAL", self.lua, *head))
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisReplyError(str(reply))
+        return reply
+
+    def close(self) -> None:
+        if self.proto is not None and self.proto.transport is not None:
+            self.proto.transport.close()
+        self.proto = None
