@@ -1,0 +1,81 @@
+"""The store's layout module is the one place that builds and parses keys and fields, and
+the Lua read script assembles none (no server needed)."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from ctrstream import features as F
+from ctrstream.store import layout as L
+from ctrstream.store.plan import NO_VIEW, ScriptPlan, View, keys_of_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+T = 1_750_000_000_000 + 37 * F.MINUTE_MS
+
+
+@pytest.mark.parametrize("entity, eid", [("ad", "4"), ("user_x_ad", "17:4"), ("site", "0")])
+def test_keys_round_trip(entity, eid):
+    day = T // F.DAY_MS
+    key = L.speed_key(entity, eid, day)
+    assert L.speed_entity_of(key) == (entity, eid, day)
+    assert L.speed_entity_key_of(key.encode()) == L.entity_key(entity, eid)
+    assert L.split_entity_key(L.entity_key(entity, eid)) == (entity, eid)
+    assert L.speed_keys([L.entity_key(entity, eid)], day) == [key]
+    assert key.encode().startswith(L.speed_key_head(entity))
+    for res in F.RESOLUTIONS:
+        assert L.parse_batch_key("v1", L.batch_key("v1", entity, eid, res.name)) == (entity, eid, res.name)
+    assert L.parse_batch_key("v1", L.batch_sums_key("v1", entity, eid)) is None
+    assert L.parse_batch_key("v2", L.batch_key("v1", entity, eid, "5m")) is None
+    assert L.batch_sums_keys("v1", [L.entity_key(entity, eid)]) == [L.batch_sums_key("v1", entity, eid)]
+
+
+def test_fields_round_trip():
+    assert L.parse_speed_field(L.speed_field("1h", "c", 123).encode()) == ("1h", "c", 123)
+    assert L.parse_batch_field(L.batch_field("i", -7).encode()) == ("i", -7)
+    assert L.parse_speed_field(b"i7d") is None and L.parse_batch_field(b"5m:i1") is None
+
+
+def test_tracking_heartbeats_sort_after_the_speed_view():
+    assert not L.TRACKING_PREFIX.startswith(L.SPEED_PREFIX)
+    assert L.TRACKING_PREFIX > L.SPEED_PREFIX  # reported after the writes executed with them
+
+
+def test_read_script_assembles_no_key_and_no_field():
+    """Every ``redis.call`` of read.lua reads a key passed in ``KEYS`` with fields passed in
+    ``ARGV`` (so the script can run where its keys live together: a cluster slot)."""
+    lua = resources.files("ctrstream.store").joinpath("read.lua").read_text()
+    code = "\n".join(line.split("--", 1)[0] for line in lua.splitlines())
+    calls = re.findall(r"\b(?:redis\.call|call)\(\s*'(\w+)'\s*,\s*([^,)]+)", code)
+    assert calls, "no redis.call found: did the script's structure change?"
+    for command, key in calls:
+        assert key.strip().startswith("KEYS["), f"{command} of a key that is not in KEYS: {key}"
+    # no key prefix of the layout is spelled in the script
+    for prefix in (L.SPEED_PREFIX, L.BATCH_PREFIX, L.BATCH_POINTER_KEY, L.CAL_PREFIX):
+        assert prefix not in code, prefix
+
+
+def test_script_plan_lists_every_key_of_a_read_in_keys():
+    """``KEYS`` holds the pointer, then per entity its batch keys and its speed day keys -
+    exactly the keys the pipeline reference reads, for every kind of view."""
+    ids = [["4", "2", "1", "17", "3", "17:1", "17:4", "3:5"]]
+    keys, _, parents = keys_of_rows(ids)
+    for view in (NO_VIEW, View("v", "v", F.align_cutoff(T - 5 * F.HOUR_MS), True),
+                 View("v", "v", F.align_cutoff(T - 5 * F.HOUR_MS), False)):
+        plan = ScriptPlan("lambda", view, T)
+        script_keys, args, order = plan.call(keys, parents)
+        per = plan.n_batch_keys + len(plan.days)
+        assert script_keys[0] == L.BATCH_POINTER_KEY and len(script_keys) == 1 + per * len(keys)
+        for n, k in enumerate(keys[i] for i in order.tolist()):
+            ent, eid = L.split_entity_key(k)
+            mine = script_keys[1 + n * per: 1 + (n + 1) * per]
+            assert mine[plan.n_batch_keys:] == [L.speed_key(ent, eid, d) for d in plan.days]
+            if view.sums:
+                assert mine[:1] == [L.batch_sums_key("v", ent, eid)]
+            elif view.version:
+                assert mine[:-len(plan.days)] == [L.batch_key("v", ent, eid, r.name) for r in
+                                                   F.RESOLUTIONS] + [L.batch_long_key("v", ent, eid)]
+        assert args[1] == (view.pointer or "")
