@@ -170,7 +170,7 @@ def build_models(settings: Settings, a: argparse.Namespace, log=print) -> list[B
 
 def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
     """Run the whole grid; return ``{"rows", "headline", "meta", "paths"}``."""
-    from ctrstream.models.export import ort_session
+    from ctrstream.models.onnx_runtime import ort_session
 
     from ctrstream.bench.inference_floor import floor_seconds, measure
     from ctrstream.bench.inference_load import CpuMeter, make_inputs, run_inprocess, run_triton

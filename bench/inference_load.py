@@ -53,8 +53,8 @@ class CellResult:
 def make_inputs(batch: int, n_copies: int, num_embeddings: int, n_sparse: int, n_dense: int,
                 seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n_copies`` distinct random request payloads ``(sparse_ids, dense)`` of ``batch`` rows
-    (``ctrstream.models.export.random_inputs``: contract-shaped ids and realistic dense values)."""
-    from ctrstream.models.export import random_inputs
+    (``ctrstream.models.onnx_runtime.random_inputs``: contract-shaped ids and realistic dense values)."""
+    from ctrstream.models.onnx_runtime import random_inputs
 
     out = []
     for k in range(n_copies):

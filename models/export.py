@@ -1,4 +1,4 @@
-"""ONNX export of a CTR model, with a parity check that fails the export.
+"""ONNX export of a CTR model (PyTorch), with a parity check that fails the export.
 
 ``export_onnx(model, path)`` writes an ONNX file with the contract's names
 (``sparse_ids`` INT64 ``[batch, n_sparse]``, ``dense`` FP32 ``[batch, n_dense]`` ->
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ctrstream import features
+from ctrstream.models.onnx_runtime import ort_predict, ort_session, random_inputs
 
 OPSET = 17  # supported by the ONNX Runtime of every Triton release this project targets
 PARITY_ATOL = 1e-5
@@ -30,44 +31,6 @@ def _dims(model) -> tuple[int, int, int]:
     cfg = getattr(model, "config", {}) or {}
     return (int(cfg.get("num_embeddings", features.N_SPARSE * features.HASH_BUCKETS)),
             int(cfg.get("n_sparse", features.N_SPARSE)), int(cfg.get("n_dense", features.N_DENSE)))
-
-
-def random_inputs(n: int, seed: int = 0, num_embeddings: int | None = None,
-                  n_sparse: int = features.N_SPARSE, n_dense: int = features.N_DENSE
-                  ) -> dict[str, np.ndarray]:
-    """Fresh random model inputs in the contract's layout.
-
-    Sparse ids: field ``k`` in its own hash range when the table has the contract's size,
-    otherwise uniform over the table. Dense: ``dense_from_counts`` of random counts when
-    ``n_dense`` is the contract's, otherwise standard normal."""
-    rng = np.random.default_rng(seed)
-    ne = num_embeddings or features.N_SPARSE * features.HASH_BUCKETS
-    if n_sparse == features.N_SPARSE and ne == features.N_SPARSE * features.HASH_BUCKETS:
-        sparse = (rng.integers(0, features.HASH_BUCKETS, (n, n_sparse))
-                  + np.arange(n_sparse) * features.HASH_BUCKETS).astype(np.int64)
-    else:
-        sparse = rng.integers(0, ne, (n, n_sparse)).astype(np.int64)
-    if n_dense == features.N_DENSE:
-        imps = rng.poisson(rng.lognormal(2.0, 2.0, (n, len(features.ENTITIES), features.N_WINDOWS)))
-        clicks = rng.binomial(imps, rng.beta(1, 30, imps.shape))
-        dense = features.dense_from_counts(np.stack([imps, clicks], axis=-1))
-    else:
-        dense = rng.standard_normal((n, n_dense)).astype(np.float32)
-    return {features.INPUT_SPARSE: sparse, features.INPUT_DENSE: dense}
-
-
-def ort_session(path: str | Path, providers: list[str] | None = None, threads: int = 2):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so,
-                                providers=providers or ["CPUExecutionProvider"])
-
-
-def ort_predict(session, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    return session.run([features.OUTPUT_PROB], inputs)[0]
 
 
 @torch.no_grad()
@@ -146,4 +109,4 @@ def export_onnx(model, path: str | Path, parity_check: bool = True, opset: int =
 
 
 __all__ = ["OPSET", "PARITY_ATOL", "ParityError", "check_parity", "export_onnx", "model_inputs",
-           "ort_predict", "ort_session", "random_inputs", "torch_predict"]
+           "torch_predict"]

@@ -168,7 +168,7 @@ def verify_version(client, name: str, version: int, onnx_path: Path, n_sparse: i
                    seed: int = 7, atol: float = VERIFY_ATOL) -> float:
     """Pinned inferences of ``name`` v``version`` vs in-process ONNX Runtime on probe inputs;
     returns the max abs difference, raises ``PublishError`` above ``atol``."""
-    from ctrstream.models.export import ort_predict, ort_session, random_inputs
+    from ctrstream.models.onnx_runtime import ort_predict, ort_session, random_inputs
 
     sess = ort_session(onnx_path)
     worst = 0.0

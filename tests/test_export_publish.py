@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from ctrstream import features
-from ctrstream.models.export import (
-    ParityError, check_parity, export_onnx, ort_predict, ort_session, random_inputs,
-)
+from ctrstream.models.export import ParityError, check_parity, export_onnx
+from ctrstream.models.onnx_runtime import ort_predict, ort_session, random_inputs
 from ctrstream.models.nets import DCNv2, HashedLogisticRegression
 from ctrstream.models.publish import (
     PublishError, infer, loaded_versions, publish, served_model_name, versions_on_disk,
@@ -212,3 +211,33 @@ def test_live_version_switch_loses_no_request(settings, triton, tmp_path, unique
     assert first_new >= 20 and set(log[:first_new]) == {"old"}
     assert set(log[first_new:]) == {"new"}
     assert set(log[n_at_switch:]) == {"new"}
+
+
+def test_publishing_needs_no_torch(stack_env, settings, tmp_path, unique):
+    """``ctrstream publish`` in an image built without the ``train`` extra: with PyTorch
+    unimportable, the command line loads and a model is published, verified on Triton
+    against in-process ONNX Runtime, and served."""
+    import subprocess
+    import sys
+
+    export_onnx(small_dcn(4), tmp_path / "m.onnx")
+    base = f"ctr_nt{unique}"
+    script = f"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed (the lean image)")
+sys.meta_path.insert(0, NoTorch())
+from ctrstream.__main__ import app  # the whole command line loads without torch
+from ctrstream.config import get_settings
+from ctrstream.models.publish import publish
+res = publish(get_settings(), {str(tmp_path / "m.onnx")!r}, {base!r})
+assert "torch" not in sys.modules
+print(res["model_name"], res["version"], res["verify_max_abs_diff"])
+"""
+    out = subprocess.run([sys.executable, "-c", script], env=stack_env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    name, version, diff = out.stdout.split()
+    assert name == served_model_name(settings, base) and version == "1" and float(diff) <= 1e-5
