@@ -13,7 +13,7 @@ event-time order per key is the order within one partition.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -122,7 +122,7 @@ def _check_version(ev: Impression | Click) -> None:
         raise DecodeError(f"invalid event_time_ms {ev.event_time_ms}: must be > 0")
 
 
-def _decode(decoder: msgspec.json.Decoder, data: bytes | None):
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | None) -> Any:
     if data is None:
         raise DecodeError("empty record: value is null")
     _check_size(data)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -107,14 +108,14 @@ CUTOFF_ALIGN_MS = max(r.bucket_ms for r in RESOLUTIONS)
 
 # --------------------------------------------------------------------------- ids and buckets
 
-def entity_id(entity: Entity, event) -> str:
+def entity_id(entity: Entity, event: Any) -> str:
     """The id of ``entity`` for one event (object with attributes, or a mapping)."""
     if isinstance(event, dict):
         return ":".join(str(event[f]) for f in entity.fields)
     return ":".join(str(getattr(event, f)) for f in entity.fields)
 
 
-def bucket_of(event_time_ms, res: Resolution):
+def bucket_of(event_time_ms: Any, res: Resolution) -> Any:
     """Bucket index of an event time (scalar or numpy array)."""
     return event_time_ms // res.bucket_ms
 
@@ -158,7 +159,7 @@ N_WINDOWS = len(RESOLUTIONS) + len(LONG_WINDOWS)
 N_DENSE = len(ENTITIES) * N_WINDOWS * 3
 
 
-def smoothed_ctr(imps, clicks, prior: BetaPrior = PRIOR):
+def smoothed_ctr(imps: Any, clicks: Any, prior: BetaPrior = PRIOR) -> np.ndarray:
     return (np.asarray(clicks, dtype=np.float64) + prior.alpha) / (
         np.asarray(imps, dtype=np.float64) + prior.alpha + prior.beta
     )
@@ -226,7 +227,7 @@ def _hash_ints(values: np.ndarray, salt: int) -> np.ndarray:
     return h.astype(np.int64) & (HASH_BUCKETS - 1)
 
 
-def _string_codes(values) -> np.ndarray:
+def _string_codes(values: Any) -> np.ndarray:
     import zlib
 
     arr = np.asarray(values, dtype=object)

@@ -376,7 +376,7 @@ class PipelinePlan:
     def parse(self, replies: list[Any], n_keys: int) -> tuple[np.ndarray, int | None]:
         flat = [x for rep in replies[1:] for x in rep]
         arr = np.array(flat, dtype=object)
-        arr[np.equal(arr, None)] = b"0"
+        arr[[x is None for x in flat]] = b"0"  # absent fields count 0
         vals = arr.astype(np.bytes_).astype(np.int64) if len(arr) else np.zeros(0, np.int64)
         counts = np.zeros((n_keys, F.N_WINDOWS, 2), dtype=np.int64)
         newest = -1

@@ -143,8 +143,9 @@ class ReaderCore:
     def _fetch_view(self) -> Generator[Request, Any, View]:
         (pointer,) = yield Commands([("GET", L.BATCH_POINTER_KEY)])
         meta = None
-        if pointer:
-            (meta,) = yield Commands([view_meta_command(_text(pointer))])
+        version = _text(pointer)
+        if version:
+            (meta,) = yield Commands([view_meta_command(version)])
         self._view, self._view_at = view_of(pointer, meta), time.monotonic()
         return self._view
 
