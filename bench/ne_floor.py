@@ -29,7 +29,7 @@ import numpy as np
 
 from ctrstream.bench.ne_gap import main, marg, print_ne, sig
 from ctrstream.batch.point_in_time import training_set
-from ctrstream.models.evaluation import entropy, log_loss
+from ctrstream.metrics import entropy, log_loss
 from ctrstream.batch.pipeline import drop_warmup
 from ctrstream.models.training import time_split
 from ctrstream.simulation.generator import _market, generate

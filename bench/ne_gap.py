@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from ctrstream.simulation.generator import generate, load_scenario
-from ctrstream.models.evaluation import entropy, log_loss
+from ctrstream.metrics import entropy, log_loss
 
 def sig(x): return 1/(1+np.exp(-x))
 

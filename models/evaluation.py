@@ -1,16 +1,14 @@
 """Model quality against the ground truth.
 
 ``evaluate(probs, labels, oracle_probs)`` reports, on the same examples, each metric for
-the model and for the oracle's true click probabilities (the Bayes-optimal ceiling):
+the model and for the oracle's true click probabilities (the Bayes-optimal ceiling). The
+metrics are :mod:`ctrstream.metrics`' (one definition for the evaluation, the live
+calibrator and the demo's report); a model's entry carries
 
-* ``log_loss``  - mean negative log-likelihood;
-* ``ne``        - normalized entropy: log loss / entropy of the background CTR
-  (the log loss of always predicting the observed CTR); 1.0 = no better than a constant,
-  lower is better;
-* ``auc``       - ROC AUC (ties get half credit);
+* ``log_loss``, ``ne`` (normalized entropy, 1.0 = no better than a constant), ``auc``;
 * ``mean_pred`` / ``observed_ctr`` / ``calibration`` (= mean_pred / observed_ctr, 1.0 ideal);
-* ``ece``       - expected calibration error over equal-mass bins of the prediction:
-  ``sum_b (n_b/n) |mean_pred_b - ctr_b|``.
+* ``ece`` - expected calibration error over the equal-mass bins of the prediction
+  (``ctrstream.metrics.reliability``, 20 bins unless ``n_bins`` says otherwise).
 
 Plus ``ne_gap`` = model NE / oracle NE - 1 (0.03 = within 3% of the ceiling).
 ``reliability_diagram`` draws observed vs predicted CTR per bin (PNG, matplotlib Agg);
@@ -27,74 +25,22 @@ from pathlib import Path
 import numpy as np
 
 from ctrstream import features
-
-EPS = 1e-7
+from ctrstream import metrics as M
 
 
 def _arr(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).reshape(-1)
 
 
-def log_loss(probs, labels) -> float:
-    p = np.clip(_arr(probs), EPS, 1 - EPS)
-    y = _arr(labels)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+def metrics(probs, labels, n_bins: int = M.N_BINS) -> dict:
+    """The model card's metrics of ``probs`` against ``labels`` (``ctrstream.metrics.summary``
+    under the card's names: the calibration ratio is ``calibration``)."""
+    s = M.summary(probs, labels, n_bins)
+    return dict(log_loss=s["log_loss"], ne=s["ne"], auc=s["auc"], mean_pred=s["mean_pred"],
+                observed_ctr=s["observed_ctr"], calibration=s["ratio"], ece=s["ece"])
 
 
-def entropy(ctr: float) -> float:
-    c = min(max(float(ctr), EPS), 1 - EPS)
-    return float(-(c * np.log(c) + (1 - c) * np.log1p(-c)))
-
-
-def auc(probs, labels) -> float:
-    """ROC AUC by the rank-sum formula with average ranks for ties."""
-    p, y = _arr(probs), _arr(labels) > 0.5
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ps = p[order]
-    ranks = np.empty(len(p), dtype=np.float64)
-    # average rank of each run of ties
-    starts = np.r_[0, np.flatnonzero(np.diff(ps)) + 1]
-    ends = np.r_[starts[1:], len(ps)]
-    avg = (starts + ends + 1) / 2.0  # 1-based average rank
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def calibration_bins(probs, labels, n_bins: int = 20) -> dict:
-    """Equal-mass bins of the prediction (quantile edges; equal predictions always share a
-    bin): mean prediction, observed CTR and count per non-empty bin."""
-    p, y = _arr(probs), _arr(labels)
-    if len(p) == 0:
-        return dict(mean_pred=[], observed_ctr=[], count=[])
-    edges = np.unique(np.quantile(p, np.linspace(0, 1, n_bins + 1)[1:-1]))
-    b = np.searchsorted(edges, p, side="right")
-    cnt = np.bincount(b, minlength=len(edges) + 1)
-    sp = np.bincount(b, weights=p, minlength=len(edges) + 1)
-    sy = np.bincount(b, weights=y, minlength=len(edges) + 1)
-    nz = cnt > 0
-    return dict(mean_pred=(sp[nz] / cnt[nz]).tolist(), observed_ctr=(sy[nz] / cnt[nz]).tolist(),
-                count=cnt[nz].astype(int).tolist())
-
-
-def metrics(probs, labels, n_bins: int = 20) -> dict:
-    p, y = _arr(probs), _arr(labels)
-    ctr = float(y.mean())
-    ll = log_loss(p, y)
-    bins = calibration_bins(p, y, n_bins)
-    n = len(p)
-    ece = float(sum(c / n * abs(m - o) for m, o, c in
-                    zip(bins["mean_pred"], bins["observed_ctr"], bins["count"])))
-    mean_pred = float(p.mean())
-    return dict(log_loss=ll, ne=ll / entropy(ctr), auc=auc(p, y), mean_pred=mean_pred,
-                observed_ctr=ctr, calibration=mean_pred / ctr if ctr > 0 else float("nan"),
-                ece=ece)
-
-
-def evaluate(probs, labels, oracle_probs=None, n_bins: int = 20) -> dict:
+def evaluate(probs, labels, oracle_probs=None, n_bins: int = M.N_BINS) -> dict:
     """Metrics of ``probs`` and (when given) of ``oracle_probs`` on the same labeled rows.
 
     Returns ``{"n", "clicks", "model": {...}, "oracle": {...} | None, "ne_gap", "bins"}``.
@@ -105,19 +51,19 @@ def evaluate(probs, labels, oracle_probs=None, n_bins: int = 20) -> dict:
     if len(y) == 0:
         raise ValueError("nothing to evaluate: no rows")
     out = dict(n=int(len(y)), clicks=int(y.sum()), model=metrics(p, y, n_bins), oracle=None,
-               ne_gap=None, bins=dict(model=calibration_bins(p, y, n_bins)))
+               ne_gap=None, bins=dict(model=M.reliability(p, y, n_bins)))
     if oracle_probs is not None:
         o = _arr(oracle_probs)
         if len(o) != len(y):
             raise ValueError(f"{len(o)} oracle probabilities for {len(y)} labels")
         out["oracle"] = metrics(o, y, n_bins)
         out["ne_gap"] = out["model"]["ne"] / out["oracle"]["ne"] - 1.0
-        out["bins"]["oracle"] = calibration_bins(o, y, n_bins)
+        out["bins"]["oracle"] = M.reliability(o, y, n_bins)
     return out
 
 
 def reliability_diagram(path: str | Path, curves: dict[str, np.ndarray], labels,
-                        title: str = "reliability", n_bins: int = 20) -> Path:
+                        title: str = "reliability", n_bins: int = M.N_BINS) -> Path:
     """PNG: observed CTR vs mean prediction per equal-mass bin, one curve per entry of
     ``curves`` (name -> probabilities), log-log axes, with prediction histograms below."""
     from ctrstream.plots import pyplot
@@ -131,7 +77,7 @@ def reliability_diagram(path: str | Path, curves: dict[str, np.ndarray], labels,
     lo, hi = 1.0, 0.0
     for name, probs in curves.items():
         p = _arr(probs)
-        b = calibration_bins(p, y, n_bins)
+        b = M.reliability(p, y, n_bins)
         mp, oc = np.array(b["mean_pred"]), np.array(b["observed_ctr"])
         m = metrics(p, y, n_bins)
         ax.plot(mp, np.maximum(oc, 1e-5), "o-", ms=4,
@@ -212,5 +158,5 @@ def format_table(rows: dict[str, dict]) -> list[list[str]]:
 
 TABLE_HEADER = ["model", "log loss", "NE", "AUC", "mean pred", "observed CTR", "calib", "ECE"]
 
-__all__ = ["TABLE_HEADER", "auc", "calibration_bins", "entropy", "evaluate", "format_table",
-           "log_loss", "metrics", "reliability_diagram", "write_model_card"]
+__all__ = ["TABLE_HEADER", "evaluate", "format_table", "metrics", "reliability_diagram",
+           "write_model_card"]

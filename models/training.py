@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctrstream.metrics import log_loss
 from ctrstream.models.nets import build
 
 # defaults per model kind; measured on the 2-core CPU (see the model card's train_seconds).
@@ -75,11 +76,6 @@ def predict(model: nn.Module, sparse: np.ndarray, dense: np.ndarray,
         out.append(model(s[i:i + batch_size], d[i:i + batch_size]).reshape(-1))
     model.train(was_training)
     return torch.cat(out).double().numpy() if out else np.zeros(0)
-
-
-def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
 def _progress(enabled: bool):
@@ -191,7 +187,7 @@ def train(dataset: dict, model: str = "deep", seed: int = 0, epochs: int | None 
             net.set_negative_sampling_rate(neg_downsample)
             vp = predict(net, sparse_all[val_idx], dense_all[val_idx])
             history.append(dict(epoch=epoch + 1, train_logloss=total / max(seen, 1),
-                                val_logloss=_log_loss(vp, y_all[val_idx])))
+                                val_logloss=log_loss(vp, y_all[val_idx])))
     train_seconds = time.perf_counter() - t_start
     net.set_negative_sampling_rate(neg_downsample)
     net.eval()

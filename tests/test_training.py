@@ -62,7 +62,8 @@ def data():
 
 
 def test_metrics_against_brute_force_and_known_values():
-    from ctrstream.models.evaluation import auc, entropy, evaluate, log_loss
+    from ctrstream.metrics import auc, entropy, log_loss
+    from ctrstream.models.evaluation import evaluate
 
     rng = np.random.default_rng(0)
     p = np.round(rng.random(400), 2)  # many ties

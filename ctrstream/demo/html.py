@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ctrstream.metrics import N_BINS, reliability
+
 
 def _esc(x) -> str:
     return html.escape(str(x))
@@ -58,19 +60,17 @@ def _plt():
 
 
 def reliability_png(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],
-                    title: str, bins: int = 15) -> Path:
-    """Reliability diagram: mean predicted vs observed CTR per quantile bin, for each curve."""
+                    title: str, bins: int = N_BINS) -> Path:
+    """Reliability diagram: mean predicted vs observed CTR per bin, for each curve (the
+    equal-mass bins of ``ctrstream.metrics.reliability``, as the ECE in the tables)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=110)
     hi = 0.0
     for name, (p, y) in curves.items():
-        p, y = np.asarray(p, float), np.asarray(y, float)
         if len(p) == 0:
             continue
-        edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)))
-        idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
-        mp = np.bincount(idx, p, len(edges) - 1) / np.maximum(np.bincount(idx, None, len(edges) - 1), 1)
-        my = np.bincount(idx, y, len(edges) - 1) / np.maximum(np.bincount(idx, None, len(edges) - 1), 1)
+        b = reliability(p, y, bins)
+        mp, my = np.asarray(b["mean_pred"]), np.asarray(b["observed_ctr"])
         ax.plot(mp, my, "o-", ms=3, label=name)
         hi = max(hi, float(mp.max()), float(my.max()))
     hi = hi * 1.05 or 1.0

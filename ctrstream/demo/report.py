@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ctrstream.demo.html import (bar_png, fmt, img_html, lag_png, lambda_svg, reliability_png,
                               series_png, table_html, write_report)
+from ctrstream.metrics import summary
 
 FRESHNESS_LIMIT_S = 3600.0  # a "freshness" above this is a measurement artefact, never shown
 BENCH_SPEED = "ctrstream bench speed"
@@ -20,13 +21,12 @@ LAG_COLUMNS = ["stage", "phase", "max lag (records)", "lag at replay end", "fina
                "caught up (s after replay)"]
 
 
-def _calibration_stats(p: np.ndarray, y: np.ndarray, bins: int = 20) -> dict:
-    from ctrstream.models.evaluation import metrics
-
-    m = metrics(p, y, n_bins=bins)
-    return {"mean_pred": float(np.mean(p)), "observed": float(np.mean(y)),
-            "ratio": float(np.mean(p) / max(np.mean(y), 1e-12)), **{k: m[k] for k in m
-                                                                  if k in ("ece", "log_loss", "ne", "auc")}}
+def _calibration_stats(p: np.ndarray, y: np.ndarray) -> dict:
+    """The live stream's metrics of one score (``ctrstream.metrics.summary``: the same
+    definitions as the model card and the calibrator's gauges), in the table's order."""
+    s = summary(p, y)
+    return {"mean_pred": s["mean_pred"], "observed": s["observed_ctr"], "ratio": s["ratio"],
+            **{k: s[k] for k in ("log_loss", "ne", "auc", "ece")}}
 
 
 def _quality(m: dict) -> dict:
