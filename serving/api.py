@@ -170,7 +170,7 @@ class _Calibration:
         self.client = None
         self.error: str | None = None
         try:
-            from ctrstream.calibration.calibrator import CalibratorClient
+            from ctrstream.calibration.client import CalibratorClient
         except ImportError as e:
             self.error = f"calibration unavailable: {e}"
             return

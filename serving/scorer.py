@@ -99,7 +99,7 @@ class BatchScorer:
             self._scorer = Scorer(self.settings, model=self.model, model_name=self.model_name,
                                   max_rows=self.batch_size)
         if self._cal is None:
-            from ctrstream.calibration.calibrator import CalibratorClient
+            from ctrstream.calibration.client import CalibratorClient
 
             self._cal = CalibratorClient(self.settings)
         return self._store, self._scorer, self._cal

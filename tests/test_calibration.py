@@ -1,4 +1,4 @@
-"""River online calibration: Platt on a down-sampling distortion, drift, the join, the job."""
+"""Online calibration: Platt on a down-sampling distortion, drift, the join, the job."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import redis
 
-from ctrstream.calibration.job import Calibrate, job_key, run
-from ctrstream.calibration.calibrator import (
-    CAL_SEQ_KEY, CalibrationConfig, CalibratorClient, VersionCalibrator, cal_drift_key, cal_key,
-    calibration_summary, sigmoid,
-)
+from ctrstream.calibration.calibrator import CalibrationConfig, VersionCalibrator
+from ctrstream.calibration.client import CalibratorClient
+from ctrstream.calibration.job import Calibrate, run
+from ctrstream.calibration.params import sigmoid
 from ctrstream.events import Impression, Labeled, Prediction, encode
+from ctrstream.metrics import summary as calibration_summary
+from ctrstream.store.calibration import CalibrationStore
 
 W = 0.1  # negatives kept when the (miscalibrated) model was trained
 
@@ -63,9 +64,9 @@ def _generator_stream(events: int, seed: int):
 
 
 @pytest.fixture
-def rds(settings):
+def store(settings):
     r = redis.Redis.from_url(settings.redis.url)
-    yield r
+    yield CalibrationStore(r)
     r.close()
 
 
@@ -74,7 +75,7 @@ def rds(settings):
 N_TRAIN = 120_000  # labeled examples learned from before the check
 
 
-def test_platt_corrects_downsampling_distortion(settings, rds, unique):
+def test_platt_corrects_downsampling_distortion(settings, store, unique):
     """Raw scores = oracle p through p' = p/(p+(1-p)*0.1): about 9x too high. After
     N_TRAIN labeled examples through the job's join, the served calibrator (read by
     CalibratorClient from Redis) gets the mean within 10% of the observed CTR on held-out
@@ -110,8 +111,7 @@ def test_platt_corrects_downsampling_distortion(settings, rds, unique):
     # the calibrated score ranks like the raw one (a monotone map)
     assert np.all(np.diff(cal[np.argsort(raw[held])]) >= -1e-12)
     # metrics in Redis for the report
-    import json
-    m = json.loads(rds.hget(cal_key(mv), "metrics"))
+    m = store.metrics(mv)
     assert m["n_seen"] == N_TRAIN and m["raw"]["ratio"] > 5
 
 
@@ -134,18 +134,18 @@ def test_drift_is_detected_and_calibration_recovers():
     vc = VersionCalibrator("drift-test", cfg)
     pre_m, _, pre_y = _synthetic(40_000, rng)
     for s in range(0, 40_000, 1000):
-        vc.learn_batch(pre_m[s:s + 1000], pre_y[s:s + 1000])
+        vc.learn_many(pre_m[s:s + 1000], pre_y[s:s + 1000])
     n_drift_before = len(vc.drift_events)
     pre = vc.metrics()["calibrated"]
     assert abs(pre["ratio"] - 1) < 0.1
 
     post_m, post_p, post_y = _synthetic(40_000, rng, shift=0.9)
     # right after the shift the stale calibration is far off
-    stale = calibration_summary(vc.predict(post_m[:5000]), post_y[:5000])
+    stale = calibration_summary(vc.predict_many(post_m[:5000]), post_y[:5000])
     assert stale["ratio"] < 0.7, stale
     ratios = []
     for s in range(0, 40_000, 1000):
-        vc.learn_batch(post_m[s:s + 1000], post_y[s:s + 1000])
+        vc.learn_many(post_m[s:s + 1000], post_y[s:s + 1000])
         ratios.append((s + 1000, vc.metrics()["calibrated"]["ratio"]))
     new = vc.drift_events[n_drift_before:]
     assert new, "the drift detector did not fire after the shift"
@@ -157,10 +157,10 @@ def test_drift_is_detected_and_calibration_recovers():
     assert all(abs(r - 1) < 0.10 for r in late), late
     # a held-out post-shift check of the served map
     m, p_true, yy = _synthetic(50_000, rng, shift=0.9)
-    assert abs(calibration_summary(vc.predict(m), yy)["ratio"] - 1) < 0.08
+    assert abs(calibration_summary(vc.predict_many(m), yy)["ratio"] - 1) < 0.08
 
 
-def test_drift_events_and_metrics_reach_redis_and_prometheus(settings, rds, unique):
+def test_drift_events_and_metrics_reach_redis_and_prometheus(settings, store, unique):
     from prometheus_client import REGISTRY
 
     rng = np.random.default_rng(11)
@@ -177,7 +177,7 @@ def test_drift_events_and_metrics_reach_redis_and_prometheus(settings, rds, uniq
             job.process(preds, labs)
             n += 3000
     job.checkpoint()
-    drift = rds.lrange(cal_drift_key(mv), 0, -1)
+    drift = store.drift_events(mv)
     assert drift, "no drift event in Redis"
     assert REGISTRY.get_sample_value("ctrstream_calibration_drift_total",
                                      {"model_version": mv}) == len(drift)
@@ -220,7 +220,7 @@ def test_join_either_order_duplicates_and_expiry(settings, unique):
     assert len(small.state.preds) == 100 and small.dropped["pred_capped"] == 150
 
 
-def test_client_reloads_when_a_new_checkpoint_lands(settings, rds, unique):
+def test_client_reloads_when_a_new_checkpoint_lands(settings, store, unique):
     mv = f"c-{unique}"
     client = CalibratorClient(settings, check_interval_s=0.0)
     x = np.array([0.05, 0.2, 0.5])
@@ -234,12 +234,13 @@ def test_client_reloads_when_a_new_checkpoint_lands(settings, rds, unique):
     preds, labs = _records(ids, np.full(20_000, 1_700_000_000_000), raw, y, mv)
     job.process(preds[:2000], labs[:2000])
     job.checkpoint()
-    v1 = int(rds.hget(cal_key(mv), "version"))
+    v1 = store.checkpoints(mv)
+    assert v1 >= 1
     first = client.calibrate(x, mv)
     assert not np.allclose(first, x)
     job.process(preds[2000:], labs[2000:])
     job.checkpoint()
-    assert int(rds.hget(cal_key(mv), "version")) == v1 + 1
+    assert store.checkpoints(mv) == v1 + 1
     second = client.calibrate(x, mv)  # same client, no restart
     truth = W * x / (1 - x + W * x)  # the inverse of the distortion
     assert np.abs(second - truth).sum() < np.abs(first - truth).sum()  # it learned more
@@ -247,7 +248,7 @@ def test_client_reloads_when_a_new_checkpoint_lands(settings, rds, unique):
     lazy = CalibratorClient(settings, check_interval_s=3600)
     lazy.calibrate(x, mv)
     reloads = lazy.reloads
-    rds.incr(CAL_SEQ_KEY)
+    store.announce()
     lazy.calibrate(x, mv)
     assert lazy.reloads == reloads
 
@@ -282,7 +283,7 @@ def _deadline(seconds):
     return check
 
 
-def test_kafka_job_joins_learns_checkpoints_and_resumes(fresh_topics, rds, unique):
+def test_kafka_job_joins_learns_checkpoints_and_resumes(fresh_topics, store, unique):
     s = fresh_topics
     mv = f"k-{unique}"
     rng = np.random.default_rng(5)
@@ -298,7 +299,8 @@ def test_kafka_job_joins_learns_checkpoints_and_resumes(fresh_topics, rds, uniqu
     job = run(s, job_name=f"k-{unique}", checkpoint_interval_s=0.2,
               stop=lambda j: tick() or j.n_joined >= 2000 and len(j.state.labels) == 1000)
     assert job.calibrator(mv).n_seen == 2000
-    v1 = int(rds.hget(cal_key(mv), "version"))
+    v1 = store.checkpoints(mv)
+    assert v1 >= 1
     # restart: the held labels and the positions come back from the checkpoint
     _produce(s, preds[2000:], labs[3000:])
     tick = _deadline(60)
@@ -308,8 +310,8 @@ def test_kafka_job_joins_learns_checkpoints_and_resumes(fresh_topics, rds, uniqu
     assert c.n_seen == n  # nothing learned twice, nothing lost
     assert c.n_clicks == int(y.sum())
     assert not job2.state.labels and not job2.state.preds
-    assert int(rds.hget(cal_key(mv), "version")) > v1
-    assert rds.get(job_key(f"k-{unique}"))
+    assert store.checkpoints(mv) > v1
+    assert store.has_job(f"k-{unique}")
     # the served map moved towards the truth: the raw mean is over 4x the observed CTR, the
     # served one within 35 % after only 6000 examples. (The job learns in whatever
     # micro-batches Kafka delivers, so the learning order varies between runs: measured

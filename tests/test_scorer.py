@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import redis
@@ -12,7 +10,8 @@ import torch
 from ctrstream import features as F
 from ctrstream.store import layout as L
 from ctrstream.kafka.clients import make_consumer, make_producer
-from ctrstream.calibration.calibrator import CAL_SEQ_KEY, cal_key, logit, sigmoid
+from ctrstream.calibration.params import logit, sigmoid
+from ctrstream.store.calibration import CalibrationStore
 from ctrstream.events import Impression, decode_prediction, encode
 
 T0 = 1_768_435_200_000 + 10 * F.MINUTE_MS  # a day no other test of this suite writes
@@ -96,8 +95,7 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
     # a calibrator for the served version: intercept -1 on the logit
     params = {"method": "platt", "platt": {"intercept": -1.0, "w_logit": 1.0, "context": {},
                                            "context_names": [], "context_mean": {}}}
-    r.hset(cal_key(mv), mapping={"params": json.dumps(params), "version": 1})
-    r.incr(CAL_SEQ_KEY)
+    CalibrationStore(r).publish_params(mv, params)
     # the speed view: ad 999 got 100 impressions, 40 clicks in the minute after T0+1min
     b = (T0 + 2 * F.MINUTE_MS) // F.MINUTE_MS
     day = L.speed_day(b, F.RESOLUTION_BY_NAME["5m"])

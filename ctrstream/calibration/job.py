@@ -1,4 +1,4 @@
-"""``ctrstream calibrate``: join predictions with labels and train the River calibrators.
+"""``ctrstream calibrate``: join predictions with labels and train the calibrators.
 
 Reads the ``predictions`` topic (``Prediction``) and the ``labeled`` topic (``Labeled``) in
 micro-batches (``Consumer.consume(num_messages=...)``), joins them by impression id (either
@@ -16,34 +16,31 @@ predictions always add up to the predictions read.
 
 Exactly-once state: the job assigns itself every partition of both topics (one instance
 per deployment: the calibrators are tiny, one process keeps up with the stream) and keeps
-its Kafka positions in its own checkpoint. A checkpoint - the versions' River state, the
-served parameters, the join state and the positions - is written to Redis in one MULTI/EXEC
-every ``checkpoint_interval_s``; a restarted job resumes from exactly that point.
+its Kafka positions in its own checkpoint. A checkpoint - the versions' learners, the
+served parameters, the join state and the positions - is written to Redis in one
+transaction every ``checkpoint_interval_s`` (``ctrstream.store.calibration``); a restarted
+job resumes from exactly that point.
+
+The gauges (``ctrstream_calibration_logloss`` / ``_mean_pred`` / ``_observed_ctr`` /
+``_ece``) are the calibrators' rolling metrics, ``ctrstream.metrics.summary`` - the same
+definitions as the model card and the demo's report.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ctrstream.calibration.calibrator import (
-    CAL_SEQ_KEY, CAL_VERSIONS_KEY, DRIFT_CAP, HISTORY_CAP, CalibrationConfig, VersionCalibrator,
-    cal_drift_key, cal_history_key, cal_key, cal_state_key, dumps,
-)
+from ctrstream.calibration.calibrator import CalibrationConfig, VersionCalibrator
+from ctrstream.store.calibration import CalibrationStore, VersionCheckpoint
 
 log = logging.getLogger("ctrstream.calibrate")
 
 CONTEXT_FIELDS = ("position", "device_type")
-
-
-def job_key(name: str) -> str:
-    return f"cal:job:{name}"
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -109,14 +106,13 @@ class JoinState:
 class Calibrate:
     """The job's logic without Kafka: ``process(predictions, labeled)`` then ``checkpoint()``."""
 
-    def __init__(self, settings, cfg: CalibrationConfig | None = None, redis_client=None,
-                 job_name: str = "calibrate", retention_ms: int | None = None,
-                 max_pending: int = 1_000_000, resume: bool = True):
-        import redis
-
+    def __init__(self, settings, cfg: CalibrationConfig | None = None,
+                 store: CalibrationStore | None = None, job_name: str = "calibrate",
+                 retention_ms: int | None = None, max_pending: int = 1_000_000,
+                 resume: bool = True):
         self.settings = settings
         self.cfg = cfg or CalibrationConfig()
-        self.r = redis_client or redis.Redis.from_url(settings.redis.url)
+        self.store = store or CalibrationStore.from_settings(settings)
         self.job_name = job_name
         self.retention_ms = retention_ms if retention_ms is not None else int(
             2 * settings.allowed_lateness_s * 1000 + 5 * 60_000)
@@ -133,14 +129,10 @@ class Calibrate:
 
     # -- state
     def _resume(self) -> None:
-        blob = self.r.get(job_key(self.job_name))
-        if blob:
-            self.state = pickle.loads(blob)
-        for raw in self.r.smembers(CAL_VERSIONS_KEY):
-            mv = raw.decode()
-            st = self.r.get(cal_state_key(mv))
-            if st:
-                self.cals[mv] = pickle.loads(st)
+        found = self.store.resume(self.job_name)
+        if found.job_state is not None:
+            self.state = found.job_state
+        self.cals.update(found.versions)
 
     def calibrator(self, model_version: str) -> VersionCalibrator:
         c = self.cals.get(model_version)
@@ -197,7 +189,7 @@ class Calibrate:
             raw = np.asarray(arr[0], dtype=np.float64)
             y = np.asarray(arr[1], dtype=np.float64)
             ctx = {"position": np.asarray(arr[3]), "device_type": np.asarray(arr[4])}
-            events = self.calibrator(mv).learn_batch(raw, y, ctx, event_time_ms=np.asarray(arr[2]))
+            events = self.calibrator(mv).learn_many(raw, y, ctx, event_time_ms=np.asarray(arr[2]))
             if events:
                 self._drift_new.setdefault(mv, []).extend(events)
                 _metrics()["drift"].labels(mv).inc(len(events))
@@ -236,30 +228,18 @@ class Calibrate:
 
     # -- checkpoint
     def checkpoint(self) -> None:
-        """Write the dirty versions' state, parameters and metrics, the join state and the
+        """Write the dirty versions' learners, parameters and metrics, the join state and the
         Kafka positions to Redis in one transaction."""
-        now = int(time.time() * 1000)
-        pipe = self.r.pipeline(transaction=True)
+        versions = []
         for mv in sorted(self._dirty):
             c = self.cals[mv]
             m = c.metrics()
             _set_gauges(m)
-            k = cal_key(mv)
-            pipe.set(cal_state_key(mv), pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL))
-            pipe.hset(k, mapping={"params": dumps(c.params()), "metrics": dumps(m),
-                                  "updated_ms": now})
-            pipe.hincrby(k, "version", 1)
-            snap = {"t_ms": now, "n_seen": m["n_seen"], "last_event_time_ms": m["last_event_time_ms"],
+            snap = {"n_seen": m["n_seen"], "last_event_time_ms": m["last_event_time_ms"],
                     **{s: m[s] for s in ("raw", "platt", "iso")}, "drift_count": m["drift_count"]}
-            pipe.rpush(cal_history_key(mv), dumps(snap))
-            pipe.ltrim(cal_history_key(mv), -HISTORY_CAP, -1)
-            if self._drift_new.get(mv):
-                pipe.rpush(cal_drift_key(mv), *[json.dumps(e) for e in self._drift_new[mv]])
-                pipe.ltrim(cal_drift_key(mv), -DRIFT_CAP, -1)
-            pipe.sadd(CAL_VERSIONS_KEY, mv)
-        pipe.set(job_key(self.job_name), pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL))
-        pipe.incr(CAL_SEQ_KEY)
-        pipe.execute()
+            versions.append(VersionCheckpoint(mv, c, c.params(), m, snap,
+                                              self._drift_new.get(mv, [])))
+        self.store.checkpoint(self.job_name, self.state, versions)
         self._dirty.clear()
         self._drift_new.clear()
         _metrics()["checkpoints"].inc()

@@ -62,9 +62,10 @@ def register(app: typer.Typer) -> None:
         checkpoint_interval: float = typer.Option(2.0, help="seconds between Redis checkpoints"),
         batch_size: int = typer.Option(2000, help="records per Kafka micro-batch"),
         until_idle: float = typer.Option(None, help="exit after this many seconds without new records"),
-        job_name: str = typer.Option("calibrate", help="checkpoint name (cal:job:{name})"),
+        job_name: str = typer.Option(
+            "calibrate", help="checkpoint name: a restarted job of the same name resumes"),
     ):
-        """Join predictions with labels and train the River calibrators (checkpoints in Redis)."""
+        """Join predictions with labels and train the online calibrators (checkpoints in Redis)."""
         from ctrstream.config import get_settings
         from ctrstream.calibration.job import run
         from ctrstream.calibration.calibrator import CalibrationConfig
