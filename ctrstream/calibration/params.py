@@ -18,6 +18,7 @@ logit space.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ LOGIT_CLIP = 15.0  # ... and logits to [-LOGIT_CLIP, LOGIT_CLIP]
 Z_REF = float(np.log(F.PRIOR.mean / (1 - F.PRIOR.mean)))
 
 Params = dict[str, Any]  # a parameter dump, as above
-Context = dict[str, ArrayLike]  # context column name -> one value per row
+Context = Mapping[str, ArrayLike]  # context column name -> one value per row
 
 
 def logit(p: ArrayLike) -> NDArray[np.float64]:

@@ -146,7 +146,7 @@ class CalibrationStore:
             return None
         try:
             return pickle.loads(blob)
-        except Exception as e:  # noqa: BLE001 - any failure to load is the same problem
+        except Exception as e:  # unpickling can fail in many ways; all mean the same here
             raise CalibrationStateError(
                 f"cannot load {what} from Redis key {key!r}: {type(e).__name__}: {e}. "
                 f"Start the job under another name (--job-name), or delete the key "
