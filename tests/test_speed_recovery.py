@@ -14,9 +14,8 @@ from ctrstream.stack.procs import kill_hard, start_job, stop_job, wait_until
 from ctrstream import events as E
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
-from ctrstream.streaming.reference import (
-    read_speed_view, reference_features, reference_labels,
-)
+from ctrstream.store.speed_view import read_speed_view
+from ctrstream.streaming.reference import reference_features, reference_labels
 from test_speed_features import CTRSTREAM, job_env, make_stream, produce
 
 
