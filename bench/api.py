@@ -115,6 +115,7 @@ def ensure_model(settings, base: str = "ctr_deep", log=print) -> str:
     ``ctrstream.models.publish.publish``, the project's one publishing path) when none is
     ready."""
     import tritonclient.grpc as grpcclient
+
     from ctrstream.models import publish as pub
 
     name = pub.served_model_name(settings, base)
@@ -540,7 +541,6 @@ def _wait_ready(url: str, timeout: float, proc=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from ctrstream.bench.common import print_table, results_dir, write_results
-
     from ctrstream.config import get_settings
     from ctrstream.stack.manager import Stack, isolated_settings, settings_env
     from ctrstream.stack.procs import start_job, stop_job

@@ -117,9 +117,9 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
 
 
 def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: Path) -> list[dict]:
+    from ctrstream import events as E
     from ctrstream import features as F
     from ctrstream.kafka.clients import make_producer
-    from ctrstream import events as E
 
     r = redis_client(settings, timeout_s=30.0)
     jset = settings.model_copy(update={"attribution_window_s": join_window_s,

@@ -19,7 +19,6 @@ from ctrstream.stack.manager import Stack, isolated_stack, settings_env
 from ctrstream.stack.services import pid_alive, wait_until
 from ctrstream.store import batch_view as BV
 
-
 OWNER_FILE = "owner.pid"  # the pytest process that started a session's stack
 
 

@@ -14,12 +14,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from fastapi.testclient import TestClient
 
-from ctrstream.bench.api import write_demo_model
 from ctrstream import features as F
-from ctrstream.stack.procs import start_job, stop_job, wait_until
-from ctrstream.stack.services import free_port
+from ctrstream.bench.api import write_demo_model
 from ctrstream.serving.api import create_app
 from ctrstream.serving.assembly import assemble, request_columns
+from ctrstream.stack.procs import start_job, stop_job, wait_until
+from ctrstream.stack.services import free_port
 from ctrstream.store.connection import redis_client
 from ctrstream.store.reader import FeatureStore
 from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter

@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from test_batch_features import T0, W, make_traffic, unique_events
 
 from ctrstream import features as F
 from ctrstream.batch.archive import write_partitioned
@@ -16,7 +17,6 @@ from ctrstream.batch.point_in_time import long_window_range, training_set
 from ctrstream.batch.views import default_cutoff, publish_batch_view, read_view_counts
 from ctrstream.store import batch_view as BV
 from ctrstream.store import layout as L
-from test_batch_features import T0, W, make_traffic, unique_events
 
 REDIS_DB = 11  # batch-view tests own this logical database of the session's Redis
 

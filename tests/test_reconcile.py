@@ -18,10 +18,10 @@ import pytest
 import redis
 
 from ctrstream import features as F
-from ctrstream.store import layout as L
-from ctrstream.store.reports import last_reconciled_version, load_reconcile_report
 from ctrstream.batch.reconcile import reconcile
 from ctrstream.events import Click, DeadLetter, Impression, encode
+from ctrstream.store import layout as L
+from ctrstream.store.reports import last_reconciled_version, load_reconcile_report
 
 MIDNIGHT = 1_767_571_200_000  # 2026-01-05 00:00 UTC
 T0 = MIDNIGHT - F.HOUR_MS  # an hour boundary: the events (T0 .. T0 + 3 h) cross midnight
@@ -105,9 +105,9 @@ def rds(settings):
 
 
 def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, tmp_path, unique):
-    from ctrstream.kafka.clients import make_producer
     from ctrstream.batch.archive import to_table, write_partitioned
     from ctrstream.batch.point_in_time import bucket_counts
+    from ctrstream.kafka.clients import make_producer
 
     s = fresh_topics
     rng = np.random.default_rng(4)

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import redis
 
+from ctrstream import events as E
 from ctrstream import features as F
 from ctrstream.config import RedisSettings
 from ctrstream.kafka.clients import make_producer
-from ctrstream.stack.procs import start_job, stop_job, wait_until
-from ctrstream.stack.manager import settings_env
-from ctrstream.stack.services import free_port
-from ctrstream import events as E
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
+from ctrstream.stack.manager import settings_env
+from ctrstream.stack.procs import start_job, stop_job, wait_until
+from ctrstream.stack.services import free_port
 from ctrstream.store import layout as L
 from ctrstream.store.speed_view import read_speed_view
 from ctrstream.streaming.reference import reference_features
@@ -246,9 +246,8 @@ def test_shard_snapshot_waits_until_redis_acknowledged_its_flushes(settings, r, 
 def test_shard_counts_events_of_a_batch_whose_watermark_passed_them():
     """A micro-batch can carry an on-time event and, later in the same batch, an event that
     moves the partition watermark past it: the first one must still be counted."""
-    from ctrstream.streaming.features_flow import Delta, FlowConfig, ShardLogic
-
     from ctrstream.config import Settings
+    from ctrstream.streaming.features_flow import Delta, FlowConfig, ShardLogic
 
     cfg = FlowConfig(Settings())
     logic = ShardLogic(cfg, "t", None)

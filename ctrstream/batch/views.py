@@ -82,7 +82,7 @@ def compute_batch_view(imps: pa.Table, clks: pa.Table, cutoff_ms: int) -> tuple[
     import pyarrow.compute as pc
 
     T = int(cutoff_ms)
-    keep = lambda t: t.filter(pc.less(t.column("event_time_ms"), T))
+    keep = lambda t: t.filter(pc.less(t.column("event_time_ms"), T))  # noqa: E731
     imps, clks = keep(imps), keep(clks)
     con = _connect()
     try:
