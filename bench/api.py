@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             log_path = Path(tmp or tempfile.gettempdir()) / f"bench-api-{port}.log"
-            api_proc = start_job([sys.executable, "-c", "from ctrstream.cli.app import app; app()", "serve", "--host", "127.0.0.1",
+            api_proc = start_job([sys.executable, "-m", "ctrstream", "serve", "--host", "127.0.0.1",
                                   "--port", str(port), "--model-name", model_name,
                                   "--feature-method", args.feature_method,
                                   "--workers", str(args.api_workers),
