@@ -28,10 +28,10 @@ request sent - on a 2-core machine they share the cores, so their sum bounds the
 Set-up, unless told otherwise: with ``--isolated`` Redis and Triton are started on free
 loopback ports in a temporary directory (stopped by PID at the end); otherwise the running
 local stack (``ctrstream stack up``) is used. When the model is not ready on Triton a small
-one is published (``ctrstream.models.publish`` when available, else a Python-backend demo model with
-the same I/O contract). Features of the benchmark's own entities (ids from ``ID_BASE``, so no
-real entity is touched) are written to the speed view, and to a batch view when none is
-served. Without ``--url`` the API is started as a subprocess on a free loopback port.
+one with the model I/O contract is published (``ctrstream.models.publish``). Features of the
+benchmark's own entities (ids from ``ID_BASE``, so no real entity is touched) are written to
+the speed view (through the speed layer's writer) and to a batch view when none is served
+(through the batch layer's writer). Without ``--url`` the API is started as a subprocess on a free loopback port.
 Everything targets 127.0.0.1 only.
 """
 
@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -49,47 +50,12 @@ from pathlib import Path
 import numpy as np
 
 from ctrstream import features as F
-from ctrstream.store import layout as L
 
 ID_BASE = 900_000_000
 STAGES = ("redis", "assembly", "triton", "calibration")
 
 
 # --------------------------------------------------------------------------- demo model
-
-_MODEL_PY = '''\
-import os, site
-for p in filter(None, os.environ.get("CTRSTREAM_TRITON_SITE", "").split(os.pathsep)):
-    site.addsitedir(p)
-import numpy as np
-import triton_python_backend_utils as pb_utils
-import onnxruntime as ort
-
-
-class TritonPythonModel:
-    """Runs model.onnx (the ctrstream I/O contract) through onnxruntime; written by
-    bench/api.py's demo-model helper."""
-
-    def initialize(self, args):
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-    def execute(self, requests):
-        sp = [pb_utils.get_input_tensor_by_name(r, "sparse_ids").as_numpy() for r in requests]
-        de = [pb_utils.get_input_tensor_by_name(r, "dense").as_numpy() for r in requests]
-        prob = self.sess.run(["prob"], {"sparse_ids": np.concatenate(sp),
-                                         "dense": np.concatenate(de)})[0]
-        out, start = [], 0
-        for s in sp:
-            part = prob[start:start + len(s)].astype(np.float32)
-            start += len(s)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("prob", part)]))
-        return out
-'''
-
 
 def demo_onnx_bytes(weights: np.ndarray | None = None, bias: float | None = None) -> bytes:
     """A tiny ONNX model with the model I/O contract: ``prob = sigmoid(dense @ w + b)`` (the
@@ -127,59 +93,47 @@ def demo_onnx_bytes(weights: np.ndarray | None = None, bias: float | None = None
 
 def write_demo_model(repo: Path, name: str, version: int = 1, weights=None, bias=None,
                      max_batch_size: int = 1024) -> Path:
-    """Write a Python-backend model dir ``repo/name`` (config.pbtxt, model.py and
-    ``version/model.onnx``); returns the model dir. Load it with Triton's load_model."""
+    """Write the Python-backend model dir ``repo/name`` of a demo model without loading or
+    verifying it (tests that need a model of given weights under a given name and version):
+    ``version/model.onnx``, the real ``models/triton_model.py`` as ``version/model.py`` and
+    the config ``ctrstream.models.publish`` writes for the Python flavour (latest version
+    served). Returns the model dir; load it with Triton's ``load_model``."""
+    from ctrstream.models.publish import TRITON_MODEL_PY, model_config
+
     d = Path(repo) / name
     (d / str(version)).mkdir(parents=True, exist_ok=True)
     (d / str(version) / "model.onnx").write_bytes(demo_onnx_bytes(weights, bias))
-    (d / str(version) / "model.py").write_text(_MODEL_PY)
-    (d / "config.pbtxt").write_text(f'''name: "{name}"
-backend: "python"
-max_batch_size: {max_batch_size}
-input [
-  {{ name: "{F.INPUT_SPARSE}" data_type: TYPE_INT64 dims: [ {F.N_SPARSE} ] }},
-  {{ name: "{F.INPUT_DENSE}" data_type: TYPE_FP32 dims: [ {F.N_DENSE} ] }}
-]
-output [ {{ name: "{F.OUTPUT_PROB}" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 200 }}
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-''')
+    shutil.copyfile(TRITON_MODEL_PY, d / str(version) / "model.py")
+    (d / "config.pbtxt").write_text(model_config(
+        name, "python", None, F.N_SPARSE, F.N_DENSE, max_batch_size=max_batch_size, instances=1,
+        max_queue_delay_us=200, intra_op_threads=1))
     return d
 
 
 def ensure_model(settings, base: str = "ctr_deep", log=print) -> str:
-    """The served model name of ``base``, publishing a small model first when none is ready."""
+    """The served model name of ``base``, publishing the demo model first (with
+    ``ctrstream.models.publish.publish``, the project's one publishing path) when none is
+    ready."""
     import tritonclient.grpc as grpcclient
 
-    from ctrstream.serving.triton_client import served_model_name
+    from ctrstream.models import publish as pub
 
-    name = served_model_name(settings, base)
+    name = pub.served_model_name(settings, base)
     client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
     try:
         try:
             if client.is_model_ready(name):
                 return name
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - not loaded or not reachable: publish reports it
             pass
-        try:
-            from ctrstream.models import publish as pub
-        except ImportError:
-            pub = None
-        if pub is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "demo.onnx"
-                path.write_bytes(demo_onnx_bytes())
-                info = pub.publish(settings, path, base)
-                log(f"published demo model {info}")
-                return info.get("model_name", name)
-        if settings.triton.backend != "python":
-            raise RuntimeError(f"model {name} is not ready and ctrstream.models.publish is not available")
-        write_demo_model(settings.triton.model_repository, name)
-        client.load_model(name)
-        log(f"loaded demo model {name} (Python backend)")
-        return name
     finally:
         client.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "demo.onnx"
+        path.write_bytes(demo_onnx_bytes())
+        info = pub.publish(settings, path, base)
+    log(f"published demo model {info}")
+    return info.get("model_name", name)
 
 
 # --------------------------------------------------------------------------- data
@@ -210,56 +164,83 @@ class Universe:
                                 "ad_category": int(self.category[i])} for i in idx]}
 
 
+def _entity_index(name: str) -> int:
+    return F.ENTITIES.index(F.ENTITY_BY_NAME[name])
+
+
+class _CellColumns:
+    """Speed-view cells of one entity collected as numpy columns (``SpeedCells``)."""
+
+    def __init__(self, entity: str):
+        self.entity = entity
+        self.cols: dict[str, list] = {k: [] for k in ("parts", "res", "bucket", "imps", "clicks",
+                                                      "new")}
+
+    def add(self, parts: tuple[int, ...], res: int, buckets, imps, clicks, new: bool) -> None:
+        n = len(buckets)
+        self.cols["parts"].append(np.tile(np.asarray(parts, np.int64), (n, 1)))
+        self.cols["res"].append(np.full(n, res, np.int64))
+        self.cols["bucket"].append(np.asarray(buckets, np.int64))
+        self.cols["imps"].append(np.asarray(imps, np.int64))
+        self.cols["clicks"].append(np.asarray(clicks, np.int64))
+        self.cols["new"].append(np.full(n, new, bool))
+
+    def cells(self):
+        from ctrstream.store.speed_view import SpeedCells
+
+        c = {k: np.concatenate(v) for k, v in self.cols.items()}
+        return SpeedCells(_entity_index(self.entity), list(c["parts"].T), c["res"], c["bucket"],
+                          c["imps"], c["clicks"], c["new"])
+
+
 def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
     """Speed-view buckets for the universe's ads, campaigns, advertisers, sites,
-    site x category and a slice of users; when no batch view is served, a batch view of the
-    same counts (closed buckets up to a cut-off two hours back, plus long windows) written by
-    the batch layer's own writer (``ctrstream.batch.views.write_batch_view``: per-bucket hashes
-    and the ``:sums`` hashes serving reads). Returns what was written."""
+    site x category and a slice of users, written by the speed layer's own writer
+    (``ctrstream.store.speed_view.SpeedViewWriter``, absolute counts, the day hashes expiring
+    after six hours); when no batch view is served, a batch view of the same counts (closed
+    buckets up to a cut-off two hours back, plus long windows) written by the batch layer's
+    own writer (``ctrstream.batch.views.write_batch_view``). Returns what was written."""
     import pyarrow as pa
-    import redis
 
-    r = redis.Redis.from_url(settings.redis.url)
+    from ctrstream.store.batch_view import served_version
+    from ctrstream.store.connection import redis_client
+    from ctrstream.store.speed_view import SpeedViewWriter
+
+    r = redis_client(settings, timeout_s=60.0)
     rng = np.random.default_rng(11)
-    ents: list[tuple[str, str]] = []
-    ents += [("ad", str(a)) for a in uni.ads]
-    ents += [("campaign", str(c)) for c in np.unique(uni.campaign)]
-    ents += [("advertiser", str(a)) for a in np.unique(uni.advertiser)]
-    ents += [("site", str(s)) for s in uni.sites]
-    ents += [("site_x_category", f"{s}:{c}") for s in uni.sites for c in np.unique(uni.category)]
-    ents += [("user", str(u)) for u in uni.users[:2000]]
-    served = r.get(L.BATCH_POINTER_KEY)
+    ents: list[tuple[str, tuple[int, ...]]] = []
+    ents += [("ad", (int(a),)) for a in uni.ads]
+    ents += [("campaign", (int(c),)) for c in np.unique(uni.campaign)]
+    ents += [("advertiser", (int(a),)) for a in np.unique(uni.advertiser)]
+    ents += [("site", (int(s),)) for s in uni.sites]
+    ents += [("site_x_category", (int(s), int(c))) for s in uni.sites for c in np.unique(uni.category)]
+    ents += [("user", (int(u),)) for u in uni.users[:2000]]
+    served = served_version(r)
     cutoff = F.align_cutoff(now_ms - 2 * F.HOUR_MS)
     ttl_ms = 6 * 3600 * 1000
     bucket_rows: dict[str, list] = {k: [] for k in ("entity", "eid", "res", "bucket", "imps", "clicks")}
     long_rows: dict[str, list] = {k: [] for k in ("entity", "eid", "long_window", "imps", "clicks")}
-    pipe = r.pipeline(transaction=False)
-    for k, (ent, eid) in enumerate(ents):
-        # the entity's speed hashes, one per event day (layout.speed_key), each with the
-        # fields of every resolution's buckets of that day (layout.speed_field)
-        per_day: dict[int, dict] = {}
-        for res in F.RESOLUTIONS:
+    speed: dict[str, _CellColumns] = {}
+    for ent, parts in ents:
+        eid = F.entity_id(F.ENTITY_BY_NAME[ent], dict(zip(F.ENTITY_BY_NAME[ent].fields, parts)))
+        cols = speed.get(ent) or speed.setdefault(ent, _CellColumns(ent))
+        for k, res in enumerate(F.RESOLUTIONS):
             buckets = list(F.window_buckets(now_ms, res))
             imps = rng.poisson(20, len(buckets))
             clicks = rng.binomial(imps, 0.02)
-            for b, i, c in zip(buckets, imps, clicks):
-                mapping = per_day.setdefault(L.speed_day(b, res), {})
-                mapping[L.speed_field(res.name, "i", b)] = int(i)
-                mapping[L.speed_field(res.name, "c", b)] = int(c)
-                if served is None and (b + 1) * res.bucket_ms <= cutoff:
-                    for col, v in zip(bucket_rows, (ent, eid, res.name, b, int(i), int(c))):
-                        bucket_rows[col].append(v)
-        for day, mapping in per_day.items():
-            pipe.hset(L.speed_key(ent, eid, day), mapping=mapping)
-            pipe.pexpire(L.speed_key(ent, eid, day), ttl_ms)
+            cols.add(parts, k, buckets, imps, clicks, new=True)  # new: every day hash gets the TTL
+            if served is None:
+                for b, i, c in zip(buckets, imps, clicks):
+                    if (b + 1) * res.bucket_ms <= cutoff:
+                        for col, v in zip(bucket_rows, (ent, eid, res.name, b, int(i), int(c))):
+                            bucket_rows[col].append(v)
         if served is None:
             for w in F.LONG_WINDOWS:
                 for col, v in zip(long_rows, (ent, eid, w.name, int(rng.poisson(5000)),
                                               int(rng.poisson(100)))):
                     long_rows[col].append(v)
-        if k % 500 == 499:
-            pipe.execute()
-    pipe.execute()
+    with SpeedViewWriter(settings, hash_ttl_ms=ttl_ms) as writer:
+        writer.write([c.cells() for c in speed.values()])
     version = None
     if served is None:
         from ctrstream.batch.views import write_batch_view
@@ -275,16 +256,19 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
     r.close()
     log(f"seeded {len(ents)} entities x {len(F.RESOLUTIONS)} resolutions"
         + (f"; batch view {version} cut-off {cutoff}" if version else "; batch view: the served one"))
-    return {"entities": len(ents), "batch_version": version or served.decode()}
+    return {"entities": len(ents), "batch_version": version or served}
 
 
 class LiveSpeedWriter:
     """Stands in for the speed layer while the load runs (``--live-events-per-s``): every
     flush interval it counts ``events_per_s x interval`` random impressions of the universe
     into the current bucket of every resolution of their shared entities (ad, campaign,
-    advertiser, site, site x category) - speed-view writes that Redis reports to the API's
-    cache, as in a live system (HINCRBY here; the speed layer sets absolute values: both are
-    writes)."""
+    advertiser, site, site x category) and writes the absolute counts of the changed cells
+    through the speed layer's writer - speed-view writes that Redis reports to the API's
+    cache, as in a live system. A cell's count starts from what the speed view holds when the
+    writer first touches it (the seeded counts of the current buckets)."""
+
+    SHARED = ("ad", "campaign", "advertiser", "site", "site_x_category")
 
     def __init__(self, settings, uni: Universe, events_per_s: float, interval_s: float):
         import threading
@@ -304,30 +288,52 @@ class LiveSpeedWriter:
         self._thread.join(10)
 
     def _run(self) -> None:
-        import redis
+        from ctrstream.store.connection import redis_client
+        from ctrstream.store.speed_view import SpeedViewWriter, read_speed_cells
 
-        r = redis.Redis.from_url(self.settings.redis.url)
+        r = redis_client(self.settings, timeout_s=30.0)
+        writer = SpeedViewWriter(self.settings, hash_ttl_ms=6 * 3600 * 1000)
         rng = np.random.default_rng(3)
         uni = self.uni
         cats = uni.category
-        while not self._stop.wait(self.interval_s):
-            now = int(time.time() * 1000)
-            n = int(rng.poisson(self.events_per_s * self.interval_s))
-            idx = rng.integers(0, uni.n_ads, n)
-            sites = rng.choice(uni.sites, n)
-            pipe = r.pipeline(transaction=False)
-            for i, site in zip(idx.tolist(), sites.tolist()):
-                for ent, eid in (("ad", uni.ads[i]), ("campaign", uni.campaign[i]),
-                                 ("advertiser", uni.advertiser[i]), ("site", site),
-                                 ("site_x_category", f"{site}:{cats[i]}")):
-                    for res in F.RESOLUTIONS:
-                        b = now // res.bucket_ms
-                        pipe.hincrby(L.speed_key(ent, str(eid), L.speed_day(b, res)),
-                                     L.speed_field(res.name, "i", b), 1)
-            pipe.execute()
-            self.events += n
-            self.flushes += 1
-        r.close()
+        # (entity, id parts, resolution index, bucket) -> [impressions, clicks]
+        counts: dict[tuple[str, tuple[int, ...], int, int], list[int]] = {}
+        try:
+            while not self._stop.wait(self.interval_s):
+                now = int(time.time() * 1000)
+                n = int(rng.poisson(self.events_per_s * self.interval_s))
+                idx = rng.integers(0, uni.n_ads, n)
+                sites = rng.choice(uni.sites, n)
+                current = [now // res.bucket_ms for res in F.RESOLUTIONS]
+                added: dict[tuple[str, tuple[int, ...], int, int], int] = {}
+                for i, site in zip(idx.tolist(), sites.tolist()):
+                    for ent, parts in (("ad", (int(uni.ads[i]),)), ("campaign", (int(uni.campaign[i]),)),
+                                       ("advertiser", (int(uni.advertiser[i]),)), ("site", (site,)),
+                                       ("site_x_category", (site, int(cats[i])))):
+                        for k, b in enumerate(current):
+                            cell = (ent, parts, k, b)
+                            added[cell] = added.get(cell, 0) + 1
+                # closed buckets are never written again
+                counts = {c: v for c, v in counts.items() if c[3] == current[c[2]]}
+                fresh = [c for c in added if c not in counts]
+                if fresh:
+                    addr = [(e, F.entity_id(F.ENTITY_BY_NAME[e], dict(zip(F.ENTITY_BY_NAME[e].fields, p))),
+                             F.RESOLUTIONS[k].name, t, b) for e, p, k, b in fresh for t in F.EVENT_TYPES]
+                    held = read_speed_cells(r, addr)
+                    for j, c in enumerate(fresh):
+                        counts[c] = [held[2 * j], held[2 * j + 1]]
+                cols = {e: _CellColumns(e) for e in self.SHARED}
+                for c, v in added.items():
+                    counts[c][0] += v
+                    cols[c[0]].add(c[1], c[2], [c[3]], [counts[c][0]], [counts[c][1]],
+                                   new=c in fresh)
+                writer.write([cc.cells() for cc in cols.values() if cc.cols["res"]])
+                writer.drain()
+                self.events += n
+                self.flushes += 1
+        finally:
+            writer.close()
+            r.close()
 
 
 # --------------------------------------------------------------------------- load
@@ -536,8 +542,8 @@ def _wait_ready(url: str, timeout: float, proc=None) -> None:
 def main(argv: list[str] | None = None) -> int:
     from ctrstream.bench.common import print_table, results_dir, write_results
     from ctrstream.config import get_settings
-    from ctrstream.stack.procs import start_job, stop_job
     from ctrstream.stack.manager import Stack, isolated_settings, settings_env
+    from ctrstream.stack.procs import start_job, stop_job
     from ctrstream.stack.services import free_port
 
     ap = argparse.ArgumentParser(prog="ctrstream bench api", description=__doc__.split("\n")[0])
@@ -592,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             log_path = Path(tmp or tempfile.gettempdir()) / f"bench-api-{port}.log"
-            api_proc = start_job([sys.executable, "-c", "from ctrstream.cli.app import app; app()", "serve", "--host", "127.0.0.1",
+            api_proc = start_job([sys.executable, "-m", "ctrstream", "serve", "--host", "127.0.0.1",
                                   "--port", str(port), "--model-name", model_name,
                                   "--feature-method", args.feature_method,
                                   "--workers", str(args.api_workers),

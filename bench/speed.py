@@ -21,8 +21,9 @@ Rows:
   thread could absorb with this feature declaration, however fast the flow was.
 * ``freshness @R/s``: the features job running, records produced at a steady R events/s
   with event time = now; every 50 ms one probe impression of a unique user is among them.
-  Freshness = time the probe's ``sv:user:<id>:<day>`` key became visible in Redis (polled every
-  2 ms) - its produce time (= its Kafka CreateTime). p50/p99 over the probes.
+  Freshness = time the speed-view hash of the probe's user and event day became visible in
+  Redis (polled every 2 ms) - its produce time (= its Kafka CreateTime). p50/p99 over the
+  probes.
 * ``join rss``: the join dataflow during the same steady phase with a short attribution
   window (``--join-window-s``): its RSS sampled at each quarter of the phase must level off
   once windows start closing (bounded state).
@@ -45,7 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from ctrstream.bench.common import print_table, rss_kb, write_results
-from ctrstream.store import layout as L
+from ctrstream.store.connection import redis_client
+from ctrstream.store.speed_view import speed_hashes_exist
 
 
 def _env(settings) -> dict:
@@ -115,13 +117,11 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
 
 
 def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: Path) -> list[dict]:
-    import redis
-
+    from ctrstream import events as E
     from ctrstream import features as F
     from ctrstream.kafka.clients import make_producer
-    from ctrstream import events as E
 
-    r = redis.Redis.from_url(settings.redis.url)
+    r = redis_client(settings, timeout_s=30.0)
     jset = settings.model_copy(update={"attribution_window_s": join_window_s,
                                        "allowed_lateness_s": min(settings.allowed_lateness_s, 2.0)})
     feat = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ctrstream.streaming.features_flow:get_flow()"],
@@ -142,11 +142,9 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
         while not stop.is_set() or len(seen) < len(probes):
             pending = [u for u in list(probes) if u not in seen]
             if pending:
-                pipe = r.pipeline(transaction=False)
-                for u in pending:
-                    pipe.exists(L.speed_key("user", str(u), probe_day[u]))
+                there = speed_hashes_exist(r, [("user", str(u), probe_day[u]) for u in pending])
                 now = time.time()
-                for u, ok in zip(pending, pipe.execute()):
+                for u, ok in zip(pending, there):
                     if ok:
                         seen[u] = now
             if stop.is_set() and time.time() > stop_t[0] + 10:
@@ -162,7 +160,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
         p.produce(ti, key=b"warm", value=E.encode(warm))
         p.flush(10)
         deadline = time.time() + 120
-        while not r.exists(L.speed_key("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)):
+        while not speed_hashes_exist(r, [("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)])[0]:
             if time.time() > deadline:
                 raise RuntimeError("features job did not start within 120 s")
             time.sleep(0.05)
@@ -249,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    import redis
-
     from ctrstream.config import RedisSettings, Topic, get_settings
     from ctrstream.kafka.clients import admin, ensure_topics, topic_end_offsets
 
@@ -283,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replayed {total:,} records in {time.time() - t0:.0f}s ({summary.describe()})")
         raw = _raw_consume(s, total)
         rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
-        r = redis.Redis.from_url(s.redis.url, socket_timeout=120)
+        r = redis_client(s, timeout_s=120.0)
         runs = [(int(x), 1) for x in args.workers.split(",")]
         runs += [(1, int(x)) for x in args.processes.split(",") if x and int(x) > 1]
         for w, procs in runs:

@@ -2,7 +2,8 @@
 
 Run it with ``ctrstream speed features`` (or ``python -m bytewax.run
 "ctrstream.streaming.features_flow:get_flow()" -r DIR -s SECS -b 0``). Everything it counts comes
-from :mod:`ctrstream.features` (entities, resolutions, key layout, TTLs).
+from :mod:`ctrstream.features` (entities, resolutions); how the counts lie in Redis (keys,
+fields, TTLs) is :mod:`ctrstream.store.speed_view`'s.
 
 Design
 ------
@@ -33,13 +34,13 @@ and vectorized where it matters:
 
 **Shards** (:class:`ShardLogic`, ``stateful_batch`` keyed by shard) hold one table per
 ``(entity, resolution, bucket)`` (sorted int64 ids with impression/click counts, numpy
-``searchsorted`` merges) and a dirty mask. Every ``flush_interval_ms`` they write the
-changed cells (absolute values) to Redis in one pipeline of native commands rendered with
-numpy (:class:`FeatureWriter`), sent by a writer thread while the job goes on: one ``HSET
-layout.speed_key(entity, id, day)`` per changed entity and event day with
-``layout.speed_field(res, "i"/"c", bucket)`` of each of its changed cells, and ``PEXPIRE``
-of ``layout.speed_hash_ttl_ms`` when it gets a new bucket of the longest-lived resolution
-(hashes are per day, so they are bounded without deleting anything). A bucket is **closed** when the global
+``searchsorted`` merges) and a dirty mask. Every ``flush_interval_ms`` they hand the
+changed cells (absolute values; ids unpacked into their parts; whether it is the cell's first
+write) to the speed view's writer (:class:`FeatureWriter` ->
+:class:`ctrstream.store.speed_view.SpeedViewWriter`), which renders them with numpy into one
+pipeline of native commands - one per changed entity id and event day, plus a TTL renewal
+when a day gets a new bucket of the longest-lived resolution - and sends it from a writer
+thread while the job goes on. A bucket is **closed** when the global
 watermark (minimum over all Kafka partitions) passes its end: it gets its final write and
 its table is freed. No accepted event can fall into a closed bucket: an accepted event is
 at or after its partition's watermark, which is at or after the global one.
@@ -72,14 +73,14 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from ctrstream import features as F
-from ctrstream.store import layout as L
-from ctrstream.config import Settings, get_settings
 from ctrstream import events as E
-from ctrstream.streaming import speed_metrics as M
+from ctrstream import features as F
+from ctrstream.config import Settings, get_settings
 from ctrstream.kafka.deadletters import DlqWriter, dead_letter
 from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
 from ctrstream.kafka.partition import PartitionReader
+from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter
+from ctrstream.streaming import speed_metrics as M
 
 log = logging.getLogger("ctrstream.speed.features")
 
@@ -693,58 +694,38 @@ class ShardLogic(StatefulBatchLogic):
 # --------------------------------------------------------------------------- Redis sink
 
 class FeatureWriter:
-    """Writes the shards' flushes to Redis in the layout of :mod:`ctrstream.features`: per
-    entity and event day with changed cells, **one** ``HSET layout.speed_key(entity, id,
-    day)`` of the absolute counts of every changed cell of every resolution (fields
-    ``layout.speed_field(res, "i"/"c", bucket)``), and ``PEXPIRE`` of
-    ``layout.speed_hash_ttl_ms`` when the hash got a new bucket of the longest-lived
-    resolution (the TTL then covers every bucket written since). Nothing is ever deleted: a
-    day's hash stops growing when the day ends and expires a TTL after its last new hour.
-
-    The commands are rendered with numpy (:func:`ctrstream.store.resp.layout`, no Python
-    work per cell) into one payload per flush, which a
-    :class:`ctrstream.store.resp.BackgroundPipeline` sends while the job goes on with the
-    next micro-batches; :meth:`drain` (called by every shard's ``snapshot``) waits for the
-    acknowledgements. One writer per process, shared by its workers' shards."""
+    """Hands the shards' flushes to the speed view's writer
+    (:class:`ctrstream.store.speed_view.SpeedViewWriter`: one ``HSET`` per changed entity id
+    and event day, a TTL renewal with each new bucket of the longest-lived resolution,
+    rendered with numpy and sent by a writer thread while the job goes on), as cells per
+    entity with the packed ids unpacked into their parts, and feeds the flush metrics once
+    Redis has acknowledged a flush. :meth:`drain` (called by every shard's ``snapshot``)
+    waits for the acknowledgements. One writer per process, shared by its workers' shards."""
 
     def __init__(self, settings: Settings, max_pending: int = 2):
-        from ctrstream.store.resp import BackgroundPipeline
-
-        self.pipe = BackgroundPipeline(settings, max_pending=max_pending)
-        lateness = int(settings.allowed_lateness_s * 1000)
-        self.ttl = L.speed_hash_ttl_ms(lateness)
-        self.ttl_res = max(range(len(F.RESOLUTIONS)),  # its new buckets renew the TTL
-                           key=lambda r: L.speed_ttl_ms(F.RESOLUTIONS[r], lateness))
-        self.bucket_ms = np.array([res.bucket_ms for res in F.RESOLUTIONS], np.int64)
-        # the key's constant parts (layout.speed_key): prefix + id + separator + day
-        self.prefix = {e: f"{L.SPEED_PREFIX}{ent.name}:".encode() for e, ent in enumerate(F.ENTITIES)}
-        self.sep = L.SPEED_DAY_SEP.encode()
-        self.res_names = [res.name.encode() for res in F.RESOLUTIONS]
+        self.view = SpeedViewWriter(settings, max_pending=max_pending)
 
     def write(self, items: list) -> None:
-        """Render ``items`` (:class:`FlushItem`) and queue them; returns before Redis answers."""
+        """Hand ``items`` (:class:`FlushItem`) to the writer; returns before Redis answers."""
         t0 = time.perf_counter()
         ts = [t for it in items if it.ts_first is not None for t in (it.ts_first, it.ts_last)]
         its = [it for it in items if len(it.eid)]
         if not its:
             return
-        ent = np.concatenate([it.ent for it in its]).astype(np.int64)
-        res = np.concatenate([it.res for it in its]).astype(np.int64)
-        bucket = np.concatenate([it.bucket for it in its]).astype(np.int64)
-        eid = np.concatenate([it.eid for it in its])
-        day = bucket * self.bucket_ms[res] // F.DAY_MS
-        order = group_order(eid, ent, day)  # the cells of one hash are adjacent
-        ent, res, bucket, eid, day = ent[order], res[order], bucket[order], eid[order], day[order]
+        ent = np.concatenate([it.ent for it in its]).astype(np.int8)
+        order = np.argsort(ent, kind="stable")  # the cells of one entity adjacent (radix sort)
+        ent = ent[order]
+        res = np.concatenate([it.res for it in its])[order]
+        bucket = np.concatenate([it.bucket for it in its])[order]
+        eid = np.concatenate([it.eid for it in its])[order]
         cnt = np.concatenate([it.cnt for it in its])[order]
         new = np.concatenate([it.new for it in its])[order]
-        grp = np.flatnonzero(np.r_[True, ent[1:] != ent[:-1], True])
-        hsets, expires, n_cmds = [], [], 0
-        for a, z in zip(grp[:-1].tolist(), grp[1:].tolist()):
-            hs, ex, n = self._commands(int(ent[a]), eid[a:z], day[a:z], res[a:z], bucket[a:z],
-                                       cnt[a:z], new[a:z])
-            hsets.append(hs)
-            expires.append(ex)
-            n_cmds += n
+        bounds = np.flatnonzero(np.r_[True, ent[1:] != ent[:-1], True])
+        cells = []
+        for a, z in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            e = int(ent[a])
+            cells.append(SpeedCells(e, unpack_parts(eid[a:z], F.ENTITIES[e]), res[a:z],
+                                    bucket[a:z], cnt[a:z, 0], cnt[a:z, 1], new[a:z]))
         n_cells = len(eid)
 
         def done():  # in the writer thread, once Redis acknowledged every command
@@ -755,70 +736,14 @@ class FeatureWriter:
                 if t and t > 0:
                     M.FRESHNESS.observe(max(0.0, (now_ms - t) / 1000))
 
-        # every HSET before any PEXPIRE: a PEXPIRE of a key not yet created does nothing
-        self.pipe.submit(b"".join(hsets + expires), n_cmds, one_line=True, done=done)
+        self.view.write(cells, done=done)
 
     def drain(self) -> None:
         """Return once Redis has acknowledged everything written so far (raises its error)."""
-        self.pipe.drain()
-
-    def _commands(self, e: int, eid, day, res, bucket, cnt, new) -> tuple[bytes, bytes, int]:
-        """The commands of one entity's cells (those of one hash adjacent): one HSET per
-        hash, then the PEXPIREs. Returns (hsets, pexpires, number of commands)."""
-        from ctrstream.store.resp import PAD, Choice, bulk_len, encode, layout, render, squeeze
-
-        ent = F.ENTITIES[e]
-        first = np.r_[True, (eid[1:] != eid[:-1]) | (day[1:] != day[:-1])]
-        starts = np.flatnonzero(first)
-        per_hash = np.diff(np.append(starts, len(eid)))
-        renew = np.unique((np.cumsum(first) - 1)[new & (res == self.ttl_res)])  # hashes
-        parts = unpack_parts(eid[starts], ent)
-        if min(int(p.min()) for p in parts) < 0 or int(bucket.min()) < 0:
-            # negative ids or times cannot be rendered by `layout`: per-hash commands
-            keys = [L.speed_key(ent.name, sid, d)
-                    for sid, d in zip(unpack_ids(eid[starts], ent), day[starts].tolist())]
-            hs = []
-            for k, a in enumerate(starts.tolist()):
-                args = [b"HSET", keys[k]]
-                for j in range(a, a + int(per_hash[k])):
-                    name = F.RESOLUTIONS[int(res[j])].name
-                    args += [L.speed_field(name, "i", int(bucket[j])), int(cnt[j, 0]),
-                             L.speed_field(name, "c", int(bucket[j])), int(cnt[j, 1])]
-                hs.append(encode(args))
-            ex = [encode((b"PEXPIRE", keys[k], self.ttl)) for k in renew.tolist()]
-            return b"".join(hs), b"".join(ex), len(hs) + len(ex)
-        pre = self.prefix[e]
-        hday = day[starts]
-        key_segs: list = [parts[0]]
-        sep = self.sep
-        key_len = len(pre) + bulk_len(parts[0]) + len(sep) + bulk_len(hday)
-        for p in parts[1:]:
-            key_segs += [b":", p]
-            key_len += 1 + bulk_len(p)
-        key_segs += [sep, hday]
-        # one row per cell: the HSET header and key on the first cell of each hash, then the
-        # cell's two field-value pairs
-        head = layout([b"*", 2 + 4 * per_hash, b"\r\n$4\r\nHSET\r\n$", key_len, b"\r\n" + pre,
-                       *key_segs, b"\r\n"], len(starts))
-        name = Choice(self.res_names, res)
-        f_len = name.lengths() + 2 + bulk_len(bucket)
-        ci, cc = cnt[:, 0], cnt[:, 1]
-        body = layout([b"$", f_len, b"\r\n", name, b":i", bucket, b"\r\n$", bulk_len(ci), b"\r\n", ci,
-                       b"\r\n$", f_len, b"\r\n", name, b":c", bucket, b"\r\n$", bulk_len(cc), b"\r\n",
-                       cc, b"\r\n"], len(eid))
-        rows = np.full((len(eid), head.shape[1] + body.shape[1]), PAD, np.uint8)
-        rows[starts, :head.shape[1]] = head
-        rows[:, head.shape[1]:] = body
-        expire = b""
-        if len(renew):
-            ttl = str(self.ttl).encode()
-            expire = render([b"*3\r\n$7\r\nPEXPIRE\r\n$", key_len[renew], b"\r\n" + pre,
-                             *[s if isinstance(s, bytes) else s[renew] for s in key_segs],
-                             b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl)], len(renew))
-        return squeeze(rows), expire, len(starts) + len(renew)
+        self.view.drain()
 
     def close(self) -> None:
-        self.pipe.close()
+        self.view.close()
 
 
 # --------------------------------------------------------------------------- the flow

@@ -10,6 +10,10 @@ the codec and ``ctrstream.features``:
   lateness`` is late;
 * the first copy of an impression id (click id) counts, later copies are duplicates;
 * a counted event adds 1 to ``i``/``c`` of its bucket of every resolution of every entity.
+
+Its result is in neutral cells, ``(entity, id, resolution, event type, bucket) -> count``,
+the form in which ``ctrstream.store.speed_view.read_speed_view`` returns what the speed
+layer wrote.
 """
 
 from __future__ import annotations
@@ -17,17 +21,17 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from ctrstream import features as F
-from ctrstream.store import layout as L
-from ctrstream.config import Settings
 from ctrstream import events as E
+from ctrstream import features as F
+from ctrstream.config import Settings
 from ctrstream.kafka.heartbeats import heartbeat_time
 from ctrstream.kafka.topics import Record
 
 
 @dataclass
 class Reference:
-    cells: dict[tuple[str, str], int] = field(default_factory=dict)  # (redis key, field) -> n
+    # (entity, id, resolution name, event type, bucket) -> n
+    cells: dict[tuple[str, str, str, str, int], int] = field(default_factory=dict)
     dead: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)  # -> (stage, reason)
     stats: Counter = field(default_factory=Counter)
     counted: dict[str, list] = field(default_factory=lambda: {"impressions": [], "clicks": []})
@@ -56,7 +60,7 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
         by_part: dict[int, list[Record]] = defaultdict(list)
         for r in recs:
             by_part[r.partition].append(r)
-        for part, rs in by_part.items():
+        for rs in by_part.values():
             rs.sort(key=lambda r: r.offset)
             max_t = None
             seen: set[str] = set()
@@ -89,25 +93,6 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
                 for ent in F.ENTITIES:
                     sid = F.entity_id(ent, ev)
                     for res in F.RESOLUTIONS:
-                        b = int(F.bucket_of(t, res))
-                        counts[(L.speed_key(ent.name, sid, L.speed_day(b, res)),
-                                L.speed_field(res.name, etype, b))] += 1
+                        counts[(ent.name, sid, res.name, etype, int(F.bucket_of(t, res)))] += 1
     ref.cells = dict(counts)
     return ref
-
-
-def read_speed_view(r) -> dict[tuple[str, str], int]:
-    """Every non-zero (key, field) of the speed view in a Redis client's database."""
-    out = {}
-    keys = list(r.scan_iter(match="sv:*", count=10_000))
-    pipe = r.pipeline(transaction=False)
-    for k in keys:
-        pipe.hgetall(k)
-    for k, h in zip(keys, pipe.execute()):
-        k = k.decode() if isinstance(k, bytes) else k
-        for f, v in h.items():
-            f = f.decode() if isinstance(f, bytes) else f
-            v = int(v)
-            if v:
-                out[(k, f)] = v
-    return out

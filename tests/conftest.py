@@ -17,8 +17,7 @@ import pytest
 from ctrstream.config import Settings, Topic
 from ctrstream.stack.manager import Stack, isolated_stack, settings_env
 from ctrstream.stack.services import pid_alive, wait_until
-from ctrstream.store import layout as L
-
+from ctrstream.store import batch_view as BV
 
 OWNER_FILE = "owner.pid"  # the pytest process that started a session's stack
 
@@ -93,15 +92,14 @@ def fresh_topics(settings, unique):
 
 @pytest.fixture
 def r(settings):
-    """A Redis client of the stack; the batch-view pointer is restored after the test."""
+    """A Redis client of the stack; the served batch view is restored after the test."""
     import redis
 
-
     client = redis.Redis.from_url(settings.redis.url)
-    saved = client.get(L.BATCH_POINTER_KEY)
+    saved = BV.served_version(client)
     yield client
     if saved is None:
-        client.delete(L.BATCH_POINTER_KEY)
+        BV.clear_pointer(client)
     else:
-        client.set(L.BATCH_POINTER_KEY, saved)
+        BV.switch_pointer(client, saved)
     client.close()

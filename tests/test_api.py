@@ -11,19 +11,18 @@ import uuid
 import httpx
 import numpy as np
 import pytest
-import redis
 import tritonclient.grpc as grpcclient
 from fastapi.testclient import TestClient
 
-from ctrstream.bench.api import write_demo_model
 from ctrstream import features as F
-from ctrstream.store import layout as L
-from ctrstream.stack.procs import start_job, stop_job, wait_until
-from ctrstream.stack.services import free_port
+from ctrstream.bench.api import write_demo_model
 from ctrstream.serving.api import create_app
 from ctrstream.serving.assembly import assemble, request_columns
+from ctrstream.stack.procs import start_job, stop_job, wait_until
+from ctrstream.stack.services import free_port
 from ctrstream.store.connection import redis_client
 from ctrstream.store.reader import FeatureStore
+from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter
 
 W = np.linspace(-0.2, 0.3, F.N_DENSE).astype(np.float32)
 BIAS = -3.0
@@ -53,14 +52,12 @@ def body(settings):
     """A request whose ads have different speed-view histories (so the ranking is real)."""
     base = 7_000_000 + uuid.uuid4().int % 10**6 * 100
     now = int(time.time() * 1000)
-    r = redis.Redis.from_url(settings.redis.url)
-    for k in range(5):
-        res = F.RESOLUTIONS[1]
-        b = now // res.bucket_ms
-        r.hset(L.speed_key("ad", str(base + k), L.speed_day(b - 1, res)),
-               mapping={L.speed_field(res.name, "i", b - 1): 50 * (k + 1),
-                        L.speed_field(res.name, "c", b - 1): 3 * k * k})
-    r.close()
+    k = np.arange(5)
+    res = F.RESOLUTIONS[1]
+    with SpeedViewWriter(settings) as writer:  # absolute counts, as the speed layer writes them
+        writer.write([SpeedCells(F.ENTITIES.index(F.ENTITY_BY_NAME["ad"]), [base + k],
+                                 np.full(5, F.RESOLUTIONS.index(res)), np.full(5, now // res.bucket_ms - 1),
+                                 50 * (k + 1), 3 * k * k, np.zeros(5, bool))])
     return {"user_id": base + 99,
             "context": {"site_id": base + 98, "device_type": "mobile", "country": "US", "position": 1,
                         "event_time_ms": now},

@@ -9,17 +9,23 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-
-from ctrstream import features as F
-from ctrstream.store import layout as L
-from ctrstream.batch.archive import write_partitioned
-from ctrstream.batch.point_in_time import long_window_range, training_set
-from ctrstream.batch.views import (
-    VERSIONS_KEY, default_cutoff, publish_batch_view, read_view_counts, redis_client,
-)
 from test_batch_features import T0, W, make_traffic, unique_events
 
+from ctrstream import features as F
+from ctrstream.batch.archive import write_partitioned
+from ctrstream.batch.point_in_time import long_window_range, training_set
+from ctrstream.batch.views import default_cutoff, publish_batch_view, read_view_counts
+from ctrstream.store import batch_view as BV
+from ctrstream.store import layout as L
+
 REDIS_DB = 11  # batch-view tests own this logical database of the session's Redis
+
+
+def redis_client(settings):
+    """A client without socket timeouts (MONITOR below waits for commands)."""
+    import redis
+
+    return redis.Redis.from_url(settings.redis.url)
 
 
 @pytest.fixture
@@ -68,8 +74,8 @@ def reference_view(it, ct, T: int, version: str) -> dict[str, dict[str, int]]:
     # suffix sums S[b] = counts of the view's buckets >= b, for every bucket of the view from
     # its first one up to the entity's last non-empty one
     for e in F.ENTITIES:
-        prefix = f"bv:{version}:{e.name}:"
-        eids = {k[len(prefix):].rsplit(":", 1)[0] for k in list(ref) if k.startswith(prefix)}
+        parsed = [L.batch_entity_of(version, k) for k in list(ref)]
+        eids = {p[1] for p in parsed if p is not None and p[0] == e.name}
         for eid in eids:
             sums = {}
             sums.update(ref.get(L.batch_long_key(version, e.name, eid), {}))
@@ -88,12 +94,10 @@ def reference_view(it, ct, T: int, version: str) -> dict[str, dict[str, int]]:
 
 
 def dump_version(r, version: str) -> dict[str, dict[str, int]]:
-    out = {}
-    for key in r.scan_iter(match=f"bv:{version}:*", count=5000):
-        k = key.decode()
-        if k != L.batch_meta_key(version):
-            out[k] = {f.decode(): int(v) for f, v in r.hgetall(key).items()}
-    return out
+    """Every data hash of the version by key (the store reads them, and refuses any key of
+    the version that is not one of its hashes)."""
+    return {L.batch_key(version, e, i, part): h
+            for (e, i, part), h in BV.read_version(r, version).items()}
 
 
 def test_batch_view_equals_reference(bv_settings, archive):
@@ -102,15 +106,16 @@ def test_batch_view_equals_reference(bv_settings, archive):
     res = publish_batch_view(bv_settings, data_dir, T)
     r = redis_client(bv_settings)
     v = res["version"]
-    assert r.get(L.BATCH_POINTER_KEY).decode() == v
-    meta = {k.decode(): x.decode() for k, x in r.hgetall(L.batch_meta_key(v)).items()}
+    assert BV.served_version(r) == v
+    meta = BV.read_meta(r, v)
     assert int(meta["cutoff_ms"]) == T and meta["fingerprint"] == F.fingerprint()
     got = dump_version(r, v)
     ref = reference_view(it, ct, T, v)
     assert got == dict(ref)
     assert res["keys_written"] == len(ref) + 1 and res["buckets"] > 0
-    assert any(k.endswith(":long") for k in ref) and any(k.endswith(":24h") for k in ref)
-    assert any(k.endswith(":sums") for k in ref) and meta[L.BATCH_SUMS_FLAG] == "1"
+    parts = {L.batch_entity_of(v, k)[2] for k in ref}
+    assert L.LONG_SUFFIX in parts and "24h" in parts
+    assert L.SUMS_SUFFIX in parts and meta[L.BATCH_SUMS_FLAG] == "1"
 
 
 def test_batch_plus_speed_reproduces_training(bv_settings, archive):
@@ -159,8 +164,8 @@ def test_pointer_switches_after_complete_version(bv_settings, archive):
     T1 = F.align_cutoff(T0 + 6 * F.DAY_MS)
     v1 = publish_batch_view(bv_settings, data_dir, T1)["version"]
     # a publisher that died half way: registered, some keys, no meta, never pointed to
-    r.zadd(VERSIONS_KEY, {"999-1": 1})
-    r.hset(L.batch_key("999-1", "ad", "1", "5m"), mapping={"i1": 1})
+    BV.register_version(r, "999-1", 1)
+    r.hset(L.batch_key("999-1", "ad", "1", "5m"), mapping={L.batch_field("i", 1): 1})
 
     seen, ready = [], threading.Event()
     sentinel = "bv-test-monitor-done"
@@ -184,20 +189,21 @@ def test_pointer_switches_after_complete_version(bv_settings, archive):
     v2 = res["version"]
     assert not th.is_alive()
 
-    writes = [i for i, c in enumerate(seen) if c.startswith("HSET") and f"bv:{v2}:" in c]
-    meta = [i for i, c in enumerate(seen) if c.startswith(f"HSET bv:{v2}:meta")]
+    writes = [i for i, c in enumerate(seen)
+              if c.startswith("HSET") and L.batch_version_prefix(v2) in c]
+    meta = [i for i, c in enumerate(seen) if c.startswith(f"HSET {L.batch_meta_key(v2)}")]
     switch = [i for i, c in enumerate(seen) if c.startswith(f"SET {L.BATCH_POINTER_KEY} {v2}")]
     assert len(meta) == 1 and len(switch) == 1
     assert len(writes) == res["keys_written"]  # data keys + meta
     assert max(writes) == meta[0] < switch[0]
-    assert r.get(L.BATCH_POINTER_KEY).decode() == v2
+    assert BV.served_version(r) == v2
     # keep=2: the previous complete version stays, the half-written one is gone
     assert set(res["deleted_versions"]) == {"999-1"}
-    assert r.exists(L.batch_meta_key(v1)) and not list(r.scan_iter(match="bv:999-1:*"))
+    assert r.exists(L.batch_meta_key(v1)) and not list(r.scan_iter(match=L.batch_version_pattern("999-1")))
 
     v3 = publish_batch_view(bv_settings, data_dir, T2, keep=2)
-    assert v3["deleted_versions"] == [v1] and not list(r.scan_iter(match=f"bv:{v1}:*"))
-    assert {x.decode() for x in r.zrange(VERSIONS_KEY, 0, -1)} == {v2, v3["version"]}
+    assert v3["deleted_versions"] == [v1] and not list(r.scan_iter(match=L.batch_version_pattern(v1)))
+    assert set(BV.versions(r)) == {v2, v3["version"]}
 
 
 def test_cutoff_rules(bv_settings, archive, tmp_path):
@@ -224,4 +230,4 @@ def test_cli_batch_views(bv_settings, archive, stack_env):
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["cutoff_ms"] == default_cutoff(bv_settings, data_dir)
-    assert redis_client(bv_settings).get(L.BATCH_POINTER_KEY).decode() == res["version"]
+    assert BV.served_version(redis_client(bv_settings)) == res["version"]

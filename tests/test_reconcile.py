@@ -2,7 +2,7 @@
 duplicate; every difference is explained, and afterwards the views agree.
 
 The batch view is computed by the batch layer's own code (``ctrstream.batch.point_in_time.
-bucket_counts`` over the events, written in the ``bv:`` layout) and the archive is written
+bucket_counts`` over the events, written in the batch view's layout) and the archive is written
 with ``ctrstream.batch.archive.write_partitioned``; the speed view is counted here, independently,
 from the events the speed layer would have accepted, then damaged the way a crash and a
 duplicate damage it. Late events and malformed records go to the real dlq topic.
@@ -18,9 +18,10 @@ import pytest
 import redis
 
 from ctrstream import features as F
-from ctrstream.store import layout as L
 from ctrstream.batch.reconcile import reconcile
 from ctrstream.events import Click, DeadLetter, Impression, encode
+from ctrstream.store import layout as L
+from ctrstream.store.reports import last_reconciled_version, load_reconcile_report
 
 MIDNIGHT = 1_767_571_200_000  # 2026-01-05 00:00 UTC
 T0 = MIDNIGHT - F.HOUR_MS  # an hour boundary: the events (T0 .. T0 + 3 h) cross midnight
@@ -97,16 +98,16 @@ def _in_overlap(cell):
 @pytest.fixture
 def rds(settings):
     r = redis.Redis.from_url(settings.redis.url)
-    for k in r.scan_iter(match="sv:*", count=5000):  # this test owns the speed view
+    for k in r.scan_iter(match=L.SPEED_PATTERN, count=5000):  # this test owns the speed view
         r.delete(k)
     yield r
     r.close()
 
 
 def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, tmp_path, unique):
-    from ctrstream.kafka.clients import make_producer
     from ctrstream.batch.archive import to_table, write_partitioned
     from ctrstream.batch.point_in_time import bucket_counts
+    from ctrstream.kafka.clients import make_producer
 
     s = fresh_topics
     rng = np.random.default_rng(4)
@@ -144,7 +145,8 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     for day in (DAY0, DAY1):
         fields = rds.hkeys(L.speed_key("ad", "0", day))
         assert {f.split(b":")[0].decode() for f in fields} == set(F.RESOLUTION_BY_NAME)
-    assert not rds.exists("sv:ad:0") and not rds.exists("sv:ad:0:5m")
+    no_day = L.SPEED_PREFIX + L.entity_key("ad", "0")  # no hash without its day
+    assert not rds.exists(no_day) and not rds.exists(no_day + L.SPEED_DAY_SEP + "5m")
     # ... then a crash lost one whole day hash (user 3, the day before midnight: every
     # resolution; its hash of the day after stays) and one update (ad 0, 5m, before
     # midnight) ...
@@ -213,7 +215,8 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     doc = json.loads((tmp_path / "reports" / f"reconcile-{version}.json").read_text())
     assert doc["cells_differing"] == len(expected) and doc["explained"]
     assert (tmp_path / "reports" / f"reconcile-{version}.md").read_text().startswith("# Reconciliation")
-    assert json.loads(rds.get(f"reconcile:{version}"))["buckets_compared"] == rep.buckets_compared
+    assert load_reconcile_report(rds, version)["buckets_compared"] == rep.buckets_compared
+    assert last_reconciled_version(rds) == version
 
     # batch won: a second pass finds the views equal; the restored day hash holds every
     # resolution's lost cells (and only cells of its day) and has the speed view's hash TTL;

@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 import redis
 
+from ctrstream import events as E
+from ctrstream import features as F
 from ctrstream.config import RedisSettings
 from ctrstream.kafka.clients import make_producer
-from ctrstream.stack.procs import start_job, stop_job, wait_until
-from ctrstream.stack.manager import settings_env
-from ctrstream.stack.services import free_port
-from ctrstream import events as E
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
-from ctrstream.streaming.reference import read_speed_view, reference_features
+from ctrstream.stack.manager import settings_env
+from ctrstream.stack.procs import start_job, stop_job, wait_until
+from ctrstream.stack.services import free_port
 from ctrstream.store import layout as L
+from ctrstream.store.speed_view import read_speed_view
+from ctrstream.streaming.reference import reference_features
 
 BASE = 1_700_000_000_000 // 3_600_000 * 3_600_000
 CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
@@ -156,7 +158,7 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
                 assert d.reason.startswith("late: ")
         # nothing lost: counted + duplicates + dead = every record that is not a heartbeat
         counted = ref.stats["counted_i"] + ref.stats["counted_c"]
-        ad_5m = sum(v for (k, f), v in ref.cells.items() if k.startswith("sv:ad:") and f.startswith("5m:"))
+        ad_5m = sum(v for (e, _, res, _, _), v in ref.cells.items() if e == "ad" and res == "5m")
         assert ad_5m == counted
         assert counted + ref.stats["duplicates"] + len(dlq) == ref.stats["records"] - ref.stats["heartbeats"]
         # metrics agree, and every closed bucket's state has been freed
@@ -173,7 +175,8 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
         ttl = L.speed_hash_ttl_ms(lateness)
         assert ttl == 24 * 3_600_000 + lateness + 3_600_000
         pipe = r.pipeline(transaction=False)
-        keys = sorted({k for (k, _f) in ref.cells})
+        keys = sorted({L.speed_key(e, i, L.speed_day(b, F.RESOLUTION_BY_NAME[res]))
+                       for (e, i, res, _, b) in ref.cells})
         for k in keys:
             pipe.pttl(k)
         assert all(0 < t <= ttl for t in pipe.execute()), "a speed hash without its TTL"
@@ -243,9 +246,8 @@ def test_shard_snapshot_waits_until_redis_acknowledged_its_flushes(settings, r, 
 def test_shard_counts_events_of_a_batch_whose_watermark_passed_them():
     """A micro-batch can carry an on-time event and, later in the same batch, an event that
     moves the partition watermark past it: the first one must still be counted."""
-    from ctrstream.streaming.features_flow import Delta, FlowConfig, ShardLogic
-
     from ctrstream.config import Settings
+    from ctrstream.streaming.features_flow import Delta, FlowConfig, ShardLogic
 
     cfg = FlowConfig(Settings())
     logic = ShardLogic(cfg, "t", None)
@@ -257,30 +259,6 @@ def test_shard_counts_events_of_a_batch_whose_watermark_passed_them():
     (item,) = logic.flush()
     assert {tuple(c) for c in item.cnt.tolist()} == {(len(cfg.parts), 0)}
     assert not logic.tables  # written once, then freed: the watermark is far past it
-
-
-def test_vectorized_resp_rendering_matches_hiredis():
-    """The features sink renders its HSET/PEXPIRE commands with numpy; byte for byte they
-    must be what hiredis' packer produces, for ids and counts of every digit length."""
-    import hiredis
-
-    from ctrstream.store.resp import render
-
-    rng = np.random.default_rng(7)
-    n = 500
-    a = rng.integers(0, 10 ** rng.integers(1, 18, n))
-    b = rng.integers(0, 10 ** rng.integers(1, 10, n))
-    c = np.concatenate([[0, 9, 10, 99, 100], rng.integers(0, 10**6, n - 5)])
-    got = render([b"*6\r\n$4\r\nHSET\r\n$", np.array([len(f"sv:x:{i}:{j}") for i, j in zip(a, b)]),
-                  b"\r\nsv:x:", a, b":", b, b"\r\n$", np.array([len(f"i{x}") for x in c]),
-                  b"\r\ni", c, b"\r\n$1\r\n7\r\n$", np.array([len(f"c{x}") for x in c]),
-                  b"\r\nc", c, b"\r\n$1\r\n0\r\n"], n)  # `c` twice: printed once, used twice
-    want = b"".join(hiredis.pack_command((b"HSET", f"sv:x:{i}:{j}", f"i{x}", 7, f"c{x}", 0))
-                    for i, j, x in zip(a.tolist(), b.tolist(), c.tolist()))
-    assert got == want
-    one = np.array([10**18 + 7])  # widest int64 magnitudes take the 64-bit path
-    assert render([b"x", one, b"y", np.array([0])], 1) == b"x%dy0" % (10**18 + 7)
-    assert render([b"x", np.zeros(0, np.int64)], 0) == b""
 
 
 def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
@@ -345,7 +323,7 @@ def test_one_line_replies_are_counted_and_errors_still_raise(settings, r, unique
     from ctrstream.store.resp import RespPipeline, encode
 
     pipe = RespPipeline(settings)
-    key = f"sv:test:{unique}".encode()
+    key = f"test:resp:{unique}".encode()
     try:
         n = 60_000  # ~0.3 MB of replies: many recv() calls
         cmds = [encode((b"HSET", key, b"f%d" % k, k)) for k in range(n)]
@@ -370,7 +348,7 @@ def test_background_pipeline_keeps_order_waits_and_raises(settings, r, unique):
     Redis error surfaces in the caller's thread - on every later call, never silently."""
     from ctrstream.store.resp import BackgroundPipeline, encode
 
-    key = f"sv:test:bg:{unique}".encode()
+    key = f"test:resp:bg:{unique}".encode()
     acked: list[int] = []
     pipe = BackgroundPipeline(settings, max_pending=1)
     try:

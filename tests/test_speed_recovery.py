@@ -8,16 +8,15 @@ import time
 from collections import Counter
 
 import redis
+from test_speed_features import CTRSTREAM, job_env, make_stream, produce
 
-from ctrstream.config import RedisSettings
-from ctrstream.stack.procs import kill_hard, start_job, stop_job, wait_until
 from ctrstream import events as E
+from ctrstream.config import RedisSettings
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
-from ctrstream.streaming.reference import (
-    read_speed_view, reference_features, reference_labels,
-)
-from test_speed_features import CTRSTREAM, job_env, make_stream, produce
+from ctrstream.stack.procs import kill_hard, start_job, stop_job, wait_until
+from ctrstream.store.speed_view import read_speed_view
+from ctrstream.streaming.reference import reference_features, reference_labels
 
 
 def test_kill9_and_restart_is_exactly_once(fresh_topics, tmp_path):

@@ -5,27 +5,25 @@ What is compared
 For every resolution of ``ctrstream.features.RESOLUTIONS`` the **overlap** is the bucket
 range both views cover and both consider closed:
 
-* the batch view ``bv:{version}:{entity}:{id}:{res}`` covers buckets from its oldest bucket
-  up to the cut-off (``bv:{version}:meta`` ``cutoff_ms``; a bucket is closed when its end is
-  ``<= cutoff_ms``);
-* the speed view ``sv:{entity}:{id}:{day}`` (one hash per entity and event day -
-  ``layout.speed_key`` / ``layout.speed_day``, days since the epoch, UTC - holding the
-  buckets of that day of every resolution, fields ``{res}:i{bucket}`` / ``{res}:c{bucket}``,
-  ``layout.speed_field``; an entity's day hashes are merged into its buckets per
-  resolution) covers buckets from its oldest bucket on. Its day hashes are never pruned but
-  expire (``layout.speed_hash_ttl_ms`` after their last new hour), so it is sure to hold
-  only the newest ``layout.speed_keep_buckets`` buckets of each resolution: the overlap
-  starts no earlier than that many buckets before the high-water. A bucket is closed in it
-  once its end is ``<= speed high-water - allowed lateness`` (the high-water is the start of
-  the newest bucket the speed view holds: the speed layer's event time has reached at least
+* the batch view (version ``version``, :mod:`ctrstream.store.batch_view`) covers buckets
+  from its oldest bucket up to its cut-off (the version's meta ``cutoff_ms``; a bucket is
+  closed when its end is ``<= cutoff_ms``);
+* the speed view (:mod:`ctrstream.store.speed_view`: one hash per entity id and event day -
+  days since the epoch, UTC, ``layout.speed_day`` - holding the buckets of that day of every
+  resolution; an entity's day hashes are merged into its buckets per resolution) covers
+  buckets from its oldest bucket on. Its day hashes are never pruned but expire
+  (``layout.speed_hash_ttl_ms`` after their last new hour), so it is sure to hold only the
+  newest ``layout.speed_keep_buckets`` buckets of each resolution: the overlap starts no
+  earlier than that many buckets before the high-water. A bucket is closed in it once its
+  end is ``<= speed high-water - allowed lateness`` (the high-water is the start of the
+  newest bucket the speed view holds: the speed layer's event time has reached at least
   that);
 
 ``closed_before_ms`` narrows it further. Inside the overlap every bucket either view holds
-is compared, per entity id and resolution, cell by cell (impressions and clicks: batch
-fields ``i{bucket}`` / ``c{bucket}`` against speed fields ``{res}:i{bucket}`` /
-``{res}:c{bucket}``; an absent cell counts as 0). A bucket is *equal* when both cells
-agree, *differing* when both views hold it and a cell differs, *missing in speed* /
-*missing in batch* when only one view holds it (with a non-zero count).
+is compared, per entity id and resolution, cell by cell (impressions and clicks; an absent
+cell counts as 0). A bucket is *equal* when both cells agree, *differing* when both views
+hold it and a cell differs, *missing in speed* / *missing in batch* when only one view holds
+it (with a non-zero count).
 
 Reasons
 -------
@@ -40,9 +38,9 @@ Each differing cell gets a reason, with the evidence behind it:
 * ``lost_update`` - the speed view is lower and no late event is known: a speed-layer
   update was lost (crash before flush, restart without recovery). ``missing_key`` - the
   speed view has no hash for the entity and the event day of the cell's bucket at all
-  (``sv:{entity}:{id}:{day}`` absent or empty, so no resolution holds any bucket of that
-  day: never written - a crash - or TTL-expired), while another day's hash of the same
-  entity may well exist; a day hash that exists but lacks the cell is a ``lost_update``.
+  (absent or empty, so no resolution holds any bucket of that day: never written - a crash
+  - or TTL-expired), while another day's hash of the same entity may well exist; a day hash
+  that exists but lacks the cell is a ``lost_update``.
 * ``duplicates`` - the speed view is higher and the archive (deduplicated) agrees with the
   batch view: the speed layer counted a copy twice.
 * ``archive_lag`` - the speed view is higher and the archive *now* holds what the speed
@@ -56,47 +54,40 @@ counts them, so they never make a difference.
 The batch wins
 --------------
 After the comparison every differing or missing cell of the speed view is overwritten with
-the batch value in the day hash of its bucket (``layout.speed_key(entity, id,
-layout.speed_day(bucket, res))``; one ``HSET`` of absolute values per day hash, all
-resolutions at once - running it twice changes nothing), cells the batch view does not hold
-are deleted from it (``HDEL``), and a hash created this way gets the speed view's hash TTL
-(``layout.speed_hash_ttl_ms``, ``PEXPIRE ... NX``: sent for every repaired hash, it never
-changes the TTL the speed layer set, but also covers a hash that expired between the read
-and the repair). Only closed buckets of the overlap are touched, which the speed layer never
+the batch value in the day hash of its bucket, and cells the batch view does not hold are
+deleted from it (``speed_view.repair_speed_cells``: absolute values, so running it twice
+changes nothing; a day hash it creates gets the speed view's hash TTL, an existing one
+keeps its own). Only closed buckets of the overlap are touched, which the speed layer never
 writes again.
 
 Outputs: a :class:`Report` (``report.to_dict()``, ``report.markdown()``), written to
-``{data_dir}/reports/reconcile-{version}.json`` and ``.md``, kept in Redis under
-``reconcile:{version}`` (JSON) and ``reconcile:last``, and exported as Prometheus metrics.
+``{data_dir}/reports/reconcile-{version}.json`` and ``.md``, kept in Redis
+(``ctrstream.store.reports``), and exported as Prometheus metrics.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
-import re
 import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ctrstream import features as F
-from ctrstream.store import layout as L
 from ctrstream.kafka.deadletters import read_dead_letters
+from ctrstream.store import batch_view as BV
+from ctrstream.store import layout as L
+from ctrstream.store import reports
+from ctrstream.store import speed_view as SV
+from ctrstream.store.connection import redis_client as open_redis
+from ctrstream.store.scan import gc_paused
 
 log = logging.getLogger("ctrstream.reconcile")
 
-FIELD_RE = re.compile(rb"^([ic])(-?\d+)$")  # batch view: {type}{bucket}
-SPEED_FIELD_RE = re.compile(rb"^([^:]+):([ic])(-?\d+)$")  # speed view: {res}:{type}{bucket}
-SPEED_PREFIX = L.SPEED_PREFIX
-_RES_BY_BYTES = {r.name.encode(): r.name for r in F.RESOLUTIONS}
-_ET_BY_BYTES = {t.encode(): t for t in F.EVENT_TYPES}
 REASONS = ("late", "late+lost_update", "lost_update", "missing_key", "duplicates",
            "archive_lag", "unexplained")
-SCAN_COUNT = 5000
-CHUNK = 20_000
+REDIS_TIMEOUT_S = 120.0  # the reconciler's redis-py client (scans of whole views)
 
 
 @dataclass
@@ -191,140 +182,7 @@ def _iso(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
 
 
-# --------------------------------------------------------------------------- reading the views
-
-def _parse_key(rest: str) -> tuple[str, str, str] | None:
-    """Batch view ``{entity}:{id}:{res}`` -> parts (ids of crossed entities contain ``:``)."""
-    try:
-        entity, tail = rest.split(":", 1)
-        eid, res = tail.rsplit(":", 1)
-    except ValueError:
-        return None
-    if entity not in F.ENTITY_BY_NAME or res not in F.RESOLUTION_BY_NAME:
-        return None
-    return entity, eid, res
-
-
-def _parse_speed_key(rest: str) -> tuple[str, str, int] | None:
-    """Speed view ``{entity}:{id}:{day}`` -> ``(entity, id, day)`` (``layout.speed_entity_of``;
-    the id of a crossed entity contains ``:``), None for any other key under ``sv:``."""
-    try:
-        entity, eid, day = L.speed_entity_of(SPEED_PREFIX + rest)
-    except ValueError:
-        return None
-    if not eid or entity not in F.ENTITY_BY_NAME:
-        return None
-    return entity, eid, day
-
-
-@contextmanager
-def _gc_paused():
-    """Millions of small dicts: the cyclic GC would re-traverse all of them on every gen-2
-    collection (most of the time went there); nothing built here forms a cycle."""
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if gc_was:
-            gc.enable()
-
-
-def _scan_keys(r, prefix: str, match: str, parse) -> list[tuple[bytes, tuple]]:
-    """(key, parsed key) of every key SCAN finds for ``match`` that ``parse`` accepts (the
-    part after ``prefix``)."""
-    keys = []
-    for k in r.scan_iter(match=match, count=SCAN_COUNT):
-        parsed = parse(k.decode()[len(prefix):])
-        if parsed:
-            keys.append((k, parsed))
-    return keys
-
-
-def _read_hashes(r, keys: list[tuple[bytes, tuple]], settings=None):
-    """HGETALL of every key of ``keys`` (pairs from :func:`_scan_keys`), pipelined in chunks;
-    yields (parsed key, iterable of (field, value) bytes). A hash that expired between the
-    SCAN and its read comes back empty. With ``settings`` the HGETALLs go through the speed
-    layer's RESP writer (hiredis-parsed replies, no redis-py objects per command: millions
-    of hashes in seconds)."""
-    fast = None
-    if settings is not None:
-        from ctrstream.store.resp import RespPipeline, encode
-
-        fast = RespPipeline(settings, timeout=60.0)
-    try:
-        for i in range(0, len(keys), CHUNK):
-            chunk = keys[i:i + CHUNK]
-            if fast is not None:
-                replies = fast.execute_replies([encode((b"HGETALL", k)) for k, _ in chunk])
-                hashes = [zip(h[0::2], h[1::2]) for h in replies]
-            else:
-                pipe = r.pipeline(transaction=False)
-                for k, _ in chunk:
-                    pipe.hgetall(k)
-                hashes = [h.items() for h in pipe.execute()]
-            for (_, parsed), h in zip(chunk, hashes):
-                yield parsed, h
-    finally:
-        if fast is not None:
-            fast.close()
-
-
-def _scan_view(r, prefix: str, settings=None, res: str | None = None) -> dict[tuple[str, str, str], dict]:
-    """Every batch-view hash under ``prefix`` (of resolution ``res`` only, when given) parsed
-    into {(entity, eid, res): {(type, bucket): count}}. A hash that expired between the SCAN
-    and its read is left out (it is missing, not empty). ``settings``: see
-    :func:`_read_hashes`."""
-    keys = _scan_keys(r, prefix, prefix + "*" + (f":{res}" if res else ""), _parse_key)
-    out = {}
-    with _gc_paused():
-        for parsed, h in _read_hashes(r, keys, settings):
-            cells = {}
-            for f, v in h:
-                m = FIELD_RE.match(f)
-                if m:
-                    cells[(m.group(1).decode(), int(m.group(2)))] = int(v)
-            if cells:
-                out[parsed] = cells
-    return out
-
-
-def _scan_speed_view(r, settings=None) -> tuple[dict[str, dict], set[tuple[str, str, int]]]:
-    """The whole speed view - one SCAN of ``sv:*`` and one HGETALL per day hash, which holds
-    every resolution's buckets of that day - split by the fields' ``{res}:`` prefix and
-    merged over an entity's day hashes into {res: {(entity, eid, res): {(type, bucket):
-    count}}} (the shape :func:`_scan_view` gives per resolution), and the set of
-    (entity, eid, day) whose day hash has any cell at all. A hash that expired between the
-    SCAN and its read is left out."""
-    keys = _scan_keys(r, SPEED_PREFIX, SPEED_PREFIX + "*", _parse_speed_key)
-    out: dict[str, dict] = {res.name: {} for res in F.RESOLUTIONS}
-    present: set[tuple[str, str, int]] = set()
-    match = SPEED_FIELD_RE.match
-    with _gc_paused():
-        for (entity, eid, day), h in _read_hashes(r, keys, settings):
-            by_res: dict[str, dict] = {}
-            for f, v in h:
-                m = match(f)
-                if m is None:
-                    continue
-                res = _RES_BY_BYTES.get(m.group(1))
-                if res is None:
-                    continue
-                cells = by_res.get(res)
-                if cells is None:
-                    cells = by_res[res] = {}
-                cells[(_ET_BY_BYTES[m.group(2)], int(m.group(3)))] = int(v)
-            if by_res:
-                present.add((entity, eid, day))
-                for res, cells in by_res.items():
-                    view, ident = out[res], (entity, eid, res)
-                    merged = view.get(ident)
-                    if merged is None:
-                        view[ident] = cells
-                    else:  # another day of the same entity: distinct buckets
-                        merged.update(cells)
-    return out, present
-
+# --------------------------------------------------------------------------- the views
 
 def _bucket_span(view: dict) -> dict[str, tuple[int, int]]:
     """Per resolution: (min bucket, max bucket) held by a view."""
@@ -413,7 +271,8 @@ _METRICS = None
 def _metrics():
     global _METRICS
     if _METRICS is None:
-        from prometheus_client import Counter as PCounter, Gauge
+        from prometheus_client import Counter as PCounter
+        from prometheus_client import Gauge
 
         _METRICS = {
             "buckets": Gauge("ctrstream_reconcile_buckets",
@@ -429,21 +288,20 @@ def _metrics():
 
 # --------------------------------------------------------------------------- reconcile
 
-def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, late, report,
-                   diffs, writes, missing_keys) -> None:
+def _compare_views(r, version, cutoff, lateness, closed_before_ms, late, report, diffs, writes,
+                   missing_keys) -> None:
     """Compare the batch and speed views one resolution at a time, the finest first: its
     newest bucket start is the speed layer's high-water (every event is counted at every
     resolution, and the finest bucket starts latest). The speed view is read once (one hash
     per entity and day holds every resolution; the finest resolution's buckets dominate it
     anyway), each resolution's part dropped once compared; the batch view one resolution at
-    a time. Fills ``diffs``, ``writes`` ({(entity, eid, day): ({field: value} to set,
-    [fields] to delete)}, all resolutions of a day hash together) and ``missing_keys``
-    ((entity, eid, day) of compared buckets with no speed hash for that day); fills
-    ``report``."""
-    speed_all, speed_present = _scan_speed_view(r, settings)
+    a time. Fills ``diffs``, ``writes`` ({cell: the batch value, None to delete the cell},
+    cells as ``speed_view.Cell``) and ``missing_keys`` ((entity, eid, day) of compared
+    buckets with no speed hash for that day); fills ``report``."""
+    speed_all, speed_present = SV.scan_speed_view(r)
     high = 0
     for res in sorted(F.RESOLUTIONS, key=lambda x: x.bucket_ms):
-        batch = _scan_view(r, f"bv:{version}:", settings, res.name)
+        batch = BV.scan_batch_view(r, version, res.name)
         speed = speed_all.pop(res.name)
         bspan, sspan = _bucket_span(batch), _bucket_span(speed)
         if res.name in sspan:
@@ -486,13 +344,7 @@ def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, lat
                     bucket_differs = True
                     nl = late.get((entity, eid, res.name, t, b), 0)
                     diffs.append(Difference(entity, eid, res.name, b, t, bv, sv, d, "", nl))
-                    # the repair goes to the hash of the bucket's day
-                    sets, dels = writes.get((entity, eid, day)) or \
-                        writes.setdefault((entity, eid, day), ({}, []))
-                    if bv is None:
-                        dels.append(L.speed_field(res.name, t, b))
-                    else:
-                        sets[L.speed_field(res.name, t, b)] = bv
+                    writes[(entity, eid, res.name, t, b)] = bv  # None: delete the cell
                 if not bucket_differs:
                     report.buckets_equal += 1
                 elif in_b and not in_s:
@@ -507,24 +359,22 @@ def _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, lat
 def reconcile(settings, data_dir=None, version: str | None = None, *, apply: bool = True,
               closed_before_ms: int | None = None, read_dlq: bool = True, write: bool = True,
               redis_client=None, n_largest: int = 10) -> Report:
-    """Compare batch view ``version`` (default: the served one, ``bv:current``) with the speed
+    """Compare batch view ``version`` (default: the served one) with the speed
     view over their closed overlap, explain every difference, and (``apply``) let the batch
     values win in the speed view. Returns the :class:`Report` (also written, see module doc)."""
-    import redis
-
     t0 = time.monotonic()
     data_dir = Path(data_dir) if data_dir is not None else settings.data_dir
-    r = redis_client or redis.Redis.from_url(settings.redis.url)
+    r = redis_client or open_redis(settings, timeout_s=REDIS_TIMEOUT_S)
     if version is None:
-        v = r.get(L.BATCH_POINTER_KEY)
-        if not v:
-            raise RuntimeError(f"no batch view is served ({L.BATCH_POINTER_KEY} is not set): "
-                               "publish one first (`ctrstream publish-batch-view` / "
+        version = BV.served_version(r)
+        if not version:
+            raise RuntimeError("no batch view is served (no version behind the pointer): "
+                               "publish one first (`ctrstream batch-views` / "
                                "ctrstream.batch.views.publish_batch_view) or pass --version")
-        version = v.decode()
-    meta = {k.decode(): v.decode() for k, v in r.hgetall(L.batch_meta_key(version)).items()}
+    meta = BV.read_meta(r, version)
     if "cutoff_ms" not in meta:
-        raise RuntimeError(f"batch view {version!r} has no {L.batch_meta_key(version)} cutoff_ms")
+        raise RuntimeError(f"batch view {version!r} has no cutoff_ms in its meta: it is "
+                           "unknown or was not completely written (publish it again)")
     cutoff = int(meta["cutoff_ms"])
 
     lateness = int(settings.allowed_lateness_s * 1000)
@@ -534,11 +384,11 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     report.dlq = dict(kinds)
 
     diffs: list[Difference] = []
-    writes: dict[tuple[str, str, int], tuple[dict, list]] = {}  # (entity, eid, day) -> (sets, dels)
-    missing_keys: set[tuple[str, str, int]] = set()  # (entity, eid, day) without a speed hash
-    with _gc_paused():  # no cycles here, and millions of live objects
-        _compare_views(r, version, settings, cutoff, lateness, closed_before_ms, late, report,
-                       diffs, writes, missing_keys)
+    writes: dict[SV.Cell, int | None] = {}  # cell -> the batch value (None: delete it)
+    missing_keys: set[SV.DayHash] = set()  # (entity, eid, day) without a speed hash
+    with gc_paused():  # no cycles here, and millions of live objects
+        _compare_views(r, version, cutoff, lateness, closed_before_ms, late, report, diffs,
+                       writes, missing_keys)
     report.overlap = {res.name: report.overlap[res.name] for res in F.RESOLUTIONS}
 
     # reasons
@@ -584,21 +434,7 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     report.largest = sorted(diffs, key=lambda x: (-abs(x.diff), x.entity, x.eid, x.bucket))[:n_largest]
 
     if apply and writes:
-        ttl = L.speed_hash_ttl_ms(lateness)
-        items = list(writes.items())
-        for i in range(0, len(items), CHUNK):
-            pipe = r.pipeline(transaction=False)
-            for (entity, eid, day), (sets, dels) in items[i:i + CHUNK]:
-                key = L.speed_key(entity, eid, day)
-                if sets:
-                    pipe.hset(key, mapping=sets)
-                if dels:
-                    pipe.hdel(key, *dels)
-                # a hash this created (absent, or expired since it was read) gets the
-                # speed view's TTL; NX leaves the TTL of an existing hash as it is
-                pipe.execute_command("PEXPIRE", key, ttl, "NX")
-            pipe.execute()
-        report.applied_cells = sum(len(s) + len(d) for s, d in writes.values())
+        report.applied_cells = SV.repair_speed_cells(r, writes, L.speed_hash_ttl_ms(lateness))
     report.applied = apply
     report.seconds = time.monotonic() - t0
 
@@ -619,9 +455,7 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
         out.mkdir(parents=True, exist_ok=True)
         (out / f"reconcile-{version}.json").write_text(doc)
         (out / f"reconcile-{version}.md").write_text(report.markdown())
-        summary = report.to_dict(max_differences=50)
-        r.set(f"reconcile:{version}", json.dumps(summary, default=str))
-        r.set("reconcile:last", version)
+        reports.save_reconcile_report(r, version, report.to_dict(max_differences=50))
     log.info("reconciled batch view %s: %d buckets compared, %d differing, %d/%d missing "
              "(speed/batch), reasons %s, %d cells written", version, report.buckets_compared,
              report.buckets_differing, report.missing_in_speed, report.missing_in_batch,
@@ -630,14 +464,12 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
 
 
 def watch(settings, data_dir=None, interval_s: float = 5.0, stop=None, **kw) -> None:
-    """Reconcile every batch view as it lands (each new value of ``bv:current``)."""
-    import redis
-
-    r = redis.Redis.from_url(settings.redis.url)
-    last = r.get("reconcile:last")
+    """Reconcile every batch view as it lands (each newly served version)."""
+    r = open_redis(settings, timeout_s=REDIS_TIMEOUT_S)
+    last = reports.last_reconciled_version(r)
     while not (stop and stop()):
-        cur = r.get(L.BATCH_POINTER_KEY)
+        cur = BV.served_version(r)
         if cur and cur != last:
-            reconcile(settings, data_dir, cur.decode(), redis_client=r, **kw)
+            reconcile(settings, data_dir, cur, redis_client=r, **kw)
             last = cur
         time.sleep(interval_s)

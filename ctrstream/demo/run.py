@@ -45,8 +45,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ctrstream import features as F
-from ctrstream.store import layout as L
 from ctrstream.config import Settings, Topic, get_settings
+from ctrstream.store.speed_view import Cell, count_speed_hashes, read_speed_cells
 
 console = Console()
 
@@ -300,8 +300,8 @@ class _LagMonitor:
 class _FreshnessProbe:
     """Feature freshness as the demo can measure it on a time-compressed replay: the wall
     time from a sampled impression becoming readable in Kafka (seen by a consumer of the
-    impressions topic) to its count being visible in Redis (``sv:user:<id>:<day>``, field
-    ``i<bucket>`` >= 1, polled every ``poll_s``).
+    impressions topic) to its count being visible in Redis (the impression count of its user
+    and 1-minute bucket in the speed view >= 1, polled every ``poll_s``).
 
     The probes are impressions of the scenario itself (nothing extra is produced): ones that
     are alone in their (user, 1-minute bucket) cell over the whole stream, so their cell
@@ -311,10 +311,10 @@ class _FreshnessProbe:
 
     def __init__(self, st: DemoState, tr, lo: int | None, hi: int | None, n_probes: int,
                  poll_s: float = 0.005):
-        import redis as redis_lib
         from confluent_kafka import TopicPartition
 
         from ctrstream.kafka.clients import make_consumer, topic_end_offsets
+        from ctrstream.store.connection import redis_client
 
         self.poll_s = poll_s
         self.probes = self._select(tr, lo, hi, n_probes)
@@ -325,7 +325,7 @@ class _FreshnessProbe:
                                       **{"fetch.wait.max.ms": 10})
         self.consumer.assign([TopicPartition(topic, p, off)
                               for p, off in topic_end_offsets(st.settings, topic).items()])
-        self.redis = redis_lib.Redis.from_url(st.settings.redis.url)
+        self.redis = redis_client(st.settings, timeout_s=30.0)
         self.stop_event = threading.Event()
         self.threads = [threading.Thread(target=f, name=f"demo-fresh-{f.__name__}", daemon=True)
                         for f in (self._consume, self._poll)]
@@ -335,7 +335,7 @@ class _FreshnessProbe:
         st.probes.append(self)
 
     @staticmethod
-    def _select(tr, lo, hi, n: int) -> dict[bytes, tuple[str, str]]:
+    def _select(tr, lo, hi, n: int) -> dict[bytes, Cell]:
         imps = tr.impressions
         t = imps.column("event_time_ms").to_numpy()
         u = imps.column("user_id").to_numpy().astype(np.int64)
@@ -355,9 +355,8 @@ class _FreshnessProbe:
             idx = idx[np.unique(np.linspace(0, len(idx) - 1, n).astype(int))]
         ids = imps.column("impression_id").take(idx).to_pylist()
         user = F.ENTITY_BY_NAME["user"]
-        return {i.encode(): (L.speed_key(user.name, F.entity_id(user, {"user_id": int(u[k])}),
-                                         L.speed_day(int(b[k]), res)),
-                             L.speed_field(res.name, "i", int(b[k])))
+        return {i.encode(): (user.name, F.entity_id(user, {"user_id": int(u[k])}), res.name, "i",
+                             int(b[k]))
                 for i, k in zip(ids, idx.tolist())}
 
     def _consume(self) -> None:
@@ -373,13 +372,10 @@ class _FreshnessProbe:
         while not self.stop_event.is_set():
             pending = [k for k in list(self.arrived) if k not in self.visible]
             if pending:
-                pipe = self.redis.pipeline(transaction=False)
-                for k in pending:
-                    pipe.hget(*self.probes[k])
-                values = pipe.execute()
+                values = read_speed_cells(self.redis, [self.probes[k] for k in pending])
                 now = time.monotonic()
                 for k, v in zip(pending, values):
-                    if v is not None and int(v) >= 1:
+                    if v >= 1:
                         self.visible[k] = now
             time.sleep(self.poll_s)
 
@@ -415,16 +411,13 @@ def _n_probes(cfg: DemoConfig) -> int:
 
 
 def _count_speed_keys(settings: Settings) -> dict[str, int]:
-    """The speed-view hashes (``sv:*``) in the demo's Redis database, per entity (SCAN)."""
-    import redis as redis_lib
+    """The speed-view hashes (one per entity id and event day) in the demo's Redis database,
+    per entity (SCAN)."""
+    from ctrstream.store.connection import redis_client
 
-    r = redis_lib.Redis.from_url(settings.redis.url)
+    r = redis_client(settings, timeout_s=60.0)
     try:
-        counts: dict[str, int] = {}
-        for key in r.scan_iter(match="sv:*", count=10_000):
-            ent = key.split(b":", 2)[1].decode()
-            counts[ent] = counts.get(ent, 0) + 1
-        return counts
+        return count_speed_hashes(r)
     finally:
         r.close()
 

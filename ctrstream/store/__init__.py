@@ -13,8 +13,14 @@ class reads and writes the store):
   no I/O) planned by :mod:`~ctrstream.store.plan`, one Lua script (``read.lua``) that gets
   every key it touches in ``KEYS``, a shared-entity cache (:mod:`~ctrstream.store.cache`)
   kept exact by Redis' invalidation reports (:mod:`~ctrstream.store.tracking`);
-* the speed view's and the batch view's writers, reconciliation's scans and repairs, and
-  the calibrators' checkpoints: the other modules of this package.
+* **the speed view**: :mod:`~ctrstream.store.speed_view` - its writer
+  (:class:`~ctrstream.store.speed_view.SpeedViewWriter`, multi-put of absolute cells) and
+  its readers and repairs outside the prediction path, in cells ``(entity, id, resolution,
+  event type, bucket)``;
+* **the batch view**: :mod:`~ctrstream.store.batch_view` - a computed view written under a
+  version, the version lifecycle (register, meta, pointer switch, prune) and its scans;
+* reconciliation reports (:mod:`~ctrstream.store.reports`) and the calibrators' checkpoints
+  (:mod:`~ctrstream.store.calibration`); :mod:`~ctrstream.store.scan` reads whole views.
 
 Nothing here imports the speed or batch layer: the store sits on the declarations
 (:mod:`ctrstream.features`) and the settings only.

@@ -58,6 +58,8 @@ import re
 from ctrstream import features as F
 
 ENTITY_SEP = ":"  # between the entity name and its id in an entity key
+ID_PART_SEP = ":"  # between the parts of a crossed entity's id (as features.entity_id joins them)
+FIELD_RES_SEP = ":"  # between the resolution and the event type in speed and suffix fields
 
 # --------------------------------------------------------------------------- entity keys
 
@@ -129,15 +131,23 @@ def speed_entity_key_of(key: bytes) -> str | None:
 
 def speed_field(res: str, event_type: str, bucket: int) -> str:
     """Field of a speed-view hash: ``event_type`` count of bucket ``bucket`` of ``res``."""
-    return f"{res}:{event_type}{bucket}"
+    return f"{speed_field_head(res, event_type)}{bucket}"
 
 
-_SPEED_FIELD = re.compile(rb"^([^:]+):([ic])(-?\d+)$")
+def speed_field_head(res: str, event_type: str) -> str:
+    """The constant start of every speed-view field of ``res`` and ``event_type``
+    (``{res}:{event_type}``): the vectorized writer appends the bucket."""
+    return f"{res}{FIELD_RES_SEP}{event_type}"
+
+
+SPEED_FIELD_RE = re.compile(rb"^([^:]+):([ic])(-?\d+)$")
+"""A speed-view field (bytes): groups resolution name, event type, bucket (bulk readers match
+millions of fields with it; :func:`parse_speed_field` for one)."""
 
 
 def parse_speed_field(field: bytes) -> tuple[str, str, int] | None:
     """``(res, event type, bucket)`` of a speed-view field; None for any other field."""
-    m = _SPEED_FIELD.match(field)
+    m = SPEED_FIELD_RE.match(field)
     if m is None:
         return None
     return m.group(1).decode(), m.group(2).decode(), int(m.group(3))
@@ -169,8 +179,10 @@ BATCH_PREFIX = "bv:"
 BATCH_POINTER_KEY = "bv:current"
 BATCH_VERSIONS_KEY = "bv:versions"
 BATCH_SUMS_FLAG = "sums"  # meta field: "1" when the view carries the :sums hashes
+BATCH_RES_SEP = ":"  # between the entity key and the resolution (or long / sums / meta)
 LONG_SUFFIX = "long"
 SUMS_SUFFIX = "sums"
+META_SUFFIX = "meta"
 
 
 def batch_version_prefix(version: str) -> str:
@@ -185,7 +197,7 @@ def batch_version_pattern(version: str) -> str:
 
 def batch_key(version: str, entity: str, eid: str, res: str) -> str:
     """The per-bucket hash of one entity and resolution in view ``version``."""
-    return f"{BATCH_PREFIX}{version}:{entity}{ENTITY_SEP}{eid}:{res}"
+    return f"{batch_version_prefix(version)}{entity}{ENTITY_SEP}{eid}{BATCH_RES_SEP}{res}"
 
 
 def batch_long_key(version: str, entity: str, eid: str) -> str:
@@ -198,28 +210,43 @@ def batch_sums_key(version: str, entity: str, eid: str) -> str:
 
 def batch_sums_keys(version: str, entity_keys: list[str]) -> list[str]:
     """:func:`batch_sums_key` of many entity keys (the read plan's hot path)."""
-    head, tail = f"{BATCH_PREFIX}{version}:", f":{SUMS_SUFFIX}"
+    head, tail = batch_version_prefix(version), f"{BATCH_RES_SEP}{SUMS_SUFFIX}"
     return [head + k + tail for k in entity_keys]
 
 
 def batch_meta_key(version: str) -> str:
-    return f"{BATCH_PREFIX}{version}:meta"
+    return f"{batch_version_prefix(version)}{META_SUFFIX}"
 
 
-def parse_batch_key(version: str, key: str) -> tuple[str, str, str] | None:
-    """``(entity, id, res)`` of a per-resolution hash of view ``version`` (``res`` a
-    resolution name); None for its meta, long-window and sums hashes or any other key."""
+def batch_version_id(cutoff_ms: int, created_ms: int) -> str:
+    """The name of a new batch-view version: ``{cutoff_ms}-{created_ms}`` (sortable, and
+    without the key separator ``:``)."""
+    return f"{int(cutoff_ms)}-{int(created_ms)}"
+
+
+def batch_entity_of(version: str, key: str) -> tuple[str, str, str] | None:
+    """``(entity, id, part)`` of any data hash of view ``version`` - ``part`` a resolution
+    name, :data:`LONG_SUFFIX` or :data:`SUMS_SUFFIX`; None for its meta hash or any other
+    key."""
     head = batch_version_prefix(version)
     if not key.startswith(head):
         return None
     try:
         entity, tail = key[len(head):].split(ENTITY_SEP, 1)
-        eid, res = tail.rsplit(":", 1)
+        eid, part = tail.rsplit(BATCH_RES_SEP, 1)
     except ValueError:
         return None
-    if entity not in F.ENTITY_BY_NAME or res not in F.RESOLUTION_BY_NAME:
+    if entity not in F.ENTITY_BY_NAME or not (
+            part in F.RESOLUTION_BY_NAME or part in (LONG_SUFFIX, SUMS_SUFFIX)):
         return None
-    return entity, eid, res
+    return entity, eid, part
+
+
+def parse_batch_key(version: str, key: str) -> tuple[str, str, str] | None:
+    """``(entity, id, res)`` of a per-resolution hash of view ``version`` (``res`` a
+    resolution name); None for its meta, long-window and sums hashes or any other key."""
+    parsed = batch_entity_of(version, key)
+    return parsed if parsed is not None and parsed[2] in F.RESOLUTION_BY_NAME else None
 
 
 def batch_field(event_type: str, bucket: int) -> str:
@@ -227,12 +254,13 @@ def batch_field(event_type: str, bucket: int) -> str:
     return f"{event_type}{bucket}"
 
 
-_BATCH_FIELD = re.compile(rb"^([ic])(-?\d+)$")
+BATCH_FIELD_RE = re.compile(rb"^([ic])(-?\d+)$")
+"""A per-resolution batch field (bytes): groups event type, bucket."""
 
 
 def parse_batch_field(field: bytes) -> tuple[str, int] | None:
     """``(event type, bucket)`` of a per-resolution batch field; None for any other."""
-    m = _BATCH_FIELD.match(field)
+    m = BATCH_FIELD_RE.match(field)
     return None if m is None else (m.group(1).decode(), int(m.group(2)))
 
 
@@ -243,7 +271,39 @@ def long_field(event_type: str, window: F.LongWindow) -> str:
 def suffix_field(res: str, event_type: str, bucket: int) -> str:
     """Field of the ``:sums`` hash: ``event_type`` count of the view's ``res`` buckets
     ``>= bucket``."""
-    return f"{res}:{event_type}{bucket}"
+    return f"{res}{FIELD_RES_SEP}{event_type}{bucket}"
+
+
+# The batch view's writer builds its keys and fields in DuckDB SQL, one statement per entity
+# (ctrstream.store.batch_view): these are the same formats as the functions above, as SQL
+# expressions over the given column expressions (tests/unit/test_store_layout.py runs both).
+
+def sql_literal(text: str) -> str:
+    """``text`` as a SQL string literal (a key suffix, an event type)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def batch_key_sql(version: str, entity: str, eid: str, part: str) -> str:
+    """:func:`batch_key` (``part`` a resolution), :func:`batch_long_key` or
+    :func:`batch_sums_key` (``part`` the SQL string of :data:`LONG_SUFFIX` /
+    :data:`SUMS_SUFFIX`) as a SQL expression."""
+    return (f"{sql_literal(batch_version_prefix(version))} || {entity} || {sql_literal(ENTITY_SEP)} "
+            f"|| {eid} || {sql_literal(BATCH_RES_SEP)} || {part}")
+
+
+def batch_field_sql(event_type: str, bucket: str) -> str:
+    """:func:`batch_field` as a SQL expression (``bucket`` an integer expression)."""
+    return f"{sql_literal(event_type)} || CAST({bucket} AS VARCHAR)"
+
+
+def long_field_sql(event_type: str, window: str) -> str:
+    """:func:`long_field` as a SQL expression (``window`` the long window's name)."""
+    return f"{sql_literal(event_type)} || {window}"
+
+
+def suffix_field_sql(res: str, event_type: str, bucket: str) -> str:
+    """:func:`suffix_field` as a SQL expression (``res`` the resolution's name)."""
+    return f"{res} || {sql_literal(FIELD_RES_SEP + event_type)} || CAST({bucket} AS VARCHAR)"
 
 
 # --------------------------------------------------------------------------- calibration

@@ -1,45 +1,42 @@
-"""A minimal pipelined Redis writer for the speed layer's hot path.
+"""Generic pipelined RESP over one blocking connection, and vectorized RESP rendering.
 
 redis-py spends ~30 us of Python per pipelined command (argument packing, response parsing
-objects); the features flow writes one command per changed cell per flush, so it renders
-RESP itself, vectorized (:func:`render`), and parses the replies with ``hiredis.Reader``
-(C), one socket write and one read loop per flush. Errors in any reply raise.
+objects); the speed view's writer sends one command per changed hash per flush, the batch
+view's writer millions of ``HSET``s, reconciliation millions of ``HGETALL``s. So these paths
+send pre-rendered RESP (:func:`encode`, hiredis' C packer, or :func:`render`, numpy) through
+a :class:`RespPipeline` - one socket write and one read loop per batch of commands, replies
+parsed by ``hiredis.Reader`` (C) or only counted - and :class:`BackgroundPipeline` drives one
+from its own thread. The connection itself (socket, handshake) is
+:class:`ctrstream.store.connection.RespSocket`. Nothing here knows a key layout: the
+modules of :mod:`ctrstream.store` that own one (``speed_view``, ``batch_view``) build the
+commands.
 """
 
 from __future__ import annotations
 
 import select
-import socket
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import hiredis
 import numpy as np
 
-from ctrstream.config import Settings
-from ctrstream.store.connection import hello_commands
-
-
-def _cmd(args) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if not isinstance(a, bytes):
-            a = str(a).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(parts)
+from ctrstream.config import RedisSettings, Settings
+from ctrstream.store.connection import RespSocket, pack
 
 
 class _Replies:
     """Replies parsed one by one (hiredis); kept when ``collect``; the first error raises at
     the end (after every reply is read, so the connection stays in step)."""
 
-    def __init__(self, collect: bool):
+    def __init__(self, collect: bool) -> None:
         self.reader = hiredis.Reader()
         self.collect = collect
         self.got = 0
-        self.replies: list = []
-        self.error = None
+        self.replies: list[Any] = []
+        self.error: hiredis.ReplyError | None = None
 
     def feed(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -50,7 +47,7 @@ class _Replies:
                 self.replies.append(reply)
             self.got += 1
 
-    def result(self, n_replies: int) -> list:
+    def result(self, n_replies: int) -> list[Any]:
         if self.error is not None:
             raise RuntimeError(f"redis replied with an error: {self.error}")
         return self.replies
@@ -60,7 +57,7 @@ class _LineCounter:
     """One-line replies counted by their line ends; the first error line (``-...``, possibly
     split across reads) is kept for the message."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.got = 0
         self.at_line_start = True
         self.error: bytearray | None = None
@@ -81,7 +78,7 @@ class _LineCounter:
                 self.error_done = end >= 0
         self.at_line_start = data.endswith(b"\n")
 
-    def result(self, n_replies: int) -> list:
+    def result(self, n_replies: int) -> list[Any]:
         if self.got > n_replies:
             raise RuntimeError(f"redis sent {self.got} replies to {n_replies} one-line commands: "
                                "a command with a multi-line reply was sent as one-line")
@@ -91,23 +88,34 @@ class _LineCounter:
         return []
 
 
-class RespPipeline:
-    def __init__(self, settings: Settings, timeout: float = 30.0):
-        self.settings = settings
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
+RedisTarget = Settings | RedisSettings | Mapping[str, Any]
+"""Where a raw connection goes: the settings, or a redis-py client's
+``connection_pool.connection_kwargs`` (:meth:`RespPipeline.of_client`)."""
 
-    def _connect(self) -> None:
-        rs = self.settings.redis
-        s = socket.create_connection((rs.host, rs.port), timeout=self.timeout)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = s
-        hello = [_cmd(c) for c in hello_commands(rs.password, rs.db)]
-        if hello:
-            self._roundtrip(b"".join(hello), len(hello))
+
+def _opener(target: RedisTarget, timeout: float) -> Callable[[], RespSocket]:
+    if isinstance(target, (Settings, RedisSettings)):
+        return lambda: RespSocket.from_settings(target, timeout=timeout)
+    kw = dict(target)
+    return lambda: RespSocket.from_kwargs(kw, timeout=timeout)
+
+
+class RespPipeline:
+    """Batches of pre-rendered commands over one :class:`RespSocket`, connected on first use
+    (and again once after a broken connection)."""
+
+    def __init__(self, target: RedisTarget, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self._open = _opener(target, timeout)
+        self.conn: RespSocket | None = None
+
+    @classmethod
+    def of_client(cls, client: Any, timeout: float = 30.0) -> RespPipeline:
+        """A pipeline to the server and database of a redis-py client."""
+        return cls(client.connection_pool.connection_kwargs, timeout)
 
     def _roundtrip(self, payload: bytes, n_replies: int, collect: bool = True,
-                   one_line: bool = False) -> list:
+                   one_line: bool = False) -> list[Any]:
         """Send ``payload`` while reading the replies as they come: a flush can be hundreds of
         MB of commands, and writing it all before reading would stall once both directions'
         socket buffers are full. ``timeout`` bounds the time without any progress.
@@ -116,10 +124,11 @@ class RespPipeline:
         PEXPIRE, HDEL): replies are counted by their line ends in C (``bytes.count``) instead
         of being parsed one by one (~8 % of the features job's CPU); an error line still
         raises, with its text."""
-        sock = self.sock
+        assert self.conn is not None
+        sock = self.conn.sock
         view = memoryview(payload)
         sent = 0
-        replies = _LineCounter() if one_line else _Replies(collect)
+        replies: _Replies | _LineCounter = _LineCounter() if one_line else _Replies(collect)
         while replies.got < n_replies:
             writing = sent < len(view)
             readable, writable, _ = select.select([sock], [sock] if writing else [], [], self.timeout)
@@ -145,19 +154,20 @@ class RespPipeline:
         ``one_line``: every command has a one-line reply (see :meth:`_roundtrip`)."""
         self._send(payload, n_commands, collect=False, one_line=one_line)
 
-    def execute_replies(self, commands: list[bytes]) -> list:
+    def execute_replies(self, commands: list[bytes]) -> list[Any]:
         """Like :meth:`execute`, returning the replies (raises on the first error reply)."""
         return self._send(b"".join(commands), len(commands), collect=True)
 
-    def _send(self, payload: bytes, n_commands: int, collect: bool, one_line: bool = False) -> list:
+    def _send(self, payload: bytes, n_commands: int, collect: bool,
+              one_line: bool = False) -> list[Any]:
         """One round trip, reconnecting once on a broken connection (the speed layer's and
         the batch views' writes are absolute values: sending them twice is harmless)."""
         if not n_commands:
             return []
         for attempt in (0, 1):
             try:
-                if self.sock is None:
-                    self._connect()
+                if self.conn is None:
+                    self.conn = self._open()
                 return self._roundtrip(payload, n_commands, collect, one_line)
             except (OSError, ConnectionError):
                 self.close()
@@ -166,11 +176,11 @@ class RespPipeline:
         return []
 
     def close(self) -> None:
-        if self.sock is not None:
+        if self.conn is not None:
             try:
-                self.sock.close()
+                self.conn.close()
             finally:
-                self.sock = None
+                self.conn = None
 
 
 class BackgroundPipeline:
@@ -187,11 +197,11 @@ class BackgroundPipeline:
     (after the pipeline's own reconnect-once) is raised by the next :meth:`submit` or
     :meth:`drain`, and nothing is sent after it."""
 
-    def __init__(self, settings: Settings, max_pending: int = 2, timeout: float = 30.0):
-        self.pipe = RespPipeline(settings, timeout)
+    def __init__(self, target: RedisTarget, max_pending: int = 2, timeout: float = 30.0) -> None:
+        self.pipe = RespPipeline(target, timeout)
         self.max_pending = max_pending
         self.cv = threading.Condition()
-        self.queue: deque = deque()
+        self.queue: deque[tuple[bytes, int, bool, Callable[[], None] | None]] = deque()
         self.pending = 0  # submitted, not yet acknowledged
         self.error: BaseException | None = None
         self.closed = False
@@ -255,24 +265,20 @@ class BackgroundPipeline:
                 self.cv.notify_all()
 
 
-def encode(args) -> bytes:
+def encode(args: tuple[Any, ...] | list[Any]) -> bytes:
     """One command in RESP (hiredis' C packer; str, bytes and int arguments)."""
-    return hiredis.pack_command(tuple(args))
+    return pack(args)
 
 
 # --------------------------------------------------------------------------- vectorized RESP
-# The features flow writes hundreds of thousands of hash cells per second. Building one RESP
-# command per cell in Python costs several microseconds each (the old path); a Lua script
-# that receives packed numbers and builds the commands server-side moves that work into the
-# single Redis thread, where it measured ~6-7 us per cell against ~3 us for native commands
-# (HSET 1.6 us + PEXPIRE 1.5 us, `INFO commandstats`). So the commands stay native and are
-# *rendered with numpy*: every command is a row of segments - constant bytes or non-negative
-# integers printed in decimal - laid out in a 2-D uint8 array with one column slot per
-# segment (numbers right-aligned in a slot as wide as the widest of them, the unused leading
-# bytes marked PAD), and the pad bytes are then squeezed out in one boolean compress. Every
-# step is a column-slice assignment or an elementwise operation over whole columns:
-# measured 0.35 us per 23-segment HSET row, against 1.35 us for scattering every byte to
-# its own computed offset (the previous version, half of the features job's CPU).
+# Native commands rendered with numpy, many at a time (why native commands and not a Lua
+# script, and why this layout: docs/speed-layer.md, "Ways that were measured and rejected"):
+# every command is a row of segments - constant bytes, non-negative integers printed in
+# decimal, or a per-row choice among a few byte strings - laid out in a 2-D uint8 array with
+# one column slot per segment (numbers right-aligned in a slot as wide as the widest of them,
+# the unused leading bytes marked PAD), and the pad bytes are then squeezed out in one boolean
+# compress. Every step is a column-slice assignment or an elementwise operation over whole
+# columns, with no Python per row.
 
 PAD = 0xFF  # never a byte of a rendered command (digits, ASCII names, CR LF)
 
@@ -308,20 +314,25 @@ def _digit_block(x: np.ndarray, width: int) -> np.ndarray:
 class Choice:
     """A segment that is one of a few byte strings, picked per row by ``idx``."""
 
-    __slots__ = ("options", "idx")
+    __slots__ = ("idx", "options")
 
-    def __init__(self, options: list[bytes], idx: np.ndarray):
+    def __init__(self, options: list[bytes], idx: np.ndarray) -> None:
         self.options, self.idx = options, idx
 
     def lengths(self) -> np.ndarray:
         return np.array([len(o) for o in self.options], np.int64)[self.idx]
 
 
-def layout(segments: list, n: int) -> np.ndarray:
+Segment = bytes | np.ndarray | Choice
+"""One column of :func:`layout`: constant bytes, an int64 array (one non-negative integer
+per row, in decimal) or a :class:`Choice`."""
+
+
+def layout(segments: list[Segment], n: int) -> np.ndarray:
     """The rows of ``segments`` (``bytes``: the same for every row; an int64 array of ``n``
     non-negative integers, written in decimal; a :class:`Choice`) as a ``(n, width)`` uint8
     array padded with PAD; :func:`squeeze` turns it into bytes."""
-    widths = []
+    widths: list[int] = []
     for seg in segments:
         if isinstance(seg, bytes):
             if PAD in seg:
@@ -357,7 +368,7 @@ def squeeze(rows: np.ndarray) -> bytes:
     return flat[flat != PAD].tobytes()
 
 
-def render(segments: list, n: int) -> bytes:
+def render(segments: list[Segment], n: int) -> bytes:
     """Concatenate, row by row, ``segments`` (see :func:`layout`) into one byte string."""
     return squeeze(layout(segments, n)) if n else b""
 

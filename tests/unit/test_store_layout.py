@@ -1,5 +1,6 @@
 """The store's layout module is the one place that builds and parses keys and fields, and
-the Lua read script assembles none (no server needed)."""
+the Lua read script assembles none; its SQL twins (the batch view's writer builds keys and
+fields in DuckDB) give the same strings as the Python builders (no server needed)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from ctrstream import features as F
@@ -79,3 +81,48 @@ def test_script_plan_lists_every_key_of_a_read_in_keys():
                 assert mine[:-len(plan.days)] == [L.batch_key("v", ent, eid, r.name) for r in
                                                    F.RESOLUTIONS] + [L.batch_long_key("v", ent, eid)]
         assert args[1] == (view.pointer or "")
+
+
+def test_sql_builders_equal_the_python_builders():
+    version = "1767571200000-1767574800123"
+    rows = [("ad", "17", "5m", 29_459_520), ("user_x_ad", "17:4", "24h", 490_992),
+            ("site", "0", "1h", -3)]
+    con = duckdb.connect()
+    try:
+        con.execute("CREATE TABLE t (entity VARCHAR, eid VARCHAR, res VARCHAR, bucket BIGINT, "
+                    "long_window VARCHAR)")
+        con.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?)",
+                        [(*r, F.LONG_WINDOWS[0].name) for r in rows])
+        lit = L.sql_literal
+        got = con.execute(f"""SELECT
+            {L.batch_key_sql(version, "entity", "eid", "res")},
+            {L.batch_key_sql(version, "entity", "eid", lit(L.LONG_SUFFIX))},
+            {L.batch_key_sql(version, "entity", "eid", lit(L.SUMS_SUFFIX))},
+            {L.batch_field_sql("i", "bucket")}, {L.batch_field_sql("c", "bucket")},
+            {L.long_field_sql("i", "long_window")}, {L.long_field_sql("c", "long_window")},
+            {L.suffix_field_sql("res", "i", "bucket")}, {L.suffix_field_sql("res", "c", "bucket")}
+            FROM t""").fetchall()
+    finally:
+        con.close()
+    w = F.LONG_WINDOWS[0]
+    want = [(L.batch_key(version, e, i, r), L.batch_long_key(version, e, i),
+             L.batch_sums_key(version, e, i), L.batch_field("i", b), L.batch_field("c", b),
+             L.long_field("i", w), L.long_field("c", w), L.suffix_field(r, "i", b),
+             L.suffix_field(r, "c", b)) for e, i, r, b in rows]
+    assert got == want
+    assert L.sql_literal("it's") == "'it''s'"
+
+
+def test_batch_keys_parse_back():
+    v = L.batch_version_id(1_767_571_200_000, 1_767_574_800_123)
+    assert ":" not in v
+    for e, i in (("ad", "17"), ("user_x_ad", "17:4")):
+        assert L.parse_batch_key(v, L.batch_key(v, e, i, "1h")) == (e, i, "1h")
+        assert L.batch_entity_of(v, L.batch_key(v, e, i, "1h")) == (e, i, "1h")
+        assert L.batch_entity_of(v, L.batch_long_key(v, e, i)) == (e, i, L.LONG_SUFFIX)
+        assert L.batch_entity_of(v, L.batch_sums_key(v, e, i)) == (e, i, L.SUMS_SUFFIX)
+        assert L.parse_batch_key(v, L.batch_sums_key(v, e, i)) is None
+    assert L.batch_entity_of(v, L.batch_meta_key(v)) is None
+    assert L.batch_entity_of(v, L.batch_key("other", "ad", "1", "1h")) is None
+    assert L.batch_entity_of(v, L.batch_key(v, "nope", "1", "1h")) is None
+    assert L.speed_field(*("5m", "i"), 3) == L.speed_field_head("5m", "i") + "3"

@@ -1,0 +1,436 @@
+"""The speed view in Redis: its writer (the speed layer's sink) and every reader and writer of
+it outside the prediction path (reconciliation, the tests' oracle, the demo, benchmarks).
+
+The key and field formats are :mod:`ctrstream.store.layout`'s (one hash per entity id and
+event day holding every resolution's buckets of that day, absolute counts). Callers speak in
+**cells**: a cell is ``(entity, id, resolution name, event type, bucket)`` (:data:`Cell`;
+the id as ``features.entity_id`` writes it, crossed ids joined with ``:``), and a **day
+hash** ``(entity, id, day)`` (:data:`DayHash`) is where the cells of one entity id and
+event day live (``layout.speed_day``). The speed layer hands its cells as numpy columns
+(:class:`SpeedCells`).
+
+What :class:`SpeedViewWriter` sends
+-----------------------------------
+* per day hash of a write call, **one** ``HSET`` of the absolute impression and click counts
+  of every cell of that hash in the call (both fields of every cell);
+* ``PEXPIRE`` of the hash TTL (``layout.speed_hash_ttl_ms``) for a hash that gets a *new*
+  cell (its first write) of the longest-lived resolution: the TTL then covers every bucket
+  written to the hash since. Nothing is ever deleted: a day's hash stops growing when the
+  day ends and expires a TTL after its last new bucket of that resolution;
+* every ``HSET`` of a call before any ``PEXPIRE`` (a ``PEXPIRE`` of a key that does not exist
+  yet does nothing).
+
+The commands are rendered with numpy (:func:`render_speed_cells`: constant segments, decimal
+integers and per-row choices laid out by :func:`ctrstream.store.resp.layout`, no Python per
+cell) into one payload per call, and sent by a writer thread
+(:class:`ctrstream.store.resp.BackgroundPipeline`) while the caller goes on; ids or buckets
+that ``layout`` cannot print (negative numbers) take a per-hash path packed by hiredis
+instead. Why this shape and what it costs: docs/speed-layer.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple, Self
+
+import numpy as np
+
+from ctrstream import features as F
+from ctrstream.config import Settings
+from ctrstream.store import layout as L
+from ctrstream.store.resp import (
+    PAD,
+    BackgroundPipeline,
+    Choice,
+    bulk_len,
+    encode,
+    layout,
+    render,
+    squeeze,
+)
+from ctrstream.store.scan import gc_paused, read_hashes, scan_keys, text
+
+Cell = tuple[str, str, str, str, int]
+"""``(entity, id, resolution name, event type, bucket)``."""
+DayHash = tuple[str, str, int]
+"""``(entity, id, day)``: the speed-view hash of one entity id and event day."""
+
+_BUCKET_MS = np.array([r.bucket_ms for r in F.RESOLUTIONS], np.int64)
+_RES_BY_BYTES = {r.name.encode(): r.name for r in F.RESOLUTIONS}
+_ET_BY_BYTES = {t.encode(): t for t in F.EVENT_TYPES}
+REPAIR_CHUNK = 20_000  # day hashes per pipelined round trip of a repair
+
+
+def renew_resolution(allowed_lateness_ms: int) -> int:
+    """Index (in ``features.RESOLUTIONS``) of the resolution whose new buckets renew a day
+    hash's TTL: the longest-lived one (``layout.speed_ttl_ms``)."""
+    return max(range(len(F.RESOLUTIONS)),
+               key=lambda r: L.speed_ttl_ms(F.RESOLUTIONS[r], allowed_lateness_ms))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class SpeedCells:
+    """Cells of one entity to write, as numpy columns of equal length ``n``.
+
+    ``entity``: index in ``features.ENTITIES``; ``id_parts``: one int64 array per field of
+    the entity (the id's integer parts, in the order of ``Entity.fields``); ``res``: index
+    in ``features.RESOLUTIONS``; ``bucket``; ``imps`` / ``clicks``: absolute counts;
+    ``new``: bool, the cell's first write (a new cell of the longest-lived resolution renews
+    its hash's TTL). Cells of one day hash may come in any order."""
+
+    entity: int
+    id_parts: Sequence[np.ndarray]
+    res: np.ndarray
+    bucket: np.ndarray
+    imps: np.ndarray
+    clicks: np.ndarray
+    new: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.entity < len(F.ENTITIES):
+            raise ValueError(f"entity index {self.entity} is not one of features.ENTITIES "
+                             f"(0..{len(F.ENTITIES) - 1})")
+        fields = F.ENTITIES[self.entity].fields
+        if len(self.id_parts) != len(fields):
+            raise ValueError(f"entity {F.ENTITIES[self.entity].name} has {len(fields)} id "
+                             f"field(s) {fields}, got {len(self.id_parts)} id part array(s)")
+        n = len(self.res)
+        lengths = {len(a) for a in (*self.id_parts, self.bucket, self.imps, self.clicks, self.new)}
+        if lengths - {n}:
+            raise ValueError(f"the columns of SpeedCells differ in length ({sorted(lengths | {n})}): "
+                             "give one value per cell in every column")
+
+    def __len__(self) -> int:
+        return len(self.res)
+
+
+def _hash_order(parts: list[np.ndarray], day: np.ndarray) -> np.ndarray:
+    """An order of the cells sorted by (day, id) - the cells of one day hash adjacent, in
+    any order among themselves. One unstable sort of an int64 id key, then a stable radix
+    sort of the few distinct days (why: docs/speed-layer.md, ``group_order``)."""
+    if len(parts) == 1:
+        key = parts[0]
+    else:
+        bits = 63 // len(parts)
+        if not all(int(p.min()) >= 0 and int(p.max()) < (1 << bits) for p in parts):
+            return np.lexsort([*parts[::-1], day])
+        key = np.zeros(len(day), np.int64)
+        for p in parts:  # order-preserving: the first part in the highest bits
+            key = (key << bits) | p
+    first = np.argsort(key)
+    d = day[first]
+    g = d - d.min()
+    if int(g.max()) < (1 << 15):
+        g = g.astype(np.int16)  # numpy sorts 16-bit integers with a radix sort
+    return first[np.argsort(g, kind="stable")]
+
+
+class _Renderer:
+    """The RESP commands of cells (see the module docstring), with the constant parts of
+    every key and field built once from :mod:`ctrstream.store.layout`."""
+
+    def __init__(self, hash_ttl_ms: int, renew_res: int) -> None:
+        self.hash_ttl_ms = int(hash_ttl_ms)
+        self.renew_res = renew_res
+        self.key_head = [L.speed_key_head(e.name) for e in F.ENTITIES]
+        self.day_sep = L.SPEED_DAY_SEP.encode()
+        self.part_sep = L.ID_PART_SEP.encode()
+        ti, tc = F.EVENT_TYPES
+        self.field_i = [L.speed_field_head(r.name, ti).encode() for r in F.RESOLUTIONS]
+        self.field_c = [L.speed_field_head(r.name, tc).encode() for r in F.RESOLUTIONS]
+        self.same_len = [len(a) for a in self.field_i] == [len(c) for c in self.field_c]
+        # these parts and the layout functions agree (a changed format fails here, not in Redis)
+        if (self.key_head[0] + b"7" + self.day_sep + b"3").decode() != \
+                L.speed_key(F.ENTITIES[0].name, "7", 3) or \
+                (self.field_i[0] + b"5").decode() != L.speed_field(F.RESOLUTIONS[0].name, ti, 5):
+            raise RuntimeError("layout.speed_key / speed_field no longer match their heads "
+                               "(speed_key_head, speed_field_head): update both together")
+
+    def render(self, cells: Iterable[SpeedCells]) -> tuple[bytes, int]:
+        """``(payload, number of commands)``: every HSET, then every PEXPIRE."""
+        hsets, expires, n_cmds = [], [], 0
+        for c in cells:
+            if len(c):
+                hs, ex, n = self._entity(c)
+                hsets.append(hs)
+                expires.append(ex)
+                n_cmds += n
+        return b"".join(hsets + expires), n_cmds
+
+    def _entity(self, c: SpeedCells) -> tuple[bytes, bytes, int]:
+        """The commands of one entity's cells: (HSETs, PEXPIREs, number of commands)."""
+        res = np.asarray(c.res, np.int64)
+        bucket = np.asarray(c.bucket, np.int64)
+        day = bucket * _BUCKET_MS[res] // F.DAY_MS
+        parts = [np.asarray(p, np.int64) for p in c.id_parts]
+        order = _hash_order(parts, day)
+        parts = [p[order] for p in parts]
+        res, bucket, day = res[order], bucket[order], day[order]
+        imps = np.asarray(c.imps, np.int64)[order]
+        clicks = np.asarray(c.clicks, np.int64)[order]
+        new = np.asarray(c.new, bool)[order]
+        n = len(day)
+        differs = day[1:] != day[:-1]
+        for p in parts:
+            differs |= p[1:] != p[:-1]
+        first = np.r_[True, differs]
+        starts = np.flatnonzero(first)
+        per_hash = np.diff(np.append(starts, n))
+        renew = np.unique((np.cumsum(first) - 1)[new & (res == self.renew_res)])  # hashes
+        hparts = [p[starts] for p in parts]
+        hday = day[starts]
+        if min(int(p.min()) for p in hparts) < 0 or int(bucket.min()) < 0 \
+                or int(imps.min()) < 0 or int(clicks.min()) < 0:
+            return self._packed(c.entity, hparts, hday, starts, per_hash, renew, res, bucket,
+                                imps, clicks)
+        pre = self.key_head[c.entity]
+        key_segs: list[bytes | np.ndarray] = [hparts[0]]
+        key_len = len(pre) + bulk_len(hparts[0]) + len(self.day_sep) + bulk_len(hday)
+        for p in hparts[1:]:
+            key_segs += [self.part_sep, p]
+            key_len += len(self.part_sep) + bulk_len(p)
+        key_segs += [self.day_sep, hday]
+        # one row per cell: the HSET header and key on the first cell of each hash, then the
+        # cell's two field-value pairs
+        head = layout([b"*", 2 + 4 * per_hash, b"\r\n$4\r\nHSET\r\n$", key_len, b"\r\n" + pre,
+                       *key_segs, b"\r\n"], len(starts))
+        fi, fc = Choice(self.field_i, res), Choice(self.field_c, res)
+        fi_len = fi.lengths() + bulk_len(bucket)
+        fc_len = fi_len if self.same_len else fc.lengths() + bulk_len(bucket)  # printed once
+        body = layout([b"$", fi_len, b"\r\n", fi, bucket, b"\r\n$", bulk_len(imps), b"\r\n", imps,
+                       b"\r\n$", fc_len, b"\r\n", fc, bucket, b"\r\n$", bulk_len(clicks), b"\r\n",
+                       clicks, b"\r\n"], n)
+        rows = np.full((n, head.shape[1] + body.shape[1]), PAD, np.uint8)
+        rows[starts, :head.shape[1]] = head
+        rows[:, head.shape[1]:] = body
+        expire = b""
+        if len(renew):
+            ttl = str(self.hash_ttl_ms).encode()
+            expire = render([b"*3\r\n$7\r\nPEXPIRE\r\n$", key_len[renew], b"\r\n" + pre,
+                             *[s if isinstance(s, bytes) else s[renew] for s in key_segs],
+                             b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl)], len(renew))
+        return squeeze(rows), expire, len(starts) + len(renew)
+
+    def _packed(self, e: int, hparts: list[np.ndarray], hday: np.ndarray, starts: np.ndarray,
+                per_hash: np.ndarray, renew: np.ndarray, res: np.ndarray, bucket: np.ndarray,
+                imps: np.ndarray, clicks: np.ndarray) -> tuple[bytes, bytes, int]:
+        """The same commands, one hiredis-packed command per hash (for negative numbers)."""
+        ent = F.ENTITIES[e]
+        ti, tc = F.EVENT_TYPES
+        ids = [F.entity_id(ent, dict(zip(ent.fields, vals)))
+               for vals in zip(*[p.tolist() for p in hparts])]
+        keys = [L.speed_key(ent.name, sid, d) for sid, d in zip(ids, hday.tolist())]
+        hs = []
+        for k, a in enumerate(starts.tolist()):
+            args: list[Any] = [b"HSET", keys[k]]
+            for j in range(a, a + int(per_hash[k])):
+                name = F.RESOLUTIONS[int(res[j])].name
+                args += [L.speed_field(name, ti, int(bucket[j])), int(imps[j]),
+                         L.speed_field(name, tc, int(bucket[j])), int(clicks[j])]
+            hs.append(encode(args))
+        ex = [encode((b"PEXPIRE", keys[k], self.hash_ttl_ms)) for k in renew.tolist()]
+        return b"".join(hs), b"".join(ex), len(hs) + len(ex)
+
+
+def render_speed_cells(cells: Iterable[SpeedCells], hash_ttl_ms: int,
+                       renew_res: int | None = None) -> tuple[bytes, int]:
+    """The RESP commands :class:`SpeedViewWriter` sends for ``cells``: ``(payload, number of
+    commands)``. ``renew_res``: the resolution whose new cells renew a hash's TTL (default:
+    :func:`renew_resolution` without allowed lateness)."""
+    return _Renderer(hash_ttl_ms, renew_resolution(0) if renew_res is None else renew_res
+                     ).render(cells)
+
+
+class SpeedViewWriter:
+    """Writes cells to the speed view (see the module docstring) through a writer thread.
+
+    :meth:`write` renders and queues one payload and returns before Redis answers; it blocks
+    while ``max_pending`` payloads are unacknowledged (back-pressure). :meth:`drain` returns
+    once Redis acknowledged everything written so far and raises the first error. ``done``
+    callbacks run in the writer thread after their payload's acknowledgement.
+    ``hash_ttl_ms``: the day hashes' TTL (default ``layout.speed_hash_ttl_ms`` of the
+    settings' allowed lateness; benchmarks give throw-away data a shorter life)."""
+
+    def __init__(self, settings: Settings, max_pending: int = 2,
+                 hash_ttl_ms: int | None = None) -> None:
+        lateness = int(settings.allowed_lateness_s * 1000)
+        ttl = L.speed_hash_ttl_ms(lateness) if hash_ttl_ms is None else int(hash_ttl_ms)
+        if ttl <= 0:
+            raise ValueError(f"hash_ttl_ms must be positive, got {ttl}")
+        self.hash_ttl_ms = ttl
+        self.renderer = _Renderer(ttl, renew_resolution(lateness))
+        self.pipe = BackgroundPipeline(settings, max_pending=max_pending)
+
+    def write(self, cells: Iterable[SpeedCells], done: Callable[[], None] | None = None) -> int:
+        """Render ``cells`` and queue them; returns the number of commands queued (0: nothing
+        to write, and ``done`` is not called)."""
+        payload, n_cmds = self.renderer.render(cells)
+        if n_cmds:
+            self.pipe.submit(payload, n_cmds, one_line=True, done=done)
+        return n_cmds
+
+    def drain(self) -> None:
+        """Return once Redis has acknowledged everything written so far (raises its error)."""
+        self.pipe.drain()
+
+    def close(self) -> None:
+        """Drain, then stop the writer thread and close its connection."""
+        self.pipe.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _day_hash_of(key: str) -> DayHash | None:
+    """``(entity, id, day)`` of a speed-view key; None for any other key."""
+    try:
+        entity, eid, day = L.speed_entity_of(key)
+    except ValueError:
+        return None
+    if not eid or entity not in F.ENTITY_BY_NAME:
+        return None
+    return entity, eid, day
+
+
+class SpeedScan(NamedTuple):
+    """The whole speed view, as reconciliation compares it."""
+
+    cells: dict[str, dict[tuple[str, str, str], dict[tuple[str, int], int]]]
+    """resolution name -> {(entity, id, resolution name): {(event type, bucket): count}}
+    (an entity's day hashes merged)"""
+    present: set[DayHash]
+    """the day hashes that hold any cell"""
+
+
+def scan_speed_view(client: Any) -> SpeedScan:
+    """The whole speed view of a redis-py client's database: one SCAN and one bulk HGETALL
+    per day hash (:mod:`ctrstream.store.scan`). A hash that expired between the SCAN and its
+    read is left out; keys and fields outside the layout are skipped."""
+    keys = scan_keys(client, L.SPEED_PATTERN, _day_hash_of)
+    out: dict[str, dict[tuple[str, str, str], dict[tuple[str, int], int]]] = {
+        res.name: {} for res in F.RESOLUTIONS}
+    present: set[DayHash] = set()
+    match = L.SPEED_FIELD_RE.match
+    with gc_paused():
+        for (entity, eid, day), h in read_hashes(client, keys):
+            by_res: dict[str, dict[tuple[str, int], int]] = {}
+            for f, v in h:
+                m = match(f)
+                if m is None:
+                    continue
+                res = _RES_BY_BYTES.get(m.group(1))
+                if res is None:
+                    continue
+                cells = by_res.get(res)
+                if cells is None:
+                    cells = by_res[res] = {}
+                cells[(_ET_BY_BYTES[m.group(2)], int(m.group(3)))] = int(v)
+            if by_res:
+                present.add((entity, eid, day))
+                for res, cells in by_res.items():
+                    view, ident = out[res], (entity, eid, res)
+                    merged = view.get(ident)
+                    if merged is None:
+                        view[ident] = cells
+                    else:  # another day of the same entity: distinct buckets
+                        merged.update(cells)
+    return SpeedScan(out, present)
+
+
+def read_speed_view(client: Any) -> dict[Cell, int]:
+    """Every non-zero cell of the speed view in a redis-py client's database. Strict: a key
+    under the speed view's prefix or a field that is not of its layout raises ValueError."""
+
+    def strict(key: str) -> DayHash:
+        parsed = _day_hash_of(key)
+        if parsed is None:
+            raise ValueError(f"{key!r} is under the speed view's prefix but is not a day hash "
+                             "(layout.speed_key)")
+        return parsed
+
+    out: dict[Cell, int] = {}
+    for (entity, eid, _day), h in read_hashes(client, scan_keys(client, L.SPEED_PATTERN, strict)):
+        for f, v in h:
+            parsed = L.parse_speed_field(f)
+            if parsed is None or parsed[0] not in F.RESOLUTION_BY_NAME:
+                raise ValueError(f"field {f!r} of speed-view hash {(entity, eid, _day)} is not "
+                                 "a speed-view cell (layout.speed_field)")
+            n = int(v)
+            if n:
+                res, et, b = parsed
+                out[(entity, eid, res, et, b)] = n
+    return out
+
+
+def count_speed_hashes(client: Any) -> dict[str, int]:
+    """The number of day hashes of every entity in the speed view (SCAN; keys outside the
+    layout are not counted)."""
+    counts: dict[str, int] = {}
+    for key in client.scan_iter(match=L.SPEED_PATTERN, count=10_000):
+        parsed = _day_hash_of(text(key))
+        if parsed is not None:
+            counts[parsed[0]] = counts.get(parsed[0], 0) + 1
+    return counts
+
+
+def _cell_address(cell: Cell) -> tuple[str, str]:
+    entity, eid, res, et, b = cell
+    return (L.speed_key(entity, eid, L.speed_day(b, F.RESOLUTION_BY_NAME[res])),
+            L.speed_field(res, et, b))
+
+
+def read_speed_cells(client: Any, cells: Sequence[Cell]) -> list[int]:
+    """The counts of the given cells (0 for a cell the speed view does not hold), in one
+    pipelined round trip."""
+    pipe = client.pipeline(transaction=False)
+    for cell in cells:
+        pipe.hget(*_cell_address(cell))
+    return [0 if v is None else int(v) for v in pipe.execute()]
+
+
+def speed_hashes_exist(client: Any, hashes: Sequence[DayHash]) -> list[bool]:
+    """Whether each day hash exists (holds any cell), in one pipelined round trip."""
+    pipe = client.pipeline(transaction=False)
+    for entity, eid, day in hashes:
+        pipe.exists(L.speed_key(entity, eid, day))
+    return [bool(x) for x in pipe.execute()]
+
+
+def repair_speed_cells(client: Any, repairs: Mapping[Cell, int | None], hash_ttl_ms: int) -> int:
+    """Overwrite cells of the speed view: a count sets the cell, None deletes it. Per day
+    hash (in the order of their first cell in ``repairs``) one ``HSET`` of its new values,
+    one ``HDEL`` of its deleted cells and ``PEXPIRE hash_ttl_ms NX`` - a hash this creates
+    (absent, or expired since it was read) gets the speed view's TTL, an existing hash
+    keeps its own. Absolute values: running it twice changes nothing. Returns the number of
+    cells written or deleted."""
+    by_hash: dict[str, tuple[dict[str, int], list[str]]] = {}
+    for cell, value in repairs.items():
+        key, fld = _cell_address(cell)
+        sets, dels = by_hash.get(key) or by_hash.setdefault(key, ({}, []))
+        if value is None:
+            dels.append(fld)
+        else:
+            sets[fld] = int(value)
+    items = list(by_hash.items())
+    for i in range(0, len(items), REPAIR_CHUNK):
+        pipe = client.pipeline(transaction=False)
+        for key, (sets, dels) in items[i:i + REPAIR_CHUNK]:
+            if sets:
+                pipe.hset(key, mapping=sets)
+            if dels:
+                pipe.hdel(key, *dels)
+            pipe.execute_command("PEXPIRE", key, int(hash_ttl_ms), "NX")
+        pipe.execute()
+    return len(repairs)
