@@ -16,9 +16,9 @@ The phases, in event time (the scenario's stream is cut at ``t_split``):
                     wins.
 6. **live**       - the streaming scorer (Triton + current River calibration) and the
                     calibrator run while the rest of the stream is replayed in event-time
-                    lockstep with the scorer (``_replay_lockstep``: each impression is
-                    scored before its click and before events more than ``lockstep_s``
-                    later are sent - as a real-time scorer would see them).
+                    lockstep with the scorer (``ctrstream.simulation.lockstep``: each
+                    impression is scored before its click and before events more than
+                    ``lockstep_s`` later are sent - as a real-time scorer would see them).
 7. **serve**      - the prediction API answers a few sample ad requests.
 8. **report**     - terminal summary + ``report.html`` with plots.
 
@@ -30,10 +30,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 import traceback
-import urllib.request
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -41,12 +39,14 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ctrstream import features as F
 from ctrstream.config import Settings, Topic, get_settings
-from ctrstream.store.speed_view import Cell, count_speed_hashes, read_speed_cells
+from ctrstream.demo.freshness import FreshnessProbe
+from ctrstream.demo.lag import LagMonitor
+from ctrstream.demo.scrape import scrape_or_empty, scrape_value
+from ctrstream.store.speed_view import count_speed_hashes
 
 console = Console()
 
@@ -78,34 +78,11 @@ class DemoState:
     numbers: dict = field(default_factory=dict)
     procs: dict = field(default_factory=dict)
     started_stack: bool = False
-    monitor: "_LagMonitor | None" = None
-    probes: list = field(default_factory=list)  # freshness probes still running
+    monitor: LagMonitor | None = None
+    probes: list[FreshnessProbe] = field(default_factory=list)  # still running
 
 
 # --------------------------------------------------------------------------- small helpers
-
-def _scrape(port: int) -> dict[str, float]:
-    """Sum of every sample of every metric (by sample name) at a Prometheus endpoint."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[s.name] = out.get(s.name, 0.0) + float(s.value)
-            for k, v in s.labels.items():  # also per label value, e.g. name{side=pred}
-                key = f"{s.name}{{{k}={v}}}"
-                out[key] = out.get(key, 0.0) + float(s.value)
-    return out
-
-
-def _scrape_or_empty(port: int) -> dict[str, float]:
-    try:
-        return _scrape(port)
-    except OSError:
-        return {}
-
 
 def _topic_count(settings: Settings, topic: Topic) -> int:
     from ctrstream.kafka.clients import topic_end_offsets
@@ -167,243 +144,49 @@ def phase(st: DemoState, n: int, total: int, name: str, what: str):
     console.print(f"[green]✓[/] {name} done in {dt:.1f}s")
 
 
-# --------------------------------------------------------------------------- lag and freshness
-
-SCORER = "scorer"
-SPEED_STAGES = {"speed layer (features)": "speed-features", "speed layer (join)": "speed-join"}
-
-
-class _LagMonitor:
-    """Consumer lag of each stage, sampled every ``interval`` s while a replay phase runs.
-
-    Lag = records in the stage's input topics (Kafka high watermarks) minus records the stage
-    has read (``ctrstream_speed_events_in_total`` of its metrics endpoint); for the scorer,
-    live impressions appended to Kafka minus predictions written. The stage is scraped before
-    Kafka is asked, so a sample never under-states the lag. ``summary()`` gives, per phase and
-    stage, the largest lag, the lag when the replay ended, and how long after the end of the
-    replay the stage had read everything (the time it trailed the replay)."""
-
-    def __init__(self, st: DemoState, interval: float = 0.25):
-        from ctrstream.kafka.clients import make_consumer
-
-        self.st, self.interval = st, interval
-        self.consumer = make_consumer(st.settings, f"ctrstream-demo-lag-{st.run_id}")
-        self.t0 = time.monotonic()
-        self.samples: list[dict] = []  # {"t": s since t0, "phase": name, stage: lag, ...}
-        self.phases: dict[str, dict] = {}  # name -> {"start", "replay_end", "end"} (s since t0)
-        self.phase: str | None = None
-        self.scorer: tuple[int, int] | None = None  # (impressions before the live replay, expected)
-        self.up: set[str] = set()  # stages whose metrics endpoint answered once
-        self.lock = threading.Lock()
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="demo-lag", daemon=True)
-        self.thread.start()
-
-    def _now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def _end(self, topic: Topic) -> int:
-        from confluent_kafka import TopicPartition
-
-        return sum(max(0, self.consumer.get_watermark_offsets(TopicPartition(topic.name, p),
-                                                              timeout=5)[1])
-                   for p in range(topic.partitions))
-
-    def impressions_end(self) -> int:
-        with self.lock:
-            return self._end(self.st.settings.topics.impressions)
-
-    def sample(self) -> None:
-        with self.lock:
-            phase = self.phase
-            if phase is None:
-                return
-            topics, ports = self.st.settings.topics, self.st.numbers["metrics_ports"]
-            t = self._now()
-            read = {}
-            for stage, job in SPEED_STAGES.items():
-                n = _scrape_or_empty(ports[job]).get("ctrstream_speed_events_in_total")
-                if n is not None:
-                    self.up.add(stage)
-                elif stage not in self.up and self.st.procs.get(job) is not None \
-                        and self.st.procs[job].poll() is None:
-                    n = 0  # started, metrics endpoint not up yet: it has read nothing so far
-                read[stage] = n  # None: a scrape failed (busy); no sample rather than a wrong one
-            row = {"t": t, "phase": phase}
-            if self.scorer is not None:
-                base, expected = self.scorer
-                preds = self._end(topics.predictions)
-                live = min(max(0, self._end(topics.impressions) - base), expected)
-                row[SCORER] = max(0, live - preds)
-            written = self._end(topics.impressions) + self._end(topics.clicks)
-            for stage, n in read.items():
-                if n is not None:
-                    row[stage] = max(0, written - int(n))
-            self.samples.append(row)
-
-    def _run(self) -> None:
-        while not self.stop_event.wait(self.interval):
-            try:
-                self.sample()
-            except Exception:  # noqa: BLE001 - a missed sample is not a reason to stop the demo
-                pass
-
-    def begin(self, phase: str) -> None:
-        with self.lock:
-            self.phases[phase] = {"start": self._now()}
-            self.phase = phase
-
-    def replay_ended(self, phase: str) -> None:
-        self.phases[phase]["replay_end"] = self._now()
-
-    def end(self, phase: str) -> None:
-        try:
-            self.sample()
-        except Exception:  # noqa: BLE001
-            pass
-        with self.lock:
-            self.phases[phase]["end"] = self._now()
-            self.phase = None
-            if phase == "live":
-                self.scorer = None
-
-    def close(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=10)
-        with self.lock:
-            self.consumer.close()
-
-    def summary(self) -> dict:
-        """``rows`` (one per phase and stage) and ``series`` (per phase: seconds since the
-        phase began, replay end, and each stage's lag samples) for the report."""
-        rows, series = [], {}
-        for phase, info in self.phases.items():
-            samples = [s for s in self.samples if s["phase"] == phase]
-            end = info.get("replay_end")
-            ser = {"replay_end": None if end is None else end - info["start"], "stages": {}}
-            for stage in (*SPEED_STAGES, SCORER):
-                pts = [(s["t"], s[stage]) for s in samples if stage in s]
-                if not pts:
-                    continue
-                ser["stages"][stage] = ([t - info["start"] for t, _ in pts], [v for _, v in pts])
-                after = [(t, v) for t, v in pts if end is not None and t >= end]
-                caught = next((round(t - end, 2) for t, v in after if v == 0), None)
-                rows.append({"stage": stage, "phase": phase, "samples": len(pts),
-                             "max lag (records)": max(v for _, v in pts),
-                             "lag at replay end": after[0][1] if after else None,
-                             "final lag": pts[-1][1],
-                             "caught up (s after replay)": caught})
-            series[phase] = ser
-        return {"rows": rows, "series": series, "interval_s": self.interval}
+def _running(st: DemoState, job: str) -> bool:
+    p = st.procs.get(job)
+    return p is not None and p.poll() is None
 
 
-class _FreshnessProbe:
-    """Feature freshness as the demo can measure it on a time-compressed replay: the wall
-    time from a sampled impression becoming readable in Kafka (seen by a consumer of the
-    impressions topic) to its count being visible in Redis (the impression count of its user
-    and 1-minute bucket in the speed view >= 1, polled every ``poll_s``).
+def _probe(st: DemoState, tr, lo: int | None, hi: int | None, cfg: DemoConfig) -> FreshnessProbe:
+    """A freshness probe of this run, closed with the demo if a phase fails."""
+    probe = FreshnessProbe(st.settings, f"ctrstream-demo-fresh-{st.run_id}-{len(st.probes)}", tr,
+                           lo, hi, _n_probes(cfg))
+    st.probes.append(probe)
+    return probe
 
-    The probes are impressions of the scenario itself (nothing extra is produced): ones that
-    are alone in their (user, 1-minute bucket) cell over the whole stream, so their cell
-    appears in Redis only because of them. The speed layer's own freshness histogram
-    (now - Kafka timestamp) is useless here: the replay's Kafka timestamps are historical,
-    time-compressed event times."""
 
-    def __init__(self, st: DemoState, tr, lo: int | None, hi: int | None, n_probes: int,
-                 poll_s: float = 0.005):
-        from confluent_kafka import TopicPartition
+def _replay_lockstep(st: DemoState, tr, lo: int, cfg: DemoConfig, label: str) -> dict:
+    """The live replay in event-time lockstep with the scorer (``simulation.lockstep``): the
+    scorer's progress is its ``ctrstream_score_records_total`` (every impressions-topic record
+    it has handled), scraped every 10 ms (each scrape costs the scorer ~1 ms of its CPU)."""
+    from ctrstream.simulation.lockstep import replay_lockstep
 
-        from ctrstream.kafka.clients import make_consumer, topic_end_offsets
-        from ctrstream.store.connection import redis_client
+    port = st.numbers["metrics_ports"]["score"]
 
-        self.poll_s = poll_s
-        self.probes = self._select(tr, lo, hi, n_probes)
-        self.arrived: dict[bytes, float] = {}
-        self.visible: dict[bytes, float] = {}
-        topic = st.settings.topics.impressions.name
-        self.consumer = make_consumer(st.settings, f"ctrstream-demo-fresh-{st.run_id}",
-                                      **{"fetch.wait.max.ms": 10})
-        self.consumer.assign([TopicPartition(topic, p, off)
-                              for p, off in topic_end_offsets(st.settings, topic).items()])
-        self.redis = redis_client(st.settings, timeout_s=30.0)
-        self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=f, name=f"demo-fresh-{f.__name__}", daemon=True)
-                        for f in (self._consume, self._poll)]
-        for t in self.threads:
-            t.start()
-        self.st = st
-        st.probes.append(self)
+    def scored() -> int | None:
+        v = scrape_value(port, "ctrstream_score_records_total")
+        return None if v is None else int(v)
 
-    @staticmethod
-    def _select(tr, lo, hi, n: int) -> dict[bytes, Cell]:
-        imps = tr.impressions
-        t = imps.column("event_time_ms").to_numpy()
-        u = imps.column("user_id").to_numpy().astype(np.int64)
-        res = F.RESOLUTIONS[0]
-        b = F.bucket_of(t, res).astype(np.int64)
-        b0, nb = int(b.min()), int(b.max() - b.min()) + 1
-        cell = (u - int(u.min())) * nb + (b - b0)
-        _, inv, cnt = np.unique(cell, return_inverse=True, return_counts=True)
-        ok = cnt[inv] == 1
-        if lo is not None:
-            ok &= t >= lo
-        if hi is not None:
-            ok &= t < hi
-        idx = np.flatnonzero(ok)
-        idx = idx[np.argsort(t[idx], kind="stable")]
-        if len(idx) > n:
-            idx = idx[np.unique(np.linspace(0, len(idx) - 1, n).astype(int))]
-        ids = imps.column("impression_id").take(idx).to_pylist()
-        user = F.ENTITY_BY_NAME["user"]
-        return {i.encode(): (user.name, F.entity_id(user, {"user_id": int(u[k])}), res.name, "i",
-                             int(b[k]))
-                for i, k in zip(ids, idx.tolist())}
+    def check() -> None:
+        p = st.procs.get("score")
+        if p is not None and p.poll() is not None:
+            raise DemoError(f"the score job exited with code {p.returncode} during the live "
+                            f"replay; see {st.out / 'logs' / 'score.log'}")
 
-    def _consume(self) -> None:
-        while not self.stop_event.is_set():
-            msgs = self.consumer.consume(num_messages=1000, timeout=0.05)
-            now = time.monotonic()
-            for m in msgs:
-                k = m.key() if m.error() is None else None
-                if k in self.probes and k not in self.arrived:
-                    self.arrived[k] = now
-
-    def _poll(self) -> None:
-        while not self.stop_event.is_set():
-            pending = [k for k in list(self.arrived) if k not in self.visible]
-            if pending:
-                values = read_speed_cells(self.redis, [self.probes[k] for k in pending])
-                now = time.monotonic()
-                for k, v in zip(pending, values):
-                    if v >= 1:
-                        self.visible[k] = now
-            time.sleep(self.poll_s)
-
-    def close(self) -> None:
-        if self.stop_event.is_set():
-            return
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(timeout=10)
-        self.consumer.close()
-        self.redis.close()
-        if self in self.st.probes:
-            self.st.probes.remove(self)
-
-    def finish(self, grace_s: float = 5.0) -> dict:
-        """Stop (after at most ``grace_s`` for the probes already in Kafka to show up)."""
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and len(self.visible) < len(self.arrived):
-            time.sleep(0.05)
-        self.close()
-        lat = np.array([self.visible[k] - self.arrived[k] for k in self.visible], dtype=float)
-        lat = np.maximum(lat, 0.0)
-        out = {"probes": len(self.probes), "seen in Kafka": len(self.arrived),
-               "visible in Redis": len(lat), "poll_s": self.poll_s, "latencies": lat.tolist()}
-        if len(lat):
-            out.update({"p50 s": float(np.percentile(lat, 50)),
-                        "p95 s": float(np.percentile(lat, 95)), "max s": float(lat.max())})
-        return out
+    live = sum(int(np.count_nonzero(t.column("event_time_ms").to_numpy() >= lo))
+               for t in (tr.impressions, tr.clicks))  # the bar's total (injections aside)
+    base = _topic_count(st.settings, st.settings.topics.impressions)  # before the live phase
+    summary = replay_lockstep(st.settings, _records_between(tr, lo, None),
+                              max(1, int(cfg.lockstep_s * 1000)), scored, base, check=check,
+                              total=live, description=label)
+    console.print(f"{label}: {summary.sent:,} records in {summary.seconds:.1f} s, "
+                  f"{summary.steps:,} lockstep steps of {cfg.lockstep_s:g} s of event time "
+                  f"({summary.scorer_wait_s:.1f} s waiting for the scorer)")
+    return {"sent": summary.sent, "seconds": summary.seconds, "rate": summary.rate,
+            "by_topic": summary.by_topic, "lockstep_s": cfg.lockstep_s, "steps": summary.steps,
+            "scorer_wait_s": summary.scorer_wait_s}
 
 
 def _n_probes(cfg: DemoConfig) -> int:
@@ -489,126 +272,6 @@ def _replay(st: DemoState, tr, lo, hi, span_ms: float, cfg: DemoConfig, label: s
             "compression": compression, "by_topic": summary.by_topic}
 
 
-def _scrape_value(port: int, sample: str) -> float | None:
-    """One sample of a Prometheus endpoint, read without the full parser (called often)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def _replay_lockstep(st: DemoState, tr, lo: int, cfg: DemoConfig, label: str) -> dict:
-    """The live replay in **event-time lockstep with the scorer**, so that the scorer reads
-    each impression's features as a serving system would - before the future exists.
-
-    A time-compressed replay otherwise runs ahead of the scorer: by the time the scorer reads
-    an impression's windows, the speed layer has counted later events and the impression's
-    own click (training counts only strictly earlier events: a train/serve skew that showed
-    as a live AUC of 0.27). Here, per step of ``cfg.lockstep_s`` of event time:
-
-    1. the step's impressions are sent and acknowledged by Kafka;
-    2. the replay waits until the scorer has read features for and scored every one of them
-       (its ``ctrstream_score_records_total`` counts every impressions-topic record it has
-       handled, skipped and undecodable ones included);
-    3. only then the step's clicks are sent.
-
-    So no impression is scored with its own click in the features, and later impressions
-    can be in them only within the same step (at most ``lockstep_s`` of event time ahead) -
-    the same bounded skew as a real-time scorer with that much lag. The price is wall time:
-    one scorer round trip per step."""
-    from confluent_kafka import Producer
-
-    from ctrstream.kafka.clients import producer_config
-
-    errors: list[str] = []
-
-    def on_delivery(err, msg):
-        if err is not None:
-            errors.append(str(err))
-
-    producer = Producer(producer_config(st.settings, on_delivery=on_delivery))
-    topics = {"impressions": st.settings.topics.impressions.name,
-              "clicks": st.settings.topics.clicks.name}
-    port = st.numbers["metrics_ports"]["score"]
-    sample = "ctrstream_score_records_total"
-    base = _topic_count(st.settings, st.settings.topics.impressions)  # records before the live phase
-    step_ms = max(1, int(cfg.lockstep_s * 1000))
-    imps: list = []
-    clicks: list = []
-    counts = {"impressions": 0, "clicks": 0}
-    steps = 0
-    waited = 0.0
-    t0 = time.monotonic()
-
-    def send(records: list) -> None:
-        for kind, key, value, ts in records:
-            while True:
-                try:
-                    producer.produce(topics[kind], value, key, timestamp=ts)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            counts[kind] += 1
-        producer.poll(0)
-
-    def step() -> None:
-        nonlocal steps, waited
-        send(imps)
-        if producer.flush(60):
-            raise DemoError("Kafka did not acknowledge the live replay's records within 60 s")
-        target = base + counts["impressions"]
-        w0 = time.monotonic()
-        deadline = w0 + 120
-        while (_scrape_value(port, sample) or 0) < target:
-            p = st.procs.get("score")
-            if p is not None and p.poll() is not None:
-                raise DemoError(f"the score job exited with code {p.returncode} during the live "
-                                f"replay; see {st.out / 'logs' / 'score.log'}")
-            if time.monotonic() > deadline:
-                raise DemoError(f"the scorer did not score the live step ending at impression "
-                                f"{counts['impressions']:,} within 120 s; see "
-                                f"{st.out / 'logs' / 'score.log'}")
-            time.sleep(0.01)  # each scrape costs the scorer ~1 ms of its own CPU: not faster
-        waited += time.monotonic() - w0
-        send(clicks)
-        steps += 1
-        imps.clear()
-        clicks.clear()
-
-    end = None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        live = sum(int(np.count_nonzero(t.column("event_time_ms").to_numpy() >= lo))
-                   for t in (tr.impressions, tr.clicks))  # the bar's total (injections aside)
-        task = bar.add_task(label, total=live)
-        for rec in _records_between(tr, lo, None):
-            if end is None:
-                end = rec[3] + step_ms
-            elif rec[3] >= end:
-                step()
-                bar.update(task, completed=sum(counts.values()))
-                end = rec[3] + step_ms
-            (imps if rec[0] == "impressions" else clicks).append(rec)
-        step()
-    if producer.flush(60) or errors:
-        raise DemoError(f"live replay: {len(errors)} records could not be delivered to Kafka: "
-                        f"{errors[:3]}")
-    seconds = time.monotonic() - t0
-    sent = sum(counts.values())
-    console.print(f"{label}: {sent:,} records in {seconds:.1f} s, {steps:,} lockstep steps of "
-                  f"{cfg.lockstep_s:g} s of event time ({waited:.1f} s waiting for the scorer)")
-    return {"sent": sent, "seconds": seconds, "rate": sent / max(seconds, 1e-9),
-            "by_topic": dict(counts), "lockstep_s": cfg.lockstep_s, "steps": steps,
-            "scorer_wait_s": waited}
-
-
 def _events_written(st: DemoState) -> int:
     """Records in the event topics now: the replay's plus the watermark heartbeats the demo
     sent (the speed jobs read and count those too; the lag monitor uses the same total)."""
@@ -620,8 +283,8 @@ def _speed_caught_up(st: DemoState, expected_in: int) -> bool:
     """Both speed-layer jobs have read ``expected_in`` records (the features job also reports
     no consumer lag)."""
     ports = st.numbers["metrics_ports"]
-    m = _scrape_or_empty(ports["speed-features"])
-    j = _scrape_or_empty(ports["speed-join"])
+    m = scrape_or_empty(ports["speed-features"])
+    j = scrape_or_empty(ports["speed-join"])
     return m.get("ctrstream_speed_events_in_total", 0) >= expected_in and \
         m.get("ctrstream_speed_consumer_lag", 1) == 0 and \
         j.get("ctrstream_speed_events_in_total", 0) >= expected_in
@@ -639,8 +302,9 @@ def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
            ports["speed-features"])
     _start(st, "speed-join", ["speed", "join", "--recovery-dir", str(rec_root / "join")],
            ports["speed-join"])
-    st.monitor = _LagMonitor(st)
-    probe = _FreshnessProbe(st, tr, None, t_split, _n_probes(cfg))
+    st.monitor = LagMonitor(st.settings, f"ctrstream-demo-lag-{st.run_id}", ports,
+                            lambda job: _running(st, job))
+    probe = _probe(st, tr, None, t_split, cfg)
     st.monitor.begin("history")
     t0 = time.monotonic()
     st.numbers["replay_history"] = _replay(st, tr, None, t_split, t_split - st.numbers["t_start"],
@@ -696,7 +360,8 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     _start(st, "calibrate", ["calibrate", "--checkpoint-interval", "1"], ports["calibrate"])
     end = st.numbers["t_end"]
     expected = int(np.count_nonzero(tr.impressions.column("event_time_ms").to_numpy() >= t_split))
-    probe = _FreshnessProbe(st, tr, t_split, None, _n_probes(cfg))
+    probe = _probe(st, tr, t_split, None, cfg)
+    assert st.monitor is not None
     st.monitor.scorer = (st.monitor.impressions_end(), expected)
     st.monitor.begin("live")
     t0 = time.monotonic()
@@ -717,7 +382,7 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
           ["speed-join"], st)
     def calibrator_done() -> bool:
         # every prediction is joined with its label or dropped (expired, degraded, duplicate)
-        m = _scrape_or_empty(ports["calibrate"])
+        m = scrape_or_empty(ports["calibrate"])
         return (m.get("ctrstream_calibration_joined_total", 0)
                 + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)) >= expected
 
@@ -726,11 +391,11 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
           600, ["speed-features", "speed-join"], st)
     st.monitor.end("live")
     st.numbers["lag"] = st.monitor.summary()
-    st.numbers["metrics"] = {name: _scrape_or_empty(port) for name, port in ports.items()}
+    st.numbers["metrics"] = {name: scrape_or_empty(port) for name, port in ports.items()}
     # the speed layer has read everything (the join has labeled every impression): count its view
     st.numbers["speed_keys_by_entity"] = _count_speed_keys(st.settings)
     st.numbers["speed_keys"] = sum(st.numbers["speed_keys_by_entity"].values())
-    console.print(f"speed view: {st.numbers['speed_keys']:,} sv:* hashes in Redis "
+    console.print(f"speed view: {st.numbers['speed_keys']:,} hashes (entity, id, day) in Redis "
                   f"{st.numbers['speed_keys_by_entity']}")
     for name in ("score", "calibrate"):
         _stop(st, name)
