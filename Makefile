@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ctrstream-installed
 
-.PHONY: setup demo test test-fast stack-up stack-down bench clean
+.PHONY: setup demo test test-unit test-integration lint fmt stack-up stack-down clean
 
 setup: $(STAMP)
 	@$(VENV)/bin/ctrstream setup
@@ -23,8 +23,28 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/ctrstream demo
 
+# the suite (unit tests: no servers, seconds; integration tests: real Kafka, Redis, Triton),
+# then the habits (ruff, mypy, the layer test); fails when either fails, pytest's code first
 test: setup
-	$(PY) -m pytest -p no:cacheprovider --timeout=900 $(PYTEST_ARGS)
+	@rc=0; $(PY) -m pytest -p no:cacheprovider --timeout=900 tests/unit tests/integration $(PYTEST_ARGS) || rc=$$?; \
+	  $(MAKE) --no-print-directory lint || { [ $$rc -ne 0 ] || rc=3; }; exit $$rc
+
+test-unit: setup
+	$(PY) -m pytest -p no:cacheprovider --timeout=300 tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(PY) -m pytest -p no:cacheprovider --timeout=900 tests/integration $(PYTEST_ARGS)
+
+# ruff (lint + format check), mypy over the namespace, the layer test
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) .ci/typecheck.py
+	$(PY) -m pytest -p no:cacheprovider -q tests/unit/test_layers.py
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 stack-up: setup
 	$(VENV)/bin/ctrstream stack up

@@ -23,7 +23,7 @@ import typer
 
 from ctrstream.config import Settings
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 from ctrstream.stack.provision import compose_validator
 
 COMPOSE = ROOT / "docker-compose.yml"
