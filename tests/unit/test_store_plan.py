@@ -52,7 +52,7 @@ def test_invalidation_reports_map_day_hashes_to_entity_keys():
     day = T // F.DAY_MS
     assert L.speed_entity_key_of(L.speed_key("ad", "4", day).encode()) == "ad:4"
     assert L.speed_entity_key_of(L.speed_key("user_x_ad", "17:4", day + 1).encode()) == "user_x_ad:17:4"
-    assert L.speed_entity_key_of(b"sv:ad:4:5m") is None  # the old per-resolution layout
-    assert L.speed_entity_key_of(b"sv:ad") is None
+    assert L.speed_entity_key_of(f"{L.SPEED_PREFIX}ad:4:5m".encode()) is None  # the old per-resolution layout
+    assert L.speed_entity_key_of(f"{L.SPEED_PREFIX}ad".encode()) is None
     assert L.speed_key("ad", "4", day).startswith(L.SPEED_PREFIX)
     assert not (L.TRACKING_PREFIX + "x:1").startswith(L.SPEED_PREFIX)
