@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 
-
 def results_dir() -> Path:
     """Where benchmarks write: ``settings.results_dir`` (``bench/results`` under the current
     directory unless ``CTRSTREAM_RESULTS_DIR`` says otherwise)."""

@@ -38,8 +38,16 @@ from pathlib import Path
 
 from ctrstream.bench.common import device_info, print_table, write_results
 from ctrstream.bench.inference_models import (
-    DEFAULT_MLP, BenchModel, batch_cost, onnx_cost, parse_mlp, parse_size, published,
-    remove_variants, synthetic, write_variant,
+    DEFAULT_MLP,
+    BenchModel,
+    batch_cost,
+    onnx_cost,
+    parse_mlp,
+    parse_size,
+    published,
+    remove_variants,
+    synthetic,
+    write_variant,
 )
 from ctrstream.config import Settings
 
@@ -170,10 +178,9 @@ def build_models(settings: Settings, a: argparse.Namespace, log=print) -> list[B
 
 def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
     """Run the whole grid; return ``{"rows", "headline", "meta", "paths"}``."""
-    from ctrstream.models.onnx_runtime import ort_session
-
     from ctrstream.bench.inference_floor import floor_seconds, measure
     from ctrstream.bench.inference_load import CpuMeter, make_inputs, run_inprocess, run_triton
+    from ctrstream.models.onnx_runtime import ort_session
 
     gpu = gpu_available() if a.device == "auto" else a.device == "gpu"
     backend = settings.triton.backend if a.backend == "auto" else a.backend

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctrstream.bench.ne_gap import main, marg, print_ne, sig
-from ctrstream.batch.point_in_time import training_set
-from ctrstream.metrics import entropy, log_loss
 from ctrstream.batch.pipeline import drop_warmup
+from ctrstream.batch.point_in_time import training_set
+from ctrstream.bench.ne_gap import main, marg, print_ne, sig
+from ctrstream.metrics import entropy, log_loss
 from ctrstream.models.training import time_split
 from ctrstream.simulation.generator import _market, generate
 

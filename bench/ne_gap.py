@@ -24,8 +24,9 @@ import time
 
 import numpy as np
 
-from ctrstream.simulation.generator import generate, load_scenario
 from ctrstream.metrics import entropy, log_loss
+from ctrstream.simulation.generator import generate, load_scenario
+
 
 def sig(x): return 1/(1+np.exp(-x))
 

@@ -50,9 +50,9 @@ def _peak_rss_gb() -> float:
 def _train_row(scenario: str, events: int, seed: int, training_seed: int,
                warmup_hours: float) -> dict:
     """One ``ctrstream train`` run, evaluated; runs in its own process (see :func:`_isolated`)."""
-    from ctrstream.config import get_settings
     from ctrstream.batch.pipeline import run_training
     from ctrstream.cli.train import load_training_data
+    from ctrstream.config import get_settings
 
     settings = get_settings()
     t0 = time.perf_counter()

@@ -8,7 +8,6 @@ the inference benchmark use them too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 

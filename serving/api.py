@@ -56,7 +56,13 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ctrstream.serving.assembly import CANDIDATE_FIELDS, assemble_async, request_columns
@@ -350,7 +356,7 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
         else:
             try:
                 status, body, timings = await handle(content_type, b"".join(chunks))
-            except Exception as e:  # noqa: BLE001 - a bug, not bad input: a 500 that says so
+            except Exception as e:  # a bug, not bad input: a 500 that says so
                 log.exception("POST /v1/predict failed")
                 requests.labels("error").inc()
                 status, body, timings = 500, _ENCODE({"detail": f"internal error: {type(e).__name__}: {e}"}), {}

@@ -178,7 +178,12 @@ def build_flow(settings: Settings, *, model: str = "ctr_deep", model_name: str |
     """The dataflow: KafkaSource(impressions) -> flat_map_batch(score) -> KafkaSink(predictions).
     ``stop_at_end``: stop once the topic's current end is reached (tests, backfills)."""
     import bytewax.operators as op
-    from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource, KafkaSourceMessage
+    from bytewax.connectors.kafka import (
+        KafkaSink,
+        KafkaSinkMessage,
+        KafkaSource,
+        KafkaSourceMessage,
+    )
     from bytewax.dataflow import Dataflow
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 

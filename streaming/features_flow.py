@@ -63,7 +63,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import numpy as np
@@ -256,7 +256,7 @@ class Delta:
 
 
 class _EventsPartition(StatefulSourcePartition):
-    def __init__(self, cfg: "FlowConfig", kind: str, partition: int, part_idx: int, state: dict | None):
+    def __init__(self, cfg: FlowConfig, kind: str, partition: int, part_idx: int, state: dict | None):
         s = cfg.settings
         state = state or {}
         self.cfg, self.kind, self.partition, self.part_idx = cfg, kind, partition, part_idx
@@ -309,7 +309,7 @@ class _EventsPartition(StatefulSourcePartition):
             if lag is not None:
                 self.m_lag.set(lag)
         if not msgs:
-            self.awake = datetime.now(timezone.utc) + EMPTY_POLL
+            self.awake = datetime.now(UTC) + EMPTY_POLL
             return []
         self.awake = None
         if not self.started and self.cfg.stop_at_end:
@@ -447,7 +447,7 @@ def shard_key(s: int) -> str:
 class KafkaEventsSource(FixedPartitionedSource):
     """Both event topics, one Bytewax partition per Kafka topic-partition."""
 
-    def __init__(self, cfg: "FlowConfig"):
+    def __init__(self, cfg: FlowConfig):
         self.cfg = cfg
         self.parts = cfg.parts
 
@@ -550,7 +550,7 @@ class FlushItem:
 
 
 class ShardLogic(StatefulBatchLogic):
-    def __init__(self, cfg: "FlowConfig", shard: str, state: dict | None):
+    def __init__(self, cfg: FlowConfig, shard: str, state: dict | None):
         self.cfg = cfg
         self.shard = shard
         state = state or {}
@@ -564,7 +564,7 @@ class ShardLogic(StatefulBatchLogic):
         self.g_cells = M.STATE_CELLS.labels(shard)
         self.touched: set[tuple[int, int, int]] = set(self.tables)
         if self.tables:  # restored: re-write what may not have reached Redis
-            self.next_flush = datetime.now(timezone.utc)
+            self.next_flush = datetime.now(UTC)
 
     def watermark(self) -> int:
         return min(self.wms)
@@ -591,7 +591,7 @@ class ShardLogic(StatefulBatchLogic):
                 self.wms[d.part] = d.wm
         W = self.watermark()
         if self.next_flush is None and (by_type or self._closable(W)):
-            self.next_flush = datetime.now(timezone.utc) + self.interval
+            self.next_flush = datetime.now(UTC) + self.interval
         return [], StatefulBatchLogic.RETAIN
 
     def _merge(self, etype, r, ent, eid, b, res, W):
@@ -763,13 +763,13 @@ class FlowConfig:
         return [f"{kind}:{p}" for kind in KINDS
                 for p in range(getattr(self.settings.topics, kind).partitions)]
 
-    _writer: "FeatureWriter | None" = field(default=None, repr=False, compare=False)
+    _writer: FeatureWriter | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def dlq_writer(self) -> DlqWriter:
         return DlqWriter(self.settings)
 
-    def writer(self) -> "FeatureWriter":
+    def writer(self) -> FeatureWriter:
         """This process's Redis writer (created on first use; its workers share it)."""
         with self._lock:
             if self._writer is None:

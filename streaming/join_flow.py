@@ -51,7 +51,7 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 from bytewax import operators as op
@@ -60,13 +60,13 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from ctrstream import events as E
 from ctrstream.config import Settings, Topic, get_settings
 from ctrstream.kafka.clients import ensure_topics, producer_config
-from ctrstream import events as E
-from ctrstream.streaming import speed_metrics as M
 from ctrstream.kafka.deadletters import dead_letter
 from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
 from ctrstream.kafka.partition import PartitionReader
+from ctrstream.streaming import speed_metrics as M
 
 log = logging.getLogger("ctrstream.speed.join")
 
@@ -202,7 +202,7 @@ class _JoinPartition(StatefulSourcePartition):
         mi = self.ri.poll(BATCH)
         mc = self.rc.poll(BATCH)
         if not mi and not mc:
-            self.awake = datetime.now(timezone.utc) + EMPTY_POLL
+            self.awake = datetime.now(UTC) + EMPTY_POLL
             return []
         self.awake = None
         if mi:

@@ -38,7 +38,7 @@ import signal
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrstream.config import Settings
-from ctrstream.features import HOUR_MS
 from ctrstream.events import Click, DecodeError, Impression, decode_click, decode_impression
+from ctrstream.features import HOUR_MS
 
 log = logging.getLogger("ctrstream.archive")
 
@@ -91,14 +91,14 @@ def archive_root(data_dir: Path | str) -> Path:
 
 def partition_dir(data_dir: Path | str, kind: str, hour: int) -> Path:
     """Directory of event hour ``hour`` (= event_time_ms // HOUR_MS)."""
-    d = datetime.fromtimestamp(hour * HOUR_MS / 1000, tz=timezone.utc)
+    d = datetime.fromtimestamp(hour * HOUR_MS / 1000, tz=UTC)
     return archive_root(data_dir) / kind / f"date={d:%Y-%m-%d}" / f"hour={d:%H}"
 
 
 def _hour_of_dir(date_dir: str, hour_dir: str) -> int | None:
     try:
         d = datetime.strptime(date_dir.removeprefix("date=") + hour_dir.removeprefix("hour="),
-                              "%Y-%m-%d%H").replace(tzinfo=timezone.utc)
+                              "%Y-%m-%d%H").replace(tzinfo=UTC)
     except ValueError:
         return None
     return int(d.timestamp() * 1000) // HOUR_MS

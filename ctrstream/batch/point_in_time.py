@@ -50,7 +50,14 @@ import numpy as np
 import pyarrow as pa
 
 from ctrstream import features as F
-from ctrstream.batch.archive import KINDS, dedupe, empty_table, fetch_arrow, max_event_time, read_events
+from ctrstream.batch.archive import (
+    KINDS,
+    dedupe,
+    empty_table,
+    fetch_arrow,
+    max_event_time,
+    read_events,
+)
 
 DAY_MS = F.DAY_MS
 

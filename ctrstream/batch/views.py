@@ -103,7 +103,7 @@ def publish_batch_view(settings: Settings, data_dir: Path | str | None = None,
     t0 = time.perf_counter()
     data_dir = Path(data_dir or settings.data_dir)
     T = default_cutoff(settings, data_dir) if cutoff_ms is None else int(cutoff_ms)
-    if T != F.align_cutoff(T):
+    if F.align_cutoff(T) != T:
         raise ValueError(f"cut-off {T} is not aligned to {F.CUTOFF_ALIGN_MS} ms "
                          f"(features.align_cutoff gives {F.align_cutoff(T)})")
     if keep < 1:

@@ -255,8 +255,8 @@ def run(settings, cfg: CalibrationConfig | None = None, *, job_name: str = "cali
     arrived for ``idle_exit_s`` (``None``: forever). Always checkpoints before returning."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
 
-    from ctrstream.kafka.clients import make_consumer
     from ctrstream.events import decode_labeled, decode_prediction
+    from ctrstream.kafka.clients import make_consumer
 
     job = Calibrate(settings, cfg, job_name=job_name)
     topics = (settings.topics.predictions.name, settings.topics.labeled.name)

@@ -31,8 +31,8 @@ def _register_archive(app: typer.Typer) -> None:
     ):
         """Archive the impressions and clicks topics to the Parquet master dataset
         (DATA_DIR/archive/{kind}/date=/hour=, by event hour; offsets committed after fsync)."""
-        from ctrstream.config import get_settings
         from ctrstream.batch.archive import run_archiver
+        from ctrstream.config import get_settings
 
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -59,8 +59,8 @@ def _register_batch_views(app: typer.Typer) -> None:
     ):
         """Compute the batch views from the archive, write them to Redis under a new version
         and switch bv:current to it."""
-        from ctrstream.config import get_settings
         from ctrstream.batch.views import publish_batch_view
+        from ctrstream.config import get_settings
 
         try:
             res = publish_batch_view(get_settings(), cutoff_ms=cutoff_ms, keep=keep)

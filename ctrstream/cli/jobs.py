@@ -66,9 +66,9 @@ def register(app: typer.Typer) -> None:
             "calibrate", help="checkpoint name: a restarted job of the same name resumes"),
     ):
         """Join predictions with labels and train the online calibrators (checkpoints in Redis)."""
-        from ctrstream.config import get_settings
-        from ctrstream.calibration.job import run
         from ctrstream.calibration.calibrator import CalibrationConfig
+        from ctrstream.calibration.job import run
+        from ctrstream.config import get_settings
 
         if method not in ("platt", "isotonic"):
             raise typer.BadParameter("--method must be platt or isotonic")
@@ -102,8 +102,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print the JSON report, not the summary"),
     ):
         """Compare the batch view with the speed view, explain differences, let the batch win."""
-        from ctrstream.config import get_settings
         from ctrstream.batch import reconcile as rec
+        from ctrstream.config import get_settings
 
         _logging("WARNING")
         settings = get_settings()

@@ -18,7 +18,11 @@ from pathlib import Path
 import typer
 
 from ctrstream.batch.pipeline import (
-    BASE_NAMES, archive_training_data, latest_run, run_training, traffic_training_data,
+    BASE_NAMES,
+    archive_training_data,
+    latest_run,
+    run_training,
+    traffic_training_data,
 )
 
 

@@ -11,8 +11,17 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from ctrstream.demo.html import (bar_png, fmt, img_html, lag_png, lambda_svg, reliability_png,
-                              series_png, table_html, write_report)
+from ctrstream.demo.html import (
+    bar_png,
+    fmt,
+    img_html,
+    lag_png,
+    lambda_svg,
+    reliability_png,
+    series_png,
+    table_html,
+    write_report,
+)
 from ctrstream.metrics import summary
 
 FRESHNESS_LIMIT_S = 3600.0  # a "freshness" above this is a measurement artefact, never shown

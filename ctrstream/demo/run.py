@@ -109,8 +109,8 @@ def _wait(what: str, predicate, timeout: float, proc_names: list[str], st: DemoS
 
 
 def _start(st: DemoState, name: str, argv: list[str], metrics_port: int = 0):
-    from ctrstream.stack.procs import start_job
     from ctrstream.stack.manager import settings_env
+    from ctrstream.stack.procs import start_job
 
     env = {**os.environ, **settings_env(st.settings), "CTRSTREAM_METRICS_PORT": str(metrics_port),
            "PYTHONUNBUFFERED": "1"}
@@ -135,7 +135,7 @@ def phase(st: DemoState, n: int, total: int, name: str, what: str):
         yield
     except DemoError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure stops the demo with its phase named
+    except Exception as e:  # any failure stops the demo with its phase named
         (st.out / "logs").mkdir(parents=True, exist_ok=True)
         (st.out / "logs" / "demo-error.txt").write_text(traceback.format_exc())
         raise DemoError(f"phase '{name}' failed: {type(e).__name__}: {e}") from e
@@ -291,9 +291,9 @@ def _speed_caught_up(st: DemoState, expected_in: int) -> bool:
 
 
 def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
-    from ctrstream.stack.services import free_port
     from ctrstream.batch.archive import Archiver
     from ctrstream.kafka.heartbeats import send_heartbeat
+    from ctrstream.stack.services import free_port
 
     ports = {"speed-features": free_port(), "speed-join": free_port()}
     st.numbers["metrics_ports"] = ports
@@ -325,10 +325,10 @@ def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
 
 
 def _batch(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
-    from ctrstream.batch.views import publish_batch_view
-    from ctrstream.models.publish import publish, served_model_name
     from ctrstream.batch.pipeline import archive_training_data, run_training
+    from ctrstream.batch.views import publish_batch_view
     from ctrstream.cli.train import print_summary
+    from ctrstream.models.publish import publish, served_model_name
 
     window_ms = int(st.settings.attribution_window_s * 1000)
     ds, _, source = archive_training_data(st.settings, end_ms=t_split - window_ms, log=console.print)
@@ -350,8 +350,8 @@ def _batch(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
 
 
 def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
-    from ctrstream.stack.services import free_port
     from ctrstream.kafka.heartbeats import send_heartbeat
+    from ctrstream.stack.services import free_port
 
     ports = st.numbers["metrics_ports"]
     ports["score"], ports["calibrate"] = free_port(), free_port()

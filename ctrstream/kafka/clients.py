@@ -77,7 +77,7 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
             try:
                 fut.result(timeout)
                 created.append(name)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # confluent-kafka's KafkaException: re-raised unless the topic exists
                 if "TOPIC_ALREADY_EXISTS" not in str(e):
                     raise
     return created

@@ -54,9 +54,9 @@ for each one's expected decode-error reason).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import msgspec
 import numpy as np
@@ -65,8 +65,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctrstream.events import MAX_EVENT_BYTES, SCHEMA_VERSION, Click, Impression
-from ctrstream.simulation.scenarios import (MALFORMED_KINDS, SCENARIOS, Scenario,  # noqa: F401 (re-export)
-                                 load_scenario)
+from ctrstream.simulation.scenarios import (  # re-exported: __all__
+    MALFORMED_KINDS,
+    SCENARIOS,
+    Scenario,
+    load_scenario,
+)
 
 __all__ = ["Scenario", "load_scenario", "generate", "Traffic", "write_traffic", "read_traffic",
            "SCENARIOS", "MALFORMED_KINDS", "EXPECTED_REASON"]
@@ -328,7 +332,7 @@ class Traffic:
 
     # -- the replay plan ------------------------------------------------------------------
     @property
-    def _plan(self) -> "_Plan":
+    def _plan(self) -> _Plan:
         if self._plan_cache is None:
             self._plan_cache = _make_plan(self)
         return self._plan_cache
@@ -627,7 +631,7 @@ def _make_plan(tr: Traffic) -> _Plan:
     n_clean = n_i + n_c
     dirty = (sc.duplicate_rate or sc.out_of_order_rate or sc.late_event_rate or sc.malformed_rate)
     if dirty and n_clean:
-        rng = np.random.default_rng([sc.seed, 0xD1]) 
+        rng = np.random.default_rng([sc.seed, 0xD1])
         all_t = np.concatenate([imp_t, clk_t])
         t_lo, t_hi = int(all_t.min()), int(all_t.max())
         clicked = pc.is_in(tr.impressions.column("impression_id"),

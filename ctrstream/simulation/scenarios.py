@@ -140,7 +140,7 @@ class Scenario:
     def end_ms(self) -> int:
         return self.start_ms + self.span_ms
 
-    def replace(self, **overrides) -> "Scenario":
+    def replace(self, **overrides) -> Scenario:
         return _build(dataclasses.asdict(self) | overrides)
 
     def to_dict(self) -> dict:
@@ -149,7 +149,7 @@ class Scenario:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
 
-    def validate(self) -> "Scenario":
+    def validate(self) -> Scenario:
         problems = []
         if self.events < 1:
             problems.append("events must be >= 1")

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from ctrstream.config import KafkaSettings, RedisSettings, Settings, TritonSettings
 from ctrstream.stack.services import (
-    Service, StackError, all_services, free_port,
+    Service,
+    StackError,
+    all_services,
+    free_port,
 )
 
 

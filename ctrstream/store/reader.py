@@ -53,6 +53,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ctrstream import features as F
+from ctrstream.store import layout as L
 from ctrstream.store.cache import Lookup, SharedEntityCache
 from ctrstream.store.plan import (
     NO_VIEW,
@@ -69,7 +70,6 @@ from ctrstream.store.plan import (
     view_of,
     window_plan,
 )
-from ctrstream.store import layout as L
 from ctrstream.store.script import READ_SCRIPT, AsyncScript
 from ctrstream.store.tracking import InvalidationTracker
 

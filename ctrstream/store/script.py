@@ -99,7 +99,7 @@ class AsyncScript:
         proto.transport.write(hiredis.pack_command(args))
         try:
             return await asyncio.wait_for(fut, self.timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             proto.transport.close()  # replies may still come: never reuse this connection
             raise TimeoutError(f"redis did not answer within {self.timeout:g} s") from None
 

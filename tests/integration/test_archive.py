@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from test_batch_features import make_traffic
 
 from ctrstream import features as F
-from ctrstream.kafka.clients import make_producer
-from ctrstream.stack.procs import kill_hard, start_job, wait_until
-from ctrstream.stack.manager import settings_env
 from ctrstream.batch.archive import (
-    CRASH_ENV, SCHEMAS, list_files, list_partitions, partition_dir, read_events, run_archiver,
+    CRASH_ENV,
+    SCHEMAS,
+    list_files,
+    list_partitions,
+    partition_dir,
+    read_events,
+    run_archiver,
 )
 from ctrstream.events import Click, Impression, encode
-from test_batch_features import make_traffic
+from ctrstream.kafka.clients import make_producer
+from ctrstream.stack.manager import settings_env
+from ctrstream.stack.procs import kill_hard, start_job, wait_until
 
 CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
 
@@ -69,7 +75,7 @@ def test_partitions_late_events_and_bad_records(fresh_topics, tmp_path, unique):
             t = pa.concat_tables([pa.parquet.read_table(f) for f in d.glob("part-*.parquet")])
             assert (t.column("event_time_ms").to_numpy() // F.HOUR_MS == hour).all()
     late_dir = partition_dir(tmp_path, "impressions", late["event_time_ms"] // F.HOUR_MS)
-    when = datetime.fromtimestamp(late["event_time_ms"] / 1000, tz=timezone.utc)
+    when = datetime.fromtimestamp(late["event_time_ms"] / 1000, tz=UTC)
     assert (late_dir.parent.name, late_dir.name) == (f"date={when:%Y-%m-%d}", f"hour={when:%H}")
     ids = pa.concat_tables([pa.parquet.read_table(f) for f in late_dir.glob("part-*.parquet")])
     assert ids.column("impression_id").to_pylist() == ["late-1"]

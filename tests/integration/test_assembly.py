@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from ctrstream import features as F
-from ctrstream.store import layout as L
-from ctrstream.serving.assembly import assemble, assemble_async, entity_ids, request_columns
 from ctrstream.events import Click, Impression
+from ctrstream.serving.assembly import assemble, assemble_async, entity_ids, request_columns
+from ctrstream.store import layout as L
 from ctrstream.store.connection import redis_client
 from ctrstream.store.reader import AsyncFeatureStore, FeatureStore
 
@@ -208,7 +208,8 @@ def test_the_batch_layers_own_view_with_suffix_sums_serves_the_training_features
     hashes plus the ``:sums`` hashes (suffix sums) the script reads the batch part from -
     two fields per count whatever the number of buckets. Equal to the brute-force training
     counts for every cut-off."""
-    from ctrstream.batch.views import compute_batch_view, write_batch_view as publish
+    from ctrstream.batch.views import compute_batch_view
+    from ctrstream.batch.views import write_batch_view as publish
 
     imps, clicks, user, ctx, cands, rows = world
     want_counts = brute_force_counts(rows, imps, clicks, T)

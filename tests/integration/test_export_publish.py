@@ -15,10 +15,15 @@ import torch
 
 from ctrstream import features
 from ctrstream.models.export import ParityError, check_parity, export_onnx
-from ctrstream.models.onnx_runtime import ort_predict, ort_session, random_inputs
 from ctrstream.models.nets import DCNv2, HashedLogisticRegression
+from ctrstream.models.onnx_runtime import ort_predict, ort_session, random_inputs
 from ctrstream.models.publish import (
-    PublishError, infer, loaded_versions, publish, served_model_name, versions_on_disk,
+    PublishError,
+    infer,
+    loaded_versions,
+    publish,
+    served_model_name,
+    versions_on_disk,
 )
 
 

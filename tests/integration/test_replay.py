@@ -12,12 +12,11 @@ from collections import defaultdict
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
-from confluent_kafka.admin import (AlterConfigOpType, ConfigEntry, ConfigResource,
-                                   ResourceType)
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
 from ctrstream.config import Topic
-from ctrstream.kafka.clients import admin, make_consumer, topic_end_offsets
 from ctrstream.events import DecodeError, decode_click, decode_impression
+from ctrstream.kafka.clients import admin, make_consumer, topic_end_offsets
 from ctrstream.simulation.generator import EXPECTED_REASON, generate, load_scenario
 from ctrstream.simulation.replay import replay
 

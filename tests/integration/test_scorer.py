@@ -8,11 +8,11 @@ import redis
 import torch
 
 from ctrstream import features as F
-from ctrstream.store import layout as L
-from ctrstream.kafka.clients import make_consumer, make_producer
 from ctrstream.calibration.params import logit, sigmoid
-from ctrstream.store.calibration import CalibrationStore
 from ctrstream.events import Impression, decode_prediction, encode
+from ctrstream.kafka.clients import make_consumer, make_producer
+from ctrstream.store import layout as L
+from ctrstream.store.calibration import CalibrationStore
 
 T0 = 1_768_435_200_000 + 10 * F.MINUTE_MS  # a day no other test of this suite writes
 N = 400
@@ -77,8 +77,8 @@ def _read_predictions(settings, n, timeout=60):
 def _run(settings, model_name, batch_size=128):
     from bytewax.testing import run_main
 
-    from ctrstream.serving.triton_client import Scorer
     from ctrstream.serving.scorer import BatchScorer, build_flow
+    from ctrstream.serving.triton_client import Scorer
 
     scorer = Scorer(settings, model_name=model_name, max_rows=batch_size)
     bs = BatchScorer(settings, model_name=model_name, batch_size=batch_size, scorer=scorer)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from test_speed_features import BASE, CTRSTREAM, job_env, produce
 
-from ctrstream.stack.procs import start_job, stop_job, wait_until
 from ctrstream import events as E
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
-from test_speed_features import BASE, CTRSTREAM, job_env, produce
+from ctrstream.stack.procs import start_job, stop_job, wait_until
 
 
 def imp(i: int, t: int) -> E.Impression:

@@ -28,7 +28,12 @@ CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
 def test_kafka_round_trip_with_a_two_member_group(settings, unique):
     from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError
 
-    from ctrstream.kafka.clients import ensure_topics, make_consumer, make_producer, topic_end_offsets
+    from ctrstream.kafka.clients import (
+        ensure_topics,
+        make_consumer,
+        make_producer,
+        topic_end_offsets,
+    )
 
     n, partitions = 10_000, 6
     topic = f"roundtrip-{unique}"

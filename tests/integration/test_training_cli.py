@@ -12,8 +12,8 @@ def test_cli_trains_on_a_scenario_and_publishes_to_triton(stack_env, settings, t
     import typer
     from typer.testing import CliRunner
 
-    from ctrstream.config import get_settings
     from ctrstream.cli import train as train_cli
+    from ctrstream.config import get_settings
     from ctrstream.models.publish import loaded_versions
 
     for k, v in stack_env.items():

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from ctrstream.bench.api import write_demo_model
 from ctrstream import features as F
-from ctrstream.stack.services import free_port
-from ctrstream.serving.triton_client import AsyncScorer, Scorer, fallback_scores
+from ctrstream.bench.api import write_demo_model
 from ctrstream.features import historical_ctr
+from ctrstream.serving.triton_client import AsyncScorer, Scorer, fallback_scores
+from ctrstream.stack.services import free_port
 
 W = np.linspace(-0.05, 0.05, F.N_DENSE).astype(np.float32)
 

@@ -9,10 +9,16 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from ctrstream.events import (Click, DecodeError, Impression, decode_click, decode_impression,
-                              encode)
-from ctrstream.simulation.generator import (EXPECTED_REASON, MALFORMED_KINDS, generate, load_scenario,
-                                 read_traffic, write_traffic, zipf_probabilities)
+from ctrstream.events import Click, DecodeError, Impression, decode_click, decode_impression, encode
+from ctrstream.simulation.generator import (
+    EXPECTED_REASON,
+    MALFORMED_KINDS,
+    generate,
+    load_scenario,
+    read_traffic,
+    write_traffic,
+    zipf_probabilities,
+)
 
 
 @pytest.fixture(scope="module")

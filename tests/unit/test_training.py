@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 
 from ctrstream.features import (
-    DAY_MS, ENTITIES, N_WINDOWS, dense_from_counts, fingerprint, sparse_ids,
+    DAY_MS,
+    ENTITIES,
+    N_WINDOWS,
+    dense_from_counts,
+    fingerprint,
+    sparse_ids,
 )
 
 
