@@ -241,10 +241,10 @@ def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
                             mlp="x".join(map(str, m.config.get("mlp_dims", []))) or "?",
                             device=device_label)
 
-                def floor_cols(b: int, rps: float) -> dict:
+                def floor_cols(b: int, rps: float, cost: dict = m.cost) -> dict:
                     if not hw:
                         return {}
-                    f = floor_seconds(*batch_cost(m.cost, b), hw)
+                    f = floor_seconds(*batch_cost(cost, b), hw)
                     frps = b / f["floor_s"]
                     return dict(floor_ms=round(f["floor_s"] * 1e3, 4), floor_bound=f["bound"],
                                 floor_rows_per_s=round(frps, 1),

@@ -26,16 +26,8 @@ def measure(device_index: int = 0, matmul_n: int = 8192, copy_mib: int = 1024) -
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        a = torch.randn(matmul_n, matmul_n, device=dev)
-        b = torch.randn(matmul_n, matmul_n, device=dev)
-        flops = _best_rate(lambda: a @ b, 2.0 * matmul_n ** 3, torch)
-        del a, b
-        n = copy_mib * 2**20 // 4
-        src = torch.empty(n, device=dev)
-        dst = torch.empty_like(src)
-        # a copy reads and writes every byte
-        bw = _best_rate(lambda: dst.copy_(src), 2.0 * n * 4, torch)
-        del src, dst
+        flops = _matmul_rate(torch, dev, matmul_n)
+        bw = _copy_rate(torch, dev, copy_mib)
         host = torch.empty(64 * 2**20 // 4, pin_memory=True)
         dbuf = torch.empty_like(host, device=dev)
         h2d = _best_rate(lambda: dbuf.copy_(host, non_blocking=True), host.numel() * 4.0, torch)
@@ -45,6 +37,23 @@ def measure(device_index: int = 0, matmul_n: int = 8192, copy_mib: int = 1024) -
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
         torch.cuda.empty_cache()
+
+
+def _matmul_rate(torch, dev, n: int) -> float:
+    """FLOP/s of an n x n FP32 matmul (its operands are freed on return)."""
+    a = torch.randn(n, n, device=dev)
+    b = torch.randn(n, n, device=dev)
+    return _best_rate(lambda: a @ b, 2.0 * n**3, torch)
+
+
+def _copy_rate(torch, dev, copy_mib: int) -> float:
+    """Bytes/s of a device-to-device copy of ``copy_mib`` MiB (its buffers are freed on
+    return)."""
+    n = copy_mib * 2**20 // 4
+    src = torch.empty(n, device=dev)
+    dst = torch.empty_like(src)
+    # a copy reads and writes every byte
+    return _best_rate(lambda: dst.copy_(src), 2.0 * n * 4, torch)
 
 
 def _best_rate(fn, work: float, torch, reps: int = 10, rounds: int = 5) -> float:

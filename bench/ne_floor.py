@@ -73,7 +73,7 @@ def report(sc, warmup_hours: float = 1.0, val_fraction: float = 0.1) -> dict:
         return np.asarray(T[k])[row]
 
     L = term("logit")
-    col = lambda f: tr.impressions.column(f).to_numpy()[row]  # noqa: E731
+    col = lambda f: tr.impressions.column(f).to_numpy()[row]  # noqa: E731 - a one-line column getter next to its three uses
     ad, site, cat = col("ad_id"), col("site_id"), col("ad_category")
     mk = _market(sc, np.random.default_rng([sc.seed, 0xC7]))  # generate()'s first draws
     cat_f = mk.cat_latent[cat]

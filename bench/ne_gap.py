@@ -28,7 +28,8 @@ from ctrstream.metrics import entropy, log_loss
 from ctrstream.simulation.generator import generate, load_scenario
 
 
-def sig(x): return 1/(1+np.exp(-x))
+def sig(x):
+    return 1/(1+np.exp(-x))
 
 def labels_of(tr):
     n = tr.impressions.num_rows
@@ -36,13 +37,15 @@ def labels_of(tr):
     ct = tr.clicks.column('event_time_ms').to_numpy()
     it = tr.impressions.column('event_time_ms').to_numpy()
     ok = ct - it[ids] <= tr.scenario.attribution_window_s * 1000
-    y = np.zeros(n, np.int8); y[ids[ok]] = 1
+    y = np.zeros(n, np.int8)
+    y[ids[ok]] = 1
     return y, it
 
 def user_posterior_p(tr, y, grid=41):
     """p with the user effect replaced by its posterior from the user's earlier impressions
     (every other component known)."""
-    T = tr.truth; sc = tr.scenario
+    T = tr.truth
+    sc = tr.scenario
     l_wo = T['logit'] - T['user']
     g = np.linspace(-4*sc.user_sigma, 4*sc.user_sigma, grid) if sc.user_sigma > 0 else np.zeros(1)
     lw = -0.5*(g/max(sc.user_sigma,1e-9))**2
@@ -60,16 +63,18 @@ def user_posterior_p(tr, y, grid=41):
     prior_ll = excl - excl[grp_start]
     w = prior_ll + lw[None, :]
     w -= w.max(axis=1, keepdims=True)
-    w = np.exp(w); w /= w.sum(axis=1, keepdims=True)
+    w = np.exp(w)
+    w /= w.sum(axis=1, keepdims=True)
     p_s = (w * pg).sum(axis=1)
-    p = np.empty_like(p_s); p[order] = p_s
+    p = np.empty_like(p_s)
+    p[order] = p_s
     return p
 
-def marg(l, sigma, k=21):
-    # E over N(0, sigma^2) of sig(l + u) by Gauss-Hermite
+def marg(logit, sigma, k=21):
+    # E over N(0, sigma^2) of sig(logit + u) by Gauss-Hermite
     x, wts = np.polynomial.hermite_e.hermegauss(k)
     wts = wts / wts.sum()
-    return (sig(l[:, None] + sigma*x[None, :]) * wts[None, :]).sum(1)
+    return (sig(logit[:, None] + sigma*x[None, :]) * wts[None, :]).sum(1)
 
 def report(sc):
     t0 = time.time()
@@ -79,10 +84,14 @@ def report(sc):
     n = len(y)
     t1 = it.max() - sc.attribution_window_s*1000
     lab = it <= t1
-    lo = it.min(); cut = lo + (t1 - lo) * 0.9
+    lo = it.min()
+    cut = lo + (t1 - lo) * 0.9
     v = lab & (it >= cut)
     H = entropy(y[v].mean())
-    ne = lambda p: log_loss(p[v], y[v]) / H
+
+    def ne(p):
+        return log_loss(p[v], y[v]) / H
+
     L = T['logit']
     p_or = sig(L)
     res = {}
@@ -91,7 +100,7 @@ def report(sc):
     res['- user effect (posterior from earlier imps)'] = ne(user_posterior_p(tr, y))
     hs = (T['heat'] != 0).mean()
     lh = L - T['heat']
-    res['- heat (marginalised, P(hot)=%.3f)' % hs] = ne((1-hs)*sig(lh) + hs*sig(lh + sc.heat_logit))
+    res[f'- heat (marginalised, P(hot)={hs:.3f})'] = ne((1-hs)*sig(lh) + hs*sig(lh + sc.heat_logit))
     res['- trend term (dropped)'] = ne(sig(L - T['trend']))
     res['- fatigue (dropped)'] = ne(sig(L - T['fatigue']))
     res['- interest (dropped)'] = ne(sig(L - T['interest']))
@@ -113,10 +122,13 @@ def report(sc):
     res['- user, heat, interest (all marginalised)'] = ne(pm3)
     # users' history
     user = tr.impressions.column('user_id').to_numpy()
-    order = np.lexsort((it, user)); us = user[order]
+    order = np.lexsort((it, user))
+    us = user[order]
     first = np.r_[True, us[1:] != us[:-1]]
-    idx = np.arange(n); gs = np.maximum.accumulate(np.where(first, idx, 0))
-    prev = np.empty(n, np.int64); prev[order] = idx - gs
+    idx = np.arange(n)
+    gs = np.maximum.accumulate(np.where(first, idx, 0))
+    prev = np.empty(n, np.int64)
+    prev[order] = idx - gs
     print(f"{sc.name} events={sc.events} hours={sc.hours} n_users={sc.n_users} user_sigma={sc.user_sigma}  val rows={v.sum()} ctr={y[v].mean():.4f} gen {time.time()-t0:.0f}s")
     print(f"  val rows: median earlier imps of the user {np.median(prev[v]):.0f}, share with 0: {(prev[v]==0).mean():.3f}, <5: {(prev[v]<5).mean():.3f}")
     print_ne(res, 50)

@@ -109,6 +109,10 @@ def measure(scenario: str, events: int, seed: int, training_seed: int, floor: bo
     return row
 
 
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ctrstream.bench.common import print_table, write_results
 
@@ -134,15 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for events in args.events:
         rs = [r for r in rows if r["events"] == events]
-        mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
         summary.append({
             "events": events, "data sets": len(rs),
-            "deep gap % (mean)": mean("deep_gap_pct"),
+            "deep gap % (mean)": _mean(rs, "deep_gap_pct"),
             "deep gap % (max)": max(r["deep_gap_pct"] for r in rs),
-            "LR gap % (mean)": mean("lr_gap_pct"),
-            **({"floor % (mean)": mean("floor_gap_pct")} if args.floor else {}),
+            "LR gap % (mean)": _mean(rs, "lr_gap_pct"),
+            **({"floor % (mean)": _mean(rs, "floor_gap_pct")} if args.floor else {}),
             "met (deep <= 3 %, < LR)": f"{sum(r['target_met'] for r in rs)}/{len(rs)}",
-            "deep train s": mean("deep_train_s"),
+            "deep train s": _mean(rs, "deep_train_s"),
         })
     cols = ["events", "seed", "val_rows", "val_clicks", "oracle_ne", "lr_ne", "deep_ne", "lr_gap_pct",
             "deep_gap_pct"] + (["floor_gap_pct"] if args.floor else []) + [

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     tr = generate(sc)
     t_gen = time.perf_counter() - t0
     n_rec, n_bytes = 0, 0
-    for kinds, keys, values, ts in tr.record_blocks():
+    for _kinds, keys, values, _ts in tr.record_blocks():
         n_rec += len(values)
         n_bytes += sum(map(len, values)) + sum(map(len, keys))
     t_enc = time.perf_counter() - t0
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 for f in client.delete_topics(list(bench_topics), operation_timeout=30).values():
                     try:
                         f.result(30)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:  # noqa: BLE001 - clean-up: a topic left behind is warned about, not fatal
                         logging.warning("could not delete bench topic: %s", e)
         meta["kafka"] = settings.kafka.bootstrap_servers
         meta["partitions"] = {"impressions": settings.topics.impressions.partitions,

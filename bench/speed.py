@@ -96,8 +96,9 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
     logs = [log_dir / f"features-{tag}-{k}.log" for k in range(processes)]
     procs = []
     for argv, log in zip(job_commands("features", workers, processes, stop_at_end=True), logs):
-        procs.append(subprocess.Popen(argv, env=_env(settings), stdout=open(log, "wb"),
-                                      stderr=subprocess.STDOUT))
+        with open(log, "wb") as out:  # the child holds its own copy of the descriptor
+            procs.append(subprocess.Popen(argv, env=_env(settings), stdout=out,
+                                          stderr=subprocess.STDOUT))
     peak = 0
     while any(p.poll() is None for p in procs):
         peak = max(peak, sum(rss_kb(p.pid) for p in procs))
@@ -124,12 +125,13 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
     r = redis_client(settings, timeout_s=30.0)
     jset = settings.model_copy(update={"attribution_window_s": join_window_s,
                                        "allowed_lateness_s": min(settings.allowed_lateness_s, 2.0)})
-    feat = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ctrstream.streaming.features_flow:get_flow()"],
-                            env=_env(settings), stdout=open(log_dir / "fresh-features.log", "wb"),
-                            stderr=subprocess.STDOUT)
-    join = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ctrstream.streaming.join_flow:get_flow()"],
-                            env=_env(jset), stdout=open(log_dir / "fresh-join.log", "wb"),
-                            stderr=subprocess.STDOUT)
+    # each child holds its own copy of its log's descriptor
+    with open(log_dir / "fresh-features.log", "wb") as out:
+        feat = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ctrstream.streaming.features_flow:get_flow()"],
+                                env=_env(settings), stdout=out, stderr=subprocess.STDOUT)
+    with open(log_dir / "fresh-join.log", "wb") as out:
+        join = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ctrstream.streaming.join_flow:get_flow()"],
+                                env=_env(jset), stdout=out, stderr=subprocess.STDOUT)
     rng = random.Random(1)
     p = make_producer(settings, **{"linger.ms": 5})
     ti, tc = settings.topics.impressions.name, settings.topics.clicks.name
@@ -174,7 +176,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
         next_q = t0 + quarter
         while time.time() - t0 < seconds:
             start = time.time()
-            for j in range(per_tick - 1):
+            for _ in range(per_tick - 1):
                 k += 1
                 imp = _imp(f"s{k}", rng.randrange(100_000), rng)
                 p.produce(ti, key=E.key_of(imp), value=E.encode(imp))
