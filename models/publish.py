@@ -81,8 +81,8 @@ def model_config(name: str, flavour: str, versions: list[int] | None, n_sparse: 
     """config.pbtxt text. ``flavour``: "onnxruntime" (GPU) or "python" (CPU).
     ``versions``: the specific versions to serve (None: the latest one)."""
     if versions:
-        policy = "version_policy: { specific: { versions: [ %s ] } }" % ", ".join(
-            str(v) for v in sorted(versions))
+        listed = ", ".join(str(v) for v in sorted(versions))
+        policy = f"version_policy: {{ specific: {{ versions: [ {listed} ] }} }}"
     else:
         policy = "version_policy: { latest: { num_versions: 1 } }"
     pref = ", ".join(str(b) for b in preferred_batch_sizes if b <= max_batch_size)
@@ -92,8 +92,7 @@ def model_config(name: str, flavour: str, versions: list[int] | None, n_sparse: 
     extra = ""
     if flavour == "python":
         extra = ('parameters: { key: "device" value: { string_value: "auto" } }\n'
-                 'parameters: { key: "intra_op_threads" value: { string_value: "%d" } }\n'
-                 % intra_op_threads)
+                 f'parameters: {{ key: "intra_op_threads" value: {{ string_value: "{int(intra_op_threads)}" }} }}\n')
     return f"""# written by models/publish.py - do not edit by hand (the next publish rewrites it)
 name: "{name}"
 {head}
@@ -218,7 +217,7 @@ def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dic
             try:
                 if not client.is_server_live():
                     raise PublishError("Triton is not live")
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure to ask Triton means "not reachable"
                 raise PublishError(f"Triton at {settings.triton.grpc_url} is not reachable ({e}); "
                                    "start it with `ctrstream stack up` or publish with --no-load"
                                    ) from None

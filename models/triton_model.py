@@ -20,10 +20,11 @@ import site
 for p in filter(None, os.environ.get("CTRSTREAM_TRITON_SITE", "").split(os.pathsep)):
     site.addsitedir(p)
 
-import json  # noqa: E402
+# imported after the site directories above are added: they hold numpy and onnxruntime
+import json  # noqa: E402 - see above
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import numpy as np  # noqa: E402 - see above
+import triton_python_backend_utils as pb_utils  # noqa: E402 - see above
 
 
 class TritonPythonModel:
@@ -51,7 +52,7 @@ class TritonPythonModel:
                     self.session = sess
             except Exception as e:  # no GPU / CUDA libraries: fall back to CPU
                 if device == "cuda":
-                    raise pb_utils.TritonModelException(f"CUDA requested but unavailable: {e}")
+                    raise pb_utils.TritonModelException(f"CUDA requested but unavailable: {e}") from e
         if self.session is None:
             if device == "cuda":
                 raise pb_utils.TritonModelException("CUDA requested but unavailable")
@@ -71,7 +72,7 @@ class TritonPythonModel:
             else:
                 feed = {n: np.concatenate(c, axis=0) for n, c in zip(self.input_names, cols)}
             out = self.session.run([self.output_name], feed)[0]
-        except Exception as e:  # every request of the batch gets the error, none is dropped
+        except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, none is dropped
             err = pb_utils.TritonError(f"inference failed: {type(e).__name__}: {e}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=err) for _ in requests]
         responses = []

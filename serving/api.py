@@ -182,7 +182,7 @@ class _Calibration:
             return
         try:
             self.client = CalibratorClient(settings)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the API serves uncalibrated scores and reports why
             self.error = f"calibrator could not start: {type(e).__name__}: {e}"
 
     def apply(self, raw: np.ndarray, model_version: str, context: dict) -> tuple[np.ndarray, str]:
@@ -403,7 +403,7 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
         checks = {}
         try:
             checks["redis"] = bool(await state["redis"].ping())
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failed ping is a failed readiness check, reported
             checks["redis"] = False
             checks["redis_error"] = f"{type(e).__name__}: {e}"
         checks["model"] = await state["scorer"].ready()

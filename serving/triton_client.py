@@ -105,7 +105,7 @@ class AsyncScorer:
         try:
             return bool(await asyncio.wait_for(
                 self._get_client().is_model_ready(self.model_name), self.timeout_s))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a readiness probe answers, never raises
             return False
 
     async def _infer_once(self, sparse: np.ndarray, dense: np.ndarray, version: str,

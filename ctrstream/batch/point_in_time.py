@@ -357,7 +357,7 @@ def training_set(data_dir_or_tables, start_ms: int | None = None, end_ms: int | 
     delay[lab["qid"]] = lab["delay"]
 
     # windows count only events before `end` (every later event is after every query time)
-    before = lambda t: t.filter(pc.less(t.column("event_time_ms"), end))  # noqa: E731
+    before = lambda t: t.filter(pc.less(t.column("event_time_ms"), end))  # noqa: E731 - one filter, applied to both tables on the next line
     counts = point_in_time_counts(before(imps), before(clks), query)
 
     t = query.column("event_time_ms").to_numpy().astype(np.int64)

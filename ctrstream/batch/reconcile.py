@@ -217,7 +217,7 @@ def late_cells(settings, letters) -> tuple[dict, Counter]:
         et, decode = topics[dl.source_topic]
         try:
             ev = decode(dl.original)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - an undecodable dead letter is counted, not fatal
             kinds["late:undecodable"] += 1
             continue
         eid_ = ev.impression_id if et == "i" else ev.click_id

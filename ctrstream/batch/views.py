@@ -82,7 +82,7 @@ def compute_batch_view(imps: pa.Table, clks: pa.Table, cutoff_ms: int) -> tuple[
     import pyarrow.compute as pc
 
     T = int(cutoff_ms)
-    keep = lambda t: t.filter(pc.less(t.column("event_time_ms"), T))  # noqa: E731
+    keep = lambda t: t.filter(pc.less(t.column("event_time_ms"), T))  # noqa: E731 - one filter, applied to both tables on the next line
     imps, clks = keep(imps), keep(clks)
     con = _connect()
     try:

@@ -282,7 +282,7 @@ def _paced_loop(producer, blocks, topics, state, failures, bar, start, stop, rat
             topic = topics[kind]
             try:
                 produce(topic, value, key, timestamp=t)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - BufferError / KafkaException, handled there
                 if not _produce_slow(producer, topic, value, key, t, failures):
                     rejected.append(j)
             n += 1

@@ -52,7 +52,7 @@ class Stack:
                 times[svc.name] = t
                 if t is not None:
                     started.append(svc)
-                log(f"{svc.name:7s} {'ready in %.1fs' % t if t is not None else 'already running'}"
+                log(f"{svc.name:7s} {f'ready in {t:.1f}s' if t is not None else 'already running'}"
                     f"  {svc.address()}")
             if not only or "kafka" in only:
                 created = ensure_topics(self.settings, self.settings.topics.all())

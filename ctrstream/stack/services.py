@@ -125,7 +125,7 @@ class Service:
     def healthy(self) -> bool:
         try:
             return bool(self.ready())
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a health check answers, never raises
             return False
 
     def check_ports(self) -> None:
