@@ -44,7 +44,7 @@ def _stop_stale_stacks(base: Path) -> None:
         if cwd.startswith(str(pid_file.parent)) and pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
             try:
-                wait_until(lambda: not pid_alive(pid), 30, what=f"stale server {pid} to exit")
+                wait_until(lambda pid=pid: not pid_alive(pid), 30, what=f"stale server {pid} to exit")
             except TimeoutError:
                 os.kill(pid, signal.SIGKILL)
 

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -325,7 +326,7 @@ def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path, workers)
         assert httpx.post(url + "/v1/predict", content=b"nope", timeout=10).status_code == 422
         if workers > 1:
             kids = [k for k in _children(proc.pid)
-                    if "spawn_main" in open(f"/proc/{k}/cmdline").read()]
+                    if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
             assert len(kids) == workers, f"worker processes of {proc.pid}: {kids}"
         # /metrics counts every request once, whichever worker answered it (and answers)
         text = httpx.get(url + "/metrics", timeout=10).text

@@ -60,7 +60,7 @@ def reference_view(it, ct, T: int, version: str) -> dict[str, dict[str, int]]:
                     b = t // r.bucket_ms
                     if T - r.window_ms <= b * r.bucket_ms and (b + 1) * r.bucket_ms <= T:
                         h = ref[L.batch_key(version, e.name, eid, r.name)]
-                        for j, et in enumerate(F.EVENT_TYPES):
+                        for et in F.EVENT_TYPES:
                             h.setdefault(L.batch_field(et, b), 0)
                         h[L.batch_field(F.EVENT_TYPES[c], b)] += 1
                 for w in F.LONG_WINDOWS:

@@ -73,7 +73,7 @@ def test_replay_round_trip_exact(topics):
 
     partition_of = {}
     last = defaultdict(lambda: -1)
-    for part, off, key, value, ts in sorted(imps, key=lambda r: (r[0], r[1])):
+    for part, _off, key, value, ts in sorted(imps, key=lambda r: (r[0], r[1])):
         ev = decode_impression(value)
         assert key == ev.impression_id.encode() and ts == ev.event_time_ms
         assert ts >= last[part]  # event-time order within each partition
@@ -82,7 +82,7 @@ def test_replay_round_trip_exact(topics):
     assert set(partition_of) == set(tr.impressions["impression_id"].cast("binary").to_pylist())
     imp_time = dict(zip(tr.impressions["impression_id"].to_pylist(),
                         tr.impressions["event_time_ms"].to_pylist()))
-    for part, off, key, value, ts in clicks:
+    for part, _off, key, value, ts in clicks:
         ev = decode_click(value)
         assert key == ev.impression_id.encode() and ts == ev.event_time_ms
         assert partition_of[key] == part  # same partition number as its impression

@@ -129,7 +129,7 @@ def test_kafka_round_trip_with_a_two_member_group(settings, unique):
     assert not duplicates, f"{len(duplicates)} records arrived twice, e.g. {duplicates[:5]}"
     merged = {**received[0], **received[1]}
     assert sorted(merged) == list(range(n)), "some records never arrived"
-    for seq, (partition, key, headers, (ts_type, ts)) in merged.items():
+    for seq, (_partition, key, headers, (ts_type, ts)) in merged.items():
         assert key == f"user-{seq % 997}".encode()
         assert headers == {"seq": str(seq).encode(), "source": b"test_stack"}
         assert ts_type == TIMESTAMP_CREATE_TIME and ts == base_ts + seq

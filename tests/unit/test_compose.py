@@ -22,9 +22,9 @@ import pytest
 import typer
 
 from ctrstream.config import Settings
+from ctrstream.stack.provision import compose_validator
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
-from ctrstream.stack.provision import compose_validator
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"

@@ -156,7 +156,7 @@ def test_clean_records_use_the_codec(steady):
     assert seen == 2000
     # every click comes after its impression, and carries the impression's ids
     first = {}
-    for i, (kind, key, _, t) in enumerate(recs):
+    for kind, key, _, t in recs:
         if kind == "impressions":
             first[key] = t
         else:

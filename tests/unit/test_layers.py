@@ -78,9 +78,10 @@ def unit_of(module: str) -> tuple[int, str] | None:
     best = None
     for k, (_, units) in enumerate(LAYERS):
         for u in units:
-            if module == u or module.startswith(u + "."):
-                if best is None or len(u) > len(best[1]):
-                    best = (k, u)
+            if (module == u or module.startswith(u + ".")) and (
+                best is None or len(u) > len(best[1])
+            ):
+                best = (k, u)
     return best
 
 
