@@ -50,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 
 from ctrstream import features as F
+from ctrstream.batch import archive
 from ctrstream.batch.archive import (
     KINDS,
     dedupe,
@@ -189,8 +190,8 @@ def long_window_counts(events_i: pa.Table, events_c: pa.Table, at_ms: int, con=N
     con = con or _connect()
     try:
         imps, clks = _cast(events_i, "impressions"), _cast(events_c, "clicks")
-        if dedupe:
-            imps, clks = dedupe("impressions", imps), dedupe("clicks", clks)
+        if dedupe:  # the flag shadows the function: archive.dedupe
+            imps, clks = archive.dedupe("impressions", imps), archive.dedupe("clicks", clks)
         con.register("_li", imps)
         con.register("_lc", clks)
         cols = ", ".join(_count_fields())

@@ -14,7 +14,12 @@ import pytest
 
 from ctrstream import features as F
 from ctrstream.batch.archive import SCHEMAS, read_events, write_partitioned
-from ctrstream.batch.point_in_time import bucket_counts, long_window_range, training_set
+from ctrstream.batch.point_in_time import (
+    bucket_counts,
+    long_window_counts,
+    long_window_range,
+    training_set,
+)
 
 T0 = 1_700_000_000_000
 W = 1_800_000
@@ -186,6 +191,29 @@ def test_bucket_counts_equal_reference(traffic):
     assert rows == dict(ref)
     assert got.num_rows == len(ref)
 
+
+def test_long_window_counts_equal_reference(traffic):
+    """Long-window counts at a time, deduplicating the events themselves (the default) and
+    from already deduplicated events (``dedupe=False``, as the batch view calls it)."""
+    it, ct = traffic
+    imps, clks = unique_events(it, ct)
+    at = T0 + 8 * F.DAY_MS + 123_457
+    ref = defaultdict(lambda: [0, 0])
+    for c, evs in ((0, imps), (1, clks)):
+        for ev in evs:
+            for lw in F.LONG_WINDOWS:
+                lo, hi = long_window_range(at, lw)
+                if lo <= ev["event_time_ms"] < hi:
+                    for e in F.ENTITIES:
+                        ref[(e.name, F.entity_id(e, ev), lw.name)][c] += 1
+    assert ref
+    deduped = (pa.Table.from_pylist(imps, schema=SCHEMAS["impressions"]),
+               pa.Table.from_pylist(clks, schema=SCHEMAS["clicks"]))
+    for got in (long_window_counts(it, ct, at), long_window_counts(*deduped, at, dedupe=False)):
+        rows = {(a, b, w): [i, k] for a, b, w, i, k in zip(
+            *(got.column(n).to_pylist() for n in ("entity", "eid", "long_window", "imps", "clicks")))}
+        assert rows == dict(ref)
+        assert got.num_rows == len(ref)
 
 def test_training_set_from_archive(tmp_path, traffic):
     """Reading the on-disk archive (duplicates spread over several files) gives the same
