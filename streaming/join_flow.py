@@ -122,8 +122,10 @@ def read_fences(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic}: at {pos} of {hi}")
             for m in c.consume(1000, timeout=0.2):
-                if m.error() is None and m.key():
-                    out[m.key().decode()] = json.loads(m.value())["w"]
+                key, value = m.key(), m.value()
+                if m.error() is None and key:
+                    assert value is not None  # the join writes every fence with a value
+                    out[key.decode()] = json.loads(value)["w"]
         return out
     finally:
         c.close()

@@ -281,17 +281,20 @@ def run(settings, cfg: CalibrationConfig | None = None, *, job_name: str = "cali
             msgs = consumer.consume(num_messages=batch_size, timeout=0.2)
             preds, labs = [], []
             for msg in msgs:
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("kafka error: %s", msg.error())
+                err = msg.error()
+                if err:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("kafka error: %s", err)
                     continue
-                t = msg.topic()
-                job.state.offsets[(t, msg.partition())] = msg.offset() + 1
+                t, part, off = msg.topic(), msg.partition(), msg.offset()
+                assert t is not None and part is not None and off is not None  # set on every consumed record
+                job.state.offsets[(t, part)] = off + 1
+                value = msg.value() or b""  # no value: undecodable, counted as bad
                 try:
                     if t == topics[0]:
-                        preds.append(decode_prediction(msg.value()))
+                        preds.append(decode_prediction(value))
                     else:
-                        labs.append(decode_labeled(msg.value()))
+                        labs.append(decode_labeled(value))
                 except Exception as e:  # noqa: BLE001 - bad records are counted, not fatal
                     bad.labels(t).inc()
                     log.warning("undecodable record %s[%d]@%d: %s", t, msg.partition(),

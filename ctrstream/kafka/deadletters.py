@@ -52,7 +52,7 @@ def read_dead_letters(settings, timeout_s: float = 60.0) -> list:
     out = []
     for rec in read_topic(settings, settings.topics.dlq.name, timeout=timeout_s):
         try:
-            out.append(decode_dead_letter(rec.value))
+            out.append(decode_dead_letter(rec.value or b""))  # no value: undecodable too
         except Exception:  # noqa: BLE001 - an undecodable dead letter is logged and skipped
             log.warning("undecodable dead letter at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
     return out

@@ -52,7 +52,9 @@ class PartitionReader:
                 else:
                     log.warning("kafka consumer error on %s[%d]: %s", self.topic, self.partition, err)
         if good:
-            self.next_offset = good[-1].offset() + 1
+            last = good[-1].offset()
+            assert last is not None  # set on every consumed record
+            self.next_offset = last + 1
         return good
 
     def lag(self) -> int | None:

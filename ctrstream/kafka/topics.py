@@ -48,10 +48,11 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30.0,
             for m in c.consume(num_messages=10_000, timeout=0.5):
                 if m.error():
                     continue
+                part, off = m.partition(), m.offset()
+                assert part is not None and off is not None  # set on every consumed record
                 # a transaction marker occupies an offset: track the position, not the count
-                pos[m.partition()] = m.offset() + 1
-                out.append(Record(topic, m.partition(), m.offset(), m.key(), m.value(),
-                                  m.timestamp()[1]))
+                pos[part] = off + 1
+                out.append(Record(topic, part, off, m.key(), m.value(), m.timestamp()[1]))
             for p in pos:  # read_committed skips control records: use the consumer position
                 if pos[p] < ends[p]:
                     got = c.position([TopicPartition(topic, p)])[0].offset
