@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def evaluate(probs, labels, oracle_probs=None, n_bins: int = M.N_BINS) -> dict:
         raise ValueError(f"{len(p)} predictions for {len(y)} labels")
     if len(y) == 0:
         raise ValueError("nothing to evaluate: no rows")
-    out = dict(n=int(len(y)), clicks=int(y.sum()), model=metrics(p, y, n_bins), oracle=None,
+    out: dict[str, Any] = dict(n=int(len(y)), clicks=int(y.sum()), model=metrics(p, y, n_bins), oracle=None,
                ne_gap=None, bins=dict(model=M.reliability(p, y, n_bins)))
     if oracle_probs is not None:
         o = _arr(oracle_probs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,12 @@ def _inv_std(std: torch.Tensor) -> torch.Tensor:
 
 class _CTRBase(nn.Module):
     """Dense normalization + down-sampling offset shared by both models."""
+
+    config: dict[str, Any]  # the constructor's arguments and "kind": a checkpoint rebuilds from it
+    # buffers (register_buffer), declared for the type checker
+    dense_mean: torch.Tensor
+    dense_inv_std: torch.Tensor
+    logit_offset: torch.Tensor
 
     def __init__(self, n_dense: int, dense_mean=None, dense_std=None):
         super().__init__()
@@ -73,7 +80,7 @@ class _CTRBase(nn.Module):
         tables = [m for m in self.modules() if isinstance(m, nn.Embedding)]
         return sum(t(sparse_ids).pow(2).sum() for t in tables) / sparse_ids.shape[0]
 
-    def sparse_parameters(self) -> list[nn.Parameter]:
+    def sparse_parameters(self) -> list[torch.Tensor]:
         """Parameters that receive sparse gradients (embedding tables)."""
         return [m.weight for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse]
 
@@ -107,6 +114,7 @@ class CrossLayerV2(nn.Module):
 
     def __init__(self, dim: int, low_rank: int | None = None):
         super().__init__()
+        self.proj: nn.Module
         if low_rank:
             self.proj = nn.Sequential(nn.Linear(dim, low_rank, bias=False), nn.Linear(low_rank, dim))
         else:

@@ -209,7 +209,9 @@ def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dic
     repo = Path(settings.triton.model_repository)
     served = served_model_name(settings, base_name)
     flavours = {base_name: "onnxruntime", base_name + PY_SUFFIX: "python"}
-    cfg = dict(n_sparse=n_sparse, n_dense=n_dense, max_batch_size=max_batch_size)
+    def config(name: str, flavour: str, versions: list[int] | None) -> str:
+        return model_config(name, flavour, versions, n_sparse=n_sparse, n_dense=n_dense,
+                            max_batch_size=max_batch_size)
 
     with _repo_lock(repo, base_name):
         client = _client(settings) if load else None
@@ -236,16 +238,16 @@ def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dic
             if card is not None:
                 (vdir / "card.json").write_text(json.dumps(card, indent=2, default=str))
             if name != served:  # the flavour this deployment does not load: serve the latest
-                _write_config(repo / name, model_config(name, flavour, None, **cfg))
+                _write_config(repo / name, config(name, flavour, None))
         model_dir = repo / served
         old_config = (model_dir / "config.pbtxt").read_text() if (model_dir / "config.pbtxt").exists() else None
         previous: list[int] = []
         diff = None
         if client is None:
-            _write_config(model_dir, model_config(served, flavours[served], [version], **cfg))
+            _write_config(model_dir, config(served, flavours[served], [version]))
         else:
             previous = [v for v in loaded_versions(client, served) if v != version]
-            _write_config(model_dir, model_config(served, flavours[served], previous + [version], **cfg))
+            _write_config(model_dir, config(served, flavours[served], previous + [version]))
             try:
                 log(f"loading {served} v{version} next to {previous or 'nothing'}")
                 client.load_model(served)
@@ -256,7 +258,7 @@ def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dic
                     raise
                 raise PublishError(f"loading {served} v{version} failed: {e}") from e
             log(f"{served} v{version} verified (max abs diff {diff:.2g}); unloading {previous or 'nothing'}")
-            _write_config(model_dir, model_config(served, flavours[served], [version], **cfg))
+            _write_config(model_dir, config(served, flavours[served], [version]))
             client.load_model(served)
             now = loaded_versions(client, served)
             if now != [version]:

@@ -21,19 +21,30 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from torch import nn
 
 from ctrstream.metrics import log_loss
-from ctrstream.models.nets import build
+from ctrstream.models.nets import _CTRBase, build
+
 
 # defaults per model kind; measured on the 2-core CPU (see the model card's train_seconds).
 # The deep model's cross layers are low rank (W = U V, rank 16, instead of a full 176 x 176
 # matrix): 8 of 10 measured (data set, data order) pairs got a lower NE gap, by 0.10 % on
 # average, with 11.6k cross parameters instead of 62k (docs/training.md).
-DEFAULTS = {
+class Hyperparameters(TypedDict):
+    epochs: int
+    lr: float
+    sparse_lr: float
+    emb_l2: float
+    batch_size: int
+    model_args: dict[str, Any]
+
+
+DEFAULTS: dict[str, Hyperparameters] = {
     "lr": dict(epochs=1, lr=0.01, sparse_lr=0.01, emb_l2=0.0, batch_size=4096, model_args={}),
     "deep": dict(epochs=1, lr=0.001, sparse_lr=0.003, emb_l2=0.0, batch_size=4096,
                  model_args=dict(embed_dim=8, cross_layers=2, low_rank=16, mlp_dims=(256, 128))),
@@ -99,7 +110,7 @@ def train(dataset: dict, model: str = "deep", seed: int = 0, epochs: int | None 
           val_fraction: float = 0.1, batch_size: int | None = None, lr: float | None = None,
           sparse_lr: float | None = None, emb_l2: float | None = None,
           model_args: dict | None = None,
-          threads: int = THREADS) -> tuple[nn.Module, dict]:
+          threads: int = THREADS) -> tuple[_CTRBase, dict]:
     """Train ``model`` ("lr" | "deep") on ``dataset``; returns ``(module, info)``.
 
     ``info`` holds the split (``split_time_ms``, ``train_window_ms``, ``val_window_ms``,
@@ -214,14 +225,14 @@ def train(dataset: dict, model: str = "deep", seed: int = 0, epochs: int | None 
     return net, info
 
 
-def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
+def save_checkpoint(model: _CTRBase, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": dict(model.config), "state_dict": model.state_dict()}, path)
     return path
 
 
-def load_checkpoint(path: str | Path) -> nn.Module:
+def load_checkpoint(path: str | Path) -> _CTRBase:
     ck = torch.load(Path(path), map_location="cpu", weights_only=False)
     cfg = dict(ck["config"])
     kind = cfg.pop("kind")
