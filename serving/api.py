@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
@@ -68,7 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ctrstream.serving.assembly import CANDIDATE_FIELDS, assemble_async, request_columns
 from ctrstream.serving.triton_client import DEFAULT_MODEL, AsyncScorer
 from ctrstream.store.connection import redis_client
-from ctrstream.store.reader import AsyncFeatureStore
+from ctrstream.store.reader import AsyncFeatureStore, Method
 
 log = logging.getLogger("ctrstream.api")
 
@@ -155,7 +156,7 @@ class _App(FastAPI):
     FastAPI route - the OpenAPI document, and a mounted or embedded use, go through it - and
     both paths run the same ``handle`` (same validation, same messages, same answer)."""
 
-    predict_asgi = None
+    predict_asgi: Callable[..., Awaitable[None]] | None = None  # (scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if (self.predict_asgi is not None and scope["type"] == "http"
@@ -210,7 +211,7 @@ def _errors(exc_errors, prefix: tuple = ()) -> tuple[str, list[dict]]:
 
 
 def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = None,
-               max_rows: int = 256, feature_method: str = "script",
+               max_rows: int = 256, feature_method: Method = "script",
                feature_cache_s: float | None = None, feature_tracking: bool = True) -> FastAPI:
     """The API app. ``feature_cache_s``: the most the reused window counts of entities that
     do not involve the user (ad, campaign, advertiser, site, site x category) may lag Redis -
@@ -392,7 +393,7 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
             app.openapi_schema = doc
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the OpenAPI document
 
     @app.get("/healthz")
     async def healthz():

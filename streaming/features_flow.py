@@ -113,7 +113,7 @@ class Codec:
 
     def __init__(self, kind: str):
         struct = E.Impression if kind == "impressions" else E.Click
-        self.list_decoder = msgspec.json.Decoder(list[struct])
+        self.list_decoder = msgspec.json.Decoder(list[struct])  # type: ignore[valid-type]  # a type chosen at run time: msgspec builds the decoder from it
         self.one = E.decode_impression if kind == "impressions" else E.decode_click
         self.cols = operator.attrgetter(*INT_FIELDS)
         self.id_of = operator.attrgetter("impression_id" if kind == "impressions" else "click_id")
@@ -381,7 +381,7 @@ class _EventsPartition(StatefulSourcePartition):
         n_late = int(late.sum())
         # dedup (first copy wins), then remember the new ids by time slot
         seen = self.seen
-        dup = np.array([x in seen or seen.add(x) for x in ids], dtype=bool) if ids else np.zeros(0, bool)
+        dup: np.ndarray = np.array([x in seen or seen.add(x) for x in ids], dtype=bool) if ids else np.zeros(0, bool)  # type: ignore[func-returns-value]  # set.add inside `or`: each id tested and remembered in one pass
         n_dup = int(dup.sum())
         new = np.flatnonzero(~dup)
         if n_dup:

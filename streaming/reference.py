@@ -66,8 +66,7 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
             seen: set[str] = set()
             for r in rs:
                 ref.stats["records"] += 1
-                if r.value is None and heartbeat_time(r.key) is not None:
-                    ht = heartbeat_time(r.key)
+                if r.value is None and (ht := heartbeat_time(r.key)) is not None:
                     max_t = ht if max_t is None else max(max_t, ht)
                     ref.stats["heartbeats"] += 1
                     continue
@@ -83,7 +82,7 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
                     ref.stats["late"] += 1
                     continue
                 max_t = t if max_t is None else max(max_t, t)
-                eid_ = ev.impression_id if kind == "impressions" else ev.click_id
+                eid_ = ev.impression_id if isinstance(ev, E.Impression) else ev.click_id
                 if eid_ in seen:
                     ref.stats["duplicates"] += 1
                     continue

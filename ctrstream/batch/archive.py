@@ -79,6 +79,8 @@ def _arrow_type(t) -> pa.DataType:
 def arrow_schema(kind: str) -> pa.Schema:
     """The Parquet schema of one kind: the event struct's fields, in declaration order."""
     info = msgspec.inspect.type_info(EVENT_CLASS[kind])
+    if not isinstance(info, msgspec.inspect.StructType):
+        raise TypeError(f"the {kind} event type is not a msgspec Struct: {info!r}")
     return pa.schema([pa.field(f.name, _arrow_type(f.type)) for f in info.fields])
 
 
@@ -107,7 +109,7 @@ def _hour_of_dir(date_dir: str, hour_dir: str) -> int | None:
 def list_partitions(data_dir: Path | str, kind: str) -> list[tuple[int, Path]]:
     """(event hour, directory) of every partition of ``kind``, oldest first."""
     root = archive_root(data_dir) / kind
-    out = []
+    out: list[tuple[int, Path]] = []
     if not root.is_dir():
         return out
     for date_dir in root.iterdir():
@@ -322,7 +324,7 @@ class Archiver:
         self.max_batch_s = max_batch_s
         self.topic_kind = {settings.topics.impressions.name: "impressions",
                            settings.topics.clicks.name: "clicks"}
-        extra = {"session.timeout.ms": session_timeout_ms}
+        extra: dict[str, int | str] = {"session.timeout.ms": session_timeout_ms}
         if instance_id:  # static membership: a restarted archiver gets its partitions back at once
             extra["group.instance.id"] = instance_id
         self.consumer = make_consumer(settings, group_id, **extra)
@@ -333,7 +335,8 @@ class Archiver:
         self._buffered = 0
         self._batch_started: float | None = None
         self._crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-        self._assigned, self._assigned_at = False, None
+        self._assigned = False
+        self._assigned_at: float | None = None
         self._first_record_at: float | None = None
         self.stop_requested = False
 

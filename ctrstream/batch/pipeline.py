@@ -92,6 +92,7 @@ def drop_warmup(ds: dict, warmup_ms: int) -> dict:
         return ds
     t = np.asarray(ds["event_time_ms"])
     cut = int(t.min()) + int(warmup_ms)
+    keep: slice | np.ndarray
     if np.all(t[1:] >= t[:-1]):  # training_set's order: the kept rows are views, not copies
         keep = slice(int(np.searchsorted(t, cut, side="left")), None)
     else:

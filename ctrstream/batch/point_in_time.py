@@ -45,6 +45,7 @@ Point-in-time semantics (what training reproduces of the serving path)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -62,21 +63,24 @@ from ctrstream.batch.archive import (
 
 DAY_MS = F.DAY_MS
 
+# a time in ms: one int, or an int64 array of them (the training set's query times)
+Time = TypeVar("Time", int, np.ndarray)
+
 
 # --------------------------------------------------------------------------- window ranges
 
-def align_day(t_ms: int) -> int:
+def align_day(t_ms: Time) -> Time:
     """Start (UTC midnight) of the day of ``t_ms``."""
     return (t_ms // DAY_MS) * DAY_MS
 
 
-def long_window_range(t_ms: int, window: F.LongWindow) -> tuple[int, int]:
+def long_window_range(t_ms: Time, window: F.LongWindow) -> tuple[Time, Time]:
     """``[lo, hi)`` event-time range the long window's value at ``t_ms`` counts."""
     hi = align_day(t_ms)
     return hi - window.days * DAY_MS, hi
 
 
-def resolution_range(t_ms: int, res: F.Resolution) -> tuple[int, int]:
+def resolution_range(t_ms: Time, res: F.Resolution) -> tuple[Time, Time]:
     """``[lo, hi)`` event-time range of the point-in-time value of ``res`` at ``t_ms``."""
     return (t_ms // res.bucket_ms - res.n_buckets + 1) * res.bucket_ms, t_ms
 
@@ -247,6 +251,8 @@ def _entity_keys(entity: F.Entity, *tables: pa.Table, limit: int = 2**62) -> lis
             size = len(uniq)
         key = codes if key is None else key * n + codes
         size *= n
+    if key is None:
+        raise ValueError(f"entity {entity.name!r} declares no fields: nothing to key it by")
     if size >= limit:
         _, key = np.unique(key, return_inverse=True)
     return np.split(np.asarray(key, dtype=np.int64), np.cumsum(sizes)[:-1])

@@ -71,10 +71,12 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ctrstream import features as F
+from ctrstream.events import Click, Impression, decode_click, decode_impression
 from ctrstream.kafka.deadletters import read_dead_letters
 from ctrstream.store import batch_view as BV
 from ctrstream.store import layout as L
@@ -186,7 +188,7 @@ def _iso(ms: int) -> str:
 
 def _bucket_span(view: dict) -> dict[str, tuple[int, int]]:
     """Per resolution: (min bucket, max bucket) held by a view."""
-    span = {}
+    span: dict[str, tuple[int, int]] = {}
     for (_, _, res), cells in view.items():
         for (_, b) in cells:
             lo, hi = span.get(res, (b, b))
@@ -199,13 +201,12 @@ def _bucket_span(view: dict) -> dict[str, tuple[int, int]]:
 def late_cells(settings, letters) -> tuple[dict, Counter]:
     """Distinct late events per cell {(entity, eid, res, type, bucket): n}, and the counts of
     every dead letter by kind (``late``, ``late_duplicate_copy``, malformed reasons ...)."""
-    from ctrstream.events import decode_click, decode_impression
-
-    kinds = Counter()
+    kinds: Counter[str] = Counter()
     seen: set[tuple[str, str]] = set()
     cells: dict = defaultdict(int)
-    topics = {settings.topics.impressions.name: ("i", decode_impression),
-              settings.topics.clicks.name: ("c", decode_click)}
+    topics: dict[str, tuple[str, Callable[[bytes], Impression | Click]]] = {
+        settings.topics.impressions.name: ("i", decode_impression),
+        settings.topics.clicks.name: ("c", decode_click)}
     for dl in letters:
         label = dl.reason.split(":", 1)[0].strip() or "unknown"
         if not dl.reason.startswith("late"):
@@ -220,7 +221,7 @@ def late_cells(settings, letters) -> tuple[dict, Counter]:
         except Exception:  # noqa: BLE001 - an undecodable dead letter is counted, not fatal
             kinds["late:undecodable"] += 1
             continue
-        eid_ = ev.impression_id if et == "i" else ev.click_id
+        eid_ = ev.impression_id if isinstance(ev, Impression) else ev.click_id
         if (et, eid_) in seen:  # the dlq is at-least-once; one copy per event id
             kinds["late:repeated_dead_letter"] += 1
             continue

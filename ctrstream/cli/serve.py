@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 
@@ -39,7 +41,8 @@ def register(app: typer.Typer) -> None:
         if workers < 1:
             raise typer.BadParameter(f"--workers must be at least 1, not {workers}")
         settings = get_settings()
-        app_args = dict(model=model, model_name=model_name, max_rows=max_rows,
+        # keyword arguments of create_app, also handed to every worker as JSON
+        app_args: dict[str, Any] = dict(model=model, model_name=model_name, max_rows=max_rows,
                         feature_method=feature_method, feature_cache_s=feature_cache_s,
                         feature_tracking=feature_tracking)
         try:

@@ -30,17 +30,17 @@ def load_training_data(settings, scenario: str | None = None, events: int | None
                        seed: int = 1, traffic: Path | None = None, oracle_path: Path | None = None,
                        start_ms: int | None = None, end_ms: int | None = None, log=print):
     """What ``ctrstream train`` trains on: (dataset dict, oracle table or None, source)."""
-    if not (scenario or traffic):
-        return archive_training_data(settings, start_ms, end_ms, oracle_path, log=log)
     from ctrstream.simulation.generator import generate, load_scenario, read_traffic
 
     if traffic:
         tr = read_traffic(traffic)
         source = f"traffic {traffic}"
-    else:
+    elif scenario:
         overrides = {"seed": seed} | ({"events": events} if events else {})
         tr = generate(load_scenario(scenario, **overrides))
         source = f"scenario {scenario} events={tr.scenario.events} seed={tr.scenario.seed}"
+    else:
+        return archive_training_data(settings, start_ms, end_ms, oracle_path, log=log)
     ds, oracle, source = traffic_training_data(tr, source, start_ms, end_ms, log=log)
     if oracle_path:
         import pyarrow.parquet as pq

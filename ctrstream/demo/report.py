@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.table import Table
@@ -93,7 +94,7 @@ def _freshness(n: dict) -> dict:
         rows.append({"phase": phase, **{k: f.get(k) for k in ("probes", "seen in Kafka",
                                                              "visible in Redis", "p50 s", "p95 s",
                                                              "max s")}})
-    out = {"rows": rows, "p50_s": None, "p95_s": None, "max_s": None, "na": None,
+    out: dict[str, Any] = {"rows": rows, "p50_s": None, "p95_s": None, "max_s": None, "na": None,
            "poll_s": next((f.get("poll_s") for f in per.values()), None)}
     if lat:
         a = np.asarray(lat, dtype=float)
@@ -238,7 +239,8 @@ def build_report(st, tr, cfg) -> Path:
     # ---------------------------------------------------------------- terminal summary
     t = Table(title=f"ctrstream demo {st.run_id}: {n['impressions']:,} impressions, "
                     f"{n['total_seconds']:.0f} s")
-    t.add_column("phase"), t.add_column("seconds", justify="right")
+    t.add_column("phase")
+    t.add_column("seconds", justify="right")
     for p in st.phases:
         t.add_row(p["phase"], f"{p['seconds']:.1f}")
     console.print(t)

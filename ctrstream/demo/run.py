@@ -432,7 +432,7 @@ def _serve(st: DemoState, tr) -> None:
 
     _wait("the prediction API to be ready", ready, 120, ["serve"], st)
     imps = tr.impressions.slice(tr.impressions.num_rows - 5000).to_pylist()
-    ads = {}
+    ads: dict[int, dict] = {}
     for r in imps:
         ads.setdefault(r["ad_id"], {k: r[k] for k in ("ad_id", "campaign_id", "advertiser_id",
                                                       "ad_category")})

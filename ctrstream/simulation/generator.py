@@ -700,7 +700,7 @@ _INT_FIELDS_CLK = [f for f in CLICK_FIELDS if f not in _STRING_FIELDS and f != "
 
 def _malformed(tr: Traffic, sc: Scenario, rng, n_clean: int, t_lo: int, t_hi: int) -> pa.Table:
     per_kind = int(round(sc.malformed_rate * n_clean))
-    rows = {k: [] for k in MALFORMED_SCHEMA.names}
+    rows: dict[str, list] = {k: [] for k in MALFORMED_SCHEMA.names}
     imp_cols, _, clk_cols, _ = tr._encoding_columns()
     n_i, n_c = tr.impressions.num_rows, tr.clicks.num_rows
     for kind in MALFORMED_KINDS:

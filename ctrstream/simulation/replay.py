@@ -26,13 +26,17 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaException, Producer
 
 from ctrstream.config import Settings
 from ctrstream.kafka.clients import ensure_topics, producer_config
+
+if TYPE_CHECKING:
+    from ctrstream.simulation.generator import Traffic
 
 log = logging.getLogger("ctrstream.replay")
 
@@ -87,7 +91,7 @@ class _Failures:
             self.add(err.str(), msg.topic())
 
 
-def replay(settings: Settings, records: Iterable[tuple[str, bytes, bytes, int]],
+def replay(settings: Settings, records: Iterable[tuple[str, bytes, bytes, int]] | Traffic,
            rate: float | None = None, time_compression: float | None = None,
            progress: bool = True, *, flush_timeout: float = 120.0, create_topics: bool = True,
            producer_overrides: dict | None = None, description: str = "replay") -> ReplaySummary:
@@ -109,8 +113,8 @@ def replay(settings: Settings, records: Iterable[tuple[str, bytes, bytes, int]],
                                         "on_delivery": failures.on_delivery,
                                         **(producer_overrides or {})})
     producer = Producer(conf)
-    total = len(records) if hasattr(records, "__len__") else None
-    if callable(getattr(records, "record_blocks", None)):  # a Traffic
+    total = len(records) if isinstance(records, Sized) else None
+    if hasattr(records, "record_blocks"):  # a Traffic
         blocks = iter(records.record_blocks(block=_BLOCK))
     else:
         blocks = _blocks(records, _BLOCK)

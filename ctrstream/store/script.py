@@ -33,8 +33,8 @@ class _RespProtocol(asyncio.Protocol):
         self.lost: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # any event loop's transport (uvloop's are not asyncio.Transport subclasses)
-        self.transport = transport  # type: ignore[assignment]
+        # any event loop's transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
