@@ -339,8 +339,8 @@ class LiveSpeedWriter:
 # --------------------------------------------------------------------------- load
 
 
-def _parse_server_timing(h: str | None) -> dict:
-    out = {}
+def _parse_server_timing(h: str | None) -> dict[str, float]:
+    out: dict[str, float] = {}
     if not h:
         return out
     for part in h.split(","):
@@ -368,7 +368,7 @@ async def _one(session, url, body: bytes, scheduled: float, loop, rec: list):
 
 
 async def run_step(url: str, bodies: list[bytes], rate: float, duration: float,
-                   drain: float, timeout: float) -> list:
+                   drain: float, timeout: float) -> tuple[list, float]:
     import aiohttp
 
     loop = asyncio.get_running_loop()
@@ -416,7 +416,7 @@ def summarize(rate: float, rec: list, elapsed: float) -> dict:
         row["outside_ms"] = float(np.mean([r[0] - r[4].get("app", 0.0) for r in rec
                                            if r[2] == 200 and r[4]]) * 1000)
         row["app_p99_ms"] = float(np.percentile([s.get("app", 0.0) for s in st], 99) * 1000)
-    errs = {}
+    errs: dict[str, int] = {}
     for r in rec:
         if r[2] != 200:
             errs[str(r[2])] = errs.get(str(r[2]), 0) + 1

@@ -107,7 +107,7 @@ class CpuMeter:
     def __init__(self, server_pid: int | None = None):
         self.server_pid = server_pid
         self.ncpu = os.cpu_count() or 1
-        self._t0 = None
+        self._t0: tuple[int, int, int, int] | None = None  # _machine() + _ours() at start
 
     @staticmethod
     def _machine() -> tuple[int, int]:

@@ -15,6 +15,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ctrstream.config import Settings
 from ctrstream.features import HASH_BUCKETS, N_DENSE, N_SPARSE
@@ -118,7 +119,7 @@ def published(settings: Settings, log=print) -> BenchModel:
     if found is not None:
         log(f"  published model: {found}")
         return BenchModel("published", "published", found, _table_rows(found))
-    cfg = dict(num_embeddings=N_SPARSE * HASH_BUCKETS, n_sparse=N_SPARSE, n_dense=N_DENSE,
+    cfg: dict[str, Any] = dict(num_embeddings=N_SPARSE * HASH_BUCKETS, n_sparse=N_SPARSE, n_dense=N_DENSE,
                embed_dim=DEFAULT_EMBED_DIM, cross_layers=DEFAULT_CROSS, mlp_dims=list(DEFAULT_MLP))
     path = _cache_dir(settings) / "default-random" / "model.onnx"
     if not path.exists():

@@ -26,6 +26,7 @@ import logging
 import resource
 import time
 import uuid
+from typing import Any
 
 from ctrstream.bench.common import print_table, write_results
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = load_scenario(args.scenario, events=args.events, seed=args.seed,
                        attribution_window_s=settings.attribution_window_s,
                        allowed_lateness_s=settings.allowed_lateness_s)
-    rows = []
+    rows: list[dict[str, Any]] = []
 
     # (a) generate + encode
     t0, c0 = time.perf_counter(), _cpu()

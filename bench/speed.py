@@ -76,7 +76,7 @@ def _raw_consume(settings, total: int) -> float:
            for k in ("impressions", "clicks") for p in range(getattr(settings.topics, k).partitions)]
     c.assign(tps)
     n = 0
-    t0 = None
+    t0: float | None = None
     while n < total:
         msgs = c.consume(num_messages=10_000, timeout=1.0)
         if msgs and t0 is None:
@@ -84,6 +84,8 @@ def _raw_consume(settings, total: int) -> float:
         for m in msgs:
             m.value()
         n += len(msgs)
+    if t0 is None:
+        raise ValueError(f"nothing was consumed: total must be positive, not {total}")
     dt = time.perf_counter() - t0
     c.close()
     return n / dt
