@@ -29,7 +29,7 @@ import numpy as np
 
 from ctrstream.batch.pipeline import drop_warmup
 from ctrstream.batch.point_in_time import training_set
-from ctrstream.bench.ne_gap import main, marg, print_ne, sig
+from ctrstream.bench.ne_gap import main, marg, print_ne, sig, truth_of
 from ctrstream.metrics import entropy, log_loss
 from ctrstream.models.training import time_split
 from ctrstream.simulation.generator import _market, generate
@@ -58,7 +58,7 @@ def map_fit(key, X, offset, y, prior_var, fit_rows, iters: int = 25) -> np.ndarr
 
 def report(sc, warmup_hours: float = 1.0, val_fraction: float = 0.1) -> dict:
     tr = generate(sc)
-    T = tr.truth
+    T = truth_of(tr)
     ds = training_set(tr, None, None, int(sc.attribution_window_s * 1000))
     ds = drop_warmup(ds, int(warmup_hours * 3_600_000))
     row = np.array([int(s.split("-")[1]) for s in ds["impression_id"]])  # generator index

@@ -41,10 +41,17 @@ def labels_of(tr):
     y[ids[ok]] = 1
     return y, it
 
+def truth_of(tr) -> dict:
+    """The per-impression terms of the hidden logit (``Traffic.truth``, set by ``generate``)."""
+    if tr.truth is None:
+        raise ValueError("this traffic carries no truth: generate() it, do not read it from disk")
+    return tr.truth
+
+
 def user_posterior_p(tr, y, grid=41):
     """p with the user effect replaced by its posterior from the user's earlier impressions
     (every other component known)."""
-    T = tr.truth
+    T = truth_of(tr)
     sc = tr.scenario
     l_wo = T['logit'] - T['user']
     g = np.linspace(-4*sc.user_sigma, 4*sc.user_sigma, grid) if sc.user_sigma > 0 else np.zeros(1)
@@ -79,7 +86,7 @@ def marg(logit, sigma, k=21):
 def report(sc):
     t0 = time.time()
     tr = generate(sc)
-    T = tr.truth
+    T = truth_of(tr)
     y, it = labels_of(tr)
     n = len(y)
     t1 = it.max() - sc.attribution_window_s*1000

@@ -41,7 +41,7 @@ class TritonPythonModel:
         so.log_severity_level = 3
         device = params.get("device", "auto").lower()
         device_id = int(args.get("model_instance_device_id", "0") or 0)
-        self.session = None
+        session = None
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             try:
                 sess = ort.InferenceSession(
@@ -49,15 +49,16 @@ class TritonPythonModel:
                     providers=[("CUDAExecutionProvider", {"device_id": device_id}),
                                "CPUExecutionProvider"])
                 if sess.get_providers()[0] == "CUDAExecutionProvider":
-                    self.session = sess
+                    session = sess
             except Exception as e:  # no GPU / CUDA libraries: fall back to CPU
                 if device == "cuda":
                     raise pb_utils.TritonModelException(f"CUDA requested but unavailable: {e}") from e
-        if self.session is None:
+        if session is None:
             if device == "cuda":
                 raise pb_utils.TritonModelException("CUDA requested but unavailable")
-            self.session = ort.InferenceSession(path, sess_options=so,
-                                                providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(path, sess_options=so,
+                                           providers=["CPUExecutionProvider"])
+        self.session = session
         pb_utils.Logger.log_info(
             f"{args['model_name']} v{args['model_version']}: {path} on "
             f"{self.session.get_providers()[0]}")

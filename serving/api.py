@@ -401,7 +401,7 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
 
     @app.get("/readyz")
     async def readyz():
-        checks = {}
+        checks: dict[str, bool | str] = {}
         try:
             checks["redis"] = bool(await state["redis"].ping())
         except Exception as e:  # noqa: BLE001 - any failed ping is a failed readiness check, reported

@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ctrstream import features as F
 from ctrstream.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from ctrstream.store.reader import Mode
 
 log = logging.getLogger("ctrstream.score")
 
@@ -78,7 +82,7 @@ class BatchScorer:
 
     def __init__(self, settings: Settings, model: str = "ctr_deep", model_name: str | None = None,
                  batch_size: int = 1000, store=None, scorer=None, calibrator=None,
-                 feature_mode: str = "lambda", since_ms: int | None = None):
+                 feature_mode: Mode = "lambda", since_ms: int | None = None):
         self.settings = settings
         # impressions with an earlier event time are skipped (start scoring mid-stream)
         self.since_ms = since_ms

@@ -160,7 +160,7 @@ class _JoinPartition(StatefulSourcePartition):
         self.seq = st.get("seq", 0)
         self.dec_i = msgspec.json.Decoder(_ImpHead)
         self.dec_c = msgspec.json.Decoder(_ClickHead)
-        self.awake = None
+        self.awake: datetime | None = None
         self.fence = read_fences(settings).get(self.key, NO_TIME)
         conf = producer_config(settings, **{
             "transactional.id": f"ctrstream-join-{settings.topics.labeled.name}-{partition}",

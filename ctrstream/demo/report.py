@@ -52,9 +52,13 @@ def _live_outcomes(st, tr):
     from ctrstream.events import decode_labeled, decode_prediction
     from ctrstream.kafka.topics import read_topic
 
-    preds = [decode_prediction(r.value) for r in read_topic(st.settings, st.settings.topics.predictions.name, 120)]
+    # a record without a value is no prediction or label (the jobs never write one)
+    preds = [decode_prediction(r.value) for r in read_topic(st.settings, st.settings.topics.predictions.name, 120)
+             if r.value is not None]
     labels = {}
     for r in read_topic(st.settings, st.settings.topics.labeled.name, 120):
+        if r.value is None:
+            continue
         lab = decode_labeled(r.value)
         labels[lab.impression.impression_id] = lab.clicked
     rows = [(p.impression_id, p.event_time_ms, p.raw_score, p.calibrated_score, p.degraded,
