@@ -381,7 +381,11 @@ class _EventsPartition(StatefulSourcePartition):
         n_late = int(late.sum())
         # dedup (first copy wins), then remember the new ids by time slot
         seen = self.seen
-        dup: np.ndarray = np.array([x in seen or seen.add(x) for x in ids], dtype=bool) if ids else np.zeros(0, bool)  # type: ignore[func-returns-value]  # set.add inside `or`: each id tested and remembered in one pass
+        dup: np.ndarray = (
+            np.array([x in seen or seen.add(x) for x in ids], dtype=bool)  # type: ignore[func-returns-value]  # set.add inside `or`: each id tested and remembered in one pass
+            if ids
+            else np.zeros(0, bool)
+        )
         n_dup = int(dup.sum())
         new = np.flatnonzero(~dup)
         if n_dup:
