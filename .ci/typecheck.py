@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def sources() -> list[BuildSource]:
-    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ]
     out = []
     for package, folder in sorted(mapping.items()):
         base = ROOT / folder
@@ -32,7 +34,9 @@ def sources() -> list[BuildSource]:
             rel = path.relative_to(base).with_suffix("")
             parts = [p for p in rel.parts]
             # a folder mapped on its own (ctrstream.streaming) is not walked again by its parent
-            if package == "ctrstream" and parts[0] in {k.split(".")[1] for k in mapping if "." in k}:
+            if package == "ctrstream" and parts[0] in {
+                k.split(".")[1] for k in mapping if "." in k
+            }:
                 continue
             if parts[-1] == "__init__":
                 parts = parts[:-1]

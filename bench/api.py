@@ -57,19 +57,27 @@ STAGES = ("redis", "assembly", "triton", "calibration")
 
 # --------------------------------------------------------------------------- demo model
 
+
 def demo_onnx_bytes(weights: np.ndarray | None = None, bias: float | None = None) -> bytes:
     """A tiny ONNX model with the model I/O contract: ``prob = sigmoid(dense @ w + b)`` (the
     sparse ids enter multiplied by zero, so both inputs are real graph inputs)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    w = (np.full((F.N_DENSE, 1), 0.01, dtype=np.float32) if weights is None
-         else np.asarray(weights, dtype=np.float32).reshape(F.N_DENSE, 1))
-    b = np.array([np.log(F.PRIOR.mean / (1 - F.PRIOR.mean)) if bias is None else bias],
-                 dtype=np.float32)
-    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"),
-             numpy_helper.from_array(np.array([1], dtype=np.int64), "AX"),
-             numpy_helper.from_array(np.array([0.0], dtype=np.float32), "ZERO")]
+    w = (
+        np.full((F.N_DENSE, 1), 0.01, dtype=np.float32)
+        if weights is None
+        else np.asarray(weights, dtype=np.float32).reshape(F.N_DENSE, 1)
+    )
+    b = np.array(
+        [np.log(F.PRIOR.mean / (1 - F.PRIOR.mean)) if bias is None else bias], dtype=np.float32
+    )
+    inits = [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(b, "B"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "AX"),
+        numpy_helper.from_array(np.array([0.0], dtype=np.float32), "ZERO"),
+    ]
     nodes = [
         helper.make_node("MatMul", ["dense", "W"], ["z0"]),
         helper.make_node("Add", ["z0", "B"], ["z1"]),
@@ -80,19 +88,24 @@ def demo_onnx_bytes(weights: np.ndarray | None = None, bias: float | None = None
         helper.make_node("Sigmoid", ["z"], [F.OUTPUT_PROB]),
     ]
     graph = helper.make_graph(
-        nodes, "ctr_demo",
-        [helper.make_tensor_value_info(F.INPUT_SPARSE, TensorProto.INT64, ["N", F.N_SPARSE]),
-         helper.make_tensor_value_info(F.INPUT_DENSE, TensorProto.FLOAT, ["N", F.N_DENSE])],
+        nodes,
+        "ctr_demo",
+        [
+            helper.make_tensor_value_info(F.INPUT_SPARSE, TensorProto.INT64, ["N", F.N_SPARSE]),
+            helper.make_tensor_value_info(F.INPUT_DENSE, TensorProto.FLOAT, ["N", F.N_DENSE]),
+        ],
         [helper.make_tensor_value_info(F.OUTPUT_PROB, TensorProto.FLOAT, ["N", 1])],
-        inits)
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
-def write_demo_model(repo: Path, name: str, version: int = 1, weights=None, bias=None,
-                     max_batch_size: int = 1024) -> Path:
+def write_demo_model(
+    repo: Path, name: str, version: int = 1, weights=None, bias=None, max_batch_size: int = 1024
+) -> Path:
     """Write the Python-backend model dir ``repo/name`` of a demo model without loading or
     verifying it (tests that need a model of given weights under a given name and version):
     ``version/model.onnx``, the real ``models/triton_model.py`` as ``version/model.py`` and
@@ -104,9 +117,19 @@ def write_demo_model(repo: Path, name: str, version: int = 1, weights=None, bias
     (d / str(version)).mkdir(parents=True, exist_ok=True)
     (d / str(version) / "model.onnx").write_bytes(demo_onnx_bytes(weights, bias))
     shutil.copyfile(TRITON_MODEL_PY, d / str(version) / "model.py")
-    (d / "config.pbtxt").write_text(model_config(
-        name, "python", None, F.N_SPARSE, F.N_DENSE, max_batch_size=max_batch_size, instances=1,
-        max_queue_delay_us=200, intra_op_threads=1))
+    (d / "config.pbtxt").write_text(
+        model_config(
+            name,
+            "python",
+            None,
+            F.N_SPARSE,
+            F.N_DENSE,
+            max_batch_size=max_batch_size,
+            instances=1,
+            max_queue_delay_us=200,
+            intra_op_threads=1,
+        )
+    )
     return d
 
 
@@ -154,14 +177,24 @@ class Universe:
     def request(self, n_candidates: int) -> dict:
         rng = self.rng
         idx = rng.choice(self.n_ads, n_candidates, replace=False)
-        return {"user_id": int(rng.choice(self.users)),
-                "context": {"site_id": int(rng.choice(self.sites)),
-                            "device_type": str(rng.choice(["mobile", "desktop", "tablet"])),
-                            "country": str(rng.choice(["US", "DE", "FR", "GB"])),
-                            "position": int(rng.integers(0, 4))},
-                "candidates": [{"ad_id": int(self.ads[i]), "campaign_id": int(self.campaign[i]),
-                                "advertiser_id": int(self.advertiser[i]),
-                                "ad_category": int(self.category[i])} for i in idx]}
+        return {
+            "user_id": int(rng.choice(self.users)),
+            "context": {
+                "site_id": int(rng.choice(self.sites)),
+                "device_type": str(rng.choice(["mobile", "desktop", "tablet"])),
+                "country": str(rng.choice(["US", "DE", "FR", "GB"])),
+                "position": int(rng.integers(0, 4)),
+            },
+            "candidates": [
+                {
+                    "ad_id": int(self.ads[i]),
+                    "campaign_id": int(self.campaign[i]),
+                    "advertiser_id": int(self.advertiser[i]),
+                    "ad_category": int(self.category[i]),
+                }
+                for i in idx
+            ],
+        }
 
 
 def _entity_index(name: str) -> int:
@@ -173,8 +206,9 @@ class _CellColumns:
 
     def __init__(self, entity: str):
         self.entity = entity
-        self.cols: dict[str, list] = {k: [] for k in ("parts", "res", "bucket", "imps", "clicks",
-                                                      "new")}
+        self.cols: dict[str, list] = {
+            k: [] for k in ("parts", "res", "bucket", "imps", "clicks", "new")
+        }
 
     def add(self, parts: tuple[int, ...], res: int, buckets, imps, clicks, new: bool) -> None:
         n = len(buckets)
@@ -189,8 +223,15 @@ class _CellColumns:
         from ctrstream.store.speed_view import SpeedCells
 
         c = {k: np.concatenate(v) for k, v in self.cols.items()}
-        return SpeedCells(_entity_index(self.entity), list(c["parts"].T), c["res"], c["bucket"],
-                          c["imps"], c["clicks"], c["new"])
+        return SpeedCells(
+            _entity_index(self.entity),
+            list(c["parts"].T),
+            c["res"],
+            c["bucket"],
+            c["imps"],
+            c["clicks"],
+            c["new"],
+        )
 
 
 def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
@@ -213,12 +254,16 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
     ents += [("campaign", (int(c),)) for c in np.unique(uni.campaign)]
     ents += [("advertiser", (int(a),)) for a in np.unique(uni.advertiser)]
     ents += [("site", (int(s),)) for s in uni.sites]
-    ents += [("site_x_category", (int(s), int(c))) for s in uni.sites for c in np.unique(uni.category)]
+    ents += [
+        ("site_x_category", (int(s), int(c))) for s in uni.sites for c in np.unique(uni.category)
+    ]
     ents += [("user", (int(u),)) for u in uni.users[:2000]]
     served = served_version(r)
     cutoff = F.align_cutoff(now_ms - 2 * F.HOUR_MS)
     ttl_ms = 6 * 3600 * 1000
-    bucket_rows: dict[str, list] = {k: [] for k in ("entity", "eid", "res", "bucket", "imps", "clicks")}
+    bucket_rows: dict[str, list] = {
+        k: [] for k in ("entity", "eid", "res", "bucket", "imps", "clicks")
+    }
     long_rows: dict[str, list] = {k: [] for k in ("entity", "eid", "long_window", "imps", "clicks")}
     speed: dict[str, _CellColumns] = {}
     for ent, parts in ents:
@@ -236,8 +281,9 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
                             bucket_rows[col].append(v)
         if served is None:
             for w in F.LONG_WINDOWS:
-                for col, v in zip(long_rows, (ent, eid, w.name, int(rng.poisson(5000)),
-                                              int(rng.poisson(100)))):
+                for col, v in zip(
+                    long_rows, (ent, eid, w.name, int(rng.poisson(5000)), int(rng.poisson(100)))
+                ):
                     long_rows[col].append(v)
     with SpeedViewWriter(settings, hash_ttl_ms=ttl_ms) as writer:
         writer.write([c.cells() for c in speed.values()])
@@ -246,16 +292,41 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
         from ctrstream.batch.views import write_batch_view
 
         i64 = pa.int64()
-        buckets_t = pa.table(bucket_rows).cast(pa.schema([
-            ("entity", pa.string()), ("eid", pa.string()), ("res", pa.string()),
-            ("bucket", i64), ("imps", i64), ("clicks", i64)]))
-        longs_t = pa.table(long_rows).cast(pa.schema([
-            ("entity", pa.string()), ("eid", pa.string()), ("long_window", pa.string()),
-            ("imps", i64), ("clicks", i64)]))
-        version = write_batch_view(settings, buckets_t, longs_t, cutoff, r=r, ttl_ms=ttl_ms)["version"]
+        buckets_t = pa.table(bucket_rows).cast(
+            pa.schema(
+                [
+                    ("entity", pa.string()),
+                    ("eid", pa.string()),
+                    ("res", pa.string()),
+                    ("bucket", i64),
+                    ("imps", i64),
+                    ("clicks", i64),
+                ]
+            )
+        )
+        longs_t = pa.table(long_rows).cast(
+            pa.schema(
+                [
+                    ("entity", pa.string()),
+                    ("eid", pa.string()),
+                    ("long_window", pa.string()),
+                    ("imps", i64),
+                    ("clicks", i64),
+                ]
+            )
+        )
+        version = write_batch_view(settings, buckets_t, longs_t, cutoff, r=r, ttl_ms=ttl_ms)[
+            "version"
+        ]
     r.close()
-    log(f"seeded {len(ents)} entities x {len(F.RESOLUTIONS)} resolutions"
-        + (f"; batch view {version} cut-off {cutoff}" if version else "; batch view: the served one"))
+    log(
+        f"seeded {len(ents)} entities x {len(F.RESOLUTIONS)} resolutions"
+        + (
+            f"; batch view {version} cut-off {cutoff}"
+            if version
+            else "; batch view: the served one"
+        )
+    )
     return {"entities": len(ents), "batch_version": version or served}
 
 
@@ -307,9 +378,13 @@ class LiveSpeedWriter:
                 current = [now // res.bucket_ms for res in F.RESOLUTIONS]
                 added: dict[tuple[str, tuple[int, ...], int, int], int] = {}
                 for i, site in zip(idx.tolist(), sites.tolist()):
-                    for ent, parts in (("ad", (int(uni.ads[i]),)), ("campaign", (int(uni.campaign[i]),)),
-                                       ("advertiser", (int(uni.advertiser[i]),)), ("site", (site,)),
-                                       ("site_x_category", (site, int(cats[i])))):
+                    for ent, parts in (
+                        ("ad", (int(uni.ads[i]),)),
+                        ("campaign", (int(uni.campaign[i]),)),
+                        ("advertiser", (int(uni.advertiser[i]),)),
+                        ("site", (site,)),
+                        ("site_x_category", (site, int(cats[i]))),
+                    ):
                         for k, b in enumerate(current):
                             cell = (ent, parts, k, b)
                             added[cell] = added.get(cell, 0) + 1
@@ -317,16 +392,28 @@ class LiveSpeedWriter:
                 counts = {c: v for c, v in counts.items() if c[3] == current[c[2]]}
                 fresh = [c for c in added if c not in counts]
                 if fresh:
-                    addr = [(e, F.entity_id(F.ENTITY_BY_NAME[e], dict(zip(F.ENTITY_BY_NAME[e].fields, p))),
-                             F.RESOLUTIONS[k].name, t, b) for e, p, k, b in fresh for t in F.EVENT_TYPES]
+                    addr = [
+                        (
+                            e,
+                            F.entity_id(
+                                F.ENTITY_BY_NAME[e], dict(zip(F.ENTITY_BY_NAME[e].fields, p))
+                            ),
+                            F.RESOLUTIONS[k].name,
+                            t,
+                            b,
+                        )
+                        for e, p, k, b in fresh
+                        for t in F.EVENT_TYPES
+                    ]
                     held = read_speed_cells(r, addr)
                     for j, c in enumerate(fresh):
                         counts[c] = [held[2 * j], held[2 * j + 1]]
                 cols = {e: _CellColumns(e) for e in self.SHARED}
                 for c, v in added.items():
                     counts[c][0] += v
-                    cols[c[0]].add(c[1], c[2], [c[3]], [counts[c][0]], [counts[c][1]],
-                                   new=c in fresh)
+                    cols[c[0]].add(
+                        c[1], c[2], [c[3]], [counts[c][0]], [counts[c][1]], new=c in fresh
+                    )
                 writer.write([cc.cells() for cc in cols.values() if cc.cols["res"]])
                 writer.drain()
                 self.events += n
@@ -355,20 +442,30 @@ def _parse_server_timing(h: str | None) -> dict[str, float]:
 async def _one(session, url, body: bytes, scheduled: float, loop, rec: list):
     sent = loop.time()
     try:
-        async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+        async with session.post(
+            url, data=body, headers={"content-type": "application/json"}
+        ) as resp:
             payload = await resp.read()
             done = loop.time()
             degraded = False
             if resp.status == 200:
                 degraded = b'"degraded":true' in payload
-            rec.append((done - scheduled, sent - scheduled, resp.status, degraded,
-                        _parse_server_timing(resp.headers.get("Server-Timing"))))
+            rec.append(
+                (
+                    done - scheduled,
+                    sent - scheduled,
+                    resp.status,
+                    degraded,
+                    _parse_server_timing(resp.headers.get("Server-Timing")),
+                )
+            )
     except Exception as e:  # noqa: BLE001 - timeouts and connection errors are errors
         rec.append((loop.time() - scheduled, sent - scheduled, type(e).__name__, False, {}))
 
 
-async def run_step(url: str, bodies: list[bytes], rate: float, duration: float,
-                   drain: float, timeout: float) -> tuple[list, float]:
+async def run_step(
+    url: str, bodies: list[bytes], rate: float, duration: float, drain: float, timeout: float
+) -> tuple[list, float]:
     import aiohttp
 
     loop = asyncio.get_running_loop()
@@ -384,7 +481,9 @@ async def run_step(url: str, bodies: list[bytes], rate: float, duration: float,
             delay = target - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(session, url, bodies[i % len(bodies)], target, loop, rec)))
+            tasks.append(
+                asyncio.create_task(_one(session, url, bodies[i % len(bodies)], target, loop, rec))
+            )
         done, pending = await asyncio.wait(tasks, timeout=drain)
         for t in pending:
             t.cancel()
@@ -400,21 +499,31 @@ def summarize(rate: float, rec: list, elapsed: float) -> dict:
     ok = np.array([r[2] == 200 for r in rec])
     lag = np.array([r[1] for r in rec]) * 1000
     okl = lat[ok] if ok.any() else np.array([np.nan])
-    row = {"rate_rps": rate, "sent": len(rec), "achieved_rps": round(ok.sum() / elapsed, 1),
-           "p50_ms": float(np.percentile(okl, 50)), "p95_ms": float(np.percentile(okl, 95)),
-           "p99_ms": float(np.percentile(okl, 99)), "max_ms": float(np.max(okl)),
-           "errors": int((~ok).sum()), "degraded": int(sum(1 for r in rec if r[3])),
-           "send_lag_p99_ms": float(np.percentile(lag, 99))}
+    row = {
+        "rate_rps": rate,
+        "sent": len(rec),
+        "achieved_rps": round(ok.sum() / elapsed, 1),
+        "p50_ms": float(np.percentile(okl, 50)),
+        "p95_ms": float(np.percentile(okl, 95)),
+        "p99_ms": float(np.percentile(okl, 99)),
+        "max_ms": float(np.max(okl)),
+        "errors": int((~ok).sum()),
+        "degraded": int(sum(1 for r in rec if r[3])),
+        "send_lag_p99_ms": float(np.percentile(lag, 99)),
+    }
     st = [r[4] for r in rec if r[2] == 200 and r[4]]
     if st:
+
         def mean(k):
             return float(np.mean([s.get(k, 0.0) for s in st]) * 1000)
+
         for k in STAGES:
             row[f"{k}_ms"] = mean(k)
         handler_stages = sum(row[f"{k}_ms"] for k in STAGES)
         row["framework_ms"] = mean("app") - handler_stages
-        row["outside_ms"] = float(np.mean([r[0] - r[4].get("app", 0.0) for r in rec
-                                           if r[2] == 200 and r[4]]) * 1000)
+        row["outside_ms"] = float(
+            np.mean([r[0] - r[4].get("app", 0.0) for r in rec if r[2] == 200 and r[4]]) * 1000
+        )
         row["app_p99_ms"] = float(np.percentile([s.get("app", 0.0) for s in st], 99) * 1000)
     errs: dict[str, int] = {}
     for r in rec:
@@ -438,7 +547,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     a.set_ylabel("latency (ms, from scheduled send)")
     a.set_yscale("log")
     a.legend()
-    a.grid(alpha=.3)
+    a.grid(alpha=0.3)
     a.set_title(title)
     parts = [*STAGES, "framework", "outside"]
     bottom = np.zeros(len(rows))
@@ -496,8 +605,10 @@ class CpuMeter:
         self._at = {k: self._cpu(k, p) for k, p in self.pids.items()}
 
     def per_request_ms(self, n: int) -> dict[str, float]:
-        return {f"cpu_{k}_ms": (self._cpu(k, p) - self._at.get(k, 0.0)) / max(n, 1) * 1000
-                for k, p in self.pids.items()}
+        return {
+            f"cpu_{k}_ms": (self._cpu(k, p) - self._at.get(k, 0.0)) / max(n, 1) * 1000
+            for k, p in self.pids.items()
+        }
 
 
 def _cache_counts(url: str) -> tuple[float, float] | None:
@@ -555,28 +666,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drain", type=float, default=10.0, help="seconds to wait for stragglers")
     ap.add_argument("--timeout", type=float, default=5.0, help="client timeout per request")
     ap.add_argument("--model", default="ctr_deep")
-    ap.add_argument("--isolated", action="store_true",
-                    help="start Redis + Triton on free ports in a temp dir (stopped at the end)")
+    ap.add_argument(
+        "--isolated",
+        action="store_true",
+        help="start Redis + Triton on free ports in a temp dir (stopped at the end)",
+    )
     ap.add_argument("--no-seed", action="store_true", help="do not write benchmark features")
-    ap.add_argument("--live-events-per-s", type=float, default=0.0,
-                    help="while the load runs, write this many impressions per second into the "
-                         "speed view of the benchmark's entities every flush interval (a live "
-                         "speed layer: invalidates the API's cache); 0: a quiet speed view")
-    ap.add_argument("--no-feature-tracking", action="store_true",
-                    help="the API's cache by TTL only (no Redis invalidation reports)")
+    ap.add_argument(
+        "--live-events-per-s",
+        type=float,
+        default=0.0,
+        help="while the load runs, write this many impressions per second into the "
+        "speed view of the benchmark's entities every flush interval (a live "
+        "speed layer: invalidates the API's cache); 0: a quiet speed view",
+    )
+    ap.add_argument(
+        "--no-feature-tracking",
+        action="store_true",
+        help="the API's cache by TTL only (no Redis invalidation reports)",
+    )
     ap.add_argument("--feature-method", default="script", choices=["script", "pipeline"])
-    ap.add_argument("--feature-cache-s", type=float, default=None,
-                    help="the API's shared-entity feature cache TTL (0: every request reads Redis; "
-                         "default and maximum: the speed layer's flush interval)")
-    ap.add_argument("--api-workers", type=int, default=1,
-                    help="API worker processes when the benchmark starts the API "
-                         "(ctrstream serve --workers; default 1: on 2 cores shared with Redis and "
-                         "Triton a second worker measured worse - two caches, more contention)")
+    ap.add_argument(
+        "--feature-cache-s",
+        type=float,
+        default=None,
+        help="the API's shared-entity feature cache TTL (0: every request reads Redis; "
+        "default and maximum: the speed layer's flush interval)",
+    )
+    ap.add_argument(
+        "--api-workers",
+        type=int,
+        default=1,
+        help="API worker processes when the benchmark starts the API "
+        "(ctrstream serve --workers; default 1: on 2 cores shared with Redis and "
+        "Triton a second worker measured worse - two caches, more contention)",
+    )
     ap.add_argument("--name", default="api", help="results file name (bench/results/NAME.json/png)")
     args = ap.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
-        print("error: the load generator only targets loopback (http://127.0.0.1:PORT)", file=sys.stderr)
+        print(
+            "error: the load generator only targets loopback (http://127.0.0.1:PORT)",
+            file=sys.stderr,
+        )
         return 2
 
     settings = get_settings()
@@ -598,14 +730,32 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             log_path = Path(tmp or tempfile.gettempdir()) / f"bench-api-{port}.log"
-            api_proc = start_job([sys.executable, "-m", "ctrstream", "serve", "--host", "127.0.0.1",
-                                  "--port", str(port), "--model-name", model_name,
-                                  "--feature-method", args.feature_method,
-                                  "--workers", str(args.api_workers),
-                                  *([] if args.feature_cache_s is None
-                                    else ["--feature-cache-s", str(args.feature_cache_s)]),
-                                  *(["--no-feature-tracking"] if args.no_feature_tracking else [])],
-                                 env={**os.environ, **settings_env(settings)}, log_path=log_path)
+            api_proc = start_job(
+                [
+                    sys.executable,
+                    "-m",
+                    "ctrstream",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--model-name",
+                    model_name,
+                    "--feature-method",
+                    args.feature_method,
+                    "--workers",
+                    str(args.api_workers),
+                    *(
+                        []
+                        if args.feature_cache_s is None
+                        else ["--feature-cache-s", str(args.feature_cache_s)]
+                    ),
+                    *(["--no-feature-tracking"] if args.no_feature_tracking else []),
+                ],
+                env={**os.environ, **settings_env(settings)},
+                log_path=log_path,
+            )
             print(f"API PID {api_proc.pid} on {url} (log {log_path})")
             _wait_ready(url, 60, api_proc)
         else:
@@ -613,7 +763,9 @@ def main(argv: list[str] | None = None) -> int:
         bodies = [json.dumps(uni.request(args.candidates)).encode() for _ in range(500)]
         predict = url.rstrip("/") + "/v1/predict"
         if args.warmup > 0:
-            asyncio.run(run_step(predict, bodies, min(rates), args.warmup, args.drain, args.timeout))
+            asyncio.run(
+                run_step(predict, bodies, min(rates), args.warmup, args.drain, args.timeout)
+            )
         rows = []
         svc_pid = {}
         try:
@@ -624,38 +776,66 @@ def main(argv: list[str] | None = None) -> int:
         meter = CpuMeter({"api": api_proc.pid if api_proc is not None else None, **svc_pid})
         writer = None
         if args.live_events_per_s > 0:
-            writer = LiveSpeedWriter(settings, uni, args.live_events_per_s,
-                                     settings.flush_interval_ms / 1000.0)
+            writer = LiveSpeedWriter(
+                settings, uni, args.live_events_per_s, settings.flush_interval_ms / 1000.0
+            )
             writer.start()
         for rate in rates:
             before = _cache_counts(url)
             meter.start()
-            rec, elapsed = asyncio.run(run_step(predict, bodies, rate, args.duration, args.drain,
-                                                args.timeout))
+            rec, elapsed = asyncio.run(
+                run_step(predict, bodies, rate, args.duration, args.drain, args.timeout)
+            )
             row = summarize(rate, rec, elapsed)
             row.update(meter.per_request_ms(len(rec)))
             after = _cache_counts(url)
             if before and after and sum(after) > sum(before):
                 row["cache_hit_rate"] = (after[0] - before[0]) / (sum(after) - sum(before))
             rows.append(row)
-            print(f"{rate:6.0f} rps: p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  "
-                  f"errors {row['errors']}  degraded {row['degraded']}", flush=True)
+            print(
+                f"{rate:6.0f} rps: p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  "
+                f"errors {row['errors']}  degraded {row['degraded']}",
+                flush=True,
+            )
         if writer is not None:
             writer.stop()
-        cols = ["rate_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "errors", "degraded",
-                *[f"{k}_ms" for k in STAGES], "framework_ms", "outside_ms", "send_lag_p99_ms",
-                "cache_hit_rate", *[f"cpu_{k}_ms" for k in ("api", "redis", "triton", "loadgen")]]
+        cols = [
+            "rate_rps",
+            "achieved_rps",
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+            "errors",
+            "degraded",
+            *[f"{k}_ms" for k in STAGES],
+            "framework_ms",
+            "outside_ms",
+            "send_lag_p99_ms",
+            "cache_hit_rate",
+            *[f"cpu_{k}_ms" for k in ("api", "redis", "triton", "loadgen")],
+        ]
         print_table(f"prediction API, {args.candidates} candidates/request, open loop", rows, cols)
-        meta = {"candidates": args.candidates, "duration_s": args.duration, "rates": rates,
-                "model": model_name, "url": url, "isolated": args.isolated, "api_workers": None if args.url else args.api_workers, "seeded": seeded,
-                "feature_method": args.feature_method,
-                "feature_cache_s": (args.feature_cache_s if args.feature_cache_s is not None
-                                    else settings.flush_interval_ms / 1000.0),
-                "feature_tracking": not args.no_feature_tracking,
-                "live_events_per_s": args.live_events_per_s,
-                "live_events_written": writer.events if writer is not None else 0,
-                "target": "p99 <= 25 ms at 200 rps",
-                "latency": "from each request's scheduled send time (open loop)"}
+        meta = {
+            "candidates": args.candidates,
+            "duration_s": args.duration,
+            "rates": rates,
+            "model": model_name,
+            "url": url,
+            "isolated": args.isolated,
+            "api_workers": None if args.url else args.api_workers,
+            "seeded": seeded,
+            "feature_method": args.feature_method,
+            "feature_cache_s": (
+                args.feature_cache_s
+                if args.feature_cache_s is not None
+                else settings.flush_interval_ms / 1000.0
+            ),
+            "feature_tracking": not args.no_feature_tracking,
+            "live_events_per_s": args.live_events_per_s,
+            "live_events_written": writer.events if writer is not None else 0,
+            "target": "p99 <= 25 ms at 200 rps",
+            "latency": "from each request's scheduled send time (open loop)",
+        }
         path = write_results(args.name, rows, meta)
         png = results_dir() / f"{args.name}.png"
         plot(rows, png, f"/v1/predict, {args.candidates} candidates")

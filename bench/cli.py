@@ -11,17 +11,25 @@ import ctrstream.bench as bench
 
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__)
-                  if m.name not in {"cli", "common"} and "_" not in m.name)  # x_y.py: helpers
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(bench.__path__)
+        if m.name not in {"cli", "common"} and "_" not in m.name
+    )  # x_y.py: helpers
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("bench", context_settings={"allow_extra_args": True,
-                                            "ignore_unknown_options": True})
-    def bench_cmd(ctx: typer.Context,
-                  name: str = typer.Argument(..., help="which benchmark: " + ", ".join(available()))):
+    @app.command(
+        "bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    )
+    def bench_cmd(
+        ctx: typer.Context,
+        name: str = typer.Argument(..., help="which benchmark: " + ", ".join(available())),
+    ):
         """Run a benchmark: it prints a table and writes JSON (and PNG) under bench/results/ (CTRSTREAM_RESULTS_DIR)."""
         if name not in available():
-            raise typer.BadParameter(f"unknown benchmark {name!r}; choose one of {', '.join(available())}")
+            raise typer.BadParameter(
+                f"unknown benchmark {name!r}; choose one of {', '.join(available())}"
+            )
         module = importlib.import_module(f"ctrstream.bench.{name}")
         raise typer.Exit(module.main(list(ctx.args)) or 0)

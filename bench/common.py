@@ -32,12 +32,19 @@ def device_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10)
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if out.returncode == 0 and out.stdout.strip():
             info["gpu"] = out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -76,13 +83,19 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def write_results(name: str, rows: list[dict], meta: dict | None = None,
-                  out_dir: Path | None = None) -> Path:
+def write_results(
+    name: str, rows: list[dict], meta: dict | None = None, out_dir: Path | None = None
+) -> Path:
     """Write ``{name}.json`` (rows + device + parameters) and return its path."""
     out_dir = Path(out_dir or results_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    doc = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "device": device_info(), "meta": meta or {}, "rows": rows}
+    doc = {
+        "benchmark": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": device_info(),
+        "meta": meta or {},
+        "rows": rows,
+    }
     path.write_text(json.dumps(doc, indent=2, default=str))
     return path

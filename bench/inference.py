@@ -60,35 +60,70 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ctrstream bench inference", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ctrstream bench inference",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="small grid, about one minute")
-    p.add_argument("--batch-sizes", type=_ints, help="client batch sizes (default 1,64,1024; quick 1,256)")
+    p.add_argument(
+        "--batch-sizes", type=_ints, help="client batch sizes (default 1,64,1024; quick 1,256)"
+    )
     p.add_argument("--concurrency", type=_ints, help="requests in flight (default 1,4)")
-    p.add_argument("--sizes", help="synthetic family: total embedding-table sizes, e.g. 64M,1G,4G "
-                                   "(crossed with --mlp; default 64M and 1G with 256,128 plus 64M "
-                                   "with 1024,512,256; quick: 16M)")
-    p.add_argument("--mlp", help="synthetic family: MLP widths, ';'-separated specs, e.g. "
-                                 "'256,128;1024,512,256' (default 256,128 when --sizes is given)")
-    p.add_argument("--embed-dim", type=int, default=16, help="embedding width of the synthetic family")
+    p.add_argument(
+        "--sizes",
+        help="synthetic family: total embedding-table sizes, e.g. 64M,1G,4G "
+        "(crossed with --mlp; default 64M and 1G with 256,128 plus 64M "
+        "with 1024,512,256; quick: 16M)",
+    )
+    p.add_argument(
+        "--mlp",
+        help="synthetic family: MLP widths, ';'-separated specs, e.g. "
+        "'256,128;1024,512,256' (default 256,128 when --sizes is given)",
+    )
+    p.add_argument(
+        "--embed-dim", type=int, default=16, help="embedding width of the synthetic family"
+    )
     p.add_argument("--no-published", action="store_true", help="skip the published model")
     p.add_argument("--no-synthetic", action="store_true", help="skip the synthetic family")
     p.add_argument("--duration", type=float, help="timed seconds per cell (default 1.0; quick 0.5)")
     p.add_argument("--warmup", type=float, help="untimed seconds before each cell (default 0.25)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="ONNX Runtime intra-op threads, in-process and in Triton (default: all cores)")
-    p.add_argument("--transports", default="grpc,system_shm",
-                   help="grpc, system_shm, cuda_shm (cuda_shm is added automatically on a GPU)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="ONNX Runtime intra-op threads, in-process and in Triton (default: all cores)",
+    )
+    p.add_argument(
+        "--transports",
+        default="grpc,system_shm",
+        help="grpc, system_shm, cuda_shm (cuda_shm is added automatically on a GPU)",
+    )
     p.add_argument("--dyn-batching", default="on,off", help="on, off or on,off")
-    p.add_argument("--queue-delay-us", type=int, default=500,
-                   help="dynamic batcher's max_queue_delay_microseconds")
-    p.add_argument("--backend", choices=["auto", "python", "onnxruntime"], default="auto",
-                   help="Triton backend (auto: settings.triton.backend; the local server has only python)")
+    p.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=500,
+        help="dynamic batcher's max_queue_delay_microseconds",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "python", "onnxruntime"],
+        default="auto",
+        help="Triton backend (auto: settings.triton.backend; the local server has only python)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    p.add_argument("--isolated", action="store_true",
-                   help="always start an own Triton on free ports (default: only if none is reachable)")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="results directory (default: settings.results_dir, bench/results)")
+    p.add_argument(
+        "--isolated",
+        action="store_true",
+        help="always start an own Triton on free ports (default: only if none is reachable)",
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="results directory (default: settings.results_dir, bench/results)",
+    )
     p.add_argument("--name", help="result file stem (default inference, or inference_quick)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
@@ -109,6 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- environment
+
 
 def gpu_available() -> bool:
     try:
@@ -137,8 +173,10 @@ def triton_for_bench(settings: Settings, isolated: bool, log=print):
     """The Triton to measure: the configured one when it is reachable and its model
     repository is on this file system, otherwise an own one on free ports (stopped by PID)."""
     if not isolated and triton_reachable(settings) and settings.triton.model_repository.is_dir():
-        log(f"using the running Triton at {settings.triton.grpc_url} "
-            f"(repository {settings.triton.model_repository})")
+        log(
+            f"using the running Triton at {settings.triton.grpc_url} "
+            f"(repository {settings.triton.model_repository})"
+        )
         yield settings
         return
     from ctrstream.stack.manager import isolated_settings
@@ -151,8 +189,10 @@ def triton_for_bench(settings: Settings, isolated: bool, log=print):
     t0 = time.monotonic()
     svc.start()
     pid = svc.pid()
-    log(f"started an own Triton (PID {pid}) at {own.triton.grpc_url} in "
-        f"{time.monotonic() - t0:.1f}s")
+    log(
+        f"started an own Triton (PID {pid}) at {own.triton.grpc_url} in "
+        f"{time.monotonic() - t0:.1f}s"
+    )
     try:
         yield own
     finally:
@@ -163,14 +203,18 @@ def triton_for_bench(settings: Settings, isolated: bool, log=print):
 
 # --------------------------------------------------------------------------- the benchmark
 
+
 def build_models(settings: Settings, a: argparse.Namespace, log=print) -> list[BenchModel]:
     models: list[BenchModel] = []
     if not a.no_published:
         models.append(published(settings, log=log))
     if not a.no_synthetic:
         for size, mlp in a.family:
-            models.append(synthetic(settings, parse_size(size), parse_mlp(mlp),
-                                    embed_dim=a.embed_dim, log=log))
+            models.append(
+                synthetic(
+                    settings, parse_size(size), parse_mlp(mlp), embed_dim=a.embed_dim, log=log
+                )
+            )
     for m in models:
         m.cost = onnx_cost(m.onnx_path)
     return models
@@ -190,40 +234,60 @@ def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
     if not gpu:
         transports = [t for t in transports if t != "cuda_shm"]
     dev = device_info()
-    device_label = (f"gpu: {dev.get('gpu', '?')}" if gpu else
-                    f"cpu: {dev['cpu']} x{dev['cores']}")
-    triton_path = ("Triton Python backend running ONNX Runtime (models/triton_model.py)"
-                   if backend == "python" else "Triton ONNX Runtime backend")
+    device_label = f"gpu: {dev.get('gpu', '?')}" if gpu else f"cpu: {dev['cpu']} x{dev['cores']}"
+    triton_path = (
+        "Triton Python backend running ONNX Runtime (models/triton_model.py)"
+        if backend == "python"
+        else "Triton ONNX Runtime backend"
+    )
     log(f"device: {device_label}; threads budget {a.threads}; Triton path: {triton_path}")
     if backend == "python":
-        log("note: the local Triton has only the Python backend, so 'triton' rows are the Python "
+        log(
+            "note: the local Triton has only the Python backend, so 'triton' rows are the Python "
             "backend running ONNX Runtime; the production ONNX Runtime backend is measured with "
-            "NVIDIA's container on a GPU (docs/inference-benchmark.md)")
+            "NVIDIA's container on a GPU (docs/inference-benchmark.md)"
+        )
 
     hw = measure() if gpu else None
-    floor_note = ("measured with torch on the GPU" if hw else
-                  "no CUDA device on this machine (the compute/memory floor needs a GPU)")
+    floor_note = (
+        "measured with torch on the GPU"
+        if hw
+        else "no CUDA device on this machine (the compute/memory floor needs a GPU)"
+    )
     log(f"hardware floor: {floor_note if hw else 'skipped - ' + floor_note}")
 
     log("models:")
     models = build_models(settings, a, log=log)
     for m in models:
         c = m.cost
-        log(f"  {m.name:22s} table {c['table_rows']:>11,} x {c['embed_dim']} = "
+        log(
+            f"  {m.name:22s} table {c['table_rows']:>11,} x {c['embed_dim']} = "
             f"{c['table_bytes'] / 2**20:8,.0f} MiB, {c['flops_per_row'] / 1e6:6.2f} MFLOP/row, "
-            f"dense weights {c['dense_param_bytes'] / 2**20:.1f} MiB  ({m.origin})")
+            f"dense weights {c['dense_param_bytes'] / 2**20:.1f} MiB  ({m.origin})"
+        )
 
-    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu
-                 else ["CPUExecutionProvider"])
-    max_bs = max(8192, max(a.batch_sizes))  # ctrstream.models.publish's default, or the largest batch
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+    )
+    max_bs = max(
+        8192, max(a.batch_sizes)
+    )  # ctrstream.models.publish's default, or the largest batch
     rows: list[dict] = []
-    n_cells = len(models) * len(a.batch_sizes) * len(a.concurrency) * (
-        1 + len(a.dyn) * len(transports))
+    n_cells = (
+        len(models) * len(a.batch_sizes) * len(a.concurrency) * (1 + len(a.dyn) * len(transports))
+    )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    with triton_for_bench(settings, a.isolated, log=log) as ts, Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), transient=True) as progress:
+    with (
+        triton_for_bench(settings, a.isolated, log=log) as ts,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=True,
+        ) as progress,
+    ):
         task = progress.add_task("cells", total=n_cells)
         import tritonclient.grpc as grpcclient
 
@@ -234,29 +298,44 @@ def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
         meter = CpuMeter(TritonService(ts).pid())
         try:
             for m in models:
-                inputs = {b: make_inputs(b, max(a.concurrency), m.num_embeddings,
-                                         m.cost["n_sparse"], m.cost["n_dense"], seed=b)
-                          for b in a.batch_sizes}
-                base = dict(model=m.name, table_mib=round(m.cost["table_bytes"] / 2**20, 1),
-                            mlp="x".join(map(str, m.config.get("mlp_dims", []))) or "?",
-                            device=device_label)
+                inputs = {
+                    b: make_inputs(
+                        b,
+                        max(a.concurrency),
+                        m.num_embeddings,
+                        m.cost["n_sparse"],
+                        m.cost["n_dense"],
+                        seed=b,
+                    )
+                    for b in a.batch_sizes
+                }
+                base = dict(
+                    model=m.name,
+                    table_mib=round(m.cost["table_bytes"] / 2**20, 1),
+                    mlp="x".join(map(str, m.config.get("mlp_dims", []))) or "?",
+                    device=device_label,
+                )
 
                 def floor_cols(b: int, rps: float, cost: dict = m.cost) -> dict:
                     if not hw:
                         return {}
                     f = floor_seconds(*batch_cost(cost, b), hw)
                     frps = b / f["floor_s"]
-                    return dict(floor_ms=round(f["floor_s"] * 1e3, 4), floor_bound=f["bound"],
-                                floor_rows_per_s=round(frps, 1),
-                                pct_of_floor=round(100.0 * rps / frps, 2))
+                    return dict(
+                        floor_ms=round(f["floor_s"] * 1e3, 4),
+                        floor_bound=f["bound"],
+                        floor_rows_per_s=round(frps, 1),
+                        pct_of_floor=round(100.0 * rps / frps, 2),
+                    )
 
                 progress.update(task, description=f"{m.name}: loading")
                 sess = ort_session(m.onnx_path, providers=providers, threads=a.threads)
                 variants: dict[bool, tuple[str, float]] = {}
                 try:
                     for dyn in a.dyn:  # both configurations loaded side by side
-                        name = write_variant(repo, m, backend, dyn, max_bs, a.threads,
-                                             a.queue_delay_us)
+                        name = write_variant(
+                            repo, m, backend, dyn, max_bs, a.threads, a.queue_delay_us
+                        )
                         variants[dyn] = (name, 0.0)
                         t0 = time.monotonic()
                         admin.load_model(name, client_timeout=900)
@@ -270,22 +349,47 @@ def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
                             meter.start()
                             cell = run_inprocess(sess, inputs[b], c, a.duration, a.warmup)
                             r = cell.summary()
-                            rows.append({**base, "path": "in-process", "dyn_batching": None,
-                                         "transport": "-", "batch": b, "concurrency": c, **r,
-                                         **cpu_cols(cell, meter.stop()),
-                                         **floor_cols(b, r["rows_per_s"])})
+                            rows.append(
+                                {
+                                    **base,
+                                    "path": "in-process",
+                                    "dyn_batching": None,
+                                    "transport": "-",
+                                    "batch": b,
+                                    "concurrency": c,
+                                    **r,
+                                    **cpu_cols(cell, meter.stop()),
+                                    **floor_cols(b, r["rows_per_s"]),
+                                }
+                            )
                             progress.advance(task)
                             for dyn, (name, load_s) in variants.items():
                                 for tr in transports:
                                     meter.start()
-                                    cell = run_triton(ts.triton.grpc_url, name, inputs[b], c,
-                                                      a.duration, a.warmup, tr)
+                                    cell = run_triton(
+                                        ts.triton.grpc_url,
+                                        name,
+                                        inputs[b],
+                                        c,
+                                        a.duration,
+                                        a.warmup,
+                                        tr,
+                                    )
                                     r = cell.summary()
-                                    rows.append({**base, "path": f"triton-{backend}",
-                                                 "dyn_batching": dyn, "transport": tr,
-                                                 "batch": b, "concurrency": c, **r,
-                                                 **cpu_cols(cell, meter.stop()), "load_s": load_s,
-                                                 **floor_cols(b, r["rows_per_s"])})
+                                    rows.append(
+                                        {
+                                            **base,
+                                            "path": f"triton-{backend}",
+                                            "dyn_batching": dyn,
+                                            "transport": tr,
+                                            "batch": b,
+                                            "concurrency": c,
+                                            **r,
+                                            **cpu_cols(cell, meter.stop()),
+                                            "load_s": load_s,
+                                            **floor_cols(b, r["rows_per_s"]),
+                                        }
+                                    )
                                     progress.advance(task)
                 finally:
                     del sess
@@ -301,10 +405,15 @@ def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
     headline = add_ratios(rows)
     meta = dict(
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-        triton_path=triton_path, backend=backend, threads=a.threads, gpu=gpu,
-        device_label=device_label, transports=transports,
+        triton_path=triton_path,
+        backend=backend,
+        threads=a.threads,
+        gpu=gpu,
+        device_label=device_label,
+        transports=transports,
         hardware_floor=hw or {"skipped": floor_note},
-        models=[m.meta() for m in models], headline=headline,
+        models=[m.meta() for m in models],
+        headline=headline,
         notes=[
             "rows_per_s: rows answered per second over the timed window, closed loop "
             "(each of `concurrency` clients sends its next request when the last returns)",
@@ -342,20 +451,31 @@ def cpu_cols(cell, cpu: dict) -> dict:
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Per-row ratio against in-process at the same (model, batch, concurrency), and the
     headline per (model, batch): best Triton row / best in-process row."""
-    inproc = {(r["model"], r["batch"], r["concurrency"]): r["rows_per_s"]
-              for r in rows if r["path"] == "in-process"}
-    inproc_eff = {(r["model"], r["batch"], r["concurrency"]): r.get("rows_per_cpu_s")
-                  for r in rows if r["path"] == "in-process"}
+    inproc = {
+        (r["model"], r["batch"], r["concurrency"]): r["rows_per_s"]
+        for r in rows
+        if r["path"] == "in-process"
+    }
+    inproc_eff = {
+        (r["model"], r["batch"], r["concurrency"]): r.get("rows_per_cpu_s")
+        for r in rows
+        if r["path"] == "in-process"
+    }
     for r in rows:
         key = (r["model"], r["batch"], r["concurrency"])
         base, eff = inproc.get(key), inproc_eff.get(key)
         triton = r["path"] != "in-process"
         r["ratio_vs_inprocess"] = round(r["rows_per_s"] / base, 3) if base and triton else None
-        r["cpu_eff_vs_inprocess"] = (round(r["rows_per_cpu_s"] / eff, 3)
-                                     if triton and eff and r.get("rows_per_cpu_s") else None)
+        r["cpu_eff_vs_inprocess"] = (
+            round(r["rows_per_cpu_s"] / eff, 3)
+            if triton and eff and r.get("rows_per_cpu_s")
+            else None
+        )
     headline = []
-    keys = sorted({(r["model"], r["batch"]) for r in rows},
-                  key=lambda k: ([r["model"] for r in rows].index(k[0]), k[1]))
+    keys = sorted(
+        {(r["model"], r["batch"]) for r in rows},
+        key=lambda k: ([r["model"] for r in rows].index(k[0]), k[1]),
+    )
     for model, b in keys:
         grp = [r for r in rows if r["model"] == model and r["batch"] == b]
         ip = [r for r in grp if r["path"] == "in-process"]
@@ -366,24 +486,36 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         bt = max(tr, key=lambda r: r["rows_per_s"])
         ei = max((r.get("rows_per_cpu_s") or 0.0 for r in ip), default=0.0)
         et = max(tr, key=lambda r: r.get("rows_per_cpu_s") or 0.0)
-        headline.append(dict(
-            model=model, batch=b, inprocess_rows_per_s=bi["rows_per_s"],
-            inprocess_p99_ms=bi["p99_ms"], inprocess_concurrency=bi["concurrency"],
-            triton_rows_per_s=bt["rows_per_s"], triton_p99_ms=bt["p99_ms"],
-            triton_best=(f"db={'on' if bt['dyn_batching'] else 'off'} {bt['transport']} "
-                         f"c={bt['concurrency']}"),
-            ratio=round(bt["rows_per_s"] / bi["rows_per_s"], 3) if bi["rows_per_s"] else None,
-            inprocess_rows_per_cpu_s=ei or None,
-            triton_rows_per_cpu_s=et.get("rows_per_cpu_s"),
-            triton_best_cpu=(f"db={'on' if et['dyn_batching'] else 'off'} {et['transport']} "
-                             f"c={et['concurrency']}"),
-            cpu_ratio=(round(et["rows_per_cpu_s"] / ei, 3)
-                       if ei and et.get("rows_per_cpu_s") else None),
-        ))
+        headline.append(
+            dict(
+                model=model,
+                batch=b,
+                inprocess_rows_per_s=bi["rows_per_s"],
+                inprocess_p99_ms=bi["p99_ms"],
+                inprocess_concurrency=bi["concurrency"],
+                triton_rows_per_s=bt["rows_per_s"],
+                triton_p99_ms=bt["p99_ms"],
+                triton_best=(
+                    f"db={'on' if bt['dyn_batching'] else 'off'} {bt['transport']} "
+                    f"c={bt['concurrency']}"
+                ),
+                ratio=round(bt["rows_per_s"] / bi["rows_per_s"], 3) if bi["rows_per_s"] else None,
+                inprocess_rows_per_cpu_s=ei or None,
+                triton_rows_per_cpu_s=et.get("rows_per_cpu_s"),
+                triton_best_cpu=(
+                    f"db={'on' if et['dyn_batching'] else 'off'} {et['transport']} "
+                    f"c={et['concurrency']}"
+                ),
+                cpu_ratio=(
+                    round(et["rows_per_cpu_s"] / ei, 3) if ei and et.get("rows_per_cpu_s") else None
+                ),
+            )
+        )
     return headline
 
 
 # --------------------------------------------------------------------------- output
+
 
 def _series_label(r: dict) -> str:
     if r["path"] == "in-process":
@@ -410,27 +542,44 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
         grp = [r for r in rows if r["model"] == model and r["p99_ms"]]
         for label in labels:
             for c in concs:
-                pts = sorted((r for r in grp if _series_label(r) == label and r["concurrency"] == c),
-                             key=lambda r: r["batch"])
+                pts = sorted(
+                    (r for r in grp if _series_label(r) == label and r["concurrency"] == c),
+                    key=lambda r: r["batch"],
+                )
                 if not pts:
                     continue
-                ax.plot([p["p99_ms"] for p in pts], [p["rows_per_s"] for p in pts], styles[c],
-                        color=colors[label], marker="o", ms=3.5,
-                        lw=2.4 if label.startswith("in-process") else 1.3,
-                        label=f"{label} c={c}")
+                ax.plot(
+                    [p["p99_ms"] for p in pts],
+                    [p["rows_per_s"] for p in pts],
+                    styles[c],
+                    color=colors[label],
+                    marker="o",
+                    ms=3.5,
+                    lw=2.4 if label.startswith("in-process") else 1.3,
+                    label=f"{label} c={c}",
+                )
                 for p in pts:
-                    ax.annotate(str(p["batch"]), (p["p99_ms"], p["rows_per_s"]), fontsize=6,
-                                alpha=0.55, xytext=(2, 2), textcoords="offset points")
+                    ax.annotate(
+                        str(p["batch"]),
+                        (p["p99_ms"], p["rows_per_s"]),
+                        fontsize=6,
+                        alpha=0.55,
+                        xytext=(2, 2),
+                        textcoords="offset points",
+                    )
         r0 = grp[0] if grp else {}
-        ax.set_title(f"{model}: table {r0.get('table_mib', 0):,.0f} MiB, mlp {r0.get('mlp', '?')}"
-                     " (labels = client batch size)", fontsize=9)
+        ax.set_title(
+            f"{model}: table {r0.get('table_mib', 0):,.0f} MiB, mlp {r0.get('mlp', '?')}"
+            " (labels = client batch size)",
+            fontsize=9,
+        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("p99 latency (ms)")
         ax.set_ylabel("throughput (rows/s)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6, loc="best")
-    for ax in list(axes.flat)[len(models):]:
+    for ax in list(axes.flat)[len(models) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -440,19 +589,45 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 
 # printed column <- row key
-TABLE_COLUMNS = {"model": "model", "path": "path", "db": "dyn_batching", "xport": "transport",
-                 "batch": "batch", "conc": "concurrency", "rows/s": "rows_per_s",
-                 "p50 ms": "p50_ms", "p99 ms": "p99_ms", "/inproc": "ratio_vs_inprocess",
-                 "rows/cpu-s": "rows_per_cpu_s", "cpu-eff/inproc": "cpu_eff_vs_inprocess",
-                 "other cpu%": "other_cpu_pct"}
+TABLE_COLUMNS = {
+    "model": "model",
+    "path": "path",
+    "db": "dyn_batching",
+    "xport": "transport",
+    "batch": "batch",
+    "conc": "concurrency",
+    "rows/s": "rows_per_s",
+    "p50 ms": "p50_ms",
+    "p99 ms": "p99_ms",
+    "/inproc": "ratio_vs_inprocess",
+    "rows/cpu-s": "rows_per_cpu_s",
+    "cpu-eff/inproc": "cpu_eff_vs_inprocess",
+    "other cpu%": "other_cpu_pct",
+}
 FLOOR_COLUMNS = {"floor ms": "floor_ms", "bound": "floor_bound", "% floor": "pct_of_floor"}
-HEADLINE_COLUMNS = {"model": "model", "batch": "batch", "inproc rows/s": "inprocess_rows_per_s",
-                    "inproc p99": "inprocess_p99_ms", "triton rows/s": "triton_rows_per_s",
-                    "triton p99": "triton_p99_ms", "best triton config": "triton_best",
-                    "triton/inproc": "ratio", "inproc rows/cpu-s": "inprocess_rows_per_cpu_s",
-                    "triton rows/cpu-s": "triton_rows_per_cpu_s", "cpu-eff ratio": "cpu_ratio"}
-_SHORT = {"in-process": "inproc", "triton-python": "triton-py", "triton-onnxruntime": "triton-ort",
-          "system_shm": "shm", "cuda_shm": "cuda-shm", True: "on", False: "off", None: ""}
+HEADLINE_COLUMNS = {
+    "model": "model",
+    "batch": "batch",
+    "inproc rows/s": "inprocess_rows_per_s",
+    "inproc p99": "inprocess_p99_ms",
+    "triton rows/s": "triton_rows_per_s",
+    "triton p99": "triton_p99_ms",
+    "best triton config": "triton_best",
+    "triton/inproc": "ratio",
+    "inproc rows/cpu-s": "inprocess_rows_per_cpu_s",
+    "triton rows/cpu-s": "triton_rows_per_cpu_s",
+    "cpu-eff ratio": "cpu_ratio",
+}
+_SHORT = {
+    "in-process": "inproc",
+    "triton-python": "triton-py",
+    "triton-onnxruntime": "triton-ort",
+    "system_shm": "shm",
+    "cuda_shm": "cuda-shm",
+    True: "on",
+    False: "off",
+    None: "",
+}
 
 
 def _display(rows: list[dict], columns: dict) -> list[dict]:
@@ -469,19 +644,27 @@ def _display(rows: list[dict], columns: dict) -> list[dict]:
 def report(result: dict, a: argparse.Namespace, log=print) -> dict:
     rows, meta = result["rows"], result["meta"]
     cols = {**TABLE_COLUMNS, **(FLOOR_COLUMNS if meta["gpu"] else {})}
-    print_table(f"inference: every cell ({meta['device_label']}; {meta['triton_path']})",
-                _display(rows, cols), list(cols))
-    print_table("inference headline: best Triton / best in-process, by rows/s and by rows per "
-                "CPU-second, per batch size",
-                _display(result["headline"], HEADLINE_COLUMNS), list(HEADLINE_COLUMNS))
+    print_table(
+        f"inference: every cell ({meta['device_label']}; {meta['triton_path']})",
+        _display(rows, cols),
+        list(cols),
+    )
+    print_table(
+        "inference headline: best Triton / best in-process, by rows/s and by rows per "
+        "CPU-second, per batch size",
+        _display(result["headline"], HEADLINE_COLUMNS),
+        list(HEADLINE_COLUMNS),
+    )
     if not meta["gpu"]:
         log("hardware floor: skipped - " + meta["hardware_floor"]["skipped"])
     out = write_results(a.name, rows, meta, out_dir=a.out_dir)
     paths = {"json": out}
     if not a.no_plot and rows:
-        paths["png"] = plot(rows, out.with_suffix(".png"),
-                            f"ctrstream bench inference - {meta['device_label']}\n"
-                            f"triton = {meta['triton_path']}")
+        paths["png"] = plot(
+            rows,
+            out.with_suffix(".png"),
+            f"ctrstream bench inference - {meta['device_label']}\ntriton = {meta['triton_path']}",
+        )
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return paths
 

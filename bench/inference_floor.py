@@ -31,9 +31,15 @@ def measure(device_index: int = 0, matmul_n: int = 8192, copy_mib: int = 1024) -
         host = torch.empty(64 * 2**20 // 4, pin_memory=True)
         dbuf = torch.empty_like(host, device=dev)
         h2d = _best_rate(lambda: dbuf.copy_(host, non_blocking=True), host.numel() * 4.0, torch)
-        return {"gpu": torch.cuda.get_device_name(dev), "matmul_flops": flops,
-                "copy_bytes_per_s": bw, "h2d_bytes_per_s": h2d,
-                "matmul_n": matmul_n, "copy_mib": copy_mib, "tf32": False}
+        return {
+            "gpu": torch.cuda.get_device_name(dev),
+            "matmul_flops": flops,
+            "copy_bytes_per_s": bw,
+            "h2d_bytes_per_s": h2d,
+            "matmul_n": matmul_n,
+            "copy_mib": copy_mib,
+            "tf32": False,
+        }
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
         torch.cuda.empty_cache()
@@ -73,5 +79,9 @@ def floor_seconds(flops: float, nbytes: float, hw: dict) -> dict:
     """Compute and memory floor of one batch (seconds) and which one binds."""
     t_c = flops / hw["matmul_flops"]
     t_m = nbytes / hw["copy_bytes_per_s"]
-    return {"compute_s": t_c, "memory_s": t_m, "floor_s": max(t_c, t_m),
-            "bound": "compute" if t_c >= t_m else "memory"}
+    return {
+        "compute_s": t_c,
+        "memory_s": t_m,
+        "floor_s": max(t_c, t_m),
+        "bound": "compute" if t_c >= t_m else "memory",
+    }

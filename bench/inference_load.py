@@ -50,8 +50,9 @@ class CellResult:
         }
 
 
-def make_inputs(batch: int, n_copies: int, num_embeddings: int, n_sparse: int, n_dense: int,
-                seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def make_inputs(
+    batch: int, n_copies: int, num_embeddings: int, n_sparse: int, n_dense: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n_copies`` distinct random request payloads ``(sparse_ids, dense)`` of ``batch`` rows
     (``ctrstream.models.onnx_runtime.random_inputs``: contract-shaped ids and realistic dense values)."""
     from ctrstream.models.onnx_runtime import random_inputs
@@ -98,6 +99,7 @@ class _Window:
 
 
 # --------------------------------------------------------------------------- CPU accounting
+
 
 class CpuMeter:
     """How busy the whole machine was during a cell, and how much of that was not us (this
@@ -147,8 +149,7 @@ class CpuMeter:
 
     def _ours(self) -> tuple[int, int]:
         """(this process's jiffies, the server tree's jiffies)."""
-        return (self._jiffies(os.getpid()),
-                sum(self._jiffies(p) for p in self._server_pids()))
+        return (self._jiffies(os.getpid()), sum(self._jiffies(p) for p in self._server_pids()))
 
     def start(self) -> None:
         try:
@@ -160,25 +161,33 @@ class CpuMeter:
         """Machine busy % and other processes' % over the cell, and the CPU seconds this
         process (the client, or in-process inference) and the server used."""
         if self._t0 is None:
-            return {"busy_cpu_pct": None, "other_cpu_pct": None, "client_cpu_s": None,
-                    "server_cpu_s": None}
+            return {
+                "busy_cpu_pct": None,
+                "other_cpu_pct": None,
+                "client_cpu_s": None,
+                "server_cpu_s": None,
+            }
         total1, busy1 = self._machine()
         me1, srv1 = self._ours()
         total0, busy0, me0, srv0 = self._t0
         dt = max(total1 - total0, 1)
         ours = max(0, me1 - me0) + max(0, srv1 - srv0)
         tck = os.sysconf("SC_CLK_TCK")
-        return {"busy_cpu_pct": round(100.0 * (busy1 - busy0) / dt, 1),
-                # clamp at 0: a stub that ended meanwhile takes its jiffies with it
-                "other_cpu_pct": round(max(0.0, 100.0 * ((busy1 - busy0) - ours) / dt), 1),
-                "client_cpu_s": round(max(0, me1 - me0) / tck, 3),
-                "server_cpu_s": round(max(0, srv1 - srv0) / tck, 3)}
+        return {
+            "busy_cpu_pct": round(100.0 * (busy1 - busy0) / dt, 1),
+            # clamp at 0: a stub that ended meanwhile takes its jiffies with it
+            "other_cpu_pct": round(max(0.0, 100.0 * ((busy1 - busy0) - ours) / dt), 1),
+            "client_cpu_s": round(max(0, me1 - me0) / tck, 3),
+            "server_cpu_s": round(max(0, srv1 - srv0) / tck, 3),
+        }
 
 
 # --------------------------------------------------------------------------- in-process ORT
 
-def run_inprocess(session, inputs, concurrency: int, duration_s: float, warmup_s: float
-                  ) -> CellResult:
+
+def run_inprocess(
+    session, inputs, concurrency: int, duration_s: float, warmup_s: float
+) -> CellResult:
     """``concurrency`` threads calling ``session.run`` back to back on one shared session."""
     win = _Window(warmup_s, duration_s)
     records: list[list[tuple[float, float, int]]] = [[] for _ in range(concurrency)]
@@ -208,6 +217,7 @@ def run_inprocess(session, inputs, concurrency: int, duration_s: float, warmup_s
 
 # --------------------------------------------------------------------------- Triton over gRPC
 
+
 class _ShmSlot:
     """One client slot's shared memory: inputs region [sparse | dense] and output region
     [prob] (system shm: one region, output at an offset; CUDA shm: two device regions, so
@@ -217,7 +227,11 @@ class _ShmSlot:
         self.kind = kind
         self.batch = len(sparse)
         tag = f"ctrbench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.sparse_bytes, self.dense_bytes, self.out_bytes = sparse.nbytes, dense.nbytes, self.batch * 4
+        self.sparse_bytes, self.dense_bytes, self.out_bytes = (
+            sparse.nbytes,
+            dense.nbytes,
+            self.batch * 4,
+        )
         self.in_bytes = self.sparse_bytes + self.dense_bytes
         self.device_id = device_id
         if kind == "system_shm":
@@ -226,9 +240,12 @@ class _ShmSlot:
             self._mod = shm
             self.in_name = self.out_name = tag
             self.out_offset = self.in_bytes
-            self.regions = {tag: (shm.create_shared_memory_region(tag, "/" + tag,
-                                                                  self.in_bytes + self.out_bytes),
-                                  self.in_bytes + self.out_bytes)}
+            self.regions = {
+                tag: (
+                    shm.create_shared_memory_region(tag, "/" + tag, self.in_bytes + self.out_bytes),
+                    self.in_bytes + self.out_bytes,
+                )
+            }
             shm.set_shared_memory_region(self.regions[tag][0], [sparse, dense])
         elif kind == "cuda_shm":
             import tritonclient.utils.cuda_shared_memory as cshm
@@ -236,10 +253,14 @@ class _ShmSlot:
             self._mod = cshm
             self.in_name, self.out_name, self.out_offset = tag + "-in", tag + "-out", 0
             self.regions = {
-                self.in_name: (cshm.create_shared_memory_region(self.in_name, self.in_bytes,
-                                                                device_id), self.in_bytes),
-                self.out_name: (cshm.create_shared_memory_region(self.out_name, self.out_bytes,
-                                                                 device_id), self.out_bytes),
+                self.in_name: (
+                    cshm.create_shared_memory_region(self.in_name, self.in_bytes, device_id),
+                    self.in_bytes,
+                ),
+                self.out_name: (
+                    cshm.create_shared_memory_region(self.out_name, self.out_bytes, device_id),
+                    self.out_bytes,
+                ),
             }
             cshm.set_shared_memory_region(self.regions[self.in_name][0], [sparse, dense])
         else:
@@ -251,7 +272,8 @@ class _ShmSlot:
                 await client.register_system_shared_memory(name, "/" + name, size)
             else:
                 await client.register_cuda_shared_memory(
-                    name, self._mod.get_raw_handle(handle), self.device_id, size)
+                    name, self._mod.get_raw_handle(handle), self.device_id, size
+                )
 
     async def unregister(self, client) -> None:
         for name, (handle, _) in self.regions.items():
@@ -271,13 +293,21 @@ class _ShmSlot:
     def read_output(self) -> np.ndarray:
         handle = self.regions[self.out_name][0]
         if self.kind == "system_shm":
-            return self._mod.get_contents_as_numpy(handle, np.float32, [self.batch, 1],
-                                                   offset=self.out_offset)
+            return self._mod.get_contents_as_numpy(
+                handle, np.float32, [self.batch, 1], offset=self.out_offset
+            )
         return self._mod.get_contents_as_numpy(handle, np.float32, [self.batch, 1])
 
 
-async def _triton_cell(url: str, model: str, inputs, concurrency: int, duration_s: float,
-                       warmup_s: float, transport: str) -> CellResult:
+async def _triton_cell(
+    url: str,
+    model: str,
+    inputs,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    transport: str,
+) -> CellResult:
     import tritonclient.grpc.aio as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
@@ -324,9 +354,17 @@ async def _triton_cell(url: str, model: str, inputs, concurrency: int, duration_
         await client.close()
 
 
-def run_triton(url: str, model: str, inputs, concurrency: int, duration_s: float,
-               warmup_s: float, transport: str = "grpc") -> CellResult:
+def run_triton(
+    url: str,
+    model: str,
+    inputs,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    transport: str = "grpc",
+) -> CellResult:
     if transport not in ("grpc", "system_shm", "cuda_shm"):
         raise ValueError(f"unknown transport {transport!r}")
-    return asyncio.run(_triton_cell(url, model, inputs, concurrency, duration_s, warmup_s,
-                                    transport))
+    return asyncio.run(
+        _triton_cell(url, model, inputs, concurrency, duration_s, warmup_s, transport)
+    )

@@ -70,18 +70,30 @@ def parse_mlp(text: str) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------- building
 
+
 def _cache_dir(settings: Settings) -> Path:
     return settings.cache_dir / "bench-inference"
 
 
-def synthetic(settings: Settings, table_bytes: int, mlp_dims=DEFAULT_MLP,
-              embed_dim: int = DEFAULT_EMBED_DIM, cross_layers: int = DEFAULT_CROSS,
-              log=print) -> BenchModel:
+def synthetic(
+    settings: Settings,
+    table_bytes: int,
+    mlp_dims=DEFAULT_MLP,
+    embed_dim: int = DEFAULT_EMBED_DIM,
+    cross_layers: int = DEFAULT_CROSS,
+    log=print,
+) -> BenchModel:
     """A DCNv2 with random weights whose embedding table holds ``table_bytes`` (fp32),
     exported once and cached under ``<cache_dir>/bench-inference/``."""
     rows = max(N_SPARSE, table_bytes // (embed_dim * 4))
-    cfg = dict(num_embeddings=rows, n_sparse=N_SPARSE, n_dense=N_DENSE, embed_dim=embed_dim,
-               cross_layers=cross_layers, mlp_dims=list(mlp_dims))
+    cfg = dict(
+        num_embeddings=rows,
+        n_sparse=N_SPARSE,
+        n_dense=N_DENSE,
+        embed_dim=embed_dim,
+        cross_layers=cross_layers,
+        mlp_dims=list(mlp_dims),
+    )
     name = f"dcn-{fmt_size(rows * embed_dim * 4)}-{'x'.join(map(str, mlp_dims))}"
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     path = _cache_dir(settings) / f"{name}-{key}" / "model.onnx"
@@ -108,8 +120,10 @@ def _export_random(cfg: dict, path: Path, log) -> None:
     # a large table: the parity check compares a few batches only, it stays quick
     info = export_onnx(model, tmp, parity_check=True)
     tmp.rename(path)
-    log(f"  built {path.parent.name}: {info['bytes'] / 2**20:,.0f} MiB ONNX, parity "
-        f"{info['parity_max_abs_diff']:.1e}, {time.monotonic() - t0:.1f}s")
+    log(
+        f"  built {path.parent.name}: {info['bytes'] / 2**20:,.0f} MiB ONNX, parity "
+        f"{info['parity_max_abs_diff']:.1e}, {time.monotonic() - t0:.1f}s"
+    )
 
 
 def published(settings: Settings, log=print) -> BenchModel:
@@ -119,15 +133,24 @@ def published(settings: Settings, log=print) -> BenchModel:
     if found is not None:
         log(f"  published model: {found}")
         return BenchModel("published", "published", found, _table_rows(found))
-    cfg: dict[str, Any] = dict(num_embeddings=N_SPARSE * HASH_BUCKETS, n_sparse=N_SPARSE, n_dense=N_DENSE,
-               embed_dim=DEFAULT_EMBED_DIM, cross_layers=DEFAULT_CROSS, mlp_dims=list(DEFAULT_MLP))
+    cfg: dict[str, Any] = dict(
+        num_embeddings=N_SPARSE * HASH_BUCKETS,
+        n_sparse=N_SPARSE,
+        n_dense=N_DENSE,
+        embed_dim=DEFAULT_EMBED_DIM,
+        cross_layers=DEFAULT_CROSS,
+        mlp_dims=list(DEFAULT_MLP),
+    )
     path = _cache_dir(settings) / "default-random" / "model.onnx"
     if not path.exists():
         _export_random(cfg, path, log)
-    log("  no published deep model found: using the default DCNv2 architecture with random "
-        "weights (same cost as a trained one)")
-    return BenchModel("default-dcn", "published-missing:random-weights", path,
-                      cfg["num_embeddings"], config=cfg)
+    log(
+        "  no published deep model found: using the default DCNv2 architecture with random "
+        "weights (same cost as a trained one)"
+    )
+    return BenchModel(
+        "default-dcn", "published-missing:random-weights", path, cfg["num_embeddings"], config=cfg
+    )
 
 
 def find_published(settings: Settings) -> Path | None:
@@ -135,8 +158,11 @@ def find_published(settings: Settings) -> Path | None:
     cands: list[Path] = []
     repo = settings.triton.model_repository
     if repo.is_dir():
-        cands += [p for p in repo.glob("*/*/model.onnx")
-                  if not p.parent.parent.name.startswith(BENCH_PREFIX)]
+        cands += [
+            p
+            for p in repo.glob("*/*/model.onnx")
+            if not p.parent.parent.name.startswith(BENCH_PREFIX)
+        ]
     models_dir = settings.data_dir / "models"
     if models_dir.is_dir():
         cands += list(models_dir.rglob("*.onnx"))
@@ -154,6 +180,7 @@ def _table_rows(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- cost per row
+
 
 def onnx_cost(path: Path) -> dict:
     """What one row costs, read from the graph: multiply-add FLOPs of every Gemm/MatMul
@@ -177,18 +204,54 @@ def onnx_cost(path: Path) -> dict:
             rows, dim = inits[node.input[0]]
             if rows * dim > table_rows * max(table_dim, 1):
                 table_rows, table_dim = rows, dim
-    n_sparse = next((d.dim_value for i in g.input if i.name == "sparse_ids"
-                     for d in i.type.tensor_type.shape.dim[1:2]), N_SPARSE) or N_SPARSE
-    n_dense = next((d.dim_value for i in g.input if i.name == "dense"
-                    for d in i.type.tensor_type.shape.dim[1:2]), N_DENSE) or N_DENSE
-    external = sorted({e.value for i in g.initializer if i.data_location == onnx.TensorProto.EXTERNAL
-                       for e in i.external_data if e.key == "location"})
+    n_sparse = (
+        next(
+            (
+                d.dim_value
+                for i in g.input
+                if i.name == "sparse_ids"
+                for d in i.type.tensor_type.shape.dim[1:2]
+            ),
+            N_SPARSE,
+        )
+        or N_SPARSE
+    )
+    n_dense = (
+        next(
+            (
+                d.dim_value
+                for i in g.input
+                if i.name == "dense"
+                for d in i.type.tensor_type.shape.dim[1:2]
+            ),
+            N_DENSE,
+        )
+        or N_DENSE
+    )
+    external = sorted(
+        {
+            e.value
+            for i in g.initializer
+            if i.data_location == onnx.TensorProto.EXTERNAL
+            for e in i.external_data
+            if e.key == "location"
+        }
+    )
     gather_bytes = n_sparse * table_dim * 4
     io_bytes = n_sparse * 8 + n_dense * 4 + 4
-    return dict(n_matmul=n_matmul, flops_per_row=flops_row, dense_param_bytes=dense_param_bytes,
-                table_rows=table_rows, embed_dim=table_dim, table_bytes=table_rows * table_dim * 4,
-                gather_bytes_per_row=gather_bytes, io_bytes_per_row=io_bytes,
-                n_sparse=n_sparse, n_dense=n_dense, external_files=external)
+    return dict(
+        n_matmul=n_matmul,
+        flops_per_row=flops_row,
+        dense_param_bytes=dense_param_bytes,
+        table_rows=table_rows,
+        embed_dim=table_dim,
+        table_bytes=table_rows * table_dim * 4,
+        gather_bytes_per_row=gather_bytes,
+        io_bytes_per_row=io_bytes,
+        n_sparse=n_sparse,
+        n_dense=n_dense,
+        external_files=external,
+    )
 
 
 def batch_cost(cost: dict, batch: int) -> tuple[float, float]:
@@ -196,30 +259,49 @@ def batch_cost(cost: dict, batch: int) -> tuple[float, float]:
     row's gathered embeddings and its inputs/output."""
     flops = float(cost["flops_per_row"]) * batch
     nbytes = float(cost["dense_param_bytes"]) + batch * float(
-        cost["gather_bytes_per_row"] + cost["io_bytes_per_row"])
+        cost["gather_bytes_per_row"] + cost["io_bytes_per_row"]
+    )
     return flops, nbytes
 
 
 # --------------------------------------------------------------------------- Triton configs
 
+
 def triton_variant_name(model: BenchModel, backend: str, dyn_batching: bool) -> str:
     safe = re.sub(r"[^a-zA-Z0-9]+", "_", model.name).strip("_").lower()
-    return (f"{BENCH_PREFIX}{safe}_{'py' if backend == 'python' else 'ort'}_"
-            f"{'db' if dyn_batching else 'nodb'}")
+    return (
+        f"{BENCH_PREFIX}{safe}_{'py' if backend == 'python' else 'ort'}_"
+        f"{'db' if dyn_batching else 'nodb'}"
+    )
 
 
 _DYN_BLOCK = re.compile(r"^dynamic_batching \{.*?^\}\n", re.S | re.M)
 
 
-def variant_config(name: str, backend: str, dyn_batching: bool, n_sparse: int, n_dense: int,
-                   max_batch_size: int, threads: int, queue_delay_us: int) -> str:
+def variant_config(
+    name: str,
+    backend: str,
+    dyn_batching: bool,
+    n_sparse: int,
+    n_dense: int,
+    max_batch_size: int,
+    threads: int,
+    queue_delay_us: int,
+) -> str:
     """``ctrstream.models.publish.model_config`` (the production configuration of each flavour), with
     its ``dynamic_batching`` block removed for the "off" variant."""
     from ctrstream.models.publish import model_config
 
-    text = model_config(name, "python" if backend == "python" else "onnxruntime", None,
-                        n_sparse, n_dense, max_batch_size=max_batch_size,
-                        max_queue_delay_us=queue_delay_us, intra_op_threads=threads)
+    text = model_config(
+        name,
+        "python" if backend == "python" else "onnxruntime",
+        None,
+        n_sparse,
+        n_dense,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=queue_delay_us,
+        intra_op_threads=threads,
+    )
     if not dyn_batching:
         text, n = _DYN_BLOCK.subn("", text)
         if n != 1:
@@ -227,8 +309,15 @@ def variant_config(name: str, backend: str, dyn_batching: bool, n_sparse: int, n
     return text
 
 
-def write_variant(repo: Path, model: BenchModel, backend: str, dyn_batching: bool,
-                  max_batch_size: int, threads: int, queue_delay_us: int = 500) -> str:
+def write_variant(
+    repo: Path,
+    model: BenchModel,
+    backend: str,
+    dyn_batching: bool,
+    max_batch_size: int,
+    threads: int,
+    queue_delay_us: int = 500,
+) -> str:
     """Write one benchmark model into the repository ``repo`` and return its name.
 
     ``backend="python"``: ``models/triton_model.py`` running the ONNX file with ONNX Runtime
@@ -247,9 +336,18 @@ def write_variant(repo: Path, model: BenchModel, backend: str, dyn_batching: boo
         from ctrstream.models.publish import TRITON_MODEL_PY
 
         shutil.copyfile(TRITON_MODEL_PY, vdir / "model.py")
-    (mdir / "config.pbtxt").write_text(variant_config(
-        name, backend, dyn_batching, model.cost["n_sparse"], model.cost["n_dense"],
-        max_batch_size, threads, queue_delay_us))
+    (mdir / "config.pbtxt").write_text(
+        variant_config(
+            name,
+            backend,
+            dyn_batching,
+            model.cost["n_sparse"],
+            model.cost["n_dense"],
+            max_batch_size,
+            threads,
+            queue_delay_us,
+        )
+    )
     return name
 
 

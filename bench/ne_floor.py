@@ -82,14 +82,21 @@ def report(sc, warmup_hours: float = 1.0, val_fraction: float = 0.1) -> dict:
 
     res = {"oracle": ne(sig(L))}
     off_ad = L - term("ad")
-    est_ad = map_fit(ad, ones, off_ad, y, [sc.ad_sigma ** 2], fit)
+    est_ad = map_fit(ad, ones, off_ad, y, [sc.ad_sigma**2], fit)
     res["ad effect estimated (MAP)"] = ne(sig(off_ad + est_ad))
     off_site = L - term("site")
-    res["site effect estimated (MAP)"] = ne(sig(off_site + map_fit(
-        site, ones, off_site, y, [sc.site_sigma ** 2], fit)))
+    res["site effect estimated (MAP)"] = ne(
+        sig(off_site + map_fit(site, ones, off_site, y, [sc.site_sigma**2], fit))
+    )
     off_sc = L - term("site") - term("site_category")
-    est_sc = map_fit(site, np.column_stack([ones, cat_f]), off_sc, y,
-                     [sc.site_sigma ** 2] + [1.0] * cat_f.shape[1], fit)
+    est_sc = map_fit(
+        site,
+        np.column_stack([ones, cat_f]),
+        off_sc,
+        y,
+        [sc.site_sigma**2] + [1.0] * cat_f.shape[1],
+        fit,
+    )
     res["site + site x category estimated (MAP)"] = ne(sig(off_sc + est_sc))
 
     # user, heat, interest marginalised (as bench/ne_gap.py), optionally with the estimates
@@ -99,16 +106,25 @@ def report(sc, warmup_hours: float = 1.0, val_fraction: float = 0.1) -> dict:
     q = (np.bincount(grp, match) / np.maximum(np.bincount(grp), 1))[grp]
 
     def marginalised(l3):
-        return sum(w * marg(l3 + dh + di, sc.user_sigma) for w, dh, di in (
-            ((1 - hs) * (1 - q), 0, 0), (hs * (1 - q), sc.heat_logit, 0),
-            ((1 - hs) * q, 0, sc.interest_logit), (hs * q, sc.heat_logit, sc.interest_logit)))
+        return sum(
+            w * marg(l3 + dh + di, sc.user_sigma)
+            for w, dh, di in (
+                ((1 - hs) * (1 - q), 0, 0),
+                (hs * (1 - q), sc.heat_logit, 0),
+                ((1 - hs) * q, 0, sc.interest_logit),
+                (hs * q, sc.heat_logit, sc.interest_logit),
+            )
+        )
 
     l3 = L - term("user") - term("heat") - term("interest")
     res["user + heat + interest marginalised"] = ne(marginalised(l3))
-    res["all: marginalised + ad, site, site x category estimated"] = ne(marginalised(
-        l3 - term("ad") + est_ad - term("site") - term("site_category") + est_sc))
-    print(f"{sc.name} events={sc.events} seed={sc.seed}: validation {len(val):,} rows, "
-          f"{int(y[val].sum())} clicks (the rows and split of `ctrstream train`)")
+    res["all: marginalised + ad, site, site x category estimated"] = ne(
+        marginalised(l3 - term("ad") + est_ad - term("site") - term("site_category") + est_sc)
+    )
+    print(
+        f"{sc.name} events={sc.events} seed={sc.seed}: validation {len(val):,} rows, "
+        f"{int(y[val].sum())} clicks (the rows and split of `ctrstream train`)"
+    )
     print_ne(res, 56)
     return res
 

@@ -69,8 +69,11 @@ def _bare_loop(settings, topic_names: dict, kinds, keys, values, ts) -> tuple[fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ctrstream bench replay", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="ctrstream bench replay",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--events", type=int, default=1_000_000, help="impressions to generate")
     ap.add_argument("--scenario", default="steady")
     ap.add_argument("--seed", type=int, default=0)
@@ -88,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     # bench topics are deleted afterwards: the old-event-time retention warning is noise here
     logging.getLogger("ctrstream.replay").setLevel(logging.ERROR)
     settings = get_settings()
-    sc = load_scenario(args.scenario, events=args.events, seed=args.seed,
-                       attribution_window_s=settings.attribution_window_s,
-                       allowed_lateness_s=settings.allowed_lateness_s)
+    sc = load_scenario(
+        args.scenario,
+        events=args.events,
+        seed=args.seed,
+        attribution_window_s=settings.attribution_window_s,
+        allowed_lateness_s=settings.allowed_lateness_s,
+    )
     rows: list[dict[str, Any]] = []
 
     # (a) generate + encode
@@ -102,13 +109,28 @@ def main(argv: list[str] | None = None) -> int:
         n_rec += len(values)
         n_bytes += sum(map(len, values)) + sum(map(len, keys))
     t_enc = time.perf_counter() - t0
-    rows.append({"mode": "gen+encode", "records": n_rec, "seconds": t_enc,
-                 "rec_per_s": n_rec / t_enc, "MB_per_s": n_bytes / t_enc / 1e6,
-                 "cpu_s": _cpu() - c0, "failed": 0})
-    meta = {"scenario": sc.to_dict(), "generate_seconds": t_gen, "records": n_rec,
-            "bytes": n_bytes, "impressions": tr.impressions.num_rows,
-            "clicks": tr.clicks.num_rows, "realized_ctr": tr.meta["realized_ctr"],
-            "mean_p_click": tr.meta["mean_p_click"], "late_clicks": tr.meta["late_clicks"]}
+    rows.append(
+        {
+            "mode": "gen+encode",
+            "records": n_rec,
+            "seconds": t_enc,
+            "rec_per_s": n_rec / t_enc,
+            "MB_per_s": n_bytes / t_enc / 1e6,
+            "cpu_s": _cpu() - c0,
+            "failed": 0,
+        }
+    )
+    meta = {
+        "scenario": sc.to_dict(),
+        "generate_seconds": t_gen,
+        "records": n_rec,
+        "bytes": n_bytes,
+        "impressions": tr.impressions.num_rows,
+        "clicks": tr.clicks.num_rows,
+        "realized_ctr": tr.meta["realized_ctr"],
+        "mean_p_click": tr.meta["mean_p_click"],
+        "late_clicks": tr.meta["late_clicks"],
+    }
 
     if not args.skip_kafka:
         run = uuid.uuid4().hex[:8]
@@ -116,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def topics_for(tag: str):
             t = settings.topics
-            upd = {k: Topic(name=f"bench-replay-{tag}-{k}-{run}", partitions=getattr(t, k).partitions)
-                   for k in ("impressions", "clicks")}
+            upd = {
+                k: Topic(name=f"bench-replay-{tag}-{k}-{run}", partitions=getattr(t, k).partitions)
+                for k in ("impressions", "clicks")
+            }
             s = settings.model_copy(update={"topics": t.model_copy(update=upd)})
             ensure_topics(s, [s.topics.impressions, s.topics.clicks])
             bench_topics.update({v.name: v for v in upd.values()})
@@ -134,13 +158,28 @@ def main(argv: list[str] | None = None) -> int:
             summ = replay(s_b, tr, progress=False, create_topics=False)
             t_b = time.perf_counter() - t0
             c_b = _cpu()
-            rows.append({"mode": "gen+produce", "records": summ.sent, "seconds": t_b,
-                         "rec_per_s": summ.sent / t_b, "MB_per_s": summ.bytes / t_b / 1e6,
-                         "cpu_s": c_b - c0, "failed": summ.failed})
-            rows.append({"mode": "produce only", "records": summ.sent,
-                         "seconds": summ.seconds, "rec_per_s": summ.rate,
-                         "MB_per_s": summ.bytes / summ.seconds / 1e6, "cpu_s": c_b - c_g,
-                         "failed": summ.failed})
+            rows.append(
+                {
+                    "mode": "gen+produce",
+                    "records": summ.sent,
+                    "seconds": t_b,
+                    "rec_per_s": summ.sent / t_b,
+                    "MB_per_s": summ.bytes / t_b / 1e6,
+                    "cpu_s": c_b - c0,
+                    "failed": summ.failed,
+                }
+            )
+            rows.append(
+                {
+                    "mode": "produce only",
+                    "records": summ.sent,
+                    "seconds": summ.seconds,
+                    "rec_per_s": summ.rate,
+                    "MB_per_s": summ.bytes / summ.seconds / 1e6,
+                    "cpu_s": c_b - c_g,
+                    "failed": summ.failed,
+                }
+            )
             meta["generate_seconds_b"] = t_g
             meta["replay_errors"] = summ.errors
 
@@ -157,10 +196,17 @@ def main(argv: list[str] | None = None) -> int:
             t_c, remaining = _bare_loop(s_c, names, kinds, keys, values, ts)
             c_c = _cpu() - c0
             n_c = len(values) - remaining
-            rows.append({"mode": "bare loop", "records": n_c, "seconds": t_c,
-                         "rec_per_s": n_c / t_c,
-                         "MB_per_s": (sum(map(len, values)) + sum(map(len, keys))) / t_c / 1e6,
-                         "cpu_s": c_c, "failed": remaining})
+            rows.append(
+                {
+                    "mode": "bare loop",
+                    "records": n_c,
+                    "seconds": t_c,
+                    "rec_per_s": n_c / t_c,
+                    "MB_per_s": (sum(map(len, values)) + sum(map(len, keys))) / t_c / 1e6,
+                    "cpu_s": c_c,
+                    "failed": remaining,
+                }
+            )
             bare = n_c / t_c
             for r in rows:
                 r["vs_bare"] = r["rec_per_s"] / bare
@@ -173,17 +219,28 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as e:  # noqa: BLE001 - clean-up: a topic left behind is warned about, not fatal
                         logging.warning("could not delete bench topic: %s", e)
         meta["kafka"] = settings.kafka.bootstrap_servers
-        meta["partitions"] = {"impressions": settings.topics.impressions.partitions,
-                              "clicks": settings.topics.clicks.partitions}
+        meta["partitions"] = {
+            "impressions": settings.topics.impressions.partitions,
+            "clicks": settings.topics.clicks.partitions,
+        }
 
     for r in rows:  # what one uncontended core-set would do: records per CPU second
         r["rec_per_cpu_s"] = r["records"] / r["cpu_s"] if r.get("cpu_s") else None
-    cols = ["mode", "records", "seconds", "rec_per_s", "MB_per_s", "cpu_s",
-            "rec_per_cpu_s", "failed"]
+    cols = [
+        "mode",
+        "records",
+        "seconds",
+        "rec_per_s",
+        "MB_per_s",
+        "cpu_s",
+        "rec_per_cpu_s",
+        "failed",
+    ]
     if any("vs_bare" in r for r in rows):
         cols.append("vs_bare")
-    print_table(f"replay throughput ({args.scenario}, {args.events:,} impressions, one process)",
-                rows, cols)
+    print_table(
+        f"replay throughput ({args.scenario}, {args.events:,} impressions, one process)", rows, cols
+    )
     path = write_results("replay", rows, meta, out_dir=args.out)
     print(f"results: {path}")
     failed = sum(r.get("failed", 0) for r in rows)

@@ -53,17 +53,25 @@ from ctrstream.store.speed_view import speed_hashes_exist
 def _env(settings) -> dict:
     from ctrstream.stack.manager import settings_env
 
-    return {**os.environ, **settings_env(settings), "CTRSTREAM_REDIS__DB": str(settings.redis.db),
-            "CTRSTREAM_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1",
-            "CTRSTREAM_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
-            "CTRSTREAM_ATTRIBUTION_WINDOW_S": str(settings.attribution_window_s),
-            "CTRSTREAM_FLUSH_INTERVAL_MS": str(settings.flush_interval_ms)}
+    return {
+        **os.environ,
+        **settings_env(settings),
+        "CTRSTREAM_REDIS__DB": str(settings.redis.db),
+        "CTRSTREAM_METRICS_PORT": "0",
+        "PYTHONUNBUFFERED": "1",
+        "CTRSTREAM_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
+        "CTRSTREAM_ATTRIBUTION_WINDOW_S": str(settings.attribution_window_s),
+        "CTRSTREAM_FLUSH_INTERVAL_MS": str(settings.flush_interval_ms),
+    }
 
 
 def _redis_usec(r) -> dict[str, tuple[int, int]]:
     """``INFO commandstats``: command -> (microseconds spent, calls) since the server started."""
-    return {k: (int(v["usec"]), int(v["calls"])) for k, v in r.info("commandstats").items()
-            if k in ("cmdstat_hset", "cmdstat_pexpire", "cmdstat_hdel", "cmdstat_evalsha")}
+    return {
+        k: (int(v["usec"]), int(v["calls"]))
+        for k, v in r.info("commandstats").items()
+        if k in ("cmdstat_hset", "cmdstat_pexpire", "cmdstat_hdel", "cmdstat_evalsha")
+    }
 
 
 def _raw_consume(settings, total: int) -> float:
@@ -72,8 +80,11 @@ def _raw_consume(settings, total: int) -> float:
     from ctrstream.kafka.clients import consumer_config
 
     c = Consumer(consumer_config(settings, f"bench-raw-{uuid.uuid4().hex[:6]}"))
-    tps = [TopicPartition(getattr(settings.topics, k).name, p, 0)
-           for k in ("impressions", "clicks") for p in range(getattr(settings.topics, k).partitions)]
+    tps = [
+        TopicPartition(getattr(settings.topics, k).name, p, 0)
+        for k in ("impressions", "clicks")
+        for p in range(getattr(settings.topics, k).partitions)
+    ]
     c.assign(tps)
     n = 0
     t0: float | None = None
@@ -99,8 +110,9 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
     procs = []
     for argv, log in zip(job_commands("features", workers, processes, stop_at_end=True), logs):
         with open(log, "wb") as out:  # the child holds its own copy of the descriptor
-            procs.append(subprocess.Popen(argv, env=_env(settings), stdout=out,
-                                          stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(argv, env=_env(settings), stdout=out, stderr=subprocess.STDOUT)
+            )
     peak = 0
     while any(p.poll() is None for p in procs):
         peak = max(peak, sum(rss_kb(p.pid) for p in procs))
@@ -109,14 +121,22 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
     for p, log in zip(procs, logs):
         if p.returncode != 0:
             raise RuntimeError(f"features job failed ({p.returncode}); see {log}")
-    starts = [json.loads(m)["t"] for log in logs
-              for m in re.findall(r'\{"speed": "source_start"[^}]*\}', log.read_text())]
+    starts = [
+        json.loads(m)["t"]
+        for log in logs
+        for m in re.findall(r'\{"speed": "source_start"[^}]*\}', log.read_text())
+    ]
     dt = t_end - min(starts)
     rate = total / dt
     cores = min(workers * processes, os.cpu_count() or 1)
-    return {"row": f"features -w {workers}" + (f" -p {processes}" if processes > 1 else ""),
-            "events": total, "seconds": dt, "events_per_s": rate, "per_core": rate / cores,
-            "peak_rss_mb": peak / 1024}
+    return {
+        "row": f"features -w {workers}" + (f" -p {processes}" if processes > 1 else ""),
+        "events": total,
+        "seconds": dt,
+        "events_per_s": rate,
+        "per_core": rate / cores,
+        "peak_rss_mb": peak / 1024,
+    }
 
 
 def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: Path) -> list[dict]:
@@ -125,15 +145,27 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
     from ctrstream.kafka.clients import make_producer
 
     r = redis_client(settings, timeout_s=30.0)
-    jset = settings.model_copy(update={"attribution_window_s": join_window_s,
-                                       "allowed_lateness_s": min(settings.allowed_lateness_s, 2.0)})
+    jset = settings.model_copy(
+        update={
+            "attribution_window_s": join_window_s,
+            "allowed_lateness_s": min(settings.allowed_lateness_s, 2.0),
+        }
+    )
     # each child holds its own copy of its log's descriptor
     with open(log_dir / "fresh-features.log", "wb") as out:
-        feat = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ctrstream.streaming.features_flow:get_flow()"],
-                                env=_env(settings), stdout=out, stderr=subprocess.STDOUT)
+        feat = subprocess.Popen(
+            [sys.executable, "-m", "bytewax.run", "ctrstream.streaming.features_flow:get_flow()"],
+            env=_env(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     with open(log_dir / "fresh-join.log", "wb") as out:
-        join = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ctrstream.streaming.join_flow:get_flow()"],
-                                env=_env(jset), stdout=out, stderr=subprocess.STDOUT)
+        join = subprocess.Popen(
+            [sys.executable, "-m", "bytewax.run", "ctrstream.streaming.join_flow:get_flow()"],
+            env=_env(jset),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     rng = random.Random(1)
     p = make_producer(settings, **{"linger.ms": 5})
     ti, tc = settings.topics.impressions.name, settings.topics.clicks.name
@@ -164,7 +196,9 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
         p.produce(ti, key=b"warm", value=E.encode(warm))
         p.flush(10)
         deadline = time.time() + 120
-        while not speed_hashes_exist(r, [("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)])[0]:
+        while not speed_hashes_exist(r, [("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)])[
+            0
+        ]:
             if time.time() > deadline:
                 raise RuntimeError("features job did not start within 120 s")
             time.sleep(0.05)
@@ -183,11 +217,18 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
                 imp = _imp(f"s{k}", rng.randrange(100_000), rng)
                 p.produce(ti, key=E.key_of(imp), value=E.encode(imp))
                 if k % 50 == 0:  # ~2% clicks
-                    c = E.Click(schema_version=1, click_id=f"c{k}", impression_id=imp.impression_id,
-                                event_time_ms=imp.event_time_ms + 100, user_id=imp.user_id,
-                                ad_id=imp.ad_id, campaign_id=imp.campaign_id,
-                                advertiser_id=imp.advertiser_id, site_id=imp.site_id,
-                                ad_category=imp.ad_category)
+                    c = E.Click(
+                        schema_version=1,
+                        click_id=f"c{k}",
+                        impression_id=imp.impression_id,
+                        event_time_ms=imp.event_time_ms + 100,
+                        user_id=imp.user_id,
+                        ad_id=imp.ad_id,
+                        campaign_id=imp.campaign_id,
+                        advertiser_id=imp.advertiser_id,
+                        site_id=imp.site_id,
+                        ad_category=imp.ad_category,
+                    )
                     p.produce(tc, key=E.key_of(c), value=E.encode(c))
             uid = 1_000_000_000 + len(probes)
             probe = _imp(f"probe{uid}", uid, rng)
@@ -208,15 +249,23 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
         stop.set()
         poller.join(20)
         lat = np.array([seen[u] - probes[u] for u in probes if u in seen])
-        rows = [{"row": f"freshness @{rate}/s", "events": k + len(probes),
-                 "events_per_s": (k + len(probes)) / sent_s, "probes": len(probes),
-                 "visible": len(lat),
-                 "p50_ms": float(np.percentile(lat, 50) * 1000) if len(lat) else None,
-                 "p99_ms": float(np.percentile(lat, 99) * 1000) if len(lat) else None,
-                 "peak_rss_mb": rss_kb(feat.pid) / 1024},
-                {"row": f"join rss (window {join_window_s:g}s)",
-                 "rss_mb_quarters": " / ".join(f"{x:.0f}" for x in rss),
-                 "peak_rss_mb": rss_kb(join.pid) / 1024}]
+        rows = [
+            {
+                "row": f"freshness @{rate}/s",
+                "events": k + len(probes),
+                "events_per_s": (k + len(probes)) / sent_s,
+                "probes": len(probes),
+                "visible": len(lat),
+                "p50_ms": float(np.percentile(lat, 50) * 1000) if len(lat) else None,
+                "p99_ms": float(np.percentile(lat, 99) * 1000) if len(lat) else None,
+                "peak_rss_mb": rss_kb(feat.pid) / 1024,
+            },
+            {
+                "row": f"join rss (window {join_window_s:g}s)",
+                "rss_mb_quarters": " / ".join(f"{x:.0f}" for x in rss),
+                "peak_rss_mb": rss_kb(join.pid) / 1024,
+            },
+        ]
         return rows
     finally:
         for proc in (feat, join):
@@ -229,18 +278,33 @@ def _imp(iid: str, user: int, rng: random.Random):
     from ctrstream import events as E
 
     ad = rng.randrange(5000)
-    return E.Impression(schema_version=1, impression_id=iid, event_time_ms=int(time.time() * 1000),
-                        user_id=user, ad_id=ad, campaign_id=ad // 10, advertiser_id=ad // 100,
-                        site_id=rng.randrange(500), ad_category=ad % 30, device_type="mobile",
-                        country="US", position=rng.randrange(4))
+    return E.Impression(
+        schema_version=1,
+        impression_id=iid,
+        event_time_ms=int(time.time() * 1000),
+        user_id=user,
+        ad_id=ad,
+        campaign_id=ad // 10,
+        advertiser_id=ad // 100,
+        site_id=rng.randrange(500),
+        ad_category=ad % 30,
+        device_type="mobile",
+        country="US",
+        position=rng.randrange(4),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ctrstream bench speed", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="ctrstream bench speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--events", type=int, default=2_000_000, help="records replayed for throughput")
     ap.add_argument("--scenario", default="steady", help="generator scenario")
-    ap.add_argument("--workers", default="1,2", help="worker counts (threads, one process) to measure")
+    ap.add_argument(
+        "--workers", default="1,2", help="worker counts (threads, one process) to measure"
+    )
     ap.add_argument("--processes", default="2", help="process counts (one worker each) to measure")
     ap.add_argument("--rate", type=int, default=20_000, help="steady rate of the freshness phase")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the freshness phase")
@@ -259,11 +323,23 @@ def main(argv: list[str] | None = None) -> int:
 
     def bench_settings(tag: str):
         t = base.topics
-        topics = t.model_copy(update={n: Topic(name=f"bench-speed-{tag}-{n}-{uid}",
-                                               partitions=getattr(t, n).partitions)
-                                      for n in ("impressions", "clicks", "labeled", "predictions", "dlq")})
-        return base.model_copy(update={"topics": topics, "redis": RedisSettings(
-            host=base.redis.host, port=base.redis.port, password=base.redis.password, db=args.redis_db)})
+        topics = t.model_copy(
+            update={
+                n: Topic(name=f"bench-speed-{tag}-{n}-{uid}", partitions=getattr(t, n).partitions)
+                for n in ("impressions", "clicks", "labeled", "predictions", "dlq")
+            }
+        )
+        return base.model_copy(
+            update={
+                "topics": topics,
+                "redis": RedisSettings(
+                    host=base.redis.host,
+                    port=base.redis.port,
+                    password=base.redis.password,
+                    db=args.redis_db,
+                ),
+            }
+        )
 
     log_dir = Path(args.out or "bench/results") / "speed-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -278,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         tr = generate(load_scenario(args.scenario, events=args.events, seed=1))
         summary = replay(s, tr.records(), rate=None, progress=False)
-        total = sum(sum(topic_end_offsets(s, getattr(s.topics, k).name).values())
-                    for k in ("impressions", "clicks"))
+        total = sum(
+            sum(topic_end_offsets(s, getattr(s.topics, k).name).values())
+            for k in ("impressions", "clicks")
+        )
         print(f"replayed {total:,} records in {time.time() - t0:.0f}s ({summary.describe()})")
         raw = _raw_consume(s, total)
         rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
@@ -312,14 +390,32 @@ def main(argv: list[str] | None = None) -> int:
             names = [t.name for st in made for t in st.topics.all()]
             names += [f"{st.topics.labeled.name}.join-fence" for st in made]
             existing = admin(base).list_topics(timeout=30).topics
-            futs = admin(base).delete_topics([n for n in names if n in existing], operation_timeout=30)
+            futs = admin(base).delete_topics(
+                [n for n in names if n in existing], operation_timeout=30
+            )
             for fut in futs.values():
                 try:
                     fut.result(30)
                 except Exception:  # noqa: BLE001 - best effort clean-up
                     pass
-    cols = ["row", "events", "seconds", "events_per_s", "vs_raw", "per_core", "peak_rss_mb",
-            "keys_written", "redis_cmds_per_event", "redis_us_per_event", "redis_ceiling_per_s", "probes", "visible", "p50_ms", "p99_ms", "rss_mb_quarters"]
+    cols = [
+        "row",
+        "events",
+        "seconds",
+        "events_per_s",
+        "vs_raw",
+        "per_core",
+        "peak_rss_mb",
+        "keys_written",
+        "redis_cmds_per_event",
+        "redis_us_per_event",
+        "redis_ceiling_per_s",
+        "probes",
+        "visible",
+        "p50_ms",
+        "p99_ms",
+        "rss_mb_quarters",
+    ]
     print_table("speed layer", rows, cols)
     path = write_results("speed", rows, meta=vars(args), out_dir=args.out)
     print(f"results: {path}")

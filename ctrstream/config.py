@@ -98,7 +98,9 @@ class TritonSettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CTRSTREAM_", env_nested_delimiter="__", extra="ignore",
+        env_prefix="CTRSTREAM_",
+        env_nested_delimiter="__",
+        extra="ignore",
         validate_default=True,  # relative default folders become absolute (see above)
     )
 

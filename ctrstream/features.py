@@ -108,6 +108,7 @@ CUTOFF_ALIGN_MS = max(r.bucket_ms for r in RESOLUTIONS)
 
 # --------------------------------------------------------------------------- ids and buckets
 
+
 def entity_id(entity: Entity, event: Any) -> str:
     """The id of ``entity`` for one event (object with attributes, or a mapping)."""
     if isinstance(event, dict):
@@ -133,6 +134,7 @@ def align_cutoff(t_ms: int) -> int:
 
 # --------------------------------------------------------------------------- the batch view
 
+
 def view_buckets(cutoff_ms: int, res: Resolution) -> range:
     """The buckets of ``res`` a batch view with cut-off ``cutoff_ms`` holds: closed by the
     cut-off and inside the resolution's window before it."""
@@ -142,16 +144,23 @@ def view_buckets(cutoff_ms: int, res: Resolution) -> range:
 
 # --------------------------------------------------------------------------- dense features
 
+
 def dense_feature_names() -> list[str]:
     """Names of the dense model inputs, in tensor order."""
     names = []
     for e in ENTITIES:
         for r in RESOLUTIONS:
-            names += [f"{e.name}_{r.name}_log_imps", f"{e.name}_{r.name}_log_clicks",
-                      f"{e.name}_{r.name}_ctr"]
+            names += [
+                f"{e.name}_{r.name}_log_imps",
+                f"{e.name}_{r.name}_log_clicks",
+                f"{e.name}_{r.name}_ctr",
+            ]
         for w in LONG_WINDOWS:
-            names += [f"{e.name}_{w.name}_log_imps", f"{e.name}_{w.name}_log_clicks",
-                      f"{e.name}_{w.name}_ctr"]
+            names += [
+                f"{e.name}_{w.name}_log_imps",
+                f"{e.name}_{w.name}_log_clicks",
+                f"{e.name}_{w.name}_ctr",
+            ]
     return names
 
 
@@ -182,9 +191,9 @@ def dense_from_counts(counts: np.ndarray) -> np.ndarray:
     # in blocks of rows: the float64 temporaries of a whole training set (several GB at
     # millions of rows) never exist at once
     for lo in range(0, n, _DENSE_BLOCK_ROWS):
-        block = np.asarray(counts[lo:lo + _DENSE_BLOCK_ROWS], dtype=np.float64)
+        block = np.asarray(counts[lo : lo + _DENSE_BLOCK_ROWS], dtype=np.float64)
         imps, clicks = block[..., 0], block[..., 1]
-        dst = out[lo:lo + _DENSE_BLOCK_ROWS]
+        dst = out[lo : lo + _DENSE_BLOCK_ROWS]
         dst[..., 0] = np.log1p(imps)
         dst[..., 1] = np.log1p(clicks)
         dst[..., 2] = smoothed_ctr(imps, clicks)
@@ -211,8 +220,16 @@ def historical_ctr(counts: np.ndarray, entity: str = "ad", prior: BetaPrior = PR
 # --------------------------------------------------------------------------- sparse features
 
 SPARSE_FIELDS: tuple[str, ...] = (
-    "user_id", "ad_id", "campaign_id", "advertiser_id", "site_id", "ad_category",
-    "device_type", "country", "position", "hour",
+    "user_id",
+    "ad_id",
+    "campaign_id",
+    "advertiser_id",
+    "site_id",
+    "ad_category",
+    "device_type",
+    "country",
+    "position",
+    "hour",
 )
 N_SPARSE = len(SPARSE_FIELDS)
 HASH_BUCKETS = 1 << 15  # per field; ids of field k land in [k*HASH_BUCKETS, (k+1)*HASH_BUCKETS)

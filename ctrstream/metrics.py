@@ -55,12 +55,15 @@ def _arrays(p: ArrayLike, y: ArrayLike) -> tuple[Floats, Floats]:
     pa = np.asarray(p, dtype=np.float64).reshape(-1)
     ya = np.asarray(y, dtype=np.float64).reshape(-1)
     if len(pa) != len(ya):
-        raise ValueError(f"{len(pa)} predictions for {len(ya)} labels: pass one prediction "
-                         "per label")
+        raise ValueError(
+            f"{len(pa)} predictions for {len(ya)} labels: pass one prediction per label"
+        )
     if len(pa) and not (np.all(pa >= 0.0) and np.all(pa <= 1.0)):  # NaN fails both
         bad = pa[~((pa >= 0.0) & (pa <= 1.0))][:3].tolist()
-        raise ValueError(f"predictions must be probabilities in [0, 1]; got {bad}: pass "
-                         "probabilities, not logits, and no NaN")
+        raise ValueError(
+            f"predictions must be probabilities in [0, 1]; got {bad}: pass "
+            "probabilities, not logits, and no NaN"
+        )
     if len(ya) and not np.all((ya == 0.0) | (ya == 1.0)):
         bad = ya[(ya != 0.0) & (ya != 1.0)][:3].tolist()
         raise ValueError(f"labels must be 0 or 1; got {bad}")
@@ -117,8 +120,12 @@ def ece_of_bins(bins: dict[str, list[Any]]) -> float:
     n = sum(bins["count"])
     if n == 0:
         return math.nan
-    return float(sum(c / n * abs(m - o) for m, o, c in
-                     zip(bins["mean_pred"], bins["observed_ctr"], bins["count"])))
+    return float(
+        sum(
+            c / n * abs(m - o)
+            for m, o, c in zip(bins["mean_pred"], bins["observed_ctr"], bins["count"])
+        )
+    )
 
 
 def ece(p: ArrayLike, y: ArrayLike, n_bins: int = N_BINS) -> float:
@@ -136,13 +143,26 @@ def summary(p: ArrayLike, y: ArrayLike, n_bins: int = N_BINS) -> dict[str, Any]:
     """
     pa, ya = _arrays(p, y)
     if len(pa) == 0:
-        return {"n": 0, "log_loss": math.nan, "ne": math.nan, "auc": math.nan,
-                "mean_pred": math.nan, "observed_ctr": math.nan, "ratio": math.nan,
-                "ece": math.nan}
-    return {"n": len(pa), "log_loss": _log_loss(pa, ya), "ne": _ne(pa, ya),
-            "auc": _auc(pa, ya), "mean_pred": float(pa.mean()),
-            "observed_ctr": float(ya.mean()), "ratio": _ratio(pa, ya),
-            "ece": ece_of_bins(_reliability(pa, ya, n_bins))}
+        return {
+            "n": 0,
+            "log_loss": math.nan,
+            "ne": math.nan,
+            "auc": math.nan,
+            "mean_pred": math.nan,
+            "observed_ctr": math.nan,
+            "ratio": math.nan,
+            "ece": math.nan,
+        }
+    return {
+        "n": len(pa),
+        "log_loss": _log_loss(pa, ya),
+        "ne": _ne(pa, ya),
+        "auc": _auc(pa, ya),
+        "mean_pred": float(pa.mean()),
+        "observed_ctr": float(ya.mean()),
+        "ratio": _ratio(pa, ya),
+        "ece": ece_of_bins(_reliability(pa, ya, n_bins)),
+    }
 
 
 # --------------------------------------------------------------------------- the kernels
@@ -198,10 +218,24 @@ def _reliability(p: Floats, y: Floats, n_bins: int) -> dict[str, list[Any]]:
     sp = np.bincount(b, weights=p, minlength=len(edges) + 1)
     sy = np.bincount(b, weights=y, minlength=len(edges) + 1)
     nz = cnt > 0
-    return {"mean_pred": (sp[nz] / cnt[nz]).tolist(),
-            "observed_ctr": (sy[nz] / cnt[nz]).tolist(),
-            "count": cnt[nz].astype(int).tolist()}
+    return {
+        "mean_pred": (sp[nz] / cnt[nz]).tolist(),
+        "observed_ctr": (sy[nz] / cnt[nz]).tolist(),
+        "count": cnt[nz].astype(int).tolist(),
+    }
 
 
-__all__ = ["EPS", "N_BINS", "auc", "bin_edges", "calibration_ratio", "ece", "ece_of_bins",
-           "entropy", "log_loss", "normalized_entropy", "reliability", "summary"]
+__all__ = [
+    "EPS",
+    "N_BINS",
+    "auc",
+    "bin_edges",
+    "calibration_ratio",
+    "ece",
+    "ece_of_bins",
+    "entropy",
+    "log_loss",
+    "normalized_entropy",
+    "reliability",
+    "summary",
+]

@@ -37,8 +37,15 @@ def metrics(probs, labels, n_bins: int = M.N_BINS) -> dict:
     """The model card's metrics of ``probs`` against ``labels`` (``ctrstream.metrics.summary``
     under the card's names: the calibration ratio is ``calibration``)."""
     s = M.summary(probs, labels, n_bins)
-    return dict(log_loss=s["log_loss"], ne=s["ne"], auc=s["auc"], mean_pred=s["mean_pred"],
-                observed_ctr=s["observed_ctr"], calibration=s["ratio"], ece=s["ece"])
+    return dict(
+        log_loss=s["log_loss"],
+        ne=s["ne"],
+        auc=s["auc"],
+        mean_pred=s["mean_pred"],
+        observed_ctr=s["observed_ctr"],
+        calibration=s["ratio"],
+        ece=s["ece"],
+    )
 
 
 def evaluate(probs, labels, oracle_probs=None, n_bins: int = M.N_BINS) -> dict:
@@ -51,8 +58,14 @@ def evaluate(probs, labels, oracle_probs=None, n_bins: int = M.N_BINS) -> dict:
         raise ValueError(f"{len(p)} predictions for {len(y)} labels")
     if len(y) == 0:
         raise ValueError("nothing to evaluate: no rows")
-    out: dict[str, Any] = dict(n=int(len(y)), clicks=int(y.sum()), model=metrics(p, y, n_bins), oracle=None,
-               ne_gap=None, bins=dict(model=M.reliability(p, y, n_bins)))
+    out: dict[str, Any] = dict(
+        n=int(len(y)),
+        clicks=int(y.sum()),
+        model=metrics(p, y, n_bins),
+        oracle=None,
+        ne_gap=None,
+        bins=dict(model=M.reliability(p, y, n_bins)),
+    )
     if oracle_probs is not None:
         o = _arr(oracle_probs)
         if len(o) != len(y):
@@ -63,8 +76,13 @@ def evaluate(probs, labels, oracle_probs=None, n_bins: int = M.N_BINS) -> dict:
     return out
 
 
-def reliability_diagram(path: str | Path, curves: dict[str, np.ndarray], labels,
-                        title: str = "reliability", n_bins: int = M.N_BINS) -> Path:
+def reliability_diagram(
+    path: str | Path,
+    curves: dict[str, np.ndarray],
+    labels,
+    title: str = "reliability",
+    n_bins: int = M.N_BINS,
+) -> Path:
     """PNG: observed CTR vs mean prediction per equal-mass bin, one curve per entry of
     ``curves`` (name -> probabilities), log-log axes, with prediction histograms below."""
     from ctrstream.plots import pyplot
@@ -81,14 +99,24 @@ def reliability_diagram(path: str | Path, curves: dict[str, np.ndarray], labels,
         b = M.reliability(p, y, n_bins)
         mp, oc = np.array(b["mean_pred"]), np.array(b["observed_ctr"])
         m = metrics(p, y, n_bins)
-        ax.plot(mp, np.maximum(oc, 1e-5), "o-", ms=4,
-                label=f"{name}  NE {m['ne']:.4f}  AUC {m['auc']:.4f}  ECE {m['ece']:.4f}")
+        ax.plot(
+            mp,
+            np.maximum(oc, 1e-5),
+            "o-",
+            ms=4,
+            label=f"{name}  NE {m['ne']:.4f}  AUC {m['auc']:.4f}  ECE {m['ece']:.4f}",
+        )
         lo, hi = min(lo, mp.min()), max(hi, mp.max())
         axh.hist(np.clip(p, 1e-5, 1), bins=np.logspace(-5, 0, 60), histtype="step", label=name)
     lo, hi = max(lo * 0.7, 1e-5), min(hi * 1.4, 1.0)
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="perfect calibration")
-    ax.set(xscale="log", yscale="log", xlabel="mean predicted CTR (bin)",
-           ylabel="observed CTR (bin)", title=f"{title}  (n={len(y):,}, CTR {y.mean():.4f})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="mean predicted CTR (bin)",
+        ylabel="observed CTR (bin)",
+        title=f"{title}  (n={len(y):,}, CTR {y.mean():.4f})",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     axh.set(xscale="log", xlabel="predicted CTR", ylabel="rows")
@@ -117,9 +145,15 @@ def _jsonable(x):
     return x
 
 
-def write_model_card(path: str | Path, *, name: str, evaluation: dict, info: dict | None = None,
-                     training_window_ms: tuple[int, int] | None = None,
-                     extra: dict | None = None) -> dict:
+def write_model_card(
+    path: str | Path,
+    *,
+    name: str,
+    evaluation: dict,
+    info: dict | None = None,
+    training_window_ms: tuple[int, int] | None = None,
+    extra: dict | None = None,
+) -> dict:
     """Write the model card (JSON) and return it.
 
     The card carries the model name, the training window (event time, ms), the feature
@@ -131,9 +165,13 @@ def write_model_card(path: str | Path, *, name: str, evaluation: dict, info: dic
         name=name,
         created_ms=int(time.time() * 1000),
         feature_fingerprint=features.fingerprint(),
-        io=dict(inputs={features.INPUT_SPARSE: ["INT64", [-1, features.N_SPARSE]],
-                        features.INPUT_DENSE: ["FP32", [-1, features.N_DENSE]]},
-                outputs={features.OUTPUT_PROB: ["FP32", [-1, 1]]}),
+        io=dict(
+            inputs={
+                features.INPUT_SPARSE: ["INT64", [-1, features.N_SPARSE]],
+                features.INPUT_DENSE: ["FP32", [-1, features.N_DENSE]],
+            },
+            outputs={features.OUTPUT_PROB: ["FP32", [-1, 1]]},
+        ),
         training_window_ms=list(window) if window else None,
         validation_window_ms=info.get("val_window_ms"),
         training=info,
@@ -151,13 +189,28 @@ def format_table(rows: dict[str, dict]) -> list[list[str]]:
     """Rows for a printed comparison table: name -> metrics dict."""
     out = []
     for name, m in rows.items():
-        out.append([name, f"{m['log_loss']:.5f}", f"{m['ne']:.4f}", f"{m['auc']:.4f}",
-                    f"{m['mean_pred']:.5f}", f"{m['observed_ctr']:.5f}",
-                    f"{m['calibration']:.3f}", f"{m['ece']:.5f}"])
+        out.append(
+            [
+                name,
+                f"{m['log_loss']:.5f}",
+                f"{m['ne']:.4f}",
+                f"{m['auc']:.4f}",
+                f"{m['mean_pred']:.5f}",
+                f"{m['observed_ctr']:.5f}",
+                f"{m['calibration']:.3f}",
+                f"{m['ece']:.5f}",
+            ]
+        )
     return out
 
 
 TABLE_HEADER = ["model", "log loss", "NE", "AUC", "mean pred", "observed CTR", "calib", "ECE"]
 
-__all__ = ["TABLE_HEADER", "evaluate", "format_table", "metrics", "reliability_diagram",
-           "write_model_card"]
+__all__ = [
+    "TABLE_HEADER",
+    "evaluate",
+    "format_table",
+    "metrics",
+    "reliability_diagram",
+    "write_model_card",
+]

@@ -29,15 +29,20 @@ class ParityError(RuntimeError):
 
 def _dims(model) -> tuple[int, int, int]:
     cfg = getattr(model, "config", {}) or {}
-    return (int(cfg.get("num_embeddings", features.N_SPARSE * features.HASH_BUCKETS)),
-            int(cfg.get("n_sparse", features.N_SPARSE)), int(cfg.get("n_dense", features.N_DENSE)))
+    return (
+        int(cfg.get("num_embeddings", features.N_SPARSE * features.HASH_BUCKETS)),
+        int(cfg.get("n_sparse", features.N_SPARSE)),
+        int(cfg.get("n_dense", features.N_DENSE)),
+    )
 
 
 @torch.no_grad()
 def torch_predict(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
     model.eval()
-    return model(torch.from_numpy(inputs[features.INPUT_SPARSE]),
-                 torch.from_numpy(inputs[features.INPUT_DENSE])).numpy()
+    return model(
+        torch.from_numpy(inputs[features.INPUT_SPARSE]),
+        torch.from_numpy(inputs[features.INPUT_DENSE]),
+    ).numpy()
 
 
 def model_inputs(model, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -54,8 +59,13 @@ def model_inputs(model, n: int, seed: int) -> dict[str, np.ndarray]:
     return x
 
 
-def check_parity(model, path: str | Path, seed: int = 12345, atol: float = PARITY_ATOL,
-                 batch_sizes=(1, 7, 1000, 4096)) -> float:
+def check_parity(
+    model,
+    path: str | Path,
+    seed: int = 12345,
+    atol: float = PARITY_ATOL,
+    batch_sizes=(1, 7, 1000, 4096),
+) -> float:
     """Max |p_onnx - p_torch| over fresh random inputs (``model_inputs``); raises
     ``ParityError`` above ``atol`` (or when shapes differ). Returns the max difference."""
     sess = ort_session(path)
@@ -64,20 +74,28 @@ def check_parity(model, path: str | Path, seed: int = 12345, atol: float = PARIT
         x = model_inputs(model, n, seed + i)
         a, b = ort_predict(sess, x), torch_predict(model, x)
         if a.shape != (n, 1) or b.shape != (n, 1):
-            raise ParityError(f"{path}: output shapes onnx {a.shape} / torch {b.shape}, "
-                              f"expected {(n, 1)}")
+            raise ParityError(
+                f"{path}: output shapes onnx {a.shape} / torch {b.shape}, expected {(n, 1)}"
+            )
         diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
         if not np.isfinite(diff):
             raise ParityError(f"{path}: non-finite outputs at batch size {n}")
         worst = max(worst, diff)
     if worst > atol:
-        raise ParityError(f"{path}: ONNX Runtime and PyTorch disagree by {worst:.3g} in "
-                          f"probability (limit {atol:g}); the exported graph is not the model")
+        raise ParityError(
+            f"{path}: ONNX Runtime and PyTorch disagree by {worst:.3g} in "
+            f"probability (limit {atol:g}); the exported graph is not the model"
+        )
     return worst
 
 
-def export_onnx(model, path: str | Path, parity_check: bool = True, opset: int = OPSET,
-                atol: float = PARITY_ATOL) -> dict:
+def export_onnx(
+    model,
+    path: str | Path,
+    parity_check: bool = True,
+    opset: int = OPSET,
+    atol: float = PARITY_ATOL,
+) -> dict:
     """Export ``model`` to ``path``; returns ``{"path", "parity_max_abs_diff", "bytes"}``.
 
     With ``parity_check`` (the default) a failed check deletes the file and raises
@@ -91,11 +109,18 @@ def export_onnx(model, path: str | Path, parity_check: bool = True, opset: int =
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, args, str(path), dynamo=False, opset_version=opset,
+            model,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
             input_names=[features.INPUT_SPARSE, features.INPUT_DENSE],
             output_names=[features.OUTPUT_PROB],
-            dynamic_axes={features.INPUT_SPARSE: {0: "batch"}, features.INPUT_DENSE: {0: "batch"},
-                          features.OUTPUT_PROB: {0: "batch"}},
+            dynamic_axes={
+                features.INPUT_SPARSE: {0: "batch"},
+                features.INPUT_DENSE: {0: "batch"},
+                features.OUTPUT_PROB: {0: "batch"},
+            },
             do_constant_folding=True,
         )
     diff = None
@@ -108,5 +133,12 @@ def export_onnx(model, path: str | Path, parity_check: bool = True, opset: int =
     return dict(path=str(path), parity_max_abs_diff=diff, bytes=path.stat().st_size)
 
 
-__all__ = ["OPSET", "PARITY_ATOL", "ParityError", "check_parity", "export_onnx", "model_inputs",
-           "torch_predict"]
+__all__ = [
+    "OPSET",
+    "PARITY_ATOL",
+    "ParityError",
+    "check_parity",
+    "export_onnx",
+    "model_inputs",
+    "torch_predict",
+]

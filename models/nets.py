@@ -49,10 +49,16 @@ class _CTRBase(nn.Module):
 
     def __init__(self, n_dense: int, dense_mean=None, dense_std=None):
         super().__init__()
-        mean = torch.zeros(n_dense) if dense_mean is None else torch.as_tensor(
-            np.asarray(dense_mean, dtype=np.float32))
-        std = torch.ones(n_dense) if dense_std is None else torch.as_tensor(
-            np.asarray(dense_std, dtype=np.float32))
+        mean = (
+            torch.zeros(n_dense)
+            if dense_mean is None
+            else torch.as_tensor(np.asarray(dense_mean, dtype=np.float32))
+        )
+        std = (
+            torch.ones(n_dense)
+            if dense_std is None
+            else torch.as_tensor(np.asarray(dense_std, dtype=np.float32))
+        )
         self.register_buffer("dense_mean", mean.reshape(n_dense).float().clone())
         self.register_buffer("dense_inv_std", _inv_std(std.reshape(n_dense).float()))
         self.register_buffer("logit_offset", torch.zeros(()))
@@ -95,8 +101,14 @@ class HashedLogisticRegression(_CTRBase):
     ``logit = bias + sum_k w[sparse_ids[:, k]] + v . normalize(dense)``
     """
 
-    def __init__(self, num_embeddings: int = N_SPARSE * HASH_BUCKETS, n_dense: int = N_DENSE,
-                 dense_mean=None, dense_std=None, sparse_grad: bool = True):
+    def __init__(
+        self,
+        num_embeddings: int = N_SPARSE * HASH_BUCKETS,
+        n_dense: int = N_DENSE,
+        dense_mean=None,
+        dense_std=None,
+        sparse_grad: bool = True,
+    ):
         super().__init__(n_dense, dense_mean, dense_std)
         self.config = dict(kind="lr", num_embeddings=num_embeddings, n_dense=n_dense)
         self.weights = nn.Embedding(num_embeddings, 1, sparse=sparse_grad)
@@ -116,7 +128,9 @@ class CrossLayerV2(nn.Module):
         super().__init__()
         self.proj: nn.Module
         if low_rank:
-            self.proj = nn.Sequential(nn.Linear(dim, low_rank, bias=False), nn.Linear(low_rank, dim))
+            self.proj = nn.Sequential(
+                nn.Linear(dim, low_rank, bias=False), nn.Linear(low_rank, dim)
+            )
         else:
             self.proj = nn.Linear(dim, dim)
         for m in self.proj.modules():
@@ -153,14 +167,32 @@ class DCNv2(_CTRBase):
     ``x0`` and their outputs are concatenated into a final linear layer -> logit.
     """
 
-    def __init__(self, num_embeddings: int = N_SPARSE * HASH_BUCKETS, n_sparse: int = N_SPARSE,
-                 n_dense: int = N_DENSE, embed_dim: int = 16, cross_layers: int = 3,
-                 low_rank: int | None = None, mlp_dims: Sequence[int] = (256, 128),
-                 dropout: float = 0.0, dense_mean=None, dense_std=None, sparse_grad: bool = True):
+    def __init__(
+        self,
+        num_embeddings: int = N_SPARSE * HASH_BUCKETS,
+        n_sparse: int = N_SPARSE,
+        n_dense: int = N_DENSE,
+        embed_dim: int = 16,
+        cross_layers: int = 3,
+        low_rank: int | None = None,
+        mlp_dims: Sequence[int] = (256, 128),
+        dropout: float = 0.0,
+        dense_mean=None,
+        dense_std=None,
+        sparse_grad: bool = True,
+    ):
         super().__init__(n_dense, dense_mean, dense_std)
-        self.config = dict(kind="deep", num_embeddings=num_embeddings, n_sparse=n_sparse,
-                           n_dense=n_dense, embed_dim=embed_dim, cross_layers=cross_layers,
-                           low_rank=low_rank, mlp_dims=list(mlp_dims), dropout=dropout)
+        self.config = dict(
+            kind="deep",
+            num_embeddings=num_embeddings,
+            n_sparse=n_sparse,
+            n_dense=n_dense,
+            embed_dim=embed_dim,
+            cross_layers=cross_layers,
+            low_rank=low_rank,
+            mlp_dims=list(mlp_dims),
+            dropout=dropout,
+        )
         self.embedding = nn.Embedding(num_embeddings, embed_dim, sparse=sparse_grad)
         nn.init.normal_(self.embedding.weight, std=0.01)
         d = n_sparse * embed_dim + n_dense

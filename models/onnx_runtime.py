@@ -14,9 +14,13 @@ import numpy as np
 from ctrstream import features
 
 
-def random_inputs(n: int, seed: int = 0, num_embeddings: int | None = None,
-                  n_sparse: int = features.N_SPARSE, n_dense: int = features.N_DENSE
-                  ) -> dict[str, np.ndarray]:
+def random_inputs(
+    n: int,
+    seed: int = 0,
+    num_embeddings: int | None = None,
+    n_sparse: int = features.N_SPARSE,
+    n_dense: int = features.N_DENSE,
+) -> dict[str, np.ndarray]:
     """Fresh random model inputs in the contract's layout.
 
     Sparse ids: field ``k`` in its own hash range when the table has the contract's size,
@@ -25,8 +29,10 @@ def random_inputs(n: int, seed: int = 0, num_embeddings: int | None = None,
     rng = np.random.default_rng(seed)
     ne = num_embeddings or features.N_SPARSE * features.HASH_BUCKETS
     if n_sparse == features.N_SPARSE and ne == features.N_SPARSE * features.HASH_BUCKETS:
-        sparse = (rng.integers(0, features.HASH_BUCKETS, (n, n_sparse))
-                  + np.arange(n_sparse) * features.HASH_BUCKETS).astype(np.int64)
+        sparse = (
+            rng.integers(0, features.HASH_BUCKETS, (n, n_sparse))
+            + np.arange(n_sparse) * features.HASH_BUCKETS
+        ).astype(np.int64)
     else:
         sparse = rng.integers(0, ne, (n, n_sparse)).astype(np.int64)
     if n_dense == features.N_DENSE:
@@ -44,8 +50,9 @@ def ort_session(path: str | Path, providers: list[str] | None = None, threads: i
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so,
-                                providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"]
+    )
 
 
 def ort_predict(session, inputs: dict[str, np.ndarray]) -> np.ndarray:

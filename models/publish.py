@@ -64,20 +64,33 @@ def _onnx_io(onnx_path: Path) -> tuple[int, int]:
     import onnx
 
     g = onnx.load(str(onnx_path), load_external_data=False).graph
-    shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
-              for i in g.input}
+    shapes = {
+        i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in g.input
+    }
     outs = [o.name for o in g.output]
-    if set(shapes) != {features.INPUT_SPARSE, features.INPUT_DENSE} or outs != [features.OUTPUT_PROB]:
-        raise PublishError(f"{onnx_path}: inputs {sorted(shapes)} / outputs {outs} do not follow "
-                           f"the contract ({features.INPUT_SPARSE}, {features.INPUT_DENSE} -> "
-                           f"{features.OUTPUT_PROB})")
+    if set(shapes) != {features.INPUT_SPARSE, features.INPUT_DENSE} or outs != [
+        features.OUTPUT_PROB
+    ]:
+        raise PublishError(
+            f"{onnx_path}: inputs {sorted(shapes)} / outputs {outs} do not follow "
+            f"the contract ({features.INPUT_SPARSE}, {features.INPUT_DENSE} -> "
+            f"{features.OUTPUT_PROB})"
+        )
     return int(shapes[features.INPUT_SPARSE][1]), int(shapes[features.INPUT_DENSE][1])
 
 
-def model_config(name: str, flavour: str, versions: list[int] | None, n_sparse: int, n_dense: int,
-                 max_batch_size: int = 8192, instances: int | None = None,
-                 preferred_batch_sizes: tuple[int, ...] = (256, 1024, 4096),
-                 max_queue_delay_us: int = 500, intra_op_threads: int = 0) -> str:
+def model_config(
+    name: str,
+    flavour: str,
+    versions: list[int] | None,
+    n_sparse: int,
+    n_dense: int,
+    max_batch_size: int = 8192,
+    instances: int | None = None,
+    preferred_batch_sizes: tuple[int, ...] = (256, 1024, 4096),
+    max_queue_delay_us: int = 500,
+    intra_op_threads: int = 0,
+) -> str:
     """config.pbtxt text. ``flavour``: "onnxruntime" (GPU) or "python" (CPU).
     ``versions``: the specific versions to serve (None: the latest one)."""
     if versions:
@@ -86,13 +99,15 @@ def model_config(name: str, flavour: str, versions: list[int] | None, n_sparse: 
     else:
         policy = "version_policy: { latest: { num_versions: 1 } }"
     pref = ", ".join(str(b) for b in preferred_batch_sizes if b <= max_batch_size)
-    head = ('platform: "onnxruntime_onnx"' if flavour == "onnxruntime" else 'backend: "python"')
+    head = 'platform: "onnxruntime_onnx"' if flavour == "onnxruntime" else 'backend: "python"'
     kind = "KIND_GPU" if flavour == "onnxruntime" else "KIND_CPU"
     count = instances or (2 if flavour == "onnxruntime" else 1)
     extra = ""
     if flavour == "python":
-        extra = ('parameters: { key: "device" value: { string_value: "auto" } }\n'
-                 f'parameters: {{ key: "intra_op_threads" value: {{ string_value: "{int(intra_op_threads)}" }} }}\n')
+        extra = (
+            'parameters: { key: "device" value: { string_value: "auto" } }\n'
+            f'parameters: {{ key: "intra_op_threads" value: {{ string_value: "{int(intra_op_threads)}" }} }}\n'
+        )
     return f"""# written by models/publish.py - do not edit by hand (the next publish rewrites it)
 name: "{name}"
 {head}
@@ -116,7 +131,9 @@ dynamic_batching {{
 def versions_on_disk(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name))
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)
+    )
 
 
 @contextmanager
@@ -147,8 +164,13 @@ def loaded_versions(client, name: str) -> list[int]:
     return sorted(int(v) for v in md.get("versions", []))
 
 
-def infer(client, name: str, inputs: dict[str, np.ndarray], version: int | None = None,
-          timeout_s: float | None = None) -> np.ndarray:
+def infer(
+    client,
+    name: str,
+    inputs: dict[str, np.ndarray],
+    version: int | None = None,
+    timeout_s: float | None = None,
+) -> np.ndarray:
     """One gRPC inference with the contract's tensors; returns ``prob`` ``[batch, 1]``."""
     import tritonclient.grpc as grpcclient
 
@@ -157,14 +179,26 @@ def infer(client, name: str, inputs: dict[str, np.ndarray], version: int | None 
         t = grpcclient.InferInput(key, list(inputs[key].shape), dtype)
         t.set_data_from_numpy(inputs[key])
         ins.append(t)
-    res = client.infer(name, ins, model_version="" if version is None else str(version),
-                       outputs=[grpcclient.InferRequestedOutput(features.OUTPUT_PROB)],
-                       client_timeout=timeout_s)
+    res = client.infer(
+        name,
+        ins,
+        model_version="" if version is None else str(version),
+        outputs=[grpcclient.InferRequestedOutput(features.OUTPUT_PROB)],
+        client_timeout=timeout_s,
+    )
     return res.as_numpy(features.OUTPUT_PROB)
 
 
-def verify_version(client, name: str, version: int, onnx_path: Path, n_sparse: int, n_dense: int,
-                   seed: int = 7, atol: float = VERIFY_ATOL) -> float:
+def verify_version(
+    client,
+    name: str,
+    version: int,
+    onnx_path: Path,
+    n_sparse: int,
+    n_dense: int,
+    seed: int = 7,
+    atol: float = VERIFY_ATOL,
+) -> float:
     """Pinned inferences of ``name`` v``version`` vs in-process ONNX Runtime on probe inputs;
     returns the max abs difference, raises ``PublishError`` above ``atol``."""
     from ctrstream.models.onnx_runtime import ort_predict, ort_session, random_inputs
@@ -176,11 +210,15 @@ def verify_version(client, name: str, version: int, onnx_path: Path, n_sparse: i
         got = infer(client, name, x, version=version)
         want = ort_predict(sess, x)
         if got.shape != want.shape:
-            raise PublishError(f"{name} v{version}: output shape {got.shape}, expected {want.shape}")
+            raise PublishError(
+                f"{name} v{version}: output shape {got.shape}, expected {want.shape}"
+            )
         worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))))
     if worst > atol:
-        raise PublishError(f"{name} v{version} answers probe inputs {worst:.3g} away from "
-                           f"in-process ONNX Runtime (limit {atol:g})")
+        raise PublishError(
+            f"{name} v{version} answers probe inputs {worst:.3g} away from "
+            f"in-process ONNX Runtime (limit {atol:g})"
+        )
     return worst
 
 
@@ -190,9 +228,17 @@ def _write_config(model_dir: Path, text: str) -> None:
     tmp.replace(model_dir / "config.pbtxt")  # atomic: Triton never reads half a file
 
 
-def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dict | None = None,
-            *, load: bool = True, keep: int = 3, max_batch_size: int = 8192,
-            log=lambda msg: None) -> dict:
+def publish(
+    settings: Settings,
+    onnx_path: str | Path,
+    base_name: str,
+    card: dict | None = None,
+    *,
+    load: bool = True,
+    keep: int = 3,
+    max_batch_size: int = 8192,
+    log=lambda msg: None,
+) -> dict:
     """Publish ``onnx_path`` as a new version of ``base_name`` (both flavours) and, with
     ``load``, switch the running Triton's served flavour to it (see module doc).
 
@@ -209,9 +255,16 @@ def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dic
     repo = Path(settings.triton.model_repository)
     served = served_model_name(settings, base_name)
     flavours = {base_name: "onnxruntime", base_name + PY_SUFFIX: "python"}
+
     def config(name: str, flavour: str, versions: list[int] | None) -> str:
-        return model_config(name, flavour, versions, n_sparse=n_sparse, n_dense=n_dense,
-                            max_batch_size=max_batch_size)
+        return model_config(
+            name,
+            flavour,
+            versions,
+            n_sparse=n_sparse,
+            n_dense=n_dense,
+            max_batch_size=max_batch_size,
+        )
 
     with _repo_lock(repo, base_name):
         client = _client(settings) if load else None
@@ -220,9 +273,10 @@ def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dic
                 if not client.is_server_live():
                     raise PublishError("Triton is not live")
             except Exception as e:  # noqa: BLE001 - any failure to ask Triton means "not reachable"
-                raise PublishError(f"Triton at {settings.triton.grpc_url} is not reachable ({e}); "
-                                   "start it with `ctrstream stack up` or publish with --no-load"
-                                   ) from None
+                raise PublishError(
+                    f"Triton at {settings.triton.grpc_url} is not reachable ({e}); "
+                    "start it with `ctrstream stack up` or publish with --no-load"
+                ) from None
         version = 1 + max([0] + [v for n in flavours for v in versions_on_disk(repo / n)])
         new_dirs = []
         for name, flavour in flavours.items():
@@ -240,7 +294,11 @@ def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dic
             if name != served:  # the flavour this deployment does not load: serve the latest
                 _write_config(repo / name, config(name, flavour, None))
         model_dir = repo / served
-        old_config = (model_dir / "config.pbtxt").read_text() if (model_dir / "config.pbtxt").exists() else None
+        old_config = (
+            (model_dir / "config.pbtxt").read_text()
+            if (model_dir / "config.pbtxt").exists()
+            else None
+        )
         previous: list[int] = []
         diff = None
         if client is None:
@@ -257,16 +315,27 @@ def publish(settings: Settings, onnx_path: str | Path, base_name: str, card: dic
                 if isinstance(e, PublishError):
                     raise
                 raise PublishError(f"loading {served} v{version} failed: {e}") from e
-            log(f"{served} v{version} verified (max abs diff {diff:.2g}); unloading {previous or 'nothing'}")
+            log(
+                f"{served} v{version} verified (max abs diff {diff:.2g}); unloading {previous or 'nothing'}"
+            )
             _write_config(model_dir, config(served, flavours[served], [version]))
             client.load_model(served)
             now = loaded_versions(client, served)
             if now != [version]:
-                raise PublishError(f"after the switch {served} serves versions {now}, expected [{version}]")
+                raise PublishError(
+                    f"after the switch {served} serves versions {now}, expected [{version}]"
+                )
         _prune(repo, list(flavours), keep, protect={version})
         client and client.close()
-    return dict(version=version, model_name=served, base_name=base_name, previous=previous,
-                loaded=load, verify_max_abs_diff=diff, seconds=round(time.perf_counter() - t0, 2))
+    return dict(
+        version=version,
+        model_name=served,
+        base_name=base_name,
+        previous=previous,
+        loaded=load,
+        verify_max_abs_diff=diff,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
 
 
 def _rollback(client, served, model_dir, old_config, previous, new_dirs) -> None:
@@ -289,5 +358,12 @@ def _prune(repo: Path, names: list[str], keep: int, protect: set[int]) -> None:
                 shutil.rmtree(repo / name / str(v), ignore_errors=True)
 
 
-__all__ = ["PublishError", "infer", "loaded_versions", "model_config", "publish",
-           "served_model_name", "verify_version"]
+__all__ = [
+    "PublishError",
+    "infer",
+    "loaded_versions",
+    "model_config",
+    "publish",
+    "served_model_name",
+    "verify_version",
+]

@@ -46,8 +46,14 @@ class Hyperparameters(TypedDict):
 
 DEFAULTS: dict[str, Hyperparameters] = {
     "lr": dict(epochs=1, lr=0.01, sparse_lr=0.01, emb_l2=0.0, batch_size=4096, model_args={}),
-    "deep": dict(epochs=1, lr=0.001, sparse_lr=0.003, emb_l2=0.0, batch_size=4096,
-                 model_args=dict(embed_dim=8, cross_layers=2, low_rank=16, mlp_dims=(256, 128))),
+    "deep": dict(
+        epochs=1,
+        lr=0.001,
+        sparse_lr=0.003,
+        emb_l2=0.0,
+        batch_size=4096,
+        model_args=dict(embed_dim=8, cross_layers=2, low_rank=16, mlp_dims=(256, 128)),
+    ),
 }
 THREADS = 2
 
@@ -56,7 +62,9 @@ class TrainingError(ValueError):
     pass
 
 
-def time_split(event_time_ms: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
+def time_split(
+    event_time_ms: np.ndarray, val_fraction: float
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Indices of training and validation rows (each in event-time order) and the split time:
     validation = the last ``val_fraction`` of the event-time span."""
     t = np.asarray(event_time_ms, dtype=np.int64)
@@ -69,14 +77,17 @@ def time_split(event_time_ms: np.ndarray, val_fraction: float) -> tuple[np.ndarr
     k = int(np.searchsorted(ts, cut, side="left"))
     train_idx, val_idx = order[:k], order[k:]
     if len(train_idx) == 0 or len(val_idx) == 0:
-        raise TrainingError(f"time split at {cut} leaves an empty side "
-                            f"({len(train_idx)} train / {len(val_idx)} validation rows)")
+        raise TrainingError(
+            f"time split at {cut} leaves an empty side "
+            f"({len(train_idx)} train / {len(val_idx)} validation rows)"
+        )
     return train_idx, val_idx, cut
 
 
 @torch.no_grad()
-def predict(model: nn.Module, sparse: np.ndarray, dense: np.ndarray,
-            batch_size: int = 65536) -> np.ndarray:
+def predict(
+    model: nn.Module, sparse: np.ndarray, dense: np.ndarray, batch_size: int = 65536
+) -> np.ndarray:
     """Probabilities (float64, 1-D) of ``model`` for numpy inputs, in eval mode."""
     was_training = model.training
     model.eval()
@@ -84,7 +95,7 @@ def predict(model: nn.Module, sparse: np.ndarray, dense: np.ndarray,
     s = torch.as_tensor(np.ascontiguousarray(sparse, dtype=np.int64))
     d = torch.as_tensor(np.ascontiguousarray(dense, dtype=np.float32))
     for i in range(0, len(s), batch_size):
-        out.append(model(s[i:i + batch_size], d[i:i + batch_size]).reshape(-1))
+        out.append(model(s[i : i + batch_size], d[i : i + batch_size]).reshape(-1))
     model.train(was_training)
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
@@ -100,17 +111,34 @@ def _progress(enabled: bool):
     )
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>9} ex/s"), TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>9} ex/s"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
 
 
-def train(dataset: dict, model: str = "deep", seed: int = 0, epochs: int | None = None,
-          neg_downsample: float | None = None, progress: bool = True, *,
-          val_fraction: float = 0.1, batch_size: int | None = None, lr: float | None = None,
-          sparse_lr: float | None = None, emb_l2: float | None = None,
-          model_args: dict | None = None,
-          threads: int = THREADS) -> tuple[_CTRBase, dict]:
+def train(
+    dataset: dict,
+    model: str = "deep",
+    seed: int = 0,
+    epochs: int | None = None,
+    neg_downsample: float | None = None,
+    progress: bool = True,
+    *,
+    val_fraction: float = 0.1,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    sparse_lr: float | None = None,
+    emb_l2: float | None = None,
+    model_args: dict | None = None,
+    threads: int = THREADS,
+) -> tuple[_CTRBase, dict]:
     """Train ``model`` ("lr" | "deep") on ``dataset``; returns ``(module, info)``.
 
     ``info`` holds the split (``split_time_ms``, ``train_window_ms``, ``val_window_ms``,
@@ -182,7 +210,7 @@ def train(dataset: dict, model: str = "deep", seed: int = 0, epochs: int | None 
             ema, total, seen = None, 0.0, 0
             t_epoch = time.perf_counter()
             for step in range(steps_per_epoch):
-                bi = perm[step * batch_size:(step + 1) * batch_size]
+                bi = perm[step * batch_size : (step + 1) * batch_size]
                 logit = net.logit_raw(s_t[bi], d_t[bi])
                 loss = loss_fn(logit, y_t[bi])
                 if emb_l2:
@@ -198,29 +226,53 @@ def train(dataset: dict, model: str = "deep", seed: int = 0, epochs: int | None 
                 ema = lv if ema is None else 0.95 * ema + 0.05 * lv
                 if step % 5 == 0 or step == steps_per_epoch - 1:
                     el = time.perf_counter() - t_epoch
-                    bar.update(task, completed=epoch * steps_per_epoch + step + 1,
-                               loss=f"{ema:.4f}", rate=f"{seen / max(el, 1e-9):,.0f}",
-                               description=f"train {model} e{epoch + 1}/{epochs}")
+                    bar.update(
+                        task,
+                        completed=epoch * steps_per_epoch + step + 1,
+                        loss=f"{ema:.4f}",
+                        rate=f"{seen / max(el, 1e-9):,.0f}",
+                        description=f"train {model} e{epoch + 1}/{epochs}",
+                    )
             net.set_negative_sampling_rate(neg_downsample)
             vp = predict(net, sparse_all[val_idx], dense_all[val_idx])
-            history.append(dict(epoch=epoch + 1, train_logloss=total / max(seen, 1),
-                                val_logloss=log_loss(vp, y_all[val_idx])))
+            history.append(
+                dict(
+                    epoch=epoch + 1,
+                    train_logloss=total / max(seen, 1),
+                    val_logloss=log_loss(vp, y_all[val_idx]),
+                )
+            )
     train_seconds = time.perf_counter() - t_start
     net.set_negative_sampling_rate(neg_downsample)
     net.eval()
     val_probs = predict(net, sparse_all[val_idx], dense_all[val_idx])
 
     info = dict(
-        kind=model, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, sparse_lr=sparse_lr,
-        emb_l2=emb_l2, threads=threads, neg_downsample=neg_downsample, model_config=dict(net.config),
-        val_fraction=val_fraction, split_time_ms=int(cut),
+        kind=model,
+        seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        sparse_lr=sparse_lr,
+        emb_l2=emb_l2,
+        threads=threads,
+        neg_downsample=neg_downsample,
+        model_config=dict(net.config),
+        val_fraction=val_fraction,
+        split_time_ms=int(cut),
         train_window_ms=[int(t[train_idx].min()), int(t[train_idx].max())],
         val_window_ms=[int(t[val_idx].min()), int(t[val_idx].max())],
-        train_rows=int(len(train_idx)), fit_rows=int(n), val_rows=int(len(val_idx)),
-        train_ctr=float(y_all[train_idx].mean()), val_ctr=float(y_all[val_idx].mean()),
-        train_seconds=round(train_seconds, 2), history=history,
+        train_rows=int(len(train_idx)),
+        fit_rows=int(n),
+        val_rows=int(len(val_idx)),
+        train_ctr=float(y_all[train_idx].mean()),
+        val_ctr=float(y_all[val_idx].mean()),
+        train_seconds=round(train_seconds, 2),
+        history=history,
         parameters=int(sum(p.numel() for p in net.parameters())),
-        val_index=val_idx, val_probs=val_probs, val_labels=y_all[val_idx].astype(np.int8),
+        val_index=val_idx,
+        val_probs=val_probs,
+        val_labels=y_all[val_idx].astype(np.int8),
     )
     return net, info
 
@@ -242,5 +294,12 @@ def load_checkpoint(path: str | Path) -> _CTRBase:
     return net
 
 
-__all__ = ["DEFAULTS", "TrainingError", "load_checkpoint", "predict", "save_checkpoint",
-           "time_split", "train"]
+__all__ = [
+    "DEFAULTS",
+    "TrainingError",
+    "load_checkpoint",
+    "predict",
+    "save_checkpoint",
+    "time_split",
+    "train",
+]

@@ -45,28 +45,38 @@ class TritonPythonModel:
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             try:
                 sess = ort.InferenceSession(
-                    path, sess_options=so,
-                    providers=[("CUDAExecutionProvider", {"device_id": device_id}),
-                               "CPUExecutionProvider"])
+                    path,
+                    sess_options=so,
+                    providers=[
+                        ("CUDAExecutionProvider", {"device_id": device_id}),
+                        "CPUExecutionProvider",
+                    ],
+                )
                 if sess.get_providers()[0] == "CUDAExecutionProvider":
                     session = sess
             except Exception as e:  # no GPU / CUDA libraries: fall back to CPU
                 if device == "cuda":
-                    raise pb_utils.TritonModelException(f"CUDA requested but unavailable: {e}") from e
+                    raise pb_utils.TritonModelException(
+                        f"CUDA requested but unavailable: {e}"
+                    ) from e
         if session is None:
             if device == "cuda":
                 raise pb_utils.TritonModelException("CUDA requested but unavailable")
-            session = ort.InferenceSession(path, sess_options=so,
-                                           providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                path, sess_options=so, providers=["CPUExecutionProvider"]
+            )
         self.session = session
         pb_utils.Logger.log_info(
             f"{args['model_name']} v{args['model_version']}: {path} on "
-            f"{self.session.get_providers()[0]}")
+            f"{self.session.get_providers()[0]}"
+        )
 
     def execute(self, requests):
         try:
-            cols = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for r in requests]
-                    for n in self.input_names]
+            cols = [
+                [pb_utils.get_input_tensor_by_name(r, n).as_numpy() for r in requests]
+                for n in self.input_names
+            ]
             sizes = [len(a) for a in cols[0]]
             if len(requests) == 1:
                 feed = {n: c[0] for n, c in zip(self.input_names, cols)}
@@ -79,7 +89,7 @@ class TritonPythonModel:
         responses = []
         start = 0
         for n in sizes:
-            t = pb_utils.Tensor(self.output_name, np.ascontiguousarray(out[start:start + n]))
+            t = pb_utils.Tensor(self.output_name, np.ascontiguousarray(out[start : start + n]))
             responses.append(pb_utils.InferenceResponse(output_tensors=[t]))
             start += n
         return responses

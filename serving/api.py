@@ -140,7 +140,9 @@ def _is_json(content_type: str | None) -> bool:
     if not content_type:
         return True
     main = content_type.split(";", 1)[0].strip().lower()
-    return main == "application/json" or (main.startswith("application/") and main.endswith("+json"))
+    return main == "application/json" or (
+        main.startswith("application/") and main.endswith("+json")
+    )
 
 
 MAX_BODY_BYTES = 1 << 20  # 500 candidates of ~100 bytes each fit many times over
@@ -159,8 +161,12 @@ class _App(FastAPI):
     predict_asgi: Callable[..., Awaitable[None]] | None = None  # (scope, receive, send)
 
     async def __call__(self, scope, receive, send):
-        if (self.predict_asgi is not None and scope["type"] == "http"
-                and scope["path"] == "/v1/predict" and scope["method"] == "POST"):
+        if (
+            self.predict_asgi is not None
+            and scope["type"] == "http"
+            and scope["path"] == "/v1/predict"
+            and scope["method"] == "POST"
+        ):
             return await self.predict_asgi(scope, receive, send)
         return await super().__call__(scope, receive, send)
 
@@ -210,9 +216,15 @@ def _errors(exc_errors, prefix: tuple = ()) -> tuple[str, list[dict]]:
     return "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:10]), errors[:50]
 
 
-def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = None,
-               max_rows: int = 256, feature_method: Method = "script",
-               feature_cache_s: float | None = None, feature_tracking: bool = True) -> FastAPI:
+def create_app(
+    settings,
+    model: str = DEFAULT_MODEL,
+    model_name: str | None = None,
+    max_rows: int = 256,
+    feature_method: Method = "script",
+    feature_cache_s: float | None = None,
+    feature_tracking: bool = True,
+) -> FastAPI:
     """The API app. ``feature_cache_s``: the most the reused window counts of entities that
     do not involve the user (ad, campaign, advertiser, site, site x category) may lag Redis -
     bounded extra staleness in exchange for far fewer Redis reads. Default and maximum: the
@@ -225,29 +237,69 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
     if feature_cache_s is None:
         feature_cache_s = flush_s
     if not 0 <= feature_cache_s <= flush_s:
-        raise ValueError(f"feature_cache_s must be between 0 and the speed layer's flush interval "
-                         f"({flush_s:g} s, settings.flush_interval_ms), not {feature_cache_s:g}")
+        raise ValueError(
+            f"feature_cache_s must be between 0 and the speed layer's flush interval "
+            f"({flush_s:g} s, settings.flush_interval_ms), not {feature_cache_s:g}"
+        )
     registry = CollectorRegistry()
-    stage_hist = Histogram("ctrstream_api_stage_seconds", "server time per stage of /v1/predict",
-                           ["stage"], registry=registry,
-                           buckets=(.0005, .001, .002, .004, .006, .008, .01, .015, .02, .025,
-                                    .035, .05, .1, .25, .5, 1, 2.5))
-    requests = Counter("ctrstream_api_requests_total", "prediction requests by outcome",
-                       ["outcome"], registry=registry)
+    stage_hist = Histogram(
+        "ctrstream_api_stage_seconds",
+        "server time per stage of /v1/predict",
+        ["stage"],
+        registry=registry,
+        buckets=(
+            0.0005,
+            0.001,
+            0.002,
+            0.004,
+            0.006,
+            0.008,
+            0.01,
+            0.015,
+            0.02,
+            0.025,
+            0.035,
+            0.05,
+            0.1,
+            0.25,
+            0.5,
+            1,
+            2.5,
+        ),
+    )
+    requests = Counter(
+        "ctrstream_api_requests_total",
+        "prediction requests by outcome",
+        ["outcome"],
+        registry=registry,
+    )
     candidates_c = Counter("ctrstream_api_candidates_total", "candidates scored", registry=registry)
-    cache_c = Counter("ctrstream_api_feature_cache_total",
-                      "entity keys of /v1/predict served from the shared-entity feature cache (hit) "
-                      "or read from Redis while it is on (miss)", ["result"], registry=registry)
+    cache_c = Counter(
+        "ctrstream_api_feature_cache_total",
+        "entity keys of /v1/predict served from the shared-entity feature cache (hit) "
+        "or read from Redis while it is on (miss)",
+        ["result"],
+        registry=registry,
+    )
 
     state: dict = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["redis"] = redis_client(settings, asyncio=True, timeout_s=max(0.05, settings.triton.timeout_s / 2))
-        state["store"] = AsyncFeatureStore(state["redis"], mode="lambda", method=feature_method,
-                                           cache_ttl_s=feature_cache_s, tracking=feature_tracking)
+        state["redis"] = redis_client(
+            settings, asyncio=True, timeout_s=max(0.05, settings.triton.timeout_s / 2)
+        )
+        state["store"] = AsyncFeatureStore(
+            state["redis"],
+            mode="lambda",
+            method=feature_method,
+            cache_ttl_s=feature_cache_s,
+            tracking=feature_tracking,
+        )
         await state["store"].start()
-        state["scorer"] = AsyncScorer(settings, model=model, model_name=model_name, max_rows=max_rows)
+        state["scorer"] = AsyncScorer(
+            settings, model=model, model_name=model_name, max_rows=max_rows
+        )
         state["calibration"] = _Calibration(settings)
         try:
             yield
@@ -256,10 +308,13 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
             await state["scorer"].close()
             await state["redis"].aclose()
 
-    app = _App(title="ctrstream prediction API", version="1",
-               description="Ranks an ad request's candidates by calibrated pCTR "
-                           "(lambda-merged features, ONNX model on Triton, River calibration).",
-               lifespan=lifespan)
+    app = _App(
+        title="ctrstream prediction API",
+        version="1",
+        description="Ranks an ad request's candidates by calibrated pCTR "
+        "(lambda-merged features, ONNX model on Triton, River calibration).",
+        lifespan=lifespan,
+    )
 
     def invalid(msg: str, errors: list, status: int = 422) -> tuple[int, bytes, dict]:
         requests.labels("invalid").inc()
@@ -277,23 +332,39 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
         """(status, JSON body, stage timings) of one ``POST /v1/predict``."""
         h0 = time.perf_counter()
         if not _is_json(content_type):
-            return invalid("body: content-type must be application/json",
-                           [{"loc": "body", "type": "content_type",
-                             "msg": "content-type must be application/json"}], 415)
+            return invalid(
+                "body: content-type must be application/json",
+                [
+                    {
+                        "loc": "body",
+                        "type": "content_type",
+                        "msg": "content-type must be application/json",
+                    }
+                ],
+                415,
+            )
         try:
             req = PredictRequest.model_validate_json(raw_body)
         except ValidationError as e:
             return invalid(*_errors(e.errors(), ("body",)))
         ctx_m = req.context
         t_ms = ctx_m.event_time_ms or int(time.time() * 1000)
-        ctx = {"site_id": ctx_m.site_id, "device_type": ctx_m.device_type,
-               "country": ctx_m.country, "position": ctx_m.position,
-               "event_time_ms": ctx_m.event_time_ms}
+        ctx = {
+            "site_id": ctx_m.site_id,
+            "device_type": ctx_m.device_type,
+            "country": ctx_m.country,
+            "position": ctx_m.position,
+            "event_time_ms": ctx_m.event_time_ms,
+        }
         cands = req.candidates
         reasons: list[str] = []
-        ids = np.array([(c.ad_id, c.campaign_id, c.advertiser_id, c.ad_category) for c in cands],
-                       dtype=np.int64)
-        columns = request_columns(req.user_id, ctx, {f: ids[:, k] for k, f in enumerate(CANDIDATE_FIELDS)}, t_ms)
+        ids = np.array(
+            [(c.ad_id, c.campaign_id, c.advertiser_id, c.ad_category) for c in cands],
+            dtype=np.int64,
+        )
+        columns = request_columns(
+            req.user_id, ctx, {f: ids[:, k] for k, f in enumerate(CANDIDATE_FIELDS)}, t_ms
+        )
         asm = await assemble_async(state["store"], columns, t_ms)
         if asm.degraded:
             reasons.append(asm.error or "feature store unavailable")
@@ -302,26 +373,54 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
             reasons.append(f"model unavailable: {res.error}")
         t_cal = time.perf_counter()
         raw = res.raw.astype(np.float64)
-        calibrated, calibration = state["calibration"].apply(raw, res.model_version, ctx) \
-            if not res.degraded else (raw, "none")
+        calibrated, calibration = (
+            state["calibration"].apply(raw, res.model_version, ctx)
+            if not res.degraded
+            else (raw, "none")
+        )
         t_end = time.perf_counter()
         order = np.argsort(-calibrated, kind="stable")
         ranked = ids[order].tolist()
-        out = [{"ad_id": a, "campaign_id": c, "advertiser_id": v, "ad_category": g, "rank": r,
-                "raw_score": x, "calibrated_score": y}
-               for r, ((a, c, v, g), x, y) in enumerate(
-                   zip(ranked, raw[order].tolist(), calibrated[order].tolist()), 1)]
+        out = [
+            {
+                "ad_id": a,
+                "campaign_id": c,
+                "advertiser_id": v,
+                "ad_category": g,
+                "rank": r,
+                "raw_score": x,
+                "calibrated_score": y,
+            }
+            for r, ((a, c, v, g), x, y) in enumerate(
+                zip(ranked, raw[order].tolist(), calibrated[order].tolist()), 1
+            )
+        ]
         fr = asm.read
-        timings = {"redis": fr.timings.get("redis", 0.0), "assembly": fr.timings.get("assembly", 0.0),
-                   "triton": res.timings.get("triton", 0.0), "calibration": t_end - t_cal}
+        timings = {
+            "redis": fr.timings.get("redis", 0.0),
+            "assembly": fr.timings.get("assembly", 0.0),
+            "triton": res.timings.get("triton", 0.0),
+            "calibration": t_end - t_cal,
+        }
         degraded = bool(reasons)
-        body = _ENCODE({
-            "candidates": out, "model_name": res.model_name, "model_version": res.model_version,
-            "calibration": calibration, "degraded": degraded, "degraded_reasons": reasons,
-            "event_time_ms": t_ms, "batch_version": fr.batch_version, "batch_cutoff_ms": fr.cutoff_ms,
-            "newest_bucket_ms": fr.newest_bucket_ms, "feature_staleness_ms": fr.staleness_ms,
-            "feature_cache_staleness_ms": (None if fr.cache_staleness_s is None
-                                           else round(fr.cache_staleness_s * 1000, 3))})
+        body = _ENCODE(
+            {
+                "candidates": out,
+                "model_name": res.model_name,
+                "model_version": res.model_version,
+                "calibration": calibration,
+                "degraded": degraded,
+                "degraded_reasons": reasons,
+                "event_time_ms": t_ms,
+                "batch_version": fr.batch_version,
+                "batch_cutoff_ms": fr.cutoff_ms,
+                "newest_bucket_ms": fr.newest_bucket_ms,
+                "feature_staleness_ms": fr.staleness_ms,
+                "feature_cache_staleness_ms": (
+                    None if fr.cache_staleness_s is None else round(fr.cache_staleness_s * 1000, 3)
+                ),
+            }
+        )
         timings["handler"] = time.perf_counter() - h0
         for k, v in timings.items():
             stage_hist.labels(k).observe(v)
@@ -348,9 +447,17 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > MAX_BODY_BYTES:
-                status, body, timings = invalid(f"body: larger than {MAX_BODY_BYTES} bytes",
-                                                [{"loc": "body", "type": "too_large",
-                                                  "msg": f"larger than {MAX_BODY_BYTES} bytes"}], 413)
+                status, body, timings = invalid(
+                    f"body: larger than {MAX_BODY_BYTES} bytes",
+                    [
+                        {
+                            "loc": "body",
+                            "type": "too_large",
+                            "msg": f"larger than {MAX_BODY_BYTES} bytes",
+                        }
+                    ],
+                    413,
+                )
                 break
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -360,7 +467,11 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
             except Exception as e:  # a bug, not bad input: a 500 that says so
                 log.exception("POST /v1/predict failed")
                 requests.labels("error").inc()
-                status, body, timings = 500, _ENCODE({"detail": f"internal error: {type(e).__name__}: {e}"}), {}
+                status, body, timings = (
+                    500,
+                    _ENCODE({"detail": f"internal error: {type(e).__name__}: {e}"}),
+                    {},
+                )
         headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
         if status == 200:
             timings["app"] = dt = time.perf_counter() - t0
@@ -371,22 +482,36 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
 
     app.predict_asgi = predict_asgi
 
-    @app.post("/v1/predict", response_model=PredictResponse, openapi_extra={"requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}})
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}
+                },
+            }
+        },
+    )
     async def predict(request: Request):
         """The FastAPI route of the same handler (OpenAPI, and any use that bypasses
         ``_App.__call__``)."""
-        status, body, timings = await handle(request.headers.get("content-type"), await request.body())
+        status, body, timings = await handle(
+            request.headers.get("content-type"), await request.body()
+        )
         headers = {"server-timing": _server_timing(timings).decode()} if status == 200 else None
-        return Response(content=body, status_code=status, media_type="application/json", headers=headers)
+        return Response(
+            content=body, status_code=status, media_type="application/json", headers=headers
+        )
 
     def openapi():
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
-            doc = get_openapi(title=app.title, version=app.version, description=app.description,
-                              routes=app.routes)
+            doc = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(request_defs)
             schemas["PredictRequest"] = request_schema
@@ -411,8 +536,10 @@ def create_app(settings, model: str = DEFAULT_MODEL, model_name: str | None = No
         checks["model_name"] = state["scorer"].model_name
         checks["feature_cache"] = state["store"].cache_stats()
         ok = checks["redis"] and checks["model"]
-        return JSONResponse(status_code=200 if ok else 503,
-                            content={"status": "ready" if ok else "not ready", **checks})
+        return JSONResponse(
+            status_code=200 if ok else 503,
+            content={"status": "ready" if ok else "not ready", **checks},
+        )
 
     @app.get("/metrics")
     async def metrics():

@@ -76,8 +76,9 @@ def entity_ids(columns: dict) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-def finish(columns: dict, read: FeatureRead, degraded: bool = False,
-           error: str | None = None) -> Assembled:
+def finish(
+    columns: dict, read: FeatureRead, degraded: bool = False, error: str | None = None
+) -> Assembled:
     sparse = F.sparse_ids(columns)
     dense = F.dense_from_counts(read.counts)
     return Assembled(sparse, dense, read.counts, read, degraded, error)
@@ -85,8 +86,13 @@ def finish(columns: dict, read: FeatureRead, degraded: bool = False,
 
 def empty_read(rows: int, t_ms: int) -> FeatureRead:
     """All-zero counts: what assembly serves when the feature store is out of reach."""
-    return FeatureRead(np.zeros((rows, len(F.ENTITIES), F.N_WINDOWS, 2), dtype=np.int64),
-                       int(t_ms), None, None, None)
+    return FeatureRead(
+        np.zeros((rows, len(F.ENTITIES), F.N_WINDOWS, 2), dtype=np.int64),
+        int(t_ms),
+        None,
+        None,
+        None,
+    )
 
 
 def _timed(read: FeatureRead, t1: float, t2: float) -> None:
@@ -122,5 +128,14 @@ async def assemble_async(store, columns: dict, t_ms: int) -> Assembled:
     return out
 
 
-__all__ = ["Assembled", "request_columns", "entity_ids", "assemble", "assemble_async",
-           "empty_read", "finish", "CANDIDATE_FIELDS", "CONTEXT_FIELDS"]
+__all__ = [
+    "Assembled",
+    "request_columns",
+    "entity_ids",
+    "assemble",
+    "assemble_async",
+    "empty_read",
+    "finish",
+    "CANDIDATE_FIELDS",
+    "CONTEXT_FIELDS",
+]

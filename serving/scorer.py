@@ -49,17 +49,27 @@ def _metrics():
         from prometheus_client import Counter, Histogram
 
         _METRICS = {
-            "predictions": Counter("ctrstream_score_predictions_total",
-                                   "predictions written", ["degraded"]),
+            "predictions": Counter(
+                "ctrstream_score_predictions_total", "predictions written", ["degraded"]
+            ),
             "bad": Counter("ctrstream_score_undecodable_total", "impressions that did not decode"),
-            "read": Counter("ctrstream_score_records_total",
-                            "impressions-topic records handled (scored, skipped by --since-ms, or "
-                            "undecodable), counted once their batch's features were read and "
-                            "scored - the demo's lockstep replay waits on it"),
-            "batch": Histogram("ctrstream_score_batch_seconds", "seconds per scored batch",
-                               ["stage"], buckets=(.001, .003, .01, .03, .1, .3, 1, 3)),
-            "rows": Histogram("ctrstream_score_batch_rows", "impressions per batch",
-                              buckets=(1, 10, 100, 300, 1000, 3000, 10000)),
+            "read": Counter(
+                "ctrstream_score_records_total",
+                "impressions-topic records handled (scored, skipped by --since-ms, or "
+                "undecodable), counted once their batch's features were read and "
+                "scored - the demo's lockstep replay waits on it",
+            ),
+            "batch": Histogram(
+                "ctrstream_score_batch_seconds",
+                "seconds per scored batch",
+                ["stage"],
+                buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3),
+            ),
+            "rows": Histogram(
+                "ctrstream_score_batch_rows",
+                "impressions per batch",
+                buckets=(1, 10, 100, 300, 1000, 3000, 10000),
+            ),
         }
     return _METRICS
 
@@ -67,8 +77,16 @@ def _metrics():
 def impression_columns(imps) -> dict[str, np.ndarray]:
     """Impression structs -> the column arrays ``features.sparse_ids`` and assembly take."""
     cols = {}
-    for f in ("user_id", "ad_id", "campaign_id", "advertiser_id", "site_id", "ad_category",
-              "position", "event_time_ms"):
+    for f in (
+        "user_id",
+        "ad_id",
+        "campaign_id",
+        "advertiser_id",
+        "site_id",
+        "ad_category",
+        "position",
+        "event_time_ms",
+    ):
         cols[f] = np.fromiter((getattr(i, f) for i in imps), dtype=np.int64, count=len(imps))
     cols["device_type"] = np.array([i.device_type for i in imps], dtype=object)
     cols["country"] = np.array([i.country for i in imps], dtype=object)
@@ -80,9 +98,18 @@ class BatchScorer:
 
     The collaborators are built lazily (in the worker process) and can be injected."""
 
-    def __init__(self, settings: Settings, model: str = "ctr_deep", model_name: str | None = None,
-                 batch_size: int = 1000, store=None, scorer=None, calibrator=None,
-                 feature_mode: Mode = "lambda", since_ms: int | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        model: str = "ctr_deep",
+        model_name: str | None = None,
+        batch_size: int = 1000,
+        store=None,
+        scorer=None,
+        calibrator=None,
+        feature_mode: Mode = "lambda",
+        since_ms: int | None = None,
+    ):
         self.settings = settings
         # impressions with an earlier event time are skipped (start scoring mid-stream)
         self.since_ms = since_ms
@@ -100,8 +127,12 @@ class BatchScorer:
         if self._scorer is None:
             from ctrstream.serving.triton_client import Scorer
 
-            self._scorer = Scorer(self.settings, model=self.model, model_name=self.model_name,
-                                  max_rows=self.batch_size)
+            self._scorer = Scorer(
+                self.settings,
+                model=self.model,
+                model_name=self.model_name,
+                max_rows=self.batch_size,
+            )
         if self._cal is None:
             from ctrstream.calibration.client import CalibratorClient
 
@@ -125,8 +156,12 @@ class BatchScorer:
                 counts[sel] = store.read_rows(ids[sel], t).counts
             except Exception as e:  # noqa: BLE001 - Redis down: prior-only features, flagged
                 if not degraded:
-                    log.warning("feature store unavailable (%s: %s): scoring with all-zero "
-                                "window counts, predictions flagged degraded", type(e).__name__, e)
+                    log.warning(
+                        "feature store unavailable (%s: %s): scoring with all-zero "
+                        "window counts, predictions flagged degraded",
+                        type(e).__name__,
+                        e,
+                    )
                 counts[sel] = empty_read(len(sel), t).counts
                 degraded = True
         return F.sparse_ids(cols), F.dense_from_counts(counts), degraded
@@ -158,14 +193,26 @@ class BatchScorer:
             calibrated, mv = raw, res.model_version or ""
         else:
             mv = res.model_version
-            calibrated = cal.calibrate(raw, mv, {"position": cols["position"],
-                                                 "device_type": cols["device_type"]})
+            calibrated = cal.calibrate(
+                raw, mv, {"position": cols["position"], "device_type": cols["device_type"]}
+            )
         degraded = bool(res.degraded or feat_degraded)
-        out = [(i.impression_id.encode(),
-                encode(Prediction(impression_id=i.impression_id, event_time_ms=i.event_time_ms,
-                                  model_version=mv, raw_score=float(raw[k]),
-                                  calibrated_score=float(calibrated[k]), degraded=degraded)))
-               for k, i in enumerate(imps)]
+        out = [
+            (
+                i.impression_id.encode(),
+                encode(
+                    Prediction(
+                        impression_id=i.impression_id,
+                        event_time_ms=i.event_time_ms,
+                        model_version=mv,
+                        raw_score=float(raw[k]),
+                        calibrated_score=float(calibrated[k]),
+                        degraded=degraded,
+                    )
+                ),
+            )
+            for k, i in enumerate(imps)
+        ]
         t3 = time.perf_counter()
         g["batch"].labels("features").observe(t1 - t0)
         g["batch"].labels("triton").observe(t2 - t1)
@@ -176,9 +223,17 @@ class BatchScorer:
         return out
 
 
-def build_flow(settings: Settings, *, model: str = "ctr_deep", model_name: str | None = None,
-               batch_size: int = 1000, stop_at_end: bool = False, from_end: bool = False,
-               batch_scorer: BatchScorer | None = None, since_ms: int | None = None):
+def build_flow(
+    settings: Settings,
+    *,
+    model: str = "ctr_deep",
+    model_name: str | None = None,
+    batch_size: int = 1000,
+    stop_at_end: bool = False,
+    from_end: bool = False,
+    batch_scorer: BatchScorer | None = None,
+    since_ms: int | None = None,
+):
     """The dataflow: KafkaSource(impressions) -> flat_map_batch(score) -> KafkaSink(predictions).
     ``stop_at_end``: stop once the topic's current end is reached (tests, backfills)."""
     import bytewax.operators as op
@@ -196,9 +251,14 @@ def build_flow(settings: Settings, *, model: str = "ctr_deep", model_name: str |
     bs = batch_scorer or BatchScorer(settings, model, model_name, batch_size, since_ms=since_ms)
     brokers = [settings.kafka.bootstrap_servers]
     flow = Dataflow("ctrstream_score")
-    src = KafkaSource(brokers, [settings.topics.impressions.name], tail=not stop_at_end,
-                      starting_offset=OFFSET_END if from_end else OFFSET_BEGINNING,
-                      batch_size=batch_size, raise_on_errors=False)
+    src = KafkaSource(
+        brokers,
+        [settings.topics.impressions.name],
+        tail=not stop_at_end,
+        starting_offset=OFFSET_END if from_end else OFFSET_BEGINNING,
+        batch_size=batch_size,
+        raise_on_errors=False,
+    )
     msgs = op.input("impressions", flow, src)
 
     def score(batch: list) -> list:
@@ -210,13 +270,19 @@ def build_flow(settings: Settings, *, model: str = "ctr_deep", model_name: str |
 
     preds = op.flat_map_batch("score", msgs, score)
     conf = {k: str(v) for k, v in producer_config(settings).items() if k != "bootstrap.servers"}
-    op.output("predictions", preds,
-              KafkaSink(brokers, settings.topics.predictions.name, add_config=conf))
+    op.output(
+        "predictions", preds, KafkaSink(brokers, settings.topics.predictions.name, add_config=conf)
+    )
     return flow
 
 
-def get_flow(model: str = "ctr_deep", batch_size: int = 1000, stop_at_end: bool = False,
-             from_end: bool = False, model_name: str | None = None):
+def get_flow(
+    model: str = "ctr_deep",
+    batch_size: int = 1000,
+    stop_at_end: bool = False,
+    from_end: bool = False,
+    model_name: str | None = None,
+):
     """Entry point for ``python -m bytewax.run "ctrstream.serving.scorer:get_flow()"``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
@@ -224,5 +290,11 @@ def get_flow(model: str = "ctr_deep", batch_size: int = 1000, stop_at_end: bool 
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    return build_flow(settings, model=model, model_name=model_name, batch_size=batch_size,
-                      stop_at_end=stop_at_end, from_end=from_end)
+    return build_flow(
+        settings,
+        model=model,
+        model_name=model_name,
+        batch_size=batch_size,
+        stop_at_end=stop_at_end,
+        from_end=from_end,
+    )

@@ -65,16 +65,25 @@ def fallback_scores(dense: np.ndarray, entity: str = "ad") -> np.ndarray:
     window with the most impressions (``log1p`` is monotone), else the prior mean."""
     dense = np.asarray(dense, dtype=np.float32)
     k = [e.name for e in F.ENTITIES].index(entity)
-    block = dense[:, k * _DENSE_PER_ENTITY:(k + 1) * _DENSE_PER_ENTITY].reshape(-1, F.N_WINDOWS, 3)
+    block = dense[:, k * _DENSE_PER_ENTITY : (k + 1) * _DENSE_PER_ENTITY].reshape(
+        -1, F.N_WINDOWS, 3
+    )
     best = np.argmax(block[..., 0], axis=1)
     out = block[np.arange(len(block)), best, 2]
     return np.where(np.isfinite(out), out, np.float32(F.PRIOR.mean)).astype(np.float32)
 
 
 class AsyncScorer:
-    def __init__(self, settings, model: str = DEFAULT_MODEL, model_name: str | None = None,
-                 max_rows: int = 256, retries: int = 2, timeout_s: float | None = None,
-                 url: str | None = None):
+    def __init__(
+        self,
+        settings,
+        model: str = DEFAULT_MODEL,
+        model_name: str | None = None,
+        max_rows: int = 256,
+        retries: int = 2,
+        timeout_s: float | None = None,
+        url: str | None = None,
+    ):
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
         self.settings = settings
@@ -103,13 +112,17 @@ class AsyncScorer:
     async def ready(self) -> bool:
         """Whether the server answers and the model is ready (never raises)."""
         try:
-            return bool(await asyncio.wait_for(
-                self._get_client().is_model_ready(self.model_name), self.timeout_s))
+            return bool(
+                await asyncio.wait_for(
+                    self._get_client().is_model_ready(self.model_name), self.timeout_s
+                )
+            )
         except Exception:  # noqa: BLE001 - a readiness probe answers, never raises
             return False
 
-    async def _infer_once(self, sparse: np.ndarray, dense: np.ndarray, version: str,
-                          timeout: float) -> tuple[np.ndarray, str]:
+    async def _infer_once(
+        self, sparse: np.ndarray, dense: np.ndarray, version: str, timeout: float
+    ) -> tuple[np.ndarray, str]:
         from tritonclient.grpc import InferInput, InferRequestedOutput
 
         i_sparse = InferInput(F.INPUT_SPARSE, list(sparse.shape), "INT64")
@@ -117,12 +130,18 @@ class AsyncScorer:
         i_dense = InferInput(F.INPUT_DENSE, list(dense.shape), "FP32")
         i_dense.set_data_from_numpy(dense)
         resp = await self._get_client().infer(
-            self.model_name, [i_sparse, i_dense], model_version=version,
-            outputs=[InferRequestedOutput(F.OUTPUT_PROB)], client_timeout=max(timeout, 0.001))
+            self.model_name,
+            [i_sparse, i_dense],
+            model_version=version,
+            outputs=[InferRequestedOutput(F.OUTPUT_PROB)],
+            client_timeout=max(timeout, 0.001),
+        )
         prob = resp.as_numpy(F.OUTPUT_PROB)
         if prob is None or prob.size != len(sparse):
-            raise ScoringError(f"model {self.model_name} returned {None if prob is None else prob.shape} "
-                               f"for {len(sparse)} rows")
+            raise ScoringError(
+                f"model {self.model_name} returned {None if prob is None else prob.shape} "
+                f"for {len(sparse)} rows"
+            )
         return prob.reshape(-1).astype(np.float32), resp.get_response().model_version
 
     async def _infer_chunk(self, sparse, dense, version: str, deadline: float, stats: dict):
@@ -136,12 +155,14 @@ class AsyncScorer:
                 return await self._infer_once(sparse, dense, version, remaining)
             except Exception as e:  # noqa: BLE001 - every failure is retried, then degraded
                 last = e
-                backoff = min(0.005 * (2 ** attempt), max(0.0, deadline - time.monotonic()))
+                backoff = min(0.005 * (2**attempt), max(0.0, deadline - time.monotonic()))
                 if attempt < self.retries and backoff > 0:
                     await asyncio.sleep(backoff)
-        raise ScoringError(f"Triton {self.url} model {self.model_name}: "
-                           f"{type(last).__name__ if last else 'deadline'}: {last or 'no time left'}",
-                           stats["attempts"])
+        raise ScoringError(
+            f"Triton {self.url} model {self.model_name}: "
+            f"{type(last).__name__ if last else 'deadline'}: {last or 'no time left'}",
+            stats["attempts"],
+        )
 
     async def infer(self, sparse: np.ndarray, dense: np.ndarray) -> tuple[np.ndarray, str, int]:
         """Raw scores and the answering version; raises :class:`ScoringError`."""
@@ -156,15 +177,28 @@ class AsyncScorer:
         if len(bounds) == 1:  # the usual case (one request's candidates): no task to schedule
             parts = [await self._infer_chunk(sparse, dense, "", deadline, stats)]
         else:
-            parts = await asyncio.gather(*[
-                self._infer_chunk(sparse[a:b], dense[a:b], "", deadline, stats) for a, b in bounds])
+            parts = await asyncio.gather(
+                *[
+                    self._infer_chunk(sparse[a:b], dense[a:b], "", deadline, stats)
+                    for a, b in bounds
+                ]
+            )
         versions = [v for _, v in parts]
         newest = max(versions, key=lambda v: (len(v), v))
         if any(v != newest for v in versions):  # a switch landed mid-call: one model per call
             redo = [k for k, v in enumerate(versions) if v != newest]
-            again = await asyncio.gather(*[
-                self._infer_chunk(sparse[bounds[k][0]:bounds[k][1]], dense[bounds[k][0]:bounds[k][1]],
-                                  newest, deadline, stats) for k in redo])
+            again = await asyncio.gather(
+                *[
+                    self._infer_chunk(
+                        sparse[bounds[k][0] : bounds[k][1]],
+                        dense[bounds[k][0] : bounds[k][1]],
+                        newest,
+                        deadline,
+                        stats,
+                    )
+                    for k in redo
+                ]
+            )
             for k, p in zip(redo, again):
                 parts[k] = p
         self.last_version = newest
@@ -175,12 +209,25 @@ class AsyncScorer:
         t0 = time.perf_counter()
         try:
             raw, version, attempts = await self.infer(sparse, dense)
-            return ScoreResult(raw, version, False, self.model_name, None, attempts,
-                               {"triton": time.perf_counter() - t0})
+            return ScoreResult(
+                raw,
+                version,
+                False,
+                self.model_name,
+                None,
+                attempts,
+                {"triton": time.perf_counter() - t0},
+            )
         except Exception as e:  # noqa: BLE001 - scoring never raises
-            return ScoreResult(fallback_scores(dense), "", True, self.model_name,
-                               f"{type(e).__name__}: {e}", getattr(e, "attempts", 0),
-                               {"triton": time.perf_counter() - t0})
+            return ScoreResult(
+                fallback_scores(dense),
+                "",
+                True,
+                self.model_name,
+                f"{type(e).__name__}: {e}",
+                getattr(e, "attempts", 0),
+                {"triton": time.perf_counter() - t0},
+            )
 
 
 class Scorer:
@@ -188,8 +235,9 @@ class Scorer:
 
     def __init__(self, settings, **kwargs):
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="triton-scorer",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="triton-scorer", daemon=True
+        )
         self._thread.start()
         self._async = AsyncScorer(settings, **kwargs)
 
@@ -220,5 +268,12 @@ class Scorer:
         self.close()
 
 
-__all__ = ["AsyncScorer", "Scorer", "ScoreResult", "ScoringError", "fallback_scores",
-           "served_model_name", "DEFAULT_MODEL"]
+__all__ = [
+    "AsyncScorer",
+    "Scorer",
+    "ScoreResult",
+    "ScoringError",
+    "fallback_scores",
+    "served_model_name",
+    "DEFAULT_MODEL",
+]

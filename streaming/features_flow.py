@@ -108,6 +108,7 @@ def _pack_bits(n_fields: int) -> int:
 
 # --------------------------------------------------------------------------- decoding
 
+
 class Codec:
     """Decodes a micro-batch of one topic into an int64 column matrix + ids."""
 
@@ -118,7 +119,9 @@ class Codec:
         self.cols = operator.attrgetter(*INT_FIELDS)
         self.id_of = operator.attrgetter("impression_id" if kind == "impressions" else "click_id")
 
-    def decode(self, values: list) -> tuple[np.ndarray, list[str], np.ndarray, list[tuple[int, str]]]:
+    def decode(
+        self, values: list
+    ) -> tuple[np.ndarray, list[str], np.ndarray, list[tuple[int, str]]]:
         """Returns (rows[n_ok, len(INT_FIELDS)], ids[n_ok], ok_index[n_ok], errors[(index, reason)])."""
         n = len(values)
         evs = None
@@ -131,7 +134,9 @@ class Codec:
                 evs = None
         if evs is not None:
             try:
-                rows = np.array(list(map(self.cols, evs)), dtype=np.int64).reshape(n, len(INT_FIELDS))
+                rows = np.array(list(map(self.cols, evs)), dtype=np.int64).reshape(
+                    n, len(INT_FIELDS)
+                )
             except OverflowError:
                 evs = None
         if evs is None:
@@ -183,8 +188,13 @@ def id_range_errors(rows: np.ndarray) -> list[tuple[int, str]]:
         for f in ent.fields:
             col = rows[:, _COL[f]]
             for i in np.flatnonzero((col < 0) | (col >= lim)).tolist():
-                errors.append((i, f"invalid: {f}={int(col[i])} outside [0, 2^{_pack_bits(len(ent.fields))}) "
-                                  f"required by the speed layer for entity {ent.name}"))
+                errors.append(
+                    (
+                        i,
+                        f"invalid: {f}={int(col[i])} outside [0, 2^{_pack_bits(len(ent.fields))}) "
+                        f"required by the speed layer for entity {ent.name}",
+                    )
+                )
     return errors
 
 
@@ -241,6 +251,7 @@ def group_order(eid: np.ndarray, major: np.ndarray, minor: np.ndarray) -> np.nda
 
 # --------------------------------------------------------------------------- source
 
+
 @dataclass
 class Delta:
     """What one source partition sends one shard for one micro-batch."""
@@ -256,15 +267,18 @@ class Delta:
 
 
 class _EventsPartition(StatefulSourcePartition):
-    def __init__(self, cfg: FlowConfig, kind: str, partition: int, part_idx: int, state: dict | None):
+    def __init__(
+        self, cfg: FlowConfig, kind: str, partition: int, part_idx: int, state: dict | None
+    ):
         s = cfg.settings
         state = state or {}
         self.cfg, self.kind, self.partition, self.part_idx = cfg, kind, partition, part_idx
         self.topic = getattr(s.topics, kind).name
         self.etype = F.EVENT_TYPES.index("i" if kind == "impressions" else "c")
         self.codec = Codec(kind)
-        self.reader = PartitionReader(s, self.topic, partition, state.get("offset"),
-                                      group=f"ctrstream-speed-{FLOW}")
+        self.reader = PartitionReader(
+            s, self.topic, partition, state.get("offset"), group=f"ctrstream-speed-{FLOW}"
+        )
         self.max_t = state.get("max_t", NO_TIME)
         self.slots: dict[int, list[str]] = {g: list(v) for g, v in state.get("slots", {}).items()}
         self.seen: set[str] = set().union(*self.slots.values()) if self.slots else set()
@@ -276,7 +290,11 @@ class _EventsPartition(StatefulSourcePartition):
         self.started = False
         lbl = (FLOW, self.topic)
         self.m_in, self.m_ok, self.m_dup, self.m_late = (
-            M.EVENTS_IN.labels(*lbl), M.ACCEPTED.labels(*lbl), M.DUPLICATES.labels(*lbl), M.LATE.labels(*lbl))
+            M.EVENTS_IN.labels(*lbl),
+            M.ACCEPTED.labels(*lbl),
+            M.DUPLICATES.labels(*lbl),
+            M.LATE.labels(*lbl),
+        )
         self.m_dlq = M.DLQ.labels(FLOW, self.topic, "decode")
         self.m_dlq_late = M.DLQ.labels(FLOW, self.topic, "lateness")
         self.m_lag = M.LAG.labels(FLOW, self.topic, str(partition))
@@ -287,8 +305,11 @@ class _EventsPartition(StatefulSourcePartition):
         return self.awake
 
     def snapshot(self) -> dict:
-        return {"offset": self.reader.next_offset, "max_t": self.max_t,
-                "slots": {g: list(v) for g, v in self.slots.items()}}
+        return {
+            "offset": self.reader.next_offset,
+            "max_t": self.max_t,
+            "slots": {g: list(v) for g, v in self.slots.items()},
+        }
 
     def close(self):
         self.reader.close()
@@ -316,8 +337,16 @@ class _EventsPartition(StatefulSourcePartition):
             self.started = True
             # one write per line: the worker threads of `-w N` share stdout, and print()
             # writes the text and its newline separately (the bench parses these lines)
-            sys.stdout.write(json.dumps({"speed": "source_start", "part": f"{self.kind}:{self.partition}",
-                                         "t": time.time()}) + "\n")
+            sys.stdout.write(
+                json.dumps(
+                    {
+                        "speed": "source_start",
+                        "part": f"{self.kind}:{self.partition}",
+                        "t": time.time(),
+                    }
+                )
+                + "\n"
+            )
             sys.stdout.flush()
         return self.process(msgs)
 
@@ -345,7 +374,9 @@ class _EventsPartition(StatefulSourcePartition):
         ok = ev_idx[ok_local] if len(ok_local) else ok_local.astype(np.int64)
         for i, reason in errors:
             gi = int(ev_idx[i])
-            dead.append(dead_letter(reason, self.topic, self.partition, msgs[gi].offset(), values[gi]))
+            dead.append(
+                dead_letter(reason, self.topic, self.partition, msgs[gi].offset(), values[gi])
+            )
         # entity ids the speed layer cannot key
         rng = id_range_errors(rows) if len(rows) else []
         if rng:
@@ -354,7 +385,11 @@ class _EventsPartition(StatefulSourcePartition):
                 if not drop[i]:
                     drop[i] = True
                     gi = int(ok[i])
-                    dead.append(dead_letter(reason, self.topic, self.partition, msgs[gi].offset(), values[gi]))
+                    dead.append(
+                        dead_letter(
+                            reason, self.topic, self.partition, msgs[gi].offset(), values[gi]
+                        )
+                    )
             keep = np.flatnonzero(~drop)
             rows, ok = rows[keep], ok[keep]
             ids = [ids[i] for i in keep.tolist()]
@@ -370,11 +405,18 @@ class _EventsPartition(StatefulSourcePartition):
             for j in np.flatnonzero(late).tolist():
                 gi = int(ok[j])
                 wm = int(prev_max[gi]) - self.lateness
-                dead.append(dead_letter(
-                    f"late: event_time_ms {int(t_all[gi])} is {wm - int(t_all[gi])} ms behind the "
-                    f"watermark {wm} of {self.topic}[{self.partition}] (allowed lateness "
-                    f"{self.lateness} ms)", self.topic, self.partition, msgs[gi].offset(),
-                    values[gi], stage="lateness"))
+                dead.append(
+                    dead_letter(
+                        f"late: event_time_ms {int(t_all[gi])} is {wm - int(t_all[gi])} ms behind the "
+                        f"watermark {wm} of {self.topic}[{self.partition}] (allowed lateness "
+                        f"{self.lateness} ms)",
+                        self.topic,
+                        self.partition,
+                        msgs[gi].offset(),
+                        values[gi],
+                        stage="lateness",
+                    )
+                )
             keep = np.flatnonzero(~late)
             rows, ok = rows[keep], ok[keep]
             ids = [ids[i] for i in keep.tolist()]
@@ -398,7 +440,9 @@ class _EventsPartition(StatefulSourcePartition):
             bounds = np.append(starts, len(order))
             olist = order.tolist()
             for k, g in enumerate(us.tolist()):
-                self.slots.setdefault(g, []).extend(ids[i] for i in olist[bounds[k]:bounds[k + 1]])
+                self.slots.setdefault(g, []).extend(
+                    ids[i] for i in olist[bounds[k] : bounds[k + 1]]
+                )
         wm = self.max_t - self.lateness if self.max_t != NO_TIME else NO_TIME
         for g in [g for g in self.slots if (g + 1) * self.slot_ms <= wm]:
             seen.difference_update(self.slots.pop(g))
@@ -430,7 +474,11 @@ class _EventsPartition(StatefulSourcePartition):
                 shards.append(shard_of(e, k, S))
             sh = np.concatenate(shards)
             order = np.argsort(sh, kind="stable")
-            ent_a, eid_a, t_a = np.concatenate(ents)[order], np.concatenate(eids)[order], np.concatenate(ts)[order]
+            ent_a, eid_a, t_a = (
+                np.concatenate(ents)[order],
+                np.concatenate(eids)[order],
+                np.concatenate(ts)[order],
+            )
             bounds = np.searchsorted(sh[order], np.arange(S + 1))
         else:
             ent_a = np.zeros(0, np.int8)
@@ -439,8 +487,21 @@ class _EventsPartition(StatefulSourcePartition):
         out = []
         for s in range(S):
             a, b = int(bounds[s]), int(bounds[s + 1])
-            out.append((shard_key(s), Delta(self.part_idx, wm, self.etype, ent_a[a:b], eid_a[a:b],
-                                            t_a[a:b], ts_first, ts_last)))
+            out.append(
+                (
+                    shard_key(s),
+                    Delta(
+                        self.part_idx,
+                        wm,
+                        self.etype,
+                        ent_a[a:b],
+                        eid_a[a:b],
+                        t_a[a:b],
+                        ts_first,
+                        ts_last,
+                    ),
+                )
+            )
         return out
 
 
@@ -465,6 +526,7 @@ class KafkaEventsSource(FixedPartitionedSource):
 
 
 # --------------------------------------------------------------------------- shards
+
 
 class Table:
     """Counts of one (entity, resolution, bucket): sorted packed ids -> [imps, clicks]."""
@@ -548,7 +610,9 @@ class FlushItem:
     bucket: np.ndarray
     eid: np.ndarray
     cnt: np.ndarray  # [n, 2] absolute impressions, clicks
-    new: np.ndarray  # bool: the cell's first write (a new bucket of the longest resolution renews its hash's TTL)
+    new: (
+        np.ndarray
+    )  # bool: the cell's first write (a new bucket of the longest resolution renews its hash's TTL)
     ts_first: int | None  # oldest / newest Kafka timestamp of the events it makes visible
     ts_last: int | None
 
@@ -581,7 +645,9 @@ class ShardLogic(StatefulBatchLogic):
         for d in values:
             if len(d.eid):
                 by_type.setdefault(d.etype, []).append(d)
-                self.ts_first = d.ts_first if self.ts_first is None else min(self.ts_first, d.ts_first)
+                self.ts_first = (
+                    d.ts_first if self.ts_first is None else min(self.ts_first, d.ts_first)
+                )
                 self.ts_last = d.ts_last if self.ts_last is None else max(self.ts_last, d.ts_last)
         W = self.watermark()
         for etype, ds in by_type.items():
@@ -616,8 +682,12 @@ class ShardLogic(StatefulBatchLogic):
             if (key[2] + 1) * res.bucket_ms <= W and key not in self.tables:
                 # cannot happen (see the module docstring); never write a partial bucket
                 self.anomalies += int(counts[a:z].sum())
-                log.error("shard %s: %d events for closed bucket %s dropped", self.shard,
-                          int(counts[a:z].sum()), key)
+                log.error(
+                    "shard %s: %d events for closed bucket %s dropped",
+                    self.shard,
+                    int(counts[a:z].sum()),
+                    key,
+                )
                 continue
             tab = self.tables.get(key)
             if tab is None:
@@ -678,7 +748,9 @@ class ShardLogic(StatefulBatchLogic):
             eid=np.concatenate([p[1] for p in parts]),
             cnt=np.concatenate([p[2] for p in parts]),
             new=np.concatenate([p[3] for p in parts]),
-            ts_first=self.ts_first, ts_last=self.ts_last)
+            ts_first=self.ts_first,
+            ts_last=self.ts_last,
+        )
         self.ts_first = self.ts_last = None
         return [item]
 
@@ -691,11 +763,14 @@ class ShardLogic(StatefulBatchLogic):
         self.cfg.drain()
         for tab in self.tables.values():
             tab.compact()
-        return {"wms": list(self.wms),
-                "tables": {k: copy.deepcopy(t) for k, t in self.tables.items()}}
+        return {
+            "wms": list(self.wms),
+            "tables": {k: copy.deepcopy(t) for k, t in self.tables.items()},
+        }
 
 
 # --------------------------------------------------------------------------- Redis sink
+
 
 class FeatureWriter:
     """Hands the shards' flushes to the speed view's writer
@@ -728,8 +803,17 @@ class FeatureWriter:
         cells = []
         for a, z in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
             e = int(ent[a])
-            cells.append(SpeedCells(e, unpack_parts(eid[a:z], F.ENTITIES[e]), res[a:z],
-                                    bucket[a:z], cnt[a:z, 0], cnt[a:z, 1], new[a:z]))
+            cells.append(
+                SpeedCells(
+                    e,
+                    unpack_parts(eid[a:z], F.ENTITIES[e]),
+                    res[a:z],
+                    bucket[a:z],
+                    cnt[a:z, 0],
+                    cnt[a:z, 1],
+                    new[a:z],
+                )
+            )
         n_cells = len(eid)
 
         def done():  # in the writer thread, once Redis acknowledged every command
@@ -752,6 +836,7 @@ class FeatureWriter:
 
 # --------------------------------------------------------------------------- the flow
 
+
 @dataclass
 class FlowConfig:
     settings: Settings
@@ -764,8 +849,11 @@ class FlowConfig:
 
     @property
     def parts(self) -> list[str]:
-        return [f"{kind}:{p}" for kind in KINDS
-                for p in range(getattr(self.settings.topics, kind).partitions)]
+        return [
+            f"{kind}:{p}"
+            for kind in KINDS
+            for p in range(getattr(self.settings.topics, kind).partitions)
+        ]
 
     _writer: FeatureWriter | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -817,6 +905,7 @@ def _builder(cfg: FlowConfig):
 
     def build(resume):
         return ShardLogic(cfg, f"{os.getpid()}-{next(counter)}", resume)
+
     return build
 
 

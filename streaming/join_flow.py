@@ -93,9 +93,14 @@ class _ClickHead(msgspec.Struct):
 def read_fences(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
     """The last committed fence of every join partition."""
     topic = fence_topic(settings)
-    c = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers,
-                  "group.id": "ctrstream-join-fence-reader", "enable.auto.commit": False,
-                  "isolation.level": "read_committed"})
+    c = Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": "ctrstream-join-fence-reader",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     deadline = time.monotonic() + timeout
     try:
         tp = TopicPartition(topic, 0)
@@ -105,9 +110,11 @@ def read_fences(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
                 break
             except KafkaException as e:
                 # a fence topic created a moment ago may not be in this client's metadata yet
-                if (e.args[0].code() not in (KafkaError._UNKNOWN_PARTITION,
-                                             KafkaError.UNKNOWN_TOPIC_OR_PART)
-                        or time.monotonic() > deadline):
+                if (
+                    e.args[0].code()
+                    not in (KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART)
+                    or time.monotonic() > deadline
+                ):
                     raise
                 time.sleep(0.1)
         out: dict[str, int] = {}
@@ -154,7 +161,9 @@ class _JoinPartition(StatefulSourcePartition):
         self.clicks_seen: dict[str, int] = st.get("clicks_seen", {})  # click id -> event time
         self.clicks_due: list[tuple[int, str]] = list(st.get("clicks_due", []))
         # click outputs waiting for W to pass the click time: heap (t, seq, imp id|None, reason|None, record)
-        self.orphans: dict[str, list] = st.get("orphans", {})  # imp id -> [(t, topic, part, off, raw)]
+        self.orphans: dict[str, list] = st.get(
+            "orphans", {}
+        )  # imp id -> [(t, topic, part, off, raw)]
         self.orphan_due: list[tuple[int, str]] = list(st.get("orphan_due", []))
         self.dead_due: list[tuple[int, int, bytes]] = list(st.get("dead_due", []))
         self.seq = st.get("seq", 0)
@@ -162,9 +171,14 @@ class _JoinPartition(StatefulSourcePartition):
         self.dec_c = msgspec.json.Decoder(_ClickHead)
         self.awake: datetime | None = None
         self.fence = read_fences(settings).get(self.key, NO_TIME)
-        conf = producer_config(settings, **{
-            "transactional.id": f"ctrstream-join-{settings.topics.labeled.name}-{partition}",
-            "linger.ms": 5, "transaction.timeout.ms": 60_000})
+        conf = producer_config(
+            settings,
+            **{
+                "transactional.id": f"ctrstream-join-{settings.topics.labeled.name}-{partition}",
+                "linger.ms": 5,
+                "transaction.timeout.ms": 60_000,
+            },
+        )
         self.producer = Producer(conf)
         self.producer.init_transactions(60)
         self.labeled_topic = settings.topics.labeled.name
@@ -180,13 +194,22 @@ class _JoinPartition(StatefulSourcePartition):
         self.m_dlq = M.DLQ.labels(FLOW, tc, "join")
 
     def snapshot(self) -> dict:
-        return {"oi": self.ri.next_offset, "oc": self.rc.next_offset, "max_i": self.max_i,
-                "max_c": self.max_c, "pending": {k: list(v) for k, v in self.pending.items()},
-                "due": list(self.due), "tomb": dict(self.tomb), "tomb_due": list(self.tomb_due),
-                "clicks_seen": dict(self.clicks_seen), "clicks_due": list(self.clicks_due),
-                "orphans": {k: list(v) for k, v in self.orphans.items()},
-                "orphan_due": list(self.orphan_due), "dead_due": list(self.dead_due),
-                "seq": self.seq}
+        return {
+            "oi": self.ri.next_offset,
+            "oc": self.rc.next_offset,
+            "max_i": self.max_i,
+            "max_c": self.max_c,
+            "pending": {k: list(v) for k, v in self.pending.items()},
+            "due": list(self.due),
+            "tomb": dict(self.tomb),
+            "tomb_due": list(self.tomb_due),
+            "clicks_seen": dict(self.clicks_seen),
+            "clicks_due": list(self.clicks_due),
+            "orphans": {k: list(v) for k, v in self.orphans.items()},
+            "orphan_due": list(self.orphan_due),
+            "dead_due": list(self.dead_due),
+            "seq": self.seq,
+        }
 
     def next_awake(self):
         return self.awake
@@ -282,9 +305,12 @@ class _JoinPartition(StatefulSourcePartition):
             if rec is not None:
                 self._attach(rec, click)
             elif iid in self.tomb:
-                self._dead(click, f"click after the attribution window: impression {iid} at "
-                                  f"{self.tomb[iid]} was labeled when its window of "
-                                  f"{self.window} ms closed")
+                self._dead(
+                    click,
+                    f"click after the attribution window: impression {iid} at "
+                    f"{self.tomb[iid]} was labeled when its window of "
+                    f"{self.window} ms closed",
+                )
             else:
                 self.orphans.setdefault(iid, []).append(click)
                 heapq.heappush(self.orphan_due, (t, iid))
@@ -298,16 +324,18 @@ class _JoinPartition(StatefulSourcePartition):
         if delay < 0:
             self._dead(click, f"invalid: click at {click[0]} is {-delay} ms before its impression")
         elif delay > self.window:
-            self._dead(click, f"click after the attribution window: delay {delay} ms > "
-                              f"{self.window} ms")
+            self._dead(
+                click, f"click after the attribution window: delay {delay} ms > {self.window} ms"
+            )
         elif rec[2] is None or delay < rec[2]:
             rec[2] = delay
 
     def _dead(self, click, reason: str):
         t, part, off, raw = click
         self.seq += 1
-        heapq.heappush(self.dead_due, (t, self.seq, dead_letter(reason, self.tc, part, off, raw,
-                                                                stage="join")))
+        heapq.heappush(
+            self.dead_due, (t, self.seq, dead_letter(reason, self.tc, part, off, raw, stage="join"))
+        )
 
     def _emit(self) -> int:
         """Everything whose time is below the watermark goes out, in one transaction."""
@@ -323,13 +351,24 @@ class _JoinPartition(StatefulSourcePartition):
             if end < self.fence:  # committed before a crash
                 continue
             clicked = 0 if delay is None else 1
-            labels.append((iid.encode(), b'{"impression":' + raw + b',"clicked":%d,"click_delay_ms":%s}'
-                           % (clicked, b"null" if delay is None else str(delay).encode()), clicked))
+            labels.append(
+                (
+                    iid.encode(),
+                    b'{"impression":'
+                    + raw
+                    + b',"clicked":%d,"click_delay_ms":%s}'
+                    % (clicked, b"null" if delay is None else str(delay).encode()),
+                    clicked,
+                )
+            )
         while self.orphan_due and self.orphan_due[0][0] < W:
             _t, iid = heapq.heappop(self.orphan_due)
             for click in self.orphans.pop(iid, ()):
-                self._dead(click, f"orphan: no impression {iid} seen within the attribution "
-                                  f"window (watermark {W})")
+                self._dead(
+                    click,
+                    f"orphan: no impression {iid} seen within the attribution "
+                    f"window (watermark {W})",
+                )
         while self.dead_due and self.dead_due[0][0] < W:
             t, _seq, rec = heapq.heappop(self.dead_due)
             if t >= self.fence:
@@ -347,7 +386,9 @@ class _JoinPartition(StatefulSourcePartition):
             self._produce(self.labeled_topic, key, value)
         for rec in dead:
             self._produce(self.dlq_topic, None, rec)
-        self._produce(self.fence_topic, self.key.encode(), json.dumps({"w": W}).encode(), partition=0)
+        self._produce(
+            self.fence_topic, self.key.encode(), json.dumps({"w": W}).encode(), partition=0
+        )
         p.commit_transaction(60)
         self.fence = W
         n1 = sum(c for _k, _v, c in labels)
@@ -374,8 +415,10 @@ class JoinSource(FixedPartitionedSource):
         self.s = settings
         n_i, n_c = settings.topics.impressions.partitions, settings.topics.clicks.partitions
         if n_i != n_c:
-            raise ValueError(f"impressions has {n_i} partitions and clicks {n_c}: the join needs "
-                             "the same count (see ctrstream.events)")
+            raise ValueError(
+                f"impressions has {n_i} partitions and clicks {n_c}: the join needs "
+                "the same count (see ctrstream.events)"
+            )
         self.n = n_i
 
     def list_parts(self):

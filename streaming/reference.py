@@ -32,7 +32,9 @@ from ctrstream.kafka.topics import Record
 class Reference:
     # (entity, id, resolution name, event type, bucket) -> n
     cells: dict[tuple[str, str, str, str, int], int] = field(default_factory=dict)
-    dead: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)  # -> (stage, reason)
+    dead: dict[tuple[str, int, int], tuple[str, str]] = field(
+        default_factory=dict
+    )  # -> (stage, reason)
     stats: Counter = field(default_factory=Counter)
     counted: dict[str, list] = field(default_factory=lambda: {"impressions": [], "clicks": []})
 

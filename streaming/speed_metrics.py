@@ -13,33 +13,56 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-EVENTS_IN = Counter("ctrstream_speed_events_in_total",
-                    "Records read from Kafka (events, malformed records and heartbeats)",
-                    ["flow", "topic"])
-ACCEPTED = Counter("ctrstream_speed_events_accepted_total",
-                   "Events counted (decoded, on time, not a duplicate)", ["flow", "topic"])
-DUPLICATES = Counter("ctrstream_speed_duplicates_total", "Duplicate events counted once",
-                     ["flow", "topic"])
-DLQ = Counter("ctrstream_speed_dlq_total", "Records routed to the dead-letter topic",
-              ["flow", "topic", "stage"])
-LATE = Counter("ctrstream_speed_late_total", "Events later than the allowed lateness",
-               ["flow", "topic"])
-LAG = Gauge("ctrstream_speed_consumer_lag", "High watermark minus next offset",
-            ["flow", "topic", "partition"])
-WATERMARK = Gauge("ctrstream_speed_watermark_ms", "Event-time watermark of a partition",
-                  ["flow", "topic", "partition"])
-FLUSH_SECONDS = Histogram("ctrstream_speed_flush_seconds",
-                          "Latency of one Redis pipeline flush",
-                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+EVENTS_IN = Counter(
+    "ctrstream_speed_events_in_total",
+    "Records read from Kafka (events, malformed records and heartbeats)",
+    ["flow", "topic"],
+)
+ACCEPTED = Counter(
+    "ctrstream_speed_events_accepted_total",
+    "Events counted (decoded, on time, not a duplicate)",
+    ["flow", "topic"],
+)
+DUPLICATES = Counter(
+    "ctrstream_speed_duplicates_total", "Duplicate events counted once", ["flow", "topic"]
+)
+DLQ = Counter(
+    "ctrstream_speed_dlq_total",
+    "Records routed to the dead-letter topic",
+    ["flow", "topic", "stage"],
+)
+LATE = Counter(
+    "ctrstream_speed_late_total", "Events later than the allowed lateness", ["flow", "topic"]
+)
+LAG = Gauge(
+    "ctrstream_speed_consumer_lag",
+    "High watermark minus next offset",
+    ["flow", "topic", "partition"],
+)
+WATERMARK = Gauge(
+    "ctrstream_speed_watermark_ms",
+    "Event-time watermark of a partition",
+    ["flow", "topic", "partition"],
+)
+FLUSH_SECONDS = Histogram(
+    "ctrstream_speed_flush_seconds",
+    "Latency of one Redis pipeline flush",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 FLUSH_CELLS = Counter("ctrstream_speed_flushed_cells_total", "Feature cells written to Redis")
-FRESHNESS = Histogram("ctrstream_speed_feature_freshness_seconds",
-                      "Kafka append time of a counted event to its value being visible in Redis",
-                      buckets=(.05, .1, .2, .3, .5, .75, 1, 1.5, 2, 3, 5, 10, 30))
-STATE_CELLS = Gauge("ctrstream_speed_state_cells", "Open (entity, resolution, bucket) cells",
-                    ["shard"])
-JOIN_PENDING = Gauge("ctrstream_speed_join_pending_impressions",
-                     "Impressions waiting for their attribution window to close",
-                     ["partition"])
+FRESHNESS = Histogram(
+    "ctrstream_speed_feature_freshness_seconds",
+    "Kafka append time of a counted event to its value being visible in Redis",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+)
+STATE_CELLS = Gauge(
+    "ctrstream_speed_state_cells", "Open (entity, resolution, bucket) cells", ["shard"]
+)
+JOIN_PENDING = Gauge(
+    "ctrstream_speed_join_pending_impressions",
+    "Impressions waiting for their attribution window to close",
+    ["partition"],
+)
 LABELED = Counter("ctrstream_speed_labeled_total", "Labeled impressions emitted", ["clicked"])
 
 _started = False

@@ -44,7 +44,9 @@ def _stop_stale_stacks(base: Path) -> None:
         if cwd.startswith(str(pid_file.parent)) and pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
             try:
-                wait_until(lambda pid=pid: not pid_alive(pid), 30, what=f"stale server {pid} to exit")
+                wait_until(
+                    lambda pid=pid: not pid_alive(pid), 30, what=f"stale server {pid} to exit"
+                )
             except TimeoutError:
                 os.kill(pid, signal.SIGKILL)
 
@@ -81,10 +83,14 @@ def fresh_topics(settings, unique):
     from ctrstream.kafka.clients import ensure_topics
 
     t = settings.topics
-    topics = t.model_copy(update={
-        name: Topic(name=f"{getattr(t, name).name}-{unique}", partitions=getattr(t, name).partitions)
-        for name in ("impressions", "clicks", "labeled", "predictions", "dlq")
-    })
+    topics = t.model_copy(
+        update={
+            name: Topic(
+                name=f"{getattr(t, name).name}-{unique}", partitions=getattr(t, name).partitions
+            )
+            for name in ("impressions", "clicks", "labeled", "predictions", "dlq")
+        }
+    )
     s = settings.model_copy(update={"topics": topics})
     ensure_topics(s, s.topics.all())
     return s

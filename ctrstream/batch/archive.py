@@ -99,8 +99,9 @@ def partition_dir(data_dir: Path | str, kind: str, hour: int) -> Path:
 
 def _hour_of_dir(date_dir: str, hour_dir: str) -> int | None:
     try:
-        d = datetime.strptime(date_dir.removeprefix("date=") + hour_dir.removeprefix("hour="),
-                              "%Y-%m-%d%H").replace(tzinfo=UTC)
+        d = datetime.strptime(
+            date_dir.removeprefix("date=") + hour_dir.removeprefix("hour="), "%Y-%m-%d%H"
+        ).replace(tzinfo=UTC)
     except ValueError:
         return None
     return int(d.timestamp() * 1000) // HOUR_MS
@@ -122,8 +123,9 @@ def list_partitions(data_dir: Path | str, kind: str) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def list_files(data_dir: Path | str, kind: str, start_ms: int | None = None,
-               end_ms: int | None = None) -> list[Path]:
+def list_files(
+    data_dir: Path | str, kind: str, start_ms: int | None = None, end_ms: int | None = None
+) -> list[Path]:
     """Published part files of the partitions that overlap ``[start_ms, end_ms)``."""
     files = []
     for h, d in list_partitions(data_dir, kind):
@@ -137,6 +139,7 @@ def list_files(data_dir: Path | str, kind: str, start_ms: int | None = None,
 
 # --------------------------------------------------------------------------- reading
 
+
 def empty_table(kind: str) -> pa.Table:
     return SCHEMAS[kind].empty_table()
 
@@ -148,8 +151,9 @@ def fetch_arrow(con, sql: str) -> pa.Table:
     return fn()
 
 
-def dedupe(kind: str, table: pa.Table, start_ms: int | None = None,
-           end_ms: int | None = None) -> pa.Table:
+def dedupe(
+    kind: str, table: pa.Table, start_ms: int | None = None, end_ms: int | None = None
+) -> pa.Table:
     """``table`` restricted to ``[start_ms, end_ms)``, each event id once (the copy with the
     earliest event time wins), sorted by (event_time_ms, id), cast to the kind's schema.
 
@@ -174,8 +178,9 @@ def dedupe(kind: str, table: pa.Table, start_ms: int | None = None,
     if table.num_rows == 0:
         return table
     idf = ID_FIELD[kind]
-    order = pc.sort_indices(table, sort_keys=[("event_time_ms", "ascending"),
-                                              (idf, "ascending")]).to_numpy()
+    order = pc.sort_indices(
+        table, sort_keys=[("event_time_ms", "ascending"), (idf, "ascending")]
+    ).to_numpy()
     codes = pc.dictionary_encode(table.column(idf)).combine_chunks().indices.to_numpy()
     _, first = np.unique(codes[order], return_index=True)
     if len(first) < len(order):
@@ -183,8 +188,9 @@ def dedupe(kind: str, table: pa.Table, start_ms: int | None = None,
     return table.take(pa.array(order))
 
 
-def read_events(data_dir: Path | str, kind: str, start_ms: int | None = None,
-                end_ms: int | None = None) -> pa.Table:
+def read_events(
+    data_dir: Path | str, kind: str, start_ms: int | None = None, end_ms: int | None = None
+) -> pa.Table:
     """Events of ``kind`` with ``start_ms <= event_time_ms < end_ms`` (either bound optional),
     each event id once, sorted by (event_time_ms, id). Columns: the event struct's fields.
     Only the hour partitions that overlap the range are read."""
@@ -201,7 +207,9 @@ def read_events(data_dir: Path | str, kind: str, start_ms: int | None = None,
     if end_ms is not None:
         f2 = ds.field("event_time_ms") < int(end_ms)
         flt = f2 if flt is None else flt & f2
-    table = ds.dataset([str(f) for f in files], schema=SCHEMAS[kind], format="parquet").to_table(filter=flt)
+    table = ds.dataset([str(f) for f in files], schema=SCHEMAS[kind], format="parquet").to_table(
+        filter=flt
+    )
     return dedupe(kind, table)
 
 
@@ -214,14 +222,17 @@ def max_event_time(data_dir: Path | str, kinds=KINDS) -> int | None:
             files = sorted(d.glob("part-*.parquet"))
             if not files:
                 continue
-            m = max(pq.read_table(f, columns=["event_time_ms"]).column(0).to_numpy().max()
-                    for f in files)
+            m = max(
+                pq.read_table(f, columns=["event_time_ms"]).column(0).to_numpy().max()
+                for f in files
+            )
             best = int(m) if best is None else max(best, int(m))
             break
     return best
 
 
 # --------------------------------------------------------------------------- writing
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -270,11 +281,13 @@ def to_table(kind: str, events: list) -> pa.Table:
     if not events:
         return schema.empty_table()
     cols = list(zip(*(msgspec.structs.astuple(ev) for ev in events)))
-    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema)],
-                                schema=schema)
+    return pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(cols, schema)], schema=schema
+    )
 
 
 # --------------------------------------------------------------------------- the consumer
+
 
 @dataclass
 class ArchiveStats:
@@ -312,18 +325,26 @@ def _get_metrics():
 class Archiver:
     """Consumes both topics in micro-batches and publishes them to the archive."""
 
-    def __init__(self, settings: Settings, data_dir: Path | str | None = None,
-                 group_id: str = DEFAULT_GROUP, batch_records: int = 200_000,
-                 max_batch_s: float = 5.0, instance_id: str | None = None,
-                 session_timeout_ms: int = 10_000):
+    def __init__(
+        self,
+        settings: Settings,
+        data_dir: Path | str | None = None,
+        group_id: str = DEFAULT_GROUP,
+        batch_records: int = 200_000,
+        max_batch_s: float = 5.0,
+        instance_id: str | None = None,
+        session_timeout_ms: int = 10_000,
+    ):
         from ctrstream.kafka.clients import make_consumer
 
         self.settings = settings
         self.data_dir = Path(data_dir or settings.data_dir)
         self.batch_records = batch_records
         self.max_batch_s = max_batch_s
-        self.topic_kind = {settings.topics.impressions.name: "impressions",
-                           settings.topics.clicks.name: "clicks"}
+        self.topic_kind = {
+            settings.topics.impressions.name: "impressions",
+            settings.topics.clicks.name: "clicks",
+        }
         extra: dict[str, int | str] = {"session.timeout.ms": session_timeout_ms}
         if instance_id:  # static membership: a restarted archiver gets its partitions back at once
             extra["group.instance.id"] = instance_id
@@ -350,8 +371,14 @@ class Archiver:
         except DecodeError as e:
             self.stats.undecodable[kind] += 1
             self.metrics["undecodable"].labels(kind).inc()
-            log.debug("skipping undecodable %s record %s[%d]@%d: %s", kind, topic,
-                      msg.partition(), msg.offset(), e.reason)
+            log.debug(
+                "skipping undecodable %s record %s[%d]@%d: %s",
+                kind,
+                topic,
+                msg.partition(),
+                msg.offset(),
+                e.reason,
+            )
             return
         self._buf[kind].append(ev)
         self._buffered += 1
@@ -401,8 +428,10 @@ class Archiver:
         from confluent_kafka import KafkaException
 
         try:  # with nothing consumed yet the position is unknown: the committed offset counts
-            committed = {(c.topic, c.partition): c.offset
-                         for c in self.consumer.committed(assignment, timeout=5)}
+            committed = {
+                (c.topic, c.partition): c.offset
+                for c in self.consumer.committed(assignment, timeout=5)
+            }
         except KafkaException as e:
             log.warning("cannot read the committed offsets: %s", e)
             return False
@@ -420,7 +449,9 @@ class Archiver:
         return True
 
     # -- main loop
-    def run(self, until_idle_s: float | None = None, max_records: int | None = None) -> ArchiveStats:
+    def run(
+        self, until_idle_s: float | None = None, max_records: int | None = None
+    ) -> ArchiveStats:
         topics = list(self.topic_kind)
         self._assigned, self._assigned_at = False, None
         self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -448,15 +479,21 @@ class Archiver:
                 if msgs:
                     last_msg = now
                 if self._offsets and (
-                        self._buffered >= self.batch_records or not msgs
-                        or now - (self._batch_started or now) >= self.max_batch_s):
+                    self._buffered >= self.batch_records
+                    or not msgs
+                    or now - (self._batch_started or now) >= self.max_batch_s
+                ):
                     self.flush()
                 if max_records is not None and seen >= max_records:
                     break
                 # --until-idle: assigned, nothing new for until_idle_s, at the high watermarks
-                if (until_idle_s is not None and not msgs and self._assigned
-                        and now - max(last_msg, self._assigned_at or now) >= until_idle_s
-                        and self.caught_up()):
+                if (
+                    until_idle_s is not None
+                    and not msgs
+                    and self._assigned
+                    and now - max(last_msg, self._assigned_at or now) >= until_idle_s
+                    and self.caught_up()
+                ):
                     break
             self.flush()
         except BaseException:
@@ -472,16 +509,29 @@ class Archiver:
         return self.stats
 
 
-def run_archiver(settings: Settings, data_dir: Path | str | None = None,
-                 until_idle_s: float | None = None, group_id: str = DEFAULT_GROUP,
-                 batch_records: int = 200_000, max_batch_s: float = 5.0,
-                 instance_id: str | None = None, session_timeout_ms: int = 10_000,
-                 handle_signals: bool = False) -> ArchiveStats:
+def run_archiver(
+    settings: Settings,
+    data_dir: Path | str | None = None,
+    until_idle_s: float | None = None,
+    group_id: str = DEFAULT_GROUP,
+    batch_records: int = 200_000,
+    max_batch_s: float = 5.0,
+    instance_id: str | None = None,
+    session_timeout_ms: int = 10_000,
+    handle_signals: bool = False,
+) -> ArchiveStats:
     """Run the archiver in this process (``handle_signals``: SIGTERM/SIGINT stop it cleanly)."""
-    arch = Archiver(settings, data_dir, group_id=group_id, batch_records=batch_records,
-                    max_batch_s=max_batch_s, instance_id=instance_id,
-                    session_timeout_ms=session_timeout_ms)
+    arch = Archiver(
+        settings,
+        data_dir,
+        group_id=group_id,
+        batch_records=batch_records,
+        max_batch_s=max_batch_s,
+        instance_id=instance_id,
+        session_timeout_ms=session_timeout_ms,
+    )
     if handle_signals:
+
         def _stop(signum, frame):
             log.info("signal %d: flushing, committing and stopping", signum)
             arch.stop_requested = True

@@ -47,15 +47,21 @@ def oracle_for(ids: np.ndarray, oracle) -> np.ndarray | None:
 
     if oracle is None or oracle.num_rows == 0:
         return None
-    idx = pc.index_in(pa.array(ids, type=pa.string()),
-                      value_set=oracle.column("impression_id").combine_chunks())
+    idx = pc.index_in(
+        pa.array(ids, type=pa.string()), value_set=oracle.column("impression_id").combine_chunks()
+    )
     if idx.null_count:
         return None
     return oracle.column("p_click").combine_chunks().take(idx).to_numpy(zero_copy_only=False)
 
 
-def archive_training_data(settings, start_ms: int | None = None, end_ms: int | None = None,
-                          oracle_path: Path | None = None, log=print):
+def archive_training_data(
+    settings,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    oracle_path: Path | None = None,
+    log=print,
+):
     """The point-in-time training set of the archive under ``settings.data_dir``:
     (dataset dict, oracle table or None, source description)."""
     import pyarrow.parquet as pq
@@ -70,8 +76,9 @@ def archive_training_data(settings, start_ms: int | None = None, end_ms: int | N
     return ds, oracle, source
 
 
-def traffic_training_data(traffic, source: str, start_ms: int | None = None,
-                          end_ms: int | None = None, log=print):
+def traffic_training_data(
+    traffic, source: str, start_ms: int | None = None, end_ms: int | None = None, log=print
+):
     """The point-in-time training set of generated or written traffic (an object with
     ``scenario``, ``impressions``, ``clicks`` and ``oracle``, as the simulation makes):
     (dataset dict, the traffic's oracle, source description)."""
@@ -97,14 +104,27 @@ def drop_warmup(ds: dict, warmup_ms: int) -> dict:
         keep = slice(int(np.searchsorted(t, cut, side="left")), None)
     else:
         keep = t >= cut
-    return {k: (v[keep] if isinstance(v, np.ndarray) and len(v) == len(t) else v)
-            for k, v in ds.items()}
+    return {
+        k: (v[keep] if isinstance(v, np.ndarray) and len(v) == len(t) else v) for k, v in ds.items()
+    }
 
 
-def run_training(settings, ds: dict, oracle=None, kinds=("lr", "deep"), out_dir: Path | None = None,
-                 seed: int = 0, epochs: int | None = None, neg_downsample: float | None = None,
-                 val_fraction: float = 0.1, source: str = "", progress: bool = True,
-                 log=print, train_kwargs: dict | None = None, warmup_hours: float = 0.0) -> dict:
+def run_training(
+    settings,
+    ds: dict,
+    oracle=None,
+    kinds=("lr", "deep"),
+    out_dir: Path | None = None,
+    seed: int = 0,
+    epochs: int | None = None,
+    neg_downsample: float | None = None,
+    val_fraction: float = 0.1,
+    source: str = "",
+    progress: bool = True,
+    log=print,
+    train_kwargs: dict | None = None,
+    warmup_hours: float = 0.0,
+) -> dict:
     """Train, evaluate, export and write the run directory; returns the run summary.
     ``train_kwargs``: kind -> extra keyword arguments of ``ctrstream.models.training.train``.
     ``warmup_hours``: the first hours of ``ds`` are feature history only (:func:`drop_warmup`)."""
@@ -124,8 +144,13 @@ def run_training(settings, ds: dict, oracle=None, kinds=("lr", "deep"), out_dir:
     summary: dict = dict(run_id=out.name, source=source, rows=n, warmup=warmup, models={})
     curves, val_rows, labels, oracle_p = {}, None, None, None
     for kind in kinds:
-        kw = dict(seed=seed, epochs=epochs, neg_downsample=neg_downsample, progress=progress,
-                  val_fraction=val_fraction) | (train_kwargs or {}).get(kind, {})
+        kw = dict(
+            seed=seed,
+            epochs=epochs,
+            neg_downsample=neg_downsample,
+            progress=progress,
+            val_fraction=val_fraction,
+        ) | (train_kwargs or {}).get(kind, {})
         net, info = train(ds, kind, **kw)
         vi = info["val_index"]
         oracle_p = oracle_for(ds["impression_id"][vi], oracle) if "impression_id" in ds else None
@@ -135,27 +160,51 @@ def run_training(settings, ds: dict, oracle=None, kinds=("lr", "deep"), out_dir:
         kdir = out / kind
         exp = export_onnx(net, kdir / "model.onnx")
         save_checkpoint(net, kdir / "checkpoint.pt")
-        curves_k = {kind: info["val_probs"]} | ({"oracle": oracle_p} if oracle_p is not None else {})
-        reliability_diagram(kdir / "reliability.png", curves_k, info["val_labels"],
-                            title=f"{BASE_NAMES[kind]} (validation)")
-        card = write_model_card(kdir / "card.json", name=BASE_NAMES[kind], evaluation=ev, info=info,
-                                extra=dict(source=source, warmup=warmup, onnx=exp,
-                                           run_id=out.name))
+        curves_k = {kind: info["val_probs"]} | (
+            {"oracle": oracle_p} if oracle_p is not None else {}
+        )
+        reliability_diagram(
+            kdir / "reliability.png",
+            curves_k,
+            info["val_labels"],
+            title=f"{BASE_NAMES[kind]} (validation)",
+        )
+        card = write_model_card(
+            kdir / "card.json",
+            name=BASE_NAMES[kind],
+            evaluation=ev,
+            info=info,
+            extra=dict(source=source, warmup=warmup, onnx=exp, run_id=out.name),
+        )
         curves[kind] = info["val_probs"]
         val_rows, labels = vi, info["val_labels"]
-        summary["models"][kind] = dict(evaluation=ev, train_seconds=info["train_seconds"],
-                                       card=str(kdir / "card.json"), onnx=str(kdir / "model.onnx"),
-                                       fingerprint=card["feature_fingerprint"])
-        log(f"{kind}: NE {ev['model']['ne']:.4f} (oracle {ev['oracle']['ne']:.4f})"
-            if ev["oracle"] else f"{kind}: NE {ev['model']['ne']:.4f}")
+        summary["models"][kind] = dict(
+            evaluation=ev,
+            train_seconds=info["train_seconds"],
+            card=str(kdir / "card.json"),
+            onnx=str(kdir / "model.onnx"),
+            fingerprint=card["feature_fingerprint"],
+        )
+        log(
+            f"{kind}: NE {ev['model']['ne']:.4f} (oracle {ev['oracle']['ne']:.4f})"
+            if ev["oracle"]
+            else f"{kind}: NE {ev['model']['ne']:.4f}"
+        )
     if oracle_p is not None:
         curves["oracle"] = oracle_p
     if curves and labels is not None:
         reliability_diagram(out / "reliability.png", curves, labels, title="validation")
     summary["val_rows"] = int(len(val_rows)) if val_rows is not None else 0
-    (out / "evaluation.json").write_text(json.dumps(
-        {k: {"train_seconds": v["train_seconds"], **v["evaluation"]}
-         for k, v in summary["models"].items()}, indent=2, default=float))
+    (out / "evaluation.json").write_text(
+        json.dumps(
+            {
+                k: {"train_seconds": v["train_seconds"], **v["evaluation"]}
+                for k, v in summary["models"].items()
+            },
+            indent=2,
+            default=float,
+        )
+    )
     if out.parent == models_root(settings):
         (out.parent / "LATEST").write_text(out.name)
     summary["dir"] = str(out)

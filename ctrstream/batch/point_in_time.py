@@ -69,6 +69,7 @@ Time = TypeVar("Time", int, np.ndarray)
 
 # --------------------------------------------------------------------------- window ranges
 
+
 def align_day(t_ms: Time) -> Time:
     """Start (UTC midnight) of the day of ``t_ms``."""
     return (t_ms // DAY_MS) * DAY_MS
@@ -94,6 +95,7 @@ def lookback_start(t_ms: int) -> int:
 
 # --------------------------------------------------------------------------- SQL pieces
 
+
 def eid_sql(entity: F.Entity, alias: str = "") -> str:
     """SQL for ``features.entity_id`` (fields as text joined with ``:``)."""
     p = f"{alias}." if alias else ""
@@ -113,14 +115,18 @@ def _as_tables(source, start_ms=None, end_imp_ms=None, end_clk_ms=None):
     """(impressions, clicks) deduplicated pyarrow tables from an archive directory, a
     ``(impressions, clicks)`` pair or an object with ``.impressions`` / ``.clicks``."""
     if isinstance(source, (str, Path)):
-        return (read_events(source, "impressions", start_ms, end_imp_ms),
-                read_events(source, "clicks", start_ms, end_clk_ms))
+        return (
+            read_events(source, "impressions", start_ms, end_imp_ms),
+            read_events(source, "clicks", start_ms, end_clk_ms),
+        )
     if hasattr(source, "impressions") and hasattr(source, "clicks"):
         imps, clks = source.impressions, source.clicks
     else:
         imps, clks = source
-    return (dedupe("impressions", _cast(imps, "impressions"), start_ms, end_imp_ms),
-            dedupe("clicks", _cast(clks, "clicks"), start_ms, end_clk_ms))
+    return (
+        dedupe("impressions", _cast(imps, "impressions"), start_ms, end_imp_ms),
+        dedupe("clicks", _cast(clks, "clicks"), start_ms, end_clk_ms),
+    )
 
 
 def _cast(table: pa.Table | None, kind: str) -> pa.Table:
@@ -132,8 +138,10 @@ def _cast(table: pa.Table | None, kind: str) -> pa.Table:
 
 # --------------------------------------------------------------------------- bucket counts
 
-def bucket_counts(events_i: pa.Table, events_c: pa.Table, until_ms: int,
-                  since_ms: int | None = None, con=None) -> pa.Table:
+
+def bucket_counts(
+    events_i: pa.Table, events_c: pa.Table, until_ms: int, since_ms: int | None = None, con=None
+) -> pa.Table:
     """Absolute impression/click counts per (entity, resolution, bucket) from the events
     with ``since_ms <= event_time_ms < until_ms`` (events deduplicated by id) - the values
     the speed view holds in fields ``{res}:i{bucket}`` / ``{res}:c{bucket}`` of
@@ -168,17 +176,28 @@ def _bucket_counts(con, imps: pa.Table, clks: pa.Table, min_bucket: dict) -> pa.
             parts.append(
                 f"SELECT '{e.name}' AS entity, {eid_sql(e)} AS eid, '{r.name}' AS res, "
                 f"{b} AS bucket, sum(1 - c) AS imps, sum(c) AS clicks FROM _ev {cond} "
-                f"GROUP BY ALL")
-    sql = ("WITH _ev AS (SELECT *, 0 AS c FROM (SELECT {cols} FROM _bi) "
-           "UNION ALL SELECT *, 1 AS c FROM (SELECT {cols} FROM _bc)) ").format(
-        cols=", ".join(_count_fields()))
+                f"GROUP BY ALL"
+            )
+    sql = (
+        "WITH _ev AS (SELECT *, 0 AS c FROM (SELECT {cols} FROM _bi) "
+        "UNION ALL SELECT *, 1 AS c FROM (SELECT {cols} FROM _bc)) "
+    ).format(cols=", ".join(_count_fields()))
     sql += " UNION ALL ".join(parts) + " ORDER BY entity, eid, res, bucket"
     out = fetch_arrow(con, sql)
     con.unregister("_bi")
     con.unregister("_bc")
-    return out.cast(pa.schema([("entity", pa.string()), ("eid", pa.string()), ("res", pa.string()),
-                               ("bucket", pa.int64()), ("imps", pa.int64()),
-                               ("clicks", pa.int64())]))
+    return out.cast(
+        pa.schema(
+            [
+                ("entity", pa.string()),
+                ("eid", pa.string()),
+                ("res", pa.string()),
+                ("bucket", pa.int64()),
+                ("imps", pa.int64()),
+                ("clicks", pa.int64()),
+            ]
+        )
+    )
 
 
 def _count_fields() -> list[str]:
@@ -186,8 +205,9 @@ def _count_fields() -> list[str]:
     return fields + ["event_time_ms"]
 
 
-def long_window_counts(events_i: pa.Table, events_c: pa.Table, at_ms: int, con=None,
-                       dedupe: bool = True) -> pa.Table:
+def long_window_counts(
+    events_i: pa.Table, events_c: pa.Table, at_ms: int, con=None, dedupe: bool = True
+) -> pa.Table:
     """Long-window counts per entity id at time ``at_ms`` (:func:`long_window_range`).
     Returns columns ``entity, eid, long_window, imps, clicks`` (ids with no event absent)."""
     own = con is None
@@ -206,22 +226,35 @@ def long_window_counts(events_i: pa.Table, events_c: pa.Table, at_ms: int, con=N
                 parts.append(
                     f"SELECT '{e.name}' AS entity, {eid_sql(e)} AS eid, '{w.name}' AS long_window, "
                     f"sum(1 - c) AS imps, sum(c) AS clicks FROM _ev "
-                    f"WHERE event_time_ms >= {lo} AND event_time_ms < {hi} GROUP BY ALL")
-        sql = (f"WITH _ev AS (SELECT {cols}, 0 AS c FROM _li UNION ALL "
-               f"SELECT {cols}, 1 AS c FROM _lc) " + " UNION ALL ".join(parts)
-               + " ORDER BY entity, eid, long_window")
+                    f"WHERE event_time_ms >= {lo} AND event_time_ms < {hi} GROUP BY ALL"
+                )
+        sql = (
+            f"WITH _ev AS (SELECT {cols}, 0 AS c FROM _li UNION ALL "
+            f"SELECT {cols}, 1 AS c FROM _lc) "
+            + " UNION ALL ".join(parts)
+            + " ORDER BY entity, eid, long_window"
+        )
         out = fetch_arrow(con, sql)
         con.unregister("_li")
         con.unregister("_lc")
-        return out.cast(pa.schema([("entity", pa.string()), ("eid", pa.string()),
-                                   ("long_window", pa.string()), ("imps", pa.int64()),
-                                   ("clicks", pa.int64())]))
+        return out.cast(
+            pa.schema(
+                [
+                    ("entity", pa.string()),
+                    ("eid", pa.string()),
+                    ("long_window", pa.string()),
+                    ("imps", pa.int64()),
+                    ("clicks", pa.int64()),
+                ]
+            )
+        )
     finally:
         if own:
             con.close()
 
 
 # --------------------------------------------------------------------------- training set
+
 
 def window_bounds(t_ms: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """``[lo, hi)`` arrays of every served window at times ``t_ms``, in dense_from_counts
@@ -268,14 +301,17 @@ def point_in_time_counts(imps: pa.Table, clks: pa.Table, query: pa.Table) -> np.
     if n == 0:
         return counts
     qt = query.column("event_time_ms").to_numpy().astype(np.int64)
-    ev_t = np.concatenate([imps.column("event_time_ms").to_numpy(),
-                           clks.column("event_time_ms").to_numpy()]).astype(np.int64)
+    ev_t = np.concatenate(
+        [imps.column("event_time_ms").to_numpy(), clks.column("event_time_ms").to_numpy()]
+    ).astype(np.int64)
     is_click = np.concatenate([np.zeros(imps.num_rows, np.int64), np.ones(clks.num_rows, np.int64)])
     bounds = window_bounds(qt)
-    base = min(int(ev_t.min()) if len(ev_t) else int(qt.min()),
-               min(int(lo.min()) for lo, _ in bounds))
-    top = max(int(ev_t.max()) if len(ev_t) else 0, int(qt.max()),
-              max(int(hi.max()) for _, hi in bounds))
+    base = min(
+        int(ev_t.min()) if len(ev_t) else int(qt.min()), min(int(lo.min()) for lo, _ in bounds)
+    )
+    top = max(
+        int(ev_t.max()) if len(ev_t) else 0, int(qt.max()), max(int(hi.max()) for _, hi in bounds)
+    )
     span = top - base + 2
     both = pa.concat_tables([imps.select(_count_fields()), clks.select(_count_fields())])
     for k, e in enumerate(F.ENTITIES):
@@ -300,8 +336,12 @@ def point_in_time_counts(imps: pa.Table, clks: pa.Table, query: pa.Table) -> np.
     return counts
 
 
-def training_set(data_dir_or_tables, start_ms: int | None = None, end_ms: int | None = None,
-                 attribution_window_ms: int = 1_800_000) -> dict:
+def training_set(
+    data_dir_or_tables,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    attribution_window_ms: int = 1_800_000,
+) -> dict:
     """Point-in-time correct, labeled training examples.
 
     ``data_dir_or_tables``: the data directory holding ``archive/`` (str or Path), a pair
@@ -346,9 +386,13 @@ def training_set(data_dir_or_tables, start_ms: int | None = None, end_ms: int | 
     # labels: the first click per impression within the attribution window (DuckDB range join)
     con = _connect()
     try:
-        q_ids = pa.table({"qid": np.arange(n, dtype=np.int64),
-                          "impression_id": query.column("impression_id"),
-                          "event_time_ms": query.column("event_time_ms")})
+        q_ids = pa.table(
+            {
+                "qid": np.arange(n, dtype=np.int64),
+                "impression_id": query.column("impression_id"),
+                "event_time_ms": query.column("event_time_ms"),
+            }
+        )
         con.register("q", q_ids)
         con.register("clk", clks.select(["impression_id", "event_time_ms"]))
         lab = con.execute(f"""
@@ -368,8 +412,11 @@ def training_set(data_dir_or_tables, start_ms: int | None = None, end_ms: int | 
     counts = point_in_time_counts(before(imps), before(clks), query)
 
     t = query.column("event_time_ms").to_numpy().astype(np.int64)
-    cols = {name: query.column(name).to_numpy(zero_copy_only=False)
-            for name in F.SPARSE_FIELDS if name != "hour"}
+    cols = {
+        name: query.column(name).to_numpy(zero_copy_only=False)
+        for name in F.SPARSE_FIELDS
+        if name != "hour"
+    }
     cols["event_time_ms"] = t
     return {
         "impression_id": query.column("impression_id").to_numpy(zero_copy_only=False),
@@ -395,6 +442,16 @@ def _empty_result() -> dict:
     }
 
 
-__all__ = ["align_day", "long_window_range", "resolution_range", "lookback_start", "eid_sql",
-           "window_bounds", "point_in_time_counts", "bucket_counts", "long_window_counts",
-           "training_set", "KINDS"]
+__all__ = [
+    "align_day",
+    "long_window_range",
+    "resolution_range",
+    "lookback_start",
+    "eid_sql",
+    "window_bounds",
+    "point_in_time_counts",
+    "bucket_counts",
+    "long_window_counts",
+    "training_set",
+    "KINDS",
+]

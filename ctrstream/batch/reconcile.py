@@ -87,8 +87,15 @@ from ctrstream.store.scan import gc_paused
 
 log = logging.getLogger("ctrstream.reconcile")
 
-REASONS = ("late", "late+lost_update", "lost_update", "missing_key", "duplicates",
-           "archive_lag", "unexplained")
+REASONS = (
+    "late",
+    "late+lost_update",
+    "lost_update",
+    "missing_key",
+    "duplicates",
+    "archive_lag",
+    "unexplained",
+)
 REDIS_TIMEOUT_S = 120.0  # the reconciler's redis-py client (scans of whole views)
 
 
@@ -146,37 +153,58 @@ class Report:
         return d
 
     def markdown(self) -> str:
-        lines = [f"# Reconciliation of batch view `{self.version}`", "",
-                 f"cut-off {self.cutoff_ms} ({_iso(self.cutoff_ms)}); overlap compared: "
-                 + ", ".join(f"{r} buckets {a}..{b - 1}" for r, (a, b) in self.overlap.items()
-                             if b > a), "",
-                 "| buckets | count |", "|---|---:|",
-                 f"| compared | {self.buckets_compared} |", f"| equal | {self.buckets_equal} |",
-                 f"| differing | {self.buckets_differing} |",
-                 f"| missing in speed view | {self.missing_in_speed} |",
-                 f"| missing in batch view | {self.missing_in_batch} |", "",
-                 f"{self.cells_differing} of {self.cells_compared} cells differ; "
-                 + ("every difference is explained." if self.explained
-                    else f"**{self.reasons.get('unexplained', 0)} unexplained**."), ""]
+        lines = [
+            f"# Reconciliation of batch view `{self.version}`",
+            "",
+            f"cut-off {self.cutoff_ms} ({_iso(self.cutoff_ms)}); overlap compared: "
+            + ", ".join(f"{r} buckets {a}..{b - 1}" for r, (a, b) in self.overlap.items() if b > a),
+            "",
+            "| buckets | count |",
+            "|---|---:|",
+            f"| compared | {self.buckets_compared} |",
+            f"| equal | {self.buckets_equal} |",
+            f"| differing | {self.buckets_differing} |",
+            f"| missing in speed view | {self.missing_in_speed} |",
+            f"| missing in batch view | {self.missing_in_batch} |",
+            "",
+            f"{self.cells_differing} of {self.cells_compared} cells differ; "
+            + (
+                "every difference is explained."
+                if self.explained
+                else f"**{self.reasons.get('unexplained', 0)} unexplained**."
+            ),
+            "",
+        ]
         if self.reasons:
             lines += ["| reason | cells |", "|---|---:|"]
-            lines += [f"| {k} | {v} |" for k, v in sorted(self.reasons.items(), key=lambda x: -x[1])]
+            lines += [
+                f"| {k} | {v} |" for k, v in sorted(self.reasons.items(), key=lambda x: -x[1])
+            ]
             lines.append("")
         if self.dlq:
-            lines.append("Dead letters read: " + ", ".join(f"{k}: {v}" for k, v in
-                                                           sorted(self.dlq.items())))
+            lines.append(
+                "Dead letters read: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.dlq.items()))
+            )
             lines.append("")
         if self.largest:
-            lines += ["Largest differences:", "",
-                      "| entity | id | res | bucket start | cell | batch | speed | reason |",
-                      "|---|---|---|---|---|---:|---:|---|"]
+            lines += [
+                "Largest differences:",
+                "",
+                "| entity | id | res | bucket start | cell | batch | speed | reason |",
+                "|---|---|---|---|---|---:|---:|---|",
+            ]
             for x in self.largest:
-                lines.append(f"| {x.entity} | {x.eid} | {x.res} | {_iso(x.bucket_start_ms)} | "
-                             f"{x.event_type} | {x.batch} | {x.speed} | {x.reason}"
-                             f"{' (' + x.detail + ')' if x.detail else ''} |")
+                lines.append(
+                    f"| {x.entity} | {x.eid} | {x.res} | {_iso(x.bucket_start_ms)} | "
+                    f"{x.event_type} | {x.batch} | {x.speed} | {x.reason}"
+                    f"{' (' + x.detail + ')' if x.detail else ''} |"
+                )
             lines.append("")
-        lines.append(f"Batch values written to the speed view: {self.applied_cells} cells"
-                     + ("" if self.applied else " (dry run: nothing written)") + ".")
+        lines.append(
+            f"Batch values written to the speed view: {self.applied_cells} cells"
+            + ("" if self.applied else " (dry run: nothing written)")
+            + "."
+        )
         return "\n".join(lines) + "\n"
 
 
@@ -186,17 +214,19 @@ def _iso(ms: int) -> str:
 
 # --------------------------------------------------------------------------- the views
 
+
 def _bucket_span(view: dict) -> dict[str, tuple[int, int]]:
     """Per resolution: (min bucket, max bucket) held by a view."""
     span: dict[str, tuple[int, int]] = {}
     for (_, _, res), cells in view.items():
-        for (_, b) in cells:
+        for _, b in cells:
             lo, hi = span.get(res, (b, b))
             span[res] = (min(lo, b), max(hi, b))
     return span
 
 
 # --------------------------------------------------------------------------- the dead letters
+
 
 def late_cells(settings, letters) -> tuple[dict, Counter]:
     """Distinct late events per cell {(entity, eid, res, type, bucket): n}, and the counts of
@@ -206,7 +236,8 @@ def late_cells(settings, letters) -> tuple[dict, Counter]:
     cells: dict = defaultdict(int)
     topics: dict[str, tuple[str, Callable[[bytes], Impression | Click]]] = {
         settings.topics.impressions.name: ("i", decode_impression),
-        settings.topics.clicks.name: ("c", decode_click)}
+        settings.topics.clicks.name: ("c", decode_click),
+    }
     for dl in letters:
         label = dl.reason.split(":", 1)[0].strip() or "unknown"
         if not dl.reason.startswith("late"):
@@ -236,6 +267,7 @@ def late_cells(settings, letters) -> tuple[dict, Counter]:
 
 # --------------------------------------------------------------------------- the archive check
 
+
 def _archive_counts(data_dir, cells: list[tuple], settings) -> dict | None:
     """Counts the (deduplicated) archive holds now for the given cells, or None when there is
     no archive. ``cells`` are (entity, eid, res, type, bucket)."""
@@ -255,8 +287,9 @@ def _archive_counts(data_dir, cells: list[tuple], settings) -> dict | None:
     bc = bucket_counts(imps, clks, until_ms=hi, since_ms=lo).to_pydict()
     want = set(cells)
     out = {}
-    for ent, eid, res, b, ni, nc in zip(bc["entity"], bc["eid"], bc["res"], bc["bucket"],
-                                       bc["imps"], bc["clicks"]):
+    for ent, eid, res, b, ni, nc in zip(
+        bc["entity"], bc["eid"], bc["res"], bc["bucket"], bc["imps"], bc["clicks"]
+    ):
         for et, n in (("i", ni), ("c", nc)):
             k = (ent, eid, res, et, b)
             if k in want:
@@ -276,12 +309,20 @@ def _metrics():
         from prometheus_client import Gauge
 
         _METRICS = {
-            "buckets": Gauge("ctrstream_reconcile_buckets",
-                             "buckets of the last reconciliation by outcome", ["outcome"]),
-            "cells": Gauge("ctrstream_reconcile_differing_cells",
-                           "differing cells of the last reconciliation by reason", ["reason"]),
-            "applied": PCounter("ctrstream_reconcile_applied_cells_total",
-                                "speed-view cells overwritten with batch values"),
+            "buckets": Gauge(
+                "ctrstream_reconcile_buckets",
+                "buckets of the last reconciliation by outcome",
+                ["outcome"],
+            ),
+            "cells": Gauge(
+                "ctrstream_reconcile_differing_cells",
+                "differing cells of the last reconciliation by reason",
+                ["reason"],
+            ),
+            "applied": PCounter(
+                "ctrstream_reconcile_applied_cells_total",
+                "speed-view cells overwritten with batch values",
+            ),
             "runs": PCounter("ctrstream_reconcile_runs_total", "reconciliations run"),
         }
     return _METRICS
@@ -289,8 +330,10 @@ def _metrics():
 
 # --------------------------------------------------------------------------- reconcile
 
-def _compare_views(r, version, cutoff, lateness, closed_before_ms, late, report, diffs, writes,
-                   missing_keys) -> None:
+
+def _compare_views(
+    r, version, cutoff, lateness, closed_before_ms, late, report, diffs, writes, missing_keys
+) -> None:
     """Compare the batch and speed views one resolution at a time, the finest first: its
     newest bucket start is the speed layer's high-water (every event is counted at every
     resolution, and the finest bucket starts latest). The speed view is read once (one hash
@@ -312,8 +355,11 @@ def _compare_views(r, version, cutoff, lateness, closed_before_ms, late, report,
             continue
         # the speed view is sure to hold only the newest speed_keep_buckets buckets (older
         # day hashes expire): never compare beyond that
-        lo = max(bspan[res.name][0], sspan[res.name][0],
-                 sspan[res.name][1] - L.speed_keep_buckets(res, lateness) + 1)
+        lo = max(
+            bspan[res.name][0],
+            sspan[res.name][0],
+            sspan[res.name][1] - L.speed_keep_buckets(res, lateness) + 1,
+        )
         end_ms = min(cutoff, high - lateness)
         if closed_before_ms is not None:
             end_ms = min(end_ms, closed_before_ms)
@@ -325,7 +371,9 @@ def _compare_views(r, version, cutoff, lateness, closed_before_ms, late, report,
             entity, eid, _ = ident
             bc, sc = batch.get(ident, {}), speed.get(ident)
             s_cells = sc or {}
-            buckets = {b for (_, b) in bc if lo <= b < hi} | {b for (_, b) in s_cells if lo <= b < hi}
+            buckets = {b for (_, b) in bc if lo <= b < hi} | {
+                b for (_, b) in s_cells if lo <= b < hi
+            }
             if not buckets:
                 continue
             for b in buckets:
@@ -357,9 +405,18 @@ def _compare_views(r, version, cutoff, lateness, closed_before_ms, late, report,
         del batch, speed
 
 
-def reconcile(settings, data_dir=None, version: str | None = None, *, apply: bool = True,
-              closed_before_ms: int | None = None, read_dlq: bool = True, write: bool = True,
-              redis_client=None, n_largest: int = 10) -> Report:
+def reconcile(
+    settings,
+    data_dir=None,
+    version: str | None = None,
+    *,
+    apply: bool = True,
+    closed_before_ms: int | None = None,
+    read_dlq: bool = True,
+    write: bool = True,
+    redis_client=None,
+    n_largest: int = 10,
+) -> Report:
     """Compare batch view ``version`` (default: the served one) with the speed
     view over their closed overlap, explain every difference, and (``apply``) let the batch
     values win in the speed view. Returns the :class:`Report` (also written, see module doc)."""
@@ -369,18 +426,23 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     if version is None:
         version = BV.served_version(r)
         if not version:
-            raise RuntimeError("no batch view is served (no version behind the pointer): "
-                               "publish one first (`ctrstream batch-views` / "
-                               "ctrstream.batch.views.publish_batch_view) or pass --version")
+            raise RuntimeError(
+                "no batch view is served (no version behind the pointer): "
+                "publish one first (`ctrstream batch-views` / "
+                "ctrstream.batch.views.publish_batch_view) or pass --version"
+            )
     meta = BV.read_meta(r, version)
     if "cutoff_ms" not in meta:
-        raise RuntimeError(f"batch view {version!r} has no cutoff_ms in its meta: it is "
-                           "unknown or was not completely written (publish it again)")
+        raise RuntimeError(
+            f"batch view {version!r} has no cutoff_ms in its meta: it is "
+            "unknown or was not completely written (publish it again)"
+        )
     cutoff = int(meta["cutoff_ms"])
 
     lateness = int(settings.allowed_lateness_s * 1000)
-    report = Report(version=version, cutoff_ms=cutoff, overlap={},
-                    created_ms=int(time.time() * 1000))
+    report = Report(
+        version=version, cutoff_ms=cutoff, overlap={}, created_ms=int(time.time() * 1000)
+    )
     late, kinds = late_cells(settings, read_dead_letters(settings)) if read_dlq else ({}, Counter())
     report.dlq = dict(kinds)
 
@@ -388,29 +450,45 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     writes: dict[SV.Cell, int | None] = {}  # cell -> the batch value (None: delete it)
     missing_keys: set[SV.DayHash] = set()  # (entity, eid, day) without a speed hash
     with gc_paused():  # no cycles here, and millions of live objects
-        _compare_views(r, version, cutoff, lateness, closed_before_ms, late, report, diffs,
-                       writes, missing_keys)
+        _compare_views(
+            r,
+            version,
+            cutoff,
+            lateness,
+            closed_before_ms,
+            late,
+            report,
+            diffs,
+            writes,
+            missing_keys,
+        )
     report.overlap = {res.name: report.overlap[res.name] for res in F.RESOLUTIONS}
 
     # reasons
     need_archive = [(x.entity, x.eid, x.res, x.event_type, x.bucket) for x in diffs if x.diff < 0]
     archive = _archive_counts(data_dir, need_archive, settings) if need_archive else None
     for x in diffs:
-        key_missing = (x.entity, x.eid,
-                       L.speed_day(x.bucket, F.RESOLUTION_BY_NAME[x.res])) in missing_keys
+        key_missing = (
+            x.entity,
+            x.eid,
+            L.speed_day(x.bucket, F.RESOLUTION_BY_NAME[x.res]),
+        ) in missing_keys
         if x.diff > 0:
             if x.late_events >= x.diff:
                 x.reason = "late"
-                x.detail = (f"{x.late_events} late event(s) in the dlq"
-                            + (f", {x.late_events - x.diff} of them copies of counted events"
-                               if x.late_events > x.diff else ""))
+                x.detail = f"{x.late_events} late event(s) in the dlq" + (
+                    f", {x.late_events - x.diff} of them copies of counted events"
+                    if x.late_events > x.diff
+                    else ""
+                )
             elif x.late_events > 0:
                 x.reason = "late+lost_update"
                 x.detail = f"{x.late_events} late, {x.diff - x.late_events} lost"
             elif key_missing:
                 x.reason = "missing_key"
-                x.detail = ("no speed-view hash for the bucket's day: never written (crash) "
-                            "or TTL-expired")
+                x.detail = (
+                    "no speed-view hash for the bucket's day: never written (crash) or TTL-expired"
+                )
             else:
                 x.reason = "lost_update"
                 x.detail = "speed view lower, no late event: update lost (crash before flush)"
@@ -432,7 +510,9 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
     report.cells_differing = len(diffs)
     report.reasons = dict(Counter(x.reason for x in diffs))
     report.by_entity = dict(Counter(f"{x.entity}/{x.res}" for x in diffs))
-    report.largest = sorted(diffs, key=lambda x: (-abs(x.diff), x.entity, x.eid, x.bucket))[:n_largest]
+    report.largest = sorted(diffs, key=lambda x: (-abs(x.diff), x.entity, x.eid, x.bucket))[
+        :n_largest
+    ]
 
     if apply and writes:
         report.applied_cells = SV.repair_speed_cells(r, writes, L.speed_hash_ttl_ms(lateness))
@@ -441,10 +521,13 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
 
     g = _metrics()
     g["runs"].inc()
-    for outcome, v in (("compared", report.buckets_compared), ("equal", report.buckets_equal),
-                       ("differing", report.buckets_differing),
-                       ("missing_in_speed", report.missing_in_speed),
-                       ("missing_in_batch", report.missing_in_batch)):
+    for outcome, v in (
+        ("compared", report.buckets_compared),
+        ("equal", report.buckets_equal),
+        ("differing", report.buckets_differing),
+        ("missing_in_speed", report.missing_in_speed),
+        ("missing_in_batch", report.missing_in_batch),
+    ):
         g["buckets"].labels(outcome).set(v)
     for reason in REASONS:
         g["cells"].labels(reason).set(report.reasons.get(reason, 0))
@@ -457,10 +540,17 @@ def reconcile(settings, data_dir=None, version: str | None = None, *, apply: boo
         (out / f"reconcile-{version}.json").write_text(doc)
         (out / f"reconcile-{version}.md").write_text(report.markdown())
         reports.save_reconcile_report(r, version, report.to_dict(max_differences=50))
-    log.info("reconciled batch view %s: %d buckets compared, %d differing, %d/%d missing "
-             "(speed/batch), reasons %s, %d cells written", version, report.buckets_compared,
-             report.buckets_differing, report.missing_in_speed, report.missing_in_batch,
-             report.reasons, report.applied_cells)
+    log.info(
+        "reconciled batch view %s: %d buckets compared, %d differing, %d/%d missing "
+        "(speed/batch), reasons %s, %d cells written",
+        version,
+        report.buckets_compared,
+        report.buckets_differing,
+        report.missing_in_speed,
+        report.missing_in_batch,
+        report.reasons,
+        report.applied_cells,
+    )
     return report
 
 

@@ -64,8 +64,10 @@ def default_cutoff(settings: Settings, data_dir: Path | str) -> int:
     """The latest aligned cut-off the archive is complete for (see the module docstring)."""
     t = max_event_time(data_dir)
     if t is None:
-        raise ValueError(f"the archive under {Path(data_dir) / 'archive'} is empty: run "
-                         "`ctrstream archive` first")
+        raise ValueError(
+            f"the archive under {Path(data_dir) / 'archive'} is empty: run "
+            "`ctrstream archive` first"
+        )
     return F.align_cutoff(t - int(settings.allowed_lateness_s * 1000))
 
 
@@ -94,8 +96,13 @@ def compute_batch_view(imps: pa.Table, clks: pa.Table, cutoff_ms: int) -> tuple[
     return buckets, longs
 
 
-def publish_batch_view(settings: Settings, data_dir: Path | str | None = None,
-                       cutoff_ms: int | None = None, keep: int = 2, r: Any = None) -> dict:
+def publish_batch_view(
+    settings: Settings,
+    data_dir: Path | str | None = None,
+    cutoff_ms: int | None = None,
+    keep: int = 2,
+    r: Any = None,
+) -> dict:
     """Compute the batch view with cut-off ``cutoff_ms`` (default: :func:`default_cutoff`)
     from the archive, write it under a new version, serve it (the pointer), and delete
     versions beyond the newest ``keep``. Returns ``version, cutoff_ms, keys_written,
@@ -104,8 +111,10 @@ def publish_batch_view(settings: Settings, data_dir: Path | str | None = None,
     data_dir = Path(data_dir or settings.data_dir)
     T = default_cutoff(settings, data_dir) if cutoff_ms is None else int(cutoff_ms)
     if F.align_cutoff(T) != T:
-        raise ValueError(f"cut-off {T} is not aligned to {F.CUTOFF_ALIGN_MS} ms "
-                         f"(features.align_cutoff gives {F.align_cutoff(T)})")
+        raise ValueError(
+            f"cut-off {T} is not aligned to {F.CUTOFF_ALIGN_MS} ms "
+            f"(features.align_cutoff gives {F.align_cutoff(T)})"
+        )
     if keep < 1:
         raise ValueError("keep must be >= 1 (the version just published)")
     lo = view_window_start(T)
@@ -115,9 +124,16 @@ def publish_batch_view(settings: Settings, data_dir: Path | str | None = None,
     return write_batch_view(settings, buckets, longs, T, keep=keep, r=r, t0=t0)
 
 
-def write_batch_view(settings: Settings, buckets: pa.Table, longs: pa.Table, cutoff_ms: int,
-                     keep: int = 2, r: Any = None, t0: float | None = None,
-                     ttl_ms: int | None = None) -> dict:
+def write_batch_view(
+    settings: Settings,
+    buckets: pa.Table,
+    longs: pa.Table,
+    cutoff_ms: int,
+    keep: int = 2,
+    r: Any = None,
+    t0: float | None = None,
+    ttl_ms: int | None = None,
+) -> dict:
     """Write computed view tables under a new version and switch the pointer to it.
     ``buckets``: ``entity, eid, res, bucket, imps, clicks``; ``longs``: ``entity, eid,
     long_window, imps, clicks`` (as :func:`compute_batch_view` returns them). ``r``: a
@@ -131,14 +147,27 @@ def write_batch_view(settings: Settings, buckets: pa.Table, longs: pa.Table, cut
     BV.register_version(r, version, created)
     keys_written = BV.write_view_hashes(r, version, buckets, longs, int(cutoff_ms), ttl_ms)
     # meta last, then the pointer: a reader that follows the pointer sees a complete version
-    BV.write_meta(r, version, cutoff_ms=int(cutoff_ms), created_ms=created,
-                  fingerprint=F.fingerprint(), keys=keys_written, buckets=buckets.num_rows,
-                  ttl_ms=ttl_ms)
+    BV.write_meta(
+        r,
+        version,
+        cutoff_ms=int(cutoff_ms),
+        created_ms=created,
+        fingerprint=F.fingerprint(),
+        keys=keys_written,
+        buckets=buckets.num_rows,
+        ttl_ms=ttl_ms,
+    )
     BV.switch_pointer(r, version)
     deleted = BV.prune_versions(r, version, keep)
-    return {"version": version, "cutoff_ms": int(cutoff_ms), "keys_written": keys_written + 1,
-            "buckets": buckets.num_rows, "long_ids": longs.num_rows,
-            "deleted_versions": deleted, "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "version": version,
+        "cutoff_ms": int(cutoff_ms),
+        "keys_written": keys_written + 1,
+        "buckets": buckets.num_rows,
+        "long_ids": longs.num_rows,
+        "deleted_versions": deleted,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 # read_view_counts is the store's (ctrstream.store.batch_view); it is offered here too, next

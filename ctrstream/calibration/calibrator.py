@@ -130,8 +130,13 @@ class PlattSGD:
 
     """
 
-    def __init__(self, lr: float, intercept_lr: float, intercept_init: float = 0.0,
-                 weights_init: Mapping[str, float] | None = None):
+    def __init__(
+        self,
+        lr: float,
+        intercept_lr: float,
+        intercept_init: float = 0.0,
+        weights_init: Mapping[str, float] | None = None,
+    ):
         self.lr = float(lr)
         self.intercept_lr = float(intercept_lr)
         self.intercept = float(intercept_init)
@@ -292,8 +297,9 @@ class Calibrator:
         from river import drift
 
         self.cfg = cfg or CalibrationConfig()
-        self.platt = PlattSGD(self.cfg.lr, self.cfg.intercept_lr, intercept_init=Z_REF,
-                              weights_init={"logit": 1.0})  # the identity (feature z - Z_REF)
+        self.platt = PlattSGD(
+            self.cfg.lr, self.cfg.intercept_lr, intercept_init=Z_REF, weights_init={"logit": 1.0}
+        )  # the identity (feature z - Z_REF)
         self.iso = BinnedIsotonic(self.cfg)
         self.adwin = drift.ADWIN(delta=self.cfg.adwin_delta)
         self.n_seen = 0
@@ -310,8 +316,10 @@ class Calibrator:
     def _one(self, x: Mapping[str, Any]) -> tuple[Floats, Context]:
         if "raw" not in x:
             raise ValueError(f"x must hold the raw score under 'raw', got keys {sorted(x)}")
-        return (np.array([float(x["raw"])]),
-                {name: [x[name]] for name in self.cfg.context if name in x})
+        return (
+            np.array([float(x["raw"])]),
+            {name: [x[name]] for name in self.cfg.context if name in x},
+        )
 
     def learn_one(self, x: Mapping[str, Any], y: bool | int) -> None:
         """Learn from one example: ``x = {"raw": score, **context}``, ``y`` clicked."""
@@ -329,16 +337,22 @@ class Calibrator:
 
     # -- batches
 
-    def predict_many(self, raw: ArrayLike, context: Context | None = None,
-                     method: str | None = None) -> Floats:
+    def predict_many(
+        self, raw: ArrayLike, context: Context | None = None, method: str | None = None
+    ) -> Floats:
         """Served probabilities of raw scores (``method`` overrides ``cfg.method``)."""
         if (method or self.cfg.method) == "isotonic":
             return apply_params({**self.params(), "method": "isotonic"}, raw, context)
         # Platt needs neither the isotonic fit nor the rest of the dump
         return apply_params({"method": "platt", "platt": self._platt_params()}, raw, context)
 
-    def learn_many(self, raw: ArrayLike, y: ArrayLike, context: Context | None = None,
-                   event_time_ms: ArrayLike | None = None) -> list[dict[str, Any]]:
+    def learn_many(
+        self,
+        raw: ArrayLike,
+        y: ArrayLike,
+        context: Context | None = None,
+        event_time_ms: ArrayLike | None = None,
+    ) -> list[dict[str, Any]]:
         """Learn from a batch of examples, in order: each one first updates the drift
         detector with its residual under the parameters served before the batch, then the
         SGD step; the isotonic sums and the served average move once per batch. Returns the
@@ -350,8 +364,11 @@ class Calibrator:
         if len(raw_a) == 0:
             return []
         served = self.predict_many(raw_a, context)
-        times = (np.asarray(event_time_ms, dtype=np.int64).reshape(-1)
-                 if event_time_ms is not None else np.zeros(len(raw_a), dtype=np.int64))
+        times = (
+            np.asarray(event_time_ms, dtype=np.int64).reshape(-1)
+            if event_time_ms is not None
+            else np.zeros(len(raw_a), dtype=np.int64)
+        )
         events = []
         z = logit(raw_a)
         resid = y_a - served
@@ -360,9 +377,14 @@ class Calibrator:
             self.n_seen += 1
             self.adwin.update(float(resid[i]))
             if self.adwin.drift_detected:
-                events.append({"n_seen": self.n_seen, "event_time_ms": int(times[i]),
-                               "signal": "residual",
-                               "window_mean_residual": float(self.adwin.estimation)})
+                events.append(
+                    {
+                        "n_seen": self.n_seen,
+                        "event_time_ms": int(times[i]),
+                        "signal": "residual",
+                        "window_mean_residual": float(self.adwin.estimation),
+                    }
+                )
                 self._on_drift()
             x = {"logit": float(z[i]) - Z_REF}
             x.update(_context_features(columns, i))
@@ -403,9 +425,14 @@ class Calibrator:
         w = dict(self._avg) if self._avg is not None else self._iterate()
         intercept = w.pop("__intercept__")
         ctx = {k: v for k, v in w.items() if k != "logit"}
-        return {"intercept": intercept, "w_logit": w.get("logit", 1.0), "z_ref": Z_REF,
-                "context": ctx, "context_names": list(self.cfg.context),
-                "context_mean": dict(self._ctx_mean)}
+        return {
+            "intercept": intercept,
+            "w_logit": w.get("logit", 1.0),
+            "z_ref": Z_REF,
+            "context": ctx,
+            "context_names": list(self.cfg.context),
+            "context_mean": dict(self._ctx_mean),
+        }
 
     def params(self) -> Params:
         """The served parameter dump (:mod:`ctrstream.calibration.params`), without the
@@ -416,8 +443,12 @@ class Calibrator:
         def platt_fn(z: Floats) -> Floats:
             return sigmoid(platt["intercept"] + platt["w_logit"] * (z - Z_REF) + shift)
 
-        return {"method": self.cfg.method, "platt": platt,
-                "isotonic": self.iso.params(platt_fn), "n_seen": self.n_seen}
+        return {
+            "method": self.cfg.method,
+            "platt": platt,
+            "isotonic": self.iso.params(platt_fn),
+            "n_seen": self.n_seen,
+        }
 
     # -- drift and context
 
@@ -436,7 +467,9 @@ class Calibrator:
             vals, counts = np.unique(np.asarray(col).astype(str), return_counts=True)
             contrib = sum(w.get(f"{name}={v}", 0.0) * c for v, c in zip(vals, counts)) / n
             old = self._ctx_mean.get(name, contrib)
-            self._ctx_mean[name] = 0.99 * old + 0.01 * contrib if name in self._ctx_mean else contrib
+            self._ctx_mean[name] = (
+                0.99 * old + 0.01 * contrib if name in self._ctx_mean else contrib
+            )
 
 
 # --------------------------------------------------------------------------- per model version
@@ -448,8 +481,7 @@ class RollingMetrics:
     SCORES = ("raw", "platt", "iso")
 
     def __init__(self, window: int):
-        self.win: dict[str, deque[float]] = {k: deque(maxlen=window)
-                                             for k in (*self.SCORES, "y")}
+        self.win: dict[str, deque[float]] = {k: deque(maxlen=window) for k in (*self.SCORES, "y")}
 
     def extend(self, raw: Floats, platt: Floats, iso: Floats, y: Floats) -> None:
         for k, a in zip((*self.SCORES, "y"), (raw, platt, iso, y)):
@@ -461,8 +493,7 @@ class RollingMetrics:
     def summaries(self) -> dict[str, dict[str, Any]]:
         """:func:`ctrstream.metrics.summary` of each score over the window."""
         y = np.fromiter(self.win["y"], dtype=np.float64)
-        return {k: M.summary(np.fromiter(self.win[k], dtype=np.float64), y)
-                for k in self.SCORES}
+        return {k: M.summary(np.fromiter(self.win[k], dtype=np.float64), y) for k in self.SCORES}
 
 
 @dataclass
@@ -483,7 +514,8 @@ class VersionCalibrator:
         if state.get("state_format") != STATE_FORMAT:
             raise ValueError(
                 f"calibration state of format {state.get('state_format', 1)}, this ctrstream "
-                f"reads format {STATE_FORMAT}: it was written by another version of ctrstream")
+                f"reads format {STATE_FORMAT}: it was written by another version of ctrstream"
+            )
         self.__dict__.update(state)
 
     # the job's and the report's view of the learner
@@ -499,8 +531,13 @@ class VersionCalibrator:
     def drift_events(self) -> list[dict[str, Any]]:
         return self.calibrator.drift_events
 
-    def learn_many(self, raw: ArrayLike, y: ArrayLike, context: Context | None = None,
-                   event_time_ms: ArrayLike | None = None) -> list[dict[str, Any]]:
+    def learn_many(
+        self,
+        raw: ArrayLike,
+        y: ArrayLike,
+        context: Context | None = None,
+        event_time_ms: ArrayLike | None = None,
+    ) -> list[dict[str, Any]]:
         """Score the batch for the rolling metrics, then :meth:`Calibrator.learn_many`; the
         drift events it returns carry ``detected_ms`` (wall clock) too."""
         raw_a = np.asarray(raw, dtype=np.float64).reshape(-1)
@@ -517,8 +554,9 @@ class VersionCalibrator:
             ev["detected_ms"] = now_ms
         return events
 
-    def predict_many(self, raw: ArrayLike, context: Context | None = None,
-                     method: str | None = None) -> Floats:
+    def predict_many(
+        self, raw: ArrayLike, context: Context | None = None, method: str | None = None
+    ) -> Floats:
         return self.calibrator.predict_many(raw, context, method)
 
     def params(self) -> Params:
@@ -531,14 +569,26 @@ class VersionCalibrator:
         c = self.calibrator
         platt = c.params()["platt"]
         out: dict[str, Any] = {
-            "model_version": self.model_version, "n_seen": c.n_seen, "n_clicks": c.n_clicks,
-            "window": len(self.rolling), "method": self.cfg.method,
-            "drift_count": len(c.drift_events), "last_event_time_ms": c.last_event_time_ms,
-            "platt_params": {k: platt[k] for k in ("intercept", "w_logit")}}
+            "model_version": self.model_version,
+            "n_seen": c.n_seen,
+            "n_clicks": c.n_clicks,
+            "window": len(self.rolling),
+            "method": self.cfg.method,
+            "drift_count": len(c.drift_events),
+            "last_event_time_ms": c.last_event_time_ms,
+            "platt_params": {k: platt[k] for k in ("intercept", "w_logit")},
+        }
         out.update(self.rolling.summaries())
         out["calibrated"] = out["iso" if self.cfg.method == "isotonic" else "platt"]
         return out
 
 
-__all__ = ["STATE_FORMAT", "BinnedIsotonic", "CalibrationConfig", "Calibrator", "PlattSGD",
-           "RollingMetrics", "VersionCalibrator"]
+__all__ = [
+    "STATE_FORMAT",
+    "BinnedIsotonic",
+    "CalibrationConfig",
+    "Calibrator",
+    "PlattSGD",
+    "RollingMetrics",
+    "VersionCalibrator",
+]

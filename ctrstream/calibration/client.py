@@ -26,8 +26,12 @@ class CalibratorClient:
     ``redis_client``: a redis-py client to read from (default: one for ``settings``, or the
     process' settings, with 0.5 s socket timeouts so that a dead Redis costs little)."""
 
-    def __init__(self, settings: Settings | None = None, redis_client: Any = None,
-                 check_interval_s: float = 1.0):
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        redis_client: Any = None,
+        check_interval_s: float = 1.0,
+    ):
         if redis_client is None:
             from ctrstream.config import get_settings
             from ctrstream.store.connection import redis_client as connect
@@ -44,8 +48,9 @@ class CalibratorClient:
         """The served parameter dump of ``model_version`` (None: the identity)."""
         return self._served.get(model_version)
 
-    def calibrate(self, raw_scores: ArrayLike, model_version: str,
-                  context: Context | None = None) -> NDArray[np.float64]:
+    def calibrate(
+        self, raw_scores: ArrayLike, model_version: str, context: Context | None = None
+    ) -> NDArray[np.float64]:
         """Calibrated probabilities of ``raw_scores`` answered by ``model_version``."""
         return apply_params(self.params(model_version), raw_scores, context)
 

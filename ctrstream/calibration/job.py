@@ -54,26 +54,48 @@ def _metrics():
         from prometheus_client import Counter, Gauge
 
         _METRICS = {
-            "joined": Counter("ctrstream_calibration_joined_total",
-                              "(prediction, label) pairs learned from", ["model_version"]),
-            "dropped": Counter("ctrstream_calibration_join_dropped_total",
-                               "unmatched join entries dropped", ["side", "why"]),
-            "bad": Counter("ctrstream_calibration_bad_records_total",
-                           "records that could not be decoded", ["topic"]),
-            "pending": Gauge("ctrstream_calibration_join_pending",
-                             "unmatched join entries held", ["side"]),
-            "drift": Counter("ctrstream_calibration_drift_total",
-                             "drift detections (ADWIN on the residual)", ["model_version"]),
-            "logloss": Gauge("ctrstream_calibration_logloss", "rolling log loss",
-                             ["model_version", "score"]),
-            "mean_pred": Gauge("ctrstream_calibration_mean_pred", "rolling mean predicted CTR",
-                               ["model_version", "score"]),
-            "observed": Gauge("ctrstream_calibration_observed_ctr", "rolling observed CTR",
-                              ["model_version"]),
-            "ece": Gauge("ctrstream_calibration_ece", "rolling expected calibration error",
-                         ["model_version", "score"]),
-            "checkpoints": Counter("ctrstream_calibration_checkpoints_total",
-                                   "checkpoints written to Redis"),
+            "joined": Counter(
+                "ctrstream_calibration_joined_total",
+                "(prediction, label) pairs learned from",
+                ["model_version"],
+            ),
+            "dropped": Counter(
+                "ctrstream_calibration_join_dropped_total",
+                "unmatched join entries dropped",
+                ["side", "why"],
+            ),
+            "bad": Counter(
+                "ctrstream_calibration_bad_records_total",
+                "records that could not be decoded",
+                ["topic"],
+            ),
+            "pending": Gauge(
+                "ctrstream_calibration_join_pending", "unmatched join entries held", ["side"]
+            ),
+            "drift": Counter(
+                "ctrstream_calibration_drift_total",
+                "drift detections (ADWIN on the residual)",
+                ["model_version"],
+            ),
+            "logloss": Gauge(
+                "ctrstream_calibration_logloss", "rolling log loss", ["model_version", "score"]
+            ),
+            "mean_pred": Gauge(
+                "ctrstream_calibration_mean_pred",
+                "rolling mean predicted CTR",
+                ["model_version", "score"],
+            ),
+            "observed": Gauge(
+                "ctrstream_calibration_observed_ctr", "rolling observed CTR", ["model_version"]
+            ),
+            "ece": Gauge(
+                "ctrstream_calibration_ece",
+                "rolling expected calibration error",
+                ["model_version", "score"],
+            ),
+            "checkpoints": Counter(
+                "ctrstream_calibration_checkpoints_total", "checkpoints written to Redis"
+            ),
         }
     return _METRICS
 
@@ -93,6 +115,7 @@ def _set_gauges(m: dict) -> None:
 
 # --------------------------------------------------------------------------- the join + learner
 
+
 @dataclass
 class JoinState:
     preds: OrderedDict = field(default_factory=OrderedDict)  # id -> (mv, raw, event_time_ms)
@@ -106,24 +129,39 @@ class JoinState:
 class Calibrate:
     """The job's logic without Kafka: ``process(predictions, labeled)`` then ``checkpoint()``."""
 
-    def __init__(self, settings, cfg: CalibrationConfig | None = None,
-                 store: CalibrationStore | None = None, job_name: str = "calibrate",
-                 retention_ms: int | None = None, max_pending: int = 1_000_000,
-                 resume: bool = True):
+    def __init__(
+        self,
+        settings,
+        cfg: CalibrationConfig | None = None,
+        store: CalibrationStore | None = None,
+        job_name: str = "calibrate",
+        retention_ms: int | None = None,
+        max_pending: int = 1_000_000,
+        resume: bool = True,
+    ):
         self.settings = settings
         self.cfg = cfg or CalibrationConfig()
         self.store = store or CalibrationStore.from_settings(settings)
         self.job_name = job_name
-        self.retention_ms = retention_ms if retention_ms is not None else int(
-            2 * settings.allowed_lateness_s * 1000 + 5 * 60_000)
+        self.retention_ms = (
+            retention_ms
+            if retention_ms is not None
+            else int(2 * settings.allowed_lateness_s * 1000 + 5 * 60_000)
+        )
         self.max_pending = max_pending
         self.cals: dict[str, VersionCalibrator] = {}
         self.state = JoinState()
         self._dirty: set[str] = set()
         self._drift_new: dict[str, list] = {}
         self.n_joined = 0
-        self.dropped = {"pred_expired": 0, "label_expired": 0, "pred_capped": 0,
-                        "label_capped": 0, "duplicate": 0, "degraded": 0}
+        self.dropped = {
+            "pred_expired": 0,
+            "label_expired": 0,
+            "pred_capped": 0,
+            "label_capped": 0,
+            "duplicate": 0,
+            "degraded": 0,
+        }
         if resume:
             self._resume()
 
@@ -193,9 +231,13 @@ class Calibrate:
             if events:
                 self._drift_new.setdefault(mv, []).extend(events)
                 _metrics()["drift"].labels(mv).inc(len(events))
-                log.warning("calibration drift detected for model %s at %d examples "
-                            "(residual mean %.4f); learning-rate boost on",
-                            mv, events[-1]["n_seen"], events[-1]["window_mean_residual"])
+                log.warning(
+                    "calibration drift detected for model %s at %d examples "
+                    "(residual mean %.4f); learning-rate boost on",
+                    mv,
+                    events[-1]["n_seen"],
+                    events[-1]["window_mean_residual"],
+                )
             self._dirty.add(mv)
             _metrics()["joined"].labels(mv).inc(len(raw))
             n += len(raw)
@@ -206,8 +248,10 @@ class Calibrate:
     def _expire(self) -> None:
         st = self.state
         g = _metrics()
-        for side, d, wm_other in (("pred", st.preds, st.label_watermark),
-                                  ("label", st.labels, st.pred_watermark)):
+        for side, d, wm_other in (
+            ("pred", st.preds, st.label_watermark),
+            ("label", st.labels, st.pred_watermark),
+        ):
             tpos = 2 if side == "pred" else 1
             limit = wm_other - self.retention_ms
             while d:
@@ -235,10 +279,15 @@ class Calibrate:
             c = self.cals[mv]
             m = c.metrics()
             _set_gauges(m)
-            snap = {"n_seen": m["n_seen"], "last_event_time_ms": m["last_event_time_ms"],
-                    **{s: m[s] for s in ("raw", "platt", "iso")}, "drift_count": m["drift_count"]}
-            versions.append(VersionCheckpoint(mv, c, c.params(), m, snap,
-                                              self._drift_new.get(mv, [])))
+            snap = {
+                "n_seen": m["n_seen"],
+                "last_event_time_ms": m["last_event_time_ms"],
+                **{s: m[s] for s in ("raw", "platt", "iso")},
+                "drift_count": m["drift_count"],
+            }
+            versions.append(
+                VersionCheckpoint(mv, c, c.params(), m, snap, self._drift_new.get(mv, []))
+            )
         self.store.checkpoint(self.job_name, self.state, versions)
         self._dirty.clear()
         self._drift_new.clear()
@@ -247,10 +296,19 @@ class Calibrate:
 
 # --------------------------------------------------------------------------- the Kafka loop
 
-def run(settings, cfg: CalibrationConfig | None = None, *, job_name: str = "calibrate",
-        batch_size: int = 2000, checkpoint_interval_s: float = 2.0,
-        stop=None, idle_exit_s: float | None = None, from_beginning: bool = True,
-        progress=None) -> Calibrate:
+
+def run(
+    settings,
+    cfg: CalibrationConfig | None = None,
+    *,
+    job_name: str = "calibrate",
+    batch_size: int = 2000,
+    checkpoint_interval_s: float = 2.0,
+    stop=None,
+    idle_exit_s: float | None = None,
+    from_beginning: bool = True,
+    progress=None,
+) -> Calibrate:
     """Consume, join, learn and checkpoint until ``stop(job)`` is true, or until nothing new
     arrived for ``idle_exit_s`` (``None``: forever). Always checkpoints before returning."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
@@ -266,8 +324,10 @@ def run(settings, cfg: CalibrationConfig | None = None, *, job_name: str = "cali
         assign = []
         for t in topics:
             if t not in md.topics:
-                raise RuntimeError(f"topic {t!r} does not exist: start the stack (`ctrstream "
-                                   f"stack up`) or check CTRSTREAM_TOPICS__*__NAME")
+                raise RuntimeError(
+                    f"topic {t!r} does not exist: start the stack (`ctrstream "
+                    f"stack up`) or check CTRSTREAM_TOPICS__*__NAME"
+                )
             for p in md.topics[t].partitions:
                 off = job.state.offsets.get((t, p))
                 if off is None:
@@ -287,7 +347,9 @@ def run(settings, cfg: CalibrationConfig | None = None, *, job_name: str = "cali
                         log.warning("kafka error: %s", err)
                     continue
                 t, part, off = msg.topic(), msg.partition(), msg.offset()
-                assert t is not None and part is not None and off is not None  # set on every consumed record
+                assert (
+                    t is not None and part is not None and off is not None
+                )  # set on every consumed record
                 job.state.offsets[(t, part)] = off + 1
                 value = msg.value() or b""  # no value: undecodable, counted as bad
                 try:
@@ -297,8 +359,9 @@ def run(settings, cfg: CalibrationConfig | None = None, *, job_name: str = "cali
                         labs.append(decode_labeled(value))
                 except Exception as e:  # noqa: BLE001 - bad records are counted, not fatal
                     bad.labels(t).inc()
-                    log.warning("undecodable record %s[%d]@%d: %s", t, msg.partition(),
-                                msg.offset(), e)
+                    log.warning(
+                        "undecodable record %s[%d]@%d: %s", t, msg.partition(), msg.offset(), e
+                    )
             if msgs:
                 last_data = time.monotonic()
                 job.process(preds, labs)

@@ -48,8 +48,9 @@ def sigmoid(z: ArrayLike) -> NDArray[np.float64]:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
-def apply_params(params: Params | None, raw_scores: ArrayLike,
-                 context: Context | None = None) -> NDArray[np.float64]:
+def apply_params(
+    params: Params | None, raw_scores: ArrayLike, context: Context | None = None
+) -> NDArray[np.float64]:
     """Apply a served parameter dump to raw scores (vectorized). ``None`` = identity."""
     raw = np.asarray(raw_scores, dtype=np.float64)
     if not params:

@@ -29,7 +29,7 @@ def build_app() -> typer.Typer:
     app = typer.Typer(
         name="ctrstream",
         help="Streaming, real-time ad click prediction (a lambda architecture on Kafka, "
-             "Bytewax, Redis, Triton and River).",
+        "Bytewax, Redis, Triton and River).",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,

@@ -19,14 +19,19 @@ from ctrstream.cli.app import fail
 def _register_archive(app: typer.Typer) -> None:
     @app.command("archive")
     def archive(
-        until_idle: float = typer.Option(None, "--until-idle", metavar="SECONDS",
-                                         help="stop once no record arrived for this long "
-                                              "(caught up); default: run until SIGTERM/Ctrl-C"),
+        until_idle: float = typer.Option(
+            None,
+            "--until-idle",
+            metavar="SECONDS",
+            help="stop once no record arrived for this long "
+            "(caught up); default: run until SIGTERM/Ctrl-C",
+        ),
         group: str = typer.Option("ctrstream-archive", help="Kafka consumer group"),
         batch_records: int = typer.Option(200_000, help="flush after this many records"),
         max_batch_s: float = typer.Option(5.0, help="flush a batch at least this often"),
-        instance_id: str = typer.Option(None, help="Kafka static group membership id: a "
-                                                   "restart reclaims its partitions at once"),
+        instance_id: str = typer.Option(
+            None, help="Kafka static group membership id: a restart reclaims its partitions at once"
+        ),
         session_timeout_ms: int = typer.Option(10_000, help="Kafka consumer session timeout"),
     ):
         """Archive the impressions and clicks topics to the Parquet master dataset
@@ -34,27 +39,40 @@ def _register_archive(app: typer.Typer) -> None:
         from ctrstream.batch.archive import run_archiver
         from ctrstream.config import get_settings
 
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         settings = get_settings()
         if settings.metrics_port:
             from prometheus_client import start_http_server
 
             start_http_server(settings.metrics_port, addr=settings.metrics_host)
-        stats = run_archiver(settings, until_idle_s=until_idle, group_id=group,
-                             batch_records=batch_records, max_batch_s=max_batch_s,
-                             instance_id=instance_id, session_timeout_ms=session_timeout_ms,
-                             handle_signals=True)
-        sys.stdout.write(json.dumps({"archive": stats.as_dict(),
-                                     "data_dir": str(settings.data_dir)}) + "\n")
+        stats = run_archiver(
+            settings,
+            until_idle_s=until_idle,
+            group_id=group,
+            batch_records=batch_records,
+            max_batch_s=max_batch_s,
+            instance_id=instance_id,
+            session_timeout_ms=session_timeout_ms,
+            handle_signals=True,
+        )
+        sys.stdout.write(
+            json.dumps({"archive": stats.as_dict(), "data_dir": str(settings.data_dir)}) + "\n"
+        )
 
 
 def _register_batch_views(app: typer.Typer) -> None:
     @app.command("batch-views")
     def batch_views(
-        cutoff_ms: int = typer.Option(None, "--cutoff-ms",
-                                      help="batch cut-off (aligned to features.CUTOFF_ALIGN_MS); "
-                                           "default: the latest the archive is complete for"),
+        cutoff_ms: int = typer.Option(
+            None,
+            "--cutoff-ms",
+            help="batch cut-off (aligned to features.CUTOFF_ALIGN_MS); "
+            "default: the latest the archive is complete for",
+        ),
         keep: int = typer.Option(2, help="versions to keep in Redis (the new one included)"),
     ):
         """Compute the batch views from the archive, write them to Redis under a new version

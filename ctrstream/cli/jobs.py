@@ -29,10 +29,16 @@ def register(app: typer.Typer) -> None:
     def score(
         model: str = typer.Option("ctr_deep", help="published model (base name: ctr_deep, ctr_lr)"),
         model_name: str = typer.Option(None, help="exact Triton model name (overrides --model)"),
-        batch_size: int = typer.Option(1000, help="impressions per micro-batch = per Triton request"),
+        batch_size: int = typer.Option(
+            1000, help="impressions per micro-batch = per Triton request"
+        ),
         until_end: bool = typer.Option(False, help="stop at the current end of the topic"),
-        from_end: bool = typer.Option(False, help="start at the end of the topic, not the beginning"),
-        recovery_dir: Path = typer.Option(None, help="Bytewax recovery directory (offsets survive restarts)"),
+        from_end: bool = typer.Option(
+            False, help="start at the end of the topic, not the beginning"
+        ),
+        recovery_dir: Path = typer.Option(
+            None, help="Bytewax recovery directory (offsets survive restarts)"
+        ),
         since_ms: int = typer.Option(None, help="skip impressions with an earlier event time (ms)"),
     ):
         """Score every impression at its event time (Triton, calibrated) -> predictions topic."""
@@ -45,8 +51,15 @@ def register(app: typer.Typer) -> None:
         _logging()
         settings = get_settings()
         _metrics_server(settings)
-        flow = build_flow(settings, model=model, model_name=model_name, batch_size=batch_size,
-                          stop_at_end=until_end, from_end=from_end, since_ms=since_ms)
+        flow = build_flow(
+            settings,
+            model=model,
+            model_name=model_name,
+            batch_size=batch_size,
+            stop_at_end=until_end,
+            from_end=from_end,
+            since_ms=since_ms,
+        )
         rc = None
         if recovery_dir:
             recovery_dir.mkdir(parents=True, exist_ok=True)
@@ -58,12 +71,17 @@ def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
         method: str = typer.Option("platt", help="served calibrator: platt or isotonic"),
-        context: str = typer.Option("", help="context features, comma separated (position,device_type)"),
+        context: str = typer.Option(
+            "", help="context features, comma separated (position,device_type)"
+        ),
         checkpoint_interval: float = typer.Option(2.0, help="seconds between Redis checkpoints"),
         batch_size: int = typer.Option(2000, help="records per Kafka micro-batch"),
-        until_idle: float = typer.Option(None, help="exit after this many seconds without new records"),
+        until_idle: float = typer.Option(
+            None, help="exit after this many seconds without new records"
+        ),
         job_name: str = typer.Option(
-            "calibrate", help="checkpoint name: a restarted job of the same name resumes"),
+            "calibrate", help="checkpoint name: a restarted job of the same name resumes"
+        ),
     ):
         """Join predictions with labels and train the online calibrators (checkpoints in Redis)."""
         from ctrstream.calibration.calibrator import CalibrationConfig
@@ -79,27 +97,41 @@ def register(app: typer.Typer) -> None:
 
         def on_signal(signum, _frame):
             stopping["flag"] = True
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        cfg = CalibrationConfig(method=method,
-                                context=tuple(c for c in context.split(",") if c))
-        job = run(settings, cfg, job_name=job_name, batch_size=batch_size,
-                  checkpoint_interval_s=checkpoint_interval, idle_exit_s=until_idle,
-                  stop=lambda _job: stopping["flag"])
+        cfg = CalibrationConfig(method=method, context=tuple(c for c in context.split(",") if c))
+        job = run(
+            settings,
+            cfg,
+            job_name=job_name,
+            batch_size=batch_size,
+            checkpoint_interval_s=checkpoint_interval,
+            idle_exit_s=until_idle,
+            stop=lambda _job: stopping["flag"],
+        )
         for mv, c in sorted(job.cals.items()):
             m = c.metrics()
-            typer.echo(f"{mv}: {m['n_seen']} examples, raw mean/obs {m['raw']['ratio']:.3f} "
-                       f"ECE {m['raw']['ece']:.4f} -> calibrated {m['calibrated']['ratio']:.3f} "
-                       f"ECE {m['calibrated']['ece']:.4f}, drift detections {m['drift_count']}")
+            typer.echo(
+                f"{mv}: {m['n_seen']} examples, raw mean/obs {m['raw']['ratio']:.3f} "
+                f"ECE {m['raw']['ece']:.4f} -> calibrated {m['calibrated']['ratio']:.3f} "
+                f"ECE {m['calibrated']['ece']:.4f}, drift detections {m['drift_count']}"
+            )
 
     @app.command("reconcile")
     def reconcile_cmd(
         version: str = typer.Option(None, help="batch view version (default: bv:current)"),
-        data_dir: Path = typer.Option(None, help="batch data directory (default: settings.data_dir)"),
+        data_dir: Path = typer.Option(
+            None, help="batch data directory (default: settings.data_dir)"
+        ),
         dry_run: bool = typer.Option(False, help="report only; do not write batch values"),
-        watch: bool = typer.Option(False, help="keep running: reconcile each batch view as it lands"),
+        watch: bool = typer.Option(
+            False, help="keep running: reconcile each batch view as it lands"
+        ),
         interval: float = typer.Option(5.0, help="--watch poll interval (seconds)"),
-        as_json: bool = typer.Option(False, "--json", help="print the JSON report, not the summary"),
+        as_json: bool = typer.Option(
+            False, "--json", help="print the JSON report, not the summary"
+        ),
     ):
         """Compare the batch view with the speed view, explain differences, let the batch win."""
         from ctrstream.batch import reconcile as rec
@@ -116,5 +148,6 @@ def register(app: typer.Typer) -> None:
         except RuntimeError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
-        typer.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json
-                   else report.markdown())
+        typer.echo(
+            json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.markdown()
+        )

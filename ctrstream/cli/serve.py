@@ -15,20 +15,32 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("ctr_deep", help="published model (base name: ctr_deep, ctr_lr)"),
         model_name: str = typer.Option(None, help="exact Triton model name (overrides --model)"),
         max_rows: int = typer.Option(256, help="most rows per Triton request"),
-        feature_method: str = typer.Option("script", help="Redis read: script (one EVALSHA) or pipeline"),
+        feature_method: str = typer.Option(
+            "script", help="Redis read: script (one EVALSHA) or pipeline"
+        ),
         feature_cache_s: float = typer.Option(
-            None, help="seconds to reuse counts of ad/campaign/advertiser/site entities between "
-                       "requests (0: off; default and maximum: the speed layer's flush interval)"),
+            None,
+            help="seconds to reuse counts of ad/campaign/advertiser/site entities between "
+            "requests (0: off; default and maximum: the speed layer's flush interval)",
+        ),
         feature_tracking: bool = typer.Option(
-            True, help="keep cached counts until Redis reports a write to them (CLIENT TRACKING), "
-                       "within the same staleness bound"),
+            True,
+            help="keep cached counts until Redis reports a write to them (CLIENT TRACKING), "
+            "within the same staleness bound",
+        ),
         workers: int = typer.Option(
-            1, help="worker processes sharing the port (uvicorn workers; each has its own "
-                    "connections and feature cache, /metrics sums them all); use the number of "
-                    "cores the API may use"),
+            1,
+            help="worker processes sharing the port (uvicorn workers; each has its own "
+            "connections and feature cache, /metrics sums them all); use the number of "
+            "cores the API may use",
+        ),
         log_level: str = typer.Option("warning", help="uvicorn log level"),
-        loop: str = typer.Option("auto", help="event loop: auto (uvloop when installed), asyncio, uvloop"),
-        http: str = typer.Option("auto", help="HTTP parser: auto (httptools when installed), h11, httptools"),
+        loop: str = typer.Option(
+            "auto", help="event loop: auto (uvloop when installed), asyncio, uvloop"
+        ),
+        http: str = typer.Option(
+            "auto", help="HTTP parser: auto (httptools when installed), h11, httptools"
+        ),
     ):
         """Run the prediction API (POST /v1/predict, /healthz, /readyz, /metrics, /docs)."""
         import uvicorn
@@ -42,9 +54,14 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--workers must be at least 1, not {workers}")
         settings = get_settings()
         # keyword arguments of create_app, also handed to every worker as JSON
-        app_args: dict[str, Any] = dict(model=model, model_name=model_name, max_rows=max_rows,
-                        feature_method=feature_method, feature_cache_s=feature_cache_s,
-                        feature_tracking=feature_tracking)
+        app_args: dict[str, Any] = dict(
+            model=model,
+            model_name=model_name,
+            max_rows=max_rows,
+            feature_method=feature_method,
+            feature_cache_s=feature_cache_s,
+            feature_tracking=feature_tracking,
+        )
         try:
             api = create_app(settings, **app_args)  # also checks the arguments before any fork
         except ValueError as e:
@@ -56,8 +73,16 @@ def register(app: typer.Typer) -> None:
         if http not in ("auto", "h11", "httptools"):
             raise typer.BadParameter("--http must be auto, h11 or httptools")
         if workers == 1:
-            uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=False,
-                        loop=loop, http=http, lifespan="on")
+            uvicorn.run(
+                api,
+                host=host,
+                port=port,
+                log_level=log_level,
+                access_log=False,
+                loop=loop,
+                http=http,
+                lifespan="on",
+            )
             return
         import json
         import os
@@ -69,6 +94,15 @@ def register(app: typer.Typer) -> None:
         with tempfile.TemporaryDirectory(prefix="ctrstream-api-metrics-") as mp_dir:
             # prometheus_client's multiprocess mode: workers write samples here, /metrics sums
             os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", mp_dir)
-            uvicorn.run("ctrstream.serving.api:app_from_env", factory=True, workers=workers, host=host,
-                        port=port, log_level=log_level, access_log=False, loop=loop, http=http,
-                        lifespan="on")
+            uvicorn.run(
+                "ctrstream.serving.api:app_from_env",
+                factory=True,
+                workers=workers,
+                host=host,
+                port=port,
+                log_level=log_level,
+                access_log=False,
+                loop=loop,
+                http=http,
+                lifespan="on",
+            )

@@ -29,8 +29,14 @@ import typer
 FLOWS = {"features": "ctrstream.streaming.features_flow", "join": "ctrstream.streaming.join_flow"}
 
 
-def job_commands(flow: str, workers: int = 1, processes: int = 1, recovery_dir: Path | None = None,
-                 snapshot_s: float = 5.0, stop_at_end: bool = False) -> list[list[str]]:
+def job_commands(
+    flow: str,
+    workers: int = 1,
+    processes: int = 1,
+    recovery_dir: Path | None = None,
+    snapshot_s: float = 5.0,
+    stop_at_end: bool = False,
+) -> list[list[str]]:
     """The ``python -m bytewax.run`` command line of each process of ``flow``."""
     from ctrstream.stack.services import free_port
 
@@ -74,11 +80,19 @@ def check_shards(recovery_dir: Path) -> None:
             f"the recovery store {recovery_dir} was written with {had} shards, this features "
             f"flow uses {N_SHARDS} (CTRSTREAM_SPEED_SHARDS): resuming would lose the state of "
             f"the other shards. Set CTRSTREAM_SPEED_SHARDS={had}, or give a new --recovery-dir "
-            "(a new store starts the flow from scratch).")
+            "(a new store starts the flow from scratch)."
+        )
 
 
-def run_jobs(flows: list[str], workers: int, processes: int, recovery_root: Path | None,
-             snapshot_s: float, stop_at_end: bool, log=print) -> int:
+def run_jobs(
+    flows: list[str],
+    workers: int,
+    processes: int,
+    recovery_root: Path | None,
+    snapshot_s: float,
+    stop_at_end: bool,
+    log=print,
+) -> int:
     """Start every process of every flow in this process group and wait for them."""
     procs: list[subprocess.Popen] = []
     index = 0  # across flows: process k serves its metrics on metrics_port + k (no clash)
@@ -90,9 +104,14 @@ def run_jobs(flows: list[str], workers: int, processes: int, recovery_root: Path
                 log(f"{flow}: initialised recovery store {rdir}")
             if flow == "features":
                 check_shards(rdir)
-        for k, argv in enumerate(job_commands(flow, workers, processes, rdir, snapshot_s, stop_at_end)):
-            env = {**os.environ, "CTRSTREAM_SPEED_PROCESS_INDEX": str(index),
-                   "PYTHONUNBUFFERED": "1"}
+        for k, argv in enumerate(
+            job_commands(flow, workers, processes, rdir, snapshot_s, stop_at_end)
+        ):
+            env = {
+                **os.environ,
+                "CTRSTREAM_SPEED_PROCESS_INDEX": str(index),
+                "PYTHONUNBUFFERED": "1",
+            }
             index += 1
             log(f"{flow}[{k}]: {' '.join(argv)}")
             procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL))
@@ -126,17 +145,25 @@ def run_jobs(flows: list[str], workers: int, processes: int, recovery_root: Path
 
 def register(app: typer.Typer) -> None:
     @app.command("speed")
-    def speed(flow: str = typer.Argument("all", help="features, join, all, or heartbeat"),
-              workers: int = typer.Option(1, "-w", "--workers", help="workers per process"),
-              processes: int = typer.Option(1, "-p", "--processes", help="processes per flow"),
-              recovery_dir: Path = typer.Option(None, "--recovery-dir",
-                                                help="recovery store root (default <run_dir>/speed-recovery)"),
-              no_recovery: bool = typer.Option(False, "--no-recovery", help="run without snapshots"),
-              snapshot_s: int = typer.Option(5, "--snapshot-s", help="snapshot interval in whole seconds"),
-              stop_at_end: bool = typer.Option(False, "--stop-at-end",
-                                               help="exit when the end offsets seen at start are reached"),
-              at_ms: int = typer.Option(None, "--at-ms", help="heartbeat: its event time"),
-              ahead_s: float = typer.Option(0.0, "--ahead-s", help="heartbeat: or now + this many seconds")):
+    def speed(
+        flow: str = typer.Argument("all", help="features, join, all, or heartbeat"),
+        workers: int = typer.Option(1, "-w", "--workers", help="workers per process"),
+        processes: int = typer.Option(1, "-p", "--processes", help="processes per flow"),
+        recovery_dir: Path = typer.Option(
+            None, "--recovery-dir", help="recovery store root (default <run_dir>/speed-recovery)"
+        ),
+        no_recovery: bool = typer.Option(False, "--no-recovery", help="run without snapshots"),
+        snapshot_s: int = typer.Option(
+            5, "--snapshot-s", help="snapshot interval in whole seconds"
+        ),
+        stop_at_end: bool = typer.Option(
+            False, "--stop-at-end", help="exit when the end offsets seen at start are reached"
+        ),
+        at_ms: int = typer.Option(None, "--at-ms", help="heartbeat: its event time"),
+        ahead_s: float = typer.Option(
+            0.0, "--ahead-s", help="heartbeat: or now + this many seconds"
+        ),
+    ):
         """Run the features and/or join dataflows (recovery on by default), or send a watermark
         heartbeat into every impressions/clicks partition (`speed heartbeat --at-ms T`)."""
         from ctrstream.config import get_settings
@@ -152,7 +179,9 @@ def register(app: typer.Typer) -> None:
             return
         flows = list(FLOWS) if flow == "all" else [flow]
         if any(f not in FLOWS for f in flows):
-            raise typer.BadParameter(f"unknown flow {flow!r}: choose features, join, all or heartbeat")
+            raise typer.BadParameter(
+                f"unknown flow {flow!r}: choose features, join, all or heartbeat"
+            )
         ensure_topics(settings, settings.topics.all())
         root = None if no_recovery else (recovery_dir or settings.run_dir / "speed-recovery")
         raise typer.Exit(run_jobs(flows, workers, processes, root, snapshot_s, stop_at_end))

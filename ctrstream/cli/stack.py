@@ -11,10 +11,12 @@ from rich.table import Table
 from ctrstream.cli.app import fail, out
 from ctrstream.config import get_settings
 
-stack_app = typer.Typer(help="The local stack: Kafka (KRaft), Redis and Triton on 127.0.0.1.",
-                        no_args_is_help=True)
-config_app = typer.Typer(help="Configuration (CTRSTREAM_* environment overrides).",
-                         no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The local stack: Kafka (KRaft), Redis and Triton on 127.0.0.1.", no_args_is_help=True
+)
+config_app = typer.Typer(
+    help="Configuration (CTRSTREAM_* environment overrides).", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +36,9 @@ def setup(check: bool = typer.Option(False, "--check", help="only report what is
 
 @stack_app.command("up")
 def stack_up(
-    only: list[str] = typer.Option(None, "--only", help="start only these services (kafka, redis, triton)"),
+    only: list[str] = typer.Option(
+        None, "--only", help="start only these services (kafka, redis, triton)"
+    ),
 ):
     """Start Kafka, Redis and Triton, wait until each is ready, and create the topics."""
     from ctrstream.stack.manager import Stack
@@ -57,7 +61,11 @@ def stack_status():
     rows = Stack(get_settings()).status()
     table = Table("service", "pid", "health", "address", "log")
     for r in rows:
-        health = "[green]ready[/]" if r.healthy else ("[yellow]not ready[/]" if r.pid else "[red]down[/]")
+        health = (
+            "[green]ready[/]"
+            if r.healthy
+            else ("[yellow]not ready[/]" if r.pid else "[red]down[/]")
+        )
         table.add_row(r.name, str(r.pid or "-"), health, r.address, str(r.log))
     out.print(table)
     raise typer.Exit(0 if all(r.healthy for r in rows) else 1)

@@ -26,9 +26,17 @@ from ctrstream.batch.pipeline import (
 )
 
 
-def load_training_data(settings, scenario: str | None = None, events: int | None = None,
-                       seed: int = 1, traffic: Path | None = None, oracle_path: Path | None = None,
-                       start_ms: int | None = None, end_ms: int | None = None, log=print):
+def load_training_data(
+    settings,
+    scenario: str | None = None,
+    events: int | None = None,
+    seed: int = 1,
+    traffic: Path | None = None,
+    oracle_path: Path | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    log=print,
+):
     """What ``ctrstream train`` trains on: (dataset dict, oracle table or None, source)."""
     from ctrstream.simulation.generator import generate, load_scenario, read_traffic
 
@@ -54,8 +62,11 @@ def print_summary(summary: dict, console) -> None:
 
     from ctrstream.models.evaluation import TABLE_HEADER, format_table
 
-    t = Table(*TABLE_HEADER, "train s", title=f"validation ({summary.get('val_rows', 0):,} rows, "
-                                             f"{summary.get('source', '')})")
+    t = Table(
+        *TABLE_HEADER,
+        "train s",
+        title=f"validation ({summary.get('val_rows', 0):,} rows, {summary.get('source', '')})",
+    )
     oracle = None
     for kind, m in summary["models"].items():
         ev = m["evaluation"]
@@ -75,11 +86,15 @@ def register(app) -> None:
     @app.command("train")
     def train_cmd(
         model: str = typer.Option("all", help="deep | lr | all"),
-        scenario: str = typer.Option(None, help="train on a generated scenario instead of the archive"),
+        scenario: str = typer.Option(
+            None, help="train on a generated scenario instead of the archive"
+        ),
         events: int = typer.Option(None, help="impressions of the generated scenario"),
         scenario_seed: int = typer.Option(1, help="seed of the generated scenario"),
         traffic: Path = typer.Option(None, help="a traffic directory (`ctrstream generate --out`)"),
-        oracle: Path = typer.Option(None, help="oracle Parquet (impression_id, p_click) for the archive"),
+        oracle: Path = typer.Option(
+            None, help="oracle Parquet (impression_id, p_click) for the archive"
+        ),
         start_ms: int = typer.Option(None, help="first impression event time (archive)"),
         end_ms: int = typer.Option(None, help="end of impression event times, exclusive"),
         seed: int = typer.Option(0, help="training seed"),
@@ -87,9 +102,13 @@ def register(app) -> None:
         neg_downsample: float = typer.Option(None, help="keep negatives with this probability"),
         val_fraction: float = typer.Option(0.1, help="last fraction of event time for validation"),
         warmup_hours: float = typer.Option(
-            1.0, help="the first hours of labeled impressions are feature history only "
-                      "(their events fill the windows; they are neither trained on nor evaluated)"),
-        out_dir: Path = typer.Option(None, "--out", help="run directory (default data_dir/models/<run id>)"),
+            1.0,
+            help="the first hours of labeled impressions are feature history only "
+            "(their events fill the windows; they are neither trained on nor evaluated)",
+        ),
+        out_dir: Path = typer.Option(
+            None, "--out", help="run directory (default data_dir/models/<run id>)"
+        ),
     ):
         """Train the LR baseline and DCN-v2, evaluate against the oracle, export ONNX."""
         from ctrstream.config import get_settings
@@ -100,11 +119,31 @@ def register(app) -> None:
             console.print(f"[bold red]error:[/] --model must be deep, lr or all, not {model!r}")
             raise typer.Exit(2)
         try:
-            ds, orc, source = load_training_data(settings, scenario, events, scenario_seed, traffic,
-                                                 oracle, start_ms, end_ms, log=console.print)
-            summary = run_training(settings, ds, orc, kinds, out_dir, seed, epochs, neg_downsample,
-                                   val_fraction, source, log=console.print,
-                                   warmup_hours=warmup_hours)
+            ds, orc, source = load_training_data(
+                settings,
+                scenario,
+                events,
+                scenario_seed,
+                traffic,
+                oracle,
+                start_ms,
+                end_ms,
+                log=console.print,
+            )
+            summary = run_training(
+                settings,
+                ds,
+                orc,
+                kinds,
+                out_dir,
+                seed,
+                epochs,
+                neg_downsample,
+                val_fraction,
+                source,
+                log=console.print,
+                warmup_hours=warmup_hours,
+            )
         except (FileNotFoundError, ValueError) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
@@ -129,10 +168,13 @@ def register(app) -> None:
                 onnx_path = run / kind / "model.onnx"
                 card_path = run / kind / "card.json"
                 card = json.loads(card_path.read_text()) if card_path.exists() else None
-                res = publish(settings, onnx_path, BASE_NAMES[kind], card, load=load,
-                              log=console.print)
-                out.print(f"{BASE_NAMES[kind]}: version {res['version']} -> {res['model_name']}"
-                          f"{' (loaded, previous ' + str(res['previous']) + ')' if load else ''}")
+                res = publish(
+                    settings, onnx_path, BASE_NAMES[kind], card, load=load, log=console.print
+                )
+                out.print(
+                    f"{BASE_NAMES[kind]}: version {res['version']} -> {res['model_name']}"
+                    f"{' (loaded, previous ' + str(res['previous']) + ')' if load else ''}"
+                )
         except (FileNotFoundError, PublishError) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None

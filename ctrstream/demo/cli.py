@@ -16,16 +16,30 @@ def register(app: typer.Typer) -> None:
         events: int = typer.Option(1_000_000, help="impressions to generate (clicks come on top)"),
         hours: float = typer.Option(6.0, help="event-time span of the scenario"),
         seed: int = typer.Option(7),
-        replay_seconds: float = typer.Option(45.0, help="wall seconds of the history replay (sets its time compression)"),
-        lockstep_s: float = typer.Option(10.0, help="live replay: seconds of event time it may run ahead of the scorer"),
-        out: Path = typer.Option(Path(".demo"), help="output directory (default .demo under the current directory)"),
+        replay_seconds: float = typer.Option(
+            45.0, help="wall seconds of the history replay (sets its time compression)"
+        ),
+        lockstep_s: float = typer.Option(
+            10.0, help="live replay: seconds of event time it may run ahead of the scorer"
+        ),
+        out: Path = typer.Option(
+            Path(".demo"), help="output directory (default .demo under the current directory)"
+        ),
         keep_stack: bool = typer.Option(False, "--keep-stack", help="leave the stack running"),
         epochs: int = typer.Option(None, help="training epochs (default: the trainer's)"),
     ):
         """Run the whole lambda architecture end to end and write report.html."""
-        cfg = DemoConfig(scenario=scenario, events=events, hours=hours, seed=seed,
-                         replay_seconds=replay_seconds, lockstep_s=lockstep_s, out=out, keep_stack=keep_stack,
-                         epochs=epochs)
+        cfg = DemoConfig(
+            scenario=scenario,
+            events=events,
+            hours=hours,
+            seed=seed,
+            replay_seconds=replay_seconds,
+            lockstep_s=lockstep_s,
+            out=out,
+            keep_stack=keep_stack,
+            epochs=epochs,
+        )
         try:
             path = run_demo(cfg)
         except DemoError as e:

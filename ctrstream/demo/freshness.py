@@ -28,20 +28,31 @@ class FreshnessProbe:
     (now - Kafka timestamp) is useless here: the replay's Kafka timestamps are historical,
     time-compressed event times."""
 
-    def __init__(self, settings: Settings, group: str, tr: Any, lo: int | None, hi: int | None,
-                 n_probes: int, poll_s: float = 0.005):
+    def __init__(
+        self,
+        settings: Settings,
+        group: str,
+        tr: Any,
+        lo: int | None,
+        hi: int | None,
+        n_probes: int,
+        poll_s: float = 0.005,
+    ):
         self.poll_s = poll_s
         self.probes = self._select(tr, lo, hi, n_probes)
         self.arrived: dict[bytes, float] = {}
         self.visible: dict[bytes, float] = {}
         topic = settings.topics.impressions.name
         self.consumer = make_consumer(settings, group, **{"fetch.wait.max.ms": 10})
-        self.consumer.assign([TopicPartition(topic, p, off)
-                              for p, off in topic_end_offsets(settings, topic).items()])
+        self.consumer.assign(
+            [TopicPartition(topic, p, off) for p, off in topic_end_offsets(settings, topic).items()]
+        )
         self.redis = redis_client(settings, timeout_s=30.0)
         self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=f, name=f"demo-fresh-{f.__name__}", daemon=True)
-                        for f in (self._consume, self._poll)]
+        self.threads = [
+            threading.Thread(target=f, name=f"demo-fresh-{f.__name__}", daemon=True)
+            for f in (self._consume, self._poll)
+        ]
         for t in self.threads:
             t.start()
 
@@ -66,9 +77,16 @@ class FreshnessProbe:
             idx = idx[np.unique(np.linspace(0, len(idx) - 1, n).astype(int))]
         ids = imps.column("impression_id").take(idx).to_pylist()
         user = F.ENTITY_BY_NAME["user"]
-        return {i.encode(): (user.name, F.entity_id(user, {"user_id": int(u[k])}), res.name, "i",
-                             int(b[k]))
-                for i, k in zip(ids, idx.tolist())}
+        return {
+            i.encode(): (
+                user.name,
+                F.entity_id(user, {"user_id": int(u[k])}),
+                res.name,
+                "i",
+                int(b[k]),
+            )
+            for i, k in zip(ids, idx.tolist())
+        }
 
     def _consume(self) -> None:
         while not self.stop_event.is_set():
@@ -107,9 +125,19 @@ class FreshnessProbe:
         self.close()
         lat = np.array([self.visible[k] - self.arrived[k] for k in self.visible], dtype=float)
         lat = np.maximum(lat, 0.0)
-        out: dict[str, Any] = {"probes": len(self.probes), "seen in Kafka": len(self.arrived),
-               "visible in Redis": len(lat), "poll_s": self.poll_s, "latencies": lat.tolist()}
+        out: dict[str, Any] = {
+            "probes": len(self.probes),
+            "seen in Kafka": len(self.arrived),
+            "visible in Redis": len(lat),
+            "poll_s": self.poll_s,
+            "latencies": lat.tolist(),
+        }
         if len(lat):
-            out.update({"p50 s": float(np.percentile(lat, 50)),
-                        "p95 s": float(np.percentile(lat, 95)), "max s": float(lat.max())})
+            out.update(
+                {
+                    "p50 s": float(np.percentile(lat, 50)),
+                    "p95 s": float(np.percentile(lat, 95)),
+                    "max s": float(lat.max()),
+                }
+            )
         return out

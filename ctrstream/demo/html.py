@@ -40,18 +40,22 @@ def table_html(rows: list[dict], columns: list[str] | None = None, cls: str = ""
         return "<p><em>no rows</em></p>"
     columns = columns or list(rows[0].keys())
     head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_esc(fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def img_html(path: Path, alt: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return (f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{_esc(alt)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{_esc(alt)}</figcaption></figure>"
+    )
 
 
 # --------------------------------------------------------------------------- plots
+
 
 def _plt():
     from ctrstream.plots import pyplot
@@ -59,8 +63,9 @@ def _plt():
     return pyplot()
 
 
-def reliability_png(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],
-                    title: str, bins: int = N_BINS) -> Path:
+def reliability_png(
+    path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, bins: int = N_BINS
+) -> Path:
     """Reliability diagram: mean predicted vs observed CTR per bin, for each curve (the
     equal-mass bins of ``ctrstream.metrics.reliability``, as the ECE in the tables)."""
     plt = _plt()
@@ -87,16 +92,28 @@ def bar_png(path: Path, labels: list[str], values: list[float], title: str, ylab
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     bars = ax.bar(labels, values, color="#4c78a8")
     for b, v in zip(bars, values):
-        ax.annotate(fmt(v, 3), (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            fmt(v, 3),
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_title(title), ax.set_ylabel(ylabel), ax.grid(axis="y", alpha=0.3)
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
     fig.tight_layout(), fig.savefig(path), plt.close(fig)
     return path
 
 
-def series_png(path: Path, series: dict[str, tuple[list, list]], title: str, xlabel: str,
-               ylabel: str, vline: float | None = None, vlabel: str = "") -> Path:
+def series_png(
+    path: Path,
+    series: dict[str, tuple[list, list]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    vline: float | None = None,
+    vlabel: str = "",
+) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=110)
     for name, (x, y) in series.items():
@@ -114,8 +131,9 @@ def lag_png(path: Path, phases: dict[str, dict]) -> Path:
     ``{"replay_end": s or None, "stages": {stage: (seconds, lags)}}``."""
     plt = _plt()
     names = [p for p, ser in phases.items() if ser.get("stages")]
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1) + 1, 3.6),
-                             dpi=110, squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(names), 1), figsize=(4.2 * max(len(names), 1) + 1, 3.6), dpi=110, squeeze=False
+    )
     for ax, name in zip(axes[0], names):
         ser = phases[name]
         for stage, (x, y) in ser["stages"].items():
@@ -140,73 +158,162 @@ def _text_width(text: str, size: float = 12.0) -> float:
         w += 0.3 if ch in _NARROW else 0.85 if ch in _WIDE else 0.68 if ch.isupper() else 0.56
     return w * size * 1.2  # headless Chromium falls back to wider fonts (DejaVu/Liberation)
 
+
 def lambda_svg(n: dict) -> str:
     """The lambda architecture with this run's numbers on it (``n`` maps names to values)."""
 
     def v(key):
         return fmt(n.get(key))
 
-    fresh = (f"p50 {fmt(n['freshness_p50_s'], 2)} s" if n.get("freshness_p50_s") is not None
-             else "n/a")
+    fresh = (
+        f"p50 {fmt(n['freshness_p50_s'], 2)} s" if n.get("freshness_p50_s") is not None else "n/a"
+    )
 
     boxes = [
         # x, y, w, h, title, lines, colour
-        (330, 10, 240, 56, "Synthetic traffic + replay",
-         [f"{v('impressions')} impressions, {v('clicks')} clicks",
-          f"{v('replay_rate')} events/s into Kafka"], "#e8eef7"),
-        (330, 100, 240, 50, "Kafka: impressions, clicks",
-         [f"key = impression id, {v('partitions')} partitions"], "#fdf1dc"),
-        (20, 190, 300, 112, "SPEED LAYER (Bytewax)",
-         [f"{v('speed_events')} events in, {v('speed_rate')} ev/s",
-          f"{v('dlq')} to dlq, {v('late')} late",
-          f"{v('speed_keys')} speed-view hashes in Redis",
-          f"{v('labeled')} labeled examples (join)",
-          f"max lag {v('speed_lag_max')} records, freshness {fresh}"], "#e3f4e6"),
-        (580, 190, 300, 112, "BATCH LAYER (Parquet + DuckDB)",
-         [f"{v('archived')} records archived",
-          f"{v('train_rows')} point-in-time training rows",
-          f"batch view {v('batch_version')}",
-          f"cut-off {v('batch_cutoff')} (event time, UTC)",
-          f"deep NE {v('deep_ne')} (oracle {v('oracle_ne')})"], "#f4e6f1"),
-        (300, 330, 300, 80, "SERVING: lambda merge",
-         ["closed buckets <= cut-off: batch view",
-          "later buckets: speed view",
-          f"Triton {v('model_name')} v{v('model_version')}"], "#eef0f3"),
-        (20, 450, 300, 80, "Streaming scorer -> predictions",
-         [f"{v('predictions')} predictions, {v('degraded')} degraded",
-          f"{v('score_rate')} rows/s through Triton",
-          f"max lag {v('score_lag_max')} records, done +{v('score_trail_s')} s"], "#e3f4e6"),
-        (580, 450, 300, 80, "River online calibration",
-         [f"calibrated on {v('calibration_pairs')} (prediction, label) pairs",
-          f"pred/obs {v('ratio_before')} -> {v('ratio_after')}"], "#fff6d6"),
-        (300, 560, 300, 80, "RECONCILIATION",
-         [f"{v('rec_compared')} buckets compared, {v('rec_equal')} equal",
-          f"{v('rec_differing')} differ, {v('rec_missing_speed')} missing in speed view",
-          f"{v('rec_explained')} explained; batch wins"], "#fde2e1"),
+        (
+            330,
+            10,
+            240,
+            56,
+            "Synthetic traffic + replay",
+            [
+                f"{v('impressions')} impressions, {v('clicks')} clicks",
+                f"{v('replay_rate')} events/s into Kafka",
+            ],
+            "#e8eef7",
+        ),
+        (
+            330,
+            100,
+            240,
+            50,
+            "Kafka: impressions, clicks",
+            [f"key = impression id, {v('partitions')} partitions"],
+            "#fdf1dc",
+        ),
+        (
+            20,
+            190,
+            300,
+            112,
+            "SPEED LAYER (Bytewax)",
+            [
+                f"{v('speed_events')} events in, {v('speed_rate')} ev/s",
+                f"{v('dlq')} to dlq, {v('late')} late",
+                f"{v('speed_keys')} speed-view hashes in Redis",
+                f"{v('labeled')} labeled examples (join)",
+                f"max lag {v('speed_lag_max')} records, freshness {fresh}",
+            ],
+            "#e3f4e6",
+        ),
+        (
+            580,
+            190,
+            300,
+            112,
+            "BATCH LAYER (Parquet + DuckDB)",
+            [
+                f"{v('archived')} records archived",
+                f"{v('train_rows')} point-in-time training rows",
+                f"batch view {v('batch_version')}",
+                f"cut-off {v('batch_cutoff')} (event time, UTC)",
+                f"deep NE {v('deep_ne')} (oracle {v('oracle_ne')})",
+            ],
+            "#f4e6f1",
+        ),
+        (
+            300,
+            330,
+            300,
+            80,
+            "SERVING: lambda merge",
+            [
+                "closed buckets <= cut-off: batch view",
+                "later buckets: speed view",
+                f"Triton {v('model_name')} v{v('model_version')}",
+            ],
+            "#eef0f3",
+        ),
+        (
+            20,
+            450,
+            300,
+            80,
+            "Streaming scorer -> predictions",
+            [
+                f"{v('predictions')} predictions, {v('degraded')} degraded",
+                f"{v('score_rate')} rows/s through Triton",
+                f"max lag {v('score_lag_max')} records, done +{v('score_trail_s')} s",
+            ],
+            "#e3f4e6",
+        ),
+        (
+            580,
+            450,
+            300,
+            80,
+            "River online calibration",
+            [
+                f"calibrated on {v('calibration_pairs')} (prediction, label) pairs",
+                f"pred/obs {v('ratio_before')} -> {v('ratio_after')}",
+            ],
+            "#fff6d6",
+        ),
+        (
+            300,
+            560,
+            300,
+            80,
+            "RECONCILIATION",
+            [
+                f"{v('rec_compared')} buckets compared, {v('rec_equal')} equal",
+                f"{v('rec_differing')} differ, {v('rec_missing_speed')} missing in speed view",
+                f"{v('rec_explained')} explained; batch wins",
+            ],
+            "#fde2e1",
+        ),
     ]
-    parts = ['<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 900 650" '
-             'font-family="Helvetica, Arial, sans-serif" font-size="12" role="img" '
-             'aria-label="lambda architecture diagram">',
-             '<defs><marker id="a" markerWidth="8" markerHeight="8" refX="7" refY="4" '
-             'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>']
-    arrows = [(450, 66, 450, 100), (400, 150, 170, 190), (500, 150, 730, 190),
-              (170, 302, 380, 330), (730, 302, 520, 330), (380, 410, 170, 450),
-              (520, 410, 730, 450), (320, 490, 580, 490), (730, 302, 600, 575),
-              (170, 302, 300, 575)]
+    parts = [
+        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 900 650" '
+        'font-family="Helvetica, Arial, sans-serif" font-size="12" role="img" '
+        'aria-label="lambda architecture diagram">',
+        '<defs><marker id="a" markerWidth="8" markerHeight="8" refX="7" refY="4" '
+        'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>',
+    ]
+    arrows = [
+        (450, 66, 450, 100),
+        (400, 150, 170, 190),
+        (500, 150, 730, 190),
+        (170, 302, 380, 330),
+        (730, 302, 520, 330),
+        (380, 410, 170, 450),
+        (520, 410, 730, 450),
+        (320, 490, 580, 490),
+        (730, 302, 600, 575),
+        (170, 302, 300, 575),
+    ]
     for x1, y1, x2, y2 in arrows:
-        parts.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="#555" '
-                     f'stroke-width="1.4" marker-end="url(#a)"/>')
+        parts.append(
+            f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="#555" '
+            f'stroke-width="1.4" marker-end="url(#a)"/>'
+        )
     for x, y, w, h, title, lines, colour in boxes:
-        parts.append(f'<g class="box"><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" '
-                     f'fill="{colour}" stroke="#666"/>')
+        parts.append(
+            f'<g class="box"><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" '
+            f'fill="{colour}" stroke="#666"/>'
+        )
         parts.append(f'<text x="{x + 10}" y="{y + 17}" font-weight="bold">{_esc(title)}</text>')
         for i, line in enumerate(lines):
             # a line that would run past the box is set smaller to fit (never cut or spilled)
             est, fit = _text_width(line), ""
             if est > w - 20:
                 size = 12.0 * (w - 20) / est
-                fit = (f' font-size="{size:.1f}"' if size >= 8 else
-                       f' font-size="8" textLength="{w - 20}" lengthAdjust="spacingAndGlyphs"')
+                fit = (
+                    f' font-size="{size:.1f}"'
+                    if size >= 8
+                    else f' font-size="8" textLength="{w - 20}" lengthAdjust="spacingAndGlyphs"'
+                )
             parts.append(f'<text x="{x + 10}" y="{y + 34 + 15 * i}"{fit}>{_esc(line)}</text>')
         parts.append("</g>")
     parts.append("</svg>")
@@ -228,20 +335,25 @@ padding:.5em 1em} code,pre{background:#f5f5f5;padding:.1em .3em} pre{padding:.8e
 """
 
 
-def write_report(out_dir: Path, sections: list[tuple[str, str, str]], title: str,
-                 subtitle: str = "") -> Path:
+def write_report(
+    out_dir: Path, sections: list[tuple[str, str, str]], title: str, subtitle: str = ""
+) -> Path:
     """``sections`` = [(anchor id, heading, html body)]; writes ``out_dir/report.html``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     toc = "".join(f'<li><a href="#{a}">{_esc(h)}</a></li>' for a, h, _ in sections)
     body = "".join(f'<section id="{a}"><h2>{_esc(h)}</h2>{b}</section>' for a, h, b in sections)
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}"
-            f"</title><style>{CSS}</style></head><body><h1>{_esc(title)}</h1>"
-            f"<p>{_esc(subtitle)}</p><nav><ol>{toc}</ol></nav>{body}</body></html>")
+    page = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}"
+        f"</title><style>{CSS}</style></head><body><h1>{_esc(title)}</h1>"
+        f"<p>{_esc(subtitle)}</p><nav><ol>{toc}</ol></nav>{body}</body></html>"
+    )
     path = out_dir / "report.html"
     path.write_text(page)
     return path
 
 
 def dump_json(path: Path, obj) -> Path:
-    path.write_text(json.dumps(obj, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    path.write_text(
+        json.dumps(obj, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
     return path

@@ -31,13 +31,21 @@ class LagMonitor:
     ``running(job)``: whether the job's process is alive (a job that is running but whose
     endpoint is not up yet has read nothing so far)."""
 
-    def __init__(self, settings: Settings, group: str, ports: dict[str, int],
-                 running: Callable[[str], bool], interval: float = 0.25):
+    def __init__(
+        self,
+        settings: Settings,
+        group: str,
+        ports: dict[str, int],
+        running: Callable[[str], bool],
+        interval: float = 0.25,
+    ):
         self.settings, self.ports, self.running, self.interval = settings, ports, running, interval
         self.consumer = make_consumer(settings, group)
         self.t0 = time.monotonic()
         self.samples: list[dict[str, Any]] = []  # {"t": s since t0, "phase": name, stage: lag, ...}
-        self.phases: dict[str, dict[str, float]] = {}  # name -> {"start", "replay_end", "end"} (s since t0)
+        self.phases: dict[
+            str, dict[str, float]
+        ] = {}  # name -> {"start", "replay_end", "end"} (s since t0)
         self.phase: str | None = None
         self.scorer: tuple[int, int] | None = None  # (impressions before the live replay, expected)
         self.up: set[str] = set()  # stages whose metrics endpoint answered once
@@ -50,9 +58,10 @@ class LagMonitor:
         return time.monotonic() - self.t0
 
     def _end(self, topic: Topic) -> int:
-        return sum(max(0, self.consumer.get_watermark_offsets(TopicPartition(topic.name, p),
-                                                              timeout=5)[1])
-                   for p in range(topic.partitions))
+        return sum(
+            max(0, self.consumer.get_watermark_offsets(TopicPartition(topic.name, p), timeout=5)[1])
+            for p in range(topic.partitions)
+        )
 
     def impressions_end(self) -> int:
         with self.lock:
@@ -125,7 +134,10 @@ class LagMonitor:
         for phase, info in self.phases.items():
             samples = [s for s in self.samples if s["phase"] == phase]
             end = info.get("replay_end")
-            ser: dict[str, Any] = {"replay_end": None if end is None else end - info["start"], "stages": {}}
+            ser: dict[str, Any] = {
+                "replay_end": None if end is None else end - info["start"],
+                "stages": {},
+            }
             for stage in (*SPEED_STAGES, SCORER):
                 pts = [(s["t"], s[stage]) for s in samples if stage in s]
                 if not pts:
@@ -133,10 +145,16 @@ class LagMonitor:
                 ser["stages"][stage] = ([t - info["start"] for t, _ in pts], [v for _, v in pts])
                 after = [(t, v) for t, v in pts if end is not None and t >= end]
                 caught = next((round(t - end, 2) for t, v in after if v == 0), None)
-                rows.append({"stage": stage, "phase": phase, "samples": len(pts),
-                             "max lag (records)": max(v for _, v in pts),
-                             "lag at replay end": after[0][1] if after else None,
-                             "final lag": pts[-1][1],
-                             "caught up (s after replay)": caught})
+                rows.append(
+                    {
+                        "stage": stage,
+                        "phase": phase,
+                        "samples": len(pts),
+                        "max lag (records)": max(v for _, v in pts),
+                        "lag at replay end": after[0][1] if after else None,
+                        "final lag": pts[-1][1],
+                        "caught up (s after replay)": caught,
+                    }
+                )
             series[phase] = ser
         return {"rows": rows, "series": series, "interval_s": self.interval}

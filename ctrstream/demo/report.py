@@ -27,21 +27,36 @@ from ctrstream.metrics import summary
 
 FRESHNESS_LIMIT_S = 3600.0  # a "freshness" above this is a measurement artefact, never shown
 BENCH_SPEED = "ctrstream bench speed"
-LAG_COLUMNS = ["stage", "phase", "max lag (records)", "lag at replay end", "final lag",
-               "caught up (s after replay)"]
+LAG_COLUMNS = [
+    "stage",
+    "phase",
+    "max lag (records)",
+    "lag at replay end",
+    "final lag",
+    "caught up (s after replay)",
+]
 
 
 def _calibration_stats(p: np.ndarray, y: np.ndarray) -> dict:
     """The live stream's metrics of one score (``ctrstream.metrics.summary``: the same
     definitions as the model card and the calibrator's gauges), in the table's order."""
     s = summary(p, y)
-    return {"mean_pred": s["mean_pred"], "observed": s["observed_ctr"], "ratio": s["ratio"],
-            **{k: s[k] for k in ("log_loss", "ne", "auc", "ece")}}
+    return {
+        "mean_pred": s["mean_pred"],
+        "observed": s["observed_ctr"],
+        "ratio": s["ratio"],
+        **{k: s[k] for k in ("log_loss", "ne", "auc", "ece")},
+    }
 
 
 def _quality(m: dict) -> dict:
-    return {"log_loss": m.get("log_loss"), "NE": m.get("ne"), "AUC": m.get("auc"),
-            "pred/obs": m.get("calibration"), "ECE": m.get("ece")}
+    return {
+        "log_loss": m.get("log_loss"),
+        "NE": m.get("ne"),
+        "AUC": m.get("auc"),
+        "pred/obs": m.get("calibration"),
+        "ECE": m.get("ece"),
+    }
 
 
 def _live_outcomes(st, tr):
@@ -53,26 +68,47 @@ def _live_outcomes(st, tr):
     from ctrstream.kafka.topics import read_topic
 
     # a record without a value is no prediction or label (the jobs never write one)
-    preds = [decode_prediction(r.value) for r in read_topic(st.settings, st.settings.topics.predictions.name, 120)
-             if r.value is not None]
+    preds = [
+        decode_prediction(r.value)
+        for r in read_topic(st.settings, st.settings.topics.predictions.name, 120)
+        if r.value is not None
+    ]
     labels = {}
     for r in read_topic(st.settings, st.settings.topics.labeled.name, 120):
         if r.value is None:
             continue
         lab = decode_labeled(r.value)
         labels[lab.impression.impression_id] = lab.clicked
-    rows = [(p.impression_id, p.event_time_ms, p.raw_score, p.calibrated_score, p.degraded,
-             labels[p.impression_id]) for p in preds if p.impression_id in labels]
+    rows = [
+        (
+            p.impression_id,
+            p.event_time_ms,
+            p.raw_score,
+            p.calibrated_score,
+            p.degraded,
+            labels[p.impression_id],
+        )
+        for p in preds
+        if p.impression_id in labels
+    ]
     if not rows:
         return None
     ids, t, raw, cal, deg, y = map(np.asarray, zip(*rows))
-    idx = pc.index_in(pa.array(ids, type=pa.string()),
-                      value_set=tr.oracle.column("impression_id").combine_chunks())
+    idx = pc.index_in(
+        pa.array(ids, type=pa.string()),
+        value_set=tr.oracle.column("impression_id").combine_chunks(),
+    )
     oracle = tr.oracle.column("p_click").combine_chunks().take(idx).to_numpy(zero_copy_only=False)
     order = np.argsort(t, kind="stable")
-    return {"t": t[order], "raw": raw[order].astype(float), "cal": cal[order].astype(float),
-            "degraded": deg[order].astype(bool), "y": y[order].astype(float),
-            "oracle": np.nan_to_num(oracle[order].astype(float)), "n_predictions": len(preds)}
+    return {
+        "t": t[order],
+        "raw": raw[order].astype(float),
+        "cal": cal[order].astype(float),
+        "degraded": deg[order].astype(bool),
+        "y": y[order].astype(float),
+        "oracle": np.nan_to_num(oracle[order].astype(float)),
+        "n_predictions": len(preds),
+    }
 
 
 def _over_time(live: dict, windows: int = 24) -> dict:
@@ -95,20 +131,50 @@ def _freshness(n: dict) -> dict:
     rows, lat = [], []
     for phase, f in per.items():
         lat += list(f.get("latencies", []))
-        rows.append({"phase": phase, **{k: f.get(k) for k in ("probes", "seen in Kafka",
-                                                             "visible in Redis", "p50 s", "p95 s",
-                                                             "max s")}})
-    out: dict[str, Any] = {"rows": rows, "p50_s": None, "p95_s": None, "max_s": None, "na": None,
-           "poll_s": next((f.get("poll_s") for f in per.values()), None)}
+        rows.append(
+            {
+                "phase": phase,
+                **{
+                    k: f.get(k)
+                    for k in (
+                        "probes",
+                        "seen in Kafka",
+                        "visible in Redis",
+                        "p50 s",
+                        "p95 s",
+                        "max s",
+                    )
+                },
+            }
+        )
+    out: dict[str, Any] = {
+        "rows": rows,
+        "p50_s": None,
+        "p95_s": None,
+        "max_s": None,
+        "na": None,
+        "poll_s": next((f.get("poll_s") for f in per.values()), None),
+    }
     if lat:
         a = np.asarray(lat, dtype=float)
-        out.update(p50_s=float(np.percentile(a, 50)), p95_s=float(np.percentile(a, 95)),
-                   max_s=float(a.max()), probes=int(sum(f.get("probes", 0) for f in per.values())),
-                   visible=len(a))
-        rows.append({"phase": "all", "probes": out["probes"],
-                     "seen in Kafka": sum(f.get("seen in Kafka", 0) for f in per.values()),
-                     "visible in Redis": len(a), "p50 s": out["p50_s"], "p95 s": out["p95_s"],
-                     "max s": out["max_s"]})
+        out.update(
+            p50_s=float(np.percentile(a, 50)),
+            p95_s=float(np.percentile(a, 95)),
+            max_s=float(a.max()),
+            probes=int(sum(f.get("probes", 0) for f in per.values())),
+            visible=len(a),
+        )
+        rows.append(
+            {
+                "phase": "all",
+                "probes": out["probes"],
+                "seen in Kafka": sum(f.get("seen in Kafka", 0) for f in per.values()),
+                "visible in Redis": len(a),
+                "p50 s": out["p50_s"],
+                "p95 s": out["p95_s"],
+                "max s": out["max_s"],
+            }
+        )
     if not lat:
         out["na"] = "no sampled impression could be followed from Kafka to Redis in this run"
     elif not (0 <= out["max_s"] < FRESHNESS_LIMIT_S):
@@ -126,7 +192,9 @@ def _lag_numbers(rows: list[dict], stage_prefix: str) -> tuple:
     """Largest lag and longest catch-up of the stages whose name starts with ``stage_prefix``."""
     sel = [r for r in rows if r["stage"].startswith(stage_prefix)]
     lags = [r["max lag (records)"] for r in sel if r["max lag (records)"] is not None]
-    trail = [r["caught up (s after replay)"] for r in sel if r["caught up (s after replay)"] is not None]
+    trail = [
+        r["caught up (s after replay)"] for r in sel if r["caught up (s after replay)"] is not None
+    ]
     return (max(lags) if lags else None), (max(trail) if trail else None)
 
 
@@ -142,27 +210,53 @@ def build_report(st, tr, cfg) -> Path:
     speed_in = m.get("speed-features", {}).get("ctrstream_speed_events_in_total", 0)
     speed_rate = speed_in / max(n.get("speed_history_seconds", 0) + n.get("score_seconds", 0), 1e-9)
     throughput = [
-        {"stage": "replay (history)", "events": n["replay_history"]["sent"],
-         "seconds": n["replay_history"]["seconds"], "events/s": n["replay_history"]["rate"]},
-        {"stage": "replay (live, lockstep)",
-         "events": n["replay_live"]["sent"],
-         "seconds": n["replay_live"]["seconds"], "events/s": n["replay_live"]["rate"]},
-        {"stage": "speed layer (incl. waiting for replay)", "events": int(speed_in),
-         "seconds": n.get("speed_history_seconds", 0) + n.get("score_seconds", 0),
-         "events/s": speed_rate},
-        {"stage": "scorer (live, incl. waiting for replay)", "events": n.get("predictions", 0),
-         "seconds": n.get("score_seconds", 0),
-         "events/s": n.get("predictions", 0) / max(n.get("score_seconds", 0), 1e-9)},
+        {
+            "stage": "replay (history)",
+            "events": n["replay_history"]["sent"],
+            "seconds": n["replay_history"]["seconds"],
+            "events/s": n["replay_history"]["rate"],
+        },
+        {
+            "stage": "replay (live, lockstep)",
+            "events": n["replay_live"]["sent"],
+            "seconds": n["replay_live"]["seconds"],
+            "events/s": n["replay_live"]["rate"],
+        },
+        {
+            "stage": "speed layer (incl. waiting for replay)",
+            "events": int(speed_in),
+            "seconds": n.get("speed_history_seconds", 0) + n.get("score_seconds", 0),
+            "events/s": speed_rate,
+        },
+        {
+            "stage": "scorer (live, incl. waiting for replay)",
+            "events": n.get("predictions", 0),
+            "seconds": n.get("score_seconds", 0),
+            "events/s": n.get("predictions", 0) / max(n.get("score_seconds", 0), 1e-9),
+        },
     ]
-    plots.append(("Throughput of each stage (events/s, wall time incl. waiting for the replay)",
-                  bar_png(out / "throughput.png", [r["stage"] for r in throughput],
-                          [r["events/s"] for r in throughput], "stage throughput", "events/s")))
+    plots.append(
+        (
+            "Throughput of each stage (events/s, wall time incl. waiting for the replay)",
+            bar_png(
+                out / "throughput.png",
+                [r["stage"] for r in throughput],
+                [r["events/s"] for r in throughput],
+                "stage throughput",
+                "events/s",
+            ),
+        )
+    )
     lag_rows = _lag_rows(n)
     lag_series = (n.get("lag") or {}).get("series", {})
     if any(ser["stages"] for ser in lag_series.values()):
-        plots.append(("Consumer lag of each stage over wall time (records appended to its input "
-                      "topics and not yet read; dashed: the replay ended)",
-                      lag_png(out / "lag.png", lag_series)))
+        plots.append(
+            (
+                "Consumer lag of each stage over wall time (records appended to its input "
+                "topics and not yet read; dashed: the replay ended)",
+                lag_png(out / "lag.png", lag_series),
+            )
+        )
     freshness = _freshness(n)
     # ---------------------------------------------------------------- model quality
     quality = []
@@ -170,15 +264,21 @@ def build_report(st, tr, cfg) -> Path:
     oracle_row = None
     for kind, mm in training["models"].items():
         ev = mm["evaluation"]
-        quality.append({"model": f"ctr_{kind}", **_quality(ev["model"]),
-                        "train s": mm["train_seconds"]})
+        quality.append(
+            {"model": f"ctr_{kind}", **_quality(ev["model"]), "train s": mm["train_seconds"]}
+        )
         oracle_row = ev.get("oracle") or oracle_row
     if oracle_row:
         quality.append({"model": "oracle (true p, the ceiling)", **_quality(oracle_row)})
     rel = Path(training["dir"]) / "reliability.png"
     if rel.exists():
         shutil.copy(rel, out / "reliability_validation.png")
-        plots.append(("Reliability on the validation slice (batch layer)", out / "reliability_validation.png"))
+        plots.append(
+            (
+                "Reliability on the validation slice (batch layer)",
+                out / "reliability_validation.png",
+            )
+        )
     # ---------------------------------------------------------------- calibration
     live = _live_outcomes(st, tr)
     calib = {}
@@ -188,25 +288,50 @@ def build_report(st, tr, cfg) -> Path:
         calib = {
             "raw (Triton)": _calibration_stats(live["raw"][ok], live["y"][ok]),
             "calibrated (River)": _calibration_stats(live["cal"][ok], live["y"][ok]),
-            "calibrated, second half": _calibration_stats(live["cal"][half:][ok[half:]],
-                                                          live["y"][half:][ok[half:]]),
+            "calibrated, second half": _calibration_stats(
+                live["cal"][half:][ok[half:]], live["y"][half:][ok[half:]]
+            ),
             "oracle": _calibration_stats(live["oracle"], live["y"]),
         }
-        plots.append(("Reliability of the live stream before and after River calibration",
-                      reliability_png(out / "reliability_live.png",
-                                      {"raw (Triton)": (live["raw"][ok], live["y"][ok]),
-                                       "calibrated (River)": (live["cal"][ok], live["y"][ok]),
-                                       "oracle": (live["oracle"], live["y"])},
-                                      "live stream: before / after calibration")))
+        plots.append(
+            (
+                "Reliability of the live stream before and after River calibration",
+                reliability_png(
+                    out / "reliability_live.png",
+                    {
+                        "raw (Triton)": (live["raw"][ok], live["y"][ok]),
+                        "calibrated (River)": (live["cal"][ok], live["y"][ok]),
+                        "oracle": (live["oracle"], live["y"]),
+                    },
+                    "live stream: before / after calibration",
+                ),
+            )
+        )
         ot = _over_time(live)
         drift_t = tr.meta.get("drift_time_ms")
-        vline = (drift_t - live["t"].min()) / 60_000.0 if drift_t and drift_t >= live["t"].min() else None
-        plots.append(("Calibration over time (mean predicted / observed CTR per event-time window)",
-                      series_png(out / "calibration_over_time.png",
-                                 {"raw": (ot["minutes"], ot["raw"]), "calibrated": (ot["minutes"], ot["cal"]),
-                                  "oracle": (ot["minutes"], ot["oracle"])},
-                                 "calibration through the live stream", "event-time minutes into the live stream",
-                                 "mean predicted / observed", vline, "drift")))
+        vline = (
+            (drift_t - live["t"].min()) / 60_000.0
+            if drift_t and drift_t >= live["t"].min()
+            else None
+        )
+        plots.append(
+            (
+                "Calibration over time (mean predicted / observed CTR per event-time window)",
+                series_png(
+                    out / "calibration_over_time.png",
+                    {
+                        "raw": (ot["minutes"], ot["raw"]),
+                        "calibrated": (ot["minutes"], ot["cal"]),
+                        "oracle": (ot["minutes"], ot["oracle"]),
+                    },
+                    "calibration through the live stream",
+                    "event-time minutes into the live stream",
+                    "mean predicted / observed",
+                    vline,
+                    "drift",
+                ),
+            )
+        )
         n["degraded"] = int(live["degraded"].sum())
     # ---------------------------------------------------------------- reconciliation
     rec = n.get("reconcile", {})
@@ -214,9 +339,12 @@ def build_report(st, tr, cfg) -> Path:
     deep = training["models"].get("deep", {}).get("evaluation", {})
     pub = n.get("published", {}).get("deep", {})
     numbers = {
-        "impressions": n["impressions"], "clicks": n["clicks"],
-        "replay_rate": n["replay_history"]["rate"], "partitions": n["partitions"],
-        "speed_events": speed_in, "speed_rate": speed_rate,
+        "impressions": n["impressions"],
+        "clicks": n["clicks"],
+        "replay_rate": n["replay_history"]["rate"],
+        "partitions": n["partitions"],
+        "speed_events": speed_in,
+        "speed_rate": speed_rate,
         "dlq": m.get("speed-features", {}).get("ctrstream_speed_dlq_total"),
         "late": m.get("speed-features", {}).get("ctrstream_speed_late_total"),
         "speed_keys": n.get("speed_keys"),
@@ -224,32 +352,44 @@ def build_report(st, tr, cfg) -> Path:
         "speed_trail_s": _lag_numbers(lag_rows, "speed layer (features)")[1],
         "score_lag_max": _lag_numbers(lag_rows, "scorer")[0],
         "score_trail_s": _lag_numbers(lag_rows, "scorer")[1],
-        "freshness_p50_s": freshness["p50_s"], "freshness_p95_s": freshness["p95_s"],
+        "freshness_p50_s": freshness["p50_s"],
+        "freshness_p95_s": freshness["p95_s"],
         "labeled": m.get("speed-join", {}).get("ctrstream_speed_labeled_total"),
         "archived": sum((n.get("archive", {}).get("records") or {}).values()),
-        "train_rows": n.get("train_rows"), "batch_version": n.get("batch_view", {}).get("version"),
+        "train_rows": n.get("train_rows"),
+        "batch_version": n.get("batch_view", {}).get("version"),
         "batch_cutoff": time.strftime("%H:%M", time.gmtime(n["t_split"] / 1000)),
-        "deep_ne": deep.get("model", {}).get("ne"), "oracle_ne": (deep.get("oracle") or {}).get("ne"),
-        "model_name": pub.get("model_name"), "model_version": pub.get("version"),
-        "predictions": n.get("predictions"), "degraded": n.get("degraded"),
+        "deep_ne": deep.get("model", {}).get("ne"),
+        "oracle_ne": (deep.get("oracle") or {}).get("ne"),
+        "model_name": pub.get("model_name"),
+        "model_version": pub.get("version"),
+        "predictions": n.get("predictions"),
+        "degraded": n.get("degraded"),
         "score_rate": throughput[3]["events/s"],
         "calibration_pairs": m.get("calibrate", {}).get("ctrstream_calibration_joined_total"),
         "ratio_before": calib.get("raw (Triton)", {}).get("ratio"),
         "ratio_after": calib.get("calibrated (River)", {}).get("ratio"),
-        "rec_compared": rec.get("buckets_compared"), "rec_differing": rec.get("buckets_differing"),
-        "rec_equal": rec.get("buckets_equal"), "rec_missing_speed": rec.get("missing_in_speed"),
+        "rec_compared": rec.get("buckets_compared"),
+        "rec_differing": rec.get("buckets_differing"),
+        "rec_equal": rec.get("buckets_equal"),
+        "rec_missing_speed": rec.get("missing_in_speed"),
         "rec_explained": "all" if rec.get("explained") else "not all",
     }
     # ---------------------------------------------------------------- terminal summary
-    t = Table(title=f"ctrstream demo {st.run_id}: {n['impressions']:,} impressions, "
-                    f"{n['total_seconds']:.0f} s")
+    t = Table(
+        title=f"ctrstream demo {st.run_id}: {n['impressions']:,} impressions, "
+        f"{n['total_seconds']:.0f} s"
+    )
     t.add_column("phase")
     t.add_column("seconds", justify="right")
     for p in st.phases:
         t.add_row(p["phase"], f"{p['seconds']:.1f}")
     console.print(t)
-    for title, rows in (("throughput", throughput), ("model quality (validation, vs the oracle)", quality),
-                        ("calibration on the live stream", [{"scores": k, **v} for k, v in calib.items()])):
+    for title, rows in (
+        ("throughput", throughput),
+        ("model quality (validation, vs the oracle)", quality),
+        ("calibration on the live stream", [{"scores": k, **v} for k, v in calib.items()]),
+    ):
         tt = Table(title=title)
         if rows:
             cols = list(rows[0].keys())
@@ -258,122 +398,202 @@ def build_report(st, tr, cfg) -> Path:
             for r in rows:
                 tt.add_row(*[fmt(r.get(c)) for c in cols])
             console.print(tt)
-    tt = Table(title="consumer lag per stage (records; sampled every "
-                     f"{(n.get('lag') or {}).get('interval_s', 0):g} s)")
+    tt = Table(
+        title="consumer lag per stage (records; sampled every "
+        f"{(n.get('lag') or {}).get('interval_s', 0):g} s)"
+    )
     for c in LAG_COLUMNS:
         tt.add_column(c, justify="right")
     for r in lag_rows:
         tt.add_row(*[fmt(r.get(c), 3) for c in LAG_COLUMNS])
     console.print(tt)
     console.print(_freshness_text(freshness))
-    console.print(f"reconciliation: {rec.get('buckets_compared')} buckets compared, "
-                  f"{rec.get('buckets_equal')} equal, {rec.get('buckets_differing')} differing, "
-                  f"{rec.get('missing_in_speed')} missing in the speed view; reasons {rec.get('reasons')}")
+    console.print(
+        f"reconciliation: {rec.get('buckets_compared')} buckets compared, "
+        f"{rec.get('buckets_equal')} equal, {rec.get('buckets_differing')} differing, "
+        f"{rec.get('missing_in_speed')} missing in the speed view; reasons {rec.get('reasons')}"
+    )
     # ---------------------------------------------------------------- HTML
     sections = [
         ("overview", "What ran", _overview_html(st, cfg, n)),
-        ("architecture", "The lambda architecture, with this run's numbers",
-         lambda_svg(numbers) + "<p>Follow one event: it is produced to Kafka (top), counted by the "
-         "speed layer into Redis within a flush interval, archived into Parquet by the batch layer, "
-         "recomputed exactly into point-in-time training features and the batch view, and finally "
-         "served through the lambda merge and Triton, calibrated by River. See docs/lambda.md.</p>"),
-        ("throughput", "Throughput and lag",
-         table_html(throughput)
-         + "".join(img_html(p, a) for a, p in plots if p.name == "throughput.png")
-         + _lag_html(lag_rows, n)
-         + "".join(img_html(p, a) for a, p in plots if p.name == "lag.png")
-         + _freshness_html(freshness)),
-        ("quality", "Model quality next to the oracle",
-         "<p>The oracle column is the Bayes-optimal ceiling: the generator's true click "
-         "probabilities on the same validation rows. NE = log loss / entropy of the background CTR "
-         "(lower is better).</p>" + table_html(quality)
-         + "".join(img_html(p, a) for a, p in plots if p.name == "reliability_validation.png")),
-        ("calibration", "Online calibration with River",
-         table_html([{"scores": k, **v} for k, v in calib.items()])
-         + "".join(img_html(p, a) for a, p in plots if p.name in ("reliability_live.png",
-                                                                  "calibration_over_time.png"))),
-        ("reconciliation", "Reconciliation: what the speed layer got right, what it missed, and why",
-         _reconcile_html(rec, out)),
-        ("api", "Sample ad requests through the prediction API", _api_html(n.get("api_samples", []))),
+        (
+            "architecture",
+            "The lambda architecture, with this run's numbers",
+            lambda_svg(numbers)
+            + "<p>Follow one event: it is produced to Kafka (top), counted by the "
+            "speed layer into Redis within a flush interval, archived into Parquet by the batch layer, "
+            "recomputed exactly into point-in-time training features and the batch view, and finally "
+            "served through the lambda merge and Triton, calibrated by River. See docs/lambda.md.</p>",
+        ),
+        (
+            "throughput",
+            "Throughput and lag",
+            table_html(throughput)
+            + "".join(img_html(p, a) for a, p in plots if p.name == "throughput.png")
+            + _lag_html(lag_rows, n)
+            + "".join(img_html(p, a) for a, p in plots if p.name == "lag.png")
+            + _freshness_html(freshness),
+        ),
+        (
+            "quality",
+            "Model quality next to the oracle",
+            "<p>The oracle column is the Bayes-optimal ceiling: the generator's true click "
+            "probabilities on the same validation rows. NE = log loss / entropy of the background CTR "
+            "(lower is better).</p>"
+            + table_html(quality)
+            + "".join(img_html(p, a) for a, p in plots if p.name == "reliability_validation.png"),
+        ),
+        (
+            "calibration",
+            "Online calibration with River",
+            table_html([{"scores": k, **v} for k, v in calib.items()])
+            + "".join(
+                img_html(p, a)
+                for a, p in plots
+                if p.name in ("reliability_live.png", "calibration_over_time.png")
+            ),
+        ),
+        (
+            "reconciliation",
+            "Reconciliation: what the speed layer got right, what it missed, and why",
+            _reconcile_html(rec, out),
+        ),
+        (
+            "api",
+            "Sample ad requests through the prediction API",
+            _api_html(n.get("api_samples", [])),
+        ),
     ]
-    (out / "summary.json").write_text(json.dumps({"numbers": numbers, "phases": st.phases,
-                                                  "throughput": throughput, "lag": lag_rows,
-                                                  "freshness": {k: v for k, v in freshness.items()},
-                                                  "quality": quality, "calibration": calib},
-                                                 indent=2, default=str))
-    return write_report(out, sections, f"ctrstream demo — run {st.run_id}",
-                        f"scenario {cfg.scenario}, {n['impressions']:,} impressions, seed {cfg.seed}; "
-                        f"finished in {n['total_seconds']:.0f} s")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "numbers": numbers,
+                "phases": st.phases,
+                "throughput": throughput,
+                "lag": lag_rows,
+                "freshness": {k: v for k, v in freshness.items()},
+                "quality": quality,
+                "calibration": calib,
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    return write_report(
+        out,
+        sections,
+        f"ctrstream demo — run {st.run_id}",
+        f"scenario {cfg.scenario}, {n['impressions']:,} impressions, seed {cfg.seed}; "
+        f"finished in {n['total_seconds']:.0f} s",
+    )
 
 
 def _freshness_text(f: dict) -> str:
     if f["na"]:
-        return (f"feature freshness: not applicable ({f['na']}); `{BENCH_SPEED}` measures it on "
-                "a real-time stream")
-    return (f"feature freshness (readable in Kafka -> visible in Redis, {f['visible']} of "
-            f"{f['probes']} probe impressions): p50 {fmt(f['p50_s'], 3)} s, p95 "
-            f"{fmt(f['p95_s'], 3)} s, max {fmt(f['max_s'], 3)} s")
+        return (
+            f"feature freshness: not applicable ({f['na']}); `{BENCH_SPEED}` measures it on "
+            "a real-time stream"
+        )
+    return (
+        f"feature freshness (readable in Kafka -> visible in Redis, {f['visible']} of "
+        f"{f['probes']} probe impressions): p50 {fmt(f['p50_s'], 3)} s, p95 "
+        f"{fmt(f['p95_s'], 3)} s, max {fmt(f['max_s'], 3)} s"
+    )
 
 
 def _freshness_html(f: dict) -> str:
-    why = ("The speed layer's own histogram (<code>ctrstream_speed_feature_freshness_seconds</code>, "
-           "now − Kafka timestamp) is not used: the replay's Kafka timestamps are the scenario's "
-           "historical, time-compressed event times, so it would measure how old the scenario is. "
-           f"<code>{BENCH_SPEED}</code> measures freshness on a real-time stream.")
+    why = (
+        "The speed layer's own histogram (<code>ctrstream_speed_feature_freshness_seconds</code>, "
+        "now − Kafka timestamp) is not used: the replay's Kafka timestamps are the scenario's "
+        "historical, time-compressed event times, so it would measure how old the scenario is. "
+        f"<code>{BENCH_SPEED}</code> measures freshness on a real-time stream."
+    )
     if f["na"]:
-        return ('<h3>Feature freshness</h3><p class="freshness-na"><strong>Feature freshness: not '
-                f"applicable</strong> in this run: {html.escape(f['na'])}. {why}</p>")
-    return ("<h3>Feature freshness</h3><p>Wall time from a sampled impression becoming readable in "
-            "Kafka to its count being visible in the speed view in Redis "
-            "(<code>sv:user:&lt;id&gt;:&lt;day&gt;</code>), measured by the demo on impressions of the stream "
-            "itself that are alone in their (user, minute) cell, Redis polled every "
-            f"{fmt((f['poll_s'] or 0) * 1000, 3)} ms. The speed layer makes a value visible at its "
-            "next flush (every <code>flush_interval_ms</code>). " + why + "</p>"
-            + table_html(f["rows"], cls="freshness"))
+        return (
+            '<h3>Feature freshness</h3><p class="freshness-na"><strong>Feature freshness: not '
+            f"applicable</strong> in this run: {html.escape(f['na'])}. {why}</p>"
+        )
+    return (
+        "<h3>Feature freshness</h3><p>Wall time from a sampled impression becoming readable in "
+        "Kafka to its count being visible in the speed view in Redis "
+        "(<code>sv:user:&lt;id&gt;:&lt;day&gt;</code>), measured by the demo on impressions of the stream "
+        "itself that are alone in their (user, minute) cell, Redis polled every "
+        f"{fmt((f['poll_s'] or 0) * 1000, 3)} ms. The speed layer makes a value visible at its "
+        "next flush (every <code>flush_interval_ms</code>). "
+        + why
+        + "</p>"
+        + table_html(f["rows"], cls="freshness")
+    )
 
 
 def _lag_html(rows: list[dict], n: dict) -> str:
     interval = (n.get("lag") or {}).get("interval_s")
-    return ("<h3>Consumer lag</h3><p>Records appended to a stage's input topics that it had not "
-            "read yet (Kafka high watermarks minus the stage's <code>ctrstream_speed_events_in_total"
-            "</code>; for the scorer, live impressions in Kafka minus predictions written), sampled "
-            f"every {fmt(interval, 3)} s while each replay phase ran. <em>Caught up</em> is how long "
-            "after the last replayed record the stage had read everything, i.e. how long it trailed "
-            "the replay (– : not within the phase).</p>" + table_html(rows, LAG_COLUMNS, cls="lag"))
+    return (
+        "<h3>Consumer lag</h3><p>Records appended to a stage's input topics that it had not "
+        "read yet (Kafka high watermarks minus the stage's <code>ctrstream_speed_events_in_total"
+        "</code>; for the scorer, live impressions in Kafka minus predictions written), sampled "
+        f"every {fmt(interval, 3)} s while each replay phase ran. <em>Caught up</em> is how long "
+        "after the last replayed record the stage had read everything, i.e. how long it trailed "
+        "the replay (– : not within the phase).</p>" + table_html(rows, LAG_COLUMNS, cls="lag")
+    )
 
 
 def _overview_html(st, cfg, n) -> str:
     rows = [{"phase": p["phase"], "seconds": p["seconds"]} for p in st.phases]
-    return (f"<p>Scenario <code>{html.escape(cfg.scenario)}</code>: {n['impressions']:,} impressions and "
-            f"{n['clicks']:,} clicks over {(n['t_end'] - n['t_start']) / 3.6e6:.1f} hours of event "
-            f"time. The first {cfg.history_fraction:.0%} of event time is the <em>history</em> the batch "
-            f"layer trains on; the rest is scored live. Injected by the generator: "
-            f"<code>{html.escape(json.dumps(n.get('injected', {})))}</code>.</p>" + table_html(rows))
+    return (
+        f"<p>Scenario <code>{html.escape(cfg.scenario)}</code>: {n['impressions']:,} impressions and "
+        f"{n['clicks']:,} clicks over {(n['t_end'] - n['t_start']) / 3.6e6:.1f} hours of event "
+        f"time. The first {cfg.history_fraction:.0%} of event time is the <em>history</em> the batch "
+        f"layer trains on; the rest is scored live. Injected by the generator: "
+        f"<code>{html.escape(json.dumps(n.get('injected', {})))}</code>.</p>" + table_html(rows)
+    )
 
 
 def _reconcile_html(rec: dict, out: Path) -> str:
     if not rec:
         return "<p><em>no reconciliation ran</em></p>"
-    summary = [{k: rec.get(k) for k in ("buckets_compared", "buckets_equal", "buckets_differing",
-                                        "missing_in_speed", "missing_in_batch", "cells_differing",
-                                        "applied_cells")}]
+    summary = [
+        {
+            k: rec.get(k)
+            for k in (
+                "buckets_compared",
+                "buckets_equal",
+                "buckets_differing",
+                "missing_in_speed",
+                "missing_in_batch",
+                "cells_differing",
+                "applied_cells",
+            )
+        }
+    ]
     reasons = [{"reason": k, "cells": v} for k, v in (rec.get("reasons") or {}).items()]
     largest = rec.get("largest") or []
     md = (out / "reconcile.md").read_text() if (out / "reconcile.md").exists() else ""
-    return (table_html(summary) + "<h3>Why they differ</h3>" + table_html(reasons)
-            + "<h3>Largest differences</h3>" + table_html(largest[:15])
-            + "<details><summary>full report</summary><pre>" + html.escape(md) + "</pre></details>")
+    return (
+        table_html(summary)
+        + "<h3>Why they differ</h3>"
+        + table_html(reasons)
+        + "<h3>Largest differences</h3>"
+        + table_html(largest[:15])
+        + "<details><summary>full report</summary><pre>"
+        + html.escape(md)
+        + "</pre></details>"
+    )
 
 
 def _api_html(samples: list) -> str:
     parts = []
     for s in samples:
         resp = s["response"]
-        rows = [{k: c.get(k) for k in ("rank", "ad_id", "campaign_id", "raw_score", "calibrated_score")}
-                for c in resp.get("candidates", [])[:10]]
-        parts.append(f"<h3>request {html.escape(json.dumps(s['request']))}</h3>"
-                     f"<p>model {html.escape(str(resp.get('model_name')))} v{html.escape(str(resp.get('model_version')))}, "
-                     f"calibration {html.escape(str(resp.get('calibration')))}, degraded "
-                     f"{html.escape(str(resp.get('degraded')))}; server timing "
-                     f"<code>{html.escape(s.get('server_timing', ''))}</code></p>" + table_html(rows))
+        rows = [
+            {k: c.get(k) for k in ("rank", "ad_id", "campaign_id", "raw_score", "calibrated_score")}
+            for c in resp.get("candidates", [])[:10]
+        ]
+        parts.append(
+            f"<h3>request {html.escape(json.dumps(s['request']))}</h3>"
+            f"<p>model {html.escape(str(resp.get('model_name')))} v{html.escape(str(resp.get('model_version')))}, "
+            f"calibration {html.escape(str(resp.get('calibration')))}, degraded "
+            f"{html.escape(str(resp.get('degraded')))}; server timing "
+            f"<code>{html.escape(s.get('server_timing', ''))}</code></p>" + table_html(rows)
+        )
     return "".join(parts) or "<p><em>no samples</em></p>"

@@ -84,14 +84,21 @@ class DemoState:
 
 # --------------------------------------------------------------------------- small helpers
 
+
 def _topic_count(settings: Settings, topic: Topic) -> int:
     from ctrstream.kafka.clients import topic_end_offsets
 
     return sum(topic_end_offsets(settings, topic.name).values())
 
 
-def _wait(what: str, predicate, timeout: float, proc_names: list[str], st: DemoState,
-          interval: float = 0.25):
+def _wait(
+    what: str,
+    predicate,
+    timeout: float,
+    proc_names: list[str],
+    st: DemoState,
+    interval: float = 0.25,
+):
     """Wait for ``predicate``; fail early when a job we depend on has died."""
     deadline = time.monotonic() + timeout
     while True:
@@ -101,8 +108,10 @@ def _wait(what: str, predicate, timeout: float, proc_names: list[str], st: DemoS
         for name in proc_names:
             p = st.procs.get(name)
             if p is not None and p.poll() is not None:
-                raise DemoError(f"the {name} job exited with code {p.returncode} while waiting for "
-                                f"{what}; see {st.out / 'logs' / (name + '.log')}")
+                raise DemoError(
+                    f"the {name} job exited with code {p.returncode} while waiting for "
+                    f"{what}; see {st.out / 'logs' / (name + '.log')}"
+                )
         if time.monotonic() > deadline:
             raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
@@ -112,8 +121,12 @@ def _start(st: DemoState, name: str, argv: list[str], metrics_port: int = 0):
     from ctrstream.stack.manager import settings_env
     from ctrstream.stack.procs import start_job
 
-    env = {**os.environ, **settings_env(st.settings), "CTRSTREAM_METRICS_PORT": str(metrics_port),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        **settings_env(st.settings),
+        "CTRSTREAM_METRICS_PORT": str(metrics_port),
+        "PYTHONUNBUFFERED": "1",
+    }
     log = st.out / "logs" / f"{name}.log"
     st.procs[name] = start_job([sys.executable, "-m", "ctrstream", *argv], env=env, log_path=log)
     return st.procs[name]
@@ -151,8 +164,14 @@ def _running(st: DemoState, job: str) -> bool:
 
 def _probe(st: DemoState, tr, lo: int | None, hi: int | None, cfg: DemoConfig) -> FreshnessProbe:
     """A freshness probe of this run, closed with the demo if a phase fails."""
-    probe = FreshnessProbe(st.settings, f"ctrstream-demo-fresh-{st.run_id}-{len(st.probes)}", tr,
-                           lo, hi, _n_probes(cfg))
+    probe = FreshnessProbe(
+        st.settings,
+        f"ctrstream-demo-fresh-{st.run_id}-{len(st.probes)}",
+        tr,
+        lo,
+        hi,
+        _n_probes(cfg),
+    )
     st.probes.append(probe)
     return probe
 
@@ -172,21 +191,40 @@ def _replay_lockstep(st: DemoState, tr, lo: int, cfg: DemoConfig, label: str) ->
     def check() -> None:
         p = st.procs.get("score")
         if p is not None and p.poll() is not None:
-            raise DemoError(f"the score job exited with code {p.returncode} during the live "
-                            f"replay; see {st.out / 'logs' / 'score.log'}")
+            raise DemoError(
+                f"the score job exited with code {p.returncode} during the live "
+                f"replay; see {st.out / 'logs' / 'score.log'}"
+            )
 
-    live = sum(int(np.count_nonzero(t.column("event_time_ms").to_numpy() >= lo))
-               for t in (tr.impressions, tr.clicks))  # the bar's total (injections aside)
+    live = sum(
+        int(np.count_nonzero(t.column("event_time_ms").to_numpy() >= lo))
+        for t in (tr.impressions, tr.clicks)
+    )  # the bar's total (injections aside)
     base = _topic_count(st.settings, st.settings.topics.impressions)  # before the live phase
-    summary = replay_lockstep(st.settings, _records_between(tr, lo, None),
-                              max(1, int(cfg.lockstep_s * 1000)), scored, base, check=check,
-                              total=live, description=label)
-    console.print(f"{label}: {summary.sent:,} records in {summary.seconds:.1f} s, "
-                  f"{summary.steps:,} lockstep steps of {cfg.lockstep_s:g} s of event time "
-                  f"({summary.scorer_wait_s:.1f} s waiting for the scorer)")
-    return {"sent": summary.sent, "seconds": summary.seconds, "rate": summary.rate,
-            "by_topic": summary.by_topic, "lockstep_s": cfg.lockstep_s, "steps": summary.steps,
-            "scorer_wait_s": summary.scorer_wait_s}
+    summary = replay_lockstep(
+        st.settings,
+        _records_between(tr, lo, None),
+        max(1, int(cfg.lockstep_s * 1000)),
+        scored,
+        base,
+        check=check,
+        total=live,
+        description=label,
+    )
+    console.print(
+        f"{label}: {summary.sent:,} records in {summary.seconds:.1f} s, "
+        f"{summary.steps:,} lockstep steps of {cfg.lockstep_s:g} s of event time "
+        f"({summary.scorer_wait_s:.1f} s waiting for the scorer)"
+    )
+    return {
+        "sent": summary.sent,
+        "seconds": summary.seconds,
+        "rate": summary.rate,
+        "by_topic": summary.by_topic,
+        "lockstep_s": cfg.lockstep_s,
+        "steps": summary.steps,
+        "scorer_wait_s": summary.scorer_wait_s,
+    }
 
 
 def _n_probes(cfg: DemoConfig) -> int:
@@ -207,11 +245,15 @@ def _count_speed_keys(settings: Settings) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- the phases
 
+
 def _demo_settings(base: Settings, run_id: str, out: Path) -> Settings:
     t = base.topics
-    topics = t.model_copy(update={
-        k: Topic(name=f"{getattr(t, k).name}-demo{run_id}", partitions=getattr(t, k).partitions)
-        for k in ("impressions", "clicks", "labeled", "predictions", "dlq")})
+    topics = t.model_copy(
+        update={
+            k: Topic(name=f"{getattr(t, k).name}-demo{run_id}", partitions=getattr(t, k).partitions)
+            for k in ("impressions", "clicks", "labeled", "predictions", "dlq")
+        }
+    )
     redis = base.redis.model_copy(update={"db": 1})
     return base.model_copy(update={"topics": topics, "data_dir": out / "data", "redis": redis})
 
@@ -227,10 +269,14 @@ def _stack(st: DemoState) -> None:
     st.started_stack = any(v is not None for v in times.values())
     ensure_topics(st.settings, st.settings.topics.all())
     r = redis_lib.Redis.from_url(st.settings.redis.url)
-    r.flushdb(asynchronous=True)  # a previous run can leave millions of keys: free them in the background
+    r.flushdb(
+        asynchronous=True
+    )  # a previous run can leave millions of keys: free them in the background
     r.close()
-    console.print(f"topics: {', '.join(t.name for t in st.settings.topics.all())}; "
-                  f"Redis database {st.settings.redis.db} (flushed)")
+    console.print(
+        f"topics: {', '.join(t.name for t in st.settings.topics.all())}; "
+        f"Redis database {st.settings.redis.db} (flushed)"
+    )
 
 
 def _generate(st: DemoState, cfg: DemoConfig):
@@ -243,12 +289,21 @@ def _generate(st: DemoState, cfg: DemoConfig):
     t_imp = imps.column("event_time_ms").to_numpy()
     start, end = int(t_imp.min()), int(t_imp.max())
     t_split = F.align_cutoff(int(start + cfg.history_fraction * (end - start)))
-    st.numbers.update(impressions=imps.num_rows, clicks=clks.num_rows, scenario=cfg.scenario,
-                      t_start=start, t_end=end, t_split=t_split, injected=tr.injected,
-                      partitions=st.settings.topics.impressions.partitions)
-    console.print(f"{imps.num_rows:,} impressions, {clks.num_rows:,} clicks over "
-                  f"{(end - start) / 3.6e6:.1f} h of event time; history until "
-                  f"{time.strftime('%H:%M', time.gmtime(t_split / 1000))} (t_split)")
+    st.numbers.update(
+        impressions=imps.num_rows,
+        clicks=clks.num_rows,
+        scenario=cfg.scenario,
+        t_start=start,
+        t_end=end,
+        t_split=t_split,
+        injected=tr.injected,
+        partitions=st.settings.topics.impressions.partitions,
+    )
+    console.print(
+        f"{imps.num_rows:,} impressions, {clks.num_rows:,} clicks over "
+        f"{(end - start) / 3.6e6:.1f} h of event time; history until "
+        f"{time.strftime('%H:%M', time.gmtime(t_split / 1000))} (t_split)"
+    )
     return tr, t_split
 
 
@@ -263,20 +318,33 @@ def _replay(st: DemoState, tr, lo, hi, span_ms: float, cfg: DemoConfig, label: s
     from ctrstream.simulation.replay import replay
 
     compression = max(1.0, span_ms / 1000.0 / cfg.replay_seconds)
-    summary = replay(st.settings, _records_between(tr, lo, hi), time_compression=compression,
-                     progress=True, description=label)
+    summary = replay(
+        st.settings,
+        _records_between(tr, lo, hi),
+        time_compression=compression,
+        progress=True,
+        description=label,
+    )
     if summary.failed:
-        raise DemoError(f"{summary.failed} records could not be delivered to Kafka: {summary.errors}")
+        raise DemoError(
+            f"{summary.failed} records could not be delivered to Kafka: {summary.errors}"
+        )
     console.print(f"{label}: {summary.describe()} (time compression {compression:.0f}x)")
-    return {"sent": summary.sent, "seconds": summary.seconds, "rate": summary.rate,
-            "compression": compression, "by_topic": summary.by_topic}
+    return {
+        "sent": summary.sent,
+        "seconds": summary.seconds,
+        "rate": summary.rate,
+        "compression": compression,
+        "by_topic": summary.by_topic,
+    }
 
 
 def _events_written(st: DemoState) -> int:
     """Records in the event topics now: the replay's plus the watermark heartbeats the demo
     sent (the speed jobs read and count those too; the lag monitor uses the same total)."""
-    return _topic_count(st.settings, st.settings.topics.impressions) + \
-        _topic_count(st.settings, st.settings.topics.clicks)
+    return _topic_count(st.settings, st.settings.topics.impressions) + _topic_count(
+        st.settings, st.settings.topics.clicks
+    )
 
 
 def _speed_caught_up(st: DemoState, expected_in: int) -> bool:
@@ -285,9 +353,11 @@ def _speed_caught_up(st: DemoState, expected_in: int) -> bool:
     ports = st.numbers["metrics_ports"]
     m = scrape_or_empty(ports["speed-features"])
     j = scrape_or_empty(ports["speed-join"])
-    return m.get("ctrstream_speed_events_in_total", 0) >= expected_in and \
-        m.get("ctrstream_speed_consumer_lag", 1) == 0 and \
-        j.get("ctrstream_speed_events_in_total", 0) >= expected_in
+    return (
+        m.get("ctrstream_speed_events_in_total", 0) >= expected_in
+        and m.get("ctrstream_speed_consumer_lag", 1) == 0
+        and j.get("ctrstream_speed_events_in_total", 0) >= expected_in
+    )
 
 
 def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
@@ -298,23 +368,37 @@ def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     ports = {"speed-features": free_port(), "speed-join": free_port()}
     st.numbers["metrics_ports"] = ports
     rec_root = st.out / "speed-recovery"
-    _start(st, "speed-features", ["speed", "features", "--recovery-dir", str(rec_root / "features")],
-           ports["speed-features"])
-    _start(st, "speed-join", ["speed", "join", "--recovery-dir", str(rec_root / "join")],
-           ports["speed-join"])
-    st.monitor = LagMonitor(st.settings, f"ctrstream-demo-lag-{st.run_id}", ports,
-                            lambda job: _running(st, job))
+    _start(
+        st,
+        "speed-features",
+        ["speed", "features", "--recovery-dir", str(rec_root / "features")],
+        ports["speed-features"],
+    )
+    _start(
+        st,
+        "speed-join",
+        ["speed", "join", "--recovery-dir", str(rec_root / "join")],
+        ports["speed-join"],
+    )
+    st.monitor = LagMonitor(
+        st.settings, f"ctrstream-demo-lag-{st.run_id}", ports, lambda job: _running(st, job)
+    )
     probe = _probe(st, tr, None, t_split, cfg)
     st.monitor.begin("history")
     t0 = time.monotonic()
-    st.numbers["replay_history"] = _replay(st, tr, None, t_split, t_split - st.numbers["t_start"],
-                                           cfg, "replay (history)")
+    st.numbers["replay_history"] = _replay(
+        st, tr, None, t_split, t_split - st.numbers["t_start"], cfg, "replay (history)"
+    )
     st.monitor.replay_ended("history")
     # advance the watermark to the split so buckets and attribution windows up to it close
     send_heartbeat(st.settings, t_split)
-    _wait("the speed layer to catch up with the history",
-          lambda: _speed_caught_up(st, _events_written(st)), 600,
-          ["speed-features", "speed-join"], st)
+    _wait(
+        "the speed layer to catch up with the history",
+        lambda: _speed_caught_up(st, _events_written(st)),
+        600,
+        ["speed-features", "speed-join"],
+        st,
+    )
     st.numbers["speed_history_seconds"] = time.monotonic() - t0
     st.monitor.end("history")
     st.numbers.setdefault("freshness", {})["history"] = probe.finish()
@@ -331,10 +415,19 @@ def _batch(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     from ctrstream.models.publish import publish, served_model_name
 
     window_ms = int(st.settings.attribution_window_s * 1000)
-    ds, _, source = archive_training_data(st.settings, end_ms=t_split - window_ms, log=console.print)
+    ds, _, source = archive_training_data(
+        st.settings, end_ms=t_split - window_ms, log=console.print
+    )
     st.numbers["train_rows"] = int(len(ds["label"]))
-    summary = run_training(st.settings, ds, tr.oracle, out_dir=st.out / "models", epochs=cfg.epochs,
-                           source=source, log=console.print)
+    summary = run_training(
+        st.settings,
+        ds,
+        tr.oracle,
+        out_dir=st.out / "models",
+        epochs=cfg.epochs,
+        source=source,
+        log=console.print,
+    )
     del ds  # the training set is not needed for the batch view: free it before that peak
     print_summary(summary, console)
     st.numbers["training"] = summary
@@ -355,8 +448,20 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
 
     ports = st.numbers["metrics_ports"]
     ports["score"], ports["calibrate"] = free_port(), free_port()
-    _start(st, "score", ["score", "--model", "ctr_deep", "--since-ms", str(t_split),
-                         "--recovery-dir", str(st.out / "score-recovery")], ports["score"])
+    _start(
+        st,
+        "score",
+        [
+            "score",
+            "--model",
+            "ctr_deep",
+            "--since-ms",
+            str(t_split),
+            "--recovery-dir",
+            str(st.out / "score-recovery"),
+        ],
+        ports["score"],
+    )
     _start(st, "calibrate", ["calibrate", "--checkpoint-interval", "1"], ports["calibrate"])
     end = st.numbers["t_end"]
     expected = int(np.count_nonzero(tr.impressions.column("event_time_ms").to_numpy() >= t_split))
@@ -368,35 +473,58 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     st.numbers["replay_live"] = _replay_lockstep(st, tr, t_split, cfg, "replay (live, lockstep)")
     st.monitor.replay_ended("live")
     # close every attribution window: the join emits the last labeled examples
-    send_heartbeat(st.settings, end + int(st.settings.attribution_window_s * 1000)
-                   + int(st.settings.allowed_lateness_s * 1000) + F.HOUR_MS)
-    _wait("the scorer to score the live stream",
-          lambda: _topic_count(st.settings, st.settings.topics.predictions) >= expected, 900,
-          ["score"], st)
+    send_heartbeat(
+        st.settings,
+        end
+        + int(st.settings.attribution_window_s * 1000)
+        + int(st.settings.allowed_lateness_s * 1000)
+        + F.HOUR_MS,
+    )
+    _wait(
+        "the scorer to score the live stream",
+        lambda: _topic_count(st.settings, st.settings.topics.predictions) >= expected,
+        900,
+        ["score"],
+        st,
+    )
     st.numbers["score_seconds"] = time.monotonic() - t0
     st.numbers["predictions"] = _topic_count(st.settings, st.settings.topics.predictions)
     st.numbers["freshness"]["live"] = probe.finish()
     n_labeled = tr.impressions.num_rows
-    _wait("the join to label every impression",
-          lambda: _topic_count(st.settings, st.settings.topics.labeled) >= n_labeled * 0.99, 600,
-          ["speed-join"], st)
+    _wait(
+        "the join to label every impression",
+        lambda: _topic_count(st.settings, st.settings.topics.labeled) >= n_labeled * 0.99,
+        600,
+        ["speed-join"],
+        st,
+    )
+
     def calibrator_done() -> bool:
         # every prediction is joined with its label or dropped (expired, degraded, duplicate)
         m = scrape_or_empty(ports["calibrate"])
-        return (m.get("ctrstream_calibration_joined_total", 0)
-                + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)) >= expected
+        return (
+            m.get("ctrstream_calibration_joined_total", 0)
+            + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)
+        ) >= expected
 
     _wait("the calibrator to learn from the live labels", calibrator_done, 600, ["calibrate"], st)
-    _wait("the speed layer to catch up with the live stream", lambda: _speed_caught_up(st, _events_written(st)),
-          600, ["speed-features", "speed-join"], st)
+    _wait(
+        "the speed layer to catch up with the live stream",
+        lambda: _speed_caught_up(st, _events_written(st)),
+        600,
+        ["speed-features", "speed-join"],
+        st,
+    )
     st.monitor.end("live")
     st.numbers["lag"] = st.monitor.summary()
     st.numbers["metrics"] = {name: scrape_or_empty(port) for name, port in ports.items()}
     # the speed layer has read everything (the join has labeled every impression): count its view
     st.numbers["speed_keys_by_entity"] = _count_speed_keys(st.settings)
     st.numbers["speed_keys"] = sum(st.numbers["speed_keys_by_entity"].values())
-    console.print(f"speed view: {st.numbers['speed_keys']:,} hashes (entity, id, day) in Redis "
-                  f"{st.numbers['speed_keys_by_entity']}")
+    console.print(
+        f"speed view: {st.numbers['speed_keys']:,} hashes (entity, id, day) in Redis "
+        f"{st.numbers['speed_keys_by_entity']}"
+    )
     for name in ("score", "calibrate"):
         _stop(st, name)
 
@@ -434,33 +562,53 @@ def _serve(st: DemoState, tr) -> None:
     imps = tr.impressions.slice(tr.impressions.num_rows - 5000).to_pylist()
     ads: dict[int, dict] = {}
     for r in imps:
-        ads.setdefault(r["ad_id"], {k: r[k] for k in ("ad_id", "campaign_id", "advertiser_id",
-                                                      "ad_category")})
+        ads.setdefault(
+            r["ad_id"], {k: r[k] for k in ("ad_id", "campaign_id", "advertiser_id", "ad_category")}
+        )
     candidates = list(ads.values())[:50]
     samples = []
     for r in imps[-3:]:
-        body = {"user_id": r["user_id"],
-                "context": {"site_id": r["site_id"], "device_type": r["device_type"],
-                            "country": r["country"], "position": r["position"],
-                            "event_time_ms": st.numbers["t_end"]},
-                "candidates": candidates}
+        body = {
+            "user_id": r["user_id"],
+            "context": {
+                "site_id": r["site_id"],
+                "device_type": r["device_type"],
+                "country": r["country"],
+                "position": r["position"],
+                "event_time_ms": st.numbers["t_end"],
+            },
+            "candidates": candidates,
+        }
         resp = httpx.post(f"{url}/v1/predict", json=body, timeout=10)
         if resp.status_code != 200:
             raise DemoError(f"/v1/predict answered {resp.status_code}: {resp.text[:500]}")
-        samples.append({"request": {k: v for k, v in body.items() if k != "candidates"}
-                        | {"candidates": len(candidates)}, "response": resp.json(),
-                        "server_timing": resp.headers.get("server-timing", "")})
-        table = Table(title=f"user {r['user_id']} on site {r['site_id']} ({r['device_type']}, "
-                            f"position {r['position']}): top 5 of {len(candidates)} ads")
+        samples.append(
+            {
+                "request": {k: v for k, v in body.items() if k != "candidates"}
+                | {"candidates": len(candidates)},
+                "response": resp.json(),
+                "server_timing": resp.headers.get("server-timing", ""),
+            }
+        )
+        table = Table(
+            title=f"user {r['user_id']} on site {r['site_id']} ({r['device_type']}, "
+            f"position {r['position']}): top 5 of {len(candidates)} ads"
+        )
         for c in ("rank", "ad_id", "raw_score", "calibrated_score"):
             table.add_column(c, justify="right")
         out = resp.json()
         for c in out["candidates"][:5]:
-            table.add_row(str(c.get("rank")), str(c["ad_id"]), f"{c['raw_score']:.4f}",
-                          f"{c['calibrated_score']:.4f}")
+            table.add_row(
+                str(c.get("rank")),
+                str(c["ad_id"]),
+                f"{c['raw_score']:.4f}",
+                f"{c['calibrated_score']:.4f}",
+            )
         console.print(table)
-        console.print(f"model {out.get('model_name')} v{out.get('model_version')}, calibration "
-                      f"{out.get('calibration')}, degraded {out.get('degraded')}")
+        console.print(
+            f"model {out.get('model_name')} v{out.get('model_version')}, calibration "
+            f"{out.get('calibration')}, degraded {out.get('degraded')}"
+        )
     st.numbers["api_samples"] = samples
     _stop(st, "serve")
 
@@ -479,7 +627,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     try:
         with phase(st, 1, total, "stack", "Kafka (KRaft), Redis, Triton on 127.0.0.1"):
             _stack(st)
-        with phase(st, 2, total, "generate", f"scenario {cfg.scenario}, {cfg.events:,} impressions"):
+        with phase(
+            st, 2, total, "generate", f"scenario {cfg.scenario}, {cfg.events:,} impressions"
+        ):
             tr, t_split = _generate(st, cfg)
         with phase(st, 3, total, "history", "speed layer + replay of the history + archive"):
             _history(st, cfg, tr, t_split)
@@ -509,8 +659,10 @@ def run_demo(cfg: DemoConfig) -> Path:
         for name in list(st.procs):
             _stop(st, name)
         if not ok:
-            console.print(f"[red]demo stopped[/]; logs are in {out / 'logs'} "
-                          f"(stack logs in {st.settings.run_dir / 'logs'})")
+            console.print(
+                f"[red]demo stopped[/]; logs are in {out / 'logs'} "
+                f"(stack logs in {st.settings.run_dir / 'logs'})"
+            )
         if st.started_stack and not cfg.keep_stack:
             from ctrstream.stack.manager import Stack
 

@@ -69,15 +69,20 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
         else:
             new.append(NewTopic(t.name, num_partitions=t.partitions, replication_factor=1))
     if wrong:
-        raise RuntimeError("topic configuration mismatch: " + "; ".join(wrong)
-                           + ". Delete the topics (or the stack's data with `ctrstream stack down --purge`) "
-                           "or change CTRSTREAM_TOPICS__*__PARTITIONS.")
+        raise RuntimeError(
+            "topic configuration mismatch: "
+            + "; ".join(wrong)
+            + ". Delete the topics (or the stack's data with `ctrstream stack down --purge`) "
+            "or change CTRSTREAM_TOPICS__*__PARTITIONS."
+        )
     if new:
         for name, fut in client.create_topics(new, operation_timeout=timeout).items():
             try:
                 fut.result(timeout)
                 created.append(name)
-            except Exception as e:  # confluent-kafka's KafkaException: re-raised unless the topic exists
+            except (
+                Exception
+            ) as e:  # confluent-kafka's KafkaException: re-raised unless the topic exists
                 if "TOPIC_ALREADY_EXISTS" not in str(e):
                     raise
     return created
@@ -87,8 +92,13 @@ def topic_end_offsets(settings: Settings, topic: str, timeout: float = 10.0) -> 
     """High watermark of every partition of ``topic``."""
     from confluent_kafka import TopicPartition
 
-    c = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers,
-                  "group.id": "ctrstream-offsets-probe", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": "ctrstream-offsets-probe",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         md = c.list_topics(topic, timeout=timeout).topics[topic]
         out = {}

@@ -13,10 +13,24 @@ from ctrstream.kafka.topics import read_topic
 log = logging.getLogger("ctrstream.deadletters")
 
 
-def dead_letter(reason: str, topic: str, partition: int, offset: int, original: bytes | None,
-                stage: str = "decode") -> bytes:
-    return encode(DeadLetter(reason=reason, source_topic=topic, partition=partition,
-                             offset=offset, original=original or b"", stage=stage))
+def dead_letter(
+    reason: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    original: bytes | None,
+    stage: str = "decode",
+) -> bytes:
+    return encode(
+        DeadLetter(
+            reason=reason,
+            source_topic=topic,
+            partition=partition,
+            offset=offset,
+            original=original or b"",
+            stage=stage,
+        )
+    )
 
 
 class DlqWriter:
@@ -40,8 +54,9 @@ class DlqWriter:
         t0 = time.monotonic()
         left = self.producer.flush(timeout)
         if left:
-            raise RuntimeError(f"{left} dead letters not acknowledged by Kafka after "
-                               f"{time.monotonic() - t0:.0f}s")
+            raise RuntimeError(
+                f"{left} dead letters not acknowledged by Kafka after {time.monotonic() - t0:.0f}s"
+            )
 
 
 def read_dead_letters(settings, timeout_s: float = 60.0) -> list:
@@ -54,5 +69,7 @@ def read_dead_letters(settings, timeout_s: float = 60.0) -> list:
         try:
             out.append(decode_dead_letter(rec.value or b""))  # no value: undecodable too
         except Exception:  # noqa: BLE001 - an undecodable dead letter is logged and skipped
-            log.warning("undecodable dead letter at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
+            log.warning(
+                "undecodable dead letter at %s[%d]@%d", rec.topic, rec.partition, rec.offset
+            )
     return out

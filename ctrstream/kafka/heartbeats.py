@@ -23,13 +23,14 @@ def heartbeat_time(key: bytes | None) -> int | None:
     if key is None or not key.startswith(HEARTBEAT_PREFIX):
         return None
     try:
-        return int(key[len(HEARTBEAT_PREFIX):])
+        return int(key[len(HEARTBEAT_PREFIX) :])
     except ValueError:
         return None
 
 
-def send_heartbeat(settings: Settings, event_time_ms: int,
-                   kinds: tuple[str, ...] = ("impressions", "clicks")) -> int:
+def send_heartbeat(
+    settings: Settings, event_time_ms: int, kinds: tuple[str, ...] = ("impressions", "clicks")
+) -> int:
     """Write one watermark heartbeat at ``event_time_ms`` into every partition of the
     ``kinds`` topics; returns how many were written (and acknowledged)."""
     p = make_producer(settings)

@@ -22,14 +22,25 @@ class PartitionReader:
     (``None``: the beginning). ``poll`` returns up to ``max_records`` messages without
     blocking; ``next_offset`` is the offset after the last returned message."""
 
-    def __init__(self, settings: Settings, topic: str, partition: int, offset: int | None,
-                 group: str, fetch_kbytes: int = 32_768):
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        partition: int,
+        offset: int | None,
+        group: str,
+        fetch_kbytes: int = 32_768,
+    ):
         self.topic, self.partition = topic, partition
-        self.consumer = make_consumer(settings, group, **{
-            "queued.max.messages.kbytes": fetch_kbytes,
-            "fetch.wait.max.ms": 20,
-            "enable.auto.offset.store": False,
-        })
+        self.consumer = make_consumer(
+            settings,
+            group,
+            **{
+                "queued.max.messages.kbytes": fetch_kbytes,
+                "fetch.wait.max.ms": 20,
+                "enable.auto.offset.store": False,
+            },
+        )
         self.next_offset = offset
         self.tp = TopicPartition(topic, partition, OFFSET_BEGINNING if offset is None else offset)
         self.consumer.assign([self.tp])
@@ -50,7 +61,9 @@ class PartitionReader:
                 elif err.fatal():
                     raise KafkaException(err)
                 else:
-                    log.warning("kafka consumer error on %s[%d]: %s", self.topic, self.partition, err)
+                    log.warning(
+                        "kafka consumer error on %s[%d]: %s", self.topic, self.partition, err
+                    )
         if good:
             last = good[-1].offset()
             assert last is not None  # set on every consumed record

@@ -19,14 +19,20 @@ class Record:
     timestamp: int
 
 
-def read_topic(settings: Settings, topic: str, timeout: float = 30.0,
-               isolation: str = "read_committed") -> list[Record]:
+def read_topic(
+    settings: Settings, topic: str, timeout: float = 30.0, isolation: str = "read_committed"
+) -> list[Record]:
     """Every record of ``topic`` up to its current end, in (partition, offset) order."""
     import time
 
-    c = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers,
-                  "group.id": "ctrstream-speed-reference", "enable.auto.commit": False,
-                  "isolation.level": isolation})
+    c = Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": "ctrstream-speed-reference",
+            "enable.auto.commit": False,
+            "isolation.level": isolation,
+        }
+    )
     try:
         md = c.list_topics(topic, timeout=timeout).topics[topic]
         ends = {}

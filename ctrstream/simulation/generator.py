@@ -72,8 +72,17 @@ from ctrstream.simulation.scenarios import (  # re-exported: __all__
     load_scenario,
 )
 
-__all__ = ["Scenario", "load_scenario", "generate", "Traffic", "write_traffic", "read_traffic",
-           "SCENARIOS", "MALFORMED_KINDS", "EXPECTED_REASON"]
+__all__ = [
+    "Scenario",
+    "load_scenario",
+    "generate",
+    "Traffic",
+    "write_traffic",
+    "read_traffic",
+    "SCENARIOS",
+    "MALFORMED_KINDS",
+    "EXPECTED_REASON",
+]
 
 DEVICES = ("mobile", "desktop", "tablet", "ctv")
 DEVICE_WEIGHTS = np.array([0.6, 0.3, 0.07, 0.03])
@@ -85,14 +94,23 @@ IMPRESSION_FIELDS: tuple[str, ...] = Impression.__struct_fields__
 CLICK_FIELDS: tuple[str, ...] = Click.__struct_fields__
 _STRING_FIELDS = {"impression_id", "click_id", "device_type", "country"}
 
-IMPRESSION_SCHEMA = pa.schema([(f, pa.string() if f in _STRING_FIELDS else pa.int64())
-                               for f in IMPRESSION_FIELDS])
-CLICK_SCHEMA = pa.schema([(f, pa.string() if f in _STRING_FIELDS else pa.int64())
-                          for f in CLICK_FIELDS])
+IMPRESSION_SCHEMA = pa.schema(
+    [(f, pa.string() if f in _STRING_FIELDS else pa.int64()) for f in IMPRESSION_FIELDS]
+)
+CLICK_SCHEMA = pa.schema(
+    [(f, pa.string() if f in _STRING_FIELDS else pa.int64()) for f in CLICK_FIELDS]
+)
 ORACLE_SCHEMA = pa.schema([("impression_id", pa.string()), ("p_click", pa.float64())])
-MALFORMED_SCHEMA = pa.schema([("key", pa.string()), ("topic", pa.string()), ("kind", pa.string()),
-                              ("reason", pa.string()), ("timestamp_ms", pa.int64()),
-                              ("value", pa.binary())])
+MALFORMED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("topic", pa.string()),
+        ("kind", pa.string()),
+        ("reason", pa.string()),
+        ("timestamp_ms", pa.int64()),
+        ("value", pa.binary()),
+    ]
+)
 
 # What ctrstream.events' decoders say about each kind of injected malformed record
 # (``DecodeError.reason`` starts with this).
@@ -111,6 +129,7 @@ _TREND_PRIOR_LONG = 200.0
 
 
 # --------------------------------------------------------------------------- sampling helpers
+
 
 def _zipf_cdf(n: int, exponent: float, offset: float) -> np.ndarray:
     w = 1.0 / (np.arange(n, dtype=np.float64) + offset) ** exponent
@@ -172,16 +191,20 @@ def _solve_intercept(x: np.ndarray, target: float) -> float:
 
 
 def _ids(prefix: str, idx: np.ndarray) -> pa.Array:
-    digits = pc.utf8_lpad(pc.cast(pa.array(idx, type=pa.int64()), pa.string()), width=9, padding="0")
+    digits = pc.utf8_lpad(
+        pc.cast(pa.array(idx, type=pa.int64()), pa.string()), width=9, padding="0"
+    )
     return pc.binary_join_element_wise(prefix, digits, "")
 
 
 def _dict_strings(codes: np.ndarray, values: tuple[str, ...]) -> pa.Array:
-    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)),
-                                          pa.array(values)).cast(pa.string())
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(values)).cast(
+        pa.string()
+    )
 
 
 # --------------------------------------------------------------------------- the marketplace
+
 
 @dataclass
 class _Market:
@@ -204,14 +227,21 @@ class _Market:
 
 
 def _market(sc: Scenario, rng: np.random.Generator) -> _Market:
-    A, C, N, U, S, K = (sc.n_advertisers, sc.n_campaigns, sc.n_ads, sc.n_users, sc.n_sites,
-                        sc.n_categories)
+    A, C, N, U, S, K = (
+        sc.n_advertisers,
+        sc.n_campaigns,
+        sc.n_ads,
+        sc.n_users,
+        sc.n_sites,
+        sc.n_categories,
+    )
     campaign_advertiser = rng.permutation(np.concatenate([np.arange(A), rng.integers(0, A, C - A)]))
     ad_campaign = rng.permutation(np.concatenate([np.arange(C), rng.integers(0, C, N - C)]))
     cat_cdf = _zipf_cdf(K, 0.7, 1.0)
     adv_cat = _sample_cdf(cat_cdf, rng.random(A))
-    ad_cat = np.where(rng.random(N) < 0.8, adv_cat[campaign_advertiser[ad_campaign]],
-                      rng.integers(0, K, N))
+    ad_cat = np.where(
+        rng.random(N) < 0.8, adv_cat[campaign_advertiser[ad_campaign]], rng.integers(0, K, N)
+    )
     user_eff = rng.normal(0, sc.user_sigma, U)
     ad_eff = rng.normal(0, sc.ad_sigma, N)
     site_eff = rng.normal(0, sc.site_sigma, S)
@@ -235,7 +265,7 @@ def _market(sc: Scenario, rng: np.random.Generator) -> _Market:
     bounds = np.searchsorted(flat_cat[order], np.arange(K + 1))
     for c in range(K):
         ads_c = np.flatnonzero(ad_cat == c)
-        sel = order[bounds[c]:bounds[c + 1]]
+        sel = order[bounds[c] : bounds[c + 1]]
         if len(ads_c) == 0 or len(sel) == 0:
             continue
         cdf = np.cumsum(ad_w[ads_c])
@@ -244,11 +274,21 @@ def _market(sc: Scenario, rng: np.random.Generator) -> _Market:
     retarget = flat.reshape(U, 3)
 
     return _Market(
-        ad_campaign=ad_campaign, campaign_advertiser=campaign_advertiser, ad_category=ad_cat,
-        user_eff=user_eff, ad_eff=ad_eff, site_eff=site_eff, country_eff=country_eff,
-        user_interest=interest, user_device=user_device, user_country=user_country,
-        user_retarget=retarget, site_latent=site_latent, cat_latent=cat_latent,
-        ad_cdf=ad_cdf, user_p=zipf_probabilities(U, sc.user_zipf, sc.user_zipf_offset),
+        ad_campaign=ad_campaign,
+        campaign_advertiser=campaign_advertiser,
+        ad_category=ad_cat,
+        user_eff=user_eff,
+        ad_eff=ad_eff,
+        site_eff=site_eff,
+        country_eff=country_eff,
+        user_interest=interest,
+        user_device=user_device,
+        user_country=user_country,
+        user_retarget=retarget,
+        site_latent=site_latent,
+        cat_latent=cat_latent,
+        ad_cdf=ad_cdf,
+        user_p=zipf_probabilities(U, sc.user_zipf, sc.user_zipf_offset),
         site_p=zipf_probabilities(S, sc.site_zipf, sc.site_zipf_offset),
     )
 
@@ -282,11 +322,13 @@ def _click_delays_ms(sc: Scenario, rng: np.random.Generator, n: int) -> np.ndarr
     return np.maximum(1, np.round(d * 1000.0)).astype(np.int64)
 
 
-def _heat(sc: Scenario, rng: np.random.Generator, ad: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, int]:
+def _heat(
+    sc: Scenario, rng: np.random.Generator, ad: np.ndarray, t: np.ndarray
+) -> tuple[np.ndarray, int]:
     """Whether each impression's ad is in a hidden trending episode at its time."""
     n_ads, span = sc.n_ads, sc.span_ms
     med = sc.heat_duration_median_s * 1000.0
-    mean_dur = med * np.exp(0.5 * 0.5 ** 2)
+    mean_dur = med * np.exp(0.5 * 0.5**2)
     lead = 2 * med
     expected = sc.heat_fraction * n_ads * (span + lead) / mean_dur
     k = int(rng.poisson(expected)) if sc.heat_fraction > 0 and sc.heat_logit != 0 else 0
@@ -309,11 +351,18 @@ def _heat(sc: Scenario, rng: np.random.Generator, ad: np.ndarray, t: np.ndarray)
 
 # --------------------------------------------------------------------------- Traffic
 
+
 class Traffic:
     """Generated (or recorded) traffic: clean event tables, the oracle, and the replay plan."""
 
-    def __init__(self, scenario: Scenario, impressions: pa.Table, clicks: pa.Table,
-                 oracle: pa.Table, meta: dict | None = None):
+    def __init__(
+        self,
+        scenario: Scenario,
+        impressions: pa.Table,
+        clicks: pa.Table,
+        oracle: pa.Table,
+        meta: dict | None = None,
+    ):
         self.scenario = scenario
         self.impressions = impressions
         self.clicks = clicks
@@ -327,8 +376,10 @@ class Traffic:
         self._enc_cols: tuple | None = None
 
     def __repr__(self) -> str:
-        return (f"Traffic(scenario={self.scenario.name!r}, impressions={self.impressions.num_rows}, "
-                f"clicks={self.clicks.num_rows}, records={self.n_records})")
+        return (
+            f"Traffic(scenario={self.scenario.name!r}, impressions={self.impressions.num_rows}, "
+            f"clicks={self.clicks.num_rows}, records={self.n_records})"
+        )
 
     # -- the replay plan ------------------------------------------------------------------
     @property
@@ -359,20 +410,24 @@ class Traffic:
         plan = self._plan
         imp_cols, imp_keys, clk_cols, clk_keys = self._encoding_columns()
         kind_names = np.array(TOPIC_KINDS + ("?",), dtype=object)
-        mal_topic = np.array([TOPIC_KINDS.index(t) for t in plan.malformed["topic"].to_pylist()],
-                             dtype=np.int8)
+        mal_topic = np.array(
+            [TOPIC_KINDS.index(t) for t in plan.malformed["topic"].to_pylist()], dtype=np.int8
+        )
         mal_vals = np.array(plan.malformed["value"].to_pylist() + [b""], dtype=object)[:-1]
-        mal_keys = np.array([k.encode() for k in plan.malformed["key"].to_pylist()] + [b""],
-                            dtype=object)[:-1]
+        mal_keys = np.array(
+            [k.encode() for k in plan.malformed["key"].to_pylist()] + [b""], dtype=object
+        )[:-1]
         for lo in range(0, len(plan.order), block):
-            sel = plan.order[lo:lo + block]
+            sel = plan.order[lo : lo + block]
             src, idx = plan.src_kind[sel], plan.src_idx[sel]
             m = len(sel)
             values = np.empty(m, dtype=object)
             keys = np.empty(m, dtype=object)
             topic = src.copy()
-            for s, cols, key_arr, cls in ((0, imp_cols, imp_keys, Impression),
-                                          (1, clk_cols, clk_keys, Click)):
+            for s, cols, key_arr, cls in (
+                (0, imp_cols, imp_keys, Impression),
+                (1, clk_cols, clk_keys, Click),
+            ):
                 mask = src == s
                 if not mask.any():
                     continue
@@ -385,8 +440,12 @@ class Traffic:
                 values[mask] = mal_vals[rows]
                 keys[mask] = mal_keys[rows]
                 topic[mask] = mal_topic[rows]
-            yield (kind_names[topic].tolist(), keys.tolist(), values.tolist(),
-                   plan.timestamp[sel].tolist())
+            yield (
+                kind_names[topic].tolist(),
+                keys.tolist(),
+                values.tolist(),
+                plan.timestamp[sel].tolist(),
+            )
 
     def records(self, block: int = 65_536) -> Iterator[tuple[str, bytes, bytes, int]]:
         """(topic kind, key, value, Kafka timestamp ms) in replay order, injections included."""
@@ -396,13 +455,17 @@ class Traffic:
     def encoded(self, kind: str, block: int = 65_536) -> Iterator[list[bytes]]:
         """The clean events of one table, encoded, in blocks (table order)."""
         imp_cols, _, clk_cols, _ = self._encoding_columns()
-        cols, cls, n = ((imp_cols, Impression, self.impressions.num_rows) if kind == "impressions"
-                        else (clk_cols, Click, self.clicks.num_rows))
+        cols, cls, n = (
+            (imp_cols, Impression, self.impressions.num_rows)
+            if kind == "impressions"
+            else (clk_cols, Click, self.clicks.num_rows)
+        )
         for lo in range(0, n, block):
             yield _encode_rows(cols, np.arange(lo, min(n, lo + block)), cls)
 
     def _encoding_columns(self):
         if self._enc_cols is None:
+
             def cols(table: pa.Table, fields):
                 out = []
                 for f in fields:
@@ -410,12 +473,25 @@ class Traffic:
                     out.append(col if f in _STRING_FIELDS else col.to_numpy())
                 return out
 
-            imp_keys = np.array(self.impressions.column("impression_id").combine_chunks()
-                                .cast(pa.binary()).to_pylist() + [b""], dtype=object)[:-1]
-            clk_keys = np.array(self.clicks.column("impression_id").combine_chunks()
-                                .cast(pa.binary()).to_pylist() + [b""], dtype=object)[:-1]
-            self._enc_cols = (cols(self.impressions, IMPRESSION_FIELDS), imp_keys,
-                              cols(self.clicks, CLICK_FIELDS), clk_keys)
+            imp_keys = np.array(
+                self.impressions.column("impression_id")
+                .combine_chunks()
+                .cast(pa.binary())
+                .to_pylist()
+                + [b""],
+                dtype=object,
+            )[:-1]
+            clk_keys = np.array(
+                self.clicks.column("impression_id").combine_chunks().cast(pa.binary()).to_pylist()
+                + [b""],
+                dtype=object,
+            )[:-1]
+            self._enc_cols = (
+                cols(self.impressions, IMPRESSION_FIELDS),
+                imp_keys,
+                cols(self.clicks, CLICK_FIELDS),
+                clk_keys,
+            )
         return self._enc_cols
 
 
@@ -429,16 +505,19 @@ def _encode_rows(cols: list, rows: np.ndarray, cls) -> list[bytes]:
     """msgspec-encode the given rows of a table (columns pre-extracted), without a Python loop."""
     if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
         lo, hi = int(rows[0]), int(rows[-1]) + 1
-        lists = [c[lo:hi].to_pylist() if isinstance(c, pa.Array) else c[lo:hi].tolist()
-                 for c in cols]
+        lists = [
+            c[lo:hi].to_pylist() if isinstance(c, pa.Array) else c[lo:hi].tolist() for c in cols
+        ]
     else:
         idx = pa.array(rows)
-        lists = [c.take(idx).to_pylist() if isinstance(c, pa.Array) else c[rows].tolist()
-                 for c in cols]
+        lists = [
+            c.take(idx).to_pylist() if isinstance(c, pa.Array) else c[rows].tolist() for c in cols
+        ]
     return list(map(_ENCODER.encode, map(cls, *lists)))
 
 
 # --------------------------------------------------------------------------- generation
+
 
 def generate(scenario: Scenario) -> Traffic:
     """Generate the traffic of a scenario (deterministic per scenario, seed included)."""
@@ -453,8 +532,11 @@ def generate(scenario: Scenario) -> Traffic:
     site = _categorical(rng, mk.site_p, n)
     pw = np.asarray(sc.position_weights, dtype=np.float64)
     position = _sample_cdf(np.cumsum(pw) / pw.sum(), rng.random(n))
-    device = np.where(rng.random(n) < 0.85, mk.user_device[user],
-                      _sample_cdf(np.cumsum(DEVICE_WEIGHTS) / DEVICE_WEIGHTS.sum(), rng.random(n)))
+    device = np.where(
+        rng.random(n) < 0.85,
+        mk.user_device[user],
+        _sample_cdf(np.cumsum(DEVICE_WEIGHTS) / DEVICE_WEIGHTS.sum(), rng.random(n)),
+    )
     country = mk.user_country[user]
     retarget = rng.random(n) < sc.retarget_rate
     slot = rng.integers(0, 3, n)
@@ -466,10 +548,15 @@ def generate(scenario: Scenario) -> Traffic:
     hour = (abs_t // 3_600_000) % 24
 
     # ---- the hidden logit
-    x = (mk.user_eff[user] + mk.ad_eff[ad] + mk.site_eff[site]
-         + np.asarray(sc.position_logit)[position] + DEVICE_LOGIT[device]
-         + mk.country_eff[country]
-         + sc.hour_amplitude * np.cos(2 * np.pi * (hour - 21) / 24.0))
+    x = (
+        mk.user_eff[user]
+        + mk.ad_eff[ad]
+        + mk.site_eff[site]
+        + np.asarray(sc.position_logit)[position]
+        + DEVICE_LOGIT[device]
+        + mk.country_eff[country]
+        + sc.hour_amplitude * np.cos(2 * np.pi * (hour - 21) / 24.0)
+    )
     match = (mk.user_interest[user, 0] == category) | (mk.user_interest[user, 1] == category)
     x += sc.interest_logit * match
     x += np.einsum("ij,ij->i", mk.site_latent[site], mk.cat_latent[category])
@@ -484,8 +571,11 @@ def generate(scenario: Scenario) -> Traffic:
 
     drift_campaign, drift_time = None, None
     if sc.drift_logit != 0:
-        drift_campaign = (int(sc.drift_campaign) if sc.drift_campaign is not None
-                          else int(np.argmax(np.bincount(campaign, minlength=sc.n_campaigns))))
+        drift_campaign = (
+            int(sc.drift_campaign)
+            if sc.drift_campaign is not None
+            else int(np.argmax(np.bincount(campaign, minlength=sc.n_campaigns)))
+        )
         drift_time = int(sc.start_ms + round(sc.drift_at * span))
         logit += sc.drift_logit * ((campaign == drift_campaign) & (abs_t >= drift_time))
 
@@ -500,40 +590,76 @@ def generate(scenario: Scenario) -> Traffic:
 
     # ---- tables
     imp_ids = _ids(f"i{sc.seed}-", np.arange(n))
-    imps = pa.Table.from_arrays([
-        pa.array(np.full(n, SCHEMA_VERSION, dtype=np.int64)), imp_ids, pa.array(abs_t),
-        pa.array(user.astype(np.int64)), pa.array(ad.astype(np.int64)),
-        pa.array(campaign.astype(np.int64)), pa.array(advertiser.astype(np.int64)),
-        pa.array(site.astype(np.int64)), pa.array(category.astype(np.int64)),
-        _dict_strings(device, DEVICES), _dict_strings(country, COUNTRIES),
-        pa.array(position.astype(np.int64)),
-    ], schema=IMPRESSION_SCHEMA)
+    imps = pa.Table.from_arrays(
+        [
+            pa.array(np.full(n, SCHEMA_VERSION, dtype=np.int64)),
+            imp_ids,
+            pa.array(abs_t),
+            pa.array(user.astype(np.int64)),
+            pa.array(ad.astype(np.int64)),
+            pa.array(campaign.astype(np.int64)),
+            pa.array(advertiser.astype(np.int64)),
+            pa.array(site.astype(np.int64)),
+            pa.array(category.astype(np.int64)),
+            _dict_strings(device, DEVICES),
+            _dict_strings(country, COUNTRIES),
+            pa.array(position.astype(np.int64)),
+        ],
+        schema=IMPRESSION_SCHEMA,
+    )
     m = len(clicked)
     ci = pa.array(clicked)
-    clicks = pa.Table.from_arrays([
-        pa.array(np.full(m, SCHEMA_VERSION, dtype=np.int64)), _ids(f"c{sc.seed}-", clicked),
-        imp_ids.take(ci), pa.array(click_t),
-        *[imps.column(f).combine_chunks().take(ci) for f in
-          ("user_id", "ad_id", "campaign_id", "advertiser_id", "site_id", "ad_category")],
-    ], schema=CLICK_SCHEMA)
+    clicks = pa.Table.from_arrays(
+        [
+            pa.array(np.full(m, SCHEMA_VERSION, dtype=np.int64)),
+            _ids(f"c{sc.seed}-", clicked),
+            imp_ids.take(ci),
+            pa.array(click_t),
+            *[
+                imps.column(f).combine_chunks().take(ci)
+                for f in (
+                    "user_id",
+                    "ad_id",
+                    "campaign_id",
+                    "advertiser_id",
+                    "site_id",
+                    "ad_category",
+                )
+            ],
+        ],
+        schema=CLICK_SCHEMA,
+    )
     oracle = pa.Table.from_arrays([imp_ids, pa.array(p)], schema=ORACLE_SCHEMA)
     meta = {
-        "intercept": b0, "heat_episodes": n_episodes, "impressions": n, "clicks": m,
-        "mean_p_click": float(p.mean()), "realized_ctr": m / n,
+        "intercept": b0,
+        "heat_episodes": n_episodes,
+        "impressions": n,
+        "clicks": m,
+        "mean_p_click": float(p.mean()),
+        "realized_ctr": m / n,
         "late_clicks": int((delay[clicked] > sc.attribution_window_s * 1000).sum()),
-        "drift_campaign": drift_campaign, "drift_time_ms": drift_time,
-        "mean_fatigue_ad_count": float(n_user_ad.mean()), "hot_share": float(hot.mean()),
-        "start_ms": sc.start_ms, "end_ms": sc.end_ms,
+        "drift_campaign": drift_campaign,
+        "drift_time_ms": drift_time,
+        "mean_fatigue_ad_count": float(n_user_ad.mean()),
+        "hot_share": float(hot.mean()),
+        "start_ms": sc.start_ms,
+        "end_ms": sc.end_ms,
     }
     tr = Traffic(sc, imps, clicks, oracle, meta)
     with np.errstate(divide="ignore"):
         trend = np.log(p) - np.log1p(-p) - logit
     tr.truth = dict(
-        logit=logit + trend, intercept=b0, user=mk.user_eff[user], ad=mk.ad_eff[ad],
-        site=mk.site_eff[site], heat=sc.heat_logit * hot,
+        logit=logit + trend,
+        intercept=b0,
+        user=mk.user_eff[user],
+        ad=mk.ad_eff[ad],
+        site=mk.site_eff[site],
+        heat=sc.heat_logit * hot,
         interest=sc.interest_logit * match.astype(np.float64),
         site_category=np.einsum("ij,ij->i", mk.site_latent[site], mk.cat_latent[category]),
-        fatigue=-(sc.fatigue_ad * np.log1p(n_user_ad) + sc.fatigue_advertiser * np.log1p(n_user_adv)),
+        fatigue=-(
+            sc.fatigue_ad * np.log1p(n_user_ad) + sc.fatigue_advertiser * np.log1p(n_user_adv)
+        ),
         trend=trend,
     )
     return tr
@@ -548,8 +674,11 @@ def _simulate_clicks(sc: Scenario, mk: _Market, ad, t, logit, u_click, delay, b0
     # the ad's expected CTR without the trend term: both rates are smoothed towards it
     base_p = _sigmoid(logit)
     n_per_ad = np.bincount(ad, minlength=n_ads)
-    prior = np.where(n_per_ad > 0, np.bincount(ad, weights=base_p, minlength=n_ads)
-                     / np.maximum(n_per_ad, 1), _sigmoid(b0 + mk.ad_eff))
+    prior = np.where(
+        n_per_ad > 0,
+        np.bincount(ad, weights=base_p, minlength=n_ads) / np.maximum(n_per_ad, 1),
+        _sigmoid(b0 + mk.ad_eff),
+    )
     win = max(1, int(round(sc.trend_window_s / 60.0)))
     win_i = np.zeros(n_ads)
     win_c = np.zeros(n_ads)
@@ -562,7 +691,7 @@ def _simulate_clicks(sc: Scenario, mk: _Market, ad, t, logit, u_click, delay, b0
     strength = sc.trend_strength
     for k in range(n_min):
         if k >= 1:  # minute k-1 is complete: count its impressions and the clicks that landed in it
-            ai = ad[bounds[k - 1]:bounds[k]]
+            ai = ad[bounds[k - 1] : bounds[k]]
             parts = pending.pop(k - 1, None)
             ac = np.concatenate(parts) if parts else empty
             landed[k - 1] = ac
@@ -572,7 +701,7 @@ def _simulate_clicks(sc: Scenario, mk: _Market, ad, t, logit, u_click, delay, b0
             np.add.at(cum_c, ac, 1.0)
             old = k - 1 - win
             if old >= 0:
-                np.subtract.at(win_i, ad[bounds[old]:bounds[old + 1]], 1.0)
+                np.subtract.at(win_i, ad[bounds[old] : bounds[old + 1]], 1.0)
                 np.subtract.at(win_c, landed.pop(old), 1.0)
         lo, hi = bounds[k], bounds[k + 1]
         if lo == hi:
@@ -604,6 +733,7 @@ def _simulate_clicks(sc: Scenario, mk: _Market, ad, t, logit, u_click, delay, b0
 
 # --------------------------------------------------------------------------- dirty injections
 
+
 @dataclass
 class _Plan:
     order: np.ndarray  # positions into the concatenated record arrays, in replay order
@@ -624,19 +754,22 @@ def _make_plan(tr: Traffic) -> _Plan:
     ts = [imp_t, clk_t]
     pos = [imp_t, clk_t]
     counts = {"duplicates": 0, "out_of_order": 0, "late": 0}
-    by_topic = {k: {"clean": n, "duplicates": 0, "out_of_order": 0, "late": 0, "malformed": 0}
-                for k, n in zip(TOPIC_KINDS, (n_i, n_c))}
+    by_topic = {
+        k: {"clean": n, "duplicates": 0, "out_of_order": 0, "late": 0, "malformed": 0}
+        for k, n in zip(TOPIC_KINDS, (n_i, n_c))
+    }
     mal_counts = {k: 0 for k in MALFORMED_KINDS}
     malformed = MALFORMED_SCHEMA.empty_table()
     n_clean = n_i + n_c
-    dirty = (sc.duplicate_rate or sc.out_of_order_rate or sc.late_event_rate or sc.malformed_rate)
+    dirty = sc.duplicate_rate or sc.out_of_order_rate or sc.late_event_rate or sc.malformed_rate
     if dirty and n_clean:
         rng = np.random.default_rng([sc.seed, 0xD1])
         all_t = np.concatenate([imp_t, clk_t])
         t_lo, t_hi = int(all_t.min()), int(all_t.max())
-        clicked = pc.is_in(tr.impressions.column("impression_id"),
-                           value_set=tr.clicks.column("impression_id").combine_chunks()).to_numpy(
-                               zero_copy_only=False)
+        clicked = pc.is_in(
+            tr.impressions.column("impression_id"),
+            value_set=tr.clicks.column("impression_id").combine_chunks(),
+        ).to_numpy(zero_copy_only=False)
         # candidates: records that are the last event of their key (order per key is kept)
         cand = np.concatenate([np.flatnonzero(~clicked), n_i + np.arange(n_c)])
         cand = cand[rng.permutation(len(cand))]
@@ -651,7 +784,7 @@ def _make_plan(tr: Traffic) -> _Plan:
         ooo_sel = rest[:n_ooo]
         ooo_d = rng.integers(1_000, int(sc.out_of_order_max_s * 1000) + 1, n_ooo)
         n_dup = min(int(round(sc.duplicate_rate * n_clean)), len(rest) - n_ooo)
-        dup_sel = rest[n_ooo:n_ooo + n_dup]
+        dup_sel = rest[n_ooo : n_ooo + n_dup]
         dup_d = rng.integers(1, 2_001, n_dup)
         disp = np.zeros(n_clean, dtype=np.int64)
         disp[late_sel] = late_d
@@ -688,13 +821,26 @@ def _make_plan(tr: Traffic) -> _Plan:
     for tk in TOPIC_KINDS:
         b = by_topic[tk]
         b["records"] = b["clean"] + b["duplicates"] + b["malformed"]
-    injected = {**counts, "malformed": mal_counts, "malformed_total": sum(mal_counts.values()),
-                "by_topic": by_topic, "records": int(len(order))}
-    return _Plan(order=order, src_kind=src_kind_a, src_idx=src_idx_a, timestamp=ts_a,
-                 injected=injected, malformed=malformed)
+    injected = {
+        **counts,
+        "malformed": mal_counts,
+        "malformed_total": sum(mal_counts.values()),
+        "by_topic": by_topic,
+        "records": int(len(order)),
+    }
+    return _Plan(
+        order=order,
+        src_kind=src_kind_a,
+        src_idx=src_idx_a,
+        timestamp=ts_a,
+        injected=injected,
+        malformed=malformed,
+    )
 
 
-_INT_FIELDS_IMP = [f for f in IMPRESSION_FIELDS if f not in _STRING_FIELDS and f != "schema_version"]
+_INT_FIELDS_IMP = [
+    f for f in IMPRESSION_FIELDS if f not in _STRING_FIELDS and f != "schema_version"
+]
 _INT_FIELDS_CLK = [f for f in CLICK_FIELDS if f not in _STRING_FIELDS and f != "schema_version"]
 
 
@@ -724,7 +870,9 @@ def _malformed(tr: Traffic, sc: Scenario, rng, n_clean: int, t_lo: int, t_hi: in
                 del doc[f]
                 value = msgspec.json.encode(doc)
             else:  # oversized: schema-valid, only too big
-                doc[pad_field] = doc[pad_field] + "x" * (MAX_EVENT_BYTES + int(rng.integers(1, 512)))
+                doc[pad_field] = doc[pad_field] + "x" * (
+                    MAX_EVENT_BYTES + int(rng.integers(1, 512))
+                )
                 value = msgspec.json.encode(doc)
             rows["key"].append(f"malformed-{kind}-{j}")
             rows["topic"].append(TOPIC_KINDS[topic])
@@ -736,6 +884,7 @@ def _malformed(tr: Traffic, sc: Scenario, rng, n_clean: int, t_lo: int, t_hi: in
 
 
 # --------------------------------------------------------------------------- files
+
 
 def write_traffic(tr: Traffic, out_dir, jsonl: bool = False) -> Path:
     """Write impressions/clicks/oracle Parquet, scenario.json (scenario, meta, injected) and,
@@ -764,12 +913,17 @@ def read_traffic(out_dir) -> Traffic:
     d = Path(out_dir)
     missing = [f for f in ("impressions.parquet", "clicks.parquet") if not (d / f).exists()]
     if missing:
-        raise FileNotFoundError(f"{d} has no {', '.join(missing)}: not a traffic directory "
-                                "(write one with `ctrstream generate --out DIR`)")
+        raise FileNotFoundError(
+            f"{d} has no {', '.join(missing)}: not a traffic directory "
+            "(write one with `ctrstream generate --out DIR`)"
+        )
     imps = pq.read_table(d / "impressions.parquet").cast(IMPRESSION_SCHEMA)
     clicks = pq.read_table(d / "clicks.parquet").cast(CLICK_SCHEMA)
-    oracle = (pq.read_table(d / "oracle.parquet").cast(ORACLE_SCHEMA)
-              if (d / "oracle.parquet").exists() else ORACLE_SCHEMA.empty_table())
+    oracle = (
+        pq.read_table(d / "oracle.parquet").cast(ORACLE_SCHEMA)
+        if (d / "oracle.parquet").exists()
+        else ORACLE_SCHEMA.empty_table()
+    )
     if (d / "scenario.json").exists():
         doc = json.loads((d / "scenario.json").read_text())
         sc = load_scenario(str(d / "scenario.json"))

@@ -53,12 +53,20 @@ class LockstepSummary:
         return asdict(self)
 
 
-def replay_lockstep(settings: Settings, records: Iterable[Record], step_ms: int,
-                    scored: Callable[[], int | None], base: int, *,
-                    check: Callable[[], None] = lambda: None, step_timeout_s: float = 120.0,
-                    poll_s: float = 0.01, total: int | None = None,
-                    description: str = "replay (lockstep)", progress: bool = True
-                    ) -> LockstepSummary:
+def replay_lockstep(
+    settings: Settings,
+    records: Iterable[Record],
+    step_ms: int,
+    scored: Callable[[], int | None],
+    base: int,
+    *,
+    check: Callable[[], None] = lambda: None,
+    step_timeout_s: float = 120.0,
+    poll_s: float = 0.01,
+    total: int | None = None,
+    description: str = "replay (lockstep)",
+    progress: bool = True,
+) -> LockstepSummary:
     """Send ``records`` (in event-time order) in lockstep with the scorer (module docstring).
 
     ``scored()`` returns the scorer's count of handled impressions (None: unknown right
@@ -74,8 +82,10 @@ def replay_lockstep(settings: Settings, records: Iterable[Record], step_ms: int,
             errors.append(str(err))
 
     producer = Producer(producer_config(settings, on_delivery=on_delivery))
-    topics = {"impressions": settings.topics.impressions.name,
-              "clicks": settings.topics.clicks.name}
+    topics = {
+        "impressions": settings.topics.impressions.name,
+        "clicks": settings.topics.clicks.name,
+    }
     counts = {"impressions": 0, "clicks": 0}
     imps: list[Record] = []
     clicks: list[Record] = []
@@ -107,7 +117,8 @@ def replay_lockstep(settings: Settings, records: Iterable[Record], step_ms: int,
             if time.monotonic() > deadline:
                 raise LockstepError(
                     f"the scorer did not score the step ending at impression "
-                    f"{counts['impressions']:,} within {step_timeout_s:g} s")
+                    f"{counts['impressions']:,} within {step_timeout_s:g} s"
+                )
             time.sleep(poll_s)
         waited += time.monotonic() - w0
         send(clicks)
@@ -135,8 +146,9 @@ def replay_lockstep(settings: Settings, records: Iterable[Record], step_ms: int,
         raise LockstepError(f"{len(errors)} records could not be delivered to Kafka: {errors[:3]}")
     seconds = time.monotonic() - t0
     sent = sum(counts.values())
-    return LockstepSummary(sent, seconds, sent / max(seconds, 1e-9), dict(counts), step_ms,
-                           steps, waited)
+    return LockstepSummary(
+        sent, seconds, sent / max(seconds, 1e-9), dict(counts), step_ms, steps, waited
+    )
 
 
 class _Bar:
@@ -152,9 +164,14 @@ class _Bar:
             TimeElapsedColumn,
         )
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=Console(stderr=True), transient=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total)
 

@@ -60,8 +60,10 @@ class ReplaySummary:
         return asdict(self)
 
     def describe(self) -> str:
-        s = (f"sent {self.sent:,} records ({self.bytes / 1e6:,.1f} MB) in {self.seconds:,.2f} s "
-             f"= {self.rate:,.0f} records/s; failed {self.failed:,}")
+        s = (
+            f"sent {self.sent:,} records ({self.bytes / 1e6:,.1f} MB) in {self.seconds:,.2f} s "
+            f"= {self.rate:,.0f} records/s; failed {self.failed:,}"
+        )
         if self.errors:
             s += " (" + "; ".join(f"{r}: {n:,}" for r, n in self.errors.items()) + ")"
         if self.interrupted:
@@ -91,10 +93,18 @@ class _Failures:
             self.add(err.str(), msg.topic())
 
 
-def replay(settings: Settings, records: Iterable[tuple[str, bytes, bytes, int]] | Traffic,
-           rate: float | None = None, time_compression: float | None = None,
-           progress: bool = True, *, flush_timeout: float = 120.0, create_topics: bool = True,
-           producer_overrides: dict | None = None, description: str = "replay") -> ReplaySummary:
+def replay(
+    settings: Settings,
+    records: Iterable[tuple[str, bytes, bytes, int]] | Traffic,
+    rate: float | None = None,
+    time_compression: float | None = None,
+    progress: bool = True,
+    *,
+    flush_timeout: float = 120.0,
+    create_topics: bool = True,
+    producer_overrides: dict | None = None,
+    description: str = "replay",
+) -> ReplaySummary:
     """Send the records to Kafka; see the module docstring. Never raises on delivery failure.
 
     ``records`` is an iterable of ``(topic kind, key, value, timestamp_ms)`` or a
@@ -104,14 +114,21 @@ def replay(settings: Settings, records: Iterable[tuple[str, bytes, bytes, int]] 
         raise ValueError("rate must be > 0 records/s (or None for as fast as possible)")
     if time_compression is not None and time_compression <= 0:
         raise ValueError("time_compression must be > 0")
-    topics = {"impressions": settings.topics.impressions.name,
-              "clicks": settings.topics.clicks.name}
+    topics = {
+        "impressions": settings.topics.impressions.name,
+        "clicks": settings.topics.clicks.name,
+    }
     if create_topics:
         ensure_topics(settings, [settings.topics.impressions, settings.topics.clicks])
     failures = _Failures()
-    conf = producer_config(settings, **{"delivery.report.only.error": True,
-                                        "on_delivery": failures.on_delivery,
-                                        **(producer_overrides or {})})
+    conf = producer_config(
+        settings,
+        **{
+            "delivery.report.only.error": True,
+            "on_delivery": failures.on_delivery,
+            **(producer_overrides or {}),
+        },
+    )
     producer = Producer(conf)
     total = len(records) if isinstance(records, Sized) else None
     if hasattr(records, "record_blocks"):  # a Traffic
@@ -132,8 +149,18 @@ def replay(settings: Settings, records: Iterable[tuple[str, bytes, bytes, int]] 
                 if rate is None and time_compression is None:
                     _fast_loop(producer, blocks, topics, state, failures, bar, start, stop)
                 else:
-                    _paced_loop(producer, blocks, topics, state, failures, bar, start, stop,
-                                rate, time_compression)
+                    _paced_loop(
+                        producer,
+                        blocks,
+                        topics,
+                        state,
+                        failures,
+                        bar,
+                        start,
+                        stop,
+                        rate,
+                        time_compression,
+                    )
         except KeyboardInterrupt:  # not in the main thread, or a second Ctrl-C
             stop.requested = True
         state.interrupted = stop.requested
@@ -142,8 +169,10 @@ def replay(settings: Settings, records: Iterable[tuple[str, bytes, bytes, int]] 
         stop.flushing = True
         remaining = _flush(producer, flush_timeout)
     if remaining:
-        reason = (f"not delivered when the final flush ended ({flush_timeout:.0f} s timeout "
-                  "or a second Ctrl-C; broker unreachable or too slow?)")
+        reason = (
+            f"not delivered when the final flush ended ({flush_timeout:.0f} s timeout "
+            "or a second Ctrl-C; broker unreachable or too slow?)"
+        )
         failures.count += remaining
         failures.reasons[reason] += remaining
         log.error("%d records %s", remaining, reason)
@@ -152,10 +181,16 @@ def replay(settings: Settings, records: Iterable[tuple[str, bytes, bytes, int]] 
     seconds = time.perf_counter() - start
     sent = state.produced - (failures.count - state.sync_failed)
     summary = ReplaySummary(
-        sent=sent, failed=failures.count, seconds=seconds, bytes=state.bytes,
-        rate=sent / seconds if seconds > 0 else 0.0, attempted=state.produced + state.sync_failed,
-        by_topic=dict(state.by_topic), errors=dict(failures.reasons),
-        interrupted=state.interrupted)
+        sent=sent,
+        failed=failures.count,
+        seconds=seconds,
+        bytes=state.bytes,
+        rate=sent / seconds if seconds > 0 else 0.0,
+        attempted=state.produced + state.sync_failed,
+        by_topic=dict(state.by_topic),
+        errors=dict(failures.reasons),
+        interrupted=state.interrupted,
+    )
     (log.warning if summary.failed or summary.interrupted else log.info)(summary.describe())
     return summary
 
@@ -188,8 +223,10 @@ class _StopOnCtrlC:
         if self.requested:
             return  # already stopping at the block boundary
         self.requested = True
-        log.warning("Ctrl-C: stopping after the current block, then flushing "
-                    "(Ctrl-C again to abort the flush wait)")
+        log.warning(
+            "Ctrl-C: stopping after the current block, then flushing "
+            "(Ctrl-C again to abort the flush wait)"
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -258,8 +295,9 @@ def _fast_loop(producer, blocks, topics, state, failures, bar, start, stop) -> N
     bar.update(state.produced + state.sync_failed, start, force=True)
 
 
-def _paced_loop(producer, blocks, topics, state, failures, bar, start, stop, rate,
-                compression) -> None:
+def _paced_loop(
+    producer, blocks, topics, state, failures, bar, start, stop, rate, compression
+) -> None:
     """Records sent no earlier than their due time (rate and/or time compression)."""
     produce, poll = producer.produce, producer.poll
     clock = time.perf_counter
@@ -301,6 +339,7 @@ def _paced_loop(producer, blocks, topics, state, failures, bar, start, stop, rat
             break
     bar.update(state.produced + state.sync_failed, start, force=True)
 
+
 def _warn_if_beyond_retention(settings: Settings, topics: list[str], first_ts: int) -> None:
     """Kafka's time-based retention looks at record timestamps (here: event times). Records
     older than a topic's retention.ms are deleted by the broker within minutes of being
@@ -312,7 +351,8 @@ def _warn_if_beyond_retention(settings: Settings, topics: list[str], first_ts: i
 
         client = admin(settings)  # keep the handle alive until the futures are done
         futs = client.describe_configs(
-            [ConfigResource(ResourceType.TOPIC, t) for t in topics], request_timeout=10)
+            [ConfigResource(ResourceType.TOPIC, t) for t in topics], request_timeout=10
+        )
         age_ms = time.time() * 1000 - first_ts
         for res, fut in futs.items():
             retention = int(fut.result(10)["retention.ms"].value)
@@ -322,7 +362,10 @@ def _warn_if_beyond_retention(settings: Settings, topics: list[str], first_ts: i
                     "the broker will delete them within minutes (time retention uses record "
                     "timestamps). Set retention.ms=-1 on the topic (kafka-configs --alter "
                     "--add-config retention.ms=-1) or use a recent --set start_ms=...",
-                    res.name, retention, age_ms / 86_400_000)
+                    res.name,
+                    retention,
+                    age_ms / 86_400_000,
+                )
     except Exception as e:  # noqa: BLE001 - a check, never a reason to stop
         log.debug("could not check topic retention: %s", e)
 
@@ -370,9 +413,15 @@ class _Bar:
             )
 
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                console=Console(stderr=True), refresh_per_second=4)
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                refresh_per_second=4,
+            )
             self.progress.__enter__()
             self.task = self.progress.add_task(self.description, total=self.total, rate="")
         return self
@@ -385,8 +434,7 @@ class _Bar:
             return
         self._last = now
         el = now - start
-        self.progress.update(self.task, completed=n,
-                             rate=f"{n / el:,.0f} rec/s" if el > 0 else "")
+        self.progress.update(self.task, completed=n, rate=f"{n / el:,.0f} rec/s" if el > 0 else "")
 
     def __exit__(self, *exc):
         if self.enabled:

@@ -179,8 +179,9 @@ class Scenario:
         return self
 
 
-_DIRTY = dict(duplicate_rate=0.01, out_of_order_rate=0.02, late_event_rate=0.005,
-              malformed_rate=0.001)
+_DIRTY = dict(
+    duplicate_rate=0.01, out_of_order_rate=0.02, late_event_rate=0.005, malformed_rate=0.001
+)
 
 SCENARIOS: dict[str, dict] = {
     "steady": {},
@@ -210,5 +211,7 @@ def load_scenario(name: str = "steady", **overrides) -> Scenario:
         doc = json.loads(path.read_text())
         doc = doc.get("scenario", doc)
         return _build({**doc, **overrides})
-    raise ValueError(f"unknown scenario {name!r}: choose one of {', '.join(SCENARIOS)} "
-                     "or give a path to a scenario .json file")
+    raise ValueError(
+        f"unknown scenario {name!r}: choose one of {', '.join(SCENARIOS)} "
+        "or give a path to a scenario .json file"
+    )

@@ -52,8 +52,10 @@ class Stack:
                 times[svc.name] = t
                 if t is not None:
                     started.append(svc)
-                log(f"{svc.name:7s} {f'ready in {t:.1f}s' if t is not None else 'already running'}"
-                    f"  {svc.address()}")
+                log(
+                    f"{svc.name:7s} {f'ready in {t:.1f}s' if t is not None else 'already running'}"
+                    f"  {svc.address()}"
+                )
             if not only or "kafka" in only:
                 created = ensure_topics(self.settings, self.settings.topics.all())
                 if created:
@@ -65,8 +67,12 @@ class Stack:
         return times
 
     def status(self) -> list[ServiceStatus]:
-        return [ServiceStatus(s.name, s.pid(), s.pid() is not None and s.healthy(), s.address(),
-                              s.log_file) for s in self.services]
+        return [
+            ServiceStatus(
+                s.name, s.pid(), s.pid() is not None and s.healthy(), s.address(), s.log_file
+            )
+            for s in self.services
+        ]
 
     def down(self, purge: bool = False, log=lambda msg: None) -> None:
         for svc in reversed(self.services):
@@ -83,15 +89,20 @@ class Stack:
 def isolated_settings(run_dir: Path, base: Settings | None = None) -> Settings:
     """Settings for a stack on free loopback ports with everything under ``run_dir``."""
     base = base or Settings()
-    return base.model_copy(update={
-        "run_dir": run_dir,
-        "data_dir": run_dir / "data",
-        "kafka": KafkaSettings(port=free_port(), controller_port=free_port(), heap="512m"),
-        "redis": RedisSettings(port=free_port()),
-        "triton": TritonSettings(http_port=free_port(), grpc_port=free_port(),
-                                 metrics_port=free_port(),
-                                 model_repository=run_dir / "triton_repo"),
-    })
+    return base.model_copy(
+        update={
+            "run_dir": run_dir,
+            "data_dir": run_dir / "data",
+            "kafka": KafkaSettings(port=free_port(), controller_port=free_port(), heap="512m"),
+            "redis": RedisSettings(port=free_port()),
+            "triton": TritonSettings(
+                http_port=free_port(),
+                grpc_port=free_port(),
+                metrics_port=free_port(),
+                model_repository=run_dir / "triton_repo",
+            ),
+        }
+    )
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

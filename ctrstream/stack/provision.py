@@ -48,6 +48,7 @@ def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
 
 # --------------------------------------------------------------------------- lookups
 
+
 def kafka_version() -> str:
     m = re.search(r"<kafka.version>([^<]+)</kafka.version>", POM.read_text())
     assert m, f"no <kafka.version> in {POM}"
@@ -90,11 +91,14 @@ def java_major(path: str) -> int:
 
 def _debian_binary(name: str, why: str = "") -> str:
     """``name`` on the PATH or in /usr/bin, else a clear error naming the Debian package."""
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+    path = shutil.which(name) or (
+        f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None
+    )
     if not path:
         raise PrerequisiteError(
             f"{name} is not installed{why}. Run `ctrstream setup` (it installs Debian's {name} "
-            f"package), or: apt-get install -y {name}")
+            f"package), or: apt-get install -y {name}"
+        )
     return path
 
 
@@ -137,6 +141,7 @@ def triton_env(settings: Settings) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- set-up steps
 
+
 def check_java() -> str:
     path = java()
     if shutil.which("mvn") is None:
@@ -159,8 +164,18 @@ def setup_kafka(settings: Settings) -> str:
         return f"Kafka {kafka_version()}: cached in {libs}"
     tmp = libs.parent / "libs.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    res = _run(["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-                "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"])
+    res = _run(
+        [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(POM),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={tmp}",
+        ]
+    )
     if res.returncode != 0:
         raise PrerequisiteError(
             f"Maven could not resolve Kafka {kafka_version()} from Maven Central "
@@ -190,12 +205,16 @@ def setup_redis() -> str:
     lists = Path("/var/lib/apt/lists")
     if not any(lists.glob("*Packages*")):
         _run(sudo + ["apt-get", "update", "-q"], env=env)
-    res = _run(sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                       "redis-server"], env=env)
+    res = _run(
+        sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", "redis-server"],
+        env=env,
+    )
     if res.returncode != 0:
         _run(sudo + ["apt-get", "update", "-q"], env=env)
-        res = _run(sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                           "redis-server"], env=env)
+        res = _run(
+            sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", "redis-server"],
+            env=env,
+        )
     if res.returncode != 0 or not shutil.which("redis-server"):
         raise PrerequisiteError(
             f"apt-get could not install redis-server:\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
@@ -222,8 +241,16 @@ def _apt_install(package: str, installed, what: str) -> None:
             f"sudo apt-get install -y {package}"
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                      "-o", "DPkg::Lock::Timeout=300", package]
+    install = sudo + [
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "-o",
+        "DPkg::Lock::Timeout=300",
+        package,
+    ]
     res = _run(install, env=env)
     if res.returncode != 0:  # not in the (empty or stale) package lists: update them once
         _run(sudo + ["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"], env=env)
@@ -237,6 +264,7 @@ def _apt_install(package: str, installed, what: str) -> None:
 
 def setup_chromium() -> str:
     """Debian's ``chromium`` for the browser test of the demo's report."""
+
     def installed() -> bool:
         try:
             chromium()
@@ -258,9 +286,20 @@ def setup_triton(settings: Settings) -> str:
     if not (root / ".complete").exists():
         wheels = settings.cache_dir / "wheels"
         wheels.mkdir(parents=True, exist_ok=True)
-        res = _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--only-binary=:all:", "-d", str(wheels),
-                    f"nvidia-pytriton=={PYTRITON_VERSION}"])
+        res = _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(wheels),
+                f"nvidia-pytriton=={PYTRITON_VERSION}",
+            ]
+        )
         found = sorted(wheels.glob(f"nvidia_pytriton-{PYTRITON_VERSION}-*.whl"))
         if res.returncode != 0 or not found:
             raise PrerequisiteError(
@@ -306,8 +345,19 @@ def setup_triton_pyenv(settings: Settings) -> str:
     if stamp.exists() and stamp.read_text() == want:
         return f"Triton Python-backend environment: cached in {site}"
     shutil.rmtree(site, ignore_errors=True)
-    res = _run([sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--target",
-                str(site), *TRITON_STUB_REQUIREMENTS])
+    res = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-compile",
+            "--target",
+            str(site),
+            *TRITON_STUB_REQUIREMENTS,
+        ]
+    )
     if res.returncode != 0:
         raise PrerequisiteError(
             f"pip could not install the Triton Python-backend environment ({want}) into "
@@ -350,8 +400,16 @@ def setup_compose_validator() -> str:
             "sudo apt-get install -y docker-compose"
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                      "-o", "DPkg::Lock::Timeout=300", "docker-compose"]
+    install = sudo + [
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "-o",
+        "DPkg::Lock::Timeout=300",
+        "docker-compose",
+    ]
     res = _run(install, env=env)
     if res.returncode != 0:
         _run(sudo + ["apt-get", "update", "-q"], env=env)

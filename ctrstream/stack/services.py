@@ -70,8 +70,10 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
         except Exception as e:  # noqa: BLE001 - readiness probes fail in many ways while starting
             last_exc = e
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"
-                               + (f" (last error: {last_exc})" if last_exc else ""))
+            raise TimeoutError(
+                f"timed out after {timeout:.0f}s waiting for {what}"
+                + (f" (last error: {last_exc})" if last_exc else "")
+            )
         time.sleep(interval)
 
 
@@ -153,8 +155,13 @@ class Service:
         t0 = time.monotonic()
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.dir, env={**os.environ, **env}, start_new_session=True,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.dir,
+                env={**os.environ, **env},
+                start_new_session=True,
             )
         self.pid_file.write_text(str(proc.pid))
         deadline = time.monotonic() + self.start_timeout
@@ -257,24 +264,41 @@ class KafkaService(Service):
             while cluster_id.startswith("-"):  # kafka-storage would read "-..." as an option
                 cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             res = subprocess.run(
-                [provision.java(), "-cp", provision.kafka_classpath(self.settings),
-                 f"-Dlog4j2.configurationFile={self.dir / 'log4j2.yaml'}",
-                 "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                 "-c", str(self._config_path())],
-                capture_output=True, text=True,
+                [
+                    provision.java(),
+                    "-cp",
+                    provision.kafka_classpath(self.settings),
+                    f"-Dlog4j2.configurationFile={self.dir / 'log4j2.yaml'}",
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(self._config_path()),
+                ],
+                capture_output=True,
+                text=True,
             )
             if res.returncode != 0:
-                raise StackError(f"formatting Kafka storage in {data} failed:\n{res.stdout}{res.stderr}")
+                raise StackError(
+                    f"formatting Kafka storage in {data} failed:\n{res.stdout}{res.stderr}"
+                )
 
     def command(self):
         heap = self.settings.kafka.heap
         argv = [
-            provision.java(), f"-Xms{heap}", f"-Xmx{heap}", "-XX:+UseG1GC",
+            provision.java(),
+            f"-Xms{heap}",
+            f"-Xmx{heap}",
+            "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.dir / 'log4j2.yaml'}",
             f"-Dkafka.logs.dir={self.dir / 'logs'}",
-            "-cp", provision.kafka_classpath(self.settings), "kafka.Kafka", str(self._config_path()),
+            "-cp",
+            provision.kafka_classpath(self.settings),
+            "kafka.Kafka",
+            str(self._config_path()),
         ]
         return argv, {}
 
@@ -287,8 +311,9 @@ class KafkaService(Service):
             s.settimeout(0.5)
             if s.connect_ex((k.host, k.port)) != 0:
                 return False
-        admin = AdminClient({"bootstrap.servers": self.address(), "socket.timeout.ms": 1000,
-                             "log_level": 0})
+        admin = AdminClient(
+            {"bootstrap.servers": self.address(), "socket.timeout.ms": 1000, "log_level": 0}
+        )
         md = admin.list_topics(timeout=2.0)
         return bool(md.brokers)
 
@@ -328,9 +353,23 @@ class RedisService(Service):
     def command(self):
         r = self.settings.redis
         argv = [
-            provision.redis_server(), "--bind", r.host, "--port", str(r.port),
-            "--dir", str(self.dir), "--save", "", "--appendonly", "no",
-            "--protected-mode", "yes", "--daemonize", "no", "--logfile", "",
+            provision.redis_server(),
+            "--bind",
+            r.host,
+            "--port",
+            str(r.port),
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
         ]
         if r.password:
             argv += ["--requirepass", r.password]
@@ -370,10 +409,14 @@ class TritonService(Service):
             "--model-control-mode=explicit",
             "--strict-readiness=false",
             "--exit-on-error=false",
-            f"--http-address={t.host}", f"--http-port={t.http_port}",
-            f"--grpc-address={t.host}", f"--grpc-port={t.grpc_port}",
-            f"--metrics-address={t.host}", f"--metrics-port={t.metrics_port}",
-            "--allow-metrics=true", "--allow-gpu-metrics=false",
+            f"--http-address={t.host}",
+            f"--http-port={t.http_port}",
+            f"--grpc-address={t.host}",
+            f"--grpc-port={t.grpc_port}",
+            f"--metrics-address={t.host}",
+            f"--metrics-port={t.metrics_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
             "--log-verbose=0",
         ]
         return argv, provision.triton_env(self.settings)

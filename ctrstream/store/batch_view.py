@@ -73,15 +73,32 @@ def versions(client: Any) -> list[str]:
     return [text(v) for v in client.zrange(L.BATCH_VERSIONS_KEY, 0, -1)]
 
 
-def write_meta(client: Any, version: str, *, cutoff_ms: int, created_ms: int, fingerprint: str,
-               keys: int, buckets: int, ttl_ms: int | None = None) -> None:
+def write_meta(
+    client: Any,
+    version: str,
+    *,
+    cutoff_ms: int,
+    created_ms: int,
+    fingerprint: str,
+    keys: int,
+    buckets: int,
+    ttl_ms: int | None = None,
+) -> None:
     """Write the meta hash of ``version`` (after every data key: it marks the version
     complete): cut-off, creation time, the feature declaration's fingerprint, the ``:sums``
     flag, the number of data keys and of bucket rows."""
     key = L.batch_meta_key(version)
-    client.hset(key, mapping={
-        "cutoff_ms": int(cutoff_ms), "created_ms": int(created_ms), "fingerprint": fingerprint,
-        L.BATCH_SUMS_FLAG: 1, "keys": int(keys), "buckets": int(buckets)})
+    client.hset(
+        key,
+        mapping={
+            "cutoff_ms": int(cutoff_ms),
+            "created_ms": int(created_ms),
+            "fingerprint": fingerprint,
+            L.BATCH_SUMS_FLAG: 1,
+            "keys": int(keys),
+            "buckets": int(buckets),
+        },
+    )
     if ttl_ms:
         client.pexpire(key, int(ttl_ms))
 
@@ -137,7 +154,7 @@ def prune_versions(client: Any, current: str, keep: int) -> list[str]:
     others = [v for v in versions(client) if v != current]
     complete = [v for v in others if is_complete(client, v)]
     stale = [v for v in others if v not in complete]
-    stale += complete[:max(0, len(complete) - (keep - 1))]
+    stale += complete[: max(0, len(complete) - (keep - 1))]
     for v in stale:
         delete_version(client, v)
     return stale
@@ -146,17 +163,27 @@ def prune_versions(client: Any, current: str, keep: int) -> list[str]:
 # --------------------------------------------------------------------------- writing
 
 
-def write_view_hashes(client: Any, version: str, buckets: pa.Table, longs: pa.Table,
-                      cutoff_ms: int, ttl_ms: int | None = None) -> int:
+def write_view_hashes(
+    client: Any,
+    version: str,
+    buckets: pa.Table,
+    longs: pa.Table,
+    cutoff_ms: int,
+    ttl_ms: int | None = None,
+) -> int:
     """Write every data hash of ``version`` (see the module docstring) over a raw pipelined
     connection to the client's server and database; returns how many hashes. ``ttl_ms``:
     every hash expires after that long (benchmarks; default: never)."""
-    for name, table, columns in (("buckets", buckets, ("entity", "eid", "res", "bucket", "imps", "clicks")),
-                                 ("longs", longs, ("entity", "eid", "long_window", "imps", "clicks"))):
+    for name, table, columns in (
+        ("buckets", buckets, ("entity", "eid", "res", "bucket", "imps", "clicks")),
+        ("longs", longs, ("entity", "eid", "long_window", "imps", "clicks")),
+    ):
         missing = [c for c in columns if c not in table.column_names]
         if missing:
-            raise ValueError(f"the {name} table lacks column(s) {missing}: it needs {list(columns)} "
-                             "(as ctrstream.batch.views.compute_batch_view returns them)")
+            raise ValueError(
+                f"the {name} table lacks column(s) {missing}: it needs {list(columns)} "
+                "(as ctrstream.batch.views.compute_batch_view returns them)"
+            )
     pipe = RespPipeline.of_client(client, timeout=WRITE_TIMEOUT_S)
     ttl = str(int(ttl_ms)).encode() if ttl_ms else None
     keys_written = 0
@@ -180,19 +207,24 @@ def write_view_hashes(client: Any, version: str, buckets: pa.Table, longs: pa.Ta
     return keys_written
 
 
-def _grouped_fields(buckets: pa.Table, longs: pa.Table, version: str,
-                    cutoff_ms: int) -> Iterator[dict[str, list[Any]]]:
+def _grouped_fields(
+    buckets: pa.Table, longs: pa.Table, version: str, cutoff_ms: int
+) -> Iterator[dict[str, list[Any]]]:
     """Batches of {key, f (fields), v (values)}, one row per hash, one entity at a time."""
     import pyarrow.compute as pc
 
     for ent in F.ENTITIES:
-        yield from _grouped_fields_of(buckets.filter(pc.equal(buckets["entity"], ent.name)),
-                                      longs.filter(pc.equal(longs["entity"], ent.name)),
-                                      version, cutoff_ms)
+        yield from _grouped_fields_of(
+            buckets.filter(pc.equal(buckets["entity"], ent.name)),
+            longs.filter(pc.equal(longs["entity"], ent.name)),
+            version,
+            cutoff_ms,
+        )
 
 
-def _grouped_fields_of(buckets: pa.Table, longs: pa.Table, version: str,
-                       cutoff_ms: int) -> Iterator[dict[str, list[Any]]]:
+def _grouped_fields_of(
+    buckets: pa.Table, longs: pa.Table, version: str, cutoff_ms: int
+) -> Iterator[dict[str, list[Any]]]:
     if buckets.num_rows == 0 and longs.num_rows == 0:
         return
     import duckdb
@@ -208,9 +240,11 @@ def _grouped_fields_of(buckets: pa.Table, longs: pa.Table, version: str,
         skey = L.batch_key_sql(version, "entity", "eid", lit(L.SUMS_SUFFIX))
         ti, tc = F.EVENT_TYPES
         by_window = sorted(F.RESOLUTIONS, key=lambda r: -r.window_ms)
-        spans = ", ".join(f"({lit(r.name)}, {F.view_buckets(cutoff_ms, r).start}, "
-                          f"{F.view_buckets(cutoff_ms, r).stop}, {1 + by_window.index(r)})"
-                          for r in F.RESOLUTIONS)
+        spans = ", ".join(
+            f"({lit(r.name)}, {F.view_buckets(cutoff_ms, r).start}, "
+            f"{F.view_buckets(cutoff_ms, r).stop}, {1 + by_window.index(r)})"
+            for r in F.RESOLUTIONS
+        )
         sql = f"""
             WITH vb AS (SELECT * FROM (VALUES {spans}) t(res, lo, hi, ord)),
             held AS (SELECT b.* FROM b JOIN vb USING (res) WHERE bucket >= lo AND bucket < hi),
@@ -264,9 +298,13 @@ def _grouped_fields_of(buckets: pa.Table, longs: pa.Table, version: str,
 def read_view_counts(client: Any, version: str, entity: str, eid: str, res: str) -> dict[str, int]:
     """The fields of one batch-view hash as ints; ``res`` is a resolution name,
     ``layout.LONG_SUFFIX`` (``long``) or ``layout.SUMS_SUFFIX`` (``sums``)."""
-    h = client.hgetall(L.batch_long_key(version, entity, eid) if res == L.LONG_SUFFIX
-                       else L.batch_sums_key(version, entity, eid) if res == L.SUMS_SUFFIX
-                       else L.batch_key(version, entity, eid, res))
+    h = client.hgetall(
+        L.batch_long_key(version, entity, eid)
+        if res == L.LONG_SUFFIX
+        else L.batch_sums_key(version, entity, eid)
+        if res == L.SUMS_SUFFIX
+        else L.batch_key(version, entity, eid, res)
+    )
     return {text(k): int(v) for k, v in h.items()}
 
 
@@ -281,8 +319,10 @@ def read_version(client: Any, version: str) -> dict[tuple[str, str, str], dict[s
             return None
         parsed = L.batch_entity_of(version, key)
         if parsed is None:
-            raise ValueError(f"{key!r} is a key of batch view {version!r} but not one of its "
-                             "hashes (layout.batch_key / batch_long_key / batch_sums_key)")
+            raise ValueError(
+                f"{key!r} is a key of batch view {version!r} but not one of its "
+                "hashes (layout.batch_key / batch_long_key / batch_sums_key)"
+            )
         return parsed
 
     keys = scan_keys(client, L.batch_version_pattern(version), strict)

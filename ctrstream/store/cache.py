@@ -70,8 +70,9 @@ class Lookup:
 
 
 class SharedEntityCache:
-    def __init__(self, ttl_s: float, max_entries: int = 200_000,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, ttl_s: float, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic
+    ):
         self.ttl_s = float(ttl_s)
         self.max_entries = int(max_entries)
         self.clock = clock
@@ -153,12 +154,17 @@ class SharedEntityCache:
         vouched = self.vouched(lk.at)
         return staleness if vouched is None else min(staleness, vouched)
 
-    def store(self, lk: Lookup, keys: list[str], version: str | None, counts: np.ndarray,
-              newest: np.ndarray) -> None:
+    def store(
+        self,
+        lk: Lookup,
+        keys: list[str],
+        version: str | None,
+        counts: np.ndarray,
+        newest: np.ndarray,
+    ) -> None:
         """Keep what a read got for the shared entities among ``keys`` (the keys it read,
         in the order of ``counts``), unless they were invalidated while it ran."""
-        shared = [(j, k) for j, k in enumerate(keys)
-                  if L.split_entity_key(k)[0] in SHARED_ENTITIES]
+        shared = [(j, k) for j, k in enumerate(keys) if L.split_entity_key(k)[0] in SHARED_ENTITIES]
         with self._lock:
             self._release(lk.seq)
             if self._flushed > lk.seq:
@@ -187,13 +193,19 @@ class SharedEntityCache:
         tracker vouching for it); everything when that is not enough."""
         now = self.clock()
         oldest = float("-inf") if self.vouched(now) is not None else now - self.ttl_s
-        self._entries = {k: e for k, e in self._entries.items()
-                         if e.window == window and e.at > oldest}
+        self._entries = {
+            k: e for k, e in self._entries.items() if e.window == window and e.at > oldest
+        }
         if len(self._entries) > self.max_entries:
             self._entries.clear()
 
     def stats(self) -> dict[str, Any]:
         n = self.hits + self.misses
-        return {"ttl_s": self.ttl_s, "hits": self.hits, "misses": self.misses,
-                "hit_rate": (self.hits / n) if n else None, "entries": len(self._entries),
-                "tracking": None if self.tracker is None else self.tracker.status()}
+        return {
+            "ttl_s": self.ttl_s,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": (self.hits / n) if n else None,
+            "entries": len(self._entries),
+            "tracking": None if self.tracker is None else self.tracker.status(),
+        }

@@ -103,8 +103,13 @@ class CalibrationStore:
 
     # -- the job's checkpoint
 
-    def checkpoint(self, job_name: str, job_state: Any, versions: Iterable[VersionCheckpoint],
-                   now_ms: int | None = None) -> None:
+    def checkpoint(
+        self,
+        job_name: str,
+        job_state: Any,
+        versions: Iterable[VersionCheckpoint],
+        now_ms: int | None = None,
+    ) -> None:
         """Write the versions' learners, parameters, metrics, history and new drift events and
         the job's state in one transaction, then announce it (``CAL_SEQ_KEY`` + 1)."""
         now = int(time.time() * 1000) if now_ms is None else int(now_ms)
@@ -113,8 +118,10 @@ class CalibrationStore:
             mv = v.model_version
             k = cal_key(mv)
             pipe.set(cal_state_key(mv), pickle.dumps(v.state, protocol=pickle.HIGHEST_PROTOCOL))
-            pipe.hset(k, mapping={"params": dumps(v.params), "metrics": dumps(v.metrics),
-                                  "updated_ms": now})
+            pipe.hset(
+                k,
+                mapping={"params": dumps(v.params), "metrics": dumps(v.metrics), "updated_ms": now},
+            )
             pipe.hincrby(k, "version", 1)
             pipe.rpush(cal_history_key(mv), dumps({"t_ms": now, **v.snapshot}))
             pipe.ltrim(cal_history_key(mv), -HISTORY_CAP, -1)
@@ -150,7 +157,8 @@ class CalibrationStore:
             raise CalibrationStateError(
                 f"cannot load {what} from Redis key {key!r}: {type(e).__name__}: {e}. "
                 f"Start the job under another name (--job-name), or delete the key "
-                f"(redis-cli DEL {key}) to start that state afresh.") from e
+                f"(redis-cli DEL {key}) to start that state afresh."
+            ) from e
 
     # -- what was written
 
@@ -201,8 +209,10 @@ class CalibrationStore:
         """Serve ``params`` for ``model_version`` without a learner behind it (a fixed
         calibration, tests) and announce it."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(cal_key(model_version), mapping={"params": dumps(params),
-                                                   "updated_ms": int(time.time() * 1000)})
+        pipe.hset(
+            cal_key(model_version),
+            mapping={"params": dumps(params), "updated_ms": int(time.time() * 1000)},
+        )
         pipe.hincrby(cal_key(model_version), "version", 1)
         pipe.incr(CAL_SEQ_KEY)
         pipe.execute()
@@ -254,5 +264,13 @@ class ServedParams:
         return self._params.get(model_version)
 
 
-__all__ = ["DRIFT_CAP", "HISTORY_CAP", "CalibrationStateError", "CalibrationStore", "Resumed",
-           "ServedParams", "VersionCheckpoint", "dumps"]
+__all__ = [
+    "DRIFT_CAP",
+    "HISTORY_CAP",
+    "CalibrationStateError",
+    "CalibrationStore",
+    "Resumed",
+    "ServedParams",
+    "VersionCheckpoint",
+    "dumps",
+]

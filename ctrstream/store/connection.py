@@ -30,8 +30,9 @@ class RedisReplyError(RuntimeError):
     """Redis answered a command with an error reply."""
 
 
-def hello_commands(password: str | None = None, db: int | None = 0,
-                   username: str | None = None) -> list[tuple[Any, ...]]:
+def hello_commands(
+    password: str | None = None, db: int | None = 0, username: str | None = None
+) -> list[tuple[Any, ...]]:
     """The commands that open a raw Redis connection (``AUTH``, ``SELECT``)."""
     out: list[tuple[Any, ...]] = []
     if password:
@@ -51,12 +52,14 @@ def redis_client(settings: Settings, asyncio: bool = False, timeout_s: float = 1
     if asyncio:
         import redis.asyncio as aredis
 
-        return aredis.Redis.from_url(settings.redis.url, socket_timeout=timeout_s,
-                                     socket_connect_timeout=timeout_s)
+        return aredis.Redis.from_url(
+            settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
     import redis
 
-    return redis.Redis.from_url(settings.redis.url, socket_timeout=timeout_s,
-                                socket_connect_timeout=timeout_s)
+    return redis.Redis.from_url(
+        settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
 
 
 class RespSocket:
@@ -66,8 +69,15 @@ class RespSocket:
     ``host``, ``port``, ``password``, ``db``, ``username`` as redis-py's connection keyword
     arguments (:meth:`from_settings` builds them from the settings)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 6379, password: str | None = None,
-                 db: int | None = 0, username: str | None = None, timeout: float = 30.0):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        password: str | None = None,
+        db: int | None = 0,
+        username: str | None = None,
+        timeout: float = 30.0,
+    ):
         self.sock = socket.create_connection((host, int(port)), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = hiredis.Reader()
@@ -86,8 +96,14 @@ class RespSocket:
     @classmethod
     def from_kwargs(cls, kw: dict[str, Any], timeout: float = 5.0) -> RespSocket:
         """From a redis-py client's ``connection_pool.connection_kwargs``."""
-        return cls(kw.get("host", "127.0.0.1"), int(kw.get("port", 6379)), kw.get("password"),
-                   kw.get("db"), kw.get("username"), timeout=timeout)
+        return cls(
+            kw.get("host", "127.0.0.1"),
+            int(kw.get("port", 6379)),
+            kw.get("password"),
+            kw.get("db"),
+            kw.get("username"),
+            timeout=timeout,
+        )
 
     def send(self, *args: Any) -> None:
         self.sock.sendall(pack(args))

@@ -114,7 +114,7 @@ def speed_entity_of(key: str) -> tuple[str, str, int]:
     """``(entity, id, day)`` of a speed-view key (crossed ids contain ``:``)."""
     if not key.startswith(SPEED_PREFIX):
         raise ValueError(f"not a speed-view key: {key!r}")
-    rest, day = key[len(SPEED_PREFIX):].rsplit(SPEED_DAY_SEP, 1)
+    rest, day = key[len(SPEED_PREFIX) :].rsplit(SPEED_DAY_SEP, 1)
     entity, eid = split_entity_key(rest)
     return entity, eid, int(day)
 
@@ -232,12 +232,13 @@ def batch_entity_of(version: str, key: str) -> tuple[str, str, str] | None:
     if not key.startswith(head):
         return None
     try:
-        entity, tail = key[len(head):].split(ENTITY_SEP, 1)
+        entity, tail = key[len(head) :].split(ENTITY_SEP, 1)
         eid, part = tail.rsplit(BATCH_RES_SEP, 1)
     except ValueError:
         return None
     if entity not in F.ENTITY_BY_NAME or not (
-            part in F.RESOLUTION_BY_NAME or part in (LONG_SUFFIX, SUMS_SUFFIX)):
+        part in F.RESOLUTION_BY_NAME or part in (LONG_SUFFIX, SUMS_SUFFIX)
+    ):
         return None
     return entity, eid, part
 
@@ -278,6 +279,7 @@ def suffix_field(res: str, event_type: str, bucket: int) -> str:
 # (ctrstream.store.batch_view): these are the same formats as the functions above, as SQL
 # expressions over the given column expressions (tests/unit/test_store_layout.py runs both).
 
+
 def sql_literal(text: str) -> str:
     """``text`` as a SQL string literal (a key suffix, an event type)."""
     return "'" + text.replace("'", "''") + "'"
@@ -287,8 +289,10 @@ def batch_key_sql(version: str, entity: str, eid: str, part: str) -> str:
     """:func:`batch_key` (``part`` a resolution), :func:`batch_long_key` or
     :func:`batch_sums_key` (``part`` the SQL string of :data:`LONG_SUFFIX` /
     :data:`SUMS_SUFFIX`) as a SQL expression."""
-    return (f"{sql_literal(batch_version_prefix(version))} || {entity} || {sql_literal(ENTITY_SEP)} "
-            f"|| {eid} || {sql_literal(BATCH_RES_SEP)} || {part}")
+    return (
+        f"{sql_literal(batch_version_prefix(version))} || {entity} || {sql_literal(ENTITY_SEP)} "
+        f"|| {eid} || {sql_literal(BATCH_RES_SEP)} || {part}"
+    )
 
 
 def batch_field_sql(event_type: str, bucket: str) -> str:

@@ -37,17 +37,24 @@ N_LONG = len(F.LONG_WINDOWS)
 
 # crossed entity -> [(single-field parent entity, position of its field in the id)]
 PARENTS: dict[str, list[tuple[str, int]]] = {
-    e.name: [(p.name, e.fields.index(p.fields[0])) for p in F.ENTITIES
-             if len(p.fields) == 1 and p.fields[0] in e.fields]
-    for e in F.ENTITIES if len(e.fields) > 1}
+    e.name: [
+        (p.name, e.fields.index(p.fields[0]))
+        for p in F.ENTITIES
+        if len(p.fields) == 1 and p.fields[0] in e.fields
+    ]
+    for e in F.ENTITIES
+    if len(e.fields) > 1
+}
 # entities that do not depend on the user: shared by every request, so worth caching
 SHARED_ENTITIES = frozenset(e.name for e in F.ENTITIES if "user_id" not in e.fields)
 # read order of rows: single-field entities first, so that a crossed entity's parents are
 # always earlier in the call (the script prunes with them)
 ROW_ORDER = sorted(range(len(F.ENTITIES)), key=lambda k: len(F.ENTITIES[k].fields) > 1)
 _NAMES = [e.name for e in F.ENTITIES]
-_PARENT_COLS = {k: [_NAMES.index(pe) for pe, _ in PARENTS.get(F.ENTITIES[k].name, [])]
-                for k in range(len(F.ENTITIES))}
+_PARENT_COLS = {
+    k: [_NAMES.index(pe) for pe, _ in PARENTS.get(F.ENTITIES[k].name, [])]
+    for k in range(len(F.ENTITIES))
+}
 MAX_PARENTS = max([len(v) for v in PARENTS.values()] + [1])  # parent slots per key
 
 
@@ -107,19 +114,21 @@ def parents_of_keys(keys: list[str]) -> np.ndarray:
         parts = eid.split(":")
         if len(parts) <= max(j for _, j in spec):
             continue
-        found = [q for q in (pos.get(L.entity_key(pe, parts[j])) for pe, j in spec)
-                 if q is not None]
-        out[n, :len(found)] = found
+        found = [
+            q for q in (pos.get(L.entity_key(pe, parts[j])) for pe, j in spec) if q is not None
+        ]
+        out[n, : len(found)] = found
     return out
 
 
-def _fill_parents(parents: np.ndarray, base: int, k: int, inv: np.ndarray,
-                  first: np.ndarray) -> None:
+def _fill_parents(
+    parents: np.ndarray, base: int, k: int, inv: np.ndarray, first: np.ndarray
+) -> None:
     """Parents of the distinct ids of entity column ``k`` (keys ``base ..``): the keys of the
     parent columns on the first row of each id (a parent's id is a part of the crossed id)."""
     pcols = _PARENT_COLS[k]
     if pcols:
-        parents[base:base + len(first), :len(pcols)] = inv[first][:, pcols]
+        parents[base : base + len(first), : len(pcols)] = inv[first][:, pcols]
 
 
 def keys_of_rows(entity_ids: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -238,8 +247,11 @@ class ScriptPlan:
         for b0, bhi, slo, r, b1 in per_res:
             args.append(b1 - slo + 1 if b1 >= slo else 0)
             for b in range(slo, b1 + 1):
-                args += [slot[L.speed_day(b, r)], b * r.bucket_ms,
-                         *(L.speed_field(r.name, et, b) for et in F.EVENT_TYPES)]
+                args += [
+                    slot[L.speed_day(b, r)],
+                    b * r.bucket_ms,
+                    *(L.speed_field(r.name, et, b) for et in F.EVENT_TYPES),
+                ]
             lo_i = hi_i = 0
             if sums:
                 assert view.cutoff_ms is not None
@@ -254,8 +266,9 @@ class ScriptPlan:
             args += [lo_i, hi_i]
             bucket_fields = []
             if self.n_batch_keys > 1:
-                bucket_fields = [L.batch_field(et, b) for b in range(b0, bhi + 1)
-                                 for et in F.EVENT_TYPES]
+                bucket_fields = [
+                    L.batch_field(et, b) for b in range(b0, bhi + 1) for et in F.EVENT_TYPES
+                ]
             args += [len(bucket_fields), *bucket_fields]
         args += [len(sums_fields), *sums_fields, N_LONG, *long_fields, MAX_PARENTS]
         self.head = args
@@ -277,11 +290,12 @@ class ScriptPlan:
         n = len(entity_keys)
         keys: list[str] = [L.BATCH_POINTER_KEY] * (1 + n * len(cols))
         for j, col in enumerate(cols):  # interleaved: entity by entity (C-level slices)
-            keys[1 + j::len(cols)] = col
+            keys[1 + j :: len(cols)] = col
         return keys
 
-    def call(self, keys: list[str], parents: np.ndarray | None = None
-             ) -> tuple[list[str], list[Any], np.ndarray]:
+    def call(
+        self, keys: list[str], parents: np.ndarray | None = None
+    ) -> tuple[list[str], list[Any], np.ndarray]:
         """``(KEYS, ARGV, order)`` to read ``keys`` (entity keys); ``order``: the call order
         (indices into ``keys``: the keys without parents first, each key after its parents).
         ``parents``: per key 0-based indices among ``keys``, -1 for none (default: found by
@@ -303,8 +317,9 @@ class ScriptPlan:
         return self.keys_of(ordered), args, order
 
 
-def parse_script_reply(reply: Any, n_keys: int, order: np.ndarray | None = None
-                       ) -> tuple[str | None, bool, np.ndarray, np.ndarray]:
+def parse_script_reply(
+    reply: Any, n_keys: int, order: np.ndarray | None = None
+) -> tuple[str | None, bool, np.ndarray, np.ndarray]:
     """-> (pointer value or None, moved, counts (n_keys, N_WINDOWS, 2), newest (n_keys,)), in
     key order (``order``: the call order of :meth:`ScriptPlan.call`). ``moved``: the pointer
     was not the one planned for (nothing was read)."""
@@ -390,10 +405,10 @@ class PipelinePlan:
         for k, (_, bf) in enumerate(self.per_res):
             n = len(bf)
             if n:
-                counts[:, k] += block[:, off:off + n].reshape(n_keys, n // 2, 2).sum(axis=1)
+                counts[:, k] += block[:, off : off + n].reshape(n_keys, n // 2, 2).sum(axis=1)
                 off += n
         if n_speed:
-            part = block[:, off:off + n_speed].reshape(n_keys, n_speed // 2, 2)
+            part = block[:, off : off + n_speed].reshape(n_keys, n_speed // 2, 2)
             for k in range(N_RES):
                 sel = self.pair_res == k
                 if sel.any():
@@ -403,7 +418,7 @@ class PipelinePlan:
                 newest = int(self.pair_start[nonempty].max())
             off += n_speed
         if n_long:
-            counts[:, N_RES:] = block[:, off:off + n_long].reshape(n_keys, N_LONG, 2)
+            counts[:, N_RES:] = block[:, off : off + n_long].reshape(n_keys, N_LONG, 2)
         return counts, (newest if newest >= 0 else None)
 
 

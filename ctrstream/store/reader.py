@@ -123,9 +123,15 @@ Steps = Generator[Request, Any, FeatureRead]
 class ReaderCore:
     """One read as a generator of requests (see the module docstring)."""
 
-    def __init__(self, mode: Mode = "lambda", method: Method = "script",
-                 pointer_ttl_s: float = 1.0, cache_ttl_s: float = 0.0,
-                 cache_max: int = 200_000, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        mode: Mode = "lambda",
+        method: Method = "script",
+        pointer_ttl_s: float = 1.0,
+        cache_ttl_s: float = 0.0,
+        cache_max: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if mode not in ("lambda", "speed", "batch"):
             raise ValueError(f"mode must be lambda, speed or batch, not {mode!r}")
         if method not in ("script", "pipeline"):
@@ -186,8 +192,11 @@ class ReaderCore:
                     at = np.full(len(keys) + 1, -1, dtype=np.int64)  # at[-1]: no parent
                     at[lk.miss] = np.arange(len(lk.miss))
                     read_keys = [keys[i] for i in lk.miss]
-                    read_parents = (at[np.asarray(parents, dtype=np.int64)[lk.miss]]
-                                    if lk.miss else no_parents(0))
+                    read_parents = (
+                        at[np.asarray(parents, dtype=np.int64)[lk.miss]]
+                        if lk.miss
+                        else no_parents(0)
+                    )
             script_keys, args, order = plan.call(read_keys, read_parents)
             try:
                 reply = yield ScriptCall(script_keys, args)
@@ -203,12 +212,22 @@ class ReaderCore:
                     cache.invalidate_all()
                 continue
             return self._merge(keys, t_ms, view, lk, read_keys, got, newest_k)
-        raise RuntimeError(f"the batch-view pointer ({L.BATCH_POINTER_KEY}) moved during each "
-                           f"of {MAX_SWITCHES} reads in a row: is something switching views "
-                           "in a loop?")
+        raise RuntimeError(
+            f"the batch-view pointer ({L.BATCH_POINTER_KEY}) moved during each "
+            f"of {MAX_SWITCHES} reads in a row: is something switching views "
+            "in a loop?"
+        )
 
-    def _merge(self, keys: list[str], t_ms: int, view: View, lk: Lookup | None,
-               read_keys: list[str], got: np.ndarray, newest_k: np.ndarray) -> FeatureRead:
+    def _merge(
+        self,
+        keys: list[str],
+        t_ms: int,
+        view: View,
+        lk: Lookup | None,
+        read_keys: list[str],
+        got: np.ndarray,
+        newest_k: np.ndarray,
+    ) -> FeatureRead:
         cache = self.cache
         if lk is None or not lk.hits:
             counts, newest = got, newest_k
@@ -223,10 +242,16 @@ class ReaderCore:
             staleness = cache.staleness(lk)
             cache.store(lk, read_keys, view.version, got, newest_k)
         nb = int(newest.max()) if len(newest) else -1
-        return FeatureRead(counts, t_ms, view.version, view.cutoff_ms, nb if nb >= 0 else None,
-                           cache_hits=len(lk.hits) if lk else 0,
-                           cache_misses=len(read_keys) if lk else 0,
-                           cache_staleness_s=staleness)
+        return FeatureRead(
+            counts,
+            t_ms,
+            view.version,
+            view.cutoff_ms,
+            nb if nb >= 0 else None,
+            cache_hits=len(lk.hits) if lk else 0,
+            cache_misses=len(read_keys) if lk else 0,
+            cache_staleness_s=staleness,
+        )
 
     def _read_pipeline(self, keys: list[str], t_ms: int) -> Steps:
         replies: list[Any] = []
@@ -253,8 +278,14 @@ class ReaderCore:
 
     def cache_stats(self) -> dict[str, Any]:
         if self.cache is None:
-            return {"ttl_s": 0.0, "hits": 0, "misses": 0, "hit_rate": None, "entries": 0,
-                    "tracking": None}
+            return {
+                "ttl_s": 0.0,
+                "hits": 0,
+                "misses": 0,
+                "hit_rate": None,
+                "entries": 0,
+                "tracking": None,
+            }
         return self.cache.stats()
 
 
@@ -332,9 +363,16 @@ class FeatureStore(_Shell):
     (:func:`ctrstream.store.connection.redis_client`); the other arguments are
     :class:`ReaderCore`'s."""
 
-    def __init__(self, client: Any, mode: Mode = "lambda", method: Method = "script",
-                 pointer_ttl_s: float = 1.0, cache_ttl_s: float = 0.0, cache_max: int = 200_000,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        client: Any,
+        mode: Mode = "lambda",
+        method: Method = "script",
+        pointer_ttl_s: float = 1.0,
+        cache_ttl_s: float = 0.0,
+        cache_max: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.core = ReaderCore(mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock)
         self.client = client
         self.script = client.register_script(READ_SCRIPT)
@@ -347,8 +385,9 @@ class FeatureStore(_Shell):
             pipe.execute_command(*c)
         return pipe.execute()
 
-    def read(self, keys: Iterable[str], t_ms: int, parents: np.ndarray | None = None
-             ) -> FeatureRead:
+    def read(
+        self, keys: Iterable[str], t_ms: int, parents: np.ndarray | None = None
+    ) -> FeatureRead:
         """Window counts ``(len(keys), N_WINDOWS, 2)`` of entity keys at ``t_ms``."""
         return drive(self.core.read(keys, t_ms, parents), self._execute)
 
@@ -376,10 +415,18 @@ class AsyncFeatureStore(_Shell):
     cached entries stay valid until Redis reports a write to them; call :meth:`close` at
     shutdown."""
 
-    def __init__(self, client: Any, mode: Mode = "lambda", method: Method = "script",
-                 pointer_ttl_s: float = 1.0, cache_ttl_s: float = 0.0, cache_max: int = 200_000,
-                 clock: Callable[[], float] = time.monotonic, tracking: bool = False,
-                 heartbeat_s: float = 0.05):
+    def __init__(
+        self,
+        client: Any,
+        mode: Mode = "lambda",
+        method: Method = "script",
+        pointer_ttl_s: float = 1.0,
+        cache_ttl_s: float = 0.0,
+        cache_max: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
+        tracking: bool = False,
+        heartbeat_s: float = 0.05,
+    ):
         self.core = ReaderCore(mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock)
         self.client = client
         self.script: Any = AsyncScript.for_client(client) or client.register_script(READ_SCRIPT)
@@ -391,9 +438,13 @@ class AsyncFeatureStore(_Shell):
         cache = self.core.cache
         if self.tracking and self.tracker is None and cache is not None:
             kw = dict(self.client.connection_pool.connection_kwargs)
-            self.tracker = InvalidationTracker(kw, cache.invalidate, cache.invalidate_all,
-                                               heartbeat_s=self.heartbeat_s,
-                                               clock=self.core.clock)
+            self.tracker = InvalidationTracker(
+                kw,
+                cache.invalidate,
+                cache.invalidate_all,
+                heartbeat_s=self.heartbeat_s,
+                clock=self.core.clock,
+            )
             cache.tracker = self.tracker
             self.tracker.start()
 
@@ -417,8 +468,9 @@ class AsyncFeatureStore(_Shell):
             pipe.execute_command(*c)
         return await pipe.execute()
 
-    async def read(self, keys: Iterable[str], t_ms: int, parents: np.ndarray | None = None
-                   ) -> FeatureRead:
+    async def read(
+        self, keys: Iterable[str], t_ms: int, parents: np.ndarray | None = None
+    ) -> FeatureRead:
         return await drive_async(self.core.read(keys, t_ms, parents), self._execute)
 
     async def read_rows(self, entity_ids: np.ndarray, t_ms: int) -> FeatureRead:

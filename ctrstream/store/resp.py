@@ -72,7 +72,7 @@ class _LineCounter:
         elif self.error is None:
             k = 0 if self.at_line_start and data[:1] == b"-" else data.find(b"\n-")
             if k >= 0:
-                k += 0 if data[k:k + 1] == b"-" else 1
+                k += 0 if data[k : k + 1] == b"-" else 1
                 end = data.find(b"\n", k)
                 self.error = bytearray(data[k:] if end < 0 else data[k:end])
                 self.error_done = end >= 0
@@ -80,8 +80,10 @@ class _LineCounter:
 
     def result(self, n_replies: int) -> list[Any]:
         if self.got > n_replies:
-            raise RuntimeError(f"redis sent {self.got} replies to {n_replies} one-line commands: "
-                               "a command with a multi-line reply was sent as one-line")
+            raise RuntimeError(
+                f"redis sent {self.got} replies to {n_replies} one-line commands: "
+                "a command with a multi-line reply was sent as one-line"
+            )
         if self.error is not None:
             text = bytes(self.error[1:]).decode(errors="replace").strip()
             raise RuntimeError(f"redis replied with an error: {text}")
@@ -114,8 +116,9 @@ class RespPipeline:
         """A pipeline to the server and database of a redis-py client."""
         return cls(client.connection_pool.connection_kwargs, timeout)
 
-    def _roundtrip(self, payload: bytes, n_replies: int, collect: bool = True,
-                   one_line: bool = False) -> list[Any]:
+    def _roundtrip(
+        self, payload: bytes, n_replies: int, collect: bool = True, one_line: bool = False
+    ) -> list[Any]:
         """Send ``payload`` while reading the replies as they come: a flush can be hundreds of
         MB of commands, and writing it all before reading would stall once both directions'
         socket buffers are full. ``timeout`` bounds the time without any progress.
@@ -131,12 +134,16 @@ class RespPipeline:
         replies: _Replies | _LineCounter = _LineCounter() if one_line else _Replies(collect)
         while replies.got < n_replies:
             writing = sent < len(view)
-            readable, writable, _ = select.select([sock], [sock] if writing else [], [], self.timeout)
+            readable, writable, _ = select.select(
+                [sock], [sock] if writing else [], [], self.timeout
+            )
             if not readable and not writable:
-                raise TimeoutError(f"redis made no progress for {self.timeout:.0f} s ({replies.got} "
-                                   f"of {n_replies} replies, {sent} of {len(view)} bytes sent)")
+                raise TimeoutError(
+                    f"redis made no progress for {self.timeout:.0f} s ({replies.got} "
+                    f"of {n_replies} replies, {sent} of {len(view)} bytes sent)"
+                )
             if writable:
-                sent += sock.send(view[sent:sent + (1 << 20)])
+                sent += sock.send(view[sent : sent + (1 << 20)])
             if not readable:
                 continue
             data = sock.recv(1 << 20)
@@ -158,8 +165,9 @@ class RespPipeline:
         """Like :meth:`execute`, returning the replies (raises on the first error reply)."""
         return self._send(b"".join(commands), len(commands), collect=True)
 
-    def _send(self, payload: bytes, n_commands: int, collect: bool,
-              one_line: bool = False) -> list[Any]:
+    def _send(
+        self, payload: bytes, n_commands: int, collect: bool, one_line: bool = False
+    ) -> list[Any]:
         """One round trip, reconnecting once on a broken connection (the speed layer's and
         the batch views' writes are absolute values: sending them twice is harmless)."""
         if not n_commands:
@@ -208,8 +216,13 @@ class BackgroundPipeline:
         self.thread = threading.Thread(target=self._run, name="ctrstream-redis-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, payload: bytes, n_commands: int, one_line: bool = False,
-               done: Callable[[], None] | None = None) -> None:
+    def submit(
+        self,
+        payload: bytes,
+        n_commands: int,
+        one_line: bool = False,
+        done: Callable[[], None] | None = None,
+    ) -> None:
         with self.cv:
             while self.pending >= self.max_pending and self.error is None:
                 self.cv.wait()
@@ -347,17 +360,17 @@ def layout(segments: list[Segment], n: int) -> np.ndarray:
     col = 0
     for seg, w in zip(segments, widths):
         if isinstance(seg, bytes):
-            rows[:, col:col + w] = np.frombuffer(seg, np.uint8)
+            rows[:, col : col + w] = np.frombuffer(seg, np.uint8)
         elif isinstance(seg, Choice):
             table = np.full((len(seg.options), w), PAD, np.uint8)
             for k, o in enumerate(seg.options):
-                table[k, :len(o)] = np.frombuffer(o, np.uint8)
-            rows[:, col:col + w] = table[seg.idx]
+                table[k, : len(o)] = np.frombuffer(o, np.uint8)
+            rows[:, col : col + w] = table[seg.idx]
         else:
             block = blocks.get(id(seg))
             if block is None:
                 block = blocks[id(seg)] = _digit_block(seg, w)
-            rows[:, col:col + w] = block
+            rows[:, col : col + w] = block
         col += w
     return rows
 

@@ -41,15 +41,16 @@ def scan_keys(client: Any, match: str, parse: Callable[[str], T | None]) -> list
     return keys
 
 
-def read_hashes(client: Any, keys: list[tuple[bytes, T]]
-                ) -> Iterator[tuple[T, Iterable[tuple[bytes, bytes]]]]:
+def read_hashes(
+    client: Any, keys: list[tuple[bytes, T]]
+) -> Iterator[tuple[T, Iterable[tuple[bytes, bytes]]]]:
     """``(parsed key, (field, value) pairs)`` of every hash of ``keys`` (pairs from
     :func:`scan_keys`), read in pipelined chunks. A hash that expired between the SCAN and
     its read comes back empty."""
     pipe = RespPipeline.of_client(client, timeout=TIMEOUT_S)
     try:
         for i in range(0, len(keys), CHUNK):
-            chunk = keys[i:i + CHUNK]
+            chunk = keys[i : i + CHUNK]
             replies = pipe.execute_replies([encode((b"HGETALL", k)) for k, _ in chunk])
             for (_, parsed), h in zip(chunk, replies):
                 yield parsed, zip(h[0::2], h[1::2])

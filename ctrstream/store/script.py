@@ -80,11 +80,15 @@ class AsyncScript:
 
     async def _connect(self) -> _RespProtocol:
         loop = asyncio.get_running_loop()
-        _, proto = await asyncio.wait_for(loop.create_connection(
-            _RespProtocol, self.kw.get("host", "127.0.0.1"), int(self.kw.get("port", 6379))),
-            self.connect_timeout)
-        for args in hello_commands(self.kw.get("password"), self.kw.get("db"),
-                                   self.kw.get("username")):
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(
+                _RespProtocol, self.kw.get("host", "127.0.0.1"), int(self.kw.get("port", 6379))
+            ),
+            self.connect_timeout,
+        )
+        for args in hello_commands(
+            self.kw.get("password"), self.kw.get("db"), self.kw.get("username")
+        ):
             reply = await self._roundtrip(proto, args)
             if isinstance(reply, hiredis.ReplyError):
                 assert proto.transport is not None
@@ -105,8 +109,12 @@ class AsyncScript:
 
     async def _proto(self) -> _RespProtocol:
         p = self.proto
-        if p is not None and p.lost is None and p.transport is not None \
-                and not p.transport.is_closing():
+        if (
+            p is not None
+            and p.lost is None
+            and p.transport is not None
+            and not p.transport.is_closing()
+        ):
             return p
         if self._connecting is None:  # one connection attempt shared by concurrent callers
             self._connecting = asyncio.ensure_future(self._connect())
@@ -117,8 +125,9 @@ class AsyncScript:
                 self._connecting = None
         return self.proto
 
-    async def __call__(self, keys: list[Any] | tuple[Any, ...] = (),
-                       args: list[Any] | tuple[Any, ...] = ()) -> Any:
+    async def __call__(
+        self, keys: list[Any] | tuple[Any, ...] = (), args: list[Any] | tuple[Any, ...] = ()
+    ) -> Any:
         proto = await self._proto()
         head = (len(keys), *keys, *args)
         reply = await self._roundtrip(proto, (b"EVALSHA", self.sha, *head))

@@ -66,8 +66,10 @@ REPAIR_CHUNK = 20_000  # day hashes per pipelined round trip of a repair
 def renew_resolution(allowed_lateness_ms: int) -> int:
     """Index (in ``features.RESOLUTIONS``) of the resolution whose new buckets renew a day
     hash's TTL: the longest-lived one (``layout.speed_ttl_ms``)."""
-    return max(range(len(F.RESOLUTIONS)),
-               key=lambda r: L.speed_ttl_ms(F.RESOLUTIONS[r], allowed_lateness_ms))
+    return max(
+        range(len(F.RESOLUTIONS)),
+        key=lambda r: L.speed_ttl_ms(F.RESOLUTIONS[r], allowed_lateness_ms),
+    )
 
 
 # --------------------------------------------------------------------------- writing
@@ -93,17 +95,23 @@ class SpeedCells:
 
     def __post_init__(self) -> None:
         if not 0 <= self.entity < len(F.ENTITIES):
-            raise ValueError(f"entity index {self.entity} is not one of features.ENTITIES "
-                             f"(0..{len(F.ENTITIES) - 1})")
+            raise ValueError(
+                f"entity index {self.entity} is not one of features.ENTITIES "
+                f"(0..{len(F.ENTITIES) - 1})"
+            )
         fields = F.ENTITIES[self.entity].fields
         if len(self.id_parts) != len(fields):
-            raise ValueError(f"entity {F.ENTITIES[self.entity].name} has {len(fields)} id "
-                             f"field(s) {fields}, got {len(self.id_parts)} id part array(s)")
+            raise ValueError(
+                f"entity {F.ENTITIES[self.entity].name} has {len(fields)} id "
+                f"field(s) {fields}, got {len(self.id_parts)} id part array(s)"
+            )
         n = len(self.res)
         lengths = {len(a) for a in (*self.id_parts, self.bucket, self.imps, self.clicks, self.new)}
         if lengths - {n}:
-            raise ValueError(f"the columns of SpeedCells differ in length ({sorted(lengths | {n})}): "
-                             "give one value per cell in every column")
+            raise ValueError(
+                f"the columns of SpeedCells differ in length ({sorted(lengths | {n})}): "
+                "give one value per cell in every column"
+            )
 
     def __len__(self) -> int:
         return len(self.res)
@@ -145,11 +153,13 @@ class _Renderer:
         self.field_c = [L.speed_field_head(r.name, tc).encode() for r in F.RESOLUTIONS]
         self.same_len = [len(a) for a in self.field_i] == [len(c) for c in self.field_c]
         # these parts and the layout functions agree (a changed format fails here, not in Redis)
-        if (self.key_head[0] + b"7" + self.day_sep + b"3").decode() != \
-                L.speed_key(F.ENTITIES[0].name, "7", 3) or \
-                (self.field_i[0] + b"5").decode() != L.speed_field(F.RESOLUTIONS[0].name, ti, 5):
-            raise RuntimeError("layout.speed_key / speed_field no longer match their heads "
-                               "(speed_key_head, speed_field_head): update both together")
+        if (self.key_head[0] + b"7" + self.day_sep + b"3").decode() != L.speed_key(
+            F.ENTITIES[0].name, "7", 3
+        ) or (self.field_i[0] + b"5").decode() != L.speed_field(F.RESOLUTIONS[0].name, ti, 5):
+            raise RuntimeError(
+                "layout.speed_key / speed_field no longer match their heads "
+                "(speed_key_head, speed_field_head): update both together"
+            )
 
     def render(self, cells: Iterable[SpeedCells]) -> tuple[bytes, int]:
         """``(payload, number of commands)``: every HSET, then every PEXPIRE."""
@@ -184,10 +194,15 @@ class _Renderer:
         renew = np.unique((np.cumsum(first) - 1)[new & (res == self.renew_res)])  # hashes
         hparts = [p[starts] for p in parts]
         hday = day[starts]
-        if min(int(p.min()) for p in hparts) < 0 or int(bucket.min()) < 0 \
-                or int(imps.min()) < 0 or int(clicks.min()) < 0:
-            return self._packed(c.entity, hparts, hday, starts, per_hash, renew, res, bucket,
-                                imps, clicks)
+        if (
+            min(int(p.min()) for p in hparts) < 0
+            or int(bucket.min()) < 0
+            or int(imps.min()) < 0
+            or int(clicks.min()) < 0
+        ):
+            return self._packed(
+                c.entity, hparts, hday, starts, per_hash, renew, res, bucket, imps, clicks
+            )
         pre = self.key_head[c.entity]
         key_segs: list[bytes | np.ndarray] = [hparts[0]]
         key_len = len(pre) + bulk_len(hparts[0]) + len(self.day_sep) + bulk_len(hday)
@@ -197,53 +212,109 @@ class _Renderer:
         key_segs += [self.day_sep, hday]
         # one row per cell: the HSET header and key on the first cell of each hash, then the
         # cell's two field-value pairs
-        head = layout([b"*", 2 + 4 * per_hash, b"\r\n$4\r\nHSET\r\n$", key_len, b"\r\n" + pre,
-                       *key_segs, b"\r\n"], len(starts))
+        head = layout(
+            [
+                b"*",
+                2 + 4 * per_hash,
+                b"\r\n$4\r\nHSET\r\n$",
+                key_len,
+                b"\r\n" + pre,
+                *key_segs,
+                b"\r\n",
+            ],
+            len(starts),
+        )
         fi, fc = Choice(self.field_i, res), Choice(self.field_c, res)
         fi_len = fi.lengths() + bulk_len(bucket)
         fc_len = fi_len if self.same_len else fc.lengths() + bulk_len(bucket)  # printed once
-        body = layout([b"$", fi_len, b"\r\n", fi, bucket, b"\r\n$", bulk_len(imps), b"\r\n", imps,
-                       b"\r\n$", fc_len, b"\r\n", fc, bucket, b"\r\n$", bulk_len(clicks), b"\r\n",
-                       clicks, b"\r\n"], n)
+        body = layout(
+            [
+                b"$",
+                fi_len,
+                b"\r\n",
+                fi,
+                bucket,
+                b"\r\n$",
+                bulk_len(imps),
+                b"\r\n",
+                imps,
+                b"\r\n$",
+                fc_len,
+                b"\r\n",
+                fc,
+                bucket,
+                b"\r\n$",
+                bulk_len(clicks),
+                b"\r\n",
+                clicks,
+                b"\r\n",
+            ],
+            n,
+        )
         rows = np.full((n, head.shape[1] + body.shape[1]), PAD, np.uint8)
-        rows[starts, :head.shape[1]] = head
-        rows[:, head.shape[1]:] = body
+        rows[starts, : head.shape[1]] = head
+        rows[:, head.shape[1] :] = body
         expire = b""
         if len(renew):
             ttl = str(self.hash_ttl_ms).encode()
-            expire = render([b"*3\r\n$7\r\nPEXPIRE\r\n$", key_len[renew], b"\r\n" + pre,
-                             *[s if isinstance(s, bytes) else s[renew] for s in key_segs],
-                             b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl)], len(renew))
+            expire = render(
+                [
+                    b"*3\r\n$7\r\nPEXPIRE\r\n$",
+                    key_len[renew],
+                    b"\r\n" + pre,
+                    *[s if isinstance(s, bytes) else s[renew] for s in key_segs],
+                    b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl),
+                ],
+                len(renew),
+            )
         return squeeze(rows), expire, len(starts) + len(renew)
 
-    def _packed(self, e: int, hparts: list[np.ndarray], hday: np.ndarray, starts: np.ndarray,
-                per_hash: np.ndarray, renew: np.ndarray, res: np.ndarray, bucket: np.ndarray,
-                imps: np.ndarray, clicks: np.ndarray) -> tuple[bytes, bytes, int]:
+    def _packed(
+        self,
+        e: int,
+        hparts: list[np.ndarray],
+        hday: np.ndarray,
+        starts: np.ndarray,
+        per_hash: np.ndarray,
+        renew: np.ndarray,
+        res: np.ndarray,
+        bucket: np.ndarray,
+        imps: np.ndarray,
+        clicks: np.ndarray,
+    ) -> tuple[bytes, bytes, int]:
         """The same commands, one hiredis-packed command per hash (for negative numbers)."""
         ent = F.ENTITIES[e]
         ti, tc = F.EVENT_TYPES
-        ids = [F.entity_id(ent, dict(zip(ent.fields, vals)))
-               for vals in zip(*[p.tolist() for p in hparts])]
+        ids = [
+            F.entity_id(ent, dict(zip(ent.fields, vals)))
+            for vals in zip(*[p.tolist() for p in hparts])
+        ]
         keys = [L.speed_key(ent.name, sid, d) for sid, d in zip(ids, hday.tolist())]
         hs = []
         for k, a in enumerate(starts.tolist()):
             args: list[Any] = [b"HSET", keys[k]]
             for j in range(a, a + int(per_hash[k])):
                 name = F.RESOLUTIONS[int(res[j])].name
-                args += [L.speed_field(name, ti, int(bucket[j])), int(imps[j]),
-                         L.speed_field(name, tc, int(bucket[j])), int(clicks[j])]
+                args += [
+                    L.speed_field(name, ti, int(bucket[j])),
+                    int(imps[j]),
+                    L.speed_field(name, tc, int(bucket[j])),
+                    int(clicks[j]),
+                ]
             hs.append(encode(args))
         ex = [encode((b"PEXPIRE", keys[k], self.hash_ttl_ms)) for k in renew.tolist()]
         return b"".join(hs), b"".join(ex), len(hs) + len(ex)
 
 
-def render_speed_cells(cells: Iterable[SpeedCells], hash_ttl_ms: int,
-                       renew_res: int | None = None) -> tuple[bytes, int]:
+def render_speed_cells(
+    cells: Iterable[SpeedCells], hash_ttl_ms: int, renew_res: int | None = None
+) -> tuple[bytes, int]:
     """The RESP commands :class:`SpeedViewWriter` sends for ``cells``: ``(payload, number of
     commands)``. ``renew_res``: the resolution whose new cells renew a hash's TTL (default:
     :func:`renew_resolution` without allowed lateness)."""
-    return _Renderer(hash_ttl_ms, renew_resolution(0) if renew_res is None else renew_res
-                     ).render(cells)
+    return _Renderer(hash_ttl_ms, renew_resolution(0) if renew_res is None else renew_res).render(
+        cells
+    )
 
 
 class SpeedViewWriter:
@@ -256,8 +327,9 @@ class SpeedViewWriter:
     ``hash_ttl_ms``: the day hashes' TTL (default ``layout.speed_hash_ttl_ms`` of the
     settings' allowed lateness; benchmarks give throw-away data a shorter life)."""
 
-    def __init__(self, settings: Settings, max_pending: int = 2,
-                 hash_ttl_ms: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, max_pending: int = 2, hash_ttl_ms: int | None = None
+    ) -> None:
         lateness = int(settings.allowed_lateness_s * 1000)
         ttl = L.speed_hash_ttl_ms(lateness) if hash_ttl_ms is None else int(hash_ttl_ms)
         if ttl <= 0:
@@ -285,8 +357,12 @@ class SpeedViewWriter:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
@@ -320,7 +396,8 @@ def scan_speed_view(client: Any) -> SpeedScan:
     read is left out; keys and fields outside the layout are skipped."""
     keys = scan_keys(client, L.SPEED_PATTERN, _day_hash_of)
     out: dict[str, dict[tuple[str, str, str], dict[tuple[str, int], int]]] = {
-        res.name: {} for res in F.RESOLUTIONS}
+        res.name: {} for res in F.RESOLUTIONS
+    }
     present: set[DayHash] = set()
     match = L.SPEED_FIELD_RE.match
     with gc_paused():
@@ -356,8 +433,9 @@ def read_speed_view(client: Any) -> dict[Cell, int]:
     def strict(key: str) -> DayHash:
         parsed = _day_hash_of(key)
         if parsed is None:
-            raise ValueError(f"{key!r} is under the speed view's prefix but is not a day hash "
-                             "(layout.speed_key)")
+            raise ValueError(
+                f"{key!r} is under the speed view's prefix but is not a day hash (layout.speed_key)"
+            )
         return parsed
 
     out: dict[Cell, int] = {}
@@ -365,8 +443,10 @@ def read_speed_view(client: Any) -> dict[Cell, int]:
         for f, v in h:
             parsed = L.parse_speed_field(f)
             if parsed is None or parsed[0] not in F.RESOLUTION_BY_NAME:
-                raise ValueError(f"field {f!r} of speed-view hash {(entity, eid, _day)} is not "
-                                 "a speed-view cell (layout.speed_field)")
+                raise ValueError(
+                    f"field {f!r} of speed-view hash {(entity, eid, _day)} is not "
+                    "a speed-view cell (layout.speed_field)"
+                )
             n = int(v)
             if n:
                 res, et, b = parsed
@@ -387,8 +467,10 @@ def count_speed_hashes(client: Any) -> dict[str, int]:
 
 def _cell_address(cell: Cell) -> tuple[str, str]:
     entity, eid, res, et, b = cell
-    return (L.speed_key(entity, eid, L.speed_day(b, F.RESOLUTION_BY_NAME[res])),
-            L.speed_field(res, et, b))
+    return (
+        L.speed_key(entity, eid, L.speed_day(b, F.RESOLUTION_BY_NAME[res])),
+        L.speed_field(res, et, b),
+    )
 
 
 def read_speed_cells(client: Any, cells: Sequence[Cell]) -> list[int]:
@@ -426,7 +508,7 @@ def repair_speed_cells(client: Any, repairs: Mapping[Cell, int | None], hash_ttl
     items = list(by_hash.items())
     for i in range(0, len(items), REPAIR_CHUNK):
         pipe = client.pipeline(transaction=False)
-        for key, (sets, dels) in items[i:i + REPAIR_CHUNK]:
+        for key, (sets, dels) in items[i : i + REPAIR_CHUNK]:
             if sets:
                 pipe.hset(key, mapping=sets)
             if dels:

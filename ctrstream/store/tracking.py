@@ -41,9 +41,14 @@ class InvalidationTracker:
     port, password, db).
     """
 
-    def __init__(self, connection_kwargs: dict[str, Any],
-                 on_invalidate: Callable[[Iterable[str]], None], on_flush: Callable[[], None],
-                 heartbeat_s: float = 0.05, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        connection_kwargs: dict[str, Any],
+        on_invalidate: Callable[[Iterable[str]], None],
+        on_flush: Callable[[], None],
+        heartbeat_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.kw = connection_kwargs
         self.on_invalidate = on_invalidate
         self.on_flush = on_flush
@@ -60,8 +65,13 @@ class InvalidationTracker:
     def status(self) -> dict[str, Any]:
         sent = self.acked_sent_at
         age = None if sent is None else self.clock() - sent
-        return {"healthy": age is not None, "heartbeat_age_s": age, "reports": self.reports,
-                "restarts": self.restarts, "last_error": self.last_error}
+        return {
+            "healthy": age is not None,
+            "heartbeat_age_s": age,
+            "reports": self.reports,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+        }
 
     def start(self) -> None:
         self._thread.start()
@@ -91,8 +101,10 @@ class InvalidationTracker:
             except Exception as e:  # noqa: BLE001 - any failure: no vouching, drop, rebuild
                 if not self._stop.is_set():
                     self.last_error = f"{type(e).__name__}: {e}"
-                    log.warning("invalidation channel lost (%s); the cache falls back to its TTL",
-                                self.last_error)
+                    log.warning(
+                        "invalidation channel lost (%s); the cache falls back to its TTL",
+                        self.last_error,
+                    )
             finally:
                 self.acked_sent_at = None
                 self.on_flush()
@@ -109,8 +121,18 @@ class InvalidationTracker:
         cid = sub.call("CLIENT", "ID")
         sub.call("SUBSCRIBE", "__redis__:invalidate")
         trk = self._open("ctrstream-invalidation-tracking")
-        trk.call("CLIENT", "TRACKING", "ON", "REDIRECT", cid, "BCAST",
-                 "PREFIX", L.SPEED_PREFIX, "PREFIX", L.TRACKING_PREFIX)
+        trk.call(
+            "CLIENT",
+            "TRACKING",
+            "ON",
+            "REDIRECT",
+            cid,
+            "BCAST",
+            "PREFIX",
+            L.SPEED_PREFIX,
+            "PREFIX",
+            L.TRACKING_PREFIX,
+        )
         self.on_flush()  # nothing read before this moment is vouched for
         me = f"{L.TRACKING_PREFIX}{uuid.uuid4().hex}:"
         me_b, prefix_b = me.encode(), L.SPEED_PREFIX.encode()
@@ -155,7 +177,7 @@ class InvalidationTracker:
                             ents.append(ek)
                     elif k.startswith(me_b):
                         try:
-                            acked = max(acked or 0, int(k[len(me_b):]))
+                            acked = max(acked or 0, int(k[len(me_b) :]))
                         except ValueError:
                             pass
                 if ents:

@@ -56,14 +56,38 @@ def body(settings):
     k = np.arange(5)
     res = F.RESOLUTIONS[1]
     with SpeedViewWriter(settings) as writer:  # absolute counts, as the speed layer writes them
-        writer.write([SpeedCells(F.ENTITIES.index(F.ENTITY_BY_NAME["ad"]), [base + k],
-                                 np.full(5, F.RESOLUTIONS.index(res)), np.full(5, now // res.bucket_ms - 1),
-                                 50 * (k + 1), 3 * k * k, np.zeros(5, bool))])
-    return {"user_id": base + 99,
-            "context": {"site_id": base + 98, "device_type": "mobile", "country": "US", "position": 1,
-                        "event_time_ms": now},
-            "candidates": [{"ad_id": base + k, "campaign_id": base + 10 + k % 2,
-                            "advertiser_id": base + 20, "ad_category": 3} for k in range(5)]}
+        writer.write(
+            [
+                SpeedCells(
+                    F.ENTITIES.index(F.ENTITY_BY_NAME["ad"]),
+                    [base + k],
+                    np.full(5, F.RESOLUTIONS.index(res)),
+                    np.full(5, now // res.bucket_ms - 1),
+                    50 * (k + 1),
+                    3 * k * k,
+                    np.zeros(5, bool),
+                )
+            ]
+        )
+    return {
+        "user_id": base + 99,
+        "context": {
+            "site_id": base + 98,
+            "device_type": "mobile",
+            "country": "US",
+            "position": 1,
+            "event_time_ms": now,
+        },
+        "candidates": [
+            {
+                "ad_id": base + k,
+                "campaign_id": base + 10 + k % 2,
+                "advertiser_id": base + 20,
+                "ad_category": 3,
+            }
+            for k in range(5)
+        ],
+    }
 
 
 def _sigmoid(z):
@@ -85,8 +109,12 @@ def test_predict_ranks_candidates_by_calibrated_score(api, settings, body):
     t = body["context"]["event_time_ms"]
     cols = request_columns(body["user_id"], body["context"], body["candidates"], t)
     asm = assemble(FeatureStore(redis_client(settings)), cols, t)
-    want = dict(zip([c["ad_id"] for c in body["candidates"]],
-                    _sigmoid(asm.dense.astype(np.float64) @ W + BIAS)))
+    want = dict(
+        zip(
+            [c["ad_id"] for c in body["candidates"]],
+            _sigmoid(asm.dense.astype(np.float64) @ W + BIAS),
+        )
+    )
     for c in cands:
         assert c["raw_score"] == pytest.approx(want[c["ad_id"]], rel=1e-5)
         if doc["calibration"] == "none":
@@ -157,8 +185,12 @@ def _bad_bodies(good: dict):
         ("candidates not list", with_(["candidates"], cand), "candidates"),
         ("candidate not object", with_(["candidates"], [1, 2]), "candidates"),
         ("context not object", with_(["context"], "mobile"), "context"),
-        ("nan position", b'{"user_id": 1, "context": {"site_id": 1, "device_type": "mobile", '
-                         b'"country": "US", "position": NaN}, "candidates": []}', "position"),
+        (
+            "nan position",
+            b'{"user_id": 1, "context": {"site_id": 1, "device_type": "mobile", '
+            b'"country": "US", "position": NaN}, "candidates": []}',
+            "position",
+        ),
         ("inf", b'{"user_id": 1e999}', "user_id"),
         ("huge position", with_(["context", "position"], 10**6), "position"),
     ]
@@ -167,15 +199,18 @@ def _bad_bodies(good: dict):
 def test_bad_requests_get_a_precise_4xx_never_a_500(api, body):
     for label, bad, where in _bad_bodies(body):
         if isinstance(bad, bytes):
-            resp = api.post("/v1/predict", content=bad, headers={"content-type": "application/json"})
+            resp = api.post(
+                "/v1/predict", content=bad, headers={"content-type": "application/json"}
+            )
         else:
             resp = api.post("/v1/predict", json=bad)
         assert 400 <= resp.status_code < 500, (label, resp.status_code, resp.text)
         if where:
             assert where in resp.text, (label, resp.text)
     assert api.get("/v1/predict").status_code == 405
-    assert api.post("/v1/predict", content=b"user_id=1",
-                    headers={"content-type": "text/plain"}).status_code in (415, 422)
+    assert api.post(
+        "/v1/predict", content=b"user_id=1", headers={"content-type": "text/plain"}
+    ).status_code in (415, 422)
     # and the service still answers
     assert api.post("/v1/predict", json=body).status_code == 200
 
@@ -202,11 +237,15 @@ def test_fast_path_and_fastapi_route_answer_the_same(api, body):
         app.predict_asgi = saved
     assert fast.status_code == slow.status_code == 200
     strip = {"feature_staleness_ms", "feature_cache_staleness_ms"}  # time-dependent
-    assert {k: v for k, v in fast.json().items() if k not in strip} == \
-        {k: v for k, v in slow.json().items() if k not in strip}
+    assert {k: v for k, v in fast.json().items() if k not in strip} == {
+        k: v for k, v in slow.json().items() if k not in strip
+    }
     assert "handler;dur=" in slow.headers["server-timing"]
     # only the fast path measures the whole app (it is the outermost layer)
-    assert "app;dur=" in fast.headers["server-timing"] and "app;dur=" not in slow.headers["server-timing"]
+    assert (
+        "app;dur=" in fast.headers["server-timing"]
+        and "app;dur=" not in slow.headers["server-timing"]
+    )
     assert fast_bad.status_code == slow_bad.status_code == 422
     assert fast_bad.json() == slow_bad.json() and "extra" in fast_bad.text
 
@@ -229,7 +268,9 @@ def test_shared_entity_cache_is_bounded_by_the_flush_interval_and_measured(setti
     layer's flush interval (the default), says how old the oldest reused entry was, and counts
     hits and misses on /metrics. A longer TTL is refused."""
     with pytest.raises(ValueError, match="flush interval"):
-        create_app(settings, model_name=model, feature_cache_s=settings.flush_interval_ms / 1000 + 0.001)
+        create_app(
+            settings, model_name=model, feature_cache_s=settings.flush_interval_ms / 1000 + 0.001
+        )
     with TestClient(create_app(settings, model_name=model)) as client:
         store = client.app.state.ctr["store"]
         assert store.cache_ttl_s == settings.flush_interval_ms / 1000
@@ -237,36 +278,53 @@ def test_shared_entity_cache_is_bounded_by_the_flush_interval_and_measured(setti
         second = client.post("/v1/predict", json=body).json()
         metrics = client.get("/metrics").text
     assert first["feature_cache_staleness_ms"] is None  # nothing cached yet: everything read now
-    assert [c["raw_score"] for c in second["candidates"]] == [c["raw_score"] for c in first["candidates"]]
+    assert [c["raw_score"] for c in second["candidates"]] == [
+        c["raw_score"] for c in first["candidates"]
+    ]
     if second["feature_cache_staleness_ms"] is not None:  # the second request came within the TTL
         assert 0 <= second["feature_cache_staleness_ms"] < settings.flush_interval_ms
     assert 'ctrstream_api_feature_cache_total{result="miss"}' in metrics
     with TestClient(create_app(settings, model_name=model, feature_cache_s=0)) as client:
         doc = client.post("/v1/predict", json=body).json()
-        assert doc["feature_cache_staleness_ms"] is None and client.app.state.ctr["store"].cache_ttl_s == 0
+        assert (
+            doc["feature_cache_staleness_ms"] is None
+            and client.app.state.ctr["store"].cache_ttl_s == 0
+        )
 
 
 def test_non_json_content_type_is_a_415_and_the_body_schema_is_documented(api, body):
     resp = api.post("/v1/predict", content=json.dumps(body), headers={"content-type": "text/plain"})
     assert resp.status_code == 415 and "application/json" in resp.json()["detail"]
-    ok = api.post("/v1/predict", content=json.dumps(body),
-                  headers={"content-type": "application/json; charset=utf-8"})
+    ok = api.post(
+        "/v1/predict",
+        content=json.dumps(body),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
     assert ok.status_code == 200
     spec = api.get("/openapi.json").json()
-    ref = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    ref = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
     assert ref == {"$ref": "#/components/schemas/PredictRequest"}
     assert {"Context", "Candidate", "PredictResponse"} <= set(spec["components"]["schemas"])
 
 
 def test_triton_down_gives_a_degraded_fallback_answer(settings, body):
-    dead = settings.model_copy(update={"triton": settings.triton.model_copy(
-        update={"grpc_port": free_port(), "timeout_s": 0.3})})
+    dead = settings.model_copy(
+        update={
+            "triton": settings.triton.model_copy(
+                update={"grpc_port": free_port(), "timeout_s": 0.3}
+            )
+        }
+    )
     with TestClient(create_app(dead, model_name=MODEL)) as client:
         resp = client.post("/v1/predict", json=body)
         assert client.get("/readyz").status_code == 503
     assert resp.status_code == 200
     doc = resp.json()
-    assert doc["degraded"] is True and any("model unavailable" in r for r in doc["degraded_reasons"])
+    assert doc["degraded"] is True and any(
+        "model unavailable" in r for r in doc["degraded_reasons"]
+    )
     assert doc["model_version"] == "" and doc["calibration"] == "none"
     # the fallback is the ad's smoothed historical CTR: the 1h window of each seeded ad
     ads = {c["ad_id"]: c for c in doc["candidates"]}
@@ -277,7 +335,9 @@ def test_triton_down_gives_a_degraded_fallback_answer(settings, body):
 
 
 def test_redis_down_gives_a_degraded_answer_from_the_prior_features(settings, model, body):
-    dead = settings.model_copy(update={"redis": settings.redis.model_copy(update={"port": free_port()})})
+    dead = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"port": free_port()})}
+    )
     with TestClient(create_app(dead, model_name=model)) as client:
         resp = client.post("/v1/predict", json=body)
         ready = client.get("/readyz")
@@ -301,15 +361,30 @@ def _children(pid: int) -> list[int]:
 
 
 def _metric(text: str, sample: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample)
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path, workers):
     port = free_port()
-    proc = start_job([sys.executable, "-m", "ctrstream", "serve",
-                      "--port", str(port), "--model-name", model, "--workers", str(workers)],
-                     env=stack_env, log_path=tmp_path / "serve.log")
+    proc = start_job(
+        [
+            sys.executable,
+            "-m",
+            "ctrstream",
+            "serve",
+            "--port",
+            str(port),
+            "--model-name",
+            model,
+            "--workers",
+            str(workers),
+        ],
+        env=stack_env,
+        log_path=tmp_path / "serve.log",
+    )
     kids: list[int] = []
     try:
         url = f"http://127.0.0.1:{port}"
@@ -325,8 +400,11 @@ def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path, workers)
             assert resp.status_code == 200 and resp.json()["model_version"] == "1", resp.text[-800:]
         assert httpx.post(url + "/v1/predict", content=b"nope", timeout=10).status_code == 422
         if workers > 1:
-            kids = [k for k in _children(proc.pid)
-                    if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+            kids = [
+                k
+                for k in _children(proc.pid)
+                if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()
+            ]
             assert len(kids) == workers, f"worker processes of {proc.pid}: {kids}"
         # /metrics counts every request once, whichever worker answered it (and answers)
         text = httpx.get(url + "/metrics", timeout=10).text
@@ -340,7 +418,22 @@ def test_ctrstream_serve_runs_the_api(stack_env, model, body, tmp_path, workers)
 def test_ctrstream_serve_refuses_zero_workers(stack_env, model, tmp_path):
     import subprocess
 
-    out = subprocess.run([sys.executable, "-m", "ctrstream", "serve",
-                          "--port", str(free_port()), "--model-name", model, "--workers", "0"],
-                         env=stack_env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctrstream",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--model-name",
+            model,
+            "--workers",
+            "0",
+        ],
+        env=stack_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and "--workers must be at least 1" in out.stderr

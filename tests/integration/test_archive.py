@@ -33,12 +33,15 @@ CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
 def produce(settings, it: pa.Table, ct: pa.Table, garbage: int = 0) -> None:
     """Produce the tables' rows (in table order) as the shared codec encodes them."""
     p = make_producer(settings)
-    for topic, cls, table in ((settings.topics.impressions.name, Impression, it),
-                              (settings.topics.clicks.name, Click, ct)):
+    for topic, cls, table in (
+        (settings.topics.impressions.name, Impression, it),
+        (settings.topics.clicks.name, Click, ct),
+    ):
         for row in table.to_pylist():
             ev = cls(**row)
-            p.produce(topic, key=ev.impression_id.encode(), value=encode(ev),
-                      timestamp=ev.event_time_ms)
+            p.produce(
+                topic, key=ev.impression_id.encode(), value=encode(ev), timestamp=ev.event_time_ms
+            )
             p.poll(0)
         for k in range(garbage):
             p.produce(topic, key=b"bad", value=b'{"not": "an event"' if k % 2 else b"\xff\x00")
@@ -55,13 +58,16 @@ def test_partitions_late_events_and_bad_records(fresh_topics, tmp_path, unique):
     s = fresh_topics
     h0 = F.align_cutoff(1_700_000_000_000) // F.HOUR_MS * F.HOUR_MS + 5 * F.HOUR_MS
     it, ct = make_traffic(n_imps=300, start_ms=h0, span_ms=2 * F.HOUR_MS, seed=3, dup_frac=0.05)
-    late = it.slice(0, 1).to_pylist()[0] | {"impression_id": "late-1",
-                                           "event_time_ms": h0 - 3 * F.HOUR_MS + 17}
+    late = it.slice(0, 1).to_pylist()[0] | {
+        "impression_id": "late-1",
+        "event_time_ms": h0 - 3 * F.HOUR_MS + 17,
+    }
     it = pa.concat_tables([it, pa.Table.from_pylist([late], schema=SCHEMAS["impressions"])])
     produce(s, it, ct, garbage=3)  # the late event is produced last
 
-    stats = run_archiver(s, data_dir=tmp_path, until_idle_s=1.0, group_id=f"arch-{unique}",
-                         batch_records=100)
+    stats = run_archiver(
+        s, data_dir=tmp_path, until_idle_s=1.0, group_id=f"arch-{unique}", batch_records=100
+    )
     assert stats.undecodable == {"impressions": 3, "clicks": 3}
     assert stats.records == {"impressions": it.num_rows, "clicks": ct.num_rows}
     assert stats.flushes >= 3
@@ -97,11 +103,22 @@ def test_exactly_once_across_crashes(fresh_topics, stack_env, tmp_path, unique):
     s = fresh_topics
     data_dir = tmp_path / "data"
     env = {**stack_env, **settings_env(s), "CTRSTREAM_DATA_DIR": str(data_dir)}
-    argv = [CTRSTREAM, "archive", "--group", f"arch-{unique}", "--batch-records", "400",
-            "--max-batch-s", "0.5", "--instance-id", f"archiver-{unique}"]
+    argv = [
+        CTRSTREAM,
+        "archive",
+        "--group",
+        f"arch-{unique}",
+        "--batch-records",
+        "400",
+        "--max-batch-s",
+        "0.5",
+        "--instance-id",
+        f"archiver-{unique}",
+    ]
     it1, ct1 = make_traffic(n_imps=3000, seed=11, span_ms=F.DAY_MS)
-    it2, ct2 = make_traffic(n_imps=2000, seed=12, start_ms=1_700_000_000_000 + F.DAY_MS,
-                            span_ms=F.DAY_MS)
+    it2, ct2 = make_traffic(
+        n_imps=2000, seed=12, start_ms=1_700_000_000_000 + F.DAY_MS, span_ms=F.DAY_MS
+    )
     produce(s, it1, ct1)
 
     # 1. exits on its own after the 3rd flush wrote its files, before committing them
@@ -113,8 +130,14 @@ def test_exactly_once_across_crashes(fresh_topics, stack_env, tmp_path, unique):
     # 2. restarted, then killed hard while it is archiving
     p = start_job(argv, env=env, log_path=tmp_path / "run2.log")
     try:
-        wait_until(lambda: raw_rows(data_dir, "impressions") + raw_rows(data_dir, "clicks")
-                   > after_crash + 1000, timeout=120, what="the archiver to make progress")
+        wait_until(
+            lambda: (
+                raw_rows(data_dir, "impressions") + raw_rows(data_dir, "clicks")
+                > after_crash + 1000
+            ),
+            timeout=120,
+            what="the archiver to make progress",
+        )
     finally:
         kill_hard(p)
     produce(s, it2, ct2)  # more traffic arrives while it is down
@@ -125,8 +148,10 @@ def test_exactly_once_across_crashes(fresh_topics, stack_env, tmp_path, unique):
     summary = json.loads((tmp_path / "run3.log").read_text().strip().splitlines()[-1])
     assert summary["archive"]["records"]["impressions"] > 0
 
-    for kind, idf, tables in (("impressions", "impression_id", (it1, it2)),
-                              ("clicks", "click_id", (ct1, ct2))):
+    for kind, idf, tables in (
+        ("impressions", "impression_id", (it1, it2)),
+        ("clicks", "click_id", (ct1, ct2)),
+    ):
         produced = pa.concat_tables(tables)
         want = sorted(set(produced.column(idf).to_pylist()))
         got = read_events(data_dir, kind)
@@ -138,9 +163,15 @@ def test_exactly_once_across_crashes(fresh_topics, stack_env, tmp_path, unique):
         for r in got.slice(0, 200).to_pylist():
             assert r == ref[r[idf]]
     # re-delivery really happened (the crash left written-but-uncommitted records)
-    total_unique = read_events(data_dir, "impressions").num_rows + read_events(data_dir, "clicks").num_rows
+    total_unique = (
+        read_events(data_dir, "impressions").num_rows + read_events(data_dir, "clicks").num_rows
+    )
     produced_rows = sum(t.num_rows for t in (it1, it2, ct1, ct2))
-    assert raw_rows(data_dir, "impressions") + raw_rows(data_dir, "clicks") > produced_rows > total_unique
+    assert (
+        raw_rows(data_dir, "impressions") + raw_rows(data_dir, "clicks")
+        > produced_rows
+        > total_unique
+    )
 
 
 @pytest.mark.parametrize("kind", ["impressions", "clicks"])
@@ -159,11 +190,18 @@ def test_sigterm_flushes_and_commits(fresh_topics, stack_env, tmp_path, unique):
     env = {**stack_env, **settings_env(s), "CTRSTREAM_DATA_DIR": str(data_dir)}
     it, ct = make_traffic(n_imps=500, seed=21, span_ms=F.HOUR_MS, dup_frac=0.0)
     produce(s, it, ct)
-    p = start_job([CTRSTREAM, "archive", "--group", f"arch-{unique}"], env=env,
-                  log_path=tmp_path / "run.log")
+    p = start_job(
+        [CTRSTREAM, "archive", "--group", f"arch-{unique}"], env=env, log_path=tmp_path / "run.log"
+    )
     try:
-        wait_until(lambda: raw_rows(data_dir, "impressions") + raw_rows(data_dir, "clicks")
-                   >= it.num_rows + ct.num_rows, timeout=120, what="the archiver to catch up")
+        wait_until(
+            lambda: (
+                raw_rows(data_dir, "impressions") + raw_rows(data_dir, "clicks")
+                >= it.num_rows + ct.num_rows
+            ),
+            timeout=120,
+            what="the archiver to catch up",
+        )
     finally:
         rc = stop_job(p)  # SIGTERM
     assert rc == 0, (tmp_path / "run.log").read_text()[-2000:]

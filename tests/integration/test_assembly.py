@@ -34,26 +34,48 @@ def _events(base: int, seed: int = 5):
     rng = np.random.default_rng(seed)
     ads = {base + a: (base + 100 + a % 3, base + 200 + a % 2, base + 300 + a % 4) for a in range(6)}
     imps, clicks = [], []
-    times = np.concatenate([
-        rng.integers(T - 8 * F.DAY_MS, T, 500),  # long windows
-        rng.integers(T - 26 * F.HOUR_MS, T, 600),  # 24h / 1h
-        rng.integers(T - 6 * F.MINUTE_MS, T, 200),  # 5m, the open bucket
-        rng.integers(T, T + 10 * F.MINUTE_MS, 50),  # the future
-    ])
+    times = np.concatenate(
+        [
+            rng.integers(T - 8 * F.DAY_MS, T, 500),  # long windows
+            rng.integers(T - 26 * F.HOUR_MS, T, 600),  # 24h / 1h
+            rng.integers(T - 6 * F.MINUTE_MS, T, 200),  # 5m, the open bucket
+            rng.integers(T, T + 10 * F.MINUTE_MS, 50),  # the future
+        ]
+    )
     for n, t in enumerate(times.tolist()):
         ad = base + int(rng.integers(0, 6))
         camp, adv, cat = ads[ad]
-        imp = Impression(schema_version=1, impression_id=f"i{n}", event_time_ms=t,
-                         user_id=base + 400 + int(rng.integers(0, 3)), ad_id=ad, campaign_id=camp,
-                         advertiser_id=adv, site_id=base + 500 + int(rng.integers(0, 2)),
-                         ad_category=cat, device_type=DEVICES[n % 3], country="US",
-                         position=n % 3)
+        imp = Impression(
+            schema_version=1,
+            impression_id=f"i{n}",
+            event_time_ms=t,
+            user_id=base + 400 + int(rng.integers(0, 3)),
+            ad_id=ad,
+            campaign_id=camp,
+            advertiser_id=adv,
+            site_id=base + 500 + int(rng.integers(0, 2)),
+            ad_category=cat,
+            device_type=DEVICES[n % 3],
+            country="US",
+            position=n % 3,
+        )
         imps.append(imp)
         if rng.random() < 0.15:
             ct = t + int(rng.integers(1, 5 * F.MINUTE_MS))
-            clicks.append(Click(schema_version=1, click_id=f"c{n}", impression_id=imp.impression_id,
-                                event_time_ms=ct, user_id=imp.user_id, ad_id=ad, campaign_id=camp,
-                                advertiser_id=adv, site_id=imp.site_id, ad_category=cat))
+            clicks.append(
+                Click(
+                    schema_version=1,
+                    click_id=f"c{n}",
+                    impression_id=imp.impression_id,
+                    event_time_ms=ct,
+                    user_id=imp.user_id,
+                    ad_id=ad,
+                    campaign_id=camp,
+                    advertiser_id=adv,
+                    site_id=imp.site_id,
+                    ad_category=cat,
+                )
+            )
     return imps, clicks, ads
 
 
@@ -68,7 +90,8 @@ def _bucket_counts(imps, clicks, until_ms: int):
                 eid = F.entity_id(e, ev)
                 for res in F.RESOLUTIONS:
                     out.setdefault((e.name, eid, res.name), Counter())[
-                        L.batch_field(kind, F.bucket_of(ev.event_time_ms, res))] += 1
+                        L.batch_field(kind, F.bucket_of(ev.event_time_ms, res))
+                    ] += 1
     return out
 
 
@@ -80,7 +103,9 @@ def _long_counts(imps, clicks, at_ms: int):
             for w in F.LONG_WINDOWS:
                 if hi - w.days * F.DAY_MS <= ev.event_time_ms < hi:
                     for e in F.ENTITIES:
-                        out.setdefault((e.name, F.entity_id(e, ev)), Counter())[L.long_field(kind, w)] += 1
+                        out.setdefault((e.name, F.entity_id(e, ev)), Counter())[
+                            L.long_field(kind, w)
+                        ] += 1
     return out
 
 
@@ -110,8 +135,10 @@ def write_batch_view(r, version: str, imps, clicks, cutoff_ms: int) -> None:
             pipe.hset(L.batch_key(version, ent, eid, res), mapping=closed)
     for (ent, eid), c in _long_counts(imps, clicks, cutoff_ms).items():
         pipe.hset(L.batch_long_key(version, ent, eid), mapping=dict(c))
-    pipe.hset(L.batch_meta_key(version), mapping={"cutoff_ms": cutoff_ms, "created_ms": cutoff_ms,
-                                                  "fingerprint": F.fingerprint()})
+    pipe.hset(
+        L.batch_meta_key(version),
+        mapping={"cutoff_ms": cutoff_ms, "created_ms": cutoff_ms, "fingerprint": F.fingerprint()},
+    )
     pipe.set(L.BATCH_POINTER_KEY, version)
     pipe.execute()
 
@@ -144,19 +171,23 @@ def world(r):
     imps, clicks, ads = _events(base)
     user, site = base + 401, base + 500
     ctx = {"site_id": site, "device_type": "tablet", "country": "DE", "position": 2}
-    cands = [{"ad_id": a, "campaign_id": c, "advertiser_id": v, "ad_category": g}
-             for a, (c, v, g) in ads.items()]
+    cands = [
+        {"ad_id": a, "campaign_id": c, "advertiser_id": v, "ad_category": g}
+        for a, (c, v, g) in ads.items()
+    ]
     rows = [{"user_id": user, **ctx, **c} for c in cands]
     write_speed_view(r, imps, clicks, T)
     return imps, clicks, user, ctx, cands, rows
 
 
 @pytest.mark.parametrize("method", ["script", "pipeline"])
-def test_assembly_equals_point_in_time_training_features_for_any_cutoff(r, settings, world, unique, method):
+def test_assembly_equals_point_in_time_training_features_for_any_cutoff(
+    r, settings, world, unique, method
+):
     imps, clicks, user, ctx, cands, rows = world
     want_counts = brute_force_counts(rows, imps, clicks, T)
     assert want_counts[:, :, :, 0].sum() > 0 and want_counts[..., 1].sum() > 0
-    assert (want_counts[:, :, len(F.RESOLUTIONS):, 0] > 0).any()  # long windows are exercised
+    assert (want_counts[:, :, len(F.RESOLUTIONS) :, 0] > 0).any()  # long windows are exercised
     want_dense = F.dense_from_counts(want_counts)
     columns = request_columns(user, ctx, cands, T)
     store = FeatureStore(redis_client(settings), method=method, pointer_ttl_s=0)
@@ -178,9 +209,10 @@ def test_assembly_equals_point_in_time_training_features_for_any_cutoff(r, setti
     speed = assemble(FeatureStore(redis_client(settings), mode="speed", method=method), columns, T)
     day_w = F.window_buckets(T, F.RESOLUTION_BY_NAME["24h"])
     assert len({L.speed_day(b, F.RESOLUTION_BY_NAME["24h"]) for b in day_w}) == 2
-    np.testing.assert_array_equal(speed.counts[:, :, :len(F.RESOLUTIONS)],
-                                  want_counts[:, :, :len(F.RESOLUTIONS)])
-    assert (speed.counts[:, :, len(F.RESOLUTIONS):] == 0).all()
+    np.testing.assert_array_equal(
+        speed.counts[:, :, : len(F.RESOLUTIONS)], want_counts[:, :, : len(F.RESOLUTIONS)]
+    )
+    assert (speed.counts[:, :, len(F.RESOLUTIONS) :] == 0).all()
 
     # sparse: the training columns of the same impressions give the same ids
     train_cols = {f: np.array([row[f] for row in rows]) for f in F.SPARSE_FIELDS if f != "hour"}
@@ -196,13 +228,18 @@ def _event_tables(imps, clicks):
 
     from ctrstream.batch.archive import SCHEMAS
 
-    return (pa.Table.from_pylist([msgspec.structs.asdict(e) for e in imps], schema=SCHEMAS["impressions"]),
-            pa.Table.from_pylist([msgspec.structs.asdict(e) for e in clicks], schema=SCHEMAS["clicks"]))
+    return (
+        pa.Table.from_pylist(
+            [msgspec.structs.asdict(e) for e in imps], schema=SCHEMAS["impressions"]
+        ),
+        pa.Table.from_pylist([msgspec.structs.asdict(e) for e in clicks], schema=SCHEMAS["clicks"]),
+    )
 
 
 @pytest.mark.parametrize("method", ["script", "pipeline"])
 def test_the_batch_layers_own_view_with_suffix_sums_serves_the_training_features(
-        r, settings, world, unique, method):
+    r, settings, world, unique, method
+):
     """The same contract, with the batch view computed from the raw events by the batch layer
     itself (``ctrstream.batch.views.compute_batch_view``) and written by its writer: per-bucket
     hashes plus the ``:sums`` hashes (suffix sums) the script reads the batch part from -
@@ -238,17 +275,27 @@ def test_disagreeing_views_show_the_batch_view_wins_for_closed_buckets(r, settin
     before = assemble(store, columns, T).counts
     ad, hour = str(cands[0]["ad_id"]), F.RESOLUTION_BY_NAME["24h"]
     closed_b = cutoff // F.HOUR_MS - 2
-    r.hset(L.speed_key("ad", ad, L.speed_day(closed_b, hour)), L.speed_field("24h", "i", closed_b), 10**6)
+    r.hset(
+        L.speed_key("ad", ad, L.speed_day(closed_b, hour)),
+        L.speed_field("24h", "i", closed_b),
+        10**6,
+    )
     np.testing.assert_array_equal(assemble(store, columns, T).counts, before)
     open_b = T // F.HOUR_MS
-    r.hset(L.speed_key("ad", ad, L.speed_day(open_b, hour)), L.speed_field("24h", "i", open_b), 10**6)
+    r.hset(
+        L.speed_key("ad", ad, L.speed_day(open_b, hour)), L.speed_field("24h", "i", open_b), 10**6
+    )
     after = assemble(store, columns, T).counts
     assert after[0, 0, 2, 0] >= 10**6 and (after[1:] == before[1:]).all()
 
 
 def test_entity_ids_match_the_feature_declarations():
-    cols = request_columns(17, {"site_id": 3, "device_type": "ctv", "country": "US", "position": 1},
-                           [{"ad_id": 4, "campaign_id": 5, "advertiser_id": 6, "ad_category": 7}], T)
+    cols = request_columns(
+        17,
+        {"site_id": 3, "device_type": "ctv", "country": "US", "position": 1},
+        [{"ad_id": 4, "campaign_id": 5, "advertiser_id": 6, "ad_category": 7}],
+        T,
+    )
     ids = entity_ids(cols)
     row = {f: (int(v[0]) if v.dtype.kind == "i" else v[0]) for f, v in cols.items()}
     assert ids[0].tolist() == [F.entity_id(e, row) for e in F.ENTITIES]
@@ -259,18 +306,24 @@ def test_async_assembly_degrades_to_the_prior_when_redis_is_down(settings, world
     imps, clicks, user, ctx, cands, rows = world
     from ctrstream.stack.services import free_port
 
-    dead = settings.model_copy(update={"redis": settings.redis.model_copy(update={"port": free_port()})})
+    dead = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"port": free_port()})}
+    )
 
     async def go(s):
         client = redis_client(s, asyncio=True, timeout_s=0.5)
         try:
-            return await assemble_async(AsyncFeatureStore(client), request_columns(user, ctx, cands, T), T)
+            return await assemble_async(
+                AsyncFeatureStore(client), request_columns(user, ctx, cands, T), T
+            )
         finally:
             await client.aclose()
 
     bad = asyncio.run(go(dead))
     assert bad.degraded and "feature store unavailable" in bad.error
     assert (bad.counts == 0).all()
-    np.testing.assert_allclose(bad.dense.reshape(len(cands), -1, 3)[..., 2], F.PRIOR.mean, rtol=1e-6)
+    np.testing.assert_allclose(
+        bad.dense.reshape(len(cands), -1, 3)[..., 2], F.PRIOR.mean, rtol=1e-6
+    )
     good = asyncio.run(go(settings))
     assert not good.degraded and good.counts.sum() > 0

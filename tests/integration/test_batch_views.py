@@ -87,7 +87,8 @@ def reference_view(it, ct, T: int, version: str) -> dict[str, dict[str, int]]:
                 for b in range(F.view_buckets(T, r).start, last + 1):
                     for et in F.EVENT_TYPES:
                         sums[L.suffix_field(r.name, et, b)] = sum(
-                            v for f, v in per.items() if f[0] == et and int(f[1:]) >= b)
+                            v for f, v in per.items() if f[0] == et and int(f[1:]) >= b
+                        )
             if sums:
                 ref[L.batch_sums_key(version, e.name, eid)] = sums
     return ref
@@ -96,8 +97,10 @@ def reference_view(it, ct, T: int, version: str) -> dict[str, dict[str, int]]:
 def dump_version(r, version: str) -> dict[str, dict[str, int]]:
     """Every data hash of the version by key (the store reads them, and refuses any key of
     the version that is not one of its hashes)."""
-    return {L.batch_key(version, e, i, part): h
-            for (e, i, part), h in BV.read_version(r, version).items()}
+    return {
+        L.batch_key(version, e, i, part): h
+        for (e, i, part), h in BV.read_version(r, version).items()
+    }
 
 
 def test_batch_view_equals_reference(bv_settings, archive):
@@ -132,7 +135,9 @@ def test_batch_plus_speed_reproduces_training(bv_settings, archive):
     rows = np.flatnonzero((ts["event_time_ms"] >= T) & (ts["event_time_ms"] < day_end))
     assert len(rows) > 20
     by_id = {e["impression_id"]: e for e in imps}
-    speed = [(e, 0) for e in imps if e["event_time_ms"] >= T] + [(e, 1) for e in clks if e["event_time_ms"] >= T]
+    speed = [(e, 0) for e in imps if e["event_time_ms"] >= T] + [
+        (e, 1) for e in clks if e["event_time_ms"] >= T
+    ]
     for i in rows[:60]:
         q = by_id[ts["impression_id"][i]]
         t = q["event_time_ms"]
@@ -146,8 +151,11 @@ def test_batch_plus_speed_reproduces_training(bv_settings, archive):
                         for j, et in enumerate(F.EVENT_TYPES):
                             got[j] += view.get(L.batch_field(et, b), 0)
                 for ev, c in speed:  # speed layer: at or after T, strictly before t
-                    if ev["event_time_ms"] < t and ev["event_time_ms"] // res.bucket_ms in \
-                            F.window_buckets(t, res) and F.entity_id(e, ev) == eid:
+                    if (
+                        ev["event_time_ms"] < t
+                        and ev["event_time_ms"] // res.bucket_ms in F.window_buckets(t, res)
+                        and F.entity_id(e, ev) == eid
+                    ):
                         got[c] += 1
                 assert got == list(ts["counts"][i, k, w]), (e.name, res.name)
             long = read_view_counts(r, v, e.name, eid, "long")
@@ -189,8 +197,9 @@ def test_pointer_switches_after_complete_version(bv_settings, archive):
     v2 = res["version"]
     assert not th.is_alive()
 
-    writes = [i for i, c in enumerate(seen)
-              if c.startswith("HSET") and L.batch_version_prefix(v2) in c]
+    writes = [
+        i for i, c in enumerate(seen) if c.startswith("HSET") and L.batch_version_prefix(v2) in c
+    ]
     meta = [i for i, c in enumerate(seen) if c.startswith(f"HSET {L.batch_meta_key(v2)}")]
     switch = [i for i, c in enumerate(seen) if c.startswith(f"SET {L.BATCH_POINTER_KEY} {v2}")]
     assert len(meta) == 1 and len(switch) == 1
@@ -199,16 +208,22 @@ def test_pointer_switches_after_complete_version(bv_settings, archive):
     assert BV.served_version(r) == v2
     # keep=2: the previous complete version stays, the half-written one is gone
     assert set(res["deleted_versions"]) == {"999-1"}
-    assert r.exists(L.batch_meta_key(v1)) and not list(r.scan_iter(match=L.batch_version_pattern("999-1")))
+    assert r.exists(L.batch_meta_key(v1)) and not list(
+        r.scan_iter(match=L.batch_version_pattern("999-1"))
+    )
 
     v3 = publish_batch_view(bv_settings, data_dir, T2, keep=2)
-    assert v3["deleted_versions"] == [v1] and not list(r.scan_iter(match=L.batch_version_pattern(v1)))
+    assert v3["deleted_versions"] == [v1] and not list(
+        r.scan_iter(match=L.batch_version_pattern(v1))
+    )
     assert set(BV.versions(r)) == {v2, v3["version"]}
 
 
 def test_cutoff_rules(bv_settings, archive, tmp_path):
     data_dir, it, ct = archive
-    max_t = max(it.column("event_time_ms").to_numpy().max(), ct.column("event_time_ms").to_numpy().max())
+    max_t = max(
+        it.column("event_time_ms").to_numpy().max(), ct.column("event_time_ms").to_numpy().max()
+    )
     T = default_cutoff(bv_settings, data_dir)
     assert F.align_cutoff(int(max_t) - int(bv_settings.allowed_lateness_s * 1000)) == T
     with pytest.raises(ValueError, match="not aligned"):
@@ -225,8 +240,13 @@ def test_cli_batch_views(bv_settings, archive, stack_env):
 
     data_dir, _, _ = archive
     env = {**stack_env, "CTRSTREAM_DATA_DIR": str(data_dir), "CTRSTREAM_REDIS__DB": str(REDIS_DB)}
-    out = subprocess.run([str(Path(sys.executable).parent / "ctrstream"), "batch-views"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ctrstream"), "batch-views"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["cutoff_ms"] == default_cutoff(bv_settings, data_dir)

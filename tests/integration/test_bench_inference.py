@@ -20,9 +20,25 @@ def test_variant_config_toggles_dynamic_batching():
 
 
 def test_bench_inference_smoke(settings, tmp_path):
-    argv = ["--no-published", "--sizes", "1M", "--mlp", "32", "--batch-sizes", "1,8",
-            "--concurrency", "1,2", "--duration", "0.2", "--warmup", "0.05",
-            "--out-dir", str(tmp_path), "--name", "inference_smoke"]
+    argv = [
+        "--no-published",
+        "--sizes",
+        "1M",
+        "--mlp",
+        "32",
+        "--batch-sizes",
+        "1,8",
+        "--concurrency",
+        "1,2",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "inference_smoke",
+    ]
     assert inference.main(argv, settings=settings) == 0
 
     doc = json.loads((tmp_path / "inference_smoke.json").read_text())

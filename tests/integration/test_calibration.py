@@ -25,9 +25,20 @@ def downsample_distort(p):
 
 
 def _imp(iid: str, t: int, position: int = 0, device: str = "mobile") -> Impression:
-    return Impression(schema_version=1, impression_id=iid, event_time_ms=int(t), user_id=1,
-                      ad_id=2, campaign_id=3, advertiser_id=4, site_id=5, ad_category=6,
-                      device_type=device, country="US", position=int(position))
+    return Impression(
+        schema_version=1,
+        impression_id=iid,
+        event_time_ms=int(t),
+        user_id=1,
+        ad_id=2,
+        campaign_id=3,
+        advertiser_id=4,
+        site_id=5,
+        ad_category=6,
+        device_type=device,
+        country="US",
+        position=int(position),
+    )
 
 
 def _records(ids, t, raw, y, mv, positions=None, devices=None):
@@ -35,11 +46,23 @@ def _records(ids, t, raw, y, mv, positions=None, devices=None):
     for k in range(len(ids)):
         pos = int(positions[k]) if positions is not None else 0
         dev = str(devices[k]) if devices is not None else "mobile"
-        preds.append(Prediction(impression_id=ids[k], event_time_ms=int(t[k]), model_version=mv,
-                                raw_score=float(raw[k]), calibrated_score=float(raw[k]),
-                                degraded=False))
-        labs.append(Labeled(impression=_imp(ids[k], t[k], pos, dev), clicked=int(y[k]),
-                            click_delay_ms=1000 if y[k] else None))
+        preds.append(
+            Prediction(
+                impression_id=ids[k],
+                event_time_ms=int(t[k]),
+                model_version=mv,
+                raw_score=float(raw[k]),
+                calibrated_score=float(raw[k]),
+                degraded=False,
+            )
+        )
+        labs.append(
+            Labeled(
+                impression=_imp(ids[k], t[k], pos, dev),
+                clicked=int(y[k]),
+                click_delay_ms=1000 if y[k] else None,
+            )
+        )
     return preds, labs
 
 
@@ -59,8 +82,14 @@ def _generator_stream(events: int, seed: int):
     win = tr.scenario.attribution_window_s * 1000
     y = np.array([1.0 if (i in c_t and c_t[i] - tt <= win) else 0.0 for i, tt in zip(ids, t)])
     order = np.argsort(t, kind="stable")
-    return ([ids[k] for k in order], t[order], p[order], y[order],
-            imp["position"].to_numpy()[order], np.asarray(imp["device_type"].to_pylist())[order])
+    return (
+        [ids[k] for k in order],
+        t[order],
+        p[order],
+        y[order],
+        imp["position"].to_numpy()[order],
+        np.asarray(imp["device_type"].to_pylist())[order],
+    )
 
 
 @pytest.fixture
@@ -103,7 +132,9 @@ def test_platt_corrects_downsampling_distortion(settings, store, unique):
     oracle = calibration_summary(p[held], y[held])
     print(f"\nheld-out {len(cal)} impressions, {int(y[held].sum())} clicks")
     for name, m in (("raw", before), ("calibrated", after), ("oracle", oracle)):
-        print(f"{name:10s} mean/obs {m['ratio']:.3f}  ECE {m['ece']:.4f}  logloss {m['log_loss']:.4f}")
+        print(
+            f"{name:10s} mean/obs {m['ratio']:.3f}  ECE {m['ece']:.4f}  logloss {m['log_loss']:.4f}"
+        )
     assert before["ratio"] > 5
     assert abs(after["ratio"] - 1) < 0.10
     assert after["ece"] < before["ece"] / 10
@@ -116,6 +147,7 @@ def test_platt_corrects_downsampling_distortion(settings, store, unique):
 
 
 # --------------------------------------------------------------------------- drift
+
 
 def _synthetic(n, rng, shift=0.0):
     z = rng.normal(-3.2, 0.8, n)
@@ -134,7 +166,7 @@ def test_drift_is_detected_and_calibration_recovers():
     vc = VersionCalibrator("drift-test", cfg)
     pre_m, _, pre_y = _synthetic(40_000, rng)
     for s in range(0, 40_000, 1000):
-        vc.learn_many(pre_m[s:s + 1000], pre_y[s:s + 1000])
+        vc.learn_many(pre_m[s : s + 1000], pre_y[s : s + 1000])
     n_drift_before = len(vc.drift_events)
     pre = vc.metrics()["calibrated"]
     assert abs(pre["ratio"] - 1) < 0.1
@@ -145,7 +177,7 @@ def test_drift_is_detected_and_calibration_recovers():
     assert stale["ratio"] < 0.7, stale
     ratios = []
     for s in range(0, 40_000, 1000):
-        vc.learn_many(post_m[s:s + 1000], post_y[s:s + 1000])
+        vc.learn_many(post_m[s : s + 1000], post_y[s : s + 1000])
         ratios.append((s + 1000, vc.metrics()["calibrated"]["ratio"]))
     new = vc.drift_events[n_drift_before:]
     assert new, "the drift detector did not fire after the shift"
@@ -172,23 +204,29 @@ def test_drift_events_and_metrics_reach_redis_and_prometheus(settings, store, un
         raw = m
         for s in range(0, 30_000, 3000):
             ids = [f"{unique}-{n + k}" for k in range(3000)]
-            preds, labs = _records(ids, np.full(3000, 1_700_000_000_000 + n), raw[s:s + 3000],
-                                   y[s:s + 3000], mv)
+            preds, labs = _records(
+                ids, np.full(3000, 1_700_000_000_000 + n), raw[s : s + 3000], y[s : s + 3000], mv
+            )
             job.process(preds, labs)
             n += 3000
     job.checkpoint()
     drift = store.drift_events(mv)
     assert drift, "no drift event in Redis"
-    assert REGISTRY.get_sample_value("ctrstream_calibration_drift_total",
-                                     {"model_version": mv}) == len(drift)
-    assert REGISTRY.get_sample_value("ctrstream_calibration_joined_total",
-                                     {"model_version": mv}) == 60_000
-    ece = REGISTRY.get_sample_value("ctrstream_calibration_ece",
-                                    {"model_version": mv, "score": "platt"})
+    assert REGISTRY.get_sample_value(
+        "ctrstream_calibration_drift_total", {"model_version": mv}
+    ) == len(drift)
+    assert (
+        REGISTRY.get_sample_value("ctrstream_calibration_joined_total", {"model_version": mv})
+        == 60_000
+    )
+    ece = REGISTRY.get_sample_value(
+        "ctrstream_calibration_ece", {"model_version": mv, "score": "platt"}
+    )
     assert ece is not None and 0 <= ece < 0.05
 
 
 # --------------------------------------------------------------------------- the join
+
 
 def test_join_either_order_duplicates_and_expiry(settings, unique):
     job = Calibrate(settings, job_name=f"t-{unique}", resume=False, retention_ms=60_000)
@@ -214,8 +252,9 @@ def test_join_either_order_duplicates_and_expiry(settings, unique):
     assert job.dropped["pred_expired"] == 1
     # the cap bounds the held state
     small = Calibrate(settings, job_name=f"t2-{unique}", resume=False, max_pending=100)
-    preds, _ = _records([f"{unique}-c{k}" for k in range(250)], [t0] * 250, [0.1] * 250,
-                        [0] * 250, mv)
+    preds, _ = _records(
+        [f"{unique}-c{k}" for k in range(250)], [t0] * 250, [0.1] * 250, [0] * 250, mv
+    )
     small.process(preds, [])
     assert len(small.state.preds) == 100 and small.dropped["pred_capped"] == 150
 
@@ -254,23 +293,28 @@ def test_client_reloads_when_a_new_checkpoint_lands(settings, store, unique):
 
 
 def test_client_survives_redis_down():
-    client = CalibratorClient(redis_client=redis.Redis(host="127.0.0.1", port=1,
-                                                       socket_connect_timeout=0.2))
+    client = CalibratorClient(
+        redis_client=redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    )
     x = np.array([0.01, 0.3])
     assert np.allclose(client.calibrate(x, "any"), x)
 
 
 # --------------------------------------------------------------------------- the Kafka job
 
+
 def _produce(settings, preds, labs):
     from ctrstream.kafka.clients import make_producer
 
     prod = make_producer(settings)
     for p in preds:
-        prod.produce(settings.topics.predictions.name, key=p.impression_id.encode(), value=encode(p))
+        prod.produce(
+            settings.topics.predictions.name, key=p.impression_id.encode(), value=encode(p)
+        )
     for lb in labs:
-        prod.produce(settings.topics.labeled.name, key=lb.impression.impression_id.encode(),
-                     value=encode(lb))
+        prod.produce(
+            settings.topics.labeled.name, key=lb.impression.impression_id.encode(), value=encode(lb)
+        )
     assert prod.flush(30) == 0
 
 
@@ -280,6 +324,7 @@ def _deadline(seconds):
     def check():
         if time.monotonic() > end:
             raise TimeoutError("the calibration job did not get there in time")
+
     return check
 
 
@@ -296,16 +341,24 @@ def test_kafka_job_joins_learns_checkpoints_and_resumes(fresh_topics, store, uni
     # first half: labels of the first 3000 and predictions of the first 2000 only
     _produce(s, preds[:2000], labs[:3000])
     tick = _deadline(60)
-    job = run(s, job_name=f"k-{unique}", checkpoint_interval_s=0.2,
-              stop=lambda j: tick() or j.n_joined >= 2000 and len(j.state.labels) == 1000)
+    job = run(
+        s,
+        job_name=f"k-{unique}",
+        checkpoint_interval_s=0.2,
+        stop=lambda j: tick() or j.n_joined >= 2000 and len(j.state.labels) == 1000,
+    )
     assert job.calibrator(mv).n_seen == 2000
     v1 = store.checkpoints(mv)
     assert v1 >= 1
     # restart: the held labels and the positions come back from the checkpoint
     _produce(s, preds[2000:], labs[3000:])
     tick = _deadline(60)
-    job2 = run(s, job_name=f"k-{unique}", checkpoint_interval_s=0.2,
-               stop=lambda j: tick() or j.calibrator(mv).n_seen >= n)
+    job2 = run(
+        s,
+        job_name=f"k-{unique}",
+        checkpoint_interval_s=0.2,
+        stop=lambda j: tick() or j.calibrator(mv).n_seen >= n,
+    )
     c = job2.calibrator(mv)
     assert c.n_seen == n  # nothing learned twice, nothing lost
     assert c.n_clicks == int(y.sum())

@@ -30,9 +30,13 @@ from ctrstream.models.publish import (
 def small_dcn(seed: int) -> DCNv2:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    m = DCNv2(embed_dim=4, cross_layers=2, mlp_dims=(32, 16),
-              dense_mean=rng.normal(0, 1, features.N_DENSE),
-              dense_std=rng.uniform(0.5, 2.0, features.N_DENSE))
+    m = DCNv2(
+        embed_dim=4,
+        cross_layers=2,
+        mlp_dims=(32, 16),
+        dense_mean=rng.normal(0, 1, features.N_DENSE),
+        dense_std=rng.uniform(0.5, 2.0, features.N_DENSE),
+    )
     with torch.no_grad():  # spread the outputs so that two models' scores are far apart
         m.embedding.weight.normal_(0, 0.3)
         m.head.bias.fill_(1.0)
@@ -61,8 +65,10 @@ def test_export_has_contract_io_dynamic_batch_and_parity(tmp_path):
     res = export_onnx(m, tmp_path / "m.onnx")
     assert res["parity_max_abs_diff"] <= 1e-5
     g = onnx.load(str(tmp_path / "m.onnx")).graph
-    io = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-          for v in list(g.input) + list(g.output)}
+    io = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in list(g.input) + list(g.output)
+    }
     assert io[features.INPUT_SPARSE] == ["batch", features.N_SPARSE]
     assert io[features.INPUT_DENSE] == ["batch", features.N_DENSE]
     assert io[features.OUTPUT_PROB] == ["batch", 1]
@@ -132,7 +138,10 @@ def test_publish_serves_the_same_scores_as_onnxruntime(settings, triton, tmp_pat
     def one(i):
         try:
             xi = random_inputs(1 + i, seed=100 + i)
-            results[i] = (infer(triton, served, xi), ort_predict(ort_session(tmp_path / "m.onnx"), xi))
+            results[i] = (
+                infer(triton, served, xi),
+                ort_predict(ort_session(tmp_path / "m.onnx"), xi),
+            )
         except Exception as e:  # noqa: BLE001 - a thread's failure of any kind is reported below  # pragma: no cover
             errors.append(e)
 
@@ -152,8 +161,14 @@ def test_publish_rejects_a_file_that_breaks_the_contract(settings, tmp_path, uni
         def forward(self, x):
             return x
 
-    torch.onnx.export(Wrong(), (torch.zeros(2, 3),), str(tmp_path / "w.onnx"), dynamo=False,
-                      input_names=["x"], output_names=["y"])
+    torch.onnx.export(
+        Wrong(),
+        (torch.zeros(2, 3),),
+        str(tmp_path / "w.onnx"),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+    )
     with pytest.raises(PublishError, match="contract"):
         publish(settings, tmp_path / "w.onnx", f"ctr_w{unique}")
     assert versions_on_disk(settings.triton.model_repository / f"ctr_w{unique}_py") == []
@@ -184,8 +199,13 @@ def test_live_version_switch_loses_no_request(settings, triton, tmp_path, unique
             while not stop.is_set():
                 try:
                     p = infer(c, served, x, timeout_s=30)
-                    kind = ("old" if np.allclose(p, old_p, atol=1e-6) else
-                            "new" if np.allclose(p, new_p, atol=1e-6) else "other")
+                    kind = (
+                        "old"
+                        if np.allclose(p, old_p, atol=1e-6)
+                        else "new"
+                        if np.allclose(p, new_p, atol=1e-6)
+                        else "other"
+                    )
                 except Exception as e:  # noqa: BLE001 - any failed request is logged as an error and asserted on
                     kind = f"error: {e}"
                 with got_enough:
@@ -241,8 +261,9 @@ res = publish(get_settings(), {str(tmp_path / "m.onnx")!r}, {base!r})
 assert "torch" not in sys.modules
 print(res["model_name"], res["version"], res["verify_max_abs_diff"])
 """
-    out = subprocess.run([sys.executable, "-c", script], env=stack_env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=stack_env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     name, version, diff = out.stdout.split()
     assert name == served_model_name(settings, base) and version == "1" and float(diff) <= 1e-5

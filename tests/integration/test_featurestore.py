@@ -56,8 +56,10 @@ def _speed_days(t: int, cutoff, resolutions=F.RESOLUTIONS) -> int:
 
 
 def _publish_batch(r, version: str, cutoff: int) -> None:
-    r.hset(L.batch_meta_key(version), mapping={"cutoff_ms": cutoff, "created_ms": cutoff,
-                                               "fingerprint": F.fingerprint()})
+    r.hset(
+        L.batch_meta_key(version),
+        mapping={"cutoff_ms": cutoff, "created_ms": cutoff, "fingerprint": F.fingerprint()},
+    )
     r.set(L.BATCH_POINTER_KEY, version)
 
 
@@ -89,7 +91,9 @@ def _expected(cutoff, batch_val, speed_val, mode="lambda"):
     out = np.zeros((F.N_WINDOWS, 2), np.int64)
     for k, res in enumerate(F.RESOLUTIONS):
         for b in F.window_buckets(T, res):
-            closed = cutoff is not None and (b + 1) * res.bucket_ms <= cutoff and b != T // res.bucket_ms
+            closed = (
+                cutoff is not None and (b + 1) * res.bucket_ms <= cutoff and b != T // res.bucket_ms
+            )
             from_batch = mode == "batch" or (mode == "lambda" and cutoff is not None and closed)
             out[k, 0] += batch_val if from_batch else speed_val
             out[k, 1] += 1
@@ -97,19 +101,27 @@ def _expected(cutoff, batch_val, speed_val, mode="lambda"):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_lambda_merge_takes_closed_buckets_from_batch_and_the_rest_from_speed(r, settings, unique, method):
+def test_lambda_merge_takes_closed_buckets_from_batch_and_the_rest_from_speed(
+    r, settings, unique, method
+):
     version = f"v{unique}"
     eid = f"fs{unique}"
     _fill_speed(r, eid, "ad", lambda res, b: 7, lambda res, b: 1)
-    _fill(r, lambda e, i, n: L.batch_key(version, e, i, n), eid, "ad",
-          lambda res, b: 1000 if (b + 1) * res.bucket_ms <= CUTOFF else 999_999, lambda res, b: 1)
+    _fill(
+        r,
+        lambda e, i, n: L.batch_key(version, e, i, n),
+        eid,
+        "ad",
+        lambda res, b: 1000 if (b + 1) * res.bucket_ms <= CUTOFF else 999_999,
+        lambda res, b: 1,
+    )
     r.hset(L.batch_long_key(version, "ad", eid), mapping={"i7d": 123456, "c7d": 789})
     _publish_batch(r, version, CUTOFF)
 
     store = FeatureStore(redis_client(settings), method=method)
     fr = store.read([f"ad:{eid}"], T)
     want = _expected(CUTOFF, 1000, 7)
-    np.testing.assert_array_equal(fr.counts[0, :len(F.RESOLUTIONS)], want[:len(F.RESOLUTIONS)])
+    np.testing.assert_array_equal(fr.counts[0, : len(F.RESOLUTIONS)], want[: len(F.RESOLUTIONS)])
     # the 5m window lies after the cut-off (speed only), 24h straddles it (both views)
     assert fr.counts[0, RES["5m"], 0] == 5 * 7
     assert fr.counts[0, RES["24h"], 0] not in (24 * 7, 24 * 1000)
@@ -117,9 +129,10 @@ def test_lambda_merge_takes_closed_buckets_from_batch_and_the_rest_from_speed(r,
     assert fr.batch_version == version and fr.cutoff_ms == CUTOFF
 
     speed = FeatureStore(redis_client(settings), mode="speed", method=method).read([f"ad:{eid}"], T)
-    np.testing.assert_array_equal(speed.counts[0, :len(F.RESOLUTIONS)],
-                                  _expected(None, 0, 7, "speed")[:len(F.RESOLUTIONS)])
-    assert (speed.counts[0, len(F.RESOLUTIONS):] == 0).all()
+    np.testing.assert_array_equal(
+        speed.counts[0, : len(F.RESOLUTIONS)], _expected(None, 0, 7, "speed")[: len(F.RESOLUTIONS)]
+    )
+    assert (speed.counts[0, len(F.RESOLUTIONS) :] == 0).all()
     assert speed.batch_version is None
 
 
@@ -128,13 +141,21 @@ def test_batch_mode_reads_only_the_batch_view(r, settings, unique, method):
     version = f"v{unique}"
     eid = f"fs{unique}"
     _fill_speed(r, eid, "campaign", lambda res, b: 7, lambda res, b: 1)
-    _fill(r, lambda e, i, n: L.batch_key(version, e, i, n), eid, "campaign",
-          lambda res, b: 3, lambda res, b: 1)
+    _fill(
+        r,
+        lambda e, i, n: L.batch_key(version, e, i, n),
+        eid,
+        "campaign",
+        lambda res, b: 3,
+        lambda res, b: 1,
+    )
     _publish_batch(r, version, CUTOFF)
-    fr = FeatureStore(redis_client(settings), mode="batch", method=method).read([f"campaign:{eid}"], T)
+    fr = FeatureStore(redis_client(settings), mode="batch", method=method).read(
+        [f"campaign:{eid}"], T
+    )
     for k, res in enumerate(F.RESOLUTIONS):
         assert fr.counts[0, k, 0] == 3 * res.n_buckets
-    assert (fr.counts[0, len(F.RESOLUTIONS):] == 0).all()  # no long hash written
+    assert (fr.counts[0, len(F.RESOLUTIONS) :] == 0).all()  # no long hash written
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -142,7 +163,9 @@ def test_without_a_batch_view_everything_comes_from_the_speed_view(r, settings, 
     r.delete(L.BATCH_POINTER_KEY)
     eid = f"fs{unique}"
     _fill_speed(r, eid, "user", lambda res, b: 2, lambda res, b: 1)
-    fr = FeatureStore(redis_client(settings), method=method).read([f"user:{eid}", f"user:none{unique}"], T)
+    fr = FeatureStore(redis_client(settings), method=method).read(
+        [f"user:{eid}", f"user:none{unique}"], T
+    )
     for k, res in enumerate(F.RESOLUTIONS):
         assert fr.counts[0, k].tolist() == [2 * res.n_buckets, res.n_buckets]
     assert (fr.counts[1] == 0).all()
@@ -153,8 +176,14 @@ def test_without_a_batch_view_everything_comes_from_the_speed_view(r, settings, 
 def test_a_pointer_switch_is_noticed_on_the_next_read(r, settings, unique, method):
     eid = f"fs{unique}"
     for version, value in ((f"a{unique}", 10), (f"b{unique}", 20)):
-        _fill(r, lambda e, i, n, v=version: L.batch_key(v, e, i, n), eid, "ad",
-              lambda res, b, v=value: v, lambda res, b: 0)
+        _fill(
+            r,
+            lambda e, i, n, v=version: L.batch_key(v, e, i, n),
+            eid,
+            "ad",
+            lambda res, b, v=value: v,
+            lambda res, b: 0,
+        )
         r.hset(L.batch_long_key(version, "ad", eid), mapping={"i7d": value, "c7d": 0})
     _publish_batch(r, f"a{unique}", CUTOFF)
     # a long meta cache: the switch must still be seen (the pointer is read in the same trip)
@@ -167,14 +196,20 @@ def test_a_pointer_switch_is_noticed_on_the_next_read(r, settings, unique, metho
     assert second.batch_version == f"b{unique}" and second.cutoff_ms == new_cutoff
     assert second.counts[0, -1, 0] == 20
     k = RES["24h"]
-    n_batch = sum(1 for b in F.window_buckets(T, F.RESOLUTIONS[k])
-                  if (b + 1) * F.RESOLUTIONS[k].bucket_ms <= new_cutoff)
+    n_batch = sum(
+        1
+        for b in F.window_buckets(T, F.RESOLUTIONS[k])
+        if (b + 1) * F.RESOLUTIONS[k].bucket_ms <= new_cutoff
+    )
     assert second.counts[0, k, 0] == 20 * n_batch  # speed view is empty for this id
 
 
-@pytest.mark.parametrize("t, cutoff", [(T, CUTOFF), (T_MIDNIGHT, CUTOFF_MIDNIGHT)],
-                         ids=["afternoon", "across-midnight"])
-def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(r, settings, unique, t, cutoff):
+@pytest.mark.parametrize(
+    "t, cutoff", [(T, CUTOFF), (T_MIDNIGHT, CUTOFF_MIDNIGHT)], ids=["afternoon", "across-midnight"]
+)
+def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(
+    r, settings, unique, t, cutoff
+):
     """Random data for 300 entities, both methods vs a plain HGETALL-and-sum reference - at a
     time whose speed buckets lie on one day (but the 24h window on two), and just after a
     UTC midnight (every window, and the speed part after the cut-off, on two days)."""
@@ -188,10 +223,16 @@ def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(r, 
             # some buckets outside the window too (older and newer), which must not count
             bs = range(t // res.bucket_ms - res.n_buckets - 2, t // res.bucket_ms + 3)
             if k % 7:  # some entities have no speed data at all
-                _hset_speed(pipe, ent, eid, {(res.name, et, b): int(rng.integers(0, 50))
-                                             for b in bs for et in "ic"})
-            pipe.hset(L.batch_key(version, ent, eid, res.name), mapping={
-                f"{et}{b}": int(rng.integers(0, 50)) for b in bs for et in "ic"})
+                _hset_speed(
+                    pipe,
+                    ent,
+                    eid,
+                    {(res.name, et, b): int(rng.integers(0, 50)) for b in bs for et in "ic"},
+                )
+            pipe.hset(
+                L.batch_key(version, ent, eid, res.name),
+                mapping={f"{et}{b}": int(rng.integers(0, 50)) for b in bs for et in "ic"},
+            )
         pipe.hset(L.batch_long_key(version, ent, eid), mapping={"i7d": k * 10, "c7d": k})
     pipe.execute()
     _publish_batch(r, version, cutoff)
@@ -203,8 +244,13 @@ def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(r, 
         sv_all = _speed_cells(r, ent, eid, t)
         for k, res in enumerate(F.RESOLUTIONS):
             # this resolution's fields of the entity's speed hashes, as batch-style fields
-            sv = {f[len(res.name) + 1:]: v for f, v in sv_all.items() if f.startswith(res.name + ":")}
-            bv = {a.decode(): int(b) for a, b in r.hgetall(L.batch_key(version, ent, eid, res.name)).items()}
+            sv = {
+                f[len(res.name) + 1 :]: v for f, v in sv_all.items() if f.startswith(res.name + ":")
+            }
+            bv = {
+                a.decode(): int(b)
+                for a, b in r.hgetall(L.batch_key(version, ent, eid, res.name)).items()
+            }
             for b in F.window_buckets(t, res):
                 src = bv if ((b + 1) * res.bucket_ms <= cutoff and b < t // res.bucket_ms) else sv
                 ref[n, k] += [src.get(f"i{b}", 0), src.get(f"c{b}", 0)]
@@ -229,8 +275,12 @@ def test_async_reader_and_freshness(r, settings, unique, method):
     eid = f"fs{unique}"
     res = F.RESOLUTIONS[0]
     newest = T // res.bucket_ms - 2  # data up to two minutes ago
-    _hset_speed(r, "ad", eid, {(res.name, "i", newest): 4, (res.name, "c", newest): 1,
-                               (res.name, "i", newest - 1): 3})
+    _hset_speed(
+        r,
+        "ad",
+        eid,
+        {(res.name, "i", newest): 4, (res.name, "c", newest): 1, (res.name, "i", newest - 1): 3},
+    )
 
     async def go():
         client = redis_client(settings, asyncio=True)
@@ -290,8 +340,9 @@ def test_read_rows_gathers_unique_keys_back_into_rows(r, settings, unique):
     r.delete(L.BATCH_POINTER_KEY)
     for n, eid in enumerate(("x", "y")):
         _hset_speed(r, "ad", f"{unique}{eid}", {("5m", "i", T // F.MINUTE_MS): n + 1})
-    ids = np.array([[f"{unique}{a}"] + [f"{unique}o"] * (len(F.ENTITIES) - 1) for a in "xyx"],
-                   dtype=object)
+    ids = np.array(
+        [[f"{unique}{a}"] + [f"{unique}o"] * (len(F.ENTITIES) - 1) for a in "xyx"], dtype=object
+    )
     uniq, inv = unique_keys(ids)
     assert len(uniq) == 2 + (len(F.ENTITIES) - 1)
     fr = FeatureStore(redis_client(settings)).read_rows(ids, T)
@@ -336,8 +387,14 @@ def test_crossed_entities_of_an_empty_user_are_pruned_exactly(r, settings, uniqu
     assert (pruned[2] == 0).all() and unpruned[2, 0, 0] > 0
     # the user has events in old buckets of the 24h window only: its 5m and 1h windows are
     # empty, so the crossed key's are pruned, and its 24h window is read (both days)
-    _fill_speed(r, user, "user", lambda res, b: 2 if b < (T - F.HOUR_MS) // res.bucket_ms else 0,
-                lambda res, b: 0, resolutions=[old])
+    _fill_speed(
+        r,
+        user,
+        "user",
+        lambda res, b: 2 if b < (T - F.HOUR_MS) // res.bucket_ms else 0,
+        lambda res, b: 0,
+        resolutions=[old],
+    )
     partly, calls = hmgets(script)
     assert calls == 2 * days + 2
     full = pipeline.read(keys, T).counts
@@ -414,17 +471,40 @@ def _random_view_tables(rng, cutoff: int, n_ent: int, prefix: str):
             held = list(F.view_buckets(cutoff, res))
             for b in rng.choice(held, size=int(rng.integers(0, len(held) + 1)), replace=False):
                 imps = int(rng.integers(1, 60))
-                for col, v in zip(rows, (ent, eid, res.name, int(b), imps, int(rng.integers(0, imps + 1)))):
+                for col, v in zip(
+                    rows, (ent, eid, res.name, int(b), imps, int(rng.integers(0, imps + 1)))
+                ):
                     rows[col].append(v)
         if n % 3:
             for w in F.LONG_WINDOWS:
-                for col, v in zip(longs, (ent, eid, w.name, int(rng.integers(0, 9000)), int(rng.integers(0, 90)))):
+                for col, v in zip(
+                    longs, (ent, eid, w.name, int(rng.integers(0, 9000)), int(rng.integers(0, 90)))
+                ):
                     longs[col].append(v)
     i64 = pa.int64()
-    bt = pa.table(rows).cast(pa.schema([("entity", pa.string()), ("eid", pa.string()), ("res", pa.string()),
-                                        ("bucket", i64), ("imps", i64), ("clicks", i64)]))
-    lt = pa.table(longs).cast(pa.schema([("entity", pa.string()), ("eid", pa.string()),
-                                         ("long_window", pa.string()), ("imps", i64), ("clicks", i64)]))
+    bt = pa.table(rows).cast(
+        pa.schema(
+            [
+                ("entity", pa.string()),
+                ("eid", pa.string()),
+                ("res", pa.string()),
+                ("bucket", i64),
+                ("imps", i64),
+                ("clicks", i64),
+            ]
+        )
+    )
+    lt = pa.table(longs).cast(
+        pa.schema(
+            [
+                ("entity", pa.string()),
+                ("eid", pa.string()),
+                ("long_window", pa.string()),
+                ("imps", i64),
+                ("clicks", i64),
+            ]
+        )
+    )
     return bt, lt, keys
 
 
@@ -445,8 +525,12 @@ def test_suffix_sums_of_the_batch_view_equal_the_per_bucket_view(r, settings, un
             lo = CUTOFF // res.bucket_ms - res.n_buckets
             bs = range(lo, lo + 3 * res.n_buckets)
             if n % 4:
-                _hset_speed(pipe, ent, eid, {(res.name, t, b): int(rng.integers(0, 30))
-                                             for b in bs for t in "ic"})
+                _hset_speed(
+                    pipe,
+                    ent,
+                    eid,
+                    {(res.name, t, b): int(rng.integers(0, 30)) for b in bs for t in "ic"},
+                )
     pipe.execute()
     version = write_batch_view(settings, bt, lt, CUTOFF, keep=1000, r=r)["version"]
     assert r.hget(L.batch_meta_key(version), L.BATCH_SUMS_FLAG) == b"1"
@@ -470,7 +554,9 @@ def test_suffix_sums_of_the_batch_view_equal_the_per_bucket_view(r, settings, un
             t = CUTOFF + dt
             script = FeatureStore(client, mode=mode).read(keys, t)
             pipeline = FeatureStore(client, mode=mode, method="pipeline").read(keys, t)
-            np.testing.assert_array_equal(script.counts, pipeline.counts, err_msg=f"{mode} t=cutoff{dt:+d}")
+            np.testing.assert_array_equal(
+                script.counts, pipeline.counts, err_msg=f"{mode} t=cutoff{dt:+d}"
+            )
             assert script.batch_version == pipeline.batch_version
             assert script.newest_bucket_ms == pipeline.newest_bucket_ms
 
@@ -655,5 +741,3 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
             await client.aclose()
 
     asyncio.run(go())
-
-

@@ -23,11 +23,29 @@ def wheel(tmp_path_factory) -> Path:
     """The wheel, built from a copy of the sources (setuptools builds in the source tree)."""
     out = tmp_path_factory.mktemp("wheel")
     src = out / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", ".cache", ".stack", ".demo", "data", "build", "triton_repo",
-        "*.egg-info", "__pycache__", "results"))
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out),
-                          str(src)], capture_output=True, text=True, timeout=600)
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            ".cache",
+            ".stack",
+            ".demo",
+            "data",
+            "build",
+            "triton_repo",
+            "*.egg-info",
+            "__pycache__",
+            "results",
+        ),
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     (path,) = out.glob("ctrstream-*.whl")
     return path
@@ -47,9 +65,15 @@ def test_the_wheel_installs_only_the_ctrstream_namespace(wheel):
         names = zf.namelist()
     tops = {n.split("/", 1)[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"ctrstream"}, tops
-    for asset in ("ctrstream/stack/kafka-pom.xml", "ctrstream/store/read.lua",
-                  "ctrstream/models/triton_model.py", "ctrstream/streaming/features_flow.py",
-                  "ctrstream/serving/api.py", "ctrstream/bench/speed.py", "ctrstream/py.typed"):
+    for asset in (
+        "ctrstream/stack/kafka-pom.xml",
+        "ctrstream/store/read.lua",
+        "ctrstream/models/triton_model.py",
+        "ctrstream/streaming/features_flow.py",
+        "ctrstream/serving/api.py",
+        "ctrstream/bench/speed.py",
+        "ctrstream/py.typed",
+    ):
         assert asset in names, f"{asset} is missing from the wheel"
     assert not [n for n in names if "/results/" in n], "benchmark results are not package data"
     info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
@@ -57,22 +81,28 @@ def test_the_wheel_installs_only_the_ctrstream_namespace(wheel):
         assert "ctrstream = ctrstream.__main__:main" in zf.read(info).decode()
 
 
-def _run(site: Path, cwd: Path, *argv: str, env: dict[str, str] | None = None,
-         timeout: float = 180) -> subprocess.CompletedProcess:
+def _run(
+    site: Path, cwd: Path, *argv: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """``python argv`` with the unpacked wheel first on the path, from ``cwd``."""
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(site)}
-    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_installed_package_runs_from_another_directory(site, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = _run(site, elsewhere, "-c", "import ctrstream.streaming.features_flow as m; print(m.__file__)")
+    where = _run(
+        site, elsewhere, "-c", "import ctrstream.streaming.features_flow as m; print(m.__file__)"
+    )
     assert where.returncode == 0, where.stderr
     assert where.stdout.strip().startswith(str(site)), where.stdout  # not the checkout
-    for argv in (["-m", "ctrstream", "--help"], ["-c", "from ctrstream.__main__ import main; main()",
-                                                "--help"]):
+    for argv in (
+        ["-m", "ctrstream", "--help"],
+        ["-c", "from ctrstream.__main__ import main; main()", "--help"],
+    ):
         res = _run(site, elsewhere, *argv)
         assert res.returncode == 0, res.stderr
         assert "stack" in res.stdout and "demo" in res.stdout and "bench" in res.stdout
@@ -87,14 +117,16 @@ def test_stack_up_and_down_from_another_directory(site, tmp_path, settings):
     with the set-up cache of this checkout (``CTRSTREAM_CACHE_DIR``)."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {"CTRSTREAM_CACHE_DIR": str(settings.cache_dir),
-           "CTRSTREAM_KAFKA__PORT": str(free_port()),
-           "CTRSTREAM_KAFKA__CONTROLLER_PORT": str(free_port()),
-           "CTRSTREAM_KAFKA__HEAP": "512m",
-           "CTRSTREAM_REDIS__PORT": str(free_port()),
-           "CTRSTREAM_TRITON__HTTP_PORT": str(free_port()),
-           "CTRSTREAM_TRITON__GRPC_PORT": str(free_port()),
-           "CTRSTREAM_TRITON__METRICS_PORT": str(free_port())}
+    env = {
+        "CTRSTREAM_CACHE_DIR": str(settings.cache_dir),
+        "CTRSTREAM_KAFKA__PORT": str(free_port()),
+        "CTRSTREAM_KAFKA__CONTROLLER_PORT": str(free_port()),
+        "CTRSTREAM_KAFKA__HEAP": "512m",
+        "CTRSTREAM_REDIS__PORT": str(free_port()),
+        "CTRSTREAM_TRITON__HTTP_PORT": str(free_port()),
+        "CTRSTREAM_TRITON__GRPC_PORT": str(free_port()),
+        "CTRSTREAM_TRITON__METRICS_PORT": str(free_port()),
+    }
     up = _run(site, elsewhere, "-m", "ctrstream", "stack", "up", env=env)
     try:
         assert up.returncode == 0, up.stdout + up.stderr

@@ -47,8 +47,13 @@ def test_clicks_of_a_step_wait_for_the_scorer(fresh_topics):
         return n_imps if gate.is_set() else 0
 
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(summary=replay_lockstep(
-        s, _records(), STEP_MS, scorer_count, base=0, progress=False, poll_s=0.02)))
+    t = threading.Thread(
+        target=lambda: result.update(
+            summary=replay_lockstep(
+                s, _records(), STEP_MS, scorer_count, base=0, progress=False, poll_s=0.02
+            )
+        )
+    )
     t.start()
     try:
         assert asked.wait(30)
@@ -68,8 +73,9 @@ def test_clicks_of_a_step_wait_for_the_scorer(fresh_topics):
 
 def test_a_scorer_that_does_not_keep_up_stops_the_replay(fresh_topics):
     with pytest.raises(LockstepError, match="did not score the step"):
-        replay_lockstep(fresh_topics, _records(), STEP_MS, lambda: 0, base=0, progress=False,
-                        step_timeout_s=0.5)
+        replay_lockstep(
+            fresh_topics, _records(), STEP_MS, lambda: 0, base=0, progress=False, step_timeout_s=0.5
+        )
 
 
 def test_a_dead_scorer_stops_the_replay_at_once(fresh_topics):
@@ -77,5 +83,13 @@ def test_a_dead_scorer_stops_the_replay_at_once(fresh_topics):
         raise RuntimeError("the score job exited with code 1")
 
     with pytest.raises(RuntimeError, match="exited"):
-        replay_lockstep(fresh_topics, _records(), STEP_MS, lambda: 0, base=0, check=dead,
-                        progress=False, step_timeout_s=60)
+        replay_lockstep(
+            fresh_topics,
+            _records(),
+            STEP_MS,
+            lambda: 0,
+            base=0,
+            check=dead,
+            progress=False,
+            step_timeout_s=60,
+        )

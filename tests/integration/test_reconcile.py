@@ -35,16 +35,36 @@ def _events(rng):
     times = np.sort(rng.integers(T0, T0 + 3 * F.HOUR_MS, n))
     for k, t in enumerate(times.tolist()):
         ad = int(rng.integers(0, 5))
-        imp = Impression(schema_version=1, impression_id=f"imp-{k}", event_time_ms=t,
-                         user_id=int(rng.integers(0, 20)), ad_id=ad, campaign_id=ad,
-                         advertiser_id=ad % 2, site_id=int(rng.integers(0, 3)),
-                         ad_category=ad % 3, device_type="mobile", country="US", position=0)
+        imp = Impression(
+            schema_version=1,
+            impression_id=f"imp-{k}",
+            event_time_ms=t,
+            user_id=int(rng.integers(0, 20)),
+            ad_id=ad,
+            campaign_id=ad,
+            advertiser_id=ad % 2,
+            site_id=int(rng.integers(0, 3)),
+            ad_category=ad % 3,
+            device_type="mobile",
+            country="US",
+            position=0,
+        )
         imps.append(imp)
         if rng.random() < 0.15:
-            clicks.append(Click(schema_version=1, click_id=f"clk-{k}", impression_id=imp.impression_id,
-                                event_time_ms=t + 5000, user_id=imp.user_id, ad_id=ad,
-                                campaign_id=ad, advertiser_id=imp.advertiser_id, site_id=imp.site_id,
-                                ad_category=imp.ad_category))
+            clicks.append(
+                Click(
+                    schema_version=1,
+                    click_id=f"clk-{k}",
+                    impression_id=imp.impression_id,
+                    event_time_ms=t + 5000,
+                    user_id=imp.user_id,
+                    ad_id=ad,
+                    campaign_id=ad,
+                    advertiser_id=imp.advertiser_id,
+                    site_id=imp.site_id,
+                    ad_category=imp.ad_category,
+                )
+            )
     return imps, clicks
 
 
@@ -86,8 +106,10 @@ def _speed_key(cell) -> str:
 
 # the speed view: one hash per entity and event day, every resolution in it (fields
 # "{res}:{type}{bucket}")
-SPEED_LAYOUT = (lambda e, i, r, b: L.speed_key(e, i, L.speed_day(b, F.RESOLUTION_BY_NAME[r]))), \
-    L.speed_field
+SPEED_LAYOUT = (
+    (lambda e, i, r, b: L.speed_key(e, i, L.speed_day(b, F.RESOLUTION_BY_NAME[r]))),
+    L.speed_field,
+)
 
 
 def _in_overlap(cell):
@@ -115,9 +137,19 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
 
     # late: 6 impressions before the cut-off the speed layer sent to the dlq (never counted),
     # plus a late *copy* of an impression it had counted on time (changes nothing)
-    late_idx = [int(i) for i in rng.choice(np.flatnonzero(
-        [(T0 + 20 * 60_000 <= e.event_time_ms < CUTOFF - 10 * 60_000) and e.user_id != 3
-         for e in imps]), 6, replace=False)]
+    late_idx = [
+        int(i)
+        for i in rng.choice(
+            np.flatnonzero(
+                [
+                    (T0 + 20 * 60_000 <= e.event_time_ms < CUTOFF - 10 * 60_000) and e.user_id != 3
+                    for e in imps
+                ]
+            ),
+            6,
+            replace=False,
+        )
+    ]
     late = [imps[i] for i in late_idx]
     accepted = [e for i, e in enumerate(imps) if i not in set(late_idx)]
     late_copy = next(e for e in accepted if e.event_time_ms < CUTOFF - F.HOUR_MS and e.user_id != 3)
@@ -125,17 +157,21 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     # the archive holds every event (and a duplicate copy), the batch view is built from it
     write_partitioned(tmp_path, "impressions", to_table("impressions", imps + [late_copy]))
     write_partitioned(tmp_path, "clicks", to_table("clicks", clicks))
-    bc = bucket_counts(to_table("impressions", imps + [late_copy]), to_table("clicks", clicks),
-                       until_ms=CUTOFF).to_pydict()
+    bc = bucket_counts(
+        to_table("impressions", imps + [late_copy]), to_table("clicks", clicks), until_ms=CUTOFF
+    ).to_pydict()
     version = f"v{unique}"
     batch = {}
-    for ent, eid, res, b, ni, nc in zip(bc["entity"], bc["eid"], bc["res"], bc["bucket"],
-                                       bc["imps"], bc["clicks"]):
+    for ent, eid, res, b, ni, nc in zip(
+        bc["entity"], bc["eid"], bc["res"], bc["bucket"], bc["imps"], bc["clicks"]
+    ):
         batch[(ent, eid, res, "i", b)] = ni
         batch[(ent, eid, res, "c", b)] = nc
     _write_view(rds, batch, *_batch_layout(version))
-    rds.hset(L.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF, "created_ms": 1,
-                                                  "fingerprint": F.fingerprint()})
+    rds.hset(
+        L.batch_meta_key(version),
+        mapping={"cutoff_ms": CUTOFF, "created_ms": 1, "fingerprint": F.fingerprint()},
+    )
 
     # the speed view: what the speed layer accepted, counted independently ...
     speed = _count(accepted, "i")
@@ -151,37 +187,86 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     # resolution; its hash of the day after stays) and one update (ad 0, 5m, before
     # midnight) ...
     lost_key = L.speed_key("user", "3", DAY0)
-    lost_cells = {c for c, n in batch.items()
-                  if c[:2] == ("user", "3") and n and _in_overlap(c) and _day(c) == DAY0}
+    lost_cells = {
+        c
+        for c, n in batch.items()
+        if c[:2] == ("user", "3") and n and _in_overlap(c) and _day(c) == DAY0
+    }
     assert {c[2] for c in lost_cells} == set(F.RESOLUTION_BY_NAME)
     kept_key = L.speed_key("user", "3", DAY1)
-    kept = {c for c, n in batch.items()
-            if c[:2] == ("user", "3") and n and _in_overlap(c) and _day(c) == DAY1}
+    kept = {
+        c
+        for c, n in batch.items()
+        if c[:2] == ("user", "3") and n and _in_overlap(c) and _day(c) == DAY1
+    }
     assert kept and rds.hlen(kept_key) > 0
     rds.delete(lost_key)
     late_cells = {c for e in late for c in _count([e], "i") if _in_overlap(c)}
-    stale = next(c for c, n in sorted(batch.items()) if c[:4] == ("ad", "0", "5m", "i") and n >= 2
-                 and c not in late_cells and _in_overlap(c) and _day(c) == DAY0)
+    stale = next(
+        c
+        for c, n in sorted(batch.items())
+        if c[:4] == ("ad", "0", "5m", "i")
+        and n >= 2
+        and c not in late_cells
+        and _in_overlap(c)
+        and _day(c) == DAY0
+    )
     rds.hset(_speed_key(stale), L.speed_field("5m", "i", stale[4]), batch[stale] - 2)
     # ... and a copy was counted twice (a site, 24h, after midnight)
-    dup = next(c for c in sorted(batch) if c[0] == "site" and c[2:4] == ("24h", "i")
-               and _in_overlap(c) and c not in late_cells and _day(c) == DAY1)
+    dup = next(
+        c
+        for c in sorted(batch)
+        if c[0] == "site"
+        and c[2:4] == ("24h", "i")
+        and _in_overlap(c)
+        and c not in late_cells
+        and _day(c) == DAY1
+    )
     rds.hset(_speed_key(dup), L.speed_field("24h", "i", dup[4]), batch[dup] + 1)
 
     prod = make_producer(s)
     for k, e in enumerate(late + [late_copy]):
-        prod.produce(s.topics.dlq.name, value=encode(DeadLetter(
-            reason=f"late: event_time_ms {e.event_time_ms} is 120000 ms behind the watermark",
-            source_topic=s.topics.impressions.name, partition=0, offset=k, original=encode(e),
-            stage="lateness")))
+        prod.produce(
+            s.topics.dlq.name,
+            value=encode(
+                DeadLetter(
+                    reason=f"late: event_time_ms {e.event_time_ms} is 120000 ms behind the watermark",
+                    source_topic=s.topics.impressions.name,
+                    partition=0,
+                    offset=k,
+                    original=encode(e),
+                    stage="lateness",
+                )
+            ),
+        )
     for k in range(2):  # malformed records: counted, never a difference
-        prod.produce(s.topics.dlq.name, value=encode(DeadLetter(
-            reason="malformed JSON: truncated", source_topic=s.topics.impressions.name,
-            partition=0, offset=100 + k, original=b"{\"impression_id\": ", stage="decode")))
+        prod.produce(
+            s.topics.dlq.name,
+            value=encode(
+                DeadLetter(
+                    reason="malformed JSON: truncated",
+                    source_topic=s.topics.impressions.name,
+                    partition=0,
+                    offset=100 + k,
+                    original=b'{"impression_id": ',
+                    stage="decode",
+                )
+            ),
+        )
     # the dlq is at-least-once: a repeated dead letter must not count twice
-    prod.produce(s.topics.dlq.name, value=encode(DeadLetter(
-        reason="late: again", source_topic=s.topics.impressions.name, partition=0, offset=0,
-        original=encode(late[0]), stage="lateness")))
+    prod.produce(
+        s.topics.dlq.name,
+        value=encode(
+            DeadLetter(
+                reason="late: again",
+                source_topic=s.topics.impressions.name,
+                partition=0,
+                offset=0,
+                original=encode(late[0]),
+                stage="lateness",
+            )
+        ),
+    )
     assert prod.flush(30) == 0
 
     rep = reconcile(s, tmp_path, version)
@@ -203,8 +288,10 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     missing = {c[:3] + (c[4],) for c, n in batch.items() if n and _in_overlap(c)} - speed_buckets
     assert rep.missing_in_speed == len(missing) > len({(c[2], c[4]) for c in lost_cells})
     assert rep.missing_in_batch == 0
-    assert rep.buckets_compared == rep.buckets_equal + rep.buckets_differing + \
-        rep.missing_in_speed + rep.missing_in_batch
+    assert (
+        rep.buckets_compared
+        == rep.buckets_equal + rep.buckets_differing + rep.missing_in_speed + rep.missing_in_batch
+    )
     # the late copy's cells hold a late event but no difference
     copy_cell = ("ad", str(late_copy.ad_id), "24h", "i", late_copy.event_time_ms // F.HOUR_MS)
     assert copy_cell not in got or got[copy_cell] == "late"
@@ -214,7 +301,11 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     # reports on disk and in Redis
     doc = json.loads((tmp_path / "reports" / f"reconcile-{version}.json").read_text())
     assert doc["cells_differing"] == len(expected) and doc["explained"]
-    assert (tmp_path / "reports" / f"reconcile-{version}.md").read_text().startswith("# Reconciliation")
+    assert (
+        (tmp_path / "reports" / f"reconcile-{version}.md")
+        .read_text()
+        .startswith("# Reconciliation")
+    )
     assert load_reconcile_report(rds, version)["buckets_compared"] == rep.buckets_compared
     assert last_reconciled_version(rds) == version
 
@@ -226,8 +317,9 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     again = reconcile(s, tmp_path, version, write=False)
     assert again.cells_differing == 0 and again.buckets_equal == again.buckets_compared
     assert again.buckets_compared == rep.buckets_compared
-    assert all(int(rds.hget(lost_key, L.speed_field(c[2], c[3], c[4]))) == batch[c]
-               for c in lost_cells)
+    assert all(
+        int(rds.hget(lost_key, L.speed_field(c[2], c[3], c[4]))) == batch[c] for c in lost_cells
+    )
     assert rds.hlen(lost_key) == len(lost_cells)
     hash_ttl = L.speed_hash_ttl_ms(int(s.allowed_lateness_s * 1000))
     assert hash_ttl - 60_000 < rds.pttl(lost_key) <= hash_ttl
@@ -239,14 +331,18 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
         assert not rds.hexists(other, L.speed_field(c[2], c[3], c[4]))
     after_cut = [c for c in speed if c[:2] == ("user", "5") and not _in_overlap(c)]
     assert {c[2] for c in after_cut} == set(F.RESOLUTION_BY_NAME) and all(
-        int(rds.hget(_speed_key(c), L.speed_field(c[2], c[3], c[4]))) == speed[c]
-        for c in after_cut)
+        int(rds.hget(_speed_key(c), L.speed_field(c[2], c[3], c[4]))) == speed[c] for c in after_cut
+    )
 
     from prometheus_client import REGISTRY
-    assert REGISTRY.get_sample_value("ctrstream_reconcile_buckets", {"outcome": "compared"}) \
+
+    assert (
+        REGISTRY.get_sample_value("ctrstream_reconcile_buckets", {"outcome": "compared"})
         == again.buckets_compared
-    assert REGISTRY.get_sample_value("ctrstream_reconcile_differing_cells",
-                                     {"reason": "late"}) == 0  # the last run's
+    )
+    assert (
+        REGISTRY.get_sample_value("ctrstream_reconcile_differing_cells", {"reason": "late"}) == 0
+    )  # the last run's
 
 
 def test_reconcile_speed_higher_without_archive_is_unexplained(settings, rds, tmp_path, unique):
@@ -254,12 +350,17 @@ def test_reconcile_speed_higher_without_archive_is_unexplained(settings, rds, tm
     the report says so instead of guessing; a dry run writes nothing."""
     version = f"w{unique}"
     b = T0 // F.MINUTE_MS
-    rds.hset(L.batch_key(version, "ad", "1", "5m"), mapping={L.batch_field("i", b): 3, L.batch_field("c", b): 1})
+    rds.hset(
+        L.batch_key(version, "ad", "1", "5m"),
+        mapping={L.batch_field("i", b): 3, L.batch_field("c", b): 1},
+    )
     rds.hset(L.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF})
     res = F.RESOLUTION_BY_NAME["5m"]
     assert (L.speed_day(b, res), L.speed_day(b + 200, res)) == (DAY0, DAY1)
-    rds.hset(L.speed_key("ad", "1", DAY0), mapping={L.speed_field("5m", "i", b): 4,
-                                                    L.speed_field("5m", "c", b): 1})
+    rds.hset(
+        L.speed_key("ad", "1", DAY0),
+        mapping={L.speed_field("5m", "i", b): 4, L.speed_field("5m", "c", b): 1},
+    )
     # the speed layer's high-water: in the next day's hash
     rds.hset(L.speed_key("ad", "1", DAY1), L.speed_field("5m", "i", b + 200), 9)
     rep = reconcile(settings, tmp_path, version, apply=False, read_dlq=False, write=False)
@@ -269,8 +370,9 @@ def test_reconcile_speed_higher_without_archive_is_unexplained(settings, rds, tm
     assert int(rds.hget(L.speed_key("ad", "1", DAY0), L.speed_field("5m", "i", b))) == 4
 
 
-def test_reconcile_merges_day_hashes_and_repairs_each_bucket_in_its_day(settings, rds, tmp_path,
-                                                                        unique):
+def test_reconcile_merges_day_hashes_and_repairs_each_bucket_in_its_day(
+    settings, rds, tmp_path, unique
+):
     """A crossed entity (id with ``:``) whose buckets straddle midnight: its two day hashes
     are merged into one entity per resolution; a missing day hash is ``missing_key`` for the
     buckets of that day only, a cell missing from a day hash that exists a ``lost_update``;
@@ -280,30 +382,47 @@ def test_reconcile_merges_day_hashes_and_repairs_each_bucket_in_its_day(settings
     first = MIDNIGHT // res.bucket_ms - 2  # 23:50, 23:55 | 00:00, 00:05
     buckets = range(first, first + 4)
     eid = "17:4"
-    rds.hset(L.batch_key(version, "user_x_ad", eid, "1h"),
-             mapping={L.batch_field(t, b): 2 + k for k, b in enumerate(buckets) for t in F.EVENT_TYPES})
+    rds.hset(
+        L.batch_key(version, "user_x_ad", eid, "1h"),
+        mapping={L.batch_field(t, b): 2 + k for k, b in enumerate(buckets) for t in F.EVENT_TYPES},
+    )
     rds.hset(L.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF})
     before, after = L.speed_key("user_x_ad", eid, DAY0), L.speed_key("user_x_ad", eid, DAY1)
     # before midnight: one bucket right, the other lost one cell; after midnight: the day
     # hash of the same entity that held buckets 3 and 4 is gone. The high-water: 5m, 01:30
-    rds.hset(before, mapping={L.speed_field("1h", "i", first): 2, L.speed_field("1h", "c", first): 2,
-                              L.speed_field("1h", "i", first + 1): 3})
+    rds.hset(
+        before,
+        mapping={
+            L.speed_field("1h", "i", first): 2,
+            L.speed_field("1h", "c", first): 2,
+            L.speed_field("1h", "i", first + 1): 3,
+        },
+    )
     rds.pexpire(before, 3_600_000)  # the TTL the speed layer gave it
     hw = L.speed_key("user", "17", DAY1)
     rds.hset(hw, L.speed_field("5m", "i", (MIDNIGHT + 90 * F.MINUTE_MS) // F.MINUTE_MS), 1)
     rep = reconcile(settings, tmp_path, version, read_dlq=False, write=False)
     got = sorted((x.bucket, x.event_type, x.reason, x.diff) for x in rep.differences)
-    assert got == [(first + 1, "c", "lost_update", 3),
-                   (first + 2, "c", "missing_key", 4), (first + 2, "i", "missing_key", 4),
-                   (first + 3, "c", "missing_key", 5), (first + 3, "i", "missing_key", 5)]
+    assert got == [
+        (first + 1, "c", "lost_update", 3),
+        (first + 2, "c", "missing_key", 4),
+        (first + 2, "i", "missing_key", 4),
+        (first + 3, "c", "missing_key", 5),
+        (first + 3, "i", "missing_key", 5),
+    ]
     assert rep.overlap["1h"][0] <= first and rep.overlap["1h"][1] >= first + 4
-    assert (rep.buckets_compared, rep.buckets_equal, rep.buckets_differing,
-            rep.missing_in_speed) == (4, 1, 1, 2)
+    assert (
+        rep.buckets_compared,
+        rep.buckets_equal,
+        rep.buckets_differing,
+        rep.missing_in_speed,
+    ) == (4, 1, 1, 2)
     assert rep.applied_cells == 5
     want = {b: 2 + k for k, b in enumerate(buckets)}
     for key, bs in ((before, buckets[:2]), (after, buckets[2:])):
-        assert {f.decode(): int(v) for f, v in rds.hgetall(key).items()} == \
-            {L.speed_field("1h", t, b): want[b] for b in bs for t in F.EVENT_TYPES}
+        assert {f.decode(): int(v) for f, v in rds.hgetall(key).items()} == {
+            L.speed_field("1h", t, b): want[b] for b in bs for t in F.EVENT_TYPES
+        }
     hash_ttl = L.speed_hash_ttl_ms(int(settings.allowed_lateness_s * 1000))
     assert hash_ttl - 60_000 < rds.pttl(after) <= hash_ttl  # created by the repair
     assert 0 < rds.pttl(before) <= 3_600_000  # NX: the speed layer's TTL stays as it was

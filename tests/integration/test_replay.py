@@ -28,9 +28,16 @@ def topics(fresh_topics):
     """Fresh topics without time retention: the records carry event times from 2026-01 and
     the broker would otherwise delete them at its next retention check."""
     s = fresh_topics
-    res = [ConfigResource(ResourceType.TOPIC, t.name, incremental_configs=[
-        ConfigEntry("retention.ms", "-1", incremental_operation=AlterConfigOpType.SET)])
-        for t in (s.topics.impressions, s.topics.clicks)]
+    res = [
+        ConfigResource(
+            ResourceType.TOPIC,
+            t.name,
+            incremental_configs=[
+                ConfigEntry("retention.ms", "-1", incremental_operation=AlterConfigOpType.SET)
+            ],
+        )
+        for t in (s.topics.impressions, s.topics.clicks)
+    ]
     client = admin(s)  # keep the handle alive until the futures are done
     for fut in client.incremental_alter_configs(res).values():
         fut.result(30)
@@ -80,8 +87,11 @@ def test_replay_round_trip_exact(topics):
         last[part] = ts
         partition_of[key] = part
     assert set(partition_of) == set(tr.impressions["impression_id"].cast("binary").to_pylist())
-    imp_time = dict(zip(tr.impressions["impression_id"].to_pylist(),
-                        tr.impressions["event_time_ms"].to_pylist()))
+    imp_time = dict(
+        zip(
+            tr.impressions["impression_id"].to_pylist(), tr.impressions["event_time_ms"].to_pylist()
+        )
+    )
     for part, _off, key, value, ts in clicks:
         ev = decode_click(value)
         assert key == ev.impression_id.encode() and ts == ev.event_time_ms
@@ -98,8 +108,10 @@ def test_dirty_replay_exactly_the_malformed_fail(topics):
     assert s.failed == 0 and s.sent == inj["records"]
     failed = {}
     n_ok = 0
-    for kind, topic, decode in (("impressions", topics.topics.impressions.name, decode_impression),
-                                ("clicks", topics.topics.clicks.name, decode_click)):
+    for kind, topic, decode in (
+        ("impressions", topics.topics.impressions.name, decode_impression),
+        ("clicks", topics.topics.clicks.name, decode_click),
+    ):
         recs = consume_all(topics, topic, inj["by_topic"][kind]["records"])
         assert len(recs) == inj["by_topic"][kind]["records"]
         for _, _, key, value, _ in recs:
@@ -134,32 +146,56 @@ def test_rate_limit_and_time_compression(topics):
 
 def test_delivery_failures_are_counted_not_raised(settings):
     name = f"missing-{uuid.uuid4().hex[:8]}"  # auto topic creation is off: cannot be delivered
-    s_missing = settings.model_copy(update={"topics": settings.topics.model_copy(update={
-        "impressions": Topic(name=name, partitions=1)})})
+    s_missing = settings.model_copy(
+        update={
+            "topics": settings.topics.model_copy(
+                update={"impressions": Topic(name=name, partitions=1)}
+            )
+        }
+    )
     recs = [("impressions", f"k{i}".encode(), b"{}", 1_767_571_200_000 + i) for i in range(50)]
-    s = replay(s_missing, recs, progress=False, create_topics=False, flush_timeout=30,
-               producer_overrides={"message.timeout.ms": 3000,
-                                   "topic.metadata.propagation.max.ms": 1000})
+    s = replay(
+        s_missing,
+        recs,
+        progress=False,
+        create_topics=False,
+        flush_timeout=30,
+        producer_overrides={"message.timeout.ms": 3000, "topic.metadata.propagation.max.ms": 1000},
+    )
     assert s.failed == 50 and s.sent == 0 and s.attempted == 50
     assert sum(s.errors.values()) == 50
-    assert any("topic" in r.lower() or "partition" in r.lower() or "timed out" in r.lower()
-               for r in s.errors), s.errors
+    assert any(
+        "topic" in r.lower() or "partition" in r.lower() or "timed out" in r.lower()
+        for r in s.errors
+    ), s.errors
 
 
 def test_cli_generate_then_replay_recorded(topics, stack_env, tmp_path):
-    env = {**stack_env,
-           "CTRSTREAM_TOPICS__IMPRESSIONS__NAME": topics.topics.impressions.name,
-           "CTRSTREAM_TOPICS__IMPRESSIONS__PARTITIONS": str(topics.topics.impressions.partitions),
-           "CTRSTREAM_TOPICS__CLICKS__NAME": topics.topics.clicks.name,
-           "CTRSTREAM_TOPICS__CLICKS__PARTITIONS": str(topics.topics.clicks.partitions)}
+    env = {
+        **stack_env,
+        "CTRSTREAM_TOPICS__IMPRESSIONS__NAME": topics.topics.impressions.name,
+        "CTRSTREAM_TOPICS__IMPRESSIONS__PARTITIONS": str(topics.topics.impressions.partitions),
+        "CTRSTREAM_TOPICS__CLICKS__NAME": topics.topics.clicks.name,
+        "CTRSTREAM_TOPICS__CLICKS__PARTITIONS": str(topics.topics.clicks.partitions),
+    }
     exe = os.path.join(os.path.dirname(sys.executable), "ctrstream")
     out = tmp_path / "traffic"
-    r = subprocess.run([exe, "generate", "-s", "dirty", "-n", "3000", "--seed", "9", "--out",
-                        str(out)], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [exe, "generate", "-s", "dirty", "-n", "3000", "--seed", "9", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert (out / "malformed.parquet").exists() and (out / "oracle.parquet").exists()
-    r = subprocess.run([exe, "replay", "--from", str(out), "--no-progress"], env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [exe, "replay", "--from", str(out), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "replay summary" in r.stdout
     from ctrstream.simulation.generator import read_traffic
@@ -171,11 +207,13 @@ def test_cli_generate_then_replay_recorded(topics, stack_env, tmp_path):
 
 
 def _topic_env(stack_env, s) -> dict:
-    return {**stack_env,
-            "CTRSTREAM_TOPICS__IMPRESSIONS__NAME": s.topics.impressions.name,
-            "CTRSTREAM_TOPICS__IMPRESSIONS__PARTITIONS": str(s.topics.impressions.partitions),
-            "CTRSTREAM_TOPICS__CLICKS__NAME": s.topics.clicks.name,
-            "CTRSTREAM_TOPICS__CLICKS__PARTITIONS": str(s.topics.clicks.partitions)}
+    return {
+        **stack_env,
+        "CTRSTREAM_TOPICS__IMPRESSIONS__NAME": s.topics.impressions.name,
+        "CTRSTREAM_TOPICS__IMPRESSIONS__PARTITIONS": str(s.topics.impressions.partitions),
+        "CTRSTREAM_TOPICS__CLICKS__NAME": s.topics.clicks.name,
+        "CTRSTREAM_TOPICS__CLICKS__PARTITIONS": str(s.topics.clicks.partitions),
+    }
 
 
 def test_ctrl_c_stops_cleanly_after_flushing(topics, stack_env):
@@ -183,9 +221,13 @@ def test_ctrl_c_stops_cleanly_after_flushing(topics, stack_env):
     import signal
 
     exe = os.path.join(os.path.dirname(sys.executable), "ctrstream")
-    proc = subprocess.Popen([exe, "replay", "-s", "steady", "-n", "100000", "--rate", "5000",
-                             "--no-progress"], env=_topic_env(stack_env, topics),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [exe, "replay", "-s", "steady", "-n", "100000", "--rate", "5000", "--no-progress"],
+        env=_topic_env(stack_env, topics),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 90
 
@@ -209,7 +251,9 @@ def test_ctrl_c_stops_cleanly_after_flushing(topics, stack_env):
     m = re.search(r"sent \(acknowledged\)\s*│\s*([\d,]+)", out)
     assert m, out
     sent = int(m.group(1).replace(",", ""))
-    on_broker = sum(sum(topic_end_offsets(topics, t.name).values())
-                    for t in (topics.topics.impressions, topics.topics.clicks))
+    on_broker = sum(
+        sum(topic_end_offsets(topics, t.name).values())
+        for t in (topics.topics.impressions, topics.topics.clicks)
+    )
     assert 2000 <= sent < 100_000 and sent == on_broker  # flushed: everything counted is there
     assert "interrupted" in out

@@ -32,8 +32,18 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-DEMO_ARGS = ["--scenario", "drift", "--events", "12000", "--hours", "2", "--replay-seconds", "4",
-             "--epochs", "1"]
+DEMO_ARGS = [
+    "--scenario",
+    "drift",
+    "--events",
+    "12000",
+    "--hours",
+    "2",
+    "--replay-seconds",
+    "4",
+    "--epochs",
+    "1",
+]
 DEMO_TIMEOUT_S = 600
 BROWSER_TIMEOUT_S = 60
 
@@ -41,25 +51,42 @@ BROWSER_TIMEOUT_S = 60
 EXPECTED_SECTIONS = {
     "overview": ("What ran", []),
     "architecture": ("The lambda architecture, with this run's numbers", []),
-    "throughput": ("Throughput and lag", ["Throughput of each stage", "Consumer lag of each stage"]),
+    "throughput": (
+        "Throughput and lag",
+        ["Throughput of each stage", "Consumer lag of each stage"],
+    ),
     "quality": ("Model quality next to the oracle", ["Reliability on the validation slice"]),
-    "calibration": ("Online calibration with River",
-                    ["before and after River calibration", "Calibration over time"]),
+    "calibration": (
+        "Online calibration with River",
+        ["before and after River calibration", "Calibration over time"],
+    ),
     "reconciliation": ("Reconciliation", []),
     "api": ("Sample ad requests", []),
 }
 # words each section's rendered text must contain (the numbers issue 7 asks the report for)
 EXPECTED_TEXT = {
-    "throughput": ["replay (history)", "replay (live, lockstep)", "speed layer", "scorer", "Consumer lag",
-                   "caught up", "Feature freshness"],
+    "throughput": [
+        "replay (history)",
+        "replay (live, lockstep)",
+        "speed layer",
+        "scorer",
+        "Consumer lag",
+        "caught up",
+        "Feature freshness",
+    ],
     "quality": ["ctr_lr", "ctr_deep", "oracle", "NE", "AUC", "ECE"],
     "calibration": ["raw (Triton)", "calibrated (River)", "oracle"],
     "reconciliation": ["buckets_compared", "Why they differ", "full report"],
 }
 
 # (stage, phase) rows the lag table must have, each with a lag and a catch-up time
-LAG_STAGES = [("speed layer (features)", "history"), ("speed layer (join)", "history"),
-              ("speed layer (features)", "live"), ("speed layer (join)", "live"), ("scorer", "live")]
+LAG_STAGES = [
+    ("speed layer (features)", "history"),
+    ("speed layer (join)", "history"),
+    ("speed layer (features)", "live"),
+    ("speed layer (join)", "live"),
+    ("scorer", "live"),
+]
 FRESHNESS_LIMIT_S = 3600.0  # a freshness above this is an artefact (issue 7: 27,649,563 s)
 NOT_APPLICABLE = "not applicable"
 
@@ -115,6 +142,7 @@ CHECK_JS = r"""
 
 # --------------------------------------------------------------------------- the browser
 
+
 class Chromium:
     """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4)."""
 
@@ -134,12 +162,27 @@ class Chromium:
 
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-                 "--hide-scrollbars", f"--user-data-dir={workdir / 'profile'}",
-                 "--remote-debugging-pipe", "about:blank"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(3, 4),
-                preexec_fn=fds, start_new_session=True)
+                [
+                    binary,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--no-first-run",
+                    "--no-default-browser-check",
+                    "--disable-extensions",
+                    "--hide-scrollbars",
+                    f"--user-data-dir={workdir / 'profile'}",
+                    "--remote-debugging-pipe",
+                    "about:blank",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(3, 4),
+                preexec_fn=fds,
+                start_new_session=True,
+            )
         os.close(to_browser_r)
         os.close(from_browser_w)
 
@@ -148,11 +191,15 @@ class Chromium:
             left = deadline - time.monotonic()
             ready, _, _ = select.select([self._from_browser], [], [], max(left, 0))
             if not ready:
-                raise TimeoutError(f"no answer from Chromium in {self.timeout}s; see {self.log_path}")
+                raise TimeoutError(
+                    f"no answer from Chromium in {self.timeout}s; see {self.log_path}"
+                )
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
-                raise RuntimeError(f"Chromium closed the DevTools pipe (exit code "
-                                   f"{self.proc.poll()}); see {self.log_path}")
+                raise RuntimeError(
+                    f"Chromium closed the DevTools pipe (exit code "
+                    f"{self.proc.poll()}); see {self.log_path}"
+                )
             self._buf += chunk
         msg, self._buf = self._buf.split(b"\0", 1)
         return json.loads(msg)
@@ -217,13 +264,16 @@ def render(report: Path, workdir: Path) -> tuple[dict, list[str], np.ndarray]:
     browser = Chromium(binary, workdir)
     try:
         target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.call("Target.attachToTarget",
-                               {"targetId": target, "flatten": True})["sessionId"]
+        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Log"):
             browser.call(f"{domain}.enable", session=session)
-        browser.call("Emulation.setDeviceMetricsOverride",
-                     {"width": 1200, "height": 900, "deviceScaleFactor": 1, "mobile": False},
-                     session=session)
+        browser.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1200, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         url = report.resolve().as_uri()
         seen = len(browser.events)
         nav = browser.call("Page.navigate", {"url": url}, session=session)
@@ -231,30 +281,54 @@ def render(report: Path, workdir: Path) -> tuple[dict, list[str], np.ndarray]:
         while True:  # a load event of the initial about:blank may still be on its way
             seen = browser.wait_event("Page.loadEventFired", session, seen) + 1
             try:
-                state = browser.call("Runtime.evaluate", {
-                    "expression": "location.href + ' ' + document.readyState",
-                    "returnByValue": True}, session=session)["result"].get("value")
+                state = browser.call(
+                    "Runtime.evaluate",
+                    {
+                        "expression": "location.href + ' ' + document.readyState",
+                        "returnByValue": True,
+                    },
+                    session=session,
+                )["result"].get("value")
             except RuntimeError:  # the context went away under the evaluation: navigating
                 continue
             if state == f"{url} complete":
                 break
-        res = browser.call("Runtime.evaluate", {"expression": CHECK_JS, "awaitPromise": True,
-                                                "returnByValue": True}, session=session)
+        res = browser.call(
+            "Runtime.evaluate",
+            {"expression": CHECK_JS, "awaitPromise": True, "returnByValue": True},
+            session=session,
+        )
         assert "exceptionDetails" not in res, res["exceptionDetails"]
         page = json.loads(res["result"]["value"])
         size = page["page"]
-        shot = browser.call("Page.captureScreenshot", {
-            "format": "png", "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}},
-            session=session)
+        shot = browser.call(
+            "Page.captureScreenshot",
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {
+                    "x": 0,
+                    "y": 0,
+                    "width": size["width"],
+                    "height": size["height"],
+                    "scale": 1,
+                },
+            },
+            session=session,
+        )
         png = base64.b64decode(shot["data"])
         (workdir / "screenshot.png").write_bytes(png)
         errors = []
         for m in browser.events:
             p = m.get("params", {})
-            if m.get("method") == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                errors.append("console: " + " ".join(str(a.get("value", a.get("description")))
-                                                      for a in p.get("args", [])))
+            if m.get("method") == "Runtime.consoleAPICalled" and p.get("type") in (
+                "error",
+                "assert",
+            ):
+                errors.append(
+                    "console: "
+                    + " ".join(str(a.get("value", a.get("description"))) for a in p.get("args", []))
+                )
             elif m.get("method") == "Runtime.exceptionThrown":
                 errors.append("exception: " + json.dumps(p.get("exceptionDetails", {}))[:500])
             elif m.get("method") == "Log.entryAdded" and p["entry"].get("level") == "error":
@@ -268,7 +342,7 @@ def painted(shot: np.ndarray, box: dict) -> float:
     """Share of the pixels inside ``box`` (page coordinates) that are not background white."""
     x0, y0 = int(box["x"]) + 2, int(box["y"]) + 2
     x1, y1 = int(box["x"] + box["width"]) - 2, int(box["y"] + box["height"]) - 2
-    region = shot[max(y0, 0):y1, max(x0, 0):x1].astype(int)
+    region = shot[max(y0, 0) : y1, max(x0, 0) : x1].astype(int)
     if region.size == 0:
         return 0.0
     return float(np.mean(np.any(region < 235, axis=-1)))
@@ -298,8 +372,10 @@ def problems_of(page: dict, errors: list[str], shot: np.ndarray, summary: dict) 
     for s in page["sections"]:
         for i in s["images"]:
             if not (i["complete"] and i["naturalWidth"] > 0 and i["naturalHeight"] > 0):
-                out.append(f"image {i['alt']!r} in #{s['id']} did not load "
-                           f"({i['naturalWidth']}x{i['naturalHeight']})")
+                out.append(
+                    f"image {i['alt']!r} in #{s['id']} did not load "
+                    f"({i['naturalWidth']}x{i['naturalHeight']})"
+                )
             elif i["box"]["width"] < 100 or i["box"]["height"] < 100:
                 out.append(f"image {i['alt']!r} in #{s['id']} is rendered {i['box']}")
             elif painted(shot, i["box"]) < 0.02:
@@ -316,8 +392,12 @@ def problems_of(page: dict, errors: list[str], shot: np.ndarray, summary: dict) 
             out.append(f"the lambda diagram has {svg['rects']} boxes and {svg['lines']} arrows")
         text = " ".join(svg["text"])
         n = summary["numbers"]
-        for want in (f"{n['impressions']:,} impressions", f"{n['clicks']:,} clicks",
-                     f"{n['predictions']:,} predictions", f"batch view {n['batch_version']}"):
+        for want in (
+            f"{n['impressions']:,} impressions",
+            f"{n['clicks']:,} clicks",
+            f"{n['predictions']:,} predictions",
+            f"batch view {n['batch_version']}",
+        ):
             if want not in text:
                 out.append(f"the lambda diagram does not show this run's {want!r}")
         for want in ("buckets compared", "equal", "missing in speed view"):
@@ -327,12 +407,16 @@ def problems_of(page: dict, errors: list[str], shot: np.ndarray, summary: dict) 
         if keys is None:
             out.append("the lambda diagram does not show the speed-view hashes as a number")
         elif int(keys.group(1).replace(",", "")) != n.get("speed_keys") or not n.get("speed_keys"):
-            out.append(f"the lambda diagram shows {keys.group(0)!r}, summary.json has "
-                       f"speed_keys={n.get('speed_keys')}")
+            out.append(
+                f"the lambda diagram shows {keys.group(0)!r}, summary.json has "
+                f"speed_keys={n.get('speed_keys')}"
+            )
         for o in svg["overflow"]:
-            out.append(f"the lambda diagram's text {o['text']!r} runs past its box "
-                       f"(right {o['right']:.0f} > {o['box_right']:.0f} or bottom "
-                       f"{o['bottom']:.0f} > {o['box_bottom']:.0f})")
+            out.append(
+                f"the lambda diagram's text {o['text']!r} runs past its box "
+                f"(right {o['right']:.0f} > {o['box_right']:.0f} or bottom "
+                f"{o['bottom']:.0f} > {o['box_bottom']:.0f})"
+            )
         if svg["box"]["width"] > 0 and painted(shot, svg["box"]) < 0.1:
             out.append("the lambda diagram is blank in the screenshot")
     if float(np.std(shot)) < 5:
@@ -366,7 +450,10 @@ def lag_problems(page: dict, summary: dict) -> list[str]:
         if r is None:
             out.append(f"the lag table has no row for {key}")
             continue
-        lag, caught = _number(r[col["max lag (records)"]]), _number(r[col["caught up (s after replay)"]])
+        lag, caught = (
+            _number(r[col["max lag (records)"]]),
+            _number(r[col["caught up (s after replay)"]]),
+        )
         if lag is None or lag < 0 or lag != int(lag):
             out.append(f"lag table {key}: max lag {r[col['max lag (records)']]!r} is not a count")
         elif key not in want or lag != want[key]["max lag (records)"]:
@@ -374,8 +461,10 @@ def lag_problems(page: dict, summary: dict) -> list[str]:
         if _number(r[col["final lag"]]) != 0:
             out.append(f"lag table {key}: the stage ended the phase {r[col['final lag']]!r} behind")
         if caught is None or not 0 <= caught < 600:
-            out.append(f"lag table {key}: caught up {r[col['caught up (s after replay)']]!r} "
-                       "is not a number of seconds")
+            out.append(
+                f"lag table {key}: caught up {r[col['caught up (s after replay)']]!r} "
+                "is not a number of seconds"
+            )
     return out
 
 
@@ -387,8 +476,11 @@ def freshness_problems(page: dict) -> list[str]:
         return ["no feature freshness in the report (table.freshness or .freshness-na)"]
     if na:
         text = " ".join(na)
-        return [] if NOT_APPLICABLE in text and "ctrstream bench speed" in text else [
-            f"freshness is marked n/a without the reason or the pointer: {text!r}"]
+        return (
+            []
+            if NOT_APPLICABLE in text and "ctrstream bench speed" in text
+            else [f"freshness is marked n/a without the reason or the pointer: {text!r}"]
+        )
     out = []
     col = {h: i for i, h in enumerate(t["head"])}
     if not {"p50 s", "p95 s", "max s"} <= set(col):
@@ -408,6 +500,7 @@ def freshness_problems(page: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- the demo run
 
+
 @pytest.fixture(scope="module")
 def demo_run(stack_env, tmp_path_factory) -> Path:
     """A real, small ``ctrstream demo`` on the session's stack; returns its run directory."""
@@ -416,15 +509,20 @@ def demo_run(stack_env, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     log = out / "demo.log"
     t0 = time.monotonic()
-    proc = start_job([sys.executable, "-m", "ctrstream", "demo", *DEMO_ARGS, "--out", str(out)],
-                     env={**stack_env, "COLUMNS": "120"}, log_path=log)
+    proc = start_job(
+        [sys.executable, "-m", "ctrstream", "demo", *DEMO_ARGS, "--out", str(out)],
+        env={**stack_env, "COLUMNS": "120"},
+        log_path=log,
+    )
     try:
         proc.wait(DEMO_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         # SIGINT: the demo stops the jobs it started (its own process groups) on the way out
         stop_job(proc, timeout=60, sig=signal.SIGINT)
-        pytest.fail(f"ctrstream demo did not finish in {DEMO_TIMEOUT_S}s:\n"
-                    f"{log.read_text(errors='replace')[-6000:]}")
+        pytest.fail(
+            f"ctrstream demo did not finish in {DEMO_TIMEOUT_S}s:\n"
+            f"{log.read_text(errors='replace')[-6000:]}"
+        )
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, f"ctrstream demo failed (exit {proc.returncode}):\n{text[-6000:]}"
     runs = sorted(out.glob("run-*/report.html"))
@@ -443,8 +541,12 @@ def test_the_demo_report_renders_in_chromium(demo_run, tmp_path):
     assert sum(len(s["images"]) for s in page["sections"]) >= 4
     # the PNG plots written beside the report are the ones embedded in it
     assert {p.name for p in demo_run.glob("*.png")} >= {
-        "throughput.png", "lag.png", "reliability_validation.png", "reliability_live.png",
-        "calibration_over_time.png"}
+        "throughput.png",
+        "lag.png",
+        "reliability_validation.png",
+        "reliability_live.png",
+        "calibration_over_time.png",
+    }
     # the terminal summary has the lag table and a freshness line that is a number or n/a
     log = (demo_run.parent / "demo.log").read_text(errors="replace")
     assert "consumer lag per stage" in log, log[-3000:]
@@ -456,9 +558,13 @@ def test_the_browser_check_catches_a_broken_report(demo_run, tmp_path):
     """The same report with one image's data corrupted, one section removed and a script
     error: the check must name all three."""
     page_html = (demo_run / "report.html").read_text()
-    broken, n = re.subn(r'(<img alt="Reliability on the validation slice[^"]*" '
-                        r'src="data:image/png;base64,)[A-Za-z0-9+/]{64}', r"\1" + "A" * 64,
-                        page_html, count=1)
+    broken, n = re.subn(
+        r'(<img alt="Reliability on the validation slice[^"]*" '
+        r'src="data:image/png;base64,)[A-Za-z0-9+/]{64}',
+        r"\1" + "A" * 64,
+        page_html,
+        count=1,
+    )
     assert n == 1
     broken, n = re.subn(r'<section id="api">.*?</section>', "", broken, count=1, flags=re.S)
     assert n == 1
@@ -468,6 +574,8 @@ def test_the_browser_check_catches_a_broken_report(demo_run, tmp_path):
     summary = json.loads((demo_run / "summary.json").read_text())
     page, errors, shot = render(bad, tmp_path / "browser")
     problems = "\n".join(problems_of(page, errors, shot, summary))
-    assert "Reliability on the validation slice" in problems and "did not load" in problems, problems
+    assert "Reliability on the validation slice" in problems and "did not load" in problems, (
+        problems
+    )
     assert "section #api" in problems and "missing" in problems, problems
     assert "boom" in problems, problems

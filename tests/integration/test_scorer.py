@@ -23,16 +23,39 @@ def _impressions(unique):
     out = []
     for k in range(N):
         ad = int(rng.integers(0, 50))
-        out.append(Impression(schema_version=1, impression_id=f"{unique}-{k}",
-                              event_time_ms=T0 + k * 1000, user_id=int(rng.integers(0, 1000)),
-                              ad_id=ad, campaign_id=ad // 2, advertiser_id=ad // 10,
-                              site_id=int(rng.integers(0, 20)), ad_category=ad % 7,
-                              device_type="mobile", country="US", position=int(rng.integers(0, 5))))
+        out.append(
+            Impression(
+                schema_version=1,
+                impression_id=f"{unique}-{k}",
+                event_time_ms=T0 + k * 1000,
+                user_id=int(rng.integers(0, 1000)),
+                ad_id=ad,
+                campaign_id=ad // 2,
+                advertiser_id=ad // 10,
+                site_id=int(rng.integers(0, 20)),
+                ad_category=ad % 7,
+                device_type="mobile",
+                country="US",
+                position=int(rng.integers(0, 5)),
+            )
+        )
     # the same impression twice, before and after the speed view gets counts for its ad
-    twin = dict(user_id=7, ad_id=999, campaign_id=499, advertiser_id=99, site_id=3, ad_category=1,
-                device_type="desktop", country="DE", position=0, schema_version=1)
+    twin = dict(
+        user_id=7,
+        ad_id=999,
+        campaign_id=499,
+        advertiser_id=99,
+        site_id=3,
+        ad_category=1,
+        device_type="desktop",
+        country="DE",
+        position=0,
+        schema_version=1,
+    )
     out.append(Impression(impression_id=f"{unique}-before", event_time_ms=T0 + 60_000, **twin))
-    out.append(Impression(impression_id=f"{unique}-after", event_time_ms=T0 + 3 * F.MINUTE_MS + 5, **twin))
+    out.append(
+        Impression(impression_id=f"{unique}-after", event_time_ms=T0 + 3 * F.MINUTE_MS + 5, **twin)
+    )
     return out
 
 
@@ -63,6 +86,7 @@ def _read_predictions(settings, n, timeout=60):
     out = []
     try:
         import time
+
         end = time.monotonic() + timeout
         while len(out) < n and time.monotonic() < end:
             for msg in c.consume(num_messages=1000, timeout=0.5):
@@ -93,14 +117,24 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
     r = redis.Redis.from_url(s.redis.url)
     mv = str(published["version"])
     # a calibrator for the served version: intercept -1 on the logit
-    params = {"method": "platt", "platt": {"intercept": -1.0, "w_logit": 1.0, "context": {},
-                                           "context_names": [], "context_mean": {}}}
+    params = {
+        "method": "platt",
+        "platt": {
+            "intercept": -1.0,
+            "w_logit": 1.0,
+            "context": {},
+            "context_names": [],
+            "context_mean": {},
+        },
+    }
     CalibrationStore(r).publish_params(mv, params)
     # the speed view: ad 999 got 100 impressions, 40 clicks in the minute after T0+1min
     b = (T0 + 2 * F.MINUTE_MS) // F.MINUTE_MS
     day = L.speed_day(b, F.RESOLUTION_BY_NAME["5m"])
-    r.hset(L.speed_key("ad", "999", day), mapping={L.speed_field("5m", "i", b): 100,
-                                                   L.speed_field("5m", "c", b): 40})
+    r.hset(
+        L.speed_key("ad", "999", day),
+        mapping={L.speed_field("5m", "i", b): 100, L.speed_field("5m", "c", b): 40},
+    )
 
     imps = _impressions(unique)
     prod = make_producer(s)
@@ -117,7 +151,9 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
     assert {p.model_version for p in ps} == {mv}
     raw = np.array([p.raw_score for p in ps])
     assert np.ptp(raw) > 0.05  # real model scores, not a constant
-    np.testing.assert_allclose([p.calibrated_score for p in ps], sigmoid(logit(raw) - 1.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        [p.calibrated_score for p in ps], sigmoid(logit(raw) - 1.0), rtol=1e-5
+    )
     assert all(p.event_time_ms == e.event_time_ms for e in imps for p in [preds[e.impression_id]])
     # features as of the event time: the twin after the counts landed scores differently
     before, after = preds[f"{unique}-before"], preds[f"{unique}-after"]
@@ -125,6 +161,7 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
 
     # Triton loses the model: predictions keep flowing, degraded, with the fallback score
     import tritonclient.grpc as grpcclient
+
     c = grpcclient.InferenceServerClient(s.triton.grpc_url)
     c.unload_model(published["model_name"])
     try:
@@ -135,13 +172,25 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
 
         more = [msgspec.structs.replace(e, impression_id=e.impression_id + "-2") for e in imps[:50]]
         t = s.topics
-        s2 = s.model_copy(update={"topics": t.model_copy(update={
-            name: Topic(name=getattr(t, name).name + "-2", partitions=getattr(t, name).partitions)
-            for name in ("impressions", "predictions")})})
+        s2 = s.model_copy(
+            update={
+                "topics": t.model_copy(
+                    update={
+                        name: Topic(
+                            name=getattr(t, name).name + "-2",
+                            partitions=getattr(t, name).partitions,
+                        )
+                        for name in ("impressions", "predictions")
+                    }
+                )
+            }
+        )
         ensure_topics(s2, [s2.topics.impressions, s2.topics.predictions])
         prod2 = make_producer(s2)
         for ev in more:
-            prod2.produce(s2.topics.impressions.name, key=ev.impression_id.encode(), value=encode(ev))
+            prod2.produce(
+                s2.topics.impressions.name, key=ev.impression_id.encode(), value=encode(ev)
+            )
         assert prod2.flush(30) == 0
         _run(s2, published["model_name"])
         got = {p.impression_id: p for p in _read_predictions(s2, len(more))}

@@ -37,41 +37,74 @@ def make_stream(seed: int, n_imps: int, lateness_ms: int, span_ms: int = 6 * 60_
     for i in range(n_imps):
         ad = rng.randrange(20)
         t = BASE + i * span_ms // n_imps
-        imps.append(E.Impression(
-            schema_version=1, impression_id=f"imp-{seed}-{i}", event_time_ms=t,
-            user_id=rng.randrange(40), ad_id=ad, campaign_id=ad // 4, advertiser_id=ad // 8,
-            site_id=rng.randrange(8), ad_category=ad % 5,
-            device_type=rng.choice(["mobile", "desktop"]), country="DE", position=rng.randrange(3)))
+        imps.append(
+            E.Impression(
+                schema_version=1,
+                impression_id=f"imp-{seed}-{i}",
+                event_time_ms=t,
+                user_id=rng.randrange(40),
+                ad_id=ad,
+                campaign_id=ad // 4,
+                advertiser_id=ad // 8,
+                site_id=rng.randrange(8),
+                ad_category=ad % 5,
+                device_type=rng.choice(["mobile", "desktop"]),
+                country="DE",
+                position=rng.randrange(3),
+            )
+        )
     events = []  # (replay position time, kind, event)
     for imp in imps:
         # out of order: replayed up to lateness/2 away from its event time
-        events.append((imp.event_time_ms + rng.randrange(-lateness_ms // 2, lateness_ms // 2),
-                       "impressions", imp))
+        events.append(
+            (
+                imp.event_time_ms + rng.randrange(-lateness_ms // 2, lateness_ms // 2),
+                "impressions",
+                imp,
+            )
+        )
         if rng.random() < 0.15:
             delay = rng.randrange(1_000, 40_000)
-            c = E.Click(schema_version=1, click_id=f"clk-{imp.impression_id}",
-                        impression_id=imp.impression_id, event_time_ms=imp.event_time_ms + delay,
-                        user_id=imp.user_id, ad_id=imp.ad_id, campaign_id=imp.campaign_id,
-                        advertiser_id=imp.advertiser_id, site_id=imp.site_id,
-                        ad_category=imp.ad_category)
+            c = E.Click(
+                schema_version=1,
+                click_id=f"clk-{imp.impression_id}",
+                impression_id=imp.impression_id,
+                event_time_ms=imp.event_time_ms + delay,
+                user_id=imp.user_id,
+                ad_id=imp.ad_id,
+                campaign_id=imp.campaign_id,
+                advertiser_id=imp.advertiser_id,
+                site_id=imp.site_id,
+                ad_category=imp.ad_category,
+            )
             events.append((c.event_time_ms + rng.randrange(0, lateness_ms // 3), "clicks", c))
             if rng.random() < 0.3:  # duplicate click
                 events.append((c.event_time_ms + rng.randrange(0, lateness_ms // 2), "clicks", c))
         if rng.random() < 0.05:  # duplicate impression, replayed a little later
-            events.append((imp.event_time_ms + rng.randrange(0, lateness_ms // 2), "impressions", imp))
+            events.append(
+                (imp.event_time_ms + rng.randrange(0, lateness_ms // 2), "impressions", imp)
+            )
     # late: copies of early-looking events replayed 3 x lateness after their time
     n_late = max(3, n_imps // 100)
     for j in range(n_late):
         imp = imps[rng.randrange(n_imps // 2)]
-        late = E.Impression(**{**{f: getattr(imp, f) for f in imp.__struct_fields__},
-                               "impression_id": f"late-{seed}-{j}"})
+        late = E.Impression(
+            **{
+                **{f: getattr(imp, f) for f in imp.__struct_fields__},
+                "impression_id": f"late-{seed}-{j}",
+            }
+        )
         events.append((late.event_time_ms + 3 * lateness_ms, "impressions", late))
     events.sort(key=lambda e: e[0])
     records = [(kind, E.key_of(ev), E.encode(ev)) for _, kind, ev in events]
-    malformed = [b"not json at all", b'{"schema_version": 1}',
-                 E.encode(imps[0]).replace(b'"schema_version":1', b'"schema_version":7'),
-                 E.encode(imps[1]).replace(b'"ad_id":', b'"ad_id":"x","zz":'),
-                 b"{" + b" " * (E.MAX_EVENT_BYTES + 10) + b"}", None]
+    malformed = [
+        b"not json at all",
+        b'{"schema_version": 1}',
+        E.encode(imps[0]).replace(b'"schema_version":1', b'"schema_version":7'),
+        E.encode(imps[1]).replace(b'"ad_id":', b'"ad_id":"x","zz":'),
+        b"{" + b" " * (E.MAX_EVENT_BYTES + 10) + b"}",
+        None,
+    ]
     for k, bad in enumerate(malformed):
         pos = rng.randrange(len(records))
         records.insert(pos, ("impressions" if k % 2 == 0 else "clicks", f"bad-{k}".encode(), bad))
@@ -99,19 +132,26 @@ def scrape(port: int) -> dict[str, float]:
 
 @pytest.fixture
 def speed_settings(fresh_topics):
-    return fresh_topics.model_copy(update={
-        "redis": RedisSettings(port=fresh_topics.redis.port, db=1),
-        "metrics_port": free_port()})
+    return fresh_topics.model_copy(
+        update={
+            "redis": RedisSettings(port=fresh_topics.redis.port, db=1),
+            "metrics_port": free_port(),
+        }
+    )
 
 
 def job_env(settings) -> dict:
     import os
 
-    return {**os.environ, **settings_env(settings), "CTRSTREAM_REDIS__DB": str(settings.redis.db),
-            "CTRSTREAM_METRICS_PORT": str(settings.metrics_port),
-            "CTRSTREAM_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
-            "CTRSTREAM_ATTRIBUTION_WINDOW_S": str(settings.attribution_window_s),
-            "CTRSTREAM_FLUSH_INTERVAL_MS": str(settings.flush_interval_ms)}
+    return {
+        **os.environ,
+        **settings_env(settings),
+        "CTRSTREAM_REDIS__DB": str(settings.redis.db),
+        "CTRSTREAM_METRICS_PORT": str(settings.metrics_port),
+        "CTRSTREAM_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
+        "CTRSTREAM_ATTRIBUTION_WINDOW_S": str(settings.attribution_window_s),
+        "CTRSTREAM_FLUSH_INTERVAL_MS": str(settings.flush_interval_ms),
+    }
 
 
 def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
@@ -121,13 +161,21 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
     lateness = int(s.allowed_lateness_s * 1000)
     records, injected = make_stream(seed=7, n_imps=3000, lateness_ms=lateness)
     produce(s, records)
-    job = start_job([CTRSTREAM, "speed", "features", "-w", "2", "--no-recovery"],
-                    env=job_env(s), log_path=tmp_path / "job.log")
+    job = start_job(
+        [CTRSTREAM, "speed", "features", "-w", "2", "--no-recovery"],
+        env=job_env(s),
+        log_path=tmp_path / "job.log",
+    )
     try:
-        max_t = max(E.decode_impression(v).event_time_ms for k, _, v in records
-                    if k == "impressions" and v and v.startswith(b'{"schema_version":1,"imp'))
+        max_t = max(
+            E.decode_impression(v).event_time_ms
+            for k, _, v in records
+            if k == "impressions" and v and v.startswith(b'{"schema_version":1,"imp')
+        )
         send_heartbeat(s, max_t + 2 * 3_600_000)  # closes every bucket of every resolution
-        recs = {kind: read_topic(s, getattr(s.topics, kind).name) for kind in ("impressions", "clicks")}
+        recs = {
+            kind: read_topic(s, getattr(s.topics, kind).name) for kind in ("impressions", "clicks")
+        }
         ref = reference_features(s, recs)
         # the stream really is dirty, and the reference sees it
         assert ref.stats["late"] == injected["late"]
@@ -135,17 +183,21 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
         assert ref.stats["duplicates"] > 50
         assert ref.stats["heartbeats"] == 8
         assert ref.cells
-        wait_until(lambda: read_speed_view(r) == ref.cells, 120,
-                   what="the speed view to equal the reference"
-                        + f" (log {tmp_path / 'job.log'})")
+        wait_until(
+            lambda: read_speed_view(r) == ref.cells,
+            120,
+            what="the speed view to equal the reference" + f" (log {tmp_path / 'job.log'})",
+        )
         # dead letters: every malformed and late record, with its reason and original bytes
         dlq = {}
+
         def dlq_complete():
             dlq.clear()
             for rec in read_topic(s, s.topics.dlq.name):
                 d = E.decode_dead_letter(rec.value)
                 dlq[(d.source_topic, d.partition, d.offset)] = d
             return len(dlq) == len(ref.dead)
+
         wait_until(dlq_complete, 60, what="all dead letters")
         originals = {(x.topic, x.partition, x.offset): x.value for v in recs.values() for x in v}
         for where, (stage, reason) in ref.dead.items():
@@ -160,10 +212,18 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
         counted = ref.stats["counted_i"] + ref.stats["counted_c"]
         ad_5m = sum(v for (e, _, res, _, _), v in ref.cells.items() if e == "ad" and res == "5m")
         assert ad_5m == counted
-        assert counted + ref.stats["duplicates"] + len(dlq) == ref.stats["records"] - ref.stats["heartbeats"]
+        assert (
+            counted + ref.stats["duplicates"] + len(dlq)
+            == ref.stats["records"] - ref.stats["heartbeats"]
+        )
         # metrics agree, and every closed bucket's state has been freed
-        m = wait_until(lambda: (lambda m: m if m.get("ctrstream_speed_state_cells", 1) == 0 else None)(
-            scrape(s.metrics_port)), 30, what="state cells to be freed")
+        m = wait_until(
+            lambda: (lambda m: m if m.get("ctrstream_speed_state_cells", 1) == 0 else None)(
+                scrape(s.metrics_port)
+            ),
+            30,
+            what="state cells to be freed",
+        )
         assert m["ctrstream_speed_events_in_total"] == ref.stats["records"]
         assert m["ctrstream_speed_events_accepted_total"] == counted
         assert m["ctrstream_speed_duplicates_total"] == ref.stats["duplicates"]
@@ -175,8 +235,12 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
         ttl = L.speed_hash_ttl_ms(lateness)
         assert ttl == 24 * 3_600_000 + lateness + 3_600_000
         pipe = r.pipeline(transaction=False)
-        keys = sorted({L.speed_key(e, i, L.speed_day(b, F.RESOLUTION_BY_NAME[res]))
-                       for (e, i, res, _, b) in ref.cells})
+        keys = sorted(
+            {
+                L.speed_key(e, i, L.speed_day(b, F.RESOLUTION_BY_NAME[res]))
+                for (e, i, res, _, b) in ref.cells
+            }
+        )
         for k in keys:
             pipe.pttl(k)
         assert all(0 < t <= ttl for t in pipe.execute()), "a speed hash without its TTL"
@@ -232,10 +296,20 @@ def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
             bm = h * 60 + 17  # a minute inside hour h
             for count in (1, 2):  # the buckets' first write (new) and an update of them
                 before = hsets()
-                sink.write([FlushItem(
-                    ent=np.array([0, 0], np.int8), res=np.array([2, 0]), bucket=np.array([h, bm]),
-                    eid=np.array([ad, ad], np.int64), cnt=np.array([[count, count - 1], [count, 0]]),
-                    new=np.array([count == 1] * 2), ts_first=None, ts_last=None)])
+                sink.write(
+                    [
+                        FlushItem(
+                            ent=np.array([0, 0], np.int8),
+                            res=np.array([2, 0]),
+                            bucket=np.array([h, bm]),
+                            eid=np.array([ad, ad], np.int64),
+                            cnt=np.array([[count, count - 1], [count, 0]]),
+                            new=np.array([count == 1] * 2),
+                            ts_first=None,
+                            ts_last=None,
+                        )
+                    ]
+                )
                 sink.drain()
                 assert hsets() - before == 1  # both resolutions in one HSET
             key = L.speed_key("ad", str(ad), L.speed_day(h, hour))
@@ -246,15 +320,29 @@ def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
             assert r.hget(key, L.speed_field("5m", "c", bm)) == b"0"
         # a flush of cells of two days for one entity: one HSET per day
         before = hsets()
-        sink.write([FlushItem(
-            ent=np.array([0, 0], np.int8), res=np.array([2, 2]), bucket=np.array([day0 * 24 + 23, day0 * 24 + 24]),
-            eid=np.array([ad, ad], np.int64), cnt=np.array([[5, 1], [6, 2]]),
-            new=np.array([False, False]), ts_first=None, ts_last=None)])
+        sink.write(
+            [
+                FlushItem(
+                    ent=np.array([0, 0], np.int8),
+                    res=np.array([2, 2]),
+                    bucket=np.array([day0 * 24 + 23, day0 * 24 + 24]),
+                    eid=np.array([ad, ad], np.int64),
+                    cnt=np.array([[5, 1], [6, 2]]),
+                    new=np.array([False, False]),
+                    ts_first=None,
+                    ts_last=None,
+                )
+            ]
+        )
         sink.drain()
         assert hsets() - before == 2
         held = [sorted(f.decode() for f in r.hkeys(k)) for k in keys]
-        assert held[0] == sorted(L.speed_field(res, t, b) for h in range(day0 * 24 + 20, day0 * 24 + 24)
-                                 for res, b in (("24h", h), ("5m", h * 60 + 17)) for t in "ic")
+        assert held[0] == sorted(
+            L.speed_field(res, t, b)
+            for h in range(day0 * 24 + 20, day0 * 24 + 24)
+            for res, b in (("24h", h), ("5m", h * 60 + 17))
+            for t in "ic"
+        )
         assert len(held[1]) == 24 * 4 and len(held[2]) == 2 * 4  # whole days, nothing deleted
         assert int(r.hget(keys[0], L.speed_field("24h", "i", day0 * 24 + 23))) == 5
         assert int(r.hget(keys[1], L.speed_field("24h", "c", day0 * 24 + 24))) == 2
@@ -280,8 +368,9 @@ def test_one_line_replies_are_counted_and_errors_still_raise(settings, r, unique
         assert 0 < r.pttl(key) <= 60_000
         bad = encode((b"LPUSH", key, b"x"))  # WRONGTYPE on a hash, mid-payload
         with pytest.raises(RuntimeError, match="WRONGTYPE"):
-            pipe.execute_raw(b"".join(cmds[:30_000]) + bad + b"".join(cmds[30_000:]), n + 1,
-                             one_line=True)
+            pipe.execute_raw(
+                b"".join(cmds[:30_000]) + bad + b"".join(cmds[30_000:]), n + 1, one_line=True
+            )
         # the connection is still in step after an error: the next flush counts right
         pipe.execute_raw(encode((b"HSET", key, b"after", 1)), 1, one_line=True)
         assert r.hget(key, b"after") == b"1"
@@ -304,8 +393,9 @@ def test_background_pipeline_keeps_order_waits_and_raises(settings, r, unique):
         # submit can only return once the first was acknowledged
         assert r.client_pause(300, all=False)
         for k in range(1, 6):
-            pipe.submit(encode((b"HSET", key, b"v", k)), 1, one_line=True,
-                        done=lambda k=k: acked.append(k))
+            pipe.submit(
+                encode((b"HSET", key, b"v", k)), 1, one_line=True, done=lambda k=k: acked.append(k)
+            )
             assert acked == list(range(1, k))  # submit k returned after k-1 was acknowledged
         pipe.drain()
         assert acked == [1, 2, 3, 4, 5] and r.hget(key, b"v") == b"5"
@@ -319,5 +409,3 @@ def test_background_pipeline_keeps_order_waits_and_raises(settings, r, unique):
         with contextlib.suppress(RuntimeError):
             pipe.close()
         r.delete(key)
-
-

@@ -14,16 +14,35 @@ from ctrstream.stack.procs import start_job, stop_job, wait_until
 
 
 def imp(i: int, t: int) -> E.Impression:
-    return E.Impression(schema_version=1, impression_id=f"j-imp-{i}", event_time_ms=t, user_id=i,
-                        ad_id=i % 3, campaign_id=1, advertiser_id=1, site_id=2, ad_category=3,
-                        device_type="mobile", country="FR", position=0)
+    return E.Impression(
+        schema_version=1,
+        impression_id=f"j-imp-{i}",
+        event_time_ms=t,
+        user_id=i,
+        ad_id=i % 3,
+        campaign_id=1,
+        advertiser_id=1,
+        site_id=2,
+        ad_category=3,
+        device_type="mobile",
+        country="FR",
+        position=0,
+    )
 
 
 def click(cid: str, im: E.Impression, delay: int, impression_id: str | None = None) -> E.Click:
-    return E.Click(schema_version=1, click_id=cid, impression_id=impression_id or im.impression_id,
-                   event_time_ms=im.event_time_ms + delay, user_id=im.user_id, ad_id=im.ad_id,
-                   campaign_id=im.campaign_id, advertiser_id=im.advertiser_id, site_id=im.site_id,
-                   ad_category=im.ad_category)
+    return E.Click(
+        schema_version=1,
+        click_id=cid,
+        impression_id=impression_id or im.impression_id,
+        event_time_ms=im.event_time_ms + delay,
+        user_id=im.user_id,
+        ad_id=im.ad_id,
+        campaign_id=im.campaign_id,
+        advertiser_id=im.advertiser_id,
+        site_id=im.site_id,
+        ad_category=im.ad_category,
+    )
 
 
 @pytest.fixture
@@ -36,12 +55,13 @@ def test_join_window_edges_duplicates_orphans(join_settings, tmp_path):
     W = int(s.attribution_window_s * 1000)
     imps = [imp(i, BASE + i * 1000) for i in range(8)]
     clicks = [
-        click("c-edge-in", imps[0], W),            # exactly the window: attributed
-        click("c-edge-out", imps[1], W + 1),       # 1 ms outside: not attributed, dead letter
-        click("c-dup", imps[2], 5000), click("c-dup", imps[2], 5000),  # duplicate click
-        click("c-second", imps[2], 3000),          # a second click: the earliest delay wins
+        click("c-edge-in", imps[0], W),  # exactly the window: attributed
+        click("c-edge-out", imps[1], W + 1),  # 1 ms outside: not attributed, dead letter
+        click("c-dup", imps[2], 5000),
+        click("c-dup", imps[2], 5000),  # duplicate click
+        click("c-second", imps[2], 3000),  # a second click: the earliest delay wins
         click("c-orphan", imps[5], 4000, impression_id="j-imp-ghost"),  # no impression
-        click("c-early", imps[4], 10),             # replayed before its impression
+        click("c-early", imps[4], 10),  # replayed before its impression
     ]
     events = [("impressions", e) for e in imps] + [("impressions", imps[3])]  # duplicate impression
     events += [("clicks", c) for c in clicks]
@@ -51,8 +71,11 @@ def test_join_window_edges_duplicates_orphans(join_settings, tmp_path):
     events.insert(events.index(("impressions", imps[4])), early)
     produce(s, [(k, E.key_of(e), E.encode(e)) for k, e in events])
     send_heartbeat(s, BASE + 10 * W)
-    job = start_job([CTRSTREAM, "speed", "join", "--no-recovery"], env=job_env(s),
-                    log_path=tmp_path / "join.log")
+    job = start_job(
+        [CTRSTREAM, "speed", "join", "--no-recovery"],
+        env=job_env(s),
+        log_path=tmp_path / "join.log",
+    )
     try:
         labeled: dict[str, E.Labeled] = {}
         counts: Counter = Counter()
@@ -66,7 +89,10 @@ def test_join_window_edges_duplicates_orphans(join_settings, tmp_path):
                 labeled[lab.impression.impression_id] = lab
                 counts[lab.impression.impression_id] += 1
             return len(labeled) == len(imps)
-        wait_until(all_labeled, 90, what=f"labels of every impression (log {tmp_path / 'join.log'})")
+
+        wait_until(
+            all_labeled, 90, what=f"labels of every impression (log {tmp_path / 'join.log'})"
+        )
         assert set(counts.values()) == {1}  # each impression exactly once (the duplicate too)
         got = {i: (lab.clicked, lab.click_delay_ms) for i, lab in labeled.items()}
         assert got["j-imp-0"] == (1, W)
@@ -83,11 +109,14 @@ def test_join_window_edges_duplicates_orphans(join_settings, tmp_path):
                 d = E.decode_dead_letter(r.value)
                 dead[E.decode_click(d.original).click_id] = d
             return len(dead) >= 2
+
         wait_until(dead_letters, 30, what="join dead letters")
         assert set(dead) == {"c-edge-out", "c-orphan"}
         assert dead["c-edge-out"].reason.startswith("click after the attribution window")
         assert dead["c-orphan"].reason.startswith("orphan: ")
-        assert all(d.stage == "join" and d.source_topic == s.topics.clicks.name for d in dead.values())
+        assert all(
+            d.stage == "join" and d.source_topic == s.topics.clicks.name for d in dead.values()
+        )
     finally:
         stop_job(job)
     assert "Traceback" not in (tmp_path / "join.log").read_text()

@@ -25,6 +25,7 @@ CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
 
 # ----------------------------------------------------------------------------------- Kafka
 
+
 def test_kafka_round_trip_with_a_two_member_group(settings, unique):
     from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError
 
@@ -43,12 +44,12 @@ def test_kafka_round_trip_with_a_two_member_group(settings, unique):
     # two members of one group, each polling in its own thread
     stop = threading.Event()
     lock = threading.Lock()
-    received: list[dict[int, tuple]] = [{}, {}]   # member -> seq -> (partition, key, headers, ts)
+    received: list[dict[int, tuple]] = [{}, {}]  # member -> seq -> (partition, key, headers, ts)
     duplicates: list[int] = []
     assigned: list[set[int]] = [set(), set()]
     seen_partitions: list[set[int]] = [set(), set()]
     errors: list[str] = []
-    last_offset: dict[int, int] = {}              # partition -> last offset consumed
+    last_offset: dict[int, int] = {}  # partition -> last offset consumed
     consumers = [make_consumer(settings, group) for _ in range(2)]
 
     def member(i: int) -> None:
@@ -76,8 +77,9 @@ def test_kafka_round_trip_with_a_two_member_group(settings, unique):
                         duplicates.append(seq)
                     received[i][seq] = (msg.partition(), msg.key(), headers, msg.timestamp())
                     seen_partitions[i].add(msg.partition())
-                    last_offset[msg.partition()] = max(last_offset.get(msg.partition(), -1),
-                                                       msg.offset())
+                    last_offset[msg.partition()] = max(
+                        last_offset.get(msg.partition(), -1), msg.offset()
+                    )
 
     threads = [threading.Thread(target=member, args=(i,), daemon=True) for i in range(2)]
     for t in threads:
@@ -89,6 +91,7 @@ def test_kafka_round_trip_with_a_two_member_group(settings, unique):
             with lock:
                 a, b = assigned
                 return a and b and not (a & b) and (a | b) == set(range(partitions))
+
         wait_until(stable, 60, what="both group members to be assigned partitions")
 
         base_ts = int(time.time() * 1000) - 3_600_000
@@ -100,9 +103,14 @@ def test_kafka_round_trip_with_a_two_member_group(settings, unique):
                 delivery_errors.append(str(err))
 
         for seq in range(n):
-            producer.produce(topic, key=f"user-{seq % 997}".encode(), value=f"value-{seq}".encode(),
-                             headers=[("seq", str(seq).encode()), ("source", b"test_stack")],
-                             timestamp=base_ts + seq, on_delivery=on_delivery)
+            producer.produce(
+                topic,
+                key=f"user-{seq % 997}".encode(),
+                value=f"value-{seq}".encode(),
+                headers=[("seq", str(seq).encode()), ("source", b"test_stack")],
+                timestamp=base_ts + seq,
+                on_delivery=on_delivery,
+            )
             if seq % 1000 == 0:
                 producer.poll(0)
         assert producer.flush(30) == 0, "producer did not deliver everything within 30s"
@@ -110,13 +118,16 @@ def test_kafka_round_trip_with_a_two_member_group(settings, unique):
         ends = topic_end_offsets(settings, topic)
         assert sum(ends.values()) == n
 
-        wait_until(lambda: sum(len(r) for r in received) >= n, 60,
-                   what=f"{n} records to be consumed")
+        wait_until(
+            lambda: sum(len(r) for r in received) >= n, 60, what=f"{n} records to be consumed"
+        )
+
         # every partition was read to its end, so nothing more can arrive (the members'
         # own bookkeeping: a Consumer is not called from another thread while it polls)
         def at_end():
             with lock:
                 return {p: o + 1 for p, o in last_offset.items()} == ends
+
         wait_until(at_end, 30, what="both members to reach the end of their partitions")
     finally:
         stop.set()
@@ -141,12 +152,15 @@ def test_kafka_round_trip_with_a_two_member_group(settings, unique):
     assert received[0] and received[1], "one member of the group received nothing"
     assert seen_partitions[0] and seen_partitions[1]
     assert not (seen_partitions[0] & seen_partitions[1]), "a partition was read by both members"
-    print(f"\nkafka: {n} records over {partitions} partitions; member 0 read partitions "
-          f"{sorted(seen_partitions[0])} ({len(received[0])} records), member 1 "
-          f"{sorted(seen_partitions[1])} ({len(received[1])} records)")
+    print(
+        f"\nkafka: {n} records over {partitions} partitions; member 0 read partitions "
+        f"{sorted(seen_partitions[0])} ({len(received[0])} records), member 1 "
+        f"{sorted(seen_partitions[1])} ({len(received[1])} records)"
+    )
 
 
 # ----------------------------------------------------------------------------------- Redis
+
 
 def test_redis_round_trip(settings, unique):
     import redis
@@ -211,14 +225,16 @@ def test_triton_model_control_and_grpc_inference(settings, unique):
     name = f"affine_{unique}"
     model_dir = settings.triton.model_repository / name
     (model_dir / "1").mkdir(parents=True)
-    (model_dir / "config.pbtxt").write_text(textwrap.dedent(f"""\
+    (model_dir / "config.pbtxt").write_text(
+        textwrap.dedent(f"""\
         name: "{name}"
         backend: "python"
         max_batch_size: 64
         input [ {{ name: "x", data_type: TYPE_FP32, dims: [ 4 ] }} ]
         output [ {{ name: "y", data_type: TYPE_FP32, dims: [ 4 ] }} ]
         instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
-        """))
+        """)
+    )
     (model_dir / "1" / "model.py").write_text(MODEL_PY)
 
     client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
@@ -246,6 +262,7 @@ def test_triton_model_control_and_grpc_inference(settings, unique):
         def state():
             index = client.get_model_repository_index(as_json=True)["models"]
             return next(m for m in index if m["name"] == name).get("state")
+
         # unloading finishes in the background (the stub process exits)
         wait_until(lambda: state() == "UNAVAILABLE", 30, what=f"{name} to finish unloading")
         with pytest.raises(Exception, match="(?i)unknown model|no available versions"):
@@ -260,9 +277,11 @@ def test_triton_model_control_and_grpc_inference(settings, unique):
 
 # ------------------------------------------------------------------------- stack CLI
 
+
 def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([CTRSTREAM, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [CTRSTREAM, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _cli_env(settings) -> dict[str, str]:
@@ -273,8 +292,14 @@ def _cli_env(settings) -> dict[str, str]:
 
 
 def _service_ports(s) -> list[int]:
-    return [s.kafka.port, s.kafka.controller_port, s.redis.port,
-            s.triton.http_port, s.triton.grpc_port, s.triton.metrics_port]
+    return [
+        s.kafka.port,
+        s.kafka.controller_port,
+        s.redis.port,
+        s.triton.http_port,
+        s.triton.grpc_port,
+        s.triton.metrics_port,
+    ]
 
 
 def _recorded_pids(run_dir: Path) -> dict[str, int]:
@@ -320,11 +345,14 @@ def test_stack_cli_up_status_down(tmp_path):
     try:
         res = _cli(["stack", "up"], env)
         assert res.returncode == 0, res.stdout + res.stderr
-        times = {m[0]: float(m[1]) for m in re.findall(r"^(\w+)\s+ready in ([\d.]+)s",
-                                                       res.stdout, re.M)}
+        times = {
+            m[0]: float(m[1]) for m in re.findall(r"^(\w+)\s+ready in ([\d.]+)s", res.stdout, re.M)
+        }
         assert set(times) == {"kafka", "redis", "triton"}, res.stdout
-        print("\nstart-up seconds (ctrstream stack up, fresh run dir): "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+        print(
+            "\nstart-up seconds (ctrstream stack up, fresh run dir): "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
+        )
         recorded = _recorded_pids(s.run_dir)
         assert set(recorded) == {"kafka", "redis", "triton"}
         assert all(pid_alive(p) for p in recorded.values())

@@ -41,12 +41,24 @@ def _cells() -> tuple[list[SV.SpeedCells], dict[SV.Cell, int]]:
     """Cells of a plain and a crossed entity around midnight, and what they hold."""
     b5 = MIDNIGHT // F.MINUTE_MS  # 5m resolution: 1-minute buckets
     b24 = MIDNIGHT // F.HOUR_MS
-    ad = SV.SpeedCells(AD, [np.array([7, 7, 7, 8])], np.array([RES["5m"], RES["5m"], RES["24h"], RES["24h"]]),
-                       np.array([b5 - 1, b5, b24 - 1, b24]), np.array([3, 4, 120, 9]),
-                       np.array([0, 1, 2, 0]), np.array([True, True, True, False]))
-    ux = SV.SpeedCells(USER_X_AD, [np.array([17, 17]), np.array([4, 5])],
-                       np.array([RES["1h"], RES["1h"]]), np.array([b5 // 5, b5 // 5]),
-                       np.array([1, 2]), np.array([1, 0]), np.array([False, False]))
+    ad = SV.SpeedCells(
+        AD,
+        [np.array([7, 7, 7, 8])],
+        np.array([RES["5m"], RES["5m"], RES["24h"], RES["24h"]]),
+        np.array([b5 - 1, b5, b24 - 1, b24]),
+        np.array([3, 4, 120, 9]),
+        np.array([0, 1, 2, 0]),
+        np.array([True, True, True, False]),
+    )
+    ux = SV.SpeedCells(
+        USER_X_AD,
+        [np.array([17, 17]), np.array([4, 5])],
+        np.array([RES["1h"], RES["1h"]]),
+        np.array([b5 // 5, b5 // 5]),
+        np.array([1, 2]),
+        np.array([1, 0]),
+        np.array([False, False]),
+    )
     held = {}
     for c in (ad, ux):
         ent = F.ENTITIES[c.entity]
@@ -68,13 +80,24 @@ def test_written_cells_read_back_through_every_reader(db):
     assert SV.count_speed_hashes(r) == {"ad": 3, "user_x_ad": 2}  # ad 7: two days, ad 8: one
     some = sorted(held)[:3] + [("ad", "7", "5m", "i", 1)]
     assert SV.read_speed_cells(r, some) == [held[c] for c in some[:3]] + [0]
-    assert SV.speed_hashes_exist(r, [("ad", "7", DAY1 - 1), ("ad", "7", DAY1), ("ad", "8", DAY1 - 1)]) \
-        == [True, True, False]
+    assert SV.speed_hashes_exist(
+        r, [("ad", "7", DAY1 - 1), ("ad", "7", DAY1), ("ad", "8", DAY1 - 1)]
+    ) == [True, True, False]
     scan = SV.scan_speed_view(r)
-    assert scan.present == {("ad", "7", DAY1 - 1), ("ad", "7", DAY1), ("ad", "8", DAY1),
-                            ("user_x_ad", "17:4", DAY1), ("user_x_ad", "17:5", DAY1)}
-    flat = {(e, i, res, t, b): n for res_cells in scan.cells.values()
-            for (e, i, res), cs in res_cells.items() for (t, b), n in cs.items() if n}
+    assert scan.present == {
+        ("ad", "7", DAY1 - 1),
+        ("ad", "7", DAY1),
+        ("ad", "8", DAY1),
+        ("user_x_ad", "17:4", DAY1),
+        ("user_x_ad", "17:5", DAY1),
+    }
+    flat = {
+        (e, i, res, t, b): n
+        for res_cells in scan.cells.values()
+        for (e, i, res), cs in res_cells.items()
+        for (t, b), n in cs.items()
+        if n
+    }
     assert flat == held  # an entity's day hashes merged per resolution
     # only a hash that got a new cell of the longest-lived resolution has the TTL
     ttl = L.speed_hash_ttl_ms(int(s.allowed_lateness_s * 1000))
@@ -99,9 +122,11 @@ def test_a_repair_sets_and_deletes_cells_and_is_idempotent(db):
         writer.write(cells)
     ttl = L.speed_hash_ttl_ms(int(s.allowed_lateness_s * 1000))
     b5 = MIDNIGHT // F.MINUTE_MS
-    repairs = {("ad", "7", "5m", "i", b5): 40,  # overwrite, in the day after midnight
-               ("ad", "7", "5m", "c", b5): None,  # delete
-               ("ad", "9", "5m", "i", b5 - 1): 2}  # a day hash that does not exist
+    repairs = {
+        ("ad", "7", "5m", "i", b5): 40,  # overwrite, in the day after midnight
+        ("ad", "7", "5m", "c", b5): None,  # delete
+        ("ad", "9", "5m", "i", b5 - 1): 2,
+    }  # a day hash that does not exist
     assert SV.repair_speed_cells(r, repairs, ttl) == 3
     want = dict(held)
     want[("ad", "7", "5m", "i", b5)] = 40
@@ -110,7 +135,9 @@ def test_a_repair_sets_and_deletes_cells_and_is_idempotent(db):
     assert SV.read_speed_view(r) == want
     assert ttl - 60_000 < r.pttl(L.speed_key("ad", "9", DAY1 - 1)) <= ttl  # created: the TTL
     assert r.pttl(L.speed_key("ad", "8", DAY1)) == -1  # not repaired: untouched
-    before = {k: r.pttl(k) for k in (L.speed_key("ad", "7", DAY1), L.speed_key("ad", "9", DAY1 - 1))}
+    before = {
+        k: r.pttl(k) for k in (L.speed_key("ad", "7", DAY1), L.speed_key("ad", "9", DAY1 - 1))
+    }
     assert SV.repair_speed_cells(r, repairs, ttl) == 3
     assert SV.read_speed_view(r) == want  # twice: the same view
     after = {k: r.pttl(k) for k in before}
@@ -122,35 +149,65 @@ def test_a_batch_view_written_through_the_store_reads_back_cell_for_cell(db):
     cutoff = F.align_cutoff(MIDNIGHT + 2 * F.HOUR_MS)
     h1 = F.RESOLUTION_BY_NAME["1h"]
     last = F.view_buckets(cutoff, h1).stop - 1
-    rows = [("ad", "7", "1h", last, 5, 1), ("ad", "7", "1h", last - 2, 3, 0),
-            ("user_x_ad", "17:4", "24h", cutoff // F.HOUR_MS - 1, 2, 2)]
-    buckets = pa.table({k: [row[j] for row in rows] for j, k in
-                        enumerate(("entity", "eid", "res", "bucket", "imps", "clicks"))})
-    longs = pa.table({"entity": ["ad"], "eid": ["7"], "long_window": [F.LONG_WINDOWS[0].name],
-                      "imps": [50], "clicks": [4]})
+    rows = [
+        ("ad", "7", "1h", last, 5, 1),
+        ("ad", "7", "1h", last - 2, 3, 0),
+        ("user_x_ad", "17:4", "24h", cutoff // F.HOUR_MS - 1, 2, 2),
+    ]
+    buckets = pa.table(
+        {
+            k: [row[j] for row in rows]
+            for j, k in enumerate(("entity", "eid", "res", "bucket", "imps", "clicks"))
+        }
+    )
+    longs = pa.table(
+        {
+            "entity": ["ad"],
+            "eid": ["7"],
+            "long_window": [F.LONG_WINDOWS[0].name],
+            "imps": [50],
+            "clicks": [4],
+        }
+    )
     version, created = BV.new_version(cutoff)
     BV.register_version(r, version, created)
     assert BV.write_view_hashes(r, version, buckets, longs, cutoff) == 5  # 3 per-bucket+long+2 sums
     assert not BV.is_complete(r, version)
-    BV.write_meta(r, version, cutoff_ms=cutoff, created_ms=created, fingerprint=F.fingerprint(),
-                  keys=5, buckets=buckets.num_rows)
+    BV.write_meta(
+        r,
+        version,
+        cutoff_ms=cutoff,
+        created_ms=created,
+        fingerprint=F.fingerprint(),
+        keys=5,
+        buckets=buckets.num_rows,
+    )
     BV.switch_pointer(r, version)
     assert BV.served_version(r) == version and BV.is_complete(r, version)
     assert int(BV.read_meta(r, version)["cutoff_ms"]) == cutoff
     assert BV.scan_batch_view(r, version) == {
         ("ad", "7", "1h"): {("i", last): 5, ("c", last): 1, ("i", last - 2): 3, ("c", last - 2): 0},
-        ("user_x_ad", "17:4", "24h"): {("i", rows[2][3]): 2, ("c", rows[2][3]): 2}}
+        ("user_x_ad", "17:4", "24h"): {("i", rows[2][3]): 2, ("c", rows[2][3]): 2},
+    }
     assert set(BV.scan_batch_view(r, version, "24h")) == {("user_x_ad", "17:4", "24h")}
     w = F.LONG_WINDOWS[0]
     assert BV.read_view_counts(r, version, "ad", "7", L.LONG_SUFFIX) == {
-        L.long_field("i", w): 50, L.long_field("c", w): 4}
+        L.long_field("i", w): 50,
+        L.long_field("c", w): 4,
+    }
     sums = BV.read_view_counts(r, version, "ad", "7", L.SUMS_SUFFIX)
     first = F.view_buckets(cutoff, h1).start
-    assert sums[L.suffix_field("1h", "i", first)] == 8 and sums[L.suffix_field("1h", "c", last)] == 1
+    assert (
+        sums[L.suffix_field("1h", "i", first)] == 8 and sums[L.suffix_field("1h", "c", last)] == 1
+    )
     assert sums[L.suffix_field("1h", "i", last - 1)] == 5 and L.long_field("i", w) in sums
     assert set(BV.read_version(r, version)) == {
-        ("ad", "7", "1h"), ("ad", "7", L.LONG_SUFFIX), ("ad", "7", L.SUMS_SUFFIX),
-        ("user_x_ad", "17:4", "24h"), ("user_x_ad", "17:4", L.SUMS_SUFFIX)}
+        ("ad", "7", "1h"),
+        ("ad", "7", L.LONG_SUFFIX),
+        ("ad", "7", L.SUMS_SUFFIX),
+        ("user_x_ad", "17:4", "24h"),
+        ("user_x_ad", "17:4", L.SUMS_SUFFIX),
+    }
     # a second version: the first stays with keep=2, goes with keep=1
     v2, c2 = BV.new_version(cutoff, created + 1)
     BV.register_version(r, v2, c2)

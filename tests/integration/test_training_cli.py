@@ -8,7 +8,9 @@ import json
 import pytest
 
 
-def test_cli_trains_on_a_scenario_and_publishes_to_triton(stack_env, settings, tmp_path, monkeypatch):
+def test_cli_trains_on_a_scenario_and_publishes_to_triton(
+    stack_env, settings, tmp_path, monkeypatch
+):
     import typer
     from typer.testing import CliRunner
 
@@ -25,7 +27,9 @@ def test_cli_trains_on_a_scenario_and_publishes_to_triton(stack_env, settings, t
         app = typer.Typer()
         train_cli.register(app)
         runner = CliRunner()
-        r = runner.invoke(app, ["train", "--scenario", "steady", "--events", "6000", "--epochs", "1"])
+        r = runner.invoke(
+            app, ["train", "--scenario", "steady", "--events", "6000", "--epochs", "1"]
+        )
         assert r.exit_code == 0, r.output
         run = train_cli.latest_run(get_settings())
         assert (run / "deep" / "model.onnx").exists() and (run / "lr" / "model.onnx").exists()
@@ -60,7 +64,11 @@ def test_quality_benchmark_reports_the_gap_of_both_models_to_the_oracle(settings
     assert row["events"] == 60_000 and row["seed"] == 1 and row["val_rows"] > 0
     assert row["oracle_ne"] < min(row["lr_ne"], row["deep_ne"])
     for kind in ("lr", "deep"):
-        assert row[f"{kind}_gap_pct"] == pytest.approx(100 * (row[f"{kind}_ne"] / row["oracle_ne"] - 1))
-    assert row["target_met"] == (row["deep_gap_pct"] <= 100 * TARGET_GAP and row["deep_ne"] < row["lr_ne"])
+        assert row[f"{kind}_gap_pct"] == pytest.approx(
+            100 * (row[f"{kind}_ne"] / row["oracle_ne"] - 1)
+        )
+    assert row["target_met"] == (
+        row["deep_gap_pct"] <= 100 * TARGET_GAP and row["deep_ne"] < row["lr_ne"]
+    )
     assert doc["meta"]["summary"][0]["met (deep <= 3 %, < LR)"] == f"{int(row['target_met'])}/1"
     assert "by data volume" in capsys.readouterr().out

@@ -26,11 +26,20 @@ def _rows(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     counts = rng.integers(0, 500, (n, len(F.ENTITIES), F.N_WINDOWS, 2))
     counts[..., 1] = np.minimum(counts[..., 1], counts[..., 0] // 5)
-    sparse = F.sparse_ids({"user_id": rng.integers(0, 99, n), "ad_id": rng.integers(0, 99, n),
-                           "campaign_id": np.ones(n, int), "advertiser_id": np.ones(n, int),
-                           "site_id": np.ones(n, int), "ad_category": np.ones(n, int),
-                           "device_type": np.array(["mobile"] * n), "country": np.array(["US"] * n),
-                           "position": np.zeros(n, int), "event_time_ms": np.full(n, 10**12)})
+    sparse = F.sparse_ids(
+        {
+            "user_id": rng.integers(0, 99, n),
+            "ad_id": rng.integers(0, 99, n),
+            "campaign_id": np.ones(n, int),
+            "advertiser_id": np.ones(n, int),
+            "site_id": np.ones(n, int),
+            "ad_category": np.ones(n, int),
+            "device_type": np.array(["mobile"] * n),
+            "country": np.array(["US"] * n),
+            "position": np.zeros(n, int),
+            "event_time_ms": np.full(n, 10**12),
+        }
+    )
     return sparse, F.dense_from_counts(counts), counts
 
 
@@ -85,8 +94,13 @@ def test_unreachable_triton_gives_the_flagged_fallback_within_the_deadline(setti
     sparse, dense, counts = _rows(12, seed=2)
     counts[3] = 0  # a row without any history: the prior mean
     dense = F.dense_from_counts(counts)
-    dead = settings.model_copy(update={"triton": settings.triton.model_copy(
-        update={"grpc_port": free_port(), "timeout_s": 0.5})})
+    dead = settings.model_copy(
+        update={
+            "triton": settings.triton.model_copy(
+                update={"grpc_port": free_port(), "timeout_s": 0.5}
+            )
+        }
+    )
     t0 = time.monotonic()
     with Scorer(dead, model_name="whatever_py", retries=2) as scorer:
         res = scorer.score(sparse, dense)
@@ -112,14 +126,19 @@ def test_a_slow_model_times_out_into_the_fallback(settings):
     name = "tc_slow_py"
     d = write_demo_model(settings.triton.model_repository, name, version=1, weights=W, bias=0.0)
     src = (d / "1" / "model.py").read_text()
-    (d / "1" / "model.py").write_text(src.replace(
-        "    def execute(self, requests):\n",
-        "    def execute(self, requests):\n        import time\n        time.sleep(1.5)\n"))
+    (d / "1" / "model.py").write_text(
+        src.replace(
+            "    def execute(self, requests):\n",
+            "    def execute(self, requests):\n        import time\n        time.sleep(1.5)\n",
+        )
+    )
     client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
     client.load_model(name)
     try:
         sparse, dense, counts = _rows(4)
-        fast = settings.model_copy(update={"triton": settings.triton.model_copy(update={"timeout_s": 0.3})})
+        fast = settings.model_copy(
+            update={"triton": settings.triton.model_copy(update={"timeout_s": 0.3})}
+        )
         t0 = time.monotonic()
         with Scorer(fast, model_name=name, retries=3) as scorer:
             res = scorer.score(sparse, dense)
@@ -134,7 +153,9 @@ def test_a_slow_model_times_out_into_the_fallback(settings):
 def test_empty_input_and_bad_max_rows(settings, model):
     name, _ = model
     with Scorer(settings, model_name=name) as scorer:
-        res = scorer.score(np.zeros((0, F.N_SPARSE), np.int64), np.zeros((0, F.N_DENSE), np.float32))
+        res = scorer.score(
+            np.zeros((0, F.N_SPARSE), np.int64), np.zeros((0, F.N_DENSE), np.float32)
+        )
     assert res.raw.shape == (0,) and not res.degraded
     with pytest.raises(ValueError):
         AsyncScorer(settings, model_name=name, max_rows=0)

@@ -25,8 +25,16 @@ T0 = 1_700_000_000_000
 W = 1_800_000
 
 
-def make_traffic(n_imps=800, seed=0, start_ms=T0, span_ms=9 * F.DAY_MS, n_users=12, n_ads=8,
-                 ctr=0.2, dup_frac=0.03):
+def make_traffic(
+    n_imps=800,
+    seed=0,
+    start_ms=T0,
+    span_ms=9 * F.DAY_MS,
+    n_users=12,
+    n_ads=8,
+    ctr=0.2,
+    dup_frac=0.03,
+):
     """Small impressions/clicks tables with ties, repeat clicks, same-ms clicks, clicks beyond
     the attribution window and exact duplicates (re-delivery)."""
     rng = np.random.default_rng(seed)
@@ -36,8 +44,12 @@ def make_traffic(n_imps=800, seed=0, start_ms=T0, span_ms=9 * F.DAY_MS, n_users=
     imps = {
         "schema_version": np.ones(n_imps, dtype=np.int64),
         "impression_id": np.array([f"i{seed}-{k}" for k in range(n_imps)], dtype=object),
-        "event_time_ms": t, "user_id": rng.integers(0, n_users, n_imps), "ad_id": ad,
-        "campaign_id": ad // 2, "advertiser_id": ad // 4, "site_id": rng.integers(0, 4, n_imps),
+        "event_time_ms": t,
+        "user_id": rng.integers(0, n_users, n_imps),
+        "ad_id": ad,
+        "campaign_id": ad // 2,
+        "advertiser_id": ad // 4,
+        "site_id": rng.integers(0, 4, n_imps),
         "ad_category": ad % 3,
         "device_type": rng.choice(["mobile", "desktop"], n_imps).astype(object),
         "country": rng.choice(["US", "DE"], n_imps).astype(object),
@@ -46,15 +58,20 @@ def make_traffic(n_imps=800, seed=0, start_ms=T0, span_ms=9 * F.DAY_MS, n_users=
     clicked = np.flatnonzero(rng.random(n_imps) < ctr)
     delay = rng.integers(0, 2 * W, len(clicked))  # about half beyond the attribution window
     delay[::7] = 0  # clicked in the same millisecond
-    clk = {"schema_version": np.ones(len(clicked), dtype=np.int64),
-           "click_id": np.array([f"c{seed}-{k}" for k in range(len(clicked))], dtype=object),
-           "impression_id": imps["impression_id"][clicked], "event_time_ms": t[clicked] + delay}
+    clk = {
+        "schema_version": np.ones(len(clicked), dtype=np.int64),
+        "click_id": np.array([f"c{seed}-{k}" for k in range(len(clicked))], dtype=object),
+        "impression_id": imps["impression_id"][clicked],
+        "event_time_ms": t[clicked] + delay,
+    }
     for f in ("user_id", "ad_id", "campaign_id", "advertiser_id", "site_id", "ad_category"):
         clk[f] = imps[f][clicked]
     it = pa.table(imps, schema=SCHEMAS["impressions"])
     ct = pa.table(clk, schema=SCHEMAS["clicks"])
     again = ct.take(np.arange(0, ct.num_rows, 4))  # a second click on the same impression
-    again = again.set_column(1, "click_id", pa.array([f"d{seed}-{k}" for k in range(again.num_rows)]))
+    again = again.set_column(
+        1, "click_id", pa.array([f"d{seed}-{k}" for k in range(again.num_rows)])
+    )
     again = again.set_column(3, "event_time_ms", pc.add(again.column("event_time_ms"), 1000))
     ct = pa.concat_tables([ct, again])
     nd = max(1, int(n_imps * dup_frac))
@@ -67,7 +84,10 @@ def unique_events(it: pa.Table, ct: pa.Table):
     """(impressions, clicks) as lists of dicts, first copy of each id (brute force)."""
     imps, clks = {}, {}
     for r in it.to_pylist():
-        if r["impression_id"] not in imps or r["event_time_ms"] < imps[r["impression_id"]]["event_time_ms"]:
+        if (
+            r["impression_id"] not in imps
+            or r["event_time_ms"] < imps[r["impression_id"]]["event_time_ms"]
+        ):
             imps[r["impression_id"]] = r
     for r in ct.to_pylist():
         if r["click_id"] not in clks or r["event_time_ms"] < clks[r["click_id"]]["event_time_ms"]:
@@ -111,13 +131,15 @@ def test_training_set_equals_brute_force(traffic):
     ts = training_set((it, ct), attribution_window_ms=W)
     imps, clks = unique_events(it, ct)
     max_t = max(e["event_time_ms"] for e in imps + clks)
-    rows = sorted((r for r in imps if r["event_time_ms"] <= max_t - W),
-                  key=lambda r: (r["event_time_ms"], r["impression_id"]))
+    rows = sorted(
+        (r for r in imps if r["event_time_ms"] <= max_t - W),
+        key=lambda r: (r["event_time_ms"], r["impression_id"]),
+    )
     assert list(ts["impression_id"]) == [r["impression_id"] for r in rows]
     assert len(rows) < len(imps)  # the incomplete-label tail was left out
     ref = reference_counts(imps, clks, rows)
     np.testing.assert_array_equal(ts["counts"], ref)
-    assert ref[:, :, len(F.RESOLUTIONS):].sum() > 0 and ref[:, :, 0].sum() > 0  # non-trivial
+    assert ref[:, :, len(F.RESOLUTIONS) :].sum() > 0 and ref[:, :, 0].sum() > 0  # non-trivial
     # labels: first click within the window, repeat clicks once
     first = {}
     for c in clks:
@@ -129,11 +151,19 @@ def test_training_set_equals_brute_force(traffic):
     assert 0 < ts["label"].sum() < len(rows)
     # model inputs through the shared transformations
     np.testing.assert_array_equal(ts["dense"], F.dense_from_counts(ref))
-    cols = {f: np.array([r[f] for r in rows], dtype=object if f in ("device_type", "country") else np.int64)
-            for f in F.SPARSE_FIELDS if f != "hour"}
+    cols = {
+        f: np.array(
+            [r[f] for r in rows], dtype=object if f in ("device_type", "country") else np.int64
+        )
+        for f in F.SPARSE_FIELDS
+        if f != "hour"
+    }
     cols["event_time_ms"] = np.array([r["event_time_ms"] for r in rows])
     np.testing.assert_array_equal(ts["sparse"], F.sparse_ids(cols))
-    assert ts["dense"].shape == (len(rows), F.N_DENSE) and ts["sparse"].shape == (len(rows), F.N_SPARSE)
+    assert ts["dense"].shape == (len(rows), F.N_DENSE) and ts["sparse"].shape == (
+        len(rows),
+        F.N_SPARSE,
+    )
 
 
 def test_no_leakage(traffic):
@@ -152,12 +182,15 @@ def test_no_leakage(traffic):
         extra_clicks.append({**own_click, "click_id": f"leak-{j}", "event_time_ms": t + dt})
     same_ms_imp = {**row, "impression_id": "leak-imp-0", "event_time_ms": t}
     later_imp = {**row, "impression_id": "leak-imp-1", "event_time_ms": t + 1}
-    it2 = pa.concat_tables([it, pa.Table.from_pylist([same_ms_imp, later_imp], schema=SCHEMAS["impressions"])])
+    it2 = pa.concat_tables(
+        [it, pa.Table.from_pylist([same_ms_imp, later_imp], schema=SCHEMAS["impressions"])]
+    )
     ct2 = pa.concat_tables([ct, pa.Table.from_pylist(extra_clicks, schema=SCHEMAS["clicks"])])
     # and change a later event: move every later click of the data set by one minute
     tcol = ct2.column("event_time_ms")
-    ct2 = ct2.set_column(3, "event_time_ms", pc.if_else(pc.greater(tcol, t + 60_000),
-                                                        pc.add(tcol, 60_000), tcol))
+    ct2 = ct2.set_column(
+        3, "event_time_ms", pc.if_else(pc.greater(tcol, t + 60_000), pc.add(tcol, 60_000), tcol)
+    )
     changed = training_set((it2, ct2), attribution_window_ms=W)
 
     pos = {iid: i for i, iid in enumerate(changed["impression_id"])}
@@ -169,7 +202,10 @@ def test_no_leakage(traffic):
     assert changed["label"][pos[row["impression_id"]]] == 1  # the label did see its click
     # the test can fail: 1 ms later the same-millisecond events are visible (ad, 5m window):
     # the target and leak-imp-0 (impressions at t), the added own click at t
-    later, same = changed["counts"][pos["leak-imp-1"], 0, 0], changed["counts"][pos["leak-imp-0"], 0, 0]
+    later, same = (
+        changed["counts"][pos["leak-imp-1"], 0, 0],
+        changed["counts"][pos["leak-imp-0"], 0, 0],
+    )
     assert later[0] - same[0] >= 2 and later[1] - same[1] >= 1
 
 
@@ -184,10 +220,19 @@ def test_bucket_counts_equal_reference(traffic):
                 continue
             for e in F.ENTITIES:
                 for r in F.RESOLUTIONS:
-                    ref[(e.name, F.entity_id(e, ev), r.name, ev["event_time_ms"] // r.bucket_ms)][c] += 1
+                    ref[(e.name, F.entity_id(e, ev), r.name, ev["event_time_ms"] // r.bucket_ms)][
+                        c
+                    ] += 1
     got = bucket_counts(it, ct, until)
-    rows = {(a, b, c, d): [i, k] for a, b, c, d, i, k in zip(
-        *(got.column(n).to_pylist() for n in ("entity", "eid", "res", "bucket", "imps", "clicks")))}
+    rows = {
+        (a, b, c, d): [i, k]
+        for a, b, c, d, i, k in zip(
+            *(
+                got.column(n).to_pylist()
+                for n in ("entity", "eid", "res", "bucket", "imps", "clicks")
+            )
+        )
+    }
     assert rows == dict(ref)
     assert got.num_rows == len(ref)
 
@@ -207,13 +252,23 @@ def test_long_window_counts_equal_reference(traffic):
                     for e in F.ENTITIES:
                         ref[(e.name, F.entity_id(e, ev), lw.name)][c] += 1
     assert ref
-    deduped = (pa.Table.from_pylist(imps, schema=SCHEMAS["impressions"]),
-               pa.Table.from_pylist(clks, schema=SCHEMAS["clicks"]))
+    deduped = (
+        pa.Table.from_pylist(imps, schema=SCHEMAS["impressions"]),
+        pa.Table.from_pylist(clks, schema=SCHEMAS["clicks"]),
+    )
     for got in (long_window_counts(it, ct, at), long_window_counts(*deduped, at, dedupe=False)):
-        rows = {(a, b, w): [i, k] for a, b, w, i, k in zip(
-            *(got.column(n).to_pylist() for n in ("entity", "eid", "long_window", "imps", "clicks")))}
+        rows = {
+            (a, b, w): [i, k]
+            for a, b, w, i, k in zip(
+                *(
+                    got.column(n).to_pylist()
+                    for n in ("entity", "eid", "long_window", "imps", "clicks")
+                )
+            )
+        }
         assert rows == dict(ref)
         assert got.num_rows == len(ref)
+
 
 def test_training_set_from_archive(tmp_path, traffic):
     """Reading the on-disk archive (duplicates spread over several files) gives the same

@@ -48,9 +48,13 @@ def test_the_calibrator_module_does_no_io():
         tree = ast.parse(Path(module.__file__).read_text())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        bad = {n for n in names if n.split(".")[0] in {"redis", "confluent_kafka", "socket",
-                                                        "hiredis", "requests", "httpx"}
-               or n.startswith(("ctrstream.store", "ctrstream.kafka"))}
+        bad = {
+            n
+            for n in names
+            if n.split(".")[0]
+            in {"redis", "confluent_kafka", "socket", "hiredis", "requests", "httpx"}
+            or n.startswith(("ctrstream.store", "ctrstream.kafka"))
+        }
         assert not bad, f"{module.__name__} imports {bad}"
 
 
@@ -72,8 +76,9 @@ def test_it_starts_as_the_identity():
     assert cal.platt.weights == {"logit": 1.0} and cal.platt.intercept == Z_REF
     # context features start at weight 0: still the identity with context
     ctx = Calibrator(CalibrationConfig(context=("position", "device_type")))
-    assert ctx.predict_one({"raw": 0.05, "position": 3, "device_type": "tablet"}) == \
-        pytest.approx(0.05, rel=1e-9)
+    assert ctx.predict_one({"raw": 0.05, "position": 3, "device_type": "tablet"}) == pytest.approx(
+        0.05, rel=1e-9
+    )
 
 
 # --------------------------------------------------------------------------- what it learns
@@ -88,7 +93,7 @@ def test_it_learns_a_known_platt_map():
     raw, y = _platt_stream(300_000, a, b, seed=1)
     cal = Calibrator()
     for s in range(0, len(raw), 2000):
-        cal.learn_many(raw[s:s + 2000], y[s:s + 2000])
+        cal.learn_many(raw[s : s + 2000], y[s : s + 2000])
     pl = cal.params()["platt"]
     assert pl["intercept"] - Z_REF == pytest.approx(a, abs=0.15)
     assert pl["w_logit"] == pytest.approx(b, abs=0.15)
@@ -106,7 +111,7 @@ def test_the_isotonic_map_is_monotone_and_calibrated():
     raw, y = _platt_stream(100_000, -0.5, 1.4, seed=3)
     cal = Calibrator(CalibrationConfig(method="isotonic"))
     for s in range(0, len(raw), 2000):
-        cal.learn_many(raw[s:s + 2000], y[s:s + 2000])
+        cal.learn_many(raw[s : s + 2000], y[s : s + 2000])
     iso = cal.params()["isotonic"]
     assert np.all(np.diff(iso["p"]) >= 0)
     held_raw, held_y = _platt_stream(50_000, -0.5, 1.4, seed=4)
@@ -125,13 +130,15 @@ def test_sgd_is_rivers_logistic_regression_update():
 
     rng = np.random.default_rng(5)
     ours = PlattSGD(lr=0.02, intercept_lr=0.05, intercept_init=-2.0)
-    river = linear_model.LogisticRegression(optimizer=optim.SGD(0.02), intercept_lr=0.05,
-                                            intercept_init=-2.0)
+    river = linear_model.LogisticRegression(
+        optimizer=optim.SGD(0.02), intercept_lr=0.05, intercept_init=-2.0
+    )
     for _ in range(3000):
         x = {"logit": float(rng.normal(0, 1.5)), f"position={rng.integers(0, 4)}": 1.0}
         yi = int(rng.random() < 0.2)
-        assert ours.predict_proba_one(x) == pytest.approx(river.predict_proba_one(x)[True],
-                                                          rel=1e-12)
+        assert ours.predict_proba_one(x) == pytest.approx(
+            river.predict_proba_one(x)[True], rel=1e-12
+        )
         ours.learn_one(x, yi)
         river.learn_one(x, yi)
     assert ours.intercept == pytest.approx(river.intercept, rel=1e-12)
@@ -147,7 +154,7 @@ def test_learn_one_is_learn_many_of_one_example():
     pos = np.arange(300) % 3
     for i in range(300):
         one.learn_one({"raw": raw[i], "position": int(pos[i])}, bool(y[i]))
-        many.learn_many(raw[i:i + 1], y[i:i + 1], {"position": pos[i:i + 1]})
+        many.learn_many(raw[i : i + 1], y[i : i + 1], {"position": pos[i : i + 1]})
     assert one.params() == many.params()
     assert one.n_seen == 300
     with pytest.raises(ValueError, match="raw score under 'raw'"):
@@ -161,10 +168,10 @@ def test_drift_boosts_the_learning_rates_then_restores_them():
     cal = Calibrator(cfg)
     rng = np.random.default_rng(8)
     z = rng.normal(-3.2, 0.8, 60_000)
-    y = (rng.random(60_000) < sigmoid(z + np.where(np.arange(60_000) < 30_000, 0.0, 1.0)))
+    y = rng.random(60_000) < sigmoid(z + np.where(np.arange(60_000) < 30_000, 0.0, 1.0))
     events, multiplier_after_a_drift = [], []
     for s in range(0, 60_000, 1000):
-        new = cal.learn_many(sigmoid(z[s:s + 1000]), y[s:s + 1000].astype(float))
+        new = cal.learn_many(sigmoid(z[s : s + 1000]), y[s : s + 1000].astype(float))
         if new:  # boosted for 3000 examples: still at the end of the batch that fired
             multiplier_after_a_drift.append(cal.platt.lr_multiplier)
         events += new
@@ -193,8 +200,8 @@ def test_rolling_metrics_are_the_metrics_module_on_the_prequential_scores():
     raw, y = _platt_stream(12_000, -0.8, 1.0, seed=9)
     platt_seen = []
     for s in range(0, 12_000, 1000):
-        platt_seen.append(vc.predict_many(raw[s:s + 1000], method="platt"))
-        vc.learn_many(raw[s:s + 1000], y[s:s + 1000], event_time_ms=np.full(1000, 10 + s))
+        platt_seen.append(vc.predict_many(raw[s : s + 1000], method="platt"))
+        vc.learn_many(raw[s : s + 1000], y[s : s + 1000], event_time_ms=np.full(1000, 10 + s))
     m = vc.metrics()
     assert m["window"] == 5000 and m["n_seen"] == 12_000 and m["model_version"] == "v1"
     assert m["raw"] == M.summary(raw[-5000:], y[-5000:])

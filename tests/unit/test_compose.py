@@ -37,8 +37,10 @@ REQUIRED_JOBS = {"speed", "archive", "score", "calibrate", "serve", "replay"}
 def _validator() -> list[str]:
     cmd = compose_validator()
     if cmd is None:
-        pytest.fail("no Compose validator (`docker compose` or `docker-compose`) is installed; "
-                    "run `make setup` (it installs Debian's docker-compose package)")
+        pytest.fail(
+            "no Compose validator (`docker compose` or `docker-compose`) is installed; "
+            "run `make setup` (it installs Debian's docker-compose package)"
+        )
     return cmd
 
 
@@ -46,9 +48,13 @@ def _validate(path: Path, env: dict[str, str] | None = None) -> subprocess.Compl
     # no engine is needed (or reachable): point the client at nothing to prove it
     env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock", **(env or {})}
     env.pop("COMPOSE_FILE", None)
-    return subprocess.run([*_validator(), "-f", str(path), "--project-directory", str(ROOT),
-                           "config", "-q"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [*_validator(), "-f", str(path), "--project-directory", str(ROOT), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def _load_yaml(path: Path):
@@ -67,11 +73,21 @@ def _load_yaml(path: Path):
         if first.startswith("#!") and "python" in first:
             python = shlex.split(first[2:])
     if not python:
-        pytest.fail("cannot parse YAML: PyYAML is not installed in the venv and there is no "
-                    "Python docker-compose to borrow it from; run `make setup`")
-    res = subprocess.run([*python, "-c", "import json, sys, yaml; "
-                          "json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)", str(path)],
-                         capture_output=True, text=True, timeout=60)
+        pytest.fail(
+            "cannot parse YAML: PyYAML is not installed in the venv and there is no "
+            "Python docker-compose to borrow it from; run `make setup`"
+        )
+    res = subprocess.run(
+        [
+            *python,
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -108,8 +124,10 @@ def _resolve(argv: list[str]) -> str | None:
         name = args.pop(0)
         sub = cmd.commands.get(name)
         if sub is None:
-            return (f"`{' '.join(path)} {name}` does not exist: `{' '.join(path)}` has "
-                    f"{', '.join(sorted(cmd.commands)) or 'no subcommands'}")
+            return (
+                f"`{' '.join(path)} {name}` does not exist: `{' '.join(path)}` has "
+                f"{', '.join(sorted(cmd.commands)) or 'no subcommands'}"
+            )
         path.append(name)
         cmd = sub
     try:
@@ -123,6 +141,7 @@ def _resolve(argv: list[str]) -> str | None:
 
 # ------------------------------------------------------------------------------- validation
 
+
 def test_compose_file_validates():
     res = _validate(COMPOSE)
     assert res.returncode == 0, f"{COMPOSE} is invalid:\n{res.stdout}{res.stderr}"
@@ -133,10 +152,15 @@ def test_validator_rejects_broken_files(tmp_path):
     interpolation are each rejected."""
     good = COMPOSE.read_text()
     broken = {
-        "misspelled key": good.replace("    restart: unless-stopped\n    command:\n      - tritonserver",
-                                       "    restrat: unless-stopped\n    command:\n      - tritonserver"),
-        "dangling depends_on": good.replace("      kafka:\n        condition: service_healthy",
-                                            "      kafak:\n        condition: service_healthy", 1),
+        "misspelled key": good.replace(
+            "    restart: unless-stopped\n    command:\n      - tritonserver",
+            "    restrat: unless-stopped\n    command:\n      - tritonserver",
+        ),
+        "dangling depends_on": good.replace(
+            "      kafka:\n        condition: service_healthy",
+            "      kafak:\n        condition: service_healthy",
+            1,
+        ),
         "bad interpolation": good.replace('"$${spec%%:*}"', '"${spec%%:*}"'),
     }
     for what, text in broken.items():
@@ -167,6 +191,7 @@ def test_command_resolver_catches_a_renamed_subcommand():
 
 # ------------------------------------------------------------------------------- the stack
 
+
 def test_infrastructure_services(compose):
     s = compose["services"]
     assert s["kafka"]["image"] == "apache/kafka:4.1.1"
@@ -179,8 +204,9 @@ def test_infrastructure_services(compose):
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     for name, svc in s.items():
         image = svc.get("image", "")
-        assert image and not image.endswith(":latest") or "build" in svc, \
+        assert image and not image.endswith(":latest") or "build" in svc, (
             f"service {name}: pin the image version ({image!r})"
+        )
     # the Redis password comes from the environment with a default, and reaches the jobs
     assert "${REDIS_PASSWORD:-" in " ".join(s["redis"]["command"])
     for name in _ctrstream_services(compose):
@@ -224,8 +250,12 @@ def test_init_service_creates_the_configured_topics(compose):
 
 def test_prometheus_scrapes_triton_and_every_job(compose):
     prom = _load_yaml(PROMETHEUS)
-    targets = {t for job in prom["scrape_configs"] for sc in job.get("static_configs", [])
-               for t in sc["targets"]}
+    targets = {
+        t
+        for job in prom["scrape_configs"]
+        for sc in job.get("static_configs", [])
+        for t in sc["targets"]
+    }
     assert "triton:8002" in targets
     for name in _ctrstream_services(compose):
         svc = compose["services"][name]

@@ -32,10 +32,19 @@ def dirty():
 
 
 def _delays(tr) -> np.ndarray:
-    imp_t = dict(zip(tr.impressions["impression_id"].to_pylist(),
-                     tr.impressions["event_time_ms"].to_pylist()))
-    return np.array([t - imp_t[i] for i, t in zip(tr.clicks["impression_id"].to_pylist(),
-                                                   tr.clicks["event_time_ms"].to_pylist())])
+    imp_t = dict(
+        zip(
+            tr.impressions["impression_id"].to_pylist(), tr.impressions["event_time_ms"].to_pylist()
+        )
+    )
+    return np.array(
+        [
+            t - imp_t[i]
+            for i, t in zip(
+                tr.clicks["impression_id"].to_pylist(), tr.clicks["event_time_ms"].to_pylist()
+            )
+        ]
+    )
 
 
 def test_schema_and_order(steady):
@@ -67,7 +76,8 @@ def test_realized_ctr_matches_config_and_oracle(base_ctr):
     assert abs(p.mean() - ctr) < 4 * se, (p.mean(), ctr, se)
     # the truth is informative: clicked impressions have a much higher true p on average
     clicked = pc.is_in(tr.oracle["impression_id"], value_set=tr.clicks["impression_id"]).to_numpy(
-        zero_copy_only=False)
+        zero_copy_only=False
+    )
     assert p[clicked].mean() > 1.5 * p[~clicked].mean()
 
 
@@ -92,8 +102,10 @@ def test_click_delay_distribution(steady):
 def test_popularity_skew(steady):
     sc = steady.scenario
     n = steady.impressions.num_rows
-    for col, size, s, q in (("site_id", sc.n_sites, sc.site_zipf, sc.site_zipf_offset),
-                            ("user_id", sc.n_users, sc.user_zipf, sc.user_zipf_offset)):
+    for col, size, s, q in (
+        ("site_id", sc.n_sites, sc.site_zipf, sc.site_zipf_offset),
+        ("user_id", sc.n_users, sc.user_zipf, sc.user_zipf_offset),
+    ):
         counts = np.bincount(steady.impressions[col].to_numpy(), minlength=size)
         expected = zipf_probabilities(size, s, q)
         # the 20 most popular ids: each within 5 standard errors of its Zipf expectation
@@ -123,12 +135,20 @@ def test_same_seed_identical_different_seed_different(tmp_path):
     write_traffic(b, tmp_path / "b", jsonl=True)
     write_traffic(c, tmp_path / "c")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert {"impressions.parquet", "clicks.parquet", "oracle.parquet", "scenario.json",
-            "malformed.parquet", "impressions.jsonl", "clicks.jsonl"} <= set(files)
+    assert {
+        "impressions.parquet",
+        "clicks.parquet",
+        "oracle.parquet",
+        "scenario.json",
+        "malformed.parquet",
+        "impressions.jsonl",
+        "clicks.jsonl",
+    } <= set(files)
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    assert (tmp_path / "a" / "impressions.parquet").read_bytes() != \
-        (tmp_path / "c" / "impressions.parquet").read_bytes()
+    assert (tmp_path / "a" / "impressions.parquet").read_bytes() != (
+        tmp_path / "c" / "impressions.parquet"
+    ).read_bytes()
     # recorded traffic replays exactly like the generated one
     back = read_traffic(tmp_path / "a")
     assert back.scenario == a.scenario
@@ -176,9 +196,14 @@ def test_dirty_injections_are_exactly_what_is_reported(dirty):
     for tk in ("impressions", "clicks"):
         assert sum(r[0] == tk for r in recs) == inj["by_topic"][tk]["records"]
 
-    expected = {k.encode(): (kind, topic) for k, kind, topic in zip(
-        dirty.malformed["key"].to_pylist(), dirty.malformed["kind"].to_pylist(),
-        dirty.malformed["topic"].to_pylist())}
+    expected = {
+        k.encode(): (kind, topic)
+        for k, kind, topic in zip(
+            dirty.malformed["key"].to_pylist(),
+            dirty.malformed["kind"].to_pylist(),
+            dirty.malformed["topic"].to_pylist(),
+        )
+    }
     failed, values = {}, []
     lateness = sc.allowed_lateness_s * 1000
     running_max, behind_any, behind_late = 0, 0, 0

@@ -19,13 +19,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # lowest first; a unit is a module or a package (with everything under it)
 LAYERS: list[tuple[str, list[str]]] = [
-    ("declarations, codec, settings, metric maths",
-     ["ctrstream.config", "ctrstream.features", "ctrstream.events", "ctrstream.metrics",
-      "ctrstream.plots"]),
+    (
+        "declarations, codec, settings, metric maths",
+        [
+            "ctrstream.config",
+            "ctrstream.features",
+            "ctrstream.events",
+            "ctrstream.metrics",
+            "ctrstream.plots",
+        ],
+    ),
     ("the store (Redis layout and protocol), Kafka", ["ctrstream.store", "ctrstream.kafka"]),
-    ("ops (stack, processes), model (nets, export, publish)", ["ctrstream.stack", "ctrstream.models"]),
-    ("speed layer, batch layer, calibration",
-     ["ctrstream.streaming", "ctrstream.batch", "ctrstream.calibration"]),
+    (
+        "ops (stack, processes), model (nets, export, publish)",
+        ["ctrstream.stack", "ctrstream.models"],
+    ),
+    (
+        "speed layer, batch layer, calibration",
+        ["ctrstream.streaming", "ctrstream.batch", "ctrstream.calibration"],
+    ),
     ("serving, simulation", ["ctrstream.serving", "ctrstream.simulation"]),
     ("command line", ["ctrstream.cli"]),
     ("demo, benchmarks", ["ctrstream.demo", "ctrstream.bench"]),
@@ -37,7 +49,9 @@ ROOT_PACKAGE = "ctrstream"
 
 def namespace_files() -> dict[str, Path]:
     """Module name -> file, for every module of the namespace."""
-    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ]
     mapped_children = {k.split(".", 1)[1] for k in mapping if "." in k}
     out = {}
     for package, folder in mapping.items():
@@ -100,8 +114,11 @@ def violations(files: dict[str, Path]) -> list[str]:
             if top in {"streaming", "models", "serving", "bench"}:
                 bad.append(f"{module} imports {name}: outside the ctrstream namespace")
                 continue
-            if top != ROOT_PACKAGE or name not in known and not any(
-                    k.startswith(name + ".") for k in known):
+            if (
+                top != ROOT_PACKAGE
+                or name not in known
+                and not any(k.startswith(name + ".") for k in known)
+            ):
                 continue  # third party, or `from pkg import name` where name is no module
             if name == ROOT_PACKAGE:
                 continue
@@ -112,8 +129,10 @@ def violations(files: dict[str, Path]) -> list[str]:
                 continue
             elif theirs[0] >= mine[0]:
                 where = "its own layer" if theirs[0] == mine[0] else "a higher layer"
-                bad.append(f"{module} ({LAYERS[mine[0]][0]}) imports {name}, which is in "
-                           f"{where} ({LAYERS[theirs[0]][0]})")
+                bad.append(
+                    f"{module} ({LAYERS[mine[0]][0]}) imports {name}, which is in "
+                    f"{where} ({LAYERS[theirs[0]][0]})"
+                )
     return bad
 
 
@@ -122,12 +141,18 @@ def test_imports_point_down():
     assert not bad, "imports that run up or across the layers:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from ctrstream.cli.app import fail\n", "ctrstream.store.x (the store (Redis layout and "
-     "protocol), Kafka) imports ctrstream.cli.app"),
-    ("from ctrstream.kafka.clients import make_producer\n", "in its own layer"),
-    ("import streaming.events\n", "outside the ctrstream namespace"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        (
+            "from ctrstream.cli.app import fail\n",
+            "ctrstream.store.x (the store (Redis layout and "
+            "protocol), Kafka) imports ctrstream.cli.app",
+        ),
+        ("from ctrstream.kafka.clients import make_producer\n", "in its own layer"),
+        ("import streaming.events\n", "outside the ctrstream namespace"),
+    ],
+)
 def test_the_checker_catches_an_import_that_runs_up_or_across(tmp_path, source, expected):
     bad_module = tmp_path / "x.py"
     bad_module.write_text("def f():\n    " + source)  # a lazy import counts too

@@ -40,8 +40,10 @@ def _direct_bins(p: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, list]:
 
 def _direct_ece(bins: dict[str, list]) -> float:
     n = sum(bins["count"])
-    return sum(c / n * abs(m - o) for m, o, c in
-               zip(bins["mean_pred"], bins["observed_ctr"], bins["count"]))
+    return sum(
+        c / n * abs(m - o)
+        for m, o, c in zip(bins["mean_pred"], bins["observed_ctr"], bins["count"])
+    )
 
 
 # --------------------------------------------------------------------------- log loss, NE
@@ -78,7 +80,8 @@ def test_normalized_entropy_is_log_loss_over_the_constant_predictor():
     assert M.normalized_entropy(const, y) == pytest.approx(1.0, rel=1e-12)
     assert M.entropy(ctr) == pytest.approx(sk_log_loss(y, const, labels=[0, 1]), rel=1e-12)
     assert M.normalized_entropy(p, y) == pytest.approx(
-        sk_log_loss(y, p, labels=[0, 1]) / sk_log_loss(y, const, labels=[0, 1]), rel=1e-12)
+        sk_log_loss(y, p, labels=[0, 1]) / sk_log_loss(y, const, labels=[0, 1]), rel=1e-12
+    )
     assert M.normalized_entropy(p, y) < 1.0  # the true probabilities beat the constant
 
 
@@ -148,7 +151,8 @@ def test_reliability_matches_sklearn_calibration_curve(n_bins):
     np.testing.assert_allclose(bins["observed_ctr"], prob_true, rtol=1e-12)
     counts = np.array(bins["count"])
     assert M.ece(p, y, n_bins) == pytest.approx(
-        float(np.sum(counts / len(p) * np.abs(prob_pred - prob_true))), rel=1e-12)
+        float(np.sum(counts / len(p) * np.abs(prob_pred - prob_true))), rel=1e-12
+    )
 
 
 def test_the_default_bins_are_twenty_equal_mass_bins():
@@ -213,9 +217,15 @@ def test_summary_gathers_every_metric():
     p, y = _ctr_like(5000, 14)
     s = M.summary(p, y)
     assert s == {
-        "n": 5000, "log_loss": M.log_loss(p, y), "ne": M.normalized_entropy(p, y),
-        "auc": M.auc(p, y), "mean_pred": float(p.mean()), "observed_ctr": float(y.mean()),
-        "ratio": M.calibration_ratio(p, y), "ece": M.ece(p, y)}
+        "n": 5000,
+        "log_loss": M.log_loss(p, y),
+        "ne": M.normalized_entropy(p, y),
+        "auc": M.auc(p, y),
+        "mean_pred": float(p.mean()),
+        "observed_ctr": float(y.mean()),
+        "ratio": M.calibration_ratio(p, y),
+        "ece": M.ece(p, y),
+    }
     assert s["ratio"] == pytest.approx(p.mean() / y.mean(), rel=1e-12)
     no_clicks = M.summary(p, np.zeros(5000))
     assert math.isnan(no_clicks["ratio"]) and math.isnan(no_clicks["auc"])
@@ -228,16 +238,26 @@ def test_summary_accepts_lists_ints_and_columns():
     assert a == b
 
 
-@pytest.mark.parametrize("p, y, message", [
-    ([0.1, 0.2], [0], "2 predictions for 1 labels"),
-    ([0.1, 1.2], [0, 1], "probabilities in [0, 1]"),
-    ([0.1, -3.0], [0, 1], "not logits"),
-    ([0.1, float("nan")], [0, 1], "no NaN"),
-    ([0.1, 0.2], [0, 2], "labels must be 0 or 1"),
-])
+@pytest.mark.parametrize(
+    "p, y, message",
+    [
+        ([0.1, 0.2], [0], "2 predictions for 1 labels"),
+        ([0.1, 1.2], [0, 1], "probabilities in [0, 1]"),
+        ([0.1, -3.0], [0, 1], "not logits"),
+        ([0.1, float("nan")], [0, 1], "no NaN"),
+        ([0.1, 0.2], [0, 2], "labels must be 0 or 1"),
+    ],
+)
 def test_bad_input_says_what_is_wrong(p, y, message):
-    for fn in (M.log_loss, M.auc, M.ece, M.reliability, M.summary, M.calibration_ratio,
-               M.normalized_entropy):
+    for fn in (
+        M.log_loss,
+        M.auc,
+        M.ece,
+        M.reliability,
+        M.summary,
+        M.calibration_ratio,
+        M.normalized_entropy,
+    ):
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             fn(p, y)
 

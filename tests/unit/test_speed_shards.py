@@ -32,12 +32,36 @@ def test_shard_frees_closed_buckets_and_writes_absolute_values():
     assert {tuple(c) for c in item.cnt.tolist()} >= {(2, 1)}
     # watermark past the first minute on only some partitions: nothing is freed yet
     for p in range(P - 1):
-        logic.on_batch([Delta(p, BASE + 60_000, 0, np.zeros(0, np.int8), np.zeros(0, np.int64),
-                              np.zeros(0, np.int64), 1, 2)])
+        logic.on_batch(
+            [
+                Delta(
+                    p,
+                    BASE + 60_000,
+                    0,
+                    np.zeros(0, np.int8),
+                    np.zeros(0, np.int64),
+                    np.zeros(0, np.int64),
+                    1,
+                    2,
+                )
+            ]
+        )
     logic.flush()
     assert (0, 0, b1m) in logic.tables
-    logic.on_batch([Delta(P - 1, BASE + 60_000, 0, np.zeros(0, np.int8), np.zeros(0, np.int64),
-                          np.zeros(0, np.int64), 1, 2)])
+    logic.on_batch(
+        [
+            Delta(
+                P - 1,
+                BASE + 60_000,
+                0,
+                np.zeros(0, np.int8),
+                np.zeros(0, np.int64),
+                np.zeros(0, np.int64),
+                1,
+                2,
+            )
+        ]
+    )
     logic.flush()
     assert (0, 0, b1m) not in logic.tables and (0, 0, b1m + 1) in logic.tables
 
@@ -51,8 +75,19 @@ def test_shard_counts_events_of_a_batch_whose_watermark_passed_them():
     cfg = FlowConfig(Settings())
     logic = ShardLogic(cfg, "t", None)
     far = BASE + 10 * 3_600_000
-    ds = [Delta(p, far, 0, np.zeros(1, np.int8), np.array([9], np.int64),
-                np.array([BASE + 1_000], np.int64), 1, 2) for p in range(len(cfg.parts))]
+    ds = [
+        Delta(
+            p,
+            far,
+            0,
+            np.zeros(1, np.int8),
+            np.array([9], np.int64),
+            np.array([BASE + 1_000], np.int64),
+            1,
+            2,
+        )
+        for p in range(len(cfg.parts))
+    ]
     logic.on_batch(ds)
     assert logic.anomalies == 0
     (item,) = logic.flush()

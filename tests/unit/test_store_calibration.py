@@ -30,8 +30,13 @@ class _FakeRedis:
 
 def test_resume_loads_the_job_and_every_version():
     vc = VersionCalibrator("m1")
-    fake = _FakeRedis({L.cal_job_key("j"): pickle.dumps({"offsets": {}}),
-                       L.cal_state_key("m1"): pickle.dumps(vc)}, {b"m1", b"m2"})
+    fake = _FakeRedis(
+        {
+            L.cal_job_key("j"): pickle.dumps({"offsets": {}}),
+            L.cal_state_key("m1"): pickle.dumps(vc),
+        },
+        {b"m1", b"m2"},
+    )
     found = CalibrationStore(fake).resume("j")
     assert found.job_state == {"offsets": {}}
     assert list(found.versions) == ["m1"]  # m2 has no state: nothing to resume
@@ -39,11 +44,16 @@ def test_resume_loads_the_job_and_every_version():
     assert CalibrationStore(_FakeRedis({}, set())).resume("new").job_state is None
 
 
-@pytest.mark.parametrize("blob, why", [
-    (b"not a pickle", "UnpicklingError"),
-    (pickle.dumps(VersionCalibrator("m1")).replace(b"state_format", b"state_formax"),
-     "written by another version of ctrstream"),
-])
+@pytest.mark.parametrize(
+    "blob, why",
+    [
+        (b"not a pickle", "UnpicklingError"),
+        (
+            pickle.dumps(VersionCalibrator("m1")).replace(b"state_format", b"state_formax"),
+            "written by another version of ctrstream",
+        ),
+    ],
+)
 def test_a_state_that_cannot_be_loaded_says_which_key_and_what_to_do(blob, why):
     fake = _FakeRedis({L.cal_state_key("m1"): blob}, {b"m1"})
     with pytest.raises(CalibrationStateError) as e:
@@ -54,5 +64,8 @@ def test_a_state_that_cannot_be_loaded_says_which_key_and_what_to_do(blob, why):
 
 
 def test_json_values_write_nan_as_null():
-    assert json.loads(dumps({"auc": math.nan, "x": [1.0, math.inf], "n": 3})) == \
-        {"auc": None, "x": [1.0, None], "n": 3}
+    assert json.loads(dumps({"auc": math.nan, "x": [1.0, math.inf], "n": 3})) == {
+        "auc": None,
+        "x": [1.0, None],
+        "n": 3,
+    }

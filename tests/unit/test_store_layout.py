@@ -29,10 +29,16 @@ def test_keys_round_trip(entity, eid):
     assert L.speed_keys([L.entity_key(entity, eid)], day) == [key]
     assert key.encode().startswith(L.speed_key_head(entity))
     for res in F.RESOLUTIONS:
-        assert L.parse_batch_key("v1", L.batch_key("v1", entity, eid, res.name)) == (entity, eid, res.name)
+        assert L.parse_batch_key("v1", L.batch_key("v1", entity, eid, res.name)) == (
+            entity,
+            eid,
+            res.name,
+        )
     assert L.parse_batch_key("v1", L.batch_sums_key("v1", entity, eid)) is None
     assert L.parse_batch_key("v2", L.batch_key("v1", entity, eid, "5m")) is None
-    assert L.batch_sums_keys("v1", [L.entity_key(entity, eid)]) == [L.batch_sums_key("v1", entity, eid)]
+    assert L.batch_sums_keys("v1", [L.entity_key(entity, eid)]) == [
+        L.batch_sums_key("v1", entity, eid)
+    ]
 
 
 def test_fields_round_trip():
@@ -65,34 +71,44 @@ def test_script_plan_lists_every_key_of_a_read_in_keys():
     exactly the keys the pipeline reference reads, for every kind of view."""
     ids = [["4", "2", "1", "17", "3", "17:1", "17:4", "3:5"]]
     keys, _, parents = keys_of_rows(ids)
-    for view in (NO_VIEW, View("v", "v", F.align_cutoff(T - 5 * F.HOUR_MS), True),
-                 View("v", "v", F.align_cutoff(T - 5 * F.HOUR_MS), False)):
+    for view in (
+        NO_VIEW,
+        View("v", "v", F.align_cutoff(T - 5 * F.HOUR_MS), True),
+        View("v", "v", F.align_cutoff(T - 5 * F.HOUR_MS), False),
+    ):
         plan = ScriptPlan("lambda", view, T)
         script_keys, args, order = plan.call(keys, parents)
         per = plan.n_batch_keys + len(plan.days)
         assert script_keys[0] == L.BATCH_POINTER_KEY and len(script_keys) == 1 + per * len(keys)
         for n, k in enumerate(keys[i] for i in order.tolist()):
             ent, eid = L.split_entity_key(k)
-            mine = script_keys[1 + n * per: 1 + (n + 1) * per]
-            assert mine[plan.n_batch_keys:] == [L.speed_key(ent, eid, d) for d in plan.days]
+            mine = script_keys[1 + n * per : 1 + (n + 1) * per]
+            assert mine[plan.n_batch_keys :] == [L.speed_key(ent, eid, d) for d in plan.days]
             if view.sums:
                 assert mine[:1] == [L.batch_sums_key("v", ent, eid)]
             elif view.version:
-                assert mine[:-len(plan.days)] == [L.batch_key("v", ent, eid, r.name) for r in
-                                                   F.RESOLUTIONS] + [L.batch_long_key("v", ent, eid)]
+                assert mine[: -len(plan.days)] == [
+                    L.batch_key("v", ent, eid, r.name) for r in F.RESOLUTIONS
+                ] + [L.batch_long_key("v", ent, eid)]
         assert args[1] == (view.pointer or "")
 
 
 def test_sql_builders_equal_the_python_builders():
     version = "1767571200000-1767574800123"
-    rows = [("ad", "17", "5m", 29_459_520), ("user_x_ad", "17:4", "24h", 490_992),
-            ("site", "0", "1h", -3)]
+    rows = [
+        ("ad", "17", "5m", 29_459_520),
+        ("user_x_ad", "17:4", "24h", 490_992),
+        ("site", "0", "1h", -3),
+    ]
     con = duckdb.connect()
     try:
-        con.execute("CREATE TABLE t (entity VARCHAR, eid VARCHAR, res VARCHAR, bucket BIGINT, "
-                    "long_window VARCHAR)")
-        con.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?)",
-                        [(*r, F.LONG_WINDOWS[0].name) for r in rows])
+        con.execute(
+            "CREATE TABLE t (entity VARCHAR, eid VARCHAR, res VARCHAR, bucket BIGINT, "
+            "long_window VARCHAR)"
+        )
+        con.executemany(
+            "INSERT INTO t VALUES (?, ?, ?, ?, ?)", [(*r, F.LONG_WINDOWS[0].name) for r in rows]
+        )
         lit = L.sql_literal
         got = con.execute(f"""SELECT
             {L.batch_key_sql(version, "entity", "eid", "res")},
@@ -105,10 +121,20 @@ def test_sql_builders_equal_the_python_builders():
     finally:
         con.close()
     w = F.LONG_WINDOWS[0]
-    want = [(L.batch_key(version, e, i, r), L.batch_long_key(version, e, i),
-             L.batch_sums_key(version, e, i), L.batch_field("i", b), L.batch_field("c", b),
-             L.long_field("i", w), L.long_field("c", w), L.suffix_field(r, "i", b),
-             L.suffix_field(r, "c", b)) for e, i, r, b in rows]
+    want = [
+        (
+            L.batch_key(version, e, i, r),
+            L.batch_long_key(version, e, i),
+            L.batch_sums_key(version, e, i),
+            L.batch_field("i", b),
+            L.batch_field("c", b),
+            L.long_field("i", w),
+            L.long_field("c", w),
+            L.suffix_field(r, "i", b),
+            L.suffix_field(r, "c", b),
+        )
+        for e, i, r, b in rows
+    ]
     assert got == want
     assert L.sql_literal("it's") == "'it''s'"
 

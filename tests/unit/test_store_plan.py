@@ -31,10 +31,18 @@ def test_keys_of_columns_are_the_entity_ids_of_the_rows():
     from ctrstream.store.plan import keys_of_columns, keys_of_rows, parents_of_keys
 
     rng = np.random.default_rng(1)
-    cands = [{"ad_id": int(a), "campaign_id": int(a) // 3, "advertiser_id": int(a) // 7,
-              "ad_category": int(a) % 4} for a in rng.integers(0, 40, 120)]
-    cols = request_columns(17, {"site_id": 3, "device_type": "ctv", "country": "US", "position": 1},
-                           cands, T)
+    cands = [
+        {
+            "ad_id": int(a),
+            "campaign_id": int(a) // 3,
+            "advertiser_id": int(a) // 7,
+            "ad_category": int(a) % 4,
+        }
+        for a in rng.integers(0, 40, 120)
+    ]
+    cols = request_columns(
+        17, {"site_id": 3, "device_type": "ctv", "country": "US", "position": 1}, cands, T
+    )
     ids = entity_ids(cols)
     names = [e.name for e in F.ENTITIES]
     for keys, inv, parents in (keys_of_columns(cols), keys_of_rows(ids)):
@@ -42,7 +50,9 @@ def test_keys_of_columns_are_the_entity_ids_of_the_rows():
         got = np.array(keys, dtype=object)[inv]
         want = np.array([[f"{n}:{i}" for n, i in zip(names, row)] for row in ids], dtype=object)
         assert (got == want).all()
-        np.testing.assert_array_equal(np.sort(parents, axis=1), np.sort(parents_of_keys(keys), axis=1))
+        np.testing.assert_array_equal(
+            np.sort(parents, axis=1), np.sort(parents_of_keys(keys), axis=1)
+        )
         assert (parents < np.arange(len(keys))[:, None]).all()  # parents come first
 
 
@@ -51,8 +61,13 @@ def test_invalidation_reports_map_day_hashes_to_entity_keys():
     keys outside the layout are ignored, never misread."""
     day = T // F.DAY_MS
     assert L.speed_entity_key_of(L.speed_key("ad", "4", day).encode()) == "ad:4"
-    assert L.speed_entity_key_of(L.speed_key("user_x_ad", "17:4", day + 1).encode()) == "user_x_ad:17:4"
-    assert L.speed_entity_key_of(f"{L.SPEED_PREFIX}ad:4:5m".encode()) is None  # the old per-resolution layout
+    assert (
+        L.speed_entity_key_of(L.speed_key("user_x_ad", "17:4", day + 1).encode())
+        == "user_x_ad:17:4"
+    )
+    assert (
+        L.speed_entity_key_of(f"{L.SPEED_PREFIX}ad:4:5m".encode()) is None
+    )  # the old per-resolution layout
     assert L.speed_entity_key_of(f"{L.SPEED_PREFIX}ad".encode()) is None
     assert L.speed_key("ad", "4", day).startswith(L.SPEED_PREFIX)
     assert not (L.TRACKING_PREFIX + "x:1").startswith(L.SPEED_PREFIX)

@@ -68,8 +68,9 @@ def _check(cells: list[SpeedCells]) -> None:
     assert all(c[2] == str(TTL).encode() and len(c) == 3 for c in cmds[k:])
 
 
-def _random_cells(rng: np.random.Generator, entity: int, n: int, id_hi: int,
-                  negative: bool = False) -> SpeedCells:
+def _random_cells(
+    rng: np.random.Generator, entity: int, n: int, id_hi: int, negative: bool = False
+) -> SpeedCells:
     ent = F.ENTITIES[entity]
     n_ids = max(1, n // 4)
     ids = [rng.integers(-id_hi if negative else 0, id_hi, n_ids) for _ in ent.fields]
@@ -82,18 +83,26 @@ def _random_cells(rng: np.random.Generator, entity: int, n: int, id_hi: int,
     _, first = np.unique(cell, axis=1, return_index=True)
     sel = np.sort(first)
     digits = rng.integers(1, 12, len(sel))
-    return SpeedCells(entity, [p[pick][sel] for p in ids], res[sel], bucket[sel],
-                      rng.integers(0, 10 ** digits), rng.integers(0, 10 ** (digits // 2 + 1)),
-                      rng.random(len(sel)) < 0.5)
+    return SpeedCells(
+        entity,
+        [p[pick][sel] for p in ids],
+        res[sel],
+        bucket[sel],
+        rng.integers(0, 10**digits),
+        rng.integers(0, 10 ** (digits // 2 + 1)),
+        rng.random(len(sel)) < 0.5,
+    )
 
 
 def test_rendered_commands_are_hiredis_packing_of_the_layout():
     rng = np.random.default_rng(7)
     crossed = [k for k, e in enumerate(F.ENTITIES) if len(e.fields) > 1]
     single = [k for k, e in enumerate(F.ENTITIES) if len(e.fields) == 1]
-    cells = [_random_cells(rng, single[0], 400, 10 ** 12),
-             _random_cells(rng, single[1], 300, 7),  # few ids: many cells per day hash
-             _random_cells(rng, crossed[0], 400, 1 << 31)]
+    cells = [
+        _random_cells(rng, single[0], 400, 10**12),
+        _random_cells(rng, single[1], 300, 7),  # few ids: many cells per day hash
+        _random_cells(rng, crossed[0], 400, 1 << 31),
+    ]
     _check(cells)
     _check(cells[:1])
 
@@ -102,9 +111,13 @@ def test_negative_ids_take_the_packed_path_with_the_same_commands():
     rng = np.random.default_rng(3)
     single = next(k for k, e in enumerate(F.ENTITIES) if len(e.fields) == 1)
     crossed = next(k for k, e in enumerate(F.ENTITIES) if len(e.fields) > 1)
-    _check([_random_cells(rng, single, 200, 1000, negative=True),
+    _check(
+        [
+            _random_cells(rng, single, 200, 1000, negative=True),
             _random_cells(rng, crossed, 200, 1000, negative=True),
-            _random_cells(rng, single, 50, 1000)])
+            _random_cells(rng, single, 50, 1000),
+        ]
+    )
 
 
 def test_one_hset_per_day_hash_with_every_resolution():
@@ -114,13 +127,21 @@ def test_one_hset_per_day_hash_with_every_resolution():
     hour = day0 * 24 + 23
     res = np.array([0, 1, 2, 2])
     bucket = np.array([hour * 60 + 5, hour * 12 + 1, hour, hour + 1])
-    cells = SpeedCells(0, [np.array([42] * 4)], res, bucket, np.array([1, 2, 3, 4]),
-                       np.array([0, 0, 1, 0]), np.array([True, True, False, True]))
+    cells = SpeedCells(
+        0,
+        [np.array([42] * 4)],
+        res,
+        bucket,
+        np.array([1, 2, 3, 4]),
+        np.array([0, 0, 1, 0]),
+        np.array([True, True, False, True]),
+    )
     cmds = _commands(render_speed_cells([cells], TTL, renew_res=2)[0])
     assert [c[:2] for c in cmds] == [
         [b"HSET", L.speed_key("ad", "42", day0).encode()],
         [b"HSET", L.speed_key("ad", "42", day0 + 1).encode()],
-        [b"PEXPIRE", L.speed_key("ad", "42", day0 + 1).encode()]]
+        [b"PEXPIRE", L.speed_key("ad", "42", day0 + 1).encode()],
+    ]
     assert len(cmds[0]) == 2 + 3 * 4 and len(cmds[1]) == 2 + 4
 
 
@@ -132,5 +153,6 @@ def test_bad_cells_are_refused_with_a_clear_message():
         SpeedCells(0, [one, one], one, one, one, one, one > 0)
     with pytest.raises(ValueError, match="differ in length"):
         SpeedCells(0, [one], one, np.array([1, 2]), one, one, one > 0)
-    assert render_speed_cells([SpeedCells(0, [one[:0]], one[:0], one[:0], one[:0], one[:0],
-                                          one[:0] > 0)], TTL) == (b"", 0)
+    assert render_speed_cells(
+        [SpeedCells(0, [one[:0]], one[:0], one[:0], one[:0], one[:0], one[:0] > 0)], TTL
+    ) == (b"", 0)

@@ -36,8 +36,9 @@ def synthetic_dataset(n: int, seed: int = 0) -> dict:
     inter = rng.normal(0, 1.5, (n_groups, n_cats))
     ad_bias = rng.normal(0, 0.5, n_ads)
     site_bias = rng.normal(0, 0.3, 40)
-    logit = (-3.6 + ad_bias[ad] + site_bias[site] - 0.4 * position
-             + inter[user_group[user], ad_cat[ad]])
+    logit = (
+        -3.6 + ad_bias[ad] + site_bias[site] - 0.4 * position + inter[user_group[user], ad_cat[ad]]
+    )
     p = 1 / (1 + np.exp(-logit))
     y = (rng.random(n) < p).astype(np.int8)
     t = np.sort(rng.integers(0, 2 * DAY_MS, n)) + 1_700_000_000_000
@@ -46,15 +47,26 @@ def synthetic_dataset(n: int, seed: int = 0) -> dict:
     base = 1 / (1 + np.exp(-(-3.6 + ad_bias[ad])))  # the ad's historical CTR is informative
     counts[..., 0] = imps
     counts[..., 1] = rng.binomial(imps, base[:, None, None])
-    cols = dict(user_id=user, ad_id=ad, campaign_id=ad // 4, advertiser_id=ad // 20,
-                site_id=site, ad_category=ad_cat[ad],
-                device_type=np.array(["mobile", "desktop", "tablet", "ctv"])[rng.integers(0, 4, n)],
-                country=np.array(["US", "DE", "FR", "IN", "BR"])[rng.integers(0, 5, n)],
-                position=position, event_time_ms=t)
+    cols = dict(
+        user_id=user,
+        ad_id=ad,
+        campaign_id=ad // 4,
+        advertiser_id=ad // 20,
+        site_id=site,
+        ad_category=ad_cat[ad],
+        device_type=np.array(["mobile", "desktop", "tablet", "ctv"])[rng.integers(0, 4, n)],
+        country=np.array(["US", "DE", "FR", "IN", "BR"])[rng.integers(0, 5, n)],
+        position=position,
+        event_time_ms=t,
+    )
     return dict(
         impression_id=np.array([f"imp-{i}" for i in range(n)], dtype=object),
-        event_time_ms=t, label=y, counts=counts.astype(np.int64),
-        dense=dense_from_counts(counts), sparse=sparse_ids(cols), oracle_p=p,
+        event_time_ms=t,
+        label=y,
+        counts=counts.astype(np.int64),
+        dense=dense_from_counts(counts),
+        sparse=sparse_ids(cols),
+        oracle_p=p,
     )
 
 
@@ -75,7 +87,8 @@ def test_metrics_against_brute_force_and_known_values():
     y = (rng.random(400) < p).astype(int)
     pos, neg = p[y == 1], p[y == 0]
     brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
-        len(pos) * len(neg))
+        len(pos) * len(neg)
+    )
     assert auc(p, y) == pytest.approx(brute, abs=1e-12)
     # a constant prediction at the observed CTR has NE exactly 1 and perfect calibration
     const = np.full(400, y.mean())
@@ -113,8 +126,12 @@ def test_dense_inputs_follow_the_formula_across_row_blocks():
             for w, res in enumerate(F.RESOLUTIONS):
                 i, c = counts[row, k, w]
                 j = names.index(f"{e.name}_{res.name}_log_imps")
-                want = [np.log1p(i), np.log1p(c), (c + F.PRIOR.alpha) / (i + F.PRIOR.alpha + F.PRIOR.beta)]
-                np.testing.assert_allclose(dense[row, j:j + 3], want, rtol=1e-6)
+                want = [
+                    np.log1p(i),
+                    np.log1p(c),
+                    (c + F.PRIOR.alpha) / (i + F.PRIOR.alpha + F.PRIOR.beta),
+                ]
+                np.testing.assert_allclose(dense[row, j : j + 3], want, rtol=1e-6)
 
 
 def test_warmup_rows_are_dropped_without_copying_sorted_sets(data):
@@ -205,8 +222,16 @@ def test_run_writes_cards_plots_and_onnx(data, tmp_path):
     settings = Settings(data_dir=tmp_path / "data")
 
     small = {k: v[:30_000] for k, v in data.items()}
-    summary = run_training(settings, small, None, ("lr",), tmp_path / "run", progress=False,
-                           log=lambda m: None, train_kwargs={"lr": LR_FAST})
+    summary = run_training(
+        settings,
+        small,
+        None,
+        ("lr",),
+        tmp_path / "run",
+        progress=False,
+        log=lambda m: None,
+        train_kwargs={"lr": LR_FAST},
+    )
     card = json.loads((tmp_path / "run" / "lr" / "card.json").read_text())
     assert card["feature_fingerprint"] == fingerprint()
     t = small["event_time_ms"]
