@@ -289,32 +289,11 @@ def seed_features(settings, uni: Universe, now_ms: int, log=print) -> dict:
         writer.write([c.cells() for c in speed.values()])
     version = None
     if served is None:
+        from ctrstream.batch.point_in_time import BUCKET_COUNTS_SCHEMA, LONG_COUNTS_SCHEMA
         from ctrstream.batch.views import write_batch_view
 
-        i64 = pa.int64()
-        buckets_t = pa.table(bucket_rows).cast(
-            pa.schema(
-                [
-                    ("entity", pa.string()),
-                    ("eid", pa.string()),
-                    ("res", pa.string()),
-                    ("bucket", i64),
-                    ("imps", i64),
-                    ("clicks", i64),
-                ]
-            )
-        )
-        longs_t = pa.table(long_rows).cast(
-            pa.schema(
-                [
-                    ("entity", pa.string()),
-                    ("eid", pa.string()),
-                    ("long_window", pa.string()),
-                    ("imps", i64),
-                    ("clicks", i64),
-                ]
-            )
-        )
+        buckets_t = pa.table(bucket_rows).cast(BUCKET_COUNTS_SCHEMA)
+        longs_t = pa.table(long_rows).cast(LONG_COUNTS_SCHEMA)
         version = write_batch_view(settings, buckets_t, longs_t, cutoff, r=r, ttl_ms=ttl_ms)[
             "version"
         ]

@@ -69,6 +69,28 @@ Time = TypeVar("Time", int, np.ndarray)
 
 # --------------------------------------------------------------------------- window ranges
 
+# bucket counts: one row per (entity, id, resolution, bucket) with events
+BUCKET_COUNTS_SCHEMA = pa.schema(
+    [
+        ("entity", pa.string()),
+        ("eid", pa.string()),
+        ("res", pa.string()),
+        ("bucket", pa.int64()),
+        ("imps", pa.int64()),
+        ("clicks", pa.int64()),
+    ]
+)
+# long-window counts: one row per (entity, id, long window) with events
+LONG_COUNTS_SCHEMA = pa.schema(
+    [
+        ("entity", pa.string()),
+        ("eid", pa.string()),
+        ("long_window", pa.string()),
+        ("imps", pa.int64()),
+        ("clicks", pa.int64()),
+    ]
+)
+
 
 def align_day(t_ms: Time) -> Time:
     """Start (UTC midnight) of the day of ``t_ms``."""
@@ -186,18 +208,7 @@ def _bucket_counts(con, imps: pa.Table, clks: pa.Table, min_bucket: dict) -> pa.
     out = fetch_arrow(con, sql)
     con.unregister("_bi")
     con.unregister("_bc")
-    return out.cast(
-        pa.schema(
-            [
-                ("entity", pa.string()),
-                ("eid", pa.string()),
-                ("res", pa.string()),
-                ("bucket", pa.int64()),
-                ("imps", pa.int64()),
-                ("clicks", pa.int64()),
-            ]
-        )
-    )
+    return out.cast(BUCKET_COUNTS_SCHEMA)
 
 
 def _count_fields() -> list[str]:
@@ -237,17 +248,7 @@ def long_window_counts(
         out = fetch_arrow(con, sql)
         con.unregister("_li")
         con.unregister("_lc")
-        return out.cast(
-            pa.schema(
-                [
-                    ("entity", pa.string()),
-                    ("eid", pa.string()),
-                    ("long_window", pa.string()),
-                    ("imps", pa.int64()),
-                    ("clicks", pa.int64()),
-                ]
-            )
-        )
+        return out.cast(LONG_COUNTS_SCHEMA)
     finally:
         if own:
             con.close()

@@ -270,11 +270,21 @@ class ReaderCore:
 
     # ---- rows and columns
     @staticmethod
-    def rows(read: FeatureRead, inv: np.ndarray) -> FeatureRead:
+    def rows(read: FeatureRead, inv: np.ndarray, keys_s: float | None = None) -> FeatureRead:
         """Gather a read of distinct keys back into rows (``inv``: per row and entity, the
-        index of its key)."""
+        index of its key); ``keys_s``: the seconds spent building the keys
+        (``timings["keys"]``)."""
         read.counts = read.counts[inv]
+        if keys_s is not None:
+            read.timings["keys"] = keys_s
         return read
+
+    @staticmethod
+    def columns_plan(columns: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray, float]:
+        """:func:`keys_of_columns` and the seconds it took."""
+        t0 = time.perf_counter()
+        keys, inv, parents = keys_of_columns(columns)
+        return keys, inv, parents, time.perf_counter() - t0
 
     def cache_stats(self) -> dict[str, Any]:
         if self.cache is None:
@@ -399,12 +409,8 @@ class FeatureStore(_Shell):
     def read_columns(self, columns: dict[str, Any], t_ms: int) -> FeatureRead:
         """:meth:`read_rows` of the entities of event columns (``columns[field]`` per row);
         ``timings["keys"]``: the seconds spent building the keys."""
-        t0 = time.perf_counter()
-        keys, inv, parents = keys_of_columns(columns)
-        t1 = time.perf_counter()
-        fr = ReaderCore.rows(self.read(keys, t_ms, parents), inv)
-        fr.timings["keys"] = t1 - t0
-        return fr
+        keys, inv, parents, keys_s = ReaderCore.columns_plan(columns)
+        return ReaderCore.rows(self.read(keys, t_ms, parents), inv, keys_s)
 
 
 class AsyncFeatureStore(_Shell):
@@ -478,9 +484,5 @@ class AsyncFeatureStore(_Shell):
         return ReaderCore.rows(await self.read(keys, t_ms, parents), inv)
 
     async def read_columns(self, columns: dict[str, Any], t_ms: int) -> FeatureRead:
-        t0 = time.perf_counter()
-        keys, inv, parents = keys_of_columns(columns)
-        t1 = time.perf_counter()
-        fr = ReaderCore.rows(await self.read(keys, t_ms, parents), inv)
-        fr.timings["keys"] = t1 - t0
-        return fr
+        keys, inv, parents, keys_s = ReaderCore.columns_plan(columns)
+        return ReaderCore.rows(await self.read(keys, t_ms, parents), inv, keys_s)

@@ -458,6 +458,8 @@ def _random_view_tables(rng, cutoff: int, n_ent: int, prefix: str):
     them: random counts in random buckets of the view (some entities sparse, some empty)."""
     import pyarrow as pa
 
+    from ctrstream.batch.point_in_time import BUCKET_COUNTS_SCHEMA, LONG_COUNTS_SCHEMA
+
     rows = {k: [] for k in ("entity", "eid", "res", "bucket", "imps", "clicks")}
     longs = {k: [] for k in ("entity", "eid", "long_window", "imps", "clicks")}
     keys = []
@@ -481,30 +483,8 @@ def _random_view_tables(rng, cutoff: int, n_ent: int, prefix: str):
                     longs, (ent, eid, w.name, int(rng.integers(0, 9000)), int(rng.integers(0, 90)))
                 ):
                     longs[col].append(v)
-    i64 = pa.int64()
-    bt = pa.table(rows).cast(
-        pa.schema(
-            [
-                ("entity", pa.string()),
-                ("eid", pa.string()),
-                ("res", pa.string()),
-                ("bucket", i64),
-                ("imps", i64),
-                ("clicks", i64),
-            ]
-        )
-    )
-    lt = pa.table(longs).cast(
-        pa.schema(
-            [
-                ("entity", pa.string()),
-                ("eid", pa.string()),
-                ("long_window", pa.string()),
-                ("imps", i64),
-                ("clicks", i64),
-            ]
-        )
-    )
+    bt = pa.table(rows).cast(BUCKET_COUNTS_SCHEMA)
+    lt = pa.table(longs).cast(LONG_COUNTS_SCHEMA)
     return bt, lt, keys
 
 
