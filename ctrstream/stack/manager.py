@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ctrstream.config import KafkaSettings, RedisSettings, Settings, TritonSettings
 from ctrstream.stack.services import (
+    PortInUseError,
     Service,
     StackError,
     all_services,
@@ -136,12 +137,22 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @contextmanager
-def isolated_stack(run_dir: Path, log=lambda msg: None):
-    """An isolated stack on free ports (the test suite's fixture); stopped on exit."""
-    settings = isolated_settings(run_dir)
-    stack = Stack(settings)
+def isolated_stack(run_dir: Path, log=lambda msg: None, attempts: int = 3):
+    """An isolated stack on free ports (the test suite's fixture); stopped on exit.
+
+    A port found free can be taken before the service binds it (another process's
+    outgoing connection gets it as its ephemeral port): the stack is then started again on
+    other free ports, up to ``attempts`` times."""
     t0 = time.monotonic()
-    stack.up(log=log)
+    for attempt in range(1, attempts + 1):
+        stack = Stack(isolated_settings(run_dir))
+        try:
+            stack.up(log=log)  # on failure it stops what it started
+            break
+        except PortInUseError as e:
+            if attempt == attempts:
+                raise
+            log(f"{e} - starting the isolated stack again on other free ports")
     log(f"isolated stack up in {time.monotonic() - t0:.1f}s under {run_dir}")
     try:
         yield stack

@@ -27,6 +27,10 @@ class StackError(RuntimeError):
     """A stack problem with a message that says what is wrong and what to do."""
 
 
+class PortInUseError(StackError):
+    """A port a service must listen on is taken by another process."""
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -133,7 +137,7 @@ class Service:
     def check_ports(self) -> None:
         for port in self.ports():
             if port_in_use(self.host, port):
-                raise StackError(
+                raise PortInUseError(
                     f"{self.name}: port {self.host}:{port} is already in use by another process. "
                     f"Stop that process, or choose other ports with CTRSTREAM_* settings "
                     f"(see `ctrstream config show`)."

@@ -384,3 +384,23 @@ def test_stack_cli_up_status_down(tmp_path):
         if any(pid_alive(p) for p in recorded.values()):
             _cli(["stack", "down"], env, timeout=120)
             _kill_leftovers(recorded.values())
+
+
+def test_isolated_stack_starts_again_on_other_ports_when_one_is_taken(tmp_path, monkeypatch):
+    """The test suite's stack picks free ports; one can be taken before its service binds
+    it. The stack is then started again on other free ports instead of failing the session
+    (a user's `ctrstream stack up` on a taken port still fails, with a clear message)."""
+    import ctrstream.stack.manager as manager
+    from ctrstream.stack.services import free_port
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        picks = iter([port])  # the first port picked is the taken one
+        monkeypatch.setattr(manager, "free_port", lambda: next(picks, None) or free_port())
+        log: list[str] = []
+        with manager.isolated_stack(tmp_path / "stack", log=log.append) as stack:
+            assert all(r.healthy for r in stack.status())
+            assert port not in (stack.settings.kafka.port, stack.settings.kafka.controller_port)
+    assert any("already in use" in m and "other free ports" in m for m in log), log
