@@ -40,8 +40,8 @@ Everything derives from ``numpy.random.default_rng`` streams seeded by the scena
 the same scenario gives byte-identical tables, records and files (for a given numpy /
 pyarrow version).
 
-Replay order (:meth:`Traffic.records`)
---------------------------------------
+Replay order (:meth:`Traffic.records`; the plan: :mod:`ctrstream.simulation.dirty`)
+-----------------------------------------------------------------------------------
 Impressions and clicks merged by event time (an impression before a click of the same
 millisecond). In the ``dirty`` scenario, records that are the last event of their key
 (unclicked impressions and clicks) are duplicated (a copy 1 ms - 2 s later), displaced out of
@@ -53,24 +53,26 @@ for each one's expected decode-error reason).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from ctrstream.events import MAX_EVENT_BYTES, SCHEMA_VERSION, Click, Impression
+from ctrstream.events import SCHEMA_VERSION
+from ctrstream.simulation.records import (
+    CLICK_SCHEMA,
+    EXPECTED_REASON,
+    IMPRESSION_SCHEMA,
+    ORACLE_SCHEMA,
+)
 from ctrstream.simulation.scenarios import (  # re-exported: __all__
     MALFORMED_KINDS,
     SCENARIOS,
     Scenario,
     load_scenario,
 )
+from ctrstream.simulation.traffic import Traffic, read_traffic, write_traffic
 
 __all__ = [
     "Scenario",
@@ -90,40 +92,7 @@ DEVICE_LOGIT = np.array([0.1, 0.0, 0.05, -0.4])
 COUNTRIES = ("US", "GB", "DE", "FR", "IN", "BR", "JP", "CA", "ES", "IT", "MX", "AU")
 COUNTRY_WEIGHTS = np.array([0.3, 0.08, 0.08, 0.07, 0.12, 0.07, 0.06, 0.05, 0.05, 0.05, 0.04, 0.03])
 
-IMPRESSION_FIELDS: tuple[str, ...] = Impression.__struct_fields__
-CLICK_FIELDS: tuple[str, ...] = Click.__struct_fields__
-_STRING_FIELDS = {"impression_id", "click_id", "device_type", "country"}
-
-IMPRESSION_SCHEMA = pa.schema(
-    [(f, pa.string() if f in _STRING_FIELDS else pa.int64()) for f in IMPRESSION_FIELDS]
-)
-CLICK_SCHEMA = pa.schema(
-    [(f, pa.string() if f in _STRING_FIELDS else pa.int64()) for f in CLICK_FIELDS]
-)
-ORACLE_SCHEMA = pa.schema([("impression_id", pa.string()), ("p_click", pa.float64())])
-MALFORMED_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("topic", pa.string()),
-        ("kind", pa.string()),
-        ("reason", pa.string()),
-        ("timestamp_ms", pa.int64()),
-        ("value", pa.binary()),
-    ]
-)
-
-# What ctrstream.events' decoders say about each kind of injected malformed record
-# (``DecodeError.reason`` starts with this).
-EXPECTED_REASON = {
-    "bad_json": "malformed JSON",
-    "wrong_type": "invalid: Expected `int`, got `str`",
-    "missing_field": "invalid: Object missing required field",
-    "oversized": "oversized",
-}
-
-TOPIC_KINDS = ("impressions", "clicks")
 MINUTE_MS = 60_000
-_ENCODER = msgspec.json.Encoder()  # same configuration as ctrstream.events.encode
 _TREND_PRIOR_RECENT = 50.0  # smoothing (pseudo-impressions) of the ad's recent CTR
 _TREND_PRIOR_LONG = 200.0
 
@@ -349,173 +318,6 @@ def _heat(
     return hot, k
 
 
-# --------------------------------------------------------------------------- Traffic
-
-
-class Traffic:
-    """Generated (or recorded) traffic: clean event tables, the oracle, and the replay plan."""
-
-    def __init__(
-        self,
-        scenario: Scenario,
-        impressions: pa.Table,
-        clicks: pa.Table,
-        oracle: pa.Table,
-        meta: dict | None = None,
-    ):
-        self.scenario = scenario
-        self.impressions = impressions
-        self.clicks = clicks
-        self.oracle = oracle
-        self.meta = dict(meta or {})
-        # per-impression terms of the hidden logit (numpy arrays in impression order: logit,
-        # user, ad, site, heat, interest, site_category, fatigue, trend; intercept): set by
-        # ``generate`` only, kept in memory, never written (bench/ne_gap.py decomposes with it)
-        self.truth: dict | None = None
-        self._plan_cache: _Plan | None = None
-        self._enc_cols: tuple | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"Traffic(scenario={self.scenario.name!r}, impressions={self.impressions.num_rows}, "
-            f"clicks={self.clicks.num_rows}, records={self.n_records})"
-        )
-
-    # -- the replay plan ------------------------------------------------------------------
-    @property
-    def _plan(self) -> _Plan:
-        if self._plan_cache is None:
-            self._plan_cache = _make_plan(self)
-        return self._plan_cache
-
-    @property
-    def injected(self) -> dict:
-        """Counts of what the dirty scenario injected (all zero for clean traffic)."""
-        return self._plan.injected
-
-    @property
-    def malformed(self) -> pa.Table:
-        """The injected malformed records: key, topic, kind, expected reason, timestamp, value."""
-        return self._plan.malformed
-
-    @property
-    def n_records(self) -> int:
-        return len(self._plan.order)
-
-    def __len__(self) -> int:
-        return self.n_records
-
-    def record_blocks(self, block: int = 65_536) -> Iterator[tuple[list, list, list, list]]:
-        """The replay stream in blocks of parallel lists: (topic kinds, keys, values, timestamps)."""
-        plan = self._plan
-        imp_cols, imp_keys, clk_cols, clk_keys = self._encoding_columns()
-        kind_names = np.array(TOPIC_KINDS + ("?",), dtype=object)
-        mal_topic = np.array(
-            [TOPIC_KINDS.index(t) for t in plan.malformed["topic"].to_pylist()], dtype=np.int8
-        )
-        mal_vals = np.array(plan.malformed["value"].to_pylist() + [b""], dtype=object)[:-1]
-        mal_keys = np.array(
-            [k.encode() for k in plan.malformed["key"].to_pylist()] + [b""], dtype=object
-        )[:-1]
-        for lo in range(0, len(plan.order), block):
-            sel = plan.order[lo : lo + block]
-            src, idx = plan.src_kind[sel], plan.src_idx[sel]
-            m = len(sel)
-            values = np.empty(m, dtype=object)
-            keys = np.empty(m, dtype=object)
-            topic = src.copy()
-            for s, cols, key_arr, cls in (
-                (0, imp_cols, imp_keys, Impression),
-                (1, clk_cols, clk_keys, Click),
-            ):
-                mask = src == s
-                if not mask.any():
-                    continue
-                rows = idx[mask]
-                values[mask] = _as_object(_encode_rows(cols, rows, cls))
-                keys[mask] = key_arr[rows]
-            mask = src == 2
-            if mask.any():
-                rows = idx[mask]
-                values[mask] = mal_vals[rows]
-                keys[mask] = mal_keys[rows]
-                topic[mask] = mal_topic[rows]
-            yield (
-                kind_names[topic].tolist(),
-                keys.tolist(),
-                values.tolist(),
-                plan.timestamp[sel].tolist(),
-            )
-
-    def records(self, block: int = 65_536) -> Iterator[tuple[str, bytes, bytes, int]]:
-        """(topic kind, key, value, Kafka timestamp ms) in replay order, injections included."""
-        for kinds, keys, values, ts in self.record_blocks(block):
-            yield from zip(kinds, keys, values, ts)
-
-    def encoded(self, kind: str, block: int = 65_536) -> Iterator[list[bytes]]:
-        """The clean events of one table, encoded, in blocks (table order)."""
-        imp_cols, _, clk_cols, _ = self._encoding_columns()
-        cols, cls, n = (
-            (imp_cols, Impression, self.impressions.num_rows)
-            if kind == "impressions"
-            else (clk_cols, Click, self.clicks.num_rows)
-        )
-        for lo in range(0, n, block):
-            yield _encode_rows(cols, np.arange(lo, min(n, lo + block)), cls)
-
-    def _encoding_columns(self):
-        if self._enc_cols is None:
-
-            def cols(table: pa.Table, fields):
-                out = []
-                for f in fields:
-                    col = table.column(f).combine_chunks()
-                    out.append(col if f in _STRING_FIELDS else col.to_numpy())
-                return out
-
-            imp_keys = np.array(
-                self.impressions.column("impression_id")
-                .combine_chunks()
-                .cast(pa.binary())
-                .to_pylist()
-                + [b""],
-                dtype=object,
-            )[:-1]
-            clk_keys = np.array(
-                self.clicks.column("impression_id").combine_chunks().cast(pa.binary()).to_pylist()
-                + [b""],
-                dtype=object,
-            )[:-1]
-            self._enc_cols = (
-                cols(self.impressions, IMPRESSION_FIELDS),
-                imp_keys,
-                cols(self.clicks, CLICK_FIELDS),
-                clk_keys,
-            )
-        return self._enc_cols
-
-
-def _as_object(items: list) -> np.ndarray:
-    arr = np.empty(len(items), dtype=object)
-    arr[:] = items
-    return arr
-
-
-def _encode_rows(cols: list, rows: np.ndarray, cls) -> list[bytes]:
-    """msgspec-encode the given rows of a table (columns pre-extracted), without a Python loop."""
-    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        lists = [
-            c[lo:hi].to_pylist() if isinstance(c, pa.Array) else c[lo:hi].tolist() for c in cols
-        ]
-    else:
-        idx = pa.array(rows)
-        lists = [
-            c.take(idx).to_pylist() if isinstance(c, pa.Array) else c[rows].tolist() for c in cols
-        ]
-    return list(map(_ENCODER.encode, map(cls, *lists)))
-
-
 # --------------------------------------------------------------------------- generation
 
 
@@ -729,206 +531,3 @@ def _simulate_clicks(sc: Scenario, mk: _Market, ad, t, logit, u_click, delay, b0
                 for s, e in zip(starts, np.append(starts[1:], len(cm))):
                     pending.setdefault(int(cm[s]), []).append(ca[s:e])
     return p
-
-
-# --------------------------------------------------------------------------- dirty injections
-
-
-@dataclass
-class _Plan:
-    order: np.ndarray  # positions into the concatenated record arrays, in replay order
-    src_kind: np.ndarray  # 0 impression row, 1 click row, 2 malformed row
-    src_idx: np.ndarray
-    timestamp: np.ndarray  # Kafka record timestamp (event time; arrival time for malformed)
-    injected: dict
-    malformed: pa.Table = field(default_factory=lambda: MALFORMED_SCHEMA.empty_table())
-
-
-def _make_plan(tr: Traffic) -> _Plan:
-    sc = tr.scenario
-    n_i, n_c = tr.impressions.num_rows, tr.clicks.num_rows
-    imp_t = tr.impressions.column("event_time_ms").to_numpy()
-    clk_t = tr.clicks.column("event_time_ms").to_numpy()
-    src_kind = [np.zeros(n_i, np.int8), np.ones(n_c, np.int8)]
-    src_idx = [np.arange(n_i), np.arange(n_c)]
-    ts = [imp_t, clk_t]
-    pos = [imp_t, clk_t]
-    counts = {"duplicates": 0, "out_of_order": 0, "late": 0}
-    by_topic = {
-        k: {"clean": n, "duplicates": 0, "out_of_order": 0, "late": 0, "malformed": 0}
-        for k, n in zip(TOPIC_KINDS, (n_i, n_c))
-    }
-    mal_counts = {k: 0 for k in MALFORMED_KINDS}
-    malformed = MALFORMED_SCHEMA.empty_table()
-    n_clean = n_i + n_c
-    dirty = sc.duplicate_rate or sc.out_of_order_rate or sc.late_event_rate or sc.malformed_rate
-    if dirty and n_clean:
-        rng = np.random.default_rng([sc.seed, 0xD1])
-        all_t = np.concatenate([imp_t, clk_t])
-        t_lo, t_hi = int(all_t.min()), int(all_t.max())
-        clicked = pc.is_in(
-            tr.impressions.column("impression_id"),
-            value_set=tr.clicks.column("impression_id").combine_chunks(),
-        ).to_numpy(zero_copy_only=False)
-        # candidates: records that are the last event of their key (order per key is kept)
-        cand = np.concatenate([np.flatnonzero(~clicked), n_i + np.arange(n_c)])
-        cand = cand[rng.permutation(len(cand))]
-        lateness = int(sc.allowed_lateness_s * 1000)
-        late_disp = lateness + rng.integers(60_000, 600_000, len(cand))
-        late_ok = all_t[cand] + late_disp + 60_000 <= t_hi
-        n_late = min(int(round(sc.late_event_rate * n_clean)), int(late_ok.sum()))
-        late_sel = cand[late_ok][:n_late]
-        late_d = late_disp[late_ok][:n_late]
-        rest = cand[~np.isin(cand, late_sel)]
-        n_ooo = min(int(round(sc.out_of_order_rate * n_clean)), len(rest))
-        ooo_sel = rest[:n_ooo]
-        ooo_d = rng.integers(1_000, int(sc.out_of_order_max_s * 1000) + 1, n_ooo)
-        n_dup = min(int(round(sc.duplicate_rate * n_clean)), len(rest) - n_ooo)
-        dup_sel = rest[n_ooo : n_ooo + n_dup]
-        dup_d = rng.integers(1, 2_001, n_dup)
-        disp = np.zeros(n_clean, dtype=np.int64)
-        disp[late_sel] = late_d
-        disp[ooo_sel] = ooo_d
-        pos = [imp_t + disp[:n_i], clk_t + disp[n_i:]]
-        for name, sel in (("late", late_sel), ("out_of_order", ooo_sel), ("duplicates", dup_sel)):
-            counts[name] = len(sel)
-            by_topic["impressions"][name] = int((sel < n_i).sum())
-            by_topic["clicks"][name] = int((sel >= n_i).sum())
-        # duplicates: exact copies, shortly after the original
-        dup_kind = (dup_sel >= n_i).astype(np.int8)
-        dup_idx = np.where(dup_kind == 1, dup_sel - n_i, dup_sel)
-        src_kind.append(dup_kind)
-        src_idx.append(dup_idx)
-        ts.append(all_t[dup_sel])
-        pos.append(all_t[dup_sel] + dup_d)
-        # malformed records
-        malformed = _malformed(tr, sc, rng, n_clean, t_lo, t_hi)
-        for k in MALFORMED_KINDS:
-            mal_counts[k] = int(pc.sum(pc.equal(malformed["kind"], k)).as_py() or 0)
-        for tk in TOPIC_KINDS:
-            by_topic[tk]["malformed"] = int(pc.sum(pc.equal(malformed["topic"], tk)).as_py() or 0)
-        nm = malformed.num_rows
-        mts = malformed["timestamp_ms"].to_numpy()
-        src_kind.append(np.full(nm, 2, np.int8))
-        src_idx.append(np.arange(nm))
-        ts.append(mts)
-        pos.append(mts)
-    src_kind_a = np.concatenate(src_kind)
-    src_idx_a = np.concatenate(src_idx).astype(np.int64)
-    ts_a = np.concatenate(ts).astype(np.int64)
-    pos_a = np.concatenate(pos).astype(np.int64)
-    order = np.lexsort((np.arange(len(pos_a)), pos_a))
-    for tk in TOPIC_KINDS:
-        b = by_topic[tk]
-        b["records"] = b["clean"] + b["duplicates"] + b["malformed"]
-    injected = {
-        **counts,
-        "malformed": mal_counts,
-        "malformed_total": sum(mal_counts.values()),
-        "by_topic": by_topic,
-        "records": int(len(order)),
-    }
-    return _Plan(
-        order=order,
-        src_kind=src_kind_a,
-        src_idx=src_idx_a,
-        timestamp=ts_a,
-        injected=injected,
-        malformed=malformed,
-    )
-
-
-_INT_FIELDS_IMP = [
-    f for f in IMPRESSION_FIELDS if f not in _STRING_FIELDS and f != "schema_version"
-]
-_INT_FIELDS_CLK = [f for f in CLICK_FIELDS if f not in _STRING_FIELDS and f != "schema_version"]
-
-
-def _malformed(tr: Traffic, sc: Scenario, rng, n_clean: int, t_lo: int, t_hi: int) -> pa.Table:
-    per_kind = int(round(sc.malformed_rate * n_clean))
-    rows: dict[str, list] = {k: [] for k in MALFORMED_SCHEMA.names}
-    imp_cols, _, clk_cols, _ = tr._encoding_columns()
-    n_i, n_c = tr.impressions.num_rows, tr.clicks.num_rows
-    for kind in MALFORMED_KINDS:
-        for j in range(per_kind):
-            topic = 1 if (n_c and rng.random() < 0.5) else 0
-            if topic == 0:
-                src = _encode_rows(imp_cols, np.array([rng.integers(0, n_i)]), Impression)[0]
-                ints, pad_field = _INT_FIELDS_IMP, "country"
-            else:
-                src = _encode_rows(clk_cols, np.array([rng.integers(0, n_c)]), Click)[0]
-                ints, pad_field = _INT_FIELDS_CLK, "click_id"
-            doc = msgspec.json.decode(src)
-            if kind == "bad_json":
-                value = src[: int(rng.integers(1, len(src) - 1))]
-            elif kind == "wrong_type":
-                f = ints[int(rng.integers(0, len(ints)))]
-                doc[f] = str(doc[f])
-                value = msgspec.json.encode(doc)
-            elif kind == "missing_field":
-                f = list(doc)[int(rng.integers(1, len(doc)))]
-                del doc[f]
-                value = msgspec.json.encode(doc)
-            else:  # oversized: schema-valid, only too big
-                doc[pad_field] = doc[pad_field] + "x" * (
-                    MAX_EVENT_BYTES + int(rng.integers(1, 512))
-                )
-                value = msgspec.json.encode(doc)
-            rows["key"].append(f"malformed-{kind}-{j}")
-            rows["topic"].append(TOPIC_KINDS[topic])
-            rows["kind"].append(kind)
-            rows["reason"].append(EXPECTED_REASON[kind])
-            rows["timestamp_ms"].append(int(rng.integers(t_lo, t_hi + 1)))
-            rows["value"].append(value)
-    return pa.Table.from_pydict(rows, schema=MALFORMED_SCHEMA)
-
-
-# --------------------------------------------------------------------------- files
-
-
-def write_traffic(tr: Traffic, out_dir, jsonl: bool = False) -> Path:
-    """Write impressions/clicks/oracle Parquet, scenario.json (scenario, meta, injected) and,
-    when there are any, malformed.parquet; with ``jsonl`` also the clean events as JSONL."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    opts = dict(compression="zstd", use_dictionary=True)
-    pq.write_table(tr.impressions, out / "impressions.parquet", **opts)
-    pq.write_table(tr.clicks, out / "clicks.parquet", **opts)
-    pq.write_table(tr.oracle, out / "oracle.parquet", **opts)
-    if tr.malformed.num_rows:
-        pq.write_table(tr.malformed, out / "malformed.parquet", **opts)
-    doc = {"format": 1, "scenario": tr.scenario.to_dict(), "meta": tr.meta, "injected": tr.injected}
-    (out / "scenario.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    if jsonl:
-        for kind in TOPIC_KINDS:
-            with open(out / f"{kind}.jsonl", "wb") as fh:
-                for blk in tr.encoded(kind):
-                    fh.write(b"\n".join(blk) + (b"\n" if blk else b""))
-    return out
-
-
-def read_traffic(out_dir) -> Traffic:
-    """Read what :func:`write_traffic` wrote. The replay plan (dirty injections included) is
-    recomputed from the tables and the scenario, so ``records()`` is identical."""
-    d = Path(out_dir)
-    missing = [f for f in ("impressions.parquet", "clicks.parquet") if not (d / f).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{d} has no {', '.join(missing)}: not a traffic directory "
-            "(write one with `ctrstream generate --out DIR`)"
-        )
-    imps = pq.read_table(d / "impressions.parquet").cast(IMPRESSION_SCHEMA)
-    clicks = pq.read_table(d / "clicks.parquet").cast(CLICK_SCHEMA)
-    oracle = (
-        pq.read_table(d / "oracle.parquet").cast(ORACLE_SCHEMA)
-        if (d / "oracle.parquet").exists()
-        else ORACLE_SCHEMA.empty_table()
-    )
-    if (d / "scenario.json").exists():
-        doc = json.loads((d / "scenario.json").read_text())
-        sc = load_scenario(str(d / "scenario.json"))
-        meta = doc.get("meta", {})
-    else:
-        sc = Scenario(name="recorded", events=max(1, imps.num_rows))
-        meta = {}
-    return Traffic(sc, imps, clicks, oracle, meta)
