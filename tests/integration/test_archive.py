@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from test_batch_features import make_traffic
+from batch_traffic import make_traffic
 
 from ctrstream import features as F
 from ctrstream.batch.archive import (

@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from test_batch_features import T0, W, make_traffic, unique_events
+from batch_traffic import T0, W, make_traffic, unique_events
 
 from ctrstream import features as F
 from ctrstream.batch.archive import write_partitioned
