@@ -72,17 +72,17 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--loop must be auto, asyncio or uvloop")
         if http not in ("auto", "h11", "httptools"):
             raise typer.BadParameter("--http must be auto, h11 or httptools")
+        server: dict[str, Any] = dict(
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            loop=loop,
+            http=http,
+            lifespan="on",
+        )
         if workers == 1:
-            uvicorn.run(
-                api,
-                host=host,
-                port=port,
-                log_level=log_level,
-                access_log=False,
-                loop=loop,
-                http=http,
-                lifespan="on",
-            )
+            uvicorn.run(api, **server)
             return
         import json
         import os
@@ -95,14 +95,5 @@ def register(app: typer.Typer) -> None:
             # prometheus_client's multiprocess mode: workers write samples here, /metrics sums
             os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", mp_dir)
             uvicorn.run(
-                "ctrstream.serving.api:app_from_env",
-                factory=True,
-                workers=workers,
-                host=host,
-                port=port,
-                log_level=log_level,
-                access_log=False,
-                loop=loop,
-                http=http,
-                lifespan="on",
+                "ctrstream.serving.api:app_from_env", factory=True, workers=workers, **server
             )

@@ -188,37 +188,14 @@ def setup_kafka(settings: Settings) -> str:
 
 
 def setup_redis() -> str:
+    """Debian's ``redis-server`` when none is on the PATH."""
     if shutil.which("redis-server"):
         return f"Redis: {shutil.which('redis-server')}"
-    if shutil.which("apt-get") is None:
-        raise PrerequisiteError(
-            "redis-server is not installed and there is no apt-get to install it. Install "
-            "Redis 7 with your package manager so that `redis-server` is on the PATH."
-        )
-    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
-    if sudo is None:
-        raise PrerequisiteError(
-            "redis-server is not installed; installing it needs root. Run: "
-            "sudo apt-get install -y redis-server"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lists = Path("/var/lib/apt/lists")
-    if not any(lists.glob("*Packages*")):
-        _run(sudo + ["apt-get", "update", "-q"], env=env)
-    res = _run(
-        sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", "redis-server"],
-        env=env,
+    _apt_install(
+        "redis-server",
+        lambda: shutil.which("redis-server") is not None,
+        "redis-server (Redis 7, for the local stack)",
     )
-    if res.returncode != 0:
-        _run(sudo + ["apt-get", "update", "-q"], env=env)
-        res = _run(
-            sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", "redis-server"],
-            env=env,
-        )
-    if res.returncode != 0 or not shutil.which("redis-server"):
-        raise PrerequisiteError(
-            f"apt-get could not install redis-server:\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
-        )
     return f"Redis: installed {shutil.which('redis-server')} from Debian"
 
 
@@ -388,39 +365,13 @@ def setup_compose_validator() -> str:
     found = compose_validator()
     if found:
         return f"Compose validator: {' '.join(found)}"
-    if shutil.which("apt-get") is None:
-        raise PrerequisiteError(
-            "no Compose validator: install Docker's compose plugin (`docker compose`) or a "
-            "standalone `docker-compose` so that docker-compose.yml can be validated."
-        )
-    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
-    if sudo is None:
-        raise PrerequisiteError(
-            "no Compose validator; installing one needs root. Run: "
-            "sudo apt-get install -y docker-compose"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = sudo + [
-        "apt-get",
-        "install",
-        "-y",
-        "-q",
-        "--no-install-recommends",
-        "-o",
-        "DPkg::Lock::Timeout=300",
+    _apt_install(
         "docker-compose",
-    ]
-    res = _run(install, env=env)
-    if res.returncode != 0:
-        _run(sudo + ["apt-get", "update", "-q"], env=env)
-        res = _run(install, env=env)
-    found = compose_validator()
-    if res.returncode != 0 or not found:
-        raise PrerequisiteError(
-            f"apt-get could not install docker-compose (the Compose validator):\n"
-            f"{res.stdout[-2000:]}{res.stderr[-2000:]}"
-        )
-    return f"Compose validator: installed {' '.join(found)} from Debian"
+        lambda: compose_validator() is not None,
+        "a Compose validator (`docker compose` or `docker-compose`, to validate "
+        "docker-compose.yml)",
+    )
+    return f"Compose validator: installed {' '.join(compose_validator() or [])} from Debian"
 
 
 def setup(settings: Settings | None = None, log=print) -> None:
