@@ -55,8 +55,16 @@ from ctrstream.calibration.params import (
     logit,
     sigmoid,
 )
-
-STATE_FORMAT = 2  # of a pickled VersionCalibrator; a different one is refused on load
+from ctrstream.calibration.state import (
+    LEARNER_KIND,
+    STATE_FORMAT,
+    AdwinState,
+    CalibrationConfigState,
+    LearnerState,
+    PlattState,
+    adwin_blob,
+    adwin_state,
+)
 
 Floats = NDArray[np.float64]
 
@@ -475,6 +483,22 @@ class Calibrator:
 # --------------------------------------------------------------------------- per model version
 
 
+def _adwin_from_state(s: AdwinState) -> Any:
+    """A ``river.drift.ADWIN`` holding the window of ``s``."""
+    from river import drift
+
+    adwin = drift.ADWIN(
+        delta=s.delta,
+        clock=s.clock,
+        max_buckets=s.max_buckets,
+        min_window_length=int(s.min_window_length),
+        grace_period=int(s.grace_period),
+    )
+    adwin._helper.__setstate__(adwin_blob(s))
+    adwin._drift_detected = s.drift_detected
+    return adwin
+
+
 class RollingMetrics:
     """The last ``window`` (raw, Platt, isotonic, label) quadruples, and their metrics."""
 
@@ -508,15 +532,92 @@ class VersionCalibrator:
     def __post_init__(self) -> None:
         self.calibrator = Calibrator(self.cfg)
         self.rolling = RollingMetrics(self.cfg.window)
-        self.state_format = STATE_FORMAT
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if state.get("state_format") != STATE_FORMAT:
-            raise ValueError(
-                f"calibration state of format {state.get('state_format', 1)}, this ctrstream "
-                f"reads format {STATE_FORMAT}: it was written by another version of ctrstream"
-            )
-        self.__dict__.update(state)
+    def to_state(self) -> LearnerState:
+        """Everything the learner knows, as plain data (:mod:`ctrstream.calibration.state`):
+        :meth:`from_state` of it predicts and learns exactly as this one does."""
+        c = self.calibrator
+        cfg = self.cfg
+        return LearnerState(
+            kind=LEARNER_KIND,
+            state_format=STATE_FORMAT,
+            model_version=self.model_version,
+            cfg=CalibrationConfigState(
+                method=cfg.method,
+                context=list(cfg.context),
+                lr=cfg.lr,
+                intercept_lr=cfg.intercept_lr,
+                drift_boost=cfg.drift_boost,
+                drift_boost_examples=cfg.drift_boost_examples,
+                avg_half_life=cfg.avg_half_life,
+                window=cfg.window,
+                adwin_delta=cfg.adwin_delta,
+                iso_bins=cfg.iso_bins,
+                iso_lo=cfg.iso_lo,
+                iso_hi=cfg.iso_hi,
+                iso_half_life=cfg.iso_half_life,
+                iso_prior=cfg.iso_prior,
+            ),
+            platt=PlattState(
+                lr=c.platt.lr,
+                intercept_lr=c.platt.intercept_lr,
+                intercept=float(c.platt.intercept),
+                weights={k: float(v) for k, v in c.platt.weights.items()},
+                lr_multiplier=c.platt.lr_multiplier,
+            ),
+            iso_n=c.iso.n.tolist(),
+            iso_clicks=c.iso.clicks.tolist(),
+            adwin=adwin_state(c.adwin._helper.__getstate__(), bool(c.adwin.drift_detected)),
+            n_seen=int(c.n_seen),
+            n_clicks=int(c.n_clicks),
+            drift_events=[dict(e) for e in c.drift_events],
+            last_event_time_ms=c.last_event_time_ms,
+            boost_left=c._boost_left,
+            ctx_mean={k: float(v) for k, v in c._ctx_mean.items()},
+            avg=None if c._avg is None else {k: float(v) for k, v in c._avg.items()},
+            reset_avg=c._reset_avg,
+            rolling={k: list(v) for k, v in self.rolling.win.items()},
+        )
+
+    @classmethod
+    def from_state(cls, state: LearnerState) -> VersionCalibrator:
+        """The learner :meth:`to_state` wrote (``state`` is validated by its decoder)."""
+        sc = state.cfg
+        cfg = CalibrationConfig(
+            method=sc.method,
+            context=tuple(sc.context),
+            lr=sc.lr,
+            intercept_lr=sc.intercept_lr,
+            drift_boost=sc.drift_boost,
+            drift_boost_examples=sc.drift_boost_examples,
+            avg_half_life=sc.avg_half_life,
+            window=sc.window,
+            adwin_delta=sc.adwin_delta,
+            iso_bins=sc.iso_bins,
+            iso_lo=sc.iso_lo,
+            iso_hi=sc.iso_hi,
+            iso_half_life=sc.iso_half_life,
+            iso_prior=sc.iso_prior,
+        )
+        vc = cls(state.model_version, cfg)
+        c = vc.calibrator
+        p = state.platt
+        c.platt.lr, c.platt.intercept_lr = p.lr, p.intercept_lr
+        c.platt.intercept, c.platt.weights = p.intercept, dict(p.weights)
+        c.platt.lr_multiplier = p.lr_multiplier
+        c.iso.n = np.asarray(state.iso_n, dtype=np.float64)
+        c.iso.clicks = np.asarray(state.iso_clicks, dtype=np.float64)
+        c.adwin = _adwin_from_state(state.adwin)
+        c.n_seen, c.n_clicks = state.n_seen, state.n_clicks
+        c.drift_events = [dict(e) for e in state.drift_events]
+        c.last_event_time_ms = state.last_event_time_ms
+        c._boost_left = state.boost_left
+        c._ctx_mean = dict(state.ctx_mean)
+        c._avg = None if state.avg is None else dict(state.avg)
+        c._reset_avg = state.reset_avg
+        for k, values in state.rolling.items():
+            vc.rolling.win[k].extend(values)
+        return vc
 
     # the job's and the report's view of the learner
     @property

@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ctrstream.calibration.calibrator import CalibrationConfig, VersionCalibrator
-from ctrstream.store.calibration import CalibrationStore, VersionCheckpoint
+from ctrstream.calibration.state import (
+    JOB_KIND,
+    LEARNER_KIND,
+    STATE_FORMAT,
+    JobState,
+    LearnerState,
+)
+from ctrstream.store.calibration import CalibrationStore, StateCodec, VersionCheckpoint
 
 log = logging.getLogger("ctrstream.calibrate")
 
@@ -125,6 +132,43 @@ class JoinState:
     label_watermark: int = 0
     offsets: dict = field(default_factory=dict)  # (topic, partition) -> next offset
 
+    def to_state(self) -> JobState:
+        """The join state as plain data (:mod:`ctrstream.calibration.state`), in order."""
+        return JobState(
+            kind=JOB_KIND,
+            state_format=STATE_FORMAT,
+            preds=[(iid, mv, float(raw), int(t)) for iid, (mv, raw, t) in self.preds.items()],
+            labels=[
+                (iid, int(c), int(t), int(pos), str(dev))
+                for iid, (c, t, pos, dev) in self.labels.items()
+            ],
+            done=list(self.done),
+            pred_watermark=int(self.pred_watermark),
+            label_watermark=int(self.label_watermark),
+            offsets=[(t, int(p), int(off)) for (t, p), off in self.offsets.items()],
+        )
+
+    @classmethod
+    def from_state(cls, state: JobState) -> JoinState:
+        """The join state :meth:`to_state` wrote."""
+        return cls(
+            preds=OrderedDict((iid, (mv, raw, t)) for iid, mv, raw, t in state.preds),
+            labels=OrderedDict((iid, (c, t, pos, dev)) for iid, c, t, pos, dev in state.labels),
+            done=OrderedDict.fromkeys(state.done),
+            pred_watermark=state.pred_watermark,
+            label_watermark=state.label_watermark,
+            offsets={(t, p): off for t, p, off in state.offsets},
+        )
+
+
+# how the job's checkpoints are read back (data only: see ctrstream.store.calibration)
+JOB_CODEC: StateCodec[JobState, JoinState] = StateCodec(
+    JobState, JoinState.from_state, JOB_KIND, STATE_FORMAT
+)
+LEARNER_CODEC: StateCodec[LearnerState, VersionCalibrator] = StateCodec(
+    LearnerState, VersionCalibrator.from_state, LEARNER_KIND, STATE_FORMAT
+)
+
 
 class Calibrate:
     """The job's logic without Kafka: ``process(predictions, labeled)`` then ``checkpoint()``."""
@@ -167,7 +211,7 @@ class Calibrate:
 
     # -- state
     def _resume(self) -> None:
-        found = self.store.resume(self.job_name)
+        found = self.store.resume(self.job_name, JOB_CODEC, LEARNER_CODEC)
         if found.job_state is not None:
             self.state = found.job_state
         self.cals.update(found.versions)
@@ -286,9 +330,11 @@ class Calibrate:
                 "drift_count": m["drift_count"],
             }
             versions.append(
-                VersionCheckpoint(mv, c, c.params(), m, snap, self._drift_new.get(mv, []))
+                VersionCheckpoint(
+                    mv, c.to_state(), c.params(), m, snap, self._drift_new.get(mv, [])
+                )
             )
-        self.store.checkpoint(self.job_name, self.state, versions)
+        self.store.checkpoint(self.job_name, self.state.to_state(), versions)
         self._dirty.clear()
         self._drift_new.clear()
         _metrics()["checkpoints"].inc()

@@ -87,6 +87,7 @@ def register(app: typer.Typer) -> None:
         from ctrstream.calibration.calibrator import CalibrationConfig
         from ctrstream.calibration.job import run
         from ctrstream.config import get_settings
+        from ctrstream.store.calibration import CalibrationStateError
 
         if method not in ("platt", "isotonic"):
             raise typer.BadParameter("--method must be platt or isotonic")
@@ -101,15 +102,19 @@ def register(app: typer.Typer) -> None:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         cfg = CalibrationConfig(method=method, context=tuple(c for c in context.split(",") if c))
-        job = run(
-            settings,
-            cfg,
-            job_name=job_name,
-            batch_size=batch_size,
-            checkpoint_interval_s=checkpoint_interval,
-            idle_exit_s=until_idle,
-            stop=lambda _job: stopping["flag"],
-        )
+        try:
+            job = run(
+                settings,
+                cfg,
+                job_name=job_name,
+                batch_size=batch_size,
+                checkpoint_interval_s=checkpoint_interval,
+                idle_exit_s=until_idle,
+                stop=lambda _job: stopping["flag"],
+            )
+        except CalibrationStateError as e:  # a foreign or malformed checkpoint: say so, exit
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
         for mv, c in sorted(job.cals.items()):
             m = c.metrics()
             typer.echo(

@@ -5,18 +5,23 @@ Keys (built by :mod:`ctrstream.store.layout`):
 * ``cal_key(v)`` - HASH: ``version`` (counter, +1 per checkpoint of ``v``), ``params``
   (JSON, the served parameter dump of ``ctrstream.calibration.params``), ``metrics`` (JSON,
   the rolling metrics), ``updated_ms``;
-* ``cal_state_key(v)`` - STRING: pickle of the version's learner, to resume the job;
+* ``cal_state_key(v)`` - STRING: MessagePack of the version's learner state, to resume the
+  job;
 * ``cal_history_key(v)`` - LIST of JSON metric snapshots (the last :data:`HISTORY_CAP`);
 * ``cal_drift_key(v)`` - LIST of JSON drift events (the last :data:`DRIFT_CAP`);
 * ``CAL_VERSIONS_KEY`` - SET of the model versions with a calibrator;
 * ``CAL_SEQ_KEY`` - STRING counter, +1 on every checkpoint of any version: the one ``GET``
   a reader (:class:`ServedParams`) does to know when to reload;
-* ``cal_job_key(name)`` - STRING: pickle of a job's join state and Kafka positions.
+* ``cal_job_key(name)`` - STRING: MessagePack of a job's join state and Kafka positions.
 
 A checkpoint writes all of it in one ``MULTI``/``EXEC`` (:meth:`CalibrationStore.checkpoint`),
 so a resumed job finds its learners, its join state and its Kafka positions from the same
-instant. The learners and the join state are stored with ``pickle``, which runs code on
-load: only a trusted Redis may hold them (hardening is tracked as its own issue).
+instant. The states are data, never code: msgspec structs (their types are the caller's,
+:mod:`ctrstream.calibration.state`) encoded as MessagePack. Loading one decodes numbers,
+strings and lists into the given struct type and validates it; whatever another program
+wrote at the key (a serialized Python object, a state of another format, garbage) is
+refused with :class:`CalibrationStateError`, which names the key and what to do. Nothing
+stored is ever turned into code.
 JSON values are written with NaN/inf as ``null``.
 """
 
@@ -24,11 +29,12 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+import msgspec
 
 from ctrstream.config import Settings
 from ctrstream.store.connection import redis_client
@@ -70,12 +76,74 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
+S = TypeVar("S", bound=msgspec.Struct)
+T = TypeVar("T")
+
+
+class _Header(msgspec.Struct):
+    """The two fields read before anything else (the rest is ignored here)."""
+
+    kind: str | None = None
+    state_format: int | None = None
+
+
+@dataclass(frozen=True)
+class StateCodec(Generic[S, T]):
+    """How a resumed state is read: its struct ``type`` (a msgspec struct whose ``kind`` and
+    ``state_format`` fields must equal ``kind`` and ``format``) and ``build``, which turns a
+    decoded struct into the live object (raising ``ValueError`` or ``TypeError`` when the
+    struct is consistent but not usable)."""
+
+    type: type[S]
+    build: Callable[[S], T]
+    kind: str
+    format: int
+
+
+def encode_state(state: msgspec.Struct) -> bytes:
+    """MessagePack of a state struct (what :meth:`CalibrationStore.checkpoint` stores)."""
+    return msgspec.msgpack.encode(state)
+
+
+def decode_state(blob: bytes, codec: StateCodec[S, T], key: str, what: str) -> T:
+    """The live object of a stored state; :class:`CalibrationStateError` naming ``key`` and
+    the way out when the value is not such a state. Never runs code from ``blob``."""
+    kind, fmt = codec.kind, codec.format
+
+    def refuse(why: str) -> CalibrationStateError:
+        return CalibrationStateError(
+            f"cannot load {what} from Redis key {key!r}: {why}. Nothing in it was run. "
+            f"Start the job under another name (--job-name), or delete the key "
+            f"(redis-cli DEL {key}) to start that state afresh."
+        )
+
+    try:
+        head = msgspec.msgpack.decode(blob, type=_Header)
+    except msgspec.DecodeError as e:  # ValidationError is a DecodeError
+        raise refuse(
+            f"not a ctrstream state (no MessagePack map with kind and state_format: {e}; "
+            f"a serialized Python object or another program's value)"
+        ) from e
+    if head.kind != kind:
+        raise refuse(f"it holds {head.kind!r}, not {kind!r}")
+    if head.state_format != fmt:
+        raise refuse(
+            f"a state of format {head.state_format}, this ctrstream reads format {fmt}: it was "
+            f"written by another version of ctrstream"
+        )
+    try:
+        state = msgspec.msgpack.decode(blob, type=codec.type)
+        return codec.build(state)
+    except (msgspec.DecodeError, ValueError, TypeError) as e:
+        raise refuse(f"invalid {kind} state: {e}") from e
+
+
 @dataclass
 class VersionCheckpoint:
     """What a checkpoint writes for one model version."""
 
     model_version: str
-    state: Any  # the version's learner (pickled)
+    state: msgspec.Struct  # the version's learner, as data (``kind``, ``state_format``)
     params: dict[str, Any]  # the served parameter dump
     metrics: dict[str, Any]  # the rolling metrics
     snapshot: dict[str, Any]  # appended to the history
@@ -106,7 +174,7 @@ class CalibrationStore:
     def checkpoint(
         self,
         job_name: str,
-        job_state: Any,
+        job_state: msgspec.Struct,
         versions: Iterable[VersionCheckpoint],
         now_ms: int | None = None,
     ) -> None:
@@ -117,7 +185,7 @@ class CalibrationStore:
         for v in versions:
             mv = v.model_version
             k = cal_key(mv)
-            pipe.set(cal_state_key(mv), pickle.dumps(v.state, protocol=pickle.HIGHEST_PROTOCOL))
+            pipe.set(cal_state_key(mv), encode_state(v.state))
             pipe.hset(
                 k,
                 mapping={"params": dumps(v.params), "metrics": dumps(v.metrics), "updated_ms": now},
@@ -129,36 +197,36 @@ class CalibrationStore:
                 pipe.rpush(cal_drift_key(mv), *[json.dumps(e) for e in v.drift_events])
                 pipe.ltrim(cal_drift_key(mv), -DRIFT_CAP, -1)
             pipe.sadd(CAL_VERSIONS_KEY, mv)
-        pipe.set(cal_job_key(job_name), pickle.dumps(job_state, protocol=pickle.HIGHEST_PROTOCOL))
+        pipe.set(cal_job_key(job_name), encode_state(job_state))
         pipe.incr(CAL_SEQ_KEY)
         pipe.execute()
 
-    def resume(self, job_name: str) -> Resumed:
-        """The job's state and every version's learner, as the last checkpoint left them.
+    def resume(
+        self, job_name: str, job: StateCodec[Any, Any], learner: StateCodec[Any, Any]
+    ) -> Resumed:
+        """The job's state and every version's learner, as the last checkpoint left them,
+        decoded with the ``job`` and ``learner`` codecs.
 
         Raises :class:`CalibrationStateError` naming the key when a state cannot be loaded
-        (written by an incompatible ctrstream, or not a calibration state)."""
-        job_state = self._load(cal_job_key(job_name), f"the state of calibration job {job_name!r}")
+        (written by an incompatible ctrstream, or not a calibration state at all)."""
+        job_state = self._load(
+            cal_job_key(job_name), job, f"the state of calibration job {job_name!r}"
+        )
         versions = {}
         for raw in sorted(self.r.smembers(CAL_VERSIONS_KEY)):
             mv = _text(raw)
-            state = self._load(cal_state_key(mv), f"the calibrator of model version {mv!r}")
+            state = self._load(
+                cal_state_key(mv), learner, f"the calibrator of model version {mv!r}"
+            )
             if state is not None:
                 versions[mv] = state
         return Resumed(job_state, versions)
 
-    def _load(self, key: str, what: str) -> Any | None:
+    def _load(self, key: str, codec: StateCodec[Any, Any], what: str) -> Any | None:
         blob = self.r.get(key)
         if not blob:
             return None
-        try:
-            return pickle.loads(blob)
-        except Exception as e:  # unpickling can fail in many ways; all mean the same here
-            raise CalibrationStateError(
-                f"cannot load {what} from Redis key {key!r}: {type(e).__name__}: {e}. "
-                f"Start the job under another name (--job-name), or delete the key "
-                f"(redis-cli DEL {key}) to start that state afresh."
-            ) from e
+        return decode_state(blob, codec, key, what)
 
     # -- what was written
 
@@ -271,6 +339,9 @@ __all__ = [
     "CalibrationStore",
     "Resumed",
     "ServedParams",
+    "StateCodec",
     "VersionCheckpoint",
+    "decode_state",
     "dumps",
+    "encode_state",
 ]

@@ -377,3 +377,63 @@ def test_kafka_job_joins_learns_checkpoints_and_resumes(fresh_topics, store, uni
     assert raw_error > 3
     assert abs(cal.mean() / y.mean() - 1) < raw_error / 5
     assert log_loss(cal, y) < log_loss(raw, y)
+
+
+class _Payload:
+    """A pickle that creates a directory when unpickled: what a plain SET can plant."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (str(self.path),))
+
+
+@pytest.mark.parametrize("target", ["job", "learner"])
+def test_a_pickle_set_at_a_state_key_is_refused_by_calibrate_and_runs_nothing(
+    settings, fresh_topics, stack_env, unique, tmp_path, target
+):
+    """``ctrstream calibrate`` started over a state key that someone SET to a malicious
+    pickle exits with a clear error naming the key and what to do; the payload never runs."""
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ctrstream.stack.manager import settings_env
+    from ctrstream.store import layout as L
+
+    marker = tmp_path / "ran"
+    name = f"evil-{unique}"
+    mv = f"evil-m-{unique}"
+    key = L.cal_job_key(name) if target == "job" else L.cal_state_key(mv)
+    r = redis.Redis.from_url(settings.redis.url)
+    try:
+        r.set(key, pickle.dumps(_Payload(marker)))
+        if target == "learner":
+            r.sadd(L.CAL_VERSIONS_KEY, mv)
+        env = {**stack_env, **settings_env(fresh_topics)}
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ctrstream"),
+                "calibrate",
+                "--job-name",
+                name,
+                "--until-idle",
+                "1",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        r.delete(key)
+        r.srem(L.CAL_VERSIONS_KEY, mv)
+        r.close()
+    assert proc.returncode == 2, proc.stderr
+    assert "not a ctrstream state" in proc.stderr and repr(key) in proc.stderr
+    assert f"DEL {key}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import doctest
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -215,19 +214,87 @@ def test_rolling_metrics_are_the_metrics_module_on_the_prequential_scores():
     np.testing.assert_array_equal(vc.predict_many(raw[:10]), apply_params(params, raw[:10]))
 
 
-def test_state_round_trips_and_a_foreign_state_is_refused():
-    vc = VersionCalibrator("v2")
-    raw, y = _platt_stream(3000, -0.5, 1.0, seed=10)
-    vc.learn_many(raw, y)
-    back = pickle.loads(pickle.dumps(vc))
-    assert back.params() == vc.params() and back.metrics() == vc.metrics()
-    back.learn_many(raw, y)
-    vc.learn_many(raw, y)
-    assert back.params() == vc.params()
-    # a state without the current format marker (an older ctrstream's) is not loaded
-    old = VersionCalibrator.__new__(VersionCalibrator)
-    with pytest.raises(ValueError, match="written by another version of ctrstream"):
-        old.__setstate__({"model_version": "v2", "platt": object()})
+def _checkpointed(vc: VersionCalibrator) -> VersionCalibrator:
+    """``vc`` written as the calibration job's checkpoint does and read back."""
+    from ctrstream.calibration.job import LEARNER_CODEC
+    from ctrstream.store.calibration import decode_state, encode_state
+
+    return decode_state(encode_state(vc.to_state()), LEARNER_CODEC, "k", "the calibrator")
+
+
+def _same_learner(a: VersionCalibrator, b: VersionCalibrator) -> None:
+    """Equal in every field (the drift detector's window included), but the wall-clock time
+    at which each one detected a drift."""
+    assert a.params() == b.params() and a.metrics() == b.metrics()
+    sa, sb = a.to_state(), b.to_state()
+    for st in (sa, sb):
+        st.drift_events = [
+            {k: v for k, v in e.items() if k != "detected_ms"} for e in st.drift_events
+        ]
+    assert sa == sb
+    raw, _ = _platt_stream(500, 0.0, 1.0, seed=12)
+    ctx = {"position": np.arange(500) % 3, "device_type": np.array(["mobile", "tablet"] * 250)}
+    for method in ("platt", "isotonic"):
+        np.testing.assert_array_equal(
+            a.predict_many(raw, ctx, method), b.predict_many(raw, ctx, method)
+        )
+
+
+def test_a_checkpointed_learner_resumes_exactly():
+    """Checkpoint (to data and back) before a drift, right after one (boost on, average
+    restarting, ADWIN just fired) and at the end: the resumed learner predicts identically
+    and, fed the same examples, learns identically - drift detections included."""
+    cfg = CalibrationConfig(context=("position", "device_type"), window=4000)
+    vc = VersionCalibrator("v2", cfg)
+    rng = np.random.default_rng(10)
+    n = 40_000
+    z = rng.normal(-3.2, 0.8, n)
+    y = (rng.random(n) < sigmoid(z + np.where(np.arange(n) < 20_000, 0.0, 1.2))).astype(float)
+    pos = rng.integers(0, 3, n)
+    dev = rng.choice(np.array(["mobile", "desktop", "tablet"]), n)
+    resumed: list[VersionCalibrator] = []
+    for s in range(0, n, 1000):
+        sl = slice(s, s + 1000)
+        batch = (sigmoid(z[sl]), y[sl], {"position": pos[sl], "device_type": dev[sl]})
+        times = np.arange(s, s + 1000) * 10
+        for r in resumed:
+            r.learn_many(*batch, event_time_ms=times)
+        events = vc.learn_many(*batch, event_time_ms=times)
+        if s == 10_000 or (events and len(resumed) < 2):
+            back = _checkpointed(vc)
+            _same_learner(back, vc)
+            assert back.calibrator._boost_left > 0 or not events  # resumed mid-boost
+            resumed.append(back)
+    assert len(resumed) == 2, "no drift happened: the test checks nothing"
+    assert resumed[1].calibrator.platt.lr_multiplier == 1.0  # the boost ran out after resuming
+    for r in resumed:
+        _same_learner(r, vc)
+    _same_learner(_checkpointed(vc), vc)
+
+
+def test_the_drift_detector_resumes_exactly_at_a_detection():
+    """ADWIN's window written out field by field and read back, at the very update that
+    detected a drift (the next update resets the detector): both continue identically."""
+    from river import drift
+
+    from ctrstream.calibration.state import adwin_blob, adwin_state
+
+    rng = np.random.default_rng(3)
+    stream = np.concatenate([rng.normal(0, 0.1, 3000), rng.normal(0.5, 0.1, 3000)])
+    a = drift.ADWIN(delta=0.002)
+    k = 0
+    while not a.drift_detected:
+        a.update(float(stream[k]))
+        k += 1
+    st = adwin_state(a._helper.__getstate__(), a.drift_detected)
+    assert adwin_blob(st) == a._helper.__getstate__()
+    b = C._adwin_from_state(st)
+    assert b.drift_detected and b.width == a.width and b.estimation == a.estimation
+    for x in stream[k:]:
+        a.update(float(x))
+        b.update(float(x))
+        assert (a.drift_detected, a.width, a.total) == (b.drift_detected, b.width, b.total)
+    assert a._helper.__getstate__() == b._helper.__getstate__()
 
 
 def test_config_checks_the_method():
