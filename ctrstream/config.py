@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,12 +29,40 @@ def _absolute(path: Path | str) -> Path:
     return Path(path).expanduser().absolute()
 
 
+def _merged(default: Any, given: Any) -> Any:
+    """``given`` laid over ``default`` (a model or a dict), key by key and recursively, as a
+    dict; a ``given`` that is not a dict replaces the default whole."""
+    if isinstance(default, BaseModel):
+        default = {k: getattr(default, k) for k in type(default).model_fields}
+    if not isinstance(default, dict) or not isinstance(given, dict):
+        return given
+    return {**default, **{k: _merged(default.get(k), v) for k, v in given.items()}}
+
+
+class _OverDefaults(BaseModel):
+    """A model whose fields default to models: a partial override of one of them (what a
+    nested environment variable such as ``CTRSTREAM_TOPICS__IMPRESSIONS__PARTITIONS=8``
+    gives: ``{"partitions": "8"}``) is laid over that field's default, so the fields it does
+    not name keep their default values instead of being required."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, f in cls.model_fields.items():
+            if name in out and isinstance(f.default, BaseModel):
+                out[name] = _merged(f.default, out[name])
+        return out
+
+
 class Topic(BaseModel):
     name: str
     partitions: int = Field(ge=1)
 
 
-class Topics(BaseModel):
+class Topics(_OverDefaults):
     impressions: Topic = Topic(name="impressions", partitions=4)
     clicks: Topic = Topic(name="clicks", partitions=4)
     labeled: Topic = Topic(name="labeled", partitions=4)
