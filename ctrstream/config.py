@@ -57,17 +57,35 @@ class _OverDefaults(BaseModel):
         return out
 
 
+DAY_MS = 24 * 3600 * 1000
+
+
 class Topic(BaseModel):
     name: str
     partitions: int = Field(ge=1)
+    # the topic's own retention.ms, set when it is created (and corrected on an existing
+    # topic by ensure_topics); -1 keeps every record
+    retention_ms: int = Field(default=-1, ge=-1)
 
 
 class Topics(_OverDefaults):
-    impressions: Topic = Topic(name="impressions", partitions=4)
-    clicks: Topic = Topic(name="clicks", partitions=4)
-    labeled: Topic = Topic(name="labeled", partitions=4)
-    predictions: Topic = Topic(name="predictions", partitions=4)
-    dlq: Topic = Topic(name="dlq", partitions=1)
+    """The topics and their retention. Kafka's time retention compares a segment's newest
+    record timestamp with the wall clock, and the event topics carry EVENT times as record
+    timestamps: with any time bound, a replay or backfill of traffic older than the bound
+    would be deleted by the broker within minutes of being written. So the event topics
+    (impressions, clicks and the joined labels, the source of truth the speed layer and the
+    archive resume from) keep everything (-1; the Parquet archive is the master dataset, and
+    a deployment bounds disk with retention.bytes or its own policy). Predictions and dead
+    letters are stamped with the wall clock when written: predictions are derived (re-scoring
+    recomputes them; the calibrator consumes them within seconds), so a week covers a
+    stopped calibrate job; dead letters are kept two weeks for inspection and replay after a
+    fix."""
+
+    impressions: Topic = Topic(name="impressions", partitions=4, retention_ms=-1)
+    clicks: Topic = Topic(name="clicks", partitions=4, retention_ms=-1)
+    labeled: Topic = Topic(name="labeled", partitions=4, retention_ms=-1)
+    predictions: Topic = Topic(name="predictions", partitions=4, retention_ms=7 * DAY_MS)
+    dlq: Topic = Topic(name="dlq", partitions=1, retention_ms=14 * DAY_MS)
 
     def all(self) -> list[Topic]:
         return [self.impressions, self.clicks, self.labeled, self.predictions, self.dlq]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrstream.config import Settings, Topic
+from ctrstream.config import Settings
 from ctrstream.stack.manager import Stack, isolated_stack, settings_env
 from ctrstream.stack.services import pid_alive, wait_until
 from ctrstream.store import batch_view as BV
@@ -85,9 +85,7 @@ def fresh_topics(settings, unique):
     t = settings.topics
     topics = t.model_copy(
         update={
-            name: Topic(
-                name=f"{getattr(t, name).name}-{unique}", partitions=getattr(t, name).partitions
-            )
+            name: getattr(t, name).model_copy(update={"name": f"{getattr(t, name).name}-{unique}"})
             for name in ("impressions", "clicks", "labeled", "predictions", "dlq")
         }
     )

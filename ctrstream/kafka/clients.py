@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from confluent_kafka import Consumer, Producer
+import time
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ctrstream.config import Settings, Topic
@@ -54,20 +56,36 @@ def admin(settings: Settings) -> AdminClient:
     return AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
 
 
+def topic_config(topic: Topic) -> dict[str, str]:
+    """The topic-level configuration ctrstream sets on ``topic`` (its retention: see
+    :class:`ctrstream.config.Topics` for why each topic keeps what it keeps)."""
+    return {"retention.ms": str(topic.retention_ms)}
+
+
 def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0) -> list[str]:
-    """Create the topics that do not exist yet (explicit partition counts). Returns the
-    names created. An existing topic with a different partition count is an error."""
+    """Create the topics that do not exist yet (explicit partition counts, their own
+    :func:`topic_config`), and set :func:`topic_config` on the existing ones where it
+    differs. Returns the names created. An existing topic with a different partition count
+    is an error."""
     client = admin(settings)
     existing = client.list_topics(timeout=timeout).topics
     created, wrong = [], []
-    new = []
+    new, present = [], []
     for t in topics:
         if t.name in existing:
             n = len(existing[t.name].partitions)
             if n != t.partitions:
                 wrong.append(f"{t.name} has {n} partitions, configuration says {t.partitions}")
+            present.append(t)
         else:
-            new.append(NewTopic(t.name, num_partitions=t.partitions, replication_factor=1))
+            new.append(
+                NewTopic(
+                    t.name,
+                    num_partitions=t.partitions,
+                    replication_factor=1,
+                    config=topic_config(t),
+                )
+            )
     if wrong:
         raise RuntimeError(
             "topic configuration mismatch: "
@@ -75,6 +93,8 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
             + ". Delete the topics (or the stack's data with `ctrstream stack down --purge`) "
             "or change CTRSTREAM_TOPICS__*__PARTITIONS."
         )
+    if present:
+        _align_configs(client, present, timeout)
     if new:
         for name, fut in client.create_topics(new, operation_timeout=timeout).items():
             try:
@@ -86,6 +106,41 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
                 if "TOPIC_ALREADY_EXISTS" not in str(e):
                     raise
     return created
+
+
+def _align_configs(client: AdminClient, topics: list[Topic], timeout: float) -> None:
+    """Set :func:`topic_config` on existing topics whose values differ (a topic created
+    before its retention was declared, or by another tool)."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, t.name) for t in topics]
+    wanted = {t.name: topic_config(t) for t in topics}
+    deadline = time.monotonic() + timeout
+    while True:  # a topic another process has just created may not be describable yet
+        try:
+            described = {
+                res.name: fut.result(timeout)
+                for res, fut in client.describe_configs(resources, request_timeout=timeout).items()
+            }
+            break
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    changes = []
+    for name, current in described.items():
+        entries = [
+            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+            for k, v in wanted[name].items()
+            if k not in current or current[k].value != v
+        ]
+        if entries:
+            changes.append(
+                ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
+            )
+    if changes:
+        for fut in client.incremental_alter_configs(changes, request_timeout=timeout).values():
+            fut.result(timeout)
 
 
 def topic_end_offsets(settings: Settings, topic: str, timeout: float = 10.0) -> dict[int, int]:

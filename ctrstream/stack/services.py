@@ -255,10 +255,8 @@ class KafkaService(Service):
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
-            # Records carry their EVENT time as the Kafka timestamp, and replays of recorded or
-            # synthetic traffic are often older than any time-based retention: with it the
-            # broker would delete a replay within minutes. The local stack keeps everything.
-            "log.retention.ms": "-1",
+            # retention is set per topic when ctrstream creates it (ctrstream.config.Topics
+            # says what each keeps and why), not broker-wide
             "message.max.bytes": str(8 * 1024 * 1024),
         }
         self._config_path().write_text("".join(f"{a}={b}\n" for a, b in props.items()))
