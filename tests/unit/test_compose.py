@@ -33,6 +33,14 @@ PROMETHEUS = ROOT / "docker" / "prometheus.yml"
 # the jobs the deployment must run (issue 2); the full list is read from the compose file
 REQUIRED_JOBS = {"speed", "archive", "score", "calibrate", "serve", "replay"}
 
+# the secrets compose requires from the environment (no committed default), and test values
+SECRETS = {
+    "CTRSTREAM_REDIS_PASSWORD": "test-redis-secret",
+    "CTRSTREAM_TRITON_ADMIN_KEY": "test-admin-key",
+}
+# the one service published on every host interface
+PUBLIC_SERVICES = {"serve"}
+
 
 def _validator() -> list[str]:
     cmd = compose_validator()
@@ -44,10 +52,22 @@ def _validator() -> list[str]:
     return cmd
 
 
-def _validate(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _validate(
+    path: Path, env: dict[str, str] | None = None, secrets: bool = True
+) -> subprocess.CompletedProcess:
+    """``config -q`` of ``path``; with the :data:`SECRETS` set unless ``secrets`` is false
+    (then they are removed from the environment)."""
     # no engine is needed (or reachable): point the client at nothing to prove it
-    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock", **(env or {})}
+    env = {
+        **os.environ,
+        "DOCKER_HOST": "unix:///nonexistent/docker.sock",
+        **(SECRETS if secrets else {}),
+        **(env or {}),
+    }
     env.pop("COMPOSE_FILE", None)
+    if not secrets:
+        for k in SECRETS:
+            env.pop(k, None)
     return subprocess.run(
         [*_validator(), "-f", str(path), "--project-directory", str(ROOT), "config", "-q"],
         capture_output=True,
@@ -147,6 +167,17 @@ def test_compose_file_validates():
     assert res.returncode == 0, f"{COMPOSE} is invalid:\n{res.stdout}{res.stderr}"
 
 
+def test_compose_refuses_to_run_without_the_secrets(tmp_path):
+    """No secret has a default: without them (and with an empty `.env`-style value) compose
+    stops with a message saying what to set."""
+    res = _validate(COMPOSE, secrets=False)
+    assert res.returncode != 0
+    assert "set CTRSTREAM_" in res.stderr and "docker/env.example" in res.stderr, res.stderr
+    for name in SECRETS:
+        res = _validate(COMPOSE, env={name: ""})
+        assert res.returncode != 0 and f"set {name}" in res.stderr, (name, res.stderr)
+
+
 def test_validator_rejects_broken_files(tmp_path):
     """The validator is real: a misspelled key, a dangling depends_on and a bad
     interpolation are each rejected."""
@@ -207,11 +238,11 @@ def test_infrastructure_services(compose):
         assert image and not image.endswith(":latest") or "build" in svc, (
             f"service {name}: pin the image version ({image!r})"
         )
-    # the Redis password comes from the environment with a default, and reaches the jobs
-    assert "${REDIS_PASSWORD:-" in " ".join(s["redis"]["command"])
+    # the Redis password comes from the environment with NO default, and reaches the jobs
+    assert "${CTRSTREAM_REDIS_PASSWORD:?" in " ".join(s["redis"]["command"])
     for name in _ctrstream_services(compose):
         env = s[name]["environment"]
-        assert env["CTRSTREAM_REDIS__PASSWORD"].startswith("${REDIS_PASSWORD:-"), name
+        assert env["CTRSTREAM_REDIS__PASSWORD"].startswith("${CTRSTREAM_REDIS_PASSWORD:?"), name
         assert env["CTRSTREAM_KAFKA__BOOTSTRAP"] == "kafka:9092", name
         assert env["CTRSTREAM_REDIS__HOST"] == "redis", name
         assert env["CTRSTREAM_TRITON__HOST"] == "triton", name
@@ -224,6 +255,10 @@ def test_job_environment_is_valid_settings(compose):
     """The CTRSTREAM_* variables the jobs get parse into Settings with the intended values."""
     env = dict(compose["services"]["score"]["environment"])
     env = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+    env = {
+        k: re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", lambda m: SECRETS[m.group(1)], v)
+        for k, v in env.items()
+    }
     old = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("CTRSTREAM_")}
     try:
         os.environ.update(env)
@@ -233,7 +268,7 @@ def test_job_environment_is_valid_settings(compose):
             os.environ.pop(k, None)
         os.environ.update(old)
     assert s.kafka.bootstrap_servers == "kafka:9092"
-    assert s.redis.url == "redis://:ctrstream-dev@redis:6379/0"
+    assert s.redis.url == "redis://:test-redis-secret@redis:6379/0"
     assert s.triton.grpc_url == "triton:8001"
     assert s.triton.backend == "onnxruntime"
     assert s.metrics_port == 9100
@@ -242,10 +277,111 @@ def test_job_environment_is_valid_settings(compose):
 def test_init_service_creates_the_configured_topics(compose):
     init = compose["services"]["kafka-init"]
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
-    specs = dict(t.split(":") for t in init["environment"]["TOPICS"].split())
-    expected = {t.name: str(t.partitions) for t in Settings().topics.all()}
+    specs = {
+        name: (partitions, retention)
+        for name, partitions, retention in (
+            t.split(":") for t in init["environment"]["TOPICS"].split()
+        )
+    }
+    expected = {t.name: (str(t.partitions), str(t.retention_ms)) for t in Settings().topics.all()}
     assert specs == expected, "kafka-init's topics differ from ctrstream.config.Topics"
     assert "--if-not-exists" in init["command"][0]
+    # each topic's own retention, on creation and on an existing topic; none broker-wide
+    assert '--config "retention.ms=$$retention"' in init["command"][0]
+    assert '--add-config "retention.ms=$$retention"' in init["command"][0]
+    kafka_env = compose["services"]["kafka"]["environment"]
+    assert not [k for k in kafka_env if "RETENTION" in k], "retention is set per topic"
+
+
+# ------------------------------------------------------------------------------- exposure
+
+
+def _published(svc: dict) -> list[tuple[str, str]]:
+    """(host address, host port) of every port a service publishes ("" = all interfaces)."""
+    out = []
+    for p in svc.get("ports", []):
+        if isinstance(p, dict):
+            out.append((str(p.get("host_ip", "")), str(p.get("published", ""))))
+            continue
+        parts = re.sub(r"\$\{[^}]*\}", "VAR", str(p)).split(":")
+        if len(parts) == 3:
+            out.append((parts[0], parts[1]))
+        elif len(parts) == 2:
+            out.append(("", parts[0]))
+        else:
+            out.append(("", parts[0]))  # a container port alone: a random host port, public
+    return out
+
+
+def test_only_the_api_is_published_on_every_interface(compose):
+    services = compose["services"]
+    open_ = {
+        name: ports
+        for name, svc in services.items()
+        if (ports := [p for p in _published(svc) if p[0] != "127.0.0.1"])
+    }
+    assert set(open_) <= PUBLIC_SERVICES, f"published beyond loopback: {open_}"
+    assert _published(services["serve"]), "the API is published"
+    assert not services["redis"].get("ports"), "Redis is on the compose network only"
+    for name in ("kafka", "triton", "prometheus"):
+        assert _published(services[name]), name
+        assert all(ip == "127.0.0.1" for ip, _ in _published(services[name])), name
+
+
+def test_no_secret_has_a_committed_default():
+    """Every secret compose reads is required (`${NAME:?message}`), no committed file holds a
+    value for it, and the example env file leaves them empty."""
+    text = COMPOSE.read_text()
+    refs = re.findall(r"\$\{([A-Z0-9_]+)(:?[-?+]?)", text)
+    secret = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY\b|KEY$")
+    secrets = {name for name, _ in refs if secret.search(name)}
+    assert secrets == set(SECRETS), secrets
+    for name, op in refs:
+        if name in secrets:
+            assert op == ":?", f"${{{name}{op}...}} has a default or may be empty"
+    example = {
+        k: v
+        for k, _, v in (
+            line.partition("=")
+            for line in (ROOT / "docker" / "env.example").read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+    }
+    for name in SECRETS:
+        assert example.get(name) == "", f"docker/env.example must leave {name} empty"
+    for path in [COMPOSE, *sorted((ROOT / "docker").iterdir())]:
+        body = path.read_text()
+        assert "ctrstream-dev" not in body, f"{path} holds the old default password"
+        for name in SECRETS:
+            # a value, not a command that generates one (`NAME=$(openssl rand -hex 24)`)
+            assert not re.search(rf"{name}=(?!\$\()\S", body), f"{path} sets {name}"
+    assert re.search(r"^\.env$", (ROOT / ".gitignore").read_text(), re.M), ".env is ignored"
+
+
+def test_redis_requires_its_password_and_persists(compose):
+    cmd = compose["services"]["redis"]["command"]
+    assert cmd[cmd.index("--requirepass") + 1].startswith("${CTRSTREAM_REDIS_PASSWORD:?")
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in compose["services"]["redis"]["volumes"])
+
+
+def test_triton_model_control_requires_the_admin_key(compose):
+    s = compose["services"]
+    cmd = s["triton"]["command"]
+    key = "${CTRSTREAM_TRITON_ADMIN_KEY:?"
+    http = [c for c in cmd if c.startswith("--http-restricted-api=")]
+    grpc = [c for c in cmd if c.startswith("--grpc-restricted-protocol=")]
+    for flags in (http, grpc):
+        assert len(flags) == 1 and flags[0].split("=", 1)[1].startswith(
+            "model-repository:triton-admin-key=" + key
+        ), flags
+    holders = {
+        name
+        for name in _ctrstream_services(compose)
+        if "CTRSTREAM_TRITON__ADMIN_KEY" in s[name].get("environment", {})
+    }
+    assert holders == {"publish"}, f"only the publisher holds the admin key, not {holders}"
+    assert s["publish"]["environment"]["CTRSTREAM_TRITON__ADMIN_KEY"].startswith(key)
 
 
 def test_prometheus_scrapes_triton_and_every_job(compose):
