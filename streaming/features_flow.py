@@ -306,7 +306,7 @@ class _EventsPartition(StatefulSourcePartition):
 
     def snapshot(self) -> dict:
         return {
-            "offset": self.reader.next_offset,
+            "offset": self.reader.checkpoint(),  # also committed to the group, for lag tools
             "max_t": self.max_t,
             "slots": {g: list(v) for g, v in self.slots.items()},
         }

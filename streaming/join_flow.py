@@ -195,8 +195,8 @@ class _JoinPartition(StatefulSourcePartition):
 
     def snapshot(self) -> dict:
         return {
-            "oi": self.ri.next_offset,
-            "oc": self.rc.next_offset,
+            "oi": self.ri.checkpoint(),  # also committed to the group, for lag tools
+            "oc": self.rc.checkpoint(),
             "max_i": self.max_i,
             "max_c": self.max_c,
             "pending": {k: list(v) for k, v in self.pending.items()},

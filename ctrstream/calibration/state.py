@@ -2,7 +2,7 @@
 
 The learner of each model version (:class:`LearnerState`) and the job's join state and
 Kafka positions (:class:`JobState`) are written to Redis as MessagePack of these structs
-(:mod:`ctrstream.store.calibration`), never pickled: whatever a Redis value holds, decoding
+(:mod:`ctrstream.store.calibration`), never as Python objects: whatever a Redis value holds, decoding
 it builds numbers, strings and lists, and every struct checks its own consistency
 (``__post_init__``), so a malformed value is refused with a validation error naming the
 field rather than run or half-loaded.

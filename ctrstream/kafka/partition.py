@@ -1,8 +1,16 @@
 """One consumer assigned to one topic-partition at an explicit offset, read in micro-batches.
 
-The speed-layer dataflows keep the offset in their Bytewax snapshot, not in a consumer
-group: Kafka group offsets are never committed or used (``consume(num_messages=N,
-timeout=0)``, never blocking the Bytewax worker).
+The speed-layer dataflows keep the offset in their Bytewax snapshot: the snapshot is the
+source of truth, and a resumed flow assigns its partitions at the snapshot's offsets (or the
+beginning), never at a group's committed offset. Reading is ``consume(num_messages=N,
+timeout=0)``, never blocking the Bytewax worker.
+
+So that standard lag tools (``kafka-consumer-groups.sh --describe``, Burrow, exporters) see
+each flow's progress, :meth:`PartitionReader.checkpoint` - what a flow's ``snapshot()`` calls
+for the offset it keeps - also commits that offset to the flow's consumer group (one group
+per flow: ``ctrstream-speed-features``, ``ctrstream-speed-join``), asynchronously, and
+:meth:`PartitionReader.close` commits the last position. The committed offsets are for
+observers only; a failed commit is logged and costs nothing but a stale lag reading.
 """
 
 from __future__ import annotations
@@ -39,9 +47,12 @@ class PartitionReader:
                 "queued.max.messages.kbytes": fetch_kbytes,
                 "fetch.wait.max.ms": 20,
                 "enable.auto.offset.store": False,
+                "on_commit": self._on_commit,
             },
         )
+        self.group = group
         self.next_offset = offset
+        self.committed: int | None = None  # the last offset handed to the group
         self.tp = TopicPartition(topic, partition, OFFSET_BEGINNING if offset is None else offset)
         self.consumer.assign([self.tp])
 
@@ -70,6 +81,37 @@ class PartitionReader:
             self.next_offset = last + 1
         return good
 
+    def checkpoint(self) -> int | None:
+        """The offset a snapshot keeps (:attr:`next_offset`), committed to the consumer group
+        as well, asynchronously, when it moved (for lag tools; see the module docstring)."""
+        offset = self.next_offset
+        if offset is not None and offset != self.committed:
+            self._commit(offset)
+        return offset
+
+    def _commit(self, offset: int) -> None:
+        """Commit ``offset`` asynchronously: the Bytewax worker never waits on the group
+        coordinator (the result arrives on a later ``consume`` or at ``close``)."""
+        try:
+            self.consumer.commit(
+                offsets=[TopicPartition(self.topic, self.partition, offset)], asynchronous=True
+            )
+            self.committed = offset
+        except KafkaException as e:  # observers get a stale reading; the flow goes on
+            log.warning(
+                "committing %s[%d]@%d to group %s failed: %s",
+                self.topic,
+                self.partition,
+                offset,
+                self.group,
+                e,
+            )
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None:  # the next snapshot commits again
+            self.committed = None
+            log.warning("offset commit to group %s failed: %s", self.group, err)
+
     def lag(self) -> int | None:
         """High watermark minus the next offset (None when unknown)."""
         try:
@@ -85,7 +127,11 @@ class PartitionReader:
         return high
 
     def close(self) -> None:
+        """Commit the last position (so a finished or stopped flow shows its true lag), then
+        close the consumer."""
         try:
+            if self.next_offset is not None and self.next_offset != self.committed:
+                self._commit(self.next_offset)
             self.consumer.close()
         except RuntimeError:
             pass
