@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ctrstream.config import Settings, Topic
+
+log = logging.getLogger("ctrstream.kafka")
 
 
 def producer_config(settings: Settings, **overrides) -> dict:
@@ -110,7 +113,9 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
 
 def _align_configs(client: AdminClient, topics: list[Topic], timeout: float) -> None:
     """Set :func:`topic_config` on existing topics whose values differ (a topic created
-    before its retention was declared, or by another tool)."""
+    before its retention was declared, or by another tool). The settings are the source of
+    truth: change a topic's retention with ``CTRSTREAM_TOPICS__<TOPIC>__RETENTION_MS``, not
+    with ``kafka-configs`` (the next start sets the declared value again, and says so)."""
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
     resources = [ConfigResource(ConfigResource.Type.TOPIC, t.name) for t in topics]
@@ -134,6 +139,9 @@ def _align_configs(client: AdminClient, topics: list[Topic], timeout: float) -> 
             for k, v in wanted[name].items()
             if k not in current or current[k].value != v
         ]
+        for entry in entries:
+            was = current[entry.name].value if entry.name in current else None
+            log.warning("topic %s: setting %s=%s (was %s)", name, entry.name, entry.value, was)
         if entries:
             changes.append(
                 ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
