@@ -54,20 +54,60 @@ def admin(settings: Settings) -> AdminClient:
     return AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
 
 
+def topic_config(settings: Settings, topic: Topic) -> dict[str, str]:
+    """The topic-level configuration ctrstream sets on ``topic``: its record size limit (the
+    dlq's fits any source record plus its dead letter's headers)."""
+    return {"max.message.bytes": str(settings.topics.max_message_bytes(topic))}
+
+
+def _align_size_limits(client: AdminClient, settings: Settings, topics: list[Topic]) -> None:
+    """Set the record size limit on existing topics too (one created before it was declared
+    would refuse the dead letter of a record its source accepted)."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    res = [
+        ConfigResource(
+            ConfigResource.Type.TOPIC,
+            t.name,
+            incremental_configs=[
+                ConfigEntry(
+                    "max.message.bytes",
+                    topic_config(settings, t)["max.message.bytes"],
+                    incremental_operation=AlterConfigOpType.SET,
+                )
+            ],
+        )
+        for t in topics
+    ]
+    if res:
+        for fut in client.incremental_alter_configs(res).values():
+            fut.result(30)
+
+
 def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0) -> list[str]:
-    """Create the topics that do not exist yet (explicit partition counts). Returns the
-    names created. An existing topic with a different partition count is an error."""
+    """Create the topics that do not exist yet (explicit partition counts and the
+    configuration of :func:`topic_config`; an existing topic gets the size limit set).
+    Returns the names created. An existing topic with a different partition count is an
+    error."""
     client = admin(settings)
     existing = client.list_topics(timeout=timeout).topics
     created, wrong = [], []
-    new = []
+    new, old = [], []
     for t in topics:
         if t.name in existing:
+            old.append(t)
             n = len(existing[t.name].partitions)
             if n != t.partitions:
                 wrong.append(f"{t.name} has {n} partitions, configuration says {t.partitions}")
         else:
-            new.append(NewTopic(t.name, num_partitions=t.partitions, replication_factor=1))
+            new.append(
+                NewTopic(
+                    t.name,
+                    num_partitions=t.partitions,
+                    replication_factor=1,
+                    config=topic_config(settings, t),
+                )
+            )
     if wrong:
         raise RuntimeError(
             "topic configuration mismatch: "
@@ -85,6 +125,7 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
             ) as e:  # confluent-kafka's KafkaException: re-raised unless the topic exists
                 if "TOPIC_ALREADY_EXISTS" not in str(e):
                     raise
+    _align_size_limits(client, settings, old)
     return created
 
 
