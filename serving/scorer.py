@@ -173,14 +173,14 @@ class BatchScorer:
     def score_messages(self, msgs: list) -> list[tuple[bytes, bytes]]:
         """Decode one micro-batch of Kafka messages (``KafkaSourceMessage``) and score it; the
         records that cannot be scored become dead letters."""
-        from ctrstream.events import DecodeError, decode_impression, key_error
+        from ctrstream.events import MAX_EVENT_TIME_MS, DecodeError, decode_impression, key_error
         from ctrstream.kafka.deadletters import dead_letter
         from ctrstream.kafka.heartbeats import heartbeat_time
 
         imps, dead = [], []
         for m in msgs:
-            if m.value is None and heartbeat_time(m.key) is not None:
-                continue
+            if m.value is None and 0 < (heartbeat_time(m.key) or 0) < MAX_EVENT_TIME_MS:
+                continue  # a watermark heartbeat (one out of range is a bad record)
             try:
                 ev = decode_impression(m.value)
                 stage, reason = "key", key_error(m.key, ev)

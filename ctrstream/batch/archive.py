@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 
 from ctrstream.config import Settings
 from ctrstream.events import (
+    MAX_EVENT_TIME_MS,
     Click,
     DecodeError,
     Impression,
@@ -75,6 +76,14 @@ _DECODE: dict[str, Callable[[bytes | None], Impression | Click]] = {
 }
 
 DEFAULT_GROUP = "ctrstream-archive"
+
+
+def _is_heartbeat(key: bytes | None) -> bool:
+    """A watermark heartbeat's key with a time in range (one out of range is a bad record)."""
+    ht = heartbeat_time(key)
+    return ht is not None and 0 < ht < MAX_EVENT_TIME_MS
+
+
 # test hook: exit abruptly after the n-th flush wrote its files but before it committed
 CRASH_ENV = "CTRSTREAM_ARCHIVE_CRASH_AFTER_FLUSH"
 
@@ -392,7 +401,7 @@ class Archiver:
         kind = self.topic_kind[topic]
         self._offsets[(topic, msg.partition())] = msg.offset() + 1
         value = msg.value()
-        if value is None and heartbeat_time(msg.key()) is not None:
+        if value is None and _is_heartbeat(msg.key()):
             self.stats.heartbeats += 1
             return
         try:

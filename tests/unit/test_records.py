@@ -178,3 +178,18 @@ def test_the_dlq_accepts_any_source_record_plus_its_headers():
     assert s.topics.dead_letter_max_bytes() == biggest + DEAD_LETTER_OVERHEAD_BYTES
     assert s.topics.max_message_bytes(s.topics.dlq) == s.topics.dead_letter_max_bytes()
     assert s.max_event_ahead_s > 0
+
+
+def test_a_huge_records_dead_letter_fits_the_dead_letter_producer():
+    """A value of about 750 KB or more (the source topic accepts 8 MiB) has a dead letter the
+    producer takes: the producer checks the size when the record is queued, before any
+    broker is involved."""
+    from ctrstream.config import KafkaSettings
+    from ctrstream.kafka.deadletters import DlqWriter
+
+    s = Settings(kafka=KafkaSettings(bootstrap="127.0.0.1:9"))  # never reached
+    w = DlqWriter(s)
+    for size in (750_000, 1_000_000, 8 * 1024 * 1024 - 200):
+        w.write([dead_letter("oversized", "impressions", 0, size, b"x" * size, job="t")])
+    assert len(w.producer) == 3
+    w.producer.purge()
