@@ -4,13 +4,14 @@ Wire format: UTF-8 JSON objects, one per Kafka record, decoded strictly with msg
 wrong types, missing fields, unknown fields, unknown schema versions and oversized
 payloads are rejected with a precise reason (``DecodeError.reason``); nothing is guessed.
 
-Kafka keys: both ``impressions`` and ``clicks`` are keyed by the **impression id** (a contract
-the consumers enforce: a record whose key is not its impression id is a dead letter, see
-:func:`key_error`, so deduplication per partition holds whatever client produced it) and
+Kafka keys: both ``impressions`` and ``clicks`` are keyed by the **impression id** and
 produced with the same partitioner (``murmur2_random``, the Java client's default), and the
 two topics have the same partition count. A click therefore lands in the same partition
 number as its impression, so a join keyed by impression id needs no repartitioning, and
-event-time order per key is the order within one partition.
+event-time order per key is the order within one partition. The speed layer enforces the
+contract: a record whose key is not its impression id (:func:`key_error`) or that is not in
+its key's partition (:func:`partition_error`) is a dead letter, so deduplication per
+partition holds whatever client produced it.
 """
 
 from __future__ import annotations
@@ -206,3 +207,49 @@ def key_error(key: bytes | None, event: Impression | Click) -> str | None:
 
 # The Kafka producer partitioner that keeps a click in its impression's partition number.
 PARTITIONER = "murmur2_random"
+
+_M32 = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of ``data`` as an unsigned 32-bit integer (the Java client's
+    ``Utils.murmur2``, which ``murmur2_random`` reproduces)."""
+    m, length = 0x5BD1E995, len(data)
+    h = (0x9747B28C ^ length) & _M32
+    n4 = length // 4
+    for i in range(n4):
+        k = int.from_bytes(data[4 * i : 4 * i + 4], "little")
+        k = (k * m) & _M32
+        k ^= k >> 24
+        k = (k * m) & _M32
+        h = ((h * m) & _M32) ^ k
+    tail = data[4 * n4 :]
+    if len(tail) == 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h ^= tail[0]
+        h = (h * m) & _M32
+    h ^= h >> 13
+    h = (h * m) & _M32
+    h ^= h >> 15
+    return h
+
+
+def partition_for(key: bytes, n_partitions: int) -> int:
+    """The partition ``PARTITIONER`` puts a record with ``key`` in (Java's default)."""
+    return (murmur2(key) & 0x7FFFFFFF) % n_partitions
+
+
+def partition_error(key: bytes, partition: int, n_partitions: int) -> str | None:
+    """Why a record with ``key`` does not belong in ``partition`` (None when it does): every
+    copy of an event, and a click with its impression, must meet in one partition."""
+    want = partition_for(key, n_partitions)
+    if want == partition:
+        return None
+    return (
+        f"wrong partition: key {key[:64]!r} belongs in partition {want} of {n_partitions} "
+        f"(Kafka's default murmur2 partitioner), not {partition}: produce with partitioner "
+        f"{PARTITIONER} (kcat: -X partitioner={PARTITIONER})"
+    )

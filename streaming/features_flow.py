@@ -16,8 +16,9 @@ and vectorized where it matters:
    failure - whatever exception a record's bytes raise - the batch falls back to
    record-by-record decoding so every bad record gets its exact ``DecodeError.reason``).
    Failures go to ``dlq`` (stage ``decode``), and so does an event whose Kafka key is not
-   its impression id (stage ``key``: the key contract of :mod:`ctrstream.events`, which
-   keeps every copy of an event in one partition for step 3).
+   its impression id or that is not in its key's murmur2 partition (stage ``key``: the key
+   contract of :mod:`ctrstream.events`, which keeps every copy of an event in one partition
+   for step 3).
 2. **watermark, future and lateness, per Kafka partition**: ``watermark = max event time
    seen in this partition - allowed_lateness``. An event more than ``max_event_ahead_s``
    ahead of the max event time before it is a dead letter (stage ``future``) and does not
@@ -208,6 +209,43 @@ class Codec:
         return arr, ids, np.array(idx, dtype=np.int64), errors
 
 
+_M32 = np.uint64(0xFFFFFFFF)
+_MURMUR_M = np.uint64(0x5BD1E995)
+
+
+def murmur2_partitions(keys: list[bytes], n_partitions: int) -> np.ndarray:
+    """``events.partition_for`` of many keys at once: Kafka's murmur2, vectorized over the
+    keys of each length (uint64 arithmetic masked to 32 bits)."""
+    out = np.empty(len(keys), np.int64)
+    lens = np.fromiter(map(len, keys), np.int64, len(keys))
+    for length in np.unique(lens).tolist():
+        idx = np.flatnonzero(lens == length)
+        buf = np.frombuffer(b"".join([keys[i] for i in idx.tolist()]), np.uint8)
+        buf = buf.reshape(len(idx), length)
+        h = np.full(len(idx), (0x9747B28C ^ length) & 0xFFFFFFFF, np.uint64)
+        n4 = length // 4
+        if n4:
+            words = np.ascontiguousarray(buf[:, : 4 * n4]).view("<u4").astype(np.uint64)
+            for i in range(n4):
+                k = (words[:, i] * _MURMUR_M) & _M32
+                k ^= k >> np.uint64(24)
+                k = (k * _MURMUR_M) & _M32
+                h = ((h * _MURMUR_M) & _M32) ^ k
+        tail = buf[:, 4 * n4 :].astype(np.uint64)
+        if tail.shape[1] == 3:
+            h ^= tail[:, 2] << np.uint64(16)
+        if tail.shape[1] >= 2:
+            h ^= tail[:, 1] << np.uint64(8)
+        if tail.shape[1]:
+            h ^= tail[:, 0]
+            h = (h * _MURMUR_M) & _M32
+        h ^= h >> np.uint64(13)
+        h = (h * _MURMUR_M) & _M32
+        h ^= h >> np.uint64(15)
+        out[idx] = ((h & np.uint64(0x7FFFFFFF)) % np.uint64(n_partitions)).astype(np.int64)
+    return out
+
+
 def id_range_errors(rows: np.ndarray) -> list[tuple[int, str]]:
     """Rows whose entity ids cannot be packed into the speed layer's int64 keys."""
     errors = []
@@ -304,6 +342,7 @@ class _EventsPartition(StatefulSourcePartition):
         state = state or {}
         self.cfg, self.kind, self.partition, self.part_idx = cfg, kind, partition, part_idx
         self.topic = getattr(s.topics, kind).name
+        self.n_partitions = getattr(s.topics, kind).partitions
         self.etype = F.EVENT_TYPES.index("i" if kind == "impressions" else "c")
         self.codec = Codec(kind)
         self.reader = PartitionReader(
@@ -469,6 +508,20 @@ class _EventsPartition(StatefulSourcePartition):
         for i, reason, stage in errors:
             dead.append(self._dead(msgs[int(ev_idx[i])], reason, stage))
             by_stage[stage] = by_stage.get(stage, 0) + 1
+        # events not in their key's partition (a foreign partitioner): the contract of
+        # ctrstream.events, without which copies of an event would escape deduplication
+        if len(ok):
+            okeys = [msgs[i].key() for i in ok.tolist()]
+            wrong = murmur2_partitions(okeys, self.n_partitions) != self.partition
+            if wrong.any():
+                for j in np.flatnonzero(wrong).tolist():
+                    gi = int(ok[j])
+                    reason = E.partition_error(okeys[j], self.partition, self.n_partitions)
+                    dead.append(self._dead(msgs[gi], reason or "wrong partition", "key"))
+                by_stage["key"] = by_stage.get("key", 0) + int(wrong.sum())
+                keep = np.flatnonzero(~wrong)
+                rows, ok = rows[keep], ok[keep]
+                ids = [ids[i] for i in keep.tolist()]
         # entity ids the speed layer cannot key
         rng = id_range_errors(rows) if len(rows) else []
         if rng:

@@ -18,7 +18,7 @@ two. Records older than their partition's watermark are late: the ``features`` f
 sends those to ``dlq``, so the join only drops (and counts) them. A record the join cannot
 use at all is its own dead letter (connector name ``join``), written in the transaction of
 the micro-batch that read it: one that does not decode (whatever its bytes raise), one whose
-key is not its impression id (stage ``key``), one further ahead of its partition's max event
+key is not its impression id or that is not in its key's partition (stage ``key``), one further ahead of its partition's max event
 time than ``max_event_ahead_s`` (stage ``future``; it does not move the watermark, see
 ``ctrstream.config``), and a heartbeat whose time is out of range.
 
@@ -159,6 +159,7 @@ class _JoinPartition(StatefulSourcePartition):
         self.window = int(settings.attribution_window_s * 1000)
         self.lateness = int(settings.allowed_lateness_s * 1000)
         self.ahead = int(settings.max_event_ahead_s * 1000)
+        self.n_parts = settings.topics.impressions.partitions  # = clicks' (JoinSource checks)
         # (topic 0 impressions / 1 clicks, partition) -> max event time, for this process's
         # partitions: what bounds a partition's first event
         self.part_max = part_max if part_max is not None else {}
@@ -319,7 +320,7 @@ class _JoinPartition(StatefulSourcePartition):
             except E.DecodeError as e:
                 self._reject(m, e.reason, "decode")
                 continue
-            reason = E.key_error(m.key(), h)
+            reason = E.key_error(m.key(), h) or E.partition_error(m.key(), self.p, self.n_parts)
             if reason is not None:
                 self._reject(m, reason, "key")
                 continue
@@ -359,7 +360,7 @@ class _JoinPartition(StatefulSourcePartition):
             except E.DecodeError as e:
                 self._reject(m, e.reason, "decode")
                 continue
-            reason = E.key_error(m.key(), h)
+            reason = E.key_error(m.key(), h) or E.partition_error(m.key(), self.p, self.n_parts)
             if reason is not None:
                 self._reject(m, reason, "key")
                 continue

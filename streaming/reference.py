@@ -6,7 +6,8 @@ with no batching, sharding or numpy, so that it shares no code path with the dat
 the codec and ``ctrstream.features``:
 
 * heartbeat records advance their partition's watermark (one out of range is dead);
-  undecodable records are dead, and so are events whose key is not their impression id;
+  undecodable records are dead, and so are events whose key is not their impression id or
+  that are not in their key's partition;
 * per Kafka partition, an event more than ``max_event_ahead_s`` ahead of the max event time
   before it is dead (``future``) and does not move it (a partition's first event is not
   bounded here: the job bounds it by its other partitions, an order this reference does not
@@ -89,7 +90,9 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
                     ref.dead[where] = ("decode", e.reason)
                     ref.stats["decode_errors"] += 1
                     continue
-                reason = E.key_error(r.key, ev)
+                reason = E.key_error(r.key, ev) or E.partition_error(
+                    r.key or b"", r.partition, getattr(settings.topics, kind).partitions
+                )
                 if reason is not None:
                     ref.dead[where] = ("key", reason)
                     ref.stats["wrong_key"] += 1

@@ -193,3 +193,30 @@ def test_a_huge_records_dead_letter_fits_the_dead_letter_producer():
         w.write([dead_letter("oversized", "impressions", 0, size, b"x" * size, job="t")])
     assert len(w.producer) == 3
     w.producer.purge()
+
+
+def test_murmur2_is_kafkas_default_partitioner():
+    """The Java client's test vectors (``UtilsTest.testMurmur2``), and the vectorized version
+    the features job uses agrees with the scalar one on keys of every length."""
+    import random
+
+    from ctrstream.streaming.features_flow import murmur2_partitions
+
+    vectors = {
+        b"21": -973932308,
+        b"foobar": -790332482,
+        b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+        b"abc": 479470107,
+    }
+    for key, java in vectors.items():
+        assert E.murmur2(key) == java & 0xFFFFFFFF
+    rng = random.Random(1)
+    keys = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40))) for _ in range(3000)]
+    for n in (1, 4, 7):
+        assert murmur2_partitions(keys, n).tolist() == [E.partition_for(k, n) for k in keys]
+    k = b"imp-42"
+    assert E.partition_error(k, E.partition_for(k, 4), 4) is None
+    wrong = (E.partition_for(k, 4) + 1) % 4
+    assert "murmur2_random" in (E.partition_error(k, wrong, 4) or "")
