@@ -516,8 +516,8 @@ class _EventsPartition(StatefulSourcePartition):
             if wrong.any():
                 for j in np.flatnonzero(wrong).tolist():
                     gi = int(ok[j])
-                    reason = E.partition_error(okeys[j], self.partition, self.n_partitions)
-                    dead.append(self._dead(msgs[gi], reason or "wrong partition", "key"))
+                    why = E.partition_error(okeys[j], self.partition, self.n_partitions)
+                    dead.append(self._dead(msgs[gi], why or "wrong partition", "key"))
                 by_stage["key"] = by_stage.get("key", 0) + int(wrong.sum())
                 keep = np.flatnonzero(~wrong)
                 rows, ok = rows[keep], ok[keep]

@@ -498,7 +498,7 @@ def test_no_record_stops_a_job(fuzz_settings, tmp_path, unique, capsys):
             for row in rows:
                 print("| " + " | ".join(row) + " |")
             print(
-                f"good records: {len(corpus) - len(bad) - 1} ({ref.stats['counted_i']} impressions and {ref.stats['counted_c']} clicks counted, {ref.stats['duplicates']} duplicate), heartbeats {n_hb}"
+                f"good records: {len(corpus) - len(speed_bad)} ({ref.stats['counted_i']} impressions and {ref.stats['counted_c']} clicks counted, {ref.stats['duplicates']} duplicate), heartbeats {n_hb}"
             )
     finally:
         for j in jobs.values():
