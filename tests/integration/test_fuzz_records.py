@@ -400,6 +400,17 @@ def test_no_record_stops_a_job(fuzz_settings, tmp_path, unique, capsys):
         for w, x in cal_bad.items():
             assert dl_of[(cal_name, *w)].original == x.value
 
+        # -- the dlq topic takes any source record plus its dead letter's headers
+        from confluent_kafka.admin import ConfigResource
+
+        from ctrstream.kafka.clients import admin
+
+        res = ConfigResource(ConfigResource.Type.TOPIC, s.topics.dlq.name)
+        client = admin(s)  # held while its future resolves
+        conf = client.describe_configs([res])[res].result(30)
+        assert int(conf["max.message.bytes"].value) == s.topics.dead_letter_max_bytes()
+        assert s.topics.dead_letter_max_bytes() > s.topics.impressions.max_message_bytes
+
         # -- consumed to the end, and the accounting closes per consumer
         n_in = {k: len(v) for k, v in recs.items()}
         assert sum(n_in.values()) == len(corpus) + n_hb
