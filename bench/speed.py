@@ -193,7 +193,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
         # warm up: wait until both jobs consume (a first probe becomes visible)
         warm_uid = 2_000_000_000
         warm = _imp("warm", warm_uid, rng)
-        p.produce(ti, key=b"warm", value=E.encode(warm))
+        p.produce(ti, key=E.key_of(warm), value=E.encode(warm))
         p.flush(10)
         deadline = time.time() + 120
         while not speed_hashes_exist(r, [("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)])[

@@ -59,6 +59,13 @@ class _OverDefaults(BaseModel):
 
 DAY_MS = 24 * 3600 * 1000
 
+# The largest record a topic accepts (its ``max.message.bytes``, set when ctrstream creates
+# it): the local broker's and compose's ``message.max.bytes``.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# What a dead letter adds to the record it carries: its ``__connect.errors.*`` headers (the
+# reason is cut to fit, see ctrstream.kafka.deadletters) and the record batch's framing.
+DEAD_LETTER_OVERHEAD_BYTES = 64 * 1024
+
 
 class Topic(BaseModel):
     name: str
@@ -66,6 +73,9 @@ class Topic(BaseModel):
     # the topic's own retention.ms, set when it is created (and corrected on an existing
     # topic by ensure_topics); -1 keeps every record
     retention_ms: int = Field(default=-1, ge=-1)
+    # the topic's max.message.bytes; for the dlq, the largest source's plus a dead letter's
+    # overhead (Topics.dead_letter_max_bytes), whatever is given here
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024)
 
 
 class Topics(_OverDefaults):
@@ -89,6 +99,18 @@ class Topics(_OverDefaults):
 
     def all(self) -> list[Topic]:
         return [self.impressions, self.clicks, self.labeled, self.predictions, self.dlq]
+
+    def dead_letter_max_bytes(self) -> int:
+        """The dlq topic's and the dead-letter producers' record size limit: any record a
+        source topic accepts, plus the dead letter's headers."""
+        sources = (self.impressions, self.clicks, self.labeled, self.predictions)
+        return max(t.max_message_bytes for t in sources) + DEAD_LETTER_OVERHEAD_BYTES
+
+    def max_message_bytes(self, topic: Topic) -> int:
+        """The max.message.bytes ``topic`` is created with."""
+        return (
+            self.dead_letter_max_bytes() if topic.name == self.dlq.name else topic.max_message_bytes
+        )
 
 
 class KafkaSettings(BaseModel):
@@ -168,6 +190,15 @@ class Settings(BaseSettings):
 
     # speed layer
     allowed_lateness_s: float = 60.0
+    # How far ahead of its partition's watermark (the largest event time seen there) an event
+    # may be; a partition's first event is bounded by the other partitions' watermarks in
+    # the same job and, in a live stream, by the wall clock. An event beyond it is a dead
+    # letter (``future: ...``) and does not move the watermark, so one bad clock cannot make
+    # the rest of its partition late. A real gap in event time larger than this must be
+    # announced by a watermark heartbeat (`ctrstream speed heartbeat`), which moves the
+    # watermark by itself. Sized for the generator's traffic: a scenario spans hours and its
+    # partitions' events are seconds to minutes apart.
+    max_event_ahead_s: float = Field(default=6 * 3600.0, gt=0)
     flush_interval_ms: int = 300
     attribution_window_s: float = 1800.0
     redis_ttl_s: int = 3 * 24 * 3600

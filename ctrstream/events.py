@@ -8,7 +8,10 @@ Kafka keys: both ``impressions`` and ``clicks`` are keyed by the **impression id
 produced with the same partitioner (``murmur2_random``, the Java client's default), and the
 two topics have the same partition count. A click therefore lands in the same partition
 number as its impression, so a join keyed by impression id needs no repartitioning, and
-event-time order per key is the order within one partition.
+event-time order per key is the order within one partition. The speed layer enforces the
+contract: a record whose key is not its impression id (:func:`key_error`) or that is not in
+its key's partition (:func:`partition_error`) is a dead letter, so deduplication per
+partition holds whatever client produced it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import msgspec
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
 MAX_EVENT_BYTES = 4096
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# event times are milliseconds since the epoch before the year 10000 (what a date can show)
+MAX_EVENT_TIME_MS = 253_402_300_800_000
 
 DeviceType = Literal["mobile", "desktop", "tablet", "ctv"]
 
@@ -74,18 +80,22 @@ class Prediction(msgspec.Struct, frozen=True):
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
-    """What the dead-letter topic carries: the reason and where the record came from.
+    """One rejected record: why, where it came from, and its original key and value.
 
-    The original bytes travel as the Kafka record's value is not JSON-safe, so they are
-    kept base64-encoded in ``original`` (msgspec encodes ``bytes`` as base64).
-    """
+    On the ``dlq`` topic it follows Kafka Connect's dead-letter convention
+    (:mod:`ctrstream.kafka.deadletters`): the record's value and key are the original ones,
+    unchanged (a null value stays null), and the rest travels in ``__connect.errors.*``
+    headers. ``job`` names the consuming job that rejected it (Connect's connector name),
+    so one bad record read by several jobs has one dead letter per job."""
 
     reason: str
     source_topic: str
     partition: int
     offset: int
-    original: bytes
+    original: bytes | None
     stage: str = "decode"
+    key: bytes | None = None
+    job: str = ""
 
 
 class DecodeError(ValueError):
@@ -96,12 +106,18 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+def _int_fields(struct: type) -> tuple[str, ...]:
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return tuple(f.name for f in info.fields if isinstance(f.type, msgspec.inspect.IntType))
+
+
+_INT_FIELDS = {Impression: _int_fields(Impression), Click: _int_fields(Click)}
 _encoder = msgspec.json.Encoder()
 _imp_decoder = msgspec.json.Decoder(Impression)
 _click_decoder = msgspec.json.Decoder(Click)
 _labeled_decoder = msgspec.json.Decoder(Labeled)
 _pred_decoder = msgspec.json.Decoder(Prediction)
-_dlq_decoder = msgspec.json.Decoder(DeadLetter)
 
 
 def encode(event: msgspec.Struct) -> bytes:
@@ -118,11 +134,25 @@ def _check_version(ev: Impression | Click) -> None:
         raise DecodeError(
             f"unknown schema_version {ev.schema_version}; supported: {sorted(SUPPORTED_VERSIONS)}"
         )
-    if ev.event_time_ms <= 0:
-        raise DecodeError(f"invalid event_time_ms {ev.event_time_ms}: must be > 0")
+    if not 0 < ev.event_time_ms < MAX_EVENT_TIME_MS:
+        raise DecodeError(
+            f"invalid event_time_ms {ev.event_time_ms}: must be > 0 and < {MAX_EVENT_TIME_MS} "
+            "(milliseconds since the epoch)"
+        )
+    if not ev.impression_id:
+        raise DecodeError("invalid: impression_id is empty")
+    if isinstance(ev, Click) and not ev.click_id:
+        raise DecodeError("invalid: click_id is empty")
+    for name in _INT_FIELDS[type(ev)]:
+        v = getattr(ev, name)
+        if not INT64_MIN <= v <= INT64_MAX:
+            raise DecodeError(f"invalid: {name}={v} does not fit in a signed 64-bit integer")
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | None) -> Any:
+    """Decode and validate one record; ANY failure caused by its bytes is a ``DecodeError``
+    with the reason (msgspec's own errors, and what escapes them: invalid UTF-8 inside a
+    string raises ``UnicodeDecodeError``, a nesting too deep ``RecursionError``)."""
     if data is None:
         raise DecodeError("empty record: value is null")
     _check_size(data)
@@ -132,6 +162,10 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | None) -> Any:
         raise DecodeError(f"invalid: {e}") from None
     except msgspec.DecodeError as e:
         raise DecodeError(f"malformed JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"malformed JSON: invalid UTF-8 at byte {e.start}: {e.reason}") from None
+    except Exception as e:  # noqa: BLE001 - whatever a record's bytes raise, it is that record's
+        raise DecodeError(f"malformed: {type(e).__name__}: {e}") from None
     _check_version(ev)
     return ev
 
@@ -152,14 +186,70 @@ def decode_prediction(data: bytes) -> Prediction:
     return _pred_decoder.decode(data)
 
 
-def decode_dead_letter(data: bytes) -> DeadLetter:
-    return _dlq_decoder.decode(data)
-
-
 def key_of(event: Impression | Click) -> bytes:
     """The Kafka key: the impression id (see the module docstring)."""
     return event.impression_id.encode()
 
 
+def key_error(key: bytes | None, event: Impression | Click) -> str | None:
+    """Why ``key`` breaks the key contract for ``event`` (None when it holds): the key of an
+    impression or a click is its impression id, which is what keeps every copy of an event
+    in one partition, where deduplication sees them."""
+    want = key_of(event)
+    if key == want:
+        return None
+    got = "no key" if key is None else f"key {key[:64]!r}"
+    return (
+        f"wrong key: {got}, expected the impression id {want!r} (the Kafka key of an "
+        "impression or a click must be its impression id: produce it with that key)"
+    )
+
+
 # The Kafka producer partitioner that keeps a click in its impression's partition number.
 PARTITIONER = "murmur2_random"
+
+_M32 = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of ``data`` as an unsigned 32-bit integer (the Java client's
+    ``Utils.murmur2``, which ``murmur2_random`` reproduces)."""
+    m, length = 0x5BD1E995, len(data)
+    h = (0x9747B28C ^ length) & _M32
+    n4 = length // 4
+    for i in range(n4):
+        k = int.from_bytes(data[4 * i : 4 * i + 4], "little")
+        k = (k * m) & _M32
+        k ^= k >> 24
+        k = (k * m) & _M32
+        h = ((h * m) & _M32) ^ k
+    tail = data[4 * n4 :]
+    if len(tail) == 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h ^= tail[0]
+        h = (h * m) & _M32
+    h ^= h >> 13
+    h = (h * m) & _M32
+    h ^= h >> 15
+    return h
+
+
+def partition_for(key: bytes, n_partitions: int) -> int:
+    """The partition ``PARTITIONER`` puts a record with ``key`` in (Java's default)."""
+    return (murmur2(key) & 0x7FFFFFFF) % n_partitions
+
+
+def partition_error(key: bytes, partition: int, n_partitions: int) -> str | None:
+    """Why a record with ``key`` does not belong in ``partition`` (None when it does): every
+    copy of an event, and a click with its impression, must meet in one partition."""
+    want = partition_for(key, n_partitions)
+    if want == partition:
+        return None
+    return (
+        f"wrong partition: key {key[:64]!r} belongs in partition {want} of {n_partitions} "
+        f"(Kafka's default murmur2 partitioner), not {partition}: produce with partitioner "
+        f"{PARTITIONER} (kcat: -X partitioner={PARTITIONER})"
+    )

@@ -2,8 +2,10 @@
 
 impressions (Kafka, micro-batches of ``batch_size``) -> per batch:
 
-1. decode (records that do not decode are skipped and counted: the speed layer already
-   dead-letters them);
+1. decode: a record that does not decode (whatever its bytes raise) or whose key is not its
+   impression id is counted and written to ``dlq`` (connector name ``scorer``,
+   ``ctrstream.kafka.deadletters``; acknowledged before the batch's predictions are
+   produced); watermark heartbeats are skipped;
 2. **features as of each impression's event time**: the lambda-merged window counts from
    Redis (``ctrstream.store.reader.FeatureStore``, the same read the API does, via
    ``ctrstream.serving.assembly``). Every bucket boundary is a whole minute and the window value at
@@ -36,6 +38,7 @@ from ctrstream import features as F
 from ctrstream.config import Settings, get_settings
 
 if TYPE_CHECKING:
+    from ctrstream.kafka.deadletters import DlqWriter
     from ctrstream.store.reader import Mode
 
 log = logging.getLogger("ctrstream.score")
@@ -117,6 +120,7 @@ class BatchScorer:
         self.batch_size = batch_size
         self.feature_mode = feature_mode
         self._store, self._scorer, self._cal = store, scorer, calibrator
+        self._dlq: DlqWriter | None = None  # the dead-letter producer, made on the first bad record
 
     def _deps(self):
         if self._store is None:
@@ -166,21 +170,57 @@ class BatchScorer:
                 degraded = True
         return F.sparse_ids(cols), F.dense_from_counts(counts), degraded
 
-    def score_values(self, values: list[bytes]) -> list[tuple[bytes, bytes]]:
-        from ctrstream.events import Prediction, decode_impression, encode
+    def score_messages(self, msgs: list) -> list[tuple[bytes, bytes]]:
+        """Decode one micro-batch of Kafka messages (``KafkaSourceMessage``) and score it; the
+        records that cannot be scored become dead letters."""
+        from ctrstream.events import MAX_EVENT_TIME_MS, DecodeError, decode_impression, key_error
+        from ctrstream.kafka.deadletters import dead_letter
+        from ctrstream.kafka.heartbeats import heartbeat_time
+
+        imps, dead = [], []
+        for m in msgs:
+            if m.value is None and 0 < (heartbeat_time(m.key) or 0) < MAX_EVENT_TIME_MS:
+                continue  # a watermark heartbeat (one out of range is a bad record)
+            try:
+                ev = decode_impression(m.value)
+                stage, reason = "key", key_error(m.key, ev)
+            except DecodeError as e:
+                stage, reason = "decode", e.reason
+            if reason is None:
+                imps.append(ev)
+                continue
+            dead.append(
+                dead_letter(
+                    reason,
+                    m.topic or self.settings.topics.impressions.name,
+                    -1 if m.partition is None else m.partition,
+                    -1 if m.offset is None else m.offset,
+                    m.value,
+                    stage,
+                    key=m.key,
+                    job="scorer",
+                )
+            )
+        if dead:
+            _metrics()["bad"].inc(len(dead))
+            if self._dlq is None:
+                from ctrstream.kafka.deadletters import DlqWriter
+
+                self._dlq = DlqWriter(self.settings)
+            self._dlq.write(dead)
+            self._dlq.flush()
+        return self.score_events(imps, len(msgs))
+
+    def score_events(self, imps: list, n_read: int) -> list[tuple[bytes, bytes]]:
+        """Score decoded impressions (``n_read``: the records of the batch they came from)."""
+        from ctrstream.events import Prediction, encode
 
         g = _metrics()
         t0 = time.perf_counter()
-        imps = []
-        for v in values:
-            try:
-                imps.append(decode_impression(v))
-            except Exception:  # noqa: BLE001 - the speed layer dead-letters it
-                g["bad"].inc()
         if self.since_ms is not None:
             imps = [i for i in imps if i.event_time_ms >= self.since_ms]
         if not imps:
-            g["read"].inc(len(values))
+            g["read"].inc(n_read)
             return []
         _, scorer, cal = self._deps()
         cols = impression_columns(imps)
@@ -219,7 +259,7 @@ class BatchScorer:
         g["batch"].labels("total").observe(t3 - t0)
         g["rows"].observe(len(imps))
         g["predictions"].labels(str(degraded).lower()).inc(len(out))
-        g["read"].inc(len(values))
+        g["read"].inc(n_read)
         return out
 
 
@@ -262,11 +302,11 @@ def build_flow(
     msgs = op.input("impressions", flow, src)
 
     def score(batch: list) -> list:
-        values = [m.value for m in batch if isinstance(m, KafkaSourceMessage)]
+        msgs = [m for m in batch if isinstance(m, KafkaSourceMessage)]
         for m in batch:
             if not isinstance(m, KafkaSourceMessage):
                 log.warning("kafka source error: %s", getattr(m, "err", m))
-        return [KafkaSinkMessage(key=k, value=v) for k, v in bs.score_values(values)]
+        return [KafkaSinkMessage(key=k, value=v) for k, v in bs.score_messages(msgs)]
 
     preds = op.flat_map_batch("score", msgs, score)
     conf = {k: str(v) for k, v in producer_config(settings).items() if k != "bootstrap.servers"}

@@ -13,14 +13,23 @@ Design
 and vectorized where it matters:
 
 1. **decode** with the shared strict codec (one msgspec call for the whole batch; on any
-   failure the batch falls back to record-by-record decoding so every bad record gets its
-   exact ``DecodeError.reason``). Failures go to ``dlq`` (stage ``decode``).
-2. **watermark and lateness, per Kafka partition**: ``watermark = max event time seen in
-   this partition - allowed_lateness``; an event older than the watermark *before it* is
+   failure - whatever exception a record's bytes raise - the batch falls back to
+   record-by-record decoding so every bad record gets its exact ``DecodeError.reason``).
+   Failures go to ``dlq`` (stage ``decode``), and so does an event whose Kafka key is not
+   its impression id or that is not in its key's murmur2 partition (stage ``key``: the key
+   contract of :mod:`ctrstream.events`, which keeps every copy of an event in one partition
+   for step 3).
+2. **watermark, future and lateness, per Kafka partition**: ``watermark = max event time
+   seen in this partition - allowed_lateness``. An event more than ``max_event_ahead_s``
+   ahead of the max event time before it is a dead letter (stage ``future``) and does not
+   move it (a partition's first event is bounded by the other partitions of this process
+   and, live, by the wall clock; a real gap larger than the bound is announced by a
+   heartbeat). An event older than the watermark *before it* is
    late -> ``dlq`` (reason ``late: ...``, stage ``lateness``). Because it depends only on
    the order of records inside one partition (and on in-band heartbeats, see
    :mod:`ctrstream.kafka.partition`), the decision is the same on every replay: this is what
-   makes the Redis result identical after a crash.
+   makes the Redis result identical after a crash (the first-event bound is the exception:
+   it is taken once, and a snapshot keeps its outcome).
 3. **dedup**: impressions by ``impression_id``, clicks by ``click_id``. Both topics are keyed
    by impression id, so all copies of an event are in the same partition, in order; the
    partition keeps the set of ids whose event time is still at or after its watermark
@@ -110,7 +119,13 @@ def _pack_bits(n_fields: int) -> int:
 
 
 class Codec:
-    """Decodes a micro-batch of one topic into an int64 column matrix + ids."""
+    """Decodes a micro-batch of one topic into an int64 column matrix + ids.
+
+    Any failure of a record's bytes is that record's dead letter, never the batch's: the
+    one msgspec call for the whole batch falls back to record-by-record decoding on ANY
+    exception, and the per-record codec turns whatever the bytes raise into a
+    ``DecodeError``. A decoded event whose Kafka key is not its impression id is a dead
+    letter too (stage ``key``, :func:`ctrstream.events.key_error`)."""
 
     def __init__(self, kind: str):
         struct = E.Impression if kind == "impressions" else E.Click
@@ -118,11 +133,13 @@ class Codec:
         self.one = E.decode_impression if kind == "impressions" else E.decode_click
         self.cols = operator.attrgetter(*INT_FIELDS)
         self.id_of = operator.attrgetter("impression_id" if kind == "impressions" else "click_id")
+        self.iid_of = operator.attrgetter("impression_id")
 
     def decode(
-        self, values: list
-    ) -> tuple[np.ndarray, list[str], np.ndarray, list[tuple[int, str]]]:
-        """Returns (rows[n_ok, len(INT_FIELDS)], ids[n_ok], ok_index[n_ok], errors[(index, reason)])."""
+        self, values: list, keys: list
+    ) -> tuple[np.ndarray, list[str], np.ndarray, list[tuple[int, str, str]]]:
+        """Returns (rows[n_ok, len(INT_FIELDS)], ids[n_ok], ok_index[n_ok],
+        errors[(index, reason, stage)])."""
         n = len(values)
         evs = None
         if n and None not in values and max(map(len, values)) <= E.MAX_EVENT_BYTES:
@@ -130,35 +147,45 @@ class Codec:
                 evs = self.list_decoder.decode(b"[" + b",".join(values) + b"]")
                 if len(evs) != n:
                     evs = None
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except Exception:  # noqa: BLE001 - any failure: record by record, each its reason
                 evs = None
         if evs is not None:
             try:
                 rows = np.array(list(map(self.cols, evs)), dtype=np.int64).reshape(
                     n, len(INT_FIELDS)
                 )
-            except OverflowError:
+            except (OverflowError, ValueError, TypeError):
                 evs = None
         if evs is None:
-            return self._slow(values)
+            return self._slow(values, keys)
         ok = np.ones(n, dtype=bool)
-        errors: list[tuple[int, str]] = []
-        bad = ~np.isin(rows[:, 0], _SUPPORTED) | (rows[:, 1] <= 0)
+        errors: list[tuple[int, str, str]] = []
+        ids = list(map(self.id_of, evs))
+        iids = ids if self.id_of == self.iid_of else list(map(self.iid_of, evs))
+        t = rows[:, 1]
+        bad = ~np.isin(rows[:, 0], _SUPPORTED) | (t <= 0) | (t >= E.MAX_EVENT_TIME_MS)
+        if "" in ids or "" in iids:
+            bad |= np.array([not a or not b for a, b in zip(ids, iids)], dtype=bool)
         if bad.any():
             for i in np.flatnonzero(bad).tolist():
                 try:
                     self.one(values[i])
                 except E.DecodeError as e:
-                    errors.append((i, e.reason))
+                    errors.append((i, e.reason, "decode"))
                     ok[i] = False
-        ids = list(map(self.id_of, evs))
+        want = list(map(str.encode, iids))
+        if keys != want:  # one comparison in C when every key keeps the contract
+            for i, (k, w) in enumerate(zip(keys, want)):
+                if k != w and ok[i]:
+                    errors.append((i, E.key_error(k, evs[i]) or "wrong key", "key"))
+                    ok[i] = False
         idx = np.flatnonzero(ok)
         if len(idx) != n:
             rows = rows[idx]
             ids = [ids[i] for i in idx.tolist()]
         return rows, ids, idx, errors
 
-    def _slow(self, values: list):
+    def _slow(self, values: list, keys: list):
         rows, ids, idx, errors = [], [], [], []
         for i, v in enumerate(values):
             try:
@@ -166,16 +193,57 @@ class Codec:
                 row = self.cols(ev)
                 np.array(row, dtype=np.int64)  # range check
             except E.DecodeError as e:
-                errors.append((i, e.reason))
+                errors.append((i, e.reason, "decode"))
                 continue
             except OverflowError:
-                errors.append((i, "invalid: an integer field does not fit in int64"))
+                errors.append((i, "invalid: an integer field does not fit in int64", "decode"))
+                continue
+            reason = E.key_error(keys[i], ev)
+            if reason is not None:
+                errors.append((i, reason, "key"))
                 continue
             rows.append(row)
             ids.append(self.id_of(ev))
             idx.append(i)
         arr = np.array(rows, dtype=np.int64).reshape(len(rows), len(INT_FIELDS))
         return arr, ids, np.array(idx, dtype=np.int64), errors
+
+
+_M32 = np.uint64(0xFFFFFFFF)
+_MURMUR_M = np.uint64(0x5BD1E995)
+
+
+def murmur2_partitions(keys: list[bytes], n_partitions: int) -> np.ndarray:
+    """``events.partition_for`` of many keys at once: Kafka's murmur2, vectorized over the
+    keys of each length (uint64 arithmetic masked to 32 bits)."""
+    out = np.empty(len(keys), np.int64)
+    lens = np.fromiter(map(len, keys), np.int64, len(keys))
+    for length in np.unique(lens).tolist():
+        idx = np.flatnonzero(lens == length)
+        buf = np.frombuffer(b"".join([keys[i] for i in idx.tolist()]), np.uint8)
+        buf = buf.reshape(len(idx), length)
+        h = np.full(len(idx), (0x9747B28C ^ length) & 0xFFFFFFFF, np.uint64)
+        n4 = length // 4
+        if n4:
+            words = np.ascontiguousarray(buf[:, : 4 * n4]).view("<u4").astype(np.uint64)
+            for i in range(n4):
+                k = (words[:, i] * _MURMUR_M) & _M32
+                k ^= k >> np.uint64(24)
+                k = (k * _MURMUR_M) & _M32
+                h = ((h * _MURMUR_M) & _M32) ^ k
+        tail = buf[:, 4 * n4 :].astype(np.uint64)
+        if tail.shape[1] == 3:
+            h ^= tail[:, 2] << np.uint64(16)
+        if tail.shape[1] >= 2:
+            h ^= tail[:, 1] << np.uint64(8)
+        if tail.shape[1]:
+            h ^= tail[:, 0]
+            h = (h * _MURMUR_M) & _M32
+        h ^= h >> np.uint64(13)
+        h = (h * _MURMUR_M) & _M32
+        h ^= h >> np.uint64(15)
+        out[idx] = ((h & np.uint64(0x7FFFFFFF)) % np.uint64(n_partitions)).astype(np.int64)
+    return out
 
 
 def id_range_errors(rows: np.ndarray) -> list[tuple[int, str]]:
@@ -274,16 +342,20 @@ class _EventsPartition(StatefulSourcePartition):
         state = state or {}
         self.cfg, self.kind, self.partition, self.part_idx = cfg, kind, partition, part_idx
         self.topic = getattr(s.topics, kind).name
+        self.n_partitions = getattr(s.topics, kind).partitions
         self.etype = F.EVENT_TYPES.index("i" if kind == "impressions" else "c")
         self.codec = Codec(kind)
         self.reader = PartitionReader(
             s, self.topic, partition, state.get("offset"), group=f"ctrstream-speed-{FLOW}"
         )
         self.max_t = state.get("max_t", NO_TIME)
+        if self.max_t != NO_TIME:
+            cfg.part_max[part_idx] = self.max_t
         self.slots: dict[int, list[str]] = {g: list(v) for g, v in state.get("slots", {}).items()}
         self.seen: set[str] = set().union(*self.slots.values()) if self.slots else set()
         self.awake: datetime | None = None
         self.lateness = cfg.lateness_ms
+        self.ahead = int(s.max_event_ahead_s * 1000)
         self.slot_ms = max(1000, self.lateness // 4)
         self.dlq = cfg.dlq_writer()
         self.end = self.reader.high_watermark() if cfg.stop_at_end else None
@@ -295,7 +367,6 @@ class _EventsPartition(StatefulSourcePartition):
             M.DUPLICATES.labels(*lbl),
             M.LATE.labels(*lbl),
         )
-        self.m_dlq = M.DLQ.labels(FLOW, self.topic, "decode")
         self.m_dlq_late = M.DLQ.labels(FLOW, self.topic, "lateness")
         self.m_lag = M.LAG.labels(FLOW, self.topic, str(partition))
         self.m_wm = M.WATERMARK.labels(FLOW, self.topic, str(partition))
@@ -351,32 +422,106 @@ class _EventsPartition(StatefulSourcePartition):
         return self.process(msgs)
 
     # -- the per-batch work (vectorized) --
+    def _dead(self, msg, reason: str, stage: str) -> E.DeadLetter:
+        return dead_letter(
+            reason,
+            self.topic,
+            self.partition,
+            msg.offset(),
+            msg.value(),
+            stage,
+            key=msg.key(),
+            job=FLOW,
+        )
+
+    def first_limit(self) -> int | None:
+        """The latest event time a partition's first event may have (see
+        ``Settings.max_event_ahead_s``): ahead of the other partitions' watermarks in this
+        process and, in a live stream, of the wall clock; None when neither is known."""
+        limits = []
+        others = [t for k, t in self.cfg.part_max.items() if k != self.part_idx and t != NO_TIME]
+        if others:
+            limits.append(max(others) + self.ahead)
+        if not self.cfg.stop_at_end:
+            limits.append(int(time.time() * 1000) + self.ahead)
+        return min(limits) if limits else None
+
+    def future_mask(self, t_all: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Which candidate events are further ahead of their partition's watermark (the max
+        event time before them, heartbeats included) than the bound. Such an event does not
+        move the watermark, so the check is sequential: the first one past the bound is
+        taken out and the running maximum recomputed (one pass per future event)."""
+        fut = np.zeros(len(t_all), dtype=bool)
+        if not len(t_all):
+            return fut
+        first = self.first_limit() if self.max_t == NO_TIME else None
+        no_limit = np.iinfo(np.int64).max
+        t = t_all.copy()
+        while True:
+            prev = np.maximum.accumulate(np.concatenate(([self.max_t], t)))[:-1]
+            limit = np.where(
+                prev == NO_TIME, no_limit if first is None else first, prev + self.ahead
+            )
+            over = cand & ~fut & (t > limit)
+            if not over.any():
+                return fut
+            i = int(np.argmax(over))
+            fut[i] = True
+            t[i] = NO_TIME
+
+    # -- the per-batch work (vectorized) --
     def process(self, msgs: list) -> list:
         n = len(msgs)
         self.m_in.inc(n)
         values = [m.value() for m in msgs]
         t_all = np.full(n, NO_TIME, dtype=np.int64)
         is_event = np.ones(n, dtype=bool)
-        dead: list[bytes] = []
+        dead: list[E.DeadLetter] = []
+        by_stage: dict[str, int] = {}
         if None in values:  # heartbeats (and null records, which are malformed)
             for i, v in enumerate(values):
                 if v is None:
                     ht = heartbeat_time(msgs[i].key())
-                    if ht is not None:
+                    if ht is None:
+                        continue
+                    is_event[i] = False
+                    if 0 < ht < E.MAX_EVENT_TIME_MS:
                         t_all[i] = ht
-                        is_event[i] = False
+                    else:
+                        dead.append(
+                            self._dead(
+                                msgs[i],
+                                f"invalid heartbeat: event time {ht} outside (0, "
+                                f"{E.MAX_EVENT_TIME_MS}); the watermark does not move",
+                                "decode",
+                            )
+                        )
+                        by_stage["decode"] = by_stage.get("decode", 0) + 1
             ev_idx = np.flatnonzero(is_event)
             ev_values = [values[i] for i in ev_idx.tolist()]
         else:
             ev_idx = np.arange(n)
             ev_values = values
-        rows, ids, ok_local, errors = self.codec.decode(ev_values)
+        ev_keys = [msgs[i].key() for i in ev_idx.tolist()]
+        rows, ids, ok_local, errors = self.codec.decode(ev_values, ev_keys)
         ok = ev_idx[ok_local] if len(ok_local) else ok_local.astype(np.int64)
-        for i, reason in errors:
-            gi = int(ev_idx[i])
-            dead.append(
-                dead_letter(reason, self.topic, self.partition, msgs[gi].offset(), values[gi])
-            )
+        for i, reason, stage in errors:
+            dead.append(self._dead(msgs[int(ev_idx[i])], reason, stage))
+            by_stage[stage] = by_stage.get(stage, 0) + 1
+        # events not in their key's partition (a foreign partitioner): the contract of
+        # ctrstream.events, without which copies of an event would escape deduplication
+        if len(ok):
+            okeys = [msgs[i].key() for i in ok.tolist()]
+            wrong = murmur2_partitions(okeys, self.n_partitions) != self.partition
+            if wrong.any():
+                for j in np.flatnonzero(wrong).tolist():
+                    gi = int(ok[j])
+                    why = E.partition_error(okeys[j], self.partition, self.n_partitions)
+                    dead.append(self._dead(msgs[gi], why or "wrong partition", "key"))
+                by_stage["key"] = by_stage.get("key", 0) + int(wrong.sum())
+                keep = np.flatnonzero(~wrong)
+                rows, ok = rows[keep], ok[keep]
+                ids = [ids[i] for i in keep.tolist()]
         # entity ids the speed layer cannot key
         rng = id_range_errors(rows) if len(rows) else []
         if rng:
@@ -384,21 +529,38 @@ class _EventsPartition(StatefulSourcePartition):
             for i, reason in rng:
                 if not drop[i]:
                     drop[i] = True
-                    gi = int(ok[i])
-                    dead.append(
-                        dead_letter(
-                            reason, self.topic, self.partition, msgs[gi].offset(), values[gi]
-                        )
-                    )
+                    dead.append(self._dead(msgs[int(ok[i])], reason, "decode"))
+                    by_stage["decode"] = by_stage.get("decode", 0) + 1
             keep = np.flatnonzero(~drop)
             rows, ok = rows[keep], ok[keep]
             ids = [ids[i] for i in keep.tolist()]
-        n_decode_dead = len(dead)
         t_all[ok] = rows[:, 1]
+        # events too far ahead of the watermark: dead letters that do not move it
+        cand = np.zeros(n, dtype=bool)
+        cand[ok] = True
+        fut_all = self.future_mask(t_all, cand)
+        if fut_all.any():
+            for gi in np.flatnonzero(fut_all).tolist():
+                dead.append(
+                    self._dead(
+                        msgs[gi],
+                        f"future: event_time_ms {int(t_all[gi])} is more than "
+                        f"{self.ahead} ms ahead of the watermark of "
+                        f"{self.topic}[{self.partition}] (max_event_ahead_s; a real gap in "
+                        "event time is announced by a watermark heartbeat)",
+                        "future",
+                    )
+                )
+            by_stage["future"] = by_stage.get("future", 0) + int(fut_all.sum())
+            t_all[fut_all] = NO_TIME
+            keep = np.flatnonzero(~fut_all[ok])
+            rows, ok = rows[keep], ok[keep]
+            ids = [ids[i] for i in keep.tolist()]
         # lateness against this partition's watermark (max event time before the record)
         cm = np.maximum.accumulate(np.concatenate(([self.max_t], t_all)))
         prev_max = cm[:-1]
         self.max_t = int(cm[-1])
+        self.cfg.part_max[self.part_idx] = self.max_t
         late_all = t_all < prev_max - self.lateness
         late = late_all[ok]
         if late.any():
@@ -406,15 +568,12 @@ class _EventsPartition(StatefulSourcePartition):
                 gi = int(ok[j])
                 wm = int(prev_max[gi]) - self.lateness
                 dead.append(
-                    dead_letter(
+                    self._dead(
+                        msgs[gi],
                         f"late: event_time_ms {int(t_all[gi])} is {wm - int(t_all[gi])} ms behind the "
                         f"watermark {wm} of {self.topic}[{self.partition}] (allowed lateness "
                         f"{self.lateness} ms)",
-                        self.topic,
-                        self.partition,
-                        msgs[gi].offset(),
-                        values[gi],
-                        stage="lateness",
+                        "lateness",
                     )
                 )
             keep = np.flatnonzero(~late)
@@ -450,8 +609,8 @@ class _EventsPartition(StatefulSourcePartition):
         self.m_ok.inc(len(rows))
         if n_dup:
             self.m_dup.inc(n_dup)
-        if n_decode_dead:
-            self.m_dlq.inc(n_decode_dead)
+        for stage, k in by_stage.items():
+            M.DLQ.labels(FLOW, self.topic, stage).inc(k)
         if n_late:
             self.m_late.inc(n_late)
             self.m_dlq_late.inc(n_late)
@@ -855,6 +1014,9 @@ class FlowConfig:
             for p in range(getattr(self.settings.topics, kind).partitions)
         ]
 
+    # the max event time of every source partition of this process (global index -> time):
+    # what bounds a partition's first event (_EventsPartition.first_limit)
+    part_max: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
     _writer: FeatureWriter | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

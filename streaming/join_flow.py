@@ -15,8 +15,12 @@ snapshot.
 **Event time.** Each topic-partition has the features flow's watermark (max event time
 seen - allowed lateness; heartbeats count); the pair's watermark ``W`` is the smaller of the
 two. Records older than their partition's watermark are late: the ``features`` flow already
-sends those to ``dlq``, so the join only drops (and counts) them; it does not dead-letter
-decode failures either, for the same reason.
+sends those to ``dlq``, so the join only drops (and counts) them. A record the join cannot
+use at all is its own dead letter (connector name ``join``), written in the transaction of
+the micro-batch that read it: one that does not decode (whatever its bytes raise), one whose
+key is not its impression id or that is not in its key's partition (stage ``key``), one further ahead of its partition's max event
+time than ``max_event_ahead_s`` (stage ``future``; it does not move the watermark, see
+``ctrstream.config``), and a heartbeat whose time is out of range.
 
 * An impression waits (id, event time, raw bytes, earliest click delay) until
   ``W > impression time + attribution window``; then one ``Labeled`` is emitted
@@ -40,6 +44,8 @@ time + window < W and every click dead letter with click time < W". After ``kill
 the restarted job restores the last Bytewax snapshot (older), aborts the dead producer's
 open transaction (``init_transactions``), reads its last committed fence ``F`` and
 suppresses every output whose time is below ``F``: those were committed before the crash.
+The fence also records the next input offsets of the pair at the commit: a record's own dead
+letter (written with the batch that read it) below them was committed before the crash.
 Everything else is emitted (again or for the first time) exactly when it would have been.
 Readers of ``labeled`` must use ``isolation.level=read_committed``.
 """
@@ -51,9 +57,9 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import msgspec
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -63,7 +69,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from ctrstream import events as E
 from ctrstream.config import Settings, Topic, get_settings
 from ctrstream.kafka.clients import ensure_topics, producer_config
-from ctrstream.kafka.deadletters import dead_letter
+from ctrstream.kafka.deadletters import dead_letter, dead_letter_headers, producer_overrides
 from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
 from ctrstream.kafka.partition import PartitionReader
 from ctrstream.streaming import speed_metrics as M
@@ -79,18 +85,17 @@ def fence_topic(settings: Settings) -> str:
     return f"{settings.topics.labeled.name}.join-fence"
 
 
-class _ImpHead(msgspec.Struct):
-    impression_id: str
-    event_time_ms: int
+@dataclass(frozen=True)
+class Fence:
+    """What a join partition had committed: every timed output below ``w``, and the dead
+    letters of the records before offsets ``oi`` (impressions) and ``oc`` (clicks)."""
+
+    w: int = NO_TIME
+    oi: int = -1
+    oc: int = -1
 
 
-class _ClickHead(msgspec.Struct):
-    click_id: str
-    impression_id: str
-    event_time_ms: int
-
-
-def read_fences(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
+def read_fences(settings: Settings, timeout: float = 30.0) -> dict[str, Fence]:
     """The last committed fence of every join partition."""
     topic = fence_topic(settings)
     c = Consumer(
@@ -117,7 +122,7 @@ def read_fences(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
                 ):
                     raise
                 time.sleep(0.1)
-        out: dict[str, int] = {}
+        out: dict[str, Fence] = {}
         if hi <= lo:
             return out
         tp.offset = lo
@@ -132,20 +137,35 @@ def read_fences(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
                 key, value = m.key(), m.value()
                 if m.error() is None and key:
                     assert value is not None  # the join writes every fence with a value
-                    out[key.decode()] = json.loads(value)["w"]
+                    f = json.loads(value)
+                    out[key.decode()] = Fence(f["w"], f.get("oi", -1), f.get("oc", -1))
         return out
     finally:
         c.close()
 
 
 class _JoinPartition(StatefulSourcePartition):
-    def __init__(self, settings: Settings, partition: int, state: dict | None):
+    def __init__(
+        self,
+        settings: Settings,
+        partition: int,
+        state: dict | None,
+        part_max: dict[tuple[int, int], int] | None = None,
+    ):
         st = state or {}
         self.s = settings
         self.p = partition
         self.key = f"p{partition}"
         self.window = int(settings.attribution_window_s * 1000)
         self.lateness = int(settings.allowed_lateness_s * 1000)
+        self.ahead = int(settings.max_event_ahead_s * 1000)
+        self.n_parts = settings.topics.impressions.partitions  # = clicks' (JoinSource checks)
+        # (topic 0 impressions / 1 clicks, partition) -> max event time, for this process's
+        # partitions: what bounds a partition's first event
+        self.part_max = part_max if part_max is not None else {}
+        # this micro-batch's own dead letters (undecodable, wrong key, future), committed
+        # with it
+        self.now_dead: list[E.DeadLetter] = []
         ti, tc = settings.topics.impressions.name, settings.topics.clicks.name
         self.ti, self.tc = ti, tc
         group = "ctrstream-speed-join"
@@ -165,18 +185,19 @@ class _JoinPartition(StatefulSourcePartition):
             "orphans", {}
         )  # imp id -> [(t, topic, part, off, raw)]
         self.orphan_due: list[tuple[int, str]] = list(st.get("orphan_due", []))
-        self.dead_due: list[tuple[int, int, bytes]] = list(st.get("dead_due", []))
+        self.dead_due: list[tuple[int, int, E.DeadLetter]] = list(st.get("dead_due", []))
         self.seq = st.get("seq", 0)
-        self.dec_i = msgspec.json.Decoder(_ImpHead)
-        self.dec_c = msgspec.json.Decoder(_ClickHead)
         self.awake: datetime | None = None
-        self.fence = read_fences(settings).get(self.key, NO_TIME)
+        fence = read_fences(settings).get(self.key, Fence())
+        self.fence = fence.w
+        self.fence_oi, self.fence_oc = fence.oi, fence.oc
         conf = producer_config(
             settings,
             **{
                 "transactional.id": f"ctrstream-join-{settings.topics.labeled.name}-{partition}",
                 "linger.ms": 5,
                 "transaction.timeout.ms": 60_000,
+                **producer_overrides(settings),
             },
         )
         self.producer = Producer(conf)
@@ -191,7 +212,6 @@ class _JoinPartition(StatefulSourcePartition):
         self.m_late_c = M.LATE.labels(FLOW, tc)
         self.m_dup_i = M.DUPLICATES.labels(FLOW, ti)
         self.m_dup_c = M.DUPLICATES.labels(FLOW, tc)
-        self.m_dlq = M.DLQ.labels(FLOW, tc, "join")
 
     def snapshot(self) -> dict:
         return {
@@ -238,22 +258,75 @@ class _JoinPartition(StatefulSourcePartition):
         self.m_pending.set(len(self.pending))
         return [n] if n else []
 
+    def _heartbeat(self, m, current: int) -> int:
+        """The max event time after heartbeat ``m`` (``current`` when it is none or out of
+        range; an out-of-range one is a dead letter)."""
+        ht = heartbeat_time(m.key())
+        if ht is None:
+            return current
+        if not 0 < ht < E.MAX_EVENT_TIME_MS:
+            self._reject(m, f"invalid heartbeat: event time {ht} out of range", "decode")
+            return current
+        return max(current, ht)
+
+    def _reject(self, m, reason: str, stage: str) -> None:
+        """``m``'s own dead letter, unless it was committed before a crash (fence offsets)."""
+        fence = self.fence_oi if m.topic() == self.ti else self.fence_oc
+        if m.offset() < fence:
+            return
+        self.now_dead.append(
+            dead_letter(
+                reason,
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                m.value(),
+                stage,
+                key=m.key(),
+                job=FLOW,
+            )
+        )
+
+    def _limit(self, topic_idx: int, current: int) -> int:
+        """The latest event time an event of this pair's ``topic_idx`` topic may have."""
+        if current != NO_TIME:
+            return current + self.ahead
+        others = [t for k, t in self.part_max.items() if k != (topic_idx, self.p) and t != NO_TIME]
+        wall = int(time.time() * 1000) + self.ahead
+        return min(wall, max(others) + self.ahead) if others else wall
+
+    def _future(self, m, t: int, current: int, topic_idx: int) -> bool:
+        if t <= self._limit(topic_idx, current):
+            return False
+        self._reject(
+            m,
+            f"future: event_time_ms {t} is more than {self.ahead} ms ahead of the watermark of "
+            f"{m.topic()}[{m.partition()}] (max_event_ahead_s; a real gap in event time is "
+            "announced by a watermark heartbeat)",
+            "future",
+        )
+        return True
+
     def _impressions(self, msgs):
         self.m_in_i.inc(len(msgs))
         late = dup = 0
         for m in msgs:
             v = m.value()
-            if v is None:
-                ht = heartbeat_time(m.key())
-                if ht is not None and ht > self.max_i:
-                    self.max_i = ht
+            if v is None and heartbeat_time(m.key()) is not None:
+                self.max_i = self._heartbeat(m, self.max_i)
                 continue
             try:
-                E.decode_impression(v)  # strict validation, the features flow dead-letters failures
-                h = self.dec_i.decode(v)
-            except (E.DecodeError, msgspec.DecodeError):
+                h = E.decode_impression(v)
+            except E.DecodeError as e:
+                self._reject(m, e.reason, "decode")
+                continue
+            reason = E.key_error(m.key(), h) or E.partition_error(m.key(), self.p, self.n_parts)
+            if reason is not None:
+                self._reject(m, reason, "key")
                 continue
             t = h.event_time_ms
+            if self._future(m, t, self.max_i, 0):
+                continue
             if self.max_i != NO_TIME and t < self.max_i - self.lateness:
                 late += 1
                 continue
@@ -268,6 +341,7 @@ class _JoinPartition(StatefulSourcePartition):
             heapq.heappush(self.due, (t + self.window, iid))
             for click in self.orphans.pop(iid, ()):  # clicks that came before their impression
                 self._attach(rec, click)
+        self.part_max[(0, self.p)] = self.max_i
         if late:
             self.m_late_i.inc(late)
         if dup:
@@ -278,17 +352,21 @@ class _JoinPartition(StatefulSourcePartition):
         late = dup = 0
         for m in msgs:
             v = m.value()
-            if v is None:
-                ht = heartbeat_time(m.key())
-                if ht is not None and ht > self.max_c:
-                    self.max_c = ht
+            if v is None and heartbeat_time(m.key()) is not None:
+                self.max_c = self._heartbeat(m, self.max_c)
                 continue
             try:
-                E.decode_click(v)
-                h = self.dec_c.decode(v)
-            except (E.DecodeError, msgspec.DecodeError):
+                h = E.decode_click(v)
+            except E.DecodeError as e:
+                self._reject(m, e.reason, "decode")
+                continue
+            reason = E.key_error(m.key(), h) or E.partition_error(m.key(), self.p, self.n_parts)
+            if reason is not None:
+                self._reject(m, reason, "key")
                 continue
             t = h.event_time_ms
+            if self._future(m, t, self.max_c, 1):
+                continue
             if self.max_c != NO_TIME and t < self.max_c - self.lateness:
                 late += 1
                 continue
@@ -299,7 +377,7 @@ class _JoinPartition(StatefulSourcePartition):
                 continue
             self.clicks_seen[h.click_id] = t
             heapq.heappush(self.clicks_due, (t, h.click_id))
-            click = (t, m.partition(), m.offset(), v)
+            click = (t, m.partition(), m.offset(), v, m.key())
             iid = h.impression_id
             rec = self.pending.get(iid)
             if rec is not None:
@@ -314,6 +392,7 @@ class _JoinPartition(StatefulSourcePartition):
             else:
                 self.orphans.setdefault(iid, []).append(click)
                 heapq.heappush(self.orphan_due, (t, iid))
+        self.part_max[(1, self.p)] = self.max_c
         if late:
             self.m_late_c.inc(late)
         if dup:
@@ -331,19 +410,20 @@ class _JoinPartition(StatefulSourcePartition):
             rec[2] = delay
 
     def _dead(self, click, reason: str):
-        t, part, off, raw = click
+        t, part, off, raw, *rest = click  # (t, partition, offset, value, key)
+        key = rest[0] if rest else None
         self.seq += 1
         heapq.heappush(
-            self.dead_due, (t, self.seq, dead_letter(reason, self.tc, part, off, raw, stage="join"))
+            self.dead_due,
+            (t, self.seq, dead_letter(reason, self.tc, part, off, raw, "join", key=key, job=FLOW)),
         )
 
     def _emit(self) -> int:
         """Everything whose time is below the watermark goes out, in one transaction."""
         W = self.watermark()
-        if W == NO_TIME:
-            return 0
-        labels, dead = [], []
-        while self.due and self.due[0][0] < W:
+        labels, dead = [], self.now_dead
+        self.now_dead = []
+        while W != NO_TIME and self.due and self.due[0][0] < W:
             end, iid = heapq.heappop(self.due)
             t, raw, delay = self.pending.pop(iid)
             self.tomb[iid] = t
@@ -361,7 +441,7 @@ class _JoinPartition(StatefulSourcePartition):
                     clicked,
                 )
             )
-        while self.orphan_due and self.orphan_due[0][0] < W:
+        while W != NO_TIME and self.orphan_due and self.orphan_due[0][0] < W:
             _t, iid = heapq.heappop(self.orphan_due)
             for click in self.orphans.pop(iid, ()):
                 self._dead(
@@ -369,14 +449,14 @@ class _JoinPartition(StatefulSourcePartition):
                     f"orphan: no impression {iid} seen within the attribution "
                     f"window (watermark {W})",
                 )
-        while self.dead_due and self.dead_due[0][0] < W:
+        while W != NO_TIME and self.dead_due and self.dead_due[0][0] < W:
             t, _seq, rec = heapq.heappop(self.dead_due)
             if t >= self.fence:
                 dead.append(rec)
-        while self.tomb_due and self.tomb_due[0][0] < W:
+        while W != NO_TIME and self.tomb_due and self.tomb_due[0][0] < W:
             self.tomb.pop(heapq.heappop(self.tomb_due)[1], None)
         wm_c = self.max_c - self.lateness
-        while self.clicks_due and self.clicks_due[0][0] < wm_c:
+        while self.max_c != NO_TIME and self.clicks_due and self.clicks_due[0][0] < wm_c:
             self.clicks_seen.pop(heapq.heappop(self.clicks_due)[1], None)
         if not labels and not dead:
             return 0
@@ -384,24 +464,28 @@ class _JoinPartition(StatefulSourcePartition):
         p.begin_transaction()
         for key, value, _c in labels:
             self._produce(self.labeled_topic, key, value)
-        for rec in dead:
-            self._produce(self.dlq_topic, None, rec)
-        self._produce(
-            self.fence_topic, self.key.encode(), json.dumps({"w": W}).encode(), partition=0
-        )
+        for dl in dead:
+            self._produce(self.dlq_topic, dl.key, dl.original, headers=dead_letter_headers(dl))
+        # what is committed now: timed outputs below W, own dead letters below the offsets
+        self.fence = max(self.fence, W)
+        self.fence_oi = max(self.fence_oi, self.ri.next_offset or 0)
+        self.fence_oc = max(self.fence_oc, self.rc.next_offset or 0)
+        fence = {"w": self.fence, "oi": self.fence_oi, "oc": self.fence_oc}
+        self._produce(self.fence_topic, self.key.encode(), json.dumps(fence).encode(), partition=0)
         p.commit_transaction(60)
-        self.fence = W
         n1 = sum(c for _k, _v, c in labels)
         if n1:
             M.LABELED.labels("1").inc(n1)
         if len(labels) - n1:
             M.LABELED.labels("0").inc(len(labels) - n1)
-        if dead:
-            self.m_dlq.inc(len(dead))
+        for dl in dead:
+            M.DLQ.labels(FLOW, dl.source_topic, dl.stage).inc()
         return len(labels)
 
-    def _produce(self, topic, key, value, partition=None):
-        kw = {} if partition is None else {"partition": partition}
+    def _produce(self, topic, key, value, partition=None, headers=None):
+        kw: dict = {} if partition is None else {"partition": partition}
+        if headers is not None:
+            kw["headers"] = headers
         while True:
             try:
                 self.producer.produce(topic, key=key, value=value, **kw)
@@ -420,13 +504,14 @@ class JoinSource(FixedPartitionedSource):
                 "the same count (see ctrstream.events)"
             )
         self.n = n_i
+        self.part_max: dict[tuple[int, int], int] = {}  # shared by this process's partitions
 
     def list_parts(self):
         return [f"p{p}" for p in range(self.n)]
 
     def build_part(self, step_id, for_part, resume_state):
         M.serve(self.s.metrics_port, self.s.metrics_host)
-        return _JoinPartition(self.s, int(for_part[1:]), resume_state)
+        return _JoinPartition(self.s, int(for_part[1:]), resume_state, self.part_max)
 
 
 class _NullPartition(StatelessSinkPartition):

@@ -5,7 +5,13 @@ Kafka (partition, offset, key, value) and applies the declared rules one record 
 with no batching, sharding or numpy, so that it shares no code path with the dataflow except
 the codec and ``ctrstream.features``:
 
-* heartbeat records advance their partition's watermark; undecodable records are dead;
+* heartbeat records advance their partition's watermark (one out of range is dead);
+  undecodable records are dead, and so are events whose key is not their impression id or
+  that are not in their key's partition;
+* per Kafka partition, an event more than ``max_event_ahead_s`` ahead of the max event time
+  before it is dead (``future``) and does not move it (a partition's first event is not
+  bounded here: the job bounds it by its other partitions, an order this reference does not
+  model - tests keep such records out of first place);
 * per Kafka partition, an event older than ``max event time seen before it - allowed
   lateness`` is late;
 * the first copy of an impression id (click id) counts, later copies are duplicates;
@@ -54,6 +60,7 @@ def reference_labels(ref: Reference, window_ms: int) -> dict[str, tuple[int, int
 def reference_features(settings: Settings, records: dict[str, list[Record]]) -> Reference:
     """``records`` maps "impressions"/"clicks" to their records (any partition order)."""
     lateness = int(settings.allowed_lateness_s * 1000)
+    ahead = int(settings.max_event_ahead_s * 1000)
     counts: Counter = Counter()
     ref = Reference()
     for kind, recs in records.items():
@@ -68,19 +75,35 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
             seen: set[str] = set()
             for r in rs:
                 ref.stats["records"] += 1
+                where = (r.topic, r.partition, r.offset)
                 if r.value is None and (ht := heartbeat_time(r.key)) is not None:
-                    max_t = ht if max_t is None else max(max_t, ht)
+                    if not 0 < ht < E.MAX_EVENT_TIME_MS:
+                        ref.dead[where] = ("decode", "invalid heartbeat")
+                        ref.stats["decode_errors"] += 1
+                        continue
                     ref.stats["heartbeats"] += 1
+                    max_t = ht if max_t is None else max(max_t, ht)
                     continue
                 try:
                     ev = decode(r.value)
                 except E.DecodeError as e:
-                    ref.dead[(r.topic, r.partition, r.offset)] = ("decode", e.reason)
+                    ref.dead[where] = ("decode", e.reason)
                     ref.stats["decode_errors"] += 1
                     continue
+                reason = E.key_error(r.key, ev) or E.partition_error(
+                    r.key or b"", r.partition, getattr(settings.topics, kind).partitions
+                )
+                if reason is not None:
+                    ref.dead[where] = ("key", reason)
+                    ref.stats["wrong_key"] += 1
+                    continue
                 t = ev.event_time_ms
+                if max_t is not None and t > max_t + ahead:
+                    ref.dead[where] = ("future", "future")
+                    ref.stats["future"] += 1
+                    continue
                 if max_t is not None and t < max_t - lateness:
-                    ref.dead[(r.topic, r.partition, r.offset)] = ("lateness", "late")
+                    ref.dead[where] = ("lateness", "late")
                     ref.stats["late"] += 1
                     continue
                 max_t = t if max_t is None else max(max_t, t)

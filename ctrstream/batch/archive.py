@@ -19,8 +19,12 @@ Guarantees
   the files may hold a record more than once. :func:`read_events` deduplicates by event id
   (``impression_id`` / ``click_id``; among copies the earliest event time wins), and every
   batch-layer reader goes through it.
-* **Bad input is skipped and counted** here (``undecodable``): the speed layer's dead-letter
-  topic already keeps those records with their reason.
+* **Bad input is a dead letter**: a record that does not decode (whatever its bytes raise)
+  or whose Kafka key is not its impression id (the key contract of ``ctrstream.events``) is
+  written to ``dlq`` (connector name ``archive``, ``ctrstream.kafka.deadletters``) and
+  counted (``undecodable``, ``wrong_key``), never archived; the dead letters are
+  acknowledged before the batch's offsets are committed (at least once). Watermark
+  heartbeats are skipped.
 * **Rebalances** flush and commit the buffered batch before partitions are revoked, so
   several archivers can share the consumer group. With ``--instance-id`` (Kafka static
   membership) a restarted archiver takes its partitions back at once instead of waiting for
@@ -37,6 +41,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,17 +52,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrstream.config import Settings
-from ctrstream.events import Click, DecodeError, Impression, decode_click, decode_impression
+from ctrstream.events import (
+    MAX_EVENT_TIME_MS,
+    Click,
+    DecodeError,
+    Impression,
+    decode_click,
+    decode_impression,
+    key_error,
+)
 from ctrstream.features import HOUR_MS
+from ctrstream.kafka.deadletters import dead_letter
+from ctrstream.kafka.heartbeats import heartbeat_time
 
 log = logging.getLogger("ctrstream.archive")
 
 KINDS = ("impressions", "clicks")
 EVENT_CLASS = {"impressions": Impression, "clicks": Click}
 ID_FIELD = {"impressions": "impression_id", "clicks": "click_id"}
-_DECODE = {"impressions": decode_impression, "clicks": decode_click}
+_DECODE: dict[str, Callable[[bytes | None], Impression | Click]] = {
+    "impressions": decode_impression,
+    "clicks": decode_click,
+}
 
 DEFAULT_GROUP = "ctrstream-archive"
+
+
+def _is_heartbeat(key: bytes | None) -> bool:
+    """A watermark heartbeat's key with a time in range (one out of range is a bad record)."""
+    ht = heartbeat_time(key)
+    return ht is not None and 0 < ht < MAX_EVENT_TIME_MS
+
+
 # test hook: exit abruptly after the n-th flush wrote its files but before it committed
 CRASH_ENV = "CTRSTREAM_ARCHIVE_CRASH_AFTER_FLUSH"
 
@@ -293,6 +319,8 @@ def to_table(kind: str, events: list) -> pa.Table:
 class ArchiveStats:
     records: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
     undecodable: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
+    wrong_key: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
+    heartbeats: int = 0
     files: int = 0
     flushes: int = 0
     seconds: float = 0.0  # wall time of the run (group join and idle wait included)
@@ -300,7 +328,11 @@ class ArchiveStats:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        total = sum(self.records.values()) + sum(self.undecodable.values())
+        total = (
+            sum(self.records.values())
+            + sum(self.undecodable.values())
+            + sum(self.wrong_key.values())
+        )
         d["records_per_s"] = round(total / self.active_s, 1) if self.active_s > 0 else None
         return d
 
@@ -336,6 +368,7 @@ class Archiver:
         session_timeout_ms: int = 10_000,
     ):
         from ctrstream.kafka.clients import make_consumer
+        from ctrstream.kafka.deadletters import DlqWriter
 
         self.settings = settings
         self.data_dir = Path(data_dir or settings.data_dir)
@@ -349,6 +382,7 @@ class Archiver:
         if instance_id:  # static membership: a restarted archiver gets its partitions back at once
             extra["group.instance.id"] = instance_id
         self.consumer = make_consumer(settings, group_id, **extra)
+        self.dlq = DlqWriter(settings)
         self.stats = ArchiveStats()
         self.metrics = _get_metrics()
         self._buf: dict[str, list] = {k: [] for k in KINDS}
@@ -366,18 +400,31 @@ class Archiver:
         topic = msg.topic()
         kind = self.topic_kind[topic]
         self._offsets[(topic, msg.partition())] = msg.offset() + 1
+        value = msg.value()
+        if value is None and _is_heartbeat(msg.key()):
+            self.stats.heartbeats += 1
+            return
         try:
-            ev = _DECODE[kind](msg.value())
+            ev = _DECODE[kind](value)
+            stage, reason = "key", key_error(msg.key(), ev)
         except DecodeError as e:
-            self.stats.undecodable[kind] += 1
+            stage, reason = "decode", e.reason
+        if reason is not None:
+            (self.stats.undecodable if stage == "decode" else self.stats.wrong_key)[kind] += 1
             self.metrics["undecodable"].labels(kind).inc()
-            log.debug(
-                "skipping undecodable %s record %s[%d]@%d: %s",
-                kind,
-                topic,
-                msg.partition(),
-                msg.offset(),
-                e.reason,
+            self.dlq.write(
+                [
+                    dead_letter(
+                        reason,
+                        topic,
+                        msg.partition(),
+                        msg.offset(),
+                        value,
+                        stage,
+                        key=msg.key(),
+                        job="archive",
+                    )
+                ]
             )
             return
         self._buf[kind].append(ev)
@@ -403,6 +450,7 @@ class Archiver:
         if self._crash_after and self.stats.flushes >= self._crash_after:
             log.warning("%s reached: exiting after the write, before the commit", CRASH_ENV)
             os._exit(99)
+        self.dlq.flush()  # the batch's dead letters are acknowledged before its offsets
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
         self.consumer.commit(offsets=offsets, asynchronous=False)
         self._buf = {k: [] for k in KINDS}

@@ -21,6 +21,12 @@ served parameters, the join state and the positions - is written to Redis in one
 transaction every ``checkpoint_interval_s`` (``ctrstream.store.calibration``); a restarted
 job resumes from exactly that point.
 
+Bad records: a record of either topic that does not decode (whatever its bytes raise), a
+prediction whose raw score is not a probability or a label whose ``clicked`` is not 0/1 is
+counted (``ctrstream_calibration_bad_records_total``) and written to ``dlq`` (connector
+name ``calibrate``, ``ctrstream.kafka.deadletters``); its dead letters are acknowledged
+before the checkpoint that moves past it.
+
 The gauges (``ctrstream_calibration_logloss`` / ``_mean_pred`` / ``_observed_ctr`` /
 ``_ece``) are the calibrators' rolling metrics, ``ctrstream.metrics.summary`` - the same
 definitions as the model card and the demo's report.
@@ -29,6 +35,7 @@ definitions as the model card and the demo's report.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -343,6 +350,35 @@ class Calibrate:
 # --------------------------------------------------------------------------- the Kafka loop
 
 
+def check_prediction(p) -> None:
+    """Raise ``ValueError`` with the reason when a decoded prediction cannot be learned from."""
+    for name in ("raw_score", "calibrated_score"):
+        v = getattr(p, name)
+        if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+            raise ValueError(f"invalid: {name}={v!r} is not a probability in [0, 1]")
+
+
+def check_labeled(lb) -> None:
+    """Raise ``ValueError`` with the reason when a decoded label cannot be learned from."""
+    if lb.clicked not in (0, 1):
+        raise ValueError(f"invalid: clicked={lb.clicked!r} must be 0 or 1")
+    if not lb.impression.impression_id:
+        raise ValueError("invalid: impression_id is empty")
+
+
+def bad_record_reason(e: Exception) -> str:
+    """The dead-letter reason of a record whose decoding raised ``e``."""
+    import msgspec
+
+    if isinstance(e, msgspec.ValidationError):
+        return f"invalid: {e}"
+    if isinstance(e, msgspec.DecodeError | UnicodeDecodeError):
+        return f"malformed JSON: {e}"
+    if isinstance(e, ValueError):
+        return str(e)
+    return f"malformed: {type(e).__name__}: {e}"
+
+
 def run(
     settings,
     cfg: CalibrationConfig | None = None,
@@ -361,10 +397,12 @@ def run(
 
     from ctrstream.events import decode_labeled, decode_prediction
     from ctrstream.kafka.clients import make_consumer
+    from ctrstream.kafka.deadletters import DlqWriter, dead_letter
 
     job = Calibrate(settings, cfg, job_name=job_name)
     topics = (settings.topics.predictions.name, settings.topics.labeled.name)
     consumer = make_consumer(settings, group_id=f"ctrstream-{job_name}")
+    dlq = DlqWriter(settings)
     try:
         md = consumer.list_topics(timeout=10)
         assign = []
@@ -397,16 +435,28 @@ def run(
                     t is not None and part is not None and off is not None
                 )  # set on every consumed record
                 job.state.offsets[(t, part)] = off + 1
-                value = msg.value() or b""  # no value: undecodable, counted as bad
+                value = msg.value()
                 try:
+                    if value is None:
+                        raise ValueError("empty record: value is null")
                     if t == topics[0]:
-                        preds.append(decode_prediction(value))
+                        pred = decode_prediction(value)
+                        check_prediction(pred)
+                        preds.append(pred)
                     else:
-                        labs.append(decode_labeled(value))
-                except Exception as e:  # noqa: BLE001 - bad records are counted, not fatal
+                        lab = decode_labeled(value)
+                        check_labeled(lab)
+                        labs.append(lab)
+                except Exception as e:  # noqa: BLE001 - whatever a record's bytes raise: its dead letter
                     bad.labels(t).inc()
-                    log.warning(
-                        "undecodable record %s[%d]@%d: %s", t, msg.partition(), msg.offset(), e
+                    reason = bad_record_reason(e)
+                    log.warning("bad record %s[%d]@%d: %s", t, part, off, reason)
+                    dlq.write(
+                        [
+                            dead_letter(
+                                reason, t, part, off, value, "decode", key=msg.key(), job=job_name
+                            )
+                        ]
                     )
             if msgs:
                 last_data = time.monotonic()
@@ -414,10 +464,12 @@ def run(
                 if progress:
                     progress(job)
             if time.monotonic() - last_ckpt >= checkpoint_interval_s:
+                dlq.flush()  # the dead letters before the positions that move past them
                 job.checkpoint()
                 last_ckpt = time.monotonic()
             if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
                 break
+        dlq.flush()
         job.checkpoint()
     finally:
         consumer.close()

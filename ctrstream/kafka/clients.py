@@ -59,10 +59,14 @@ def admin(settings: Settings) -> AdminClient:
     return AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
 
 
-def topic_config(topic: Topic) -> dict[str, str]:
-    """The topic-level configuration ctrstream sets on ``topic`` (its retention: see
-    :class:`ctrstream.config.Topics` for why each topic keeps what it keeps)."""
-    return {"retention.ms": str(topic.retention_ms)}
+def topic_config(settings: Settings, topic: Topic) -> dict[str, str]:
+    """The topic-level configuration ctrstream sets on ``topic``: its retention (see
+    :class:`ctrstream.config.Topics` for why each topic keeps what it keeps) and its record
+    size limit (the dlq's fits any source record plus its dead letter's headers)."""
+    return {
+        "retention.ms": str(topic.retention_ms),
+        "max.message.bytes": str(settings.topics.max_message_bytes(topic)),
+    }
 
 
 def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0) -> list[str]:
@@ -86,7 +90,7 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
                     t.name,
                     num_partitions=t.partitions,
                     replication_factor=1,
-                    config=topic_config(t),
+                    config=topic_config(settings, t),
                 )
             )
     if wrong:
@@ -97,7 +101,7 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
             "or change CTRSTREAM_TOPICS__*__PARTITIONS."
         )
     if present:
-        _align_configs(client, present, timeout)
+        _align_configs(client, settings, present, timeout)
     if new:
         for name, fut in client.create_topics(new, operation_timeout=timeout).items():
             try:
@@ -111,7 +115,9 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
     return created
 
 
-def _align_configs(client: AdminClient, topics: list[Topic], timeout: float) -> None:
+def _align_configs(
+    client: AdminClient, settings: Settings, topics: list[Topic], timeout: float
+) -> None:
     """Set :func:`topic_config` on existing topics whose values differ (a topic created
     before its retention was declared, or by another tool). The settings are the source of
     truth: change a topic's retention with ``CTRSTREAM_TOPICS__<TOPIC>__RETENTION_MS``, not
@@ -119,7 +125,7 @@ def _align_configs(client: AdminClient, topics: list[Topic], timeout: float) -> 
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
     resources = [ConfigResource(ConfigResource.Type.TOPIC, t.name) for t in topics]
-    wanted = {t.name: topic_config(t) for t in topics}
+    wanted = {t.name: topic_config(settings, t) for t in topics}
     deadline = time.monotonic() + timeout
     while True:  # a topic another process has just created may not be describable yet
         try:

@@ -17,6 +17,16 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp: int
+    headers: list[tuple[str, bytes]] | None = None
+
+
+def _headers(m) -> list[tuple[str, bytes]] | None:
+    """A consumed record's headers as (name, bytes) pairs (a header may have no value)."""
+    h = m.headers()
+    if h is None:
+        return None
+    items = h.items() if isinstance(h, dict) else h
+    return [(k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in items]
 
 
 def read_topic(
@@ -58,7 +68,9 @@ def read_topic(
                 assert part is not None and off is not None  # set on every consumed record
                 # a transaction marker occupies an offset: track the position, not the count
                 pos[part] = off + 1
-                out.append(Record(topic, part, off, m.key(), m.value(), m.timestamp()[1]))
+                out.append(
+                    Record(topic, part, off, m.key(), m.value(), m.timestamp()[1], _headers(m))
+                )
             for p in pos:  # read_committed skips control records: use the consumer position
                 if pos[p] < ends[p]:
                     got = c.position([TopicPartition(topic, p)])[0].offset

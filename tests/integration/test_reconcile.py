@@ -19,7 +19,8 @@ import redis
 
 from ctrstream import features as F
 from ctrstream.batch.reconcile import reconcile
-from ctrstream.events import Click, DeadLetter, Impression, encode
+from ctrstream.events import Click, Impression, encode
+from ctrstream.kafka.deadletters import DlqWriter, dead_letter
 from ctrstream.store import layout as L
 from ctrstream.store.reports import last_reconciled_version, load_reconcile_report
 
@@ -129,7 +130,6 @@ def rds(settings):
 def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, tmp_path, unique):
     from ctrstream.batch.archive import to_table, write_partitioned
     from ctrstream.batch.point_in_time import bucket_counts
-    from ctrstream.kafka.clients import make_producer
 
     s = fresh_topics
     rng = np.random.default_rng(4)
@@ -224,50 +224,51 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     )
     rds.hset(_speed_key(dup), L.speed_field("24h", "i", dup[4]), batch[dup] + 1)
 
-    prod = make_producer(s)
+    dlq = DlqWriter(s)
     for k, e in enumerate(late + [late_copy]):
-        prod.produce(
-            s.topics.dlq.name,
-            value=encode(
-                DeadLetter(
-                    reason=f"late: event_time_ms {e.event_time_ms} is 120000 ms behind the watermark",
-                    source_topic=s.topics.impressions.name,
-                    partition=0,
-                    offset=k,
-                    original=encode(e),
-                    stage="lateness",
+        dlq.write(
+            [
+                dead_letter(
+                    f"late: event_time_ms {e.event_time_ms} is 120000 ms behind the watermark",
+                    s.topics.impressions.name,
+                    0,
+                    k,
+                    encode(e),
+                    "lateness",
+                    key=e.impression_id.encode(),
+                    job="features",
                 )
-            ),
+            ]
         )
     for k in range(2):  # malformed records: counted, never a difference
-        prod.produce(
-            s.topics.dlq.name,
-            value=encode(
-                DeadLetter(
-                    reason="malformed JSON: truncated",
-                    source_topic=s.topics.impressions.name,
-                    partition=0,
-                    offset=100 + k,
-                    original=b'{"impression_id": ',
-                    stage="decode",
+        dlq.write(
+            [
+                dead_letter(
+                    "malformed JSON: truncated",
+                    s.topics.impressions.name,
+                    0,
+                    100 + k,
+                    b'{"impression_id": ',
+                    "decode",
+                    job="features",
                 )
-            ),
+            ]
         )
     # the dlq is at-least-once: a repeated dead letter must not count twice
-    prod.produce(
-        s.topics.dlq.name,
-        value=encode(
-            DeadLetter(
-                reason="late: again",
-                source_topic=s.topics.impressions.name,
-                partition=0,
-                offset=0,
-                original=encode(late[0]),
-                stage="lateness",
+    dlq.write(
+        [
+            dead_letter(
+                "late: again",
+                s.topics.impressions.name,
+                0,
+                0,
+                encode(late[0]),
+                "lateness",
+                job="features",
             )
-        ),
+        ]
     )
-    assert prod.flush(30) == 0
+    dlq.flush()
 
     rep = reconcile(s, tmp_path, version)
     print("\n" + rep.markdown())

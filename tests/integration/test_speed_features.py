@@ -16,6 +16,7 @@ from ctrstream import events as E
 from ctrstream import features as F
 from ctrstream.config import RedisSettings
 from ctrstream.kafka.clients import make_producer
+from ctrstream.kafka.deadletters import read_dead_letters
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
 from ctrstream.stack.manager import settings_env
@@ -193,17 +194,19 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
 
         def dlq_complete():
             dlq.clear()
-            for rec in read_topic(s, s.topics.dlq.name):
-                d = E.decode_dead_letter(rec.value)
+            for d in read_dead_letters(s):
                 dlq[(d.source_topic, d.partition, d.offset)] = d
             return len(dlq) == len(ref.dead)
 
         wait_until(dlq_complete, 60, what="all dead letters")
-        originals = {(x.topic, x.partition, x.offset): x.value for v in recs.values() for x in v}
+        originals = {(x.topic, x.partition, x.offset): x for v in recs.values() for x in v}
         for where, (stage, reason) in ref.dead.items():
             d = dlq[where]
             assert d.stage == stage
-            assert d.original == (originals[where] or b"")
+            assert d.job == "features"
+            # Kafka Connect's convention: the original value (null stays null) and key
+            assert d.original == originals[where].value
+            assert d.key == originals[where].key
             if stage == "decode":
                 assert d.reason == reason
             else:

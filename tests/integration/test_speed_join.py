@@ -8,6 +8,7 @@ import pytest
 from test_speed_features import BASE, CTRSTREAM, job_env, produce
 
 from ctrstream import events as E
+from ctrstream.kafka.deadletters import read_dead_letters
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
 from ctrstream.stack.procs import start_job, stop_job, wait_until
@@ -105,8 +106,7 @@ def test_join_window_edges_duplicates_orphans(join_settings, tmp_path):
 
         def dead_letters():
             dead.clear()
-            for r in read_topic(s, s.topics.dlq.name):
-                d = E.decode_dead_letter(r.value)
+            for d in read_dead_letters(s):
                 dead[E.decode_click(d.original).click_id] = d
             return len(dead) >= 2
 
@@ -115,7 +115,8 @@ def test_join_window_edges_duplicates_orphans(join_settings, tmp_path):
         assert dead["c-edge-out"].reason.startswith("click after the attribution window")
         assert dead["c-orphan"].reason.startswith("orphan: ")
         assert all(
-            d.stage == "join" and d.source_topic == s.topics.clicks.name for d in dead.values()
+            d.stage == "join" and d.source_topic == s.topics.clicks.name and d.job == "join"
+            for d in dead.values()
         )
     finally:
         stop_job(job)

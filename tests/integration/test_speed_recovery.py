@@ -12,6 +12,7 @@ from test_speed_features import CTRSTREAM, job_env, make_stream, produce
 
 from ctrstream import events as E
 from ctrstream.config import RedisSettings
+from ctrstream.kafka.deadletters import read_dead_letters
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
 from ctrstream.stack.procs import kill_hard, start_job, stop_job, wait_until
@@ -112,5 +113,25 @@ def test_kill9_and_restart_is_exactly_once(fresh_topics, tmp_path):
         assert not dupes, f"{len(dupes)} impressions labeled more than once"
         assert got == expected
         assert sum(c for c, _ in got.values()) > 50
+        # the join's own dead letters (records it cannot use) are in its transactions, fenced
+        # by offset: each exactly once across the crash; the features job's at least once
+        bad = {w for w, (stage, _) in ref.dead.items() if stage in ("decode", "key", "future")}
+        join_dead: Counter = Counter()
+        features_dead: set = set()
+
+        def dead_letters():
+            join_dead.clear()
+            features_dead.clear()
+            for d in read_dead_letters(s):
+                w = (d.source_topic, d.partition, d.offset)
+                if d.job == "join" and d.stage != "join":
+                    join_dead[w] += 1
+                elif d.job == "features":
+                    features_dead.add(w)
+            return set(join_dead) >= bad and features_dead >= set(ref.dead)
+
+        wait_until(dead_letters, 60, what="the dead letters of both jobs")
+        assert bad and set(join_dead) == bad and set(join_dead.values()) == {1}
+        assert features_dead == set(ref.dead)
     finally:
         stop_job(job)
