@@ -247,6 +247,7 @@ def build_flow(
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
     from ctrstream.kafka.clients import producer_config
+    from ctrstream.kafka.heartbeats import is_control
 
     bs = batch_scorer or BatchScorer(settings, model, model_name, batch_size, since_ms=since_ms)
     brokers = [settings.kafka.bootstrap_servers]
@@ -262,7 +263,11 @@ def build_flow(
     msgs = op.input("impressions", flow, src)
 
     def score(batch: list) -> list:
-        values = [m.value for m in batch if isinstance(m, KafkaSourceMessage)]
+        values = [
+            m.value
+            for m in batch
+            if isinstance(m, KafkaSourceMessage) and not is_control(m.key, m.headers)
+        ]  # control records (watermark heartbeats) are no impressions
         for m in batch:
             if not isinstance(m, KafkaSourceMessage):
                 log.warning("kafka source error: %s", getattr(m, "err", m))

@@ -76,8 +76,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from ctrstream import events as E
 from ctrstream import features as F
 from ctrstream.config import Settings, get_settings
+from ctrstream.kafka import heartbeats as HB
 from ctrstream.kafka.deadletters import DlqWriter, dead_letter
-from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
+from ctrstream.kafka.heartbeats import NO_TIME
 from ctrstream.kafka.partition import PartitionReader
 from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter
 from ctrstream.streaming import speed_metrics as M
@@ -297,6 +298,9 @@ class _EventsPartition(StatefulSourcePartition):
         )
         self.m_dlq = M.DLQ.labels(FLOW, self.topic, "decode")
         self.m_dlq_late = M.DLQ.labels(FLOW, self.topic, "lateness")
+        self.m_dlq_control = M.DLQ.labels(FLOW, self.topic, "control")
+        self.m_control = {o: M.CONTROL.labels(FLOW, self.topic, o) for o in HB.OUTCOMES}
+        self.secret = cfg.control_secret()
         self.m_lag = M.LAG.labels(FLOW, self.topic, str(partition))
         self.m_wm = M.WATERMARK.labels(FLOW, self.topic, str(partition))
         self.last_gauge = 0.0
@@ -356,26 +360,27 @@ class _EventsPartition(StatefulSourcePartition):
         self.m_in.inc(n)
         values = [m.value() for m in msgs]
         t_all = np.full(n, NO_TIME, dtype=np.int64)
-        is_event = np.ones(n, dtype=bool)
         dead: list[bytes] = []
-        if None in values:  # heartbeats (and null records, which are malformed)
-            for i, v in enumerate(values):
-                if v is None:
-                    ht = heartbeat_time(msgs[i].key())
-                    if ht is not None:
-                        t_all[i] = ht
-                        is_event[i] = False
-            ev_idx = np.flatnonzero(is_event)
-            ev_values = [values[i] for i in ev_idx.tolist()]
-        else:
-            ev_idx = np.arange(n)
-            ev_values = values
-        rows, ids, ok_local, errors = self.codec.decode(ev_values)
-        ok = ev_idx[ok_local] if len(ok_local) else ok_local.astype(np.int64)
-        for i, reason in errors:
-            gi = int(ev_idx[i])
+        # Control records (heartbeats) never decode as events, so they are looked for among
+        # the records the codec rejects: the common batch without one pays nothing.
+        rows, ids, ok, errors = self.codec.decode(values)
+        ok = ok.astype(np.int64)
+        beats: list[int] = []  # genuine heartbeats, checked for replay once max_t is known
+        n_control_dead = 0
+        for gi, reason in errors:
+            m = msgs[gi]
+            stage = "decode"
+            if HB.is_control(m.key(), m.headers()):
+                v = HB.verify(self.secret, self.topic, self.partition, values[gi], m.headers())
+                if v.time is not None:
+                    t_all[gi] = v.time
+                    beats.append(gi)
+                    continue
+                self.m_control[v.outcome].inc()
+                reason, stage = v.reason, "control"
+                n_control_dead += 1
             dead.append(
-                dead_letter(reason, self.topic, self.partition, msgs[gi].offset(), values[gi])
+                dead_letter(reason, self.topic, self.partition, m.offset(), values[gi], stage=stage)
             )
         # entity ids the speed layer cannot key
         rng = id_range_errors(rows) if len(rows) else []
@@ -393,12 +398,30 @@ class _EventsPartition(StatefulSourcePartition):
             keep = np.flatnonzero(~drop)
             rows, ok = rows[keep], ok[keep]
             ids = [ids[i] for i in keep.tolist()]
-        n_decode_dead = len(dead)
+        n_decode_dead = len(dead) - n_control_dead
         t_all[ok] = rows[:, 1]
         # lateness against this partition's watermark (max event time before the record)
         cm = np.maximum.accumulate(np.concatenate(([self.max_t], t_all)))
         prev_max = cm[:-1]
         self.max_t = int(cm[-1])
+        for gi in beats:
+            if t_all[gi] > prev_max[gi]:
+                self.m_control["accepted"].inc()
+                continue
+            self.m_control["replayed"].inc()
+            n_control_dead += 1
+            dead.append(
+                dead_letter(
+                    HB.replayed_reason(
+                        int(t_all[gi]), int(prev_max[gi]), self.topic, self.partition
+                    ),
+                    self.topic,
+                    self.partition,
+                    msgs[gi].offset(),
+                    values[gi],
+                    stage="control",
+                )
+            )
         late_all = t_all < prev_max - self.lateness
         late = late_all[ok]
         if late.any():
@@ -452,6 +475,8 @@ class _EventsPartition(StatefulSourcePartition):
             self.m_dup.inc(n_dup)
         if n_decode_dead:
             self.m_dlq.inc(n_decode_dead)
+        if n_control_dead:
+            self.m_dlq_control.inc(n_control_dead)
         if n_late:
             self.m_late.inc(n_late)
             self.m_dlq_late.inc(n_late)
@@ -860,6 +885,10 @@ class FlowConfig:
 
     def dlq_writer(self) -> DlqWriter:
         return DlqWriter(self.settings)
+
+    def control_secret(self) -> bytes:
+        """The key that heartbeats are verified with (a clear error when it is missing)."""
+        return HB.load_control_secret(self.settings)
 
     def writer(self) -> FeatureWriter:
         """This process's Redis writer (created on first use; its workers share it)."""

@@ -62,9 +62,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from ctrstream import events as E
 from ctrstream.config import Settings, Topic, get_settings
+from ctrstream.kafka import heartbeats as HB
 from ctrstream.kafka.clients import ensure_topics, producer_config
 from ctrstream.kafka.deadletters import dead_letter
-from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
+from ctrstream.kafka.heartbeats import NO_TIME
 from ctrstream.kafka.partition import PartitionReader
 from ctrstream.streaming import speed_metrics as M
 
@@ -192,6 +193,9 @@ class _JoinPartition(StatefulSourcePartition):
         self.m_dup_i = M.DUPLICATES.labels(FLOW, ti)
         self.m_dup_c = M.DUPLICATES.labels(FLOW, tc)
         self.m_dlq = M.DLQ.labels(FLOW, tc, "join")
+        self.m_ctl_i = {o: M.CONTROL.labels(FLOW, ti, o) for o in HB.OUTCOMES}
+        self.m_ctl_c = {o: M.CONTROL.labels(FLOW, tc, o) for o in HB.OUTCOMES}
+        self.secret = HB.load_control_secret(settings)
 
     def snapshot(self) -> dict:
         return {
@@ -243,15 +247,13 @@ class _JoinPartition(StatefulSourcePartition):
         late = dup = 0
         for m in msgs:
             v = m.value()
-            if v is None:
-                ht = heartbeat_time(m.key())
-                if ht is not None and ht > self.max_i:
-                    self.max_i = ht
-                continue
             try:
                 E.decode_impression(v)  # strict validation, the features flow dead-letters failures
                 h = self.dec_i.decode(v)
             except (E.DecodeError, msgspec.DecodeError):
+                ht = self._heartbeat(m, self.ti, self.max_i, self.m_ctl_i)
+                if ht is not None:
+                    self.max_i = ht
                 continue
             t = h.event_time_ms
             if self.max_i != NO_TIME and t < self.max_i - self.lateness:
@@ -278,15 +280,13 @@ class _JoinPartition(StatefulSourcePartition):
         late = dup = 0
         for m in msgs:
             v = m.value()
-            if v is None:
-                ht = heartbeat_time(m.key())
-                if ht is not None and ht > self.max_c:
-                    self.max_c = ht
-                continue
             try:
                 E.decode_click(v)
                 h = self.dec_c.decode(v)
             except (E.DecodeError, msgspec.DecodeError):
+                ht = self._heartbeat(m, self.tc, self.max_c, self.m_ctl_c)
+                if ht is not None:
+                    self.max_c = ht
                 continue
             t = h.event_time_ms
             if self.max_c != NO_TIME and t < self.max_c - self.lateness:
@@ -318,6 +318,23 @@ class _JoinPartition(StatefulSourcePartition):
             self.m_late_c.inc(late)
         if dup:
             self.m_dup_c.inc(dup)
+
+    def _heartbeat(self, m, topic: str, max_t: int, counters: dict) -> int | None:
+        """The event time of ``m`` when it is a genuine heartbeat beyond ``max_t``; None for
+        anything else. Rejected control records (unsigned, forged, malformed, replayed) are
+        counted here and dead-lettered by the features flow, as decode failures are."""
+        headers = m.headers()
+        if not HB.is_control(m.key(), headers):
+            return None
+        v = HB.verify(self.secret, topic, self.p, m.value(), headers)
+        if v.time is None:
+            counters[v.outcome].inc()
+            return None
+        if v.time <= max_t:
+            counters["replayed"].inc()
+            return None
+        counters["accepted"].inc()
+        return v.time
 
     def _attach(self, rec, click):
         delay = click[0] - rec[0]

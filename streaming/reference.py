@@ -5,7 +5,9 @@ Kafka (partition, offset, key, value) and applies the declared rules one record 
 with no batching, sharding or numpy, so that it shares no code path with the dataflow except
 the codec and ``ctrstream.features``:
 
-* heartbeat records advance their partition's watermark; undecodable records are dead;
+* genuine heartbeat records (``ctrstream.kafka.heartbeats.verify``) beyond their
+  partition's greatest event time advance its watermark; other control records are dead
+  (stage ``control``, the outcome as reason), and so are undecodable records;
 * per Kafka partition, an event older than ``max event time seen before it - allowed
   lateness`` is late;
 * the first copy of an impression id (click id) counts, later copies are duplicates;
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from ctrstream import events as E
 from ctrstream import features as F
 from ctrstream.config import Settings
-from ctrstream.kafka.heartbeats import heartbeat_time
+from ctrstream.kafka import heartbeats as HB
 from ctrstream.kafka.topics import Record
 
 
@@ -56,6 +58,7 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
     lateness = int(settings.allowed_lateness_s * 1000)
     counts: Counter = Counter()
     ref = Reference()
+    secret: bytes | None = None
     for kind, recs in records.items():
         etype = "i" if kind == "impressions" else "c"
         decode = E.decode_impression if kind == "impressions" else E.decode_click
@@ -68,15 +71,24 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
             seen: set[str] = set()
             for r in rs:
                 ref.stats["records"] += 1
-                if r.value is None and (ht := heartbeat_time(r.key)) is not None:
-                    max_t = ht if max_t is None else max(max_t, ht)
-                    ref.stats["heartbeats"] += 1
-                    continue
                 try:
                     ev = decode(r.value)
                 except E.DecodeError as e:
-                    ref.dead[(r.topic, r.partition, r.offset)] = ("decode", e.reason)
-                    ref.stats["decode_errors"] += 1
+                    where = (r.topic, r.partition, r.offset)
+                    if not HB.is_control(r.key, r.headers):
+                        ref.dead[where] = ("decode", e.reason)
+                        ref.stats["decode_errors"] += 1
+                        continue
+                    if secret is None:
+                        secret = HB.load_control_secret(settings)
+                    v = HB.verify(secret, r.topic, r.partition, r.value, r.headers)
+                    if v.time is not None and (max_t is None or v.time > max_t):
+                        max_t = v.time
+                        ref.stats["heartbeats"] += 1
+                        continue
+                    outcome = v.outcome if v.time is None else "replayed"
+                    ref.dead[where] = ("control", outcome)
+                    ref.stats[f"control_{outcome}"] += 1
                     continue
                 t = ev.event_time_ms
                 if max_t is not None and t < max_t - lateness:

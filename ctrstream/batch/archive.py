@@ -20,7 +20,9 @@ Guarantees
   (``impression_id`` / ``click_id``; among copies the earliest event time wins), and every
   batch-layer reader goes through it.
 * **Bad input is skipped and counted** here (``undecodable``): the speed layer's dead-letter
-  topic already keeps those records with their reason.
+  topic already keeps those records with their reason. Control records (watermark
+  heartbeats, ``ctrstream.kafka.heartbeats``) are no events: skipped and counted
+  (``control``).
 * **Rebalances** flush and commit the buffered batch before partitions are revoked, so
   several archivers can share the consumer group. With ``--instance-id`` (Kafka static
   membership) a restarted archiver takes its partitions back at once instead of waiting for
@@ -49,6 +51,7 @@ import pyarrow.parquet as pq
 from ctrstream.config import Settings
 from ctrstream.events import Click, DecodeError, Impression, decode_click, decode_impression
 from ctrstream.features import HOUR_MS
+from ctrstream.kafka.heartbeats import is_control
 
 log = logging.getLogger("ctrstream.archive")
 
@@ -293,6 +296,7 @@ def to_table(kind: str, events: list) -> pa.Table:
 class ArchiveStats:
     records: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
     undecodable: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
+    control: dict = field(default_factory=lambda: {k: 0 for k in KINDS})  # heartbeats skipped
     files: int = 0
     flushes: int = 0
     seconds: float = 0.0  # wall time of the run (group join and idle wait included)
@@ -369,6 +373,9 @@ class Archiver:
         try:
             ev = _DECODE[kind](msg.value())
         except DecodeError as e:
+            if is_control(msg.key(), msg.headers()):  # a watermark heartbeat: no event
+                self.stats.control[kind] += 1
+                return
             self.stats.undecodable[kind] += 1
             self.metrics["undecodable"].labels(kind).inc()
             log.debug(

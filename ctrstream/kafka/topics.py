@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -17,6 +18,7 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp: int
+    headers: list[tuple[str, bytes]] | None = None
 
 
 def read_topic(
@@ -58,7 +60,8 @@ def read_topic(
                 assert part is not None and off is not None  # set on every consumed record
                 # a transaction marker occupies an offset: track the position, not the count
                 pos[part] = off + 1
-                out.append(Record(topic, part, off, m.key(), m.value(), m.timestamp()[1]))
+                headers = cast(list[tuple[str, bytes]] | None, m.headers())
+                out.append(Record(topic, part, off, m.key(), m.value(), m.timestamp()[1], headers))
             for p in pos:  # read_committed skips control records: use the consumer position
                 if pos[p] < ends[p]:
                     got = c.position([TopicPartition(topic, p)])[0].offset
