@@ -18,9 +18,10 @@ and vectorized where it matters:
 2. **watermark and lateness, per Kafka partition**: ``watermark = max event time seen in
    this partition - allowed_lateness``; an event older than the watermark *before it* is
    late -> ``dlq`` (reason ``late: ...``, stage ``lateness``). Because it depends only on
-   the order of records inside one partition (and on in-band heartbeats, see
-   :mod:`ctrstream.kafka.partition`), the decision is the same on every replay: this is what
-   makes the Redis result identical after a crash.
+   the order of records inside one partition (and on in-band signed heartbeats, see
+   :mod:`ctrstream.kafka.heartbeats`; a rejected one moves nothing and goes to ``dlq``, stage
+   ``control``), the decision is the same on every replay: this is what makes the Redis
+   result identical after a crash.
 3. **dedup**: impressions by ``impression_id``, clicks by ``click_id``. Both topics are keyed
    by impression id, so all copies of an event are in the same partition, in order; the
    partition keeps the set of ids whose event time is still at or after its watermark

@@ -112,13 +112,23 @@ def create_control_secret(settings: Settings) -> Path:
     its path. Called by ``ctrstream stack up`` (and the test suite's isolated stack)."""
     path = settings.control_secret_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        load_control_secret(settings)  # an unusable existing file is reported now
-        return path
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(SECRET_BYTES) + "\n")
+    if not path.exists():
+        # written whole under a private name, then linked into place: a process that reads
+        # the secret never sees a half-written file, and of two racing creators one wins
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(SECRET_BYTES) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink()
+    load_control_secret(settings)  # an unusable existing file is reported now
     return path
 
 
