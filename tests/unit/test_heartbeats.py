@@ -128,3 +128,21 @@ def test_events_are_not_control_records():
     assert not HB.is_control(b"imp-1", None)
     assert not HB.is_control(None, [("other", b"x")])
     assert HB.is_control(b"imp-1", [(HB.CONTROL_HEADER, b"watermark")])
+
+
+def test_speed_commands_say_what_to_do_without_a_secret(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ctrstream.cli.app import build_app
+    from ctrstream.config import get_settings
+
+    monkeypatch.setenv("CTRSTREAM_RUN_DIR", str(tmp_path / "run"))
+    get_settings.cache_clear()
+    try:
+        for argv in (["speed", "heartbeat", "--at-ms", "5"], ["speed", "features"]):
+            res = CliRunner().invoke(build_app(), argv)
+            assert res.exit_code == 2, res.output
+            text = " ".join(res.output.split())  # the console wraps long lines
+            assert "no control secret" in text and "ctrstream stack up" in text
+    finally:
+        get_settings.cache_clear()
