@@ -39,6 +39,11 @@ rejected with one of these outcomes, counted and dead-lettered, and moves nothin
   partition. A copy of a genuine heartbeat written later into the same partition is always
   this case (the original came first, so its time is already reached): it cannot move time.
 
+A signature binds a heartbeat to a topic *name* and partition under one secret: a topic
+deleted and created again under the same name would accept a captured heartbeat whose time
+is beyond its new data. Rotate the secret with the topics (``ctrstream stack down --purge``
+does; otherwise delete the key, ``ctrstream stack up``, restart the jobs).
+
 Every consumer of ``impressions``/``clicks`` recognises control records with
 :func:`is_control` and skips them; the speed layer verifies them.
 """
