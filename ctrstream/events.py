@@ -1,7 +1,7 @@
 """Event schemas and the one codec every producer and consumer uses.
 
 Wire format: UTF-8 JSON objects, one per Kafka record, decoded strictly with msgspec:
-wrong types, missing fields, unknown fields, unknown schema versions and oversized
+wrong types, missing fields, unknown schema versions and oversized
 payloads are rejected with a precise reason (``DecodeError.reason``); nothing is guessed.
 
 Kafka keys: both ``impressions`` and ``clicks`` are keyed by the **impression id** and
@@ -16,10 +16,17 @@ partition holds whatever client produced it.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import msgspec
 
+# The compatibility rule of the event topics (schemas/README.md): forward compatibility in
+# Kafka's terms. A consumer accepts a record of a newer producer that has fields it does not
+# know (they are ignored by the speed layer and kept verbatim by the archive, see
+# :func:`unknown_fields`); a new field a consumer must have is a new ``schema_version``, and
+# a version a consumer does not support is a dead letter. The JSON Schemas in ``schemas/``
+# are generated from the structs below (:func:`json_schemas`, ``ctrstream schemas write``).
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
 MAX_EVENT_BYTES = 4096
@@ -30,7 +37,7 @@ MAX_EVENT_TIME_MS = 253_402_300_800_000
 DeviceType = Literal["mobile", "desktop", "tablet", "ctv"]
 
 
-class Impression(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Impression(msgspec.Struct, frozen=True):
     """One ad shown to one user (the unit of prediction)."""
 
     schema_version: int
@@ -47,7 +54,7 @@ class Impression(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     position: int  # ad slot position on the page, 0 = top
 
 
-class Click(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Click(msgspec.Struct, frozen=True):
     """A click on an earlier impression; repeats the ids the speed layer counts by."""
 
     schema_version: int
@@ -253,3 +260,89 @@ def partition_error(key: bytes, partition: int, n_partitions: int) -> str | None
         f"(Kafka's default murmur2 partitioner), not {partition}: produce with partitioner "
         f"{PARTITIONER} (kcat: -X partitioner={PARTITIONER})"
     )
+
+# --------------------------------------------------------------------------- contracts
+
+# the record type of every topic that carries JSON records (the dead letters carry the
+# original bytes, with the error in headers: described in schemas/README.md)
+TOPIC_RECORDS: dict[str, type[msgspec.Struct]] = {
+    "impressions": Impression,
+    "clicks": Click,
+    "labeled": Labeled,
+    "predictions": Prediction,
+}
+# the event records that carry a ``schema_version`` (the others follow the events' version)
+VERSIONED = frozenset({"impressions", "clicks"})
+_SCHEMA_VERSION_KEY = "x-ctrstream-schema-version"
+
+
+def json_schema(topic: str) -> dict[str, Any]:
+    """The JSON Schema (2020-12) of ``topic``'s records, generated from its struct, with the
+    schema version it describes in ``x-ctrstream-schema-version``."""
+    struct = TOPIC_RECORDS[topic]
+    doc = msgspec.json.schema(struct)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"urn:ctrstream:schema:{topic}",
+        "title": f"ctrstream {topic} record",
+        _SCHEMA_VERSION_KEY: SCHEMA_VERSION,
+        **doc,
+    }
+
+
+def json_schemas() -> dict[str, str]:
+    """File name -> text of every topic's JSON Schema (what ``schemas/`` holds)."""
+    return {
+        f"{topic}.schema.json": json.dumps(json_schema(topic), indent=2, sort_keys=False) + "\n"
+        for topic in TOPIC_RECORDS
+    }
+
+
+def _objects(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: d for name, d in doc.get("$defs", {}).items() if d.get("type") == "object"}
+
+
+def compatibility_problems(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Why ``new`` (a topic's JSON Schema) breaks the compatibility rule against ``old``;
+    empty when it does not. Under one ``schema_version`` a change may only add optional
+    fields (a default) or document: adding a required field, removing or retyping a field,
+    or making an optional field required needs a new version (consumers that do not know it
+    dead-letter its records instead of misreading them)."""
+    if new.get(_SCHEMA_VERSION_KEY) != old.get(_SCHEMA_VERSION_KEY):
+        return []  # a new version may change anything; old consumers dead-letter it
+    problems = []
+    before, after = _objects(old), _objects(new)
+    for name, o in before.items():
+        n = after.get(name)
+        if n is None:
+            problems.append(f"{name}: removed")
+            continue
+        op, np_ = o.get("properties", {}), n.get("properties", {})
+        oreq, nreq = set(o.get("required", ())), set(n.get("required", ()))
+        for f in op:
+            if f not in np_:
+                problems.append(f"{name}.{f}: removed")
+            elif op[f] != np_[f]:
+                problems.append(f"{name}.{f}: type changed from {op[f]} to {np_[f]}")
+        for f in sorted(nreq - oreq):
+            what = "new required field" if f not in op else "field made required"
+            problems.append(f"{name}.{f}: {what}")
+    return [
+        f"{p} without a new schema_version (now {new.get(_SCHEMA_VERSION_KEY)})" for p in problems
+    ]
+
+
+_raw_object = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def unknown_fields(event: msgspec.Struct, data: bytes) -> bytes | None:
+    """The fields of ``data`` (the bytes ``event`` was decoded from) that ``event``'s type
+    does not know, as a JSON object of their original JSON values, or None when there are
+    none. Cheap for the common record: re-encoding the known fields is the shortest form of
+    them, so a record no longer than that has no other field."""
+    if len(data) <= len(_encoder.encode(event)):
+        return None
+    doc = _raw_object.decode(data)
+    known = event.__struct_fields__
+    extra = {k: v for k, v in doc.items() if k not in known}
+    return _encoder.encode(extra) if extra else None

@@ -173,18 +173,19 @@ class BatchScorer:
     def score_messages(self, msgs: list) -> list[tuple[bytes, bytes]]:
         """Decode one micro-batch of Kafka messages (``KafkaSourceMessage``) and score it; the
         records that cannot be scored become dead letters."""
-        from ctrstream.events import MAX_EVENT_TIME_MS, DecodeError, decode_impression, key_error
+        from ctrstream.events import DecodeError, decode_impression, key_error
         from ctrstream.kafka.deadletters import dead_letter
-        from ctrstream.kafka.heartbeats import heartbeat_time
+        from ctrstream.kafka.heartbeats import is_control
 
         imps, dead = [], []
         for m in msgs:
-            if m.value is None and 0 < (heartbeat_time(m.key) or 0) < MAX_EVENT_TIME_MS:
-                continue  # a watermark heartbeat (one out of range is a bad record)
             try:
                 ev = decode_impression(m.value)
                 stage, reason = "key", key_error(m.key, ev)
             except DecodeError as e:
+                if is_control(m.key, m.headers):
+                    continue  # control records (watermark heartbeats) are no impressions; the
+                    # speed layer verifies them and dead-letters forged ones
                 stage, reason = "decode", e.reason
             if reason is None:
                 imps.append(ev)

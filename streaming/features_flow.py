@@ -26,10 +26,11 @@ and vectorized where it matters:
    and, live, by the wall clock; a real gap larger than the bound is announced by a
    heartbeat). An event older than the watermark *before it* is
    late -> ``dlq`` (reason ``late: ...``, stage ``lateness``). Because it depends only on
-   the order of records inside one partition (and on in-band heartbeats, see
-   :mod:`ctrstream.kafka.partition`), the decision is the same on every replay: this is what
-   makes the Redis result identical after a crash (the first-event bound is the exception:
-   it is taken once, and a snapshot keeps its outcome).
+   the order of records inside one partition (and on in-band signed heartbeats, see
+   :mod:`ctrstream.kafka.heartbeats`; a rejected one moves nothing and goes to ``dlq``, stage
+   ``control``), the decision is the same on every replay: this is what makes the Redis
+   result identical after a crash (the first-event bound is the exception: it is taken
+   once, and a snapshot keeps its outcome).
 3. **dedup**: impressions by ``impression_id``, clicks by ``click_id``. Both topics are keyed
    by impression id, so all copies of an event are in the same partition, in order; the
    partition keeps the set of ids whose event time is still at or after its watermark
@@ -85,8 +86,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from ctrstream import events as E
 from ctrstream import features as F
 from ctrstream.config import Settings, get_settings
+from ctrstream.kafka import heartbeats as HB
 from ctrstream.kafka.deadletters import DlqWriter, dead_letter
-from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
+from ctrstream.kafka.heartbeats import NO_TIME
 from ctrstream.kafka.partition import PartitionReader
 from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter
 from ctrstream.streaming import speed_metrics as M
@@ -368,6 +370,8 @@ class _EventsPartition(StatefulSourcePartition):
             M.LATE.labels(*lbl),
         )
         self.m_dlq_late = M.DLQ.labels(FLOW, self.topic, "lateness")
+        self.m_control = {o: M.CONTROL.labels(FLOW, self.topic, o) for o in HB.OUTCOMES}
+        self.secret = cfg.control_secret()
         self.m_lag = M.LAG.labels(FLOW, self.topic, str(partition))
         self.m_wm = M.WATERMARK.labels(FLOW, self.topic, str(partition))
         self.last_gauge = 0.0
@@ -475,43 +479,30 @@ class _EventsPartition(StatefulSourcePartition):
         self.m_in.inc(n)
         values = [m.value() for m in msgs]
         t_all = np.full(n, NO_TIME, dtype=np.int64)
-        is_event = np.ones(n, dtype=bool)
         dead: list[E.DeadLetter] = []
         by_stage: dict[str, int] = {}
-        if None in values:  # heartbeats (and null records, which are malformed)
-            for i, v in enumerate(values):
-                if v is None:
-                    ht = heartbeat_time(msgs[i].key())
-                    if ht is None:
-                        continue
-                    is_event[i] = False
-                    if 0 < ht < E.MAX_EVENT_TIME_MS:
-                        t_all[i] = ht
-                    else:
-                        dead.append(
-                            self._dead(
-                                msgs[i],
-                                f"invalid heartbeat: event time {ht} outside (0, "
-                                f"{E.MAX_EVENT_TIME_MS}); the watermark does not move",
-                                "decode",
-                            )
-                        )
-                        by_stage["decode"] = by_stage.get("decode", 0) + 1
-            ev_idx = np.flatnonzero(is_event)
-            ev_values = [values[i] for i in ev_idx.tolist()]
-        else:
-            ev_idx = np.arange(n)
-            ev_values = values
-        ev_keys = [msgs[i].key() for i in ev_idx.tolist()]
-        rows, ids, ok_local, errors = self.codec.decode(ev_values, ev_keys)
-        ok = ev_idx[ok_local] if len(ok_local) else ok_local.astype(np.int64)
-        for i, reason, stage in errors:
-            dead.append(self._dead(msgs[int(ev_idx[i])], reason, stage))
+        keys = [m.key() for m in msgs]
+        # Control records (heartbeats) never decode as events, so they are looked for among
+        # the records the codec rejects: the common batch without one pays nothing.
+        rows, ids, ok, errors = self.codec.decode(values, keys)
+        ok = ok.astype(np.int64)
+        beats: list[int] = []  # genuine heartbeats, checked for replay once max_t is known
+        for gi, reason, stage in errors:
+            m = msgs[gi]
+            if stage == "decode" and HB.is_control(keys[gi], m.headers()):
+                v = HB.verify(self.secret, self.topic, self.partition, values[gi], m.headers())
+                if v.time is not None:
+                    t_all[gi] = v.time
+                    beats.append(gi)
+                    continue
+                self.m_control[v.outcome].inc()
+                reason, stage = v.reason, "control"
+            dead.append(self._dead(m, reason, stage))
             by_stage[stage] = by_stage.get(stage, 0) + 1
         # events not in their key's partition (a foreign partitioner): the contract of
         # ctrstream.events, without which copies of an event would escape deduplication
         if len(ok):
-            okeys = [msgs[i].key() for i in ok.tolist()]
+            okeys = [keys[i] for i in ok.tolist()]
             wrong = murmur2_partitions(okeys, self.n_partitions) != self.partition
             if wrong.any():
                 for j in np.flatnonzero(wrong).tolist():
@@ -561,6 +552,14 @@ class _EventsPartition(StatefulSourcePartition):
         prev_max = cm[:-1]
         self.max_t = int(cm[-1])
         self.cfg.part_max[self.part_idx] = self.max_t
+        for gi in beats:
+            if t_all[gi] > prev_max[gi]:
+                self.m_control["accepted"].inc()
+                continue
+            self.m_control["replayed"].inc()
+            reason = HB.replayed_reason(int(t_all[gi]), int(prev_max[gi]), self.topic, self.partition)
+            dead.append(self._dead(msgs[gi], reason, "control"))
+            by_stage["control"] = by_stage.get("control", 0) + 1
         late_all = t_all < prev_max - self.lateness
         late = late_all[ok]
         if late.any():
@@ -1022,6 +1021,10 @@ class FlowConfig:
 
     def dlq_writer(self) -> DlqWriter:
         return DlqWriter(self.settings)
+
+    def control_secret(self) -> bytes:
+        """The key that heartbeats are verified with (a clear error when it is missing)."""
+        return HB.load_control_secret(self.settings)
 
     def writer(self) -> FeatureWriter:
         """This process's Redis writer (created on first use; its workers share it)."""

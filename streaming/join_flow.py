@@ -68,9 +68,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from ctrstream import events as E
 from ctrstream.config import Settings, Topic, get_settings
+from ctrstream.kafka import heartbeats as HB
 from ctrstream.kafka.clients import ensure_topics, producer_config
 from ctrstream.kafka.deadletters import dead_letter, dead_letter_headers, producer_overrides
-from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
+from ctrstream.kafka.heartbeats import NO_TIME
 from ctrstream.kafka.partition import PartitionReader
 from ctrstream.streaming import speed_metrics as M
 
@@ -212,6 +213,9 @@ class _JoinPartition(StatefulSourcePartition):
         self.m_late_c = M.LATE.labels(FLOW, tc)
         self.m_dup_i = M.DUPLICATES.labels(FLOW, ti)
         self.m_dup_c = M.DUPLICATES.labels(FLOW, tc)
+        self.m_ctl_i = {o: M.CONTROL.labels(FLOW, ti, o) for o in HB.OUTCOMES}
+        self.m_ctl_c = {o: M.CONTROL.labels(FLOW, tc, o) for o in HB.OUTCOMES}
+        self.secret = HB.load_control_secret(settings)
 
     def snapshot(self) -> dict:
         return {
@@ -258,17 +262,6 @@ class _JoinPartition(StatefulSourcePartition):
         self.m_pending.set(len(self.pending))
         return [n] if n else []
 
-    def _heartbeat(self, m, current: int) -> int:
-        """The max event time after heartbeat ``m`` (``current`` when it is none or out of
-        range; an out-of-range one is a dead letter)."""
-        ht = heartbeat_time(m.key())
-        if ht is None:
-            return current
-        if not 0 < ht < E.MAX_EVENT_TIME_MS:
-            self._reject(m, f"invalid heartbeat: event time {ht} out of range", "decode")
-            return current
-        return max(current, ht)
-
     def _reject(self, m, reason: str, stage: str) -> None:
         """``m``'s own dead letter, unless it was committed before a crash (fence offsets)."""
         fence = self.fence_oi if m.topic() == self.ti else self.fence_oc
@@ -312,13 +305,15 @@ class _JoinPartition(StatefulSourcePartition):
         late = dup = 0
         for m in msgs:
             v = m.value()
-            if v is None and heartbeat_time(m.key()) is not None:
-                self.max_i = self._heartbeat(m, self.max_i)
-                continue
             try:
                 h = E.decode_impression(v)
             except E.DecodeError as e:
-                self._reject(m, e.reason, "decode")
+                if HB.is_control(m.key(), m.headers()):  # a heartbeat, genuine or not
+                    ht = self._heartbeat(m, self.ti, self.max_i, self.m_ctl_i)
+                    if ht is not None:
+                        self.max_i = ht
+                else:
+                    self._reject(m, e.reason, "decode")
                 continue
             reason = E.key_error(m.key(), h) or E.partition_error(m.key(), self.p, self.n_parts)
             if reason is not None:
@@ -352,13 +347,15 @@ class _JoinPartition(StatefulSourcePartition):
         late = dup = 0
         for m in msgs:
             v = m.value()
-            if v is None and heartbeat_time(m.key()) is not None:
-                self.max_c = self._heartbeat(m, self.max_c)
-                continue
             try:
                 h = E.decode_click(v)
             except E.DecodeError as e:
-                self._reject(m, e.reason, "decode")
+                if HB.is_control(m.key(), m.headers()):  # a heartbeat, genuine or not
+                    ht = self._heartbeat(m, self.tc, self.max_c, self.m_ctl_c)
+                    if ht is not None:
+                        self.max_c = ht
+                else:
+                    self._reject(m, e.reason, "decode")
                 continue
             reason = E.key_error(m.key(), h) or E.partition_error(m.key(), self.p, self.n_parts)
             if reason is not None:
@@ -397,6 +394,23 @@ class _JoinPartition(StatefulSourcePartition):
             self.m_late_c.inc(late)
         if dup:
             self.m_dup_c.inc(dup)
+
+    def _heartbeat(self, m, topic: str, max_t: int, counters: dict) -> int | None:
+        """The event time of control record ``m`` when it is a genuine heartbeat beyond
+        ``max_t``; None for anything else. Rejected ones (unsigned, forged, malformed,
+        replayed) are counted and dead-lettered (stage ``control``), as the features flow
+        does, and move nothing."""
+        v = HB.verify(self.secret, topic, self.p, m.value(), m.headers())
+        if v.time is None:
+            counters[v.outcome].inc()
+            self._reject(m, v.reason, "control")
+            return None
+        if v.time <= max_t:
+            counters["replayed"].inc()
+            self._reject(m, HB.replayed_reason(v.time, max_t, topic, self.p), "control")
+            return None
+        counters["accepted"].inc()
+        return v.time
 
     def _attach(self, rec, click):
         delay = click[0] - rec[0]

@@ -5,9 +5,10 @@ Kafka (partition, offset, key, value) and applies the declared rules one record 
 with no batching, sharding or numpy, so that it shares no code path with the dataflow except
 the codec and ``ctrstream.features``:
 
-* heartbeat records advance their partition's watermark (one out of range is dead);
-  undecodable records are dead, and so are events whose key is not their impression id or
-  that are not in their key's partition;
+* genuine heartbeat records (``ctrstream.kafka.heartbeats.verify``) beyond their
+  partition's greatest event time advance its watermark; other control records are dead
+  (stage ``control``, the outcome as reason); undecodable records are dead, and so are
+  events whose key is not their impression id or that are not in their key's partition;
 * per Kafka partition, an event more than ``max_event_ahead_s`` ahead of the max event time
   before it is dead (``future``) and does not move it (a partition's first event is not
   bounded here: the job bounds it by its other partitions, an order this reference does not
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from ctrstream import events as E
 from ctrstream import features as F
 from ctrstream.config import Settings
-from ctrstream.kafka.heartbeats import heartbeat_time
+from ctrstream.kafka import heartbeats as HB
 from ctrstream.kafka.topics import Record
 
 
@@ -63,6 +64,7 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
     ahead = int(settings.max_event_ahead_s * 1000)
     counts: Counter = Counter()
     ref = Reference()
+    secret: bytes | None = None
     for kind, recs in records.items():
         etype = "i" if kind == "impressions" else "c"
         decode = E.decode_impression if kind == "impressions" else E.decode_click
@@ -76,19 +78,23 @@ def reference_features(settings: Settings, records: dict[str, list[Record]]) -> 
             for r in rs:
                 ref.stats["records"] += 1
                 where = (r.topic, r.partition, r.offset)
-                if r.value is None and (ht := heartbeat_time(r.key)) is not None:
-                    if not 0 < ht < E.MAX_EVENT_TIME_MS:
-                        ref.dead[where] = ("decode", "invalid heartbeat")
-                        ref.stats["decode_errors"] += 1
-                        continue
-                    ref.stats["heartbeats"] += 1
-                    max_t = ht if max_t is None else max(max_t, ht)
-                    continue
                 try:
                     ev = decode(r.value)
                 except E.DecodeError as e:
-                    ref.dead[where] = ("decode", e.reason)
-                    ref.stats["decode_errors"] += 1
+                    if not HB.is_control(r.key, r.headers):
+                        ref.dead[where] = ("decode", e.reason)
+                        ref.stats["decode_errors"] += 1
+                        continue
+                    if secret is None:
+                        secret = HB.load_control_secret(settings)
+                    v = HB.verify(secret, r.topic, r.partition, r.value, r.headers)
+                    if v.time is not None and (max_t is None or v.time > max_t):
+                        max_t = v.time
+                        ref.stats["heartbeats"] += 1
+                        continue
+                    outcome = v.outcome if v.time is None else "replayed"
+                    ref.dead[where] = ("control", outcome)
+                    ref.stats[f"control_{outcome}"] += 1
                     continue
                 reason = E.key_error(r.key, ev) or E.partition_error(
                     r.key or b"", r.partition, getattr(settings.topics, kind).partitions

@@ -31,6 +31,12 @@ DLQ = Counter(
     "Records routed to the dead-letter topic",
     ["flow", "topic", "stage"],
 )
+CONTROL = Counter(
+    "ctrstream_speed_control_records_total",
+    "Control records (watermark heartbeats) by outcome: accepted, or rejected as unsigned, "
+    "forged, malformed or replayed (those go to the dead-letter topic, stage control)",
+    ["flow", "topic", "outcome"],
+)
 LATE = Counter(
     "ctrstream_speed_late_total", "Events later than the allowed lateness", ["flow", "topic"]
 )

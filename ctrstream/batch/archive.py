@@ -5,8 +5,14 @@ Layout
 ``{data_dir}/archive/{kind}/date=YYYY-MM-DD/hour=HH/part-{created_ms}-{uuid}.parquet`` with
 ``kind`` in ``impressions``/``clicks``, partitioned by the **event** hour (UTC) of each
 record, so a late event lands in the partition of its event time, never of its arrival.
-Columns are exactly the fields of ``ctrstream.events.Impression`` / ``Click`` (the partition
-values live only in the path). Files are never modified after they appear.
+Columns are the fields of ``ctrstream.events.Impression`` / ``Click`` (the partition values
+live only in the path), then ``extra`` (:data:`EXTRA_COLUMN`): the fields a newer producer
+sent that these types do not know, as a JSON object of their original values (null when
+there are none; ``ctrstream.events.unknown_fields``). That is the compatibility rule's
+archive half (``schemas/README.md``): a record of a newer producer is accepted and nothing of
+it is dropped, so a later batch job that knows the new field can read it back; the batch
+layer's readers (:func:`read_events`) ignore the column. Files are never modified after they
+appear.
 
 Guarantees
 ----------
@@ -23,8 +29,9 @@ Guarantees
   or whose Kafka key is not its impression id (the key contract of ``ctrstream.events``) is
   written to ``dlq`` (connector name ``archive``, ``ctrstream.kafka.deadletters``) and
   counted (``undecodable``, ``wrong_key``), never archived; the dead letters are
-  acknowledged before the batch's offsets are committed (at least once). Watermark
-  heartbeats are skipped.
+  acknowledged before the batch's offsets are committed (at least once). Control records
+  (watermark heartbeats, ``ctrstream.kafka.heartbeats``) are no events: skipped and counted
+  (``control``; the speed layer verifies them and dead-letters forged ones).
 * **Rebalances** flush and commit the buffered batch before partitions are revoked, so
   several archivers can share the consumer group. With ``--instance-id`` (Kafka static
   membership) a restarted archiver takes its partitions back at once instead of waiting for
@@ -53,17 +60,17 @@ import pyarrow.parquet as pq
 
 from ctrstream.config import Settings
 from ctrstream.events import (
-    MAX_EVENT_TIME_MS,
     Click,
     DecodeError,
     Impression,
     decode_click,
     decode_impression,
     key_error,
+    unknown_fields,
 )
 from ctrstream.features import HOUR_MS
 from ctrstream.kafka.deadletters import dead_letter
-from ctrstream.kafka.heartbeats import heartbeat_time
+from ctrstream.kafka.heartbeats import is_control
 
 log = logging.getLogger("ctrstream.archive")
 
@@ -76,12 +83,6 @@ _DECODE: dict[str, Callable[[bytes | None], Impression | Click]] = {
 }
 
 DEFAULT_GROUP = "ctrstream-archive"
-
-
-def _is_heartbeat(key: bytes | None) -> bool:
-    """A watermark heartbeat's key with a time in range (one out of range is a bad record)."""
-    ht = heartbeat_time(key)
-    return ht is not None and 0 < ht < MAX_EVENT_TIME_MS
 
 
 # test hook: exit abruptly after the n-th flush wrote its files but before it committed
@@ -111,6 +112,9 @@ def arrow_schema(kind: str) -> pa.Schema:
 
 
 SCHEMAS = {k: arrow_schema(k) for k in KINDS}
+EXTRA_COLUMN = "extra"
+# what the archiver writes: the event fields, then the unknown fields of newer producers
+FILE_SCHEMAS = {k: SCHEMAS[k].append(pa.field(EXTRA_COLUMN, pa.string())) for k in KINDS}
 
 
 def archive_root(data_dir: Path | str) -> Path:
@@ -301,15 +305,19 @@ def write_partitioned(data_dir: Path | str, kind: str, table: pa.Table) -> list[
     return out
 
 
-def to_table(kind: str, events: list) -> pa.Table:
-    """Decoded event structs -> a pyarrow Table with the kind's schema."""
-    schema = SCHEMAS[kind]
+def to_table(kind: str, events: list, extras: list[bytes | None] | None = None) -> pa.Table:
+    """Decoded event structs -> a pyarrow Table with the kind's schema; with ``extras`` (one
+    per event: its unknown fields as JSON, or None) the file schema, ``extra`` column last."""
+    schema = SCHEMAS[kind] if extras is None else FILE_SCHEMAS[kind]
     if not events:
         return schema.empty_table()
     cols = list(zip(*(msgspec.structs.astuple(ev) for ev in events)))
-    return pa.Table.from_arrays(
-        [pa.array(c, type=f.type) for c, f in zip(cols, schema)], schema=schema
-    )
+    arrays = [pa.array(c, type=f.type) for c, f in zip(cols, SCHEMAS[kind])]
+    if extras is not None:
+        arrays.append(
+            pa.array([None if x is None else x.decode() for x in extras], type=pa.string())
+        )
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 # --------------------------------------------------------------------------- the consumer
@@ -320,7 +328,9 @@ class ArchiveStats:
     records: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
     undecodable: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
     wrong_key: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
-    heartbeats: int = 0
+    control: dict = field(default_factory=lambda: {k: 0 for k in KINDS})  # heartbeats skipped
+    # records of a newer producer, archived with their unknown fields in the extra column
+    extra: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
     files: int = 0
     flushes: int = 0
     seconds: float = 0.0  # wall time of the run (group join and idle wait included)
@@ -348,6 +358,11 @@ def _get_metrics():
         _metrics = {
             "records": Counter("ctrstream_archive_records", "records archived", ["kind"]),
             "undecodable": Counter("ctrstream_archive_undecodable", "records skipped", ["kind"]),
+            "extra": Counter(
+                "ctrstream_archive_unknown_fields",
+                "records archived with fields these types do not know (kept in extra)",
+                ["kind"],
+            ),
             "files": Counter("ctrstream_archive_files", "part files published"),
             "flush": Histogram("ctrstream_archive_flush_seconds", "write+fsync+commit time"),
         }
@@ -386,6 +401,7 @@ class Archiver:
         self.stats = ArchiveStats()
         self.metrics = _get_metrics()
         self._buf: dict[str, list] = {k: [] for k in KINDS}
+        self._extra: dict[str, list[bytes | None]] = {k: [] for k in KINDS}  # per buffered event
         self._offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
         self._buffered = 0
         self._batch_started: float | None = None
@@ -401,13 +417,13 @@ class Archiver:
         kind = self.topic_kind[topic]
         self._offsets[(topic, msg.partition())] = msg.offset() + 1
         value = msg.value()
-        if value is None and _is_heartbeat(msg.key()):
-            self.stats.heartbeats += 1
-            return
         try:
             ev = _DECODE[kind](value)
             stage, reason = "key", key_error(msg.key(), ev)
         except DecodeError as e:
+            if is_control(msg.key(), msg.headers()):  # a watermark heartbeat: no event
+                self.stats.control[kind] += 1
+                return
             stage, reason = "decode", e.reason
         if reason is not None:
             (self.stats.undecodable if stage == "decode" else self.stats.wrong_key)[kind] += 1
@@ -427,7 +443,12 @@ class Archiver:
                 ]
             )
             return
+        extra = unknown_fields(ev, value)
+        if extra is not None:
+            self.stats.extra[kind] += 1
+            self.metrics["extra"].labels(kind).inc()
         self._buf[kind].append(ev)
+        self._extra[kind].append(extra)
         self._buffered += 1
 
     def flush(self) -> None:
@@ -439,7 +460,8 @@ class Archiver:
         t0 = time.perf_counter()
         for kind in KINDS:
             if self._buf[kind]:
-                files = write_partitioned(self.data_dir, kind, to_table(kind, self._buf[kind]))
+                table = to_table(kind, self._buf[kind], self._extra[kind])
+                files = write_partitioned(self.data_dir, kind, table)
                 self.stats.files += len(files)
                 self.metrics["files"].inc(len(files))
                 self.stats.records[kind] += len(self._buf[kind])
@@ -454,6 +476,7 @@ class Archiver:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
         self.consumer.commit(offsets=offsets, asynchronous=False)
         self._buf = {k: [] for k in KINDS}
+        self._extra = {k: [] for k in KINDS}
         self._offsets.clear()
         self._buffered = 0
         self._batch_started = None
@@ -548,6 +571,7 @@ class Archiver:
             # nothing unwritten may be committed by the revoke callback that close() runs:
             # drop the buffer, Kafka re-delivers it to the next run
             self._buf = {k: [] for k in KINDS}
+            self._extra = {k: [] for k in KINDS}
             self._offsets.clear()
             self._buffered = 0
             raise

@@ -2,7 +2,7 @@
 
 :func:`build_app` assembles one Typer app from the command groups of the layers below the
 CLI (one module per group: ``stack``, ``traffic``, ``speed``, ``batch``, ``train``,
-``serve``, ``jobs``); the demo and the benchmarks sit above the CLI and add their own
+``serve``, ``jobs``, ``schemas``); the demo and the benchmarks sit above the CLI and add their own
 groups in :mod:`ctrstream.__main__`, the console script. Heavy imports stay inside the
 commands, so ``ctrstream --help`` stays fast.
 """
@@ -24,7 +24,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 def build_app() -> typer.Typer:
     """The ``ctrstream`` app with every command group of the CLI layer registered."""
-    from ctrstream.cli import batch, jobs, serve, speed, stack, traffic, train
+    from ctrstream.cli import batch, jobs, schemas, serve, speed, stack, traffic, train
 
     app = typer.Typer(
         name="ctrstream",
@@ -34,6 +34,6 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for group in (stack, traffic, speed, batch, train, serve, jobs):
+    for group in (stack, traffic, speed, batch, train, serve, jobs, schemas):
         group.register(app)
     return app

@@ -166,15 +166,24 @@ def register(app: typer.Typer) -> None:
     ):
         """Run the features and/or join dataflows (recovery on by default), or send a watermark
         heartbeat into every impressions/clicks partition (`speed heartbeat --at-ms T`)."""
+        from ctrstream.cli.app import fail
         from ctrstream.config import get_settings
         from ctrstream.kafka.clients import ensure_topics
+        from ctrstream.kafka.heartbeats import ControlSecretError, load_control_secret
 
         settings = get_settings()
+        try:  # heartbeats are signed and verified with the stack's control secret
+            load_control_secret(settings)
+        except ControlSecretError as e:
+            raise fail(str(e)) from None
         if flow == "heartbeat":
             from ctrstream.kafka.heartbeats import send_heartbeat
 
             t = at_ms if at_ms is not None else int((time.time() + ahead_s) * 1000)
-            n = send_heartbeat(settings, t)
+            try:
+                n = send_heartbeat(settings, t)
+            except ValueError as e:
+                raise fail(f"{e}: give --at-ms a time in milliseconds since the epoch") from None
             print(f"wrote {n} heartbeats at event time {t}")
             return
         flows = list(FLOWS) if flow == "all" else [flow]

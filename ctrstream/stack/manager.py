@@ -39,8 +39,10 @@ class Stack:
         """Start every service (or ``only`` those), wait until ready, create topics.
         Returns the start-up seconds of each service (None: it was already running)."""
         from ctrstream.kafka.clients import ensure_topics
+        from ctrstream.kafka.heartbeats import create_control_secret
 
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        create_control_secret(self.settings)  # signs the watermark heartbeats
         chosen = [s for s in self.services if not only or s.name in only]
         for svc in chosen:  # every port is checked before anything starts
             if svc.pid() is None:
@@ -130,6 +132,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     }
     if settings.redis.password:
         env["CTRSTREAM_REDIS__PASSWORD"] = settings.redis.password
+    if settings.control_secret_file is not None:
+        env["CTRSTREAM_CONTROL_SECRET_FILE"] = str(settings.control_secret_path)
     for key, t in settings.topics.model_dump().items():
         env[f"CTRSTREAM_TOPICS__{key.upper()}__NAME"] = t["name"]
         env[f"CTRSTREAM_TOPICS__{key.upper()}__PARTITIONS"] = str(t["partitions"])

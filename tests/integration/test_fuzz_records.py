@@ -455,7 +455,7 @@ def test_no_record_stops_a_job(fuzz_settings, tmp_path, unique, capsys):
             sum(arch.records.values())
             + sum(arch.undecodable.values())
             + sum(arch.wrong_key.values())
-            + arch.heartbeats
+            + sum(arch.control.values())
         )
         assert a_in == sum(n_in.values())
         assert sum(arch.undecodable.values()) + sum(arch.wrong_key.values()) == len(
