@@ -261,6 +261,7 @@ def partition_error(key: bytes, partition: int, n_partitions: int) -> str | None
         f"{PARTITIONER} (kcat: -X partitioner={PARTITIONER})"
     )
 
+
 # --------------------------------------------------------------------------- contracts
 
 # the record type of every topic that carries JSON records (the dead letters carry the

@@ -557,7 +557,9 @@ class _EventsPartition(StatefulSourcePartition):
                 self.m_control["accepted"].inc()
                 continue
             self.m_control["replayed"].inc()
-            reason = HB.replayed_reason(int(t_all[gi]), int(prev_max[gi]), self.topic, self.partition)
+            reason = HB.replayed_reason(
+                int(t_all[gi]), int(prev_max[gi]), self.topic, self.partition
+            )
             dead.append(self._dead(msgs[gi], reason, "control"))
             by_stage["control"] = by_stage.get("control", 0) + 1
         late_all = t_all < prev_max - self.lateness

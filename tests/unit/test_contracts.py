@@ -78,7 +78,7 @@ def test_the_speed_layers_batch_codec_accepts_a_newer_producers_record():
     from ctrstream.streaming.features_flow import Codec
 
     values = [E.encode(V1), _newer_producer_record(placement="feed")]
-    rows, ids, ok, errors = Codec("impressions").decode(values)
+    rows, ids, ok, errors = Codec("impressions").decode(values, [b"imp-1", b"imp-1"])
     assert errors == [] and ok.tolist() == [0, 1] and ids == ["imp-1", "imp-1"]
 
 
