@@ -1,4 +1,4 @@
-"""``ctrstream setup``, ``ctrstream stack up | status | down | logs`` and ``ctrstream config show``."""
+"""``ctrstream setup``, ``ctrstream stack up | secret | status | down | logs`` and ``ctrstream config show``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,19 @@ def stack_up(
     except (StackError, PrerequisiteError) as e:
         raise fail(str(e)) from None
     out.print(f"run directory: {settings.run_dir}  (logs in {settings.run_dir / 'logs'})")
+
+
+@stack_app.command("secret")
+def stack_secret():
+    """Create the control secret that signs watermark heartbeats, unless it exists (what
+    `stack up` does first; compose's `control-key` service runs it into the shared volume)."""
+    from ctrstream.kafka.heartbeats import ControlSecretError, create_control_secret
+
+    try:
+        path = create_control_secret(get_settings())
+    except ControlSecretError as e:
+        raise fail(str(e)) from None
+    out.print(f"control secret: {path}")
 
 
 @stack_app.command("status")

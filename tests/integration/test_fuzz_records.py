@@ -24,7 +24,7 @@ from test_speed_features import BASE, CTRSTREAM, job_env, scrape
 from ctrstream import events as E
 from ctrstream.config import RedisSettings
 from ctrstream.kafka.deadletters import read_dead_letters
-from ctrstream.kafka.heartbeats import HEARTBEAT_PREFIX, heartbeat_time, send_heartbeat
+from ctrstream.kafka.heartbeats import HEARTBEAT_KEY, send_heartbeat
 from ctrstream.kafka.topics import read_topic
 from ctrstream.stack.procs import start_job, stop_job, wait_until
 from ctrstream.stack.services import free_port
@@ -39,6 +39,10 @@ WRONG_PARTITION = "right key, wrong partition (a copy)"
 # records only the speed layer rejects: the archive keeps them (it deduplicates by event id
 # when read), the scorer scores them
 SPEED_ONLY = (FUTURE, WRONG_PARTITION)
+# a heartbeat in the old, unsigned form (null value, time in the key) whose time overflows
+# int64: a control record the speed layer rejects (stage control); the archive and the
+# scorer skip control records (no events), as they skip the genuine ones
+UNSIGNED_HEARTBEAT = "unsigned heartbeat, old form (time overflows int64)"
 SPAN_MS = 10 * 60_000
 YEAR_3000_MS = 32_503_680_000_000
 HUGE_BYTES = 800_000  # "about 750 KB or more": its dead letter must still be written
@@ -125,8 +129,8 @@ def _classes() -> dict:
             js(with_(d, **{text_field(d): "x" * (E.MAX_EVENT_BYTES + 100)})),
         ),
         f"huge record ({HUGE_BYTES // 1000} KB)": lambda d: (own(d), b"x" * HUGE_BYTES),
-        "heartbeat key, time overflows int64": lambda d: (
-            HEARTBEAT_PREFIX + b"99999999999999999999",
+        UNSIGNED_HEARTBEAT: lambda d: (
+            HEARTBEAT_KEY + b":99999999999999999999",
             None,
         ),
         "wrong key (a copy under another key)": lambda d: (b"another-key", js(d)),
@@ -290,8 +294,7 @@ def test_no_record_stops_a_job(fuzz_settings, tmp_path, unique, capsys):
         for kind, rs in recs.items():
             by_part = defaultdict(list)
             for x in rs:
-                ht = heartbeat_time(x.key) if x.value is None else None
-                if ht is None or not 0 < ht < E.MAX_EVENT_TIME_MS:  # not one of ours
+                if not (x.key == HEARTBEAT_KEY and x.value is not None):  # not one of ours
                     by_part[x.partition].append(x)
             for part, xs in by_part.items():
                 want = seq[(kind, part)]
@@ -301,7 +304,11 @@ def test_no_record_stops_a_job(fuzz_settings, tmp_path, unique, capsys):
                     k_of[(x.topic, x.partition, x.offset)] = cls
                     if cls is not None:
                         classes_at[cls].append(x)
-        bad = {w: c for w, c in k_of.items() if c is not None and c not in SPEED_ONLY}
+        bad = {
+            w: c
+            for w, c in k_of.items()
+            if c is not None and c not in SPEED_ONLY and c != UNSIGNED_HEARTBEAT
+        }
         speed_bad = {w: c for w, c in k_of.items() if c is not None}
 
         # -- features: the speed view equals the record-by-record reference
@@ -465,7 +472,10 @@ def test_no_record_stops_a_job(fuzz_settings, tmp_path, unique, capsys):
             [w for w in cal_bad if w[0] == s.topics.predictions.name]
         )
         s_dlq = len(by_job["scorer"])
-        assert n_pred + s_dlq + hb == n_in["impressions"]
+        n_unsigned = sum(
+            1 for x in classes_at[UNSIGNED_HEARTBEAT] if x.topic == s.topics.impressions.name
+        )
+        assert n_pred + s_dlq + hb + n_unsigned == n_in["impressions"]
         ends = {(t, x.partition): x.offset + 1 for t in cal_topics for x in read_topic(s, t)}
         assert all(cal.state.offsets.get(tp, 0) >= off for tp, off in ends.items())
 
@@ -481,11 +491,12 @@ def test_no_record_stops_a_job(fuzz_settings, tmp_path, unique, capsys):
                     if x.topic not in topics:
                         continue
                     d = dl_of.get((job, x.topic, x.partition, x.offset))
-                    outs.add(
-                        f"dlq/{d.stage}"
-                        if d
-                        else {"archive": "archived", "scorer": "scored"}.get(job, "counted")
-                    )
+                    if d:
+                        outs.add(f"dlq/{d.stage}")
+                    elif cls == UNSIGNED_HEARTBEAT:
+                        outs.add("skipped (control record)")
+                    else:
+                        outs.add({"archive": "archived", "scorer": "scored"}.get(job, "counted"))
                 cells.append(", ".join(sorted(outs)) or "-")
             d = dl_of.get(("features", xs[0].topic, xs[0].partition, xs[0].offset))
             rows.append((cls, *cells, "-", _short(d.reason if d else "")))
