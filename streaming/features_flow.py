@@ -59,9 +59,11 @@ import json
 import logging
 import operator
 import os
+import socket
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -79,7 +81,8 @@ from ctrstream.config import Settings, get_settings
 from ctrstream.kafka.deadletters import DlqWriter, dead_letter
 from ctrstream.kafka.heartbeats import NO_TIME, heartbeat_time
 from ctrstream.kafka.partition import PartitionReader
-from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter
+from ctrstream.store.resp import Backoff
+from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter, WriterLoss
 from ctrstream.streaming import speed_metrics as M
 
 log = logging.getLogger("ctrstream.speed.features")
@@ -94,6 +97,8 @@ KINDS = ("impressions", "clicks")
 N_SHARDS = int(os.environ.get("CTRSTREAM_SPEED_SHARDS", "4"))
 BATCH = int(os.environ.get("CTRSTREAM_SPEED_BATCH", "20000"))
 EMPTY_POLL = timedelta(milliseconds=5)
+# how often an idle shard wakes to see whether Redis lost writes (FeatureWriter.losses)
+LOSS_CHECK = timedelta(seconds=1)
 
 ENTITY_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(f for e in F.ENTITIES for f in e.fields))
 INT_FIELDS: tuple[str, ...] = ("schema_version", "event_time_ms") + ENTITY_FIELDS
@@ -633,11 +638,22 @@ class ShardLogic(StatefulBatchLogic):
         self.touched: set[tuple[int, int, int]] = set(self.tables)
         if self.tables:  # restored: re-write what may not have reached Redis
             self.next_flush = datetime.now(UTC)
+        # Redis losses (FeatureWriter.losses): how many this shard has handled, the payload
+        # that last wrote each table, and the tables closed since (payload, key, cells,
+        # wall time of that write) - what a loss can take that the state no longer holds.
+        # Not snapshotted: a loss concerns the payloads of this process.
+        self.losses_seen = 0
+        self.last_write: dict[tuple[int, int, int], int] = {}
+        self.closed_log: list[tuple[int, tuple[int, int, int], int, float]] = []
+        self._prune_at = 1024
+        self._flushed: list[tuple[int, int, int]] = []
+        self._closed: list[tuple[tuple[int, int, int], int]] = []
 
     def watermark(self) -> int:
         return min(self.wms)
 
     def on_batch(self, values: list[Delta]):
+        self._check_loss()
         # The events of a delta are at or after its partition's watermark *before* that
         # micro-batch (a later event of the same batch may move it past them), so they are
         # checked against the watermark known before this call; the new one applies after.
@@ -699,20 +715,92 @@ class ShardLogic(StatefulBatchLogic):
         return any((k[2] + 1) * F.RESOLUTIONS[k[1]].bucket_ms <= W for k in self.tables)
 
     def notify_at(self):
+        if self.next_flush is None and self.cfg.has_writer():
+            return datetime.now(UTC) + LOSS_CHECK  # an idle shard still sees a Redis loss
         return self.next_flush
 
     def on_notify(self):
+        self._check_loss()
         self._write(self.flush())
         return [], StatefulBatchLogic.RETAIN
 
     def on_eof(self):
+        self._check_loss()
         self._write(self.flush())
         self.cfg.drain()  # a finite run ends with everything in Redis
+        self._check_loss()  # a loss found while draining: re-write, and wait again
+        if self.touched:
+            self._write(self.flush())
+            self.cfg.drain()
         return [], StatefulBatchLogic.RETAIN
 
     def _write(self, items: list) -> None:
-        if items:
-            self.cfg.writer().write(items)
+        seq = self.cfg.writer().write(items) if items else None
+        if seq is not None:
+            for key in self._flushed:
+                self.last_write[key] = seq
+        now = time.time()
+        for key, n in self._closed:
+            # never written by this process (restored from a snapshot, written before): 0
+            self.closed_log.append((self.last_write.pop(key, 0), key, n, now))
+        self._flushed, self._closed = [], []
+        if len(self.closed_log) > self._prune_at:
+            # a closed bucket's hash expires in Redis a TTL after its last write: past that,
+            # a loss of it is no loss
+            ttl_s = self.cfg.writer().view.hash_ttl_ms / 1000
+            self.closed_log = [c for c in self.closed_log if now - c[3] < ttl_s]
+            self._prune_at = 2 * len(self.closed_log) + 1024
+
+    def _check_loss(self) -> None:
+        """Redis lost writes it had acknowledged (:class:`WriterLoss`): mark every open cell
+        dirty, so the next flush re-writes it from the state (absolute values), and report
+        the cells of buckets closed since the last payload Redis still holds - the state no
+        longer has them - in the log, the metrics and a line of the job's output."""
+        losses = self.cfg.writer_losses()
+        if len(losses) <= self.losses_seen:
+            return
+        new = losses[self.losses_seen :]
+        self.losses_seen = len(losses)
+        held = min(loss.held_seq for loss in new)
+        n_open = 0
+        for key, tab in self.tables.items():
+            tab.compact()
+            tab.dirty[:] = True
+            tab.new[:] = True  # a re-created day hash gets its TTL again
+            n_open += len(tab)
+            self.touched.add(key)
+        # a payload after `held` is gone; with nothing held, so may be what earlier
+        # processes wrote (payload 0)
+        lost = [(key, n) for seq, key, n, _ in self.closed_log if seq > held or held == 0]
+        n_lost = sum(n for _, n in lost)
+        M.REDIS_REWRITTEN_CELLS.inc(n_open)
+        if n_lost:
+            M.REDIS_UNREPAIRED_CELLS.inc(n_lost)
+        report = {
+            "speed": "redis_loss",
+            "shard": self.shard,
+            "held_seq": held,
+            "acked_seq": max(loss.acked_seq for loss in new),
+            "rewritten_cells": n_open,
+            "unrepaired_buckets": len(lost),
+            "unrepaired_cells": n_lost,
+            "buckets": [[F.ENTITIES[e].name, F.RESOLUTIONS[r].name, b] for (e, r, b), _ in lost],
+        }
+        (log.error if n_lost else log.warning)(
+            "shard %s: Redis lost writes it had acknowledged (it holds payloads up to %d of "
+            "%d): re-writing %d open cells from the state; %d cells of %d closed buckets are "
+            "no longer in the state and cannot be re-written (reconcile them with the batch "
+            "layer, or replay)",
+            self.shard,
+            held,
+            report["acked_seq"],
+            n_open,
+            n_lost,
+            len(lost),
+        )
+        sys.stdout.write(json.dumps(report) + "\n")  # one write: workers share stdout
+        sys.stdout.flush()
+        self.next_flush = datetime.now(UTC)
 
     def flush(self) -> list:
         self.next_flush = None
@@ -728,6 +816,7 @@ class ShardLogic(StatefulBatchLogic):
             idx = np.flatnonzero(tab.dirty)
             if len(idx):
                 parts.append((key, tab.keys[idx], tab.cnt[idx], tab.new[idx]))
+                self._flushed.append(key)
                 tab.dirty[idx] = False
                 tab.new[idx] = False
         self.touched = set()
@@ -736,7 +825,9 @@ class ShardLogic(StatefulBatchLogic):
             if (key[2] + 1) * F.RESOLUTIONS[key[1]].bucket_ms <= W:
                 closed.append(key)
         for key in closed:
-            cells -= len(self.tables.pop(key))
+            n = len(self.tables.pop(key))
+            cells -= n
+            self._closed.append((key, n))
         self.g_cells.set(cells)
         if not parts:
             return []
@@ -779,18 +870,56 @@ class FeatureWriter:
     rendered with numpy and sent by a writer thread while the job goes on), as cells per
     entity with the packed ids unpacked into their parts, and feeds the flush metrics once
     Redis has acknowledged a flush. :meth:`drain` (called by every shard's ``snapshot``)
-    waits for the acknowledgements. One writer per process, shared by its workers' shards."""
+    waits for the acknowledgements. One writer per process, shared by its workers' shards.
+
+    Redis going away does not stop the job: the writer sends a flush again after a back-off
+    wait until Redis takes it (each failed attempt logged and counted in
+    ``ctrstream_speed_redis_retries_total``), the flushes behind it wait in order, and a
+    snapshot waits for them all. When Redis comes back without writes it had acknowledged
+    (restarted without its data), :attr:`losses` grows and every shard re-writes its open
+    cells (``ShardLogic._check_loss``)."""
 
     def __init__(self, settings: Settings, max_pending: int = 2):
-        self.view = SpeedViewWriter(settings, max_pending=max_pending)
+        self.view = SpeedViewWriter(
+            settings,
+            max_pending=max_pending,
+            marker=f"{FLOW}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            backoff=Backoff(),
+            on_retry=self._on_retry,
+            on_loss=self._on_loss,
+        )
+        self.losses = self.view.losses
 
-    def write(self, items: list) -> None:
-        """Hand ``items`` (:class:`FlushItem`) to the writer; returns before Redis answers."""
+    @staticmethod
+    def _on_retry(attempt: int, error: BaseException, wait_s: float) -> None:
+        M.REDIS_RETRIES.inc()
+        log.warning(
+            "writing to Redis failed (attempt %d: %s); the flush is kept and sent again in %.2f s",
+            attempt,
+            error,
+            wait_s,
+        )
+
+    @staticmethod
+    def _on_loss(loss: WriterLoss) -> None:
+        M.REDIS_LOSSES.inc()
+        log.error(
+            "Redis (run_id %s, was %s) holds this job's writes up to payload %d of %d it had "
+            "acknowledged: it lost data; the shards re-write their open cells",
+            loss.run_id_after,
+            loss.run_id_before,
+            loss.held_seq,
+            loss.acked_seq,
+        )
+
+    def write(self, items: list) -> int | None:
+        """Hand ``items`` (:class:`FlushItem`) to the writer; returns before Redis answers,
+        with the number of the payload that carries them (None: nothing to write)."""
         t0 = time.perf_counter()
         ts = [t for it in items if it.ts_first is not None for t in (it.ts_first, it.ts_last)]
         its = [it for it in items if len(it.eid)]
         if not its:
-            return
+            return None
         ent = np.concatenate([it.ent for it in its]).astype(np.int8)
         order = np.argsort(ent, kind="stable")  # the cells of one entity adjacent (radix sort)
         ent = ent[order]
@@ -824,7 +953,7 @@ class FeatureWriter:
                 if t and t > 0:
                     M.FRESHNESS.observe(max(0.0, (now_ms - t) / 1000))
 
-        self.view.write(cells, done=done)
+        return self.view.write_seq(cells, done=done)
 
     def drain(self) -> None:
         """Return once Redis has acknowledged everything written so far (raises its error)."""
@@ -871,6 +1000,13 @@ class FlowConfig:
     def drain(self) -> None:
         if self._writer is not None:
             self._writer.drain()
+
+    def has_writer(self) -> bool:
+        return self._writer is not None
+
+    def writer_losses(self) -> list[WriterLoss]:
+        """The Redis losses this process's writer has seen (:class:`FeatureWriter`)."""
+        return [] if self._writer is None else self._writer.losses
 
 
 def build_flow(settings: Settings, stop_at_end: bool = False, n_shards: int = N_SHARDS) -> Dataflow:
