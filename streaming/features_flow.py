@@ -638,13 +638,13 @@ class ShardLogic(StatefulBatchLogic):
         self.touched: set[tuple[int, int, int]] = set(self.tables)
         if self.tables:  # restored: re-write what may not have reached Redis
             self.next_flush = datetime.now(UTC)
-        # Redis losses (FeatureWriter.losses): how many this shard has handled, the payload
-        # that last wrote each table, and the tables closed since (payload, key, cells,
-        # wall time of that write) - what a loss can take that the state no longer holds.
-        # Not snapshotted: a loss concerns the payloads of this process.
+        # Redis losses (FeatureWriter.losses): how many this shard has handled, the first
+        # and last payload that wrote each table, and the tables closed since (first and
+        # last payload, key, cells, wall time) - what a loss can take that the state no
+        # longer holds. Not snapshotted: a loss concerns the payloads of this process.
         self.losses_seen = 0
-        self.last_write: dict[tuple[int, int, int], int] = {}
-        self.closed_log: list[tuple[int, tuple[int, int, int], int, float]] = []
+        self.writes: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self.closed_log: list[tuple[int, int, tuple[int, int, int], int, float]] = []
         self._prune_at = 1024
         self._flushed: list[tuple[int, int, int]] = []
         self._closed: list[tuple[tuple[int, int, int], int]] = []
@@ -738,17 +738,18 @@ class ShardLogic(StatefulBatchLogic):
         seq = self.cfg.writer().write(items) if items else None
         if seq is not None:
             for key in self._flushed:
-                self.last_write[key] = seq
+                self.writes[key] = (self.writes.get(key, (seq, seq))[0], seq)
         now = time.time()
         for key, n in self._closed:
-            # never written by this process (restored from a snapshot, written before): 0
-            self.closed_log.append((self.last_write.pop(key, 0), key, n, now))
+            # never written by this process (restored from a snapshot, written before): 0, 0
+            first, last = self.writes.pop(key, (0, 0))
+            self.closed_log.append((first, last, key, n, now))
         self._flushed, self._closed = [], []
         if len(self.closed_log) > self._prune_at:
             # a closed bucket's hash expires in Redis a TTL after its last write: past that,
             # a loss of it is no loss
             ttl_s = self.cfg.writer().view.hash_ttl_ms / 1000
-            self.closed_log = [c for c in self.closed_log if now - c[3] < ttl_s]
+            self.closed_log = [c for c in self.closed_log if now - c[4] < ttl_s]
             self._prune_at = 2 * len(self.closed_log) + 1024
 
     def _check_loss(self) -> None:
@@ -762,6 +763,7 @@ class ShardLogic(StatefulBatchLogic):
         new = losses[self.losses_seen :]
         self.losses_seen = len(losses)
         held = min(loss.held_seq for loss in new)
+        acked = max(loss.acked_seq for loss in new)
         n_open = 0
         for key, tab in self.tables.items():
             tab.compact()
@@ -769,9 +771,13 @@ class ShardLogic(StatefulBatchLogic):
             tab.new[:] = True  # a re-created day hash gets its TTL again
             n_open += len(tab)
             self.touched.add(key)
-        # a payload after `held` is gone; with nothing held, so may be what earlier
-        # processes wrote (payload 0)
-        lost = [(key, n) for seq, key, n, _ in self.closed_log if seq > held or held == 0]
+        # the payloads after `held` up to `acked` are gone (later ones are still to be sent);
+        # with nothing held, so may be what earlier processes wrote (payload 0)
+        lost = [
+            (key, n)
+            for first, last, key, n, _ in self.closed_log
+            if first <= acked and (last > held or held == 0)
+        ]
         n_lost = sum(n for _, n in lost)
         M.REDIS_REWRITTEN_CELLS.inc(n_open)
         if n_lost:
@@ -780,7 +786,7 @@ class ShardLogic(StatefulBatchLogic):
             "speed": "redis_loss",
             "shard": self.shard,
             "held_seq": held,
-            "acked_seq": max(loss.acked_seq for loss in new),
+            "acked_seq": acked,
             "rewritten_cells": n_open,
             "unrepaired_buckets": len(lost),
             "unrepaired_cells": n_lost,
@@ -793,7 +799,7 @@ class ShardLogic(StatefulBatchLogic):
             "layer, or replay)",
             self.shard,
             held,
-            report["acked_seq"],
+            acked,
             n_open,
             n_lost,
             len(lost),

@@ -1,0 +1,288 @@
+"""Every server killed, nothing lost: ``kill -9`` of Redis and of the Kafka broker in the
+middle of a replay with the speed layer running, and of the speed job itself.
+
+A test that kills a server starts its own (the stack's service classes on free ports, under
+the test's temporary directory), so the session's stack and every other test are
+unaffected. Recovery times (the server back and ready -> the speed layer caught up with the
+reference) are printed (``pytest -s`` shows them; docs/faults.md records them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+from test_speed_features import CTRSTREAM, job_env, make_stream, produce, scrape
+
+from ctrstream import events as E
+from ctrstream.config import REDIS_PASSWORD_FILE, KafkaSettings, RedisSettings, Settings
+from ctrstream.kafka.heartbeats import send_heartbeat
+from ctrstream.kafka.topics import read_topic
+from ctrstream.stack.procs import start_job, stop_job, wait_until
+from ctrstream.stack.services import (
+    PortInUseError,
+    RedisService,
+    Service,
+    free_port,
+    pid_alive,
+)
+from ctrstream.store.speed_view import read_speed_view
+from ctrstream.streaming.reference import reference_features
+
+
+@contextmanager
+def private(make: type[Service], settings: Settings, attempts: int = 3) -> Iterator[Service]:
+    """A server of the test's own (``make(settings)`` started; stopped by PID at the end).
+    A free port taken before the server binds it: again on other free ports."""
+    for attempt in range(1, attempts + 1):
+        svc = make(settings)
+        try:
+            svc.start()
+            break
+        except PortInUseError:
+            if attempt == attempts:
+                raise
+            if make is RedisService:
+                settings.redis = settings.redis.model_copy(update={"port": free_port()})
+            else:
+                settings.kafka = KafkaSettings(
+                    port=free_port(), controller_port=free_port(), heap="384m"
+                )
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def kill9(svc: Service) -> None:
+    """``kill -9`` a server (our child: reaped, so that its PID is free)."""
+    pid = svc.pid()
+    assert pid is not None, f"{svc.name} is not running"
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid), 10, what=f"{svc.name} (PID {pid}) to die")
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def private_redis_settings(base: Settings, tmp_path: Path) -> Settings:
+    return base.model_copy(
+        update={
+            "run_dir": tmp_path / "own",
+            "redis": RedisSettings(port=free_port()),
+            "metrics_port": free_port(),
+        }
+    )
+
+
+def loss_reports(log: Path) -> list[dict]:
+    """The ``redis_loss`` lines of a features job's output."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith('{"speed": "redis_loss"'):
+            out.append(json.loads(line))
+    return out
+
+
+def max_event_time(records) -> int:
+    return max(
+        E.decode_impression(v).event_time_ms
+        for k, _, v in records
+        if k == "impressions" and v and v.startswith(b'{"schema_version":1,"imp')
+    )
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def test_local_redis_has_a_password_and_an_append_only_file(settings):
+    """The stack's Redis refuses a client without the password; the password was generated
+    at start-up, lives in the run directory readable by its owner only, and reaches every
+    client through the settings; writes go to an append-only file."""
+    path = settings.run_dir / REDIS_PASSWORD_FILE
+    assert path.exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert settings.redis.password and path.read_text().strip() == settings.redis.password
+    host, port = settings.redis.host, settings.redis.port
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=host, port=port, socket_timeout=2).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=host, port=port, password="guess", socket_timeout=2).ping()
+    # a process that only knows the run directory (as `ctrstream ...` does) authenticates
+    own = Settings(run_dir=settings.run_dir, redis=RedisSettings(port=port))
+    assert own.redis.password == settings.redis.password
+    r = redis.Redis.from_url(own.redis.url, socket_timeout=2)
+    assert r.ping()
+    assert r.config_get("appendonly") == {"appendonly": "yes"}
+    assert r.config_get("appendfsync") == {"appendfsync": "everysec"}
+    # the secret is not on the server's command line, and `config show` masks it
+    pid = int((settings.run_dir / "redis.pid").read_text())
+    assert settings.redis.password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert settings.redis.password not in json.dumps(settings.dump())
+    r.close()
+
+
+def test_redis_kill9_during_replay_loses_nothing(fresh_topics, tmp_path):
+    """kill -9 of Redis mid-replay: the features job stays up and retries (counted), Redis
+    comes back from its append-only file on the same port, and the speed view equals the
+    record-by-record reference; no loss is detected (the file held every acknowledged
+    write)."""
+    s = private_redis_settings(fresh_topics, tmp_path)
+    with private(RedisService, s) as svc:
+        r = redis.Redis.from_url(s.redis.url, socket_timeout=5)
+        lateness = int(s.allowed_lateness_s * 1000)
+        records, _ = make_stream(seed=23, n_imps=4000, lateness_ms=lateness)
+        half = len(records) // 2
+        produce(s, records[:half])
+        log = tmp_path / "features.log"
+        argv = [CTRSTREAM, "speed", "features", "-w", "1", "--recovery-dir", str(tmp_path / "rec")]
+        job = start_job(argv + ["--snapshot-s", "2"], env=job_env(s), log_path=log)
+        try:
+            wait_until(lambda: len(read_speed_view(r)) > 0, 120, what=f"first features ({log})")
+            before = len(read_speed_view(r))
+            outage = _outage(s, svc, job, records, half, log)
+            t_back = time.monotonic()
+            recs = {k: read_topic(s, getattr(s.topics, k).name) for k in ("impressions", "clicks")}
+            ref = reference_features(s, recs)
+            wait_until(
+                lambda: read_speed_view(r) == ref.cells,
+                120,
+                what=f"the speed view to equal the reference after Redis came back ({log})",
+            )
+            recovery = time.monotonic() - t_back
+            print(f"\nredis kill -9: down {outage:.1f} s; Redis back -> caught up {recovery:.2f} s")
+            assert job.poll() is None, f"the features job exited ({log})"
+            m = scrape(s.metrics_port)
+            assert m["ctrstream_speed_redis_retries_total"] >= 3
+            assert m.get("ctrstream_speed_redis_losses_total", 0) == 0
+            assert not loss_reports(log)
+            assert 0 < before < len(ref.cells)
+        finally:
+            stop_job(job)
+        r.close()
+
+
+def _outage(s: Settings, svc: Service, job, records, half: int, log: Path) -> float:
+    """Replay the second half of ``records`` at a steady pace, kill -9 Redis a third of the
+    way, keep it down until the replay is produced and the job has retried, restart Redis on
+    the same port from its directory, then close every bucket with a heartbeat. Returns how
+    long Redis was down."""
+    size = (len(records) - half) // 10 + 1
+    chunks = [records[half + k * size : half + (k + 1) * size] for k in range(10)]
+    sent: list[int] = []
+
+    def pace() -> None:
+        for c in chunks:
+            produce(s, c)
+            sent.append(len(c))
+            time.sleep(0.3)  # the replay's pace, not synchronisation
+
+    pacer = threading.Thread(target=pace)
+    pacer.start()
+    wait_until(lambda: len(sent) >= 3, 60, what="the replay to be a third of the way")
+    kill9(svc)
+    t_down = time.monotonic()
+    try:
+        # the job keeps going: it retries its write (counted), it does not exit
+        wait_until(
+            lambda: scrape(s.metrics_port).get("ctrstream_speed_redis_retries_total", 0) >= 3,
+            60,
+            what=f"the job to retry its writes ({log})",
+        )
+    finally:
+        pacer.join()
+    assert job.poll() is None, f"the features job exited while Redis was down ({log})"
+    svc.start()  # same port, same directory: from its append-only file
+    down = time.monotonic() - t_down
+    send_heartbeat(s, max_event_time(records) + 2 * 3_600_000)  # closes every bucket
+    return down
+
+
+def test_redis_that_lost_its_data_is_repaired_or_reported(fresh_topics, tmp_path):
+    """kill -9 of Redis mid-replay and a restart WITHOUT its data (its append-only file
+    deleted: what a Redis without persistence does): the job detects the loss (its writer
+    marker is gone), re-writes every open cell from its state, and reports every cell it
+    cannot re-write (buckets already closed) - in its output, its log and a metric. Every
+    cell that differs from the reference afterwards is in a reported bucket: no silent
+    loss."""
+    s = private_redis_settings(fresh_topics, tmp_path)
+    with private(RedisService, s) as svc:
+        r = redis.Redis.from_url(s.redis.url, socket_timeout=5)
+        lateness = int(s.allowed_lateness_s * 1000)
+        records, _ = make_stream(seed=29, n_imps=4000, lateness_ms=lateness)
+        half = len(records) // 2
+        produce(s, records[:half])
+        log = tmp_path / "features.log"
+        argv = [CTRSTREAM, "speed", "features", "-w", "1", "--recovery-dir", str(tmp_path / "rec")]
+        job = start_job(argv + ["--snapshot-s", "2"], env=job_env(s), log_path=log)
+        try:
+            wait_until(lambda: len(read_speed_view(r)) > 0, 120, what=f"first features ({log})")
+            # the data set is lost: Redis restarts empty
+            real_start = svc.start
+
+            def start_empty() -> float | None:
+                for f in svc.dir.glob("appendonly*"):
+                    for g in f.iterdir() if f.is_dir() else [f]:
+                        g.unlink()
+                return real_start()
+
+            svc.start = start_empty  # type: ignore[method-assign]
+            _outage(s, svc, job, records, half, log)
+            t_back = time.monotonic()
+            recs = {k: read_topic(s, getattr(s.topics, k).name) for k in ("impressions", "clicks")}
+            ref = reference_features(s, recs)
+            reports = wait_until(lambda: loss_reports(log), 60, what=f"a loss report ({log})")
+            m = wait_until(
+                lambda: (lambda m: m if m.get("ctrstream_speed_redis_losses_total") else None)(
+                    scrape(s.metrics_port)
+                ),
+                30,
+                what="the loss metric",
+            )
+            reported = {tuple(b) for rep in reports for b in rep["buckets"]}
+            assert sum(rep["rewritten_cells"] for rep in reports) > 0
+
+            def only_reported_cells_differ() -> bool:
+                view = read_speed_view(r)
+                differ = {
+                    c for c in ref.cells.keys() | view.keys() if view.get(c) != ref.cells.get(c)
+                }
+                return all((e, res, b) in reported for e, _, res, _, b in differ)
+
+            wait_until(
+                only_reported_cells_differ,
+                120,
+                what=f"every cell outside the reported buckets to equal the reference ({log})",
+            )
+            recovery = time.monotonic() - t_back
+            view = read_speed_view(r)
+            missing = sum(1 for c, v in ref.cells.items() if view.get(c) != v)
+            unrepaired = sum(rep["unrepaired_cells"] for rep in reports)
+            print(
+                f"\nredis lost its data: Redis back -> open cells re-written {recovery:.2f} s; "
+                f"{missing} of {len(ref.cells)} reference cells differ, all in the "
+                f"{len(reported)} reported buckets ({unrepaired} cells reported)"
+            )
+            assert job.poll() is None, f"the features job exited ({log})"
+            assert m["ctrstream_speed_redis_losses_total"] >= 1
+            if missing:
+                assert m["ctrstream_speed_redis_unrepaired_cells_total"] >= 1
+                assert "cannot be re-written" in log.read_text()
+            # the open buckets (every 24h bucket here: the heartbeat came after the loss)
+            # were re-written in full
+            assert all(view.get(c) == v for c, v in ref.cells.items() if c[2] == "24h"), (
+                "an open bucket was not re-written"
+            )
+        finally:
+            stop_job(job)
+        r.close()
