@@ -27,13 +27,14 @@ from ctrstream import events as E
 from ctrstream.config import REDIS_PASSWORD_FILE, KafkaSettings, RedisSettings, Settings
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
-from ctrstream.stack.procs import start_job, stop_job, wait_until
+from ctrstream.stack.procs import kill_hard, start_job, stop_job, wait_until
 from ctrstream.stack.services import (
     PortInUseError,
     RedisService,
     Service,
     free_port,
     pid_alive,
+    port_in_use,
 )
 from ctrstream.store.speed_view import read_speed_view
 from ctrstream.streaming.reference import reference_features
@@ -286,3 +287,81 @@ def test_redis_that_lost_its_data_is_repaired_or_reported(fresh_topics, tmp_path
         finally:
             stop_job(job)
         r.close()
+
+
+# --------------------------------------------------------------------------- the speed job
+
+
+def _two_free_ports() -> int:
+    """A free port ``p`` with ``p + 1`` free too (``speed all``: one metrics port per
+    process, the features flow's first)."""
+    for _ in range(50):
+        p = free_port()
+        if p < 65535 and not port_in_use("127.0.0.1", p + 1):
+            return p
+    raise RuntimeError("no two adjacent free ports")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _start_times(ports: list[int]) -> list[float] | None:
+    """``process_start_time_seconds`` served on each metrics port (None: one does not
+    answer yet)."""
+    try:
+        return [scrape(p)["process_start_time_seconds"] for p in ports]
+    except OSError:
+        return None
+
+
+def test_speed_job_killed_restarts_on_its_metrics_ports(fresh_topics, tmp_path):
+    """``ctrstream speed all`` with a metrics port serves each flow's metrics on a port of
+    its own (features on the port, join on the next); ``kill -9`` of the job and a restart
+    right away: its processes went with it (no port left in use) and the new ones bind the
+    same metrics ports."""
+    s = fresh_topics.model_copy(
+        update={
+            "redis": fresh_topics.redis.model_copy(update={"db": 4}),
+            "metrics_port": _two_free_ports(),
+        }
+    )
+    ports = [s.metrics_port, s.metrics_port + 1]
+    argv = [CTRSTREAM, "speed", "all", "-w", "1", "--recovery-dir", str(tmp_path / "rec")]
+    argv += ["--snapshot-s", "2"]
+    log = tmp_path / "speed.log"
+    leftovers: list[int] = []
+    job = start_job(argv, env=job_env(s), log_path=log)
+    job2 = None
+    try:
+        first = wait_until(lambda: _start_times(ports), 120, what=f"both flows' metrics ({log})")
+        assert job.poll() is None
+        leftovers = _children(job.pid)
+        assert len(leftovers) == 2, leftovers  # one process per flow
+        os.kill(job.pid, signal.SIGKILL)  # the job, as `kill -9 PID` does it
+        job.wait(10)
+        t0 = time.monotonic()
+        job2 = start_job(argv, env=job_env(s), log_path=log)
+        second = wait_until(
+            lambda: (lambda t: t if t and all(a > b for a, b in zip(t, first)) else None)(
+                _start_times(ports)
+            ),
+            120,
+            what=f"the restarted flows' metrics on the same ports ({log})",
+        )
+        print(
+            f"\nspeed job kill -9 -> restarted, metrics served again: {time.monotonic() - t0:.2f} s"
+        )
+        assert job2.poll() is None, f"the restarted job exited ({log})"
+        assert all(not pid_alive(p) for p in leftovers), "a flow outlived its job"
+        assert second
+    finally:
+        if job2 is not None:
+            stop_job(job2)
+        kill_hard(job)
+        for pid in leftovers:  # a flow that outlived its job (the failure this test finds)
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
