@@ -15,6 +15,7 @@ import signal
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,10 +26,12 @@ from test_speed_features import CTRSTREAM, job_env, make_stream, produce, scrape
 
 from ctrstream import events as E
 from ctrstream.config import REDIS_PASSWORD_FILE, KafkaSettings, RedisSettings, Settings
-from ctrstream.kafka.heartbeats import send_heartbeat
+from ctrstream.kafka.clients import ensure_topics, make_producer
+from ctrstream.kafka.heartbeats import HEARTBEAT_PREFIX, send_heartbeat
 from ctrstream.kafka.topics import read_topic
 from ctrstream.stack.procs import kill_hard, start_job, stop_job, wait_until
 from ctrstream.stack.services import (
+    KafkaService,
     PortInUseError,
     RedisService,
     Service,
@@ -37,7 +40,7 @@ from ctrstream.stack.services import (
     port_in_use,
 )
 from ctrstream.store.speed_view import read_speed_view
-from ctrstream.streaming.reference import reference_features
+from ctrstream.streaming.reference import reference_features, reference_labels
 
 
 @contextmanager
@@ -365,3 +368,109 @@ def test_speed_job_killed_restarts_on_its_metrics_ports(fresh_topics, tmp_path):
         for pid in leftovers:  # a flow that outlived its job (the failure this test finds)
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def test_kafka_broker_kill9_during_replay_loses_and_repeats_nothing(fresh_topics, tmp_path):
+    """kill -9 of the Kafka broker mid-replay, down for 10 s, restarted on the same ports
+    from its log directory, with the features and join flows running and a producer
+    replaying: the producer resumes (every record in its topic exactly once: idempotent),
+    the flows stay up and resume, the speed view equals the reference and ``labeled``
+    holds every impression exactly once."""
+    base = fresh_topics.model_copy(
+        update={
+            "run_dir": tmp_path / "own",
+            "kafka": KafkaSettings(port=free_port(), controller_port=free_port(), heap="384m"),
+            "redis": fresh_topics.redis.model_copy(update={"db": 5}),
+            "metrics_port": free_port(),
+            "attribution_window_s": 90.0,
+        }
+    )
+    with private(KafkaService, base) as svc:
+        s = base
+        ensure_topics(s, s.topics.all())
+        r = redis.Redis.from_url(s.redis.url, socket_timeout=5)
+        r.flushdb()
+        lateness = int(s.allowed_lateness_s * 1000)
+        window = int(s.attribution_window_s * 1000)
+        records, _ = make_stream(seed=31, n_imps=4000, lateness_ms=lateness)
+        half = len(records) // 2
+        produce(s, records[:half])
+        log = tmp_path / "speed.log"
+        argv = [CTRSTREAM, "speed", "all", "-w", "1", "--recovery-dir", str(tmp_path / "rec")]
+        job = start_job(argv + ["--snapshot-s", "2"], env=job_env(s), log_path=log)
+        try:
+            wait_until(
+                lambda: len(read_topic(s, s.topics.labeled.name, timeout=10)) > 0,
+                120,
+                what=f"first labels ({log})",
+            )
+            # one producer replays the second half at a steady pace through the outage
+            producer = make_producer(s)
+            size = (len(records) - half) // 12 + 1
+            chunks = [records[half + k * size : half + (k + 1) * size] for k in range(12)]
+            sent: list[int] = []
+            unsent: list[int] = []
+
+            def pace() -> None:
+                for c in chunks:
+                    for kind, key, value in c:
+                        producer.produce(getattr(s.topics, kind).name, key=key, value=value)
+                    producer.poll(0)
+                    sent.append(len(c))
+                    time.sleep(0.3)  # the replay's pace, not synchronisation
+                unsent.append(producer.flush(120))
+
+            pacer = threading.Thread(target=pace)
+            pacer.start()
+            wait_until(lambda: len(sent) >= 4, 60, what="the replay to be a third of the way")
+            kill9(svc)
+            time.sleep(10)  # the outage itself: the broker stays down for 10 s
+            assert job.poll() is None, f"the speed job exited while Kafka was down ({log})"
+            svc.start()  # same ports, same log directory
+            t_back = time.monotonic()
+            pacer.join()
+            assert unsent == [0], "the producer did not deliver every record after the outage"
+            send_heartbeat(s, max_event_time(records) + 2 * 3_600_000)
+            recs = {k: read_topic(s, getattr(s.topics, k).name) for k in ("impressions", "clicks")}
+            # every produced record is in its topic exactly once (heartbeats aside)
+            got_records = Counter(
+                (kind, x.key, x.value)
+                for kind, xs in recs.items()
+                for x in xs
+                if x.value is not None or not (x.key or b"").startswith(HEARTBEAT_PREFIX)
+            )
+            assert got_records == Counter(
+                (kind, k if isinstance(k, bytes) else k.encode(), v) for kind, k, v in records
+            )
+            ref = reference_features(s, recs)
+            expected = reference_labels(ref, window)
+            wait_until(
+                lambda: read_speed_view(r) == ref.cells,
+                180,
+                what=f"the speed view to equal the reference after the outage ({log})",
+            )
+            labels: dict[str, tuple] = {}
+            counts: Counter = Counter()
+
+            def all_labels() -> bool:
+                labels.clear()
+                counts.clear()
+                for rec in read_topic(s, s.topics.labeled.name):
+                    lab = E.decode_labeled(rec.value)
+                    labels[lab.impression.impression_id] = (lab.clicked, lab.click_delay_ms)
+                    counts[lab.impression.impression_id] += 1
+                return len(labels) >= len(expected)
+
+            wait_until(all_labels, 180, what=f"every label ({log})")
+            recovery = time.monotonic() - t_back
+            print(f"\nkafka kill -9, 10 s down: broker back -> caught up {recovery:.2f} s")
+            assert job.poll() is None, f"the speed job exited ({log})"
+            dupes = {k: v for k, v in counts.items() if v > 1}
+            assert not dupes, f"{len(dupes)} impressions labeled more than once"
+            assert labels == expected
+        finally:
+            stop_job(job)
+        r.close()
