@@ -51,6 +51,12 @@ records, takes the same decisions and re-writes the same absolute values. Each s
 snapshot first waits until Redis has acknowledged every write queued before it, so a
 snapshot never marks as written a cell that Redis has not got. (The ``dlq``
 topic is at-least-once: a replay may repeat dead letters written after the snapshot.)
+
+**Redis going away** does not stop the job: the writer sends a flush again with back-off
+until Redis takes it (the job waits, the backlog stays in Kafka), and when Redis comes back
+without writes it had acknowledged, every shard re-writes its open cells from its state and
+reports the closed buckets it can no longer re-write (:class:`FeatureWriter`,
+``ShardLogic._check_loss``; docs/faults.md).
 """
 
 from __future__ import annotations
