@@ -374,7 +374,9 @@ class RedisService(Service):
 
     Persistence: ``appendonly yes`` with ``appendfsync everysec``. Redis appends every write
     to the file (write(2), into the kernel's page cache) before it answers the client, so a
-    ``kill -9`` of Redis loses nothing it acknowledged: the kernel still writes the pages.
+    ``kill -9`` of Redis loses nothing it acknowledged: the kernel still writes the pages
+    (unless a slow disk made Redis postpone that write behind a running fsync, for at most
+    2 s - a loss the features job detects, below).
     ``fsync`` once a second bounds what a crash of the *machine* can take to about the last
     second (``always`` would fsync on every event-loop turn and cost the speed layer's
     pipelined writes their throughput; what such a crash takes, the features job detects
