@@ -654,6 +654,10 @@ class ShardLogic(StatefulBatchLogic):
         self._prune_at = 1024
         self._flushed: list[tuple[int, int, int]] = []
         self._closed: list[tuple[tuple[int, int, int], int]] = []
+        # the writer whose payloads the restored state was written with, and the last one
+        # Redis had acknowledged at that snapshot: checked at the first activation, so that
+        # a Redis that lost data while the job was down is found too
+        self.restored_from: dict | None = state.get("redis")
 
     def watermark(self) -> int:
         return min(self.wms)
@@ -762,7 +766,16 @@ class ShardLogic(StatefulBatchLogic):
         """Redis lost writes it had acknowledged (:class:`WriterLoss`): mark every open cell
         dirty, so the next flush re-writes it from the state (absolute values), and report
         the cells of buckets closed since the last payload Redis still holds - the state no
-        longer has them - in the log, the metrics and a line of the job's output."""
+        longer has them - in the log, the metrics and a line of the job's output. The first
+        call after a restore also checks the previous run's writer marker: a Redis that lost
+        data while the job was down is repaired and reported the same way."""
+        if self.restored_from is not None:
+            marker, acked = self.restored_from["marker"], int(self.restored_from["acked"])
+            held = self.cfg.writer().view.held_seq(marker)
+            self.restored_from = None
+            if held < acked:
+                M.REDIS_LOSSES.inc()
+                self._repair(held, acked, None)
         losses = self.cfg.writer_losses()
         if len(losses) <= self.losses_seen:
             return
@@ -770,13 +783,6 @@ class ShardLogic(StatefulBatchLogic):
         self.losses_seen = len(losses)
         held = min(loss.held_seq for loss in new)
         acked = max(loss.acked_seq for loss in new)
-        n_open = 0
-        for key, tab in self.tables.items():
-            tab.compact()
-            tab.dirty[:] = True
-            tab.new[:] = True  # a re-created day hash gets its TTL again
-            n_open += len(tab)
-            self.touched.add(key)
         # the payloads after `held` up to `acked` are gone (later ones are still to be sent);
         # with nothing held, so may be what earlier processes wrote (payload 0)
         lost = [
@@ -784,7 +790,22 @@ class ShardLogic(StatefulBatchLogic):
             for first, last, key, n, _ in self.closed_log
             if first <= acked and (last > held or held == 0)
         ]
-        n_lost = sum(n for _, n in lost)
+        self._repair(held, acked, lost)
+
+    def _repair(
+        self, held: int, acked: int, lost: list[tuple[tuple[int, int, int], int]] | None
+    ) -> None:
+        """Re-write every open cell; report ``lost`` (None: the loss is of the payloads of the
+        process that wrote the restored snapshot, and which closed buckets they held is not
+        known here - every bucket closed before that snapshot may be affected)."""
+        n_open = 0
+        for key, tab in self.tables.items():
+            tab.compact()
+            tab.dirty[:] = True
+            tab.new[:] = True  # a re-created day hash gets its TTL again
+            n_open += len(tab)
+            self.touched.add(key)
+        n_lost = sum(n for _, n in lost or [])
         M.REDIS_REWRITTEN_CELLS.inc(n_open)
         if n_lost:
             M.REDIS_UNREPAIRED_CELLS.inc(n_lost)
@@ -794,22 +815,38 @@ class ShardLogic(StatefulBatchLogic):
             "held_seq": held,
             "acked_seq": acked,
             "rewritten_cells": n_open,
-            "unrepaired_buckets": len(lost),
-            "unrepaired_cells": n_lost,
-            "buckets": [[F.ENTITIES[e].name, F.RESOLUTIONS[r].name, b] for (e, r, b), _ in lost],
+            "unrepaired_buckets": None if lost is None else len(lost),
+            "unrepaired_cells": None if lost is None else n_lost,
+            "buckets": [
+                [F.ENTITIES[e].name, F.RESOLUTIONS[r].name, b] for (e, r, b), _ in lost or []
+            ],
+            "before_restart": lost is None,
         }
-        (log.error if n_lost else log.warning)(
-            "shard %s: Redis lost writes it had acknowledged (it holds payloads up to %d of "
-            "%d): re-writing %d open cells from the state; %d cells of %d closed buckets are "
-            "no longer in the state and cannot be re-written (reconcile them with the batch "
-            "layer, or replay)",
-            self.shard,
-            held,
-            acked,
-            n_open,
-            n_lost,
-            len(lost),
-        )
+        if lost is None:
+            log.error(
+                "shard %s: Redis lost writes of the job's previous run (it holds payloads up "
+                "to %d of %d acknowledged before the snapshot this run resumed from): "
+                "re-writing %d open cells from the state; buckets closed before that "
+                "snapshot cannot be re-written and may be incomplete (reconcile them with the "
+                "batch layer, or replay)",
+                self.shard,
+                held,
+                acked,
+                n_open,
+            )
+        else:
+            (log.error if n_lost else log.warning)(
+                "shard %s: Redis lost writes it had acknowledged (it holds payloads up to %d "
+                "of %d): re-writing %d open cells from the state; %d cells of %d closed "
+                "buckets are no longer in the state and cannot be re-written (reconcile them "
+                "with the batch layer, or replay)",
+                self.shard,
+                held,
+                acked,
+                n_open,
+                n_lost,
+                len(lost),
+            )
         sys.stdout.write(json.dumps(report) + "\n")  # one write: workers share stdout
         sys.stdout.flush()
         self.next_flush = datetime.now(UTC)
@@ -866,10 +903,17 @@ class ShardLogic(StatefulBatchLogic):
         self.cfg.drain()
         for tab in self.tables.values():
             tab.compact()
-        return {
+        state = {
             "wms": list(self.wms),
             "tables": {k: copy.deepcopy(t) for k, t in self.tables.items()},
         }
+        if self.restored_from is not None:  # not checked yet: still what the state rests on
+            state["redis"] = dict(self.restored_from)
+        elif self.cfg.has_writer():
+            view = self.cfg.writer().view
+            if view.acked_seq:
+                state["redis"] = {"marker": view.marker, "acked": view.acked_seq}
+        return state
 
 
 # --------------------------------------------------------------------------- Redis sink

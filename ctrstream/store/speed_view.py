@@ -31,6 +31,7 @@ instead. Why this shape and what it costs: docs/speed-layer.md.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -391,6 +392,10 @@ class SpeedViewWriter:
             raise ValueError(f"hash_ttl_ms must be positive, got {ttl}")
         self.hash_ttl_ms = ttl
         self.renderer = _Renderer(ttl, renew_resolution(lateness))
+        self.settings = settings
+        self.backoff = backoff
+        self.on_retry = on_retry
+        self.marker = marker
         self.marker_key = None if marker is None else L.speed_writer_marker(marker)
         self.on_loss = on_loss
         self.losses: list[WriterLoss] = []
@@ -422,6 +427,29 @@ class SpeedViewWriter:
                     self.on_loss(loss)
         self._connected = True
         self.run_id = run_id
+
+    def held_seq(self, marker: str) -> int:
+        """The number of the last payload of writer ``marker`` (this one's, or an earlier
+        process's) that Redis holds; 0 when it holds none (or the marker expired, a hash TTL
+        after that writer's last payload). On its own connection, retried like the writes
+        while Redis cannot be reached."""
+        failed = 0
+        while True:
+            try:
+                conn = RespSocket.from_settings(self.settings, timeout=5.0)
+                try:
+                    got = conn.call("GET", L.speed_writer_marker(marker))
+                finally:
+                    conn.close()
+                return int(got) if got is not None else 0
+            except OSError as e:  # refused, reset, timed out, still loading
+                if self.backoff is None:
+                    raise
+                failed += 1
+                wait = self.backoff.delay(failed)
+                if self.on_retry is not None:
+                    self.on_retry(failed, e, wait)
+                time.sleep(wait)
 
     def write(self, cells: Iterable[SpeedCells], done: Callable[[], None] | None = None) -> int:
         """Render ``cells`` and queue them; returns the number of commands queued (0: nothing
