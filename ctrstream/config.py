@@ -126,9 +126,15 @@ class KafkaSettings(BaseModel):
         return self.bootstrap or f"{self.host}:{self.port}"
 
 
+REDIS_PASSWORD_FILE = "redis.password"
+"""The local stack's Redis password, in the run directory (owner-only, written by ``ctrstream
+stack up``)."""
+
+
 class RedisSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 6379
+    # None: the local stack's, read from ``<run_dir>/redis.password`` when that file exists
     password: str | None = None
     db: int = 0
 
@@ -218,8 +224,31 @@ class Settings(BaseSettings):
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
 
+    @model_validator(mode="after")
+    def _local_redis_password(self) -> Settings:
+        """Without a password in the settings, clients use the one ``ctrstream stack up``
+        generated for the local Redis (``<run_dir>/redis.password``)."""
+        if self.redis.password is None:
+            try:
+                password = (self.run_dir / REDIS_PASSWORD_FILE).read_text().strip()
+            except (FileNotFoundError, NotADirectoryError):
+                return self
+            except OSError as e:
+                raise ValueError(
+                    f"the local Redis password file {self.run_dir / REDIS_PASSWORD_FILE} "
+                    f"cannot be read ({e}): run ctrstream as the user who ran `stack up`, or "
+                    "set CTRSTREAM_REDIS__PASSWORD"
+                ) from e
+            if password:
+                self.redis = self.redis.model_copy(update={"password": password})
+        return self
+
     def dump(self) -> dict:
-        return json.loads(self.model_dump_json())
+        """The settings as JSON data, secrets masked (``config show`` prints it)."""
+        out = json.loads(self.model_dump_json())
+        if out["redis"].get("password"):
+            out["redis"]["password"] = "********"
+        return out
 
 
 @lru_cache(maxsize=1)

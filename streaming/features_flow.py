@@ -61,6 +61,12 @@ records, takes the same decisions and re-writes the same absolute values. Each s
 snapshot first waits until Redis has acknowledged every write queued before it, so a
 snapshot never marks as written a cell that Redis has not got. (The ``dlq``
 topic is at-least-once: a replay may repeat dead letters written after the snapshot.)
+
+**Redis going away** does not stop the job: the writer sends a flush again with back-off
+until Redis takes it (the job waits, the backlog stays in Kafka), and when Redis comes back
+without writes it had acknowledged, every shard re-writes its open cells from its state and
+reports the closed buckets it can no longer re-write (:class:`FeatureWriter`,
+``ShardLogic._check_loss``; docs/faults.md).
 """
 
 from __future__ import annotations
@@ -69,9 +75,11 @@ import json
 import logging
 import operator
 import os
+import socket
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -90,7 +98,8 @@ from ctrstream.kafka import heartbeats as HB
 from ctrstream.kafka.deadletters import DlqWriter, dead_letter
 from ctrstream.kafka.heartbeats import NO_TIME
 from ctrstream.kafka.partition import PartitionReader
-from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter
+from ctrstream.store.resp import Backoff
+from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter, WriterLoss
 from ctrstream.streaming import speed_metrics as M
 
 log = logging.getLogger("ctrstream.speed.features")
@@ -105,6 +114,8 @@ KINDS = ("impressions", "clicks")
 N_SHARDS = int(os.environ.get("CTRSTREAM_SPEED_SHARDS", "4"))
 BATCH = int(os.environ.get("CTRSTREAM_SPEED_BATCH", "20000"))
 EMPTY_POLL = timedelta(milliseconds=5)
+# how often an idle shard wakes to see whether Redis lost writes (FeatureWriter.losses)
+LOSS_CHECK = timedelta(seconds=1)
 
 ENTITY_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(f for e in F.ENTITIES for f in e.fields))
 INT_FIELDS: tuple[str, ...] = ("schema_version", "event_time_ms") + ENTITY_FIELDS
@@ -793,11 +804,26 @@ class ShardLogic(StatefulBatchLogic):
         self.touched: set[tuple[int, int, int]] = set(self.tables)
         if self.tables:  # restored: re-write what may not have reached Redis
             self.next_flush = datetime.now(UTC)
+        # Redis losses (FeatureWriter.losses): how many this shard has handled, the first
+        # and last payload that wrote each table, and the tables closed since (first and
+        # last payload, key, cells, wall time) - what a loss can take that the state no
+        # longer holds. Not snapshotted: a loss concerns the payloads of this process.
+        self.losses_seen = 0
+        self.writes: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self.closed_log: list[tuple[int, int, tuple[int, int, int], int, float]] = []
+        self._prune_at = 1024
+        self._flushed: list[tuple[int, int, int]] = []
+        self._closed: list[tuple[tuple[int, int, int], int]] = []
+        # the writer whose payloads the restored state was written with, and the last one
+        # Redis had acknowledged at that snapshot: checked at the first activation, so that
+        # a Redis that lost data while the job was down is found too
+        self.restored_from: dict | None = state.get("redis")
 
     def watermark(self) -> int:
         return min(self.wms)
 
     def on_batch(self, values: list[Delta]):
+        self._check_loss()
         # The events of a delta are at or after its partition's watermark *before* that
         # micro-batch (a later event of the same batch may move it past them), so they are
         # checked against the watermark known before this call; the new one applies after.
@@ -859,20 +885,131 @@ class ShardLogic(StatefulBatchLogic):
         return any((k[2] + 1) * F.RESOLUTIONS[k[1]].bucket_ms <= W for k in self.tables)
 
     def notify_at(self):
+        if self.next_flush is None and self.cfg.has_writer():
+            return datetime.now(UTC) + LOSS_CHECK  # an idle shard still sees a Redis loss
         return self.next_flush
 
     def on_notify(self):
+        self._check_loss()
         self._write(self.flush())
         return [], StatefulBatchLogic.RETAIN
 
     def on_eof(self):
+        self._check_loss()
         self._write(self.flush())
         self.cfg.drain()  # a finite run ends with everything in Redis
+        self._check_loss()  # a loss found while draining: re-write, and wait again
+        if self.touched:
+            self._write(self.flush())
+            self.cfg.drain()
         return [], StatefulBatchLogic.RETAIN
 
     def _write(self, items: list) -> None:
-        if items:
-            self.cfg.writer().write(items)
+        seq = self.cfg.writer().write(items) if items else None
+        if seq is not None:
+            for key in self._flushed:
+                self.writes[key] = (self.writes.get(key, (seq, seq))[0], seq)
+        now = time.time()
+        for key, n in self._closed:
+            # never written by this process (restored from a snapshot, written before): 0, 0
+            first, last = self.writes.pop(key, (0, 0))
+            self.closed_log.append((first, last, key, n, now))
+        self._flushed, self._closed = [], []
+        if len(self.closed_log) > self._prune_at:
+            # a closed bucket's hash expires in Redis a TTL after its last write: past that,
+            # a loss of it is no loss
+            ttl_s = self.cfg.writer().view.hash_ttl_ms / 1000
+            self.closed_log = [c for c in self.closed_log if now - c[4] < ttl_s]
+            self._prune_at = 2 * len(self.closed_log) + 1024
+
+    def _check_loss(self) -> None:
+        """Redis lost writes it had acknowledged (:class:`WriterLoss`): mark every open cell
+        dirty, so the next flush re-writes it from the state (absolute values), and report
+        the cells of buckets closed since the last payload Redis still holds - the state no
+        longer has them - in the log, the metrics and a line of the job's output. The first
+        call after a restore also checks the previous run's writer marker: a Redis that lost
+        data while the job was down is repaired and reported the same way."""
+        if self.restored_from is not None:
+            marker, acked = self.restored_from["marker"], int(self.restored_from["acked"])
+            held = self.cfg.writer().view.held_seq(marker)
+            self.restored_from = None
+            if held < acked:
+                M.REDIS_LOSSES.inc()
+                self._repair(held, acked, None)
+        losses = self.cfg.writer_losses()
+        if len(losses) <= self.losses_seen:
+            return
+        new = losses[self.losses_seen :]
+        self.losses_seen = len(losses)
+        held = min(loss.held_seq for loss in new)
+        acked = max(loss.acked_seq for loss in new)
+        # the payloads after `held` up to `acked` are gone (later ones are still to be sent);
+        # with nothing held, so may be what earlier processes wrote (payload 0)
+        lost = [
+            (key, n)
+            for first, last, key, n, _ in self.closed_log
+            if first <= acked and (last > held or held == 0)
+        ]
+        self._repair(held, acked, lost)
+
+    def _repair(
+        self, held: int, acked: int, lost: list[tuple[tuple[int, int, int], int]] | None
+    ) -> None:
+        """Re-write every open cell; report ``lost`` (None: the loss is of the payloads of the
+        process that wrote the restored snapshot, and which closed buckets they held is not
+        known here - every bucket closed before that snapshot may be affected)."""
+        n_open = 0
+        for key, tab in self.tables.items():
+            tab.compact()
+            tab.dirty[:] = True
+            tab.new[:] = True  # a re-created day hash gets its TTL again
+            n_open += len(tab)
+            self.touched.add(key)
+        n_lost = sum(n for _, n in lost or [])
+        M.REDIS_REWRITTEN_CELLS.inc(n_open)
+        if n_lost:
+            M.REDIS_UNREPAIRED_CELLS.inc(n_lost)
+        report = {
+            "speed": "redis_loss",
+            "shard": self.shard,
+            "held_seq": held,
+            "acked_seq": acked,
+            "rewritten_cells": n_open,
+            "unrepaired_buckets": None if lost is None else len(lost),
+            "unrepaired_cells": None if lost is None else n_lost,
+            "buckets": [
+                [F.ENTITIES[e].name, F.RESOLUTIONS[r].name, b] for (e, r, b), _ in lost or []
+            ],
+            "before_restart": lost is None,
+        }
+        if lost is None:
+            log.error(
+                "shard %s: Redis lost writes of the job's previous run (it holds payloads up "
+                "to %d of %d acknowledged before the snapshot this run resumed from): "
+                "re-writing %d open cells from the state; buckets closed before that "
+                "snapshot cannot be re-written and may be incomplete (reconcile them with the "
+                "batch layer, or replay)",
+                self.shard,
+                held,
+                acked,
+                n_open,
+            )
+        else:
+            (log.error if n_lost else log.warning)(
+                "shard %s: Redis lost writes it had acknowledged (it holds payloads up to %d "
+                "of %d): re-writing %d open cells from the state; %d cells of %d closed "
+                "buckets are no longer in the state and cannot be re-written (reconcile them "
+                "with the batch layer, or replay)",
+                self.shard,
+                held,
+                acked,
+                n_open,
+                n_lost,
+                len(lost),
+            )
+        sys.stdout.write(json.dumps(report) + "\n")  # one write: workers share stdout
+        sys.stdout.flush()
+        self.next_flush = datetime.now(UTC)
 
     def flush(self) -> list:
         self.next_flush = None
@@ -888,6 +1025,7 @@ class ShardLogic(StatefulBatchLogic):
             idx = np.flatnonzero(tab.dirty)
             if len(idx):
                 parts.append((key, tab.keys[idx], tab.cnt[idx], tab.new[idx]))
+                self._flushed.append(key)
                 tab.dirty[idx] = False
                 tab.new[idx] = False
         self.touched = set()
@@ -896,7 +1034,9 @@ class ShardLogic(StatefulBatchLogic):
             if (key[2] + 1) * F.RESOLUTIONS[key[1]].bucket_ms <= W:
                 closed.append(key)
         for key in closed:
-            cells -= len(self.tables.pop(key))
+            n = len(self.tables.pop(key))
+            cells -= n
+            self._closed.append((key, n))
         self.g_cells.set(cells)
         if not parts:
             return []
@@ -923,10 +1063,17 @@ class ShardLogic(StatefulBatchLogic):
         self.cfg.drain()
         for tab in self.tables.values():
             tab.compact()
-        return {
+        state = {
             "wms": list(self.wms),
             "tables": {k: copy.deepcopy(t) for k, t in self.tables.items()},
         }
+        if self.restored_from is not None:  # not checked yet: still what the state rests on
+            state["redis"] = dict(self.restored_from)
+        elif self.cfg.has_writer():
+            view = self.cfg.writer().view
+            if view.acked_seq:
+                state["redis"] = {"marker": view.marker, "acked": view.acked_seq}
+        return state
 
 
 # --------------------------------------------------------------------------- Redis sink
@@ -939,18 +1086,56 @@ class FeatureWriter:
     rendered with numpy and sent by a writer thread while the job goes on), as cells per
     entity with the packed ids unpacked into their parts, and feeds the flush metrics once
     Redis has acknowledged a flush. :meth:`drain` (called by every shard's ``snapshot``)
-    waits for the acknowledgements. One writer per process, shared by its workers' shards."""
+    waits for the acknowledgements. One writer per process, shared by its workers' shards.
+
+    Redis going away does not stop the job: the writer sends a flush again after a back-off
+    wait until Redis takes it (each failed attempt logged and counted in
+    ``ctrstream_speed_redis_retries_total``), the flushes behind it wait in order, and a
+    snapshot waits for them all. When Redis comes back without writes it had acknowledged
+    (restarted without its data), :attr:`losses` grows and every shard re-writes its open
+    cells (``ShardLogic._check_loss``)."""
 
     def __init__(self, settings: Settings, max_pending: int = 2):
-        self.view = SpeedViewWriter(settings, max_pending=max_pending)
+        self.view = SpeedViewWriter(
+            settings,
+            max_pending=max_pending,
+            marker=f"{FLOW}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            backoff=Backoff(),
+            on_retry=self._on_retry,
+            on_loss=self._on_loss,
+        )
+        self.losses = self.view.losses
 
-    def write(self, items: list) -> None:
-        """Hand ``items`` (:class:`FlushItem`) to the writer; returns before Redis answers."""
+    @staticmethod
+    def _on_retry(attempt: int, error: BaseException, wait_s: float) -> None:
+        M.REDIS_RETRIES.inc()
+        log.warning(
+            "writing to Redis failed (attempt %d: %s); the flush is kept and sent again in %.2f s",
+            attempt,
+            error,
+            wait_s,
+        )
+
+    @staticmethod
+    def _on_loss(loss: WriterLoss) -> None:
+        M.REDIS_LOSSES.inc()
+        log.error(
+            "Redis (run_id %s, was %s) holds this job's writes up to payload %d of %d it had "
+            "acknowledged: it lost data; the shards re-write their open cells",
+            loss.run_id_after,
+            loss.run_id_before,
+            loss.held_seq,
+            loss.acked_seq,
+        )
+
+    def write(self, items: list) -> int | None:
+        """Hand ``items`` (:class:`FlushItem`) to the writer; returns before Redis answers,
+        with the number of the payload that carries them (None: nothing to write)."""
         t0 = time.perf_counter()
         ts = [t for it in items if it.ts_first is not None for t in (it.ts_first, it.ts_last)]
         its = [it for it in items if len(it.eid)]
         if not its:
-            return
+            return None
         ent = np.concatenate([it.ent for it in its]).astype(np.int8)
         order = np.argsort(ent, kind="stable")  # the cells of one entity adjacent (radix sort)
         ent = ent[order]
@@ -984,7 +1169,7 @@ class FeatureWriter:
                 if t and t > 0:
                     M.FRESHNESS.observe(max(0.0, (now_ms - t) / 1000))
 
-        self.view.write(cells, done=done)
+        return self.view.write_seq(cells, done=done)
 
     def drain(self) -> None:
         """Return once Redis has acknowledged everything written so far (raises its error)."""
@@ -1038,6 +1223,13 @@ class FlowConfig:
     def drain(self) -> None:
         if self._writer is not None:
             self._writer.drain()
+
+    def has_writer(self) -> bool:
+        return self._writer is not None
+
+    def writer_losses(self) -> list[WriterLoss]:
+        """The Redis losses this process's writer has seen (:class:`FeatureWriter`)."""
+        return [] if self._writer is None else self._writer.losses
 
 
 def build_flow(settings: Settings, stop_at_end: bool = False, n_shards: int = N_SHARDS) -> Dataflow:

@@ -64,6 +64,24 @@ FRESHNESS = Histogram(
 STATE_CELLS = Gauge(
     "ctrstream_speed_state_cells", "Open (entity, resolution, bucket) cells", ["shard"]
 )
+REDIS_RETRIES = Counter(
+    "ctrstream_speed_redis_retries_total",
+    "Failed attempts to send a flush to Redis (connection lost, refused or timed out, or Redis "
+    "still loading its data); the flush is sent again after a back-off wait",
+)
+REDIS_LOSSES = Counter(
+    "ctrstream_speed_redis_losses_total",
+    "Times Redis came back without writes it had acknowledged (its writer marker behind)",
+)
+REDIS_REWRITTEN_CELLS = Counter(
+    "ctrstream_speed_redis_rewritten_cells_total",
+    "Open cells re-written from the job's state after Redis lost acknowledged writes",
+)
+REDIS_UNREPAIRED_CELLS = Counter(
+    "ctrstream_speed_redis_unrepaired_cells_total",
+    "Cells of buckets already closed (no longer in the job's state) that Redis may have lost "
+    "and the job cannot re-write (reconciliation or a replay repairs them)",
+)
 JOIN_PENDING = Gauge(
     "ctrstream_speed_join_pending_impressions",
     "Impressions waiting for their attribution window to close",

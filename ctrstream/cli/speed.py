@@ -94,6 +94,8 @@ def run_jobs(
     log=print,
 ) -> int:
     """Start every process of every flow in this process group and wait for them."""
+    from ctrstream.stack.procs import die_with_parent
+
     procs: list[subprocess.Popen] = []
     index = 0  # across flows: process k serves its metrics on metrics_port + k (no clash)
     for flow in flows:
@@ -114,7 +116,13 @@ def run_jobs(
             }
             index += 1
             log(f"{flow}[{k}]: {' '.join(argv)}")
-            procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL))
+            # a flow dies with this command, even with kill -9: none outlives it holding its
+            # metrics port (a restart right away binds the same ports)
+            procs.append(
+                subprocess.Popen(
+                    argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent()
+                )
+            )
 
     def stop(signum, _frame):
         for p in procs:

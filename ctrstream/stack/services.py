@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import errno
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctrstream.config import Settings
+from ctrstream.config import REDIS_PASSWORD_FILE, Settings
 from ctrstream.stack import provision
 
 
@@ -340,7 +341,50 @@ Configuration:
 """
 
 
+def ensure_redis_password(settings: Settings) -> str:
+    """The local Redis password: the settings' own when given (``CTRSTREAM_REDIS__PASSWORD``),
+    else the one in ``<run_dir>/redis.password``, else a new random one written there,
+    readable by its owner only (mode 0600). Sets ``settings.redis.password``: every client
+    of these settings, and every child process given ``settings_env``, authenticates."""
+    if settings.redis.password:
+        return settings.redis.password
+    path = settings.run_dir / REDIS_PASSWORD_FILE
+    try:
+        password = path.read_text().strip()
+    except FileNotFoundError:
+        password = ""
+    if not password:
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        password = secrets.token_urlsafe(32)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        os.replace(tmp, path)  # a concurrent reader sees the whole file or none
+    if path.exists():
+        os.chmod(path, 0o600)
+    settings.redis.password = password
+    return password
+
+
 class RedisService(Service):
+    """Redis with its append-only file on and a password.
+
+    Persistence: ``appendonly yes`` with ``appendfsync everysec``. Redis appends every write
+    to the file (write(2), into the kernel's page cache) before it answers the client, so a
+    ``kill -9`` of Redis loses nothing it acknowledged: the kernel still writes the pages
+    (unless a slow disk made Redis postpone that write behind a running fsync, for at most
+    2 s - a loss the features job detects, below).
+    ``fsync`` once a second bounds what a crash of the *machine* can take to about the last
+    second (``always`` would fsync on every event-loop turn and cost the speed layer's
+    pipelined writes their throughput; what such a crash takes, the features job detects
+    with its writer marker and re-writes from its state, and reports what it cannot -
+    ``ctrstream.store.speed_view.SpeedViewWriter``). Snapshots (``save``) stay off: the AOF
+    is the one persistence, rewritten in the background as it grows.
+
+    Authentication: ``requirepass`` from :func:`ensure_redis_password`, given in a config
+    file readable by its owner only (an argument would show in every user's ``ps``)."""
+
     start_timeout = 20.0
 
     def __init__(self, settings: Settings):
@@ -352,10 +396,22 @@ class RedisService(Service):
     def address(self) -> str:
         return f"{self.settings.redis.host}:{self.settings.redis.port}"
 
+    def _config_path(self) -> Path:
+        return self.dir / "redis.conf"
+
+    def prepare(self) -> None:
+        password = ensure_redis_password(self.settings)
+        fd = os.open(self._config_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+            f.write(f'requirepass "{quoted}"\n')
+        os.chmod(self._config_path(), 0o600)
+
     def command(self):
         r = self.settings.redis
         argv = [
             provision.redis_server(),
+            str(self._config_path()),
             "--bind",
             r.host,
             "--port",
@@ -365,7 +421,9 @@ class RedisService(Service):
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "everysec",
             "--protected-mode",
             "yes",
             "--daemonize",
@@ -373,8 +431,6 @@ class RedisService(Service):
             "--logfile",
             "",
         ]
-        if r.password:
-            argv += ["--requirepass", r.password]
         return argv, {}
 
     def ready(self) -> bool:

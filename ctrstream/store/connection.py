@@ -30,6 +30,19 @@ class RedisReplyError(RuntimeError):
     """Redis answered a command with an error reply."""
 
 
+class RedisLoadingError(ConnectionError):
+    """Redis is up but still loading its data set (``-LOADING``, after a restart from its
+    append-only file): not an error of the command, try again shortly. A
+    :class:`ConnectionError`, so that callers who retry on a lost connection retry it too."""
+
+
+def reply_error(text: str) -> RuntimeError | RedisLoadingError:
+    """The exception for an error reply ``text`` (without the leading ``-``)."""
+    if text.startswith("LOADING"):
+        return RedisLoadingError(f"redis is loading its data set: {text}")
+    return RedisReplyError(text)
+
+
 def hello_commands(
     password: str | None = None, db: int | None = 0, username: str | None = None
 ) -> list[tuple[Any, ...]]:
@@ -114,7 +127,7 @@ class RespSocket:
             reply = self.reader.gets()
             if reply is not False:
                 if isinstance(reply, hiredis.ReplyError):
-                    raise RedisReplyError(str(reply))
+                    raise reply_error(str(reply))
                 return reply
             data = self.sock.recv(1 << 16)
             if not data:

@@ -48,7 +48,11 @@ Entity keys, calibration, reconciliation, cache tracking
 * ``reconcile:{version}`` (JSON report), ``reconcile:last``;
 * ``sv~tracking:{client}:{seq}`` - the shared-entity cache's heartbeat keys (outside the
   speed view, and sorting after ``sv:`` so that Redis reports a heartbeat after the
-  speed-view writes executed with it).
+  speed-view writes executed with it);
+* ``svw:{writer}`` - a speed-view writer's sequence marker (:func:`speed_writer_marker`):
+  the number of the writer's last payload, set at the end of that payload, so that after a
+  reconnection the writer can tell whether Redis still holds everything it acknowledged
+  (outside the speed view: ``sv:*`` does not match it).
 """
 
 from __future__ import annotations
@@ -127,6 +131,14 @@ def speed_entity_key_of(key: bytes) -> str | None:
     except (UnicodeDecodeError, ValueError):
         return None
     return entity_key(entity, eid)
+
+
+SPEED_WRITER_PREFIX = "svw:"
+
+
+def speed_writer_marker(writer: str) -> str:
+    """The sequence marker key of one speed-view writer (one per job process)."""
+    return f"{SPEED_WRITER_PREFIX}{writer}"
 
 
 def speed_field(res: str, event_type: str, bucket: int) -> str:

@@ -14,17 +14,20 @@ commands.
 
 from __future__ import annotations
 
+import random
 import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import hiredis
 import numpy as np
 
 from ctrstream.config import RedisSettings, Settings
-from ctrstream.store.connection import RespSocket, pack
+from ctrstream.store.connection import RedisLoadingError, RespSocket, pack
 
 
 class _Replies:
@@ -49,6 +52,8 @@ class _Replies:
 
     def result(self, n_replies: int) -> list[Any]:
         if self.error is not None:
+            if str(self.error).startswith("LOADING"):
+                raise RedisLoadingError(f"redis is loading its data set: {self.error}")
             raise RuntimeError(f"redis replied with an error: {self.error}")
         return self.replies
 
@@ -86,6 +91,8 @@ class _LineCounter:
             )
         if self.error is not None:
             text = bytes(self.error[1:]).decode(errors="replace").strip()
+            if text.startswith("LOADING"):
+                raise RedisLoadingError(f"redis is loading its data set: {text}")
             raise RuntimeError(f"redis replied with an error: {text}")
         return []
 
@@ -104,11 +111,19 @@ def _opener(target: RedisTarget, timeout: float) -> Callable[[], RespSocket]:
 
 class RespPipeline:
     """Batches of pre-rendered commands over one :class:`RespSocket`, connected on first use
-    (and again once after a broken connection)."""
+    (and again once after a broken connection). ``on_connect`` runs on every new connection
+    before anything is sent on it (an :class:`OSError` from it counts as a broken
+    connection)."""
 
-    def __init__(self, target: RedisTarget, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        target: RedisTarget,
+        timeout: float = 30.0,
+        on_connect: Callable[[RespSocket], None] | None = None,
+    ) -> None:
         self.timeout = timeout
         self._open = _opener(target, timeout)
+        self.on_connect = on_connect
         self.conn: RespSocket | None = None
 
     @classmethod
@@ -176,6 +191,12 @@ class RespPipeline:
             try:
                 if self.conn is None:
                     self.conn = self._open()
+                    if self.on_connect is not None:
+                        try:
+                            self.on_connect(self.conn)
+                        except BaseException:
+                            self.close()  # the next call connects (and checks) again
+                            raise
                 return self._roundtrip(payload, n_commands, collect, one_line)
             except (OSError, ConnectionError):
                 self.close()
@@ -191,6 +212,25 @@ class RespPipeline:
                 self.conn = None
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """How a writer waits between attempts while Redis cannot be reached: ``first_s``, then
+    doubling up to ``max_s``, each wait drawn in [half, full] (jitter: many writers do not
+    come back in step). Each attempt itself is bounded by the connection's timeout."""
+
+    first_s: float = 0.05
+    max_s: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """The wait before attempt ``attempt + 1`` (``attempt`` >= 1 attempts failed)."""
+        full = min(self.max_s, self.first_s * 2 ** min(attempt - 1, 30))
+        return full * (0.5 + 0.5 * random.random())
+
+
+RetryHook = Callable[[int, BaseException, float], None]
+"""Called before each wait of a retry: (failed attempts so far, the error, seconds to wait)."""
+
+
 class BackgroundPipeline:
     """A :class:`RespPipeline` driven by its own thread, so that the caller computes the next
     batch while Redis executes this one (the features job and Redis then use two cores
@@ -201,13 +241,30 @@ class BackgroundPipeline:
     slows the job, and the backlog stays in Kafka). :meth:`drain` returns once every
     submitted payload has been acknowledged - the features flow calls it before each state
     snapshot, so a snapshot never records as written a cell Redis has not acknowledged.
-    ``done`` callbacks run in the writer thread after the acknowledgement. The first error
-    (after the pipeline's own reconnect-once) is raised by the next :meth:`submit` or
-    :meth:`drain`, and nothing is sent after it."""
+    ``done`` callbacks run in the writer thread after the acknowledgement.
 
-    def __init__(self, target: RedisTarget, max_pending: int = 2, timeout: float = 30.0) -> None:
-        self.pipe = RespPipeline(target, timeout)
+    Without ``backoff`` the first error (after the pipeline's own reconnect-once) is raised
+    by the next :meth:`submit` or :meth:`drain`, and nothing is sent after it. With
+    ``backoff``, a lost connection (refused, reset, timed out, or a Redis still loading its
+    data after a restart) is not an error: the payload is sent again after a wait, for as
+    long as it takes (``on_retry`` is told of every failed attempt), and the payloads behind
+    it wait in order - none is dropped, none acknowledged before Redis answered it. Sending
+    a payload again must be harmless (absolute values). An error reply of Redis still
+    raises. ``on_connect``: see :class:`RespPipeline`."""
+
+    def __init__(
+        self,
+        target: RedisTarget,
+        max_pending: int = 2,
+        timeout: float = 30.0,
+        backoff: Backoff | None = None,
+        on_retry: RetryHook | None = None,
+        on_connect: Callable[[RespSocket], None] | None = None,
+    ) -> None:
+        self.pipe = RespPipeline(target, timeout, on_connect=on_connect)
         self.max_pending = max_pending
+        self.backoff = backoff
+        self.on_retry = on_retry
         self.cv = threading.Condition()
         self.queue: deque[tuple[bytes, int, bool, Callable[[], None] | None]] = deque()
         self.pending = 0  # submitted, not yet acknowledged
@@ -254,6 +311,23 @@ class BackgroundPipeline:
         if self.error is not None:
             raise RuntimeError(f"writing to Redis failed: {self.error}") from self.error
 
+    def _execute(self, payload: bytes, n: int, one_line: bool) -> None:
+        """Send one payload until Redis acknowledged it (retrying a lost connection when
+        there is a ``backoff``)."""
+        failed = 0
+        while True:
+            try:
+                self.pipe.execute_raw(payload, n, one_line=one_line)
+                return
+            except OSError as e:  # ConnectionError, TimeoutError, RedisLoadingError included
+                if self.backoff is None:
+                    raise
+                failed += 1
+                wait = self.backoff.delay(failed)
+                if self.on_retry is not None:
+                    self.on_retry(failed, e, wait)
+                time.sleep(wait)
+
     def _run(self) -> None:
         while True:
             with self.cv:
@@ -263,7 +337,7 @@ class BackgroundPipeline:
                     return
                 payload, n, one_line, done = self.queue[0]
             try:
-                self.pipe.execute_raw(payload, n, one_line=one_line)
+                self._execute(payload, n, one_line)
                 if done is not None:
                     done()
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread

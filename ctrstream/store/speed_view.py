@@ -30,6 +30,8 @@ instead. Why this shape and what it costs: docs/speed-layer.md.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -40,10 +42,13 @@ import numpy as np
 from ctrstream import features as F
 from ctrstream.config import Settings
 from ctrstream.store import layout as L
+from ctrstream.store.connection import RespSocket
 from ctrstream.store.resp import (
     PAD,
     BackgroundPipeline,
+    Backoff,
     Choice,
+    RetryHook,
     bulk_len,
     encode,
     layout,
@@ -161,8 +166,8 @@ class _Renderer:
                 "(speed_key_head, speed_field_head): update both together"
             )
 
-    def render(self, cells: Iterable[SpeedCells]) -> tuple[bytes, int]:
-        """``(payload, number of commands)``: every HSET, then every PEXPIRE."""
+    def render_parts(self, cells: Iterable[SpeedCells]) -> tuple[list[bytes], int]:
+        """``(payload parts, number of commands)``: every HSET, then every PEXPIRE."""
         hsets, expires, n_cmds = [], [], 0
         for c in cells:
             if len(c):
@@ -170,7 +175,12 @@ class _Renderer:
                 hsets.append(hs)
                 expires.append(ex)
                 n_cmds += n
-        return b"".join(hsets + expires), n_cmds
+        return hsets + expires, n_cmds
+
+    def render(self, cells: Iterable[SpeedCells]) -> tuple[bytes, int]:
+        """``(payload, number of commands)``: every HSET, then every PEXPIRE."""
+        parts, n_cmds = self.render_parts(cells)
+        return b"".join(parts), n_cmds
 
     def _entity(self, c: SpeedCells) -> tuple[bytes, bytes, int]:
         """The commands of one entity's cells: (HSETs, PEXPIREs, number of commands)."""
@@ -317,6 +327,28 @@ def render_speed_cells(
     )
 
 
+@dataclass(frozen=True)
+class WriterLoss:
+    """Redis came back without some payloads it had acknowledged to a
+    :class:`SpeedViewWriter` (restarted without its data, or with an append-only file that
+    missed the last writes): Redis holds payloads ``1..held_seq`` of this writer, not
+    ``held_seq + 1 .. acked_seq``. Every cell those payloads wrote may be gone."""
+
+    held_seq: int
+    acked_seq: int
+    run_id_before: str | None
+    run_id_after: str | None
+
+
+def _run_id(conn: RespSocket) -> str | None:
+    """The Redis server's ``run_id`` (new at every start of the server)."""
+    info = conn.call("INFO", "server")
+    for line in bytes(info).decode(errors="replace").splitlines():
+        if line.startswith("run_id:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
 class SpeedViewWriter:
     """Writes cells to the speed view (see the module docstring) through a writer thread.
 
@@ -325,10 +357,34 @@ class SpeedViewWriter:
     once Redis acknowledged everything written so far and raises the first error. ``done``
     callbacks run in the writer thread after their payload's acknowledgement.
     ``hash_ttl_ms``: the day hashes' TTL (default ``layout.speed_hash_ttl_ms`` of the
-    settings' allowed lateness; benchmarks give throw-away data a shorter life)."""
+    settings' allowed lateness; benchmarks give throw-away data a shorter life).
+
+    A long-running writer (the speed layer's) gives ``marker``, a name unique to the process,
+    and ``backoff``:
+
+    * a lost connection is retried with ``backoff`` until Redis answers
+      (:class:`ctrstream.store.resp.BackgroundPipeline`; ``on_retry`` hears of each failed
+      attempt): no payload is dropped and none is acknowledged before Redis has it;
+    * every payload ends with ``SET`` of the writer's sequence marker
+      (``layout.speed_writer_marker``) to the payload's number, so Redis always holds the
+      number of the last payload it executed. After a new connection the writer reads the
+      marker back: a marker behind the last acknowledged payload (or gone) means Redis lost
+      writes it had acknowledged - a restart without persistence, or an append-only file
+      that missed its last writes (Redis' log is a prefix of the commands it executed, so
+      the marker tells where it ends). Each such loss is appended to :attr:`losses` and
+      given to ``on_loss`` (in the writer thread); the owner of the cells re-writes them.
+      :meth:`write_seq` tells which payload carried a write."""
 
     def __init__(
-        self, settings: Settings, max_pending: int = 2, hash_ttl_ms: int | None = None
+        self,
+        settings: Settings,
+        max_pending: int = 2,
+        hash_ttl_ms: int | None = None,
+        *,
+        marker: str | None = None,
+        backoff: Backoff | None = None,
+        on_retry: RetryHook | None = None,
+        on_loss: Callable[[WriterLoss], None] | None = None,
     ) -> None:
         lateness = int(settings.allowed_lateness_s * 1000)
         ttl = L.speed_hash_ttl_ms(lateness) if hash_ttl_ms is None else int(hash_ttl_ms)
@@ -336,15 +392,100 @@ class SpeedViewWriter:
             raise ValueError(f"hash_ttl_ms must be positive, got {ttl}")
         self.hash_ttl_ms = ttl
         self.renderer = _Renderer(ttl, renew_resolution(lateness))
-        self.pipe = BackgroundPipeline(settings, max_pending=max_pending)
+        self.settings = settings
+        self.backoff = backoff
+        self.on_retry = on_retry
+        self.marker = marker
+        self.marker_key = None if marker is None else L.speed_writer_marker(marker)
+        self.on_loss = on_loss
+        self.losses: list[WriterLoss] = []
+        self.seq = 0  # payloads submitted
+        self.acked_seq = 0  # the last payload Redis acknowledged
+        self.run_id: str | None = None
+        self._connected = False
+        self._lock = threading.Lock()
+        self.pipe = BackgroundPipeline(
+            settings,
+            max_pending=max_pending,
+            backoff=backoff,
+            on_retry=on_retry,
+            on_connect=self._on_connect if marker is not None else None,
+        )
+
+    def _on_connect(self, conn: RespSocket) -> None:
+        """A new connection (writer thread): does Redis still hold every payload it
+        acknowledged?"""
+        run_id = _run_id(conn)
+        acked = self.acked_seq
+        if self._connected and acked:
+            got = conn.call("GET", self.marker_key)
+            held = int(got) if got is not None else 0
+            if held < acked:
+                loss = WriterLoss(held, acked, self.run_id, run_id)
+                self.losses.append(loss)
+                if self.on_loss is not None:
+                    self.on_loss(loss)
+        self._connected = True
+        self.run_id = run_id
+
+    def held_seq(self, marker: str) -> int:
+        """The number of the last payload of writer ``marker`` (this one's, or an earlier
+        process's) that Redis holds; 0 when it holds none (or the marker expired, a hash TTL
+        after that writer's last payload). On its own connection, retried like the writes
+        while Redis cannot be reached."""
+        failed = 0
+        while True:
+            try:
+                conn = RespSocket.from_settings(self.settings, timeout=5.0)
+                try:
+                    got = conn.call("GET", L.speed_writer_marker(marker))
+                finally:
+                    conn.close()
+                return int(got) if got is not None else 0
+            except OSError as e:  # refused, reset, timed out, still loading
+                if self.backoff is None:
+                    raise
+                failed += 1
+                wait = self.backoff.delay(failed)
+                if self.on_retry is not None:
+                    self.on_retry(failed, e, wait)
+                time.sleep(wait)
 
     def write(self, cells: Iterable[SpeedCells], done: Callable[[], None] | None = None) -> int:
         """Render ``cells`` and queue them; returns the number of commands queued (0: nothing
         to write, and ``done`` is not called)."""
-        payload, n_cmds = self.renderer.render(cells)
-        if n_cmds:
-            self.pipe.submit(payload, n_cmds, one_line=True, done=done)
-        return n_cmds
+        return self._write(cells, done)[0]
+
+    def write_seq(
+        self, cells: Iterable[SpeedCells], done: Callable[[], None] | None = None
+    ) -> int | None:
+        """Like :meth:`write`; returns the number of the payload that carries the cells
+        (None: nothing to write). A :class:`WriterLoss` with ``held_seq`` below it may have
+        lost them."""
+        return self._write(cells, done)[1]
+
+    def _write(
+        self, cells: Iterable[SpeedCells], done: Callable[[], None] | None
+    ) -> tuple[int, int | None]:
+        parts, n_cmds = self.renderer.render_parts(cells)
+        if not n_cmds:
+            return 0, None
+        with self._lock:  # payload numbers in the order of submission
+            self.seq += 1
+            seq = self.seq
+            if self.marker_key is not None:  # last: executed after every cell of the payload
+                parts.append(encode((b"SET", self.marker_key, seq, b"PX", self.hash_ttl_ms)))
+            payload = b"".join(parts)
+
+            def acked() -> None:
+                self.acked_seq = seq
+                if done is not None:
+                    done()
+
+            self.pipe.submit(
+                payload, n_cmds + (self.marker_key is not None), one_line=True, done=acked
+            )
+        return n_cmds, seq
 
     def drain(self) -> None:
         """Return once Redis has acknowledged everything written so far (raises its error)."""

@@ -14,7 +14,6 @@ import redis
 
 from ctrstream import events as E
 from ctrstream import features as F
-from ctrstream.config import RedisSettings
 from ctrstream.kafka.clients import make_producer
 from ctrstream.kafka.deadletters import read_dead_letters
 from ctrstream.kafka.heartbeats import send_heartbeat
@@ -135,7 +134,7 @@ def scrape(port: int) -> dict[str, float]:
 def speed_settings(fresh_topics):
     return fresh_topics.model_copy(
         update={
-            "redis": RedisSettings(port=fresh_topics.redis.port, db=1),
+            "redis": fresh_topics.redis.model_copy(update={"db": 1}),
             "metrics_port": free_port(),
         }
     )

@@ -11,7 +11,6 @@ import redis
 from test_speed_features import CTRSTREAM, job_env, make_stream, produce
 
 from ctrstream import events as E
-from ctrstream.config import RedisSettings
 from ctrstream.kafka.deadletters import read_dead_letters
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
@@ -23,7 +22,7 @@ from ctrstream.streaming.reference import reference_features, reference_labels
 def test_kill9_and_restart_is_exactly_once(fresh_topics, tmp_path):
     s = fresh_topics.model_copy(
         update={
-            "redis": RedisSettings(port=fresh_topics.redis.port, db=2),
+            "redis": fresh_topics.redis.model_copy(update={"db": 2}),
             "attribution_window_s": 90.0,
         }
     )
