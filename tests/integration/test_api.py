@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from fastapi.testclient import TestClient
 
 from ctrstream import features as F
 from ctrstream.bench.api import write_demo_model
+from ctrstream.models.publish import control_client
 from ctrstream.serving.api import create_app
 from ctrstream.serving.assembly import assemble, request_columns
 from ctrstream.stack.procs import start_job, stop_job, wait_until
@@ -33,7 +33,7 @@ MODEL = "api_demo_py"
 @pytest.fixture(scope="module")
 def model(settings):
     write_demo_model(settings.triton.model_repository, MODEL, version=1, weights=W, bias=BIAS)
-    client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+    client = control_client(settings)  # model control needs the stack's key
     client.load_model(MODEL)
     yield MODEL
     try:
