@@ -6,6 +6,12 @@ from typing import Any
 
 import typer
 
+# the API's limits (ctrstream.serving.limits holds the same defaults; it is imported only
+# when the server starts, so that every other command starts fast)
+BODY_TIMEOUT_S = 10.0
+MAX_BODY_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 * 1024
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -41,12 +47,25 @@ def register(app: typer.Typer) -> None:
         http: str = typer.Option(
             "auto", help="HTTP parser: auto (httptools when installed), h11, httptools"
         ),
+        body_timeout: float = typer.Option(
+            BODY_TIMEOUT_S,
+            help="seconds a request's body may take to arrive after its headers (then 408 "
+            "and the connection is closed)",
+        ),
+        max_body_bytes: int = typer.Option(
+            MAX_BODY_BYTES, help="largest request body in bytes (larger: 413)"
+        ),
+        max_header_bytes: int = typer.Option(
+            MAX_HEADER_BYTES,
+            help="largest request line plus headers in bytes (larger: 431)",
+        ),
     ):
         """Run the prediction API (POST /v1/predict, /healthz, /readyz, /metrics, /docs)."""
         import uvicorn
 
         from ctrstream.config import get_settings
         from ctrstream.serving.api import create_app
+        from ctrstream.serving.limits import http_protocol
 
         if feature_method not in ("script", "pipeline"):
             raise typer.BadParameter("--feature-method must be script or pipeline")
@@ -61,7 +80,13 @@ def register(app: typer.Typer) -> None:
             feature_method=feature_method,
             feature_cache_s=feature_cache_s,
             feature_tracking=feature_tracking,
+            max_body_bytes=max_body_bytes,
+            body_timeout_s=body_timeout,
         )
+        if max_header_bytes < 1024:
+            raise typer.BadParameter(
+                f"--max-header-bytes must be at least 1024, not {max_header_bytes}"
+            )
         try:
             api = create_app(settings, **app_args)  # also checks the arguments before any fork
         except ValueError as e:
@@ -78,7 +103,8 @@ def register(app: typer.Typer) -> None:
             log_level=log_level,
             access_log=False,
             loop=loop,
-            http=http,
+            http=http_protocol(http),  # uvicorn's parser with the header limit
+            h11_max_incomplete_event_size=max_header_bytes,
             lifespan="on",
         )
         if workers == 1:
