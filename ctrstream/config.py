@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -87,7 +87,7 @@ class TritonSettings(BaseModel):
     # The key Triton's model-repository API (load, unload, index) requires: the publisher
     # sends it, the API and the scorer only infer and never need it. Empty: the key that
     # `ctrstream stack up` generated in the run directory (``triton_control_key``).
-    control_key: str | None = None
+    control_key: SecretStr | None = None  # `config show` prints it masked
 
     _abs = field_validator("model_repository")(_absolute)
 
@@ -161,8 +161,9 @@ def triton_control_key(settings: Settings) -> str | None:
     """The model-control key: ``settings.triton.control_key`` when set (compose, a remote
     Triton), else the one the local stack generated in its run directory; None when neither
     exists."""
-    if settings.triton.control_key:
-        return settings.triton.control_key
+    configured = settings.triton.control_key
+    if configured is not None and configured.get_secret_value():
+        return configured.get_secret_value()
     try:
         return triton_control_key_file(settings).read_text().strip() or None
     except FileNotFoundError:

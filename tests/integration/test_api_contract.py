@@ -209,7 +209,7 @@ def test_schemathesis_finds_no_contract_violation(api, tmp_path):
         "10",
         "--no-color",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     text = out.stdout + out.stderr
     tail = text[text.find("SUMMARY") :] if "SUMMARY" in text else text[-3000:]
     print("\nschemathesis", tail, sep="\n")

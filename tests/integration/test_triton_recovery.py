@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from pydantic import SecretStr
 from tritonclient.utils import InferenceServerException
 
 from ctrstream import features as F
@@ -90,7 +91,9 @@ def test_model_control_is_refused_without_the_key_and_works_with_it(settings, un
     finally:
         ctl.close()
     other = settings.model_copy(
-        update={"triton": settings.triton.model_copy(update={"control_key": "not-the-key"})}
+        update={
+            "triton": settings.triton.model_copy(update={"control_key": SecretStr("not-the-key")})
+        }
     )
     bad = control_client(other)
     try:
