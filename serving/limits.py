@@ -8,8 +8,12 @@
   closed; what is beyond the limit is never buffered.
 * **Header size** (the uvicorn protocol classes): the request line and headers together may
   hold at most uvicorn's ``h11_max_incomplete_event_size`` bytes; more gets a 431 and the
-  connection is closed. h11 enforces the size itself (this module only turns its 400 into a
-  431); the httptools parser has no limit, so ``LimitedHttpToolsProtocol`` counts.
+  connection is closed. h11 bounds only a head that is still incomplete and httptools not
+  at all, so both protocol classes measure every head.
+* **Head-read deadline** (the uvicorn protocol classes): a request's line and headers must
+  arrive within ``$CTRSTREAM_API_HEAD_TIMEOUT_S`` (default 10 s) of the connection or of
+  their first byte; an idle new connection or a stalled head gets a 408 and is closed.
+  uvicorn waits for them forever (its keep-alive timeout runs only between requests).
 
 Every refusal says what is wrong in the API's error shape (``{"detail", "errors"}``).
 """
@@ -17,6 +21,7 @@ Every refusal says what is wrong in the API's error shape (``{"detail", "errors"
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -33,6 +38,10 @@ ASGIApp = Callable[[Message, Receive, Send], Awaitable[None]]
 DEFAULT_BODY_TIMEOUT_S = 10.0
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 500 candidates of ~100 bytes each fit many times over
 DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+DEFAULT_HEAD_TIMEOUT_S = 10.0
+# the head-read deadline reaches uvicorn's protocol objects (in every worker process, which
+# uvicorn spawns) through the environment; ``ctrstream serve --head-timeout`` sets it
+HEAD_TIMEOUT_ENV = "CTRSTREAM_API_HEAD_TIMEOUT_S"
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _ENCODE = msgspec.json.Encoder().encode
@@ -74,15 +83,19 @@ async def limit_request(
 ) -> None:
     """Run ``app`` on one HTTP request with the body limits (see module doc). After a
     refusal the app reads ``http.disconnect`` and its own answer is dropped."""
+    has_body = False  # a request without Content-Length or Transfer-Encoding has none
     for name, value in scope["headers"]:
         if name == b"content-length":
             if value.isdigit() and int(value) > max_body_bytes:
                 await _refuse(send, 413, _too_large(max_body_bytes))
                 return
-            break
+            has_body = has_body or value != b"0"
+        elif name == b"transfer-encoding":
+            has_body = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + body_timeout_s
-    body_done = started = refused = False
+    body_done = not has_body
+    started = refused = False
     size = 0
 
     async def limited_receive() -> Message:
@@ -150,19 +163,78 @@ class _HeadTooLarge(Exception):
     pass
 
 
+def _408_head(seconds: float) -> bytes:
+    body = _ENCODE(
+        {
+            "detail": f"headers: the request line and headers did not arrive within {seconds:g} s",
+            "errors": [{"loc": "headers", "type": "timeout", "msg": "not received in time"}],
+        }
+    )
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
+    )
+
+
+def head_timeout_s() -> float:
+    try:
+        value = float(os.environ.get(HEAD_TIMEOUT_ENV, DEFAULT_HEAD_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_HEAD_TIMEOUT_S
+    return value if value > 0 else DEFAULT_HEAD_TIMEOUT_S
+
+
+class _HeadDeadline:
+    """The head-read deadline of one connection (see module doc)."""
+
+    transport: Any
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            seconds = head_timeout_s()
+            self._head_timer = asyncio.get_running_loop().call_later(
+                seconds, self._head_timed_out, seconds
+            )
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self, seconds: float) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.write(_408_head(seconds))
+            self.transport.close()
+
+
 def _header_limit(config: Any) -> int:
     return int(config.h11_max_incomplete_event_size or DEFAULT_MAX_HEADER_BYTES)
 
 
-class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a limit on the request line and headers."""
+class LimitedHttpToolsProtocol(_HeadDeadline, HttpToolsProtocol):
+    """uvicorn's httptools protocol with a size limit and a deadline on the request head."""
 
     _head_bytes = 0
     _head_too_large = False
 
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
     def on_message_begin(self) -> None:
         self._head_bytes = 0
+        self._arm_head_timer()
         super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
 
     def _count(self, n: int) -> None:
         self._head_bytes += n
@@ -185,8 +257,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class LimitedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with the same limit. h11 refuses a head that is still
+class LimitedH11Protocol(_HeadDeadline, H11Protocol):
+    """uvicorn's h11 protocol with the same limits. h11 refuses a head that is still
     incomplete beyond ``h11_max_incomplete_event_size`` (it bounds what is buffered), but
     not one that arrives whole in one read: each parsed request head is measured too."""
 
@@ -194,12 +266,14 @@ class LimitedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self._arm_head_timer()
         next_event = self.conn.next_event
         limit = _header_limit(self.config)
 
         def measured_next_event() -> Any:
             event = next_event()
             if isinstance(event, h11.Request):
+                self._disarm_head_timer()
                 size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
                 if size > limit:
                     self._head_too_large = True
@@ -207,6 +281,15 @@ class LimitedH11Protocol(H11Protocol):
             return event
 
         self.conn.next_event = measured_next_event  # type: ignore[method-assign]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # bytes of a new request's head
+            self._arm_head_timer()
+        super().data_received(data)
 
     def send_400_response(self, msg: str) -> None:
         limit = _header_limit(self.config)
@@ -233,6 +316,8 @@ __all__ = [
     "DEFAULT_BODY_TIMEOUT_S",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_HEADER_BYTES",
+    "DEFAULT_HEAD_TIMEOUT_S",
+    "HEAD_TIMEOUT_ENV",
     "LimitedH11Protocol",
     "LimitedHttpToolsProtocol",
     "error_body",

@@ -23,6 +23,7 @@ from ctrstream.stack.services import free_port
 
 MODEL = "contract_demo_py"
 BODY_TIMEOUT_S = 1.5
+HEAD_TIMEOUT_S = 1.5
 MAX_HEADER_BYTES = 16 * 1024
 
 
@@ -47,7 +48,8 @@ def api(request, stack_env, model, tmp_path_factory):
     proc = start_job(
         [sys.executable, "-m", "ctrstream", "serve", "--port", str(port)]
         + ["--model-name", model, "--http", request.param]
-        + ["--body-timeout", str(BODY_TIMEOUT_S), "--max-header-bytes", str(MAX_HEADER_BYTES)],
+        + ["--body-timeout", str(BODY_TIMEOUT_S), "--head-timeout", str(HEAD_TIMEOUT_S)]
+        + ["--max-header-bytes", str(MAX_HEADER_BYTES)],
         env=stack_env,
         log_path=log,
     )
@@ -127,6 +129,30 @@ def test_a_stalled_body_is_dropped_within_the_timeout(api):
         assert closed, "a slow-drip body was held open past the body-read timeout"
     # the server still answers
     assert httpx.get(api + "/healthz", timeout=5).status_code == 200
+
+
+def test_an_idle_connection_or_a_stalled_head_is_dropped_within_the_timeout(api):
+    port = int(api.rsplit(":", 1)[1])
+    bound = HEAD_TIMEOUT_S + 3.0
+    idle = socket.create_connection(("127.0.0.1", port), timeout=5)  # sends nothing
+    partial = socket.create_connection(("127.0.0.1", port), timeout=5)
+    partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    # a second request's head on a kept-alive connection stalls the same way
+    again = socket.create_connection(("127.0.0.1", port), timeout=5)
+    again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = b""
+    while not first.endswith(b'"ok"}'):
+        first += again.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200")
+    again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    try:
+        for name, sock in (("idle", idle), ("partial head", partial), ("second head", again)):
+            closed, answer = _closed_within(sock, bound)
+            assert closed, f"{name}: still open {bound:.1f}s later"
+            assert answer.startswith(b"HTTP/1.1 408"), (name, answer[:200])
+    finally:
+        for sock in (idle, partial, again):
+            sock.close()
 
 
 def test_a_large_body_is_a_413_with_a_json_error(api):

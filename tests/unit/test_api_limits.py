@@ -48,14 +48,42 @@ def _status(sent):
     return start["status"], dict(start["headers"])
 
 
+CHUNKED = [(b"transfer-encoding", b"chunked")]
+
+
 def test_a_whole_body_within_the_limits_reaches_the_app():
-    sent, seen = _run([], [{"type": "http.request", "body": b"x" * 100}])
+    sent, seen = _run([(b"content-length", b"100")], [{"type": "http.request", "body": b"x" * 100}])
     assert _status(sent)[0] == 200 and seen == [b"x" * 100]
     assert b"connection" not in _status(sent)[1]  # keep-alive stays possible
 
 
+def test_a_request_without_a_body_keeps_the_connection():
+    async def app(scope, receive, send):  # a GET route: never reads the body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    scope = {"type": "http", "headers": [(b"host", b"x")]}
+    asyncio.run(limits.limit_request(app, scope, receive, send, 100, 0.2))
+    assert _status(sent) == (200, {})
+    # an answer sent before a declared body came closes the connection after it
+    sent.clear()
+    scope = {"type": "http", "headers": [(b"content-length", b"5")]}
+    asyncio.run(limits.limit_request(app, scope, receive, send, 100, 0.2))
+    assert _status(sent)[1] == {b"connection": b"close"}
+
+
 def test_a_stalled_body_is_a_408_that_closes_the_connection():
-    sent, seen = _run([], [{"type": "http.request", "body": b"{", "more_body": True}], stall=True)
+    sent, seen = _run(
+        CHUNKED, [{"type": "http.request", "body": b"{", "more_body": True}], stall=True
+    )
     status, headers = _status(sent)
     assert status == 408 and headers[b"connection"] == b"close"
     body = json.loads(sent[-1]["body"])
@@ -67,7 +95,7 @@ def test_a_body_over_the_limit_is_a_413_declared_or_counted():
     declared, seen = _run([(b"content-length", b"101")], [])
     assert _status(declared)[0] == 413 and seen == []
     chunks = [{"type": "http.request", "body": b"x" * 60, "more_body": True}] * 2
-    counted, seen = _run([], chunks)
+    counted, seen = _run(CHUNKED, chunks)
     status, headers = _status(counted)
     assert status == 413 and headers[b"connection"] == b"close"
     assert seen == [b"x" * 60]  # the chunk that crossed the limit never reached the app
