@@ -44,7 +44,8 @@ on Triton; 503 otherwise), ``GET /metrics`` (Prometheus text), ``GET /openapi.js
 
 Limits (``ctrstream.serving.limits``): a body must arrive within ``body_timeout_s`` of the
 headers (408 and the connection closed otherwise) and hold at most ``max_body_bytes`` (413);
-the header size limit is the server's (``ctrstream serve --max-header-bytes``, 431). The
+the request head's deadline and size are the server's (``ctrstream serve --head-timeout
+--max-header-bytes``: 408, 431). The
 OpenAPI document lists every status and content type a route answers, and what its schema
 allows the server accepts: an integer written with a zero fraction (``17.0``, a JSON Schema
 integer) is that integer.
@@ -163,7 +164,7 @@ def _error_doc(description: str) -> dict:
 
 # answers of every route: the body limits apply before any route runs
 LIMIT_RESPONSES: dict[int | str, dict] = {
-    408: _error_doc("the body did not arrive within the body-read timeout"),
+    408: _error_doc("the request head or body did not arrive within its timeout"),
     413: _error_doc("the body is larger than the limit"),
 }
 PREDICT_RESPONSES: dict[int | str, dict] = {
@@ -425,9 +426,11 @@ def create_app(
             # ``17.0`` is an integer in JSON Schema: the strict models (the fast path) refuse
             # it, so such a body is parsed again with integral numbers as ints
             try:
-                req = PredictRequest.model_validate(
-                    json.loads(raw_body, parse_float=_integral_float)
-                )
+                doc = json.loads(raw_body, parse_float=_integral_float)
+            except (ValueError, RecursionError):  # what pydantic-core parsed, json refuses
+                return invalid(*_errors(e.errors(), ("body",)))
+            try:
+                req = PredictRequest.model_validate(doc)
             except ValidationError as e2:
                 return invalid(*_errors(e2.errors(), ("body",)))
         ctx_m = req.context

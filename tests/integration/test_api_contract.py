@@ -193,6 +193,9 @@ def test_integers_written_as_floats_are_accepted_as_the_schema_says(api):
     body["user_id"] = 17.5  # not an integer: still a precise 422
     resp = httpx.post(api + "/v1/predict", json=body, timeout=10)
     assert resp.status_code == 422 and "user_id" in resp.json()["detail"]
+    # an integral float next to another mistake: the other mistake is reported
+    resp = httpx.post(api + "/v1/predict", json={**body, "user_id": 17.0, "bid": 1}, timeout=10)
+    assert resp.status_code == 422 and "bid" in resp.json()["detail"], resp.text
 
 
 def test_the_openapi_document_declares_every_answer(api):
