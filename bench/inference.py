@@ -289,10 +289,11 @@ def run(settings: Settings, a: argparse.Namespace, log=print) -> dict:
         ) as progress,
     ):
         task = progress.add_task("cells", total=n_cells)
-        import tritonclient.grpc as grpcclient
 
         repo = ts.triton.model_repository
-        admin = grpcclient.InferenceServerClient(ts.triton.grpc_url)
+        from ctrstream.models.publish import control_client
+
+        admin = control_client(ts)  # model control needs the stack's key
         from ctrstream.stack.services import TritonService
 
         meter = CpuMeter(TritonService(ts).pid())

@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -158,6 +158,10 @@ class TritonSettings(BaseModel):
     backend: Literal["python", "onnxruntime"] = "python"
     model_repository: Path = Path("triton_repo")
     timeout_s: float = 2.0
+    # The key Triton's model-repository API (load, unload, index) requires: the publisher
+    # sends it, the API and the scorer only infer and never need it. Empty: the key that
+    # `ctrstream stack up` generated in the run directory (``triton_control_key``).
+    control_key: SecretStr | None = None  # `config show` prints it masked
 
     _abs = field_validator("model_repository")(_absolute)
 
@@ -168,6 +172,13 @@ class TritonSettings(BaseModel):
     @property
     def http_url(self) -> str:
         return f"{self.host}:{self.http_port}"
+
+    @property
+    def served_record(self) -> Path:
+        """The record of the served models (written by the publisher after each switch, read
+        by whatever starts Triton, which loads them): ``{"models": {name: {"versions": [..],
+        ...}}}`` in the model repository, next to the models it names."""
+        return self.model_repository / "served.json"
 
 
 class Settings(BaseSettings):
@@ -249,6 +260,41 @@ class Settings(BaseSettings):
         if out["redis"].get("password"):
             out["redis"]["password"] = "********"
         return out
+
+
+# Triton's restricted-API header for the model-repository protocol: HTTP clients send it as
+# is, gRPC clients with Triton's prefix (``triton_control_headers``).
+TRITON_CONTROL_HEADER = "ctrstream-control-key"
+TRITON_GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+TRITON_CONTROL_KEY_FILE = "triton-control.key"  # in the run directory, owner-only
+
+
+def triton_control_key_file(settings: Settings) -> Path:
+    return settings.run_dir / TRITON_CONTROL_KEY_FILE
+
+
+def triton_control_key(settings: Settings) -> str | None:
+    """The model-control key: ``settings.triton.control_key`` when set (compose, a remote
+    Triton), else the one the local stack generated in its run directory; None when neither
+    exists."""
+    configured = settings.triton.control_key
+    if configured is not None and configured.get_secret_value():
+        return configured.get_secret_value()
+    try:
+        return triton_control_key_file(settings).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def triton_control_headers(
+    settings: Settings, protocol: Literal["grpc", "http"] = "grpc"
+) -> dict[str, str]:
+    """Headers that authorise Triton model control (empty when there is no key)."""
+    key = triton_control_key(settings)
+    if key is None:
+        return {}
+    prefix = TRITON_GRPC_HEADER_PREFIX if protocol == "grpc" else ""
+    return {prefix + TRITON_CONTROL_HEADER: key}
 
 
 @lru_cache(maxsize=1)

@@ -27,6 +27,11 @@ The switch (Triton in explicit model-control mode), for the served flavour:
 
 No request fails during the switch: Triton keeps a loaded version serving until its
 replacement is ready, and it unloads a version only after its in-flight requests finish.
+
+Model control needs the control key (``ctrstream.config.triton_control_key``): the publisher
+is its one holder and sends it with every load and unload. After a switch the publisher
+records the served versions in ``settings.triton.served_record``; whatever starts Triton
+loads the models listed there, so a restarted Triton serves them again by itself.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ctrstream import features
-from ctrstream.config import Settings
+from ctrstream.config import Settings, triton_control_headers, triton_control_key
 
 # the Python-backend model that runs an ONNX file inside Triton (copied as model.py)
 TRITON_MODEL_PY = Path(__file__).resolve().with_name("triton_model.py")
@@ -147,10 +152,89 @@ def _repo_lock(repo: Path, base: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _client(settings: Settings):
-    import tritonclient.grpc as grpcclient
+class _ControlClient:
+    """A ``tritonclient.grpc`` client whose model-repository calls carry the control key."""
 
-    return grpcclient.InferenceServerClient(settings.triton.grpc_url)
+    _CONTROL = ("load_model", "unload_model", "get_model_repository_index")
+
+    def __init__(self, settings: Settings):
+        import tritonclient.grpc as grpcclient
+
+        self._settings = settings
+        self._client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+        self._headers = triton_control_headers(settings, "grpc")
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if name not in self._CONTROL:
+            return attr
+
+        def call(*args, **kwargs):
+            from tritonclient.utils import InferenceServerException
+
+            kwargs.setdefault("headers", self._headers or None)
+            try:
+                return attr(*args, **kwargs)
+            except InferenceServerException as e:
+                if "restricted" not in str(e):
+                    raise
+                raise PublishError(self._refused(name)) from None
+
+        return call
+
+    def _refused(self, call: str) -> str:
+        s = self._settings
+        if s.triton.control_key:
+            which = "the key in CTRSTREAM_TRITON__CONTROL_KEY"
+        elif triton_control_key(s):
+            which = f"the key in {s.run_dir}"
+        else:
+            which = f"no key (none in CTRSTREAM_TRITON__CONTROL_KEY or {s.run_dir}), which"
+        return (
+            f"Triton at {s.triton.grpc_url} refused {call}: model control needs the key Triton "
+            f"was started with, and {which} does not match. Run with the stack's run directory "
+            "(CTRSTREAM_RUN_DIR) or set CTRSTREAM_TRITON__CONTROL_KEY to Triton's key."
+        )
+
+
+def control_client(settings: Settings):
+    """A gRPC Triton client (``tritonclient.grpc``) whose ``load_model`` and ``unload_model``
+    send the control key - for the publisher, and for tests and benchmarks that load models
+    by hand."""
+    return _ControlClient(settings)
+
+
+def _client(settings: Settings):
+    return control_client(settings)
+
+
+def read_served(settings: Settings) -> dict:
+    """The served record (``{"models": {name: {...}}}``; empty when there is none)."""
+    try:
+        doc = json.loads(settings.triton.served_record.read_text())
+    except FileNotFoundError:
+        return {"models": {}}
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
+        raise PublishError(
+            f"{settings.triton.served_record} is not a served record "
+            '({"models": {...}}): remove it and publish again'
+        )
+    return doc
+
+
+def record_served(settings: Settings, name: str, base_name: str, versions: list[int]) -> None:
+    """Record that ``name`` serves ``versions`` (atomic replace: a Triton that starts at any
+    moment reads the previous record or this one)."""
+    doc = read_served(settings)
+    doc["models"][name] = {
+        "base_name": base_name,
+        "versions": sorted(versions),
+        "recorded_at_ms": int(time.time() * 1000),
+    }
+    path = settings.triton.served_record
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def loaded_versions(client, name: str) -> list[int]:
@@ -325,6 +409,7 @@ def publish(
                 raise PublishError(
                     f"after the switch {served} serves versions {now}, expected [{version}]"
                 )
+            record_served(settings, served, base_name, [version])
         _prune(repo, list(flavours), keep, protect={version})
         client and client.close()
     return dict(
@@ -360,6 +445,9 @@ def _prune(repo: Path, names: list[str], keep: int, protect: set[int]) -> None:
 
 __all__ = [
     "PublishError",
+    "control_client",
+    "read_served",
+    "record_served",
     "infer",
     "loaded_versions",
     "model_config",

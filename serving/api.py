@@ -39,7 +39,16 @@ request (null: everything read now). Hit and miss counts are on ``/metrics``
 (``feature_cache``).
 
 ``GET /healthz`` (the process is up), ``GET /readyz`` (Redis answers and the model is ready
-on Triton; 503 otherwise), ``GET /metrics``, ``GET /openapi.json`` and ``/docs``.
+on Triton; 503 otherwise), ``GET /metrics`` (Prometheus text), ``GET /openapi.json`` and
+``/docs``.
+
+Limits (``ctrstream.serving.limits``): a body must arrive within ``body_timeout_s`` of the
+headers (408 and the connection closed otherwise) and hold at most ``max_body_bytes`` (413);
+the request head's deadline and size are the server's (``ctrstream serve --head-timeout
+--max-header-bytes``: 408, 431). The
+OpenAPI document lists every status and content type a route answers, and what its schema
+allows the server accepts: an integer written with a zero fraction (``17.0``, a JSON Schema
+integer) is that integer.
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ import msgspec
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -67,6 +76,11 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ctrstream.serving.assembly import CANDIDATE_FIELDS, assemble_async, request_columns
+from ctrstream.serving.limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    limit_request,
+)
 from ctrstream.serving.triton_client import DEFAULT_MODEL, AsyncScorer
 from ctrstream.store.connection import redis_client
 from ctrstream.store.reader import AsyncFeatureStore, Method
@@ -131,6 +145,50 @@ class PredictResponse(BaseModel):
     feature_cache_staleness_ms: float | None = None
 
 
+class ErrorItem(BaseModel):
+    loc: str
+    type: str | None
+    msg: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx of the API: what is wrong (``detail``) and where (``errors``)."""
+
+    detail: str
+    errors: list[ErrorItem] = []
+
+
+def _error_doc(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+# answers of every route: the body limits apply before any route runs
+LIMIT_RESPONSES: dict[int | str, dict] = {
+    408: _error_doc("the request head or body did not arrive within its timeout"),
+    413: _error_doc("the body is larger than the limit"),
+}
+PREDICT_RESPONSES: dict[int | str, dict] = {
+    **LIMIT_RESPONSES,
+    415: _error_doc("the content type is not JSON"),
+    422: _error_doc("the body is not JSON or does not follow PredictRequest"),
+}
+
+
+def _integral_float(text: str) -> float | int:
+    """A JSON number with a fraction, as an int when it is integral (``17.0``, ``1e2``)."""
+    x = float(text)
+    return int(x) if x.is_integer() else x
+
+
+def _has_integral_floats(e: ValidationError) -> bool:
+    return any(
+        err["type"] == "int_type"
+        and isinstance(err.get("input"), float)
+        and err["input"].is_integer()
+        for err in e.errors()
+    )
+
+
 STAGES = ("redis", "assembly", "triton", "calibration", "handler", "app")
 _ENCODE = msgspec.json.Encoder().encode
 
@@ -145,7 +203,7 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-MAX_BODY_BYTES = 1 << 20  # 500 candidates of ~100 bytes each fit many times over
+MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -159,16 +217,23 @@ class _App(FastAPI):
     both paths run the same ``handle`` (same validation, same messages, same answer)."""
 
     predict_asgi: Callable[..., Awaitable[None]] | None = None  # (scope, receive, send)
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
         if (
             self.predict_asgi is not None
-            and scope["type"] == "http"
             and scope["path"] == "/v1/predict"
             and scope["method"] == "POST"
         ):
-            return await self.predict_asgi(scope, receive, send)
-        return await super().__call__(scope, receive, send)
+            app = self.predict_asgi
+        else:
+            app = super().__call__
+        return await limit_request(
+            app, scope, receive, send, self.max_body_bytes, self.body_timeout_s
+        )
 
 
 def _server_timing(timings: dict[str, float]) -> bytes:
@@ -224,6 +289,8 @@ def create_app(
     feature_method: Method = "script",
     feature_cache_s: float | None = None,
     feature_tracking: bool = True,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The API app. ``feature_cache_s``: the most the reused window counts of entities that
     do not involve the user (ad, campaign, advertiser, site, site x category) may lag Redis -
@@ -232,7 +299,13 @@ def create_app(
     most one more flush interval behind than Redis itself; 0: no cache.
     ``feature_tracking``: keep cached counts until Redis reports a write to them (server-
     assisted invalidation, ``ctrstream.store.reader.InvalidationTracker``) instead of for
-    ``feature_cache_s`` only - the bound above still holds, enforced by heartbeats."""
+    ``feature_cache_s`` only - the bound above still holds, enforced by heartbeats.
+    ``max_body_bytes``, ``body_timeout_s``: the body limits (``ctrstream.serving.limits``)."""
+    if max_body_bytes < 1 or body_timeout_s <= 0:
+        raise ValueError(
+            f"max_body_bytes must be at least 1 and body_timeout_s above 0, "
+            f"not {max_body_bytes} and {body_timeout_s:g}"
+        )
     flush_s = settings.flush_interval_ms / 1000.0
     if feature_cache_s is None:
         feature_cache_s = flush_s
@@ -315,6 +388,8 @@ def create_app(
         "(lambda-merged features, ONNX model on Triton, River calibration).",
         lifespan=lifespan,
     )
+    app.max_body_bytes = max_body_bytes
+    app.body_timeout_s = body_timeout_s
 
     def invalid(msg: str, errors: list, status: int = 422) -> tuple[int, bytes, dict]:
         requests.labels("invalid").inc()
@@ -346,7 +421,18 @@ def create_app(
         try:
             req = PredictRequest.model_validate_json(raw_body)
         except ValidationError as e:
-            return invalid(*_errors(e.errors(), ("body",)))
+            if not _has_integral_floats(e):
+                return invalid(*_errors(e.errors(), ("body",)))
+            # ``17.0`` is an integer in JSON Schema: the strict models (the fast path) refuse
+            # it, so such a body is parsed again with integral numbers as ints
+            try:
+                doc = json.loads(raw_body, parse_float=_integral_float)
+            except (ValueError, RecursionError):  # what pydantic-core parsed, json refuses
+                return invalid(*_errors(e.errors(), ("body",)))
+            try:
+                req = PredictRequest.model_validate(doc)
+            except ValidationError as e2:
+                return invalid(*_errors(e2.errors(), ("body",)))
         ctx_m = req.context
         t_ms = ctx_m.event_time_ms or int(time.time() * 1000)
         ctx = {
@@ -446,14 +532,14 @@ def create_app(
                 return  # the client left: nothing to answer
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > MAX_BODY_BYTES:
+            if size > max_body_bytes:  # limit_request refuses it first; kept for embedded use
                 status, body, timings = invalid(
-                    f"body: larger than {MAX_BODY_BYTES} bytes",
+                    f"body: larger than {max_body_bytes} bytes",
                     [
                         {
                             "loc": "body",
                             "type": "too_large",
-                            "msg": f"larger than {MAX_BODY_BYTES} bytes",
+                            "msg": f"larger than {max_body_bytes} bytes",
                         }
                     ],
                     413,
@@ -485,6 +571,7 @@ def create_app(
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
+        responses=PREDICT_RESPONSES,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -520,11 +607,17 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the OpenAPI document
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=LIMIT_RESPONSES)
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        responses={
+            **LIMIT_RESPONSES,
+            503: {"description": "Redis or the model is not ready (same body as 200)"},
+        },
+    )
     async def readyz():
         checks: dict[str, bool | str] = {}
         try:
@@ -541,7 +634,17 @@ def create_app(
             content={"status": "ready" if ok else "not ready", **checks},
         )
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={
+            **LIMIT_RESPONSES,
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+        },
+    )
     async def metrics():
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # several worker processes (``ctrstream serve --workers N``): every worker writes
@@ -568,4 +671,11 @@ def app_from_env() -> FastAPI:
     return create_app(get_settings(), **json.loads(os.environ.get(APP_ARGS_ENV, "{}")))
 
 
-__all__ = ["create_app", "app_from_env", "PredictRequest", "PredictResponse", "MAX_CANDIDATES"]
+__all__ = [
+    "create_app",
+    "app_from_env",
+    "ErrorResponse",
+    "PredictRequest",
+    "PredictResponse",
+    "MAX_CANDIDATES",
+]

@@ -13,6 +13,11 @@ historical CTR of the ad from the counts the dense features were made of (its wi
 the most impressions), which is the prior mean ``features.PRIOR.mean`` when there are none -
 flagged ``degraded``. Scoring never raises.
 
+Recovery: when Triton goes away the gRPC channel reconnects by itself, with its reconnection
+backoff capped at ``RECONNECT_MAX_MS`` (gRPC's default grows to two minutes, which would keep
+answers degraded long after Triton is back), so scoring leaves the fallback within about a
+second of Triton serving the model again - no restart of the API or the scorer.
+
 :class:`Scorer` is the synchronous wrapper for batch use (the streaming scorer): it owns an
 event loop on a background thread.
 """
@@ -29,6 +34,27 @@ import numpy as np
 from ctrstream import features as F
 
 DEFAULT_MODEL = "ctr_deep"
+RECONNECT_MAX_MS = 1000
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """gRPC channel options: tritonclient's defaults (message sizes, keepalive) plus a
+    reconnection backoff of at most ``RECONNECT_MAX_MS``."""
+    from tritonclient.grpc import KeepAliveOptions
+    from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
+
+    ka = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", ka.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", ka.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", ka.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", ka.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
+    ]
 
 
 @dataclass
@@ -99,7 +125,7 @@ class AsyncScorer:
         if self._client is None:
             import tritonclient.grpc.aio as grpcaio
 
-            self._client = grpcaio.InferenceServerClient(self.url)
+            self._client = grpcaio.InferenceServerClient(self.url, channel_args=channel_args())
         return self._client
 
     async def close(self) -> None:

@@ -6,6 +6,13 @@ from typing import Any
 
 import typer
 
+# the API's limits (ctrstream.serving.limits holds the same defaults; it is imported only
+# when the server starts, so that every other command starts fast)
+BODY_TIMEOUT_S = 10.0
+MAX_BODY_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 * 1024
+HEAD_TIMEOUT_S = 10.0
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -41,12 +48,30 @@ def register(app: typer.Typer) -> None:
         http: str = typer.Option(
             "auto", help="HTTP parser: auto (httptools when installed), h11, httptools"
         ),
+        body_timeout: float = typer.Option(
+            BODY_TIMEOUT_S,
+            help="seconds a request's body may take to arrive after its headers (then 408 "
+            "and the connection is closed)",
+        ),
+        max_body_bytes: int = typer.Option(
+            MAX_BODY_BYTES, help="largest request body in bytes (larger: 413)"
+        ),
+        head_timeout: float = typer.Option(
+            HEAD_TIMEOUT_S,
+            help="seconds a request's line and headers may take to arrive, from the "
+            "connection or their first byte (then 408 and the connection is closed)",
+        ),
+        max_header_bytes: int = typer.Option(
+            MAX_HEADER_BYTES,
+            help="largest request line plus headers in bytes (larger: 431)",
+        ),
     ):
         """Run the prediction API (POST /v1/predict, /healthz, /readyz, /metrics, /docs)."""
         import uvicorn
 
         from ctrstream.config import get_settings
         from ctrstream.serving.api import create_app
+        from ctrstream.serving.limits import HEAD_TIMEOUT_ENV, http_protocol
 
         if feature_method not in ("script", "pipeline"):
             raise typer.BadParameter("--feature-method must be script or pipeline")
@@ -61,7 +86,15 @@ def register(app: typer.Typer) -> None:
             feature_method=feature_method,
             feature_cache_s=feature_cache_s,
             feature_tracking=feature_tracking,
+            max_body_bytes=max_body_bytes,
+            body_timeout_s=body_timeout,
         )
+        if head_timeout <= 0:
+            raise typer.BadParameter(f"--head-timeout must be above 0, not {head_timeout:g}")
+        if max_header_bytes < 1024:
+            raise typer.BadParameter(
+                f"--max-header-bytes must be at least 1024, not {max_header_bytes}"
+            )
         try:
             api = create_app(settings, **app_args)  # also checks the arguments before any fork
         except ValueError as e:
@@ -72,20 +105,23 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--loop must be auto, asyncio or uvloop")
         if http not in ("auto", "h11", "httptools"):
             raise typer.BadParameter("--http must be auto, h11 or httptools")
+        import json
+        import os
+
+        os.environ[HEAD_TIMEOUT_ENV] = str(head_timeout)  # read by the protocol, every worker
         server: dict[str, Any] = dict(
             host=host,
             port=port,
             log_level=log_level,
             access_log=False,
             loop=loop,
-            http=http,
+            http=http_protocol(http),  # uvicorn's parser with the head limits
+            h11_max_incomplete_event_size=max_header_bytes,
             lifespan="on",
         )
         if workers == 1:
             uvicorn.run(api, **server)
             return
-        import json
-        import os
         import tempfile
 
         from ctrstream.serving.api import APP_ARGS_ENV

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
+import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -20,8 +23,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctrstream.config import REDIS_PASSWORD_FILE, Settings
+from ctrstream.config import (
+    REDIS_PASSWORD_FILE,
+    TRITON_CONTROL_HEADER,
+    Settings,
+    triton_control_key,
+    triton_control_key_file,
+)
 from ctrstream.stack import provision
+
+log = logging.getLogger("ctrstream.stack")
 
 
 class StackError(RuntimeError):
@@ -444,6 +455,15 @@ class RedisService(Service):
 
 
 class TritonService(Service):
+    """tritonserver in explicit model-control mode.
+
+    Model control (the model-repository protocol: load, unload, index) requires the control
+    key (``ctrstream.config.triton_control_key``), generated here on first start into the run
+    directory with owner-only permissions unless ``settings.triton.control_key`` is set;
+    inference, health and metadata stay open. Every start loads the models the publisher
+    recorded as served (``settings.triton.served_record``), so a restarted Triton serves
+    what it served before without anyone publishing again."""
+
     start_timeout = 90.0
 
     def __init__(self, settings: Settings):
@@ -455,6 +475,9 @@ class TritonService(Service):
 
     def address(self) -> str:
         return f"grpc {self.settings.triton.grpc_url}, http {self.settings.triton.http_url}"
+
+    def prepare(self) -> None:
+        ensure_triton_control_key(self.settings)
 
     def command(self):
         t = self.settings.triton
@@ -476,6 +499,8 @@ class TritonService(Service):
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--log-verbose=0",
+            *triton_control_flags(ensure_triton_control_key(self.settings)),
+            *(f"--load-model={name}" for name in served_models(self.settings)),
         ]
         return argv, provision.triton_env(self.settings)
 
@@ -485,6 +510,59 @@ class TritonService(Service):
         url = f"http://{self.settings.triton.http_url}/v2/health/ready"
         with urllib.request.urlopen(url, timeout=1) as resp:
             return resp.status == 200
+
+
+def ensure_triton_control_key(settings: Settings) -> str:
+    """The model-control key: the configured one, else the run directory's, generated (32
+    random bytes, hex) into a file only its owner may read when there is none yet."""
+    key = triton_control_key(settings)
+    if key is not None:
+        return key
+    path = triton_control_key_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use that one
+        return triton_control_key(settings) or key
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key
+
+
+def triton_control_flags(key: str) -> list[str]:
+    """tritonserver options that restrict the model-repository protocol to requests that
+    carry ``key`` (HTTP header ``TRITON_CONTROL_HEADER``; gRPC metadata of the same name
+    with Triton's ``triton-grpc-protocol-`` prefix)."""
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", key):
+        raise StackError(
+            "the Triton control key may hold only letters, digits, _ and - "
+            "(check CTRSTREAM_TRITON__CONTROL_KEY)"
+        )
+    rule = f"model-repository:{TRITON_CONTROL_HEADER}={key}"
+    return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+
+
+def served_models(settings: Settings) -> list[str]:
+    """The model names the served record lists whose folder is in the model repository (a
+    record that cannot be read loads nothing and says so in the stack's output)."""
+    record = settings.triton.served_record
+    try:
+        doc = json.loads(record.read_text())
+        names = list(doc["models"])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("triton: ignoring the served record %s: %s: %s", record, type(e).__name__, e)
+        return []
+    repo = settings.triton.model_repository
+    return [
+        n
+        for n in names
+        if isinstance(n, str)
+        and re.fullmatch(r"[A-Za-z0-9_\-]+", n)
+        and (repo / n / "config.pbtxt").is_file()
+    ]
 
 
 def all_services(settings: Settings) -> list[Service]:

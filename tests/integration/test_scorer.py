@@ -160,9 +160,9 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
     assert abs(before.raw_score - after.raw_score) > 1e-4
 
     # Triton loses the model: predictions keep flowing, degraded, with the fallback score
-    import tritonclient.grpc as grpcclient
+    from ctrstream.models.publish import control_client
 
-    c = grpcclient.InferenceServerClient(s.triton.grpc_url)
+    c = control_client(s)  # model control needs the stack's key
     c.unload_model(published["model_name"])
     try:
         import msgspec

@@ -222,6 +222,8 @@ class TritonPythonModel:
 def test_triton_model_control_and_grpc_inference(settings, unique):
     import tritonclient.grpc as grpcclient
 
+    from ctrstream.models.publish import control_client
+
     name = f"affine_{unique}"
     model_dir = settings.triton.model_repository / name
     (model_dir / "1").mkdir(parents=True)
@@ -237,7 +239,7 @@ def test_triton_model_control_and_grpc_inference(settings, unique):
     )
     (model_dir / "1" / "model.py").write_text(MODEL_PY)
 
-    client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+    client = control_client(settings)  # model control needs the stack's key
     try:
         assert client.is_server_live()
         assert not client.is_model_ready(name)  # explicit mode: nothing loads by itself

@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 from ctrstream import features as F
 from ctrstream.bench.api import write_demo_model
 from ctrstream.features import historical_ctr
+from ctrstream.models.publish import control_client
 from ctrstream.serving.triton_client import AsyncScorer, Scorer, fallback_scores
 from ctrstream.stack.services import free_port
 
@@ -47,7 +47,7 @@ def _rows(n: int, seed: int = 0):
 def model(settings):
     name = "tc_demo_py"
     write_demo_model(settings.triton.model_repository, name, version=1, weights=W, bias=-1.0)
-    client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+    client = control_client(settings)  # model control needs the stack's key
     client.load_model(name)
     yield name, client
     try:
@@ -132,7 +132,7 @@ def test_a_slow_model_times_out_into_the_fallback(settings):
             "    def execute(self, requests):\n        import time\n        time.sleep(1.5)\n",
         )
     )
-    client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+    client = control_client(settings)  # model control needs the stack's key
     client.load_model(name)
     try:
         sparse, dense, counts = _rows(4)
