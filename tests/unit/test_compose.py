@@ -36,7 +36,7 @@ REQUIRED_JOBS = {"speed", "archive", "score", "calibrate", "serve", "replay"}
 # the secrets compose requires from the environment (no committed default), and test values
 SECRETS = {
     "CTRSTREAM_REDIS_PASSWORD": "test-redis-secret",
-    "CTRSTREAM_TRITON_ADMIN_KEY": "test-admin-key",
+    "CTRSTREAM_TRITON_CONTROL_KEY": "test-control-key",
 }
 # the one service published on every host interface
 PUBLIC_SERVICES = {"serve"}
@@ -184,8 +184,8 @@ def test_validator_rejects_broken_files(tmp_path):
     good = COMPOSE.read_text()
     broken = {
         "misspelled key": good.replace(
-            "    restart: unless-stopped\n    command:\n      - tritonserver",
-            "    restrat: unless-stopped\n    command:\n      - tritonserver",
+            "    restart: unless-stopped\n    # a shell starts tritonserver",
+            "    restrat: unless-stopped\n    # a shell starts tritonserver",
         ),
         "dangling depends_on": good.replace(
             "      kafka:\n        condition: service_healthy",
@@ -228,8 +228,8 @@ def test_infrastructure_services(compose):
     assert s["kafka"]["image"] == "apache/kafka:4.1.1"
     assert s["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", s["triton"]["image"])
-    cmd = s["triton"]["command"]
-    assert "--model-control-mode=explicit" in cmd
+    cmd = " ".join(s["triton"]["command"])
+    assert "--model-control-mode=explicit" in cmd.split()
     assert any(v.startswith("./triton_repo:") for v in s["triton"]["volumes"])
     devices = s["triton"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
@@ -332,7 +332,8 @@ def test_no_secret_has_a_committed_default():
     """Every secret compose reads is required (`${NAME:?message}`), no committed file holds a
     value for it, and the example env file leaves them empty."""
     text = COMPOSE.read_text()
-    refs = re.findall(r"\$\{([A-Z0-9_]+)(:?[-?+]?)", text)
+    # compose interpolations (`$${NAME}` is an escaped `$`: the container's shell expands it)
+    refs = re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)(:?[-?+]?)", text)
     secret = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY\b|KEY$")
     secrets = {name for name, _ in refs if secret.search(name)}
     assert secrets == set(SECRETS), secrets
@@ -365,23 +366,32 @@ def test_redis_requires_its_password_and_persists(compose):
     assert any(v.endswith(":/data") for v in compose["services"]["redis"]["volumes"])
 
 
-def test_triton_model_control_requires_the_admin_key(compose):
+def test_triton_model_control_requires_the_key_and_reloads_the_served_models(compose):
     s = compose["services"]
-    cmd = s["triton"]["command"]
-    key = "${CTRSTREAM_TRITON_ADMIN_KEY:?"
-    http = [c for c in cmd if c.startswith("--http-restricted-api=")]
-    grpc = [c for c in cmd if c.startswith("--grpc-restricted-protocol=")]
+    tri = s["triton"]
+    assert tri["entrypoint"] == ["/bin/sh", "-c"]
+    (script,) = tri["command"]
+    argv = shlex.split(script.replace("$$", "$"))
+    assert argv[:2] == ["exec", "tritonserver"]
+    key = "${CTRSTREAM_TRITON_CONTROL_KEY:?"
+    assert tri["environment"]["CTRSTREAM_TRITON_CONTROL_KEY"].startswith(key)
+    http = [c for c in argv if c.startswith("--http-restricted-api=")]
+    grpc = [c for c in argv if c.startswith("--grpc-restricted-protocol=")]
     for flags in (http, grpc):
-        assert len(flags) == 1 and flags[0].split("=", 1)[1].startswith(
-            "model-repository:triton-admin-key=" + key
-        ), flags
+        assert flags == [
+            flags[0].split("=", 1)[0]
+            + "=model-repository:ctrstream-control-key=${CTRSTREAM_TRITON_CONTROL_KEY}"
+        ], flags
+    # the served record is loaded at every start, and a model that fails does not stop it
+    assert "--model-control-mode=explicit" in argv and "--exit-on-error=false" in argv
+    assert "/models/served.json" in script and "--load-model=" in script
     holders = {
         name
         for name in _ctrstream_services(compose)
-        if "CTRSTREAM_TRITON__ADMIN_KEY" in s[name].get("environment", {})
+        if "CTRSTREAM_TRITON__CONTROL_KEY" in s[name].get("environment", {})
     }
-    assert holders == {"publish"}, f"only the publisher holds the admin key, not {holders}"
-    assert s["publish"]["environment"]["CTRSTREAM_TRITON__ADMIN_KEY"].startswith(key)
+    assert holders == {"publish"}, f"only the publisher holds the control key, not {holders}"
+    assert s["publish"]["environment"]["CTRSTREAM_TRITON__CONTROL_KEY"].startswith(key)
 
 
 def test_prometheus_scrapes_triton_and_every_job(compose):
