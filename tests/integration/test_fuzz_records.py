@@ -22,7 +22,6 @@ from confluent_kafka import Producer
 from test_speed_features import BASE, CTRSTREAM, job_env, scrape
 
 from ctrstream import events as E
-from ctrstream.config import RedisSettings
 from ctrstream.kafka.deadletters import read_dead_letters
 from ctrstream.kafka.heartbeats import HEARTBEAT_KEY, send_heartbeat
 from ctrstream.kafka.topics import read_topic
@@ -187,7 +186,7 @@ def partition_of(key: bytes | None, n: int, k: int) -> int:
 @pytest.fixture
 def fuzz_settings(fresh_topics):
     return fresh_topics.model_copy(
-        update={"redis": RedisSettings(port=fresh_topics.redis.port, db=3), "metrics_port": 0}
+        update={"redis": fresh_topics.redis.model_copy(update={"db": 3}), "metrics_port": 0}
     )
 
 
