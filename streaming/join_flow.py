@@ -59,6 +59,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
@@ -305,19 +306,8 @@ class _JoinPartition(StatefulSourcePartition):
         late = dup = 0
         for m in msgs:
             v = m.value()
-            try:
-                h = E.decode_impression(v)
-            except E.DecodeError as e:
-                if HB.is_control(m.key(), m.headers()):  # a heartbeat, genuine or not
-                    ht = self._heartbeat(m, self.ti, self.max_i, self.m_ctl_i)
-                    if ht is not None:
-                        self.max_i = ht
-                else:
-                    self._reject(m, e.reason, "decode")
-                continue
-            reason = E.key_error(m.key(), h) or E.partition_error(m.key(), self.p, self.n_parts)
-            if reason is not None:
-                self._reject(m, reason, "key")
+            h, self.max_i = self._admit(m, E.decode_impression, self.ti, self.max_i, self.m_ctl_i)
+            if h is None:
                 continue
             t = h.event_time_ms
             if self._future(m, t, self.max_i, 0):
@@ -347,19 +337,8 @@ class _JoinPartition(StatefulSourcePartition):
         late = dup = 0
         for m in msgs:
             v = m.value()
-            try:
-                h = E.decode_click(v)
-            except E.DecodeError as e:
-                if HB.is_control(m.key(), m.headers()):  # a heartbeat, genuine or not
-                    ht = self._heartbeat(m, self.tc, self.max_c, self.m_ctl_c)
-                    if ht is not None:
-                        self.max_c = ht
-                else:
-                    self._reject(m, e.reason, "decode")
-                continue
-            reason = E.key_error(m.key(), h) or E.partition_error(m.key(), self.p, self.n_parts)
-            if reason is not None:
-                self._reject(m, reason, "key")
+            h, self.max_c = self._admit(m, E.decode_click, self.tc, self.max_c, self.m_ctl_c)
+            if h is None:
                 continue
             t = h.event_time_ms
             if self._future(m, t, self.max_c, 1):
@@ -394,6 +373,24 @@ class _JoinPartition(StatefulSourcePartition):
             self.m_late_c.inc(late)
         if dup:
             self.m_dup_c.inc(dup)
+
+    def _admit(self, m, decode, topic: str, max_t: int, counters: dict) -> tuple[Any, int]:
+        """(the event record ``m`` holds or None, the max event time after it): an
+        undecodable record or one that breaks the key contract is dead-lettered, a control
+        record is checked as a heartbeat (a genuine one moves the max event time)."""
+        try:
+            ev = decode(m.value())
+        except E.DecodeError as e:
+            if HB.is_control(m.key(), m.headers()):  # a heartbeat, genuine or not
+                ht = self._heartbeat(m, topic, max_t, counters)
+                return None, max_t if ht is None else ht
+            self._reject(m, e.reason, "decode")
+            return None, max_t
+        reason = E.key_error(m.key(), ev) or E.partition_error(m.key(), self.p, self.n_parts)
+        if reason is not None:
+            self._reject(m, reason, "key")
+            return None, max_t
+        return ev, max_t
 
     def _heartbeat(self, m, topic: str, max_t: int, counters: dict) -> int | None:
         """The event time of control record ``m`` when it is a genuine heartbeat beyond

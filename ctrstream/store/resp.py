@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import hiredis
 import numpy as np
@@ -230,6 +230,28 @@ class Backoff:
 RetryHook = Callable[[int, BaseException, float], None]
 """Called before each wait of a retry: (failed attempts so far, the error, seconds to wait)."""
 
+T = TypeVar("T")
+
+
+def with_backoff(
+    attempt: Callable[[], T], backoff: Backoff | None, on_retry: RetryHook | None = None
+) -> T:
+    """``attempt()``, repeated after ``backoff``'s waits while Redis cannot be reached (a
+    refused, reset or timed-out connection, or a Redis still loading its data: every
+    ``OSError``); without a ``backoff`` the first error is raised."""
+    failed = 0
+    while True:
+        try:
+            return attempt()
+        except OSError as e:  # ConnectionError, TimeoutError, RedisLoadingError included
+            if backoff is None:
+                raise
+            failed += 1
+            wait = backoff.delay(failed)
+            if on_retry is not None:
+                on_retry(failed, e, wait)
+            time.sleep(wait)
+
 
 class BackgroundPipeline:
     """A :class:`RespPipeline` driven by its own thread, so that the caller computes the next
@@ -314,19 +336,11 @@ class BackgroundPipeline:
     def _execute(self, payload: bytes, n: int, one_line: bool) -> None:
         """Send one payload until Redis acknowledged it (retrying a lost connection when
         there is a ``backoff``)."""
-        failed = 0
-        while True:
-            try:
-                self.pipe.execute_raw(payload, n, one_line=one_line)
-                return
-            except OSError as e:  # ConnectionError, TimeoutError, RedisLoadingError included
-                if self.backoff is None:
-                    raise
-                failed += 1
-                wait = self.backoff.delay(failed)
-                if self.on_retry is not None:
-                    self.on_retry(failed, e, wait)
-                time.sleep(wait)
+        with_backoff(
+            lambda: self.pipe.execute_raw(payload, n, one_line=one_line),
+            self.backoff,
+            self.on_retry,
+        )
 
     def _run(self) -> None:
         while True:

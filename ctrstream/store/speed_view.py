@@ -31,7 +31,6 @@ instead. Why this shape and what it costs: docs/speed-layer.md.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -54,6 +53,7 @@ from ctrstream.store.resp import (
     layout,
     render,
     squeeze,
+    with_backoff,
 )
 from ctrstream.store.scan import gc_paused, read_hashes, scan_keys, text
 
@@ -433,23 +433,16 @@ class SpeedViewWriter:
         process's) that Redis holds; 0 when it holds none (or the marker expired, a hash TTL
         after that writer's last payload). On its own connection, retried like the writes
         while Redis cannot be reached."""
-        failed = 0
-        while True:
+
+        def read() -> int:
+            conn = RespSocket.from_settings(self.settings, timeout=5.0)
             try:
-                conn = RespSocket.from_settings(self.settings, timeout=5.0)
-                try:
-                    got = conn.call("GET", L.speed_writer_marker(marker))
-                finally:
-                    conn.close()
-                return int(got) if got is not None else 0
-            except OSError as e:  # refused, reset, timed out, still loading
-                if self.backoff is None:
-                    raise
-                failed += 1
-                wait = self.backoff.delay(failed)
-                if self.on_retry is not None:
-                    self.on_retry(failed, e, wait)
-                time.sleep(wait)
+                got = conn.call("GET", L.speed_writer_marker(marker))
+            finally:
+                conn.close()
+            return int(got) if got is not None else 0
+
+        return with_backoff(read, self.backoff, self.on_retry)
 
     def write(self, cells: Iterable[SpeedCells], done: Callable[[], None] | None = None) -> int:
         """Render ``cells`` and queue them; returns the number of commands queued (0: nothing

@@ -350,7 +350,7 @@ def test_no_secret_has_a_committed_default():
     }
     for name in SECRETS:
         assert example.get(name) == "", f"docker/env.example must leave {name} empty"
-    for path in [COMPOSE, *sorted((ROOT / "docker").iterdir())]:
+    for path in [COMPOSE, *sorted(p for p in (ROOT / "docker").rglob("*") if p.is_file())]:
         body = path.read_text()
         assert "ctrstream-dev" not in body, f"{path} holds the old default password"
         for name in SECRETS:
