@@ -137,6 +137,11 @@ class RedisSettings(BaseModel):
     # None: the local stack's, read from ``<run_dir>/redis.password`` when that file exists
     password: str | None = None
     db: int = 0
+    # the local stack's Redis keeps an append-only file (fsynced every second): a kill -9
+    # loses nothing it acknowledged. It costs the speed layer throughput and freshness under
+    # load (docs/hardening.md); without it a restart loses the data, which the features job
+    # detects, re-writes for its open buckets and reports for the closed ones (docs/faults.md)
+    appendonly: bool = True
 
     @property
     def url(self) -> str:

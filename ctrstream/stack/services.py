@@ -432,7 +432,7 @@ class RedisService(Service):
             "--save",
             "",
             "--appendonly",
-            "yes",
+            "yes" if r.appendonly else "no",
             "--appendfsync",
             "everysec",
             "--protected-mode",

@@ -78,3 +78,19 @@ def test_children_die_with_their_parent_killed_hard(tmp_path):
         if parent.poll() is None:
             os.killpg(parent.pid, signal.SIGKILL)
             parent.wait(10)
+
+
+def test_the_local_redis_keeps_an_append_only_file_unless_told_not_to(tmp_path, monkeypatch):
+    from ctrstream.stack import provision
+    from ctrstream.stack.services import RedisService
+
+    monkeypatch.setattr(provision, "redis_server", lambda: "redis-server")
+
+    def aof(**env: str) -> tuple[str, str]:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        argv, _ = RedisService(Settings(run_dir=tmp_path)).command()
+        return argv[argv.index("--appendonly") + 1], argv[argv.index("--appendfsync") + 1]
+
+    assert aof() == ("yes", "everysec")
+    assert aof(CTRSTREAM_REDIS__APPENDONLY="false") == ("no", "everysec")
