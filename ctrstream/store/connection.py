@@ -60,18 +60,27 @@ def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
     return hiredis.pack_command(tuple(args))
 
 
-def redis_client(settings: Settings, asyncio: bool = False, timeout_s: float = 1.0) -> Any:
-    """A redis-py client for ``settings.redis`` with socket timeouts (sync or asyncio)."""
+def redis_client(
+    settings: Settings,
+    asyncio: bool = False,
+    timeout_s: float = 1.0,
+    connect_timeout_s: float | None = None,
+) -> Any:
+    """A redis-py client for ``settings.redis`` (sync or asyncio).
+
+    ``timeout_s`` bounds each reply; ``connect_timeout_s`` (default: the same) bounds opening
+    a connection, which on a loaded machine can take longer than a short reply deadline."""
+    connect = timeout_s if connect_timeout_s is None else connect_timeout_s
     if asyncio:
         import redis.asyncio as aredis
 
         return aredis.Redis.from_url(
-            settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=connect
         )
     import redis
 
     return redis.Redis.from_url(
-        settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=connect
     )
 
 

@@ -311,7 +311,7 @@ def test_async_assembly_degrades_to_the_prior_when_redis_is_down(settings, world
     )
 
     async def go(s):
-        client = redis_client(s, asyncio=True, timeout_s=0.5)
+        client = redis_client(s, asyncio=True, timeout_s=2.0, connect_timeout_s=10.0)
         try:
             return await assemble_async(
                 AsyncFeatureStore(client), request_columns(user, ctx, cands, T), T

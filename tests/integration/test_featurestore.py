@@ -311,7 +311,8 @@ def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, setti
         _hset_speed(r, "ad", eid, {(res.name, "i", b): 10 + k, (res.name, "c", b): k})
 
     async def go():
-        client = redis_client(settings, asyncio=True, timeout_s=0.3)
+        # a short reply deadline; opening a connection may take longer on a loaded machine
+        client = redis_client(settings, asyncio=True, timeout_s=2.0, connect_timeout_s=10.0)
         store = AsyncFeatureStore(client)
         assert isinstance(store.script, AsyncScript)
         try:
