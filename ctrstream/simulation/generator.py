@@ -291,40 +291,174 @@ def _click_delays_ms(sc: Scenario, rng: np.random.Generator, n: int) -> np.ndarr
     return np.maximum(1, np.round(d * 1000.0)).astype(np.int64)
 
 
-def _heat(
-    sc: Scenario, rng: np.random.Generator, ad: np.ndarray, t: np.ndarray
-) -> tuple[np.ndarray, int]:
-    """Whether each impression's ad is in a hidden trending episode at its time."""
+def _heat_episodes(sc: Scenario, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """The hidden trending episodes of the scenario's span: ``(ad, start, end)`` with times as
+    offsets from ``sc.start_ms`` (starts in ``[-lead, span)``, lead = 2 median durations)."""
     n_ads, span = sc.n_ads, sc.span_ms
     med = sc.heat_duration_median_s * 1000.0
     mean_dur = med * np.exp(0.5 * 0.5**2)
     lead = 2 * med
     expected = sc.heat_fraction * n_ads * (span + lead) / mean_dur
-    k = int(rng.poisson(expected)) if sc.heat_fraction > 0 and sc.heat_logit != 0 else 0
+    k = int(rng.poisson(expected)) if _heat_on(sc) else 0
     if k == 0:
-        return np.zeros(len(ad), dtype=bool), 0
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
     ep_ad = rng.integers(0, n_ads, k)
     ep_start = (rng.random(k) * (span + lead) - lead).astype(np.int64)
     ep_end = ep_start + (med * np.exp(0.5 * rng.standard_normal(k))).astype(np.int64)
-    off = np.int64(lead + 1)
-    stride = np.int64(span + lead + 2)
+    return ep_ad, ep_start, ep_end
+
+
+def _heat_on(sc: Scenario) -> bool:
+    return sc.heat_fraction > 0 and sc.heat_logit != 0
+
+
+def _heat_rate_per_ms(sc: Scenario) -> float:
+    """Expected episode starts per ms of event time (``heat_fraction`` of the ads hot at once)."""
+    med = sc.heat_duration_median_s * 1000.0
+    mean_dur = med * np.exp(0.5 * 0.5**2)
+    return sc.heat_fraction * sc.n_ads / mean_dur
+
+
+def _hot(
+    ep_ad: np.ndarray, ep_start: np.ndarray, ep_end: np.ndarray, ad: np.ndarray, t: np.ndarray
+) -> np.ndarray:
+    """Whether each (ad, time) is in a trending episode: the ad's latest episode that started at
+    or before ``t`` has not ended (``t < end``). Times on any common scale."""
+    if len(ep_ad) == 0 or len(ad) == 0:
+        return np.zeros(len(ad), dtype=bool)
+    lo = min(int(ep_start.min()), int(t.min()))
+    off = np.int64(1 - lo)
+    stride = np.int64(max(int(ep_start.max()), int(t.max())) - lo + 2)
     ep_key = ep_ad.astype(np.int64) * stride + (ep_start + off)
     o = np.argsort(ep_key, kind="stable")
     ep_key, ep_ad, ep_end = ep_key[o], ep_ad[o], ep_end[o]
     imp_key = ad.astype(np.int64) * stride + (t + off)
     j = np.searchsorted(ep_key, imp_key, side="right") - 1
     jj = np.maximum(j, 0)
-    hot = (j >= 0) & (ep_ad[jj] == ad) & (t < ep_end[jj])
-    return hot, k
+    return (j >= 0) & (ep_ad[jj] == ad) & (t < ep_end[jj])
 
 
-# --------------------------------------------------------------------------- generation
+def _hour_term(sc: Scenario, abs_t: np.ndarray) -> np.ndarray:
+    hour = (abs_t // 3_600_000) % 24
+    return sc.hour_amplitude * np.cos(2 * np.pi * (hour - 21) / 24.0)
 
 
-def generate(scenario: Scenario) -> Traffic:
-    """Generate the traffic of a scenario (deterministic per scenario, seed included)."""
-    sc = scenario.validate()
-    rng = np.random.default_rng([sc.seed, 0xC7])
+def _interest_match(mk: _Market, user: np.ndarray, category: np.ndarray) -> np.ndarray:
+    return (mk.user_interest[user, 0] == category) | (mk.user_interest[user, 1] == category)
+
+
+def _site_category(mk: _Market, site: np.ndarray, category: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", mk.site_latent[site], mk.cat_latent[category])
+
+
+def _fatigue_term(sc: Scenario, n_user_ad: np.ndarray, n_user_adv: np.ndarray) -> np.ndarray:
+    return sc.fatigue_ad * np.log1p(n_user_ad) + sc.fatigue_advertiser * np.log1p(n_user_adv)
+
+
+def _base_logit(
+    sc: Scenario,
+    mk: _Market,
+    *,
+    user: np.ndarray,
+    ad: np.ndarray,
+    site: np.ndarray,
+    position: np.ndarray,
+    device: np.ndarray,
+    country: np.ndarray,
+    category: np.ndarray,
+    abs_t: np.ndarray,
+    hot: np.ndarray,
+    n_user_ad: np.ndarray,
+    n_user_adv: np.ndarray,
+) -> np.ndarray:
+    """The hidden logit without the intercept, drift and trend: main effects (user, ad, site,
+    position, device, country, hour), user interest x ad category, site x category, heat and
+    fatigue. The one formula of the truth: the open-loop generator and the closed-loop world
+    (:mod:`ctrstream.simulation.world`) both call it."""
+    x = (
+        mk.user_eff[user]
+        + mk.ad_eff[ad]
+        + mk.site_eff[site]
+        + np.asarray(sc.position_logit)[position]
+        + DEVICE_LOGIT[device]
+        + mk.country_eff[country]
+        + _hour_term(sc, abs_t)
+    )
+    x += sc.interest_logit * _interest_match(mk, user, category)
+    x += _site_category(mk, site, category)
+    x += sc.heat_logit * hot
+    x -= _fatigue_term(sc, n_user_ad, n_user_adv)
+    return x
+
+
+def _drift_mask(
+    campaign: np.ndarray, abs_t: np.ndarray, drift_campaign: int | None, drift_time: int | None
+) -> np.ndarray:
+    """Where the drift term (``+ drift_logit``) applies: the drifting campaign from its time on."""
+    if drift_campaign is None or drift_time is None:
+        return np.zeros(len(campaign), dtype=bool)
+    return (campaign == drift_campaign) & (abs_t >= drift_time)
+
+
+def _trend_term(
+    strength: float,
+    prior: np.ndarray,
+    win_c: np.ndarray,
+    win_i: np.ndarray,
+    cum_c: np.ndarray,
+    cum_i: np.ndarray,
+) -> np.ndarray:
+    """``strength * clip(log(recent CTR / long-run CTR), -1, 1)`` from the ad's clicks and
+    impressions in the trend window / since the start (arrays gathered per impression), both
+    rates smoothed towards the ad's ``prior`` CTR."""
+    recent = (win_c + _TREND_PRIOR_RECENT * prior) / (win_i + _TREND_PRIOR_RECENT)
+    long_run = (cum_c + _TREND_PRIOR_LONG * prior) / (cum_i + _TREND_PRIOR_LONG)
+    return strength * np.clip(np.log(recent / long_run), -1.0, 1.0)
+
+
+def _ad_prior(n_ads: int, ad: np.ndarray, base_p: np.ndarray, ad_eff: np.ndarray, b0: float):
+    """Each ad's expected CTR without the trend term (its mean true p over the traffic; for an
+    ad without impressions, ``sigmoid(b0 + ad effect)``): what the trend's rates shrink to."""
+    n_per_ad = np.bincount(ad, minlength=n_ads)
+    return np.where(
+        n_per_ad > 0,
+        np.bincount(ad, weights=base_p, minlength=n_ads) / np.maximum(n_per_ad, 1),
+        _sigmoid(b0 + ad_eff),
+    )
+
+
+@dataclass
+class _OpenLoop:
+    """The open-loop traffic's draws and hidden logit, before its clicks are simulated."""
+
+    mk: _Market
+    t: np.ndarray  # offsets from start, sorted
+    abs_t: np.ndarray
+    user: np.ndarray
+    site: np.ndarray
+    position: np.ndarray
+    device: np.ndarray
+    country: np.ndarray
+    ad: np.ndarray
+    campaign: np.ndarray
+    advertiser: np.ndarray
+    category: np.ndarray
+    episodes: tuple[np.ndarray, ...]  # heat episodes (ad, start, end), offsets from start
+    hot: np.ndarray
+    match: np.ndarray
+    n_user_ad: np.ndarray
+    n_user_adv: np.ndarray
+    intercept: float
+    logit: np.ndarray  # intercept and drift included, trend not
+    drift_campaign: int | None
+    drift_time: int | None
+
+
+def _open_loop(sc: Scenario, rng: np.random.Generator) -> _OpenLoop:
+    """Draw the market and the impressions and compute their hidden logit (the rng stream of
+    :func:`generate` up to the clicks; :class:`ctrstream.simulation.world.World` replays it to
+    share the market, the heat episodes, the intercept and the drifting campaign)."""
     mk = _market(sc, rng)
     n = sc.events
     span = sc.span_ms
@@ -347,27 +481,28 @@ def generate(scenario: Scenario) -> Traffic:
     advertiser = mk.campaign_advertiser[campaign]
     category = mk.ad_category[ad]
     abs_t = t + sc.start_ms
-    hour = (abs_t // 3_600_000) % 24
 
     # ---- the hidden logit
-    x = (
-        mk.user_eff[user]
-        + mk.ad_eff[ad]
-        + mk.site_eff[site]
-        + np.asarray(sc.position_logit)[position]
-        + DEVICE_LOGIT[device]
-        + mk.country_eff[country]
-        + sc.hour_amplitude * np.cos(2 * np.pi * (hour - 21) / 24.0)
-    )
-    match = (mk.user_interest[user, 0] == category) | (mk.user_interest[user, 1] == category)
-    x += sc.interest_logit * match
-    x += np.einsum("ij,ij->i", mk.site_latent[site], mk.cat_latent[category])
-    hot, n_episodes = _heat(sc, rng, ad, t)
-    x += sc.heat_logit * hot
+    episodes = _heat_episodes(sc, rng)
+    hot = _hot(*episodes, ad, t)
     fw = int(sc.fatigue_window_s * 1000)
     n_user_ad = _recent_counts(user.astype(np.int64) * sc.n_ads + ad, t, fw, span)
     n_user_adv = _recent_counts(user.astype(np.int64) * sc.n_advertisers + advertiser, t, fw, span)
-    x -= sc.fatigue_ad * np.log1p(n_user_ad) + sc.fatigue_advertiser * np.log1p(n_user_adv)
+    x = _base_logit(
+        sc,
+        mk,
+        user=user,
+        ad=ad,
+        site=site,
+        position=position,
+        device=device,
+        country=country,
+        category=category,
+        abs_t=abs_t,
+        hot=hot,
+        n_user_ad=n_user_ad,
+        n_user_adv=n_user_adv,
+    )
     b0 = _solve_intercept(x, sc.base_ctr)
     logit = x + b0
 
@@ -379,7 +514,46 @@ def generate(scenario: Scenario) -> Traffic:
             else int(np.argmax(np.bincount(campaign, minlength=sc.n_campaigns)))
         )
         drift_time = int(sc.start_ms + round(sc.drift_at * span))
-        logit += sc.drift_logit * ((campaign == drift_campaign) & (abs_t >= drift_time))
+        logit += sc.drift_logit * _drift_mask(campaign, abs_t, drift_campaign, drift_time)
+    return _OpenLoop(
+        mk=mk,
+        t=t,
+        abs_t=abs_t,
+        user=user,
+        site=site,
+        position=position,
+        device=device,
+        country=country,
+        ad=ad,
+        campaign=campaign,
+        advertiser=advertiser,
+        category=category,
+        episodes=episodes,
+        hot=hot,
+        match=_interest_match(mk, user, category),
+        n_user_ad=n_user_ad,
+        n_user_adv=n_user_adv,
+        intercept=b0,
+        logit=logit,
+        drift_campaign=drift_campaign,
+        drift_time=drift_time,
+    )
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate(scenario: Scenario) -> Traffic:
+    """Generate the traffic of a scenario (deterministic per scenario, seed included)."""
+    sc = scenario.validate()
+    rng = np.random.default_rng([sc.seed, 0xC7])
+    ol = _open_loop(sc, rng)
+    mk, n, t, abs_t, ad = ol.mk, sc.events, ol.t, ol.abs_t, ol.ad
+    user, site, position, device, country = ol.user, ol.site, ol.position, ol.device, ol.country
+    campaign, advertiser, category = ol.campaign, ol.advertiser, ol.category
+    hot, match, n_user_ad, n_user_adv = ol.hot, ol.match, ol.n_user_ad, ol.n_user_adv
+    b0, logit, n_episodes = ol.intercept, ol.logit, len(ol.episodes[0])
+    drift_campaign, drift_time = ol.drift_campaign, ol.drift_time
 
     # ---- clicks, minute by minute (the trending term depends on earlier clicks)
     u_click = rng.random(n)
@@ -458,10 +632,8 @@ def generate(scenario: Scenario) -> Traffic:
         site=mk.site_eff[site],
         heat=sc.heat_logit * hot,
         interest=sc.interest_logit * match.astype(np.float64),
-        site_category=np.einsum("ij,ij->i", mk.site_latent[site], mk.cat_latent[category]),
-        fatigue=-(
-            sc.fatigue_ad * np.log1p(n_user_ad) + sc.fatigue_advertiser * np.log1p(n_user_adv)
-        ),
+        site_category=_site_category(mk, site, category),
+        fatigue=-_fatigue_term(sc, n_user_ad, n_user_adv),
         trend=trend,
     )
     return tr
@@ -474,13 +646,7 @@ def _simulate_clicks(sc: Scenario, mk: _Market, ad, t, logit, u_click, delay, b0
     bounds = np.searchsorted(minute, np.arange(n_min + 1))
     click_minute = (t + delay) // MINUTE_MS
     # the ad's expected CTR without the trend term: both rates are smoothed towards it
-    base_p = _sigmoid(logit)
-    n_per_ad = np.bincount(ad, minlength=n_ads)
-    prior = np.where(
-        n_per_ad > 0,
-        np.bincount(ad, weights=base_p, minlength=n_ads) / np.maximum(n_per_ad, 1),
-        _sigmoid(b0 + mk.ad_eff),
-    )
+    prior = _ad_prior(n_ads, ad, _sigmoid(logit), mk.ad_eff, b0)
     win = max(1, int(round(sc.trend_window_s / 60.0)))
     win_i = np.zeros(n_ads)
     win_c = np.zeros(n_ads)
@@ -510,10 +676,7 @@ def _simulate_clicks(sc: Scenario, mk: _Market, ad, t, logit, u_click, delay, b0
             continue
         a = ad[lo:hi]
         if strength != 0:
-            m = prior[a]
-            recent = (win_c[a] + _TREND_PRIOR_RECENT * m) / (win_i[a] + _TREND_PRIOR_RECENT)
-            long_run = (cum_c[a] + _TREND_PRIOR_LONG * m) / (cum_i[a] + _TREND_PRIOR_LONG)
-            trend = strength * np.clip(np.log(recent / long_run), -1.0, 1.0)
+            trend = _trend_term(strength, prior[a], win_c[a], win_i[a], cum_c[a], cum_i[a])
             pk = _sigmoid(logit[lo:hi] + trend)
         else:
             pk = _sigmoid(logit[lo:hi])
