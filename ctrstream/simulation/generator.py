@@ -291,7 +291,9 @@ def _click_delays_ms(sc: Scenario, rng: np.random.Generator, n: int) -> np.ndarr
     return np.maximum(1, np.round(d * 1000.0)).astype(np.int64)
 
 
-def _heat_episodes(sc: Scenario, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+def _heat_episodes(
+    sc: Scenario, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The hidden trending episodes of the scenario's span: ``(ad, start, end)`` with times as
     offsets from ``sc.start_ms`` (starts in ``[-lead, span)``, lead = 2 median durations)."""
     n_ads, span = sc.n_ads, sc.span_ms
@@ -444,7 +446,9 @@ class _OpenLoop:
     campaign: np.ndarray
     advertiser: np.ndarray
     category: np.ndarray
-    episodes: tuple[np.ndarray, ...]  # heat episodes (ad, start, end), offsets from start
+    episodes: tuple[
+        np.ndarray, np.ndarray, np.ndarray
+    ]  # heat episodes (ad, start, end), offsets from start
     hot: np.ndarray
     match: np.ndarray
     n_user_ad: np.ndarray

@@ -124,6 +124,29 @@ class Scenario:
     drift_campaign: int | None = None  # None = the campaign with the most impressions
     drift_at: float = 0.5  # fraction of the event-time span
 
+    # --- the closed loop (ctrstream.simulation.world): ad requests and what an auction needs
+    # (the open-loop generator ignores these; its traffic does not change with them)
+    max_slots: int = 3  # ad slots per request at most (slot i has position_logit[i])
+    slot_count_weights: tuple[float, ...] = (0.2, 0.3, 0.5)  # P(a request has 1..max_slots)
+    candidates_per_request: int = 20  # eligible ads per request, distinct ("tens to a hundred")
+    bid_median: float = 1.0  # a campaign's bid per click (log-normal, currency units)
+    bid_sigma: float = 0.5
+    reserve_cpc: float = 0.05  # the auction's reserve: bid per click at least this
+    reserve_ecpm: float = 1.0  # ... and bid * pCTR0 * 1000 at least this
+    # targeting: a share of campaigns target only some countries / devices (drawn by traffic
+    # weight); a request's candidates are the ads whose campaign targets its country and device
+    country_targeting_share: float = 0.25
+    targeted_countries: int = 3
+    device_targeting_share: float = 0.15
+    targeted_devices: int = 2
+    # new ads: new_ad_fraction of the ads enter the market during the closed loop (uniformly
+    # over [start - new_ad_window_s, start + hours)); an ad is new for new_ad_window_s after
+    # it enters (the open-loop generator shows every ad at any time), and
+    # new_ad_share of each request's candidates are drawn from the ads new at its time
+    new_ad_fraction: float = 0.05
+    new_ad_share: float = 0.1
+    new_ad_window_s: float = 3600.0
+
     # --- dirty data (rates are fractions of the clean events) ------------------------------
     duplicate_rate: float = 0.0
     out_of_order_rate: float = 0.0
@@ -174,9 +197,43 @@ class Scenario:
             problems.append("out_of_order_max_s must be below allowed_lateness_s")
         if not 0 < self.drift_at < 1:
             problems.append("drift_at must be in (0, 1)")
+        problems += self._closed_loop_problems()
         if problems:
             raise ValueError(f"invalid scenario {self.name!r}: " + "; ".join(problems))
         return self
+
+    def _closed_loop_problems(self) -> list[str]:
+        problems = []
+        if not 1 <= self.max_slots <= len(self.position_logit):
+            problems.append(
+                f"max_slots {self.max_slots} must be in [1, len(position_logit) = "
+                f"{len(self.position_logit)}]"
+            )
+        w = self.slot_count_weights
+        if len(w) != self.max_slots or min(w, default=-1) < 0 or sum(w) <= 0:
+            problems.append(
+                f"slot_count_weights must be max_slots ({self.max_slots}) non-negative weights "
+                f"with a positive sum (got {list(w)})"
+            )
+        if not 1 <= self.candidates_per_request <= self.n_ads:
+            problems.append("candidates_per_request must be in [1, n_ads]")
+        if self.bid_median <= 0 or self.bid_sigma < 0:
+            problems.append("bid_median must be > 0 and bid_sigma >= 0")
+        if self.reserve_cpc < 0 or self.reserve_ecpm < 0:
+            problems.append("reserve_cpc and reserve_ecpm must be >= 0")
+        for f in (
+            "country_targeting_share",
+            "device_targeting_share",
+            "new_ad_fraction",
+            "new_ad_share",
+        ):
+            if not 0 <= getattr(self, f) <= 1:
+                problems.append(f"{f} must be in [0, 1]")
+        if self.targeted_countries < 1 or self.targeted_devices < 1:
+            problems.append("targeted_countries and targeted_devices must be >= 1")
+        if self.new_ad_window_s <= 0:
+            problems.append("new_ad_window_s must be > 0")
+        return problems
 
 
 _DIRTY = dict(
@@ -196,7 +253,7 @@ def _build(d: dict) -> Scenario:
     if unknown:
         raise ValueError(f"unknown scenario field(s) {unknown}; known: {sorted(names)}")
     d = dict(d)
-    for k in ("position_weights", "position_logit"):
+    for k in ("position_weights", "position_logit", "slot_count_weights"):
         if k in d and d[k] is not None:
             d[k] = tuple(float(x) for x in d[k])
     return Scenario(**d).validate()
