@@ -278,6 +278,10 @@ class _TrendState:
             return
         o = np.argsort(minute, kind="stable")
         m, a = minute[o], ad[o].astype(np.int64)
+        done = m < self.closed  # a late call for minutes already folded: into the totals too
+        if done.any():
+            cum = self.cum_i if book is self.imp else self.cum_c
+            cum += np.bincount(a[done], minlength=self.n_ads)
         starts = np.flatnonzero(np.concatenate(([True], m[1:] != m[:-1])))
         for s, e in zip(starts.tolist(), np.append(starts[1:], len(m)).tolist()):
             book.setdefault(int(m[s]), []).append(a[s:e])

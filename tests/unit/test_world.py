@@ -382,3 +382,18 @@ def test_the_trend_term_counts_what_the_closed_loop_showed_and_clicked():
     np.testing.assert_allclose(
         w.true_p(b, ci, 0), 1 / (1 + np.exp(-(logit_wo_trend + trend))), rtol=1e-9
     )
+
+
+def test_a_late_show_still_counts_in_the_trend_totals(steady):
+    start = steady.start_ms + 10 * MIN
+    w1, w2 = World(steady, start), World(steady, start)
+    b1 = w1.requests(start, start + MIN)
+    b2 = w1.requests(start + MIN, start + 3 * MIN)
+    w2.requests(start, start + MIN), w2.requests(start + MIN, start + 3 * MIN)
+    w1.show(b1, _first_slots(b1))
+    w1.show(b2, _first_slots(b2))
+    w2.show(b2, _first_slots(b2))  # out of event-time order
+    w2.show(b1, _first_slots(b1))
+    s1, s2 = w1.state(), w2.state()
+    assert s1["trend_cum_i"].sum() == s2["trend_cum_i"].sum() > 0
+    np.testing.assert_array_equal(s1["trend_cum_i"], s2["trend_cum_i"])
