@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 
 from ctrstream.simulation.generator import (
     COUNTRIES,
@@ -535,8 +536,6 @@ class World:
         self._fat_adv.add(user[recent] * self.scenario.n_advertisers + adv[recent], t[recent])
         clicks = history.clicks
         if clicks.num_rows:
-            import pyarrow.compute as pc
-
             ids = imps.column("impression_id").filter(keep)
             shown = pc.is_in(clicks.column("impression_id"), value_set=ids.combine_chunks())
             ct = clicks.column("event_time_ms").to_numpy()
