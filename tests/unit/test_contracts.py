@@ -80,6 +80,10 @@ def test_the_speed_layers_batch_codec_accepts_a_newer_producers_record():
     values = [E.encode(V1), _newer_producer_record(placement="feed")]
     rows, ids, ok, errors = Codec("impressions").decode(values, [b"imp-1", b"imp-1"])
     assert errors == [] and ok.tolist() == [0, 1] and ids == ["imp-1", "imp-1"]
+    # and the closed loop's impressions (request id, arm, price set): the same counted row
+    closed = msgspec.structs.replace(V1, request_id="q-1", arm="lr", price=0.3)
+    rows2, _, ok2, errors2 = Codec("impressions").decode([E.encode(closed)], [b"imp-1"])
+    assert errors2 == [] and ok2.tolist() == [0] and rows2.tolist() == rows[:1].tolist()
 
 
 class ImpressionNext(msgspec.Struct, frozen=True):
