@@ -233,6 +233,8 @@ def read_served(settings: Settings) -> dict:
         doc = json.loads(settings.triton.served_record.read_text())
     except FileNotFoundError:
         return {"models": {}, "pins": {}}
+    except ValueError:
+        doc = None
     if (
         not isinstance(doc, dict)
         or not isinstance(doc.get("models"), dict)
