@@ -37,8 +37,13 @@ MAX_EVENT_TIME_MS = 253_402_300_800_000
 DeviceType = Literal["mobile", "desktop", "tablet", "ctv"]
 
 
-class Impression(msgspec.Struct, frozen=True):
-    """One ad shown to one user (the unit of prediction)."""
+class Impression(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One ad shown to one user (the unit of prediction).
+
+    The last three fields are optional (the forward-compatibility rule: same
+    ``schema_version``) and written only when set (``omit_defaults``): the closed loop's ad
+    server fills them; the open-loop generator leaves them at their defaults, so its records
+    are the bytes they always were."""
 
     schema_version: int
     impression_id: str
@@ -52,6 +57,9 @@ class Impression(msgspec.Struct, frozen=True):
     device_type: DeviceType
     country: str
     position: int  # ad slot position on the page, 0 = top
+    request_id: str = ""  # the ad request that showed it ("" : open-loop traffic)
+    arm: str = ""  # the experiment arm that decided it ("" : none)
+    price: float = 0.0  # what the advertiser pays if it is clicked (cost per click)
 
 
 class Click(msgspec.Struct, frozen=True):
@@ -77,13 +85,20 @@ class Labeled(msgspec.Struct, frozen=True):
     click_delay_ms: int | None  # None when not clicked
 
 
-class Prediction(msgspec.Struct, frozen=True):
+class Prediction(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One model's score of one impression. ``model_name`` (the published base name, e.g.
+    ``ctr_lr``) and ``arm`` are optional (same ``schema_version``, written only when set): a
+    prediction without a model name is calibrated under its version alone, as records written
+    before the name existed are."""
+
     impression_id: str
     event_time_ms: int
     model_version: str
     raw_score: float
     calibrated_score: float
     degraded: bool
+    model_name: str = ""  # the published base name of the model that scored it
+    arm: str = ""  # the experiment arm it was scored for ("" : none)
 
 
 class DeadLetter(msgspec.Struct, frozen=True):

@@ -23,7 +23,15 @@ The switch (Triton in explicit model-control mode), for the served flavour:
 2. verify: ``new`` (pinned) answers probe inputs with the scores of in-process ONNX Runtime
    on the same file (max abs diff <= 1e-5); on failure the old config is restored and
    reloaded, the new version's files are removed, and ``PublishError`` is raised;
-3. config with ``versions: [new]``, load again: the old versions are unloaded.
+3. config with ``versions: [new, pinned...]``, load again: the old versions are unloaded,
+   except the **pinned** ones.
+
+Pins keep versions served side by side (an experiment's arms each ask their own version):
+``pin_versions(settings, base, versions, owner)`` records, in the served record, that
+``owner`` (an experiment name) needs those versions of ``base``, and loads them if they are
+not loaded; every later publish keeps them loaded; ``unpin(settings, owner)`` drops the
+owner's pins, and the next publish unloads the versions nobody pins any more. Pinned
+version directories are never pruned.
 
 No request fails during the switch: Triton keeps a loaded version serving until its
 replacement is ready, and it unloads a version only after its in-flight requests finish.
@@ -31,7 +39,11 @@ replacement is ready, and it unloads a version only after its in-flight requests
 Model control needs the control key (``ctrstream.config.triton_control_key``): the publisher
 is its one holder and sends it with every load and unload. After a switch the publisher
 records the served versions in ``settings.triton.served_record``; whatever starts Triton
-loads the models listed there, so a restarted Triton serves them again by itself.
+loads the models listed there, so a restarted Triton serves them again by itself - the pinned
+versions with the newest, since the config's ``version_policy`` lists them all. The record::
+
+    {"models": {"ctr_lr_py": {"base_name": "ctr_lr", "versions": [1, 3], ...}},
+     "pins": {"ctr_lr_py": {"exp-demo": [1]}}}
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,6 +75,11 @@ class PublishError(RuntimeError):
 def served_model_name(settings: Settings, base: str) -> str:
     """The Triton model name this deployment serves for ``base`` (see module doc)."""
     return base if settings.triton.backend == "onnxruntime" else base + PY_SUFFIX
+
+
+def base_model_name(name: str) -> str:
+    """The base name of a Triton model name of either flavour (``ctr_lr_py`` -> ``ctr_lr``)."""
+    return name.removesuffix(PY_SUFFIX)
 
 
 def _onnx_io(onnx_path: Path) -> tuple[int, int]:
@@ -209,32 +227,175 @@ def _client(settings: Settings):
 
 
 def read_served(settings: Settings) -> dict:
-    """The served record (``{"models": {name: {...}}}``; empty when there is none)."""
+    """The served record (``{"models": {name: {...}}, "pins": {name: {owner: [v, ...]}}}``;
+    empty when there is none)."""
     try:
         doc = json.loads(settings.triton.served_record.read_text())
     except FileNotFoundError:
-        return {"models": {}}
-    if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
+        return {"models": {}, "pins": {}}
+    except ValueError:
+        doc = None
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("models"), dict)
+        or not isinstance(doc.setdefault("pins", {}), dict)
+        or not all(
+            isinstance(owners, dict)
+            and all(
+                isinstance(vs, list) and all(isinstance(v, int) for v in vs)
+                for vs in owners.values()
+            )
+            for owners in doc["pins"].values()
+        )
+    ):
         raise PublishError(
             f"{settings.triton.served_record} is not a served record "
-            '({"models": {...}}): remove it and publish again'
+            '({"models": {...}, "pins": {model: {owner: [versions]}}}): remove it and '
+            "publish again"
         )
     return doc
 
 
-def record_served(settings: Settings, name: str, base_name: str, versions: list[int]) -> None:
-    """Record that ``name`` serves ``versions`` (atomic replace: a Triton that starts at any
-    moment reads the previous record or this one)."""
-    doc = read_served(settings)
-    doc["models"][name] = {
-        "base_name": base_name,
-        "versions": sorted(versions),
-        "recorded_at_ms": int(time.time() * 1000),
-    }
+@contextmanager
+def _record_lock(settings: Settings) -> Iterator[None]:
+    """Serializes the read-modify-write of the served record (publishes of different models
+    and pins each rewrite it)."""
+    path = settings.triton.served_record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name("." + path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write_record(settings: Settings, doc: dict) -> None:
+    """Atomic replace: a Triton that starts at any moment reads the previous record or this."""
     path = settings.triton.served_record
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def record_served(settings: Settings, name: str, base_name: str, versions: list[int]) -> None:
+    """Record that ``name`` serves ``versions`` (the pins are kept as they are)."""
+    with _record_lock(settings):
+        doc = read_served(settings)
+        doc["models"][name] = {
+            "base_name": base_name,
+            "versions": sorted(versions),
+            "recorded_at_ms": int(time.time() * 1000),
+        }
+        _write_record(settings, doc)
+
+
+def pinned_versions(settings: Settings, name: str) -> dict[str, list[int]]:
+    """Owner -> the versions of served model ``name`` it pins (empty: none)."""
+    pins: dict[str, list[int]] = read_served(settings)["pins"].get(name, {})
+    return {owner: sorted(vs) for owner, vs in pins.items()}
+
+
+def _all_pinned(settings: Settings, name: str) -> list[int]:
+    return sorted({v for vs in pinned_versions(settings, name).values() for v in vs})
+
+
+def pin_versions(
+    settings: Settings,
+    base: str,
+    versions: Iterable[int],
+    owner: str,
+    *,
+    load: bool = True,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Pin ``versions`` of ``base`` for ``owner`` (an experiment name): publishing keeps them
+    loaded until ``unpin(settings, owner)``. Replaces the owner's earlier pins of ``base``.
+    With ``load``, a pinned version that Triton does not serve yet is loaded now (next to
+    the served ones), and the served record lists it, so a restarted Triton loads it too.
+
+    Raises :class:`PublishError` when a version is not in the model repository (pruned, or
+    never published) or Triton refuses to load it. Returns ``{"model_name", "pinned",
+    "loaded"}`` (served name, the owner's pins, the ready versions after)."""
+    want = sorted({int(v) for v in versions})
+    if not owner or not re.fullmatch(r"[A-Za-z0-9_.@:\-]+", owner):
+        raise PublishError(f"bad pin owner {owner!r} (letters, digits and _ . @ : - only)")
+    if not want or want[0] < 1:
+        raise PublishError(f"pin which versions? got {list(versions)!r} (numbers >= 1)")
+    repo = Path(settings.triton.model_repository)
+    served = served_model_name(settings, base)
+    with _repo_lock(repo, base):
+        missing = sorted(set(want) - set(versions_on_disk(repo / served)))
+        if missing:
+            raise PublishError(
+                f"cannot pin {served} v{missing}: not in the model repository {repo / served} "
+                f"(it has {versions_on_disk(repo / served)}); publish it first"
+            )
+        with _record_lock(settings):
+            doc = read_served(settings)
+            doc["pins"].setdefault(served, {})[owner] = want
+            _write_record(settings, doc)
+        loaded = _serve_pinned(settings, base, served, load, log)
+    return dict(model_name=served, pinned=want, loaded=loaded)
+
+
+def _serve_pinned(
+    settings: Settings, base: str, served: str, load: bool, log: Callable[[str], None]
+) -> list[int]:
+    """Make Triton serve every pinned version of ``served`` next to what it serves (the
+    caller holds the repository lock). Returns the ready versions (``[]`` without load)."""
+    model_dir = Path(settings.triton.model_repository) / served
+    if not load or not (model_dir / "config.pbtxt").is_file():
+        return []
+    client = _client(settings)
+    try:
+        now = loaded_versions(client, served)
+        want = sorted(set(now) | set(_all_pinned(settings, served)))
+        if want == now:
+            return now
+        onnx_path = model_dir / str(want[-1]) / "model.onnx"
+        n_sparse, n_dense = _onnx_io(onnx_path)
+        old_config = (model_dir / "config.pbtxt").read_text()
+        log(f"loading pinned {served} v{sorted(set(want) - set(now))} next to {now}")
+        _write_config(
+            model_dir,
+            model_config(served, _flavour_of(served, base), want, n_sparse, n_dense),
+        )
+        try:
+            client.load_model(served)
+        except Exception as e:
+            _write_config(model_dir, old_config)
+            client.load_model(served)
+            raise PublishError(f"loading pinned {served} v{want} failed: {e}") from e
+        got = loaded_versions(client, served)
+        if got != want:
+            raise PublishError(f"{served} serves versions {got} after pinning, expected {want}")
+        record_served(settings, served, base, got)
+        return got
+    finally:
+        client.close()
+
+
+def unpin(settings: Settings, owner: str) -> dict[str, list[int]]:
+    """Drop every pin of ``owner``; returns what it pinned (served name -> versions). The
+    versions stay loaded until the next publish of their model, which unloads those that
+    nobody pins any more."""
+    with _record_lock(settings):
+        doc = read_served(settings)
+        dropped = {}
+        for name in list(doc["pins"]):
+            vs = doc["pins"][name].pop(owner, None)
+            if vs is not None:
+                dropped[name] = sorted(vs)
+            if not doc["pins"][name]:
+                del doc["pins"][name]
+        if dropped:
+            _write_record(settings, doc)
+    return dropped
+
+
+def _flavour_of(served: str, base: str) -> str:
+    return "onnxruntime" if served == base else "python"
 
 
 def loaded_versions(client, name: str) -> list[int]:
@@ -326,9 +487,11 @@ def publish(
     """Publish ``onnx_path`` as a new version of ``base_name`` (both flavours) and, with
     ``load``, switch the running Triton's served flavour to it (see module doc).
 
-    Returns ``{"version", "model_name" (served), "base_name", "previous" (versions served
-    before), "loaded", "verify_max_abs_diff", "seconds"}``. Older version directories beyond
-    the newest ``keep`` are removed (never a served one)."""
+    Every pinned version (:func:`pin_versions`) stays loaded next to the new one; the other
+    old versions are unloaded. Returns ``{"version", "model_name" (served), "base_name",
+    "previous" (versions served before), "serving" (versions served after: the new one and
+    the pinned ones), "loaded", "verify_max_abs_diff", "seconds"}``. Older version
+    directories beyond the newest ``keep`` are removed (never a served or pinned one)."""
     t0 = time.perf_counter()
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -385,8 +548,11 @@ def publish(
         )
         previous: list[int] = []
         diff = None
+        on_disk = set(versions_on_disk(model_dir))
+        pinned = [v for v in _all_pinned(settings, served) if v in on_disk and v != version]
+        serve = sorted([version, *pinned])  # what stays loaded after the switch
         if client is None:
-            _write_config(model_dir, config(served, flavours[served], [version]))
+            _write_config(model_dir, config(served, flavours[served], serve))
         else:
             previous = [v for v in loaded_versions(client, served) if v != version]
             _write_config(model_dir, config(served, flavours[served], previous + [version]))
@@ -399,24 +565,27 @@ def publish(
                 if isinstance(e, PublishError):
                     raise
                 raise PublishError(f"loading {served} v{version} failed: {e}") from e
+            gone = [v for v in previous if v not in serve]
             log(
-                f"{served} v{version} verified (max abs diff {diff:.2g}); unloading {previous or 'nothing'}"
+                f"{served} v{version} verified (max abs diff {diff:.2g}); unloading "
+                f"{gone or 'nothing'}" + (f", keeping pinned {pinned}" if pinned else "")
             )
-            _write_config(model_dir, config(served, flavours[served], [version]))
+            _write_config(model_dir, config(served, flavours[served], serve))
             client.load_model(served)
             now = loaded_versions(client, served)
-            if now != [version]:
+            if now != serve:
                 raise PublishError(
-                    f"after the switch {served} serves versions {now}, expected [{version}]"
+                    f"after the switch {served} serves versions {now}, expected {serve}"
                 )
-            record_served(settings, served, base_name, [version])
-        _prune(repo, list(flavours), keep, protect={version})
+            record_served(settings, served, base_name, serve)
+        _prune(repo, list(flavours), keep, protect={version, *pinned})
         client and client.close()
     return dict(
         version=version,
         model_name=served,
         base_name=base_name,
         previous=previous,
+        serving=serve,
         loaded=load,
         verify_max_abs_diff=diff,
         seconds=round(time.perf_counter() - t0, 2),
@@ -445,9 +614,13 @@ def _prune(repo: Path, names: list[str], keep: int, protect: set[int]) -> None:
 
 __all__ = [
     "PublishError",
+    "base_model_name",
     "control_client",
+    "pin_versions",
+    "pinned_versions",
     "read_served",
     "record_served",
+    "unpin",
     "infer",
     "loaded_versions",
     "model_config",

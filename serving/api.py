@@ -257,11 +257,13 @@ class _Calibration:
         except Exception as e:  # noqa: BLE001 - the API serves uncalibrated scores and reports why
             self.error = f"calibrator could not start: {type(e).__name__}: {e}"
 
-    def apply(self, raw: np.ndarray, model_version: str, context: dict) -> tuple[np.ndarray, str]:
+    def apply(
+        self, raw: np.ndarray, model_version: str, context: dict, model_name: str = ""
+    ) -> tuple[np.ndarray, str]:
         if self.client is None or not model_version:
             return raw, "none"
         try:
-            out = self.client.calibrate(raw, model_version, context)
+            out = self.client.calibrate(raw, model_version, context, model_name=model_name)
         except Exception as e:  # noqa: BLE001 - no state yet, Redis down, ...: identity
             log.debug("calibration skipped: %s", e)
             return raw, "none"
@@ -460,7 +462,7 @@ def create_app(
         t_cal = time.perf_counter()
         raw = res.raw.astype(np.float64)
         calibrated, calibration = (
-            state["calibration"].apply(raw, res.model_version, ctx)
+            state["calibration"].apply(raw, res.model_version, ctx, res.model_name)
             if not res.degraded
             else (raw, "none")
         )

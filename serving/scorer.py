@@ -15,11 +15,12 @@ impressions (Kafka, micro-batches of ``batch_size``) -> per batch:
    ``max_rows = batch_size``); when Triton cannot answer, the fallback score (the ad's smoothed
    historical CTR) flagged ``degraded``; when Redis cannot answer, all-zero counts, also
    ``degraded``;
-4. the current calibrator of the answering model version (``ctrstream.calibration.calibrator.
-   CalibratorClient``: reloads when a new checkpoint lands, no restart); degraded scores are
-   not calibrated;
+4. the current calibrator of the answering model name and version
+   (``ctrstream.calibration.client.CalibratorClient``: reloads when a new checkpoint lands, no
+   restart); degraded scores are not calibrated;
 5. one ``Prediction`` per impression to the ``predictions`` topic, key = impression id, with
-   the shared idempotent producer settings.
+   the shared idempotent producer settings, naming the model (its published base name) and
+   version, which the calibration job keys its calibrators by.
 
 Run it with ``ctrstream score`` (or ``python -m bytewax.run "ctrstream.serving.scorer:get_flow()"``).
 The Kafka source keeps its offsets in Bytewax's recovery snapshots when recovery is on;
@@ -230,12 +231,17 @@ class BatchScorer:
         res = scorer.score(sparse, dense)
         t2 = time.perf_counter()
         raw = np.asarray(res.raw, dtype=np.float64).reshape(-1)
+        # the published base name: predictions and calibrators are keyed by name + version
+        name = getattr(scorer, "base_name", "") or ""
         if res.degraded or not res.model_version:
             calibrated, mv = raw, res.model_version or ""
         else:
             mv = res.model_version
             calibrated = cal.calibrate(
-                raw, mv, {"position": cols["position"], "device_type": cols["device_type"]}
+                raw,
+                mv,
+                {"position": cols["position"], "device_type": cols["device_type"]},
+                model_name=name,
             )
         degraded = bool(res.degraded or feat_degraded)
         out = [
@@ -249,6 +255,7 @@ class BatchScorer:
                         raw_score=float(raw[k]),
                         calibrated_score=float(calibrated[k]),
                         degraded=degraded,
+                        model_name=name,
                     )
                 ),
             )

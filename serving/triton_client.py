@@ -6,7 +6,9 @@ bounded number of times within one deadline (``settings.triton.timeout_s`` for t
 call, however many attempts). The answer says which model version produced the scores
 (Triton's ``model_version`` of the response; when a version switch lands between two
 requests of one call, the older ones are re-asked from the newest version so that one call
-is never scored by two models).
+is never scored by two models). With ``model_version`` set (an experiment arm's pinned
+version, served side by side with others: ``ctrstream.models.publish.pin_versions``) every
+request asks exactly that version, and the answer's ``model_version`` is it.
 
 When Triton cannot answer in time the scores are the **fallback**: per row, the smoothed
 historical CTR of the ad from the counts the dense features were made of (its window with
@@ -62,7 +64,7 @@ class ScoreResult:
     raw: np.ndarray  # float32 (rows,) click probabilities before calibration
     model_version: str  # "" when degraded
     degraded: bool
-    model_name: str = ""
+    model_name: str = ""  # the Triton model asked (the served flavour, e.g. "ctr_lr_py")
     error: str | None = None
     attempts: int = 0
     timings: dict = field(default_factory=dict)
@@ -81,6 +83,16 @@ def served_model_name(settings, base: str = DEFAULT_MODEL) -> str:
     except ImportError:
         return f"{base}_py" if settings.triton.backend == "python" else base
     return _served(settings, base)
+
+
+def base_model_name(name: str) -> str:
+    """The published base name of a Triton model name (``ctr_lr_py`` -> ``ctr_lr``): what
+    predictions and calibrators are keyed by, whichever flavour served them."""
+    try:
+        from ctrstream.models.publish import base_model_name as _base
+    except ImportError:
+        return name.removesuffix("_py")
+    return _base(name)
 
 
 _DENSE_PER_ENTITY = F.N_WINDOWS * 3
@@ -109,11 +121,26 @@ class AsyncScorer:
         retries: int = 2,
         timeout_s: float | None = None,
         url: str | None = None,
+        model_version: int | None = None,
     ):
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
+        if model_version is not None and (
+            isinstance(model_version, bool)
+            or not isinstance(model_version, int)
+            or model_version < 1
+        ):
+            raise ValueError(
+                f"model_version must be a published version number (an int >= 1) or None "
+                f"for the newest, not {model_version!r}"
+            )
         self.settings = settings
         self.model_name = model_name or served_model_name(settings, model)
+        # the published base name (what predictions and calibrators are keyed by)
+        self.base_name = base_model_name(self.model_name) if model_name else model
+        # None: the newest ready version; a number: exactly that version, every request
+        self.model_version = model_version
+        self._ask = "" if model_version is None else str(model_version)
         self.max_rows = int(max_rows)
         self.retries = int(retries)
         self.timeout_s = float(timeout_s if timeout_s is not None else settings.triton.timeout_s)
@@ -140,7 +167,7 @@ class AsyncScorer:
         try:
             return bool(
                 await asyncio.wait_for(
-                    self._get_client().is_model_ready(self.model_name), self.timeout_s
+                    self._get_client().is_model_ready(self.model_name, self._ask), self.timeout_s
                 )
             )
         except Exception:  # noqa: BLE001 - a readiness probe answers, never raises
@@ -200,12 +227,13 @@ class AsyncScorer:
         deadline = time.monotonic() + self.timeout_s
         stats = {"attempts": 0}
         bounds = [(s, min(s + self.max_rows, n)) for s in range(0, n, self.max_rows)]
+        ask = self._ask
         if len(bounds) == 1:  # the usual case (one request's candidates): no task to schedule
-            parts = [await self._infer_chunk(sparse, dense, "", deadline, stats)]
+            parts = [await self._infer_chunk(sparse, dense, ask, deadline, stats)]
         else:
             parts = await asyncio.gather(
                 *[
-                    self._infer_chunk(sparse[a:b], dense[a:b], "", deadline, stats)
+                    self._infer_chunk(sparse[a:b], dense[a:b], ask, deadline, stats)
                     for a, b in bounds
                 ]
             )
@@ -271,6 +299,14 @@ class Scorer:
     def model_name(self) -> str:
         return self._async.model_name
 
+    @property
+    def base_name(self) -> str:
+        return self._async.base_name
+
+    @property
+    def model_version(self) -> int | None:
+        return self._async.model_version
+
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
@@ -299,6 +335,7 @@ __all__ = [
     "Scorer",
     "ScoreResult",
     "ScoringError",
+    "base_model_name",
     "fallback_scores",
     "served_model_name",
     "DEFAULT_MODEL",

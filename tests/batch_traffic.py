@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ctrstream import features as F
-from ctrstream.batch.archive import SCHEMAS
+from ctrstream.batch.archive import conform
 
 T0 = 1_700_000_000_000
 W = 1_800_000
@@ -57,8 +57,9 @@ def make_traffic(
     }
     for f in ("user_id", "ad_id", "campaign_id", "advertiser_id", "site_id", "ad_category"):
         clk[f] = imps[f][clicked]
-    it = pa.table(imps, schema=SCHEMAS["impressions"])
-    ct = pa.table(clk, schema=SCHEMAS["clicks"])
+    # the open-loop fields; conform gives the optional ones (request_id, arm, price) defaults
+    it = conform("impressions", pa.table(imps))
+    ct = conform("clicks", pa.table(clk))
     again = ct.take(np.arange(0, ct.num_rows, 4))  # a second click on the same impression
     again = again.set_column(
         1, "click_id", pa.array([f"d{seed}-{k}" for k in range(again.num_rows)])

@@ -6,7 +6,9 @@ Layout
 ``kind`` in ``impressions``/``clicks``, partitioned by the **event** hour (UTC) of each
 record, so a late event lands in the partition of its event time, never of its arrival.
 Columns are the fields of ``ctrstream.events.Impression`` / ``Click`` (the partition values
-live only in the path), then ``extra`` (:data:`EXTRA_COLUMN`): the fields a newer producer
+live only in the path; an optional field - one with a default, such as an impression's
+``request_id``, ``arm`` and ``price`` - is a column like the others, and :func:`read_events`
+gives files written before it existed its default: :func:`conform`), then ``extra`` (:data:`EXTRA_COLUMN`): the fields a newer producer
 sent that these types do not know, as a JSON object of their original values (null when
 there are none; ``ctrstream.events.unknown_fields``). That is the compatibility rule's
 archive half (``schemas/README.md``): a record of a newer producer is accepted and nothing of
@@ -112,6 +114,38 @@ def arrow_schema(kind: str) -> pa.Schema:
 
 
 SCHEMAS = {k: arrow_schema(k) for k in KINDS}
+
+
+def field_defaults(kind: str) -> dict[str, object]:
+    """The optional fields of one kind's event struct and their defaults."""
+    info = msgspec.inspect.type_info(EVENT_CLASS[kind])
+    assert isinstance(info, msgspec.inspect.StructType)
+    return {f.name: f.default for f in info.fields if f.default is not msgspec.NODEFAULT}
+
+
+DEFAULTS = {k: field_defaults(k) for k in KINDS}
+
+
+def conform(kind: str, table: pa.Table) -> pa.Table:
+    """``table`` with exactly the kind's columns, in order and cast to its schema: an
+    optional column it lacks (a table made before the field existed, the open-loop
+    generator's) is added with its default, and nulls in an optional column (a file written
+    before the field existed) become the default."""
+    schema = SCHEMAS[kind]
+    n = table.num_rows
+    for name, default in DEFAULTS[kind].items():
+        ftype = schema.field(name).type
+        i = table.schema.get_field_index(name)
+        if i < 0:
+            table = table.append_column(
+                pa.field(name, ftype), pa.repeat(pa.scalar(default, type=ftype), n)
+            )
+        elif table.column(i).null_count:
+            col = table.column(i).cast(ftype).fill_null(pa.scalar(default, type=ftype))
+            table = table.set_column(i, pa.field(name, ftype), col)
+    return table.select(schema.names).cast(schema)
+
+
 EXTRA_COLUMN = "extra"
 # what the archiver writes: the event fields, then the unknown fields of newer producers
 FILE_SCHEMAS = {k: SCHEMAS[k].append(pa.field(EXTRA_COLUMN, pa.string())) for k in KINDS}
@@ -185,7 +219,8 @@ def dedupe(
     kind: str, table: pa.Table, start_ms: int | None = None, end_ms: int | None = None
 ) -> pa.Table:
     """``table`` restricted to ``[start_ms, end_ms)``, each event id once (the copy with the
-    earliest event time wins), sorted by (event_time_ms, id), cast to the kind's schema.
+    earliest event time wins), sorted by (event_time_ms, id), conformed to the kind's schema
+    (:func:`conform`: optional columns it lacks get their defaults).
 
     Vectorized in Arrow/numpy: one sort, a dictionary encoding of the ids and
     ``np.unique(..., return_index=True)`` for the first copy (about 3 s per million rows on
@@ -193,8 +228,7 @@ def dedupe(
     """
     import pyarrow.compute as pc
 
-    schema = SCHEMAS[kind]
-    table = table.select(schema.names).cast(schema)
+    table = conform(kind, table)
     t = table.column("event_time_ms")
     mask = None
     if start_ms is not None:

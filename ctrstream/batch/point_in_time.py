@@ -154,8 +154,7 @@ def _as_tables(source, start_ms=None, end_imp_ms=None, end_clk_ms=None):
 def _cast(table: pa.Table | None, kind: str) -> pa.Table:
     if table is None:
         return empty_table(kind)
-    schema = empty_table(kind).schema
-    return table.select(schema.names).cast(schema)
+    return archive.conform(kind, table)
 
 
 # --------------------------------------------------------------------------- bucket counts

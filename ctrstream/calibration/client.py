@@ -1,5 +1,9 @@
 """The serving side of calibration: apply each model version's latest served parameters.
 
+Calibrators are per model name and version (:mod:`ctrstream.calibration.ids`): pass the
+answering model's name (``model_name``, its published base name or Triton name) with the
+version; without a name the version alone selects, as for predictions that carry none.
+
 The scorer and the prediction API hold one :class:`CalibratorClient`. It reads the parameter
 dumps that the calibration job checkpoints (through the store's
 :class:`ctrstream.store.calibration.ServedParams`: one cheap ``GET`` per
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ctrstream.calibration.ids import calibrator_of
 from ctrstream.calibration.params import Context, Params, apply_params
 from ctrstream.config import Settings
 from ctrstream.store.calibration import ServedParams
@@ -44,15 +49,21 @@ class CalibratorClient:
         """How many times parameter dumps were (re-)read from Redis."""
         return self._served.reloads
 
-    def params(self, model_version: str) -> Params | None:
-        """The served parameter dump of ``model_version`` (None: the identity)."""
-        return self._served.get(model_version)
+    def params(self, model_version: str, model_name: str = "") -> Params | None:
+        """The served parameter dump of ``model_name`` version ``model_version`` (None: the
+        identity)."""
+        return self._served.get(calibrator_of(model_name, model_version))
 
     def calibrate(
-        self, raw_scores: ArrayLike, model_version: str, context: Context | None = None
+        self,
+        raw_scores: ArrayLike,
+        model_version: str,
+        context: Context | None = None,
+        model_name: str = "",
     ) -> NDArray[np.float64]:
-        """Calibrated probabilities of ``raw_scores`` answered by ``model_version``."""
-        return apply_params(self.params(model_version), raw_scores, context)
+        """Calibrated probabilities of ``raw_scores`` answered by ``model_name`` version
+        ``model_version`` (``model_name`` "": the calibrator of the bare version)."""
+        return apply_params(self.params(model_version, model_name), raw_scores, context)
 
 
 __all__ = ["CalibratorClient"]

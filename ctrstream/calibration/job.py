@@ -3,7 +3,9 @@
 Reads the ``predictions`` topic (``Prediction``) and the ``labeled`` topic (``Labeled``) in
 micro-batches (``Consumer.consume(num_messages=...)``), joins them by impression id (either
 side may arrive first) and feeds each joined (raw score, clicked, context) to the
-``VersionCalibrator`` of the prediction's model version (``ctrstream.calibration.calibrator``).
+``VersionCalibrator`` of the prediction's model name and version
+(``ctrstream.calibration.calibrator``; keyed by :func:`ctrstream.calibration.ids.calibrator_of`,
+``ctr_lr@1`` - a prediction without a model name keys by its version alone, as before).
 Degraded predictions (Triton's fallback score, no model version) are not learned from.
 
 Join state is bounded: an unmatched prediction is dropped once the label stream's event
@@ -29,7 +31,8 @@ before the checkpoint that moves past it.
 
 The gauges (``ctrstream_calibration_logloss`` / ``_mean_pred`` / ``_observed_ctr`` /
 ``_ece``) are the calibrators' rolling metrics, ``ctrstream.metrics.summary`` - the same
-definitions as the model card and the demo's report.
+definitions as the model card and the demo's report; labelled by ``model`` (the base name,
+"" for predictions without one) and ``model_version``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ctrstream.calibration.calibrator import CalibrationConfig, VersionCalibrator
+from ctrstream.calibration.ids import calibrator_of, metric_labels
 from ctrstream.calibration.state import (
     JOB_KIND,
     LEARNER_KIND,
@@ -71,7 +75,7 @@ def _metrics():
             "joined": Counter(
                 "ctrstream_calibration_joined_total",
                 "(prediction, label) pairs learned from",
-                ["model_version"],
+                ["model", "model_version"],
             ),
             "dropped": Counter(
                 "ctrstream_calibration_join_dropped_total",
@@ -89,23 +93,27 @@ def _metrics():
             "drift": Counter(
                 "ctrstream_calibration_drift_total",
                 "drift detections (ADWIN on the residual)",
-                ["model_version"],
+                ["model", "model_version"],
             ),
             "logloss": Gauge(
-                "ctrstream_calibration_logloss", "rolling log loss", ["model_version", "score"]
+                "ctrstream_calibration_logloss",
+                "rolling log loss",
+                ["model", "model_version", "score"],
             ),
             "mean_pred": Gauge(
                 "ctrstream_calibration_mean_pred",
                 "rolling mean predicted CTR",
-                ["model_version", "score"],
+                ["model", "model_version", "score"],
             ),
             "observed": Gauge(
-                "ctrstream_calibration_observed_ctr", "rolling observed CTR", ["model_version"]
+                "ctrstream_calibration_observed_ctr",
+                "rolling observed CTR",
+                ["model", "model_version"],
             ),
             "ece": Gauge(
                 "ctrstream_calibration_ece",
                 "rolling expected calibration error",
-                ["model_version", "score"],
+                ["model", "model_version", "score"],
             ),
             "checkpoints": Counter(
                 "ctrstream_calibration_checkpoints_total", "checkpoints written to Redis"
@@ -116,15 +124,15 @@ def _metrics():
 
 def _set_gauges(m: dict) -> None:
     g = _metrics()
-    mv = m["model_version"]
+    name, mv = metric_labels(m["model_version"])  # the calibrator id
     for score in ("raw", "platt", "iso"):
         s = m[score]
         if s["n"]:
-            g["logloss"].labels(mv, score).set(s["log_loss"])
-            g["mean_pred"].labels(mv, score).set(s["mean_pred"])
-            g["ece"].labels(mv, score).set(s["ece"])
+            g["logloss"].labels(name, mv, score).set(s["log_loss"])
+            g["mean_pred"].labels(name, mv, score).set(s["mean_pred"])
+            g["ece"].labels(name, mv, score).set(s["ece"])
     if m["raw"]["n"]:
-        g["observed"].labels(mv).set(m["raw"]["observed_ctr"])
+        g["observed"].labels(name, mv).set(m["raw"]["observed_ctr"])
 
 
 # --------------------------------------------------------------------------- the join + learner
@@ -132,7 +140,8 @@ def _set_gauges(m: dict) -> None:
 
 @dataclass
 class JoinState:
-    preds: OrderedDict = field(default_factory=OrderedDict)  # id -> (mv, raw, event_time_ms)
+    # id -> (calibrator id, raw, event_time_ms)
+    preds: OrderedDict = field(default_factory=OrderedDict)
     labels: OrderedDict = field(default_factory=OrderedDict)  # id -> (clicked, t, position, device)
     done: OrderedDict = field(default_factory=OrderedDict)  # recently joined ids (dedup)
     pred_watermark: int = 0
@@ -223,17 +232,18 @@ class Calibrate:
             self.state = found.job_state
         self.cals.update(found.versions)
 
-    def calibrator(self, model_version: str) -> VersionCalibrator:
-        c = self.cals.get(model_version)
+    def calibrator(self, cal_id: str) -> VersionCalibrator:
+        """The learner of calibrator ``cal_id`` (:func:`calibrator_of`), made on first use."""
+        c = self.cals.get(cal_id)
         if c is None:
-            c = self.cals[model_version] = VersionCalibrator(model_version, self.cfg)
+            c = self.cals[cal_id] = VersionCalibrator(cal_id, self.cfg)
         return c
 
     # -- the join
     def process(self, predictions, labeled) -> int:
         """Join one micro-batch of decoded records and learn from every completed pair."""
         st = self.state
-        matched: dict[str, list] = {}  # mv -> rows (raw, y, t, position, device)
+        matched: dict[str, list] = {}  # calibrator id -> rows (raw, y, t, position, device)
 
         def emit(mv, raw, lab):
             matched.setdefault(mv, []).append((raw, lab[0], lab[1], lab[2], lab[3]))
@@ -251,12 +261,13 @@ class Calibrate:
                 self.dropped["duplicate"] += 1
                 _metrics()["dropped"].labels("pred", "duplicate").inc()
                 continue
+            cid = calibrator_of(p.model_name, p.model_version)
             lab = st.labels.pop(iid, None)
             if lab is not None:
-                emit(p.model_version, p.raw_score, lab)
+                emit(cid, p.raw_score, lab)
                 st.done[iid] = None
             else:
-                st.preds[iid] = (p.model_version, p.raw_score, p.event_time_ms)
+                st.preds[iid] = (cid, p.raw_score, p.event_time_ms)
         for lb in labeled:
             imp = lb.impression
             iid = imp.impression_id
@@ -281,7 +292,7 @@ class Calibrate:
             events = self.calibrator(mv).learn_many(raw, y, ctx, event_time_ms=np.asarray(arr[2]))
             if events:
                 self._drift_new.setdefault(mv, []).extend(events)
-                _metrics()["drift"].labels(mv).inc(len(events))
+                _metrics()["drift"].labels(*metric_labels(mv)).inc(len(events))
                 log.warning(
                     "calibration drift detected for model %s at %d examples "
                     "(residual mean %.4f); learning-rate boost on",
@@ -290,7 +301,7 @@ class Calibrate:
                     events[-1]["window_mean_residual"],
                 )
             self._dirty.add(mv)
-            _metrics()["joined"].labels(mv).inc(len(raw))
+            _metrics()["joined"].labels(*metric_labels(mv)).inc(len(raw))
             n += len(raw)
         self.n_joined += n
         self._expire()
@@ -356,6 +367,11 @@ def check_prediction(p) -> None:
         v = getattr(p, name)
         if not (math.isfinite(v) and 0.0 <= v <= 1.0):
             raise ValueError(f"invalid: {name}={v!r} is not a probability in [0, 1]")
+    if p.model_version and not p.degraded:
+        try:
+            calibrator_of(p.model_name, p.model_version)
+        except ValueError as e:
+            raise ValueError(f"invalid: {e}") from None
 
 
 def check_labeled(lb) -> None:

@@ -12,8 +12,17 @@ import pyarrow as pa
 
 from ctrstream.events import Click, Impression
 
-IMPRESSION_FIELDS: tuple[str, ...] = Impression.__struct_fields__
-CLICK_FIELDS: tuple[str, ...] = Click.__struct_fields__
+
+def _required(struct: type[msgspec.Struct]) -> tuple[str, ...]:
+    """The fields of ``struct`` without a default, in order: the open-loop traffic's columns
+    (optional fields, such as an impression's ``request_id``/``arm``/``price`` that the
+    closed loop fills, stay at their defaults and are not written)."""
+    n = len(struct.__struct_fields__) - len(struct.__struct_defaults__)
+    return struct.__struct_fields__[:n]
+
+
+IMPRESSION_FIELDS: tuple[str, ...] = _required(Impression)
+CLICK_FIELDS: tuple[str, ...] = _required(Click)
 _STRING_FIELDS = {"impression_id", "click_id", "device_type", "country"}
 
 IMPRESSION_SCHEMA = pa.schema(

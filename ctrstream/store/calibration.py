@@ -1,5 +1,9 @@
 """The calibration state in Redis: the calibration job's checkpoints and the served parameters.
 
+Calibrators are keyed by a **calibrator id** (:func:`ctrstream.store.layout.calibrator_id`:
+``{model_name}@{version}``, or the bare version for predictions that name no model); the
+``model_version`` arguments below are such ids, ``v`` in the keys is one.
+
 Keys (built by :mod:`ctrstream.store.layout`):
 
 * ``cal_key(v)`` - HASH: ``version`` (counter, +1 per checkpoint of ``v``), ``params``
@@ -9,7 +13,7 @@ Keys (built by :mod:`ctrstream.store.layout`):
   job;
 * ``cal_history_key(v)`` - LIST of JSON metric snapshots (the last :data:`HISTORY_CAP`);
 * ``cal_drift_key(v)`` - LIST of JSON drift events (the last :data:`DRIFT_CAP`);
-* ``CAL_VERSIONS_KEY`` - SET of the model versions with a calibrator;
+* ``CAL_VERSIONS_KEY`` - SET of the calibrator ids with a calibrator;
 * ``CAL_SEQ_KEY`` - STRING counter, +1 on every checkpoint of any version: the one ``GET``
   a reader (:class:`ServedParams`) does to know when to reload;
 * ``cal_job_key(name)`` - STRING: MessagePack of a job's join state and Kafka positions.

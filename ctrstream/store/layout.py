@@ -42,9 +42,11 @@ Entity keys, calibration, reconciliation, cache tracking
 * an **entity key** ``{entity}:{id}`` (:func:`entity_key`) names one entity in the read
   plan and the caches; ids of crossed entities join their parts with ``:``
   (``user_x_ad`` 17, 4 -> ``17:4``, ``features.entity_id``);
-* ``cal:{model_version}`` (HASH ``version``, ``params``, ``metrics``, ``updated_ms``),
-  ``cal:{model_version}:state`` / ``:history`` / ``:drift``, ``cal:versions`` (SET),
-  ``cal:seq`` (the reload counter), ``cal:job:{name}`` (the calibration job's checkpoint);
+* ``cal:{calibrator}`` (HASH ``version``, ``params``, ``metrics``, ``updated_ms``),
+  ``cal:{calibrator}:state`` / ``:history`` / ``:drift``, ``cal:versions`` (SET of the
+  calibrator ids), ``cal:seq`` (the reload counter), ``cal:job:{name}`` (the calibration
+  job's checkpoint); a calibrator id (:func:`calibrator_id`) is ``{model_name}@{version}``
+  (``ctr_lr@1``), or the bare version for a prediction that names no model;
 * ``reconcile:{version}`` (JSON report), ``reconcile:last``;
 * ``sv~tracking:{client}:{seq}`` - the shared-entity cache's heartbeat keys (outside the
   speed view, and sorting after ``sv:`` so that Redis reports a heartbeat after the
@@ -326,23 +328,49 @@ def suffix_field_sql(res: str, event_type: str, bucket: str) -> str:
 
 CAL_PREFIX = "cal:"
 CAL_SEQ_KEY = "cal:seq"
-CAL_VERSIONS_KEY = "cal:versions"
+CAL_VERSIONS_KEY = "cal:versions"  # the calibrator ids with a calibrator
+CAL_ID_SEP = "@"
 
 
-def cal_key(model_version: str) -> str:
-    return f"{CAL_PREFIX}{model_version}"
+def calibrator_id(model_name: str, model_version: str) -> str:
+    """The id one model version's calibration state is keyed by: ``{model_name}@{version}``,
+    so that two models' version 1 (``ctr_lr@1``, ``ctr_deep@1``) learn apart; with no model
+    name (predictions written before they carried one) the bare version, as those were."""
+    version = str(model_version)
+    if not version or CAL_ID_SEP in version:
+        raise ValueError(f"bad model version {model_version!r} for a calibrator id")
+    if not model_name:
+        return version
+    if CAL_ID_SEP in model_name or ":" in model_name:
+        raise ValueError(
+            f"bad model name {model_name!r} for a calibrator id (no {CAL_ID_SEP!r} or ':'): "
+            "use the published base name, e.g. ctr_lr"
+        )
+    return f"{model_name}{CAL_ID_SEP}{version}"
 
 
-def cal_state_key(model_version: str) -> str:
-    return f"{CAL_PREFIX}{model_version}:state"
+def parse_calibrator_id(cal_id: str) -> tuple[str, str]:
+    """``(model_name, model_version)`` of a calibrator id (``model_name`` "" for a bare
+    version)."""
+    name, sep, version = cal_id.rpartition(CAL_ID_SEP)
+    return (name, version) if sep else ("", cal_id)
 
 
-def cal_history_key(model_version: str) -> str:
-    return f"{CAL_PREFIX}{model_version}:history"
+def cal_key(cal_id: str) -> str:
+    """The HASH of calibrator ``cal_id`` (:func:`calibrator_id`)."""
+    return f"{CAL_PREFIX}{cal_id}"
 
 
-def cal_drift_key(model_version: str) -> str:
-    return f"{CAL_PREFIX}{model_version}:drift"
+def cal_state_key(cal_id: str) -> str:
+    return f"{CAL_PREFIX}{cal_id}:state"
+
+
+def cal_history_key(cal_id: str) -> str:
+    return f"{CAL_PREFIX}{cal_id}:history"
+
+
+def cal_drift_key(cal_id: str) -> str:
+    return f"{CAL_PREFIX}{cal_id}:drift"
 
 
 def cal_job_key(job_name: str) -> str:

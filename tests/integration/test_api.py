@@ -126,6 +126,45 @@ def test_predict_ranks_candidates_by_calibrated_score(api, settings, body):
         assert f"{stage};dur=" in timing
 
 
+def test_predict_applies_the_calibrator_of_its_model_name_and_version(settings, model, body):
+    """The API calibrates with its own model's calibrator (base name + version), not with
+    another model's of the same version number."""
+    import redis
+
+    from ctrstream.store import layout as L
+    from ctrstream.store.calibration import CalibrationStore
+
+    def platt(intercept: float) -> dict:
+        return {
+            "method": "platt",
+            "platt": {
+                "intercept": intercept,
+                "w_logit": 1.0,
+                "context": {},
+                "context_names": [],
+                "context_mean": {},
+            },
+        }
+
+    own = L.calibrator_id(MODEL.removesuffix("_py"), "1")
+    other = L.calibrator_id(f"other{uuid.uuid4().hex[:6]}", "1")
+    r = redis.Redis.from_url(settings.redis.url)
+    store = CalibrationStore(r)
+    try:
+        store.publish_params(other, platt(+2.0))  # another model's v1: never applied here
+        store.publish_params(own, platt(-1.0))
+        with TestClient(create_app(settings, model_name=model)) as client:
+            doc = client.post("/v1/predict", json=body).json()
+        assert doc["calibration"] == "river" and doc["model_version"] == "1"
+        for c in doc["candidates"]:
+            z = np.log(c["raw_score"] / (1 - c["raw_score"]))
+            assert c["calibrated_score"] == pytest.approx(_sigmoid(z - 1.0), rel=1e-5)
+    finally:
+        r.delete(L.cal_key(own), L.cal_key(other))
+        store.announce()
+        r.close()
+
+
 def test_event_time_defaults_to_now(api, body):
     del body["context"]["event_time_ms"]
     before = int(time.time() * 1000)

@@ -63,6 +63,18 @@ def test_partitions_late_events_and_bad_records(fresh_topics, tmp_path, unique):
         "event_time_ms": h0 - 3 * F.HOUR_MS + 17,
     }
     it = pa.concat_tables([it, pa.Table.from_pylist([late], schema=SCHEMAS["impressions"])])
+
+    # a third of the impressions come from the closed loop: request id, arm and price set
+    def closed_loop(iid: str) -> dict:
+        k = int(iid.rsplit("-", 1)[1])
+        if k % 3:
+            return {"request_id": "", "arm": "", "price": 0.0}
+        return {"request_id": f"q-{k}", "arm": "lr" if k % 2 else "deep", "price": 0.01 * k}
+
+    it = pa.Table.from_pylist(
+        [r | closed_loop(r["impression_id"]) for r in it.to_pylist()],
+        schema=SCHEMAS["impressions"],
+    )
     produce(s, it, ct, garbage=3)  # the late event is produced last
 
     stats = run_archiver(
@@ -92,6 +104,13 @@ def test_partitions_late_events_and_bad_records(fresh_topics, tmp_path, unique):
     want = sorted(set(it.column("impression_id").to_pylist()))
     assert sorted(got.column("impression_id").to_pylist()) == want
     assert got.num_rows < raw_rows(tmp_path, "impressions")
+    # the closed loop's fields are real columns, not extra: read back as they were produced
+    for r in got.to_pylist():
+        assert {f: r[f] for f in ("request_id", "arm", "price")} == closed_loop(r["impression_id"])
+    assert any(r["arm"] for r in got.to_pylist())
+    raw_file = pa.parquet.read_table(next(iter(list_files(tmp_path, "impressions"))))
+    assert {"request_id", "arm", "price"} <= set(raw_file.schema.names)
+    assert raw_file.column("extra").null_count == raw_file.num_rows
     sub = read_events(tmp_path, "impressions", h0, h0 + F.HOUR_MS)
     tt = sub.column("event_time_ms").to_numpy()
     assert sub.num_rows > 0 and tt.min() >= h0 and tt.max() < h0 + F.HOUR_MS

@@ -213,15 +213,18 @@ def test_drift_events_and_metrics_reach_redis_and_prometheus(settings, store, un
     job.checkpoint()
     drift = store.drift_events(mv)
     assert drift, "no drift event in Redis"
+    # predictions without a model name: label model="" (calibrated by their version alone)
     assert REGISTRY.get_sample_value(
-        "ctrstream_calibration_drift_total", {"model_version": mv}
+        "ctrstream_calibration_drift_total", {"model": "", "model_version": mv}
     ) == len(drift)
     assert (
-        REGISTRY.get_sample_value("ctrstream_calibration_joined_total", {"model_version": mv})
+        REGISTRY.get_sample_value(
+            "ctrstream_calibration_joined_total", {"model": "", "model_version": mv}
+        )
         == 60_000
     )
     ece = REGISTRY.get_sample_value(
-        "ctrstream_calibration_ece", {"model_version": mv, "score": "platt"}
+        "ctrstream_calibration_ece", {"model": "", "model_version": mv, "score": "platt"}
     )
     assert ece is not None and 0 <= ece < 0.05
 

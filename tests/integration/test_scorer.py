@@ -127,7 +127,8 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
             "context_mean": {},
         },
     }
-    CalibrationStore(r).publish_params(mv, params)
+    # keyed by the model's base name and version: what the scorer writes on each prediction
+    CalibrationStore(r).publish_params(L.calibrator_id(published["base_name"], mv), params)
     # the speed view: ad 999 got 100 impressions, 40 clicks in the minute after T0+1min
     b = (T0 + 2 * F.MINUTE_MS) // F.MINUTE_MS
     day = L.speed_day(b, F.RESOLUTION_BY_NAME["5m"])
@@ -149,6 +150,7 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
     ps = list(preds.values())
     assert not any(p.degraded for p in ps)
     assert {p.model_version for p in ps} == {mv}
+    assert {p.model_name for p in ps} == {published["base_name"]}  # not the flavour's name
     raw = np.array([p.raw_score for p in ps])
     assert np.ptp(raw) > 0.05  # real model scores, not a constant
     np.testing.assert_allclose(

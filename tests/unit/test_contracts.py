@@ -80,6 +80,10 @@ def test_the_speed_layers_batch_codec_accepts_a_newer_producers_record():
     values = [E.encode(V1), _newer_producer_record(placement="feed")]
     rows, ids, ok, errors = Codec("impressions").decode(values, [b"imp-1", b"imp-1"])
     assert errors == [] and ok.tolist() == [0, 1] and ids == ["imp-1", "imp-1"]
+    # and the closed loop's impressions (request id, arm, price set): the same counted row
+    closed = msgspec.structs.replace(V1, request_id="q-1", arm="lr", price=0.3)
+    rows2, _, ok2, errors2 = Codec("impressions").decode([E.encode(closed)], [b"imp-1"])
+    assert errors2 == [] and ok2.tolist() == [0] and rows2.tolist() == rows[:1].tolist()
 
 
 class ImpressionNext(msgspec.Struct, frozen=True):
@@ -97,6 +101,9 @@ class ImpressionNext(msgspec.Struct, frozen=True):
     device_type: E.DeviceType
     country: str
     position: int
+    request_id: str = ""
+    arm: str = ""
+    price: float = 0.0
     placement: str = "unknown"
 
 
@@ -116,6 +123,9 @@ class ImpressionRequired(msgspec.Struct, frozen=True):
     country: str
     position: int
     placement: str
+    request_id: str = ""
+    arm: str = ""
+    price: float = 0.0
 
 
 def _schema(struct: type, version: int) -> dict:
@@ -174,3 +184,55 @@ def test_schemas_write_refuses_a_breaking_change(tmp_path):
     res = CliRunner().invoke(app, ["schemas", "write", "--dir", str(tmp_path), "--allow-breaking"])
     assert res.exit_code == 0
     assert schema_changes(tmp_path) == ([], [])
+
+
+# ------------------------------------------------------------------ the closed loop's fields
+
+
+def test_the_closed_loops_optional_fields_round_trip_and_old_records_still_decode():
+    closed = E.Impression(
+        **{
+            **msgspec.structs.asdict(V1),
+            "request_id": "q7-000000000001",
+            "arm": "lr",
+            "price": 0.42,
+        }
+    )
+    assert E.decode_impression(E.encode(closed)) == closed
+    # an open-loop record is the bytes it always was: the defaults are not written
+    assert b"request_id" not in E.encode(V1) and b"arm" not in E.encode(V1)
+    old = (
+        b'{"schema_version":1,"impression_id":"imp-1","event_time_ms":1700000000000,'
+        b'"user_id":1,"ad_id":2,"campaign_id":3,"advertiser_id":4,"site_id":5,'
+        b'"ad_category":6,"device_type":"mobile","country":"DE","position":0}'
+    )
+    assert E.encode(V1) == old
+    ev = E.decode_impression(old)
+    assert (ev.request_id, ev.arm, ev.price) == ("", "", 0.0)
+    assert E.unknown_fields(closed, E.encode(closed)) is None  # known fields, not extras
+    # the labeled record carries them with its impression
+    lab = E.Labeled(impression=closed, clicked=1, click_delay_ms=5)
+    assert E.decode_labeled(E.encode(lab)).impression == closed
+
+
+def test_a_prediction_with_and_without_a_model_name_and_arm():
+    base = dict(
+        impression_id="imp-1",
+        event_time_ms=1_700_000_000_000,
+        model_version="3",
+        raw_score=0.1,
+        calibrated_score=0.12,
+        degraded=False,
+    )
+    old = E.Prediction(**base)
+    assert b"model_name" not in E.encode(old)  # the record it always was
+    assert E.decode_prediction(E.encode(old)) == old and old.model_name == old.arm == ""
+    named = E.Prediction(**base, model_name="ctr_lr", arm="lr")
+    assert E.decode_prediction(E.encode(named)) == named
+    assert (
+        E.compatibility_problems(
+            json.loads((SCHEMAS / "predictions.schema.json").read_text()),
+            E.json_schema("predictions"),
+        )
+        == []
+    )

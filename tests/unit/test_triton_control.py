@@ -70,3 +70,27 @@ def test_served_models_are_the_recorded_ones_present_in_the_repository(settings)
     assert served_models(settings) == ["ctr_deep_py", "ctr_lr_py"]
     settings.triton.served_record.write_text("{not json")
     assert served_models(settings) == []  # an unreadable record loads nothing
+
+
+def test_the_served_record_keeps_pins_and_refuses_a_malformed_one(settings):
+    from ctrstream.models.publish import (
+        PublishError,
+        pinned_versions,
+        read_served,
+        record_served,
+        unpin,
+    )
+
+    assert read_served(settings) == {"models": {}, "pins": {}}
+    record = {"models": {"m_py": {"versions": [1, 3]}}, "pins": {"m_py": {"exp-a": [1]}}}
+    settings.triton.served_record.parent.mkdir(parents=True, exist_ok=True)
+    settings.triton.served_record.write_text(json.dumps(record))
+    record_served(settings, "m_py", "m", [1, 4])  # a publish keeps the pins as they are
+    assert pinned_versions(settings, "m_py") == {"exp-a": [1]}
+    assert read_served(settings)["models"]["m_py"]["versions"] == [1, 4]
+    assert unpin(settings, "exp-a") == {"m_py": [1]}
+    assert read_served(settings)["pins"] == {}
+    for bad in ("{not json", '{"models": {}, "pins": {"m_py": {"exp": "1"}}}', "[]"):
+        settings.triton.served_record.write_text(bad)
+        with pytest.raises(PublishError, match="not a served record"):
+            read_served(settings)
