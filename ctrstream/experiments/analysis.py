@@ -24,6 +24,13 @@ What a report holds
   interval covers it, and whether a decision was right (its direction is the true lift's).
 * the SRM test of users per deciding arm vs the weights, and the guardrail breaches.
 
+A shadow arm decides nothing: its data are the requests it scored and the impressions other
+arms showed (their labels), so of its per-arm numbers only calibration (its predictions
+against those labels) and latency are its own; it is in no comparison and not in the SRM
+test, and the markdown table shows only those columns for it. The SRM test runs at every
+look at a small threshold (``Guardrails.srm_p_min``, 0.001 by default) so that repeated
+checking seldom raises a false alarm.
+
 Looks and decisions (:class:`SequentialState`)
 ----------------------------------------------
 A look *counts* once the experiment has run ``min_run_s`` of event time and every compared
@@ -257,6 +264,9 @@ class Comparison:
     p_value: float  # always-valid (running minimum with a state)
     look_p_value: float  # this look's 1 / Lambda alone
     z: float  # this look's log-ratio / its standard error: a fixed-horizon z, never a decision
+    mde: float  # the relative lift a fixed-horizon test of this sample detects with 80 %
+    # power, exp((z_{1-alpha/2} + z_0.8) * se) - 1: a lower bound of what the sequential
+    # test can decide (it needs more), i.e. what "inconclusive" means at this sample
     counted: bool  # this look met min_run_s and min_users_per_arm
     decided: bool
     direction: str | None  # "up" / "down" when decided
@@ -401,7 +411,14 @@ class Report:
         ]
         for a in self.arms:
             m = a.metrics
-            kind = a.kind + (" (shadow)" if a.shadow else f" {100 * a.weight:.0f} %")
+            if a.shadow:  # it decided nothing: only its calibration and latency are its own
+                out.append(
+                    f"| {a.name} | {a.kind} (shadow) | {a.users:,} | {a.requests:,} "
+                    f"| {a.impressions:,} | {a.clicks:,} | - | - | - | - | - | - "
+                    f"| {_num(m['calibration'].value)} | {_num(a.latency_p99_ms, digits=1)} | - |"
+                )
+                continue
+            kind = f"{a.kind} {100 * a.weight:.0f} %"
             out.append(
                 f"| {a.name} | {kind} | {a.users:,} | {a.requests:,} | {a.impressions:,} "
                 f"| {a.clicks:,} | {_est(m['ctr'], pct=True)} | {_num(m['ctr'].true, pct=True)} "
@@ -638,6 +655,11 @@ def _compare(
         decided, decided_at_ms, decided_elapsed = True, at_ms, elapsed_s
         direction = "up" if theta > 0 else "down"
 
+    mde = (
+        math.expm1((stats.norm_ppf(1 - exp.alpha / 2) + stats.norm_ppf(0.8)) * math.sqrt(v))
+        if math.isfinite(v)
+        else math.inf
+    )
     tt = by_name[t].metrics[metric].true
     tc = by_name[c].metrics[metric].true
     true_lift = tt / tc - 1 if tt is not None and tc is not None and tc > 0 else None
@@ -658,7 +680,7 @@ def _compare(
             why.append(f"{min(users):,} of min {exp.min_users_per_arm:,} users per arm")
         verdict = "too early: " + "; ".join(why) if why else "no data"
     else:
-        verdict = "inconclusive so far"
+        verdict = f"inconclusive so far (lifts under ~{100 * mde:.1f} % are not detectable yet)"
     return Comparison(
         metric=metric,
         treatment=t,
@@ -669,6 +691,7 @@ def _compare(
         p_value=p,
         look_p_value=look_p,
         z=theta / math.sqrt(v) if math.isfinite(theta) and v > 0 else math.nan,
+        mde=mde,
         counted=counted,
         decided=decided,
         direction=direction,

@@ -94,13 +94,15 @@ def _read_json(path: Path) -> Any:
 class Registry:
     """The file store of experiments (see the module doc)."""
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+    def __init__(self, where: Settings | Path | str) -> None:
+        """``where``: a stack's settings (the registry is ``settings.run_dir /
+        "experiments"``) or the registry's folder itself."""
+        self.root = where.run_dir / "experiments" if isinstance(where, Settings) else Path(where)
 
     @classmethod
     def of(cls, settings: Settings) -> Registry:
         """The registry of a stack: ``settings.run_dir / "experiments"``."""
-        return cls(settings.run_dir / "experiments")
+        return cls(settings)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -136,7 +138,12 @@ class Registry:
                     )
                 archive = self.root / ".archive"
                 archive.mkdir(exist_ok=True)
-                os.replace(folder, archive / f"{exp.name}-{old.stopped_at_ms or 0}")
+                target = archive / f"{exp.name}-{old.stopped_at_ms or 0}"
+                i = 1
+                while target.exists():
+                    target = archive / f"{exp.name}-{old.stopped_at_ms or 0}.{i}"
+                    i += 1
+                os.replace(folder, target)
             folder.mkdir(parents=True, exist_ok=True)
             _write_json(folder / "experiment.json", exp.to_dict())
             _write_json(folder / "sequential.json", SequentialState().to_dict())

@@ -193,6 +193,8 @@ def test_srm_fires_on_a_52_48_split_and_not_on_a_fair_one() -> None:
     fair = {"a": fixed_arm(int(counts[0]), rng), "b": fixed_arm(int(counts[1]), rng)}
     r = analyze(AB, fair, elapsed_s=10.0)
     assert r.srm.p_value > 0.01 and not r.breaches and not r.stop_experiment
+    c = r.comparison("b", "ctr")  # same arms: the report says plainly what it cannot see
+    assert not c.decided and c.verdict.startswith("inconclusive so far (lifts under ~")
 
 
 @pytest.mark.parametrize(
@@ -247,10 +249,12 @@ def test_truth_regret_and_the_report() -> None:
     c = r.comparison("prior", "revenue_per_request")
     assert c.true_lift == pytest.approx(-0.5) and c.decided and c.direction == "down"
     assert c.right and c.covered
+    assert 0 < c.mde < 0.5  # 4,500 users per arm see lifts of a few per cent, not 50 %
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert {a["name"] for a in d["arms"]} == {"lr", "prior", "oracle", "shadow"}
     md = r.markdown()
     assert "| lr | model 45 % |" in md and "| prior | revenue_per_request |" in md
+    assert "| shadow | model (shadow) | 0 |" in md
     assert "true lift" in md and "-50.00 %" in md and "down at 100 s, right" in md
 
 

@@ -80,6 +80,17 @@ def test_stop_restart_and_archive(tmp_path: Path) -> None:
     archived = tmp_path / ".archive" / "exp-demo-5000"
     assert json.loads((archived / "status.json").read_text())["status"] == "stopped-by-guardrail"
     assert reg.stop(EXP.name, "done").status == "stopped"
+    reg.start(EXP, at_ms=7_000)  # archived three times without a stop time: no collision
+    reg.stop(EXP.name, "done")
+    reg.start(EXP, at_ms=8_000)
+    reg.stop(EXP.name, "done")
+    reg.start(EXP, at_ms=9_000)
+    assert sorted(p.name for p in (tmp_path / ".archive").iterdir()) == [
+        "exp-demo-0",
+        "exp-demo-0.1",
+        "exp-demo-0.2",
+        "exp-demo-5000",
+    ]
 
 
 def test_unknown_and_corrupt_experiments_say_what_to_do(tmp_path: Path) -> None:
@@ -118,3 +129,4 @@ def test_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 def test_registry_of_settings_lives_in_the_run_dir(tmp_path: Path) -> None:
     settings = Settings(run_dir=tmp_path / "stack")
     assert Registry.of(settings).root == tmp_path / "stack" / "experiments"
+    assert Registry(settings).root == Registry.of(settings).root
