@@ -247,7 +247,9 @@ class ArmStats:
     latency_p99_ms: float
     error_rate: float
     degraded_rate: float
-    regret_revenue_per_request: float | None = None  # oracle's true minus this arm's
+    # the oracle arm's true value minus this arm's (None without an oracle arm); it can be
+    # negative: the oracle maximises welfare (bid x true p), not revenue or CTR
+    regret_revenue_per_request: float | None = None
     regret_ctr: float | None = None
 
 

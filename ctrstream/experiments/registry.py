@@ -3,7 +3,8 @@
 One folder per experiment under ``settings.run_dir / "experiments"`` (or any root):
 
     <root>/<name>/experiment.json   the definition (Experiment.to_dict), versions resolved
-    <root>/<name>/status.json       running | stopped | stopped-by-guardrail, times, reason
+    <root>/<name>/status.json       running | stopped | stopped-by-guardrail, times, reason,
+                                    the arms stopped by a guardrail while the others run on
     <root>/<name>/sequential.json   the SequentialState (running p-values, intervals, decisions)
     <root>/<name>/report.json       the latest Report.to_dict() (optional)
 
@@ -25,7 +26,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,10 +59,24 @@ class ExperimentRecord:
     reason: str
     state: SequentialState
     folder: Path
+    # arm name -> {"reason": ..., "at_ms": ...}: arms a guardrail (or an operator) stopped
+    # while the experiment runs on
+    stopped_arms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+    def status_dict(self) -> dict[str, Any]:
+        """What ``status.json`` holds."""
+        return {
+            "status": self.status,
+            "started_at_ms": self.started_at_ms,
+            "stopped_at_ms": self.stopped_at_ms,
+            "reason": self.reason,
+            "stopped_arms": self.stopped_arms,
+            "updated_unix_s": time.time(),
+        }
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -147,16 +162,10 @@ class Registry:
             folder.mkdir(parents=True, exist_ok=True)
             _write_json(folder / "experiment.json", exp.to_dict())
             _write_json(folder / "sequential.json", SequentialState().to_dict())
-            _write_json(
-                folder / "status.json",
-                {
-                    "status": "running",
-                    "started_at_ms": int(at_ms),
-                    "stopped_at_ms": None,
-                    "reason": "",
-                    "updated_unix_s": time.time(),
-                },
+            fresh = ExperimentRecord(
+                exp, "running", int(at_ms), None, "", SequentialState(), folder
             )
+            _write_json(folder / "status.json", fresh.status_dict())
         return self.get(exp.name)
 
     def stop(
@@ -176,16 +185,44 @@ class Registry:
                     f"experiment {name!r} is not running (status {rec.status}, "
                     f"reason {rec.reason!r})"
                 )
-            _write_json(
-                rec.folder / "status.json",
-                {
-                    "status": "stopped-by-guardrail" if by_guardrail else "stopped",
-                    "started_at_ms": rec.started_at_ms,
-                    "stopped_at_ms": None if at_ms is None else int(at_ms),
-                    "reason": reason,
-                    "updated_unix_s": time.time(),
-                },
+            rec = replace(
+                rec,
+                status="stopped-by-guardrail" if by_guardrail else "stopped",
+                stopped_at_ms=None if at_ms is None else int(at_ms),
+                reason=reason,
             )
+            _write_json(rec.folder / "status.json", rec.status_dict())
+        return self.get(name)
+
+    def stop_arm(
+        self, name: str, arm: str, reason: str, *, at_ms: int | None = None
+    ) -> ExperimentRecord:
+        """Records that ``arm`` of a running experiment is stopped (a broken guardrail).
+
+        The split does not change (the other arms keep their users): the caller serves the
+        stopped arm's users as control from now on and its data stop growing. The control
+        arm cannot be stopped alone: stop the experiment instead.
+        """
+        with self._locked():
+            rec = self.get(name)
+            if not rec.running:
+                raise ValueError(f"experiment {name!r} is not running (status {rec.status})")
+            exp = rec.experiment
+            if arm not in {a.name for a in exp.deciding_arms}:
+                raise ValueError(
+                    f"experiment {name!r} has no deciding arm {arm!r} (its deciding arms: "
+                    f"{[a.name for a in exp.deciding_arms]})"
+                )
+            if arm == exp.control:
+                raise ValueError(
+                    f"arm {arm!r} is the control of {name!r}: stop the experiment instead "
+                    f"(`ctrstream experiment stop {name}`)"
+                )
+            if arm not in rec.stopped_arms:
+                stopped = {**rec.stopped_arms, arm: {"reason": reason, "at_ms": at_ms}}
+                _write_json(
+                    rec.folder / "status.json", replace(rec, stopped_arms=stopped).status_dict()
+                )
         return self.get(name)
 
     def get(self, name: str) -> ExperimentRecord:
@@ -206,6 +243,7 @@ class Registry:
             reason=status.get("reason", ""),
             state=SequentialState.from_dict(_read_json(seq)) if seq.exists() else SequentialState(),
             folder=folder,
+            stopped_arms=dict(status.get("stopped_arms", {})),
         )
 
     def list(self) -> builtins.list[ExperimentRecord]:
@@ -221,13 +259,19 @@ class Registry:
     def running(self) -> builtins.list[ExperimentRecord]:
         return [r for r in self.list() if r.running]
 
+    def _existing(self, name: str) -> Path:
+        folder = self._folder(name)
+        if not (folder / "status.json").exists():
+            self.get(name)  # raises UnknownExperiment with the known names
+        return folder
+
     def record_decision(self, name: str, state: SequentialState) -> None:
         """Stores the sequential state after a look (atomic)."""
-        _write_json(self._folder(name) / "sequential.json", state.to_dict())
+        _write_json(self._existing(name) / "sequential.json", state.to_dict())
 
     def save_report(self, name: str, report: dict[str, Any]) -> Path:
         """Stores a look's ``Report.to_dict()`` as ``report.json`` (atomic)."""
-        path = self._folder(name) / "report.json"
+        path = self._existing(name) / "report.json"
         _write_json(path, report)
         return path
 

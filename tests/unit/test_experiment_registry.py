@@ -130,3 +130,29 @@ def test_registry_of_settings_lives_in_the_run_dir(tmp_path: Path) -> None:
     settings = Settings(run_dir=tmp_path / "stack")
     assert Registry.of(settings).root == tmp_path / "stack" / "experiments"
     assert Registry(settings).root == Registry.of(settings).root
+
+
+def test_stopping_one_arm(tmp_path: Path) -> None:
+    exp = Experiment(
+        name="three",
+        salt="s",
+        arms=(
+            Arm("lr", "model", 0.4, model_name="ctr_lr"),
+            Arm("prior", "prior", 0.3),
+            Arm("oracle", "oracle", 0.3),
+        ),
+        control="lr",
+    )
+    reg = Registry(tmp_path)
+    reg.start(exp, at_ms=0)
+    rec = reg.stop_arm("three", "prior", "arm prior: error rate 5.00 % > 1.00 %", at_ms=10)
+    assert rec.running and rec.stopped_arms == {
+        "prior": {"reason": "arm prior: error rate 5.00 % > 1.00 %", "at_ms": 10}
+    }
+    assert Registry(tmp_path).get("three").stopped_arms == rec.stopped_arms
+    with pytest.raises(ValueError, match="is the control of 'three': stop the experiment"):
+        reg.stop_arm("three", "lr", "x")
+    with pytest.raises(ValueError, match="has no deciding arm 'nope'"):
+        reg.stop_arm("three", "nope", "x")
+    with pytest.raises(UnknownExperiment, match="no experiment 'other'"):
+        reg.record_decision("other", SequentialState())
