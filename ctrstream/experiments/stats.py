@@ -47,7 +47,8 @@ The mixture sequential probability ratio test (mSPRT) with a normal mixture
 ``theta ~ N(theta_0, tau^2)`` over the alternative, on an estimate ``theta_hat`` with
 variance ``V`` (approximately normal), has the likelihood ratio
 
-    Lambda(theta_0) = sqrt(V / (V + tau^2)) * exp( tau^2 (theta_hat - theta_0)^2 / (2 V (V + tau^2)) )
+    Lambda(theta_0) = sqrt(V / (V + tau^2))
+                      * exp(tau^2 (theta_hat - theta_0)^2 / (2 V (V + tau^2)))
 
 a nonnegative martingale under ``theta_0``; by Ville's inequality it exceeds ``1/alpha`` at
 **any** look with probability at most alpha. Hence the always-valid p-value

@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import replace
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,13 +220,13 @@ def test_srm_fires_on_a_52_48_split_and_not_on_a_fair_one() -> None:
         ("error_rate", {"errors": 300}),
     ],
 )
-def test_each_guardrail_fires(guardrail: str, change: dict[str, object]) -> None:
+def test_each_guardrail_fires(guardrail: str, change: dict[str, Any]) -> None:
     rng = np.random.default_rng(9)
     a, b = fixed_arm(1000, rng), fixed_arm(1000, rng)
     assert not analyze(AB, {"a": a, "b": b}, elapsed_s=1.0).breaches
     if "predicted_clicks" in change:
         change = {"predicted_clicks": b.predicted_clicks * 3.0}  # 3x over-predicting
-    bad = replace(b, **change)  # type: ignore[arg-type]
+    bad = replace(b, **change)
     r = analyze(AB, {"a": a, "b": bad}, elapsed_s=1.0)
     assert [(x.arm, x.guardrail) for x in r.breaches] == [("b", guardrail)]
     assert r.breached_arms == ["b"] and not r.stop_experiment

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from ctrstream.experiments import Arm, Experiment, Guardrails, assign
 from ctrstream.experiments.assignment import unit_uniform
 
 
-def demo_experiment(**kw: object) -> Experiment:
+def demo_experiment(**kw: Any) -> Experiment:
     arms = (
         Arm("lr", "model", 0.4, model_name="ctr_lr", model_version=1),
         Arm("deep", "model", 0.4, model_name="ctr_deep"),
@@ -22,7 +23,7 @@ def demo_experiment(**kw: object) -> Experiment:
         Arm("oracle", "oracle", 0.1),
         Arm("deep-shadow", "model", 0.0, model_name="ctr_deep", shadow=True),
     )
-    return Experiment(name="exp-demo", salt="salt-1", arms=arms, control="lr", **kw)  # type: ignore[arg-type]
+    return Experiment(name="exp-demo", salt="salt-1", arms=arms, control="lr", **kw)
 
 
 def test_definition_round_trips_through_json() -> None:
@@ -52,13 +53,13 @@ def test_definition_round_trips_through_json() -> None:
         ({"guardrails": Guardrails(calibration_ratio=(1.2, 2.0))}, "0 < lo < 1 < hi"),
     ],
 )
-def test_bad_definitions_say_what_is_wrong(change: dict[str, object], message: str) -> None:
+def test_bad_definitions_say_what_is_wrong(change: dict[str, Any], message: str) -> None:
     exp = demo_experiment()
     kw = {**exp.__dict__, **change}
     if "arms" in change:
         kw["control"] = "a"
     with pytest.raises(ValueError) as e:
-        Experiment(**kw).validate()  # type: ignore[arg-type]
+        Experiment(**kw).validate()
     assert message in str(e.value)
 
 
