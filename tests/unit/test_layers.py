@@ -29,7 +29,10 @@ LAYERS: list[tuple[str, list[str]]] = [
             "ctrstream.plots",
         ],
     ),
-    ("the store (Redis layout and protocol), Kafka", ["ctrstream.store", "ctrstream.kafka"]),
+    (
+        "the store (Redis layout and protocol), Kafka",
+        ["ctrstream.store", "ctrstream.kafka", "ctrstream.experiments"],
+    ),
     (
         "ops (stack, processes), model (nets, export, publish)",
         ["ctrstream.stack", "ctrstream.models"],
