@@ -38,6 +38,22 @@ request (null: everything read now). Hit and miss counts are on ``/metrics``
 (``ctrstream_api_feature_cache_total``), the channel's state on ``/readyz``
 (``feature_cache``).
 
+``POST /v1/auction``::
+
+    {"user_id": 17, "context": {"site_id": 3, "device_type": "mobile", "country": "US",
+                                "event_time_ms": 1735689600000},     # optional, default: now
+     "slots": 3,
+     "candidates": [{"ad_id": 4, "campaign_id": 2, "advertiser_id": 1, "ad_category": 7,
+                     "bid_cpc": 0.8}, ...],
+     "reserve": {"cpc": 0.05, "ecpm": 0.5}}                          # optional
+
+runs the ad server's auction (``ctrstream.serving.auction``, the code the closed loop's
+``ctrstream.serving.adserver`` runs) for one request with the served model: candidates scored
+at the reference position 0, calibrated, ranked by bid x pCTR0 above the reserve, the slots
+filled by generalized second price; it answers the winners with their slot, price (per
+click), pCTR0 and calibrated pCTR at their slot, the model version and ``degraded``. Same
+validation and limits as ``/v1/predict`` (through FastAPI's router, not the fast path).
+
 ``GET /healthz`` (the process is up), ``GET /readyz`` (Redis answers and the model is ready
 on Triton; 503 otherwise), ``GET /metrics`` (Prometheus text), ``GET /openapi.json`` and
 ``/docs``.
@@ -59,7 +75,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -75,7 +91,9 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ctrstream import features as F
 from ctrstream.serving.assembly import CANDIDATE_FIELDS, assemble_async, request_columns
+from ctrstream.serving.auction import AuctionConfig, auction, n_uniforms
 from ctrstream.serving.limits import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -99,6 +117,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
 class Context(_Strict):
     site_id: Id
     device_type: Literal["mobile", "desktop", "tablet", "ctv"]
@@ -118,6 +139,69 @@ class PredictRequest(_Strict):
     user_id: Id
     context: Context
     candidates: Annotated[list[Candidate], Field(min_length=1, max_length=MAX_CANDIDATES)]
+
+
+MAX_SLOTS = 20
+MAX_BID = 1e6  # per click, in the currency of the bids
+Bid = Annotated[float, Field(gt=0, le=MAX_BID, allow_inf_nan=False)]
+
+
+class AuctionContext(_Strict):
+    site_id: Id
+    device_type: Literal["mobile", "desktop", "tablet", "ctv"]
+    country: Annotated[str, Field(min_length=1, max_length=8, pattern=r"^[A-Za-z0-9_-]+$")]
+    event_time_ms: Annotated[int, Field(ge=MIN_TIME_MS, le=MAX_TIME_MS)] | None = None
+
+
+class AuctionCandidate(_Strict):
+    ad_id: Id
+    campaign_id: Id
+    advertiser_id: Id
+    ad_category: Id
+    bid_cpc: Bid  # what the advertiser bids per click
+
+
+class Reserve(_Strict):
+    """Reserve prices: per click and per thousand impressions (expected, bid x pCTR0)."""
+
+    cpc: Annotated[float, Field(ge=0, le=MAX_BID, allow_inf_nan=False)] = 0.0
+    ecpm: Annotated[float, Field(ge=0, le=1000 * MAX_BID, allow_inf_nan=False)] = 0.0
+
+
+class AuctionRequest(_Strict):
+    user_id: Id
+    context: AuctionContext
+    slots: Annotated[int, Field(ge=1, le=MAX_SLOTS)]
+    candidates: Annotated[list[AuctionCandidate], Field(min_length=1, max_length=MAX_CANDIDATES)]
+    reserve: Reserve | None = None  # default: the server's (ctrstream serve)
+
+
+class AuctionWinner(BaseModel):
+    ad_id: int
+    campaign_id: int
+    advertiser_id: int
+    ad_category: int
+    slot: int  # 0 = top
+    price: float  # cost per click if clicked (generalized second price, at least the reserve)
+    bid_cpc: float
+    pctr0: float  # calibrated pCTR at the reference position 0: what the ranking used
+    raw_score: float  # the model's pCTR at the winner's slot
+    calibrated_score: float  # calibrated pCTR at the winner's slot
+
+
+class AuctionResponse(BaseModel):
+    winners: list[AuctionWinner]
+    slots: int
+    filled: int
+    qualified: int  # candidates above the reserve
+    reserve_cpc: float
+    reserve_ecpm: float
+    model_name: str
+    model_version: str
+    calibration: str
+    degraded: bool
+    degraded_reasons: list[str]
+    event_time_ms: int
 
 
 class ScoredCandidate(BaseModel):
@@ -171,6 +255,11 @@ PREDICT_RESPONSES: dict[int | str, dict] = {
     **LIMIT_RESPONSES,
     415: _error_doc("the content type is not JSON"),
     422: _error_doc("the body is not JSON or does not follow PredictRequest"),
+}
+AUCTION_RESPONSES: dict[int | str, dict] = {
+    **LIMIT_RESPONSES,
+    415: _error_doc("the content type is not JSON"),
+    422: _error_doc("the body is not JSON or does not follow AuctionRequest"),
 }
 
 
@@ -293,6 +382,8 @@ def create_app(
     feature_tracking: bool = True,
     max_body_bytes: int = MAX_BODY_BYTES,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    reserve_cpc: float = 0.0,
+    reserve_ecpm: float = 0.0,
 ) -> FastAPI:
     """The API app. ``feature_cache_s``: the most the reused window counts of entities that
     do not involve the user (ad, campaign, advertiser, site, site x category) may lag Redis -
@@ -302,7 +393,10 @@ def create_app(
     ``feature_tracking``: keep cached counts until Redis reports a write to them (server-
     assisted invalidation, ``ctrstream.store.reader.InvalidationTracker``) instead of for
     ``feature_cache_s`` only - the bound above still holds, enforced by heartbeats.
-    ``max_body_bytes``, ``body_timeout_s``: the body limits (``ctrstream.serving.limits``)."""
+    ``max_body_bytes``, ``body_timeout_s``: the body limits (``ctrstream.serving.limits``).
+    ``reserve_cpc``, ``reserve_ecpm``: the reserve prices of ``POST /v1/auction`` when a
+    request names none."""
+    default_reserve = AuctionConfig(reserve_cpc=reserve_cpc, reserve_ecpm=reserve_ecpm)
     if max_body_bytes < 1 or body_timeout_s <= 0:
         raise ValueError(
             f"max_body_bytes must be at least 1 and body_timeout_s above 0, "
@@ -349,6 +443,19 @@ def create_app(
         registry=registry,
     )
     candidates_c = Counter("ctrstream_api_candidates_total", "candidates scored", registry=registry)
+    auction_hist = Histogram(
+        "ctrstream_api_auction_stage_seconds",
+        "server time per stage of /v1/auction",
+        ["stage"],
+        registry=registry,
+        buckets=(0.001, 0.002, 0.004, 0.008, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    )
+    auctions_c = Counter(
+        "ctrstream_api_auctions_total",
+        "POST /v1/auction answers by outcome (invalid requests: ctrstream_api_requests_total)",
+        ["outcome"],
+        registry=registry,
+    )
     cache_c = Counter(
         "ctrstream_api_feature_cache_total",
         "entity keys of /v1/predict served from the shared-entity feature cache (hit) "
@@ -404,37 +511,48 @@ def create_app(
 
     request_schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     request_defs = request_schema.pop("$defs", {})
+    auction_schema = AuctionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    request_defs.update(auction_schema.pop("$defs", {}))
 
-    async def handle(content_type: str | None, raw_body: bytes) -> tuple[int, bytes, dict]:
-        """(status, JSON body, stage timings) of one ``POST /v1/predict``."""
-        h0 = time.perf_counter()
-        if not _is_json(content_type):
-            return invalid(
-                "body: content-type must be application/json",
-                [
-                    {
-                        "loc": "body",
-                        "type": "content_type",
-                        "msg": "content-type must be application/json",
-                    }
-                ],
-                415,
-            )
+    def parse(model: type[_M], raw_body: bytes) -> _M | tuple[str, list[dict]]:
+        """The body as ``model``, or (message, errors) of a 422."""
         try:
-            req = PredictRequest.model_validate_json(raw_body)
+            return model.model_validate_json(raw_body)
         except ValidationError as e:
             if not _has_integral_floats(e):
-                return invalid(*_errors(e.errors(), ("body",)))
+                return _errors(e.errors(), ("body",))
             # ``17.0`` is an integer in JSON Schema: the strict models (the fast path) refuse
             # it, so such a body is parsed again with integral numbers as ints
             try:
                 doc = json.loads(raw_body, parse_float=_integral_float)
             except (ValueError, RecursionError):  # what pydantic-core parsed, json refuses
-                return invalid(*_errors(e.errors(), ("body",)))
+                return _errors(e.errors(), ("body",))
             try:
-                req = PredictRequest.model_validate(doc)
+                return model.model_validate(doc)
             except ValidationError as e2:
-                return invalid(*_errors(e2.errors(), ("body",)))
+                return _errors(e2.errors(), ("body",))
+
+    def not_json() -> tuple[int, bytes, dict]:
+        return invalid(
+            "body: content-type must be application/json",
+            [
+                {
+                    "loc": "body",
+                    "type": "content_type",
+                    "msg": "content-type must be application/json",
+                }
+            ],
+            415,
+        )
+
+    async def handle(content_type: str | None, raw_body: bytes) -> tuple[int, bytes, dict]:
+        """(status, JSON body, stage timings) of one ``POST /v1/predict``."""
+        h0 = time.perf_counter()
+        if not _is_json(content_type):
+            return not_json()
+        req = parse(PredictRequest, raw_body)
+        if not isinstance(req, PredictRequest):
+            return invalid(*req)
         ctx_m = req.context
         t_ms = ctx_m.event_time_ms or int(time.time() * 1000)
         ctx = {
@@ -594,6 +712,175 @@ def create_app(
             content=body, status_code=status, media_type="application/json", headers=headers
         )
 
+    async def handle_auction(content_type: str | None, raw_body: bytes) -> tuple[int, bytes, dict]:
+        """(status, JSON body, stage timings) of one ``POST /v1/auction``: the candidates
+        scored at the reference position 0 by the served model, calibrated, the auction
+        (``ctrstream.serving.auction``, no exploration), the winners scored at their slots."""
+        h0 = time.perf_counter()
+        if not _is_json(content_type):
+            return not_json()
+        req = parse(AuctionRequest, raw_body)
+        if not isinstance(req, AuctionRequest):
+            return invalid(*req)
+        cfg = (
+            default_reserve
+            if req.reserve is None
+            else AuctionConfig(reserve_cpc=req.reserve.cpc, reserve_ecpm=req.reserve.ecpm)
+        )
+        ctx_m = req.context
+        t_ms = ctx_m.event_time_ms or int(time.time() * 1000)
+        ctx = {
+            "site_id": ctx_m.site_id,
+            "device_type": ctx_m.device_type,
+            "country": ctx_m.country,
+            "position": 0,
+            "event_time_ms": ctx_m.event_time_ms,
+        }
+        cands = req.candidates
+        ids = np.array(
+            [(c.ad_id, c.campaign_id, c.advertiser_id, c.ad_category) for c in cands],
+            dtype=np.int64,
+        )
+        bids = np.array([c.bid_cpc for c in cands], dtype=np.float64)
+        columns = request_columns(
+            req.user_id, ctx, {f: ids[:, k] for k, f in enumerate(CANDIDATE_FIELDS)}, t_ms
+        )
+        reasons: list[str] = []
+        asm = await assemble_async(state["store"], columns, t_ms)
+        if asm.degraded:
+            reasons.append(asm.error or "feature store unavailable")
+        scorer = state["scorer"]
+        res = await scorer.score(asm.sparse, asm.dense)
+        tc0 = time.perf_counter()
+        raw0 = res.raw.astype(np.float64)
+        pctr0, calibration = (
+            state["calibration"].apply(raw0, res.model_version, ctx)
+            if not res.degraded
+            else (raw0, "none")
+        )
+        t1 = time.perf_counter()
+        n = len(cands)
+        won = auction(
+            np.array([0, n], dtype=np.int64),
+            bids,
+            pctr0,
+            np.array([req.slots], dtype=np.int64),
+            np.zeros(1, dtype=bool),
+            np.zeros((1, n_uniforms(req.slots))),
+            cfg,
+        )
+        t2 = time.perf_counter()
+        w = won.candidate_index
+        raw_at, cal_at = raw0[w], pctr0[w]
+        triton_s = res.timings.get("triton", 0.0)
+        if len(w) and not res.degraded:
+            at_slot = {f: v[w] for f, v in columns.items()}
+            at_slot["position"] = won.slot
+            res_at = await scorer.score(F.sparse_ids(at_slot), asm.dense[w])
+            triton_s += res_at.timings.get("triton", 0.0)
+            if res_at.degraded:
+                reasons.append(f"model unavailable: {res_at.error}")
+            else:
+                raw_at = res_at.raw.astype(np.float64)
+                cal_at, _ = state["calibration"].apply(
+                    raw_at,
+                    res_at.model_version,
+                    {"position": won.slot, "device_type": at_slot["device_type"]},
+                )
+        elif res.degraded:
+            reasons.append(f"model unavailable: {res.error}")
+
+        def finite(a: np.ndarray) -> list[float]:
+            return np.nan_to_num(np.asarray(a, np.float64), nan=0.0, posinf=1.0).tolist()
+
+        winners = [
+            {
+                "ad_id": a,
+                "campaign_id": c,
+                "advertiser_id": v,
+                "ad_category": g,
+                "slot": s,
+                "price": p,
+                "bid_cpc": b,
+                "pctr0": q0,
+                "raw_score": x,
+                "calibrated_score": y,
+            }
+            for (a, c, v, g), s, p, b, q0, x, y in zip(
+                ids[w].tolist(),
+                won.slot.tolist(),
+                finite(won.price),
+                bids[w].tolist(),
+                finite(won.pctr0),
+                finite(raw_at),
+                finite(cal_at),
+            )
+        ]
+        degraded = bool(reasons)
+        body = _ENCODE(
+            {
+                "winners": winners,
+                "slots": req.slots,
+                "filled": int(won.filled[0]),
+                "qualified": int(won.qualified[0]),
+                "reserve_cpc": cfg.reserve_cpc,
+                "reserve_ecpm": cfg.reserve_ecpm,
+                "model_name": res.model_name,
+                "model_version": res.model_version,
+                "calibration": calibration,
+                "degraded": degraded,
+                "degraded_reasons": reasons,
+                "event_time_ms": t_ms,
+            }
+        )
+        fr = asm.read
+        timings = {
+            "redis": fr.timings.get("redis", 0.0),
+            "assembly": fr.timings.get("assembly", 0.0),
+            "triton": triton_s,
+            "calibration": t1 - tc0,
+            "auction": t2 - t1,
+            "handler": time.perf_counter() - h0,
+        }
+        for k, v in timings.items():
+            auction_hist.labels(k).observe(v)
+        auctions_c.labels("degraded" if degraded else "ok").inc()
+        return 200, body, timings
+
+    @app.post(
+        "/v1/auction",
+        response_model=AuctionResponse,
+        responses=AUCTION_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/AuctionRequest"}}
+                },
+            }
+        },
+    )
+    async def auction_route(request: Request):
+        """Run the auction of one ad request: its candidates (with bids) ranked by bid x the
+        served model's calibrated pCTR at the reference position, above the reserve, slots
+        filled by generalized second price (``ctrstream.serving.auction``)."""
+        try:
+            status, body, timings = await handle_auction(
+                request.headers.get("content-type"), await request.body()
+            )
+        except Exception as e:  # a bug, not bad input: a 500 that says so
+            log.exception("POST /v1/auction failed")
+            auctions_c.labels("error").inc()
+            status, body, timings = (
+                500,
+                _ENCODE({"detail": f"internal error: {type(e).__name__}: {e}"}),
+                {},
+            )
+        headers = {"server-timing": _server_timing(timings).decode()} if status == 200 else None
+        return Response(
+            content=body, status_code=status, media_type="application/json", headers=headers
+        )
+
     def openapi():
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
@@ -604,6 +891,7 @@ def create_app(
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(request_defs)
             schemas["PredictRequest"] = request_schema
+            schemas["AuctionRequest"] = auction_schema
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -679,5 +967,8 @@ __all__ = [
     "ErrorResponse",
     "PredictRequest",
     "PredictResponse",
+    "AuctionRequest",
+    "AuctionResponse",
     "MAX_CANDIDATES",
+    "MAX_SLOTS",
 ]

@@ -145,31 +145,17 @@ class BatchScorer:
         return self._store, self._scorer, self._cal
 
     def features(self, cols: dict) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(sparse, dense, degraded) for every row at its own event time."""
-        from ctrstream.serving.assembly import empty_read, entity_ids
+        """(sparse, dense, degraded) for every row at its own event time (one read per
+        event-time minute: ``ctrstream.serving.assembly.counts_at_event_times``)."""
+        from ctrstream.serving.assembly import counts_at_event_times
 
-        store = self._deps()[0]
-        n = len(cols["event_time_ms"])
-        ids = entity_ids(cols)
-        counts = np.zeros((n, len(F.ENTITIES), F.N_WINDOWS, 2), dtype=np.int64)
-        minute = cols["event_time_ms"] // F.MINUTE_MS
-        degraded = False
-        for m in np.unique(minute):
-            sel = np.flatnonzero(minute == m)
-            t = int(cols["event_time_ms"][sel].max())
-            try:
-                counts[sel] = store.read_rows(ids[sel], t).counts
-            except Exception as e:  # noqa: BLE001 - Redis down: prior-only features, flagged
-                if not degraded:
-                    log.warning(
-                        "feature store unavailable (%s: %s): scoring with all-zero "
-                        "window counts, predictions flagged degraded",
-                        type(e).__name__,
-                        e,
-                    )
-                counts[sel] = empty_read(len(sel), t).counts
-                degraded = True
-        return F.sparse_ids(cols), F.dense_from_counts(counts), degraded
+        read = counts_at_event_times(self._deps()[0], cols)
+        if read.error is not None:
+            log.warning(
+                "%s: scoring with all-zero window counts, predictions flagged degraded",
+                read.error,
+            )
+        return F.sparse_ids(cols), F.dense_from_counts(read.counts), bool(read.degraded.any())
 
     def score_messages(self, msgs: list) -> list[tuple[bytes, bytes]]:
         """Decode one micro-batch of Kafka messages (``KafkaSourceMessage``) and score it; the

@@ -70,7 +70,7 @@ from ctrstream.store.plan import (
     view_of,
     window_plan,
 )
-from ctrstream.store.script import READ_SCRIPT, AsyncScript
+from ctrstream.store.script import READ_SCRIPT, AsyncScript, SyncScript
 from ctrstream.store.tracking import InvalidationTracker
 
 Method = Literal["script", "pipeline"]
@@ -385,7 +385,7 @@ class FeatureStore(_Shell):
     ):
         self.core = ReaderCore(mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock)
         self.client = client
-        self.script = client.register_script(READ_SCRIPT)
+        self.script: Any = SyncScript.for_client(client) or client.register_script(READ_SCRIPT)
 
     def _execute(self, request: Request) -> Any:
         if isinstance(request, ScriptCall):

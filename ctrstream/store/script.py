@@ -1,7 +1,10 @@
 """The read script (``read.lua``, package data) and the two ways it is called.
 
-* Sync callers (batch jobs, the streaming scorer, tests) use redis-py's ``Script``
-  (``client.register_script(READ_SCRIPT)``): ``EVALSHA``, and ``EVAL`` on ``NOSCRIPT``.
+* Sync callers (batch jobs, the streaming scorer, the ad server, tests) call it with
+  :class:`SyncScript`: ``EVALSHA`` over one blocking connection, packed and parsed by hiredis
+  in C. redis-py's ``Script`` (``client.register_script(READ_SCRIPT)``, kept for unix sockets
+  and TLS) encodes every key in Python: for a read of tens of thousands of keys (a micro-batch
+  of the ad server) that was most of the read's time.
 * The prediction API calls it with :class:`AsyncScript`: ``EVALSHA`` over one pipelined
   asyncio connection, packed and parsed by hiredis in C - the API's hot path. redis-py's
   asyncio client spends ~0.3 ms of Python per call on its connection pool, retry wrapper
@@ -12,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections import deque
 from importlib import resources
 from typing import Any
 
 import hiredis
 
-from ctrstream.store.connection import RedisReplyError, hello_commands
+from ctrstream.store.connection import RedisReplyError, RespSocket, hello_commands
 
 READ_SCRIPT = resources.files("ctrstream.store").joinpath("read.lua").read_text()
 
@@ -141,3 +145,62 @@ class AsyncScript:
         if self.proto is not None and self.proto.transport is not None:
             self.proto.transport.close()
         self.proto = None
+
+
+class SyncScript:
+    """``EVALSHA`` of a script over one blocking connection (:class:`~ctrstream.store.
+    connection.RespSocket`), packed by hiredis. ``NOSCRIPT`` loads the script with ``EVAL``;
+    a broken connection is closed and the call retried once on a new one (a restarted Redis),
+    then raises - the caller degrades. Calls from several threads take turns.
+
+    ``kw``: a redis-py client's ``connection_pool.connection_kwargs``."""
+
+    def __init__(self, kw: dict[str, Any], lua: str = READ_SCRIPT):
+        self.kw = kw
+        self.lua = lua.encode()
+        self.sha = hashlib.sha1(self.lua).hexdigest().encode()
+        self.timeout = float(kw.get("socket_timeout") or 30.0)
+        self.sock: RespSocket | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_client(cls, client: Any, lua: str = READ_SCRIPT) -> SyncScript | None:
+        """For a TCP redis-py client; None otherwise (a unix socket or TLS)."""
+        kw = dict(client.connection_pool.connection_kwargs)
+        if "host" not in kw or "path" in kw or kw.get("ssl"):
+            return None
+        return cls(kw, lua)
+
+    def _call(self, sock: RespSocket, head: tuple[Any, ...]) -> Any:
+        sock.sock.sendall(hiredis.pack_command((b"EVALSHA", self.sha, *head)))
+        try:
+            return sock.read_reply()
+        except RedisReplyError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+        sock.sock.sendall(hiredis.pack_command((b"EVAL", self.lua, *head)))
+        return sock.read_reply()
+
+    def __call__(
+        self, keys: list[Any] | tuple[Any, ...] = (), args: list[Any] | tuple[Any, ...] = ()
+    ) -> Any:
+        head = (len(keys), *keys, *args)
+        with self._lock:
+            for attempt in range(2):
+                reused = self.sock is not None
+                if self.sock is None:
+                    self.sock = RespSocket.from_kwargs(self.kw, timeout=self.timeout)
+                try:
+                    return self._call(self.sock, head)
+                except RedisReplyError:
+                    raise  # an answer: the connection is fine
+                except (OSError, ConnectionError):
+                    self.close()
+                    if not reused or attempt:
+                        raise
+            raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None

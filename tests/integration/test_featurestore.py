@@ -337,6 +337,35 @@ def test_async_script_connection_pipelines_reloads_scripts_and_recovers(r, setti
     assert again == [13, 3] and after == [17, 7]
 
 
+def test_sync_script_reloads_scripts_and_reconnects(r, settings, unique):
+    """The sync readers' EVALSHA connection (``SyncScript``): a flushed script cache is
+    reloaded, a killed connection is replaced on the next read, a dead Redis raises."""
+    import redis as redis_py
+
+    from ctrstream.stack.services import free_port
+    from ctrstream.store.script import SyncScript
+
+    r.delete(L.BATCH_POINTER_KEY)
+    res = F.RESOLUTIONS[0]
+    b = T // res.bucket_ms - 1
+    ids = [f"sync{unique}-{k}" for k in range(3)]
+    for k, eid in enumerate(ids):
+        _hset_speed(r, "ad", eid, {(res.name, "i", b): 10 + k, (res.name, "c", b): k})
+    store = FeatureStore(redis_client(settings))
+    assert isinstance(store.script, SyncScript)
+    want = [[[10 + k, k]] for k in range(3)]
+    assert store.read([f"ad:{ids[0]}"], T).counts[0, :1].tolist() == want[0]
+    r.script_flush()
+    assert store.read([f"ad:{ids[1]}"], T).counts[0, :1].tolist() == want[1]
+    assert store.script.sock is not None
+    r.client_kill_filter(_id=store.script.sock.call("CLIENT", "ID"))
+    assert store.read([f"ad:{ids[2]}"], T).counts[0, :1].tolist() == want[2]
+    dead = FeatureStore(redis_py.Redis(port=free_port(), socket_timeout=0.5), mode="speed")
+    assert isinstance(dead.script, SyncScript)
+    with pytest.raises(ConnectionError):  # the script's own connection: OSError's
+        dead.read([f"ad:{ids[0]}"], T)
+
+
 def test_read_rows_gathers_unique_keys_back_into_rows(r, settings, unique):
     r.delete(L.BATCH_POINTER_KEY)
     for n, eid in enumerate(("x", "y")):
