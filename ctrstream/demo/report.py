@@ -111,6 +111,33 @@ def _live_outcomes(st, tr):
     }
 
 
+def _loop_outcomes(st) -> dict | None:
+    """The closed loop's shown impressions decided by a model, with their label (the world's
+    click) and their true probability, from the loop's decision log."""
+    from ctrstream.loop.ledger import ImpressionLog
+
+    folder = st.numbers.get("loop_log")
+    table = ImpressionLog.read(Path(folder)) if folder else None
+    if table is None or table.num_rows == 0:
+        return None
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    keep = cols["model_name"] != ""
+    if not keep.any():
+        return None
+    order = np.argsort(cols["event_time_ms"][keep], kind="stable")
+    pick = {c: v[keep][order] for c, v in cols.items()}
+    return {
+        "t": pick["event_time_ms"],
+        "raw": pick["raw_score"].astype(float),
+        "cal": pick["calibrated_score"].astype(float),
+        "degraded": pick["degraded"].astype(bool),
+        "y": pick["clicked"].astype(float),
+        "oracle": pick["p_true"].astype(float),
+        "model": pick["model_name"],
+        "n_predictions": int(keep.sum()),
+    }
+
+
 def _over_time(live: dict, windows: int = 24) -> dict:
     t, y = live["t"], live["y"]
     edges = np.linspace(t.min(), t.max() + 1, windows + 1)
@@ -208,7 +235,9 @@ def build_report(st, tr, cfg) -> Path:
     # ---------------------------------------------------------------- throughput
     m = n.get("metrics", {})
     speed_in = m.get("speed-features", {}).get("ctrstream_speed_events_in_total", 0)
-    speed_rate = speed_in / max(n.get("speed_history_seconds", 0) + n.get("score_seconds", 0), 1e-9)
+    loop = n.get("loop")
+    live_s = loop["wall_s"] if loop else n.get("score_seconds", 0)
+    speed_rate = speed_in / max(n.get("speed_history_seconds", 0) + live_s, 1e-9)
     throughput = [
         {
             "stage": "replay (history)",
@@ -216,25 +245,48 @@ def build_report(st, tr, cfg) -> Path:
             "seconds": n["replay_history"]["seconds"],
             "events/s": n["replay_history"]["rate"],
         },
-        {
-            "stage": "replay (live, lockstep)",
-            "events": n["replay_live"]["sent"],
-            "seconds": n["replay_live"]["seconds"],
-            "events/s": n["replay_live"]["rate"],
-        },
-        {
-            "stage": "speed layer (incl. waiting for replay)",
-            "events": int(speed_in),
-            "seconds": n.get("speed_history_seconds", 0) + n.get("score_seconds", 0),
-            "events/s": speed_rate,
-        },
-        {
-            "stage": "scorer (live, incl. waiting for replay)",
-            "events": n.get("predictions", 0),
-            "seconds": n.get("score_seconds", 0),
-            "events/s": n.get("predictions", 0) / max(n.get("score_seconds", 0), 1e-9),
-        },
     ]
+    if loop:
+        throughput += [
+            {
+                "stage": "closed loop: ad requests decided",
+                "events": loop["requests"],
+                "seconds": loop["wall_s"],
+                "events/s": loop["requests_per_s"],
+            },
+            {
+                "stage": "closed loop: impressions shown",
+                "events": loop["impressions"],
+                "seconds": loop["wall_s"],
+                "events/s": loop["impressions_per_s"],
+            },
+        ]
+    else:
+        throughput.append(
+            {
+                "stage": "replay (live, lockstep)",
+                "events": n["replay_live"]["sent"],
+                "seconds": n["replay_live"]["seconds"],
+                "events/s": n["replay_live"]["rate"],
+            }
+        )
+    throughput.append(
+        {
+            "stage": "speed layer (incl. waiting for the input)",
+            "events": int(speed_in),
+            "seconds": n.get("speed_history_seconds", 0) + live_s,
+            "events/s": speed_rate,
+        }
+    )
+    if not loop:
+        throughput.append(
+            {
+                "stage": "scorer (live, incl. waiting for replay)",
+                "events": n.get("predictions", 0),
+                "seconds": n.get("score_seconds", 0),
+                "events/s": n.get("predictions", 0) / max(n.get("score_seconds", 0), 1e-9),
+            }
+        )
     plots.append(
         (
             "Throughput of each stage (events/s, wall time incl. waiting for the replay)",
@@ -280,7 +332,7 @@ def build_report(st, tr, cfg) -> Path:
             )
         )
     # ---------------------------------------------------------------- calibration
-    live = _live_outcomes(st, tr)
+    live = _loop_outcomes(st) if loop else _live_outcomes(st, tr)
     calib = {}
     if live is not None:
         ok = ~live["degraded"]
@@ -363,9 +415,9 @@ def build_report(st, tr, cfg) -> Path:
         "oracle_ne": (deep.get("oracle") or {}).get("ne"),
         "model_name": pub.get("model_name"),
         "model_version": pub.get("version"),
-        "predictions": n.get("predictions"),
+        "predictions": n.get("predictions") if not loop else live and live["n_predictions"],
         "degraded": n.get("degraded"),
-        "score_rate": throughput[3]["events/s"],
+        "score_rate": throughput[-1]["events/s"] if not loop else loop["impressions_per_s"],
         "calibration_pairs": m.get("calibrate", {}).get("ctrstream_calibration_joined_total"),
         "ratio_before": calib.get("raw (Triton)", {}).get("ratio"),
         "ratio_after": calib.get("calibrated (River)", {}).get("ratio"),
@@ -539,12 +591,24 @@ def _lag_html(rows: list[dict], n: dict) -> str:
 
 
 def _overview_html(st, cfg, n) -> str:
-    rows = [{"phase": p["phase"], "seconds": p["seconds"]} for p in st.phases]
+    rows = [
+        {"phase": p["phase"], "seconds": p["seconds"], "budget (s)": p.get("budget_s")}
+        for p in st.phases
+    ]
+    if n.get("loop"):
+        live = (
+            f"From the cut-off on, the live phase is the <em>closed loop</em>: the world sends "
+            f"ad requests ({n['loop']['requests']:,} over {cfg.live_hours:g} h of event time, "
+            f"{cfg.candidates} candidate ads each) and the ad server decides what is shown "
+            f"({n['loop']['impressions']:,} impressions) under an online experiment."
+        )
+    else:
+        live = "The rest is replayed live, in lockstep with the streaming scorer."
     return (
         f"<p>Scenario <code>{html.escape(cfg.scenario)}</code>: {n['impressions']:,} impressions and "
-        f"{n['clicks']:,} clicks over {(n['t_end'] - n['t_start']) / 3.6e6:.1f} hours of event "
-        f"time. The first {cfg.history_fraction:.0%} of event time is the <em>history</em> the batch "
-        f"layer trains on; the rest is scored live. Injected by the generator: "
+        f"{n['clicks']:,} clicks generated over {(n['t_end'] - n['t_start']) / 3.6e6:.1f} hours "
+        f"of event time. The first {cfg.history_fraction:.0%} of event time is the "
+        f"<em>history</em> the batch layer trains on. {live} Injected by the generator: "
         f"<code>{html.escape(json.dumps(n.get('injected', {})))}</code>.</p>" + table_html(rows)
     )
 

@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         ["ctrstream.streaming", "ctrstream.batch", "ctrstream.calibration"],
     ),
     ("serving, simulation", ["ctrstream.serving", "ctrstream.simulation"]),
+    ("the closed loop (world and ad server together)", ["ctrstream.loop"]),
     ("command line", ["ctrstream.cli"]),
     ("demo, benchmarks", ["ctrstream.demo", "ctrstream.bench"]),
     ("the console script", ["ctrstream.__main__"]),

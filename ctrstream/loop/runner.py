@@ -1,0 +1,482 @@
+"""The closed loop: the world asks, the ad server decides, the world answers.
+
+One step covers ``step_s`` seconds of event time, ``[t0, t0 + step)``:
+
+1. the clicks the world decided earlier whose event time is before ``t0`` go to Kafka, and
+   the ledger credits them (an experiment sees a click when it happens, not when decided);
+2. the world's requests of the step; each user's arm (``assign``: a salted hash); requests
+   of a stopped arm are served by the control and not counted;
+3. the ad server ranks the whole batch: one feature read at each request's event time, one
+   Triton call per model, calibration, the auction - **before** any event of the step is
+   produced, and the guard below checks that nothing at or after the batch's first request
+   time has ever been produced (features cannot see the future, however far the
+   time-compressed world runs ahead);
+4. the world decides clicks for what was shown (the true probability at the shown slot);
+   impressions (request id, arm, slot, price) and predictions (model name, version, arm) go
+   to Kafka; clicks wait for their time;
+5. the ledger and the per-arm metrics record it; every ``analyze_every_s`` of event time the
+   experiment is analysed (always-valid test, guardrails) and its state saved; every
+   ``checkpoint_every`` steps the loop's own state is checkpointed (world, ledger, pending
+   clicks, clock) so a restarted ad server continues the same experiment.
+
+Time compression: with ``compression`` set, the loop paces event time to wall time
+(``compression`` event seconds per wall second) and says so when it cannot keep up; without
+it the loop runs as fast as it can.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctrstream.config import Settings
+from ctrstream.events import SCHEMA_VERSION, Click, Impression, Prediction
+from ctrstream.loop.emitter import Emitter, _Pending
+from ctrstream.loop.ledger import ImpressionLog, Ledger
+from ctrstream.loop.metrics import loop_metrics
+
+log = logging.getLogger("ctrstream.loop")
+
+
+class LeakageError(RuntimeError):
+    """An event at or after a request's time was produced before its features were read."""
+
+
+@dataclass
+class LoopConfig:
+    step_s: float = 5.0  # event time per micro-batch of requests
+    compression: float | None = None  # event seconds per wall second; None: as fast as it can
+    analyze_every_s: float = 300.0  # event time between two looks of the sequential test
+    checkpoint_every: int = 20  # steps between two checkpoints of the loop's state
+    progress: Callable[[dict], None] | None = None
+
+
+@dataclass
+class LoopSummary:
+    started_ms: int
+    ended_ms: int
+    steps: int
+    requests: int
+    impressions: int
+    clicks: int
+    predictions: int
+    wall_s: float
+    decide_s: float  # wall time inside the ad server
+    resumed: bool = False
+    lateness_s: float = 0.0  # how far behind the pacing the loop fell (compression set)
+    stage_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / max(self.wall_s, 1e-9)
+
+    @property
+    def impressions_per_s(self) -> float:
+        return self.impressions / max(self.wall_s, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(
+            requests_per_s=round(self.requests_per_s, 1),
+            impressions_per_s=round(self.impressions_per_s, 1),
+            event_time_compression=round(
+                (self.ended_ms - self.started_ms) / 1000 / max(self.wall_s, 1e-9), 1
+            ),
+        )
+        return d
+
+
+class ClosedLoop:
+    """Runs one experiment's closed loop (see the module docstring).
+
+    ``world``: a :class:`ctrstream.simulation.world.World`; ``decide``: the ad server's
+    ``decide(batch, arm_of_request) -> Decisions`` for this experiment's rankers;
+    ``experiment``/``registry``: the definition and the file store of its state;
+    ``state_dir``: where the loop checkpoints."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        world: Any,
+        decide: Callable[[Any, np.ndarray], Any],
+        experiment: Any,
+        registry: Any,
+        state_dir: Path,
+        cfg: LoopConfig | None = None,
+        emitter: Emitter | None = None,
+    ):
+        from ctrstream.experiments.assignment import assign
+
+        self.settings = settings
+        self.world = world
+        self.decide = decide
+        self.exp = experiment
+        self.registry = registry
+        self.cfg = cfg or LoopConfig()
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.emitter = emitter or Emitter(settings)
+        self._assign = assign
+        self.deciding = [a.name for a in experiment.arms if not a.shadow]
+        self.shadows = [a.name for a in experiment.arms if a.shadow]
+        self.control = self.deciding.index(experiment.control)
+        self.ledger = Ledger(tuple(self.deciding), tuple(self.shadows), int(world.scenario.n_users))
+        self.log = ImpressionLog(self.state_dir / "impressions")
+        self.clock_ms: int | None = None
+        self.next_look_ms: int | None = None
+        self.steps = 0
+        self.m = loop_metrics()
+        self.stage_s = {"world": 0.0, "decide": 0.0, "kafka": 0.0, "ledger": 0.0, "analyze": 0.0}
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def _ckpt(self) -> Path:
+        return self.state_dir / "loop-state.json"
+
+    def resume(self) -> bool:
+        """Continue from the last checkpoint, if any; returns whether one was found."""
+        if not self._ckpt.exists():
+            return False
+        meta = json.loads(self._ckpt.read_text())
+        self.clock_ms = int(meta["clock_ms"])
+        self.next_look_ms = int(meta["next_look_ms"])
+        self.steps = int(meta["steps"])
+        self.emitter.sent = dict(meta["sent"])
+        self.log.prune_after(self.clock_ms)
+        self.ledger = Ledger.load(self.state_dir / "ledger.npz")
+        with np.load(self.state_dir / "world.npz", allow_pickle=False) as z:
+            self.world.load_state({k: z[k] for k in z.files})
+        with np.load(self.state_dir / "pending-clicks.npz", allow_pickle=False) as z:
+            self.emitter.pending = _Pending.from_arrays({k: z[k] for k in z.files})
+        log.info("resumed the loop of %s at event time %d", self.exp.name, self.clock_ms)
+        return True
+
+    def checkpoint(self) -> None:
+        """World, ledger, pending clicks and clock, written so a crash leaves the previous
+        checkpoint or this one (the clock file is replaced last)."""
+        assert self.clock_ms is not None
+        self.emitter.flush()
+        self.log.flush(self.clock_ms)
+        self.ledger.save(self.state_dir / "ledger.npz")
+        tmp = self.state_dir / "world.tmp.npz"
+        np.savez(tmp, **self.world.state())
+        tmp.replace(self.state_dir / "world.npz")
+        tmp = self.state_dir / "pending-clicks.tmp.npz"
+        np.savez(tmp, **self.emitter.pending.arrays())
+        tmp.replace(self.state_dir / "pending-clicks.npz")
+        meta = {
+            "clock_ms": self.clock_ms,
+            "next_look_ms": self.next_look_ms,
+            "steps": self.steps,
+            "sent": self.emitter.sent,
+        }
+        tmp_json = self._ckpt.with_suffix(".tmp")
+        tmp_json.write_text(json.dumps(meta))
+        tmp_json.replace(self._ckpt)
+
+    # ------------------------------------------------------------------ one step
+
+    def _arms(self, user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the arm that decides, the arm it is counted in or -1) per request."""
+        arm = np.asarray(self._assign(user, self.exp), dtype=np.int64)
+        stopped = self._record.stopped_arms
+        counted = arm.copy()
+        if stopped:
+            for k, name in enumerate(self.deciding):
+                if name in stopped:
+                    sel = arm == k
+                    arm[sel] = self.control
+                    counted[sel] = -1
+        return arm, counted
+
+    def step(self, t0: int, t1: int) -> dict[str, int]:
+        m, name = self.m, self.exp.name
+        self._record = self.registry.get(name)  # arms stopped since the last step
+        c0 = time.perf_counter()
+        self.emitter.clicks_due(t0)
+        self.ledger.credit_due(t0)
+        batch = self.world.requests(t0, t1)
+        c1 = time.perf_counter()
+        n = len(batch.request_id)
+        if n == 0:
+            self.stage_s["world"] += c1 - c0
+            return {"requests": 0, "impressions": 0}
+        first = int(batch.event_time_ms.min())
+        if self.emitter.max_event_ms >= first:
+            raise LeakageError(
+                f"an event at {self.emitter.max_event_ms} was produced before the features of "
+                f"a request at {first} were read"
+            )
+        arm, counted_arm = self._arms(batch.user_id)
+        d = self.decide(batch, arm)
+        c2 = time.perf_counter()
+        shown = _shown(batch, d)
+        out = self.world.show(batch, shown)
+        c3 = time.perf_counter()
+        imps, preds, clicks = _events(batch, d, shown, out, self.deciding, self.shadows)
+        self.log.add(_log_rows(batch, d, shown, out, self.deciding))
+        self.emitter.impressions(imps)
+        self.emitter.predictions(preds)
+        self.emitter.schedule_clicks(clicks)
+        c4 = time.perf_counter()
+        # the ledger and the metrics
+        req_counted = counted_arm >= 0
+        self.ledger.record_requests(
+            batch.user_id,
+            counted_arm,
+            batch.n_slots,
+            d.req_filled,
+            d.req_latency_ms,
+            d.req_error.astype(np.int64),
+            d.req_degraded.astype(np.int64),
+        )
+        r = d.imp_request
+        imp_counted = req_counted[r]
+        shadow_pred = [d.shadow_pctr[s] for s in self.shadows]
+        self.ledger.record_impressions(
+            batch.user_id[r],
+            arm[r],
+            imp_counted,
+            d.imp_price,
+            out.p_true,
+            d.imp_calibrated,
+            shadow_pred,
+            out.clicked,
+            out.click_time_ms,
+        )
+        for k, a in enumerate(self.deciding):
+            rs = (arm == k) & req_counted
+            if not rs.any():
+                continue
+            isel = (arm[r] == k) & imp_counted
+            m["requests"].labels(name, a).inc(int(rs.sum()))
+            m["slots"].labels(name, a).inc(int(batch.n_slots[rs].sum()))
+            m["impressions"].labels(name, a).inc(int(isel.sum()))
+            m["expected_clicks"].labels(name, a).inc(float(out.p_true[isel].sum()))
+            m["expected_revenue"].labels(name, a).inc(
+                float((out.p_true[isel] * d.imp_price[isel]).sum())
+            )
+            m["predicted_clicks"].labels(name, a).inc(float(d.imp_calibrated[isel].sum()))
+            m["errors"].labels(name, a).inc(int(d.req_error[rs].sum()))
+            hist = m["latency"].labels(name, a)
+            for v in (d.req_latency_ms[rs] / 1000.0).tolist():
+                hist.observe(v)
+        m["event_time"].labels(name).set(t1 / 1000.0)
+        c5 = time.perf_counter()
+        self.stage_s["world"] += (c1 - c0) + (c3 - c2)
+        self.stage_s["decide"] += c2 - c1
+        self.stage_s["kafka"] += c4 - c3
+        self.stage_s["ledger"] += c5 - c4
+        return {"requests": n, "impressions": len(imps), "predictions": len(preds)}
+
+    def _credit_metrics(self, before: dict[str, dict[str, float]]) -> None:
+        after = self.ledger.totals()
+        for a in self.deciding:
+            dc = after[a]["clicks"] - before[a]["clicks"]
+            dr = after[a]["revenue"] - before[a]["revenue"]
+            if dc:
+                self.m["clicks"].labels(self.exp.name, a).inc(dc)
+            if dr:
+                self.m["revenue"].labels(self.exp.name, a).inc(dr)
+
+    def look(self, now_ms: int) -> Any:
+        """Analyse the experiment now: the sequential test, the guardrails, its saved state."""
+        from ctrstream.loop.analysis import analyze_ledger
+
+        c0 = time.perf_counter()
+        rep = analyze_ledger(self.exp, self.ledger, self.registry, now_ms)
+        stopped = self.registry.get(self.exp.name).stopped_arms
+        for a in self.deciding:
+            self.m["arm_running"].labels(self.exp.name, a).set(0 if a in stopped else 1)
+        for c in rep.comparisons:
+            if c.metric == self.exp.primary_metric:
+                self.m["decided"].labels(self.exp.name, c.treatment).set(1 if c.decided else 0)
+        self.stage_s["analyze"] += time.perf_counter() - c0
+        return rep
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, start_ms: int, end_ms: int, *, stop: Callable[[], bool] = lambda: False):
+        """Run event time ``[clock or start_ms, end_ms)``, then credit every pending click and
+        analyse once more. Returns a :class:`LoopSummary`."""
+        resumed = self.clock_ms is not None
+        if self.clock_ms is None:
+            self.clock_ms = int(start_ms)
+            self.next_look_ms = int(start_ms + self.cfg.analyze_every_s * 1000)
+        assert self.next_look_ms is not None
+        step_ms = max(1, int(self.cfg.step_s * 1000))
+        w0 = time.monotonic()
+        e0 = self.clock_ms
+        totals = {"requests": 0, "impressions": 0, "predictions": 0}
+        lateness = 0.0
+        while self.clock_ms < end_ms and not stop():
+            if not self.registry.get(self.exp.name).running:
+                log.info("experiment %s was stopped: the loop ends", self.exp.name)
+                break
+            t0, t1 = self.clock_ms, min(end_ms, self.clock_ms + step_ms)
+            before = self.ledger.totals()
+            got = self.step(t0, t1)
+            self._credit_metrics(before)
+            for k in totals:
+                totals[k] += got.get(k, 0)
+            self.clock_ms = t1
+            self.steps += 1
+            if t1 >= self.next_look_ms:
+                self.look(t1)
+                self.ledger.snapshot_series(t1)
+                self.next_look_ms += int(self.cfg.analyze_every_s * 1000)
+            if self.steps % self.cfg.checkpoint_every == 0:
+                self.checkpoint()
+            if self.cfg.compression:
+                due = w0 + (t1 - e0) / 1000.0 / self.cfg.compression
+                ahead = due - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing event time to wall time, not synchronization
+                else:
+                    lateness = max(lateness, -ahead)
+            if self.cfg.progress is not None:
+                self.cfg.progress({"t_ms": t1, "end_ms": end_ms, **totals})
+        # the run is over: every decided click happens (its event time passes)
+        before = self.ledger.totals()
+        self.emitter.clicks_due(np.iinfo(np.int64).max)
+        self.ledger.drain()
+        self._credit_metrics(before)
+        self.ledger.snapshot_series(self.clock_ms)
+        self.checkpoint()
+        self.look(self.clock_ms)
+        wall = time.monotonic() - w0
+        return LoopSummary(
+            started_ms=e0,
+            ended_ms=self.clock_ms,
+            steps=self.steps,
+            requests=totals["requests"],
+            impressions=totals["impressions"],
+            clicks=int(sum(v["clicks"] for v in self.ledger.totals().values())),
+            predictions=totals["predictions"],
+            wall_s=wall,
+            decide_s=self.stage_s["decide"],
+            resumed=resumed,
+            lateness_s=lateness,
+            stage_s={k: round(v, 2) for k, v in self.stage_s.items()},
+        )
+
+
+# --------------------------------------------------------------------------- batch -> events
+
+
+def _shown(batch: Any, d: Any) -> Any:
+    from ctrstream.simulation.world import Shown
+
+    return Shown.of(batch, d.imp_candidate, d.imp_slot)
+
+
+def _log_rows(batch: Any, d: Any, shown: Any, out: Any, deciding: list[str]) -> dict:
+    r, c = d.imp_request, d.imp_candidate
+    return {
+        "impression_id": shown.impression_id.astype(str),
+        "request_id": batch.request_id[r].astype(str),
+        "event_time_ms": batch.event_time_ms[r],
+        "user_id": batch.user_id[r],
+        "ad_id": batch.cand_ad_id[c],
+        "arm": np.asarray(deciding, dtype=object)[d.imp_arm].astype(str),
+        "slot": d.imp_slot,
+        "price": d.imp_price,
+        "model_name": d.imp_model_name.astype(str),
+        "model_version": d.imp_model_version.astype(str),
+        "raw_score": d.imp_raw,
+        "calibrated_score": d.imp_calibrated,
+        "pctr0": d.imp_pctr0,
+        "propensity": d.imp_propensity,
+        "explored": d.imp_explored,
+        "degraded": d.imp_degraded,
+        "p_true": out.p_true,
+        "clicked": out.clicked,
+        "click_time_ms": out.click_time_ms,
+    }
+
+
+def _events(
+    batch: Any, d: Any, shown: Any, out: Any, deciding: list[str], shadows: list[str]
+) -> tuple[list[Impression], list[Prediction], list[Click]]:
+    r, c = d.imp_request, d.imp_candidate
+    t = batch.event_time_ms[r].tolist()
+    user = batch.user_id[r].tolist()
+    site = batch.site_id[r].tolist()
+    dev = batch.device_type[r].tolist()
+    country = batch.country[r].tolist()
+    rid = batch.request_id[r].tolist()
+    ad = batch.cand_ad_id[c].tolist()
+    camp = batch.cand_campaign_id[c].tolist()
+    adv = batch.cand_advertiser_id[c].tolist()
+    cat = batch.cand_ad_category[c].tolist()
+    slot = d.imp_slot.tolist()
+    price = d.imp_price.tolist()
+    arm = [deciding[k] for k in d.imp_arm.tolist()]
+    iid = shown.impression_id.tolist()
+    imps = [
+        Impression(
+            schema_version=SCHEMA_VERSION,
+            impression_id=iid[k],
+            event_time_ms=t[k],
+            user_id=user[k],
+            ad_id=ad[k],
+            campaign_id=camp[k],
+            advertiser_id=adv[k],
+            site_id=site[k],
+            ad_category=cat[k],
+            device_type=dev[k],
+            country=country[k],
+            position=slot[k],
+            request_id=rid[k],
+            arm=arm[k],
+            price=price[k],
+        )
+        for k in range(len(iid))
+    ]
+    preds: list[Prediction] = []
+    names, versions = d.imp_model_name.tolist(), d.imp_model_version.tolist()
+    raw, cal, deg = d.imp_raw.tolist(), d.imp_calibrated.tolist(), d.imp_degraded.tolist()
+    for k in range(len(iid)):
+        if not names[k]:  # prior and oracle arms: no model, nothing to calibrate
+            continue
+        preds.append(
+            Prediction(
+                impression_id=iid[k],
+                event_time_ms=t[k],
+                model_version=str(versions[k]),
+                raw_score=raw[k],
+                calibrated_score=cal[k],
+                degraded=bool(deg[k]),
+                model_name=names[k],
+                arm=arm[k],
+            )
+        )
+    hit = np.flatnonzero(out.clicked)
+    ct = out.click_time_ms.tolist()
+    clicks = [
+        Click(
+            schema_version=SCHEMA_VERSION,
+            click_id=f"c{iid[k]}",
+            impression_id=iid[k],
+            event_time_ms=ct[k],
+            user_id=user[k],
+            ad_id=ad[k],
+            campaign_id=camp[k],
+            advertiser_id=adv[k],
+            site_id=site[k],
+            ad_category=cat[k],
+        )
+        for k in hit.tolist()
+    ]
+    return imps, preds, clicks
+
+
+__all__ = ["ClosedLoop", "LoopConfig", "LoopSummary", "LeakageError"]

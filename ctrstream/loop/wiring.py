@@ -1,0 +1,157 @@
+"""Putting the closed loop together: the world, the ad server with one ranker per arm, the
+experiment and its state, from settings and a started experiment."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctrstream.config import Settings
+from ctrstream.loop import session
+from ctrstream.loop.runner import ClosedLoop, LoopConfig, LoopSummary
+
+
+def build_world(
+    settings: Settings,
+    *,
+    traffic: Any = None,
+    scenario: str = "steady",
+    start_ms: int | None = None,
+    request_rate: float | None = None,
+    overrides: dict | None = None,
+) -> tuple[Any, int]:
+    """The world and the event time the loop starts at: after ``traffic`` (an open-loop
+    :class:`~ctrstream.simulation.traffic.Traffic` or its folder, whose market and state the
+    world continues) or at the scenario's start."""
+    from ctrstream.simulation.scenarios import load_scenario
+    from ctrstream.simulation.traffic import read_traffic
+    from ctrstream.simulation.world import World
+
+    if isinstance(traffic, (str, Path)):
+        traffic = read_traffic(traffic)
+    if traffic is not None:
+        sc = traffic.scenario.replace(**(overrides or {}))
+        t_end = int(traffic.impressions.column("event_time_ms").to_numpy().max()) + 1
+        start = int(start_ms) if start_ms is not None else t_end
+    else:
+        sc = load_scenario(scenario, **(overrides or {}))
+        start = int(start_ms) if start_ms is not None else int(sc.start_ms)
+    world = World(sc, start, history=traffic, request_rate=request_rate)
+    return world, start
+
+
+class Rankers:
+    """One ranker per arm of an experiment (models on Triton at their pinned version, the
+    prior, the oracle from the world's truth) and the ad server's ``decide`` over them."""
+
+    def __init__(self, settings: Settings, exp: Any, world: Any, *, max_rows: int = 20_000):
+        from ctrstream.calibration.client import CalibratorClient
+        from ctrstream.serving.adserver import AdServer, Ranker
+        from ctrstream.serving.auction import AuctionConfig
+        from ctrstream.serving.triton_client import Scorer
+        from ctrstream.store.connection import redis_client
+        from ctrstream.store.reader import FeatureStore
+
+        self.settings = settings
+        self.exp = exp
+        self.world = world
+        self._closers: list[Any] = []
+        cal = CalibratorClient(settings)
+        sc = world.scenario
+        self.server = AdServer(
+            settings,
+            FeatureStore(redis_client(settings, timeout_s=10.0)),
+            AuctionConfig(reserve_cpc=sc.reserve_cpc, reserve_ecpm=sc.reserve_ecpm),
+        )
+        self.rankers: dict[str, Any] = {}
+        self.shadows: list[Any] = []
+        scorers: dict[tuple[str, int], Any] = {}
+        for a in exp.arms:
+            if a.kind == "model":
+                key = (a.model_name, int(a.model_version))
+                if key not in scorers:
+                    scorers[key] = Scorer(
+                        settings,
+                        model=a.model_name,
+                        model_version=int(a.model_version),
+                        max_rows=max_rows,
+                    )
+                    self._closers.append(scorers[key])
+                r = Ranker(
+                    name=a.name,
+                    kind="model",
+                    score=scorers[key].score,
+                    calibrate=cal.calibrate,
+                )
+            elif a.kind == "prior":
+                r = Ranker(name=a.name, kind="prior")
+            else:
+                r = Ranker(name=a.name, kind="oracle", truth=world.true_p)
+            if a.shadow:
+                self.shadows.append(r)
+            else:
+                self.rankers[a.name] = r
+        self.deciding = [a.name for a in exp.arms if not a.shadow]
+
+    def decide(self, batch: Any, arm_of_request: np.ndarray) -> Any:
+        names = np.asarray(self.deciding, dtype=object)[arm_of_request]
+        return self.server.decide(batch, names, self.rankers, self.shadows)
+
+    def close(self) -> None:
+        for c in self._closers:
+            c.close()
+
+
+def build_loop(
+    settings: Settings,
+    name: str,
+    world: Any,
+    cfg: LoopConfig | None = None,
+    *,
+    fresh: bool = False,
+) -> tuple[ClosedLoop, Rankers]:
+    reg = session.registry(settings)
+    st = reg.get(name)
+    if not st.running:
+        raise session.SessionError(
+            f"experiment {name} is {st.status}: start a new one (`ctrstream experiment start`)"
+        )
+    folder = session.state_dir(settings, name)
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    rankers = Rankers(settings, st.experiment, world)
+    loop = ClosedLoop(settings, world, rankers.decide, st.experiment, reg, folder, cfg)
+    loop.resume()
+    return loop, rankers
+
+
+def run_loop(
+    settings: Settings,
+    name: str,
+    *,
+    traffic: Any = None,
+    scenario: str = "steady",
+    start_ms: int | None = None,
+    duration_s: float = 3600.0,
+    step_s: float = 5.0,
+    compression: float | None = None,
+    request_rate: float | None = None,
+    fresh: bool = False,
+) -> LoopSummary:
+    """``ctrstream loop run``: the experiment's closed loop for ``duration_s`` of event time
+    from its start (a restarted loop resumes at its checkpoint and ends at the same time)."""
+    world, start = build_world(
+        settings, traffic=traffic, scenario=scenario, start_ms=start_ms, request_rate=request_rate
+    )
+    cfg = LoopConfig(step_s=step_s, compression=compression)
+    loop, rankers = build_loop(settings, name, world, cfg, fresh=fresh)
+    try:
+        return loop.run(start, start + int(duration_s * 1000))
+    finally:
+        rankers.close()
+
+
+__all__ = ["build_world", "build_loop", "run_loop", "Rankers"]
