@@ -33,7 +33,6 @@ scoring and calibration (shadows excluded: they would not delay a real answer).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -113,16 +112,13 @@ class Ranker:
 
 def model_ranker(name: str, scorer: Any, calibrator: Any = None) -> Ranker:
     """A model ranker from a ``Scorer`` (its ``score``) and an optional ``CalibratorClient``
-    (keyed by the scorer's model name too when the client takes ``model_name``)."""
+    (the calibrator of the scorer's model name and the answering version)."""
     cal: CalibrateFn | None = None
     if calibrator is not None:
-        by_name = "model_name" in inspect.signature(calibrator.calibrate).parameters
         served = str(getattr(scorer, "model_name", ""))
 
         def cal(raw: np.ndarray, version: str, context: dict) -> np.ndarray:
-            if by_name:
-                return calibrator.calibrate(raw, version, context, model_name=served)
-            return calibrator.calibrate(raw, version, context)
+            return calibrator.calibrate(raw, version, context, model_name=served)
 
     return Ranker(
         name, "model", scorer.score, cal, model_name=str(getattr(scorer, "model_name", ""))

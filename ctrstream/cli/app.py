@@ -2,7 +2,7 @@
 
 :func:`build_app` assembles one Typer app from the command groups of the layers below the
 CLI (one module per group: ``stack``, ``traffic``, ``speed``, ``batch``, ``train``,
-``serve``, ``jobs``, ``schemas``); the demo and the benchmarks sit above the CLI and add their own
+``serve``, ``jobs``, ``schemas``, ``experiment``); the demo and the benchmarks sit above the CLI and add their own
 groups in :mod:`ctrstream.__main__`, the console script. Heavy imports stay inside the
 commands, so ``ctrstream --help`` stays fast.
 """
@@ -24,7 +24,17 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 def build_app() -> typer.Typer:
     """The ``ctrstream`` app with every command group of the CLI layer registered."""
-    from ctrstream.cli import batch, jobs, schemas, serve, speed, stack, traffic, train
+    from ctrstream.cli import (
+        batch,
+        experiment,
+        jobs,
+        schemas,
+        serve,
+        speed,
+        stack,
+        traffic,
+        train,
+    )
 
     app = typer.Typer(
         name="ctrstream",
@@ -34,6 +44,6 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for group in (stack, traffic, speed, batch, train, serve, jobs, schemas):
+    for group in (stack, traffic, speed, batch, train, serve, jobs, schemas, experiment):
         group.register(app)
     return app

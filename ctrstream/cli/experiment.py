@@ -157,6 +157,10 @@ def register(app: typer.Typer) -> None:
         ),
         request_rate: float = typer.Option(None, help="requests per event second"),
         fresh: bool = typer.Option(False, help="ignore a checkpoint and start over"),
+        checkpoint_every: int = typer.Option(20, help="steps between two checkpoints"),
+        overrides: str = typer.Option(
+            None, help="scenario fields as a JSON object, e.g. '{\"n_users\": 5000}'"
+        ),
     ):
         """Run the closed loop of an experiment against the local stack (resumes from its
         checkpoint after a restart)."""
@@ -164,6 +168,16 @@ def register(app: typer.Typer) -> None:
         from ctrstream.loop.wiring import run_loop
 
         s = _settings()
+        if s.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(s.metrics_port, addr=s.metrics_host)
+        try:
+            ov = json.loads(overrides) if overrides else None
+        except json.JSONDecodeError as e:
+            raise fail(f"--overrides is not a JSON object: {e}") from None
+        if ov is not None and not isinstance(ov, dict):
+            raise fail("--overrides must be a JSON object of scenario fields")
         try:
             summary = run_loop(
                 s,
@@ -176,7 +190,9 @@ def register(app: typer.Typer) -> None:
                 compression=compression,
                 request_rate=request_rate,
                 fresh=fresh,
+                checkpoint_every=checkpoint_every,
+                overrides=ov,
             )
-        except session.SessionError as e:
+        except (session.SessionError, ValueError, KeyError) as e:
             raise fail(str(e)) from None
         out.print_json(json.dumps(summary.to_dict(), default=str))

@@ -121,7 +121,7 @@ def _loop_outcomes(st) -> dict | None:
     if table is None or table.num_rows == 0:
         return None
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    keep = cols["model_name"] != ""
+    keep = ~np.isin(cols["model_name"], ["", "prior", "oracle"]) & (cols["model_version"] != "")
     if not keep.any():
         return None
     order = np.argsort(cols["event_time_ms"][keep], kind="stable")

@@ -554,17 +554,6 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
         _stop(st, name)
 
 
-DEMO_ARMS = (
-    # (name, kind, traffic share, model): DCN-v2 against LR, the prior and the oracle at
-    # small shares, and DCN-v2 as a shadow that scores every request without deciding
-    ("lr", "model", 0.35, "ctr_lr"),
-    ("deep", "model", 0.35, "ctr_deep"),
-    ("prior", "prior", 0.15, None),
-    ("oracle", "oracle", 0.15, None),
-)
-DEMO_SHADOW = ("deep-shadow", "ctr_deep")
-
-
 def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     """The closed loop: the world continues the history's market from ``t_split`` with ad
     requests; the ad server (features, Triton, calibration, the auction) decides what is
@@ -581,8 +570,14 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     ports["calibrate"] = free_port()
     _start(st, "calibrate", ["calibrate", "--checkpoint-interval", "1"], ports["calibrate"])
     name = f"demo-{st.run_id}"
-    arms = [Arm(name=n, kind=k, weight=w, model_name=m) for n, k, w, m in DEMO_ARMS] + [
-        Arm(name=DEMO_SHADOW[0], kind="model", model_name=DEMO_SHADOW[1], shadow=True)
+    arms = [
+        # DCN-v2 against LR, the prior and the oracle at small shares
+        Arm(name="lr", kind="model", weight=0.35, model_name="ctr_lr"),
+        Arm(name="deep", kind="model", weight=0.35, model_name="ctr_deep"),
+        Arm(name="prior", kind="prior", weight=0.15),
+        Arm(name="oracle", kind="oracle", weight=0.15),
+        # DCN-v2 also as a shadow: it scores every request and decides none
+        Arm(name="deep-shadow", kind="model", model_name="ctr_deep", shadow=True),
     ]
     exp = Experiment(
         name=name,

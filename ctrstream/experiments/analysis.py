@@ -46,6 +46,7 @@ Without a state, one look is analysed on its own.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -488,12 +489,14 @@ def analyze(
     elapsed_s: float,
     at_ms: int | None = None,
     state: SequentialState | None = None,
+    stopped: Collection[str] = (),
 ) -> Report:
     """The experiment at one look (see the module doc).
 
     ``data``: arm name -> its per-user aggregates (an arm without data counts as empty);
     ``elapsed_s``: event time since the start; ``at_ms``: the look's event time (recorded
-    with a decision); ``state``: the experiment's sequential state, updated in place.
+    with a decision); ``state``: the experiment's sequential state, updated in place;
+    ``stopped``: arms a guardrail stopped (left out of the sample-ratio check).
     """
     known = {a.name for a in exp.arms}
     unknown = sorted(set(data) - known)
@@ -582,10 +585,12 @@ def analyze(
                 )
             )
 
-    deciding = [a.name for a in exp.deciding_arms]
+    # the split is checked over the arms still deciding: a stopped arm's users are served by
+    # the control and no longer counted, so its share stops growing by design
+    deciding = [a.name for a in exp.deciding_arms if a.name not in stopped]
     counts = [by_name[n].users for n in deciding]
-    weights = [a.weight for a in exp.deciding_arms]
-    chi2, srm_p = stats.srm(counts, weights)
+    weights = [a.weight for a in exp.deciding_arms if a.name not in stopped]
+    chi2, srm_p = stats.srm(counts, weights) if len(deciding) >= 2 else (0.0, 1.0)
     srm = Srm(deciding, counts, weights, chi2, srm_p)
     return Report(
         experiment=exp.name,

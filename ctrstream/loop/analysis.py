@@ -17,7 +17,7 @@ def arm_data(exp: Any, ledger: Ledger) -> dict[str, Any]:
     on the shown impressions."""
     from ctrstream.experiments.analysis import ArmData
 
-    def columns(u: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarray]:
+    def columns(u: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
         col = ledger.users
         return dict(
             user_id=u,
@@ -61,17 +61,24 @@ def analyze_ledger(
     rec = registry.get(exp.name)
     state = rec.state
     elapsed_s = max(0.0, (now_ms - rec.started_at_ms) / 1000.0)
-    rep = analyze(exp, arm_data(exp, ledger), elapsed_s=elapsed_s, at_ms=now_ms, state=state)
+    rep = analyze(
+        exp,
+        arm_data(exp, ledger),
+        elapsed_s=elapsed_s,
+        at_ms=now_ms,
+        state=state,
+        stopped=set(rec.stopped_arms),
+    )
     if not rec.running:
         return rep
     registry.record_decision(exp.name, state)
     registry.save_report(exp.name, rep.to_dict())
     if not act:
         return rep
+    deciding = {a.name for a in exp.arms if a.deciding}
     for b in rep.breaches:
-        if b.arm is not None and b.arm != exp.control and b.arm not in rec.stopped_arms:
-            if any(a.name == b.arm and a.deciding for a in exp.arms):
-                registry.stop_arm(exp.name, b.arm, b.message, at_ms=now_ms)
+        if b.arm in deciding and b.arm != exp.control and b.arm not in rec.stopped_arms:
+            registry.stop_arm(exp.name, b.arm, b.message, at_ms=now_ms)
     if rep.stop_experiment:
         reasons = "; ".join(b.message for b in rep.breaches if b.arm is None)
         registry.stop(exp.name, reasons, at_ms=now_ms, by_guardrail=True)

@@ -13,6 +13,7 @@ after a crash is deduplicated by the speed layer like any other copy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from confluent_kafka import Producer
@@ -84,7 +85,7 @@ class Emitter:
         self.sent = {"impressions": 0, "clicks": 0, "predictions": 0}
         self.max_event_ms = -1  # the latest event time produced (the no-leakage guard)
 
-    def _on_delivery(self, err, msg) -> None:  # type: ignore[no-untyped-def]
+    def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.errors.append(str(err))
 

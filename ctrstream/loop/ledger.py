@@ -112,7 +112,7 @@ class Ledger:
         price: np.ndarray,
         p_true: np.ndarray,
         predicted: np.ndarray,
-        shadow_predicted: np.ndarray,
+        shadow_predicted: list[np.ndarray],
         clicked: np.ndarray,
         click_time_ms: np.ndarray,
     ) -> None:
@@ -163,21 +163,23 @@ class Ledger:
             }
         return out
 
-    def credit_due(self, now_ms: int) -> int:
-        """Credit the clicks whose event time is before ``now_ms``; returns how many."""
+    def credit_due(self, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """Credit the clicks whose event time is before ``now_ms``; returns their users and
+        prices."""
         k = int(np.searchsorted(self.pending_t, now_ms, side="left"))
+        users, prices = self.pending_user[:k], self.pending_price[:k]
         if k:
-            np.add.at(self.users["clicks"], self.pending_user[:k], 1.0)
-            np.add.at(self.users["revenue"], self.pending_user[:k], self.pending_price[:k])
+            np.add.at(self.users["clicks"], users, 1.0)
+            np.add.at(self.users["revenue"], users, prices)
             self.pending_t = self.pending_t[k:]
             self.pending_user = self.pending_user[k:]
             self.pending_price = self.pending_price[k:]
-        return k
+        return users, prices
 
-    def drain(self) -> int:
+    def drain(self) -> tuple[np.ndarray, np.ndarray]:
         """Credit every click still pending (the run is over)."""
         if not len(self.pending_t):
-            return 0
+            return self.pending_user[:0], self.pending_price[:0]
         return self.credit_due(int(self.pending_t[-1]) + 1)
 
     def totals(self) -> dict[str, dict[str, float]]:
@@ -224,7 +226,7 @@ class Ledger:
         }
         arrays["meta_json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(tmp, allow_pickle=False, **arrays)
         tmp.replace(path)
 
     @classmethod
@@ -260,6 +262,7 @@ IMPRESSION_LOG_COLUMNS = (
     "user_id",
     "ad_id",
     "arm",
+    "counted",
     "slot",
     "price",
     "model_name",

@@ -126,6 +126,7 @@ class ClosedLoop:
         self._assign = assign
         self.deciding = [a.name for a in experiment.arms if not a.shadow]
         self.shadows = [a.name for a in experiment.arms if a.shadow]
+        self.model_arms = [a.name for a in experiment.arms if a.kind == "model" and not a.shadow]
         self.control = self.deciding.index(experiment.control)
         self.ledger = Ledger(tuple(self.deciding), tuple(self.shadows), int(world.scenario.n_users))
         self.log = ImpressionLog(self.state_dir / "impressions")
@@ -167,10 +168,10 @@ class ClosedLoop:
         self.log.flush(self.clock_ms)
         self.ledger.save(self.state_dir / "ledger.npz")
         tmp = self.state_dir / "world.tmp.npz"
-        np.savez(tmp, **self.world.state())
+        np.savez(tmp, allow_pickle=False, **self.world.state())
         tmp.replace(self.state_dir / "world.npz")
         tmp = self.state_dir / "pending-clicks.tmp.npz"
-        np.savez(tmp, **self.emitter.pending.arrays())
+        np.savez(tmp, allow_pickle=False, **self.emitter.pending.arrays())
         tmp.replace(self.state_dir / "pending-clicks.npz")
         meta = {
             "clock_ms": self.clock_ms,
@@ -202,7 +203,7 @@ class ClosedLoop:
         self._record = self.registry.get(name)  # arms stopped since the last step
         c0 = time.perf_counter()
         self.emitter.clicks_due(t0)
-        self.ledger.credit_due(t0)
+        self._credit_metrics(*self.ledger.credit_due(t0))
         batch = self.world.requests(t0, t1)
         c1 = time.perf_counter()
         n = len(batch.request_id)
@@ -221,8 +222,8 @@ class ClosedLoop:
         shown = _shown(batch, d)
         out = self.world.show(batch, shown)
         c3 = time.perf_counter()
-        imps, preds, clicks = _events(batch, d, shown, out, self.deciding, self.shadows)
-        self.log.add(_log_rows(batch, d, shown, out, self.deciding))
+        imps, preds, clicks = _events(batch, d, shown, out, self.model_arms)
+        self.log.add(_log_rows(batch, d, shown, out, counted_arm >= 0))
         self.emitter.impressions(imps)
         self.emitter.predictions(preds)
         self.emitter.schedule_clicks(clicks)
@@ -233,21 +234,21 @@ class ClosedLoop:
             batch.user_id,
             counted_arm,
             batch.n_slots,
-            d.req_filled,
-            d.req_latency_ms,
-            d.req_error.astype(np.int64),
-            d.req_degraded.astype(np.int64),
+            d.request_filled,
+            d.request_latency_ms,
+            d.request_degraded.astype(np.int64),
+            d.request_degraded.astype(np.int64),
         )
-        r = d.imp_request
+        r = d.request_index
         imp_counted = req_counted[r]
-        shadow_pred = [d.shadow_pctr[s] for s in self.shadows]
+        shadow_pred = [d.shadows[s].pctr for s in self.shadows]
         self.ledger.record_impressions(
             batch.user_id[r],
             arm[r],
             imp_counted,
-            d.imp_price,
+            d.price,
             out.p_true,
-            d.imp_calibrated,
+            d.pctr,
             shadow_pred,
             out.clicked,
             out.click_time_ms,
@@ -262,12 +263,12 @@ class ClosedLoop:
             m["impressions"].labels(name, a).inc(int(isel.sum()))
             m["expected_clicks"].labels(name, a).inc(float(out.p_true[isel].sum()))
             m["expected_revenue"].labels(name, a).inc(
-                float((out.p_true[isel] * d.imp_price[isel]).sum())
+                float((out.p_true[isel] * d.price[isel]).sum())
             )
-            m["predicted_clicks"].labels(name, a).inc(float(d.imp_calibrated[isel].sum()))
-            m["errors"].labels(name, a).inc(int(d.req_error[rs].sum()))
+            m["predicted_clicks"].labels(name, a).inc(float(d.pctr[isel].sum()))
+            m["errors"].labels(name, a).inc(int(d.request_degraded[rs].sum()))
             hist = m["latency"].labels(name, a)
-            for v in (d.req_latency_ms[rs] / 1000.0).tolist():
+            for v in (d.request_latency_ms[rs] / 1000.0).tolist():
                 hist.observe(v)
         m["event_time"].labels(name).set(t1 / 1000.0)
         c5 = time.perf_counter()
@@ -277,15 +278,16 @@ class ClosedLoop:
         self.stage_s["ledger"] += c5 - c4
         return {"requests": n, "impressions": len(imps), "predictions": len(preds)}
 
-    def _credit_metrics(self, before: dict[str, dict[str, float]]) -> None:
-        after = self.ledger.totals()
-        for a in self.deciding:
-            dc = after[a]["clicks"] - before[a]["clicks"]
-            dr = after[a]["revenue"] - before[a]["revenue"]
-            if dc:
-                self.m["clicks"].labels(self.exp.name, a).inc(dc)
-            if dr:
-                self.m["revenue"].labels(self.exp.name, a).inc(dr)
+    def _credit_metrics(self, users: np.ndarray, prices: np.ndarray) -> None:
+        """The per-arm click and revenue counters for clicks the ledger just credited."""
+        if not len(users):
+            return
+        arm = self.ledger.arm_of_user[users]
+        for k, a in enumerate(self.deciding):
+            sel = arm == k
+            if sel.any():
+                self.m["clicks"].labels(self.exp.name, a).inc(int(sel.sum()))
+                self.m["revenue"].labels(self.exp.name, a).inc(float(prices[sel].sum()))
 
     def look(self, now_ms: int) -> Any:
         """Analyse the experiment now: the sequential test, the guardrails, its saved state."""
@@ -322,9 +324,7 @@ class ClosedLoop:
                 log.info("experiment %s was stopped: the loop ends", self.exp.name)
                 break
             t0, t1 = self.clock_ms, min(end_ms, self.clock_ms + step_ms)
-            before = self.ledger.totals()
             got = self.step(t0, t1)
-            self._credit_metrics(before)
             for k in totals:
                 totals[k] += got.get(k, 0)
             self.clock_ms = t1
@@ -345,10 +345,8 @@ class ClosedLoop:
             if self.cfg.progress is not None:
                 self.cfg.progress({"t_ms": t1, "end_ms": end_ms, **totals})
         # the run is over: every decided click happens (its event time passes)
-        before = self.ledger.totals()
         self.emitter.clicks_due(np.iinfo(np.int64).max)
-        self.ledger.drain()
-        self._credit_metrics(before)
+        self._credit_metrics(*self.ledger.drain())
         self.ledger.snapshot_series(self.clock_ms)
         self.checkpoint()
         self.look(self.clock_ms)
@@ -375,28 +373,31 @@ class ClosedLoop:
 def _shown(batch: Any, d: Any) -> Any:
     from ctrstream.simulation.world import Shown
 
-    return Shown.of(batch, d.imp_candidate, d.imp_slot)
+    return Shown.of(batch, d.candidate_index, d.slot)
 
 
-def _log_rows(batch: Any, d: Any, shown: Any, out: Any, deciding: list[str]) -> dict:
-    r, c = d.imp_request, d.imp_candidate
+def _log_rows(batch: Any, d: Any, shown: Any, out: Any, counted: np.ndarray) -> dict:
+    """The decision log's rows of one batch (``counted``: per request, whether its arm is
+    counted by the experiment - false once a guardrail stopped its arm)."""
+    r, c = d.request_index, d.candidate_index
     return {
         "impression_id": shown.impression_id.astype(str),
         "request_id": batch.request_id[r].astype(str),
         "event_time_ms": batch.event_time_ms[r],
         "user_id": batch.user_id[r],
         "ad_id": batch.cand_ad_id[c],
-        "arm": np.asarray(deciding, dtype=object)[d.imp_arm].astype(str),
-        "slot": d.imp_slot,
-        "price": d.imp_price,
-        "model_name": d.imp_model_name.astype(str),
-        "model_version": d.imp_model_version.astype(str),
-        "raw_score": d.imp_raw,
-        "calibrated_score": d.imp_calibrated,
-        "pctr0": d.imp_pctr0,
-        "propensity": d.imp_propensity,
-        "explored": d.imp_explored,
-        "degraded": d.imp_degraded,
+        "arm": d.arm.astype(str),
+        "counted": counted[r],
+        "slot": d.slot,
+        "price": d.price,
+        "model_name": d.model_name.astype(str),
+        "model_version": d.model_version.astype(str),
+        "raw_score": d.pctr_raw,
+        "calibrated_score": d.pctr,
+        "pctr0": d.pctr0,
+        "propensity": d.propensity,
+        "explored": d.explored,
+        "degraded": d.degraded,
         "p_true": out.p_true,
         "clicked": out.clicked,
         "click_time_ms": out.click_time_ms,
@@ -404,9 +405,11 @@ def _log_rows(batch: Any, d: Any, shown: Any, out: Any, deciding: list[str]) -> 
 
 
 def _events(
-    batch: Any, d: Any, shown: Any, out: Any, deciding: list[str], shadows: list[str]
+    batch: Any, d: Any, shown: Any, out: Any, model_arms: list[str]
 ) -> tuple[list[Impression], list[Prediction], list[Click]]:
-    r, c = d.imp_request, d.imp_candidate
+    from ctrstream.serving.triton_client import base_model_name
+
+    r, c = d.request_index, d.candidate_index
     t = batch.event_time_ms[r].tolist()
     user = batch.user_id[r].tolist()
     site = batch.site_id[r].tolist()
@@ -417,9 +420,9 @@ def _events(
     camp = batch.cand_campaign_id[c].tolist()
     adv = batch.cand_advertiser_id[c].tolist()
     cat = batch.cand_ad_category[c].tolist()
-    slot = d.imp_slot.tolist()
-    price = d.imp_price.tolist()
-    arm = [deciding[k] for k in d.imp_arm.tolist()]
+    slot = d.slot.tolist()
+    price = d.price.tolist()
+    arm = d.arm.tolist()
     iid = shown.impression_id.tolist()
     imps = [
         Impression(
@@ -442,10 +445,12 @@ def _events(
         for k in range(len(iid))
     ]
     preds: list[Prediction] = []
-    names, versions = d.imp_model_name.tolist(), d.imp_model_version.tolist()
-    raw, cal, deg = d.imp_raw.tolist(), d.imp_calibrated.tolist(), d.imp_degraded.tolist()
+    names = [base_model_name(str(x)) for x in d.model_name.tolist()]
+    versions = d.model_version.tolist()
+    raw, cal, deg = d.pctr_raw.tolist(), d.pctr.tolist(), d.degraded.tolist()
+    is_model = np.isin(d.arm, model_arms).tolist()
     for k in range(len(iid)):
-        if not names[k]:  # prior and oracle arms: no model, nothing to calibrate
+        if not is_model[k] or not versions[k]:  # prior, oracle, fallback: nothing to calibrate
             continue
         preds.append(
             Prediction(

@@ -58,8 +58,10 @@ def parse_arm(spec: str, shadow: bool = False) -> Any:
                 model_version=int(ver) if ver else None,
                 shadow=shadow,
             )
-        if kind in ("prior", "oracle") and not shadow:
-            return Arm(name=name, kind=kind, weight=float(parts[1]))
+        if kind == "prior" and not shadow:
+            return Arm(name=name, kind="prior", weight=float(parts[1]))
+        if kind == "oracle" and not shadow:
+            return Arm(name=name, kind="oracle", weight=float(parts[1]))
     except (IndexError, ValueError):
         pass
     raise SessionError(

@@ -47,9 +47,9 @@ class Rankers:
     """One ranker per arm of an experiment (models on Triton at their pinned version, the
     prior, the oracle from the world's truth) and the ad server's ``decide`` over them."""
 
-    def __init__(self, settings: Settings, exp: Any, world: Any, *, max_rows: int = 20_000):
+    def __init__(self, settings: Settings, exp: Any, world: Any, *, max_rows: int = 1024):
         from ctrstream.calibration.client import CalibratorClient
-        from ctrstream.serving.adserver import AdServer, Ranker
+        from ctrstream.serving.adserver import AdServer, Ranker, model_ranker
         from ctrstream.serving.auction import AuctionConfig
         from ctrstream.serving.triton_client import Scorer
         from ctrstream.store.connection import redis_client
@@ -63,8 +63,8 @@ class Rankers:
         sc = world.scenario
         self.server = AdServer(
             settings,
-            FeatureStore(redis_client(settings, timeout_s=10.0)),
-            AuctionConfig(reserve_cpc=sc.reserve_cpc, reserve_ecpm=sc.reserve_ecpm),
+            store=FeatureStore(redis_client(settings, timeout_s=10.0)),
+            auction_cfg=AuctionConfig(reserve_cpc=sc.reserve_cpc, reserve_ecpm=sc.reserve_ecpm),
         )
         self.rankers: dict[str, Any] = {}
         self.shadows: list[Any] = []
@@ -80,12 +80,7 @@ class Rankers:
                         max_rows=max_rows,
                     )
                     self._closers.append(scorers[key])
-                r = Ranker(
-                    name=a.name,
-                    kind="model",
-                    score=scorers[key].score,
-                    calibrate=cal.calibrate,
-                )
+                r = model_ranker(a.name, scorers[key], cal)
             elif a.kind == "prior":
                 r = Ranker(name=a.name, kind="prior")
             else:
@@ -140,13 +135,20 @@ def run_loop(
     compression: float | None = None,
     request_rate: float | None = None,
     fresh: bool = False,
+    checkpoint_every: int = 20,
+    overrides: dict | None = None,
 ) -> LoopSummary:
     """``ctrstream loop run``: the experiment's closed loop for ``duration_s`` of event time
     from its start (a restarted loop resumes at its checkpoint and ends at the same time)."""
     world, start = build_world(
-        settings, traffic=traffic, scenario=scenario, start_ms=start_ms, request_rate=request_rate
+        settings,
+        traffic=traffic,
+        scenario=scenario,
+        start_ms=start_ms,
+        request_rate=request_rate,
+        overrides=overrides,
     )
-    cfg = LoopConfig(step_s=step_s, compression=compression)
+    cfg = LoopConfig(step_s=step_s, compression=compression, checkpoint_every=checkpoint_every)
     loop, rankers = build_loop(settings, name, world, cfg, fresh=fresh)
     try:
         return loop.run(start, start + int(duration_s * 1000))
