@@ -385,6 +385,17 @@ def build_report(st, tr, cfg) -> Path:
             )
         )
         n["degraded"] = int(live["degraded"].sum())
+    # ---------------------------------------------------------------- the experiment
+    exp_png = Path(n.get("experiment_dir", out / "experiment")) / "experiment.png"
+    if n.get("experiment") and exp_png.exists():
+        shutil.copy(exp_png, out / "experiment.png")
+        plots.append(
+            (
+                "Cumulative CTR and revenue per 1,000 requests of each arm over event time "
+                "(dashed: the true expected value of the arm's decisions)",
+                out / "experiment.png",
+            )
+        )
     # ---------------------------------------------------------------- reconciliation
     rec = n.get("reconcile", {})
     # ---------------------------------------------------------------- the diagram numbers
@@ -506,6 +517,12 @@ def build_report(st, tr, cfg) -> Path:
             ),
         ),
         (
+            "experiment",
+            "Online experiment: the closed loop, graded against the true lift",
+            _experiment_html(n, cfg)
+            + "".join(img_html(p, a) for a, p in plots if p.name == "experiment.png"),
+        ),
+        (
             "reconciliation",
             "Reconciliation: what the speed layer got right, what it missed, and why",
             _reconcile_html(rec, out),
@@ -526,6 +543,8 @@ def build_report(st, tr, cfg) -> Path:
                 "freshness": {k: v for k, v in freshness.items()},
                 "quality": quality,
                 "calibration": calib,
+                "loop": n.get("loop"),
+                "experiment": n.get("experiment"),
             },
             indent=2,
             default=str,
@@ -587,6 +606,146 @@ def _lag_html(rows: list[dict], n: dict) -> str:
         f"every {fmt(interval, 3)} s while each replay phase ran. <em>Caught up</em> is how long "
         "after the last replayed record the stage had read everything, i.e. how long it trailed "
         "the replay (– : not within the phase).</p>" + table_html(rows, LAG_COLUMNS, cls="lag")
+    )
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:+.{digits}f} %"
+
+
+def _interval(e: dict, scale: float = 1.0, digits: int = 3) -> str:
+    if e is None or e.get("value") is None:
+        return "-"
+    lo = "-inf" if e.get("lo") is None else f"{e['lo'] * scale:.{digits}f}"
+    hi = "inf" if e.get("hi") is None else f"{e['hi'] * scale:.{digits}f}"
+    return f"{e['value'] * scale:.{digits}f} [{lo}, {hi}]"
+
+
+def experiment_rows(doc: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """The experiment's per-arm table, its comparisons and the prediction quality per scorer,
+    as rows (estimate with its interval, next to the true value)."""
+    arms = []
+    for a in doc.get("arms", []):
+        m = a.get("metrics", {})
+        ctr, rpr = m.get("ctr") or {}, m.get("revenue_per_request") or {}
+        arms.append(
+            {
+                "arm": a["name"] + (" (shadow)" if a.get("shadow") else ""),
+                "kind": a["kind"],
+                "share": a.get("weight"),
+                "users": a["users"],
+                "requests": a["requests"],
+                "impressions": a["impressions"],
+                "clicks": a["clicks"],
+                "CTR % [95 %]": "-" if a.get("shadow") else _interval(ctr, 100, 3),
+                "true CTR %": None if a.get("shadow") else _scaled(ctr.get("true"), 100),
+                "revenue/1k requests [95 %]": "-" if a.get("shadow") else _interval(rpr, 1000, 1),
+                "true revenue/1k requests": None
+                if a.get("shadow")
+                else _scaled(rpr.get("true"), 1000),
+                "eCPM": None if a.get("shadow") else (m.get("ecpm") or {}).get("value"),
+                "fill rate": None if a.get("shadow") else (m.get("fill_rate") or {}).get("value"),
+                "pred/obs": (m.get("calibration") or {}).get("value"),
+                "latency p99 ms": a.get("latency_p99_ms"),
+                "regret rev/1k req vs oracle": _scaled(a.get("regret_revenue_per_request"), 1000),
+            }
+        )
+    comps = []
+    for c in doc.get("comparisons", []):
+        comps.append(
+            {
+                "treatment vs control": f"{c['treatment']} vs {c['control']}",
+                "metric": c["metric"],
+                "lift [always-valid 95 %]": f"{_pct(c['lift'])} [{_pct(c['lo'])}, {_pct(c['hi'])}]",
+                "p (always valid)": c["p_value"],
+                "decided": (
+                    f"{c['direction']} after {c['decided_elapsed_s'] / 60:.0f} min"
+                    if c["decided"] and c.get("decided_elapsed_s") is not None
+                    else ("yes" if c["decided"] else "no")
+                ),
+                "true lift": _pct(c.get("true_lift")),
+                "interval covers truth": c.get("covered"),
+                "decision right": c.get("right"),
+                "MDE now": _pct(c.get("mde")),
+            }
+        )
+    quality = [
+        {
+            "scorer": name + (" (shadow)" if q.get("shadow") else ""),
+            "shown impressions scored": q["impressions"],
+            "log loss": q["logloss"],
+            "pred/obs": q["predicted_over_observed"],
+            "pred/true p": q["predicted_over_true"],
+            "RMSE vs true p": q["rmse_vs_true_p"],
+        }
+        for name, q in (doc.get("prediction_quality") or {}).items()
+    ]
+    return arms, comps, quality
+
+
+def _scaled(x: float | None, k: float) -> float | None:
+    return None if x is None else x * k
+
+
+def _experiment_html(n: dict, cfg) -> str:
+    doc = n.get("experiment")
+    if not doc:
+        return (
+            "<p><em>the live phase ran open loop (<code>--live open</code>): no experiment</em></p>"
+        )
+    arms, comps, quality = experiment_rows(doc)
+    loop = n.get("loop", {})
+    d = next(
+        (
+            c
+            for c in doc["comparisons"]
+            if c["treatment"] == "deep" and c["metric"] == doc.get("primary_metric")
+        ),
+        None,
+    )
+    decided = [c for c in doc["comparisons"] if c["decided"]]
+    plain = []
+    if d is not None and not d["decided"]:
+        plain.append(
+            f"<p><strong>DCN-v2 vs LR is inconclusive, as expected at this volume.</strong> "
+            f"The estimate is {_pct(d['lift'])} revenue per request with an always-valid interval "
+            f"[{_pct(d['lo'])}, {_pct(d['hi'])}]; the true lift of their decisions was "
+            f"{_pct(d.get('true_lift'))}. At {d['users'][0]:,} and {d['users'][1]:,} users a "
+            f"fixed-horizon test would detect only lifts of about {_pct(d.get('mde'))} and the "
+            "sequential test needs more: a lift of a few percent at a 2 % CTR takes millions "
+            "of impressions per arm.</p>"
+        )
+    if decided:
+        items = "".join(
+            f"<li>{html.escape(c['treatment'])} vs {html.escape(c['control'])} on "
+            f"{html.escape(c['metric'])}: {c['direction']} after "
+            f"{(c.get('decided_elapsed_s') or 0) / 60:.0f} min of event time, lift "
+            f"{_pct(c['lift'])} (true {_pct(c.get('true_lift'))}); the direction was "
+            f"{'right' if c.get('right') else 'wrong'}</li>"
+            for c in decided
+        )
+        plain.append(f"<p>What the sequential test did decide:</p><ul>{items}</ul>")
+    else:
+        plain.append("<p>No comparison decided in this run.</p>")
+    return (
+        f"<p>The closed loop ran {cfg.live_hours:g} h of event time: "
+        f"{loop.get('requests', 0):,} ad requests with {cfg.candidates} candidates each, "
+        f"{loop.get('impressions', 0):,} impressions, in {loop.get('wall_s', 0):.1f} s of wall "
+        f"time ({loop.get('requests_per_s', 0):,.0f} requests/s, "
+        f"{loop.get('impressions_per_s', 0):,.0f} impressions/s, event time compressed "
+        f"{loop.get('event_time_compression', 0):,.0f}x). Users are split by a salted hash; "
+        "each arm's model ranks its users' requests by bid x calibrated pCTR at the top position, "
+        "a generalized second-price auction fills the slots, and the world clicks with the true "
+        "probability. The true values come from those probabilities (no click noise): only a "
+        "simulator knows them. The oracle arm ranks by bid x the true p (the welfare ceiling; "
+        "it need not maximise CTR or revenue). See docs/online-experiments.md.</p>"
+        + "".join(plain)
+        + "<h3>Per arm</h3>"
+        + table_html(arms)
+        + "<h3>Against the control (sequential test, mSPRT)</h3>"
+        + table_html(comps)
+        + "<h3>Prediction quality on the shown impressions (the shadow scored every request)</h3>"
+        + table_html(quality)
     )
 
 
