@@ -20,8 +20,15 @@ def register(app: typer.Typer) -> None:
             45.0, help="wall seconds of the history replay (sets its time compression)"
         ),
         lockstep_s: float = typer.Option(
-            10.0, help="live replay: seconds of event time it may run ahead of the scorer"
+            10.0, help="open live phase: seconds of event time it may run ahead of the scorer"
         ),
+        live: str = typer.Option(
+            "closed",
+            help="live phase: closed (the ad server decides what is shown, under an online "
+            "experiment) or open (the generated stream replayed in lockstep with the scorer)",
+        ),
+        live_hours: float = typer.Option(1.0, help="closed live phase: event hours it runs"),
+        candidates: int = typer.Option(20, help="closed live phase: candidate ads per request"),
         out: Path = typer.Option(
             Path(".demo"), help="output directory (default .demo under the current directory)"
         ),
@@ -36,6 +43,9 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             replay_seconds=replay_seconds,
             lockstep_s=lockstep_s,
+            live=live,
+            live_hours=live_hours,
+            candidates=candidates,
             out=out,
             keep_stack=keep_stack,
             epochs=epochs,

@@ -66,7 +66,7 @@ class DemoConfig:
     lockstep_s: float = 10.0  # live phase: event-time step the replay may lead the scorer by
     live: str = "closed"  # live phase: "closed" (the ad server decides) or "open" (lockstep replay)
     live_hours: float = 1.0  # closed loop: event time the online experiment runs
-    loop_step_s: float = 10.0  # closed loop: event seconds per micro-batch of requests
+    loop_step_s: float = 60.0  # closed loop: event seconds per micro-batch of requests
     candidates: int = 20  # closed loop: candidate ads per request
     out: Path = Path(".demo")  # under the current directory
     keep_stack: bool = False
@@ -559,7 +559,7 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     requests; the ad server (features, Triton, calibration, the auction) decides what is
     shown under an experiment; the world clicks; the speed layer, the join and the
     calibrator run on what it produced."""
-    from ctrstream.experiments.design import Arm, Experiment
+    from ctrstream.experiments.design import Arm, Experiment, Guardrails
     from ctrstream.kafka.heartbeats import send_heartbeat
     from ctrstream.loop import session
     from ctrstream.loop.runner import LoopConfig
@@ -588,6 +588,9 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
         min_run_s=min(1800.0, cfg.live_hours * 3600 / 4),
         min_users_per_arm=200,
         primary_metric="revenue_per_request",
+        # a micro-batched ad server answers a request when its batch is ranked: on this
+        # 2-core machine, shared with the whole stack, a batch takes about a second
+        guardrails=Guardrails(latency_p99_ms_max=5_000.0),
     )
     exp = session.start(st.settings, exp, t_split)
     st.numbers["experiment_definition"] = exp.to_dict()
@@ -602,7 +605,7 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
         st.settings,
         name,
         world,
-        LoopConfig(step_s=cfg.loop_step_s, analyze_every_s=300.0, checkpoint_every=30),
+        LoopConfig(step_s=cfg.loop_step_s, analyze_every_s=300.0, checkpoint_every=10),
         fresh=True,
     )
     assert st.monitor is not None

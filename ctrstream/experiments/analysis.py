@@ -731,7 +731,8 @@ def _breaches(exp: Experiment, arms: list[ArmStats], srm: Srm) -> list[Breach]:
         )
     lo, hi = g.calibration_ratio
     for a in arms:
-        if math.isfinite(a.latency_p99_ms) and a.latency_p99_ms > g.latency_p99_ms_max:
+        lat_checked = a.requests >= g.min_requests and math.isfinite(a.latency_p99_ms)
+        if lat_checked and a.latency_p99_ms > g.latency_p99_ms_max:
             out.append(
                 Breach(
                     a.name,

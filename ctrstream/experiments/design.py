@@ -100,7 +100,9 @@ class Guardrails:
 
     ``srm_p_min``: the sample-ratio-mismatch test's p-value below which the split itself is
     broken (experiment level: every comparison is then suspect); ``latency_p99_ms_max``: an
-    arm's ranking latency p99; ``calibration_ratio``: the (lo, hi) band of an arm's
+    arm's ranking latency p99 (a micro-batched ad server answers a request when its batch is
+    ranked: the batch's time), checked once the arm has ``min_requests`` requests;
+    ``calibration_ratio``: the (lo, hi) band of an arm's
     predicted / observed clicks, checked once the arm has ``min_clicks`` clicks;
     ``error_rate_max``: failed requests / requests, checked once the arm has
     ``min_requests`` requests. :func:`ctrstream.experiments.analysis.analyze` lists the

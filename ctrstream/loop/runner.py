@@ -219,6 +219,10 @@ class ClosedLoop:
         arm, counted_arm = self._arms(batch.user_id)
         d = self.decide(batch, arm)
         c2 = time.perf_counter()
+        for stage, sec in getattr(d, "timings", {}).items():
+            if stage != "feature_reads":
+                key = f"adserver.{stage}"
+                self.stage_s[key] = self.stage_s.get(key, 0.0) + sec
         shown = _shown(batch, d)
         out = self.world.show(batch, shown)
         c3 = time.perf_counter()
