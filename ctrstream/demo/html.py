@@ -240,8 +240,9 @@ def lambda_svg(n: dict) -> str:
             450,
             300,
             80,
-            "Streaming scorer -> predictions",
-            [
+            n.get("scorer_title") or "Streaming scorer -> predictions",
+            n.get("scorer_lines")
+            or [
                 f"{v('predictions')} predictions, {v('degraded')} degraded",
                 f"{v('score_rate')} rows/s through Triton",
                 f"max lag {v('score_lag_max')} records, done +{v('score_trail_s')} s",

@@ -438,6 +438,13 @@ def build_report(st, tr, cfg) -> Path:
         "rec_missing_speed": rec.get("missing_in_speed"),
         "rec_explained": "all" if rec.get("explained") else "not all",
     }
+    if loop:
+        numbers["scorer_title"] = "Ad server + auction (closed loop)"
+        numbers["scorer_lines"] = [
+            f"{loop['requests']:,} requests, {loop['impressions']:,} shown",
+            f"{loop['requests_per_s']:,.0f} requests/s, {loop['impressions_per_s']:,.0f} shown/s",
+            f"{live['n_predictions'] if live else 0:,} predictions by the model arms",
+        ]
     # ---------------------------------------------------------------- terminal summary
     t = Table(
         title=f"ctrstream demo {st.run_id}: {n['impressions']:,} impressions, "

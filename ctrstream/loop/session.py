@@ -81,6 +81,15 @@ def resolve_versions(settings: Settings, exp: Any) -> Any:
     )
 
     client = control_client(settings)
+    try:
+        live = bool(client.is_server_live())
+    except Exception:  # noqa: BLE001 - any failure to reach it is the same answer
+        live = False
+    if not live:
+        raise SessionError(
+            f"Triton does not answer at {settings.triton.grpc_url}: start the stack "
+            "(`ctrstream stack up`) before an experiment with model arms"
+        )
     arms = []
     for a in exp.arms:
         if a.kind != "model":

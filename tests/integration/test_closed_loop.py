@@ -169,6 +169,17 @@ def test_the_closed_loop_decides_shows_and_accounts_for_every_impression(
         assert np.isclose(totals[arm]["revenue"], paid.sum())
 
     # the report: every arm, a comparison per treatment, the shadow's own calibration
+    # the per-arm Prometheus counters agree with the ledger
+    from prometheus_client import REGISTRY
+
+    for arm in ("a", "b", "prior", "oracle"):
+        labels = {"experiment": exp.name, "arm": arm}
+        for metric, col in (("impressions", "impressions"), ("clicks", "clicks")):
+            got = REGISTRY.get_sample_value(f"ctrstream_loop_{metric}_total", labels)
+            assert got == totals[arm][col], (metric, arm)
+        rev = REGISTRY.get_sample_value("ctrstream_loop_revenue_total", labels)
+        assert np.isclose(rev, totals[arm]["revenue"])
+
     doc = session.report(s, exp.name)
     names = [x["name"] for x in doc["arms"]]
     assert names == ["a", "b", "prior", "oracle", "a-shadow"]
@@ -313,3 +324,42 @@ def test_a_killed_ad_server_resumes_the_same_experiment(
     )
     for exp in (killed, straight):
         session.stop(s, exp.name)
+
+
+def test_the_experiment_commands_start_status_report_and_stop(settings, models, unique, stack_env):
+    """The CLI: start resolves and pins the versions on Triton, status shows it running,
+    report without a loop run says what to do, stop unpins; bad arms are clear errors."""
+    from ctrstream.models.publish import pinned_versions, served_model_name
+
+    a, _ = models
+    name = f"cli-{unique}"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "ctrstream", "experiment", *args],
+            env=stack_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    bad = cli("start", name, "--arm", "x=model")
+    assert bad.returncode == 2 and "NAME=model:BASE" in bad.stderr
+    missing = cli("start", name, "--arm", "x=model:ctr_nosuch:0.5", "--arm", "p=prior:0.5")
+    assert missing.returncode == 2 and "publish it first" in missing.stderr
+    ok = cli("start", name, "--arm", f"m=model:{a}:0.5", "--arm", "p=prior:0.5")
+    assert ok.returncode == 0, ok.stderr
+    arms = {x["name"]: x for x in json.loads(ok.stdout)["arms"]}
+    assert arms["m"]["model_version"] == 1
+    served = served_model_name(settings, a)
+    assert pinned_versions(settings, served) == {f"experiment:{name}": [1]}
+    again = cli("start", name, "--arm", "p=prior:1")
+    assert again.returncode == 2 and "stop" in again.stderr
+    st = cli("status", name)
+    assert st.returncode == 0 and json.loads(st.stdout)[0]["status"] == "running"
+    rep = cli("report", name)
+    assert rep.returncode == 2 and "ctrstream loop run" in rep.stderr
+    stop = cli("stop", name)
+    assert stop.returncode == 0, stop.stderr
+    assert pinned_versions(settings, served) == {}
+    assert json.loads(cli("status", name).stdout)[0]["status"] == "stopped"
