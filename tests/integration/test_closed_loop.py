@@ -335,13 +335,15 @@ def test_the_experiment_commands_start_status_report_and_stop(settings, models, 
     name = f"cli-{unique}"
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        p = subprocess.run(
             [sys.executable, "-m", "ctrstream", "experiment", *args],
             env=stack_env,
             capture_output=True,
             text=True,
             timeout=120,
         )
+        p.stderr = " ".join(p.stderr.split())  # the console wraps long lines
+        return p
 
     bad = cli("start", name, "--arm", "x=model")
     assert bad.returncode == 2 and "NAME=model:BASE" in bad.stderr
@@ -353,7 +355,7 @@ def test_the_experiment_commands_start_status_report_and_stop(settings, models, 
     assert arms["m"]["model_version"] == 1
     served = served_model_name(settings, a)
     assert pinned_versions(settings, served) == {f"experiment:{name}": [1]}
-    again = cli("start", name, "--arm", "p=prior:1")
+    again = cli("start", name, "--arm", "p=prior:0.5", "--arm", "o=oracle:0.5")
     assert again.returncode == 2 and "stop" in again.stderr
     st = cli("status", name)
     assert st.returncode == 0 and json.loads(st.stdout)[0]["status"] == "running"

@@ -60,6 +60,10 @@ EXPECTED_SECTIONS = {
         "Online calibration with River",
         ["before and after River calibration", "Calibration over time"],
     ),
+    "experiment": (
+        "Online experiment",
+        ["Cumulative CTR and revenue per 1,000 requests of each arm"],
+    ),
     "reconciliation": ("Reconciliation", []),
     "api": ("Sample ad requests", []),
 }
@@ -67,15 +71,24 @@ EXPECTED_SECTIONS = {
 EXPECTED_TEXT = {
     "throughput": [
         "replay (history)",
-        "replay (live, lockstep)",
+        "closed loop: ad requests decided",
+        "closed loop: impressions shown",
         "speed layer",
-        "scorer",
         "Consumer lag",
         "caught up",
         "Feature freshness",
     ],
     "quality": ["ctr_lr", "ctr_deep", "oracle", "NE", "AUC", "ECE"],
     "calibration": ["raw (Triton)", "calibrated (River)", "oracle"],
+    "experiment": [
+        "deep-shadow",
+        "prior",
+        "oracle",
+        "true lift",
+        "Per arm",
+        "sequential test",
+        "requests/s",
+    ],
     "reconciliation": ["buckets_compared", "Why they differ", "full report"],
 }
 
@@ -85,7 +98,6 @@ LAG_STAGES = [
     ("speed layer (join)", "history"),
     ("speed layer (features)", "live"),
     ("speed layer (join)", "live"),
-    ("scorer", "live"),
 ]
 FRESHNESS_LIMIT_S = 3600.0  # a freshness above this is an artefact (issue 7: 27,649,563 s)
 NOT_APPLICABLE = "not applicable"
