@@ -98,6 +98,9 @@ class Ranker:
     calibrate: CalibrateFn | None = None
     truth: TruthFn | None = None
     model_name: str = ""  # the label of a model's scores when its ScoreResult has none
+    # rankers with the same non-empty key give the same scores (one model version, one
+    # calibrator): a shadow reuses the rows a deciding arm with its key already scored
+    key: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ("model", "prior", "oracle"):
@@ -120,8 +123,15 @@ def model_ranker(name: str, scorer: Any, calibrator: Any = None) -> Ranker:
         def cal(raw: np.ndarray, version: str, context: dict) -> np.ndarray:
             return calibrator.calibrate(raw, version, context, model_name=served)
 
+    version = getattr(scorer, "model_version", None)
+    served = str(getattr(scorer, "model_name", ""))
     return Ranker(
-        name, "model", scorer.score, cal, model_name=str(getattr(scorer, "model_name", ""))
+        name,
+        "model",
+        scorer.score,
+        cal,
+        model_name=served,
+        key=f"{served}@{version}" if version is not None and calibrator is not None else "",
     )
 
 
@@ -322,11 +332,13 @@ class AdServer:
         arm_meta: dict[str, Scored] = {}
         score_degraded = np.zeros(total, dtype=bool)
         zeros = np.zeros(total, dtype=np.int64)
+        raw0 = np.zeros(total)
         for a in sorted(set(arms.tolist())):
             ta = time.perf_counter()
             rows = np.flatnonzero(row_arm == a)
             sc = self._score(rankers[a], batch, cols, rows, zeros[rows], dense)
             pctr0[rows] = sc.calibrated
+            raw0[rows] = sc.raw
             score_degraded[rows] = sc.degraded
             arm_meta[a] = sc
             arm_s[a] = time.perf_counter() - ta
@@ -365,9 +377,13 @@ class AdServer:
         t_decided = time.perf_counter()
 
         shadow_out: dict[str, ShadowDecisions] = {}
-        all_rows = np.arange(total)
         for rk in shadows:
-            shadow_out[rk.name] = self._shadow(rk, batch, cols, dense, all_rows, uniforms, res)
+            # the rows and shown impressions a deciding arm of the same key already scored
+            same = [a for a in arm_meta if rk.key and rankers[a].key == rk.key]
+            done0 = np.isin(row_arm, same) & ~score_degraded
+            done_at = np.isin(imp_arm, same) & ~imp_degraded
+            reuse = _Reuse(done0, raw0, pctr0, done_at, pctr_raw, pctr, arm_meta, same)
+            shadow_out[rk.name] = self._shadow(rk, batch, cols, dense, uniforms, res, reuse)
         t_end = time.perf_counter()
 
         shared_s = (t_feat - t0) + t_auction
@@ -412,16 +428,24 @@ class AdServer:
         batch: RequestBatchLike,
         cols: dict[str, np.ndarray],
         dense: np.ndarray,
-        all_rows: np.ndarray,
         uniforms: np.ndarray,
         shown: AuctionResult,
+        reuse: _Reuse,
     ) -> ShadowDecisions:
         """A shadow's ranking of every request (no exploration) and its pCTR of the shown
-        impressions at their slots."""
+        impressions at their slots; rows a deciding arm of the same model version scored
+        are reused, not scored again."""
         n_slots = np.asarray(batch.n_slots, dtype=np.int64)
         n = len(n_slots)
         s_max = int(n_slots.max()) if n else 0
-        sc0 = self._score(rk, batch, cols, all_rows, np.zeros(len(all_rows), np.int64), dense)
+        sc0 = reuse.merge(
+            lambda rows: self._score(
+                rk, batch, cols, rows, np.zeros(len(rows), np.int64), dense
+            ),
+            reuse.done0,
+            reuse.raw0,
+            reuse.pctr0,
+        )
         own = auction(
             batch.cand_offsets,
             np.asarray(batch.cand_bid, dtype=np.float64),
@@ -444,7 +468,13 @@ class AdServer:
                 False,
             )
         else:
-            at = self._score(rk, batch, cols, shown.candidate_index, shown.slot, dense)
+            ci, sl = shown.candidate_index, shown.slot
+            at = reuse.merge(
+                lambda rows: self._score(rk, batch, cols, ci[rows], sl[rows], dense),
+                reuse.done_at,
+                reuse.raw_at,
+                reuse.pctr_at,
+            )
         return ShadowDecisions(
             name=rk.name,
             model_name=at.model_name or sc0.model_name,
@@ -455,6 +485,36 @@ class AdServer:
             top_pctr0=top_p,
             degraded=sc0.degraded or at.degraded,
         )
+
+
+@dataclass
+class _Reuse:
+    """Scores a deciding arm of a shadow's model version already computed in this batch:
+    per candidate row at position 0 (``done0``) and per shown impression (``done_at``)."""
+
+    done0: np.ndarray
+    raw0: np.ndarray
+    pctr0: np.ndarray
+    done_at: np.ndarray
+    raw_at: np.ndarray
+    pctr_at: np.ndarray
+    meta: dict[str, Scored]
+    arms: list[str]
+
+    def merge(self, score: Any, done: np.ndarray, raw: np.ndarray, cal: np.ndarray) -> Scored:
+        """The scores of every row: the reused ones, and ``score(rows)`` for the rest."""
+        todo = np.flatnonzero(~done)
+        out_raw, out_cal = raw.copy(), cal.copy()
+        name = version = ""
+        degraded = False
+        if len(todo) or not self.arms:
+            sc = score(todo)
+            out_raw[todo], out_cal[todo] = sc.raw, sc.calibrated
+            name, version, degraded = sc.model_name, sc.model_version, sc.degraded
+        if self.arms:
+            m = self.meta[self.arms[0]]
+            name, version = name or m.model_name, version or m.model_version
+        return Scored(out_raw, out_cal, name, version, degraded)
 
 
 __all__ = [

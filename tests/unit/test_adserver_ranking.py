@@ -241,3 +241,31 @@ def test_bad_arms_say_what_is_wrong():
         server.decide(batch, np.zeros(4, np.int64), {"a": Ranker("a", "prior")})
     with pytest.raises(ValueError, match="needs a score"):
         Ranker("m", "model")
+
+
+def test_a_shadow_of_a_deciding_arms_model_version_reuses_its_scores():
+    """A shadow with the deciding arm's key (same model version, same calibrator) scores
+    only the other arms' rows, and its outputs equal a shadow that scores everything."""
+    batch = make_batch(n=80)
+    u = request_uniforms(batch.request_id, n=n_uniforms(3))
+    cfg = AuctionConfig(explore_share=0.3, reserve_ecpm=0.1)
+    arm = np.arange(80) % 2
+    m = FakeModel("4")
+    rankers = {"a": Ranker("a", "model", m.score, key="fake@4"), "p": Ranker("p", "prior")}
+    full_model = FakeModel("4")
+    full = AdServer(None, FakeStore(), cfg).decide(
+        batch, arm, rankers, [Ranker("s", "model", full_model.score)], u
+    )
+    reused_model = FakeModel("4")
+    reused = AdServer(None, FakeStore(), cfg).decide(
+        batch, arm, rankers, [Ranker("s", "model", reused_model.score, key="fake@4")], u
+    )
+    for f in ("pctr", "pctr_raw", "top_candidate", "top_pctr0"):
+        np.testing.assert_allclose(
+            getattr(full.shadows["s"], f), getattr(reused.shadows["s"], f), err_msg=f
+        )
+    assert reused.shadows["s"].model_version == "4"
+    rows_full = sum(len(c[0]) for c in full_model.calls)
+    rows_reused = sum(len(c[0]) for c in reused_model.calls)
+    arm_a_rows = int(np.diff(batch.cand_offsets)[arm == 0].sum())
+    assert rows_reused < rows_full and rows_full - rows_reused >= arm_a_rows
