@@ -21,7 +21,10 @@ Columns: ``impressions_per_s`` and ``requests_per_s`` (wall clock, the closed lo
 checkpoint and analysis included); ``vs_lockstep``: a row's impressions/s over the lockstep
 row's (the headline); the closed loop's time per stage (``stage_s`` of its summary: the
 world, the ad server's ``decide`` - features, Triton, calibration, auction -, Kafka, the
-ledger, the analysis) as shares of its wall time; ``cpu_s``: CPU seconds of the benchmark
+ledger, the analysis) as shares of its wall time, and inside ``decide`` the ad server's own
+timings (``features``: the feature read; ``score``: the deciding arms' Triton calls and
+calibration; ``auction``; ``shadows``: the shadow arms' scoring of every candidate);
+``triton_rows``: rows Triton inferred during the row; ``cpu_s``: CPU seconds of the benchmark
 process, plus the scorer's for the lockstep row (Kafka, Redis and Triton not included).
 
 No speed layer runs: both paths read features from the same quiet, empty store, so the rows
@@ -58,6 +61,9 @@ from ctrstream.bench.common import print_table, results_dir, write_results
 
 DEMO_DENSITY = 1_000_000 / 6.0  # impressions per hour of event time (ctrstream demo's default)
 STAGES = ("world", "decide", "kafka", "ledger", "analyze")
+# inside the ad server's decide (its Decisions.timings): the feature read, the deciding
+# arms' Triton calls and calibration, the auction, the shadows
+AD_SERVER = ("features", "score", "auction", "shadows")
 LR_MODEL, DEEP_MODEL = "ctr_benchlr", "ctr_benchdeep"
 
 
@@ -342,6 +348,16 @@ def run_closed(
     )
     try:
         loop, rankers = build_loop(settings, name, world, cfg, fresh=True)
+        inside = dict.fromkeys((*AD_SERVER, "feature_reads"), 0.0)
+        decide = loop.decide
+
+        def timed_decide(batch: Any, arm: np.ndarray) -> Any:
+            d = decide(batch, arm)
+            for k in inside:
+                inside[k] += float(d.timings.get(k, 0.0))
+            return d
+
+        loop.decide = timed_decide
         try:
             meter.start()
             # far enough: the run stops at the target (at most a step's worth more)
@@ -374,6 +390,13 @@ def run_closed(
     }
     for k in STAGES:
         row[f"{k}_share"] = summary.stage_s.get(k, 0.0) / summary.wall_s
+    row["ad_server_s"] = {k: round(inside[k], 3) for k in AD_SERVER}
+    for k in AD_SERVER:
+        row[f"{k}_share"] = inside[k] / summary.wall_s
+    row["feature_reads"] = int(inside["feature_reads"])
+    row["triton_rows_per_impression"] = (
+        row["triton_rows"] / summary.impressions if row.get("triton_rows") else None
+    )
     return row
 
 
@@ -532,16 +555,15 @@ def main(argv: list[str] | None = None, settings: Any = None) -> int:
     cols = [
         "mode",
         "impressions",
-        "requests",
         "seconds",
         "impressions_per_s",
         "requests_per_s",
         "vs_lockstep",
-        *[f"{k}_share" for k in ("world", "decide", "kafka")],
+        *[f"{k}_share" for k in ("decide", "features", "score", "shadows")],
         "scorer_wait_share",
         "triton_rows",
-        "cpu_s",
-        *[f"cpu_{k}_s" for k in ("scorer", "redis", "triton")],
+        "cpu_redis_s",
+        "cpu_triton_s",
     ]
     title = f"closed loop vs lockstep ({args.scenario}, {target:,} impressions per row)"
     print_table(title, rows, cols)

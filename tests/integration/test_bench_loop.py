@@ -45,6 +45,14 @@ def test_bench_loop_smoke(settings, tmp_path):
         assert set(r["stage_s"]) == set(bench_loop.STAGES)
         assert 0 < r["decide_share"] < 1
         assert sum(r[f"{k}_share"] for k in bench_loop.STAGES) <= 1.0 + 1e-9
+        # inside the ad server: its own timings add up to at most its stage (which the
+        # loop's summary rounds to 10 ms)
+        assert set(r["ad_server_s"]) == set(bench_loop.AD_SERVER)
+        assert r["features_share"] > 0 and r["score_share"] > 0
+        inside = sum(r[f"{k}_share"] for k in bench_loop.AD_SERVER)
+        assert inside <= r["decide_share"] + 0.006 / r["seconds"]
+        assert r["triton_rows"] > r["impressions"]  # every candidate is scored
+    assert closed["shadows_share"] > 0 and lean["shadows_share"] < closed["shadows_share"] / 10
     assert (
         meta["headline"]["closed_over_lockstep_impressions_per_s"]["closed c=8"]
         == (closed["vs_lockstep"])
