@@ -1,7 +1,7 @@
 """Closed-loop throughput against the open-loop lockstep scorer it replaces in the demo.
 
-``ctrstream bench loop [--isolated] [--impressions N] [--candidates 20,50] [--step-s 10]
-[--lockstep-s 10] [--scenario drift]``
+``ctrstream bench loop [--isolated] [--impressions N] [--candidates 20,50]
+[--lean-candidates 20] [--step-s 10] [--lockstep-s 10] [--scenario drift]``
 
 Both paths run on the same scenario at the same event-time density (the demo's: 1M
 impressions in 6 hours unless ``--hours`` says otherwise), on about the same number of
@@ -15,17 +15,20 @@ impressions, against the same stack, one after the other:
 * ``closed c=K``: the closed loop (:class:`ctrstream.loop.runner.ClosedLoop`) under the
   demo's experiment (LR 35 %, DCN-v2 35 %, prior 15 %, oracle 15 %, a DCN-v2 shadow) with K
   candidate ads per request and micro-batches of ``--step-s`` of event time, until it has
-  shown at least as many impressions as the lockstep row replayed.
+  shown at least as many impressions as the lockstep row replayed;
+* ``closed c=K lean``: the same with LR 85 % and the prior 15 % (no DCN-v2, no shadow).
 
 Columns: ``impressions_per_s`` and ``requests_per_s`` (wall clock, the closed loop's final
 checkpoint and analysis included); ``vs_lockstep``: a row's impressions/s over the lockstep
 row's (the headline); the closed loop's time per stage (``stage_s`` of its summary: the
-world, the ad server's ``decide`` - features, Triton, calibration, auction -, Kafka, the
-ledger, the analysis) as shares of its wall time, and inside ``decide`` the ad server's own
-timings (``features``: the feature read; ``score``: the deciding arms' Triton calls and
-calibration; ``auction``; ``shadows``: the shadow arms' scoring of every candidate);
-``triton_rows``: rows Triton inferred during the row; ``cpu_s``: CPU seconds of the benchmark
-process, plus the scorer's for the lockstep row (Kafka, Redis and Triton not included).
+world, the ad server's ``decide``, Kafka, the ledger, the analysis) as shares of its wall
+time and, inside ``decide``, the ad server's own timings (``features``: the feature read;
+``score``: the deciding arms' Triton calls and calibration; ``auction``; ``shadows``: the
+shadow arms' scoring of every candidate); ``triton_rows``: rows Triton inferred during the
+row; ``cpu_s``: CPU seconds of the benchmark process, ``cpu_{scorer,kafka,redis,triton}_s``
+of each server (with its children: Triton's backend stubs), ``cpu_total_s`` their sum;
+``impressions_per_cpu_s`` and ``vs_lockstep_cpu``: the comparison per CPU second of every
+process taking part (steadier than wall time on a shared machine).
 
 No speed layer runs: both paths read features from the same quiet, empty store, so the rows
 compare the serving paths, not the speed layer's load on two cores. Models: random-weight
@@ -549,9 +552,22 @@ def main(argv: list[str] | None = None, settings: Any = None) -> int:
                         f.result(30)
                     except Exception as e:  # noqa: BLE001 - clean-up: warned about, not fatal
                         logging.warning("could not delete bench topic: %s", e)
-    base = next((r["impressions_per_s"] for r in rows if r["mode"] == "lockstep"), None)
+    for r in rows:  # CPU of every process taking part: steadier than wall time when shared
+        r["cpu_total_s"] = sum(
+            v for k, v in r.items() if k.startswith("cpu_") and k != "cpu_total_s"
+        )
+        r["impressions_per_cpu_s"] = (
+            r["impressions"] / r["cpu_total_s"] if r["cpu_total_s"] else None
+        )
+    lock = next((r for r in rows if r["mode"] == "lockstep"), None)
+    base = lock["impressions_per_s"] if lock else None
     for r in rows:
         r["vs_lockstep"] = r["impressions_per_s"] / base if base else None
+        r["vs_lockstep_cpu"] = (
+            r["impressions_per_cpu_s"] / lock["impressions_per_cpu_s"]
+            if lock and lock["impressions_per_cpu_s"] and r["impressions_per_cpu_s"]
+            else None
+        )
     cols = [
         "mode",
         "impressions",
@@ -564,6 +580,8 @@ def main(argv: list[str] | None = None, settings: Any = None) -> int:
         "triton_rows",
         "cpu_redis_s",
         "cpu_triton_s",
+        "impressions_per_cpu_s",
+        "vs_lockstep_cpu",
     ]
     title = f"closed loop vs lockstep ({args.scenario}, {target:,} impressions per row)"
     print_table(title, rows, cols)
@@ -594,8 +612,13 @@ def main(argv: list[str] | None = None, settings: Any = None) -> int:
         "lean_candidates": lean,
         "speed_layer": "not running: both paths read a quiet, empty store",
         "headline": {
-            "closed_over_lockstep_impressions_per_s": {r["mode"]: r["vs_lockstep"] for r in closed}
+            "closed_over_lockstep_impressions_per_s": {r["mode"]: r["vs_lockstep"] for r in closed},
+            "closed_over_lockstep_impressions_per_cpu_s": {
+                r["mode"]: r["vs_lockstep_cpu"] for r in closed
+            },
         },
+        "cpu": "cpu_total_s: this process, the scorer, Kafka, Redis and Triton (with its "
+        "backend stubs) during the row",
         "loadavg_start": load0,
         "loadavg_end": os.getloadavg(),
     }
