@@ -36,8 +36,9 @@ LR and DCN-v2 exported to ONNX and published (``ctr_benchlr``, ``ctr_benchdeep``
 rankings are arbitrary, their cost is the trained models' (same graphs, same shapes).
 
 Each row writes to its own throw-away topics (``bench-loop-<row>-<kind>-<id>``, deleted
-afterwards); the experiments are stopped and their state removed. ``--isolated`` starts a
-private Kafka + Redis + Triton on free ports (stopped at the end). Results:
+afterwards); the experiments are stopped and their state removed (against a running stack
+the two bench models stay published). ``--isolated`` starts a private Kafka + Redis +
+Triton on free ports (stopped at the end). Results:
 ``bench/results/loop.json`` and ``loop.png``.
 """
 
