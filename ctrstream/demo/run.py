@@ -581,7 +581,9 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     ]
     exp = Experiment(
         name=name,
-        salt=name,
+        # the split depends on the seed, not on the run: the same users meet the same arms in
+        # every run of one seed (the true lift of a split includes which users each arm got)
+        salt=f"demo-seed{cfg.seed}",
         arms=tuple(arms),
         control="lr",
         alpha=0.05,

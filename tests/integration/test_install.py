@@ -75,6 +75,11 @@ def test_the_wheel_installs_only_the_ctrstream_namespace(wheel):
         "ctrstream/py.typed",
     ):
         assert asset in names, f"{asset} is missing from the wheel"
+    # every package of the checkout's namespace folder is in the wheel (pyproject lists them)
+    root = Path(__file__).resolve().parents[2] / "ctrstream"
+    for init in sorted(root.glob("*/__init__.py")):
+        pkg = f"ctrstream/{init.parent.name}/__init__.py"
+        assert pkg in names, f"{pkg} is missing from the wheel: add it to pyproject.toml"
     assert not [n for n in names if "/results/" in n], "benchmark results are not package data"
     info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as zf:
