@@ -439,9 +439,7 @@ class AdServer:
         n = len(n_slots)
         s_max = int(n_slots.max()) if n else 0
         sc0 = reuse.merge(
-            lambda rows: self._score(
-                rk, batch, cols, rows, np.zeros(len(rows), np.int64), dense
-            ),
+            lambda rows: self._score(rk, batch, cols, rows, np.zeros(len(rows), np.int64), dense),
             reuse.done0,
             reuse.raw0,
             reuse.pctr0,
