@@ -547,25 +547,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 # --------------------------------------------------------------------------- CPU and cache
 
 
-def _proc_cpu_s(pid: int, descendants: bool = True) -> float:
-    """User + system CPU seconds of a process and (by default) its descendants (Linux /proc;
-    0 if gone)."""
-    total = 0.0
-    stack = [pid]
-    tick = os.sysconf("SC_CLK_TCK")
-    while stack:
-        p = stack.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            if descendants:
-                for task in Path(f"/proc/{p}/task").iterdir():
-                    stack += [int(k) for k in (task / "children").read_text().split()]
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
-
-
 class CpuMeter:
     """CPU time per request of each process taking part (the API, Redis, Triton with its
     Python-backend stubs, this load generator): on a 2-core machine they all share the cores,
@@ -578,7 +559,9 @@ class CpuMeter:
 
     def _cpu(self, k: str, pid: int) -> float:
         # the load generator started the API (and an isolated stack): itself only
-        return _proc_cpu_s(pid, descendants=(k != "loadgen"))
+        from ctrstream.bench.common import process_cpu_s
+
+        return process_cpu_s(pid, descendants=(k != "loadgen"))
 
     def start(self) -> None:
         self._at = {k: self._cpu(k, p) for k, p in self.pids.items()}

@@ -99,3 +99,22 @@ def write_results(
     }
     path.write_text(json.dumps(doc, indent=2, default=str))
     return path
+
+
+def process_cpu_s(pid: int, descendants: bool = True) -> float:
+    """User + system CPU seconds of a process and (by default) its descendants, such as
+    Triton's backend stubs (Linux /proc; 0 when it is gone)."""
+    total = 0.0
+    stack = [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while stack:
+        p = stack.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            if descendants:
+                for task in Path(f"/proc/{p}/task").iterdir():
+                    stack += [int(k) for k in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total

@@ -53,7 +53,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -61,7 +60,8 @@ from typing import Any
 
 import numpy as np
 
-from ctrstream.bench.common import print_table, results_dir, write_results
+from ctrstream.bench.common import print_table, process_cpu_s, results_dir, write_results
+from ctrstream.stack.scrape import scrape_text, scrape_value
 
 DEMO_DENSITY = 1_000_000 / 6.0  # impressions per hour of event time (ctrstream demo's default)
 STAGES = ("world", "decide", "kafka", "ledger", "analyze")
@@ -74,44 +74,6 @@ LR_MODEL, DEEP_MODEL = "ctr_benchlr", "ctr_benchdeep"
 def _cpu_self() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _cpu_pid(pid: int) -> float:
-    """User + system CPU seconds of a process and its descendants (Triton's backend stubs;
-    0 when it is gone)."""
-    total = 0.0
-    stack = [pid]
-    tick = os.sysconf("SC_CLK_TCK")
-    while stack:
-        p = stack.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f"/proc/{p}/task").iterdir():
-                stack += [int(k) for k in (task / "children").read_text().split()]
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
-
-
-def _scrape(port: int) -> str | None:
-    """A Prometheus endpoint's text (None: no answer yet)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            return resp.read().decode()
-    except OSError:
-        return None
-
-
-def _scrape_value(port: int, sample: str) -> float | None:
-    """One unlabelled sample of a Prometheus endpoint (None: no answer or no such sample)."""
-    text = _scrape(port)
-    if text is None:
-        return None
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 SERVICES = ("kafka", "redis", "triton")
@@ -135,7 +97,7 @@ def service_pids(settings: Any) -> dict[str, int]:
 
 def _triton_rows(settings: Any) -> float | None:
     """Rows Triton has inferred since it started (``nv_inference_count`` over every model)."""
-    text = _scrape(settings.triton.metrics_port)
+    text = scrape_text(settings.triton.metrics_port)
     if text is None:
         return None
     return sum(
@@ -153,14 +115,14 @@ class Meter:
 
     def start(self, **extra: int) -> None:
         self.pids.update(extra)
-        self.cpu0 = {k: _cpu_pid(p) for k, p in self.pids.items()}
+        self.cpu0 = {k: process_cpu_s(p) for k, p in self.pids.items()}
         self.self0 = _cpu_self()
         self.rows0 = _triton_rows(self.settings)
 
     def stop(self) -> dict[str, Any]:
         out: dict[str, Any] = {"cpu_s": _cpu_self() - self.self0}
         for k, p in self.pids.items():
-            out[f"cpu_{k}_s"] = _cpu_pid(p) - self.cpu0[k]
+            out[f"cpu_{k}_s"] = process_cpu_s(p) - self.cpu0[k]
         rows = _triton_rows(self.settings)
         out["triton_rows"] = (
             int(rows - self.rows0) if rows is not None and self.rows0 is not None else None
@@ -240,7 +202,7 @@ def run_lockstep(
         # the scorer's process is up (its metrics answer) before the clock starts; its
         # consumer's start and first Triton call are in the first step, as in the demo
         deadline = time.monotonic() + 120
-        while _scrape(port) is None:
+        while scrape_text(port) is None:
             if proc.poll() is not None:
                 raise RuntimeError(f"the scorer exited with code {proc.returncode}; see {log_path}")
             if time.monotonic() > deadline:
@@ -248,7 +210,7 @@ def run_lockstep(
             time.sleep(0.1)
 
         def scored() -> int | None:
-            v = _scrape_value(port, "ctrstream_score_records_total")
+            v = scrape_value(port, "ctrstream_score_records_total")
             return None if v is None else int(v)
 
         def check() -> None:

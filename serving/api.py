@@ -372,6 +372,17 @@ def _errors(exc_errors, prefix: tuple = ()) -> tuple[str, list[dict]]:
     return "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:10]), errors[:50]
 
 
+def _json_body(schema: str) -> dict:
+    """The OpenAPI request body of a route that parses its own JSON (``schema``: a
+    component the app registers)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+        }
+    }
+
+
 def create_app(
     settings,
     model: str = DEFAULT_MODEL,
@@ -692,14 +703,7 @@ def create_app(
         "/v1/predict",
         response_model=PredictResponse,
         responses=PREDICT_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}
-                },
-            }
-        },
+        openapi_extra=_json_body("PredictRequest"),
     )
     async def predict(request: Request):
         """The FastAPI route of the same handler (OpenAPI, and any use that bypasses
@@ -851,14 +855,7 @@ def create_app(
         "/v1/auction",
         response_model=AuctionResponse,
         responses=AUCTION_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/AuctionRequest"}}
-                },
-            }
-        },
+        openapi_extra=_json_body("AuctionRequest"),
     )
     async def auction_route(request: Request):
         """Run the auction of one ad request: its candidates (with bids) ranked by bid x the

@@ -10,8 +10,8 @@ from typing import Any
 from confluent_kafka import TopicPartition
 
 from ctrstream.config import Settings, Topic
-from ctrstream.demo.scrape import scrape_or_empty
 from ctrstream.kafka.clients import make_consumer
+from ctrstream.stack.scrape import scrape_or_empty
 
 SCORER = "scorer"
 SPEED_STAGES = {"speed layer (features)": "speed-features", "speed layer (join)": "speed-join"}

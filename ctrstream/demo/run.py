@@ -45,7 +45,7 @@ from ctrstream import features as F
 from ctrstream.config import Settings, Topic, get_settings
 from ctrstream.demo.freshness import FreshnessProbe
 from ctrstream.demo.lag import LagMonitor
-from ctrstream.demo.scrape import scrape_or_empty, scrape_value
+from ctrstream.stack.scrape import scrape_or_empty, scrape_value
 from ctrstream.store.speed_view import count_speed_hashes
 
 console = Console()
@@ -468,7 +468,6 @@ def _batch(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
 
 
 def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
-    from ctrstream.kafka.heartbeats import send_heartbeat
     from ctrstream.stack.services import free_port
 
     ports = st.numbers["metrics_ports"]
@@ -497,14 +496,7 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     t0 = time.monotonic()
     st.numbers["replay_live"] = _replay_lockstep(st, tr, t_split, cfg, "replay (live, lockstep)")
     st.monitor.replay_ended("live")
-    # close every attribution window: the join emits the last labeled examples
-    send_heartbeat(
-        st.settings,
-        end
-        + int(st.settings.attribution_window_s * 1000)
-        + int(st.settings.allowed_lateness_s * 1000)
-        + F.HOUR_MS,
-    )
+    _close_windows(st, end)
     _wait(
         "the scorer to score the live stream",
         lambda: _topic_count(st.settings, st.settings.topics.predictions) >= expected,
@@ -515,7 +507,30 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     st.numbers["score_seconds"] = time.monotonic() - t0
     st.numbers["predictions"] = _topic_count(st.settings, st.settings.topics.predictions)
     st.numbers["freshness"]["live"] = probe.finish()
-    n_labeled = tr.impressions.num_rows
+    _live_settles(st, tr.impressions.num_rows, expected)
+    for name in ("score", "calibrate"):
+        _stop(st, name)
+
+
+def _close_windows(st: DemoState, end_ms: int) -> None:
+    """A heartbeat past every attribution window and the allowed lateness after ``end_ms``:
+    the join emits the last labeled examples."""
+    from ctrstream.kafka.heartbeats import send_heartbeat
+
+    send_heartbeat(
+        st.settings,
+        end_ms
+        + int(st.settings.attribution_window_s * 1000)
+        + int(st.settings.allowed_lateness_s * 1000)
+        + F.HOUR_MS,
+    )
+
+
+def _live_settles(st: DemoState, n_labeled: int, n_predictions: int) -> None:
+    """After the live phase's last event: wait for the join to label every impression, the
+    calibrator to join every prediction and the speed layer to read everything; then record
+    the lag, the jobs' metrics and the speed view's size."""
+    ports = st.numbers["metrics_ports"]
     _wait(
         "the join to label every impression",
         lambda: _topic_count(st.settings, st.settings.topics.labeled) >= n_labeled * 0.99,
@@ -530,7 +545,7 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
         return (
             m.get("ctrstream_calibration_joined_total", 0)
             + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)
-        ) >= expected
+        ) >= n_predictions
 
     _wait("the calibrator to learn from the live labels", calibrator_done, 600, ["calibrate"], st)
     _wait(
@@ -540,6 +555,7 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
         ["speed-features", "speed-join"],
         st,
     )
+    assert st.monitor is not None
     st.monitor.end("live")
     st.numbers["lag"] = st.monitor.summary()
     st.numbers["metrics"] = {name: scrape_or_empty(port) for name, port in ports.items()}
@@ -550,8 +566,6 @@ def _live(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
         f"speed view: {st.numbers['speed_keys']:,} hashes (entity, id, day) in Redis "
         f"{st.numbers['speed_keys_by_entity']}"
     )
-    for name in ("score", "calibrate"):
-        _stop(st, name)
 
 
 def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
@@ -560,7 +574,6 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     shown under an experiment; the world clicks; the speed layer, the join and the
     calibrator run on what it produced."""
     from ctrstream.experiments.design import Arm, Experiment, Guardrails
-    from ctrstream.kafka.heartbeats import send_heartbeat
     from ctrstream.loop import session
     from ctrstream.loop.runner import LoopConfig
     from ctrstream.loop.wiring import build_loop, build_world
@@ -625,54 +638,18 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
         f"{summary.wall_s:.1f} s ({summary.requests_per_s:,.0f} requests/s, "
         f"{summary.impressions_per_s:,.0f} impressions/s; ad server {summary.decide_s:.1f} s)"
     )
-    # close every attribution window: the join emits the last labeled examples
-    send_heartbeat(
-        st.settings,
-        end
-        + int(st.settings.attribution_window_s * 1000)
-        + int(st.settings.allowed_lateness_s * 1000)
-        + F.HOUR_MS,
-    )
-    n_labeled = st.numbers["history_impressions"] + summary_impressions(loop)
-    _wait(
-        "the join to label every impression",
-        lambda: _topic_count(st.settings, st.settings.topics.labeled) >= n_labeled * 0.99,
-        600,
-        ["speed-join"],
+    _close_windows(st, end)
+    _live_settles(
         st,
+        st.numbers["history_impressions"] + loop.emitter.sent["impressions"],
+        loop.emitter.sent["predictions"],
     )
-    expected = loop.emitter.sent["predictions"]
-
-    def calibrator_done() -> bool:
-        m = scrape_or_empty(ports["calibrate"])
-        return (
-            m.get("ctrstream_calibration_joined_total", 0)
-            + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)
-        ) >= expected
-
-    _wait("the calibrator to learn from the live labels", calibrator_done, 600, ["calibrate"], st)
-    _wait(
-        "the speed layer to catch up with the live stream",
-        lambda: _speed_caught_up(st, _events_written(st)),
-        600,
-        ["speed-features", "speed-join"],
-        st,
-    )
-    st.monitor.end("live")
-    st.numbers["lag"] = st.monitor.summary()
-    st.numbers["metrics"] = {n: scrape_or_empty(port) for n, port in ports.items()}
-    st.numbers["speed_keys_by_entity"] = _count_speed_keys(st.settings)
-    st.numbers["speed_keys"] = sum(st.numbers["speed_keys_by_entity"].values())
     st.numbers["experiment"] = session.report(st.settings, name, st.out / "experiment")
     st.numbers["experiment_dir"] = str(st.out / "experiment")
     st.numbers["loop_log"] = str(session.state_dir(st.settings, name) / "impressions")
     session.stop(st.settings, name, "the demo's live phase ended")
     console.print((st.out / "experiment" / "experiment.md").read_text())
     _stop(st, "calibrate")
-
-
-def summary_impressions(loop) -> int:
-    return int(loop.emitter.sent["impressions"])
 
 
 class _LoopBar:

@@ -1,4 +1,5 @@
-"""Reading the jobs' Prometheus endpoints: how the demo knows what each job has done."""
+"""Reading the jobs' Prometheus endpoints: how the demo and the benchmarks know what each
+job has done."""
 
 from __future__ import annotations
 
@@ -30,13 +31,20 @@ def scrape_or_empty(port: int, host: str = "127.0.0.1") -> dict[str, float]:
         return {}
 
 
+def scrape_text(port: int, host: str = "127.0.0.1") -> str | None:
+    """A Prometheus endpoint's text (None: it does not answer, e.g. not up yet)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return None
+
+
 def scrape_value(port: int, sample: str, host: str = "127.0.0.1") -> float | None:
     """One unlabelled sample of a Prometheus endpoint, read without the full parser (called
     often); None when the endpoint does not answer or has no such sample."""
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
+    text = scrape_text(port, host)
+    if text is None:
         return None
     for line in text.splitlines():
         if line.startswith(sample + " "):
