@@ -19,6 +19,12 @@ One step covers ``step_s`` seconds of event time, ``[t0, t0 + step)``:
    ``checkpoint_every`` steps the loop's own state is checkpointed (world, ledger, pending
    clicks, clock) so a restarted ad server continues the same experiment.
 
+After a kill -9 the loop resumes at its last checkpoint and decides the steps after it
+again, with the same ids (the speed layer deduplicates the copies in Kafka, the ledger and
+the decision log hold each step once). Those steps' features may then include the first
+attempt's events of the same steps, which the guard cannot see (it knows what this process
+produced): ``checkpoint_every`` bounds how many steps that can affect.
+
 Time compression: with ``compression`` set, the loop paces event time to wall time
 (``compression`` event seconds per wall second) and says so when it cannot keep up; without
 it the loop runs as fast as it can.
@@ -132,6 +138,7 @@ class ClosedLoop:
         self.log = ImpressionLog(self.state_dir / "impressions")
         self.clock_ms: int | None = None
         self.next_look_ms: int | None = None
+        self._record: Any = None  # the experiment's state, re-read every step
         self.steps = 0
         self.m = loop_metrics()
         self.stage_s = {"world": 0.0, "decide": 0.0, "kafka": 0.0, "ledger": 0.0, "analyze": 0.0}
