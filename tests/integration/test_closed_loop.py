@@ -243,7 +243,9 @@ def test_aa_runs_through_the_whole_loop_do_not_decide(fresh_topics, models, uniq
             Arm(name="a1", kind="model", weight=0.5, model_name=a),
             Arm(name="a2", kind="model", weight=0.5, model_name=a),
         ]
-        exp = _experiment(f"aa{k}-{unique}", arms, "a1", min_run_s=900.0)
+        # fixed salts: the world and the models are seeded, so each run's outcome is
+        # reproducible rather than a fresh draw of the test's false-positive rate
+        exp = _experiment(f"aa{k}-{unique}", arms, "a1", salt=f"aa-split-{k}", min_run_s=900.0)
         _, loop, summary = _run(fresh_topics, exp, minutes=60, rate=3.0, step_s=15.0)
         doc = session.report(fresh_topics, exp.name)
         counted = [c for c in doc["comparisons"] if c["counted"]]
