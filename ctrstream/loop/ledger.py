@@ -279,12 +279,26 @@ IMPRESSION_LOG_COLUMNS = (
 )
 
 
-class ImpressionLog:
-    """The decision log: one row per shown impression with what decided it and the truth
-    (the closed loop's oracle file), appended as Parquet parts at each checkpoint, named by
-    the checkpoint's clock (``impressions-<clock ms>.parquet``): a resumed loop removes the
-    parts of a checkpoint that did not complete (:meth:`prune_after`), so no step is logged
-    twice."""
+REQUEST_LOG_COLUMNS = (
+    "request_id",
+    "event_time_ms",
+    "user_id",
+    "arm",
+    "counted",
+    "slots",
+    "filled",
+    "latency_ms",
+    "degraded",
+)
+
+
+class PartLog:
+    """Rows appended as Parquet parts at each checkpoint, named by the checkpoint's clock
+    (``<prefix>-<clock ms>.parquet``): a resumed loop removes the parts of a checkpoint that
+    did not complete (:meth:`prune_after`), so no step is logged twice."""
+
+    prefix = "rows"
+    columns: tuple[str, ...] = ()
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -301,9 +315,9 @@ class ImpressionLog:
         if not self._rows:
             return None
         table = pa.Table.from_pydict(
-            {c: np.concatenate([r[c] for r in self._rows]) for c in IMPRESSION_LOG_COLUMNS}
+            {c: np.concatenate([r[c] for r in self._rows]) for c in self.columns}
         )
-        path = self.folder / f"impressions-{int(clock_ms):015d}.parquet"
+        path = self.folder / f"{self.prefix}-{int(clock_ms):015d}.parquet"
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp)
         tmp.replace(path)
@@ -312,7 +326,7 @@ class ImpressionLog:
 
     def prune_after(self, clock_ms: int) -> None:
         """Remove the parts written after the checkpoint at ``clock_ms``."""
-        for p in self.folder.glob("impressions-*.parquet"):
+        for p in self.folder.glob(f"{self.prefix}-*.parquet"):
             if int(p.stem.split("-")[1]) > clock_ms:
                 p.unlink()
 
@@ -320,15 +334,39 @@ class ImpressionLog:
         """Forget rows not yet flushed (a resumed loop redoes their steps)."""
         self._rows.clear()
 
-    @staticmethod
-    def read(folder: Path):  # -> pyarrow.Table
+    @classmethod
+    def read(cls, folder: Path):  # -> pyarrow.Table | None
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        parts = sorted(Path(folder).glob("impressions-*.parquet"))
+        parts = sorted(Path(folder).glob(f"{cls.prefix}-*.parquet"))
         if not parts:
             return None
         return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
-__all__ = ["Ledger", "USER_COLUMNS", "ImpressionLog", "IMPRESSION_LOG_COLUMNS"]
+class ImpressionLog(PartLog):
+    """The decision log: one row per shown impression with what decided it and the truth
+    (the closed loop's oracle file)."""
+
+    prefix = "impressions"
+    columns = IMPRESSION_LOG_COLUMNS
+
+
+class RequestLog(PartLog):
+    """One row per ad request: its arm (and whether the experiment counts it), the slots
+    asked and filled, its ranking latency - unfilled requests included."""
+
+    prefix = "requests"
+    columns = REQUEST_LOG_COLUMNS
+
+
+__all__ = [
+    "Ledger",
+    "USER_COLUMNS",
+    "PartLog",
+    "ImpressionLog",
+    "RequestLog",
+    "IMPRESSION_LOG_COLUMNS",
+    "REQUEST_LOG_COLUMNS",
+]

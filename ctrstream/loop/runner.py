@@ -45,7 +45,7 @@ import numpy as np
 from ctrstream.config import Settings
 from ctrstream.events import SCHEMA_VERSION, Click, Impression, Prediction
 from ctrstream.loop.emitter import Emitter, _Pending
-from ctrstream.loop.ledger import ImpressionLog, Ledger
+from ctrstream.loop.ledger import ImpressionLog, Ledger, RequestLog
 from ctrstream.loop.metrics import loop_metrics
 
 log = logging.getLogger("ctrstream.loop")
@@ -136,6 +136,7 @@ class ClosedLoop:
         self.control = self.deciding.index(experiment.control)
         self.ledger = Ledger(tuple(self.deciding), tuple(self.shadows), int(world.scenario.n_users))
         self.log = ImpressionLog(self.state_dir / "impressions")
+        self.request_log = RequestLog(self.state_dir / "requests")
         self.clock_ms: int | None = None
         self.next_look_ms: int | None = None
         self._record: Any = None  # the experiment's state, re-read every step
@@ -159,6 +160,7 @@ class ClosedLoop:
         self.steps = int(meta["steps"])
         self.emitter.sent = dict(meta["sent"])
         self.log.prune_after(self.clock_ms)
+        self.request_log.prune_after(self.clock_ms)
         self.ledger = Ledger.load(self.state_dir / "ledger.npz")
         with np.load(self.state_dir / "world.npz", allow_pickle=False) as z:
             self.world.load_state({k: z[k] for k in z.files})
@@ -173,6 +175,7 @@ class ClosedLoop:
         assert self.clock_ms is not None
         self.emitter.flush()
         self.log.flush(self.clock_ms)
+        self.request_log.flush(self.clock_ms)
         self.ledger.save(self.state_dir / "ledger.npz")
         tmp = self.state_dir / "world.tmp.npz"
         np.savez(tmp, allow_pickle=False, **self.world.state())
@@ -235,6 +238,19 @@ class ClosedLoop:
         c3 = time.perf_counter()
         imps, preds, clicks = _events(batch, d, shown, out, self.model_arms)
         self.log.add(_log_rows(batch, d, shown, out, counted_arm >= 0))
+        self.request_log.add(
+            {
+                "request_id": batch.request_id.astype(str),
+                "event_time_ms": batch.event_time_ms,
+                "user_id": batch.user_id,
+                "arm": np.asarray(self.deciding, dtype=object)[arm].astype(str),
+                "counted": counted_arm >= 0,
+                "slots": batch.n_slots,
+                "filled": d.request_filled,
+                "latency_ms": d.request_latency_ms,
+                "degraded": d.request_degraded,
+            }
+        )
         self.emitter.impressions(imps)
         self.emitter.predictions(preds)
         self.emitter.schedule_clicks(clicks)

@@ -158,8 +158,18 @@ def test_the_closed_loop_decides_shows_and_accounts_for_every_impression(
     assert len(preds) == int(model_rows.sum()) > 0
     assert {(p.arm, p.model_name) for p in preds} == {("a", a), ("b", b)}
 
-    # the ledger per arm agrees with the log; each arm's truth is the sum of its true p
+    # every request is logged with its arm, unfilled ones included
+    from ctrstream.loop.ledger import RequestLog
+
+    reqs = RequestLog.read(session.state_dir(s, exp.name) / "requests")
+    assert reqs.num_rows == summary.requests
+    req_arm = reqs.column("arm").to_numpy(zero_copy_only=False)
+    assert set(reqs.column("request_id").to_pylist()) >= {i.request_id for i in imps}
+
+    # the ledger per arm agrees with the logs; each arm's truth is the sum of its true p
     totals = loop.ledger.totals()
+    for arm in ("a", "b", "prior", "oracle"):
+        assert totals[arm]["requests"] == (req_arm == arm).sum() > 0
     for arm in ("a", "b", "prior", "oracle"):
         sel = cols["arm"] == arm
         assert totals[arm]["impressions"] == sel.sum() > 0

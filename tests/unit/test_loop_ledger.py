@@ -91,3 +91,11 @@ def test_the_impression_log_drops_parts_of_an_unfinished_checkpoint(tmp_path):
     assert ImpressionLog.read(tmp_path).num_rows == 2
     log.prune_after(1_000)
     assert ImpressionLog.read(tmp_path).num_rows == 1
+    # the request log beside it keeps its own parts
+    from ctrstream.loop.ledger import REQUEST_LOG_COLUMNS, RequestLog
+
+    req = RequestLog(tmp_path)
+    req.add({c: np.array([1]) for c in REQUEST_LOG_COLUMNS})
+    req.flush(3_000)
+    assert RequestLog.read(tmp_path).num_rows == 1
+    assert ImpressionLog.read(tmp_path).num_rows == 1
