@@ -291,21 +291,38 @@ def _entity_keys(entity: F.Entity, *tables: pa.Table, limit: int = 2**62) -> lis
     return np.split(np.asarray(key, dtype=np.int64), np.cumsum(sizes)[:-1])
 
 
-def point_in_time_counts(imps: pa.Table, clks: pa.Table, query: pa.Table) -> np.ndarray:
+def point_in_time_counts(
+    imps: pa.Table,
+    clks: pa.Table,
+    query: pa.Table,
+    visible_until_ms: np.ndarray | None = None,
+) -> np.ndarray:
     """Window counts ``(rows of query, len(ENTITIES), N_WINDOWS, 2)`` that the serving path
     reads at each query row's ``event_time_ms``, from deduplicated impressions and clicks.
     Only events inside each window's ``[lo, hi)`` count (``hi = t`` for resolutions: strictly
-    earlier events). ``query`` needs the entity fields and ``event_time_ms``."""
+    earlier events). ``query`` needs the entity fields and ``event_time_ms``.
+
+    ``visible_until_ms`` (one time per query row) serves stale features: the windows stay
+    anchored at the row's time but count only events before ``min(hi, visible_until)`` -
+    what a store that has seen nothing newer serves (a speed layer lagging by ``lag`` is
+    ``t - lag``; the batch view alone is the last cut-off before ``t``)."""
     n = query.num_rows
     counts = np.zeros((n, len(F.ENTITIES), F.N_WINDOWS, 2), dtype=np.float64)
     if n == 0:
         return counts
     qt = query.column("event_time_ms").to_numpy().astype(np.int64)
+    bounds = window_bounds(qt)
+    if visible_until_ms is not None:
+        vis = np.asarray(visible_until_ms, dtype=np.int64)
+        if vis.shape != qt.shape:
+            raise ValueError(
+                f"visible_until_ms has {vis.shape} times for {n} query rows: give one per row"
+            )
+        bounds = [(lo, np.maximum(lo, np.minimum(hi, vis))) for lo, hi in bounds]
     ev_t = np.concatenate(
         [imps.column("event_time_ms").to_numpy(), clks.column("event_time_ms").to_numpy()]
     ).astype(np.int64)
     is_click = np.concatenate([np.zeros(imps.num_rows, np.int64), np.ones(clks.num_rows, np.int64)])
-    bounds = window_bounds(qt)
     base = min(
         int(ev_t.min()) if len(ev_t) else int(qt.min()), min(int(lo.min()) for lo, _ in bounds)
     )

@@ -93,6 +93,7 @@ COUNTRIES = ("US", "GB", "DE", "FR", "IN", "BR", "JP", "CA", "ES", "IT", "MX", "
 COUNTRY_WEIGHTS = np.array([0.3, 0.08, 0.08, 0.07, 0.12, 0.07, 0.06, 0.05, 0.05, 0.05, 0.04, 0.03])
 
 MINUTE_MS = 60_000
+DAY_MS = 86_400_000
 _TREND_PRIOR_RECENT = 50.0  # smoothing (pseudo-impressions) of the ad's recent CTR
 _TREND_PRIOR_LONG = 200.0
 
@@ -391,7 +392,28 @@ def _base_logit(
     x += _site_category(mk, site, category)
     x += sc.heat_logit * hot
     x -= _fatigue_term(sc, n_user_ad, n_user_adv)
+    if sc.ad_walk_sigma_per_day > 0:
+        x += _ad_walk(sc, ad, abs_t)
     return x
+
+
+def _ad_walk(sc: Scenario, ad: np.ndarray, abs_t: np.ndarray) -> np.ndarray:
+    """Each ad's random-walk term at ``abs_t``: Gaussian steps at knots ``ad_walk_step_s``
+    apart from ``start_ms`` (0 at the start, std ``ad_walk_sigma_per_day`` after a day),
+    linear between knots and constant outside the scenario's span. The steps come from their
+    own stream (``[seed, 0xA7]``), so the term is a pure function of (scenario, ad, time)."""
+    step_ms = sc.ad_walk_step_s * 1000.0
+    n_knots = int(np.ceil(sc.span_ms / step_ms)) + 1
+    rng = np.random.default_rng([sc.seed, 0xA7])
+    scale = sc.ad_walk_sigma_per_day * np.sqrt(step_ms / DAY_MS)
+    steps = rng.normal(0.0, scale, (sc.n_ads, n_knots - 1))
+    knots = np.concatenate([np.zeros((sc.n_ads, 1)), np.cumsum(steps, axis=1)], axis=1)
+    pos = np.clip((np.asarray(abs_t, dtype=np.float64) - sc.start_ms) / step_ms, 0, n_knots - 1)
+    if n_knots == 1:
+        return knots[ad, 0]
+    k0 = np.minimum(pos.astype(np.int64), n_knots - 2)
+    frac = pos - k0
+    return knots[ad, k0] * (1.0 - frac) + knots[ad, k0 + 1] * frac
 
 
 def _drift_mask(
@@ -640,6 +662,8 @@ def generate(scenario: Scenario) -> Traffic:
         fatigue=-_fatigue_term(sc, n_user_ad, n_user_adv),
         trend=trend,
     )
+    if sc.ad_walk_sigma_per_day > 0:  # only then: the truth of other scenarios stays as it was
+        tr.truth["ad_walk"] = _ad_walk(sc, ad, abs_t)
     return tr
 
 

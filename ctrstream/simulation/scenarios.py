@@ -10,6 +10,9 @@ Presets (``SCENARIOS``):
   most impressions) shifts by ``drift_logit`` at ``drift_at`` (fraction of the event-time span).
 * ``dirty``  - like ``steady``, plus duplicates, out-of-order and late events and malformed
   records (bad JSON, wrong types, missing fields, oversized payloads) at the given rates.
+* ``freshness`` - three days (the first is history), 2M impressions, every ad's effect on a
+  slow random walk (``ad_walk_sigma_per_day``) and the largest campaign shifting by a logit
+  at half time: the market the freshness study (``docs/freshness.md``) measures staleness in.
 
 How much of the truth is learnable (why ``user_sigma`` = 0.2, ``interest_logit`` = 0.35)
 -------------------------------------------------------------------------------------
@@ -123,6 +126,11 @@ class Scenario:
     drift_logit: float = 0.0  # 0 = no drift
     drift_campaign: int | None = None  # None = the campaign with the most impressions
     drift_at: float = 0.5  # fraction of the event-time span
+    # slow market drift: every ad's effect follows its own random walk on the logit scale
+    # (std ``ad_walk_sigma_per_day`` after one day, linear between knots ``ad_walk_step_s``
+    # apart), drawn from a separate random stream so that 0 leaves every other draw as is
+    ad_walk_sigma_per_day: float = 0.0  # 0 = no walk
+    ad_walk_step_s: float = 3600.0
 
     # --- the closed loop (ctrstream.simulation.world): ad requests and what an auction needs
     # (the open-loop generator ignores these; its traffic does not change with them)
@@ -197,6 +205,8 @@ class Scenario:
             problems.append("out_of_order_max_s must be below allowed_lateness_s")
         if not 0 < self.drift_at < 1:
             problems.append("drift_at must be in (0, 1)")
+        if self.ad_walk_sigma_per_day < 0 or self.ad_walk_step_s <= 0:
+            problems.append("ad_walk_sigma_per_day must be >= 0 and ad_walk_step_s > 0")
         problems += self._closed_loop_problems()
         if problems:
             raise ValueError(f"invalid scenario {self.name!r}: " + "; ".join(problems))
@@ -244,6 +254,16 @@ SCENARIOS: dict[str, dict] = {
     "steady": {},
     "drift": {"drift_logit": 1.0, "drift_at": 0.5},
     "dirty": _DIRTY,
+    # the freshness study (``ctrstream study freshness``): three days - the first is history -
+    # of a market whose ads drift slowly (a random walk) and whose largest campaign shifts
+    # once, at a density that keeps the study's memory under 8 GB
+    "freshness": {
+        "hours": 72.0,
+        "events": 2_000_000,
+        "ad_walk_sigma_per_day": 0.3,
+        "drift_logit": 1.0,
+        "drift_at": 0.5,
+    },
 }
 
 

@@ -297,3 +297,24 @@ def test_scenario_validation():
         load_scenario("steady", bogus=1)
     with pytest.raises(ValueError, match="base_ctr"):
         load_scenario("steady", base_ctr=0.9)
+
+
+def test_ad_walk_is_a_random_walk_of_each_ads_effect():
+    sc = load_scenario("steady", events=60_000, hours=48.0, ad_walk_sigma_per_day=0.4)
+    tr = generate(sc)
+    walk = tr.truth["ad_walk"]
+    t = tr.impressions.column("event_time_ms").to_numpy()
+    day = (t - sc.start_ms) // 86_400_000
+    hour = (t - sc.start_ms) // 3_600_000
+    # 0 at the start, spread growing like sqrt(time): std ~0.4 after one day, ~0.57 after two
+    assert walk[hour == 0].std() < 0.08  # one hourly step: 0.4 * sqrt(1 / 24) = 0.082 at its end
+    assert 0.3 < walk[(hour >= 23) & (hour < 25)].std() < 0.5
+    assert walk[day == 1].std() > walk[day == 0].std() * 1.5
+    # the term is part of the truth's logit, and the same ad at the same time has one value
+    ads = tr.impressions.column("ad_id").to_numpy()
+    same = (ads == ads[-1]) & (hour == hour[-1])
+    assert np.ptp(walk[same]) < 0.4 * np.sqrt(1 / 24) * 4
+    # no walk: the truth has no such term and the traffic is what it was
+    flat = generate(load_scenario("steady", events=60_000, hours=48.0))
+    assert "ad_walk" not in flat.truth
+    assert not np.array_equal(flat.oracle.column("p_click"), tr.oracle.column("p_click"))

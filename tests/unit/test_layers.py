@@ -42,7 +42,10 @@ LAYERS: list[tuple[str, list[str]]] = [
         ["ctrstream.streaming", "ctrstream.batch", "ctrstream.calibration"],
     ),
     ("serving, simulation", ["ctrstream.serving", "ctrstream.simulation"]),
-    ("the closed loop (world and ad server together)", ["ctrstream.loop"]),
+    (
+        "the closed loop (world and ad server together), the freshness study",
+        ["ctrstream.loop", "ctrstream.study"],
+    ),
     ("command line", ["ctrstream.cli"]),
     ("demo, benchmarks", ["ctrstream.demo", "ctrstream.bench"]),
     ("the console script", ["ctrstream.__main__"]),
