@@ -1,4 +1,4 @@
-"""``ctrstream bench NAME [ARGS]``: runs ``ctrstream.bench.NAME.main(argv)`` (bench/NAME.py)."""
+"""``ctrstream bench NAME [ARGS]`` and ``ctrstream study NAME [ARGS]``: run ``ctrstream.bench.NAME.main(argv)`` (bench/NAME.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import pkgutil
 import typer
 
 import ctrstream.bench as bench
+
+# studies are benchmarks too (bench/NAME.py), named for what they measure
+STUDIES = ("freshness",)
 
 
 def available() -> list[str]:
@@ -31,5 +34,18 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(
                 f"unknown benchmark {name!r}; choose one of {', '.join(available())}"
             )
+        module = importlib.import_module(f"ctrstream.bench.{name}")
+        raise typer.Exit(module.main(list(ctx.args)) or 0)
+
+    @app.command(
+        "study", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    )
+    def study_cmd(
+        ctx: typer.Context,
+        name: str = typer.Argument(..., help="which study: " + ", ".join(STUDIES)),
+    ):
+        """Run a study (a benchmark of model quality against the truth): a table per part, JSON and PNGs under bench/results/. `ctrstream study freshness -- --help` lists its options."""
+        if name not in STUDIES:
+            raise typer.BadParameter(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
         module = importlib.import_module(f"ctrstream.bench.{name}")
         raise typer.Exit(module.main(list(ctx.args)) or 0)
