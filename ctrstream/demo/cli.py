@@ -34,6 +34,11 @@ def register(app: typer.Typer) -> None:
         ),
         keep_stack: bool = typer.Option(False, "--keep-stack", help="leave the stack running"),
         epochs: int = typer.Option(None, help="training epochs (default: the trainer's)"),
+        study_events: int = typer.Option(
+            400_000,
+            help="impressions of the small freshness study (staleness and label delay "
+            "sweeps; 0 skips it)",
+        ),
     ):
         """Run the whole lambda architecture end to end and write report.html."""
         cfg = DemoConfig(
@@ -49,6 +54,7 @@ def register(app: typer.Typer) -> None:
             out=out,
             keep_stack=keep_stack,
             epochs=epochs,
+            study_events=study_events,
         )
         try:
             path = run_demo(cfg)

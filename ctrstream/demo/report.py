@@ -23,6 +23,7 @@ from ctrstream.demo.html import (
     table_html,
     write_report,
 )
+from ctrstream.demo.worth import worth_html
 from ctrstream.metrics import summary
 
 FRESHNESS_LIMIT_S = 3600.0  # a "freshness" above this is a measurement artefact, never shown
@@ -478,6 +479,8 @@ def build_report(st, tr, cfg) -> Path:
         tt.add_row(*[fmt(r.get(c), 3) for c in LAG_COLUMNS])
     console.print(tt)
     console.print(_freshness_text(freshness))
+    for name, res in ((n.get("study") or {}).get("sweeps") or {}).items():
+        console.print(f"freshness study ({name}): {res.get('headline', {})}")
     console.print(
         f"reconciliation: {rec.get('buckets_compared')} buckets compared, "
         f"{rec.get('buckets_equal')} equal, {rec.get('buckets_differing')} differing, "
@@ -530,6 +533,11 @@ def build_report(st, tr, cfg) -> Path:
             + "".join(img_html(p, a) for a, p in plots if p.name == "experiment.png"),
         ),
         (
+            "freshness-worth",
+            "What freshness is worth (the freshness study, small)",
+            worth_html(n.get("study")),
+        ),
+        (
             "reconciliation",
             "Reconciliation: what the speed layer got right, what it missed, and why",
             _reconcile_html(rec, out),
@@ -552,6 +560,7 @@ def build_report(st, tr, cfg) -> Path:
                 "calibration": calib,
                 "loop": n.get("loop"),
                 "experiment": n.get("experiment"),
+                "study": n.get("study"),
             },
             indent=2,
             default=str,

@@ -68,6 +68,7 @@ class DemoConfig:
     live_hours: float = 1.0  # closed loop: event time the online experiment runs
     loop_step_s: float = 60.0  # closed loop: event seconds per micro-batch of requests
     candidates: int = 20  # closed loop: candidate ads per request
+    study_events: int = 400_000  # the small freshness study's impressions (0 = skip it)
     out: Path = Path(".demo")  # under the current directory
     keep_stack: bool = False
     epochs: int | None = None
@@ -155,6 +156,7 @@ PHASE_BUDGET_S = {
     "reconcile": 110,
     "live": 150,
     "serve": 15,
+    "study": 60,
     "report": 30,
 }
 
@@ -764,6 +766,19 @@ def _serve(st: DemoState, tr) -> None:
     _stop(st, "serve")
 
 
+def _study(st: DemoState, cfg: DemoConfig) -> None:
+    """The freshness study's quick sweeps (no server: point-in-time features at each lag)."""
+    if cfg.study_events <= 0:
+        console.print("skipped (--study-events 0)")
+        st.numbers["study"] = None
+        return
+    from ctrstream.demo.worth import run_small_study
+
+    st.numbers["study"] = run_small_study(
+        cfg.study_events, cfg.seed, st.out, log=lambda *a: console.print(*a)
+    )
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     if not cfg.lockstep_s > 0:
         raise DemoError(f"lockstep_s must be > 0 seconds of event time, not {cfg.lockstep_s}")
@@ -775,7 +790,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     st = DemoState(run_id, out, _demo_settings(get_settings(), run_id, out))
     console.print(f"[bold]ctrstream demo[/] run {run_id}: output in {out}")
     t0 = time.monotonic()
-    total = 8
+    total = 9
     ok = False
     try:
         with phase(st, 1, total, "stack", "Kafka (KRaft), Redis, Triton on 127.0.0.1"):
@@ -805,7 +820,9 @@ def run_demo(cfg: DemoConfig) -> Path:
                 _live(st, cfg, tr, t_split)
         with phase(st, 7, total, "serve", "sample ad requests through the prediction API"):
             _serve(st, tr)
-        with phase(st, 8, total, "report", "terminal summary + report.html"):
+        with phase(st, 8, total, "study", "what freshness is worth: staleness, label delay"):
+            _study(st, cfg)
+        with phase(st, 9, total, "report", "terminal summary + report.html"):
             from ctrstream.demo.report import build_report
 
             st.numbers["total_seconds"] = time.monotonic() - t0
