@@ -43,6 +43,8 @@ DEMO_ARGS = [
     "4",
     "--epochs",
     "1",
+    "--study-events",
+    "60000",
 ]
 DEMO_TIMEOUT_S = 600
 BROWSER_TIMEOUT_S = 60
@@ -63,6 +65,13 @@ EXPECTED_SECTIONS = {
     "experiment": (
         "Online experiment",
         ["Cumulative CTR and revenue per 1,000 requests of each arm"],
+    ),
+    "freshness-worth": (
+        "What freshness is worth",
+        [
+            "Feature staleness: features served lag behind the request",
+            "Label delay: the join's attribution window",
+        ],
     ),
     "reconciliation": ("Reconciliation", []),
     "api": ("Sample ad requests", []),
