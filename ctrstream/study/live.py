@@ -29,21 +29,32 @@ time. Because ``T`` is on a bucket boundary of every resolution and the slice st
 ``T``'s day, the lambda read (batch view before ``T``, speed view from ``T`` on) of a fully
 caught-up speed layer equals ``point_in_time_counts`` over the whole data exactly.
 
-The freshness of a read (``probes``)
-------------------------------------
-Probes are replayed impressions that are alone in their (user, 1-minute bucket) cell of the
-speed view, so that cell is non-zero exactly when the probe has been counted (as in
-:class:`ctrstream.demo.freshness.FreshnessProbe`). Just before each feature read the
-probes already sent are checked (one pipelined read): the newest visible one gives
-``seen_ms`` (everything the speed layer had counted reaches at least there); just after the
-read, the oldest probe still invisible gives ``unseen_ms``. What the read saw is visible
-until ``h = max(seen_ms + 1, T)`` (the batch view holds everything before ``T``; speed-view
-events before ``T`` are not read), and its measured lag is ``t - h``. Its features must then
-lie between the point-in-time counts visible until ``h`` and those visible until
-``unseen_ms`` (the events in between are non-probes whose visibility is not observed),
-window by window: ``share_within_bracket``; and they equal the counts visible until ``h``
-(or until the newest probe visible just after the read, when a flush landed during the
-read) whenever no unobserved event fell in between: ``share_equal_at_measured_lag``.
+The freshness of a read (``probes``, per shard)
+-----------------------------------------------
+The dataflow keeps its counts in ``N_SHARDS`` shards (by entity id), and each shard flushes
+to Redis on its own timer: at any moment each shard has its own horizon, and one read sees
+each of its entities up to that entity's shard's horizon. Probes are replayed impressions
+that are alone in their (user, 1-minute bucket) cell of the speed view, so that cell is
+non-zero exactly when the probe has been counted (as in
+:class:`ctrstream.demo.freshness.FreshnessProbe`); the user's shard is known
+(``features_flow.shard_of``), so they measure every shard. Just before each feature read the
+probes already sent are checked (one pipelined read): per shard, the newest visible one gives
+``seen_ms``; just after the read, the oldest one still invisible gives ``unseen_ms``. What
+the read saw of a shard is visible until ``h = max(seen_ms + 1, T)`` (the batch view holds
+everything before ``T``; speed-view events before ``T`` are not read) and the measured lag
+is ``t - h``. The read's features must then lie between the point-in-time counts visible
+until ``h`` and those visible until ``unseen_ms``, each entity at its shard's horizon
+(the events in between are non-probes whose visibility is not observed), window by window:
+``share_within_bracket``; rows whose bracket holds none of their events have one right
+value: ``share_equal_when_unambiguous``; and every read equals the counts visible until
+``h`` (or until the newest probes visible just after the read, when a flush landed during
+it) unless an unobserved event fell in between: ``share_equal_at_measured_lag``. The lag's
+resolution is the probes' spacing per shard (about 1 s of event time at the ``freshness``
+scenario's density): the measured lag is an upper bound by up to that much.
+
+In event time the measured lag is the wall-clock freshness times the replay's compression;
+at real-time pace the speed layer would lag by the wall-clock freshness itself
+(``measured_wall_freshness_ms_*``).
 
 What it needs
 -------------
@@ -566,9 +577,16 @@ def run(
     if settings is None:
         with isolated_stack(log=log) as s:
             return run(
-                data, kind=kind, seed=seed, quick=quick, log=log, settings=s,
-                redis_db=redis_db, net=net, **opts,
-            )  # fmt: skip
+                data,
+                kind=kind,
+                seed=seed,
+                quick=quick,
+                log=log,
+                settings=s,
+                redis_db=redis_db,
+                net=net,
+                **opts,
+            )
     from ctrstream.kafka.clients import ensure_topics
 
     t_start = time.monotonic()
@@ -610,12 +628,12 @@ def run(
     log(f"live: batch view at the cut-off published ({view['keys_written']:,} keys)")
     job = FeaturesJob(s, p["flush_interval_ms"])
     try:
-        live = replay_and_read(s, data, sl, p["compression"], job, p["start_timeout_s"], log)
+        reads = replay_and_read(s, data, sl, p["compression"], job, p["start_timeout_s"], log)
     finally:
         job.stop()
-        _delete_topics(s)
-    log(f"live: {len(sl.reads):,} reads in a {live.replay_s:.1f} s replay")
-    result = compare(data, sl, live, net, p["compression"])
+        _delete_topics(s, log)
+    log(f"live: {len(sl.reads):,} reads in a {reads.replay_s:.1f} s replay")
+    result = compare(data, sl, reads, net, p["compression"])
     result["params"] = {
         **{k: v for k, v in p.items() if k != "cutoff_ms"},
         "kind": kind,
@@ -628,23 +646,24 @@ def run(
         "probes": len(sl.probe_at),
         "flush_interval_ms": p["flush_interval_ms"] or settings.flush_interval_ms,
         "batch_view_keys": view["keys_written"],
-        "warmup_s": round(live.warmup_s, 2),
-        "replay_s": round(live.replay_s, 2),
+        "warmup_s": round(reads.warmup_s, 2),
+        "replay_s": round(reads.replay_s, 2),
         "seconds": round(time.monotonic() - t_start, 1),
     }
     return result
 
 
-def _delete_topics(settings: Settings) -> None:
+def _delete_topics(settings: Settings, log: Callable[[str], None]) -> None:
     from ctrstream.kafka.clients import admin
 
     names = [settings.topics.impressions.name, settings.topics.clicks.name]
+    names.append(settings.topics.dlq.name)
     try:
         client = admin(settings)  # kept alive until the futures are done
         for f in client.delete_topics(names, operation_timeout=30).values():
             f.result(30)
     except Exception as e:  # noqa: BLE001 - clean-up of throw-away topics, never fatal
-        print(f"live: could not delete the sweep's topics: {e}", file=sys.stderr)
+        log(f"live: could not delete the sweep's topics: {e}")
 
 
 def _pit_by_shard(
