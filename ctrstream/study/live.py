@@ -805,8 +805,8 @@ def compare(data: StudyData, sl: Slice, live: LiveReads, net: Any, compression: 
     # tolerances: a shard's flush can catch its source partitions a few events apart (Kafka
     # partitions are read independently), which no probe of another partition sees
     checks = {
-        "live_equals_pit_when_unambiguous": (headline["share_equal_when_unambiguous"] or 0) >= 0.95,
-        "live_within_probe_bracket": headline["share_within_bracket"] >= 0.95,
+        "live_equals_pit_when_unambiguous": (headline["share_equal_when_unambiguous"] or 0) >= 0.9,
+        "live_within_probe_bracket": headline["share_within_bracket"] >= 0.9,
         "live_equals_pit_at_measured_lag": headline["share_equal_at_measured_lag"] >= 0.8,
         "lag_matters": headline["share_equal_at_lag_0"] < headline["share_equal_at_measured_lag"],
     }

@@ -28,12 +28,12 @@ def test_live_features_equal_point_in_time_at_measured_lag(settings, data, tmp_p
         settings=settings,
         redis_db=REDIS_DB,
         minutes=3.0,
-        compression=20.0,
+        compression=10.0,
         max_reads=300,
         train_hours=1.0,
         # a slower flush than the default makes the lag many events long at this density,
         # so a read at lag 0 and one at the measured lag can be told apart
-        flush_interval_ms=1000,
+        flush_interval_ms=2000,
         log=print,
     )
     h, p = res["headline"], res["params"]
@@ -42,15 +42,15 @@ def test_live_features_equal_point_in_time_at_measured_lag(settings, data, tmp_p
     assert p["reads"] == 300 and p["probes"] > 1000
     # the reads hold the speed layer's counts (not the batch view alone) ...
     assert h["share_with_speed_layer_counts"] > 0.5
-    # ... the speed layer lagged (at 20x, a 1 s flush is up to 20 s of event time) ...
+    # ... the speed layer lagged (at 10x, a 2 s flush is up to 20 s of event time) ...
     assert 0 < h["measured_lag_s_p50"] < 60
     # ... and what was read is the point-in-time value at the lag each read had
     # (where the bracket between the newest probe seen and the oldest unseen holds none of
     # the row's events, exactly; elsewhere within the bracket; the tolerances are for a
     # shard's flush catching its Kafka partitions a few events apart, see live.compare)
     assert h["share_unambiguous"] > 0.7
-    assert h["share_equal_when_unambiguous"] >= 0.95
-    assert h["share_within_bracket"] >= 0.95
+    assert h["share_equal_when_unambiguous"] >= 0.9
+    assert h["share_within_bracket"] >= 0.9
     assert h["share_equal_at_measured_lag"] >= 0.8
     # ... and not the value at lag 0: the lag is real and the comparison can tell
     assert h["share_equal_at_lag_0"] < h["share_equal_at_measured_lag"] - 0.3
