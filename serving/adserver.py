@@ -189,6 +189,9 @@ class Decisions:
     # per shadow ranker
     shadows: dict[str, ShadowDecisions] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the batch
+    # with decide(keep_inputs=True): every impression's model inputs at its slot, (sparse
+    # (k, N_SPARSE), dense (k, N_DENSE)) - what a learner of the shown impressions needs
+    inputs: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.request_index)
@@ -291,12 +294,15 @@ class AdServer:
         rankers: dict[str, Ranker],
         shadows: Sequence[Ranker] = (),
         uniforms: np.ndarray | None = None,
+        keep_inputs: bool = False,
     ) -> Decisions:
         """Decide what every request of ``batch`` shows (see the module docstring).
 
         ``arm_of_request``: per request, the deciding arm's name (a key of ``rankers``) or an
         integer index into ``list(rankers)``. ``uniforms``: ``(n, >= n_uniforms(max
-        slots))`` pre-drawn uniforms (default: ``request_uniforms(batch.request_id)``)."""
+        slots))`` pre-drawn uniforms (default: ``request_uniforms(batch.request_id)``).
+        ``keep_inputs``: also return the shown impressions' model inputs at their slots
+        (``Decisions.inputs``, for an online learner)."""
         t0 = time.perf_counter()
         n = len(np.asarray(batch.event_time_ms))
         arms = np.asarray(arm_of_request)
@@ -390,6 +396,10 @@ class AdServer:
         latency = np.array([(shared_s + arm_s.get(a, 0.0)) * 1000.0 for a in arms.tolist()])
         req_degraded = np.zeros(n, dtype=bool)
         np.logical_or.at(req_degraded, req_of, row_degraded | score_degraded)
+        inputs = None
+        if keep_inputs:
+            shown = _subset(cols, res.candidate_index, res.slot)
+            inputs = (F.sparse_ids(shown), dense[res.candidate_index])
         return Decisions(
             request_index=res.request_index,
             candidate_index=res.candidate_index,
@@ -420,6 +430,7 @@ class AdServer:
                 "total": t_end - t0,
                 "feature_reads": float(read.reads),
             },
+            inputs=inputs,
         )
 
     def _shadow(
