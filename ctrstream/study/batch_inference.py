@@ -466,9 +466,9 @@ def sweep(
         t0 = time.perf_counter()
         sp_parts, de_parts = [], []
         for c in range(0, len(rows), PIT_CHUNK):
-            s, d = precompute_inputs(data, rows[c : c + PIT_CHUNK], at)
-            sp_parts.append(s)
-            de_parts.append(d)
+            sp, de = precompute_inputs(data, rows[c : c + PIT_CHUNK], at)
+            sp_parts.append(sp)
+            de_parts.append(de)
         t1 = time.perf_counter()
         p = (
             predict(net, np.concatenate(sp_parts), np.concatenate(de_parts))
@@ -479,52 +479,57 @@ def sweep(
         t2 = time.perf_counter()
         u, a = _pairs(data, rows)
         ns = f"{tag}-r{k}"
-        mem0 = store.memory_used_bytes()
-        store.put_many(ns, u, a, p, ttl_ms=max(serving) * HOUR_MS)
-        mem_per_round.append(store.memory_used_bytes() - mem0)
-        pairs_per_round.append(len(rows))
-        t3 = time.perf_counter()
-        timing["features_s"] += t1 - t0
-        timing["model_s"] += t2 - t1
-        timing["write_s"] += t3 - t2
-        prior = ad_prior(data, at, lookback_ms, window_ms)
-        # what the batch arm knows in memory, to check the store's answers against
-        want = dict(zip(zip(u.tolist(), a.tolist()), p.astype(np.float32).tolist()))
-        for n in serving:
-            pairs[n] += len(rows)
-            sel = np.flatnonzero((data.t[ev] >= at) & (data.t[ev] < at + n * HOUR_MS))
-            t4 = time.perf_counter()
-            got = (
-                np.concatenate(
+        try:  # the run's namespace is deleted even when the sweep fails half way
+            mem0 = store.memory_used_bytes()
+            store.put_many(ns, u, a, p, ttl_ms=max(serving) * HOUR_MS)
+            mem_per_round.append(store.memory_used_bytes() - mem0)
+            pairs_per_round.append(len(rows))
+            t3 = time.perf_counter()
+            timing["features_s"] += t1 - t0
+            timing["model_s"] += t2 - t1
+            timing["write_s"] += t3 - t2
+            prior = ad_prior(data, at, lookback_ms, window_ms)
+            # what the batch arm knows in memory, to check the store's answers against
+            want = dict(zip(zip(u.tolist(), a.tolist()), p.astype(np.float32).tolist()))
+            for n in serving:
+                pairs[n] += len(rows)
+                sel = np.flatnonzero((data.t[ev] >= at) & (data.t[ev] < at + n * HOUR_MS))
+                t4 = time.perf_counter()
+                got = (
+                    np.concatenate(
+                        [
+                            store.get_many(
+                                ns, users_ev[sel[c : c + GET_CHUNK]], ads_ev[sel[c : c + GET_CHUNK]]
+                            )
+                            for c in range(0, len(sel), GET_CHUNK)
+                        ]
+                    )
+                    if len(sel)
+                    else np.zeros(0)
+                )
+                timing["read_s"] += time.perf_counter() - t4
+                p_batch[n][sel] = got
+                hit = ~np.isnan(got)
+                age_ms[n][sel[hit]] = data.t[ev][sel[hit]] - at
+                p_prior[n][sel] = prior[ads_ev[sel]]
+                expect = np.array(
                     [
-                        store.get_many(
-                            ns, users_ev[sel[c : c + GET_CHUNK]], ads_ev[sel[c : c + GET_CHUNK]]
-                        )
-                        for c in range(0, len(sel), GET_CHUNK)
+                        want.get(pr, np.nan)
+                        for pr in zip(users_ev[sel].tolist(), ads_ev[sel].tolist())
                     ]
                 )
-                if len(sel)
-                else np.zeros(0)
-            )
-            timing["read_s"] += time.perf_counter() - t4
-            p_batch[n][sel] = got
-            hit = ~np.isnan(got)
-            age_ms[n][sel[hit]] = data.t[ev][sel[hit]] - at
-            p_prior[n][sel] = prior[ads_ev[sel]]
-            expect = np.array(
-                [want.get(pr, np.nan) for pr in zip(users_ev[sel].tolist(), ads_ev[sel].tolist())]
-            )
-            membership_ok &= bool(np.array_equal(np.isnan(expect), ~hit))
-            # the store keeps float32 probabilities: compare at that precision
-            round_trip_ok &= bool(
-                np.array_equal(got[hit].astype(np.float32), expect[hit].astype(np.float32))
-            )
-        if k == 0 and settings is not None and o["latency_batches"] > 0:
-            lat_rows = ev[data.t[ev] < at + HOUR_MS]
-            latency = measure_latency(
-                data, net, settings, ns, lat_rows, o["latency_batch"], o["latency_batches"]
-            )
-        store.clear(ns)
+                membership_ok &= bool(np.array_equal(np.isnan(expect), ~hit))
+                # the store keeps float32 probabilities: compare at that precision
+                round_trip_ok &= bool(
+                    np.array_equal(got[hit].astype(np.float32), expect[hit].astype(np.float32))
+                )
+            if k == 0 and settings is not None and o["latency_batches"] > 0:
+                lat_rows = ev[data.t[ev] < at + HOUR_MS]
+                latency = measure_latency(
+                    data, net, settings, ns, lat_rows, o["latency_batch"], o["latency_batches"]
+                )
+        finally:
+            store.clear(ns)
         log(
             f"batch inference: precompute at +{k * step_h} h: {len(rows):,} pairs "
             f"(cadences {serving})"
@@ -560,7 +565,7 @@ def sweep(
         with_prior = np.where(hit, p_batch[n], p_prior[n])
         q = quality(served, data, ev)
         q_prior = quality(with_prior, data, ev)
-        d, lo, hi = bootstrap_ne_diff(served, p_online, y_ev, n_boot=o["n_boot"], seed=seed)
+        diff, lo, hi = bootstrap_ne_diff(served, p_online, y_ev, n_boot=o["n_boot"], seed=seed)
         if hit.sum() and y_ev[hit].any():
             dh, lh, hh = bootstrap_ne_diff(
                 p_batch[n][hit], p_online[hit], y_ev[hit], n_boot=o["n_boot"], seed=seed
@@ -573,7 +578,7 @@ def sweep(
                 arm=f"batch every {n} h",
                 every_h=n,
                 **{k: q[k] for k in ("ne", "auc", "oracle_ne", "oracle_auc", "ne_gap")},
-                ne_diff=d,
+                ne_diff=diff,
                 ne_diff_lo=lo,
                 ne_diff_hi=hi,
                 ne_prior_fallback=q_prior["ne"],
