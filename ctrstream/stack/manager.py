@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,4 +166,48 @@ def isolated_stack(run_dir: Path, log=lambda msg: None, attempts: int = 3):
         stack.down()
 
 
-__all__ = ["Stack", "StackError", "isolated_settings", "isolated_stack", "settings_env"]
+@contextmanager
+def isolated_redis(
+    run_dir: Path | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+    attempts: int = 3,
+    appendonly: bool = False,
+) -> Iterator[Settings]:
+    """A private Redis alone (no Kafka, no Triton) on a free loopback port, for a study or
+    benchmark that needs only Redis; yields its settings and stops it (by PID) on exit.
+
+    ``run_dir`` None: a temporary directory, removed afterwards. ``appendonly`` off by
+    default: the data is thrown away with the server, and the append-only file would only
+    slow bulk writes. A port taken between finding it free and binding it is retried on
+    other free ports, up to ``attempts`` times (as :func:`isolated_stack`)."""
+    with tempfile.TemporaryDirectory(prefix="ctrstream-redis-") as tmp:
+        where = Path(tmp) if run_dir is None else run_dir
+        t0 = time.monotonic()
+        for attempt in range(1, attempts + 1):
+            base = isolated_settings(where)
+            settings = base.model_copy(
+                update={"redis": base.redis.model_copy(update={"appendonly": appendonly})}
+            )
+            stack = Stack(settings)
+            try:
+                stack.up(log=log, only=["redis"])
+                break
+            except PortInUseError as e:
+                if attempt == attempts:
+                    raise
+                log(f"{e} - starting the isolated Redis again on another free port")
+        log(f"isolated redis up in {time.monotonic() - t0:.1f}s on port {settings.redis.port}")
+        try:
+            yield settings
+        finally:
+            stack.by_name("redis").stop()
+
+
+__all__ = [
+    "Stack",
+    "StackError",
+    "isolated_redis",
+    "isolated_settings",
+    "isolated_stack",
+    "settings_env",
+]

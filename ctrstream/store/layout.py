@@ -51,6 +51,12 @@ Entity keys, calibration, reconciliation, cache tracking
 * ``sv~tracking:{client}:{seq}`` - the shared-entity cache's heartbeat keys (outside the
   speed view, and sorting after ``sv:`` so that Redis reports a heartbeat after the
   speed-view writes executed with it);
+* ``pp:{namespace}:{user_id}`` - precomputed predictions (batch inference,
+  :mod:`ctrstream.store.predictions`): one HASH per user and namespace (a model and
+  precompute run), field ``{ad_id}`` (:func:`prediction_field`) = the click probability in
+  decimal; the hash expires with its precompute run (``PEXPIRE``). One hash per *user*, so
+  that a request (one user, many candidate ads) is one ``HMGET``, and a user's few pairs
+  share one small (listpack) hash;
 * ``svw:{writer}`` - a speed-view writer's sequence marker (:func:`speed_writer_marker`):
   the number of the writer's last payload, set at the end of that payload, so that after a
   reconnection the writer can tell whether Redis still holds everything it acknowledged
@@ -392,3 +398,51 @@ def reconcile_key(version: str) -> str:
 # so that Redis, which sends the invalidations of one event-loop iteration prefix by prefix
 # in key order, reports a heartbeat after the speed-view writes executed together with it
 TRACKING_PREFIX = "sv~tracking:"
+
+
+# --------------------------------------------------------------------------- precomputed predictions
+
+PREDICTION_PREFIX = "pp:"
+PREDICTION_SEP = ":"  # between the namespace and the user id
+
+
+def check_prediction_namespace(namespace: str) -> str:
+    """``namespace`` if it can name a set of precomputed predictions: non-empty, without
+    the key separator ``:`` or a SCAN wildcard (so that its keys parse back and a pattern
+    matches its keys only)."""
+    if not namespace or any(c in namespace for c in ":*?[]\\"):
+        raise ValueError(
+            f"bad prediction namespace {namespace!r}: give a non-empty name without ':', "
+            "'*', '?', '[', ']' or a backslash (e.g. ctr_deep-1-20260107T00)"
+        )
+    return namespace
+
+
+def prediction_key(namespace: str, user_id: int | str) -> str:
+    """The HASH of one user's precomputed predictions in ``namespace``."""
+    return f"{PREDICTION_PREFIX}{check_prediction_namespace(namespace)}{PREDICTION_SEP}{user_id}"
+
+
+def prediction_key_head(namespace: str) -> str:
+    """What every key of ``namespace`` starts with (append the user id)."""
+    return f"{PREDICTION_PREFIX}{check_prediction_namespace(namespace)}{PREDICTION_SEP}"
+
+
+def prediction_pattern(namespace: str) -> str:
+    """SCAN pattern of every key of ``namespace``."""
+    return prediction_key_head(namespace) + "*"
+
+
+def prediction_field(ad_id: int | str) -> str:
+    """The field of one ad in a user's prediction hash."""
+    return str(ad_id)
+
+
+def parse_prediction_key(key: str) -> tuple[str, str] | None:
+    """``(namespace, user id)`` of a prediction key; None for any other key."""
+    if not key.startswith(PREDICTION_PREFIX):
+        return None
+    namespace, sep, user = key[len(PREDICTION_PREFIX) :].partition(PREDICTION_SEP)
+    if not sep or not namespace or not user or PREDICTION_SEP in user:
+        return None
+    return namespace, user

@@ -152,3 +152,21 @@ def test_batch_keys_parse_back():
     assert L.batch_entity_of(v, L.batch_key("other", "ad", "1", "1h")) is None
     assert L.batch_entity_of(v, L.batch_key(v, "nope", "1", "1h")) is None
     assert L.speed_field(*("5m", "i"), 3) == L.speed_field_head("5m", "i") + "3"
+
+
+def test_prediction_keys_round_trip():
+    """Precomputed predictions: one hash per namespace and user, one field per ad; a
+    namespace that would break parsing or SCAN patterns is refused."""
+    key = L.prediction_key("ctr_deep-1-r3", 17)
+    assert key.startswith(L.PREDICTION_PREFIX)
+    assert L.parse_prediction_key(key) == ("ctr_deep-1-r3", "17")
+    assert key == L.prediction_key_head("ctr_deep-1-r3") + "17"
+    assert re.fullmatch(L.prediction_pattern("ctr_deep-1-r3").replace("*", ".*"), key)
+    assert not L.prediction_key("ctr_deep-1-r3", 17).startswith(L.prediction_key_head("ctr_deep-1"))
+    assert L.prediction_field(4) == "4"
+    for other in (L.speed_key("user", "17", 3), L.batch_sums_key("v", "ad", "4"), "pp:x"):
+        assert L.parse_prediction_key(other) is None
+    for bad in ("", "a:b", "a*", "a?", "[a]", "a\\b"):
+        with pytest.raises(ValueError, match="namespace"):
+            L.prediction_key(bad, 1)
+    assert not L.PREDICTION_PREFIX.startswith((L.SPEED_PREFIX, L.BATCH_PREFIX, L.CAL_PREFIX))
