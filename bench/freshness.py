@@ -16,8 +16,11 @@ measures NE and AUC next to the oracle's on the same rows:
 * ``live``            - one point of the staleness curve checked against the real speed layer
                         (Kafka -> Bytewax -> Redis) at its measured freshness.
 
-``batch_inference`` needs a Redis and ``live`` a Kafka + Redis stack: with ``--isolated``
-(the default) the study starts its own on free loopback ports and stops them by PID.
+``batch_inference`` needs a Redis and ``live`` a Kafka + Redis stack: by default the study
+starts its own on free loopback ports and stops them by PID (``--no-isolated`` uses the
+running ``ctrstream stack up`` instead: both sweeps write to it - the live check flushes its
+own Redis database, batch inference switches the batch-view pointer of its Redis - so never
+point them at a stack that serves anything).
 
 Results: a table per sweep on stdout, ``bench/results/freshness.json`` (every sweep's rows,
 parameters, headline numbers, timings, peak RSS) and ``freshness-<sweep>.png``.
@@ -80,7 +83,8 @@ def run_sweeps(
                     f"the {name} sweep needs a running stack: drop --no-isolated (the study "
                     "then starts its own), or start one with `ctrstream stack up`"
                 )
-            extra["settings"] = settings
+            # batch inference takes the Redis to precompute into; the live check the stack
+            extra["redis" if name in NEEDS_REDIS else "settings"] = settings
         log(f"--- {name} ...")
         t0 = time.perf_counter()
         res = module.run(data, kind=kind, seed=seed, quick=quick, log=log, **extra)
@@ -143,13 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         settings = None
         if set(args.sweeps) & (NEEDS_REDIS | NEEDS_STACK):
-            if args.isolated:
-                import tempfile
+            if args.isolated:  # Kafka + Redis on free loopback ports, stopped by PID
+                from ctrstream.study.live import isolated_stack
 
-                from ctrstream.stack.manager import isolated_stack
-
-                work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctr-study-")))
-                settings = stack.enter_context(isolated_stack(work / "stack", log=print)).settings
+                settings = stack.enter_context(isolated_stack(log=print))
             else:
                 from ctrstream.config import get_settings
 
