@@ -180,7 +180,9 @@ def bootstrap_ne_diff(
     alpha: float = 0.05,
 ) -> tuple[float, float, float]:
     """``NE(a) - NE(b)`` on the same rows and its ``1 - alpha`` percentile bootstrap
-    interval (rows resampled with replacement, both predictions together): (diff, lo, hi)."""
+    interval (rows resampled with replacement, both predictions together): (diff, lo, hi).
+    Resamples without a click (or without a non-click) are skipped; with very few clicks the
+    interval is wide, and NaN when no resample had both."""
     p_a, p_b, y = np.asarray(p_a), np.asarray(p_b), np.asarray(y, dtype=np.float64)
     diff = M.normalized_entropy(p_a, y) - M.normalized_entropy(p_b, y)
     rng = np.random.default_rng(seed)
@@ -188,13 +190,17 @@ def bootstrap_ne_diff(
     eps = 1e-12
     ll_a = -(y * np.log(np.clip(p_a, eps, 1)) + (1 - y) * np.log(np.clip(1 - p_a, eps, 1)))
     ll_b = -(y * np.log(np.clip(p_b, eps, 1)) + (1 - y) * np.log(np.clip(1 - p_b, eps, 1)))
-    out = np.empty(n_boot)
+    out = np.full(n_boot, np.nan)
     for k in range(n_boot):
         i = rng.integers(0, n, n)
-        ctr = min(max(y[i].mean(), eps), 1 - eps)
+        ctr = y[i].mean()
+        if not 0.0 < ctr < 1.0:  # no click (or no non-click) drawn: NE is undefined there
+            continue
         h = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))
         out[k] = (ll_a[i].mean() - ll_b[i].mean()) / h
-    lo, hi = np.quantile(out, [alpha / 2, 1 - alpha / 2])
+    if np.isnan(out).all():
+        return float(diff), float("nan"), float("nan")
+    lo, hi = np.nanquantile(out, [alpha / 2, 1 - alpha / 2])
     return float(diff), float(lo), float(hi)
 
 
