@@ -202,6 +202,34 @@ class OnlineLearner:
         s, d = np.asarray(sparse), np.asarray(dense)
         self.learn_many(s.reshape(1, -1), d.reshape(1, -1), np.asarray([y]))
 
+    def state_dict(self) -> dict:
+        """Everything a restarted learner needs to continue exactly (the net's parameters,
+        the optimizers' moments, the counters): tensors and numbers only, for ``torch.save``
+        and ``torch.load(..., weights_only=True)``."""
+        return {
+            "config": dict(self.net.config),
+            "net": self.net.state_dict(),
+            "optimizers": [o.state_dict() for o in self._opts],
+            "n_seen": self.n_seen,
+            "n_steps": self.n_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of a learner of the same architecture."""
+        if dict(state["config"]) != dict(self.net.config):
+            raise OnlineLearnerError(
+                f"the saved learner's net {state['config']} is not this learner's "
+                f"{dict(self.net.config)}: restore it into a learner built the same way"
+            )
+        if len(state["optimizers"]) != len(self._opts):
+            raise OnlineLearnerError("the saved learner has a different set of optimizers")
+        self.net.load_state_dict(state["net"])
+        for o, st in zip(self._opts, state["optimizers"], strict=True):
+            o.load_state_dict(st)
+        self.n_seen = int(state["n_seen"])
+        self.n_steps = int(state["n_steps"])
+        self.net.eval()
+
     def snapshot(self) -> _CTRBase:
         """A copy of the net as it is now (to export, publish or freeze), in eval mode."""
         net = _copy.deepcopy(self.net)

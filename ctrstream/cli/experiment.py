@@ -36,11 +36,15 @@ def register(app: typer.Typer) -> None:
         arm: list[str] = typer.Option(
             None,
             "--arm",
-            help="a deciding arm: NAME=model:BASE[@VERSION]:WEIGHT, NAME=prior:WEIGHT or "
-            "NAME=oracle:WEIGHT (repeatable; weights are traffic shares)",
+            help="a deciding arm: NAME=model:BASE[@VERSION]:WEIGHT, NAME=online:BASE:WEIGHT "
+            "(a continuously trained model starting from BASE: lr or deep cold, ctr_lr or "
+            "ctr_deep from the newest training run's checkpoint, or a .pt checkpoint path), "
+            "NAME=prior:WEIGHT or NAME=oracle:WEIGHT (repeatable; weights are traffic shares)",
         ),
         shadow: list[str] = typer.Option(
-            None, "--shadow", help="a shadow arm: NAME=model:BASE[@VERSION] (repeatable)"
+            None,
+            "--shadow",
+            help="a shadow arm: NAME=model:BASE[@VERSION] or NAME=online:BASE (repeatable)",
         ),
         control: str = typer.Option(None, help="the control arm (default: the first --arm)"),
         file: Path = typer.Option(None, help="a JSON definition instead of --arm/--shadow"),

@@ -11,6 +11,11 @@ Arms
 * ``prior`` - no model, the ad's smoothed CTR;
 * ``oracle`` - ranks by the world's true click probability: the welfare ceiling that
   regret is measured against (it need not maximise CTR or revenue);
+* ``online`` - ranks by a continuously trained model (:mod:`ctrstream.models.online`) that
+  learns from the loop's shown impressions once their attribution window has closed;
+  ``model_name`` names where it starts (:data:`ONLINE_COLD_STARTS`: an untrained net of that
+  kind; a trained base name such as ``ctr_lr``: the newest training run's torch checkpoint of
+  that model; a path to a ``.pt`` checkpoint: that one); no ``model_version``, no calibrator;
 * ``shadow=True`` (any kind, weight 0) - scores every request, never decides what is shown.
 
 The deciding arms (:attr:`Experiment.deciding_arms`: weight > 0, not shadow) split the
@@ -28,8 +33,10 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-ArmKind = Literal["model", "prior", "oracle"]
-ARM_KINDS: tuple[str, ...] = ("model", "prior", "oracle")
+ArmKind = Literal["model", "prior", "oracle", "online"]
+ARM_KINDS: tuple[str, ...] = ("model", "prior", "oracle", "online")
+# the bases of an ``online`` arm that start from an untrained net of that kind
+ONLINE_COLD_STARTS: tuple[str, ...] = ("lr", "deep")
 
 # The metrics a comparison can be made on (the primary metric and, always, CTR).
 PRIMARY_METRICS: tuple[str, ...] = ("revenue_per_request", "ctr")
@@ -84,7 +91,19 @@ class Arm:
                 f"arm {self.name!r} of kind 'model' needs model_name (the published base "
                 "name, e.g. 'ctr_lr')"
             )
-        if self.kind != "model" and (self.model_name or self.model_version is not None):
+        if self.kind == "online":
+            if not self.model_name:
+                raise ValueError(
+                    f"arm {self.name!r} of kind 'online' needs model_name, where its learner "
+                    f"starts: one of {ONLINE_COLD_STARTS} (cold), a trained base name such as "
+                    "'ctr_lr' (its newest checkpoint) or a path to a .pt checkpoint"
+                )
+            if self.model_version is not None:
+                raise ValueError(
+                    f"arm {self.name!r} of kind 'online' has no model_version (its model "
+                    "changes as it learns): drop it"
+                )
+        elif self.kind != "model" and (self.model_name or self.model_version is not None):
             raise ValueError(
                 f"arm {self.name!r} of kind {self.kind!r} ranks without a model: drop "
                 "model_name / model_version or make it kind 'model'"

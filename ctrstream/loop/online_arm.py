@@ -14,7 +14,10 @@ learns from every final label, so its probabilities stay on the label's scale).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import torch
 
 from ctrstream.models.online import OnlineLearner
 from ctrstream.serving.adserver import Ranker
@@ -99,6 +102,51 @@ class OnlineArm:
             ([t[k:]], [s[k:]], [d[k:]], [y[k:]]) if k < len(t) else ([], [], [], [])
         )
         return k
+
+    # ------------------------------------------------------------------ state
+
+    def save(self, path: Path) -> None:
+        """The learner (net, optimizers, counters) and the rows waiting for their labels,
+        written to ``path`` atomically (a temporary file, then replaced)."""
+
+        def cat(parts: list[np.ndarray], empty: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts) if parts else empty))
+
+        state = {
+            "learner": self.learner.state_dict(),
+            "window_ms": self.window_ms,
+            "learned_until_ms": self.learned_until_ms,
+            "t": cat(self._t, np.zeros(0, dtype=np.int64)),
+            "sparse": cat(self._sparse, np.zeros((0, self.learner._n_sparse), dtype=np.int64)),
+            "dense": cat(self._dense, np.zeros((0, self.learner._n_dense), dtype=np.float32)),
+            "label": cat(self._label, np.zeros(0, dtype=np.int8)),
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        """Continue from :meth:`save`'s file: the learner as it was and its pending rows."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if int(state["window_ms"]) != self.window_ms:
+            raise ValueError(
+                f"{path}: saved with an attribution window of {state['window_ms']} ms, this "
+                f"arm has {self.window_ms} ms: restart with the same settings or start fresh"
+            )
+        self.learner.load_state_dict(state["learner"])
+        lu = state["learned_until_ms"]
+        self.learned_until_ms = None if lu is None else int(lu)
+        t = state["t"].numpy()
+        if len(t):
+            self._t = [t.astype(np.int64)]
+            self._sparse = [state["sparse"].numpy().astype(np.int64)]
+            self._dense = [state["dense"].numpy().astype(np.float32)]
+            self._label = [state["label"].numpy().astype(np.int8)]
+        else:
+            self._t, self._sparse, self._dense, self._label = [], [], [], []
+
+    # ------------------------------------------------------------------ serving
 
     def score(self, sparse: np.ndarray, dense: np.ndarray) -> ScoreResult:
         """The ad server's scoring call (the ad server turns an error into its fallback)."""

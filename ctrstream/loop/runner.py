@@ -14,10 +14,13 @@ One step covers ``step_s`` seconds of event time, ``[t0, t0 + step)``:
 4. the world decides clicks for what was shown (the true probability at the shown slot);
    impressions (request id, arm, slot, price) and predictions (model name, version, arm) go
    to Kafka; clicks wait for their time;
-5. the ledger and the per-arm metrics record it; every ``analyze_every_s`` of event time the
+5. online arms (:class:`~ctrstream.loop.online_arm.OnlineArm`) are handed every shown
+   impression's model inputs and outcome, and at the next steps' starts learn from those
+   whose attribution window has closed;
+6. the ledger and the per-arm metrics record it; every ``analyze_every_s`` of event time the
    experiment is analysed (always-valid test, guardrails) and its state saved; every
    ``checkpoint_every`` steps the loop's own state is checkpointed (world, ledger, pending
-   clicks, clock) so a restarted ad server continues the same experiment.
+   clicks, online learners, clock) so a restarted ad server continues the same experiment.
 
 After a kill -9 the loop resumes at its last checkpoint and decides the steps after it
 again, with the same ids (the speed layer deduplicates the copies in Kafka, the ledger and
@@ -47,6 +50,7 @@ from ctrstream.events import SCHEMA_VERSION, Click, Impression, Prediction
 from ctrstream.loop.emitter import Emitter, _Pending
 from ctrstream.loop.ledger import ImpressionLog, Ledger, RequestLog
 from ctrstream.loop.metrics import loop_metrics
+from ctrstream.loop.online_arm import OnlineArm
 
 log = logging.getLogger("ctrstream.loop")
 
@@ -105,7 +109,8 @@ class ClosedLoop:
     ``world``: a :class:`ctrstream.simulation.world.World`; ``decide``: the ad server's
     ``decide(batch, arm_of_request) -> Decisions`` for this experiment's rankers;
     ``experiment``/``registry``: the definition and the file store of its state;
-    ``state_dir``: where the loop checkpoints."""
+    ``state_dir``: where the loop checkpoints; ``online``: the online arms' learners by arm
+    name (``decide`` must then return ``Decisions.inputs``)."""
 
     def __init__(
         self,
@@ -117,6 +122,7 @@ class ClosedLoop:
         state_dir: Path,
         cfg: LoopConfig | None = None,
         emitter: Emitter | None = None,
+        online: dict[str, OnlineArm] | None = None,
     ):
         from ctrstream.experiments.assignment import assign
 
@@ -129,6 +135,7 @@ class ClosedLoop:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.emitter = emitter or Emitter(settings)
+        self.online: dict[str, OnlineArm] = dict(online or {})
         self._assign = assign
         self.deciding = [a.name for a in experiment.arms if not a.shadow]
         self.shadows = [a.name for a in experiment.arms if a.shadow]
@@ -143,12 +150,17 @@ class ClosedLoop:
         self.steps = 0
         self.m = loop_metrics()
         self.stage_s = {"world": 0.0, "decide": 0.0, "kafka": 0.0, "ledger": 0.0, "analyze": 0.0}
+        if self.online:
+            self.stage_s["learn"] = 0.0
 
     # ------------------------------------------------------------------ state
 
     @property
     def _ckpt(self) -> Path:
         return self.state_dir / "loop-state.json"
+
+    def _online_path(self, arm: str) -> Path:
+        return self.state_dir / f"online-{arm}.pt"
 
     def resume(self) -> bool:
         """Continue from the last checkpoint, if any; returns whether one was found."""
@@ -166,12 +178,21 @@ class ClosedLoop:
             self.world.load_state({k: z[k] for k in z.files})
         with np.load(self.state_dir / "pending-clicks.npz", allow_pickle=False) as z:
             self.emitter.pending = _Pending.from_arrays({k: z[k] for k in z.files})
+        for a, arm in self.online.items():
+            path = self._online_path(a)
+            if not path.exists():
+                raise RuntimeError(
+                    f"the loop's checkpoint in {self.state_dir} has no state of the online arm "
+                    f"{a} ({path.name}): it was written without it; start the loop fresh"
+                )
+            arm.load(path)
         log.info("resumed the loop of %s at event time %d", self.exp.name, self.clock_ms)
         return True
 
     def checkpoint(self) -> None:
-        """World, ledger, pending clicks and clock, written so a crash leaves the previous
-        checkpoint or this one (the clock file is replaced last)."""
+        """World, ledger, pending clicks, online learners (net, optimizers, the rows waiting
+        for their labels) and clock, written so a crash leaves the previous checkpoint or this
+        one (the clock file is replaced last)."""
         assert self.clock_ms is not None
         self.emitter.flush()
         self.log.flush(self.clock_ms)
@@ -183,6 +204,8 @@ class ClosedLoop:
         tmp = self.state_dir / "pending-clicks.tmp.npz"
         np.savez(tmp, allow_pickle=False, **self.emitter.pending.arrays())
         tmp.replace(self.state_dir / "pending-clicks.npz")
+        for a, arm in self.online.items():
+            arm.save(self._online_path(a))
         meta = {
             "clock_ms": self.clock_ms,
             "next_look_ms": self.next_look_ms,
@@ -211,6 +234,11 @@ class ClosedLoop:
     def step(self, t0: int, t1: int) -> dict[str, int]:
         m, name = self.m, self.exp.name
         self._record = self.registry.get(name)  # arms stopped since the last step
+        if self.online:
+            cl = time.perf_counter()
+            for oa in self.online.values():  # the labels final at t0, before deciding
+                oa.advance(t0)
+            self.stage_s["learn"] += time.perf_counter() - cl
         c0 = time.perf_counter()
         self.emitter.clicks_due(t0)
         self._credit_metrics(*self.ledger.credit_due(t0))
@@ -299,6 +327,17 @@ class ClosedLoop:
                 hist.observe(v)
         m["event_time"].labels(name).set(t1 / 1000.0)
         c5 = time.perf_counter()
+        if self.online:  # every shown impression, learned from once its label is final
+            if d.inputs is None:
+                raise RuntimeError(
+                    "the loop has online arms but decide returned no model inputs: call the "
+                    "ad server's decide with keep_inputs=True"
+                )
+            t_imp = batch.event_time_ms[r]
+            sparse, dense = d.inputs
+            for oa in self.online.values():
+                oa.observe(t_imp, sparse, dense, out.clicked, out.click_time_ms)
+            self.stage_s["learn"] += time.perf_counter() - c5
         self.stage_s["world"] += (c1 - c0) + (c3 - c2)
         self.stage_s["decide"] += c2 - c1
         self.stage_s["kafka"] += c4 - c3

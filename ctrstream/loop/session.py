@@ -34,8 +34,11 @@ def state_dir(settings: Settings, name: str) -> Path:
 
 
 def parse_arm(spec: str, shadow: bool = False) -> Any:
-    """``NAME=model:BASE[@VERSION]:WEIGHT``, ``NAME=prior:WEIGHT``, ``NAME=oracle:WEIGHT``
-    (a shadow: ``NAME=model:BASE[@VERSION]``, no weight) -> an ``Arm``."""
+    """``NAME=model:BASE[@VERSION]:WEIGHT``, ``NAME=online:BASE:WEIGHT``,
+    ``NAME=prior:WEIGHT``, ``NAME=oracle:WEIGHT`` (a shadow: ``NAME=model:BASE[@VERSION]`` or
+    ``NAME=online:BASE``, no weight) -> an ``Arm``. An online arm's BASE is where its learner
+    starts (``lr`` / ``deep``: cold; a trained base name such as ``ctr_lr``: its newest
+    checkpoint; a path to a ``.pt`` checkpoint)."""
     from ctrstream.experiments.design import Arm
 
     if "=" not in spec:
@@ -58,6 +61,14 @@ def parse_arm(spec: str, shadow: bool = False) -> Any:
                 model_version=int(ver) if ver else None,
                 shadow=shadow,
             )
+        if kind == "online" and len(parts) == (2 if shadow else 3) and parts[1]:
+            return Arm(
+                name=name,
+                kind="online",
+                weight=0.0 if shadow else float(parts[2]),
+                model_name=parts[1],
+                shadow=shadow,
+            )
         if kind == "prior" and not shadow:
             return Arm(name=name, kind="prior", weight=float(parts[1]))
         if kind == "oracle" and not shadow:
@@ -65,8 +76,9 @@ def parse_arm(spec: str, shadow: bool = False) -> Any:
     except (IndexError, ValueError):
         pass
     raise SessionError(
-        f"arm {spec!r}: expected NAME=model:BASE[@VERSION]:WEIGHT, NAME=prior:WEIGHT or "
-        "NAME=oracle:WEIGHT (a shadow: NAME=model:BASE[@VERSION])"
+        f"arm {spec!r}: expected NAME=model:BASE[@VERSION]:WEIGHT, NAME=online:BASE:WEIGHT, "
+        "NAME=prior:WEIGHT or NAME=oracle:WEIGHT (a shadow: NAME=model:BASE[@VERSION] or "
+        "NAME=online:BASE)"
     )
 
 

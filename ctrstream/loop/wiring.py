@@ -11,6 +11,7 @@ import numpy as np
 
 from ctrstream.config import Settings
 from ctrstream.loop import session
+from ctrstream.loop.online_arm import OnlineArm
 from ctrstream.loop.runner import ClosedLoop, LoopConfig, LoopSummary
 
 
@@ -43,9 +44,44 @@ def build_world(
     return world, start
 
 
+def online_learner(settings: Settings, base: str) -> Any:
+    """The :class:`~ctrstream.models.online.OnlineLearner` an ``online`` arm starts from:
+    ``lr`` / ``deep`` an untrained net of that kind (a cold start); a trained base name
+    (``ctr_lr`` / ``ctr_deep``) the newest training run's torch checkpoint of that model (the
+    net the served model was exported from); a path to a ``.pt`` checkpoint that net."""
+    from ctrstream.batch.pipeline import BASE_NAMES, latest_run
+    from ctrstream.experiments.design import ONLINE_COLD_STARTS
+    from ctrstream.models.online import OnlineLearner
+    from ctrstream.models.training import load_checkpoint
+
+    if base in ONLINE_COLD_STARTS:
+        return OnlineLearner.cold(base)
+    kinds = {v: k for k, v in BASE_NAMES.items()}
+    if base in kinds:
+        try:
+            path = latest_run(settings) / kinds[base] / "checkpoint.pt"
+        except FileNotFoundError as e:
+            raise session.SessionError(f"online arm base {base!r}: {e}") from None
+        if not path.exists():
+            raise session.SessionError(
+                f"online arm base {base!r}: the newest training run has no {path}: train "
+                f"it (`ctrstream train`) or start cold ({ONLINE_COLD_STARTS})"
+            )
+        return OnlineLearner(load_checkpoint(path))
+    path = Path(base)
+    if path.suffix == ".pt" and path.is_file():
+        return OnlineLearner(load_checkpoint(path))
+    raise session.SessionError(
+        f"online arm base {base!r} is neither a cold start {ONLINE_COLD_STARTS}, a trained "
+        f"base name {sorted(kinds)} nor an existing .pt checkpoint"
+    )
+
+
 class Rankers:
     """One ranker per arm of an experiment (models on Triton at their pinned version, the
-    prior, the oracle from the world's truth) and the ad server's ``decide`` over them."""
+    prior, the oracle from the world's truth, continuously trained models learning in this
+    process) and the ad server's ``decide`` over them. ``online``: the arms' learners, by arm
+    name (the loop feeds them the shown impressions and checkpoints them)."""
 
     def __init__(self, settings: Settings, exp: Any, world: Any, *, max_rows: int = 1024):
         from ctrstream.calibration.client import CalibratorClient
@@ -68,6 +104,8 @@ class Rankers:
         )
         self.rankers: dict[str, Any] = {}
         self.shadows: list[Any] = []
+        self.online: dict[str, OnlineArm] = {}
+        window_ms = int(settings.attribution_window_s * 1000)
         scorers: dict[tuple[str, int], Any] = {}
         for a in exp.arms:
             if a.kind == "model":
@@ -81,6 +119,10 @@ class Rankers:
                     )
                     self._closers.append(scorers[key])
                 r = model_ranker(a.name, scorers[key], cal)
+            elif a.kind == "online":
+                arm = OnlineArm(online_learner(settings, a.model_name), window_ms)
+                self.online[a.name] = arm
+                r = arm.ranker(a.name)
             elif a.kind == "prior":
                 r = Ranker(name=a.name, kind="prior")
             else:
@@ -93,7 +135,10 @@ class Rankers:
 
     def decide(self, batch: Any, arm_of_request: np.ndarray) -> Any:
         names = np.asarray(self.deciding, dtype=object)[arm_of_request]
-        return self.server.decide(batch, names, self.rankers, self.shadows)
+        # an online arm learns from the shown impressions' model inputs
+        return self.server.decide(
+            batch, names, self.rankers, self.shadows, keep_inputs=bool(self.online)
+        )
 
     def close(self) -> None:
         for c in self._closers:
@@ -118,7 +163,9 @@ def build_loop(
     if fresh and folder.exists():
         shutil.rmtree(folder)
     rankers = Rankers(settings, st.experiment, world)
-    loop = ClosedLoop(settings, world, rankers.decide, st.experiment, reg, folder, cfg)
+    loop = ClosedLoop(
+        settings, world, rankers.decide, st.experiment, reg, folder, cfg, online=rankers.online
+    )
     loop.resume()
     return loop, rankers
 

@@ -46,6 +46,11 @@ def test_definition_round_trips_through_json() -> None:
         ({"arms": (Arm("a", "prior", 1.0),)}, "at least two arms"),
         ({"arms": (Arm("a", "prior", 1.0), Arm("a", "oracle", 1.0))}, "repeated ['a']"),
         ({"arms": (Arm("a", "prior", 1.0), Arm("b", "model", 1.0))}, "needs model_name"),
+        ({"arms": (Arm("a", "prior", 1.0), Arm("b", "online", 1.0))}, "where its learner"),
+        (
+            {"arms": (Arm("a", "prior", 1.0), Arm("b", "online", 1.0, "lr", model_version=2))},
+            "has no model_version",
+        ),
         (
             {"arms": (Arm("a", "prior", 1.0), Arm("b", "prior", 1.0, shadow=True))},
             "give it weight 0",
@@ -122,3 +127,27 @@ def test_salt_gives_an_independent_split_and_string_ids_work() -> None:
     assert s[0] == s[2]
     with pytest.raises(TypeError, match="integer or string ids"):
         assign(np.array([1.5]), exp)
+
+
+def test_an_online_arm_is_an_arm_like_any_other() -> None:
+    """An ``online`` arm (a continuously trained model) validates, round-trips and splits
+    traffic like the other kinds; the CLI's syntax builds it."""
+    from ctrstream.loop.session import SessionError, parse_arm
+
+    arms = (
+        Arm("frozen", "model", 0.5, model_name="ctr_lr", model_version=1),
+        Arm("online", "online", 0.5, model_name="ctr_lr"),
+        Arm("cold-shadow", "online", 0.0, model_name="lr", shadow=True),
+    )
+    exp = Experiment(name="exp-online", salt="s", arms=arms, control="frozen").validate()
+    assert Experiment.from_dict(json.loads(json.dumps(exp.to_dict()))) == exp
+    assert [a.name for a in exp.deciding_arms] == ["frozen", "online"]
+    assert exp.with_versions({"frozen": 2}).arm("online") == arms[1]
+    assert parse_arm("online=online:ctr_lr:0.5") == arms[1]
+    assert parse_arm("cold-shadow=online:lr", shadow=True) == arms[2]
+    assert parse_arm("o=online:/runs/x/lr/checkpoint.pt:0.2").model_name == (
+        "/runs/x/lr/checkpoint.pt"
+    )
+    for bad in ("o=online:0.5", "o=online::0.5", "o=online:lr"):
+        with pytest.raises(SessionError, match="NAME=online:BASE:WEIGHT"):
+            parse_arm(bad)

@@ -134,3 +134,78 @@ def test_the_ad_server_hands_the_arm_the_shown_impressions_inputs() -> None:
     clicked[::3] = True
     arm.observe(t, sparse, dense, clicked, np.where(clicked, t + 5_000, -1))
     assert arm.advance(int(t.max()) + W) == len(d) and arm.learner.n_seen == len(d)
+
+
+def test_a_saved_arm_continues_exactly_where_it_stopped(tmp_path) -> None:
+    """The loop's checkpoint of an online arm (net, optimizer moments, counters, the rows
+    waiting for their labels) restores a learner that continues as if never stopped."""
+    t, s, d, c, ct = _impressions(6_000, 0, seed=3, p_hot=0.3)
+    half = 3_000
+    straight, resumed = _arm(), _arm()
+    for arm in (straight, resumed):
+        arm.observe(t[:half], s[:half], d[:half], c[:half], ct[:half])
+        arm.advance(int(t[1_000]) + W)  # some learned, the rest pending
+    resumed.save(tmp_path / "online.pt")
+    fresh = _arm()
+    fresh.load(tmp_path / "online.pt")
+    assert fresh.pending == resumed.pending > 0
+    assert fresh.learner.n_seen == resumed.learner.n_seen > 0
+    assert fresh.learned_until_ms == resumed.learned_until_ms
+    assert fresh.version == resumed.version
+    for arm in (straight, fresh):
+        arm.observe(t[half:], s[half:], d[half:], c[half:], ct[half:])
+        arm.advance(int(t[-1]) + W)
+    assert fresh.learner.n_seen == straight.learner.n_seen == 6_000
+    np.testing.assert_allclose(
+        fresh.learner.predict_many(s, d), straight.learner.predict_many(s, d), rtol=1e-6
+    )
+    # the optimizer's moments came back too: a learner with the net only drifts apart
+    net_only = _arm()
+    net_only.learner.net.load_state_dict(resumed.learner.net.state_dict())
+    net_only.observe(t[half:], s[half:], d[half:], c[half:], ct[half:])
+    net_only.advance(int(t[-1]) + W)
+    assert not np.allclose(net_only.learner.predict_many(s, d), fresh.learner.predict_many(s, d))
+
+
+def test_a_saved_arm_refuses_another_window_or_net(tmp_path) -> None:
+    arm = _arm()
+    arm.save(tmp_path / "online.pt")
+    other = OnlineArm(OnlineLearner(build("lr"), batch_size=500), W + 1)
+    with pytest.raises(ValueError, match="attribution window"):
+        other.load(tmp_path / "online.pt")
+    deep = OnlineArm(OnlineLearner.cold("deep"), W)
+    with pytest.raises(ValueError, match="restore it into a learner built the same way"):
+        deep.load(tmp_path / "online.pt")
+
+
+def test_an_online_arm_starts_cold_or_from_a_training_runs_checkpoint(tmp_path) -> None:
+    """``online_learner``: ``lr``/``deep`` cold, ``ctr_lr`` the newest training run's torch
+    checkpoint (the net the served model was exported from), or a ``.pt`` path."""
+    import torch
+
+    from ctrstream.loop.session import SessionError
+    from ctrstream.loop.wiring import online_learner
+    from ctrstream.models.training import save_checkpoint
+
+    settings = SimpleNamespace(data_dir=tmp_path)
+    assert online_learner(settings, "deep").kind == "deep"
+    cold = online_learner(settings, "lr")
+    assert cold.kind == "lr" and cold.n_seen == 0
+    with pytest.raises(SessionError, match="run `ctrstream train` first"):
+        online_learner(settings, "ctr_lr")
+    net = build("lr")
+    with torch.no_grad():
+        net.weights.weight.normal_(0, 0.5)
+    run = tmp_path / "models" / "20260101-000000"
+    save_checkpoint(net, run / "lr" / "checkpoint.pt")
+    (tmp_path / "models" / "LATEST").write_text(run.name)
+    s = np.tile(np.arange(F.N_SPARSE) * F.HASH_BUCKETS, (4, 1)).astype(np.int64)
+    s[:, 0] += np.arange(4)
+    d = np.zeros((4, F.N_DENSE), dtype=np.float32)
+    want = net.eval()(torch.from_numpy(s), torch.from_numpy(d)).detach().double().numpy()
+    for base in ("ctr_lr", str(run / "lr" / "checkpoint.pt")):
+        np.testing.assert_allclose(online_learner(settings, base).predict_many(s, d), want.ravel())
+    with pytest.raises(SessionError, match="has no"):
+        online_learner(settings, "ctr_deep")
+    with pytest.raises(SessionError, match="neither a cold start"):
+        online_learner(settings, "ctr_xyz")
