@@ -55,11 +55,12 @@ def test_live_features_equal_point_in_time_at_measured_lag(settings, data, tmp_p
     # ... and not the value at lag 0: the lag is real and the comparison can tell
     assert h["share_equal_at_lag_0"] < h["share_equal_at_measured_lag"] - 0.3
     assert all(res["checks"].values()), res["checks"]
-    # one model on the live features and on the point-in-time ones at the measured lag:
-    # the same NE within the bootstrap interval of their difference
+    # one model on the live features and on the point-in-time ones at the measured lag: the
+    # same NE up to the few rows that differ (a paired bootstrap interval of a difference that
+    # small may sit just off 0 on either side: the rows that differ move it one way)
     rows = {r["features"]: r for r in res["rows"]}
     m = rows["pit_measured"]
-    assert m["ne_minus_live_lo"] <= 0 <= m["ne_minus_live_hi"]
+    assert abs(m["ne_minus_live"]) < 0.005 * rows["live"]["ne"], m
     assert np.isfinite(rows["live"]["ne"]) and rows["live"]["oracle_ne"] < 1
     png = live.plot(res, tmp_path / "live.png")
     assert png.stat().st_size > 0
