@@ -154,10 +154,10 @@ PHASE_BUDGET_S = {
     "history": 75,
     "batch": 160,
     "reconcile": 110,
-    "live": 150,
+    "live": 130,
     "serve": 15,
-    "study": 60,
-    "report": 30,
+    "study": 45,
+    "report": 25,
 }
 
 
