@@ -10,6 +10,8 @@ ids, times). A carried state that keeps one bucket too few is caught.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -128,3 +130,56 @@ def test_short_day_state_is_caught(archive, monkeypatch):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a finished training set"):
         shards.read_manifest(tmp_path)
+
+
+# --------------------------------------------------------------------------- batch views
+
+
+def _sorted(table, keys):
+    return table.sort_by([(k, "ascending") for k in keys])
+
+
+@pytest.mark.parametrize("part_rows", [None, 700])
+def test_bounded_batch_view_equals_in_memory(archive, tmp_path, part_rows):
+    """The bounded batch-view build (DuckDB over the Parquet files, entity partitions) gives
+    the rows of compute_batch_view over read_events, duplicates included (a copy 1.5 s
+    later in its own file: the earliest copy counts, once)."""
+    import pyarrow as pa
+
+    from ctrstream.batch.archive import read_events
+    from ctrstream.batch.views import compute_batch_view, iter_batch_view, view_window_start
+
+    d, t0, t1 = archive
+    dup = tmp_path / "dup"
+    shutil.copytree(d, dup)
+    for kind in ("impressions", "clicks"):
+        ev = read_events(d, kind)
+        copy = ev.slice(0, ev.num_rows // 3)
+        t = copy.column("event_time_ms").to_numpy() + 1_500
+        copy = copy.set_column(
+            copy.schema.get_field_index("event_time_ms"), "event_time_ms", pa.array(t)
+        )
+        write_partitioned(dup, kind, copy)
+    T = F.align_cutoff(t0 + 55 * F.HOUR_MS)
+    lo = view_window_start(T)
+    want_b, want_l = compute_batch_view(
+        read_events(dup, "impressions", lo, T), read_events(dup, "clicks", lo, T), T
+    )
+    parts = list(iter_batch_view(dup, T, part_rows=part_rows, temp_dir=tmp_path))
+    if part_rows is None:
+        assert len(parts) == len(F.ENTITIES)
+    else:  # several partitions for the entities with many ids
+        assert len(parts) > 2 * len(F.ENTITIES)
+    got_b = pa.concat_tables([b for b, _ in parts])
+    got_l = pa.concat_tables([lw for _, lw in parts])
+    bk, lk = ["entity", "eid", "res", "bucket"], ["entity", "eid", "long_window"]
+    assert want_b.num_rows > 1000 and want_l.num_rows > 100
+    assert _sorted(got_b, bk).equals(_sorted(want_b, bk))
+    assert _sorted(got_l, lk).equals(_sorted(want_l, lk))
+    seen = [set(b.column("eid").to_pylist()) for b, _ in parts]
+    ents = [set(b.column("entity").to_pylist()) for b, _ in parts]
+    assert all(len(x) <= 1 for x in ents)  # one entity per part
+    for i in range(len(parts)):  # an id's rows are in one part
+        for j in range(i + 1, len(parts)):
+            if ents[i] == ents[j]:
+                assert not seen[i] & seen[j]
