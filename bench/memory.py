@@ -119,6 +119,7 @@ def _step_build(data_dir: str, shard_dir: str, window_ms: int) -> dict:
 
 
 def _step_train(shard_dir: str) -> dict:
+    from ctrstream.batch.shards import open_shards
     from ctrstream.models import training
 
     fn = getattr(training, "train_streamed", None)
@@ -126,7 +127,7 @@ def _step_train(shard_dir: str) -> dict:
         return {"train_gb": None, "train_note": "n/a: no models.training.train_streamed"}
     t0 = time.perf_counter()
     try:
-        fn(shard_dir, "deep")
+        fn(open_shards(shard_dir), "deep", progress=False)
     except TypeError as e:  # another signature than (shard_dir, kind): say so, keep the rest
         return {"train_gb": None, "train_note": f"failed: {type(e).__name__}: {e}"[:200]}
     return {"train_s": round(time.perf_counter() - t0, 1), "train_gb": _peak_gb()}

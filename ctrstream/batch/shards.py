@@ -18,7 +18,10 @@ fixed_size_list<int64>[N_SPARSE]. The window counts are not stored: ``dense`` is
 The chunked build (:mod:`ctrstream.batch.point_in_time_chunked`) writes it with
 :class:`ShardWriter`; training streams it with :func:`iter_shards` (one shard's arrays at a
 time) and small sets can be loaded whole with :func:`read_training_set` (the arrays of
-``point_in_time.training_set``, without ``counts``).
+``point_in_time.training_set``, without ``counts``). :func:`open_shards` opens a set for
+``ctrstream.models.training.train_streamed``: a :class:`ShardSet` reads any row group of
+any shard in record batches, so a shuffled epoch holds one batch, not one shard, and
+:func:`write_training_set` writes an in-memory training set in the format.
 
 The manifest is written last, by rename: a directory without ``_manifest.json`` is an
 unfinished build, and :func:`read_manifest` says so.
@@ -28,7 +31,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,16 +220,117 @@ def read_training_set(shard_dir: Path | str) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
 
 
+# --------------------------------------------------------------------------- streaming
+
+
+def write_training_set(
+    ds: dict[str, np.ndarray],
+    out_dir: Path | str,
+    *,
+    attribution_window_ms: int,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    rows_per_shard: int = 250_000,
+) -> dict[str, Any]:
+    """Write an in-memory training set (``point_in_time.training_set``'s arrays, in its
+    order) as shards of about ``rows_per_shard`` rows (rows of one event time stay in one
+    shard); returns the manifest."""
+    w = ShardWriter(
+        out_dir, attribution_window_ms=attribution_window_ms, start_ms=start_ms, end_ms=end_ms
+    )
+    t = np.asarray(ds["event_time_ms"])
+    i = 0
+    while i < len(t):
+        j = min(len(t), i + rows_per_shard)
+        if j < len(t):
+            j = int(np.searchsorted(t, t[j - 1], side="right"))
+        w.write({k: ds[k][i:j] for k in COLUMNS})
+        i = j
+    return w.close()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One readable unit of a training set: a row group of a shard, with its shard's
+    event-time range (``t_min``/``t_max`` bound every row of the piece)."""
+
+    shard: int
+    row_group: int
+    rows: int
+    t_min: int
+    t_max: int
+
+
+class ShardSet:
+    """A training-set directory opened for streaming (the ``RowStream`` that
+    ``ctrstream.models.training.train_streamed`` reads)."""
+
+    def __init__(self, shard_dir: str | Path) -> None:
+        self.dir = Path(shard_dir)
+        self.manifest = read_manifest(self.dir)
+        if self.manifest.get("fingerprint") != F.fingerprint():
+            raise ValueError(
+                f"{self.dir}: built for feature declarations {self.manifest.get('fingerprint')}, "
+                f"features.py is {F.fingerprint()}: rebuild the training set"
+            )
+        self.rows = int(self.manifest["rows"])
+        self.clicks = int(self.manifest["clicks"])
+        self.t_min = min((int(s["t_min"]) for s in self.manifest["shards"]), default=0)
+        self.t_max = max((int(s["t_max"]) for s in self.manifest["shards"]), default=-1)
+        pieces: list[Piece] = []
+        for k, s in enumerate(self.manifest["shards"]):
+            path = self.dir / s["file"]
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{path} is listed in {MANIFEST} but missing: rebuild the training set"
+                )
+            md = pq.ParquetFile(path).metadata
+            for g in range(md.num_row_groups):
+                rg = md.row_group(g)
+                pieces.append(Piece(k, g, rg.num_rows, int(s["t_min"]), int(s["t_max"])))
+        self.pieces = pieces
+
+    def read(
+        self, piece: Piece, columns: Sequence[str], batch_rows: int = 65_536
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The piece's rows in order, in batches: ``dense`` ``(rows, N_DENSE)`` float32,
+        ``sparse`` ``(rows, N_SPARSE)`` int64, ``impression_id`` a pyarrow string array,
+        the other columns numpy."""
+        f = pq.ParquetFile(self.dir / self.manifest["shards"][piece.shard]["file"])
+        for b in f.iter_batches(
+            batch_size=batch_rows, row_groups=[piece.row_group], columns=list(columns)
+        ):
+            yield {name: _column(name, b.column(name)) for name in columns}
+
+
+def _column(name: str, col: pa.Array) -> Any:
+    if name == "impression_id":
+        return col
+    if name in ("dense", "sparse"):
+        width = F.N_DENSE if name == "dense" else F.N_SPARSE
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def open_shards(shard_dir: Path | str) -> ShardSet:
+    """A finished training-set directory opened for streaming (:class:`ShardSet`)."""
+    return ShardSet(shard_dir)
+
+
 __all__ = [
     "COLUMNS",
     "FORMAT",
     "MANIFEST",
+    "Piece",
+    "ShardSet",
     "ShardWriter",
     "from_table",
     "iter_shards",
+    "open_shards",
     "read_manifest",
     "read_training_set",
     "shard_name",
     "shard_schema",
     "to_table",
+    "write_training_set",
 ]
