@@ -1,7 +1,9 @@
 """The offline training run: point-in-time training set -> LR + DCN-v2 -> evaluation against
 the oracle -> ONNX (parity-checked) -> a run directory.
 
-:func:`run_training` drops the first ``warmup_hours`` of rows (feature history only: their
+:func:`run_training` takes the training set in memory or as a shard directory
+(:func:`training_shards` builds one; ``ctrstream.batch.shards``), which it streams.
+It drops the first ``warmup_hours`` of rows (feature history only: their
 events fill the windows of the later rows), trains the LR baseline and DCN-v2 with a
 time-based split, evaluates both against the oracle's true probabilities on the validation
 rows, exports ONNX and writes everything to ``settings.data_dir/models/<run id>/``:
@@ -39,17 +41,17 @@ def latest_run(settings) -> Path:
     return root / ptr.read_text().strip()
 
 
-def oracle_for(ids: np.ndarray, oracle) -> np.ndarray | None:
-    """True probabilities for ``ids`` from an oracle table (impression_id, p_click);
-    None when the oracle does not cover every id."""
+def oracle_for(ids, oracle) -> np.ndarray | None:
+    """True probabilities for ``ids`` (a numpy or pyarrow array of impression ids) from an
+    oracle table (impression_id, p_click); None when the oracle does not cover every id."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if oracle is None or oracle.num_rows == 0:
         return None
-    idx = pc.index_in(
-        pa.array(ids, type=pa.string()), value_set=oracle.column("impression_id").combine_chunks()
-    )
+    if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        ids = pa.array(ids, type=pa.string())
+    idx = pc.index_in(ids, value_set=oracle.column("impression_id").combine_chunks())
     if idx.null_count:
         return None
     return oracle.column("p_click").combine_chunks().take(idx).to_numpy(zero_copy_only=False)
@@ -109,9 +111,47 @@ def drop_warmup(ds: dict, warmup_ms: int) -> dict:
     }
 
 
+def training_shards(
+    settings,
+    out_dir: Path,
+    traffic=None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    log=print,
+) -> dict:
+    """Build the point-in-time training set as a shard directory (``ctrstream.batch.shards``)
+    in ``out_dir`` (new or empty); returns its manifest.
+
+    From the archive under ``settings.data_dir`` (``traffic`` None) with the chunked build
+    (``point_in_time_chunked``: memory bounded by one chunk); from ``traffic`` (an object
+    with ``scenario``, ``impressions`` and ``clicks``: generated or read, already in memory)
+    with the in-memory build, written as shards."""
+    from ctrstream.batch.point_in_time import training_set
+    from ctrstream.batch.point_in_time_chunked import training_set_chunked
+    from ctrstream.batch.shards import write_training_set
+
+    if traffic is None:
+        window_ms = int(settings.attribution_window_s * 1000)
+        log(f"building the training set from archive {settings.data_dir} in chunks ...")
+        return training_set_chunked(
+            settings.data_dir,
+            out_dir,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            attribution_window_ms=window_ms,
+        )
+    window_ms = int(traffic.scenario.attribution_window_s * 1000)
+    log(f"building the training set into {out_dir} ...")
+    ds = training_set(traffic, start_ms, end_ms, window_ms)
+    del ds["counts"]  # not stored: dense is what training reads
+    return write_training_set(
+        ds, out_dir, attribution_window_ms=window_ms, start_ms=start_ms, end_ms=end_ms
+    )
+
+
 def run_training(
     settings,
-    ds: dict,
+    ds: dict | str | Path,
     oracle=None,
     kinds=("lr", "deep"),
     out_dir: Path | None = None,
@@ -126,15 +166,28 @@ def run_training(
     warmup_hours: float = 0.0,
 ) -> dict:
     """Train, evaluate, export and write the run directory; returns the run summary.
-    ``train_kwargs``: kind -> extra keyword arguments of ``ctrstream.models.training.train``.
-    ``warmup_hours``: the first hours of ``ds`` are feature history only (:func:`drop_warmup`)."""
+
+    ``ds``: an in-memory training set (``point_in_time.training_set``'s dict; trained with
+    ``ctrstream.models.training.train``) or a shard directory (``ctrstream.batch.shards``;
+    streamed with ``train_streamed``: memory does not grow with its rows).
+    ``train_kwargs``: kind -> extra keyword arguments of the training function.
+    ``warmup_hours``: the first hours of ``ds`` are feature history only (:func:`drop_warmup`;
+    for shards, the rows before the first time + warm-up are skipped)."""
     from ctrstream.models.evaluation import evaluate, reliability_diagram, write_model_card
     from ctrstream.models.export import export_onnx
-    from ctrstream.models.training import save_checkpoint, train
+    from ctrstream.models.training import save_checkpoint, train, train_streamed
 
-    rows_before = len(ds["label"])
-    ds = drop_warmup(ds, int(round(warmup_hours * 3_600_000)))
-    n = len(ds["label"])
+    warmup_ms = int(round(warmup_hours * 3_600_000))
+    stream = None
+    if isinstance(ds, dict):
+        rows_before = len(ds["label"])
+        ds = drop_warmup(ds, warmup_ms)
+        n = len(ds["label"])
+    else:
+        from ctrstream.batch.shards import open_shards
+
+        stream = open_shards(ds)
+        rows_before = n = stream.rows
     if n == 0:
         raise ValueError("the training set is empty (no labeled impressions in the window)")
     run_id = time.strftime("%Y%m%d-%H%M%S")
@@ -142,7 +195,7 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     warmup = dict(hours=warmup_hours, rows_dropped=rows_before - n)
     summary: dict = dict(run_id=out.name, source=source, rows=n, warmup=warmup, models={})
-    curves, val_rows, labels, oracle_p = {}, None, None, None
+    curves, labels, oracle_p = {}, None, None
     for kind in kinds:
         kw = dict(
             seed=seed,
@@ -151,11 +204,19 @@ def run_training(
             progress=progress,
             val_fraction=val_fraction,
         ) | (train_kwargs or {}).get(kind, {})
-        net, info = train(ds, kind, **kw)
-        vi = info["val_index"]
-        oracle_p = oracle_for(ds["impression_id"][vi], oracle) if "impression_id" in ds else None
-        if oracle_p is None and "oracle_p" in ds:
-            oracle_p = np.asarray(ds["oracle_p"])[vi]
+        if stream is not None:
+            net, info = train_streamed(stream, kind, start_ms=stream.t_min + warmup_ms, **kw)
+            n = info["train_rows"] + info["val_rows"]
+            warmup["rows_dropped"] = rows_before - n
+            summary["rows"] = n
+            ids = info.pop("val_ids")
+        else:
+            assert isinstance(ds, dict)
+            net, info = train(ds, kind, **kw)
+            ids = ds["impression_id"][info["val_index"]] if "impression_id" in ds else None
+        oracle_p = oracle_for(ids, oracle) if ids is not None else None
+        if oracle_p is None and isinstance(ds, dict) and "oracle_p" in ds:
+            oracle_p = np.asarray(ds["oracle_p"])[info["val_index"]]
         ev = evaluate(info["val_probs"], info["val_labels"], oracle_p)
         kdir = out / kind
         exp = export_onnx(net, kdir / "model.onnx")
@@ -177,7 +238,7 @@ def run_training(
             extra=dict(source=source, warmup=warmup, onnx=exp, run_id=out.name),
         )
         curves[kind] = info["val_probs"]
-        val_rows, labels = vi, info["val_labels"]
+        labels = info["val_labels"]
         summary["models"][kind] = dict(
             evaluation=ev,
             train_seconds=info["train_seconds"],
@@ -194,7 +255,7 @@ def run_training(
         curves["oracle"] = oracle_p
     if curves and labels is not None:
         reliability_diagram(out / "reliability.png", curves, labels, title="validation")
-    summary["val_rows"] = int(len(val_rows)) if val_rows is not None else 0
+    summary["val_rows"] = int(len(labels)) if labels is not None else 0
     (out / "evaluation.json").write_text(
         json.dumps(
             {

@@ -18,7 +18,10 @@ What a batch view with cut-off ``T`` holds (``T == features.align_cutoff(T)``)
 
 How it lies in Redis (hashes, suffix sums, meta, versions, pointer) is
 :mod:`ctrstream.store.batch_view`'s; this module computes the view from the archive
-(:func:`compute_batch_view`) and runs the publication (:func:`write_batch_view`):
+(:func:`compute_batch_view` from tables in memory; :func:`iter_batch_view`, what
+:func:`publish_batch_view` uses, bounded in memory: DuckDB over the Parquet files with a
+memory limit and a spill directory, the view produced and written one entity partition at a
+time) and runs the publication (:func:`write_batch_view`):
 
 * Versions: ``{cutoff_ms}-{created_ms}``. Each is **registered before its hashes are
   written**, so a publisher that dies half way leaves a registered, pointer-less version
@@ -38,17 +41,23 @@ Concurrent publishers are not coordinated (run one batch-view job at a time).
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from ctrstream import features as F
-from ctrstream.batch.archive import max_event_time, read_events
+from ctrstream.batch.archive import ID_FIELD, KINDS, list_files, max_event_time
 from ctrstream.batch.point_in_time import (
+    BUCKET_COUNTS_SCHEMA,
+    LONG_COUNTS_SCHEMA,
     _bucket_counts,
     _connect,
+    _count_fields,
+    eid_sql,
     long_window_counts,
     long_window_range,
 )
@@ -58,6 +67,10 @@ from ctrstream.store.batch_view import read_view_counts
 from ctrstream.store.connection import redis_client
 
 REDIS_TIMEOUT_S = 120.0  # the publisher's redis-py client (scans and deletes of whole versions)
+DEFAULT_MEMORY_LIMIT = "2GB"  # DuckDB's, for the bounded build (it spills beyond it)
+PART_ROWS = 20_000  # bucket rows per part of the bounded build (what the writer groups at once)
+PART_BATCH = 100_000  # rows read from DuckDB at a time
+_COUNT_FIELDS = [f for f in _count_fields() if f != "event_time_ms"]
 
 
 def default_cutoff(settings: Settings, data_dir: Path | str) -> int:
@@ -102,11 +115,17 @@ def publish_batch_view(
     cutoff_ms: int | None = None,
     keep: int = 2,
     r: Any = None,
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    temp_dir: Path | str | None = None,
 ) -> dict:
     """Compute the batch view with cut-off ``cutoff_ms`` (default: :func:`default_cutoff`)
     from the archive, write it under a new version, serve it (the pointer), and delete
     versions beyond the newest ``keep``. Returns ``version, cutoff_ms, keys_written,
-    buckets, long_ids, deleted_versions, seconds``."""
+    buckets, long_ids, deleted_versions, seconds``.
+
+    Bounded in memory (:func:`iter_batch_view`): DuckDB reads the archive's Parquet files
+    itself under ``memory_limit`` (spilling to ``temp_dir``, default a temporary directory),
+    and the view is computed and written one entity partition at a time."""
     t0 = time.perf_counter()
     data_dir = Path(data_dir or settings.data_dir)
     T = default_cutoff(settings, data_dir) if cutoff_ms is None else int(cutoff_ms)
@@ -117,11 +136,8 @@ def publish_batch_view(
         )
     if keep < 1:
         raise ValueError("keep must be >= 1 (the version just published)")
-    lo = view_window_start(T)
-    imps = read_events(data_dir, "impressions", lo, T)
-    clks = read_events(data_dir, "clicks", lo, T)
-    buckets, longs = compute_batch_view(imps, clks, T)
-    return write_batch_view(settings, buckets, longs, T, keep=keep, r=r, t0=t0)
+    parts = iter_batch_view(data_dir, T, memory_limit=memory_limit, temp_dir=temp_dir)
+    return _publish(settings, parts, T, keep=keep, r=r, t0=t0)
 
 
 def write_batch_view(
@@ -139,13 +155,32 @@ def write_batch_view(
     long_window, imps, clicks`` (as :func:`compute_batch_view` returns them). ``r``: a
     redis-py client (default: one for ``settings``). ``ttl_ms``: expire every key of the
     version after that long (benchmarks; default: never)."""
-    t0 = t0 or time.perf_counter()
     if keep < 1:
         raise ValueError("keep must be >= 1 (the version just published)")
+    return _publish(settings, [(buckets, longs)], cutoff_ms, keep, r, t0, ttl_ms)
+
+
+def _publish(
+    settings: Settings,
+    parts: Iterable[tuple[pa.Table, pa.Table]],
+    cutoff_ms: int,
+    keep: int = 2,
+    r: Any = None,
+    t0: float | None = None,
+    ttl_ms: int | None = None,
+) -> dict:
+    """The publication protocol over a view given in parts (``(buckets, longs)`` pairs,
+    each entity id's rows in one part): register, write every part's hashes, meta, pointer,
+    prune."""
+    t0 = t0 or time.perf_counter()
     r = r or redis_client(settings, timeout_s=REDIS_TIMEOUT_S)
     version, created = BV.new_version(cutoff_ms)
     BV.register_version(r, version, created)
-    keys_written = BV.write_view_hashes(r, version, buckets, longs, int(cutoff_ms), ttl_ms)
+    keys_written = n_buckets = n_longs = 0
+    for buckets, longs in parts:
+        keys_written += BV.write_view_hashes(r, version, buckets, longs, int(cutoff_ms), ttl_ms)
+        n_buckets += buckets.num_rows
+        n_longs += longs.num_rows
     # meta last, then the pointer: a reader that follows the pointer sees a complete version
     BV.write_meta(
         r,
@@ -154,7 +189,7 @@ def write_batch_view(
         created_ms=created,
         fingerprint=F.fingerprint(),
         keys=keys_written,
-        buckets=buckets.num_rows,
+        buckets=n_buckets,
         ttl_ms=ttl_ms,
     )
     BV.switch_pointer(r, version)
@@ -163,11 +198,132 @@ def write_batch_view(
         "version": version,
         "cutoff_ms": int(cutoff_ms),
         "keys_written": keys_written + 1,
-        "buckets": buckets.num_rows,
-        "long_ids": longs.num_rows,
+        "buckets": n_buckets,
+        "long_ids": n_longs,
         "deleted_versions": deleted,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+# --------------------------------------------------------------------------- bounded build
+
+
+def _dedupe_sql(kind: str, files: list[Path], lo: int, hi: int, flag: int) -> str:
+    """The events of ``kind`` in ``[lo, hi)`` from the Parquet files, each event id once
+    with the fields of its earliest copy (``archive.dedupe``'s rule), click flag ``flag``."""
+    fields = _COUNT_FIELDS
+    idf = ID_FIELD[kind]
+    paths = ", ".join(_sql_str(str(f)) for f in files)
+    picks = ", ".join(f"arg_min({f}, event_time_ms) AS {f}" for f in fields)
+    return (
+        f"SELECT {picks}, min(event_time_ms) AS event_time_ms, {flag} AS c "
+        f"FROM read_parquet([{paths}], union_by_name = true) "
+        f"WHERE event_time_ms >= {int(lo)} AND event_time_ms < {int(hi)} GROUP BY {idf}"
+    )
+
+
+def _sql_str(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def iter_batch_view(
+    data_dir: Path | str,
+    cutoff_ms: int,
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    temp_dir: Path | str | None = None,
+    part_rows: int | None = None,
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """The batch view with cut-off ``cutoff_ms`` (the tables of :func:`compute_batch_view`
+    over the archive's deduplicated events) in parts: ``(buckets, longs)`` of one entity
+    and one hash partition of its ids at a time, so that every id's rows are in one part.
+
+    Memory stays bounded whatever the archive's size: DuckDB reads the Parquet files itself
+    into an on-disk database in a temporary directory (under ``temp_dir``), deduplicates by
+    event id there, and works under ``memory_limit`` (spilling beyond it); per entity, one
+    query groups the counts and orders them by partition, and its result is read in
+    batches. A part holds about ``part_rows`` (default :data:`PART_ROWS`) bucket rows: the
+    store's writer groups one part at a time and its memory grows with the part."""
+    import duckdb
+
+    T = int(cutoff_ms)
+    lo = view_window_start(T)
+    files = {k: list_files(data_dir, k, lo, T) for k in KINDS}
+    if not any(files.values()):
+        return
+    part_rows = PART_ROWS if part_rows is None else max(1, int(part_rows))
+    with tempfile.TemporaryDirectory(prefix="ctrstream-view-", dir=temp_dir) as tmp:
+        con = duckdb.connect(str(Path(tmp) / "view.duckdb"))
+        try:
+            con.execute(f"SET memory_limit = {_sql_str(memory_limit)}")
+            con.execute(f"SET temp_directory = {_sql_str(str(Path(tmp) / 'spill'))}")
+            con.execute("SET preserve_insertion_order = false")
+            sel = [
+                _dedupe_sql(k, files[k], lo, T, flag) for flag, k in enumerate(KINDS) if files[k]
+            ]
+            con.execute("CREATE TABLE ev AS " + " UNION ALL ".join(sel)).fetchall()
+            for e in F.ENTITIES:
+                fields = ", ".join(e.fields)
+                est = con.execute(
+                    f"SELECT approx_count_distinct(hash({fields}, event_time_ms // {F.HOUR_MS})) "
+                    "FROM ev"
+                ).fetchall()[0][0]
+                parts = max(1, -(-int(est or 0) // part_rows))
+                yield from _entity_parts(con, e, T, parts)
+        finally:
+            con.close()
+
+
+def _entity_parts(con: Any, e: F.Entity, T: int, parts: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """One entity's (buckets, longs), partition by partition (``hash(fields) % parts``)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    eid = eid_sql(e)
+    src = f"(SELECT *, hash({', '.join(e.fields)}) % {parts} AS p FROM ev)"
+    sel = []
+    for r in F.RESOLUTIONS:
+        b = f"event_time_ms // {r.bucket_ms}"
+        sel.append(
+            f"SELECT p, 0 AS kind, {eid} AS eid, '{r.name}' AS res, {b} AS bucket, "
+            f"sum(1 - c) AS imps, sum(c) AS clicks FROM {src} "
+            f"WHERE {b} >= {(T - r.window_ms) // r.bucket_ms} GROUP BY ALL"
+        )
+    for w in F.LONG_WINDOWS:
+        wlo, whi = long_window_range(T, w)
+        sel.append(
+            f"SELECT p, 1 AS kind, {eid} AS eid, '{w.name}' AS res, CAST(NULL AS BIGINT), "
+            f"sum(1 - c), sum(c) FROM {src} "
+            f"WHERE event_time_ms >= {wlo} AND event_time_ms < {whi} GROUP BY ALL"
+        )
+    rel = con.sql(" UNION ALL ".join(sel) + " ORDER BY p")
+    reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
+    pending: list[pa.Table] = []
+
+    def emit() -> tuple[pa.Table, pa.Table]:
+        t = pa.concat_tables(pending)
+        pending.clear()
+        t = t.append_column("entity", pa.repeat(pa.scalar(e.name), t.num_rows))
+        kind = t.column("kind")
+        bt = t.filter(pc.equal(kind, 0)).select(
+            ["entity", "eid", "res", "bucket", "imps", "clicks"]
+        )
+        lt = t.filter(pc.equal(kind, 1)).select(["entity", "eid", "res", "imps", "clicks"])
+        lt = lt.rename_columns(["entity", "eid", "long_window", "imps", "clicks"])
+        return bt.cast(BUCKET_COUNTS_SCHEMA), lt.cast(LONG_COUNTS_SCHEMA)
+
+    current = None
+    for batch in reader(PART_BATCH):
+        table = pa.Table.from_batches([batch])
+        p = table.column("p").to_numpy()
+        cuts = np.flatnonzero(np.diff(p)) + 1
+        for s, x in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(p)]])):
+            if current is not None and p[s] != current and pending:
+                yield emit()
+            current = p[s]
+            pending.append(table.slice(int(s), int(x - s)))
+    if pending:
+        yield emit()
 
 
 # read_view_counts is the store's (ctrstream.store.batch_view); it is offered here too, next
@@ -175,6 +331,7 @@ def write_batch_view(
 __all__ = [
     "compute_batch_view",
     "default_cutoff",
+    "iter_batch_view",
     "publish_batch_view",
     "read_view_counts",
     "view_window_start",

@@ -3,7 +3,12 @@
 ``ctrstream train`` builds the point-in-time training set from the archive under
 ``settings.data_dir`` - or from a generated scenario (``--scenario steady --events N``) or
 a written traffic directory (``--traffic DIR``) - and runs
-:func:`ctrstream.batch.pipeline.run_training` on it.
+:func:`ctrstream.batch.pipeline.run_training` on it. By default the set is written as
+Parquet shards (``ctrstream.batch.shards``: the archive's with the chunked build) and
+training streams them, so memory does not grow with the data; ``--in-memory`` builds and
+trains on the whole set in memory (faster for small sets). ``--shards DIR`` keeps the
+shards (a new or empty directory), otherwise they live in a temporary directory under the
+data directory for the run.
 
 ``ctrstream publish [--model deep|lr|all] [--from RUN_DIR]`` publishes the latest run's
 ONNX files as new versions of ``ctr_deep`` / ``ctr_lr`` and switches the running Triton to
@@ -13,7 +18,11 @@ them (``ctrstream.models.publish``).
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -23,6 +32,7 @@ from ctrstream.batch.pipeline import (
     latest_run,
     run_training,
     traffic_training_data,
+    training_shards,
 )
 
 
@@ -55,6 +65,53 @@ def load_training_data(
 
         oracle = pq.read_table(oracle_path)
     return ds, oracle, source
+
+
+def build_training_shards(
+    settings,
+    out_dir: Path,
+    scenario: str | None = None,
+    events: int | None = None,
+    seed: int = 1,
+    traffic: Path | None = None,
+    oracle_path: Path | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    log=print,
+) -> tuple[Any, str]:
+    """:func:`load_training_data` written as shards into ``out_dir``: (oracle table or
+    None, source description)."""
+    import pyarrow.parquet as pq
+
+    from ctrstream.simulation.generator import generate, load_scenario, read_traffic
+
+    oracle = pq.read_table(oracle_path) if oracle_path else None
+    if not traffic and not scenario:
+        training_shards(settings, out_dir, None, start_ms, end_ms, log=log)
+        return oracle, f"archive {settings.data_dir}"
+    if traffic:
+        tr = read_traffic(traffic)
+        source = f"traffic {traffic}"
+    else:
+        assert scenario is not None
+        overrides = {"seed": seed} | ({"events": events} if events else {})
+        tr = generate(load_scenario(scenario, **overrides))
+        source = f"scenario {scenario} events={tr.scenario.events} seed={tr.scenario.seed}"
+    training_shards(settings, out_dir, tr, start_ms, end_ms, log=log)
+    return (oracle if oracle_path else tr.oracle), source
+
+
+@contextmanager
+def shard_directory(settings, keep: Path | None) -> Iterator[Path]:
+    """``keep`` (kept after the run), or a temporary directory under the data directory
+    (where the archive's disk is), removed after the run."""
+    if keep is not None:
+        yield Path(keep)
+        return
+    root = Path(settings.data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="training-set-", dir=root) as tmp:
+        yield Path(tmp) / "shards"
 
 
 def print_summary(summary: dict, console) -> None:
@@ -109,6 +166,18 @@ def register(app) -> None:
         out_dir: Path = typer.Option(
             None, "--out", help="run directory (default data_dir/models/<run id>)"
         ),
+        in_memory: bool = typer.Option(
+            False,
+            "--in-memory",
+            help="build and train on the whole training set in memory instead of streaming "
+            "Parquet shards (faster for small sets; memory grows with the data)",
+        ),
+        shards: Path = typer.Option(
+            None,
+            "--shards",
+            help="keep the training set's shards in this new or empty directory "
+            "(default: a temporary directory under the data directory)",
+        ),
     ):
         """Train the LR baseline and DCN-v2, evaluate against the oracle, export ONNX."""
         from ctrstream.config import get_settings
@@ -118,32 +187,38 @@ def register(app) -> None:
         if any(k not in BASE_NAMES for k in kinds):
             console.print(f"[bold red]error:[/] --model must be deep, lr or all, not {model!r}")
             raise typer.Exit(2)
+        if in_memory and shards is not None:
+            console.print("[bold red]error:[/] --shards streams the set: drop --in-memory")
+            raise typer.Exit(2)
+        data = (
+            scenario,
+            events,
+            scenario_seed,
+            traffic,
+            oracle,
+            start_ms,
+            end_ms,
+        )
+        run_args: dict[str, Any] = dict(
+            kinds=kinds,
+            out_dir=out_dir,
+            seed=seed,
+            epochs=epochs,
+            neg_downsample=neg_downsample,
+            val_fraction=val_fraction,
+            log=console.print,
+            warmup_hours=warmup_hours,
+        )
         try:
-            ds, orc, source = load_training_data(
-                settings,
-                scenario,
-                events,
-                scenario_seed,
-                traffic,
-                oracle,
-                start_ms,
-                end_ms,
-                log=console.print,
-            )
-            summary = run_training(
-                settings,
-                ds,
-                orc,
-                kinds,
-                out_dir,
-                seed,
-                epochs,
-                neg_downsample,
-                val_fraction,
-                source,
-                log=console.print,
-                warmup_hours=warmup_hours,
-            )
+            if in_memory:
+                ds, orc, source = load_training_data(settings, *data, log=console.print)
+                summary = run_training(settings, ds, orc, source=source, **run_args)
+            else:
+                with shard_directory(settings, shards) as shard_dir:
+                    orc, source = build_training_shards(
+                        settings, shard_dir, *data, log=console.print
+                    )
+                    summary = run_training(settings, shard_dir, orc, source=source, **run_args)
         except (FileNotFoundError, ValueError) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
