@@ -28,7 +28,7 @@ marketplace of the whole volume; the model quality is not comparable (no oracle 
 written).
 
 Run: ``ctrstream bench memory --events 1000000,8000000`` (and ``--events 32000000`` as its
-own run). Results: ``bench/results/memory.json``; see docs/training.md.
+own run). Results: ``bench/results/memory.json``; see docs/out-of-core.md.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any
 
 PIECE_EVENTS = 1_000_000
 SEED_STRIDE = 1_000_003
-# before (in-memory) peaks measured by `bench quality` / the demo: docs/training.md
+# in-memory peaks: `bench quality` (docs/training.md), the demo's batch view (docs/out-of-core.md)
 BEFORE_GB = {"train": {1_000_000: 2.9, 4_000_000: 8.5, 8_000_000: 16.3}, "view": {1_000_000: 9.85}}
 
 

@@ -34,7 +34,7 @@ bit for bit, one event-time chunk ``[a, b)`` at a time, and writes each chunk as
   impression's chunk is not attributed (the in-memory build attributes it).
 
 Memory: one chunk's events and rows (``chunk_ms``; by default sized for about
-:data:`CHUNK_ROWS` impressions) plus the carried state. Results: docs/training.md.
+:data:`CHUNK_ROWS` impressions) plus the carried state. Measured: docs/out-of-core.md.
 """
 
 from __future__ import annotations
