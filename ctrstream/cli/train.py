@@ -36,9 +36,14 @@ def load_training_data(
     start_ms: int | None = None,
     end_ms: int | None = None,
     log=print,
+    engine: str | None = None,
 ):
-    """What ``ctrstream train`` trains on: (dataset dict, oracle table or None, source)."""
+    """What ``ctrstream train`` trains on: (dataset dict, oracle table or None, source).
+    ``engine``: the batch engine that builds it (duckdb | spark; default: the setting)."""
+    from ctrstream.batch.spark_engine import resolve_engine
     from ctrstream.simulation.generator import generate, load_scenario, read_traffic
+
+    engine = resolve_engine(engine, settings.batch_engine)
 
     if traffic:
         tr = read_traffic(traffic)
@@ -48,8 +53,8 @@ def load_training_data(
         tr = generate(load_scenario(scenario, **overrides))
         source = f"scenario {scenario} events={tr.scenario.events} seed={tr.scenario.seed}"
     else:
-        return archive_training_data(settings, start_ms, end_ms, oracle_path, log=log)
-    ds, oracle, source = traffic_training_data(tr, source, start_ms, end_ms, log=log)
+        return archive_training_data(settings, start_ms, end_ms, oracle_path, log, engine)
+    ds, oracle, source = traffic_training_data(tr, source, start_ms, end_ms, log, engine)
     if oracle_path:
         import pyarrow.parquet as pq
 
@@ -109,8 +114,14 @@ def register(app) -> None:
         out_dir: Path = typer.Option(
             None, "--out", help="run directory (default data_dir/models/<run id>)"
         ),
+        engine: str = typer.Option(
+            None,
+            help="batch engine of the training set: duckdb (this machine) or spark (PySpark, "
+            "the spark extra; docs/batch-engines.md); default: CTRSTREAM_BATCH_ENGINE, duckdb",
+        ),
     ):
         """Train the LR baseline and DCN-v2, evaluate against the oracle, export ONNX."""
+        from ctrstream.batch.spark_engine import SparkUnavailable
         from ctrstream.config import get_settings
 
         settings = get_settings()
@@ -129,6 +140,7 @@ def register(app) -> None:
                 start_ms,
                 end_ms,
                 log=console.print,
+                engine=engine,
             )
             summary = run_training(
                 settings,
@@ -144,7 +156,7 @@ def register(app) -> None:
                 log=console.print,
                 warmup_hours=warmup_hours,
             )
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, SparkUnavailable) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
         print_summary(summary, out)
