@@ -30,3 +30,25 @@ def test_arrow_lists_roundtrip():
     flat = np.arange(6, dtype=np.int64)
     arr = S._lists(flat, 2, pa.int64())
     assert arr.to_pylist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_train_rejects_an_unknown_engine(monkeypatch, tmp_path):
+    """`ctrstream train --engine` names the choices before any data is built."""
+    from typer.testing import CliRunner
+
+    from ctrstream.cli.app import build_app
+
+    monkeypatch.setenv("CTRSTREAM_DATA_DIR", str(tmp_path))
+    res = CliRunner().invoke(build_app(), ["train", "--engine", "polars"])
+    assert res.exit_code == 2
+    assert "unknown batch engine 'polars'" in res.output
+    assert "duckdb, spark" in res.output
+
+
+def test_spark_missing_says_how_to_install(monkeypatch):
+    """Without pyspark the engine says which extra to install (and the other engine)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyspark.sql", None)  # import pyspark.sql fails
+    with pytest.raises(S.SparkUnavailable, match=r"pip install -e '\.\[spark\]'"):
+        S.spark_session()
