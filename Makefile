@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	       "Install 3.11 or 3.12 and run: make PYTHON=python3.12 ..."; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[train,dev]'
+	@$(PY) -m pip install -q -e '.[train,dev,spark]'
 	@touch $(STAMP)
 
 demo: setup

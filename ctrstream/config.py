@@ -233,6 +233,10 @@ class Settings(BaseSettings):
     max_event_ahead_s: float = Field(default=6 * 3600.0, gt=0)
     flush_interval_ms: int = 300
     attribution_window_s: float = 1800.0
+    # the batch layer's engine for the training set (`ctrstream train --engine` overrides):
+    # duckdb (DuckDB and numpy on this machine) or spark (PySpark, the `spark` extra; for an
+    # archive that outgrows one machine: docs/batch-engines.md)
+    batch_engine: Literal["duckdb", "spark"] = "duckdb"
     redis_ttl_s: int = 3 * 24 * 3600
 
     # metrics ports of long-running processes (0 disables) and the address they bind:

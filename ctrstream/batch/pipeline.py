@@ -63,32 +63,65 @@ def archive_training_data(
     end_ms: int | None = None,
     oracle_path: Path | None = None,
     log=print,
+    engine: str | None = None,
 ):
     """The point-in-time training set of the archive under ``settings.data_dir``:
-    (dataset dict, oracle table or None, source description)."""
+    (dataset dict, oracle table or None, source description). ``engine``: ``duckdb`` or
+    ``spark`` (default: the ``batch_engine`` setting); both give the same rows and values."""
     import pyarrow.parquet as pq
 
-    from ctrstream.batch.point_in_time import training_set
+    from ctrstream.batch.spark_engine import resolve_engine
 
+    engine = resolve_engine(engine, settings.batch_engine)
     window_ms = int(settings.attribution_window_s * 1000)
     source = f"archive {settings.data_dir}"
-    log(f"building the training set from {source} ...")
-    ds = training_set(settings.data_dir, start_ms, end_ms, window_ms)
+    log(f"building the training set from {source} ({engine}) ...")
+    ds = _build(engine, settings.data_dir, start_ms, end_ms, window_ms)
     oracle = pq.read_table(oracle_path) if oracle_path else None
     return ds, oracle, source
 
 
+def _build(
+    engine: str, data_dir: Path | str, start_ms: int | None, end_ms: int | None, window_ms: int
+) -> dict:
+    """The training set of an archive directory by ``engine``."""
+    if engine == "spark":
+        from ctrstream.batch import spark_engine
+
+        spark = spark_engine.spark_session()
+        return spark_engine.training_set(data_dir, start_ms, end_ms, window_ms, spark=spark)
+    from ctrstream.batch.point_in_time import training_set
+
+    return training_set(data_dir, start_ms, end_ms, window_ms)
+
+
 def traffic_training_data(
-    traffic, source: str, start_ms: int | None = None, end_ms: int | None = None, log=print
+    traffic,
+    source: str,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    log=print,
+    engine: str = "duckdb",
 ):
     """The point-in-time training set of generated or written traffic (an object with
     ``scenario``, ``impressions``, ``clicks`` and ``oracle``, as the simulation makes):
-    (dataset dict, the traffic's oracle, source description)."""
+    (dataset dict, the traffic's oracle, source description). With ``engine="spark"`` the
+    traffic is first written as a Parquet archive in a temporary directory (Spark reads
+    archives), removed afterwards."""
     from ctrstream.batch.point_in_time import training_set
 
     window_ms = int(traffic.scenario.attribution_window_s * 1000)
-    log(f"building the training set from {source} ...")
-    ds = training_set(traffic, start_ms, end_ms, window_ms)
+    log(f"building the training set from {source} ({engine}) ...")
+    if engine != "spark":
+        return training_set(traffic, start_ms, end_ms, window_ms), traffic.oracle, source
+    import tempfile
+
+    from ctrstream.batch.archive import write_partitioned
+
+    with tempfile.TemporaryDirectory(prefix="ctrstream-archive-") as tmp:
+        write_partitioned(tmp, "impressions", traffic.impressions)
+        write_partitioned(tmp, "clicks", traffic.clicks)
+        ds = _build("spark", tmp, start_ms, end_ms, window_ms)
     return ds, traffic.oracle, source
 
 

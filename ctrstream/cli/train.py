@@ -46,9 +46,14 @@ def load_training_data(
     start_ms: int | None = None,
     end_ms: int | None = None,
     log=print,
+    engine: str | None = None,
 ):
-    """What ``ctrstream train`` trains on: (dataset dict, oracle table or None, source)."""
+    """What ``ctrstream train`` trains on: (dataset dict, oracle table or None, source).
+    ``engine``: the batch engine that builds it (duckdb | spark; default: the setting)."""
+    from ctrstream.batch.spark_engine import resolve_engine
     from ctrstream.simulation.generator import generate, load_scenario, read_traffic
+
+    engine = resolve_engine(engine, settings.batch_engine)
 
     if traffic:
         tr = read_traffic(traffic)
@@ -58,8 +63,8 @@ def load_training_data(
         tr = generate(load_scenario(scenario, **overrides))
         source = f"scenario {scenario} events={tr.scenario.events} seed={tr.scenario.seed}"
     else:
-        return archive_training_data(settings, start_ms, end_ms, oracle_path, log=log)
-    ds, oracle, source = traffic_training_data(tr, source, start_ms, end_ms, log=log)
+        return archive_training_data(settings, start_ms, end_ms, oracle_path, log, engine)
+    ds, oracle, source = traffic_training_data(tr, source, start_ms, end_ms, log, engine)
     if oracle_path:
         import pyarrow.parquet as pq
 
@@ -178,8 +183,14 @@ def register(app) -> None:
             help="keep the training set's shards in this new or empty directory "
             "(default: a temporary directory under the data directory)",
         ),
+        engine: str = typer.Option(
+            None,
+            help="batch engine of the training set: duckdb (this machine) or spark (PySpark, "
+            "the spark extra; docs/batch-engines.md); default: CTRSTREAM_BATCH_ENGINE, duckdb",
+        ),
     ):
         """Train the LR baseline and DCN-v2, evaluate against the oracle, export ONNX."""
+        from ctrstream.batch.spark_engine import SparkUnavailable, resolve_engine
         from ctrstream.config import get_settings
 
         settings = get_settings()
@@ -190,6 +201,11 @@ def register(app) -> None:
         if in_memory and shards is not None:
             console.print("[bold red]error:[/] --shards streams the set: drop --in-memory")
             raise typer.Exit(2)
+        try:
+            engine_name = resolve_engine(engine, settings.batch_engine)
+        except ValueError as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
         data = (
             scenario,
             events,
@@ -210,8 +226,10 @@ def register(app) -> None:
             warmup_hours=warmup_hours,
         )
         try:
-            if in_memory:
-                ds, orc, source = load_training_data(settings, *data, log=console.print)
+            if in_memory or engine_name == "spark":
+                ds, orc, source = load_training_data(
+                    settings, *data, log=console.print, engine=engine_name
+                )
                 summary = run_training(settings, ds, orc, source=source, **run_args)
             else:
                 with shard_directory(settings, shards) as shard_dir:
@@ -219,7 +237,7 @@ def register(app) -> None:
                         settings, shard_dir, *data, log=console.print
                     )
                     summary = run_training(settings, shard_dir, orc, source=source, **run_args)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, SparkUnavailable) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
         print_summary(summary, out)
