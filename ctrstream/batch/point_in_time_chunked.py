@@ -7,11 +7,15 @@ bit for bit, one event-time chunk ``[a, b)`` at a time, and writes each chunk as
 
 * **Carried state, not events.** Between chunks it keeps, per entity and per *granule* (each
   resolution's bucket size, and whole UTC days for the long windows), the aggregated counts
-  ``(entity id, bucket) -> (impressions, clicks)`` of every event before ``a`` in the buckets
+  ``(entity key, bucket) -> (impressions, clicks)`` of every event before ``a`` in the buckets
   a later row can still reach (a resolution's last ``n_buckets - 1`` buckets and the current,
   partly filled one; the longest long window's days and the current day); older buckets are
   dropped as ``a`` moves on. Its size is bounded by the number of distinct (entity id,
-  bucket) pairs inside the longest window, not by the events.
+  bucket) pairs inside the longest window, not by the events. It is kept as flat numpy
+  arrays sorted by (key, bucket) - 24 bytes a pair - so a chunk adds and drops pairs and
+  answers every row's windows in linear passes and binary searches, never re-sorting it.
+  An entity's key packs its fields' stable codes (:class:`FieldCodes`), so any int64 ids
+  key it exactly.
 * **Why any chunk edge is exact.** A row at ``t >= a`` asks each window for the events in
   ``[lo, hi)`` where ``lo`` (and ``hi`` for the long windows) is a bucket boundary of the
   window's granule (``point_in_time.window_bounds``). The events before ``a`` are carried
@@ -54,7 +58,6 @@ from ctrstream.batch import shards
 from ctrstream.batch.archive import list_files, list_partitions, max_event_time, read_events
 from ctrstream.batch.point_in_time import (
     _count_fields,
-    _entity_keys,
     lookback_start,
     point_in_time_counts,
     window_bounds,
@@ -80,96 +83,203 @@ def _keep_from(a_ms: int, g: int) -> int:
     return a_ms // F.DAY_MS - _MAX_DAYS
 
 
-class WindowState:
-    """The carried counts: per entity and granule, a table of the entity's fields,
-    ``bucket``, ``imps``, ``clicks`` (one row per (id, bucket) with events before the
-    current chunk), its rows ordered by bucket."""
+_CODE_BITS = 31  # bits of one field's code in a two-field key (two codes fill 62 bits)
+
+
+class FieldCodes:
+    """Stable dense codes of one id field's values: a value's code is fixed the first time
+    it is seen (``0, 1, 2, ...`` in order of appearance), whatever the value's magnitude or
+    sign, so that an entity of two fields packs into one int64 key that names the same
+    entity in every chunk. Memory: two int64 per distinct value of the field."""
 
     def __init__(self) -> None:
-        self.tables: dict[tuple[str, int], pa.Table] = {}
+        self.values = np.empty(0, np.int64)  # sorted
+        self.codes = np.empty(0, np.int64)  # the code of values[i]
 
-    def rows(self) -> int:
-        return sum(t.num_rows for t in self.tables.values())
+    def encode(self, col: np.ndarray) -> np.ndarray:
+        """The codes of ``col``'s values; unseen values get the next codes."""
+        uniq, inv = np.unique(np.asarray(col, dtype=np.int64), return_inverse=True)
+        pos = np.searchsorted(self.values, uniq)
+        found = pos < len(self.values)
+        found[found] = self.values[pos[found]] == uniq[found]
+        codes = np.empty(len(uniq), np.int64)
+        codes[found] = self.codes[pos[found]]
+        fresh = ~found
+        n_new = int(fresh.sum())
+        if n_new:
+            if len(self.values) + n_new > 1 << _CODE_BITS:
+                raise ValueError(
+                    f"more than {1 << _CODE_BITS:,} distinct values of one id field: the "
+                    "chunked build cannot key them; build in memory (ctrstream train "
+                    "--in-memory) or split the archive by time"
+                )
+            codes[fresh] = len(self.values) + np.arange(n_new, dtype=np.int64)
+            at = pos[fresh]
+            self.values = np.insert(self.values, at, uniq[fresh])
+            self.codes = np.insert(self.codes, at, codes[fresh])
+        return codes[inv.reshape(-1)]
+
+
+class _Carried:
+    """The carried counts of one (entity, granule): one row per (key, bucket) with events
+    before the current chunk, sorted by key, then bucket (24 bytes a row)."""
+
+    __slots__ = ("key", "bucket", "imps", "clicks")
+
+    def __init__(self) -> None:
+        self.key = np.empty(0, np.int64)
+        self.bucket = np.empty(0, np.int64)
+        self.imps = np.empty(0, np.int32)
+        self.clicks = np.empty(0, np.int32)
+
+    def __len__(self) -> int:
+        return len(self.key)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tables.values())
+        return self.key.nbytes + self.bucket.nbytes + self.imps.nbytes + self.clicks.nbytes
+
+    def _select(self, mask: np.ndarray) -> None:
+        self.key, self.bucket = self.key[mask], self.bucket[mask]
+        self.imps, self.clicks = self.imps[mask], self.clicks[mask]
+
+    def add(
+        self, key: np.ndarray, bucket: np.ndarray, click: np.ndarray, split: int, keep_from: int
+    ) -> None:
+        """Add events (``click``: 0 impression, 1 click) whose buckets are all ``>= split``
+        (every carried row's bucket is ``<= split``: ``split`` holds the chunk's start and
+        may have events on both sides), then drop the buckets before ``keep_from``."""
+        imps = (1 - click).astype(np.int32)
+        clicks = click.astype(np.int32)
+        if len(self):
+            cut = self.bucket >= split  # the split bucket: re-aggregated with the new events
+            if cut.any():
+                key = np.concatenate([self.key[cut], key])
+                bucket = np.concatenate([self.bucket[cut], bucket])
+                imps = np.concatenate([self.imps[cut], imps])
+                clicks = np.concatenate([self.clicks[cut], clicks])
+                self._select(~cut)
+        if len(self):
+            old = self.bucket >= keep_from
+            if not old.all():
+                self._select(old)
+        new = bucket >= keep_from
+        if not new.all():
+            key, bucket, imps, clicks = key[new], bucket[new], imps[new], clicks[new]
+        if not len(key):
+            return
+        # group the new rows by (key, bucket)
+        order = np.lexsort((bucket, key))
+        key, bucket = key[order], bucket[order]
+        starts = np.flatnonzero(
+            np.concatenate([[True], (key[1:] != key[:-1]) | (bucket[1:] != bucket[:-1])])
+        )
+        imps = np.add.reduceat(imps[order], starts).astype(np.int32)
+        clicks = np.add.reduceat(clicks[order], starts).astype(np.int32)
+        key, bucket = key[starts], bucket[starts]
+        # every carried bucket is now before every new one: a key's new rows go after its
+        # carried rows
+        at = np.searchsorted(self.key, key, side="right")
+        self.key = np.insert(self.key, at, key)
+        self.bucket = np.insert(self.bucket, at, bucket)
+        self.imps = np.insert(self.imps, at, imps)
+        self.clicks = np.insert(self.clicks, at, clicks)
+
+    def window_sums(
+        self, q_key: np.ndarray, bounds: list[tuple[np.ndarray, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per ``(b_lo, b_hi)`` in ``bounds`` (bucket numbers, one pair per query row): the
+        impressions and clicks of the rows of key ``q_key`` with ``b_lo <= bucket < b_hi``."""
+        n = len(q_key)
+        if not len(self):
+            return [(np.zeros(n, np.int64), np.zeros(n, np.int64)) for _ in bounds]
+        # rank of each row's key among the distinct keys (the rows are sorted by key)
+        first = np.concatenate([[True], self.key[1:] != self.key[:-1]])
+        rank = np.cumsum(first) - 1
+        keys = self.key[first]
+        base = int(self.bucket.min())
+        span = int(self.bucket.max()) - base + 2
+        comp = rank * span + (self.bucket - base)
+        del rank
+        cum_i = np.concatenate([[0], np.cumsum(self.imps, dtype=np.int64)])
+        cum_c = np.concatenate([[0], np.cumsum(self.clicks, dtype=np.int64)])
+        q = np.searchsorted(keys, q_key)
+        found = q < len(keys)
+        found[found] = keys[q[found]] == q_key[found]
+        out = []
+        for b_lo, b_hi in bounds:
+            lo = q * span + np.clip(b_lo - base, 0, span - 1)
+            hi = q * span + np.clip(b_hi - base, 0, span - 1)
+            i_lo = np.searchsorted(comp, lo, side="left")
+            i_hi = np.where(found, np.searchsorted(comp, hi, side="left"), i_lo)
+            out.append((cum_i[i_hi] - cum_i[i_lo], cum_c[i_hi] - cum_c[i_lo]))
+        return out
+
+
+class WindowState:
+    """The carried counts of every entity and granule (:class:`_Carried`), keyed by the
+    entities' fields through :class:`FieldCodes`."""
+
+    def __init__(self) -> None:
+        self.fields = {f: FieldCodes() for e in F.ENTITIES for f in e.fields}
+        self.tables: dict[tuple[str, int], _Carried] = {
+            (e.name, g): _Carried() for e in F.ENTITIES for g in range(len(_GRANULES))
+        }
+
+    def rows(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() for t in self.tables.values()) + sum(
+            c.values.nbytes + c.codes.nbytes for c in self.fields.values()
+        )
+
+    def keys(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """Every entity's int64 key of ``table``'s rows (one code per field, packed)."""
+        codes = {f: self.fields[f].encode(table.column(f).to_numpy()) for f in self.fields}
+        out = {}
+        for e in F.ENTITIES:
+            key = codes[e.fields[0]]
+            for f in e.fields[1:]:
+                key = (key << _CODE_BITS) | codes[f]
+            out[e.name] = key
+        return out
 
     def add(self, imps: pa.Table, clks: pa.Table, a_ms: int, b_ms: int) -> None:
         """Add the events of chunk ``[a_ms, b_ms)`` and drop the buckets no row at or after
         ``b_ms`` can count."""
         both = pa.concat_tables([imps.select(_count_fields()), clks.select(_count_fields())])
         t = both.column("event_time_ms").to_numpy().astype(np.int64)
-        is_click = np.concatenate(
-            [np.zeros(imps.num_rows, np.int64), np.ones(clks.num_rows, np.int64)]
-        )
+        click = np.concatenate([np.zeros(imps.num_rows, np.int8), np.ones(clks.num_rows, np.int8)])
+        keys = self.keys(both)
         for e in F.ENTITIES:
-            cols = list(e.fields)
             for g, gms in enumerate(_GRANULES):
-                old = self.tables.get((e.name, g))
-                new = None
-                if len(t):
-                    ev = pa.table(
-                        {f: both.column(f).cast(pa.int64()) for f in cols}
-                        | {"bucket": t // gms, "imps": 1 - is_click, "clicks": is_click}
-                    )
-                    new = _group(ev, cols)
-                if old is not None and old.num_rows and new is not None:
-                    # only the buckets from a's on can hold events of both (a split bucket)
-                    split = int(np.searchsorted(old.column("bucket").to_numpy(), a_ms // gms))
-                    if split < old.num_rows:
-                        new = _group(pa.concat_tables([old.slice(split), new]), cols)
-                    old = old.slice(0, split)
-                merged = (
-                    new
-                    if old is None or old.num_rows == 0
-                    else (old if new is None else pa.concat_tables([old, new]))
+                self.tables[(e.name, g)].add(
+                    keys[e.name], t // gms, click, a_ms // gms, _keep_from(b_ms, g)
                 )
-                if merged is None:
-                    continue
-                b = merged.column("bucket").to_numpy()
-                first = int(np.searchsorted(b, _keep_from(b_ms, g)))
-                self.tables[(e.name, g)] = merged.slice(first).combine_chunks()
 
     def counts(self, query: pa.Table) -> np.ndarray:
         """The carried part of every window of every query row (all at or after the
-        current chunk's start): ``(rows, len(ENTITIES), N_WINDOWS, 2)``."""
+        current chunk's start): ``(rows, len(ENTITIES), N_WINDOWS, 2)``. A carried bucket
+        counts in a window ``[lo, hi)`` when its start is in it."""
         n = query.num_rows
         out = np.zeros((n, len(F.ENTITIES), F.N_WINDOWS, 2), dtype=np.float64)
         if n == 0:
             return out
         qt = query.column("event_time_ms").to_numpy().astype(np.int64)
         bounds = window_bounds(qt)
+        keys = self.keys(query)
         for k, e in enumerate(F.ENTITIES):
             for g, gms in enumerate(_GRANULES):
-                st = self.tables.get((e.name, g))
                 wins = [w for w in range(F.N_WINDOWS) if _GRANULE_OF[w] == g]
-                if st is None or st.num_rows == 0 or not wins:
+                if not wins:
                     continue
-                s_t = st.column("bucket").to_numpy().astype(np.int64) * gms
-                base = min(int(s_t.min()), min(int(bounds[w][0].min()) for w in wins))
-                top = max(int(s_t.max()), max(int(bounds[w][1].max()) for w in wins))
-                span = top - base + 2
-                s_key, q_key = _entity_keys(e, st, query, limit=(2**62) // span)
-                comp = s_key * span + (s_t - base)
-                order = np.argsort(comp, kind="stable")
-                comp = comp[order]
-                cum_i = np.concatenate([[0], np.cumsum(st.column("imps").to_numpy()[order])])
-                cum_c = np.concatenate([[0], np.cumsum(st.column("clicks").to_numpy()[order])])
-                qbase = q_key * span - base
-                for w in wins:
-                    lo, hi = bounds[w]
-                    i_lo = np.searchsorted(comp, qbase + lo, side="left")
-                    i_hi = np.searchsorted(comp, qbase + hi, side="left")
-                    out[:, k, w, 0] = cum_i[i_hi] - cum_i[i_lo]
-                    out[:, k, w, 1] = cum_c[i_hi] - cum_c[i_lo]
+                # bucket b starts in [lo, hi) <=> ceil(lo / gms) <= b < ceil(hi / gms)
+                bb = [(-(-bounds[w][0] // gms), -(-bounds[w][1] // gms)) for w in wins]
+                sums = self.tables[(e.name, g)].window_sums(keys[e.name], bb)
+                for w, (si, sc) in zip(wins, sums):
+                    out[:, k, w, 0] = si
+                    out[:, k, w, 1] = sc
         return out
-
-
-def _group(ev: pa.Table, cols: list[str]) -> pa.Table:
-    """Sum ``imps``, ``clicks`` per (fields, bucket), rows ordered by bucket."""
-    g = ev.group_by(cols + ["bucket"]).aggregate([("imps", "sum"), ("clicks", "sum")])
-    g = g.rename_columns([c.removesuffix("_sum") for c in g.column_names])
-    return g.select(cols + ["bucket", "imps", "clicks"]).sort_by("bucket")
 
 
 # --------------------------------------------------------------------------- chunks
