@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -436,26 +437,31 @@ def _history(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
 
 
 def _batch(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
-    from ctrstream.batch.pipeline import archive_training_data, run_training
+    from ctrstream.batch.pipeline import run_training, training_shards
     from ctrstream.batch.views import publish_batch_view
     from ctrstream.cli.train import print_summary
     from ctrstream.models.publish import publish, served_model_name
 
+    # the default path of `ctrstream train`: the chunked build into Parquet shards, both
+    # models trained streaming them (memory bounded by a chunk, not the data)
     window_ms = int(st.settings.attribution_window_s * 1000)
-    ds, _, source = archive_training_data(
-        st.settings, end_ms=t_split - window_ms, log=console.print
+    shard_dir = st.out / "training-set"
+    if shard_dir.exists():
+        shutil.rmtree(shard_dir)
+    manifest = training_shards(
+        st.settings, shard_dir, end_ms=t_split - window_ms, log=console.print
     )
-    st.numbers["train_rows"] = int(len(ds["label"]))
+    st.numbers["train_rows"] = int(manifest["rows"])
     summary = run_training(
         st.settings,
-        ds,
+        shard_dir,
         tr.oracle,
         out_dir=st.out / "models",
         epochs=cfg.epochs,
-        source=source,
+        source=f"archive {st.settings.data_dir}",
         log=console.print,
     )
-    del ds  # the training set is not needed for the batch view: free it before that peak
+    shutil.rmtree(shard_dir)
     print_summary(summary, console)
     st.numbers["training"] = summary
     published = {}
