@@ -69,7 +69,7 @@ def topic_config(settings: Settings, topic: Topic) -> dict[str, str]:
     }
 
 
-REPARTITION_DOC = "docs/operations.md, 'Adding partitions to impressions and clicks'"
+REPARTITION_DOC = "docs/kafka.md, 'Adding partitions to impressions and clicks'"
 
 
 class CopartitioningError(RuntimeError):

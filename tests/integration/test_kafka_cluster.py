@@ -195,7 +195,7 @@ def test_partitions_added_to_one_of_impressions_and_clicks_is_refused(cluster, u
         ensure_topics(s, s.topics.all())
     msg = str(e.value)
     assert f"{ti} has 8 partitions and {tc} 4" in msg, msg
-    assert "docs/operations.md" in msg and "CTRSTREAM_TOPICS__CLICKS__PARTITIONS" in msg, msg
+    assert "docs/kafka.md" in msg and "CTRSTREAM_TOPICS__CLICKS__PARTITIONS" in msg, msg
 
     client.create_partitions([NewPartitions(tc, 8)])[tc].result(30)
     wait_until(
