@@ -67,7 +67,7 @@ class Stack:
         started: list[Service] = []
         try:
             # the nodes of one KRaft quorum start together: each waits for a majority
-            batches = ([kafka] if kafka else []) + [[s] for s in chosen if s not in kafka]
+            batches = ([kafka] if kafka else []) + [[s] for s in chosen if s.group != "kafka"]
             for batch in batches:
                 got = start_together(batch)
                 if kafka and batch is kafka:
@@ -103,11 +103,10 @@ class Stack:
     def down(self, purge: bool = False, log=lambda msg: None) -> None:
         kafka = [s for s in self.services if s.group == "kafka"]
         for svc in reversed(self.services):
-            if svc in kafka[1:]:
-                continue
-            if kafka and svc is kafka[0]:  # the nodes of one quorum stop together
-                for name, stopped in stop_together(kafka).items():
-                    log(f"{name:7s} {'stopped' if stopped else 'not running'}")
+            if svc.group == "kafka":
+                if svc is kafka[0]:  # the nodes of one quorum stop together
+                    for name, stopped in stop_together(kafka).items():
+                        log(f"{name:7s} {'stopped' if stopped else 'not running'}")
                 continue
             stopped = svc.stop()
             log(f"{svc.name:7s} {'stopped' if stopped else 'not running'}")
@@ -123,12 +122,15 @@ def check_kafka_topology(settings: Settings) -> None:
     """Refuse to start a Kafka topology other than the one whose data is in the run
     directory: a node formatted for one controller quorum cannot join another."""
     path = settings.run_dir / KAFKA_NODES_FILE
+    one, first = settings.run_dir / "kafka" / "data", settings.run_dir / "kafka-1" / "data"
     try:
         recorded = json.loads(path.read_text()).get("brokers", 1)
     except (FileNotFoundError, ValueError):
-        return
-    if recorded != settings.kafka.brokers and any(
-        (settings.run_dir / d / "data").exists() for d in ("kafka", "kafka-1")
+        recorded = 1 if one.exists() else None  # a run directory older than the record
+    if (
+        recorded is not None
+        and recorded != settings.kafka.brokers
+        and (one.exists() or first.exists())
     ):
         raise StackError(
             f"the stack in {settings.run_dir} holds the data of a {recorded}-broker Kafka, "

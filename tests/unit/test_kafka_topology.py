@@ -109,6 +109,14 @@ def test_another_topology_over_existing_data_is_refused(tmp_path):
         check_kafka_topology(one)
 
 
+def test_a_single_broker_run_directory_without_a_record_is_one_broker(tmp_path):
+    """A run directory whose one broker's data predates the record is a 1-broker Kafka."""
+    (tmp_path / "kafka" / "data").mkdir(parents=True)
+    check_kafka_topology(isolated_settings(tmp_path))
+    with pytest.raises(StackError, match="1-broker Kafka"):
+        check_kafka_topology(isolated_settings(tmp_path, kafka_brokers=3))
+
+
 def test_impressions_and_clicks_must_be_copartitioned(tmp_path):
     s = Settings(_env_file=None, run_dir=tmp_path)
     check_copartitioned(s, {"impressions": 4, "clicks": 4, "labeled": 2})
