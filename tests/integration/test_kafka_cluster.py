@@ -77,9 +77,12 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     """Three KRaft nodes started by ``ctrstream stack up --only kafka --kafka-brokers 3``
     (other free ports when one was taken meanwhile), stopped by ``stack down``; any node
     still running after that is killed by its PID."""
-    base = tmp_path_factory.mktemp("kafka3")
-    for attempt in range(1, 4):
-        s = isolated_settings(base / f"run{attempt}", kafka_brokers=BROKERS)
+    for _attempt in range(3):
+        # a "stack*" folder with its owner's PID: a later session stops the nodes of one
+        # killed before it could (tests/conftest.py, _stop_stale_stacks)
+        run_dir = tmp_path_factory.mktemp("stack-kafka3")
+        (run_dir / "owner.pid").write_text(str(os.getpid()))
+        s = isolated_settings(run_dir, kafka_brokers=BROKERS)
         s = s.model_copy(update={"metrics_port": free_port(), "attribution_window_s": 90.0})
         env = _cli_env(s)
         t0 = time.monotonic()
