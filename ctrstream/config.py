@@ -16,6 +16,7 @@ checkout: its assets (the Kafka pom, the Lua script) are package data.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -113,17 +114,77 @@ class Topics(_OverDefaults):
         )
 
 
+KAFKA_NODES_FILE = "kafka-nodes.json"
+"""The local stack's Kafka topology (how many nodes, their ports), in the run directory:
+written by ``ctrstream stack up``, read by every ``ctrstream`` command with the same run
+directory that does not set the topology itself (``Settings._local_kafka_nodes``)."""
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    """One KRaft node of the local stack: a broker and a voter of the controller quorum."""
+
+    node_id: int
+    port: int
+    controller_port: int
+
+
 class KafkaSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 9092
     controller_port: int = 9093
     heap: str = "768m"
-    # bootstrap servers for clients; when empty, host:port of the local broker
+    # bootstrap servers for clients; when empty, host:port of every local broker
     bootstrap: str = ""
+    # how many KRaft nodes `ctrstream stack up` runs (`--kafka-brokers`), each a broker and
+    # a voter of one controller quorum; 3 or more: every topic is replicated 3 times and a
+    # write needs 2 in-sync replicas, so the cluster keeps serving without one broker
+    brokers: int = Field(default=1, ge=1, le=9)
+    # [port, controller_port] of nodes 2..brokers (entries beyond those are unused); empty:
+    # node i listens on port + 2(i-1) and controller_port + 2(i-1) (9094/9095, 9096/9097, ...)
+    more_ports: list[tuple[int, int]] = []
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> KafkaSettings:
+        if self.more_ports and len(self.more_ports) < self.brokers - 1:
+            raise ValueError(
+                f"kafka.more_ports lists {len(self.more_ports)} nodes' ports but brokers="
+                f"{self.brokers} needs {self.brokers - 1} ([port, controller_port] of nodes "
+                "2..N): fix CTRSTREAM_KAFKA__MORE_PORTS, or leave it empty for consecutive ports"
+            )
+        ports = [p for n in self.nodes() for p in (n.port, n.controller_port)]
+        if len(set(ports)) != len(ports):
+            raise ValueError(
+                f"the {self.brokers} Kafka nodes' ports overlap ({ports}): set "
+                "CTRSTREAM_KAFKA__PORT/CONTROLLER_PORT further apart, or list every node's "
+                "ports in CTRSTREAM_KAFKA__MORE_PORTS"
+            )
+        return self
+
+    def nodes(self) -> list[KafkaNode]:
+        """The local stack's KRaft nodes, node 1 on ``port``/``controller_port``."""
+        out = [KafkaNode(1, self.port, self.controller_port)]
+        for i in range(2, self.brokers + 1):
+            if self.more_ports:
+                port, controller = self.more_ports[i - 2]
+            else:
+                port, controller = self.port + 2 * (i - 1), self.controller_port + 2 * (i - 1)
+            out.append(KafkaNode(i, port, controller))
+        return out
 
     @property
     def bootstrap_servers(self) -> str:
-        return self.bootstrap or f"{self.host}:{self.port}"
+        return self.bootstrap or ",".join(f"{self.host}:{n.port}" for n in self.nodes())
+
+    @property
+    def replication_factor(self) -> int:
+        """Replicas of every topic ctrstream creates: one per broker, at most 3."""
+        return min(3, self.brokers)
+
+    @property
+    def min_insync_replicas(self) -> int:
+        """In-sync replicas an acks=all write needs: 2 of 3 (one broker may be down), else 1."""
+        return 2 if self.replication_factor >= 3 else 1
 
 
 REDIS_PASSWORD_FILE = "redis.password"
@@ -261,6 +322,31 @@ class Settings(BaseSettings):
                 ) from e
             if password:
                 self.redis = self.redis.model_copy(update={"password": password})
+        return self
+
+    @model_validator(mode="after")
+    def _local_kafka_nodes(self) -> Settings:
+        """Without a topology in the settings (``CTRSTREAM_KAFKA__BROKERS``), clients and
+        ``stack status/down`` use the one ``ctrstream stack up`` recorded in the run
+        directory, so the bootstrap servers list every broker it started."""
+        given = self.kafka.model_fields_set
+        if "brokers" in given:
+            return self
+        path = self.run_dir / KAFKA_NODES_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return self
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"the local Kafka topology {path} cannot be read ({e}): remove it (`ctrstream "
+                "stack down --purge` removes the stack's data) or set CTRSTREAM_KAFKA__BROKERS"
+            ) from e
+        update: dict[str, Any] = {"brokers": doc.get("brokers", 1)}
+        for key in ("port", "controller_port", "more_ports"):  # what the settings leave open
+            if key not in given and key in doc:
+                update[key] = doc[key]
+        self.kafka = KafkaSettings.model_validate({**self.kafka.model_dump(), **update})
         return self
 
     def dump(self) -> dict:

@@ -544,7 +544,9 @@ def ensure_fence_topic(settings: Settings) -> None:
     client = admin(settings)
     if name in client.list_topics(timeout=30).topics:
         return
-    fut = client.create_topics([NewTopic(name, 1, 1, config={"cleanup.policy": "compact"})])[name]
+    rf = settings.kafka.replication_factor  # the fence must outlive a broker, as labeled does
+    new = NewTopic(name, 1, rf, config={"cleanup.policy": "compact"})
+    fut = client.create_topics([new])[name]
     try:
         fut.result(30)
     except KafkaException as e:

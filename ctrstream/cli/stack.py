@@ -39,13 +39,34 @@ def stack_up(
     only: list[str] = typer.Option(
         None, "--only", help="start only these services (kafka, redis, triton)"
     ),
+    kafka_brokers: int = typer.Option(
+        None,
+        "--kafka-brokers",
+        min=1,
+        max=9,
+        help="KRaft nodes to run, each a broker and a controller (default: "
+        "CTRSTREAM_KAFKA__BROKERS, else what this run directory last started, else 1); 3 or "
+        "more: replication factor 3, min.insync.replicas=2",
+    ),
 ):
     """Start Kafka, Redis and Triton, wait until each is ready, and create the topics."""
+    from pydantic import ValidationError
+
+    from ctrstream.config import KafkaSettings
     from ctrstream.stack.manager import Stack
     from ctrstream.stack.provision import PrerequisiteError
     from ctrstream.stack.services import StackError
 
     settings = get_settings()
+    if kafka_brokers is not None and kafka_brokers != settings.kafka.brokers:
+        k = settings.kafka.model_dump()
+        if len(k["more_ports"]) < kafka_brokers - 1:
+            k["more_ports"] = []  # consecutive ports after node 1's
+        try:
+            kafka = KafkaSettings.model_validate({**k, "brokers": kafka_brokers})
+        except ValidationError as e:
+            raise fail(f"--kafka-brokers {kafka_brokers}: {e.errors()[0]['msg']}") from None
+        settings = settings.model_copy(update={"kafka": kafka})
     try:
         Stack(settings).up(log=out.print, only=only)
     except (StackError, PrerequisiteError) as e:
@@ -94,7 +115,9 @@ def stack_down(purge: bool = typer.Option(False, help="also delete the stack's d
 
 @stack_app.command("logs")
 def stack_logs(
-    service: str = typer.Argument(..., help="kafka, redis or triton"),
+    service: str = typer.Argument(
+        ..., help="kafka (kafka-2, ... for one node of several), redis or triton"
+    ),
     lines: int = typer.Option(50, "-n", help="how many lines from the end"),
 ):
     """Print the end of a service's log."""
@@ -103,7 +126,8 @@ def stack_logs(
     try:
         svc = Stack(get_settings()).by_name(service)
     except StopIteration:
-        raise fail(f"unknown service {service!r}: choose kafka, redis or triton") from None
+        names = ", ".join(s.name for s in Stack(get_settings()).services)
+        raise fail(f"unknown service {service!r}: choose one of {names}") from None
     if not svc.log_file.exists():
         raise fail(f"no log at {svc.log_file}: has `ctrstream stack up` run?")
     text = svc.log_file.read_text(errors="replace").splitlines()

@@ -69,13 +69,55 @@ def topic_config(settings: Settings, topic: Topic) -> dict[str, str]:
     }
 
 
+REPARTITION_DOC = "docs/kafka.md, 'Adding partitions to impressions and clicks'"
+
+
+class CopartitioningError(RuntimeError):
+    """``impressions`` and ``clicks`` do not have one partition count: the join would miss
+    clicks (a click must be in its impression's partition number)."""
+
+
+def check_copartitioned(settings: Settings, existing: dict[str, int] | None = None) -> None:
+    """Raise :class:`CopartitioningError` when ``impressions`` and ``clicks`` are configured
+    with different partition counts, or exist (``existing``: topic name -> partition count)
+    with different counts. The join reads ``impressions[p]`` with ``clicks[p]``: both topics
+    must hash one key to one partition number, so they need one count, changed together
+    and only by the procedure in ``REPARTITION_DOC``."""
+    t = settings.topics
+    problems = []
+    if t.impressions.partitions != t.clicks.partitions:
+        problems.append(
+            f"the configuration gives {t.impressions.name} {t.impressions.partitions} "
+            f"partitions and {t.clicks.name} {t.clicks.partitions}"
+        )
+    have = existing or {}
+    if t.impressions.name in have and t.clicks.name in have:
+        n_i, n_c = have[t.impressions.name], have[t.clicks.name]
+        if n_i != n_c:
+            problems.append(
+                f"topic {t.impressions.name} has {n_i} partitions and {t.clicks.name} {n_c}"
+            )
+    if problems:
+        raise CopartitioningError(
+            "impressions and clicks are not co-partitioned: "
+            + "; ".join(problems)
+            + ". The join needs one partition count for both (a click is read from its "
+            "impression's partition number): set CTRSTREAM_TOPICS__IMPRESSIONS__PARTITIONS and "
+            "CTRSTREAM_TOPICS__CLICKS__PARTITIONS to the same count, and change an existing "
+            f"pair's count only by the procedure in {REPARTITION_DOC}."
+        )
+
+
 def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet (explicit partition counts, their own
     :func:`topic_config`), and set :func:`topic_config` on the existing ones where it
     differs. Returns the names created. An existing topic with a different partition count
-    is an error."""
+    is an error, and so are ``impressions`` and ``clicks`` with different partition counts
+    (:func:`check_copartitioned`). New topics get ``settings.kafka.replication_factor``
+    replicas (one per broker, at most 3)."""
     client = admin(settings)
     existing = client.list_topics(timeout=timeout).topics
+    check_copartitioned(settings, {n: len(m.partitions) for n, m in existing.items()})
     created, wrong = [], []
     new, present = [], []
     for t in topics:
@@ -89,7 +131,7 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
                 NewTopic(
                     t.name,
                     num_partitions=t.partitions,
-                    replication_factor=1,
+                    replication_factor=settings.kafka.replication_factor,
                     config=topic_config(settings, t),
                 )
             )
@@ -98,7 +140,8 @@ def ensure_topics(settings: Settings, topics: list[Topic], timeout: float = 30.0
             "topic configuration mismatch: "
             + "; ".join(wrong)
             + ". Delete the topics (or the stack's data with `ctrstream stack down --purge`) "
-            "or change CTRSTREAM_TOPICS__*__PARTITIONS."
+            "or change CTRSTREAM_TOPICS__*__PARTITIONS (adding partitions to impressions and "
+            f"clicks: {REPARTITION_DOC})."
         )
     if present:
         _align_configs(client, settings, present, timeout)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -10,13 +12,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctrstream.config import KafkaSettings, RedisSettings, Settings, TritonSettings
+from ctrstream.config import (
+    KAFKA_NODES_FILE,
+    KafkaSettings,
+    RedisSettings,
+    Settings,
+    TritonSettings,
+)
 from ctrstream.stack.services import (
     PortInUseError,
     Service,
     StackError,
     all_services,
     free_port,
+    start_together,
+    stop_together,
 )
 
 
@@ -35,7 +45,8 @@ class Stack:
         self.services: list[Service] = all_services(settings)
 
     def by_name(self, name: str) -> Service:
-        return next(s for s in self.services if s.name == name)
+        """The service called ``name``; ``kafka`` also names the first of several nodes."""
+        return next(s for s in self.services if s.name == name or s.group == name)
 
     def up(self, log=lambda msg: None, only: list[str] | None = None) -> dict[str, float | None]:
         """Start every service (or ``only`` those), wait until ready, create topics.
@@ -45,23 +56,33 @@ class Stack:
 
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
         create_control_secret(self.settings)  # signs the watermark heartbeats
-        chosen = [s for s in self.services if not only or s.name in only]
+        chosen = [s for s in self.services if not only or s.group in only or s.name in only]
+        kafka = [s for s in chosen if s.group == "kafka"]
+        if kafka:
+            check_kafka_topology(self.settings)
         for svc in chosen:  # every port is checked before anything starts
             if svc.pid() is None:
                 svc.check_ports()
         times: dict[str, float | None] = {}
         started: list[Service] = []
         try:
-            for svc in chosen:
-                t = svc.start()
-                times[svc.name] = t
-                if t is not None:
-                    started.append(svc)
-                log(
-                    f"{svc.name:7s} {f'ready in {t:.1f}s' if t is not None else 'already running'}"
-                    f"  {svc.address()}"
-                )
-            if not only or "kafka" in only:
+            # the nodes of one KRaft quorum start together: each waits for a majority
+            batches = ([kafka] if kafka else []) + [[s] for s in chosen if s.group != "kafka"]
+            for batch in batches:
+                got = start_together(batch)
+                if kafka and batch is kafka:
+                    record_kafka_topology(self.settings)
+                for svc in batch:
+                    t = got[svc.name]
+                    times[svc.name] = t
+                    if t is not None:
+                        started.append(svc)
+                    log(
+                        f"{svc.name:7s} "
+                        f"{f'ready in {t:.1f}s' if t is not None else 'already running'}"
+                        f"  {svc.address()}"
+                    )
+            if kafka:
                 created = ensure_topics(self.settings, self.settings.topics.all())
                 if created:
                     log(f"topics created: {', '.join(created)}")
@@ -80,7 +101,13 @@ class Stack:
         ]
 
     def down(self, purge: bool = False, log=lambda msg: None) -> None:
+        kafka = [s for s in self.services if s.group == "kafka"]
         for svc in reversed(self.services):
+            if svc.group == "kafka":
+                if svc is kafka[0]:  # the nodes of one quorum stop together
+                    for name, stopped in stop_together(kafka).items():
+                        log(f"{name:7s} {'stopped' if stopped else 'not running'}")
+                continue
             stopped = svc.stop()
             log(f"{svc.name:7s} {'stopped' if stopped else 'not running'}")
         if purge:
@@ -91,14 +118,62 @@ class Stack:
         return [p for p in (s.pid() for s in self.services) if p is not None]
 
 
-def isolated_settings(run_dir: Path, base: Settings | None = None) -> Settings:
-    """Settings for a stack on free loopback ports with everything under ``run_dir``."""
+def check_kafka_topology(settings: Settings) -> None:
+    """Refuse to start a Kafka topology other than the one whose data is in the run
+    directory: a node formatted for one controller quorum cannot join another."""
+    path = settings.run_dir / KAFKA_NODES_FILE
+    one, first = settings.run_dir / "kafka" / "data", settings.run_dir / "kafka-1" / "data"
+    try:
+        recorded = json.loads(path.read_text()).get("brokers", 1)
+    except (FileNotFoundError, ValueError):
+        recorded = 1 if one.exists() else None  # a run directory older than the record
+    if (
+        recorded is not None
+        and recorded != settings.kafka.brokers
+        and (one.exists() or first.exists())
+    ):
+        raise StackError(
+            f"the stack in {settings.run_dir} holds the data of a {recorded}-broker Kafka, "
+            f"not {settings.kafka.brokers}: start it with --kafka-brokers {recorded}, or "
+            "delete its data first with `ctrstream stack down --purge`"
+        )
+
+
+def record_kafka_topology(settings: Settings) -> None:
+    """Write the started Kafka topology into the run directory (``KAFKA_NODES_FILE``), so
+    that later commands there see every broker without being told."""
+    k = settings.kafka
+    doc = {
+        "brokers": k.brokers,
+        "port": k.port,
+        "controller_port": k.controller_port,
+        "more_ports": [[n.port, n.controller_port] for n in k.nodes()[1:]],
+    }
+    path = settings.run_dir / KAFKA_NODES_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc) + "\n")
+    os.replace(tmp, path)
+
+
+def isolated_kafka(heap: str = "512m", brokers: int = 1) -> KafkaSettings:
+    """Kafka settings of ``brokers`` KRaft nodes on free loopback ports."""
+    more = [(free_port(), free_port()) for _ in range(brokers - 1)]
+    return KafkaSettings(
+        port=free_port(), controller_port=free_port(), heap=heap, brokers=brokers, more_ports=more
+    )
+
+
+def isolated_settings(
+    run_dir: Path, base: Settings | None = None, kafka_brokers: int = 1
+) -> Settings:
+    """Settings for a stack on free loopback ports with everything under ``run_dir``
+    (``kafka_brokers`` > 1: that many KRaft nodes, each with a smaller heap)."""
     base = base or Settings()
     return base.model_copy(
         update={
             "run_dir": run_dir,
             "data_dir": run_dir / "data",
-            "kafka": KafkaSettings(port=free_port(), controller_port=free_port(), heap="512m"),
+            "kafka": isolated_kafka("512m" if kafka_brokers == 1 else "384m", kafka_brokers),
             "redis": RedisSettings(port=free_port()),
             "triton": TritonSettings(
                 http_port=free_port(),
@@ -119,6 +194,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CTRSTREAM_KAFKA__PORT": str(settings.kafka.port),
         "CTRSTREAM_KAFKA__CONTROLLER_PORT": str(settings.kafka.controller_port),
         "CTRSTREAM_KAFKA__BOOTSTRAP": settings.kafka.bootstrap_servers,
+        "CTRSTREAM_KAFKA__BROKERS": str(settings.kafka.brokers),
+        "CTRSTREAM_KAFKA__MORE_PORTS": json.dumps(settings.kafka.more_ports),
         "CTRSTREAM_REDIS__PORT": str(settings.redis.port),
         "CTRSTREAM_REDIS__DB": str(settings.redis.db),
         "CTRSTREAM_METRICS_PORT": str(settings.metrics_port),
@@ -206,6 +283,8 @@ def isolated_redis(
 __all__ = [
     "Stack",
     "StackError",
+    "check_kafka_topology",
+    "isolated_kafka",
     "isolated_redis",
     "isolated_settings",
     "isolated_stack",

@@ -155,20 +155,25 @@ class Service:
                     f"(see `ctrstream config show`)."
                 )
 
+    @property
+    def group(self) -> str:
+        """What ``--only`` and ``stack logs`` call it: the node ``kafka-2`` is ``kafka``."""
+        return self.name.split("-", 1)[0]
+
     def start(self) -> float | None:
         """Start the service and wait until it is ready; return the start-up seconds, or
         None when it was already running."""
+        return start_together([self])[self.name]
+
+    def launch(self) -> subprocess.Popen | None:
+        """Start the process without waiting for it to be ready (None: already running)."""
         if self.pid() is not None:
-            if self.healthy():
-                return None
-            wait_until(self.ready, self.start_timeout, what=f"{self.name} to become ready")
             return None
         self.check_ports()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.prepare()
         argv, env = self.command()
-        t0 = time.monotonic()
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
                 argv,
@@ -180,34 +185,30 @@ class Service:
                 start_new_session=True,
             )
         self.pid_file.write_text(str(proc.pid))
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if proc.poll() is not None:
-                self.pid_file.unlink(missing_ok=True)
-                raise StackError(
-                    f"{self.name} exited during start-up with code {proc.returncode}. "
-                    f"Its log is {self.log_file}:\n{_tail(self.log_file)}"
-                )
-            if self.healthy():
-                return time.monotonic() - t0
-            if time.monotonic() > deadline:
-                self.stop()
-                raise StackError(
-                    f"{self.name} did not become ready within {self.start_timeout:.0f}s; "
-                    f"see {self.log_file}:\n{_tail(self.log_file)}"
-                )
-            time.sleep(0.05)
+        return proc
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop by PID and wait for exit. Returns True if a process was stopped."""
+        pid = self.terminate()
+        if pid is None:
+            return False
+        self.wait_stopped(pid, timeout)
+        return True
+
+    def terminate(self) -> int | None:
+        """Send SIGTERM to the process of the PID file; its PID, or None when none runs."""
         pid = self.pid()
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
-            return False
+            return None
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+        return pid
+
+    def wait_stopped(self, pid: int, timeout: float = 30.0) -> None:
+        """Wait until ``pid`` exits, SIGKILL after ``timeout``; remove the PID file."""
         try:
             wait_until(lambda: not pid_alive(pid), timeout, what=f"{self.name} (PID {pid}) to exit")
         except TimeoutError:
@@ -219,7 +220,61 @@ class Service:
         except ChildProcessError:
             pass
         self.pid_file.unlink(missing_ok=True)
-        return True
+
+
+def start_together(services: list[Service]) -> dict[str, float | None]:
+    """Start ``services`` at once and wait until every one is ready: the nodes of one KRaft
+    quorum become ready only together (a node waits for a majority of the voters). Returns
+    each one's start-up seconds (None: it was already running). When one fails, the others
+    started here are stopped and a :class:`StackError` says which and why."""
+    t0 = time.monotonic()
+    procs: dict[str, subprocess.Popen | None] = {}
+    try:
+        for svc in services:
+            procs[svc.name] = svc.launch()
+        times: dict[str, float | None] = {}
+        for svc in services:
+            proc = procs[svc.name]
+            if proc is None:
+                if not svc.healthy():
+                    wait_until(svc.ready, svc.start_timeout, what=f"{svc.name} to become ready")
+                times[svc.name] = None
+                continue
+            deadline = t0 + svc.start_timeout
+            while True:
+                if proc.poll() is not None:
+                    svc.pid_file.unlink(missing_ok=True)
+                    raise StackError(
+                        f"{svc.name} exited during start-up with code {proc.returncode}. "
+                        f"Its log is {svc.log_file}:\n{_tail(svc.log_file)}"
+                    )
+                if svc.healthy():
+                    times[svc.name] = time.monotonic() - t0
+                    break
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"{svc.name} did not become ready within {svc.start_timeout:.0f}s; "
+                        f"see {svc.log_file}:\n{_tail(svc.log_file)}"
+                    )
+                time.sleep(0.05)
+        return times
+    except BaseException:
+        for svc in services:  # leave nothing half-started behind
+            if procs.get(svc.name) is not None:
+                svc.stop()
+        raise
+
+
+def stop_together(services: list[Service], timeout: float = 30.0) -> dict[str, bool]:
+    """Stop ``services`` by PID at once (SIGTERM to all, then wait for each): the nodes of
+    one KRaft quorum, so that none waits on a quorum its stopped peers no longer form.
+    Returns whether each one was running."""
+    pids = {svc.name: svc.terminate() for svc in services}
+    for svc in services:
+        pid = pids[svc.name]
+        if pid is not None:
+            svc.wait_stopped(pid, timeout)
+    return {name: pid is not None for name, pid in pids.items()}
 
 
 def _tail(path: Path, n: int = 20) -> str:
@@ -231,41 +286,68 @@ def _tail(path: Path, n: int = 20) -> str:
 
 
 class KafkaService(Service):
+    """One KRaft node of the local stack, a broker and a controller in one process.
+
+    With one node (the default) it is the service ``kafka``; with ``kafka.brokers`` = N > 1
+    it is ``kafka-<i>``, one of N nodes that form one controller quorum (every node a voter
+    in ``controller.quorum.voters``), each with its own log directory, log and PID file. The
+    replication settings follow the node count (:meth:`replication_props`)."""
+
     start_timeout = 60.0
 
-    def __init__(self, settings: Settings):
-        super().__init__("kafka", settings)
+    def __init__(self, settings: Settings, node: int = 1):
+        k = settings.kafka
+        super().__init__("kafka" if k.brokers == 1 else f"kafka-{node}", settings)
+        self.node = k.nodes()[node - 1]
+        # N JVMs starting at once on a small machine take longer than one
+        self.start_timeout = 60.0 + 30.0 * (k.brokers - 1)
 
     def ports(self) -> list[int]:
-        return [self.settings.kafka.port, self.settings.kafka.controller_port]
+        return [self.node.port, self.node.controller_port]
 
     def address(self) -> str:
-        return self.settings.kafka.bootstrap_servers
+        k = self.settings.kafka
+        return k.bootstrap_servers if k.brokers == 1 else f"{k.host}:{self.node.port}"
 
     def _config_path(self) -> Path:
         return self.dir / "server.properties"
 
+    def replication_props(self) -> dict[str, str]:
+        """Replication of the internal topics and topic defaults: one broker replicates
+        nothing; three or more keep 3 replicas and need 2 in sync for a write (acks=all), so
+        the cluster serves every read and write with one broker down."""
+        k = self.settings.kafka
+        rf, isr = str(k.replication_factor), str(k.min_insync_replicas)
+        props = {
+            "offsets.topic.replication.factor": rf,
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
+        }
+        if k.brokers > 1:
+            props |= {"default.replication.factor": rf, "min.insync.replicas": isr}
+        return props
+
     def prepare(self) -> None:
         k = self.settings.kafka
+        n = self.node
         data = self.dir / "data"
+        voters = ",".join(f"{v.node_id}@{k.host}:{v.controller_port}" for v in k.nodes())
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{k.host}:{k.controller_port}",
-            "listeners": f"PLAINTEXT://{k.host}:{k.port},CONTROLLER://{k.host}:{k.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{k.host}:{k.port}",
+            "node.id": str(n.node_id),
+            "controller.quorum.voters": voters,
+            "listeners": f"PLAINTEXT://{k.host}:{n.port},CONTROLLER://{k.host}:{n.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{k.host}:{n.port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(data),
             "num.partitions": "1",
             "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            **self.replication_props(),
             "group.initial.rebalance.delay.ms": "0",
             # retention is set per topic when ctrstream creates it (ctrstream.config.Topics
             # says what each keeps and why), not broker-wide
@@ -274,9 +356,6 @@ class KafkaService(Service):
         self._config_path().write_text("".join(f"{a}={b}\n" for a, b in props.items()))
         (self.dir / "log4j2.yaml").write_text(_LOG4J2)
         if not (data / "meta.properties").exists():
-            cluster_id = "-"
-            while cluster_id.startswith("-"):  # kafka-storage would read "-..." as an option
-                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             res = subprocess.run(
                 [
                     provision.java(),
@@ -286,7 +365,7 @@ class KafkaService(Service):
                     "kafka.tools.StorageTool",
                     "format",
                     "-t",
-                    cluster_id,
+                    kafka_cluster_id(self.settings),
                     "-c",
                     str(self._config_path()),
                 ],
@@ -317,19 +396,48 @@ class KafkaService(Service):
         return argv, {}
 
     def ready(self) -> bool:
+        """This node answers metadata requests and is a registered broker (with several
+        nodes: the quorum has a leader and took this broker's registration)."""
         from confluent_kafka.admin import AdminClient
 
         # a TCP probe first: librdkafka logs every refused connection while the JVM boots
         k = self.settings.kafka
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
-            if s.connect_ex((k.host, k.port)) != 0:
+            if s.connect_ex((k.host, self.node.port)) != 0:
                 return False
         admin = AdminClient(
-            {"bootstrap.servers": self.address(), "socket.timeout.ms": 1000, "log_level": 0}
+            {
+                "bootstrap.servers": f"{k.host}:{self.node.port}",
+                "socket.timeout.ms": 1000,
+                "log_level": 0,
+            }
         )
         md = admin.list_topics(timeout=2.0)
-        return bool(md.brokers)
+        return self.node.node_id in md.brokers
+
+
+def kafka_cluster_id(settings: Settings) -> str:
+    """The KRaft cluster id every node of the local stack is formatted with, kept in the run
+    directory (``kafka.cluster-id``) so that nodes formatted one by one agree."""
+    path = settings.run_dir / "kafka.cluster-id"
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    cluster_id = "-"
+    while cluster_id.startswith("-"):  # kafka-storage would read "-..." as an option
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cluster_id + "\n")
+    return cluster_id
+
+
+def kafka_services(settings: Settings) -> list[KafkaService]:
+    """One :class:`KafkaService` per KRaft node of ``settings.kafka``."""
+    return [KafkaService(settings, n.node_id) for n in settings.kafka.nodes()]
 
 
 _LOG4J2 = """\
@@ -566,4 +674,4 @@ def served_models(settings: Settings) -> list[str]:
 
 
 def all_services(settings: Settings) -> list[Service]:
-    return [KafkaService(settings), RedisService(settings), TritonService(settings)]
+    return [*kafka_services(settings), RedisService(settings), TritonService(settings)]
