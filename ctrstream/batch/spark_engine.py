@@ -16,7 +16,10 @@ What it computes (each equal, cell for cell, to the DuckDB engine's output:
   by the attribution range join, the window counts of every entity at every impression's
   time, and ``dense`` / ``sparse`` from ``features.dense_from_counts`` /
   ``features.sparse_ids`` - the very functions serving calls, applied per Arrow batch on the
-  executors (``mapInArrow``), so the transformation cannot drift between the engines.
+  executors (``mapInArrow``), so the transformation cannot drift between the engines;
+* :func:`write_training_shards` - the training set written as the shard format
+  (:mod:`ctrstream.batch.shards`), one partition at a time through the driver: what
+  ``ctrstream train --engine spark`` trains on by default.
 
 How the point-in-time windows are evaluated without a per-row frame: a resolution window at
 ``t`` is the closed buckets ``b(t) - n + 1 .. b(t) - 1`` plus the events of the current bucket
@@ -49,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from ctrstream import features as F
+from ctrstream.batch import shards
 from ctrstream.batch.archive import ID_FIELD, SCHEMAS, list_files, max_event_time
 from ctrstream.batch.point_in_time import (
     BUCKET_COUNTS_SCHEMA,
@@ -389,6 +393,20 @@ def training_set_frame(
     with :data:`TRAINING_SCHEMA`'s columns (unordered: sort by event_time_ms,
     impression_id for the reference order). Same rows and values as
     :func:`ctrstream.batch.point_in_time.training_set`; None when nothing is labeled."""
+    rows = _training_rows(spark, data_dir, start_ms, end_ms, attribution_window_ms)
+    return None if rows is None else rows.mapInArrow(_features_batches, _TRAINING_DDL)
+
+
+def _training_rows(
+    spark: Any,
+    data_dir: str | Path,
+    start_ms: int | None,
+    end_ms: int | None,
+    attribution_window_ms: int,
+) -> Any:
+    """The training set's rows before the features: the query fields, ``label``,
+    ``click_delay_ms`` and the window counts as columns ``n0`` .. (counts order); None when
+    the archive is empty."""
     from pyspark.sql import functions as Fn
 
     W = int(attribution_window_ms)
@@ -433,7 +451,7 @@ def training_set_frame(
     rows = rows.join(first, "impression_id", "left")
     rows = rows.withColumn("label", Fn.when(Fn.col("_delay").isNull(), 0).otherwise(1))
     rows = rows.withColumn("click_delay_ms", Fn.coalesce(Fn.col("_delay"), Fn.lit(-1)))
-    return rows.drop("_delay").mapInArrow(_features_batches, _TRAINING_DDL)
+    return rows.drop("_delay")
 
 
 # TRAINING_SCHEMA in Spark's DDL (pyspark's Arrow-to-Spark converter needs pandas)
@@ -480,8 +498,112 @@ def training_set(
     }
 
 
+# --------------------------------------------------------------------------- shards
+
+# the rows of one Spark partition the driver holds at a time while writing shards (the
+# partition count of the range sort is sized from the archive's impressions by it)
+PARTITION_ROWS = 200_000
+# the rows of one shard (about: a shard never splits the rows of one event time)
+ROWS_PER_SHARD = 250_000
+
+
+def _shard_ipc_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Per Arrow batch (on an executor, in the partition's order): the features, as one
+    row holding the batch in the shard format (:func:`ctrstream.batch.shards.shard_schema`)
+    serialized as an Arrow IPC stream - so the driver receives one value per batch, not a
+    Python object per cell."""
+    schema = shards.shard_schema()
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    for rb in _features_batches(batches):
+        if rb.num_rows == 0:
+            continue
+        out = pa.RecordBatch.from_arrays(
+            [
+                rb.column("impression_id"),
+                rb.column("event_time_ms"),
+                rb.column("label"),
+                rb.column("click_delay_ms"),
+                pa.FixedSizeListArray.from_arrays(rb.column("dense").flatten(), F.N_DENSE),
+                pa.FixedSizeListArray.from_arrays(rb.column("sparse").flatten(), F.N_SPARSE),
+            ],
+            schema=schema,
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema, options=options) as w:
+            w.write_batch(out)
+        yield pa.RecordBatch.from_arrays([pa.array([sink.getvalue().to_pybytes()])], ["ipc"])
+
+
+def _archive_rows(data_dir: str | Path, start_ms: int | None, end_ms: int | None) -> int:
+    """The impressions the archive's files of ``[start_ms, end_ms)`` hold (Parquet
+    metadata: an upper bound of the training set's rows, duplicates included)."""
+    import pyarrow.parquet as pq
+
+    files = list_files(data_dir, "impressions", start_ms, end_ms)
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def write_training_shards(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    attribution_window_ms: int = 1_800_000,
+    spark: Any = None,
+    rows_per_shard: int | None = None,
+) -> dict[str, Any]:
+    """The point-in-time training set of the archive under ``data_dir`` (the rows and values
+    of :func:`training_set`) computed by Spark and written as a shard directory
+    (:mod:`ctrstream.batch.shards`) into ``out_dir`` (new or empty); returns its manifest.
+
+    The set never passes through the driver whole: Spark range-partitions the rows by event
+    time and sorts each partition by (event_time_ms, impression_id); the executors turn each
+    Arrow batch into shard columns; the driver pulls one partition at a time
+    (``toLocalIterator``) and cuts shards of about ``rows_per_shard`` rows (default
+    :data:`ROWS_PER_SHARD`), never between two rows of one event time, so shards do not
+    overlap in time."""
+    spark = spark or spark_session()
+    per_shard = int(rows_per_shard or ROWS_PER_SHARD)
+    writer = shards.ShardWriter(
+        out_dir, attribution_window_ms=attribution_window_ms, start_ms=start_ms, end_ms=end_ms
+    )
+    rows = _training_rows(spark, data_dir, start_ms, end_ms, attribution_window_ms)
+    if rows is None:
+        return writer.close()
+    n_parts = max(1, -(-_archive_rows(data_dir, start_ms, end_ms) // PARTITION_ROWS))
+    ordered = rows.repartitionByRange(n_parts, "event_time_ms").sortWithinPartitions(
+        "event_time_ms", "impression_id"
+    )
+    ipc = ordered.mapInArrow(_shard_ipc_batches, "ipc binary")
+    pending = shards.shard_schema().empty_table()
+    for row in ipc.toLocalIterator(prefetchPartitions=False):
+        pending = pa.concat_tables([pending, pa.ipc.open_stream(row["ipc"]).read_all()])
+        if pending.num_rows >= per_shard:
+            pending = _write_shards(writer, pending, per_shard)
+    if pending.num_rows:
+        writer.write(shards.from_table(pending))
+    return writer.close()
+
+
+def _write_shards(writer: shards.ShardWriter, rows: pa.Table, per_shard: int) -> pa.Table:
+    """Write shards of ``rows`` (sorted by time) of at least ``per_shard`` rows, each up to
+    the end of its last event time; return the rest: fewer than ``per_shard`` rows, or rows
+    of a time the next rows may continue."""
+    t = rows.column("event_time_ms").to_numpy()
+    i = 0
+    while len(t) - i >= per_shard:
+        j = int(np.searchsorted(t, t[i + per_shard - 1], side="right"))
+        if j == len(t):
+            break
+        writer.write(shards.from_table(rows.slice(i, j - i)))
+        i = j
+    return rows.slice(i)
+
+
 __all__ = [
     "ENGINES",
+    "PARTITION_ROWS",
+    "ROWS_PER_SHARD",
     "TRAINING_SCHEMA",
     "SparkUnavailable",
     "archive_bucket_counts",
@@ -492,4 +614,5 @@ __all__ = [
     "spark_session",
     "training_set",
     "training_set_frame",
+    "write_training_shards",
 ]
