@@ -151,6 +151,7 @@ def training_shards(
     start_ms: int | None = None,
     end_ms: int | None = None,
     log=print,
+    engine: str | None = None,
 ) -> dict:
     """Build the point-in-time training set as a shard directory (``ctrstream.batch.shards``)
     in ``out_dir`` (new or empty); returns its manifest.
@@ -158,11 +159,18 @@ def training_shards(
     From the archive under ``settings.data_dir`` (``traffic`` None) with the chunked build
     (``point_in_time_chunked``: memory bounded by one chunk); from ``traffic`` (an object
     with ``scenario``, ``impressions`` and ``clicks``: generated or read, already in memory)
-    with the in-memory build, written as shards."""
+    with the in-memory build, written as shards. ``engine``: ``duckdb`` or ``spark``
+    (default: the ``batch_engine`` setting); Spark writes the shards itself
+    (``spark_engine.write_training_shards``: a traffic is first written as an archive in a
+    temporary directory), one partition at a time through this process."""
     from ctrstream.batch.point_in_time import training_set
     from ctrstream.batch.point_in_time_chunked import training_set_chunked
     from ctrstream.batch.shards import write_training_set
+    from ctrstream.batch.spark_engine import resolve_engine
 
+    engine = resolve_engine(engine, settings.batch_engine)
+    if engine == "spark":
+        return _spark_shards(settings, out_dir, traffic, start_ms, end_ms, log)
     if traffic is None:
         window_ms = int(settings.attribution_window_s * 1000)
         log(f"building the training set from archive {settings.data_dir} in chunks ...")
@@ -180,6 +188,29 @@ def training_shards(
     return write_training_set(
         ds, out_dir, attribution_window_ms=window_ms, start_ms=start_ms, end_ms=end_ms
     )
+
+
+def _spark_shards(
+    settings, out_dir: Path, traffic, start_ms: int | None, end_ms: int | None, log
+) -> dict:
+    """:func:`training_shards` by the Spark engine."""
+    import tempfile
+
+    from ctrstream.batch import spark_engine
+    from ctrstream.batch.archive import write_partitioned
+
+    if traffic is None:
+        window_ms = int(settings.attribution_window_s * 1000)
+        log(f"building the training set from archive {settings.data_dir} (spark) ...")
+        return spark_engine.write_training_shards(
+            settings.data_dir, out_dir, start_ms, end_ms, window_ms
+        )
+    window_ms = int(traffic.scenario.attribution_window_s * 1000)
+    log(f"building the training set into {out_dir} (spark) ...")
+    with tempfile.TemporaryDirectory(prefix="ctrstream-archive-") as tmp:
+        write_partitioned(tmp, "impressions", traffic.impressions)
+        write_partitioned(tmp, "clicks", traffic.clicks)
+        return spark_engine.write_training_shards(tmp, out_dir, start_ms, end_ms, window_ms)
 
 
 def run_training(

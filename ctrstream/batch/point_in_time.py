@@ -44,6 +44,7 @@ Point-in-time semantics (what training reproduces of the serving path)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -296,6 +297,7 @@ def point_in_time_counts(
     clks: pa.Table,
     query: pa.Table,
     visible_until_ms: np.ndarray | None = None,
+    entities: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Window counts ``(rows of query, len(ENTITIES), N_WINDOWS, 2)`` that the serving path
     reads at each query row's ``event_time_ms``, from deduplicated impressions and clicks.
@@ -305,7 +307,11 @@ def point_in_time_counts(
     ``visible_until_ms`` (one time per query row) serves stale features: the windows stay
     anchored at the row's time but count only events before ``min(hi, visible_until)`` -
     what a store that has seen nothing newer serves (a speed layer lagging by ``lag`` is
-    ``t - lag``; the batch view alone is the last cut-off before ``t``)."""
+    ``t - lag``; the batch view alone is the last cut-off before ``t``).
+
+    ``entities``: the indexes into ``ENTITIES`` to count (default all; the others stay 0) -
+    the Spark engine counts one entity per partitioning, where only that entity's ids are
+    complete."""
     n = query.num_rows
     counts = np.zeros((n, len(F.ENTITIES), F.N_WINDOWS, 2), dtype=np.float64)
     if n == 0:
@@ -332,6 +338,8 @@ def point_in_time_counts(
     span = top - base + 2
     both = pa.concat_tables([imps.select(_count_fields()), clks.select(_count_fields())])
     for k, e in enumerate(F.ENTITIES):
+        if entities is not None and k not in entities:
+            continue
         ev_key, q_key = _entity_keys(e, both, query, limit=(2**62) // span)
         comp = ev_key * span + (ev_t - base)
         order = np.argsort(comp, kind="stable")

@@ -16,17 +16,22 @@ What it computes (each equal, cell for cell, to the DuckDB engine's output:
   by the attribution range join, the window counts of every entity at every impression's
   time, and ``dense`` / ``sparse`` from ``features.dense_from_counts`` /
   ``features.sparse_ids`` - the very functions serving calls, applied per Arrow batch on the
-  executors (``mapInArrow``), so the transformation cannot drift between the engines.
+  executors (``mapInArrow``), so the transformation cannot drift between the engines;
+* :func:`write_training_shards` - the training set written as the shard format
+  (:mod:`ctrstream.batch.shards`), one partition at a time through the driver: what
+  ``ctrstream train --engine spark`` trains on by default.
 
-How the point-in-time windows are evaluated without a per-row frame: a resolution window at
-``t`` is the closed buckets ``b(t) - n + 1 .. b(t) - 1`` plus the events of the current bucket
-``b(t)`` strictly before ``t``. The closed part is a window function over the event's bucket
-index with a constant frame (``RANGE BETWEEN n - 1 PRECEDING AND 1 PRECEDING``, partitioned
-by the entity's fields), the open part one over event time within ``(entity, bucket)``
-(``RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING``: ties at the same millisecond do not
-count, as in the reference). A long window of ``d`` days is the closed-days part alone over
-the day index (``RANGE BETWEEN d PRECEDING AND 1 PRECEDING``). Every frame is constant, so
-Spark evaluates each in one sorted pass per partition.
+How the point-in-time windows are counted: per entity, the events are hash-partitioned by
+the entity's fields (every id's events land in one partition) and one Python pass per
+partition counts every window of that entity with
+:func:`ctrstream.batch.point_in_time.point_in_time_counts` - the DuckDB engine's own prefix
+counts and binary search, so the window semantics (closed buckets, strictly earlier events
+of the open bucket, the closed days of a long window) cannot drift between the engines.
+The entities' rows are gathered per impression in one more shuffle. (Spark window
+functions, one per entity and frame, would sort the events 56 times: ``docs/batch-engines.md``
+measures both.) A partition holds all the events of its ids, so the partition count grows
+with the archive (:data:`PARTITION_EVENTS`). The deduplicated reads are local checkpoints,
+computed once for all the entities' passes.
 
 Duplicates are dropped as :func:`ctrstream.batch.archive.read_events` does: per event id the
 copy with the earliest event time, among the events of the read range. (Copies of one id at
@@ -49,6 +54,7 @@ import numpy as np
 import pyarrow as pa
 
 from ctrstream import features as F
+from ctrstream.batch import shards
 from ctrstream.batch.archive import ID_FIELD, SCHEMAS, list_files, max_event_time
 from ctrstream.batch.point_in_time import (
     BUCKET_COUNTS_SCHEMA,
@@ -268,7 +274,8 @@ def archive_bucket_counts(
     ``[since_ms, until_ms)``, computed by Spark; sorted by entity, eid, res, bucket."""
     imps = read_events(spark, data_dir, "impressions", since_ms, until_ms, _ENTITY_FIELDS)
     clks = read_events(spark, data_dir, "clicks", since_ms, until_ms, _ENTITY_FIELDS)
-    df = bucket_counts(spark, _events(imps, clks))
+    # read once: every (entity, resolution) part reads the events
+    df = bucket_counts(spark, _events(imps, clks).localCheckpoint(False))
     return _to_arrow(df, BUCKET_COUNTS_SCHEMA, ["entity", "eid", "res", "bucket"])
 
 
@@ -282,7 +289,7 @@ def archive_long_window_counts(spark: Any, data_dir: str | Path, at_ms: int) -> 
         lo, hi = long_window_range(at_ms, w)
         imps = read_events(spark, data_dir, "impressions", lo, hi, _ENTITY_FIELDS)
         clks = read_events(spark, data_dir, "clicks", lo, hi, _ENTITY_FIELDS)
-        ev = _events(imps, clks)
+        ev = _events(imps, clks).localCheckpoint(False)  # read once for every entity
         for e in F.ENTITIES:
             parts.append(
                 ev.select(
@@ -305,41 +312,75 @@ def archive_long_window_counts(spark: Any, data_dir: str | Path, at_ms: int) -> 
 # --------------------------------------------------------------------------- training set
 
 
-def _window_columns(ev: Any) -> tuple[Any, list[str]]:
-    """``ev`` (events with a ``c`` column) with the point-in-time count columns of every
-    entity and window, at each row's own time; and their names in counts order
-    (entity, window, imps/clicks). One projection (a chain of ``withColumn`` re-analyses the
-    growing plan each time)."""
-    from pyspark.sql import Window
+# the events one partition of a per-entity count holds (one Python worker counts them at
+# once): the partition count is sized from the archive by it, and never below
+# spark.sql.shuffle.partitions
+PARTITION_EVENTS = 1_000_000
+# the per-entity counts' rows, in Spark's DDL
+_ENTITY_COUNTS_DDL = "impression_id string, k int, vals array<double>"
+
+
+def _entity_counts(k: int) -> Any:
+    """The ``mapInArrow`` function that counts entity ``k``'s windows in one partition of
+    events hash-partitioned by that entity's fields (so every id's events are in one
+    partition): ``point_in_time.point_in_time_counts`` - the DuckDB engine's own counting -
+    over the partition's impressions (``c`` 0), clicks (``c`` 1) and query rows (``_q``),
+    one row (impression_id, k, the ``N_WINDOWS x 2`` counts) per query row."""
+
+    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import pyarrow.compute as pc
+
+        from ctrstream.batch.point_in_time import point_in_time_counts
+
+        got = list(batches)
+        if not got:
+            return
+        tab = pa.Table.from_batches(got)
+        query = tab.filter(pc.fill_null(tab.column("_q"), False))
+        n = query.num_rows
+        if n == 0:
+            return
+        imps = tab.filter(pc.equal(tab.column("c"), 0))
+        clks = tab.filter(pc.equal(tab.column("c"), 1))
+        counts = point_in_time_counts(imps, clks, query, entities=(k,))[:, k]
+        yield pa.RecordBatch.from_arrays(
+            [
+                query.column("impression_id").combine_chunks(),
+                pa.array(np.full(n, k, dtype=np.int32)),
+                _lists(np.ascontiguousarray(counts).reshape(-1), n, pa.float64()),
+            ],
+            names=["impression_id", "k", "vals"],
+        )
+
+    return count
+
+
+def _window_counts(ev: Any, n_parts: int) -> Any:
+    """Per query row of ``ev`` (events with the entity fields, ``event_time_ms``, ``c``,
+    ``_q`` and ``impression_id``): ``impression_id`` and ``counts``, the window counts of
+    every entity and window flattened in (entity, window, imps/clicks) order.
+
+    One shuffle per entity (hash-partitioned by its fields into ``n_parts`` partitions) and
+    one Python pass over each partition, which counts every window of that entity with
+    prefix counts and binary search, as the DuckDB engine does; the entities' rows are then
+    gathered per impression (one more shuffle)."""
     from pyspark.sql import functions as Fn
 
-    t = Fn.col("event_time_ms")
-    zero = Fn.lit(0)
-    index = {f"_b{r.bucket_ms}": r.bucket_ms for r in F.RESOLUTIONS} | {"_day": F.DAY_MS}
-    ev = ev.select("*", *(_div("event_time_ms", ms).alias(n) for n, ms in index.items()))
-    imp, clk = 1 - Fn.col("c"), Fn.col("c")
-    exprs, names = [], []
-    for k, e in enumerate(F.ENTITIES):
-        keys = list(e.fields)
-        for w, r in enumerate(F.RESOLUTIONS):
-            b = f"_b{r.bucket_ms}"
-            closed = Window.partitionBy(*keys).orderBy(b).rangeBetween(-(r.n_buckets - 1), -1)
-            open_ = (
-                Window.partitionBy(*keys, b).orderBy(t).rangeBetween(Window.unboundedPreceding, -1)
-            )
-            for j, v in enumerate((imp, clk)):
-                names.append(f"n_{k}_{w}_{j}")
-                exprs.append(
-                    Fn.coalesce(Fn.sum(v).over(closed), zero)
-                    + Fn.coalesce(Fn.sum(v).over(open_), zero)
-                )
-        for j0, lw in enumerate(F.LONG_WINDOWS):
-            w = len(F.RESOLUTIONS) + j0
-            days = Window.partitionBy(*keys).orderBy("_day").rangeBetween(-lw.days, -1)
-            for j, v in enumerate((imp, clk)):
-                names.append(f"n_{k}_{w}_{j}")
-                exprs.append(Fn.coalesce(Fn.sum(v).over(days), zero))
-    return ev.select("*", *(x.alias(n) for x, n in zip(exprs, names))), names
+    cols = [*_ENTITY_FIELDS, "event_time_ms", "c", "_q", "impression_id"]
+    narrow = ev.select(*cols)
+    parts = [
+        narrow.repartition(int(n_parts), *e.fields).mapInArrow(
+            _entity_counts(k), _ENTITY_COUNTS_DDL
+        )
+        for k, e in enumerate(F.ENTITIES)
+    ]
+    allp = parts[0]
+    for p in parts[1:]:
+        allp = allp.unionByName(p)
+    by_entity = Fn.array_sort(Fn.collect_list(Fn.struct("k", "vals")))
+    return allp.groupBy("impression_id").agg(
+        Fn.flatten(Fn.transform(by_entity, lambda x: x["vals"])).alias("counts")
+    )
 
 
 def _features_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -348,9 +389,8 @@ def _features_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBa
     n_counts = len(F.ENTITIES) * F.N_WINDOWS * 2
     for rb in batches:
         n = rb.num_rows
-        counts = np.stack(
-            [rb.column(f"n{i}").to_numpy(zero_copy_only=False) for i in range(n_counts)], axis=1
-        ).astype(np.float64)
+        flat = rb.column("counts").flatten().to_numpy(zero_copy_only=False)
+        counts = np.asarray(flat, dtype=np.float64).reshape(n, n_counts)
         cols: dict[str, Any] = {
             f: rb.column(f).to_numpy(zero_copy_only=False) for f in F.SPARSE_FIELDS if f != "hour"
         }
@@ -389,6 +429,20 @@ def training_set_frame(
     with :data:`TRAINING_SCHEMA`'s columns (unordered: sort by event_time_ms,
     impression_id for the reference order). Same rows and values as
     :func:`ctrstream.batch.point_in_time.training_set`; None when nothing is labeled."""
+    rows = _training_rows(spark, data_dir, start_ms, end_ms, attribution_window_ms)
+    return None if rows is None else rows.mapInArrow(_features_batches, _TRAINING_DDL)
+
+
+def _training_rows(
+    spark: Any,
+    data_dir: str | Path,
+    start_ms: int | None,
+    end_ms: int | None,
+    attribution_window_ms: int,
+) -> Any:
+    """The training set's rows before the features: the query fields, ``label``,
+    ``click_delay_ms`` and ``counts`` (the window counts, flattened in counts order); None
+    when the archive is empty."""
     from pyspark.sql import functions as Fn
 
     W = int(attribution_window_ms)
@@ -399,10 +453,13 @@ def training_set_frame(
     end = label_end if end_ms is None else min(int(end_ms), label_end)
     hist = None if start_ms is None else lookback_start(int(start_ms))
     cols = list(dict.fromkeys([*_ENTITY_FIELDS, *_QUERY_FIELDS]))
-    imps = read_events(spark, data_dir, "impressions", hist, end, cols)
+    # read and deduplicated once (a local checkpoint: computed at the first action, kept on
+    # the executors, freed with the frame): every entity's count, the rows and the labels
+    # read them
+    imps = read_events(spark, data_dir, "impressions", hist, end, cols).localCheckpoint(False)
     clks = read_events(
         spark, data_dir, "clicks", hist, end + W + 1, ["impression_id", *_ENTITY_FIELDS]
-    )
+    ).localCheckpoint(False)
 
     t = Fn.col("event_time_ms")
     is_query = t < end if start_ms is None else (t < end) & (t >= int(start_ms))
@@ -414,11 +471,16 @@ def training_set_frame(
         .select("*", Fn.lit(False).alias("_q"), Fn.lit(1).alias("c")),
         allowMissingColumns=True,
     )
-    ev, names = _window_columns(ev)
-    rows = ev.where("_q").select(
-        *_QUERY_FIELDS,
-        *(f for f in _ENTITY_FIELDS if f not in _QUERY_FIELDS),
-        *(Fn.col(n).cast("double").alias(f"n{i}") for i, n in enumerate(names)),
+    events = _archive_rows(data_dir, "impressions", hist, end)
+    events += _archive_rows(data_dir, "clicks", hist, end)
+    n_parts = max(
+        int(spark.conf.get("spark.sql.shuffle.partitions")), -(-events // PARTITION_EVENTS)
+    )
+    counts = _window_counts(ev, n_parts)
+    rows = (
+        imps.where(is_query)
+        .select(*_QUERY_FIELDS, *(f for f in _ENTITY_FIELDS if f not in _QUERY_FIELDS))
+        .join(counts, "impression_id")
     )
 
     # labels: the first click per impression within the attribution window
@@ -433,7 +495,7 @@ def training_set_frame(
     rows = rows.join(first, "impression_id", "left")
     rows = rows.withColumn("label", Fn.when(Fn.col("_delay").isNull(), 0).otherwise(1))
     rows = rows.withColumn("click_delay_ms", Fn.coalesce(Fn.col("_delay"), Fn.lit(-1)))
-    return rows.drop("_delay").mapInArrow(_features_batches, _TRAINING_DDL)
+    return rows.drop("_delay")
 
 
 # TRAINING_SCHEMA in Spark's DDL (pyspark's Arrow-to-Spark converter needs pandas)
@@ -480,8 +542,113 @@ def training_set(
     }
 
 
+# --------------------------------------------------------------------------- shards
+
+# the rows of one Spark partition the driver holds at a time while writing shards (the
+# partition count of the range sort is sized from the archive's impressions by it)
+PARTITION_ROWS = 200_000
+# the rows of one shard (about: a shard never splits the rows of one event time)
+ROWS_PER_SHARD = 250_000
+
+
+def _shard_ipc_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Per Arrow batch (on an executor, in the partition's order): the features, as one
+    row holding the batch in the shard format (:func:`ctrstream.batch.shards.shard_schema`)
+    serialized as an Arrow IPC stream - so the driver receives one value per batch, not a
+    Python object per cell."""
+    schema = shards.shard_schema()
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    for rb in _features_batches(batches):
+        if rb.num_rows == 0:
+            continue
+        out = pa.RecordBatch.from_arrays(
+            [
+                rb.column("impression_id"),
+                rb.column("event_time_ms"),
+                rb.column("label"),
+                rb.column("click_delay_ms"),
+                pa.FixedSizeListArray.from_arrays(rb.column("dense").flatten(), F.N_DENSE),
+                pa.FixedSizeListArray.from_arrays(rb.column("sparse").flatten(), F.N_SPARSE),
+            ],
+            schema=schema,
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema, options=options) as w:
+            w.write_batch(out)
+        yield pa.RecordBatch.from_arrays([pa.array([sink.getvalue().to_pybytes()])], ["ipc"])
+
+
+def _archive_rows(data_dir: str | Path, kind: str, start_ms: int | None, end_ms: int | None) -> int:
+    """The ``kind`` events the archive's files of ``[start_ms, end_ms)`` hold (Parquet
+    metadata: an upper bound, duplicates and the files' edges included)."""
+    import pyarrow.parquet as pq
+
+    files = list_files(data_dir, kind, start_ms, end_ms)
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def write_training_shards(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    attribution_window_ms: int = 1_800_000,
+    spark: Any = None,
+    rows_per_shard: int | None = None,
+) -> dict[str, Any]:
+    """The point-in-time training set of the archive under ``data_dir`` (the rows and values
+    of :func:`training_set`) computed by Spark and written as a shard directory
+    (:mod:`ctrstream.batch.shards`) into ``out_dir`` (new or empty); returns its manifest.
+
+    The set never passes through the driver whole: Spark range-partitions the rows by event
+    time and sorts each partition by (event_time_ms, impression_id); the executors turn each
+    Arrow batch into shard columns; the driver pulls one partition at a time
+    (``toLocalIterator``) and cuts shards of about ``rows_per_shard`` rows (default
+    :data:`ROWS_PER_SHARD`), never between two rows of one event time, so shards do not
+    overlap in time."""
+    spark = spark or spark_session()
+    per_shard = int(rows_per_shard or ROWS_PER_SHARD)
+    writer = shards.ShardWriter(
+        out_dir, attribution_window_ms=attribution_window_ms, start_ms=start_ms, end_ms=end_ms
+    )
+    rows = _training_rows(spark, data_dir, start_ms, end_ms, attribution_window_ms)
+    if rows is None:
+        return writer.close()
+    n_parts = max(1, -(-_archive_rows(data_dir, "impressions", start_ms, end_ms) // PARTITION_ROWS))
+    ordered = rows.repartitionByRange(n_parts, "event_time_ms").sortWithinPartitions(
+        "event_time_ms", "impression_id"
+    )
+    ipc = ordered.mapInArrow(_shard_ipc_batches, "ipc binary")
+    pending = shards.shard_schema().empty_table()
+    for row in ipc.toLocalIterator(prefetchPartitions=False):
+        pending = pa.concat_tables([pending, pa.ipc.open_stream(row["ipc"]).read_all()])
+        if pending.num_rows >= per_shard:
+            pending = _write_shards(writer, pending, per_shard)
+    if pending.num_rows:
+        writer.write(shards.from_table(pending))
+    return writer.close()
+
+
+def _write_shards(writer: shards.ShardWriter, rows: pa.Table, per_shard: int) -> pa.Table:
+    """Write shards of ``rows`` (sorted by time) of at least ``per_shard`` rows, each up to
+    the end of its last event time; return the rest: fewer than ``per_shard`` rows, or rows
+    of a time the next rows may continue."""
+    t = rows.column("event_time_ms").to_numpy()
+    i = 0
+    while len(t) - i >= per_shard:
+        j = int(np.searchsorted(t, t[i + per_shard - 1], side="right"))
+        if j == len(t):
+            break
+        writer.write(shards.from_table(rows.slice(i, j - i)))
+        i = j
+    return rows.slice(i)
+
+
 __all__ = [
     "ENGINES",
+    "PARTITION_EVENTS",
+    "PARTITION_ROWS",
+    "ROWS_PER_SHARD",
     "TRAINING_SCHEMA",
     "SparkUnavailable",
     "archive_bucket_counts",
@@ -492,4 +659,5 @@ __all__ = [
     "spark_session",
     "training_set",
     "training_set_frame",
+    "write_training_shards",
 ]

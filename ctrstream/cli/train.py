@@ -4,8 +4,8 @@
 ``settings.data_dir`` - or from a generated scenario (``--scenario steady --events N``) or
 a written traffic directory (``--traffic DIR``) - and runs
 :func:`ctrstream.batch.pipeline.run_training` on it. By default the set is written as
-Parquet shards (``ctrstream.batch.shards``: the archive's with the chunked build) and
-training streams them, so memory does not grow with the data; ``--in-memory`` builds and
+Parquet shards (``ctrstream.batch.shards``: the archive's with the chunked build, or by
+Spark with ``--engine spark``, one partition at a time) and training streams them, so memory does not grow with the data; ``--in-memory`` builds and
 trains on the whole set in memory (faster for small sets). ``--shards DIR`` keeps the
 shards (a new or empty directory), otherwise they live in a temporary directory under the
 data directory for the run.
@@ -83,16 +83,18 @@ def build_training_shards(
     start_ms: int | None = None,
     end_ms: int | None = None,
     log=print,
+    engine: str | None = None,
 ) -> tuple[Any, str]:
     """:func:`load_training_data` written as shards into ``out_dir``: (oracle table or
-    None, source description)."""
+    None, source description). ``engine``: the batch engine that builds it (duckdb |
+    spark; default: the setting)."""
     import pyarrow.parquet as pq
 
     from ctrstream.simulation.generator import generate, load_scenario, read_traffic
 
     oracle = pq.read_table(oracle_path) if oracle_path else None
     if not traffic and not scenario:
-        training_shards(settings, out_dir, None, start_ms, end_ms, log=log)
+        training_shards(settings, out_dir, None, start_ms, end_ms, log=log, engine=engine)
         return oracle, f"archive {settings.data_dir}"
     if traffic:
         tr = read_traffic(traffic)
@@ -102,7 +104,7 @@ def build_training_shards(
         overrides = {"seed": seed} | ({"events": events} if events else {})
         tr = generate(load_scenario(scenario, **overrides))
         source = f"scenario {scenario} events={tr.scenario.events} seed={tr.scenario.seed}"
-    training_shards(settings, out_dir, tr, start_ms, end_ms, log=log)
+    training_shards(settings, out_dir, tr, start_ms, end_ms, log=log, engine=engine)
     return (oracle if oracle_path else tr.oracle), source
 
 
@@ -226,7 +228,7 @@ def register(app) -> None:
             warmup_hours=warmup_hours,
         )
         try:
-            if in_memory or engine_name == "spark":
+            if in_memory:
                 ds, orc, source = load_training_data(
                     settings, *data, log=console.print, engine=engine_name
                 )
@@ -234,7 +236,7 @@ def register(app) -> None:
             else:
                 with shard_directory(settings, shards) as shard_dir:
                     orc, source = build_training_shards(
-                        settings, shard_dir, *data, log=console.print
+                        settings, shard_dir, *data, log=console.print, engine=engine_name
                     )
                     summary = run_training(settings, shard_dir, orc, source=source, **run_args)
         except (FileNotFoundError, ValueError, SparkUnavailable) as e:

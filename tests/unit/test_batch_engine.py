@@ -52,3 +52,20 @@ def test_spark_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyspark.sql", None)  # import pyspark.sql fails
     with pytest.raises(S.SparkUnavailable, match=r"pip install -e '\.\[spark\]'"):
         S.spark_session()
+
+
+def test_point_in_time_counts_of_some_entities():
+    """The Spark engine's per-partition count: ``entities=`` counts those entities exactly
+    as the full count does and leaves the others zero."""
+    from batch_traffic import make_traffic
+
+    from ctrstream import features as F
+    from ctrstream.batch.point_in_time import point_in_time_counts
+
+    imps, clks = make_traffic(n_imps=300, seed=5)
+    full = point_in_time_counts(imps, clks, imps)
+    assert full.sum() > 0
+    some = point_in_time_counts(imps, clks, imps, entities=(1, len(F.ENTITIES) - 1))
+    np.testing.assert_array_equal(some[:, [1, -1]], full[:, [1, -1]])
+    others = [k for k in range(len(F.ENTITIES)) if k not in (1, len(F.ENTITIES) - 1)]
+    assert not some[:, others].any()
