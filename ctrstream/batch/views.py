@@ -275,28 +275,40 @@ def iter_batch_view(
 
 
 def _entity_parts(con: Any, e: F.Entity, T: int, parts: int) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """One entity's (buckets, longs), partition by partition (``hash(fields) % parts``)."""
+    """One entity's (buckets, longs), partition by partition (``hash(fields) % parts``).
+
+    Each window's counts are grouped by the entity's integer fields into a table of the
+    on-disk database, one ``INSERT`` at a time (DuckDB's aggregate spills; several at once
+    in one query, grouped by the text id, ran out of its memory limit at 32M impressions),
+    then read back ordered by partition (an external sort) with the text id made per row."""
     import numpy as np
     import pyarrow.compute as pc
 
-    eid = eid_sql(e)
-    src = f"(SELECT *, hash({', '.join(e.fields)}) % {parts} AS p FROM ev)"
-    sel = []
+    fields = ", ".join(e.fields)
+    con.execute(
+        f"CREATE OR REPLACE TABLE agg AS SELECT CAST(0 AS UBIGINT) AS p, 0 AS kind, {fields}, "
+        "'' AS res, CAST(NULL AS BIGINT) AS bucket, CAST(0 AS HUGEINT) AS imps, "
+        "CAST(0 AS HUGEINT) AS clicks FROM ev LIMIT 0"
+    )
+    p_sql = f"hash({fields}) % {parts}"
     for r in F.RESOLUTIONS:
         b = f"event_time_ms // {r.bucket_ms}"
-        sel.append(
-            f"SELECT p, 0 AS kind, {eid} AS eid, '{r.name}' AS res, {b} AS bucket, "
-            f"sum(1 - c) AS imps, sum(c) AS clicks FROM {src} "
-            f"WHERE {b} >= {(T - r.window_ms) // r.bucket_ms} GROUP BY ALL"
+        con.execute(
+            f"INSERT INTO agg SELECT {p_sql}, 0, {fields}, '{r.name}', {b}, sum(1 - c), "
+            f"sum(c) FROM ev WHERE {b} >= {(T - r.window_ms) // r.bucket_ms} "
+            f"GROUP BY {fields}, {b}"
         )
     for w in F.LONG_WINDOWS:
         wlo, whi = long_window_range(T, w)
-        sel.append(
-            f"SELECT p, 1 AS kind, {eid} AS eid, '{w.name}' AS res, CAST(NULL AS BIGINT), "
-            f"sum(1 - c), sum(c) FROM {src} "
-            f"WHERE event_time_ms >= {wlo} AND event_time_ms < {whi} GROUP BY ALL"
+        con.execute(
+            f"INSERT INTO agg SELECT {p_sql}, 1, {fields}, '{w.name}', NULL, sum(1 - c), "
+            f"sum(c) FROM ev WHERE event_time_ms >= {wlo} AND event_time_ms < {whi} "
+            f"GROUP BY {fields}"
         )
-    rel = con.sql(" UNION ALL ".join(sel) + " ORDER BY p")
+    rel = con.sql(
+        f"SELECT p, kind, {eid_sql(e)} AS eid, res, bucket, CAST(imps AS BIGINT) AS imps, "
+        "CAST(clicks AS BIGINT) AS clicks FROM agg ORDER BY p"
+    )
     reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
     pending: list[pa.Table] = []
 
