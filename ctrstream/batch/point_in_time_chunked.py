@@ -90,7 +90,9 @@ class FieldCodes:
     """Stable dense codes of one id field's values: a value's code is fixed the first time
     it is seen (``0, 1, 2, ...`` in order of appearance), whatever the value's magnitude or
     sign, so that an entity of two fields packs into one int64 key that names the same
-    entity in every chunk. Memory: two int64 per distinct value of the field."""
+    entity in every chunk. Memory: two int64 per distinct value of the field seen in the
+    build (never dropped: an archive with hundreds of millions of distinct users would
+    notice)."""
 
     def __init__(self) -> None:
         self.values = np.empty(0, np.int64)  # sorted
@@ -220,6 +222,12 @@ class WindowState:
     entities' fields through :class:`FieldCodes`."""
 
     def __init__(self) -> None:
+        wide = [e.name for e in F.ENTITIES if len(e.fields) * _CODE_BITS > 62]
+        if wide:
+            raise ValueError(
+                f"entities {wide} declare more than {62 // _CODE_BITS} fields: the chunked "
+                "build packs an entity's field codes into one int64 key"
+            )
         self.fields = {f: FieldCodes() for e in F.ENTITIES for f in e.fields}
         self.tables: dict[tuple[str, int], _Carried] = {
             (e.name, g): _Carried() for e in F.ENTITIES for g in range(len(_GRANULES))
