@@ -14,6 +14,21 @@ from rich.console import Console
 from rich.table import Table
 
 
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers (``1e6`` allowed)."""
+    import argparse
+
+    try:
+        vals = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
 def results_dir() -> Path:
     """Where benchmarks write: ``settings.results_dir`` (``bench/results`` under the current
     directory unless ``CTRSTREAM_RESULTS_DIR`` says otherwise)."""

@@ -26,19 +26,9 @@ import threading
 import time
 from pathlib import Path
 
+from ctrstream.bench.common import positive_ints
+
 W_MS = 1_800_000
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(float(x)) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
 
 
 def _children() -> dict[int, list[int]]:
@@ -155,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", default="steady")
     ap.add_argument(
         "--events",
-        type=_ints,
+        type=positive_ints,
         default=[250_000, 1_000_000],
         help="impressions per archive, comma-separated",
     )

@@ -49,23 +49,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctrstream.bench.common import positive_ints
+
 PIECE_EVENTS = 1_000_000
 SEED_STRIDE = 1_000_003
 SPANS = ("fixed", "growing")
 # in-memory peaks: `bench quality` (docs/training.md), the demo's batch view (docs/out-of-core.md)
 BEFORE_GB = {"train": {1_000_000: 2.9, 4_000_000: 8.5, 8_000_000: 16.3}, "view": {1_000_000: 9.85}}
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(float(x)) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
 
 
 def _peak_gb() -> float:
@@ -325,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--scenario", default="steady")
-    ap.add_argument("--events", type=_ints, default=[1_000_000, 8_000_000])
+    ap.add_argument("--events", type=positive_ints, default=[1_000_000, 8_000_000])
     ap.add_argument("--seed", type=int, default=1, help="scenario seed of the first piece")
     ap.add_argument("--piece-events", type=int, default=PIECE_EVENTS)
     ap.add_argument(

@@ -26,19 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from ctrstream.bench.common import positive_ints
+
 TARGET_GAP = 0.03
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(float(x)) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
 
 
 def _peak_rss_gb() -> float:
@@ -151,12 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", default="steady")
     ap.add_argument(
         "--events",
-        type=_ints,
+        type=positive_ints,
         default=[1_000_000, 2_000_000, 4_000_000, 8_000_000],
         help="impressions per data set, comma-separated",
     )
     ap.add_argument(
-        "--seeds", type=_ints, default=[1, 2, 3], help="scenario seeds, comma-separated"
+        "--seeds", type=positive_ints, default=[1, 2, 3], help="scenario seeds, comma-separated"
     )
     ap.add_argument("--train-seed", type=int, default=0, help="training seed (data order, init)")
     ap.add_argument(

@@ -436,6 +436,14 @@ def training_set(
     before = lambda t: t.filter(pc.less(t.column("event_time_ms"), end))  # noqa: E731 - one filter, applied to both tables on the next line
     counts = point_in_time_counts(before(imps), before(clks), query)
 
+    return training_rows(query, label, delay, counts)
+
+
+def training_rows(
+    query: pa.Table, label: np.ndarray, delay: np.ndarray, counts: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The training set's arrays for the impressions ``query`` given their labels, click
+    delays and window counts: ``dense`` and ``sparse`` by the functions serving calls."""
     t = query.column("event_time_ms").to_numpy().astype(np.int64)
     cols = {
         name: query.column(name).to_numpy(zero_copy_only=False)
@@ -478,5 +486,6 @@ __all__ = [
     "bucket_counts",
     "long_window_counts",
     "training_set",
+    "training_rows",
     "KINDS",
 ]

@@ -60,6 +60,7 @@ from ctrstream.batch.point_in_time import (
     _count_fields,
     lookback_start,
     point_in_time_counts,
+    training_rows,
     window_bounds,
 )
 
@@ -426,22 +427,7 @@ def _rows(
     label, delay = _label_join(con, query, clks_label, W)
     counts = point_in_time_counts(imps, clks, query)
     counts += state.counts(query)
-    t = query.column("event_time_ms").to_numpy().astype(np.int64)
-    cols = {
-        name: query.column(name).to_numpy(zero_copy_only=False)
-        for name in F.SPARSE_FIELDS
-        if name != "hour"
-    }
-    cols["event_time_ms"] = t
-    return {
-        "impression_id": query.column("impression_id").to_numpy(zero_copy_only=False),
-        "event_time_ms": t,
-        "label": label,
-        "click_delay_ms": delay,
-        "counts": counts,
-        "dense": F.dense_from_counts(counts),
-        "sparse": F.sparse_ids(cols),
-    }
+    return training_rows(query, label, delay, counts)
 
 
 def training_set_chunked(

@@ -36,6 +36,19 @@ from ctrstream.batch.pipeline import (
 )
 
 
+def _traffic(scenario: str | None, events: int | None, seed: int, traffic: Path | None):
+    """The traffic ``ctrstream train`` reads (a written directory) or generates (a
+    scenario), and its description."""
+    from ctrstream.simulation.generator import generate, load_scenario, read_traffic
+
+    if traffic:
+        return read_traffic(traffic), f"traffic {traffic}"
+    assert scenario is not None
+    overrides = {"seed": seed} | ({"events": events} if events else {})
+    tr = generate(load_scenario(scenario, **overrides))
+    return tr, f"scenario {scenario} events={tr.scenario.events} seed={tr.scenario.seed}"
+
+
 def load_training_data(
     settings,
     scenario: str | None = None,
@@ -51,19 +64,12 @@ def load_training_data(
     """What ``ctrstream train`` trains on: (dataset dict, oracle table or None, source).
     ``engine``: the batch engine that builds it (duckdb | spark; default: the setting)."""
     from ctrstream.batch.spark_engine import resolve_engine
-    from ctrstream.simulation.generator import generate, load_scenario, read_traffic
 
     engine = resolve_engine(engine, settings.batch_engine)
 
-    if traffic:
-        tr = read_traffic(traffic)
-        source = f"traffic {traffic}"
-    elif scenario:
-        overrides = {"seed": seed} | ({"events": events} if events else {})
-        tr = generate(load_scenario(scenario, **overrides))
-        source = f"scenario {scenario} events={tr.scenario.events} seed={tr.scenario.seed}"
-    else:
+    if not traffic and not scenario:
         return archive_training_data(settings, start_ms, end_ms, oracle_path, log, engine)
+    tr, source = _traffic(scenario, events, seed, traffic)
     ds, oracle, source = traffic_training_data(tr, source, start_ms, end_ms, log, engine)
     if oracle_path:
         import pyarrow.parquet as pq
@@ -90,20 +96,11 @@ def build_training_shards(
     spark; default: the setting)."""
     import pyarrow.parquet as pq
 
-    from ctrstream.simulation.generator import generate, load_scenario, read_traffic
-
     oracle = pq.read_table(oracle_path) if oracle_path else None
     if not traffic and not scenario:
         training_shards(settings, out_dir, None, start_ms, end_ms, log=log, engine=engine)
         return oracle, f"archive {settings.data_dir}"
-    if traffic:
-        tr = read_traffic(traffic)
-        source = f"traffic {traffic}"
-    else:
-        assert scenario is not None
-        overrides = {"seed": seed} | ({"events": events} if events else {})
-        tr = generate(load_scenario(scenario, **overrides))
-        source = f"scenario {scenario} events={tr.scenario.events} seed={tr.scenario.seed}"
+    tr, source = _traffic(scenario, events, seed, traffic)
     training_shards(settings, out_dir, tr, start_ms, end_ms, log=log, engine=engine)
     return (oracle if oracle_path else tr.oracle), source
 
