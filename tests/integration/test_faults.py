@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import stat
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from test_speed_features import CTRSTREAM, job_env, make_stream, produce, scrape
+from test_speed_features import CTRSTREAM, PacedReplay, job_env, make_stream, produce, scrape
 
 from ctrstream import events as E
 from ctrstream import features as F
 from ctrstream.config import REDIS_PASSWORD_FILE, KafkaSettings, RedisSettings, Settings
-from ctrstream.kafka.clients import ensure_topics, make_producer
+from ctrstream.kafka.clients import ensure_topics
 from ctrstream.kafka.heartbeats import HEARTBEAT_PREFIX, create_control_secret, send_heartbeat
 from ctrstream.kafka.topics import read_topic
 from ctrstream.stack.procs import kill_hard, start_job, stop_job, wait_until
@@ -243,19 +242,8 @@ def _outage(s: Settings, svc: Service, job, records, half: int, log: Path) -> fl
     way, keep it down until the replay is produced and the job has retried, restart Redis on
     the same port from its directory, then close every bucket with a heartbeat. Returns how
     long Redis was down."""
-    size = (len(records) - half) // 10 + 1
-    chunks = [records[half + k * size : half + (k + 1) * size] for k in range(10)]
-    sent: list[int] = []
-
-    def pace() -> None:
-        for c in chunks:
-            produce(s, c)
-            sent.append(len(c))
-            time.sleep(0.3)  # the replay's pace, not synchronisation
-
-    pacer = threading.Thread(target=pace)
-    pacer.start()
-    wait_until(lambda: len(sent) >= 3, 60, what="the replay to be a third of the way")
+    replay = PacedReplay(s, records[half:], chunks=10)
+    replay.wait_chunks(3)  # a third of the way
     kill9(svc)
     t_down = time.monotonic()
     try:
@@ -266,7 +254,8 @@ def _outage(s: Settings, svc: Service, job, records, half: int, log: Path) -> fl
             what=f"the job to retry its writes ({log})",
         )
     finally:
-        pacer.join()
+        replay.join()
+    assert replay.unsent == [0], "the producer did not deliver every record"
     assert job.poll() is None, f"the features job exited while Redis was down ({log})"
     svc.start()  # same port, same directory: from its append-only file
     down = time.monotonic() - t_down
@@ -471,31 +460,17 @@ def test_kafka_broker_kill9_during_replay_loses_and_repeats_nothing(fresh_topics
                 what=f"first labels ({log})",
             )
             # one producer replays the second half at a steady pace through the outage
-            producer = make_producer(s)
-            size = (len(records) - half) // 12 + 1
-            chunks = [records[half + k * size : half + (k + 1) * size] for k in range(12)]
-            sent: list[int] = []
-            unsent: list[int] = []
-
-            def pace() -> None:
-                for c in chunks:
-                    for kind, key, value in c:
-                        producer.produce(getattr(s.topics, kind).name, key=key, value=value)
-                    producer.poll(0)
-                    sent.append(len(c))
-                    time.sleep(0.3)  # the replay's pace, not synchronisation
-                unsent.append(producer.flush(120))
-
-            pacer = threading.Thread(target=pace)
-            pacer.start()
-            wait_until(lambda: len(sent) >= 4, 60, what="the replay to be a third of the way")
+            replay = PacedReplay(s, records[half:], chunks=12)
+            replay.wait_chunks(4)  # a third of the way
             kill9(svc)
             time.sleep(10)  # the outage itself: the broker stays down for 10 s
             assert job.poll() is None, f"the speed job exited while Kafka was down ({log})"
             svc.start()  # same ports, same log directory
             t_back = time.monotonic()
-            pacer.join()
-            assert unsent == [0], "the producer did not deliver every record after the outage"
+            replay.join()
+            assert replay.unsent == [0], (
+                "the producer did not deliver every record after the outage"
+            )
             send_heartbeat(s, max_event_time(records) + 2 * 3_600_000)
             recs = {k: read_topic(s, getattr(s.topics, k).name) for k in ("impressions", "clicks")}
             # every produced record is in its topic exactly once (heartbeats aside)

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import ConfigResource, NewPartitions
-from test_speed_features import CTRSTREAM, job_env, make_stream, produce
+from test_speed_features import CTRSTREAM, PacedReplay, job_env, make_stream, produce
 
 from ctrstream import events as E
 from ctrstream.config import KAFKA_NODES_FILE, Settings
@@ -31,7 +30,6 @@ from ctrstream.kafka.clients import (
     CopartitioningError,
     admin,
     ensure_topics,
-    make_producer,
     producer_config,
 )
 from ctrstream.kafka.heartbeats import HEARTBEAT_PREFIX, send_heartbeat
@@ -245,24 +243,8 @@ def test_broker_kill9_during_replay_loses_and_repeats_nothing(cluster, unique, t
             120,
             what=f"first labels ({log})",
         )
-        producer = make_producer(s)
-        size = (len(records) - half) // 12 + 1
-        chunks = [records[half + k * size : half + (k + 1) * size] for k in range(12)]
-        sent: list[int] = []
-        unsent: list[int] = []
-
-        def pace() -> None:
-            for c in chunks:
-                for kind, key, value in c:
-                    producer.produce(getattr(s.topics, kind).name, key=key, value=value)
-                producer.poll(0)
-                sent.append(len(c))
-                time.sleep(0.3)  # the replay's pace, not synchronisation
-            unsent.append(producer.flush(120))
-
-        pacer = threading.Thread(target=pace)
-        pacer.start()
-        wait_until(lambda: len(sent) >= 4, 60, what="the replay to be a third of the way")
+        replay = PacedReplay(s, records[half:], chunks=12)
+        replay.wait_chunks(4)  # a third of the way
         victim = _leader(s, s.topics.impressions.name, 0)
         name = f"kafka-{victim}"
         pid = cluster.pids()[name]
@@ -270,10 +252,9 @@ def test_broker_kill9_during_replay_loses_and_repeats_nothing(cluster, unique, t
         os.kill(pid, signal.SIGKILL)  # not our child (the CLI started it): nothing to reap
         t_kill = time.monotonic()
         wait_until(lambda: not pid_alive(pid), 10, what=f"{name} (PID {pid}) to die")
-        pacer.join(180)
-        assert not pacer.is_alive(), "the replay did not finish with one broker down"
+        assert replay.join(180), "the replay did not finish with one broker down"
         t_replayed = time.monotonic() - t_kill
-        assert unsent == [0], "the producer did not deliver every record without the broker"
+        assert replay.unsent == [0], "the producer did not deliver every record without the broker"
         new_leader = wait_until(
             lambda: (lead := _leader(s, s.topics.impressions.name, 0)) not in (victim, -1) and lead,
             60,

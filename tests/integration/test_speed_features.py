@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -116,6 +118,41 @@ def produce(settings, records) -> None:
     for kind, key, value in records:
         p.produce(getattr(settings.topics, kind).name, key=key, value=value)
     assert p.flush(30) == 0
+
+
+class PacedReplay:
+    """Produce ``records`` in ``chunks`` equal chunks ``pause_s`` apart on a thread, with one
+    idempotent producer that rides out an outage on its own retries - the fault tests'
+    replay. ``sent`` grows by each chunk's size as it is handed to the producer; after
+    :meth:`join`, ``unsent`` holds what the final flush could not deliver."""
+
+    def __init__(self, settings, records, chunks: int, pause_s: float = 0.3) -> None:
+        size = len(records) // chunks + 1
+        self._chunks = [records[k * size : (k + 1) * size] for k in range(chunks)]
+        self._settings, self._pause_s = settings, pause_s
+        self.sent: list[int] = []
+        self.unsent: list[int] = []
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        s = self._settings
+        producer = make_producer(s)
+        for c in self._chunks:
+            for kind, key, value in c:
+                producer.produce(getattr(s.topics, kind).name, key=key, value=value)
+            producer.poll(0)
+            self.sent.append(len(c))
+            time.sleep(self._pause_s)  # the replay's pace, not synchronisation
+        self.unsent.append(producer.flush(120))
+
+    def wait_chunks(self, n: int, timeout: float = 60) -> None:
+        wait_until(lambda: len(self.sent) >= n, timeout, what=f"{n} chunks of the replay")
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the replay to end; whether it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def scrape(port: int) -> dict[str, float]:
