@@ -3,7 +3,9 @@ benchmark plots): the optional ``plots`` extra, headless."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 
 def pyplot() -> ModuleType:
@@ -19,3 +21,11 @@ def pyplot() -> ModuleType:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig: Any, path: Path | str, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` and free it (pyplot keeps every open figure)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)

@@ -661,7 +661,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     """Three panels: NE lost against online scoring per precompute cadence (with the miss
     fallback to online scoring, on the hit rows only, and with the prior fallback), the share
     of requests with no precomputed pair, and the micro-batch latency of each arm."""
-    from ctrstream.plots import pyplot
+    from ctrstream.plots import pyplot, save
 
     plt = pyplot()
     path = Path(path)
@@ -704,10 +704,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     mb = result["params"].get("latency", {}).get("micro_batch_rows", "?")
     ax[2].set_title(f"serving a micro-batch of {mb} requests")
     ax[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 __all__ = [

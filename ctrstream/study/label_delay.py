@@ -236,7 +236,7 @@ def plot(result: dict, path: Path) -> Path:
     """Left: the unlabelled share of clicks (data with its interval, closed form) and the
     training CTR's bias against the window; right: the NE gap to the oracle of the model
     trained at each window, raw, online-calibrated and delay-corrected."""
-    from ctrstream.plots import pyplot
+    from ctrstream.plots import pyplot, save
 
     plt = pyplot()
     path = Path(path)
@@ -268,10 +268,7 @@ def plot(result: dict, path: Path) -> Path:
     b.set_title(f"model trained on the window's labels ({result['params']['kind']})")
     b.legend(fontsize=8)
     b.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 __all__ = [

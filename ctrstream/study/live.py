@@ -824,7 +824,7 @@ def compare(data: StudyData, sl: Slice, live: LiveReads, net: Any, compression: 
 def plot(result: dict, path: Path) -> Path:
     """Left: each read's measured lag over the slice (event seconds). Right: the NE of one
     model on the live features and on the point-in-time ones (oracle dashed)."""
-    from ctrstream.plots import pyplot
+    from ctrstream.plots import pyplot, save
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -855,11 +855,7 @@ def plot(result: dict, path: Path) -> Path:
         fontsize=9,
     )
     b.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 __all__ = [

@@ -349,7 +349,7 @@ def _headline(rows: list[dict], age_rows: list[dict]) -> dict:
 def plot(result: dict, path: Path) -> Path:
     """Two panels: the frozen model's NE against the continuous learner's over its age (with
     the fitted slope), and every cadence's NE against its mean model age."""
-    from ctrstream.plots import pyplot
+    from ctrstream.plots import pyplot, save
 
     plt = pyplot()
     path = Path(path)
@@ -396,10 +396,7 @@ def plot(result: dict, path: Path) -> Path:
     b.set_ylabel("NE vs continuous training (%)")
     b.set_title("retraining cadence (95 % bootstrap intervals)")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 __all__ = ["DEFAULTS", "QUICK", "ModelAgeError", "plot", "run"]

@@ -289,7 +289,7 @@ def run(
 def plot(result: dict, path: Path) -> Path:
     """NE cost (%, with its bootstrap interval) against staleness, one line per variant;
     and the served model's calibration at each point."""
-    from ctrstream.plots import pyplot
+    from ctrstream.plots import pyplot, save
 
     plt = pyplot()
     path = Path(path)
@@ -326,10 +326,7 @@ def plot(result: dict, path: Path) -> Path:
     b.set_title("calibration of the served model")
     b.legend(fontsize=8)
     b.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 __all__ = [
