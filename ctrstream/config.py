@@ -19,10 +19,10 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _absolute(path: Path | str) -> Path:
@@ -210,6 +210,22 @@ class RedisSettings(BaseModel):
         return f"redis://{auth}{self.host}:{self.port}/{self.db}"
 
 
+TRITON_NODES_FILE = "triton-nodes.json"
+"""The local stack's Triton topology (how many servers, their ports), in the run directory:
+written by ``ctrstream stack up``, read by every ``ctrstream`` command with the same run
+directory that does not set the topology itself (``Settings._local_triton_nodes``)."""
+
+
+@dataclass(frozen=True)
+class TritonNode:
+    """One tritonserver process of the local stack (replica ``index``, from 1)."""
+
+    index: int
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+
 class TritonSettings(BaseModel):
     model_config = ConfigDict(validate_default=True)
 
@@ -217,6 +233,17 @@ class TritonSettings(BaseModel):
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    # how many tritonserver processes `ctrstream stack up` runs (`--triton-replicas`), each
+    # loading the same model repository; clients spread requests over all of them
+    # (docs/triton-replicas.md). Each server with the Python backend costs its own memory.
+    replicas: int = Field(default=1, ge=1, le=8)
+    # [http, grpc, metrics] ports of replicas 2..N (entries beyond those are unused); empty:
+    # replica i listens on each port + 10(i-1) (8010/8011/8012, 8020/8021/8022, ...)
+    more_ports: list[tuple[int, int, int]] = []
+    # the gRPC addresses ("host:port") of every Triton server the clients (API, scorer,
+    # publisher) use, as JSON or comma-separated (CTRSTREAM_TRITON__URLS=t1:8001,t2:8001);
+    # empty: the local stack's servers (host with each replica's grpc_port)
+    urls: Annotated[list[str], NoDecode] = []
     # Which flavour of each published model the local stack loads:
     #   "python"      - Python-backend model running the ONNX file through onnxruntime
     #                   (the only backend the nvidia-pytriton server binary ships);
@@ -231,9 +258,74 @@ class TritonSettings(BaseModel):
 
     _abs = field_validator("model_repository")(_absolute)
 
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _urls_text(cls, value: Any) -> Any:
+        """A comma-separated string is a list of addresses (JSON lists pass as they are)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [u.strip() for u in text.split(",") if u.strip()]
+        return value
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_valid(cls, urls: list[str]) -> list[str]:
+        for u in urls:
+            host, _, port = u.rpartition(":")
+            if not host or not port.isdigit() or "/" in u:
+                raise ValueError(
+                    f"triton.urls: {u!r} is not a gRPC address host:port (for example "
+                    "CTRSTREAM_TRITON__URLS=triton-1:8001,triton-2:8001)"
+                )
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"triton.urls lists a server twice: {urls}")
+        return urls
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> TritonSettings:
+        if self.more_ports and len(self.more_ports) < self.replicas - 1:
+            raise ValueError(
+                f"triton.more_ports lists {len(self.more_ports)} servers' ports but replicas="
+                f"{self.replicas} needs {self.replicas - 1} ([http, grpc, metrics] of replicas "
+                "2..N): fix CTRSTREAM_TRITON__MORE_PORTS, or leave it empty for the default ports"
+            )
+        ports = [p for n in self.nodes() for p in (n.http_port, n.grpc_port, n.metrics_port)]
+        if len(set(ports)) != len(ports):
+            raise ValueError(
+                f"the {self.replicas} Triton servers' ports overlap ({ports}): set "
+                "CTRSTREAM_TRITON__HTTP_PORT/GRPC_PORT/METRICS_PORT further apart, or list "
+                "every server's ports in CTRSTREAM_TRITON__MORE_PORTS"
+            )
+        return self
+
+    def nodes(self) -> list[TritonNode]:
+        """The local stack's Triton servers, replica 1 on ``http_port``/``grpc_port``/
+        ``metrics_port``."""
+        out = [TritonNode(1, self.http_port, self.grpc_port, self.metrics_port)]
+        for i in range(2, self.replicas + 1):
+            if self.more_ports:
+                http, grpc, metrics = self.more_ports[i - 2]
+            else:
+                step = 10 * (i - 1)
+                http, grpc, metrics = (
+                    self.http_port + step,
+                    self.grpc_port + step,
+                    self.metrics_port + step,
+                )
+            out.append(TritonNode(i, http, grpc, metrics))
+        return out
+
+    @property
+    def grpc_urls(self) -> list[str]:
+        """Every Triton server's gRPC address: ``urls``, else the local stack's replicas."""
+        return list(self.urls) or [f"{self.host}:{n.grpc_port}" for n in self.nodes()]
+
     @property
     def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        """The first server's gRPC address (tools that talk to one server)."""
+        return self.grpc_urls[0]
 
     @property
     def http_url(self) -> str:
@@ -347,6 +439,31 @@ class Settings(BaseSettings):
             if key not in given and key in doc:
                 update[key] = doc[key]
         self.kafka = KafkaSettings.model_validate({**self.kafka.model_dump(), **update})
+        return self
+
+    @model_validator(mode="after")
+    def _local_triton_nodes(self) -> Settings:
+        """Without a Triton topology in the settings (``CTRSTREAM_TRITON__REPLICAS`` or
+        ``CTRSTREAM_TRITON__URLS``), clients and ``stack status/down`` use the one ``ctrstream
+        stack up`` recorded in the run directory, so they see every server it started."""
+        given = self.triton.model_fields_set
+        if "replicas" in given or "urls" in given:
+            return self
+        path = self.run_dir / TRITON_NODES_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return self
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"the local Triton topology {path} cannot be read ({e}): remove it (`ctrstream "
+                "stack down --purge` removes the stack's data) or set CTRSTREAM_TRITON__REPLICAS"
+            ) from e
+        update: dict[str, Any] = {"replicas": doc.get("replicas", 1)}
+        for key in ("http_port", "grpc_port", "metrics_port", "more_ports"):
+            if key not in given and key in doc:
+                update[key] = doc[key]
+        self.triton = TritonSettings.model_validate({**self.triton.model_dump(), **update})
         return self
 
     def dump(self) -> dict:

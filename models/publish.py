@@ -36,6 +36,14 @@ version directories are never pruned.
 No request fails during the switch: Triton keeps a loaded version serving until its
 replacement is ready, and it unloads a version only after its in-flight requests finish.
 
+**Several Triton servers** (``settings.triton.grpc_urls``; docs/triton-replicas.md): they
+share the model repository, and each step above runs on every server before the next step
+starts - the new version is loaded and verified on all of them (1-2) before the old ones
+are unloaded anywhere (3). The clients ask the newest version that is ready on every server
+(``serving/triton_client.py``), so no request goes to the new version before step 2 has
+finished everywhere, and none is answered by an old one once the switch has returned. A
+server that cannot be reached refuses the publish (nothing is changed), as with one server.
+
 Model control needs the control key (``ctrstream.config.triton_control_key``): the publisher
 is its one holder and sends it with every load and unload. After a switch the publisher
 records the served versions in ``settings.triton.served_record``; whatever starts Triton
@@ -175,11 +183,12 @@ class _ControlClient:
 
     _CONTROL = ("load_model", "unload_model", "get_model_repository_index")
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, url: str | None = None):
         import tritonclient.grpc as grpcclient
 
         self._settings = settings
-        self._client = grpcclient.InferenceServerClient(settings.triton.grpc_url)
+        self.url = url or settings.triton.grpc_url
+        self._client = grpcclient.InferenceServerClient(self.url)
         self._headers = triton_control_headers(settings, "grpc")
 
     def __getattr__(self, name: str):
@@ -209,21 +218,40 @@ class _ControlClient:
         else:
             which = f"no key (none in CTRSTREAM_TRITON__CONTROL_KEY or {s.run_dir}), which"
         return (
-            f"Triton at {s.triton.grpc_url} refused {call}: model control needs the key Triton "
+            f"Triton at {self.url} refused {call}: model control needs the key Triton "
             f"was started with, and {which} does not match. Run with the stack's run directory "
             "(CTRSTREAM_RUN_DIR) or set CTRSTREAM_TRITON__CONTROL_KEY to Triton's key."
         )
 
 
-def control_client(settings: Settings):
+def control_client(settings: Settings, url: str | None = None):
     """A gRPC Triton client (``tritonclient.grpc``) whose ``load_model`` and ``unload_model``
     send the control key - for the publisher, and for tests and benchmarks that load models
-    by hand."""
-    return _ControlClient(settings)
+    by hand. ``url``: which server (default: the first of ``settings.triton.grpc_urls``)."""
+    return _ControlClient(settings, url)
 
 
-def _client(settings: Settings):
-    return control_client(settings)
+def _clients(settings: Settings) -> list[_ControlClient]:
+    """A control client for every Triton server of ``settings``."""
+    return [control_client(settings, u) for u in settings.triton.grpc_urls]
+
+
+def _close_all(clients: list) -> None:
+    for c in clients:
+        c.close()
+
+
+def _loaded_everywhere(clients: list, name: str) -> list[int]:
+    """The versions of ``name`` ready on any of the servers (sorted)."""
+    return sorted({v for c in clients for v in loaded_versions(c, name)})
+
+
+def _check_served(clients: list, name: str, want: list[int], what: str) -> None:
+    """Raise :class:`PublishError` unless every server serves exactly ``want``."""
+    for c in clients:
+        now = loaded_versions(c, name)
+        if now != want:
+            raise PublishError(f"{what} Triton at {c.url} serves {name} {now}, expected {want}")
 
 
 def read_served(settings: Settings) -> dict:
@@ -347,11 +375,12 @@ def _serve_pinned(
     model_dir = Path(settings.triton.model_repository) / served
     if not load or not (model_dir / "config.pbtxt").is_file():
         return []
-    client = _client(settings)
+    clients = _clients(settings)
     try:
-        now = loaded_versions(client, served)
+        per_server = [loaded_versions(c, served) for c in clients]
+        now = sorted({v for vs in per_server for v in vs})
         want = sorted(set(now) | set(_all_pinned(settings, served)))
-        if want == now:
+        if all(vs == want for vs in per_server):
             return now
         onnx_path = model_dir / str(want[-1]) / "model.onnx"
         n_sparse, n_dense = _onnx_io(onnx_path)
@@ -362,18 +391,18 @@ def _serve_pinned(
             model_config(served, _flavour_of(served, base), want, n_sparse, n_dense),
         )
         try:
-            client.load_model(served)
+            for c in clients:
+                c.load_model(served)
         except Exception as e:
             _write_config(model_dir, old_config)
-            client.load_model(served)
+            for c in clients:
+                c.load_model(served)
             raise PublishError(f"loading pinned {served} v{want} failed: {e}") from e
-        got = loaded_versions(client, served)
-        if got != want:
-            raise PublishError(f"{served} serves versions {got} after pinning, expected {want}")
-        record_served(settings, served, base, got)
-        return got
+        _check_served(clients, served, want, "after pinning,")
+        record_served(settings, served, base, want)
+        return want
     finally:
-        client.close()
+        _close_all(clients)
 
 
 def unpin(settings: Settings, owner: str) -> dict[str, list[int]]:
@@ -514,15 +543,16 @@ def publish(
         )
 
     with _repo_lock(repo, base_name):
-        client = _client(settings) if load else None
-        if client is not None:
+        clients = _clients(settings) if load else []
+        for c in clients:  # every server, before anything changes
             try:
-                if not client.is_server_live():
+                if not c.is_server_live():
                     raise PublishError("Triton is not live")
             except Exception as e:  # noqa: BLE001 - any failure to ask Triton means "not reachable"
+                _close_all(clients)
                 raise PublishError(
-                    f"Triton at {settings.triton.grpc_url} is not reachable ({e}); "
-                    "start it with `ctrstream stack up` or publish with --no-load"
+                    f"Triton at {c.url} is not reachable ({e}); start it with `ctrstream "
+                    "stack up`, drop it from CTRSTREAM_TRITON__URLS, or publish with --no-load"
                 ) from None
         version = 1 + max([0] + [v for n in flavours for v in versions_on_disk(repo / n)])
         new_dirs = []
@@ -551,17 +581,20 @@ def publish(
         on_disk = set(versions_on_disk(model_dir))
         pinned = [v for v in _all_pinned(settings, served) if v in on_disk and v != version]
         serve = sorted([version, *pinned])  # what stays loaded after the switch
-        if client is None:
+        if not clients:
             _write_config(model_dir, config(served, flavours[served], serve))
         else:
-            previous = [v for v in loaded_versions(client, served) if v != version]
+            previous = [v for v in _loaded_everywhere(clients, served) if v != version]
             _write_config(model_dir, config(served, flavours[served], previous + [version]))
             try:
-                log(f"loading {served} v{version} next to {previous or 'nothing'}")
-                client.load_model(served)
-                diff = verify_version(client, served, version, onnx_path, n_sparse, n_dense)
+                for c in clients:  # loaded and verified on every server before any unload
+                    log(f"loading {served} v{version} next to {previous or 'nothing'} on {c.url}")
+                    c.load_model(served)
+                    d = verify_version(c, served, version, onnx_path, n_sparse, n_dense)
+                    diff = d if diff is None else max(diff, d)
             except Exception as e:
-                _rollback(client, served, model_dir, old_config, previous, new_dirs)
+                _rollback(clients, served, model_dir, old_config, previous, new_dirs)
+                _close_all(clients)
                 if isinstance(e, PublishError):
                     raise
                 raise PublishError(f"loading {served} v{version} failed: {e}") from e
@@ -571,15 +604,14 @@ def publish(
                 f"{gone or 'nothing'}" + (f", keeping pinned {pinned}" if pinned else "")
             )
             _write_config(model_dir, config(served, flavours[served], serve))
-            client.load_model(served)
-            now = loaded_versions(client, served)
-            if now != serve:
-                raise PublishError(
-                    f"after the switch {served} serves versions {now}, expected {serve}"
-                )
+            try:
+                for c in clients:
+                    c.load_model(served)
+                _check_served(clients, served, serve, "after the switch")
+            finally:
+                _close_all(clients)
             record_served(settings, served, base_name, serve)
         _prune(repo, list(flavours), keep, protect={version, *pinned})
-        client and client.close()
     return dict(
         version=version,
         model_name=served,
@@ -592,13 +624,16 @@ def publish(
     )
 
 
-def _rollback(client, served, model_dir, old_config, previous, new_dirs) -> None:
+def _rollback(clients, served, model_dir, old_config, previous, new_dirs) -> None:
+    """Every server back to what it served before the publish; the new version's files go."""
     try:
         if previous and old_config is not None:
             _write_config(model_dir, old_config)
-            client.load_model(served)
-        else:
-            client.unload_model(served)
+        for c in clients:
+            if previous and old_config is not None:
+                c.load_model(served)
+            else:
+                c.unload_model(served)
     finally:
         for d in new_dirs:
             shutil.rmtree(d, ignore_errors=True)

@@ -48,11 +48,20 @@ def stack_up(
         "CTRSTREAM_KAFKA__BROKERS, else what this run directory last started, else 1); 3 or "
         "more: replication factor 3, min.insync.replicas=2",
     ),
+    triton_replicas: int = typer.Option(
+        None,
+        "--triton-replicas",
+        min=1,
+        max=8,
+        help="Triton servers to run on their own ports, each loading the model repository "
+        "(default: CTRSTREAM_TRITON__REPLICAS, else what this run directory last started, "
+        "else 1); clients spread requests over all of them (docs/triton-replicas.md)",
+    ),
 ):
     """Start Kafka, Redis and Triton, wait until each is ready, and create the topics."""
     from pydantic import ValidationError
 
-    from ctrstream.config import KafkaSettings
+    from ctrstream.config import KafkaSettings, TritonSettings
     from ctrstream.stack.manager import Stack
     from ctrstream.stack.provision import PrerequisiteError
     from ctrstream.stack.services import StackError
@@ -67,6 +76,15 @@ def stack_up(
         except ValidationError as e:
             raise fail(f"--kafka-brokers {kafka_brokers}: {e.errors()[0]['msg']}") from None
         settings = settings.model_copy(update={"kafka": kafka})
+    if triton_replicas is not None and triton_replicas != settings.triton.replicas:
+        t = settings.triton.model_dump()
+        if len(t["more_ports"]) < triton_replicas - 1:
+            t["more_ports"] = []  # the default ports after replica 1's
+        try:
+            triton = TritonSettings.model_validate({**t, "replicas": triton_replicas})
+        except ValidationError as e:
+            raise fail(f"--triton-replicas {triton_replicas}: {e.errors()[0]['msg']}") from None
+        settings = settings.model_copy(update={"triton": triton})
     try:
         Stack(settings).up(log=out.print, only=only)
     except (StackError, PrerequisiteError) as e:
@@ -116,7 +134,8 @@ def stack_down(purge: bool = typer.Option(False, help="also delete the stack's d
 @stack_app.command("logs")
 def stack_logs(
     service: str = typer.Argument(
-        ..., help="kafka (kafka-2, ... for one node of several), redis or triton"
+        ...,
+        help="kafka (kafka-2, ... for one node of several), redis or triton (triton-2, ...)",
     ),
     lines: int = typer.Option(50, "-n", help="how many lines from the end"),
 ):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ctrstream.config import (
     KAFKA_NODES_FILE,
+    TRITON_NODES_FILE,
     KafkaSettings,
     RedisSettings,
     Settings,
@@ -66,12 +67,20 @@ class Stack:
         times: dict[str, float | None] = {}
         started: list[Service] = []
         try:
-            # the nodes of one KRaft quorum start together: each waits for a majority
-            batches = ([kafka] if kafka else []) + [[s] for s in chosen if s.group != "kafka"]
+            # the nodes of one KRaft quorum start together: each waits for a majority; the
+            # Triton replicas start together too (each loads the served models: in parallel)
+            triton = [s for s in chosen if s.group == "triton"]
+            batches = (
+                ([kafka] if kafka else [])
+                + [[s] for s in chosen if s.group not in ("kafka", "triton")]
+                + ([triton] if triton else [])
+            )
             for batch in batches:
                 got = start_together(batch)
                 if kafka and batch is kafka:
                     record_kafka_topology(self.settings)
+                if triton and batch is triton:
+                    record_triton_topology(self.settings)
                 for svc in batch:
                     t = got[svc.name]
                     times[svc.name] = t
@@ -101,11 +110,12 @@ class Stack:
         ]
 
     def down(self, purge: bool = False, log=lambda msg: None) -> None:
-        kafka = [s for s in self.services if s.group == "kafka"]
+        groups = {g: [s for s in self.services if s.group == g] for g in ("kafka", "triton")}
         for svc in reversed(self.services):
-            if svc.group == "kafka":
-                if svc is kafka[0]:  # the nodes of one quorum stop together
-                    for name, stopped in stop_together(kafka).items():
+            if svc.group in groups:
+                # the nodes of one quorum stop together; the Triton replicas too (faster)
+                if svc is groups[svc.group][0]:
+                    for name, stopped in stop_together(groups[svc.group]).items():
                         log(f"{name:7s} {'stopped' if stopped else 'not running'}")
                 continue
             stopped = svc.stop()
@@ -155,6 +165,38 @@ def record_kafka_topology(settings: Settings) -> None:
     os.replace(tmp, path)
 
 
+def record_triton_topology(settings: Settings) -> None:
+    """Write the started Triton topology into the run directory (``TRITON_NODES_FILE``), so
+    that later commands there (the API, the scorer, the publisher, ``stack status``) see
+    every server without being told."""
+    t = settings.triton
+    doc = {
+        "replicas": t.replicas,
+        "http_port": t.http_port,
+        "grpc_port": t.grpc_port,
+        "metrics_port": t.metrics_port,
+        "more_ports": [[n.http_port, n.grpc_port, n.metrics_port] for n in t.nodes()[1:]],
+    }
+    path = settings.run_dir / TRITON_NODES_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc) + "\n")
+    os.replace(tmp, path)
+
+
+def isolated_triton(run_dir: Path, replicas: int = 1) -> TritonSettings:
+    """Triton settings of ``replicas`` servers on free loopback ports, with the model
+    repository under ``run_dir``."""
+    more = [(free_port(), free_port(), free_port()) for _ in range(replicas - 1)]
+    return TritonSettings(
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        model_repository=run_dir / "triton_repo",
+        replicas=replicas,
+        more_ports=more,
+    )
+
+
 def isolated_kafka(heap: str = "512m", brokers: int = 1) -> KafkaSettings:
     """Kafka settings of ``brokers`` KRaft nodes on free loopback ports."""
     more = [(free_port(), free_port()) for _ in range(brokers - 1)]
@@ -164,10 +206,11 @@ def isolated_kafka(heap: str = "512m", brokers: int = 1) -> KafkaSettings:
 
 
 def isolated_settings(
-    run_dir: Path, base: Settings | None = None, kafka_brokers: int = 1
+    run_dir: Path, base: Settings | None = None, kafka_brokers: int = 1, triton_replicas: int = 1
 ) -> Settings:
     """Settings for a stack on free loopback ports with everything under ``run_dir``
-    (``kafka_brokers`` > 1: that many KRaft nodes, each with a smaller heap)."""
+    (``kafka_brokers`` > 1: that many KRaft nodes, each with a smaller heap;
+    ``triton_replicas`` > 1: that many Triton servers)."""
     base = base or Settings()
     return base.model_copy(
         update={
@@ -175,12 +218,7 @@ def isolated_settings(
             "data_dir": run_dir / "data",
             "kafka": isolated_kafka("512m" if kafka_brokers == 1 else "384m", kafka_brokers),
             "redis": RedisSettings(port=free_port()),
-            "triton": TritonSettings(
-                http_port=free_port(),
-                grpc_port=free_port(),
-                metrics_port=free_port(),
-                model_repository=run_dir / "triton_repo",
-            ),
+            "triton": isolated_triton(run_dir, triton_replicas),
         }
     )
 
@@ -208,7 +246,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CTRSTREAM_TRITON__METRICS_PORT": str(settings.triton.metrics_port),
         "CTRSTREAM_TRITON__MODEL_REPOSITORY": str(settings.triton.model_repository),
         "CTRSTREAM_TRITON__BACKEND": settings.triton.backend,
+        "CTRSTREAM_TRITON__REPLICAS": str(settings.triton.replicas),
+        "CTRSTREAM_TRITON__MORE_PORTS": json.dumps(settings.triton.more_ports),
     }
+    if settings.triton.urls:
+        env["CTRSTREAM_TRITON__URLS"] = ",".join(settings.triton.urls)
     if settings.redis.password:
         env["CTRSTREAM_REDIS__PASSWORD"] = settings.redis.password
     if settings.control_secret_file is not None:
@@ -287,6 +329,8 @@ __all__ = [
     "isolated_kafka",
     "isolated_redis",
     "isolated_settings",
+    "isolated_triton",
+    "record_triton_topology",
     "isolated_stack",
     "settings_env",
 ]

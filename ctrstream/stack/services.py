@@ -1,4 +1,5 @@
-"""The three real servers of the local stack: Apache Kafka (KRaft), Redis and Triton.
+"""The three real servers of the local stack: Apache Kafka (KRaft), Redis and Triton (each
+of Kafka and Triton as one process or several: ``--kafka-brokers``, ``--triton-replicas``).
 
 Each service is started as its own process session (so it outlives the CLI that started
 it), bound to 127.0.0.1, with its data, log and PID file under the run directory. Readiness
@@ -563,32 +564,44 @@ class RedisService(Service):
 
 
 class TritonService(Service):
-    """tritonserver in explicit model-control mode.
+    """One tritonserver in explicit model-control mode.
+
+    With one server (the default) it is the service ``triton``; with ``triton.replicas`` = N
+    > 1 it is ``triton-<i>``, one of N servers on their own ports (``TritonSettings.nodes``)
+    that load the same model repository, each with its own directory, log and PID file.
+    Clients spread requests over all of them (``serving/triton_client.py``) and the
+    publisher switches versions on every one (docs/triton-replicas.md).
 
     Model control (the model-repository protocol: load, unload, index) requires the control
     key (``ctrstream.config.triton_control_key``), generated here on first start into the run
     directory with owner-only permissions unless ``settings.triton.control_key`` is set;
-    inference, health and metadata stay open. Every start loads the models the publisher
-    recorded as served (``settings.triton.served_record``), so a restarted Triton serves
-    what it served before without anyone publishing again."""
+    every replica gets the same key. Inference, health and metadata stay open. Every start
+    loads the models the publisher recorded as served (``settings.triton.served_record``),
+    so a restarted Triton serves what it served before without anyone publishing again."""
 
     start_timeout = 90.0
 
-    def __init__(self, settings: Settings):
-        super().__init__("triton", settings)
+    def __init__(self, settings: Settings, replica: int = 1):
+        t = settings.triton
+        super().__init__("triton" if t.replicas == 1 else f"triton-{replica}", settings)
+        self.node = t.nodes()[replica - 1]
+        # N servers starting at once on a small machine take longer than one
+        self.start_timeout = 90.0 + 30.0 * (t.replicas - 1)
 
     def ports(self) -> list[int]:
-        t = self.settings.triton
-        return [t.http_port, t.grpc_port, t.metrics_port]
+        n = self.node
+        return [n.http_port, n.grpc_port, n.metrics_port]
 
     def address(self) -> str:
-        return f"grpc {self.settings.triton.grpc_url}, http {self.settings.triton.http_url}"
+        h = self.settings.triton.host
+        return f"grpc {h}:{self.node.grpc_port}, http {h}:{self.node.http_port}"
 
     def prepare(self) -> None:
         ensure_triton_control_key(self.settings)
 
     def command(self):
         t = self.settings.triton
+        n = self.node
         t.model_repository.mkdir(parents=True, exist_ok=True)
         server = provision.triton_home(self.settings)
         argv = [
@@ -599,11 +612,11 @@ class TritonService(Service):
             "--strict-readiness=false",
             "--exit-on-error=false",
             f"--http-address={t.host}",
-            f"--http-port={t.http_port}",
+            f"--http-port={n.http_port}",
             f"--grpc-address={t.host}",
-            f"--grpc-port={t.grpc_port}",
+            f"--grpc-port={n.grpc_port}",
             f"--metrics-address={t.host}",
-            f"--metrics-port={t.metrics_port}",
+            f"--metrics-port={n.metrics_port}",
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--log-verbose=0",
@@ -615,9 +628,14 @@ class TritonService(Service):
     def ready(self) -> bool:
         import urllib.request
 
-        url = f"http://{self.settings.triton.http_url}/v2/health/ready"
+        url = f"http://{self.settings.triton.host}:{self.node.http_port}/v2/health/ready"
         with urllib.request.urlopen(url, timeout=1) as resp:
             return resp.status == 200
+
+
+def triton_services(settings: Settings) -> list[TritonService]:
+    """One :class:`TritonService` per Triton server of ``settings.triton``."""
+    return [TritonService(settings, n.index) for n in settings.triton.nodes()]
 
 
 def ensure_triton_control_key(settings: Settings) -> str:
@@ -674,4 +692,4 @@ def served_models(settings: Settings) -> list[str]:
 
 
 def all_services(settings: Settings) -> list[Service]:
-    return [*kafka_services(settings), RedisService(settings), TritonService(settings)]
+    return [*kafka_services(settings), RedisService(settings), *triton_services(settings)]
