@@ -408,12 +408,11 @@ class AsyncScorer:
         stats = {"attempts": 0}
         bounds = [(s, min(s + self.max_rows, n)) for s in range(0, n, self.max_rows)]
         ask = self._ask
-        if self._balanced:  # one version for every chunk: the newest ready everywhere
+        if self._balanced:  # each attempt asks the view's target (below: one model per call)
             try:
                 await asyncio.wait_for(self._fresh_view(), self.timeout_s)
             except Exception:  # noqa: BLE001 - the attempts below report what is wrong
                 pass
-            ask = self._target()
         if len(bounds) == 1:  # the usual case (one request's candidates): no task to schedule
             parts = [await self._infer_chunk(sparse, dense, ask, deadline, stats)]
         else:

@@ -247,7 +247,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CTRSTREAM_TRITON__MODEL_REPOSITORY": str(settings.triton.model_repository),
         "CTRSTREAM_TRITON__BACKEND": settings.triton.backend,
         "CTRSTREAM_TRITON__REPLICAS": str(settings.triton.replicas),
-        "CTRSTREAM_TRITON__MORE_PORTS": json.dumps(settings.triton.more_ports),
+        "CTRSTREAM_TRITON__MORE_PORTS": json.dumps(
+            [[n.http_port, n.grpc_port, n.metrics_port] for n in settings.triton.nodes()[1:]]
+        ),
     }
     if settings.triton.urls:
         env["CTRSTREAM_TRITON__URLS"] = ",".join(settings.triton.urls)
