@@ -626,17 +626,27 @@ def publish(
 
 def _rollback(clients, served, model_dir, old_config, previous, new_dirs) -> None:
     """Every server back to what it served before the publish; the new version's files go."""
+    restore = bool(previous) and old_config is not None
+    failed: list[str] = []
     try:
-        if previous and old_config is not None:
+        if restore:
             _write_config(model_dir, old_config)
-        for c in clients:
-            if previous and old_config is not None:
-                c.load_model(served)
-            else:
-                c.unload_model(served)
+        for c in clients:  # every server, even when one of them fails
+            try:
+                if restore:
+                    c.load_model(served)
+                else:
+                    c.unload_model(served)
+            except Exception as e:  # noqa: BLE001 - reported below, after the other servers
+                failed.append(f"{c.url}: {e}")
     finally:
         for d in new_dirs:
             shutil.rmtree(d, ignore_errors=True)
+    if failed and restore:  # a server that did not get the new version needs no unload
+        raise PublishError(
+            f"rolling {served} back to {previous} failed on {'; '.join(failed)}: load it there "
+            "by hand (or restart that Triton: it loads the served record)"
+        )
 
 
 def _prune(repo: Path, names: list[str], keep: int, protect: set[int]) -> None:
