@@ -212,3 +212,39 @@ def test_one_server_asks_no_version():
     raw, version, _ = asyncio.run(scorer.infer(*_rows()))
     assert version == "5" and a.asked == ["5"]
     assert not scorer._balanced
+
+
+class _Control:
+    """A control client of one server: load/unload calls, or a failure."""
+
+    def __init__(self, url: str, fail: bool = False):
+        self.url, self.fail, self.calls = url, fail, []
+
+    def load_model(self, name: str) -> None:
+        self.calls.append("load")
+        if self.fail:
+            raise RuntimeError("connection refused")
+
+    def unload_model(self, name: str) -> None:
+        self.calls.append("unload")
+        if self.fail:
+            raise RuntimeError("connection refused")
+
+
+def test_a_rollback_reaches_every_server_and_names_the_one_that_failed(tmp_path):
+    from ctrstream.models import publish as P
+
+    model_dir = tmp_path / "m_py"
+    new = model_dir / "2"
+    new.mkdir(parents=True)
+    a, b = _Control("a:1", fail=True), _Control("b:1")
+    with pytest.raises(P.PublishError, match="a:1"):
+        P._rollback([a, b], "m_py", model_dir, "the old config", [1], [new])
+    assert b.calls == ["load"]  # the second server is restored although the first failed
+    assert (model_dir / "config.pbtxt").read_text() == "the old config"
+    assert not new.exists()
+    # a first publish (nothing to restore): unloaded wherever it can be, no error
+    new.mkdir()
+    a, b = _Control("a:1", fail=True), _Control("b:1")
+    P._rollback([a, b], "m_py", model_dir, None, [], [new])
+    assert a.calls == b.calls == ["unload"] and not new.exists()
