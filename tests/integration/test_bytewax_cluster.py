@@ -123,3 +123,55 @@ def test_kill9_one_process_stops_the_cluster_and_it_resumes_exactly(fresh_topics
         assert "initialised recovery store" not in restart_log.read_text()
     finally:
         stop_job(job)
+
+
+def test_scorer_runs_as_a_cluster_and_a_changed_layout_is_refused(fresh_topics, tmp_path):
+    """``ctrstream score -p 2``: both processes score their share of the partitions (every
+    impression gets its prediction); the store it wrote refuses another process count,
+    for the scorer and for ``speed`` alike, with what to do."""
+    from ctrstream.events import Impression, decode_prediction, encode
+    from ctrstream.kafka.clients import make_producer
+
+    s = fresh_topics.model_copy(update={"metrics_port": free_port()})
+    p = make_producer(s)
+    ids = [f"cl-{k}" for k in range(200)]
+    for k, i in enumerate(ids):
+        imp = Impression(
+            schema_version=1,
+            impression_id=i,
+            event_time_ms=1_768_435_200_000 + k * 1000,
+            user_id=k % 17,
+            ad_id=k % 11,
+            campaign_id=k % 11 // 2,
+            advertiser_id=k % 11 // 4,
+            site_id=k % 5,
+            ad_category=k % 3,
+            device_type="mobile",
+            country="US",
+            position=k % 4,
+        )
+        p.produce(s.topics.impressions.name, key=i.encode(), value=encode(imp))
+    assert p.flush(30) == 0
+    env = job_env(s)
+    store = tmp_path / "score-rec"
+    argv = [CTRSTREAM, "score", "-p", "2", "--until-end", "--recovery-dir", str(store)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "score[0] pid" in done.stdout and "score[1] pid" in done.stdout
+    got = {
+        decode_prediction(m.value).impression_id for m in read_topic(s, s.topics.predictions.name)
+    }
+    assert got == set(ids)
+    for again in (
+        [CTRSTREAM, "score", "--until-end", "--recovery-dir", str(store)],
+        [CTRSTREAM, "score", "-p", "3", "--until-end", "--recovery-dir", str(store)],
+        [CTRSTREAM, "speed", "join", "-p", "1", "--recovery-dir", str(tmp_path)],
+    ):
+        if again[1] == "speed":  # the speed job's store root holds one store per flow
+            (tmp_path / "join").mkdir()
+            for f in store.iterdir():
+                (tmp_path / "join" / f.name).write_bytes(f.read_bytes())
+        out = subprocess.run(again, env=env, capture_output=True, text=True, timeout=120)
+        said = " ".join((out.stdout + out.stderr).split())
+        assert out.returncode == 2, said[-3000:]
+        assert "2 process(es) x 1 worker(s)" in said and "new --recovery-dir" in said, said
