@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -104,7 +105,7 @@ def run_jobs(
     recovery_root: Path | None,
     snapshot_s: float,
     stop_at_end: bool,
-    log=_say,
+    log: Callable[[str], None] = _say,
     layout: Layout | None = None,
 ) -> int:
     """Start every process of every flow (this host's) and supervise them as one unit: a

@@ -175,3 +175,73 @@ def test_scorer_runs_as_a_cluster_and_a_changed_layout_is_refused(fresh_topics, 
         said = " ".join((out.stdout + out.stderr).split())
         assert out.returncode == 2, said[-3000:]
         assert "2 process(es) x 1 worker(s)" in said and "new --recovery-dir" in said, said
+
+
+def test_changing_the_process_count_with_a_new_store_gives_the_same_result(fresh_topics, tmp_path):
+    """The documented way to change the process count: stop the 2-process cluster, start
+    1 process on a new store. The flows replay their topics from the beginning: Redis
+    equals the reference and ``labeled`` holds every label exactly once (the join's fences)."""
+    from collections import Counter
+
+    from ctrstream.streaming.reference import reference_labels
+
+    s = fresh_topics.model_copy(
+        update={
+            "redis": fresh_topics.redis.model_copy(update={"db": REDIS_DB}),
+            "attribution_window_s": 90.0,
+            "metrics_port": free_port(),
+        }
+    )
+    r = redis.Redis.from_url(s.redis.url)
+    r.flushdb()
+    records, _ = make_stream(seed=23, n_imps=4000, lateness_ms=int(s.allowed_lateness_s * 1000))
+    half = len(records) // 2
+    produce(s, records[:half])
+    env = job_env(s)
+
+    def n_labeled() -> int:
+        return len(read_topic(s, s.topics.labeled.name, timeout=10))
+
+    def speed(processes: int, store: Path, log: Path) -> subprocess.Popen:
+        argv = [CTRSTREAM, "speed", "all", "-p", str(processes), "--recovery-dir", str(store)]
+        return start_job(argv + ["--snapshot-s", "1"], env=env, log_path=log)
+
+    job = speed(2, tmp_path / "rec-p2", tmp_path / "p2.log")
+    try:
+        wait_until(lambda: n_labeled() > 0, 120, what=f"first labels ({tmp_path / 'p2.log'})")
+    finally:
+        stop_job(job)
+    before = n_labeled()
+    produce(s, records[half:])
+    job = speed(1, tmp_path / "rec-p1", tmp_path / "p1.log")
+    try:
+        max_t = max(
+            E.decode_impression(v).event_time_ms
+            for k, _, v in records
+            if k == "impressions" and v and v.startswith(b'{"schema_version":1,"imp')
+        )
+        send_heartbeat(s, max_t + 2 * 3_600_000)
+        recs = {
+            kind: read_topic(s, getattr(s.topics, kind).name) for kind in ("impressions", "clicks")
+        }
+        ref = reference_features(s, recs)
+        expected = reference_labels(ref, int(s.attribution_window_s * 1000))
+        wait_until(
+            lambda: read_speed_view(r) == ref.cells,
+            120,
+            what=f"the speed view to equal the reference ({tmp_path / 'p1.log'})",
+        )
+        counts: Counter = Counter()
+
+        def all_labels() -> bool:
+            counts.clear()
+            for rec in read_topic(s, s.topics.labeled.name):
+                counts[E.decode_labeled(rec.value).impression.impression_id] += 1
+            return len(counts) >= len(expected)
+
+        wait_until(all_labels, 120, what="every label")
+        assert 0 < before < len(expected)
+        assert set(counts) == set(expected)
+        assert set(counts.values()) == {1}, "a label written twice"
+    finally:
+        stop_job(job)
