@@ -316,14 +316,20 @@ def get_flow(
     stop_at_end: bool = False,
     from_end: bool = False,
     model_name: str | None = None,
+    since_ms: int | None = None,
 ):
-    """Entry point for ``python -m bytewax.run "ctrstream.serving.scorer:get_flow()"``."""
+    """Entry point for ``python -m bytewax.run "ctrstream.serving.scorer:get_flow()"`` (one
+    process of ``ctrstream score -p N``: process ``k`` serves its metrics on
+    ``metrics_port + k``, ``CTRSTREAM_SPEED_PROCESS_INDEX``)."""
+    import os
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        port = settings.metrics_port + int(os.environ.get("CTRSTREAM_SPEED_PROCESS_INDEX", "0"))
+        start_http_server(port, addr=settings.metrics_host)
     return build_flow(
         settings,
         model=model,
@@ -331,4 +337,5 @@ def get_flow(
         batch_size=batch_size,
         stop_at_end=stop_at_end,
         from_end=from_end,
+        since_ms=since_ms,
     )

@@ -40,14 +40,45 @@ def register(app: typer.Typer) -> None:
             None, help="Bytewax recovery directory (offsets survive restarts)"
         ),
         since_ms: int = typer.Option(None, help="skip impressions with an earlier event time (ms)"),
+        workers: int = typer.Option(1, "-w", "--workers", help="workers per process"),
+        processes: int = typer.Option(1, "-p", "--processes", help="processes (this host)"),
+        process_id: int = typer.Option(
+            None, "-i", "--process-id", help="several hosts: this host's process index"
+        ),
+        addresses: str = typer.Option(
+            None, "-a", "--addresses", help="several hosts: 'host:port;host:port' of every process"
+        ),
+        snapshot_s: int = typer.Option(
+            5, "--snapshot-s", help="cluster: snapshot interval in whole seconds"
+        ),
     ):
-        """Score every impression at its event time (Triton, calibrated) -> predictions topic."""
+        """Score every impression at its event time (Triton, calibrated) -> predictions topic.
+        With -p/-w above 1 (or -i/-a), a supervised Bytewax cluster (docs/bytewax-cluster.md)."""
         from bytewax.recovery import RecoveryConfig, init_db_dir
         from bytewax.testing import run_main
 
+        from ctrstream.cli.cluster import Layout, LayoutError
         from ctrstream.config import get_settings
         from ctrstream.serving.scorer import build_flow
 
+        try:
+            layout = Layout.from_options(processes, workers, process_id, addresses)
+        except LayoutError as e:
+            raise typer.BadParameter(str(e)) from None
+        if layout != Layout():
+            raise typer.Exit(
+                _score_cluster(
+                    layout,
+                    recovery_dir,
+                    snapshot_s,
+                    model=model,
+                    batch_size=batch_size,
+                    stop_at_end=until_end,
+                    from_end=from_end,
+                    model_name=model_name,
+                    since_ms=since_ms,
+                )
+            )
         _logging()
         settings = get_settings()
         _metrics_server(settings)
@@ -65,8 +96,54 @@ def register(app: typer.Typer) -> None:
             recovery_dir.mkdir(parents=True, exist_ok=True)
             if not any(recovery_dir.iterdir()):
                 init_db_dir(recovery_dir, 1)
+            elif (recovery_dir / "ctrstream-cluster.json").exists():
+                from ctrstream.cli.cluster import prepare_store
+
+                try:  # a store a cluster wrote: refused unless it was one process, one worker
+                    prepare_store(recovery_dir, layout)
+                except LayoutError as e:
+                    from ctrstream.cli.app import fail
+
+                    raise fail(str(e)) from None
             rc = RecoveryConfig(str(recovery_dir))
         run_main(flow, epoch_interval=None, recovery_config=rc)
+
+    def _score_cluster(
+        layout, recovery_dir: Path | None, snapshot_s: int, **flow_args: object
+    ) -> int:
+        """``ctrstream score`` as a Bytewax cluster: this host's processes, supervised as a
+        unit (``ctrstream.cli.cluster``)."""
+        import os
+
+        from ctrstream.cli.app import fail
+        from ctrstream.cli.cluster import (
+            LayoutError,
+            bytewax_commands,
+            prepare_store,
+            start_member,
+            supervise,
+        )
+        from ctrstream.stack.services import free_port
+
+        if recovery_dir is not None:
+            try:
+                if prepare_store(recovery_dir, layout):
+                    typer.echo(f"score: initialised recovery store {recovery_dir}")
+            except LayoutError as e:
+                raise fail(str(e)) from None
+        args = ", ".join(f"{k}={v!r}" for k, v in flow_args.items())
+        addrs = None
+        if layout.process_id is None and layout.processes > 1:
+            addrs = [f"127.0.0.1:{free_port()}" for _ in range(layout.processes)]
+        argvs = bytewax_commands(
+            f"ctrstream.serving.scorer:get_flow({args})", layout, recovery_dir, snapshot_s, addrs
+        )
+        members = []
+        for k, argv in zip(layout.local_processes(), argvs, strict=True):
+            index = 0 if layout.process_id is not None else k
+            env = {**os.environ, "CTRSTREAM_SPEED_PROCESS_INDEX": str(index)}
+            members.append(start_member(f"score[{k}]", argv, env, typer.echo))
+        return supervise(members, typer.echo)
 
     @app.command("calibrate")
     def calibrate(

@@ -1,12 +1,18 @@
 """``ctrstream speed``: run the speed layer's Bytewax dataflows, and send watermark heartbeats.
 
 ``ctrstream speed [features|join|all] -w WORKERS -p PROCESSES --recovery-dir DIR`` starts
-``python -m bytewax.run`` for each chosen dataflow (``-p`` > 1: one process per index, wired
-with ``-i/-a``), in this command's process group, and waits for them. With a recovery
-directory (default ``<run_dir>/speed-recovery/<flow>``) each flow snapshots every
-``--snapshot-s`` seconds and resumes from its last snapshot after a crash; the directory is
-initialised on first use. The worker layout (``-w``/``-p``) must stay the same for one
-recovery directory.
+each chosen dataflow as a Bytewax cluster of ``PROCESSES`` processes on this host (``python
+-m bytewax.run`` wired with ``-i/-a`` on loopback) and supervises each cluster as a unit:
+when one process dies the launcher stops the others and exits non-zero naming it
+(:mod:`ctrstream.cli.cluster`). ``ctrstream speed features -i K -a "h0:port;h1:port;..."``
+starts process ``K`` of a cluster spread over several hosts (one flow per command: the
+features and the join flows are two clusters with their own address lists).
+
+With a recovery directory (default ``<run_dir>/speed-recovery/<flow>``) each flow snapshots
+every ``--snapshot-s`` seconds and resumes from its last snapshot after a crash; the store
+is laid out for the cluster on first use (one partition per worker; with ``-i`` this host's
+share) and records its layout: resuming it with another process or worker count is refused
+with what to do (``docs/bytewax-cluster.md``).
 
 ``ctrstream speed heartbeat --at-ms T`` (or ``--ahead-s S``: S seconds after now) writes
 one watermark heartbeat into every partition of ``impressions`` and ``clicks``, advancing
@@ -18,15 +24,34 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
+from ctrstream.cli.cluster import (
+    Layout,
+    LayoutError,
+    bytewax_commands,
+    prepare_store,
+    start_member,
+    supervise,
+)
+
 FLOWS = {"features": "ctrstream.streaming.features_flow", "join": "ctrstream.streaming.join_flow"}
+
+
+def flow_target(flow: str, stop_at_end: bool = False) -> str:
+    """The ``bytewax.run`` import string of ``flow``."""
+    return f"{FLOWS[flow]}:get_flow({'True' if stop_at_end else ''})"
+
+
+def loopback_addresses(n: int) -> list[str]:
+    """``n`` free loopback addresses for the processes of a one-host cluster."""
+    from ctrstream.stack.services import free_port
+
+    return [f"127.0.0.1:{free_port()}" for _ in range(n)]
 
 
 def job_commands(
@@ -36,30 +61,15 @@ def job_commands(
     recovery_dir: Path | None = None,
     snapshot_s: float = 5.0,
     stop_at_end: bool = False,
+    layout: Layout | None = None,
 ) -> list[list[str]]:
-    """The ``python -m bytewax.run`` command line of each process of ``flow``."""
-    from ctrstream.stack.services import free_port
-
-    target = f"{FLOWS[flow]}:get_flow({'True' if stop_at_end else ''})"
-    base = [sys.executable, "-m", "bytewax.run", target, "-w", str(workers)]
-    if recovery_dir is not None:
-        base += ["-r", str(recovery_dir), "-s", str(max(1, round(snapshot_s))), "-b", "0"]
-    if processes <= 1:
-        return [base]
-    addrs = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
-    return [base + ["-i", str(k), "-a", addrs] for k in range(processes)]
-
-
-def init_recovery(recovery_dir: Path, partitions: int = 1) -> bool:
-    """Create the Bytewax recovery store if it does not exist; True when created."""
-    recovery_dir = Path(recovery_dir)
-    if recovery_dir.exists() and any(recovery_dir.glob("*.sqlite3")):
-        return False
-    recovery_dir.mkdir(parents=True, exist_ok=True)
-    from bytewax.recovery import init_db_dir
-
-    init_db_dir(recovery_dir, partitions)
-    return True
+    """The ``python -m bytewax.run`` command line of each process of ``flow`` this host
+    starts (``layout``, or ``processes`` x ``workers`` on this host)."""
+    layout = layout or Layout(processes, workers)
+    addrs = None
+    if layout.process_id is None and layout.processes > 1:
+        addrs = loopback_addresses(layout.processes)
+    return bytewax_commands(flow_target(flow, stop_at_end), layout, recovery_dir, snapshot_s, addrs)
 
 
 SHARDS_FILE = "ctrstream-shards.json"
@@ -84,6 +94,10 @@ def check_shards(recovery_dir: Path) -> None:
         )
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)  # a supervisor's log shows it at once
+
+
 def run_jobs(
     flows: list[str],
     workers: int,
@@ -91,64 +105,42 @@ def run_jobs(
     recovery_root: Path | None,
     snapshot_s: float,
     stop_at_end: bool,
-    log=print,
+    log: Callable[[str], None] = _say,
+    layout: Layout | None = None,
 ) -> int:
-    """Start every process of every flow in this process group and wait for them."""
-    from ctrstream.stack.procs import die_with_parent
-
-    procs: list[subprocess.Popen] = []
-    index = 0  # across flows: process k serves its metrics on metrics_port + k (no clash)
-    for flow in flows:
+    """Start every process of every flow (this host's) and supervise them as one unit: a
+    process that dies stops them all (:func:`ctrstream.cli.cluster.supervise`)."""
+    layout = layout or Layout(processes, workers)
+    plans = []
+    for flow in flows:  # every store is checked before any process starts
         rdir = None
         if recovery_root is not None:
             rdir = Path(recovery_root) / flow
-            if init_recovery(rdir, max(1, processes)):
-                log(f"{flow}: initialised recovery store {rdir}")
+            if prepare_store(rdir, layout):
+                log(
+                    f"{flow}: initialised recovery store {rdir} for {layout.describe()} "
+                    f"(partitions {layout.local_partitions()} of {layout.partitions})"
+                )
             if flow == "features":
                 check_shards(rdir)
-        for k, argv in enumerate(
-            job_commands(flow, workers, processes, rdir, snapshot_s, stop_at_end)
-        ):
+        plans.append((flow, rdir))
+    members = []
+    index = 0  # process k of this host serves its metrics on metrics_port + k (no clash)
+    for flow, rdir in plans:
+        argvs = job_commands(
+            flow, snapshot_s=snapshot_s, stop_at_end=stop_at_end, recovery_dir=rdir, layout=layout
+        )
+        if layout.process_id is not None:  # one process per flow on this host: by flow
+            index = list(FLOWS).index(flow)
+        for k, argv in zip(layout.local_processes(), argvs, strict=True):
             env = {
                 **os.environ,
                 "CTRSTREAM_SPEED_PROCESS_INDEX": str(index),
                 "PYTHONUNBUFFERED": "1",
             }
             index += 1
-            log(f"{flow}[{k}]: {' '.join(argv)}")
-            # a flow dies with this command, even with kill -9: none outlives it holding its
-            # metrics port (a restart right away binds the same ports)
-            procs.append(
-                subprocess.Popen(
-                    argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent()
-                )
-            )
-
-    def stop(signum, _frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    rc = 0
-    try:
-        while procs:
-            for p in list(procs):
-                code = p.poll()
-                if code is None:
-                    continue
-                procs.remove(p)
-                if code != 0:
-                    rc = rc or code
-                    log(f"a speed-layer process exited with {code}; stopping the others")
-                    stop(signal.SIGTERM, None)
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return rc
+            members.append(start_member(f"{flow}[{k}]", argv, env, log))
+    return supervise(members, log)
 
 
 def register(app: typer.Typer) -> None:
@@ -157,6 +149,12 @@ def register(app: typer.Typer) -> None:
         flow: str = typer.Argument("all", help="features, join, all, or heartbeat"),
         workers: int = typer.Option(1, "-w", "--workers", help="workers per process"),
         processes: int = typer.Option(1, "-p", "--processes", help="processes per flow"),
+        process_id: int = typer.Option(
+            None, "-i", "--process-id", help="several hosts: this host's process index"
+        ),
+        addresses: str = typer.Option(
+            None, "-a", "--addresses", help="several hosts: 'host:port;host:port' of every process"
+        ),
         recovery_dir: Path = typer.Option(
             None, "--recovery-dir", help="recovery store root (default <run_dir>/speed-recovery)"
         ),
@@ -199,6 +197,19 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(
                 f"unknown flow {flow!r}: choose features, join, all or heartbeat"
             )
+        try:
+            layout = Layout.from_options(processes, workers, process_id, addresses)
+        except LayoutError as e:
+            raise typer.BadParameter(str(e)) from None
+        if layout.process_id is not None and len(flows) > 1:
+            raise typer.BadParameter(
+                "-i/-a start one process of one cluster: run `speed features -i K -a ...` and "
+                "`speed join -i K -a ...` (each flow its own address list)"
+            )
         ensure_topics(settings, settings.topics.all())
         root = None if no_recovery else (recovery_dir or settings.run_dir / "speed-recovery")
-        raise typer.Exit(run_jobs(flows, workers, processes, root, snapshot_s, stop_at_end))
+        try:
+            rc = run_jobs(flows, workers, processes, root, snapshot_s, stop_at_end, layout=layout)
+        except LayoutError as e:
+            raise fail(str(e)) from None
+        raise typer.Exit(rc)
