@@ -24,6 +24,7 @@ slot owner, the readers (``reader``) read per node, the cache's invalidation tra
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,10 +34,11 @@ from typing import Any, NamedTuple, Protocol
 import hiredis
 import numpy as np
 
-from ctrstream.store.connection import RedisReplyError, RespSocket, pack
+from ctrstream.config import RedisSettings, Settings
+from ctrstream.store.connection import RedisLoadingError, RedisReplyError, RespSocket, pack
+from ctrstream.store.resp import PAD, BackgroundPipeline, Backoff, RetryHook, with_backoff
 
 N_SLOTS = 16384
-PAD = 0xFF  # the pad byte of ctrstream.store.resp's rendered rows (never a byte of a key)
 
 
 def _crc_table() -> np.ndarray:
@@ -398,6 +400,8 @@ class ClusterConnections:
         self.stats = RoutingStats()
         self.lock = threading.Lock()
         self._loaded = False
+        # runs on every new connection to a node, before anything is sent on it
+        self.on_connect: Callable[[Address, Conn], None] | None = None
 
     @classmethod
     def from_kwargs(
@@ -425,10 +429,23 @@ class ClusterConnections:
         self._loaded = True
 
     def conn(self, addr: Address) -> Conn:
+        """The connection to ``addr``, opened (and handed to :attr:`on_connect`) if there is
+        none."""
         c = self.conns.get(addr)
         if c is None:
-            c = self.conns[addr] = self.opener(addr)
+            c = self.opener(addr)
+            if self.on_connect is not None:
+                try:
+                    self.on_connect(addr, c)
+                except BaseException:
+                    c.close()
+                    raise
+            self.conns[addr] = c
         return c
+
+    def stale(self) -> None:
+        """Read the map again before the next command (a node was lost)."""
+        self._loaded = False
 
     def drop(self, addr: Address) -> None:
         c = self.conns.pop(addr, None)
@@ -493,7 +510,7 @@ class ClusterConnections:
                 self.conn(addr).send_packed(payload)
             except OSError:
                 self.drop(addr)
-                self._loaded = False
+                self.stale()
                 raise
             sent.append((addr, idx, ask))
         nxt: dict[Address, list[int]] = {}
@@ -527,7 +544,7 @@ class ClusterConnections:
                         nxt.setdefault(self.map.node_of_slot(slots[i]), []).append(i)
             except OSError:
                 self.drop(addr)
-                self._loaded = False
+                self.stale()
                 raise
         if moved:
             try:
@@ -545,3 +562,180 @@ class ClusterConnections:
         if wait:
             time.sleep(self.retry_wait_s)
         return nxt, nxt_ask
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+def cluster_seeds(settings: Settings | RedisSettings) -> list[Address]:
+    """The cluster's seed nodes of the settings (``redis.cluster``, ``host:port`` each);
+    empty for a single Redis."""
+    rs = settings.redis if isinstance(settings, Settings) else settings
+    return [
+        parse_address(a) if isinstance(a, str) else a for a in getattr(rs, "cluster", None) or []
+    ]
+
+
+def connections_for(
+    settings: Settings | RedisSettings, timeout: float = 30.0
+) -> ClusterConnections:
+    """:class:`ClusterConnections` to the cluster of the settings (its password and
+    username; a cluster has database 0 only)."""
+    rs = settings.redis if isinstance(settings, Settings) else settings
+    seeds = cluster_seeds(rs)
+    if not seeds:
+        raise ValueError(
+            "these settings name no Redis Cluster (set redis.cluster: host:port seeds)"
+        )
+    if rs.db:
+        raise ValueError(
+            f"a Redis Cluster has database 0 only, the settings name database {rs.db}: "
+            "set redis.db to 0"
+        )
+    return ClusterConnections.from_kwargs(
+        seeds, {"password": rs.password, "username": getattr(rs, "username", None)}, timeout
+    )
+
+
+class _ErrorLines:
+    """Counts one-line replies by their line ends and keeps every error line with its reply
+    index (a cluster answers a command of a moved slot with a ``-MOVED`` line, and only those
+    commands are sent again). Without an error it is ``bytes.count`` in C."""
+
+    def __init__(self) -> None:
+        self.got = 0
+        self.tail = b""  # the part of a line cut by the end of the last read
+        self.errors: list[tuple[int, str]] = []
+
+    def feed(self, data: bytes) -> None:
+        buf = self.tail + data if self.tail else data
+        end = buf.rfind(b"\n") + 1
+        if not buf.startswith(b"-") and b"\n-" not in buf:
+            self.got += buf.count(b"\n", 0, end)
+        else:
+            lines = buf[:end].split(b"\n")[:-1]
+            for j, line in enumerate(lines):
+                if line.startswith(b"-"):
+                    self.errors.append(
+                        (self.got + j, line[1:].rstrip(b"\r").decode(errors="replace"))
+                    )
+            self.got += len(lines)
+        self.tail = buf[end:]
+
+
+def _commands_of(payload: bytes) -> list[tuple[bytes, ...]]:
+    """The commands of a packed payload (RESP arrays of bulk strings, as sent)."""
+    reader = hiredis.Reader()
+    reader.feed(payload)
+    out = []
+    while (cmd := reader.gets()) is not False:
+        out.append(tuple(cmd))
+    return out
+
+
+NodeParts = dict[Address, tuple[bytes, int]]
+"""A payload split by node: per master, its packed commands and their number."""
+UNSERVED = Address("", 0)
+"""The part of :data:`NodeParts` whose slots no node served when it was split (routed
+command by command when sent)."""
+
+
+class ClusterPipeline(BackgroundPipeline):
+    """:class:`~ctrstream.store.resp.BackgroundPipeline` over a Redis Cluster: each submitted
+    payload is a :data:`NodeParts` (one part per master, split by the slot map when it was
+    rendered), sent to every node at once over one connection per node from one writer
+    thread, and acknowledged once every node answered every command. Payloads are executed
+    one after the other, so a redirected command is re-sent before any later payload's
+    commands go out (absolute values stay in order). Replies are counted per node
+    (:class:`_ErrorLines`); commands answered ``MOVED``/``ASK``/``TRYAGAIN`` are sent again
+    through :meth:`ClusterConnections.execute` - not errors, not lost. A part for a node
+    that no longer serves slots (a failover) is routed command by command. A lost
+    connection is retried with ``backoff`` as on one node (the map is read again first).
+    ``on_connect(address, connection)`` runs on every new connection to a node."""
+
+    def __init__(
+        self,
+        router: ClusterConnections,
+        max_pending: int = 2,
+        timeout: float = 30.0,
+        backoff: Backoff | None = None,
+        on_retry: RetryHook | None = None,
+        on_connect: Callable[[Address, Conn], None] | None = None,
+    ) -> None:
+        self.router = router
+        self.timeout = timeout
+        if on_connect is not None:
+            router.on_connect = on_connect
+        super().__init__({}, max_pending, timeout, backoff, on_retry)
+
+    def _execute(self, payload: Any, n: int, one_line: bool) -> None:
+        with_backoff(lambda: self._attempt(payload), self.backoff, self.on_retry)
+
+    def _attempt(self, parts: NodeParts) -> None:
+        try:
+            self.router.ensure_map()
+            masters = set(self.router.map.masters())
+        except ClusterError as e:
+            raise ConnectionError(str(e)) from e
+        direct = {a: p for a, p in parts.items() if a in masters and p[1]}
+        rerouted = [cmd for a, p in parts.items() if a not in masters for cmd in _commands_of(p[0])]
+        try:
+            errors = self._roundtrip(direct)
+        except (OSError, ConnectionError):
+            for a in direct:
+                self.router.drop(a)
+            self.router.stale()  # read the map again before the next attempt
+            raise
+        again: list[tuple[bytes, ...]] = []
+        for addr, errs in errors.items():
+            cmds = None
+            for i, text in errs:
+                if parse_redirect(text, addr.host) is None and not is_retryable(text):
+                    if text.startswith("LOADING"):
+                        raise RedisLoadingError(f"redis {addr} is loading its data set: {text}")
+                    raise RuntimeError(f"redis {addr} replied with an error: {text}")
+                if cmds is None:
+                    cmds = _commands_of(direct[addr][0])
+                again.append(cmds[i])
+        again += rerouted
+        if again:
+            try:
+                with self.router.lock:
+                    self.router._execute(again, [c[1] for c in again])
+            except RedisReplyError as e:
+                raise RuntimeError(f"redis replied with an error: {e}") from e
+            except ClusterError as e:  # slots not served yet (a failover): wait and retry
+                raise ConnectionError(str(e)) from e
+
+    def _roundtrip(self, parts: NodeParts) -> dict[Address, list[tuple[int, str]]]:
+        """Send every node its part while reading the replies as they come (see
+        :meth:`ctrstream.store.resp.RespPipeline._roundtrip`); the error lines per node."""
+        states: dict[Any, tuple[Address, memoryview, int, _ErrorLines]] = {}
+        sent: dict[Any, int] = {}
+        for addr, (payload, n) in parts.items():
+            sock = self.router.conn(addr).sock  # type: ignore[attr-defined]
+            states[sock] = (addr, memoryview(payload), n, _ErrorLines())
+            sent[sock] = 0
+        while True:
+            reading = [s for s, (_, _, n, c) in states.items() if c.got < n]
+            if not reading:
+                break
+            writing = [s for s in reading if sent[s] < len(states[s][1])]
+            readable, writable, _ = select.select(reading, writing, [], self.timeout)
+            if not readable and not writable:
+                raise TimeoutError(f"the redis cluster made no progress for {self.timeout:.0f} s")
+            for s in writable:
+                view = states[s][1]
+                sent[s] += s.send(view[sent[s] : sent[s] + (1 << 20)])
+            for s in readable:
+                data = s.recv(1 << 20)
+                if not data:
+                    raise ConnectionError(f"redis {states[s][0]} closed the connection")
+                states[s][3].feed(data)
+        return {a: c.errors for a, _, _, c in states.values() if c.errors}
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.router.close()
