@@ -200,6 +200,31 @@ class ClusterError(RuntimeError):
     """The cluster could not serve a command (no node serves its slot, too many redirects)."""
 
 
+class ClusterMoving(RuntimeError):
+    """A call that reads keys of several slots on one node met a slot in motion (a
+    migration or a failover): its keys are no longer all on the node it was sent to. The
+    caller reads them again key by key (routed, with redirects followed)."""
+
+
+_MOVING = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "CROSSSLOT")
+
+
+def is_moving(text: str) -> bool:
+    """An error reply of a multi-slot call that a slot in motion explains (see
+    :class:`ClusterMoving`): a redirect, a cluster in motion, or a script's read of a key its
+    node does not serve (any more)."""
+    return text.startswith(_MOVING) or "non local key" in text or "not served" in text
+
+
+def slots_of(keys: Sequence[str]) -> np.ndarray:
+    """:func:`key_slots` of ``str`` keys (UTF-8)."""
+    if not keys:
+        return np.zeros(0, np.int64)
+    arr = np.array([k.encode() for k in keys])
+    rows = arr.view(np.uint8).reshape(len(arr), arr.dtype.itemsize)
+    return key_slots(rows, np.char.str_len(arr))
+
+
 # --------------------------------------------------------------------------- the slot map
 
 
@@ -398,6 +423,7 @@ class ClusterConnections:
         self.max_redirects = max_redirects
         self.retry_wait_s = retry_wait_s
         self.stats = RoutingStats()
+        self.kwargs: dict[str, Any] = {}  # the credentials opener uses (for asyncio twins)
         self.lock = threading.Lock()
         self._loaded = False
         # runs on every new connection to a node, before anything is sent on it
@@ -416,7 +442,13 @@ class ClusterConnections:
                 addr.host, addr.port, kw.get("password"), 0, kw.get("username"), timeout=timeout
             )
 
-        return cls(seeds, opener)
+        out = cls(seeds, opener)
+        out.kwargs = {
+            k: kw[k]
+            for k in ("password", "username", "socket_timeout", "socket_connect_timeout")
+            if kw.get(k) is not None
+        }
+        return out
 
     def ensure_map(self) -> SlotMap:
         if not self._loaded:
@@ -457,14 +489,22 @@ class ClusterConnections:
             self.drop(addr)
 
     def execute(
-        self, commands: Sequence[tuple[Any, ...]], keys: Sequence[bytes | str]
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        keys: Sequence[bytes | str],
+        raise_errors: bool = True,
     ) -> list[Any]:
-        """Replies of ``commands`` (``keys[i]`` routes ``commands[i]``), in order."""
+        """Replies of ``commands`` (``keys[i]`` routes ``commands[i]``), in order.
+        ``raise_errors`` False: an error reply (other than a followed redirect) is returned in
+        its place as a ``hiredis.ReplyError``."""
         with self.lock:
-            return self._execute(commands, keys)
+            return self._execute(commands, keys, raise_errors)
 
     def _execute(
-        self, commands: Sequence[tuple[Any, ...]], keys: Sequence[bytes | str]
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        keys: Sequence[bytes | str],
+        raise_errors: bool = True,
     ) -> list[Any]:
         m = self.ensure_map()
         n = len(commands)
@@ -485,7 +525,7 @@ class ClusterConnections:
             again = self._round(todo, asking, commands, slots, replies)
             todo, asking = again
         errors = [r for r in replies if isinstance(r, hiredis.ReplyError)]
-        if errors:
+        if errors and raise_errors:
             raise RedisReplyError(str(errors[0]))
         return replies
 
@@ -739,3 +779,16 @@ class ClusterPipeline(BackgroundPipeline):
             super().close()
         finally:
             self.router.close()
+
+
+def connections_of_client(client: Any, timeout: float = 5.0) -> ClusterConnections | None:
+    """:class:`ClusterConnections` to the cluster of a redis-py ``RedisCluster`` client (sync
+    or asyncio: its startup nodes and credentials); None for any other client."""
+    nm = getattr(client, "nodes_manager", None)
+    if nm is None:
+        return None
+    nodes = getattr(nm, "startup_nodes", None) or {}
+    seeds = [Address(n.host, int(n.port)) for n in nodes.values()]
+    kw = dict(getattr(nm, "connection_kwargs", None) or {})
+    t = kw.get("socket_timeout") or timeout
+    return ClusterConnections.from_kwargs(seeds, kw, float(t))

@@ -5,22 +5,29 @@ writes and reads go on through ``MOVED`` and ``ASK``."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster as RedisClusterAsync
+from redis.cluster import RedisCluster
 
 from ctrstream import features as F
 from ctrstream.config import RedisSettings, Settings
 from ctrstream.stack.manager import isolated_redis
 from ctrstream.stack.services import free_port, wait_until
+from ctrstream.store import layout as L
 from ctrstream.store import speed_view as SV
-from ctrstream.store.cluster import key_slot
+from ctrstream.store.cluster import connections_for, key_slot
+from ctrstream.store.connection import redis_client
+from ctrstream.store.reader import AsyncFeatureStore, FeatureStore
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
@@ -191,3 +198,162 @@ def test_cluster_writer_writes_what_one_redis_holds(on_cluster, cluster_nodes, s
         for k in keys[:50]:  # slot owner and TTL as on one Redis
             assert node.cluster("keyslot", k) == key_slot(k)
             assert abs(node.pttl(k) - r1.pttl(k)) < 60_000
+
+
+# --------------------------------------------------------------------------- reads
+
+T = 1_750_000_000_000 + 37 * F.MINUTE_MS + 12_345  # 15:43 UTC: speed buckets on one day
+CUTOFF = F.align_cutoff(T - 5 * F.HOUR_MS)
+
+
+def _copy_to_cluster(src: redis.Redis, dst: Settings) -> int:
+    """Every key of one Redis into the cluster (DUMP / RESTORE, routed by slot)."""
+    router = connections_for(dst)
+    try:
+        keys = list(src.scan_iter(count=5000))
+        pipe = src.pipeline(transaction=False)
+        for k in keys:
+            pipe.dump(k)
+            pipe.pttl(k)
+        got = pipe.execute()
+        cmds = [
+            ("RESTORE", k, max(0, ttl), d, "REPLACE")
+            for k, d, ttl in zip(keys, got[0::2], got[1::2])
+        ]
+        router.execute(cmds, keys)
+    finally:
+        router.close()
+    return len(keys)
+
+
+def _cluster_client(s: Settings) -> RedisCluster:
+    host, port = s.redis.cluster[0].split(":")  # type: ignore[attr-defined]
+    return RedisCluster(host=host, port=int(port), socket_timeout=5.0)
+
+
+@pytest.fixture(scope="module")
+def read_data(cluster_nodes, single) -> Iterator[tuple[Settings, Settings, list[str]]]:
+    """The same data on one Redis and on the cluster: speed cells of 400 entities (some over
+    two days) through the writer, and a batch view (per-bucket hashes, long windows) whose
+    cut-off splits the windows."""
+    rng = np.random.default_rng(5)
+    r1 = redis.Redis.from_url(single.redis.url)
+    r1.flushall()
+    for p in cluster_nodes:
+        redis.Redis(host="127.0.0.1", port=p).flushall()
+    keys = []
+    cells = []
+    for k, ent in enumerate(F.ENTITIES):
+        n = 400 // len(F.ENTITIES)
+        ids = [rng.integers(1, 10_000, n) for _ in ent.fields]
+        keys += [f"{ent.name}:" + ":".join(str(int(p[i])) for p in ids) for i in range(n)]
+        for res_k, res in enumerate(F.RESOLUTIONS):
+            b1 = T // res.bucket_ms
+            for b in range(b1 - res.n_buckets - 1, b1 + 2):
+                cells.append(
+                    SV.SpeedCells(
+                        k, ids, np.full(n, res_k), np.full(n, b),
+                        rng.integers(0, 40, n), rng.integers(0, 4, n), np.ones(n, bool),
+                    )
+                )  # fmt: skip
+    with SV.SpeedViewWriter(single) as w:
+        w.write(cells)
+    version = "v1"
+    pipe = r1.pipeline(transaction=False)
+    for k, ek in enumerate(keys):
+        ent, eid = L.split_entity_key(ek)
+        for res in F.RESOLUTIONS:
+            bs = range(T // res.bucket_ms - res.n_buckets - 2, T // res.bucket_ms + 1)
+            pipe.hset(
+                L.batch_key(version, ent, eid, res.name),
+                mapping={L.batch_field(et, b): int(rng.integers(0, 50)) for b in bs for et in "ic"},
+            )
+        pipe.hset(L.batch_long_key(version, ent, eid), mapping={"i7d": k * 10, "c7d": k})
+    pipe.execute()
+    r1.hset(
+        L.batch_meta_key(version),
+        mapping={"cutoff_ms": CUTOFF, "created_ms": CUTOFF, "fingerprint": F.fingerprint()},
+    )
+    r1.set(L.BATCH_POINTER_KEY, version)
+    assert _copy_to_cluster(r1, _with_cluster(cluster_nodes)) > 1000
+    yield single, _with_cluster(cluster_nodes), keys
+
+
+@pytest.mark.parametrize("mode", ["lambda", "speed", "batch"])
+@pytest.mark.parametrize("method", ["script", "pipeline"])
+def test_cluster_reads_equal_single_node_reads(read_data, mode, method):
+    single, on_cluster, keys = read_data
+    want = FeatureStore(redis_client(single), mode=mode, method=method).read(keys, T)
+    store = FeatureStore(_cluster_client(on_cluster), mode=mode, method=method)
+    try:
+        got = store.read(keys, T)
+        np.testing.assert_array_equal(got.counts, want.counts)
+        assert (got.batch_version, got.cutoff_ms, got.newest_bucket_ms) == (
+            want.batch_version,
+            want.cutoff_ms,
+            want.newest_bucket_ms,
+        )
+        assert want.counts.sum() > 0
+    finally:
+        store.close()
+
+    async def read_async() -> Any:
+        a = AsyncFeatureStore(
+            RedisClusterAsync(host="127.0.0.1", port=int(on_cluster.redis.port)),  # type: ignore[abstract]
+            mode=mode,
+            method=method,
+        )
+        try:
+            return await a.read(keys, T)
+        finally:
+            await a.close()
+
+    got = asyncio.run(read_async())
+    np.testing.assert_array_equal(got.counts, want.counts)
+
+
+def test_the_read_script_runs_once_per_node_when_an_entity_lives_on_one_node(read_data):
+    """In speed mode at 23:30 UTC every window lies on one day: every entity's keys are one
+    day hash (one slot), so the script runs once per node and nothing falls back."""
+    single, on_cluster, _ = read_data
+    t = (T // F.DAY_MS) * F.DAY_MS + 23 * F.HOUR_MS + 30 * F.MINUTE_MS
+    rng = np.random.default_rng(8)
+    n = 300
+    ids = [rng.integers(1, 10**6, n)]
+    cells = [
+        SV.SpeedCells(
+            ENT["ad"], ids, np.full(n, k), np.full(n, t // r.bucket_ms - j),
+            rng.integers(1, 40, n), rng.integers(0, 4, n), np.ones(n, bool),
+        )
+        for k, r in enumerate(F.RESOLUTIONS)
+        for j in range(3)
+    ]  # fmt: skip
+    for s in (single, on_cluster):
+        with SV.SpeedViewWriter(s) as w:
+            w.write(cells)
+    keys = [f"ad:{int(x)}" for x in ids[0]]
+    want = FeatureStore(redis_client(single), mode="speed").read(keys, t)
+    store = FeatureStore(_cluster_client(on_cluster), mode="speed")
+    try:
+        got = store.read(keys, t)
+        np.testing.assert_array_equal(got.counts, want.counts)
+        assert want.counts.sum() > 0
+        assert store.core.cluster_fallbacks == 0
+        assert store.cluster is not None and len(store.cluster.conns) == 3
+    finally:
+        store.close()
+    # lambda mode with the old key layout: an entity's batch and speed keys are in different
+    # slots - read key by key instead, same counts
+    keys = read_data[2]
+    store = FeatureStore(_cluster_client(on_cluster))
+    try:
+        want = FeatureStore(redis_client(single)).read(keys[:50], T)
+        np.testing.assert_array_equal(store.read(keys[:50], T).counts, want.counts)
+        # a read of one entity whose keys happen to share a node, then a pointer switch
+        c = _cluster_client(on_cluster)
+        c.set(L.BATCH_POINTER_KEY, "v2")
+        c.hset(L.batch_meta_key("v2"), mapping={"cutoff_ms": CUTOFF, "created_ms": CUTOFF})
+        assert store.read(keys[:5], T).batch_version == "v2"
+        c.set(L.BATCH_POINTER_KEY, "v1")
+    finally:
+        store.close()
