@@ -9,6 +9,8 @@ import asyncio
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -357,3 +359,100 @@ def test_the_read_script_runs_once_per_node_when_an_entity_lives_on_one_node(rea
         c.set(L.BATCH_POINTER_KEY, "v1")
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------- slot migration
+
+
+def test_slot_migration_under_load_loses_nothing(on_cluster, cluster_nodes, single):
+    """``redis-cli --cluster reshard`` moves 1500 slots (and their keys) from one master to
+    another while a writer rewrites every cell round after round and a reader reads them:
+    both go on through MOVED and ASK without an error, and at the end the cluster holds
+    exactly what one Redis holds after the same writes."""
+    t = (T // F.DAY_MS) * F.DAY_MS + 23 * F.HOUR_MS + 30 * F.MINUTE_MS  # windows on one day
+    n = 3000
+    ids = [np.arange(1, n + 1, dtype=np.int64) * 7919]
+    keys = [f"ad:{int(x)}" for x in ids[0]]
+
+    def cells(round_: int) -> list[SV.SpeedCells]:
+        return [
+            SV.SpeedCells(
+                ENT["ad"], ids, np.full(n, k), np.full(n, t // r.bucket_ms),
+                np.full(n, round_) + ids[0] % 5, np.full(n, round_ // 3),
+                np.full(n, round_ == 1),
+            )
+            for k, r in enumerate(F.RESOLUTIONS)
+        ]  # fmt: skip
+
+    writer = SV.SpeedViewWriter(on_cluster, marker="reshard", backoff=SV.Backoff())
+    writer.write(cells(1))
+    writer.drain()
+    reader = FeatureStore(_cluster_client(on_cluster), mode="speed")
+    assert reader.read(keys, t).counts.sum() > 0
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done = {"writes": 1, "reads": 0}
+
+    def write_loop() -> None:
+        try:
+            while not stop.is_set():
+                done["writes"] += 1
+                writer.write(cells(done["writes"]))
+            writer.drain()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    def read_loop() -> None:
+        try:
+            while not stop.is_set():
+                got = reader.read(keys, t)
+                assert (got.counts[:, 0, 0] > 0).all()  # every entity seen, none lost
+                done["reads"] += 1
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    src, dst = cluster_nodes[0], cluster_nodes[1]
+    ids_of = {p: redis.Redis(host="127.0.0.1", port=p).cluster("myid") for p in (src, dst)}
+    threads = [threading.Thread(target=write_loop), threading.Thread(target=read_loop)]
+    for th in threads:
+        th.start()
+    try:
+        wait_until(lambda: done["reads"] >= 2 and done["writes"] >= 3, 30, what="load")
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{src}",
+             "--cluster-from", ids_of[src], "--cluster-to", ids_of[dst],
+             "--cluster-slots", "1500", "--cluster-yes", "--cluster-pipeline", "10"],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        reshard_s = time.monotonic() - t0
+        during = dict(done)
+        wait_until(lambda: done["writes"] > during["writes"] + 3, 30, what="writes after")
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(60)
+    assert not errors, errors
+    writer.close()
+    reader.close()
+    assert writer.cluster is not None
+    stats = writer.cluster.stats
+    assert stats.moved > 0, stats  # the writer's map was stale once the slots moved
+    assert not writer.losses
+    # the reference: the last round written to one Redis
+    r1 = redis.Redis.from_url(single.redis.url)
+    r1.flushall()
+    with SV.SpeedViewWriter(single) as w:
+        w.write(cells(1))
+        w.write(cells(done["writes"]))
+    assert _read_all(cluster_nodes) == SV.read_speed_view(r1)
+    assigned = int(
+        redis.Redis(host="127.0.0.1", port=dst).cluster("info")["cluster_slots_assigned"]
+    )
+    assert assigned == 16384
+    print(
+        f"reshard of 1500 slots: {reshard_s:.1f} s, {done['writes']} payloads, "
+        f"{done['reads']} reads, reader fallbacks {reader.core.cluster_fallbacks}, "
+        f"writer {stats}"
+    )
