@@ -89,7 +89,7 @@ from ctrstream.store.script import (
     SyncScript,
     cluster_call_args,
 )
-from ctrstream.store.tracking import InvalidationTracker
+from ctrstream.store.tracking import ClusterInvalidationTracker, InvalidationTracker
 
 Method = Literal["script", "pipeline"]
 MAX_SWITCHES = 3  # reads redone because the view switched under them, before giving up
@@ -603,21 +603,39 @@ class AsyncFeatureStore(_Shell):
             self.script = AsyncScript.for_client(client) or client.register_script(READ_SCRIPT)
         self.tracking = bool(tracking) and self.core.cache is not None
         self.heartbeat_s = heartbeat_s
-        self.tracker: InvalidationTracker | None = None
+        self.tracker: InvalidationTracker | ClusterInvalidationTracker | None = None
 
     async def start(self) -> None:
         cache = self.core.cache
         if self.tracking and self.tracker is None and cache is not None:
-            kw = dict(self.client.connection_pool.connection_kwargs)
-            self.tracker = InvalidationTracker(
-                kw,
-                cache.invalidate,
-                cache.invalidate_all,
-                heartbeat_s=self.heartbeat_s,
-                clock=self.core.clock,
-            )
-            cache.tracker = self.tracker
-            self.tracker.start()
+            tracker: InvalidationTracker | ClusterInvalidationTracker
+            if self.cluster is not None:  # one tracker per master, on its own router
+                import asyncio
+
+                seeds = list(self.cluster.map.seeds)
+                router = ClusterConnections.from_kwargs(seeds, self.cluster.kwargs)
+                tracker = await asyncio.get_running_loop().run_in_executor(
+                    None,
+                    lambda: ClusterInvalidationTracker(
+                        router,
+                        cache.invalidate,
+                        cache.invalidate_all,
+                        heartbeat_s=self.heartbeat_s,
+                        clock=self.core.clock,
+                    ),
+                )
+            else:
+                kw = dict(self.client.connection_pool.connection_kwargs)
+                tracker = InvalidationTracker(
+                    kw,
+                    cache.invalidate,
+                    cache.invalidate_all,
+                    heartbeat_s=self.heartbeat_s,
+                    clock=self.core.clock,
+                )
+            self.tracker = tracker
+            cache.tracker = tracker
+            tracker.start()
 
     async def close(self) -> None:
         import asyncio

@@ -456,3 +456,66 @@ def test_slot_migration_under_load_loses_nothing(on_cluster, cluster_nodes, sing
         f"{done['reads']} reads, reader fallbacks {reader.core.cluster_fallbacks}, "
         f"writer {stats}"
     )
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+def test_invalidation_tracking_covers_every_node(on_cluster, cluster_nodes):
+    """The shared-entity cache on a cluster: a tracker per master; cached ads on every node
+    stay cached past the TTL while no write is reported, and a write to any of them (through
+    the cluster writer) is reported by its node and drops it."""
+    t = (T // F.DAY_MS) * F.DAY_MS + 23 * F.HOUR_MS + 30 * F.MINUTE_MS
+    b = t // F.RESOLUTIONS[0].bucket_ms
+    n = 30
+    ids = [np.arange(1, n + 1, dtype=np.int64) * 104729]
+    keys = [f"ad:{int(x)}" for x in ids[0]]
+    nodes_of = {
+        connections_for(on_cluster).ensure_map().node_of_key(L.speed_key("ad", k[3:], b // 1440))
+        for k in keys
+    }
+    assert len(nodes_of) == 3  # the ads' hashes are spread over every master
+
+    def write(value: int) -> None:
+        with SV.SpeedViewWriter(on_cluster) as w:
+            w.write(
+                [SV.SpeedCells(ENT["ad"], ids, np.zeros(n, np.int64), np.full(n, b),
+                               np.full(n, value), np.zeros(n, np.int64), np.ones(n, bool))]
+            )  # fmt: skip
+
+    write(1)
+    ttl = 0.2
+
+    async def healthy(store: AsyncFeatureStore, after: float | None = None) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            at = store.tracker.acked_sent_at if store.tracker else None
+            if at is not None and (after is None or at > after):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"tracker not healthy: {store.tracker and store.tracker.status()}")
+
+    async def go() -> None:
+        client = RedisClusterAsync(host="127.0.0.1", port=cluster_nodes[0])  # type: ignore[abstract]
+        store = AsyncFeatureStore(
+            client, mode="speed", cache_ttl_s=ttl, tracking=True, heartbeat_s=0.02
+        )
+        await store.start()
+        try:
+            assert store.tracker is not None and len(store.tracker.status()["nodes"]) == 3
+            await healthy(store)
+            first = await store.read(keys, t)
+            assert first.cache_hits == 0 and (first.counts[:, 0, 0] == 1).all()
+            await asyncio.sleep(ttl * 2)  # older than the TTL, vouched for by every node
+            again = await store.read(keys, t)
+            assert again.cache_hits == n
+            wrote = time.monotonic()
+            write(7)
+            await healthy(store, after=wrote)
+            fresh = await store.read(keys, t)
+            assert fresh.cache_hits == 0 and (fresh.counts[:, 0, 0] == 7).all()
+        finally:
+            await store.close()
+            await client.aclose()
+
+    asyncio.run(go())
