@@ -611,9 +611,7 @@ def cluster_seeds(settings: Settings | RedisSettings) -> list[Address]:
     """The cluster's seed nodes of the settings (``redis.cluster``, ``host:port`` each);
     empty for a single Redis."""
     rs = settings.redis if isinstance(settings, Settings) else settings
-    return [
-        parse_address(a) if isinstance(a, str) else a for a in getattr(rs, "cluster", None) or []
-    ]
+    return [parse_address(a) for a in rs.cluster]
 
 
 def connections_for(
@@ -632,9 +630,7 @@ def connections_for(
             f"a Redis Cluster has database 0 only, the settings name database {rs.db}: "
             "set redis.db to 0"
         )
-    return ClusterConnections.from_kwargs(
-        seeds, {"password": rs.password, "username": getattr(rs, "username", None)}, timeout
-    )
+    return ClusterConnections.from_kwargs(seeds, {"password": rs.password}, timeout)
 
 
 class _ErrorLines:

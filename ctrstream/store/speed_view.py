@@ -485,6 +485,13 @@ class SpeedViewWriter:
         self._node_markers: dict[Address, bytes] = {}  # per master: its sequence marker key
         self._node_seen: set[Address] = set()
         self._masters: tuple[int, list[int]] = (-1, [])  # (map epoch, master indices)
+        # a cluster: each master's part ends with WAIT for its replicas (redis.wait_replicas)
+        rs = settings.redis
+        self.wait = (
+            encode((b"WAIT", rs.wait_replicas, rs.wait_timeout_ms))
+            if self.cluster is not None and rs.wait_replicas > 0
+            else None
+        )
         self.pipe: BackgroundPipeline
         if self.cluster is not None:
             self.pipe = ClusterPipeline(
@@ -620,7 +627,11 @@ class SpeedViewWriter:
         """:meth:`_write` on a Redis Cluster: the payload's rows split by the node serving
         each day hash's slot, one part per master; with a ``marker``, every master's part
         ends with the ``SET`` of this writer's marker on that node (so each node holds the
-        number of the last payload it executed, and :meth:`held_seq` reads the lowest)."""
+        number of the last payload it executed, and :meth:`held_seq` reads the lowest); with
+        ``redis.wait_replicas`` > 0, then with ``WAIT wait_replicas wait_timeout_ms``, so
+        that a payload is acknowledged (and a snapshot's drain returns) only once each
+        master's replicas have it or the timeout passed (replication is asynchronous: what
+        a failover can lose without it, docs/redis-cluster.md)."""
         assert self.cluster is not None
         try:
             m = self.cluster.ensure_map()
@@ -651,6 +662,9 @@ class SpeedViewWriter:
                     if key is None:
                         key = self._node_markers[addr] = self._node_marker(self.marker, owner, k)
                     body = [*body, encode((b"SET", key, seq, b"PX", self.hash_ttl_ms))]
+                    n += 1
+                if self.wait is not None and n:
+                    body = [*body, self.wait]  # acknowledged once replicated (or timed out)
                     n += 1
                 prev = parts.get(addr)
                 if prev is not None:

@@ -8,23 +8,20 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
-from redis.asyncio.cluster import RedisCluster as RedisClusterAsync
 from redis.cluster import RedisCluster
 
 from ctrstream import features as F
-from ctrstream.config import RedisSettings, Settings
-from ctrstream.stack.manager import isolated_redis
-from ctrstream.stack.services import free_port, wait_until
+from ctrstream.config import Settings
+from ctrstream.stack.manager import isolated_redis, isolated_redis_cluster
+from ctrstream.stack.services import wait_until
 from ctrstream.store import layout as L
 from ctrstream.store import speed_view as SV
 from ctrstream.store.cluster import connections_for, key_slot
@@ -41,85 +38,35 @@ RES = {r.name: k for k, r in enumerate(F.RESOLUTIONS)}
 ENT = {e.name: k for k, e in enumerate(F.ENTITIES)}
 
 
-def _cluster_ok(ports: list[int]) -> bool:
-    for p in ports:
-        info = redis.Redis(host="127.0.0.1", port=p).cluster("info")
-        if info.get("cluster_state") != "ok" or int(info.get("cluster_slots_assigned", 0)) != 16384:
-            return False
-    return True
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Settings]:
+    """A 3-master Redis Cluster (a replica each) of its own (part of ``stack up
+    --redis-cluster 3``), on free loopback ports."""
+    with isolated_redis_cluster(masters=3) as s:
+        yield s
+
+
+def _node(s: Settings, port: int) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=port, password=s.redis.password)
 
 
 @pytest.fixture(scope="module")
-def cluster_nodes() -> Iterator[list[int]]:
-    """Three masters of a throw-away Redis Cluster (no replicas) on free loopback ports;
-    stopped by PID."""
-    tmp = Path(tempfile.mkdtemp(prefix="ctrstream-cluster-"))
-    ports = [free_port() for _ in range(3)]
-    procs = []
-    try:
-        for p in ports:
-            d = tmp / str(p)
-            d.mkdir()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        "redis-server",
-                        "--port",
-                        str(p),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "5000",
-                        "--appendonly",
-                        "no",
-                        "--save",
-                        "",
-                        "--dir",
-                        str(d),
-                        "--logfile",
-                        str(d / "redis.log"),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                )  # fmt: skip
-            )
-        for p in ports:
-            wait_until(
-                lambda p=p: redis.Redis(host="127.0.0.1", port=p).ping(), 20, what=f"redis {p}"
-            )
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        wait_until(lambda: _cluster_ok(ports), 30, what="cluster_state:ok")
-        yield ports
-    finally:
-        for pr in procs:
-            pr.terminate()
-        for pr in procs:
-            try:
-                pr.wait(10)
-            except subprocess.TimeoutExpired:
-                pr.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _with_cluster(ports: list[int]) -> Settings:
-    rs = RedisSettings(port=ports[0]).model_copy(
-        update={"cluster": [f"127.0.0.1:{p}" for p in ports]}
-    )
-    return Settings().model_copy(update={"redis": rs})
+def cluster_nodes(cluster) -> list[int]:
+    """The masters' ports."""
+    out = []
+    for seed in cluster.redis.cluster:
+        port = int(seed.rpartition(":")[2])
+        if _node(cluster, port).info("replication")["role"] == "master":
+            out.append(port)
+    assert len(out) == 3
+    return out
 
 
 @pytest.fixture
-def on_cluster(cluster_nodes) -> Iterator[Settings]:
+def on_cluster(cluster, cluster_nodes) -> Iterator[Settings]:
     for p in cluster_nodes:
-        redis.Redis(host="127.0.0.1", port=p).flushall()
-    yield _with_cluster(cluster_nodes)
+        _node(cluster, p).flushall()
+    yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +75,11 @@ def single() -> Iterator[Settings]:
         yield s
 
 
-def _read_all(ports: list[int]) -> dict[SV.Cell, int]:
-    """The speed view of every node, merged (each key lives on one node)."""
+def _read_all(s: Settings, ports: list[int]) -> dict[SV.Cell, int]:
+    """The speed view of every master, merged (each key lives on one master)."""
     out: dict[SV.Cell, int] = {}
     for p in ports:
-        got = SV.read_speed_view(redis.Redis(host="127.0.0.1", port=p))
+        got = SV.read_speed_view(_node(s, p))
         assert not out.keys() & got.keys()
         out.update(got)
     return out
@@ -191,10 +138,10 @@ def test_cluster_writer_writes_what_one_redis_holds(on_cluster, cluster_nodes, s
         w.drain()
         assert w.held_seq("many") == 1
     want = SV.read_speed_view(r1)
-    got = _read_all(cluster_nodes)
+    got = _read_all(on_cluster, cluster_nodes)
     assert got == want and len(got) > 3000
     for p in cluster_nodes:
-        node = redis.Redis(host="127.0.0.1", port=p)
+        node = _node(on_cluster, p)
         keys = list(node.scan_iter(match="sv:*", count=1000))
         assert keys, f"node {p} got no day hash"
         for k in keys[:50]:  # slot owner and TTL as on one Redis
@@ -229,12 +176,11 @@ def _copy_to_cluster(src: redis.Redis, dst: Settings) -> int:
 
 
 def _cluster_client(s: Settings) -> RedisCluster:
-    host, port = s.redis.cluster[0].split(":")  # type: ignore[attr-defined]
-    return RedisCluster(host=host, port=int(port), socket_timeout=5.0)
+    return redis_client(s, timeout_s=5.0)
 
 
 @pytest.fixture(scope="module")
-def read_data(cluster_nodes, single) -> Iterator[tuple[Settings, Settings, list[str]]]:
+def read_data(cluster, cluster_nodes, single) -> Iterator[tuple[Settings, Settings, list[str]]]:
     """The same data on one Redis and on the cluster: speed cells of 400 entities (some over
     two days) through the writer, and a batch view (per-bucket hashes, long windows) whose
     cut-off splits the windows."""
@@ -242,7 +188,7 @@ def read_data(cluster_nodes, single) -> Iterator[tuple[Settings, Settings, list[
     r1 = redis.Redis.from_url(single.redis.url)
     r1.flushall()
     for p in cluster_nodes:
-        redis.Redis(host="127.0.0.1", port=p).flushall()
+        _node(cluster, p).flushall()
     keys = []
     cells = []
     for k, ent in enumerate(F.ENTITIES):
@@ -277,8 +223,8 @@ def read_data(cluster_nodes, single) -> Iterator[tuple[Settings, Settings, list[
         mapping={"cutoff_ms": CUTOFF, "created_ms": CUTOFF, "fingerprint": F.fingerprint()},
     )
     r1.set(L.BATCH_POINTER_KEY, version)
-    assert _copy_to_cluster(r1, _with_cluster(cluster_nodes)) > 1000
-    yield single, _with_cluster(cluster_nodes), keys
+    assert _copy_to_cluster(r1, cluster) > 1000
+    yield single, cluster, keys
 
 
 @pytest.mark.parametrize("mode", ["lambda", "speed", "batch"])
@@ -301,7 +247,7 @@ def test_cluster_reads_equal_single_node_reads(read_data, mode, method):
 
     async def read_async() -> Any:
         a = AsyncFeatureStore(
-            RedisClusterAsync(host="127.0.0.1", port=int(on_cluster.redis.port)),  # type: ignore[abstract]
+            redis_client(on_cluster, asyncio=True, timeout_s=5.0),
             mode=mode,
             method=method,
         )
@@ -412,7 +358,7 @@ def test_slot_migration_under_load_loses_nothing(on_cluster, cluster_nodes, sing
             errors.append(e)
 
     src, dst = cluster_nodes[0], cluster_nodes[1]
-    ids_of = {p: redis.Redis(host="127.0.0.1", port=p).cluster("myid") for p in (src, dst)}
+    ids_of = {p: _node(on_cluster, p).cluster("myid") for p in (src, dst)}
     threads = [threading.Thread(target=write_loop), threading.Thread(target=read_loop)]
     for th in threads:
         th.start()
@@ -420,7 +366,8 @@ def test_slot_migration_under_load_loses_nothing(on_cluster, cluster_nodes, sing
         wait_until(lambda: done["reads"] >= 2 and done["writes"] >= 3, 30, what="load")
         t0 = time.monotonic()
         proc = subprocess.run(
-            ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{src}",
+            ["redis-cli", "-a", str(on_cluster.redis.password), "--no-auth-warning",
+             "--cluster", "reshard", f"127.0.0.1:{src}",
              "--cluster-from", ids_of[src], "--cluster-to", ids_of[dst],
              "--cluster-slots", "1500", "--cluster-yes", "--cluster-pipeline", "10"],
             capture_output=True, text=True, timeout=240,
@@ -446,10 +393,8 @@ def test_slot_migration_under_load_loses_nothing(on_cluster, cluster_nodes, sing
     with SV.SpeedViewWriter(single) as w:
         w.write(cells(1))
         w.write(cells(done["writes"]))
-    assert _read_all(cluster_nodes) == SV.read_speed_view(r1)
-    assigned = int(
-        redis.Redis(host="127.0.0.1", port=dst).cluster("info")["cluster_slots_assigned"]
-    )
+    assert _read_all(on_cluster, cluster_nodes) == SV.read_speed_view(r1)
+    assigned = int(_node(on_cluster, dst).cluster("info")["cluster_slots_assigned"])
     assert assigned == 16384
     print(
         f"reshard of 1500 slots: {reshard_s:.1f} s, {done['writes']} payloads, "
@@ -496,7 +441,7 @@ def test_invalidation_tracking_covers_every_node(on_cluster, cluster_nodes):
         raise AssertionError(f"tracker not healthy: {store.tracker and store.tracker.status()}")
 
     async def go() -> None:
-        client = RedisClusterAsync(host="127.0.0.1", port=cluster_nodes[0])  # type: ignore[abstract]
+        client = redis_client(on_cluster, asyncio=True, timeout_s=5.0)
         store = AsyncFeatureStore(
             client, mode="speed", cache_ttl_s=ttl, tracking=True, heartbeat_s=0.02
         )
