@@ -437,11 +437,26 @@ def _text(v: bytes | str | None) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
 
+SLOT_CACHE_MAX = 1_000_000  # keys whose slot a reader remembers (then it starts over)
+
+
 def _router_route(router: ClusterConnections) -> Route:
-    """The node index of each key by the router's slot map (read once first)."""
+    """The node index of each key by the router's slot map (read once first). A key's slot
+    never changes, and the same keys come back request after request (the shared entities,
+    a user's keys): slots are remembered, computed (vectorized) for new keys only."""
+    slots: dict[str, int] = {}
 
     def route(keys: list[str]) -> np.ndarray:
-        return router.ensure_map().owner[slots_of(keys)]
+        owner = router.ensure_map().owner
+        get = slots.get
+        got = [get(k, -1) for k in keys]
+        new = [k for k, s in zip(keys, got) if s < 0]
+        if new:
+            if len(slots) + len(new) > SLOT_CACHE_MAX:
+                slots.clear()
+            slots.update(zip(new, slots_of(new).tolist()))
+            got = [slots[k] for k in keys]
+        return owner[np.asarray(got, dtype=np.int64)]
 
     return route
 
