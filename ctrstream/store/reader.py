@@ -278,7 +278,8 @@ class ReaderCore:
           its other keys replaced by a key of that node that never exists (``HMGET`` of it
           reads nothing): each call returns the part of the counts its node holds, and the
           parts add up (the script only sums counts); the newest bucket is the latest of
-          them. These are not pruned.
+          them. These are not pruned. When any entity is split, every entity of the read is
+          read this way (one call per node, not two).
 
         None: a slot is in motion (a migration, a failover) - the caller reads with the
         pipeline method instead, whose commands follow redirects one by one."""
@@ -295,6 +296,8 @@ class ReaderCore:
             split = (blocks != blocks[:, :1]).any(axis=1)
         else:
             blocks, split = np.zeros((n, 1), np.int64), np.zeros(n, bool)
+        if split.any():  # one call per node: the whole entities join the split ones' calls
+            split[:] = True
         ent_node = blocks[:, 0]
         if parents is None:
             parents = parents_of_keys(keys)
