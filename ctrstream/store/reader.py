@@ -305,24 +305,26 @@ class ReaderCore:
         calls: list[tuple[list[str], list[Any], bool]] = []
         parts: list[tuple[np.ndarray, np.ndarray, bool]] = []  # (entities, call order, adds)
         checked = self.mode == "speed"
+        kb = np.empty((n, stride), dtype=object)  # every entity's script keys, built once
+        if stride:
+            kb[:] = np.asarray(full[1:], dtype=object).reshape(n, stride)
         whole = ~split
         for g in np.unique(ent_node[whole]).tolist():
             idx = np.flatnonzero(whole & (ent_node == g))
             remap = np.full(n + 1, -1, dtype=np.int64)  # remap[-1]: no parent
             remap[idx] = np.arange(len(idx))
-            sub_keys, args, order = plan.call([keys[i] for i in idx.tolist()], remap[parents[idx]])
+            args, order = plan.call_args([keys[i] for i in idx.tolist()], remap[parents[idx]])
             check = not checked and g == ptr_node
             checked |= check
-            calls.append((sub_keys, args, check))
+            calls.append(([full[0], *kb[idx[order]].ravel().tolist()], args, check))
             parts.append((idx, order, False))
         if split.any():
             sidx = np.flatnonzero(split)
-            kb = np.asarray(full[1:], dtype=object).reshape(n, stride)[sidx]
             nb = blocks[sidx]
             for g in np.unique(nb).tolist():
                 rows = np.flatnonzero((nb == g).any(axis=1))
-                own = np.where(nb[rows] == g, kb[rows], self.absent(g))
-                _, args, order = plan.call(
+                own = np.where(nb[rows] == g, kb[sidx[rows]], self.absent(g))
+                args, order = plan.call_args(
                     [keys[i] for i in sidx[rows].tolist()], no_parents(len(rows))
                 )
                 check = not checked and g == ptr_node
