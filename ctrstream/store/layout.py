@@ -8,6 +8,16 @@ place decodes them.
 
 Speed view (written by the speed layer, absolute counts, never ``HINCRBY``)
 ---------------------------------------------------------------------------
+Two layouts, chosen by ``settings.speed.layout`` (:class:`SpeedLayout`, :func:`speed_layout`;
+every writer, reader, scan and reconciliation takes one):
+
+* ``grouped`` (the default): ``sv:{{root}:{root id}}:{day}`` - one HASH per *root* entity id
+  and event day, the root entity key in braces (a Redis Cluster hash tag), holding the
+  root's own cells (fields ``{res}:{i|c}{bucket}``) and those of its crosses (fields
+  ``{tag}:{rest of id}:{res}:{i|c}{bucket}``: user x ad 17, 4 is ``ua:4:...`` in user 17's
+  hash); a click count of 0 is not written. Details: :class:`SpeedLayout`.
+* ``entity``: as described next, one hash per entity id and day.
+
 ``sv:{entity}:{id}:{day}`` - one HASH per entity and event day (days since the epoch,
 UTC, :func:`speed_day`) for every resolution: fields ``{res}:i{bucket}`` and
 ``{res}:c{bucket}`` (:func:`speed_field`, e.g. ``5m:i29215043``) hold the impression and
@@ -253,7 +263,8 @@ class SpeedLayout:
       of that root's hash, its fields prefixed with its tag and the rest of its id
       (``ua:4:5m:i29215043``); the root's own fields are ``5m:i29215043``. Entities shared by
       many others (``ad``, ``campaign``, ``advertiser``) are roots of their own, never
-      copied into another's hash.
+      copied into another's hash. A click count of 0 is not written (:attr:`sparse_clicks`:
+      an absent field reads 0, and most cells have no click).
     * ``entity``: one hash per entity id and day, ``sv:{entity}:{id}:{day}`` (no hash tag),
       fields ``{res}:{event type}{bucket}``: every event touches 8 hashes.
     """
@@ -266,6 +277,9 @@ class SpeedLayout:
             )
         self.name = name
         self.grouped = name == "grouped"
+        # a click count of 0 is not written (an absent field reads 0): most cells have no
+        # click, and Redis' cost of an HSET grows with its fields (docs/speed-layer.md)
+        self.sparse_clicks = self.grouped
         single = {e.fields[0]: e.name for e in F.ENTITIES if len(e.fields) == 1}
         members: dict[str, SpeedMember] = {}
         for e in F.ENTITIES:

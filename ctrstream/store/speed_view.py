@@ -11,8 +11,10 @@ event day live (``layout.speed_day``). The speed layer hands its cells as numpy 
 
 What :class:`SpeedViewWriter` sends
 -----------------------------------
-* per day hash of a write call, **one** ``HSET`` of the absolute impression and click counts
-  of every cell of that hash in the call (both fields of every cell);
+* per hash of a write call (``layout.SpeedLayout``: one per entity id and day, or per root
+  id and day in the grouped layout), **one** ``HSET`` of the absolute impression and click
+  counts of every cell of that hash in the call (both fields of every cell; in a layout
+  with ``sparse_clicks`` a click count of 0 is not written);
 * ``PEXPIRE`` of the hash TTL (``layout.speed_hash_ttl_ms``) for a hash that gets a *new*
   cell (its first write) of the longest-lived resolution: the TTL then covers every bucket
   written to the hash since. Nothing is ever deleted: a day's hash stops growing when the
@@ -218,43 +220,34 @@ class _Renderer:
         fi, fc = Choice(self.field_i, res), Choice(self.field_c, res)
         fi_len = fi.lengths() + bulk_len(bucket) + pre_len
         fc_len = fi_len if self.same_len else fc.lengths() + bulk_len(bucket) + pre_len
-        return layout(
-            [
-                b"$",
-                fi_len,
-                b"\r\n",
-                *pre,
-                fi,
-                bucket,
-                b"\r\n$",
-                bulk_len(imps),
-                b"\r\n",
-                imps,
-                b"\r\n$",
-                fc_len,
-                b"\r\n",
-                *pre,
-                fc,
-                bucket,
-                b"\r\n$",
-                bulk_len(clicks),
-                b"\r\n",
-                clicks,
-                b"\r\n",
-            ],
-            len(res),
-        )
+        imp_pair: list[Any] = [b"$", fi_len, b"\r\n", *pre, fi, bucket, b"\r\n$"]
+        imp_pair += [bulk_len(imps), b"\r\n", imps, b"\r\n"]
+        click_pair: list[Any] = [b"$", fc_len, b"\r\n", *pre, fc, bucket, b"\r\n$"]
+        click_pair += [bulk_len(clicks), b"\r\n", clicks, b"\r\n"]
+        if not self.layout.sparse_clicks:
+            return layout(imp_pair + click_pair, len(res))
+        with_imps = layout(imp_pair, len(res))
+        with_clicks = layout(click_pair, len(res))
+        with_clicks[clicks == 0] = PAD  # not written: an absent field reads 0
+        return np.hstack([with_imps, with_clicks])
 
     def _group(self, root: int, cs: list[SpeedCells]) -> tuple[bytes, bytes, int]:
         """The commands of the cells of one root's hashes: (HSETs, PEXPIREs, number of
         commands)."""
         key_cols = len(self.members[cs[0].entity].key_parts)
-        res_l, bucket_l, new_l = [], [], []
+        res_l, bucket_l, new_l, fields_l = [], [], [], []
         kparts_l: list[list[np.ndarray]] = [[] for _ in range(key_cols)]
         for c in cs:
             res_l.append(np.asarray(c.res, np.int64))
             bucket_l.append(np.asarray(c.bucket, np.int64))
             new_l.append(np.asarray(c.new, bool))
+            # fields per cell: both counts, or the impressions alone for a sparse layout's
+            # cell without a click
+            fields_l.append(
+                1 + (np.asarray(c.clicks) != 0)
+                if self.layout.sparse_clicks
+                else np.full(len(c), 2, np.int64)
+            )
             for j, k in enumerate(self.members[c.entity].key_parts):
                 kparts_l[j].append(np.asarray(c.id_parts[k], np.int64))
         res_all = np.concatenate(res_l)
@@ -271,7 +264,7 @@ class _Renderer:
             differs |= p[1:] != p[:-1]
         first = np.r_[True, differs]
         starts = np.flatnonzero(first)
-        per_hash = np.diff(np.append(starts, n))
+        per_hash = np.add.reduceat(np.concatenate(fields_l)[order].astype(np.int64), starts)
         renew = np.unique((np.cumsum(first) - 1)[(new_all & (res_all == self.renew_res))[order]])
         hparts = [p[starts] for p in kparts]
         hday = day[starts]
@@ -293,7 +286,7 @@ class _Renderer:
         head = layout(
             [
                 b"*",
-                2 + 4 * per_hash,
+                2 + 2 * per_hash,
                 b"\r\n$4\r\nHSET\r\n$",
                 key_len,
                 b"\r\n" + pre,
@@ -356,7 +349,9 @@ class _Renderer:
         for a, z in zip(bounds[:-1], bounds[1:]):
             args: list[Any] = [b"HSET", ordered[a][0]]
             for _, fi, fc, i, k in ordered[a:z]:
-                args += [fi, int(i), fc, int(k)]
+                args += [fi, int(i)]
+                if k or not self.layout.sparse_clicks:
+                    args += [fc, int(k)]
             hs.append(encode(args))
             keys.append(ordered[a][0])
         ex = [encode((b"PEXPIRE", keys[k], self.hash_ttl_ms)) for k in renew.tolist()]
