@@ -330,6 +330,14 @@ class RedisSettings(BaseModel):
         return f"redis://{auth}{self.host}:{self.port}/{self.db}"
 
 
+class SpeedSettings(BaseModel):
+    # the speed view's key layout (``ctrstream.store.layout.speed_layout``, docs/speed-layer.md):
+    # ``grouped``: one hash per root entity id (user, site, ad, campaign, advertiser) and day,
+    # holding the root's crosses too (user x ad in the user's hash); ``entity``: one hash per
+    # entity id and day. The writer, the readers, the scans and reconciliation all follow it.
+    layout: Literal["grouped", "entity"] = "grouped"
+
+
 class TritonSettings(BaseModel):
     model_config = ConfigDict(validate_default=True)
 
@@ -400,6 +408,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     triton: TritonSettings = TritonSettings()
     topics: Topics = Topics()
+    speed: SpeedSettings = SpeedSettings()
 
     # speed layer
     allowed_lateness_s: float = 60.0

@@ -1,7 +1,8 @@
 -- Window counts of many entities at one event time, in one atomic call (ctrstream.store.reader).
 --
 -- Every key this script touches is in KEYS, built by ctrstream.store.layout, and every field
--- it reads is in ARGV: it assembles no key and no field name, so it can run wherever the
+-- it reads is in ARGV (a speed field of a member of a grouped hash is its entity's prefix
+-- followed by the field, both from ARGV): it assembles no key, so it can run wherever the
 -- keys of one call live together (one Redis, or one Redis Cluster slot).
 --
 -- KEYS[1]       the batch-view pointer (bv:current)
@@ -23,6 +24,8 @@
 --   nlong, then 2 x nlong fields   the long windows' fields (of the :long hash, B = n_res + 1)
 --   maxp, n_plain, n_ent, then per entity after the first n_plain: maxp 1-based positions of
 --   its parents among the earlier entities (0: none)
+--   npre (0 or n_ent), then per entity (call order) the prefix of its speed fields in its
+--   speed hashes ('' for none; layout.SpeedLayout.field_prefix, the grouped layout)
 --
 -- Returns {pointer value or '', blob} where blob holds per entity, int64 little-endian,
 -- (imps, clicks) per window (resolutions, then long windows), then the start of its newest
@@ -67,6 +70,12 @@ for j = 1, 2 * n_long do LF[j] = ARGV[pos + j - 1] end
 pos = pos + 2 * n_long
 local maxp, n_plain, n_ent = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
 pos = pos + 3
+local PRE = {}
+do
+  local pp = pos + (n_ent - n_plain) * maxp
+  local npre = tonumber(ARGV[pp] or '0') or 0
+  for k = 1, npre do PRE[k] = ARGV[pp + k] end
+end
 
 local W = n_res + n_long
 local band, bor, call, tonum = bit.band, bit.bor, redis.call, tonumber
@@ -126,7 +135,16 @@ local function entity(k, pm)
   if sm ~= SMASK then
     local p = speed_plan(sm)
     sv, runs = {}, p[3]
-    for _, x in ipairs(p[1]) do sv[x] = call('HMGET', KEYS[base + B + x], unpack(p[2][x])) end
+    local pre = PRE[k]
+    for _, x in ipairs(p[1]) do
+      local f = p[2][x]
+      if pre and pre ~= '' then
+        local g = {}
+        for i = 1, #f do g[i] = pre .. f[i] end
+        f = g
+      end
+      sv[x] = call('HMGET', KEYS[base + B + x], unpack(f))
+    end
   end
   for r = 1, n_res do
     local R = res[r]

@@ -162,8 +162,10 @@ class ReaderCore:
         cache_ttl_s: float = 0.0,
         cache_max: int = 200_000,
         clock: Callable[[], float] = time.monotonic,
+        speed_layout: L.SpeedLayout | None = None,
         route: Route | None = None,
     ):
+        self.layout = speed_layout or L.speed_layout()
         if mode not in ("lambda", "speed", "batch"):
             raise ValueError(f"mode must be lambda, speed or batch, not {mode!r}")
         if method not in ("script", "pipeline"):
@@ -172,7 +174,11 @@ class ReaderCore:
         self.method: Method = method
         self.pointer_ttl_s = pointer_ttl_s
         self.clock = clock
-        self.cache = SharedEntityCache(cache_ttl_s, cache_max, clock) if cache_ttl_s > 0 else None
+        self.cache = (
+            SharedEntityCache(cache_ttl_s, cache_max, clock, self.layout.root_entity_key)
+            if cache_ttl_s > 0
+            else None
+        )
         self._view: View | None = None  # the served view as last seen
         self._view_at = 0.0  # time.monotonic() when it was read
         self._plan: tuple[tuple[Any, ...], ScriptPlan] | None = None  # the last script plan
@@ -206,7 +212,7 @@ class ReaderCore:
     def _script_plan(self, view: View, t_ms: int) -> ScriptPlan:
         sig = (view, tuple(b0 for _, b0, _ in window_plan(t_ms)))  # the plan's only inputs
         if self._plan is None or self._plan[0] != sig:
-            self._plan = (sig, ScriptPlan(self.mode, view, t_ms))
+            self._plan = (sig, ScriptPlan(self.mode, view, t_ms, self.layout))
         return self._plan[1]
 
     def _read_script(self, keys: list[str], t_ms: int, parents: np.ndarray | None) -> Steps:
@@ -399,7 +405,7 @@ class ReaderCore:
             if view is None or time.monotonic() - self._view_at >= self.pointer_ttl_s:
                 view = yield from self._fetch_view()
             used = NO_VIEW if self.mode == "speed" else view
-            plan = PipelinePlan(self.mode, used, t_ms)
+            plan = PipelinePlan(self.mode, used, t_ms, self.layout)
             replies = yield Commands(plan.commands(keys))
             if self.mode == "speed" or _text(replies[0]) == view.pointer:
                 break
@@ -590,8 +596,11 @@ class FeatureStore(_Shell):
         cache_ttl_s: float = 0.0,
         cache_max: int = 200_000,
         clock: Callable[[], float] = time.monotonic,
+        speed_layout: L.SpeedLayout | None = None,
     ):
-        self.core = ReaderCore(mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock)
+        self.core = ReaderCore(
+            mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock, speed_layout
+        )
         self.client = client
         self.cluster = connections_of_client(client)
         self.script: Any = None
@@ -657,8 +666,11 @@ class AsyncFeatureStore(_Shell):
         clock: Callable[[], float] = time.monotonic,
         tracking: bool = False,
         heartbeat_s: float = 0.05,
+        speed_layout: L.SpeedLayout | None = None,
     ):
-        self.core = ReaderCore(mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock)
+        self.core = ReaderCore(
+            mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock, speed_layout
+        )
         self.client = client
         self.cluster = connections_of_client(client)
         self.script: Any = None
@@ -689,6 +701,7 @@ class AsyncFeatureStore(_Shell):
                         cache.invalidate_all,
                         heartbeat_s=self.heartbeat_s,
                         clock=self.core.clock,
+                        speed_layout=self.core.layout,
                     ),
                 )
             else:
@@ -699,6 +712,7 @@ class AsyncFeatureStore(_Shell):
                     cache.invalidate_all,
                     heartbeat_s=self.heartbeat_s,
                     clock=self.core.clock,
+                    speed_layout=self.core.layout,
                 )
             self.tracker = tracker
             cache.tracker = tracker

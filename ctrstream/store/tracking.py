@@ -28,8 +28,9 @@ class InvalidationTracker:
     One connection subscribes to ``__redis__:invalidate``; a second turns tracking on for
     the prefixes ``layout.SPEED_PREFIX`` and ``layout.TRACKING_PREFIX`` with its reports
     redirected to the first. Redis then reports every modified speed-view key (writes,
-    expiry, eviction, flush); ``on_invalidate`` gets the entity keys (``ad:4`` of the
-    speed-view hash of any day of ``ad`` 4: ``layout.speed_entity_key_of``), ``on_flush`` is
+    expiry, eviction, flush); ``on_invalidate`` gets the root entity keys of the hashes
+    (``ad:4`` of the hash of any day of ``ad`` 4, ``site:3`` of site 3's grouped hash that
+    also holds its ``site_x_category`` cells: ``layout.SpeedLayout.root_of_key``), ``on_flush`` is
     called on a flush and whenever the channel is (re)built or lost. Every ``heartbeat_s``
     the tracker writes a new heartbeat key and waits for its report: reports arrive in the
     order Redis executed the writes, so when the report of a heartbeat sent at ``s`` has been
@@ -55,7 +56,9 @@ class InvalidationTracker:
         heartbeat_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
         heartbeat_tag: Callable[[], str] | None = None,
+        speed_layout: L.SpeedLayout | None = None,
     ):
+        self.layout = speed_layout or L.speed_layout()
         self.kw = connection_kwargs
         self.heartbeat_tag = heartbeat_tag
         self.on_invalidate = on_invalidate
@@ -145,6 +148,7 @@ class InvalidationTracker:
         tag = self.heartbeat_tag() if self.heartbeat_tag is not None else ""
         me = f"{L.TRACKING_PREFIX}{uuid.uuid4().hex}{tag}:"
         me_b, prefix_b = me.encode(), L.SPEED_PREFIX.encode()
+        root_of_key = self.layout.root_of_key
         sent: deque[tuple[int, float]] = deque()  # (heartbeat seq, sent at)
         hb_seq = 0
         next_hb = 0.0
@@ -181,7 +185,7 @@ class InvalidationTracker:
                 ents = []
                 for k in keys:
                     if k.startswith(prefix_b):
-                        ek = L.speed_entity_key_of(k)
+                        ek = root_of_key(k)
                         if ek is not None:
                             ents.append(ek)
                     elif k.startswith(me_b):
@@ -218,6 +222,7 @@ class ClusterInvalidationTracker:
         on_flush: Callable[[], None],
         heartbeat_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
+        speed_layout: L.SpeedLayout | None = None,
     ):
         self.router = router
         self.clock = clock
@@ -232,6 +237,7 @@ class ClusterInvalidationTracker:
                 heartbeat_s=heartbeat_s,
                 clock=clock,
                 heartbeat_tag=functools.partial(self._tag, a),
+                speed_layout=speed_layout,
             )
             for a in self.nodes
         ]

@@ -337,7 +337,8 @@ def test_error_lines_are_counted_with_their_reply_index_across_reads():
     assert c.got == 1000 and not c.errors
 
 
-def test_the_writer_splits_each_command_to_the_node_of_its_key():
+@pytest.mark.parametrize("speed_layout", ["grouped", "entity"])
+def test_the_writer_splits_each_command_to_the_node_of_its_key(speed_layout):
     """The speed writer's payload split by node: every command of the one-node payload, each
     in the part of the node serving its key's slot, HSETs before PEXPIREs in every part."""
     from ctrstream import features as F
@@ -358,7 +359,9 @@ def test_the_writer_splits_each_command_to_the_node_of_its_key():
         )
         for name, parts, lo in (("ad", 1, 0), ("user_x_ad", 2, 0), ("user", 1, -3))
     ]
-    r = SV._Renderer(3_600_000, SV.renew_resolution(0))
+    from ctrstream.store import layout as L
+
+    r = SV._Renderer(3_600_000, SV.renew_resolution(0), L.speed_layout(speed_layout))
     one, n_one = r.render(cells)
     owner = np.arange(N_SLOTS) % 3
     routed = r.render_routed(cells, owner)
