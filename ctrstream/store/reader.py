@@ -311,6 +311,7 @@ class ReaderCore:
         calls: list[tuple[list[str], list[Any]]] = []
         parts: list[tuple[np.ndarray, np.ndarray, bool]] = []  # (entities, call order, adds)
         checked = self.mode == "speed"
+        absent = self.absent
 
         def call(g: int, block: list[str], args: list[Any]) -> None:
             """Node ``g``'s call; the pointer is read (and checked) by one call on its node,
@@ -320,7 +321,7 @@ class ReaderCore:
                 checked = True
                 calls.append(([full[0], *block], args))
             else:
-                calls.append(([self.absent(g), *block], [args[0], "", *args[2:]]))
+                calls.append(([absent(g), *block], [args[0], "", *args[2:]]))
 
         kb = np.empty((n, stride), dtype=object)  # every entity's script keys, built once
         if stride:
