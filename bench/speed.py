@@ -111,7 +111,7 @@ def _fields_per_hset(r, hset_calls: int) -> float | None:
     lower bound of the fields per HSET (a field written by several flushes counts once)."""
     if not hset_calls:
         return None
-    fields, keys = 0, []
+    fields, keys = 0, list[bytes]()
 
     def count() -> int:
         pipe = r.pipeline(transaction=False)
