@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--join-window-s", type=float, default=5.0)
     ap.add_argument("--redis-db", type=int, default=15)
     ap.add_argument("--skip-fresh", action="store_true")
+    ap.add_argument(
+        "--skip-throughput", action="store_true", help="only the steady (freshness) phases"
+    )
     ap.add_argument("--keep-topics", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -496,25 +499,27 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     restore: dict[str, str] = {}
     try:
-        from ctrstream.simulation.generator import generate, load_scenario
-        from ctrstream.simulation.replay import replay
-
-        t0 = time.time()
-        tr = generate(load_scenario(args.scenario, events=args.events, seed=1))
-        summary = replay(s, tr.records(), rate=None, progress=False)
-        total = sum(
-            sum(topic_end_offsets(s, getattr(s.topics, k).name).values())
-            for k in ("impressions", "clicks")
-        )
-        print(f"replayed {total:,} records in {time.time() - t0:.0f}s ({summary.describe()})")
-        raw = _raw_consume(s, total)
-        rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
         r = redis_client(s, timeout_s=120.0)
         for name, value in redis_config.items():
             restore[name] = r.config_get(name)[name]
             r.config_set(name, value)
-        runs = [(int(x), 1) for x in args.workers.split(",")]
-        runs += [(1, int(x)) for x in args.processes.split(",") if x and int(x) > 1]
+        total, raw = 0, 0.0
+        if not args.skip_throughput:
+            from ctrstream.simulation.generator import generate, load_scenario
+            from ctrstream.simulation.replay import replay
+
+            t0 = time.time()
+            tr = generate(load_scenario(args.scenario, events=args.events, seed=1))
+            summary = replay(s, tr.records(), rate=None, progress=False)
+            total = sum(
+                sum(topic_end_offsets(s, getattr(s.topics, k).name).values())
+                for k in ("impressions", "clicks")
+            )
+            print(f"replayed {total:,} records in {time.time() - t0:.0f}s ({summary.describe()})")
+            raw = _raw_consume(s, total)
+            rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
+        runs = [] if args.skip_throughput else [(int(x), 1) for x in args.workers.split(",")]
+        runs += [(1, int(x)) for x in args.processes.split(",") if x and int(x) > 1 and runs]
         feature_rows = []
         for _round in range(args.repeat):
             for w, procs in runs:
