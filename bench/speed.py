@@ -34,9 +34,10 @@ Rows:
   sent. Measured in each layout at the settings' flush interval, and for the first layout at
   every ``--flush-curve`` interval (the trade-off of freshness against Redis work: a longer
   flush coalesces more writes into one command but ages the features).
-* ``join rss``: the join dataflow during the same steady phase with a short attribution
-  window (``--join-window-s``): its RSS sampled at each quarter of the phase must level off
-  once windows start closing (bounded state).
+* ``join rss``: the join dataflow during a last steady phase of its own (the first layout,
+  ``... with the join``) with a short attribution window (``--join-window-s``): its RSS
+  sampled at each quarter of the phase must level off once windows start closing (bounded
+  state).
 """
 
 from __future__ import annotations
@@ -545,14 +546,19 @@ def main(argv: list[str] | None = None) -> int:
             f = bench_settings("fresh")
             ensure_topics(f, f.topics.all())
             made.append(f)
-            steady = [(name, f.flush_interval_ms) for name in layouts]
-            steady += [(layouts[0], ms) for ms in curve if ms != f.flush_interval_ms]
-            for k, (name, ms) in enumerate(steady):
+            # the layouts and the flush curve without the join (same load in every phase),
+            # then the join's memory in a phase of its own
+            steady = [(name, f.flush_interval_ms, False) for name in layouts]
+            steady += [(layouts[0], ms, False) for ms in curve if ms != f.flush_interval_ms]
+            steady.append((layouts[0], f.flush_interval_ms, True))
+            for name, ms, with_join in steady:
                 r.flushdb()
                 fs = _in_layout(f, name).model_copy(update={"flush_interval_ms": ms})
                 got = _steady(
-                    fs, args.rate, args.seconds, args.join_window_s if not k else None, log_dir
+                    fs, args.rate, args.seconds, args.join_window_s if with_join else None, log_dir
                 )
+                if with_join:
+                    got[0]["row"] += " with the join"
                 print(json.dumps(got), flush=True)
                 rows += got
     finally:
