@@ -551,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             steady = [(name, f.flush_interval_ms, False) for name in layouts]
             steady += [(layouts[0], ms, False) for ms in curve if ms != f.flush_interval_ms]
             steady.append((layouts[0], f.flush_interval_ms, True))
+            # a warm-up phase, not reported: the first phase on fresh topics is slower
+            r.flushdb()
+            _steady(_in_layout(f, layouts[-1]), args.rate, min(10.0, args.seconds), None, log_dir)
             for name, ms, with_join in steady:
                 r.flushdb()
                 fs = _in_layout(f, name).model_copy(update={"flush_interval_ms": ms})
