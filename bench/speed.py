@@ -34,9 +34,10 @@ Rows:
   sent. Measured in each layout at the settings' flush interval, and for the first layout at
   every ``--flush-curve`` interval (the trade-off of freshness against Redis work: a longer
   flush coalesces more writes into one command but ages the features).
-* ``join rss``: the join dataflow during the same steady phase with a short attribution
-  window (``--join-window-s``): its RSS sampled at each quarter of the phase must level off
-  once windows start closing (bounded state).
+* ``join rss``: the join dataflow during a last steady phase of its own (the first layout,
+  ``... with the join``) with a short attribution window (``--join-window-s``): its RSS
+  sampled at each quarter of the phase must level off once windows start closing (bounded
+  state).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def _fields_per_hset(r, hset_calls: int) -> float | None:
     lower bound of the fields per HSET (a field written by several flushes counts once)."""
     if not hset_calls:
         return None
-    fields, keys = 0, []
+    fields, keys = 0, list[bytes]()
 
     def count() -> int:
         pipe = r.pipeline(transaction=False)
@@ -441,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--join-window-s", type=float, default=5.0)
     ap.add_argument("--redis-db", type=int, default=15)
     ap.add_argument("--skip-fresh", action="store_true")
+    ap.add_argument(
+        "--skip-throughput", action="store_true", help="only the steady (freshness) phases"
+    )
     ap.add_argument("--keep-topics", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -496,25 +500,27 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     restore: dict[str, str] = {}
     try:
-        from ctrstream.simulation.generator import generate, load_scenario
-        from ctrstream.simulation.replay import replay
-
-        t0 = time.time()
-        tr = generate(load_scenario(args.scenario, events=args.events, seed=1))
-        summary = replay(s, tr.records(), rate=None, progress=False)
-        total = sum(
-            sum(topic_end_offsets(s, getattr(s.topics, k).name).values())
-            for k in ("impressions", "clicks")
-        )
-        print(f"replayed {total:,} records in {time.time() - t0:.0f}s ({summary.describe()})")
-        raw = _raw_consume(s, total)
-        rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
         r = redis_client(s, timeout_s=120.0)
         for name, value in redis_config.items():
             restore[name] = r.config_get(name)[name]
             r.config_set(name, value)
-        runs = [(int(x), 1) for x in args.workers.split(",")]
-        runs += [(1, int(x)) for x in args.processes.split(",") if x and int(x) > 1]
+        total, raw = 0, 0.0
+        if not args.skip_throughput:
+            from ctrstream.simulation.generator import generate, load_scenario
+            from ctrstream.simulation.replay import replay
+
+            t0 = time.time()
+            tr = generate(load_scenario(args.scenario, events=args.events, seed=1))
+            summary = replay(s, tr.records(), rate=None, progress=False)
+            total = sum(
+                sum(topic_end_offsets(s, getattr(s.topics, k).name).values())
+                for k in ("impressions", "clicks")
+            )
+            print(f"replayed {total:,} records in {time.time() - t0:.0f}s ({summary.describe()})")
+            raw = _raw_consume(s, total)
+            rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
+        runs = [] if args.skip_throughput else [(int(x), 1) for x in args.workers.split(",")]
+        runs += [(1, int(x)) for x in args.processes.split(",") if x and int(x) > 1 and runs]
         feature_rows = []
         for _round in range(args.repeat):
             for w, procs in runs:
@@ -540,14 +546,22 @@ def main(argv: list[str] | None = None) -> int:
             f = bench_settings("fresh")
             ensure_topics(f, f.topics.all())
             made.append(f)
-            steady = [(name, f.flush_interval_ms) for name in layouts]
-            steady += [(layouts[0], ms) for ms in curve if ms != f.flush_interval_ms]
-            for k, (name, ms) in enumerate(steady):
+            # the layouts and the flush curve without the join (same load in every phase),
+            # then the join's memory in a phase of its own
+            steady = [(name, f.flush_interval_ms, False) for name in layouts]
+            steady += [(layouts[0], ms, False) for ms in curve if ms != f.flush_interval_ms]
+            steady.append((layouts[0], f.flush_interval_ms, True))
+            # a warm-up phase, not reported: the first phase on fresh topics is slower
+            r.flushdb()
+            _steady(_in_layout(f, layouts[-1]), args.rate, min(10.0, args.seconds), None, log_dir)
+            for name, ms, with_join in steady:
                 r.flushdb()
                 fs = _in_layout(f, name).model_copy(update={"flush_interval_ms": ms})
                 got = _steady(
-                    fs, args.rate, args.seconds, args.join_window_s if not k else None, log_dir
+                    fs, args.rate, args.seconds, args.join_window_s if with_join else None, log_dir
                 )
+                if with_join:
+                    got[0]["row"] += " with the join"
                 print(json.dumps(got), flush=True)
                 rows += got
     finally:

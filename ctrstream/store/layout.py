@@ -416,7 +416,7 @@ class SpeedLayout:
             ent = self.by_tag.get((root, tag.decode()))
             if ent is None:
                 return None
-            entity, eid = ent, root_id + ID_PART_SEP + rest.decode()
+            entity, eid = ent, root_id + ID_PART_SEP + (rest or b"").decode()
         return entity, eid, res_s, et.decode(), int(b)
 
 

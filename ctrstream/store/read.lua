@@ -125,7 +125,7 @@ local zero = {}  -- zero[k]: bit mask of entity k's empty windows (both counts 0
 
 -- window counts of entity k (its keys start at KEYS[base + 1]); pm: bit mask of windows
 -- pruned by an empty parent window
-local function entity(k, pm)
+local function entity(k, pm, pre_sv)
   local base = 1 + (k - 1) * STRIDE
   local vals, nv, zm, newest = {}, 0, 0, -1
   local bv = nil
@@ -134,9 +134,9 @@ local function entity(k, pm)
   local sm = band(pm, SMASK)
   if sm ~= SMASK then
     local p = speed_plan(sm)
-    sv, runs = {}, p[3]
+    sv, runs = pre_sv or {}, p[3]
     local pre = PRE[k]
-    for _, x in ipairs(p[1]) do
+    for _, x in ipairs(pre_sv and {} or p[1]) do
       local f = p[2][x]
       if pre and pre ~= '' then
         local g = {}
@@ -205,6 +205,7 @@ end
 
 for k = 1, n_plain do zero[k] = entity(k, 0) end
 local q = pos
+local PM = {}
 for k = n_plain + 1, n_ent do
   local pm = 0
   for j = 1, maxp do
@@ -212,6 +213,51 @@ for k = n_plain + 1, n_ent do
     if p > 0 and p < k then pm = bor(pm, zero[p]) end
   end
   q = q + maxp
-  zero[k] = entity(k, pm)
+  PM[k] = pm
 end
+
+-- The grouped layout (field prefixes given): a root's hash of one day holds the speed fields
+-- of all its crosses, so the crossed entities' speed fields are read with ONE HMGET per
+-- distinct key (a user's crosses with every candidate ad; in chunks of at most CHUNK fields,
+-- under Lua's unpack limit) and handed to entity() per slot.
+local SV = {}
+if #PRE > 0 then
+  local CHUNK = 4000
+  local groups, korder = {}, {}
+  for k = n_plain + 1, n_ent do
+    local sm = band(PM[k], SMASK)
+    if sm ~= SMASK then
+      local p = speed_plan(sm)
+      local base = 1 + (k - 1) * STRIDE
+      local pre = PRE[k] or ''
+      SV[k] = {}
+      for _, x in ipairs(p[1]) do
+        local ki = base + B + x
+        local g = groups[KEYS[ki]]
+        if not g then
+          g = {ki = ki, fields = {}, parts = {}}
+          groups[KEYS[ki]] = g
+          korder[#korder + 1] = g
+        end
+        local f, gf = p[2][x], g.fields
+        local off = #gf
+        for i = 1, #f do gf[off + i] = pre .. f[i] end
+        g.parts[#g.parts + 1] = {k, x, off, #f}
+      end
+    end
+  end
+  for _, g in ipairs(korder) do
+    local gf, v = g.fields, {}
+    for a = 1, #gf, CHUNK do
+      local part = call('HMGET', KEYS[g.ki], unpack(gf, a, math.min(a + CHUNK - 1, #gf)))
+      for i = 1, #part do v[a + i - 1] = part[i] end
+    end
+    for _, pt in ipairs(g.parts) do
+      local s, off = {}, pt[3]
+      for i = 1, pt[4] do s[i] = v[off + i] end
+      SV[pt[1]][pt[2]] = s
+    end
+  end
+end
+for k = n_plain + 1, n_ent do zero[k] = entity(k, PM[k], SV[k]) end
 return {ptr, table.concat(blob)}

@@ -318,7 +318,8 @@ class _Renderer:
             key_len += len(self.part_sep) + bulk_len(p)
         key_segs += [self.key_tail, hday]
         # one row per cell: the HSET header and key on the first cell of each hash, then the
-        # cell's two field-value pairs
+        # cell's field-value pairs. Hash k's HSET is rows starts[k] .. starts[k+1]-1 and its key
+        # is built from hparts[:][k] and hday[k] (what a per-node router splits by slot)
         head = layout(
             [
                 b"*",
@@ -782,7 +783,7 @@ class SpeedScan(NamedTuple):
 
 def _root_hashes(
     client: Any, sl: L.SpeedLayout, strict: bool = False
-) -> Iterable[tuple[tuple[str, str, int], list[tuple[bytes, bytes]]]]:
+) -> Iterable[tuple[tuple[str, str, int], Iterable[tuple[bytes, bytes]]]]:
     """``((root entity, root id, day), [(field, value)])`` of every hash of the speed view
     in layout ``sl``; ``strict``: a key under the prefix outside the layout raises."""
 

@@ -777,3 +777,39 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
             await client.aclose()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("layout_name", L.SPEED_LAYOUTS)
+def test_the_grouped_script_reads_a_users_crosses_with_one_hmget_per_day(
+    r, settings, unique, layout_name
+):
+    """The grouped layout keeps a user's crosses with every candidate in the user's hash of
+    each day, and the script reads all of them with ONE HMGET per day (the entity layout:
+    one per cross and day); both give the pipeline reference's counts."""
+    sl = L.speed_layout(layout_name)
+    r.delete(L.BATCH_POINTER_KEY)
+    user, ads = f"g{unique}", [f"{unique}{k}" for k in range(20)]
+    cells = {("user", user, 1 + len(ads))}
+    cells |= {("ad", a, 3 + k) for k, a in enumerate(ads)}
+    cells |= {("user_x_ad", f"{user}:{a}", 1 + k) for k, a in enumerate(ads)}
+    cells |= {("user_x_advertiser", f"{user}:{a}", 2 + k) for k, a in enumerate(ads[:5])}
+    for ent, eid, n in cells:
+        for res in F.RESOLUTIONS:
+            bb = T // res.bucket_ms
+            r.hset(*sl.cell_address(ent, eid, res.name, "i", bb), n)
+            r.hset(*sl.cell_address(ent, eid, res.name, "c", bb), 1)
+    keys = sorted(L.entity_key(e, i) for e, i, _ in cells)
+    script = FeatureStore(redis_client(settings), mode="speed", speed_layout=sl)
+    pipeline = FeatureStore(
+        redis_client(settings), mode="speed", method="pipeline", speed_layout=sl
+    )
+    r.config_resetstat()
+    got = script.read(keys, T).counts
+    calls = int(r.info("commandstats")["cmdstat_hmget"]["calls"])
+    np.testing.assert_array_equal(got, pipeline.read(keys, T).counts)
+    want = {L.entity_key(e, i): n for e, i, n in cells}
+    assert [int(x) for x in got[:, 0, 0]] == [want[k] for k in keys]
+    days = _speed_days(T, None)
+    plain = 1 + len(ads)  # the user and every ad: one HMGET per day each
+    crossed = len(ads) + 5
+    assert calls == days * (plain + (1 if sl.grouped else crossed))
