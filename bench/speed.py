@@ -1,6 +1,7 @@
 """Speed-layer benchmark: Kafka -> features dataflow -> Redis, and the join's memory.
 
-``ctrstream bench speed [--events N] [--workers 1,2] [--rate 20000] [--seconds 30] [--skip-fresh]``
+``ctrstream bench speed [--events N] [--workers 1,2] [--layouts grouped,entity] [--repeat 1]
+[--rate 20000] [--seconds 30] [--flush-curve 100,300,1000] [--skip-fresh]``
 
 Uses ``get_settings()`` (the running local stack) with throw-away topics
 (``bench-speed-*-<id>``, same partition counts, deleted afterwards) and Redis database
@@ -19,14 +20,24 @@ Rows:
   time Redis itself spent executing the job's writes (``INFO commandstats`` delta of HSET and
   PEXPIRE) per event, and ``redis_ceiling_per_s`` = 1 s / that: the most a single Redis
   thread could absorb with this feature declaration, however fast the flow was.
+* ``--layouts``: every features row is measured in each speed-view layout
+  (``CTRSTREAM_SPEED__LAYOUT``, ``ctrstream.store.layout.SpeedLayout``) on the same records,
+  alternately (``--repeat`` rounds), and ``ratio grouped / entity`` rows give the new layout's
+  figures over the old one's (the median of the rounds): events/s, Redis commands and Redis
+  microseconds per event, with the per-command split (``redis_us_per_hset``,
+  ``fields_per_hset`` = fields written per HSET).
 * ``freshness @R/s``: the features job running, records produced at a steady R events/s
   with event time = now; every 50 ms one probe impression of a unique user is among them.
   Freshness = time the speed-view hash of the probe's user and event day became visible in
   Redis (polled every 2 ms) - its produce time (= its Kafka CreateTime). p50/p99 over the
-  probes.
-* ``join rss``: the join dataflow during the same steady phase with a short attribution
-  window (``--join-window-s``): its RSS sampled at each quarter of the phase must level off
-  once windows start closing (bounded state).
+  probes; ``redis_us_per_event``: Redis' execution time of the phase's writes per event
+  sent. Measured in each layout at the settings' flush interval, and for the first layout at
+  every ``--flush-curve`` interval (the trade-off of freshness against Redis work: a longer
+  flush coalesces more writes into one command but ages the features).
+* ``join rss``: the join dataflow during a last steady phase of its own (the first layout,
+  ``... with the join``) with a short attribution window (``--join-window-s``): its RSS
+  sampled at each quarter of the phase must level off once windows start closing (bounded
+  state).
 """
 
 from __future__ import annotations
@@ -62,7 +73,11 @@ def _env(settings) -> dict:
         "CTRSTREAM_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
         "CTRSTREAM_ATTRIBUTION_WINDOW_S": str(settings.attribution_window_s),
         "CTRSTREAM_FLUSH_INTERVAL_MS": str(settings.flush_interval_ms),
+        "CTRSTREAM_SPEED__LAYOUT": settings.speed.layout,
     }
+
+
+WRITE_COMMANDS = ("cmdstat_hset", "cmdstat_pexpire", "cmdstat_hdel", "cmdstat_evalsha")
 
 
 def _redis_usec(r) -> dict[str, tuple[int, int]]:
@@ -70,8 +85,48 @@ def _redis_usec(r) -> dict[str, tuple[int, int]]:
     return {
         k: (int(v["usec"]), int(v["calls"]))
         for k, v in r.info("commandstats").items()
-        if k in ("cmdstat_hset", "cmdstat_pexpire", "cmdstat_hdel", "cmdstat_evalsha")
+        if k in WRITE_COMMANDS
     }
+
+
+def _redis_delta(r, before: dict[str, tuple[int, int]], events: int) -> dict:
+    """Redis' execution time and calls of the write commands since ``before``, per event, with
+    the HSETs' share (where Redis spends its time: per command or per field)."""
+    now = _redis_usec(r)
+    used = {k: v - before.get(k, (0, 0))[0] for k, (v, _) in now.items()}
+    calls = {k: c - before.get(k, (0, 0))[1] for k, (_, c) in now.items()}
+    busy = sum(used.values())
+    hset_calls = calls.get("cmdstat_hset", 0)
+    return {
+        "redis_cmds_per_event": sum(calls.values()) / events,
+        "redis_us_per_event": busy / events,
+        "redis_ceiling_per_s": events / (busy / 1e6) if busy else None,
+        "hset_per_event": hset_calls / events,
+        "pexpire_per_event": calls.get("cmdstat_pexpire", 0) / events,
+        "redis_us_per_hset": used.get("cmdstat_hset", 0) / hset_calls if hset_calls else None,
+    }
+
+
+def _fields_per_hset(r, hset_calls: int) -> float | None:
+    """Fields held by the database (every field is written at least once) per HSET sent: a
+    lower bound of the fields per HSET (a field written by several flushes counts once)."""
+    if not hset_calls:
+        return None
+    fields, keys = 0, list[bytes]()
+
+    def count() -> int:
+        pipe = r.pipeline(transaction=False)
+        for k in keys:
+            pipe.hlen(k)
+        return sum(x for x in pipe.execute(raise_on_error=False) if isinstance(x, int))
+
+    for key in r.scan_iter(count=10_000):
+        keys.append(key)
+        if len(keys) >= 20_000:
+            fields += count()
+            keys = []
+    fields += count() if keys else 0
+    return fields / hset_calls
 
 
 def _raw_consume(settings, total: int) -> float:
@@ -105,7 +160,7 @@ def _raw_consume(settings, total: int) -> float:
 def _run_features(settings, workers: int, total: int, log_dir: Path, processes: int = 1) -> dict:
     from ctrstream.cli.speed import job_commands
 
-    tag = f"w{workers}" + (f"p{processes}" if processes > 1 else "")
+    tag = f"w{workers}" + (f"p{processes}" if processes > 1 else "") + settings.speed.layout
     logs = [log_dir / f"features-{tag}-{k}.log" for k in range(processes)]
     procs = []
     for argv, log in zip(job_commands("features", workers, processes, stop_at_end=True), logs):
@@ -130,7 +185,10 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
     rate = total / dt
     cores = min(workers * processes, os.cpu_count() or 1)
     return {
-        "row": f"features -w {workers}" + (f" -p {processes}" if processes > 1 else ""),
+        "row": f"features -w {workers}"
+        + (f" -p {processes}" if processes > 1 else "")
+        + f" [{settings.speed.layout}]",
+        "layout": settings.speed.layout,
         "events": total,
         "seconds": dt,
         "events_per_s": rate,
@@ -139,33 +197,42 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
     }
 
 
-def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: Path) -> list[dict]:
+def _steady(
+    settings, rate: int, seconds: float, join_window_s: float | None, log_dir: Path
+) -> list[dict]:
+    """The steady phase (freshness at ``rate``; the join's memory unless ``join_window_s``
+    is None) in the settings' layout and flush interval."""
     from ctrstream import events as E
     from ctrstream import features as F
     from ctrstream.kafka.clients import make_producer
+    from ctrstream.store.layout import speed_layout
 
+    sl = speed_layout(settings.speed.layout)
+    tag = f"{settings.speed.layout}-{settings.flush_interval_ms}"
     r = redis_client(settings, timeout_s=30.0)
     jset = settings.model_copy(
         update={
-            "attribution_window_s": join_window_s,
+            "attribution_window_s": join_window_s or 0.0,
             "allowed_lateness_s": min(settings.allowed_lateness_s, 2.0),
         }
     )
     # each child holds its own copy of its log's descriptor
-    with open(log_dir / "fresh-features.log", "wb") as out:
+    with open(log_dir / f"fresh-features-{tag}.log", "wb") as out:
         feat = subprocess.Popen(
             [sys.executable, "-m", "bytewax.run", "ctrstream.streaming.features_flow:get_flow()"],
             env=_env(settings),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    with open(log_dir / "fresh-join.log", "wb") as out:
-        join = subprocess.Popen(
-            [sys.executable, "-m", "bytewax.run", "ctrstream.streaming.join_flow:get_flow()"],
-            env=_env(jset),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    join = None
+    if join_window_s is not None:
+        with open(log_dir / "fresh-join.log", "wb") as out:
+            join = subprocess.Popen(
+                [sys.executable, "-m", "bytewax.run", "ctrstream.streaming.join_flow:get_flow()"],
+                env=_env(jset),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
     rng = random.Random(1)
     p = make_producer(settings, **{"linger.ms": 5})
     ti, tc = settings.topics.impressions.name, settings.topics.clicks.name
@@ -178,7 +245,7 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
         while not stop.is_set() or len(seen) < len(probes):
             pending = [u for u in list(probes) if u not in seen]
             if pending:
-                there = speed_hashes_exist(r, [("user", str(u), probe_day[u]) for u in pending])
+                there = speed_hashes_exist(r, [("user", str(u), probe_day[u]) for u in pending], sl)
                 now = time.time()
                 for u, ok in zip(pending, there):
                     if ok:
@@ -196,13 +263,13 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
         p.produce(ti, key=E.key_of(warm), value=E.encode(warm))
         p.flush(10)
         deadline = time.time() + 120
-        while not speed_hashes_exist(r, [("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)])[
-            0
-        ]:
+        warm_hash = ("user", str(warm_uid), warm.event_time_ms // F.DAY_MS)
+        while not speed_hashes_exist(r, [warm_hash], sl)[0]:
             if time.time() > deadline:
                 raise RuntimeError("features job did not start within 120 s")
             time.sleep(0.05)
         poller.start()
+        before = _redis_usec(r)
         tick = 0.05
         per_tick = int(rate * tick)
         t0 = time.time()
@@ -236,42 +303,89 @@ def _steady(settings, rate: int, seconds: float, join_window_s: float, log_dir: 
             probes[uid] = time.time()
             p.produce(ti, key=E.key_of(probe), value=E.encode(probe))
             p.poll(0)
-            if time.time() >= next_q:
+            if time.time() >= next_q and join is not None:
                 rss.append(rss_kb(join.pid, "VmRSS") / 1024)
                 next_q += quarter
             left = tick - (time.time() - start)
             if left > 0:
                 time.sleep(left)
         sent_s = time.time() - t0
-        rss.append(rss_kb(join.pid, "VmRSS") / 1024)
+        if join is not None:
+            rss.append(rss_kb(join.pid, "VmRSS") / 1024)
         p.flush(30)
         stop_t[0] = time.time()
         stop.set()
         poller.join(20)
+        sent = k + len(probes)
         lat = np.array([seen[u] - probes[u] for u in probes if u in seen])
         rows = [
             {
-                "row": f"freshness @{rate}/s",
-                "events": k + len(probes),
-                "events_per_s": (k + len(probes)) / sent_s,
+                "row": f"freshness @{rate}/s [{settings.speed.layout}, "
+                f"flush {settings.flush_interval_ms} ms]",
+                "layout": settings.speed.layout,
+                "flush_ms": settings.flush_interval_ms,
+                "events": sent,
+                "events_per_s": sent / sent_s,
                 "probes": len(probes),
                 "visible": len(lat),
                 "p50_ms": float(np.percentile(lat, 50) * 1000) if len(lat) else None,
                 "p99_ms": float(np.percentile(lat, 99) * 1000) if len(lat) else None,
                 "peak_rss_mb": rss_kb(feat.pid) / 1024,
-            },
-            {
-                "row": f"join rss (window {join_window_s:g}s)",
-                "rss_mb_quarters": " / ".join(f"{x:.0f}" for x in rss),
-                "peak_rss_mb": rss_kb(join.pid) / 1024,
-            },
+                **_redis_delta(r, before, sent),
+            }
         ]
+        if join is not None:
+            rows.append(
+                {
+                    "row": f"join rss (window {join_window_s:g}s)",
+                    "rss_mb_quarters": " / ".join(f"{x:.0f}" for x in rss),
+                    "peak_rss_mb": rss_kb(join.pid) / 1024,
+                }
+            )
         return rows
     finally:
         for proc in (feat, join):
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def _in_layout(settings, name: str):
+    """``settings`` with the speed-view layout ``name``."""
+    return settings.model_copy(update={"speed": settings.speed.model_copy(update={"layout": name})})
+
+
+RATIO_KEYS = (
+    "events_per_s",
+    "redis_cmds_per_event",
+    "redis_us_per_event",
+    "hset_per_event",
+    "redis_us_per_hset",
+    "fields_per_hset",
+)
+
+
+def _ratios(rows: list[dict], new: str, old: str) -> list[dict]:
+    """Per features configuration, ``new`` over ``old``: the median of each layout's rounds."""
+    out = []
+    configs = dict.fromkeys(r["row"].rsplit(" [", 1)[0] for r in rows)
+    for cfg in configs:
+        mine = {name: [r for r in rows if r["row"] == f"{cfg} [{name}]"] for name in (new, old)}
+        if not all(mine.values()):
+            continue
+        mean = {
+            name: {
+                k: float(np.median([r[k] for r in rs if r.get(k) is not None] or [np.nan]))
+                for k in RATIO_KEYS
+            }
+            for name, rs in mine.items()
+        }
+        row: dict = {"row": f"ratio {new} / {old} ({cfg})", "rounds": len(mine[new])}
+        for k in RATIO_KEYS:
+            a, b = mean[new][k], mean[old][k]
+            row[k] = a / b if b else None
+        out.append(row)
+    return out
 
 
 def _imp(iid: str, user: int, rng: random.Random):
@@ -306,14 +420,51 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", default="1,2", help="worker counts (threads, one process) to measure"
     )
     ap.add_argument("--processes", default="2", help="process counts (one worker each) to measure")
+    ap.add_argument(
+        "--layouts",
+        default="grouped,entity",
+        help="speed-view layouts to measure, the new one first (ratios: first / second)",
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of the layouts' features runs")
+    ap.add_argument(
+        "--flush-curve",
+        default="100,300,1000",
+        help="flush intervals (ms) of the freshness trade-off curve of the first layout",
+    )
+    ap.add_argument(
+        "--redis-config",
+        default="",
+        help="Redis settings for the runs, NAME=VALUE,... (CONFIG SET, restored afterwards), "
+        "e.g. hash-max-listpack-entries=32",
+    )
     ap.add_argument("--rate", type=int, default=20_000, help="steady rate of the freshness phase")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the freshness phase")
     ap.add_argument("--join-window-s", type=float, default=5.0)
     ap.add_argument("--redis-db", type=int, default=15)
     ap.add_argument("--skip-fresh", action="store_true")
+    ap.add_argument(
+        "--skip-throughput", action="store_true", help="only the steady (freshness) phases"
+    )
     ap.add_argument("--keep-topics", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    from ctrstream.store.layout import SPEED_LAYOUTS
+
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    bad = [x for x in layouts if x not in SPEED_LAYOUTS]
+    if bad or not layouts:
+        ap.error(f"--layouts: give some of {', '.join(SPEED_LAYOUTS)}, not {args.layouts!r}")
+    try:
+        curve = [int(x) for x in args.flush_curve.split(",") if x.strip()]
+    except ValueError:
+        ap.error(
+            f"--flush-curve: give flush intervals in ms, e.g. 100,300,1000, not {args.flush_curve!r}"
+        )
+    if any(x <= 0 for x in curve) or args.repeat < 1:
+        ap.error("--flush-curve intervals and --repeat must be positive")
+    redis_config = dict(x.split("=", 1) for x in args.redis_config.split(",") if "=" in x)
+    if args.redis_config and len(redis_config) != len(args.redis_config.split(",")):
+        ap.error(f"--redis-config: give NAME=VALUE,..., not {args.redis_config!r}")
 
     from ctrstream.config import RedisSettings, Topic, get_settings
     from ctrstream.kafka.clients import admin, ensure_topics, topic_end_offsets
@@ -347,45 +498,77 @@ def main(argv: list[str] | None = None) -> int:
     ensure_topics(s, s.topics.all())
     made = [s]
     rows = []
+    restore: dict[str, str] = {}
     try:
-        from ctrstream.simulation.generator import generate, load_scenario
-        from ctrstream.simulation.replay import replay
-
-        t0 = time.time()
-        tr = generate(load_scenario(args.scenario, events=args.events, seed=1))
-        summary = replay(s, tr.records(), rate=None, progress=False)
-        total = sum(
-            sum(topic_end_offsets(s, getattr(s.topics, k).name).values())
-            for k in ("impressions", "clicks")
-        )
-        print(f"replayed {total:,} records in {time.time() - t0:.0f}s ({summary.describe()})")
-        raw = _raw_consume(s, total)
-        rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
         r = redis_client(s, timeout_s=120.0)
-        runs = [(int(x), 1) for x in args.workers.split(",")]
-        runs += [(1, int(x)) for x in args.processes.split(",") if x and int(x) > 1]
-        for w, procs in runs:
-            r.flushdb(asynchronous=True)
-            before = _redis_usec(r)
-            row = _run_features(s, w, total, log_dir, procs)
-            used = {k: v - before.get(k, (0, 0))[0] for k, (v, _) in _redis_usec(r).items()}
-            calls = {k: c - before.get(k, (0, 0))[1] for k, (_, c) in _redis_usec(r).items()}
-            row["vs_raw"] = row["events_per_s"] / raw
-            row["keys_written"] = r.dbsize()
-            # Redis' own execution time for the job's writes (INFO commandstats), per event:
-            # the ceiling a single Redis thread puts on the flow, whatever the flow does.
-            busy = sum(used.values())
-            row["redis_cmds_per_event"] = sum(calls.values()) / total
-            row["redis_us_per_event"] = busy / total
-            row["redis_ceiling_per_s"] = total / (busy / 1e6) if busy else None
-            rows.append(row)
+        for name, value in redis_config.items():
+            restore[name] = r.config_get(name)[name]
+            r.config_set(name, value)
+        total, raw = 0, 0.0
+        if not args.skip_throughput:
+            from ctrstream.simulation.generator import generate, load_scenario
+            from ctrstream.simulation.replay import replay
+
+            t0 = time.time()
+            tr = generate(load_scenario(args.scenario, events=args.events, seed=1))
+            summary = replay(s, tr.records(), rate=None, progress=False)
+            total = sum(
+                sum(topic_end_offsets(s, getattr(s.topics, k).name).values())
+                for k in ("impressions", "clicks")
+            )
+            print(f"replayed {total:,} records in {time.time() - t0:.0f}s ({summary.describe()})")
+            raw = _raw_consume(s, total)
+            rows.append({"row": "raw consume", "events": total, "events_per_s": raw, "vs_raw": 1.0})
+        runs = [] if args.skip_throughput else [(int(x), 1) for x in args.workers.split(",")]
+        runs += [(1, int(x)) for x in args.processes.split(",") if x and int(x) > 1 and runs]
+        feature_rows = []
+        for _round in range(args.repeat):
+            for w, procs in runs:
+                for name in layouts:  # alternately, so that drift hits every layout alike
+                    r.flushdb()
+                    before = _redis_usec(r)
+                    row = _run_features(_in_layout(s, name), w, total, log_dir, procs)
+                    row["round"] = _round + 1
+                    row["vs_raw"] = row["events_per_s"] / raw
+                    row["keys_written"] = r.dbsize()
+                    # Redis' own execution time for the job's writes (INFO commandstats), per
+                    # event: the ceiling a single Redis thread puts on the flow, whatever the
+                    # flow does.
+                    row.update(_redis_delta(r, before, total))
+                    hsets = round(row["hset_per_event"] * total)
+                    row["fields_per_hset"] = _fields_per_hset(r, hsets)
+                    feature_rows.append(row)
+                    print(json.dumps(row), flush=True)
+        rows += feature_rows
+        if len(layouts) > 1:
+            rows += _ratios(feature_rows, layouts[0], layouts[1])
         if not args.skip_fresh:
             f = bench_settings("fresh")
             ensure_topics(f, f.topics.all())
             made.append(f)
-            r.flushdb(asynchronous=True)
-            rows += _steady(f, args.rate, args.seconds, args.join_window_s, log_dir)
+            # the layouts and the flush curve without the join (same load in every phase),
+            # then the join's memory in a phase of its own
+            steady = [(name, f.flush_interval_ms, False) for name in layouts]
+            steady += [(layouts[0], ms, False) for ms in curve if ms != f.flush_interval_ms]
+            steady.append((layouts[0], f.flush_interval_ms, True))
+            # a warm-up phase, not reported: the first phase on fresh topics is slower
+            r.flushdb()
+            _steady(_in_layout(f, layouts[-1]), args.rate, min(10.0, args.seconds), None, log_dir)
+            for name, ms, with_join in steady:
+                r.flushdb()
+                fs = _in_layout(f, name).model_copy(update={"flush_interval_ms": ms})
+                got = _steady(
+                    fs, args.rate, args.seconds, args.join_window_s if with_join else None, log_dir
+                )
+                if with_join:
+                    got[0]["row"] += " with the join"
+                print(json.dumps(got), flush=True)
+                rows += got
     finally:
+        if restore:
+            rc = redis_client(s, timeout_s=30.0)
+            for name, value in restore.items():
+                rc.config_set(name, value)
         if not args.keep_topics:
             names = [t.name for st in made for t in st.topics.all()]
             names += [f"{st.topics.labeled.name}.join-fence" for st in made]
@@ -410,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         "redis_cmds_per_event",
         "redis_us_per_event",
         "redis_ceiling_per_s",
+        "redis_us_per_hset",
+        "fields_per_hset",
         "probes",
         "visible",
         "p50_ms",

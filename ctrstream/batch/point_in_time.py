@@ -166,9 +166,8 @@ def bucket_counts(
 ) -> pa.Table:
     """Absolute impression/click counts per (entity, resolution, bucket) from the events
     with ``since_ms <= event_time_ms < until_ms`` (events deduplicated by id) - the values
-    the speed view holds in fields ``{res}:i{bucket}`` / ``{res}:c{bucket}`` of
-    ``sv:{entity}:{eid}:{day}``, the hash of the bucket's event day (``layout.speed_key``
-    / ``layout.speed_day`` / ``layout.speed_field``).
+    the speed view holds in the cells ``(entity, eid, res, i|c, bucket)`` of the hash of the
+    bucket's event day (``layout.SpeedLayout.cell_address``).
 
     Returns columns ``entity, eid, res, bucket, imps, clicks`` (buckets with no event are
     absent), sorted by entity, eid, res, bucket.

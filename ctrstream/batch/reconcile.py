@@ -332,7 +332,7 @@ def _metrics():
 
 
 def _compare_views(
-    r, version, cutoff, lateness, closed_before_ms, late, report, diffs, writes, missing_keys
+    r, version, cutoff, lateness, closed_before_ms, late, report, diffs, writes, missing_keys, sl
 ) -> None:
     """Compare the batch and speed views one resolution at a time, the finest first: its
     newest bucket start is the speed layer's high-water (every event is counted at every
@@ -341,8 +341,9 @@ def _compare_views(
     anyway), each resolution's part dropped once compared; the batch view one resolution at
     a time. Fills ``diffs``, ``writes`` ({cell: the batch value, None to delete the cell},
     cells as ``speed_view.Cell``) and ``missing_keys`` ((entity, eid, day) of compared
-    buckets with no speed hash for that day); fills ``report``."""
-    speed_all, speed_present = SV.scan_speed_view(r)
+    buckets with no speed hash for that day - in the grouped layout: no cell of the entity in
+    its root's hash of that day); fills ``report``. ``sl``: the speed view's layout."""
+    speed_all, speed_present = SV.scan_speed_view(r, sl)
     high = 0
     for res in sorted(F.RESOLUTIONS, key=lambda x: x.bucket_ms):
         batch = BV.scan_batch_view(r, version, res.name)
@@ -461,6 +462,7 @@ def reconcile(
             diffs,
             writes,
             missing_keys,
+            L.speed_layout(settings.speed.layout),
         )
     report.overlap = {res.name: report.overlap[res.name] for res in F.RESOLUTIONS}
 
@@ -515,7 +517,9 @@ def reconcile(
     ]
 
     if apply and writes:
-        report.applied_cells = SV.repair_speed_cells(r, writes, L.speed_hash_ttl_ms(lateness))
+        report.applied_cells = SV.repair_speed_cells(
+            r, writes, L.speed_hash_ttl_ms(lateness), L.speed_layout(settings.speed.layout)
+        )
     report.applied = apply
     report.seconds = time.monotonic() - t0
 

@@ -8,8 +8,9 @@ is provably at most ``ttl_s`` behind Redis:
 
 * **TTL**: it was read less than ``ttl_s`` ago (``clock``, monotonic), or
 * **tracked** (:class:`ctrstream.store.tracking.InvalidationTracker`): Redis reports every
-  write to a speed-view key (``CLIENT TRACKING ... BCAST PREFIX sv:``) and the entity's
-  entry is dropped when the report arrives; the tracker's heartbeat - a write whose report
+  write to a speed-view key (``CLIENT TRACKING ... BCAST PREFIX sv:``) and the entries of
+  every entity of that hash (its root and, in the grouped layout, the root's cached
+  crosses) are dropped when the report arrives; the tracker's heartbeat - a write whose report
   comes after every earlier write's - came back for a heartbeat sent less than ``ttl_s``
   ago. Then every write Redis executed before that heartbeat has been applied, so the entry
   lags Redis by less than ``ttl_s`` however old it is. If the reports stop (a broken
@@ -44,7 +45,8 @@ from ctrstream.store.plan import SHARED_ENTITIES
 class Vouching(Protocol):
     """What the cache needs of an invalidation channel (``InvalidationTracker``)."""
 
-    acked_sent_at: float | None
+    @property
+    def acked_sent_at(self) -> float | None: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -71,8 +73,17 @@ class Lookup:
 
 class SharedEntityCache:
     def __init__(
-        self, ttl_s: float, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic
+        self,
+        ttl_s: float,
+        max_entries: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
+        root_of: Callable[[str], str] | None = None,
     ):
+        # root_of: the entity key whose speed-view hashes hold an entity's cells
+        # (layout.SpeedLayout.root_entity_key; ``site`` 3 for ``site_x_category`` 3:7 in the
+        # grouped layout): invalidations name roots and drop every cached member of one
+        self.root_of: Callable[[str], str] = root_of or (lambda k: k)
+        self._members: dict[str, set[str]] = {}  # root -> cached member entity keys
         self.ttl_s = float(ttl_s)
         self.max_entries = int(max_entries)
         self.clock = clock
@@ -96,12 +107,18 @@ class SharedEntityCache:
 
     # ---- invalidation (the tracker's callbacks)
     def invalidate(self, entity_keys: Iterable[str]) -> None:
+        """Drop the entries of ``entity_keys`` and of every entity whose cells share their
+        root's hashes (a report names a root)."""
+        root_of = self.root_of
         with self._lock:
             self._seq += 1
-            seq, entries, inval = self._seq, self._entries, self._inval
+            seq, entries, inval, members = self._seq, self._entries, self._inval, self._members
             for k in entity_keys:
-                entries.pop(k, None)
-                inval[k] = seq
+                r = root_of(k)
+                entries.pop(r, None)
+                for m in members.pop(r, ()):
+                    entries.pop(m, None)
+                inval[r] = seq
             if len(inval) > 100_000:  # only reads still in flight need the older ones
                 low = min(self._inflight, default=seq)
                 self._inval = {k: v for k, v in inval.items() if v > low}
@@ -112,6 +129,7 @@ class SharedEntityCache:
             self._flushed = self._seq
             self._entries.clear()
             self._inval.clear()
+            self._members.clear()
 
     def vouched(self, now: float) -> float | None:
         """How far tracked entries may lag Redis now (None: the tracker does not vouch)."""
@@ -171,10 +189,18 @@ class SharedEntityCache:
                 return  # the cache was dropped while this read was in flight
             if len(self._entries) > self.max_entries:
                 self._evict(lk.window)
-            entries, inval = self._entries, self._inval
+            entries, inval, members, root_of = (
+                self._entries,
+                self._inval,
+                self._members,
+                self.root_of,
+            )
             for j, k in shared:
-                if inval.get(k, -1) <= lk.seq:  # no write reported since the read began
+                r = root_of(k)
+                if inval.get(r, -1) <= lk.seq:  # no write reported since the read began
                     entries[k] = Entry(lk.at, lk.window, version, counts[j], int(newest[j]))
+                    if r != k:
+                        members.setdefault(r, set()).add(k)
 
     def release(self, lk: Lookup) -> None:
         """End a read that stores nothing (it failed, or it is redone)."""
@@ -198,6 +224,12 @@ class SharedEntityCache:
         }
         if len(self._entries) > self.max_entries:
             self._entries.clear()
+        members: dict[str, set[str]] = {}
+        for k in self._entries:
+            r = self.root_of(k)
+            if r != k:
+                members.setdefault(r, set()).add(k)
+        self._members = members
 
     def stats(self) -> dict[str, Any]:
         n = self.hits + self.misses

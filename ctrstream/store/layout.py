@@ -8,6 +8,16 @@ place decodes them.
 
 Speed view (written by the speed layer, absolute counts, never ``HINCRBY``)
 ---------------------------------------------------------------------------
+Two layouts, chosen by ``settings.speed.layout`` (:class:`SpeedLayout`, :func:`speed_layout`;
+every writer, reader, scan and reconciliation takes one):
+
+* ``grouped`` (the default): ``sv:{{root}:{root id}}:{day}`` - one HASH per *root* entity id
+  and event day, the root entity key in braces (a Redis Cluster hash tag), holding the
+  root's own cells (fields ``{res}:{i|c}{bucket}``) and those of its crosses (fields
+  ``{tag}:{rest of id}:{res}:{i|c}{bucket}``: user x ad 17, 4 is ``ua:4:...`` in user 17's
+  hash); a click count of 0 is not written. Details: :class:`SpeedLayout`.
+* ``entity``: as described next, one hash per entity id and day.
+
 ``sv:{entity}:{id}:{day}`` - one HASH per entity and event day (days since the epoch,
 UTC, :func:`speed_day`) for every resolution: fields ``{res}:i{bucket}`` and
 ``{res}:c{bucket}`` (:func:`speed_field`, e.g. ``5m:i29215043``) hold the impression and
@@ -22,11 +32,13 @@ renews the TTL), which keeps every bucket readable for at least its own resoluti
 
 Batch view (written by the batch layer under a version, switched atomically)
 ----------------------------------------------------------------------------
-* ``bv:{version}:{entity}:{id}:{res}`` - one HASH per resolution, fields ``i{bucket}`` /
+(every per-entity key carries its entity key in braces, a Redis Cluster hash tag)
+
+* ``bv:{version}:{{entity}:{id}}:{res}`` - one HASH per resolution, fields ``i{bucket}`` /
   ``c{bucket}`` (:func:`batch_field`), the buckets closed by the cut-off
   (``features.view_buckets``);
-* ``bv:{version}:{entity}:{id}:long`` - fields ``i7d`` / ``c7d`` (:func:`long_field`);
-* ``bv:{version}:{entity}:{id}:sums`` - the serving summary of the entity: the long-window
+* ``bv:{version}:{{entity}:{id}}:long`` - fields ``i7d`` / ``c7d`` (:func:`long_field`);
+* ``bv:{version}:{{entity}:{id}}:sums`` - the serving summary of the entity: the long-window
   fields again, plus **suffix sums** per resolution, ``{res}:i{b}`` / ``{res}:c{b}`` = the
   view's impressions / clicks of buckets ``>= b`` (:func:`suffix_field`), for every ``b`` of
   the view up to the entity's last non-empty bucket (absent: 0). The batch part of any
@@ -66,6 +78,7 @@ Entity keys, calibration, reconciliation, cache tracking
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from ctrstream import features as F
 
@@ -193,6 +206,236 @@ def speed_keep_buckets(res: F.Resolution, allowed_lateness_ms: int) -> int:
     return -(-span // res.bucket_ms)
 
 
+# --------------------------------------------------------------------------- speed layouts
+
+SPEED_TAG_OPEN, SPEED_TAG_CLOSE = "{", "}"  # a Redis Cluster hash tag around the root entity key
+SPEED_LAYOUTS = ("grouped", "entity")
+# the short tag naming a crossed entity in its root's grouped hash (``ua:4:5m:i29215043``)
+MEMBER_TAGS = {"user_x_advertiser": "uv", "user_x_ad": "ua", "site_x_category": "sc"}
+_GROUPED_FIELD_RE = re.compile(rb"^(?:([^:]+):(.+):)?([^:]+):([ic])(-?\d+)$")
+
+
+@dataclass(frozen=True)
+class SpeedMember:
+    """Where the cells of one entity live in a :class:`SpeedLayout`: the hash of its *root*
+    entity's id (the id parts at ``key_parts`` of ``Entity.fields``) and the day, and fields
+    named ``{tag}:{rest}:{res}:{event type}{bucket}`` (``rest``: the id parts at
+    ``rest_parts``, joined with ``:``) - or ``{res}:{event type}{bucket}`` without a tag."""
+
+    entity: str
+    root: str
+    key_parts: tuple[int, ...]
+    rest_parts: tuple[int, ...]
+    tag: str
+
+    def split(self, eid: str) -> tuple[str, str]:
+        """``(root id, rest)`` of an id of this entity."""
+        if not self.rest_parts:
+            return eid, ""
+        parts = eid.split(ID_PART_SEP)
+        if len(parts) <= max(self.rest_parts):
+            raise ValueError(
+                f"{self.entity} id {eid!r} has {len(parts)} part(s), not one per field: give "
+                f"crossed ids as features.entity_id joins them (e.g. 17{ID_PART_SEP}4)"
+            )
+        return (
+            ID_PART_SEP.join(parts[i] for i in self.key_parts),
+            ID_PART_SEP.join(parts[i] for i in self.rest_parts),
+        )
+
+    def field_prefix(self, eid: str) -> str:
+        """What every field of entity id ``eid`` starts with ("" for a root's own fields)."""
+        if not self.tag:
+            return ""
+        return f"{self.tag}{FIELD_RES_SEP}{self.split(eid)[1]}{FIELD_RES_SEP}"
+
+
+class SpeedLayout:
+    """The key and field format of the speed view, one of :data:`SPEED_LAYOUTS`
+    (``settings.speed.layout``); every writer and reader of the speed view is parameterized
+    by one (docs/speed-layer.md):
+
+    * ``grouped`` (the default): entities that share a root id share ONE hash per root id and
+      event day, ``sv:{user:17}:20431`` - the root entity key in braces, a Redis Cluster hash
+      tag, so that a root's hash and everything a request reads of it sit in one slot. A
+      crossed entity whose first field is a single-field entity's (``user_x_ad``,
+      ``user_x_advertiser`` under ``user``; ``site_x_category`` under ``site``) is a member
+      of that root's hash, its fields prefixed with its tag and the rest of its id
+      (``ua:4:5m:i29215043``); the root's own fields are ``5m:i29215043``. Entities shared by
+      many others (``ad``, ``campaign``, ``advertiser``) are roots of their own, never
+      copied into another's hash. A click count of 0 is not written (:attr:`sparse_clicks`:
+      an absent field reads 0, and most cells have no click).
+    * ``entity``: one hash per entity id and day, ``sv:{entity}:{id}:{day}`` (no hash tag),
+      fields ``{res}:{event type}{bucket}``: every event touches 8 hashes.
+    """
+
+    def __init__(self, name: str) -> None:
+        if name not in SPEED_LAYOUTS:
+            raise ValueError(
+                f"unknown speed-view layout {name!r}: use one of {', '.join(SPEED_LAYOUTS)} "
+                "(CTRSTREAM_SPEED__LAYOUT)"
+            )
+        self.name = name
+        self.grouped = name == "grouped"
+        # a click count of 0 is not written (an absent field reads 0): most cells have no
+        # click, and Redis' cost of an HSET grows with its fields (docs/speed-layer.md)
+        self.sparse_clicks = self.grouped
+        single = {e.fields[0]: e.name for e in F.ENTITIES if len(e.fields) == 1}
+        members: dict[str, SpeedMember] = {}
+        for e in F.ENTITIES:
+            root = single.get(e.fields[0]) if self.grouped and len(e.fields) > 1 else None
+            if root is None:
+                members[e.name] = SpeedMember(e.name, e.name, tuple(range(len(e.fields))), (), "")
+            else:
+                tag = MEMBER_TAGS.get(e.name, e.name)
+                members[e.name] = SpeedMember(
+                    e.name, root, (0,), tuple(range(1, len(e.fields))), tag
+                )
+        self.members = members
+        self.by_tag = {(m.root, m.tag): m.entity for m in members.values()}
+        if len(self.by_tag) != len(members):
+            raise ValueError(f"two members of one root share a tag in layout {name!r}")
+        self.roots = sorted({m.root for m in members.values()})
+
+    def __repr__(self) -> str:
+        return f"SpeedLayout({self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SpeedLayout) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    # ---- keys
+    def root_key(self, root: str, root_id: str, day: int) -> str:
+        """The hash of root entity id ``root_id`` and event day ``day``."""
+        if self.grouped:
+            return (
+                f"{SPEED_PREFIX}{SPEED_TAG_OPEN}{root}{ENTITY_SEP}{root_id}{SPEED_TAG_CLOSE}"
+                f"{SPEED_DAY_SEP}{day}"
+            )
+        return f"{SPEED_PREFIX}{root}{ENTITY_SEP}{root_id}{SPEED_DAY_SEP}{day}"
+
+    def key(self, entity: str, eid: str, day: int) -> str:
+        """The hash that holds the cells of entity id ``eid`` on event day ``day``."""
+        m = self.members[entity]
+        return self.root_key(m.root, m.split(eid)[0], day)
+
+    def root_entity_key(self, key: str) -> str:
+        """The entity key of the root whose hashes hold the cells of entity key ``key``
+        (itself for a root): the unit of the shared-entity cache's invalidation."""
+        entity, eid = split_entity_key(key)
+        m = self.members.get(entity)
+        if m is None or not m.tag:
+            return key
+        return entity_key(m.root, m.split(eid)[0])
+
+    def keys(self, entity_keys: list[str], day: int) -> list[str]:
+        """:meth:`key` of many entity keys for one day (the read plan's hot path)."""
+        if not self.grouped:
+            return speed_keys(entity_keys, day)
+        head, tail = SPEED_PREFIX + SPEED_TAG_OPEN, f"{SPEED_TAG_CLOSE}{SPEED_DAY_SEP}{day}"
+        return [head + self.root_entity_key(k) + tail for k in entity_keys]
+
+    def key_head(self, root: str) -> bytes:
+        """The constant start of every key of ``root`` (the vectorized writer appends the root
+        id's parts, :meth:`key_tail` and the day)."""
+        if self.grouped:
+            return f"{SPEED_PREFIX}{SPEED_TAG_OPEN}{root}{ENTITY_SEP}".encode()
+        return speed_key_head(root)
+
+    def key_tail(self) -> bytes:
+        """What comes between a key's root id and its day."""
+        return (SPEED_TAG_CLOSE + SPEED_DAY_SEP if self.grouped else SPEED_DAY_SEP).encode()
+
+    def parse_key(self, key: str) -> tuple[str, str, int] | None:
+        """``(root entity, root id, day)`` of a key of this layout; None for any other key."""
+        if not key.startswith(SPEED_PREFIX):
+            return None
+        rest = key[len(SPEED_PREFIX) :]
+        if self.grouped:
+            if not rest.startswith(SPEED_TAG_OPEN):
+                return None
+            tag, sep, day = rest[1:].partition(SPEED_TAG_CLOSE + SPEED_DAY_SEP)
+            root, _, rid = tag.partition(ENTITY_SEP)
+        else:
+            if rest.startswith(SPEED_TAG_OPEN):
+                return None
+            head, sep, day = rest.rpartition(SPEED_DAY_SEP)
+            root, _, rid = head.partition(ENTITY_SEP)
+        if not sep or not rid or root not in self.members or self.members[root].tag:
+            return None
+        try:
+            return root, rid, int(day)
+        except ValueError:
+            return None
+
+    def root_of_key(self, key: bytes) -> str | None:
+        """The root entity key (``user:17``) of a key of this layout; None for any other key
+        (the invalidation tracker's hot path)."""
+        try:
+            parsed = self.parse_key(key.decode())
+        except UnicodeDecodeError:
+            return None
+        return None if parsed is None else entity_key(parsed[0], parsed[1])
+
+    # ---- fields
+    def field_prefix(self, entity: str, eid: str) -> str:
+        """What every field of entity id ``eid`` starts with in its hash."""
+        return self.members[entity].field_prefix(eid)
+
+    def field(self, entity: str, eid: str, res: str, event_type: str, bucket: int) -> str:
+        """The field of one cell in its hash (:meth:`key`)."""
+        return self.field_prefix(entity, eid) + speed_field(res, event_type, bucket)
+
+    def cell_address(
+        self, entity: str, eid: str, res: str, event_type: str, bucket: int
+    ) -> tuple[str, str]:
+        """``(key, field)`` of one cell."""
+        day = speed_day(bucket, F.RESOLUTION_BY_NAME[res])
+        return self.key(entity, eid, day), self.field(entity, eid, res, event_type, bucket)
+
+    def parse_field(
+        self, root: str, root_id: str, field: bytes
+    ) -> tuple[str, str, str, str, int] | None:
+        """``(entity, id, res, event type, bucket)`` of a field of a hash of root id
+        ``root_id``; None for a field outside the layout (or of an unknown resolution)."""
+        m = _GROUPED_FIELD_RE.match(field) if self.grouped else SPEED_FIELD_RE.match(field)
+        if m is None:
+            return None
+        if self.grouped:
+            tag, rest, res, et, b = m.groups()
+        else:
+            tag, rest, (res, et, b) = None, None, m.groups()
+        res_s = res.decode()
+        if res_s not in F.RESOLUTION_BY_NAME:
+            return None
+        if tag is None:
+            entity, eid = root, root_id
+        else:
+            ent = self.by_tag.get((root, tag.decode()))
+            if ent is None:
+                return None
+            entity, eid = ent, root_id + ID_PART_SEP + (rest or b"").decode()
+        return entity, eid, res_s, et.decode(), int(b)
+
+
+_LAYOUTS: dict[str, SpeedLayout] = {}
+
+
+def speed_layout(name: str | None = None) -> SpeedLayout:
+    """The :class:`SpeedLayout` called ``name``; None: the configured one
+    (``settings.speed.layout``, ``CTRSTREAM_SPEED__LAYOUT``, default ``grouped``)."""
+    if name is None:
+        import os
+
+        name = os.environ.get("CTRSTREAM_SPEED__LAYOUT", "grouped").strip() or "grouped"
+    got = _LAYOUTS.get(name)
+    if got is None:
+        got = _LAYOUTS[name] = SpeedLayout(name)
+    return got
+
+
 # --------------------------------------------------------------------------- batch view
 
 BATCH_PREFIX = "bv:"
@@ -217,7 +460,10 @@ def batch_version_pattern(version: str) -> str:
 
 def batch_key(version: str, entity: str, eid: str, res: str) -> str:
     """The per-bucket hash of one entity and resolution in view ``version``."""
-    return f"{batch_version_prefix(version)}{entity}{ENTITY_SEP}{eid}{BATCH_RES_SEP}{res}"
+    return (
+        f"{batch_version_prefix(version)}{SPEED_TAG_OPEN}{entity}{ENTITY_SEP}{eid}"
+        f"{SPEED_TAG_CLOSE}{BATCH_RES_SEP}{res}"
+    )
 
 
 def batch_long_key(version: str, entity: str, eid: str) -> str:
@@ -230,7 +476,8 @@ def batch_sums_key(version: str, entity: str, eid: str) -> str:
 
 def batch_sums_keys(version: str, entity_keys: list[str]) -> list[str]:
     """:func:`batch_sums_key` of many entity keys (the read plan's hot path)."""
-    head, tail = batch_version_prefix(version), f"{BATCH_RES_SEP}{SUMS_SUFFIX}"
+    head = batch_version_prefix(version) + SPEED_TAG_OPEN
+    tail = f"{SPEED_TAG_CLOSE}{BATCH_RES_SEP}{SUMS_SUFFIX}"
     return [head + k + tail for k in entity_keys]
 
 
@@ -251,10 +498,12 @@ def batch_entity_of(version: str, key: str) -> tuple[str, str, str] | None:
     head = batch_version_prefix(version)
     if not key.startswith(head):
         return None
-    try:
-        entity, tail = key[len(head) :].split(ENTITY_SEP, 1)
-        eid, part = tail.rsplit(BATCH_RES_SEP, 1)
-    except ValueError:
+    rest = key[len(head) :]
+    if not rest.startswith(SPEED_TAG_OPEN):
+        return None
+    tagged, sep, part = rest[1:].rpartition(SPEED_TAG_CLOSE + BATCH_RES_SEP)
+    entity, _, eid = tagged.partition(ENTITY_SEP)
+    if not sep or not eid:
         return None
     if entity not in F.ENTITY_BY_NAME or not (
         part in F.RESOLUTION_BY_NAME or part in (LONG_SUFFIX, SUMS_SUFFIX)
@@ -310,8 +559,9 @@ def batch_key_sql(version: str, entity: str, eid: str, part: str) -> str:
     :func:`batch_sums_key` (``part`` the SQL string of :data:`LONG_SUFFIX` /
     :data:`SUMS_SUFFIX`) as a SQL expression."""
     return (
-        f"{sql_literal(batch_version_prefix(version))} || {entity} || {sql_literal(ENTITY_SEP)} "
-        f"|| {eid} || {sql_literal(BATCH_RES_SEP)} || {part}"
+        f"{sql_literal(batch_version_prefix(version) + SPEED_TAG_OPEN)} || {entity} || "
+        f"{sql_literal(ENTITY_SEP)} || {eid} || {sql_literal(SPEED_TAG_CLOSE + BATCH_RES_SEP)} "
+        f"|| {part}"
     )
 
 

@@ -228,8 +228,9 @@ class ScriptPlan:
     windows); older views bucket by bucket (one ``HMGET`` per resolution, one of the
     ``:long`` hash)."""
 
-    def __init__(self, mode: str, view: View, t_ms: int):
+    def __init__(self, mode: str, view: View, t_ms: int, speed_layout: L.SpeedLayout | None = None):
         self.mode, self.view = mode, view
+        self.layout = speed_layout or L.speed_layout()
         use_batch = mode != "speed" and view.version is not None
         sums = use_batch and view.sums
         self.n_batch_keys = 0 if not use_batch else 1 if sums else N_RES + 1
@@ -286,7 +287,7 @@ class ScriptPlan:
                 cols.append([L.batch_key(v, *L.split_entity_key(k), r.name) for k in entity_keys])
             cols.append([L.batch_long_key(v, *L.split_entity_key(k)) for k in entity_keys])
         for d in self.days:
-            cols.append(L.speed_keys(entity_keys, d))
+            cols.append(self.layout.keys(entity_keys, d))
         n = len(entity_keys)
         keys: list[str] = [L.BATCH_POINTER_KEY] * (1 + n * len(cols))
         for j, col in enumerate(cols):  # interleaved: entity by entity (C-level slices)
@@ -300,6 +301,14 @@ class ScriptPlan:
         (indices into ``keys``: the keys without parents first, each key after its parents).
         ``parents``: per key 0-based indices among ``keys``, -1 for none (default: found by
         parsing the keys); a parent must have no parents itself (single-field entities)."""
+        args, order = self.call_args(keys, parents)
+        return self.keys_of([keys[i] for i in order.tolist()]), args, order
+
+    def call_args(
+        self, keys: list[str], parents: np.ndarray | None = None
+    ) -> tuple[list[Any], np.ndarray]:
+        """``(ARGV, order)`` of :meth:`call`, without building its ``KEYS`` (a Redis
+        Cluster reader builds them once for routing and slices them per node)."""
         if parents is None:
             parents = parents_of_keys(keys)
         parents = np.asarray(parents, dtype=np.int64).reshape(len(keys), MAX_PARENTS)
@@ -310,11 +319,16 @@ class ScriptPlan:
         pos = np.empty(len(keys) + 1, dtype=np.int64)  # pos[-1]: no parent -> 0
         pos[order] = np.arange(1, len(keys) + 1)
         pos[-1] = 0
-        ordered = [keys[i] for i in order.tolist()]
         args = [*self.head, len(plain), len(keys)]
         if len(crossed):
             args += pos[parents[crossed]].ravel().tolist()
-        return self.keys_of(ordered), args, order
+        if self.layout.grouped:
+            prefix = self.layout.field_prefix
+            args.append(len(order))
+            args += [prefix(*L.split_entity_key(keys[i])) for i in order.tolist()]
+        else:
+            args.append(0)
+        return args, order
 
 
 def parse_script_reply(
@@ -346,8 +360,9 @@ class PipelinePlan:
     with speed buckets (the fields of every resolution's buckets of that day, as in the
     script), one of its long windows."""
 
-    def __init__(self, mode: str, view: View, t_ms: int):
+    def __init__(self, mode: str, view: View, t_ms: int, speed_layout: L.SpeedLayout | None = None):
         self.view = view
+        self.layout = speed_layout or L.speed_layout()
         per_res = []
         by_day: dict[int, list[tuple[int, int]]] = {}  # day -> [(window index, bucket)]
         for k, (r, b0, b1) in enumerate(window_plan(t_ms)):
@@ -382,8 +397,10 @@ class PipelinePlan:
                 if bf:
                     assert v is not None
                     out.append(("HMGET", L.batch_key(v, ent, eid, r.name), *bf))
+            pre = self.layout.field_prefix(ent, eid)
             for day, sf in self.speed_days:
-                out.append(("HMGET", L.speed_key(ent, eid, day), *sf))
+                fields = [pre + f for f in sf] if pre else sf
+                out.append(("HMGET", self.layout.key(ent, eid, day), *fields))
             if v is not None and self.long_fields:
                 out.append(("HMGET", L.batch_long_key(v, ent, eid), *self.long_fields))
         return out

@@ -1,7 +1,8 @@
 -- Window counts of many entities at one event time, in one atomic call (ctrstream.store.reader).
 --
 -- Every key this script touches is in KEYS, built by ctrstream.store.layout, and every field
--- it reads is in ARGV: it assembles no key and no field name, so it can run wherever the
+-- it reads is in ARGV (a speed field of a member of a grouped hash is its entity's prefix
+-- followed by the field, both from ARGV): it assembles no key, so it can run wherever the
 -- keys of one call live together (one Redis, or one Redis Cluster slot).
 --
 -- KEYS[1]       the batch-view pointer (bv:current)
@@ -23,6 +24,8 @@
 --   nlong, then 2 x nlong fields   the long windows' fields (of the :long hash, B = n_res + 1)
 --   maxp, n_plain, n_ent, then per entity after the first n_plain: maxp 1-based positions of
 --   its parents among the earlier entities (0: none)
+--   npre (0 or n_ent), then per entity (call order) the prefix of its speed fields in its
+--   speed hashes ('' for none; layout.SpeedLayout.field_prefix, the grouped layout)
 --
 -- Returns {pointer value or '', blob} where blob holds per entity, int64 little-endian,
 -- (imps, clicks) per window (resolutions, then long windows), then the start of its newest
@@ -67,6 +70,12 @@ for j = 1, 2 * n_long do LF[j] = ARGV[pos + j - 1] end
 pos = pos + 2 * n_long
 local maxp, n_plain, n_ent = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
 pos = pos + 3
+local PRE = {}
+do
+  local pp = pos + (n_ent - n_plain) * maxp
+  local npre = tonumber(ARGV[pp] or '0') or 0
+  for k = 1, npre do PRE[k] = ARGV[pp + k] end
+end
 
 local W = n_res + n_long
 local band, bor, call, tonum = bit.band, bit.bor, redis.call, tonumber
@@ -116,7 +125,7 @@ local zero = {}  -- zero[k]: bit mask of entity k's empty windows (both counts 0
 
 -- window counts of entity k (its keys start at KEYS[base + 1]); pm: bit mask of windows
 -- pruned by an empty parent window
-local function entity(k, pm)
+local function entity(k, pm, pre_sv)
   local base = 1 + (k - 1) * STRIDE
   local vals, nv, zm, newest = {}, 0, 0, -1
   local bv = nil
@@ -125,8 +134,17 @@ local function entity(k, pm)
   local sm = band(pm, SMASK)
   if sm ~= SMASK then
     local p = speed_plan(sm)
-    sv, runs = {}, p[3]
-    for _, x in ipairs(p[1]) do sv[x] = call('HMGET', KEYS[base + B + x], unpack(p[2][x])) end
+    sv, runs = pre_sv or {}, p[3]
+    local pre = PRE[k]
+    for _, x in ipairs(pre_sv and {} or p[1]) do
+      local f = p[2][x]
+      if pre and pre ~= '' then
+        local g = {}
+        for i = 1, #f do g[i] = pre .. f[i] end
+        f = g
+      end
+      sv[x] = call('HMGET', KEYS[base + B + x], unpack(f))
+    end
   end
   for r = 1, n_res do
     local R = res[r]
@@ -187,6 +205,7 @@ end
 
 for k = 1, n_plain do zero[k] = entity(k, 0) end
 local q = pos
+local PM = {}
 for k = n_plain + 1, n_ent do
   local pm = 0
   for j = 1, maxp do
@@ -194,6 +213,51 @@ for k = n_plain + 1, n_ent do
     if p > 0 and p < k then pm = bor(pm, zero[p]) end
   end
   q = q + maxp
-  zero[k] = entity(k, pm)
+  PM[k] = pm
 end
+
+-- The grouped layout (field prefixes given): a root's hash of one day holds the speed fields
+-- of all its crosses, so the crossed entities' speed fields are read with ONE HMGET per
+-- distinct key (a user's crosses with every candidate ad; in chunks of at most CHUNK fields,
+-- under Lua's unpack limit) and handed to entity() per slot.
+local SV = {}
+if #PRE > 0 then
+  local CHUNK = 4000
+  local groups, korder = {}, {}
+  for k = n_plain + 1, n_ent do
+    local sm = band(PM[k], SMASK)
+    if sm ~= SMASK then
+      local p = speed_plan(sm)
+      local base = 1 + (k - 1) * STRIDE
+      local pre = PRE[k] or ''
+      SV[k] = {}
+      for _, x in ipairs(p[1]) do
+        local ki = base + B + x
+        local g = groups[KEYS[ki]]
+        if not g then
+          g = {ki = ki, fields = {}, parts = {}}
+          groups[KEYS[ki]] = g
+          korder[#korder + 1] = g
+        end
+        local f, gf = p[2][x], g.fields
+        local off = #gf
+        for i = 1, #f do gf[off + i] = pre .. f[i] end
+        g.parts[#g.parts + 1] = {k, x, off, #f}
+      end
+    end
+  end
+  for _, g in ipairs(korder) do
+    local gf, v = g.fields, {}
+    for a = 1, #gf, CHUNK do
+      local part = call('HMGET', KEYS[g.ki], unpack(gf, a, math.min(a + CHUNK - 1, #gf)))
+      for i = 1, #part do v[a + i - 1] = part[i] end
+    end
+    for _, pt in ipairs(g.parts) do
+      local s, off = {}, pt[3]
+      for i = 1, pt[4] do s[i] = v[off + i] end
+      SV[pt[1]][pt[2]] = s
+    end
+  end
+end
+for k = n_plain + 1, n_ent do zero[k] = entity(k, PM[k], SV[k]) end
 return {ptr, table.concat(blob)}

@@ -26,6 +26,35 @@ from ctrstream.store.connection import RedisReplyError, RespSocket, hello_comman
 
 READ_SCRIPT = resources.files("ctrstream.store").joinpath("read.lua").read_text()
 
+# The read script's Redis Cluster form: one call per node, every key it reads served by that
+# node, in several slots. Redis routes a script by its declared KEYS and refuses declared
+# KEYS of several slots (CROSSSLOT), so the call declares ONE key (read.lua's first key, on
+# that node: it routes the call, and a moved slot answers MOVED) and hands read.lua's KEYS
+# in ARGV; the ``allow-cross-slot-keys`` flag (Redis 7) lets it read keys of other slots of
+# its node. The body is read.lua unchanged, with KEYS and ARGV rebound. The batch-view
+# pointer lives on one node: the call there checks it; on the other nodes the reader puts a
+# never-written key of the node in the pointer's place and expects '' (nothing to check
+# there: ctrstream.store.reader).
+#   KEYS[1]  read.lua's KEYS[1]      ARGV  n, n keys (read.lua's KEYS), read.lua's ARGV
+CLUSTER_READ_SCRIPT = (
+    "#!lua flags=allow-cross-slot-keys,no-writes\n"
+    "local n = tonumber(ARGV[1])\n"
+    "local K, A = {}, {}\n"
+    "for i = 1, n do K[i] = ARGV[i + 1] end\n"
+    "for i = n + 2, #ARGV do A[#A + 1] = ARGV[i] end\n"
+    "local function body(KEYS, ARGV)\n" + READ_SCRIPT + "\nend\n"
+    "return body(K, A)\n"
+)
+
+
+CLUSTER_READ_SHA = hashlib.sha1(CLUSTER_READ_SCRIPT.encode()).hexdigest()
+
+
+def cluster_call_args(keys: list[Any], args: list[Any]) -> tuple[list[Any], list[Any]]:
+    """``(KEYS, ARGV)`` of :data:`CLUSTER_READ_SCRIPT` for one node's call of the read script
+    with ``keys`` / ``args`` (all of ``keys`` on that node; ``keys[0]`` routes the call)."""
+    return [keys[0]], [len(keys), *keys, *args]
+
 
 class _RespProtocol(asyncio.Protocol):
     """One pipelined Redis connection: replies are matched to waiting calls in order."""

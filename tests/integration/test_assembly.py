@@ -110,18 +110,17 @@ def _long_counts(imps, clicks, at_ms: int):
 
 
 def write_speed_view(r, imps, clicks, t_ms: int) -> None:
-    """What the speed layer holds at ``t_ms``: absolute counts of every bucket so far, one
-    hash per entity and event day for every resolution (``layout.speed_key`` /
-    ``layout.speed_field``)."""
+    """What the speed layer holds at ``t_ms``: absolute counts of every bucket so far, in the
+    configured layout's hashes (``layout.SpeedLayout.cell_address``)."""
+    sl = L.speed_layout()
     per_hash: dict = {}
     for (ent, eid, res), c in _bucket_counts(imps, clicks, t_ms).items():
-        rs = F.RESOLUTION_BY_NAME[res]
         for f, n in c.items():
-            b = int(f[1:])
-            per_hash.setdefault((ent, eid, L.speed_day(b, rs)), {})[L.speed_field(res, f[0], b)] = n
+            key, fld = sl.cell_address(ent, eid, res, f[0], int(f[1:]))
+            per_hash.setdefault(key, {})[fld] = n
     pipe = r.pipeline(transaction=False)
-    for (ent, eid, day), mapping in per_hash.items():
-        pipe.hset(L.speed_key(ent, eid, day), mapping=mapping)
+    for key, mapping in per_hash.items():
+        pipe.hset(key, mapping=mapping)
     pipe.execute()
 
 
@@ -273,18 +272,13 @@ def test_disagreeing_views_show_the_batch_view_wins_for_closed_buckets(r, settin
     columns = request_columns(user, ctx, cands, T)
     store = FeatureStore(redis_client(settings), pointer_ttl_s=0)
     before = assemble(store, columns, T).counts
-    ad, hour = str(cands[0]["ad_id"]), F.RESOLUTION_BY_NAME["24h"]
+    ad = str(cands[0]["ad_id"])
+    sl = L.speed_layout()
     closed_b = cutoff // F.HOUR_MS - 2
-    r.hset(
-        L.speed_key("ad", ad, L.speed_day(closed_b, hour)),
-        L.speed_field("24h", "i", closed_b),
-        10**6,
-    )
+    r.hset(*sl.cell_address("ad", ad, "24h", "i", closed_b), 10**6)
     np.testing.assert_array_equal(assemble(store, columns, T).counts, before)
     open_b = T // F.HOUR_MS
-    r.hset(
-        L.speed_key("ad", ad, L.speed_day(open_b, hour)), L.speed_field("24h", "i", open_b), 10**6
-    )
+    r.hset(*sl.cell_address("ad", ad, "24h", "i", open_b), 10**6)
     after = assemble(store, columns, T).counts
     assert after[0, 0, 2, 0] >= 10**6 and (after[1:] == before[1:]).all()
 

@@ -21,9 +21,9 @@ CUTOFF_MIDNIGHT = F.align_cutoff(T_MIDNIGHT - 5 * F.HOUR_MS)
 METHODS = ["script", "pipeline"]
 
 
-def _skey(ent: str, eid: str, res: str, b: int) -> str:
-    """The speed-view hash holding bucket ``b`` of resolution ``res`` (the hash of its day)."""
-    return L.speed_key(ent, eid, L.speed_day(b, F.RESOLUTION_BY_NAME[res]))
+def _cell(ent: str, eid: str, res: str, t: str, b: int) -> tuple[str, str]:
+    """``(key, field)`` of one speed-view cell in the configured layout."""
+    return L.speed_layout().cell_address(ent, eid, res, t, b)
 
 
 def _hset_speed(r, ent: str, eid: str, cells: dict) -> None:
@@ -31,16 +31,41 @@ def _hset_speed(r, ent: str, eid: str, cells: dict) -> None:
     the speed layer writes them (``r``: a client or a pipeline)."""
     per_day: dict = {}
     for (res, t, b), v in cells.items():
-        per_day.setdefault(_skey(ent, eid, res, b), {})[L.speed_field(res, t, b)] = v
+        key, fld = _cell(ent, eid, res, t, b)
+        per_day.setdefault(key, {})[fld] = v
     for key, mapping in per_day.items():
         r.hset(key, mapping=mapping)
 
 
+def _own_fields(r, ent: str, eid: str, day: int) -> dict:
+    """``{field: count}`` of the entity's own cells in its hash of ``day``, each field named as
+    ``layout.speed_field`` names it (the hash may hold other entities' cells: the grouped
+    layout)."""
+    sl = L.speed_layout()
+    key = sl.key(ent, eid, day)
+    root, rid, _ = sl.parse_key(key)
+    out = {}
+    for a, v in r.hgetall(key).items():
+        e, i, res, t, b = sl.parse_field(root, rid, a)
+        if (e, i) == (ent, eid):
+            out[L.speed_field(res, t, b)] = int(v)
+    return out
+
+
+def _delete_speed(r, ent: str, eid: str, days) -> None:
+    """Delete the entity's own cells of ``days`` (not the other entities' of its hashes)."""
+    sl = L.speed_layout()
+    for day in days:
+        fields = [sl.field_prefix(ent, eid) + f for f in _own_fields(r, ent, eid, day)]
+        if fields:
+            r.hdel(sl.key(ent, eid, day), *fields)
+
+
 def _speed_cells(r, ent: str, eid: str, t: int) -> dict:
-    """Every field of the entity's speed-view hashes of the days around ``t``."""
+    """Every cell of the entity in its speed-view hashes of the days around ``t``."""
     out = {}
     for day in range(t // F.DAY_MS - 3, t // F.DAY_MS + 2):
-        out.update({a.decode(): int(b) for a, b in r.hgetall(L.speed_key(ent, eid, day)).items()})
+        out.update(_own_fields(r, ent, eid, day))
     return out
 
 
@@ -215,7 +240,10 @@ def test_script_and_pipeline_agree_with_a_per_key_reference_on_many_entities(
     UTC midnight (every window, and the speed part after the cut-off, on two days)."""
     rng = np.random.default_rng(3)
     version = f"v{unique}"
-    keys = [f"{F.ENTITIES[k % len(F.ENTITIES)].name}:{unique}{k}" for k in range(300)]
+    keys = [
+        L.entity_key(e.name, ":".join(f"{unique}{k}{f}" for f in range(len(e.fields))))
+        for k, e in ((k, F.ENTITIES[k % len(F.ENTITIES)]) for k in range(300))
+    ]
     pipe = r.pipeline(transaction=False)
     for k, ek in enumerate(keys):
         ent, eid = ek.split(":", 1)
@@ -370,9 +398,8 @@ def test_read_rows_gathers_unique_keys_back_into_rows(r, settings, unique):
     r.delete(L.BATCH_POINTER_KEY)
     for n, eid in enumerate(("x", "y")):
         _hset_speed(r, "ad", f"{unique}{eid}", {("5m", "i", T // F.MINUTE_MS): n + 1})
-    ids = np.array(
-        [[f"{unique}{a}"] + [f"{unique}o"] * (len(F.ENTITIES) - 1) for a in "xyx"], dtype=object
-    )
+    other = [":".join([f"{unique}o"] * len(e.fields)) for e in F.ENTITIES[1:]]  # one per field
+    ids = np.array([[f"{unique}{a}", *other] for a in "xyx"], dtype=object)
     uniq, inv = unique_keys(ids)
     assert len(uniq) == 2 + (len(F.ENTITIES) - 1)
     fr = FeatureStore(redis_client(settings)).read_rows(ids, T)
@@ -437,7 +464,7 @@ def test_crossed_entities_of_an_empty_user_are_pruned_exactly(r, settings, uniqu
     np.testing.assert_array_equal(partly[:2], full[:2])
     # the user has events in its 5m window only (inconsistent): the crossed key's 1h and
     # 24h windows are pruned, so only the day of T is read for it - not the day before
-    r.delete(*[L.speed_key("user", user, d) for d in range(T // F.DAY_MS - 2, T // F.DAY_MS + 2)])
+    _delete_speed(r, "user", user, range(T // F.DAY_MS - 2, T // F.DAY_MS + 2))
     five = F.RESOLUTION_BY_NAME["5m"]
     _fill_speed(r, user, "user", lambda res, b: 1, lambda res, b: 0, resolutions=[five])
     recent, calls = hmgets(script)
@@ -464,8 +491,8 @@ def test_cache_serves_shared_entities_until_ttl_window_move_or_switch(r, setting
     keys = [f"ad:{ad}", f"user:{user}"]
     first = store.read(keys, T).counts
     b = T // F.MINUTE_MS
-    r.hset(_skey("ad", ad, "5m", b), L.speed_field("5m", "i", b), 1000)
-    r.hset(_skey("user", user, "5m", b), L.speed_field("5m", "i", b), 1000)
+    r.hset(*_cell("ad", ad, "5m", "i", b), 1000)
+    r.hset(*_cell("user", user, "5m", "i", b), 1000)
     second = store.read(keys, T + 1).counts  # same buckets: the ad is cached, the user is not
     assert second[0, 0, 0] == first[0, 0, 0] and second[1, 0, 0] == first[1, 0, 0] + 995
     assert store.cache_stats()["hits"] == 1
@@ -495,7 +522,7 @@ def _random_view_tables(rng, cutoff: int, n_ent: int, prefix: str):
     keys = []
     for n in range(n_ent):
         ent = F.ENTITIES[n % len(F.ENTITIES)].name
-        eid = f"{prefix}{n}"
+        eid = ":".join([f"{prefix}{n}"] * len(F.ENTITY_BY_NAME[ent].fields))  # one per field
         keys.append(f"{ent}:{eid}")
         if n % 5 == 4:
             continue  # no batch data at all
@@ -620,7 +647,7 @@ def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
             if rng.random() < 0.4:
                 value += 1
                 ent, eid = key.split(":", 1)
-                r.hset(_skey(ent, eid, "5m", b), L.speed_field("5m", "i", b), value)
+                r.hset(*_cell(ent, eid, "5m", "i", b), value)
                 history[key].append((now[0], value))
         fr = store.read([ad, user], T)
         got = {ad: int(fr.counts[0, 0, 0]), user: int(fr.counts[1, 0, 0])}
@@ -635,7 +662,7 @@ def test_cache_staleness_is_bounded_by_the_ttl(r, settings, unique):
     last = history[ad][-1][1]
     stale = FeatureStore(redis_client(settings), cache_ttl_s=ttl, clock=lambda: now[0])
     stale.read([ad], T)
-    r.hset(_skey("ad", ad.split(":", 1)[1], "5m", b), L.speed_field("5m", "i", b), last + 1000)
+    r.hset(*_cell("ad", ad.split(":", 1)[1], "5m", "i", b), last + 1000)
     now[0] += ttl * 0.99
     assert stale.read([ad], T).counts[0, 0, 0] == last  # within the TTL: the cached value
     now[0] += ttl * 0.02
@@ -678,10 +705,9 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
     ttl = settings.flush_interval_ms / 1000.0
     ad, user = f"ad:tr{unique}", f"user:tr{unique}"
     b = T // F.RESOLUTIONS[0].bucket_ms
-    ad_key = _skey("ad", ad.split(":", 1)[1], "5m", b)
-    ad_field = L.speed_field("5m", "i", b)
+    ad_key, ad_field = _cell("ad", ad.split(":", 1)[1], "5m", "i", b)
     r.hset(ad_key, ad_field, 0)
-    r.hset(_skey("user", user.split(":", 1)[1], "5m", b), L.speed_field("5m", "i", b), 1)
+    r.hset(*_cell("user", user.split(":", 1)[1], "5m", "i", b), 1)
 
     async def healthy(store, after=None, timeout=10.0):
         deadline = _time.monotonic() + timeout
@@ -751,3 +777,39 @@ def test_tracked_cache_is_invalidated_by_writes_and_bounded_by_heartbeats(r, set
             await client.aclose()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("layout_name", L.SPEED_LAYOUTS)
+def test_the_grouped_script_reads_a_users_crosses_with_one_hmget_per_day(
+    r, settings, unique, layout_name
+):
+    """The grouped layout keeps a user's crosses with every candidate in the user's hash of
+    each day, and the script reads all of them with ONE HMGET per day (the entity layout:
+    one per cross and day); both give the pipeline reference's counts."""
+    sl = L.speed_layout(layout_name)
+    r.delete(L.BATCH_POINTER_KEY)
+    user, ads = f"g{unique}", [f"{unique}{k}" for k in range(20)]
+    cells = {("user", user, 1 + len(ads))}
+    cells |= {("ad", a, 3 + k) for k, a in enumerate(ads)}
+    cells |= {("user_x_ad", f"{user}:{a}", 1 + k) for k, a in enumerate(ads)}
+    cells |= {("user_x_advertiser", f"{user}:{a}", 2 + k) for k, a in enumerate(ads[:5])}
+    for ent, eid, n in cells:
+        for res in F.RESOLUTIONS:
+            bb = T // res.bucket_ms
+            r.hset(*sl.cell_address(ent, eid, res.name, "i", bb), n)
+            r.hset(*sl.cell_address(ent, eid, res.name, "c", bb), 1)
+    keys = sorted(L.entity_key(e, i) for e, i, _ in cells)
+    script = FeatureStore(redis_client(settings), mode="speed", speed_layout=sl)
+    pipeline = FeatureStore(
+        redis_client(settings), mode="speed", method="pipeline", speed_layout=sl
+    )
+    r.config_resetstat()
+    got = script.read(keys, T).counts
+    calls = int(r.info("commandstats")["cmdstat_hmget"]["calls"])
+    np.testing.assert_array_equal(got, pipeline.read(keys, T).counts)
+    want = {L.entity_key(e, i): n for e, i, n in cells}
+    assert [int(x) for x in got[:, 0, 0]] == [want[k] for k in keys]
+    days = _speed_days(T, None)
+    plain = 1 + len(ads)  # the user and every ad: one HMGET per day each
+    crossed = len(ads) + 5
+    assert calls == days * (plain + (1 if sl.grouped else crossed))

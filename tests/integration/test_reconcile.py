@@ -80,12 +80,13 @@ def _count(events, et):
     return out
 
 
-def _write_view(r, cells, key_fn, field_fn):
-    """Cells {(entity, eid, res, type, bucket): n} as hashes ``key_fn(entity, eid, res,
-    bucket)``, fields ``field_fn(res, type, bucket)``."""
+def _write_view(r, cells, address):
+    """Cells {(entity, eid, res, type, bucket): n} as hashes: ``address(cell)`` is the cell's
+    ``(key, field)``."""
     by_key = defaultdict(dict)
-    for (ent, eid, res, et, b), n in cells.items():
-        by_key[key_fn(ent, eid, res, b)][field_fn(res, et, b)] = n
+    for cell, n in cells.items():
+        key, fld = address(cell)
+        by_key[key][fld] = n
     pipe = r.pipeline(transaction=False)
     for k, m in by_key.items():
         pipe.hset(k, mapping=m)
@@ -93,7 +94,7 @@ def _write_view(r, cells, key_fn, field_fn):
 
 
 def _batch_layout(version):
-    return (lambda e, i, r, b: L.batch_key(version, e, i, r)), (lambda r, t, b: L.batch_field(t, b))
+    return lambda c: (L.batch_key(version, c[0], c[1], c[2]), L.batch_field(c[3], c[4]))
 
 
 def _day(cell) -> int:
@@ -101,16 +102,25 @@ def _day(cell) -> int:
     return L.speed_day(cell[4], F.RESOLUTION_BY_NAME[cell[2]])
 
 
+def _address(cell) -> tuple[str, str]:
+    """``(key, field)`` of a speed-view cell in the layout under test."""
+    return L.speed_layout().cell_address(*cell)
+
+
 def _speed_key(cell) -> str:
-    return L.speed_key(cell[0], cell[1], _day(cell))
+    return _address(cell)[0]
 
 
-# the speed view: one hash per entity and event day, every resolution in it (fields
-# "{res}:{type}{bucket}")
-SPEED_LAYOUT = (
-    (lambda e, i, r, b: L.speed_key(e, i, L.speed_day(b, F.RESOLUTION_BY_NAME[r]))),
-    L.speed_field,
-)
+@pytest.fixture(autouse=True, params=L.SPEED_LAYOUTS)
+def layout_name(request, monkeypatch):
+    """Every test in both speed-view layouts (the settings given to ``reconcile`` and the
+    functions without settings follow it)."""
+    monkeypatch.setenv("CTRSTREAM_SPEED__LAYOUT", request.param)
+    return request.param
+
+
+def _in_layout(settings, name):
+    return settings.model_copy(update={"speed": settings.speed.model_copy(update={"layout": name})})
 
 
 def _in_overlap(cell):
@@ -127,11 +137,14 @@ def rds(settings):
     r.close()
 
 
-def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, tmp_path, unique):
+def test_reconcile_explains_every_difference_and_batch_wins(
+    fresh_topics, rds, tmp_path, unique, layout_name
+):
     from ctrstream.batch.archive import to_table, write_partitioned
     from ctrstream.batch.point_in_time import bucket_counts
 
-    s = fresh_topics
+    s = _in_layout(fresh_topics, layout_name)
+    sl = L.speed_layout(layout_name)
     rng = np.random.default_rng(4)
     imps, clicks = _events(rng)
 
@@ -167,7 +180,7 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     ):
         batch[(ent, eid, res, "i", b)] = ni
         batch[(ent, eid, res, "c", b)] = nc
-    _write_view(rds, batch, *_batch_layout(version))
+    _write_view(rds, batch, _batch_layout(version))
     rds.hset(
         L.batch_meta_key(version),
         mapping={"cutoff_ms": CUTOFF, "created_ms": 1, "fingerprint": F.fingerprint()},
@@ -176,24 +189,23 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     # the speed view: what the speed layer accepted, counted independently ...
     speed = _count(accepted, "i")
     speed.update(_count(clicks, "c"))
-    _write_view(rds, speed, *SPEED_LAYOUT)
+    _write_view(rds, speed, _address)
     # an entity's buckets of the overlap lie in two day hashes, each holding every resolution
     for day in (DAY0, DAY1):
-        fields = rds.hkeys(L.speed_key("ad", "0", day))
+        fields = rds.hkeys(sl.key("ad", "0", day))
         assert {f.split(b":")[0].decode() for f in fields} == set(F.RESOLUTION_BY_NAME)
     no_day = L.SPEED_PREFIX + L.entity_key("ad", "0")  # no hash without its day
     assert not rds.exists(no_day) and not rds.exists(no_day + L.SPEED_DAY_SEP + "5m")
     # ... then a crash lost one whole day hash (user 3, the day before midnight: every
-    # resolution; its hash of the day after stays) and one update (ad 0, 5m, before
-    # midnight) ...
-    lost_key = L.speed_key("user", "3", DAY0)
-    lost_cells = {
-        c
-        for c, n in batch.items()
-        if c[:2] == ("user", "3") and n and _in_overlap(c) and _day(c) == DAY0
-    }
+    # resolution - and in the grouped layout every cross of user 3 too; its hash of the day
+    # after stays) and one update (ad 0, 5m, before midnight) ...
+    lost_key = sl.key("user", "3", DAY0)
+    lost_cells = {c for c, n in batch.items() if n and _in_overlap(c) and _speed_key(c) == lost_key}
     assert {c[2] for c in lost_cells} == set(F.RESOLUTION_BY_NAME)
-    kept_key = L.speed_key("user", "3", DAY1)
+    assert {c[0] for c in lost_cells} == (
+        {"user", "user_x_ad", "user_x_advertiser"} if sl.grouped else {"user"}
+    ) and all(c[1].split(":")[0] == "3" for c in lost_cells)
+    kept_key = sl.key("user", "3", DAY1)
     kept = {
         c
         for c, n in batch.items()
@@ -211,7 +223,7 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
         and _in_overlap(c)
         and _day(c) == DAY0
     )
-    rds.hset(_speed_key(stale), L.speed_field("5m", "i", stale[4]), batch[stale] - 2)
+    rds.hset(*_address(stale), batch[stale] - 2)
     # ... and a copy was counted twice (a site, 24h, after midnight)
     dup = next(
         c
@@ -222,7 +234,7 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
         and c not in late_cells
         and _day(c) == DAY1
     )
-    rds.hset(_speed_key(dup), L.speed_field("24h", "i", dup[4]), batch[dup] + 1)
+    rds.hset(*_address(dup), batch[dup] + 1)
 
     dlq = DlqWriter(s)
     for k, e in enumerate(late + [late_copy]):
@@ -285,7 +297,7 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     assert rep.dlq["late:repeated_dead_letter"] == 1
     # buckets the batch holds and the (damaged) speed view has no cell of at all: the lost
     # hash's, and those whose only events were late
-    speed_buckets = {c[:3] + (c[4],) for c in speed if c[:2] != ("user", "3") or _day(c) != DAY0}
+    speed_buckets = {c[:3] + (c[4],) for c in speed if _speed_key(c) != lost_key}
     missing = {c[:3] + (c[4],) for c, n in batch.items() if n and _in_overlap(c)} - speed_buckets
     assert rep.missing_in_speed == len(missing) > len({(c[2], c[4]) for c in lost_cells})
     assert rep.missing_in_batch == 0
@@ -318,21 +330,20 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     again = reconcile(s, tmp_path, version, write=False)
     assert again.cells_differing == 0 and again.buckets_equal == again.buckets_compared
     assert again.buckets_compared == rep.buckets_compared
-    assert all(
-        int(rds.hget(lost_key, L.speed_field(c[2], c[3], c[4]))) == batch[c] for c in lost_cells
-    )
+    assert all(int(rds.hget(*_address(c))) == batch[c] for c in lost_cells)
     assert rds.hlen(lost_key) == len(lost_cells)
     hash_ttl = L.speed_hash_ttl_ms(int(s.allowed_lateness_s * 1000))
     assert hash_ttl - 60_000 < rds.pttl(lost_key) <= hash_ttl
     assert rds.pttl(kept_key) == -1
-    assert all(int(rds.hget(kept_key, L.speed_field(c[2], c[3], c[4]))) == batch[c] for c in kept)
+    assert all(int(rds.hget(*_address(c))) == batch[c] for c in kept)
+    assert all(_speed_key(c) == kept_key for c in kept)
     for c in (stale, dup):
-        assert int(rds.hget(_speed_key(c), L.speed_field(c[2], c[3], c[4]))) == batch[c]
-        other = L.speed_key(c[0], c[1], DAY0 + DAY1 - _day(c))
-        assert not rds.hexists(other, L.speed_field(c[2], c[3], c[4]))
+        assert int(rds.hget(*_address(c))) == batch[c]
+        other = sl.key(c[0], c[1], DAY0 + DAY1 - _day(c))
+        assert not rds.hexists(other, _address(c)[1])
     after_cut = [c for c in speed if c[:2] == ("user", "5") and not _in_overlap(c)]
     assert {c[2] for c in after_cut} == set(F.RESOLUTION_BY_NAME) and all(
-        int(rds.hget(_speed_key(c), L.speed_field(c[2], c[3], c[4]))) == speed[c] for c in after_cut
+        int(rds.hget(*_address(c))) == speed[c] for c in after_cut
     )
 
     from prometheus_client import REGISTRY
@@ -346,9 +357,13 @@ def test_reconcile_explains_every_difference_and_batch_wins(fresh_topics, rds, t
     )  # the last run's
 
 
-def test_reconcile_speed_higher_without_archive_is_unexplained(settings, rds, tmp_path, unique):
+def test_reconcile_speed_higher_without_archive_is_unexplained(
+    settings, rds, tmp_path, unique, layout_name
+):
     """No archive to check against: a speed view above the batch cannot be explained, and
     the report says so instead of guessing; a dry run writes nothing."""
+    settings = _in_layout(settings, layout_name)
+    sl = L.speed_layout(layout_name)
     version = f"w{unique}"
     b = T0 // F.MINUTE_MS
     rds.hset(
@@ -359,25 +374,27 @@ def test_reconcile_speed_higher_without_archive_is_unexplained(settings, rds, tm
     res = F.RESOLUTION_BY_NAME["5m"]
     assert (L.speed_day(b, res), L.speed_day(b + 200, res)) == (DAY0, DAY1)
     rds.hset(
-        L.speed_key("ad", "1", DAY0),
+        sl.key("ad", "1", DAY0),
         mapping={L.speed_field("5m", "i", b): 4, L.speed_field("5m", "c", b): 1},
     )
     # the speed layer's high-water: in the next day's hash
-    rds.hset(L.speed_key("ad", "1", DAY1), L.speed_field("5m", "i", b + 200), 9)
+    rds.hset(sl.key("ad", "1", DAY1), L.speed_field("5m", "i", b + 200), 9)
     rep = reconcile(settings, tmp_path, version, apply=False, read_dlq=False, write=False)
     assert rep.buckets_compared == 1 and rep.buckets_differing == 1
     assert [(x.reason, x.diff) for x in rep.differences] == [("unexplained", -1)]
     assert not rep.explained
-    assert int(rds.hget(L.speed_key("ad", "1", DAY0), L.speed_field("5m", "i", b))) == 4
+    assert int(rds.hget(sl.key("ad", "1", DAY0), L.speed_field("5m", "i", b))) == 4
 
 
 def test_reconcile_merges_day_hashes_and_repairs_each_bucket_in_its_day(
-    settings, rds, tmp_path, unique
+    settings, rds, tmp_path, unique, layout_name
 ):
     """A crossed entity (id with ``:``) whose buckets straddle midnight: its two day hashes
     are merged into one entity per resolution; a missing day hash is ``missing_key`` for the
     buckets of that day only, a cell missing from a day hash that exists a ``lost_update``;
     each repair lands in the hash of its bucket's day."""
+    settings = _in_layout(settings, layout_name)
+    sl = L.speed_layout(layout_name)
     version = f"x{unique}"
     res = F.RESOLUTION_BY_NAME["1h"]  # 5-minute buckets
     first = MIDNIGHT // res.bucket_ms - 2  # 23:50, 23:55 | 00:00, 00:05
@@ -388,19 +405,17 @@ def test_reconcile_merges_day_hashes_and_repairs_each_bucket_in_its_day(
         mapping={L.batch_field(t, b): 2 + k for k, b in enumerate(buckets) for t in F.EVENT_TYPES},
     )
     rds.hset(L.batch_meta_key(version), mapping={"cutoff_ms": CUTOFF})
-    before, after = L.speed_key("user_x_ad", eid, DAY0), L.speed_key("user_x_ad", eid, DAY1)
+    before, after = sl.key("user_x_ad", eid, DAY0), sl.key("user_x_ad", eid, DAY1)
+
+    def fld(t: str, b: int) -> str:
+        return sl.field("user_x_ad", eid, "1h", t, b)
+
     # before midnight: one bucket right, the other lost one cell; after midnight: the day
-    # hash of the same entity that held buckets 3 and 4 is gone. The high-water: 5m, 01:30
-    rds.hset(
-        before,
-        mapping={
-            L.speed_field("1h", "i", first): 2,
-            L.speed_field("1h", "c", first): 2,
-            L.speed_field("1h", "i", first + 1): 3,
-        },
-    )
+    # hash of the same entity that held buckets 3 and 4 is gone (grouped: the entity's
+    # cells in user 17's hash of that day). The high-water: 5m, 01:30
+    rds.hset(before, mapping={fld("i", first): 2, fld("c", first): 2, fld("i", first + 1): 3})
     rds.pexpire(before, 3_600_000)  # the TTL the speed layer gave it
-    hw = L.speed_key("user", "17", DAY1)
+    hw = sl.key("user", "17", DAY1)
     rds.hset(hw, L.speed_field("5m", "i", (MIDNIGHT + 90 * F.MINUTE_MS) // F.MINUTE_MS), 1)
     rep = reconcile(settings, tmp_path, version, read_dlq=False, write=False)
     got = sorted((x.bucket, x.event_type, x.reason, x.diff) for x in rep.differences)
@@ -421,9 +436,13 @@ def test_reconcile_merges_day_hashes_and_repairs_each_bucket_in_its_day(
     assert rep.applied_cells == 5
     want = {b: 2 + k for k, b in enumerate(buckets)}
     for key, bs in ((before, buckets[:2]), (after, buckets[2:])):
-        assert {f.decode(): int(v) for f, v in rds.hgetall(key).items()} == {
-            L.speed_field("1h", t, b): want[b] for b in bs for t in F.EVENT_TYPES
+        root, rid, _ = sl.parse_key(key)
+        mine = {
+            f.decode(): int(v)
+            for f, v in rds.hgetall(key).items()
+            if sl.parse_field(root, rid, f)[0] == "user_x_ad"
         }
+        assert mine == {fld(t, b): want[b] for b in bs for t in F.EVENT_TYPES}
     hash_ttl = L.speed_hash_ttl_ms(int(settings.allowed_lateness_s * 1000))
     assert hash_ttl - 60_000 < rds.pttl(after) <= hash_ttl  # created by the repair
     assert 0 < rds.pttl(before) <= 3_600_000  # NX: the speed layer's TTL stays as it was

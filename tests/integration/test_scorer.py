@@ -131,11 +131,9 @@ def test_scorer_scores_every_impression_calibrated_then_degrades(fresh_topics, p
     CalibrationStore(r).publish_params(L.calibrator_id(published["base_name"], mv), params)
     # the speed view: ad 999 got 100 impressions, 40 clicks in the minute after T0+1min
     b = (T0 + 2 * F.MINUTE_MS) // F.MINUTE_MS
-    day = L.speed_day(b, F.RESOLUTION_BY_NAME["5m"])
-    r.hset(
-        L.speed_key("ad", "999", day),
-        mapping={L.speed_field("5m", "i", b): 100, L.speed_field("5m", "c", b): 40},
-    )
+    sl = L.speed_layout()
+    for t, n in (("i", 100), ("c", 40)):
+        r.hset(*sl.cell_address("ad", "999", "5m", t, b), n)
 
     imps = _impressions(unique)
     prod = make_producer(s)

@@ -167,14 +167,25 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-@pytest.fixture
-def speed_settings(fresh_topics):
-    return fresh_topics.model_copy(
+def _in_layout(settings, name: str):
+    return settings.model_copy(update={"speed": settings.speed.model_copy(update={"layout": name})})
+
+
+@pytest.fixture(params=L.SPEED_LAYOUTS)
+def speed_settings(fresh_topics, request):
+    """Fresh topics, Redis db 1, in each speed-view layout (``CTRSTREAM_SPEED__LAYOUT``)."""
+    return _in_layout(fresh_topics, request.param).model_copy(
         update={
             "redis": fresh_topics.redis.model_copy(update={"db": 1}),
             "metrics_port": free_port(),
         }
     )
+
+
+@pytest.fixture(params=L.SPEED_LAYOUTS)
+def layout_settings(settings, request):
+    """The session's settings in each speed-view layout."""
+    return _in_layout(settings, request.param)
 
 
 def job_env(settings) -> dict:
@@ -188,6 +199,7 @@ def job_env(settings) -> dict:
         "CTRSTREAM_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
         "CTRSTREAM_ATTRIBUTION_WINDOW_S": str(settings.attribution_window_s),
         "CTRSTREAM_FLUSH_INTERVAL_MS": str(settings.flush_interval_ms),
+        "CTRSTREAM_SPEED__LAYOUT": settings.speed.layout,
     }
 
 
@@ -220,8 +232,9 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
         assert ref.stats["duplicates"] > 50
         assert ref.stats["heartbeats"] == 8
         assert ref.cells
+        sl = L.speed_layout(s.speed.layout)
         wait_until(
-            lambda: read_speed_view(r) == ref.cells,
+            lambda: read_speed_view(r, sl) == ref.cells,
             120,
             what="the speed view to equal the reference" + f" (log {tmp_path / 'job.log'})",
         )
@@ -274,12 +287,8 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
         ttl = L.speed_hash_ttl_ms(lateness)
         assert ttl == 24 * 3_600_000 + lateness + 3_600_000
         pipe = r.pipeline(transaction=False)
-        keys = sorted(
-            {
-                L.speed_key(e, i, L.speed_day(b, F.RESOLUTION_BY_NAME[res]))
-                for (e, i, res, _, b) in ref.cells
-            }
-        )
+        keys = sorted({sl.cell_address(*cell)[0] for cell in ref.cells})
+        assert len(keys) < len({cell[:2] for cell in ref.cells}) or not sl.grouped
         for k in keys:
             pipe.pttl(k)
         assert all(0 < t <= ttl for t in pipe.execute()), "a speed hash without its TTL"
@@ -288,19 +297,20 @@ def test_counts_lateness_dedup_and_dead_letters(speed_settings, tmp_path):
     assert "Traceback" not in (tmp_path / "job.log").read_text()
 
 
-def test_shard_snapshot_waits_until_redis_acknowledged_its_flushes(settings, r, unique):
+def test_shard_snapshot_waits_until_redis_acknowledged_its_flushes(layout_settings, r, unique):
     """The shards write Redis through a writer thread (the job goes on meanwhile), but a
     snapshot records flushed cells as written (not dirty): it must not return before Redis
     has acknowledged them, or a kill -9 right after it would lose those writes for good."""
-    from ctrstream import features as F
     from ctrstream.streaming.features_flow import Delta, FlowConfig, ShardLogic
 
+    settings = layout_settings
     cfg = FlowConfig(settings)
     logic = ShardLogic(cfg, "t", None)
     ad = int(unique[-6:], 16)
     t = np.array([BASE + 1_000], dtype=np.int64)
     logic.on_batch([Delta(0, BASE, 0, np.zeros(1, np.int8), np.array([ad], np.int64), t, 1, 2)])
-    key = L.speed_key("ad", str(ad), L.speed_day(BASE // 60_000, F.RESOLUTIONS[0]))
+    sl = L.speed_layout(settings.speed.layout)
+    key = sl.key("ad", str(ad), L.speed_day(BASE // 60_000, F.RESOLUTIONS[0]))
     try:
         assert r.client_pause(1000, all=False)  # Redis holds every write for a second
         logic.on_notify()  # renders the flush, queues it and returns
@@ -312,24 +322,25 @@ def test_shard_snapshot_waits_until_redis_acknowledged_its_flushes(settings, r, 
         r.delete(key)
 
 
-def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
+def test_writer_sends_one_hset_per_hash_and_keys_by_day(layout_settings, r, unique):
     """The writer sends ONE HSET per (entity, day) hash and flush, holding the changed
     buckets of every resolution with absolute values; a hot entity's hash is bounded by its
     event day (the next day goes to a new hash, the old one keeps its buckets and its TTL,
     layout.speed_hash_ttl_ms, renewed with each new hour); nothing is deleted."""
-    from ctrstream import features as F
     from ctrstream.streaming.features_flow import FeatureWriter, FlushItem
 
     def hsets() -> int:
         return int(r.info("commandstats").get("cmdstat_hset", {}).get("calls", 0))
 
+    settings = layout_settings
+    sl = L.speed_layout(settings.speed.layout)
     sink = FeatureWriter(settings)
     lateness = int(settings.allowed_lateness_s * 1000)
     hour, minute = F.RESOLUTIONS[2], F.RESOLUTIONS[0]  # 24h (1-hour buckets), 5m (1-minute)
     assert (hour.bucket_ms, minute.bucket_ms) == (F.HOUR_MS, F.MINUTE_MS)
     ad = int(unique[-6:], 16)
     day0 = 20_000
-    keys = [L.speed_key("ad", str(ad), day0 + k) for k in range(3)]
+    keys = [sl.key("ad", str(ad), day0 + k) for k in range(3)]
     try:
         for h in range(day0 * 24 + 20, day0 * 24 + 50):  # 30 hours from 20:00 of day0
             bm = h * 60 + 17  # a minute inside hour h
@@ -351,12 +362,13 @@ def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
                 )
                 sink.drain()
                 assert hsets() - before == 1  # both resolutions in one HSET
-            key = L.speed_key("ad", str(ad), L.speed_day(h, hour))
-            assert key == L.speed_key("ad", str(ad), L.speed_day(bm, minute))
+            key = sl.key("ad", str(ad), L.speed_day(h, hour))
+            assert key == sl.key("ad", str(ad), L.speed_day(bm, minute))
             assert int(r.hget(key, L.speed_field("24h", "i", h))) == 2
             assert int(r.hget(key, L.speed_field("24h", "c", h))) == 1
             assert int(r.hget(key, L.speed_field("5m", "i", bm))) == 2
-            assert r.hget(key, L.speed_field("5m", "c", bm)) == b"0"
+            # a click count of 0: written as such, or not written in a sparse layout
+            assert r.hget(key, L.speed_field("5m", "c", bm)) == (None if sl.sparse_clicks else b"0")
         # a flush of cells of two days for one entity: one HSET per day
         before = hsets()
         sink.write(
@@ -376,13 +388,17 @@ def test_writer_sends_one_hset_per_hash_and_keys_by_day(settings, r, unique):
         sink.drain()
         assert hsets() - before == 2
         held = [sorted(f.decode() for f in r.hkeys(k)) for k in keys]
+        # every hour wrote 24h i and c (c = 1) and 5m i and c (c = 0: not written if sparse)
+        per_hour = 3 if sl.sparse_clicks else 4
         assert held[0] == sorted(
             L.speed_field(res, t, b)
             for h in range(day0 * 24 + 20, day0 * 24 + 24)
             for res, b in (("24h", h), ("5m", h * 60 + 17))
             for t in "ic"
+            if not (sl.sparse_clicks and res == "5m" and t == "c")
         )
-        assert len(held[1]) == 24 * 4 and len(held[2]) == 2 * 4  # whole days, nothing deleted
+        # whole days, nothing deleted
+        assert len(held[1]) == 24 * per_hour and len(held[2]) == 2 * per_hour
         assert int(r.hget(keys[0], L.speed_field("24h", "i", day0 * 24 + 23))) == 5
         assert int(r.hget(keys[1], L.speed_field("24h", "c", day0 * 24 + 24))) == 2
         assert all(0 < r.pttl(k) <= L.speed_hash_ttl_ms(lateness) for k in keys)

@@ -27,9 +27,17 @@ AD, USER_X_AD = (F.ENTITIES.index(F.ENTITY_BY_NAME[n]) for n in ("ad", "user_x_a
 RES = {r.name: k for k, r in enumerate(F.RESOLUTIONS)}
 
 
-@pytest.fixture
-def db(settings):
-    s = settings.model_copy(update={"redis": settings.redis.model_copy(update={"db": REDIS_DB})})
+@pytest.fixture(params=L.SPEED_LAYOUTS)
+def db(settings, request, monkeypatch):
+    """Settings and a client of this test's database, in each speed-view layout (the
+    functions that take no layout follow ``CTRSTREAM_SPEED__LAYOUT``)."""
+    monkeypatch.setenv("CTRSTREAM_SPEED__LAYOUT", request.param)
+    s = settings.model_copy(
+        update={
+            "redis": settings.redis.model_copy(update={"db": REDIS_DB}),
+            "speed": settings.speed.model_copy(update={"layout": request.param}),
+        }
+    )
     r = redis.Redis.from_url(s.redis.url)
     r.flushdb()
     yield s, r
@@ -77,7 +85,11 @@ def test_written_cells_read_back_through_every_reader(db):
     with SV.SpeedViewWriter(s) as writer:
         assert writer.write(cells) > 0
     assert SV.read_speed_view(r) == held
-    assert SV.count_speed_hashes(r) == {"ad": 3, "user_x_ad": 2}  # ad 7: two days, ad 8: one
+    sl = L.speed_layout(s.speed.layout)
+    # ad 7: two days, ad 8: one; user 17's crosses share the user's hash (grouped)
+    assert SV.count_speed_hashes(r) == (
+        {"ad": 3, "user": 1} if sl.grouped else {"ad": 3, "user_x_ad": 2}
+    )
     some = sorted(held)[:3] + [("ad", "7", "5m", "i", 1)]
     assert SV.read_speed_cells(r, some) == [held[c] for c in some[:3]] + [0]
     assert SV.speed_hashes_exist(
@@ -101,17 +113,28 @@ def test_written_cells_read_back_through_every_reader(db):
     assert flat == held  # an entity's day hashes merged per resolution
     # only a hash that got a new cell of the longest-lived resolution has the TTL
     ttl = L.speed_hash_ttl_ms(int(s.allowed_lateness_s * 1000))
-    assert 0 < r.pttl(L.speed_key("ad", "7", DAY1 - 1)) <= ttl  # a new 24h bucket
-    assert r.pttl(L.speed_key("ad", "7", DAY1)) == -1  # new 5m buckets only
-    assert r.pttl(L.speed_key("ad", "8", DAY1)) == -1  # a 24h bucket written before
+    assert 0 < r.pttl(sl.key("ad", "7", DAY1 - 1)) <= ttl  # a new 24h bucket
+    assert r.pttl(sl.key("ad", "7", DAY1)) == -1  # new 5m buckets only
+    assert r.pttl(sl.key("ad", "8", DAY1)) == -1  # a 24h bucket written before
+    assert r.pttl(sl.key("user_x_ad", "17:4", DAY1)) == -1  # new 1h buckets only
 
 
 def test_read_speed_view_refuses_what_is_not_of_the_layout(db):
-    _, r = db
-    r.hset(L.speed_key("ad", "1", DAY1), L.speed_field("5m", "i", 1), 1)
-    assert SV.read_speed_view(r) == {("ad", "1", "5m", "i", 1): 1}
-    r.hset(L.speed_key("ad", "1", DAY1), "junk", 1)
+    s, r = db
+    sl = L.speed_layout(s.speed.layout)
+    r.hset(*sl.cell_address("ad", "1", "5m", "i", 1), 1)
+    r.hset(*sl.cell_address("user_x_ad", "2:3", "5m", "i", 1), 5)
+    assert SV.read_speed_view(r) == {
+        ("ad", "1", "5m", "i", 1): 1,
+        ("user_x_ad", "2:3", "5m", "i", 1): 5,
+    }
+    r.hset(sl.key("ad", "1", 0), "junk", 1)
     with pytest.raises(ValueError, match="junk"):
+        SV.read_speed_view(r)
+    r.hdel(sl.key("ad", "1", 0), "junk")
+    other = L.speed_layout("entity" if sl.grouped else "grouped")
+    r.hset(*other.cell_address("ad", "1", "5m", "i", 2), 1)  # the other layout's key
+    with pytest.raises(ValueError, match="not a hash of the"):
         SV.read_speed_view(r)
 
 
@@ -125,20 +148,23 @@ def test_a_repair_sets_and_deletes_cells_and_is_idempotent(db):
     repairs = {
         ("ad", "7", "5m", "i", b5): 40,  # overwrite, in the day after midnight
         ("ad", "7", "5m", "c", b5): None,  # delete
-        ("ad", "9", "5m", "i", b5 - 1): 2,
-    }  # a day hash that does not exist
-    assert SV.repair_speed_cells(r, repairs, ttl) == 3
+        ("ad", "9", "5m", "i", b5 - 1): 2,  # a day hash that does not exist
+        ("user_x_ad", "17:9", "1h", "c", b5 // 5): 6,  # a cross of user 17 (grouped: its hash)
+        ("user_x_ad", "17:4", "1h", "i", b5 // 5): None,
+    }
+    assert SV.repair_speed_cells(r, repairs, ttl) == 5
     want = dict(held)
     want[("ad", "7", "5m", "i", b5)] = 40
     del want[("ad", "7", "5m", "c", b5)]
     want[("ad", "9", "5m", "i", b5 - 1)] = 2
+    want[("user_x_ad", "17:9", "1h", "c", b5 // 5)] = 6
+    del want[("user_x_ad", "17:4", "1h", "i", b5 // 5)]
     assert SV.read_speed_view(r) == want
-    assert ttl - 60_000 < r.pttl(L.speed_key("ad", "9", DAY1 - 1)) <= ttl  # created: the TTL
-    assert r.pttl(L.speed_key("ad", "8", DAY1)) == -1  # not repaired: untouched
-    before = {
-        k: r.pttl(k) for k in (L.speed_key("ad", "7", DAY1), L.speed_key("ad", "9", DAY1 - 1))
-    }
-    assert SV.repair_speed_cells(r, repairs, ttl) == 3
+    sl = L.speed_layout(s.speed.layout)
+    assert ttl - 60_000 < r.pttl(sl.key("ad", "9", DAY1 - 1)) <= ttl  # created: the TTL
+    assert r.pttl(sl.key("ad", "8", DAY1)) == -1  # not repaired: untouched
+    before = {k: r.pttl(k) for k in (sl.key("ad", "7", DAY1), sl.key("ad", "9", DAY1 - 1))}
+    assert SV.repair_speed_cells(r, repairs, ttl) == 5
     assert SV.read_speed_view(r) == want  # twice: the same view
     after = {k: r.pttl(k) for k in before}
     assert all(before[k] - 5_000 <= after[k] <= before[k] for k in before)  # NX: TTLs kept

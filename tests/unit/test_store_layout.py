@@ -66,9 +66,12 @@ def test_read_script_assembles_no_key_and_no_field():
         assert prefix not in code, prefix
 
 
-def test_script_plan_lists_every_key_of_a_read_in_keys():
+@pytest.mark.parametrize("layout_name", L.SPEED_LAYOUTS)
+def test_script_plan_lists_every_key_of_a_read_in_keys(layout_name):
     """``KEYS`` holds the pointer, then per entity its batch keys and its speed day keys -
-    exactly the keys the pipeline reference reads, for every kind of view."""
+    exactly the keys the pipeline reference reads, for every kind of view; in the grouped
+    layout ``ARGV`` ends with every entity's field prefix (its root's hash)."""
+    sl = L.speed_layout(layout_name)
     ids = [["4", "2", "1", "17", "3", "17:1", "17:4", "3:5"]]
     keys, _, parents = keys_of_rows(ids)
     for view in (
@@ -76,14 +79,14 @@ def test_script_plan_lists_every_key_of_a_read_in_keys():
         View("v", "v", F.align_cutoff(T - 5 * F.HOUR_MS), True),
         View("v", "v", F.align_cutoff(T - 5 * F.HOUR_MS), False),
     ):
-        plan = ScriptPlan("lambda", view, T)
+        plan = ScriptPlan("lambda", view, T, sl)
         script_keys, args, order = plan.call(keys, parents)
         per = plan.n_batch_keys + len(plan.days)
         assert script_keys[0] == L.BATCH_POINTER_KEY and len(script_keys) == 1 + per * len(keys)
         for n, k in enumerate(keys[i] for i in order.tolist()):
             ent, eid = L.split_entity_key(k)
             mine = script_keys[1 + n * per : 1 + (n + 1) * per]
-            assert mine[plan.n_batch_keys :] == [L.speed_key(ent, eid, d) for d in plan.days]
+            assert mine[plan.n_batch_keys :] == [sl.key(ent, eid, d) for d in plan.days]
             if view.sums:
                 assert mine[:1] == [L.batch_sums_key("v", ent, eid)]
             elif view.version:
@@ -91,6 +94,43 @@ def test_script_plan_lists_every_key_of_a_read_in_keys():
                     L.batch_key("v", ent, eid, r.name) for r in F.RESOLUTIONS
                 ] + [L.batch_long_key("v", ent, eid)]
         assert args[1] == (view.pointer or "")
+        ordered = [keys[i] for i in order.tolist()]
+        if sl.grouped:
+            assert args[-len(keys) - 1 :] == [len(keys)] + [
+                sl.field_prefix(*L.split_entity_key(k)) for k in ordered
+            ]
+            assert (
+                "sv:{user:17}:" in script_keys[1 + ordered.index("user_x_ad:17:4") * per + per - 1]
+            )
+            assert args[-len(keys) + ordered.index("user_x_ad:17:4")] == "ua:4:"
+        else:
+            assert args[-1] == 0
+
+
+@pytest.mark.parametrize("layout_name", L.SPEED_LAYOUTS)
+@pytest.mark.parametrize(
+    "entity, eid", [("ad", "4"), ("user_x_ad", "17:4"), ("site_x_category", "3:7"), ("user", "0")]
+)
+def test_speed_layout_cells_round_trip(layout_name, entity, eid):
+    """Every cell's (key, field) parses back to the cell; the key carries the root entity key
+    as a hash tag in the grouped layout; invalidation reports map a key to its root."""
+    sl = L.speed_layout(layout_name)
+    b = T // F.MINUTE_MS
+    key, fld = sl.cell_address(entity, eid, "5m", "c", b)
+    root, rid, day = sl.parse_key(key)
+    assert day == T // F.DAY_MS and sl.root_key(root, rid, day) == key
+    assert sl.parse_field(root, rid, fld.encode()) == (entity, eid, "5m", "c", b)
+    assert sl.root_of_key(key.encode()) == sl.root_entity_key(L.entity_key(entity, eid))
+    assert sl.keys([L.entity_key(entity, eid)], day) == [key]
+    if sl.grouped:
+        assert key == f"sv:{{{L.entity_key(root, rid)}}}:{day}"
+        assert root == {"user_x_ad": "user", "site_x_category": "site"}.get(entity, entity)
+    else:
+        assert key == L.speed_key(entity, eid, day) and fld == L.speed_field("5m", "c", b)
+    other = L.speed_layout("entity" if sl.grouped else "grouped")
+    assert other.parse_key(key) is None  # never misread as the other layout's
+    with pytest.raises(ValueError, match="CTRSTREAM_SPEED__LAYOUT"):
+        L.speed_layout("nope")
 
 
 def test_sql_builders_equal_the_python_builders():

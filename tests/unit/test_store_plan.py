@@ -70,4 +70,10 @@ def test_invalidation_reports_map_day_hashes_to_entity_keys():
     )  # the old per-resolution layout
     assert L.speed_entity_key_of(f"{L.SPEED_PREFIX}ad".encode()) is None
     assert L.speed_key("ad", "4", day).startswith(L.SPEED_PREFIX)
+    # the grouped layout: a report of a root's hash names the root, whose cached crosses the
+    # cache drops with it
+    g = L.speed_layout("grouped")
+    assert g.root_of_key(g.key("site_x_category", "3:7", day).encode()) == "site:3"
+    assert g.root_of_key(g.key("ad", "4", day).encode()) == "ad:4"
+    assert g.root_of_key(L.speed_key("ad", "4", day).encode()) is None
     assert not (L.TRACKING_PREFIX + "x:1").startswith(L.SPEED_PREFIX)
