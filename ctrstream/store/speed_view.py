@@ -42,6 +42,7 @@ from ctrstream import features as F
 from ctrstream.config import Settings
 from ctrstream.store import layout as L
 from ctrstream.store.connection import RespSocket
+from ctrstream.store.nodes import scan_masters
 from ctrstream.store.resp import (
     PAD,
     BackgroundPipeline,
@@ -589,10 +590,10 @@ def read_speed_view(client: Any) -> dict[Cell, int]:
 
 
 def count_speed_hashes(client: Any) -> dict[str, int]:
-    """The number of day hashes of every entity in the speed view (SCAN; keys outside the
-    layout are not counted)."""
+    """The number of day hashes of every entity in the speed view (SCAN on every master;
+    keys outside the layout are not counted)."""
     counts: dict[str, int] = {}
-    for key in client.scan_iter(match=L.SPEED_PATTERN, count=10_000):
+    for key in scan_masters(client, L.SPEED_PATTERN, 10_000):
         parsed = _day_hash_of(text(key))
         if parsed is not None:
             counts[parsed[0]] = counts.get(parsed[0], 0) + 1
