@@ -152,18 +152,28 @@ class RespSocket:
     def send(self, *args: Any) -> None:
         self.sock.sendall(pack(args))
 
-    def read_reply(self) -> Any:
-        """The next reply (blocking); an error reply raises :class:`RedisReplyError`."""
+    def send_packed(self, data: bytes) -> None:
+        """Send already packed commands (:func:`pack`)."""
+        self.sock.sendall(data)
+
+    def read_raw_reply(self) -> Any:
+        """The next reply (blocking); an error reply is returned as a ``hiredis.ReplyError``
+        (a cluster's redirects are answers to act on, not failures)."""
         while True:
             reply = self.reader.gets()
             if reply is not False:
-                if isinstance(reply, hiredis.ReplyError):
-                    raise reply_error(str(reply))
                 return reply
             data = self.sock.recv(1 << 16)
             if not data:
                 raise ConnectionError("redis closed the connection")
             self.reader.feed(data)
+
+    def read_reply(self) -> Any:
+        """The next reply (blocking); an error reply raises :class:`RedisReplyError`."""
+        reply = self.read_raw_reply()
+        if isinstance(reply, hiredis.ReplyError):
+            raise reply_error(str(reply))
+        return reply
 
     def call(self, *args: Any) -> Any:
         """Send one command and return its reply."""
