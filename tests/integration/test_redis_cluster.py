@@ -475,3 +475,17 @@ def test_master_kill9_during_replay_through_the_speed_features_flow(kafka, tmp_p
         again = reconcile(s, tmp_path / "data", version, redis_client=cc)
         assert again.cells_differing == 0
         cc.close()
+
+
+def test_failover_loss_without_wait_is_reported_and_wait_prevents_it(single):
+    """A master dies the moment a large payload is acknowledged while its replica lags
+    (stopped for a few seconds): without WAIT the promoted replica lacks acknowledged cells
+    and the writer says so (its marker there is behind); with WAIT (a timeout longer than
+    the lag) nothing acknowledged is lost."""
+    from ctrstream.bench.failover import trial
+
+    lossy = trial(200_000, 0, 5, single, node_timeout_ms=1000, lag_ms=6000)
+    assert lossy["lost_cells"] > 0 and lossy["loss_reported"], lossy
+    safe = trial(200_000, 1, 5, single, node_timeout_ms=1000, lag_ms=6000, wait_timeout_ms=20_000)
+    assert safe["lost_cells"] == 0 and not safe["loss_reported"], safe
+    assert safe["drain_ms"] > 5000  # the acknowledgement waited for the replica
