@@ -755,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     api_proc = None
     cluster_api = None
     cluster_cm = None
+    cluster_pids: dict[str, int | None] = {}
     try:
         if args.isolated:
             tmp = tempfile.mkdtemp(prefix="ctr-bench-api-")
@@ -777,11 +778,15 @@ def main(argv: list[str] | None = None) -> int:
             from ctrstream.store.connection import redis_client
 
             cluster_cm = isolated_redis_cluster(None, masters=args.redis_cluster, log=print)
-            csettings = settings.model_copy(update={"redis": cluster_cm.__enter__().redis})
+            cluster_own = cluster_cm.__enter__()  # its own run directory (the nodes' PIDs)
+            csettings = settings.model_copy(update={"redis": cluster_own.redis})
             src = redis_client(settings, timeout_s=60.0)
             copied = copy_to_cluster(src, csettings)
             src.close()
             print(f"copied {copied} keys into the {args.redis_cluster}-master cluster")
+            cluster_pids = {
+                f"redis{k}": node.pid() for k, node in enumerate(Stack(cluster_own).cluster_nodes())
+            }
             cluster_api, curl = _start_api(args, csettings, model_name, tmp)
             targets.append((f"cluster-{args.redis_cluster}", curl))
         bodies = [json.dumps(uni.request(args.candidates)).encode() for _ in range(500)]
@@ -817,7 +822,11 @@ def main(argv: list[str] | None = None) -> int:
                     meter = CpuMeter(
                         {
                             "api": api_pid.pid if api_pid is not None else None,
-                            **(svc_pid if topo == "single" else {}),
+                            **(
+                                svc_pid
+                                if topo == "single"
+                                else {"triton": svc_pid.get("triton"), **cluster_pids}
+                            ),
                         }
                     )
                     before = _cache_counts(u)
@@ -834,7 +843,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     row = summarize(rate, rec, elapsed)
                     row["redis"] = topo
-                    row.update(meter.per_request_ms(len(rec)))
+                    cpu = meter.per_request_ms(len(rec))
+                    nodes = [k for k in cpu if k.startswith("cpu_redis") and k != "cpu_redis_ms"]
+                    if nodes:  # the cluster's nodes together
+                        cpu["cpu_redis_ms"] = sum(cpu.pop(k) for k in nodes)
+                    row.update(cpu)
                     after = _cache_counts(u)
                     if before and after and sum(after) > sum(before):
                         row["cache_hit_rate"] = (after[0] - before[0]) / (sum(after) - sum(before))

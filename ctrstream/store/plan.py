@@ -300,6 +300,14 @@ class ScriptPlan:
         (indices into ``keys``: the keys without parents first, each key after its parents).
         ``parents``: per key 0-based indices among ``keys``, -1 for none (default: found by
         parsing the keys); a parent must have no parents itself (single-field entities)."""
+        args, order = self.call_args(keys, parents)
+        return self.keys_of([keys[i] for i in order.tolist()]), args, order
+
+    def call_args(
+        self, keys: list[str], parents: np.ndarray | None = None
+    ) -> tuple[list[Any], np.ndarray]:
+        """``(ARGV, order)`` of :meth:`call`, without building its ``KEYS`` (a Redis
+        Cluster reader builds them once for routing and slices them per node)."""
         if parents is None:
             parents = parents_of_keys(keys)
         parents = np.asarray(parents, dtype=np.int64).reshape(len(keys), MAX_PARENTS)
@@ -310,11 +318,10 @@ class ScriptPlan:
         pos = np.empty(len(keys) + 1, dtype=np.int64)  # pos[-1]: no parent -> 0
         pos[order] = np.arange(1, len(keys) + 1)
         pos[-1] = 0
-        ordered = [keys[i] for i in order.tolist()]
         args = [*self.head, len(plain), len(keys)]
         if len(crossed):
             args += pos[parents[crossed]].ravel().tolist()
-        return self.keys_of(ordered), args, order
+        return args, order
 
 
 def parse_script_reply(

@@ -138,11 +138,11 @@ class Commands:
 @dataclass(frozen=True)
 class ScriptCalls:
     """Request (Redis Cluster): one call of the read script per node, each reading keys that
-    node serves; ``calls`` are ``(KEYS, ARGV, check)`` (``check``: this call is on the node
-    serving the batch-view pointer and checks it). The reply is the calls' replies, in
-    order; a slot in motion raises :class:`ctrstream.store.cluster.ClusterMoving`."""
+    node serves; ``calls`` are ``(KEYS, ARGV)``, ``KEYS[0]`` routes a call (the batch-view
+    pointer on its node, a never-written key of the node elsewhere). The reply is the calls'
+    replies, in order; a slot in motion raises :class:`ctrstream.store.cluster.ClusterMoving`."""
 
-    calls: list[tuple[list[str], list[Any], bool]]
+    calls: list[tuple[list[str], list[Any]]]
 
 
 Request = ScriptCall | Commands | ScriptCalls
@@ -302,36 +302,46 @@ class ReaderCore:
         if parents is None:
             parents = parents_of_keys(keys)
         parents = np.asarray(parents, dtype=np.int64).reshape(n, MAX_PARENTS)
-        calls: list[tuple[list[str], list[Any], bool]] = []
+        calls: list[tuple[list[str], list[Any]]] = []
         parts: list[tuple[np.ndarray, np.ndarray, bool]] = []  # (entities, call order, adds)
         checked = self.mode == "speed"
+        absent = self.absent
+
+        def call(g: int, block: list[str], args: list[Any]) -> None:
+            """Node ``g``'s call; the pointer is read (and checked) by one call on its node,
+            the others read a key of their node that never exists and expect ''."""
+            nonlocal checked
+            if not checked and g == ptr_node:
+                checked = True
+                calls.append(([full[0], *block], args))
+            else:
+                calls.append(([absent(g), *block], [args[0], "", *args[2:]]))
+
+        kb = np.empty((n, stride), dtype=object)  # every entity's script keys, built once
+        if stride:
+            kb[:] = np.asarray(full[1:], dtype=object).reshape(n, stride)
         whole = ~split
         for g in np.unique(ent_node[whole]).tolist():
             idx = np.flatnonzero(whole & (ent_node == g))
             remap = np.full(n + 1, -1, dtype=np.int64)  # remap[-1]: no parent
             remap[idx] = np.arange(len(idx))
-            sub_keys, args, order = plan.call([keys[i] for i in idx.tolist()], remap[parents[idx]])
-            check = not checked and g == ptr_node
-            checked |= check
-            calls.append((sub_keys, args, check))
+            args, order = plan.call_args([keys[i] for i in idx.tolist()], remap[parents[idx]])
+            call(g, kb[idx[order]].ravel().tolist(), args)
             parts.append((idx, order, False))
         if split.any():
             sidx = np.flatnonzero(split)
-            kb = np.asarray(full[1:], dtype=object).reshape(n, stride)[sidx]
             nb = blocks[sidx]
             for g in np.unique(nb).tolist():
                 rows = np.flatnonzero((nb == g).any(axis=1))
-                own = np.where(nb[rows] == g, kb[rows], self.absent(g))
-                _, args, order = plan.call(
+                own = np.where(nb[rows] == g, kb[sidx[rows]], self.absent(g))
+                args, order = plan.call_args(
                     [keys[i] for i in sidx[rows].tolist()], no_parents(len(rows))
                 )
-                check = not checked and g == ptr_node
-                checked |= check
-                calls.append(([full[0], *own.ravel().tolist()], args, check))
+                call(g, own.ravel().tolist(), args)
                 parts.append((sidx[rows], order, True))
         if not checked:
             sub_keys, args, _ = plan.call([], no_parents(0))
-            calls.append((sub_keys, args, True))
+            calls.append((sub_keys, args))
         try:
             replies = yield ScriptCalls(calls)
         except ClusterMoving:
@@ -482,8 +492,8 @@ def _execute_cluster(router: ClusterConnections, request: Request) -> Any:
     if isinstance(request, ScriptCall):
         raise TypeError("one read-script call cannot span a Redis Cluster: use ScriptCalls")
     routes, argvs = [], []
-    for keys, args, check in request.calls:
-        route, argv = cluster_call_args(keys, args, check)
+    for keys, args in request.calls:
+        route, argv = cluster_call_args(keys, args)
         routes.append(route[0])
         argvs.append((1, route[0], *argv))
     cmds = [("EVALSHA", CLUSTER_READ_SHA, *a) for a in argvs]
@@ -744,8 +754,8 @@ class AsyncFeatureStore(_Shell):
             await loop.run_in_executor(None, router.ensure_map)
         m = router.map
         pending = []
-        for keys, args, check in request.calls:
-            route, argv = cluster_call_args(keys, args, check)
+        for keys, args in request.calls:
+            route, argv = cluster_call_args(keys, args)
             addr = m.node_of_key(route[0])
             sc = self.node_scripts.get(addr)
             if sc is None:
