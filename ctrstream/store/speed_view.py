@@ -57,6 +57,7 @@ from ctrstream.store.cluster import (
     slot_tag,
 )
 from ctrstream.store.connection import RespSocket
+from ctrstream.store.nodes import scan_masters
 from ctrstream.store.resp import (
     PAD,
     BackgroundPipeline,
@@ -591,8 +592,11 @@ class SpeedViewWriter:
         moved to another node since (a reshard: the node answers ``MOVED``) is not checked."""
         run_id = _run_id(conn)  # type: ignore[arg-type]
         acked, key = self.acked_seq, self._node_markers.get(addr)
-        if addr in self._node_seen and acked and key is not None:
-            conn.send_packed(encode((b"GET", key)))
+        keys = [key] if addr in self._node_seen and key is not None else []
+        if acked:
+            keys += self._inherited_markers(addr)
+        for k in keys:
+            conn.send_packed(encode((b"GET", k)))
             got = conn.read_raw_reply()
             if not isinstance(got, Exception):
                 held = int(got) if got is not None else 0
@@ -601,8 +605,25 @@ class SpeedViewWriter:
                     self.losses.append(loss)
                     if self.on_loss is not None:
                         self.on_loss(loss)
+                    break
         self._node_seen.add(addr)
         self.run_id = run_id
+
+    def _inherited_markers(self, addr: Address) -> list[bytes]:
+        """This writer's markers kept on other nodes whose slot ``addr`` serves now: a
+        replica promoted after its master died. Replication is asynchronous, so the promoted
+        node may lack the last payloads its master acknowledged (docs/redis-cluster.md): its
+        copy of the master's marker tells."""
+        assert self.cluster is not None
+        m = self.cluster.map
+        out = []
+        for old, k in self._node_markers.items():
+            if old == addr:
+                continue
+            owner = int(m.owner[key_slot(k)])
+            if owner >= 0 and m.nodes[owner] == addr:
+                out.append(k)
+        return out
 
     def _node_marker(self, marker: str, owner: np.ndarray, node: int) -> bytes:
         """The key of writer ``marker``'s sequence marker on cluster node ``node`` (index in
@@ -848,11 +869,11 @@ def read_speed_view(client: Any, speed_layout: L.SpeedLayout | None = None) -> d
 
 
 def count_speed_hashes(client: Any, speed_layout: L.SpeedLayout | None = None) -> dict[str, int]:
-    """The number of hashes of every root entity in the speed view (SCAN; keys outside the
-    layout are not counted)."""
+    """The number of hashes of every root entity in the speed view (SCAN on every master;
+    keys outside the layout are not counted)."""
     sl = _layout(speed_layout)
     counts: dict[str, int] = {}
-    for key in client.scan_iter(match=L.SPEED_PATTERN, count=10_000):
+    for key in scan_masters(client, L.SPEED_PATTERN, 10_000):
         parsed = sl.parse_key(text(key))
         if parsed is not None:
             counts[parsed[0]] = counts.get(parsed[0], 0) + 1
