@@ -19,10 +19,10 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _absolute(path: Path | str) -> Path:
@@ -114,6 +114,11 @@ class Topics(_OverDefaults):
         )
 
 
+REDIS_CLUSTER_FILE = "redis-cluster.json"
+"""The local stack's Redis Cluster topology (masters, each node's ports), in the run
+directory: written by ``ctrstream stack up --redis-cluster N``, read by every ``ctrstream``
+command with the same run directory that does not set it (``Settings._local_redis_cluster``)."""
+
 KAFKA_NODES_FILE = "kafka-nodes.json"
 """The local stack's Kafka topology (how many nodes, their ports), in the run directory:
 written by ``ctrstream stack up``, read by every ``ctrstream`` command with the same run
@@ -203,6 +208,121 @@ class RedisSettings(BaseModel):
     # load (docs/hardening.md); without it a restart loses the data, which the features job
     # detects, re-writes for its open buckets and reports for the closed ones (docs/faults.md)
     appendonly: bool = True
+    # Redis Cluster: "host:port" seed nodes (any few nodes of the cluster; clients learn the
+    # rest from them). Empty: one Redis at host:port - unless the local stack runs a cluster
+    # (``cluster_masters``), whose nodes are then the seeds. A JSON list or comma-separated.
+    cluster: Annotated[list[str], NoDecode] = []
+    # how many masters `ctrstream stack up --redis-cluster N` runs, each with one replica
+    # (2N redis-server processes); 0: one Redis, no cluster
+    cluster_masters: int = Field(default=0, ge=0, le=16)
+    # [port, cluster-bus port] of every node of the local cluster, masters first (entries
+    # beyond 2 * cluster_masters are unused); empty: node i (from 0) on port + i, its bus on
+    # port + 10000 + i (Redis' own bus offset)
+    cluster_ports: list[tuple[int, int]] = []
+    # how long a node may be unreachable before the cluster fails it over to its replica
+    # (redis.conf cluster-node-timeout): a master failover takes about this plus an election
+    cluster_node_timeout_ms: int = Field(default=3000, ge=100)
+    # what a speed-view flush waits for on a cluster (or a single Redis with replicas) before
+    # it reports the flush written: WAIT <wait_replicas> <wait_timeout_ms> on each master it
+    # wrote to; replication is asynchronous, so without it a master failover can lose the
+    # last acknowledged writes (docs/redis-cluster.md measures how many). 0: do not wait
+    wait_replicas: int = Field(default=1, ge=0)
+    wait_timeout_ms: int = Field(default=1000, ge=0)
+
+    @field_validator("cluster", mode="before")
+    @classmethod
+    def _split_seeds(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError as e:
+                    raise ValueError(
+                        f"redis.cluster {text!r} is not a JSON list ({e}): give the seed nodes "
+                        'as \'["10.0.0.1:6379","10.0.0.2:6379"]\' or comma-separated'
+                    ) from e
+            return [s.strip() for s in text.split(",") if s.strip()]
+        return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _check_seeds(cls, value: list[str]) -> list[str]:
+        for seed in value:
+            host, sep, port = seed.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(
+                    f"redis.cluster seed {seed!r} is not host:port: list the cluster's nodes as "
+                    'CTRSTREAM_REDIS__CLUSTER=\'["10.0.0.1:6379","10.0.0.2:6379"]\' (or '
+                    "comma-separated)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_topology(self) -> RedisSettings:
+        if 0 < self.cluster_masters < 3:
+            raise ValueError(
+                f"redis.cluster_masters={self.cluster_masters}: a Redis Cluster needs at least "
+                "3 masters (a majority of masters elects a failed master's replica); use "
+                "--redis-cluster 3 or more, or 0 for one Redis"
+            )
+        if self.cluster_ports and len(self.cluster_ports) < 2 * self.cluster_masters:
+            raise ValueError(
+                f"redis.cluster_ports lists {len(self.cluster_ports)} nodes' ports but "
+                f"cluster_masters={self.cluster_masters} runs {2 * self.cluster_masters} "
+                "nodes (a replica per master): list [port, bus_port] of every node in "
+                "CTRSTREAM_REDIS__CLUSTER_PORTS, or leave it empty for consecutive ports"
+            )
+        if self.cluster_masters:
+            ports = [p for pair in self.cluster_node_ports() for p in pair]
+            if len(set(ports)) != len(ports):
+                raise ValueError(
+                    f"the local Redis Cluster's {2 * self.cluster_masters} nodes' ports "
+                    f"overlap ({ports}): set CTRSTREAM_REDIS__PORT elsewhere or list every "
+                    "node's [port, bus_port] in CTRSTREAM_REDIS__CLUSTER_PORTS"
+                )
+            if not self.cluster:
+                self.cluster = self.local_seeds()
+        if self.cluster and self.db:
+            raise ValueError(
+                f"redis.db={self.db} with a Redis Cluster: a cluster has database 0 only; "
+                "unset CTRSTREAM_REDIS__DB"
+            )
+        return self
+
+    def cluster_node_ports(self) -> list[tuple[int, int]]:
+        """[port, cluster-bus port] of each node of the local cluster, masters first."""
+        n = 2 * self.cluster_masters
+        if self.cluster_ports:
+            return [(int(a), int(b)) for a, b in self.cluster_ports[:n]]
+        return [(self.port + i, self.port + 10000 + i) for i in range(n)]
+
+    def local_seeds(self) -> list[str]:
+        """``host:port`` of every node of the local cluster (empty without one)."""
+        return [f"{self.host}:{p}" for p, _ in self.cluster_node_ports()]
+
+    @property
+    def clustered(self) -> bool:
+        """Whether clients talk to a Redis Cluster (seed nodes given or a local cluster)."""
+        return bool(self.cluster)
+
+    def seed_nodes(self) -> list[tuple[str, int]]:
+        """The cluster's seed nodes as (host, port)."""
+        out = []
+        for seed in self.cluster:
+            host, _, port = seed.rpartition(":")
+            out.append((host.strip("[]"), int(port)))
+        return out
+
+    def with_cluster(self, masters: int) -> RedisSettings:
+        """These settings with a local cluster of ``masters`` masters (0: one Redis); seeds
+        that were this local cluster's are recomputed, seeds given for another cluster kept."""
+        data = self.model_dump()
+        if self.cluster_masters and data["cluster"] == self.local_seeds():
+            data["cluster"] = []
+        if self.cluster_ports and len(self.cluster_ports) < 2 * masters:
+            data["cluster_ports"] = []
+        return RedisSettings.model_validate({**data, "cluster_masters": masters})
 
     @property
     def url(self) -> str:
@@ -347,6 +467,33 @@ class Settings(BaseSettings):
             if key not in given and key in doc:
                 update[key] = doc[key]
         self.kafka = KafkaSettings.model_validate({**self.kafka.model_dump(), **update})
+        return self
+
+    @model_validator(mode="after")
+    def _local_redis_cluster(self) -> Settings:
+        """Without a Redis topology in the settings (``CTRSTREAM_REDIS__CLUSTER_MASTERS`` or
+        ``CTRSTREAM_REDIS__CLUSTER``), clients and ``stack status/down`` use the local
+        cluster that ``ctrstream stack up --redis-cluster N`` recorded in the run directory."""
+        given = self.redis.model_fields_set
+        if "cluster_masters" in given or "cluster" in given:
+            return self
+        path = self.run_dir / REDIS_CLUSTER_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return self
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"the local Redis Cluster topology {path} cannot be read ({e}): remove it "
+                "(`ctrstream stack down --purge` removes the stack's data) or set "
+                "CTRSTREAM_REDIS__CLUSTER_MASTERS"
+            ) from e
+        update: dict[str, Any] = {"cluster_masters": int(doc.get("masters", 0))}
+        for key in ("port", "cluster_ports", "cluster_node_timeout_ms"):
+            if key not in given and key in doc:
+                update[key] = doc[key]
+        data = {**self.redis.model_dump(), **update, "cluster": []}
+        self.redis = RedisSettings.model_validate(data)
         return self
 
     def dump(self) -> dict:

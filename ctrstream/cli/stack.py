@@ -48,6 +48,16 @@ def stack_up(
         "CTRSTREAM_KAFKA__BROKERS, else what this run directory last started, else 1); 3 or "
         "more: replication factor 3, min.insync.replicas=2",
     ),
+    redis_cluster: int = typer.Option(
+        None,
+        "--redis-cluster",
+        min=0,
+        max=16,
+        help="run a Redis Cluster of N masters and N replicas (2N redis-server processes on "
+        "consecutive ports from CTRSTREAM_REDIS__PORT, or CTRSTREAM_REDIS__CLUSTER_PORTS) "
+        "instead of one Redis; 0: one Redis (default: CTRSTREAM_REDIS__CLUSTER_MASTERS, else "
+        "what this run directory last started, else 0)",
+    ),
 ):
     """Start Kafka, Redis and Triton, wait until each is ready, and create the topics."""
     from pydantic import ValidationError
@@ -67,6 +77,12 @@ def stack_up(
         except ValidationError as e:
             raise fail(f"--kafka-brokers {kafka_brokers}: {e.errors()[0]['msg']}") from None
         settings = settings.model_copy(update={"kafka": kafka})
+    if redis_cluster is not None and redis_cluster != settings.redis.cluster_masters:
+        try:
+            redis = settings.redis.with_cluster(redis_cluster)
+        except ValidationError as e:
+            raise fail(f"--redis-cluster {redis_cluster}: {e.errors()[0]['msg']}") from None
+        settings = settings.model_copy(update={"redis": redis})
     try:
         Stack(settings).up(log=out.print, only=only)
     except (StackError, PrerequisiteError) as e:
@@ -89,18 +105,21 @@ def stack_secret():
 
 @stack_app.command("status")
 def stack_status():
-    """Show each service's PID and health. Exit code 1 when any is down."""
+    """Show each service's PID and health (and each Redis Cluster node's role and slots).
+    Exit code 1 when any is down."""
     from ctrstream.stack.manager import Stack
 
     rows = Stack(get_settings()).status()
-    table = Table("service", "pid", "health", "address", "log")
+    clustered = any(r.role for r in rows)
+    table = Table("service", "pid", "health", "address", *(["role"] if clustered else []), "log")
     for r in rows:
         health = (
             "[green]ready[/]"
             if r.healthy
             else ("[yellow]not ready[/]" if r.pid else "[red]down[/]")
         )
-        table.add_row(r.name, str(r.pid or "-"), health, r.address, str(r.log))
+        role = [r.role] if clustered else []
+        table.add_row(r.name, str(r.pid or "-"), health, r.address, *role, str(r.log))
     out.print(table)
     raise typer.Exit(0 if all(r.healthy for r in rows) else 1)
 
@@ -116,7 +135,9 @@ def stack_down(purge: bool = typer.Option(False, help="also delete the stack's d
 @stack_app.command("logs")
 def stack_logs(
     service: str = typer.Argument(
-        ..., help="kafka (kafka-2, ... for one node of several), redis or triton"
+        ...,
+        help="kafka (kafka-2, ... for one node of several), redis (redis-2, ... for one node "
+        "of a Redis Cluster) or triton",
     ),
     lines: int = typer.Option(50, "-n", help="how many lines from the end"),
 ):

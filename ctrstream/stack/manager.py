@@ -19,6 +19,13 @@ from ctrstream.config import (
     Settings,
     TritonSettings,
 )
+from ctrstream.stack.redis_cluster import (
+    RedisClusterNode,
+    check_redis_topology,
+    cluster_roles,
+    ensure_cluster,
+    record_redis_topology,
+)
 from ctrstream.stack.services import (
     PortInUseError,
     Service,
@@ -37,6 +44,8 @@ class ServiceStatus:
     healthy: bool
     address: str
     log: Path
+    # a Redis Cluster node's role and slots (``master 0-5460``, ``replica of ...``)
+    role: str = ""
 
 
 class Stack:
@@ -60,27 +69,43 @@ class Stack:
         kafka = [s for s in chosen if s.group == "kafka"]
         if kafka:
             check_kafka_topology(self.settings)
+        cluster = [s for s in chosen if isinstance(s, RedisClusterNode)]
+        if any(s.group == "redis" for s in chosen):
+            check_redis_topology(self.settings)
         for svc in chosen:  # every port is checked before anything starts
             if svc.pid() is None:
                 svc.check_ports()
         times: dict[str, float | None] = {}
+        roles: dict[str, str] = {}
         started: list[Service] = []
         try:
-            # the nodes of one KRaft quorum start together: each waits for a majority
-            batches = ([kafka] if kafka else []) + [[s] for s in chosen if s.group != "kafka"]
+            # the nodes of one KRaft quorum start together: each waits for a majority; the
+            # nodes of a Redis Cluster start together, then form (or re-form) the cluster
+            together = [b for b in (kafka, cluster) if b]
+            batches = together + [[s] for s in chosen if s.group != "kafka" and s not in cluster]
             for batch in batches:
                 got = start_together(batch)
                 if kafka and batch is kafka:
                     record_kafka_topology(self.settings)
+                if cluster and batch is cluster:
+                    started.extend(s for s in batch if got[s.name] is not None)
+                    if ensure_cluster(self.settings, cluster):
+                        log(
+                            f"redis cluster created: {self.settings.redis.cluster_masters} "
+                            "masters, 1 replica each"
+                        )
+                    record_redis_topology(self.settings)
+                    roles = cluster_roles(cluster)
                 for svc in batch:
                     t = got[svc.name]
                     times[svc.name] = t
-                    if t is not None:
+                    if t is not None and svc not in started:
                         started.append(svc)
+                    role = f"  {roles.get(svc.name, '')}" if svc in cluster else ""
                     log(
                         f"{svc.name:7s} "
                         f"{f'ready in {t:.1f}s' if t is not None else 'already running'}"
-                        f"  {svc.address()}"
+                        f"  {svc.address()}{role}"
                     )
             if kafka:
                 created = ensure_topics(self.settings, self.settings.topics.all())
@@ -92,20 +117,33 @@ class Stack:
             raise
         return times
 
+    def cluster_nodes(self) -> list[RedisClusterNode]:
+        """The nodes of the local Redis Cluster (empty with one Redis)."""
+        return [s for s in self.services if isinstance(s, RedisClusterNode)]
+
     def status(self) -> list[ServiceStatus]:
+        cluster = self.cluster_nodes()
+        roles = cluster_roles([s for s in cluster if s.pid() is not None]) if cluster else {}
         return [
             ServiceStatus(
-                s.name, s.pid(), s.pid() is not None and s.healthy(), s.address(), s.log_file
+                s.name,
+                s.pid(),
+                s.pid() is not None and s.healthy(),
+                s.address(),
+                s.log_file,
+                roles.get(s.name, "down" if s.pid() is None else "unknown") if s in cluster else "",
             )
             for s in self.services
         ]
 
     def down(self, purge: bool = False, log=lambda msg: None) -> None:
         kafka = [s for s in self.services if s.group == "kafka"]
+        cluster = self.cluster_nodes()
         for svc in reversed(self.services):
-            if svc.group == "kafka":
-                if svc is kafka[0]:  # the nodes of one quorum stop together
-                    for name, stopped in stop_together(kafka).items():
+            together = kafka if svc.group == "kafka" else (cluster if svc in cluster else None)
+            if together:
+                if svc is together[0]:  # the nodes of one quorum or cluster stop together
+                    for name, stopped in stop_together(together).items():
                         log(f"{name:7s} {'stopped' if stopped else 'not running'}")
                 continue
             stopped = svc.stop()
@@ -163,18 +201,37 @@ def isolated_kafka(heap: str = "512m", brokers: int = 1) -> KafkaSettings:
     )
 
 
+def isolated_redis_settings(
+    masters: int = 0, appendonly: bool = True, node_timeout_ms: int = 3000
+) -> RedisSettings:
+    """Redis settings on free loopback ports: one Redis, or (``masters`` > 0) a cluster of
+    ``masters`` masters and as many replicas, each node with a free client and bus port."""
+    port = free_port()
+    if not masters:
+        return RedisSettings(port=port, appendonly=appendonly)
+    nodes = [(port, free_port())] + [(free_port(), free_port()) for _ in range(2 * masters - 1)]
+    return RedisSettings(
+        port=port,
+        appendonly=appendonly,
+        cluster_masters=masters,
+        cluster_ports=nodes,
+        cluster_node_timeout_ms=node_timeout_ms,
+    )
+
+
 def isolated_settings(
-    run_dir: Path, base: Settings | None = None, kafka_brokers: int = 1
+    run_dir: Path, base: Settings | None = None, kafka_brokers: int = 1, redis_masters: int = 0
 ) -> Settings:
     """Settings for a stack on free loopback ports with everything under ``run_dir``
-    (``kafka_brokers`` > 1: that many KRaft nodes, each with a smaller heap)."""
+    (``kafka_brokers`` > 1: that many KRaft nodes, each with a smaller heap;
+    ``redis_masters`` > 0: a Redis Cluster of that many masters and as many replicas)."""
     base = base or Settings()
     return base.model_copy(
         update={
             "run_dir": run_dir,
             "data_dir": run_dir / "data",
             "kafka": isolated_kafka("512m" if kafka_brokers == 1 else "384m", kafka_brokers),
-            "redis": RedisSettings(port=free_port()),
+            "redis": isolated_redis_settings(redis_masters),
             "triton": TritonSettings(
                 http_port=free_port(),
                 grpc_port=free_port(),
@@ -198,6 +255,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CTRSTREAM_KAFKA__MORE_PORTS": json.dumps(settings.kafka.more_ports),
         "CTRSTREAM_REDIS__PORT": str(settings.redis.port),
         "CTRSTREAM_REDIS__DB": str(settings.redis.db),
+        "CTRSTREAM_REDIS__CLUSTER": ",".join(settings.redis.cluster),
+        "CTRSTREAM_REDIS__CLUSTER_MASTERS": str(settings.redis.cluster_masters),
+        "CTRSTREAM_REDIS__CLUSTER_PORTS": json.dumps(settings.redis.cluster_ports),
+        "CTRSTREAM_REDIS__CLUSTER_NODE_TIMEOUT_MS": str(settings.redis.cluster_node_timeout_ms),
+        "CTRSTREAM_REDIS__WAIT_REPLICAS": str(settings.redis.wait_replicas),
+        "CTRSTREAM_REDIS__WAIT_TIMEOUT_MS": str(settings.redis.wait_timeout_ms),
         "CTRSTREAM_METRICS_PORT": str(settings.metrics_port),
         "CTRSTREAM_METRICS_HOST": settings.metrics_host,
         "CTRSTREAM_RESULTS_DIR": str(settings.results_dir),
@@ -280,12 +343,55 @@ def isolated_redis(
             stack.by_name("redis").stop()
 
 
+@contextmanager
+def isolated_redis_cluster(
+    run_dir: Path | None = None,
+    masters: int = 3,
+    log: Callable[[str], None] = lambda msg: None,
+    attempts: int = 3,
+    appendonly: bool = False,
+    node_timeout_ms: int = 2000,
+) -> Iterator[Settings]:
+    """A private Redis Cluster alone (``masters`` masters, a replica each; no Kafka, no
+    Triton) on free loopback ports; yields its settings (``settings.redis.cluster`` lists
+    every node) and stops every node by PID on exit.
+
+    ``node_timeout_ms``: how long a dead master goes unnoticed before its replica is
+    promoted (short, so that failover tests take seconds). ``run_dir``, ``appendonly`` and
+    ``attempts`` as :func:`isolated_redis`."""
+    with tempfile.TemporaryDirectory(prefix="ctrstream-redis-cluster-") as tmp:
+        where = Path(tmp) if run_dir is None else run_dir
+        t0 = time.monotonic()
+        for attempt in range(1, attempts + 1):
+            base = isolated_settings(where)
+            redis = isolated_redis_settings(masters, appendonly, node_timeout_ms)
+            settings = base.model_copy(update={"redis": redis})
+            stack = Stack(settings)
+            try:
+                stack.up(log=log, only=["redis"])
+                break
+            except PortInUseError as e:
+                if attempt == attempts:
+                    raise
+                log(f"{e} - starting the isolated Redis Cluster again on other free ports")
+        log(
+            f"isolated redis cluster up in {time.monotonic() - t0:.1f}s: "
+            f"{', '.join(settings.redis.cluster)}"
+        )
+        try:
+            yield settings
+        finally:
+            stop_together(stack.cluster_nodes())
+
+
 __all__ = [
     "Stack",
     "StackError",
     "check_kafka_topology",
     "isolated_kafka",
     "isolated_redis",
+    "isolated_redis_cluster",
+    "isolated_redis_settings",
     "isolated_settings",
     "isolated_stack",
     "settings_env",

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,7 +223,7 @@ class Service:
         self.pid_file.unlink(missing_ok=True)
 
 
-def start_together(services: list[Service]) -> dict[str, float | None]:
+def start_together(services: Sequence[Service]) -> dict[str, float | None]:
     """Start ``services`` at once and wait until every one is ready: the nodes of one KRaft
     quorum become ready only together (a node waits for a majority of the voters). Returns
     each one's start-up seconds (None: it was already running). When one fails, the others
@@ -265,7 +266,7 @@ def start_together(services: list[Service]) -> dict[str, float | None]:
         raise
 
 
-def stop_together(services: list[Service], timeout: float = 30.0) -> dict[str, bool]:
+def stop_together(services: Sequence[Service], timeout: float = 30.0) -> dict[str, bool]:
     """Stop ``services`` by PID at once (SIGTERM to all, then wait for each): the nodes of
     one KRaft quorum, so that none waits on a quorum its stopped peers no longer form.
     Returns whether each one was running."""
@@ -673,5 +674,15 @@ def served_models(settings: Settings) -> list[str]:
     ]
 
 
+def redis_services(settings: Settings) -> list[Service]:
+    """The one :class:`RedisService`, or every node of the local Redis Cluster when
+    ``settings.redis.cluster_masters`` is set (:mod:`ctrstream.stack.redis_cluster`)."""
+    if settings.redis.cluster_masters:
+        from ctrstream.stack.redis_cluster import cluster_nodes_services
+
+        return list(cluster_nodes_services(settings))
+    return [RedisService(settings)]
+
+
 def all_services(settings: Settings) -> list[Service]:
-    return [*kafka_services(settings), RedisService(settings), TritonService(settings)]
+    return [*kafka_services(settings), *redis_services(settings), TritonService(settings)]

@@ -20,7 +20,8 @@ eid, long_window, imps, clicks``). :func:`write_view_hashes` lays them out as
 The keys and fields are built by DuckDB (``layout.*_sql``), one entity at a time (every hash
 belongs to one entity: DuckDB's list aggregation over a whole view cannot spill and its
 memory grows with the view), streamed out in batches, packed by hiredis and sent in pipelined
-chunks over a :class:`ctrstream.store.resp.RespPipeline`, with the cyclic GC paused (millions
+chunks over a :class:`ctrstream.store.resp.RespPipeline` per node (one per master of a Redis
+Cluster, :class:`ctrstream.store.nodes.NodePipelines`), with the cyclic GC paused (millions
 of small lists, no cycles).
 
 The publication protocol - what makes a version safe to read (``ctrstream.batch.views``
@@ -41,7 +42,8 @@ import pyarrow as pa
 
 from ctrstream import features as F
 from ctrstream.store import layout as L
-from ctrstream.store.resp import RespPipeline, encode
+from ctrstream.store.nodes import NodePipelines, scan_masters
+from ctrstream.store.resp import encode
 from ctrstream.store.scan import gc_paused, read_hashes, scan_keys, text
 
 PIPELINE_CHUNK = 50_000  # commands per pipelined round trip
@@ -130,17 +132,16 @@ def clear_pointer(client: Any) -> None:
 
 
 def delete_version(client: Any, version: str) -> int:
-    """Delete every key of ``version`` (SCAN + UNLINK) and unregister it; returns how many
-    keys were deleted."""
+    """Delete every key of ``version`` (SCAN on every master, one pipelined ``UNLINK`` per
+    key to the node that serves it: a cluster refuses one UNLINK over keys of several slots)
+    and unregister it; returns how many keys were deleted."""
     n = 0
-    batch = []
-    for key in client.scan_iter(match=L.batch_version_pattern(version), count=DELETE_BATCH):
-        batch.append(key)
-        if len(batch) >= DELETE_BATCH:
-            n += client.unlink(*batch)
-            batch = []
-    if batch:
-        n += client.unlink(*batch)
+    with NodePipelines(client, timeout=WRITE_TIMEOUT_S) as pipes:
+        for key in scan_masters(client, L.batch_version_pattern(version), DELETE_BATCH):
+            pipes.add(key, encode((b"UNLINK", key)))
+            if len(pipes) >= DELETE_BATCH:
+                n += sum(pipes.execute())
+        n += sum(pipes.execute())
     client.zrem(L.BATCH_VERSIONS_KEY, version)
     return n
 
@@ -171,9 +172,10 @@ def write_view_hashes(
     cutoff_ms: int,
     ttl_ms: int | None = None,
 ) -> int:
-    """Write every data hash of ``version`` (see the module docstring) over a raw pipelined
-    connection to the client's server and database; returns how many hashes. ``ttl_ms``:
-    every hash expires after that long (benchmarks; default: never)."""
+    """Write every data hash of ``version`` (see the module docstring) over raw pipelined
+    connections to the client's server and database (on a Redis Cluster, one per master:
+    each hash to the node that serves its slot); returns how many hashes. ``ttl_ms``: every
+    hash expires after that long (benchmarks; default: never)."""
     for name, table, columns in (
         ("buckets", buckets, ("entity", "eid", "res", "bucket", "imps", "clicks")),
         ("longs", longs, ("entity", "eid", "long_window", "imps", "clicks")),
@@ -184,26 +186,21 @@ def write_view_hashes(
                 f"the {name} table lacks column(s) {missing}: it needs {list(columns)} "
                 "(as ctrstream.batch.views.compute_batch_view returns them)"
             )
-    pipe = RespPipeline.of_client(client, timeout=WRITE_TIMEOUT_S)
     ttl = str(int(ttl_ms)).encode() if ttl_ms else None
     keys_written = 0
-    try:
-        with gc_paused():
-            cmds: list[bytes] = []
-            for g in _grouped_fields(buckets, longs, version, int(cutoff_ms)):
-                keys_written += len(g["key"])
-                for key, fields, values in zip(g["key"], g["f"], g["v"]):
-                    args: list[Any] = [None] * (2 * len(fields))
-                    args[0::2], args[1::2] = fields, values
-                    cmds.append(encode((b"HSET", key, *args)))
-                    if ttl:
-                        cmds.append(encode((b"PEXPIRE", key, ttl)))
-                    if len(cmds) >= PIPELINE_CHUNK:
-                        pipe.execute(cmds)
-                        cmds = []
-            pipe.execute(cmds)
-    finally:
-        pipe.close()
+    with NodePipelines(client, timeout=WRITE_TIMEOUT_S) as pipes, gc_paused():
+        for g in _grouped_fields(buckets, longs, version, int(cutoff_ms)):
+            keys_written += len(g["key"])
+            for key, fields, values in zip(g["key"], g["f"], g["v"]):
+                args: list[Any] = [None] * (2 * len(fields))
+                args[0::2], args[1::2] = fields, values
+                bkey = key.encode() if isinstance(key, str) else key
+                pipes.add(bkey, encode((b"HSET", bkey, *args)))
+                if ttl:
+                    pipes.add(bkey, encode((b"PEXPIRE", bkey, ttl)))
+                if len(pipes) >= PIPELINE_CHUNK:
+                    pipes.execute(collect=False)
+        pipes.execute(collect=False)
     return keys_written
 
 

@@ -44,7 +44,8 @@ from ctrstream.store.plan import SHARED_ENTITIES
 class Vouching(Protocol):
     """What the cache needs of an invalidation channel (``InvalidationTracker``)."""
 
-    acked_sent_at: float | None
+    @property
+    def acked_sent_at(self) -> float | None: ...
 
     def status(self) -> dict[str, Any]: ...
 

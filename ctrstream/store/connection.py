@@ -68,9 +68,31 @@ def redis_client(
 ) -> Any:
     """A redis-py client for ``settings.redis`` (sync or asyncio).
 
+    With a Redis Cluster (``settings.redis.cluster``) it is redis-py's cluster client
+    (``redis.cluster.RedisCluster``, or ``redis.asyncio.cluster.RedisCluster``): it learns
+    the slot map from the seed nodes and sends each single-key command to the node that holds
+    its slot (following ``MOVED`` and ``ASK``); a command over keys of several slots is
+    refused, so the cold paths that use it work per key or per slot.
+
     ``timeout_s`` bounds each reply; ``connect_timeout_s`` (default: the same) bounds opening
     a connection, which on a loaded machine can take longer than a short reply deadline."""
     connect = timeout_s if connect_timeout_s is None else connect_timeout_s
+    r = settings.redis
+    if r.clustered:
+        kwargs: dict[str, Any] = {
+            "password": r.password,
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": connect,
+        }
+        if asyncio:
+            from redis.asyncio.cluster import ClusterNode as AsyncNode
+            from redis.asyncio.cluster import RedisCluster as AsyncCluster
+
+            nodes = [AsyncNode(h, p) for h, p in r.seed_nodes()]
+            return AsyncCluster(startup_nodes=nodes, **kwargs)
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in r.seed_nodes()], **kwargs)
     if asyncio:
         import redis.asyncio as aredis
 
@@ -130,18 +152,28 @@ class RespSocket:
     def send(self, *args: Any) -> None:
         self.sock.sendall(pack(args))
 
-    def read_reply(self) -> Any:
-        """The next reply (blocking); an error reply raises :class:`RedisReplyError`."""
+    def send_packed(self, data: bytes) -> None:
+        """Send already packed commands (:func:`pack`)."""
+        self.sock.sendall(data)
+
+    def read_raw_reply(self) -> Any:
+        """The next reply (blocking); an error reply is returned as a ``hiredis.ReplyError``
+        (a cluster's redirects are answers to act on, not failures)."""
         while True:
             reply = self.reader.gets()
             if reply is not False:
-                if isinstance(reply, hiredis.ReplyError):
-                    raise reply_error(str(reply))
                 return reply
             data = self.sock.recv(1 << 16)
             if not data:
                 raise ConnectionError("redis closed the connection")
             self.reader.feed(data)
+
+    def read_reply(self) -> Any:
+        """The next reply (blocking); an error reply raises :class:`RedisReplyError`."""
+        reply = self.read_raw_reply()
+        if isinstance(reply, hiredis.ReplyError):
+            raise reply_error(str(reply))
+        return reply
 
     def call(self, *args: Any) -> Any:
         """Send one command and return its reply."""

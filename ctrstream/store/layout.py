@@ -42,10 +42,12 @@ Entity keys, calibration, reconciliation, cache tracking
 * an **entity key** ``{entity}:{id}`` (:func:`entity_key`) names one entity in the read
   plan and the caches; ids of crossed entities join their parts with ``:``
   (``user_x_ad`` 17, 4 -> ``17:4``, ``features.entity_id``);
-* ``cal:{calibrator}`` (HASH ``version``, ``params``, ``metrics``, ``updated_ms``),
-  ``cal:{calibrator}:state`` / ``:history`` / ``:drift``, ``cal:versions`` (SET of the
-  calibrator ids), ``cal:seq`` (the reload counter), ``cal:job:{name}`` (the calibration
-  job's checkpoint); a calibrator id (:func:`calibrator_id`) is ``{model_name}@{version}``
+* ``cal:{cal}:<calibrator>`` (HASH ``version``, ``params``, ``metrics``, ``updated_ms``),
+  ``cal:{cal}:<calibrator>:state`` / ``:history`` / ``:drift``, ``cal:{cal}:versions`` (SET
+  of the calibrator ids), ``cal:{cal}:seq`` (the reload counter), ``cal:{cal}:job:<name>``
+  (the calibration job's checkpoint) - ``{cal}`` literally, a Redis Cluster hash tag: every
+  calibration key in one slot, so that a checkpoint is one MULTI/EXEC on a cluster too; a
+  calibrator id (:func:`calibrator_id`) is ``{model_name}@{version}``
   (``ctr_lr@1``), or the bare version for a prediction that names no model;
 * ``reconcile:{version}`` (JSON report), ``reconcile:last``;
 * ``sv~tracking:{client}:{seq}`` - the shared-entity cache's heartbeat keys (outside the
@@ -333,8 +335,11 @@ def suffix_field_sql(res: str, event_type: str, bucket: str) -> str:
 # --------------------------------------------------------------------------- calibration
 
 CAL_PREFIX = "cal:"
-CAL_SEQ_KEY = "cal:seq"
-CAL_VERSIONS_KEY = "cal:versions"  # the calibrator ids with a calibrator
+# every calibration key carries the hash tag {cal}, so that on a Redis Cluster they all sit
+# in one slot: a checkpoint writes them in one MULTI/EXEC (ctrstream.store.calibration)
+_CAL = CAL_PREFIX + "{cal}:"
+CAL_SEQ_KEY = _CAL + "seq"
+CAL_VERSIONS_KEY = _CAL + "versions"  # the calibrator ids with a calibrator
 CAL_ID_SEP = "@"
 
 
@@ -364,23 +369,23 @@ def parse_calibrator_id(cal_id: str) -> tuple[str, str]:
 
 def cal_key(cal_id: str) -> str:
     """The HASH of calibrator ``cal_id`` (:func:`calibrator_id`)."""
-    return f"{CAL_PREFIX}{cal_id}"
+    return f"{_CAL}{cal_id}"
 
 
 def cal_state_key(cal_id: str) -> str:
-    return f"{CAL_PREFIX}{cal_id}:state"
+    return f"{_CAL}{cal_id}:state"
 
 
 def cal_history_key(cal_id: str) -> str:
-    return f"{CAL_PREFIX}{cal_id}:history"
+    return f"{_CAL}{cal_id}:history"
 
 
 def cal_drift_key(cal_id: str) -> str:
-    return f"{CAL_PREFIX}{cal_id}:drift"
+    return f"{_CAL}{cal_id}:drift"
 
 
 def cal_job_key(job_name: str) -> str:
-    return f"{CAL_PREFIX}job:{job_name}"
+    return f"{_CAL}job:{job_name}"
 
 
 # --------------------------------------------------------------------------- reconciliation

@@ -55,7 +55,18 @@ import numpy as np
 from ctrstream import features as F
 from ctrstream.store import layout as L
 from ctrstream.store.cache import Lookup, SharedEntityCache
+from ctrstream.store.cluster import (
+    Address,
+    ClusterConnections,
+    ClusterMoving,
+    connections_of_client,
+    is_moving,
+    parse_redirect,
+    slots_of,
+)
+from ctrstream.store.connection import RedisReplyError
 from ctrstream.store.plan import (
+    MAX_PARENTS,
     NO_VIEW,
     Mode,
     PipelinePlan,
@@ -70,8 +81,15 @@ from ctrstream.store.plan import (
     view_of,
     window_plan,
 )
-from ctrstream.store.script import READ_SCRIPT, AsyncScript, SyncScript
-from ctrstream.store.tracking import InvalidationTracker
+from ctrstream.store.script import (
+    CLUSTER_READ_SCRIPT,
+    CLUSTER_READ_SHA,
+    READ_SCRIPT,
+    AsyncScript,
+    SyncScript,
+    cluster_call_args,
+)
+from ctrstream.store.tracking import ClusterInvalidationTracker, InvalidationTracker
 
 Method = Literal["script", "pipeline"]
 MAX_SWITCHES = 3  # reads redone because the view switched under them, before giving up
@@ -116,7 +134,19 @@ class Commands:
     commands: list[tuple[Any, ...]]
 
 
-Request = ScriptCall | Commands
+@dataclass(frozen=True)
+class ScriptCalls:
+    """Request (Redis Cluster): one call of the read script per node, each reading keys that
+    node serves; ``calls`` are ``(KEYS, ARGV, check)`` (``check``: this call is on the node
+    serving the batch-view pointer and checks it). The reply is the calls' replies, in
+    order; a slot in motion raises :class:`ctrstream.store.cluster.ClusterMoving`."""
+
+    calls: list[tuple[list[str], list[Any], bool]]
+
+
+Request = ScriptCall | Commands | ScriptCalls
+Route = Callable[[list[str]], np.ndarray]
+"""A Redis Cluster's routing of keys: the index of the node serving each key."""
 Steps = Generator[Request, Any, FeatureRead]
 
 
@@ -131,6 +161,7 @@ class ReaderCore:
         cache_ttl_s: float = 0.0,
         cache_max: int = 200_000,
         clock: Callable[[], float] = time.monotonic,
+        route: Route | None = None,
     ):
         if mode not in ("lambda", "speed", "batch"):
             raise ValueError(f"mode must be lambda, speed or batch, not {mode!r}")
@@ -144,6 +175,9 @@ class ReaderCore:
         self._view: View | None = None  # the served view as last seen
         self._view_at = 0.0  # time.monotonic() when it was read
         self._plan: tuple[tuple[Any, ...], ScriptPlan] | None = None  # the last script plan
+        # a Redis Cluster: the read script runs once per node (see _call_cluster)
+        self.route = route
+        self.cluster_fallbacks = 0  # reads done key by key because a slot was in motion
 
     # ---- the served view
     def _fetch_view(self) -> Generator[Request, Any, View]:
@@ -197,14 +231,23 @@ class ReaderCore:
                         if lk.miss
                         else no_parents(0)
                     )
-            script_keys, args, order = plan.call(read_keys, read_parents)
             try:
-                reply = yield ScriptCall(script_keys, args)
+                if self.route is None:
+                    script_keys, args, order = plan.call(read_keys, read_parents)
+                    reply = yield ScriptCall(script_keys, args)
+                    _, moved, got, newest_k = parse_script_reply(reply, len(read_keys), order)
+                else:
+                    called = yield from self._call_cluster(plan, read_keys, read_parents)
+                    if called is None:  # keys of one entity on several nodes, or moving
+                        if cache is not None and lk is not None:
+                            cache.release(lk)
+                        self.cluster_fallbacks += 1
+                        return (yield from self._read_pipeline(keys, t_ms))
+                    moved, got, newest_k = called
             except BaseException:
                 if cache is not None and lk is not None:
                     cache.release(lk)
                 raise
-            _, moved, got, newest_k = parse_script_reply(reply, len(read_keys), order)
             if moved:  # the view switched: re-plan against the new one
                 self._view = None
                 if cache is not None and lk is not None:
@@ -217,6 +260,61 @@ class ReaderCore:
             f"of {MAX_SWITCHES} reads in a row: is something switching views "
             "in a loop?"
         )
+
+    def _call_cluster(
+        self, plan: ScriptPlan, keys: list[str], parents: np.ndarray | None
+    ) -> Generator[Request, Any, tuple[bool, np.ndarray, np.ndarray] | None]:
+        """The read script on a Redis Cluster: the entities grouped by the node serving their
+        keys, one call per node (all in one round, :class:`ScriptCalls`); the call on the
+        pointer's node checks the pointer (a pointer-only call when no entity lives there).
+        Parents on another node do not prune (pruning only skips reads of empty windows).
+        None: an entity's keys are on several nodes (a key layout without hash tags), or a
+        slot is in motion - the caller reads with the pipeline method instead."""
+        assert self.route is not None
+        n = len(keys)
+        full = plan.keys_of(keys)
+        nodes = self.route(full)
+        ptr_node = int(nodes[0])
+        stride = (len(full) - 1) // n if n else 0
+        blocks = nodes[1:].reshape(n, stride) if stride else np.zeros((n, 1), np.int64)
+        ent_node = blocks[:, 0]
+        if n and (stride and (blocks != ent_node[:, None]).any() or (ent_node < 0).any()):
+            return None
+        if parents is None:
+            parents = parents_of_keys(keys)
+        parents = np.asarray(parents, dtype=np.int64).reshape(n, MAX_PARENTS)
+        groups = [np.flatnonzero(ent_node == g) for g in np.unique(ent_node).tolist()]
+        calls: list[tuple[list[str], list[Any], bool]] = []
+        orders = []
+        checked = self.mode == "speed"
+        for idx in groups:
+            remap = np.full(n + 1, -1, dtype=np.int64)  # remap[-1]: no parent
+            remap[idx] = np.arange(len(idx))
+            sub_keys, args, order = plan.call([keys[i] for i in idx.tolist()], remap[parents[idx]])
+            check = not checked and int(ent_node[idx[0]]) == ptr_node
+            checked |= check
+            calls.append((sub_keys, args, check))
+            orders.append(order)
+        if not checked:
+            sub_keys, args, _ = plan.call([], no_parents(0))
+            calls.append((sub_keys, args, True))
+        try:
+            replies = yield ScriptCalls(calls)
+        except ClusterMoving:
+            return None
+        got = np.empty((n, F.N_WINDOWS, 2), dtype=np.int64)
+        newest = np.empty(n, dtype=np.int64)
+        moved = False
+        for k, reply in enumerate(replies):
+            if k >= len(groups):
+                moved |= parse_script_reply(reply, 0)[1]
+                continue
+            idx = groups[k]
+            _, mv, g, nw = parse_script_reply(reply, len(idx), orders[k])
+            moved |= mv
+            if not mv:
+                got[idx], newest[idx] = g, nw
+        return moved, got, newest
 
     def _merge(
         self,
@@ -303,6 +401,51 @@ def _text(v: bytes | str | None) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
 
+def _router_route(router: ClusterConnections) -> Route:
+    """The node index of each key by the router's slot map (read once first)."""
+
+    def route(keys: list[str]) -> np.ndarray:
+        return router.ensure_map().owner[slots_of(keys)]
+
+    return route
+
+
+def _execute_cluster(router: ClusterConnections, request: Request) -> Any:
+    """A request on a Redis Cluster over blocking connections: commands routed by their key
+    (redirects followed); the per-node script calls as one pipeline per node (``EVALSHA`` of
+    :data:`~ctrstream.store.script.CLUSTER_READ_SCRIPT`, ``EVAL`` where a node lacks it)."""
+    if isinstance(request, Commands):
+        return router.execute(request.commands, [c[1] for c in request.commands])
+    if isinstance(request, ScriptCall):
+        raise TypeError("one read-script call cannot span a Redis Cluster: use ScriptCalls")
+    routes, argvs = [], []
+    for keys, args, check in request.calls:
+        route, argv = cluster_call_args(keys, args, check)
+        routes.append(route[0])
+        argvs.append((1, route[0], *argv))
+    cmds = [("EVALSHA", CLUSTER_READ_SHA, *a) for a in argvs]
+    replies = router.execute(cmds, routes, raise_errors=False)
+    missing = [i for i, r in enumerate(replies) if _is_error(r, "NOSCRIPT")]
+    if missing:
+        again = router.execute(
+            [("EVAL", CLUSTER_READ_SCRIPT, *argvs[i]) for i in missing],
+            [routes[i] for i in missing],
+            raise_errors=False,
+        )
+        for i, r in zip(missing, again):
+            replies[i] = r
+    for r in replies:
+        if isinstance(r, Exception):
+            if is_moving(str(r)):
+                raise ClusterMoving(str(r))
+            raise RedisReplyError(str(r))
+    return replies
+
+
+def _is_error(reply: Any, prefix: str) -> bool:
+    return isinstance(reply, Exception) and str(reply).startswith(prefix)
+
+
 def drive(steps: Steps, execute: Callable[[Request], Any]) -> FeatureRead:
     """Run a read's requests with a blocking ``execute``; an error of ``execute`` is raised
     into the read (which cleans up) and out of here."""
@@ -385,11 +528,20 @@ class FeatureStore(_Shell):
     ):
         self.core = ReaderCore(mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock)
         self.client = client
-        self.script: Any = SyncScript.for_client(client) or client.register_script(READ_SCRIPT)
+        self.cluster = connections_of_client(client)
+        self.script: Any = None
+        if self.cluster is not None:
+            self.core.route = _router_route(self.cluster)
+        else:
+            self.script = SyncScript.for_client(client) or client.register_script(READ_SCRIPT)
 
     def _execute(self, request: Request) -> Any:
+        if self.cluster is not None:
+            return _execute_cluster(self.cluster, request)
         if isinstance(request, ScriptCall):
             return self.script(keys=request.keys, args=request.args)
+        if isinstance(request, ScriptCalls):
+            raise TypeError("per-node script calls need a Redis Cluster client")
         pipe = self.client.pipeline(transaction=False)
         for c in request.commands:
             pipe.execute_command(*c)
@@ -400,6 +552,13 @@ class FeatureStore(_Shell):
     ) -> FeatureRead:
         """Window counts ``(len(keys), N_WINDOWS, 2)`` of entity keys at ``t_ms``."""
         return drive(self.core.read(keys, t_ms, parents), self._execute)
+
+    def close(self) -> None:
+        """Close the raw connections (the redis-py client is the caller's)."""
+        if self.cluster is not None:
+            self.cluster.close()
+        elif isinstance(self.script, SyncScript):
+            self.script.close()
 
     def read_rows(self, entity_ids: np.ndarray, t_ms: int) -> FeatureRead:
         """``entity_ids`` (rows, len(ENTITIES)) -> counts (rows, len(ENTITIES), N_WINDOWS, 2)."""
@@ -435,30 +594,59 @@ class AsyncFeatureStore(_Shell):
     ):
         self.core = ReaderCore(mode, method, pointer_ttl_s, cache_ttl_s, cache_max, clock)
         self.client = client
-        self.script: Any = AsyncScript.for_client(client) or client.register_script(READ_SCRIPT)
+        self.cluster = connections_of_client(client)
+        self.script: Any = None
+        self.node_scripts: dict[Address, AsyncScript] = {}  # a cluster: one per master
+        if self.cluster is not None:
+            self.core.route = _router_route(self.cluster)
+        else:
+            self.script = AsyncScript.for_client(client) or client.register_script(READ_SCRIPT)
         self.tracking = bool(tracking) and self.core.cache is not None
         self.heartbeat_s = heartbeat_s
-        self.tracker: InvalidationTracker | None = None
+        self.tracker: InvalidationTracker | ClusterInvalidationTracker | None = None
 
     async def start(self) -> None:
         cache = self.core.cache
         if self.tracking and self.tracker is None and cache is not None:
-            kw = dict(self.client.connection_pool.connection_kwargs)
-            self.tracker = InvalidationTracker(
-                kw,
-                cache.invalidate,
-                cache.invalidate_all,
-                heartbeat_s=self.heartbeat_s,
-                clock=self.core.clock,
-            )
-            cache.tracker = self.tracker
-            self.tracker.start()
+            tracker: InvalidationTracker | ClusterInvalidationTracker
+            if self.cluster is not None:  # one tracker per master, on its own router
+                import asyncio
+
+                seeds = list(self.cluster.map.seeds)
+                router = ClusterConnections.from_kwargs(seeds, self.cluster.kwargs)
+                tracker = await asyncio.get_running_loop().run_in_executor(
+                    None,
+                    lambda: ClusterInvalidationTracker(
+                        router,
+                        cache.invalidate,
+                        cache.invalidate_all,
+                        heartbeat_s=self.heartbeat_s,
+                        clock=self.core.clock,
+                    ),
+                )
+            else:
+                kw = dict(self.client.connection_pool.connection_kwargs)
+                tracker = InvalidationTracker(
+                    kw,
+                    cache.invalidate,
+                    cache.invalidate_all,
+                    heartbeat_s=self.heartbeat_s,
+                    clock=self.core.clock,
+                )
+            self.tracker = tracker
+            cache.tracker = tracker
+            tracker.start()
 
     async def close(self) -> None:
         import asyncio
 
         if isinstance(self.script, AsyncScript):
             self.script.close()
+        for sc in self.node_scripts.values():
+            sc.close()
+        self.node_scripts.clear()
+        if self.cluster is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.cluster.close)
         if self.tracker is not None:
             tracker, self.tracker = self.tracker, None
             if self.core.cache is not None:
@@ -467,12 +655,50 @@ class AsyncFeatureStore(_Shell):
             self.invalidate_all()
 
     async def _execute(self, request: Request) -> Any:
+        if self.cluster is not None:
+            return await self._execute_cluster(self.cluster, request)
         if isinstance(request, ScriptCall):
             return await self.script(keys=request.keys, args=request.args)
+        if isinstance(request, ScriptCalls):
+            raise TypeError("per-node script calls need a Redis Cluster client")
         pipe = self.client.pipeline(transaction=False)
         for c in request.commands:
             pipe.execute_command(*c)
         return await pipe.execute()
+
+    async def _execute_cluster(self, router: ClusterConnections, request: Request) -> Any:
+        """A request on a Redis Cluster: the per-node script calls concurrently over one
+        pipelined asyncio connection per node; commands (the pointer, the pipeline method,
+        the fallback of a slot in motion) through the blocking router in a worker thread."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if not isinstance(request, ScriptCalls):
+            return await loop.run_in_executor(None, _execute_cluster, router, request)
+        if not router._loaded:
+            await loop.run_in_executor(None, router.ensure_map)
+        m = router.map
+        pending = []
+        for keys, args, check in request.calls:
+            route, argv = cluster_call_args(keys, args, check)
+            addr = m.node_of_key(route[0])
+            sc = self.node_scripts.get(addr)
+            if sc is None:
+                kw = {**router.kwargs, "host": addr.host, "port": addr.port, "db": 0}
+                sc = self.node_scripts[addr] = AsyncScript(kw, CLUSTER_READ_SCRIPT)
+            pending.append(sc(keys=route, args=argv))
+        replies = await asyncio.gather(*pending, return_exceptions=True)
+        for r in replies:
+            if isinstance(r, RedisReplyError) and is_moving(str(r)):
+                red = parse_redirect(str(r))
+                if red is not None and red.kind == "MOVED":
+                    m.moved(red.slot, red.address)
+                    await loop.run_in_executor(None, router.refresh)
+                raise ClusterMoving(str(r))
+        for r in replies:
+            if isinstance(r, BaseException):
+                raise r
+        return replies
 
     async def read(
         self, keys: Iterable[str], t_ms: int, parents: np.ndarray | None = None

@@ -26,6 +26,46 @@ from ctrstream.store.connection import RedisReplyError, RespSocket, hello_comman
 
 READ_SCRIPT = resources.files("ctrstream.store").joinpath("read.lua").read_text()
 
+# The read script's Redis Cluster form: one call per node, every key it reads served by that
+# node, in several slots. Redis routes a script by its declared KEYS and refuses declared
+# KEYS of several slots (CROSSSLOT), so the call declares ONE key (a key of that node: it
+# routes the call, and a moved slot answers MOVED) and hands the script's KEYS in ARGV; the
+# ``allow-cross-slot-keys`` flag (Redis 7) lets it read keys of other slots of the node. The
+# body is read.lua unchanged, with KEYS and ARGV rebound. The batch-view pointer lives on
+# one node: the call there checks it (check = 1); on the other nodes (check = 0) the
+# script's read of the pointer answers the expected value, and the caller reads the pointer
+# on its node in the same round (ctrstream.store.reader).
+#   KEYS[1]  the routing key      ARGV  n, n keys (read.lua's KEYS), check, read.lua's ARGV
+CLUSTER_READ_SCRIPT = (
+    "#!lua flags=allow-cross-slot-keys,no-writes\n"
+    "local n = tonumber(ARGV[1])\n"
+    "local K, A = {}, {}\n"
+    "for i = 1, n do K[i] = ARGV[i + 1] end\n"
+    "local check = ARGV[n + 2] == '1'\n"
+    "for i = n + 3, #ARGV do A[#A + 1] = ARGV[i] end\n"
+    "local R = redis\n"
+    "if not check then\n"
+    "  local real, pkey, expect = redis, K[1], A[2]\n"
+    "  R = setmetatable({call = function(cmd, key, ...)\n"
+    "    if key == pkey then return expect end\n"
+    "    return real.call(cmd, key, ...)\n"
+    "  end}, {__index = real})\n"
+    "end\n"
+    "local function body(KEYS, ARGV, redis)\n" + READ_SCRIPT + "\nend\n"
+    "return body(K, A, R)\n"
+)
+
+
+CLUSTER_READ_SHA = hashlib.sha1(CLUSTER_READ_SCRIPT.encode()).hexdigest()
+
+
+def cluster_call_args(keys: list[Any], args: list[Any], check: bool) -> tuple[list[Any], list[Any]]:
+    """``(KEYS, ARGV)`` of :data:`CLUSTER_READ_SCRIPT` for one node's call of the read script
+    with ``keys`` / ``args`` (``keys[0]`` the pointer; ``check``: the pointer is served by
+    this node). The routing key is the pointer when checked here, else the first entity key."""
+    route = keys[0] if check or len(keys) < 2 else keys[1]
+    return [route], [len(keys), *keys, "1" if check else "0", *args]
+
 
 class _RespProtocol(asyncio.Protocol):
     """One pipelined Redis connection: replies are matched to waiting calls in order."""

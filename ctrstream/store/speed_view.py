@@ -41,7 +41,21 @@ import numpy as np
 from ctrstream import features as F
 from ctrstream.config import Settings
 from ctrstream.store import layout as L
+from ctrstream.store.cluster import (
+    UNSERVED,
+    Address,
+    ClusterError,
+    ClusterPipeline,
+    Conn,
+    NodeParts,
+    cluster_seeds,
+    connections_for,
+    key_slot,
+    key_slots,
+    slot_tag,
+)
 from ctrstream.store.connection import RespSocket
+from ctrstream.store.nodes import scan_masters
 from ctrstream.store.resp import (
     PAD,
     BackgroundPipeline,
@@ -171,19 +185,40 @@ class _Renderer:
         hsets, expires, n_cmds = [], [], 0
         for c in cells:
             if len(c):
-                hs, ex, n = self._entity(c)
+                ((_, hs, ex, n),) = self._entity(c)
                 hsets.append(hs)
                 expires.append(ex)
                 n_cmds += n
         return hsets + expires, n_cmds
+
+    def render_routed(
+        self, cells: Iterable[SpeedCells], owner: np.ndarray
+    ) -> dict[int, tuple[list[bytes], int]]:
+        """The commands of :meth:`render_parts` split by Redis Cluster node: ``owner`` maps
+        a slot to a node index (``cluster.SlotMap.owner``); per node index its ``(payload
+        parts, number of commands)``, every HSET before every PEXPIRE. A day hash's commands
+        go to the node serving its key's slot (``cluster.key_slots`` of the rendered keys)."""
+        hsets: dict[int, list[bytes]] = {}
+        expires: dict[int, list[bytes]] = {}
+        counts: dict[int, int] = {}
+        for c in cells:
+            if len(c):
+                for node, hs, ex, n in self._entity(c, owner):
+                    hsets.setdefault(node, []).append(hs)
+                    expires.setdefault(node, []).append(ex)
+                    counts[node] = counts.get(node, 0) + n
+        return {k: (hsets[k] + expires[k], counts[k]) for k in counts}
 
     def render(self, cells: Iterable[SpeedCells]) -> tuple[bytes, int]:
         """``(payload, number of commands)``: every HSET, then every PEXPIRE."""
         parts, n_cmds = self.render_parts(cells)
         return b"".join(parts), n_cmds
 
-    def _entity(self, c: SpeedCells) -> tuple[bytes, bytes, int]:
-        """The commands of one entity's cells: (HSETs, PEXPIREs, number of commands)."""
+    def _entity(
+        self, c: SpeedCells, owner: np.ndarray | None = None
+    ) -> list[tuple[int, bytes, bytes, int]]:
+        """The commands of one entity's cells: [(node, HSETs, PEXPIREs, number of
+        commands)], one entry per node of ``owner`` (None: one Redis, node 0)."""
         res = np.asarray(c.res, np.int64)
         bucket = np.asarray(c.bucket, np.int64)
         day = bucket * _BUCKET_MS[res] // F.DAY_MS
@@ -211,7 +246,7 @@ class _Renderer:
             or int(clicks.min()) < 0
         ):
             return self._packed(
-                c.entity, hparts, hday, starts, per_hash, renew, res, bucket, imps, clicks
+                c.entity, hparts, hday, starts, per_hash, renew, res, bucket, imps, clicks, owner
             )
         pre = self.key_head[c.entity]
         key_segs: list[bytes | np.ndarray] = [hparts[0]]
@@ -264,20 +299,52 @@ class _Renderer:
         rows = np.full((n, head.shape[1] + body.shape[1]), PAD, np.uint8)
         rows[starts, : head.shape[1]] = head
         rows[:, head.shape[1] :] = body
-        expire = b""
-        if len(renew):
-            ttl = str(self.hash_ttl_ms).encode()
-            expire = render(
-                [
-                    b"*3\r\n$7\r\nPEXPIRE\r\n$",
-                    key_len[renew],
-                    b"\r\n" + pre,
-                    *[s if isinstance(s, bytes) else s[renew] for s in key_segs],
-                    b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl),
-                ],
-                len(renew),
+        if owner is None:
+            return [
+                (
+                    0,
+                    squeeze(rows),
+                    self._expires(pre, key_segs, key_len, renew),
+                    len(starts) + len(renew),
+                )
+            ]
+        # a Redis Cluster: each day hash's commands to the node serving its key's slot
+        hash_node = owner[key_slots(layout([pre, *key_segs], len(starts)))]
+        cell_node = hash_node[np.cumsum(first) - 1]
+        out = []
+        for k in np.unique(hash_node).tolist():
+            ren = renew[hash_node[renew] == k]
+            out.append(
+                (
+                    k,
+                    squeeze(rows[cell_node == k]),
+                    self._expires(pre, key_segs, key_len, ren),
+                    int(np.count_nonzero(hash_node == k)) + len(ren),
+                )
             )
-        return squeeze(rows), expire, len(starts) + len(renew)
+        return out
+
+    def _expires(
+        self,
+        pre: bytes,
+        key_segs: list[bytes | np.ndarray],
+        key_len: np.ndarray,
+        renew: np.ndarray,
+    ) -> bytes:
+        """The PEXPIREs of the day hashes ``renew`` (indices of hashes)."""
+        if not len(renew):
+            return b""
+        ttl = str(self.hash_ttl_ms).encode()
+        return render(
+            [
+                b"*3\r\n$7\r\nPEXPIRE\r\n$",
+                key_len[renew],
+                b"\r\n" + pre,
+                *[s if isinstance(s, bytes) else s[renew] for s in key_segs],
+                b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl),
+            ],
+            len(renew),
+        )
 
     def _packed(
         self,
@@ -291,7 +358,8 @@ class _Renderer:
         bucket: np.ndarray,
         imps: np.ndarray,
         clicks: np.ndarray,
-    ) -> tuple[bytes, bytes, int]:
+        owner: np.ndarray | None = None,
+    ) -> list[tuple[int, bytes, bytes, int]]:
         """The same commands, one hiredis-packed command per hash (for negative numbers)."""
         ent = F.ENTITIES[e]
         ti, tc = F.EVENT_TYPES
@@ -312,8 +380,17 @@ class _Renderer:
                     int(clicks[j]),
                 ]
             hs.append(encode(args))
-        ex = [encode((b"PEXPIRE", keys[k], self.hash_ttl_ms)) for k in renew.tolist()]
-        return b"".join(hs), b"".join(ex), len(hs) + len(ex)
+        node = [0 if owner is None else int(owner[key_slot(k)]) for k in keys]
+        out = []
+        for x in sorted(set(node)):
+            h = [c for k, c in enumerate(hs) if node[k] == x]
+            ex = [
+                encode((b"PEXPIRE", keys[k], self.hash_ttl_ms))
+                for k in renew.tolist()
+                if node[k] == x
+            ]
+            out.append((x, b"".join(h), b"".join(ex), len(h) + len(ex)))
+        return out
 
 
 def render_speed_cells(
@@ -404,13 +481,35 @@ class SpeedViewWriter:
         self.run_id: str | None = None
         self._connected = False
         self._lock = threading.Lock()
-        self.pipe = BackgroundPipeline(
-            settings,
-            max_pending=max_pending,
-            backoff=backoff,
-            on_retry=on_retry,
-            on_connect=self._on_connect if marker is not None else None,
+        # a Redis Cluster (settings.redis.cluster): one pipeline per master, one writer thread
+        self.cluster = connections_for(settings) if cluster_seeds(settings) else None
+        self._node_markers: dict[Address, bytes] = {}  # per master: its sequence marker key
+        self._node_seen: set[Address] = set()
+        self._masters: tuple[int, list[int]] = (-1, [])  # (map epoch, master indices)
+        # a cluster: each master's part ends with WAIT for its replicas (redis.wait_replicas)
+        rs = settings.redis
+        self.wait = (
+            encode((b"WAIT", rs.wait_replicas, rs.wait_timeout_ms))
+            if self.cluster is not None and rs.wait_replicas > 0
+            else None
         )
+        self.pipe: BackgroundPipeline
+        if self.cluster is not None:
+            self.pipe = ClusterPipeline(
+                self.cluster,
+                max_pending=max_pending,
+                backoff=backoff,
+                on_retry=on_retry,
+                on_connect=self._on_node_connect if marker is not None else None,
+            )
+        else:
+            self.pipe = BackgroundPipeline(
+                settings,
+                max_pending=max_pending,
+                backoff=backoff,
+                on_retry=on_retry,
+                on_connect=self._on_connect if marker is not None else None,
+            )
 
     def _on_connect(self, conn: RespSocket) -> None:
         """A new connection (writer thread): does Redis still hold every payload it
@@ -428,11 +527,52 @@ class SpeedViewWriter:
         self._connected = True
         self.run_id = run_id
 
+    def _on_node_connect(self, addr: Address, conn: Conn) -> None:
+        """A new connection to a cluster node (writer thread): :meth:`_on_connect` per
+        node, against the marker this writer keeps on that node. A marker whose slot has
+        moved to another node since (a reshard: the node answers ``MOVED``) is not checked."""
+        run_id = _run_id(conn)  # type: ignore[arg-type]
+        acked, key = self.acked_seq, self._node_markers.get(addr)
+        if addr in self._node_seen and acked and key is not None:
+            conn.send_packed(encode((b"GET", key)))
+            got = conn.read_raw_reply()
+            if not isinstance(got, Exception):
+                held = int(got) if got is not None else 0
+                if held < acked:
+                    loss = WriterLoss(held, acked, self.run_id, run_id)
+                    self.losses.append(loss)
+                    if self.on_loss is not None:
+                        self.on_loss(loss)
+        self._node_seen.add(addr)
+        self.run_id = run_id
+
+    def _node_marker(self, marker: str, owner: np.ndarray, node: int) -> bytes:
+        """The key of writer ``marker``'s sequence marker on cluster node ``node`` (index in
+        the slot map): tagged with the node's first slot, so that it lives on that node."""
+        first = int(np.argmax(owner == node))
+        return L.speed_writer_marker(f"{marker}:{{{slot_tag(first)}}}").encode()
+
     def held_seq(self, marker: str) -> int:
         """The number of the last payload of writer ``marker`` (this one's, or an earlier
         process's) that Redis holds; 0 when it holds none (or the marker expired, a hash TTL
         after that writer's last payload). On its own connection, retried like the writes
-        while Redis cannot be reached."""
+        while Redis cannot be reached. On a Redis Cluster: the lowest of the writer's markers
+        on the masters (each payload sets the marker on every master; a master whose first
+        slot changed since the marker was written counts as holding none)."""
+
+        def read_cluster() -> int:
+            router = connections_for(self.settings, timeout=5.0)
+            try:
+                m = router.ensure_map()
+                owner = m.owner
+                keys = [self._node_marker(marker, owner, k) for k in _masters_of(owner)]
+                got = router.execute([(b"GET", k) for k in keys], keys)
+            finally:
+                router.close()
+            return min((int(g) if g is not None else 0 for g in got), default=0)
+
+        if self.cluster is not None:
+            return with_backoff(read_cluster, self.backoff, self.on_retry)
 
         def read() -> int:
             conn = RespSocket.from_settings(self.settings, timeout=5.0)
@@ -460,6 +600,8 @@ class SpeedViewWriter:
     def _write(
         self, cells: Iterable[SpeedCells], done: Callable[[], None] | None
     ) -> tuple[int, int | None]:
+        if self.cluster is not None:
+            return self._write_cluster(cells, done)
         parts, n_cmds = self.renderer.render_parts(cells)
         if not n_cmds:
             return 0, None
@@ -480,6 +622,65 @@ class SpeedViewWriter:
             )
         return n_cmds, seq
 
+    def _write_cluster(
+        self, cells: Iterable[SpeedCells], done: Callable[[], None] | None
+    ) -> tuple[int, int | None]:
+        """:meth:`_write` on a Redis Cluster: the payload's rows split by the node serving
+        each day hash's slot, one part per master; with a ``marker``, every master's part
+        ends with the ``SET`` of this writer's marker on that node (so each node holds the
+        number of the last payload it executed, and :meth:`held_seq` reads the lowest); with
+        ``redis.wait_replicas`` > 0, then with ``WAIT wait_replicas wait_timeout_ms``, so
+        that a payload is acknowledged (and a snapshot's drain returns) only once each
+        master's replicas have it or the timeout passed (replication is asynchronous: what
+        a failover can lose without it, docs/redis-cluster.md)."""
+        assert self.cluster is not None
+        try:
+            m = self.cluster.ensure_map()
+        except ClusterError as e:
+            if self.backoff is None:
+                raise
+            m = self.cluster.map  # the writer thread waits for the cluster (backoff)
+            if not m.nodes:
+                raise ConnectionError(str(e)) from e
+        owner, nodes = m.owner, list(m.nodes)
+        routed = self.renderer.render_routed(cells, owner)
+        n_cmds = sum(n for _, n in routed.values())
+        if not n_cmds:
+            return 0, None
+        if self._masters[0] != m.epoch:
+            self._masters = (m.epoch, _masters_of(owner))
+        targets = routed.keys() | (set(self._masters[1]) if self.marker is not None else set())
+        with self._lock:  # payload numbers in the order of submission
+            self.seq += 1
+            seq = self.seq
+            parts: NodeParts = {}
+            for k in sorted(targets):
+                # a slot no node serves (a failover in progress): routed command by command
+                addr = nodes[k] if k >= 0 else UNSERVED
+                body, n = routed.get(k, ([], 0))
+                if self.marker is not None and k >= 0:
+                    key = self._node_markers.get(addr)
+                    if key is None:
+                        key = self._node_markers[addr] = self._node_marker(self.marker, owner, k)
+                    body = [*body, encode((b"SET", key, seq, b"PX", self.hash_ttl_ms))]
+                    n += 1
+                if self.wait is not None and n:
+                    body = [*body, self.wait]  # acknowledged once replicated (or timed out)
+                    n += 1
+                prev = parts.get(addr)
+                if prev is not None:
+                    body, n = [prev[0], *body], n + prev[1]
+                parts[addr] = (b"".join(body), n)
+
+            def acked() -> None:
+                self.acked_seq = seq
+                if done is not None:
+                    done()
+
+            total = sum(n for _, n in parts.values())
+            self.pipe.submit(parts, total, one_line=True, done=acked)  # type: ignore[arg-type]
+        return n_cmds, seq
+
     def drain(self) -> None:
         """Return once Redis has acknowledged everything written so far (raises its error)."""
         self.pipe.drain()
@@ -498,6 +699,11 @@ class SpeedViewWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _masters_of(owner: np.ndarray) -> list[int]:
+    """The node indices that serve at least one slot of a slot map."""
+    return [int(k) for k in np.unique(owner[owner >= 0])]
 
 
 # --------------------------------------------------------------------------- reading
@@ -589,10 +795,10 @@ def read_speed_view(client: Any) -> dict[Cell, int]:
 
 
 def count_speed_hashes(client: Any) -> dict[str, int]:
-    """The number of day hashes of every entity in the speed view (SCAN; keys outside the
-    layout are not counted)."""
+    """The number of day hashes of every entity in the speed view (SCAN on every master;
+    keys outside the layout are not counted)."""
     counts: dict[str, int] = {}
-    for key in client.scan_iter(match=L.SPEED_PATTERN, count=10_000):
+    for key in scan_masters(client, L.SPEED_PATTERN, 10_000):
         parsed = _day_hash_of(text(key))
         if parsed is not None:
             counts[parsed[0]] = counts.get(parsed[0], 0) + 1

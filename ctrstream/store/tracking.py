@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import socket
@@ -12,7 +13,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
+
 from ctrstream.store import layout as L
+from ctrstream.store.cluster import Address, ClusterConnections, slot_tag
 from ctrstream.store.connection import RespSocket
 
 log = logging.getLogger("ctrstream.store.tracking")
@@ -38,7 +42,9 @@ class InvalidationTracker:
     callbacks run on this thread (the cache serializes them with its own lock).
 
     ``connection_kwargs``: a redis-py client's ``connection_pool.connection_kwargs`` (host,
-    port, password, db).
+    port, password, db). ``heartbeat_tag``: called at the start of every session, a Redis
+    Cluster hash tag (``{...}``) put in the heartbeat keys so that they live on the node
+    being tracked (:class:`ClusterInvalidationTracker`); empty on one Redis.
     """
 
     def __init__(
@@ -48,8 +54,10 @@ class InvalidationTracker:
         on_flush: Callable[[], None],
         heartbeat_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
+        heartbeat_tag: Callable[[], str] | None = None,
     ):
         self.kw = connection_kwargs
+        self.heartbeat_tag = heartbeat_tag
         self.on_invalidate = on_invalidate
         self.on_flush = on_flush
         self.heartbeat_s = float(heartbeat_s)
@@ -134,7 +142,8 @@ class InvalidationTracker:
             L.TRACKING_PREFIX,
         )
         self.on_flush()  # nothing read before this moment is vouched for
-        me = f"{L.TRACKING_PREFIX}{uuid.uuid4().hex}:"
+        tag = self.heartbeat_tag() if self.heartbeat_tag is not None else ""
+        me = f"{L.TRACKING_PREFIX}{uuid.uuid4().hex}{tag}:"
         me_b, prefix_b = me.encode(), L.SPEED_PREFIX.encode()
         sent: deque[tuple[int, float]] = deque()  # (heartbeat seq, sent at)
         hb_seq = 0
@@ -188,3 +197,78 @@ class InvalidationTracker:
                     seq, at = sent.popleft()
                     if seq == acked:
                         self.acked_sent_at = at
+
+
+class ClusterInvalidationTracker:
+    """:class:`InvalidationTracker` on every master of a Redis Cluster (each node reports the
+    writes to its own keys): one tracker per master, its heartbeat keys tagged with a slot of
+    that node (:func:`ctrstream.store.cluster.slot_tag` of the node's first slot, read again
+    at every session: a heartbeat slot moved away by a reshard breaks the session, which is
+    rebuilt with a slot the node still serves). The cache is vouched for only as far as the
+    *least* recent heartbeat of all nodes (``acked_sent_at``: their minimum, None while any
+    node's channel is down), so a silent node can never make it serve stale counts. The
+    masters are those of the slot map at construction; a master promoted later (a failover)
+    is not tracked, and the node it replaced never vouches again: the cache then falls back
+    to its TTL (restart the reader to track the new topology)."""
+
+    def __init__(
+        self,
+        router: ClusterConnections,
+        on_invalidate: Callable[[Iterable[str]], None],
+        on_flush: Callable[[], None],
+        heartbeat_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.router = router
+        self.clock = clock
+        self._map_lock = threading.Lock()
+        m = router.ensure_map()
+        self.nodes = m.masters()
+        self.trackers = [
+            InvalidationTracker(
+                {**router.kwargs, "host": a.host, "port": a.port, "db": 0},
+                on_invalidate,
+                on_flush,
+                heartbeat_s=heartbeat_s,
+                clock=clock,
+                heartbeat_tag=functools.partial(self._tag, a),
+            )
+            for a in self.nodes
+        ]
+
+    def _tag(self, addr: Address) -> str:
+        """A hash tag of a slot ``addr`` serves now."""
+        with self._map_lock:
+            self.router.refresh()
+            m = self.router.map
+            if addr not in m.nodes or not (m.owner == m.nodes.index(addr)).any():
+                raise ConnectionError(f"redis {addr} serves no slot of the cluster any more")
+            first = int(np.argmax(m.owner == m.nodes.index(addr)))
+        return "{" + slot_tag(first) + "}"
+
+    @property
+    def acked_sent_at(self) -> float | None:
+        got = [t.acked_sent_at for t in self.trackers]
+        return None if not got or any(x is None for x in got) else min(got)  # type: ignore[type-var]
+
+    def status(self) -> dict[str, Any]:
+        sent = self.acked_sent_at
+        age = None if sent is None else self.clock() - sent
+        errors = [t.last_error for t in self.trackers if t.last_error]
+        return {
+            "healthy": age is not None,
+            "heartbeat_age_s": age,
+            "reports": sum(t.reports for t in self.trackers),
+            "restarts": sum(t.restarts for t in self.trackers),
+            "last_error": errors[0] if errors else None,
+            "nodes": [str(a) for a in self.nodes],
+        }
+
+    def start(self) -> None:
+        for t in self.trackers:
+            t.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        for t in self.trackers:
+            t.close(timeout)
+        self.router.close()
