@@ -1,7 +1,7 @@
 """Capacity benchmark and plan: speed-layer throughput against Redis masters and processes,
 Redis memory per entity-day hash, and the machines needed at internet scale.
 
-``ctrstream bench capacity [--events N] [--masters 1,2,3] [--processes 1,2] [--skip-memory]``
+``ctrstream bench capacity [--events N] [--masters 1,3] [--processes 1,2] [--skip-memory]``
 ``ctrstream bench capacity --plan [--set NAME=VALUE ...] [--doc docs/capacity.md]``
 
 Measurement (an isolated Kafka + Redis on free loopback ports, stopped afterwards; the
@@ -11,8 +11,9 @@ traffic of generator scenario ``--scenario`` replayed once):
   every partition of both topics; ``broker_us_per_record`` = the broker process's CPU time
   (``/proc``) per record - the per-core figure the plan sizes brokers with.
 * ``speed m=M p=P``: the features job (``get_flow(stop_at_end=True)``, no recovery) with P
-  processes of one worker each writing to M Redis masters (M=1: one plain Redis; M>1: a
-  Redis Cluster from ``isolated_redis_cluster``), from the first consumed batch until every
+  processes of one worker each writing to M Redis masters (M=1: one plain Redis; M>=3: a
+  Redis Cluster from ``isolated_redis_cluster``, a replica per master; a cluster cannot have
+  2 masters), from the first consumed batch until every
   partition reached its end offset. ``per_process`` = events/s / P, ``per_core`` = events/s /
   min(P, cores), ``job_us_per_event`` = the job processes' CPU time per event
   (``RUSAGE_CHILDREN``). Per master (``masters_detail``): ``us_per_event`` = Redis command
@@ -133,6 +134,11 @@ def _redis_target(base: Any, masters: int, log: Callable[[str], None]) -> Iterat
     if masters == 1:
         yield base
         return
+    if masters < 3:
+        raise NotImplementedError(
+            f"a Redis Cluster needs at least 3 masters (a majority elects a failed master's "
+            f"replica), not {masters}: measure 1 (one Redis) and 3 or more"
+        )
     try:
         from ctrstream.stack.manager import isolated_redis_cluster  # type: ignore[attr-defined]
     except ImportError:
@@ -216,9 +222,6 @@ def _job_env(settings: Any) -> dict[str, str]:
 
     env = {**os.environ, **settings_env(settings), "CTRSTREAM_METRICS_PORT": "0"}
     env["PYTHONUNBUFFERED"] = "1"
-    cluster = list(getattr(settings.redis, "cluster", None) or [])
-    if cluster:
-        env["CTRSTREAM_REDIS__CLUSTER"] = json.dumps(cluster)
     return env
 
 
@@ -473,7 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--events", type=int, default=500_000, help="impressions generated")
     ap.add_argument("--scenario", default="steady", help="generator scenario")
-    ap.add_argument("--masters", type=positive_ints, default=[1, 2, 3], help="e.g. 1,2,3")
+    ap.add_argument(
+        "--masters",
+        type=positive_ints,
+        default=[1, 3],
+        help="1 (one Redis) and/or >= 3 (a cluster)",
+    )
     ap.add_argument("--processes", type=positive_ints, default=[1, 2], help="e.g. 1,2")
     ap.add_argument("--memory-sample", type=int, default=20_000, help="hashes per family")
     ap.add_argument("--skip-memory", action="store_true")

@@ -95,6 +95,13 @@ def _fit(points: list[tuple[int, int, str]]) -> list[FieldCost]:
 
 
 def _speed_family(key: str) -> str | None:
+    """The family of a speed-view day hash: its entity, or under a layout that groups
+    entities by root (``layout.speed_layout``, where the store has one) its root entity,
+    whose hash also holds the crosses rooted at it."""
+    layouts = getattr(L, "speed_layout", None)
+    if layouts is not None:
+        parsed = layouts().parse_key(key)
+        return None if parsed is None else parsed[0]
     try:
         entity, eid, _ = L.speed_entity_of(key)
     except ValueError:

@@ -46,7 +46,7 @@ def results(tmp: Path, **over: float) -> Path:
                     "masters": 1,
                     "processes": 1,
                     "events_per_s": g("speed", 50_000.0),
-                    "job_us_per_event": 20.0,
+                    "job_us_per_event": g("job", 20.0),
                     "redis_us_per_event": 10.0,
                     "redis_cpu_us_per_event": g("rw", 12.0),
                 },
@@ -165,8 +165,8 @@ def test_the_tiers_follow_the_stated_rule(tmp_path):
     a = M.Assumptions()
     p = M.compute(inputs, a)
     u = a.utilization
-    # Bytewax: 1M ev/s / (50k ev/s per process x 0.6)
-    assert tier(p, "Bytewax").units == math.ceil(1e6 / (50_000 * u))
+    # Bytewax: 1M ev/s x 20 us of job CPU per event / 0.6 (one core per process)
+    assert tier(p, "Bytewax").units == math.ceil(1e6 * 20e-6 / u)
     # API: 100k req/s x 3 ms CPU (the highest-rate row) / 0.6
     assert tier(p, "Prediction API").units == math.ceil(1e5 * 3e-3 / u)
     # Triton: 10M rows/s over the published per-GPU rate (no GPU run in inference.json)
@@ -201,7 +201,7 @@ def test_the_tiers_follow_the_stated_rule(tmp_path):
 @pytest.mark.parametrize(
     "knob, figure",
     [
-        ("speed", lambda p: tier(p, "Bytewax").units),
+        ("job", lambda p: tier(p, "Bytewax").units),
         ("rw", lambda p: p.figures["Redis shards for CPU"]),
         ("api_ms", lambda p: tier(p, "Prediction API").units),
         ("lp", lambda p: p.figures["Redis data GB (speed + batch, x overhead)"]),
@@ -210,7 +210,7 @@ def test_the_tiers_follow_the_stated_rule(tmp_path):
 )
 def test_a_changed_input_changes_the_plan(tmp_path, knob, figure):
     base = M.compute(M.load_inputs(results(tmp_path / "a")), M.Assumptions())
-    worse = {"speed": 10_000.0, "rw": 60.0, "api_ms": 30.0, "lp": 40.0, "bp": 20.0}[knob]
+    worse = {"job": 80.0, "rw": 60.0, "api_ms": 30.0, "lp": 40.0, "bp": 20.0}[knob]
     changed = M.compute(M.load_inputs(results(tmp_path / "b", **{knob: worse})), M.Assumptions())
     assert figure(changed) > figure(base)
 
