@@ -139,13 +139,8 @@ def _redis_target(base: Any, masters: int, log: Callable[[str], None]) -> Iterat
             f"a Redis Cluster needs at least 3 masters (a majority elects a failed master's "
             f"replica), not {masters}: measure 1 (one Redis) and 3 or more"
         )
-    try:
-        from ctrstream.stack.manager import isolated_redis_cluster  # type: ignore[attr-defined]
-    except ImportError:
-        raise NotImplementedError(
-            "no Redis Cluster launcher in this checkout "
-            "(ctrstream.stack.manager.isolated_redis_cluster, issue 19 part 2)"
-        ) from None
+    from ctrstream.stack.manager import isolated_redis_cluster
+
     with isolated_redis_cluster(masters=masters, log=log) as cs:
         yield base.model_copy(update={"redis": cs.redis})
 
