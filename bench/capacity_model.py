@@ -228,9 +228,19 @@ def load_inputs(results: Path) -> dict[str, Figure]:
 
     # read path and API: the API bench's highest rate (most amortized) row
     api = _load(results, "api.json", "ctrstream bench api")
-    arows = [r for r in _rows(api, "api.json") if r.get("cpu_api_ms") is not None]
+    # the single-node rows (a cluster step, where the API bench ran one, has no Redis CPU)
+    arows = [
+        r
+        for r in _rows(api, "api.json")
+        if r.get("redis", "single") == "single"
+        and r.get("cpu_api_ms") is not None
+        and r.get("cpu_redis_ms") is not None
+    ]
     if not arows:
-        raise ValueError("api.json has no row with cpu_api_ms: rerun `ctrstream bench api`")
+        raise ValueError(
+            "api.json has no single-node row with cpu_api_ms and cpu_redis_ms: rerun "
+            "`ctrstream bench api --isolated`"
+        )
     top = max(arows, key=lambda r: r["rate_rps"])
     det = f"rate_rps {top['rate_rps']:g}, {api.get('meta', {}).get('candidates', '?')} candidates"
     out["api_cpu_us"] = Figure(
@@ -688,6 +698,14 @@ def render_markdown(plan: Plan, command: str) -> str:
             f"{_num(m.get('events_per_entity_day', 0))} | {_num(m.get('fields_per_hash', 0))} | "
             f"{_num(m.get('bytes_per_hash', m.get('bytes_per_entity', 0)))} | {_num(m['total_gb'])} |"
         )
+    total = sum(m["total_gb"] for m in plan.memory) or 1.0
+    top = sorted(plan.memory, key=lambda m: -m["total_gb"])[:3]
+    out += [
+        "",
+        "Largest: "
+        + ", ".join(f"{m['view']} {m['family']} {m['total_gb'] / total:.0%}" for m in top)
+        + " of the data (before the overhead factor and replicas).",
+    ]
     out += [
         "",
         "### Inputs (every figure and where it comes from)",

@@ -61,6 +61,8 @@ def results(tmp: Path, **over: float) -> Path:
             "rows": [
                 {"rate_rps": 100.0, "cpu_api_ms": 9.0, "cpu_redis_ms": 9.0},
                 {"rate_rps": 200.0, "cpu_api_ms": g("api_ms", 3.0), "cpu_redis_ms": 0.6},
+                # a cluster step of the API bench: no Redis CPU measured, not used
+                {"rate_rps": 400.0, "redis": "cluster", "cpu_api_ms": 1.0},
             ],
         },
     )
