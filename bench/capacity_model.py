@@ -76,6 +76,7 @@ class Assumptions:
     speed_days_held: float = 2.0  # today's day hash and yesterday's, until its TTL
     batch_entities_factor: float = 1.5  # entities in a 7-day batch view / daily actives
     batch_versions_held: float = 2.0  # served + the one being written
+    batch_cross_share: float = 1.0  # of the crossed user entities the batch view keeps
     batch_window_h: float = 6.0  # the daily recompute must finish within this
     spark_executor_cores: int = 32
 
@@ -96,10 +97,13 @@ class Assumptions:
                 changes[name] = typ(float(value))
             except ValueError:
                 raise ValueError(f"--set {pair!r}: {value!r} is not a number") from None
-            if changes[name] <= 0:
+            if changes[name] < 0 or (changes[name] == 0 and name not in ZERO_ALLOWED):
                 raise ValueError(f"--set {pair!r}: the value must be positive")
         return replace(self, **changes)
 
+
+ZERO_ALLOWED = frozenset({"batch_cross_share", "redis_replicas"})
+CROSSES = ("user_x_ad", "user_x_advertiser")
 
 # The published Triton figure the GPU row falls back to when no GPU run of
 # `ctrstream bench inference` exists (none did when the plan was written).
@@ -384,6 +388,7 @@ class Plan:
     tiers: list[Tier]
     figures: dict[str, float]  # derived per-core and per-shard figures, and totals
     memory: list[dict]  # Redis memory by view and family
+    variants: list[dict] = field(default_factory=list)  # the plan under changed assumptions
 
 
 def _ceil(x: float) -> int:
@@ -427,8 +432,38 @@ def _daily_entities(a: Assumptions) -> dict[str, float]:
     }
 
 
+# The assumptions the doc's sensitivity table varies, one at a time: (what, --set pairs).
+VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("as planned", ()),
+    ("one batch-view version held (written in place)", ("batch_versions_held=1",)),
+    ("no user crosses in the batch view", ("batch_cross_share=0",)),
+    ("10 distinct ads per user-day", ("ads_per_user_day=10",)),
+    ("twice the users", ("users_per_day=1e9",)),
+    ("cores planned 80% busy", ("utilization=0.8",)),
+)
+
+
 def compute(inputs: dict[str, Figure], a: Assumptions) -> Plan:
-    """The plan for ``a`` from ``inputs`` (see the module docstring for the rule)."""
+    """The plan for ``a`` from ``inputs`` (see the module docstring for the rule), with the
+    sensitivity table (:data:`VARIANTS`, each applied to ``a``)."""
+    plan = _compute(inputs, a)
+    for label, pairs in VARIANTS:
+        p = _compute(inputs, a.with_overrides(list(pairs)))
+        redis = next(t for t in p.tiers if t.name == "Redis Cluster")
+        plan.variants.append(
+            {
+                "variant": label,
+                "set": " ".join(pairs),
+                "redis_masters": redis.units,
+                "redis_data_gb": p.figures["Redis data GB (speed + batch, x overhead)"],
+                "machines": sum(t.machines for t in p.tiers),
+                "cores": sum(t.cores for t in p.tiers),
+            }
+        )
+    return plan
+
+
+def _compute(inputs: dict[str, Figure], a: Assumptions) -> Plan:
     v = {k: f.value for k, f in inputs.items()}
     u = a.utilization
     E, Q = a.events_per_s, a.requests_per_s
@@ -527,10 +562,11 @@ def compute(inputs: dict[str, Figure], a: Assumptions) -> Plan:
         key = f"batch_entity:{fam}"
         if key not in inputs:
             continue
-        tot = v[key] * n * a.batch_entities_factor * a.batch_versions_held
+        kept = n * a.batch_entities_factor * (a.batch_cross_share if fam in CROSSES else 1.0)
+        tot = v[key] * kept * a.batch_versions_held
         batch_bytes += tot
         memory.append(
-            {"view": "batch", "family": fam, "entities": n * a.batch_entities_factor,
+            {"view": "batch", "family": fam, "entities": kept,
              "bytes_per_entity": v[key], "total_gb": tot / 1e9}
         )  # fmt: skip
     overhead = v.get("memory_overhead", 1.0)
@@ -708,6 +744,18 @@ def render_markdown(plan: Plan, command: str) -> str:
     ]
     out += [
         "",
+        "### Sensitivity: one assumption changed at a time",
+        "",
+        "| variant | --set | Redis masters | Redis data GB | machines, all tiers | cores |",
+        "|---|---|---|---|---|---|",
+    ]
+    for var in plan.variants:
+        out.append(
+            f"| {var['variant']} | {var['set'] and '`' + var['set'] + '`'} | {var['redis_masters']:,} | "
+            f"{_num(var['redis_data_gb'])} | {var['machines']:,} | {_num(var['cores'])} |"
+        )
+    out += [
+        "",
         "### Inputs (every figure and where it comes from)",
         "",
         "| input | value | unit | source |",
@@ -743,4 +791,5 @@ def plan_json(plan: Plan) -> dict:
         "tiers": [asdict(t) for t in plan.tiers],
         "figures": plan.figures,
         "memory": plan.memory,
+        "variants": plan.variants,
     }

@@ -116,6 +116,12 @@ def results(tmp: Path, **over: float) -> Path:
                     "keys_per_entity": 5.0,
                 },
                 {
+                    "view": "batch",
+                    "family": "user_x_ad",
+                    "bytes_per_entity": 500.0,
+                    "keys_per_entity": 2.0,
+                },
+                {
                     "view": "server",
                     "events": 1000,
                     "per_million_events": 1e8,
@@ -192,7 +198,7 @@ def test_the_tiers_follow_the_stated_rule(tmp_path):
     assert user["total_gb"] == pytest.approx(
         user["bytes_per_hash"] * a.users_per_day * a.speed_days_held / 1e9
     )
-    ad = next(m for m in p.memory if m["view"] == "batch")
+    ad = next(m for m in p.memory if m["view"] == "batch" and m["family"] == "ad")
     assert ad["total_gb"] == pytest.approx(
         1000.0 * a.ads_per_day * a.batch_entities_factor * a.batch_versions_held / 1e9
     )
@@ -232,6 +238,23 @@ def test_an_assumption_changes_the_plan_and_bad_ones_are_refused(tmp_path):
         a.with_overrides(["utilization=high"])
     with pytest.raises(ValueError, match="positive"):
         a.with_overrides(["utilization=0"])
+    assert a.with_overrides(["batch_cross_share=0"]).batch_cross_share == 0  # a share may be 0
+
+
+def test_the_sensitivity_table_is_the_plan_with_one_assumption_changed(tmp_path):
+    inputs = M.load_inputs(results(tmp_path))
+    p = M.compute(inputs, M.Assumptions())
+    rows = {x["variant"]: x for x in p.variants}
+    assert len(rows) == len(M.VARIANTS)
+    base = rows["as planned"]
+    assert base["redis_masters"] == tier(p, "Redis Cluster").units
+    assert base["machines"] == sum(t.machines for t in p.tiers)
+    assert base["redis_data_gb"] == p.figures["Redis data GB (speed + batch, x overhead)"]
+    for label, pairs in M.VARIANTS[1:]:
+        alone = M.compute(inputs, M.Assumptions().with_overrides(list(pairs)))
+        assert rows[label]["machines"] == sum(t.machines for t in alone.tiers)
+    assert rows["no user crosses in the batch view"]["redis_data_gb"] < base["redis_data_gb"]
+    assert rows["twice the users"]["redis_data_gb"] > base["redis_data_gb"]
 
 
 def test_a_missing_result_names_the_command_that_writes_it(tmp_path):
