@@ -593,6 +593,58 @@ def _cache_counts(url: str) -> tuple[float, float] | None:
 # --------------------------------------------------------------------------- main
 
 
+def _ratios(rows: list[dict]) -> dict[str, float]:
+    """Per rate: the cluster's p99 over the single Redis' p99 (the median of each over the
+    repeated steps)."""
+    out = {}
+    for rate in sorted({r["rate_rps"] for r in rows}):
+        one = [r["p99_ms"] for r in rows if r["rate_rps"] == rate and r["redis"] == "single"]
+        many = [r["p99_ms"] for r in rows if r["rate_rps"] == rate and r["redis"] != "single"]
+        if one and many:
+            out[f"{rate:g}"] = float(np.median(many) / np.median(one))
+    return out
+
+
+def _start_api(args, settings, model_name: str, tmp: str | None):
+    """Start ``ctrstream serve`` on a free loopback port for ``settings``; (process, url)."""
+    from ctrstream.stack.manager import settings_env
+    from ctrstream.stack.procs import start_job
+    from ctrstream.stack.services import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = Path(tmp or tempfile.gettempdir()) / f"bench-api-{port}.log"
+    proc = start_job(
+        [
+            sys.executable,
+            "-m",
+            "ctrstream",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model-name",
+            model_name,
+            "--feature-method",
+            args.feature_method,
+            "--workers",
+            str(args.api_workers),
+            *(
+                []
+                if args.feature_cache_s is None
+                else ["--feature-cache-s", str(args.feature_cache_s)]
+            ),
+            *(["--no-feature-tracking"] if args.no_feature_tracking else []),
+        ],
+        env={**os.environ, **settings_env(settings)},
+        log_path=log_path,
+    )
+    print(f"API PID {proc.pid} on {url} (log {log_path})")
+    _wait_ready(url, 60, proc)
+    return proc, url
+
+
 def _wait_ready(url: str, timeout: float, proc=None) -> None:
     import httpx
 
@@ -615,9 +667,8 @@ def _wait_ready(url: str, timeout: float, proc=None) -> None:
 def main(argv: list[str] | None = None) -> int:
     from ctrstream.bench.common import print_table, results_dir, write_results
     from ctrstream.config import get_settings
-    from ctrstream.stack.manager import Stack, isolated_settings, settings_env
-    from ctrstream.stack.procs import start_job, stop_job
-    from ctrstream.stack.services import free_port
+    from ctrstream.stack.manager import Stack, isolated_settings
+    from ctrstream.stack.procs import stop_job
 
     ap = argparse.ArgumentParser(prog="ctrstream bench api", description=__doc__.split("\n")[0])
     ap.add_argument("--url", help="a running API (http://127.0.0.1:PORT); default: start one")
@@ -663,8 +714,33 @@ def main(argv: list[str] | None = None) -> int:
         "(ctrstream serve --workers; default 1: on 2 cores shared with Redis and "
         "Triton a second worker measured worse - two caches, more contention)",
     )
+    ap.add_argument(
+        "--redis-cluster",
+        type=int,
+        default=0,
+        help="also run the API against a Redis Cluster of this many masters (a replica "
+        "each), started for the run and holding the same data, and report each rate's p99 "
+        "next to the single Redis' p99 measured in the same run (alternating steps); needs "
+        "--isolated",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="steps per rate and topology (alternating single / cluster with --redis-cluster)",
+    )
     ap.add_argument("--name", default="api", help="results file name (bench/results/NAME.json/png)")
     args = ap.parse_args(argv)
+    if args.redis_cluster and not args.isolated:
+        print(
+            "error: --redis-cluster starts its own cluster next to an isolated Redis: "
+            "add --isolated",
+            file=sys.stderr,
+        )
+        return 2
+    if args.redis_cluster and args.url:
+        print("error: --redis-cluster starts its own APIs: leave out --url", file=sys.stderr)
+        return 2
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
         print(
@@ -677,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     stack = None
     tmp = None
     api_proc = None
+    cluster_api = None
+    cluster_cm = None
     try:
         if args.isolated:
             tmp = tempfile.mkdtemp(prefix="ctr-bench-api-")
@@ -689,45 +767,36 @@ def main(argv: list[str] | None = None) -> int:
         seeded = None if args.no_seed else seed_features(settings, uni, now_ms)
         url = args.url
         if url is None:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            log_path = Path(tmp or tempfile.gettempdir()) / f"bench-api-{port}.log"
-            api_proc = start_job(
-                [
-                    sys.executable,
-                    "-m",
-                    "ctrstream",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--model-name",
-                    model_name,
-                    "--feature-method",
-                    args.feature_method,
-                    "--workers",
-                    str(args.api_workers),
-                    *(
-                        []
-                        if args.feature_cache_s is None
-                        else ["--feature-cache-s", str(args.feature_cache_s)]
-                    ),
-                    *(["--no-feature-tracking"] if args.no_feature_tracking else []),
-                ],
-                env={**os.environ, **settings_env(settings)},
-                log_path=log_path,
-            )
-            print(f"API PID {api_proc.pid} on {url} (log {log_path})")
-            _wait_ready(url, 60, api_proc)
+            api_proc, url = _start_api(args, settings, model_name, tmp)
         else:
             _wait_ready(url, 10)
+        targets = [("single", url)]
+        if args.redis_cluster:
+            from ctrstream.stack.manager import isolated_redis_cluster
+            from ctrstream.store.cluster import copy_to_cluster
+            from ctrstream.store.connection import redis_client
+
+            cluster_cm = isolated_redis_cluster(None, masters=args.redis_cluster, log=print)
+            csettings = settings.model_copy(update={"redis": cluster_cm.__enter__().redis})
+            src = redis_client(settings, timeout_s=60.0)
+            copied = copy_to_cluster(src, csettings)
+            src.close()
+            print(f"copied {copied} keys into the {args.redis_cluster}-master cluster")
+            cluster_api, curl = _start_api(args, csettings, model_name, tmp)
+            targets.append((f"cluster-{args.redis_cluster}", curl))
         bodies = [json.dumps(uni.request(args.candidates)).encode() for _ in range(500)]
-        predict = url.rstrip("/") + "/v1/predict"
         if args.warmup > 0:
-            asyncio.run(
-                run_step(predict, bodies, min(rates), args.warmup, args.drain, args.timeout)
-            )
+            for _, u in targets:
+                asyncio.run(
+                    run_step(
+                        u.rstrip("/") + "/v1/predict",
+                        bodies,
+                        min(rates),
+                        args.warmup,
+                        args.drain,
+                        args.timeout,
+                    )
+                )
         rows = []
         svc_pid = {}
         try:
@@ -735,7 +804,6 @@ def main(argv: list[str] | None = None) -> int:
             svc_pid = {name: st.by_name(name).pid() for name in ("redis", "triton")}
         except Exception:  # noqa: BLE001 - no local stack: CPU of the API and load generator only
             pass
-        meter = CpuMeter({"api": api_proc.pid if api_proc is not None else None, **svc_pid})
         writer = None
         if args.live_events_per_s > 0:
             writer = LiveSpeedWriter(
@@ -743,25 +811,44 @@ def main(argv: list[str] | None = None) -> int:
             )
             writer.start()
         for rate in rates:
-            before = _cache_counts(url)
-            meter.start()
-            rec, elapsed = asyncio.run(
-                run_step(predict, bodies, rate, args.duration, args.drain, args.timeout)
-            )
-            row = summarize(rate, rec, elapsed)
-            row.update(meter.per_request_ms(len(rec)))
-            after = _cache_counts(url)
-            if before and after and sum(after) > sum(before):
-                row["cache_hit_rate"] = (after[0] - before[0]) / (sum(after) - sum(before))
-            rows.append(row)
-            print(
-                f"{rate:6.0f} rps: p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms  "
-                f"errors {row['errors']}  degraded {row['degraded']}",
-                flush=True,
-            )
+            for _rep in range(max(1, args.repeat)):
+                for topo, u in targets:  # alternating: both see the same machine load
+                    api_pid = api_proc if topo == "single" else cluster_api
+                    meter = CpuMeter(
+                        {
+                            "api": api_pid.pid if api_pid is not None else None,
+                            **(svc_pid if topo == "single" else {}),
+                        }
+                    )
+                    before = _cache_counts(u)
+                    meter.start()
+                    rec, elapsed = asyncio.run(
+                        run_step(
+                            u.rstrip("/") + "/v1/predict",
+                            bodies,
+                            rate,
+                            args.duration,
+                            args.drain,
+                            args.timeout,
+                        )
+                    )
+                    row = summarize(rate, rec, elapsed)
+                    row["redis"] = topo
+                    row.update(meter.per_request_ms(len(rec)))
+                    after = _cache_counts(u)
+                    if before and after and sum(after) > sum(before):
+                        row["cache_hit_rate"] = (after[0] - before[0]) / (sum(after) - sum(before))
+                    rows.append(row)
+                    print(
+                        f"{topo:>10} {rate:6.0f} rps: p50 {row['p50_ms']:.1f} ms  "
+                        f"p99 {row['p99_ms']:.1f} ms  redis {row.get('redis_ms', 0):.2f} ms  "
+                        f"errors {row['errors']}  degraded {row['degraded']}",
+                        flush=True,
+                    )
         if writer is not None:
             writer.stop()
         cols = [
+            *(["redis"] if args.redis_cluster else []),
             "rate_rps",
             "achieved_rps",
             "p50_ms",
@@ -795,16 +882,34 @@ def main(argv: list[str] | None = None) -> int:
             "feature_tracking": not args.no_feature_tracking,
             "live_events_per_s": args.live_events_per_s,
             "live_events_written": writer.events if writer is not None else 0,
-            "target": "p99 <= 25 ms at 200 rps",
+            "target": "p99 <= 25 ms at 200 rps"
+            + (
+                f"; p99 on {args.redis_cluster} masters <= 1.5x the single Redis' p99"
+                if args.redis_cluster
+                else ""
+            ),
+            "redis_cluster_masters": args.redis_cluster,
+            "p99_ratio_cluster_vs_single": _ratios(rows) if args.redis_cluster else None,
             "latency": "from each request's scheduled send time (open loop)",
         }
+        if args.redis_cluster:
+            for rate, ratio in meta["p99_ratio_cluster_vs_single"].items():
+                print(f"p99 cluster / single at {rate} rps: {ratio:.2f} (target <= 1.5)")
         path = write_results(args.name, rows, meta)
         png = results_dir() / f"{args.name}.png"
-        plot(rows, png, f"/v1/predict, {args.candidates} candidates")
+        plot(
+            [r for r in rows if r.get("redis", "single") == "single"],
+            png,
+            f"/v1/predict, {args.candidates} candidates",
+        )
         print(f"wrote {path} and {png}")
         return 0
     finally:
         if api_proc is not None:
             stop_job(api_proc)
+        if cluster_api is not None:
+            stop_job(cluster_api)
+        if cluster_cm is not None:
+            cluster_cm.__exit__(None, None, None)
         if stack is not None:
             stack.down()

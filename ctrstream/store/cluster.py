@@ -216,6 +216,19 @@ def is_moving(text: str) -> bool:
     return text.startswith(_MOVING) or "non local key" in text or "not served" in text
 
 
+ABSENT_PREFIX = "ctrstream~absent"  # no key of ctrstream's layout starts so
+
+
+def absent_key(m: SlotMap, node: int) -> str:
+    """A key served by node ``node`` of the map (an index into ``m.nodes``) that no one ever
+    writes: a read of it reads nothing. It stands for an entity's keys that live on other
+    nodes in a per-node call of the read script (``ctrstream.store.reader``)."""
+    served = m.owner == node
+    if not served.any():
+        raise ClusterError(f"node {node} of the slot map serves no slot")
+    return ABSENT_PREFIX + "{" + slot_tag(int(np.argmax(served))) + "}"
+
+
 def slots_of(keys: Sequence[str]) -> np.ndarray:
     """:func:`key_slots` of ``str`` keys (UTF-8)."""
     if not keys:
@@ -788,3 +801,40 @@ def connections_of_client(client: Any, timeout: float = 5.0) -> ClusterConnectio
     kw = dict(getattr(nm, "connection_kwargs", None) or {})
     t = kw.get("socket_timeout") or timeout
     return ClusterConnections.from_kwargs(seeds, kw, float(t))
+
+
+def copy_to_cluster(src: Any, dst: Settings, chunk: int = 5000) -> int:
+    """Copy every key of the single Redis behind the redis-py client ``src`` (values and
+    TTLs: ``DUMP`` / ``RESTORE ... REPLACE``) into the cluster of ``dst``, each to the
+    master serving its slot; returns how many. For benchmarks and tests that compare one
+    Redis with a cluster holding the same data."""
+    router = connections_for(dst, timeout=60.0)
+    n = 0
+    try:
+        batch: list[bytes] = []
+        for key in src.scan_iter(count=chunk):
+            batch.append(key if isinstance(key, bytes) else key.encode())
+            if len(batch) >= chunk:
+                n += _copy_chunk(src, router, batch)
+                batch = []
+        n += _copy_chunk(src, router, batch)
+    finally:
+        router.close()
+    return n
+
+
+def _copy_chunk(src: Any, router: ClusterConnections, keys: list[bytes]) -> int:
+    if not keys:
+        return 0
+    pipe = src.pipeline(transaction=False)
+    for k in keys:
+        pipe.dump(k)
+        pipe.pttl(k)
+    got = pipe.execute()
+    cmds, routes = [], []
+    for k, dump, ttl in zip(keys, got[0::2], got[1::2]):
+        if dump is not None:  # expired since the SCAN
+            cmds.append(("RESTORE", k, max(0, int(ttl)), dump, "REPLACE"))
+            routes.append(k)
+    router.execute(cmds, routes)
+    return len(cmds)

@@ -30,10 +30,19 @@ def is_cluster(client: Any) -> bool:
     return hasattr(client, "get_primaries") and hasattr(client, "nodes_manager")
 
 
+def refresh(client: Any) -> None:
+    """Read a cluster's slot map again (redis-py keeps the one it read until a keyed command
+    fails; after a failover its list of masters still names the dead one)."""
+    if is_cluster(client):
+        client.nodes_manager.initialize()
+
+
 def master_clients(client: Any) -> list[Any]:
-    """A plain redis-py client per master (``[client]`` for a single Redis)."""
+    """A plain redis-py client per master as the cluster says now (``[client]`` for a single
+    Redis)."""
     if not is_cluster(client):
         return [client]
+    refresh(client)
     return [client.get_redis_connection(node) for node in client.get_primaries()]
 
 
@@ -49,8 +58,10 @@ class NodePipelines:
     :meth:`add` queues a command for a key's node; :meth:`execute` sends every queue (one
     pipelined round trip per node) and returns the replies in the order the commands were
     added. With a single Redis every command goes to it. A cluster's slot map is redis-py's
-    (refreshed and the round trip retried once when a node answers ``MOVED``: a slot moved
-    since the map was read)."""
+    (refreshed and the round trip retried once when a node answers ``MOVED`` or cannot be
+    reached: a slot moved, or a replica took over a dead master, since the map was read; the
+    commands of that round trip are sent again, which the cold paths' absolute writes,
+    deletes and reads allow)."""
 
     def __init__(self, client: Any, timeout: float = 60.0) -> None:
         self.client = client
@@ -93,10 +104,13 @@ class NodePipelines:
         for attempt in (0, 1):
             try:
                 return self._execute(queued, collect)
-            except RuntimeError as e:
-                if attempt or not self.cluster or "MOVED" not in str(e):
+            except (RuntimeError, OSError) as e:
+                moved = isinstance(e, OSError) or "MOVED" in str(e)
+                if attempt or not self.cluster or not moved:
                     raise
-                self.client.nodes_manager.initialize()  # a slot moved: read the map again
+                # a slot moved, or its node died and a replica took over: read the map again
+                self.close()
+                refresh(self.client)
         raise AssertionError("unreachable")
 
     def _execute(self, queued: list[tuple[bytes, bytes]], collect: bool) -> list[Any]:
@@ -133,4 +147,4 @@ class NodePipelines:
         self.close()
 
 
-__all__ = ["NodePipelines", "is_cluster", "master_clients", "scan_masters"]
+__all__ = ["NodePipelines", "is_cluster", "master_clients", "refresh", "scan_masters"]

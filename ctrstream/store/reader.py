@@ -59,6 +59,7 @@ from ctrstream.store.cluster import (
     Address,
     ClusterConnections,
     ClusterMoving,
+    absent_key,
     connections_of_client,
     is_moving,
     parse_redirect,
@@ -177,6 +178,7 @@ class ReaderCore:
         self._plan: tuple[tuple[Any, ...], ScriptPlan] | None = None  # the last script plan
         # a Redis Cluster: the read script runs once per node (see _call_cluster)
         self.route = route
+        self.absent: Callable[[int], str] | None = None  # a never-existing key of a node
         self.cluster_fallbacks = 0  # reads done key by key because a slot was in motion
 
     # ---- the served view
@@ -238,7 +240,7 @@ class ReaderCore:
                     _, moved, got, newest_k = parse_script_reply(reply, len(read_keys), order)
                 else:
                     called = yield from self._call_cluster(plan, read_keys, read_parents)
-                    if called is None:  # keys of one entity on several nodes, or moving
+                    if called is None:  # a slot in motion
                         if cache is not None and lk is not None:
                             cache.release(lk)
                         self.cluster_fallbacks += 1
@@ -264,37 +266,69 @@ class ReaderCore:
     def _call_cluster(
         self, plan: ScriptPlan, keys: list[str], parents: np.ndarray | None
     ) -> Generator[Request, Any, tuple[bool, np.ndarray, np.ndarray] | None]:
-        """The read script on a Redis Cluster: the entities grouped by the node serving their
-        keys, one call per node (all in one round, :class:`ScriptCalls`); the call on the
-        pointer's node checks the pointer (a pointer-only call when no entity lives there).
-        Parents on another node do not prune (pruning only skips reads of empty windows).
-        None: an entity's keys are on several nodes (a key layout without hash tags), or a
-        slot is in motion - the caller reads with the pipeline method instead."""
-        assert self.route is not None
+        """The read script on a Redis Cluster, one call per node, all in one round
+        (:class:`ScriptCalls`); the call on the pointer's node checks the pointer (a
+        pointer-only call when nothing else is read there).
+
+        * An entity whose keys all live on one node (hash-tagged keys) is read whole by that
+          node's call; parents pruned among the entities of the same call (pruning only
+          skips reads of windows that are empty anyway).
+        * An entity whose keys are spread over nodes (a key layout without hash tags: its
+          batch and speed hashes hash apart) is read by every node holding some of its keys,
+          its other keys replaced by a key of that node that never exists (``HMGET`` of it
+          reads nothing): each call returns the part of the counts its node holds, and the
+          parts add up (the script only sums counts); the newest bucket is the latest of
+          them. These are not pruned. When any entity is split, every entity of the read is
+          read this way (one call per node, not two).
+
+        None: a slot is in motion (a migration, a failover) - the caller reads with the
+        pipeline method instead, whose commands follow redirects one by one."""
+        assert self.route is not None and self.absent is not None
         n = len(keys)
         full = plan.keys_of(keys)
         nodes = self.route(full)
+        if (nodes < 0).any():
+            return None
         ptr_node = int(nodes[0])
         stride = (len(full) - 1) // n if n else 0
-        blocks = nodes[1:].reshape(n, stride) if stride else np.zeros((n, 1), np.int64)
+        if stride:
+            blocks = nodes[1:].reshape(n, stride)
+            split = (blocks != blocks[:, :1]).any(axis=1)
+        else:
+            blocks, split = np.zeros((n, 1), np.int64), np.zeros(n, bool)
+        if split.any():  # one call per node: the whole entities join the split ones' calls
+            split[:] = True
         ent_node = blocks[:, 0]
-        if n and (stride and (blocks != ent_node[:, None]).any() or (ent_node < 0).any()):
-            return None
         if parents is None:
             parents = parents_of_keys(keys)
         parents = np.asarray(parents, dtype=np.int64).reshape(n, MAX_PARENTS)
-        groups = [np.flatnonzero(ent_node == g) for g in np.unique(ent_node).tolist()]
         calls: list[tuple[list[str], list[Any], bool]] = []
-        orders = []
+        parts: list[tuple[np.ndarray, np.ndarray, bool]] = []  # (entities, call order, adds)
         checked = self.mode == "speed"
-        for idx in groups:
+        whole = ~split
+        for g in np.unique(ent_node[whole]).tolist():
+            idx = np.flatnonzero(whole & (ent_node == g))
             remap = np.full(n + 1, -1, dtype=np.int64)  # remap[-1]: no parent
             remap[idx] = np.arange(len(idx))
             sub_keys, args, order = plan.call([keys[i] for i in idx.tolist()], remap[parents[idx]])
-            check = not checked and int(ent_node[idx[0]]) == ptr_node
+            check = not checked and g == ptr_node
             checked |= check
             calls.append((sub_keys, args, check))
-            orders.append(order)
+            parts.append((idx, order, False))
+        if split.any():
+            sidx = np.flatnonzero(split)
+            kb = np.asarray(full[1:], dtype=object).reshape(n, stride)[sidx]
+            nb = blocks[sidx]
+            for g in np.unique(nb).tolist():
+                rows = np.flatnonzero((nb == g).any(axis=1))
+                own = np.where(nb[rows] == g, kb[rows], self.absent(g))
+                _, args, order = plan.call(
+                    [keys[i] for i in sidx[rows].tolist()], no_parents(len(rows))
+                )
+                check = not checked and g == ptr_node
+                checked |= check
+                calls.append(([full[0], *own.ravel().tolist()], args, check))
+                parts.append((sidx[rows], order, True))
         if not checked:
             sub_keys, args, _ = plan.call([], no_parents(0))
             calls.append((sub_keys, args, True))
@@ -302,18 +336,23 @@ class ReaderCore:
             replies = yield ScriptCalls(calls)
         except ClusterMoving:
             return None
-        got = np.empty((n, F.N_WINDOWS, 2), dtype=np.int64)
-        newest = np.empty(n, dtype=np.int64)
+        got = np.zeros((n, F.N_WINDOWS, 2), dtype=np.int64)
+        newest = np.full(n, -1, dtype=np.int64)
         moved = False
         for k, reply in enumerate(replies):
-            if k >= len(groups):
+            if k >= len(parts):
                 moved |= parse_script_reply(reply, 0)[1]
                 continue
-            idx = groups[k]
-            _, mv, g, nw = parse_script_reply(reply, len(idx), orders[k])
+            idx, order, adds = parts[k]
+            _, mv, g_counts, nw = parse_script_reply(reply, len(idx), order)
             moved |= mv
-            if not mv:
-                got[idx], newest[idx] = g, nw
+            if mv:
+                continue
+            if adds:
+                got[idx] += g_counts
+                newest[idx] = np.maximum(newest[idx], nw)
+            else:
+                got[idx], newest[idx] = g_counts, nw
         return moved, got, newest
 
     def _merge(
@@ -401,13 +440,37 @@ def _text(v: bytes | str | None) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
 
+SLOT_CACHE_MAX = 1_000_000  # keys whose slot a reader remembers (then it starts over)
+
+
 def _router_route(router: ClusterConnections) -> Route:
-    """The node index of each key by the router's slot map (read once first)."""
+    """The node index of each key by the router's slot map (read once first). A key's slot
+    never changes, and the same keys come back request after request (the shared entities,
+    a user's keys): slots are remembered, computed (vectorized) for new keys only."""
+    slots: dict[str, int] = {}
 
     def route(keys: list[str]) -> np.ndarray:
-        return router.ensure_map().owner[slots_of(keys)]
+        owner = router.ensure_map().owner
+        get = slots.get
+        got = [get(k, -1) for k in keys]
+        new = [k for k, s in zip(keys, got) if s < 0]
+        if new:
+            if len(slots) + len(new) > SLOT_CACHE_MAX:
+                slots.clear()
+            slots.update(zip(new, slots_of(new).tolist()))
+            got = [slots[k] for k in keys]
+        return owner[np.asarray(got, dtype=np.int64)]
 
     return route
+
+
+def _router_absent(router: ClusterConnections) -> Callable[[int], str]:
+    """A key of node ``k`` (an index of the router's slot map) that never exists."""
+
+    def absent(k: int) -> str:
+        return absent_key(router.map, k)
+
+    return absent
 
 
 def _execute_cluster(router: ClusterConnections, request: Request) -> Any:
@@ -532,6 +595,7 @@ class FeatureStore(_Shell):
         self.script: Any = None
         if self.cluster is not None:
             self.core.route = _router_route(self.cluster)
+            self.core.absent = _router_absent(self.cluster)
         else:
             self.script = SyncScript.for_client(client) or client.register_script(READ_SCRIPT)
 
@@ -599,6 +663,7 @@ class AsyncFeatureStore(_Shell):
         self.node_scripts: dict[Address, AsyncScript] = {}  # a cluster: one per master
         if self.cluster is not None:
             self.core.route = _router_route(self.cluster)
+            self.core.absent = _router_absent(self.cluster)
         else:
             self.script = AsyncScript.for_client(client) or client.register_script(READ_SCRIPT)
         self.tracking = bool(tracking) and self.core.cache is not None

@@ -533,8 +533,11 @@ class SpeedViewWriter:
         moved to another node since (a reshard: the node answers ``MOVED``) is not checked."""
         run_id = _run_id(conn)  # type: ignore[arg-type]
         acked, key = self.acked_seq, self._node_markers.get(addr)
-        if addr in self._node_seen and acked and key is not None:
-            conn.send_packed(encode((b"GET", key)))
+        keys = [key] if addr in self._node_seen and key is not None else []
+        if acked:
+            keys += self._inherited_markers(addr)
+        for k in keys:
+            conn.send_packed(encode((b"GET", k)))
             got = conn.read_raw_reply()
             if not isinstance(got, Exception):
                 held = int(got) if got is not None else 0
@@ -543,8 +546,25 @@ class SpeedViewWriter:
                     self.losses.append(loss)
                     if self.on_loss is not None:
                         self.on_loss(loss)
+                    break
         self._node_seen.add(addr)
         self.run_id = run_id
+
+    def _inherited_markers(self, addr: Address) -> list[bytes]:
+        """This writer's markers kept on other nodes whose slot ``addr`` serves now: a
+        replica promoted after its master died. Replication is asynchronous, so the promoted
+        node may lack the last payloads its master acknowledged (docs/redis-cluster.md): its
+        copy of the master's marker tells."""
+        assert self.cluster is not None
+        m = self.cluster.map
+        out = []
+        for old, k in self._node_markers.items():
+            if old == addr:
+                continue
+            owner = int(m.owner[key_slot(k)])
+            if owner >= 0 and m.nodes[owner] == addr:
+                out.append(k)
+        return out
 
     def _node_marker(self, marker: str, owner: np.ndarray, node: int) -> bytes:
         """The key of writer ``marker``'s sequence marker on cluster node ``node`` (index in

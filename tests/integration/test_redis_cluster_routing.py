@@ -24,7 +24,7 @@ from ctrstream.stack.manager import isolated_redis, isolated_redis_cluster
 from ctrstream.stack.services import wait_until
 from ctrstream.store import layout as L
 from ctrstream.store import speed_view as SV
-from ctrstream.store.cluster import connections_for, key_slot
+from ctrstream.store.cluster import connections_for, copy_to_cluster, key_slot
 from ctrstream.store.connection import redis_client
 from ctrstream.store.reader import AsyncFeatureStore, FeatureStore
 
@@ -156,23 +156,7 @@ CUTOFF = F.align_cutoff(T - 5 * F.HOUR_MS)
 
 
 def _copy_to_cluster(src: redis.Redis, dst: Settings) -> int:
-    """Every key of one Redis into the cluster (DUMP / RESTORE, routed by slot)."""
-    router = connections_for(dst)
-    try:
-        keys = list(src.scan_iter(count=5000))
-        pipe = src.pipeline(transaction=False)
-        for k in keys:
-            pipe.dump(k)
-            pipe.pttl(k)
-        got = pipe.execute()
-        cmds = [
-            ("RESTORE", k, max(0, ttl), d, "REPLACE")
-            for k, d, ttl in zip(keys, got[0::2], got[1::2])
-        ]
-        router.execute(cmds, keys)
-    finally:
-        router.close()
-    return len(keys)
+    return copy_to_cluster(src, dst)
 
 
 def _cluster_client(s: Settings) -> RedisCluster:
@@ -236,6 +220,7 @@ def test_cluster_reads_equal_single_node_reads(read_data, mode, method):
     try:
         got = store.read(keys, T)
         np.testing.assert_array_equal(got.counts, want.counts)
+        assert store.core.cluster_fallbacks == 0  # per-node scripts, nothing key by key
         assert (got.batch_version, got.cutoff_ms, got.newest_bucket_ms) == (
             want.batch_version,
             want.cutoff_ms,
@@ -290,14 +275,15 @@ def test_the_read_script_runs_once_per_node_when_an_entity_lives_on_one_node(rea
         assert store.cluster is not None and len(store.cluster.conns) == 3
     finally:
         store.close()
-    # lambda mode with the old key layout: an entity's batch and speed keys are in different
-    # slots - read key by key instead, same counts
+    # lambda mode: an entity's batch and speed keys hash to different slots (no hash tags):
+    # each node reads the part it holds, the parts add up
     keys = read_data[2]
     store = FeatureStore(_cluster_client(on_cluster))
     try:
         want = FeatureStore(redis_client(single)).read(keys[:50], T)
         np.testing.assert_array_equal(store.read(keys[:50], T).counts, want.counts)
-        # a read of one entity whose keys happen to share a node, then a pointer switch
+        assert store.core.cluster_fallbacks == 0
+        # a pointer switch is noticed on the pointer's node
         c = _cluster_client(on_cluster)
         c.set(L.BATCH_POINTER_KEY, "v2")
         c.hset(L.batch_meta_key("v2"), mapping={"cutoff_ms": CUTOFF, "created_ms": CUTOFF})

@@ -316,3 +316,59 @@ def test_endless_redirects_give_up_with_a_clear_error():
     fc.tryagain = 10**6
     with pytest.raises(ClusterError, match="still redirected"):
         r.execute([(b"GET", b"a")], [b"a"])
+
+
+def test_error_lines_are_counted_with_their_reply_index_across_reads():
+    """The cluster writer counts one-line replies by their line ends and keeps each error
+    line with its index, however the replies are cut into reads."""
+    from ctrstream.store.cluster import _ErrorLines
+
+    replies = b":1\r\n:2\r\n-MOVED 3999 127.0.0.1:7001\r\n+OK\r\n-ASK 12 127.0.0.1:7002\r\n:0\r\n"
+    for cut in range(1, len(replies)):
+        for second in range(cut, len(replies)):
+            c = _ErrorLines()
+            for part in (replies[:cut], replies[cut:second], replies[second:]):
+                if part:
+                    c.feed(part)
+            assert c.got == 6
+            assert c.errors == [(2, "MOVED 3999 127.0.0.1:7001"), (4, "ASK 12 127.0.0.1:7002")]
+    c = _ErrorLines()
+    c.feed(b":1\r\n" * 1000)
+    assert c.got == 1000 and not c.errors
+
+
+def test_the_writer_splits_each_command_to_the_node_of_its_key():
+    """The speed writer's payload split by node: every command of the one-node payload, each
+    in the part of the node serving its key's slot, HSETs before PEXPIREs in every part."""
+    from ctrstream import features as F
+    from ctrstream.store import speed_view as SV
+    from ctrstream.store.cluster import _commands_of
+
+    rng = np.random.default_rng(2)
+    n = 400
+    cells = [
+        SV.SpeedCells(
+            F.ENTITIES.index(F.ENTITY_BY_NAME[name]),
+            [rng.integers(lo, 300, n) for _ in range(parts)],
+            rng.integers(0, len(F.RESOLUTIONS), n),
+            rng.integers(29_000_000, 29_003_000, n),
+            rng.integers(0, 100, n),
+            rng.integers(0, 9, n),
+            rng.random(n) < 0.5,
+        )
+        for name, parts, lo in (("ad", 1, 0), ("user_x_ad", 2, 0), ("user", 1, -3))
+    ]
+    r = SV._Renderer(3_600_000, SV.renew_resolution(0))
+    one, n_one = r.render(cells)
+    owner = np.arange(N_SLOTS) % 3
+    routed = r.render_routed(cells, owner)
+    assert sum(k for _, k in routed.values()) == n_one and set(routed) == {0, 1, 2}
+    every = []
+    for node, (parts_, k) in routed.items():
+        cmds = _commands_of(b"".join(parts_))
+        assert len(cmds) == k
+        assert all(owner[key_slot(c[1])] == node for c in cmds)
+        names = [c[0] for c in cmds]
+        assert names == sorted(names, key=lambda x: x != b"HSET")  # HSETs first
+        every += cmds
+    assert sorted(every) == sorted(_commands_of(one))
