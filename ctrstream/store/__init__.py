@@ -21,6 +21,7 @@ class reads and writes the store):
   version, the version lifecycle (register, meta, pointer switch, prune) and its scans;
 * reconciliation reports (:mod:`~ctrstream.store.reports`) and the calibrators' checkpoints
   (:mod:`~ctrstream.store.calibration`); :mod:`~ctrstream.store.scan` reads whole views.
+  :mod:`~ctrstream.store.usage` measures their memory (``MEMORY USAGE`` by entity family).
 
 Nothing here imports the speed or batch layer: the store sits on the declarations
 (:mod:`ctrstream.features`) and the settings only.
