@@ -61,6 +61,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(n: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """A port ``p`` with ``p .. p + n - 1`` all free now (a job of ``n`` processes serves
+    its metrics on ``metrics_port + k``)."""
+    for _ in range(attempts):
+        base = free_port(host)
+        if base + n - 1 > 65535:
+            continue
+        socks = []
+        try:
+            for k in range(1, n):
+                sk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sk)
+                sk.bind((host, base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise RuntimeError(f"no {n} consecutive free ports found on {host}")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

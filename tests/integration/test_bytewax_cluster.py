@@ -17,7 +17,7 @@ from ctrstream import events as E
 from ctrstream.kafka.heartbeats import send_heartbeat
 from ctrstream.kafka.topics import read_topic
 from ctrstream.stack.procs import start_job, stop_job, wait_until
-from ctrstream.stack.services import free_port, pid_alive
+from ctrstream.stack.services import free_port_range, pid_alive
 from ctrstream.store.speed_view import read_speed_view
 from ctrstream.streaming.reference import reference_features
 
@@ -50,7 +50,7 @@ def test_kill9_one_process_stops_the_cluster_and_it_resumes_exactly(fresh_topics
     s = fresh_topics.model_copy(
         update={
             "redis": fresh_topics.redis.model_copy(update={"db": REDIS_DB}),
-            "metrics_port": free_port(),
+            "metrics_port": free_port_range(4),  # each process serves on metrics_port + k
         }
     )
     r = redis.Redis.from_url(s.redis.url)
@@ -132,7 +132,7 @@ def test_scorer_runs_as_a_cluster_and_a_changed_layout_is_refused(fresh_topics, 
     from ctrstream.events import Impression, decode_prediction, encode
     from ctrstream.kafka.clients import make_producer
 
-    s = fresh_topics.model_copy(update={"metrics_port": free_port()})
+    s = fresh_topics.model_copy(update={"metrics_port": free_port_range(2)})
     p = make_producer(s)
     ids = [f"cl-{k}" for k in range(200)]
     for k, i in enumerate(ids):
@@ -189,7 +189,7 @@ def test_changing_the_process_count_with_a_new_store_gives_the_same_result(fresh
         update={
             "redis": fresh_topics.redis.model_copy(update={"db": REDIS_DB}),
             "attribution_window_s": 90.0,
-            "metrics_port": free_port(),
+            "metrics_port": free_port_range(4),  # each process serves on metrics_port + k
         }
     )
     r = redis.Redis.from_url(s.redis.url)
@@ -213,6 +213,8 @@ def test_changing_the_process_count_with_a_new_store_gives_the_same_result(fresh
         stop_job(job)
     before = n_labeled()
     produce(s, records[half:])
+    # new ports for the new cluster: the old one's may not be released yet
+    env = job_env(s.model_copy(update={"metrics_port": free_port_range(4)}))
     job = speed(1, tmp_path / "rec-p1", tmp_path / "p1.log")
     try:
         max_t = max(
