@@ -44,7 +44,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("serving, simulation", ["ctrstream.serving", "ctrstream.simulation"]),
     (
         "the closed loop (world and ad server together), the freshness study",
-        ["ctrstream.loop", "ctrstream.study"],
+        ["ctrstream.loop", "ctrstream.study", "ctrstream.controller"],
     ),
     ("command line", ["ctrstream.cli"]),
     ("demo, benchmarks", ["ctrstream.demo", "ctrstream.bench"]),

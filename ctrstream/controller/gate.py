@@ -1,0 +1,181 @@
+"""The offline gate: the challenger against the serving champion on the same validation rows,
+both against the oracle (pure numbers, no I/O).
+
+Both models score the **same** rows: the last ``val_fraction`` of the challenger's training
+window, after every row it was trained on and after every row the champion was trained on
+(the champion is older), so neither has seen them. When the rows come from the closed loop
+the champion chose what was shown; on those rows its errors are selected (it showed what it
+over-estimated, the winner's curse), and the rows say nothing about what it did not show. The
+gate therefore evaluates on the **exploration slice** (impressions whose slot or ad the ad
+server randomised, the ``explored`` flag of the decision log) when it holds at least
+``min_rows`` rows and ``min_clicks`` clicks, and on every validation row otherwise, and says
+which (``slice``). Position is a model input of both, so neither is credited or blamed for
+the slot it was shown at.
+
+The rule: the challenger passes when its NE is not worse than the champion's by more than
+``max_ne_regression`` at the upper end of a 95 % paired interval (per-row log-loss
+differences: one set of rows, so the noise of the rows cancels), its calibration ratio
+(predicted / observed clicks) is inside ``calibration_band``, and the rows are enough.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ctrstream import metrics as M
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """The thresholds of :func:`offline_gate` (see the module doc)."""
+
+    max_ne_regression: float = 0.005
+    calibration_band: tuple[float, float] = (0.8, 1.25)
+    min_rows: int = 500
+    min_clicks: int = 20
+
+    def validate(self) -> GateRule:
+        lo, hi = self.calibration_band
+        if not 0 < lo < 1 < hi:
+            raise ValueError(
+                f"gate: calibration_band {self.calibration_band} must be (lo, hi) with "
+                "0 < lo < 1 < hi"
+            )
+        if self.min_rows < 1 or self.min_clicks < 1:
+            raise ValueError("gate: min_rows and min_clicks must be >= 1")
+        return self
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    why: str
+    slice: str  # "exploration" or "all"
+    rows: int
+    clicks: int
+    challenger: dict[str, float]
+    champion: dict[str, float] | None
+    oracle: dict[str, float] | None
+    ne_diff: float | None  # challenger - champion
+    ne_diff_hi: float | None  # upper end of its 95 % paired interval
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _finite(v) for k, v in asdict(self).items()}
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return x
+
+
+def _summary(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    return {
+        "ne": M.normalized_entropy(p, y),
+        "auc": M.auc(p, y),
+        "log_loss": M.log_loss(p, y),
+        "calibration": M.calibration_ratio(p, y),
+    }
+
+
+def _row_log_loss(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    out: np.ndarray = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+    return out
+
+
+def offline_gate(
+    labels: np.ndarray,
+    challenger: np.ndarray,
+    champion: np.ndarray | None,
+    oracle: np.ndarray | None = None,
+    explored: np.ndarray | None = None,
+    rule: GateRule | None = None,
+) -> GateResult:
+    """The gate's verdict on one set of validation rows (see the module doc). ``champion``
+    None: there is no champion yet, the challenger passes on its own calibration and rows.
+    ``explored``: a boolean mask of the exploration slice (None: unknown)."""
+    rule = (rule or GateRule()).validate()
+    y = np.asarray(labels, dtype=np.float64)
+    pc = np.asarray(challenger, dtype=np.float64)
+    if len(pc) != len(y) or (champion is not None and len(champion) != len(y)):
+        raise ValueError("challenger, champion and labels must score the same rows")
+    sel = np.ones(len(y), dtype=bool)
+    slice_ = "all"
+    if explored is not None:
+        e = np.asarray(explored, dtype=bool)
+        if len(e) != len(y):
+            raise ValueError(f"{len(e)} exploration flags for {len(y)} rows")
+        if e.sum() >= rule.min_rows and y[e].sum() >= rule.min_clicks:
+            sel, slice_ = e, "exploration"
+    y, pc = y[sel], pc[sel]
+    pk = None if champion is None else np.asarray(champion, dtype=np.float64)[sel]
+    po = None if oracle is None else np.asarray(oracle, dtype=np.float64)[sel]
+    n, clicks = int(len(y)), int(y.sum())
+    if n < rule.min_rows or clicks < rule.min_clicks:
+        return GateResult(
+            False,
+            f"too few validation rows to judge: {n} rows, {clicks} clicks "
+            f"(needs {rule.min_rows} and {rule.min_clicks}); widen the training window",
+            slice_,
+            n,
+            clicks,
+            {},
+            None,
+            None,
+            None,
+            None,
+        )
+    ch = _summary(pc, y)
+    champ = None if pk is None else _summary(pk, y)
+    orc = None if po is None else _summary(po, y)
+    reasons = []
+    lo, hi = rule.calibration_band
+    if not lo <= ch["calibration"] <= hi:
+        reasons.append(f"challenger calibration {ch['calibration']:.3f} outside [{lo}, {hi}]")
+    diff = diff_hi = None
+    if champ is not None and pk is not None:
+        h = M.entropy(float(y.mean()))
+        d = (_row_log_loss(pc, y) - _row_log_loss(pk, y)) / h
+        diff = float(d.mean())
+        diff_hi = diff + Z95 * float(d.std(ddof=1)) / math.sqrt(n)
+        if diff_hi > rule.max_ne_regression:
+            reasons.append(
+                f"challenger NE {ch['ne']:.4f} vs champion {champ['ne']:.4f}: worse by up to "
+                f"{diff_hi:+.4f} (95 % paired), above the tolerated {rule.max_ne_regression}"
+            )
+    oracle_note = "" if orc is None else f"; oracle NE {orc['ne']:.4f}"
+    if reasons:
+        return GateResult(
+            False,
+            "; ".join(reasons) + oracle_note,
+            slice_,
+            n,
+            clicks,
+            ch,
+            champ,
+            orc,
+            diff,
+            diff_hi,
+        )
+    vs = (
+        "no champion"
+        if champ is None
+        else f"champion NE {champ['ne']:.4f}, difference {diff:+.4f} (95 % upper {diff_hi:+.4f})"
+    )
+    why = (
+        f"challenger NE {ch['ne']:.4f} ({vs}){oracle_note}, calibration "
+        f"{ch['calibration']:.3f}, on {n} {slice_} rows"
+    )
+    return GateResult(True, why, slice_, n, clicks, ch, champ, orc, diff, diff_hi)
+
+
+__all__ = ["GateRule", "GateResult", "offline_gate"]

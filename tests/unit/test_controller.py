@@ -1,0 +1,201 @@
+"""The controller's state machine on a fake stack (``tests/controller_world.py``): a cycle
+that promotes, one rolled back by a guardrail, one rolled back by the sequential test, a
+failed gate, and ``kill -9`` at every step: the resumed controller finishes the cycle with
+no side effect doubled and no decision lost or logged twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from controller_world import CLOCK, FakeOps, World, config, drive
+
+from ctrstream.controller.audit import AuditLog
+from ctrstream.controller.cycle import KILL_ENV, STEPS, Controller
+from ctrstream.controller.gate import GateRule, offline_gate
+
+WORLD = Path(__file__).resolve().parents[1] / "controller_world.py"
+
+PROMOTED = [
+    "cycle_started",
+    "archive_caught_up",
+    "view_switched",
+    "reconciled",
+    "trained",
+    "gate_passed",
+    "challenger_published",
+    "shadow_started",
+    "shadow_passed",
+    "experiment_started",
+    "experiment_decided",
+    "promoted",
+    "cycle_finished",
+]
+
+
+def kinds(folder: Path) -> list[str]:
+    return [r["kind"] for r in AuditLog(folder / "controller" / "audit.jsonl").records()]
+
+
+def check_promoted(folder: Path) -> None:
+    """One cycle, promoted once: the audit log and the served state."""
+    recs = AuditLog(folder / "controller" / "audit.jsonl").records()
+    assert [r["kind"] for r in recs] == PROMOTED
+    assert len({r["key"] for r in recs}) == len(recs)
+    w = World(folder).load()
+    assert w["view_builds"] == 1 and w["trains"] == 1
+    assert w["published"] == [
+        ["ctr_lr_challenger", "c1-challenger", 1],
+        ["ctr_lr", "c1-promoted", 2],
+    ]
+    assert w["served"]["ctr_lr"] == 2
+    assert w["pins"] == {}  # the cycle's pins are gone
+    assert w["calibrators"] == [["ctr_lr_challenger", 1, "ctr_lr", 2]]
+    ops = FakeOps(folder)
+    assert [r.status for r in ops.registry.list()] == ["stopped", "stopped"]
+    assert recs[0]["why"].startswith("decay alarm")
+    assert recs[-2]["data"] == {"version": 2, "calibrator_followed": True}
+
+
+def test_a_better_challenger_is_promoted(tmp_path):
+    ctl = drive(tmp_path, "up")
+    check_promoted(tmp_path)
+    assert (
+        ctl.state.cycle is None
+        and ctl.state.history[0]["cutoff_ms"] == ctl.state.history[0]["cutoff_ms"]
+    )
+    # nothing is due again: the alarm was handled and the next cut-off is the same
+    assert ctl.step() == "idle"
+    # a new controller on the same folder resumes without writing anything
+    Controller(config(tmp_path), FakeOps(tmp_path))
+    check_promoted(tmp_path)
+
+
+@pytest.mark.parametrize("verdict", ["down", "guardrail"])
+def test_a_worse_or_guardrail_breaking_challenger_is_rolled_back(tmp_path, verdict):
+    ctl = drive(tmp_path, verdict)
+    got = kinds(tmp_path)
+    assert got == PROMOTED[:-2] + ["rolled_back", "cycle_finished"]
+    w = World(tmp_path).load()
+    assert w["served"]["ctr_lr"] == 1  # the champion never stopped serving
+    assert [p[1] for p in w["published"]] == ["c1-challenger"]
+    assert w["pins"] == {} and w["calibrators"] == []
+    why = ctl.state.history[0]["done"]["verdict"]["why"]
+    assert ("guardrail" in why) if verdict == "guardrail" else ("decided down" in why)
+
+
+def test_a_failed_gate_publishes_nothing(tmp_path):
+    World(tmp_path).update(gate_pass=False)
+    drive(tmp_path)
+    assert kinds(tmp_path) == PROMOTED[:5] + ["gate_failed", "cycle_finished"]
+    assert World(tmp_path).load()["published"] == []
+
+
+def test_a_broken_shadow_is_rolled_back_before_any_traffic(tmp_path):
+    from controller_world import loop_shadow_report
+
+    ops = FakeOps(tmp_path)
+    ctl = Controller(config(tmp_path), ops)
+    assert ctl.run_until_waiting() == "wait:shadow_verdict"
+    loop_shadow_report(ops.registry, ctl.state.cycle.done["shadow"]["data"]["experiment"], 3.0)
+    assert ctl.run_until_waiting() == "idle"
+    assert kinds(tmp_path) == PROMOTED[:8] + ["shadow_failed", "rolled_back", "cycle_finished"]
+    assert [r.status for r in ops.registry.list()] == ["stopped"]  # the experiment never started
+
+
+def test_the_schedule_starts_a_cycle_after_interval_hours_of_event_time(tmp_path):
+    w = World(tmp_path)
+    w.update(decay=None)
+    ctl = Controller(config(tmp_path), FakeOps(tmp_path))
+    assert ctl.step() == "idle"  # the schedule starts now
+    w.update(clock=CLOCK + 5 * 3_600_000)
+    assert ctl.step() == "idle"
+    w.update(clock=CLOCK + 6 * 3_600_000)
+    assert ctl.step() == "started"
+    assert ctl.state.cycle.reason.startswith("schedule: 6 h")
+
+
+def test_a_torn_audit_line_is_dropped_and_rewritten_from_the_checkpoint(tmp_path):
+    drive(tmp_path)
+    log = tmp_path / "controller" / "audit.jsonl"
+    data = log.read_bytes()
+    log.write_bytes(data[: data.rfind(b"\n", 0, len(data) - 1) + 1] + b'{"key": "c1:fin')
+    Controller(config(tmp_path), FakeOps(tmp_path))
+    check_promoted(tmp_path)
+
+
+# every step at every point: ``-m slow`` (two interpreter starts per point); the default run
+# kills at the points where a side effect and its record part: the trigger, the publishes,
+# the experiments started and stopped, the verdict, the promotion, the end of the cycle
+EVERY_KILL = [("start", "checkpoint"), ("start", "audit")] + [
+    (s, p) for s in STEPS for p in ("effect", "checkpoint", "audit")
+]
+KILLS = [
+    ("start", "checkpoint"),
+    ("view", "effect"),
+    ("publish_challenger", "effect"),
+    ("shadow", "checkpoint"),
+    ("experiment", "effect"),
+    ("verdict", "checkpoint"),
+    ("act", "effect"),
+    ("act", "checkpoint"),
+    ("finish", "checkpoint"),
+]
+KILL_PARAMS = [
+    pytest.param(s, p, id=f"{s}:{p}", marks=() if (s, p) in KILLS else pytest.mark.slow)
+    for s, p in EVERY_KILL
+]
+
+
+@pytest.mark.parametrize("step,point", KILL_PARAMS)
+def test_kill_9_anywhere_resumes_the_cycle_without_doubles_or_losses(tmp_path, step, point):
+    env = {**os.environ, KILL_ENV: f"{step}:{point}"}
+    cmd = [sys.executable, str(WORLD), str(tmp_path)]
+    first = subprocess.run(cmd, env=env, capture_output=True, timeout=60)
+    assert first.returncode == -signal.SIGKILL, first.stderr.decode()[-2000:]
+    env.pop(KILL_ENV)
+    second = subprocess.run(cmd, env=env, capture_output=True, timeout=60)
+    assert second.returncode == 0, second.stderr.decode()[-2000:]
+    check_promoted(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def _rows(n: int = 20_000, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = rng.beta(1, 30, n)
+    return p, (rng.random(n) < p).astype(np.int8)
+
+
+def test_the_gate_passes_a_better_challenger_and_fails_a_broken_one():
+    p, y = _rows()
+    rng = np.random.default_rng(4)
+    noisy = np.clip(p * np.exp(rng.normal(0, 0.6, len(p))), 1e-6, 0.9)  # a worse champion
+    good = offline_gate(y, p, noisy, oracle=p)
+    assert good.passed and good.ne_diff < 0 and good.slice == "all"
+    assert good.oracle is not None and "oracle NE" in good.why
+    broken = offline_gate(y, np.full(len(p), 0.3), p)
+    assert not broken.passed and "calibration" in broken.why and "worse by up to" in broken.why
+    few = offline_gate(y[:100], p[:100], p[:100], rule=GateRule(min_rows=500))
+    assert not few.passed and "too few" in few.why
+
+
+def test_the_gate_judges_on_the_exploration_slice_when_it_is_large_enough():
+    p, y = _rows()
+    explored = np.zeros(len(p), dtype=bool)
+    explored[::5] = True
+    # the champion is excellent on what it chose to show and broken on the explored slice
+    champ = np.where(explored, np.clip(p * 3, 0, 0.9), p)
+    res = offline_gate(y, p, champ, explored=explored)
+    assert res.slice == "exploration" and res.rows == explored.sum() and res.passed
+    unfair = offline_gate(y, p * 1.0, champ)  # on every row the champion looks closer
+    assert unfair.slice == "all"
+    tiny = np.zeros(len(p), dtype=bool)
+    tiny[:10] = True
+    assert offline_gate(y, p, champ, explored=tiny).slice == "all"
