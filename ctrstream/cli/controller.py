@@ -23,6 +23,10 @@ def register(app: typer.Typer) -> None:
     @app.command("controller")
     def controller(
         model: str = typer.Option("lr", help="the model the controller retrains: lr | deep"),
+        base: str = typer.Option(
+            None, help="the champion's published base name (default: ctr_lr / ctr_deep)"
+        ),
+        prefix: str = typer.Option("ctl", help="prefix of the experiments it starts"),
         interval_h: float = typer.Option(6.0, help="event time between two scheduled cycles (h)"),
         train_window_h: float = typer.Option(
             6.0, help="the sliding training window, ending at the cut-off (h of event time)"
@@ -35,6 +39,15 @@ def register(app: typer.Typer) -> None:
         ),
         min_run_s: float = typer.Option(900.0, help="the experiment's minimum run (s)"),
         epochs: int = typer.Option(None, help="training epochs (default per model)"),
+        warmup_h: float = typer.Option(
+            1.0, help="first hours of the window: feature history only (not trained on)"
+        ),
+        val_fraction: float = typer.Option(
+            0.2, help="last fraction of the window: the gate's validation rows"
+        ),
+        read_dlq: bool = typer.Option(
+            True, help="reconciliation reads the dead letters to explain late events"
+        ),
         oracle: Path = typer.Option(
             None, help="oracle Parquet (impression_id, p_click) for the gate's truth"
         ),
@@ -42,6 +55,9 @@ def register(app: typer.Typer) -> None:
         poll_s: float = typer.Option(5.0, help="wall seconds between looks when idle"),
         once: bool = typer.Option(False, "--once", help="advance until waiting or idle, exit"),
         status: bool = typer.Option(False, "--status", help="print the state and last decisions"),
+        now: bool = typer.Option(
+            False, "--now", help="start a cycle now, whatever the schedule (an operator's trigger)"
+        ),
     ):
         """Every N hours of event time (early on a decay alarm): batch view, reconcile,
         retrain, offline gate, shadow, experiment, promote or roll back (docs/controller.md)."""
@@ -71,7 +87,8 @@ def register(app: typer.Typer) -> None:
         try:
             config = ControllerConfig(
                 folder=where,
-                model=BASE_NAMES[model],
+                model=base or BASE_NAMES[model],
+                prefix=prefix,
                 interval_h=interval_h,
                 train_window_h=train_window_h,
                 share=share,
@@ -80,10 +97,22 @@ def register(app: typer.Typer) -> None:
                 experiment_max_s=experiment_max_s,
                 min_run_s=min_run_s,
             ).validate()
-            ops = StackOperations(settings, kind=model, oracle_path=oracle, epochs=epochs)
+            ops = StackOperations(
+                settings,
+                kind=model,
+                oracle_path=oracle,
+                epochs=epochs,
+                warmup_hours=warmup_h,
+                val_fraction=val_fraction,
+                read_dlq=read_dlq,
+            )
             ctl = Controller(config, ops, on_decision=count_decision)
         except ValueError as e:
             raise fail(str(e)) from None
+        if now and not ctl.request_cycle():
+            logging.getLogger("ctrstream.controller").info(
+                "--now: a cycle is in progress (%s), resuming it", ctl.state.cycle
+            )
         if once:
             sys.stdout.write(json.dumps({"status": ctl.run_until_waiting()}) + "\n")
             return

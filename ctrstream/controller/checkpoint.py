@@ -33,6 +33,7 @@ class ControllerState:
     format: int = STATE_FORMAT
     schedule_from_ms: int | None = None
     handled_alarm_since_ms: int | None = None
+    requested: str | None = None  # an operator's request for a cycle now (``--now``), and why
     cycles_finished: int = 0
     cycle: Cycle | None = None
     history: list[dict[str, Any]] = field(default_factory=list)

@@ -23,8 +23,8 @@ decision and doubles none: the audit log is derived from the checkpoint, and a d
 (the trigger, the verdicts) is checkpointed before the side effect that carries it out.
 
 ``CTRSTREAM_CONTROLLER_KILL_AT=<step>:<point>`` (``point``: ``effect`` after the side
-effect, ``checkpoint`` after the checkpoint, ``audit`` after the audit record; ``step``
-``start`` for the trigger) makes the controller ``SIGKILL`` itself there: the crash test's
+effect, ``checkpoint`` after the checkpoint, ``audit`` after the audit record; ``start``
+for the trigger; ``act:published`` between the promotion's publish and its other effects) makes the controller ``SIGKILL`` itself there: the crash test's
 hook.
 """
 
@@ -236,6 +236,9 @@ class Controller:
         last = st.history[-1]["cutoff_ms"] if st.history else None
         if last is not None and cutoff <= last:
             return None
+        if st.requested:
+            reason, st.requested = st.requested, None
+            return reason, cutoff
         since = alarm_since(self.ops.decay_state())
         if since is not None and (
             st.handled_alarm_since_ms is None or since > st.handled_alarm_since_ms
@@ -250,6 +253,15 @@ class Controller:
         return None
 
     # ------------------------------------------------------------------ driving
+
+    def request_cycle(self, reason: str = "requested by the operator") -> bool:
+        """Start a cycle at the next step, whatever the schedule (still only with a cut-off
+        after the last cycle's); False when a cycle is in progress already."""
+        if self.state.cycle is not None:
+            return False
+        self.state.requested = reason
+        self._save()
+        return True
 
     def step(self) -> str:
         """Advance by one step: ``"idle"`` (no cycle due), ``"started"``, ``"wait:<step>"``,
@@ -540,6 +552,7 @@ class Controller:
             res = self.ops.publish(
                 c.done["train"]["data"]["onnx"], self.config.model, f"c{c.number}-promoted"
             )
+            _kill_point("act", "published")
             followed = self.ops.follow_calibrator(
                 self.config.challenger_model,
                 int(chal["version"]),

@@ -12,10 +12,14 @@ server randomised, the ``explored`` flag of the decision log) when it holds at l
 which (``slice``). Position is a model input of both, so neither is credited or blamed for
 the slot it was shown at.
 
-The rule: the challenger passes when its NE is not worse than the champion's by more than
-``max_ne_regression`` at the upper end of a 95 % paired interval (per-row log-loss
-differences: one set of rows, so the noise of the rows cancels), its calibration ratio
-(predicted / observed clicks) is inside ``calibration_band``, and the rows are enough.
+The rule: the challenger fails when it is worse than the champion with confidence - the
+lower end of a 95 % paired interval of its NE minus the champion's (per-row log-loss
+differences: one set of rows, so the noise of the rows cancels) above ``max_ne_regression``
+- or when its calibration ratio (predicted / observed clicks) is outside
+``calibration_band``, or when the rows are too few. Near-equals pass: the online experiment
+decides between them on the business metric, which the offline rows cannot measure. With the
+oracle, the calibration is judged relative to the oracle's own ratio on the same rows (the
+truth's ratio is the label noise of a small slice), otherwise as it is.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class GateResult:
     champion: dict[str, float] | None
     oracle: dict[str, float] | None
     ne_diff: float | None  # challenger - champion
-    ne_diff_hi: float | None  # upper end of its 95 % paired interval
+    ne_diff_lo: float | None  # its 95 % paired interval
+    ne_diff_hi: float | None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _finite(v) for k, v in asdict(self).items()}
@@ -133,24 +138,34 @@ def offline_gate(
             None,
             None,
             None,
+            None,
         )
     ch = _summary(pc, y)
     champ = None if pk is None else _summary(pk, y)
     orc = None if po is None else _summary(po, y)
     reasons = []
     lo, hi = rule.calibration_band
-    if not lo <= ch["calibration"] <= hi:
-        reasons.append(f"challenger calibration {ch['calibration']:.3f} outside [{lo}, {hi}]")
-    diff = diff_hi = None
+    cal = ch["calibration"]
+    rel = cal / orc["calibration"] if orc is not None and orc["calibration"] > 0 else None
+    judged = cal if rel is None else rel
+    if not lo <= judged <= hi:
+        reasons.append(
+            f"challenger calibration {cal:.3f}"
+            + ("" if rel is None else f" ({rel:.3f} of the oracle's)")
+            + f" outside [{lo}, {hi}]"
+        )
+    diff = diff_lo = diff_hi = None
     if champ is not None and pk is not None:
         h = M.entropy(float(y.mean()))
         d = (_row_log_loss(pc, y) - _row_log_loss(pk, y)) / h
         diff = float(d.mean())
-        diff_hi = diff + Z95 * float(d.std(ddof=1)) / math.sqrt(n)
-        if diff_hi > rule.max_ne_regression:
+        half = Z95 * float(d.std(ddof=1)) / math.sqrt(n)
+        diff_lo, diff_hi = diff - half, diff + half
+        if diff_lo > rule.max_ne_regression:
             reasons.append(
-                f"challenger NE {ch['ne']:.4f} vs champion {champ['ne']:.4f}: worse by up to "
-                f"{diff_hi:+.4f} (95 % paired), above the tolerated {rule.max_ne_regression}"
+                f"challenger NE {ch['ne']:.4f} vs champion {champ['ne']:.4f}: worse by "
+                f"{diff:+.4f} (95 % paired [{diff_lo:+.4f}, {diff_hi:+.4f}]), beyond the "
+                f"tolerated {rule.max_ne_regression}"
             )
     oracle_note = "" if orc is None else f"; oracle NE {orc['ne']:.4f}"
     if reasons:
@@ -164,18 +179,20 @@ def offline_gate(
             champ,
             orc,
             diff,
+            diff_lo,
             diff_hi,
         )
     vs = (
         "no champion"
         if champ is None
-        else f"champion NE {champ['ne']:.4f}, difference {diff:+.4f} (95 % upper {diff_hi:+.4f})"
+        else f"champion NE {champ['ne']:.4f}, difference {diff:+.4f} "
+        f"(95 % paired [{diff_lo:+.4f}, {diff_hi:+.4f}])"
     )
     why = (
         f"challenger NE {ch['ne']:.4f} ({vs}){oracle_note}, calibration "
         f"{ch['calibration']:.3f}, on {n} {slice_} rows"
     )
-    return GateResult(True, why, slice_, n, clicks, ch, champ, orc, diff, diff_hi)
+    return GateResult(True, why, slice_, n, clicks, ch, champ, orc, diff, diff_lo, diff_hi)
 
 
 __all__ = ["GateRule", "GateResult", "offline_gate"]
