@@ -113,6 +113,11 @@ def register(app: typer.Typer) -> None:
             logging.getLogger("ctrstream.controller").info(
                 "--now: a cycle is in progress (%s), resuming it", ctl.state.cycle
             )
+        champ = ops.champion(config.model)
+        if champ is not None:
+            from ctrstream.controller.metrics import set_served_version
+
+            set_served_version(config.model, int(champ["version"]))
         if once:
             sys.stdout.write(json.dumps({"status": ctl.run_until_waiting()}) + "\n")
             return
