@@ -317,9 +317,14 @@ class Controller:
         return status
 
     def run(self, stop: threading.Event, poll_s: float = 5.0) -> None:
-        """Run until ``stop`` is set: step while there is work, then wait ``poll_s``."""
+        """Run until ``stop`` is set: step while there is work, then wait ``poll_s``. A step
+        that raises (Triton or Redis away) is logged and retried at the next poll: the
+        checkpoint still names it, and each step is idempotent."""
         while not stop.is_set():
-            self.run_until_waiting()
+            try:
+                self.run_until_waiting()
+            except Exception:  # a failed step is retried at the next poll: each is idempotent
+                log.exception("controller step failed; retrying in %.0f s", poll_s)
             stop.wait(poll_s)
 
     @staticmethod
@@ -373,6 +378,13 @@ class Controller:
 
     def _step_gate(self, c: C.Cycle, now: int | None) -> Outcome:
         champ = self.ops.champion(self.config.model)
+        if champ is None:
+            return Outcome(
+                "gate_failed",
+                f"no champion serves {self.config.model} to compare with and to fall back to: "
+                "publish a first model (`ctrstream train`, then `ctrstream publish`)",
+                {"passed": False, "champion": None},
+            )
         res = self.ops.gate(c.done["train"]["data"], champ, self.config.gate)
         res["champion"] = champ
         return Outcome("gate_passed" if res["passed"] else "gate_failed", res["why"], res)

@@ -108,6 +108,34 @@ def test_a_broken_shadow_is_rolled_back_before_any_traffic(tmp_path):
     assert [r.status for r in ops.registry.list()] == ["stopped"]  # the experiment never started
 
 
+def test_no_champion_fails_the_gate_and_publishes_nothing(tmp_path):
+    World(tmp_path).update(served={})
+    drive(tmp_path)
+    assert kinds(tmp_path) == PROMOTED[:5] + ["gate_failed", "cycle_finished"]
+    assert World(tmp_path).load()["published"] == []
+
+
+def test_every_decision_is_counted_in_prometheus(tmp_path):
+    from prometheus_client import REGISTRY
+
+    from ctrstream.controller.metrics import count_decision
+
+    def value(kind: str) -> float:
+        v = REGISTRY.get_sample_value("ctrstream_controller_decisions_total", {"kind": kind})
+        return v or 0.0
+
+    before = {k: value(k) for k in set(PROMOTED)}
+    ctl = Controller(config(tmp_path), FakeOps(tmp_path), on_decision=count_decision)
+    for _ in range(40):
+        if ctl.step() == "wait:shadow_verdict":
+            break
+    assert value("shadow_started") == before["shadow_started"] + 1
+    assert value("gate_passed") == before["gate_passed"] + 1
+    assert REGISTRY.get_sample_value("ctrstream_controller_cycle_event_time_ms") == (
+        ctl.state.cycle.cutoff_ms
+    )
+
+
 def test_the_schedule_starts_a_cycle_after_interval_hours_of_event_time(tmp_path):
     w = World(tmp_path)
     w.update(decay=None)
