@@ -160,7 +160,7 @@ def test_a_torn_audit_line_is_dropped_and_rewritten_from_the_checkpoint(tmp_path
 # every step at every point: ``-m slow`` (two interpreter starts per point); the default run
 # kills at the points where a side effect and its record part: the trigger, the publishes,
 # the experiments started and stopped, the verdict, the promotion, the end of the cycle
-EVERY_KILL = [("start", "checkpoint"), ("start", "audit")] + [
+EVERY_KILL = [("start", "checkpoint"), ("start", "audit"), ("act", "published")] + [
     (s, p) for s in STEPS for p in ("effect", "checkpoint", "audit")
 ]
 KILLS = [
@@ -170,6 +170,7 @@ KILLS = [
     ("shadow", "checkpoint"),
     ("experiment", "effect"),
     ("verdict", "checkpoint"),
+    ("act", "published"),
     ("act", "effect"),
     ("act", "checkpoint"),
     ("finish", "checkpoint"),
