@@ -136,6 +136,35 @@ def test_every_decision_is_counted_in_prometheus(tmp_path):
     )
 
 
+def test_the_service_loop_retries_a_failed_step_and_stops_when_told(tmp_path):
+    """``Controller.run``: a step that raises (Redis away) is retried at the next poll."""
+    import threading
+    import time
+
+    class Flaky(FakeOps):
+        failures = 1
+
+        def switch_view(self, cutoff_ms: int) -> dict:
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise ConnectionError("redis is away")
+            return super().switch_view(cutoff_ms)
+
+    ctl = Controller(config(tmp_path), Flaky(tmp_path))
+    stop = threading.Event()
+    t = threading.Thread(target=ctl.run, args=(stop,), kwargs={"poll_s": 0.01}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while "shadow_started" not in kinds(tmp_path):
+        assert time.monotonic() < deadline, kinds(tmp_path)
+        assert t.is_alive()
+        stop.wait(0.01)
+    stop.set()
+    t.join(timeout=10)
+    assert not t.is_alive() and Flaky.failures == 0
+    assert kinds(tmp_path) == PROMOTED[:8] and World(tmp_path).load()["view_builds"] == 1
+
+
 def test_the_schedule_starts_a_cycle_after_interval_hours_of_event_time(tmp_path):
     w = World(tmp_path)
     w.update(decay=None)
