@@ -176,6 +176,17 @@ class PrometheusService(Service):
     def address(self) -> str:
         return self.settings.prometheus.url
 
+    def check_ports(self) -> None:
+        """The port, and the binary: ``stack up`` checks every service before it starts any,
+        so a machine without Prometheus fails before Kafka, Redis and Triton start."""
+        try:
+            provision.prometheus()
+        except provision.PrerequisiteError as e:
+            raise provision.PrerequisiteError(
+                f"{e} (or start the stack without it: CTRSTREAM_PROMETHEUS__ENABLED=false)"
+            ) from None
+        super().check_ports()
+
     def rule_files(self) -> list[Path]:
         if not RULES.is_file():
             raise StackError(
