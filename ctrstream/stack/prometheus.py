@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import urllib.request
 from pathlib import Path
 
@@ -225,16 +224,6 @@ class PrometheusService(Service):
     def ready(self) -> bool:
         with urllib.request.urlopen(f"{self.address()}/-/ready", timeout=1) as resp:
             return bool(resp.status == 200)
-
-    def reload(self) -> bool:
-        """Re-write the configuration and have the running server re-read it and the rules
-        (SIGHUP to its PID); False when it is not running."""
-        pid = self.pid()
-        if pid is None:
-            return False
-        self.prepare()
-        os.kill(pid, signal.SIGHUP)
-        return True
 
 
 __all__ = [
