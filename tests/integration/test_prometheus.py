@@ -1,7 +1,8 @@
 """The stack's real Prometheus (Debian's ``prometheus``, started by ``stack up``): it is up on
 127.0.0.1, has loaded the alert rules, scrapes Triton and itself, and scrapes the jobs
 registered in its target folder (``ctrstream.stack.prometheus.write_targets``) - here the
-prediction API and the calibrator, a Redis-side job - without a restart. ``stack up/status/
+prediction API and the calibrator, a Redis-side job - without a restart, and its rules see a
+job that stops. ``stack up/status/
 down`` start, show and stop it by PID.
 
 Everything is polled through Prometheus's HTTP API with a deadline; nothing sleeps.
@@ -124,6 +125,20 @@ def test_prometheus_scrapes_the_jobs_registered_while_it_runs(
         wait_until(counted, DEADLINE_S, interval=0.5, what="the API's counter in Prometheus")
         res = _get(settings, "/api/v1/query", query='up{service="calibrate"}')["result"]
         assert res and res[0]["value"][1] == "1"
+
+        # the calibrator stops: its scrape fails and the rules see it (pending for 1 m)
+        stop_job(calibrate)
+
+        def alerting() -> bool:
+            alerts = _get(settings, "/api/v1/alerts")["alerts"]
+            return any(
+                a["labels"]["alertname"] == "CtrstreamTargetDown"
+                and a["labels"].get("service") == "calibrate"
+                and a["state"] in ("pending", "firing")
+                for a in alerts
+            )
+
+        wait_until(alerting, DEADLINE_S, interval=0.5, what="CtrstreamTargetDown for calibrate")
 
         # unregistered: Prometheus drops the targets
         assert P.remove_targets(settings, group)
