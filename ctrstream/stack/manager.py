@@ -15,6 +15,7 @@ from pathlib import Path
 from ctrstream.config import (
     KAFKA_NODES_FILE,
     KafkaSettings,
+    PrometheusSettings,
     RedisSettings,
     Settings,
     TritonSettings,
@@ -181,6 +182,9 @@ def isolated_settings(
                 metrics_port=free_port(),
                 model_repository=run_dir / "triton_repo",
             ),
+            "prometheus": PrometheusSettings(
+                **{**base.prometheus.model_dump(), "port": free_port()}
+            ),
         }
     )
 
@@ -208,6 +212,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CTRSTREAM_TRITON__METRICS_PORT": str(settings.triton.metrics_port),
         "CTRSTREAM_TRITON__MODEL_REPOSITORY": str(settings.triton.model_repository),
         "CTRSTREAM_TRITON__BACKEND": settings.triton.backend,
+        "CTRSTREAM_PROMETHEUS__PORT": str(settings.prometheus.port),
+        "CTRSTREAM_PROMETHEUS__ENABLED": str(settings.prometheus.enabled).lower(),
     }
     if settings.redis.password:
         env["CTRSTREAM_REDIS__PASSWORD"] = settings.redis.password

@@ -1,4 +1,5 @@
-"""The three real servers of the local stack: Apache Kafka (KRaft), Redis and Triton.
+"""The real servers of the local stack: Apache Kafka (KRaft), Redis, Triton and Prometheus
+(:mod:`ctrstream.stack.prometheus`).
 
 Each service is started as its own process session (so it outlives the CLI that started
 it), bound to 127.0.0.1, with its data, log and PID file under the run directory. Readiness
@@ -674,4 +675,14 @@ def served_models(settings: Settings) -> list[str]:
 
 
 def all_services(settings: Settings) -> list[Service]:
-    return [*kafka_services(settings), RedisService(settings), TritonService(settings)]
+    """The stack's servers in start order; Prometheus (last) unless it is disabled."""
+    from ctrstream.stack.prometheus import PrometheusService  # it builds on Service
+
+    services: list[Service] = [
+        *kafka_services(settings),
+        RedisService(settings),
+        TritonService(settings),
+    ]
+    if settings.prometheus.enabled:
+        services.append(PrometheusService(settings))
+    return services

@@ -37,6 +37,7 @@ REQUIRED_JOBS = {"speed", "archive", "score", "calibrate", "serve", "replay"}
 SECRETS = {
     "CTRSTREAM_REDIS_PASSWORD": "test-redis-secret",
     "CTRSTREAM_TRITON_CONTROL_KEY": "test-control-key",
+    "CTRSTREAM_GRAFANA_PASSWORD": "test-grafana-secret",
 }
 # the one service published on every host interface
 PUBLIC_SERVICES = {"serve"}
@@ -323,7 +324,7 @@ def test_only_the_api_is_published_on_every_interface(compose):
     assert set(open_) <= PUBLIC_SERVICES, f"published beyond loopback: {open_}"
     assert _published(services["serve"]), "the API is published"
     assert not services["redis"].get("ports"), "Redis is on the compose network only"
-    for name in ("kafka", "triton", "prometheus"):
+    for name in ("kafka", "triton", "prometheus", "grafana"):
         assert _published(services[name]), name
         assert all(ip == "127.0.0.1" for ip, _ in _published(services[name])), name
 
