@@ -205,7 +205,7 @@ class VersionDecay:
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
-    >>> t = np.arange(400_000) * 36  # 4 hours, 100 rows a second
+    >>> t = np.arange(200_000) * 72  # 4 hours, 50 rows a second
     >>> truth = np.full(len(t), 0.05)
     >>> served = np.where(t < 7_200_000, 0.05, 0.02)  # the model goes wrong at 2 h
     >>> y = (rng.random(len(t)) < truth).astype(float)
@@ -516,7 +516,7 @@ class LabelStats:
             self._advance(int(ts.max()))
 
     def update_late(self, t_ms: ArrayLike) -> None:
-        """Clicks that arrived after the attribution window, by their impression's time."""
+        """Clicks that arrived after the attribution window, by their event time."""
         ts = np.sort(np.asarray(t_ms, dtype=np.int64).reshape(-1))
         self._late.extend(ts.tolist())
         if len(ts):
