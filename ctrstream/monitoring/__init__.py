@@ -6,6 +6,8 @@
   calibration ratio and ECE, an ADWIN on the excess log loss over the oracle, the decay
   alarm; feature drift per family (population stability index against the training
   distribution); label delay and the share of clicks after the join window.
+* :mod:`~ctrstream.monitoring.offline` - challenger against champion on the same rows, on
+  the exploration slice weighted by inverse propensity (the offline gate's fair comparison);
 * :mod:`~ctrstream.monitoring.job` - ``ctrstream monitor``: Kafka in (predictions, labels,
   the join's late clicks), Prometheus and the store's decay state out.
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,6 +248,20 @@ class VersionDecay:
         self.reason = ""
         self.alarm_events: list[dict] = []
 
+    def restore(
+        self,
+        baseline_gap: float | None = None,
+        alarm: bool = False,
+        since_ms: int | None = None,
+        reason: str = "",
+    ) -> None:
+        """Take back what a restarted monitor cannot measure again (the decay state it wrote):
+        the baseline gap, and a raised alarm. Call it before the first rows."""
+        if baseline_gap is not None and math.isfinite(baseline_gap):
+            self.baseline_gap = float(baseline_gap)
+        if alarm:
+            self.alarm, self.since_ms, self.reason = True, since_ms, reason
+
     # -- learning
     def update_many(
         self,
@@ -375,6 +389,12 @@ class VersionDecay:
                     )
 
     # -- the alarm
+    def check(self) -> list[dict]:
+        """Evaluate the rules on the window as it is now (they are evaluated at every bucket
+        boundary anyway; a job that reads several partitions calls this too, because rows of
+        a lagging partition fill the window after the event time has moved on)."""
+        return self._evaluate()
+
     def _window_gap(self) -> tuple[float, float]:
         ll = sum(b.ll for b in self.buckets)
         ref = sum(b.ll_ref for b in self.buckets)
@@ -498,9 +518,7 @@ class LabelStats:
         while self._late and self._late[0] <= lo:
             self._late.popleft()
 
-    def update_labels(
-        self, t_ms: ArrayLike, clicked: ArrayLike, delay_ms: ArrayLike | list[Any]
-    ) -> None:
+    def update_labels(self, t_ms: ArrayLike, clicked: ArrayLike, delay_ms: Iterable[Any]) -> None:
         """Joined labels: the impression's time, clicked 0/1 and the click's delay (None or
         NaN when not clicked)."""
         ts = np.asarray(t_ms, dtype=np.int64).reshape(-1)
@@ -570,6 +588,10 @@ class DecayMonitor:
         """:meth:`VersionDecay.update_many` of ``version``."""
         return self.version(version).update_many(p, y, t_ms, reference, columns)
 
+    def check(self) -> list[dict]:
+        """:meth:`VersionDecay.check` of every version: the alarm events raised."""
+        return [e for v in self.versions.values() for e in v.check()]
+
     def get(self) -> dict[str, Any]:
         return {
             "versions": {k: v.get() for k, v in sorted(self.versions.items())},
@@ -585,7 +607,8 @@ class DecayMonitor:
     def decay_state(self, stats: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """The summary the controller reads (``ctrstream.store.monitor``): the served
         version's ``version``, ``alarm``, ``since_ms``, ``reason``, ``ne_gap`` (window),
-        ``baseline_gap``, the window's end, and every version's alarm in ``versions``."""
+        ``baseline_gap``, the window's end, and every version's alarm, gap and baseline gap
+        in ``versions`` (what a restarted monitor takes back: :meth:`VersionDecay.restore`)."""
         served = self.served_version()
         if served is None:
             return None
@@ -610,6 +633,7 @@ class DecayMonitor:
                     "since_ms": v["since_ms"],
                     "reason": v["reason"],
                     "ne_gap": num(v["ne_gap"]),
+                    "baseline_gap": num(v["baseline_gap"]),
                 }
                 for k, v in vs.items()
             },

@@ -30,9 +30,11 @@ before the positions that move past it are committed. A dlq record is never dead
 again: one that is not a late click of the join is skipped.
 
 Restart: the windows are statistics over the last hour of event time, not state worth a
-checkpoint; a restarted job refills them from its committed positions, and keeps an alarm
-the store already holds for the same version (``since_ms`` and ``reason`` unchanged), so
-the controller never sees a raised alarm drop because the monitor restarted.
+checkpoint; a restarted job refills them from its committed positions. What it cannot
+measure again comes back from the decay state in the store: each version's baseline gap
+(measured over its first ``baseline_ms`` of serving) and a raised alarm (``since_ms`` and
+``reason`` unchanged), so the controller never sees an alarm drop, or a decayed model become
+the new baseline, because the monitor restarted.
 """
 
 from __future__ import annotations
@@ -221,6 +223,7 @@ class Monitor:
         self.pred_watermark = 0
         self.label_watermark = 0
         self.n_joined = 0
+        self.n_late = 0  # the join's late clicks seen
         self.alarms: list[dict] = []
         self._restored: dict | None = None
         if store is not None:
@@ -234,9 +237,18 @@ class Monitor:
 
         return calibrator_id(base_model_name(model_name) if model_name else "", model_version)
 
-    def process(self, predictions: list, labeled: list, late_clicks: list | None = None) -> int:
+    def process(
+        self,
+        predictions: list,
+        labeled: list,
+        late_clicks: list | None = None,
+        watermarks: tuple[int, int] | None = None,
+    ) -> int:
         """Join one micro-batch of decoded records and monitor every completed pair; returns
-        how many pairs were completed."""
+        how many pairs were completed. ``watermarks`` (predictions, labels): how far each
+        stream has come in event time - the Kafka loop passes the slowest partition's, since
+        a backlog is read partition by partition and one partition's time says nothing of
+        another's; without it, the latest event time seen."""
         dropped = _metrics()["dropped"]
         matched: dict[str, list[tuple[float, int, int, dict, str]]] = {}
         for p in predictions:
@@ -279,14 +291,19 @@ class Monitor:
                 self.done[iid] = None
             else:
                 self.labels[iid] = (int(lb.clicked), int(imp.event_time_ms), cols)
+        if watermarks is not None:
+            self.pred_watermark, self.label_watermark = int(watermarks[0]), int(watermarks[1])
         if t_lab:
             self.monitor.labels.update_labels(t_lab, c_lab, d_lab)
         if late_clicks:
             self.monitor.labels.update_late([c.event_time_ms for c in late_clicks])
+            self.n_late += len(late_clicks)
         n = 0
         for version, rows in matched.items():
             p_, y_, t_, cols_, ids = zip(*rows)
             columns = {f: np.asarray([c[f] for c in cols_]) for f in IMPRESSION_FIELDS}
+            if version not in self.monitor.versions:
+                self._restore(version)
             ev = self.monitor.update_many(
                 version,
                 np.asarray(p_, dtype=np.float64),
@@ -295,7 +312,6 @@ class Monitor:
                 self.oracle.lookup(ids),
                 columns,
             )
-            self._keep_restored_alarm(version)
             for e in ev:
                 log.warning(
                     "decay alarm for %s at event time %d: %s", version, e["t_ms"], e["reason"]
@@ -307,28 +323,35 @@ class Monitor:
         self._expire()
         return n
 
-    def _keep_restored_alarm(self, version: str) -> None:
-        """An alarm the store held for ``version`` before a restart stays raised."""
+    def _restore(self, version: str) -> None:
+        """What the store held for ``version`` before a restart: its baseline gap (measured
+        when it started serving, which a restarted job cannot see again) and a raised alarm."""
         r = self._restored
         if not r:
             return
-        prior = (r.get("versions") or {}).get(version) or (
-            r if r.get("version") == version else None
+        prior = (r.get("versions") or {}).get(version)
+        if prior is None and r.get("version") == version:
+            prior = r
+        if not prior:
+            return
+        self.monitor.version(version).restore(
+            baseline_gap=prior.get("baseline_gap"),
+            alarm=bool(prior.get("alarm")),
+            since_ms=prior.get("since_ms"),
+            reason=str(prior.get("reason", "")),
         )
-        v = self.monitor.versions[version]
-        if prior and prior.get("alarm") and not v.alarm:
-            v.alarm, v.since_ms, v.reason = True, prior.get("since_ms"), prior.get("reason", "")
 
     def _expire(self) -> None:
         dropped = _metrics()["dropped"]
-        for side, d, wm_other, tpos in (
+        sides: tuple[tuple[str, OrderedDict[str, Any], int, int], ...] = (
             ("pred", self.preds, self.label_watermark, 2),
             ("label", self.labels, self.pred_watermark, 1),
-        ):
+        )
+        for side, d, wm_other, tpos in sides:
             limit = wm_other - self.retention_ms
             while d:
                 _, v = next(iter(d.items()))
-                if v[tpos] < limit:
+                if int(v[tpos]) < limit:
                     d.popitem(last=False)
                     dropped.labels(side, "expired").inc()
                 elif len(d) > self.max_pending:
@@ -340,7 +363,13 @@ class Monitor:
             self.done.popitem(last=False)
 
     def publish(self) -> dict[str, Any] | None:
-        """Set the gauges and write the served version's decay state; returns the state."""
+        """Check the alarm rules on the windows as they are, set the gauges and write the
+        served version's decay state; returns the state."""
+        for e in self.monitor.check():
+            log.warning(
+                "decay alarm for %s at event time %d: %s", e["version"], e["t_ms"], e["reason"]
+            )
+            self.alarms.append(e)
         stats = self.monitor.get()
         set_gauges(stats)
         state = self.monitor.decay_state(stats)
@@ -411,6 +440,13 @@ def late_click_of(msg: Any) -> Any:
         return None
 
 
+def _slowest(part_time: dict[tuple[str, int], int], t_pred: str, t_lab: str) -> tuple[int, int]:
+    """The slowest partition's event time of each topic (0 before any record)."""
+    pred = [v for (t, _), v in part_time.items() if t == t_pred]
+    lab = [v for (t, _), v in part_time.items() if t == t_lab]
+    return (min(pred) if pred else 0, min(lab) if lab else 0)
+
+
 def run(
     settings: Any,
     cfg: DecayConfig | None = None,
@@ -464,6 +500,7 @@ def run(
         consumer.subscribe([t_pred, t_lab, t_dlq])
         last_pub = last_oracle = last_data = time.monotonic()
         uncommitted = False
+        part_time: dict[tuple[str, int], int] = {}  # the latest event time per partition
         while not (stop and stop(job)):
             msgs = consumer.consume(num_messages=batch_size, timeout=0.2)
             preds, labs, late = [], [], []
@@ -487,10 +524,13 @@ def run(
                         pred = decode_prediction(value)
                         check_prediction(pred)
                         preds.append(pred)
+                        et = pred.event_time_ms
                     else:
                         lab = decode_labeled(value)
                         check_labeled(lab)
                         labs.append(lab)
+                        et = lab.impression.event_time_ms
+                    part_time[(t, part)] = max(part_time.get((t, part), et), et)
                 except Exception as e:  # noqa: BLE001 - whatever a record's bytes raise: its dead letter
                     bad.labels(t).inc()
                     reason = bad_record_reason(e)
@@ -505,7 +545,7 @@ def run(
             if msgs:
                 last_data = time.monotonic()
                 uncommitted = True
-                job.process(preds, labs, late)
+                job.process(preds, labs, late, _slowest(part_time, t_pred, t_lab))
             now = time.monotonic()
             if now - last_oracle >= oracle_refresh_s:
                 oracle.refresh()

@@ -328,6 +328,10 @@ def test_monitor_joins_either_order_and_keeps_a_restored_alarm() -> None:
     job2.process(preds[-5000:], labs[-5000:])
     st2 = job2.publish()
     assert st2 is not None and st2["alarm"] and st2["since_ms"] == st["since_ms"]
+    # ... and the baseline gap measured when the version started serving, not a new one
+    assert job2.monitor.versions["ctr_deep@1"].baseline_gap == pytest.approx(
+        job.monitor.versions["ctr_deep@1"].baseline_gap
+    )
     write_decay_state(r, st | {"alarm": False, "since_ms": None, "reason": ""})
 
 
@@ -383,3 +387,31 @@ def test_taste_shift_is_a_centred_interaction_redrawn_at_the_shift() -> None:
     assert steady.truth is not None and "taste" not in steady.truth
     with pytest.raises(ValueError, match="taste_logit"):
         load_scenario("steady", taste_logit=-1.0)
+
+
+# --------------------------------------------------------------------------- the offline slice
+
+
+def test_exploration_slice_weights_rows_by_inverse_propensity() -> None:
+    from ctrstream.monitoring import offline as O
+
+    assert doctest.testmod(O).failed == 0
+    rng = np.random.default_rng(12)
+    n = 4000
+    o = rng.uniform(0.01, 0.2, n)
+    y = (rng.random(n) < o).astype(float)
+    a = np.clip(o * 1.3, 0, 1)
+    explored = rng.random(n) < 0.3
+    prop = np.where(explored, rng.choice([0.5, 0.25], n), 1.0)
+    r = O.compare({"a": a, "truth": o}, y, explored=explored, propensity=prop, reference=o)
+    assert r["rows"] == n and r["exploration_rows"] == int(explored.sum())
+    assert r["all"]["truth"]["ne_gap"] == pytest.approx(0.0)
+    assert r["all"]["a"]["ne"] == pytest.approx(M.normalized_entropy(a, y))
+    # weighting by 1/propensity = repeating each explored row 1/propensity times
+    rep = np.repeat(np.flatnonzero(explored), (1 / prop[explored]).astype(int))
+    assert r["exploration"]["a"]["ne"] == pytest.approx(M.normalized_entropy(a[rep], y[rep]))
+    assert r["exploration"]["a"]["ratio"] == pytest.approx(a[rep].mean() / y[rep].mean())
+    with pytest.raises(ValueError, match="propensities"):
+        O.compare({"a": a}, y, explored=explored, propensity=np.zeros(n))
+    with pytest.raises(ValueError, match="scores for"):
+        O.compare({"a": a[:10]}, y)
