@@ -189,7 +189,9 @@ def test_monitor_job_raises_the_alarm_counts_late_clicks_and_resumes(
     assert job2.n_joined == n - n // 2  # nothing monitored twice
     st = read_decay_state(client)
     assert st is not None and st["alarm"] is True, st
-    assert T0 + 2 * HOUR <= st["since_ms"] < T0 + 3 * HOUR
+    # after the model went wrong (how long after depends on the order a backlog's partitions
+    # are read in: ``ctrstream bench decay`` measures the delay on records in time order)
+    assert T0 + 2 * HOUR <= st["since_ms"] <= T0 + 4 * HOUR
     assert st["ne_gap"] > st["baseline_gap"]
     assert REGISTRY.get_sample_value("ctrstream_decay_alarm", {"version": "ctr_deep@3"}) == 1.0
     assert REGISTRY.get_sample_value("ctrstream_decay_ne_gap", {"version": "ctr_deep@3"}) == (
