@@ -39,7 +39,10 @@ def weighted_ne(p: ArrayLike, y: ArrayLike, w: ArrayLike | None = None) -> float
     """NE with row weights: weighted log loss / entropy of the weighted CTR (``nan`` without
     both a click and a non-click of positive weight).
 
-    >>> round(weighted_ne([0.2, 0.2, 0.8], [0, 0, 1]), 4) == round(M.normalized_entropy([0.2, 0.2, 0.8], [0, 0, 1]), 4)
+    >>> p, y = [0.2, 0.2, 0.8], [0, 0, 1]
+    >>> round(weighted_ne(p, y), 6) == round(M.normalized_entropy(p, y), 6)
+    True
+    >>> round(weighted_ne(p, y, [1, 1, 2]), 6) == round(M.normalized_entropy(p + [0.8], y + [1]), 6)
     True
     """
     pa = np.clip(np.asarray(p, dtype=np.float64), M.EPS, 1 - M.EPS)

@@ -62,7 +62,8 @@ def _deadline(seconds: float):
                 ""
                 if job is None
                 else f": joined {job.n_joined}, labels {job.monitor.labels.get()}, "
-                f"late {job.n_late}, pending {len(job.preds)} predictions / {len(job.labels)} labels"
+                f"late {job.n_late}, pending {len(job.preds)} predictions and "
+                f"{len(job.labels)} labels"
             )
             raise TimeoutError("the monitor did not get there in time" + what)
         return False

@@ -415,3 +415,36 @@ def test_exploration_slice_weights_rows_by_inverse_propensity() -> None:
         O.compare({"a": a}, y, explored=explored, propensity=np.zeros(n))
     with pytest.raises(ValueError, match="scores for"):
         O.compare({"a": a[:10]}, y)
+
+
+def test_taste_shift_decays_a_model_that_knew_the_old_tastes() -> None:
+    """A small replay of ``taste_shift`` in event-time order: the served model is the truth
+    with the tastes of before the shift (the best a model trained before it can be). The
+    monitor sees no gap before the shift, and raises the alarm after it."""
+    from ctrstream.simulation.generator import DEVICES, taste_matrices, taste_shift_time_ms
+    from ctrstream.simulation.scenarios import load_scenario
+    from ctrstream.study.data import labels_within, load_study_data
+
+    sc = load_scenario("taste_shift", events=80_000, hours=4.0, n_users=20_000, seed=3)
+    data = load_study_data(sc, history_hours=0.0)
+    tr = data.traffic
+    assert tr.truth is not None
+    # the truth is in the generator's order; the study's rows are sorted by (time, id)
+    order = np.argsort(tr.impressions.column("impression_id").to_numpy(zero_copy_only=False))
+    rows = np.argsort(data.impressions.column("impression_id").to_numpy(zero_copy_only=False))
+    logit = np.empty(data.n)
+    taste = np.empty(data.n)
+    logit[rows] = tr.truth["logit"][order]
+    taste[rows] = tr.truth["taste"][order]
+    dev = np.asarray([DEVICES.index(x) for x in data.impressions.column("device_type").to_pylist()])
+    cat = data.impressions.column("ad_category").to_numpy()
+    before, _ = taste_matrices(sc)
+    stale = 1 / (1 + np.exp(-(logit - taste + sc.taste_logit * before[dev, cat])))
+    assert np.allclose(1 / (1 + np.exp(-logit)), data.oracle_p)
+    y = labels_within(data, int(sc.attribution_window_s * 1000)).astype(float)
+    shift = taste_shift_time_ms(sc)
+    mon = VersionDecay("stale@1", DecayConfig(min_clicks=150))
+    events = _feed(mon, stale, y, data.t, data.oracle_p)
+    assert mon.baseline_gap is not None and abs(mon.baseline_gap) < 0.01  # the old market
+    assert len(events) == 1 and shift <= events[0]["t_ms"] <= shift + HOUR, events
+    assert mon.get()["ne_gap"] > 0.03
