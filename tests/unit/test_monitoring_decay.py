@@ -448,3 +448,16 @@ def test_taste_shift_decays_a_model_that_knew_the_old_tastes() -> None:
     assert mon.baseline_gap is not None and abs(mon.baseline_gap) < 0.01  # the old market
     assert len(events) == 1 and shift <= events[0]["t_ms"] <= shift + HOUR, events
     assert mon.get()["ne_gap"] > 0.03
+
+
+def test_monitor_command_refuses_bad_options_before_touching_kafka(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from ctrstream.cli.app import build_app
+
+    res = CliRunner().invoke(build_app(), ["monitor", "--window-min", "0"])
+    assert res.exit_code == 2 and "bucket_ms" in res.output
+    bad = tmp_path / "profile.json"
+    bad.write_text("{not json")
+    res = CliRunner().invoke(build_app(), ["monitor", "--profile", str(bad)])
+    assert res.exit_code == 2 and "reference_profile" in res.output
