@@ -165,6 +165,7 @@ class OracleSource:
 
     def refresh(self) -> int:
         """Read new or changed files; returns how many ids are known."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if self.path is None:
@@ -177,12 +178,16 @@ class OracleSource:
                 continue
             if self._seen.get(f) == mtime:
                 continue
-            names = pq.read_schema(f).names
-            col = "p_click" if "p_click" in names else "p_true" if "p_true" in names else None
-            if "impression_id" not in names or col is None:
-                self._seen[f] = mtime
+            try:
+                names = pq.read_schema(f).names
+                col = "p_click" if "p_click" in names else "p_true" if "p_true" in names else None
+                if "impression_id" not in names or col is None:
+                    self._seen[f] = mtime
+                    continue
+                t = pq.read_table(f, columns=["impression_id", col])
+            except (OSError, pa.ArrowException) as e:  # being written or replaced: next time
+                log.debug("oracle file %s not readable yet: %s", f, e)
                 continue
-            t = pq.read_table(f, columns=["impression_id", col])
             ids = t.column("impression_id").to_pylist()
             ps = t.column(col).to_numpy(zero_copy_only=False)
             self.p.update(zip(ids, ps.tolist()))

@@ -352,6 +352,8 @@ def test_oracle_source_reads_parquet_files(tmp_path) -> None:
         tmp_path / "loop" / "impressions-1.parquet",
     )
     assert src.refresh() == 3
+    (tmp_path / "loop" / "impressions-2.parquet").write_bytes(b"PAR1 half written")
+    assert src.refresh() == 3  # an unreadable part is skipped, read again next time
     got = src.lookup(["a", "c", "zz"])
     assert got[:2].tolist() == [0.1, 0.3] and math.isnan(got[2])
     with pytest.raises(ValueError, match="does not exist"):
