@@ -466,9 +466,14 @@ def run(
     from_beginning: bool = True,
     store: Any = None,
     default_profile: dict | None = None,
+    retention_ms: int = 2 * 3_600_000,
 ) -> Monitor:
     """Consume, join, monitor and publish until ``stop(job)`` is true, or until nothing new
-    arrived for ``idle_exit_s`` (``None``: forever). Always publishes before returning."""
+    arrived for ``idle_exit_s`` (``None``: forever). Always publishes before returning.
+    ``retention_ms``: how far (event time) the other stream's slowest partition may pass an
+    unmatched record before it is dropped - a label comes at most an attribution window and
+    the allowed lateness after its prediction, so the default (2 h) only drops what will
+    never match."""
     from confluent_kafka import KafkaError
 
     from ctrstream.events import decode_labeled, decode_prediction
@@ -481,7 +486,13 @@ def run(
         store = redis_client(settings)
     oracle = OracleSource(oracle_path)
     oracle.refresh()
-    job = Monitor(cfg, oracle=oracle, store=store, default_profile=default_profile)
+    job = Monitor(
+        cfg,
+        oracle=oracle,
+        store=store,
+        default_profile=default_profile,
+        retention_ms=retention_ms,
+    )
     t_pred, t_lab = settings.topics.predictions.name, settings.topics.labeled.name
     t_dlq = settings.topics.dlq.name
     consumer = make_consumer(

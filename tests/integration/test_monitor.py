@@ -20,6 +20,9 @@ from ctrstream.store.monitor import read_decay_state
 
 HOUR = 3_600_000
 T0 = 1_767_571_200_000
+# each half of the test is a 2-hour backlog read partition by partition: the join keeps an
+# unmatched record longer than the job's default (2 h, what live traffic needs)
+RETENTION_MS = 6 * HOUR
 
 
 def _world(n: int, seed: int):
@@ -158,6 +161,7 @@ def test_monitor_job_raises_the_alarm_counts_late_clicks_and_resumes(
         job_name=f"mon-{unique}",
         publish_interval_s=0.2,
         store=client,
+        retention_ms=RETENTION_MS,
         stop=lambda j: tick(j) or (j.n_joined >= n // 2 and j.n_late >= 50),
     )
     assert job.n_joined == n // 2
@@ -185,6 +189,7 @@ def test_monitor_job_raises_the_alarm_counts_late_clicks_and_resumes(
         job_name=f"mon-{unique}",
         publish_interval_s=0.2,
         store=client,
+        retention_ms=RETENTION_MS,
         stop=lambda j: tick(j) or j.n_joined >= n - n // 2,
     )
     assert job2.n_joined == n - n // 2  # nothing monitored twice
