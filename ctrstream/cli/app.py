@@ -2,7 +2,8 @@
 
 :func:`build_app` assembles one Typer app from the command groups of the layers below the
 CLI (one module per group: ``stack``, ``traffic``, ``speed``, ``batch``, ``train``,
-``serve``, ``jobs``, ``schemas``, ``experiment``, ``controller``); the demo and the benchmarks sit above the CLI and add their own
+``serve``, ``jobs``, ``monitor``, ``schemas``, ``experiment``, ``controller``); the demo and
+the benchmarks sit above the CLI and add their own
 groups in :mod:`ctrstream.__main__`, the console script. Heavy imports stay inside the
 commands, so ``ctrstream --help`` stays fast.
 """
@@ -29,6 +30,7 @@ def build_app() -> typer.Typer:
         controller,
         experiment,
         jobs,
+        monitor,
         schemas,
         serve,
         speed,
@@ -53,6 +55,7 @@ def build_app() -> typer.Typer:
         train,
         serve,
         jobs,
+        monitor,
         schemas,
         experiment,
         controller,

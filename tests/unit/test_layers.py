@@ -38,8 +38,13 @@ LAYERS: list[tuple[str, list[str]]] = [
         ["ctrstream.stack", "ctrstream.models"],
     ),
     (
-        "speed layer, batch layer, calibration",
-        ["ctrstream.streaming", "ctrstream.batch", "ctrstream.calibration"],
+        "speed layer, batch layer, calibration, decay monitoring",
+        [
+            "ctrstream.streaming",
+            "ctrstream.batch",
+            "ctrstream.calibration",
+            "ctrstream.monitoring",
+        ],
     ),
     ("serving, simulation", ["ctrstream.serving", "ctrstream.simulation"]),
     (
