@@ -2,7 +2,7 @@
 
 :func:`build_app` assembles one Typer app from the command groups of the layers below the
 CLI (one module per group: ``stack``, ``traffic``, ``speed``, ``batch``, ``train``,
-``serve``, ``jobs``, ``schemas``, ``experiment``); the demo and the benchmarks sit above the CLI and add their own
+``serve``, ``jobs``, ``schemas``, ``experiment``, ``run``); the demo and the benchmarks sit above the CLI and add their own
 groups in :mod:`ctrstream.__main__`, the console script. Heavy imports stay inside the
 commands, so ``ctrstream --help`` stays fast.
 """
@@ -28,6 +28,7 @@ def build_app() -> typer.Typer:
         batch,
         experiment,
         jobs,
+        run,
         schemas,
         serve,
         speed,
@@ -44,6 +45,6 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for group in (stack, traffic, speed, batch, train, serve, jobs, schemas, experiment):
+    for group in (stack, traffic, speed, batch, train, serve, jobs, schemas, experiment, run):
         group.register(app)
     return app

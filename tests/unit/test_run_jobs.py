@@ -1,0 +1,145 @@
+"""``ctrstream run``'s job list, the supervisor's backoff and the run's arguments (no
+servers). The supervisor itself against real jobs: tests/integration/test_run_supervisor.py;
+the same jobs in docker-compose.yml: tests/unit/test_run_compose.py."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from ctrstream.cli.run import assign_ports, driver_args, parse_span
+from ctrstream.stack.jobs import PLACEHOLDERS, all_jobs, jobs_for, render, render_job
+from ctrstream.stack.supervisor import Supervisor, backoff_s, last_checkpoint
+
+
+def test_backoff_doubles_from_the_base_up_to_the_cap():
+    assert backoff_s(0) == 0.0
+    assert [backoff_s(n, 1.0, 60.0) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert backoff_s(3, 0.5, 10.0) == 2.0
+    assert backoff_s(10_000, 1.0, 30.0) == 30.0  # no overflow however long it fails
+    with pytest.raises(ValueError):
+        backoff_s(1, -1.0, 10.0)
+
+
+def test_each_mode_runs_the_lambda_jobs_and_one_driver():
+    common = {"speed-features", "speed-join", "archive", "calibrate", "serve"}
+    open_ = {j.name for j in jobs_for("open")}
+    closed = {j.name for j in jobs_for("closed")}
+    assert open_ == common | {"score", "replay"}
+    assert closed == common | {"loop", "monitor", "controller"}
+    for mode in ("open", "closed"):
+        drivers = [j for j in jobs_for(mode) if j.role == "driver"]
+        assert len(drivers) == 1, mode
+        assert jobs_for(mode)[-1].role == "driver"  # started last, after its consumers
+    with pytest.raises(ValueError, match="open or closed"):
+        jobs_for("sideways")  # type: ignore[arg-type]
+
+
+def test_job_definitions_are_complete():
+    jobs = all_jobs()
+    assert len({j.name for j in jobs}) == len(jobs)
+    for j in jobs:
+        assert j.argv[0] == "ctrstream", j.name
+        assert (j.group is None) == (not j.topics), j.name  # a lag needs both
+        for text in (*j.argv, j.checkpoint or ""):
+            names = {p.split("}")[0] for p in text.split("{")[1:]}
+            assert names <= set(PLACEHOLDERS), (j.name, text)
+        assert not (j.api_metrics and j.metrics_ports), j.name
+    # the consumers that keep Kafka positions in a group say which, for the lag
+    by = {j.name: j for j in jobs}
+    assert by["archive"].group == "ctrstream-archive"
+    assert by["speed-features"].group == "ctrstream-speed-features"
+    assert by["speed-join"].group == "ctrstream-speed-join"
+    assert by["replay"].stop_signal == signal.SIGINT  # the replay flushes on Ctrl-C
+
+
+def test_a_multi_process_speed_job_is_one_unit_with_one_port_per_process():
+    by = {j.name: j for j in all_jobs(speed_processes=2)}
+    for name in ("speed-features", "speed-join"):
+        assert by[name].processes == 2 and by[name].metrics_ports == 2
+        assert by[name].argv[-2:] == ("-p", "2")
+    assert "-p" not in {a for a in all_jobs()[0].argv}
+    with pytest.raises(ValueError):
+        all_jobs(speed_processes=0)
+    sup, ports = assign_ports(jobs_for("open", 2), 9100)
+    assert sup == 9100
+    assert ports["speed-features"] == 9101 and ports["speed-join"] == 9103  # 2 each
+    assert "serve" not in ports and "replay" not in ports  # the API serves on its own port
+    assert len(set(ports.values())) == len(ports)
+
+
+def test_render_fills_every_placeholder_or_says_which_is_missing():
+    values = {
+        "run_dir": "/r",
+        "data_dir": "/d",
+        "api_host": "h",
+        "api_port": "1",
+        "experiment": "e",
+    }
+    for j in all_jobs():
+        r = render_job(j, values)
+        assert not any("{" in a for a in r.argv), r.argv
+    loop = next(j for j in all_jobs() if j.name == "loop")
+    assert render_job(loop, values, ("--compression", "60")).argv[-3:] == (
+        "e",
+        "--compression",
+        "60",
+    )
+    with pytest.raises(ValueError, match="experiment"):
+        render("--experiment {experiment}", {"run_dir": "/r"})
+
+
+def test_span_and_driver_arguments():
+    assert parse_span("6h") == 6 * 3600
+    assert parse_span("90m") == 5400
+    assert parse_span("30s") == 30
+    assert parse_span("2") == 7200  # a bare number is hours
+    for bad in ("", "-1h", "0", "6 hours", "h"):
+        with pytest.raises(ValueError, match="--span"):
+            parse_span(bad)
+    assert driver_args("open", 1800, 500.0, None, "steady", 1000, 3) == (
+        "--scenario",
+        "steady",
+        "--hours",
+        "0.5",
+        "--events",
+        "1000",
+        "--seed",
+        "3",
+        "--rate",
+        "500",
+    )
+    assert driver_args("closed", 600, None, 60.0, "drift", None, None) == (
+        "--scenario",
+        "drift",
+        "--duration-s",
+        "600",
+        "--compression",
+        "60",
+    )
+    with pytest.raises(ValueError, match="--compression"):
+        driver_args("closed", 600, 100.0, None, "steady", None, None)
+
+
+def test_the_supervisor_refuses_two_jobs_of_one_name(tmp_path):
+    j = all_jobs()[0]
+    with pytest.raises(ValueError, match="unique"):
+        Supervisor([j, j], env={}, state_dir=tmp_path)
+
+
+def test_last_checkpoint_is_the_newest_file_under_the_path(tmp_path):
+    import os
+
+    d = tmp_path / "rec"
+    (d / "sub").mkdir(parents=True)
+    (d / "a").write_text("x")
+    (d / "sub" / "b").write_text("y")
+    os.utime(d / "a", (1000, 1000))
+    os.utime(d / "sub" / "b", (5000, 5000))
+    os.utime(d / "sub", (10, 10))
+    os.utime(d, (10, 10))
+    assert last_checkpoint(str(d)) == 5000
+    assert last_checkpoint(str(tmp_path / "missing")) is None
+    assert last_checkpoint("redis:calibrate") is None
+    assert last_checkpoint(None) is None
