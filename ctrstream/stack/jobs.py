@@ -45,6 +45,8 @@ class Job:
     group: str | None = None  # the Kafka consumer group that commits its positions
     topics: tuple[str, ...] = ()  # the topics (settings.topics keys) that group consumes
     stop_signal: int = signal.SIGTERM  # how it is asked to stop and checkpoint
+    # exit codes of a clean stop (negative: killed by that signal, as Popen reports it)
+    clean_exits: tuple[int, ...] = (0,)
     processes: int = 1  # OS processes of one unit (a Bytewax cluster: restarted as a unit)
     needs: str | None = None  # a module the job's command lives in (absent: the job is left out)
 
@@ -103,6 +105,8 @@ def all_jobs(speed_processes: int = 1) -> list[Job]:
             env={"CTRSTREAM_METRICS_PORT": "0"},
             metrics_ports=0,
             api_metrics=True,
+            # uvicorn drains its connections on SIGTERM, then re-raises the signal it caught
+            clean_exits=(0, -signal.SIGTERM),
         ),
         Job(
             name="monitor",
@@ -124,6 +128,7 @@ def all_jobs(speed_processes: int = 1) -> list[Job]:
             modes=("open",),
             metrics_ports=0,
             stop_signal=signal.SIGINT,  # the replay flushes what it queued on Ctrl-C
+            clean_exits=(0, 130),  # 130: interrupted, everything queued was flushed
         ),
         Job(
             name="loop",

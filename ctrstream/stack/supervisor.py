@@ -10,7 +10,8 @@ port or a recovery partition when the new one starts).
 
 Stopping sends each job its stop signal (:attr:`Job.stop_signal`), waits for it to exit -
 each job checkpoints its state on that signal - and kills the group only after a timeout. A
-clean stop is every job exiting 0 (a driver stopped by SIGINT may exit 130).
+clean stop is every job exiting with one of its :attr:`Job.clean_exits` (0, or what its
+server reports after a graceful shutdown).
 
 The state file (``<run_dir>/run/state.json``, rewritten atomically on every change) is what
 ``ctrstream run status`` reads.
@@ -38,8 +39,6 @@ from ctrstream.stack.procs import start_job
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-CLEAN_EXITS = (0,)
-DRIVER_CLEAN_EXITS = (0, 130)  # a driver stopped with SIGINT reports 130 once it flushed
 
 
 def backoff_s(failures: int, base_s: float = 1.0, max_s: float = 60.0) -> float:
@@ -210,7 +209,7 @@ class Supervisor:
         u.last_exit = code
         self._set_up(u, False)
         ran = now - (u.started_at or now)
-        if u.job.role == "driver" and code in DRIVER_CLEAN_EXITS:
+        if u.job.role == "driver" and code in u.job.clean_exits:
             u.state = "done"
             self.echo(f"{u.job.name}: finished (exit {code})")
             return
@@ -286,7 +285,7 @@ class Supervisor:
             code = u.proc.returncode
             u.last_exit = code
             self._set_up(u, False)
-            ok = code in (DRIVER_CLEAN_EXITS if u.job.role == "driver" else CLEAN_EXITS)
+            ok = code in u.job.clean_exits
             u.state = "stopped" if ok else "failed"
             clean = clean and ok
             self.echo(f"{u.job.name}: stopped (exit {code})")
