@@ -14,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import test_closed_loop
+
 from ctrstream.stack.manager import settings_env
 from ctrstream.stack.procs import kill_hard, start_job, wait_until
 from ctrstream.stack.scrape import scrape_or_empty
 from ctrstream.stack.services import free_port, pid_alive
 
 CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
+models = test_closed_loop.models  # the closed loop's published models (a fixture)
 
 
 def _free_block(n: int) -> int:
@@ -214,3 +217,54 @@ def test_a_bounded_span_ends_the_run_by_itself(fresh_topics, tmp_path):
     finally:
         if sup.poll() is None:
             kill_hard(sup)
+
+
+def test_the_closed_loop_checkpoints_on_sigterm_and_resumes(
+    fresh_topics, models, unique, stack_env, tmp_path
+):
+    """The ad server's loop (the closed loop's driver) asked to stop with SIGTERM ends at
+    its step, writes its checkpoint and exits 0; started again, it resumes there."""
+    from test_closed_loop import SMALL, _experiment
+
+    from ctrstream.experiments.design import Arm
+    from ctrstream.kafka.topics import read_topic
+    from ctrstream.loop import session
+    from ctrstream.loop.wiring import build_world
+
+    s = fresh_topics
+    env = {**stack_env, **settings_env(s), "PYTHONUNBUFFERED": "1"}
+    arms = [
+        Arm(name="a", kind="model", weight=0.5, model_name=models[0]),
+        Arm(name="prior", kind="prior", weight=0.5),
+    ]
+    exp = _experiment(f"term-{unique}", arms, "a")
+    _world, start = build_world(s, scenario="steady", request_rate=4.0, overrides=SMALL)
+    session.start(s, exp, start)
+    argv = [
+        CTRSTREAM, "loop", "run", "--experiment", exp.name, "--request-rate", "4",
+        "--duration-s", "3600", "--step-s", "10", "--compression", "60",
+        "--checkpoint-every", "100000", "--overrides", json.dumps(SMALL),
+    ]  # fmt: skip
+    state = session.state_dir(s, exp.name) / "loop-state.json"
+    log = tmp_path / "loop.log"
+    p = start_job(argv, env=env, log_path=log)
+    try:
+        wait_until(
+            lambda: read_topic(s, s.topics.impressions.name, timeout=2), 120, interval=0.5,
+            what=f"the loop's first impressions (log {log})",
+        )  # fmt: skip
+        assert not state.exists()  # no periodic checkpoint: the one on SIGTERM is the test
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            kill_hard(p)
+    steps = json.loads(state.read_text())["steps"]
+    assert 0 < steps < 360, steps  # stopped in the middle, at a step's end
+    again = subprocess.run(  # the same loop again (ending at once): it resumes
+        [*argv, "--duration-s", "0.001"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["resumed"] is True
+    session.stop(s, exp.name)
