@@ -156,7 +156,8 @@ def register(app: typer.Typer) -> None:
 
         from ctrstream.config import get_settings
         from ctrstream.stack.jobs import jobs_for, render_job
-        from ctrstream.stack.supervisor import Supervisor
+        from ctrstream.stack.services import pid_alive
+        from ctrstream.stack.supervisor import Supervisor, read_state
 
         if mode not in ("open", "closed"):
             raise fail(f"--mode {mode!r}: choose open or closed")
@@ -189,6 +190,13 @@ def register(app: typer.Typer) -> None:
                 jobs.remove(j)
         jobs = [j for j in jobs if (not chosen or j.name in chosen) and j.name not in dropped]
         settings = get_settings()
+        running = read_state(settings.run_dir / "run")
+        if running is not None and pid_alive(int(running["pid"])) and running["pid"] != os.getpid():
+            raise fail(
+                f"a run is already going in {settings.run_dir} (supervisor pid "
+                f"{running['pid']}): see `ctrstream run status`, stop it with "
+                f"`kill -TERM {running['pid']}`"
+            )
         values = {
             "run_dir": str(settings.run_dir),
             "data_dir": str(settings.data_dir),

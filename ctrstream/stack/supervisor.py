@@ -2,7 +2,7 @@
 exponential backoff (restarts counted, exported to Prometheus and written to the run's state
 file), and stops them all cleanly on SIGTERM or Ctrl-C.
 
-A job is one process group (:func:`ctrstream.stack.procs.start_job`): a multi-process Bytewax
+A job is one process group, which dies with the supervisor: a multi-process Bytewax
 job is its ``ctrstream speed -p N`` parent and that parent's processes, so when one process
 dies the parent stops the others and exits, and the supervisor restarts the whole group as
 one unit (what is left of the group is killed first: no process of the old cluster holds a
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrstream.stack.jobs import Job
-from ctrstream.stack.procs import start_job
+from ctrstream.stack.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,18 @@ class Supervisor:
         elif "CTRSTREAM_METRICS_PORT" not in u.job.env:
             env["CTRSTREAM_METRICS_PORT"] = "0"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        u.proc = start_job(argv, env=env, log_path=self.log_dir / f"{u.job.name}.log")
+        with open(self.log_dir / f"{u.job.name}.log", "ab") as out:
+            # its own process group (stopped and reaped as one unit), and it dies with the
+            # supervisor however the supervisor dies: no job outlives it holding its ports
+            u.proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
         u.state = "running"
         u.started_at = time.time()
         self._set_up(u, True)
