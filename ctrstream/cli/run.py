@@ -157,7 +157,13 @@ def register(app: typer.Typer) -> None:
         from ctrstream.config import get_settings
         from ctrstream.stack.jobs import jobs_for, render_job
         from ctrstream.stack.services import pid_alive
-        from ctrstream.stack.supervisor import Supervisor, read_state
+        from ctrstream.stack.supervisor import (
+            TARGETS_FILE,
+            Supervisor,
+            read_state,
+            scrape_targets,
+            write_file_sd,
+        )
 
         if mode not in ("open", "closed"):
             raise fail(f"--mode {mode!r}: choose open or closed")
@@ -241,6 +247,11 @@ def register(app: typer.Typer) -> None:
         )
         sup.install_signals()
         sup.serve_metrics(sup_port, settings.metrics_host)
+        # what a Prometheus scrapes (ctrstream.stack.prometheus takes these targets; a
+        # file_sd_configs entry can watch the file)
+        targets = [("supervisor", f"{settings.metrics_host}:{sup_port}")]
+        targets += scrape_targets(sup.units, api_port, settings.metrics_host)
+        write_file_sd(sup.state_dir / TARGETS_FILE, targets)
         out.print(
             f"supervisor metrics on {settings.metrics_host}:{sup_port}; logs in {sup.log_dir}"
         )

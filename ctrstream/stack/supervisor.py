@@ -39,6 +39,7 @@ from ctrstream.stack.procs import die_with_parent
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+TARGETS_FILE = "targets.json"  # the jobs' metrics endpoints, in Prometheus' file_sd format
 
 
 def backoff_s(failures: int, base_s: float = 1.0, max_s: float = 60.0) -> float:
@@ -306,6 +307,33 @@ class Supervisor:
         return 0 if clean else 1
 
 
+def scrape_targets(units: list[Unit], api_port: int | None, host: str) -> list[tuple[str, str]]:
+    """(job name, ``host:port``) of every Prometheus endpoint of the run's jobs, one per
+    process (a Bytewax process k on its job's port + k), the API on its own port."""
+    out: list[tuple[str, str]] = []
+    for u in units:
+        if u.job.api_metrics and api_port:
+            out.append((u.job.name, f"{host}:{api_port}"))
+        elif u.metrics_port:
+            out += [
+                (u.job.name, f"{host}:{u.metrics_port + k}") for k in range(u.job.metrics_ports)
+            ]
+    return out
+
+
+def write_file_sd(path: Path, targets: list[tuple[str, str]]) -> None:
+    """``targets`` as a Prometheus ``file_sd_configs`` file (a JSON list of target groups
+    labelled with the job's name), written atomically: a Prometheus watching it follows."""
+    groups: dict[str, list[str]] = {}
+    for name, addr in targets:
+        groups.setdefault(name, []).append(addr)
+    doc = [{"targets": addrs, "labels": {"job": name}} for name, addrs in groups.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
 def read_state(state_dir: Path) -> dict[str, Any] | None:
     """The supervisor's state file (None: no run has written one here)."""
     path = Path(state_dir) / STATE_FILE
@@ -342,4 +370,6 @@ __all__ = [
     "executable",
     "last_checkpoint",
     "read_state",
+    "scrape_targets",
+    "write_file_sd",
 ]

@@ -117,6 +117,13 @@ def test_run_supervises_restarts_and_stops_cleanly(fresh_topics, tmp_path):
         st = wait_until(all_up, 180, interval=0.5, what=f"every job up (log {log})")
         m = scrape_or_empty(base)
         assert all(m[f"ctrstream_job_up{{job={n}}}"] == 1 for n in services), m
+        # every endpoint, for Prometheus (file_sd format): the supervisor, 2 per speed flow
+        groups = json.loads((run_dir / "run" / "targets.json").read_text())
+        n_targets = {g["labels"]["job"]: len(g["targets"]) for g in groups}
+        assert n_targets == {"supervisor": 1, **{n: 1 for n in services}} | {
+            "speed-features": 2,
+            "speed-join": 2,
+        }
         # the replay drives the run and finishes; the consumers catch up (run status' lag)
         wait_until(
             lambda: _state(run_dir)["replay"]["state"] == "done", 120, interval=0.5,

@@ -143,3 +143,114 @@ def test_last_checkpoint_is_the_newest_file_under_the_path(tmp_path):
     assert last_checkpoint(str(tmp_path / "missing")) is None
     assert last_checkpoint("redis:calibrate") is None
     assert last_checkpoint(None) is None
+
+
+def _py(code: str) -> tuple[str, ...]:
+    """A job's command line running ``code`` in this interpreter (no servers)."""
+    import sys
+    from pathlib import Path
+
+    return (Path(sys.executable).name, "-c", code)
+
+
+_SERVICE = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+    "while True: time.sleep(0.05)\n"
+)
+
+
+def test_the_supervisor_restarts_a_failing_job_with_backoff_and_stops_all_cleanly(tmp_path):
+    """A job that keeps failing is restarted after growing delays and counted; a driver that
+    finishes is done; the run stops every job with its signal, each exits 0: exit code 0."""
+    import json
+    import time
+
+    from ctrstream.stack.jobs import Job
+
+    jobs = [
+        Job(name="crashy", argv=_py("import sys; sys.exit(3)")),
+        Job(name="steady", argv=_py(_SERVICE)),
+        Job(name="drive", argv=_py("pass"), role="driver"),
+    ]
+    starts: list[float] = []
+
+    def finished(units) -> bool:
+        u = next(x for x in units if x.job.name == "crashy")
+        if u.state == "running" and (not starts or starts[-1] != u.started_at):
+            starts.append(u.started_at)
+        return u.restarts >= 3 and u.state == "backoff"
+
+    sup = Supervisor(
+        jobs,
+        env={},
+        state_dir=tmp_path,
+        backoff_base_s=0.1,
+        backoff_max_s=0.4,
+        tick_s=0.01,
+        finished=finished,
+        echo=lambda m: None,
+    )
+    t0 = time.monotonic()
+    assert sup.run() == 0
+    assert time.monotonic() - t0 < 30
+    by = {u.job.name: u for u in sup.units}
+    assert by["crashy"].restarts == 3 and by["crashy"].last_exit == 3
+    assert by["steady"].restarts == 0 and by["steady"].state == "stopped"
+    assert by["steady"].last_exit == 0
+    assert by["drive"].state == "done" and by["drive"].restarts == 0
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert len(gaps) == 3 and gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.4 * 0.95
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert {j["name"]: j["restarts"] for j in state["jobs"]} == {
+        "crashy": 3,
+        "steady": 0,
+        "drive": 0,
+    }
+
+
+def test_a_job_that_ignores_its_stop_signal_is_killed_and_the_run_fails(tmp_path):
+    from ctrstream.stack.jobs import Job
+
+    stubborn = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    sup = Supervisor(
+        [Job(name="stubborn", argv=_py(stubborn))],
+        env={},
+        state_dir=tmp_path,
+        stop_timeout_s=1.0,
+        tick_s=0.01,
+        finished=lambda units: "ready" in (tmp_path / "logs" / "stubborn.log").read_text(),
+        echo=lambda m: None,
+    )
+    assert sup.run() == 1
+    u = sup.units[0]
+    assert u.state == "failed" and u.last_exit == -9
+
+
+def test_scrape_targets_one_per_process_and_the_api_on_its_port(tmp_path):
+    import json
+
+    from ctrstream.stack.supervisor import Unit, scrape_targets, write_file_sd
+
+    units = [
+        Unit(next(j for j in all_jobs(2) if j.name == "speed-join"), 9103),
+        Unit(next(j for j in all_jobs() if j.name == "serve")),
+        Unit(next(j for j in all_jobs() if j.name == "replay")),
+    ]
+    targets = scrape_targets(units, 8080, "127.0.0.1")
+    assert targets == [
+        ("speed-join", "127.0.0.1:9103"),
+        ("speed-join", "127.0.0.1:9104"),
+        ("serve", "127.0.0.1:8080"),
+    ]
+    write_file_sd(tmp_path / "t.json", targets)
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc[0] == {
+        "targets": ["127.0.0.1:9103", "127.0.0.1:9104"],
+        "labels": {"job": "speed-join"},
+    }
