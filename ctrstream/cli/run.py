@@ -63,6 +63,20 @@ def _check_free(ports: list[int], host: str) -> None:
                 ) from None
 
 
+def scenario_sets(items: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` scenario fields (VALUE parsed as JSON when it can be)."""
+    out_: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out_[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out_[k.strip()] = v
+    return out_
+
+
 def driver_args(
     mode: str,
     span_s: float | None,
@@ -71,10 +85,13 @@ def driver_args(
     scenario: str,
     events: int | None,
     seed: int | None,
+    sets: dict[str, Any] | None = None,
 ) -> tuple[str, ...]:
     """The arguments ``ctrstream run`` adds to its driver's command line."""
     if mode == "open":
         args: list[str] = ["--scenario", scenario]
+        for k, v in (sets or {}).items():
+            args += ["--set", f"{k}={json.dumps(v)}"]
         if span_s is not None:
             args += ["--hours", f"{span_s / 3600:g}"]
         if events is not None:
@@ -92,6 +109,8 @@ def driver_args(
             "--compression (event seconds per wall second)"
         )
     args = ["--scenario", scenario]
+    if sets:
+        args += ["--overrides", json.dumps(sets)]
     # until stopped: a span longer than any run (the loop checkpoints and resumes in it)
     args += ["--duration-s", f"{span_s if span_s is not None else 10 * 365 * 86400:g}"]
     if compression is not None:
@@ -124,6 +143,9 @@ def register(app: typer.Typer) -> None:
             False, "--until-stopped", help="run until SIGTERM or Ctrl-C"
         ),
         scenario: str = typer.Option("steady", help="the driver's scenario"),
+        sets: list[str] = typer.Option(
+            None, "--set", help="a scenario field, KEY=VALUE (repeatable): --set n_users=5000"
+        ),
         events: int = typer.Option(None, help="open loop: impressions the replay generates"),
         seed: int = typer.Option(None, help="open loop: the generator's seed"),
         experiment: str = typer.Option(
@@ -180,7 +202,9 @@ def register(app: typer.Typer) -> None:
             )
         try:
             span_s = parse_span(span) if span is not None else None
-            extra = driver_args(mode, span_s, rate, compression, scenario, events, seed)
+            extra = driver_args(
+                mode, span_s, rate, compression, scenario, events, seed, scenario_sets(sets)
+            )
             jobs = jobs_for(mode, speed_processes)  # type: ignore[arg-type]
         except ValueError as e:
             raise fail(str(e)) from None
@@ -337,4 +361,4 @@ def _lags(settings: Any, jobs: list) -> dict[str, int | None]:
     )
 
 
-__all__ = ["assign_ports", "driver_args", "parse_span", "register"]
+__all__ = ["assign_ports", "driver_args", "parse_span", "register", "scenario_sets"]

@@ -160,10 +160,11 @@ def render(text: str, values: Mapping[str, str]) -> str:
 
 
 def render_job(job: Job, values: Mapping[str, str], extra: tuple[str, ...] = ()) -> Job:
-    """``job`` with its command line (plus ``extra`` arguments) and checkpoint filled."""
+    """``job`` with its command line and checkpoint filled, and ``extra`` arguments (taken
+    verbatim: a scenario's JSON holds braces) appended."""
     return replace(
         job,
-        argv=tuple(render(a, values) for a in job.argv + extra),
+        argv=tuple(render(a, values) for a in job.argv) + tuple(extra),
         checkpoint=render(job.checkpoint, values) if job.checkpoint else None,
     )
 

@@ -275,3 +275,52 @@ def test_the_closed_loop_checkpoints_on_sigterm_and_resumes(
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["resumed"] is True
     session.stop(s, exp.name)
+
+
+def test_a_closed_loop_run_over_a_span(fresh_topics, models, unique, stack_env, tmp_path):
+    """``ctrstream run --mode closed``: the experiment's loop drives the world through the ad
+    server for the span at the set compression; the run ends by itself, every job clean."""
+    from test_closed_loop import SMALL, _experiment
+
+    from ctrstream.experiments.design import Arm
+    from ctrstream.kafka.topics import read_topic
+    from ctrstream.loop import session
+    from ctrstream.loop.wiring import build_world
+
+    s = fresh_topics
+    run_dir = tmp_path / "run"
+    env = _env(s, run_dir)
+    arms = [
+        Arm(name="a", kind="model", weight=0.5, model_name=models[0]),
+        Arm(name="prior", kind="prior", weight=0.5),
+    ]
+    exp = _experiment(f"run-{unique}", arms, "a")
+    _world, start = build_world(s, scenario="steady", overrides=SMALL)
+    session.start(s, exp, start)  # started (its models pinned) in the stack's run directory
+    # this run's own directory (state, recovery stores) sees the stack's experiments
+    run_dir.mkdir()
+    (run_dir / "experiments").symlink_to(s.run_dir / "experiments", target_is_directory=True)
+    base = _free_block(6)
+    sets = [x for k, v in SMALL.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    argv = [
+        CTRSTREAM, "run", "--mode", "closed", "--experiment", exp.name, "--span", "10m",
+        "--compression", "300", *sets, "--only", "speed-features,archive,calibrate,loop",
+        "--metrics-base", str(base), "--drain-s", "60",
+    ]  # fmt: skip
+    log = tmp_path / "run.log"
+    sup = start_job(argv, env=env, log_path=log)
+    try:
+        rc = sup.wait(240)
+        assert rc == 0, log.read_text()[-4000:]
+        st = _state(run_dir)
+        assert st["loop"]["state"] == "done" and st["loop"]["last_exit"] == 0
+        assert "--overrides" in st["loop"]["argv"] and "600" in st["loop"]["argv"]
+        for name in ("speed-features", "archive", "calibrate"):
+            assert st[name]["state"] == "stopped" and st[name]["last_exit"] == 0, st[name]
+        assert json.loads((session.state_dir(s, exp.name) / "loop-state.json").read_text())
+        assert read_topic(s, s.topics.impressions.name, timeout=5)
+        assert list((run_dir / "data" / "archive").rglob("*.parquet"))
+    finally:
+        if sup.poll() is None:
+            kill_hard(sup)
+        session.stop(s, exp.name)

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from ctrstream.cli.run import assign_ports, driver_args, parse_span
+from ctrstream.cli.run import assign_ports, driver_args, parse_span, scenario_sets
 from ctrstream.stack.jobs import PLACEHOLDERS, all_jobs, jobs_for, render, render_job
 from ctrstream.stack.supervisor import Supervisor, backoff_s, last_checkpoint
 
@@ -88,6 +88,8 @@ def test_render_fills_every_placeholder_or_says_which_is_missing():
     )
     with pytest.raises(ValueError, match="experiment"):
         render("--experiment {experiment}", {"run_dir": "/r"})
+    # the run's own arguments are appended as they are (JSON has braces)
+    assert render_job(loop, values, ("--overrides", '{"n_users": 5}')).argv[-1] == '{"n_users": 5}'
 
 
 def test_span_and_driver_arguments():
@@ -120,6 +122,20 @@ def test_span_and_driver_arguments():
     )
     with pytest.raises(ValueError, match="--compression"):
         driver_args("closed", 600, 100.0, None, "steady", None, None)
+    # scenario fields: the replay's --set, the loop's --overrides
+    sets = scenario_sets(["n_users=500", "name=x"])
+    assert sets == {"n_users": 500, "name": "x"}
+    assert driver_args("open", None, None, None, "steady", None, None, sets)[2:] == (
+        "--set",
+        "n_users=500",
+        "--set",
+        'name="x"',
+    )
+    closed = driver_args("closed", None, None, None, "steady", None, None, sets)
+    assert closed[2:4] == ("--overrides", '{"n_users": 500, "name": "x"}')
+    assert float(closed[closed.index("--duration-s") + 1]) > 365 * 86400  # until stopped
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        scenario_sets(["n_users"])
 
 
 def test_the_supervisor_refuses_two_jobs_of_one_name(tmp_path):
