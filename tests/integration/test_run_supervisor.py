@@ -19,7 +19,7 @@ import test_closed_loop
 from ctrstream.stack.manager import settings_env
 from ctrstream.stack.procs import kill_hard, start_job, wait_until
 from ctrstream.stack.scrape import scrape_or_empty
-from ctrstream.stack.services import free_port, pid_alive
+from ctrstream.stack.services import free_port
 
 CTRSTREAM = str(Path(sys.executable).parent / "ctrstream")
 models = test_closed_loop.models  # the closed loop's published models (a fixture)
@@ -76,6 +76,15 @@ def _children(pid: int) -> list[int]:
     except FileNotFoundError:
         return []
     return [int(c) for c in text.split()]
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped by its new parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _status(env: dict) -> dict:
@@ -162,7 +171,11 @@ def test_run_supervises_restarts_and_stops_cleanly(fresh_topics, tmp_path):
             and x["speed-features"]["state"] == "running" and x,
             60, interval=0.2, what="speed-features restarted as a unit",
         )  # fmt: skip
-        assert not pid_alive(procs[1]) and not pid_alive(leader)  # nothing of the old cluster
+        # nothing of the old cluster runs on
+        wait_until(
+            lambda: not _running(procs[1]) and not _running(leader), 10,
+            what="the old cluster's processes gone",
+        )  # fmt: skip
         wait_until(
             lambda: len(_children(_state(run_dir)["speed-features"]["pid"])) == 2, 30,
             what="the new cluster's two processes",
@@ -194,7 +207,7 @@ def test_run_supervises_restarts_and_stops_cleanly(fresh_topics, tmp_path):
         assert list((run_dir / "score-recovery").glob("*.sqlite3"))
         assert list((run_dir / "data" / "archive").rglob("*.parquet"))
         # and nothing is left running
-        assert not any(pid_alive(p) for p in _children(sup.pid))
+        assert not any(_running(p) for p in _children(sup.pid))
     finally:
         if sup.poll() is None:
             kill_hard(sup)
