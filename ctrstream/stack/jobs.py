@@ -110,8 +110,16 @@ def all_jobs(speed_processes: int = 1) -> list[Job]:
         ),
         Job(
             name="monitor",
-            argv=("ctrstream", "monitor"),
+            # the oracle's scores: the loop's decision log (impression id, true p)
+            argv=(
+                "ctrstream",
+                "monitor",
+                "--oracle",
+                "{run_dir}/experiments/{experiment}/impressions",
+            ),
             modes=("closed",),
+            group="ctrstream-monitor",
+            topics=("predictions", "labeled"),
             needs="ctrstream.monitoring",
         ),
         Job(
