@@ -39,6 +39,7 @@ from ctrstream.stack.procs import die_with_parent
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+HISTORY = 20  # runs of a job kept in its history
 TARGETS_FILE = "targets.json"  # the jobs' metrics endpoints, in Prometheus' file_sd format
 
 
@@ -76,6 +77,7 @@ class Unit:
     started_at: float | None = None
     next_start: float = 0.0
     last_exit: int | None = None
+    # its last runs: started_at, and ended_at and exit once it exited (newest last)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -205,6 +207,7 @@ class Supervisor:
             )
         u.state = "running"
         u.started_at = time.time()
+        u.history = [*u.history[-(HISTORY - 1) :], {"started_at": u.started_at}]
         self._set_up(u, True)
         self.echo(f"{u.job.name}: started (pid {u.proc.pid}): {' '.join(u.job.argv)}")
 
@@ -219,6 +222,7 @@ class Supervisor:
     def _exited(self, u: Unit, code: int, now: float) -> None:
         self._reap(u)
         u.last_exit = code
+        u.history[-1].update(ended_at=now, exit=code)
         self._set_up(u, False)
         ran = now - (u.started_at or now)
         if u.job.role == "driver" and code in u.job.clean_exits:
