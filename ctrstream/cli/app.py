@@ -2,8 +2,8 @@
 
 :func:`build_app` assembles one Typer app from the command groups of the layers below the
 CLI (one module per group: ``stack``, ``traffic``, ``speed``, ``batch``, ``train``,
-``serve``, ``jobs``, ``monitor``, ``schemas``, ``experiment``, ``controller``); the demo and
-the benchmarks sit above the CLI and add their own
+``serve``, ``jobs``, ``monitor``, ``schemas``, ``experiment``, ``controller``, ``run``); the
+demo and the benchmarks sit above the CLI and add their own
 groups in :mod:`ctrstream.__main__`, the console script. Heavy imports stay inside the
 commands, so ``ctrstream --help`` stays fast.
 """
@@ -31,6 +31,7 @@ def build_app() -> typer.Typer:
         experiment,
         jobs,
         monitor,
+        run,
         schemas,
         serve,
         speed,
@@ -59,6 +60,7 @@ def build_app() -> typer.Typer:
         schemas,
         experiment,
         controller,
+        run,
     ):
         group.register(app)
     return app

@@ -47,10 +47,12 @@ def register(app: typer.Typer) -> None:
 
         from ctrstream.config import get_settings
         from ctrstream.serving.scorer import build_flow
+        from ctrstream.stack.stopping import stop_on_signals
 
         _logging()
         settings = get_settings()
         _metrics_server(settings)
+        stop_on_signals()  # SIGTERM / Ctrl-C: the source ends, the last epoch is snapshotted
         flow = build_flow(
             settings,
             model=model,

@@ -26,6 +26,10 @@ from pathlib import Path
 
 import typer
 
+# seconds the other processes of a flow get to stop after one of them failed (then killed:
+# a Bytewax cluster that lost a peer cannot close its epoch; it resumes from the snapshot)
+FAILED_CLUSTER_STOP_S = 10.0
+
 FLOWS = {"features": "ctrstream.streaming.features_flow", "join": "ctrstream.streaming.join_flow"}
 
 
@@ -132,6 +136,7 @@ def run_jobs(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     rc = 0
+    kill_at = None  # one process failed: the others (its cluster) get this long to stop
     try:
         while procs:
             for p in list(procs):
@@ -143,6 +148,11 @@ def run_jobs(
                     rc = rc or code
                     log(f"a speed-layer process exited with {code}; stopping the others")
                     stop(signal.SIGTERM, None)
+                    kill_at = kill_at or time.monotonic() + FAILED_CLUSTER_STOP_S
+            if kill_at is not None and time.monotonic() > kill_at:
+                for p in procs:  # a cluster that lost a peer may not finish its epoch
+                    if p.poll() is None:
+                        p.kill()
             time.sleep(0.2)
     finally:
         for p in procs:
