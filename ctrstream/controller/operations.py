@@ -3,8 +3,8 @@ experiments' file store, calibration. Each is idempotent or checks what is done 
 controller that redoes a step after a crash does not do it twice (``docs/controller.md``).
 
 The exploration slice and the closed loop's truth come from the loop's decision logs
-(``<run_dir>/experiments/*/loop/impressions-*.parquet``: ``impression_id``, ``explored``,
-``p_true``), read as files: the controller does not import the loop.
+(``<run_dir>/experiments/*/loop/impressions/impressions-*.parquet``: ``impression_id``,
+``explored``, ``p_true``), read as files: the controller does not import the loop.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def decision_log_slice(run_dir: Path) -> dict[str, tuple[bool, float]]:
     import pyarrow.parquet as pq
 
     out: dict[str, tuple[bool, float]] = {}
-    for p in sorted(Path(run_dir).glob("experiments/*/loop/impressions-*.parquet")):
+    parts = Path(run_dir).glob("experiments/*/loop/impressions/impressions-*.parquet")
+    for p in sorted(parts):
         t = pq.read_table(p, columns=["impression_id", "explored", "p_true"])
         for i, e, pt in zip(
             t.column("impression_id").to_pylist(),

@@ -110,13 +110,10 @@ def all_jobs(speed_processes: int = 1) -> list[Job]:
         ),
         Job(
             name="monitor",
-            # the oracle's scores: the loop's decision log (impression id, true p)
-            argv=(
-                "ctrstream",
-                "monitor",
-                "--oracle",
-                "{run_dir}/experiments/{experiment}/impressions",
-            ),
+            # the oracle's scores: the loop's decision log (impression id, true p), Parquet
+            # parts under the experiment's folder (there once the experiment is started;
+            # the log's own folder appears when the loop first runs)
+            argv=("ctrstream", "monitor", "--oracle", "{run_dir}/experiments/{experiment}"),
             modes=("closed",),
             group="ctrstream-monitor",
             topics=("predictions", "labeled"),

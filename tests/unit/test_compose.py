@@ -391,7 +391,8 @@ def test_triton_model_control_requires_the_key_and_reloads_the_served_models(com
         for name in _ctrstream_services(compose)
         if "CTRSTREAM_TRITON__CONTROL_KEY" in s[name].get("environment", {})
     }
-    assert holders == {"publish"}, f"only the publisher holds the control key, not {holders}"
+    # the publisher, and the controller that publishes the versions it promotes
+    assert holders == {"publish", "controller"}, f"only publishers hold the key, not {holders}"
     assert s["publish"]["environment"]["CTRSTREAM_TRITON__CONTROL_KEY"].startswith(key)
 
 

@@ -272,3 +272,36 @@ def test_scrape_targets_one_per_process_and_the_api_on_its_port(tmp_path):
         "targets": ["127.0.0.1:9103", "127.0.0.1:9104"],
         "labels": {"job": "speed-join"},
     }
+
+
+def test_the_monitor_and_the_controller_read_the_closed_loops_decision_log(tmp_path):
+    """The monitor's --oracle in a closed run is there as soon as the experiment is started
+    (the monitor starts before the loop: a missing path is an error for it) and holds the
+    decision log the loop writes; the controller's exploration slice reads the same parts."""
+    import numpy as np
+
+    from ctrstream.config import Settings
+    from ctrstream.controller.operations import decision_log_slice
+    from ctrstream.loop import session
+    from ctrstream.loop.ledger import IMPRESSION_LOG_COLUMNS, ImpressionLog, RequestLog
+    from ctrstream.monitoring.job import OracleSource
+
+    s = Settings(run_dir=tmp_path / "run", data_dir=tmp_path / "data")
+    (s.run_dir / "experiments" / "exp1").mkdir(parents=True)  # `experiment start` made it
+    monitor = next(j for j in jobs_for("closed") if j.name == "monitor")
+    values = {"run_dir": str(s.run_dir), "data_dir": str(s.data_dir), "api_host": "h"}
+    argv = render_job(monitor, values | {"api_port": "1", "experiment": "exp1"}).argv
+    oracle = OracleSource(argv[argv.index("--oracle") + 1])  # no error before the loop runs
+    assert oracle.refresh() == 0
+    log = ImpressionLog(session.state_dir(s, "exp1") / "impressions")
+    cols = {c: np.zeros(2) for c in IMPRESSION_LOG_COLUMNS}
+    cols |= {
+        "impression_id": np.array(["i1", "i2"]),
+        "explored": np.array([True, False]),
+        "p_true": np.array([0.25, 0.5]),
+    }
+    log.add(cols)
+    log.flush(1_000)
+    RequestLog(session.state_dir(s, "exp1") / "requests")  # its parts have no impression ids
+    assert oracle.refresh() == 2 and list(oracle.lookup(["i2", "i1"])) == [0.5, 0.25]
+    assert decision_log_slice(s.run_dir) == {"i1": (True, 0.25), "i2": (False, 0.5)}
