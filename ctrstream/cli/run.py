@@ -178,14 +178,9 @@ def register(app: typer.Typer) -> None:
 
         from ctrstream.config import get_settings
         from ctrstream.stack.jobs import jobs_for, render_job
+        from ctrstream.stack.prometheus import TARGET_GROUP, remove_targets, write_targets
         from ctrstream.stack.services import pid_alive
-        from ctrstream.stack.supervisor import (
-            TARGETS_FILE,
-            Supervisor,
-            read_state,
-            scrape_targets,
-            write_file_sd,
-        )
+        from ctrstream.stack.supervisor import Supervisor, read_state, scrape_targets
 
         if mode not in ("open", "closed"):
             raise fail(f"--mode {mode!r}: choose open or closed")
@@ -271,15 +266,19 @@ def register(app: typer.Typer) -> None:
         )
         sup.install_signals()
         sup.serve_metrics(sup_port, settings.metrics_host)
-        # what a Prometheus scrapes (ctrstream.stack.prometheus takes these targets; a
-        # file_sd_configs entry can watch the file)
+        # the stack's Prometheus scrapes every endpoint of this run while it runs (its file
+        # discovery watches the target files: ctrstream.stack.prometheus)
         targets = [("supervisor", f"{settings.metrics_host}:{sup_port}")]
         targets += scrape_targets(sup.units, api_port, settings.metrics_host)
-        write_file_sd(sup.state_dir / TARGETS_FILE, targets)
+        write_targets(settings, TARGET_GROUP, targets)
         out.print(
             f"supervisor metrics on {settings.metrics_host}:{sup_port}; logs in {sup.log_dir}"
         )
-        raise typer.Exit(sup.run())
+        try:
+            code = sup.run()
+        finally:
+            remove_targets(settings, TARGET_GROUP)
+        raise typer.Exit(code)
 
     @run_app.command("status")
     def status(

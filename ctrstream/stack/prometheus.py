@@ -35,6 +35,7 @@ from ctrstream.stack.services import Service, StackError
 RULES = Path(__file__).resolve().with_name("alerts.yml")
 
 SCRAPE_JOB = "ctrstream"  # the scrape job of ctrstream's own processes
+TARGET_GROUP = "run"  # the target file of ``ctrstream run``'s jobs (<targets_dir>/run.json)
 OWN_JOBS = ("prometheus", "triton")  # targets with these names get a scrape job of their own
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:(\d{1,5})$")
@@ -230,6 +231,7 @@ __all__ = [
     "OWN_JOBS",
     "RULES",
     "SCRAPE_JOB",
+    "TARGET_GROUP",
     "PrometheusService",
     "check_target",
     "prometheus_config",

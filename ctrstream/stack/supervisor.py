@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 HISTORY = 20  # runs of a job kept in its history
-TARGETS_FILE = "targets.json"  # the jobs' metrics endpoints, in Prometheus' file_sd format
 
 
 def backoff_s(failures: int, base_s: float = 1.0, max_s: float = 60.0) -> float:
@@ -325,19 +324,6 @@ def scrape_targets(units: list[Unit], api_port: int | None, host: str) -> list[t
     return out
 
 
-def write_file_sd(path: Path, targets: list[tuple[str, str]]) -> None:
-    """``targets`` as a Prometheus ``file_sd_configs`` file (a JSON list of target groups
-    labelled with the job's name), written atomically: a Prometheus watching it follows."""
-    groups: dict[str, list[str]] = {}
-    for name, addr in targets:
-        groups.setdefault(name, []).append(addr)
-    doc = [{"targets": addrs, "labels": {"job": name}} for name, addrs in groups.items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-
-
 def read_state(state_dir: Path) -> dict[str, Any] | None:
     """The supervisor's state file (None: no run has written one here)."""
     path = Path(state_dir) / STATE_FILE
@@ -375,5 +361,4 @@ __all__ = [
     "last_checkpoint",
     "read_state",
     "scrape_targets",
-    "write_file_sd",
 ]

@@ -126,9 +126,11 @@ def test_run_supervises_restarts_and_stops_cleanly(fresh_topics, tmp_path):
         st = wait_until(all_up, 180, interval=0.5, what=f"every job up (log {log})")
         m = scrape_or_empty(base)
         assert all(m[f"ctrstream_job_up{{job={n}}}"] == 1 for n in services), m
-        # every endpoint, for Prometheus (file_sd format): the supervisor, 2 per speed flow
-        groups = json.loads((run_dir / "run" / "targets.json").read_text())
-        n_targets = {g["labels"]["job"]: len(g["targets"]) for g in groups}
+        # every endpoint, in the stack's Prometheus' file discovery while the run runs: the
+        # supervisor, 2 per speed flow
+        targets = run_dir / "prometheus" / "targets" / "run.json"
+        groups = json.loads(targets.read_text())
+        n_targets = {g["labels"]["service"]: len(g["targets"]) for g in groups}
         assert n_targets == {"supervisor": 1, **{n: 1 for n in services}} | {
             "speed-features": 2,
             "speed-join": 2,
@@ -206,8 +208,9 @@ def test_run_supervises_restarts_and_stops_cleanly(fresh_topics, tmp_path):
             assert stores and max(p.stat().st_mtime for p in stores) >= t_stop - 1, flow
         assert list((run_dir / "score-recovery").glob("*.sqlite3"))
         assert list((run_dir / "data" / "archive").rglob("*.parquet"))
-        # and nothing is left running
+        # and nothing is left running, nor scraped
         assert not any(_running(p) for p in _children(sup.pid))
+        assert not targets.exists()
     finally:
         if sup.poll() is None:
             kill_hard(sup)

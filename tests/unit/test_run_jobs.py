@@ -253,7 +253,9 @@ def test_a_job_that_ignores_its_stop_signal_is_killed_and_the_run_fails(tmp_path
 def test_scrape_targets_one_per_process_and_the_api_on_its_port(tmp_path):
     import json
 
-    from ctrstream.stack.supervisor import Unit, scrape_targets, write_file_sd
+    from ctrstream.config import Settings
+    from ctrstream.stack.prometheus import TARGET_GROUP, targets_dir, write_targets
+    from ctrstream.stack.supervisor import Unit, scrape_targets
 
     units = [
         Unit(next(j for j in all_jobs(2) if j.name == "speed-join"), 9103),
@@ -266,11 +268,14 @@ def test_scrape_targets_one_per_process_and_the_api_on_its_port(tmp_path):
         ("speed-join", "127.0.0.1:9104"),
         ("serve", "127.0.0.1:8080"),
     ]
-    write_file_sd(tmp_path / "t.json", targets)
-    doc = json.loads((tmp_path / "t.json").read_text())
+    # what `ctrstream run` hands the stack's Prometheus (its file discovery's folder)
+    s = Settings(run_dir=tmp_path)
+    path = write_targets(s, TARGET_GROUP, targets)
+    assert path == targets_dir(s) / "run.json"
+    doc = json.loads(path.read_text())
     assert doc[0] == {
         "targets": ["127.0.0.1:9103", "127.0.0.1:9104"],
-        "labels": {"job": "speed-join"},
+        "labels": {"service": "speed-join"},
     }
 
 
