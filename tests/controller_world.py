@@ -35,7 +35,7 @@ class World:
                     "decay": {
                         "version": "1",
                         "alarm": True,
-                        "since_ms": CLOCK - 600_000,
+                        "since_ms": CLOCK - 3 * 3_600_000,  # 2 h before the cut-off
                         "reason": "ne gap",
                         "ne_gap": 0.05,
                     },

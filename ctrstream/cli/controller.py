@@ -31,6 +31,11 @@ def register(app: typer.Typer) -> None:
         train_window_h: float = typer.Option(
             6.0, help="the sliding training window, ending at the cut-off (h of event time)"
         ),
+        alarm_min_train_h: float = typer.Option(
+            1.0,
+            help="a decay alarm's cycle trains on the rows from the alarm on: it starts once "
+            "the cut-off is this many hours of event time after the alarm",
+        ),
         share: float = typer.Option(0.2, help="the challenger's share of users in the experiment"),
         shadow_min_s: float = typer.Option(600.0, help="event time the shadow arm scores (s)"),
         shadow_max_s: float = typer.Option(7200.0, help="no shadow verdict by then: roll back"),
@@ -91,6 +96,7 @@ def register(app: typer.Typer) -> None:
                 prefix=prefix,
                 interval_h=interval_h,
                 train_window_h=train_window_h,
+                alarm_min_train_h=alarm_min_train_h,
                 share=share,
                 shadow_min_s=shadow_min_s,
                 shadow_max_s=shadow_max_s,

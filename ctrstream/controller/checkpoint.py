@@ -15,14 +15,17 @@ STATE_FORMAT = 1
 
 @dataclass
 class Cycle:
-    """One cycle: its number, cut-off, why it started, and each finished step's outcome
-    (step name -> ``{"kind", "why", "at_ms", "data"}``)."""
+    """One cycle: its number, cut-off, why it started, each finished step's outcome
+    (step name -> ``{"kind", "why", "at_ms", "data"}``) and where its training rows start."""
 
     number: int
     cutoff_ms: int
     reason: str
     started_at_ms: int
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the first event time trained on: the decay alarm's since_ms for a cycle the alarm
+    # started (the hours before it do not help); None: the sliding window
+    train_from_ms: int | None = None
 
 
 @dataclass

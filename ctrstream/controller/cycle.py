@@ -73,6 +73,8 @@ class Operations(Protocol):
 
     registry: Registry
     allowed_lateness_ms: int
+    # optional ``warmup_ms``: the first event time of a training window that is feature
+    # history only, not trained on (0 when absent)
 
     def event_time_ms(self) -> int | None:
         """The controller's clock: the latest archived event time (None: empty archive)."""
@@ -116,6 +118,9 @@ class ControllerConfig:
     model: str = "ctr_lr"  # the champion's published base name
     interval_h: float = 6.0  # event time between two scheduled cycles
     train_window_h: float = 6.0  # the sliding training window, ending at the cut-off
+    # a decay alarm's cycle trains on the rows from the alarm to the cut-off: it starts once
+    # the cut-off is this much event time after the alarm
+    alarm_min_train_h: float = 1.0
     share: float = 0.2  # the challenger's traffic share in the experiment
     shadow_min_s: float = 600.0  # event time the shadow arm scores before its verdict
     shadow_max_s: float = 7200.0  # no verdict by then: rolled back (not enough evidence)
@@ -137,6 +142,11 @@ class ControllerConfig:
     def validate(self) -> ControllerConfig:
         if not self.interval_h > 0 or not self.train_window_h > 0:
             raise ValueError("controller: --interval-h and --train-window-h must be > 0 hours")
+        if not 0 < self.alarm_min_train_h <= self.train_window_h:
+            raise ValueError(
+                f"controller: --alarm-min-train-h {self.alarm_min_train_h} must be > 0 and at "
+                f"most --train-window-h {self.train_window_h}"
+            )
         if not 0 < self.share < 1:
             raise ValueError(f"controller: --share {self.share} must be in (0, 1)")
         if self.shadow_max_s < self.shadow_min_s:
@@ -224,10 +234,13 @@ class Controller:
 
     # ------------------------------------------------------------------ the schedule
 
-    def _trigger(self, now_ms: int) -> tuple[str, int] | None:
-        """(reason, cut-off) of the cycle due at event time ``now_ms``, or None. The cut-off
-        is the latest aligned one the archive is complete for; a cycle needs a cut-off after
-        the last cycle's (nothing new to learn otherwise)."""
+    def _trigger(self, now_ms: int) -> tuple[str, int, int | None] | None:
+        """(reason, cut-off, first event time to train on) of the cycle due at event time
+        ``now_ms``, or None. The cut-off is the latest aligned one the archive is complete
+        for; a cycle needs a cut-off after the last cycle's (nothing new to learn otherwise).
+        A decay alarm's cycle trains on the rows from the alarm on (those before it are the
+        market that no longer is): it waits until the cut-off is ``alarm_min_train_h`` after
+        the alarm, the schedule and the operator's request still start theirs meanwhile."""
         st = self.state
         if st.schedule_from_ms is None:
             st.schedule_from_ms = now_ms  # the schedule starts when the controller first runs
@@ -238,17 +251,26 @@ class Controller:
             return None
         if st.requested:
             reason, st.requested = st.requested, None
-            return reason, cutoff
+            return reason, cutoff, None
         since = alarm_since(self.ops.decay_state())
         if since is not None and (
             st.handled_alarm_since_ms is None or since > st.handled_alarm_since_ms
         ):
-            st.handled_alarm_since_ms = since
-            return f"decay alarm raised at event time {since}", cutoff
+            if cutoff - since >= self.config.alarm_min_train_h * HOUR_MS:
+                st.handled_alarm_since_ms = since
+                return f"decay alarm raised at event time {since}", cutoff, since
+            log.info(
+                "decay alarm at event time %d: its cycle waits for a cut-off %g h after it "
+                "(now %d)",
+                since,
+                self.config.alarm_min_train_h,
+                cutoff,
+            )
         if now_ms - st.schedule_from_ms >= self.config.interval_h * HOUR_MS:
             return (
                 f"schedule: {self.config.interval_h:g} h of event time since {st.schedule_from_ms}",
                 cutoff,
+                None,
             )
         return None
 
@@ -274,9 +296,13 @@ class Controller:
             due = self._trigger(now)
             if due is None:
                 return "idle"
-            reason, cutoff = due
+            reason, cutoff, train_from = due
             st.cycle = C.Cycle(
-                number=st.cycles_finished + 1, cutoff_ms=cutoff, reason=reason, started_at_ms=now
+                number=st.cycles_finished + 1,
+                cutoff_ms=cutoff,
+                reason=reason,
+                started_at_ms=now,
+                train_from_ms=train_from,
             )
             self._save()
             _kill_point("start", "checkpoint")
@@ -364,16 +390,31 @@ class Controller:
             res,
         )
 
-    def _step_train(self, c: C.Cycle, now: int | None) -> Outcome:
+    def train_window(self, c: C.Cycle) -> tuple[int, int]:
+        """``[start, end)`` event time of cycle ``c``'s training set: the sliding window
+        ending at the cut-off; for a decay alarm's cycle no earlier than the alarm less the
+        warm-up (feature history only), so that every row trained on is from the alarm on."""
         start = c.cutoff_ms - int(self.config.train_window_h * HOUR_MS)
-        res = self.ops.train(self.folder / f"cycle-{c.number}", start, c.cutoff_ms)
+        if c.train_from_ms is not None:
+            warmup = int(getattr(self.ops, "warmup_ms", 0))
+            start = max(start, c.train_from_ms - warmup)
+        return start, c.cutoff_ms
+
+    def _step_train(self, c: C.Cycle, now: int | None) -> Outcome:
+        start, end = self.train_window(c)
+        res = self.ops.train(self.folder / f"cycle-{c.number}", start, end)
         ev = res.get("evaluation", {})
         ne = (ev.get("model") or {}).get("ne")
+        alarm = (
+            ""
+            if c.train_from_ms is None
+            else f" (rows from the decay alarm at {c.train_from_ms} on)"
+        )
         return Outcome(
             "trained",
-            f"challenger trained on [{start}, {c.cutoff_ms}) event time"
+            f"challenger trained on [{start}, {end}) event time{alarm}"
             + (f", validation NE {ne:.4f}" if ne is not None else ""),
-            res,
+            res | {"window_ms": [start, end]},
         )
 
     def _step_gate(self, c: C.Cycle, now: int | None) -> Outcome:

@@ -2,25 +2,20 @@
 
 The monitor (``ctrstream monitor``) writes its state to the store with
 ``ctrstream.store.monitor.write_decay_state``; the controller reads it with
-:func:`read_decay_state`, the store's function when this checkout has it, otherwise ``None``
-(no monitor: the controller runs on its schedule alone). The state is a dict with at least
+:func:`read_decay_state`. The state is a dict with at least
 ``{"version": str, "alarm": bool, "since_ms": int | None, "reason": str, "ne_gap": float}``.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from ctrstream.store import monitor
 
 
 def read_decay_state(client: Any) -> dict | None:
-    """The decay monitor's latest state (None: no monitor, or it wrote nothing yet)."""
-    try:
-        monitor = importlib.import_module("ctrstream.store.monitor")
-    except ModuleNotFoundError:
-        return None
-    state: dict | None = monitor.read_decay_state(client)
-    return state
+    """The decay monitor's latest state (None: the monitor wrote nothing yet)."""
+    return monitor.read_decay_state(client)
 
 
 def alarm_since(state: dict | None) -> int | None:

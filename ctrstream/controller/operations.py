@@ -76,6 +76,7 @@ class StackOperations:
         self.oracle_path = oracle_path
         self.epochs = epochs
         self.warmup_hours = warmup_hours
+        self.warmup_ms = int(round(warmup_hours * 3_600_000))
         self.val_fraction = val_fraction
         self.read_dlq = read_dlq
         self.seed = seed

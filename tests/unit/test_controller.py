@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,80 @@ def test_the_gate_judges_on_the_exploration_slice_when_it_is_large_enough():
     tiny = np.zeros(len(p), dtype=bool)
     tiny[:10] = True
     assert offline_gate(y, p, champ, explored=tiny).slice == "all"
+
+
+# ------------------------------------------------------------------ the decay alarm's cycle
+
+HOUR = 3_600_000
+
+
+def _first_cycle(ctl: Controller) -> None:
+    while "train" not in (ctl.state.cycle.done if ctl.state.cycle else {}):
+        status = ctl.step()
+        assert status != "idle" and not status.startswith("wait"), status
+
+
+def test_an_alarm_cycle_trains_on_the_rows_from_the_alarm_on(tmp_path):
+    """The hours before the alarm are the market that no longer is: the early retrain's rows
+    start at the alarm's since_ms (the window starts a warm-up before it, feature history
+    only); a scheduled cycle keeps the sliding window."""
+    from ctrstream.features import align_cutoff
+
+    since = CLOCK - 3 * HOUR
+    World(tmp_path).update(decay={"version": "1", "alarm": True, "since_ms": since,
+                                  "reason": "ne gap", "ne_gap": 0.05})  # fmt: skip
+    ops = FakeOps(tmp_path)
+    ops.warmup_ms = HOUR // 2  # type: ignore[attr-defined]
+    ctl = Controller(config(tmp_path), ops)
+    _first_cycle(ctl)
+    cutoff = align_cutoff(CLOCK - ops.allowed_lateness_ms)
+    c = ctl.state.cycle
+    assert c.train_from_ms == since and c.cutoff_ms == cutoff
+    assert c.done["train"]["data"]["window_ms"] == [since - HOUR // 2, cutoff]
+    assert f"rows from the decay alarm at {since} on" in c.done["train"]["why"]
+    # the window never grows past the sliding one: an old alarm trains on the window
+    c.train_from_ms = cutoff - 10 * HOUR
+    assert ctl.train_window(c) == (cutoff - 6 * HOUR, cutoff)
+    # a scheduled cycle: the sliding window, whatever the warm-up
+    w = tmp_path / "sched"
+    w.mkdir()
+    World(w).update(decay=None)
+    ctl = Controller(config(w), FakeOps(w))
+    ctl.request_cycle()
+    _first_cycle(ctl)
+    assert ctl.state.cycle.train_from_ms is None
+    assert ctl.state.cycle.done["train"]["data"]["window_ms"] == [cutoff - 6 * HOUR, cutoff]
+
+
+def test_an_alarm_waits_for_a_cut_off_with_rows_after_it(tmp_path):
+    """An alarm raised after the latest cut-off has no row to learn the new market from: its
+    cycle starts once a cut-off is alarm_min_train_h after it (not marked handled before)."""
+    since = CLOCK - 600_000
+    w = World(tmp_path)
+    w.update(decay={"version": "1", "alarm": True, "since_ms": since,
+                    "reason": "ne gap", "ne_gap": 0.05})  # fmt: skip
+    ctl = Controller(config(tmp_path), FakeOps(tmp_path))
+    assert ctl.step() == "idle" and ctl.state.handled_alarm_since_ms is None
+    w.update(clock=CLOCK + HOUR)  # the cut-off is at the alarm's hour: still too close
+    assert ctl.step() == "idle"
+    w.update(clock=CLOCK + 2 * HOUR)
+    assert ctl.step() == "started"
+    assert ctl.state.cycle.reason == f"decay alarm raised at event time {since}"
+    assert ctl.state.cycle.train_from_ms == since == ctl.state.handled_alarm_since_ms
+    with pytest.raises(ValueError, match="alarm-min-train-h"):
+        replace(config(tmp_path), alarm_min_train_h=7.0).validate()
+
+
+def test_the_controller_reads_the_monitors_decay_state_from_the_store():
+    from ctrstream.controller.decay import alarm_since, read_decay_state
+    from ctrstream.store.monitor import write_decay_state
+
+    class Client(dict):
+        def set(self, k, v):
+            self[k] = v
+
+    r = Client()
+    assert read_decay_state(r) is None
+    state = {"version": "ctr_lr@2", "alarm": True, "since_ms": 5, "reason": "gap", "ne_gap": 0.1}
+    write_decay_state(r, state)
+    assert read_decay_state(r) == state and alarm_since(read_decay_state(r)) == 5
