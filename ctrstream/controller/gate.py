@@ -7,10 +7,13 @@ window, after every row it was trained on and after every row the champion was t
 the champion chose what was shown; on those rows its errors are selected (it showed what it
 over-estimated, the winner's curse), and the rows say nothing about what it did not show. The
 gate therefore evaluates on the **exploration slice** (impressions whose slot or ad the ad
-server randomised, the ``explored`` flag of the decision log) when it holds at least
-``min_rows`` rows and ``min_clicks`` clicks, and on every validation row otherwise, and says
-which (``slice``). Position is a model input of both, so neither is credited or blamed for
-the slot it was shown at.
+server randomised, the ``explored`` flag of the decision log), each row weighted by
+``1 / propensity`` when the propensities are known, when it holds at least ``min_rows`` rows
+and ``min_clicks`` clicks, and on every validation row otherwise, and says which (``slice``).
+Position is a model input of both, so neither is credited or blamed for the slot it was shown
+at. The models' NE, AUC, calibration ratio and gap to the oracle on the slice are
+:func:`ctrstream.monitoring.offline.compare`'s (the decay monitor's offline comparison: one
+implementation); the gate adds the paired interval and the verdict.
 
 The rule: the challenger fails when it is worse than the champion with confidence - the
 lower end of a 95 % paired interval of its NE minus the champion's (per-row log-loss
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ctrstream import metrics as M
+from ctrstream.monitoring.offline import compare
 
 Z95 = 1.959963984540054
 
@@ -82,17 +86,13 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def _summary(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    return {
-        "ne": M.normalized_entropy(p, y),
-        "auc": M.auc(p, y),
-        "log_loss": M.log_loss(p, y),
-        "calibration": M.calibration_ratio(p, y),
-    }
+def _summary(m: dict[str, float]) -> dict[str, float]:
+    """One model's numbers of :func:`compare` under the gate's names."""
+    return {"ne": m["ne"], "auc": m["auc"], "calibration": m["ratio"], "ne_gap": m["ne_gap"]}
 
 
 def _row_log_loss(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
+    p = np.clip(p, M.EPS, 1 - M.EPS)
     out: np.ndarray = -(y * np.log(p) + (1 - y) * np.log1p(-p))
     return out
 
@@ -104,24 +104,34 @@ def offline_gate(
     oracle: np.ndarray | None = None,
     explored: np.ndarray | None = None,
     rule: GateRule | None = None,
+    propensity: np.ndarray | None = None,
 ) -> GateResult:
     """The gate's verdict on one set of validation rows (see the module doc). ``champion``
     None: there is no champion yet, the challenger passes on its own calibration and rows.
-    ``explored``: a boolean mask of the exploration slice (None: unknown)."""
+    ``explored``: a boolean mask of the exploration slice (None: unknown); ``propensity``:
+    each row's probability of being shown where it was (the explored rows are weighted by
+    its inverse; None: unweighted)."""
     rule = (rule or GateRule()).validate()
-    y = np.asarray(labels, dtype=np.float64)
-    pc = np.asarray(challenger, dtype=np.float64)
-    if len(pc) != len(y) or (champion is not None and len(champion) != len(y)):
+    y_all = np.asarray(labels, dtype=np.float64)
+    pc_all = np.asarray(challenger, dtype=np.float64)
+    if len(pc_all) != len(y_all) or (champion is not None and len(champion) != len(y_all)):
         raise ValueError("challenger, champion and labels must score the same rows")
-    sel = np.ones(len(y), dtype=bool)
+    sel = np.ones(len(y_all), dtype=bool)
     slice_ = "all"
     if explored is not None:
         e = np.asarray(explored, dtype=bool)
-        if len(e) != len(y):
-            raise ValueError(f"{len(e)} exploration flags for {len(y)} rows")
-        if e.sum() >= rule.min_rows and y[e].sum() >= rule.min_clicks:
+        if len(e) != len(y_all):
+            raise ValueError(f"{len(e)} exploration flags for {len(y_all)} rows")
+        if e.sum() >= rule.min_rows and y_all[e].sum() >= rule.min_clicks:
             sel, slice_ = e, "exploration"
-    y, pc = y[sel], pc[sel]
+    # each row's chance of being shown where it was (1: unweighted), on the judged rows
+    chance = np.ones(len(y_all))
+    if slice_ == "exploration" and propensity is not None:
+        chance = np.asarray(propensity, dtype=np.float64)
+        if len(chance) != len(y_all):
+            raise ValueError(f"{len(chance)} propensities for {len(y_all)} rows")
+    y, pc, prop = y_all[sel], pc_all[sel], chance[sel]
+    w = 1.0 / np.where(prop > 0, prop, 1.0)
     pk = None if champion is None else np.asarray(champion, dtype=np.float64)[sel]
     po = None if oracle is None else np.asarray(oracle, dtype=np.float64)[sel]
     n, clicks = int(len(y)), int(y.sum())
@@ -140,9 +150,15 @@ def offline_gate(
             None,
             None,
         )
-    ch = _summary(pc, y)
-    champ = None if pk is None else _summary(pk, y)
-    orc = None if po is None else _summary(po, y)
+    scores = {"challenger": pc}
+    scores |= {} if pk is None else {"champion": pk}
+    scores |= {} if po is None else {"oracle": po}
+    # the judged rows as compare's exploration slice, each weighted 1 / its propensity
+    judged = compare(scores, y, explored=np.ones(n, dtype=bool), propensity=prop, reference=po)
+    part = judged["exploration"]
+    ch = _summary(part["challenger"])
+    champ = None if pk is None else _summary(part["champion"])
+    orc = None if po is None else _summary(part["oracle"])
     reasons = []
     lo, hi = rule.calibration_band
     cal = ch["calibration"]
@@ -156,10 +172,13 @@ def offline_gate(
         )
     diff = diff_lo = diff_hi = None
     if champ is not None and pk is not None:
-        h = M.entropy(float(y.mean()))
+        # the paired per-row difference of NE (the same weights as compare's NEs, so its
+        # mean is their difference); a weighted mean's standard error, n / (n - 1) corrected
+        h = M.entropy(float((w * y).sum() / w.sum()))
         d = (_row_log_loss(pc, y) - _row_log_loss(pk, y)) / h
-        diff = float(d.mean())
-        half = Z95 * float(d.std(ddof=1)) / math.sqrt(n)
+        diff = float((w * d).sum() / w.sum())
+        se = math.sqrt(float((w**2 * (d - diff) ** 2).sum()) * n / (n - 1)) / float(w.sum())
+        half = Z95 * se
         diff_lo, diff_hi = diff - half, diff + half
         if diff_lo > rule.max_ne_regression:
             reasons.append(

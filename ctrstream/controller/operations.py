@@ -36,21 +36,23 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def decision_log_slice(run_dir: Path) -> dict[str, tuple[bool, float]]:
-    """impression id -> (explored, true p) over every experiment's decision log."""
+def decision_log_slice(run_dir: Path) -> dict[str, tuple[bool, float, float]]:
+    """impression id -> (explored, true p, propensity) over every experiment's decision log
+    (the propensity: the chance the ad server gave that ad that slot, given the branch)."""
     import pyarrow.parquet as pq
 
-    out: dict[str, tuple[bool, float]] = {}
+    out: dict[str, tuple[bool, float, float]] = {}
     parts = Path(run_dir).glob("experiments/*/loop/impressions/impressions-*.parquet")
     for p in sorted(parts):
-        t = pq.read_table(p, columns=["impression_id", "explored", "p_true"])
-        for i, e, pt in zip(
+        t = pq.read_table(p, columns=["impression_id", "explored", "p_true", "propensity"])
+        for i, e, pt, pr in zip(
             t.column("impression_id").to_pylist(),
             t.column("explored").to_pylist(),
             t.column("p_true").to_pylist(),
+            t.column("propensity").to_pylist(),
             strict=True,
         ):
-            out[str(i)] = (bool(e), float(pt))
+            out[str(i)] = (bool(e), float(pt), float(pr))
     return out
 
 
@@ -178,7 +180,8 @@ class StackOperations:
         )[val].astype(str)
         truth = oracle_for(ids, oracle)
         logs = decision_log_slice(self.settings.run_dir)
-        explored = np.array([logs.get(i, (False, 0.0))[0] for i in ids], dtype=bool)
+        explored = np.array([logs.get(i, (False, 0.0, 1.0))[0] for i in ids], dtype=bool)
+        propensity = np.array([logs.get(i, (False, 0.0, 1.0))[2] for i in ids])
         if truth is None and logs and all(i in logs for i in ids):
             truth = np.array([logs[i][1] for i in ids])
         np.savez(
@@ -189,6 +192,7 @@ class StackOperations:
             impression_id=ids,
             oracle=truth if truth is not None else np.full(len(ids), np.nan),
             explored=explored,
+            propensity=propensity,
         )
         m = summary["models"][self.kind]
         res = {
@@ -233,6 +237,7 @@ class StackOperations:
             None if np.isnan(truth).any() else truth,
             z["explored"] if z["explored"].any() else None,
             rule,
+            z["propensity"] if "propensity" in z.files else None,
         )
         return res.to_dict()
 

@@ -335,3 +335,32 @@ def test_the_controller_reads_the_monitors_decay_state_from_the_store():
     state = {"version": "ctr_lr@2", "alarm": True, "since_ms": 5, "reason": "gap", "ne_gap": 0.1}
     write_decay_state(r, state)
     assert read_decay_state(r) == state and alarm_since(read_decay_state(r)) == 5
+
+
+def test_the_gate_scores_the_models_with_the_monitors_offline_comparison():
+    """One implementation of the comparison: the gate's NE, AUC, calibration and gap to the
+    oracle are ctrstream.monitoring.offline.compare's on the judged rows, the exploration
+    slice weighted by 1 / propensity; its paired NE difference is their NEs' difference."""
+    from ctrstream.monitoring.offline import compare
+
+    p, y = _rows()
+    rng = np.random.default_rng(7)
+    explored = rng.random(len(p)) < 0.3
+    prop = np.where(explored, rng.choice([0.1, 0.5, 1.0], len(p)), 1.0)
+    champ = np.clip(p * np.exp(rng.normal(0, 0.3, len(p))), 1e-6, 0.9)
+    res = offline_gate(y, p, champ, oracle=p, explored=explored, propensity=prop)
+    ref = compare(
+        {"challenger": p, "champion": champ}, y, explored=explored, propensity=prop, reference=p
+    )["exploration"]
+    assert res.slice == "exploration"
+    for mine, theirs in ((res.challenger, ref["challenger"]), (res.champion, ref["champion"])):
+        assert mine["ne"] == pytest.approx(theirs["ne"])
+        assert mine["auc"] == pytest.approx(theirs["auc"])
+        assert mine["calibration"] == pytest.approx(theirs["ratio"])
+        assert mine["ne_gap"] == pytest.approx(theirs["ne_gap"])
+    assert res.ne_diff == pytest.approx(res.challenger["ne"] - res.champion["ne"])
+    assert res.ne_diff_lo < res.ne_diff < res.ne_diff_hi
+    unweighted = offline_gate(y, p, champ, oracle=p, explored=explored)
+    assert unweighted.challenger["ne"] != pytest.approx(res.challenger["ne"])
+    everything = offline_gate(y, p, champ)  # no exploration flags: every row, unweighted
+    assert everything.challenger["ne"] == pytest.approx(compare({"c": p}, y)["all"]["c"]["ne"])

@@ -304,9 +304,10 @@ def test_the_monitor_and_the_controller_read_the_closed_loops_decision_log(tmp_p
         "impression_id": np.array(["i1", "i2"]),
         "explored": np.array([True, False]),
         "p_true": np.array([0.25, 0.5]),
+        "propensity": np.array([0.5, 1.0]),
     }
     log.add(cols)
     log.flush(1_000)
     RequestLog(session.state_dir(s, "exp1") / "requests")  # its parts have no impression ids
     assert oracle.refresh() == 2 and list(oracle.lookup(["i2", "i1"])) == [0.5, 0.25]
-    assert decision_log_slice(s.run_dir) == {"i1": (True, 0.25), "i2": (False, 0.5)}
+    assert decision_log_slice(s.run_dir) == {"i1": (True, 0.25, 0.5), "i2": (False, 0.5, 1.0)}
