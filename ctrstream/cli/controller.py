@@ -89,6 +89,11 @@ def register(app: typer.Typer) -> None:
             return
         if model not in BASE_NAMES:
             raise fail(f"--model must be lr or deep, not {model!r}")
+        # SIGTERM / Ctrl-C from here on: the step in progress ends (checkpointed), no other
+        # starts, exit 0
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
         try:
             config = ControllerConfig(
                 folder=where,
@@ -125,13 +130,10 @@ def register(app: typer.Typer) -> None:
 
             set_served_version(config.model, int(champ["version"]))
         if once:
-            sys.stdout.write(json.dumps({"status": ctl.run_until_waiting()}) + "\n")
+            sys.stdout.write(json.dumps({"status": ctl.run_until_waiting(stop=stop)}) + "\n")
             return
         if settings.metrics_port:
             from prometheus_client import start_http_server
 
             start_http_server(settings.metrics_port, addr=settings.metrics_host)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
         ctl.run(stop, poll_s=poll_s)

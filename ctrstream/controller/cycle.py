@@ -333,22 +333,26 @@ class Controller:
         log.info("cycle %d: %s - %s", cycle.number, outcome.kind, outcome.why)
         return name
 
-    def run_until_waiting(self, max_steps: int = 100) -> str:
-        """Steps until the controller is idle or waits; returns the last status."""
+    def run_until_waiting(self, max_steps: int = 100, stop: threading.Event | None = None) -> str:
+        """Steps until the controller is idle or waits, or ``stop`` is set (checked between
+        steps: a stop ends the step in progress, checkpointed, and starts no other); returns
+        the last status."""
         status = "idle"
         for _ in range(max_steps):
+            if stop is not None and stop.is_set():
+                return status
             status = self.step()
             if status == "idle" or status.startswith("wait:"):
                 return status
         return status
 
     def run(self, stop: threading.Event, poll_s: float = 5.0) -> None:
-        """Run until ``stop`` is set: step while there is work, then wait ``poll_s``. A step
-        that raises (Triton or Redis away) is logged and retried at the next poll: the
+        """Run until ``stop`` is set (SIGTERM: the step in progress ends and is checkpointed,
+        no other starts): step while there is work, then wait ``poll_s``. A step that raises (Triton or Redis away) is logged and retried at the next poll: the
         checkpoint still names it, and each step is idempotent."""
         while not stop.is_set():
             try:
-                self.run_until_waiting()
+                self.run_until_waiting(stop=stop)
             except Exception:  # a failed step is retried at the next poll: each is idempotent
                 log.exception("controller step failed; retrying in %.0f s", poll_s)
             stop.wait(poll_s)

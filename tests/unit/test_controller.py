@@ -364,3 +364,27 @@ def test_the_gate_scores_the_models_with_the_monitors_offline_comparison():
     assert unweighted.challenger["ne"] != pytest.approx(res.challenger["ne"])
     everything = offline_gate(y, p, champ)  # no exploration flags: every row, unweighted
     assert everything.challenger["ne"] == pytest.approx(compare({"c": p}, y)["all"]["c"]["ne"])
+
+
+def test_a_stop_ends_the_step_in_progress_and_starts_no_other(tmp_path):
+    """SIGTERM (``stop`` set) while a step runs: that step finishes and is checkpointed, the
+    service loop returns without starting the next one (a long training step after it would
+    outlast the supervisor's stop timeout), and a new controller resumes at the next step."""
+    import threading
+
+    stop = threading.Event()
+
+    class Stopped(FakeOps):
+        def switch_view(self, cutoff_ms: int) -> dict:
+            stop.set()  # the signal arrives while the view is built
+            return super().switch_view(cutoff_ms)
+
+    ctl = Controller(config(tmp_path), Stopped(tmp_path))
+    t = threading.Thread(target=ctl.run, args=(stop,), kwargs={"poll_s": 0.01}, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert kinds(tmp_path) == PROMOTED[:3]  # started, archive caught up, view switched
+    assert World(tmp_path).load()["trains"] == 0
+    again = Controller(config(tmp_path), FakeOps(tmp_path))
+    assert again.step() == "reconcile"
