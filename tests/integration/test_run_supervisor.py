@@ -295,7 +295,8 @@ def test_the_closed_loop_checkpoints_on_sigterm_and_resumes(
 
 def test_a_closed_loop_run_over_a_span(fresh_topics, models, unique, stack_env, tmp_path):
     """``ctrstream run --mode closed``: the experiment's loop drives the world through the ad
-    server for the span at the set compression; the run ends by itself, every job clean."""
+    server for the span at the set compression, the decay monitor and the controller beside
+    it; the run ends by itself, every job clean."""
     from test_closed_loop import SMALL, _experiment
 
     from ctrstream.experiments.design import Arm
@@ -316,11 +317,12 @@ def test_a_closed_loop_run_over_a_span(fresh_topics, models, unique, stack_env, 
     # this run's own directory (state, recovery stores) sees the stack's experiments
     run_dir.mkdir()
     (run_dir / "experiments").symlink_to(s.run_dir / "experiments", target_is_directory=True)
-    base = _free_block(6)
+    base = _free_block(8)
     sets = [x for k, v in SMALL.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     argv = [
         CTRSTREAM, "run", "--mode", "closed", "--experiment", exp.name, "--span", "10m",
-        "--compression", "300", *sets, "--only", "speed-features,archive,calibrate,loop",
+        "--compression", "300", *sets,
+        "--only", "speed-features,archive,calibrate,monitor,controller,loop",
         "--metrics-base", str(base), "--drain-s", "60",
     ]  # fmt: skip
     log = tmp_path / "run.log"
@@ -331,8 +333,11 @@ def test_a_closed_loop_run_over_a_span(fresh_topics, models, unique, stack_env, 
         st = _state(run_dir)
         assert st["loop"]["state"] == "done" and st["loop"]["last_exit"] == 0
         assert "--overrides" in st["loop"]["argv"] and "600" in st["loop"]["argv"]
-        for name in ("speed-features", "archive", "calibrate"):
+        # the decay monitor (its positions committed) and the controller (its checkpoint)
+        # stop on SIGTERM with exit 0 too
+        for name in ("speed-features", "archive", "calibrate", "monitor", "controller"):
             assert st[name]["state"] == "stopped" and st[name]["last_exit"] == 0, st[name]
+            assert st[name]["restarts"] == 0, (name, log.read_text()[-4000:])
         assert json.loads((session.state_dir(s, exp.name) / "loop-state.json").read_text())
         assert read_topic(s, s.topics.impressions.name, timeout=5)
         assert list((run_dir / "data" / "archive").rglob("*.parquet"))
