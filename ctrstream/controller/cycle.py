@@ -189,6 +189,7 @@ class Controller:
         self.state_path = self.folder / "state.json"
         self.audit = AuditLog(self.folder / "audit.jsonl", on_append=on_decision)
         self.state = C.load(self.state_path)
+        self._alarm_waiting: int | None = None  # the alarm whose cycle waits for rows after it
         self.resume()
 
     # ------------------------------------------------------------------ persistence
@@ -259,13 +260,15 @@ class Controller:
             if cutoff - since >= self.config.alarm_min_train_h * HOUR_MS:
                 st.handled_alarm_since_ms = since
                 return f"decay alarm raised at event time {since}", cutoff, since
-            log.info(
-                "decay alarm at event time %d: its cycle waits for a cut-off %g h after it "
-                "(now %d)",
-                since,
-                self.config.alarm_min_train_h,
-                cutoff,
-            )
+            if self._alarm_waiting != since:  # said once per alarm, not at every poll
+                self._alarm_waiting = since
+                log.info(
+                    "decay alarm at event time %d: its cycle waits for a cut-off %g h after "
+                    "it (now %d)",
+                    since,
+                    self.config.alarm_min_train_h,
+                    cutoff,
+                )
         if now_ms - st.schedule_from_ms >= self.config.interval_h * HOUR_MS:
             return (
                 f"schedule: {self.config.interval_h:g} h of event time since {st.schedule_from_ms}",
@@ -348,8 +351,9 @@ class Controller:
 
     def run(self, stop: threading.Event, poll_s: float = 5.0) -> None:
         """Run until ``stop`` is set (SIGTERM: the step in progress ends and is checkpointed,
-        no other starts): step while there is work, then wait ``poll_s``. A step that raises (Triton or Redis away) is logged and retried at the next poll: the
-        checkpoint still names it, and each step is idempotent."""
+        no other starts): step while there is work, then wait ``poll_s``. A step that raises
+        (Triton or Redis away) is logged and retried at the next poll: the checkpoint still
+        names it, and each step is idempotent."""
         while not stop.is_set():
             try:
                 self.run_until_waiting(stop=stop)
