@@ -154,8 +154,8 @@ def offline_gate(
     scores |= {} if pk is None else {"champion": pk}
     scores |= {} if po is None else {"oracle": po}
     # the judged rows as compare's exploration slice, each weighted 1 / its propensity
-    judged = compare(scores, y, explored=np.ones(n, dtype=bool), propensity=prop, reference=po)
-    part = judged["exploration"]
+    rows = compare(scores, y, explored=np.ones(n, dtype=bool), propensity=prop, reference=po)
+    part = rows["exploration"]
     ch = _summary(part["challenger"])
     champ = None if pk is None else _summary(part["champion"])
     orc = None if po is None else _summary(part["oracle"])
