@@ -467,6 +467,24 @@ class TritonSettings(BaseModel):
         return self.model_repository / "served.json"
 
 
+class PrometheusSettings(BaseModel):
+    """The local stack's Prometheus (``ctrstream stack up``; :mod:`ctrstream.stack.prometheus`).
+
+    Its port is not Prometheus's usual 9090: a machine that runs Debian's own Prometheus
+    service (the package's default) keeps it, and the stack's does not collide with it."""
+
+    enabled: bool = True  # false: `stack up` runs without it (no root for `ctrstream setup`)
+    host: str = "127.0.0.1"
+    port: int = 19090
+    scrape_interval_s: float = Field(default=5.0, gt=0)
+    evaluation_interval_s: float = Field(default=15.0, gt=0)
+    retention: str = "7d"  # --storage.tsdb.retention.time
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CTRSTREAM_",
@@ -499,6 +517,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     triton: TritonSettings = TritonSettings()
+    prometheus: PrometheusSettings = PrometheusSettings()
     topics: Topics = Topics()
     speed: SpeedSettings = SpeedSettings()
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from ctrstream import features as F
 from ctrstream.config import Settings, get_settings
+from ctrstream.stack.stopping import stop_on_signals, stop_requested
 
 if TYPE_CHECKING:
     from ctrstream.kafka.deadletters import DlqWriter
@@ -257,6 +258,37 @@ class BatchScorer:
         return out
 
 
+def _stoppable_source():
+    """Bytewax's ``KafkaSource`` whose partitions end when a stop is requested (SIGTERM):
+    the dataflow then completes and snapshots its offsets before the job exits."""
+    from bytewax.connectors.kafka import KafkaSource
+    from bytewax.inputs import StatefulSourcePartition
+
+    class _Stoppable(StatefulSourcePartition):
+        def __init__(self, inner: StatefulSourcePartition):
+            self.inner = inner
+
+        def next_batch(self):
+            if stop_requested():
+                raise StopIteration
+            return self.inner.next_batch()
+
+        def next_awake(self):
+            return self.inner.next_awake()
+
+        def snapshot(self):
+            return self.inner.snapshot()
+
+        def close(self):
+            self.inner.close()
+
+    class StoppableKafkaSource(KafkaSource):
+        def build_part(self, step_id, for_part, resume_state):
+            return _Stoppable(super().build_part(step_id, for_part, resume_state))
+
+    return StoppableKafkaSource
+
+
 def build_flow(
     settings: Settings,
     *,
@@ -274,7 +306,6 @@ def build_flow(
     from bytewax.connectors.kafka import (
         KafkaSink,
         KafkaSinkMessage,
-        KafkaSource,
         KafkaSourceMessage,
     )
     from bytewax.dataflow import Dataflow
@@ -282,10 +313,11 @@ def build_flow(
 
     from ctrstream.kafka.clients import producer_config
 
+    _StoppableKafkaSource = _stoppable_source()
     bs = batch_scorer or BatchScorer(settings, model, model_name, batch_size, since_ms=since_ms)
     brokers = [settings.kafka.bootstrap_servers]
     flow = Dataflow("ctrstream_score")
-    src = KafkaSource(
+    src = _StoppableKafkaSource(
         brokers,
         [settings.topics.impressions.name],
         tail=not stop_at_end,
@@ -324,6 +356,7 @@ def get_flow(
     import os
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stop_on_signals()  # SIGTERM / Ctrl-C: the source ends, the last epoch is snapshotted
     settings = get_settings()
     if settings.metrics_port:
         from prometheus_client import start_http_server

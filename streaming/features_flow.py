@@ -98,6 +98,7 @@ from ctrstream.kafka import heartbeats as HB
 from ctrstream.kafka.deadletters import DlqWriter, dead_letter
 from ctrstream.kafka.heartbeats import NO_TIME
 from ctrstream.kafka.partition import PartitionReader
+from ctrstream.stack.stopping import stop_on_signals, stop_requested
 from ctrstream.store.resp import Backoff
 from ctrstream.store.speed_view import SpeedCells, SpeedViewWriter, WriterLoss
 from ctrstream.streaming import speed_metrics as M
@@ -405,7 +406,7 @@ class _EventsPartition(StatefulSourcePartition):
         return self.end is not None and (self.reader.next_offset or 0) >= self.end
 
     def next_batch(self):
-        if self._at_end():
+        if self._at_end() or stop_requested():  # SIGTERM: end here, the final snapshot follows
             self.dlq.flush()
             raise StopIteration
         msgs = self.reader.poll(BATCH)
@@ -1271,4 +1272,5 @@ def _builder(cfg: FlowConfig):
 def get_flow(stop_at_end: bool = False) -> Dataflow:
     """Entry point for ``python -m bytewax.run "ctrstream.streaming.features_flow:get_flow()"``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stop_on_signals()  # SIGTERM / Ctrl-C: the sources end, the last epoch is snapshotted
     return build_flow(get_settings(), stop_at_end=stop_at_end)

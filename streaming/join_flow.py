@@ -74,6 +74,7 @@ from ctrstream.kafka.clients import ensure_topics, producer_config
 from ctrstream.kafka.deadletters import dead_letter, dead_letter_headers, producer_overrides
 from ctrstream.kafka.heartbeats import NO_TIME
 from ctrstream.kafka.partition import PartitionReader
+from ctrstream.stack.stopping import stop_on_signals, stop_requested
 from ctrstream.streaming import speed_metrics as M
 
 log = logging.getLogger("ctrstream.speed.join")
@@ -249,6 +250,8 @@ class _JoinPartition(StatefulSourcePartition):
         return min(self.max_i, self.max_c) - self.lateness
 
     def next_batch(self):
+        if stop_requested():  # SIGTERM: end here, the final snapshot follows
+            raise StopIteration
         mi = self.ri.poll(BATCH)
         mc = self.rc.poll(BATCH)
         if not mi and not mc:
@@ -566,6 +569,7 @@ def build_flow(settings: Settings) -> Dataflow:
 def get_flow(stop_at_end: bool = False) -> Dataflow:
     """Entry point for ``python -m bytewax.run "ctrstream.streaming.join_flow:get_flow()"``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stop_on_signals()  # SIGTERM / Ctrl-C: the sources end, the last epoch is snapshotted
     return build_flow(get_settings())
 
 

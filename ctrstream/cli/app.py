@@ -2,7 +2,8 @@
 
 :func:`build_app` assembles one Typer app from the command groups of the layers below the
 CLI (one module per group: ``stack``, ``traffic``, ``speed``, ``batch``, ``train``,
-``serve``, ``jobs``, ``schemas``, ``experiment``); the demo and the benchmarks sit above the CLI and add their own
+``serve``, ``jobs``, ``monitor``, ``schemas``, ``experiment``, ``controller``, ``run``); the
+demo and the benchmarks sit above the CLI and add their own
 groups in :mod:`ctrstream.__main__`, the console script. Heavy imports stay inside the
 commands, so ``ctrstream --help`` stays fast.
 """
@@ -26,8 +27,11 @@ def build_app() -> typer.Typer:
     """The ``ctrstream`` app with every command group of the CLI layer registered."""
     from ctrstream.cli import (
         batch,
+        controller,
         experiment,
         jobs,
+        monitor,
+        run,
         schemas,
         serve,
         speed,
@@ -44,6 +48,19 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for group in (stack, traffic, speed, batch, train, serve, jobs, schemas, experiment):
+    for group in (
+        stack,
+        traffic,
+        speed,
+        batch,
+        train,
+        serve,
+        jobs,
+        monitor,
+        schemas,
+        experiment,
+        controller,
+        run,
+    ):
         group.register(app)
     return app

@@ -170,8 +170,10 @@ def register(app: typer.Typer) -> None:
         checkpoint after a restart)."""
         from ctrstream.loop import session
         from ctrstream.loop.wiring import run_loop
+        from ctrstream.stack.stopping import stop_on_signals, stop_requested
 
         s = _settings()
+        stop_on_signals()  # SIGTERM / Ctrl-C: the loop ends at its step's end, checkpointed
         if s.metrics_port:
             from prometheus_client import start_http_server
 
@@ -196,6 +198,7 @@ def register(app: typer.Typer) -> None:
                 fresh=fresh,
                 checkpoint_every=checkpoint_every,
                 overrides=ov,
+                stop=stop_requested,
             )
         except (session.SessionError, ValueError, KeyError) as e:
             raise fail(str(e)) from None

@@ -60,6 +60,7 @@ def register(app: typer.Typer) -> None:
         from ctrstream.cli.cluster import Layout, LayoutError
         from ctrstream.config import get_settings
         from ctrstream.serving.scorer import build_flow
+        from ctrstream.stack.stopping import stop_on_signals
 
         try:
             layout = Layout.from_options(processes, workers, process_id, addresses)
@@ -82,6 +83,7 @@ def register(app: typer.Typer) -> None:
         _logging()
         settings = get_settings()
         _metrics_server(settings)
+        stop_on_signals()  # SIGTERM / Ctrl-C: the source ends, the last epoch is snapshotted
         flow = build_flow(
             settings,
             model=model,

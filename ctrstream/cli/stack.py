@@ -12,7 +12,8 @@ from ctrstream.cli.app import fail, out
 from ctrstream.config import get_settings
 
 stack_app = typer.Typer(
-    help="The local stack: Kafka (KRaft), Redis and Triton on 127.0.0.1.", no_args_is_help=True
+    help="The local stack: Kafka (KRaft), Redis, Triton and Prometheus on 127.0.0.1.",
+    no_args_is_help=True,
 )
 config_app = typer.Typer(
     help="Configuration (CTRSTREAM_* environment overrides).", no_args_is_help=True
@@ -37,7 +38,7 @@ def setup(check: bool = typer.Option(False, "--check", help="only report what is
 @stack_app.command("up")
 def stack_up(
     only: list[str] = typer.Option(
-        None, "--only", help="start only these services (kafka, redis, triton)"
+        None, "--only", help="start only these services (kafka, redis, triton, prometheus)"
     ),
     kafka_brokers: int = typer.Option(
         None,
@@ -68,7 +69,8 @@ def stack_up(
         "what this run directory last started, else 0)",
     ),
 ):
-    """Start Kafka, Redis and Triton, wait until each is ready, and create the topics."""
+    """Start Kafka, Redis, Triton and Prometheus, wait until each is ready, and create the
+    topics."""
     from pydantic import ValidationError
 
     from ctrstream.config import KafkaSettings, TritonSettings
@@ -155,7 +157,7 @@ def stack_logs(
     service: str = typer.Argument(
         ...,
         help="kafka (kafka-2, ... for one node of several), redis (redis-2, ... for one node "
-        "of a Redis Cluster) or triton (triton-2, ...)",
+        "of a Redis Cluster), triton (triton-2, ...) or prometheus",
     ),
     lines: int = typer.Option(50, "-n", help="how many lines from the end"),
 ):

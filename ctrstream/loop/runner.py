@@ -410,9 +410,11 @@ class ClosedLoop:
                     lateness = max(lateness, -ahead)
             if self.cfg.progress is not None:
                 self.cfg.progress({"t_ms": t1, "end_ms": end_ms, **totals})
-        # the run is over: every decided click happens (its event time passes)
-        self.emitter.clicks_due(np.iinfo(np.int64).max)
-        self._credit_metrics(*self.ledger.drain())
+        if self.clock_ms >= end_ms or not stop():
+            # the run is over: every decided click happens (its event time passes)
+            self.emitter.clicks_due(np.iinfo(np.int64).max)
+            self._credit_metrics(*self.ledger.drain())
+        # stopped early (SIGTERM): the pending clicks stay in the checkpoint, for the resume
         self.ledger.snapshot_series(self.clock_ms)
         self.checkpoint()
         self.look(self.clock_ms)

@@ -4,6 +4,7 @@ experiment and its state, from settings and a started experiment."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,9 +185,11 @@ def run_loop(
     fresh: bool = False,
     checkpoint_every: int = 20,
     overrides: dict | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> LoopSummary:
     """``ctrstream loop run``: the experiment's closed loop for ``duration_s`` of event time
-    from its start (a restarted loop resumes at its checkpoint and ends at the same time)."""
+    from its start (a restarted loop resumes at its checkpoint and ends at the same time);
+    ``stop()`` true ends it early at a step's end, checkpointed."""
     world, start = build_world(
         settings,
         traffic=traffic,
@@ -198,7 +201,7 @@ def run_loop(
     cfg = LoopConfig(step_s=step_s, compression=compression, checkpoint_every=checkpoint_every)
     loop, rankers = build_loop(settings, name, world, cfg, fresh=fresh)
     try:
-        return loop.run(start, start + int(duration_s * 1000))
+        return loop.run(start, start + int(duration_s * 1000), stop=stop)
     finally:
         rankers.close()
 

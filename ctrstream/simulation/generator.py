@@ -24,7 +24,10 @@ Each impression's true click probability is ``sigmoid(logit)`` with
     ``+ trend_strength * clip(log(ad recent CTR / ad long-run CTR), -1, 1)``, the recent CTR
     being the ad's clicks / impressions with event time in the previous ``trend_window_s``
     (clicks counted at their own event time, strictly before the impression's minute);
-* drift (scenario ``drift``): ``+ drift_logit`` for one campaign from ``drift_at`` on.
+* drift (scenario ``drift``): ``+ drift_logit`` for one campaign from ``drift_at`` on;
+* taste (scenario ``taste_shift``): ``+ taste_logit * z[device, category]``, a centred
+  interaction (zero mean per device and per category) redrawn at ``drift_at``
+  (:func:`taste_term`).
 
 The intercept is solved so the mean true probability equals ``base_ctr``. Whether an
 impression is clicked is one Bernoulli draw from that probability; the click arrives after a
@@ -392,9 +395,43 @@ def _base_logit(
     x += _site_category(mk, site, category)
     x += sc.heat_logit * hot
     x -= _fatigue_term(sc, n_user_ad, n_user_adv)
+    if sc.taste_logit > 0:
+        x += taste_term(sc, device, category, abs_t)
     if sc.ad_walk_sigma_per_day > 0:
         x += _ad_walk(sc, ad, abs_t)
     return x
+
+
+def taste_shift_time_ms(sc: Scenario) -> int:
+    """When the taste interaction is redrawn: ``drift_at`` of the scenario's span."""
+    return int(sc.start_ms + round(sc.drift_at * sc.span_ms))
+
+
+def taste_matrices(sc: Scenario) -> tuple[np.ndarray, np.ndarray]:
+    """The taste interaction before and after the shift, each ``(devices, categories)``:
+    standard normal draws from their own stream (``[seed, 0x7A57]``, so that the term leaves
+    every other draw as is), centred per device and per category (double centring): the
+    mean taste of every category and of every device is 0, so the windowed rates of ads,
+    campaigns, advertisers and sites do not move when it is redrawn."""
+    rng = np.random.default_rng([sc.seed, 0x7A57])
+    out = []
+    for _ in range(2):
+        z = rng.normal(0.0, 1.0, (len(DEVICES), sc.n_categories))
+        z = z - z.mean(axis=0, keepdims=True) - z.mean(axis=1, keepdims=True) + z.mean()
+        out.append(z)
+    return out[0], out[1]
+
+
+def taste_term(
+    sc: Scenario, device: np.ndarray, category: np.ndarray, abs_t: np.ndarray
+) -> np.ndarray:
+    """``taste_logit * z[device, category]``, ``z`` the matrix before or after the shift at
+    each row's time (:func:`taste_matrices`, :func:`taste_shift_time_ms`)."""
+    before, after = taste_matrices(sc)
+    d = np.asarray(device, dtype=np.int64)
+    c = np.asarray(category, dtype=np.int64)
+    shifted = np.asarray(abs_t) >= taste_shift_time_ms(sc)
+    return sc.taste_logit * np.where(shifted, after[d, c], before[d, c])
 
 
 def _ad_walk(sc: Scenario, ad: np.ndarray, abs_t: np.ndarray) -> np.ndarray:
@@ -664,6 +701,9 @@ def generate(scenario: Scenario) -> Traffic:
     )
     if sc.ad_walk_sigma_per_day > 0:  # only then: the truth of other scenarios stays as it was
         tr.truth["ad_walk"] = _ad_walk(sc, ad, abs_t)
+    if sc.taste_logit > 0:  # likewise
+        tr.truth["taste"] = taste_term(sc, device, category, abs_t)
+        tr.meta["taste_shift_time_ms"] = taste_shift_time_ms(sc)
     return tr
 
 

@@ -13,6 +13,12 @@ Presets (``SCENARIOS``):
 * ``freshness`` - three days (the first is history), 2M impressions, every ad's effect on a
   slow random walk (``ad_walk_sigma_per_day``) and the largest campaign shifting by a logit
   at half time: the market the freshness study (``docs/freshness.md``) measures staleness in.
+* ``taste_shift`` - like ``steady``, plus a hidden interaction between the user's device and
+  the ad's category (``taste_logit``) that is redrawn at ``drift_at``: the shift the served
+  features cannot absorb. Every windowed feature counts per ad, campaign, advertiser, user,
+  site or (site, category), none per (device, category), and the interaction is centred
+  (zero mean per device and per category), so no window's rate moves when it changes; only
+  a model trained after the shift knows the new one (``docs/monitoring-decay.md``).
 
 How much of the truth is learnable (why ``user_sigma`` = 0.2, ``interest_logit`` = 0.35)
 -------------------------------------------------------------------------------------
@@ -131,6 +137,10 @@ class Scenario:
     # apart), drawn from a separate random stream so that 0 leaves every other draw as is
     ad_walk_sigma_per_day: float = 0.0  # 0 = no walk
     ad_walk_step_s: float = 3600.0
+    # a shift the windowed features cannot absorb: ``taste_logit * z[device, category]``
+    # with ``z`` a centred standard-normal matrix (zero mean per device and per category)
+    # drawn from its own stream, redrawn at ``drift_at`` (``taste_shift``); 0 = no term
+    taste_logit: float = 0.0
 
     # --- the closed loop (ctrstream.simulation.world): ad requests and what an auction needs
     # (the open-loop generator ignores these; its traffic does not change with them)
@@ -205,6 +215,8 @@ class Scenario:
             problems.append("out_of_order_max_s must be below allowed_lateness_s")
         if not 0 < self.drift_at < 1:
             problems.append("drift_at must be in (0, 1)")
+        if self.taste_logit < 0:
+            problems.append("taste_logit must be >= 0")
         if self.ad_walk_sigma_per_day < 0 or self.ad_walk_step_s <= 0:
             problems.append("ad_walk_sigma_per_day must be >= 0 and ad_walk_step_s > 0")
         problems += self._closed_loop_problems()
@@ -264,6 +276,9 @@ SCENARIOS: dict[str, dict] = {
         "drift_logit": 1.0,
         "drift_at": 0.5,
     },
+    # decay monitoring (``ctrstream bench decay``): the device x category taste is redrawn at
+    # half time, a change no served feature absorbs (see the module docstring)
+    "taste_shift": {"taste_logit": 0.8, "drift_at": 0.5},
 }
 
 
@@ -280,7 +295,7 @@ def _build(d: dict) -> Scenario:
 
 
 def load_scenario(name: str = "steady", **overrides) -> Scenario:
-    """A named preset (``steady``, ``drift``, ``dirty``) or a JSON file, with overrides."""
+    """A named preset (``SCENARIOS``) or a JSON file, with overrides."""
     if name in SCENARIOS:
         return _build({"name": name, **SCENARIOS[name], **overrides})
     path = Path(name)

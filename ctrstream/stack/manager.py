@@ -16,6 +16,7 @@ from ctrstream.config import (
     KAFKA_NODES_FILE,
     TRITON_NODES_FILE,
     KafkaSettings,
+    PrometheusSettings,
     RedisSettings,
     Settings,
     TritonSettings,
@@ -287,6 +288,9 @@ def isolated_settings(
             "kafka": isolated_kafka("512m" if kafka_brokers == 1 else "384m", kafka_brokers),
             "redis": isolated_redis_settings(redis_masters),
             "triton": isolated_triton(run_dir, triton_replicas),
+            "prometheus": PrometheusSettings(
+                **{**base.prometheus.model_dump(), "port": free_port()}
+            ),
         }
     )
 
@@ -324,6 +328,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CTRSTREAM_TRITON__MORE_PORTS": json.dumps(
             [[n.http_port, n.grpc_port, n.metrics_port] for n in settings.triton.nodes()[1:]]
         ),
+        "CTRSTREAM_PROMETHEUS__PORT": str(settings.prometheus.port),
+        "CTRSTREAM_PROMETHEUS__ENABLED": str(settings.prometheus.enabled).lower(),
     }
     if settings.triton.urls:
         env["CTRSTREAM_TRITON__URLS"] = ",".join(settings.triton.urls)

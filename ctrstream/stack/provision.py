@@ -5,6 +5,10 @@
   ``<cache_dir>/kafka-<version>/libs``.
 * **Redis**: Debian's ``redis-server`` package, installed with apt when no ``redis-server``
   is on the PATH.
+* **Prometheus**: Debian's ``prometheus`` package (the server and ``promtool``, which checks
+  and unit-tests the alert rules), installed with apt when no ``prometheus`` is on the PATH.
+  The package's own system service is not used: ``ctrstream stack up`` starts its own
+  Prometheus on 127.0.0.1 with its data in the run directory (:mod:`ctrstream.stack.prometheus`).
 * **Chromium** (for the browser test of the demo's report): Debian's ``chromium`` package,
   installed with apt when no ``chromium`` is on the PATH.
 * **Triton Inference Server**: the ``tritonserver`` binary and its Python backend from the
@@ -106,6 +110,25 @@ def redis_server() -> str:
     return _debian_binary("redis-server")
 
 
+def prometheus() -> str:
+    """Debian's Prometheus server (``/usr/bin/prometheus``), started by ``stack up``."""
+    return _debian_binary("prometheus", " (`ctrstream stack up` starts it)")
+
+
+def promtool() -> str:
+    """``promtool`` from Debian's ``prometheus`` package: checks and unit-tests alert rules."""
+    path = shutil.which("promtool") or (
+        "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None
+    )
+    if not path:
+        raise PrerequisiteError(
+            "promtool is not installed (it checks and tests the alert rules). Run "
+            "`ctrstream setup` (it installs Debian's prometheus package, which has it), or: "
+            "apt-get install -y prometheus"
+        )
+    return path
+
+
 def chromium() -> str:
     """Debian's headless-capable Chromium (``/usr/bin/chromium``), used by the browser test
     of the demo's report (``tests/test_report_browser.py``)."""
@@ -197,6 +220,26 @@ def setup_redis() -> str:
         "redis-server (Redis 7, for the local stack)",
     )
     return f"Redis: installed {shutil.which('redis-server')} from Debian"
+
+
+def setup_prometheus() -> str:
+    """Debian's ``prometheus`` (server and ``promtool``) when either is missing."""
+
+    def installed() -> bool:
+        try:
+            prometheus()
+            promtool()
+            return True
+        except PrerequisiteError:
+            return False
+
+    was_installed = installed()
+    _apt_install("prometheus", installed, "prometheus (the stack's metrics server, promtool)")
+    path = prometheus()
+    if was_installed:
+        return f"Prometheus: {path}"
+    version = _run([path, "--version"]).stdout.splitlines()[:1]
+    return f"Prometheus: installed {path} from Debian ({' '.join(version)})"
 
 
 def _apt_install(package: str, installed, what: str) -> None:
@@ -380,6 +423,7 @@ def setup(settings: Settings | None = None, log=print) -> None:
     log(check_java())
     log(setup_kafka(settings))
     log(setup_redis())
+    log(setup_prometheus())
     log(setup_triton(settings))
     log(setup_triton_pyenv(settings))
     log(setup_compose_validator())
@@ -394,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             print(check_java())
             print("kafka classpath:", kafka_classpath(s))
             print("redis-server:", redis_server())
+            print("prometheus:", prometheus(), "promtool:", promtool())
             print("tritonserver:", triton_home(s) / "bin" / "tritonserver")
             print("chromium:", chromium())
         else:

@@ -1,5 +1,7 @@
-"""The three real servers of the local stack: Apache Kafka (KRaft), Redis and Triton (each
-of Kafka and Triton as one process or several: ``--kafka-brokers``, ``--triton-replicas``).
+"""The real servers of the local stack: Apache Kafka (KRaft), Redis, Triton (each of Kafka
+and Triton as one process or several: ``--kafka-brokers``, ``--triton-replicas``; Redis as one
+server or a Redis Cluster: ``--redis-cluster``) and Prometheus
+(:mod:`ctrstream.stack.prometheus`).
 
 Each service is started as its own process session (so it outlives the CLI that started
 it), bound to 127.0.0.1, with its data, log and PID file under the run directory. Readiness
@@ -725,4 +727,14 @@ def redis_services(settings: Settings) -> list[Service]:
 
 
 def all_services(settings: Settings) -> list[Service]:
-    return [*kafka_services(settings), *redis_services(settings), *triton_services(settings)]
+    """The stack's servers in start order; Prometheus (last) unless it is disabled."""
+    from ctrstream.stack.prometheus import PrometheusService  # it builds on Service
+
+    services: list[Service] = [
+        *kafka_services(settings),
+        *redis_services(settings),
+        *triton_services(settings),
+    ]
+    if settings.prometheus.enabled:
+        services.append(PrometheusService(settings))
+    return services

@@ -19,7 +19,8 @@ class reads and writes the store):
   event type, bucket)``;
 * **the batch view**: :mod:`~ctrstream.store.batch_view` - a computed view written under a
   version, the version lifecycle (register, meta, pointer switch, prune) and its scans;
-* reconciliation reports (:mod:`~ctrstream.store.reports`) and the calibrators' checkpoints
+* reconciliation reports (:mod:`~ctrstream.store.reports`), the decay monitor's state
+  (:mod:`~ctrstream.store.monitor`) and the calibrators' checkpoints
   (:mod:`~ctrstream.store.calibration`); :mod:`~ctrstream.store.scan` reads whole views.
   :mod:`~ctrstream.store.usage` measures their memory (``MEMORY USAGE`` by entity family).
 

@@ -647,6 +647,12 @@ def reconcile_key(version: str) -> str:
     return f"reconcile:{version}"
 
 
+# --------------------------------------------------------------------------- decay monitoring
+
+# the decay monitor's summary for the controller (JSON; ``ctrstream.store.monitor``)
+DECAY_STATE_KEY = "mon:decay"
+
+
 # --------------------------------------------------------------------------- cache tracking
 
 # the shared-entity cache's heartbeat keys: outside the speed view, and sorting after "sv:"

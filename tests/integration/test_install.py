@@ -67,6 +67,7 @@ def test_the_wheel_installs_only_the_ctrstream_namespace(wheel):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"ctrstream"}, tops
     for asset in (
         "ctrstream/stack/kafka-pom.xml",
+        "ctrstream/stack/alerts.yml",  # the alert rules the stack's Prometheus loads
         "ctrstream/store/read.lua",
         "ctrstream/models/triton_model.py",
         "ctrstream/streaming/features_flow.py",
@@ -131,6 +132,7 @@ def test_stack_up_and_down_from_another_directory(site, tmp_path, settings):
         "CTRSTREAM_TRITON__HTTP_PORT": str(free_port()),
         "CTRSTREAM_TRITON__GRPC_PORT": str(free_port()),
         "CTRSTREAM_TRITON__METRICS_PORT": str(free_port()),
+        "CTRSTREAM_PROMETHEUS__PORT": str(free_port()),
     }
     up = _run(site, elsewhere, "-m", "ctrstream", "stack", "up", env=env)
     try:

@@ -301,6 +301,7 @@ def _service_ports(s) -> list[int]:
         s.triton.http_port,
         s.triton.grpc_port,
         s.triton.metrics_port,
+        s.prometheus.port,
     ]
 
 
@@ -350,13 +351,13 @@ def test_stack_cli_up_status_down(tmp_path):
         times = {
             m[0]: float(m[1]) for m in re.findall(r"^(\w+)\s+ready in ([\d.]+)s", res.stdout, re.M)
         }
-        assert set(times) == {"kafka", "redis", "triton"}, res.stdout
+        assert set(times) == {"kafka", "redis", "triton", "prometheus"}, res.stdout
         print(
             "\nstart-up seconds (ctrstream stack up, fresh run dir): "
             + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
         )
         recorded = _recorded_pids(s.run_dir)
-        assert set(recorded) == {"kafka", "redis", "triton"}
+        assert set(recorded) == {"kafka", "redis", "triton", "prometheus"}
         assert all(pid_alive(p) for p in recorded.values())
 
         status = _cli(["stack", "status"], env, timeout=60)
@@ -366,13 +367,13 @@ def test_stack_cli_up_status_down(tmp_path):
 
         again = _cli(["stack", "up"], env)  # harmless: nothing restarts, topics stay
         assert again.returncode == 0, again.stdout + again.stderr
-        assert again.stdout.count("already running") == 3, again.stdout
+        assert again.stdout.count("already running") == 4, again.stdout
         assert "topics created" not in again.stdout
         assert _recorded_pids(s.run_dir) == recorded
 
         down = _cli(["stack", "down"], env, timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
-        assert down.stdout.count("stopped") == 3, down.stdout
+        assert down.stdout.count("stopped") == 4, down.stdout
         alive = {n: p for n, p in recorded.items() if pid_alive(p)}
         assert not alive, f"still running after `stack down`: {alive}"
         assert not list(s.run_dir.glob("*.pid"))
@@ -381,7 +382,7 @@ def test_stack_cli_up_status_down(tmp_path):
 
         status = _cli(["stack", "status"], env, timeout=60)
         assert status.returncode == 1, status.stdout + status.stderr
-        assert status.stdout.count("down") >= 3, status.stdout
+        assert status.stdout.count("down") >= 4, status.stdout
     finally:
         if any(pid_alive(p) for p in recorded.values()):
             _cli(["stack", "down"], env, timeout=120)

@@ -38,13 +38,18 @@ LAYERS: list[tuple[str, list[str]]] = [
         ["ctrstream.stack", "ctrstream.models"],
     ),
     (
-        "speed layer, batch layer, calibration",
-        ["ctrstream.streaming", "ctrstream.batch", "ctrstream.calibration"],
+        "speed layer, batch layer, calibration, decay monitoring",
+        [
+            "ctrstream.streaming",
+            "ctrstream.batch",
+            "ctrstream.calibration",
+            "ctrstream.monitoring",
+        ],
     ),
     ("serving, simulation", ["ctrstream.serving", "ctrstream.simulation"]),
     (
         "the closed loop (world and ad server together), the freshness study",
-        ["ctrstream.loop", "ctrstream.study"],
+        ["ctrstream.loop", "ctrstream.study", "ctrstream.controller"],
     ),
     ("command line", ["ctrstream.cli"]),
     ("demo, benchmarks", ["ctrstream.demo", "ctrstream.bench"]),
