@@ -131,6 +131,12 @@ class FakeOps:
         w["pins"].pop(owner, None)
         self.world.save(w)
 
+    def degrade(self, onnx: str, folder: Path, factor: float) -> str:
+        w = self.world.load()
+        w.setdefault("degraded", []).append([onnx, factor])
+        self.world.save(w)
+        return str(Path(folder) / "model.onnx")
+
     def follow_calibrator(self, a: str, av: int, b: str, bv: int) -> bool:
         w = self.world.load()
         if [a, av, b, bv] not in w["calibrators"]:

@@ -43,6 +43,22 @@ def register(app: typer.Typer) -> None:
             21600.0, help="no decision by then: roll back (s of event time)"
         ),
         min_run_s: float = typer.Option(900.0, help="the experiment's minimum run (s)"),
+        min_shadow_clicks: int = typer.Option(
+            50, help="clicks the shadow arm's calibration is judged on before its verdict"
+        ),
+        min_users_per_arm: int = typer.Option(
+            200, help="users in each arm before the sequential test counts a look"
+        ),
+        alpha: float = typer.Option(0.05, help="the sequential test's type-I error"),
+        primary_metric: str = typer.Option(
+            "revenue_per_request",
+            help="what the experiment decides on: revenue_per_request or ctr",
+        ),
+        latency_p99_ms_max: float = typer.Option(
+            None,
+            help="guardrail: an arm's ranking latency p99 above this stops it (default: "
+            "ctrstream.experiments.design.Guardrails')",
+        ),
         epochs: int = typer.Option(None, help="training epochs (default per model)"),
         warmup_h: float = typer.Option(
             1.0, help="first hours of the window: feature history only (not trained on)"
@@ -73,6 +89,7 @@ def register(app: typer.Typer) -> None:
         from ctrstream.controller.cycle import Controller, ControllerConfig
         from ctrstream.controller.metrics import count_decision
         from ctrstream.controller.operations import StackOperations
+        from ctrstream.experiments.design import PRIMARY_METRICS, Guardrails
 
         logging.basicConfig(
             level=logging.INFO,
@@ -89,6 +106,8 @@ def register(app: typer.Typer) -> None:
             return
         if model not in BASE_NAMES:
             raise fail(f"--model must be lr or deep, not {model!r}")
+        if primary_metric not in PRIMARY_METRICS:
+            raise fail(f"--primary-metric must be one of {PRIMARY_METRICS}, not {primary_metric!r}")
         # SIGTERM / Ctrl-C from here on: the step in progress ends (checkpointed), no other
         # starts, exit 0
         stop = threading.Event()
@@ -107,6 +126,13 @@ def register(app: typer.Typer) -> None:
                 shadow_max_s=shadow_max_s,
                 experiment_max_s=experiment_max_s,
                 min_run_s=min_run_s,
+                min_shadow_clicks=min_shadow_clicks,
+                min_users_per_arm=min_users_per_arm,
+                alpha=alpha,
+                primary_metric=primary_metric,
+                guardrails=Guardrails()
+                if latency_p99_ms_max is None
+                else Guardrails(latency_p99_ms_max=latency_p99_ms_max),
             ).validate()
             ops = StackOperations(
                 settings,

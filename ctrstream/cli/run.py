@@ -77,6 +77,23 @@ def scenario_sets(items: list[str] | None) -> dict[str, Any]:
     return out_
 
 
+def job_args(items: list[str] | None, names: set[str]) -> dict[str, tuple[str, ...]]:
+    """``--job-arg JOB=ARG`` items -> the arguments appended to each job's command line, in
+    order (``controller=--interval-h=1``: the controller gets ``--interval-h=1``)."""
+    out_: dict[str, tuple[str, ...]] = {}
+    for item in items or []:
+        job, sep, arg = item.partition("=")
+        job = job.strip()
+        if not sep or not job or not arg:
+            raise ValueError(
+                f"--job-arg expects JOB=ARG (e.g. controller=--interval-h=1), got {item!r}"
+            )
+        if job not in names:
+            raise ValueError(f"--job-arg {item!r}: no job {job!r} in this run ({sorted(names)})")
+        out_[job] = out_.get(job, ()) + (arg,)
+    return out_
+
+
 def driver_args(
     mode: str,
     span_s: float | None,
@@ -152,6 +169,12 @@ def register(app: typer.Typer) -> None:
             None, help="closed loop: the started experiment the ad server runs"
         ),
         only: str = typer.Option(None, help="run only these jobs (comma separated)"),
+        job_arg: list[str] = typer.Option(
+            None,
+            "--job-arg",
+            help="an argument for one job, JOB=ARG (repeatable): --job-arg "
+            "controller=--interval-h=1 --job-arg controller=--share=0.5",
+        ),
         without: str = typer.Option(None, help="leave these jobs out (comma separated)"),
         speed_processes: int = typer.Option(
             1, "--speed-processes", min=1, help="Bytewax processes per speed flow"
@@ -214,6 +237,10 @@ def register(app: typer.Typer) -> None:
                 out.print(f"note: {j.name} left out ({j.needs} is not installed)")
                 jobs.remove(j)
         jobs = [j for j in jobs if (not chosen or j.name in chosen) and j.name not in dropped]
+        try:
+            per_job = job_args(job_arg, {j.name for j in jobs})
+        except ValueError as e:
+            raise fail(str(e)) from None
         settings = get_settings()
         running = read_state(settings.run_dir / "run")
         if running is not None and pid_alive(int(running["pid"])) and running["pid"] != os.getpid():
@@ -229,7 +256,12 @@ def register(app: typer.Typer) -> None:
             "api_port": str(api_port),
             "experiment": experiment or "",
         }
-        jobs = [render_job(j, values, extra if j.role == "driver" else ()) for j in jobs]
+        jobs = [
+            render_job(j, values, (extra if j.role == "driver" else ()) + per_job.get(j.name, ()))
+            for j in jobs
+        ]
+        # the registry's folder: the monitor reads the decision logs under it from its start
+        (settings.run_dir / "experiments").mkdir(parents=True, exist_ok=True)
         sup_port, ports = assign_ports(jobs, metrics_base)
         _check_free(
             [sup_port, *range(sup_port + 1, sup_port + 1 + sum(j.metrics_ports for j in jobs))],
@@ -360,4 +392,4 @@ def _lags(settings: Any, jobs: list) -> dict[str, int | None]:
     )
 
 
-__all__ = ["assign_ports", "driver_args", "parse_span", "register", "scenario_sets"]
+__all__ = ["assign_ports", "driver_args", "job_args", "parse_span", "register", "scenario_sets"]

@@ -25,7 +25,8 @@ decision and doubles none: the audit log is derived from the checkpoint, and a d
 ``CTRSTREAM_CONTROLLER_KILL_AT=<step>:<point>`` (``point``: ``effect`` after the side
 effect, ``checkpoint`` after the checkpoint, ``audit`` after the audit record; ``start``
 for the trigger; ``act:published`` between the promotion's publish and its other effects) makes the controller ``SIGKILL`` itself there: the crash test's
-hook.
+hook. ``CTRSTREAM_CONTROLLER_DEGRADE_CYCLE=<N>`` tries cycle N's challenger online as an
+over-predicting copy (:mod:`ctrstream.controller.hooks`): the unattended run's rollback.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from ctrstream.controller import checkpoint as C
 from ctrstream.controller.audit import AuditLog
 from ctrstream.controller.decay import alarm_since
 from ctrstream.controller.gate import GateRule
-from ctrstream.experiments.design import Arm, Experiment, Guardrails
+from ctrstream.controller.hooks import DEGRADE_ENV, degrade_factor, degraded_cycle
+from ctrstream.experiments.design import PRIMARY_METRICS, Arm, Experiment, Guardrails
 from ctrstream.experiments.registry import Registry, UnknownExperiment
 
 log = logging.getLogger("ctrstream.controller")
@@ -109,6 +111,10 @@ class Operations(Protocol):
         self, from_model: str, from_version: int, to_model: str, to_version: int
     ) -> bool: ...
 
+    def degrade(self, onnx: str, folder: Path, factor: float) -> str:
+        """The test hook's over-predicting copy of ``onnx`` in ``folder`` (its path;
+        :mod:`ctrstream.controller.hooks`)."""
+
 
 @dataclass(frozen=True)
 class ControllerConfig:
@@ -151,6 +157,17 @@ class ControllerConfig:
             raise ValueError(f"controller: --share {self.share} must be in (0, 1)")
         if self.shadow_max_s < self.shadow_min_s:
             raise ValueError("controller: --shadow-max-s must be >= --shadow-min-s")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"controller: --alpha {self.alpha} must be in (0, 0.5)")
+        if self.min_users_per_arm < 2:
+            raise ValueError("controller: --min-users-per-arm must be at least 2")
+        if self.min_shadow_clicks < 1:
+            raise ValueError("controller: --min-shadow-clicks must be at least 1")
+        if self.primary_metric not in PRIMARY_METRICS:
+            raise ValueError(
+                f"controller: --primary-metric {self.primary_metric!r} is not one of "
+                f"{PRIMARY_METRICS}"
+            )
         self.guardrails.validate()
         self.gate.validate()
         return self
@@ -189,6 +206,8 @@ class Controller:
         self.state_path = self.folder / "state.json"
         self.audit = AuditLog(self.folder / "audit.jsonl", on_append=on_decision)
         self.state = C.load(self.state_path)
+        # the test hook (ctrstream.controller.hooks): read once, a bad value fails the start
+        self._degrade = (degraded_cycle(), degrade_factor())
         self._alarm_waiting: int | None = None  # the alarm whose cycle waits for rows after it
         self.resume()
 
@@ -439,14 +458,23 @@ class Controller:
         return Outcome("gate_passed" if res["passed"] else "gate_failed", res["why"], res)
 
     def _step_publish_challenger(self, c: C.Cycle, now: int | None) -> Outcome:
-        res = self.ops.publish(
-            c.done["train"]["data"]["onnx"], self.config.challenger_model, f"c{c.number}-challenger"
-        )
+        onnx = c.done["train"]["data"]["onnx"]
+        cycle, factor = self._degrade
+        degraded = cycle == c.number
+        if degraded:  # the test hook: the copy tried online over-predicts (hooks.py)
+            onnx = self.ops.degrade(onnx, self.folder / f"cycle-{c.number}" / "degraded", factor)
+        res = self.ops.publish(onnx, self.config.challenger_model, f"c{c.number}-challenger")
         return Outcome(
             "challenger_published",
             f"{self.config.challenger_model} v{res['version']}"
-            + (" (found published)" if res.get("already") else ""),
-            res,
+            + (" (found published)" if res.get("already") else "")
+            + (
+                f" - TEST HOOK {DEGRADE_ENV}: an over-predicting copy (x{factor:g}) of the "
+                "model the gate passed"
+                if degraded
+                else ""
+            ),
+            res | {"onnx": onnx} | ({"degraded_factor": factor} if degraded else {}),
         )
 
     def _arms(self, c: C.Cycle) -> tuple[Arm, Arm]:
@@ -610,9 +638,9 @@ class Controller:
             decision = "rollback"
         if decision == "promote":
             chal = c.done["publish_challenger"]["data"]
-            res = self.ops.publish(
-                c.done["train"]["data"]["onnx"], self.config.model, f"c{c.number}-promoted"
-            )
+            # what was tried is what is promoted (the hook's copy, when it was one)
+            onnx = chal.get("onnx") or c.done["train"]["data"]["onnx"]
+            res = self.ops.publish(onnx, self.config.model, f"c{c.number}-promoted")
             _kill_point("act", "published")
             followed = self.ops.follow_calibrator(
                 self.config.challenger_model,

@@ -294,5 +294,18 @@ class StackOperations:
         store.publish_params(calibrator_of(to_model, str(to_version)), params)
         return True
 
+    def degrade(self, onnx: str, folder: Path, factor: float) -> str:
+        """The test hook's over-predicting copy of ``onnx`` (``ctrstream.controller.hooks``):
+        ``folder/model.onnx``, with the trained card beside it saying what it is."""
+        from ctrstream.controller.hooks import DEGRADE_ENV, overpredicting_onnx
+
+        folder = Path(folder)
+        dst = overpredicting_onnx(onnx, folder / "model.onnx", factor)
+        card_path = Path(onnx).with_name("card.json")
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        card["degraded"] = f"test hook {DEGRADE_ENV}: probability x{factor:g}, capped below 1"
+        _write_json(folder / "card.json", card)
+        return str(dst)
+
 
 __all__ = ["StackOperations", "decision_log_slice", "TAG_FIELD"]

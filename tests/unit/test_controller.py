@@ -388,3 +388,101 @@ def test_a_stop_ends_the_step_in_progress_and_starts_no_other(tmp_path):
     assert World(tmp_path).load()["trains"] == 0
     again = Controller(config(tmp_path), FakeOps(tmp_path))
     assert again.step() == "reconcile"
+
+
+# ---------------------------------------------------------------- the test hook (hooks.py)
+
+
+def test_the_degrade_hook_tries_that_cycles_challenger_as_its_over_predicting_copy(
+    tmp_path, monkeypatch
+):
+    """CTRSTREAM_CONTROLLER_DEGRADE_CYCLE=1: the copy is what is published for the trial
+    (and what a promotion would publish), the audit record says it is the test hook; a
+    shadow that then measures the copy's calibration rolls the cycle back."""
+    from controller_world import loop_shadow_report
+
+    from ctrstream.controller.hooks import DEGRADE_ENV, DEGRADE_FACTOR_ENV
+
+    monkeypatch.setenv(DEGRADE_ENV, "1")
+    monkeypatch.setenv(DEGRADE_FACTOR_ENV, "3")
+    ops = FakeOps(tmp_path)
+    ctl = Controller(config(tmp_path), ops)
+    assert ctl.run_until_waiting() == "wait:shadow_verdict"
+    pub = ctl.state.cycle.done["publish_challenger"]
+    copy = str(tmp_path / "controller" / "cycle-1" / "degraded" / "model.onnx")
+    assert pub["data"]["onnx"] == copy and pub["data"]["degraded_factor"] == 3.0
+    assert DEGRADE_ENV in pub["why"]
+    w = World(tmp_path).load()
+    assert w["degraded"] == [[str(tmp_path / "controller" / "cycle-1" / "model.onnx"), 3.0]]
+    loop_shadow_report(ops.registry, ctl.state.cycle.done["shadow"]["data"]["experiment"], 2.9)
+    assert ctl.run_until_waiting() == "idle"
+    assert kinds(tmp_path) == PROMOTED[:8] + ["shadow_failed", "rolled_back", "cycle_finished"]
+    assert World(tmp_path).load()["served"]["ctr_lr"] == 1
+
+
+def test_the_degrade_hook_leaves_other_cycles_alone_and_a_promotion_publishes_the_tried_file(
+    tmp_path, monkeypatch
+):
+    from ctrstream.controller.hooks import DEGRADE_ENV
+
+    monkeypatch.setenv(DEGRADE_ENV, "2")
+    ctl = drive(tmp_path, "up")
+    check_promoted(tmp_path)
+    assert "degraded" not in World(tmp_path).load()
+    pub = ctl.state.history[0]["done"]["publish_challenger"]
+    assert pub["data"]["onnx"].endswith("cycle-1/model.onnx")
+    assert "degraded_factor" not in pub["data"]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"CTRSTREAM_CONTROLLER_DEGRADE_CYCLE": "two"}, {"CTRSTREAM_CONTROLLER_DEGRADE_FACTOR": "1"}],
+)
+def test_a_bad_degrade_hook_value_fails_the_start_saying_what_to_give(tmp_path, monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="CTRSTREAM_CONTROLLER_DEGRADE"):
+        Controller(config(tmp_path), FakeOps(tmp_path))
+
+
+def test_the_over_predicting_copy_scores_factor_times_the_model_capped(tmp_path):
+    import torch
+
+    from ctrstream import features
+    from ctrstream.controller.hooks import CAP, overpredicting_onnx
+    from ctrstream.models.export import export_onnx
+    from ctrstream.models.nets import HashedLogisticRegression
+    from ctrstream.models.onnx_runtime import ort_predict, ort_session
+
+    torch.manual_seed(0)
+    m = HashedLogisticRegression()
+    with torch.no_grad():
+        m.weights.weight.normal_(0, 1.0)
+        m.dense.weight.normal_(0, 1.0)
+    src = tmp_path / "model.onnx"
+    export_onnx(m.eval(), src)
+    dst = overpredicting_onnx(src, tmp_path / "degraded" / "model.onnx", 4.0)
+    rng = np.random.default_rng(0)
+    x = {
+        features.INPUT_SPARSE: rng.integers(0, 1000, (256, features.N_SPARSE)).astype(np.int64),
+        features.INPUT_DENSE: rng.normal(0, 1, (256, features.N_DENSE)).astype(np.float32),
+    }
+    p = np.asarray(ort_predict(ort_session(str(src)), x)).reshape(-1)
+    q = np.asarray(ort_predict(ort_session(str(dst)), x)).reshape(-1)
+    np.testing.assert_allclose(q, np.minimum(4.0 * p, CAP), rtol=1e-5)
+    assert (q < 1).all() and (q > p).any()
+    again = overpredicting_onnx(src, tmp_path / "again.onnx", 4.0)
+    assert again.read_bytes() == dst.read_bytes()  # deterministic: a redo writes the same
+
+
+def test_the_controller_config_refuses_bad_experiment_settings(tmp_path):
+    from ctrstream.controller.cycle import ControllerConfig
+
+    for kw, match in (
+        ({"alpha": 0.7}, "alpha"),
+        ({"min_users_per_arm": 1}, "min-users-per-arm"),
+        ({"primary_metric": "clicks"}, "primary-metric"),
+        ({"min_shadow_clicks": 0}, "min-shadow-clicks"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ControllerConfig(folder=tmp_path, **kw).validate()

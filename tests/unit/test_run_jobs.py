@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from ctrstream.cli.run import assign_ports, driver_args, parse_span, scenario_sets
+from ctrstream.cli.run import assign_ports, driver_args, job_args, parse_span, scenario_sets
 from ctrstream.stack.jobs import PLACEHOLDERS, all_jobs, jobs_for, render, render_job
 from ctrstream.stack.supervisor import Supervisor, backoff_s, last_checkpoint
 
@@ -136,6 +136,24 @@ def test_span_and_driver_arguments():
     assert float(closed[closed.index("--duration-s") + 1]) > 365 * 86400  # until stopped
     with pytest.raises(ValueError, match="KEY=VALUE"):
         scenario_sets(["n_users"])
+
+
+def test_job_arguments_go_to_the_named_job_in_order():
+    names = {"controller", "monitor", "loop"}
+    got = job_args(
+        ["controller=--interval-h=1", "monitor=--min-clicks=50", "controller=--now"], names
+    )
+    assert got == {"controller": ("--interval-h=1", "--now"), "monitor": ("--min-clicks=50",)}
+    assert job_args(None, names) == {}
+    # the value may hold '=' itself (only the first one separates the job)
+    assert job_args(["controller=--primary-metric=ctr"], names)["controller"] == (
+        "--primary-metric=ctr",
+    )
+    with pytest.raises(ValueError, match="no job 'score'"):
+        job_args(["score=--x"], names)
+    for bad in ("controller", "=--x", "controller="):
+        with pytest.raises(ValueError, match="JOB=ARG"):
+            job_args([bad], names)
 
 
 def test_the_supervisor_refuses_two_jobs_of_one_name(tmp_path):
