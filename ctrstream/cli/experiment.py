@@ -175,7 +175,11 @@ def register(app: typer.Typer) -> None:
             None, help="event seconds per wall second (default: as fast as it can)"
         ),
         request_rate: float = typer.Option(None, help="requests per event second"),
-        fresh: bool = typer.Option(False, help="ignore a checkpoint and start over"),
+        fresh: bool = typer.Option(
+            False,
+            help="ignore a checkpoint and start over (--follow: the loop's and every running "
+            "experiment's loop state)",
+        ),
         checkpoint_every: int = typer.Option(20, help="steps between two checkpoints"),
         overrides: str = typer.Option(
             None, help="scenario fields as a JSON object, e.g. '{\"n_users\": 5000}'"

@@ -587,8 +587,10 @@ def run_follow(
     )
     cfg = LoopConfig(step_s=step_s, compression=compression, checkpoint_every=checkpoint_every)
     folder = settings.run_dir / "loop-follow"
-    if fresh and folder.exists():
-        shutil.rmtree(folder)
+    if fresh:  # start over: the loop's checkpoint and the running experiments' loop states
+        for rec in session.registry(settings).running():
+            shutil.rmtree(session.state_dir(settings, rec.experiment.name), ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     loop = FollowLoop(settings, world, cfg, default=default, state_dir=folder)
     try:
         return loop.run(start, start + int(duration_s * 1000), stop=stop)
