@@ -38,7 +38,9 @@ is checkpointed. The experiment taken up resumes from its own checkpoint or star
 
 Checkpoint and kill -9
 ----------------------
-Every ``checkpoint_every`` steps and at every switch: the served experiment's state (its loop
+Every ``checkpoint_every`` steps, and at every switch both before leaving the old experiment
+and once the new one serves (a kill inside a switch resumes at the switch's clock): the served
+experiment's state (its loop
 folder, as :class:`ClosedLoop` writes it), then ``world.npz`` and ``pending-clicks.npz`` and
 last ``follow-state.json`` (clock, steps, the served experiment, the segments served) in
 ``state_dir``. A restarted loop resumes at that clock with the same world and pending clicks,
@@ -389,10 +391,14 @@ class FollowLoop:
                 still = self.registry.get(cur.name)
                 if still.running and int(still.started_at_ms) == cur.started_at_ms:
                     return
+            if cur is not None:
+                self.checkpoint()  # the switch's clock, before anything of the switch
             rec = self._default_record()
             cur = self.current  # _default_record may have left a moved default
-        if cur is not None and cur.key == (rec.experiment.name, int(rec.started_at_ms)):
+        elif cur is not None and cur.key == (rec.experiment.name, int(rec.started_at_ms)):
             return
+        elif cur is not None:
+            self.checkpoint()  # the switch's clock, before anything of the switch
         if cur is not None:
             self._leave(cur)
             self.current = None

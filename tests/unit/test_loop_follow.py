@@ -325,3 +325,34 @@ def test_the_champion_default_and_a_default_that_moved_on(env):
     assert rep["final"]["ended_ms"] == t_stop
     assert [x["experiment"] for x in loop.segments] == ["live", "b-exp", "live"]
     loop.close()
+
+
+def test_a_kill_inside_a_switch_resumes_at_the_switch(env):
+    """Killed after the stopped experiment's final report and before the next one serves:
+    the rebuilt loop resumes at the switch's clock (checkpointed before the switch began),
+    keeps the final report as it was and serves the default from there."""
+    loop, start, prod = _loop(env, default=_exp("live"), checkpoint_every=1000)
+    env.registry.start(_exp("b-exp"), start)
+    _tick(loop, prod, start + 3 * MIN)  # no periodic checkpoint: only the switch's
+    t_stop = loop.clock_ms
+    env.registry.stop("b-exp", "done", at_ms=t_stop)
+
+    def killed(rec, default):
+        raise KeyboardInterrupt
+
+    loop._open = killed
+    with pytest.raises(KeyboardInterrupt):
+        loop.step_to(t_stop + 10_000)
+    report = env.registry.load_report("b-exp")
+    assert report["final"]["ended_ms"] == t_stop
+
+    again, _, prod2 = _loop(env, default=_exp("live"), checkpoint_every=1000)
+    assert again.resumed and again.clock_ms == t_stop and again.steps == 18
+    _tick(again, prod2, t_stop + MIN)
+    assert again.serving == "live"
+    assert env.registry.load_report("b-exp") == report  # not analysed again
+    assert [(x["experiment"], x["from_ms"], x["to_ms"]) for x in again.segments] == [
+        ("b-exp", start, t_stop),
+        ("live", t_stop, None),
+    ]
+    again.close()
