@@ -166,7 +166,14 @@ def register(app: typer.Typer) -> None:
         events: int = typer.Option(None, help="open loop: impressions the replay generates"),
         seed: int = typer.Option(None, help="open loop: the generator's seed"),
         experiment: str = typer.Option(
-            None, help="closed loop: the started experiment the ad server runs"
+            "live",
+            help="closed loop: the experiment the ad server serves when the controller runs "
+            "none (a started one, or the champion split A/A under this name)",
+        ),
+        champion: str = typer.Option(
+            None,
+            help="closed loop: the champion's published base name (the loop's default serves "
+            "it, the controller retrains and promotes it; default ctr_lr)",
         ),
         only: str = typer.Option(None, help="run only these jobs (comma separated)"),
         job_arg: list[str] = typer.Option(
@@ -215,9 +222,11 @@ def register(app: typer.Typer) -> None:
             raise fail("--rate and --compression must be above 0")
         if mode == "closed" and not experiment:
             raise fail(
-                "the closed loop runs a started experiment: `ctrstream experiment start NAME "
-                "--arm ...`, then --experiment NAME"
+                "the closed loop needs the name of the experiment it serves when the controller "
+                "runs none: --experiment NAME (default live)"
             )
+        if mode == "open" and champion:
+            raise fail("--champion names the closed loop's champion: add --mode closed")
         try:
             span_s = parse_span(span) if span is not None else None
             extra = driver_args(
@@ -241,6 +250,13 @@ def register(app: typer.Typer) -> None:
             per_job = job_args(job_arg, {j.name for j in jobs})
         except ValueError as e:
             raise fail(str(e)) from None
+        if champion:  # the loop's default serves it; the controller retrains and promotes it
+            for name, arg in (
+                ("loop", f"--champion={champion}"),
+                ("controller", f"--base={champion}"),
+            ):
+                if name in {j.name for j in jobs}:
+                    per_job[name] = (arg, *per_job.get(name, ()))
         settings = get_settings()
         running = read_state(settings.run_dir / "run")
         if running is not None and pid_alive(int(running["pid"])) and running["pid"] != os.getpid():
@@ -254,7 +270,7 @@ def register(app: typer.Typer) -> None:
             "data_dir": str(settings.data_dir),
             "api_host": "127.0.0.1",
             "api_port": str(api_port),
-            "experiment": experiment or "",
+            "experiment": experiment if mode == "closed" else "",
         }
         jobs = [
             render_job(j, values, (extra if j.role == "driver" else ()) + per_job.get(j.name, ()))

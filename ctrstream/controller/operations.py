@@ -3,8 +3,9 @@ experiments' file store, calibration. Each is idempotent or checks what is done 
 controller that redoes a step after a crash does not do it twice (``docs/controller.md``).
 
 The exploration slice and the closed loop's truth come from the loop's decision logs
-(``<run_dir>/experiments/*/loop/impressions/impressions-*.parquet``: ``impression_id``,
-``explored``, ``p_true``), read as files: the controller does not import the loop.
+(``<run_dir>/experiments/*/loop/impressions/impressions-*.parquet``, and the same under
+``experiments/.archive/``: ``impression_id``, ``explored``, ``p_true``), read as files: the
+controller does not import the loop.
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ def decision_log_slice(run_dir: Path) -> dict[str, tuple[bool, float, float]]:
     import pyarrow.parquet as pq
 
     out: dict[str, tuple[bool, float, float]] = {}
-    parts = Path(run_dir).glob("experiments/*/loop/impressions/impressions-*.parquet")
+    root = Path(run_dir) / "experiments"
+    # the registry archives a stopped experiment's folder when one of its name starts again
+    # (the following loop's default restarts on a promotion): its decision log still holds
+    # the impressions it served, which a later training window covers
+    parts = [
+        *root.glob(".archive/*/loop/impressions/impressions-*.parquet"),
+        *root.glob("*/loop/impressions/impressions-*.parquet"),
+    ]
     for p in sorted(parts):
         t = pq.read_table(p, columns=["impression_id", "explored", "p_true", "propensity"])
         for i, e, pt, pr in zip(

@@ -110,10 +110,11 @@ def all_jobs(speed_processes: int = 1) -> list[Job]:
         ),
         Job(
             name="monitor",
-            # the oracle's scores: the loop's decision log (impression id, true p), Parquet
-            # parts under the experiment's folder (there once the experiment is started;
-            # the log's own folder appears when the loop first runs)
-            argv=("ctrstream", "monitor", "--oracle", "{run_dir}/experiments/{experiment}"),
+            # the oracle's scores: the loop's decision logs (impression id, true p), Parquet
+            # parts under the registry's folder - every experiment the following loop serves
+            # (the default and the controller's shadow and experiment, archived ones
+            # included); `ctrstream run` creates the folder before it starts the jobs
+            argv=("ctrstream", "monitor", "--oracle", "{run_dir}/experiments"),
             modes=("closed",),
             group="ctrstream-monitor",
             topics=("predictions", "labeled"),

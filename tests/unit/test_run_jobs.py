@@ -298,9 +298,10 @@ def test_scrape_targets_one_per_process_and_the_api_on_its_port(tmp_path):
 
 
 def test_the_monitor_and_the_controller_read_the_closed_loops_decision_log(tmp_path):
-    """The monitor's --oracle in a closed run is there as soon as the experiment is started
-    (the monitor starts before the loop: a missing path is an error for it) and holds the
-    decision log the loop writes; the controller's exploration slice reads the same parts."""
+    """The monitor's --oracle in a closed run is the registry's folder (`ctrstream run`
+    creates it before the jobs start: a missing path is an error for the monitor) and holds
+    the decision log of every experiment the following loop serves; the controller's
+    exploration slice reads the same parts, an archived experiment's included."""
     import numpy as np
 
     from ctrstream.config import Settings
@@ -310,7 +311,7 @@ def test_the_monitor_and_the_controller_read_the_closed_loops_decision_log(tmp_p
     from ctrstream.monitoring.job import OracleSource
 
     s = Settings(run_dir=tmp_path / "run", data_dir=tmp_path / "data")
-    (s.run_dir / "experiments" / "exp1").mkdir(parents=True)  # `experiment start` made it
+    (s.run_dir / "experiments" / "exp1").mkdir(parents=True)  # `ctrstream run`, a start
     monitor = next(j for j in jobs_for("closed") if j.name == "monitor")
     values = {"run_dir": str(s.run_dir), "data_dir": str(s.data_dir), "api_host": "h"}
     argv = render_job(monitor, values | {"api_port": "1", "experiment": "exp1"}).argv
@@ -329,3 +330,12 @@ def test_the_monitor_and_the_controller_read_the_closed_loops_decision_log(tmp_p
     RequestLog(session.state_dir(s, "exp1") / "requests")  # its parts have no impression ids
     assert oracle.refresh() == 2 and list(oracle.lookup(["i2", "i1"])) == [0.5, 0.25]
     assert decision_log_slice(s.run_dir) == {"i1": (True, 0.25, 0.5), "i2": (False, 0.5, 1.0)}
+    # an experiment's folder archived by the registry (the loop's default restarted on a
+    # promotion): its decision log is still the truth of the impressions it served
+    old = s.run_dir / "experiments" / ".archive" / "live-1" / "loop" / "impressions"
+    log2 = ImpressionLog(old)
+    cols2 = cols | {"impression_id": np.array(["i3", "i4"])}
+    log2.add(cols2)
+    log2.flush(2_000)
+    assert set(decision_log_slice(s.run_dir)) == {"i1", "i2", "i3", "i4"}
+    assert oracle.refresh() == 4
