@@ -200,6 +200,11 @@ def test_two_cycles_unattended_a_promotion_and_a_rollback(fresh_topics, settings
         wall_cycles = time.time() - wall0
 
         # every job up, none restarted, as `ctrstream run status` shows it
+        table = subprocess.run(
+            [CTRSTREAM, "run", "status"], env=env, capture_output=True, text=True, timeout=60
+        )
+        print(table.stdout)
+        assert table.returncode == 0, table.stdout + table.stderr
         st = trs._status(env)
         jobs = {"speed-features", "speed-join", "archive", "calibrate", "serve", "monitor"}
         jobs |= {"controller", "loop"}
@@ -224,6 +229,15 @@ def test_two_cycles_unattended_a_promotion_and_a_rollback(fresh_topics, settings
         assert by[(2, "challenger_published")]["data"]["degraded_factor"] == 4.0
         assert (2, "shadow_failed") in by and "calibration" in by[(2, "shadow_failed")]["why"]
         assert (2, "rolled_back") in by and (2, "experiment_started") not in by
+        # the promotion went the right way: the challenger's own decisions were truly better
+        # (the world's click probabilities, which no production system knows)
+        exp1 = by[(1, "experiment_started")]["data"]["experiment"]
+        rep = json.loads((run_dir / "experiments" / exp1 / "report.json").read_text())
+        keep = ("lift", "lo", "hi", "p_value", "direction", "true_lift", "users")
+        for c in rep["comparisons"]:
+            print(f"cycle 1, challenger vs champion on {c['metric']}:", {k: c[k] for k in keep})
+        ctr = next(c for c in rep["comparisons"] if c["metric"] == "ctr")
+        assert ctr["true_lift"] is not None and ctr["true_lift"] > 0, ctr
         promoted_at = int(by[(1, "promoted")]["at_ms"])
         rolled_back_at = int(by[(2, "rolled_back")]["at_ms"])
 
