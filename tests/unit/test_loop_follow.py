@@ -356,3 +356,32 @@ def test_a_kill_inside_a_switch_resumes_at_the_switch(env):
         ("live", t_stop, None),
     ]
     again.close()
+
+
+def test_the_default_of_the_cli_and_its_errors(env, monkeypatch):
+    """``--follow --experiment NAME``: the running NAME's definition, else the champion A/A
+    of ctr_lr (or of ``--champion``); without both, no default. Bad combinations of the
+    options are clear errors."""
+    from typer.testing import CliRunner
+
+    from ctrstream.__main__ import app
+    from ctrstream.config import get_settings
+    from ctrstream.loop.follow import follow_default
+
+    s = env.settings
+    assert follow_default(s, None, None) is None
+    d = follow_default(s, "live", None)
+    assert d.name == "live" and {a.model_name for a in d.arms} == {"ctr_lr"}
+    env.registry.start(_exp("live"), 0)
+    assert follow_default(s, "live", None) == env.registry.get("live").experiment
+    assert {a.model_name for a in follow_default(s, "live", "ctr_deep").arms} == {"ctr_deep"}
+
+    monkeypatch.setenv("CTRSTREAM_RUN_DIR", str(s.run_dir))
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["loop", "run"])
+        assert res.exit_code != 0 and "--follow" in res.output, res.output
+        res = CliRunner().invoke(app, ["loop", "run", "--experiment", "x", "--champion", "m"])
+        assert res.exit_code != 0 and "add --follow" in res.output, res.output
+    finally:
+        get_settings.cache_clear()
