@@ -94,6 +94,22 @@ def job_args(items: list[str] | None, names: set[str]) -> dict[str, tuple[str, .
     return out_
 
 
+def with_champion(
+    per_job: dict[str, tuple[str, ...]], champion: str | None, names: set[str]
+) -> dict[str, tuple[str, ...]]:
+    """``per_job`` with the closed loop's champion given to the two jobs that need it - the
+    loop's ``--champion`` (its default serves that model) and the controller's ``--base``
+    (it retrains, tries and promotes it) - before their ``--job-arg`` arguments (which,
+    coming later on the command line, win)."""
+    if not champion:
+        return dict(per_job)
+    out_ = dict(per_job)
+    for name, arg in (("loop", f"--champion={champion}"), ("controller", f"--base={champion}")):
+        if name in names:
+            out_[name] = (arg, *out_.get(name, ()))
+    return out_
+
+
 def driver_args(
     mode: str,
     span_s: float | None,
@@ -250,13 +266,7 @@ def register(app: typer.Typer) -> None:
             per_job = job_args(job_arg, {j.name for j in jobs})
         except ValueError as e:
             raise fail(str(e)) from None
-        if champion:  # the loop's default serves it; the controller retrains and promotes it
-            for name, arg in (
-                ("loop", f"--champion={champion}"),
-                ("controller", f"--base={champion}"),
-            ):
-                if name in {j.name for j in jobs}:
-                    per_job[name] = (arg, *per_job.get(name, ()))
+        per_job = with_champion(per_job, champion, {j.name for j in jobs})
         settings = get_settings()
         running = read_state(settings.run_dir / "run")
         if running is not None and pid_alive(int(running["pid"])) and running["pid"] != os.getpid():
@@ -408,4 +418,12 @@ def _lags(settings: Any, jobs: list) -> dict[str, int | None]:
     )
 
 
-__all__ = ["assign_ports", "driver_args", "job_args", "parse_span", "register", "scenario_sets"]
+__all__ = [
+    "assign_ports",
+    "driver_args",
+    "job_args",
+    "parse_span",
+    "register",
+    "scenario_sets",
+    "with_champion",
+]

@@ -8,7 +8,14 @@ import signal
 
 import pytest
 
-from ctrstream.cli.run import assign_ports, driver_args, job_args, parse_span, scenario_sets
+from ctrstream.cli.run import (
+    assign_ports,
+    driver_args,
+    job_args,
+    parse_span,
+    scenario_sets,
+    with_champion,
+)
 from ctrstream.stack.jobs import PLACEHOLDERS, all_jobs, jobs_for, render, render_job
 from ctrstream.stack.supervisor import Supervisor, backoff_s, last_checkpoint
 
@@ -149,6 +156,12 @@ def test_job_arguments_go_to_the_named_job_in_order():
     assert job_args(["controller=--primary-metric=ctr"], names)["controller"] == (
         "--primary-metric=ctr",
     )
+    # --champion: the loop's default and the controller's base, before their --job-args
+    both = with_champion(got, "ctr_x", names)
+    assert both["controller"] == ("--base=ctr_x", "--interval-h=1", "--now")
+    assert both["loop"] == ("--champion=ctr_x",) and both["monitor"] == got["monitor"]
+    assert with_champion(got, "ctr_x", {"loop"}) == got | {"loop": ("--champion=ctr_x",)}
+    assert with_champion(got, None, names) == got
     with pytest.raises(ValueError, match="no job 'score'"):
         job_args(["score=--x"], names)
     for bad in ("controller", "=--x", "controller="):
