@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -212,16 +210,8 @@ def _consume(settings: Any, total: int, kafka_pid: int) -> dict:
     }
 
 
-def _job_env(settings: Any) -> dict[str, str]:
-    from ctrstream.stack.manager import settings_env
-
-    env = {**os.environ, **settings_env(settings), "CTRSTREAM_METRICS_PORT": "0"}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _speed_run(settings: Any, masters: int, procs: int, total: int, log_dir: Path) -> dict:
-    from ctrstream.cli.speed import job_commands
+    from ctrstream.bench.speed import source_start_s, start_feature_jobs
 
     nodes = _node_clients(settings)
     _flush(nodes)
@@ -229,26 +219,13 @@ def _speed_run(settings: Any, masters: int, procs: int, total: int, log_dir: Pat
     tag = f"m{masters}p{procs}"
     logs = [log_dir / f"features-{tag}-{k}.log" for k in range(procs)]
     cpu0 = _children_cpu_s()
-    children = []
-    for argv, log in zip(job_commands("features", 1, procs, stop_at_end=True), logs):
-        with open(log, "wb") as out:  # the child holds its own copy of the descriptor
-            children.append(
-                subprocess.Popen(argv, env=_job_env(settings), stdout=out, stderr=subprocess.STDOUT)
-            )
+    children = start_feature_jobs(settings, 1, procs, logs)
     deadline = time.monotonic() + 900
     for p in children:
         p.wait(max(1.0, deadline - time.monotonic()))
     t_end = time.time()
     job_cpu = _children_cpu_s() - cpu0
-    for p, log in zip(children, logs):
-        if p.returncode != 0:
-            raise RuntimeError(f"features job failed ({p.returncode}); see {log}")
-    starts = [
-        json.loads(m)["t"]
-        for log in logs
-        for m in re.findall(r'\{"speed": "source_start"[^}]*\}', log.read_text())
-    ]
-    dt = t_end - min(starts)
+    dt = t_end - source_start_s(children, logs)
     rate = total / dt
     detail: list[dict[str, Any]] = []
     for addr, r in nodes:

@@ -157,22 +157,25 @@ def _raw_consume(settings, total: int) -> float:
     return n / dt
 
 
-def _run_features(settings, workers: int, total: int, log_dir: Path, processes: int = 1) -> dict:
+def start_feature_jobs(
+    settings, workers: int, processes: int, logs: list[Path]
+) -> list[subprocess.Popen]:
+    """The features flow over the whole topic (it stops at its end) as ``processes``
+    processes of ``workers`` workers each, each writing its output to its log."""
     from ctrstream.cli.speed import job_commands
 
-    tag = f"w{workers}" + (f"p{processes}" if processes > 1 else "") + settings.speed.layout
-    logs = [log_dir / f"features-{tag}-{k}.log" for k in range(processes)]
     procs = []
     for argv, log in zip(job_commands("features", workers, processes, stop_at_end=True), logs):
         with open(log, "wb") as out:  # the child holds its own copy of the descriptor
             procs.append(
                 subprocess.Popen(argv, env=_env(settings), stdout=out, stderr=subprocess.STDOUT)
             )
-    peak = 0
-    while any(p.poll() is None for p in procs):
-        peak = max(peak, sum(rss_kb(p.pid) for p in procs))
-        time.sleep(0.05)
-    t_end = time.time()
+    return procs
+
+
+def source_start_s(procs: list[subprocess.Popen], logs: list[Path]) -> float:
+    """The wall time the first process began reading (its ``source_start`` line), after
+    every process exited 0 (else an error naming the log to read)."""
     for p, log in zip(procs, logs):
         if p.returncode != 0:
             raise RuntimeError(f"features job failed ({p.returncode}); see {log}")
@@ -181,7 +184,21 @@ def _run_features(settings, workers: int, total: int, log_dir: Path, processes: 
         for log in logs
         for m in re.findall(r'\{"speed": "source_start"[^}]*\}', log.read_text())
     ]
-    dt = t_end - min(starts)
+    if not starts:
+        raise RuntimeError(f"no features job said when it started reading; see {logs[0]}")
+    return min(starts)
+
+
+def _run_features(settings, workers: int, total: int, log_dir: Path, processes: int = 1) -> dict:
+    tag = f"w{workers}" + (f"p{processes}" if processes > 1 else "") + settings.speed.layout
+    logs = [log_dir / f"features-{tag}-{k}.log" for k in range(processes)]
+    procs = start_feature_jobs(settings, workers, processes, logs)
+    peak = 0
+    while any(p.poll() is None for p in procs):
+        peak = max(peak, sum(rss_kb(p.pid) for p in procs))
+        time.sleep(0.05)
+    t_end = time.time()
+    dt = t_end - source_start_s(procs, logs)
     rate = total / dt
     cores = min(workers * processes, os.cpu_count() or 1)
     return {

@@ -485,6 +485,27 @@ class PrometheusSettings(BaseModel):
         return f"http://{self.host}:{self.port}"
 
 
+def _recorded_topology(path: Path, what: str, setting: str) -> dict[str, Any] | None:
+    """The topology ``ctrstream stack up`` recorded in ``path`` (None when there is none); a
+    file that cannot be read is an error that says how to go on (``setting``: the
+    ``CTRSTREAM_`` variable that overrides the record)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"the local {what} topology {path} cannot be read ({e}): remove it (`ctrstream "
+            f"stack down --purge` removes the stack's data) or set CTRSTREAM_{setting}"
+        ) from e
+    if not isinstance(doc, dict):
+        raise ValueError(
+            f"the local {what} topology {path} is not a JSON object: remove it (`ctrstream "
+            f"stack down --purge` removes the stack's data) or set CTRSTREAM_{setting}"
+        )
+    return doc
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CTRSTREAM_",
@@ -572,16 +593,9 @@ class Settings(BaseSettings):
         given = self.kafka.model_fields_set
         if "brokers" in given:
             return self
-        path = self.run_dir / KAFKA_NODES_FILE
-        try:
-            doc = json.loads(path.read_text())
-        except (FileNotFoundError, NotADirectoryError):
+        doc = _recorded_topology(self.run_dir / KAFKA_NODES_FILE, "Kafka", "KAFKA__BROKERS")
+        if doc is None:
             return self
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"the local Kafka topology {path} cannot be read ({e}): remove it (`ctrstream "
-                "stack down --purge` removes the stack's data) or set CTRSTREAM_KAFKA__BROKERS"
-            ) from e
         update: dict[str, Any] = {"brokers": doc.get("brokers", 1)}
         for key in ("port", "controller_port", "more_ports"):  # what the settings leave open
             if key not in given and key in doc:
@@ -597,16 +611,9 @@ class Settings(BaseSettings):
         given = self.triton.model_fields_set
         if "replicas" in given or "urls" in given:
             return self
-        path = self.run_dir / TRITON_NODES_FILE
-        try:
-            doc = json.loads(path.read_text())
-        except (FileNotFoundError, NotADirectoryError):
+        doc = _recorded_topology(self.run_dir / TRITON_NODES_FILE, "Triton", "TRITON__REPLICAS")
+        if doc is None:
             return self
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"the local Triton topology {path} cannot be read ({e}): remove it (`ctrstream "
-                "stack down --purge` removes the stack's data) or set CTRSTREAM_TRITON__REPLICAS"
-            ) from e
         update: dict[str, Any] = {"replicas": doc.get("replicas", 1)}
         for key in ("http_port", "grpc_port", "metrics_port", "more_ports"):
             if key not in given and key in doc:
@@ -622,17 +629,11 @@ class Settings(BaseSettings):
         given = self.redis.model_fields_set
         if "cluster_masters" in given or "cluster" in given:
             return self
-        path = self.run_dir / REDIS_CLUSTER_FILE
-        try:
-            doc = json.loads(path.read_text())
-        except (FileNotFoundError, NotADirectoryError):
+        doc = _recorded_topology(
+            self.run_dir / REDIS_CLUSTER_FILE, "Redis Cluster", "REDIS__CLUSTER_MASTERS"
+        )
+        if doc is None:
             return self
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"the local Redis Cluster topology {path} cannot be read ({e}): remove it "
-                "(`ctrstream stack down --purge` removes the stack's data) or set "
-                "CTRSTREAM_REDIS__CLUSTER_MASTERS"
-            ) from e
         update: dict[str, Any] = {"cluster_masters": int(doc.get("masters", 0))}
         for key in ("port", "cluster_ports", "cluster_node_timeout_ms"):
             if key not in given and key in doc:

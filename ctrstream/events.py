@@ -208,6 +208,26 @@ def decode_prediction(data: bytes) -> Prediction:
     return _pred_decoder.decode(data)
 
 
+def check_labeled(lb: Labeled) -> None:
+    """Raise ``ValueError`` with the reason when a decoded joined label cannot be used (a
+    consumer of the labeled topic learns from, or measures on, valid labels only)."""
+    if lb.clicked not in (0, 1):
+        raise ValueError(f"invalid: clicked={lb.clicked!r} must be 0 or 1")
+    if not lb.impression.impression_id:
+        raise ValueError("invalid: impression_id is empty")
+
+
+def bad_record_reason(e: Exception) -> str:
+    """The dead-letter reason of a record whose decoding or checking raised ``e``."""
+    if isinstance(e, msgspec.ValidationError):
+        return f"invalid: {e}"
+    if isinstance(e, msgspec.DecodeError | UnicodeDecodeError):
+        return f"malformed JSON: {e}"
+    if isinstance(e, ValueError):
+        return str(e)
+    return f"malformed: {type(e).__name__}: {e}"
+
+
 def key_of(event: Impression | Click) -> bytes:
     """The Kafka key: the impression id (see the module docstring)."""
     return event.impression_id.encode()

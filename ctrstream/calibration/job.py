@@ -374,27 +374,6 @@ def check_prediction(p) -> None:
             raise ValueError(f"invalid: {e}") from None
 
 
-def check_labeled(lb) -> None:
-    """Raise ``ValueError`` with the reason when a decoded label cannot be learned from."""
-    if lb.clicked not in (0, 1):
-        raise ValueError(f"invalid: clicked={lb.clicked!r} must be 0 or 1")
-    if not lb.impression.impression_id:
-        raise ValueError("invalid: impression_id is empty")
-
-
-def bad_record_reason(e: Exception) -> str:
-    """The dead-letter reason of a record whose decoding raised ``e``."""
-    import msgspec
-
-    if isinstance(e, msgspec.ValidationError):
-        return f"invalid: {e}"
-    if isinstance(e, msgspec.DecodeError | UnicodeDecodeError):
-        return f"malformed JSON: {e}"
-    if isinstance(e, ValueError):
-        return str(e)
-    return f"malformed: {type(e).__name__}: {e}"
-
-
 def run(
     settings,
     cfg: CalibrationConfig | None = None,
@@ -411,7 +390,12 @@ def run(
     arrived for ``idle_exit_s`` (``None``: forever). Always checkpoints before returning."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
 
-    from ctrstream.events import decode_labeled, decode_prediction
+    from ctrstream.events import (
+        bad_record_reason,
+        check_labeled,
+        decode_labeled,
+        decode_prediction,
+    )
     from ctrstream.kafka.clients import make_consumer
     from ctrstream.kafka.deadletters import DlqWriter, dead_letter
 

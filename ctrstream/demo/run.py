@@ -259,8 +259,8 @@ def _n_probes(cfg: DemoConfig) -> int:
 
 
 def _count_speed_keys(settings: Settings) -> dict[str, int]:
-    """The speed-view hashes (one per entity id and event day) in the demo's Redis database,
-    per entity (SCAN)."""
+    """The speed-view hashes in the demo's Redis database (one per root id and event day in
+    the grouped layout, one per entity id and day in the entity layout), per entity (SCAN)."""
     from ctrstream.store.connection import redis_client
 
     r = redis_client(settings, timeout_s=60.0)
@@ -571,7 +571,8 @@ def _live_settles(st: DemoState, n_labeled: int, n_predictions: int) -> None:
     st.numbers["speed_keys_by_entity"] = _count_speed_keys(st.settings)
     st.numbers["speed_keys"] = sum(st.numbers["speed_keys_by_entity"].values())
     console.print(
-        f"speed view: {st.numbers['speed_keys']:,} hashes (entity, id, day) in Redis "
+        f"speed view: {st.numbers['speed_keys']:,} hashes in Redis "
+        f"({st.settings.speed.layout} layout) "
         f"{st.numbers['speed_keys_by_entity']}"
     )
 

@@ -396,27 +396,6 @@ def check_prediction(p: Any) -> None:
             raise ValueError(f"invalid: {name}={v!r} is not a probability in [0, 1]")
 
 
-def check_labeled(lb: Any) -> None:
-    """Raise ``ValueError`` with the reason when a decoded label cannot be monitored."""
-    if lb.clicked not in (0, 1):
-        raise ValueError(f"invalid: clicked={lb.clicked!r} must be 0 or 1")
-    if not lb.impression.impression_id:
-        raise ValueError("invalid: impression_id is empty")
-
-
-def bad_record_reason(e: Exception) -> str:
-    """The dead-letter reason of a record whose decoding raised ``e``."""
-    import msgspec
-
-    if isinstance(e, msgspec.ValidationError):
-        return f"invalid: {e}"
-    if isinstance(e, msgspec.DecodeError | UnicodeDecodeError):
-        return f"malformed JSON: {e}"
-    if isinstance(e, ValueError):
-        return str(e)
-    return f"malformed: {type(e).__name__}: {e}"
-
-
 def late_click_of(msg: Any) -> Any:
     """The click of a dlq record that is the join's late click, else None."""
     from ctrstream.events import decode_click
@@ -476,7 +455,12 @@ def run(
     never match."""
     from confluent_kafka import KafkaError
 
-    from ctrstream.events import decode_labeled, decode_prediction
+    from ctrstream.events import (
+        bad_record_reason,
+        check_labeled,
+        decode_labeled,
+        decode_prediction,
+    )
     from ctrstream.kafka.clients import make_consumer
     from ctrstream.kafka.deadletters import DlqWriter, dead_letter
 

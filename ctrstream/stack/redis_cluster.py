@@ -34,7 +34,9 @@ from ctrstream.stack.services import (
     Service,
     StackError,
     ensure_redis_password,
+    redis_server_argv,
     wait_until,
+    write_redis_config,
 )
 
 SLOTS = 16384
@@ -73,22 +75,13 @@ class RedisClusterNode(Service):
         return self.dir / "redis.conf"
 
     def prepare(self) -> None:
-        password = ensure_redis_password(self.settings)
-        quoted = password.replace("\\", "\\\\").replace('"', '\\"')
-        fd = os.open(self._config_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f'requirepass "{quoted}"\nmasterauth "{quoted}"\n')
-        os.chmod(self._config_path(), 0o600)
+        write_redis_config(
+            self._config_path(), ensure_redis_password(self.settings), replica_auth=True
+        )
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         r = self.settings.redis
-        argv = [
-            provision.redis_server(),
-            str(self._config_path()),
-            "--bind",
-            r.host,
-            "--port",
-            str(self.port),
+        cluster = [
             "--cluster-enabled",
             "yes",
             "--cluster-port",
@@ -99,22 +92,10 @@ class RedisClusterNode(Service):
             str(r.cluster_node_timeout_ms),
             "--cluster-require-full-coverage",
             "no",
-            "--dir",
-            str(self.dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if r.appendonly else "no",
-            "--appendfsync",
-            "everysec",
-            "--protected-mode",
-            "yes",
-            "--daemonize",
-            "no",
-            "--logfile",
-            "",
         ]
-        return argv, {}
+        return redis_server_argv(
+            self.settings, self._config_path(), self.port, self.dir, cluster
+        ), {}
 
     def client(self, timeout_s: float = 1.0):  # -> redis.Redis
         """A plain (not cluster-aware) redis-py client of this one node."""

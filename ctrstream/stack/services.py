@@ -512,6 +512,51 @@ def ensure_redis_password(settings: Settings) -> str:
     return password
 
 
+def write_redis_config(path: Path, password: str, *, replica_auth: bool = False) -> None:
+    """A redis-server config file holding only the password (readable by its owner only: the
+    password stays off the command line); ``replica_auth``: a cluster node's replica
+    authenticates to its master with it too."""
+    quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'requirepass "{quoted}"\n')
+        if replica_auth:
+            f.write(f'masterauth "{quoted}"\n')
+    os.chmod(path, 0o600)
+
+
+def redis_server_argv(
+    settings: Settings, config: Path, port: int, data_dir: Path, extra: Sequence[str] = ()
+) -> list[str]:
+    """The argv of one redis-server of the local stack: loopback, protected, in the
+    foreground, append-only file per the settings and no RDB snapshots; ``extra`` options
+    (a cluster node's) before the data options."""
+    r = settings.redis
+    return [
+        provision.redis_server(),
+        str(config),
+        "--bind",
+        r.host,
+        "--port",
+        str(port),
+        *extra,
+        "--dir",
+        str(data_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if r.appendonly else "no",
+        "--appendfsync",
+        "everysec",
+        "--protected-mode",
+        "yes",
+        "--daemonize",
+        "no",
+        "--logfile",
+        "",
+    ]
+
+
 class RedisService(Service):
     """Redis with its append-only file on and a password.
 
@@ -545,38 +590,11 @@ class RedisService(Service):
         return self.dir / "redis.conf"
 
     def prepare(self) -> None:
-        password = ensure_redis_password(self.settings)
-        fd = os.open(self._config_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            quoted = password.replace("\\", "\\\\").replace('"', '\\"')
-            f.write(f'requirepass "{quoted}"\n')
-        os.chmod(self._config_path(), 0o600)
+        write_redis_config(self._config_path(), ensure_redis_password(self.settings))
 
     def command(self):
         r = self.settings.redis
-        argv = [
-            provision.redis_server(),
-            str(self._config_path()),
-            "--bind",
-            r.host,
-            "--port",
-            str(r.port),
-            "--dir",
-            str(self.dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if r.appendonly else "no",
-            "--appendfsync",
-            "everysec",
-            "--protected-mode",
-            "yes",
-            "--daemonize",
-            "no",
-            "--logfile",
-            "",
-        ]
-        return argv, {}
+        return redis_server_argv(self.settings, self._config_path(), r.port, self.dir), {}
 
     def ready(self) -> bool:
         import redis

@@ -304,22 +304,35 @@ def test_redis_that_lost_its_data_is_repaired_or_reported(fresh_topics, tmp_path
                 30,
                 what="the loss metric",
             )
-            reported = {tuple(b) for rep in reports for b in rep["buckets"]}
             assert sum(rep["rewritten_cells"] for rep in reports) > 0
+            unreported: set = set()
 
             def only_reported_cells_differ() -> bool:
+                # every shard reports its own lost buckets, each at its next wake-up: the
+                # reports are read again at every look, not only the first one found
+                reported = {tuple(b) for rep in loss_reports(log) for b in rep["buckets"]}
                 view = read_speed_view(r)
                 differ = {
                     c for c in ref.cells.keys() | view.keys() if view.get(c) != ref.cells.get(c)
                 }
-                return all((e, res, b) in reported for e, _, res, _, b in differ)
+                unreported.clear()
+                unreported.update(c for c in differ if (c[0], c[2], c[4]) not in reported)
+                return not unreported
 
-            wait_until(
-                only_reported_cells_differ,
-                120,
-                what=f"every cell outside the reported buckets to equal the reference ({log})",
-            )
+            try:
+                wait_until(
+                    only_reported_cells_differ,
+                    120,
+                    what=f"every cell outside the reported buckets to equal the reference ({log})",
+                )
+            except TimeoutError as e:
+                raise AssertionError(
+                    f"{e}: {len(unreported)} cells differ outside the reported buckets, e.g. "
+                    f"{sorted(unreported)[:3]}"
+                ) from None
             recovery = time.monotonic() - t_back
+            reports = loss_reports(log)
+            reported = {tuple(b) for rep in reports for b in rep["buckets"]}
             view = read_speed_view(r)
             missing = sum(1 for c, v in ref.cells.items() if view.get(c) != v)
             unrepaired = sum(rep["unrepaired_cells"] for rep in reports)

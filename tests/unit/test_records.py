@@ -220,3 +220,27 @@ def test_murmur2_is_kafkas_default_partitioner():
     assert E.partition_error(k, E.partition_for(k, 4), 4) is None
     wrong = (E.partition_for(k, 4) + 1) % 4
     assert "murmur2_random" in (E.partition_error(k, wrong, 4) or "")
+
+
+def test_a_bad_label_gets_its_dead_letter_reason():
+    """The labeled topic's consumers (the calibrator, the decay monitor) share one check and
+    one reason per kind of failure."""
+    fields = dict(
+        schema_version=1, event_time_ms=1_700_000_000_000, user_id=1, ad_id=2, campaign_id=3,
+        advertiser_id=4, site_id=5, ad_category=6, device_type="mobile", country="US", position=0,
+    )  # fmt: skip
+    imp = E.Impression(impression_id="i1", **fields)
+    E.check_labeled(E.Labeled(impression=imp, clicked=1, click_delay_ms=5))
+    with pytest.raises(ValueError, match="clicked=2 must be 0 or 1") as e:
+        E.check_labeled(E.Labeled(impression=imp, clicked=2, click_delay_ms=5))
+    assert E.bad_record_reason(e.value) == "invalid: clicked=2 must be 0 or 1"
+    empty = E.Impression(impression_id="", **fields)
+    with pytest.raises(ValueError, match="impression_id is empty"):
+        E.check_labeled(E.Labeled(impression=empty, clicked=0, click_delay_ms=None))
+    with pytest.raises(Exception) as bad_json:
+        E.decode_labeled(b"{not json")
+    assert E.bad_record_reason(bad_json.value).startswith("malformed JSON: ")
+    with pytest.raises(Exception) as bad_type:
+        E.decode_labeled(b'{"impression": {}, "clicked": "yes"}')
+    assert E.bad_record_reason(bad_type.value).startswith("invalid: ")
+    assert E.bad_record_reason(KeyError("x")) == "malformed: KeyError: 'x'"
