@@ -236,6 +236,52 @@ def ne_between(
     return {"ne": ne, "oracle_ne": oracle, "gap": ne / oracle - 1, "impressions": int(n.sum())}
 
 
+def read_audit(path: Path | str) -> list[dict[str, Any]]:
+    """The audit log's records (JSON lines; a torn last line - a write a crash cut - is
+    skipped, as the controller itself drops it)."""
+    import json
+
+    p = Path(path)
+    if not p.exists():
+        return []
+    out = []
+    lines = p.read_text(encoding="utf-8").split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # the torn last line
+                break
+            raise ValueError(f"{p} line {n} is not JSON ({e}): not a controller audit log") from e
+    return out
+
+
+DECISION_COLUMNS = (
+    "event_time_ms",
+    "model_name",
+    "model_version",
+    "calibrated_score",
+    "clicked",
+    "p_true",
+    "degraded",
+)
+
+
+def concat_columns(tables: Iterable[Any]) -> dict[str, np.ndarray] | None:
+    """The decision-log columns :func:`ne_series` reads, over several Arrow tables."""
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in DECISION_COLUMNS}
+    for t in tables:
+        if t is None or t.num_rows == 0:
+            continue
+        for c in DECISION_COLUMNS:
+            parts[c].append(t.column(c).to_numpy(zero_copy_only=False))
+    if not parts["event_time_ms"]:
+        return None
+    return {c: np.concatenate(v) for c, v in parts.items()}
+
+
 # --------------------------------------------------------------------------- assembly
 
 
@@ -385,9 +431,8 @@ def timeline_png(path: Path, tl: Timeline) -> Path | None:
     return save(fig, path)
 
 
-def story_html(tl: Timeline) -> str:
-    """The story in sentences, with this run's numbers."""
-    n = tl.numbers
+def story_text(n: Mapping[str, Any]) -> str:
+    """The story in sentences, with this run's numbers (:func:`story_numbers`)."""
     parts = []
     if n.get("drift_ms") is not None:
         parts.append(f"The market drifted at {clock(n['drift_ms'])} (event time).")
@@ -409,6 +454,12 @@ def story_html(tl: Timeline) -> str:
         )
     else:
         parts.append("No new version was promoted in this run.")
+    return " ".join(parts)
+
+
+def ne_rows(n: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each served version's NE next to the oracle's, before the drift, between the drift
+    and the promotion, after the promotion."""
     rows = []
     for v, d in (n.get("ne") or {}).items():
         for span, r in d.items():
@@ -423,9 +474,15 @@ def story_html(tl: Timeline) -> str:
                         "gap": r["gap"],
                     }
                 )
+    return rows
+
+
+def story_html(tl: Timeline) -> str:
+    """The story in sentences and the NE table, with this run's numbers."""
     from ctrstream.demo.html import table_html
 
-    return "<p>" + html.escape(" ".join(parts)) + "</p>" + (table_html(rows) if rows else "")
+    rows = ne_rows(tl.numbers)
+    return "<p>" + html.escape(story_text(tl.numbers)) + "</p>" + (table_html(rows) if rows else "")
 
 
 def timeline_html(tl: Timeline, png: Path | None) -> str:
@@ -451,12 +508,16 @@ __all__ = [
     "alarm_events",
     "assemble",
     "audit_events",
+    "concat_columns",
+    "read_audit",
     "clock",
     "event_rows",
     "experiment_events",
     "ne_between",
     "ne_series",
     "story_html",
+    "story_text",
+    "ne_rows",
     "story_numbers",
     "timeline_html",
     "timeline_png",

@@ -232,3 +232,56 @@ def test_timeline_png_draws(tmp_path):
     png = T.timeline_png(tmp_path / "timeline.png", tl)
     assert png is not None and png.stat().st_size > 10_000
     assert T.timeline_png(tmp_path / "none.png", T.assemble()) is None
+
+
+def test_read_audit_skips_a_torn_last_line(tmp_path):
+    import json
+
+    path = tmp_path / "audit.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _audit()) + '{"key": "c1:x", "ki')
+    assert [r["key"] for r in T.read_audit(path)] == [r["key"] for r in _audit()]
+    path.write_text('{"key": 1}\nnot json\n{"key": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        T.read_audit(path)
+    assert T.read_audit(tmp_path / "absent.jsonl") == []
+
+
+def test_report_builds_the_timeline_from_the_files_the_system_left(tmp_path):
+    """``ctrstream.demo.report.build_timeline``: the audit log on disk, the decision logs'
+    Parquet parts (ctrstream.loop.ledger.ImpressionLog), the decay state and the reports."""
+    import json
+
+    from ctrstream.demo.report import build_timeline
+    from ctrstream.loop.ledger import IMPRESSION_LOG_COLUMNS, ImpressionLog
+
+    (tmp_path / "audit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _audit()))
+    cols = _decisions(np.random.default_rng(3))
+    folders = []
+    for i, half in enumerate((slice(0, 6000), slice(6000, None))):
+        log = ImpressionLog(tmp_path / f"exp{i}" / "impressions")
+        n = len(cols["event_time_ms"][half])
+        full = {c: np.zeros(n) for c in IMPRESSION_LOG_COLUMNS}
+        full.update({c: v[half] for c, v in cols.items()})
+        for c in ("impression_id", "request_id", "arm", "model_name", "model_version"):
+            full[c] = np.asarray(full[c]).astype(str)
+        log.add(full)
+        log.flush(int(full["event_time_ms"].max()))
+        folders.append(str(log.folder))
+    n = {
+        "t_split": T0,
+        "batch_view": {"version": "b1"},
+        "published": {"deep": {"model_name": "ctr_deep", "version": 1}},
+        "drift_ms": T0 + 40 * MIN,
+        "scenario": "taste_shift",
+        "story": {"audit": str(tmp_path / "audit.jsonl")},
+        "decision_logs": folders,
+        "decay_state": _decay_state(),
+        "experiment_reports": [_experiment()],
+    }
+    tl = build_timeline(n)
+    kinds = {e.kind for e in tl.events}
+    assert kinds == set(T.KINDS)
+    assert tl.events[0].t_ms == T0 and tl.numbers["alarm_after_drift_min"] == pytest.approx(7)
+    assert sum(sum(s["impressions"]) for s in tl.series.values()) == int(
+        (~np.isin(cols["model_name"], ["prior"]) & ~cols["degraded"]).sum()
+    )
