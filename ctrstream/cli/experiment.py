@@ -148,7 +148,22 @@ def register(app: typer.Typer) -> None:
 
     @loop_app.command("run")
     def run(
-        experiment: str = typer.Option(..., help="a started experiment"),
+        experiment: str = typer.Option(
+            None,
+            help="a started experiment; with --follow the default's name (served when no other "
+            "experiment runs)",
+        ),
+        follow: bool = typer.Option(
+            False,
+            "--follow",
+            help="follow the registry: one world and clock, serving at each step the newest "
+            "running experiment (the default when none runs) - docs/online-experiments.md",
+        ),
+        champion: str = typer.Option(
+            None,
+            help="--follow: the default is this model's champion split A/A with itself "
+            "(default: the registered --experiment's definition, else ctr_lr's champion)",
+        ),
         traffic: Path = typer.Option(
             None, help="open-loop traffic to continue from (its scenario, market and state)"
         ),
@@ -167,7 +182,7 @@ def register(app: typer.Typer) -> None:
         ),
     ):
         """Run the closed loop of an experiment against the local stack (resumes from its
-        checkpoint after a restart)."""
+        checkpoint after a restart); with --follow, of whatever the registry runs."""
         from ctrstream.loop import session
         from ctrstream.loop.wiring import run_loop
         from ctrstream.stack.stopping import stop_on_signals, stop_requested
@@ -184,6 +199,37 @@ def register(app: typer.Typer) -> None:
             raise fail(f"--overrides is not a JSON object: {e}") from None
         if ov is not None and not isinstance(ov, dict):
             raise fail("--overrides must be a JSON object of scenario fields")
+        if not follow and not experiment:
+            raise fail(
+                "which experiment? --experiment NAME (a started one), or --follow to serve "
+                "whatever the registry runs"
+            )
+        if not follow and champion:
+            raise fail("--champion names the default of --follow: add --follow or drop it")
+        if follow:
+            from ctrstream.loop.follow import FollowError, follow_default, run_follow
+
+            try:
+                default = follow_default(s, experiment, champion)
+                followed = run_follow(
+                    s,
+                    default=default,
+                    traffic=traffic,
+                    scenario=scenario,
+                    start_ms=start_ms,
+                    duration_s=duration_s,
+                    step_s=step_s,
+                    compression=compression,
+                    request_rate=request_rate,
+                    fresh=fresh,
+                    checkpoint_every=checkpoint_every,
+                    overrides=ov,
+                    stop=stop_requested,
+                )
+            except (FollowError, session.SessionError, ValueError, KeyError) as e:
+                raise fail(str(e)) from None
+            out.print_json(json.dumps(followed.to_dict(), default=str))
+            return
         try:
             summary = run_loop(
                 s,

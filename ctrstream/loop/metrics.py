@@ -61,6 +61,15 @@ def loop_metrics() -> dict[str, Any]:
             "arm_running": Gauge(
                 "ctrstream_loop_arm_running", "1 while the arm decides, 0 once stopped", labels
             ),
+            "serving": Gauge(
+                "ctrstream_loop_serving",
+                "1 for the experiment the following loop serves now, 0 once it left it",
+                ["experiment"],
+            ),
+            "switches": Counter(
+                "ctrstream_loop_switches_total",
+                "experiments the following loop switched to (the registry's running one)",
+            ),
             "decided": Gauge(
                 "ctrstream_experiment_decided",
                 "1 once the sequential test decided this arm against the control",

@@ -110,7 +110,10 @@ class ClosedLoop:
     ``decide(batch, arm_of_request) -> Decisions`` for this experiment's rankers;
     ``experiment``/``registry``: the definition and the file store of its state;
     ``state_dir``: where the loop checkpoints; ``online``: the online arms' learners by arm
-    name (``decide`` must then return ``Decisions.inputs``)."""
+    name (``decide`` must then return ``Decisions.inputs``); ``owns_world``: false when the
+    world, the pending clicks and the emitter are shared with other experiments' loops
+    (:class:`ctrstream.loop.follow.FollowLoop` checkpoints those itself; this loop then
+    checkpoints only the experiment's own state: ledger, logs, online learners, its clock)."""
 
     def __init__(
         self,
@@ -123,6 +126,8 @@ class ClosedLoop:
         cfg: LoopConfig | None = None,
         emitter: Emitter | None = None,
         online: dict[str, OnlineArm] | None = None,
+        *,
+        owns_world: bool = True,
     ):
         from ctrstream.experiments.assignment import assign
 
@@ -135,6 +140,7 @@ class ClosedLoop:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.emitter = emitter or Emitter(settings)
+        self.owns_world = owns_world
         self.online: dict[str, OnlineArm] = dict(online or {})
         self._assign = assign
         self.deciding = [a.name for a in experiment.arms if not a.shadow]
@@ -170,14 +176,12 @@ class ClosedLoop:
         self.clock_ms = int(meta["clock_ms"])
         self.next_look_ms = int(meta["next_look_ms"])
         self.steps = int(meta["steps"])
-        self.emitter.sent = dict(meta["sent"])
         self.log.prune_after(self.clock_ms)
         self.request_log.prune_after(self.clock_ms)
         self.ledger = Ledger.load(self.state_dir / "ledger.npz")
-        with np.load(self.state_dir / "world.npz", allow_pickle=False) as z:
-            self.world.load_state({k: z[k] for k in z.files})
-        with np.load(self.state_dir / "pending-clicks.npz", allow_pickle=False) as z:
-            self.emitter.pending = _Pending.from_arrays({k: z[k] for k in z.files})
+        if self.owns_world:
+            self.emitter.sent = dict(meta["sent"])
+            load_world(self.state_dir, self.world, self.emitter)
         for a, arm in self.online.items():
             path = self._online_path(a)
             if not path.exists():
@@ -198,12 +202,8 @@ class ClosedLoop:
         self.log.flush(self.clock_ms)
         self.request_log.flush(self.clock_ms)
         self.ledger.save(self.state_dir / "ledger.npz")
-        tmp = self.state_dir / "world.tmp.npz"
-        np.savez(tmp, allow_pickle=False, **self.world.state())
-        tmp.replace(self.state_dir / "world.npz")
-        tmp = self.state_dir / "pending-clicks.tmp.npz"
-        np.savez(tmp, allow_pickle=False, **self.emitter.pending.arrays())
-        tmp.replace(self.state_dir / "pending-clicks.npz")
+        if self.owns_world:
+            save_world(self.state_dir, self.world, self.emitter)
         for a, arm in self.online.items():
             arm.save(self._online_path(a))
         meta = {
@@ -370,6 +370,31 @@ class ClosedLoop:
         self.stage_s["analyze"] += time.perf_counter() - c0
         return rep
 
+    def finish(self, now_ms: int) -> Any:
+        """The experiment's last analysis when it stopped while the world goes on (a following
+        loop serves the next one): every click it decided is credited (decided, not yet all
+        due: the shared emitter still produces each at its own event time), its state is
+        checkpointed, and the analysis is saved as its report (``report.json`` in the
+        registry, with a ``final`` entry) and as ``final/experiment.{json,md}`` beside the
+        loop's state. Returns the report."""
+        from ctrstream.loop.analysis import analyze_ledger
+
+        self.clock_ms = int(now_ms)
+        self._credit_metrics(*self.ledger.drain())
+        self.ledger.snapshot_series(self.clock_ms)
+        self.checkpoint()
+        rep = analyze_ledger(self.exp, self.ledger, self.registry, self.clock_ms, act=False)
+        doc = rep.to_dict()
+        doc["final"] = {"ended_ms": self.clock_ms, "steps": self.steps}
+        self.registry.save_report(self.exp.name, doc)
+        out = self.state_dir / "final"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "experiment.json").write_text(json.dumps(doc, indent=2, default=str))
+        (out / "experiment.md").write_text(rep.markdown())
+        for a in self.deciding:
+            self.m["arm_running"].labels(self.exp.name, a).set(0)
+        return rep
+
     # ------------------------------------------------------------------ the run
 
     def run(self, start_ms: int, end_ms: int, *, stop: Callable[[], bool] = lambda: False):
@@ -433,6 +458,25 @@ class ClosedLoop:
             lateness_s=lateness,
             stage_s={k: round(v, 2) for k, v in self.stage_s.items()},
         )
+
+
+def save_world(folder: Path, world: Any, emitter: Emitter) -> None:
+    """The world's state and the clicks decided but not yet due, each file replaced
+    atomically (``world.npz``, ``pending-clicks.npz``)."""
+    tmp = folder / "world.tmp.npz"
+    np.savez(tmp, allow_pickle=False, **world.state())
+    tmp.replace(folder / "world.npz")
+    tmp = folder / "pending-clicks.tmp.npz"
+    np.savez(tmp, allow_pickle=False, **emitter.pending.arrays())
+    tmp.replace(folder / "pending-clicks.npz")
+
+
+def load_world(folder: Path, world: Any, emitter: Emitter) -> None:
+    """What :func:`save_world` wrote, back into ``world`` and ``emitter``."""
+    with np.load(folder / "world.npz", allow_pickle=False) as z:
+        world.load_state({k: z[k] for k in z.files})
+    with np.load(folder / "pending-clicks.npz", allow_pickle=False) as z:
+        emitter.pending = _Pending.from_arrays({k: z[k] for k in z.files})
 
 
 # --------------------------------------------------------------------------- batch -> events

@@ -137,10 +137,13 @@ def all_jobs(speed_processes: int = 1) -> list[Job]:
         ),
         Job(
             name="loop",
-            argv=("ctrstream", "loop", "run", "--experiment", "{experiment}"),
+            # follows the registry: the controller's shadow and experiment arms take the
+            # traffic while they run, {experiment} (the champion A/A unless it names a started
+            # experiment) when none runs - docs/online-experiments.md
+            argv=("ctrstream", "loop", "run", "--follow", "--experiment", "{experiment}"),
             role="driver",
             modes=("closed",),
-            checkpoint="{run_dir}/experiments/{experiment}",
+            checkpoint="{run_dir}/loop-follow",
         ),
     ]
 
