@@ -20,9 +20,12 @@ def register(app: typer.Typer) -> None:
         ),
         events: int = typer.Option(600_000, help="impressions to generate (clicks come on top)"),
         hours: float = typer.Option(6.0, help="event-time span of the scenario"),
+        users: int = typer.Option(
+            20_000, help="users in the marketplace (the scenarios' own: 200,000; 0 keeps it)"
+        ),
         seed: int = typer.Option(7),
         replay_seconds: float = typer.Option(
-            45.0, help="wall seconds of the history replay (sets its time compression)"
+            25.0, help="wall seconds of the history replay (sets its time compression)"
         ),
         lockstep_s: float = typer.Option(
             10.0, help="open live phase: seconds of event time it may run ahead of the scorer"
@@ -40,8 +43,10 @@ def register(app: typer.Typer) -> None:
         drift_after_h: float = typer.Option(
             1.0, help="closed live phase: the market shifts this many event hours into it"
         ),
-        request_rate: float = typer.Option(
-            6.0, help="closed live phase: ad requests per second of event time"
+        loop_volume: float = typer.Option(
+            0.5,
+            help="closed live phase: its ad requests per event second as a share of the "
+            "history's market",
         ),
         experiment_h: float = typer.Option(
             1.0, help="closed live phase: event hours of the opening experiment"
@@ -72,13 +77,14 @@ def register(app: typer.Typer) -> None:
             scenario=scenario,
             events=events,
             hours=hours,
+            users=users or None,
             seed=seed,
             replay_seconds=replay_seconds,
             lockstep_s=lockstep_s,
             live=live,
             live_hours=live_hours,
             drift_after_h=drift_after_h,
-            loop_request_rate=request_rate,
+            loop_volume=loop_volume,
             candidates=candidates,
             isolated=isolated,
             story=StoryConfig(experiment_h=experiment_h, after_h=after_h, epochs=epochs),

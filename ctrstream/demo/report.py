@@ -645,6 +645,18 @@ def build_timeline(n: dict) -> Timeline:
                 "demo",
             )
         )
+    for seg in n.get("segments") or []:
+        if seg.get("from_ms") is not None:
+            extra.append(
+                Event(
+                    int(seg["from_ms"]),
+                    "experiment",
+                    f"serving {seg.get('experiment')}"
+                    + (" (the champion alone)" if seg.get("default") else ""),
+                    "the following loop's segment",
+                    "loop",
+                )
+            )
     audit_path = (n.get("story") or {}).get("audit")
     tables = [ImpressionLog.read(Path(p)) for p in n.get("decision_logs") or []]
     return assemble(

@@ -65,12 +65,17 @@ class DemoConfig:
     seed: int = 7
     history_fraction: float = 1 / 3  # share of event time replayed before the batch layer runs
     drift_after_h: float = 1.0  # the market shifts this long into the closed loop (drift_at)
-    replay_seconds: float = 45.0  # wall time each replay phase should take (time compression)
+    # a smaller marketplace than the scenarios' 200,000 users: the batch views (one hash
+    # per entity and bucket) are the demo's largest cost, and the controller builds a second
+    users: int | None = 20_000
+    replay_seconds: float = 25.0  # wall time each replay phase should take (time compression)
     lockstep_s: float = 10.0  # live phase: event-time step the replay may lead the scorer by
     live: str = "closed"  # live phase: "closed" (the ad server decides) or "open" (lockstep replay)
     live_hours: float = 4.5  # closed loop: event time it runs at most (the story may end it)
     loop_step_s: float = 60.0  # closed loop: event seconds per micro-batch of requests
-    loop_request_rate: float | None = 6.0  # closed loop: ad requests per event second
+    # closed loop: its ad requests per event second relative to the history's market (the
+    # world's default rate); below 1 the closed loop's event hours cost less wall time
+    loop_volume: float = 0.5
     candidates: int = 20  # closed loop: candidate ads per request
     study_events: int = 0  # the small freshness study's impressions (0 = skip it)
     out: Path = Path(".demo")  # under the current directory
@@ -314,7 +319,7 @@ def _stack(st: DemoState) -> None:
 def _generate(st: DemoState, cfg: DemoConfig):
     from ctrstream.simulation.generator import generate, load_scenario, write_traffic
 
-    extra = {}
+    extra: dict = {} if cfg.users is None else {"n_users": cfg.users}
     if cfg.live == "closed" and cfg.scenario in ("taste_shift", "drift"):
         # the market shifts drift_after_h into the closed loop, after the first model
         extra["drift_at"] = drift_at_for(
@@ -643,17 +648,13 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
         st.settings,
         traffic=tr,
         start_ms=t_split,
-        request_rate=cfg.loop_request_rate,
+        request_rate=_request_rate(tr.scenario, cfg.loop_volume),
         overrides={"candidates_per_request": cfg.candidates},
     )
     end = start + int(cfg.live_hours * 3_600_000)
     loop_cfg = LoopConfig(step_s=cfg.loop_step_s, analyze_every_s=300.0, checkpoint_every=10)
-    loop, close, follows = _build_loop(st, name, world, loop_cfg)
-    st.numbers["loop_follows_registry"] = follows
-    # without a following loop, stopping the opening experiment would end the loop
-    story = Story(
-        st.settings, sc, st.out / "controller", t_split, name if follows else None, console.print
-    )
+    loop, close = _build_loop(st, name, world, loop_cfg)
+    story = Story(st.settings, sc, st.out / "controller", t_split, name, console.print)
     story.start()
     assert st.monitor is not None
     st.monitor.begin("live")
@@ -667,12 +668,15 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
                 story.tick(int(p["t_ms"]))
 
             loop.cfg.progress = progress
-            summary = loop.run(start, end, stop=lambda: story.done(clock["t"]))
+            summary = loop.run(start, end, stop=lambda: story.done(clock["t"]), final=True)
+            if summary.ended_ms < end:  # the story ended it: the world ends here
+                loop.run(summary.ended_ms, summary.ended_ms, final=True)
     finally:
         close()
     st.monitor.replay_ended("live")
     st.numbers["loop"] = summary.to_dict()
     st.numbers["story"] = story.summary()
+    st.numbers["segments"] = summary.segments
     console.print(
         f"closed loop: {summary.requests:,} requests, {summary.impressions:,} impressions in "
         f"{summary.wall_s:.1f} s ({summary.requests_per_s:,.0f} requests/s, "
@@ -692,7 +696,7 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     st.numbers["experiment_dir"] = str(st.out / "experiment")
     st.numbers["loop_log"] = str(session.state_dir(st.settings, name) / "impressions")
     reports = [st.numbers["experiment"]]
-    for other in story.experiment_names():
+    for other in [f"live-{st.run_id}", *story.experiment_names()]:
         try:
             reports.append(session.report(st.settings, other, st.out / "experiments" / other))
         except (session.SessionError, FileNotFoundError) as e:  # never served: no ledger
@@ -705,6 +709,16 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     console.print((st.out / "experiment" / "experiment.md").read_text())
     for job in ("calibrate", "archive", "monitor"):
         _stop(st, job)
+
+
+def _request_rate(sc, volume: float) -> float:
+    """``volume`` times the world's default request rate: the history's impressions per
+    second of event time over the mean slots per request (``ctrstream.simulation.world``)."""
+    if not volume > 0:
+        raise DemoError(f"loop volume must be > 0 (a share of the history's rate), not {volume}")
+    w = np.asarray(sc.slot_count_weights, dtype=np.float64)
+    mean_slots = float((w * np.arange(1, len(w) + 1)).sum() / w.sum())
+    return volume * sc.events / (sc.span_ms / 1000.0) / mean_slots
 
 
 def _opening_experiment(name: str, cfg: DemoConfig):
@@ -739,24 +753,16 @@ def _opening_experiment(name: str, cfg: DemoConfig):
 
 
 def _build_loop(st: DemoState, name: str, world, loop_cfg):
-    """The loop that serves what the registry says (``ctrstream.loop.follow.FollowLoop``:
-    the opening experiment, then the champion, then the controller's shadow and experiment
-    as it starts and stops them); ``close`` ends it."""
-    import importlib
+    """The loop that serves what the registry says (``ctrstream.loop.follow.FollowLoop``):
+    the opening experiment, then the champion alone (DCN-v2 split A/A with itself, the
+    default), then the controller's shadow and experiment as it starts and stops them."""
+    from ctrstream.loop.follow import FollowLoop, champion_default
 
-    try:
-        FollowLoop = importlib.import_module("ctrstream.loop.follow").FollowLoop
-    except ImportError:  # a checkout without the following loop: the opening experiment only
-        from ctrstream.loop.wiring import build_loop
-
-        console.print(
-            "[yellow]this checkout has no ctrstream.loop.follow: the closed loop serves the "
-            "opening experiment only, the controller's shadow and experiment see no traffic[/]"
-        )
-        loop, rankers = build_loop(st.settings, name, world, loop_cfg, fresh=True)
-        return loop, rankers.close, False
-    loop = FollowLoop(st.settings, world, loop_cfg, default=None)
-    return loop, loop.close, True
+    default = champion_default("ctr_deep", f"live-{st.run_id}")
+    loop = FollowLoop(
+        st.settings, world, loop_cfg, default=default, state_dir=st.out / "loop-follow"
+    )
+    return loop, loop.close
 
 
 def _final_decay_state(st: DemoState) -> dict | None:
