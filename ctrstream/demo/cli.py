@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
             help="taste_shift (a shift the served features cannot absorb: the story of decay, "
             "alarm and retrain), drift, steady or dirty",
         ),
-        events: int = typer.Option(600_000, help="impressions to generate (clicks come on top)"),
+        events: int = typer.Option(900_000, help="impressions to generate (clicks come on top)"),
         hours: float = typer.Option(6.0, help="event-time span of the scenario"),
         users: int = typer.Option(
             20_000, help="users in the marketplace (the scenarios' own: 200,000; 0 keeps it)"
@@ -41,18 +41,18 @@ def register(app: typer.Typer) -> None:
             "--after-h after the controller's first cycle)",
         ),
         drift_after_h: float = typer.Option(
-            1.0, help="closed live phase: the market shifts this many event hours into it"
+            0.5, help="closed live phase: the market shifts this many event hours into it"
         ),
         loop_volume: float = typer.Option(
-            0.5,
+            0.35,
             help="closed live phase: its ad requests per event second as a share of the "
             "history's market",
         ),
         experiment_h: float = typer.Option(
-            1.0, help="closed live phase: event hours of the opening experiment"
+            0.5, help="closed live phase: event hours of the opening experiment"
         ),
         after_h: float = typer.Option(
-            0.5, help="event hours served after the controller's first cycle ended"
+            0.25, help="event hours served after the controller's first cycle ended"
         ),
         isolated: bool = typer.Option(
             False,

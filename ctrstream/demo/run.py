@@ -60,11 +60,11 @@ class DemoError(RuntimeError):
 @dataclass
 class DemoConfig:
     scenario: str = "taste_shift"
-    events: int = 600_000  # impressions (clicks come on top); see docs/demo.md on sizes
+    events: int = 900_000  # impressions (clicks come on top); see docs/demo.md on sizes
     hours: float = 6.0  # event-time span of the scenario
     seed: int = 7
-    history_fraction: float = 1 / 3  # share of event time replayed before the batch layer runs
-    drift_after_h: float = 1.0  # the market shifts this long into the closed loop (drift_at)
+    history_fraction: float = 0.5  # share of event time replayed before the batch layer runs
+    drift_after_h: float = 0.5  # the market shifts this long into the closed loop (drift_at)
     # a smaller marketplace than the scenarios' 200,000 users: the batch views (one hash
     # per entity and bucket) are the demo's largest cost, and the controller builds a second
     users: int | None = 20_000
@@ -75,7 +75,7 @@ class DemoConfig:
     loop_step_s: float = 60.0  # closed loop: event seconds per micro-batch of requests
     # closed loop: its ad requests per event second relative to the history's market (the
     # world's default rate); below 1 the closed loop's event hours cost less wall time
-    loop_volume: float = 0.5
+    loop_volume: float = 0.35
     candidates: int = 20  # closed loop: candidate ads per request
     study_events: int = 0  # the small freshness study's impressions (0 = skip it)
     out: Path = Path(".demo")  # under the current directory
@@ -626,24 +626,43 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     exp = session.start(st.settings, _opening_experiment(name, cfg), t_split)
     st.numbers["experiment_definition"] = exp.to_dict()
     sc = cfg.story
-    _start(
-        st,
+    monitor_argv = [
         "monitor",
-        [
-            "monitor",
-            "--oracle",
-            str(st.settings.run_dir / "experiments"),
-            "--window-min",
-            str(sc.monitor_window_min),
-            "--baseline-min",
-            str(sc.monitor_baseline_min),
-            "--publish-interval",
-            "1",
-            "--job-name",
-            f"monitor-demo{st.run_id}",
-        ],
-        ports["monitor"],
-    )
+        "--oracle",
+        str(st.settings.run_dir / "experiments"),
+        "--window-min",
+        str(sc.monitor_window_min),
+        "--baseline-min",
+        str(sc.monitor_baseline_min),
+        "--publish-interval",
+        "1",
+        "--job-name",
+        f"monitor-demo{st.run_id}",
+    ]
+    jobs = {
+        "monitor": (monitor_argv, ports["monitor"]),
+        "archive": (["archive", "--max-batch-s", "1"], 0),
+        "calibrate": (["calibrate", "--checkpoint-interval", "1"], ports["calibrate"]),
+    }
+    _start(st, "monitor", *jobs["monitor"])
+    restarts: dict[str, int] = {}
+    st.numbers["restarts"] = restarts
+
+    def keepalive() -> None:
+        """Restart a job of the story that exited (each resumes from its committed
+        positions and checkpoint), as `ctrstream run`'s supervisor does; counted."""
+        for job, (argv, port) in jobs.items():
+            p = st.procs.get(job)
+            if p is not None and p.poll() is not None:
+                restarts[job] = restarts.get(job, 0) + 1
+                console.print(
+                    f"[yellow]the {job} job exited with code {p.returncode}: restarting it "
+                    f"(restart {restarts[job]}; see {st.out / 'logs' / (job + '.log')})[/]"
+                )
+                log = st.out / "logs" / f"{job}.log"
+                log.rename(log.with_name(f"{job}.{restarts[job]}.log"))
+                _start(st, job, argv, port)
+
     world, start = build_world(
         st.settings,
         traffic=tr,
@@ -654,7 +673,7 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
     end = start + int(cfg.live_hours * 3_600_000)
     loop_cfg = LoopConfig(step_s=cfg.loop_step_s, analyze_every_s=300.0, checkpoint_every=10)
     loop, close = _build_loop(st, name, world, loop_cfg)
-    story = Story(st.settings, sc, st.out / "controller", t_split, name, console.print)
+    story = Story(st.settings, sc, st.out / "controller", t_split, name, console.print, keepalive)
     story.start()
     assert st.monitor is not None
     st.monitor.begin("live")
@@ -703,8 +722,14 @@ def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:
             console.print(f"experiment {other}: no report ({e})")
             reports.append(_registry_only_report(st, other))
     st.numbers["experiment_reports"] = reports
+    # every experiment's decision log, those the registry archived (a default restarted on
+    # a promoted version, a name started again) included
+    root = st.settings.run_dir / "experiments"
     st.numbers["decision_logs"] = [
-        str(p) for p in sorted((st.settings.run_dir / "experiments").glob("*/loop/impressions"))
+        str(p)
+        for pattern in ("*/loop/impressions", ".archive/*/loop/impressions")
+        for p in sorted(root.glob(pattern))
+        if p.parent.parent.name != ".archive"
     ]
     console.print((st.out / "experiment" / "experiment.md").read_text())
     for job in ("calibrate", "archive", "monitor"):

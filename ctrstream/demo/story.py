@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctrstream import features as F
-
 HOUR_MS = 3_600_000
 
 
@@ -36,16 +34,16 @@ HOUR_MS = 3_600_000
 class StoryConfig:
     """The story's knobs (``ctrstream demo --help``; docs/demo.md says why each default)."""
 
-    experiment_h: float = 1.0  # the opening experiment's event time, from the cut-off
+    experiment_h: float = 0.5  # the opening experiment's event time, from the cut-off
     tick_s: float = 300.0  # event time between two looks of the controller
-    after_h: float = 0.5  # event time served after the controller's first cycle ended
+    after_h: float = 0.25  # event time served after the controller's first cycle ended
     alarm_min_train_h: float = 0.5  # the alarm's cycle trains on this much after the alarm
     warmup_h: float = 0.25  # first hours of the training window: feature history only
     share: float = 0.5  # the challenger's share in the controller's experiment
     shadow_min_s: float = 600.0
     shadow_max_s: float = 1800.0
     experiment_min_run_s: float = 900.0
-    experiment_max_s: float = 3600.0
+    experiment_max_s: float = 1800.0
     monitor_window_min: float = 30.0
     monitor_baseline_min: float = 30.0
     epochs: int | None = None
@@ -61,6 +59,8 @@ class Story:
     t_split: int  # the first model's cut-off: the closed loop starts there
     opening: str | None  # the opening experiment's name (stopped after experiment_h)
     log: Callable[[str], None] = print
+    # called at every tick: the demo restarts a job that died (as `ctrstream run` would)
+    keepalive: Callable[[], None] | None = None
     controller: Any = None
     next_tick_ms: int | None = None
     end_after_ms: int | None = None  # the loop may end here (set once a cycle finished)
@@ -113,6 +113,8 @@ class Story:
         if self.next_tick_ms is None or t_ms < self.next_tick_ms:
             return
         self.next_tick_ms = t_ms + int(self.cfg.tick_s * 1000)
+        if self.keepalive is not None:
+            self.keepalive()
         if (
             self.opening is not None
             and self.opening_stopped_ms is None
@@ -179,9 +181,4 @@ def drift_at_for(history_h: float, drift_after_h: float, hours: float) -> float:
     return at
 
 
-def aligned_split(start_ms: int, history_h: float) -> int:
-    """The first model's cut-off: ``history_h`` after the start, aligned (``align_cutoff``)."""
-    return F.align_cutoff(int(start_ms + history_h * HOUR_MS))
-
-
-__all__ = ["Story", "StoryConfig", "aligned_split", "drift_at_for"]
+__all__ = ["Story", "StoryConfig", "drift_at_for"]
