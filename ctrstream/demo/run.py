@@ -583,7 +583,21 @@ def _live_settles(st: DemoState, n_labeled: int, n_predictions: int) -> None:
             + m.get("ctrstream_calibration_join_dropped_total{side=pred}", 0)
         ) >= n_predictions
 
-    _wait("the calibrator to learn from the live labels", calibrator_done, 600, ["calibrate"], st)
+    def calibrate_done() -> bool:
+        # a restarted calibrator (ctrstream.demo.story's keep-alive) counts from zero: then
+        # its consumer group having committed both topics' ends is the criterion
+        restarted = (st.numbers.get("restarts") or {}).get("calibrate")
+        return (
+            calibrator_done()
+            if not restarted
+            else _group_caught_up(
+                st.settings,
+                "ctrstream-calibrate",
+                [st.settings.topics.predictions.name, st.settings.topics.labeled.name],
+            )
+        )
+
+    _wait("the calibrator to learn from the live labels", calibrate_done, 600, ["calibrate"], st)
     _wait(
         "the speed layer to catch up with the live stream",
         lambda: _speed_caught_up(st, _events_written(st)),
@@ -602,6 +616,25 @@ def _live_settles(st: DemoState, n_labeled: int, n_predictions: int) -> None:
         f"speed view: {st.numbers['speed_keys']:,} hashes (entity, id, day) in Redis "
         f"{st.numbers['speed_keys_by_entity']}"
     )
+
+
+def _group_caught_up(settings: Settings, group: str, topics: list[str]) -> bool:
+    """Whether consumer group ``group`` has committed the end of every partition of
+    ``topics``."""
+    from confluent_kafka import TopicPartition
+
+    from ctrstream.kafka.clients import make_consumer, topic_end_offsets
+
+    c = make_consumer(settings, group_id=group)
+    try:
+        for topic in topics:
+            ends = topic_end_offsets(settings, topic)
+            got = c.committed([TopicPartition(topic, p) for p in ends], timeout=10)
+            if any(tp.offset < ends[tp.partition] for tp in got if ends[tp.partition] > 0):
+                return False
+        return True
+    finally:
+        c.close()
 
 
 def _live_closed(st: DemoState, cfg: DemoConfig, tr, t_split: int) -> None:

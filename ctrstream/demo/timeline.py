@@ -304,7 +304,7 @@ def assemble(
         *experiment_events(experiments),
         *extra,
     ]
-    events.sort(key=lambda e: (e.t_ms, KINDS.index(e.kind) if e.kind in KINDS else 99))
+    events.sort(key=lambda e: e.t_ms)  # stable: the audit log's order within a minute
     series = ne_series(decisions, window_ms) if decisions is not None else {}
     starts = [e.t_ms for e in events] + [s["t_ms"][0] - window_ms for s in series.values()]
     t0 = min(starts) if starts else None
