@@ -20,6 +20,11 @@ def register(app: typer.Typer) -> None:
         ),
         events: int = typer.Option(900_000, help="impressions to generate (clicks come on top)"),
         hours: float = typer.Option(6.0, help="event-time span of the scenario"),
+        history_fraction: float = typer.Option(
+            1 / 3,
+            help="share of the scenario's event time replayed as history (the cut-off "
+            "is that point, aligned down to a whole hour)",
+        ),
         users: int = typer.Option(
             20_000, help="users in the marketplace (the scenarios' own: 200,000; 0 keeps it)"
         ),
@@ -41,7 +46,7 @@ def register(app: typer.Typer) -> None:
             "--after-h after the controller's first cycle)",
         ),
         drift_after_h: float = typer.Option(
-            0.5, help="closed live phase: the market shifts this many event hours into it"
+            1.5, help="closed live phase: the market shifts this many event hours into it"
         ),
         loop_volume: float = typer.Option(
             0.35,
@@ -78,6 +83,7 @@ def register(app: typer.Typer) -> None:
             events=events,
             hours=hours,
             users=users or None,
+            history_fraction=history_fraction,
             seed=seed,
             replay_seconds=replay_seconds,
             lockstep_s=lockstep_s,

@@ -63,8 +63,8 @@ class DemoConfig:
     events: int = 900_000  # impressions (clicks come on top); see docs/demo.md on sizes
     hours: float = 6.0  # event-time span of the scenario
     seed: int = 7
-    history_fraction: float = 0.5  # share of event time replayed before the batch layer runs
-    drift_after_h: float = 0.5  # the market shifts this long into the closed loop (drift_at)
+    history_fraction: float = 1 / 3  # share of event time replayed before the batch layer runs
+    drift_after_h: float = 1.5  # the market shifts this long into the closed loop (drift_at)
     # a smaller marketplace than the scenarios' 200,000 users: the batch views (one hash
     # per entity and bucket) are the demo's largest cost, and the controller builds a second
     users: int | None = 20_000
@@ -320,18 +320,29 @@ def _generate(st: DemoState, cfg: DemoConfig):
     from ctrstream.simulation.generator import generate, load_scenario, write_traffic
 
     extra: dict = {} if cfg.users is None else {"n_users": cfg.users}
+    sc = load_scenario(cfg.scenario, events=cfg.events, seed=cfg.seed, hours=cfg.hours, **extra)
+    # the cut-off: history_fraction of the scenario's span, aligned down to a cut-off
+    t_split = F.align_cutoff(int(round(sc.start_ms + cfg.history_fraction * sc.span_ms)))
+    if t_split <= sc.start_ms:
+        raise DemoError(
+            f"a history of {cfg.history_fraction:.0%} of {sc.span_ms / 3.6e6:g} h has no full "
+            "hour before its cut-off (cut-offs are whole hours): give more --hours or a larger "
+            "--history-fraction"
+        )
     if cfg.live == "closed" and cfg.scenario in ("taste_shift", "drift"):
         # the market shifts drift_after_h into the closed loop, after the first model
-        extra["drift_at"] = drift_at_for(
-            cfg.history_fraction * cfg.hours, cfg.drift_after_h, cfg.hours
-        )
-    sc = load_scenario(cfg.scenario, events=cfg.events, seed=cfg.seed, hours=cfg.hours, **extra)
+        try:
+            at = drift_at_for(
+                (t_split - sc.start_ms) / 3.6e6, cfg.drift_after_h, sc.span_ms / 3.6e6
+            )
+            sc = sc.replace(drift_at=at)
+        except ValueError as e:  # the scenario's own drift_at stays
+            console.print(f"[yellow]{e}; the scenario's own drift_at {sc.drift_at:g} stays[/]")
     tr = generate(sc)
     write_traffic(tr, st.out / "traffic")
     imps, clks = tr.impressions, tr.clicks
     t_imp = imps.column("event_time_ms").to_numpy()
     start, end = int(t_imp.min()), int(t_imp.max())
-    t_split = F.align_cutoff(int(start + cfg.history_fraction * (end - start)))
     st.numbers.update(
         history_impressions=int(np.count_nonzero(t_imp < t_split)),
         impressions=imps.num_rows,

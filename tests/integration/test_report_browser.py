@@ -39,6 +39,8 @@ DEMO_ARGS = [
     "12000",
     "--hours",
     "2",
+    "--history-fraction",
+    "0.6",
     "--replay-seconds",
     "4",
     "--epochs",
