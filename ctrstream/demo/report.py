@@ -838,7 +838,7 @@ def _experiment_html(n: dict, cfg) -> str:
     else:
         plain.append("<p>No comparison decided in this run.</p>")
     return (
-        f"<p>The closed loop ran {cfg.live_hours:g} h of event time: "
+        f"<p>The closed loop ran {_loop_hours(loop, cfg):.2g} h of event time: "
         f"{loop.get('requests', 0):,} ad requests with {cfg.candidates} candidates each, "
         f"{loop.get('impressions', 0):,} impressions, in {loop.get('wall_s', 0):.1f} s of wall "
         f"time ({loop.get('requests_per_s', 0):,.0f} requests/s, "
@@ -859,6 +859,13 @@ def _experiment_html(n: dict, cfg) -> str:
     )
 
 
+def _loop_hours(loop: dict, cfg) -> float:
+    """The closed loop's event hours (the story may end it before ``live_hours``)."""
+    if loop.get("ended_ms") is not None and loop.get("started_ms") is not None:
+        return (loop["ended_ms"] - loop["started_ms"]) / 3.6e6
+    return float(cfg.live_hours)
+
+
 def _overview_html(st, cfg, n) -> str:
     rows = [
         {"phase": p["phase"], "seconds": p["seconds"], "budget (s)": p.get("budget_s")}
@@ -867,7 +874,8 @@ def _overview_html(st, cfg, n) -> str:
     if n.get("loop"):
         live = (
             f"From the cut-off on, the live phase is the <em>closed loop</em>: the world sends "
-            f"ad requests ({n['loop']['requests']:,} over {cfg.live_hours:g} h of event time, "
+            f"ad requests ({n['loop']['requests']:,} over {_loop_hours(n['loop'], cfg):.2g} h "
+            "of event time, "
             f"{cfg.candidates} candidate ads each) and the ad server decides what is shown "
             f"({n['loop']['impressions']:,} impressions) under an online experiment."
         )
