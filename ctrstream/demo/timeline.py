@@ -319,9 +319,11 @@ def story_numbers(events: list[Event], series: Mapping[str, Mapping[str, list]])
         k: next((e for e in events if e.kind == k), None) for k in ("drift", "alarm", "version")
     }
     drift = first["drift"]
+    # the first alarm after the drift, else the first at all (one before the drift is a
+    # false alarm: the story says so)
     alarm = next(
         (e for e in events if e.kind == "alarm" and (drift is None or e.t_ms >= drift.t_ms)),
-        None,
+        first["alarm"],
     )
     promoted = next(
         (
@@ -438,10 +440,16 @@ def story_text(n: Mapping[str, Any]) -> str:
         parts.append(f"The market drifted at {clock(n['drift_ms'])} (event time).")
     if n.get("alarm_ms") is not None:
         delay = n.get("alarm_after_drift_min")
-        parts.append(
-            f"The decay monitor's alarm fired at {clock(n['alarm_ms'])}"
-            + (f", {delay:.0f} min of event time after the drift." if delay is not None else ".")
-        )
+        if delay is not None and delay < 0:
+            when = (
+                f", {-delay:.0f} min of event time before the drift: a false alarm (noise "
+                "in the window's gap), which the shift then made true."
+            )
+        elif delay is not None:
+            when = f", {delay:.0f} min of event time after the drift."
+        else:
+            when = "."
+        parts.append(f"The decay monitor's alarm fired at {clock(n['alarm_ms'])}" + when)
     elif n.get("drift_ms") is not None:
         parts.append("The decay monitor raised no alarm in this run.")
     if n.get("promoted_ms") is not None:

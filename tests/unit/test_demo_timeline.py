@@ -285,3 +285,11 @@ def test_report_builds_the_timeline_from_the_files_the_system_left(tmp_path):
     assert sum(sum(s["impressions"]) for s in tl.series.values()) == int(
         (~np.isin(cols["model_name"], ["prior"]) & ~cols["degraded"]).sum()
     )
+
+
+def test_an_alarm_before_the_drift_is_told_as_a_false_one():
+    drift = T.Event(T0 + 60 * MIN, "drift", "taste_shift", "", "demo")
+    tl = T.assemble(decay_state=_decay_state(), extra=[drift])  # the alarm at 47 min
+    assert tl.numbers["alarm_after_drift_min"] == pytest.approx(-13)
+    text = T.story_text(tl.numbers)
+    assert "13 min of event time before the drift: a false alarm" in text
