@@ -23,6 +23,18 @@ from ctrstream.demo.html import (
     table_html,
     write_report,
 )
+from ctrstream.demo.timeline import (
+    Event,
+    Timeline,
+    assemble,
+    concat_columns,
+    event_rows,
+    ne_rows,
+    read_audit,
+    story_text,
+    timeline_html,
+    timeline_png,
+)
 from ctrstream.demo.worth import worth_html
 from ctrstream.metrics import summary
 
@@ -397,6 +409,9 @@ def build_report(st, tr, cfg) -> Path:
                 out / "experiment.png",
             )
         )
+    # ---------------------------------------------------------------- the timeline
+    timeline = build_timeline(n)
+    timeline_plot = timeline_png(out / "timeline.png", timeline)
     # ---------------------------------------------------------------- reconciliation
     rec = n.get("reconcile", {})
     # ---------------------------------------------------------------- the diagram numbers
@@ -481,6 +496,21 @@ def build_report(st, tr, cfg) -> Path:
     console.print(_freshness_text(freshness))
     for name, res in ((n.get("study") or {}).get("sweeps") or {}).items():
         console.print(f"freshness study ({name}): {res.get('headline', {})}")
+    tt = Table(title="timeline of the run (event time)")
+    for c in ("event time", "min", "kind", "what"):
+        tt.add_column(c)
+    for r in event_rows(timeline):
+        tt.add_row(r["event time"], fmt(r["min"], 3), r["kind"], r["what"])
+    console.print(tt)
+    console.print(story_text(timeline.numbers))
+    rows = ne_rows(timeline.numbers)
+    if rows:
+        tt = Table(title="online NE per served version vs the oracle on the same impressions")
+        for c in rows[0]:
+            tt.add_column(c, justify="right")
+        for r in rows:
+            tt.add_row(*[fmt(r[c]) for c in rows[0]])
+        console.print(tt)
     console.print(
         f"reconciliation: {rec.get('buckets_compared')} buckets compared, "
         f"{rec.get('buckets_equal')} equal, {rec.get('buckets_differing')} differing, "
@@ -489,6 +519,11 @@ def build_report(st, tr, cfg) -> Path:
     # ---------------------------------------------------------------- HTML
     sections = [
         ("overview", "What ran", _overview_html(st, cfg, n)),
+        (
+            "timeline",
+            "The life of the system: the timeline of this run",
+            timeline_html(timeline, timeline_plot),
+        ),
         (
             "architecture",
             "The lambda architecture, with this run's numbers",
@@ -561,6 +596,8 @@ def build_report(st, tr, cfg) -> Path:
                 "loop": n.get("loop"),
                 "experiment": n.get("experiment"),
                 "study": n.get("study"),
+                "timeline": timeline.to_dict() | {"rows": event_rows(timeline)},
+                "story": n.get("story"),
             },
             indent=2,
             default=str,
@@ -572,6 +609,63 @@ def build_report(st, tr, cfg) -> Path:
         f"ctrstream demo — run {st.run_id}",
         f"scenario {cfg.scenario}, {n['impressions']:,} impressions, seed {cfg.seed}; "
         f"finished in {n['total_seconds']:.0f} s",
+    )
+
+
+def build_timeline(n: dict) -> Timeline:
+    """The run's timeline (``ctrstream.demo.timeline``) from what the system left behind:
+    the controller's audit log, the monitor's last decay state, the closed loop's decision
+    logs and the experiment reports, plus the first model, its cut-off and the market's
+    shift, which the demo itself did."""
+    from ctrstream.loop.ledger import ImpressionLog
+
+    extra = []
+    pub = (n.get("published") or {}).get("deep") or {}
+    t_split = n.get("t_split")
+    if t_split is not None:
+        view = (n.get("batch_view") or {}).get("version")
+        extra.append(Event(int(t_split), "cutoff", f"batch view {view}", "the first", "demo"))
+        if pub:
+            extra.append(
+                Event(
+                    int(t_split),
+                    "version",
+                    f"{pub.get('model_name')} v{pub.get('version')} serves",
+                    "the first model, trained on the history",
+                    "demo",
+                )
+            )
+    if n.get("drift_ms") is not None:
+        extra.append(
+            Event(
+                int(n["drift_ms"]),
+                "drift",
+                f"the market shifts ({n.get('scenario')})",
+                "the scenario's drift_at",
+                "demo",
+            )
+        )
+    for seg in n.get("segments") or []:
+        if seg.get("from_ms") is not None:
+            extra.append(
+                Event(
+                    int(seg["from_ms"]),
+                    "experiment",
+                    f"serving {seg.get('experiment')}"
+                    + (" (the champion alone)" if seg.get("default") else ""),
+                    "the following loop's segment",
+                    "loop",
+                )
+            )
+    audit_path = (n.get("story") or {}).get("audit")
+    tables = [ImpressionLog.read(Path(p)) for p in n.get("decision_logs") or []]
+    return assemble(
+        audit=read_audit(audit_path) if audit_path else [],
+        decay_state=n.get("decay_state"),
+        decisions=concat_columns(tables),
+        experiments=n.get("experiment_reports") or [],
+        extra=extra,
+        window_ms=10 * 60_000,
     )
 
 
@@ -744,7 +838,7 @@ def _experiment_html(n: dict, cfg) -> str:
     else:
         plain.append("<p>No comparison decided in this run.</p>")
     return (
-        f"<p>The closed loop ran {cfg.live_hours:g} h of event time: "
+        f"<p>The closed loop ran {_loop_hours(loop, cfg):.2g} h of event time: "
         f"{loop.get('requests', 0):,} ad requests with {cfg.candidates} candidates each, "
         f"{loop.get('impressions', 0):,} impressions, in {loop.get('wall_s', 0):.1f} s of wall "
         f"time ({loop.get('requests_per_s', 0):,.0f} requests/s, "
@@ -765,6 +859,13 @@ def _experiment_html(n: dict, cfg) -> str:
     )
 
 
+def _loop_hours(loop: dict, cfg) -> float:
+    """The closed loop's event hours (the story may end it before ``live_hours``)."""
+    if loop.get("ended_ms") is not None and loop.get("started_ms") is not None:
+        return (loop["ended_ms"] - loop["started_ms"]) / 3.6e6
+    return float(cfg.live_hours)
+
+
 def _overview_html(st, cfg, n) -> str:
     rows = [
         {"phase": p["phase"], "seconds": p["seconds"], "budget (s)": p.get("budget_s")}
@@ -773,7 +874,8 @@ def _overview_html(st, cfg, n) -> str:
     if n.get("loop"):
         live = (
             f"From the cut-off on, the live phase is the <em>closed loop</em>: the world sends "
-            f"ad requests ({n['loop']['requests']:,} over {cfg.live_hours:g} h of event time, "
+            f"ad requests ({n['loop']['requests']:,} over {_loop_hours(n['loop'], cfg):.2g} h "
+            "of event time, "
             f"{cfg.candidates} candidate ads each) and the ad server decides what is shown "
             f"({n['loop']['impressions']:,} impressions) under an online experiment."
         )

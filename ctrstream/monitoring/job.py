@@ -467,7 +467,9 @@ def run(
     if store is None:
         from ctrstream.store.connection import redis_client
 
-        store = redis_client(settings)
+        # a reply deadline of seconds, not the default second: on a loaded machine a busy
+        # Redis (a batch view landing) answers late, and a timeout here ends the job
+        store = redis_client(settings, timeout_s=10.0)
     oracle = OracleSource(oracle_path)
     oracle.refresh()
     job = Monitor(

@@ -39,12 +39,18 @@ DEMO_ARGS = [
     "12000",
     "--hours",
     "2",
+    "--history-fraction",
+    "0.6",
     "--replay-seconds",
     "4",
     "--epochs",
     "1",
     "--study-events",
     "60000",
+    # the closed loop's hour of event time (the story's controller cycle needs a decay alarm,
+    # which the drift scenario does not raise: the timeline shows the rest)
+    "--live-hours",
+    "1",
 ]
 DEMO_TIMEOUT_S = 600
 BROWSER_TIMEOUT_S = 60
@@ -52,6 +58,7 @@ BROWSER_TIMEOUT_S = 60
 # section id -> (heading it starts with, captions of the figures it must show)
 EXPECTED_SECTIONS = {
     "overview": ("What ran", []),
+    "timeline": ("The life of the system", ["timeline of the run"]),
     "architecture": ("The lambda architecture, with this run's numbers", []),
     "throughput": (
         "Throughput and lag",
