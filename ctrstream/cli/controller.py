@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
         alarm_min_train_h: float = typer.Option(
             1.0,
             help="a decay alarm's cycle trains on the rows from the alarm on: it starts once "
-            "the cut-off is this many hours of event time after the alarm",
+            "this many hours of event time of labelled rows after the alarm are there (the "
+            "cut-off that far after it, the labels complete that far)",
         ),
         share: float = typer.Option(0.2, help="the challenger's share of users in the experiment"),
         shadow_min_s: float = typer.Option(600.0, help="event time the shadow arm scores (s)"),

@@ -76,7 +76,9 @@ class Operations(Protocol):
     registry: Registry
     allowed_lateness_ms: int
     # optional ``warmup_ms``: the first event time of a training window that is feature
-    # history only, not trained on (0 when absent)
+    # history only, not trained on (0 when absent); optional ``label_window_ms``: how long
+    # after an impression its label is complete (the attribution window: the training set
+    # holds only rows at least that old, 0 when absent)
 
     def event_time_ms(self) -> int | None:
         """The controller's clock: the latest archived event time (None: empty archive)."""
@@ -259,8 +261,10 @@ class Controller:
         ``now_ms``, or None. The cut-off is the latest aligned one the archive is complete
         for; a cycle needs a cut-off after the last cycle's (nothing new to learn otherwise).
         A decay alarm's cycle trains on the rows from the alarm on (those before it are the
-        market that no longer is): it waits until the cut-off is ``alarm_min_train_h`` after
-        the alarm, the schedule and the operator's request still start theirs meanwhile."""
+        market that no longer is): it waits until ``alarm_min_train_h`` of labelled rows after
+        the alarm are there - the cut-off that far after the alarm, and the labels complete
+        that far (``label_window_ms`` before the clock); the schedule and the operator's
+        request still start theirs meanwhile."""
         st = self.state
         if st.schedule_from_ms is None:
             st.schedule_from_ms = now_ms  # the schedule starts when the controller first runs
@@ -276,17 +280,21 @@ class Controller:
         if since is not None and (
             st.handled_alarm_since_ms is None or since > st.handled_alarm_since_ms
         ):
-            if cutoff - since >= self.config.alarm_min_train_h * HOUR_MS:
+            # the training set ends at the cut-off and at the last labelled row, whichever
+            # comes first (ctrstream.batch.point_in_time.training_set)
+            labelled = min(cutoff, now_ms - int(getattr(self.ops, "label_window_ms", 0)))
+            if labelled - since >= self.config.alarm_min_train_h * HOUR_MS:
                 st.handled_alarm_since_ms = since
                 return f"decay alarm raised at event time {since}", cutoff, since
             if self._alarm_waiting != since:  # said once per alarm, not at every poll
                 self._alarm_waiting = since
                 log.info(
-                    "decay alarm at event time %d: its cycle waits for a cut-off %g h after "
-                    "it (now %d)",
+                    "decay alarm at event time %d: its cycle waits for %g h of labelled rows "
+                    "after it before a cut-off (now: cut-off %d, labels complete to %d)",
                     since,
                     self.config.alarm_min_train_h,
                     cutoff,
+                    labelled,
                 )
         if now_ms - st.schedule_from_ms >= self.config.interval_h * HOUR_MS:
             return (

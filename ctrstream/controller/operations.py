@@ -82,6 +82,9 @@ class StackOperations:
         self.settings = settings
         self.registry = Registry.of(settings)
         self.allowed_lateness_ms = int(settings.allowed_lateness_s * 1000)
+        # an impression's label is complete once its attribution window closed: the training
+        # set holds only rows that old (the alarm's cycle waits for enough of them)
+        self.label_window_ms = int(settings.attribution_window_s * 1000)
         self.kind = kind
         self.oracle_path = oracle_path
         self.epochs = epochs

@@ -322,6 +322,36 @@ def test_an_alarm_waits_for_a_cut_off_with_rows_after_it(tmp_path):
         replace(config(tmp_path), alarm_min_train_h=7.0).validate()
 
 
+def test_an_alarm_waits_for_labelled_rows_after_it(tmp_path):
+    """The training set holds only impressions whose attribution window closed: a cut-off an
+    hour after the alarm is not enough while the clock is less than a window past it (the
+    cycle would train on the rows before the alarm, the old market); it starts once the
+    labels are complete alarm_min_train_h after the alarm."""
+    minute = 60_000
+    since = CLOCK - 65 * minute
+    w = World(tmp_path)
+    w.update(clock=CLOCK + 5 * minute,
+             decay={"version": "1", "alarm": True, "since_ms": since,
+                    "reason": "ne gap", "ne_gap": 0.05})  # fmt: skip
+    ops = FakeOps(tmp_path)
+    ops.label_window_ms = 30 * minute  # type: ignore[attr-defined]
+    ctl = Controller(config(tmp_path), ops)
+    # the cut-off (CLOCK) is 65 minutes after the alarm, the labels only 40 minutes
+    assert ctl.step() == "idle" and ctl.state.handled_alarm_since_ms is None
+    w.update(clock=CLOCK + 24 * minute)
+    assert ctl.step() == "idle"
+    w.update(clock=CLOCK + 25 * minute)  # labels complete an hour after the alarm
+    assert ctl.step() == "started"
+    assert ctl.state.cycle.cutoff_ms == CLOCK and ctl.state.cycle.train_from_ms == since
+    # without a label window (an Operations that does not say it) the cut-off alone decides
+    w2 = tmp_path / "no-window"
+    w2.mkdir()
+    World(w2).update(clock=CLOCK + 5 * minute,
+                     decay={"version": "1", "alarm": True, "since_ms": since,
+                            "reason": "ne gap", "ne_gap": 0.05})  # fmt: skip
+    assert Controller(config(w2), FakeOps(w2)).step() == "started"
+
+
 def test_the_controller_reads_the_monitors_decay_state_from_the_store():
     from ctrstream.controller.decay import alarm_since, read_decay_state
     from ctrstream.store.monitor import write_decay_state
