@@ -41,12 +41,27 @@ def register(app: typer.Typer) -> None:
             "experiment) or open (the generated stream replayed in lockstep with the scorer)",
         ),
         live_hours: float = typer.Option(
-            4.5,
+            4.0,
             help="closed live phase: event hours it runs at most (it ends earlier, "
             "--after-h after the controller's first cycle)",
         ),
         drift_after_h: float = typer.Option(
-            1.5, help="closed live phase: the market shifts this many event hours into it"
+            1.0,
+            help="closed live phase: the market shifts this many event hours into it (after "
+            "the decay monitor's one-hour baseline)",
+        ),
+        taste_logit: float = typer.Option(
+            1.5,
+            help="taste_shift: strength of the hidden device x category taste that is redrawn "
+            "(the scenario's own is 0.8; docs/demo.md says why the demo's is larger)",
+        ),
+        primary_metric: str = typer.Option(
+            "ctr",
+            help="the controller's experiment decides on this metric (ctr or "
+            "revenue_per_request; docs/demo.md says why ctr)",
+        ),
+        challenger_epochs: int = typer.Option(
+            15, help="training epochs of the controller's challenger (its rows are few)"
         ),
         loop_volume: float = typer.Option(
             0.35,
@@ -90,10 +105,16 @@ def register(app: typer.Typer) -> None:
             live=live,
             live_hours=live_hours,
             drift_after_h=drift_after_h,
+            taste_logit=taste_logit,
             loop_volume=loop_volume,
             candidates=candidates,
             isolated=isolated,
-            story=StoryConfig(experiment_h=experiment_h, after_h=after_h, epochs=epochs),
+            story=StoryConfig(
+                experiment_h=experiment_h,
+                after_h=after_h,
+                primary_metric=primary_metric,
+                challenger_epochs=challenger_epochs,
+            ),
             out=out,
             keep_stack=keep_stack,
             epochs=epochs,

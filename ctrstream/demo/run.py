@@ -64,14 +64,20 @@ class DemoConfig:
     hours: float = 6.0  # event-time span of the scenario
     seed: int = 7
     history_fraction: float = 1 / 3  # share of event time replayed before the batch layer runs
-    drift_after_h: float = 1.5  # the market shifts this long into the closed loop (drift_at)
+    # the market shifts this long into the closed loop (drift_at): when the decay monitor's
+    # one-hour baseline of the champion is complete
+    drift_after_h: float = 1.0
+    # taste_shift's interaction strength for the demo (the scenario's own: 0.8): a shift large
+    # enough that a challenger trained on half an hour of rows after it can win an experiment
+    # within the demo's minutes (docs/demo.md); None keeps the scenario's
+    taste_logit: float | None = 1.5
     # a smaller marketplace than the scenarios' 200,000 users: the batch views (one hash
     # per entity and bucket) are the demo's largest cost, and the controller builds a second
     users: int | None = 20_000
     replay_seconds: float = 25.0  # wall time each replay phase should take (time compression)
     lockstep_s: float = 10.0  # live phase: event-time step the replay may lead the scorer by
     live: str = "closed"  # live phase: "closed" (the ad server decides) or "open" (lockstep replay)
-    live_hours: float = 4.5  # closed loop: event time it runs at most (the story may end it)
+    live_hours: float = 4.0  # closed loop: event time it runs at most (the story may end it)
     loop_step_s: float = 60.0  # closed loop: event seconds per micro-batch of requests
     # closed loop: its ad requests per event second relative to the history's market (the
     # world's default rate); below 1 the closed loop's event hours cost less wall time
@@ -320,6 +326,8 @@ def _generate(st: DemoState, cfg: DemoConfig):
     from ctrstream.simulation.generator import generate, load_scenario, write_traffic
 
     extra: dict = {} if cfg.users is None else {"n_users": cfg.users}
+    if cfg.taste_logit is not None and cfg.scenario == "taste_shift":
+        extra["taste_logit"] = cfg.taste_logit
     sc = load_scenario(cfg.scenario, events=cfg.events, seed=cfg.seed, hours=cfg.hours, **extra)
     # the cut-off: history_fraction of the scenario's span, aligned down to a cut-off
     t_split = F.align_cutoff(int(round(sc.start_ms + cfg.history_fraction * sc.span_ms)))
@@ -353,6 +361,7 @@ def _generate(st: DemoState, cfg: DemoConfig):
         t_split=t_split,
         injected=tr.injected,
         drift_ms=_drift_ms(tr),
+        taste_logit=float(tr.scenario.taste_logit),
         partitions=st.settings.topics.impressions.partitions,
     )
     console.print(
@@ -1005,6 +1014,15 @@ def run_demo(cfg: DemoConfig) -> Path:
         raise DemoError(f"lockstep_s must be > 0 seconds of event time, not {cfg.lockstep_s}")
     if cfg.live not in ("closed", "open"):
         raise DemoError(f"live must be 'closed' or 'open', not {cfg.live!r}")
+    if cfg.taste_logit is not None and not cfg.taste_logit >= 0:
+        raise DemoError(
+            f"--taste-logit must be >= 0 (0: no taste interaction), not {cfg.taste_logit}"
+        )
+    if cfg.live == "closed":
+        try:
+            cfg.story.validate(cfg.drift_after_h)
+        except ValueError as e:
+            raise DemoError(str(e)) from None
     run_id = uuid.uuid4().hex[:6]
     out = Path(cfg.out).absolute() / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
     (out / "logs").mkdir(parents=True, exist_ok=True)

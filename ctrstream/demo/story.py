@@ -37,16 +37,69 @@ class StoryConfig:
     experiment_h: float = 0.5  # the opening experiment's event time, from the cut-off
     tick_s: float = 300.0  # event time between two looks of the controller
     after_h: float = 0.25  # event time served after the controller's first cycle ended
-    alarm_min_train_h: float = 0.5  # the alarm's cycle trains on this much after the alarm
+    # the alarm's cycle trains on this much event time of labelled rows after the alarm (it
+    # starts an attribution window after that, at the first cut-off that far after the alarm)
+    alarm_min_train_h: float = 0.5
     warmup_h: float = 0.25  # first hours of the training window: feature history only
+    # two arms: an even split gives the test the most power for the users it has
     share: float = 0.5  # the challenger's share in the controller's experiment
-    shadow_min_s: float = 600.0
+    # the controller's experiment decides on CTR: under the second-price auction revenue per
+    # request is not monotone in ranking quality (docs/online-experiments.md, docs/demo.md)
+    primary_metric: str = "ctr"
+    alpha: float = 0.05
+    shadow_min_s: float = 300.0
     shadow_max_s: float = 1800.0
     experiment_min_run_s: float = 900.0
     experiment_max_s: float = 1800.0
     monitor_window_min: float = 30.0
-    monitor_baseline_min: float = 30.0
-    epochs: int | None = None
+    # the baseline is the version's first hour: its first half-hour alone (the opening
+    # experiment's 35 %) was low and noisy, and a window's noise over it raised a false alarm
+    monitor_baseline_min: float = 60.0
+    # the challenger learns from about half an hour of rows: one epoch is a handful of
+    # gradient steps (docs/demo.md); this many passes give it about the first model's steps
+    challenger_epochs: int = 15
+
+    def validate(self, drift_after_h: float) -> None:
+        """Fail before the demo starts on settings the story cannot run with (ValueError,
+        saying which option): the controller's, the challenger's epochs, and the market's
+        shift, which must come after the monitor's baseline: before it, the decay monitor has
+        nothing to compare the served version's gap with."""
+        self.controller_config(Path("."))
+        if self.challenger_epochs < 1:
+            raise ValueError(
+                f"--challenger-epochs {self.challenger_epochs}: the challenger needs at least "
+                "one pass over its rows"
+            )
+        if drift_after_h * 60 < self.monitor_baseline_min:
+            raise ValueError(
+                f"the market shifts {drift_after_h:g} h into the closed loop, before the decay "
+                f"monitor's {self.monitor_baseline_min:g}-minute baseline ends: give a larger "
+                "--drift-after-h"
+            )
+
+    def controller_config(self, folder: Path) -> Any:
+        """The controller's settings for the story (``ctrstream.controller.ControllerConfig``)."""
+        from ctrstream.controller.cycle import ControllerConfig
+        from ctrstream.experiments.design import Guardrails
+
+        return ControllerConfig(
+            folder=folder,
+            model="ctr_deep",
+            prefix="ctl",
+            interval_h=24.0,  # no scheduled cycle within the demo: the alarm's is the story
+            train_window_h=6.0,
+            alarm_min_train_h=self.alarm_min_train_h,
+            share=self.share,
+            shadow_min_s=self.shadow_min_s,
+            shadow_max_s=self.shadow_max_s,
+            experiment_max_s=self.experiment_max_s,
+            min_run_s=self.experiment_min_run_s,
+            alpha=self.alpha,
+            primary_metric=self.primary_metric,
+            # a micro-batched ad server on the shared 2-core machine answers in about a
+            # second (the opening experiment's guardrail, ctrstream.demo.run)
+            guardrails=Guardrails(latency_p99_ms_max=5_000.0),
+        ).validate()
 
 
 @dataclass
@@ -70,29 +123,14 @@ class Story:
     _printed: int = 0
 
     def start(self) -> None:
-        from ctrstream.controller.cycle import Controller, ControllerConfig
+        from ctrstream.controller.cycle import Controller
         from ctrstream.controller.operations import StackOperations
-        from ctrstream.experiments.design import Guardrails
 
         c = self.cfg
-        config = ControllerConfig(
-            folder=self.folder,
-            model="ctr_deep",
-            prefix="ctl",
-            interval_h=24.0,  # no scheduled cycle within the demo: the alarm's is the story
-            train_window_h=6.0,
-            alarm_min_train_h=c.alarm_min_train_h,
-            share=c.share,
-            shadow_min_s=c.shadow_min_s,
-            shadow_max_s=c.shadow_max_s,
-            experiment_max_s=c.experiment_max_s,
-            min_run_s=c.experiment_min_run_s,
-            # a micro-batched ad server on the shared 2-core machine answers in about a
-            # second (the opening experiment's guardrail, ctrstream.demo.run)
-            guardrails=Guardrails(latency_p99_ms_max=5_000.0),
-        ).validate()
-        ops = StackOperations(self.settings, kind="deep", epochs=c.epochs, warmup_hours=c.warmup_h)
-        self.controller = Controller(config, ops)
+        ops = StackOperations(
+            self.settings, kind="deep", epochs=c.challenger_epochs, warmup_hours=c.warmup_h
+        )
+        self.controller = Controller(c.controller_config(self.folder), ops)
         self.next_tick_ms = self.t_split + int(c.tick_s * 1000)
 
     @property

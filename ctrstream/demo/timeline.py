@@ -148,13 +148,12 @@ def experiment_events(reports: Iterable[Mapping[str, Any]]) -> list[Event]:
         for c in doc.get("comparisons") or []:
             if not c.get("decided") or start is None or c.get("decided_elapsed_s") is None:
                 continue
-            lift = c.get("lift")
             out.append(
                 Event(
                     int(start + 1000 * float(c["decided_elapsed_s"])),
                     "decision",
                     f"{name}: {c['treatment']} vs {c['control']} decided {c.get('direction')}",
-                    f"{c.get('metric')}: lift {100 * lift:+.1f} %" if _finite(lift) else "",
+                    comparison_text(c),
                     "experiment",
                 )
             )
@@ -167,6 +166,56 @@ def experiment_events(reports: Iterable[Mapping[str, Any]]) -> list[Event]:
                     str(status.get("reason", "")),
                     "experiment",
                 )
+            )
+    return out
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:+.1f} %"
+
+
+def comparison_text(c: Mapping[str, Any]) -> str:
+    """A comparison of an experiment report in words: the measured lift with its always-valid
+    interval and p-value at the report's last look, next to the true lift (the world's click
+    probabilities: what the simulator knows and the test does not)."""
+    lift = c.get("lift")
+    if not _finite(lift):
+        return ""
+    text = f"{c.get('metric')}: lift {_pct(lift)}"
+    if _finite(c.get("lo")) and _finite(c.get("hi")):
+        text += f" [{_pct(c['lo'])}, {_pct(c['hi'])}]"
+    if _finite(c.get("p_value")):
+        text += f", p {c['p_value']:.3g}"
+    if _finite(c.get("true_lift")):
+        text += f"; true lift {_pct(c['true_lift'])}"
+    return text
+
+
+def verdict_numbers(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The controller's experiments (a ``challenger`` arm against the ``champion``): each
+    comparison's measured lift, interval, p-value and decision at the report's last look,
+    next to its true lift."""
+    out = []
+    for doc in reports:
+        name = (doc.get("definition") or {}).get("name") or doc.get("name") or "experiment"
+        for c in doc.get("comparisons") or []:
+            if c.get("treatment") != "challenger" or c.get("control") != "champion":
+                continue
+            out.append(
+                {
+                    "experiment": name,
+                    "metric": c.get("metric"),
+                    "lift": c.get("lift"),
+                    "lo": c.get("lo"),
+                    "hi": c.get("hi"),
+                    "p_value": c.get("p_value"),
+                    "decided": bool(c.get("decided")),
+                    "direction": c.get("direction"),
+                    "decided_elapsed_s": c.get("decided_elapsed_s"),
+                    "true_lift": c.get("true_lift"),
+                    "users": c.get("users"),
+                    "text": comparison_text(c),
+                }
             )
     return out
 
@@ -298,6 +347,7 @@ def assemble(
     plus the story's numbers: when the market drifted (an ``extra`` event of kind ``drift``),
     when the first alarm fired after it, when a version was promoted, and NE before / after
     against the oracle."""
+    experiments = list(experiments)  # read twice: the events and the verdicts
     events = [
         *audit_events(audit),
         *alarm_events(decay_state),
@@ -308,7 +358,9 @@ def assemble(
     series = ne_series(decisions, window_ms) if decisions is not None else {}
     starts = [e.t_ms for e in events] + [s["t_ms"][0] - window_ms for s in series.values()]
     t0 = min(starts) if starts else None
-    return Timeline(events, series, window_ms, t0, story_numbers(events, series))
+    numbers = story_numbers(events, series)
+    numbers["verdicts"] = verdict_numbers(experiments)
+    return Timeline(events, series, window_ms, t0, numbers)
 
 
 def story_numbers(events: list[Event], series: Mapping[str, Mapping[str, list]]) -> dict:
@@ -462,6 +514,20 @@ def story_text(n: Mapping[str, Any]) -> str:
         )
     else:
         parts.append("No new version was promoted in this run.")
+    for v in n.get("verdicts") or []:
+        if not v.get("text"):
+            continue
+        if v.get("decided") and _finite(v.get("decided_elapsed_s")):
+            how = (
+                f"the sequential test decided {v.get('direction')} after "
+                f"{v['decided_elapsed_s'] / 60:.0f} min"
+            )
+        else:
+            how = "undecided"
+        parts.append(
+            f"Experiment {v['experiment']}, challenger vs champion: {how}; at its last look "
+            f"{v['text']} (true: from the world's click probabilities)."
+        )
     return " ".join(parts)
 
 
@@ -519,6 +585,7 @@ __all__ = [
     "concat_columns",
     "read_audit",
     "clock",
+    "comparison_text",
     "event_rows",
     "experiment_events",
     "ne_between",
@@ -529,4 +596,5 @@ __all__ = [
     "story_numbers",
     "timeline_html",
     "timeline_png",
+    "verdict_numbers",
 ]

@@ -98,3 +98,20 @@ def test_drift_at_puts_the_shift_into_the_closed_loop():
     assert drift_at_for(3.0, 0.5, 6.0) == pytest.approx(3.5 / 6)
     with pytest.raises(ValueError, match="outside the scenario"):
         drift_at_for(3.0, 3.0, 6.0)
+
+
+def test_the_story_configures_the_controller_and_checks_its_timing():
+    """The controller's experiment decides on CTR at an even split by default; a shift before
+    the monitor's baseline ends, a bad metric or no epochs fail before the demo starts."""
+    cfg = StoryConfig()
+    cc = cfg.controller_config(Path("ctl"))
+    assert cc.primary_metric == "ctr" and cc.share == 0.5 and cc.alpha == 0.05
+    assert cc.alarm_min_train_h == cfg.alarm_min_train_h and cc.model == "ctr_deep"
+    assert cc.shadow_min_s == cfg.shadow_min_s and cc.min_run_s == cfg.experiment_min_run_s
+    cfg.validate(1.0)  # the baseline is the first hour: a shift at 1 h is after it
+    with pytest.raises(ValueError, match="before the decay monitor's 60-minute baseline"):
+        cfg.validate(0.5)
+    with pytest.raises(ValueError, match="primary-metric"):
+        StoryConfig(primary_metric="clicks").validate(1.0)
+    with pytest.raises(ValueError, match="challenger-epochs"):
+        StoryConfig(challenger_epochs=0).validate(1.0)

@@ -293,3 +293,29 @@ def test_an_alarm_before_the_drift_is_told_as_a_false_one():
     assert tl.numbers["alarm_after_drift_min"] == pytest.approx(-13)
     text = T.story_text(tl.numbers)
     assert "13 min of event time before the drift: a false alarm" in text
+
+
+def test_the_controllers_verdict_is_told_with_its_p_value_and_the_true_lift():
+    """A decision of the controller's experiment is never told without the true lift next to
+    the measured one: the timeline's decision event and the story's sentence carry both."""
+    exp = _experiment()
+    exp["comparisons"][0] |= {
+        "metric": "ctr",
+        "lo": 0.08,
+        "hi": 0.9,
+        "p_value": 0.012,
+        "true_lift": 0.31,
+        "users": [900, 910],
+    }
+    ev = T.experiment_events([exp])
+    assert ev[1].detail == "ctr: lift +5.0 % [+8.0 %, +90.0 %], p 0.012; true lift +31.0 %"
+    tl = T.assemble(audit=_audit(), decay_state=_decay_state(), experiments=iter([exp]))
+    (v,) = tl.numbers["verdicts"]  # the comparison "x" vs champion is not the controller's
+    assert v["experiment"] == "ctl-1-x" and v["decided"] and v["true_lift"] == 0.31
+    text = T.story_text(tl.numbers)
+    assert "decided up after 15 min" in text and "true lift +31.0 %" in text
+    # undecided: said so, with the numbers
+    exp["comparisons"][0] |= {"decided": False, "direction": None, "decided_elapsed_s": None}
+    tl = T.assemble(audit=_audit(), experiments=[exp])
+    assert "challenger vs champion: undecided; at its last look ctr" in T.story_text(tl.numbers)
+    assert T.comparison_text({"lift": None}) == ""
