@@ -641,7 +641,12 @@ def build_timeline(n: dict) -> Timeline:
                 int(n["drift_ms"]),
                 "drift",
                 f"the market shifts ({n.get('scenario')})",
-                "the scenario's drift_at",
+                "the scenario's drift_at"
+                + (
+                    f"; the device x category taste redrawn (taste_logit {n['taste_logit']:g})"
+                    if n.get("taste_logit")
+                    else ""
+                ),
                 "demo",
             )
         )
