@@ -1020,7 +1020,8 @@ def run_demo(cfg: DemoConfig) -> Path:
         )
     if cfg.live == "closed":
         try:
-            cfg.story.validate(cfg.drift_after_h)
+            shifts = cfg.scenario in ("taste_shift", "drift")  # _generate places their shift
+            cfg.story.validate(cfg.drift_after_h if shifts else None)
         except ValueError as e:
             raise DemoError(str(e)) from None
     run_id = uuid.uuid4().hex[:6]

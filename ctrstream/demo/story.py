@@ -59,18 +59,19 @@ class StoryConfig:
     # gradient steps (docs/demo.md); this many passes give it about the first model's steps
     challenger_epochs: int = 15
 
-    def validate(self, drift_after_h: float) -> None:
+    def validate(self, drift_after_h: float | None) -> None:
         """Fail before the demo starts on settings the story cannot run with (ValueError,
         saying which option): the controller's, the challenger's epochs, and the market's
         shift, which must come after the monitor's baseline: before it, the decay monitor has
-        nothing to compare the served version's gap with."""
+        nothing to compare the served version's gap with (``None``: a market that does not
+        shift)."""
         self.controller_config(Path("."))
         if self.challenger_epochs < 1:
             raise ValueError(
                 f"--challenger-epochs {self.challenger_epochs}: the challenger needs at least "
                 "one pass over its rows"
             )
-        if drift_after_h * 60 < self.monitor_baseline_min:
+        if drift_after_h is not None and drift_after_h * 60 < self.monitor_baseline_min:
             raise ValueError(
                 f"the market shifts {drift_after_h:g} h into the closed loop, before the decay "
                 f"monitor's {self.monitor_baseline_min:g}-minute baseline ends: give a larger "

@@ -111,6 +111,7 @@ def test_the_story_configures_the_controller_and_checks_its_timing():
     cfg.validate(1.0)  # the baseline is the first hour: a shift at 1 h is after it
     with pytest.raises(ValueError, match="before the decay monitor's 60-minute baseline"):
         cfg.validate(0.5)
+    cfg.validate(None)  # a market that does not shift
     with pytest.raises(ValueError, match="primary-metric"):
         StoryConfig(primary_metric="clicks").validate(1.0)
     with pytest.raises(ValueError, match="challenger-epochs"):
