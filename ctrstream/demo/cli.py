@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
             "revenue_per_request; docs/demo.md says why ctr)",
         ),
         challenger_epochs: int = typer.Option(
-            15, help="training epochs of the controller's challenger (its rows are few)"
+            6, help="training epochs of the controller's challenger (its rows are few)"
         ),
         loop_volume: float = typer.Option(
             0.35,
