@@ -166,15 +166,15 @@ def _stop(st: DemoState, name: str) -> None:
 # machine, default sizes): the demo says which phase ran over, so a slow phase is found by
 # name; together they keep the demo under 10 minutes (docs/demo.md)
 PHASE_BUDGET_S = {
-    "stack": 40,
+    "stack": 20,
     "generate": 10,
-    "history": 50,
-    "batch": 110,
-    "reconcile": 70,
-    "live": 280,
-    "serve": 15,
+    "history": 45,
+    "batch": 115,
+    "reconcile": 65,
+    "live": 300,
+    "serve": 10,
     "study": 45,
-    "report": 30,
+    "report": 15,
 }
 
 
