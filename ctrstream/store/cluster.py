@@ -295,37 +295,6 @@ def parse_shards(reply: Sequence[Any]) -> list[tuple[int, int, Address]]:
     return out
 
 
-def shard_replicas(reply: Sequence[Any]) -> dict[Address, int]:
-    """``CLUSTER SHARDS`` -> the number of online replicas of each master (a master that lost
-    its replica, or a replica promoted after a failover, has none)."""
-    out: dict[Address, int] = {}
-    for shard in reply:
-        nodes = [_kv(node) for node in _kv(shard).get("nodes") or []]
-        masters = [nd for nd in nodes if _s(nd.get("role", b"")) == "master"]
-        if not masters:
-            continue
-        m = masters[0]
-        host = _s(m.get("endpoint", b"") or b"")
-        if host in ("", "?"):
-            host = _s(m.get("ip", b"127.0.0.1"))
-        port = m.get("port", m.get("tls-port"))
-        if port is None:
-            continue
-        out[Address(host, int(port))] = sum(
-            1
-            for nd in nodes
-            if _s(nd.get("role", b"")) == "replica" and _s(nd.get("health", b"")) == "online"
-        )
-    return out
-
-
-def slots_replicas(reply: Sequence[Any]) -> dict[Address, int]:
-    """``CLUSTER SLOTS`` -> the number of replicas each master lists."""
-    return {
-        Address(_s(entry[2][0]) or "127.0.0.1", int(entry[2][1])): len(entry) - 3 for entry in reply
-    }
-
-
 def parse_slots(reply: Sequence[Any]) -> list[tuple[int, int, Address]]:
     """``CLUSTER SLOTS`` -> ``(first slot, last slot, master address)`` ranges."""
     out = []
@@ -349,7 +318,6 @@ class SlotMap:
         self.opener = opener
         self.nodes: list[Address] = []
         self.owner = np.full(N_SLOTS, -1, np.int64)
-        self.replicas: dict[Address, int] = {}  # master -> online replicas, at the last refresh
         self.epoch = 0
         self.lock = threading.Lock()
 
@@ -360,17 +328,15 @@ class SlotMap:
             self.nodes.append(addr)
             return len(self.nodes) - 1
 
-    def _ask(self, addr: Address) -> tuple[list[tuple[int, int, Address]], dict[Address, int]]:
+    def _ask(self, addr: Address) -> list[tuple[int, int, Address]]:
         conn = self.opener(addr)
         try:
             try:
-                reply = conn.call("CLUSTER", "SHARDS")
-                return parse_shards(reply), shard_replicas(reply)
+                return parse_shards(conn.call("CLUSTER", "SHARDS"))
             except RedisReplyError as e:
                 if "unknown" not in str(e).lower():
                     raise
-                reply = conn.call("CLUSTER", "SLOTS")
-                return parse_slots(reply), slots_replicas(reply)
+                return parse_slots(conn.call("CLUSTER", "SLOTS"))
         finally:
             conn.close()
 
@@ -380,40 +346,28 @@ class SlotMap:
         errors = []
         for addr in [*self.nodes, *(s for s in self.seeds if s not in self.nodes)]:
             try:
-                ranges, replicas = self._ask(addr)
+                ranges = self._ask(addr)
             except (OSError, RedisReplyError) as e:
                 errors.append(f"{addr}: {e}")
                 continue
             if not ranges:
                 errors.append(f"{addr}: serves no slots (is the cluster created?)")
                 continue
-            self.load(ranges, replicas)
+            self.load(ranges)
             return
         raise ClusterError(
             "no Redis Cluster node answered CLUSTER SHARDS/SLOTS (" + "; ".join(errors) + "): "
             "check the cluster seed nodes (CTRSTREAM_REDIS__CLUSTER) and that the cluster is up"
         )
 
-    def load(
-        self,
-        ranges: Iterable[tuple[int, int, Address]],
-        replicas: dict[Address, int] | None = None,
-    ) -> None:
-        """Replace the map with ``ranges`` (first slot, last slot, master) and, when known,
-        each master's number of online ``replicas``."""
+    def load(self, ranges: Iterable[tuple[int, int, Address]]) -> None:
+        """Replace the map with ``ranges`` (first slot, last slot, master)."""
         with self.lock:
             owner = np.full(N_SLOTS, -1, np.int64)
             for lo, hi, addr in ranges:
                 owner[lo : hi + 1] = self._index(addr)
             self.owner = owner
-            if replicas is not None:
-                self.replicas = dict(replicas)
             self.epoch += 1
-
-    def replicas_of(self, addr: Address) -> int | None:
-        """How many online replicas master ``addr`` had at the last refresh (None: not
-        known, e.g. a master learned from a ``MOVED`` since)."""
-        return self.replicas.get(addr)
 
     def moved(self, slot: int, addr: Address) -> None:
         """Record that ``slot`` is served by ``addr`` (a ``MOVED`` reply), before a refresh."""

@@ -33,7 +33,6 @@ instead. Why this shape and what it costs: docs/speed-layer.md.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -81,8 +80,6 @@ DayHash = tuple[str, str, int]
 
 _BUCKET_MS = np.array([r.bucket_ms for r in F.RESOLUTIONS], np.int64)
 REPAIR_CHUNK = 20_000  # day hashes per pipelined round trip of a repair
-# how often a cluster writer re-reads the slot map while a master has no replica (WAIT skipped)
-REPLICA_RECHECK_S = 10.0
 
 
 def renew_resolution(allowed_lateness_ms: int) -> int:
@@ -548,7 +545,6 @@ class SpeedViewWriter:
         self._node_markers: dict[Address, bytes] = {}  # per master: its sequence marker key
         self._node_seen: set[Address] = set()
         self._masters: tuple[int, list[int]] = (-1, [])  # (map epoch, master indices)
-        self._replicas_checked = time.monotonic()  # when the map's replica counts were re-read
         # a cluster: each master's part ends with WAIT for its replicas (redis.wait_replicas)
         rs = settings.redis
         self.wait = (
@@ -715,23 +711,8 @@ class SpeedViewWriter:
         ``redis.wait_replicas`` > 0, then with ``WAIT wait_replicas wait_timeout_ms``, so
         that a payload is acknowledged (and a snapshot's drain returns) only once each
         master's replicas have it or the timeout passed (replication is asynchronous: what
-        a failover can lose without it, docs/redis-cluster.md). A master that had no
-        replica at the last map refresh (one promoted by a failover) is not waited on (WAIT
-        would block for its timeout on every payload); while there is one, the map is
-        refreshed every ``REPLICA_RECHECK_S`` seconds, so the wait resumes once a replica
-        has rejoined."""
+        a failover can lose without it, docs/redis-cluster.md)."""
         assert self.cluster is not None
-        m0 = self.cluster.map
-        if (
-            self.wait is not None
-            and 0 in m0.replicas.values()
-            and time.monotonic() - self._replicas_checked > REPLICA_RECHECK_S
-        ):
-            self._replicas_checked = time.monotonic()
-            try:
-                self.cluster.refresh()
-            except ClusterError:
-                pass  # the write below waits for the cluster as it would without this
         try:
             m = self.cluster.ensure_map()
         except ClusterError as e:
@@ -762,11 +743,8 @@ class SpeedViewWriter:
                         key = self._node_markers[addr] = self._node_marker(self.marker, owner, k)
                     body = [*body, encode((b"SET", key, seq, b"PX", self.hash_ttl_ms))]
                     n += 1
-                # acknowledged once replicated (or timed out); a master known to have no
-                # replica (a promoted one, until its old master rejoins) is not waited on:
-                # WAIT would block for its whole timeout on every payload
-                if self.wait is not None and n and m.replicas_of(addr) != 0:
-                    body = [*body, self.wait]
+                if self.wait is not None and n:
+                    body = [*body, self.wait]  # acknowledged once replicated (or timed out)
                     n += 1
                 prev = parts.get(addr)
                 if prev is not None:

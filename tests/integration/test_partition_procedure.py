@@ -162,7 +162,9 @@ def test_adding_partitions_by_the_documented_procedure(broker, tmp_path):
         what=f"both topics to have {AFTER} partitions",
     )
     # 4. the settings say the new count (until then ensure_topics refuses the topics)
-    s8 = _with_partitions(s4, AFTER)
+    # its own metrics port: the first job's Bytewax process dies with its launcher a moment
+    # after the launcher exits, and may still hold the first port
+    s8 = _with_partitions(s4, AFTER).model_copy(update={"metrics_port": free_port()})
     assert ensure_topics(s8, s8.topics.all()) == []
 
     # 5. the join again, same recovery directory; then the producers. Their events start

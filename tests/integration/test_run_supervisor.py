@@ -313,6 +313,10 @@ def test_a_closed_loop_run_over_a_span(fresh_topics, models, unique, stack_env, 
     ]
     exp = _experiment(f"run-{unique}", arms, "a")
     _world, start = build_world(s, scenario="steady", overrides=SMALL)
+    # the following loop serves the newest running experiment of the registry: the session's
+    # earlier tests' experiments still running there would take this run's traffic
+    for rec in session.registry(s).running():
+        session.stop(s, rec.experiment.name, "an earlier test's experiment")
     session.start(s, exp, start)  # started (its models pinned) in the stack's run directory
     # this run's own directory (state, recovery stores) sees the stack's experiments
     run_dir.mkdir()

@@ -26,9 +26,7 @@ from ctrstream.store.cluster import (
     parse_redirect,
     parse_shards,
     parse_slots,
-    shard_replicas,
     slot_tag,
-    slots_replicas,
 )
 from ctrstream.store.connection import RedisReplyError
 
@@ -121,19 +119,6 @@ def test_parse_cluster_shards_and_slots():
     ]
     slots = [[0, 5460, [b"127.0.0.1", 7000, b"id"], [b"127.0.0.1", 7001, b"id2"]]]
     assert parse_slots(slots) == [(0, 5460, Address("127.0.0.1", 7000))]
-    # the replicas a writer's WAIT can count on: none for a master without one
-    assert shard_replicas(shards) == {Address("127.0.0.1", 7000): 1, Address("127.0.0.1", 7002): 0}
-    failed = node(7001, b"replica")
-    failed[-1] = b"failed"
-    assert shard_replicas([[b"slots", [0, 5460], b"nodes", [node(7000, b"master"), failed]]]) == {
-        Address("127.0.0.1", 7000): 0
-    }
-    assert slots_replicas(slots) == {Address("127.0.0.1", 7000): 1}
-    m = SlotMap(["127.0.0.1:7000"], lambda a: None)
-    m.load(parse_shards(shards), shard_replicas(shards))
-    assert m.replicas_of(Address("127.0.0.1", 7002)) == 0
-    assert m.replicas_of(Address("127.0.0.1", 7000)) == 1
-    assert m.replicas_of(Address("127.0.0.1", 7009)) is None  # not known: WAIT as configured
 
 
 # --------------------------------------------------------------------------- fake nodes

@@ -46,7 +46,9 @@ from ctrstream.models.publish import (
 )
 from ctrstream.simulation.generator import generate
 from ctrstream.simulation.scenarios import load_scenario
+from ctrstream.store import batch_view as BV
 from ctrstream.store.calibration import CalibrationStore
+from ctrstream.store.connection import redis_client
 from ctrstream.store.layout import calibrator_id
 
 START = 1_924_992_000_000  # 2031-01-01: buckets no other test writes
@@ -94,8 +96,23 @@ def traffic():
     return generate(sc)
 
 
+@pytest.fixture
+def view_pointer_restored(settings):
+    """The cycles switch the session Redis's batch-view pointer to their 2031 cut-offs, which
+    would make every later test of the session read its (earlier) features from that view:
+    the pointer is put back as it was."""
+    r = redis_client(settings)
+    before = BV.served_version(r)
+    yield
+    if before is None:
+        BV.clear_pointer(r)
+    else:
+        BV.switch_pointer(r, before)
+    r.close()
+
+
 def test_promotion_rollback_and_a_failed_gate_with_a_kill_9(
-    settings, stack_env, tmp_path, unique, traffic
+    settings, stack_env, tmp_path, unique, traffic, view_pointer_restored
 ):
     data = tmp_path / "data"
     oracle = tmp_path / "oracle.parquet"
