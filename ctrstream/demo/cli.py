@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
             0.5, help="closed live phase: event hours of the opening experiment"
         ),
         after_h: float = typer.Option(
-            0.25, help="event hours served after the controller's first cycle ended"
+            0.15, help="event hours served after the controller's first cycle ended"
         ),
         isolated: bool = typer.Option(
             False,

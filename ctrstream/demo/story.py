@@ -36,7 +36,7 @@ class StoryConfig:
 
     experiment_h: float = 0.5  # the opening experiment's event time, from the cut-off
     tick_s: float = 300.0  # event time between two looks of the controller
-    after_h: float = 0.25  # event time served after the controller's first cycle ended
+    after_h: float = 0.15  # event time served after the controller's first cycle ended
     # the alarm's cycle trains on this much event time of labelled rows after the alarm (it
     # starts an attribution window after that, at the first cut-off that far after the alarm)
     alarm_min_train_h: float = 0.5

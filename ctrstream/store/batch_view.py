@@ -19,8 +19,10 @@ eid, long_window, imps, clicks``). :func:`write_view_hashes` lays them out as
 
 The keys and fields are built by DuckDB (``layout.*_sql``), one entity at a time (every hash
 belongs to one entity: DuckDB's list aggregation over a whole view cannot spill and its
-memory grows with the view), streamed out in batches, packed by hiredis and sent in pipelined
-chunks over a :class:`ctrstream.store.resp.RespPipeline` per node (one per master of a Redis
+memory grows with the view), each hash's whole ``HSET`` rendered as RESP by DuckDB too
+(Python only hands the bytes on: per-hash lists and packing cost more than Redis's own work),
+streamed out in batches and sent in pipelined chunks - Redis works through one chunk while
+the next is rendered - over a :class:`ctrstream.store.resp.RespPipeline` per node (one per master of a Redis
 Cluster, :class:`ctrstream.store.nodes.NodePipelines`), with the cyclic GC paused (millions
 of small lists, no cycles).
 
@@ -35,7 +37,9 @@ versions without meta and complete ones beyond the newest ``keep``.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -47,6 +51,7 @@ from ctrstream.store.resp import encode
 from ctrstream.store.scan import gc_paused, read_hashes, scan_keys, text
 
 PIPELINE_CHUNK = 50_000  # commands per pipelined round trip
+SEND_AHEAD = 8  # chunks rendered ahead of Redis at most (a chunk is ~10 MB)
 GROUP_BATCH = 200_000  # hashes fetched from DuckDB at a time
 DELETE_BATCH = 10_000  # keys per SCAN call and per UNLINK when a version is deleted
 WRITE_TIMEOUT_S = 60.0  # without any progress on the bulk connection
@@ -188,30 +193,45 @@ def write_view_hashes(
             )
     ttl = str(int(ttl_ms)).encode() if ttl_ms else None
     keys_written = 0
-    with NodePipelines(client, timeout=WRITE_TIMEOUT_S) as pipes, gc_paused():
-        for g in _grouped_fields(buckets, longs, version, int(cutoff_ms)):
-            keys_written += len(g["key"])
-            for key, fields, values in zip(g["key"], g["f"], g["v"]):
-                args: list[Any] = [None] * (2 * len(fields))
-                args[0::2], args[1::2] = fields, values
-                bkey = key.encode() if isinstance(key, str) else key
-                pipes.add(bkey, encode((b"HSET", bkey, *args)))
+    # Redis works through the chunks while the next entity's are rendered: they are sent in
+    # order on one thread (DuckDB and the socket release the GIL), at most SEND_AHEAD queued
+    with (
+        NodePipelines(client, timeout=WRITE_TIMEOUT_S) as pipes,
+        gc_paused(),
+        ThreadPoolExecutor(1, thread_name_prefix="view-write") as sender,
+    ):
+        in_flight: deque[Future[list[Any]]] = deque()
+
+        def send() -> None:
+            in_flight.append(sender.submit(pipes.send, pipes.take(), False, True))
+            while len(in_flight) > SEND_AHEAD or (in_flight and in_flight[0].done()):
+                in_flight.popleft().result()  # a failed chunk raises here
+
+        for g in _grouped_commands(buckets, longs, version, int(cutoff_ms)):
+            keys, commands = g["key"], g["cmd"]
+            keys_written += len(keys)
+            for i in range(0, len(keys), PIPELINE_CHUNK):
+                part = keys[i : i + PIPELINE_CHUNK]
+                pipes.add_many(zip(part, commands[i : i + PIPELINE_CHUNK]))
                 if ttl:
-                    pipes.add(bkey, encode((b"PEXPIRE", bkey, ttl)))
+                    pipes.add_many((k, encode((b"PEXPIRE", k, ttl))) for k in part)
                 if len(pipes) >= PIPELINE_CHUNK:
-                    pipes.execute(collect=False)
-        pipes.execute(collect=False)
+                    send()
+        send()
+        while in_flight:
+            in_flight.popleft().result()
     return keys_written
 
 
-def _grouped_fields(
+def _grouped_commands(
     buckets: pa.Table, longs: pa.Table, version: str, cutoff_ms: int
-) -> Iterator[dict[str, list[Any]]]:
-    """Batches of {key, f (fields), v (values)}, one row per hash, one entity at a time."""
+) -> Iterator[dict[str, list[bytes]]]:
+    """Batches of {key, cmd (the hash's whole ``HSET`` in RESP)}, one row per hash, one
+    entity at a time."""
     import pyarrow.compute as pc
 
     for ent in F.ENTITIES:
-        yield from _grouped_fields_of(
+        yield from _grouped_commands_of(
             buckets.filter(pc.equal(buckets["entity"], ent.name)),
             longs.filter(pc.equal(longs["entity"], ent.name)),
             version,
@@ -219,9 +239,17 @@ def _grouped_fields(
         )
 
 
-def _grouped_fields_of(
+def _resp_bulk_sql(expr: str) -> str:
+    """A RESP bulk string of the VARCHAR ``expr`` as a SQL expression: ``$<bytes>\\r\\n<expr>\\r\\n``."""
+    return f"'$' || CAST(strlen({expr}) AS VARCHAR) || {_CRLF} || {expr} || {_CRLF}"
+
+
+_CRLF = "(chr(13) || chr(10))"
+
+
+def _grouped_commands_of(
     buckets: pa.Table, longs: pa.Table, version: str, cutoff_ms: int
-) -> Iterator[dict[str, list[Any]]]:
+) -> Iterator[dict[str, list[bytes]]]:
     if buckets.num_rows == 0 and longs.num_rows == 0:
         return
     import duckdb
@@ -236,6 +264,7 @@ def _grouped_fields_of(
         lkey = L.batch_key_sql(version, "entity", "eid", lit(L.LONG_SUFFIX))
         skey = L.batch_key_sql(version, "entity", "eid", lit(L.SUMS_SUFFIX))
         ti, tc = F.EVENT_TYPES
+        bulk = _resp_bulk_sql
         by_window = sorted(F.RESOLUTIONS, key=lambda r: -r.window_ms)
         spans = ", ".join(
             f"({lit(r.name)}, {F.view_buckets(cutoff_ms, r).start}, "
@@ -257,6 +286,16 @@ def _grouped_fields_of(
                 WINDOW w AS (PARTITION BY d.entity, d.eid, d.res ORDER BY d.bucket DESC
                              ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)),
             pairs AS (
+                SELECT {bkey} AS key, 0 AS ord, bucket,
+                       {L.batch_field_sql(ti, "bucket")} AS fi,
+                       {L.batch_field_sql(tc, "bucket")} AS fc, imps AS vi, clicks AS vc
+                FROM b
+                UNION ALL
+                SELECT {lkey} AS key, 0 AS ord, 0 AS bucket,
+                       {L.long_field_sql(ti, "long_window")} AS fi,
+                       {L.long_field_sql(tc, "long_window")} AS fc, imps AS vi, clicks AS vc
+                FROM l
+                UNION ALL
                 SELECT {skey} AS key, 0 AS ord, 0 AS bucket,
                        {L.long_field_sql(ti, "long_window")} AS fi,
                        {L.long_field_sql(tc, "long_window")} AS fc, imps AS vi, clicks AS vc
@@ -264,25 +303,20 @@ def _grouped_fields_of(
                 UNION ALL
                 SELECT {skey} AS key, vb.ord, bucket, {L.suffix_field_sql("res", ti, "bucket")},
                        {L.suffix_field_sql("res", tc, "bucket")}, si, sc
-                FROM suffix JOIN vb USING (res))
-            SELECT {bkey} AS key,
-                   flatten(list([{L.batch_field_sql(ti, "bucket")},
-                                 {L.batch_field_sql(tc, "bucket")}])) AS f,
-                   flatten(list([imps, clicks])) AS v
-            FROM b GROUP BY key
-            UNION ALL
-            SELECT {lkey} AS key,
-                   flatten(list([{L.long_field_sql(ti, "long_window")},
-                                 {L.long_field_sql(tc, "long_window")}])) AS f,
-                   flatten(list([imps, clicks])) AS v
-            FROM l GROUP BY key
-            UNION ALL
-            SELECT key, flatten(list([fi, fc] ORDER BY ord, bucket)) AS f,
-                   flatten(list([vi, vc] ORDER BY ord, bucket)) AS v
-            FROM pairs GROUP BY key"""
+                FROM suffix JOIN vb USING (res)),
+            frags AS (
+                SELECT key, ord, bucket,
+                       {bulk("fi")} || {bulk("CAST(vi AS VARCHAR)")} ||
+                       {bulk("fc")} || {bulk("CAST(vc AS VARCHAR)")} AS frag
+                FROM pairs)
+            SELECT encode(key) AS key,
+                   encode('*' || CAST(2 + 4 * count(*) AS VARCHAR) || {_CRLF}
+                          || {bulk("'HSET'")} || {bulk("key")}
+                          || string_agg(frag, '' ORDER BY ord, bucket)) AS cmd
+            FROM frags GROUP BY key"""
         rel = con.sql(sql)
         reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
-        # streamed in batches: the whole view as Python lists would take GBs
+        # streamed in batches: the whole view as Python bytes would take GBs
         for batch in reader(GROUP_BATCH):
             yield batch.to_pydict()
     finally:

@@ -19,7 +19,7 @@ paths (the speed writer, the prediction reads) route by slot themselves
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ctrstream.store.resp import RespPipeline
@@ -92,18 +92,36 @@ class NodePipelines:
         """Queue ``command`` (rendered RESP) whose one key is ``key``."""
         self._queued.append((key, command))
 
+    def add_many(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Queue ``(key, command)`` pairs as :meth:`add` does one."""
+        self._queued.extend(pairs)
+
     def __len__(self) -> int:
         return len(self._queued)
 
     def execute(self, collect: bool = True) -> list[Any]:
         """Send every queued command and return their replies in order (``collect`` False:
         an empty list; error replies raise either way)."""
+        return self.send(self.take(), collect)
+
+    def take(self) -> list[tuple[bytes, bytes]]:
+        """The queued ``(key, command)`` pairs, removed from the queue (for :meth:`send`:
+        one thread may send them while another queues the next)."""
         queued, self._queued = self._queued, []
+        return queued
+
+    def send(
+        self, queued: list[tuple[bytes, bytes]], collect: bool = True, one_line: bool = False
+    ) -> list[Any]:
+        """Send ``queued`` (from :meth:`take`) as :meth:`execute` sends the queue. Not
+        concurrently with another send or execute: they share the connections.
+        ``one_line`` (with ``collect`` False): every reply is one line (``HSET``...), counted
+        in C rather than parsed (``RespPipeline.execute_raw``)."""
         if not queued:
             return []
         for attempt in (0, 1):
             try:
-                return self._execute(queued, collect)
+                return self._execute(queued, collect, one_line)
             except (RuntimeError, OSError) as e:
                 moved = isinstance(e, OSError) or "MOVED" in str(e)
                 if attempt or not self.cluster or not moved:
@@ -113,13 +131,15 @@ class NodePipelines:
                 refresh(self.client)
         raise AssertionError("unreachable")
 
-    def _execute(self, queued: list[tuple[bytes, bytes]], collect: bool) -> list[Any]:
+    def _execute(
+        self, queued: list[tuple[bytes, bytes]], collect: bool, one_line: bool = False
+    ) -> list[Any]:
         if not self.cluster:  # one server: one round trip, in order
             commands = [c for _, c in queued]
             pipe = self._pipe("")
             if collect:
                 return pipe.execute_replies(commands)
-            pipe.execute(commands)
+            pipe.execute_raw(b"".join(commands), len(commands), one_line=one_line)
             return []
         by_node: dict[str, list[int]] = {}
         for i, (key, _) in enumerate(queued):
@@ -132,7 +152,7 @@ class NodePipelines:
                 for i, reply in zip(idx, got):
                     replies[i] = reply
             else:
-                pipe.execute([queued[i][1] for i in idx])
+                pipe.execute_raw(b"".join(queued[i][1] for i in idx), len(idx), one_line=one_line)
         return replies
 
     def close(self) -> None:
