@@ -30,10 +30,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1009,7 +1012,32 @@ def _study(st: DemoState, cfg: DemoConfig) -> None:
     )
 
 
+@contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While it is open, ``SIGTERM`` raises ``SystemExit(143)`` in the main thread, so that
+    the demo's ``finally`` runs (its jobs and its private stack are stopped: a plain SIGTERM
+    would end the process and leave them running). The previous handler comes back on exit;
+    outside the main thread it does nothing (only the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_demo(cfg: DemoConfig) -> Path:
+    with sigterm_exits():
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> Path:
     if not cfg.lockstep_s > 0:
         raise DemoError(f"lockstep_s must be > 0 seconds of event time, not {cfg.lockstep_s}")
     if cfg.live not in ("closed", "open"):

@@ -767,4 +767,33 @@ def _breaches(exp: Experiment, arms: list[ArmStats], srm: Srm) -> list[Breach]:
                     f"over {a.requests} requests",
                 )
             )
-    return out
+    return _shared_serving_breaches_dropped(exp.control, out)
+
+
+SERVING_GUARDRAILS = ("latency_p99_ms", "error_rate")
+"""Guardrails of the serving system, not of an arm's model: every arm's requests are ranked in
+the same micro-batches by the same servers."""
+SHARED_BREACH_FACTOR = 1.25
+"""A treatment's serving breach is the control's too when its value is at most this times the
+control's (which breaks the same guardrail)."""
+
+
+def _shared_serving_breaches_dropped(control: str, breaches: list[Breach]) -> list[Breach]:
+    """``breaches`` without a treatment's serving-guardrail breach that the control shares
+    (the control breaks the same guardrail and the treatment is not worse than
+    :data:`SHARED_BREACH_FACTOR` times it): a slow or failing machine is not the treatment's
+    doing, and stopping the treatment for it would move its users to an arm that is no better
+    (an A/A's second arm stopped for the machine's latency). The control's breach stays in
+    the report; a control is never stopped."""
+    of_control = {b.guardrail: b.value for b in breaches if b.arm == control}
+    kept = []
+    for b in breaches:
+        shared = (
+            b.arm not in (None, control)
+            and b.guardrail in SERVING_GUARDRAILS
+            and b.guardrail in of_control
+            and b.value <= SHARED_BREACH_FACTOR * of_control[b.guardrail]
+        )
+        if not shared:
+            kept.append(b)
+    return kept

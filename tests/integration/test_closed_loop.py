@@ -207,12 +207,16 @@ def test_an_arm_that_breaks_a_guardrail_is_stopped_and_served_by_the_control(
         Arm(name="a", kind="model", weight=0.5, model_name=a),
         Arm(name="b", kind="model", weight=0.5, model_name=b),
     ]
-    # any latency breaks this band: b (not the control) is stopped at the first look
-    tight = Guardrails(latency_p99_ms_max=1e-6)
+    # no arm's calibration is this exact: b (not the control) is stopped at the first look
+    # with a click (a latency band would not do: the control breaks it too, and a serving
+    # breach the control shares stops no treatment)
+    tight = Guardrails(
+        calibration_ratio=(0.999999, 1.000001), min_clicks=1, latency_p99_ms_max=60_000.0
+    )
     exp = _experiment(f"guard-{unique}", arms, "a", guardrails=tight)
     exp, loop, summary = _run(fresh_topics, exp, minutes=12)
     rec = session.registry(fresh_topics).get(exp.name)
-    assert set(rec.stopped_arms) == {"b"} and "latency" in rec.stopped_arms["b"]["reason"]
+    assert set(rec.stopped_arms) == {"b"} and "calibration" in rec.stopped_arms["b"]["reason"]
     assert rec.running  # the experiment runs on without the arm
     log = _log(fresh_topics, exp.name)
     cols = {c: log.column(c).to_numpy(zero_copy_only=False) for c in log.column_names}

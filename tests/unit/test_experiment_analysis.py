@@ -233,6 +233,31 @@ def test_each_guardrail_fires(guardrail: str, change: dict[str, Any]) -> None:
     assert r.breaches[0].message.startswith("arm b: ")
 
 
+def test_a_serving_breach_the_control_shares_does_not_stop_the_treatment() -> None:
+    """A slow machine ranks every arm's requests in the same micro-batches: when the control
+    breaks the latency guardrail too, the treatment is not stopped for it (an A/A's second
+    arm was, in a demo run), unless it is much slower than the control."""
+    rng = np.random.default_rng(11)
+    slow = np.full(100, 1000.0)
+    a = replace(fixed_arm(1000, rng), latency_ms=slow)
+    b = replace(fixed_arm(1000, rng), latency_ms=slow * 1.1)
+    r = analyze(AB, {"a": a, "b": b}, elapsed_s=1.0)
+    assert [(x.arm, x.guardrail) for x in r.breaches] == [("a", "latency_p99_ms")]
+    assert r.breached_arms == ["a"] and not r.stop_experiment
+    much_slower = replace(b, latency_ms=slow * 2.0)
+    r = analyze(AB, {"a": a, "b": much_slower}, elapsed_s=1.0)
+    assert [(x.arm, x.guardrail) for x in r.breaches] == [
+        ("a", "latency_p99_ms"),
+        ("b", "latency_p99_ms"),
+    ]
+    # a model's guardrail stays the arm's own even when the control breaks it too
+    over = replace(b, predicted_clicks=b.predicted_clicks * 3.0)
+    r = analyze(
+        AB, {"a": replace(a, predicted_clicks=a.predicted_clicks * 3.0), "b": over}, elapsed_s=1.0
+    )
+    assert ("b", "calibration_ratio") in [(x.arm, x.guardrail) for x in r.breaches]
+
+
 def test_truth_regret_and_the_report() -> None:
     """True values come from exp_*, regret is against the oracle arm, and the report is
     strict JSON and a markdown table with every arm and comparison."""
