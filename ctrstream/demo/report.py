@@ -671,6 +671,7 @@ def build_timeline(n: dict) -> Timeline:
         experiments=n.get("experiment_reports") or [],
         extra=extra,
         window_ms=10 * 60_000,
+        monitor_window_min=n.get("monitor_window_min"),
     )
 
 

@@ -365,6 +365,7 @@ def _generate(st: DemoState, cfg: DemoConfig):
         injected=tr.injected,
         drift_ms=_drift_ms(tr),
         taste_logit=float(tr.scenario.taste_logit),
+        monitor_window_min=cfg.story.monitor_window_min,
         partitions=st.settings.topics.impressions.partitions,
     )
     console.print(

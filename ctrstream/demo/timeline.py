@@ -342,11 +342,13 @@ def assemble(
     experiments: Iterable[Mapping[str, Any]] = (),
     extra: Iterable[Event] = (),
     window_ms: int = 10 * 60_000,
+    monitor_window_min: float | None = None,
 ) -> Timeline:
     """The run's timeline from its sources (see the module doc), events in event-time order,
     plus the story's numbers: when the market drifted (an ``extra`` event of kind ``drift``),
     when the first alarm fired after it, when a version was promoted, and NE before / after
-    against the oracle."""
+    against the oracle. ``monitor_window_min``: the decay monitor's window, for telling an
+    alarm whose window was mostly before the drift."""
     experiments = list(experiments)  # read twice: the events and the verdicts
     events = [
         *audit_events(audit),
@@ -360,6 +362,7 @@ def assemble(
     t0 = min(starts) if starts else None
     numbers = story_numbers(events, series)
     numbers["verdicts"] = verdict_numbers(experiments)
+    numbers["monitor_window_min"] = monitor_window_min
     return Timeline(events, series, window_ms, t0, numbers)
 
 
@@ -499,6 +502,13 @@ def story_text(n: Mapping[str, Any]) -> str:
             )
         elif delay is not None:
             when = f", {delay:.0f} min of event time after the drift."
+            window = n.get("monitor_window_min")
+            if window and delay < window / 2:
+                when += (
+                    f" Its {window:g}-minute window was mostly before the drift: the alarm is "
+                    "for a gap to the oracle that had grown before it (the NE per window shows "
+                    "when), not a detection of the drift itself."
+                )
         else:
             when = "."
         parts.append(f"The decay monitor's alarm fired at {clock(n['alarm_ms'])}" + when)

@@ -295,6 +295,23 @@ def test_an_alarm_before_the_drift_is_told_as_a_false_one():
     assert "13 min of event time before the drift: a false alarm" in text
 
 
+def test_an_alarm_whose_window_was_mostly_before_the_drift_is_told_so():
+    """An alarm 1 minute after the drift with a 30-minute window is not a 1-minute detection:
+    the story says the window was mostly before the drift (a demo run's case); an alarm late
+    enough for the window to be mostly after it is told plainly."""
+    alarm_at_47 = _decay_state()
+    drift = T.Event(T0 + 46 * MIN, "drift", "taste_shift", "", "demo")
+    tl = T.assemble(decay_state=alarm_at_47, extra=[drift], monitor_window_min=30.0)
+    assert tl.numbers["alarm_after_drift_min"] == pytest.approx(1)
+    assert "window was mostly before the drift" in T.story_text(tl.numbers)
+    drift = T.Event(T0 + 27 * MIN, "drift", "taste_shift", "", "demo")
+    tl = T.assemble(decay_state=alarm_at_47, extra=[drift], monitor_window_min=30.0)
+    assert tl.numbers["alarm_after_drift_min"] == pytest.approx(20)
+    assert "mostly before" not in T.story_text(tl.numbers)
+    tl = T.assemble(decay_state=alarm_at_47, extra=[drift])  # no window known: nothing said
+    assert "mostly before" not in T.story_text(tl.numbers)
+
+
 def test_the_controllers_verdict_is_told_with_its_p_value_and_the_true_lift():
     """A decision of the controller's experiment is never told without the true lift next to
     the measured one: the timeline's decision event and the story's sentence carry both."""
