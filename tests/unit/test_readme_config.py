@@ -32,6 +32,8 @@ def _examples() -> list[tuple[dict[str, str], list[str]]]:
     out = []
     for block in _code_blocks(README.read_text()):
         for line in block.replace("\\\n", " ").splitlines():
+            if PREFIX not in line:  # output blocks need not be shell (a quote in prose)
+                continue
             words = shlex.split(line, comments=True)
             env: dict[str, str] = {}
             while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
