@@ -21,10 +21,10 @@ The keys and fields are built by DuckDB (``layout.*_sql``), one entity at a time
 belongs to one entity: DuckDB's list aggregation over a whole view cannot spill and its
 memory grows with the view), each hash's whole ``HSET`` rendered as RESP by DuckDB too
 (Python only hands the bytes on: per-hash lists and packing cost more than Redis's own work),
-streamed out in batches and sent in pipelined chunks - Redis works through one chunk while
-the next is rendered - over a :class:`ctrstream.store.resp.RespPipeline` per node (one per master of a Redis
-Cluster, :class:`ctrstream.store.nodes.NodePipelines`), with the cyclic GC paused (millions
-of small lists, no cycles).
+streamed out in batches and sent in pipelined chunks - Redis works through the chunks while
+the next entity is rendered - over a :class:`ctrstream.store.resp.RespPipeline` per node
+(one per master of a Redis Cluster, :class:`ctrstream.store.nodes.NodePipelines`), with
+the cyclic GC paused (millions of small objects, no cycles).
 
 The publication protocol - what makes a version safe to read (``ctrstream.batch.views``
 runs it): :func:`register_version` before any key of the version is written (a publisher
@@ -240,7 +240,8 @@ def _grouped_commands(
 
 
 def _resp_bulk_sql(expr: str) -> str:
-    """A RESP bulk string of the VARCHAR ``expr`` as a SQL expression: ``$<bytes>\\r\\n<expr>\\r\\n``."""
+    """A RESP bulk string of the VARCHAR ``expr`` as a SQL expression:
+    ``$<bytes>\\r\\n<expr>\\r\\n``."""
     return f"'$' || CAST(strlen({expr}) AS VARCHAR) || {_CRLF} || {expr} || {_CRLF}"
 
 
