@@ -30,13 +30,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +48,7 @@ from ctrstream.demo.freshness import FreshnessProbe
 from ctrstream.demo.lag import LagMonitor
 from ctrstream.demo.story import Story, StoryConfig, drift_at_for
 from ctrstream.stack.scrape import scrape_or_empty, scrape_value
+from ctrstream.stack.stopping import sigterm_exits
 from ctrstream.store.speed_view import count_speed_hashes
 
 console = Console()
@@ -1011,26 +1009,6 @@ def _study(st: DemoState, cfg: DemoConfig) -> None:
     st.numbers["study"] = run_small_study(
         cfg.study_events, STUDY_SEED, st.out, log=lambda *a: console.print(*a)
     )
-
-
-@contextmanager
-def sigterm_exits() -> Iterator[None]:
-    """While it is open, ``SIGTERM`` raises ``SystemExit(143)`` in the main thread, so that
-    the demo's ``finally`` runs (its jobs and its private stack are stopped: a plain SIGTERM
-    would end the process and leave them running). The previous handler comes back on exit;
-    outside the main thread it does nothing (only the main thread may set handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _exit(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    old = signal.signal(signal.SIGTERM, _exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def run_demo(cfg: DemoConfig) -> Path:

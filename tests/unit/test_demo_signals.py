@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from ctrstream.demo.run import sigterm_exits
+from ctrstream.stack.stopping import sigterm_exits
 
 
 def test_sigterm_raises_system_exit_and_the_finally_runs() -> None:
